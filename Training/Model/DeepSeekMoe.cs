@@ -1,0 +1,96 @@
+// DeepSeekMoE layer: shared experts plus routed experts, tokens grouped per expert by sorting (no dense dispatch).
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Model;
+
+// Shape legend: B batch, T tokens per sequence, N = B*T, D hidden, E routed experts, K experts per token, M = N*K.
+public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
+{
+    public ModuleList<SwiGluMlp> experts;
+    public MoeRouter gate;
+    public SwiGluMlp? shared_experts;
+
+    readonly int nExperts, k;
+    readonly double auxAlpha;
+    readonly bool seqAux;
+
+    /// <summary>Tokens routed to each expert in the last forward pass (E), on the CPU.</summary>
+    public long[] LastLoad { get; private set; }
+
+    public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
+    {
+        nExperts = config.NRoutedExperts;
+        k = config.NumExpertsPerTok;
+        auxAlpha = config.AuxLossAlpha;
+        seqAux = config.SeqAux;
+        experts = new ModuleList<SwiGluMlp>();
+        for (int e = 0; e < nExperts; e++) experts.Add(new SwiGluMlp(config.HiddenSize, config.MoeIntermediateSize));
+        gate = new MoeRouter(config);
+        if (config.NSharedExperts > 0)
+            shared_experts = new SwiGluMlp(config.HiddenSize, (long)config.MoeIntermediateSize * config.NSharedExperts);
+        LastLoad = new long[nExperts];
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x_BTD) => Forward(x_BTD).output;
+
+    /// <summary>The layer output and, when aux_loss_alpha > 0 in training, the sequence-wise balance loss.</summary>
+    public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD)
+    {
+        using var scope = NewDisposeScope();
+        var shape = x_BTD.shape;
+        long D = shape[^1];
+        var x_ND = x_BTD.reshape(-1, D);
+        long N = x_ND.shape[0];
+        var route = gate.Route(x_ND);
+
+        // Group the N*K (token, expert) pairs by expert: a stable sort keeps token order inside each expert.
+        var expert_M = route.Indices_NK.reshape(-1);
+        var (_, order_M) = expert_M.sort(stable: true);
+        var token_M = order_M.div(k, rounding_mode: RoundingMode.floor);
+        var weight_M = route.Weights_NK.reshape(-1).index_select(0, order_M);
+        var load_E = expert_M.bincount(null, nExperts).cpu();
+        LastLoad = load_E.data<long>().ToArray();
+
+        var input_MD = x_ND.index_select(0, token_M);
+        var outputs = new List<Tensor>(nExperts);
+        long offset = 0;
+        for (int e = 0; e < nExperts; e++)
+        {
+            // An expert with no tokens still runs on an empty (0, D) slice: its weights then get a defined
+            // zero gradient, so data-parallel reduction and the optimizer never see a missing or NaN gradient.
+            long count = LastLoad[e];
+            outputs.Add(experts[e].forward(input_MD.narrow(0, offset, count)));
+            offset += count;
+        }
+        var expertOut_MD = cat(outputs, 0);
+        var weighted_MD = expertOut_MD * weight_M.unsqueeze(-1);
+        var routed_ND = zeros(N, D, weighted_MD.dtype, x_BTD.device).index_add(0, token_M, weighted_MD, 1);
+        var output = routed_ND.to_type(x_BTD.dtype).view(shape);
+        if (shared_experts is not null) output = output + shared_experts.forward(x_BTD);
+
+        Tensor? aux = null;
+        if (auxAlpha > 0 && training) aux = SequenceBalanceLoss(route, shape[0], shape[1]);
+        return (output.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged; f_i = E/(K*T) * (tokens choosing i),
+    /// P_i = mean over tokens of the normalized affinity s_i / sum_j s_j. With seq_aux false, the batch is one sequence.
+    /// </summary>
+    Tensor SequenceBalanceLoss(RouterOutput route, long B, long T)
+    {
+        if (!seqAux) { T = B * T; B = 1; }
+        var scores_BTE = route.Scores_NE.view(B, T, nExperts);
+        var p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim: true)).mean([1L]);
+        Tensor f_BE;
+        using (no_grad())
+        {
+            var idx_BM = route.Indices_NK.view(B, T * k);
+            f_BE = zeros(B, nExperts, p_BE.dtype, p_BE.device)
+                .scatter_add(1, idx_BM, ones(B, T * k, p_BE.dtype, p_BE.device)) * ((double)nExperts / (k * T));
+        }
+        return (f_BE * p_BE).sum(-1).mean() * auxAlpha;
+    }
+}

@@ -1,0 +1,111 @@
+// Multi-head Latent Attention (DeepSeek-V2/V3): low-rank q and joint kv compression, decoupled rope part.
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Model;
+
+// Shape legend: B batch, T new tokens, S keys (cached + new), H heads, D hidden,
+// C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
+public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
+{
+    // Submodules in call order; names are HF's so weights map one to one.
+    public Linear? q_proj;                         // when q_lora_rank is null
+    public Linear? q_a_proj;
+    public RmsNorm? q_a_layernorm;
+    public Linear? q_b_proj;
+    public Linear kv_a_proj_with_mqa;
+    public RmsNorm kv_a_layernorm;
+    public Linear kv_b_proj;
+    public Linear o_proj;
+
+    readonly int heads, nope, rope, vDim, kvRank;
+    readonly double softmaxScale;
+    readonly RotaryEmbedding rotary;
+
+    public MultiHeadLatentAttention(DeepSeekConfig config, RotaryEmbedding rotary) : base(nameof(MultiHeadLatentAttention))
+    {
+        heads = config.NumAttentionHeads;
+        nope = config.QkNopeHeadDim;
+        rope = config.QkRopeHeadDim;
+        vDim = config.VHeadDim;
+        kvRank = config.KvLoraRank;
+        this.rotary = rotary;
+        softmaxScale = RotaryEmbedding.SoftmaxScale(config);
+        long d = config.HiddenSize;
+        bool bias = config.AttentionBias;
+
+        if (config.QLoraRank is int qr)
+        {
+            q_a_proj = nn.Linear(d, qr, hasBias: bias);
+            q_a_layernorm = new RmsNorm(qr, config.RmsNormEps);
+            q_b_proj = nn.Linear(qr, (long)heads * config.QkHeadDim, hasBias: false);
+        }
+        else
+            q_proj = nn.Linear(d, (long)heads * config.QkHeadDim, hasBias: false);
+        kv_a_proj_with_mqa = nn.Linear(d, kvRank + rope, hasBias: bias);
+        kv_a_layernorm = new RmsNorm(kvRank, config.RmsNormEps);
+        kv_b_proj = nn.Linear(kvRank, (long)heads * (nope + vDim), hasBias: false);
+        o_proj = nn.Linear((long)heads * vDim, d, hasBias: bias);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1);
+
+    /// <summary>Attention over the new tokens x (B, T, D) at positions [start, start+T), extending the cache when given.</summary>
+    public Tensor Forward(Tensor x_BTD, long start, LatentKvCache? cache, int layer)
+    {
+        using var scope = NewDisposeScope();
+        long B = x_BTD.shape[0], T = x_BTD.shape[1];
+
+        var q = q_proj is not null
+            ? q_proj.forward(x_BTD)
+            : q_b_proj!.forward(q_a_layernorm!.forward(q_a_proj!.forward(x_BTD)));
+        var q_BHTq = q.view(B, T, heads, nope + rope).transpose(1, 2);
+        var qSplit = q_BHTq.split([nope, rope], -1);
+        var qNope_BHTN = qSplit[0];
+        var qRope_BHTR = qSplit[1];
+
+        var compressed_BTx = kv_a_proj_with_mqa.forward(x_BTD);
+        var kvSplit = compressed_BTx.split([kvRank, rope], -1);
+        var latent_BTC = kv_a_layernorm.forward(kvSplit[0]);
+        var kRope_B1TR = kvSplit[1].view(B, 1, T, rope);
+
+        var (cos_TR, sin_TR) = rotary.CosSin(start, T, x_BTD.dtype, x_BTD.device);
+        qRope_BHTR = rotary.Apply(qRope_BHTR, cos_TR, sin_TR);
+        var kRopeRot_BTR = rotary.Apply(kRope_B1TR, cos_TR, sin_TR).view(B, T, rope);
+
+        Tensor latent_BSC = latent_BTC, kRope_BSR = kRopeRot_BTR;
+        if (cache is not null) (latent_BSC, kRope_BSR) = cache.Append(layer, latent_BTC, kRopeRot_BTR);
+        long S = latent_BSC.shape[1];
+
+        var kv_BHSx = kv_b_proj.forward(latent_BSC).view(B, S, heads, nope + vDim).transpose(1, 2);
+        var kvParts = kv_BHSx.split([nope, vDim], -1);
+        var kNope_BHSN = kvParts[0];
+        var v_BHSV = kvParts[1];
+        var kRope_BHSR = kRope_BSR.view(B, 1, S, rope).expand(B, heads, S, rope);
+
+        var query_BHTq = cat([qNope_BHTN, qRope_BHTR], -1);
+        var key_BHSq = cat([kNope_BHSN, kRope_BHSR], -1);
+
+        var out_BHTV = Attend(query_BHTq, key_BHSq, v_BHSV, S - T);
+        var out_BTx = out_BHTV.transpose(1, 2).reshape(B, T, heads * vDim);
+        return o_proj.forward(out_BTx).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Causal softmax attention; query i (absolute position past + i) sees keys 0..past + i.</summary>
+    Tensor Attend(Tensor q_BHTq, Tensor k_BHSq, Tensor v_BHSV, long past)
+    {
+        long T = q_BHTq.shape[2], S = k_BHSq.shape[2];
+        var scores_BHTS = matmul(q_BHTq, k_BHSq.transpose(-1, -2)) * softmaxScale;
+        if (T > 1)
+        {
+            var mask_TS = ones(T, S, ScalarType.Bool, q_BHTq.device).triu(past + 1);
+            scores_BHTS = scores_BHTS.masked_fill(mask_TS, double.NegativeInfinity);
+        }
+        // Softmax in at least float32, as HF's eager attention does for half types.
+        var probs = scores_BHTS.dtype is ScalarType.BFloat16 or ScalarType.Float16
+            ? scores_BHTS.softmax(-1, ScalarType.Float32).to_type(scores_BHTS.dtype)
+            : scores_BHTS.softmax(-1);
+        return matmul(probs, v_BHSV);
+    }
+}

@@ -1,0 +1,28 @@
+// RMSNorm as in HF DeepseekV3RMSNorm: normalize in float32 (or wider), scale by a learned weight.
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Model;
+
+public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    readonly double eps;
+
+    public RmsNorm(long size, double eps = 1e-6) : base(nameof(RmsNorm))
+    {
+        weight = new Parameter(ones(size));
+        this.eps = eps;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var inputType = x.dtype;
+        var x32 = inputType == ScalarType.Float64 ? x : x.to_type(ScalarType.Float32); // bf16/fp16 upcast, as HF does
+        var normed = x32 * rsqrt(x32.pow(2).mean([-1L], keepdim: true) + eps);
+        return (weight * normed.to_type(inputType)).MoveToOuterDisposeScope();
+    }
+}
