@@ -18,6 +18,10 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     /// <summary>Tokens routed to each expert in the last forward pass (E), on the CPU.</summary>
     public long[] LastLoad { get; private set; }
 
+    /// <summary>When set, the last forward's routing (indices and weights, (N, K)) is kept for inspection.</summary>
+    public bool RecordRouting { get; set; }
+    public RouterOutput? LastRoute { get; private set; }
+
     public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
     {
         nExperts = config.NRoutedExperts;
@@ -44,6 +48,12 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         var x_ND = x_BTD.reshape(-1, D);
         long N = x_ND.shape[0];
         var route = gate.Route(x_ND);
+        if (RecordRouting)
+        {
+            LastRoute?.Indices_NK.Dispose(); LastRoute?.Weights_NK.Dispose(); LastRoute?.Scores_NE.Dispose();
+            LastRoute = new RouterOutput(route.Indices_NK.detach().clone().DetachFromDisposeScope(),
+                route.Weights_NK.detach().clone().DetachFromDisposeScope(), route.Scores_NE.detach().clone().DetachFromDisposeScope());
+        }
 
         // Group the N*K (token, expert) pairs by expert: a stable sort keeps token order inside each expert.
         var expert_M = route.Indices_NK.reshape(-1);

@@ -1,0 +1,7 @@
+// CheckpointStore: checkpoint storage over Azure Blob (issue: CheckpointStore). For now it only starts and answers its health endpoints.
+var builder = WebApplication.CreateBuilder(args);
+builder.AddServiceDefaults();
+
+var app = builder.Build();
+app.MapDefaultEndpoints();
+app.Run();

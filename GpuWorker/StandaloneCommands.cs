@@ -1,0 +1,86 @@
+// The standalone verbs: train a model in this process, or generate text from a saved HF model folder.
+using System.Text.Json;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.IO;
+using DeepSeekCluster.Training.Model;
+
+namespace DeepSeekCluster.GpuWorker;
+
+public static class StandaloneCommands
+{
+    public const string Usage = """
+        usage:
+          gpu-worker train [--preset tiny|small|deepseek-v2-lite|deepseek-v3] [--config config.json]
+                           [--data FILE_OR_DIR ...] [--tokenizer tokenizer.json] [--vocab-size N]
+                           [--out DIR] [--steps N] [--seq-len N] [--global-batch N] [--micro-batch N]
+                           [--lr X] [--schedule cosine|wsd|constant] [--warmup N] [--min-lr-ratio X]
+                           [--weight-decay X] [--clip X] [--mtp-weight X] [--bias-update-speed X]
+                           [--precision fp32|bf16] [--device auto|cpu|cuda] [--seed N]
+                           [--eval-every N] [--eval-batches N] [--log-every N] [--checkpoint-every N]
+                           [--fresh] [--peak-gflops X]
+              Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
+              600 steps, output in runs/standalone. Text files: documents are separated by empty lines.
+              Resumes from DIR/checkpoints unless --fresh. Writes a Hugging Face folder to DIR/model.
+          gpu-worker generate --model DIR [--prompt TEXT] [--max-new-tokens N] [--greedy]
+                              [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
+              Continues a prompt with a model folder (config.json + *.safetensors + tokenizer.json).
+              --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
+        """;
+
+    public static int Train(string[] args)
+    {
+        var cl = new CommandLine(args, new HashSet<string> { "fresh" });
+        var config = cl.String("config") is { } path ? DeepSeekConfig.Load(path) : DeepSeekConfig.Preset(cl.String("preset") ?? "tiny");
+        var d = new TrainingOptions();
+        var options = new TrainingOptions
+        {
+            Steps = cl.Get("steps", d.Steps), SeqLen = cl.Get("seq-len", d.SeqLen), GlobalBatch = cl.Get("global-batch", d.GlobalBatch),
+            MicroBatch = cl.Get("micro-batch", d.MicroBatch), Lr = cl.Get("lr", d.Lr), Schedule = cl.String("schedule") ?? d.Schedule,
+            WarmupSteps = cl.Get("warmup", d.WarmupSteps), MinLrRatio = cl.Get("min-lr-ratio", d.MinLrRatio),
+            WeightDecay = cl.Get("weight-decay", d.WeightDecay), ClipNorm = cl.Get("clip", d.ClipNorm),
+            MtpWeight = cl.Get("mtp-weight", d.MtpWeight), BiasUpdateSpeed = cl.Get("bias-update-speed", d.BiasUpdateSpeed),
+            Precision = cl.String("precision") ?? d.Precision, Device = cl.String("device") ?? d.Device, Seed = cl.Get("seed", d.Seed),
+            EvalEvery = cl.Get("eval-every", d.EvalEvery), EvalBatches = cl.Get("eval-batches", d.EvalBatches),
+            LogEvery = cl.Get("log-every", d.LogEvery), CheckpointEvery = cl.Get("checkpoint-every", 100),
+        };
+        var spec = new StandaloneSpec
+        {
+            Model = config, Data = cl.Strings("data"), TokenizerPath = cl.String("tokenizer"),
+            VocabSize = cl.String("vocab-size") is null ? null : cl.Get("vocab-size", 0),
+            OutputDir = cl.String("out") ?? Path.Combine("runs", "standalone"), Options = options.Validated(),
+            Resume = !cl.Flag("fresh"), PeakFlops = cl.Get("peak-gflops", 0.0) * 1e9,
+        };
+        cl.RejectUnknown();
+        StandaloneRun.Run(spec);
+        return 0;
+    }
+
+    public static int Generate(string[] args)
+    {
+        var cl = new CommandLine(args, new HashSet<string> { "greedy", "json", "no-cache" });
+        var dir = cl.String("model") ?? throw new ArgumentException("option --model DIR is required (a folder with config.json, model.safetensors and tokenizer.json)");
+        var prompt = cl.String("prompt") ?? "";
+        var sampling = new SamplingOptions
+        {
+            MaxNewTokens = cl.Get("max-new-tokens", 32), Temperature = cl.Flag("greedy") ? 0 : cl.Get("temperature", 0.8),
+            TopP = cl.Get("top-p", 0.95), Seed = cl.Get("seed", 0L), NoCache = cl.Flag("no-cache"),
+        };
+        bool json = cl.Flag("json");
+        var device = StandaloneRun.ResolveDevice(cl.String("device") ?? "auto");
+        cl.RejectUnknown();
+
+        var loaded = HfModelFolder.Load(dir, device);
+        using var model = loaded.Model;
+        var tokenizer = loaded.Tokenizer ?? throw new FileNotFoundException($"Model folder '{dir}' has no tokenizer.json; generate needs one to read the prompt.");
+        var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
+        if (ids.Length == 0)
+            ids = [tokenizer.BosTokenId ?? model.Config.BosTokenId ?? throw new ArgumentException("the prompt is empty and the model has no BOS token to start from")];
+        var generated = TextGenerator.Generate(model, ids, sampling with { EosTokenId = tokenizer.EosTokenId ?? model.Config.EosTokenId }, device);
+        var text = tokenizer.Decode(generated);
+        if (json)
+            Console.WriteLine(JsonSerializer.Serialize(new { prompt_ids = ids, generated_ids = generated, text }));
+        else
+            Console.WriteLine(prompt + text);
+        return 0;
+    }
+}

@@ -1,0 +1,180 @@
+// The training loop of one data-parallel rank: schedule -> accumulate -> (reduce) -> clip -> step -> balance -> report.
+using System.Diagnostics;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Engine;
+
+/// <summary>Reduces gradients across data-parallel ranks; the standalone trainer has none.</summary>
+public interface IGradientReducer
+{
+    /// <summary>Averages the gradients of <paramref name="parameters"/> over ranks, in place.</summary>
+    void AverageGradients(IReadOnlyList<Tensor> parameters);
+    /// <summary>Sums expert loads over ranks so every replica updates its routing bias identically.</summary>
+    void SumLoads(long[] loads);
+}
+
+public sealed class Trainer : IDisposable
+{
+    public DeepSeekForCausalLM Model { get; }
+    public AdamW Optimizer { get; }
+    public TrainingOptions Options { get; }
+    public LrSchedule Schedule { get; }
+    public Device Device { get; }
+    /// <summary>Optimizer steps completed; the next step is this number.</summary>
+    public long Step { get; private set; }
+    /// <summary>Samples of the global stream consumed by completed steps (step x global batch): the only data state.</summary>
+    public long ConsumedSamples => Step * Options.GlobalBatch;
+    public int Rank { get; }
+    public int WorldSize { get; }
+    public double PeakFlops { get; set; }
+
+    readonly TokenDataset train;
+    readonly TokenDataset? validation;
+    readonly SamplePermutation permutation;
+    readonly IGradientReducer? reducer;
+    readonly double flopsPerToken;
+
+    public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
+                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
+    {
+        Options = options.Validated(worldSize);
+        if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
+        if (train.SampleCount == 0) throw new ArgumentException($"the training data holds no sample of {options.SeqLen + 1} tokens");
+        Model = model;
+        Device = device;
+        Rank = rank;
+        WorldSize = worldSize;
+        this.train = train;
+        this.validation = validation;
+        this.reducer = reducer;
+        PeakFlops = peakFlops;
+        permutation = new SamplePermutation(train.SampleCount, (ulong)options.Seed);
+        Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
+        Optimizer = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
+        {
+            Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
+        };
+        flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+    }
+
+    /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
+    public StepMetrics TrainStep()
+    {
+        Model.train();
+        int accumulation = Options.Accumulation(WorldSize);
+        int micro = Options.MicroBatch;
+        double lr = Schedule.At(Step);
+        var moeLayers = Model.MoeLayers().ToList();
+        var loads = moeLayers.Select(m => new long[m.LastLoad.Length]).ToList();
+        double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
+        double lmSum = 0, mtpSum = 0, auxSum = 0;
+        bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
+        var total = Stopwatch.StartNew();
+
+        Optimizer.ZeroGrad();
+        var slice = permutation.Slice(Step, Options.GlobalBatch, Rank, WorldSize);
+        for (int a = 0; a < accumulation; a++)
+        {
+            using var scope = NewDisposeScope();
+            var sw = Stopwatch.StartNew();
+            var batch = train.Batch(slice.Skip(a * micro).Take(micro).ToList()).to(Device);
+            var input_BT = batch.narrow(1, 0, Options.SeqLen);
+            var target_BT = batch.narrow(1, 1, Options.SeqLen);
+            dataS += sw.Elapsed.TotalSeconds; sw.Restart();
+
+            var output = Model.Forward(input_BT, withMtp: withMtp);
+            var lm = CrossEntropy(output.Logits_BTV, target_BT);
+            var loss = lm;
+            if (withMtp && output.MtpLogits.Count > 0)
+            {
+                // Depth k at position i predicts token i+k+1: targets are the batch shifted by k+1.
+                Tensor? mtpTotal = null;
+                for (int k = 1; k <= output.MtpLogits.Count; k++)
+                {
+                    var logits = output.MtpLogits[k - 1];
+                    var ce = CrossEntropy(logits, batch.narrow(1, k + 1, logits.shape[1]));
+                    mtpTotal = mtpTotal is null ? ce : mtpTotal + ce;
+                }
+                var mtp = mtpTotal! / output.MtpLogits.Count;
+                mtpSum += mtp.item<float>();
+                loss = loss + mtp * Options.MtpWeight;
+            }
+            if (output.AuxLoss is { } aux) { auxSum += aux.item<double>(); loss = loss + aux; }
+            lmSum += lm.item<float>();
+            for (int l = 0; l < moeLayers.Count; l++)
+                for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
+            fwdS += sw.Elapsed.TotalSeconds; sw.Restart();
+
+            (loss / accumulation).backward();
+            bwdS += sw.Elapsed.TotalSeconds;
+        }
+
+        var opt = Stopwatch.StartNew();
+        Optimizer.FillMissingGradients();
+        if (reducer is not null)
+        {
+            var c = Stopwatch.StartNew();
+            reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
+            foreach (var l in loads) reducer.SumLoads(l);
+            commS = c.Elapsed.TotalSeconds;
+        }
+        double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);
+        Optimizer.Step(lr);
+        if (Options.BiasUpdateSpeed > 0)
+            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);
+        optS = opt.Elapsed.TotalSeconds - commS;
+        Step++;
+
+        double seconds = total.Elapsed.TotalSeconds;
+        double tokens = (double)Options.GlobalBatch * Options.SeqLen / WorldSize;
+        double tps = tokens / seconds;
+        return new StepMetrics(
+            Step, lmSum / accumulation, withMtp ? mtpSum / accumulation : null, auxSum > 0 ? auxSum / accumulation : null,
+            lr, gradNorm, tps, PeakFlops > 0 ? tps * flopsPerToken / PeakFlops : 0,
+            new StepTimes(dataS, fwdS, bwdS, commS, optS), loads);
+    }
+
+    static Tensor CrossEntropy(Tensor logits_BTV, Tensor target_BT)
+    {
+        long v = logits_BTV.shape[^1];
+        var logits = logits_BTV.dtype == ScalarType.Float64 ? logits_BTV : logits_BTV.to_type(ScalarType.Float32);
+        return nn.functional.cross_entropy(logits.reshape(-1, v), target_BT.reshape(-1));
+    }
+
+    /// <summary>Mean LM cross-entropy (nats/token) over the first EvalBatches micro-batches of the validation set.</summary>
+    public double Evaluate()
+    {
+        if (validation is null || validation.SampleCount == 0) return double.NaN;
+        Model.eval();
+        using var noGrad = no_grad();
+        double sum = 0;
+        int batches = 0;
+        long n = validation.SampleCount;
+        for (int b = 0; b < Options.EvalBatches; b++)
+        {
+            long start = (long)b * Options.MicroBatch;
+            if (start >= n) break;
+            using var scope = NewDisposeScope();
+            var ids = Enumerable.Range(0, (int)Math.Min(Options.MicroBatch, n - start)).Select(i => start + i).ToList();
+            var batch = validation.Batch(ids).to(Device);
+            var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
+            sum += CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)).item<float>();
+            batches++;
+        }
+        Model.train();
+        return sum / batches;
+    }
+
+    /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
+    public void ResumeAt(long step, long optimizerSteps)
+    {
+        Step = step;
+        Optimizer.StepCount = optimizerSteps;
+    }
+
+    public void Dispose() => Optimizer.Dispose();
+}

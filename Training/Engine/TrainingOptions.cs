@@ -1,0 +1,61 @@
+// Training hyper-parameters of one run (model shape lives in DeepSeekConfig), with the reasons for the defaults.
+namespace DeepSeekCluster.Training.Engine;
+
+public sealed record TrainingOptions
+{
+    public int SeqLen { get; init; } = 128;
+    /// <summary>Sequences per optimizer step across all data-parallel ranks; fixed, so a rescale changes accumulation, not the batch.</summary>
+    public int GlobalBatch { get; init; } = 16;
+    /// <summary>Sequences per forward/backward pass on one rank.</summary>
+    public int MicroBatch { get; init; } = 8;
+    public long Steps { get; init; } = 600;
+    public double Lr { get; init; } = 3e-3;          // tiny models tolerate a high peak; V3 used 2.2e-4 at 671B
+    public string Schedule { get; init; } = "cosine";
+    public long WarmupSteps { get; init; } = 30;
+    public double MinLrRatio { get; init; } = 0.1;
+    public double DecayFraction { get; init; } = 0.2; // WSD only
+    public double WeightDecay { get; init; } = 0.1;
+    public double Beta1 { get; init; } = 0.9;
+    public double Beta2 { get; init; } = 0.95;       // 0.95 as in V3: steadier than 0.999 on spiky MoE gradients
+    public double ClipNorm { get; init; } = 1.0;
+    /// <summary>λ of DeepSeek-V3's MTP loss (0.3 early in V3 training); 0 skips the MTP modules.</summary>
+    public double MtpWeight { get; init; } = 0.3;
+    /// <summary>γ of the auxiliary-loss-free balancing: bias change per step (V3: 0.001).</summary>
+    public double BiasUpdateSpeed { get; init; } = 0.001;
+    /// <summary>fp32, or bf16 (bf16 weights and activations, fp32 master weights and moments).</summary>
+    public string Precision { get; init; } = "fp32";
+    public long Seed { get; init; } = 1234;
+    public int EvalEvery { get; init; } = 100;
+    public int EvalBatches { get; init; } = 4;
+    public int LogEvery { get; init; } = 10;
+    public int CheckpointEvery { get; init; }
+    /// <summary>cpu, cuda, cuda:N, or auto (CUDA when present).</summary>
+    public string Device { get; init; } = "auto";
+
+    public int Accumulation(int worldSize) => GlobalBatch / (worldSize * MicroBatch);
+
+    public IReadOnlyList<string> Problems(int worldSize = 1)
+    {
+        var p = new List<string>();
+        if (SeqLen <= 0) p.Add($"seq_len must be > 0, got {SeqLen}");
+        if (MicroBatch <= 0) p.Add($"micro_batch must be > 0, got {MicroBatch}");
+        if (GlobalBatch <= 0) p.Add($"global_batch must be > 0, got {GlobalBatch}");
+        else if (MicroBatch > 0 && GlobalBatch % (worldSize * MicroBatch) != 0)
+            p.Add($"global_batch ({GlobalBatch}) must be a multiple of micro_batch x data-parallel width ({MicroBatch} x {worldSize})");
+        if (Steps <= 0) p.Add($"steps must be > 0, got {Steps}");
+        if (Lr <= 0) p.Add($"lr must be > 0, got {Lr}");
+        if (WarmupSteps < 0) p.Add($"warmup must be >= 0, got {WarmupSteps}");
+        if (MtpWeight < 0) p.Add($"mtp_weight must be >= 0, got {MtpWeight}");
+        if (BiasUpdateSpeed < 0) p.Add($"bias_update_speed must be >= 0, got {BiasUpdateSpeed}");
+        if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");
+        if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
+        return p;
+    }
+
+    public TrainingOptions Validated(int worldSize = 1)
+    {
+        var problems = Problems(worldSize);
+        if (problems.Count > 0) throw new ArgumentException("Invalid training options: " + string.Join("; ", problems));
+        return this;
+    }
+}
