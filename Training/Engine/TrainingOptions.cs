@@ -44,7 +44,7 @@ public sealed record TrainingOptions
             p.Add($"global_batch ({GlobalBatch}) must be a multiple of micro_batch x data-parallel width ({MicroBatch} x {worldSize})");
         if (Steps <= 0) p.Add($"steps must be > 0, got {Steps}");
         if (Lr <= 0) p.Add($"lr must be > 0, got {Lr}");
-        if (WarmupSteps < 0) p.Add($"warmup must be >= 0, got {WarmupSteps}");
+        if (WarmupSteps < 0 || WarmupSteps > Steps) p.Add($"warmup must be between 0 and steps ({Steps}), got {WarmupSteps}");
         if (MtpWeight < 0) p.Add($"mtp_weight must be >= 0, got {MtpWeight}");
         if (BiasUpdateSpeed < 0) p.Add($"bias_update_speed must be >= 0, got {BiasUpdateSpeed}");
         if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");

@@ -157,7 +157,7 @@ internal sealed class BpeModel
             int bestRank = int.MaxValue, bestPos = -1;
             for (int i = 0; i + 1 < symbols.Length; i++)
             {
-                if (_pairToRank.TryGetValue(PairKey(symbols[i], symbols[i + 1]), out int rank) && rank <= bestRank)
+                if (_pairToRank.TryGetValue(PairKey(symbols[i], symbols[i + 1]), out int rank) && rank < bestRank)
                 {
                     bestRank = rank;
                     bestPos = i;

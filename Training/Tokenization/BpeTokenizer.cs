@@ -8,7 +8,7 @@ namespace DeepSeekCluster.Training.Tokenization;
 /// <summary>
 /// Byte-level BPE with Hugging Face `tokenizers` semantics. Encoding runs the same stages in the same order:
 /// added tokens are split out of the text first (leftmost-longest), then each remaining segment is normalized
-/// (null or NFC), pre-tokenized (Split / Digits / ByteLevel), and each pre-token's UTF-8 bytes are merged by
+/// (null or NFC; NFC needs ICU, so loading refuses it under InvariantGlobalization), pre-tokenized (Split / Digits / ByteLevel), and each pre-token's UTF-8 bytes are merged by
 /// rank and looked up in the vocab.
 ///
 /// Ids of a trained tokenizer: the special tokens first, in the order given (by default

@@ -225,7 +225,7 @@ internal static class BpeTrainer
             if (x.Count != y.Count) return y.Count.CompareTo(x.Count);
             if (x.Key == y.Key) return 0;
             int byLeft = string.CompareOrdinal(tokens[(int)(x.Key >> 32)], tokens[(int)(y.Key >> 32)]);
-            return byLeft != 0 ? -byLeft : string.CompareOrdinal(tokens[(int)(uint)x.Key], tokens[(int)(uint)y.Key]);
+            return byLeft != 0 ? byLeft : string.CompareOrdinal(tokens[(int)(uint)x.Key], tokens[(int)(uint)y.Key]);
         }
     }
 }

@@ -125,8 +125,15 @@ internal static class TokenizerJsonReader
     {
         if (!root.TryGetProperty("normalizer", out var normalizer) || normalizer.ValueKind == JsonValueKind.Null) return false;
         string type = GetType(normalizer, "normalizer", source);
-        if (type == "NFC") return true;
-        throw new TokenizerFormatException(source, $"unsupported normalizer type \"{type}\" (supported: null, NFC)");
+        if (type == "Sequence" && normalizer.TryGetProperty("normalizers", out var list)
+            && list.ValueKind == JsonValueKind.Array && list.GetArrayLength() == 0)
+            return false; // an empty Sequence normalizes nothing
+        if (type != "NFC") throw new TokenizerFormatException(source, $"unsupported normalizer type \"{type}\" (supported: null, NFC, empty Sequence)");
+        // With InvariantGlobalization (this repository's default) .NET has no ICU and Normalize silently returns
+        // non-ASCII text unchanged; encoding would then differ from `tokenizers` without any sign of it.
+        if ("e\u0301".Normalize(NormalizationForm.FormC) != "\u00e9")
+            throw new TokenizerFormatException(source, "normalizer NFC needs Unicode normalization, which this process lacks (InvariantGlobalization is on, or ICU is missing)");
+        return true;
     }
 
     public static JsonElement Required(JsonElement parent, string name, string source)
