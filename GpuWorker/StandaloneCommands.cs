@@ -21,9 +21,10 @@ public static class StandaloneCommands
               Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
               600 steps, output in runs/standalone. Text files: documents are separated by empty lines.
               Resumes from DIR/checkpoints unless --fresh. Writes a Hugging Face folder to DIR/model.
-          gpu-worker generate --model DIR [--prompt TEXT] [--max-new-tokens N] [--greedy]
+          gpu-worker generate --model DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
                               [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
-              Continues a prompt with a model folder (config.json + *.safetensors + tokenizer.json).
+              Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).
+              --prompt-ids gives token ids directly (no tokenizer needed).
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
         """;
 
@@ -60,6 +61,7 @@ public static class StandaloneCommands
         var cl = new CommandLine(args, new HashSet<string> { "greedy", "json", "no-cache" });
         var dir = cl.String("model") ?? throw new ArgumentException("option --model DIR is required (a folder with config.json, model.safetensors and tokenizer.json)");
         var prompt = cl.String("prompt") ?? "";
+        var promptIds = cl.String("prompt-ids");
         var sampling = new SamplingOptions
         {
             MaxNewTokens = cl.Get("max-new-tokens", 32), Temperature = cl.Flag("greedy") ? 0 : cl.Get("temperature", 0.8),
@@ -71,16 +73,28 @@ public static class StandaloneCommands
 
         var loaded = HfModelFolder.Load(dir, device);
         using var model = loaded.Model;
-        var tokenizer = loaded.Tokenizer ?? throw new FileNotFoundException($"Model folder '{dir}' has no tokenizer.json; generate needs one to read the prompt.");
-        var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
+        var tokenizer = loaded.Tokenizer;
+        int[] ids;
+        if (promptIds is not null)
+            ids = promptIds.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(ParseId).ToArray();
+        else
+        {
+            if (tokenizer is null) throw new FileNotFoundException($"Model folder '{dir}' has no tokenizer.json: give the prompt as --prompt-ids.");
+            ids = tokenizer.Encode(prompt, addSpecialTokens: true);
+        }
         if (ids.Length == 0)
-            ids = [tokenizer.BosTokenId ?? model.Config.BosTokenId ?? throw new ArgumentException("the prompt is empty and the model has no BOS token to start from")];
-        var generated = TextGenerator.Generate(model, ids, sampling with { EosTokenId = tokenizer.EosTokenId ?? model.Config.EosTokenId }, device);
-        var text = tokenizer.Decode(generated);
+            ids = [tokenizer?.BosTokenId ?? model.Config.BosTokenId ?? throw new ArgumentException("the prompt is empty and the model has no BOS token to start from")];
+        if (ids.FirstOrDefault(i => i >= model.Config.VocabSize) is var tooBig && tooBig >= model.Config.VocabSize)
+            throw new ArgumentException($"--prompt-ids: token {tooBig} is outside the vocabulary (vocab_size {model.Config.VocabSize})");
+        var generated = TextGenerator.Generate(model, ids, sampling with { EosTokenId = tokenizer?.EosTokenId ?? model.Config.EosTokenId }, device);
+        var text = tokenizer?.Decode(generated);
         if (json)
             Console.WriteLine(JsonSerializer.Serialize(new { prompt_ids = ids, generated_ids = generated, text }));
         else
-            Console.WriteLine(prompt + text);
+            Console.WriteLine(text is null ? string.Join(" ", generated) : prompt + text);
         return 0;
     }
+
+    static int ParseId(string s) =>
+        int.TryParse(s, out var id) && id >= 0 ? id : throw new ArgumentException($"--prompt-ids: '{s}' is not a token id (a non-negative integer)");
 }

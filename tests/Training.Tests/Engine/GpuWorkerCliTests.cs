@@ -1,0 +1,81 @@
+// The gpu-worker command line as a user runs it: a real process, its output and exit code.
+using System.Diagnostics;
+using System.Reflection;
+using System.Text.Json;
+using DeepSeekCluster.Training.IO;
+
+namespace DeepSeekCluster.Training.Tests.Engine;
+
+public class GpuWorkerCliTests
+{
+    static readonly string Dll = typeof(GpuWorkerCliTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "GpuWorkerDll").Value!;
+
+    static (int code, string stdout, string stderr) Run(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        psi.ArgumentList.Add(Dll);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(TimeSpan.FromMinutes(4))) { p.Kill(true); throw new TimeoutException($"gpu-worker {string.Join(' ', args)} did not finish"); }
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    [Fact]
+    public void GenerateFromAnHfFolderPrintsTheReferenceGreedyIdsAsJson()
+    {
+        var golden = Path.Combine(AppContext.BaseDirectory, "Goldens");
+        using var expected = SafeTensors.Open(Path.Combine(golden, "hf-tiny-expected.safetensors"));
+        var prompt = expected.Read("greedy_prompt").data<long>().ToArray();
+        var want = expected.Read("greedy_continuation").data<long>().ToArray();
+        var (code, stdout, stderr) = Run("generate", "--model", Path.Combine(golden, "hf-tiny"), "--prompt-ids", string.Join(",", prompt),
+                                         "--max-new-tokens", want.Length.ToString(), "--greedy", "--json", "--device", "cpu");
+        Assert.True(code == 0, stderr);
+        using var json = JsonDocument.Parse(stdout);
+        Assert.Equal(want, json.RootElement.GetProperty("generated_ids").EnumerateArray().Select(e => e.GetInt64()));
+    }
+
+    [Fact]
+    public void TrainThenGenerateWorksEndToEndFromTheCommandLine()
+    {
+        var dir = Directory.CreateTempSubdirectory("cli-train-").FullName;
+        try
+        {
+            var (code, stdout, stderr) = Run("train", "--steps", "12", "--warmup", "2", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "4",
+                                             "--vocab-size", "300", "--eval-every", "6", "--log-every", "4", "--checkpoint-every", "6",
+                                             "--out", dir, "--peak-gflops", "100", "--device", "cpu");
+            Assert.True(code == 0, stderr + stdout);
+            Assert.Contains("step 12/12", stdout);
+            Assert.Contains("validation loss", stdout);
+            foreach (var f in new[] { "config.json", "model.safetensors", "tokenizer.json", "generation_config.json" })
+                Assert.True(File.Exists(Path.Combine(dir, "model", f)), $"model/{f} is missing");
+            Assert.True(Directory.Exists(Path.Combine(dir, "checkpoints", "step-00000012")));
+
+            var gen = Run("generate", "--model", Path.Combine(dir, "model"), "--prompt", "And God said", "--max-new-tokens", "8", "--greedy", "--json");
+            Assert.True(gen.code == 0, gen.stderr);
+            using var json = JsonDocument.Parse(gen.stdout);
+            Assert.True(json.RootElement.GetProperty("generated_ids").GetArrayLength() > 0);
+
+            // Running again resumes from the last checkpoint instead of starting over.
+            var again = Run("train", "--steps", "14", "--warmup", "2", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "4",
+                            "--vocab-size", "300", "--eval-every", "0", "--log-every", "1", "--out", dir, "--peak-gflops", "100", "--device", "cpu");
+            Assert.True(again.code == 0, again.stderr + again.stdout);
+            Assert.Contains("resumed from", again.stdout);
+            Assert.DoesNotContain("step 1/14", again.stdout);
+            Assert.Contains("step 13/14", again.stdout);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void ABadOptionIsRefusedWithItsNameAndExitCode2()
+    {
+        var (code, _, stderr) = Run("train", "--stepz", "5");
+        Assert.Equal(2, code);
+        Assert.Contains("--stepz", stderr);
+        var bad = Run("train", "--global-batch", "10", "--micro-batch", "4");
+        Assert.Equal(2, bad.code);
+        Assert.Contains("global_batch (10) must be a multiple of micro_batch", bad.stderr);
+    }
+}
