@@ -1,0 +1,245 @@
+// The prepare pipeline: fingerprint inputs → read + clean + dedup (spooled) → tokenizer → pack shards → manifest last.
+using System.Collections.Concurrent;
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using DeepSeekCluster.DataShardService.Storage;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Tokenization;
+
+namespace DeepSeekCluster.DataShardService.Preparation;
+
+public sealed record PrepareResult(DatasetManifest Manifest, bool Reused);
+
+/// <summary>
+/// Deterministic: the dataset id is a hash of the request and of every input file's bytes, and the same id always
+/// yields byte-identical shards and manifest. So an interrupted run is repaired by running again: leftovers of
+/// incomplete puts are removed, shards are rewritten whole (each put is atomic), and the manifest, written
+/// last, is what marks the dataset complete; a complete dataset is returned as is.
+/// Memory: the exact-dedup hash set and the MinHash signatures of kept documents; texts stream through a spool file.
+/// </summary>
+public sealed class DatasetPreparer(IDatasetStore store, string workRoot, PrepareHooks? hooks = null)
+{
+    public const string TrainSplit = "train";
+    public const string ValidationSplit = "validation";
+    private const ulong SplitSeed = 0x5350_4C49_5456_414C; // which side of the split a document falls on
+    private const ulong MixSeed = 0x4D49_5857_4549_4748;   // which documents get the fractional extra copy
+    private const int EncodeChunk = 256;
+    private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
+
+    public async Task<PrepareResult> PrepareAsync(PrepareSpec spec, IProgress<string>? progress, CancellationToken ct)
+    {
+        spec.Validate();
+        var cleaningSpec = spec.CleaningOrDefault;
+        var dedupSpec = spec.DedupOrDefault;
+
+        // ---- Fingerprint: every input file's bytes and the tokenizer decide the id ----
+        var files = spec.Sources.Select(SourceReader.Files).ToList();
+        var fileEntries = new List<List<SourceFileEntry>>();
+        foreach (var sourceFiles in files)
+        {
+            var entries = new List<SourceFileEntry>();
+            foreach (var f in sourceFiles)
+            {
+                await using var s = File.OpenRead(f.FullPath);
+                entries.Add(new SourceFileEntry(f.RelativePath, s.Length, Convert.ToHexStringLower(await SHA256.HashDataAsync(s, ct))));
+            }
+            fileEntries.Add(entries);
+        }
+        BpeTokenizer? givenTokenizer = spec.TokenizerPath is null ? null : LoadTokenizer(spec.TokenizerPath);
+        string datasetId = DatasetId(spec, cleaningSpec, dedupSpec, fileEntries, givenTokenizer?.Hash);
+        progress?.Report($"dataset {datasetId}");
+
+        var gate = Locks.GetOrAdd(datasetId, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync(ct);
+        try
+        {
+            string manifestPath = $"{datasetId}/{DatasetManifest.FileName}";
+            if (await store.ReadTextAsync(manifestPath, ct) is { } existing)
+            {
+                progress?.Report($"dataset {datasetId} is already complete in {store.Describe(manifestPath)}");
+                return new PrepareResult(DatasetManifest.FromJson(existing, store.Describe(manifestPath)), Reused: true);
+            }
+            await store.RemoveIncompleteAsync(datasetId + "/", ct);
+
+            string staging = Path.Combine(workRoot, $"{datasetId}-{Guid.NewGuid():N}");
+            Directory.CreateDirectory(staging);
+            try
+            {
+                var manifest = await RunAsync(spec, cleaningSpec, dedupSpec, datasetId, files, fileEntries, givenTokenizer, staging, progress, ct);
+                await store.PutTextAsync(manifestPath, manifest.ToJson(), ct);
+                progress?.Report($"manifest written: {store.Describe(manifestPath)}");
+                return new PrepareResult(manifest, Reused: false);
+            }
+            finally
+            {
+                Directory.Delete(staging, recursive: true);
+            }
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    private async Task<DatasetManifest> RunAsync(
+        PrepareSpec spec, CleaningSpec cleaningSpec, DedupSpec dedupSpec, string datasetId,
+        List<IReadOnlyList<SourceFile>> files, List<List<SourceFileEntry>> fileEntries, BpeTokenizer? givenTokenizer,
+        string staging, IProgress<string>? progress, CancellationToken ct)
+    {
+        int sourceCount = spec.Sources.Count;
+        var read = new long[sourceCount];
+        var cleaned = new long[sourceCount];
+        var deduped = new long[sourceCount];
+        var inMix = new long[sourceCount];
+        var tokensInMix = new long[sourceCount];
+        long emptyFiles = 0;
+
+        // ---- Pass 1: read, clean, dedup; kept documents go to the spool ----
+        var cleaner = new TextCleaner(cleaningSpec);
+        var dedup = new Deduplicator(dedupSpec);
+        using var spool = new DocumentSpool(Path.Combine(staging, "documents.spool"));
+        for (int s = 0; s < sourceCount; s++)
+        {
+            var source = spec.Sources[s];
+            foreach (var file in files[s])
+            {
+                long before = read[s];
+                foreach (string raw in SourceReader.Documents(source, file))
+                {
+                    ct.ThrowIfCancellationRequested();
+                    read[s]++;
+                    if (cleaner.Clean(raw) is not { } text)
+                        continue;
+                    cleaned[s]++;
+                    var hash = Deduplicator.TextHash(text);
+                    if (dedup.Check(text, hash) != DedupVerdict.Unique)
+                        continue;
+                    deduped[s]++;
+                    spool.Add(new SpooledDocument(s, hash, text));
+                    if (spool.Count % 1000 == 0)
+                        progress?.Report($"clean+dedup: {spool.Count} documents kept of {read.Sum()} read");
+                }
+                if (read[s] == before)
+                    emptyFiles++;
+            }
+            if (read[s] == 0)
+                throw DataInputException.Invalid($"Source '{source.Name}' ('{source.Path}') holds no documents: every file is empty.");
+        }
+        spool.CompleteWriting();
+        progress?.Report($"clean+dedup: {spool.Count} documents kept of {read.Sum()} read " +
+                         $"(exact duplicates {dedup.Counts.RemovedExact}, near duplicates {dedup.Counts.RemovedNear})");
+        if (spool.Count == 0)
+            throw DataInputException.Invalid(
+                $"Every document of sources {string.Join(", ", spec.Sources.Select(x => $"'{x.Name}'"))} was removed by cleaning or dedup; " +
+                $"cleaning counts: {JsonSerializer.Serialize(cleaner.Counts, DatasetManifest.Json)}");
+
+        // ---- Tokenizer: given, or trained on the training side of the split ----
+        var tokenizer = givenTokenizer ?? BpeTokenizer.Train(
+            spool.Read().Where(d => !IsValidation(d.Hash, spec.ValidationFraction)).Select(d => d.Text),
+            spec.VocabSize, progress: progress);
+        int eot = tokenizer.EosTokenId ?? throw DataInputException.Invalid(
+            $"Tokenizer '{spec.TokenizerPath}' has no end-of-text token to join documents with.");
+        string tokenizerFile = Path.Combine(staging, "tokenizer.json");
+        tokenizer.Save(tokenizerFile);
+        await store.PutFileAsync(tokenizerFile, $"{datasetId}/tokenizer.json", ct);
+        progress?.Report($"tokenizer: vocab {tokenizer.VocabSize}, hash {tokenizer.Hash}");
+
+        // ---- Pass 2..: tokenize and pack; round r takes the documents whose weight gives them more than r copies ----
+        int tokenBytes = tokenizer.VocabSize <= 65536 ? 2 : 4;
+        int sampleTokens = spec.SeqLen + 1;
+        using var train = new ShardPacker(TrainSplit, sampleTokens, tokenBytes, spec.SamplesPerShard, staging);
+        using var validation = new ShardPacker(ValidationSplit, sampleTokens, tokenBytes, spec.SamplesPerShard, staging);
+        int rounds = (int)Math.Ceiling(spec.Sources.Max(x => x.Weight));
+        long packed = 0;
+        for (int round = 0; round < rounds; round++)
+        {
+            foreach (var chunk in spool.Read().Where(d => Copies(d, spec.Sources[d.SourceIndex].Weight) > round).Chunk(EncodeChunk))
+            {
+                ct.ThrowIfCancellationRequested();
+                var tokens = new int[chunk.Length][];
+                Parallel.For(0, chunk.Length, i => tokens[i] = [.. tokenizer.Encode(chunk[i].Text), eot]);
+                for (int i = 0; i < chunk.Length; i++)
+                {
+                    (IsValidation(chunk[i].Hash, spec.ValidationFraction) ? validation : train).Add(tokens[i]);
+                    inMix[chunk[i].SourceIndex]++;
+                    tokensInMix[chunk[i].SourceIndex] += tokens[i].Length;
+                }
+                packed += chunk.Length;
+                await StoreFinishedAsync(datasetId, train, progress, ct);
+                await StoreFinishedAsync(datasetId, validation, progress, ct);
+            }
+            progress?.Report($"pack: round {round + 1}/{rounds}, {packed} documents, {train.Samples} train + {validation.Samples} validation samples");
+        }
+        train.Complete();
+        validation.Complete();
+        await StoreFinishedAsync(datasetId, train, progress, ct);
+        await StoreFinishedAsync(datasetId, validation, progress, ct);
+
+        var sources = spec.Sources.Select((x, s) => new SourceEntry(
+            x.Name, x.Weight, x.TextField, x.WholeFile, fileEntries[s], read[s], cleaned[s], deduped[s], inMix[s], tokensInMix[s])).ToList();
+        return new DatasetManifest(
+            DatasetManifest.CurrentFormat, datasetId, tokenizer.Hash, "tokenizer.json", tokenizer.VocabSize, eot,
+            spec.SeqLen, sampleTokens, tokenBytes == 2 ? "uint16" : "uint32", sampleTokens * tokenBytes, spec.SamplesPerShard,
+            spec.ValidationFraction,
+            new Dictionary<string, SplitEntry>
+            {
+                [TrainSplit] = new(train.Samples, train.Tokens, train.Documents, train.TokensDropped, train.Shards),
+                [ValidationSplit] = new(validation.Samples, validation.Tokens, validation.Documents, validation.TokensDropped, validation.Shards),
+            },
+            sources, cleaningSpec, dedupSpec, new PrepareReport(cleaner.Counts, dedup.Counts, emptyFiles, packed));
+    }
+
+    private async Task StoreFinishedAsync(string datasetId, ShardPacker packer, IProgress<string>? progress, CancellationToken ct)
+    {
+        foreach (var shard in packer.TakeFinished().ToList())
+        {
+            await store.PutFileAsync(shard.LocalPath, $"{datasetId}/{shard.Entry.Path}", ct);
+            progress?.Report($"shard {shard.Entry.Path}: {shard.Entry.Samples} samples, sha256 {shard.Entry.Sha256}");
+            hooks?.ShardStored?.Invoke(shard.Entry);
+        }
+    }
+
+    /// <summary>A document's side depends on its text alone, so exact duplicates and copies never straddle the split.</summary>
+    internal static bool IsValidation(UInt128 hash, double fraction) =>
+        StableHash.ToUnitInterval(StableHash.Combine(SplitSeed, (ulong)hash)) < fraction;
+
+    internal static int Copies(SpooledDocument doc, double weight)
+    {
+        int whole = (int)Math.Floor(weight);
+        double extra = weight - whole;
+        return whole + (StableHash.ToUnitInterval(StableHash.Combine(MixSeed, (ulong)(doc.Hash >> 64))) < extra ? 1 : 0);
+    }
+
+    private static BpeTokenizer LoadTokenizer(string path)
+    {
+        if (!File.Exists(path))
+            throw new DataInputException(DataErrorKind.NotFound, $"Tokenizer file '{path}' does not exist.");
+        try
+        {
+            return BpeTokenizer.Load(path);
+        }
+        catch (Exception e) when (e is TokenizerFormatException or JsonException)
+        {
+            throw DataInputException.Invalid($"Tokenizer file '{path}' could not be read: {e.Message}");
+        }
+    }
+
+    private static string DatasetId(PrepareSpec spec, CleaningSpec cleaning, DedupSpec dedup,
+        List<List<SourceFileEntry>> files, string? tokenizerHash)
+    {
+        var identity = new
+        {
+            format = DatasetManifest.CurrentFormat,
+            sources = spec.Sources.Select((s, i) => new { s.Name, s.Weight, s.TextField, s.WholeFile, files = files[i] }),
+            spec.SeqLen,
+            tokenizer = tokenizerHash ?? $"train:{spec.VocabSize}",
+            spec.ValidationFraction,
+            spec.SamplesPerShard,
+            cleaning,
+            dedup,
+        };
+        byte[] canonical = JsonSerializer.SerializeToUtf8Bytes(identity, DatasetManifest.Json);
+        return "ds-" + Convert.ToHexStringLower(SHA256.HashData(canonical))[..16];
+    }
+}
