@@ -1,66 +1,13 @@
-// Training-step benchmark: tokens/s, MFU and peak memory per preset, beside the measured matmul peak of this machine.
-using System.Diagnostics;
-using DeepSeekCluster.Training.Data;
-using DeepSeekCluster.Training.Engine;
-using DeepSeekCluster.Training.Model;
-using DeepSeekCluster.Training.Perf;
-using TorchSharp;
-using static TorchSharp.torch;
+// bench: performance measurements, one verb per part. Run with -c Release; results go to stdout as markdown.
+using DeepSeekCluster.Bench;
 
-var presets = Arg("--presets", "tiny,small").Split(',', StringSplitOptions.RemoveEmptyEntries);
-var precisions = Arg("--precisions", "fp32,bf16").Split(',', StringSplitOptions.RemoveEmptyEntries);
-int warmup = int.Parse(Arg("--warmup", "3")), measured = int.Parse(Arg("--steps", "8"));
-var device = StandaloneRun.ResolveDevice(Arg("--device", "auto"));
-
-Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
-Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
-var fp32 = MatmulPeak.Measure(device, ScalarType.Float32, 1024, TimeSpan.FromSeconds(3));
-var bf16 = MatmulPeak.Measure(device, ScalarType.BFloat16, 1024, TimeSpan.FromSeconds(3));
-Console.WriteLine($"matmul peak fp32: {fp32}");
-Console.WriteLine($"matmul peak bf16: {bf16}");
-Console.WriteLine();
-Console.WriteLine("| preset | precision | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB |");
-Console.WriteLine("|---|---|---|---|---|---|---|---|---|");
-
-foreach (var name in presets)
-foreach (var precision in precisions)
+var verb = args.FirstOrDefault() is { } first && !first.StartsWith("--", StringComparison.Ordinal) ? first : "train";
+var rest = verb == args.FirstOrDefault() ? args[1..] : args;
+switch (verb)
 {
-    var peak = precision == "bf16" ? bf16 : fp32;
-    var config = DeepSeekConfig.Preset(name);
-    var options = name == "tiny"
-        ? new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 16, Steps = warmup + measured, WarmupSteps = 1, Precision = precision, Device = device.type.ToString().ToLowerInvariant() }
-        : new TrainingOptions { SeqLen = 256, GlobalBatch = 8, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Precision = precision, Device = device.type.ToString().ToLowerInvariant() };
-    // Random tokens: the step's arithmetic does not depend on the text, and routing starts near uniform either way.
-    var rng = new Random(1);
-    var tokens = new int[(options.SeqLen + 1) * 64 * 8];
-    for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
-    var data = new TokenDataset(tokens, options.SeqLen);
-    manual_seed(1);
-    using var model = new DeepSeekForCausalLM(config).InitializeWeights();
-    if (precision == "bf16") model.to(ScalarType.BFloat16);
-    model.to(device);
-    using var trainer = new Trainer(model, data, null, options, device, peak.FlopsPerSecond);
-    for (int i = 0; i < warmup; i++) trainer.TrainStep();
-    var steps = new List<StepMetrics>();
-    var sw = Stopwatch.StartNew();
-    for (int i = 0; i < measured; i++) steps.Add(trainer.TrainStep());
-    double seconds = sw.Elapsed.TotalSeconds / measured;
-    double tps = options.GlobalBatch * options.SeqLen / seconds;
-    double mfu = tps * config.TrainingFlopsPerToken(options.SeqLen) / peak.FlopsPerSecond;
-    Console.WriteLine($"| {name} | {precision} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu * 100:F1}% | {seconds:F3} | " +
-                      $"{steps.Average(s => s.Times.ForwardSeconds):F3} / {steps.Average(s => s.Times.BackwardSeconds):F3} / {steps.Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} |");
+    case "train": TrainingBench.Run(rest); break;
+    default:
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train");
+        return 2;
 }
-
-static string Arg(string name, string fallback)
-{
-    var args = Environment.GetCommandLineArgs();
-    int i = Array.IndexOf(args, name);
-    return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
-}
-
-static long PeakRssMiB()
-{
-    foreach (var line in File.ReadLines("/proc/self/status"))
-        if (line.StartsWith("VmHWM:")) return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024;
-    return -1;
-}
+return 0;
