@@ -32,13 +32,19 @@ public sealed class Trainer : IDisposable
     public int WorldSize { get; }
     public double PeakFlops { get; set; }
 
-    readonly TokenDataset train;
+    readonly ISampleSource train;
     readonly TokenDataset? validation;
-    readonly SamplePermutation permutation;
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
+                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
+        : this(model, new PermutedSamples(train, (ulong)options.Seed), validation, options, device, peakFlops, rank, worldSize, reducer)
+    {
+    }
+
+    /// <summary>A trainer whose samples come from any source addressed by global index (a local dataset or the data service).</summary>
+    public Trainer(DeepSeekForCausalLM model, ISampleSource train, TokenDataset? validation, TrainingOptions options,
                    Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
     {
         Options = options.Validated(worldSize);
@@ -52,7 +58,6 @@ public sealed class Trainer : IDisposable
         this.validation = validation;
         this.reducer = reducer;
         PeakFlops = peakFlops;
-        permutation = new SamplePermutation(train.SampleCount, (ulong)options.Seed);
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         Optimizer = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
         {
@@ -76,12 +81,13 @@ public sealed class Trainer : IDisposable
         var total = Stopwatch.StartNew();
 
         Optimizer.ZeroGrad();
-        var slice = permutation.Slice(Step, Options.GlobalBatch, Rank, WorldSize);
+        // This rank's contiguous share of the step's global batch, in micro-batches.
+        long rankStart = Step * Options.GlobalBatch + (long)Rank * (Options.GlobalBatch / WorldSize);
         for (int a = 0; a < accumulation; a++)
         {
             using var scope = NewDisposeScope();
             var sw = Stopwatch.StartNew();
-            var batch = train.Batch(slice.Skip(a * micro).Take(micro).ToList()).to(Device);
+            var batch = train.Fetch(rankStart + (long)a * micro, micro).to(Device);
             var input_BT = batch.narrow(1, 0, Options.SeqLen);
             var target_BT = batch.narrow(1, 1, Options.SeqLen);
             dataS += sw.Elapsed.TotalSeconds; sw.Restart();
