@@ -6,8 +6,9 @@ var rest = verb == args.FirstOrDefault() ? args[1..] : args;
 switch (verb)
 {
     case "train": TrainingBench.Run(rest); break;
+    case "checkpoint": CheckpointBench.Run(rest); break;
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint");
         return 2;
 }
 return 0;

@@ -1,0 +1,203 @@
+// Starts resources in dependency order, gates dependants on health, prefixes logs, and stops everything on exit.
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+
+namespace DeepSeekCluster.AppHost.Hosting;
+
+public sealed class DistributedApplicationBuilder(string repositoryRoot, string configuration)
+{
+    public List<Resource> Resources { get; } = new();
+    public string RepositoryRoot { get; } = repositoryRoot;
+
+    /// <summary>A .NET project of this repository, run from its build output (the AppHost builds it first).</summary>
+    public Resource AddProject(string name, string projectFolder, string assemblyName)
+    {
+        var dll = Path.Combine(RepositoryRoot, projectFolder, "bin", configuration, "net10.0", assemblyName + ".dll");
+        var r = new Resource { Name = name, Command = "dotnet", IsProject = true };
+        r.Args.Add(dll);
+        r.Environment["OTEL_SERVICE_NAME"] = name;
+        r.Environment["DOTNET_ENVIRONMENT"] = "Development";
+        r.Environment["ASPNETCORE_ENVIRONMENT"] = "Development";
+        Resources.Add(r);
+        return r;
+    }
+
+    public Resource AddExecutable(string name, string command, params string[] args)
+    {
+        var r = new Resource { Name = name, Command = command };
+        r.Args.AddRange(args);
+        Resources.Add(r);
+        return r;
+    }
+
+    public DistributedApplication Build() => new(Resources, RepositoryRoot);
+}
+
+public sealed class DistributedApplication(IReadOnlyList<Resource> resources, string workingDirectory) : IAsyncDisposable
+{
+    readonly List<(Resource resource, string instance, Process process)> running = new();
+    readonly Lock gate = new();
+    static readonly HttpClient http = new() { Timeout = TimeSpan.FromSeconds(2) };
+    public bool Stopping { get; private set; }
+
+    /// <summary>Raised when a child exits while the application is not stopping: (instance, exit code).</summary>
+    public event Action<string, int>? ChildExited;
+
+    public async Task StartAsync(CancellationToken ct)
+    {
+        var started = new HashSet<Resource>();
+        foreach (var r in resources)
+        {
+            foreach (var dep in r.WaitsFor)
+                if (!started.Contains(dep)) throw new InvalidOperationException($"'{r.Name}' waits for '{dep.Name}', which must be added before it");
+            if (r.Replicas > 1 && r.Endpoints.Count > 0)
+                throw new InvalidOperationException($"'{r.Name}' has endpoints and {r.Replicas} replicas: their ports would collide");
+            for (int i = 0; i < r.Replicas; i++) Start(r, i);
+            started.Add(r);
+            if (r.Replicas > 0) await WaitReadyAsync(r, ct);
+        }
+    }
+
+    public string Start(Resource r, int index)
+    {
+        var instance = r.Replicas > 1 || r.Name == "gpu-worker" ? $"{r.Name}-{index}" : r.Name;
+        var psi = new ProcessStartInfo(r.Command)
+        {
+            RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = false,
+            UseShellExecute = false, WorkingDirectory = workingDirectory,
+        };
+        foreach (var a in r.Args) psi.ArgumentList.Add(a);
+        foreach (var (k, v) in r.Environment) psi.Environment[k] = v;
+        psi.Environment["DEEPSEEK_INSTANCE"] = instance;
+        if (r.IsProject)
+            foreach (var e in r.Endpoints)
+            {
+                psi.Environment[$"Kestrel__Endpoints__{e.Name}__Url"] = e.Url;
+                psi.Environment[$"Kestrel__Endpoints__{e.Name}__Protocols"] = e.Http2Only ? "Http2" : "Http1";
+            }
+        var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: false); };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: true); };
+        p.Exited += (_, _) =>
+        {
+            if (Stopping) return;
+            int code = SafeExitCode(p);
+            Log.AppHost(code == 0 ? $"{instance} finished" : $"{instance} exited unexpectedly with code {code}");
+            ChildExited?.Invoke(instance, code);
+        };
+        try { p.Start(); }
+        catch (System.ComponentModel.Win32Exception e) { throw new InvalidOperationException($"cannot start '{instance}' ({r.Command}): {e.Message}", e); }
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        lock (gate) running.Add((r, instance, p));
+        Log.AppHost($"started {instance} (pid {p.Id}){(r.Endpoints.Count > 0 ? " on " + string.Join(", ", r.Endpoints.Select(e => e.Url)) : "")}");
+        return instance;
+    }
+
+    static int SafeExitCode(Process p) { try { return p.ExitCode; } catch (InvalidOperationException) { return -1; } }
+
+    async Task WaitReadyAsync(Resource r, CancellationToken ct)
+    {
+        if (r.HealthPath is null && r.ReadinessPort is null) return;
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
+        Process[] processes;
+        lock (gate) processes = running.Where(x => x.resource == r).Select(x => x.process).ToArray();
+        while (true)
+        {
+            ct.ThrowIfCancellationRequested();
+            if (processes.Any(p => p.HasExited))
+                throw new InvalidOperationException($"'{r.Name}' exited with code {SafeExitCode(processes.First(p => p.HasExited))} before it became ready (see its log lines above)");
+            if (await IsReadyAsync(r, ct)) { Log.AppHost($"{r.Name} is ready"); return; }
+            if (DateTime.UtcNow > deadline) throw new TimeoutException($"'{r.Name}' did not become ready within 180 s");
+            await Task.Delay(200, ct);
+        }
+    }
+
+    static async Task<bool> IsReadyAsync(Resource r, CancellationToken ct)
+    {
+        try
+        {
+            if (r.ReadinessPort is int port)
+            {
+                using var c = new System.Net.Sockets.TcpClient();
+                await c.ConnectAsync(System.Net.IPAddress.Loopback, port, ct);
+                return true;
+            }
+            var http1 = r.Endpoints.First(e => !e.Http2Only);
+            using var resp = await http.GetAsync(http1.Url + r.HealthPath, ct);
+            return resp.IsSuccessStatusCode;
+        }
+        catch (Exception e) when (e is HttpRequestException or System.Net.Sockets.SocketException or TaskCanceledException && !ct.IsCancellationRequested)
+        {
+            return false;
+        }
+    }
+
+    public IReadOnlyList<string> Instances(Resource r) { lock (gate) return running.Where(x => x.resource == r && !x.process.HasExited).Select(x => x.instance).ToList(); }
+
+    /// <summary>Asks one instance to leave (SIGTERM), then kills it if it has not exited within the grace period.</summary>
+    public async Task StopInstanceAsync(string instance, TimeSpan grace)
+    {
+        Process? p;
+        lock (gate) p = running.FirstOrDefault(x => x.instance == instance).process;
+        if (p is null || p.HasExited) return;
+        Terminate(p);
+        using var cts = new CancellationTokenSource(grace);
+        try { await p.WaitForExitAsync(cts.Token); }
+        catch (OperationCanceledException) { Kill(p); }
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    static extern int kill(int pid, int sig);
+
+    static void Terminate(Process p)
+    {
+        try { if (!p.HasExited) kill(p.Id, 15); } catch (InvalidOperationException) { }
+    }
+
+    static void Kill(Process p)
+    {
+        try { if (!p.HasExited) p.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+        p.WaitForExit(5000);
+    }
+
+    /// <summary>Stops every child, dependants first: SIGTERM, up to 10 s to leave cleanly, then SIGKILL of the tree.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        Stopping = true;
+        List<(Resource, string, Process)> all;
+        lock (gate) all = running.ToList();
+        all.Reverse();
+        foreach (var (_, _, p) in all) Terminate(p);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        foreach (var (_, instance, p) in all)
+        {
+            var left = deadline - DateTime.UtcNow;
+            using var cts = new CancellationTokenSource(left > TimeSpan.Zero ? left : TimeSpan.FromMilliseconds(1));
+            try { await p.WaitForExitAsync(cts.Token); }
+            catch (OperationCanceledException) { Log.AppHost($"{instance} did not stop in time; killing it"); }
+            Kill(p);
+            p.Dispose();
+        }
+    }
+}
+
+public static class Log
+{
+    static readonly bool color = !Console.IsOutputRedirected && Environment.GetEnvironmentVariable("NO_COLOR") is null;
+    static readonly string[] palette = ["\u001b[36m", "\u001b[35m", "\u001b[33m", "\u001b[32m", "\u001b[34m", "\u001b[91m", "\u001b[96m"];
+    static readonly Lock gate = new();
+
+    public static void AppHost(string message) => Write("apphost", message, false);
+
+    public static void Child(string instance, string line, bool error) => Write(instance, line, error);
+
+    static void Write(string name, string message, bool error)
+    {
+        lock (gate)
+        {
+            var prefix = color ? $"{palette[(uint)name.GetHashCode() % palette.Length]}[{name}]\u001b[0m " : $"[{name}] ";
+            (error ? Console.Error : Console.Out).WriteLine(prefix + message);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+// manifest.json of a sharded checkpoint: what was saved, from which layout, and which file holds which rows of each tensor.
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace DeepSeekCluster.Training.Checkpoints;
+
+/// <summary>Rows [<see cref="RowStart"/>, +<see cref="RowCount"/>) of a tensor (dim 0), stored whole under the tensor's name in <see cref="File"/>.</summary>
+public sealed record ManifestSlice(
+    [property: JsonPropertyName("file")] string File,
+    [property: JsonPropertyName("row_start")] long RowStart,
+    [property: JsonPropertyName("row_count")] long RowCount);
+
+/// <summary>A tensor's full shape and dtype (safetensors name, "F32"...) and its slices, ordered by row.</summary>
+public sealed record ManifestTensor(
+    [property: JsonPropertyName("dtype")] string Dtype,
+    [property: JsonPropertyName("shape")] long[] Shape,
+    [property: JsonPropertyName("slices")] IReadOnlyList<ManifestSlice> Slices)
+{
+    /// <summary>Rows along dim 0; a scalar counts as one row.</summary>
+    [JsonIgnore] public long Rows => Shape.Length == 0 ? 1 : Shape[0];
+}
+
+/// <summary>A file of the checkpoint with the size and lower-case hex SHA-256 its writer reported.</summary>
+public sealed record ManifestFile(
+    [property: JsonPropertyName("name")] string Name,
+    [property: JsonPropertyName("size")] long Size,
+    [property: JsonPropertyName("sha256")] string Sha256);
+
+/// <summary>Where training stood when the checkpoint was taken.</summary>
+public sealed record CheckpointPosition(long Step, long Generation, long ConsumedSamples, long OptimizerSteps);
+
+/// <summary>
+/// The manifest, written last: a step without one does not exist. Field names match what the CheckpointStore
+/// service adds itself ("job", "step", "generation", "files", "committed_utc"), so the same JSON describes a
+/// checkpoint in a folder and in blob storage. There are no RNG states: training draws no random numbers and the
+/// data order is a function of (seed, consumed samples).
+/// </summary>
+public sealed record CheckpointManifest
+{
+    public const string FileName = "manifest.json";
+    public const string CurrentFormat = "deepseek-cluster/sharded-checkpoint/1";
+
+    [JsonPropertyName("format")] public string Format { get; init; } = CurrentFormat;
+    [JsonPropertyName("job")] public required string Job { get; init; }
+    [JsonPropertyName("step")] public required long Step { get; init; }
+    [JsonPropertyName("generation")] public long Generation { get; init; }
+    [JsonPropertyName("consumed_samples")] public long ConsumedSamples { get; init; }
+    /// <summary>AdamW's t (bias correction); differs from Step when a run was imported or restarted its optimizer.</summary>
+    [JsonPropertyName("optimizer_steps")] public long OptimizerSteps { get; init; }
+    [JsonPropertyName("layout")] public required ParallelLayout Layout { get; init; }
+    [JsonPropertyName("tensors")] public required IReadOnlyDictionary<string, ManifestTensor> Tensors { get; init; }
+    /// <summary>Sorted by name (ordinal), as the store writes them.</summary>
+    [JsonPropertyName("files")] public required IReadOnlyList<ManifestFile> Files { get; init; }
+    /// <summary>The model's config.json, embedded verbatim.</summary>
+    [JsonPropertyName("config")] public JsonElement? Config { get; init; }
+    [JsonPropertyName("tokenizer_sha256")] public string? TokenizerSha256 { get; init; }
+    [JsonPropertyName("committed_utc")] public string? CommittedUtc { get; init; }
+
+    public CheckpointPosition Position => new(Step, Generation, ConsumedSamples, OptimizerSteps);
+
+    static readonly JsonSerializerOptions Json = new() { WriteIndented = true, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull };
+
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+
+    public static CheckpointManifest FromJson(string json, string source)
+    {
+        CheckpointManifest? manifest;
+        try { manifest = JsonSerializer.Deserialize<CheckpointManifest>(json, Json); }
+        catch (JsonException e) { throw new InvalidDataException($"{source}: not a checkpoint manifest ({e.Message})", e); }
+        return (manifest ?? throw new InvalidDataException($"{source}: the manifest is empty")).Validated(source);
+    }
+
+    /// <summary>
+    /// Checks what a loader relies on: a known format, a valid layout, every slice in a listed file, and the slices of
+    /// each tensor covering its rows exactly once, in order.
+    /// </summary>
+    public CheckpointManifest Validated(string source)
+    {
+        if (Format != CurrentFormat) throw new InvalidDataException($"{source}: manifest format '{Format}', expected '{CurrentFormat}'");
+        Layout.Validated();
+        var files = Files.Select(f => f.Name).ToHashSet(StringComparer.Ordinal);
+        foreach (var (name, t) in Tensors)
+        {
+            long next = 0;
+            foreach (var s in t.Slices)
+            {
+                if (!files.Contains(s.File)) throw new InvalidDataException($"{source}: tensor '{name}' has a slice in '{s.File}', which is not a file of the checkpoint");
+                if (s.RowStart != next || s.RowCount < 1)
+                    throw new InvalidDataException($"{source}: tensor '{name}' has a slice of rows [{s.RowStart}, {s.RowStart + s.RowCount}) in {s.File}; expected one starting at row {next}");
+                next += s.RowCount;
+            }
+            if (next != t.Rows) throw new InvalidDataException($"{source}: the slices of tensor '{name}' cover {next} of its {t.Rows} rows");
+        }
+        return this;
+    }
+}

@@ -1,0 +1,114 @@
+// Writes a rank's share of a checkpoint (its row slices of model, routing-bias and optimizer tensors) and builds the manifest.
+using System.Text.Json;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Checkpoints;
+
+/// <summary>One rank's slices copied to host memory at a step boundary; owns the copies.</summary>
+public sealed class HostSnapshot(long step, int rank, List<KeyValuePair<string, Tensor>> slices) : IDisposable
+{
+    public long Step { get; } = step;
+    public int Rank { get; } = rank;
+    public IReadOnlyList<KeyValuePair<string, Tensor>> Slices => slices;
+    public long Bytes => slices.Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
+
+    public void Dispose()
+    {
+        foreach (var kv in slices) kv.Value.Dispose();
+        slices.Clear();
+    }
+}
+
+public static class ShardedCheckpointWriter
+{
+    /// <summary>
+    /// Copies the rows <paramref name="rank"/> writes (per <paramref name="plan"/>) to new CPU tensors that belong to no
+    /// dispose scope, so they survive the training step's scope and can be written on another thread.
+    /// </summary>
+    public static HostSnapshot CopyToHost(ShardingPlan plan, int rank, long step, IReadOnlyDictionary<string, Tensor> tensors)
+    {
+        var copies = new List<KeyValuePair<string, Tensor>>();
+        try
+        {
+            using var noGrad = no_grad();
+            foreach (var s in plan.WritesOf(rank))
+            {
+                var t = Lookup(tensors, s.Name);
+                using var view = t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount);
+                var copy = t.device_type == DeviceType.CPU ? view.clone() : view.cpu();
+                copies.Add(new(s.Name, copy.DetachFromDisposeScope()));
+            }
+            return new HostSnapshot(step, rank, copies);
+        }
+        catch
+        {
+            foreach (var kv in copies) kv.Value.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Writes <paramref name="snapshot"/> as the rank's file at the sink's local path and publishes it.</summary>
+    public static async Task<ManifestFile> WriteRankAsync(ICheckpointSink sink, HostSnapshot snapshot, CancellationToken ct = default)
+    {
+        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices), ct);
+        return await sink.PublishAsync(snapshot.Step, snapshot.Rank, written, ct);
+    }
+
+    /// <summary>
+    /// A blocking save of one rank's slices straight from the live tensors (views, no host copy): the training thread
+    /// waits for the file.
+    /// </summary>
+    public static ManifestFile WriteRank(ICheckpointSink sink, ShardingPlan plan, int rank, long step, IReadOnlyDictionary<string, Tensor> tensors)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var views = plan.WritesOf(rank)
+            .Select(s => { var t = Lookup(tensors, s.Name); return new KeyValuePair<string, Tensor>(s.Name, t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount)); })
+            .ToList();
+        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views);
+        return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
+    }
+
+    /// <summary>The manifest the coordinator commits once every rank of <paramref name="plan"/> has reported its file.</summary>
+    public static CheckpointManifest Manifest(string job, ShardingPlan plan, CheckpointPosition position, IEnumerable<ManifestFile> files,
+                                              string? configJson, string? tokenizerSha256)
+    {
+        var fileList = files.OrderBy(f => f.Name, StringComparer.Ordinal).ToList();
+        var expected = Enumerable.Range(0, plan.Layout.WorldSize).Select(ShardingPlan.FileOf).Order(StringComparer.Ordinal);
+        if (!fileList.Select(f => f.Name).SequenceEqual(expected))
+            throw new ArgumentException($"the manifest needs one file per rank ({plan.Layout.WorldSize}); got {string.Join(", ", fileList.Select(f => f.Name))}");
+        return new CheckpointManifest
+        {
+            Job = job, Step = position.Step, Generation = position.Generation,
+            ConsumedSamples = position.ConsumedSamples, OptimizerSteps = position.OptimizerSteps,
+            Layout = plan.Layout, Tensors = plan.ManifestTensors(), Files = fileList,
+            Config = configJson is null ? null : JsonDocument.Parse(configJson).RootElement.Clone(),
+            TokenizerSha256 = tokenizerSha256,
+        }.Validated("the new manifest");
+    }
+
+    /// <summary>
+    /// Saves all ranks of <paramref name="layout"/> from one process (a loop over ranks) and commits: the single-process
+    /// trainer, HF import, tests and the benchmark.
+    /// </summary>
+    public static async Task<CheckpointManifest> SaveAllRanksAsync(ICheckpointSink sink, string job, ParallelLayout layout,
+        IReadOnlyList<KeyValuePair<string, Tensor>> tensors, CheckpointPosition position, string? configJson, string? tokenizerSha256,
+        CancellationToken ct = default)
+    {
+        var plan = new ShardingPlan(layout, CheckpointTensors.Catalog(tensors));
+        var byName = tensors.ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
+        var files = new List<ManifestFile>();
+        for (int r = 0; r < layout.WorldSize; r++)
+        {
+            ct.ThrowIfCancellationRequested();
+            files.Add(WriteRank(sink, plan, r, position.Step, byName));
+        }
+        var manifest = Manifest(job, plan, position, files, configJson, tokenizerSha256);
+        await sink.CommitAsync(manifest, ct);
+        return manifest;
+    }
+
+    static Tensor Lookup(IReadOnlyDictionary<string, Tensor> tensors, string name) =>
+        tensors.TryGetValue(name, out var t) ? t : throw new KeyNotFoundException($"the plan assigns tensor '{name}' to this rank, but the rank does not hold it");
+}

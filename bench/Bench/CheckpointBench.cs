@@ -1,0 +1,135 @@
+// Checkpoint benchmark: sharded save/load MB/s on the folder backend beside the disk's own sequential speed, and the step stall of an async save.
+using System.Diagnostics;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Bench;
+
+public static class CheckpointBench
+{
+    public static void Run(string[] args)
+    {
+        string preset = Arg(args, "--preset", "small");
+        string dir = Arg(args, "--dir", Path.Combine(Path.GetTempPath(), "deepseek-ckpt-bench"));
+        int diskMb = int.Parse(Arg(args, "--disk-mb", "1024"));
+        int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "2"));
+        int repeats = int.Parse(Arg(args, "--repeats", "3"));
+        if (Directory.Exists(dir)) Directory.Delete(dir, true);
+        Directory.CreateDirectory(dir);
+
+        Console.WriteLine($"# DeepSeekCluster checkpoint benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
+        bool canDrop = Arg(args, "--drop-cache", "true") == "true" && DropPageCache();
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores; folder {dir}; page cache drop before reads: {(canDrop ? "yes" : "not permitted — reads may come from the page cache")}");
+
+        // ---- The disk's physical limit: one large sequential file, fsynced ----
+        var (diskWrite, diskRead) = DiskSpeed(Path.Combine(dir, "disk-probe.bin"), diskMb, canDrop);
+        Console.WriteLine($"disk sequential ({diskMb} MB, FileStream + fsync): write {diskWrite:F0} MB/s, read {diskRead:F0} MB/s");
+        Console.WriteLine();
+
+        // ---- The model and optimizer state of the preset ----
+        manual_seed(1);
+        using var model = new DeepSeekForCausalLM(DeepSeekConfig.Preset(preset)).InitializeWeights();
+        using var optimizer = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)));
+        using (no_grad())
+            foreach (var s in optimizer.Slots) { s.ExpAvg.normal_(); s.ExpAvgSq.uniform_(0, 1); }
+        var tensors = CheckpointTensors.Collect(model, optimizer);
+        double mb = tensors.Sum(kv => kv.Value.numel() * kv.Value.ElementSize) / 1e6;
+        Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
+        Console.WriteLine();
+        Console.WriteLine("| layout | save MB/s (% of disk write) | load MB/s (% of disk read) | save s | load s |");
+        Console.WriteLine("|---|---|---|---|---|");
+        long step = 0;
+        foreach (var (d, p) in new[] { (1, 1), (dp, pp) })
+        {
+            var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
+            double bestSave = double.MaxValue, bestLoad = double.MaxValue;
+            for (int i = 0; i < repeats; i++)
+            {
+                step++;
+                using var store = new FolderCheckpointStore(dir, "bench");
+                var sw = Stopwatch.StartNew();
+                ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
+                    .GetAwaiter().GetResult();
+                bestSave = Math.Min(bestSave, sw.Elapsed.TotalSeconds);
+                if (canDrop) DropPageCache();
+                sw.Restart();
+                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                bestLoad = Math.Min(bestLoad, sw.Elapsed.TotalSeconds);
+                Directory.Delete(store.StepFolder(step), true);
+            }
+            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files) | {mb / bestSave:F0} ({100 * mb / bestSave / diskWrite:F0}%) | {mb / bestLoad:F0} ({100 * mb / bestLoad / diskRead:F0}%) | {bestSave:F2} | {bestLoad:F2} |");
+        }
+        Console.WriteLine();
+
+        // ---- Step stall: time the training thread spends in an async save vs in a blocking one (one rank, dp 1 x pp 1) ----
+        var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        var byName = tensors.ToDictionary();
+        using var blockingStore = new FolderCheckpointStore(dir, "blocking");
+        using var asyncStore = new FolderCheckpointStore(dir, "async");
+        double blocking = double.MaxValue, stall = double.MaxValue, background = double.MaxValue;
+        for (int i = 0; i < repeats; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            ShardedCheckpointWriter.WriteRank(blockingStore, single, 0, i, byName);
+            blocking = Math.Min(blocking, sw.Elapsed.TotalSeconds);
+
+            var saver = new AsyncCheckpointSaver(asyncStore, single, 0);
+            var request = saver.Save(i, byName);
+            var failure = saver.WaitAsync().GetAwaiter().GetResult();
+            if (!request.Started || failure is not null) throw new InvalidOperationException($"async save {i} failed: {failure?.Message}");
+            stall = Math.Min(stall, request.Stall.TotalSeconds);
+            background = Math.Min(background, saver.LastOutcome!.Duration.TotalSeconds);
+            saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        }
+        Console.WriteLine("| save of one rank's state | training-thread stall s | background write s |");
+        Console.WriteLine("|---|---|---|");
+        Console.WriteLine($"| blocking | {blocking:F3} | — |");
+        Console.WriteLine($"| async (host copy, then background write) | {stall:F3} ({100 * stall / blocking:F1}% of blocking) | {background:F3} |");
+        Directory.Delete(dir, true);
+    }
+
+    /// <summary>Writes then reads one file of <paramref name="mb"/> MB in 64 MiB blocks; returns MB/s. The write includes the fsync.</summary>
+    static (double Write, double Read) DiskSpeed(string path, int mb, bool drop)
+    {
+        var block = new byte[64 << 20];
+        new Random(1).NextBytes(block);
+        long total = (long)mb * 1_000_000;
+        var sw = Stopwatch.StartNew();
+        using (var fs = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize: 0))
+        {
+            for (long done = 0; done < total; done += block.Length) fs.Write(block, 0, (int)Math.Min(block.Length, total - done));
+            fs.Flush(flushToDisk: true);
+        }
+        double write = mb / sw.Elapsed.TotalSeconds;
+        if (drop) DropPageCache();
+        sw.Restart();
+        using (var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0))
+            while (fs.Read(block, 0, block.Length) > 0) { }
+        double read = mb / sw.Elapsed.TotalSeconds;
+        File.Delete(path);
+        return (write, read);
+    }
+
+    /// <summary>Writes back dirty pages and drops the page cache (needs root and a writable /proc/sys); false when not allowed.</summary>
+    static bool DropPageCache()
+    {
+        try
+        {
+            using (var sync = Process.Start("sync")!) sync.WaitForExit();
+            File.WriteAllText("/proc/sys/vm/drop_caches", "3");
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.ComponentModel.Win32Exception)
+        {
+            return false;
+        }
+    }
+
+    static string Arg(string[] args, string name, string fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+    }
+}
