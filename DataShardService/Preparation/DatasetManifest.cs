@@ -14,7 +14,8 @@ public sealed record SourceEntry(
     string Name, double Weight, string TextField, bool WholeFile, IReadOnlyList<SourceFileEntry> Files,
     long DocumentsRead, long DocumentsAfterCleaning, long DocumentsAfterDedup, long DocumentsInMix, long TokensInMix);
 
-public sealed record PrepareReport(CleaningCounts Cleaning, DedupCounts Dedup, long EmptyFiles, long DocumentsPacked);
+/// <summary><paramref name="RawBytes"/>: UTF-8 bytes of the documents as read, before cleaning (what throughput is measured in).</summary>
+public sealed record PrepareReport(CleaningCounts Cleaning, DedupCounts Dedup, long EmptyFiles, long DocumentsPacked, long RawBytes);
 
 public sealed record DatasetManifest(
     string Format,

@@ -3,6 +3,7 @@ using System.Collections.Concurrent;
 using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
+using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Storage;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Tokenization;
@@ -18,7 +19,7 @@ public sealed record PrepareResult(DatasetManifest Manifest, bool Reused);
 /// last, is what marks the dataset complete; a complete dataset is returned as is.
 /// Memory: the exact-dedup hash set and the MinHash signatures of kept documents; texts stream through a spool file.
 /// </summary>
-public sealed class DatasetPreparer(IDatasetStore store, string workRoot, PrepareHooks? hooks = null)
+public sealed class DatasetPreparer(IDatasetStore store, string workRoot, PrepareHooks? hooks = null, DataShardsMetrics? metrics = null)
 {
     public const string TrainSplit = "train";
     public const string ValidationSplit = "validation";
@@ -66,9 +67,11 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
             Directory.CreateDirectory(staging);
             try
             {
+                var clock = System.Diagnostics.Stopwatch.StartNew();
                 var manifest = await RunAsync(spec, cleaningSpec, dedupSpec, datasetId, files, fileEntries, givenTokenizer, staging, progress, ct);
                 await store.PutTextAsync(manifestPath, manifest.ToJson(), ct);
                 progress?.Report($"manifest written: {store.Describe(manifestPath)}");
+                metrics?.PrepareCompleted(manifest.Report.RawBytes, clock.Elapsed);
                 return new PrepareResult(manifest, Reused: false);
             }
             finally
@@ -94,6 +97,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
         var inMix = new long[sourceCount];
         var tokensInMix = new long[sourceCount];
         long emptyFiles = 0;
+        long rawBytes = 0;
 
         // ---- Pass 1: read, clean, dedup; kept documents go to the spool ----
         var cleaner = new TextCleaner(cleaningSpec);
@@ -109,6 +113,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                 {
                     ct.ThrowIfCancellationRequested();
                     read[s]++;
+                    rawBytes += Encoding.UTF8.GetByteCount(raw);
                     if (cleaner.Clean(raw) is not { } text)
                         continue;
                     cleaned[s]++;
@@ -187,7 +192,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                 [TrainSplit] = new(train.Samples, train.Tokens, train.Documents, train.TokensDropped, train.Shards),
                 [ValidationSplit] = new(validation.Samples, validation.Tokens, validation.Documents, validation.TokensDropped, validation.Shards),
             },
-            sources, cleaningSpec, dedupSpec, new PrepareReport(cleaner.Counts, dedup.Counts, emptyFiles, packed));
+            sources, cleaningSpec, dedupSpec, new PrepareReport(cleaner.Counts, dedup.Counts, emptyFiles, packed, rawBytes));
     }
 
     private async Task StoreFinishedAsync(string datasetId, ShardPacker packer, IProgress<string>? progress, CancellationToken ct)

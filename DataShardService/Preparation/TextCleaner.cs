@@ -1,6 +1,7 @@
 // Cleaning of one document: NFC, line endings, control characters; then length and quality filters, each counted.
 using System.Globalization;
 using System.Text;
+using DeepSeekCluster.Training.Data;
 
 namespace DeepSeekCluster.DataShardService.Preparation;
 
@@ -14,6 +15,7 @@ public sealed class CleaningCounts
     public long RemovedTooLong { get; set; }
     public long RemovedLowAlphabetic { get; set; }
     public long RemovedRepeatedLines { get; set; }
+    public long RemovedDuplicateNGrams { get; set; }
     public long Kept { get; set; }
 }
 
@@ -37,6 +39,7 @@ public sealed class TextCleaner(CleaningSpec spec)
         if (text.Length > spec.MaxChars) { Counts.RemovedTooLong++; return null; }
         if (AlphabeticFraction(text) < spec.MinAlphabeticFraction) { Counts.RemovedLowAlphabetic++; return null; }
         if (RepeatedLineFraction(text) > spec.MaxRepeatedLineFraction) { Counts.RemovedRepeatedLines++; return null; }
+        if (DuplicateNGramFraction(text, spec.DuplicateNGramWords) > spec.MaxDuplicateNGramFraction) { Counts.RemovedDuplicateNGrams++; return null; }
         Counts.Kept++;
         return text;
     }
@@ -82,6 +85,58 @@ public sealed class TextCleaner(CleaningSpec spec)
                 letters++;
         }
         return visible == 0 ? 0 : (double)letters / visible;
+    }
+
+    /// <summary>
+    /// Gopher's repetition measure (Rae et al. 2021, table A1): words are whitespace-separated; a word n-gram is
+    /// duplicate when it occurs more than once in the document; the result is the characters of the words covered
+    /// by some duplicate n-gram (each word counted once) over the characters of all words. 0 for fewer than n words.
+    /// </summary>
+    internal static double DuplicateNGramFraction(string text, int n)
+    {
+        var words = new List<(int Length, ulong Hash)>();
+        foreach (var range in text.AsSpan().SplitAny(" \t\n\r\f\v\u00A0"))
+        {
+            var word = text.AsSpan(range);
+            if (!word.IsEmpty)
+                words.Add((word.Length, WordHash(word)));
+        }
+        int grams = words.Count - n + 1;
+        if (grams < 2)
+            return 0;
+        // An n-gram's key combines its words' hashes position by position; a rare collision can only over-count.
+        var gramHash_G = new ulong[grams]; // G = number of n-grams
+        var occurrences = new Dictionary<ulong, int>(grams);
+        for (int g = 0; g < grams; g++)
+        {
+            ulong h = (ulong)n;
+            for (int j = 0; j < n; j++)
+                h = StableHash.Combine(h, words[g + j].Hash);
+            gramHash_G[g] = h;
+            occurrences[h] = occurrences.GetValueOrDefault(h) + 1;
+        }
+        long covered = 0, total = 0;
+        int coveredUntil = 0; // words before this index are already counted
+        for (int w = 0; w < words.Count; w++)
+            total += words[w].Length;
+        for (int g = 0; g < grams; g++)
+        {
+            if (occurrences[gramHash_G[g]] < 2)
+                continue;
+            for (int w = Math.Max(g, coveredUntil); w < g + n; w++)
+                covered += words[w].Length;
+            coveredUntil = g + n;
+        }
+        return total == 0 ? 0 : (double)covered / total;
+    }
+
+    // FNV-1a over UTF-16 code units: stable across processes (string.GetHashCode is not), so decisions are reproducible.
+    private static ulong WordHash(ReadOnlySpan<char> word)
+    {
+        ulong h = 0xCBF2_9CE4_8422_2325UL;
+        foreach (char c in word)
+            h = (h ^ c) * 0x0000_0100_0000_01B3UL;
+        return h;
     }
 
     internal static double RepeatedLineFraction(string text)

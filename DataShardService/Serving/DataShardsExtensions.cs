@@ -1,33 +1,94 @@
 // AddDataShards / MapDataShards: the service's registrations, shared by Program.cs and the in-process test host.
+using System.Text.RegularExpressions;
+using Azure.Storage.Blobs;
+using DeepSeekCluster.Contracts;
+using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Storage;
+using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.DataShardService.Serving;
 
-public sealed class DataShardsOptions
+public sealed partial class DataShardsOptions
 {
-    /// <summary>Folder holding the prepared datasets (configuration key DataShards:Root).</summary>
+    public const string Section = "DataShards";
+
+    /// <summary>Folder holding the prepared datasets when ConnectionStrings:blobs is not set (DataShards:Root).</summary>
     public string Root { get; set; } = "data-shards";
 
     /// <summary>Local scratch for a prepare run (spool, shards before they are stored); DataShards:WorkDir.</summary>
     public string WorkDir { get; set; } = Path.Combine(Path.GetTempPath(), "deepseek-data-staging");
+
+    /// <summary>Blob container of the datasets with Azure storage (DataShards:Container).</summary>
+    public string Container { get; set; } = "datasets";
+
+    /// <summary>Local folder where shards read from blob storage are cached (DataShards:CacheDir).</summary>
+    public string CacheDir { get; set; } = Path.Combine(Path.GetTempPath(), "deepseek-data-cache");
+
+    /// <summary>Size of the blocks a blob upload is staged in (DataShards:BlockBytes); Azure allows 50,000 blocks a blob.</summary>
+    public int BlockBytes { get; set; } = 8 << 20;
+
+    /// <summary>ConnectionStrings:blobs: a connection string or an http(s) endpoint URI; null or empty selects the folder store.</summary>
+    public string? BlobConnection { get; set; }
+
+    public bool UsesBlobStorage => !string.IsNullOrWhiteSpace(BlobConnection);
+
+    /// <summary>The first problem with the options, naming its configuration key; null when they are valid.</summary>
+    public string? Problem()
+    {
+        if (!UsesBlobStorage)
+            return string.IsNullOrWhiteSpace(Root) ? "DataShards:Root must name a folder (ConnectionStrings:blobs is not set, so datasets live in a folder)." : null;
+        if (!AzureDatasetStore.IsEndpoint(BlobConnection!, out _))
+        {
+            try
+            {
+                _ = new BlobServiceClient(BlobConnection); // parses the string; never connects
+            }
+            catch (Exception e) when (e is FormatException or ArgumentException or InvalidOperationException)
+            {
+                // The message names the key only: a connection string may hold an account key.
+                return "ConnectionStrings:blobs is neither an Azure Storage connection string (e.g. 'UseDevelopmentStorage=true' or " +
+                       "'DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...') nor an http(s) blob endpoint URI.";
+            }
+        }
+        if (!ContainerName().IsMatch(Container))
+            return $"DataShards:Container '{Container}' is not an Azure container name: 3-63 lower-case letters, digits and single hyphens.";
+        if (string.IsNullOrWhiteSpace(CacheDir))
+            return "DataShards:CacheDir must name a folder for the shard cache.";
+        if (BlockBytes is < 64 * 1024 or > 100 * 1024 * 1024)
+            return $"DataShards:BlockBytes is {BlockBytes}: expected 65536 to 104857600.";
+        return null;
+    }
+
+    [GeneratedRegex("^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")]
+    private static partial Regex ContainerName();
 }
 
 public static class DataShardsExtensions
 {
+    /// <summary>ConnectionStrings:blobs set → Azure Blob storage (Azurite or an account); otherwise the folder DataShards:Root.</summary>
     public static IHostApplicationBuilder AddDataShards(this IHostApplicationBuilder builder)
     {
         builder.Services.AddGrpc();
-        builder.Services.AddOptions<DataShardsOptions>().BindConfiguration("DataShards")
-            .Validate(o => !string.IsNullOrWhiteSpace(o.Root), "DataShards:Root must name a folder.")
+        builder.Services.AddMetrics();
+        builder.Services.AddOptions<DataShardsOptions>().BindConfiguration(DataShardsOptions.Section)
+            .Configure<IConfiguration>((o, config) => o.BlobConnection = config.GetConnectionString(ServiceNames.Blobs))
             .ValidateOnStart();
+        builder.Services.AddSingleton<IValidateOptions<DataShardsOptions>, DataShardsOptionsValidator>();
         builder.Services.AddSingleton<PrepareHooks>();
+        builder.Services.AddSingleton<DataShardsMetrics>();
         builder.Services.AddSingleton<IDatasetStore>(sp =>
-            new FolderDatasetStore(sp.GetRequiredService<Microsoft.Extensions.Options.IOptions<DataShardsOptions>>().Value.Root));
+        {
+            var o = sp.GetRequiredService<IOptions<DataShardsOptions>>().Value;
+            return o.UsesBlobStorage
+                ? AzureDatasetStore.Create(o.BlobConnection!, o.Container, o.CacheDir, o.BlockBytes)
+                : new FolderDatasetStore(o.Root);
+        });
         builder.Services.AddSingleton(sp => new DatasetPreparer(
             sp.GetRequiredService<IDatasetStore>(),
-            sp.GetRequiredService<Microsoft.Extensions.Options.IOptions<DataShardsOptions>>().Value.WorkDir,
-            sp.GetRequiredService<PrepareHooks>()));
+            sp.GetRequiredService<IOptions<DataShardsOptions>>().Value.WorkDir,
+            sp.GetRequiredService<PrepareHooks>(),
+            sp.GetRequiredService<DataShardsMetrics>()));
         builder.Services.AddSingleton<DatasetCatalog>();
         return builder;
     }
@@ -36,5 +97,11 @@ public static class DataShardsExtensions
     {
         app.MapGrpcService<DataShardsService>();
         return app;
+    }
+
+    private sealed class DataShardsOptionsValidator : IValidateOptions<DataShardsOptions>
+    {
+        public ValidateOptionsResult Validate(string? name, DataShardsOptions options) =>
+            options.Problem() is { } problem ? ValidateOptionsResult.Fail(problem) : ValidateOptionsResult.Success;
     }
 }

@@ -1,12 +1,13 @@
 // gRPC DataShards: Prepare, GetManifest, GetBatch. Maps DataInputException kinds to status codes; messages pass through.
 using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.Training.Data;
 using Grpc.Core;
 
 namespace DeepSeekCluster.DataShardService.Serving;
 
-public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog catalog, ILogger<DataShardsService> log)
+public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog catalog, DataShardsMetrics metrics, ILogger<DataShardsService> log)
     : DataShards.DataShardsBase
 {
     private const int MaxBatch = 65536;
@@ -67,6 +68,7 @@ public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog c
             var sample = new Sample { GlobalIndex = g, SampleIndex = index };
             sample.Tokens.AddRange(tokens);
             await responseStream.WriteAsync(sample, ct);
+            metrics.SamplesServed(1, dataset.Manifest.RecordBytes);
         }
         return true;
     });

@@ -1,14 +1,14 @@
 // Opens prepared datasets for serving: the manifest once, each shard's SHA-256 checked on first use, samples read in O(1).
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
-using System.Security.Cryptography;
+using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Storage;
 using Microsoft.Win32.SafeHandles;
 
 namespace DeepSeekCluster.DataShardService.Serving;
 
-public sealed class DatasetCatalog(IDatasetStore store)
+public sealed class DatasetCatalog(IDatasetStore store, DataShardsMetrics? metrics = null)
 {
     private readonly ConcurrentDictionary<string, Lazy<Task<OpenDataset>>> _open = new();
 
@@ -34,11 +34,11 @@ public sealed class DatasetCatalog(IDatasetStore store)
         string json = await store.ReadTextAsync(path, CancellationToken.None)
             ?? throw new DataInputException(DataErrorKind.NotFound,
                 $"Dataset '{datasetId}' does not exist (no complete manifest at {store.Describe(path)}).");
-        return new OpenDataset(store, DatasetManifest.FromJson(json, store.Describe(path)));
+        return new OpenDataset(store, DatasetManifest.FromJson(json, store.Describe(path)), metrics);
     }
 }
 
-public sealed class OpenDataset(IDatasetStore store, DatasetManifest manifest)
+public sealed class OpenDataset(IDatasetStore store, DatasetManifest manifest, DataShardsMetrics? metrics = null)
 {
     private readonly ConcurrentDictionary<string, Lazy<Task<VerifiedShard>>> _shards = new();
 
@@ -85,36 +85,12 @@ public sealed class OpenDataset(IDatasetStore store, DatasetManifest manifest)
     private async Task<VerifiedShard> VerifyAsync(ShardEntry entry)
     {
         string path = $"{Manifest.DatasetId}/{entry.Path}";
-        string where = store.Describe(path);
-        string local;
-        try
-        {
-            local = await store.GetLocalFileAsync(path, CancellationToken.None);
-        }
-        catch (FileNotFoundException)
-        {
-            throw new DataInputException(DataErrorKind.Corrupt, $"Shard {where} of dataset '{Manifest.DatasetId}' is missing; refusing to serve it.");
-        }
-        var handle = File.OpenHandle(local, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.RandomAccess);
-        try
-        {
-            long length = RandomAccess.GetLength(handle);
-            if (length != entry.Bytes)
-                throw new DataInputException(DataErrorKind.Corrupt,
-                    $"Shard {where} has {length} bytes, the manifest says {entry.Bytes}; refusing to serve it.");
-            string sha;
-            await using (var s = new FileStream(local, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20))
-                sha = Convert.ToHexStringLower(await SHA256.HashDataAsync(s));
-            if (sha != entry.Sha256)
-                throw new DataInputException(DataErrorKind.Corrupt,
-                    $"Shard {where} is corrupt: SHA-256 {sha}, the manifest says {entry.Sha256}; refusing to serve it.");
-            return new VerifiedShard(handle, where);
-        }
-        catch
-        {
-            handle.Dispose();
-            throw;
-        }
+        // The store checks length and SHA-256 before it hands out a path; a corrupt copy never gets this far.
+        var copy = await store.GetVerifiedLocalFileAsync(path, entry.Bytes, entry.Sha256, CancellationToken.None);
+        if (copy.Kind == LocalCopyKind.CacheHit) metrics?.CacheHit();
+        else if (copy.Kind == LocalCopyKind.Downloaded) metrics?.CacheMiss();
+        var handle = File.OpenHandle(copy.Path, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.RandomAccess);
+        return new VerifiedShard(handle, store.Describe(path));
     }
 
     private sealed record VerifiedShard(SafeFileHandle Handle, string Describe);

@@ -1,5 +1,6 @@
 // IDatasetStore on a local folder: write under a temporary name beside the target, then rename (atomic on one volume).
 using System.Text;
+using DeepSeekCluster.DataShardService.Preparation;
 
 namespace DeepSeekCluster.DataShardService.Storage;
 
@@ -38,11 +39,13 @@ public sealed class FolderDatasetStore(string root) : IDatasetStore
         return File.Exists(file) ? await File.ReadAllTextAsync(file, ct) : null;
     }
 
-    public Task<string> GetLocalFileAsync(string path, CancellationToken ct)
+    public async Task<LocalCopy> GetVerifiedLocalFileAsync(string path, long bytes, string sha256, CancellationToken ct)
     {
         string file = Full(path);
-        return File.Exists(file) ? Task.FromResult(file)
-            : throw new FileNotFoundException($"'{file}' does not exist.", file);
+        if (!File.Exists(file))
+            throw new DataInputException(DataErrorKind.Corrupt, $"Shard {file} is missing; refusing to serve it.");
+        await FileDigest.VerifyAsync(file, bytes, sha256, file, ct);
+        return new LocalCopy(file, LocalCopyKind.InPlace);
     }
 
     public Task RemoveIncompleteAsync(string prefix, CancellationToken ct)

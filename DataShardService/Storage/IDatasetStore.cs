@@ -1,4 +1,4 @@
-// Where prepared datasets live: a folder here; Azure Blob (Azurite/Azure when ConnectionStrings__blobs is set) is to come.
+// Where prepared datasets live: a local folder, or Azure Blob storage (Azurite/Azure) when ConnectionStrings:blobs is set.
 namespace DeepSeekCluster.DataShardService.Storage;
 
 /// <summary>
@@ -20,9 +20,24 @@ public interface IDatasetStore
     /// <summary>The object's text, or null when it does not exist.</summary>
     Task<string?> ReadTextAsync(string path, CancellationToken ct);
 
-    /// <summary>A local file with the object's bytes, for random access (a remote store downloads it once into its cache).</summary>
-    Task<string> GetLocalFileAsync(string path, CancellationToken ct);
+    /// <summary>
+    /// A local file with the object's bytes, for random access, checked against the expected length and SHA-256
+    /// before it is returned: the folder store checks the file in place; a remote store checks its cached copy
+    /// and downloads again when that is missing or corrupt. Throws a Corrupt <see cref="Preparation.DataInputException"/>
+    /// naming the object when it is missing or its bytes do not match: a corrupt object is never handed out.
+    /// </summary>
+    Task<LocalCopy> GetVerifiedLocalFileAsync(string path, long bytes, string sha256, CancellationToken ct);
 
     /// <summary>Removes leftovers of interrupted puts under a prefix ("{datasetId}/").</summary>
     Task RemoveIncompleteAsync(string prefix, CancellationToken ct);
 }
+
+/// <summary>How a verified local copy was obtained (the cache hit and miss counters count these).</summary>
+public enum LocalCopyKind
+{
+    InPlace,    // the store is local: no cache involved
+    CacheHit,   // a cached copy passed verification
+    Downloaded, // no usable cached copy: fetched, verified, then cached
+}
+
+public sealed record LocalCopy(string Path, LocalCopyKind Kind);

@@ -7,8 +7,9 @@ switch (verb)
 {
     case "train": TrainingBench.Run(rest); break;
     case "checkpoint": CheckpointBench.Run(rest); break;
+    case "data": DataBench.Run(rest); break;
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data");
         return 2;
 }
 return 0;

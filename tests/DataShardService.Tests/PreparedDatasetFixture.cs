@@ -1,22 +1,29 @@
-// One dataset prepared once (100 chapters, seq_len 32, vocab 300, 400 samples a shard) and the service serving it.
+// One dataset prepared once per backend (100 chapters, seq_len 32, vocab 300, 400 samples a shard) and the service serving it.
 using System.Buffers.Binary;
-using System.Text.Json;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Preparation;
+using DeepSeekCluster.DataShardService.Tests.Infrastructure;
 
 namespace DeepSeekCluster.DataShardService.Tests;
 
-public sealed class PreparedDatasetFixture : IAsyncLifetime
+public sealed class FolderPreparedDataset() : PreparedDatasetFixture(new FolderBackend());
+
+public sealed class AzuritePreparedDataset() : PreparedDatasetFixture(new AzuriteBackend());
+
+public abstract class PreparedDatasetFixture(StoreBackend backend) : IAsyncLifetime
 {
+    public StoreBackend Backend { get; } = backend;
     public string InputFolder { get; } = TestCorpus.NewFolder("input");
-    public string StoreRoot { get; } = TestCorpus.NewFolder("store");
+    public TestStore Store { get; private set; } = null!;
     public ServiceHost Host { get; private set; } = null!;
     public string DatasetId { get; private set; } = "";
     public DatasetManifest Manifest { get; private set; } = null!;
 
     public async Task InitializeAsync()
     {
-        Host = await ServiceHost.StartAsync(StoreRoot);
+        await Backend.InitializeAsync();
+        Store = Backend.NewStore();
+        Host = await ServiceHost.StartAsync(Store);
         TestCorpus.WritePlain(InputFolder, "bible.txt", TestCorpus.FirstChapters(100));
         var reply = await Host.Client.PrepareAsync(TestCorpus.Request(32, 300, 400,
             new Source { Name = "bible", Path = InputFolder }));
@@ -25,13 +32,13 @@ public sealed class PreparedDatasetFixture : IAsyncLifetime
         Manifest = DatasetManifest.FromJson(manifest.ManifestJson, "test");
     }
 
-    /// <summary>Every record of a split, read straight from the shard files (not through the service).</summary>
-    public uint[][] ReadSplitDirectly(string split)
+    /// <summary>Every record of a split, read straight from the stored shards (not through the service).</summary>
+    public async Task<uint[][]> ReadSplitDirectlyAsync(string split)
     {
         var records = new List<uint[]>();
         foreach (var shard in Manifest.Splits[split].Shards)
         {
-            byte[] bytes = File.ReadAllBytes(Path.Combine(StoreRoot, DatasetId, shard.Path));
+            byte[] bytes = await Store.ReadAsync($"{DatasetId}/{shard.Path}");
             for (int r = 0; r < bytes.Length / Manifest.RecordBytes; r++)
             {
                 var tokens = new uint[Manifest.SampleTokens];
@@ -45,14 +52,8 @@ public sealed class PreparedDatasetFixture : IAsyncLifetime
 
     public async Task DisposeAsync()
     {
-        await Host.DisposeAsync();
-        Directory.Delete(StoreRoot, recursive: true);
+        if (Host is not null) await Host.DisposeAsync();
+        await Backend.DisposeAsync();
         Directory.Delete(InputFolder, recursive: true);
     }
-}
-
-[CollectionDefinition(Name)]
-public sealed class PreparedDatasetCollection : ICollectionFixture<PreparedDatasetFixture>
-{
-    public const string Name = "prepared dataset";
 }

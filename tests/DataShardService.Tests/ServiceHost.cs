@@ -3,6 +3,7 @@ using System.Net;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Serving;
+using DeepSeekCluster.DataShardService.Tests.Infrastructure;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
@@ -31,17 +32,36 @@ public sealed class ServiceHost : IAsyncDisposable
 
     public PrepareHooks Hooks { get; }
 
-    public static async Task<ServiceHost> StartAsync(string storeRoot)
+    /// <summary>The host's services (its IMeterFactory, its IDatasetStore).</summary>
+    public IServiceProvider Services => _app.Services;
+
+    public static Task<ServiceHost> StartAsync(string storeRoot) => StartAsync(new Dictionary<string, string?>
+    {
+        ["DataShards:Root"] = storeRoot,
+        ["DataShards:WorkDir"] = storeRoot + "-work",
+    });
+
+    public static Task<ServiceHost> StartAsync(TestStore store) => StartAsync(store.Settings);
+
+    public static async Task<ServiceHost> StartAsync(IReadOnlyDictionary<string, string?> settings)
     {
         var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
-        builder.Configuration["DataShards:Root"] = storeRoot;
-        builder.Configuration["DataShards:WorkDir"] = storeRoot + "-work";
+        foreach (var (key, value) in settings)
+            builder.Configuration[key] = value;
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Loopback, 0, o => o.Protocols = HttpProtocols.Http2));
         builder.AddDataShards();
         var app = builder.Build();
         app.MapDataShards();
-        await app.StartAsync();
+        try
+        {
+            await app.StartAsync();
+        }
+        catch
+        {
+            await app.DisposeAsync();
+            throw;
+        }
         string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
         return new ServiceHost(app, GrpcChannel.ForAddress(address, new GrpcChannelOptions { MaxReceiveMessageSize = null }));
     }

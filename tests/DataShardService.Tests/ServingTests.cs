@@ -1,13 +1,18 @@
-// Serving through the real gRPC service: exactly-once per epoch for any world size, O(1) reads that match the shards.
+// Serving through the real gRPC service, on both backends: exactly-once per epoch for any world size, O(1) reads that
+// match the shards, and the samples-served counters.
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Preparation;
+using DeepSeekCluster.DataShardService.Tests.Infrastructure;
 using DeepSeekCluster.Training.Data;
 using Grpc.Core;
 
 namespace DeepSeekCluster.DataShardService.Tests;
 
-[Collection(PreparedDatasetCollection.Name)]
-public sealed class ServingTests(PreparedDatasetFixture fixture)
+public sealed class FolderServingTests(FolderPreparedDataset fixture) : ServingBehaviour(fixture), IClassFixture<FolderPreparedDataset>;
+
+public sealed class AzuriteServingTests(AzuritePreparedDataset fixture) : ServingBehaviour(fixture), IClassFixture<AzuritePreparedDataset>;
+
+public abstract class ServingBehaviour(PreparedDatasetFixture fixture)
 {
     private const ulong Seed = 1234;
 
@@ -29,7 +34,7 @@ public sealed class ServingTests(PreparedDatasetFixture fixture)
     public async Task EveryWorldSizeSeesEachSampleExactlyOncePerEpoch(int worldSize)
     {
         const int globalBatch = 30; // divisible by 1, 2, 3 and 5
-        var records = fixture.ReadSplitDirectly(DatasetPreparer.TrainSplit);
+        var records = await fixture.ReadSplitDirectlyAsync(DatasetPreparer.TrainSplit);
         long n = records.Length;
         var permutation = new SamplePermutation(n, Seed);
         var seen = new int[n];
@@ -99,6 +104,16 @@ public sealed class ServingTests(PreparedDatasetFixture fixture)
             new Source { Name = "bible", Path = fixture.InputFolder }));
         Assert.True(reply.Reused);
         Assert.Equal(fixture.DatasetId, reply.DatasetId);
+    }
+
+    [Fact]
+    public async Task ServingNSamplesAddsNToTheSamplesServedAndTheirBytesToTheBytesServedCounter()
+    {
+        using var metrics = new MetricRecorder(fixture.Host);
+        var samples = await FetchAsync(5, 37);
+        Assert.Equal(37, samples.Count);
+        Assert.Equal(37, metrics.Sum("deepseek.data.samples_served"));
+        Assert.Equal(37 * fixture.Manifest.RecordBytes, metrics.Sum("deepseek.data.bytes_served"));
     }
 
     private async Task<List<Sample>> FetchAsync(long start, int count, int epochs = 1)

@@ -1,0 +1,133 @@
+// What a user submits to train: model, data, parallel plan, batch, schedule, checkpoints, worker bounds. Validated as a whole.
+using System.Text.Json;
+
+namespace DeepSeekCluster.Contracts.Grains;
+
+[GenerateSerializer, Immutable]
+public sealed record JobSpec
+{
+    /// <summary>Names the model presets the Training library knows (DeepSeekConfig.Preset); Contracts cannot reference it.</summary>
+    public static readonly string[] ModelPresets = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite"];
+
+    /// <summary>Optional job id; a fresh one is generated when absent.</summary>
+    [Id(0)] public string? Name { get; init; }
+
+    /// <summary>A preset name (tiny, small, …) or, instead, a Hugging Face config.json in <see cref="ModelConfigJson"/>.</summary>
+    [Id(1)] public string? ModelPreset { get; init; }
+    [Id(2)] public string? ModelConfigJson { get; init; }
+
+    /// <summary>Dataset name in DataShardService.</summary>
+    [Id(3)] public string Dataset { get; init; } = "";
+    [Id(4)] public ParallelPlan Parallel { get; init; } = new();
+
+    /// <summary>Sequences per optimizer step over the whole job; fixed whatever the data-parallel width.</summary>
+    [Id(5)] public int GlobalBatch { get; init; }
+    [Id(6)] public int MicroBatch { get; init; }
+    [Id(7)] public int SeqLen { get; init; }
+    [Id(8)] public int Steps { get; init; }
+    [Id(9)] public LrSchedule Schedule { get; init; } = new();
+
+    /// <summary>Steps between checkpoints; 0 saves only at the end.</summary>
+    [Id(10)] public int CheckpointInterval { get; init; }
+    [Id(11)] public int MinWorkers { get; init; } = 1;
+    [Id(12)] public int MaxWorkers { get; init; } = 1;
+    [Id(13)] public int Seed { get; init; } = 1337;
+
+    /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
+    public IReadOnlyList<SpecProblem> Validate()
+    {
+        var problems = new List<SpecProblem>();
+        void Problem(string field, string message) => problems.Add(new SpecProblem(field, message));
+
+        if (Name is { Length: > 0 } && !IsValidName(Name))
+            Problem("name", $"'{Name}' must be 1-64 characters of a-z, A-Z, 0-9, '-', '_' or '.'");
+        bool hasPreset = !string.IsNullOrWhiteSpace(ModelPreset), hasConfig = !string.IsNullOrWhiteSpace(ModelConfigJson);
+        if (hasPreset == hasConfig)
+            Problem("modelPreset", "give exactly one of modelPreset or modelConfigJson");
+        if (hasPreset && !ModelPresets.Contains(ModelPreset!.ToLowerInvariant()))
+            Problem("modelPreset", $"unknown preset '{ModelPreset}': expected one of {string.Join(", ", ModelPresets)}");
+        if (hasConfig && !IsJsonObject(ModelConfigJson!))
+            Problem("modelConfigJson", "must be a JSON object (a Hugging Face config.json)");
+        if (string.IsNullOrWhiteSpace(Dataset)) Problem("dataset", "required: the DataShardService dataset name");
+
+        int dp = Parallel?.Dp ?? 0, pp = Parallel?.Pp ?? 1;
+        if (Parallel is null) Problem("parallel", "required");
+        else
+        {
+            if (dp < 0) Problem("parallel.dp", $"{dp} must be 0 (as many as the workers allow) or positive");
+            if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
+        }
+        if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
+        if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
+        else if (GlobalBatch >= 1 && GlobalBatch % MicroBatch != 0)
+            Problem("microBatch", $"{MicroBatch} must divide globalBatch {GlobalBatch}");
+        if (SeqLen < 1 || SeqLen > 1 << 20) Problem("seqLen", $"{SeqLen} must be between 1 and {1 << 20}");
+        if (Steps < 1) Problem("steps", $"{Steps} must be at least 1");
+
+        if (Schedule is null) Problem("schedule", "required");
+        else
+        {
+            if (!LrSchedule.Kinds.Contains(Schedule.Kind)) Problem("schedule.kind", $"'{Schedule.Kind}' must be one of {string.Join(", ", LrSchedule.Kinds)}");
+            if (!(Schedule.PeakLr > 0 && double.IsFinite(Schedule.PeakLr))) Problem("schedule.peakLr", $"{Schedule.PeakLr} must be a positive number");
+            if (!(Schedule.MinLr >= 0 && Schedule.MinLr <= Schedule.PeakLr)) Problem("schedule.minLr", $"{Schedule.MinLr} must be between 0 and peakLr");
+            if (Schedule.WarmupSteps < 0 || (Steps >= 1 && Schedule.WarmupSteps > Steps))
+                Problem("schedule.warmupSteps", $"{Schedule.WarmupSteps} must be between 0 and steps ({Steps})");
+        }
+        if (CheckpointInterval < 0) Problem("checkpointInterval", $"{CheckpointInterval} must be 0 (only at the end) or positive");
+
+        if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
+        if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");
+        if (problems.Count == 0 && ChooseDataParallel(MaxWorkers) is null)
+            Problem("parallel", $"no world size in minWorkers..maxWorkers ({MinWorkers}..{MaxWorkers}) is a multiple of pp ({pp}) " +
+                $"with dp{(dp > 0 ? $" = {dp}" : "")} dividing globalBatch/microBatch ({GlobalBatch}/{MicroBatch})");
+        return problems;
+    }
+
+    /// <summary>
+    /// The data-parallel width for <paramref name="available"/> workers: the largest dp with dp·pp in [min, max] workers and
+    /// dp·microBatch dividing the global batch (so every replica gets whole micro-batches); null when none fits.
+    /// </summary>
+    public int? ChooseDataParallel(int available)
+    {
+        int pp = Math.Max(1, Parallel.Pp), microsPerStep = GlobalBatch / Math.Max(1, MicroBatch);
+        for (int dp = Math.Min(available, MaxWorkers) / pp; dp >= 1; dp--)
+        {
+            if (Parallel.Dp > 0 && dp != Parallel.Dp) continue;
+            if (dp * pp < MinWorkers) break;
+            if (microsPerStep % dp == 0) return dp;
+        }
+        return null;
+    }
+
+    public static bool IsValidName(string name) =>
+        name.Length is >= 1 and <= 64 && name.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.');
+
+    static bool IsJsonObject(string json)
+    {
+        try { using var doc = JsonDocument.Parse(json); return doc.RootElement.ValueKind == JsonValueKind.Object; }
+        catch (JsonException) { return false; }
+    }
+}
+
+/// <summary>dp: data-parallel replicas (0 = as many as the workers allow); pp: pipeline stages. World = dp·pp.</summary>
+[GenerateSerializer, Immutable]
+public sealed record ParallelPlan
+{
+    [Id(0)] public int Dp { get; init; }
+    [Id(1)] public int Pp { get; init; } = 1;
+}
+
+[GenerateSerializer, Immutable]
+public sealed record LrSchedule
+{
+    public static readonly string[] Kinds = ["cosine", "linear", "constant"];
+
+    [Id(0)] public string Kind { get; init; } = "cosine";
+    [Id(1)] public double PeakLr { get; init; } = 3e-4;
+    [Id(2)] public double MinLr { get; init; } = 3e-5;
+    [Id(3)] public int WarmupSteps { get; init; }
+}
+
+/// <summary>One thing wrong with a spec: the JSON field path and what was expected.</summary>
+[GenerateSerializer, Immutable]
+public sealed record SpecProblem([property: Id(0)] string Field, [property: Id(1)] string Message);

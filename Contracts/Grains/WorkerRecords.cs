@@ -1,0 +1,93 @@
+// The records that travel between a worker process, its worker grain and the job grain.
+namespace DeepSeekCluster.Contracts.Grains;
+
+/// <summary>What a worker announces: device ("cuda:0", "cpu"), memory, host, and the host:port its collectives listen on.</summary>
+[GenerateSerializer, Immutable]
+public sealed record WorkerCapabilities
+{
+    [Id(0)] public required string WorkerId { get; init; }
+    [Id(1)] public string Device { get; init; } = "cpu";
+    [Id(2)] public long MemoryBytes { get; init; }
+    [Id(3)] public string Host { get; init; } = "";
+    [Id(4)] public string CollectiveEndpoint { get; init; } = "";
+}
+
+[GenerateSerializer, Immutable]
+public sealed record WorkerMetrics
+{
+    [Id(0)] public long Step { get; init; }
+    [Id(1)] public double Loss { get; init; }
+    [Id(2)] public double TokensPerSecond { get; init; }
+    [Id(3)] public long MemoryUsedBytes { get; init; }
+}
+
+/// <summary>What GET /workers shows of one worker.</summary>
+[GenerateSerializer, Immutable]
+public sealed record WorkerStatus
+{
+    [Id(0)] public required string WorkerId { get; init; }
+    [Id(1)] public WorkerCapabilities? Capabilities { get; init; }
+    [Id(2)] public bool Online { get; init; }
+    [Id(3)] public DateTimeOffset? LastHeartbeat { get; init; }
+    [Id(4)] public long Generation { get; init; }
+    [Id(5)] public Assignment? Assignment { get; init; }
+    [Id(6)] public WorkerMetrics? Metrics { get; init; }
+}
+
+/// <summary>
+/// One worker's part of one generation. rank = dpRank·ppSize + ppStage; the replica dpRank takes sequences
+/// [batchOffset, batchOffset + batchCount) of every step's global batch, in gradAccumSteps micro-batches.
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record Assignment
+{
+    [Id(0)] public required string JobId { get; init; }
+    [Id(1)] public long Generation { get; init; }
+    [Id(2)] public int Rank { get; init; }
+    [Id(3)] public int World { get; init; }
+    [Id(4)] public int DpRank { get; init; }
+    [Id(5)] public int DpSize { get; init; }
+    [Id(6)] public int PpStage { get; init; }
+    [Id(7)] public int PpSize { get; init; }
+    [Id(8)] public int BatchOffset { get; init; }
+    [Id(9)] public int BatchCount { get; init; }
+    [Id(10)] public int GradAccumSteps { get; init; }
+    [Id(11)] public JobWorker[] Peers { get; init; } = [];
+    /// <summary>The job spec as JSON, so a worker needs nothing else to build its model and data loader.</summary>
+    [Id(12)] public string SpecJson { get; init; } = "";
+    /// <summary>The step to resume from: the last complete checkpoint, or 0.</summary>
+    [Id(13)] public long ResumeStep { get; init; }
+}
+
+[GenerateSerializer, Immutable]
+public sealed record StepReport
+{
+    [Id(0)] public int Rank { get; init; }
+    [Id(1)] public long Step { get; init; }
+    [Id(2)] public double Loss { get; init; }
+    [Id(3)] public double TokensPerSecond { get; init; }
+    [Id(4)] public double LearningRate { get; init; }
+}
+
+[GenerateSerializer, Immutable]
+public sealed record CheckpointReport
+{
+    [Id(0)] public int Rank { get; init; }
+    [Id(1)] public long Step { get; init; }
+    [Id(2)] public string File { get; init; } = "";
+    [Id(3)] public long SizeBytes { get; init; }
+    [Id(4)] public string Sha256 { get; init; } = "";
+}
+
+public enum ControlCommandKind { CheckpointNow, Rescale, Stop }
+
+/// <summary>A command down to a worker process; Stop also ends its assignment.</summary>
+[GenerateSerializer, Immutable]
+public sealed record ControlCommand
+{
+    [Id(0)] public ControlCommandKind Kind { get; init; }
+    [Id(1)] public string JobId { get; init; } = "";
+    [Id(2)] public long Generation { get; init; }
+    [Id(3)] public long Step { get; init; }
+    [Id(4)] public string Reason { get; init; } = "";
+}

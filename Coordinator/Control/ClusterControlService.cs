@@ -1,0 +1,169 @@
+// gRPC ClusterControl: each worker's Connect stream (hello, heartbeats and reports up; assignments and commands down)
+// and job submission/status. The stream's end, however it ends, tells the worker grain at once.
+using System.Text.Json;
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Coordinator.Api;
+using Grpc.Core;
+using CheckpointReport = DeepSeekCluster.Contracts.Grains.CheckpointReport;
+using StepReport = DeepSeekCluster.Contracts.Grains.StepReport;
+
+namespace DeepSeekCluster.Coordinator.Control;
+
+public sealed class ClusterControlService(
+    IGrainFactory grains,
+    ClusterToken token,
+    JobSubmission jobs,
+    CoordinatorMetrics metrics,
+    ILogger<ClusterControlService> logger) : ClusterControl.ClusterControlBase
+{
+    public override async Task Connect(IAsyncStreamReader<WorkerMessage> requests, IServerStreamWriter<CoordinatorMessage> responses, ServerCallContext context)
+    {
+        var ct = context.CancellationToken;
+        if (!await requests.MoveNext(ct)) return;
+        if (requests.Current.KindCase != WorkerMessage.KindOneofCase.Hello)
+        {
+            await Refuse(responses, "the first message must be Hello", ct);
+            return;
+        }
+        var hello = requests.Current.Hello;
+        string? presented = ClusterToken.FromAuthorization(context.RequestHeaders.GetValue("authorization")) ?? NullIfEmpty(hello.Token);
+        if (!token.Matches(presented))
+        {
+            string reason = presented is null ? "missing" : "wrong";
+            metrics.AuthRefused("grpc", reason);
+            logger.LogWarning("Refused worker {Worker} from {Peer}: {Reason} cluster token", Printable(hello.WorkerId), context.Peer, reason);
+            await Refuse(responses, "cluster token missing or wrong", ct);
+            return;
+        }
+        if (!JobSpec.IsValidName(hello.WorkerId))
+        {
+            await Refuse(responses, $"worker id '{Printable(hello.WorkerId)}' must be 1-64 characters of a-z, A-Z, 0-9, '-', '_' or '.'", ct);
+            return;
+        }
+
+        var connection = new WorkerConnection();
+        var observer = grains.CreateObjectReference<IWorkerControlObserver>(connection);
+        var worker = grains.GetGrain<IGpuWorkerGrain>(hello.WorkerId);
+        long number = await worker.RegisterAsync(new WorkerCapabilities
+        {
+            WorkerId = hello.WorkerId, Device = hello.Device, MemoryBytes = hello.MemoryBytes, Host = hello.Host,
+            CollectiveEndpoint = hello.CollectiveEndpoint,
+        }, observer);
+        var pump = connection.PumpAsync(responses, ct);
+
+        string why = "stream closed";
+        try
+        {
+            while (await requests.MoveNext(ct))
+            {
+                var message = requests.Current;
+                if (message.KindCase == WorkerMessage.KindOneofCase.Leaving)
+                {
+                    why = $"leaving: {message.Leaving.Reason}";
+                    if (message.Leaving.Failed && connection.Current is { } a)
+                        await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).FailAsync(message.Leaving.Generation, $"worker {hello.WorkerId}: {message.Leaving.Reason}"));
+                    break;
+                }
+                await HandleAsync(hello.WorkerId, worker, connection, message);
+            }
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException || (e is RpcException r && r.StatusCode == StatusCode.Cancelled))
+        {
+            why = "connection lost";
+        }
+        finally
+        {
+            connection.Complete();
+            await worker.DisconnectedAsync(number, why);
+            grains.DeleteObjectReference<IWorkerControlObserver>(observer);
+            try { await pump; } catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException) { }
+        }
+    }
+
+    async Task HandleAsync(string workerId, IGpuWorkerGrain worker, WorkerConnection connection, WorkerMessage message)
+    {
+        switch (message.KindCase)
+        {
+            case WorkerMessage.KindOneofCase.Heartbeat:
+                var h = message.Heartbeat;
+                await Fenced(connection, () => worker.HeartbeatAsync(h.Generation, new WorkerMetrics
+                {
+                    Step = h.Step, Loss = h.Loss, TokensPerSecond = h.TokensPerSecond, MemoryUsedBytes = h.MemoryUsedBytes,
+                }));
+                break;
+            case WorkerMessage.KindOneofCase.Step when connection.Current is { } a:
+                var s = message.Step;
+                await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportStepAsync(s.Generation, new StepReport
+                {
+                    Rank = s.Rank, Step = s.Step, Loss = s.Loss, TokensPerSecond = s.TokensPerSecond, LearningRate = s.LearningRate,
+                }));
+                break;
+            case WorkerMessage.KindOneofCase.Checkpoint when connection.Current is { } a:
+                var c = message.Checkpoint;
+                await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
+                {
+                    Rank = c.Rank, Step = c.Step, File = c.File, SizeBytes = c.SizeBytes, Sha256 = c.Sha256,
+                }));
+                break;
+            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint:
+                connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));
+                break;
+            default:
+                connection.Send(Refusal($"unexpected {message.KindCase} after Hello"));
+                break;
+        }
+    }
+
+    /// <summary>Runs a grain call; a stale generation or a finished job is answered with Refused, and the stream stays open.</summary>
+    static async Task Fenced(WorkerConnection connection, Func<Task> call)
+    {
+        try { await call(); }
+        catch (Exception e) when (e is StaleGenerationException or InvalidOperationException) { connection.Send(Refusal(e.Message)); }
+    }
+
+    public override async Task<JobReply> SubmitJob(SubmitJobRequest request, ServerCallContext context)
+    {
+        string? presented = ClusterToken.FromAuthorization(context.RequestHeaders.GetValue("authorization"));
+        if (!token.Matches(presented))
+        {
+            string reason = presented is null ? "missing" : "wrong";
+            metrics.AuthRefused("grpc", reason);
+            logger.LogWarning("Refused SubmitJob from {Peer}: {Reason} cluster token", context.Peer, reason);
+            throw new RpcException(new Status(StatusCode.Unauthenticated, "cluster token missing or wrong"));
+        }
+        JobSpec? spec;
+        try { spec = JsonSerializer.Deserialize<JobSpec>(request.JobSpecJson, CoordinatorJson.Options); }
+        catch (JsonException e) { throw new RpcException(new Status(StatusCode.InvalidArgument, $"job_spec_json: {e.Message}")); }
+        if (spec is null) throw new RpcException(new Status(StatusCode.InvalidArgument, "job_spec_json: expected a JobSpec JSON object"));
+        return await jobs.SubmitAsync(spec) switch
+        {
+            JobSubmission.Accepted a => Reply(a.Status),
+            JobSubmission.Invalid i => throw new RpcException(new Status(StatusCode.InvalidArgument,
+                "invalid job spec: " + string.Join("; ", i.Problems.Select(p => $"{p.Field}: {p.Message}")))),
+            JobSubmission.Conflict c => throw new RpcException(new Status(StatusCode.AlreadyExists, c.Message)),
+            _ => throw new InvalidOperationException("unknown submission outcome"),
+        };
+    }
+
+    public override async Task<JobReply> GetJob(GetJobRequest request, ServerCallContext context) =>
+        await jobs.GetAsync(request.JobId) is { } status
+            ? Reply(status)
+            : throw new RpcException(new Status(StatusCode.NotFound, $"no job '{Printable(request.JobId)}'"));
+
+    static JobReply Reply(JobStatus s) => new()
+    {
+        JobId = s.JobId, State = s.State.ToString(), Generation = s.Generation, Step = s.Step,
+        StatusJson = JsonSerializer.Serialize(s, CoordinatorJson.Options),
+    };
+
+    static Task Refuse(IServerStreamWriter<CoordinatorMessage> responses, string reason, CancellationToken ct) =>
+        responses.WriteAsync(Refusal(reason), ct);
+
+    static CoordinatorMessage Refusal(string reason) => new() { Refused = new Refused { Reason = reason } };
+
+    static string? NullIfEmpty(string s) => string.IsNullOrEmpty(s) ? null : s;
+
+    /// <summary>A caller-supplied string fit for a log line: short, no control characters.</summary>
+    static string Printable(string s) => new([.. s.Take(64).Select(ch => char.IsControl(ch) ? '?' : ch)]);
+}

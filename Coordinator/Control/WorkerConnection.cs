@@ -1,0 +1,54 @@
+// One worker's open Connect stream, as seen from its grain: an observer whose calls become messages queued for the stream.
+using System.Threading.Channels;
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.Grains;
+using Grpc.Core;
+using GrainAssignment = DeepSeekCluster.Contracts.Grains.Assignment;
+
+namespace DeepSeekCluster.Coordinator.Control;
+
+public sealed class WorkerConnection : IWorkerControlObserver
+{
+    // One writer loop owns the response stream (gRPC stream writers are not safe for concurrent writes).
+    private readonly Channel<CoordinatorMessage> _outbox = Channel.CreateUnbounded<CoordinatorMessage>(new UnboundedChannelOptions { SingleReader = true });
+
+    /// <summary>The latest assignment pushed down; step and checkpoint reports go to its job.</summary>
+    public GrainAssignment? Current { get; private set; }
+
+    public Task AssignedAsync(GrainAssignment a)
+    {
+        Current = a;
+        var message = new Contracts.Control.Assignment
+        {
+            JobId = a.JobId, Generation = a.Generation, Rank = a.Rank, World = a.World,
+            DpRank = a.DpRank, DpSize = a.DpSize, PpStage = a.PpStage, PpSize = a.PpSize,
+            BatchOffset = a.BatchOffset, BatchCount = a.BatchCount, GradAccumSteps = a.GradAccumSteps,
+            JobSpecJson = a.SpecJson, ResumeStep = a.ResumeStep,
+        };
+        foreach (var peer in a.Peers) message.Peers[peer.Rank] = peer.Endpoint;
+        Send(new CoordinatorMessage { Assignment = message });
+        return Task.CompletedTask;
+    }
+
+    public Task CommandedAsync(ControlCommand c)
+    {
+        if (c.Kind == ControlCommandKind.Stop && (Current is null || Current.JobId == c.JobId || c.JobId == "")) Current = null;
+        Send(c.Kind switch
+        {
+            ControlCommandKind.CheckpointNow => new CoordinatorMessage { CheckpointNow = new CheckpointNow { Generation = c.Generation, Step = c.Step } },
+            ControlCommandKind.Rescale => new CoordinatorMessage { Rescale = new Rescale { Generation = c.Generation, Reason = c.Reason } },
+            _ => new CoordinatorMessage { Stop = new Stop { Generation = c.Generation, Reason = c.Reason } },
+        });
+        return Task.CompletedTask;
+    }
+
+    public void Send(CoordinatorMessage message) => _outbox.Writer.TryWrite(message);
+
+    public void Complete() => _outbox.Writer.TryComplete();
+
+    public async Task PumpAsync(IServerStreamWriter<CoordinatorMessage> stream, CancellationToken cancellationToken)
+    {
+        await foreach (var message in _outbox.Reader.ReadAllAsync(cancellationToken))
+            await stream.WriteAsync(message, cancellationToken);
+    }
+}

@@ -1,0 +1,97 @@
+// Registers the Coordinator: options, cluster token, Orleans silo (clustering and grain storage chosen by configuration),
+// ClusterControl gRPC with reflection, and the REST API.
+using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Coordinator.Api;
+using DeepSeekCluster.Coordinator.Control;
+using Microsoft.Extensions.Options;
+using Orleans.Configuration;
+using Orleans.Persistence.FileStorage;
+using StackExchange.Redis;
+
+namespace DeepSeekCluster.Coordinator;
+
+public static class CoordinatorExtensions
+{
+    /// <summary>Aspire's ConnectionStrings__orleans-redis: Redis clustering and grain storage when set.</summary>
+    public const string RedisConnectionName = "orleans-redis";
+
+    public static IHostApplicationBuilder AddCoordinator(this IHostApplicationBuilder builder)
+    {
+        var config = builder.Configuration;
+        builder.Services.AddOptions<CoordinatorOptions>().BindConfiguration(CoordinatorOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        builder.Services.AddCoordinatorGrainServices();
+        builder.Services.AddSingleton(sp => ClusterToken.FromConfiguration(config,
+            sp.GetRequiredService<IOptions<CoordinatorOptions>>().Value.StateFolder, sp.GetRequiredService<ILogger<ClusterToken>>()));
+        builder.Services.AddSingleton<JobSubmission>();
+        builder.Services.AddSingleton<RequireClusterToken>();
+        builder.Services.ConfigureHttpJsonOptions(o => CoordinatorJson.Configure(o.SerializerOptions));
+        builder.Services.AddGrpc();
+        builder.Services.AddGrpcReflection();
+
+        string? redis = config.GetConnectionString(RedisConnectionName);
+        builder.UseOrleans(silo =>
+        {
+            silo.Configure<ClusterOptions>(o =>
+            {
+                o.ClusterId = config["Orleans:ClusterId"] ?? "deepseek";
+                o.ServiceId = config["Orleans:ServiceId"] ?? "deepseek-cluster";
+            });
+            int siloPort = config.GetValue("Orleans:SiloPort", EndpointOptions.DEFAULT_SILO_PORT);
+            int gatewayPort = config.GetValue("Orleans:GatewayPort", EndpointOptions.DEFAULT_GATEWAY_PORT);
+            if (string.IsNullOrWhiteSpace(redis))
+            {
+                silo.UseLocalhostClustering(siloPort, gatewayPort);
+                // Grain state as files, so a restart of the single local silo loses nothing even without Redis.
+                silo.AddFileGrainStorageAsDefault(config);
+            }
+            else
+            {
+                silo.ConfigureEndpoints(siloPort, gatewayPort, listenOnAnyHostAddress: true);
+                silo.UseRedisClustering(redis);
+                silo.AddRedisGrainStorageAsDefault(o => o.ConfigurationOptions = ConfigurationOptions.Parse(redis));
+            }
+        });
+        // After the silo has started: wake the workers that were online before a restart (see GpuWorkerGrain.OnActivateAsync).
+        builder.Services.AddHostedService<WorkerWakeUp>();
+        return builder;
+    }
+
+    /// <summary>What the grains need besides Orleans; also used by the grain tests' silos.</summary>
+    public static IServiceCollection AddCoordinatorGrainServices(this IServiceCollection services)
+    {
+        services.AddMetrics();
+        services.AddOptions<CoordinatorOptions>();
+        services.AddSingleton<CoordinatorMetrics>();
+        services.AddSingleton(TimeProvider.System);
+        return services;
+    }
+
+    /// <summary>File storage under Coordinator:StateFolder as the default grain storage.</summary>
+    public static ISiloBuilder AddFileGrainStorageAsDefault(this ISiloBuilder silo, IConfiguration config)
+    {
+        string folder = config[$"{CoordinatorOptions.Section}:StateFolder"] is { Length: > 0 } f ? f : new CoordinatorOptions().StateFolder;
+        return silo.AddFileGrainStorage(o => o.RootDirectory = Path.GetFullPath(Path.Combine(folder, "grains")));
+    }
+
+    public static WebApplication MapCoordinator(this WebApplication app)
+    {
+        // Create the token now, so a generated one is announced at start and not at the first request.
+        _ = app.Services.GetRequiredService<ClusterToken>();
+        app.MapGrpcService<ClusterControlService>();
+        app.MapGrpcReflectionService();
+        app.MapJobsApi();
+        return app;
+    }
+
+    sealed class WorkerWakeUp(IGrainFactory grains, ILogger<WorkerWakeUp> logger) : IHostedService
+    {
+        public async Task StartAsync(CancellationToken cancellationToken)
+        {
+            var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListWorkersAsync();
+            foreach (var id in ids) await grains.GetGrain<IGpuWorkerGrain>(id).GetAsync();
+            if (ids.Length > 0) logger.LogInformation("Woke {Count} known workers; those that do not reconnect in time leave their jobs", ids.Length);
+        }
+
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    }
+}

@@ -1,0 +1,28 @@
+// Coordinator settings (section "Coordinator"), validated at start.
+using System.ComponentModel.DataAnnotations;
+
+namespace DeepSeekCluster.Coordinator;
+
+public sealed class CoordinatorOptions : IValidatableObject
+{
+    public const string Section = "Coordinator";
+
+    /// <summary>A worker without a heartbeat for this long has left (workers beat every second).</summary>
+    public TimeSpan HeartbeatTimeout { get; set; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>Where grain state lives when no Redis is configured, so a restart loses nothing.</summary>
+    public string StateFolder { get; set; } = "./.data/coordinator";
+
+    /// <summary>Loss points kept per job (the oldest go first).</summary>
+    public int LossHistory { get; set; } = 5000;
+
+    public IEnumerable<ValidationResult> Validate(ValidationContext context)
+    {
+        if (HeartbeatTimeout <= TimeSpan.Zero)
+            yield return new($"{Section}:HeartbeatTimeout must be positive (a TimeSpan such as 00:00:05), not {HeartbeatTimeout}", [nameof(HeartbeatTimeout)]);
+        if (string.IsNullOrWhiteSpace(StateFolder))
+            yield return new($"{Section}:StateFolder must name a folder", [nameof(StateFolder)]);
+        if (LossHistory < 1)
+            yield return new($"{Section}:LossHistory must be at least 1, not {LossHistory}", [nameof(LossHistory)]);
+    }
+}

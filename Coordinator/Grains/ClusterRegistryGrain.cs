@@ -1,0 +1,92 @@
+// The cluster's lists of jobs and workers and who holds which worker. It never waits on a job (jobs are told one-way),
+// so jobs may call it freely without deadlock.
+using DeepSeekCluster.Contracts.Grains;
+
+namespace DeepSeekCluster.Coordinator.Grains;
+
+[GenerateSerializer]
+public sealed class ClusterRegistryGrainState
+{
+    [Id(0)] public List<string> Jobs { get; set; } = [];
+    [Id(1)] public Dictionary<string, JobWait> Waiting { get; set; } = [];
+    [Id(2)] public Dictionary<string, RegisteredWorker> Workers { get; set; } = [];
+    [Id(3)] public long Sequence { get; set; }
+}
+
+[GenerateSerializer]
+public sealed class RegisteredWorker
+{
+    [Id(0)] public WorkerCapabilities? Capabilities { get; set; }
+    [Id(1)] public bool Online { get; set; }
+    [Id(2)] public string? JobId { get; set; }
+    /// <summary>Order of coming online: free workers are handed out first come, first served.</summary>
+    [Id(3)] public long Since { get; set; }
+}
+
+public sealed class ClusterRegistryGrain(
+    [PersistentState("registry")] IPersistentState<ClusterRegistryGrainState> registry) : Grain, IClusterRegistryGrain
+{
+    ClusterRegistryGrainState S => registry.State;
+
+    public async Task AddJobAsync(string jobId)
+    {
+        if (S.Jobs.Contains(jobId)) return;
+        S.Jobs.Add(jobId);
+        await registry.WriteStateAsync();
+    }
+
+    public Task<string[]> ListJobsAsync() => Task.FromResult(S.Jobs.ToArray());
+
+    public async Task SetWaitingAsync(string jobId, JobWait wait)
+    {
+        if (S.Waiting.GetValueOrDefault(jobId) == wait) return;
+        if (wait == JobWait.None) S.Waiting.Remove(jobId); else S.Waiting[jobId] = wait;
+        await registry.WriteStateAsync();
+    }
+
+    public async Task WorkerOnlineAsync(WorkerCapabilities capabilities)
+    {
+        if (!S.Workers.TryGetValue(capabilities.WorkerId, out var w)) S.Workers[capabilities.WorkerId] = w = new RegisteredWorker();
+        w.Capabilities = capabilities;
+        w.Online = true;
+        w.Since = ++S.Sequence;
+        await registry.WriteStateAsync();
+        if (w.JobId is null) await TellWaitingAsync(capabilities.WorkerId, includeGrowing: true, except: null);
+    }
+
+    public async Task WorkerOfflineAsync(string workerId)
+    {
+        if (!S.Workers.TryGetValue(workerId, out var w) || !w.Online) return;
+        w.Online = false;
+        await registry.WriteStateAsync();
+    }
+
+    public Task<string[]> ListWorkersAsync() => Task.FromResult(S.Workers.Keys.Order(StringComparer.Ordinal).ToArray());
+
+    public async Task<WorkerCapabilities[]> ClaimWorkersAsync(string jobId, int max)
+    {
+        var free = S.Workers.Values.Where(w => w.Online && w.JobId is null && w.Capabilities is not null)
+            .OrderBy(w => w.Since).Take(Math.Max(0, max)).ToList();
+        foreach (var w in free) w.JobId = jobId;
+        if (free.Count > 0) await registry.WriteStateAsync();
+        return [.. free.Select(w => w.Capabilities!)];
+    }
+
+    public async Task ReleaseWorkersAsync(string jobId, string[]? workerIds)
+    {
+        var released = S.Workers.Where(kv => kv.Value.JobId == jobId && (workerIds is null || workerIds.Contains(kv.Key))).ToList();
+        if (released.Count == 0) return;
+        foreach (var (_, w) in released) w.JobId = null;
+        await registry.WriteStateAsync();
+        // Only jobs that cannot run at all hear of released workers; see JobWait.
+        foreach (var (id, w) in released)
+            if (w.Online) await TellWaitingAsync(id, includeGrowing: false, except: jobId);
+    }
+
+    async Task TellWaitingAsync(string workerId, bool includeGrowing, string? except)
+    {
+        foreach (var (jobId, wait) in S.Waiting.ToList())
+            if (jobId != except && (wait == JobWait.ToForm || includeGrowing))
+                await GrainFactory.GetGrain<ITrainingJobGrain>(jobId).WorkerJoinedAsync(workerId); // one-way
+    }
+}

@@ -1,0 +1,223 @@
+// NCCL collectives on CUDA tensors through P/Invoke, with a watchdog so that a dead peer fails an operation instead of hanging it.
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Collectives.Nccl;
+
+/// <summary>
+/// The nccl backend. One communicator per generation, formed from a 128-byte unique id that rank 0 creates
+/// (<see cref="CreateUniqueId"/>) and the coordinator hands to every rank.
+/// <para>
+/// Stream: every call is enqueued on the legacy default CUDA stream (stream argument 0), which is the stream TorchSharp's
+/// own kernels use, so the collective is ordered after the kernels that produced the gradients and before those that
+/// read them, with no event plumbing. The call then waits for the device (torch.cuda.synchronize on a helper thread)
+/// while polling ncclCommGetAsyncError; past the timeout, or on an asynchronous error, it calls ncclCommAbort, which makes
+/// the stuck kernels exit, and throws. NCCL does not say which peer failed, so the exception names this rank and the
+/// operation; the coordinator's heartbeats name the dead worker.
+/// </para>
+/// </summary>
+public sealed class NcclCollective : ICollective
+{
+    public int Rank { get; }
+    public int WorldSize { get; }
+    public long Generation { get; }
+    public Device Device { get; }
+    public TimeSpan Timeout { get; }
+
+    IntPtr comm;
+    CollectiveException? fault;
+
+    NcclCollective(IntPtr comm, int rank, int worldSize, long generation, Device device, TimeSpan timeout)
+    {
+        this.comm = comm;
+        Rank = rank;
+        WorldSize = worldSize;
+        Generation = generation;
+        Device = device;
+        Timeout = timeout;
+    }
+
+    /// <summary>Creates the group's unique id (on the rank that brokers it, usually rank 0): 128 opaque bytes.</summary>
+    public static byte[] CreateUniqueId()
+    {
+        EnsureLibrary();
+        Check(NcclNative.ncclGetUniqueId(out var id), "ncclGetUniqueId");
+        var bytes = new byte[NcclNative.UniqueIdBytes];
+        unsafe { new ReadOnlySpan<byte>(id.Internal, NcclNative.UniqueIdBytes).CopyTo(bytes); }
+        return bytes;
+    }
+
+    /// <summary>Joins the communicator of <paramref name="uniqueId"/> as <paramref name="rank"/>; every rank must call this within the timeout.</summary>
+    public static NcclCollective Create(byte[] uniqueId, int rank, int worldSize, long generation, Device device, TimeSpan timeout)
+    {
+        if (device.type != DeviceType.CUDA)
+            throw new ArgumentException($"the nccl backend works on CUDA devices, not {device.type}; use the tcp backend for CPU tensors");
+        if (!cuda.is_available())
+            throw new CollectiveException(CollectiveFailure.Unavailable,
+                "the nccl backend needs CUDA, and this process has none (no GPU, no driver, or the TorchSharp-cpu build); use the tcp backend for CPU tensors");
+        EnsureLibrary();
+        if (uniqueId.Length != NcclNative.UniqueIdBytes)
+            throw new ArgumentException($"an NCCL unique id is {NcclNative.UniqueIdBytes} bytes, got {uniqueId.Length}", nameof(uniqueId));
+        if (rank < 0 || rank >= worldSize) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"rank must be in [0, {worldSize})");
+
+        int ordinal = Math.Max(0, (int)device.index);
+        // ncclCommInitRank blocks until every rank has joined and has no timeout of its own: run it on a thread and
+        // give up after the timeout (the thread stays blocked inside NCCL; the process is expected to start over).
+        var init = Task.Factory.StartNew(() =>
+        {
+            NcclNative.MakeDeviceCurrent(ordinal);
+            NcclNative.UniqueId id = default;
+            unsafe { uniqueId.CopyTo(new Span<byte>(id.Internal, NcclNative.UniqueIdBytes)); }
+            Check(NcclNative.ncclCommInitRank(out var c, worldSize, id, rank), "ncclCommInitRank");
+            return c;
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        try
+        {
+            if (!init.Wait(timeout))
+                throw new CollectiveException(CollectiveFailure.PeerStalled,
+                    $"ncclCommInitRank of rank {rank}/{worldSize} (generation {generation}) did not complete within {timeout.TotalSeconds:0.#} s: some rank did not join");
+        }
+        catch (AggregateException e) when (e.InnerException is CollectiveException inner) { throw inner; }
+        catch (AggregateException e) when (e.InnerException is DllNotFoundException missing)
+        {
+            throw new CollectiveException(CollectiveFailure.Unavailable, $"the nccl backend needs the CUDA driver (libcuda.so.1): {missing.Message}", inner: missing);
+        }
+        return new NcclCollective(init.Result, rank, worldSize, generation, device, timeout);
+    }
+
+    // ---- Operations ----
+
+    public void AllReduce(Tensor tensor, ReduceOp op = ReduceOp.Sum)
+    {
+        var p = Data(tensor, "all-reduce");
+        Run("all-reduce", () => NcclNative.ncclAllReduce(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), RedOp(op), comm, IntPtr.Zero));
+    }
+
+    public void ReduceScatter(Tensor input, Tensor output, ReduceOp op = ReduceOp.Sum)
+    {
+        if (input.numel() != output.numel() * WorldSize)
+            throw new ArgumentException($"reduce-scatter input has {input.numel()} elements; expected world size x output = {WorldSize} x {output.numel()}");
+        IntPtr src = Data(input, "reduce-scatter"), dst = Data(output, "reduce-scatter");
+        Run("reduce-scatter", () => NcclNative.ncclReduceScatter(src, dst, (nuint)output.numel(), DataType(input.dtype), RedOp(op), comm, IntPtr.Zero));
+    }
+
+    public void AllGather(Tensor input, Tensor output)
+    {
+        if (output.numel() != input.numel() * WorldSize)
+            throw new ArgumentException($"all-gather output has {output.numel()} elements; expected world size x input = {WorldSize} x {input.numel()}");
+        IntPtr src = Data(input, "all-gather"), dst = Data(output, "all-gather");
+        Run("all-gather", () => NcclNative.ncclAllGather(src, dst, (nuint)input.numel(), DataType(input.dtype), comm, IntPtr.Zero));
+    }
+
+    public void Broadcast(Tensor tensor, int root)
+    {
+        var p = Data(tensor, "broadcast");
+        Run("broadcast", () => NcclNative.ncclBroadcast(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), root, comm, IntPtr.Zero));
+    }
+
+    public void Send(Tensor tensor, int peer)
+    {
+        var p = Data(tensor, "send");
+        Run("send", () => Grouped(() => NcclNative.ncclSend(p, (nuint)tensor.numel(), DataType(tensor.dtype), peer, comm, IntPtr.Zero)));
+    }
+
+    public void Recv(Tensor tensor, int peer)
+    {
+        var p = Data(tensor, "recv");
+        Run("recv", () => Grouped(() => NcclNative.ncclRecv(p, (nuint)tensor.numel(), DataType(tensor.dtype), peer, comm, IntPtr.Zero)));
+    }
+
+    public void Barrier()
+    {
+        using var token = ones(1, dtype: ScalarType.Float32, device: Device);
+        AllReduce(token);
+    }
+
+    static int Grouped(Func<int> call)
+    {
+        int r = NcclNative.ncclGroupStart();
+        if (r != NcclNative.Success) return r;
+        int inner = call();
+        r = NcclNative.ncclGroupEnd();
+        return inner != NcclNative.Success ? inner : r;
+    }
+
+    /// <summary>Enqueues one NCCL call on the default stream and waits for it under the watchdog.</summary>
+    void Run(string op, Func<int> enqueue)
+    {
+        if (fault is not null)
+            throw new CollectiveException(fault.Failure, $"{op} refused: this collective failed earlier; form a new generation ({fault.Message})", inner: fault);
+        if (comm == IntPtr.Zero) throw new ObjectDisposedException(nameof(NcclCollective));
+        int result = enqueue();
+        if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result)}");
+        var device = Device;
+        var done = Task.Factory.StartNew(() => cuda.synchronize(device), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        var clock = Stopwatch.StartNew();
+        while (!done.Wait(10))
+        {
+            if (NcclNative.ncclCommGetAsyncError(comm, out int asyncError) == NcclNative.Success && asyncError is not (NcclNative.Success or NcclNative.InProgress))
+                throw Fail(op, $"reported {NcclNative.ErrorString(asyncError)} (a peer failed or its connection broke)");
+            if (clock.Elapsed > Timeout)
+                throw Fail(op, $"did not complete within {Timeout.TotalSeconds:0.#} s: a peer died or stalled");
+        }
+    }
+
+    CollectiveException Fail(string op, string what)
+    {
+        var c = comm;
+        comm = IntPtr.Zero;
+        if (c != IntPtr.Zero) NcclNative.ncclCommAbort(c); // kernels waiting for a dead peer exit; the communicator is gone
+        fault = new CollectiveException(CollectiveFailure.PeerStalled,
+            $"NCCL {op} on rank {Rank}/{WorldSize} (generation {Generation}) {what}");
+        return fault;
+    }
+
+    IntPtr Data(Tensor tensor, string op)
+    {
+        if (tensor.device_type != DeviceType.CUDA)
+            throw new ArgumentException($"the nccl collective works on CUDA tensors; {op} got a {tensor.device_type} tensor");
+        if (!tensor.is_contiguous()) throw new ArgumentException($"{op} needs a contiguous tensor");
+        return TensorMemory.DataPointer(tensor);
+    }
+
+    static int DataType(ScalarType dtype) => dtype switch
+    {
+        ScalarType.Float32 => NcclNative.Float32,
+        ScalarType.Float64 => NcclNative.Float64,
+        ScalarType.BFloat16 => NcclNative.BFloat16,
+        ScalarType.Float16 => NcclNative.Float16,
+        ScalarType.Int64 => NcclNative.Int64,
+        _ => throw new ArgumentException($"the nccl collective does not support dtype {dtype}"),
+    };
+
+    static int RedOp(ReduceOp op) => op switch
+    {
+        ReduceOp.Sum => NcclNative.Sum,
+        ReduceOp.Avg => NcclNative.Avg,
+        ReduceOp.Max => NcclNative.Max,
+        _ => throw new ArgumentOutOfRangeException(nameof(op), op, null),
+    };
+
+    static void Check(int result, string call)
+    {
+        if (result != NcclNative.Success)
+            throw new CollectiveException(CollectiveFailure.Unavailable, $"{call} failed: {NcclNative.ErrorString(result)}");
+    }
+
+    /// <summary>Loads libnccl.so.2 up front so that its absence is one clear message, not a DllNotFoundException later.</summary>
+    static void EnsureLibrary()
+    {
+        if (!NativeLibrary.TryLoad(NcclNative.Library, typeof(NcclCollective).Assembly, null, out _))
+            throw new CollectiveException(CollectiveFailure.Unavailable,
+                $"the nccl backend needs {NcclNative.Library}, which could not be loaded: install NCCL 2.x (Debian/Ubuntu: libnccl2) or add its folder to LD_LIBRARY_PATH");
+    }
+
+    public void Dispose()
+    {
+        var c = comm;
+        comm = IntPtr.Zero;
+        if (c != IntPtr.Zero) NcclNative.ncclCommDestroy(c);
+    }
+}

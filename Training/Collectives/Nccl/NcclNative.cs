@@ -1,0 +1,62 @@
+// P/Invoke declarations for libnccl.so.2 (NCCL 2.x C API) and the few CUDA driver calls NCCL needs around it.
+using System.Runtime.InteropServices;
+
+namespace DeepSeekCluster.Training.Collectives.Nccl;
+
+internal static unsafe class NcclNative
+{
+    public const string Library = "libnccl.so.2";
+    public const int UniqueIdBytes = 128;
+
+    // ncclResult_t
+    public const int Success = 0, InProgress = 7;
+
+    // ncclDataType_t
+    public const int Int64 = 4, Float16 = 6, Float32 = 7, Float64 = 8, BFloat16 = 9;
+    // ncclRedOp_t
+    public const int Sum = 0, Max = 2, Avg = 4;
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct UniqueId { public fixed byte Internal[UniqueIdBytes]; }
+
+    [DllImport(Library)] public static extern int ncclGetVersion(out int version);
+    [DllImport(Library)] public static extern int ncclGetUniqueId(out UniqueId id);
+    [DllImport(Library)] public static extern int ncclCommInitRank(out IntPtr comm, int nranks, UniqueId id, int rank);
+    [DllImport(Library)] public static extern int ncclCommDestroy(IntPtr comm);
+    [DllImport(Library)] public static extern int ncclCommAbort(IntPtr comm);
+    [DllImport(Library)] public static extern int ncclCommGetAsyncError(IntPtr comm, out int asyncError);
+    [DllImport(Library)] public static extern IntPtr ncclGetErrorString(int result);
+    [DllImport(Library)] public static extern int ncclAllReduce(IntPtr sendbuff, IntPtr recvbuff, nuint count, int datatype, int op, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclReduceScatter(IntPtr sendbuff, IntPtr recvbuff, nuint recvcount, int datatype, int op, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclAllGather(IntPtr sendbuff, IntPtr recvbuff, nuint sendcount, int datatype, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclBroadcast(IntPtr sendbuff, IntPtr recvbuff, nuint count, int datatype, int root, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclSend(IntPtr sendbuff, nuint count, int datatype, int peer, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclRecv(IntPtr recvbuff, nuint count, int datatype, int peer, IntPtr comm, IntPtr stream);
+    [DllImport(Library)] public static extern int ncclGroupStart();
+    [DllImport(Library)] public static extern int ncclGroupEnd();
+
+    public static string ErrorString(int result)
+    {
+        try { return Marshal.PtrToStringAnsi(ncclGetErrorString(result)) ?? $"NCCL error {result}"; }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { return $"NCCL error {result}"; }
+    }
+
+    // The CUDA driver API (libcuda.so.1 ships with the driver, one per process): NCCL uses the calling thread's current
+    // device, and TorchSharp has no set_device, so we make the device's primary context current as cudaSetDevice would.
+    const string Driver = "libcuda.so.1";
+    [DllImport(Driver)] static extern int cuInit(uint flags);
+    [DllImport(Driver)] static extern int cuDeviceGet(out int device, int ordinal);
+    [DllImport(Driver)] static extern int cuDevicePrimaryCtxRetain(out IntPtr context, int device);
+    [DllImport(Driver)] static extern int cuCtxSetCurrent(IntPtr context);
+
+    public static void MakeDeviceCurrent(int ordinal)
+    {
+        int r = cuInit(0);
+        int device = 0;
+        IntPtr context = IntPtr.Zero;
+        if (r == 0) r = cuDeviceGet(out device, ordinal);
+        if (r == 0) r = cuDevicePrimaryCtxRetain(out context, device);
+        if (r == 0) r = cuCtxSetCurrent(context);
+        if (r != 0) throw new CollectiveException(CollectiveFailure.Unavailable, $"cannot make CUDA device {ordinal} current (CUDA driver error {r})");
+    }
+}

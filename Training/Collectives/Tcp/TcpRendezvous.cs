@@ -1,0 +1,248 @@
+// Forms a tcp collective: listen, dial the ring successor, accept the ring predecessor; a handshake fences other jobs and generations.
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+
+namespace DeepSeekCluster.Training.Collectives.Tcp;
+
+internal enum LinkKind : byte { Ring = 1, PointToPoint = 2 }
+
+/// <summary>
+/// The rendezvous of one rank. Bind first (the port can be 0), publish <see cref="LocalEndpoint"/> (the coordinator
+/// brokers the list), then <see cref="Connect"/> with every rank's "host:port". Each connection opens with a handshake
+/// (magic, version, job id, generation, world size, rank, link kind); the acceptor refuses any that does not match its
+/// own job and generation, so a zombie of an older generation can never join a newer group. The listener stays open
+/// for the group's lifetime: point-to-point links are dialled on first use (the lower rank dials).
+/// </summary>
+public sealed class TcpRendezvous : IDisposable
+{
+    const int Magic = 0x43435344; // "DSCC"
+    const int Version = 1;
+
+    public string JobId { get; }
+    public long Generation { get; }
+    public int Rank { get; }
+    public int WorldSize { get; }
+    public IPEndPoint LocalEndpoint { get; }
+    /// <summary>Connections refused by the handshake (wrong job, generation, world size or rank).</summary>
+    public int RefusedCount => refusedCount;
+    /// <summary>Why the last connection was refused, for logs.</summary>
+    public string? LastRefusal { get; private set; }
+
+    readonly Socket listener;
+    readonly CancellationTokenSource stop = new();
+    readonly ConcurrentDictionary<(LinkKind, int), TaskCompletionSource<Socket>> incoming = new();
+    int refusedCount;
+    IReadOnlyList<string>? addresses;
+
+    public TcpRendezvous(string jobId, long generation, int rank, int worldSize, IPEndPoint? bind = null)
+    {
+        if (worldSize < 1) throw new ArgumentOutOfRangeException(nameof(worldSize), worldSize, "world size must be at least 1");
+        if (rank < 0 || rank >= worldSize) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"rank must be in [0, {worldSize})");
+        if (Encoding.UTF8.GetByteCount(jobId) > 1024) throw new ArgumentException("job id longer than 1024 bytes", nameof(jobId));
+        JobId = jobId;
+        Generation = generation;
+        Rank = rank;
+        WorldSize = worldSize;
+        bind ??= new IPEndPoint(IPAddress.Any, 0);
+        listener = new Socket(bind.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+        listener.Bind(bind);
+        listener.Listen(64);
+        LocalEndpoint = (IPEndPoint)listener.LocalEndPoint!;
+        _ = AcceptLoop();
+    }
+
+    /// <summary>Binds on the port of <paramref name="endpoints"/>[rank] and connects: a static endpoint list, no broker.</summary>
+    public static TcpCollective Connect(string jobId, long generation, int rank, IReadOnlyList<string> endpoints, TcpCollectiveOptions? options = null)
+    {
+        if (rank < 0 || rank >= endpoints.Count) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"rank must index the {endpoints.Count} endpoints");
+        var own = ParseEndpoint(endpoints[rank]);
+        var bind = new IPEndPoint(own is IPEndPoint ip ? ip.Address : IPAddress.Any, own is IPEndPoint p ? p.Port : ((DnsEndPoint)own).Port);
+        var rendezvous = new TcpRendezvous(jobId, generation, rank, endpoints.Count, bind);
+        try { return rendezvous.Connect(endpoints, options); }
+        catch { rendezvous.Dispose(); throw; }
+    }
+
+    /// <summary>
+    /// Forms the ring with every rank's endpoint ("host:port", indexed by rank) and returns the collective, which then
+    /// owns this rendezvous. Fails within the timeout, naming the peer that did not connect or that refused us.
+    /// </summary>
+    public TcpCollective Connect(IReadOnlyList<string> endpoints, TcpCollectiveOptions? options = null)
+    {
+        options ??= new TcpCollectiveOptions();
+        if (endpoints.Count != WorldSize)
+            throw new ArgumentException($"{endpoints.Count} endpoints given for a world of {WorldSize}", nameof(endpoints));
+        foreach (var e in endpoints) ParseEndpoint(e);
+        addresses = endpoints.ToArray();
+        var deadline = DateTime.UtcNow + options.Timeout;
+        if (WorldSize == 1) return new TcpCollective(this, addresses, null, null, options);
+
+        int next = (Rank + 1) % WorldSize, prev = (Rank - 1 + WorldSize) % WorldSize;
+        // Dedicated threads, not the pool: a group of ranks in one process (tests) would otherwise starve it of threads.
+        var dialing = Task.Factory.StartNew(() => Dial(next, LinkKind.Ring, deadline), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        var accepted = Slot(LinkKind.Ring, prev).Task;
+        Socket? prevSocket = null;
+        try
+        {
+            Task.WaitAny([dialing, accepted], Remaining(deadline)); // a refusal while dialing ends the wait at once
+            if (dialing.IsFaulted) dialing.GetAwaiter().GetResult();
+            prevSocket = AwaitIncoming(prev, LinkKind.Ring, deadline);
+            var nextSocket = dialing.GetAwaiter().GetResult();
+            var collective = new TcpCollective(this, addresses,
+                new PeerLink(nextSocket, next, addresses[next], Rank, options.Timeout),
+                new PeerLink(prevSocket, prev, addresses[prev], Rank, options.Timeout), options);
+            collective.Barrier(); // every rank's ring links are up before anyone returns
+            return collective;
+        }
+        catch
+        {
+            prevSocket?.Dispose();
+            if (dialing.IsCompletedSuccessfully) dialing.Result.Dispose();
+            else _ = dialing.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); }, TaskScheduler.Default);
+            throw;
+        }
+    }
+
+    internal string AddressOf(int rank) => addresses?[rank] ?? "unknown address";
+
+    /// <summary>Dials <paramref name="peer"/> (retrying while it is not listening yet) and completes the handshake.</summary>
+    internal Socket Dial(int peer, LinkKind kind, DateTime deadline)
+    {
+        var address = AddressOf(peer);
+        var endpoint = ParseEndpoint(address);
+        string name = CollectiveException.Peer(peer, address);
+        Exception? last = null;
+        while (DateTime.UtcNow < deadline && !stop.IsCancellationRequested)
+        {
+            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+            try
+            {
+                using (var cts = new CancellationTokenSource(Remaining(deadline)))
+                    socket.ConnectAsync(endpoint, cts.Token).AsTask().GetAwaiter().GetResult();
+                socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Max(1, Remaining(deadline).TotalMilliseconds);
+                using (var stream = new NetworkStream(socket, ownsSocket: false))
+                using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
+                using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
+                {
+                    writer.Write(Magic); writer.Write(Version); writer.Write((byte)kind);
+                    writer.Write(JobId); writer.Write(Generation); writer.Write(WorldSize); writer.Write(Rank);
+                    writer.Flush();
+                    bool accepted = reader.ReadBoolean();
+                    string reason = reader.ReadString();
+                    if (!accepted)
+                    {
+                        socket.Dispose();
+                        throw new CollectiveException(CollectiveFailure.Refused,
+                            $"{name} refused rank {Rank} of job '{JobId}' generation {Generation}: {reason}", peer, address);
+                    }
+                }
+                socket.ReceiveTimeout = 0;
+                return socket;
+            }
+            catch (Exception e) when (e is SocketException or OperationCanceledException or IOException or EndOfStreamException)
+            {
+                socket.Dispose();
+                last = e;
+                if (DateTime.UtcNow < deadline) Thread.Sleep(50); // not listening yet: retry until the deadline
+            }
+        }
+        throw new CollectiveException(CollectiveFailure.PeerStalled,
+            $"{name} did not accept a connection from rank {Rank} within the rendezvous timeout ({last?.Message ?? "no attempt"})", peer, address, last);
+    }
+
+    /// <summary>Waits for <paramref name="peer"/> to dial us with a handshake that the accept loop has validated.</summary>
+    internal Socket AwaitIncoming(int peer, LinkKind kind, DateTime deadline)
+    {
+        var slot = Slot(kind, peer);
+        if (slot.Task.Wait(Remaining(deadline))) return slot.Task.Result;
+        string refused = refusedCount > 0 ? $"; {refusedCount} connection(s) refused, last: {LastRefusal}" : "";
+        throw new CollectiveException(CollectiveFailure.PeerStalled,
+            $"{CollectiveException.Peer(peer, AddressOf(peer))} did not connect to rank {Rank} within the timeout{refused}", peer, AddressOf(peer));
+    }
+
+    TaskCompletionSource<Socket> Slot(LinkKind kind, int peer) =>
+        incoming.GetOrAdd((kind, peer), _ => new TaskCompletionSource<Socket>(TaskCreationOptions.RunContinuationsAsynchronously));
+
+    async Task AcceptLoop()
+    {
+        while (!stop.IsCancellationRequested)
+        {
+            Socket socket;
+            try { socket = await listener.AcceptAsync(stop.Token).ConfigureAwait(false); }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException) { return; }
+            _ = Task.Factory.StartNew(() => Admit(socket), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        }
+    }
+
+    void Admit(Socket socket)
+    {
+        try
+        {
+            socket.NoDelay = true;
+            socket.ReceiveTimeout = socket.SendTimeout = 10_000; // a handshake is a few dozen bytes
+            using var stream = new NetworkStream(socket, ownsSocket: false);
+            using var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true);
+            using var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
+            int magic = reader.ReadInt32(), version = reader.ReadInt32();
+            if (magic != Magic || version != Version) { Refuse(socket, writer, $"not a DeepSeekCluster collective handshake (magic {magic:x8}, version {version})"); return; }
+            var kind = (LinkKind)reader.ReadByte();
+            string job = reader.ReadString();
+            long generation = reader.ReadInt64();
+            int world = reader.ReadInt32(), rank = reader.ReadInt32();
+            string? problem =
+                job != JobId ? $"job '{job}' is not this group's job '{JobId}'"
+                : generation != Generation ? $"generation {generation} does not match this group's generation {Generation} (a peer of another generation is fenced out)"
+                : world != WorldSize ? $"world size {world} differs from this group's {WorldSize}"
+                : rank < 0 || rank >= WorldSize || rank == Rank ? $"rank {rank} is not a peer rank of a world of {WorldSize}"
+                : kind == LinkKind.Ring && rank != (Rank - 1 + WorldSize) % WorldSize ? $"rank {rank} is not rank {Rank}'s ring predecessor"
+                : kind == LinkKind.PointToPoint && rank > Rank ? $"rank {rank} should wait for rank {Rank} to dial (the lower rank dials)"
+                : kind is not (LinkKind.Ring or LinkKind.PointToPoint) ? $"unknown link kind {(byte)kind}"
+                : null;
+            if (problem is not null) { Refuse(socket, writer, problem); return; }
+            var slot = Slot(kind, rank);
+            if (slot.Task.IsCompleted) { Refuse(socket, writer, $"rank {rank} is already connected"); return; }
+            writer.Write(true); writer.Write(""); writer.Flush();
+            socket.ReceiveTimeout = socket.SendTimeout = 0;
+            if (!slot.TrySetResult(socket)) socket.Dispose();
+        }
+        catch (Exception e) when (e is IOException or SocketException or EndOfStreamException or ObjectDisposedException)
+        {
+            socket.Dispose();
+        }
+    }
+
+    void Refuse(Socket socket, BinaryWriter writer, string reason)
+    {
+        Interlocked.Increment(ref refusedCount);
+        LastRefusal = reason;
+        try { writer.Write(false); writer.Write(reason); writer.Flush(); }
+        catch (Exception e) when (e is IOException or SocketException) { }
+        socket.Dispose();
+    }
+
+    static TimeSpan Remaining(DateTime deadline)
+    {
+        var left = deadline - DateTime.UtcNow;
+        return left > TimeSpan.Zero ? left : TimeSpan.Zero;
+    }
+
+    /// <summary>"host:port", "1.2.3.4:port" or "[::1]:port".</summary>
+    internal static EndPoint ParseEndpoint(string text)
+    {
+        if (IPEndPoint.TryParse(text, out var ip) && text.Contains(':')) return ip;
+        int colon = text.LastIndexOf(':');
+        if (colon > 0 && int.TryParse(text.AsSpan(colon + 1), out int port) && port is >= 0 and <= 65535)
+            return new DnsEndPoint(text[..colon], port);
+        throw new ArgumentException($"endpoint '{text}' is not host:port");
+    }
+
+    public void Dispose()
+    {
+        stop.Cancel();
+        listener.Dispose();
+        foreach (var slot in incoming.Values)
+            if (slot.Task.IsCompletedSuccessfully) slot.Task.Result.Dispose();
+    }
+}

@@ -1,0 +1,91 @@
+// The job state machine, generation fencing and persistence, on an in-process Orleans cluster.
+using DeepSeekCluster.Contracts.Grains;
+
+namespace DeepSeekCluster.Coordinator.Tests;
+
+public class GrainTests
+{
+    [Fact]
+    public async Task AJobFormsRescalesWhenAWorkerLeavesAndCompletes()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("walk");
+        var status = await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 2, maxWorkers: 2, steps: 2));
+        Assert.Equal(JobState.Forming, status.State);
+
+        await c.Worker("w1").RegisterAsync(TestSpecs.Worker("w1"), null);
+        long w2 = await c.Worker("w2").RegisterAsync(TestSpecs.Worker("w2"), null);
+        status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running, "formation");
+        Assert.Equal(1, status.Generation);
+        Assert.Equal(["w1", "w2"], status.Workers.OrderBy(w => w.Rank).Select(w => w.WorkerId));
+        var a1 = (await c.Worker("w1").GetAsync()).Assignment!;
+        Assert.Equal((1L, 2, 4), (a1.Generation, a1.World, a1.BatchCount)); // 8 sequences over dp 2
+        Assert.Equal(2, a1.GradAccumSteps);
+
+        await c.Worker("w2").DisconnectedAsync(w2, "killed");
+        status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling, "rescaling after a worker left");
+
+        await c.Worker("w3").RegisterAsync(TestSpecs.Worker("w3"), null);
+        status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "re-formation");
+        Assert.Contains(status.Workers, w => w.WorkerId == "w3");
+
+        var stale = await Assert.ThrowsAsync<StaleGenerationException>(() => job.ReportStepAsync(1, new StepReport { Step = 1, Loss = 9 }));
+        Assert.Equal((1L, 2L), (stale.Reported, stale.Current));
+        await Assert.ThrowsAsync<StaleGenerationException>(() => c.Worker("w1").HeartbeatAsync(1, new WorkerMetrics()));
+
+        await job.ReportStepAsync(2, new StepReport { Step = 1, Loss = 9 });
+        await job.ReportStepAsync(2, new StepReport { Step = 2, Loss = 8 });
+        status = await job.GetStatusAsync();
+        Assert.Equal(JobState.Completed, status.State);
+        Assert.Equal([9.0, 8.0], status.Loss.Select(p => p.Loss));
+        await TestSpecs.EventuallyAsync(() => c.Worker("w1").GetAsync(), w => w.Assignment is null, "release after completion");
+    }
+
+    [Fact]
+    public async Task AWorkerWithoutHeartbeatsLeavesItsJob()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder(), heartbeatTimeout: TimeSpan.FromMilliseconds(300));
+        var job = c.Job("quiet");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1));
+        await c.Worker("q1").RegisterAsync(TestSpecs.Worker("q1"), null);
+        // Formed (generation 1), then, with no heartbeat at all, the worker times out and the job re-forms.
+        var status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling && s.Generation == 1, "rescaling after silence", seconds: 5);
+        Assert.Contains(status.Events, e => e.Message.Contains("no heartbeat"));
+        Assert.False((await c.Worker("q1").GetAsync()).Online);
+    }
+
+    [Fact]
+    public async Task StateSurvivesASiloRestartWithFileStorage()
+    {
+        string folder = TestSpecs.TempFolder();
+        await using (var c = await GrainCluster.StartAsync(folder)) await RunToStepOneAsync(c);
+        await using (var c = await GrainCluster.StartAsync(folder)) await AssertStepOneSurvivedAsync(c);
+    }
+
+    [Fact]
+    public async Task StateSurvivesASiloRestartWithRedisStorage()
+    {
+        using var redis = await RedisServer.StartAsync();
+        await using (var c = await GrainCluster.StartAsync("", redis.ConnectionString)) await RunToStepOneAsync(c);
+        await using (var c = await GrainCluster.StartAsync("", redis.ConnectionString)) await AssertStepOneSurvivedAsync(c);
+    }
+
+    static async Task RunToStepOneAsync(GrainCluster c)
+    {
+        await c.Job("durable").SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 10));
+        await c.Worker("d1").RegisterAsync(TestSpecs.Worker("d1"), null);
+        await TestSpecs.EventuallyAsync(c.Job("durable").GetStatusAsync, s => s.State == JobState.Running, "formation");
+        await c.Job("durable").ReportStepAsync(1, new StepReport { Step = 1, Loss = 7.5 });
+        await c.Job("durable").ReportCheckpointAsync(1, new CheckpointReport { Rank = 0, Step = 1, File = "r0.safetensors", SizeBytes = 10, Sha256 = "ab" });
+    }
+
+    static async Task AssertStepOneSurvivedAsync(GrainCluster c)
+    {
+        var s = await c.Job("durable").GetStatusAsync();
+        Assert.Equal((JobState.Running, 1L, 1L), (s.State, s.Generation, s.Step));
+        Assert.Equal(7.5, Assert.Single(s.Loss).Loss);
+        Assert.True(Assert.Single(s.Checkpoints).Complete);
+        Assert.Equal("d1", Assert.Single(s.Workers).WorkerId);
+        Assert.Equal(1, (await c.Worker("d1").GetAsync()).Assignment!.Generation);
+    }
+}

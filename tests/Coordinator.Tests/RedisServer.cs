@@ -1,0 +1,81 @@
+// A throwaway redis-server on a free port (no persistence), killed on dispose.
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+
+namespace DeepSeekCluster.Coordinator.Tests;
+
+public sealed class RedisServer : IDisposable
+{
+    private readonly Process _process;
+
+    public string ConnectionString { get; }
+
+    private RedisServer(Process process, int port)
+    {
+        _process = process;
+        ConnectionString = $"127.0.0.1:{port}";
+    }
+
+    public static async Task<RedisServer> StartAsync()
+    {
+        int port = FreePort();
+        Process process;
+        try
+        {
+            var info = new ProcessStartInfo("redis-server") { RedirectStandardOutput = true, RedirectStandardError = true };
+            foreach (var a in new[] { "--port", port.ToString(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no" }) info.ArgumentList.Add(a);
+            process = Process.Start(info)!;
+        }
+        catch (System.ComponentModel.Win32Exception e)
+        {
+            throw new InvalidOperationException("redis-server is not installed (Debian: apt-get install redis-server); the Redis persistence test needs it", e);
+        }
+        process.OutputDataReceived += (_, _) => { };
+        process.ErrorDataReceived += (_, _) => { };
+        process.BeginOutputReadLine();
+        process.BeginErrorReadLine();
+
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        while (true)
+        {
+            if (process.HasExited) throw new InvalidOperationException($"redis-server exited with {process.ExitCode} before accepting connections on port {port}");
+            if (await AnswersPing(port)) return new RedisServer(process, port);
+            if (DateTime.UtcNow > deadline)
+            {
+                process.Kill();
+                throw new TimeoutException($"redis-server did not answer PING on port {port} within 10 s");
+            }
+            await Task.Delay(50);
+        }
+    }
+
+    static async Task<bool> AnswersPing(int port)
+    {
+        try
+        {
+            using var client = new TcpClient();
+            await client.ConnectAsync(IPAddress.Loopback, port);
+            var stream = client.GetStream();
+            await stream.WriteAsync("PING\r\n"u8.ToArray());
+            var buffer = new byte[16];
+            int n = await stream.ReadAsync(buffer);
+            return n >= 5 && System.Text.Encoding.ASCII.GetString(buffer, 0, n).StartsWith("+PONG");
+        }
+        catch (SocketException) { return false; }
+    }
+
+    public static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    public void Dispose()
+    {
+        if (!_process.HasExited) _process.Kill();
+        _process.WaitForExit(5000);
+        _process.Dispose();
+    }
+}
