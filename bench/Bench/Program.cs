@@ -8,8 +8,9 @@ switch (verb)
     case "train": TrainingBench.Run(rest); break;
     case "checkpoint": CheckpointBench.Run(rest); break;
     case "data": DataBench.Run(rest); break;
+    case "collectives": CollectiveBench.Run(rest); break;
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives");
         return 2;
 }
 return 0;

@@ -193,7 +193,7 @@ public class TcpCollectiveTests
             var e = Assert.IsType<CollectiveException>(outcomes[r].Error);
             Assert.True(victim == e.PeerRank, $"rank {r} blamed rank {e.PeerRank}: {e.Message}");
             Assert.Equal(CollectiveFailure.PeerStalled, e.Failure);
-            Assert.True(outcomes[r].Elapsed < timeout + TimeSpan.FromMilliseconds(500), $"rank {r} took {outcomes[r].Elapsed}");
+            Assert.True(outcomes[r].Elapsed < timeout * 2, $"rank {r} took {outcomes[r].Elapsed}"); // bounded by the timeout, with slack for a loaded CI machine
         }
     }
 
