@@ -42,6 +42,17 @@ public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog c
         };
     });
 
+    public override Task<GetTokenizerReply> GetTokenizer(GetManifestRequest request, ServerCallContext context) => Guard(async () =>
+    {
+        var m = (await catalog.OpenAsync(request.DatasetId, context.CancellationToken)).Manifest;
+        return new GetTokenizerReply
+        {
+            TokenizerJson = await catalog.ReadTokenizerAsync(request.DatasetId, context.CancellationToken),
+            TokenizerHash = m.TokenizerHash,
+            EotTokenId = m.EotTokenId,
+        };
+    });
+
     public override Task GetBatch(GetBatchRequest request, IServerStreamWriter<Sample> responseStream, ServerCallContext context) => Guard(async () =>
     {
         var ct = context.CancellationToken;

@@ -28,6 +28,15 @@ public sealed class DatasetCatalog(IDatasetStore store, DataShardsMetrics? metri
         }
     }
 
+    /// <summary>The tokenizer.json stored with a dataset.</summary>
+    public async Task<string> ReadTokenizerAsync(string datasetId, CancellationToken ct)
+    {
+        var dataset = await OpenAsync(datasetId, ct);
+        string path = $"{datasetId}/{dataset.Manifest.TokenizerPath}";
+        return await store.ReadTextAsync(path, ct)
+            ?? throw new DataInputException(DataErrorKind.Corrupt, $"Dataset '{datasetId}' has a manifest but no tokenizer at {store.Describe(path)}.");
+    }
+
     private async Task<OpenDataset> LoadAsync(string datasetId)
     {
         string path = $"{datasetId}/{DatasetManifest.FileName}";

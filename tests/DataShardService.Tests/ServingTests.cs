@@ -63,6 +63,19 @@ public abstract class ServingBehaviour(PreparedDatasetFixture fixture)
     }
 
     [Fact]
+    public async Task TheTokenizerTravelsWithTheDatasetAndDecodesItsSamples()
+    {
+        var reply = await fixture.Host.Client.GetTokenizerAsync(new GetManifestRequest { DatasetId = fixture.DatasetId });
+        var tokenizer = DeepSeekCluster.Training.Tokenization.BpeTokenizer.FromJson(reply.TokenizerJson, "GetTokenizer");
+        Assert.Equal(reply.TokenizerHash, tokenizer.Hash);
+        Assert.Equal(tokenizer.EosTokenId, reply.EotTokenId);
+        using var call = fixture.Host.Client.GetBatch(new GetBatchRequest { DatasetId = fixture.DatasetId, Count = 1 });
+        Assert.True(await call.ResponseStream.MoveNext(CancellationToken.None));
+        var text = tokenizer.Decode(call.ResponseStream.Current.Tokens.Select(t => (int)t));
+        Assert.Contains(" ", text); // real words from the corpus, not noise
+    }
+
+    [Fact]
     public async Task TheSecondEpochIsADifferentOrderOfTheSameSamples()
     {
         long n = fixture.Manifest.Splits[DatasetPreparer.TrainSplit].Samples;
