@@ -1,41 +1,110 @@
-// AppHost: starts the system on this machine. Today that is one gpu-worker training the tiny preset standalone
-// on the shipped corpus; the cluster services join it as their issues land. Ctrl+C stops every child.
+// AppHost: the whole system on this machine — blob storage, data service, checkpoint store, coordinator and
+// GPU workers — started in dependency order, then the default job. Reads like an Aspire AppHost: one chain per resource.
 using System.Reflection;
+using System.Security.Cryptography;
 using DeepSeekCluster.AppHost;
+using DeepSeekCluster.AppHost.Hosting;
 
-var meta = typeof(ChildProcess).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
+var meta = typeof(AppHostOptions).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
 var root = meta["RepositoryRoot"];
-var worker = Path.Combine(root, "GpuWorker", "bin", meta["BuildConfiguration"], "net10.0", "gpu-worker.dll");
-if (!File.Exists(worker))
+AppHostOptions options;
+try { options = AppHostOptions.Parse(args, root); }
+catch (ArgumentException e)
 {
-    Console.Error.WriteLine($"apphost: {worker} is missing; build the solution first (dotnet build).");
+    Console.Error.WriteLine($"apphost: {e.Message}");
+    Console.Error.WriteLine(AppHostOptions.Usage);
+    return 2;
+}
+Directory.CreateDirectory(options.RunDir);
+var token = Convert.ToHexString(RandomNumberGenerator.GetBytes(32)).ToLowerInvariant(); // fresh per run, never printed
+var tokenFile = Path.Combine(options.RunDir, "cluster.token");
+File.WriteAllText(tokenFile, token);
+if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tokenFile, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+
+var builder = new DistributedApplicationBuilder(root, meta["BuildConfiguration"]);
+
+// ---- Resources ----
+Resource? blobs = null;
+string? blobConnection = null;
+if (!options.NoAzurite && Which("azurite-blob") is { } azurite)
+{
+    int port = FreePort.Next();
+    blobs = builder.AddExecutable("blobs", azurite, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--blobHost", "127.0.0.1",
+        "--blobPort", port.ToString(), "--location", Path.Combine(options.RunDir, "azurite"));
+    blobs.ReadinessPort = port;
+    // Azurite's published development account (not a secret).
+    blobConnection = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;" +
+        "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;" +
+        $"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;";
+}
+
+var dataShards = builder.AddProject("data-shards", "DataShardService", "DeepSeekCluster.DataShardService")
+    .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
+    .WithEnvironment("DataShards__Root", Path.Combine(options.RunDir, "datasets"))
+    .WithEnvironment("DataShards__WorkDir", Path.Combine(options.RunDir, "prepare"))
+    .WithEnvironment("DataShards__CacheDir", Path.Combine(options.RunDir, "shard-cache"));
+var checkpoints = builder.AddProject("checkpoints", "CheckpointStore", "CheckpointStore")
+    .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
+    .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"));
+if (blobs is not null)
+{
+    dataShards.WithConnectionString("blobs", blobConnection!).WaitFor(blobs);
+    checkpoints.WithConnectionString("blobs", blobConnection!).WaitFor(blobs);
+}
+var coordinator = builder.AddProject("coordinator", "Coordinator", "DeepSeekCluster.Coordinator")
+    .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
+    .WithReference(checkpoints).WaitFor(checkpoints)
+    .WithEnvironment("Cluster__Token", token)
+    .WithEnvironment("Coordinator__StateFolder", Path.Combine(options.RunDir, "coordinator"))
+    .WithEnvironment("Orleans__SiloPort", FreePort.Next().ToString())
+    .WithEnvironment("Orleans__GatewayPort", FreePort.Next().ToString());
+var worker = builder.AddProject("gpu-worker", "GpuWorker", "gpu-worker")
+    .WithArgs("join")
+    .WithReference(coordinator).WithReference(dataShards).WithReference(checkpoints)
+    .WaitFor(coordinator).WaitFor(dataShards)
+    .WithEnvironment("Cluster__Token", token)
+    .WithEnvironment("Worker__OutputDir", Path.Combine(options.RunDir, "workers"))
+    .WithReplicas(options.Workers);
+
+// ---- Run ----
+using var stop = new CancellationTokenSource();
+Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+await using var app = builder.Build();
+try
+{
+    await app.StartAsync(stop.Token);
+    var job = new DefaultJob(options, coordinator, dataShards, token);
+    var modelSaved = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
+    app.LineReceived += (_, line) => { if (line.Contains("model saved to")) modelSaved.TrySetResult(line); };
+    var datasetId = await job.PrepareCorpusAsync(Path.Combine(root, "data", "corpus", "kjv.txt.gz"), stop.Token);
+    var jobId = await job.SubmitAsync(datasetId, stop.Token);
+    var console = job.AcceptConsoleCommandsAsync(app, worker, stop);
+    var final = await job.FollowAsync(jobId, stop.Token);
+    if (final == "Completed")
+    {
+        // Rank 0 evaluates, samples and writes the model folder after the last step; wait for it before reporting.
+        try { await modelSaved.Task.WaitAsync(TimeSpan.FromMinutes(3), stop.Token); }
+        catch (TimeoutException) { Log.AppHost("rank 0 did not report its final model within 3 minutes"); }
+    }
+    Log.AppHost($"job {jobId} ended: {final}");
+    Log.AppHost($"REST API: {coordinator.GetEndpoint("http").Url}/jobs   (writes need 'Authorization: Bearer <token>' with the token in {tokenFile})");
+    foreach (var r in new[] { coordinator, dataShards, checkpoints })
+        Log.AppHost($"metrics: {r.GetEndpoint("http").Url}/metrics   ({r.Name})");
+    if (options.ExitWhenDone) return final == "Completed" ? 0 : 1;
+    Log.AppHost("the cluster stays up; Ctrl+C (or 'quit') stops it");
+    await Task.Delay(Timeout.Infinite, stop.Token);
+    return 0;
+}
+catch (OperationCanceledException) when (stop.IsCancellationRequested)
+{
+    Log.AppHost("stopping");
+    return 0;
+}
+catch (Exception e) when (e is InvalidOperationException or TimeoutException or HttpRequestException or Grpc.Core.RpcException)
+{
+    Log.AppHost($"failed: {e.Message}");
     return 1;
 }
 
-// Extra arguments go to the trainer (e.g. --steps 100, --preset small); the run folder is fixed unless given.
-var trainArgs = new List<string> { worker, "train" };
-if (!args.Contains("--out")) trainArgs.AddRange(["--out", Path.Combine(root, "runs", "apphost")]);
-trainArgs.AddRange(args);
-
-using var stop = new CancellationTokenSource();
-Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
-AppDomain.CurrentDomain.ProcessExit += (_, _) => stop.Cancel();
-
-Console.WriteLine($"apphost: starting gpu-worker-0 (standalone training) in {root}");
-using var child = new ChildProcess("gpu-worker-0", "dotnet", trainArgs, new Dictionary<string, string>
-{
-    ["OTEL_SERVICE_NAME"] = "gpu-worker",
-    ["DOTNET_ENVIRONMENT"] = "Development",
-}, root);
-try
-{
-    int code = await child.WaitAsync(stop.Token);
-    Console.WriteLine(code == 0 ? "apphost: gpu-worker-0 finished" : $"apphost: gpu-worker-0 exited with code {code}");
-    return code;
-}
-catch (OperationCanceledException)
-{
-    Console.WriteLine("apphost: stopping gpu-worker-0");
-    child.Stop();
-    return 130;
-}
+static string? Which(string command) =>
+    (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Select(d => Path.Combine(d, command)).FirstOrDefault(File.Exists);

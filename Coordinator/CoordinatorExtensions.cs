@@ -1,7 +1,8 @@
 // Registers the Coordinator: options, cluster token, Orleans silo (clustering and grain storage chosen by configuration),
-// ClusterControl gRPC with reflection, and the REST API.
+// ClusterControl gRPC with reflection, the REST API, and checkpoint commits through CheckpointStore.
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Api;
+using DeepSeekCluster.Coordinator.Checkpoints;
 using DeepSeekCluster.Coordinator.Control;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
@@ -24,6 +25,8 @@ public static class CoordinatorExtensions
             sp.GetRequiredService<IOptions<CoordinatorOptions>>().Value.StateFolder, sp.GetRequiredService<ILogger<ClusterToken>>()));
         builder.Services.AddSingleton<JobSubmission>();
         builder.Services.AddSingleton<RequireClusterToken>();
+        builder.Services.AddSingleton<CheckpointCommitter>();
+        builder.Services.AddHostedService(sp => sp.GetRequiredService<CheckpointCommitter>());
         builder.Services.ConfigureHttpJsonOptions(o => CoordinatorJson.Configure(o.SerializerOptions));
         builder.Services.AddGrpc();
         builder.Services.AddGrpcReflection();

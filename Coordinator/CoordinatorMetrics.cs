@@ -1,22 +1,46 @@
-// Meter "DeepSeekCluster.Coordinator": refusals (auth and stale generations) and rescales. Tags never carry secrets.
+// Meter "DeepSeekCluster.Coordinator": refusals (auth and stale generations), formations, rescales, checkpoint commits, and
+// gauges of the cluster's shape (workers by state, job generations, heartbeat ages). Tags never carry secrets.
+using System.Collections.Concurrent;
 using System.Diagnostics.Metrics;
 
 namespace DeepSeekCluster.Coordinator;
 
+/// <summary>
+/// Counters are added where things happen. Gauges read a snapshot that the grains of this silo keep up to date: the
+/// registry grain (one activation in the cluster) sets the worker counts, each job and worker grain its own entry. A
+/// silo reports only what its own activations set, so sums over silos are the cluster's numbers.
+/// </summary>
 public sealed class CoordinatorMetrics
 {
     public const string MeterName = "DeepSeekCluster.Coordinator";
 
+    /// <summary>The states of <c>deepseek.cluster.workers</c>.</summary>
+    public static readonly string[] WorkerStates = ["free", "assigned", "offline"];
+
     private readonly Counter<long> _authRefusals;
     private readonly Counter<long> _staleRefusals;
     private readonly Counter<long> _formations;
+    private readonly Counter<long> _rescales;
+    private readonly Counter<long> _commits;
 
-    public CoordinatorMetrics(IMeterFactory meterFactory)
+    private readonly ConcurrentDictionary<string, long> _workersByState = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, long> _generations = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, DateTimeOffset> _heartbeats = new(StringComparer.Ordinal);
+    private readonly TimeProvider _clock;
+
+    public CoordinatorMetrics(IMeterFactory meterFactory, TimeProvider clock)
     {
+        _clock = clock;
         var meter = meterFactory.Create(MeterName);
         _authRefusals = meter.CreateCounter<long>("deepseek_coordinator_auth_refusals", description: "Requests refused for a missing or wrong cluster token");
         _staleRefusals = meter.CreateCounter<long>("deepseek_coordinator_stale_generation_refusals", description: "Reports refused because they came from an older generation");
         _formations = meter.CreateCounter<long>("deepseek_coordinator_formations", description: "Worker-set formations (each bumps a job's generation)");
+        _rescales = meter.CreateCounter<long>("deepseek.cluster.rescales", "{rescale}", "Running jobs that began re-forming (reason: worker_left or grow)");
+        _commits = meter.CreateCounter<long>("deepseek.cluster.checkpoint_commits", "{checkpoint}",
+            "Checkpoint steps every rank reported, by outcome: committed, refused (by the store), failed (store unreachable), unconfigured");
+        meter.CreateObservableGauge("deepseek.cluster.workers", ObserveWorkers, "{worker}", "Known workers by state: free, assigned (to a job), offline");
+        meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
+        meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
     }
 
     /// <param name="surface">rest or grpc.</param>
@@ -27,4 +51,42 @@ public sealed class CoordinatorMetrics
     public void StaleRefused(string what) => _staleRefusals.Add(1, new KeyValuePair<string, object?>("what", what));
 
     public void Formed(bool rescale) => _formations.Add(1, new KeyValuePair<string, object?>("kind", rescale ? "rescale" : "initial"));
+
+    /// <param name="reason">worker_left or grow.</param>
+    public void Rescaled(string reason) => _rescales.Add(1, new KeyValuePair<string, object?>("reason", reason));
+
+    /// <param name="outcome">committed, refused, failed or unconfigured.</param>
+    public void CheckpointCommit(string outcome) => _commits.Add(1, new KeyValuePair<string, object?>("outcome", outcome));
+
+    // ---- Snapshot for the gauges ----
+
+    /// <summary>The registry's counts by state (see <see cref="WorkerStates"/>); null when the registry leaves this silo.</summary>
+    public void Workers(IReadOnlyDictionary<string, long>? byState)
+    {
+        foreach (var state in WorkerStates)
+        {
+            if (byState is null) _workersByState.TryRemove(state, out _);
+            else _workersByState[state] = byState.GetValueOrDefault(state);
+        }
+    }
+
+    public void JobGeneration(string jobId, long generation) => _generations[jobId] = generation;
+
+    public void JobFinished(string jobId) => _generations.TryRemove(jobId, out _);
+
+    public void Heartbeat(string workerId, DateTimeOffset at) => _heartbeats[workerId] = at;
+
+    public void WorkerGone(string workerId) => _heartbeats.TryRemove(workerId, out _);
+
+    IEnumerable<Measurement<long>> ObserveWorkers() =>
+        _workersByState.Select(kv => new Measurement<long>(kv.Value, new KeyValuePair<string, object?>("state", kv.Key)));
+
+    IEnumerable<Measurement<long>> ObserveGenerations() =>
+        _generations.Select(kv => new Measurement<long>(kv.Value, new KeyValuePair<string, object?>("training_job", kv.Key)));
+
+    IEnumerable<Measurement<double>> ObserveHeartbeats()
+    {
+        var now = _clock.GetUtcNow();
+        return _heartbeats.Select(kv => new Measurement<double>(Math.Max(0, (now - kv.Value).TotalSeconds), new KeyValuePair<string, object?>("worker", kv.Key)));
+    }
 }

@@ -10,6 +10,10 @@ public static class StandaloneCommands
 {
     public const string Usage = """
         usage:
+          gpu-worker [join]
+              Cluster mode: connects to the Coordinator named by services__coordinator__grpc__0 (with
+              services__data-shards__grpc__0, services__checkpoints__grpc__0 and Cluster__Token) and trains
+              what it is assigned. The default when those variables are set.
           gpu-worker train [--preset tiny|small|deepseek-v2-lite|deepseek-v3] [--config config.json]
                            [--data FILE_OR_DIR ...] [--tokenizer tokenizer.json] [--vocab-size N]
                            [--out DIR] [--steps N] [--seq-len N] [--global-batch N] [--micro-batch N]

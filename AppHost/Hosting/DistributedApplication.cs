@@ -18,6 +18,9 @@ public sealed class DistributedApplicationBuilder(string repositoryRoot, string 
         r.Environment["OTEL_SERVICE_NAME"] = name;
         r.Environment["DOTNET_ENVIRONMENT"] = "Development";
         r.Environment["ASPNETCORE_ENVIRONMENT"] = "Development";
+        // Request-by-request logs drown the progress a person follows; warnings and errors still show.
+        r.Environment["Logging__LogLevel__Microsoft.AspNetCore"] = "Warning";
+        r.Environment["Logging__LogLevel__Microsoft.Hosting.Lifetime"] = "Warning";
         Resources.Add(r);
         return r;
     }
@@ -42,6 +45,9 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
 
     /// <summary>Raised when a child exits while the application is not stopping: (instance, exit code).</summary>
     public event Action<string, int>? ChildExited;
+
+    /// <summary>Raised for every line a child writes: (instance, line).</summary>
+    public event Action<string, string>? LineReceived;
 
     public async Task StartAsync(CancellationToken ct)
     {
@@ -76,7 +82,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
                 psi.Environment[$"Kestrel__Endpoints__{e.Name}__Protocols"] = e.Http2Only ? "Http2" : "Http1";
             }
         var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
-        p.OutputDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: false); };
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) { Log.Child(instance, e.Data, error: false); LineReceived?.Invoke(instance, e.Data); } };
         p.ErrorDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: true); };
         p.Exited += (_, _) =>
         {

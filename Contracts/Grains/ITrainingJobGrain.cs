@@ -26,6 +26,15 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>One rank's checkpoint file is uploaded; returns true when this completes the step's checkpoint. Fenced like steps.</summary>
     Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report);
 
+    /// <summary>The step's record once every rank reported (rank 0's report carries the manifest); null if it is not complete.</summary>
+    Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step);
+
+    /// <summary>The CheckpointStore committed the step: it is listed in the status and a re-formation resumes from the newest.</summary>
+    Task CheckpointCommittedAsync(CommittedCheckpoint checkpoint);
+
+    /// <summary>The step stays uncommitted (the store refused it, or none is configured); the reason becomes a job event.</summary>
+    Task CheckpointNotCommittedAsync(long generation, long step, string reason);
+
     /// <summary>A rank hit an error it cannot recover from; the job fails with that reason. Fenced like steps.</summary>
     Task FailAsync(long generation, string reason);
 }

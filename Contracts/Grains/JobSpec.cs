@@ -56,6 +56,7 @@ public sealed record JobSpec
         {
             if (dp < 0) Problem("parallel.dp", $"{dp} must be 0 (as many as the workers allow) or positive");
             if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
+            else if (pp > 1) Problem("parallel.pp", $"{pp}: pipeline stages are not implemented by the trainer yet (checkpoints already reshard across pp); use 1");
         }
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
         if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
@@ -120,7 +121,8 @@ public sealed record ParallelPlan
 [GenerateSerializer, Immutable]
 public sealed record LrSchedule
 {
-    public static readonly string[] Kinds = ["cosine", "linear", "constant"];
+    /// <summary>The trainer's schedules (Training's LrSchedule.Parse): warmup + cosine, warmup-stable-decay, constant.</summary>
+    public static readonly string[] Kinds = ["cosine", "wsd", "constant"];
 
     [Id(0)] public string Kind { get; init; } = "cosine";
     [Id(1)] public double PeakLr { get; init; } = 3e-4;

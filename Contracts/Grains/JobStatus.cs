@@ -15,6 +15,8 @@ public sealed record JobStatus
     [Id(8)] public JobEvent[] Events { get; init; } = [];
     [Id(9)] public string? Error { get; init; }
     [Id(10)] public DateTimeOffset? SubmittedAt { get; init; }
+    /// <summary>Steps the CheckpointStore committed (oldest first); a re-formation resumes from the newest.</summary>
+    [Id(11)] public CommittedCheckpoint[] Committed { get; init; } = [];
 }
 
 [GenerateSerializer, Immutable]
@@ -24,7 +26,10 @@ public sealed record LossPoint([property: Id(0)] long Step, [property: Id(1)] do
 [GenerateSerializer, Immutable]
 public sealed record JobWorker([property: Id(0)] int Rank, [property: Id(1)] string WorkerId, [property: Id(2)] string Endpoint);
 
-/// <summary>A checkpoint step: the rank files reported so far; Complete once every rank of the generation reported.</summary>
+/// <summary>
+/// A checkpoint step: the rank files reported so far; Complete once every rank of the generation reported. Reported is not
+/// committed: see <see cref="JobStatus.Committed"/>.
+/// </summary>
 [GenerateSerializer, Immutable]
 public sealed record CheckpointRecord
 {
@@ -34,6 +39,11 @@ public sealed record CheckpointRecord
     [Id(3)] public CheckpointReport[] Files { get; init; } = [];
     [Id(4)] public bool Complete { get; init; }
 }
+
+/// <summary>A checkpoint that exists: its manifest is written in the CheckpointStore.</summary>
+[GenerateSerializer, Immutable]
+public sealed record CommittedCheckpoint(
+    [property: Id(0)] long Step, [property: Id(1)] long Generation, [property: Id(2)] int Files, [property: Id(3)] long Bytes);
 
 [GenerateSerializer, Immutable]
 public sealed record JobEvent([property: Id(0)] DateTimeOffset At, [property: Id(1)] long Generation, [property: Id(2)] string Message);

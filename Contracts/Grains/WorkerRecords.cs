@@ -77,6 +77,8 @@ public sealed record CheckpointReport
     [Id(2)] public string File { get; init; } = "";
     [Id(3)] public long SizeBytes { get; init; }
     [Id(4)] public string Sha256 { get; init; } = "";
+    /// <summary>Rank 0 only: the step's manifest JSON, which the Coordinator commits once every rank reported.</summary>
+    [Id(5)] public string ManifestJson { get; init; } = "";
 }
 
 public enum ControlCommandKind { CheckpointNow, Rescale, Stop }

@@ -4,6 +4,7 @@ using System.Text.Json;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Api;
+using DeepSeekCluster.Coordinator.Checkpoints;
 using Grpc.Core;
 using CheckpointReport = DeepSeekCluster.Contracts.Grains.CheckpointReport;
 using StepReport = DeepSeekCluster.Contracts.Grains.StepReport;
@@ -14,6 +15,7 @@ public sealed class ClusterControlService(
     IGrainFactory grains,
     ClusterToken token,
     JobSubmission jobs,
+    CheckpointCommitter commits,
     CoordinatorMetrics metrics,
     ILogger<ClusterControlService> logger) : ClusterControl.ClusterControlBase
 {
@@ -99,12 +101,16 @@ public sealed class ClusterControlService(
                     Rank = s.Rank, Step = s.Step, Loss = s.Loss, TokensPerSecond = s.TokensPerSecond, LearningRate = s.LearningRate,
                 }));
                 break;
-            case WorkerMessage.KindOneofCase.Checkpoint when connection.Current is { } a:
+            case WorkerMessage.KindOneofCase.Checkpoint when (connection.Current ?? connection.Last) is { } a:
                 var c = message.Checkpoint;
-                await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
+                await Fenced(connection, async () =>
                 {
-                    Rank = c.Rank, Step = c.Step, File = c.File, SizeBytes = c.SizeBytes, Sha256 = c.Sha256,
-                }));
+                    bool complete = await grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
+                    {
+                        Rank = c.Rank, Step = c.Step, File = c.File, SizeBytes = c.SizeBytes, Sha256 = c.Sha256, ManifestJson = c.ManifestJson,
+                    });
+                    if (complete) commits.Enqueue(a.JobId, c.Generation, c.Step);
+                });
                 break;
             case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));

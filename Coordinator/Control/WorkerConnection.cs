@@ -15,9 +15,16 @@ public sealed class WorkerConnection : IWorkerControlObserver
     /// <summary>The latest assignment pushed down; step and checkpoint reports go to its job.</summary>
     public GrainAssignment? Current { get; private set; }
 
+    /// <summary>
+    /// The last assignment, kept after a Stop: the final checkpoint of a completed job is uploaded and reported after
+    /// the last step report (which completes the job), and its job grain still accepts it for that generation.
+    /// </summary>
+    public GrainAssignment? Last { get; private set; }
+
     public Task AssignedAsync(GrainAssignment a)
     {
         Current = a;
+        Last = a;
         var message = new Contracts.Control.Assignment
         {
             JobId = a.JobId, Generation = a.Generation, Rank = a.Rank, World = a.World,

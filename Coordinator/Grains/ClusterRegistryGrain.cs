@@ -24,9 +24,27 @@ public sealed class RegisteredWorker
 }
 
 public sealed class ClusterRegistryGrain(
-    [PersistentState("registry")] IPersistentState<ClusterRegistryGrainState> registry) : Grain, IClusterRegistryGrain
+    [PersistentState("registry")] IPersistentState<ClusterRegistryGrainState> registry,
+    CoordinatorMetrics metrics) : Grain, IClusterRegistryGrain
 {
     ClusterRegistryGrainState S => registry.State;
+
+    public override Task OnActivateAsync(CancellationToken cancellationToken)
+    {
+        CountWorkers();
+        return Task.CompletedTask;
+    }
+
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        metrics.Workers(null); // the next activation, maybe on another silo, reports them
+        return Task.CompletedTask;
+    }
+
+    /// <summary>The snapshot behind the deepseek.cluster.workers gauge; called after every change of a worker's state.</summary>
+    void CountWorkers() => metrics.Workers(S.Workers.Values
+        .GroupBy(w => !w.Online ? "offline" : w.JobId is null ? "free" : "assigned")
+        .ToDictionary(g => g.Key, g => (long)g.Count()));
 
     public async Task AddJobAsync(string jobId)
     {
@@ -51,6 +69,7 @@ public sealed class ClusterRegistryGrain(
         w.Online = true;
         w.Since = ++S.Sequence;
         await registry.WriteStateAsync();
+        CountWorkers();
         if (w.JobId is null) await TellWaitingAsync(capabilities.WorkerId, includeGrowing: true, except: null);
     }
 
@@ -59,6 +78,7 @@ public sealed class ClusterRegistryGrain(
         if (!S.Workers.TryGetValue(workerId, out var w) || !w.Online) return;
         w.Online = false;
         await registry.WriteStateAsync();
+        CountWorkers();
     }
 
     public Task<string[]> ListWorkersAsync() => Task.FromResult(S.Workers.Keys.Order(StringComparer.Ordinal).ToArray());
@@ -69,6 +89,7 @@ public sealed class ClusterRegistryGrain(
             .OrderBy(w => w.Since).Take(Math.Max(0, max)).ToList();
         foreach (var w in free) w.JobId = jobId;
         if (free.Count > 0) await registry.WriteStateAsync();
+        CountWorkers();
         return [.. free.Select(w => w.Capabilities!)];
     }
 
@@ -78,6 +99,7 @@ public sealed class ClusterRegistryGrain(
         if (released.Count == 0) return;
         foreach (var (_, w) in released) w.JobId = null;
         await registry.WriteStateAsync();
+        CountWorkers();
         // Only jobs that cannot run at all hear of released workers; see JobWait.
         foreach (var (id, w) in released)
             if (w.Online) await TellWaitingAsync(id, includeGrowing: false, except: jobId);

@@ -68,6 +68,7 @@ public sealed class GpuWorkerGrain(
             throw new StaleGenerationException(S.Assignment?.JobId ?? "", generation, expected);
         }
         _lastHeartbeat = clock.GetUtcNow();
+        metrics.Heartbeat(WorkerId, _lastHeartbeat);
         _metrics = metrics1;
         return Task.CompletedTask;
     }
@@ -119,15 +120,23 @@ public sealed class GpuWorkerGrain(
         _observer = null;
         _watch?.Dispose();
         _watch = null;
+        metrics.WorkerGone(WorkerId);
         await worker.WriteStateAsync();
         logger.LogWarning("Worker {Worker} went offline: {Reason}", WorkerId, reason);
         await Registry.WorkerOfflineAsync(WorkerId);
         if (left is not null) await GrainFactory.GetGrain<ITrainingJobGrain>(left.JobId).WorkerLeftAsync(WorkerId, reason);
     }
 
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        metrics.WorkerGone(WorkerId);
+        return Task.CompletedTask;
+    }
+
     void StartWatch()
     {
         _lastHeartbeat = clock.GetUtcNow();
+        metrics.Heartbeat(WorkerId, _lastHeartbeat);
         if (_watch is not null) return;
         var timeout = options.Value.HeartbeatTimeout;
         var period = TimeSpan.FromTicks(Math.Max(timeout.Ticks / 4, TimeSpan.FromMilliseconds(50).Ticks));

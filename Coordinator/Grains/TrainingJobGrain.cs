@@ -22,6 +22,8 @@ public sealed class TrainingJobGrainState
     [Id(8)] public List<JobEvent> Events { get; set; } = [];
     [Id(9)] public string? Error { get; set; }
     [Id(10)] public DateTimeOffset? SubmittedAt { get; set; }
+    /// <summary>Steps the CheckpointStore committed, oldest first.</summary>
+    [Id(11)] public List<CommittedCheckpoint> Committed { get; set; } = [];
 }
 
 public sealed class TrainingJobGrain(
@@ -57,6 +59,12 @@ public sealed class TrainingJobGrain(
         return Status();
     }
 
+    public override Task OnActivateAsync(CancellationToken cancellationToken)
+    {
+        if (S.Spec is not null && !S.State.IsTerminal()) metrics.JobGeneration(JobId, S.Generation);
+        return Task.CompletedTask;
+    }
+
     public Task<JobStatus> GetStatusAsync() => Task.FromResult(Status());
 
     public async Task<JobStatus> StopAsync()
@@ -86,6 +94,7 @@ public sealed class TrainingJobGrain(
 
         S.Workers.RemoveAll(w => w.WorkerId == workerId);
         S.State = JobState.Rescaling;
+        metrics.Rescaled("worker_left");
         Event($"worker {workerId} left ({reason}): rescaling");
         await job.WriteStateAsync();
         // The survivors stop at the step boundary; the next Assignment (new generation) tells them how to go on.
@@ -110,7 +119,8 @@ public sealed class TrainingJobGrain(
 
     public async Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report)
     {
-        Fence(generation, "checkpoint");
+        // The last step's checkpoint may arrive after the step report that completed the job.
+        Fence(generation, "checkpoint", acceptedWhenCompleted: true);
         int i = S.Checkpoints.FindIndex(c => c.Step == report.Step && c.Generation == generation);
         var record = i >= 0 ? S.Checkpoints[i] : new CheckpointRecord { Step = report.Step, Generation = generation, World = S.Workers.Count };
         var files = record.Files.Where(f => f.Rank != report.Rank).Append(report).OrderBy(f => f.Rank).ToArray();
@@ -120,6 +130,35 @@ public sealed class TrainingJobGrain(
         if (complete && !wasComplete) Event($"checkpoint at step {report.Step}: all {record.World} ranks reported");
         await job.WriteStateAsync();
         return complete;
+    }
+
+    public Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step) =>
+        Task.FromResult(S.Checkpoints.Find(c => c.Step == step && c.Generation == generation && c.Complete));
+
+    public async Task CheckpointCommittedAsync(CommittedCheckpoint checkpoint)
+    {
+        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
+        if (S.Committed.Any(c => c.Step == checkpoint.Step)) return; // a retried commit
+        S.Committed.Add(checkpoint);
+        S.Committed.Sort((a, b) => a.Step.CompareTo(b.Step));
+        ForgetManifest(checkpoint.Generation, checkpoint.Step);
+        Event($"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes");
+        await job.WriteStateAsync();
+    }
+
+    public async Task CheckpointNotCommittedAsync(long generation, long step, string reason)
+    {
+        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
+        ForgetManifest(generation, step);
+        Event($"checkpoint at step {step} (generation {generation}) not committed: {reason}");
+        await job.WriteStateAsync();
+    }
+
+    /// <summary>The manifest is needed only until the commit is decided; it can be megabytes for a large model.</summary>
+    void ForgetManifest(long generation, long step)
+    {
+        int i = S.Checkpoints.FindIndex(c => c.Step == step && c.Generation == generation);
+        if (i >= 0) S.Checkpoints[i] = S.Checkpoints[i] with { Files = [.. S.Checkpoints[i].Files.Select(f => f with { ManifestJson = "" })] };
     }
 
     public async Task FailAsync(long generation, string reason)
@@ -163,6 +202,7 @@ public sealed class TrainingJobGrain(
         if (running)
         {
             S.State = JobState.Rescaling;
+            metrics.Rescaled("grow");
             Event($"growing to {world} workers");
         }
         S.Generation++;
@@ -172,10 +212,12 @@ public sealed class TrainingJobGrain(
         await ReleaseExtrasAsync();
         await job.WriteStateAsync();
         metrics.Formed(rescale);
+        metrics.JobGeneration(JobId, S.Generation);
         await Registry.SetWaitingAsync(JobId, world < spec.MaxWorkers ? JobWait.ToGrow : JobWait.None);
 
         string specJson = JsonSerializer.Serialize(spec, CoordinatorJson.Options);
-        long resume = S.Checkpoints.Where(c => c.Complete).Select(c => c.Step).DefaultIfEmpty(0).Max();
+        // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
+        long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
         int perReplica = spec.GlobalBatch / dp.Value;
         await Task.WhenAll(S.Workers.Select(w => AssignAsync(w.WorkerId, new Assignment
         {
@@ -211,6 +253,7 @@ public sealed class TrainingJobGrain(
         if (final == JobState.Failed) S.Error = why;
         Event(why);
         S.Pool.Clear();
+        metrics.JobFinished(JobId);
         await job.WriteStateAsync();
         await Registry.SetWaitingAsync(JobId, JobWait.None);
         var stop = new ControlCommand { Kind = ControlCommandKind.Stop, JobId = JobId, Generation = S.Generation, Step = S.Step, Reason = why };
@@ -220,7 +263,7 @@ public sealed class TrainingJobGrain(
 
     // ---- Helpers ----
 
-    void Fence(long generation, string what)
+    void Fence(long generation, string what, bool acceptedWhenCompleted = false)
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
         if (generation != S.Generation)
@@ -229,7 +272,7 @@ public sealed class TrainingJobGrain(
             logger.LogWarning("Job {Job}: refused a {What} report from generation {Reported} (current {Current})", JobId, what, generation, S.Generation);
             throw new StaleGenerationException(JobId, generation, S.Generation);
         }
-        if (S.State.IsTerminal()) throw new InvalidOperationException($"job '{JobId}' is {S.State}; no more reports are accepted");
+        if (S.State.IsTerminal() && !(acceptedWhenCompleted && S.State == JobState.Completed)) throw new InvalidOperationException($"job '{JobId}' is {S.State}; no more reports are accepted");
     }
 
     async Task AssignAsync(string workerId, Assignment assignment)
@@ -260,7 +303,8 @@ public sealed class TrainingJobGrain(
         Spec = S.Spec,
         Loss = [.. S.Loss],
         Workers = [.. S.Workers],
-        Checkpoints = [.. S.Checkpoints],
+        Checkpoints = [.. S.Checkpoints.Select(c => c with { Files = [.. c.Files.Select(f => f with { ManifestJson = "" })] })],
+        Committed = [.. S.Committed],
         Events = [.. S.Events],
         Error = S.Error,
         SubmittedAt = S.SubmittedAt,

@@ -12,12 +12,14 @@ public sealed class RemoteSampleSource : ISampleSource
     readonly string dataset;
     readonly ulong seed;
     readonly int epochs;
+    readonly string split;
 
     public int SeqLen { get; }
     public long SampleCount { get; }
 
-    public RemoteSampleSource(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long sampleCount, int epochs)
+    public RemoteSampleSource(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long sampleCount, int epochs, string split = "train")
     {
+        this.split = split;
         this.client = client;
         this.dataset = dataset;
         this.seed = seed;
@@ -27,21 +29,23 @@ public sealed class RemoteSampleSource : ISampleSource
     }
 
     /// <summary>Connects to the dataset and checks it fits the job (sequence length).</summary>
-    public static async Task<RemoteSampleSource> OpenAsync(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples, CancellationToken ct)
+    public static async Task<RemoteSampleSource> OpenAsync(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
+                                                           CancellationToken ct, string split = "train")
     {
         var m = await client.GetManifestAsync(new GetManifestRequest { DatasetId = dataset }, cancellationToken: ct);
         if (m.SeqLen != seqLen)
             throw new InvalidDataException($"dataset {dataset} was packed with seq_len {m.SeqLen}, the job trains with {seqLen}");
-        if (m.TrainSamples == 0) throw new InvalidDataException($"dataset {dataset} has no training samples");
-        int epochs = (int)Math.Max(1, (totalSamples + m.TrainSamples - 1) / m.TrainSamples);
-        return new RemoteSampleSource(client, dataset, seed, seqLen, m.TrainSamples, epochs);
+        long samples = split == "validation" ? m.ValidationSamples : m.TrainSamples;
+        if (samples == 0) throw new InvalidDataException($"dataset {dataset} has no {split} samples");
+        int epochs = (int)Math.Max(1, (totalSamples + samples - 1) / samples);
+        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split);
     }
 
     public Tensor Fetch(long globalStart, int count)
     {
         var tokens = new long[count * (SeqLen + 1)];
         int row = 0;
-        using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = "train", Seed = seed, Start = globalStart, Count = count, Epochs = epochs });
+        using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = split, Seed = seed, Start = globalStart, Count = count, Epochs = epochs });
         var stream = call.ResponseStream;
         while (stream.MoveNext(CancellationToken.None).GetAwaiter().GetResult())
         {

@@ -175,6 +175,25 @@ public sealed class Trainer : IDisposable
         return sum / batches;
     }
 
+    /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global indices from 0).</summary>
+    public double EvaluateOn(ISampleSource source, int batches)
+    {
+        Model.eval();
+        using var noGrad = no_grad();
+        double sum = 0;
+        int done = 0;
+        for (int b = 0; b < batches && (long)(b + 1) * Options.MicroBatch <= source.SampleCount; b++)
+        {
+            using var scope = NewDisposeScope();
+            var batch = source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device);
+            var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
+            sum += CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)).item<float>();
+            done++;
+        }
+        Model.train();
+        return done == 0 ? double.NaN : sum / done;
+    }
+
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
     public void ResumeAt(long step, long optimizerSteps)
     {

@@ -31,7 +31,8 @@ public sealed class CoordinatorHost : IAsyncDisposable
 
     public ClusterControl.ClusterControlClient Control { get; }
 
-    public static async Task<CoordinatorHost> StartAsync()
+    /// <param name="extra">More settings, e.g. services:checkpoints:grpc:0.</param>
+    public static async Task<CoordinatorHost> StartAsync(IDictionary<string, string?>? extra = null)
     {
         int httpPort = RedisServer.FreePort(), grpcPort = RedisServer.FreePort();
         var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
@@ -48,6 +49,7 @@ public sealed class CoordinatorHost : IAsyncDisposable
             ["Orleans:GatewayPort"] = RedisServer.FreePort().ToString(),
         };
         builder.Configuration.AddInMemoryCollection(settings);
+        if (extra is not null) builder.Configuration.AddInMemoryCollection(extra);
         builder.Logging.ClearProviders();
         builder.AddBasicServiceDefaults();
         builder.AddCoordinator();

@@ -1,0 +1,53 @@
+// The worker's cluster settings, from the same environment keys an Aspire AppHost or the k8s ConfigMap sets.
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+public sealed record WorkerSettings
+{
+    public required Uri Coordinator { get; init; }
+    public required Uri DataShards { get; init; }
+    public required Uri Checkpoints { get; init; }
+    public required string Token { get; init; }
+    public required string WorkerId { get; init; }
+    /// <summary>Address peers use to reach this worker's collectives (the pod IP in Kubernetes).</summary>
+    public string CollectiveHost { get; init; } = "127.0.0.1";
+    public int CollectivePort { get; init; }
+    public string Device { get; init; } = "auto";
+    /// <summary>Where rank 0 writes the final Hugging Face folder and where rank files are staged before upload.</summary>
+    public string OutputDir { get; init; } = "runs/cluster";
+    public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
+
+    /// <summary>True when the environment names a coordinator: the process was started as part of a cluster.</summary>
+    public static bool Configured => Environment.GetEnvironmentVariable("services__coordinator__grpc__0") is not null;
+
+    public static WorkerSettings FromEnvironment()
+    {
+        var problems = new List<string>();
+        Uri Service(string name)
+        {
+            var key = $"services__{name}__grpc__0";
+            var value = Environment.GetEnvironmentVariable(key);
+            if (string.IsNullOrWhiteSpace(value)) { problems.Add($"{key} is not set (the {name} service's gRPC address)"); return new Uri("http://invalid"); }
+            if (!Uri.TryCreate(value, UriKind.Absolute, out var uri)) { problems.Add($"{key}='{value}' is not an absolute URI"); return new Uri("http://invalid"); }
+            return uri;
+        }
+        var coordinator = Service("coordinator");
+        var data = Service("data-shards");
+        var checkpoints = Service("checkpoints");
+        var token = Environment.GetEnvironmentVariable("Cluster__Token");
+        if (string.IsNullOrWhiteSpace(token)) problems.Add("Cluster__Token is not set (the cluster token; the AppHost sets it, Kubernetes takes it from a Secret)");
+        int port = 0;
+        if (Environment.GetEnvironmentVariable("Worker__CollectivePort") is { } p && !int.TryParse(p, out port))
+            problems.Add($"Worker__CollectivePort='{p}' is not a port number");
+        if (problems.Count > 0) throw new ArgumentException("cluster mode: " + string.Join("; ", problems));
+        var id = Environment.GetEnvironmentVariable("Worker__Id") ?? Environment.GetEnvironmentVariable("DEEPSEEK_INSTANCE")
+                 ?? $"{Environment.MachineName}-{Environment.ProcessId}";
+        return new WorkerSettings
+        {
+            Coordinator = coordinator, DataShards = data, Checkpoints = checkpoints, Token = token!, WorkerId = id,
+            CollectiveHost = Environment.GetEnvironmentVariable("Worker__CollectiveHost") ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
+            CollectivePort = port,
+            Device = Environment.GetEnvironmentVariable("Worker__Device") ?? "auto",
+            OutputDir = Environment.GetEnvironmentVariable("Worker__OutputDir") ?? Path.Combine("runs", "cluster"),
+        };
+    }
+}

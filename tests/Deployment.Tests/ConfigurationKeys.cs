@@ -1,0 +1,147 @@
+// Which configuration keys each service reads (scanned from its C# sources), and which of them Kubernetes must set.
+using System.Text.RegularExpressions;
+
+namespace DeepSeekCluster.Deployment.Tests;
+
+public static partial class ConfigurationKeys
+{
+    /// <summary>Kubernetes workload → the project folder whose sources it runs.</summary>
+    public static readonly IReadOnlyDictionary<string, string> ProjectOf = new Dictionary<string, string>
+    {
+        ["coordinator"] = "Coordinator",
+        ["gpu-worker"] = "GpuWorker",
+        ["data-shards"] = "DataShardService",
+        ["checkpoints"] = "CheckpointStore",
+    };
+
+    static readonly string[] HttpEndpoint = ["Kestrel:Endpoints:http:Url", "Kestrel:Endpoints:http:Protocols"];
+    static readonly string[] GrpcEndpoint = ["Kestrel:Endpoints:grpc:Url", "Kestrel:Endpoints:grpc:Protocols"];
+
+    /// <summary>
+    /// Keys Kubernetes must set for each workload: without them the process would fall back to a loopback or
+    /// local-folder default that is wrong in a pod (a relative folder under the read-only /app, localhost clustering,
+    /// a generated token no worker knows). Kestrel's and the services__ keys are read by the framework, not our code.
+    /// </summary>
+    public static readonly IReadOnlyDictionary<string, string[]> Required = new Dictionary<string, string[]>
+    {
+        ["coordinator"] = ["ConnectionStrings:orleans-redis", "services:checkpoints:grpc:0", "Cluster:Token", "Coordinator:StateFolder", "Orleans:ClusterId", "Orleans:ServiceId", .. HttpEndpoint, .. GrpcEndpoint],
+        ["data-shards"] = ["DataShards:Root", "DataShards:WorkDir", "DataShards:CacheDir", "DataShards:Container", .. HttpEndpoint, .. GrpcEndpoint],
+        ["checkpoints"] = ["Storage:Folder", "Storage:Container", .. HttpEndpoint, .. GrpcEndpoint],
+        // The worker reads environment variables directly (GpuWorker/Cluster/WorkerSettings.cs); its services__ keys are
+        // built from the service name, so the scan cannot see them and they are listed here.
+        ["gpu-worker"] = ["services:coordinator:grpc:0", "services:data-shards:grpc:0", "services:checkpoints:grpc:0", "Cluster:Token",
+                          "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:OutputDir", .. HttpEndpoint],
+    };
+
+    /// <summary>Required in the deployable overlays only (the base runs on folders).</summary>
+    public static readonly IReadOnlyDictionary<string, string[]> RequiredInOverlays = new Dictionary<string, string[]>
+    {
+        ["data-shards"] = ["ConnectionStrings:blobs"],
+        ["checkpoints"] = ["ConnectionStrings:blobs"],
+    };
+
+    /// <summary>Keys the code reads whose defaults are right in a pod, or that Kubernetes must not set.</summary>
+    public static readonly IReadOnlyDictionary<string, string[]> DefaultIsRight = new Dictionary<string, string[]>
+    {
+        ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
+        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
+        ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */],
+        ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
+        // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device"],
+    };
+
+    /// <summary>Folder keys: each must point into a volume the container mounts (the root filesystem is read-only).</summary>
+    public static readonly string[] FolderKeys = ["Coordinator:StateFolder", "DataShards:Root", "DataShards:WorkDir", "DataShards:CacheDir", "Storage:Folder", "Worker:OutputDir"];
+
+    /// <summary>Every configuration key the sources of a project folder read (ServiceDefaults' included), A:B form.</summary>
+    public static IReadOnlySet<string> ReadBy(string projectFolder)
+    {
+        var constants = Constants();
+        var keys = new HashSet<string>(StringComparer.OrdinalIgnoreCase);
+        foreach (var file in Repository.SourcesOf(projectFolder).Concat(Repository.SourcesOf("ServiceDefaults")))
+        {
+            string code = File.ReadAllText(file);
+            foreach (Match m in ConnectionString().Matches(code))
+                keys.Add("ConnectionStrings:" + Resolve(m.Groups[1].Value, constants, file));
+            foreach (Match m in Indexer().Matches(code))
+                keys.Add(Resolve(m.Groups[1].Value, constants, file));
+            foreach (Match m in GetValue().Matches(code))
+                keys.Add(Resolve(m.Groups[1].Value, constants, file));
+            // Environment variables read directly, by literal name (A__B is the configuration key A:B).
+            foreach (Match m in EnvironmentVariable().Matches(code))
+                keys.Add(m.Groups[1].Value.Replace("__", ":"));
+            foreach (Match m in Bind().Matches(code))
+            {
+                string type = m.Groups[1].Value;
+                string section = constants.TryGetValue($"{type}.Section", out var s) ? s
+                    : throw new InvalidOperationException($"{file}: BindConfiguration({type}.Section) but no const Section in class {type}");
+                foreach (var property in SettableProperties(type)) keys.Add($"{section}:{property}");
+            }
+        }
+        return keys;
+    }
+
+    static string Resolve(string expression, IReadOnlyDictionary<string, string> constants, string file)
+    {
+        expression = expression.Trim();
+        if (expression.StartsWith("$\"", StringComparison.Ordinal))
+            return Interpolation().Replace(expression[2..^1], h => constants.TryGetValue(h.Groups[1].Value, out var v) ? v : Unresolved(h.Value));
+        if (expression.StartsWith('"')) return expression[1..^1];
+        if (constants.TryGetValue(expression, out var value)) return value;
+        string last = expression.Split('.')[^1];
+        var byName = constants.Where(kv => kv.Key.EndsWith("." + last, StringComparison.Ordinal)).Select(kv => kv.Value).Distinct().ToList();
+        return byName.Count == 1 ? byName[0] : Unresolved(expression);
+
+        string Unresolved(string e) => throw new InvalidOperationException($"{file}: cannot resolve the configuration key expression {e}");
+    }
+
+    /// <summary>"Class.Name" → value of every `const string Name = "..."` in the repository's service sources.</summary>
+    static Dictionary<string, string> Constants()
+    {
+        var map = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var folder in ProjectOf.Values.Append("Contracts").Append("ServiceDefaults"))
+            foreach (var file in Repository.SourcesOf(folder))
+            {
+                string code = File.ReadAllText(file);
+                foreach (Match c in ClassDeclaration().Matches(code))
+                {
+                    string body = code[c.Index..];
+                    int next = ClassDeclaration().Match(code, c.Index + c.Length) is { Success: true } n ? n.Index - c.Index : body.Length;
+                    foreach (Match k in Constant().Matches(body[..next]))
+                        map[$"{c.Groups[1].Value}.{k.Groups[1].Value}"] = k.Groups[2].Value.StartsWith('$') ? k.Groups[2].Value : k.Groups[2].Value[1..^1];
+                }
+            }
+        // Interpolated constants ($"services:{ServiceNames.Checkpoints}:grpc:0") take the values of the constants they name.
+        foreach (var key in map.Keys.Where(k => map[k].StartsWith("$\"", StringComparison.Ordinal)).ToList())
+            map[key] = Interpolation().Replace(map[key][2..^1], h =>
+                map.TryGetValue(h.Groups[1].Value, out var v) ? v
+                : throw new InvalidOperationException($"constant {key}: cannot resolve {h.Value}"));
+        return map;
+    }
+
+    static IEnumerable<string> SettableProperties(string type)
+    {
+        foreach (var folder in ProjectOf.Values)
+            foreach (var file in Repository.SourcesOf(folder))
+            {
+                string code = File.ReadAllText(file);
+                var c = Regex.Match(code, $@"\bclass\s+{Regex.Escape(type)}\b");
+                if (!c.Success) continue;
+                string body = code[c.Index..];
+                int next = ClassDeclaration().Match(body, 1) is { Success: true } n ? n.Index : body.Length;
+                return SettableProperty().Matches(body[..next]).Select(p => p.Groups[1].Value).ToList();
+            }
+        throw new InvalidOperationException($"no class {type} in the service sources");
+    }
+
+    [GeneratedRegex(@"GetConnectionString\(([^)]+)\)")] private static partial Regex ConnectionString();
+    [GeneratedRegex(@"\b(?:config|configuration|Configuration)\[([^\]]+)\]")] private static partial Regex Indexer();
+    [GeneratedRegex(@"\b(?:config|configuration|Configuration)\.GetValue(?:<[^>]+>)?\((""[^""]+""|\$""[^""]+"")")] private static partial Regex GetValue();
+    [GeneratedRegex(@"Environment\.GetEnvironmentVariable\(""([^""{}]+)""\)")] private static partial Regex EnvironmentVariable();
+    [GeneratedRegex(@"AddOptions<(\w+)>\(\)\s*\.BindConfiguration\(\w+\.Section\)")] private static partial Regex Bind();
+    [GeneratedRegex(@"\{([\w.]+)\}")] private static partial Regex Interpolation();
+    [GeneratedRegex(@"\b(?:class|record|struct)\s+(\w+)")] private static partial Regex ClassDeclaration();
+    [GeneratedRegex(@"const\s+string\s+(\w+)\s*=\s*(\$?""[^""]*"")")] private static partial Regex Constant();
+    [GeneratedRegex(@"public\s+[\w<>?,\[\] ]+?\s+(\w+)\s*\{\s*get;\s*set;")] private static partial Regex SettableProperty();
+}

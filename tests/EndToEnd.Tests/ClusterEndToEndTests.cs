@@ -1,0 +1,93 @@
+// The whole system as a user runs it: the AppHost starts every service and two workers as real processes,
+// a data-parallel job trains, loss falls, checkpoints commit, the job completes, and no process is left behind.
+using System.Diagnostics;
+using System.Reflection;
+using System.Text.RegularExpressions;
+
+namespace DeepSeekCluster.EndToEnd.Tests;
+
+public class ClusterEndToEndTests
+{
+    static readonly string AppHost = typeof(ClusterEndToEndTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
+
+    static (int code, string output) RunAppHost(string runDir, params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        psi.ArgumentList.Add(AppHost);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.ArgumentList.Add("--run-dir");
+        psi.ArgumentList.Add(runDir);
+        psi.ArgumentList.Add("--exit-when-done");
+        psi.Environment["NO_COLOR"] = "1";
+        using var p = Process.Start(psi)!;
+        p.StandardInput.Close(); // no console: no add/remove commands
+        var output = new System.Text.StringBuilder();
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        if (!p.WaitForExit(TimeSpan.FromMinutes(8)))
+        {
+            p.Kill(entireProcessTree: true);
+            throw new TimeoutException("the AppHost run did not finish within 8 minutes:\n" + output);
+        }
+        p.WaitForExit();
+        lock (output) return (p.ExitCode, output.ToString());
+    }
+
+    /// <summary>Processes whose command line mentions the run folder: the children the AppHost started.</summary>
+    static List<int> ProcessesMentioning(string text)
+    {
+        var found = new List<int>();
+        foreach (var dir in Directory.GetDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(dir), out int pid) || pid == Environment.ProcessId) continue;
+            try
+            {
+                var cmd = File.ReadAllText(Path.Combine(dir, "cmdline")).Replace('\0', ' ');
+                var env = File.ReadAllText(Path.Combine(dir, "environ")).Replace('\0', ' ');
+                if (cmd.Contains(text) || env.Contains(text)) found.Add(pid);
+            }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
+        return found;
+    }
+
+    [Fact]
+    public void TwoWorkersTrainTheDefaultJobToCompletionAndLeaveNoProcessBehind()
+    {
+        var runDir = Directory.CreateTempSubdirectory("e2e-").FullName;
+        try
+        {
+            var (code, output) = RunAppHost(runDir, "--workers", "2", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
+                                            "--global-batch", "16", "--micro-batch", "4", "--checkpoint-interval", "20");
+            Assert.True(code == 0, "the AppHost failed:\n" + output);
+            Assert.Contains("job", output);
+            Assert.Matches(@"job \S+ ended: Completed", output);
+            // Both workers took part in one data-parallel generation.
+            Assert.Matches(@"\[gpu-worker-0\].*rank \d of 2", output);
+            Assert.Matches(@"\[gpu-worker-1\].*rank \d of 2", output);
+            // The loss fell: the first and the last reported losses of rank 0.
+            var losses = Regex.Matches(output, @"\[gpu-worker-\d\] \[rank 0\] step (\d+)/40 \| loss ([0-9.]+)")
+                .Select(m => (step: int.Parse(m.Groups[1].Value), loss: double.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture))).ToList();
+            Assert.True(losses.Count >= 2, "rank 0 reported no progress:\n" + output);
+            Assert.True(losses[^1].loss < losses[0].loss - 0.5, $"loss went from {losses[0].loss} to {losses[^1].loss}");
+            // Checkpoints committed (steps 20 and 40), the model folder written, validation and a sample printed.
+            Assert.Matches(@"checkpoint of step 40 committed \(2 files", output);
+            Assert.Contains("validation loss", output);
+            Assert.Contains("sample: In the beginning", output);
+            Assert.Contains("model saved to", output);
+            // The run's fresh token never reaches the console.
+            var token = File.ReadAllText(Path.Combine(runDir, "cluster.token"));
+            Assert.Equal(64, token.Length);
+            Assert.DoesNotContain(token, output);
+            Assert.Empty(ProcessesMentioning(runDir));
+        }
+        finally
+        {
+            foreach (var pid in ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+            Directory.Delete(runDir, true);
+        }
+    }
+}
