@@ -61,7 +61,9 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
         {
             using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}", ct));
             var s = doc.RootElement;
-            var state = s.GetProperty("state").GetString() ?? "?";
+            // The REST API writes states camelCase ("running"); the AppHost reports them as the JobState names.
+            var raw = s.GetProperty("state").GetString() ?? "?";
+            var state = raw.Length > 0 ? char.ToUpperInvariant(raw[0]) + raw[1..] : raw;
             long step = s.GetProperty("step").GetInt64();
             if (step != lastStep || state != lastState)
             {

@@ -7,6 +7,11 @@ using DeepSeekCluster.AppHost.Hosting;
 
 var meta = typeof(AppHostOptions).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
 var root = meta["RepositoryRoot"];
+if (args.Contains("--help") || args.Contains("-h"))
+{
+    Console.WriteLine(AppHostOptions.Usage);
+    return 0;
+}
 AppHostOptions options;
 try { options = AppHostOptions.Parse(args, root); }
 catch (ArgumentException e)

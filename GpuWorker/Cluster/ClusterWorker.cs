@@ -96,8 +96,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log)
                         break;
                     case CoordinatorMessage.KindOneofCase.Stop:
                         Log($"stop from the coordinator (generation {message.Stop.Generation}): {message.Stop.Reason}");
-                        await StopRunAsync();
                         Progress.Generation = 0; // unassigned: heartbeats no longer speak for a generation
+                        await StopRunAsync();
                         break;
                     case CoordinatorMessage.KindOneofCase.Rescale:
                         Log($"rescale (generation {message.Rescale.Generation}): {message.Rescale.Reason}; waiting for the new assignment");

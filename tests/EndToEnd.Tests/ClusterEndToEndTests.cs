@@ -26,10 +26,10 @@ public class ClusterEndToEndTests
         p.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
-        if (!p.WaitForExit(TimeSpan.FromMinutes(8)))
+        if (!p.WaitForExit(TimeSpan.FromMinutes(12)))
         {
             p.Kill(entireProcessTree: true);
-            throw new TimeoutException("the AppHost run did not finish within 8 minutes:\n" + output);
+            throw new TimeoutException("the AppHost run did not finish within 12 minutes:\n" + output);
         }
         p.WaitForExit();
         lock (output) return (p.ExitCode, output.ToString());
