@@ -56,18 +56,20 @@ public sealed class GrpcCheckpointStoreTests : IAsyncLifetime
         var direct = new GrpcCheckpointStore(host.Client, host.Address, "resume", staging, Fast);
         var rank1 = ShardedCheckpointWriter.WriteRank(direct, plan, 1, 40, tensors);
 
-        // Rank 0 uploads through a proxy that resets the connection after 512 KiB went up.
-        using var proxy = new DroppingProxy(host.Port, dropAfterBytes: 512 * 1024);
+        // Rank 0 uploads through a proxy that resets the connection after 2 MiB went up: enough that the store has
+        // taken in some 64 KiB chunks before the reset even on a loaded machine.
+        const int dropAfter = 2 * 1024 * 1024;
+        using var proxy = new DroppingProxy(host.Port, dropAfterBytes: dropAfter);
         using var channel = GrpcChannel.ForAddress($"http://127.0.0.1:{proxy.Port}");
         var log = new ListLogger();
         var flaky = new GrpcCheckpointStore(new Store.CheckpointStoreClient(channel), $"http://127.0.0.1:{proxy.Port}", "resume", staging, Fast, log);
         var rank0 = ShardedCheckpointWriter.WriteRank(flaky, plan, 0, 40, tensors);
 
         Assert.True(proxy.Dropped);
-        Assert.True(rank0.Size > 2 * 512 * 1024, $"rank 0's file ({rank0.Size} bytes) must be much larger than the bytes sent before the drop");
+        Assert.True(rank0.Size > 2 * dropAfter, $"rank 0's file ({rank0.Size} bytes) must be much larger than the bytes sent before the drop");
         var resumed = Assert.Single(log.Messages, m => m.StartsWith("Resuming the upload of rank-0.safetensors", StringComparison.Ordinal));
         long offset = long.Parse(resumed.Split(" at byte ")[1].Split(' ')[0]);
-        Assert.InRange(offset, 1, 512 * 1024);
+        Assert.InRange(offset, 1, dropAfter);
 
         await direct.CommitAsync(ShardedCheckpointWriter.Manifest("resume", plan, Position, [rank0, rank1], null, null));
         using var loaded = new TrainedState(4, fill: false);
