@@ -2,7 +2,7 @@
 using System.Diagnostics;
 using System.Text;
 
-namespace DeepSeekCluster.DataShardService.Tests.Infrastructure;
+namespace DeepSeekCluster.Tests.Shared;
 
 public sealed class AzuriteServer : IAsyncDisposable
 {
@@ -28,7 +28,7 @@ public sealed class AzuriteServer : IAsyncDisposable
     public static async Task<AzuriteServer> StartAsync()
     {
         string executable = FindOnPath("azurite-blob") ?? throw new InvalidOperationException(
-            "azurite-blob is not on PATH. The DataShardService tests run against real Azurite: install it with `npm install -g azurite` (Node.js 18+).");
+            "azurite-blob is not on PATH. These tests run against real Azurite: install it with `npm install -g azurite` (Node.js 18+).");
         int port = FreePort.Next();
         var start = new ProcessStartInfo(executable)
         {

@@ -2,7 +2,7 @@
 using System.Net;
 using System.Net.Sockets;
 
-namespace DeepSeekCluster.DataShardService.Tests.Infrastructure;
+namespace DeepSeekCluster.Tests.Shared;
 
 internal static class FreePort
 {
