@@ -69,6 +69,7 @@ var worker = builder.AddProject("gpu-worker", "GpuWorker", "gpu-worker")
     .WaitFor(coordinator).WaitFor(dataShards)
     .WithEnvironment("Cluster__Token", token)
     .WithEnvironment("Worker__OutputDir", Path.Combine(options.RunDir, "workers"))
+    .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0") // each replica's /metrics on a port of its own
     .WithReplicas(options.Workers);
 
 // ---- Run ----

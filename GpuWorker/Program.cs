@@ -1,6 +1,8 @@
 // gpu-worker: one process per accelerator. Verbs: join (cluster mode, the default when a coordinator is configured),
 // train (standalone, no cluster) and generate (from a HF model folder).
 using System.Runtime.InteropServices;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.Extensions.Hosting;
 using DeepSeekCluster.GpuWorker;
 using DeepSeekCluster.GpuWorker.Cluster;
 
@@ -25,10 +27,24 @@ static async Task<int> Join()
 {
     var settings = WorkerSettings.FromEnvironment();
     using var stop = new CancellationTokenSource();
+    using var metrics = new TrainingMetrics();
+    // /health, /alive and /metrics when an http endpoint is configured (Kestrel__Endpoints__http__Url: the AppHost
+    // and the Kubernetes ConfigMap set it); /alive answers from this process alone, whatever the training does.
+    WebApplication? web = null;
+    if (Environment.GetEnvironmentVariable("Kestrel__Endpoints__http__Url") is not null)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.AddBasicServiceDefaults();
+        web = builder.Build();
+        web.MapDefaultEndpoints();
+        await web.StartAsync();
+        Console.WriteLine($"health and metrics on {string.Join(", ", web.Urls)} (/health, /alive, /metrics)");
+    }
     // SIGTERM (Kubernetes pod deletion, the AppHost removing a worker) and Ctrl+C: leave cleanly.
     using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
     using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
-    return await new ClusterWorker(settings, Console.Out).RunAsync(stop.Token);
+    try { return await new ClusterWorker(settings, Console.Out, metrics).RunAsync(stop.Token); }
+    finally { if (web is not null) await web.StopAsync(); }
 }
 
 static int Fail(string message)

@@ -16,7 +16,7 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// up goes through one outbox so the stream has a single writer; heartbeats come from a timer that training
 /// cannot block.
 /// </summary>
-public sealed class ClusterWorker(WorkerSettings settings, TextWriter log)
+public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, TrainingMetrics? metrics = null)
 {
     readonly Channel<WorkerMessage> outbox = Channel.CreateUnbounded<WorkerMessage>();
     readonly Lock gate = new();
@@ -128,7 +128,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log)
             (assignment.ResumeStep > 0 ? $", resuming from step {assignment.ResumeStep}" : ""));
         Progress.Generation = assignment.Generation; // heartbeats speak for the new generation from now on
         Progress.Step = assignment.ResumeStep;
-        var r = new TrainingRun(assignment, settings, port, Send, Progress, log);
+        var r = new TrainingRun(assignment, settings, port, Send, Progress, log, metrics);
         lock (gate) { run = r; runTask = Task.Factory.StartNew(r.Run, TaskCreationOptions.LongRunning); }
     }
 

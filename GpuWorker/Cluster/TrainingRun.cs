@@ -20,7 +20,7 @@ using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointSt
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
 public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, int collectivePort, Action<WorkerMessage> send,
-                                WorkerProgress progress, TextWriter log)
+                                WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null)
 {
     static readonly JsonSerializerOptions SpecJson = new(JsonSerializerDefaults.Web)
     {
@@ -126,6 +126,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             ct.ThrowIfCancellationRequested();
             var m = trainer.TrainStep();
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
+            metrics?.Record(assignment.JobId, settings.WorkerId, m, (long)options.GlobalBatch / assignment.DpSize * options.SeqLen);
             send(new WorkerMessage
             {
                 Step = new StepReport
