@@ -1,7 +1,5 @@
 // The corpus shipped in the repository (data/corpus/kjv.txt.gz, format in data/corpus/README.md):
 // locating it, streaming its documents, and a deterministic train/validation split. Not a tokenizer.
-using System.IO.Compression;
-using System.Text;
 
 namespace DeepSeekCluster.Training.Data;
 
@@ -39,29 +37,7 @@ public static class ShippedCorpus
     }
 
     /// <summary>Streams the documents (one per chapter, lines joined by '\n', no trailing newline).</summary>
-    public static IEnumerable<string> Documents(string? path = null)
-    {
-        string file = Locate(path);
-        using var reader = new StreamReader(
-            new GZipStream(File.OpenRead(file), CompressionMode.Decompress), Encoding.UTF8);
-        var doc = new StringBuilder();
-        for (string? line = reader.ReadLine(); line is not null; line = reader.ReadLine())
-        {
-            if (line.Length == 0)
-            {
-                // An empty line only ever separates documents; tolerate repeated ones.
-                if (doc.Length > 0)
-                    yield return doc.ToString();
-                doc.Clear();
-                continue;
-            }
-            if (doc.Length > 0)
-                doc.Append('\n');
-            doc.Append(line);
-        }
-        if (doc.Length > 0)
-            yield return doc.ToString();
-    }
+    public static IEnumerable<string> Documents(string? path = null) => TextCorpus.Documents([Locate(path)]);
 
     /// <summary>
     /// Splits documents by a seeded hash of their text: a document's side depends only on its text

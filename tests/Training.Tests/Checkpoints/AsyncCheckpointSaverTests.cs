@@ -64,7 +64,8 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         await using var saver = new AsyncCheckpointSaver(sink, plan, rank: 3);
 
         Assert.True(saver.Save(1, tensors).Started);
-        while (saver.Busy) await Task.Delay(5);
+        for (var until = DateTime.UtcNow.AddSeconds(30); saver.Busy && DateTime.UtcNow < until;) await Task.Delay(5);
+        Assert.False(saver.Busy, "the first save did not finish within 30 s");
         var next = saver.Save(2, tensors);
         Assert.True(next.Started);
         Assert.IsType<IOException>(next.PreviousFailure);

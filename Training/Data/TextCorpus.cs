@@ -2,7 +2,7 @@
 using System.IO.Compression;
 using System.Text;
 
-namespace DeepSeekCluster.Training.Engine;
+namespace DeepSeekCluster.Training.Data;
 
 public static class TextCorpus
 {
