@@ -1,4 +1,6 @@
 // Added (special) tokens and the leftmost-longest matcher that splits them out of text before pre-tokenization.
+using System.Buffers;
+
 namespace DeepSeekCluster.Training.Tokenization;
 
 /// <summary>One entry of tokenizer.json's "added_tokens", with the Hugging Face field meanings.</summary>
@@ -14,11 +16,13 @@ public sealed record AddedToken(
 /// <summary>
 /// Finds added tokens in text the way `tokenizers` does (Aho-Corasick, leftmost-longest): at the first
 /// position where any token matches, the longest token there wins. Candidates are bucketed by their first
-/// char, so text without those chars (most English) costs one dictionary probe per char.
+/// char, and a vectorized search skips to the next char that starts any token, so text without those chars
+/// (most English) is passed over at memory speed.
 /// </summary>
 internal sealed class AddedTokenMatcher
 {
     private readonly Dictionary<char, AddedToken[]> _byFirstChar;
+    private readonly SearchValues<char> _firstChars;
 
     public AddedTokenMatcher(IEnumerable<AddedToken> tokens)
     {
@@ -26,6 +30,7 @@ internal sealed class AddedTokenMatcher
             .Where(t => t.Content.Length > 0)
             .GroupBy(t => t.Content[0])
             .ToDictionary(g => g.Key, g => g.OrderByDescending(t => t.Content.Length).ToArray());
+        _firstChars = SearchValues.Create(_byFirstChar.Keys.ToArray());
     }
 
     public bool IsEmpty => _byFirstChar.Count == 0;
@@ -41,6 +46,9 @@ internal sealed class AddedTokenMatcher
         int i = 0;
         while (i < text.Length)
         {
+            int skip = text.AsSpan(i).IndexOfAny(_firstChars);
+            if (skip < 0) break;
+            i += skip;
             if (_byFirstChar.TryGetValue(text[i], out var candidates) && TryMatchAt(text, i, candidates, out var token))
             {
                 int start = i, end = i + token.Content.Length;

@@ -32,6 +32,7 @@ internal sealed class BpeModel
     private readonly int[] _byteToId = new int[256]; // -1 where the byte's char is not in the vocab
     private readonly ConcurrentDictionary<string, int[]> _cache = new();
     private readonly ConcurrentDictionary<string, int[]>.AlternateLookup<ReadOnlySpan<char>> _cacheBySpan;
+    private int _cacheAdds; // entries added since the cache was last cleared
 
     public BpeModel(Dictionary<string, int> vocab, IReadOnlyList<(string Left, string Right)> merges, string? unkToken, bool fuseUnk, bool ignoreMerges, string source)
     {
@@ -113,8 +114,15 @@ internal sealed class BpeModel
         EncodeBytesPiece(bytes, output);
         if (cacheable)
         {
-            if (_cache.Count >= MaxCacheEntries) _cache.Clear();
-            _cacheBySpan.TryAdd(piece, output.GetRange(before, output.Count - before).ToArray());
+            // ConcurrentDictionary.Count takes every one of its locks, which cost more than the merge itself when
+            // asked once per new piece; an interlocked counter bounds the cache just as well (approximately, which is all a bound needs).
+            if (Interlocked.Increment(ref _cacheAdds) > MaxCacheEntries)
+            {
+                _cache.Clear();
+                Interlocked.Exchange(ref _cacheAdds, 1);
+            }
+            if (!_cacheBySpan.TryAdd(piece, output.GetRange(before, output.Count - before).ToArray()))
+                Interlocked.Decrement(ref _cacheAdds); // another thread cached the same piece first
         }
     }
 

@@ -20,7 +20,8 @@ internal sealed class PreTokenizer
     /// <summary>The pattern of GPT-2 and of `tokenizers`' ByteLevel pre-tokenizer with use_regex = true.</summary>
     public const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
-    private static readonly Regex Gpt2Regex = new(Gpt2Pattern, RegexOptions.Compiled | RegexOptions.CultureInvariant);
+    /// <summary>The pattern on .NET's engine: the reference <see cref="Gpt2Splitter"/> is tested against (encoding uses the splitter).</summary>
+    internal static readonly Regex Gpt2Regex = new(Gpt2Pattern, RegexOptions.Compiled | RegexOptions.CultureInvariant);
 
     private readonly PreTokenizerStep[] _steps;
     private readonly bool _isSequence;
@@ -139,7 +140,8 @@ internal sealed class PreTokenizer
         {
             // `tokenizers` adds the prefix space to every piece that reaches this step, not once per text.
             if (AddPrefixSpace && (piece.Length == 0 || piece.Span[0] != ' ')) piece = (" " + piece.ToString()).AsMemory();
-            if (UseRegex) SplitIsolated(Gpt2Regex, piece, output);
+            // The hand-written scanner cuts where Gpt2Regex would, at a fraction of the cost per piece.
+            if (UseRegex) Gpt2Splitter.Split(piece, output);
             else if (piece.Length > 0) output.Add(piece);
         }
 
