@@ -66,19 +66,28 @@ public sealed record PrepareSpec(
             throw DataInputException.Invalid($"validation_fraction is {ValidationFraction}: expected a number in [0, 1).");
         if (SamplesPerShard < 1)
             throw DataInputException.Invalid($"samples_per_shard is {SamplesPerShard}: expected at least 1.");
+        // Field names as the gRPC request spells them (PrepareRequest.cleaning / .dedup).
         var c = CleaningOrDefault;
-        if (c.MinChars < 0 || c.MaxChars < c.MinChars)
-            throw DataInputException.Invalid($"Cleaning lengths min_chars={c.MinChars}, max_chars={c.MaxChars}: expected 0 <= min <= max.");
+        if (c.MinChars < 0)
+            throw DataInputException.Invalid($"cleaning.min_chars is {c.MinChars}: expected at least 0.");
+        if (c.MaxChars < c.MinChars)
+            throw DataInputException.Invalid($"cleaning.max_chars is {c.MaxChars}: expected at least cleaning.min_chars ({c.MinChars}).");
+        if (!(c.MinAlphabeticFraction >= 0 && c.MinAlphabeticFraction <= 1))
+            throw DataInputException.Invalid($"cleaning.min_alphabetic_fraction is {c.MinAlphabeticFraction}: expected a number in [0, 1].");
+        if (!(c.MaxRepeatedLineFraction >= 0 && c.MaxRepeatedLineFraction <= 1))
+            throw DataInputException.Invalid($"cleaning.max_repeated_line_fraction is {c.MaxRepeatedLineFraction}: expected a number in [0, 1].");
         if (c.DuplicateNGramWords < 1)
-            throw DataInputException.Invalid($"duplicate_ngram_words is {c.DuplicateNGramWords}: expected at least 1.");
+            throw DataInputException.Invalid($"cleaning.duplicate_ngram_words is {c.DuplicateNGramWords}: expected at least 1.");
         if (!(c.MaxDuplicateNGramFraction > 0 && c.MaxDuplicateNGramFraction <= 1))
-            throw DataInputException.Invalid($"max_duplicate_ngram_fraction is {c.MaxDuplicateNGramFraction}: expected a number in (0, 1].");
+            throw DataInputException.Invalid($"cleaning.max_duplicate_ngram_fraction is {c.MaxDuplicateNGramFraction}: expected a number in (0, 1].");
         var d = DedupOrDefault;
         if (d.ShingleWords < 1)
-            throw DataInputException.Invalid($"shingle_words is {d.ShingleWords}: expected at least 1.");
-        if (d.Permutations < 1 || d.Bands < 1 || d.Permutations % d.Bands != 0)
-            throw DataInputException.Invalid($"MinHash permutations={d.Permutations}, bands={d.Bands}: bands must divide permutations.");
+            throw DataInputException.Invalid($"dedup.shingle_words is {d.ShingleWords}: expected at least 1.");
+        if (d.Permutations < 1)
+            throw DataInputException.Invalid($"dedup.permutations is {d.Permutations}: expected at least 1.");
+        if (d.Bands < 1 || d.Permutations % d.Bands != 0)
+            throw DataInputException.Invalid($"dedup.bands is {d.Bands}: expected a divisor of dedup.permutations ({d.Permutations}).");
         if (!(d.Threshold > 0 && d.Threshold <= 1))
-            throw DataInputException.Invalid($"Near-duplicate threshold {d.Threshold}: expected a number in (0, 1].");
+            throw DataInputException.Invalid($"dedup.threshold is {d.Threshold}: expected a number in (0, 1].");
     }
 }

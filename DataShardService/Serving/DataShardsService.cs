@@ -100,16 +100,18 @@ public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog c
             r.ValidationFraction == 0 ? defaults.ValidationFraction : Math.Max(0, r.ValidationFraction),
             r.SamplesPerShard == 0 ? defaults.SamplesPerShard : r.SamplesPerShard,
             new CleaningSpec(
-                c.MinChars == 0 ? cleaning.MinChars : c.MinChars,
-                c.MaxChars == 0 ? cleaning.MaxChars : c.MaxChars,
-                c.MinAlphabeticFraction == 0 ? cleaning.MinAlphabeticFraction : c.MinAlphabeticFraction,
-                c.MaxRepeatedLineFraction == 0 ? cleaning.MaxRepeatedLineFraction : c.MaxRepeatedLineFraction),
+                c.HasMinChars ? c.MinChars : cleaning.MinChars,
+                c.HasMaxChars ? c.MaxChars : cleaning.MaxChars,
+                c.HasMinAlphabeticFraction ? c.MinAlphabeticFraction : cleaning.MinAlphabeticFraction,
+                c.HasMaxRepeatedLineFraction ? c.MaxRepeatedLineFraction : cleaning.MaxRepeatedLineFraction,
+                c.HasDuplicateNgramWords ? c.DuplicateNgramWords : cleaning.DuplicateNGramWords,
+                c.HasMaxDuplicateNgramFraction ? c.MaxDuplicateNgramFraction : cleaning.MaxDuplicateNGramFraction),
             new DedupSpec(
                 !d.DisableNearDuplicates,
-                d.ShingleWords == 0 ? dedup.ShingleWords : d.ShingleWords,
-                d.Permutations == 0 ? dedup.Permutations : d.Permutations,
-                d.Bands == 0 ? dedup.Bands : d.Bands,
-                d.Threshold == 0 ? dedup.Threshold : d.Threshold));
+                d.HasShingleWords ? d.ShingleWords : dedup.ShingleWords,
+                d.HasPermutations ? d.Permutations : dedup.Permutations,
+                d.HasBands ? d.Bands : dedup.Bands,
+                d.HasThreshold ? d.Threshold : dedup.Threshold));
     }
 
     private static async Task<T> Guard<T>(Func<Task<T>> call)
