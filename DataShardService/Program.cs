@@ -2,7 +2,7 @@
 using DeepSeekCluster.DataShardService.Serving;
 
 if (args.Length > 0 && args[0] == "prepare")
-    return await PrepareCli.RunAsync(args[1..], CancellationToken.None);
+    return await PrepareCli.RunAsync(args[1..], new ConfigurationBuilder().AddEnvironmentVariables().Build(), CancellationToken.None);
 
 var builder = WebApplication.CreateBuilder(args);
 builder.AddServiceDefaults();

@@ -1,4 +1,5 @@
-// Errors a caller can cause (bad input, unknown dataset, corrupt shard); each message names the input. Not for internal invariants.
+// Errors a caller sees (bad input, unknown dataset, corrupt shard, storage out of reach); each message names the input or
+// the endpoint. Not for internal invariants.
 namespace DeepSeekCluster.DataShardService.Preparation;
 
 public enum DataErrorKind
@@ -7,6 +8,7 @@ public enum DataErrorKind
     NotFound,     // NotFound
     OutOfRange,   // OutOfRange
     Corrupt,      // DataLoss
+    Unavailable,  // Unavailable: blob storage did not answer within the retry window; worth retrying later
 }
 
 public sealed class DataInputException(DataErrorKind kind, string message) : Exception(message)

@@ -28,6 +28,21 @@ public sealed partial class DataShardsOptions
     /// <summary>Size of the blocks a blob upload is staged in (DataShards:BlockBytes); Azure allows 50,000 blocks a blob.</summary>
     public int BlockBytes { get; set; } = 8 << 20;
 
+    /// <summary>Retries of one blob request after the first try (DataShards:BlobRetries), with exponential backoff and jitter.</summary>
+    public int BlobRetries { get; set; } = 5;
+
+    /// <summary>Backoff before the first retry, doubling after each (DataShards:BlobRetryDelaySeconds).</summary>
+    public double BlobRetryDelaySeconds { get; set; } = 0.8;
+
+    /// <summary>Cap on one backoff (DataShards:BlobRetryMaxDelaySeconds); the defaults back off about 20 s in all before giving up.</summary>
+    public double BlobRetryMaxDelaySeconds { get; set; } = 10;
+
+    /// <summary>How long one try may go without an answer before it counts as failed (DataShards:BlobNetworkTimeoutSeconds).</summary>
+    public double BlobNetworkTimeoutSeconds { get; set; } = 100;
+
+    public BlobRetry Retry => new(BlobRetries, TimeSpan.FromSeconds(BlobRetryDelaySeconds),
+        TimeSpan.FromSeconds(BlobRetryMaxDelaySeconds), TimeSpan.FromSeconds(BlobNetworkTimeoutSeconds));
+
     /// <summary>ConnectionStrings:blobs: a connection string or an http(s) endpoint URI; null or empty selects the folder store.</summary>
     public string? BlobConnection { get; set; }
 
@@ -57,6 +72,14 @@ public sealed partial class DataShardsOptions
             return "DataShards:CacheDir must name a folder for the shard cache.";
         if (BlockBytes is < 64 * 1024 or > 100 * 1024 * 1024)
             return $"DataShards:BlockBytes is {BlockBytes}: expected 65536 to 104857600.";
+        if (BlobRetries is < 0 or > 50)
+            return $"DataShards:BlobRetries is {BlobRetries}: expected 0 to 50.";
+        if (!(BlobRetryDelaySeconds > 0 && BlobRetryDelaySeconds <= 600))
+            return $"DataShards:BlobRetryDelaySeconds is {BlobRetryDelaySeconds}: expected more than 0 and at most 600.";
+        if (!(BlobRetryMaxDelaySeconds >= BlobRetryDelaySeconds && BlobRetryMaxDelaySeconds <= 3600))
+            return $"DataShards:BlobRetryMaxDelaySeconds is {BlobRetryMaxDelaySeconds}: expected at least DataShards:BlobRetryDelaySeconds ({BlobRetryDelaySeconds}) and at most 3600.";
+        if (!(BlobNetworkTimeoutSeconds > 0 && BlobNetworkTimeoutSeconds <= 3600))
+            return $"DataShards:BlobNetworkTimeoutSeconds is {BlobNetworkTimeoutSeconds}: expected more than 0 and at most 3600.";
         return null;
     }
 
@@ -81,7 +104,7 @@ public static class DataShardsExtensions
         {
             var o = sp.GetRequiredService<IOptions<DataShardsOptions>>().Value;
             return o.UsesBlobStorage
-                ? AzureDatasetStore.Create(o.BlobConnection!, o.Container, o.CacheDir, o.BlockBytes)
+                ? AzureDatasetStore.Create(o.BlobConnection!, o.Container, o.CacheDir, o.BlockBytes, o.Retry)
                 : new FolderDatasetStore(o.Root);
         });
         builder.Services.AddSingleton(sp => new DatasetPreparer(

@@ -127,6 +127,7 @@ public sealed class DataShardsService(DatasetPreparer preparer, DatasetCatalog c
                 DataErrorKind.NotFound => StatusCode.NotFound,
                 DataErrorKind.OutOfRange => StatusCode.OutOfRange,
                 DataErrorKind.Corrupt => StatusCode.DataLoss,
+                DataErrorKind.Unavailable => StatusCode.Unavailable,
                 _ => StatusCode.InvalidArgument,
             };
             throw new RpcException(new Status(code, e.Message));

@@ -1,5 +1,6 @@
 // The `prepare` verb: the same pipeline as the gRPC Prepare, from the command line, with progress lines on stdout.
 using System.Globalization;
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Storage;
 
@@ -8,13 +9,16 @@ namespace DeepSeekCluster.DataShardService.Serving;
 public static class PrepareCli
 {
     public const string Usage =
-        "usage: prepare --source name=path[:weight] [--source ...] --out DIR --seq-len N " +
-        "[--vocab-size N | --tokenizer tokenizer.json] [--text-field F] [--validation-fraction X] [--samples-per-shard N]";
+        "usage: prepare --source name=path[:weight] [--source ...] (--out DIR | ConnectionStrings__blobs set) --seq-len N " +
+        "[--vocab-size N | --tokenizer tokenizer.json] [--text-field F] [--validation-fraction X] [--samples-per-shard N]\n" +
+        "Storage is chosen as the service chooses it: with ConnectionStrings__blobs set, datasets go to blob storage " +
+        "(container DataShards__Container, default 'datasets'; DataShards__* settings apply); otherwise to the folder --out.";
 
-    public static async Task<int> RunAsync(string[] args, CancellationToken ct)
+    /// <summary><paramref name="configuration"/> is what the service would read (environment variables in Program.cs).</summary>
+    public static async Task<int> RunAsync(string[] args, IConfiguration configuration, CancellationToken ct)
     {
         PrepareSpec spec;
-        string outDir;
+        string? outDir;
         try
         {
             (spec, outDir) = Parse(args);
@@ -25,12 +29,42 @@ public static class PrepareCli
             Console.Error.WriteLine(Usage);
             return 2;
         }
-        var preparer = new DatasetPreparer(new FolderDatasetStore(outDir), Path.Combine(Path.GetTempPath(), "deepseek-data-staging"));
+
+        var options = new DataShardsOptions();
+        configuration.GetSection(DataShardsOptions.Section).Bind(options);
+        options.BlobConnection = configuration.GetConnectionString(ServiceNames.Blobs);
+        if (options.UsesBlobStorage && outDir is not null)
+        {
+            Console.Error.WriteLine($"--out '{outDir}' names a folder store, but ConnectionStrings:blobs is set, so datasets go to blob storage: " +
+                                    "leave out --out, or unset ConnectionStrings__blobs to write to the folder.");
+            return 2;
+        }
+        if (!options.UsesBlobStorage)
+        {
+            if (outDir is null)
+            {
+                Console.Error.WriteLine("--out DIR is required when ConnectionStrings__blobs is not set.");
+                Console.Error.WriteLine(Usage);
+                return 2;
+            }
+            options.Root = outDir;
+        }
+        if (options.Problem() is { } problem)
+        {
+            Console.Error.WriteLine($"error: {problem}");
+            return 2;
+        }
+
+        IDatasetStore store = options.UsesBlobStorage
+            ? AzureDatasetStore.Create(options.BlobConnection!, options.Container, options.CacheDir, options.BlockBytes, options.Retry)
+            : new FolderDatasetStore(options.Root);
+        var preparer = new DatasetPreparer(store, options.WorkDir);
         try
         {
             var progress = new SynchronousProgress(line => Console.WriteLine($"[prepare] {line}"));
             var result = await preparer.PrepareAsync(spec, progress, ct);
-            Console.WriteLine($"[prepare] {(result.Reused ? "reused" : "done")}: {result.Manifest.DatasetId} in {Path.GetFullPath(outDir)}");
+            Console.WriteLine($"[prepare] {(result.Reused ? "reused" : "done")}: {result.Manifest.DatasetId} at " +
+                              store.Describe($"{result.Manifest.DatasetId}/manifest.json"));
             return 0;
         }
         catch (DataInputException e)
@@ -40,7 +74,7 @@ public static class PrepareCli
         }
     }
 
-    internal static (PrepareSpec Spec, string OutDir) Parse(string[] args)
+    internal static (PrepareSpec Spec, string? OutDir) Parse(string[] args)
     {
         var sources = new List<SourceSpec>();
         string? outDir = null, tokenizer = null, textField = null;
@@ -66,7 +100,6 @@ public static class PrepareCli
                 default: throw new FormatException($"Unknown argument '{args[i]}'.");
             }
         }
-        if (outDir is null) throw new FormatException("--out DIR is required.");
         if (sources.Count == 0) throw new FormatException("At least one --source name=path[:weight] is required.");
         if (textField is not null) sources = sources.Select(s => s with { TextField = textField }).ToList();
         return (new PrepareSpec(sources, seqLen, vocab, tokenizer, validation, perShard), outDir);

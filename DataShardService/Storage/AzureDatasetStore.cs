@@ -15,31 +15,55 @@ namespace DeepSeekCluster.DataShardService.Storage;
 /// one step; an interrupted put leaves only uncommitted blocks, which nobody can read and the service discards.
 /// Reads for serving go through a local cache folder (same relative paths); a cached copy is used only after
 /// its length and SHA-256 match the manifest, and a download is verified before it enters the cache.
+///
+/// Every request retries with exponential backoff (<see cref="BlobRetry"/>, the SDK's retry policy, which also
+/// resumes an interrupted download where it stopped); when storage stays out of reach past the retries, the call
+/// fails with an Unavailable <see cref="DataInputException"/> naming the blob endpoint, and a partial download is
+/// deleted, never cached.
 /// </summary>
+/// <summary>Retry policy of every blob request: exponential backoff with jitter, and the per-try network timeout.</summary>
+public sealed record BlobRetry(int MaxRetries, TimeSpan Delay, TimeSpan MaxDelay, TimeSpan NetworkTimeout)
+{
+    public BlobRetry() : this(5, TimeSpan.FromSeconds(0.8), TimeSpan.FromSeconds(10), TimeSpan.FromSeconds(100))
+    {
+    }
+
+    public BlobClientOptions ToClientOptions()
+    {
+        var options = new BlobClientOptions();
+        options.Retry.Mode = Azure.Core.RetryMode.Exponential;
+        options.Retry.MaxRetries = MaxRetries;
+        options.Retry.Delay = Delay;
+        options.Retry.MaxDelay = MaxDelay;
+        options.Retry.NetworkTimeout = NetworkTimeout;
+        return options;
+    }
+}
+
 public sealed class AzureDatasetStore : IDatasetStore
 {
     private const string DownloadMarker = ".download-";
     private readonly BlobContainerClient _container;
     private readonly int _blockBytes;
-    private readonly Lazy<Task> _created;
+    private Task? _created;
 
     public AzureDatasetStore(BlobContainerClient container, string cacheDir, int blockBytes = 8 << 20)
     {
         _container = container;
         _blockBytes = blockBytes;
         CacheDir = Path.GetFullPath(cacheDir);
-        _created = new Lazy<Task>(() => _container.CreateIfNotExistsAsync());
     }
 
     /// <summary>
     /// <paramref name="connection"/> is a connection string (<c>UseDevelopmentStorage=true</c>, an Azurite or account
     /// string) or an http(s) endpoint URI, which authenticates with <see cref="DefaultAzureCredential"/>.
     /// </summary>
-    public static AzureDatasetStore Create(string connection, string container, string cacheDir, int blockBytes)
+    public static AzureDatasetStore Create(string connection, string container, string cacheDir, int blockBytes, BlobRetry? retry = null)
     {
+        var options = (retry ?? new BlobRetry()).ToClientOptions();
         var service = IsEndpoint(connection, out var uri)
-            ? new BlobServiceClient(uri, new DefaultAzureCredential())
-            : new BlobServiceClient(connection);
+            ? new BlobServiceClient(uri, new DefaultAzureCredential(), options)
+            : new BlobServiceClient(connection, options);
         return new AzureDatasetStore(service.GetBlobContainerClient(container), cacheDir, blockBytes);
     }
 
@@ -54,7 +78,7 @@ public sealed class AzureDatasetStore : IDatasetStore
     {
         try
         {
-            return await _container.GetBlobClient(Check(path)).ExistsAsync(ct);
+            return await Reachable(path, "checking", () => _container.GetBlobClient(Check(path)).ExistsAsync(ct), ct);
         }
         catch (RequestFailedException e) when (e.Status == 404)
         {
@@ -76,9 +100,16 @@ public sealed class AzureDatasetStore : IDatasetStore
     }
 
     /// <summary>Stages <paramref name="content"/> in blocks, then commits them: the blob changes only at the commit.</summary>
-    internal async Task PutStreamAsync(Stream content, string path, CancellationToken ct)
+    internal Task PutStreamAsync(Stream content, string path, CancellationToken ct) =>
+        Reachable(path, "writing", async () =>
+        {
+            await PutBlocksAsync(content, path, ct);
+            return true;
+        }, ct);
+
+    private async Task PutBlocksAsync(Stream content, string path, CancellationToken ct)
     {
-        await _created.Value;
+        await EnsureContainerAsync();
         var blob = _container.GetBlockBlobClient(Check(path));
         string put = Guid.NewGuid().ToString("N");
         var ids = new List<string>();
@@ -105,7 +136,7 @@ public sealed class AzureDatasetStore : IDatasetStore
     {
         try
         {
-            var content = await _container.GetBlobClient(Check(path)).DownloadContentAsync(ct);
+            var content = await Reachable(path, "reading", () => _container.GetBlobClient(Check(path)).DownloadContentAsync(ct), ct);
             return content.Value.Content.ToString();
         }
         catch (RequestFailedException e) when (e.Status == 404)
@@ -130,7 +161,7 @@ public sealed class AzureDatasetStore : IDatasetStore
         {
             try
             {
-                await _container.GetBlobClient(path).DownloadToAsync(download, ct);
+                await Reachable(path, "reading", () => _container.GetBlobClient(path).DownloadToAsync(download, ct), ct);
             }
             catch (RequestFailedException e) when (e.Status == 404)
             {
@@ -150,6 +181,49 @@ public sealed class AzureDatasetStore : IDatasetStore
     // Nothing to remove: an interrupted put left only uncommitted blocks, which are invisible, are dropped from the
     // blob when the next put commits its own list, and are discarded by the service after a week otherwise.
     public Task RemoveIncompleteAsync(string prefix, CancellationToken ct) => Task.CompletedTask;
+
+    /// <summary>
+    /// Runs one SDK call (which retries on its own) and turns "storage did not answer" — refused connections, resets,
+    /// timeouts, 5xx after the last retry — into an Unavailable error that names the endpoint and what was being done.
+    /// 404 and other answers pass through: they are about the blob, not about reaching storage.
+    /// </summary>
+    private async Task<T> Reachable<T>(string path, string doing, Func<Task<T>> call, CancellationToken ct)
+    {
+        try
+        {
+            return await call();
+        }
+        catch (Exception e) when (!ct.IsCancellationRequested && IsUnreachable(e))
+        {
+            throw new DataInputException(DataErrorKind.Unavailable,
+                $"Blob storage at {_container.Uri.GetLeftPart(UriPartial.Path).TrimEnd('/')} did not answer while {doing} {Check(path)} " +
+                $"(gave up after the configured retries, DataShards:BlobRetries): {Innermost(e).Message}");
+        }
+    }
+
+    // Created once; a failed try (storage was down) is not remembered, so the next put tries again.
+    private Task EnsureContainerAsync()
+    {
+        var created = _created;
+        if (created is null || created.IsFaulted || created.IsCanceled)
+            _created = created = _container.CreateIfNotExistsAsync();
+        return created;
+    }
+
+    private static bool IsUnreachable(Exception e) => e switch
+    {
+        AggregateException a => a.InnerExceptions.All(IsUnreachable), // the retry policy's "Retry failed after N tries"
+        RequestFailedException r => r.Status == 0 || r.Status >= 500,
+        HttpRequestException or IOException or TimeoutException or TaskCanceledException => true,
+        _ => false,
+    };
+
+    private static Exception Innermost(Exception e)
+    {
+        if (e is AggregateException a && a.InnerExceptions.Count > 0) e = a.InnerExceptions[^1];
+        while (e.InnerException is { } inner) e = inner;
+        return e;
+    }
 
     private static string Check(string path)
     {
