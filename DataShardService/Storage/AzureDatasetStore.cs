@@ -214,7 +214,9 @@ public sealed class AzureDatasetStore : IDatasetStore
     {
         AggregateException a => a.InnerExceptions.All(IsUnreachable), // the retry policy's "Retry failed after N tries"
         RequestFailedException r => r.Status == 0 || r.Status >= 500,
-        HttpRequestException or IOException or TimeoutException or TaskCanceledException => true,
+        HttpRequestException or TimeoutException or TaskCanceledException => true,
+        // A connection reset in the middle of a body; an IOException of the caller's own stream is not storage's.
+        IOException io => io.InnerException is System.Net.Sockets.SocketException or HttpIOException,
         _ => false,
     };
 

@@ -1,5 +1,6 @@
 // Real Azurite that a test can stop and start again on the same port and data folder (an outage, then recovery).
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using System.Text;
 
 namespace DeepSeekCluster.DataShardService.Tests.Infrastructure;
@@ -41,43 +42,34 @@ public sealed class RestartableAzurite : IAsyncDisposable
     }
 
     /// <summary>
-    /// Azurite writes blob bytes at once but saves its metadata database every few seconds; a kill before that save
-    /// forgets the blob. Polls until the saved database mentions <paramref name="blobName"/>.
+    /// Stops the server as an orchestrator would (SIGTERM: Azurite closes its port and saves its metadata database,
+    /// which it otherwise saves only every few seconds) and waits until it is gone; kills it if it lingers.
     /// </summary>
-    public async Task WaitUntilPersistedAsync(string blobName)
-    {
-        var until = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-        while (true)
-        {
-            foreach (string db in Directory.GetFiles(_folder, "__azurite_db_blob__*"))
-            {
-                try
-                {
-                    if ((await File.ReadAllTextAsync(db)).Contains(blobName, StringComparison.Ordinal)) return;
-                }
-                catch (IOException)
-                {
-                    // being rewritten right now; look again
-                }
-            }
-            if (DateTime.UtcNow > until)
-                throw new TimeoutException($"Azurite did not save the metadata of {blobName} under {_folder} within 60 s.");
-            await Task.Delay(100);
-        }
-    }
-
-    /// <summary>Kills the server (no graceful shutdown: an outage) and waits until it is gone.</summary>
     public async Task StopAsync()
     {
         if (_process is null) return;
         if (!_process.HasExited)
         {
-            _process.Kill(entireProcessTree: true);
-            await _process.WaitForExitAsync();
+            kill(_process.Id, Sigterm);
+            using var grace = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            try
+            {
+                await _process.WaitForExitAsync(grace.Token);
+            }
+            catch (OperationCanceledException)
+            {
+                _process.Kill(entireProcessTree: true);
+                await _process.WaitForExitAsync();
+            }
         }
         _process.Dispose();
         _process = null;
     }
+
+    private const int Sigterm = 15;
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int signal);
 
     public async ValueTask DisposeAsync()
     {
