@@ -81,6 +81,33 @@ public sealed class BlobOutageTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task TheServiceAnswersUnavailableNamingTheEndpointWhenStorageStaysDown()
+    {
+        // The retry settings come from configuration, as in a deployment; two quick retries, then the error.
+        string input = TestCorpus.NewFolder("outage-input");
+        string file = TestCorpus.WritePlain(input, "bible.txt", TestCorpus.FirstChapters(3));
+        string work = TestCorpus.NewFolder("outage-work");
+        await using var host = await ServiceHost.StartAsync(new Dictionary<string, string?>
+        {
+            ["ConnectionStrings:blobs"] = _azurite.ConnectionString,
+            ["DataShards:Container"] = _container,
+            ["DataShards:CacheDir"] = _cacheDir,
+            ["DataShards:WorkDir"] = work,
+            ["DataShards:BlobRetries"] = "2",
+            ["DataShards:BlobRetryDelaySeconds"] = "0.1",
+            ["DataShards:BlobRetryMaxDelaySeconds"] = "0.2",
+        });
+        await _azurite.StopAsync();
+
+        var e = await Assert.ThrowsAsync<Grpc.Core.RpcException>(() =>
+            host.Client.PrepareAsync(TestCorpus.Request(32, 259, 1000, new Contracts.DataShards.Source { Name = "bible", Path = file })).ResponseAsync);
+        Assert.Equal(Grpc.Core.StatusCode.Unavailable, e.StatusCode);
+        Assert.Contains($"http://127.0.0.1:{_azurite.Port}/devstoreaccount1/{_container}", e.Status.Detail);
+        Directory.Delete(input, recursive: true);
+        Directory.Delete(work, recursive: true);
+    }
+
+    [Fact]
     public async Task AShardWhoseBytesChangedInStorageIsNeitherServedNorCached()
     {
         // Storage hands back other bytes than the manifest promised (a partial or overwritten blob).
