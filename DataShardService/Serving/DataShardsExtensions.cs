@@ -13,6 +13,9 @@ public sealed partial class DataShardsOptions
 {
     public const string Section = "DataShards";
 
+    // 5 retries, 0.8 s doubling up to 10 s, 100 s a try: one place for the defaults.
+    private static readonly BlobRetry DefaultRetry = new();
+
     /// <summary>Folder holding the prepared datasets when ConnectionStrings:blobs is not set (DataShards:Root).</summary>
     public string Root { get; set; } = "data-shards";
 
@@ -29,16 +32,16 @@ public sealed partial class DataShardsOptions
     public int BlockBytes { get; set; } = 8 << 20;
 
     /// <summary>Retries of one blob request after the first try (DataShards:BlobRetries), with exponential backoff and jitter.</summary>
-    public int BlobRetries { get; set; } = 5;
+    public int BlobRetries { get; set; } = DefaultRetry.MaxRetries;
 
     /// <summary>Backoff before the first retry, doubling after each (DataShards:BlobRetryDelaySeconds).</summary>
-    public double BlobRetryDelaySeconds { get; set; } = 0.8;
+    public double BlobRetryDelaySeconds { get; set; } = DefaultRetry.Delay.TotalSeconds;
 
     /// <summary>Cap on one backoff (DataShards:BlobRetryMaxDelaySeconds); the defaults back off about 20 s in all before giving up.</summary>
-    public double BlobRetryMaxDelaySeconds { get; set; } = 10;
+    public double BlobRetryMaxDelaySeconds { get; set; } = DefaultRetry.MaxDelay.TotalSeconds;
 
     /// <summary>How long one try may go without an answer before it counts as failed (DataShards:BlobNetworkTimeoutSeconds).</summary>
-    public double BlobNetworkTimeoutSeconds { get; set; } = 100;
+    public double BlobNetworkTimeoutSeconds { get; set; } = DefaultRetry.NetworkTimeout.TotalSeconds;
 
     public BlobRetry Retry => new(BlobRetries, TimeSpan.FromSeconds(BlobRetryDelaySeconds),
         TimeSpan.FromSeconds(BlobRetryMaxDelaySeconds), TimeSpan.FromSeconds(BlobNetworkTimeoutSeconds));

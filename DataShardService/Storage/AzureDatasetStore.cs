@@ -9,18 +9,6 @@ using DeepSeekCluster.DataShardService.Preparation;
 
 namespace DeepSeekCluster.DataShardService.Storage;
 
-/// <summary>
-/// Objects are block blobs named by their store path in one container. A put stages its blocks (invisible to
-/// readers) under block ids unique to that put, then commits the block list, which publishes the whole blob in
-/// one step; an interrupted put leaves only uncommitted blocks, which nobody can read and the service discards.
-/// Reads for serving go through a local cache folder (same relative paths); a cached copy is used only after
-/// its length and SHA-256 match the manifest, and a download is verified before it enters the cache.
-///
-/// Every request retries with exponential backoff (<see cref="BlobRetry"/>, the SDK's retry policy, which also
-/// resumes an interrupted download where it stopped); when storage stays out of reach past the retries, the call
-/// fails with an Unavailable <see cref="DataInputException"/> naming the blob endpoint, and a partial download is
-/// deleted, never cached.
-/// </summary>
 /// <summary>Retry policy of every blob request: exponential backoff with jitter, and the per-try network timeout.</summary>
 public sealed record BlobRetry(int MaxRetries, TimeSpan Delay, TimeSpan MaxDelay, TimeSpan NetworkTimeout)
 {
@@ -40,6 +28,18 @@ public sealed record BlobRetry(int MaxRetries, TimeSpan Delay, TimeSpan MaxDelay
     }
 }
 
+/// <summary>
+/// Objects are block blobs named by their store path in one container. A put stages its blocks (invisible to
+/// readers) under block ids unique to that put, then commits the block list, which publishes the whole blob in
+/// one step; an interrupted put leaves only uncommitted blocks, which nobody can read and the service discards.
+/// Reads for serving go through a local cache folder (same relative paths); a cached copy is used only after
+/// its length and SHA-256 match the manifest, and a download is verified before it enters the cache.
+///
+/// Every request retries with exponential backoff (<see cref="BlobRetry"/>, the SDK's retry policy, which also
+/// resumes an interrupted download where it stopped); when storage stays out of reach past the retries, the call
+/// fails with an Unavailable <see cref="DataInputException"/> naming the blob endpoint, and a partial download is
+/// deleted, never cached.
+/// </summary>
 public sealed class AzureDatasetStore : IDatasetStore
 {
     private const string DownloadMarker = ".download-";
