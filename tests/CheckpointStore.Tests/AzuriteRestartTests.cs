@@ -83,7 +83,7 @@ public sealed class AzuriteRestartTests : IAsyncLifetime
             }
             await call.RequestStream.WriteAsync(new UploadShardMessage
             {
-                Chunk = new UploadChunk { Offset = at, Data = Google.Protobuf.ByteString.CopyFrom(next.Bytes, at, chunk) },
+                Chunk = new UploadChunk { Offset = at, Data = Google.Protobuf.ByteString.CopyFrom(next.Bytes, at, Math.Min(chunk, next.Bytes.Length - at)) },
             });
         }
         await call.RequestStream.CompleteAsync();
