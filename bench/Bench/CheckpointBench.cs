@@ -38,13 +38,13 @@ public static class CheckpointBench
         double mb = tensors.Sum(kv => kv.Value.numel() * kv.Value.ElementSize) / 1e6;
         Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
         Console.WriteLine();
-        Console.WriteLine("| layout | save MB/s (% of disk write) | load MB/s (% of disk read) | save s | load s |");
-        Console.WriteLine("|---|---|---|---|---|");
+        Console.WriteLine($"| layout | save MB/s (% of disk write) | load MB/s (% of disk read){(canDrop ? ", page cache dropped" : "")} | load MB/s from the page cache | save s | load s |");
+        Console.WriteLine("|---|---|---|---|---|---|");
         long step = 0;
         foreach (var (d, p) in new[] { (1, 1), (dp, pp) })
         {
             var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
-            double bestSave = double.MaxValue, bestLoad = double.MaxValue;
+            double bestSave = double.MaxValue, bestLoad = double.MaxValue, bestWarm = double.MaxValue;
             for (int i = 0; i < repeats; i++)
             {
                 step++;
@@ -57,9 +57,12 @@ public static class CheckpointBench
                 sw.Restart();
                 ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
                 bestLoad = Math.Min(bestLoad, sw.Elapsed.TotalSeconds);
+                sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
+                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                bestWarm = Math.Min(bestWarm, sw.Elapsed.TotalSeconds);
                 Directory.Delete(store.StepFolder(step), true);
             }
-            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files) | {mb / bestSave:F0} ({100 * mb / bestSave / diskWrite:F0}%) | {mb / bestLoad:F0} ({100 * mb / bestLoad / diskRead:F0}%) | {bestSave:F2} | {bestLoad:F2} |");
+            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files) | {mb / bestSave:F0} ({100 * mb / bestSave / diskWrite:F0}%) | {mb / bestLoad:F0} ({100 * mb / bestLoad / diskRead:F0}%) | {mb / bestWarm:F0} | {bestSave:F2} | {bestLoad:F2} |");
         }
         Console.WriteLine();
 

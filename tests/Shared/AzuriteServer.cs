@@ -75,7 +75,7 @@ public sealed class AzuriteServer : IAsyncDisposable
         process.ErrorDataReceived += (_, e) => { lock (_output) _output.AppendLine(e.Data); };
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
-        await FreePort.WaitUntilAcceptingAsync(Port, TimeSpan.FromSeconds(30), "Azurite", () =>
+        await FreePort.WaitUntilAcceptingAsync(Port, TimeSpan.FromSeconds(90), "Azurite", () =>
         {
             lock (_output) return (process.HasExited ? $"It exited with code {process.ExitCode}. " : "") + _output;
         });
