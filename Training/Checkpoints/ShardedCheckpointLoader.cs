@@ -90,7 +90,9 @@ public static class ShardedCheckpointLoader
             .ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
         if (source is ICheckpointDirectSource direct && live.All(kv => CanFillDirectly(kv.Value, manifest.Tensors[kv.Key])))
         {
-            using (no_grad()) await direct.ReadStepIntoAsync(manifest, live, ct);
+            // Bytes go into the storage directly, never through a tensor op, so autograd has nothing to record (and its
+            // thread-local mode would not follow the reader threads anyway).
+            await direct.ReadStepIntoAsync(manifest, live, ct);
             if (optimizer is not null) FinishOptimizer(manifest, optimizer, withOptimizer);
             return manifest;
         }
