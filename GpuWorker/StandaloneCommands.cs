@@ -24,7 +24,8 @@ public static class StandaloneCommands
                            [--fresh] [--peak-gflops X]
               Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
               600 steps, output in runs/standalone. Text files: documents are separated by empty lines.
-              Resumes from DIR/checkpoints unless --fresh. Writes a Hugging Face folder to DIR/model.
+              Checkpoints go to DIR/checkpoints/standalone/NNNNNNNN (the cluster's sharded format, one rank);
+              resumes from the newest unless --fresh. Writes a Hugging Face folder to DIR/model.
           gpu-worker generate --model DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
                               [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
               Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).

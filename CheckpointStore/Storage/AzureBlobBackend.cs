@@ -34,7 +34,12 @@ public sealed class AzureBlobBackend : IBlobBackend
     public static AzureBlobBackend Create(string connection, StorageOptions options)
     {
         var clientOptions = new BlobClientOptions();
-        clientOptions.Retry.MaxRetries = 1; // the store retries with its own backoff around every call; this only covers a single dropped request
+        // The SDK is the one retry layer for Azure (BlobRetry sees its final error): it retries each HTTP request, the
+        // ranged reads of a download included, and honours the service's Retry-After on throttling.
+        clientOptions.Retry.Mode = Azure.Core.RetryMode.Exponential;
+        clientOptions.Retry.MaxRetries = options.RetryCount - 1;
+        clientOptions.Retry.Delay = TimeSpan.FromMilliseconds(options.RetryBaseDelayMs);
+        clientOptions.Retry.MaxDelay = TimeSpan.FromMilliseconds(options.RetryMaxDelayMs);
         clientOptions.Retry.NetworkTimeout = TimeSpan.FromSeconds(options.NetworkTimeoutSeconds);
         BlobServiceClient service = Uri.TryCreate(connection, UriKind.Absolute, out var uri) && (uri.Scheme == "https" || uri.Scheme == "http")
             ? new BlobServiceClient(uri, new DefaultAzureCredential(), clientOptions)
@@ -43,6 +48,8 @@ public sealed class AzureBlobBackend : IBlobBackend
     }
 
     public string Location { get; }
+
+    public bool RetriesItself => true;
 
     public async Task<long> GetStagedLengthAsync(string key, string stageId, CancellationToken ct)
     {

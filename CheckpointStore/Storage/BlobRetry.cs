@@ -1,4 +1,4 @@
-// Retries a blob call with exponential backoff on transient failures, then gives up with a message naming the storage.
+// Retries a blob call with exponential backoff on transient failures (unless the backend's client does), then gives up naming the storage.
 using System.Diagnostics;
 using System.Net.Sockets;
 using Azure;
@@ -19,6 +19,8 @@ public sealed class BlobRetry(IBlobBackend backend, IOptions<StorageOptions> opt
     public async Task<T> RunAsync<T>(string what, Func<CancellationToken, Task<T>> call, CancellationToken ct)
     {
         var clock = Stopwatch.StartNew();
+        // A backend whose client retries by itself has used every try by the time its error comes back here.
+        int ownTries = backend.RetriesItself ? 1 : _options.RetryCount;
         for (int attempt = 1; ; attempt++)
         {
             try
@@ -27,14 +29,15 @@ public sealed class BlobRetry(IBlobBackend backend, IOptions<StorageOptions> opt
             }
             catch (Exception e) when (IsTransient(e, ct))
             {
-                if (attempt >= _options.RetryCount)
+                if (attempt >= ownTries)
                 {
                     throw new BlobStorageUnavailableException(
-                        $"Blob storage at {backend.Location} failed to {what} after {attempt} tries over {clock.Elapsed.TotalSeconds:F1} s: {Innermost(e).Message}", e);
+                        $"Blob storage at {backend.Location} failed to {what} after {_options.RetryCount} tries over {clock.Elapsed.TotalSeconds:F1} s " +
+                        $"(backoff {_options.RetryBaseDelayMs} ms doubling to at most {_options.RetryMaxDelayMs} ms): {Innermost(e).Message}", e);
                 }
-                var delay = TimeSpan.FromMilliseconds(_options.RetryBaseDelayMs * (1 << (attempt - 1)));
+                var delay = _options.BackoffAfter(attempt);
                 logger.LogWarning("Blob storage failed to {What} (try {Attempt} of {Tries}): {Error}; retrying in {Delay} ms",
-                    what, attempt, _options.RetryCount, Innermost(e).Message, delay.TotalMilliseconds);
+                    what, attempt, ownTries, Innermost(e).Message, delay.TotalMilliseconds);
                 await Task.Delay(delay, ct);
             }
         }

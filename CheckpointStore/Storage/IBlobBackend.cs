@@ -16,6 +16,9 @@ public interface IBlobBackend
     /// <summary>Where the blobs live, for messages (a folder path or an account/container URI).</summary>
     string Location { get; }
 
+    /// <summary>True when the client library already retries each request with the configured backoff (Azure): <see cref="BlobRetry"/> then tries once.</summary>
+    bool RetriesItself => false;
+
     /// <summary>Bytes staged so far for (key, stageId) that form a prefix of the file; 0 if none.</summary>
     Task<long> GetStagedLengthAsync(string key, string stageId, CancellationToken ct);
 

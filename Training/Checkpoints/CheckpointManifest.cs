@@ -30,6 +30,15 @@ public sealed record ManifestFile(
 public sealed record CheckpointPosition(long Step, long Generation, long ConsumedSamples, long OptimizerSteps);
 
 /// <summary>
+/// What fixes the order of the training samples besides the consumed count: a resume that changes any of these would
+/// see other samples than the uninterrupted run.
+/// </summary>
+public sealed record DataOrder(
+    [property: JsonPropertyName("seed")] long Seed,
+    [property: JsonPropertyName("global_batch")] int GlobalBatch,
+    [property: JsonPropertyName("seq_len")] int SeqLen);
+
+/// <summary>
 /// The manifest, written last: a step without one does not exist. Field names match what the CheckpointStore
 /// service adds itself ("job", "step", "generation", "files", "committed_utc"), so the same JSON describes a
 /// checkpoint in a folder and in blob storage. There are no RNG states: training draws no random numbers and the
@@ -54,6 +63,8 @@ public sealed record CheckpointManifest
     /// <summary>The model's config.json, embedded verbatim.</summary>
     [JsonPropertyName("config")] public JsonElement? Config { get; init; }
     [JsonPropertyName("tokenizer_sha256")] public string? TokenizerSha256 { get; init; }
+    /// <summary>Set by the standalone trainer, which checks it on resume; cluster jobs keep theirs in the job spec.</summary>
+    [JsonPropertyName("data_order")] public DataOrder? DataOrder { get; init; }
     [JsonPropertyName("committed_utc")] public string? CommittedUtc { get; init; }
 
     public CheckpointPosition Position => new(Step, Generation, ConsumedSamples, OptimizerSteps);

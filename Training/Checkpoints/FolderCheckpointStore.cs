@@ -8,9 +8,10 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// Ranks write straight into the step folder (nothing to publish); <see cref="CommitAsync"/> checks each listed file's
 /// size and writes manifest.json through a temporary file and a rename, so a step folder without a manifest is an
 /// unfinished save that readers ignore. The writers' SHA-256s are recorded, not recomputed: on a shared file system
-/// the bytes never travelled. <see cref="VerifyAsync"/> rehashes on demand.
+/// the bytes never travelled. A replica load (<see cref="ReadStepIntoAsync"/>) checks them while it reads anyway, and
+/// <see cref="VerifyAsync"/> rehashes on demand.
 /// </summary>
-public sealed class FolderCheckpointStore(string root, string job) : ICheckpointSink, ICheckpointSource, IDisposable
+public sealed class FolderCheckpointStore(string root, string job) : ICheckpointSink, ICheckpointDirectSource, IDisposable
 {
     public string StepFolder(long step) => Path.Combine(root, job, $"{step:D8}");
     readonly Dictionary<string, SafeTensorsFile> open = new(StringComparer.Ordinal);
@@ -71,6 +72,12 @@ public sealed class FolderCheckpointStore(string root, string job) : ICheckpoint
             if (!open.TryGetValue(path, out st!)) open[path] = st = SafeTensors.Open(path);
         }
         return Task.FromResult(rows is { } r ? st.ReadRows(tensor, r.Start, r.Count) : st.Read(tensor));
+    }
+
+    public Task ReadStepIntoAsync(CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, CancellationToken ct = default)
+    {
+        if (manifest.Job != job) throw new ArgumentException($"the manifest is for job '{manifest.Job}', this store holds job '{job}'", nameof(manifest));
+        return DirectStepReader.ReadAsync(StepFolder(manifest.Step), manifest, destinations, ct);
     }
 
     /// <summary>Rehashes every file of a committed step against its manifest; the first mismatch names the file.</summary>

@@ -2,6 +2,7 @@
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Checkpoints;
@@ -67,19 +68,59 @@ public static class ShardedCheckpointLoader
 
     /// <summary>
     /// Loads a whole replica (every tensor whole) into <paramref name="model"/> and <paramref name="optimizer"/>: the
-    /// layout of a single-process or plain data-parallel run, whatever layout the checkpoint was saved from.
+    /// layout of a single-process or plain data-parallel run, whatever layout the checkpoint was saved from. Before any
+    /// tensor is touched the manifest's config.json and tensor catalogue are compared with the model (and optimizer):
+    /// a checkpoint of another model is refused with the differing fields named, and the model stays as it was. A
+    /// source that can fill live tensors (<see cref="ICheckpointDirectSource"/>, the folder backend) reads the files
+    /// straight into the model's and optimizer's CPU memory, hashing as it goes; any other source, or a model on a GPU,
+    /// goes through new host tensors and copies.
     /// </summary>
     public static async Task<CheckpointManifest> LoadReplicaAsync(ICheckpointSource source, long step, DeepSeekForCausalLM model, AdamW? optimizer,
         string? tokenizerSha256 = null, CancellationToken ct = default)
     {
         var manifest = await source.ReadManifestAsync(step, ct);
+        string label = $"step {step} of job '{manifest.Job}'";
         if (tokenizerSha256 is not null && manifest.TokenizerSha256 is { } saved && saved != tokenizerSha256)
-            throw new InvalidDataException($"step {step} of job '{manifest.Job}' was saved with tokenizer {saved}, this run's is {tokenizerSha256}");
+            throw new InvalidDataException($"{label} was saved with tokenizer {saved}, this run's is {tokenizerSha256}");
+        CheckpointCompatibility.Check(manifest, model, optimizer, label);
+
+        bool withOptimizer = optimizer is not null && manifest.Tensors.Keys.Any(ShardingPlan.IsOptimizerState);
+        var live = CheckpointTensors.Collect(model, withOptimizer ? optimizer : null)
+            .Where(kv => manifest.Tensors.ContainsKey(kv.Key))
+            .ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
+        if (source is ICheckpointDirectSource direct && live.All(kv => CanFillDirectly(kv.Value, manifest.Tensors[kv.Key])))
+        {
+            // Bytes go into the storage directly, never through a tensor op, so autograd has nothing to record (and its
+            // thread-local mode would not follow the reader threads anyway).
+            await direct.ReadStepIntoAsync(manifest, live, ct);
+            if (optimizer is not null) FinishOptimizer(manifest, optimizer, withOptimizer);
+            return manifest;
+        }
+
         var plan = ShardingPlan.For(ParallelLayout.Even(1, 1, manifest.Layout.NumLayers), manifest);
         var wanted = plan.NeedsOf(0, shardOptimizer: false).Where(s => optimizer is not null || !ShardingPlan.IsOptimizerState(s.Name));
         var tensors = await LoadAsync(source, manifest, wanted, ct);
-        try { CheckpointTensors.Apply(tensors, manifest, model, optimizer, $"step {step} of job '{manifest.Job}'"); }
+        try { CheckpointTensors.Apply(tensors, manifest, model, optimizer, label); }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
         return manifest;
+    }
+
+    static bool CanFillDirectly(Tensor live, ManifestTensor stored) =>
+        live.device_type == DeviceType.CPU && live.is_contiguous() && live.shape.SequenceEqual(stored.Shape)
+        && SafeTensorDtype.TryParse(stored.Dtype, out var type, out _) && type == live.dtype;
+
+    /// <summary>What <see cref="CheckpointTensors.Apply"/> does besides copying: master weights the checkpoint lacks, and the step count.</summary>
+    static void FinishOptimizer(CheckpointManifest manifest, AdamW optimizer, bool loaded)
+    {
+        if (!loaded)
+        {
+            optimizer.StepCount = 0;
+            return;
+        }
+        using (no_grad())
+            foreach (var s in optimizer.Slots)
+                if (s.Master is not null && !manifest.Tensors.ContainsKey($"optimizer.{s.Name}.master"))
+                    s.Master.copy_(s.Param.to_type(ScalarType.Float32));
+        optimizer.StepCount = manifest.OptimizerSteps;
     }
 }

@@ -46,7 +46,7 @@ public static partial class ConfigurationKeys
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
         ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */],
-        ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
+        ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device"],
     };

@@ -8,6 +8,7 @@ public sealed class SwitchableBlobBackend(IBlobBackend inner) : IBlobBackend
     public volatile bool Unreachable;
 
     public string Location => inner.Location;
+    public bool RetriesItself => inner.RetriesItself;
 
     private void Check()
     {

@@ -50,7 +50,7 @@ public class GpuWorkerCliTests
             Assert.Contains("validation loss", stdout);
             foreach (var f in new[] { "config.json", "model.safetensors", "tokenizer.json", "generation_config.json" })
                 Assert.True(File.Exists(Path.Combine(dir, "model", f)), $"model/{f} is missing");
-            Assert.True(Directory.Exists(Path.Combine(dir, "checkpoints", "step-00000012")));
+            Assert.True(File.Exists(Path.Combine(dir, "checkpoints", "standalone", "00000012", "manifest.json"))); // committed in the sharded format
 
             var gen = Run("generate", "--model", Path.Combine(dir, "model"), "--prompt", "And God said", "--max-new-tokens", "8", "--greedy", "--json");
             Assert.True(gen.code == 0, gen.stderr);

@@ -1,0 +1,190 @@
+// Reads a committed step's files straight into live CPU tensors: one sequential pass per file, hashed on the way in.
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Security.Cryptography;
+using DeepSeekCluster.Training.IO;
+using Microsoft.Win32.SafeHandles;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Checkpoints;
+
+/// <summary>A source that can fill live tensors itself, without a new tensor per read (the folder backend).</summary>
+public interface ICheckpointDirectSource : ICheckpointSource
+{
+    /// <summary>
+    /// Reads every file of the committed <paramref name="manifest"/> once, front to back, writing each stored slice
+    /// into its rows of <paramref name="destinations"/> (whole tensors by checkpoint name: contiguous, on the CPU, of the
+    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256
+    /// is checked against the manifest while it streams. Header or size problems are found before any destination is
+    /// written; a hash mismatch is found after, and the error says the destinations hold a partial load.
+    /// </summary>
+    Task ReadStepIntoAsync(CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, CancellationToken ct = default);
+}
+
+internal static class DirectStepReader
+{
+    /// <summary>Bytes per read call: large enough for the disk's full sequential speed, small enough to overlap reading and hashing.</summary>
+    const int ChunkBytes = 8 << 20;
+
+    /// <summary>Where one stored tensor's bytes go: a destination byte range, or nowhere (hash only).</summary>
+    sealed record Region(string Name, long FileOffset, long Length, Tensor? Destination, long DestinationByteOffset);
+
+    sealed record FilePlan(string Path, ManifestFile File, byte[] Prefix, List<Region> Regions);
+
+    public static async Task ReadAsync(string stepFolder, CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, CancellationToken ct)
+    {
+        SafeTensors.EnsureLittleEndian();
+        string label = $"step {manifest.Step} of job '{manifest.Job}'";
+        // Everything that can be checked without the tensor bytes is checked for every file before any destination is written.
+        var plans = manifest.Files.Select(f => Plan(stepFolder, f, manifest, destinations, label)).ToList();
+        var options = new ParallelOptions { CancellationToken = ct, MaxDegreeOfParallelism = Math.Clamp(Environment.ProcessorCount, 2, 8) };
+        await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() => Stream(plan, label, token), token)));
+    }
+
+    static FilePlan Plan(string stepFolder, ManifestFile file, CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, string label)
+    {
+        if (Path.GetFileName(file.Name) != file.Name) throw new InvalidDataException($"{label}: checkpoint file name '{file.Name}' is not a bare file name");
+        string path = Path.Combine(stepFolder, file.Name);
+        var info = new FileInfo(path);
+        if (!info.Exists) throw new FileNotFoundException($"{label}: {file.Name} is missing from {stepFolder}", path);
+        if (info.Length != file.Size) throw new InvalidDataException($"{label}: {path} is {info.Length} bytes, the manifest says {file.Size}");
+
+        byte[] prefix;
+        IReadOnlyList<SafeTensorInfo> stored;
+        using (var st = SafeTensors.Open(path))
+        {
+            stored = st.Tensors;
+            using var raw = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+            Span<byte> len = stackalloc byte[8];
+            RandomAccess.Read(raw, len, 0);
+            prefix = new byte[8 + checked((int)BinaryPrimitives.ReadUInt64LittleEndian(len))];
+            if (RandomAccess.Read(raw, prefix, 0) != prefix.Length) throw new InvalidDataException($"{label}: {path} ended inside its header");
+        }
+        long dataStart = prefix.Length;
+
+        var expected = manifest.Tensors
+            .SelectMany(kv => kv.Value.Slices.Where(s => s.File == file.Name).Select(s => (Name: kv.Key, Tensor: kv.Value, Slice: s)))
+            .ToDictionary(e => e.Name, StringComparer.Ordinal);
+        var regions = new List<Region>();
+        foreach (var t in stored.OrderBy(t => t.Begin))
+        {
+            if (!expected.Remove(t.Name, out var e))
+                throw new InvalidDataException($"{label}: {file.Name} holds tensor '{t.Name}', which the manifest does not place in it");
+            long[] sliceShape = e.Tensor.Shape.Length == 0 ? [] : [e.Slice.RowCount, .. e.Tensor.Shape.AsSpan(1)];
+            if (t.Dtype != e.Tensor.Dtype || !t.Shape.SequenceEqual(sliceShape))
+                throw new InvalidDataException($"{label}: {file.Name} stores '{t.Name}' as {t.Dtype} [{string.Join(", ", t.Shape)}]; the manifest says {e.Tensor.Dtype} [{string.Join(", ", sliceShape)}]");
+            if (!destinations.TryGetValue(t.Name, out var dest))
+            {
+                regions.Add(new Region(t.Name, dataStart + t.Begin, t.ByteLength, null, 0));
+                continue;
+            }
+            if (dest.device_type != DeviceType.CPU || !dest.is_contiguous() || dest.dtype != t.ScalarType || !dest.shape.SequenceEqual(e.Tensor.Shape))
+                throw new ArgumentException($"{label}: the destination of '{t.Name}' must be a contiguous CPU tensor of {e.Tensor.Dtype} [{string.Join(", ", e.Tensor.Shape)}]; " +
+                    $"it is {dest.dtype} [{string.Join(", ", dest.shape)}] on {dest.device}");
+            long rowBytes = e.Tensor.Rows == 0 ? 0 : dest.numel() * dest.ElementSize / e.Tensor.Rows;
+            regions.Add(new Region(t.Name, dataStart + t.Begin, t.ByteLength, dest, e.Tensor.Shape.Length == 0 ? 0 : e.Slice.RowStart * rowBytes));
+        }
+        if (expected.Count > 0)
+            throw new InvalidDataException($"{label}: the manifest places '{expected.Keys.First()}' in {file.Name}, which does not hold it ({expected.Count} missing)");
+        return new FilePlan(path, file, prefix, regions);
+    }
+
+    /// <summary>
+    /// One reader thread issues large sequential reads straight into the destinations; a hasher thread follows it
+    /// chunk by chunk, so SHA-256 costs no second pass and overlaps the next read.
+    /// </summary>
+    static void Stream(FilePlan plan, string label, CancellationToken ct)
+    {
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        hash.AppendData(plan.Prefix);
+        using var chunks = new BlockingCollection<Chunk>(boundedCapacity: 4);
+        var hasher = Task.Factory.StartNew(() =>
+        {
+            foreach (var c in chunks.GetConsumingEnumerable())
+                using (c) hash.AppendData(c.Bytes);
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+
+        Exception? failure = null;
+        try
+        {
+            using var handle = File.OpenHandle(plan.Path, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.SequentialScan);
+            long position = plan.Prefix.Length;
+            foreach (var r in plan.Regions)
+            {
+                if (r.FileOffset != position) // safetensors data is dense; a gap still counts for the hash
+                    ReadScratch(handle, plan.Path, position, r.FileOffset - position, chunks, ct);
+                if (r.Destination is null) ReadScratch(handle, plan.Path, r.FileOffset, r.Length, chunks, ct);
+                else ReadInto(handle, plan.Path, r, chunks, ct);
+                position = r.FileOffset + r.Length;
+            }
+            if (position != plan.File.Size) ReadScratch(handle, plan.Path, position, plan.File.Size - position, chunks, ct);
+        }
+        catch (Exception e) { failure = e; }
+        finally
+        {
+            chunks.CompleteAdding();
+            hasher.GetAwaiter().GetResult();
+        }
+        if (failure is not null) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
+
+        string actual = Convert.ToHexStringLower(hash.GetHashAndReset());
+        if (actual != plan.File.Sha256)
+            throw new InvalidDataException($"{label}: {plan.Path} hashes to {actual}, the manifest says {plan.File.Sha256}; " +
+                "the file is damaged and the model and optimizer now hold a partial load — do not train on them");
+    }
+
+    static void ReadInto(SafeFileHandle handle, string path, Region r, BlockingCollection<Chunk> chunks, CancellationToken ct)
+    {
+        using var flat = r.Destination!.view(-1);
+        long element = r.Destination.ElementSize;
+        if (r.DestinationByteOffset % element != 0 || r.Length % element != 0)
+            throw new InvalidDataException($"{path}: tensor '{r.Name}' is {r.Length} bytes, not whole {element}-byte elements");
+        long perChunk = Math.Max(1, ChunkBytes / element), first = r.DestinationByteOffset / element, count = r.Length / element;
+        for (long done = 0; done < count; done += perChunk)
+        {
+            ct.ThrowIfCancellationRequested();
+            var part = flat.narrow(0, first + done, Math.Min(perChunk, count - done));
+            try
+            {
+                FillExactly(handle, path, part.bytes, r.FileOffset + done * element);
+                chunks.Add(new Chunk(part, null), ct);
+            }
+            catch
+            {
+                part.Dispose();
+                throw;
+            }
+        }
+    }
+
+    static void ReadScratch(SafeFileHandle handle, string path, long offset, long length, BlockingCollection<Chunk> chunks, CancellationToken ct)
+    {
+        for (long done = 0; done < length;)
+        {
+            ct.ThrowIfCancellationRequested();
+            var buffer = new byte[(int)Math.Min(ChunkBytes, length - done)];
+            FillExactly(handle, path, buffer, offset + done);
+            chunks.Add(new Chunk(null, buffer), ct);
+            done += buffer.Length;
+        }
+    }
+
+    static void FillExactly(SafeFileHandle handle, string path, Span<byte> target, long offset)
+    {
+        while (!target.IsEmpty)
+        {
+            int n = RandomAccess.Read(handle, target, offset);
+            if (n == 0) throw new InvalidDataException($"{path} ended at byte {offset}; it was truncated while being read");
+            target = target[n..];
+            offset += n;
+        }
+    }
+
+    /// <summary>Bytes the hasher still has to see: a view of a destination (disposed after hashing) or a scratch buffer.</summary>
+    sealed class Chunk(Tensor? view, byte[]? scratch) : IDisposable
+    {
+        public ReadOnlySpan<byte> Bytes => view is not null ? view.bytes : scratch;
+        public void Dispose() => view?.Dispose();
+    }
+}
