@@ -102,6 +102,61 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
         Assert.True(png.Length > 30_000, $"the screenshot is only {png.Length} bytes: a blank page?");
     }
 
+    /// <summary>
+    /// The fields other parts of the cluster are adding to the job status (event details, data consumption, validation
+    /// history, expert load): rendered by the page's own renderJob from a status object of that shape, in one evaluation,
+    /// so the 2-second poll cannot interleave.
+    /// </summary>
+    [Fact]
+    public async Task TheStatusFieldsBeingAddedRenderWhenPresent()
+    {
+        await using var browser = await Chromium.StartAsync(Width, Height);
+        await browser.NavigateAsync(cluster.CoordinatorUrl + "/status");
+        await Poll.UntilAsync(async () => (await browser.EvaluateAsync("typeof renderJob === 'function' && document.readyState === 'complete'"))?.GetValue<bool>() == true,
+            TimeSpan.FromSeconds(60), () => "the page's script did not load:\n" + browser.Log);
+        var shown = JsonNode.Parse((await browser.EvaluateAsync("""
+            JSON.stringify((() => {
+              renderJob({
+                jobId: 'contract', state: 'running', generation: 3, step: 12, spec: { steps: 20 },
+                loss: [{ step: 1, loss: 5, tokensPerSecond: 100 }, { step: 2, loss: 4, tokensPerSecond: 120 }],
+                validationLoss: [{ step: 4, loss: 5.5 }, { step: 8, loss: 4.5 }, { step: 12, loss: 4.4 }],
+                expertLoad: { layers: [1, 2], experts: 4, fractions: [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]] },
+                consumption: { samples: 160, ranges: [[0, 160]], complete: false },
+                events: [
+                  { at: '2026-01-01T00:00:00Z', generation: 2, message: 'worker w1 failed', kind: 'failed', workerId: 'w1', reason: 'heartbeat timeout' },
+                  { at: '2026-01-01T00:00:05Z', generation: 3, message: 'recovered', kind: 'recovered', resumeSource: 'checkpoint', stepsRedone: 2, recoverySeconds: 4.5 }],
+                committed: [{ step: 8, generation: 2, files: 2, bytes: 2000000 }],
+                checkpoints: [{ step: 12, generation: 3, world: 2, files: [{}], complete: false }],
+              });
+              const heat = document.getElementById('heatmap');
+              return {
+                validation: +document.getElementById('validation-chart').getAttribute('data-points'),
+                cells: +heat.getAttribute('data-cells'), shades: [...heat.querySelectorAll('rect.cell')].map(r => r.getAttribute('fill')),
+                events: [...document.querySelectorAll('#events li')].map(li => ({ kind: li.dataset.kind, text: li.textContent })),
+                consumption: document.getElementById('consumption').textContent,
+                checkpoints: [...document.querySelectorAll('#checkpoints tbody tr')].map(r => r.textContent),
+              };
+            })())
+            """))!.GetValue<string>())!.AsObject();
+        log.WriteLine(shown.ToJsonString());
+        Assert.Equal(3, shown["validation"]!.GetValue<int>());
+        Assert.Equal(8, shown["cells"]!.GetValue<int>());
+        // Balanced experts (1/4) are drawn lighter than the one taking 70% of its layer.
+        var shades = shown["shades"]!.AsArray().Select(f => double.Parse(f!.GetValue<string>().Split(',')[3].TrimEnd(')'), System.Globalization.CultureInfo.InvariantCulture)).ToList();
+        Assert.True(shades[4] > shades[0] && shades[0] > shades[5], string.Join(", ", shades));
+        var events = shown["events"]!.AsArray();
+        Assert.Equal(["recovered", "failed"], events.Select(e => e!["kind"]!.GetValue<string>())); // newest first
+        var recovered = events[0]!["text"]!.GetValue<string>();
+        Assert.Contains("resumed from checkpoint", recovered);
+        Assert.Contains("2 steps redone", recovered);
+        Assert.Contains("recovered in 4.5 s", recovered);
+        Assert.Contains("worker w1", events[1]!["text"]!.GetValue<string>());
+        Assert.Contains("heartbeat timeout", events[1]!["text"]!.GetValue<string>());
+        Assert.Equal("data consumed: 160 samples in 1 ranges", shown["consumption"]!.GetValue<string>());
+        Assert.Equal(2, shown["checkpoints"]!.AsArray().Count);
+        Assert.Contains("1/2 ranks", shown["checkpoints"]![1]!.GetValue<string>());
+    }
+
     [Fact]
     public async Task TheStatusPageAndItsAssetsAreServedWithoutAToken()
     {
