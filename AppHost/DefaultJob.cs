@@ -80,13 +80,17 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
                     s.TryGetProperty("workers", out var w) ? w.GetArrayLength() : 0,
                     s.TryGetProperty("committed", out var c) && c.GetArrayLength() > 0 ? c[c.GetArrayLength() - 1].GetProperty("step").GetInt64() : null,
                     pace is { } p ? ProgressView.Eta(p.step, DateTime.UtcNow - p.at, step, options.Steps) : null);
-                if (live) Log.Status(ProgressView.Format(now));
-                else if (ProgressView.PlainLineDue(now, last, every: 10)) Log.AppHost(ProgressView.Format(now));
-                if (live && last is not null && (now.State != last.State || now.Generation != last.Generation)) Log.AppHost(ProgressView.Format(now));
-                last = now;
-                if (state is "Completed" or "Failed" or "Stopped")
+                bool terminal = state is "Completed" or "Failed" or "Stopped";
+                if (live)
                 {
-                    if (live) { Log.Status(null); Log.AppHost(ProgressView.Format(now)); }
+                    // State and generation changes stay in the log; the status line below it follows every poll.
+                    if (last is null || now.State != last.State || now.Generation != last.Generation) Log.AppHost(ProgressView.Format(now));
+                    Log.Status(terminal ? null : ProgressView.Format(now));
+                }
+                else if (ProgressView.PlainLineDue(now, last, every: 10)) Log.AppHost(ProgressView.Format(now));
+                last = now;
+                if (terminal)
+                {
                     if (s.TryGetProperty("error", out var err) && err.ValueKind == JsonValueKind.String) Log.AppHost($"error: {err.GetString()}");
                     if (state == "Completed") await WaitForFinalCommitAsync(jobId, ct);
                     return state;
