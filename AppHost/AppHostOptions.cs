@@ -4,6 +4,9 @@ namespace DeepSeekCluster.AppHost;
 public sealed record AppHostOptions
 {
     public int Workers { get; init; } = 2;
+    /// <summary>The job's maxWorkers: above --workers, workers added with 'add' grow the running job (0: --workers).</summary>
+    public int MaxWorkers { get; init; }
+    public int JobMaxWorkers => Math.Max(Workers, MaxWorkers);
     public string Preset { get; init; } = "tiny";
     public int Steps { get; init; } = 300;
     public int SeqLen { get; init; } = 128;
@@ -21,6 +24,7 @@ public sealed record AppHostOptions
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
           --workers N            gpu-worker processes to start (default 2)
+          --max-workers N        most workers the job may grow to with 'add' (default: --workers)
           --preset NAME          model preset of the default job (tiny)
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
@@ -40,6 +44,7 @@ public sealed record AppHostOptions
             o = args[i] switch
             {
                 "--workers" => o with { Workers = Int() },
+                "--max-workers" => o with { MaxWorkers = Int() },
                 "--preset" => o with { Preset = Value() },
                 "--steps" => o with { Steps = Int() },
                 "--seq-len" => o with { SeqLen = Int() },

@@ -8,7 +8,7 @@ using Grpc.Net.Client;
 
 namespace DeepSeekCluster.AppHost;
 
-public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Resource dataShards, string token)
+public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Resource dataShards, string token, EndpointsFile endpoints)
 {
     readonly HttpClient http = new() { BaseAddress = new Uri(coordinator.GetEndpoint("http").Url), Timeout = TimeSpan.FromSeconds(30) };
 
@@ -38,7 +38,7 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
             globalBatch = options.GlobalBatch, microBatch = options.MicroBatch, seqLen = options.SeqLen, steps = options.Steps,
             schedule = new { kind = "cosine", peakLr = options.Lr, minLr = options.Lr / 10, warmupSteps = Math.Min(30, options.Steps / 10) },
             checkpointInterval = options.CheckpointInterval,
-            minWorkers = 1, maxWorkers = options.Workers, seed = 1234,
+            minWorkers = 1, maxWorkers = options.JobMaxWorkers, seed = 1234,
         };
         using var request = new HttpRequestMessage(HttpMethod.Post, "/jobs") { Content = JsonContent.Create(spec) };
         request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
@@ -47,46 +47,75 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
         if (!response.IsSuccessStatusCode) throw new InvalidOperationException($"the coordinator refused the job ({(int)response.StatusCode}): {body}");
         using var doc = JsonDocument.Parse(body);
         var id = doc.RootElement.GetProperty("jobId").GetString()!;
-        Log.AppHost($"submitted job {id}: {options.Preset}, {options.Steps} steps, global batch {options.GlobalBatch} x {options.SeqLen} tokens, up to {options.Workers} workers");
+        Log.AppHost($"submitted job {id}: {options.Preset}, {options.Steps} steps, global batch {options.GlobalBatch} x {options.SeqLen} tokens, up to {options.JobMaxWorkers} workers");
         return id;
     }
 
-    /// <summary>Prints progress as the job advances; returns its final state.</summary>
+    /// <summary>
+    /// Shows progress as the job advances (a live status line on a terminal, a log line every 10 steps otherwise);
+    /// returns its final state.
+    /// </summary>
     public async Task<string> FollowAsync(string jobId, CancellationToken ct)
     {
-        long lastStep = -1;
-        string lastState = "";
-        var started = DateTime.UtcNow;
-        while (true)
+        bool live = ProgressView.IsLive();
+        JobProgress? last = null;
+        // The ETA is measured from the first step seen, so corpus preparation and model set-up do not inflate it.
+        (long step, DateTime at)? pace = null;
+        try
         {
-            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}", ct));
-            var s = doc.RootElement;
-            // The REST API writes states camelCase ("running"); the AppHost reports them as the JobState names.
-            var raw = s.GetProperty("state").GetString() ?? "?";
-            var state = raw.Length > 0 ? char.ToUpperInvariant(raw[0]) + raw[1..] : raw;
-            long step = s.GetProperty("step").GetInt64();
-            if (step != lastStep || state != lastState)
+            while (true)
             {
+                using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}", ct));
+                var s = doc.RootElement;
+                // The REST API writes states camelCase ("running"); the AppHost reports them as the JobState names.
+                var raw = s.GetProperty("state").GetString() ?? "?";
+                var state = raw.Length > 0 ? char.ToUpperInvariant(raw[0]) + raw[1..] : raw;
+                long step = s.GetProperty("step").GetInt64();
+                if (step > 0 && pace is null) pace = (step, DateTime.UtcNow);
                 var loss = s.TryGetProperty("loss", out var l) && l.GetArrayLength() > 0 ? l[l.GetArrayLength() - 1] : default;
-                string lossText = loss.ValueKind == JsonValueKind.Object ? $"loss {loss.GetProperty("loss").GetDouble():F4} | {loss.GetProperty("tokensPerSecond").GetDouble() / 1000:F1}k tok/s" : "loss -";
-                int workers = s.TryGetProperty("workers", out var w) ? w.GetArrayLength() : 0;
-                string checkpoint = s.TryGetProperty("committed", out var c) && c.GetArrayLength() > 0
-                    ? $"last checkpoint step {c[c.GetArrayLength() - 1].GetProperty("step").GetInt64()}" : "no checkpoint yet";
-                double perStep = step > 0 ? (DateTime.UtcNow - started).TotalSeconds / step : 0;
-                var eta = TimeSpan.FromSeconds(perStep * Math.Max(0, options.Steps - step));
-                if (step != lastStep && (step % 10 == 0 || state != lastState || step == options.Steps) || state != lastState)
-                    Log.AppHost($"job {state.ToLowerInvariant()} | generation {s.GetProperty("generation").GetInt64()} | step {step}/{options.Steps} | {lossText} | workers {workers} | {checkpoint} | ETA {eta:hh\\:mm\\:ss}");
-                lastStep = step;
-                lastState = state;
+                var now = new JobProgress(state, s.GetProperty("generation").GetInt64(), step, options.Steps,
+                    loss.ValueKind == JsonValueKind.Object ? loss.GetProperty("loss").GetDouble() : null,
+                    loss.ValueKind == JsonValueKind.Object ? loss.GetProperty("tokensPerSecond").GetDouble() : null,
+                    await WorkersMfuAsync(ct),
+                    s.TryGetProperty("workers", out var w) ? w.GetArrayLength() : 0,
+                    s.TryGetProperty("committed", out var c) && c.GetArrayLength() > 0 ? c[c.GetArrayLength() - 1].GetProperty("step").GetInt64() : null,
+                    pace is { } p ? ProgressView.Eta(p.step, DateTime.UtcNow - p.at, step, options.Steps) : null);
+                bool terminal = state is "Completed" or "Failed" or "Stopped";
+                if (live)
+                {
+                    // State and generation changes stay in the log; the status line below it follows every poll.
+                    if (last is null || now.State != last.State || now.Generation != last.Generation) Log.AppHost(ProgressView.Format(now));
+                    Log.Status(terminal ? null : ProgressView.Format(now));
+                }
+                else if (ProgressView.PlainLineDue(now, last, every: 10)) Log.AppHost(ProgressView.Format(now));
+                last = now;
+                if (terminal)
+                {
+                    if (s.TryGetProperty("error", out var err) && err.ValueKind == JsonValueKind.String) Log.AppHost($"error: {err.GetString()}");
+                    if (state == "Completed") await WaitForFinalCommitAsync(jobId, ct);
+                    return state;
+                }
+                await Task.Delay(1000, ct);
             }
-            if (state is "Completed" or "Failed" or "Stopped")
-            {
-                if (s.TryGetProperty("error", out var err) && err.ValueKind == JsonValueKind.String) Log.AppHost($"error: {err.GetString()}");
-                if (state == "Completed") await WaitForFinalCommitAsync(jobId, ct);
-                return state;
-            }
-            await Task.Delay(1000, ct);
         }
+        finally { if (live) Log.Status(null); }
+    }
+
+    readonly HttpClient scraper = new() { Timeout = TimeSpan.FromSeconds(2) };
+
+    /// <summary>The workers' mean MFU, read from their /metrics (the job status does not carry it); null when none reports it.</summary>
+    async Task<double?> WorkersMfuAsync(CancellationToken ct)
+    {
+        var values = new List<double>();
+        foreach (var i in endpoints.Snapshot().Where(i => i.Resource == "gpu-worker"))
+        {
+            try
+            {
+                if (ProgressView.MeanOf(await scraper.GetStringAsync(i.Endpoints["http"] + "/metrics", ct), "deepseek_train_mfu_ratio") is double v) values.Add(v);
+            }
+            catch (Exception e) when (e is HttpRequestException or TaskCanceledException && !ct.IsCancellationRequested) { } // a worker that is leaving
+        }
+        return values.Count > 0 ? values.Average() : null;
     }
 
     /// <summary>The final checkpoint commits after the last step report: wait for it (bounded) so the run ends complete.</summary>

@@ -76,10 +76,15 @@ var worker = builder.AddProject("gpu-worker", "GpuWorker", "gpu-worker")
 using var stop = new CancellationTokenSource();
 Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
 await using var app = builder.Build();
+var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
+app.LineReceived += (instance, line) => { if (instance.StartsWith(worker.Name + "-", StringComparison.Ordinal)) endpoints.Observe(instance, worker.Name, line); };
+app.ChildExited += (instance, _) => endpoints.Remove(instance);
 try
 {
     await app.StartAsync(stop.Token);
-    var job = new DefaultJob(options, coordinator, dataShards, token);
+    foreach (var r in new[] { coordinator, dataShards, checkpoints }) endpoints.Add(r.Name, r); // one instance each, named as the resource
+    Log.AppHost($"endpoints of every instance: {endpoints.Path}");
+    var job = new DefaultJob(options, coordinator, dataShards, token, endpoints);
     var modelSaved = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
     app.LineReceived += (_, line) => { if (line.Contains("model saved to")) modelSaved.TrySetResult(line); };
     var datasetId = await job.PrepareCorpusAsync(Path.Combine(root, "data", "corpus", "kjv.txt.gz"), stop.Token);
@@ -94,8 +99,9 @@ try
     }
     Log.AppHost($"job {jobId} ended: {final}");
     Log.AppHost($"REST API: {coordinator.GetEndpoint("http").Url}/jobs   (writes need 'Authorization: Bearer <token>' with the token in {tokenFile})");
-    foreach (var r in new[] { coordinator, dataShards, checkpoints })
-        Log.AppHost($"metrics: {r.GetEndpoint("http").Url}/metrics   ({r.Name})");
+    Log.AppHost($"status page: {coordinator.GetEndpoint("http").Url}/status");
+    foreach (var i in endpoints.Snapshot().Where(i => i.Endpoints.ContainsKey("http")))
+        Log.AppHost($"metrics: {i.Endpoints["http"]}/metrics   ({i.Name})");
     if (options.ExitWhenDone) return final == "Completed" ? 0 : 1;
     Log.AppHost("the cluster stays up; Ctrl+C (or 'quit') stops it");
     await Task.Delay(Timeout.Infinite, stop.Token);

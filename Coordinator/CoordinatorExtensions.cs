@@ -83,6 +83,7 @@ public static class CoordinatorExtensions
         app.MapGrpcService<ClusterControlService>();
         app.MapGrpcReflectionService();
         app.MapJobsApi();
+        app.MapStatusPage();
         return app;
     }
 

@@ -193,8 +193,19 @@ public static class Log
     static readonly bool color = !Console.IsOutputRedirected && Environment.GetEnvironmentVariable("NO_COLOR") is null;
     static readonly string[] palette = ["\u001b[36m", "\u001b[35m", "\u001b[33m", "\u001b[32m", "\u001b[34m", "\u001b[91m", "\u001b[96m"];
     static readonly Lock gate = new();
+    static string? status;
 
     public static void AppHost(string message) => Write("apphost", message, false);
+
+    /// <summary>A live line kept below the log on a terminal (null removes it); callers decide whether output is live.</summary>
+    public static void Status(string? line)
+    {
+        lock (gate)
+        {
+            Console.Out.Write("\r\u001b[2K" + (line ?? ""));
+            status = line;
+        }
+    }
 
     public static void Child(string instance, string line, bool error) => Write(instance, line, error);
 
@@ -203,7 +214,9 @@ public static class Log
         lock (gate)
         {
             var prefix = color ? $"{palette[(uint)name.GetHashCode() % palette.Length]}[{name}]\u001b[0m " : $"[{name}] ";
+            if (status is not null) Console.Out.Write("\r\u001b[2K"); // the log line takes the status line's place ...
             (error ? Console.Error : Console.Out).WriteLine(prefix + message);
+            if (status is not null) Console.Out.Write(status); // ... which is redrawn below it
         }
     }
 }

@@ -34,6 +34,9 @@ public sealed class DataShardsMetrics
         _bytesServed = meter.CreateCounter<long>("deepseek.data.bytes_served", "By", "Token bytes of the samples streamed by GetBatch, as stored in the shards.");
         _cacheHits = meter.CreateCounter<long>("deepseek.data.cache_hits", "{shard}", "Shards opened from a verified local cached copy.");
         _cacheMisses = meter.CreateCounter<long>("deepseek.data.cache_misses", "{shard}", "Shards downloaded from blob storage (no cached copy, or a corrupt one).");
+        // Exported as 0 from the start, so a hit ratio and "shards opened" read 0 rather than "no data" before the first hit.
+        _cacheHits.Add(0);
+        _cacheMisses.Add(0);
         _preparedBytes = meter.CreateCounter<long>("deepseek.data.prepared_bytes", "By", "Raw UTF-8 text bytes read by completed prepare runs.");
         _prepareThroughput = meter.CreateGauge<double>("deepseek.data.prepare_megabytes_per_second", "MBy/s", "Raw text MB (10^6 bytes) per second of the last completed prepare run, all stages.");
     }

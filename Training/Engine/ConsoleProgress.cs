@@ -10,11 +10,23 @@ public sealed class ConsoleProgress
     readonly Stopwatch clock = Stopwatch.StartNew();
     int lastLength;
 
+    /// <summary>Back to the start of the line and erase it.</summary>
+    public const string ClearLine = "\r\u001b[2K";
+
     public ConsoleProgress(TextWriter? output = null, bool? live = null)
     {
         this.output = output ?? Console.Out;
-        this.live = live ?? (!Console.IsOutputRedirected && Environment.GetEnvironmentVariable("CI") is null);
+        this.live = live ?? IsLive(Console.IsOutputRedirected, Environment.GetEnvironmentVariable);
     }
+
+    /// <summary>
+    /// The live line needs a terminal that understands it: output not redirected, not CI, TERM not "dumb", NO_COLOR unset
+    /// (whoever sets NO_COLOR asks for plain output). Otherwise every report is a plain line.
+    /// </summary>
+    public static bool IsLive(bool outputRedirected, Func<string, string?> environment) =>
+        !outputRedirected && environment("CI") is null && environment("NO_COLOR") is null && environment("TERM") != "dumb";
+
+    public bool Live => live;
 
     /// <summary>A message that stays on screen.</summary>
     public void Line(string message)
@@ -29,9 +41,9 @@ public sealed class ConsoleProgress
         var text = Format(m, totalSteps, workers, clock.Elapsed, extra);
         if (live)
         {
-            var padded = "\r" + text.PadRight(lastLength);
+            // Carriage return and erase-line (ANSI): the line is rewritten in place; every logEvery steps it stays.
+            output.Write(ClearLine + text);
             lastLength = text.Length;
-            output.Write(padded);
             if (m.Step % logEvery == 0 || m.Step == totalSteps) { output.WriteLine(); lastLength = 0; }
         }
         else if (m.Step % logEvery == 0 || m.Step == totalSteps || m.Step == 1)
@@ -50,6 +62,6 @@ public sealed class ConsoleProgress
 
     void ClearLive()
     {
-        if (live && lastLength > 0) { output.Write("\r" + new string(' ', lastLength) + "\r"); lastLength = 0; }
+        if (live && lastLength > 0) { output.Write(ClearLine); lastLength = 0; }
     }
 }

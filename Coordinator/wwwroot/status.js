@@ -1,0 +1,207 @@
+// The Coordinator's status page: polls the read-only REST API and draws the job with plain DOM and SVG (no libraries).
+"use strict";
+
+const POLL_MS = 2000;
+const SVG = "http://www.w3.org/2000/svg";
+const wanted = new URLSearchParams(location.search).get("job");
+
+function el(tag, attrs, ...children) {
+  const e = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v !== undefined && v !== null) e.setAttribute(k, v);
+  for (const c of children) if (c !== undefined && c !== null) e.append(c instanceof Node ? c : String(c));
+  return e;
+}
+
+function fmt(n, digits) { return typeof n === "number" && isFinite(n) ? n.toFixed(digits) : "–"; }
+function bytes(n) { return typeof n !== "number" ? "–" : n >= 1e9 ? fmt(n / 1e9, 2) + " GB" : n >= 1e6 ? fmt(n / 1e6, 1) + " MB" : fmt(n / 1e3, 1) + " kB"; }
+function ago(iso) {
+  if (!iso) return "never";
+  const s = (Date.now() - Date.parse(iso)) / 1000;
+  return s < 1 ? "now" : s < 90 ? fmt(s, 0) + " s ago" : fmt(s / 60, 1) + " min ago";
+}
+function stateCell(state) { return el("td", { class: "state state-" + (state || "").toLowerCase() }, state || "?"); }
+
+async function getJson(path) {
+  const r = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  return r.json();
+}
+
+// ---- Charts ----
+
+function niceTicks(lo, hi, n) {
+  if (hi === lo) { hi = lo + 1; }
+  const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map(m => m * mag).find(s => s >= raw) || raw;
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(t);
+  return ticks;
+}
+
+/** A line chart of points [{x, y}] into the given svg; data-points says how many points it drew (the tests read it). */
+function lineChart(svg, points, seriesClass, emptyText, yDigits) {
+  svg.replaceChildren();
+  svg.setAttribute("data-points", String(points.length));
+  const W = 480, H = 220, L = 52, R = 10, T = 10, B = 26;
+  if (points.length === 0) {
+    svg.append(el("svg:text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, emptyText));
+    return;
+  }
+  const xs = points.map(p => p.x), ys = points.map(p => p.y);
+  let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  if (x1 === x0) x1 = x0 + 1;
+  const pad = (y1 - y0) * 0.05 || Math.abs(y0) * 0.05 || 1;
+  y0 -= pad; y1 += pad;
+  const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
+  const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  for (const t of niceTicks(y0, y1, 4)) {
+    svg.append(el("svg:line", { class: "axis", x1: L, x2: W - R, y1: sy(t), y2: sy(t) }));
+    svg.append(el("svg:text", { x: L - 6, y: sy(t) + 4, "text-anchor": "end" }, fmt(t, yDigits)));
+  }
+  for (const t of niceTicks(x0, x1, 5)) {
+    if (t < x0 || t > x1) continue;
+    svg.append(el("svg:text", { x: sx(t), y: H - 8, "text-anchor": "middle" }, String(Math.round(t))));
+  }
+  const d = points.map((p, i) => (i ? "L" : "M") + sx(p.x).toFixed(1) + " " + sy(p.y).toFixed(1)).join(" ");
+  svg.append(el("svg:path", { class: "series " + seriesClass, d }));
+  if (points.length === 1) svg.append(el("svg:circle", { cx: sx(points[0].x), cy: sy(points[0].y), r: 3, class: "series " + seriesClass }));
+}
+
+/** Layers (rows) by experts (columns), each cell the expert's share of its layer's routed tokens. */
+function heatmap(box, load) {
+  box.replaceChildren();
+  const rows = load && Array.isArray(load.fractions) ? load.fractions.filter(Array.isArray) : [];
+  if (rows.length === 0) {
+    box.setAttribute("data-cells", "0");
+    box.append(el("p", { class: "muted" }, "no routing data yet"));
+    return;
+  }
+  const experts = load.experts || Math.max(...rows.map(r => r.length));
+  const layers = Array.isArray(load.layers) ? load.layers : rows.map((_, i) => i);
+  const cell = Math.max(6, Math.min(28, Math.floor(400 / experts))), L = 60, T = 18;
+  const W = L + experts * cell + 10, H = T + rows.length * cell + 24;
+  const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "expert load by layer" });
+  // Balanced is 1/E: colour by the share relative to twice that, so balance reads as mid-blue and collapse as dark.
+  const full = 2 / experts;
+  let cells = 0;
+  rows.forEach((row, i) => {
+    svg.append(el("svg:text", { x: L - 6, y: T + i * cell + cell * 0.7, "text-anchor": "end" }, "layer " + layers[i]));
+    row.forEach((f, j) => {
+      const a = Math.max(0.04, Math.min(1, (f || 0) / full));
+      const r = el("svg:rect", { x: L + j * cell, y: T + i * cell, width: cell - 1, height: cell - 1, fill: `rgba(47,111,223,${a.toFixed(3)})`, class: "cell" });
+      r.append(el("svg:title", {}, `layer ${layers[i]}, expert ${j}: ${fmt(100 * (f || 0), 1)}% of tokens`));
+      svg.append(r);
+      cells++;
+    });
+  });
+  svg.append(el("svg:text", { x: L, y: 12 }, `experts 0…${experts - 1} (darker: more tokens; balanced = ${fmt(100 / experts, 1)}%)`));
+  box.setAttribute("data-cells", String(cells));
+  box.append(svg);
+}
+
+// ---- Sections ----
+
+function renderJobs(jobs, selected) {
+  const body = document.querySelector("#jobs tbody");
+  body.replaceChildren(...jobs.map(j => {
+    const tr = el("tr", { "data-job": j.jobId, class: j.jobId === selected ? "selected" : null },
+      el("td", {}, el("a", { href: "?job=" + encodeURIComponent(j.jobId) }, j.jobId)),
+      stateCell(j.state), el("td", {}, j.generation), el("td", {}, j.step), el("td", {}, j.workers), el("td", {}, fmt(j.loss, 4)));
+    return tr;
+  }));
+  if (jobs.length === 0) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "no jobs submitted")));
+}
+
+function renderJob(s) {
+  const spec = s.spec || {};
+  const last = (s.loss || [])[(s.loss || []).length - 1];
+  document.getElementById("job-title").textContent = "Job " + s.jobId + (spec.name && spec.name !== s.jobId ? " · " + spec.name : "");
+  const item = (label, value, cls) => el("span", {}, label + " ", el("b", { class: cls }, value));
+  const total = spec.steps || 0;
+  const items = [
+    item("state", s.state, "state state-" + (s.state || "").toLowerCase()),
+    item("generation", s.generation),
+    item("step", total ? `${s.step}/${total}` : s.step),
+    item("loss", fmt(last && last.loss, 4)),
+    item("tokens/s", last ? fmt(last.tokensPerSecond, 0) : "–"),
+    item("workers", (s.workers || []).length),
+    item("model", spec.modelPreset || "custom"),
+  ];
+  if (s.error) items.push(item("error", s.error, "state-failed"));
+  const summary = document.getElementById("job-summary");
+  summary.setAttribute("data-state", s.state || "");
+  summary.replaceChildren(...items);
+
+  const loss = (s.loss || []).map(p => ({ x: p.step, y: p.loss }));
+  lineChart(document.getElementById("loss-chart"), loss, "loss", "no steps reported yet", 2);
+  lineChart(document.getElementById("tps-chart"), (s.loss || []).map(p => ({ x: p.step, y: p.tokensPerSecond })), "tps", "no steps reported yet", 0);
+  // Validation history is optional in the status (older coordinators have none).
+  const val = s.validationLoss || s.validation || [];
+  lineChart(document.getElementById("validation-chart"), val.map(p => ({ x: p.step, y: p.loss })), "validation", "no validation run yet", 2);
+  heatmap(document.getElementById("heatmap"), s.expertLoad);
+
+  const committed = new Set((s.committed || []).map(c => c.step));
+  const rows = [];
+  for (const c of (s.committed || []).slice().reverse())
+    rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation), el("td", { class: "state-completed" }, "committed"), el("td", {}, c.files), el("td", {}, bytes(c.bytes))));
+  for (const c of (s.checkpoints || []).slice().reverse())
+    if (!committed.has(c.step))
+      rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation), el("td", { class: "state-pending" }, c.complete ? "reported" : `${(c.files || []).length}/${c.world} ranks`), el("td", {}, (c.files || []).length), el("td", {}, "–")));
+  const body = document.querySelector("#checkpoints tbody");
+  body.replaceChildren(...rows);
+  if (rows.length === 0) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "no checkpoint yet")));
+  const c = s.consumption;
+  document.getElementById("consumption").textContent = c ? `data consumed: ${c.samples} samples in ${Array.isArray(c.ranges) ? c.ranges.length : c.ranges} ranges${c.complete ? " (epoch complete)" : ""}` : "";
+
+  const events = (s.events || []).slice().reverse().map(e => {
+    const details = [];
+    if (e.workerId) details.push("worker " + e.workerId);
+    if (e.reason) details.push(e.reason);
+    if (e.resumeSource) details.push("resumed from " + e.resumeSource);
+    if (typeof e.stepsRedone === "number") details.push(e.stepsRedone + " steps redone");
+    if (typeof e.recoverySeconds === "number") details.push("recovered in " + fmt(e.recoverySeconds, 1) + " s");
+    return el("li", { "data-kind": e.kind || "" },
+      el("span", { class: "muted" }, new Date(e.at).toLocaleTimeString() + " · gen " + e.generation + " "),
+      e.kind ? el("span", { class: "kind" }, e.kind + " ") : null, e.message,
+      details.length ? el("span", { class: "muted" }, " (" + details.join(", ") + ")") : null);
+  });
+  document.getElementById("events").replaceChildren(...events);
+}
+
+function renderWorkers(workers) {
+  const body = document.querySelector("#workers tbody");
+  body.replaceChildren(...workers.map(w => {
+    const age = w.lastHeartbeat ? (Date.now() - Date.parse(w.lastHeartbeat)) / 1000 : Infinity;
+    const health = !w.online ? "offline" : age > 15 ? "stale" : "online";
+    const a = w.assignment;
+    return el("tr", { "data-worker": w.workerId },
+      el("td", {}, w.workerId), el("td", { class: "health-" + health }, health),
+      el("td", {}, w.capabilities ? w.capabilities.device : "–"),
+      el("td", {}, a ? `${a.jobId} / ${a.rank} of ${a.world}` : "free"),
+      el("td", {}, w.generation), el("td", {}, w.metrics ? w.metrics.step : "–"), el("td", {}, ago(w.lastHeartbeat)));
+  }));
+  if (workers.length === 0) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no worker has joined")));
+}
+
+async function poll() {
+  try {
+    const [jobs, workers] = await Promise.all([getJson("/jobs"), getJson("/workers")]);
+    // The job to show: ?job=, else the first one still running, else the newest.
+    const active = jobs.find(j => !["completed", "failed", "stopped"].includes(j.state));
+    const selected = wanted || (active || jobs[jobs.length - 1] || {}).jobId;
+    renderJobs(jobs, selected);
+    renderWorkers(workers);
+    if (selected) renderJob(await getJson("/jobs/" + encodeURIComponent(selected)));
+    const u = document.getElementById("updated");
+    u.textContent = "updated " + new Date().toLocaleTimeString();
+    u.removeAttribute("data-error");
+  } catch (e) {
+    const u = document.getElementById("updated");
+    u.textContent = "cannot reach the coordinator: " + e.message;
+    u.setAttribute("data-error", e.message);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();

@@ -1,0 +1,82 @@
+// The AppHost's progress view and endpoints file, as units: formatting, when output is live, the ETA, and what workers announce.
+using DeepSeekCluster.AppHost;
+
+namespace DeepSeekCluster.Observability.Tests;
+
+public class ProgressViewTests
+{
+    static Func<string, string?> Env(params (string Key, string Value)[] vars) => k => vars.FirstOrDefault(v => v.Key == k).Value;
+
+    static JobProgress At(long step, string state = "Running", long generation = 1) =>
+        new(state, generation, step, 40, 3.25, 12_345, 0.0125, 2, 20, TimeSpan.FromSeconds(75));
+
+    [Fact]
+    public void LiveOnlyOnATerminalWithoutNoColorOrADumbTerm()
+    {
+        Assert.True(ProgressView.IsLive(false, Env(("TERM", "xterm"))));
+        Assert.False(ProgressView.IsLive(true, Env()));
+        Assert.False(ProgressView.IsLive(false, Env(("NO_COLOR", "1"))));
+        Assert.False(ProgressView.IsLive(false, Env(("TERM", "dumb"))));
+    }
+
+    [Fact]
+    public void TheLineShowsStepOfTotalLossThroughputMfuWorkersCheckpointAndEta()
+    {
+        Assert.Equal("job running | generation 1 | step 10/40 (25%) | loss 3.2500 | 12.3k tok/s | MFU 1.25% | workers 2 | checkpoint step 20 | ETA 01:15",
+            ProgressView.Format(At(10)));
+        Assert.Equal("job forming | generation 0 | step 0/40 (0%) | loss - | tok/s - | MFU - | workers 0 | no checkpoint yet | ETA -",
+            ProgressView.Format(new JobProgress("Forming", 0, 0, 40, null, null, null, 0, null, null)));
+    }
+
+    [Fact]
+    public void TheEtaIsThePaceSinceTheFirstStepSeenTimesTheStepsLeft()
+    {
+        // From step 5 to step 15 in 20 s: 2 s a step; 25 steps left.
+        Assert.Equal(TimeSpan.FromSeconds(50), ProgressView.Eta(5, TimeSpan.FromSeconds(20), 15, 40));
+        Assert.Null(ProgressView.Eta(5, TimeSpan.FromSeconds(3), 5, 40)); // no step since: no pace yet
+        Assert.Equal("1:02:03", ProgressView.FormatEta(new TimeSpan(1, 2, 3)));
+        Assert.Equal("02:03", ProgressView.FormatEta(new TimeSpan(0, 2, 3)));
+    }
+
+    [Fact]
+    public void PlainOutputPrintsStateChangesEveryTenStepsAndTheLastStep()
+    {
+        Assert.True(ProgressView.PlainLineDue(At(0), null, 10));
+        Assert.False(ProgressView.PlainLineDue(At(3), At(1), 10));
+        Assert.True(ProgressView.PlainLineDue(At(11), At(9), 10)); // crossed 10 between polls
+        Assert.True(ProgressView.PlainLineDue(At(3, "Rescaling"), At(3), 10));
+        Assert.True(ProgressView.PlainLineDue(At(3, generation: 2), At(3), 10));
+        Assert.True(ProgressView.PlainLineDue(At(40), At(39), 10));
+        Assert.False(ProgressView.PlainLineDue(At(12), At(12), 10));
+    }
+
+    [Fact]
+    public void TheMfuIsTheMeanOverTheWorkersSeriesInTheExposition()
+    {
+        const string exposition = """
+            # TYPE deepseek_train_mfu_ratio gauge
+            deepseek_train_mfu_ratio{training_job="j",worker="w0"} 0.1 1732590000000
+            deepseek_train_mfu_ratio_other 5
+            deepseek_train_mfu_ratio{training_job="j",worker="w1"} 0.3
+            """;
+        Assert.Equal(0.2, ProgressView.MeanOf(exposition, "deepseek_train_mfu_ratio")!.Value, 12);
+        Assert.Equal(5, ProgressView.MeanOf(exposition, "deepseek_train_mfu_ratio_other"));
+        Assert.Null(ProgressView.MeanOf(exposition, "deepseek_train_loss"));
+    }
+
+    [Fact]
+    public void TheEndpointsFileListsInstancesAndWhatWorkersAnnounce()
+    {
+        var path = Path.Combine(Directory.CreateTempSubdirectory("endpoints-").FullName, "endpoints.json");
+        var file = new EndpointsFile(path);
+        Assert.False(file.Observe("gpu-worker-0", "gpu-worker", "worker gpu-worker-0: coordinator http://127.0.0.1:5000/"));
+        Assert.True(file.Observe("gpu-worker-0", "gpu-worker", "health and metrics on http://127.0.0.1:40123 (/health, /alive, /metrics)"));
+        Assert.True(file.Observe("gpu-worker-1", "gpu-worker", "health and metrics on http://127.0.0.1:40124, http://[::1]:40124 (/health)"));
+        var written = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!["instances"]!.AsArray();
+        Assert.Equal(["gpu-worker-0", "gpu-worker-1"], written.Select(i => i!["instance"]!.GetValue<string>()));
+        Assert.Equal("http://127.0.0.1:40124", written[1]!["endpoints"]!["http"]!.GetValue<string>());
+        file.Remove("gpu-worker-0");
+        Assert.Single(System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!["instances"]!.AsArray());
+        Directory.Delete(Path.GetDirectoryName(path)!, true);
+    }
+}

@@ -1,0 +1,136 @@
+// One real cluster for every test of this project: the AppHost (coordinator, data-shards, checkpoints, workers as real
+// processes) runs a small job and stays up after it; Prometheus scrapes every instance from the start. The run is made
+// to produce the events the dashboards and the status page show: checkpoint commits, a worker leaving a running job
+// (a rescale to a new generation that resumes from the last commit), and refused requests without or with a wrong token.
+using System.Diagnostics;
+using System.Net;
+using System.Net.Http.Headers;
+using System.Reflection;
+using System.Text;
+using System.Text.Json.Nodes;
+
+namespace DeepSeekCluster.Observability.Tests;
+
+[CollectionDefinition(Name)]
+public sealed class ClusterCollection : ICollectionFixture<RunningCluster>
+{
+    public const string Name = "running cluster";
+}
+
+public sealed class RunningCluster : IAsyncLifetime
+{
+    public const int Steps = 24;
+    public const int CheckpointInterval = 4;
+
+    static readonly string AppHostDll = typeof(RunningCluster).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
+
+    readonly StringBuilder output = new();
+    Process? appHost;
+
+    public string RunDir { get; } = Directory.CreateTempSubdirectory("observability-").FullName;
+    public HttpClient Coordinator { get; private set; } = null!;
+    public string CoordinatorUrl { get; private set; } = "";
+    public string JobId { get; private set; } = "";
+    public PrometheusServer Prometheus { get; private set; } = null!;
+    public string Output { get { lock (output) return output.ToString(); } }
+
+    public async Task InitializeAsync()
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        foreach (var a in new[] { AppHostDll, "--workers", "2", "--steps", $"{Steps}", "--seq-len", "64", "--vocab-size", "512",
+                                  "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", $"{CheckpointInterval}", "--run-dir", RunDir })
+            psi.ArgumentList.Add(a);
+        psi.Environment["NO_COLOR"] = "1";
+        appHost = Process.Start(psi)!;
+        appHost.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        appHost.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        appHost.BeginOutputReadLine();
+        appHost.BeginErrorReadLine();
+        try { await StartAsync(); }
+        catch (Exception e)
+        {
+            throw new InvalidOperationException($"the cluster did not get where the tests need it: {e.Message}\n---- AppHost output ----\n{Tail(Output)}", e);
+        }
+    }
+
+    async Task StartAsync()
+    {
+        // Every instance announced: the three services and both workers with the ports they bound.
+        await Poll.UntilAsync(() => Targets().Count(t => t.Service == "gpu-worker") == 2 && Targets().Count == 5, TimeSpan.FromMinutes(5), AppHostState);
+        CoordinatorUrl = Endpoints().Single(i => i!["instance"]!.GetValue<string>() == "coordinator")!["endpoints"]!["http"]!.GetValue<string>();
+        Coordinator = new HttpClient { BaseAddress = new Uri(CoordinatorUrl), Timeout = TimeSpan.FromSeconds(30) };
+        Prometheus = await PrometheusServer.StartAsync(Targets());
+
+        // The job trains on two workers past its first commit; then one leaves (SIGTERM) and the job re-forms on the other.
+        await Poll.UntilAsync(async () => await JobAsync() is { } j && j["step"]!.GetValue<long>() > CheckpointInterval
+                                          && j["committed"]!.AsArray().Count > 0, TimeSpan.FromMinutes(8), AppHostState, TimeSpan.FromSeconds(1));
+        await appHost!.StandardInput.WriteLineAsync("remove");
+        await appHost.StandardInput.FlushAsync();
+        await Poll.UntilAsync(() => Targets().Count(t => t.Service == "gpu-worker") == 1, TimeSpan.FromMinutes(2), AppHostState);
+        Prometheus.SetTargets(Targets());
+
+        // Refused writes: one without a token, one with a wrong one (deepseek_coordinator_auth_refusals_total).
+        foreach (var token in new string?[] { null, "not-the-token" })
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Post, "/jobs") { Content = new StringContent("{}", Encoding.UTF8, "application/json") };
+            if (token is not null) request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
+            using var response = await Coordinator.SendAsync(request);
+            if (response.StatusCode != HttpStatusCode.Unauthorized) throw new InvalidOperationException($"POST /jobs with token '{token}' answered {(int)response.StatusCode}, expected 401");
+        }
+
+        // The job runs to completion on the remaining worker and its last checkpoint commits.
+        await Poll.UntilAsync(async () => await JobAsync() is { } j && j["state"]!.GetValue<string>() == "completed"
+                                          && j["committed"]!.AsArray().Any(c => c!["step"]!.GetValue<long>() == Steps), TimeSpan.FromMinutes(10), AppHostState, TimeSpan.FromSeconds(1));
+        // Every instance scraped successfully at least once.
+        await Poll.UntilAsync(async () => (await Prometheus.TargetsAsync()) is var t && t.Count == Targets().Count && t.All(x => x.Health == "up"),
+            TimeSpan.FromMinutes(1), () => "not every target is up:\n" + string.Join("\n", Prometheus.TargetsAsync().Result.Select(t => $"{t.Url} {t.Health} {t.Error}")));
+    }
+
+    /// <summary>The job the AppHost submitted, as GET /jobs/{id} shows it (null before it exists).</summary>
+    public async Task<JsonObject?> JobAsync()
+    {
+        if (JobId.Length == 0)
+        {
+            var jobs = JsonNode.Parse(await Coordinator.GetStringAsync("/jobs"))!.AsArray();
+            if (jobs.Count == 0) return null;
+            JobId = jobs[0]!["jobId"]!.GetValue<string>();
+        }
+        return JsonNode.Parse(await Coordinator.GetStringAsync($"/jobs/{JobId}"))!.AsObject();
+    }
+
+    JsonArray Endpoints()
+    {
+        var file = Path.Combine(RunDir, "endpoints.json");
+        if (!File.Exists(file)) return [];
+        return JsonNode.Parse(File.ReadAllText(file))!["instances"]!.AsArray();
+    }
+
+    /// <summary>Every instance's http endpoint (where /metrics is) from the AppHost's endpoints.json.</summary>
+    public List<ScrapeTarget> Targets() =>
+        Endpoints().Where(i => i!["endpoints"]!["http"] is not null)
+            .Select(i => new ScrapeTarget(new Uri(i!["endpoints"]!["http"]!.GetValue<string>()).Authority, i["resource"]!.GetValue<string>(), i["instance"]!.GetValue<string>()))
+            .ToList();
+
+    string AppHostState() => appHost!.HasExited ? $"the AppHost exited with code {appHost.ExitCode}" : "the AppHost is still running";
+
+    static string Tail(string text, int lines = 150) => string.Join("\n", text.Split('\n').TakeLast(lines));
+
+    public async Task DisposeAsync()
+    {
+        if (Prometheus is not null) await Prometheus.DisposeAsync();
+        Coordinator?.Dispose();
+        if (appHost is not null)
+        {
+            // 'quit' stops every child cleanly (dependants first); the kill is the fallback.
+            if (!appHost.HasExited)
+            {
+                try { await appHost.StandardInput.WriteLineAsync("quit"); await appHost.StandardInput.FlushAsync(); } catch (IOException) { }
+                using var grace = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+                try { await appHost.WaitForExitAsync(grace.Token); }
+                catch (OperationCanceledException) { appHost.Kill(entireProcessTree: true); await appHost.WaitForExitAsync(); }
+            }
+            appHost.Dispose();
+        }
+        try { Directory.Delete(RunDir, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}
