@@ -66,6 +66,7 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
             $"consumption ranges [{string.Join(", ", c.Ranges.Select(r => $"[{r.Start},{r.End})"))}]; expected one range [0,{job.Samples}) (no repeat, no gap)");
         Assert.Equal(job.Samples, c.Samples);
         Assert.True(c.Complete, "the ledger says it is not complete");
+        Assert.Equal(0, c.Overlaps);
         Assert.Empty(o.Model.Mismatched);
         var beyond = o.Model.Beyond(Tolerance);
         Assert.True(beyond.Count == 0, $"{beyond.Count} tensors differ from the reference beyond {Tolerance:E0} of their scale: {o.Model}");
@@ -76,6 +77,23 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         var left = await ProcessScan.WaitUntilNoneAsync(() => ChaosCluster.Alive(instances), TimeSpan.FromSeconds(30));
         Assert.True(left.Count == 0, $"processes left behind: {ProcessScan.Describe(left)}");
     }
+
+    static void AssertBitwise(Outcome o) =>
+        Assert.True(o.Model.Bitwise, $"the world size never changed, so the model should equal the reference bitwise: {o.Model}");
+
+    static JobEventView Single(JobView j, string kind, string workerId, DateTimeOffset? after = null)
+    {
+        var found = j.OfKind(kind).Where(e => e.WorkerId == workerId && (after is null || e.At >= after)).ToList();
+        Assert.True(found.Count >= 1, $"no '{kind}' event for {workerId}{(after is null ? "" : $" after {after:HH:mm:ss.fff}")}:\n{j.Describe()}");
+        return found[0];
+    }
+
+    Task<JobView> EventAsync(string jobId, string kind, string workerId, string what) =>
+        Cluster.WaitForAsync(jobId, j => j.OfKind(kind).Any(e => e.WorkerId == workerId), Generous, what, CancellationToken.None, TimeSpan.FromMilliseconds(100));
+
+    Task<JobView> FormedAfterAsync(string jobId, long generation) =>
+        Cluster.WaitForAsync(jobId, j => j.OfKind("formed").Any(e => e.Generation > generation), Generous,
+                             $"a generation after {generation}", CancellationToken.None, TimeSpan.FromMilliseconds(100));
 
     /// <summary>Waits until the job runs generation ≥ 1 with <paramref name="world"/> workers and has committed a checkpoint and moved past it.</summary>
     Task<JobView> RunningPastACheckpointAsync(string jobId, int world) =>
@@ -113,6 +131,188 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         Assert.Contains(o.Job.Events, e => e.Kind == "formed" && e.Generation > generation);
         AssertResumedFromReplica(o.Job, generation);
         Assert.Contains(o.Job.Events, e => e.Kind == "recovered" && e.Generation > generation && e.RecoverySeconds > 0);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task HungWorkerIsNoticedWithinTheHeartbeatTimeoutAndRejoinsAfterBeingFencedAsAZombie()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
+            Cluster.Signal(victim, Signals.Stop);
+            await EventAsync(id, "worker_hung", victim, $"the coordinator noticing {victim} hung");
+            await FormedAfterAsync(id, generation);
+            Cluster.Signal(victim, Signals.Cont); // the zombie wakes up still believing in its old generation
+            await EventAsync(id, "worker_joined", victim, $"{victim} rejoining after it was fenced");
+        });
+        AssertCommon(o, job);
+        var hung = Single(o.Job, "worker_hung", victim);
+        var fenced = Single(o.Job, "worker_fenced", victim, hung.At);
+        Single(o.Job, "worker_joined", victim, fenced.At);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerCutOffFromTheNetworkIsDroppedAndRejoinsWhenReconnected()
+    {
+        Assert.True(fx.NamespaceUnavailable is null, $"this scenario needs a network namespace: {fx.NamespaceUnavailable}");
+        var ns = Cluster.Namespace!;
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        DateTimeOffset cut = default;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            victim = workers[^1]; // the one in the namespace
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            cut = DateTimeOffset.UtcNow;
+            try
+            {
+                ns.Cut();
+                // Silent, not closed: the coordinator notices the missing heartbeats (hung) or the stream's keepalive (lost).
+                await Cluster.WaitForAsync(id, j => j.Events.Any(e => e.Kind is "worker_hung" or "worker_lost" && e.WorkerId == victim), Generous,
+                                           $"the coordinator dropping {victim}", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+                await FormedAfterAsync(id, generation);
+            }
+            finally
+            {
+                ns.Reconnect();
+            }
+            await Cluster.WaitForAsync(id, j => j.OfKind("worker_joined").Any(e => e.WorkerId == victim && e.At > cut), Generous,
+                                       $"{victim} rejoining after the reconnect", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+        }, namespaced: true);
+        AssertCommon(o, job);
+        Assert.Contains(o.Job.Events, e => e.Kind is "worker_hung" or "worker_lost" && e.WorkerId == victim && e.At > cut);
+        Single(o.Job, "worker_joined", victim, cut);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task CoordinatorKilledAndRestartedReadoptsTheRunningGenerationWithoutRedoingSteps()
+    {
+        var job = fx.Job(1, 2);
+        long generation = 0;
+        int oldPid = 0;
+        DateTimeOffset killed = default;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            generation = before.Generation;
+            oldPid = Cluster.Pid("coordinator");
+            killed = DateTimeOffset.UtcNow;
+            await Cluster.KillCoordinatorAsync(CancellationToken.None);
+            // The workers notice their control stream broke; they keep training among themselves meanwhile.
+            await Cluster.WaitForLineAsync(l => l.Contains("control stream") && l.Contains("lost") || l.Contains("unreachable"),
+                                           Generous, "a worker noticing the coordinator is gone", CancellationToken.None, killed.UtcDateTime);
+            await Cluster.RestartCoordinatorAsync(CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Assert.False(File.Exists($"/proc/{oldPid}/cmdline") && File.ReadAllText($"/proc/{oldPid}/cmdline").Contains("Coordinator"),
+                     $"the killed coordinator (pid {oldPid}) is still there");
+        // Re-adopted: no step was redone, and a re-formation (if any) resumed from a live replica.
+        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal(0, e.StepsRedone));
+        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal("replica", e.ResumeSource));
+        AssertBitwise(o);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerJoiningMidRunGrowsTheJobFromTheLiveReplica()
+    {
+        var job = fx.Job(1, 3);
+        string joiner = "";
+        long generation = 0;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            generation = before.Generation;
+            joiner = Cluster.AddWorker();
+            await Cluster.WaitForAsync(id, j => j.Workers.Any(w => w.WorkerId == joiner), Generous, $"{joiner} in a generation",
+                                       CancellationToken.None, TimeSpan.FromMilliseconds(100));
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_joined", joiner);
+        Assert.Contains(o.Job.Events, e => e.Kind == "formed" && e.Generation > generation);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerLeavingOnSigtermIsReplacedByAReformationWithoutRedoingSteps()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
+            Cluster.Signal(victim, Signals.Term);
+            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_left", victim);
+        Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerAskedToLeaveOverRestLeavesAndTheJobGoesOn()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
+            await Cluster.LeaveOverRestAsync(victim, CancellationToken.None);
+            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_left", victim);
+        Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task BlobStorageStoppedAndRestartedLosesNoCommittedCheckpointAndTheJobCompletes()
+    {
+        var job = fx.Job(1, 2);
+        DateTimeOffset restarted = default;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            await Cluster.StopAzuriteAsync(CancellationToken.None);
+            try
+            {
+                // Training goes on; the checkpoint due while storage is down cannot commit.
+                await Cluster.WaitForAsync(id, j => j.OfKind("checkpoint_not_committed").Any(), Generous,
+                                           "a checkpoint failing to commit while Azurite is down", CancellationToken.None);
+            }
+            finally
+            {
+                await Cluster.StartAzuriteAsync(CancellationToken.None);
+                restarted = DateTimeOffset.UtcNow;
+            }
+        });
+        AssertCommon(o, job);
+        Assert.Contains(o.Job.Events, e => e.Kind == "checkpoint_committed" && e.At > restarted);
+        Assert.Contains(job.Steps, o.Job.CommittedSteps);
+        AssertBitwise(o);
         await AssertNoOrphansAsync(o.Instances);
     }
 }

@@ -189,10 +189,11 @@ public sealed class ChaosCluster : IAsyncDisposable
         return (job, Path.Combine(dir, "model.safetensors"));
     }
 
-    public async Task WaitForLineAsync(Func<string, bool> match, TimeSpan timeout, string what, CancellationToken ct)
+    /// <summary>Waits for a child's stdout line (written at or after <paramref name="since"/>, when given) that matches.</summary>
+    public async Task WaitForLineAsync(Func<string, bool> match, TimeSpan timeout, string what, CancellationToken ct, DateTime? since = null)
     {
         var deadline = DateTime.UtcNow + timeout;
-        while (!lines.Any(l => match(l.Line)))
+        while (!lines.Any(l => l.At >= (since ?? DateTime.MinValue) && match(l.Line)))
         {
             if (DateTime.UtcNow > deadline) throw new TimeoutException($"{what}: no such log line within {timeout.TotalSeconds:F0} s\n{RecentLines(40)}");
             await Task.Delay(200, ct);
@@ -204,7 +205,7 @@ public sealed class ChaosCluster : IAsyncDisposable
     // ---- Workers ----
 
     /// <summary>Starts one more gpu-worker (inside the network namespace when asked); returns its instance, which is its worker id.</summary>
-    public string AddWorker(bool inNamespace = false)
+    public string AddWorker(bool inNamespace = false, TimeSpan? heartbeatInterval = null)
     {
         if (inNamespace && Namespace is null) throw new InvalidOperationException("this cluster was started without a network namespace");
         var r = factory.AddProject("gpu-worker", "GpuWorker", "gpu-worker").WithArgs("join");
@@ -217,9 +218,12 @@ public sealed class ChaosCluster : IAsyncDisposable
             .WithEnvironment("Worker__Device", "cpu")
             // Peers dial this address: the namespace end for a worker inside it, the host end (reachable from both sides) otherwise.
             .WithEnvironment("Worker__CollectiveHost", inNamespace ? Namespace!.InnerAddress : host)
-            .WithEnvironment("Worker__HeartbeatInterval", Options.HeartbeatInterval.ToString("c"))
+            .WithEnvironment("Worker__HeartbeatInterval", (heartbeatInterval ?? Options.HeartbeatInterval).ToString("c"))
             .WithEnvironment("Worker__CollectiveTimeout", Options.CollectiveTimeout.ToString("c"))
-            .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0");
+            .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0")
+            // One intra-op thread per worker: several workers share a small machine, and oversubscribed torch threads
+            // make every step (and so every scenario) many times slower.
+            .WithEnvironment("OMP_NUM_THREADS", "1").WithEnvironment("MKL_NUM_THREADS", "1");
         var run = r;
         if (inNamespace)
         {

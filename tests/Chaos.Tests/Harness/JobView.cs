@@ -5,7 +5,8 @@ namespace DeepSeekCluster.Chaos;
 
 public sealed record JobEventView(
     DateTimeOffset At, long Generation, string Message, string? Kind, string? WorkerId, string? Reason,
-    long? ResumeStep, string? ResumeSource, long? StepsRedone, double? RecoverySeconds)
+    long? ResumeStep, string? ResumeSource, long? StepsRedone, double? RecoverySeconds,
+    double? FormationSeconds = null, double? RestoreSeconds = null, double? FirstStepSeconds = null, long? StateBytes = null)
 {
     public override string ToString() =>
         $"{At:HH:mm:ss.fff} g{Generation} {Kind ?? "(no kind)"}{(WorkerId is null ? "" : $" worker={WorkerId}")}{(Reason is null ? "" : $" reason={Reason}")}" +
@@ -14,7 +15,7 @@ public sealed record JobEventView(
 }
 
 /// <summary>The permutation positions the lineage of the final state consumed, as [start, end) ranges.</summary>
-public sealed record ConsumptionView(long Samples, IReadOnlyList<(long Start, long End)> Ranges, bool Complete);
+public sealed record ConsumptionView(long Samples, IReadOnlyList<(long Start, long End)> Ranges, bool Complete, long Overlaps);
 
 public sealed record JobView(
     string JobId, string State, long Generation, long Step, IReadOnlyList<(int Rank, string WorkerId)> Workers,
@@ -42,12 +43,13 @@ public sealed record JobView(
 
         var events = Array(s, "events").Select(e => new JobEventView(
             e.GetProperty("at").GetDateTimeOffset(), Long(e, "generation") ?? 0, Str(e, "message") ?? "", Str(e, "kind"), Str(e, "workerId"),
-            Str(e, "reason"), Long(e, "resumeStep"), Str(e, "resumeSource"), Long(e, "stepsRedone"), Double(e, "recoverySeconds"))).ToList();
+            Str(e, "reason"), Long(e, "resumeStep"), Str(e, "resumeSource"), Long(e, "stepsRedone"), Double(e, "recoverySeconds"),
+            Double(e, "formationSeconds"), Double(e, "restoreSeconds"), Double(e, "firstStepSeconds"), Long(e, "stateBytes"))).ToList();
         ConsumptionView? consumption = null;
         if (s.TryGetProperty("consumption", out var c) && c.ValueKind == JsonValueKind.Object)
             consumption = new ConsumptionView(Long(c, "samples") ?? 0,
                 Array(c, "ranges").Select(r => (r[0].GetInt64(), r[1].GetInt64())).ToList(),
-                c.TryGetProperty("complete", out var done) && done.ValueKind == JsonValueKind.True);
+                c.TryGetProperty("complete", out var done) && done.ValueKind == JsonValueKind.True, Long(c, "overlaps") ?? 0);
         return new JobView(
             Str(s, "jobId") ?? "?", Str(s, "state") ?? "?", Long(s, "generation") ?? 0, Long(s, "step") ?? 0,
             Array(s, "workers").Select(w => (w.GetProperty("rank").GetInt32(), w.GetProperty("workerId").GetString()!)).ToList(),
@@ -60,7 +62,7 @@ public sealed record JobView(
 public sealed record ChaosJob
 {
     public string Name { get; init; } = $"chaos-{Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4))}";
-    public int Steps { get; init; } = 40;
+    public int Steps { get; init; } = 20;
     public int SeqLen { get; init; } = 32;
     /// <summary>12 = 6 micro-batches of 2: world sizes 1, 2, 3 (and 6) all divide it, so the job rescales through any of them.</summary>
     public int GlobalBatch { get; init; } = 12;
