@@ -59,7 +59,8 @@ public sealed class ChaosCluster : IAsyncDisposable
     {
         Options = options; App = app; this.factory = factory; Token = token; Namespace = ns;
         this.coordinator = coordinator; this.dataShards = dataShards; this.checkpoints = checkpoints;
-        http = new HttpClient { BaseAddress = new Uri(RestUrl), Timeout = TimeSpan.FromSeconds(10) };
+        // Generous: a cold coordinator activates its grains slowly on a loaded 2-core machine (a submit took > 10 s there).
+        http = new HttpClient { BaseAddress = new Uri(RestUrl), Timeout = TimeSpan.FromSeconds(100) };
         app.LineReceived += (instance, line) =>
         {
             lines.Enqueue((DateTime.UtcNow, instance, line));
