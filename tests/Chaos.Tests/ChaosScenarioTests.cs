@@ -146,10 +146,11 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
             generation = before.Generation;
             victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
             Cluster.Signal(victim, Signals.Stop);
-            await EventAsync(id, "worker_hung", victim, $"the coordinator noticing {victim} hung");
+            var hung = Single(await EventAsync(id, "worker_hung", victim, $"the coordinator noticing {victim} hung"), "worker_hung", victim);
             await FormedAfterAsync(id, generation);
             Cluster.Signal(victim, Signals.Cont); // the zombie wakes up still believing in its old generation
-            await EventAsync(id, "worker_joined", victim, $"{victim} rejoining after it was fenced");
+            await Cluster.WaitForAsync(id, j => j.OfKind("worker_joined").Any(e => e.WorkerId == victim && e.At > hung.At), Generous,
+                                       $"{victim} rejoining after it was fenced", CancellationToken.None, TimeSpan.FromMilliseconds(100));
         });
         AssertCommon(o, job);
         var hung = Single(o.Job, "worker_hung", victim);
