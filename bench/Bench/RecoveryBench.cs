@@ -47,7 +47,8 @@ public static class RecoveryBench
         }, CancellationToken.None);
         var dataset = await cluster.PrepareCorpusAsync(32, 512, CancellationToken.None);
         var job = new ChaosJob { Name = "recovery", Steps = steps, CheckpointInterval = 10, MinWorkers = 1, MaxWorkers = 3 };
-        for (int i = 0; i < 3; i++) cluster.AddWorker();
+        var first = Enumerable.Range(0, 3).Select(_ => cluster.AddWorker()).ToList();
+        await cluster.WaitForIdleWorkersAsync(first, TimeSpan.FromMinutes(5), CancellationToken.None);
         await cluster.SubmitAsync(job, dataset, CancellationToken.None);
         say("");
         say($"tiny preset, seq_len {job.SeqLen}, global batch {job.GlobalBatch}, {steps} steps, checkpoint every {job.CheckpointInterval}; " +
@@ -109,8 +110,8 @@ public static class RecoveryBench
         {
             run++;
             var job = new ChaosJob { Name = $"cost-{run}", Steps = steps, CheckpointInterval = steps, MinWorkers = 2, MaxWorkers = 2 };
-            cluster.AddWorker(heartbeatInterval: TimeSpan.FromSeconds(interval));
-            cluster.AddWorker(heartbeatInterval: TimeSpan.FromSeconds(interval));
+            var pair = new[] { cluster.AddWorker(heartbeatInterval: TimeSpan.FromSeconds(interval)), cluster.AddWorker(heartbeatInterval: TimeSpan.FromSeconds(interval)) };
+            await cluster.WaitForIdleWorkersAsync(pair, TimeSpan.FromMinutes(5), CancellationToken.None);
             await cluster.SubmitAsync(job, dataset, CancellationToken.None);
             var end = await cluster.WaitForAsync(job.Name, j => j.Terminal, TimeSpan.FromMinutes(10), $"cost run {run}", CancellationToken.None, TimeSpan.FromSeconds(1));
             await cluster.StopWorkersAsync();

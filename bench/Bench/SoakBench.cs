@@ -31,6 +31,7 @@ public static class SoakBench
             var faults = new Dictionary<string, int>();
             var stopped = new Dictionary<string, DateTime>();
             for (int i = 0; i < 2; i++) instances.Add(cluster.AddWorker());
+            await cluster.WaitForIdleWorkersAsync(instances, TimeSpan.FromMinutes(5), CancellationToken.None);
             await cluster.SubmitAsync(job, dataset, CancellationToken.None);
             var faultsEnd = DateTime.UtcNow + TimeSpan.FromMinutes(minutes);
             var jobDeadline = faultsEnd + TimeSpan.FromMinutes(Math.Max(10, minutes));
@@ -80,8 +81,8 @@ public static class SoakBench
             // The undisturbed reference: same seed, global batch and steps, two workers throughout.
             Say("training the undisturbed reference");
             var reference = job with { Name = "soak-reference", MinWorkers = 2, MaxWorkers = 2 };
-            cluster.AddWorker();
-            cluster.AddWorker();
+            var pair = new[] { cluster.AddWorker(), cluster.AddWorker() };
+            await cluster.WaitForIdleWorkersAsync(pair, TimeSpan.FromMinutes(5), CancellationToken.None);
             await cluster.SubmitAsync(reference, dataset, CancellationToken.None);
             var (_, referenceFile) = await cluster.WaitForCompletionAsync(reference.Name, TimeSpan.FromMinutes(30), CancellationToken.None);
             await cluster.StopWorkersAsync();

@@ -43,8 +43,8 @@ public sealed class ChaosFixture : IAsyncLifetime
         var job = Job(2, 2) with { Name = "chaos-reference" };
         try
         {
-            Cluster.AddWorker();
-            Cluster.AddWorker();
+            var workers = new[] { Cluster.AddWorker(), Cluster.AddWorker() };
+            await Cluster.WaitForIdleWorkersAsync(workers, TimeSpan.FromMinutes(5), CancellationToken.None);
             await Cluster.SubmitAsync(job, DatasetId, CancellationToken.None);
             var (view, model) = await Cluster.WaitForCompletionAsync(job.Name, TimeSpan.FromMinutes(8), CancellationToken.None);
             ReferenceJob = view;

@@ -41,6 +41,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         try
         {
             for (int i = 0; i < workers; i++) instances.Add(Cluster.AddWorker(inNamespace: namespaced && i == workers - 1));
+            // The job forms with all of them at once; growing into them is the scale-out scenario's subject, not every one's.
+            await Cluster.WaitForIdleWorkersAsync(instances, Generous, CancellationToken.None);
             await Cluster.SubmitAsync(job, fx.DatasetId, CancellationToken.None);
             await fault(job.Name, instances);
             var (view, modelFile) = await Cluster.WaitForCompletionAsync(job.Name, Generous, CancellationToken.None);

@@ -61,6 +61,8 @@ public sealed class ChaosCluster : IAsyncDisposable
         this.coordinator = coordinator; this.dataShards = dataShards; this.checkpoints = checkpoints;
         // Generous: a cold coordinator activates its grains slowly on a loaded 2-core machine (a submit took > 10 s there).
         http = new HttpClient { BaseAddress = new Uri(RestUrl), Timeout = TimeSpan.FromSeconds(100) };
+        // If the host process is told to stop (SIGTERM to a test run), take the children along instead of orphaning them.
+        AppDomain.CurrentDomain.ProcessExit += KillAllOnExit;
         app.LineReceived += (instance, line) =>
         {
             lines.Enqueue((DateTime.UtcNow, instance, line));
@@ -260,6 +262,32 @@ public sealed class ChaosCluster : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Waits until every named worker is registered, online and unassigned (GET /workers), so a job submitted next forms
+    /// with all of them at once instead of growing worker by worker.
+    /// </summary>
+    public async Task WaitForIdleWorkersAsync(IReadOnlyCollection<string> workerIds, TimeSpan timeout, CancellationToken ct)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        var idle = new HashSet<string>();
+        while (true)
+        {
+            try
+            {
+                using var doc = System.Text.Json.JsonDocument.Parse(await http.GetStringAsync("/workers", ct));
+                idle = doc.RootElement.EnumerateArray()
+                    .Where(w => w.TryGetProperty("online", out var o) && o.ValueKind == System.Text.Json.JsonValueKind.True &&
+                                (!w.TryGetProperty("assignment", out var a) || a.ValueKind == System.Text.Json.JsonValueKind.Null))
+                    .Select(w => w.GetProperty("workerId").GetString()!).ToHashSet();
+                if (workerIds.All(idle.Contains)) return;
+            }
+            catch (HttpRequestException) { }
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException($"workers {string.Join(", ", workerIds.Except(idle))} were not online and idle within {timeout.TotalSeconds:F0} s\n{RecentLines(30)}");
+            await Task.Delay(200, ct);
+        }
+    }
+
     /// <summary>POST /workers/{id}/leave with the cluster token: the coordinator takes the worker out of its job.</summary>
     public async Task LeaveOverRestAsync(string workerId, CancellationToken ct)
     {
@@ -317,8 +345,16 @@ public sealed class ChaosCluster : IAsyncDisposable
     /// <summary>Processes of the given instances that are still alive (not counting exited, unreaped children).</summary>
     public static List<int> Alive(IEnumerable<string> instances) => instances.SelectMany(ProcessScan.OfInstance).ToList();
 
+    void KillAllOnExit(object? sender, EventArgs e)
+    {
+        foreach (var pid in ProcessScan.Mentioning(Options.RunDir))
+            try { System.Diagnostics.Process.GetProcessById(pid).Kill(entireProcessTree: true); } catch (ArgumentException) { } catch (InvalidOperationException) { }
+        Namespace?.Dispose();
+    }
+
     public async ValueTask DisposeAsync()
     {
+        AppDomain.CurrentDomain.ProcessExit -= KillAllOnExit;
         // A SIGSTOPped process ignores SIGTERM until continued; continue it so it can leave.
         List<string> frozen;
         lock (stopped) frozen = stopped.ToList();
