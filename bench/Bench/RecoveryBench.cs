@@ -102,9 +102,10 @@ public static class RecoveryBench
         say("");
         say($"Heartbeat and fencing cost: the same 2-worker job ({steps} steps), alternating runs, steady tokens/s = median over steps after the 5th");
         say("");
-        say("| heartbeat interval | run | tokens/s (median) | heartbeats sent per s (cluster) |");
-        say("|---|---|---|---|");
+        say("| heartbeat interval | run | tokens/s (median) | heartbeats sent per s (cluster) | idle CPU ms/s (coordinator + 2 workers) |");
+        say("|---|---|---|---|---|");
         var results = new Dictionary<double, List<double>> { [0.1] = new(), [5] = new() };
+        var idleCpu = new Dictionary<double, List<double>> { [0.1] = new(), [5] = new() };
         int run = 0;
         foreach (var interval in new[] { 0.1, 5, 0.1, 5 })
         {
@@ -114,15 +115,38 @@ public static class RecoveryBench
             await cluster.WaitForIdleWorkersAsync(pair, TimeSpan.FromMinutes(5), CancellationToken.None);
             await cluster.SubmitAsync(job, dataset, CancellationToken.None);
             var end = await cluster.WaitForAsync(job.Name, j => j.Terminal, TimeSpan.FromMinutes(10), $"cost run {run}", CancellationToken.None, TimeSpan.FromSeconds(1));
+            // The same processes idle afterwards: what they burn then is heartbeats (sent, received, fenced-checked) plus
+            // the runtime's own background, which the 5 s runs measure alone.
+            var pids = pair.Select(cluster.Pid).Append(cluster.Pid("coordinator")).ToList();
+            double cpu0 = pids.Sum(CpuSeconds);
+            var window = System.Diagnostics.Stopwatch.StartNew();
+            await Task.Delay(TimeSpan.FromSeconds(15)); // a measurement window, not a readiness wait
+            idleCpu[interval].Add((pids.Sum(CpuSeconds) - cpu0) / window.Elapsed.TotalSeconds);
             await cluster.StopWorkersAsync();
             var tps = end.Loss.Where(l => l.Step > 5).Select(l => l.TokensPerSecond).Order().ToList();
             double median = tps.Count == 0 ? double.NaN : tps[tps.Count / 2];
             results[interval].Add(median);
-            say($"| {interval * 1000:F0} ms | {run} | {median:F0} | {2 / interval:F1} |");
+            say($"| {interval * 1000:F0} ms | {run} | {median:F0} | {2 / interval:F1} | {idleCpu[interval][^1] * 1000:F1} |");
         }
         double fast = results[0.1].Average(), slow = results[5].Average();
         say("");
         say($"mean of medians: {fast:F0} tokens/s at 100 ms, {slow:F0} tokens/s at 5 s: heartbeats every 100 ms cost {(slow - fast) / slow:P1} " +
             "(negative: faster, i.e. within the run-to-run noise)");
+        // Independent of the noisy throughput: CPU per heartbeat from the idle difference, priced at the default rate.
+        double perBeat = (idleCpu[0.1].Average() - idleCpu[5].Average()) / (2 / 0.1 - 2 / 5.0);
+        say($"CPU per heartbeat (worker send + coordinator receive, fencing check and grain update): {perBeat * 1e3:F3} ms; " +
+            $"at the default 1 s interval that is {perBeat * 1e3:F3} ms of CPU per worker-second, {perBeat:P3} of the one core a worker trains on");
+    }
+
+    /// <summary>utime + stime of a process, in seconds (/proc/pid/stat, clock ticks of 1/100 s).</summary>
+    static double CpuSeconds(int pid)
+    {
+        try
+        {
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+            return (long.Parse(fields[11]) + long.Parse(fields[12])) / 100.0; // fields 14 and 15 of stat, counted from state (3)
+        }
+        catch (IOException) { return 0; }
     }
 }
