@@ -39,17 +39,31 @@ public class ElasticControlTests(CoordinatorFixture fixture)
     [Fact]
     public async Task AZombiesStaleReportIsRefusedWithRejoinAndRecorded()
     {
-        await using var host = await CoordinatorHost.StartAsync(new Dictionary<string, string?> { ["Coordinator:HeartbeatTimeout"] = "00:00:01" });
+        await using var host = await CoordinatorHost.StartAsync(new Dictionary<string, string?> { ["Coordinator:HeartbeatTimeout"] = "00:00:02" });
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         using var stream = host.Control.Connect(Bearer, cancellationToken: cts.Token);
         await stream.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "sleeper", Device = "cpu", CollectiveEndpoint = "127.0.0.1:41778" } });
+        // Alive (beating as a free worker) until its assignment arrives, however slowly the job is submitted.
+        using var beating = new CancellationTokenSource();
+        var beats = Task.Run(async () =>
+        {
+            while (!beating.IsCancellationRequested)
+            {
+                await stream.RequestStream.WriteAsync(new WorkerMessage { Heartbeat = new Heartbeat { Generation = 0 } });
+                try { await Task.Delay(200, beating.Token); } catch (OperationCanceledException) { }
+            }
+        });
         string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "sleepy" }, CoordinatorJson.Options);
         await host.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer);
         Assert.True(await stream.ResponseStream.MoveNext(cts.Token));
-        Assert.Equal(1, stream.ResponseStream.Current.Assignment.Generation);
+        Assert.Equal(1, stream.ResponseStream.Current.Assignment?.Generation);
+        beating.Cancel();
+        await beats;
 
         // Paused past the heartbeat timeout: the Coordinator gives up on it (its stream stays open) and says Stop.
-        Assert.True(await stream.ResponseStream.MoveNext(cts.Token));
+        // (A free-worker heartbeat that crossed the assignment is refused without rejoin on the way.)
+        do Assert.True(await stream.ResponseStream.MoveNext(cts.Token));
+        while (stream.ResponseStream.Current.KindCase == CoordinatorMessage.KindOneofCase.Refused && !stream.ResponseStream.Current.Refused.Rejoin);
         Assert.Equal(CoordinatorMessage.KindOneofCase.Stop, stream.ResponseStream.Current.KindCase);
 
         // It wakes and reports as if nothing happened.

@@ -234,6 +234,21 @@ public class ElasticityTests
         Assert.Equal([[0L, 8L]], s.Ranges);
     }
 
+    [Fact]
+    public void AResumeCompletesAStepThatOneRankReportedOnlyInPartAndCountsTheInference()
+    {
+        var ledger = new Grains.SampleLedger();
+        ledger.Add(1, 0, 4, 8);
+        ledger.Add(1, 4, 4, 8);
+        ledger.Add(2, 8, 4, 8);  // rank 1 of step 2 was killed after the all-reduce, before its report
+        ledger.Add(4, 24, 4, 8); // step 3 nobody reported: a real gap
+        ledger.ResumedAt(4, 8);
+        var s = ledger.Summary(8);
+        Assert.Equal(8L, s.Inferred); // step 2's other half and step 4's other half
+        Assert.False(s.Complete);      // step 3 stays missing
+        Assert.Equal([[0L, 16L], [24L, 32L]], s.Ranges);
+    }
+
     static StepReport Slice(long step, int offset, int count) =>
         new() { Step = step, Loss = 10 - step, SampleStart = (step - 1) * 8 + offset, SampleCount = count };
 }
