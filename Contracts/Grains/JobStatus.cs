@@ -36,6 +36,11 @@ public sealed record Consumption
     [Id(2)] public bool Complete { get; init; }
     /// <summary>Samples reported more than once within the lineage.</summary>
     [Id(3)] public long Overlaps { get; init; }
+    /// <summary>
+    /// Samples of steps up to a resume point that no rank reported but the resumed state proves consumed (a rank killed
+    /// between its all-reduce and its step report); part of Samples.
+    /// </summary>
+    [Id(4)] public long Inferred { get; init; }
 }
 
 /// <summary>Routed-token fractions: Fractions[i][e] for MoE layer Layers[i], expert e, at Step.</summary>

@@ -19,6 +19,8 @@ public sealed class SampleLedger
     [Id(1)] public SortedDictionary<long, List<long[]>> Open { get; set; } = [];
     /// <summary>Reports for steps already complete: [step, start, count].</summary>
     [Id(2)] public List<long[]> Duplicates { get; set; } = [];
+    /// <summary>Samples filled in by <see cref="ResumedAt"/> rather than reported (see there).</summary>
+    [Id(3)] public long Inferred { get; set; }
 
     public void Add(long step, long start, long count, int globalBatch)
     {
@@ -26,12 +28,40 @@ public sealed class SampleLedger
         if (step <= Prefix) { Duplicates.Add([step, start, count]); return; }
         if (!Open.TryGetValue(step, out var slices)) Open[step] = slices = [];
         slices.Add([start, count]);
-        // Fold complete steps into the prefix while they follow it without a gap.
+        Fold(globalBatch);
+    }
+
+    /// <summary>Folds complete steps into the prefix while they follow it without a gap.</summary>
+    void Fold(int globalBatch)
+    {
         while (Open.TryGetValue(Prefix + 1, out var next) && IsExactly(next, Prefix * globalBatch, globalBatch))
         {
             Open.Remove(Prefix + 1);
             Prefix++;
         }
+    }
+
+    /// <summary>
+    /// A generation resumed from a state at <paramref name="step"/>: later steps are forgotten, and a step up to it that
+    /// some rank reported only in part is completed. That is not a guess: a state at step s exists only if step s's
+    /// optimizer update averaged the gradients of every replica's slice, so the whole global batch was consumed; the
+    /// missing report belonged to a rank killed between its all-reduce and its report. Filled samples are counted in
+    /// <see cref="Inferred"/>. A step nobody reported stays a gap.
+    /// </summary>
+    public void ResumedAt(long step, int globalBatch)
+    {
+        DropAfter(step, globalBatch);
+        foreach (var (s, slices) in Open.Where(kv => kv.Key <= step).ToList())
+        {
+            long start = (s - 1) * globalBatch, end = s * globalBatch, at = start;
+            foreach (var (a, b) in Merge(slices.Select(x => (x[0], x[0] + x[1]))))
+            {
+                if (a > at) { slices.Add([at, a - at]); Inferred += a - at; }
+                at = Math.Max(at, b);
+            }
+            if (at < end) { slices.Add([at, end - at]); Inferred += end - at; }
+        }
+        Fold(globalBatch);
     }
 
     /// <summary>The state now descends from step <paramref name="step"/>: later steps are forgotten.</summary>
@@ -56,6 +86,7 @@ public sealed class SampleLedger
         return new Consumption
         {
             Samples = unique, Ranges = [.. merged.Select(r => new[] { r.Start, r.End })], Complete = complete, Overlaps = reported - unique,
+            Inferred = Inferred,
         };
     }
 

@@ -146,7 +146,7 @@ public sealed class TrainingJobGrain(
         Fence(generation, "resumed");
         long redone = Math.Max(0, S.Step - report.Step);
         // The state now descends from step report.Step: what later steps consumed was thrown away with them.
-        S.Ledger.DropAfter(report.Step, S.Spec!.GlobalBatch);
+        S.Ledger.ResumedAt(report.Step, S.Spec!.GlobalBatch);
         S.Loss.RemoveAll(p => p.Step > report.Step);
         S.Step = report.Step;
         var now = clock.GetUtcNow();

@@ -44,31 +44,18 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         Converters = { new System.Text.Json.Serialization.JsonStringEnumConverter() },
     };
 
-    readonly CancellationTokenSource cancel = new();
-    /// <summary>Aborts the collective: a rank blocked in an all-reduce whose peer is gone throws at once.</summary>
-    readonly CancellationTokenSource abort = new();
+    readonly RunCancellation cancel = new();
     readonly ReplicaHolder holder = replica ?? new ReplicaHolder();
     readonly System.Collections.Concurrent.ConcurrentDictionary<long, string> manifests = new();
     long checkpointRequested = -1;
     long lastStepTicks = TimeSpan.FromSeconds(1).Ticks;
-    Timer? abortTimer;
 
     /// <summary>
     /// Stops at the step boundary: the step in flight finishes (cancellation is checked between steps). A collective that
     /// stays blocked past the grace (a peer is gone, or peers already began the next step) is aborted, so the run ends
     /// within about a second or two whatever the collective timeout. <paramref name="now"/>: abort at once.
     /// </summary>
-    public void Cancel(bool now = false)
-    {
-        cancel.Cancel();
-        var grace = now ? TimeSpan.Zero : AbortGrace;
-        lock (abort)
-        {
-            if (abort.IsCancellationRequested || abortTimer is not null && !now) return;
-            abortTimer?.Dispose();
-            abortTimer = new Timer(_ => { try { abort.Cancel(); } catch (ObjectDisposedException) { } }, null, grace, Timeout.InfiniteTimeSpan);
-        }
-    }
+    public void Cancel(bool now = false) => cancel.Cancel(now ? TimeSpan.Zero : AbortGrace);
 
     /// <summary>Long enough for the step in flight to finish on a healthy ring: twice the last step, at least a second.</summary>
     TimeSpan AbortGrace => TimeSpan.FromTicks(Math.Clamp(2 * Interlocked.Read(ref lastStepTicks), TimeSpan.FromSeconds(1).Ticks, settings.CollectiveTimeout.Ticks));
@@ -77,11 +64,11 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
     /// <summary>Runs to the job's last step, a cancellation (new generation, stop), or a failure reported as Leaving(failed).</summary>
     public void Run()
     {
-        try { RunCore(cancel.Token); }
+        try { RunCore(cancel.Boundary); }
         catch (OperationCanceledException) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step}"); }
         catch (CollectiveException e) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step} ({e.Failure})"); }
         // An aborted collective can surface as another error from the layers above it; the run was cancelled all the same.
-        catch (Exception e) when (abort.IsCancellationRequested) { Log($"run aborted at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
+        catch (Exception e) when (cancel.IsAborted) { Log($"run aborted at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
         catch (CollectiveException e)
         {
             // A peer died or stalled: the coordinator re-forms the generation; this worker waits for its next assignment.
@@ -92,7 +79,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Log($"training failed: {e}");
             send(new WorkerMessage { Leaving = new Leaving { Reason = $"rank {assignment.Rank}: {e.Message}", Failed = true, Generation = assignment.Generation } });
         }
-        finally { lock (abort) abortTimer?.Dispose(); }
+        finally { cancel.Dispose(); }
     }
 
     void RunCore(CancellationToken ct)
@@ -130,22 +117,8 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             : throw new InvalidDataException($"the assignment lists no endpoint for rank {r}")).ToList();
         var rendezvous = new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
                                            new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort));
-        var connecting = Task.Factory.StartNew(() => rendezvous.Connect(peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }),
-            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
-        try { connecting.Wait(ct); }
-        catch (OperationCanceledException)
-        {
-            rendezvous.Dispose(); // frees the port for the next generation; the abandoned connect fails on its own
-            _ = connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
-            throw;
-        }
-        catch (AggregateException e) when (e.InnerException is not null)
-        {
-            rendezvous.Dispose();
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerException);
-        }
-        using var collective = connecting.Result;
-        using var aborting = abort.Token.Register(collective.Dispose);
+        using var collective = RunCancellation.ConnectRing(rendezvous, peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
+        using var aborting = cancel.Guard(collective);
         using var reducer = new BucketedGradientReducer(collective);
         double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
         var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
