@@ -40,6 +40,7 @@ public static class RecoveryBench
 
     static async Task RecoveriesAsync(string runDir, int kills, int hangs, int steps, Action<string> say)
     {
+        var random = new Random(7);
         var heartbeatTimeout = TimeSpan.FromSeconds(5);
         await using var cluster = await ChaosCluster.StartAsync(new ChaosClusterOptions
         {
@@ -47,18 +48,18 @@ public static class RecoveryBench
         }, CancellationToken.None);
         var dataset = await cluster.PrepareCorpusAsync(32, 512, CancellationToken.None);
         var job = new ChaosJob { Name = "recovery", Steps = steps, CheckpointInterval = 10, MinWorkers = 1, MaxWorkers = 3 };
-        var first = Enumerable.Range(0, 3).Select(_ => cluster.AddWorker()).ToList();
+        // Three train, one idle spare per fault: the job re-forms with a spare instead of growing back afterwards.
+        var first = Enumerable.Range(0, 3 + kills + hangs).Select(_ => cluster.AddWorker()).ToList();
         await cluster.WaitForIdleWorkersAsync(first, TimeSpan.FromMinutes(5), CancellationToken.None);
         await cluster.SubmitAsync(job, dataset, CancellationToken.None);
         say("");
         say($"tiny preset, seq_len {job.SeqLen}, global batch {job.GlobalBatch}, {steps} steps, checkpoint every {job.CheckpointInterval}; " +
-            $"3 workers; coordinator heartbeat timeout {heartbeatTimeout.TotalSeconds:F0} s, worker heartbeat every 1 s; times from the job's events (one clock)");
+            $"3 workers training + {kills + hangs} idle spares; coordinator heartbeat timeout {heartbeatTimeout.TotalSeconds:F0} s, worker heartbeat every 1 s; times from the job's events (one clock)");
         say("");
         say("| fault | detected after s | re-formation s | state restore s | first step s | fault → first step s | resumed from | steps redone | state MB |");
         say("|---|---|---|---|---|---|---|---|---|");
         var timeout = TimeSpan.FromMinutes(10);
         var faults = Enumerable.Repeat("SIGKILL", kills).Concat(Enumerable.Repeat("SIGSTOP", hangs)).ToList();
-        var random = new Random(7);
         foreach (var fault in faults)
         {
             // Three workers training, two steps past the moment the third (re)joined.
@@ -80,7 +81,6 @@ public static class RecoveryBench
                 $"{F(recovered.RestoreSeconds)} | {F(recovered.FirstStepSeconds)} | {F((recovered.At - at).TotalSeconds)} | " +
                 $"{resumed?.ResumeSource ?? "–"} | {resumed?.StepsRedone?.ToString() ?? "–"} | {F(resumed?.StateBytes / 1e6, "F1")} |");
             if (fault == "SIGSTOP") cluster.Signal(victim, Signals.Kill); // the measurement is done; a zombie rejoining is the tests' business
-            cluster.AddWorker(); // back to three for the next fault
         }
         var end = await cluster.WaitForAsync(job.Name, j => j.Terminal, timeout, "the job's end", CancellationToken.None);
         var c = end.Consumption;
