@@ -21,8 +21,12 @@ public sealed record ChaosClusterOptions
     public bool NetworkNamespace { get; init; }
     public TimeSpan HeartbeatTimeout { get; init; } = TimeSpan.FromSeconds(5);
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
-    /// <summary>How long a collective waits for a silent peer before it fails the step (the survivors then re-form).</summary>
-    public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(10);
+    /// <summary>
+    /// How long a collective waits for a silent peer before it fails the step. The worker's default (30 s): a re-formation
+    /// aborts a blocked collective without waiting for it, and a shorter timeout fails healthy steps on a loaded machine
+    /// (10 s did: a freshly joined rank's first step took longer there).
+    /// </summary>
+    public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>Where the harness reports what it does (test output, console).</summary>
     public Action<string> Log { get; init; } = _ => { };
 }
