@@ -53,6 +53,7 @@ public sealed class ChaosFixture : IAsyncLifetime
         }
         finally
         {
+            try { await Cluster.StopJobAsync(job.Name, CancellationToken.None); } catch (HttpRequestException) { }
             await Cluster.StopWorkersAsync();
         }
     }

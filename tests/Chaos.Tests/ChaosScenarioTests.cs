@@ -52,6 +52,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         }
         finally
         {
+            // A job that did not complete must not live on and claim the next scenario's workers.
+            try { await Cluster.StopJobAsync(job.Name, CancellationToken.None); } catch (HttpRequestException) { }
             await Cluster.StopWorkersAsync();
         }
     }

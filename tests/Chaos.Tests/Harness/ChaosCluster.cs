@@ -156,6 +156,16 @@ public sealed class ChaosCluster : IAsyncDisposable
         return job.Name;
     }
 
+    /// <summary>Stops a job that has not ended (POST /jobs/{id}/stop), so it cannot claim the workers of whatever runs next.</summary>
+    public async Task StopJobAsync(string jobId, CancellationToken ct)
+    {
+        if (await TryGetJobAsync(jobId, ct) is not { Terminal: false }) return;
+        using var request = new HttpRequestMessage(HttpMethod.Post, $"/jobs/{jobId}/stop");
+        request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", Token);
+        using var response = await http.SendAsync(request, ct);
+        Options.Log($"stopped {jobId}: {(int)response.StatusCode}");
+    }
+
     /// <summary>The job's status, or null while the coordinator does not answer (it may be down on purpose).</summary>
     public async Task<JobView?> TryGetJobAsync(string jobId, CancellationToken ct)
     {
