@@ -22,6 +22,9 @@ public sealed class CoordinatorMetrics
     private readonly Counter<long> _formations;
     private readonly Counter<long> _rescales;
     private readonly Counter<long> _commits;
+    private readonly Counter<long> _jobEvents;
+    private readonly Histogram<double> _recovery;
+    private readonly Counter<long> _stepsRedone;
 
     private readonly ConcurrentDictionary<string, long> _workersByState = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, long> _generations = new(StringComparer.Ordinal);
@@ -38,6 +41,10 @@ public sealed class CoordinatorMetrics
         _rescales = meter.CreateCounter<long>("deepseek.cluster.rescales", "{rescale}", "Running jobs that began re-forming (reason: worker_left or grow)");
         _commits = meter.CreateCounter<long>("deepseek.cluster.checkpoint_commits", "{checkpoint}",
             "Checkpoint steps every rank reported, by outcome: committed, refused (by the store), failed (store unreachable), unconfigured");
+        _jobEvents = meter.CreateCounter<long>("deepseek.cluster.job_events", "{event}", "Job transitions by event kind (submitted, formed, worker_lost, resumed, recovered, ...)");
+        _recovery = meter.CreateHistogram<double>("deepseek.cluster.recovery", "s",
+            "From the cause of a re-formation (a worker left, was lost or hung, or the job grew) to the first completed step of the new generation");
+        _stepsRedone = meter.CreateCounter<long>("deepseek.cluster.steps_redone", "{step}", "Steps trained again because a re-formed generation resumed behind the job's highest step");
         meter.CreateObservableGauge("deepseek.cluster.workers", ObserveWorkers, "{worker}", "Known workers by state: free, assigned (to a job), offline");
         meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
         meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
@@ -57,6 +64,14 @@ public sealed class CoordinatorMetrics
 
     /// <param name="outcome">committed, refused, failed or unconfigured.</param>
     public void CheckpointCommit(string outcome) => _commits.Add(1, new KeyValuePair<string, object?>("outcome", outcome));
+
+    /// <param name="kind">One of JobEventKinds.All.</param>
+    public void JobEvent(string kind) => _jobEvents.Add(1, new KeyValuePair<string, object?>("event", kind));
+
+    /// <param name="cause">What started the re-formation: worker_left, worker_lost, worker_hung or grow.</param>
+    public void Recovery(double seconds, string cause) => _recovery.Record(seconds, new KeyValuePair<string, object?>("event", cause));
+
+    public void StepsRedone(long steps) { if (steps > 0) _stepsRedone.Add(steps); }
 
     // ---- Snapshot for the gauges ----
 

@@ -10,6 +10,12 @@ public sealed class CoordinatorOptions : IValidatableObject
     /// <summary>A worker without a heartbeat for this long has left (workers beat every second).</summary>
     public TimeSpan HeartbeatTimeout { get; set; } = TimeSpan.FromSeconds(5);
 
+    /// <summary>
+    /// After the Coordinator (re)starts, how long a worker that was online has to reconnect before its job hears that it
+    /// left (workers reconnect with a backoff of up to 5 s).
+    /// </summary>
+    public TimeSpan ReconnectGrace { get; set; } = TimeSpan.FromSeconds(20);
+
     /// <summary>Where grain state lives when no Redis is configured, so a restart loses nothing.</summary>
     public string StateFolder { get; set; } = "./.data/coordinator";
 
@@ -20,6 +26,8 @@ public sealed class CoordinatorOptions : IValidatableObject
     {
         if (HeartbeatTimeout <= TimeSpan.Zero)
             yield return new($"{Section}:HeartbeatTimeout must be positive (a TimeSpan such as 00:00:05), not {HeartbeatTimeout}", [nameof(HeartbeatTimeout)]);
+        if (ReconnectGrace < TimeSpan.Zero)
+            yield return new($"{Section}:ReconnectGrace must not be negative (a TimeSpan such as 00:00:20), not {ReconnectGrace}", [nameof(ReconnectGrace)]);
         if (string.IsNullOrWhiteSpace(StateFolder))
             yield return new($"{Section}:StateFolder must name a folder", [nameof(StateFolder)]);
         if (LossHistory < 1)

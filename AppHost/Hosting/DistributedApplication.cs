@@ -40,6 +40,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
 {
     readonly List<(Resource resource, string instance, Process process)> running = new();
     readonly Lock gate = new();
+    readonly Dictionary<string, int> indexOf = new();
     static readonly HttpClient http = new() { Timeout = TimeSpan.FromSeconds(2) };
     public bool Stopping { get; private set; }
 
@@ -73,14 +74,15 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
             UseShellExecute = false, WorkingDirectory = workingDirectory,
         };
         foreach (var a in r.Args) psi.ArgumentList.Add(a);
-        foreach (var (k, v) in r.Environment) psi.Environment[k] = v;
-        psi.Environment["DEEPSEEK_INSTANCE"] = instance;
         if (r.IsProject)
             foreach (var e in r.Endpoints)
             {
                 psi.Environment[$"Kestrel__Endpoints__{e.Name}__Url"] = e.Url;
                 psi.Environment[$"Kestrel__Endpoints__{e.Name}__Protocols"] = e.Http2Only ? "Http2" : "Http1";
             }
+        // The resource's own environment last, so it may override an endpoint's binding (e.g. all interfaces).
+        foreach (var (k, v) in r.Environment) psi.Environment[k] = v;
+        psi.Environment["DEEPSEEK_INSTANCE"] = instance;
         var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) { Log.Child(instance, e.Data, error: false); LineReceived?.Invoke(instance, e.Data); } };
         p.ErrorDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: true); };
@@ -95,14 +97,15 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         catch (System.ComponentModel.Win32Exception e) { throw new InvalidOperationException($"cannot start '{instance}' ({r.Command}): {e.Message}", e); }
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
-        lock (gate) running.Add((r, instance, p));
+        lock (gate) { running.Add((r, instance, p)); indexOf[instance] = index; }
         Log.AppHost($"started {instance} (pid {p.Id}){(r.Endpoints.Count > 0 ? " on " + string.Join(", ", r.Endpoints.Select(e => e.Url)) : "")}");
         return instance;
     }
 
     static int SafeExitCode(Process p) { try { return p.ExitCode; } catch (InvalidOperationException) { return -1; } }
 
-    async Task WaitReadyAsync(Resource r, CancellationToken ct)
+    /// <summary>Polls the resource's health endpoint (or readiness port) until it answers; fails if an instance exits first.</summary>
+    public async Task WaitReadyAsync(Resource r, CancellationToken ct)
     {
         if (r.HealthPath is null && r.ReadinessPort is null) return;
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
@@ -151,6 +154,49 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         using var cts = new CancellationTokenSource(grace);
         try { await p.WaitForExitAsync(cts.Token); }
         catch (OperationCanceledException) { Kill(p); }
+    }
+
+    /// <summary>The process id of an instance (its latest start), or null when it never started.</summary>
+    public int? Pid(string instance)
+    {
+        lock (gate) return running.LastOrDefault(x => x.instance == instance).process?.Id;
+    }
+
+    /// <summary>Whether the instance's latest process has exited.</summary>
+    public bool HasExited(string instance)
+    {
+        lock (gate) return running.LastOrDefault(x => x.instance == instance).process is not { } p || p.HasExited;
+    }
+
+    /// <summary>Sends a POSIX signal (9 KILL, 15 TERM, 19 STOP, 18 CONT on Linux) to an instance's process.</summary>
+    public void Signal(string instance, int signal)
+    {
+        Process? p;
+        lock (gate) p = running.LastOrDefault(x => x.instance == instance).process;
+        if (p is null) throw new InvalidOperationException($"no instance '{instance}' was started");
+        if (!p.HasExited && kill(p.Id, signal) != 0)
+            throw new InvalidOperationException($"kill({p.Id}, {signal}) for '{instance}' failed: errno {Marshal.GetLastPInvokeError()}");
+    }
+
+    /// <summary>
+    /// Starts an exited instance again from its resource, so with the same ports, environment and folders, and waits
+    /// until it is ready. Fails if the instance is still running (signal or stop it first).
+    /// </summary>
+    public async Task RestartAsync(string instance, CancellationToken ct)
+    {
+        (Resource resource, string instance, Process process) entry;
+        int index;
+        lock (gate)
+        {
+            entry = running.LastOrDefault(x => x.instance == instance);
+            if (entry.process is null) throw new InvalidOperationException($"no instance '{instance}' was started");
+            if (!entry.process.HasExited) throw new InvalidOperationException($"'{instance}' is still running (pid {entry.process.Id})");
+            running.Remove(entry);
+            index = indexOf[instance];
+        }
+        entry.process.Dispose();
+        Start(entry.resource, index);
+        await WaitReadyAsync(entry.resource, ct);
     }
 
     [DllImport("libc", SetLastError = true)]

@@ -7,9 +7,17 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// A worker process connected: records its capabilities, marks it online and free, and returns the connection number
     /// that <see cref="DisconnectedAsync"/> must name (so the close of an old connection cannot unregister a new one).
     /// </summary>
-    Task<long> RegisterAsync(WorkerCapabilities capabilities, IWorkerControlObserver? observer);
+    /// <remarks>
+    /// A process that says it is still training <paramref name="training"/> (job, generation, rank), e.g. after a
+    /// Coordinator restart, is re-adopted when that is still its current assignment (the observer is told, nothing
+    /// re-forms); otherwise the old assignment is lost and its job hears that the worker left.
+    /// </remarks>
+    Task<long> RegisterAsync(WorkerCapabilities capabilities, IWorkerControlObserver? observer, TrainingPosition? training = null);
 
-    /// <summary>Liveness and metrics; throws <see cref="StaleGenerationException"/> when the worker holds another generation.</summary>
+    /// <summary>
+    /// Liveness and metrics; throws <see cref="StaleGenerationException"/> when the worker holds another generation (with
+    /// Rejoin set when the worker is a zombie: offline here, or reporting a generation it no longer belongs to).
+    /// </summary>
     Task HeartbeatAsync(long generation, WorkerMetrics metrics);
 
     /// <summary>Stores the assignment and pushes it down to the process.</summary>
@@ -18,8 +26,11 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// <summary>Pushes a command down; Stop ends the current assignment.</summary>
     Task CommandAsync(ControlCommand command);
 
-    /// <summary>The process's stream closed; the worker goes offline and its job is told it left.</summary>
-    Task DisconnectedAsync(long connection, string reason);
+    /// <summary>The process's stream closed (after Leaving: <see cref="LeaveKind.Left"/>, else Lost); the worker goes offline and its job is told.</summary>
+    Task DisconnectedAsync(long connection, string reason, LeaveKind kind);
+
+    /// <summary>Asks the process to leave gracefully (finish its step, say Leaving, exit); false when it is not online.</summary>
+    Task<bool> LeaveAsync(string reason);
 
     Task<WorkerStatus> GetAsync();
 }
@@ -30,4 +41,11 @@ public interface IWorkerControlObserver : IGrainObserver
     Task AssignedAsync(Assignment assignment);
 
     Task CommandedAsync(ControlCommand command);
+
+    /// <summary>The process's current assignment was re-adopted after it reconnected: reports route to its job again.</summary>
+    Task AdoptedAsync(Assignment assignment);
 }
+
+/// <summary>What a reconnecting worker says it is training.</summary>
+[GenerateSerializer, Immutable]
+public sealed record TrainingPosition([property: Id(0)] string JobId, [property: Id(1)] long Generation, [property: Id(2)] int Rank);

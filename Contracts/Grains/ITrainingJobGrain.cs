@@ -17,8 +17,14 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>A worker became free; the job may form or grow. One-way so the registry never waits on a job.</summary>
     [OneWay] Task WorkerJoinedAsync(string workerId);
 
-    /// <summary>A worker's stream closed or its heartbeats stopped; the job re-forms under a new generation.</summary>
-    [OneWay] Task WorkerLeftAsync(string workerId, string reason);
+    /// <summary>A worker left (asked to), its stream broke (Lost) or its heartbeats stopped (Hung); the job re-forms under a new generation.</summary>
+    [OneWay] Task WorkerLeftAsync(string workerId, string reason, LeaveKind kind);
+
+    /// <summary>A report of <paramref name="what"/> from this worker in a stale generation was refused: recorded as worker_fenced.</summary>
+    [OneWay] Task WorkerFencedAsync(string workerId, long reportedGeneration, string what);
+
+    /// <summary>Rank 0 of the current generation resumed (from a replica, a checkpoint or the start). Fenced like steps.</summary>
+    Task ReportResumedAsync(long generation, ResumedReport report);
 
     /// <summary>Progress of one rank; throws <see cref="StaleGenerationException"/> for any generation but the current one.</summary>
     Task ReportStepAsync(long generation, StepReport report);

@@ -17,6 +17,39 @@ public sealed record JobStatus
     [Id(10)] public DateTimeOffset? SubmittedAt { get; init; }
     /// <summary>Steps the CheckpointStore committed (oldest first); a re-formation resumes from the newest.</summary>
     [Id(11)] public CommittedCheckpoint[] Committed { get; init; } = [];
+    /// <summary>The exactly-once ledger of the current state's lineage: which sample positions its steps consumed.</summary>
+    [Id(12)] public Consumption Consumption { get; init; } = new();
+    /// <summary>Rank 0's latest routed-token fractions per MoE layer and expert; null before the first report.</summary>
+    [Id(13)] public ExpertLoad? ExpertLoad { get; init; }
+}
+
+/// <summary>
+/// Samples consumed by the steps that led to the current state (redone steps are dropped on every resume), as merged
+/// [start, endExclusive) ranges of epoch-permutation positions. Complete: the ranges are exactly [0, step·globalBatch)
+/// with no sample counted twice; a gap shows as two ranges, an overlap as Overlaps &gt; 0.
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record Consumption
+{
+    [Id(0)] public long Samples { get; init; }
+    [Id(1)] public long[][] Ranges { get; init; } = [];
+    [Id(2)] public bool Complete { get; init; }
+    /// <summary>Samples reported more than once within the lineage.</summary>
+    [Id(3)] public long Overlaps { get; init; }
+    /// <summary>
+    /// Samples of steps up to a resume point that no rank reported but the resumed state proves consumed (a rank killed
+    /// between its all-reduce and its step report); part of Samples.
+    /// </summary>
+    [Id(4)] public long Inferred { get; init; }
+}
+
+/// <summary>Routed-token fractions: Fractions[i][e] for MoE layer Layers[i], expert e, at Step.</summary>
+[GenerateSerializer, Immutable]
+public sealed record ExpertLoad
+{
+    [Id(0)] public long Step { get; init; }
+    [Id(1)] public int[] Layers { get; init; } = [];
+    [Id(2)] public float[][] Fractions { get; init; } = [];
 }
 
 [GenerateSerializer, Immutable]
@@ -45,5 +78,45 @@ public sealed record CheckpointRecord
 public sealed record CommittedCheckpoint(
     [property: Id(0)] long Step, [property: Id(1)] long Generation, [property: Id(2)] int Files, [property: Id(3)] long Bytes);
 
+/// <summary>
+/// One transition of the job. Message is the sentence for people; Kind (see <see cref="JobEventKinds"/>) and the optional
+/// fields are for programs (the chaos tests, the status page, /metrics).
+/// </summary>
 [GenerateSerializer, Immutable]
-public sealed record JobEvent([property: Id(0)] DateTimeOffset At, [property: Id(1)] long Generation, [property: Id(2)] string Message);
+public sealed record JobEvent([property: Id(0)] DateTimeOffset At, [property: Id(1)] long Generation, [property: Id(2)] string Message)
+{
+    [Id(3)] public string Kind { get; init; } = "";
+    [Id(4)] public string? WorkerId { get; init; }
+    [Id(5)] public string? Reason { get; init; }
+    [Id(6)] public long? ResumeStep { get; init; }
+    /// <summary>resumed: "replica", "checkpoint" or "start".</summary>
+    [Id(7)] public string? ResumeSource { get; init; }
+    [Id(8)] public long? StepsRedone { get; init; }
+    /// <summary>recovered: from the event that started the re-formation to the first completed step of the new generation.</summary>
+    [Id(9)] public double? RecoverySeconds { get; init; }
+    /// <summary>recovered: detection → the new generation formed.</summary>
+    [Id(10)] public double? FormationSeconds { get; init; }
+    /// <summary>recovered: formed → resumed (rendezvous and state restore).</summary>
+    [Id(11)] public double? RestoreSeconds { get; init; }
+    /// <summary>recovered: resumed → first completed step.</summary>
+    [Id(12)] public double? FirstStepSeconds { get; init; }
+    /// <summary>resumed: bytes of state broadcast from the replica or loaded from the checkpoint.</summary>
+    [Id(13)] public long? StateBytes { get; init; }
+    /// <summary>resumed (replica): the rank whose state was broadcast.</summary>
+    [Id(14)] public int? SourceRank { get; init; }
+}
+
+/// <summary>The kinds of <see cref="JobEvent"/>; other components match on these exact strings.</summary>
+public static class JobEventKinds
+{
+    public const string Submitted = "submitted", Forming = "forming", Formed = "formed", WorkerJoined = "worker_joined",
+        WorkerLeft = "worker_left", WorkerLost = "worker_lost", WorkerHung = "worker_hung", WorkerFenced = "worker_fenced",
+        Rescaling = "rescaling", Resumed = "resumed", Recovered = "recovered", CheckpointCommitted = "checkpoint_committed",
+        CheckpointNotCommitted = "checkpoint_not_committed", Completed = "completed", Failed = "failed", Stopped = "stopped";
+
+    public static readonly string[] All =
+    [
+        Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
+        Recovered, CheckpointCommitted, CheckpointNotCommitted, Completed, Failed, Stopped,
+    ];
+}

@@ -67,7 +67,28 @@ public sealed record StepReport
     [Id(2)] public double Loss { get; init; }
     [Id(3)] public double TokensPerSecond { get; init; }
     [Id(4)] public double LearningRate { get; init; }
+    /// <summary>This rank's epoch-permutation positions [SampleStart, SampleStart + SampleCount) of the step.</summary>
+    [Id(5)] public long SampleStart { get; init; }
+    [Id(6)] public int SampleCount { get; init; }
+    /// <summary>Rank 0: routed-token fractions, ExpertLayers.Length × Experts flattened; empty otherwise.</summary>
+    [Id(7)] public float[] ExpertLoad { get; init; } = [];
+    [Id(8)] public int[] ExpertLayers { get; init; } = [];
+    [Id(9)] public int Experts { get; init; }
 }
+
+/// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>
+[GenerateSerializer, Immutable]
+public sealed record ResumedReport
+{
+    [Id(0)] public long Step { get; init; }
+    [Id(1)] public string Source { get; init; } = "";
+    [Id(2)] public int SourceRank { get; init; } = -1;
+    [Id(3)] public double RestoreSeconds { get; init; }
+    [Id(4)] public long StateBytes { get; init; }
+}
+
+/// <summary>How a worker left its job: asked to (Leaving, REST leave), its stream broke, or its heartbeats stopped.</summary>
+public enum LeaveKind { Left, Lost, Hung }
 
 [GenerateSerializer, Immutable]
 public sealed record CheckpointReport
@@ -81,7 +102,8 @@ public sealed record CheckpointReport
     [Id(5)] public string ManifestJson { get; init; } = "";
 }
 
-public enum ControlCommandKind { CheckpointNow, Rescale, Stop }
+/// <summary>Leave: finish the step in flight, send Leaving and exit (a graceful scale-in).</summary>
+public enum ControlCommandKind { CheckpointNow, Rescale, Stop, Leave }
 
 /// <summary>A command down to a worker process; Stop also ends its assignment.</summary>
 [GenerateSerializer, Immutable]

@@ -41,6 +41,15 @@ public static class JobsApi
             var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListWorkersAsync();
             return await Task.WhenAll(ids.Select(id => grains.GetGrain<IGpuWorkerGrain>(id).GetAsync()));
         });
+        // Scale in: the worker finishes the step in flight, says Leaving and exits; its job re-forms without it.
+        app.MapPost("/workers/{id}/leave", async (string id, IGrainFactory grains) =>
+        {
+            var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListWorkersAsync();
+            if (!ids.Contains(id, StringComparer.Ordinal)) return Results.NotFound(new { error = $"no worker '{id}'" });
+            return await grains.GetGrain<IGpuWorkerGrain>(id).LeaveAsync("asked to leave (POST /workers/{id}/leave)")
+                ? Results.Accepted($"/workers", new { workerId = id, leaving = true })
+                : Results.Conflict(new { error = $"worker '{id}' is offline; there is no process to ask" });
+        }).AddEndpointFilter<RequireClusterToken>();
         return app;
     }
 

@@ -51,10 +51,11 @@ public sealed class ClusterControlService(
         {
             WorkerId = hello.WorkerId, Device = hello.Device, MemoryBytes = hello.MemoryBytes, Host = hello.Host,
             CollectiveEndpoint = hello.CollectiveEndpoint,
-        }, observer);
+        }, observer, hello.JobId.Length > 0 && hello.Generation > 0 ? new TrainingPosition(hello.JobId, hello.Generation, hello.Rank) : null);
         var pump = connection.PumpAsync(responses, ct);
 
         string why = "stream closed";
+        var kind = LeaveKind.Lost;
         try
         {
             while (await requests.MoveNext(ct))
@@ -63,8 +64,10 @@ public sealed class ClusterControlService(
                 if (message.KindCase == WorkerMessage.KindOneofCase.Leaving)
                 {
                     why = $"leaving: {message.Leaving.Reason}";
+                    kind = LeaveKind.Left;
                     if (message.Leaving.Failed && connection.Current is { } a)
-                        await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).FailAsync(message.Leaving.Generation, $"worker {hello.WorkerId}: {message.Leaving.Reason}"));
+                        await Fenced(hello.WorkerId, connection, a.JobId, message.Leaving.Generation, "failure",
+                            () => grains.GetGrain<ITrainingJobGrain>(a.JobId).FailAsync(message.Leaving.Generation, $"worker {hello.WorkerId}: {message.Leaving.Reason}"));
                     break;
                 }
                 await HandleAsync(hello.WorkerId, worker, connection, message);
@@ -77,7 +80,7 @@ public sealed class ClusterControlService(
         finally
         {
             connection.Complete();
-            await worker.DisconnectedAsync(number, why);
+            await worker.DisconnectedAsync(number, why, kind);
             grains.DeleteObjectReference<IWorkerControlObserver>(observer);
             try { await pump; } catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException) { }
         }
@@ -89,21 +92,31 @@ public sealed class ClusterControlService(
         {
             case WorkerMessage.KindOneofCase.Heartbeat:
                 var h = message.Heartbeat;
-                await Fenced(connection, () => worker.HeartbeatAsync(h.Generation, new WorkerMetrics
+                // The worker grain records a zombie's heartbeat with its job itself (it knows which job it was in).
+                await Fenced(workerId, connection, null, h.Generation, "heartbeat", () => worker.HeartbeatAsync(h.Generation, new WorkerMetrics
                 {
                     Step = h.Step, Loss = h.Loss, TokensPerSecond = h.TokensPerSecond, MemoryUsedBytes = h.MemoryUsedBytes,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Step when connection.Current is { } a:
                 var s = message.Step;
-                await Fenced(connection, () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportStepAsync(s.Generation, new StepReport
+                await Fenced(workerId, connection, a.JobId, s.Generation, "step", () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportStepAsync(s.Generation, new StepReport
                 {
                     Rank = s.Rank, Step = s.Step, Loss = s.Loss, TokensPerSecond = s.TokensPerSecond, LearningRate = s.LearningRate,
+                    SampleStart = s.SampleStart, SampleCount = s.SampleCount,
+                    ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts,
+                }));
+                break;
+            case WorkerMessage.KindOneofCase.Resumed when connection.Current is { } a:
+                var r = message.Resumed;
+                await Fenced(workerId, connection, a.JobId, r.Generation, "resumed", () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportResumedAsync(r.Generation, new ResumedReport
+                {
+                    Step = r.Step, Source = r.Source, SourceRank = r.SourceRank, RestoreSeconds = r.RestoreSeconds, StateBytes = r.StateBytes,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Checkpoint when (connection.Current ?? connection.Last) is { } a:
                 var c = message.Checkpoint;
-                await Fenced(connection, async () =>
+                await Fenced(workerId, connection, a.JobId, c.Generation, "checkpoint", async () =>
                 {
                     bool complete = await grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
                     {
@@ -112,7 +125,7 @@ public sealed class ClusterControlService(
                     if (complete) commits.Enqueue(a.JobId, c.Generation, c.Step);
                 });
                 break;
-            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint:
+            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));
                 break;
             default:
@@ -121,11 +134,20 @@ public sealed class ClusterControlService(
         }
     }
 
-    /// <summary>Runs a grain call; a stale generation or a finished job is answered with Refused, and the stream stays open.</summary>
-    static async Task Fenced(WorkerConnection connection, Func<Task> call)
+    /// <summary>
+    /// Runs a grain call; a stale generation or a finished job is answered with Refused, and the stream stays open. A
+    /// report from a generation the worker no longer belongs to (a zombie) is refused with rejoin and recorded with its job.
+    /// </summary>
+    async Task Fenced(string workerId, WorkerConnection connection, string? jobId, long generation, string what, Func<Task> call)
     {
         try { await call(); }
-        catch (Exception e) when (e is StaleGenerationException or InvalidOperationException) { connection.Send(Refusal(e.Message)); }
+        catch (StaleGenerationException e)
+        {
+            bool rejoin = e.Rejoin || (jobId is not null && generation > 0 && generation < e.Current);
+            if (rejoin && jobId is not null) grains.GetGrain<ITrainingJobGrain>(jobId).WorkerFencedAsync(workerId, generation, what).Ignore();
+            connection.Send(new CoordinatorMessage { Refused = new Refused { Reason = e.Message, Rejoin = rejoin, StaleGeneration = generation } });
+        }
+        catch (InvalidOperationException e) { connection.Send(Refusal(e.Message)); }
     }
 
     public override async Task<JobReply> SubmitJob(SubmitJobRequest request, ServerCallContext context)

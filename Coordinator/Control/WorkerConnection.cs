@@ -37,6 +37,13 @@ public sealed class WorkerConnection : IWorkerControlObserver
         return Task.CompletedTask;
     }
 
+    public Task AdoptedAsync(GrainAssignment a)
+    {
+        Current = a;
+        Last = a;
+        return Task.CompletedTask;
+    }
+
     public Task CommandedAsync(ControlCommand c)
     {
         if (c.Kind == ControlCommandKind.Stop && (Current is null || Current.JobId == c.JobId || c.JobId == "")) Current = null;
@@ -44,6 +51,7 @@ public sealed class WorkerConnection : IWorkerControlObserver
         {
             ControlCommandKind.CheckpointNow => new CoordinatorMessage { CheckpointNow = new CheckpointNow { Generation = c.Generation, Step = c.Step } },
             ControlCommandKind.Rescale => new CoordinatorMessage { Rescale = new Rescale { Generation = c.Generation, Reason = c.Reason } },
+            ControlCommandKind.Leave => new CoordinatorMessage { Leave = new Leave { Reason = c.Reason } },
             _ => new CoordinatorMessage { Stop = new Stop { Generation = c.Generation, Reason = c.Reason } },
         });
         return Task.CompletedTask;

@@ -29,43 +29,68 @@ public sealed class GpuWorkerGrain(
     IWorkerControlObserver? _observer;
     IGrainTimer? _watch;
     DateTimeOffset _lastHeartbeat;
+    /// <summary>No heartbeat timeout before this: after a restart, workers need time to notice and reconnect.</summary>
+    DateTimeOffset _graceUntil;
     WorkerMetrics? _metrics;
+    /// <summary>The job of the assignment the worker lost last (a zombie's stale reports are attributed to it).</summary>
+    string? _lastJob;
 
     public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
-        // Online before a restart: give the process one timeout to reconnect, else its job hears that it left.
-        if (S.Online) StartWatch();
+        // Online before a restart: give the process the reconnect grace, else its job hears that it left.
+        if (S.Online)
+        {
+            _graceUntil = clock.GetUtcNow() + options.Value.ReconnectGrace;
+            StartWatch();
+        }
         return Task.CompletedTask;
     }
 
-    public async Task<long> RegisterAsync(WorkerCapabilities capabilities, IWorkerControlObserver? observer)
+    public async Task<long> RegisterAsync(WorkerCapabilities capabilities, IWorkerControlObserver? observer, TrainingPosition? training = null)
     {
         if (capabilities.WorkerId != WorkerId)
             throw new ArgumentException($"capabilities name worker '{capabilities.WorkerId}' but this is worker '{WorkerId}'");
-        // A new connection is a new process (or the same one after a break): whatever it was doing is lost.
-        var lost = S.Assignment;
-        S.Assignment = null;
+        // The process still trains the generation it was assigned (the Coordinator restarted, or its stream broke and came
+        // back): re-adopt it. Anything else is a new process, or one whose generation moved on: what it was doing is lost.
+        var current = S.Assignment;
+        bool adopt = current is not null && training is not null && training.JobId == current.JobId
+                     && training.Generation == current.Generation && training.Rank == current.Rank;
+        var lost = adopt ? null : current;
+        if (!adopt) S.Assignment = null;
         S.Capabilities = capabilities;
         S.Online = true;
         S.Connection++;
         _observer = observer;
         await worker.WriteStateAsync();
         StartWatch();
-        logger.LogInformation("Worker {Worker} registered: {Device}, {Memory} bytes, host {Host}", WorkerId, capabilities.Device, capabilities.MemoryBytes, capabilities.Host);
+        logger.LogInformation("Worker {Worker} registered: {Device}, {Memory} bytes, host {Host}{Adopted}", WorkerId, capabilities.Device,
+            capabilities.MemoryBytes, capabilities.Host, adopt ? $"; re-adopted into job {current!.JobId} generation {current.Generation} rank {current.Rank}" : "");
+        if (adopt && observer is not null) await observer.AdoptedAsync(current!);
         if (lost is not null)
-            await GrainFactory.GetGrain<ITrainingJobGrain>(lost.JobId).WorkerLeftAsync(WorkerId, "reconnected without its assignment");
+            await GrainFactory.GetGrain<ITrainingJobGrain>(lost.JobId).WorkerLeftAsync(WorkerId,
+                training is null ? "reconnected without its assignment" : $"reconnected in generation {training.Generation}, not its assignment's {lost.Generation}",
+                LeaveKind.Lost);
         await Registry.WorkerOnlineAsync(capabilities);
         return S.Connection;
     }
 
     public Task HeartbeatAsync(long generation, WorkerMetrics metrics1)
     {
-        if (!S.Online) throw new InvalidOperationException($"worker '{WorkerId}' is not registered; say Hello first");
+        if (!S.Online)
+        {
+            // Its stream outlived the timeout that took it offline (paused, partitioned): a zombie.
+            metrics.StaleRefused("heartbeat");
+            TellFenced(generation, "heartbeat");
+            throw new StaleGenerationException(_lastJob ?? "", generation, 0, rejoin: true);
+        }
         long expected = S.Assignment?.Generation ?? 0;
         if (generation != expected)
         {
             metrics.StaleRefused("heartbeat");
-            throw new StaleGenerationException(S.Assignment?.JobId ?? "", generation, expected);
+            // Reporting generation 0 while assigned only means the Assignment is still on its way down.
+            bool rejoin = generation > 0;
+            if (rejoin) TellFenced(generation, "heartbeat");
+            throw new StaleGenerationException(S.Assignment?.JobId ?? _lastJob ?? "", generation, expected, rejoin);
         }
         _lastHeartbeat = clock.GetUtcNow();
         metrics.Heartbeat(WorkerId, _lastHeartbeat);
@@ -82,6 +107,19 @@ public sealed class GpuWorkerGrain(
         catch (Exception e) { logger.LogWarning(e, "Worker {Worker}: could not push generation {Generation} to its stream", WorkerId, assignment.Generation); }
     }
 
+    public async Task<bool> LeaveAsync(string reason)
+    {
+        if (!S.Online || _observer is null) return false;
+        try { await _observer.CommandedAsync(new ControlCommand { Kind = ControlCommandKind.Leave, JobId = S.Assignment?.JobId ?? "", Reason = reason }); }
+        catch (Exception e)
+        {
+            logger.LogWarning(e, "Worker {Worker}: could not push Leave to its stream", WorkerId);
+            return false;
+        }
+        logger.LogInformation("Worker {Worker} asked to leave: {Reason}", WorkerId, reason);
+        return true;
+    }
+
     public async Task CommandAsync(ControlCommand command)
     {
         if (S.Assignment is null || S.Assignment.JobId != command.JobId) return;
@@ -95,10 +133,10 @@ public sealed class GpuWorkerGrain(
         catch (Exception e) { logger.LogWarning(e, "Worker {Worker}: could not push {Command} to its stream", WorkerId, command.Kind); }
     }
 
-    public async Task DisconnectedAsync(long connection, string reason)
+    public async Task DisconnectedAsync(long connection, string reason, LeaveKind kind)
     {
         if (connection != S.Connection || !S.Online) return;
-        await GoOfflineAsync(reason);
+        await GoOfflineAsync(reason, kind);
     }
 
     public Task<WorkerStatus> GetAsync() => Task.FromResult(new WorkerStatus
@@ -112,9 +150,16 @@ public sealed class GpuWorkerGrain(
         Metrics = _metrics,
     });
 
-    async Task GoOfflineAsync(string reason)
+    void TellFenced(long generation, string what)
+    {
+        if (generation <= 0 || (S.Assignment?.JobId ?? _lastJob) is not { } job) return;
+        GrainFactory.GetGrain<ITrainingJobGrain>(job).WorkerFencedAsync(WorkerId, generation, what).Ignore();
+    }
+
+    async Task GoOfflineAsync(string reason, LeaveKind kind)
     {
         var left = S.Assignment;
+        if (left is not null) _lastJob = left.JobId;
         S.Online = false;
         S.Assignment = null;
         _observer = null;
@@ -124,7 +169,7 @@ public sealed class GpuWorkerGrain(
         await worker.WriteStateAsync();
         logger.LogWarning("Worker {Worker} went offline: {Reason}", WorkerId, reason);
         await Registry.WorkerOfflineAsync(WorkerId);
-        if (left is not null) await GrainFactory.GetGrain<ITrainingJobGrain>(left.JobId).WorkerLeftAsync(WorkerId, reason);
+        if (left is not null) await GrainFactory.GetGrain<ITrainingJobGrain>(left.JobId).WorkerLeftAsync(WorkerId, reason, kind);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -142,9 +187,10 @@ public sealed class GpuWorkerGrain(
         var period = TimeSpan.FromTicks(Math.Max(timeout.Ticks / 4, TimeSpan.FromMilliseconds(50).Ticks));
         _watch = this.RegisterGrainTimer(async _ =>
         {
-            if (!S.Online || clock.GetUtcNow() - _lastHeartbeat <= timeout) return;
+            var now = clock.GetUtcNow();
+            if (!S.Online || now - _lastHeartbeat <= timeout || now < _graceUntil) return;
             var observer = _observer;
-            await GoOfflineAsync($"no heartbeat for {timeout.TotalSeconds:0.###} s");
+            await GoOfflineAsync($"no heartbeat for {timeout.TotalSeconds:0.###} s", LeaveKind.Hung);
             if (observer is not null)
             {
                 try { await observer.CommandedAsync(new ControlCommand { Kind = ControlCommandKind.Stop, Reason = "heartbeat timeout" }); }

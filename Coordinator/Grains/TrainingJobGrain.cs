@@ -24,6 +24,23 @@ public sealed class TrainingJobGrainState
     [Id(10)] public DateTimeOffset? SubmittedAt { get; set; }
     /// <summary>Steps the CheckpointStore committed, oldest first.</summary>
     [Id(11)] public List<CommittedCheckpoint> Committed { get; set; } = [];
+    /// <summary>The exactly-once ledger of the current state's lineage (see <see cref="SampleLedger"/>).</summary>
+    [Id(12)] public SampleLedger Ledger { get; set; } = new();
+    [Id(13)] public ExpertLoad? ExpertLoad { get; set; }
+    /// <summary>The re-formation in progress (null when none): timed from its cause to the first step after it.</summary>
+    [Id(14)] public Reformation? Reforming { get; set; }
+}
+
+/// <summary>A re-formation's clock: cause (a worker left, was lost or hung, or the job grows) → formed → resumed → first step.</summary>
+[GenerateSerializer]
+public sealed class Reformation
+{
+    [Id(0)] public DateTimeOffset DetectedAt { get; set; }
+    [Id(1)] public string Cause { get; set; } = "";
+    [Id(2)] public DateTimeOffset? FormedAt { get; set; }
+    [Id(3)] public DateTimeOffset? ResumedAt { get; set; }
+    [Id(4)] public long Generation { get; set; }
+    [Id(5)] public long ResumedStep { get; set; }
 }
 
 public sealed class TrainingJobGrain(
@@ -34,6 +51,9 @@ public sealed class TrainingJobGrain(
     ILogger<TrainingJobGrain> logger) : Grain, ITrainingJobGrain
 {
     const int EventsKept = 200;
+
+    /// <summary>(worker, generation) pairs already recorded as fenced in this activation.</summary>
+    readonly HashSet<(string, long)> fenced = [];
 
     TrainingJobGrainState S => job.State;
     string JobId => this.GetPrimaryKeyString();
@@ -48,12 +68,12 @@ public sealed class TrainingJobGrain(
         S.Spec = spec with { Name = JobId };
         S.State = JobState.Pending;
         S.SubmittedAt = clock.GetUtcNow();
-        Event("submitted");
+        Event(JobEventKinds.Submitted, "submitted");
         await job.WriteStateAsync();
         await Registry.AddJobAsync(JobId);
 
         S.State = JobState.Forming;
-        Event($"forming: waiting for {spec.MinWorkers}..{spec.MaxWorkers} workers");
+        Event(JobEventKinds.Forming, $"forming: waiting for {spec.MinWorkers}..{spec.MaxWorkers} workers");
         await job.WriteStateAsync();
         await TryFormAsync();
         return Status();
@@ -70,7 +90,7 @@ public sealed class TrainingJobGrain(
     public async Task<JobStatus> StopAsync()
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        if (!S.State.IsTerminal()) await FinishAsync(JobState.Stopped, "stopped on request");
+        if (!S.State.IsTerminal()) await FinishAsync(JobState.Stopped, JobEventKinds.Stopped, "stopped on request");
         return Status();
     }
 
@@ -80,7 +100,7 @@ public sealed class TrainingJobGrain(
         await TryFormAsync();
     }
 
-    public async Task WorkerLeftAsync(string workerId, string reason)
+    public async Task WorkerLeftAsync(string workerId, string reason, LeaveKind kind)
     {
         if (S.Spec is null || S.State.IsTerminal()) return;
         bool member = S.Workers.Any(w => w.WorkerId == workerId);
@@ -93,9 +113,17 @@ public sealed class TrainingJobGrain(
         }
 
         S.Workers.RemoveAll(w => w.WorkerId == workerId);
+        var (eventKind, verb) = kind switch
+        {
+            LeaveKind.Lost => (JobEventKinds.WorkerLost, "was lost"),
+            LeaveKind.Hung => (JobEventKinds.WorkerHung, "hung"),
+            _ => (JobEventKinds.WorkerLeft, "left"),
+        };
+        Event(New(eventKind, $"worker {workerId} {verb} ({reason})") with { WorkerId = workerId, Reason = reason });
+        StartReformation(eventKind);
         S.State = JobState.Rescaling;
         metrics.Rescaled("worker_left");
-        Event($"worker {workerId} left ({reason}): rescaling");
+        Event(New(JobEventKinds.Rescaling, $"rescaling without worker {workerId}: {S.Workers.Count} left") with { WorkerId = workerId, Reason = eventKind });
         await job.WriteStateAsync();
         // The survivors stop at the step boundary; the next Assignment (new generation) tells them how to go on.
         var rescale = new ControlCommand { Kind = ControlCommandKind.Rescale, JobId = JobId, Generation = S.Generation, Reason = $"worker {workerId} left" };
@@ -103,9 +131,55 @@ public sealed class TrainingJobGrain(
         await TryFormAsync();
     }
 
+    public async Task WorkerFencedAsync(string workerId, long reportedGeneration, string what)
+    {
+        if (S.Spec is null) return;
+        // One event per zombie and generation: a paused worker that wakes sends a burst of stale reports.
+        if (!fenced.Add((workerId, reportedGeneration))) return;
+        Event(New(JobEventKinds.WorkerFenced, $"worker {workerId}: a {what} from generation {reportedGeneration} was refused (current {S.Generation}); told to rejoin")
+            with { WorkerId = workerId, Reason = $"stale {what} from generation {reportedGeneration}" });
+        await job.WriteStateAsync();
+    }
+
+    public async Task ReportResumedAsync(long generation, ResumedReport report)
+    {
+        Fence(generation, "resumed");
+        long redone = Math.Max(0, S.Step - report.Step);
+        // The state now descends from step report.Step: what later steps consumed was thrown away with them.
+        S.Ledger.ResumedAt(report.Step, S.Spec!.GlobalBatch);
+        S.Loss.RemoveAll(p => p.Step > report.Step);
+        S.Step = report.Step;
+        var now = clock.GetUtcNow();
+        if (S.Reforming is { } r && r.Generation == generation) { r.ResumedAt = now; r.ResumedStep = report.Step; }
+        metrics.StepsRedone(redone);
+        string from = report.Source switch
+        {
+            "replica" => $"the live state of rank {report.SourceRank}",
+            "checkpoint" => $"the committed checkpoint of step {report.Step}",
+            _ => "the start",
+        };
+        Event(New(JobEventKinds.Resumed, $"generation {generation} resumed at step {report.Step} from {from} " +
+                $"({report.StateBytes} bytes in {report.RestoreSeconds:0.###} s); {redone} steps redone")
+            with
+            {
+                ResumeStep = report.Step, ResumeSource = report.Source, StepsRedone = redone, SourceRank = report.SourceRank >= 0 ? report.SourceRank : null,
+                StateBytes = report.StateBytes, RestoreSeconds = report.RestoreSeconds,
+            });
+        await job.WriteStateAsync();
+    }
+
     public async Task ReportStepAsync(long generation, StepReport report)
     {
         Fence(generation, "step");
+        if (report.SampleCount > 0) S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
+        if (report.ExpertLoad.Length > 0 && report.Experts > 0 && report.ExpertLoad.Length == report.ExpertLayers.Length * report.Experts
+            && (S.ExpertLoad is null || report.Step >= S.ExpertLoad.Step))
+            S.ExpertLoad = new ExpertLoad
+            {
+                Step = report.Step, Layers = report.ExpertLayers,
+                Fractions = [.. Enumerable.Range(0, report.ExpertLayers.Length).Select(i => report.ExpertLoad[(i * report.Experts)..((i + 1) * report.Experts)])],
+            };
+        if (S.Reforming is { } r && r.Generation == generation && report.Step > r.ResumedStep) Recovered(r);
         if (report.Step > S.Step) S.Step = report.Step;
         if (!S.Loss.Any(p => p.Step == report.Step))
         {
@@ -113,7 +187,7 @@ public sealed class TrainingJobGrain(
             int excess = S.Loss.Count - options.Value.LossHistory;
             if (excess > 0) S.Loss.RemoveRange(0, excess);
         }
-        if (S.Step >= S.Spec!.Steps) await FinishAsync(JobState.Completed, $"completed {S.Step} steps");
+        if (S.Step >= S.Spec!.Steps) await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps");
         else await job.WriteStateAsync();
     }
 
@@ -127,7 +201,7 @@ public sealed class TrainingJobGrain(
         bool complete = files.Length == record.World, wasComplete = record.Complete;
         record = record with { Files = files, Complete = complete };
         if (i >= 0) S.Checkpoints[i] = record; else S.Checkpoints.Add(record);
-        if (complete && !wasComplete) Event($"checkpoint at step {report.Step}: all {record.World} ranks reported");
+        if (complete && !wasComplete) logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported", JobId, report.Step, record.World);
         await job.WriteStateAsync();
         return complete;
     }
@@ -142,7 +216,8 @@ public sealed class TrainingJobGrain(
         S.Committed.Add(checkpoint);
         S.Committed.Sort((a, b) => a.Step.CompareTo(b.Step));
         ForgetManifest(checkpoint.Generation, checkpoint.Step);
-        Event($"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes");
+        Event(New(JobEventKinds.CheckpointCommitted, $"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes")
+            with { ResumeStep = checkpoint.Step });
         await job.WriteStateAsync();
     }
 
@@ -150,7 +225,8 @@ public sealed class TrainingJobGrain(
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
         ForgetManifest(generation, step);
-        Event($"checkpoint at step {step} (generation {generation}) not committed: {reason}");
+        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: {reason}")
+            with { ResumeStep = step, Reason = reason });
         await job.WriteStateAsync();
     }
 
@@ -164,7 +240,7 @@ public sealed class TrainingJobGrain(
     public async Task FailAsync(long generation, string reason)
     {
         Fence(generation, "failure");
-        await FinishAsync(JobState.Failed, reason);
+        await FinishAsync(JobState.Failed, JobEventKinds.Failed, reason);
     }
 
     // ---- Formation ----
@@ -180,7 +256,11 @@ public sealed class TrainingJobGrain(
         if (want > 0)
         {
             var claimed = await Registry.ClaimWorkersAsync(JobId, want);
-            S.Pool.AddRange(claimed.Where(c => S.Pool.All(p => p.WorkerId != c.WorkerId)));
+            foreach (var c in claimed.Where(c => S.Pool.All(p => p.WorkerId != c.WorkerId)))
+            {
+                S.Pool.Add(c);
+                Event(New(JobEventKinds.WorkerJoined, $"worker {c.WorkerId} joined ({c.Device}, collectives on {c.CollectiveEndpoint})") with { WorkerId = c.WorkerId });
+            }
         }
 
         int? dp = spec.ChooseDataParallel(S.Pool.Count);
@@ -201,14 +281,17 @@ public sealed class TrainingJobGrain(
         bool rescale = S.Generation > 0;
         if (running)
         {
+            StartReformation("grow");
             S.State = JobState.Rescaling;
             metrics.Rescaled("grow");
-            Event($"growing to {world} workers");
+            Event(New(JobEventKinds.Rescaling, $"growing from {S.Workers.Count} to {world} workers") with { Reason = "grow" });
         }
         S.Generation++;
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint))];
         S.State = JobState.Running;
-        Event($"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}");
+        if (S.Reforming is { } reforming) { reforming.FormedAt = clock.GetUtcNow(); reforming.Generation = S.Generation; }
+        Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
+            with { Reason = rescale ? S.Reforming?.Cause ?? "rescale" : "initial" });
         await ReleaseExtrasAsync();
         await job.WriteStateAsync();
         metrics.Formed(rescale);
@@ -246,12 +329,13 @@ public sealed class TrainingJobGrain(
         await Registry.ReleaseWorkersAsync(JobId, extras);
     }
 
-    async Task FinishAsync(JobState final, string why)
+    async Task FinishAsync(JobState final, string kind, string why)
     {
         var members = S.Workers.ToList();
         S.State = final;
+        S.Reforming = null;
         if (final == JobState.Failed) S.Error = why;
-        Event(why);
+        Event(New(kind, why) with { Reason = why });
         S.Pool.Clear();
         metrics.JobFinished(JobId);
         await job.WriteStateAsync();
@@ -287,11 +371,37 @@ public sealed class TrainingJobGrain(
         catch (Exception e) { logger.LogWarning(e, "Job {Job}: could not send {Command} to worker {Worker}", JobId, command.Kind, workerId); }
     }
 
-    void Event(string message)
+    /// <summary>A re-formation starts (unless one is already under way: a second failure during recovery extends the first).</summary>
+    void StartReformation(string cause)
     {
-        S.Events.Add(new JobEvent(clock.GetUtcNow(), S.Generation, message));
+        if (S.Reforming is not null && S.Reforming.ResumedAt is null) return;
+        S.Reforming = new Reformation { DetectedAt = clock.GetUtcNow(), Cause = cause };
+    }
+
+    /// <summary>The first step of the re-formed generation completed: the recovery is over.</summary>
+    void Recovered(Reformation r)
+    {
+        var now = clock.GetUtcNow();
+        double total = (now - r.DetectedAt).TotalSeconds;
+        double? formation = r.FormedAt is { } f ? (f - r.DetectedAt).TotalSeconds : null;
+        double? restore = r.FormedAt is { } f2 && r.ResumedAt is { } a ? (a - f2).TotalSeconds : null;
+        double? first = r.ResumedAt is { } a2 ? (now - a2).TotalSeconds : null;
+        S.Reforming = null;
+        metrics.Recovery(total, r.Cause);
+        Event(New(JobEventKinds.Recovered, $"recovered from {r.Cause} in {total:0.###} s (formation {formation:0.###} s, restore {restore:0.###} s, first step {first:0.###} s)")
+            with { Reason = r.Cause, RecoverySeconds = total, FormationSeconds = formation, RestoreSeconds = restore, FirstStepSeconds = first, ResumeStep = r.ResumedStep });
+    }
+
+    JobEvent New(string kind, string message) => new(clock.GetUtcNow(), S.Generation, message) { Kind = kind };
+
+    void Event(string kind, string message) => Event(New(kind, message));
+
+    void Event(JobEvent e)
+    {
+        S.Events.Add(e);
         if (S.Events.Count > EventsKept) S.Events.RemoveRange(0, S.Events.Count - EventsKept);
-        logger.LogInformation("Job {Job} [{State}, generation {Generation}]: {Message}", JobId, S.State, S.Generation, message);
+        metrics.JobEvent(e.Kind);
+        logger.LogInformation("Job {Job} [{State}, generation {Generation}] {Kind}: {Message}", JobId, S.State, S.Generation, e.Kind, e.Message);
     }
 
     JobStatus Status() => new()
@@ -305,6 +415,8 @@ public sealed class TrainingJobGrain(
         Workers = [.. S.Workers],
         Checkpoints = [.. S.Checkpoints.Select(c => c with { Files = [.. c.Files.Select(f => f with { ManifestJson = "" })] })],
         Committed = [.. S.Committed],
+        Consumption = S.Ledger.Summary(S.Spec?.GlobalBatch ?? 0),
+        ExpertLoad = S.ExpertLoad,
         Events = [.. S.Events],
         Error = S.Error,
         SubmittedAt = S.SubmittedAt,

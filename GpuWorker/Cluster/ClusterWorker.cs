@@ -20,8 +20,19 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
 {
     readonly Channel<WorkerMessage> outbox = Channel.CreateUnbounded<WorkerMessage>();
     readonly Lock gate = new();
+    /// <summary>Serialises the handling of Coordinator messages with a graceful leave.</summary>
+    readonly SemaphoreSlim handling = new(1, 1);
+    /// <summary>Set by SIGTERM/Ctrl+C or a Leave command: the reason to leave.</summary>
+    readonly TaskCompletionSource<string> leave = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    /// <summary>The live model and optimizer, kept across the generations of one job.</summary>
+    readonly ReplicaHolder replica = new();
     TrainingRun? run;
     Task? runTask;
+    /// <summary>The assignment this process trains (or waits in, after a Rescale); announced in Hello on reconnect.</summary>
+    Assignment? current;
+    /// <summary>A message taken from the outbox whose write failed: sent first on the next connection, so nothing is lost.</summary>
+    WorkerMessage? unsent;
+    bool leaving;
     public WorkerProgress Progress { get; } = new();
 
     public async Task<int> RunAsync(CancellationToken stop)
@@ -30,36 +41,44 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         var endpoint = $"{settings.CollectiveHost}:{port}";
         Log($"worker {settings.WorkerId}: coordinator {settings.Coordinator}, collectives on {endpoint}");
         using var heartbeat = new Timer(_ => SendHeartbeat(), null, settings.HeartbeatInterval, settings.HeartbeatInterval);
+        using var onStop = stop.Register(() => leave.TrySetResult("stopped (SIGTERM or Ctrl+C)"));
         var backoff = TimeSpan.FromMilliseconds(200);
-        while (!stop.IsCancellationRequested)
+        try
         {
-            try
+            while (!leave.Task.IsCompleted)
             {
-                var outcome = await ConnectOnceAsync(endpoint, port, stop);
-                if (outcome is { } code) return code;
-                backoff = TimeSpan.FromMilliseconds(200);
+                try
+                {
+                    var outcome = await ConnectOnceAsync(endpoint, port);
+                    if (outcome is { } code) return code;
+                    backoff = TimeSpan.FromMilliseconds(200);
+                }
+                catch (RpcException e) when (!leave.Task.IsCompleted)
+                {
+                    Log($"control stream to {settings.Coordinator} lost ({e.StatusCode}: {e.Status.Detail}); reconnecting in {backoff.TotalSeconds:F1} s");
+                }
+                catch (HttpRequestException e) when (!leave.Task.IsCompleted)
+                {
+                    Log($"coordinator {settings.Coordinator} unreachable ({e.Message}); reconnecting in {backoff.TotalSeconds:F1} s");
+                }
+                catch (Exception e) when (leave.Task.IsCompleted && e is RpcException or HttpRequestException or OperationCanceledException)
+                {
+                    break;
+                }
+                // Training goes on peer to peer meanwhile; reports wait in the outbox.
+                await Task.WhenAny(Task.Delay(backoff), leave.Task);
+                backoff = TimeSpan.FromSeconds(Math.Min(5, backoff.TotalSeconds * 2));
             }
-            catch (Exception e) when (stop.IsCancellationRequested && e is RpcException or OperationCanceledException)
-            {
-                break;
-            }
-            catch (RpcException e)
-            {
-                Log($"control stream to {settings.Coordinator} lost ({e.StatusCode}: {e.Status.Detail}); reconnecting in {backoff.TotalSeconds:F1} s");
-            }
-            catch (HttpRequestException e)
-            {
-                Log($"coordinator {settings.Coordinator} unreachable ({e.Message}); reconnecting in {backoff.TotalSeconds:F1} s");
-            }
-            try { await Task.Delay(backoff, stop); } catch (OperationCanceledException) { break; }
-            backoff = TimeSpan.FromSeconds(Math.Min(5, backoff.TotalSeconds * 2));
+            // Leaving without a Coordinator to tell: finish the step and go.
+            Log($"leaving ({await leave.Task}) without a connection to the coordinator");
+            await StopRunAsync();
+            return 0;
         }
-        await LeaveAsync("stopped (SIGTERM or Ctrl+C)");
-        return 0;
+        finally { replica.Dispose(); }
     }
 
     /// <summary>One connection: returns an exit code when the worker must stop, null to reconnect.</summary>
-    async Task<int?> ConnectOnceAsync(string endpoint, int port, CancellationToken stop)
+    async Task<int?> ConnectOnceAsync(string endpoint, int port)
     {
         using var channel = GrpcChannel.ForAddress(settings.Coordinator, new GrpcChannelOptions
         {
@@ -70,25 +89,64 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             },
         });
         var client = new ClusterControl.ClusterControlClient(channel);
-        using var call = client.Connect(new Metadata { { "authorization", $"Bearer {settings.Token}" } }, cancellationToken: stop);
-        using var connection = CancellationTokenSource.CreateLinkedTokenSource(stop);
-        await call.RequestStream.WriteAsync(new WorkerMessage
+        using var connection = new CancellationTokenSource();
+        using var call = client.Connect(new Metadata { { "authorization", $"Bearer {settings.Token}" } }, cancellationToken: connection.Token);
+        var hello = new Hello
         {
-            Hello = new Hello
-            {
-                WorkerId = settings.WorkerId, Device = DeviceName(), Host = Environment.MachineName,
-                MemoryBytes = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, CollectiveEndpoint = endpoint,
-            },
-        }, stop);
+            WorkerId = settings.WorkerId, Device = DeviceName(), Host = Environment.MachineName,
+            MemoryBytes = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, CollectiveEndpoint = endpoint,
+        };
+        // Still training a generation (the Coordinator restarted, or the stream broke): ask to be re-adopted into it.
+        if (current is { } position && Progress.Generation == position.Generation)
+        {
+            hello.JobId = position.JobId;
+            hello.Generation = position.Generation;
+            hello.Rank = position.Rank;
+        }
+        await call.RequestStream.WriteAsync(new WorkerMessage { Hello = hello }, connection.Token);
         var writer = Task.Run(async () =>
         {
+            if (unsent is { } first)
+            {
+                await call.RequestStream.WriteAsync(first, connection.Token);
+                unsent = null;
+            }
             await foreach (var m in outbox.Reader.ReadAllAsync(connection.Token))
+            {
+                unsent = m;
                 await call.RequestStream.WriteAsync(m, connection.Token);
+                unsent = null;
+            }
         }, connection.Token);
+        var rejoin = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var reading = ReadAsync(call, port, rejoin, connection.Token);
         try
         {
-            await foreach (var message in call.ResponseStream.ReadAllAsync(stop))
+            var first = await Task.WhenAny(reading, leave.Task, rejoin.Task);
+            if (first == leave.Task) return await LeaveAsync(call, writer, await leave.Task);
+            if (first == rejoin.Task)
             {
+                Log("rejoining the coordinator as a free worker");
+                return null;
+            }
+            return await reading; // the coordinator closed the stream (null: reconnect) or refused the token (3)
+        }
+        finally
+        {
+            connection.Cancel();
+            try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { } catch (InvalidOperationException) { }
+            try { await reading; } catch (OperationCanceledException) { } catch (RpcException) { }
+        }
+    }
+
+    async Task<int?> ReadAsync(AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call, int port, TaskCompletionSource rejoin, CancellationToken ct)
+    {
+        await foreach (var message in call.ResponseStream.ReadAllAsync(ct))
+        {
+            await handling.WaitAsync(ct);
+            try
+            {
+                if (leaving) continue;
                 switch (message.KindCase)
                 {
                     case CoordinatorMessage.KindOneofCase.Assignment:
@@ -97,7 +155,10 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                     case CoordinatorMessage.KindOneofCase.Stop:
                         Log($"stop from the coordinator (generation {message.Stop.Generation}): {message.Stop.Reason}");
                         Progress.Generation = 0; // unassigned: heartbeats no longer speak for a generation
-                        await StopRunAsync();
+                        current = null;
+                        await StopRunAsync(now: true);
+                        // Out of the job: a later claim must not trust this state (the job may have moved on without it).
+                        replica.Drop();
                         break;
                     case CoordinatorMessage.KindOneofCase.Rescale:
                         Log($"rescale (generation {message.Rescale.Generation}): {message.Rescale.Reason}; waiting for the new assignment");
@@ -106,19 +167,51 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                     case CoordinatorMessage.KindOneofCase.CheckpointNow:
                         run?.RequestCheckpoint(message.CheckpointNow.Step);
                         break;
+                    case CoordinatorMessage.KindOneofCase.Leave:
+                        Log($"asked to leave: {message.Leave.Reason}");
+                        leave.TrySetResult(message.Leave.Reason);
+                        break;
                     case CoordinatorMessage.KindOneofCase.Refused:
-                        Log($"refused by the coordinator: {message.Refused.Reason}");
-                        if (message.Refused.Reason.Contains("token", StringComparison.OrdinalIgnoreCase)) return 3;
+                        var refused = message.Refused;
+                        Log($"refused by the coordinator: {refused.Reason}");
+                        if (refused.Reason.Contains("token", StringComparison.OrdinalIgnoreCase)) return 3;
+                        // Fenced as a zombie while still in that generation (an Assignment that moved us on wins): the run and
+                        // its state are stale; drop both and say Hello again as a free worker.
+                        if (refused.Rejoin && Progress.Generation == refused.StaleGeneration)
+                        {
+                            Log($"generation {refused.StaleGeneration} is stale: dropping the run and the live state");
+                            Progress.Generation = 0;
+                            current = null;
+                            await StopRunAsync(now: true);
+                            replica.Drop();
+                            rejoin.TrySetResult();
+                            return null;
+                        }
                         break;
                 }
             }
+            finally { handling.Release(); }
         }
-        finally
+        return null;
+    }
+
+    /// <summary>Graceful leave: the step in flight finishes, Leaving goes up, the stream closes; exit code 0.</summary>
+    async Task<int> LeaveAsync(AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call, Task writer, string reason)
+    {
+        await handling.WaitAsync();
+        try { leaving = true; }
+        finally { handling.Release(); }
+        long generation = Progress.Generation;
+        await StopRunAsync();
+        Log($"leaving: {reason}");
+        Send(new WorkerMessage { Leaving = new Leaving { Reason = reason, Generation = generation } });
+        outbox.Writer.TryComplete(); // the writer sends what is queued, the farewell last, then ends
+        try { await writer.WaitAsync(TimeSpan.FromSeconds(5)); await call.RequestStream.CompleteAsync(); }
+        catch (Exception e) when (e is TimeoutException or RpcException or InvalidOperationException or OperationCanceledException)
         {
-            connection.Cancel();
-            try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { }
+            Log($"the farewell may not have reached the coordinator: {e.Message}");
         }
-        return null; // the coordinator closed the stream: reconnect
+        return 0;
     }
 
     async Task StartRunAsync(Assignment assignment, int port)
@@ -128,25 +221,20 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             (assignment.ResumeStep > 0 ? $", resuming from step {assignment.ResumeStep}" : ""));
         Progress.Generation = assignment.Generation; // heartbeats speak for the new generation from now on
         Progress.Step = assignment.ResumeStep;
-        var r = new TrainingRun(assignment, settings, port, Send, Progress, log, metrics);
+        current = assignment;
+        var r = new TrainingRun(assignment, settings, port, Send, Progress, log, metrics, replica);
         lock (gate) { run = r; runTask = Task.Factory.StartNew(r.Run, TaskCreationOptions.LongRunning); }
     }
 
-    async Task StopRunAsync()
+    /// <summary>Ends the current run at its step boundary (a blocked collective is aborted after a grace); now: abort at once.</summary>
+    async Task StopRunAsync(bool now = false)
     {
         TrainingRun? r;
         Task? t;
         lock (gate) { r = run; t = runTask; run = null; runTask = null; }
         if (r is null || t is null) return;
-        r.Cancel();
+        r.Cancel(now);
         await t;
-    }
-
-    async Task LeaveAsync(string reason)
-    {
-        await StopRunAsync();
-        Send(new WorkerMessage { Leaving = new Leaving { Reason = reason, Generation = Progress.Generation } });
-        await Task.Delay(200); // give the writer a moment to flush the farewell before the process exits
     }
 
     void Send(WorkerMessage m) => outbox.Writer.TryWrite(m);

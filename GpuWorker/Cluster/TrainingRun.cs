@@ -19,27 +19,56 @@ using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointSt
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
-public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, int collectivePort, Action<WorkerMessage> send,
-                                WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null)
+/// <summary>Holds the worker's live state between runs (see <see cref="ReplicaState"/>); runs use it one at a time.</summary>
+public sealed class ReplicaHolder : IDisposable
 {
+    public ReplicaState? State { get; set; }
+
+    public void Drop()
+    {
+        State?.Dispose();
+        State = null;
+    }
+
+    public void Dispose() => Drop();
+}
+
+public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, int collectivePort, Action<WorkerMessage> send,
+                                WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null, ReplicaHolder? replica = null)
+{
+    /// <summary>The matmul peak per device, measured once per process (a re-formation should not pay for it again).</summary>
+    static readonly System.Collections.Concurrent.ConcurrentDictionary<string, double> Peaks = new();
+
     static readonly JsonSerializerOptions SpecJson = new(JsonSerializerDefaults.Web)
     {
         Converters = { new System.Text.Json.Serialization.JsonStringEnumConverter() },
     };
 
-    readonly CancellationTokenSource cancel = new();
+    readonly RunCancellation cancel = new();
+    readonly ReplicaHolder holder = replica ?? new ReplicaHolder();
     readonly System.Collections.Concurrent.ConcurrentDictionary<long, string> manifests = new();
     long checkpointRequested = -1;
+    long lastStepTicks = TimeSpan.FromSeconds(1).Ticks;
 
-    public void Cancel() => cancel.Cancel();
+    /// <summary>
+    /// Stops at the step boundary: the step in flight finishes (cancellation is checked between steps). A collective that
+    /// stays blocked past the grace (a peer is gone, or peers already began the next step) is aborted, so the run ends
+    /// within about a second or two whatever the collective timeout. <paramref name="now"/>: abort at once.
+    /// </summary>
+    public void Cancel(bool now = false) => cancel.Cancel(now ? TimeSpan.Zero : AbortGrace);
+
+    /// <summary>Long enough for the step in flight to finish on a healthy ring: twice the last step, at least a second.</summary>
+    TimeSpan AbortGrace => TimeSpan.FromTicks(Math.Clamp(2 * Interlocked.Read(ref lastStepTicks), TimeSpan.FromSeconds(1).Ticks, settings.CollectiveTimeout.Ticks));
     public void RequestCheckpoint(long step) => Interlocked.Exchange(ref checkpointRequested, step);
 
     /// <summary>Runs to the job's last step, a cancellation (new generation, stop), or a failure reported as Leaving(failed).</summary>
     public void Run()
     {
-        try { RunCore(cancel.Token); }
-        catch (OperationCanceledException) when (cancel.IsCancellationRequested) { Log("run cancelled"); }
-        catch (CollectiveException e) when (cancel.IsCancellationRequested) { Log($"run cancelled ({e.Failure})"); }
+        try { RunCore(cancel.Boundary); }
+        catch (OperationCanceledException) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step}"); }
+        catch (CollectiveException e) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step} ({e.Failure})"); }
+        // An aborted collective can surface as another error from the layers above it; the run was cancelled all the same.
+        catch (Exception e) when (cancel.IsAborted) { Log($"run aborted at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
         catch (CollectiveException e)
         {
             // A peer died or stalled: the coordinator re-forms the generation; this worker waits for its next assignment.
@@ -50,6 +79,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Log($"training failed: {e}");
             send(new WorkerMessage { Leaving = new Leaving { Reason = $"rank {assignment.Rank}: {e.Message}", Failed = true, Generation = assignment.Generation } });
         }
+        finally { cancel.Dispose(); }
     }
 
     void RunCore(CancellationToken ct)
@@ -75,35 +105,83 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         }.Validated(assignment.DpSize);
         var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct)
             .GetAwaiter().GetResult();
-        manual_seed(spec.Seed); // every replica starts from the same weights
-        using var model = new DeepSeekForCausalLM(config).InitializeWeights();
-        model.to(device);
+        string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizerReply.TokenizerHash);
+        if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != fingerprint))
+        {
+            Log($"dropping the live state of job {previous.JobId} (another job or spec)");
+            holder.Drop();
+        }
 
-        // ---- Collectives: the ring of this generation ----
+        // ---- Collectives: the ring of this generation (a cancel ends the rendezvous at once) ----
         var peers = Enumerable.Range(0, assignment.World).Select(r => assignment.Peers.TryGetValue(r, out var e) ? e
             : throw new InvalidDataException($"the assignment lists no endpoint for rank {r}")).ToList();
-        using var rendezvous = new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
-                                                 new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort));
-        using var collective = rendezvous.Connect(peers, new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(30) });
+        var rendezvous = new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
+                                           new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort));
+        using var collective = RunCancellation.ConnectRing(rendezvous, peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
+        using var aborting = cancel.Guard(collective);
         using var reducer = new BucketedGradientReducer(collective);
-        double peak = MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond;
-        using var trainer = new Trainer(model, source, null, options, device, peak, assignment.DpRank, assignment.DpSize, reducer);
-        Log($"generation {assignment.Generation}: rank {assignment.Rank} of {assignment.World}, {config.ParameterCount() / 1e6:F2} M parameters, " +
-            $"global batch {options.GlobalBatch} = {assignment.DpSize} x {options.MicroBatch} x {options.Accumulation(assignment.DpSize)} accumulation");
-
-        // ---- Checkpoints ----
+        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
         var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
                                             Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
-        if (assignment.ResumeStep > 0)
+
+        // ---- Where to resume: a live replica, the committed checkpoint, or the start ----
+        long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var held = ReplicaSync.ExchangeHeldSteps(collective, holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
+        var plan = ReplicaSync.Decide(held, assignment.ResumeStep);
+        long stateBytes = 0;
+        if (plan.Source == ResumePlan.Replica)
         {
-            var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, assignment.ResumeStep, model, trainer.Optimizer, tokenizerReply.TokenizerHash, ct)
-                .GetAwaiter().GetResult();
-            trainer.ResumeAt(loaded.Step, loaded.OptimizerSteps);
-            Log($"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)");
+            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
+            if (plan.AnyRankBehind)
+            {
+                long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
+                state.Step = -1; // half-copied tensors are no state
+                stateBytes = ReplicaSync.Broadcast(collective, plan.SourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+                state.Optimizer.StepCount = optimizerSteps;
+                state.Lineage = lineage;
+                state.Step = step;
+            }
+            Log($"resuming at step {plan.Step} from the live state of rank {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
+                $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
         }
+        else
+        {
+            // A held state behind the checkpoint, or one the start must replace, is thrown away; fresh weights are seeded.
+            if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
+            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
+            if (plan.Source == ResumePlan.Checkpoint)
+            {
+                var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, plan.Step, state.Model, state.Optimizer, tokenizerReply.TokenizerHash, ct)
+                    .GetAwaiter().GetResult();
+                state.Optimizer.StepCount = loaded.OptimizerSteps;
+                state.Step = loaded.Step;
+                stateBytes = state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
+                Log($"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)");
+            }
+            else state.Step = 0;
+        }
+        var live = holder.State!;
+        var model = live.Model;
+        using var trainer = new Trainer(model, source, null, options, device, peak, assignment.DpRank, assignment.DpSize, reducer, live.Optimizer);
+        trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
+        double restoreSeconds = ReplicaSync.Seconds(restoreStart);
+        if (assignment.Rank == 0)
+            send(new WorkerMessage
+            {
+                Resumed = new Resumed
+                {
+                    Generation = assignment.Generation, Step = live.Step, Source = plan.Source, SourceRank = plan.SourceRank,
+                    RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
+                },
+            });
+        Log($"generation {assignment.Generation}: rank {assignment.Rank} of {assignment.World}, {config.ParameterCount() / 1e6:F2} M parameters, " +
+            $"global batch {options.GlobalBatch} = {assignment.DpSize} x {options.MicroBatch} x {options.Accumulation(assignment.DpSize)} accumulation, " +
+            $"from step {live.Step} ({plan.Source})");
+
+        // ---- Checkpoints ----
         var layout = ParallelLayout.Even(assignment.DpSize, 1, config.NumHiddenLayers);
-        var plan = new ShardingPlan(layout, CheckpointTensors.Catalog(CheckpointTensors.Collect(model, trainer.Optimizer)));
-        var saver = new AsyncCheckpointSaver(store, plan, assignment.Rank, (outcome, token) =>
+        var sharding = new ShardingPlan(layout, CheckpointTensors.Catalog(CheckpointTensors.Collect(model, trainer.Optimizer)));
+        var saver = new AsyncCheckpointSaver(store, sharding, assignment.Rank, (outcome, token) =>
         {
             if (outcome.File is { } f)
                 send(new WorkerMessage
@@ -121,10 +199,14 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
 
         // ---- The loop ----
         progress.Generation = assignment.Generation;
+        int perReplica = options.GlobalBatch / assignment.DpSize;
         while (trainer.Step < options.Steps)
         {
             ct.ThrowIfCancellationRequested();
+            long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
             var m = trainer.TrainStep();
+            live.Step = trainer.Step; // the optimizer update is done: the live state is consistent at this step
+            Interlocked.Exchange(ref lastStepTicks, System.Diagnostics.Stopwatch.GetElapsedTime(stepStart).Ticks);
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
             metrics?.Record(assignment.JobId, settings.WorkerId, m, (long)options.GlobalBatch / assignment.DpSize * options.SeqLen);
             send(new WorkerMessage
@@ -133,6 +215,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                 {
                     Generation = assignment.Generation, Rank = assignment.Rank, Step = m.Step, Loss = m.Loss,
                     TokensPerSecond = m.TokensPerSecond * assignment.DpSize, LearningRate = m.LearningRate,
+                    SampleStart = (m.Step - 1) * options.GlobalBatch + (long)assignment.DpRank * perReplica, SampleCount = perReplica,
+                    ExpertLoad = { assignment.Rank == 0 ? ExpertFractions(m) : [] },
+                    ExpertLayers = { assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? ExpertLayers(config, m.ExpertLoad.Count) : [] },
+                    Experts = assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? m.ExpertLoad[0].Length : 0,
                 },
             });
             if (assignment.Rank == 0 && (m.Step % 10 == 0 || m.Step == options.Steps || m.Step == 1))
@@ -143,7 +229,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             {
                 var tensors = CheckpointTensors.Collect(model, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
                 if (assignment.Rank == 0)
-                    manifests[m.Step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, plan,
+                    manifests[m.Step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, sharding,
                         new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
                         config.ToJson(), tokenizerReply.TokenizerHash);
                 var request = saver.Save(m.Step, tensors);
@@ -178,6 +264,26 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Log($"model saved to {Path.GetFullPath(dir)}");
         }
     }
+
+    ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint)
+    {
+        manual_seed(seed); // every replica starts from the same weights
+        var model = new DeepSeekForCausalLM(config).InitializeWeights();
+        model.to(device);
+        holder.State = new ReplicaState
+        {
+            JobId = assignment.JobId, Fingerprint = fingerprint, Model = model, Optimizer = Trainer.CreateOptimizer(model, options),
+        };
+        return holder.State;
+    }
+
+    /// <summary>Routed-token fractions, layers × experts flattened (a layer that routed nothing reports zeros).</summary>
+    static float[] ExpertFractions(StepMetrics m) =>
+        [.. m.ExpertLoad.SelectMany(load => { double total = load.Sum(); return load.Select(l => total == 0 ? 0f : (float)(l / total)); })];
+
+    /// <summary>The model-layer index of each MoE layer: main layers after the dense ones, then the MTP modules (HF numbering).</summary>
+    static int[] ExpertLayers(DeepSeekConfig config, int count) =>
+        [.. Enumerable.Range(0, count).Select(i => i < config.NumMoeLayers ? config.FirstKDenseReplace + i : config.NumHiddenLayers + (i - config.NumMoeLayers))];
 
     void Log(string message) { lock (log) log.WriteLine($"[rank {assignment.Rank}] {message}"); }
 }

@@ -14,7 +14,13 @@ public sealed record WorkerSettings
     public string Device { get; init; } = "auto";
     /// <summary>Where rank 0 writes the final Hugging Face folder and where rank files are staged before upload.</summary>
     public string OutputDir { get; init; } = "runs/cluster";
+    /// <summary>Worker__HeartbeatInterval: must stay well below the Coordinator's HeartbeatTimeout (default 5 s).</summary>
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
+    /// <summary>
+    /// Worker__CollectiveTimeout: a collective (rendezvous, all-reduce) without progress for this long fails by itself.
+    /// A re-formation does not wait for it: the run aborts a blocked collective when it is cancelled.
+    /// </summary>
+    public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
     /// <summary>True when the environment names a coordinator: the process was started as part of a cluster.</summary>
     public static bool Configured => Environment.GetEnvironmentVariable("services__coordinator__grpc__0") is not null;
@@ -38,6 +44,18 @@ public sealed record WorkerSettings
         int port = 0;
         if (Environment.GetEnvironmentVariable("Worker__CollectivePort") is { } p && !int.TryParse(p, out port))
             problems.Add($"Worker__CollectivePort='{p}' is not a port number");
+        TimeSpan Duration(string key, TimeSpan fallback)
+        {
+            var value = Environment.GetEnvironmentVariable(key);
+            if (string.IsNullOrWhiteSpace(value)) return fallback;
+            if (double.TryParse(value, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var seconds) && seconds > 0)
+                return TimeSpan.FromSeconds(seconds);
+            if (TimeSpan.TryParse(value, System.Globalization.CultureInfo.InvariantCulture, out var span) && span > TimeSpan.Zero) return span;
+            problems.Add($"{key}='{value}' is not a positive duration (seconds, such as 2.5, or a TimeSpan such as 00:00:02.5)");
+            return fallback;
+        }
+        var heartbeat = Duration("Worker__HeartbeatInterval", TimeSpan.FromSeconds(1));
+        var collectiveTimeout = Duration("Worker__CollectiveTimeout", TimeSpan.FromSeconds(30));
         if (problems.Count > 0) throw new ArgumentException("cluster mode: " + string.Join("; ", problems));
         var id = Environment.GetEnvironmentVariable("Worker__Id") ?? Environment.GetEnvironmentVariable("DEEPSEEK_INSTANCE")
                  ?? $"{Environment.MachineName}-{Environment.ProcessId}";
@@ -48,6 +66,7 @@ public sealed record WorkerSettings
             CollectivePort = port,
             Device = Environment.GetEnvironmentVariable("Worker__Device") ?? "auto",
             OutputDir = Environment.GetEnvironmentVariable("Worker__OutputDir") ?? Path.Combine("runs", "cluster"),
+            HeartbeatInterval = heartbeat, CollectiveTimeout = collectiveTimeout,
         };
     }
 }

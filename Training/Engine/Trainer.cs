@@ -36,6 +36,7 @@ public sealed class Trainer : IDisposable
     readonly TokenDataset? validation;
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
+    readonly bool ownsOptimizer;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
                    Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
@@ -43,9 +44,13 @@ public sealed class Trainer : IDisposable
     {
     }
 
-    /// <summary>A trainer whose samples come from any source addressed by global index (a local dataset or the data service).</summary>
+    /// <summary>
+    /// A trainer whose samples come from any source addressed by global index (a local dataset or the data service).
+    /// <paramref name="optimizer"/>: an existing AdamW over <paramref name="model"/>'s parameters whose moments carry on
+    /// (an elastic worker keeps its live state across generations); the caller keeps owning it. Null: a fresh one.
+    /// </summary>
     public Trainer(DeepSeekForCausalLM model, ISampleSource train, TokenDataset? validation, TrainingOptions options,
-                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
+                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
     {
         Options = options.Validated(worldSize);
         if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
@@ -59,12 +64,17 @@ public sealed class Trainer : IDisposable
         this.reducer = reducer;
         PeakFlops = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
-        Optimizer = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
+        ownsOptimizer = optimizer is null;
+        Optimizer = optimizer ?? CreateOptimizer(model, options);
+        flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+    }
+
+    /// <summary>The AdamW a trainer with these options creates: moments allocated for every parameter up front.</summary>
+    public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options) =>
+        new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
         {
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
         };
-        flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
-    }
 
     /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
     public StepMetrics TrainStep()
@@ -201,5 +211,8 @@ public sealed class Trainer : IDisposable
         Optimizer.StepCount = optimizerSteps;
     }
 
-    public void Dispose() => Optimizer.Dispose();
+    public void Dispose()
+    {
+        if (ownsOptimizer) Optimizer.Dispose();
+    }
 }

@@ -9,8 +9,10 @@ switch (verb)
     case "checkpoint": CheckpointBench.Run(rest); break;
     case "data": DataBench.Run(rest); break;
     case "collectives": CollectiveBench.Run(rest); break;
+    case "soak": return await SoakBench.RunAsync(rest);
+    case "recovery": return await RecoveryBench.RunAsync(rest);
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, soak, recovery");
         return 2;
 }
 return 0;

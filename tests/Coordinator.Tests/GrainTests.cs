@@ -22,7 +22,7 @@ public class GrainTests
         Assert.Equal((1L, 2, 4), (a1.Generation, a1.World, a1.BatchCount)); // 8 sequences over dp 2
         Assert.Equal(2, a1.GradAccumSteps);
 
-        await c.Worker("w2").DisconnectedAsync(w2, "killed");
+        await c.Worker("w2").DisconnectedAsync(w2, "killed", LeaveKind.Lost);
         status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling, "rescaling after a worker left");
 
         await c.Worker("w3").RegisterAsync(TestSpecs.Worker("w3"), null);

@@ -1,0 +1,78 @@
+// How a training run stops: at the step boundary, and a collective that stays blocked is aborted rather than timed out.
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Tcp;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+/// <summary>
+/// Two tokens. <see cref="Boundary"/> is cancelled at once and checked between steps, so the step in flight finishes.
+/// <see cref="Abort"/> follows after a grace and disposes the run's collective (see <see cref="Guard"/>): a rank blocked in
+/// an all-reduce whose peer is gone (or whose peers already began the next step) throws within a poll slice instead of
+/// waiting out the collective timeout (30 s by default).
+/// </summary>
+public sealed class RunCancellation : IDisposable
+{
+    readonly CancellationTokenSource boundary = new(), abort = new();
+    readonly Lock gate = new();
+    Timer? timer;
+    bool disposed;
+
+    public CancellationToken Boundary => boundary.Token;
+    public CancellationToken Abort => abort.Token;
+    public bool IsCancellationRequested => boundary.IsCancellationRequested;
+    public bool IsAborted => abort.IsCancellationRequested;
+
+    /// <summary>Stops at the boundary; aborts the collective after <paramref name="grace"/> (zero: now). A shorter grace wins.</summary>
+    public void Cancel(TimeSpan grace)
+    {
+        lock (gate)
+        {
+            if (disposed) return;
+            boundary.Cancel();
+            if (abort.IsCancellationRequested) return;
+            if (grace <= TimeSpan.Zero) { abort.Cancel(); return; }
+            if (timer is not null) return; // an abort is already scheduled
+            timer = new Timer(_ => { lock (gate) if (!disposed) abort.Cancel(); }, null, grace, Timeout.InfiniteTimeSpan);
+        }
+    }
+
+    /// <summary>Disposes <paramref name="collective"/> when the run is aborted; dispose the registration when the collective goes.</summary>
+    public CancellationTokenRegistration Guard(ICollective collective) => abort.Token.Register(collective.Dispose);
+
+    /// <summary>
+    /// Forms the ring on a dedicated thread; a cancellation ends the wait at once and disposes the rendezvous (which
+    /// frees the port for the next generation); the abandoned attempt then fails on its own and is cleaned up.
+    /// </summary>
+    public static TcpCollective ConnectRing(TcpRendezvous rendezvous, IReadOnlyList<string> peers, TcpCollectiveOptions options, CancellationToken ct)
+    {
+        var connecting = Task.Factory.StartNew(() => rendezvous.Connect(peers, options), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        try
+        {
+            connecting.Wait(ct);
+            return connecting.Result;
+        }
+        catch (OperationCanceledException)
+        {
+            rendezvous.Dispose();
+            _ = connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
+            throw;
+        }
+        catch (AggregateException e) when (e.InnerException is not null)
+        {
+            rendezvous.Dispose();
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerException);
+            throw;
+        }
+    }
+
+    public void Dispose()
+    {
+        lock (gate)
+        {
+            disposed = true;
+            timer?.Dispose();
+        }
+        boundary.Dispose();
+        abort.Dispose();
+    }
+}

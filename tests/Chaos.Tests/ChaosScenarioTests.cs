@@ -1,0 +1,329 @@
+// Chaos scenarios against the real cluster: real processes, real signals, a real network cut. Each scenario runs a
+// small job, injects one kind of fault, and checks that the job completes, the consumption ledger has neither repeats
+// nor gaps, the expected events happened, the final model equals the undisturbed reference within tolerance, and no
+// process of the scenario is left behind.
+using DeepSeekCluster.Chaos;
+using Xunit.Abstractions;
+
+namespace DeepSeekCluster.Chaos.Tests;
+
+public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
+{
+    readonly ChaosFixture fx;
+    readonly ITestOutputHelper output;
+    static readonly TimeSpan Generous = TimeSpan.FromMinutes(6);
+    ChaosCluster Cluster => fx.Cluster;
+
+    public ChaosScenarioTests(ChaosFixture fixture, ITestOutputHelper output)
+    {
+        fx = fixture;
+        this.output = output;
+        fx.Output = output;
+    }
+
+    /// <summary>
+    /// Relative tolerance for the final weights against the reference: max |a-b| of each tensor ≤ this × the reference
+    /// tensor's largest magnitude. A run resumed from a checkpoint or a replica holds the exact float32 state, so with the
+    /// world size of the reference the result is bitwise equal; a different world size sums the gradient over replicas
+    /// and micro-batches in another order, which changes the gradients by a few float32 ulps per step. Adam divides by
+    /// √v, so such a change moves a weight by at most about lr·(relative gradient change) per step; over 40 steps at
+    /// lr 3e-3 that stays far below 1e-3 of a weight's scale, while a wrong resume (a repeated or skipped batch, a lost
+    /// optimizer state, a step from the wrong checkpoint) moves weights by lr-sized amounts, i.e. ≳ 1e-2 of the scale.
+    /// </summary>
+    const double Tolerance = 1e-3;
+
+    sealed record Outcome(JobView Job, ModelDiff Model, List<string> Instances);
+
+    async Task<Outcome> RunAsync(ChaosJob job, int workers, Func<string, List<string>, Task> fault, bool namespaced = false)
+    {
+        var instances = new List<string>();
+        var started = DateTime.UtcNow;
+        try
+        {
+            for (int i = 0; i < workers; i++) instances.Add(Cluster.AddWorker(inNamespace: namespaced && i == workers - 1));
+            // The job forms with all of them at once; growing into them is the scale-out scenario's subject, not every one's.
+            await Cluster.WaitForIdleWorkersAsync(instances, Generous, CancellationToken.None);
+            await Cluster.SubmitAsync(job, fx.DatasetId, CancellationToken.None);
+            await fault(job.Name, instances);
+            var (view, modelFile) = await Cluster.WaitForCompletionAsync(job.Name, Generous, CancellationToken.None);
+            var diff = ModelWeights.Compare(fx.Reference, ModelWeights.Read(modelFile));
+            output.WriteLine($"{view.Describe()}\nmodel against the reference: {diff}\nscenario took {(DateTime.UtcNow - started).TotalSeconds:F1} s");
+            return new Outcome(view, diff, [.. instances.Concat(Cluster.StartedWorkers.Except(instances))]);
+        }
+        finally
+        {
+            // A job that did not complete must not live on and claim the next scenario's workers.
+            try { await Cluster.StopJobAsync(job.Name, CancellationToken.None); } catch (HttpRequestException) { }
+            await Cluster.StopWorkersAsync();
+        }
+    }
+
+    /// <summary>The checks every scenario shares.</summary>
+    void AssertCommon(Outcome o, ChaosJob job)
+    {
+        var j = o.Job;
+        Assert.Equal("completed", j.State);
+        Assert.Equal(job.Steps, j.Step);
+        Assert.True(j.Consumption is not null, $"the job reports no consumption ledger ('consumption' in GET /jobs/{{id}}):\n{j.Describe()}");
+        var c = j.Consumption!;
+        Assert.True(c.Ranges.Count == 1 && c.Ranges[0] == (0, job.Samples),
+            $"consumption ranges [{string.Join(", ", c.Ranges.Select(r => $"[{r.Start},{r.End})"))}]; expected one range [0,{job.Samples}) (no repeat, no gap)");
+        Assert.Equal(job.Samples, c.Samples);
+        Assert.True(c.Complete, "the ledger says it is not complete");
+        Assert.Equal(0, c.Overlaps);
+        Assert.Empty(o.Model.Mismatched);
+        var beyond = o.Model.Beyond(Tolerance);
+        Assert.True(beyond.Count == 0, $"{beyond.Count} tensors differ from the reference beyond {Tolerance:E0} of their scale: {o.Model}");
+    }
+
+    async Task AssertNoOrphansAsync(IEnumerable<string> instances)
+    {
+        var left = await ProcessScan.WaitUntilNoneAsync(() => ChaosCluster.Alive(instances), TimeSpan.FromSeconds(30));
+        Assert.True(left.Count == 0, $"processes left behind: {ProcessScan.Describe(left)}");
+    }
+
+    static void AssertBitwise(Outcome o) =>
+        Assert.True(o.Model.Bitwise, $"the world size never changed, so the model should equal the reference bitwise: {o.Model}");
+
+    static JobEventView Single(JobView j, string kind, string workerId, DateTimeOffset? after = null)
+    {
+        var found = j.OfKind(kind).Where(e => e.WorkerId == workerId && (after is null || e.At >= after)).ToList();
+        Assert.True(found.Count >= 1, $"no '{kind}' event for {workerId}{(after is null ? "" : $" after {after:HH:mm:ss.fff}")}:\n{j.Describe()}");
+        return found[0];
+    }
+
+    Task<JobView> EventAsync(string jobId, string kind, string workerId, string what) =>
+        Cluster.WaitForAsync(jobId, j => j.OfKind(kind).Any(e => e.WorkerId == workerId), Generous, what, CancellationToken.None, TimeSpan.FromMilliseconds(100));
+
+    Task<JobView> FormedAfterAsync(string jobId, long generation) =>
+        Cluster.WaitForAsync(jobId, j => j.OfKind("formed").Any(e => e.Generation > generation), Generous,
+                             $"a generation after {generation}", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+
+    /// <summary>Waits until the job runs generation ≥ 1 with <paramref name="world"/> workers and has committed a checkpoint and moved past it.</summary>
+    Task<JobView> RunningPastACheckpointAsync(string jobId, int world) =>
+        Cluster.WaitForAsync(jobId, j => j.State == "running" && j.Workers.Count == world && j.CommittedSteps.Count > 0 && j.Step > j.CommittedSteps[^1],
+                             Generous, $"{jobId} running on {world} workers past a committed checkpoint", CancellationToken.None, TimeSpan.FromMilliseconds(50));
+
+    static void AssertResumedFromReplica(JobView j, long afterGeneration)
+    {
+        var resumed = j.OfKind("resumed").Where(e => e.Generation > afterGeneration).ToList();
+        Assert.True(resumed.Count > 0, $"no 'resumed' event after generation {afterGeneration}:\n{j.Describe()}");
+        Assert.All(resumed, e =>
+        {
+            Assert.Equal("replica", e.ResumeSource);
+            Assert.Equal(0, e.StepsRedone);
+        });
+    }
+
+    [Fact]
+    public async Task WorkerKilledMidStepIsDetectedAndTheSurvivorsResumeFromTheirReplica()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
+            Cluster.Signal(victim, Signals.Kill);
+            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(10), CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        var lost = o.Job.OfKind("worker_lost").Where(e => e.WorkerId == victim).ToList();
+        Assert.True(lost.Count == 1, $"expected one worker_lost event for {victim}:\n{o.Job.Describe()}");
+        Assert.Contains(o.Job.Events, e => e.Kind == "formed" && e.Generation > generation);
+        AssertResumedFromReplica(o.Job, generation);
+        Assert.Contains(o.Job.Events, e => e.Kind == "recovered" && e.Generation > generation && e.RecoverySeconds > 0);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task HungWorkerIsNoticedWithinTheHeartbeatTimeoutAndRejoinsAfterBeingFencedAsAZombie()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
+            Cluster.Signal(victim, Signals.Stop);
+            var hung = Single(await EventAsync(id, "worker_hung", victim, $"the coordinator noticing {victim} hung"), "worker_hung", victim);
+            await FormedAfterAsync(id, generation);
+            Cluster.Signal(victim, Signals.Cont); // the zombie wakes up still believing in its old generation
+            await Cluster.WaitForAsync(id, j => j.OfKind("worker_joined").Any(e => e.WorkerId == victim && e.At > hung.At), Generous,
+                                       $"{victim} rejoining after it was fenced", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+        });
+        AssertCommon(o, job);
+        var hung = Single(o.Job, "worker_hung", victim);
+        var fenced = Single(o.Job, "worker_fenced", victim, hung.At);
+        Single(o.Job, "worker_joined", victim, fenced.At);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerCutOffFromTheNetworkIsDroppedAndRejoinsWhenReconnected()
+    {
+        Assert.True(fx.NamespaceUnavailable is null, $"this scenario needs a network namespace: {fx.NamespaceUnavailable}");
+        var ns = Cluster.Namespace!;
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        DateTimeOffset cut = default;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            victim = workers[^1]; // the one in the namespace
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            cut = DateTimeOffset.UtcNow;
+            try
+            {
+                ns.Cut();
+                // Silent, not closed: the coordinator notices the missing heartbeats (hung) or the stream's keepalive (lost).
+                await Cluster.WaitForAsync(id, j => j.Events.Any(e => e.Kind is "worker_hung" or "worker_lost" && e.WorkerId == victim), Generous,
+                                           $"the coordinator dropping {victim}", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+                await FormedAfterAsync(id, generation);
+            }
+            finally
+            {
+                ns.Reconnect();
+            }
+            await Cluster.WaitForAsync(id, j => j.OfKind("worker_joined").Any(e => e.WorkerId == victim && e.At > cut), Generous,
+                                       $"{victim} rejoining after the reconnect", CancellationToken.None, TimeSpan.FromMilliseconds(100));
+        }, namespaced: true);
+        AssertCommon(o, job);
+        Assert.Contains(o.Job.Events, e => e.Kind is "worker_hung" or "worker_lost" && e.WorkerId == victim && e.At > cut);
+        Single(o.Job, "worker_joined", victim, cut);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task CoordinatorKilledAndRestartedReadoptsTheRunningGenerationWithoutRedoingSteps()
+    {
+        var job = fx.Job(1, 2);
+        long generation = 0;
+        int oldPid = 0;
+        DateTimeOffset killed = default;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            generation = before.Generation;
+            oldPid = Cluster.Pid("coordinator");
+            killed = DateTimeOffset.UtcNow;
+            await Cluster.KillCoordinatorAsync(CancellationToken.None);
+            // The workers notice their control stream broke; they keep training among themselves meanwhile.
+            await Cluster.WaitForLineAsync(l => l.Contains("control stream") && l.Contains("lost") || l.Contains("unreachable"),
+                                           Generous, "a worker noticing the coordinator is gone", CancellationToken.None, killed.UtcDateTime);
+            await Cluster.RestartCoordinatorAsync(CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Assert.False(File.Exists($"/proc/{oldPid}/cmdline") && File.ReadAllText($"/proc/{oldPid}/cmdline").Contains("Coordinator"),
+                     $"the killed coordinator (pid {oldPid}) is still there");
+        // Re-adopted: no step was redone, and a re-formation (if any) resumed from a live replica.
+        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal(0, e.StepsRedone));
+        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal("replica", e.ResumeSource));
+        AssertBitwise(o);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerJoiningMidRunGrowsTheJobFromTheLiveReplica()
+    {
+        var job = fx.Job(1, 3);
+        string joiner = "";
+        long generation = 0;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            generation = before.Generation;
+            joiner = Cluster.AddWorker();
+            await Cluster.WaitForAsync(id, j => j.Workers.Any(w => w.WorkerId == joiner), Generous, $"{joiner} in a generation",
+                                       CancellationToken.None, TimeSpan.FromMilliseconds(100));
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_joined", joiner);
+        Assert.Contains(o.Job.Events, e => e.Kind == "formed" && e.Generation > generation);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerLeavingOnSigtermIsReplacedByAReformationWithoutRedoingSteps()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
+            Cluster.Signal(victim, Signals.Term);
+            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_left", victim);
+        Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task WorkerAskedToLeaveOverRestLeavesAndTheJobGoesOn()
+    {
+        var job = fx.Job(1, 3);
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
+            await Cluster.LeaveOverRestAsync(victim, CancellationToken.None);
+            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
+        });
+        AssertCommon(o, job);
+        Single(o.Job, "worker_left", victim);
+        Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
+        AssertResumedFromReplica(o.Job, generation);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+
+    [Fact]
+    public async Task BlobStorageStoppedAndRestartedLosesNoCommittedCheckpointAndTheJobCompletes()
+    {
+        var job = fx.Job(1, 2);
+        DateTimeOffset restarted = default;
+        long dueDuringOutage = 0;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 2);
+            await Cluster.StopAzuriteAsync(CancellationToken.None);
+            try
+            {
+                // Training goes on while storage is down, through the next checkpoint step (or to the end).
+                long due = (before.Step / job.CheckpointInterval + 1) * job.CheckpointInterval;
+                dueDuringOutage = due;
+                await Cluster.WaitForAsync(id, j => j.Step >= due || j.Terminal, Generous, $"step {due} while Azurite is down",
+                                           CancellationToken.None, TimeSpan.FromMilliseconds(100));
+            }
+            finally
+            {
+                await Cluster.StartAzuriteAsync(CancellationToken.None);
+                restarted = DateTimeOffset.UtcNow;
+            }
+        });
+        AssertCommon(o, job);
+        // The checkpoint due during the outage either committed once storage was back or says it was not committed.
+        Assert.True(o.Job.CommittedSteps.Contains(dueDuringOutage) || o.Job.OfKind("checkpoint_not_committed").Any(),
+                    $"the checkpoint of step {dueDuringOutage}, due while Azurite was down, neither committed nor reported as not committed:\n{o.Job.Describe()}");
+        Assert.Contains(o.Job.Events, e => e.Kind == "checkpoint_committed" && e.At > restarted);
+        Assert.Contains(job.Steps, o.Job.CommittedSteps);
+        AssertBitwise(o);
+        await AssertNoOrphansAsync(o.Instances);
+    }
+}

@@ -1,0 +1,202 @@
+// Fault tolerance with real processes: the AppHost runs the system and two workers; one worker is SIGKILLed in the
+// middle of the job. The survivor's live state carries on (no step redone), a worker added afterwards receives that
+// state over the collective, and the job completes with an exactly-once ledger of the samples it consumed.
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Reflection;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using Xunit.Abstractions;
+
+namespace DeepSeekCluster.EndToEnd.Tests;
+
+public class ElasticTests(ITestOutputHelper output)
+{
+    static readonly string AppHost = typeof(ElasticTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
+    const int Steps = 100, GlobalBatch = 8;
+
+    [Fact]
+    public async Task AWorkerKilledMidRunIsReplacedByTheSurvivorsLiveStateWithoutRedoingAStep()
+    {
+        var runDir = Directory.CreateTempSubdirectory("e2e-elastic-").FullName;
+        using var host = new AppHostProcess(AppHost, runDir,
+            "--workers", "2", "--steps", $"{Steps}", "--seq-len", "32", "--vocab-size", "512",
+            "--global-batch", $"{GlobalBatch}", "--micro-batch", "2", "--checkpoint-interval", "0");
+        try
+        {
+            string jobId = host.WaitFor(@"submitted job (\S+):", TimeSpan.FromMinutes(6)).Groups[1].Value;
+            // Mid-run with both workers in one generation (no checkpoint exists: only a live replica can avoid a restart).
+            host.WaitFor(@"job running \| generation \d+ \| step ([1-9]\d)/\d+ .*\| workers 2 \|", TimeSpan.FromMinutes(6));
+
+            int victim = WorkerPid(runDir, "gpu-worker-1");
+            int mark = host.Mark;
+            var killedAt = DateTimeOffset.UtcNow;
+            Process.GetProcessById(victim).Kill(); // SIGKILL: no goodbye, no flushed report
+            // A new worker joins while the job runs: it must be admitted and receive the live state.
+            host.WaitFor(@"\[gpu-worker-0\].*resuming at step \d+ from the live state", TimeSpan.FromMinutes(2), from: mark);
+            host.Send("add");
+
+            var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
+            Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
+            string api = host.WaitFor(@"REST API: (http://\S+)/jobs", TimeSpan.FromMinutes(1)).Groups[1].Value;
+            using var http = new HttpClient { BaseAddress = new Uri(api) };
+            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
+            var job = doc.RootElement;
+            Assert.Equal("completed", job.GetProperty("state").GetString());
+            Assert.Equal(Steps, job.GetProperty("step").GetInt64());
+            var events = job.GetProperty("events").EnumerateArray().ToList();
+            string Kind(JsonElement e) => e.GetProperty("kind").GetString()!;
+
+            // The kill is a lost worker (its stream broke), then a generation resumed from the survivor's live state.
+            int lost = events.FindIndex(e => Kind(e) == "worker_lost" && e.GetProperty("workerId").GetString() == "gpu-worker-1");
+            Assert.True(lost >= 0, "no worker_lost event for gpu-worker-1:\n" + string.Join("\n", events));
+            int resumed = events.FindIndex(lost, e => Kind(e) == "resumed");
+            Assert.True(resumed > lost, "no resumed event after the loss:\n" + string.Join("\n", events));
+            var r = events[resumed];
+            Assert.Equal("replica", r.GetProperty("resumeSource").GetString());
+            Assert.Equal(0, r.GetProperty("stepsRedone").GetInt64());
+            Assert.True(r.GetProperty("resumeStep").GetInt64() >= 10);
+            int recovered = events.FindIndex(resumed, e => Kind(e) == "recovered");
+            Assert.True(recovered > resumed, "no recovered event after the resume:\n" + string.Join("\n", events));
+
+            // The added worker joined, and the next generation copied the live state to it: again nothing redone.
+            int joined = events.FindIndex(resumed, e => Kind(e) == "worker_joined" && e.GetProperty("workerId").GetString() == "gpu-worker-2");
+            Assert.True(joined > resumed, "gpu-worker-2 never joined:\n" + string.Join("\n", events));
+            int grown = events.FindIndex(joined, e => Kind(e) == "resumed");
+            Assert.True(grown > joined, "no resume after the growth:\n" + string.Join("\n", events));
+            var g = events[grown];
+            Assert.Equal(("replica", 0L), (g.GetProperty("resumeSource").GetString(), g.GetProperty("stepsRedone").GetInt64()));
+            Assert.True(g.GetProperty("stateBytes").GetInt64() > 0, "the growth copied no state");
+            Assert.DoesNotContain(events, e => Kind(e) == "resumed" && e.TryGetProperty("stepsRedone", out var n) && n.ValueKind == JsonValueKind.Number && n.GetInt64() > 0);
+
+            // Exactly once: every step's global batch, no repeat, no gap.
+            var consumption = job.GetProperty("consumption");
+            Assert.True(consumption.GetProperty("complete").GetBoolean(), "the ledger is not complete: " + consumption);
+            Assert.Equal((long)Steps * GlobalBatch, consumption.GetProperty("samples").GetInt64());
+            Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
+            Assert.Equal([0L, (long)Steps * GlobalBatch], consumption.GetProperty("ranges").EnumerateArray().Single().EnumerateArray().Select(x => x.GetInt64()));
+
+            // The measurements behind the README's numbers (printed, never asserted: the machine may be loaded).
+            var lostAt = events[lost].GetProperty("at").GetDateTimeOffset();
+            var firstStepAt = events[recovered].GetProperty("at").GetDateTimeOffset();
+            output.WriteLine($"detection (SIGKILL -> worker_lost): {(lostAt - killedAt).TotalSeconds:0.###} s");
+            output.WriteLine($"death -> next completed step: {(firstStepAt - killedAt).TotalSeconds:0.###} s; recovery event: {events[recovered].GetProperty("message").GetString()}");
+            output.WriteLine($"resumed after the kill: {r.GetProperty("message").GetString()}");
+            output.WriteLine($"resumed after the growth: {g.GetProperty("message").GetString()}");
+            output.WriteLine($"growth recovery: {events.Skip(grown).FirstOrDefault(e => Kind(e) == "recovered").GetProperty("message")}");
+            output.WriteLine($"ledger: {consumption}");
+
+            host.Send("quit");
+            Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
+            Assert.Empty(ProcessesMentioning(runDir));
+        }
+        catch
+        {
+            output.WriteLine(host.Output);
+            throw;
+        }
+        finally
+        {
+            host.Dispose();
+            foreach (var pid in ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+            Directory.Delete(runDir, true);
+        }
+    }
+
+    /// <summary>The pid of the worker instance started for this run.</summary>
+    static int WorkerPid(string runDir, string instance)
+    {
+        foreach (var pid in ProcessesMentioning(runDir))
+        {
+            try
+            {
+                var env = File.ReadAllText($"/proc/{pid}/environ").Split('\0');
+                if (env.Contains($"DEEPSEEK_INSTANCE={instance}") && File.ReadAllText($"/proc/{pid}/cmdline").Contains("gpu-worker")) return pid;
+            }
+            catch (IOException) { }
+        }
+        throw new InvalidOperationException($"no process for {instance}");
+    }
+
+    /// <summary>Processes whose command line or environment mentions the run folder: the children the AppHost started.</summary>
+    static List<int> ProcessesMentioning(string text)
+    {
+        var found = new List<int>();
+        foreach (var dir in Directory.GetDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(dir), out int pid) || pid == Environment.ProcessId) continue;
+            try
+            {
+                var cmd = File.ReadAllText(Path.Combine(dir, "cmdline")).Replace('\0', ' ');
+                var env = File.ReadAllText(Path.Combine(dir, "environ")).Replace('\0', ' ');
+                if (cmd.Contains(text) || env.Contains(text)) found.Add(pid);
+            }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
+        return found;
+    }
+
+    /// <summary>The AppHost as a child process with its console: lines are collected, commands written to its stdin.</summary>
+    sealed class AppHostProcess : IDisposable
+    {
+        readonly Process process;
+        readonly List<string> lines = [];
+        readonly SemaphoreSlim changed = new(0);
+
+        public AppHostProcess(string dll, string runDir, params string[] args)
+        {
+            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+            psi.ArgumentList.Add(dll);
+            foreach (var a in args) psi.ArgumentList.Add(a);
+            psi.ArgumentList.Add("--run-dir");
+            psi.ArgumentList.Add(runDir);
+            psi.Environment["NO_COLOR"] = "1";
+            process = Process.Start(psi)!;
+            process.OutputDataReceived += (_, e) => Add(e.Data);
+            process.ErrorDataReceived += (_, e) => Add(e.Data);
+            process.BeginOutputReadLine();
+            process.BeginErrorReadLine();
+        }
+
+        void Add(string? line)
+        {
+            if (line is null) return;
+            lock (lines) lines.Add(line);
+            changed.Release();
+        }
+
+        public string Output { get { lock (lines) return string.Join("\n", lines); } }
+
+        /// <summary>Lines so far: WaitFor(from: Mark) looks only at what comes after now.</summary>
+        public int Mark { get { lock (lines) return lines.Count; } }
+
+        /// <summary>The first line from line <paramref name="from"/> on matching <paramref name="pattern"/>; fails with the output at the deadline.</summary>
+        public Match WaitFor(string pattern, TimeSpan limit, int from = 0)
+        {
+            var regex = new Regex(pattern);
+            var deadline = DateTime.UtcNow + limit;
+            while (true)
+            {
+                lock (lines)
+                    foreach (var line in lines.Skip(from))
+                        if (regex.Match(line) is { Success: true } m) return m;
+                if (process.HasExited && !changed.Wait(TimeSpan.FromMilliseconds(200)))
+                    throw new InvalidOperationException($"the AppHost exited ({process.ExitCode}) before '{pattern}':\n{Output}");
+                var left = deadline - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero) throw new TimeoutException($"'{pattern}' did not appear within {limit}:\n{Output}");
+                changed.Wait(left < TimeSpan.FromSeconds(1) ? left : TimeSpan.FromSeconds(1));
+            }
+        }
+
+        public void Send(string command) => process.StandardInput.WriteLine(command);
+
+        public bool WaitForExit(TimeSpan limit) => process.WaitForExit(limit);
+
+        public void Dispose()
+        {
+            try { if (!process.HasExited) process.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+            process.Dispose();
+        }
+    }
+}
