@@ -143,7 +143,10 @@ public sealed class ClusterControlService(
         try { await call(); }
         catch (StaleGenerationException e)
         {
-            bool rejoin = e.Rejoin || (jobId is not null && generation > 0 && generation < e.Current);
+            // A job-level report is a zombie's when this stream was not moved on to a newer generation: the Coordinator
+            // gave up on it (Stop) or never assigned it the job's current one. A healthy worker's report that crossed its
+            // new Assignment is refused quietly.
+            bool rejoin = e.Rejoin || (jobId is not null && generation > 0 && (connection.Current is null || connection.Current.Generation == generation));
             if (rejoin && jobId is not null) grains.GetGrain<ITrainingJobGrain>(jobId).WorkerFencedAsync(workerId, generation, what).Ignore();
             connection.Send(new CoordinatorMessage { Refused = new Refused { Reason = e.Message, Rejoin = rejoin, StaleGeneration = generation } });
         }
