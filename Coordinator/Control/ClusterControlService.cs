@@ -98,7 +98,8 @@ public sealed class ClusterControlService(
                     Step = h.Step, Loss = h.Loss, TokensPerSecond = h.TokensPerSecond, MemoryUsedBytes = h.MemoryUsedBytes,
                 }));
                 break;
-            case WorkerMessage.KindOneofCase.Step when connection.Current is { } a:
+            // After the Stop that completed the job, the other ranks' reports of the last step still belong to its generation.
+            case WorkerMessage.KindOneofCase.Step when (connection.Current ?? connection.Last) is { } a:
                 var s = message.Step;
                 await Fenced(workerId, connection, a.JobId, s.Generation, "step", () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportStepAsync(s.Generation, new StepReport
                 {
