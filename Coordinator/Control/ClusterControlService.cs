@@ -98,7 +98,8 @@ public sealed class ClusterControlService(
                     Step = h.Step, Loss = h.Loss, TokensPerSecond = h.TokensPerSecond, MemoryUsedBytes = h.MemoryUsedBytes,
                 }));
                 break;
-            case WorkerMessage.KindOneofCase.Step when connection.Current is { } a:
+            // After the Stop that completed the job, the other ranks' reports of the last step still belong to its generation.
+            case WorkerMessage.KindOneofCase.Step when (connection.Current ?? connection.Last) is { } a:
                 var s = message.Step;
                 await Fenced(workerId, connection, a.JobId, s.Generation, "step", () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportStepAsync(s.Generation, new StepReport
                 {
@@ -143,7 +144,10 @@ public sealed class ClusterControlService(
         try { await call(); }
         catch (StaleGenerationException e)
         {
-            bool rejoin = e.Rejoin || (jobId is not null && generation > 0 && generation < e.Current);
+            // A job-level report is a zombie's when this stream was not moved on to a newer generation: the Coordinator
+            // gave up on it (Stop) or never assigned it the job's current one. A healthy worker's report that crossed its
+            // new Assignment is refused quietly.
+            bool rejoin = e.Rejoin || (jobId is not null && generation > 0 && (connection.Current is null || connection.Current.Generation == generation));
             if (rejoin && jobId is not null) grains.GetGrain<ITrainingJobGrain>(jobId).WorkerFencedAsync(workerId, generation, what).Ignore();
             connection.Send(new CoordinatorMessage { Refused = new Refused { Reason = e.Message, Rejoin = rejoin, StaleGeneration = generation } });
         }

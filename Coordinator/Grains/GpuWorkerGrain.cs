@@ -83,17 +83,17 @@ public sealed class GpuWorkerGrain(
             TellFenced(generation, "heartbeat");
             throw new StaleGenerationException(_lastJob ?? "", generation, 0, rejoin: true);
         }
+        // An online worker on its current stream is alive whatever generation it speaks for: one that is still finishing
+        // the step of its previous generation has simply not read its new Assignment yet (not a zombie: a zombie's
+        // stream outlived a timeout that took it offline, above).
+        _lastHeartbeat = clock.GetUtcNow();
+        metrics.Heartbeat(WorkerId, _lastHeartbeat);
         long expected = S.Assignment?.Generation ?? 0;
         if (generation != expected)
         {
             metrics.StaleRefused("heartbeat");
-            // Reporting generation 0 while assigned only means the Assignment is still on its way down.
-            bool rejoin = generation > 0;
-            if (rejoin) TellFenced(generation, "heartbeat");
-            throw new StaleGenerationException(S.Assignment?.JobId ?? _lastJob ?? "", generation, expected, rejoin);
+            throw new StaleGenerationException(S.Assignment?.JobId ?? _lastJob ?? "", generation, expected);
         }
-        _lastHeartbeat = clock.GetUtcNow();
-        metrics.Heartbeat(WorkerId, _lastHeartbeat);
         _metrics = metrics1;
         return Task.CompletedTask;
     }

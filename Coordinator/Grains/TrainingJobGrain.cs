@@ -170,8 +170,14 @@ public sealed class TrainingJobGrain(
 
     public async Task ReportStepAsync(long generation, StepReport report)
     {
-        Fence(generation, "step");
+        // The first report of the last step completes the job; the other ranks' reports of that step still count in the ledger.
+        Fence(generation, "step", acceptedWhenCompleted: true);
         if (report.SampleCount > 0) S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
+        if (S.State == JobState.Completed)
+        {
+            await job.WriteStateAsync();
+            return;
+        }
         if (report.ExpertLoad.Length > 0 && report.Experts > 0 && report.ExpertLoad.Length == report.ExpertLayers.Length * report.Experts
             && (S.ExpertLoad is null || report.Step >= S.ExpertLoad.Step))
             S.ExpertLoad = new ExpertLoad

@@ -216,6 +216,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
 
     async Task StartRunAsync(Assignment assignment, int port)
     {
+        // Heartbeats speak for the new generation at once: the old run may need its step to finish first.
+        Progress.Generation = assignment.Generation;
         await StopRunAsync();
         Log($"assignment: job {assignment.JobId}, generation {assignment.Generation}, rank {assignment.Rank}/{assignment.World}" +
             (assignment.ResumeStep > 0 ? $", resuming from step {assignment.ResumeStep}" : ""));

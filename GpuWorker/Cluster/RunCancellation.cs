@@ -41,8 +41,26 @@ public sealed class RunCancellation : IDisposable
 
     /// <summary>
     /// Forms the ring on a dedicated thread; a cancellation ends the wait at once and disposes the rendezvous (which
-    /// frees the port for the next generation); the abandoned attempt then fails on its own and is cleaned up.
+    /// frees the port for the next generation); the abandoned attempt then fails on its own and is cleaned up. A peer
+    /// that refuses us because it still listens for its previous generation (it is finishing a step) is asked again
+    /// with a fresh rendezvous until the collective timeout.
     /// </summary>
+    public static TcpCollective ConnectRing(Func<TcpRendezvous> bind, IReadOnlyList<string> peers, TcpCollectiveOptions options, CancellationToken ct)
+    {
+        var deadline = DateTime.UtcNow + options.Timeout;
+        while (true)
+        {
+            var rendezvous = bind();
+            try { return ConnectRing(rendezvous, peers, options with { Timeout = Max(deadline - DateTime.UtcNow, TimeSpan.FromSeconds(1)) }, ct); }
+            catch (CollectiveException e) when (e.Failure == CollectiveFailure.Refused && DateTime.UtcNow < deadline - TimeSpan.FromSeconds(1))
+            {
+                if (ct.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(250))) ct.ThrowIfCancellationRequested();
+            }
+        }
+    }
+
+    static TimeSpan Max(TimeSpan a, TimeSpan b) => a > b ? a : b;
+
     public static TcpCollective ConnectRing(TcpRendezvous rendezvous, IReadOnlyList<string> peers, TcpCollectiveOptions options, CancellationToken ct)
     {
         var connecting = Task.Factory.StartNew(() => rendezvous.Connect(peers, options), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);

@@ -115,9 +115,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // ---- Collectives: the ring of this generation (a cancel ends the rendezvous at once) ----
         var peers = Enumerable.Range(0, assignment.World).Select(r => assignment.Peers.TryGetValue(r, out var e) ? e
             : throw new InvalidDataException($"the assignment lists no endpoint for rank {r}")).ToList();
-        var rendezvous = new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
-                                           new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort));
-        using var collective = RunCancellation.ConnectRing(rendezvous, peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
+        using var collective = RunCancellation.ConnectRing(
+            () => new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
+                                    new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
+            peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
         using var reducer = new BucketedGradientReducer(collective);
         double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);

@@ -139,8 +139,12 @@ public class ElasticityTests
         Assert.Equal([[0L, 16L]], status.Consumption.Ranges); // step 3's samples belong to a discarded state
         Assert.Equal(2, status.Step);
 
-        // Two replicas now would split a step; here the one worker redoes 3..5 and the ledger is exactly 5 global batches.
-        for (int step = 3; step <= 5; step++) await job.ReportStepAsync(2, Slice(step, 0, 8));
+        // The one worker redoes 3..4; the last step is reported by two halves, and the first half completes the job: the
+        // second still counts, and the ledger is exactly 5 global batches.
+        for (int step = 3; step <= 4; step++) await job.ReportStepAsync(2, Slice(step, 0, 8));
+        await job.ReportStepAsync(2, Slice(5, 0, 4));
+        Assert.Equal(JobState.Completed, (await job.GetStatusAsync()).State);
+        await job.ReportStepAsync(2, Slice(5, 4, 4));
         status = await job.GetStatusAsync();
         Assert.Equal(JobState.Completed, status.State);
         Assert.Equal((40L, true, 0L), (status.Consumption.Samples, status.Consumption.Complete, status.Consumption.Overlaps));

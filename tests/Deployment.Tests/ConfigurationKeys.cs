@@ -44,11 +44,12 @@ public static partial class ConfigurationKeys
     public static readonly IReadOnlyDictionary<string, string[]> DefaultIsRight = new Dictionary<string, string[]>
     {
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
-        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
+        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */],
         ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
-        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device"],
+        // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout"],
     };
 
     /// <summary>Folder keys: each must point into a volume the container mounts (the root filesystem is read-only).</summary>
