@@ -31,6 +31,18 @@ public sealed class SampleLedger
         Fold(globalBatch);
     }
 
+    /// <summary>
+    /// A slice reported by the previous generation after the re-formation: kept unless its step is already complete or the
+    /// slice overlaps what is known of it (then it only confirms what the lineage holds). Returns whether it was kept.
+    /// </summary>
+    public bool AddLate(long step, long start, long count, int globalBatch)
+    {
+        if (step < 1 || count <= 0 || step <= Prefix) return false;
+        if (Open.TryGetValue(step, out var slices) && slices.Any(s => s[0] < start + count && start < s[0] + s[1])) return false;
+        Add(step, start, count, globalBatch);
+        return true;
+    }
+
     /// <summary>Folds complete steps into the prefix while they follow it without a gap.</summary>
     void Fold(int globalBatch)
     {

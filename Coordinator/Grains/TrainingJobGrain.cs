@@ -29,6 +29,8 @@ public sealed class TrainingJobGrainState
     [Id(13)] public ExpertLoad? ExpertLoad { get; set; }
     /// <summary>The re-formation in progress (null when none): timed from its cause to the first step after it.</summary>
     [Id(14)] public Reformation? Reforming { get; set; }
+    /// <summary>The step the current generation resumed from; null until its rank 0 reports Resumed.</summary>
+    [Id(15)] public long? GenerationResumedAt { get; set; }
 }
 
 /// <summary>A re-formation's clock: cause (a worker left, was lost or hung, or the job grows) → formed → resumed → first step.</summary>
@@ -147,6 +149,7 @@ public sealed class TrainingJobGrain(
         long redone = Math.Max(0, S.Step - report.Step);
         // The state now descends from step report.Step: what later steps consumed was thrown away with them.
         S.Ledger.ResumedAt(report.Step, S.Spec!.GlobalBatch);
+        S.GenerationResumedAt = report.Step;
         S.Loss.RemoveAll(p => p.Step > report.Step);
         S.Step = report.Step;
         var now = clock.GetUtcNow();
@@ -170,6 +173,14 @@ public sealed class TrainingJobGrain(
 
     public async Task ReportStepAsync(long generation, StepReport report)
     {
+        // A report of the previous generation that crossed the re-formation is refused (below), but its samples belong
+        // to the lineage when its step is not beyond the state the new generation resumed from (until that is known,
+        // ResumedAt drops any step beyond it): the ranks finished that step, and the state that training continues
+        // from contains it. Without this a step finished just before the re-formation would show as a gap.
+        if (S.Spec is not null && !S.State.IsTerminal() && generation == S.Generation - 1 && report.SampleCount > 0
+            && (S.GenerationResumedAt is not { } resumed || report.Step <= resumed)
+            && S.Ledger.AddLate(report.Step, report.SampleStart, report.SampleCount, S.Spec.GlobalBatch))
+            await job.WriteStateAsync();
         // The first report of the last step completes the job; the other ranks' reports of that step still count in the ledger.
         Fence(generation, "step", acceptedWhenCompleted: true);
         if (report.SampleCount > 0) S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
@@ -293,6 +304,7 @@ public sealed class TrainingJobGrain(
             Event(New(JobEventKinds.Rescaling, $"growing from {S.Workers.Count} to {world} workers") with { Reason = "grow" });
         }
         S.Generation++;
+        S.GenerationResumedAt = null;
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint))];
         S.State = JobState.Running;
         if (S.Reforming is { } reforming) { reforming.FormedAt = clock.GetUtcNow(); reforming.Generation = S.Generation; }

@@ -61,7 +61,12 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                 {
                     Log($"coordinator {settings.Coordinator} unreachable ({e.Message}); reconnecting in {backoff.TotalSeconds:F1} s");
                 }
-                catch (Exception e) when (leave.Task.IsCompleted && e is RpcException or HttpRequestException or OperationCanceledException)
+                catch (IOException e) when (!leave.Task.IsCompleted)
+                {
+                    // A Coordinator killed mid-write resets the socket under the request stream.
+                    Log($"control stream to {settings.Coordinator} reset ({e.Message}); reconnecting in {backoff.TotalSeconds:F1} s");
+                }
+                catch (Exception e) when (leave.Task.IsCompleted && e is RpcException or HttpRequestException or IOException or OperationCanceledException)
                 {
                     break;
                 }
@@ -74,7 +79,12 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             await StopRunAsync();
             return 0;
         }
-        finally { replica.Dispose(); }
+        finally
+        {
+            // The training thread may still be in a step: it must end before its model and optimizer are freed.
+            await StopRunAsync(now: true);
+            replica.Dispose();
+        }
     }
 
     /// <summary>One connection: returns an exit code when the worker must stop, null to reconnect.</summary>
@@ -134,8 +144,9 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         finally
         {
             connection.Cancel();
-            try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { } catch (InvalidOperationException) { }
-            try { await reading; } catch (OperationCanceledException) { } catch (RpcException) { }
+            // However the stream ended (closed, reset under a write, cancelled), this connection is over; the loop reconnects.
+            try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { } catch (InvalidOperationException) { } catch (IOException) { }
+            try { await reading; } catch (OperationCanceledException) { } catch (RpcException) { } catch (IOException) { }
         }
     }
 

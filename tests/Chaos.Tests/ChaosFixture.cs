@@ -31,8 +31,11 @@ public sealed class ChaosFixture : IAsyncLifetime
         sink.OnMessage(new DiagnosticMessage(line));
     }
 
+    ClusterTestLock? clusterLock;
+
     public async Task InitializeAsync()
     {
+        clusterLock = await ClusterTestLock.AcquireAsync("chaos scenarios");
         NamespaceUnavailable = NetworkNamespace.Unavailable();
         Cluster = await ChaosCluster.StartAsync(new ChaosClusterOptions
         {
@@ -60,7 +63,11 @@ public sealed class ChaosFixture : IAsyncLifetime
 
     public async Task DisposeAsync()
     {
-        await Cluster.DisposeAsync();
-        try { Directory.Delete(RunDir, true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        try
+        {
+            if (Cluster is not null) await Cluster.DisposeAsync();
+            try { Directory.Delete(RunDir, true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        }
+        finally { clusterLock?.Dispose(); }
     }
 }

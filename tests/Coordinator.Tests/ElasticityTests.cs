@@ -253,6 +253,21 @@ public class ElasticityTests
         Assert.Equal([[0L, 16L], [24L, 32L]], s.Ranges);
     }
 
+    [Fact]
+    public void ALateReportOfThePreviousGenerationFillsItsStepOnceAndNeverOverlaps()
+    {
+        var ledger = new Grains.SampleLedger();
+        ledger.Add(1, 0, 8, 8);
+        ledger.ResumedAt(2, 8); // generation 2 resumed from a replica at step 2 before step 2's reports arrived
+        Assert.Equal(8L, ledger.Summary(8).Samples);
+        Assert.True(ledger.AddLate(2, 8, 4, 8));
+        Assert.True(ledger.AddLate(2, 12, 4, 8));
+        Assert.False(ledger.AddLate(2, 12, 4, 8)); // the same slice again: already known, not an overlap
+        Assert.False(ledger.AddLate(1, 0, 8, 8));  // a complete step: only a confirmation
+        var s = ledger.Summary(8);
+        Assert.Equal((true, 0L, 16L), (s.Complete, s.Overlaps, s.Samples));
+    }
+
     static StepReport Slice(long step, int offset, int count) =>
         new() { Step = step, Loss = 10 - step, SampleStart = (step - 1) * 8 + offset, SampleCount = count };
 }

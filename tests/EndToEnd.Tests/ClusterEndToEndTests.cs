@@ -55,8 +55,9 @@ public class ClusterEndToEndTests
     }
 
     [Fact]
-    public void TwoWorkersTrainTheDefaultJobToCompletionAndLeaveNoProcessBehind()
+    public async Task TwoWorkersTrainTheDefaultJobToCompletionAndLeaveNoProcessBehind()
     {
+        using var clusterLock = await ClusterTestLock.AcquireAsync("cluster end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-").FullName;
         try
         {

@@ -18,6 +18,7 @@ public class ElasticTests(ITestOutputHelper output)
     [Fact]
     public async Task AWorkerKilledMidRunIsReplacedByTheSurvivorsLiveStateWithoutRedoingAStep()
     {
+        using var clusterLock = await ClusterTestLock.AcquireAsync("elastic end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-elastic-").FullName;
         using var host = new AppHostProcess(AppHost, runDir,
             "--workers", "2", "--steps", $"{Steps}", "--seq-len", "32", "--vocab-size", "512",

@@ -34,8 +34,11 @@ public sealed class RunningCluster : IAsyncLifetime
     public PrometheusServer Prometheus { get; private set; } = null!;
     public string Output { get { lock (output) return output.ToString(); } }
 
+    ClusterTestLock? clusterLock;
+
     public async Task InitializeAsync()
     {
+        clusterLock = await ClusterTestLock.AcquireAsync("observability cluster");
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
         foreach (var a in new[] { AppHostDll, "--workers", "2", "--steps", $"{Steps}", "--seq-len", "64", "--vocab-size", "512",
                                   "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", $"{CheckpointInterval}", "--run-dir", RunDir })
@@ -116,6 +119,12 @@ public sealed class RunningCluster : IAsyncLifetime
     static string Tail(string text, int lines = 150) => string.Join("\n", text.Split('\n').TakeLast(lines));
 
     public async Task DisposeAsync()
+    {
+        try { await StopAsync(); }
+        finally { clusterLock?.Dispose(); }
+    }
+
+    async Task StopAsync()
     {
         if (Prometheus is not null) await Prometheus.DisposeAsync();
         Coordinator?.Dispose();

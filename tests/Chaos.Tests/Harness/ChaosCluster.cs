@@ -173,9 +173,12 @@ public sealed class ChaosCluster : IAsyncDisposable
         catch (Exception e) when (e is HttpRequestException || e is TaskCanceledException && !ct.IsCancellationRequested) { return null; }
     }
 
-    /// <summary>Polls the job until <paramref name="condition"/> holds; fails early if the job ends without it.</summary>
+    /// <summary>
+    /// Polls the job until <paramref name="condition"/> holds; fails early if the job ends without it, unless
+    /// <paramref name="afterEnd"/> says the condition is one that comes true after the job ended (its final checkpoint).
+    /// </summary>
     public async Task<JobView> WaitForAsync(string jobId, Func<JobView, bool> condition, TimeSpan timeout, string what, CancellationToken ct,
-                                            TimeSpan? poll = null)
+                                            TimeSpan? poll = null, bool afterEnd = false)
     {
         var deadline = DateTime.UtcNow + timeout;
         JobView? last = null;
@@ -186,7 +189,7 @@ public sealed class ChaosCluster : IAsyncDisposable
             {
                 last = view;
                 if (condition(view)) return view;
-                if (view.Terminal) throw new InvalidOperationException($"waiting for {what}, the job ended first: {view.Describe()}");
+                if (view.Terminal && !afterEnd) throw new InvalidOperationException($"waiting for {what}, the job ended first: {view.Describe()}");
             }
             if (DateTime.UtcNow > deadline)
                 throw new TimeoutException($"{what} did not happen within {timeout.TotalSeconds:F0} s; {last?.Describe() ?? "the coordinator never answered"}\n{RecentLines(40)}");
@@ -202,7 +205,8 @@ public sealed class ChaosCluster : IAsyncDisposable
         // Rank 0 evaluates, samples and saves after its last step; its log line says the folder is whole.
         await WaitForLineAsync(l => l.Contains("model saved to") && l.Contains(dir), TimeSpan.FromMinutes(3), $"rank 0 saving {dir}", ct);
         // The final checkpoint commits after the last step report; the ledger and committed list are final then.
-        job = await WaitForAsync(jobId, j => j.CommittedSteps.Contains(j.Step) || j.Step == 0, TimeSpan.FromMinutes(2), $"the final checkpoint of {jobId}", ct);
+        job = await WaitForAsync(jobId, j => j.CommittedSteps.Contains(j.Step) || j.Step == 0, TimeSpan.FromMinutes(2), $"the final checkpoint of {jobId}", ct,
+                                 afterEnd: true);
         return (job, Path.Combine(dir, "model.safetensors"));
     }
 
