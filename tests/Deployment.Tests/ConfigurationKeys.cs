@@ -45,7 +45,8 @@ public static partial class ConfigurationKeys
     {
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
         ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
-        ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */],
+        ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */,
+            "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds"],
         ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
