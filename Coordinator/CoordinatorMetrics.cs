@@ -37,6 +37,10 @@ public sealed class CoordinatorMetrics
         var meter = meterFactory.Create(MeterName);
         _authRefusals = meter.CreateCounter<long>("deepseek_coordinator_auth_refusals", description: "Requests refused for a missing or wrong cluster token");
         _staleRefusals = meter.CreateCounter<long>("deepseek_coordinator_stale_generation_refusals", description: "Reports refused because they came from an older generation");
+        // Zero series for every kind of report that can be fenced, so "no refusals" is a 0 on the dashboard, not a gap
+        // (the Prometheus convention of initializing known label values).
+        foreach (var what in new[] { "heartbeat", "step", "checkpoint", "resumed", "failure" })
+            _staleRefusals.Add(0, new KeyValuePair<string, object?>("what", what));
         _formations = meter.CreateCounter<long>("deepseek_coordinator_formations", description: "Worker-set formations (each bumps a job's generation)");
         _rescales = meter.CreateCounter<long>("deepseek.cluster.rescales", "{rescale}", "Running jobs that began re-forming (reason: worker_left or grow)");
         _commits = meter.CreateCounter<long>("deepseek.cluster.checkpoint_commits", "{checkpoint}",
@@ -71,7 +75,8 @@ public sealed class CoordinatorMetrics
     /// <param name="cause">What started the re-formation: worker_left, worker_lost, worker_hung or grow.</param>
     public void Recovery(double seconds, string cause) => _recovery.Record(seconds, new KeyValuePair<string, object?>("event", cause));
 
-    public void StepsRedone(long steps) { if (steps > 0) _stepsRedone.Add(steps); }
+    /// <summary>Recorded on every resume, 0 included: a resume that redid nothing is the measurement the goal is about.</summary>
+    public void StepsRedone(long steps) => _stepsRedone.Add(Math.Max(0, steps));
 
     // ---- Snapshot for the gauges ----
 

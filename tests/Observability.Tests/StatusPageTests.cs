@@ -47,6 +47,9 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
         JsonObject page = new();
         await Poll.UntilAsync(async () =>
         {
+            // Right after navigation the document may not be parsed yet (the page's elements are missing): not ready.
+            if ((await browser.EvaluateAsync("document.readyState === 'complete' && document.getElementById('updated') !== null"))?.GetValue<bool>() != true)
+                return false;
             page = JsonNode.Parse((await browser.EvaluateAsync(ReadPage))?.GetValue<string>() ?? "{}")!.AsObject();
             return page["loss"]?.GetValue<int>() == lossPoints && page["workers"]!.AsArray().Count == workers.Count && page["events"]!.AsArray().Count > 0;
         }, TimeSpan.FromSeconds(90), () => "the page did not show the job's data: " + page.ToJsonString() + "\n" + browser.Log, TimeSpan.FromMilliseconds(500));
