@@ -35,8 +35,8 @@ public class ClusterEndToEndTests
         lock (output) return (p.ExitCode, output.ToString());
     }
 
-    /// <summary>Processes whose command line mentions the run folder: the children the AppHost started.</summary>
-    static List<int> ProcessesMentioning(string text)
+    /// <summary>Processes whose command line or environment mentions the run folder: the children the AppHost started.</summary>
+    internal static List<int> ProcessesMentioning(string text)
     {
         var found = new List<int>();
         foreach (var dir in Directory.GetDirectories("/proc"))

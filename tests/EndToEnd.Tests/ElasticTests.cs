@@ -81,7 +81,7 @@ public class ElasticTests(ITestOutputHelper output)
 
             host.Send("quit");
             Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
-            Assert.Empty(ProcessesMentioning(runDir));
+            Assert.Empty(ClusterEndToEndTests.ProcessesMentioning(runDir));
         }
         catch
         {
@@ -91,7 +91,7 @@ public class ElasticTests(ITestOutputHelper output)
         finally
         {
             host.Dispose();
-            foreach (var pid in ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+            foreach (var pid in ClusterEndToEndTests.ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
             Directory.Delete(runDir, true);
         }
     }
@@ -109,7 +109,7 @@ public class ElasticTests(ITestOutputHelper output)
     /// <summary>The pid of the worker instance started for this run.</summary>
     static int WorkerPid(string runDir, string instance)
     {
-        foreach (var pid in ProcessesMentioning(runDir))
+        foreach (var pid in ClusterEndToEndTests.ProcessesMentioning(runDir))
         {
             try
             {
@@ -119,25 +119,6 @@ public class ElasticTests(ITestOutputHelper output)
             catch (IOException) { }
         }
         throw new InvalidOperationException($"no process for {instance}");
-    }
-
-    /// <summary>Processes whose command line or environment mentions the run folder: the children the AppHost started.</summary>
-    static List<int> ProcessesMentioning(string text)
-    {
-        var found = new List<int>();
-        foreach (var dir in Directory.GetDirectories("/proc"))
-        {
-            if (!int.TryParse(Path.GetFileName(dir), out int pid) || pid == Environment.ProcessId) continue;
-            try
-            {
-                var cmd = File.ReadAllText(Path.Combine(dir, "cmdline")).Replace('\0', ' ');
-                var env = File.ReadAllText(Path.Combine(dir, "environ")).Replace('\0', ' ');
-                if (cmd.Contains(text) || env.Contains(text)) found.Add(pid);
-            }
-            catch (IOException) { }
-            catch (UnauthorizedAccessException) { }
-        }
-        return found;
     }
 
     /// <summary>The AppHost as a child process with its console: lines are collected, commands written to its stdin.</summary>
