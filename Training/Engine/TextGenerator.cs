@@ -27,6 +27,7 @@ public static class TextGenerator
         if (prompt.Count == 0) throw new ArgumentException("the prompt must hold at least one token (encode some text, or start from the BOS token)");
         if (options.TopP is <= 0 or > 1) throw new ArgumentException($"top_p must be in (0, 1], got {options.TopP}");
         device ??= model.lm_head.weight!.device;
+        using var hold = FinalizerHold.Enter();
         model.eval();
         using var noGrad = no_grad();
         using var cache = options.NoCache ? null : model.NewCache();

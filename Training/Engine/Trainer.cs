@@ -79,6 +79,7 @@ public sealed class Trainer : IDisposable
     /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
     public StepMetrics TrainStep()
     {
+        using var hold = FinalizerHold.Enter(); // see FinalizerHold: TorchSharp's implicit Scalars must outlive the native calls
         Model.train();
         int accumulation = Options.Accumulation(WorldSize);
         int micro = Options.MicroBatch;
@@ -165,6 +166,7 @@ public sealed class Trainer : IDisposable
     public double Evaluate()
     {
         if (validation is null || validation.SampleCount == 0) return double.NaN;
+        using var hold = FinalizerHold.Enter();
         Model.eval();
         using var noGrad = no_grad();
         double sum = 0;
@@ -188,6 +190,7 @@ public sealed class Trainer : IDisposable
     /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global indices from 0).</summary>
     public double EvaluateOn(ISampleSource source, int batches)
     {
+        using var hold = FinalizerHold.Enter();
         Model.eval();
         using var noGrad = no_grad();
         double sum = 0;
