@@ -168,7 +168,9 @@ public sealed class TrainingJobGrain(
                 ResumeStep = report.Step, ResumeSource = report.Source, StepsRedone = redone, SourceRank = report.SourceRank >= 0 ? report.SourceRank : null,
                 StateBytes = report.StateBytes, RestoreSeconds = report.RestoreSeconds,
             });
-        await job.WriteStateAsync();
+        // The previous generation finished the last step, but its report crossed the re-formation: nothing is left to train.
+        if (report.Step >= S.Spec.Steps) await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps");
+        else await job.WriteStateAsync();
     }
 
     public async Task ReportStepAsync(long generation, StepReport report)
@@ -177,7 +179,7 @@ public sealed class TrainingJobGrain(
         // to the lineage when its step is not beyond the state the new generation resumed from (until that is known,
         // ResumedAt drops any step beyond it): the ranks finished that step, and the state that training continues
         // from contains it. Without this a step finished just before the re-formation would show as a gap.
-        if (S.Spec is not null && !S.State.IsTerminal() && generation == S.Generation - 1 && report.SampleCount > 0
+        if (S.Spec is not null && (S.State == JobState.Completed || !S.State.IsTerminal()) && generation == S.Generation - 1 && report.SampleCount > 0
             && (S.GenerationResumedAt is not { } resumed || report.Step <= resumed)
             && S.Ledger.AddLate(report.Step, report.SampleStart, report.SampleCount, S.Spec.GlobalBatch))
             await job.WriteStateAsync();

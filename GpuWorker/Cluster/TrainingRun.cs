@@ -198,6 +198,26 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             return Task.CompletedTask;
         });
 
+        void SaveCheckpoint(long step)
+        {
+            var tensors = CheckpointTensors.Collect(model, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
+            if (assignment.Rank == 0)
+                manifests[step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, sharding,
+                    new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
+                    config.ToJson(), tokenizerReply.TokenizerHash);
+            var request = saver.Save(step, tensors);
+            if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
+            if (step == options.Steps && !request.Started)
+            {
+                saver.WaitAsync().GetAwaiter().GetResult();
+                saver.Save(step, tensors); // the final state must be saved even if the previous save was still running
+            }
+        }
+
+        // A generation that resumes at the last step trains nothing: the previous one finished the run, but its reports
+        // crossed the re-formation and were refused, so its final checkpoint can never commit. This generation saves it.
+        if (live.Step >= options.Steps && options.Steps > 0) SaveCheckpoint(live.Step);
+
         // ---- The loop ----
         progress.Generation = assignment.Generation;
         int perReplica = options.GlobalBatch / assignment.DpSize;
@@ -226,21 +246,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                 Log(ConsoleProgress.Format(m, options.Steps, assignment.World, TimeSpan.Zero).Split(" | ETA")[0]);
             bool due = options.CheckpointEvery > 0 && m.Step % options.CheckpointEvery == 0 || m.Step == options.Steps
                        || Interlocked.Exchange(ref checkpointRequested, -1) == m.Step;
-            if (due)
-            {
-                var tensors = CheckpointTensors.Collect(model, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
-                if (assignment.Rank == 0)
-                    manifests[m.Step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, sharding,
-                        new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
-                        config.ToJson(), tokenizerReply.TokenizerHash);
-                var request = saver.Save(m.Step, tensors);
-                if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
-                if (m.Step == options.Steps && !request.Started)
-                {
-                    saver.WaitAsync().GetAwaiter().GetResult();
-                    saver.Save(m.Step, tensors); // the final state must be saved even if the previous save was still running
-                }
-            }
+            if (due) SaveCheckpoint(m.Step);
         }
         if (saver.WaitAsync().GetAwaiter().GetResult() is { } last) Log($"the last checkpoint failed: {last.Message}");
         saver.DisposeAsync().AsTask().GetAwaiter().GetResult();

@@ -153,6 +153,36 @@ public class ElasticityTests
     }
 
     [Fact]
+    public async Task AGenerationThatResumesAtTheLastStepCompletesTheJobAndOwnsTheFinalCheckpoint()
+    {
+        // The race a chaos run found: a worker joins, and the old generation finishes the last step before it stops; its
+        // step reports cross the re-formation and are refused. The new generation resumes at the last step with nothing
+        // to train: the job must complete then, and the late reports must still fill the ledger.
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("ends-in-growth");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2, steps: 3)); // global batch 8
+        await c.Worker("r1").RegisterAsync(TestSpecs.Worker("r1"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running, "formation");
+        await job.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 2; step++) await job.ReportStepAsync(1, Slice(step, 0, 8));
+
+        await c.Worker("r2").RegisterAsync(TestSpecs.Worker("r2"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "growth to two");
+        await Assert.ThrowsAsync<StaleGenerationException>(() => job.ReportStepAsync(1, Slice(3, 0, 8)));
+        Assert.Equal(JobState.Running, (await job.GetStatusAsync()).State);
+
+        await job.ReportResumedAsync(2, new ResumedReport { Step = 3, Source = "replica", SourceRank = 0 });
+        var status = await job.GetStatusAsync();
+        Assert.Equal((JobState.Completed, 3L), (status.State, status.Step));
+        Assert.Equal([[0L, 24L]], status.Consumption.Ranges);
+        Assert.True(status.Consumption.Complete);
+
+        // The new generation's final checkpoint is accepted after the completion and commits.
+        Assert.False(await job.ReportCheckpointAsync(2, new CheckpointReport { Step = 3, Rank = 0 }));
+        Assert.True(await job.ReportCheckpointAsync(2, new CheckpointReport { Step = 3, Rank = 1 }));
+    }
+
+    [Fact]
     public async Task BelowMinWorkersTheJobWaitsInRescalingAndResumesWhenAWorkerReturns()
     {
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
