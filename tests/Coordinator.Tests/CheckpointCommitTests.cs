@@ -77,7 +77,7 @@ public class CheckpointCommitTests
     static async Task<AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage>> ConnectAsync(CoordinatorHost host, string id, CancellationToken ct)
     {
         var stream = host.Control.Connect(Bearer(), cancellationToken: ct);
-        await stream.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = id, Device = "cpu", Host = "127.0.0.1", CollectiveEndpoint = $"127.0.0.1:{RedisServer.FreePort()}" } });
+        await stream.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = id, Device = "cpu", Host = "127.0.0.1", CollectiveEndpoint = $"127.0.0.1:{FreePort.Next()}" } });
         await TestSpecs.EventuallyAsync(() => host.Http.GetStringAsync("/workers"), w => w.Contains(id), $"worker {id} registered");
         return stream;
     }

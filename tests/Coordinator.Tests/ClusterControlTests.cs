@@ -38,7 +38,7 @@ public class ClusterControlTests(CoordinatorFixture fixture)
 
         stream.Dispose(); // the process dies: the call is cancelled without a Leaving message
         var job = await TestSpecs.EventuallyAsync(() => Control.GetJobAsync(new GetJobRequest { JobId = "grpc-job" }).ResponseAsync,
-            j => j.State == "Rescaling", "the job noticing its worker died", seconds: 5);
+            j => j.State == "Rescaling", "the job noticing its worker died", seconds: 30);
         Assert.Equal(1, job.Step);
     }
 

@@ -34,7 +34,7 @@ public sealed class CoordinatorHost : IAsyncDisposable
     /// <param name="extra">More settings, e.g. services:checkpoints:grpc:0.</param>
     public static async Task<CoordinatorHost> StartAsync(IDictionary<string, string?>? extra = null)
     {
-        int httpPort = RedisServer.FreePort(), grpcPort = RedisServer.FreePort();
+        int httpPort = FreePort.Next(), grpcPort = FreePort.Next();
         var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
         var settings = new Dictionary<string, string?>
         {
@@ -45,8 +45,8 @@ public sealed class CoordinatorHost : IAsyncDisposable
             ["Cluster:Token"] = Token,
             ["Coordinator:StateFolder"] = TestSpecs.TempFolder(),
             ["Coordinator:HeartbeatTimeout"] = "00:00:30",
-            ["Orleans:SiloPort"] = RedisServer.FreePort().ToString(),
-            ["Orleans:GatewayPort"] = RedisServer.FreePort().ToString(),
+            ["Orleans:SiloPort"] = FreePort.Next().ToString(),
+            ["Orleans:GatewayPort"] = FreePort.Next().ToString(),
         };
         builder.Configuration.AddInMemoryCollection(settings);
         if (extra is not null) builder.Configuration.AddInMemoryCollection(extra);

@@ -49,7 +49,7 @@ public class GrainTests
         await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1));
         await c.Worker("q1").RegisterAsync(TestSpecs.Worker("q1"), null);
         // Formed (generation 1), then, with no heartbeat at all, the worker times out and the job re-forms.
-        var status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling && s.Generation == 1, "rescaling after silence", seconds: 5);
+        var status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling && s.Generation == 1, "rescaling after silence", seconds: 30);
         Assert.Contains(status.Events, e => e.Message.Contains("no heartbeat"));
         Assert.False((await c.Worker("q1").GetAsync()).Online);
     }

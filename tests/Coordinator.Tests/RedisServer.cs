@@ -19,7 +19,7 @@ public sealed class RedisServer : IDisposable
 
     public static async Task<RedisServer> StartAsync()
     {
-        int port = FreePort();
+        int port = FreePort.Next();
         Process process;
         try
         {
@@ -63,13 +63,6 @@ public sealed class RedisServer : IDisposable
             return n >= 5 && System.Text.Encoding.ASCII.GetString(buffer, 0, n).StartsWith("+PONG");
         }
         catch (SocketException) { return false; }
-    }
-
-    public static int FreePort()
-    {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
     }
 
     public void Dispose()

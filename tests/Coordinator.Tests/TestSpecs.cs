@@ -14,7 +14,7 @@ static class TestSpecs
     public static WorkerCapabilities Worker(string id) => new() { WorkerId = id, Host = "127.0.0.1", CollectiveEndpoint = $"127.0.0.1:{id.Length + 40000}" };
 
     /// <summary>Polls until the condition holds (one-way calls land a moment later), failing with what was last seen.</summary>
-    public static async Task<T> EventuallyAsync<T>(Func<Task<T>> read, Func<T, bool> done, string what, double seconds = 10)
+    public static async Task<T> EventuallyAsync<T>(Func<Task<T>> read, Func<T, bool> done, string what, double seconds = 30)
     {
         var deadline = DateTime.UtcNow.AddSeconds(seconds);
         T last = await read();

@@ -81,7 +81,7 @@ public sealed class GrpcCheckpointStoreTests : IAsyncLifetime
     [Fact]
     public async Task AnUnreachableStoreIsNamedAfterAFewAttempts()
     {
-        string address = $"http://127.0.0.1:{StoreHost.FreePort()}";
+        string address = $"http://127.0.0.1:{FreePort.Next()}";
         using var channel = GrpcChannel.ForAddress(address);
         var store = new GrpcCheckpointStore(new Store.CheckpointStoreClient(channel), address, "nowhere", staging,
             Fast with { Attempts = 3, RetryBaseDelay = TimeSpan.FromMilliseconds(10) });

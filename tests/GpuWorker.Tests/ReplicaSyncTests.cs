@@ -115,7 +115,7 @@ public class ReplicaSyncTests
     [Fact]
     public void ACancelEndsARendezvousWhosePeerNeverConnectsAndFreesItsPort()
     {
-        int port = FreePort(), absent = FreePort();
+        int port = FreePort.Next(), absent = FreePort.Next();
         var rendezvous = new TcpRendezvous("job", 3, 0, 2, new IPEndPoint(IPAddress.Loopback, port));
         using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
         var connect = Task.Run(() => RunCancellation.ConnectRing(rendezvous, [$"127.0.0.1:{port}", $"127.0.0.1:{absent}"],
@@ -124,15 +124,6 @@ public class ReplicaSyncTests
         Assert.IsAssignableFrom<OperationCanceledException>(connect.Exception?.InnerException);
         using var next = new TcpRendezvous("job", 4, 0, 2, new IPEndPoint(IPAddress.Loopback, port)); // the next generation binds the same port
         Assert.Equal(port, next.LocalEndpoint.Port);
-    }
-
-    static int FreePort()
-    {
-        var l = new System.Net.Sockets.TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int port = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return port;
     }
 
     /// <summary>W ranks as threads over real sockets; a rank that hangs past the limit fails the test.</summary>

@@ -1,5 +1,5 @@
-// The real CheckpointStore service (folder backend) in this process on a free loopback port, HTTP/2 cleartext: the store the
-// Coordinator commits into.
+// The real CheckpointStore service (folder backend) in this process on a free loopback port, HTTP/2 cleartext: the store
+// workers upload into and the Coordinator commits into.
 using System.Net;
 using DeepSeekCluster.CheckpointStore;
 using Grpc.Net.Client;
@@ -11,9 +11,9 @@ using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Store = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore;
 
-namespace DeepSeekCluster.Coordinator.Tests;
+namespace DeepSeekCluster.Tests.Shared;
 
-public sealed class StoreHost : IAsyncDisposable
+internal sealed class StoreHost : IAsyncDisposable
 {
     readonly WebApplication app;
     readonly string folder;
@@ -33,13 +33,14 @@ public sealed class StoreHost : IAsyncDisposable
 
     public static async Task<StoreHost> StartAsync()
     {
-        int port = RedisServer.FreePort();
-        string folder = Directory.CreateTempSubdirectory("coordinator-store-").FullName;
+        int port = FreePort.Next();
+        string folder = Directory.CreateTempSubdirectory("store-").FullName;
         // An empty content root: no appsettings.json of whichever service project was copied last into the test output.
         var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = Environments.Development, ContentRootPath = folder });
         builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
         {
             ["Storage:Folder"] = Path.Combine(folder, "blobs"),
+            ["Storage:BlockBytes"] = "65536", // small blocks: an interrupted upload leaves staged bytes to resume from
         });
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Loopback, port, o => o.Protocols = HttpProtocols.Http2));
