@@ -1,5 +1,6 @@
-// Registers the Coordinator: options, cluster token, mutual TLS on ClusterControl (when certificates are configured), Orleans silo (clustering and grain storage chosen by configuration),
-// ClusterControl gRPC with reflection, the REST API, and checkpoint commits through CheckpointStore.
+// Registers the Coordinator: options, cluster token, mutual TLS on ClusterControl (when certificates are configured),
+// Orleans silo (clustering and grain storage chosen by configuration), ClusterControl gRPC with reflection, the REST
+// API, and checkpoint commits through CheckpointStore.
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Api;
 using DeepSeekCluster.Coordinator.Checkpoints;

@@ -22,6 +22,18 @@ using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCluster.Coordinator.Tests;
 
+/// <summary>
+/// Alone, after the parallel collections: the hosts in this process share meter names, and OpenTelemetry merges the
+/// same-named instruments of different hosts into one stream that ends when any of those hosts stops, so another
+/// collection's Coordinator or silo stopping mid-test would silence this host's refusal counter on /metrics.
+/// </summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class MutualTlsCollection
+{
+    public const string Name = "mutual-tls";
+}
+
+[Collection(MutualTlsCollection.Name)]
 public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : IClassFixture<MutualTlsTests.TlsCoordinator>
 {
     static Metadata Bearer => new() { { "authorization", $"Bearer {CoordinatorHost.Token}" } };
@@ -55,7 +67,7 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
         });
         await AssertRefusedAsync(channel, "tls-anonymous");
 
-        await TestSpecs.EventuallyAsync(() => coordinator.RefusalsAsync(ClusterTls.Missing), n => n >= before + 1, "the counted refusal of a client without a certificate", seconds: 30);
+        await coordinator.EventuallyCountedAsync(ClusterTls.Missing, before + 1, "the counted refusal of a client without a certificate");
         Assert.Contains(coordinator.Logs, l => l.Contains("Refused a TLS connection to ClusterControl") && l.Contains("no client certificate presented"));
         coordinator.AssertNoSecretsLogged();
     }
@@ -73,7 +85,7 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
         });
         await AssertRefusedAsync(channel, "tls-stranger");
 
-        await TestSpecs.EventuallyAsync(() => coordinator.RefusalsAsync(ClusterTls.Untrusted), n => n >= before + 1, "the counted refusal of another CA's client", seconds: 30);
+        await coordinator.EventuallyCountedAsync(ClusterTls.Untrusted, before + 1, "the counted refusal of another CA's client");
         Assert.Contains(coordinator.Logs, l => l.Contains("Refused a TLS connection to ClusterControl") && l.Contains("CN=stranger") && l.Contains("not trusted"));
         coordinator.AssertNoSecretsLogged();
     }
@@ -251,7 +263,12 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
             var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
             builder.Configuration.AddInMemoryCollection(settings);
             builder.Logging.ClearProviders();
-            if (logs is not null) builder.Logging.AddProvider(logs);
+            if (logs is not null)
+            {
+                builder.Logging.AddProvider(logs);
+                // Kestrel says why a handshake failed at Debug only: kept for the failure messages above.
+                builder.Logging.AddFilter<CapturingLogger>("Microsoft.AspNetCore.Server.Kestrel.Https", LogLevel.Debug);
+            }
             builder.AddBasicServiceDefaults();
             builder.AddCoordinator();
             var app = builder.Build();
@@ -283,6 +300,16 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
                 .Sum(m => double.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture));
         }
 
+        /// <summary>Polls the refusal counter; on timeout the failure carries what Kestrel's TLS layer logged.</summary>
+        public async Task EventuallyCountedAsync(string reason, double atLeast, string what)
+        {
+            try { await TestSpecs.EventuallyAsync(() => RefusalsAsync(reason), n => n >= atLeast, what, seconds: 30); }
+            catch (TimeoutException e)
+            {
+                throw new TimeoutException($"{e.Message}\nlog of the TLS layer:\n{string.Join("\n", _logs.Where(l => l.Contains("TLS") || l.Contains("HTTPS") || l.Contains("handshake")).TakeLast(20))}", e);
+            }
+        }
+
         /// <summary>Neither the token nor any private key (its PEM armour or its base64 body) is in any log line.</summary>
         public void AssertNoSecretsLogged()
         {
@@ -306,11 +333,11 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
     {
         public ILogger CreateLogger(string categoryName) => this;
         public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
-        public bool IsEnabled(LogLevel logLevel) => logLevel >= LogLevel.Information;
+        public bool IsEnabled(LogLevel logLevel) => true; // the host's filters decide
 
         public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
         {
-            if (IsEnabled(logLevel)) lines.Enqueue($"{logLevel}: {formatter(state, exception)} {exception}");
+            lines.Enqueue($"{logLevel}: {formatter(state, exception)} {exception?.GetType().Name}: {exception?.Message}");
         }
 
         public void Dispose() { }
