@@ -1,9 +1,11 @@
-// Registers the Coordinator: options, cluster token, Orleans silo (clustering and grain storage chosen by configuration),
-// ClusterControl gRPC with reflection, the REST API, and checkpoint commits through CheckpointStore.
+// Registers the Coordinator: options, cluster token, mutual TLS on ClusterControl (when certificates are configured),
+// Orleans silo (clustering and grain storage chosen by configuration), ClusterControl gRPC with reflection, the REST
+// API, and checkpoint commits through CheckpointStore.
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Api;
 using DeepSeekCluster.Coordinator.Checkpoints;
 using DeepSeekCluster.Coordinator.Control;
+using DeepSeekCluster.Coordinator.Security;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Persistence.FileStorage;
@@ -21,6 +23,7 @@ public static class CoordinatorExtensions
         var config = builder.Configuration;
         builder.Services.AddOptions<CoordinatorOptions>().BindConfiguration(CoordinatorOptions.Section).ValidateDataAnnotations().ValidateOnStart();
         builder.Services.AddCoordinatorGrainServices();
+        builder.AddControlChannelTls();
         builder.Services.AddSingleton(sp => ClusterToken.FromConfiguration(config,
             sp.GetRequiredService<IOptions<CoordinatorOptions>>().Value.StateFolder, sp.GetRequiredService<ILogger<ClusterToken>>()));
         builder.Services.AddSingleton<JobSubmission>();

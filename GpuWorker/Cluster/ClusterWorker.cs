@@ -96,6 +96,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             {
                 KeepAlivePingDelay = TimeSpan.FromSeconds(10), KeepAlivePingTimeout = TimeSpan.FromSeconds(5),
                 EnableMultipleHttp2Connections = true,
+                // Mutual TLS when Cluster__Tls__* are set: present this worker's certificate, trust only the cluster CA.
+                SslOptions = settings.Tls?.ClientOptions() ?? new(),
             },
         });
         var client = new ClusterControl.ClusterControlClient(channel);

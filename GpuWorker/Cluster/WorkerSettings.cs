@@ -1,4 +1,6 @@
 // The worker's cluster settings, from the same environment keys an Aspire AppHost or the k8s ConfigMap sets.
+using DeepSeekCluster.ServiceDefaults;
+
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
 public sealed record WorkerSettings
@@ -8,6 +10,8 @@ public sealed record WorkerSettings
     public required Uri Checkpoints { get; init; }
     public required string Token { get; init; }
     public required string WorkerId { get; init; }
+    /// <summary>Cluster__Tls__{CertificatePath,KeyPath,CaPath}: mutual TLS to the Coordinator; null (cleartext) when unset.</summary>
+    public ClusterTls? Tls { get; init; }
     /// <summary>Address peers use to reach this worker's collectives (the pod IP in Kubernetes).</summary>
     public string CollectiveHost { get; init; } = "127.0.0.1";
     public int CollectivePort { get; init; }
@@ -54,6 +58,16 @@ public sealed record WorkerSettings
             problems.Add($"{key}='{value}' is not a positive duration (seconds, such as 2.5, or a TimeSpan such as 00:00:02.5)");
             return fallback;
         }
+        ClusterTls? tls = null;
+        try
+        {
+            tls = ClusterTls.Load(Environment.GetEnvironmentVariable("Cluster__Tls__CertificatePath"), Environment.GetEnvironmentVariable("Cluster__Tls__KeyPath"),
+                Environment.GetEnvironmentVariable("Cluster__Tls__CaPath"), key => key.Replace(":", "__"));
+        }
+        catch (ArgumentException e) { problems.Add(e.Message); }
+        // A certificate that would silently go unused over cleartext is a mistake, not a choice.
+        if (tls is not null && coordinator.Scheme != Uri.UriSchemeHttps)
+            problems.Add($"services__coordinator__grpc__0='{coordinator}' must be an https:// address when Cluster__Tls__* are set (the Coordinator then serves mutual TLS)");
         var heartbeat = Duration("Worker__HeartbeatInterval", TimeSpan.FromSeconds(1));
         var collectiveTimeout = Duration("Worker__CollectiveTimeout", TimeSpan.FromSeconds(30));
         if (problems.Count > 0) throw new ArgumentException("cluster mode: " + string.Join("; ", problems));
@@ -61,7 +75,7 @@ public sealed record WorkerSettings
                  ?? $"{Environment.MachineName}-{Environment.ProcessId}";
         return new WorkerSettings
         {
-            Coordinator = coordinator, DataShards = data, Checkpoints = checkpoints, Token = token!, WorkerId = id,
+            Coordinator = coordinator, DataShards = data, Checkpoints = checkpoints, Token = token!, WorkerId = id, Tls = tls,
             CollectiveHost = Environment.GetEnvironmentVariable("Worker__CollectiveHost") ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
             CollectivePort = port,
             Device = Environment.GetEnvironmentVariable("Worker__Device") ?? "auto",

@@ -16,6 +16,8 @@ public static partial class ConfigurationKeys
 
     static readonly string[] HttpEndpoint = ["Kestrel:Endpoints:http:Url", "Kestrel:Endpoints:http:Protocols"];
     static readonly string[] GrpcEndpoint = ["Kestrel:Endpoints:grpc:Url", "Kestrel:Endpoints:grpc:Protocols"];
+    // Before the dictionaries that spread it: static fields initialise in the order they are written.
+    static readonly string[] ClusterTlsKeys = ["Cluster:Tls:CertificatePath", "Cluster:Tls:KeyPath", "Cluster:Tls:CaPath"];
 
     /// <summary>
     /// Keys Kubernetes must set for each workload: without them the process would fall back to a loopback or
@@ -44,13 +46,15 @@ public static partial class ConfigurationKeys
     public static readonly IReadOnlyDictionary<string, string[]> DefaultIsRight = new Dictionary<string, string[]>
     {
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
-        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort"],
+        // Cluster:Tls:* (coordinator and gpu-worker): optional; unset is cleartext gRPC with the token, set by the opt-in
+        // component k8s/components/mtls, which mounts the certificate Secrets (docs/kubernetes.md).
+        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */,
             "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds"],
         ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
-        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout"],
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys],
     };
 
     /// <summary>Folder keys: each must point into a volume the container mounts (the root filesystem is read-only).</summary>
