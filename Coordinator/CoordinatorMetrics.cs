@@ -1,7 +1,9 @@
-// Meter "DeepSeekCluster.Coordinator": refusals (auth and stale generations), formations, rescales, checkpoint commits, and
-// gauges of the cluster's shape (workers by state, job generations, heartbeat ages). Tags never carry secrets.
+// Meter "DeepSeekCluster.Coordinator": refusals (auth and stale generations), formations, rescales, checkpoint commits, worker
+// joins and departures, and gauges of the cluster's shape (workers and jobs by state, job generations, heartbeat ages). Tags
+// never carry secrets.
 using System.Collections.Concurrent;
 using System.Diagnostics.Metrics;
+using DeepSeekCluster.Contracts.Grains;
 
 namespace DeepSeekCluster.Coordinator;
 
@@ -17,6 +19,9 @@ public sealed class CoordinatorMetrics
     /// <summary>The states of <c>deepseek.cluster.workers</c>.</summary>
     public static readonly string[] WorkerStates = ["free", "assigned", "offline"];
 
+    /// <summary>The events of <c>deepseek.cluster.worker_events</c>.</summary>
+    public static readonly string[] WorkerEvents = ["joined", "left", "failed"];
+
     private readonly Counter<long> _authRefusals;
     private readonly Counter<long> _staleRefusals;
     private readonly Counter<long> _formations;
@@ -25,9 +30,11 @@ public sealed class CoordinatorMetrics
     private readonly Counter<long> _jobEvents;
     private readonly Histogram<double> _recovery;
     private readonly Counter<long> _stepsRedone;
+    private readonly Counter<long> _workerEvents;
 
     private readonly ConcurrentDictionary<string, long> _workersByState = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, long> _generations = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, JobState> _jobStates = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, DateTimeOffset> _heartbeats = new(StringComparer.Ordinal);
     private readonly TimeProvider _clock;
 
@@ -49,6 +56,11 @@ public sealed class CoordinatorMetrics
         _recovery = meter.CreateHistogram<double>("deepseek.cluster.recovery", "s",
             "From the cause of a re-formation (a worker left, was lost or hung, or the job grew) to the first completed step of the new generation");
         _stepsRedone = meter.CreateCounter<long>("deepseek.cluster.steps_redone", "{step}", "Steps trained again because a re-formed generation resumed behind the job's highest step");
+        _workerEvents = meter.CreateCounter<long>("deepseek.cluster.worker_events", "{event}",
+            "Workers that joined (came online), left (cleanly) or failed (stream lost or heartbeat timeout)");
+        // Zero series, so the first join or failure is an increase on the dashboard rather than a series appearing at 1.
+        foreach (var e in WorkerEvents) _workerEvents.Add(0, new KeyValuePair<string, object?>("event", e));
+        meter.CreateObservableGauge("deepseek.cluster.jobs", ObserveJobs, "{job}", "Jobs whose grain is active on this silo, by state");
         meter.CreateObservableGauge("deepseek.cluster.workers", ObserveWorkers, "{worker}", "Known workers by state: free, assigned (to a job), offline");
         meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
         meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
@@ -78,7 +90,18 @@ public sealed class CoordinatorMetrics
     /// <summary>Recorded on every resume, 0 included: a resume that redid nothing is the measurement the goal is about.</summary>
     public void StepsRedone(long steps) => _stepsRedone.Add(Math.Max(0, steps));
 
+    /// <summary>A worker came online (joined) or went offline: cleanly (<see cref="LeaveKind.Left"/>) or not (failed).</summary>
+    public void WorkerJoined() => _workerEvents.Add(1, new KeyValuePair<string, object?>("event", "joined"));
+
+    public void WorkerLeft(LeaveKind kind) => _workerEvents.Add(1, new KeyValuePair<string, object?>("event", kind == LeaveKind.Left ? "left" : "failed"));
+
     // ---- Snapshot for the gauges ----
+
+    /// <summary>The job's current state (its grain calls this on activation and on every transition).</summary>
+    public void JobStateChanged(string jobId, JobState state) => _jobStates[jobId] = state;
+
+    /// <summary>The job's grain left this silo: the silo that activates it next reports it.</summary>
+    public void JobDeactivated(string jobId) => _jobStates.TryRemove(jobId, out _);
 
     /// <summary>The registry's counts by state (see <see cref="WorkerStates"/>); null when the registry leaves this silo.</summary>
     public void Workers(IReadOnlyDictionary<string, long>? byState)
@@ -100,6 +123,15 @@ public sealed class CoordinatorMetrics
 
     IEnumerable<Measurement<long>> ObserveWorkers() =>
         _workersByState.Select(kv => new Measurement<long>(kv.Value, new KeyValuePair<string, object?>("state", kv.Key)));
+
+    /// <summary>Every state, zeros included, so a state the cluster has no job in reads 0 rather than nothing.</summary>
+    IEnumerable<Measurement<long>> ObserveJobs()
+    {
+        var counts = _jobStates.Values.GroupBy(s => s).ToDictionary(g => g.Key, g => (long)g.Count());
+        return Enum.GetValues<JobState>().Select(s => new Measurement<long>(counts.GetValueOrDefault(s), new KeyValuePair<string, object?>("state", StateName(s))));
+    }
+
+    static string StateName(JobState state) => state.ToString().ToLowerInvariant();
 
     IEnumerable<Measurement<long>> ObserveGenerations() =>
         _generations.Select(kv => new Measurement<long>(kv.Value, new KeyValuePair<string, object?>("training_job", kv.Key)));

@@ -57,6 +57,9 @@ public sealed class GpuWorkerGrain(
                      && training.Generation == current.Generation && training.Rank == current.Rank;
         var lost = adopt ? null : current;
         if (!adopt) S.Assignment = null;
+        // Online with an assignment it no longer trains: the process failed unseen and this is its successor.
+        if (S.Online && lost is not null) metrics.WorkerLeft(LeaveKind.Lost);
+        if (!S.Online || lost is not null) metrics.WorkerJoined();
         S.Capabilities = capabilities;
         S.Online = true;
         S.Connection++;
@@ -166,6 +169,7 @@ public sealed class GpuWorkerGrain(
         _watch?.Dispose();
         _watch = null;
         metrics.WorkerGone(WorkerId);
+        metrics.WorkerLeft(kind);
         await worker.WriteStateAsync();
         logger.LogWarning("Worker {Worker} went offline: {Reason}", WorkerId, reason);
         await Registry.WorkerOfflineAsync(WorkerId);

@@ -84,6 +84,13 @@ public sealed class TrainingJobGrain(
     public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
         if (S.Spec is not null && !S.State.IsTerminal()) metrics.JobGeneration(JobId, S.Generation);
+        if (S.Spec is not null) metrics.JobStateChanged(JobId, S.State);
+        return Task.CompletedTask;
+    }
+
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        metrics.JobDeactivated(JobId);
         return Task.CompletedTask;
     }
 
@@ -421,6 +428,7 @@ public sealed class TrainingJobGrain(
         S.Events.Add(e);
         if (S.Events.Count > EventsKept) S.Events.RemoveRange(0, S.Events.Count - EventsKept);
         metrics.JobEvent(e.Kind);
+        metrics.JobStateChanged(JobId, S.State); // every transition records an event after setting the state
         logger.LogInformation("Job {Job} [{State}, generation {Generation}] {Kind}: {Message}", JobId, S.State, S.Generation, e.Kind, e.Message);
     }
 

@@ -1,4 +1,5 @@
-// The worker's deepseek_train_* and deepseek_moe_* instruments (docs/metrics.md): recorded after every step.
+// The worker's deepseek_train_*, deepseek_moe_* and deepseek_checkpoint_* instruments (docs/metrics.md): step metrics after
+// every step, the validation loss after each evaluation, checkpoint times and bytes where saves and loads happen.
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
 using DeepSeekCluster.Training.Engine;
@@ -9,11 +10,14 @@ public sealed class TrainingMetrics : IDisposable
 {
     public const string MeterName = "DeepSeekCluster.Training";
 
+    /// <summary>Seconds from a millisecond to a quarter of an hour: step phases and checkpoint times (docs/metrics.md).</summary>
+    static readonly double[] SecondsBuckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000];
+
     readonly Meter meter = new(MeterName);
-    readonly Gauge<double> loss, learningRate, gradNorm, tokensPerSecond, mfu, expertLoad, imbalance;
-    readonly Gauge<long> globalStep;
-    readonly Histogram<double> stepSeconds;
-    readonly Counter<long> steps, tokens;
+    readonly Gauge<double> loss, validationLoss, learningRate, gradNorm, tokensPerSecond, mfu, expertLoad, imbalance;
+    readonly Gauge<long> globalStep, deviceMemory;
+    readonly Histogram<double> stepSeconds, snapshotSeconds, saveSeconds, loadSeconds;
+    readonly Counter<long> steps, tokens, checkpointBytes;
 
     public TrainingMetrics()
     {
@@ -29,6 +33,16 @@ public sealed class TrainingMetrics : IDisposable
         tokens = meter.CreateCounter<long>("deepseek.train.tokens", "{token}");
         expertLoad = meter.CreateGauge<double>("deepseek.moe.expert_load_ratio", "1");
         imbalance = meter.CreateGauge<double>("deepseek.moe.load_imbalance_ratio", "1");
+        validationLoss = meter.CreateGauge<double>("deepseek.train.validation_loss", "{nat}");
+        deviceMemory = meter.CreateGauge<long>("deepseek.train.device_memory", "By");
+        var checkpointBuckets = new InstrumentAdvice<double> { HistogramBucketBoundaries = SecondsBuckets };
+        snapshotSeconds = meter.CreateHistogram<double>("deepseek.checkpoint.snapshot", "s",
+            "Time training waits while a checkpoint's tensors are copied to host memory", tags: null, advice: checkpointBuckets);
+        saveSeconds = meter.CreateHistogram<double>("deepseek.checkpoint.save", "s",
+            "From the end of the host copy to this rank's shard written, uploaded and reported", tags: null, advice: checkpointBuckets);
+        loadSeconds = meter.CreateHistogram<double>("deepseek.checkpoint.load", "s",
+            "From the manifest read to this rank's tensors loaded from a committed checkpoint", tags: null, advice: checkpointBuckets);
+        checkpointBytes = meter.CreateCounter<long>("deepseek.checkpoint.bytes", "By", "Checkpoint bytes this rank moved (direction: save, load)");
     }
 
     /// <summary>Records one step; labels stay low-cardinality (job, worker, layer, expert, phase — never the step).</summary>
@@ -59,6 +73,51 @@ public sealed class TrainingMetrics : IDisposable
             imbalance.Record(mean == 0 ? 1 : load.Max() / mean, new TagList { { "training_job", job }, { "layer", layer.ToString() } });
         }
     }
+
+    /// <summary>The validation cross-entropy of an evaluation (rank 0 evaluates, so only its worker has the series).</summary>
+    public void ValidationLoss(string job, string worker, double nats) => validationLoss.Record(nats, Who(job, worker));
+
+    /// <summary>Bytes of the tensors the training state holds on the device (see <see cref="TrainingStateBytes"/>).</summary>
+    public void DeviceMemory(string job, string worker, long bytes) => deviceMemory.Record(bytes, Who(job, worker));
+
+    /// <summary>
+    /// Zero series for both directions of this run's checkpoint bytes, so a first save or load shows as an increase
+    /// instead of a series that appears at its value (which rate() cannot see).
+    /// </summary>
+    public void CheckpointRunStarted(string job, string worker)
+    {
+        checkpointBytes.Add(0, Who(job, worker, "direction", "save"));
+        checkpointBytes.Add(0, Who(job, worker, "direction", "load"));
+    }
+
+    /// <summary>A save began: training waited <paramref name="stall"/> for the host copy.</summary>
+    public void CheckpointSnapshot(string job, string worker, TimeSpan stall) => snapshotSeconds.Record(stall.TotalSeconds, Who(job, worker));
+
+    /// <summary>A save finished: this rank's shard of <paramref name="bytes"/> was written and uploaded.</summary>
+    public void CheckpointSaved(string job, string worker, TimeSpan duration, long bytes)
+    {
+        saveSeconds.Record(duration.TotalSeconds, Who(job, worker));
+        checkpointBytes.Add(bytes, Who(job, worker, "direction", "save"));
+    }
+
+    /// <summary>A committed checkpoint was loaded: <paramref name="bytes"/> read from the store.</summary>
+    public void CheckpointLoaded(string job, string worker, TimeSpan duration, long bytes)
+    {
+        loadSeconds.Record(duration.TotalSeconds, Who(job, worker));
+        checkpointBytes.Add(bytes, Who(job, worker, "direction", "load"));
+    }
+
+    /// <summary>
+    /// Σ numel × element size over the tensors training keeps resident: the state a checkpoint holds (weights, buffers,
+    /// optimizer moments and master copies) plus one gradient per trainable parameter. Activations and the allocator's
+    /// cache are not included: TorchSharp 0.107 exposes no allocator statistics to measure them.
+    /// </summary>
+    public static long TrainingStateBytes(IEnumerable<TorchSharp.torch.Tensor> state, IEnumerable<TorchSharp.torch.Tensor> parameters) =>
+        state.Sum(t => t.numel() * t.element_size()) + parameters.Where(p => p.requires_grad).Sum(p => p.numel() * p.element_size());
+
+    static TagList Who(string job, string worker) => new() { { "training_job", job }, { "worker", worker } };
+
+    static TagList Who(string job, string worker, string key, string value) => new() { { "training_job", job }, { "worker", worker }, { key, value } };
 
     public void Dispose() => meter.Dispose();
 }

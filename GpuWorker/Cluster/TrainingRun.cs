@@ -125,6 +125,8 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
                                             Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
 
+        metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
+
         // ---- Where to resume: a live replica, the committed checkpoint, or the start ----
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
         var held = ReplicaSync.ExchangeHeldSteps(collective, holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
@@ -152,11 +154,14 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
             if (plan.Source == ResumePlan.Checkpoint)
             {
+                long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
                 var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, plan.Step, state.Model, state.Optimizer, tokenizerReply.TokenizerHash, ct)
                     .GetAwaiter().GetResult();
                 state.Optimizer.StepCount = loaded.OptimizerSteps;
                 state.Step = loaded.Step;
                 stateBytes = state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
+                // A replica reads every file of the checkpoint (each rank's shard).
+                metrics?.CheckpointLoaded(assignment.JobId, settings.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), loaded.Files.Sum(f => f.Size));
                 Log($"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)");
             }
             else state.Step = 0;
@@ -185,6 +190,8 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var saver = new AsyncCheckpointSaver(store, sharding, assignment.Rank, (outcome, token) =>
         {
             if (outcome.File is { } f)
+            {
+                metrics?.CheckpointSaved(assignment.JobId, settings.WorkerId, outcome.Duration, f.Size);
                 send(new WorkerMessage
                 {
                     Checkpoint = new CheckpointReport
@@ -194,6 +201,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                         ManifestJson = manifests.TryRemove(outcome.Step, out var mj) ? mj : "",
                     },
                 });
+            }
             else Log($"checkpoint of step {outcome.Step} failed: {outcome.Error?.Message}");
             return Task.CompletedTask;
         });
@@ -206,11 +214,13 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                     new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
                     config.ToJson(), tokenizerReply.TokenizerHash);
             var request = saver.Save(step, tensors);
+            if (request.Started) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, request.Stall);
             if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
             if (step == options.Steps && !request.Started)
             {
                 saver.WaitAsync().GetAwaiter().GetResult();
-                saver.Save(step, tensors); // the final state must be saved even if the previous save was still running
+                var final = saver.Save(step, tensors); // the final state must be saved even if the previous save was still running
+                if (final.Started) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, final.Stall);
             }
         }
 
@@ -221,6 +231,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // ---- The loop ----
         progress.Generation = assignment.Generation;
         int perReplica = options.GlobalBatch / assignment.DpSize;
+        long? deviceBytes = null;
         while (trainer.Step < options.Steps)
         {
             ct.ThrowIfCancellationRequested();
@@ -230,6 +241,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Interlocked.Exchange(ref lastStepTicks, System.Diagnostics.Stopwatch.GetElapsedTime(stepStart).Ticks);
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
             metrics?.Record(assignment.JobId, settings.WorkerId, m, (long)options.GlobalBatch / assignment.DpSize * options.SeqLen);
+            // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
+            if (metrics is not null)
+                metrics.DeviceMemory(assignment.JobId, settings.WorkerId,
+                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(live.Tensors().Select(kv => kv.Value), model.parameters()));
             send(new WorkerMessage
             {
                 Step = new StepReport
@@ -259,6 +274,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             var validation = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, options.MicroBatch * 4L, ct, "validation")
                 .GetAwaiter().GetResult();
             double val = trainer.EvaluateOn(validation, 4);
+            metrics?.ValidationLoss(assignment.JobId, settings.WorkerId, val);
             Log($"validation loss {val:F4} nats/token, perplexity {Math.Exp(val):F1}");
             var prompt = tokenizer.Encode("In the beginning");
             var sample = TextGenerator.Generate(model, prompt, new SamplingOptions

@@ -39,6 +39,9 @@ public sealed class GrainCluster : IAsyncDisposable
 
     public IGpuWorkerGrain Worker(string id) => Grains.GetGrain<IGpuWorkerGrain>(id);
 
+    /// <summary>The (single) silo's services: its meter factory scopes the Coordinator's instruments to this cluster.</summary>
+    public IServiceProvider SiloServices => _cluster.Silos[0].ServiceProvider;
+
     public async ValueTask DisposeAsync()
     {
         await _cluster.StopAllSilosAsync();

@@ -1,7 +1,9 @@
 // One real cluster for every test of this project: the AppHost (coordinator, data-shards, checkpoints, workers as real
 // processes) runs a small job and stays up after it; Prometheus scrapes every instance from the start. The run is made
 // to produce the events the dashboards and the status page show: checkpoint commits, a worker leaving a running job
-// (a rescale to a new generation that resumes from the last commit), and refused requests without or with a wrong token.
+// (a rescale to a new generation that resumes from the survivor's live state), the survivor leaving too and a new worker
+// joining (a generation that resumes by loading the last committed checkpoint), refused requests without or with a wrong
+// token, and the end-of-run evaluation.
 using System.Diagnostics;
 using System.Net;
 using System.Net.Http.Headers;
@@ -19,7 +21,8 @@ public sealed class ClusterCollection : ICollectionFixture<RunningCluster>
 
 public sealed class RunningCluster : IAsyncLifetime
 {
-    public const int Steps = 24;
+    /// <summary>Enough steps that the job is still running after two re-formations (a step takes well under a second here).</summary>
+    public const int Steps = 40;
     public const int CheckpointInterval = 4;
 
     static readonly string AppHostDll = typeof(RunningCluster).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
@@ -81,12 +84,32 @@ public sealed class RunningCluster : IAsyncLifetime
             if (response.StatusCode != HttpStatusCode.Unauthorized) throw new InvalidOperationException($"POST /jobs with token '{token}' answered {(int)response.StatusCode}, expected 401");
         }
 
-        // The job runs to completion on the remaining worker and its last checkpoint commits.
+        // The survivor resumed from its live state and trained a step (the recovery is over). Then it leaves too: the job
+        // waits with no worker, and the worker that joins next has no state, so its generation loads the committed checkpoint.
+        await Poll.UntilAsync(async () => await JobAsync() is { } j && j["events"]!.AsArray().Any(e => e!["kind"]?.GetValue<string>() == "recovered"),
+            TimeSpan.FromMinutes(3), AppHostState, TimeSpan.FromSeconds(1));
+        if (await JobAsync() is { } running && running["state"]!.GetValue<string>() != "running")
+            throw new InvalidOperationException($"the job should still be running before its last worker leaves; it is {running["state"]} at step {running["step"]} of {Steps}");
+        await appHost.StandardInput.WriteLineAsync("remove");
+        await appHost.StandardInput.FlushAsync();
+        await Poll.UntilAsync(async () => Targets().All(t => t.Service != "gpu-worker") && await JobAsync() is { } j && j["workers"]!.AsArray().Count == 0,
+            TimeSpan.FromMinutes(2), AppHostState);
+        await appHost.StandardInput.WriteLineAsync("add");
+        await appHost.StandardInput.FlushAsync();
+        await Poll.UntilAsync(() => Targets().Count(t => t.Service == "gpu-worker") == 1, TimeSpan.FromMinutes(3), AppHostState);
+        Prometheus.SetTargets(Targets());
+        await Poll.UntilAsync(async () => await JobAsync() is { } j && j["events"]!.AsArray().Any(e => e!["resumeSource"]?.GetValue<string>() == "checkpoint"),
+            TimeSpan.FromMinutes(3), AppHostState, TimeSpan.FromSeconds(1));
+
+        // The job runs to completion on the new worker and its last checkpoint commits.
         await Poll.UntilAsync(async () => await JobAsync() is { } j && j["state"]!.GetValue<string>() == "completed"
                                           && j["committed"]!.AsArray().Any(c => c!["step"]!.GetValue<long>() == Steps), TimeSpan.FromMinutes(10), AppHostState, TimeSpan.FromSeconds(1));
         // Every instance scraped successfully at least once.
         await Poll.UntilAsync(async () => (await Prometheus.TargetsAsync()) is var t && t.Count == Targets().Count && t.All(x => x.Health == "up"),
             TimeSpan.FromMinutes(1), () => "not every target is up:\n" + string.Join("\n", Prometheus.TargetsAsync().Result.Select(t => $"{t.Url} {t.Health} {t.Error}")));
+        // Rank 0 evaluates after the last checkpoint is saved: the run is over when Prometheus has scraped that value.
+        await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("deepseek_train_validation_loss", DateTimeOffset.UtcNow)).Series.Count > 0,
+            TimeSpan.FromMinutes(3), AppHostState, TimeSpan.FromSeconds(1));
     }
 
     /// <summary>The job the AppHost submitted, as GET /jobs/{id} shows it (null before it exists).</summary>
