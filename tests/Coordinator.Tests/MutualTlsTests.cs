@@ -207,8 +207,8 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
             ["Cluster:Token"] = CoordinatorHost.Token,
             ["Coordinator:StateFolder"] = TestSpecs.TempFolder(),
             ["Coordinator:HeartbeatTimeout"] = "00:00:30",
-            ["Orleans:SiloPort"] = RedisServer.FreePort().ToString(),
-            ["Orleans:GatewayPort"] = RedisServer.FreePort().ToString(),
+            ["Orleans:SiloPort"] = FreePort.Next().ToString(),
+            ["Orleans:GatewayPort"] = FreePort.Next().ToString(),
             [ClusterTls.CertificatePathKey] = certificate ?? ServerCertificate,
             [ClusterTls.KeyPathKey] = key ?? ServerKey,
             [ClusterTls.CaPathKey] = ca ?? Ca,
@@ -253,8 +253,8 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
         readonly ConcurrentQueue<string> _logs = new();
 
         public Pki Pki { get; } = Pki.Create();
-        public int GrpcPort { get; } = RedisServer.FreePort();
-        public int HttpPort { get; } = RedisServer.FreePort();
+        public int GrpcPort { get; } = FreePort.Next();
+        public int HttpPort { get; } = FreePort.Next();
         public HttpClient Http { get; private set; } = null!;
         public IReadOnlyCollection<string> Logs => _logs;
 
