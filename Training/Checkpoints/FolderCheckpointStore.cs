@@ -17,6 +17,12 @@ public sealed class FolderCheckpointStore(string root, string job) : ICheckpoint
     readonly Dictionary<string, SafeTensorsFile> open = new(StringComparer.Ordinal);
     readonly Lock gate = new();
 
+    /// <summary>
+    /// Rank files written into this store record a SHA-256 per chunk of this many bytes (null: none), which lets
+    /// <see cref="ReadStepIntoAsync"/> verify one file on several cores; 32 MiB by default.
+    /// </summary>
+    public long? HashChunkBytes { get; init; } = ManifestFile.DefaultChunkBytes;
+
     public string LocalPath(long step, int rank) => Path.Combine(StepFolder(step), ShardingPlan.FileOf(rank));
 
     public Task<ManifestFile> PublishAsync(long step, int rank, ManifestFile written, CancellationToken ct = default) => Task.FromResult(written);

@@ -95,7 +95,7 @@ public static class ShardedCheckpointWriter
     /// <summary>Writes <paramref name="snapshot"/> as the rank's file at the sink's local path and publishes it.</summary>
     public static async Task<ManifestFile> WriteRankAsync(ICheckpointSink sink, HostSnapshot snapshot, CancellationToken ct = default)
     {
-        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices), ct);
+        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices, sink.HashChunkBytes), ct);
         return await sink.PublishAsync(snapshot.Step, snapshot.Rank, written, ct);
     }
 
@@ -110,7 +110,7 @@ public static class ShardedCheckpointWriter
         var views = plan.WritesOf(rank)
             .Select(s => { var t = Lookup(tensors, s.Name); return new KeyValuePair<string, Tensor>(s.Name, t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount)); })
             .ToList();
-        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views);
+        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes);
         return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
     }
 
