@@ -1,4 +1,4 @@
-// Reads a committed step's files straight into live CPU tensors: one sequential pass per file, hashed on the way in.
+// Reads a committed step's files straight into live CPU tensors: one pass per file, hashed on the way in (by chunk, in parallel, where the manifest allows).
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Security.Cryptography;
@@ -15,9 +15,10 @@ public interface ICheckpointDirectSource : ICheckpointSource
     /// <summary>
     /// Reads every file of the committed <paramref name="manifest"/> once, front to back, writing each stored slice
     /// into its rows of <paramref name="destinations"/> (whole tensors by checkpoint name: contiguous, on the CPU, of the
-    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256
-    /// is checked against the manifest while it streams. Header or size problems are found before any destination is
-    /// written; a hash mismatch is found after, and the error says the destinations hold a partial load.
+    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256s
+    /// (its chunks' where the manifest has them, verified on several threads; else the whole file's) are checked
+    /// against the manifest while it streams. Header or size problems are found before any destination is written; a
+    /// hash mismatch is found after, and the error says the destinations hold a partial load.
     /// </summary>
     Task ReadStepIntoAsync(CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, CancellationToken ct = default);
 }

@@ -8,8 +8,8 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// Ranks write straight into the step folder (nothing to publish); <see cref="CommitAsync"/> checks each listed file's
 /// size and writes manifest.json through a temporary file and a rename, so a step folder without a manifest is an
 /// unfinished save that readers ignore. The writers' SHA-256s are recorded, not recomputed: on a shared file system
-/// the bytes never travelled. A replica load (<see cref="ReadStepIntoAsync"/>) checks them while it reads anyway, and
-/// <see cref="VerifyAsync"/> rehashes on demand.
+/// the bytes never travelled. A replica load (<see cref="ReadStepIntoAsync"/>) checks them while it reads anyway (the
+/// chunk hashes where present), and <see cref="VerifyAsync"/> rehashes whole files on demand.
 /// </summary>
 public sealed class FolderCheckpointStore(string root, string job) : ICheckpointSink, ICheckpointDirectSource, IDisposable
 {
