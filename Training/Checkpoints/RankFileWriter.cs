@@ -52,8 +52,17 @@ internal static class RankFileWriter
                     if (chunks is null) { Put(bytes); return; }
                     var (address, length) = NativeSpan.Of(bytes);
                     var side = Task.Run(() => chunks.Append(NativeSpan.At(address, length)));
-                    hash.AppendData(bytes);
-                    stream.Write(bytes);
+                    try
+                    {
+                        hash.AppendData(bytes);
+                        stream.Write(bytes);
+                    }
+                    catch
+                    {
+                        // The side task reads the bytes: it must be done before the caller frees a temporary copy.
+                        try { side.Wait(); } catch (AggregateException) { }
+                        throw;
+                    }
                     side.GetAwaiter().GetResult();
                 }
                 Span<byte> prefix = stackalloc byte[8];

@@ -48,35 +48,42 @@ public static class CheckpointBench
         long step = 0;
         // Chunk hashes (the folder store's default) let one file verify on every core; "whole-file hash" is what a
         // manifest without them (older, or from the gRPC store) costs.
-        foreach (var (d, p, chunked) in new[] { (1, 1, true), (1, 1, false), (dp, pp, true) })
-        {
-            var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
-            double bestSave = double.MaxValue, bestLoad = double.MaxValue, bestWarm = double.MaxValue, bestRatio = 0, diskBeside = 0, bestSaveRatio = 0, writeBeside = 0;
-            for (int i = 0; i < repeats; i++)
+        // The variants take turns within each repeat, so a change in the machine's load hits them alike.
+        var variants = new[] { (D: 1, P: 1, Chunked: true), (D: 1, P: 1, Chunked: false), (D: dp, P: pp, Chunked: true), (D: dp, P: pp, Chunked: false) };
+        var best = variants.Select(_ => new Best()).ToArray();
+        for (int i = 0; i < repeats; i++)
+            for (int v = 0; v < variants.Length; v++)
             {
+                var (d, p, chunked) = variants[v];
+                var b = best[v];
                 step++;
+                var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
                 using var store = new FolderCheckpointStore(dir, "bench") { HashChunkBytes = chunked ? ManifestFile.DefaultChunkBytes : null };
                 double written = WriteSpeed(probe, diskMb);
                 var sw = Stopwatch.StartNew();
                 ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
                     .GetAwaiter().GetResult();
                 double save = sw.Elapsed.TotalSeconds;
-                bestSave = Math.Min(bestSave, save);
-                if (mb / save / written > bestSaveRatio) (bestSaveRatio, writeBeside) = (mb / save / written, written);
+                b.Save = Math.Min(b.Save, save);
+                if (mb / save / written > b.SaveRatio) (b.SaveRatio, b.WriteBeside) = (mb / save / written, written);
                 double read = ReadSpeed(probe, canDrop);
                 if (canDrop) DropPageCache();
                 sw.Restart();
                 ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
                 double load = sw.Elapsed.TotalSeconds;
-                bestLoad = Math.Min(bestLoad, load);
-                if (mb / load / read > bestRatio) (bestRatio, diskBeside) = (mb / load / read, read);
+                b.Load = Math.Min(b.Load, load);
+                if (mb / load / read > b.LoadRatio) (b.LoadRatio, b.ReadBeside) = (mb / load / read, read);
                 sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
                 ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
-                bestWarm = Math.Min(bestWarm, sw.Elapsed.TotalSeconds);
+                b.Warm = Math.Min(b.Warm, sw.Elapsed.TotalSeconds);
                 Directory.Delete(store.StepFolder(step), true);
             }
-            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files{(chunked ? ", 32 MiB chunk hashes" : ", whole-file hash")}) | {mb / bestSave:F0} | {writeBeside:F0} | {100 * bestSaveRatio:F0}% | {mb / bestLoad:F0} | {diskBeside:F0} | {100 * bestRatio:F0}% | {mb / bestWarm:F0} | {bestSave:F2} | {bestLoad:F2} |");
+        for (int v = 0; v < variants.Length; v++)
+        {
+            var ((d, p, chunked), b) = (variants[v], best[v]);
+            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files{(chunked ? ", 32 MiB chunk hashes" : ", whole-file hash")}) | {mb / b.Save:F0} | {b.WriteBeside:F0} | {100 * b.SaveRatio:F0}% | {mb / b.Load:F0} | {b.ReadBeside:F0} | {100 * b.LoadRatio:F0}% | {mb / b.Warm:F0} | {b.Save:F2} | {b.Load:F2} |");
         }
+        Console.WriteLine($"load average after the saves and loads: {LoadAverage()}");
         Console.WriteLine();
 
         // ---- Step stall: time the training thread spends in an async save vs in a blocking one (one rank, dp 1 x pp 1) ----
@@ -112,6 +119,12 @@ public static class CheckpointBench
         Console.WriteLine();
         Console.WriteLine($"load average at the end: {LoadAverage()}");
         Directory.Delete(dir, true);
+    }
+
+    /// <summary>The best of the repeats of one variant: shortest times, and the best ratio to the disk with the disk's speed beside it.</summary>
+    sealed class Best
+    {
+        public double Save = double.MaxValue, Load = double.MaxValue, Warm = double.MaxValue, SaveRatio, WriteBeside, LoadRatio, ReadBeside;
     }
 
     /// <summary>Writes then reads one file of <paramref name="mb"/> MB in 64 MiB blocks; returns MB/s. The write includes the fsync.</summary>
