@@ -17,12 +17,15 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// At most one save in flight per rank. A request that arrives while one runs is skipped, not queued: waiting would
 /// stall training for the whole write (the thing this class exists to avoid), and a queue would hold a second host
 /// copy of the state; the next checkpoint interval saves again. Failures never throw into training: they come back
-/// once, in the next <see cref="Save"/>'s result and in <see cref="WaitAsync"/>.
+/// once, in the next <see cref="Save"/>'s result and in <see cref="WaitAsync"/>. The host copies are kept from one save to
+/// the next and refilled in place: allocating and faulting in the rank's whole state every interval was most of the
+/// stall. They are touched only when no write is in flight (a skipped request never reaches them), and freed with the saver.
 /// </summary>
 public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan, int rank,
     Func<SaveOutcome, CancellationToken, Task>? onFinished = null) : IAsyncDisposable
 {
     Task<SaveOutcome>? inFlight;
+    HostSnapshot? buffers; // the last save's host copies; the background write reads them until inFlight completes
     Exception? unreported;
     readonly CancellationTokenSource stopping = new();
 
@@ -47,12 +50,15 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             return new SaveRequest(step, false, sw.Elapsed, failure);
         }
         HostSnapshot snapshot;
-        try { snapshot = ShardedCheckpointWriter.CopyToHost(plan, rank, step, tensors); }
+        var previous = buffers;
+        buffers = null; // CopyToHost owns them now: it refills them or, failing, disposes them
+        try { snapshot = ShardedCheckpointWriter.CopyToHost(plan, rank, step, tensors, reuse: previous); }
         catch (Exception e) // out of host memory, a tensor missing: the run goes on without this checkpoint
         {
             Failed++;
             return new SaveRequest(step, false, sw.Elapsed, failure ?? e);
         }
+        buffers = snapshot;
         inFlight = Task.Run(() => WriteAsync(snapshot));
         Started++;
         LastStall = sw.Elapsed;
@@ -74,8 +80,8 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         {
             outcome = new SaveOutcome(snapshot.Step, null, e, sw.Elapsed);
         }
-        finally { snapshot.Dispose(); }
-        return outcome;
+        return outcome; // the snapshot stays: the next save refills it
+
     }
 
     /// <summary>Takes the finished save's outcome, keeping its error for the next report.</summary>
@@ -97,9 +103,14 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         return failure;
     }
 
+    /// <summary>The host copies the next save will refill (tests check they are reused); empty before the first save.</summary>
+    public IReadOnlyList<KeyValuePair<string, Tensor>> HostBuffers => buffers?.Slices ?? [];
+
     public async ValueTask DisposeAsync()
     {
         await WaitAsync();
+        buffers?.Dispose();
+        buffers = null;
         stopping.Dispose();
     }
 }

@@ -20,11 +20,44 @@ public sealed record ManifestTensor(
     [JsonIgnore] public long Rows => Shape.Length == 0 ? 1 : Shape[0];
 }
 
-/// <summary>A file of the checkpoint with the size and lower-case hex SHA-256 its writer reported.</summary>
+/// <summary>
+/// A file of the checkpoint with the size and lower-case hex SHA-256 its writer reported. Optionally also the SHA-256 of
+/// each <see cref="ChunkBytes"/>-byte range of the file (the last one shorter), so a reader can verify the ranges on
+/// several cores at once: one file's SHA-256 cannot be split, and one core's hashing would cap a one-file load. Both
+/// are absent in manifests written before they existed and in those whose files came through the cluster's gRPC
+/// store; a reader then checks <see cref="Sha256"/>.
+/// </summary>
 public sealed record ManifestFile(
     [property: JsonPropertyName("name")] string Name,
     [property: JsonPropertyName("size")] long Size,
-    [property: JsonPropertyName("sha256")] string Sha256);
+    [property: JsonPropertyName("sha256")] string Sha256)
+{
+    /// <summary>
+    /// A chunk the size a reader hashes while the next one is read, small enough that a one-file checkpoint of a
+    /// small model spreads over a GPU machine's cores (925 MB: 28 chunks), large enough that the list stays short.
+    /// </summary>
+    public const long DefaultChunkBytes = 32L << 20;
+
+    [JsonPropertyName("chunk_bytes")] public long? ChunkBytes { get; init; }
+    [JsonPropertyName("chunk_sha256")] public IReadOnlyList<string>? ChunkSha256 { get; init; }
+
+    /// <summary>Ranges [i·ChunkBytes, min((i+1)·ChunkBytes, Size)) of a file of <paramref name="size"/> bytes.</summary>
+    public static long ChunkCount(long size, long chunkBytes) => (size + chunkBytes - 1) / chunkBytes;
+
+    /// <summary>The chunk hashes, if present, are complete: one well-formed hash per range, ranges covering the whole file.</summary>
+    internal void Validate(string source)
+    {
+        if (ChunkBytes is null && ChunkSha256 is null) return;
+        if (ChunkBytes is not { } bytes || bytes < 1 || ChunkSha256 is not { } hashes)
+            throw new InvalidDataException($"{source}: file '{Name}' needs both chunk_bytes (at least 1) and chunk_sha256, or neither; it has chunk_bytes {ChunkBytes?.ToString() ?? "(none)"} and {ChunkSha256?.Count.ToString() ?? "no"} chunk hashes");
+        long expected = ChunkCount(Size, bytes);
+        if (hashes.Count != expected)
+            throw new InvalidDataException($"{source}: file '{Name}' of {Size} bytes in chunks of {bytes} needs {expected} chunk hashes; the manifest lists {hashes.Count}");
+        for (int i = 0; i < hashes.Count; i++)
+            if (hashes[i] is not { Length: 64 } h || !h.All(char.IsAsciiHexDigitLower))
+                throw new InvalidDataException($"{source}: chunk {i} of file '{Name}' has hash '{hashes[i]}'; expected 64 lower-case hex digits");
+    }
+}
 
 /// <summary>Where training stood when the checkpoint was taken.</summary>
 public sealed record CheckpointPosition(long Step, long Generation, long ConsumedSamples, long OptimizerSteps);
@@ -90,6 +123,7 @@ public sealed record CheckpointManifest
         if (Format != CurrentFormat) throw new InvalidDataException($"{source}: manifest format '{Format}', expected '{CurrentFormat}'");
         Layout.Validated();
         var files = Files.Select(f => f.Name).ToHashSet(StringComparer.Ordinal);
+        foreach (var f in Files) f.Validate(source);
         foreach (var (name, t) in Tensors)
         {
             long next = 0;

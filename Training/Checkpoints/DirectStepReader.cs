@@ -1,4 +1,4 @@
-// Reads a committed step's files straight into live CPU tensors: one sequential pass per file, hashed on the way in.
+// Reads a committed step's files straight into live CPU tensors: one pass per file, hashed on the way in (by chunk, in parallel, where the manifest allows).
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Security.Cryptography;
@@ -15,9 +15,10 @@ public interface ICheckpointDirectSource : ICheckpointSource
     /// <summary>
     /// Reads every file of the committed <paramref name="manifest"/> once, front to back, writing each stored slice
     /// into its rows of <paramref name="destinations"/> (whole tensors by checkpoint name: contiguous, on the CPU, of the
-    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256
-    /// is checked against the manifest while it streams. Header or size problems are found before any destination is
-    /// written; a hash mismatch is found after, and the error says the destinations hold a partial load.
+    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256s
+    /// (its chunks' where the manifest has them, verified on several threads; else the whole file's) are checked
+    /// against the manifest while it streams. Header or size problems are found before any destination is written; a
+    /// hash mismatch is found after, and the error says the destinations hold a partial load.
     /// </summary>
     Task ReadStepIntoAsync(CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, CancellationToken ct = default);
 }
@@ -28,7 +29,10 @@ internal static class DirectStepReader
     const int ChunkBytes = 8 << 20;
 
     /// <summary>Where one stored tensor's bytes go: a destination byte range, or nowhere (hash only).</summary>
-    sealed record Region(string Name, long FileOffset, long Length, Tensor? Destination, long DestinationByteOffset);
+    sealed record Region(string Name, long FileOffset, long Length, Tensor? Destination, long DestinationByteOffset)
+    {
+        public long End => FileOffset + Length;
+    }
 
     sealed record FilePlan(string Path, ManifestFile File, byte[] Prefix, List<Region> Regions);
 
@@ -39,7 +43,13 @@ internal static class DirectStepReader
         // Everything that can be checked without the tensor bytes is checked for every file before any destination is written.
         var plans = manifest.Files.Select(f => Plan(stepFolder, f, manifest, destinations, label)).ToList();
         var options = new ParallelOptions { CancellationToken = ct, MaxDegreeOfParallelism = Math.Clamp(Environment.ProcessorCount, 2, 8) };
-        await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() => Stream(plan, label, token), token)));
+        // Files with chunk hashes spread over the cores the concurrent files leave (at least two: one reads while one hashes).
+        int workersPerFile = Math.Max(2, Environment.ProcessorCount / Math.Min(plans.Count, options.MaxDegreeOfParallelism));
+        await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() =>
+        {
+            if (plan.File.ChunkSha256 is null) Stream(plan, label, token);
+            else StreamChunks(plan, label, workersPerFile, token);
+        }, token)));
     }
 
     static FilePlan Plan(string stepFolder, ManifestFile file, CheckpointManifest manifest, IReadOnlyDictionary<string, Tensor> destinations, string label)
@@ -132,6 +142,96 @@ internal static class DirectStepReader
         if (actual != plan.File.Sha256)
             throw new InvalidDataException($"{label}: {plan.Path} hashes to {actual}, the manifest says {plan.File.Sha256}; " +
                 "the file is damaged and the model and optimizer now hold a partial load — do not train on them");
+    }
+
+    /// <summary>
+    /// The file's chunks (<see cref="ManifestFile.ChunkSha256"/>) are read and verified by up to <paramref name="workers"/>
+    /// threads at once, each reading its chunk front to back in 8 MiB reads straight into the destinations and hashing
+    /// each read while it is still in the cache. A mismatch names the file and the chunk's byte range.
+    /// </summary>
+    static void StreamChunks(FilePlan plan, string label, int workers, CancellationToken ct)
+    {
+        long chunkBytes = plan.File.ChunkBytes!.Value;
+        var hashes = plan.File.ChunkSha256!;
+        var segments = Segments(plan);
+        using var handle = File.OpenHandle(plan.Path, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.SequentialScan);
+        int next = -1;
+        var failures = new ConcurrentQueue<Exception>();
+        void Worker()
+        {
+            byte[]? scratch = null;
+            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            for (int k; failures.IsEmpty && (k = Interlocked.Increment(ref next)) < hashes.Count;)
+            {
+                try
+                {
+                    long start = k * chunkBytes, end = Math.Min(start + chunkBytes, plan.File.Size);
+                    ReadChunk(handle, plan, segments, start, end, hash, ref scratch, ct);
+                    string actual = Convert.ToHexStringLower(hash.GetHashAndReset());
+                    if (actual != hashes[k])
+                        throw new InvalidDataException($"{label}: bytes [{start}, {end}) of {plan.Path} (chunk {k} of {hashes.Count}) hash to {actual}, the manifest says {hashes[k]}; " +
+                            "the file is damaged and the model and optimizer now hold a partial load — do not train on them");
+                }
+                catch (Exception e) { failures.Enqueue(e); }
+            }
+        }
+        var threads = Enumerable.Range(1, Math.Max(0, Math.Min(workers, hashes.Count) - 1))
+            .Select(_ => Task.Factory.StartNew(Worker, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToList();
+        Worker(); // this thread is one of the workers
+        Task.WaitAll(threads);
+        if (failures.TryDequeue(out var first)) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(first);
+    }
+
+    /// <summary>The file after its header as consecutive regions: the tensors, and any gap between them as hash-only bytes.</summary>
+    static List<Region> Segments(FilePlan plan)
+    {
+        var segments = new List<Region>();
+        long position = plan.Prefix.Length;
+        foreach (var r in plan.Regions)
+        {
+            if (r.FileOffset != position) segments.Add(new Region("(gap)", position, r.FileOffset - position, null, 0));
+            segments.Add(r);
+            position = r.End;
+        }
+        if (position != plan.File.Size) segments.Add(new Region("(tail)", position, plan.File.Size - position, null, 0));
+        return segments;
+    }
+
+    /// <summary>Reads bytes [start, end) of the file into their destinations (the header from memory), hashing them in order.</summary>
+    static void ReadChunk(SafeFileHandle handle, FilePlan plan, List<Region> segments, long start, long end, IncrementalHash hash,
+        ref byte[]? scratch, CancellationToken ct)
+    {
+        if (start < plan.Prefix.Length) hash.AppendData(plan.Prefix.AsSpan((int)start, (int)(Math.Min(end, plan.Prefix.Length) - start)));
+        foreach (var r in segments)
+        {
+            if (r.End <= start || r.FileOffset >= end) continue;
+            for (long at = Math.Max(start, r.FileOffset), until = Math.Min(end, r.End); at < until;)
+            {
+                ct.ThrowIfCancellationRequested();
+                int n = (int)Math.Min(ChunkBytes, until - at);
+                var target = r.Destination is null ? (scratch ??= new byte[ChunkBytes]).AsSpan(0, n) : DestinationBytes(r, at - r.FileOffset, n);
+                FillExactly(handle, plan.Path, target, at);
+                hash.AppendData(target);
+                at += n;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Bytes [offset, offset + length) of a region's destination, at any byte (a chunk may end inside an element): a view
+    /// of the elements that hold them, narrowed to the bytes. The view's span outlives the view: the storage is the live
+    /// tensor's, which the caller keeps.
+    /// </summary>
+    static Span<byte> DestinationBytes(Region r, long offset, int length)
+    {
+        long element = r.Destination!.ElementSize, from = r.DestinationByteOffset + offset;
+        if (r.DestinationByteOffset % element != 0 || r.Length % element != 0)
+            throw new InvalidDataException($"tensor '{r.Name}' is {r.Length} bytes, not whole {element}-byte elements");
+        long first = from / element, last = (from + length + element - 1) / element;
+        using var flat = r.Destination.view(-1);
+        using var view = flat.narrow(0, first, last - first);
+        var (address, _) = NativeSpan.Of(view.bytes);
+        return NativeSpan.At(address + (nint)(from - first * element), length);
     }
 
     static void ReadInto(SafeFileHandle handle, string path, Region r, BlockingCollection<Chunk> chunks, CancellationToken ct)

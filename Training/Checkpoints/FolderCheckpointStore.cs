@@ -8,14 +8,20 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// Ranks write straight into the step folder (nothing to publish); <see cref="CommitAsync"/> checks each listed file's
 /// size and writes manifest.json through a temporary file and a rename, so a step folder without a manifest is an
 /// unfinished save that readers ignore. The writers' SHA-256s are recorded, not recomputed: on a shared file system
-/// the bytes never travelled. A replica load (<see cref="ReadStepIntoAsync"/>) checks them while it reads anyway, and
-/// <see cref="VerifyAsync"/> rehashes on demand.
+/// the bytes never travelled. A replica load (<see cref="ReadStepIntoAsync"/>) checks them while it reads anyway (the
+/// chunk hashes where present), and <see cref="VerifyAsync"/> rehashes whole files on demand.
 /// </summary>
 public sealed class FolderCheckpointStore(string root, string job) : ICheckpointSink, ICheckpointDirectSource, IDisposable
 {
     public string StepFolder(long step) => Path.Combine(root, job, $"{step:D8}");
     readonly Dictionary<string, SafeTensorsFile> open = new(StringComparer.Ordinal);
     readonly Lock gate = new();
+
+    /// <summary>
+    /// Rank files written into this store record a SHA-256 per chunk of this many bytes (null: none), which lets
+    /// <see cref="ReadStepIntoAsync"/> verify one file on several cores; 32 MiB by default.
+    /// </summary>
+    public long? HashChunkBytes { get; init; } = ManifestFile.DefaultChunkBytes;
 
     public string LocalPath(long step, int rank) => Path.Combine(StepFolder(step), ShardingPlan.FileOf(rank));
 

@@ -16,6 +16,11 @@ public interface ICheckpointSink
     Task<ManifestFile> PublishAsync(long step, int rank, ManifestFile written, CancellationToken ct = default);
     /// <summary>Checks the manifest's files are stored as reported and writes the manifest; the step exists from then on.</summary>
     Task CommitAsync(CheckpointManifest manifest, CancellationToken ct = default);
+    /// <summary>
+    /// Bytes per chunk hash a writer records beside each file's SHA-256 (<see cref="ManifestFile.ChunkSha256"/>), or null
+    /// for none. Only a store that keeps them in its manifest and verifies by chunk is worth the save's extra hashing.
+    /// </summary>
+    long? HashChunkBytes => null;
 }
 
 /// <summary>Committed checkpoints, read by manifest, tensor and row range.</summary>

@@ -1,5 +1,7 @@
 // Writes one rank's safetensors file and hashes its bytes on the way out, so the SHA-256 costs no second read.
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using DeepSeekCluster.Training.IO;
 using TorchSharp;
@@ -9,12 +11,14 @@ namespace DeepSeekCluster.Training.Checkpoints;
 
 /// <summary>
 /// The same bytes <see cref="SafeTensors.Save"/> would write for these tensors (same header, same order), written to a
-/// temporary file, fsynced and renamed into place; returns the file's size and SHA-256.
+/// temporary file, fsynced and renamed into place; returns the file's size and SHA-256, and with
+/// <paramref name="chunkBytes"/> the SHA-256 of each chunk of the file too (see <see cref="ManifestFile.ChunkSha256"/>).
 /// </summary>
 internal static class RankFileWriter
 {
-    public static ManifestFile Write(string path, IReadOnlyList<KeyValuePair<string, Tensor>> tensors)
+    public static ManifestFile Write(string path, IReadOnlyList<KeyValuePair<string, Tensor>> tensors, long? chunkBytes = null)
     {
+        if (chunkBytes < 1) throw new ArgumentOutOfRangeException(nameof(chunkBytes), $"chunk hashes need chunks of at least 1 byte, not {chunkBytes}");
         SafeTensors.EnsureLittleEndian();
         string full = Path.GetFullPath(path);
         Directory.CreateDirectory(Path.GetDirectoryName(full)!);
@@ -34,12 +38,33 @@ internal static class RankFileWriter
         byte[] header = SafeTensors.EncodeHeader(plan, new Dictionary<string, string> { ["format"] = "pt" });
 
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        using var chunks = chunkBytes is { } c ? new ChunkHasher(c) : null;
         try
         {
             long size;
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 0))
             {
-                void Put(ReadOnlySpan<byte> bytes) { hash.AppendData(bytes); stream.Write(bytes); }
+                void Put(ReadOnlySpan<byte> bytes) { hash.AppendData(bytes); chunks?.Append(bytes); stream.Write(bytes); }
+                // Tensor data, up to 64 MiB at a time: the chunk hashes are computed on a second core while this thread
+                // hashes the whole file and writes, so they add no time to a save where a core is free.
+                void PutTensorBytes(Span<byte> bytes)
+                {
+                    if (chunks is null) { Put(bytes); return; }
+                    var (address, length) = NativeSpan.Of(bytes);
+                    var side = Task.Run(() => chunks.Append(NativeSpan.At(address, length)));
+                    try
+                    {
+                        hash.AppendData(bytes);
+                        stream.Write(bytes);
+                    }
+                    catch
+                    {
+                        // The side task reads the bytes: it must be done before the caller frees a temporary copy.
+                        try { side.Wait(); } catch (AggregateException) { }
+                        throw;
+                    }
+                    side.GetAwaiter().GetResult();
+                }
                 Span<byte> prefix = stackalloc byte[8];
                 BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
                 Put(prefix);
@@ -50,7 +75,7 @@ internal static class RankFileWriter
                     {
                         var source = entry.Tensor;
                         using var copy = source.device_type != DeviceType.CPU || !source.is_contiguous() ? source.cpu().contiguous() : null;
-                        TensorBytes.ForEachChunk(copy ?? source, chunk => Put(chunk));
+                        TensorBytes.ForEachChunk(copy ?? source, PutTensorBytes);
                     }
                 }
                 size = stream.Position;
@@ -59,7 +84,11 @@ internal static class RankFileWriter
                 stream.Flush(flushToDisk: true);
             }
             File.Move(temp, full, overwrite: true);
-            return new ManifestFile(Path.GetFileName(full), size, Convert.ToHexStringLower(hash.GetHashAndReset()));
+            return new ManifestFile(Path.GetFileName(full), size, Convert.ToHexStringLower(hash.GetHashAndReset()))
+            {
+                ChunkBytes = chunkBytes,
+                ChunkSha256 = chunks?.Finish(),
+            };
         }
         catch
         {
@@ -67,4 +96,47 @@ internal static class RankFileWriter
             throw;
         }
     }
+}
+
+/// <summary>SHA-256 of consecutive <c>chunkBytes</c>-byte ranges of a byte stream appended in order, the last range shorter.</summary>
+internal sealed class ChunkHasher(long chunkBytes) : IDisposable
+{
+    readonly IncrementalHash current = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+    readonly List<string> done = [];
+    long filled;
+
+    public void Append(ReadOnlySpan<byte> bytes)
+    {
+        while (!bytes.IsEmpty)
+        {
+            int n = (int)Math.Min(bytes.Length, chunkBytes - filled);
+            current.AppendData(bytes[..n]);
+            bytes = bytes[n..];
+            if ((filled += n) == chunkBytes) Close();
+        }
+    }
+
+    public IReadOnlyList<string> Finish()
+    {
+        if (filled > 0) Close();
+        return done;
+    }
+
+    void Close()
+    {
+        done.Add(Convert.ToHexStringLower(current.GetHashAndReset()));
+        filled = 0;
+    }
+
+    public void Dispose() => current.Dispose();
+}
+
+/// <summary>
+/// Spans over native (tensor) memory carried across threads as an address: the memory is not the GC's, so it does not
+/// move, and the owner keeps the tensor alive until every user is done.
+/// </summary>
+internal static unsafe class NativeSpan
+{
+    public static (nint Address, int Length) Of(Span<byte> bytes) => ((nint)Unsafe.AsPointer(ref MemoryMarshal.GetReference(bytes)), bytes.Length);
+    public static Span<byte> At(nint address, int length) => new((void*)address, length);
 }

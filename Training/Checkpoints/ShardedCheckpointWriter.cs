@@ -1,4 +1,5 @@
 // Writes a rank's share of a checkpoint (its row slices of model, routing-bias and optimizer tensors) and builds the manifest.
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -13,6 +14,14 @@ public sealed class HostSnapshot(long step, int rank, List<KeyValuePair<string, 
     public IReadOnlyList<KeyValuePair<string, Tensor>> Slices => slices;
     public long Bytes => slices.Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
 
+    /// <summary>Hands the copies to the next snapshot, which refills them; this one is empty afterwards.</summary>
+    internal List<KeyValuePair<string, Tensor>> TakeSlices()
+    {
+        var taken = new List<KeyValuePair<string, Tensor>>(slices);
+        slices.Clear();
+        return taken;
+    }
+
     public void Dispose()
     {
         foreach (var kv in slices) kv.Value.Dispose();
@@ -23,11 +32,16 @@ public sealed class HostSnapshot(long step, int rank, List<KeyValuePair<string, 
 public static class ShardedCheckpointWriter
 {
     /// <summary>
-    /// Copies the rows <paramref name="rank"/> writes (per <paramref name="plan"/>) to new CPU tensors that belong to no
-    /// dispose scope, so they survive the training step's scope and can be written on another thread.
+    /// Copies the rows <paramref name="rank"/> writes (per <paramref name="plan"/>) to CPU tensors that belong to no
+    /// dispose scope, so they survive the training step's scope and can be written on another thread. With
+    /// <paramref name="reuse"/> (the previous snapshot, whose write has finished) its tensors of the same name, shape
+    /// and dtype are refilled in place, so a periodic save allocates and faults in its host memory once; the others are
+    /// disposed and replaced. The result owns every tensor, <paramref name="reuse"/> none; on failure all are disposed.
+    /// Copies of GPU tensors go to pinned memory where the runtime grants it (a faster device-to-host copy).
     /// </summary>
-    public static HostSnapshot CopyToHost(ShardingPlan plan, int rank, long step, IReadOnlyDictionary<string, Tensor> tensors)
+    public static HostSnapshot CopyToHost(ShardingPlan plan, int rank, long step, IReadOnlyDictionary<string, Tensor> tensors, HostSnapshot? reuse = null)
     {
+        var previous = (reuse?.TakeSlices() ?? []).ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
         var copies = new List<KeyValuePair<string, Tensor>>();
         try
         {
@@ -36,8 +50,13 @@ public static class ShardedCheckpointWriter
             {
                 var t = Lookup(tensors, s.Name);
                 using var view = t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount);
-                var copy = t.device_type == DeviceType.CPU ? view.clone() : view.cpu();
-                copies.Add(new(s.Name, copy.DetachFromDisposeScope()));
+                if (!previous.Remove(s.Name, out var buffer) || buffer.dtype != view.dtype || !buffer.shape.SequenceEqual(view.shape))
+                {
+                    buffer?.Dispose();
+                    buffer = NewHostBuffer(view);
+                }
+                copies.Add(new(s.Name, buffer));
+                buffer.copy_(view);
             }
             return new HostSnapshot(step, rank, copies);
         }
@@ -46,12 +65,37 @@ public static class ShardedCheckpointWriter
             foreach (var kv in copies) kv.Value.Dispose();
             throw;
         }
+        finally
+        {
+            foreach (var unused in previous.Values) unused.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// An uninitialised contiguous CPU tensor shaped like <paramref name="like"/>, outside any dispose scope; pinned when
+    /// <paramref name="like"/> is on a GPU. Pinning is page-locking host memory, which the OS may refuse (a locked-memory
+    /// limit): then the copy goes through pageable memory, only slower.
+    /// </summary>
+    static Tensor NewHostBuffer(Tensor like)
+    {
+        var buffer = empty(like.shape, like.dtype, CPU).DetachFromDisposeScope();
+        if (like.device_type != DeviceType.CUDA) return buffer;
+        try
+        {
+            var pinned = buffer.pin_memory().DetachFromDisposeScope();
+            buffer.Dispose();
+            return pinned;
+        }
+        catch (Exception e) when (e is ExternalException or InvalidOperationException)
+        {
+            return buffer;
+        }
     }
 
     /// <summary>Writes <paramref name="snapshot"/> as the rank's file at the sink's local path and publishes it.</summary>
     public static async Task<ManifestFile> WriteRankAsync(ICheckpointSink sink, HostSnapshot snapshot, CancellationToken ct = default)
     {
-        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices), ct);
+        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices, sink.HashChunkBytes), ct);
         return await sink.PublishAsync(snapshot.Step, snapshot.Rank, written, ct);
     }
 
@@ -66,7 +110,7 @@ public static class ShardedCheckpointWriter
         var views = plan.WritesOf(rank)
             .Select(s => { var t = Lookup(tensors, s.Name); return new KeyValuePair<string, Tensor>(s.Name, t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount)); })
             .ToList();
-        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views);
+        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes);
         return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
     }
 

@@ -1,4 +1,6 @@
 // The background save keeps the state of its step, runs one at a time, and reports failures without throwing into training.
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;
 using static TorchSharp.torch;
 
@@ -11,7 +13,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
     /// <summary>A folder sink whose publish step waits for the test, or fails.</summary>
     sealed class GatedSink(FolderCheckpointStore inner) : ICheckpointSink
     {
-        public TaskCompletionSource Gate { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public TaskCompletionSource Gate { get; set; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
         public bool Fail { get; set; }
         public string LocalPath(long step, int rank) => inner.LocalPath(step, rank);
         public async Task<ManifestFile> PublishAsync(long step, int rank, ManifestFile written, CancellationToken ct = default)
@@ -73,6 +75,90 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.Null(await saver.WaitAsync());
         Assert.Equal(1, saver.Failed);
         Assert.NotNull(saver.LastOutcome!.File);
+    }
+
+    /// <summary>Where a tensor's bytes start in memory.</summary>
+    static nint Address(Tensor t) => Unsafe.ByteOffset(ref Unsafe.NullRef<byte>(), ref MemoryMarshal.GetReference(t.bytes));
+
+    [Fact]
+    public async Task TheHostCopiesAreReusedAcrossSavesAndEachSaveWritesTheSameFileAsABlockingSaveOfItsStep()
+    {
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var sink = new GatedSink(asyncStore);
+        sink.Gate.SetResult();
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 2, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        const int rank = 3; // row slices of the last stage's tensors: the copies are of narrowed views
+        await using var saver = new AsyncCheckpointSaver(sink, plan, rank);
+        Assert.Empty(saver.HostBuffers);
+
+        // The blocking save streams from the live tensors without any host copy: the reference bytes of each step.
+        byte[] Blocking(long step)
+        {
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, step, tensors);
+            return File.ReadAllBytes(blockingStore.LocalPath(step, rank));
+        }
+        byte[] Saved(long step) => File.ReadAllBytes(asyncStore.LocalPath(step, rank));
+
+        Assert.True(saver.Save(1, tensors).Started);
+        Assert.Null(await saver.WaitAsync());
+        var first = saver.HostBuffers.ToDictionary(kv => kv.Key, kv => (Tensor: kv.Value, Address: Address(kv.Value)));
+        Assert.Equal(plan.WritesOf(rank).Count(), first.Count);
+        Assert.Equal(Blocking(1), Saved(1));
+
+        using (no_grad()) foreach (var (_, t) in tensors) t.mul_(-0.5).add_(0.25); // the next interval's weights
+        Assert.True(saver.Save(2, tensors).Started);
+        Assert.Null(await saver.WaitAsync());
+        Assert.Equal(first.Keys.Order(), saver.HostBuffers.Select(kv => kv.Key).Order());
+        Assert.All(saver.HostBuffers, kv =>
+        {
+            Assert.Same(first[kv.Key].Tensor, kv.Value);
+            Assert.Equal(first[kv.Key].Address, Address(kv.Value));
+        });
+        byte[] second = Saved(2);
+        Assert.Equal(Blocking(2), second);
+        Assert.NotEqual(Saved(1), second);
+
+        // While a write reads the buffers, a request is skipped without touching them: the file keeps its step's state.
+        sink.Gate = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        byte[] expected3 = Blocking(3);
+        Assert.True(saver.Save(3, tensors).Started);
+        using (no_grad()) foreach (var (_, t) in tensors) t.add_(1);
+        Assert.False(saver.Save(4, tensors).Started);
+        sink.Gate.SetResult();
+        Assert.Null(await saver.WaitAsync());
+        Assert.Equal(expected3, Saved(3));
+        Assert.All(saver.HostBuffers, kv => Assert.Equal(first[kv.Key].Address, Address(kv.Value)));
+    }
+
+    [Fact]
+    public void ARefilledSnapshotOfAnotherShapeReplacesOnlyTheBuffersThatNoLongerFit()
+    {
+        using var state = new TrainedState(1);
+        var tensors = state.Tensors.ToDictionary();
+        var catalog = CheckpointTensors.Catalog(tensors);
+        var whole = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), catalog);
+        var sharded = new ShardingPlan(ParallelLayout.Even(2, 1, TrainedState.Config.NumHiddenLayers), catalog);
+        using var old = ShardedCheckpointWriter.CopyToHost(whole, 0, 1, tensors);
+        var oldTensors = old.Slices.ToDictionary(kv => kv.Key, kv => kv.Value);
+        var oldShapes = old.Slices.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+
+        using var next = ShardedCheckpointWriter.CopyToHost(sharded, 1, 2, tensors, reuse: old);
+        Assert.Empty(old.Slices);
+        int reused = 0, fitting = 0;
+        foreach (var s in sharded.WritesOf(1))
+        {
+            var copy = next.Slices.Single(kv => kv.Key == s.Name).Value;
+            using var live = tensors[s.Name].dim() == 0 ? tensors[s.Name].alias() : tensors[s.Name].narrow(0, s.RowStart, s.RowCount);
+            Assert.True(TrainedState.BitwiseEqual(live, copy), s.Name);
+            if (oldShapes[s.Name].SequenceEqual(live.shape)) fitting++;
+            if (ReferenceEquals(copy, oldTensors[s.Name])) reused++;
+            else Assert.True(oldTensors[s.Name].IsInvalid, $"{s.Name}: the replaced buffer was not freed");
+        }
+        Assert.Equal(fitting, reused); // exactly the buffers whose shape still fits were refilled
+        Assert.True(reused < sharded.WritesOf(1).Count(), "every buffer was reused although the row slices shrank");
     }
 
     public void Dispose() => Directory.Delete(root, recursive: true);
