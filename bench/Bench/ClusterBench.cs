@@ -25,7 +25,7 @@ public static partial class ClusterBench
     sealed record Config(string Key, string Label, bool Standalone, int Workers, int Threads, int CheckpointEvery);
 
     /// <summary>One run: wall tokens/s over the steady window, median per-step tokens/s the trainer measured, phases per step.</summary>
-    sealed record Sample(double WallTps, double StepTps, double Load1, IReadOnlyDictionary<string, double> Phases,
+    internal sealed record Sample(double WallTps, double StepTps, double Load1, IReadOnlyDictionary<string, double> Phases,
                          IReadOnlyDictionary<string, double> CpuPerStep);
 
     /// <summary>The processes whose CPU time a window accounts for: the trainer's (workers, or this process), then the services.</summary>
@@ -42,7 +42,7 @@ public static partial class ClusterBench
         int cores = Environment.ProcessorCount;
         var configs = new List<Config>
         {
-            new("standalone", "standalone Trainer, in-process", true, 1, 1, 0),
+            new("standalone", "standalone Trainer (fresh process)", true, 1, 1, 0),
             new("c1", "1 worker under the Coordinator", false, 1, 1, 0),
             new("c2", "2 workers (data-parallel)", false, 2, 1, 0),
         };
@@ -91,7 +91,7 @@ public static partial class ClusterBench
                 foreach (var c in configs.Where(c => c.Key != "c1t2" || round <= threadRounds))
                 {
                     var s = c.Standalone
-                        ? Standalone(config, seqLen, globalBatch, micro, steps, c.Threads, peakAll.FlopsPerSecond, services)
+                        ? await StandaloneProcessAsync(seqLen, globalBatch, micro, steps, c.Threads, services)
                         : await ClusterRunAsync(cluster, watch, services, dataset, c, $"{c.Key}-{round}", seqLen, globalBatch, micro, steps);
                     results[c.Key].Add(s);
                     Say($"| {round} | {c.Key} | {s.WallTps:F0} | {s.StepTps:F0} | {Phases(s.Phases)} | {Cpu(s.CpuPerStep)} | {s.Load1:F2} |");
@@ -142,9 +142,56 @@ public static partial class ClusterBench
         return 0;
     }
 
-    // ---- The standalone side: the Trainer the worker wraps, in this process, on in-memory tokens ----
+    // ---- The standalone side: the Trainer the worker wraps, on in-memory tokens, in a fresh process like a worker's ----
 
-    static Sample Standalone(DeepSeekConfig config, int seqLen, int globalBatch, int micro, int steps, int threads, double peak,
+    /// <summary>
+    /// Runs <see cref="StandaloneChild"/> as a new process: a worker is a fresh process every run, so the standalone side
+    /// pays the same JIT tiering and allocator warm-up in its window instead of reusing this process's warm code.
+    /// </summary>
+    static async Task<Sample> StandaloneProcessAsync(int seqLen, int globalBatch, int micro, int steps, int threads,
+                                                     IReadOnlyDictionary<string, int> services)
+    {
+        var start = new ProcessStartInfo(Environment.ProcessPath ?? "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        if (Path.GetFileNameWithoutExtension(start.FileName) == "dotnet") start.ArgumentList.Add(typeof(ClusterBench).Assembly.Location);
+        foreach (var a in new[]
+                 {
+                     "cluster-standalone", "--seq-len", $"{seqLen}", "--global-batch", $"{globalBatch}", "--micro-batch", $"{micro}",
+                     "--steps", $"{steps}", "--threads", $"{threads}",
+                     "--pids", string.Join(",", services.Select(p => $"{p.Key}={p.Value}")),
+                 })
+            start.ArgumentList.Add(a);
+        start.Environment["OMP_NUM_THREADS"] = $"{threads}";
+        start.Environment["MKL_NUM_THREADS"] = $"{threads}";
+        using var child = Process.Start(start) ?? throw new InvalidOperationException($"could not start {start.FileName}");
+        var stderr = child.StandardError.ReadToEndAsync();
+        var stdoutText = child.StandardOutput.ReadToEndAsync();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromMinutes(15));
+        try { await child.WaitForExitAsync(timeout.Token); }
+        catch (OperationCanceledException)
+        {
+            child.Kill(entireProcessTree: true);
+            throw new TimeoutException("the standalone run did not finish within 15 min");
+        }
+        var line = (await stdoutText).Split('\n').FirstOrDefault(l => l.StartsWith("RESULT ", StringComparison.Ordinal));
+        if (child.ExitCode != 0 || line is null)
+            throw new InvalidOperationException($"the standalone run exited {child.ExitCode} without a result: {await stderr}");
+        return System.Text.Json.JsonSerializer.Deserialize<Sample>(line["RESULT ".Length..])
+               ?? throw new InvalidOperationException($"the standalone run printed an empty result: {line}");
+    }
+
+    /// <summary>The child side (verb cluster-standalone): one standalone run, its <see cref="Sample"/> as a JSON line.</summary>
+    public static int StandaloneChild(string[] args)
+    {
+        var pids = Arg(args, "--pids", "").Split(',', StringSplitOptions.RemoveEmptyEntries)
+            .Select(p => p.Split('=')).ToDictionary(p => p[0], p => int.Parse(p[1], CultureInfo.InvariantCulture));
+        var config = DeepSeekConfig.Preset("tiny") with { VocabSize = VocabSize };
+        var s = Standalone(config, Int(args, "--seq-len", 64, 8), Int(args, "--global-batch", 16, 1), Int(args, "--micro-batch", 4, 1),
+                           Int(args, "--steps", 30, 2 * Warm), Int(args, "--threads", 1, 1), pids);
+        Console.WriteLine("RESULT " + System.Text.Json.JsonSerializer.Serialize(s));
+        return 0;
+    }
+
+    static Sample Standalone(DeepSeekConfig config, int seqLen, int globalBatch, int micro, int steps, int threads,
                              IReadOnlyDictionary<string, int> services)
     {
         set_num_threads(threads);
@@ -156,7 +203,7 @@ public static partial class ClusterBench
         manual_seed(options.Seed);
         using var model = new DeepSeekForCausalLM(config).InitializeWeights();
         model.to(CPU);
-        using var trainer = new Trainer(model, new TokenDataset(tokens, seqLen), null, options, CPU, peak);
+        using var trainer = new Trainer(model, new TokenDataset(tokens, seqLen), null, options, CPU, 0);
         var measured = new List<StepMetrics>();
         var window = new Stopwatch();
         var pids = services.Append(new("trainer", Environment.ProcessId)).ToDictionary();
@@ -176,8 +223,7 @@ public static partial class ClusterBench
             ["backward"] = measured.Average(m => m.Times.BackwardSeconds), ["communication"] = measured.Average(m => m.Times.CommunicationSeconds),
             ["optimizer"] = measured.Average(m => m.Times.OptimizerSeconds),
         };
-        // This process is both the trainer and the bench here: its CPU counts as the trainer's.
-        var cpu = cpu1.Keys.Where(k => k != "bench").ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
+        var cpu = cpu1.Keys.ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
         return new Sample(wall, MedianOf(measured.Select(m => m.TokensPerSecond)), load, phases, cpu);
     }
 
