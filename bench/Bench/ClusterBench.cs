@@ -126,12 +126,13 @@ public static partial class ClusterBench
         var overhead = PairedRatios(results["c1"], results["standalone"], (a, b) => a.WallTps / b.WallTps);
         var overheadStep = PairedRatios(results["c1"], results["standalone"], (a, b) => a.StepTps / b.StepTps);
         var scaling = PairedRatios(results["c2"], results["c1"], (a, b) => a.WallTps / (2 * b.WallTps));
-        var threads = PairedRatios(results["c1t2"], results["c1"], (a, b) => a.WallTps / b.WallTps);
         Say($"cluster overhead: 1 worker under the Coordinator reaches {Ratio(overhead)} of the standalone trainer's wall tokens/s " +
             $"(trainer-measured step tokens/s: {Ratio(overheadStep)}); goal ≥ 95%");
         Say($"data-parallel scaling, 2 workers × 1 thread vs 1 worker × 1 thread, same global batch: efficiency {Ratio(scaling)} " +
             $"(tokens/s(2) / (2 × tokens/s(1)))");
-        if (threadRounds > 0) Say($"1 worker with {cores} torch threads vs 1 thread: {Ratio(threads, "F2", percent: false)}×");
+        if (threadRounds > 0)
+            Say($"1 worker with {cores} torch threads vs 1 thread: " +
+                $"{Ratio(PairedRatios(results["c1t2"], results["c1"], (a, b) => a.WallTps / b.WallTps), "F2", percent: false)}×");
         if (checkpointEvery > 0)
             Say($"checkpoint every {checkpointEvery} steps (async save to CheckpointStore) vs only at the end: " +
                 $"{Ratio(PairedRatios(results["c1ck"], results["c1"], (a, b) => a.WallTps / b.WallTps))} of the tokens/s");
