@@ -103,7 +103,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = 0,
         }.Validated(assignment.DpSize);
-        var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct)
+        // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
+        var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
+                                                  readAhead: spec.GlobalBatch / assignment.DpSize)
             .GetAwaiter().GetResult();
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizerReply.TokenizerHash);
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != fingerprint))

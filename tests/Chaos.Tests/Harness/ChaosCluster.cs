@@ -225,9 +225,13 @@ public sealed class ChaosCluster : IAsyncDisposable
 
     // ---- Workers ----
 
-    /// <summary>Starts one more gpu-worker (inside the network namespace when asked); returns its instance, which is its worker id.</summary>
-    public string AddWorker(bool inNamespace = false, TimeSpan? heartbeatInterval = null)
+    /// <summary>
+    /// Starts one more gpu-worker (inside the network namespace when asked); returns its instance, which is its worker id.
+    /// <paramref name="torchThreads"/>: its intra-op threads (OMP_NUM_THREADS); the cluster bench compares 1 and 2.
+    /// </summary>
+    public string AddWorker(bool inNamespace = false, TimeSpan? heartbeatInterval = null, int torchThreads = 1)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(torchThreads, 1);
         if (inNamespace && Namespace is null) throw new InvalidOperationException("this cluster was started without a network namespace");
         var r = factory.AddProject("gpu-worker", "GpuWorker", "gpu-worker").WithArgs("join");
         string host = Namespace?.HostAddress ?? "127.0.0.1";
@@ -242,9 +246,9 @@ public sealed class ChaosCluster : IAsyncDisposable
             .WithEnvironment("Worker__HeartbeatInterval", (heartbeatInterval ?? Options.HeartbeatInterval).ToString("c"))
             .WithEnvironment("Worker__CollectiveTimeout", Options.CollectiveTimeout.ToString("c"))
             .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0")
-            // One intra-op thread per worker: several workers share a small machine, and oversubscribed torch threads
+            // One intra-op thread per worker by default: several workers share a small machine, and oversubscribed torch threads
             // make every step (and so every scenario) many times slower.
-            .WithEnvironment("OMP_NUM_THREADS", "1").WithEnvironment("MKL_NUM_THREADS", "1");
+            .WithEnvironment("OMP_NUM_THREADS", torchThreads.ToString()).WithEnvironment("MKL_NUM_THREADS", torchThreads.ToString());
         var run = r;
         if (inNamespace)
         {
