@@ -43,7 +43,7 @@ public class FinalizerHoldTests
             nested.Dispose();
             Assert.False(Eventually(() => finalized.Value, TimeSpan.FromMilliseconds(100)), "closing the inner of two holds released the finalizer");
         }
-        Assert.True(Eventually(() => finalized.Value, TimeSpan.FromSeconds(10)), "the finalizer did not run after the hold closed");
+        Assert.True(Eventually(() => finalized.Value, TimeSpan.FromSeconds(60)), "the finalizer did not run after the hold closed");
     }
 
     [Fact]
@@ -58,10 +58,10 @@ public class FinalizerHoldTests
         garbage.Start();
         var errors = new List<string>();
         long parkedBefore = FinalizerHold.Parked, iterations = 0;
-        var clock = Stopwatch.StartNew();
         try
         {
-            while (clock.Elapsed < TimeSpan.FromSeconds(5))
+            // A fixed amount of work, not a time: under the hold the loop runs slower beside this allocator.
+            while (iterations < 15_000)
             {
                 using var hold = FinalizerHold.Enter();
                 for (int i = 0; i < 500; i++, iterations++)
@@ -78,7 +78,6 @@ public class FinalizerHoldTests
         }
         finally { Volatile.Write(ref stop, true); garbage.Join(); }
         Assert.True(FinalizerHold.Parked > parkedBefore, "no hold parked the finalizer thread");
-        Assert.True(iterations > 10_000, $"only {iterations} iterations ran");
         Assert.True(errors.Count == 0, $"{errors.Count} libtorch errors in {iterations} iterations under a hold, first: {errors.FirstOrDefault()}");
     }
 }
