@@ -42,7 +42,7 @@ public sealed class CoordinatorMetrics
     {
         _clock = clock;
         var meter = meterFactory.Create(MeterName);
-        _authRefusals = meter.CreateCounter<long>("deepseek_coordinator_auth_refusals", description: "Requests refused for a missing or wrong cluster token");
+        _authRefusals = meter.CreateCounter<long>("deepseek_coordinator_auth_refusals", description: "Requests refused for a missing or wrong cluster token, and TLS handshakes refused for a missing or untrusted client certificate");
         _staleRefusals = meter.CreateCounter<long>("deepseek_coordinator_stale_generation_refusals", description: "Reports refused because they came from an older generation");
         // Zero series for every kind of report that can be fenced, so "no refusals" is a 0 on the dashboard, not a gap
         // (the Prometheus convention of initializing known label values).
