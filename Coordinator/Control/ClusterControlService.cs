@@ -61,13 +61,19 @@ public sealed class ClusterControlService(
             while (await requests.MoveNext(ct))
             {
                 var message = requests.Current;
+                // A failed run is reported, not a farewell: the process stays connected. Ending the stream here made the
+                // failure of a generation already re-formed (refused as stale) take the worker out of the current one.
+                if (message is { KindCase: WorkerMessage.KindOneofCase.Leaving, Leaving.Failed: true })
+                {
+                    if (connection.Current is { } a)
+                        await Fenced(hello.WorkerId, connection, a.JobId, message.Leaving.Generation, "failure",
+                            () => grains.GetGrain<ITrainingJobGrain>(a.JobId).FailAsync(message.Leaving.Generation, $"worker {hello.WorkerId}: {message.Leaving.Reason}"));
+                    continue;
+                }
                 if (message.KindCase == WorkerMessage.KindOneofCase.Leaving)
                 {
                     why = $"leaving: {message.Leaving.Reason}";
                     kind = LeaveKind.Left;
-                    if (message.Leaving.Failed && connection.Current is { } a)
-                        await Fenced(hello.WorkerId, connection, a.JobId, message.Leaving.Generation, "failure",
-                            () => grains.GetGrain<ITrainingJobGrain>(a.JobId).FailAsync(message.Leaving.Generation, $"worker {hello.WorkerId}: {message.Leaving.Reason}"));
                     break;
                 }
                 await HandleAsync(hello.WorkerId, worker, connection, message);

@@ -67,6 +67,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         try { RunCore(cancel.Boundary); }
         catch (OperationCanceledException) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step}"); }
         catch (CollectiveException e) when (cancel.IsCancellationRequested) { Log($"run cancelled at step {holder.State?.Step} ({e.Failure})"); }
+        // A cancel that lands in a gRPC call (the manifest, the sample source, a checkpoint load) surfaces as
+        // RpcException(Cancelled): the run was cancelled, it did not fail (reported as a failure, it failed the job).
+        catch (Exception e) when (cancel.IsCancellationRequested && IsCancellation(e)) { Log($"run cancelled at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
         // An aborted collective can surface as another error from the layers above it; the run was cancelled all the same.
         catch (Exception e) when (cancel.IsAborted) { Log($"run aborted at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
         catch (CollectiveException e)
@@ -80,6 +83,13 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             send(new WorkerMessage { Leaving = new Leaving { Reason = $"rank {assignment.Rank}: {e.Message}", Failed = true, Generation = assignment.Generation } });
         }
         finally { cancel.Dispose(); }
+    }
+
+    static bool IsCancellation(Exception? e)
+    {
+        for (; e is not null; e = e.InnerException)
+            if (e is OperationCanceledException || e is Grpc.Core.RpcException { StatusCode: Grpc.Core.StatusCode.Cancelled }) return true;
+        return false;
     }
 
     void RunCore(CancellationToken ct)

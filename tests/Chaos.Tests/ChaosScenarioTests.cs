@@ -78,7 +78,7 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
 
     async Task AssertNoOrphansAsync(IEnumerable<string> instances)
     {
-        var left = await ProcessScan.WaitUntilNoneAsync(() => ChaosCluster.Alive(instances), TimeSpan.FromSeconds(30));
+        var left = await ProcessScan.WaitUntilNoneAsync(() => Cluster.Alive(instances), TimeSpan.FromSeconds(30));
         Assert.True(left.Count == 0, $"processes left behind: {ProcessScan.Describe(left)}");
     }
 

@@ -85,6 +85,48 @@ public class ElasticControlTests(CoordinatorFixture fixture)
         Assert.Contains("event=\"worker_hung\"", metrics);
     }
 
+    [Fact]
+    public async Task TheFailureOfAGenerationAlreadyReformedIsRefusedAndTheWorkerStaysInTheCurrentOne()
+    {
+        // Found by the soak: a run cancelled by the grow's new Assignment reported its generation's failure; the
+        // Coordinator refused it as stale but also ended the stream, so the worker left the generation just formed.
+        await using var host = await CoordinatorHost.StartAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        using var a = host.Control.Connect(Bearer, cancellationToken: cts.Token);
+        await a.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "failer", Device = "cpu", CollectiveEndpoint = "127.0.0.1:41779" } });
+        await TestSpecs.EventuallyAsync(() => host.Http.GetStringAsync("/workers"), w => w.Contains("\"failer\""), "the first worker registered");
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2) with { Name = "grows" }, CoordinatorJson.Options);
+        await host.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer);
+        Assert.True(await a.ResponseStream.MoveNext(cts.Token));
+        Assert.Equal(1, a.ResponseStream.Current.Assignment?.Generation);
+
+        // A second worker: the job grows to generation 2 and the first worker is assigned it.
+        using var b = host.Control.Connect(Bearer, cancellationToken: cts.Token);
+        await b.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "grower", Device = "cpu", CollectiveEndpoint = "127.0.0.1:41780" } });
+        do Assert.True(await a.ResponseStream.MoveNext(cts.Token));
+        while (a.ResponseStream.Current.Assignment is not { Generation: 2 });
+
+        // Generation 1's run, cancelled by that Assignment, reports a failure on its way out.
+        await a.RequestStream.WriteAsync(new WorkerMessage { Leaving = new Leaving { Reason = "rank 0: call cancelled", Failed = true, Generation = 1 } });
+        Assert.True(await a.ResponseStream.MoveNext(cts.Token));
+        Assert.Equal(1, a.ResponseStream.Current.Refused?.StaleGeneration);
+        Assert.False(a.ResponseStream.Current.Refused!.Rejoin); // it moved on to generation 2: not a zombie
+
+        // The stream is still read: a stale heartbeat is answered (a closed stream would end here).
+        await a.RequestStream.WriteAsync(new WorkerMessage { Heartbeat = new Heartbeat { Generation = 1 } });
+        Assert.True(await a.ResponseStream.MoveNext(cts.Token), "the Coordinator closed the stream after a stale failure report");
+        Assert.Equal(CoordinatorMessage.KindOneofCase.Refused, a.ResponseStream.Current.KindCase);
+
+        var job = await host.Control.GetJobAsync(new GetJobRequest { JobId = "grows" });
+        using var status = JsonDocument.Parse(job.StatusJson);
+        Assert.Equal(("Running", 2L), (job.State, job.Generation));
+        var workers = status.RootElement.GetProperty("workers").EnumerateArray().Select(w => w.GetProperty("workerId").GetString()).ToList();
+        Assert.Contains("failer", workers);
+        var kinds = status.RootElement.GetProperty("events").EnumerateArray().Select(e => e.GetProperty("kind").GetString()).ToList();
+        Assert.DoesNotContain("worker_left", kinds);
+        Assert.DoesNotContain("failed", kinds);
+    }
+
     static HttpRequestMessage Authorized(string path)
     {
         var request = new HttpRequestMessage(HttpMethod.Post, path);

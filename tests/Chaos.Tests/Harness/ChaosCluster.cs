@@ -364,8 +364,8 @@ public sealed class ChaosCluster : IAsyncDisposable
         Options.Log($"Azurite restarted (pid {Pid("blobs")})");
     }
 
-    /// <summary>Processes of the given instances that are still alive (not counting exited, unreaped children).</summary>
-    public static List<int> Alive(IEnumerable<string> instances) => instances.SelectMany(ProcessScan.OfInstance).ToList();
+    /// <summary>Processes of the given instances of this run that are still alive (not counting exited, unreaped children).</summary>
+    public List<int> Alive(IEnumerable<string> instances) => instances.SelectMany(i => ProcessScan.OfInstance(i, Options.RunDir)).ToList();
 
     void KillAllOnExit(object? sender, EventArgs e)
     {

@@ -23,8 +23,15 @@ public static class ProcessScan
         return found;
     }
 
-    /// <summary>Processes started as <paramref name="instance"/> (the hosting sets DEEPSEEK_INSTANCE for each).</summary>
-    public static List<int> OfInstance(string instance) => Mentioning($"\nDEEPSEEK_INSTANCE={instance}\n");
+    /// <summary>
+    /// Processes started as <paramref name="instance"/> (the hosting sets DEEPSEEK_INSTANCE for each) for the run in
+    /// <paramref name="runDir"/>: instance names repeat across clusters (another test run's gpu-worker-3 is not ours).
+    /// </summary>
+    public static List<int> OfInstance(string instance, string runDir)
+    {
+        var ours = Mentioning(runDir).ToHashSet();
+        return Mentioning($"\nDEEPSEEK_INSTANCE={instance}\n").Where(ours.Contains).ToList();
+    }
 
     // A child that exited but is not reaped yet has an empty environ; it holds no resources and .NET reaps it shortly.
     static bool IsZombieOfOurs(string dir)
