@@ -49,7 +49,7 @@ public sealed class CoordinatorMetrics
         foreach (var what in new[] { "heartbeat", "step", "checkpoint", "resumed", "failure" })
             _staleRefusals.Add(0, new KeyValuePair<string, object?>("what", what));
         _formations = meter.CreateCounter<long>("deepseek_coordinator_formations", description: "Worker-set formations (each bumps a job's generation)");
-        _rescales = meter.CreateCounter<long>("deepseek.cluster.rescales", "{rescale}", "Running jobs that began re-forming (reason: worker_left or grow)");
+        _rescales = meter.CreateCounter<long>("deepseek.cluster.rescales", "{rescale}", "Running jobs that began re-forming (reason: worker_left, grow or collective_failed)");
         _commits = meter.CreateCounter<long>("deepseek.cluster.checkpoint_commits", "{checkpoint}",
             "Checkpoint steps every rank reported, by outcome: committed, refused (by the store), failed (store unreachable), unconfigured");
         _jobEvents = meter.CreateCounter<long>("deepseek.cluster.job_events", "{event}", "Job transitions by event kind (submitted, formed, worker_lost, resumed, recovered, ...)");
@@ -75,7 +75,7 @@ public sealed class CoordinatorMetrics
 
     public void Formed(bool rescale) => _formations.Add(1, new KeyValuePair<string, object?>("kind", rescale ? "rescale" : "initial"));
 
-    /// <param name="reason">worker_left or grow.</param>
+    /// <param name="reason">worker_left, grow or collective_failed.</param>
     public void Rescaled(string reason) => _rescales.Add(1, new KeyValuePair<string, object?>("reason", reason));
 
     /// <param name="outcome">committed, refused, failed or unconfigured.</param>
@@ -84,7 +84,7 @@ public sealed class CoordinatorMetrics
     /// <param name="kind">One of JobEventKinds.All.</param>
     public void JobEvent(string kind) => _jobEvents.Add(1, new KeyValuePair<string, object?>("event", kind));
 
-    /// <param name="cause">What started the re-formation: worker_left, worker_lost, worker_hung or grow.</param>
+    /// <param name="cause">What started the re-formation: worker_left, worker_lost, worker_hung, grow or collective_failed.</param>
     public void Recovery(double seconds, string cause) => _recovery.Record(seconds, new KeyValuePair<string, object?>("event", cause));
 
     /// <summary>Recorded on every resume, 0 included: a resume that redid nothing is the measurement the goal is about.</summary>

@@ -26,6 +26,12 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>Rank 0 of the current generation resumed (from a replica, a checkpoint or the start). Fenced like steps.</summary>
     Task ReportResumedAsync(long generation, ResumedReport report);
 
+    /// <summary>
+    /// A member's collective failed in <paramref name="generation"/>: the job re-forms with the workers it has (a report of
+    /// a generation already replaced is ignored: every rank of a broken ring reports).
+    /// </summary>
+    Task ReportCollectiveFailedAsync(long generation, string workerId, string reason);
+
     /// <summary>Progress of one rank; throws <see cref="StaleGenerationException"/> for any generation but the current one.</summary>
     Task ReportStepAsync(long generation, StepReport report);
 

@@ -140,6 +140,21 @@ public sealed class TrainingJobGrain(
         await TryFormAsync();
     }
 
+    public async Task ReportCollectiveFailedAsync(long generation, string workerId, string reason)
+    {
+        if (S.Spec is null || S.State != JobState.Running || generation != S.Generation) return;
+        logger.LogWarning("Job {Job}: the collective of generation {Generation} failed on worker {Worker}: {Reason}", JobId, generation, workerId, reason);
+        StartReformation("collective_failed");
+        S.State = JobState.Rescaling;
+        metrics.Rescaled("collective_failed");
+        Event(New(JobEventKinds.Rescaling, $"re-forming: the collective of generation {generation} failed on worker {workerId} ({reason})")
+            with { WorkerId = workerId, Reason = "collective_failed" });
+        await job.WriteStateAsync();
+        var rescale = new ControlCommand { Kind = ControlCommandKind.Rescale, JobId = JobId, Generation = S.Generation, Reason = "the collective failed" };
+        await Task.WhenAll(S.Workers.Select(w => SendAsync(w.WorkerId, rescale)));
+        await TryFormAsync();
+    }
+
     public async Task WorkerFencedAsync(string workerId, long reportedGeneration, string what)
     {
         if (S.Spec is null) return;

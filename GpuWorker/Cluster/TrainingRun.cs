@@ -74,8 +74,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         catch (Exception e) when (cancel.IsAborted) { Log($"run aborted at step {holder.State?.Step} ({e.GetType().Name}: {e.Message})"); }
         catch (CollectiveException e)
         {
-            // A peer died or stalled: the coordinator re-forms the generation; this worker waits for its next assignment.
+            // A peer died, stalled or never connected. The coordinator re-forms when it notices a dead peer, but every member
+            // may still be heartbeating (a ring that never formed): tell it, then wait for the next assignment.
             Log($"collective failed: {e.Message}");
+            send(new WorkerMessage { CollectiveFailed = new CollectiveFailed { Generation = assignment.Generation, Reason = $"rank {assignment.Rank}: {e.Message}" } });
         }
         catch (Exception e)
         {

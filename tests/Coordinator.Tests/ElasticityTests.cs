@@ -183,6 +183,33 @@ public class ElasticityTests
     }
 
     [Fact]
+    public async Task ACollectiveThatFailsWhileEveryMemberHeartbeatsReformsTheJobWithTheSameWorkers()
+    {
+        // The hang a recovery run found: a new generation's ring never connected, both workers stayed online and waited
+        // for an assignment, and nothing re-formed the job. A rank's CollectiveFailed report now does.
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("broken-ring");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 2, maxWorkers: 2));
+        await c.Worker("b1").RegisterAsync(TestSpecs.Worker("b1"), null);
+        await c.Worker("b2").RegisterAsync(TestSpecs.Worker("b2"), null);
+        var status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Workers.Length == 2, "formation");
+        long g = status.Generation;
+
+        await job.ReportCollectiveFailedAsync(g, "b2", "rank 1: rank 0 closed its connection");
+        status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Generation == g + 1, "re-formation");
+        Assert.Equal(["b1", "b2"], status.Workers.Select(w => w.WorkerId).Order());
+        var rescaling = status.Events.Last(e => e.Kind == K.Rescaling);
+        Assert.Equal(("collective_failed", "b2"), (rescaling.Reason, rescaling.WorkerId));
+        Assert.Equal(g + 1, (await c.Worker("b1").GetAsync()).Assignment!.Generation);
+
+        // The other rank of the broken ring reports the same generation: already replaced, nothing happens.
+        await job.ReportCollectiveFailedAsync(g, "b1", "rank 0: rank 1 did not connect within the timeout");
+        status = await job.GetStatusAsync();
+        Assert.Equal((JobState.Running, g + 1), (status.State, status.Generation));
+        Assert.Single(status.Events, e => e.Kind == K.Rescaling && e.Reason == "collective_failed");
+    }
+
+    [Fact]
     public async Task BelowMinWorkersTheJobWaitsInRescalingAndResumesWhenAWorkerReturns()
     {
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
