@@ -19,8 +19,9 @@ namespace DeepSeekCluster.Training.Collectives.Tcp;
 /// <para>
 /// Failures: a rank that sees nothing from its predecessor for 0.9·Timeout suspects it, tells its successor (an abort
 /// frame travels down the ring, carrying the suspect's rank and address) and listens 0.1·Timeout more for a better
-/// verdict from upstream, so all ranks name the rank where the ring really stopped. A closed connection is a
-/// definite verdict and travels at once. Either way the operation throws within Timeout of the last progress.
+/// verdict from upstream, so all ranks name the rank where the ring really stopped. A predecessor's closed connection is
+/// a definite verdict and travels at once; a successor's is not (it may have closed after a failure upstream of it), so
+/// the rank listens for the grace as after a stall. Either way the operation throws within Timeout of the last progress.
 /// </para>
 /// </summary>
 public sealed unsafe class TcpCollective : ICollective
@@ -348,7 +349,10 @@ public sealed unsafe class TcpCollective : ICollective
         if (ring && !disposed && next is not null && prev is not null && verdict.Failure != CollectiveFailure.Unavailable)
         {
             next.PostAbort(EncodeAbort(verdict));
-            if (verdict.Failure == CollectiveFailure.PeerStalled) verdict = ListenForBetterVerdict(verdict);
+            // A successor that closed may have died, or may have given up on a failure upstream of it and closed all its
+            // links: then the predecessor's abort frame names the rank where the ring really broke. Listen for it too.
+            bool successorClosed = verdict.Failure == CollectiveFailure.PeerLost && verdict.PeerRank == next.Rank && next.Rank != prev.Rank;
+            if (verdict.Failure == CollectiveFailure.PeerStalled || successorClosed) verdict = ListenForBetterVerdict(verdict);
             next.WaitIdle(grace < TimeSpan.FromSeconds(1) ? grace : TimeSpan.FromSeconds(1));
             next.Dispose(); // the successor reads our abort frame, then end of stream; the sender stops touching tensor memory
         }
