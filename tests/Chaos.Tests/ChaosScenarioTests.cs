@@ -104,6 +104,25 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         Cluster.WaitForAsync(jobId, j => j.State == "running" && j.Workers.Count == world && j.CommittedSteps.Count > 0 && j.Step > j.CommittedSteps[^1],
                              Generous, $"{jobId} running on {world} workers past a committed checkpoint", CancellationToken.None, TimeSpan.FromMilliseconds(50));
 
+    /// <summary>
+    /// A 3-worker job that, once it trains past a checkpoint, loses the worker of <paramref name="rank"/> to
+    /// <paramref name="depart"/> (a signal or a REST leave); the scenario waits for that process to exit.
+    /// </summary>
+    async Task<(Outcome Outcome, string Victim, long Generation)> RunWithDepartureAsync(ChaosJob job, int rank, Func<string, Task> depart, TimeSpan exit)
+    {
+        string victim = "";
+        long generation = 0;
+        var o = await RunAsync(job, 3, async (id, workers) =>
+        {
+            var before = await RunningPastACheckpointAsync(id, 3);
+            generation = before.Generation;
+            victim = before.Workers.Single(w => w.Rank == rank).WorkerId;
+            await depart(victim);
+            await Cluster.WaitForExitAsync(victim, exit, CancellationToken.None);
+        });
+        return (o, victim, generation);
+    }
+
     static void AssertResumedFromReplica(JobView j, long afterGeneration)
     {
         var resumed = j.OfKind("resumed").Where(e => e.Generation > afterGeneration).ToList();
@@ -119,16 +138,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
     public async Task WorkerKilledMidStepIsDetectedAndTheSurvivorsResumeFromTheirReplica()
     {
         var job = fx.Job(1, 3);
-        string victim = "";
-        long generation = 0;
-        var o = await RunAsync(job, 3, async (id, workers) =>
-        {
-            var before = await RunningPastACheckpointAsync(id, 3);
-            generation = before.Generation;
-            victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
-            Cluster.Signal(victim, Signals.Kill);
-            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(10), CancellationToken.None);
-        });
+        var (o, victim, generation) = await RunWithDepartureAsync(job, 1, w => { Cluster.Signal(w, Signals.Kill); return Task.CompletedTask; },
+                                                                  TimeSpan.FromSeconds(10));
         AssertCommon(o, job);
         var lost = o.Job.OfKind("worker_lost").Where(e => e.WorkerId == victim).ToList();
         Assert.True(lost.Count == 1, $"expected one worker_lost event for {victim}:\n{o.Job.Describe()}");
@@ -259,16 +270,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
     public async Task WorkerLeavingOnSigtermIsReplacedByAReformationWithoutRedoingSteps()
     {
         var job = fx.Job(1, 3);
-        string victim = "";
-        long generation = 0;
-        var o = await RunAsync(job, 3, async (id, workers) =>
-        {
-            var before = await RunningPastACheckpointAsync(id, 3);
-            generation = before.Generation;
-            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
-            Cluster.Signal(victim, Signals.Term);
-            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
-        });
+        var (o, victim, generation) = await RunWithDepartureAsync(job, 2, w => { Cluster.Signal(w, Signals.Term); return Task.CompletedTask; },
+                                                                  TimeSpan.FromSeconds(60));
         AssertCommon(o, job);
         Single(o.Job, "worker_left", victim);
         Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
@@ -280,16 +283,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
     public async Task WorkerAskedToLeaveOverRestLeavesAndTheJobGoesOn()
     {
         var job = fx.Job(1, 3);
-        string victim = "";
-        long generation = 0;
-        var o = await RunAsync(job, 3, async (id, workers) =>
-        {
-            var before = await RunningPastACheckpointAsync(id, 3);
-            generation = before.Generation;
-            victim = before.Workers.Single(w => w.Rank == 2).WorkerId;
-            await Cluster.LeaveOverRestAsync(victim, CancellationToken.None);
-            await Cluster.WaitForExitAsync(victim, TimeSpan.FromSeconds(60), CancellationToken.None);
-        });
+        var (o, victim, generation) = await RunWithDepartureAsync(job, 2, w => Cluster.LeaveOverRestAsync(w, CancellationToken.None),
+                                                                  TimeSpan.FromSeconds(60));
         AssertCommon(o, job);
         Single(o.Job, "worker_left", victim);
         Assert.DoesNotContain(o.Job.Events, e => e.Kind is "worker_lost" or "worker_hung" && e.WorkerId == victim);
