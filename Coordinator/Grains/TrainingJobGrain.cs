@@ -129,13 +129,22 @@ public sealed class TrainingJobGrain(
             _ => (JobEventKinds.WorkerLeft, "left"),
         };
         Event(New(eventKind, $"worker {workerId} {verb} ({reason})") with { WorkerId = workerId, Reason = reason });
-        StartReformation(eventKind);
+        await ReformAsync(eventKind, "worker_left", New(JobEventKinds.Rescaling, $"rescaling without worker {workerId}: {S.Workers.Count} left")
+            with { WorkerId = workerId, Reason = eventKind }, $"worker {workerId} left");
+    }
+
+    /// <summary>
+    /// A running job re-forms: the recovery clock starts, the members are told to stop at their step boundary (the next
+    /// Assignment, a new generation, tells them how to go on), and a generation forms from the workers the job has.
+    /// </summary>
+    async Task ReformAsync(string cause, string metricReason, JobEvent rescaling, string commandReason)
+    {
+        StartReformation(cause);
         S.State = JobState.Rescaling;
-        metrics.Rescaled("worker_left");
-        Event(New(JobEventKinds.Rescaling, $"rescaling without worker {workerId}: {S.Workers.Count} left") with { WorkerId = workerId, Reason = eventKind });
+        metrics.Rescaled(metricReason);
+        Event(rescaling);
         await job.WriteStateAsync();
-        // The survivors stop at the step boundary; the next Assignment (new generation) tells them how to go on.
-        var rescale = new ControlCommand { Kind = ControlCommandKind.Rescale, JobId = JobId, Generation = S.Generation, Reason = $"worker {workerId} left" };
+        var rescale = new ControlCommand { Kind = ControlCommandKind.Rescale, JobId = JobId, Generation = S.Generation, Reason = commandReason };
         await Task.WhenAll(S.Workers.Select(w => SendAsync(w.WorkerId, rescale)));
         await TryFormAsync();
     }
@@ -144,15 +153,9 @@ public sealed class TrainingJobGrain(
     {
         if (S.Spec is null || S.State != JobState.Running || generation != S.Generation) return;
         logger.LogWarning("Job {Job}: the collective of generation {Generation} failed on worker {Worker}: {Reason}", JobId, generation, workerId, reason);
-        StartReformation("collective_failed");
-        S.State = JobState.Rescaling;
-        metrics.Rescaled("collective_failed");
-        Event(New(JobEventKinds.Rescaling, $"re-forming: the collective of generation {generation} failed on worker {workerId} ({reason})")
-            with { WorkerId = workerId, Reason = "collective_failed" });
-        await job.WriteStateAsync();
-        var rescale = new ControlCommand { Kind = ControlCommandKind.Rescale, JobId = JobId, Generation = S.Generation, Reason = "the collective failed" };
-        await Task.WhenAll(S.Workers.Select(w => SendAsync(w.WorkerId, rescale)));
-        await TryFormAsync();
+        await ReformAsync("collective_failed", "collective_failed", New(JobEventKinds.Rescaling,
+            $"re-forming: the collective of generation {generation} failed on worker {workerId} ({reason})") with { WorkerId = workerId, Reason = "collective_failed" },
+            "the collective failed");
     }
 
     public async Task WorkerFencedAsync(string workerId, long reportedGeneration, string what)
