@@ -38,6 +38,12 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>One rank's checkpoint file is uploaded; returns true when this completes the step's checkpoint. Fenced like steps.</summary>
     Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report);
 
+    /// <summary>
+    /// A rank could not store its file of the step's checkpoint: the step cannot commit from this generation, which becomes
+    /// a checkpoint_not_committed event naming the rank and the error (training goes on). Fenced like steps.
+    /// </summary>
+    Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error);
+
     /// <summary>The step's record once every rank reported (rank 0's report carries the manifest); null if it is not complete.</summary>
     Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step);
 

@@ -121,6 +121,11 @@ public sealed class ClusterControlService(
                     Step = r.Step, Source = r.Source, SourceRank = r.SourceRank, RestoreSeconds = r.RestoreSeconds, StateBytes = r.StateBytes,
                 }));
                 break;
+            case WorkerMessage.KindOneofCase.Checkpoint when message.Checkpoint.Error.Length > 0 && (connection.Current ?? connection.Last) is { } a:
+                var failed = message.Checkpoint;
+                await Fenced(workerId, connection, a.JobId, failed.Generation, "checkpoint", () =>
+                    grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointFailedAsync(failed.Generation, failed.Step, failed.Rank, failed.Error));
+                break;
             case WorkerMessage.KindOneofCase.Checkpoint when (connection.Current ?? connection.Last) is { } a:
                 var c = message.Checkpoint;
                 await Fenced(workerId, connection, a.JobId, c.Generation, "checkpoint", async () =>

@@ -193,9 +193,8 @@ public sealed class TrainingJobGrain(
                 ResumeStep = report.Step, ResumeSource = report.Source, StepsRedone = redone, SourceRank = report.SourceRank >= 0 ? report.SourceRank : null,
                 StateBytes = report.StateBytes, RestoreSeconds = report.RestoreSeconds,
             });
-        // The previous generation finished the last step, but its report crossed the re-formation: nothing is left to train.
-        if (report.Step >= S.Spec.Steps) await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps");
-        else await job.WriteStateAsync();
+        // A generation that resumes at the last step trains nothing: it saves the final checkpoint, whose commit completes the job.
+        if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
     }
 
     public async Task ReportStepAsync(long generation, StepReport report)
@@ -208,7 +207,7 @@ public sealed class TrainingJobGrain(
             && (S.GenerationResumedAt is not { } resumed || report.Step <= resumed)
             && S.Ledger.AddLate(report.Step, report.SampleStart, report.SampleCount, S.Spec.GlobalBatch))
             await job.WriteStateAsync();
-        // The first report of the last step completes the job; the other ranks' reports of that step still count in the ledger.
+        // Reports that arrive after the completion (a rank's last step) still count in the ledger.
         Fence(generation, "step", acceptedWhenCompleted: true);
         if (report.SampleCount > 0) S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
         if (S.State == JobState.Completed)
@@ -224,6 +223,7 @@ public sealed class TrainingJobGrain(
                 Fractions = [.. Enumerable.Range(0, report.ExpertLayers.Length).Select(i => report.ExpertLoad[(i * report.Experts)..((i + 1) * report.Experts)])],
             };
         if (S.Reforming is { } r && r.Generation == generation && report.Step > r.ResumedStep) Recovered(r);
+        bool lastStepReached = report.Step >= S.Spec!.Steps && S.Step < S.Spec.Steps;
         if (report.Step > S.Step) S.Step = report.Step;
         if (!S.Loss.Any(p => p.Step == report.Step))
         {
@@ -231,8 +231,21 @@ public sealed class TrainingJobGrain(
             int excess = S.Loss.Count - options.Value.LossHistory;
             if (excess > 0) S.Loss.RemoveRange(0, excess);
         }
-        if (S.Step >= S.Spec!.Steps) await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps");
-        else await job.WriteStateAsync();
+        if (S.Step >= S.Spec.Steps && !await CompleteIfFinalCheckpointCommittedAsync() && lastStepReached)
+            logger.LogInformation("Job {Job}: all {Steps} steps trained; waiting for the final checkpoint to commit", JobId, S.Step);
+        await job.WriteStateAsync();
+    }
+
+    /// <summary>
+    /// The job completes when the last step is trained and its checkpoint is committed, not at the first report of the last
+    /// step: a member lost before its final shard is uploaded re-forms the job (see ReportResumedAsync), and the new
+    /// generation saves the final checkpoint from the live state, so a completed job always has its final weights stored.
+    /// </summary>
+    async Task<bool> CompleteIfFinalCheckpointCommittedAsync()
+    {
+        if (S.State.IsTerminal() || S.Step < S.Spec!.Steps || !S.Committed.Any(c => c.Step >= S.Spec.Steps)) return false;
+        await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps; the final checkpoint is committed");
+        return true;
     }
 
     public async Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report)
@@ -250,6 +263,15 @@ public sealed class TrainingJobGrain(
         return complete;
     }
 
+    public async Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error)
+    {
+        Fence(generation, "checkpoint", acceptedWhenCompleted: true);
+        string then = step >= S.Spec!.Steps ? "; the rank saves the final checkpoint again until the store takes it" : "; training goes on";
+        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: rank {rank} could not store its file ({error}){then}")
+            with { ResumeStep = step, Reason = $"rank {rank} could not store its file" });
+        await job.WriteStateAsync();
+    }
+
     public Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step) =>
         Task.FromResult(S.Checkpoints.Find(c => c.Step == step && c.Generation == generation && c.Complete));
 
@@ -262,7 +284,7 @@ public sealed class TrainingJobGrain(
         ForgetManifest(checkpoint.Generation, checkpoint.Step);
         Event(New(JobEventKinds.CheckpointCommitted, $"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes")
             with { ResumeStep = checkpoint.Step });
-        await job.WriteStateAsync();
+        if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
     }
 
     public async Task CheckpointNotCommittedAsync(long generation, long step, string reason)
@@ -271,7 +293,11 @@ public sealed class TrainingJobGrain(
         ForgetManifest(generation, step);
         Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: {reason}")
             with { ResumeStep = step, Reason = reason });
-        await job.WriteStateAsync();
+        // Every rank uploaded the final checkpoint but it cannot be committed (refused, no store, storage gone past the
+        // retries): training is over, so the job completes and says what is missing rather than waiting forever.
+        if (step >= S.Spec.Steps && S.Step >= S.Spec.Steps && generation == S.Generation && !S.State.IsTerminal())
+            await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps; the final checkpoint was not committed: {reason}");
+        else await job.WriteStateAsync();
     }
 
     /// <summary>The manifest is needed only until the commit is decided; it can be megabytes for a large model.</summary>

@@ -94,6 +94,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         return false;
     }
 
+    /// <summary>The longest wait between two saves of a final checkpoint that the store did not take.</summary>
+    static readonly TimeSpan FinalCheckpointRetryCap = TimeSpan.FromSeconds(30);
+
     void RunCore(CancellationToken ct)
     {
         var spec = JsonSerializer.Deserialize<JobSpec>(assignment.JobSpecJson, SpecJson)
@@ -201,10 +204,12 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // ---- Checkpoints ----
         var layout = ParallelLayout.Even(assignment.DpSize, 1, config.NumHiddenLayers);
         var sharding = new ShardingPlan(layout, CheckpointTensors.Catalog(CheckpointTensors.Collect(model, trainer.Optimizer)));
+        int finalStored = 0;
         var saver = new AsyncCheckpointSaver(store, sharding, assignment.Rank, (outcome, token) =>
         {
             if (outcome.File is { } f)
             {
+                if (outcome.Step == options.Steps) Volatile.Write(ref finalStored, 1);
                 metrics?.CheckpointSaved(assignment.JobId, settings.WorkerId, outcome.Duration, f.Size);
                 send(new WorkerMessage
                 {
@@ -216,7 +221,20 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                     },
                 });
             }
-            else Log($"checkpoint of step {outcome.Step} failed: {outcome.Error?.Message}");
+            else
+            {
+                Log($"checkpoint of step {outcome.Step} failed: {outcome.Error?.Message}");
+                manifests.TryRemove(outcome.Step, out _);
+                if (outcome.Error is OperationCanceledException) return Task.CompletedTask; // the run is ending: nothing to tell
+                send(new WorkerMessage
+                {
+                    Checkpoint = new CheckpointReport
+                    {
+                        Generation = assignment.Generation, Step = outcome.Step, Rank = assignment.Rank,
+                        Error = outcome.Error?.Message ?? "unknown error",
+                    },
+                });
+            }
             return Task.CompletedTask;
         });
 
@@ -277,7 +295,19 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                        || Interlocked.Exchange(ref checkpointRequested, -1) == m.Step;
             if (due) SaveCheckpoint(m.Step);
         }
-        if (saver.WaitAsync().GetAwaiter().GetResult() is { } last) Log($"the last checkpoint failed: {last.Message}");
+        var lastFailure = saver.WaitAsync().GetAwaiter().GetResult();
+        if (lastFailure is not null) Log($"the last checkpoint failed: {lastFailure.Message}");
+        // The job completes when its final checkpoint commits, so a final shard the store could not take (storage down
+        // past the upload's own retries) is saved again from the live state until it is stored, or until the run is
+        // cancelled (Stop, or a re-formation whose generation saves it instead).
+        for (var delay = TimeSpan.FromSeconds(2); trainer.Step >= options.Steps && options.Steps > 0 && Volatile.Read(ref finalStored) == 0;
+             delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, FinalCheckpointRetryCap.Ticks)))
+        {
+            Log($"the final checkpoint (step {options.Steps}) is not stored yet; saving it again in {delay.TotalSeconds:0} s");
+            if (ct.WaitHandle.WaitOne(delay)) break;
+            SaveCheckpoint(options.Steps);
+            if (saver.WaitAsync().GetAwaiter().GetResult() is { } failure) Log($"the final checkpoint failed again: {failure.Message}");
+        }
         saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
 
         // ---- The end: rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop) ----

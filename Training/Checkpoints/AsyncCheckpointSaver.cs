@@ -74,11 +74,18 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         {
             var file = await ShardedCheckpointWriter.WriteRankAsync(sink, snapshot, stopping.Token);
             outcome = new SaveOutcome(snapshot.Step, file, null, sw.Elapsed);
-            if (onFinished is not null) await onFinished(outcome, stopping.Token);
         }
         catch (Exception e)
         {
             outcome = new SaveOutcome(snapshot.Step, null, e, sw.Elapsed);
+        }
+        // Told of failures too, so the caller can report which step could not be stored (the error still comes back once
+        // through Save/WaitAsync). A stored file whose report fails is a failed save; a failed save's report adds nothing.
+        if (onFinished is not null)
+        {
+            try { await onFinished(outcome, stopping.Token); }
+            catch (Exception e) when (outcome.Error is null) { outcome = outcome with { File = null, Error = e }; }
+            catch (Exception) when (outcome.Error is not null) { }
         }
         return outcome; // the snapshot stays: the next save refills it
 

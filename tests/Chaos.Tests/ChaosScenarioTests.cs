@@ -325,4 +325,38 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         AssertBitwise(o);
         await AssertNoOrphansAsync(o.Instances);
     }
+
+    [Fact]
+    public async Task BlobStorageDownAtTheEndHoldsTheJobUntilItsFinalCheckpointCommits()
+    {
+        // Storage goes down early and stays down past the last step: training finishes, but the job is not completed while
+        // its final weights are only in the workers' memory. They save the final checkpoint again until storage is back.
+        var job = fx.Job(1, 2);
+        DateTimeOffset restarted = default;
+        var o = await RunAsync(job, 2, async (id, workers) =>
+        {
+            await RunningPastACheckpointAsync(id, 2);
+            var down = DateTime.UtcNow;
+            await Cluster.StopAzuriteAsync(CancellationToken.None);
+            try
+            {
+                await Cluster.WaitForLineAsync(l => l.Contains($"the final checkpoint (step {job.Steps}) is not stored yet"), Generous,
+                                               "a worker retrying the final checkpoint while Azurite is down", CancellationToken.None, down);
+                var waiting = await Cluster.WaitForAsync(id, j => j.Step == job.Steps, Generous, $"step {job.Steps} trained", CancellationToken.None);
+                Assert.True(waiting.State == "running" && !waiting.OfKind("completed").Any() && !waiting.CommittedSteps.Contains(job.Steps),
+                            $"the job must wait for its final checkpoint while storage is down:\n{waiting.Describe()}");
+            }
+            finally
+            {
+                await Cluster.StartAzuriteAsync(CancellationToken.None);
+                restarted = DateTimeOffset.UtcNow;
+            }
+        });
+        AssertCommon(o, job);
+        Assert.Contains(job.Steps, o.Job.CommittedSteps);
+        Assert.Contains(o.Job.Events, e => e.Kind == "checkpoint_committed" && e.ResumeStep == job.Steps && e.At > restarted);
+        Assert.Contains(o.Job.Events, e => e.Kind == "completed" && e.At > restarted);
+        AssertBitwise(o);
+        await AssertNoOrphansAsync(o.Instances);
+    }
 }

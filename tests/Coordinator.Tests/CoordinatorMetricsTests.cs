@@ -66,7 +66,7 @@ public class CoordinatorMetricsTests
         var now = meter.Jobs();
         Assert.True(now["forming"] == 1 && now["stopped"] == 1 && now.Values.Sum() == 2, Describe(now));
 
-        // Job a forms on two workers (running), loses one (rescaling), re-forms on a third and completes.
+        // Job a forms on two workers (running), loses one (rescaling), re-forms on a third and completes (its final checkpoint commits).
         await c.Worker("m1").RegisterAsync(TestSpecs.Worker("m1"), null);
         long m2 = await c.Worker("m2").RegisterAsync(TestSpecs.Worker("m2"), null);
         await TestSpecs.EventuallyAsync(c.Job("a").GetStatusAsync, s => s.State == JobState.Running, "formation");
@@ -80,6 +80,7 @@ public class CoordinatorMetricsTests
         await TestSpecs.EventuallyAsync(c.Job("a").GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "re-formation");
         await c.Job("a").ReportStepAsync(2, new StepReport { Step = 1, Loss = 9 });
         await c.Job("a").ReportStepAsync(2, new StepReport { Step = 2, Loss = 8 });
+        await c.Job("a").CheckpointCommittedAsync(new CommittedCheckpoint(2, 2, 2, 100));
         now = meter.Jobs();
         Assert.True(now["completed"] == 1 && now["stopped"] == 1 && now.Values.Sum() == 2, Describe(now));
     }

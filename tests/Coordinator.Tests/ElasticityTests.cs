@@ -139,10 +139,12 @@ public class ElasticityTests
         Assert.Equal([[0L, 16L]], status.Consumption.Ranges); // step 3's samples belong to a discarded state
         Assert.Equal(2, status.Step);
 
-        // The one worker redoes 3..4; the last step is reported by two halves, and the first half completes the job: the
-        // second still counts, and the ledger is exactly 5 global batches.
+        // The one worker redoes 3..4; the last step is reported by two halves, and the final checkpoint's commit completes
+        // the job: a half reported after it still counts, and the ledger is exactly 5 global batches.
         for (int step = 3; step <= 4; step++) await job.ReportStepAsync(2, Slice(step, 0, 8));
         await job.ReportStepAsync(2, Slice(5, 0, 4));
+        Assert.Equal(JobState.Running, (await job.GetStatusAsync()).State);
+        await job.CheckpointCommittedAsync(new CommittedCheckpoint(5, 2, 1, 100));
         Assert.Equal(JobState.Completed, (await job.GetStatusAsync()).State);
         await job.ReportStepAsync(2, Slice(5, 4, 4));
         status = await job.GetStatusAsync();
@@ -153,11 +155,11 @@ public class ElasticityTests
     }
 
     [Fact]
-    public async Task AGenerationThatResumesAtTheLastStepCompletesTheJobAndOwnsTheFinalCheckpoint()
+    public async Task AGenerationThatResumesAtTheLastStepOwnsTheFinalCheckpointWhoseCommitCompletesTheJob()
     {
         // The race a chaos run found: a worker joins, and the old generation finishes the last step before it stops; its
         // step reports cross the re-formation and are refused. The new generation resumes at the last step with nothing
-        // to train: the job must complete then, and the late reports must still fill the ledger.
+        // to train: it saves the final checkpoint, whose commit completes the job, and the late reports fill the ledger.
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
         var job = c.Job("ends-in-growth");
         await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2, steps: 3)); // global batch 8
@@ -173,13 +175,81 @@ public class ElasticityTests
 
         await job.ReportResumedAsync(2, new ResumedReport { Step = 3, Source = "replica", SourceRank = 0 });
         var status = await job.GetStatusAsync();
-        Assert.Equal((JobState.Completed, 3L), (status.State, status.Step));
+        Assert.Equal((JobState.Running, 3L), (status.State, status.Step));
         Assert.Equal([[0L, 24L]], status.Consumption.Ranges);
         Assert.True(status.Consumption.Complete);
 
-        // The new generation's final checkpoint is accepted after the completion and commits.
         Assert.False(await job.ReportCheckpointAsync(2, new CheckpointReport { Step = 3, Rank = 0 }));
         Assert.True(await job.ReportCheckpointAsync(2, new CheckpointReport { Step = 3, Rank = 1 }));
+        await job.CheckpointCommittedAsync(new CommittedCheckpoint(3, 2, 2, 100));
+        status = await job.GetStatusAsync();
+        Assert.Equal((JobState.Completed, 3L), (status.State, status.Step));
+        Assert.Equal(3, status.Committed.Single().Step);
+    }
+
+    [Fact]
+    public async Task AMemberLostAfterTheLastStepBeforeItsFinalShardReformsAndTheSurvivorCommitsTheFinalCheckpoint()
+    {
+        // Both ranks report the last step; rank 0 uploads its shard of the final checkpoint and rank 1 dies before its
+        // own. The job must not complete without its final weights: it re-forms on the survivor, which resumes at the last
+        // step from its live state and saves the whole checkpoint alone.
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("dies-at-the-end");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2, steps: 2)); // global batch 8
+        await c.Worker("e1").RegisterAsync(TestSpecs.Worker("e1"), null);
+        long e2 = await c.Worker("e2").RegisterAsync(TestSpecs.Worker("e2"), null);
+        var status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Workers.Length == 2, "formation");
+        long g = status.Generation;
+        await job.ReportResumedAsync(g, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 2; step++)
+        {
+            await job.ReportStepAsync(g, Slice(step, 0, 4));
+            await job.ReportStepAsync(g, Slice(step, 4, 4));
+        }
+        Assert.False(await job.ReportCheckpointAsync(g, new CheckpointReport { Step = 2, Rank = 0 }));
+        status = await job.GetStatusAsync();
+        Assert.Equal((JobState.Running, 2L), (status.State, status.Step));
+
+        await c.Worker("e2").DisconnectedAsync(e2, "killed", LeaveKind.Lost);
+        status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Generation == g + 1, "re-formation on the survivor");
+        Assert.Equal(["e1"], status.Workers.Select(w => w.WorkerId));
+        await job.ReportResumedAsync(g + 1, new ResumedReport { Step = 2, Source = "replica", SourceRank = 0 });
+        Assert.Equal(JobState.Running, (await job.GetStatusAsync()).State);
+        Assert.True(await job.ReportCheckpointAsync(g + 1, new CheckpointReport { Step = 2, Rank = 0 }));
+        await job.CheckpointCommittedAsync(new CommittedCheckpoint(2, g + 1, 1, 100));
+
+        status = await job.GetStatusAsync();
+        Assert.Equal((JobState.Completed, 2L), (status.State, status.Step));
+        Assert.Equal((2L, g + 1), (status.Committed.Single().Step, status.Committed.Single().Generation));
+        Assert.Equal(0, status.Events.Single(e => e.Kind == K.Resumed && e.Generation == g + 1).StepsRedone);
+        Assert.Equal([[0L, 16L]], status.Consumption.Ranges);
+    }
+
+    [Fact]
+    public async Task AFinalCheckpointThatCannotCommitCompletesTheJobSayingSo()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("uncommitted-end");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 2));
+        await c.Worker("u1").RegisterAsync(TestSpecs.Worker("u1"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running, "formation");
+        await job.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 2; step++) await job.ReportStepAsync(1, Slice(step, 0, 8));
+
+        // A rank that could not store its final file keeps the job waiting (it saves again); the event names it.
+        await job.ReportCheckpointFailedAsync(1, 2, 0, "Unavailable: blob storage at http://127.0.0.1:1 failed to upload");
+        var waiting = await job.GetStatusAsync();
+        Assert.Equal(JobState.Running, waiting.State);
+        Assert.Contains("rank 0 could not store its file (Unavailable: blob storage at http://127.0.0.1:1", waiting.Events.Last(e => e.Kind == K.CheckpointNotCommitted).Message);
+
+        // An earlier step that cannot commit changes nothing; the final one ends the wait with the reason.
+        await job.CheckpointNotCommittedAsync(1, 1, "hash mismatch in rank-0.safetensors");
+        Assert.Equal(JobState.Running, (await job.GetStatusAsync()).State);
+        await job.CheckpointNotCommittedAsync(1, 2, "the checkpoint store at http://store could not be reached after 5 attempts");
+        var status = await job.GetStatusAsync();
+        Assert.Equal(JobState.Completed, status.State);
+        Assert.Contains("the final checkpoint was not committed: the checkpoint store at http://store", status.Events.Last(e => e.Kind == K.Completed).Message);
+        Assert.Empty(status.Committed);
     }
 
     [Fact]

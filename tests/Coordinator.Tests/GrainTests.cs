@@ -35,6 +35,8 @@ public class GrainTests
 
         await job.ReportStepAsync(2, new StepReport { Step = 1, Loss = 9 });
         await job.ReportStepAsync(2, new StepReport { Step = 2, Loss = 8 });
+        Assert.Equal(JobState.Running, (await job.GetStatusAsync()).State); // trained, but the final checkpoint is not committed yet
+        await job.CheckpointCommittedAsync(new CommittedCheckpoint(2, 2, 2, 100));
         status = await job.GetStatusAsync();
         Assert.Equal(JobState.Completed, status.State);
         Assert.Equal([9.0, 8.0], status.Loss.Select(p => p.Loss));

@@ -103,6 +103,9 @@ public sealed class ChaosCluster : IAsyncDisposable
             var checkpoints = builder.AddProject("checkpoints", "CheckpointStore", "CheckpointStore")
                 .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
                 .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"))
+                // An outage scenario waits for uploads to fail: 2 quick tries instead of the default ~15 s of backoff per request.
+                .WithEnvironment("Storage__RetryCount", "2")
+                .WithEnvironment("Storage__RetryBaseDelayMs", "200")
                 .WithConnectionString("blobs", blobConnection).WaitFor(blobs);
             var coordinator = builder.AddProject("coordinator", "Coordinator", "DeepSeekCluster.Coordinator")
                 .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()

@@ -63,7 +63,8 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         sink.Gate.SetResult();
         var tensors = state.Tensors.ToDictionary();
         var plan = new ShardingPlan(ParallelLayout.Even(2, 2, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
-        await using var saver = new AsyncCheckpointSaver(sink, plan, rank: 3);
+        var told = new System.Collections.Concurrent.ConcurrentQueue<SaveOutcome>();
+        await using var saver = new AsyncCheckpointSaver(sink, plan, rank: 3, (o, _) => { told.Enqueue(o); return Task.CompletedTask; });
 
         Assert.True(saver.Save(1, tensors).Started);
         for (var until = DateTime.UtcNow.AddSeconds(30); saver.Busy && DateTime.UtcNow < until;) await Task.Delay(5);
@@ -75,6 +76,8 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.Null(await saver.WaitAsync());
         Assert.Equal(1, saver.Failed);
         Assert.NotNull(saver.LastOutcome!.File);
+        // The callback hears of both, so a worker can report which step its store did not take.
+        Assert.Equal([(1L, false, true), (2L, true, false)], told.Select(o => (o.Step, o.File is not null, o.Error is IOException)));
     }
 
     /// <summary>Where a tensor's bytes start in memory.</summary>
