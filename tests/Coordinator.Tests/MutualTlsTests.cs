@@ -1,24 +1,17 @@
 // Mutual TLS on ClusterControl over real sockets: the real Coordinator on real Kestrel ports, with a CA, a server
-// certificate and client certificates made at test time and handed over as PEM files (the shape a Kubernetes Secret
-// mounts). A member registers and heartbeats; no certificate, or one of another CA, is refused in the handshake,
+// certificate and client certificates made at test time (tests/Shared/TestPki.cs) and handed over as PEM files (the
+// shape a Kubernetes Secret mounts). A member registers and heartbeats; no certificate, or one of another CA, is refused in the handshake,
 // counted and logged without secrets; the worker's side refuses a server of another CA; bad files stop the start.
-using System.Collections.Concurrent;
-using System.Net;
 using System.Net.Security;
 using System.Net.Http.Json;
 using System.Security.Authentication;
-using System.Security.Cryptography;
-using System.Security.Cryptography.X509Certificates;
-using System.Text.RegularExpressions;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.ServiceDefaults;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Hosting;
-using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCluster.Coordinator.Tests;
 
@@ -138,17 +131,17 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
     [Fact]
     public void AMissingFileStopsTheStartNamingTheKeyAndPath()
     {
-        var pki = Pki.Create();
+        var pki = TestPki.Create();
         string missing = Path.Combine(pki.Folder, "no-such-ca.crt");
-        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(pki.Settings(ca: missing)));
+        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(TlsCoordinator.Settings(pki, ca: missing)));
         Assert.Contains($"{ClusterTls.CaPathKey}='{missing}': no such file", e.Message);
     }
 
     [Fact]
     public void AKeyThatIsNotTheCertificatesStopsTheStartNamingTheKeyAndPath()
     {
-        var pki = Pki.Create();
-        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(pki.Settings(key: pki.ClientKey)));
+        var pki = TestPki.Create();
+        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(TlsCoordinator.Settings(pki, key: pki.ClientKey)));
         Assert.Contains($"{ClusterTls.KeyPathKey}='{pki.ClientKey}' is not the private key of the certificate in {ClusterTls.CertificatePathKey}='{pki.ServerCertificate}'", e.Message);
         Assert.DoesNotContain("PRIVATE KEY", e.Message);
     }
@@ -156,8 +149,8 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
     [Fact]
     public void ACertificateOfAnotherCaStopsTheStart()
     {
-        var pki = Pki.Create();
-        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(pki.Settings(certificate: pki.StrangerCertificate, key: pki.StrangerKey)));
+        var pki = TestPki.Create();
+        var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(TlsCoordinator.Settings(pki, certificate: pki.StrangerCertificate, key: pki.StrangerKey)));
         Assert.Contains($"{ClusterTls.CertificatePathKey}='{pki.StrangerCertificate}'", e.Message);
         Assert.Contains($"does not chain to the CA in {ClusterTls.CaPathKey}='{pki.Ca}'", e.Message);
     }
@@ -165,181 +158,70 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
     [Fact]
     public void HalfAConfigurationOrACleartextEndpointStopsTheStart()
     {
-        var pki = Pki.Create();
-        var half = pki.Settings();
+        var pki = TestPki.Create();
+        var half = TlsCoordinator.Settings(pki);
         half[ClusterTls.CaPathKey] = null;
         var e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(half));
         Assert.Contains($"but {ClusterTls.CaPathKey} not", e.Message);
 
-        var cleartext = pki.Settings();
+        var cleartext = TlsCoordinator.Settings(pki);
         cleartext["Kestrel:Endpoints:grpc:Url"] = "http://127.0.0.1:1";
         e = Assert.Throws<ArgumentException>(() => TlsCoordinator.Build(cleartext));
         Assert.Contains("Kestrel:Endpoints:grpc:Url='http://127.0.0.1:1' is not an https:// URL", e.Message);
     }
 
-    /// <summary>A CA, the Coordinator's server certificate, a member's client certificate, and another CA with its own client: PEM files.</summary>
-    public sealed record Pki(string Folder, string Ca, string ServerCertificate, string ServerKey, string ClientCertificate, string ClientKey,
-        string OtherCa, string StrangerCertificate, string StrangerKey)
+    /// <summary>The real Coordinator with mutual TLS on its gRPC endpoint (ServiceDefaults' ClusterTlsEndpoint), its log lines captured.</summary>
+    public sealed class TlsCoordinator : IAsyncLifetime
     {
-        public static Pki Create()
-        {
-            string folder = TestSpecs.TempFolder();
-            var ca = Authority("deepseek test cluster CA");
-            var other = Authority("some other CA");
-            string Write(string name, string pem) { string path = Path.Combine(folder, name); File.WriteAllText(path, pem); return path; }
-            var (server, serverKey) = Issue(ca, "coordinator", server: true);
-            var (client, clientKey) = Issue(ca, "worker-0", server: false);
-            var (stranger, strangerKey) = Issue(other, "stranger", server: false);
-            return new Pki(folder, Write("ca.crt", ca.ExportCertificatePem()),
-                Write("server.crt", server.ExportCertificatePem()), Write("server.key", serverKey.ExportPkcs8PrivateKeyPem()),
-                Write("client.crt", client.ExportCertificatePem()), Write("client.key", clientKey.ExportPkcs8PrivateKeyPem()),
-                Write("other-ca.crt", other.ExportCertificatePem()),
-                Write("stranger.crt", stranger.ExportCertificatePem()), Write("stranger.key", strangerKey.ExportPkcs8PrivateKeyPem()));
-        }
+        TlsServiceHost _host = null!;
 
-        /// <summary>The Coordinator's settings: the two endpoints (gRPC on https), the token, the three TLS files.</summary>
-        public Dictionary<string, string?> Settings(string? certificate = null, string? key = null, string? ca = null, int httpPort = 0, int grpcPort = 0) => new()
+        public TestPki Pki { get; } = TestPki.Create();
+        public int GrpcPort => _host.GrpcPort;
+        public HttpClient Http => _host.Http;
+        public IReadOnlyCollection<string> Logs => _host.Logs;
+
+        /// <summary>The Coordinator's own settings besides its endpoints and Cluster:Tls:*: the token, state folder, silo ports.</summary>
+        public static Dictionary<string, string?> CoordinatorSettings() => new()
         {
-            ["Kestrel:Endpoints:http:Url"] = $"http://127.0.0.1:{httpPort}",
-            ["Kestrel:Endpoints:http:Protocols"] = "Http1",
-            ["Kestrel:Endpoints:grpc:Url"] = $"https://127.0.0.1:{grpcPort}",
-            ["Kestrel:Endpoints:grpc:Protocols"] = "Http2",
             ["Cluster:Token"] = CoordinatorHost.Token,
             ["Coordinator:StateFolder"] = TestSpecs.TempFolder(),
             ["Coordinator:HeartbeatTimeout"] = "00:00:30",
             ["Orleans:SiloPort"] = FreePort.Next().ToString(),
             ["Orleans:GatewayPort"] = FreePort.Next().ToString(),
-            [ClusterTls.CertificatePathKey] = certificate ?? ServerCertificate,
-            [ClusterTls.KeyPathKey] = key ?? ServerKey,
-            [ClusterTls.CaPathKey] = ca ?? Ca,
         };
 
-        /// <summary>A self-signed CA certificate, with its private key.</summary>
-        static X509Certificate2 Authority(string name)
+        /// <summary>Everything a Coordinator with mutual TLS is started with; the TLS files are <paramref name="pki"/>'s server's unless given.</summary>
+        public static Dictionary<string, string?> Settings(TestPki pki, string? certificate = null, string? key = null, string? ca = null)
         {
-            using var key = ECDsa.Create(ECCurve.NamedCurves.nistP256);
-            var request = new CertificateRequest($"CN={name}", key, HashAlgorithmName.SHA256);
-            request.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
-            request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.KeyCertSign | X509KeyUsageFlags.CrlSign, true));
-            request.CertificateExtensions.Add(new X509SubjectKeyIdentifierExtension(request.PublicKey, false));
-            return request.CreateSelfSigned(DateTimeOffset.UtcNow.AddHours(-2), DateTimeOffset.UtcNow.AddDays(2));
+            var all = TlsServiceHost.Endpoints(0, 0);
+            foreach (var (k, v) in pki.Settings(certificate, key, ca).Concat(CoordinatorSettings())) all[k] = v;
+            return all;
         }
 
-        static (X509Certificate2, ECDsa) Issue(X509Certificate2 ca, string name, bool server)
-        {
-            var key = ECDsa.Create(ECCurve.NamedCurves.nistP256);
-            var request = new CertificateRequest($"CN={name}", key, HashAlgorithmName.SHA256);
-            request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
-            request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.DigitalSignature, true));
-            request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension(
-                [server ? new Oid("1.3.6.1.5.5.7.3.1") : new Oid("1.3.6.1.5.5.7.3.2")], false));
-            request.CertificateExtensions.Add(X509AuthorityKeyIdentifierExtension.CreateFromCertificate(ca, true, false));
-            if (server)
-            {
-                var names = new SubjectAlternativeNameBuilder();
-                names.AddDnsName("localhost");
-                names.AddIpAddress(IPAddress.Loopback);
-                request.CertificateExtensions.Add(names.Build());
-            }
-            var certificate = request.Create(ca, DateTimeOffset.UtcNow.AddHours(-1), DateTimeOffset.UtcNow.AddDays(1), RandomNumberGenerator.GetBytes(16));
-            return (certificate, key);
-        }
-    }
+        public static WebApplication Build(IDictionary<string, string?> settings) =>
+            TlsServiceHost.Build(settings, b => b.AddCoordinator(), a => a.MapCoordinator());
 
-    /// <summary>The real Coordinator with mutual TLS on its gRPC endpoint, its log lines captured.</summary>
-    public sealed class TlsCoordinator : IAsyncLifetime
-    {
-        WebApplication _app = null!;
-        readonly ConcurrentQueue<string> _logs = new();
+        public async Task InitializeAsync() =>
+            _host = await TlsServiceHost.StartAsync(Pki, CoordinatorSettings(), b => b.AddCoordinator(), a => a.MapCoordinator(),
+                "deepseek_coordinator_auth_refusals_total");
 
-        public Pki Pki { get; } = Pki.Create();
-        public int GrpcPort { get; } = FreePort.Next();
-        public int HttpPort { get; } = FreePort.Next();
-        public HttpClient Http { get; private set; } = null!;
-        public IReadOnlyCollection<string> Logs => _logs;
-
-        public static WebApplication Build(IDictionary<string, string?> settings, ILoggerProvider? logs = null)
-        {
-            var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
-            builder.Configuration.AddInMemoryCollection(settings);
-            builder.Logging.ClearProviders();
-            if (logs is not null)
-            {
-                builder.Logging.AddProvider(logs);
-                // Kestrel says why a handshake failed at Debug only: kept for the failure messages above.
-                builder.Logging.AddFilter<CapturingLogger>("Microsoft.AspNetCore.Server.Kestrel.Https", LogLevel.Debug);
-            }
-            builder.AddBasicServiceDefaults();
-            builder.AddCoordinator();
-            var app = builder.Build();
-            app.MapDefaultEndpoints();
-            app.MapCoordinator();
-            return app;
-        }
-
-        public async Task InitializeAsync()
-        {
-            _app = Build(Pki.Settings(httpPort: HttpPort, grpcPort: GrpcPort), new CapturingLogger(_logs));
-            await _app.StartAsync();
-            Http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{HttpPort}") };
-        }
-
-        public GrpcChannel Channel(SslClientAuthenticationOptions ssl) => GrpcChannel.ForAddress($"https://127.0.0.1:{GrpcPort}",
-            new GrpcChannelOptions { HttpHandler = new SocketsHttpHandler { SslOptions = ssl } });
+        public GrpcChannel Channel(SslClientAuthenticationOptions ssl) => _host.Channel(ssl);
 
         public async Task<WorkerStatus?> WorkerAsync(string id) =>
             (await Http.GetFromJsonAsync<WorkerStatus[]>("/workers", CoordinatorJson.Options))!.SingleOrDefault(w => w.WorkerId == id);
 
-        /// <summary>deepseek_coordinator_auth_refusals_total for a surface (and reason), summed; 0 before the first refusal.</summary>
-        public async Task<double> RefusalsAsync(string? reason = null, string surface = "tls")
+        /// <summary>deepseek_coordinator_auth_refusals_total{surface="tls"} for a reason, summed; 0 before the first refusal.</summary>
+        public async Task<double> RefusalsAsync(string reason)
         {
-            string text = await Http.GetStringAsync("/metrics");
-            Assert.DoesNotContain(CoordinatorHost.Token, text);
-            return Regex.Matches(text, @"^deepseek_coordinator_auth_refusals_total\{([^}]*)\} (\S+)", RegexOptions.Multiline)
-                .Where(m => m.Groups[1].Value.Contains($"surface=\"{surface}\"") && (reason is null || m.Groups[1].Value.Contains($"reason=\"{reason}\"")))
-                .Sum(m => double.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture));
+            Assert.DoesNotContain(CoordinatorHost.Token, await Http.GetStringAsync("/metrics"));
+            return await _host.RefusalsAsync(reason);
         }
 
-        /// <summary>Polls the refusal counter; on timeout the failure carries what Kestrel's TLS layer logged.</summary>
-        public async Task EventuallyCountedAsync(string reason, double atLeast, string what)
-        {
-            try { await TestSpecs.EventuallyAsync(() => RefusalsAsync(reason), n => n >= atLeast, what, seconds: 30); }
-            catch (TimeoutException e)
-            {
-                throw new TimeoutException($"{e.Message}\nlog of the TLS layer:\n{string.Join("\n", _logs.Where(l => l.Contains("TLS") || l.Contains("HTTPS") || l.Contains("handshake")).TakeLast(20))}", e);
-            }
-        }
+        public Task EventuallyCountedAsync(string reason, double atLeast, string what) => _host.EventuallyCountedAsync(reason, atLeast, what);
 
         /// <summary>Neither the token nor any private key (its PEM armour or its base64 body) is in any log line.</summary>
-        public void AssertNoSecretsLogged()
-        {
-            var secrets = new List<string> { CoordinatorHost.Token, "PRIVATE KEY" };
-            foreach (var keyFile in new[] { Pki.ServerKey, Pki.ClientKey, Pki.StrangerKey })
-                secrets.AddRange(File.ReadAllLines(keyFile).Where(l => !l.StartsWith("-----", StringComparison.Ordinal)));
-            foreach (var line in _logs)
-                foreach (var secret in secrets)
-                    Assert.False(line.Contains(secret, StringComparison.Ordinal), $"a secret is in the log: {line}");
-        }
+        public void AssertNoSecretsLogged() => _host.AssertNoSecretsLogged(Pki, CoordinatorHost.Token);
 
-        public async Task DisposeAsync()
-        {
-            Http?.Dispose();
-            await _app.StopAsync();
-            await _app.DisposeAsync();
-        }
-    }
-
-    sealed class CapturingLogger(ConcurrentQueue<string> lines) : ILoggerProvider, ILogger
-    {
-        public ILogger CreateLogger(string categoryName) => this;
-        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
-        public bool IsEnabled(LogLevel logLevel) => true; // the host's filters decide
-
-        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
-        {
-            lines.Enqueue($"{logLevel}: {formatter(state, exception)} {exception?.GetType().Name}: {exception?.Message}");
-        }
-
-        public void Dispose() { }
+        public async Task DisposeAsync() => await _host.DisposeAsync();
     }
 }
