@@ -3,14 +3,11 @@
 // ClusterChannel) uploads a shard; no certificate, or one of another CA, is refused in the handshake, counted in
 // deepseek_checkpoint_store_auth_refusals_total and logged without secrets; a client of another CA refuses the store;
 // /metrics and /health stay cleartext.
-using System.Net.Security;
-using System.Security.Authentication;
 using System.Security.Cryptography;
 using DeepSeekCluster.CheckpointStore;
 using DeepSeekCluster.Contracts.Checkpoints;
 using DeepSeekCluster.ServiceDefaults;
 using Google.Protobuf;
-using Grpc.Core;
 using Grpc.Net.Client;
 using Store = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore;
 
@@ -43,48 +40,19 @@ public sealed class CheckpointStoreMutualTlsTests(CheckpointStoreMutualTlsTests.
     }
 
     [Fact]
-    public async Task AClientWithoutACertificateIsRefusedCountedAndLogged()
-    {
-        double before = await store.Host.RefusalsAsync(ClusterTls.Missing);
-        var trustsServer = store.Pki.Member();
-        using var channel = store.Host.Channel(new SslClientAuthenticationOptions
-        {
-            RemoteCertificateValidationCallback = (_, c, chain, _) => trustsServer.CheckServer(c, chain) is null,
-        });
-        await AssertRefusedAsync(channel, "tls-anonymous");
-
-        await store.Host.EventuallyCountedAsync(ClusterTls.Missing, before + 1, "the counted refusal of a client without a certificate");
-        Assert.Contains(store.Host.Logs, l => l.Contains("Refused a TLS connection to CheckpointStore") && l.Contains("no client certificate presented"));
-        store.Host.AssertNoSecretsLogged(store.Pki);
-    }
+    public Task AClientWithoutACertificateIsRefusedCountedAndLogged() =>
+        store.Host.AssertRefusedAsync(store.Pki, presenting: null, ClusterTls.Missing, "CheckpointStore", "no client certificate presented",
+            "tls-anonymous", channel => ListAsync(channel, "tls-anonymous"));
 
     [Fact]
-    public async Task AClientWithACertificateOfAnotherCaIsRefusedCountedAndLogged()
-    {
-        double before = await store.Host.RefusalsAsync(ClusterTls.Untrusted);
-        var trustsServer = store.Pki.Member();
-        using var channel = store.Host.Channel(new SslClientAuthenticationOptions
-        {
-            ClientCertificateContext = store.Pki.Stranger().CertificateContext,
-            RemoteCertificateValidationCallback = (_, c, chain, _) => trustsServer.CheckServer(c, chain) is null,
-        });
-        await AssertRefusedAsync(channel, "tls-stranger");
-
-        await store.Host.EventuallyCountedAsync(ClusterTls.Untrusted, before + 1, "the counted refusal of another CA's client");
-        Assert.Contains(store.Host.Logs, l => l.Contains("Refused a TLS connection to CheckpointStore") && l.Contains("CN=stranger") && l.Contains("not trusted"));
-        store.Host.AssertNoSecretsLogged(store.Pki);
-    }
+    public Task AClientWithACertificateOfAnotherCaIsRefusedCountedAndLogged() =>
+        store.Host.AssertRefusedAsync(store.Pki, store.Pki.Stranger(), ClusterTls.Untrusted, "CheckpointStore", "'CN=stranger' issued by 'CN=some other CA', SHA-256",
+            "tls-stranger", channel => ListAsync(channel, "tls-stranger"));
 
     [Fact]
-    public async Task AClientOfAnotherCaRefusesTheStore()
-    {
+    public Task AClientOfAnotherCaRefusesTheStore() =>
         // A member of another cluster: whatever the store thinks of it, it must not send its shards there.
-        using var channel = ClusterChannel.For(store.Host.GrpcAddress, store.Pki.Stranger(), "services__checkpoints__grpc__0");
-        var e = await Assert.ThrowsAsync<RpcException>(() => new Store.CheckpointStoreClient(channel)
-            .ListCheckpointsAsync(new ListCheckpointsRequest { Job = "tls-job" }, deadline: DateTime.UtcNow.AddSeconds(30)).ResponseAsync);
-        Assert.True(e.StatusCode is StatusCode.Unavailable or StatusCode.Internal, $"expected a transport failure, got {e.StatusCode}");
-        Assert.True(Chain(e).OfType<AuthenticationException>().Any(), $"expected the client's handshake to fail on the server certificate: {e}");
-    }
+        store.Host.AssertAStrangerRefusesTheServiceAsync(store.Pki, CheckpointCommitterKey, channel => ListAsync(channel, "tls-job"));
 
     [Fact]
     public async Task ProbesAndMetricsStayCleartext()
@@ -102,19 +70,8 @@ public sealed class CheckpointStoreMutualTlsTests(CheckpointStoreMutualTlsTests.
 
     const string CheckpointCommitterKey = Checkpoints.CheckpointCommitter.AddressKey;
 
-    async Task AssertRefusedAsync(GrpcChannel channel, string job)
-    {
-        var e = await Assert.ThrowsAnyAsync<Exception>(() => new Store.CheckpointStoreClient(channel)
-            .ListCheckpointsAsync(new ListCheckpointsRequest { Job = job }, deadline: DateTime.UtcNow.AddSeconds(30)).ResponseAsync);
-        Assert.True(e is RpcException { StatusCode: StatusCode.Unavailable or StatusCode.Internal } or IOException or HttpRequestException,
-            $"expected a transport failure, got {e}");
-        Assert.DoesNotContain(store.Host.Logs, l => l.Contains(job)); // the call never reached the service
-    }
-
-    static IEnumerable<Exception> Chain(Exception e)
-    {
-        for (Exception? x = e; x is not null; x = x.InnerException) yield return x;
-    }
+    static Task ListAsync(GrpcChannel channel, string job) => new Store.CheckpointStoreClient(channel)
+        .ListCheckpointsAsync(new ListCheckpointsRequest { Job = job }, deadline: DateTime.UtcNow.AddSeconds(30)).ResponseAsync;
 
     /// <summary>The real CheckpointStore with mutual TLS, on a folder of its own.</summary>
     public sealed class TlsStore : IAsyncLifetime

@@ -3,8 +3,6 @@
 // small corpus and reads a batch; no certificate, or one of another CA, is refused in the handshake, counted in
 // deepseek_data_auth_refusals_total and logged without secrets; a client of another CA refuses the service; /health
 // and /metrics stay cleartext for kubelet and Prometheus; a half-set configuration stops the start naming the key.
-using System.Net.Security;
-using System.Security.Authentication;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Serving;
 using DeepSeekCluster.ServiceDefaults;
@@ -47,47 +45,18 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsDataShards service) : IClas
     }
 
     [Fact]
-    public async Task AClientWithoutACertificateIsRefusedCountedAndLogged()
-    {
-        double before = await service.Host.RefusalsAsync(ClusterTls.Missing);
-        var trustsServer = service.Pki.Member();
-        using var channel = service.Host.Channel(new SslClientAuthenticationOptions
-        {
-            RemoteCertificateValidationCallback = (_, c, chain, _) => trustsServer.CheckServer(c, chain) is null,
-        });
-        await AssertRefusedAsync(channel, "ds-anonymous0000");
-
-        await service.Host.EventuallyCountedAsync(ClusterTls.Missing, before + 1, "the counted refusal of a client without a certificate");
-        Assert.Contains(service.Host.Logs, l => l.Contains("Refused a TLS connection to DataShards") && l.Contains("no client certificate presented"));
-        service.Host.AssertNoSecretsLogged(service.Pki);
-    }
+    public Task AClientWithoutACertificateIsRefusedCountedAndLogged() =>
+        service.Host.AssertRefusedAsync(service.Pki, presenting: null, ClusterTls.Missing, "DataShards", "no client certificate presented",
+            "ds-anonymous0000", channel => GetBatchAsync(channel, "ds-anonymous0000"));
 
     [Fact]
-    public async Task AClientWithACertificateOfAnotherCaIsRefusedCountedAndLogged()
-    {
-        double before = await service.Host.RefusalsAsync(ClusterTls.Untrusted);
-        var trustsServer = service.Pki.Member();
-        using var channel = service.Host.Channel(new SslClientAuthenticationOptions
-        {
-            ClientCertificateContext = service.Pki.Stranger().CertificateContext,
-            RemoteCertificateValidationCallback = (_, c, chain, _) => trustsServer.CheckServer(c, chain) is null,
-        });
-        await AssertRefusedAsync(channel, "ds-stranger00000");
-
-        await service.Host.EventuallyCountedAsync(ClusterTls.Untrusted, before + 1, "the counted refusal of another CA's client");
-        Assert.Contains(service.Host.Logs, l => l.Contains("Refused a TLS connection to DataShards") && l.Contains("CN=stranger") && l.Contains("not trusted"));
-        service.Host.AssertNoSecretsLogged(service.Pki);
-    }
+    public Task AClientWithACertificateOfAnotherCaIsRefusedCountedAndLogged() =>
+        service.Host.AssertRefusedAsync(service.Pki, service.Pki.Stranger(), ClusterTls.Untrusted, "DataShards", "'CN=stranger' issued by 'CN=some other CA', SHA-256",
+            "ds-stranger00000", channel => GetBatchAsync(channel, "ds-stranger00000"));
 
     [Fact]
-    public async Task AWorkerOfAnotherCaRefusesTheService()
-    {
-        using var channel = ClusterChannel.For(service.Host.GrpcAddress, service.Pki.Stranger(), AddressKey);
-        var e = await Assert.ThrowsAsync<RpcException>(() => new DataShards.DataShardsClient(channel)
-            .GetManifestAsync(new GetManifestRequest { DatasetId = "ds-none" }, deadline: DateTime.UtcNow.AddSeconds(30)).ResponseAsync);
-        Assert.True(e.StatusCode is StatusCode.Unavailable or StatusCode.Internal, $"expected a transport failure, got {e.StatusCode}");
-        Assert.True(Chain(e).OfType<AuthenticationException>().Any(), $"expected the client's handshake to fail on the server certificate: {e}");
-    }
+    public Task AWorkerOfAnotherCaRefusesTheService() =>
+        service.Host.AssertAStrangerRefusesTheServiceAsync(service.Pki, AddressKey, channel => GetBatchAsync(channel, "ds-none"));
 
     [Fact]
     public async Task APlainHttp2ClientGetsNoAnswerFromTheTlsEndpoint()
@@ -124,32 +93,16 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsDataShards service) : IClas
         Assert.Contains($"{ClusterTls.KeyPathKey}='{missing}': no such file", e.Message);
     }
 
-    static Dictionary<string, string?> Settings(TestPki pki, string? key = null)
-    {
-        var all = TlsServiceHost.Endpoints(0, 0);
-        foreach (var (k, v) in pki.Settings(key: key).Concat(TlsDataShards.StoreSettings(pki.Folder))) all[k] = v;
-        return all;
-    }
+    static Dictionary<string, string?> Settings(TestPki pki, string? key = null) => TlsServiceHost.Settings(pki, TlsDataShards.StoreSettings(pki.Folder), key: key);
 
     static void Build(Dictionary<string, string?> settings) =>
         TlsServiceHost.Build(settings, b => b.AddDataShards(), a => a.MapDataShards());
 
-    async Task AssertRefusedAsync(GrpcChannel channel, string datasetId)
+    static async Task GetBatchAsync(GrpcChannel channel, string datasetId)
     {
-        var e = await Assert.ThrowsAnyAsync<Exception>(async () =>
-        {
-            using var call = new DataShards.DataShardsClient(channel).GetBatch(new GetBatchRequest { DatasetId = datasetId, Count = 1 },
-                deadline: DateTime.UtcNow.AddSeconds(30));
-            await call.ResponseStream.MoveNext(CancellationToken.None);
-        });
-        Assert.True(e is RpcException { StatusCode: StatusCode.Unavailable or StatusCode.Internal } or IOException or HttpRequestException,
-            $"expected a transport failure, got {e}");
-        Assert.DoesNotContain(service.Host.Logs, l => l.Contains(datasetId)); // the call never reached the service
-    }
-
-    static IEnumerable<Exception> Chain(Exception e)
-    {
-        for (Exception? x = e; x is not null; x = x.InnerException) yield return x;
+        using var call = new DataShards.DataShardsClient(channel).GetBatch(new GetBatchRequest { DatasetId = datasetId, Count = 1 },
+            deadline: DateTime.UtcNow.AddSeconds(30));
+        await call.ResponseStream.MoveNext(CancellationToken.None);
     }
 
     /// <summary>The real DataShardService with mutual TLS, on folders of its own.</summary>

@@ -2,7 +2,10 @@
 // endpoint and cleartext "http" (probes, /metrics), its log lines captured; reads its TLS refusal counter from /metrics.
 using System.Collections.Concurrent;
 using System.Net.Security;
+using System.Security.Authentication;
 using System.Text.RegularExpressions;
+using DeepSeekCluster.ServiceDefaults;
+using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.Configuration;
@@ -39,6 +42,18 @@ public sealed class TlsServiceHost : IAsyncDisposable
         ["Kestrel:Endpoints:grpc:Protocols"] = "Http2",
     };
 
+    /// <summary>
+    /// Everything a service with mutual TLS starts with: the endpoints, Cluster:Tls:* (<paramref name="pki"/>'s server
+    /// files unless given) and the service's own <paramref name="service"/> settings.
+    /// </summary>
+    public static Dictionary<string, string?> Settings(TestPki pki, IEnumerable<KeyValuePair<string, string?>> service, int httpPort = 0, int grpcPort = 0,
+        string? certificate = null, string? key = null, string? ca = null)
+    {
+        var all = Endpoints(httpPort, grpcPort);
+        foreach (var (k, v) in pki.Settings(certificate, key, ca).Concat(service)) all[k] = v;
+        return all;
+    }
+
     /// <summary>The service as its Program.cs builds it: basic ServiceDefaults, <paramref name="add"/>, default endpoints, <paramref name="map"/>.</summary>
     public static WebApplication Build(IDictionary<string, string?> settings, Action<WebApplicationBuilder> add, Action<WebApplication> map, ILoggerProvider? logs = null)
     {
@@ -71,10 +86,8 @@ public sealed class TlsServiceHost : IAsyncDisposable
         Action<WebApplication> map, string refusalCounter)
     {
         int httpPort = FreePort.Next(), grpcPort = FreePort.Next();
-        var all = Endpoints(httpPort, grpcPort);
-        foreach (var (k, v) in pki.Settings().Concat(settings)) all[k] = v;
         var logs = new ConcurrentQueue<string>();
-        var app = Build(all, add, map, new CapturingLogger(logs));
+        var app = Build(Settings(pki, settings, httpPort, grpcPort), add, map, new CapturingLogger(logs));
         try { await app.StartAsync(); }
         catch
         {
@@ -90,6 +103,53 @@ public sealed class TlsServiceHost : IAsyncDisposable
         options ??= new GrpcChannelOptions();
         options.HttpHandler = new SocketsHttpHandler { SslOptions = ssl };
         return GrpcChannel.ForAddress(GrpcAddress, options);
+    }
+
+    /// <summary>
+    /// A client that trusts this service's certificate (so any refusal is the server's) and presents the certificate of
+    /// <paramref name="presenting"/>, or none.
+    /// </summary>
+    public GrpcChannel ChannelPresenting(TestPki pki, ClusterTls? presenting)
+    {
+        var member = pki.Member();
+        return Channel(new SslClientAuthenticationOptions
+        {
+            ClientCertificateContext = presenting?.CertificateContext,
+            RemoteCertificateValidationCallback = (_, c, chain, _) => member.CheckServer(c, chain) is null,
+        });
+    }
+
+    /// <summary>
+    /// A client presenting <paramref name="presenting"/>'s certificate (or none) is refused in the handshake: the
+    /// <paramref name="call"/> (which names <paramref name="marker"/>) fails in transport and never reaches the service,
+    /// the refusal is counted under <paramref name="reason"/>, logged as a refusal by <paramref name="service"/> with
+    /// <paramref name="detail"/>, and no private key and none of <paramref name="secrets"/> is logged.
+    /// </summary>
+    public async Task AssertRefusedAsync(TestPki pki, ClusterTls? presenting, string reason, string service, string detail, string marker,
+        Func<GrpcChannel, Task> call, params string[] secrets)
+    {
+        double before = await RefusalsAsync(reason);
+        using (var channel = ChannelPresenting(pki, presenting))
+        {
+            var e = await Assert.ThrowsAnyAsync<Exception>(() => call(channel));
+            Assert.True(e is RpcException { StatusCode: StatusCode.Unavailable or StatusCode.Internal } or IOException or HttpRequestException,
+                $"expected a transport failure, got {e}");
+        }
+        Assert.DoesNotContain(Logs, l => l.Contains(marker)); // the call never reached the service, whose log would name it
+        await EventuallyCountedAsync(reason, before + 1, $"the counted refusal ({reason})");
+        Assert.Contains(Logs, l => l.Contains($"Refused a TLS connection to {service}") && l.Contains(detail));
+        AssertNoSecretsLogged(pki, secrets);
+    }
+
+    /// <summary>A client of another cluster (its CA is <see cref="TestPki.OtherCa"/>) refuses this service's certificate itself.</summary>
+    public async Task AssertAStrangerRefusesTheServiceAsync(TestPki pki, string addressKey, Func<GrpcChannel, Task> call)
+    {
+        using var channel = ClusterChannel.For(GrpcAddress, pki.Stranger(), addressKey);
+        var e = await Assert.ThrowsAsync<RpcException>(() => call(channel));
+        Assert.True(e.StatusCode is StatusCode.Unavailable or StatusCode.Internal, $"expected a transport failure, got {e.StatusCode}");
+        var chain = new List<Exception>();
+        for (Exception? x = e; x is not null; x = x.InnerException) chain.Add(x);
+        Assert.True(chain.OfType<AuthenticationException>().Any(), $"expected the client's handshake to fail on the server certificate: {e}");
     }
 
     /// <summary>The refusal counter for a reason (surface "tls"), summed over its series; 0 before the first refusal.</summary>
