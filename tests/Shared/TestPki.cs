@@ -7,7 +7,7 @@ using DeepSeekCluster.ServiceDefaults;
 
 namespace DeepSeekCluster.Tests.Shared;
 
-/// <summary>The server certificate names localhost and 127.0.0.1; the client certificates allow client authentication only.</summary>
+/// <summary>The server certificate names localhost and 127.0.0.1 and allows server and client authentication; the client certificates client authentication only.</summary>
 public sealed record TestPki(string Folder, string Ca, string ServerCertificate, string ServerKey, string ClientCertificate, string ClientKey,
     string OtherCa, string StrangerCertificate, string StrangerKey)
 {
@@ -62,8 +62,9 @@ public sealed record TestPki(string Folder, string Ca, string ServerCertificate,
         var request = new CertificateRequest($"CN={name}", key, HashAlgorithmName.SHA256);
         request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
         request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.DigitalSignature, true));
+        // The server certificate is a client one too, as the Coordinator's (it commits into CheckpointStore).
         request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension(
-            [server ? new Oid("1.3.6.1.5.5.7.3.1") : new Oid("1.3.6.1.5.5.7.3.2")], false));
+            server ? [new Oid("1.3.6.1.5.5.7.3.1"), new Oid("1.3.6.1.5.5.7.3.2")] : [new Oid("1.3.6.1.5.5.7.3.2")], false));
         request.CertificateExtensions.Add(X509AuthorityKeyIdentifierExtension.CreateFromCertificate(ca, true, false));
         if (server)
         {
