@@ -1,7 +1,9 @@
-// Registers the checkpoint store (blob backend chosen by configuration, retries, gRPC service) and maps its endpoints.
+// Registers the checkpoint store (blob backend chosen by configuration, retries, gRPC service, mutual TLS on it when
+// Cluster:Tls:* are set) and maps its endpoints.
 using DeepSeekCluster.CheckpointStore.Services;
 using DeepSeekCluster.CheckpointStore.Storage;
 using DeepSeekCluster.Contracts;
+using DeepSeekCluster.ServiceDefaults;
 using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.CheckpointStore;
@@ -35,6 +37,10 @@ public static class CheckpointStoreExtensions
             o.MaxReceiveMessageSize = 16 * 1024 * 1024; // upload chunks up to 16 MiB
         });
         builder.Services.AddGrpcReflection();
+        builder.Services.AddMetrics();
+        builder.Services.AddSingleton<CheckpointStoreMetrics>();
+        // Cluster:Tls:* set: the grpc endpoint requires client certificates of the cluster CA (the workers', the Coordinator's).
+        builder.AddClusterTlsEndpoint("CheckpointStore", sp => sp.GetRequiredService<CheckpointStoreMetrics>().AuthRefused);
         return builder;
     }
 
@@ -42,6 +48,8 @@ public static class CheckpointStoreExtensions
     {
         app.MapGrpcService<CheckpointStoreService>();
         app.MapGrpcReflectionService();
+        // The instruments now, so the refusal counter's zeros are on /metrics from the first scrape.
+        app.Services.GetRequiredService<CheckpointStoreMetrics>();
         return app;
     }
 

@@ -8,7 +8,8 @@
 //     Kestrel__Endpoints__grpc__Url=http://+:P1   Kestrel__Endpoints__grpc__Protocols=Http2
 //     Kestrel__Endpoints__http__Url=http://+:P2   Kestrel__Endpoints__http__Protocols=Http1
 // /metrics, /health and /alive are mapped on every endpoint, so probes and scrapers use "http" and gRPC clients
-// use "grpc". With TLS configured, one Http1AndHttp2 endpoint serves both (ALPN). Only Kestrel:Endpoints is used
+// use "grpc". With mutual TLS (Cluster:Tls:*, ClusterTlsEndpoint.cs) "grpc" serves https and requires client
+// certificates, while "http" stays cleartext, since probes and scrapers present none. Only Kestrel:Endpoints is used
 // for this: HTTP_PORTS/ASPNETCORE_URLS cannot carry a per-endpoint protocol, and any endpoint added in code would
 // make Kestrel ignore them.
 using Microsoft.AspNetCore.Builder;

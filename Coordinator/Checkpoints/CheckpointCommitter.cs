@@ -5,6 +5,7 @@ using System.Threading.Channels;
 using DeepSeekCluster.Contracts;
 using DeepSeekCluster.Contracts.Checkpoints;
 using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.ServiceDefaults;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Store = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore;
@@ -32,7 +33,8 @@ public sealed class CheckpointCommitter : BackgroundService
     readonly GrpcChannel? channel;
     readonly Store.CheckpointStoreClient? store;
 
-    public CheckpointCommitter(IConfiguration config, IGrainFactory grains, CoordinatorMetrics metrics, ILogger<CheckpointCommitter> logger)
+    /// <param name="tls">The Coordinator's certificates (Cluster:Tls:*), registered by ControlChannelTls when set: the store is then dialled with mutual TLS.</param>
+    public CheckpointCommitter(IConfiguration config, IGrainFactory grains, CoordinatorMetrics metrics, ILogger<CheckpointCommitter> logger, ClusterTls? tls = null)
     {
         (this.grains, this.metrics, this.logger) = (grains, metrics, logger);
         Address = config[AddressKey] is { Length: > 0 } a ? a : null;
@@ -43,7 +45,7 @@ public sealed class CheckpointCommitter : BackgroundService
         }
         if (!Uri.TryCreate(Address, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
             throw new InvalidOperationException($"{AddressKey} is '{Address}'; expected an http:// or https:// address of the CheckpointStore");
-        channel = GrpcChannel.ForAddress(uri);
+        channel = ClusterChannel.For(uri, tls, AddressKey);
         store = new Store.CheckpointStoreClient(channel);
     }
 

@@ -1,5 +1,6 @@
 // The service's OpenTelemetry instruments: samples and bytes served, shard cache hits and misses, prepare throughput.
 using System.Diagnostics.Metrics;
+using DeepSeekCluster.ServiceDefaults;
 
 namespace DeepSeekCluster.DataShardService.Metrics;
 
@@ -13,6 +14,7 @@ namespace DeepSeekCluster.DataShardService.Metrics;
 ///   deepseek.data.cache_misses    {shard}   → deepseek_data_cache_misses_total
 ///   deepseek.data.prepared_bytes  By        → deepseek_data_prepared_bytes_total
 ///   deepseek.data.prepare_megabytes_per_second  MBy/s → deepseek_data_prepare_megabytes_per_second (gauge)
+///   deepseek.data.auth_refusals   {connection} → deepseek_data_auth_refusals_total{surface="tls",reason}
 /// The meter comes from the host's IMeterFactory, so each host (and each test) has its own instruments;
 /// ServiceDefaults exports it with AddMeter(DataShardsMetrics.MeterName).
 /// </summary>
@@ -26,6 +28,7 @@ public sealed class DataShardsMetrics
     private readonly Counter<long> _cacheMisses;
     private readonly Counter<long> _preparedBytes;
     private readonly Gauge<double> _prepareThroughput;
+    private readonly Counter<long> _authRefusals;
 
     public DataShardsMetrics(IMeterFactory meterFactory)
     {
@@ -39,7 +42,14 @@ public sealed class DataShardsMetrics
         _cacheMisses.Add(0);
         _preparedBytes = meter.CreateCounter<long>("deepseek.data.prepared_bytes", "By", "Raw UTF-8 text bytes read by completed prepare runs.");
         _prepareThroughput = meter.CreateGauge<double>("deepseek.data.prepare_megabytes_per_second", "MBy/s", "Raw text MB (10^6 bytes) per second of the last completed prepare run, all stages.");
+        _authRefusals = meter.CreateCounter<long>("deepseek.data.auth_refusals", "{connection}", "TLS handshakes refused for a missing or untrusted client certificate (mutual TLS configured).");
+        foreach (var reason in ClusterTlsEndpoint.Reasons) _authRefusals.Add(0, Refusal(reason));
     }
+
+    /// <summary>A client refused in the TLS handshake (<see cref="ClusterTlsEndpoint"/>), by reason.</summary>
+    public void AuthRefused(string reason) => _authRefusals.Add(1, Refusal(reason));
+
+    private static KeyValuePair<string, object?>[] Refusal(string reason) => [new("surface", ClusterTlsEndpoint.Surface), new("reason", reason)];
 
     public void SamplesServed(long samples, long bytes)
     {

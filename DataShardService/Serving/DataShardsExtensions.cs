@@ -5,6 +5,7 @@ using DeepSeekCluster.Contracts;
 using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Storage;
+using DeepSeekCluster.ServiceDefaults;
 using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.DataShardService.Serving;
@@ -116,12 +117,16 @@ public static class DataShardsExtensions
             sp.GetRequiredService<PrepareHooks>(),
             sp.GetRequiredService<DataShardsMetrics>()));
         builder.Services.AddSingleton<DatasetCatalog>();
+        // Cluster:Tls:* set: the grpc endpoint requires client certificates of the cluster CA (the workers', the AppHost's).
+        builder.AddClusterTlsEndpoint("DataShards", sp => sp.GetRequiredService<DataShardsMetrics>().AuthRefused);
         return builder;
     }
 
     public static WebApplication MapDataShards(this WebApplication app)
     {
         app.MapGrpcService<DataShardsService>();
+        // The instruments now, so every series (the refusal counter's zeros included) is on /metrics from the first scrape.
+        app.Services.GetRequiredService<DataShardsMetrics>();
         return app;
     }
 

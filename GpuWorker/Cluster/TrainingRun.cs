@@ -12,7 +12,7 @@ using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Perf;
 using DeepSeekCluster.Training.Tokenization;
-using Grpc.Net.Client;
+using DeepSeekCluster.ServiceDefaults;
 using TorchSharp;
 using static TorchSharp.torch;
 using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore.CheckpointStoreClient;
@@ -102,8 +102,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var spec = JsonSerializer.Deserialize<JobSpec>(assignment.JobSpecJson, SpecJson)
                    ?? throw new InvalidDataException("the assignment carries no job spec");
         var device = StandaloneRun.ResolveDevice(settings.Device);
-        using var dataChannel = GrpcChannel.ForAddress(settings.DataShards);
-        using var storeChannel = GrpcChannel.ForAddress(settings.Checkpoints);
+        // Mutual TLS when Cluster__Tls__* are set (WorkerSettings checked the addresses are https:// then).
+        using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey);
+        using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey);
         var data = new DataShards.DataShardsClient(dataChannel);
 
         // ---- Data and model ----

@@ -26,6 +26,9 @@ public sealed record WorkerSettings
     /// </summary>
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>The environment variables of the services' gRPC addresses (Aspire's service discovery names).</summary>
+    public const string CoordinatorKey = "services__coordinator__grpc__0", DataShardsKey = "services__data-shards__grpc__0", CheckpointsKey = "services__checkpoints__grpc__0";
+
     /// <summary>True when the environment names a coordinator: the process was started as part of a cluster.</summary>
     public static bool Configured => Environment.GetEnvironmentVariable("services__coordinator__grpc__0") is not null;
 
@@ -65,9 +68,9 @@ public sealed record WorkerSettings
                 Environment.GetEnvironmentVariable("Cluster__Tls__CaPath"), key => key.Replace(":", "__"));
         }
         catch (ArgumentException e) { problems.Add(e.Message); }
-        // A certificate that would silently go unused over cleartext is a mistake, not a choice.
-        if (tls is not null && coordinator.Scheme != Uri.UriSchemeHttps)
-            problems.Add($"services__coordinator__grpc__0='{coordinator}' must be an https:// address when Cluster__Tls__* are set (the Coordinator then serves mutual TLS)");
+        // A certificate that would silently go unused over cleartext is a mistake, not a choice: all three services serve mutual TLS then.
+        foreach (var (address, key) in new[] { (coordinator, CoordinatorKey), (data, DataShardsKey), (checkpoints, CheckpointsKey) })
+            if (ClusterChannel.Problem(address, tls, key) is { } problem) problems.Add(problem);
         var heartbeat = Duration("Worker__HeartbeatInterval", TimeSpan.FromSeconds(1));
         var collectiveTimeout = Duration("Worker__CollectiveTimeout", TimeSpan.FromSeconds(30));
         if (problems.Count > 0) throw new ArgumentException("cluster mode: " + string.Join("; ", problems));

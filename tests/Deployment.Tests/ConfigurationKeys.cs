@@ -46,15 +46,17 @@ public static partial class ConfigurationKeys
     public static readonly IReadOnlyDictionary<string, string[]> DefaultIsRight = new Dictionary<string, string[]>
     {
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
-        // Cluster:Tls:* (coordinator and gpu-worker): optional; unset is cleartext gRPC with the token, set by the opt-in
-        // component k8s/components/mtls, which mounts the certificate Secrets (docs/kubernetes.md).
+        // Cluster:Tls:* (every process): optional; unset is cleartext gRPC (with the token for ClusterControl), set by the
+        // opt-in component k8s/components/mtls, which mounts the certificate Secrets (docs/kubernetes.md).
         ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */,
-            "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds"],
-        ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds"],
+            "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds", .. ClusterTlsKeys],
+        ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds", .. ClusterTlsKeys],
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
-        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys],
+        // Kestrel:Endpoints:grpc:Url: ServiceDefaults' mutual-TLS server setup reads it, which the worker (no gRPC server) never calls.
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
+                          "Kestrel:Endpoints:grpc:Url"],
     };
 
     /// <summary>Folder keys: each must point into a volume the container mounts (the root filesystem is read-only).</summary>
