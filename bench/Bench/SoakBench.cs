@@ -129,13 +129,6 @@ public static class SoakBench
                 };
                 if (fault != "add" && live.Count <= 1) fault = "add"; // always leave one worker to train
                 if (fault == "add" && live.Count >= maxWorkers + 1) fault = "kill";
-                // From the second-to-last step on, only workers join: a member lost after the last step report but before
-                // the final checkpoint and the model folder are written leaves the job completed without them (see the report).
-                if (fault != "add" && view is not null && view.Step >= job.Steps - 2)
-                {
-                    if (live.Count >= maxWorkers + 1) continue;
-                    fault = "add";
-                }
                 var victim = fault == "add" ? null : live[random.Next(live.Count)];
                 bool member = victim is not null && view is not null && view.Workers.Any(w => w.WorkerId == victim);
                 var at = DateTimeOffset.UtcNow;
