@@ -23,11 +23,18 @@ static class RankGroup
     }
 
     /// <summary>Like <see cref="Run{T}"/> but returns each rank's outcome (value or exception) instead of throwing.</summary>
+    /// <remarks>
+    /// libtorch is loaded before the clocks start: the first tensor of a process loads it (about 3 s on the 2-core VM),
+    /// and inside a rank's timed body that load made a stall look 3 s slower to notice than the timeout allows.
+    /// </remarks>
     public static (T? Value, Exception? Error, TimeSpan Elapsed)[] Outcomes<T>(int world, Func<TcpCollective, T> body, TcpCollectiveOptions options, TimeSpan? limit = null)
-        => Run(world, c =>
+    {
+        using (TorchSharp.torch.ones(1)) { }
+        return Run(world, c =>
         {
             var clock = System.Diagnostics.Stopwatch.StartNew();
             try { return ((T?)body(c), (Exception?)null, clock.Elapsed); }
             catch (Exception e) { return (default, e, clock.Elapsed); }
         }, options, limit: limit);
+    }
 }

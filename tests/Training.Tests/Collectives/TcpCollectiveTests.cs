@@ -182,7 +182,9 @@ public class TcpCollectiveTests
         var timeout = TimeSpan.FromSeconds(2);
         var outcomes = RankGroup.Outcomes(world, c =>
         {
-            if (c.Rank == victim) { Thread.Sleep(timeout * 2); return 0; } // alive, connected, never calls the all-reduce
+            // Alive, connected, never calls the all-reduce, and stays so until the others must have decided: they must notice
+            // the stall itself, not a close.
+            if (c.Rank == victim) { Thread.Sleep(timeout * 3); return 0; }
             using var t = ones(1000, dtype: ScalarType.Float32);
             c.AllReduce(t);
             return 0;
