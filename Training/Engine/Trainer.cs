@@ -117,11 +117,11 @@ public sealed class Trainer : IDisposable
                     mtpTotal = mtpTotal is null ? ce : mtpTotal + ce;
                 }
                 var mtp = mtpTotal! / output.MtpLogits.Count;
-                mtpSum += mtp.item<float>();
+                mtpSum += mtp.item<double>(); // exact for float32 losses, and keeps a float64 run's digits
                 loss = loss + mtp * Options.MtpWeight;
             }
             if (output.AuxLoss is { } aux) { auxSum += aux.item<double>(); loss = loss + aux; }
-            lmSum += lm.item<float>();
+            lmSum += lm.item<double>();
             for (int l = 0; l < moeLayers.Count; l++)
                 for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
             fwdS += sw.Elapsed.TotalSeconds; sw.Restart();

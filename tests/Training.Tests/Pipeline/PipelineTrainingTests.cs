@@ -1,0 +1,230 @@
+// Pipeline-parallel training over real loopback links gives the single-process trainer's losses and weights (float64, MoE and MTP on).
+using System.Diagnostics;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Pipeline;
+using DeepSeekCluster.Training.Tokenization;
+using TorchSharp;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Tests.Pipeline;
+
+public class PipelineTrainingTests(ITestOutputHelper output)
+{
+    // 4 decoder layers (1 dense, 3 MoE) and one MoE MTP module: pp = 2 splits 2 + 2, pp = 3 splits 2 + 1 + 1.
+    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
+    {
+        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 4, NumAttentionHeads = 2,
+        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8,
+    };
+
+    // Global batch 8 = 1 x 4 x 2 = 2 x 2 x 2 (replicas x micro-batches x micro-batch). A clip of 0.5 is active in every
+    // step here, so the global norm over the stages decides every update.
+    static readonly TrainingOptions Options = new()
+    {
+        SeqLen = 16, GlobalBatch = 8, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        MtpWeight = 0.3, ClipNorm = 0.5,
+    };
+
+    const double Tolerance = 1e-9;
+
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
+    {
+        var docs = ShippedCorpus.Documents().Take(40).ToList();
+        var tok = BpeTokenizer.Train(docs, 300);
+        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
+    });
+
+    static DeepSeekForCausalLM NewModel()
+    {
+        manual_seed(Options.Seed); // every rank starts from the single process's weights
+        var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
+        model.to(ScalarType.Float64);
+        return model;
+    }
+
+    /// <summary>Parameters and routing biases under HF names, as float64 arrays.</summary>
+    static Dictionary<string, double[]> Snapshot(DeepSeekForCausalLM model, Func<string, bool> keep)
+    {
+        var result = new Dictionary<string, double[]>();
+        foreach (var (name, p) in model.named_parameters())
+            if (keep(model.ToHfName(name))) result[model.ToHfName(name)] = p.detach().cpu().data<double>().ToArray();
+        foreach (var (name, b) in model.named_buffers())
+            if (name.EndsWith("e_score_correction_bias", StringComparison.Ordinal) && keep(model.ToHfName(name)))
+                result[model.ToHfName(name)] = b.cpu().to_type(ScalarType.Float64).data<double>().ToArray();
+        return result;
+    }
+
+    sealed record RankResult(int Stage, int Replica, List<StepMetrics> Steps, Dictionary<string, double[]> Owned);
+
+    RankResult[] RunPipeline(int dp, int pp)
+    {
+        var layout = ParallelLayout.Even(dp, pp, Micro(Data.Value.Vocab).NumHiddenLayers);
+        var plan = new ShardingPlan(layout, []);
+        var models = new DeepSeekForCausalLM[dp * pp];
+        for (int i = 0; i < models.Length; i++) models[i] = NewModel(); // built in turn: the seed is global
+        var results = PipelineGroup.Run(dp, pp, rank =>
+        {
+            var model = models[layout.Rank(rank.Stage, rank.Replica)];
+            var stage = new PipelineStage(model, layout, rank.Stage);
+            using var reducer = rank.StageGroup is { } g ? new BucketedGradientReducer(g, bucketBytes: 16 << 10) : null;
+            using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), Options, CPU, 1e11,
+                                                    rank.Links, rank.Replica, dp, reducer);
+            var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+            return new RankResult(rank.Stage, rank.Replica, steps, Snapshot(model, n => plan.StageOf(n) == rank.Stage));
+        });
+        foreach (var m in models) m.Dispose();
+        return results;
+    }
+
+    (List<StepMetrics> Steps, Dictionary<string, double[]> Weights) RunSingle()
+    {
+        using var model = NewModel();
+        using var trainer = new Trainer(model, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);
+        var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+        return (steps, Snapshot(model, _ => true));
+    }
+
+    static double MaxDifference(double[] a, double[] b)
+    {
+        Assert.Equal(a.Length, b.Length);
+        double max = 0;
+        for (int i = 0; i < a.Length; i++) max = Math.Max(max, Math.Abs(a[i] - b[i]));
+        return max;
+    }
+
+    void AssertMatchesSingleProcess(RankResult[] ranks, int dp)
+    {
+        var (single, weights) = RunSingle();
+        for (int s = 0; s < Options.Steps; s++)
+        {
+            // Every stage of a replica reports that replica's loss; a replica's loss is the mean over its half of the batch.
+            foreach (var group in ranks.GroupBy(r => r.Replica))
+                Assert.All(group, r => Assert.Equal(group.First().Steps[s].Loss, r.Steps[s].Loss));
+            double loss = ranks.Where(r => r.Stage == 0).Average(r => r.Steps[s].Loss);
+            double mtp = ranks.Where(r => r.Stage == 0).Average(r => r.Steps[s].MtpLoss!.Value);
+            output.WriteLine($"step {s + 1}: loss {loss:R} (single {single[s].Loss:R}), mtp {mtp:R}, grad norm {ranks[0].Steps[s].GradNorm:R} (single {single[s].GradNorm:R})");
+            Assert.True(Math.Abs(loss - single[s].Loss) <= Tolerance * single[s].Loss, $"step {s + 1}: pipeline loss {loss:R}, single process {single[s].Loss:R}");
+            Assert.True(Math.Abs(mtp - single[s].MtpLoss!.Value) <= Tolerance * single[s].MtpLoss!.Value, $"step {s + 1}: pipeline MTP loss {mtp:R}, single process {single[s].MtpLoss:R}");
+            Assert.True(single[s].GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {single[s].GradNorm})");
+            Assert.All(ranks, r => Assert.True(Math.Abs(r.Steps[s].GradNorm - single[s].GradNorm) <= Tolerance * single[s].GradNorm,
+                $"step {s + 1}: stage {r.Stage} replica {r.Replica} clipped with norm {r.Steps[s].GradNorm:R}, the single process {single[s].GradNorm:R}"));
+            // The expert loads of every MoE layer (3 decoder layers and the MTP module) reach every stage.
+            if (dp == 1)
+                Assert.All(ranks, r => Assert.Equal(single[s].ExpertLoad.Select(l => string.Join(",", l)), r.Steps[s].ExpertLoad.Select(l => string.Join(",", l))));
+        }
+
+        // Every tensor of the single-process model is owned by exactly one stage, and every replica of it holds the same values.
+        foreach (var (name, expected) in weights)
+        {
+            var holders = ranks.Where(r => r.Owned.ContainsKey(name)).ToList();
+            Assert.True(holders.Count == dp && holders.Select(h => h.Stage).Distinct().Count() == 1, $"'{name}' is held by {holders.Count} ranks of stages {string.Join(",", holders.Select(h => h.Stage))}");
+            foreach (var h in holders)
+            {
+                double diff = MaxDifference(expected, h.Owned[name]);
+                Assert.True(diff <= Tolerance, $"'{name}' on stage {h.Stage} replica {h.Replica} differs from the single process by {diff:E2}");
+            }
+        }
+        Assert.Equal(weights.Count, ranks.Where(r => r.Replica == 0).Sum(r => r.Owned.Count));
+    }
+
+    [Theory]
+    [InlineData(2)]
+    [InlineData(3)] // a middle stage passes the MTP embeddings and their gradient through
+    public void StagesAsThreadsGiveTheSingleProcessLossesAndWeights(int pp)
+    {
+        var clock = Stopwatch.StartNew();
+        var ranks = RunPipeline(dp: 1, pp);
+        output.WriteLine($"pp={pp}: {clock.Elapsed.TotalSeconds:F1} s for {Options.Steps} steps");
+        AssertMatchesSingleProcess(ranks, dp: 1);
+    }
+
+    [Fact]
+    public void TwoReplicasOfTwoStagesGiveTheSingleProcessLossesAndWeights()
+    {
+        var ranks = RunPipeline(dp: 2, pp: 2);
+        AssertMatchesSingleProcess(ranks, dp: 2);
+    }
+
+    [Fact]
+    public void AStageWhoseNeighbourClosesItsLinkFailsNamingThatStage()
+    {
+        var layout = ParallelLayout.Even(1, 2, Micro(Data.Value.Vocab).NumHiddenLayers);
+        using var model = NewModel();
+        var outcomes = PipelineGroup.Run(1, 2, rank =>
+        {
+            if (rank.Stage == 1)
+            {
+                rank.Links.Dispose(); // the process of stage 1 dies: its sockets close
+                return ((Exception?)null, 0.0);
+            }
+            var clock = Stopwatch.StartNew();
+            using var trainer = new PipelineTrainer(new PipelineStage(model, layout, 0), new PermutedSamples(Data.Value.Train, 1), Options, CPU, 1e11, rank.Links);
+            try { trainer.TrainStep(); return (null, clock.Elapsed.TotalSeconds); }
+            catch (Exception e) { return (e, clock.Elapsed.TotalSeconds); }
+        }, timeout: TimeSpan.FromSeconds(20));
+
+        var (error, seconds) = outcomes[0];
+        var failure = Assert.IsType<CollectiveException>(error);
+        Assert.Equal(CollectiveFailure.PeerLost, failure.Failure);
+        Assert.Equal(1, failure.PeerRank);
+        Assert.Contains("pipeline stage 1 (replica 0, 127.0.0.1:", failure.Message);
+        Assert.True(seconds < 20, $"stage 0 noticed after {seconds:F1} s, not before its 20 s timeout");
+    }
+
+    [Fact]
+    public void AStageWhoseNeighbourStallsFailsWithinTheTimeoutNamingThatStage()
+    {
+        var layout = ParallelLayout.Even(1, 2, Micro(Data.Value.Vocab).NumHiddenLayers);
+        using var model = NewModel();
+        using var stageZeroDone = new ManualResetEventSlim();
+        var outcomes = PipelineGroup.Run(1, 2, rank =>
+        {
+            if (rank.Stage == 1)
+            {
+                // Alive but silent (a hung process): its links stay open until stage 0 has given up.
+                Assert.True(stageZeroDone.Wait(TimeSpan.FromSeconds(120)), "stage 0 never gave up");
+                return ((Exception?)null, 0.0);
+            }
+            var clock = Stopwatch.StartNew();
+            try
+            {
+                using var trainer = new PipelineTrainer(new PipelineStage(model, layout, 0), new PermutedSamples(Data.Value.Train, 1), Options, CPU, 1e11, rank.Links);
+                trainer.TrainStep();
+                return (null, clock.Elapsed.TotalSeconds);
+            }
+            catch (Exception e) { return (e, clock.Elapsed.TotalSeconds); }
+            finally { stageZeroDone.Set(); }
+        }, timeout: TimeSpan.FromSeconds(2));
+
+        var (error, seconds) = outcomes[0];
+        var failure = Assert.IsType<CollectiveException>(error);
+        Assert.Equal(CollectiveFailure.PeerStalled, failure.Failure);
+        Assert.Contains("pipeline stage 1 (replica 0, 127.0.0.1:", failure.Message);
+        Assert.Contains("within 2 s", failure.Message);
+        Assert.True(seconds >= 1.9, $"stage 0 gave up after {seconds:F2} s, before its 2 s timeout");
+    }
+
+    [Fact]
+    public async Task AListenerRefusesALinkFromAnotherGenerationAndTheDialerNamesTheStage()
+    {
+        using var listener = new StageListener("job", generation: 2, stage: 1, replica: 0, new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
+        string address = $"127.0.0.1:{listener.LocalEndpoint.Port}";
+        var accepting = Task.Run(() =>
+        {
+            try { listener.Accept("127.0.0.1:1", TimeSpan.FromSeconds(3)).Dispose(); return (Exception?)null; }
+            catch (Exception e) { return e; }
+        });
+        var refused = Assert.Throws<CollectiveException>(() => StageLink.Dial("job", generation: 1, ownStage: 0, replica: 0, address, TimeSpan.FromSeconds(10)));
+        Assert.Equal(CollectiveFailure.Refused, refused.Failure);
+        Assert.Contains($"pipeline stage 1 (replica 0, {address}) refused stage 0 of job 'job' generation 1", refused.Message);
+        Assert.Contains("generation 1 is not this stage's generation 2", refused.Message);
+        var acceptError = Assert.IsType<CollectiveException>(await accepting);
+        Assert.Equal(CollectiveFailure.PeerStalled, acceptError.Failure);
+        Assert.Contains("last refusal", acceptError.Message);
+    }
+}
