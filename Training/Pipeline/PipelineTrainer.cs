@@ -130,10 +130,10 @@ public sealed class PipelineTrainer : IDisposable
                 if (Stage.IsLast)
                 {
                     loss = output.LmLoss!;
-                    lmSum += output.LmLoss!.item<double>();
-                    if (output.MtpLoss is { } mtp) { mtpSum += mtp.item<double>(); loss = loss + mtp * Options.MtpWeight; }
+                    lmSum += Trainer.ValueOf(output.LmLoss!);
+                    if (output.MtpLoss is { } mtp) { mtpSum += Trainer.ValueOf(mtp); loss = loss + mtp * Options.MtpWeight; }
                 }
-                if (output.AuxLoss is { } aux) { auxSum += aux.item<double>(); if (loss is not null) loss = loss + aux; }
+                if (output.AuxLoss is { } aux) { auxSum += Trainer.ValueOf(aux); if (loss is not null) loss = loss + aux; }
                 for (int l = 0; l < moeLayers.Count; l++)
                     for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
                 fwdS += sw.Elapsed.TotalSeconds;
@@ -240,6 +240,39 @@ public sealed class PipelineTrainer : IDisposable
         return new StepMetrics(
             Step, last[1] / accumulation, withMtp ? last[2] / accumulation : null, pipelineAux > 0 ? pipelineAux / accumulation : null,
             lr, gradNorm, tps, mfu, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads);
+    }
+
+    /// <summary>
+    /// Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global
+    /// indices from 0), as <see cref="Trainer.EvaluateOn"/>: forwards only, the hidden states sent down the pipeline, the
+    /// loss computed on the last stage and returned by every stage. Every stage of the replica must call it together.
+    /// </summary>
+    public double EvaluateOn(ISampleSource source, int batches)
+    {
+        using var hold = FinalizerHold.Enter();
+        var model = Stage.Model;
+        model.eval();
+        try
+        {
+            using var noGrad = no_grad();
+            long[] shape = [Options.MicroBatch, Options.SeqLen, model.Config.HiddenSize];
+            var dtype = model.model.embed_tokens.weight!.dtype;
+            double sum = 0;
+            int done = 0;
+            for (int b = 0; b < batches && (long)(b + 1) * Options.MicroBatch <= source.SampleCount; b++)
+            {
+                using var scope = NewDisposeScope();
+                Tensor? batch = Stage.IsFirst || Stage.IsLast ? source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device) : null;
+                var input = Stage.IsFirst ? null : links.Previous!.Receive(shape, dtype, Device);
+                var output = Stage.Forward(batch?.narrow(1, 0, Options.SeqLen), input, null, Stage.IsLast ? batch : null, withMtp: false);
+                if (Stage.IsLast) sum += Trainer.ValueOf(output.LmLoss!);
+                else links.Next!.Send(output.Hidden_BTD);
+                done++;
+            }
+            var last = links.GatherAlongPipeline([sum, done])[^1];
+            return last[1] == 0 ? double.NaN : last[0] / last[1];
+        }
+        finally { model.train(); }
     }
 
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
