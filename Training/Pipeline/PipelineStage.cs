@@ -1,6 +1,7 @@
 // One pipeline stage of a DeepSeekForCausalLM: which parameters it owns and its part of the forward pass.
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Pipeline;
@@ -33,6 +34,13 @@ public sealed class PipelineStage
     public bool IsLast => Index == Layout.Pp - 1;
     /// <summary>The owned parameters under HF names, in the model's parameter order.</summary>
     public IReadOnlyList<(string Name, Tensor Param)> Parameters { get; }
+    /// <summary>
+    /// Every tensor of a whole-model training checkpoint (weights, routing biases, AdamW moments) with its full shape:
+    /// the catalog every rank's <see cref="ShardingPlan"/> needs, recorded before the other stages' storage is released.
+    /// </summary>
+    public IReadOnlyList<TensorEntry> CheckpointCatalog { get; }
+
+    readonly ShardingPlan ownership;
 
     public PipelineStage(DeepSeekForCausalLM model, ParallelLayout layout, int stage)
     {
@@ -45,11 +53,19 @@ public sealed class PipelineStage
         Model = model;
         Layout = layout;
         Index = stage;
-        var plan = new ShardingPlan(layout, []);
+        ownership = new ShardingPlan(layout, []);
         Parameters = model.named_parameters().Select(p => (Name: model.ToHfName(p.name), Param: (Tensor)p.parameter))
-            .Where(p => plan.StageOf(p.Name) == stage).ToList();
-        if (layout.Pp > 1) ReleaseOthers(plan);
+            .Where(p => ownership.StageOf(p.Name) == stage).ToList();
+        // A throwaway AdamW over the whole model names and shapes its state exactly as the trainers' optimizers do.
+        using (var whole = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter))))
+            CheckpointCatalog = CheckpointTensors.Catalog(CheckpointTensors.Collect(model, whole));
+        if (layout.Pp > 1) ReleaseOthers(ownership);
     }
+
+    /// <summary>This stage's checkpoint tensors (aliases): its weights and routing biases and <paramref name="optimizer"/>'s state.</summary>
+    public Dictionary<string, Tensor> StageTensors(AdamW optimizer) =>
+        CheckpointTensors.Collect(Model, optimizer).Where(kv => ownership.StageOf(kv.Key) == Index)
+            .ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
 
     /// <summary>Frees the storage of parameters and buffers another stage owns (they are never read here).</summary>
     void ReleaseOthers(ShardingPlan plan)
