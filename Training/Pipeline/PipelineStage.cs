@@ -16,7 +16,7 @@ public sealed record StageOutput(Tensor Hidden_BTD, Tensor? Embeddings_BTD, Tens
 /// the final norm, the output head and the MTP modules — the same split as <see cref="ShardingPlan.StageOf"/>, so a
 /// stage's checkpoint shard is exactly what it trains. The stage keeps the whole module tree (so that names,
 /// initialization from the global seed and the HF mapping are those of the single-process model) but releases the
-/// storage of every parameter it does not own.
+/// storage of every parameter it does not own (the whole model is built once per stage for that, then shrinks).
 /// <para>
 /// MTP depth k needs the embeddings of tokens i+k, which live on stage 0. Instead of a second, tied copy of the
 /// embedding on the last stage (Megatron's approach, which needs an extra all-reduce of a V×D gradient every step and
@@ -67,7 +67,7 @@ public sealed class PipelineStage
         CheckpointTensors.Collect(Model, optimizer).Where(kv => ownership.StageOf(kv.Key) == Index)
             .ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
 
-    /// <summary>Frees the storage of parameters and buffers another stage owns (they are never read here).</summary>
+    /// <summary>Frees the storage of the parameters another stage owns (never read here); the routing-bias buffers are small and stay.</summary>
     void ReleaseOthers(ShardingPlan plan)
     {
         using var noGrad = no_grad();
