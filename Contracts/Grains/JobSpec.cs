@@ -56,7 +56,7 @@ public sealed record JobSpec
         {
             if (dp < 0) Problem("parallel.dp", $"{dp} must be 0 (as many as the workers allow) or positive");
             if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
-            else if (pp > 1) Problem("parallel.pp", $"{pp}: pipeline stages are not implemented by the trainer yet (checkpoints already reshard across pp); use 1");
+            else if (pp > 1) Problem("parallel.pp", $"{pp}: cluster workers do not run pipeline stages yet (the stage trainer, Training/Pipeline, runs in-process and in tests; checkpoints already reshard across pp); use 1");
         }
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
         if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");

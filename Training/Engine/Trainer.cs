@@ -117,11 +117,11 @@ public sealed class Trainer : IDisposable
                     mtpTotal = mtpTotal is null ? ce : mtpTotal + ce;
                 }
                 var mtp = mtpTotal! / output.MtpLogits.Count;
-                mtpSum += mtp.item<float>();
+                mtpSum += ValueOf(mtp);
                 loss = loss + mtp * Options.MtpWeight;
             }
             if (output.AuxLoss is { } aux) { auxSum += aux.item<double>(); loss = loss + aux; }
-            lmSum += lm.item<float>();
+            lmSum += ValueOf(lm);
             for (int l = 0; l < moeLayers.Count; l++)
                 for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
             fwdS += sw.Elapsed.TotalSeconds; sw.Restart();
@@ -155,6 +155,14 @@ public sealed class Trainer : IDisposable
             new StepTimes(dataS, fwdS, bwdS, commS, optS), loads);
     }
 
+    /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>
+    internal static double ValueOf(Tensor loss) => loss.dtype switch
+    {
+        ScalarType.Float64 => loss.item<double>(),
+        ScalarType.Float32 => loss.item<float>(),
+        _ => loss.to_type(ScalarType.Float32).item<float>(),
+    };
+
     static Tensor CrossEntropy(Tensor logits_BTV, Tensor target_BT)
     {
         long v = logits_BTV.shape[^1];
@@ -180,7 +188,7 @@ public sealed class Trainer : IDisposable
             var ids = Enumerable.Range(0, (int)Math.Min(Options.MicroBatch, n - start)).Select(i => start + i).ToList();
             var batch = validation.Batch(ids).to(Device);
             var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
-            sum += CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)).item<float>();
+            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)));
             batches++;
         }
         Model.train();
@@ -200,7 +208,7 @@ public sealed class Trainer : IDisposable
             using var scope = NewDisposeScope();
             var batch = source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device);
             var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
-            sum += CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)).item<float>();
+            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)));
             done++;
         }
         Model.train();

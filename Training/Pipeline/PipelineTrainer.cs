@@ -1,0 +1,289 @@
+// The training loop of one pipeline stage of one data-parallel replica: GPipe forwards, backwards, dp reduce, global clip, step.
+using System.Diagnostics;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Pipeline;
+
+/// <summary>
+/// Trains stage <see cref="PipelineStage.Index"/> of replica <see cref="Replica"/> in step with the other stages (over
+/// <see cref="PipelineLinks"/>) and the other replicas of this stage (over the stage's <see cref="IGradientReducer"/>).
+/// The step is the single-process <see cref="Trainer"/>'s, cut at stage boundaries:
+/// <list type="number">
+/// <item>GPipe: the forwards of all the step's micro-batches (the gradient-accumulation micro-batches), each stage
+/// receiving (B, T, D) hidden states — and with MTP the embeddings — from the stage before and sending its own on;</item>
+/// <item>the backwards in the same order, each stage receiving the gradient of its outputs from the stage after and
+/// sending the gradient of its inputs back, so every parameter accumulates its micro-batch gradients in the order the
+/// single process does;</item>
+/// <item>the data-parallel average of the stage's gradients and the sum of its expert loads within the stage's dp group;</item>
+/// <item>one exchange along the pipeline of each stage's gradient sum of squares, losses and expert loads: the clip uses
+/// the global norm, and every stage reports the loss that only the last one computes;</item>
+/// <item>AdamW on the owned parameters and the routing-bias update of the stage's own MoE layers.</item>
+/// </list>
+/// GPipe rather than 1F1B: both ends of a link never send at once, so blocking links cannot deadlock, at the cost of
+/// holding every micro-batch's activations until the backwards (see docs/decisions.md).
+/// </summary>
+public sealed class PipelineTrainer : IDisposable
+{
+    public PipelineStage Stage { get; }
+    public AdamW Optimizer { get; }
+    public TrainingOptions Options { get; }
+    public LrSchedule Schedule { get; }
+    public Device Device { get; }
+    /// <summary>Optimizer steps completed; the next step is this number.</summary>
+    public long Step { get; private set; }
+    public long ConsumedSamples => Step * Options.GlobalBatch;
+    /// <summary>This stage's data-parallel replica and the number of replicas.</summary>
+    public int Replica { get; }
+    public int Replicas { get; }
+    public double PeakFlops { get; set; }
+
+    readonly ISampleSource train;
+    readonly PipelineLinks links;
+    readonly IGradientReducer? reducer;
+    readonly double flopsPerToken;
+    readonly bool ownsOptimizer;
+
+    /// <summary>
+    /// <paramref name="optimizer"/>: an AdamW over exactly <paramref name="stage"/>'s parameters whose moments carry on;
+    /// null: a fresh one (<see cref="CreateOptimizer"/>). <paramref name="reducer"/> spans this stage's replicas.
+    /// </summary>
+    public PipelineTrainer(PipelineStage stage, ISampleSource train, TrainingOptions options, Device device, double peakFlops,
+                           PipelineLinks links, int replica = 0, int replicas = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
+    {
+        Options = options.Validated(replicas);
+        if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
+        if (train.SampleCount == 0) throw new ArgumentException($"the training data holds no sample of {options.SeqLen + 1} tokens");
+        if (links.Stage != stage.Index || links.Stages != stage.Layout.Pp)
+            throw new ArgumentException($"the links are those of stage {links.Stage} of {links.Stages}, the stage is {stage.Index} of {stage.Layout.Pp}");
+        if (replica < 0 || replica >= replicas) throw new ArgumentOutOfRangeException(nameof(replica), replica, $"replica must be in [0, {replicas})");
+        Stage = stage;
+        Device = device;
+        Replica = replica;
+        Replicas = replicas;
+        this.train = train;
+        this.links = links;
+        this.reducer = reducer;
+        PeakFlops = peakFlops;
+        Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
+        ownsOptimizer = optimizer is null;
+        Optimizer = optimizer ?? CreateOptimizer(stage, options);
+        flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+    }
+
+    /// <summary>The AdamW of a stage: moments for its own parameters only.</summary>
+    public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options) =>
+        new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay };
+
+    /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
+    sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn);
+
+    /// <summary>Runs one optimizer step of this stage over this replica's slice of the global batch.</summary>
+    public StepMetrics TrainStep()
+    {
+        using var hold = FinalizerHold.Enter(); // see FinalizerHold: TorchSharp's implicit Scalars must outlive the native calls
+        var model = Stage.Model;
+        model.train();
+        int accumulation = Options.Accumulation(Replicas);
+        int micro = Options.MicroBatch;
+        long T = Options.SeqLen, D = model.Config.HiddenSize;
+        double lr = Schedule.At(Step);
+        var moeLayers = Stage.MoeLayers().ToList();
+        var loads = moeLayers.Select(m => new long[m.LastLoad.Length]).ToList();
+        double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
+        double lmSum = 0, mtpSum = 0, auxSum = 0;
+        bool withMtp = Options.MtpWeight > 0 && model.mtp.Count > 0;
+        // With MTP, stage 0's embeddings travel beside the hidden states (PipelineStage explains why).
+        bool carryEmbeddings = withMtp && Stage.Layout.Pp > 1;
+        var dtype = model.model.embed_tokens.weight!.dtype;
+        long[] shape = [micro, T, D];
+        var total = Stopwatch.StartNew();
+        var sw = new Stopwatch();
+
+        Optimizer.ZeroGrad();
+        long rankStart = Step * Options.GlobalBatch + (long)Replica * (Options.GlobalBatch / Replicas);
+        var pending = new List<Pending>(accumulation);
+        // Every micro-batch's graph lives until its backward (GPipe); the gradients outlive it.
+        using (NewDisposeScope())
+        {
+            // ---- Forwards ----
+            for (int a = 0; a < accumulation; a++)
+            {
+                sw.Restart();
+                Tensor? batch = Stage.IsFirst || Stage.IsLast ? train.Fetch(rankStart + (long)a * micro, micro).to(Device) : null;
+                dataS += sw.Elapsed.TotalSeconds;
+
+                Tensor? input = null, embIn = null;
+                if (!Stage.IsFirst)
+                {
+                    sw.Restart();
+                    input = links.Previous!.Receive(shape, dtype, Device).requires_grad_(true);
+                    if (carryEmbeddings) embIn = links.Previous.Receive(shape, dtype, Device).requires_grad_(Stage.IsLast);
+                    commS += sw.Elapsed.TotalSeconds;
+                }
+                sw.Restart();
+                var output = Stage.Forward(batch?.narrow(1, 0, T), input, embIn, Stage.IsLast ? batch : null, withMtp);
+                Tensor? loss = null;
+                if (Stage.IsLast)
+                {
+                    loss = output.LmLoss!;
+                    lmSum += Trainer.ValueOf(output.LmLoss!);
+                    if (output.MtpLoss is { } mtp) { mtpSum += Trainer.ValueOf(mtp); loss = loss + mtp * Options.MtpWeight; }
+                }
+                if (output.AuxLoss is { } aux) { auxSum += Trainer.ValueOf(aux); if (loss is not null) loss = loss + aux; }
+                for (int l = 0; l < moeLayers.Count; l++)
+                    for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
+                fwdS += sw.Elapsed.TotalSeconds;
+
+                if (!Stage.IsLast)
+                {
+                    sw.Restart();
+                    links.Next!.Send(output.Hidden_BTD);
+                    if (carryEmbeddings) links.Next.Send(output.Embeddings_BTD!);
+                    commS += sw.Elapsed.TotalSeconds;
+                }
+                pending.Add(new Pending(output, loss, input, embIn));
+            }
+
+            // ---- Backwards, in the forwards' order ----
+            foreach (var p in pending)
+            {
+                if (Stage.IsLast)
+                {
+                    sw.Restart();
+                    (p.Loss! / accumulation).backward();
+                    bwdS += sw.Elapsed.TotalSeconds;
+                }
+                else
+                {
+                    sw.Restart();
+                    var gradOut = links.Next!.Receive(shape, dtype, Device);
+                    var gradEmb = carryEmbeddings ? links.Next.Receive(shape, dtype, Device) : null;
+                    commS += sw.Elapsed.TotalSeconds;
+                    sw.Restart();
+                    var roots = new List<Tensor> { p.Output.Hidden_BTD };
+                    var grads = new List<Tensor> { gradOut };
+                    // The first stage owns the embeddings the MTP modules read: their gradient joins the layers' at the embedding.
+                    if (Stage.IsFirst && gradEmb is not null) { roots.Add(p.Output.Embeddings_BTD!); grads.Add(gradEmb); }
+                    // d(loss/accumulation)/d(aux) of this stage's MoE layers, as in the single-process backward.
+                    if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(full_like(aux, 1.0 / accumulation)); }
+                    autograd.backward(roots, grads);
+                    bwdS += sw.Elapsed.TotalSeconds;
+                    if (!Stage.IsFirst)
+                    {
+                        sw.Restart();
+                        links.Previous!.Send(p.Input!.grad ?? zeros(shape, dtype: dtype, device: Device));
+                        if (gradEmb is not null) links.Previous.Send(gradEmb); // a middle stage passes the MTP gradient on
+                        commS += sw.Elapsed.TotalSeconds;
+                    }
+                }
+                if (Stage.IsLast && !Stage.IsFirst)
+                {
+                    sw.Restart();
+                    links.Previous!.Send(p.Input!.grad ?? zeros(shape, dtype: dtype, device: Device));
+                    if (carryEmbeddings) links.Previous.Send(p.EmbeddingsIn!.grad ?? zeros(shape, dtype: dtype, device: Device));
+                    commS += sw.Elapsed.TotalSeconds;
+                }
+            }
+        }
+
+        // ---- Reduce within the stage, clip over the pipeline, step ----
+        var opt = Stopwatch.StartNew();
+        double commBefore = commS;
+        Optimizer.FillMissingGradients();
+        if (reducer is not null)
+        {
+            sw.Restart();
+            reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
+            foreach (var l in loads) reducer.SumLoads(l);
+            commS += sw.Elapsed.TotalSeconds;
+        }
+        double sumSq = 0;
+        using (no_grad())
+            foreach (var s in Optimizer.Slots)
+            {
+                using var n = s.Param.grad!.to_type(ScalarType.Float64).square().sum();
+                sumSq += n.item<double>();
+            }
+        sw.Restart();
+        var own = new List<double> { sumSq, lmSum, mtpSum, auxSum };
+        foreach (var l in loads) own.AddRange(l.Select(x => (double)x));
+        var all = links.GatherAlongPipeline([.. own]);
+        commS += sw.Elapsed.TotalSeconds;
+
+        double gradNorm = Math.Sqrt(all.Sum(v => v[0]));
+        if (Options.ClipNorm > 0 && gradNorm > Options.ClipNorm)
+        {
+            double scale = Options.ClipNorm / (gradNorm + 1e-6); // AdamW.ClipGradNorm's formula, with the global norm
+            using var noGrad = no_grad();
+            foreach (var s in Optimizer.Slots) s.Param.grad!.mul_(scale);
+        }
+        Optimizer.Step(lr);
+        if (Options.BiasUpdateSpeed > 0)
+            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);
+        optS = opt.Elapsed.TotalSeconds - (commS - commBefore);
+        Step++;
+
+        var last = all[^1];
+        int experts = model.Config.NRoutedExperts;
+        var pipelineLoads = all.SelectMany(v => Enumerable.Range(0, (v.Length - 4) / Math.Max(1, experts))
+            .Select(l => v.Skip(4 + l * experts).Take(experts).Select(x => (long)x).ToArray())).ToList();
+        double pipelineAux = all.Sum(v => v[3]);
+        double seconds = total.Elapsed.TotalSeconds;
+        double tokens = (double)Options.GlobalBatch * Options.SeqLen / Replicas;
+        double tps = tokens / seconds;
+        // The replica's pipeline spans Pp devices: MFU is over all of them.
+        double mfu = PeakFlops > 0 ? tps * flopsPerToken / (PeakFlops * Stage.Layout.Pp) : 0;
+        return new StepMetrics(
+            Step, last[1] / accumulation, withMtp ? last[2] / accumulation : null, pipelineAux > 0 ? pipelineAux / accumulation : null,
+            lr, gradNorm, tps, mfu, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads);
+    }
+
+    /// <summary>
+    /// Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global
+    /// indices from 0), as <see cref="Trainer.EvaluateOn"/>: forwards only, the hidden states sent down the pipeline, the
+    /// loss computed on the last stage and returned by every stage. Every stage of the replica must call it together.
+    /// </summary>
+    public double EvaluateOn(ISampleSource source, int batches)
+    {
+        using var hold = FinalizerHold.Enter();
+        var model = Stage.Model;
+        model.eval();
+        try
+        {
+            using var noGrad = no_grad();
+            long[] shape = [Options.MicroBatch, Options.SeqLen, model.Config.HiddenSize];
+            var dtype = model.model.embed_tokens.weight!.dtype;
+            double sum = 0;
+            int done = 0;
+            for (int b = 0; b < batches && (long)(b + 1) * Options.MicroBatch <= source.SampleCount; b++)
+            {
+                using var scope = NewDisposeScope();
+                Tensor? batch = Stage.IsFirst || Stage.IsLast ? source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device) : null;
+                var input = Stage.IsFirst ? null : links.Previous!.Receive(shape, dtype, Device);
+                var output = Stage.Forward(batch?.narrow(1, 0, Options.SeqLen), input, null, Stage.IsLast ? batch : null, withMtp: false);
+                if (Stage.IsLast) sum += Trainer.ValueOf(output.LmLoss!);
+                else links.Next!.Send(output.Hidden_BTD);
+                done++;
+            }
+            var last = links.GatherAlongPipeline([sum, done])[^1];
+            return last[1] == 0 ? double.NaN : last[0] / last[1];
+        }
+        finally { model.train(); }
+    }
+
+    /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
+    public void ResumeAt(long step, long optimizerSteps)
+    {
+        Step = step;
+        Optimizer.StepCount = optimizerSteps;
+    }
+
+    public void Dispose()
+    {
+        if (ownsOptimizer) Optimizer.Dispose();
+    }
+}

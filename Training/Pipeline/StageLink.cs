@@ -1,0 +1,256 @@
+// A point-to-point tcp link between adjacent pipeline stages of one replica: activations forward, their gradients back.
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using DeepSeekCluster.Training.Collectives;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Pipeline;
+
+/// <summary>
+/// One connection to the neighbouring stage. Frames are an 8-byte little-endian payload length and the payload (a
+/// tensor's bytes, or a vector of doubles). Every send and receive is bounded by the timeout: a neighbour that dies
+/// (its socket closes or resets) or sends nothing for that long makes the call throw <see cref="CollectiveException"/>
+/// naming it — "pipeline stage s (replica r, host:port)" — never hang. After a failure the link is faulted.
+/// Blocking and unbuffered on purpose: a GPipe step never has both ends of a link sending at once (forward frames go
+/// down, gradient frames come back only after every forward), so no sender thread is needed.
+/// </summary>
+public sealed unsafe class StageLink : IDisposable
+{
+    internal const int Magic = 0x50505344; // "DSPP"
+    internal const int Version = 1;
+
+    public int OwnStage { get; }
+    public int PeerStage { get; }
+    public int Replica { get; }
+    public string PeerAddress { get; }
+    public string PeerName => $"pipeline stage {PeerStage} (replica {Replica}, {PeerAddress})";
+    public TimeSpan Timeout { get; }
+    /// <summary>Payload bytes sent and received, for the step's communication report.</summary>
+    public long BytesMoved { get; private set; }
+
+    readonly Socket socket;
+    CollectiveException? fault;
+    volatile bool disposed;
+
+    internal StageLink(Socket socket, int ownStage, int peerStage, int replica, string peerAddress, TimeSpan timeout)
+    {
+        this.socket = socket;
+        OwnStage = ownStage;
+        PeerStage = peerStage;
+        Replica = replica;
+        PeerAddress = peerAddress;
+        Timeout = timeout;
+        socket.NoDelay = true;
+        socket.SendTimeout = socket.ReceiveTimeout = (int)Math.Clamp(timeout.TotalMilliseconds, 1, int.MaxValue);
+        socket.SendBufferSize = Math.Max(socket.SendBufferSize, 4 << 20);
+        socket.ReceiveBufferSize = Math.Max(socket.ReceiveBufferSize, 4 << 20);
+    }
+
+    /// <summary>
+    /// Dials the next stage at <paramref name="address"/> (retrying while it is not listening yet) and introduces this
+    /// end: job, generation, own stage and replica. The acceptor refuses any other job, generation or position.
+    /// </summary>
+    public static StageLink Dial(string jobId, long generation, int ownStage, int replica, string address, TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        string name = $"pipeline stage {ownStage + 1} (replica {replica}, {address})";
+        var endpoint = ParseEndpoint(address);
+        Exception? last = null;
+        while (DateTime.UtcNow < deadline)
+        {
+            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+            try
+            {
+                using (var cts = new CancellationTokenSource(Remaining(deadline)))
+                    socket.ConnectAsync(endpoint, cts.Token).AsTask().GetAwaiter().GetResult();
+                socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Max(1, Remaining(deadline).TotalMilliseconds);
+                using (var stream = new NetworkStream(socket, ownsSocket: false))
+                using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
+                using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
+                {
+                    writer.Write(Magic); writer.Write(Version); writer.Write(jobId); writer.Write(generation);
+                    writer.Write(ownStage); writer.Write(replica);
+                    writer.Flush();
+                    bool accepted = reader.ReadBoolean();
+                    string reason = reader.ReadString();
+                    if (!accepted)
+                    {
+                        socket.Dispose();
+                        throw new CollectiveException(CollectiveFailure.Refused,
+                            $"{name} refused stage {ownStage} of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
+                    }
+                }
+                return new StageLink(socket, ownStage, ownStage + 1, replica, address, timeout);
+            }
+            catch (Exception e) when (e is SocketException or OperationCanceledException or IOException or EndOfStreamException)
+            {
+                socket.Dispose();
+                last = e;
+                if (DateTime.UtcNow < deadline) Thread.Sleep(50); // not listening yet: retry until the deadline
+            }
+        }
+        throw new CollectiveException(CollectiveFailure.PeerStalled,
+            $"{name} did not accept the link from stage {ownStage} within {timeout.TotalSeconds:0.#} s ({last?.Message ?? "no attempt"})", ownStage + 1, address, last);
+    }
+
+    // ---- Tensors ----
+
+    /// <summary>Sends <paramref name="tensor"/>'s bytes (copied to a contiguous host tensor first when needed).</summary>
+    public void Send(Tensor tensor)
+    {
+        using var scope = NewDisposeScope();
+        var host = tensor.detach().cpu().contiguous();
+        long bytes = host.numel() * host.element_size();
+        SendFrame(bytes, (byte*)TensorMemory.DataPointer(host));
+    }
+
+    /// <summary>Receives one tensor frame into <paramref name="into"/> (host, contiguous), which fixes the expected size.</summary>
+    public void Receive(Tensor into)
+    {
+        if (into.device_type != DeviceType.CPU || !into.is_contiguous())
+            throw new ArgumentException("receive into a contiguous host tensor", nameof(into));
+        long bytes = into.numel() * into.element_size();
+        ReceiveFrame(bytes, (byte*)TensorMemory.DataPointer(into));
+    }
+
+    /// <summary>Receives a tensor of <paramref name="shape"/> and <paramref name="dtype"/> and moves it to <paramref name="device"/>.</summary>
+    public Tensor Receive(long[] shape, ScalarType dtype, Device device)
+    {
+        var host = empty(shape, dtype: dtype);
+        Receive(host);
+        return device.type == DeviceType.CPU ? host : host.to(device);
+    }
+
+    // ---- Small vectors (scalars between stages) ----
+
+    public void SendValues(double[] values)
+    {
+        fixed (double* p = values) SendFrame(values.LongLength * sizeof(double), (byte*)p, allowEmpty: true);
+    }
+
+    public double[] ReceiveValues()
+    {
+        long bytes = ReceiveHeader();
+        if (bytes % sizeof(double) != 0 || bytes > (64L << 20))
+            throw Fail(CollectiveFailure.Protocol, $"{PeerName} sent a value frame of {bytes} bytes; expected a multiple of 8 below 64 MiB");
+        var values = new double[bytes / sizeof(double)];
+        fixed (double* p = values) ReceivePayload(bytes, (byte*)p);
+        return values;
+    }
+
+    // ---- Framing ----
+
+    void SendFrame(long bytes, byte* data, bool allowEmpty = false)
+    {
+        ThrowIfFaulted();
+        if (bytes == 0 && !allowEmpty) throw new ArgumentException("an empty tensor frame");
+        long header = bytes;
+        Write((byte*)&header, sizeof(long), "send to");
+        Write(data, bytes, "send to");
+        BytesMoved += bytes;
+    }
+
+    void ReceiveFrame(long expected, byte* data)
+    {
+        long bytes = ReceiveHeader();
+        if (bytes != expected)
+            throw Fail(CollectiveFailure.Protocol, $"{PeerName} sent a tensor of {bytes} bytes; stage {OwnStage} expected {expected} (the stages disagree on the micro-batch shape)");
+        ReceivePayload(bytes, data);
+    }
+
+    long ReceiveHeader()
+    {
+        ThrowIfFaulted();
+        long header;
+        Read((byte*)&header, sizeof(long));
+        return header;
+    }
+
+    void ReceivePayload(long bytes, byte* data)
+    {
+        Read(data, bytes);
+        BytesMoved += bytes;
+    }
+
+    void Write(byte* data, long count, string verb)
+    {
+        try
+        {
+            while (count > 0)
+            {
+                int n = socket.Send(new ReadOnlySpan<byte>(data, (int)Math.Min(count, 1 << 30)));
+                data += n;
+                count -= n;
+            }
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            throw Translate(e, $"could not {verb} {PeerName}");
+        }
+    }
+
+    void Read(byte* data, long count)
+    {
+        try
+        {
+            while (count > 0)
+            {
+                int n = socket.Receive(new Span<byte>(data, (int)Math.Min(count, 1 << 30)));
+                if (n == 0) throw Fail(CollectiveFailure.PeerLost, $"{PeerName} closed the pipeline link (its process ended or it failed)");
+                data += n;
+                count -= n;
+            }
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            throw Translate(e, $"receiving from {PeerName} failed");
+        }
+    }
+
+    CollectiveException Translate(Exception e, string what)
+    {
+        if (disposed) return Fail(CollectiveFailure.Unavailable, $"{what}: the link was closed on this side (aborted)", e);
+        return e is SocketException { SocketErrorCode: SocketError.TimedOut or SocketError.WouldBlock }
+            ? Fail(CollectiveFailure.PeerStalled, $"{PeerName} sent or accepted nothing within {Timeout.TotalSeconds:0.#} s ({what})", e)
+            : Fail(CollectiveFailure.PeerLost, $"{what}: {e.Message}", e);
+    }
+
+    CollectiveException Fail(CollectiveFailure failure, string message, Exception? inner = null)
+    {
+        var error = new CollectiveException(failure, message, PeerStage, PeerAddress, inner);
+        fault ??= error;
+        return error;
+    }
+
+    void ThrowIfFaulted()
+    {
+        if (fault is not null) throw new CollectiveException(fault.Failure, $"the link to {PeerName} already failed: {fault.Message}", PeerStage, PeerAddress, fault);
+        if (disposed) throw new CollectiveException(CollectiveFailure.Unavailable, $"the link to {PeerName} is closed", PeerStage, PeerAddress);
+    }
+
+    internal static EndPoint ParseEndpoint(string text)
+    {
+        int colon = text.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(text.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)
+            throw new ArgumentException($"pipeline endpoint '{text}': expected host:port");
+        var host = text[..colon].Trim('[', ']');
+        return IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : new DnsEndPoint(host, port);
+    }
+
+    internal static TimeSpan Remaining(DateTime deadline)
+    {
+        var left = deadline - DateTime.UtcNow;
+        return left > TimeSpan.Zero ? left : TimeSpan.FromMilliseconds(1);
+    }
+
+    /// <summary>Closes the connection; a call blocked on it fails at once (this is how a run aborts its pipeline).</summary>
+    public void Dispose()
+    {
+        if (disposed) return;
+        disposed = true;
+        try { socket.Shutdown(SocketShutdown.Both); } catch (SocketException) { } catch (ObjectDisposedException) { }
+        socket.Dispose();
+    }
+}

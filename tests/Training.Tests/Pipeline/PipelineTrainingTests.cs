@@ -1,0 +1,356 @@
+// Pipeline-parallel training over real loopback links gives the single-process trainer's losses and weights (float64, MoE and MTP on).
+using System.Diagnostics;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Pipeline;
+using DeepSeekCluster.Training.Tokenization;
+using TorchSharp;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Tests.Pipeline;
+
+public class PipelineTrainingTests(ITestOutputHelper output)
+{
+    // 4 decoder layers (1 dense, 3 MoE) and one MoE MTP module: pp = 2 splits 2 + 2, pp = 3 splits 2 + 1 + 1. The
+    // sequence balance loss is on so that every stage's MoE layers add an auxiliary term to its backward.
+    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
+    {
+        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 4, NumAttentionHeads = 2,
+        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8, AuxLossAlpha = 0.01,
+    };
+
+    // Global batch 8 = 1 x 4 x 2 = 2 x 2 x 2 (replicas x micro-batches x micro-batch). A clip of 0.5 is active in every
+    // step here, so the global norm over the stages decides every update.
+    static readonly TrainingOptions Options = new()
+    {
+        SeqLen = 16, GlobalBatch = 8, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        MtpWeight = 0.3, ClipNorm = 0.5,
+    };
+
+    const double Tolerance = 1e-9;
+
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
+    {
+        var docs = ShippedCorpus.Documents().Take(40).ToList();
+        var tok = BpeTokenizer.Train(docs, 300);
+        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
+    });
+
+    static DeepSeekForCausalLM NewModel()
+    {
+        manual_seed(Options.Seed); // every rank starts from the single process's weights
+        var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
+        model.to(ScalarType.Float64);
+        return model;
+    }
+
+    /// <summary>Parameters and routing biases under HF names, as float64 arrays.</summary>
+    static Dictionary<string, double[]> Snapshot(DeepSeekForCausalLM model, Func<string, bool> keep)
+    {
+        var result = new Dictionary<string, double[]>();
+        foreach (var (name, p) in model.named_parameters())
+            if (keep(model.ToHfName(name))) result[model.ToHfName(name)] = p.detach().cpu().data<double>().ToArray();
+        foreach (var (name, b) in model.named_buffers())
+            if (name.EndsWith("e_score_correction_bias", StringComparison.Ordinal) && keep(model.ToHfName(name)))
+                result[model.ToHfName(name)] = b.cpu().to_type(ScalarType.Float64).data<double>().ToArray();
+        return result;
+    }
+
+    sealed record RankResult(int Stage, int Replica, List<StepMetrics> Steps, Dictionary<string, double[]> Owned, double Evaluation);
+
+    RankResult[] RunPipeline(int dp, int pp)
+    {
+        var layout = ParallelLayout.Even(dp, pp, Micro(Data.Value.Vocab).NumHiddenLayers);
+        var plan = new ShardingPlan(layout, []);
+        var models = new DeepSeekForCausalLM[dp * pp];
+        for (int i = 0; i < models.Length; i++) models[i] = NewModel(); // built in turn: the seed is global
+        var results = PipelineGroup.Run(dp, pp, rank =>
+        {
+            var model = models[layout.Rank(rank.Stage, rank.Replica)];
+            var stage = new PipelineStage(model, layout, rank.Stage);
+            using var reducer = rank.StageGroup is { } g ? new BucketedGradientReducer(g, bucketBytes: 16 << 10) : null;
+            using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), Options, CPU, 1e11,
+                                                    rank.Links, rank.Replica, dp, reducer);
+            var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+            double evaluation = trainer.EvaluateOn(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
+            return new RankResult(rank.Stage, rank.Replica, steps, Snapshot(model, n => plan.StageOf(n) == rank.Stage), evaluation);
+        });
+        foreach (var m in models) m.Dispose();
+        return results;
+    }
+
+    const int EvalBatches = 3;
+
+    (List<StepMetrics> Steps, Dictionary<string, double[]> Weights, double Evaluation) RunSingle()
+    {
+        using var model = NewModel();
+        using var trainer = new Trainer(model, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);
+        var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+        double evaluation = trainer.EvaluateOn(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
+        return (steps, Snapshot(model, _ => true), evaluation);
+    }
+
+    static double MaxDifference(double[] a, double[] b)
+    {
+        Assert.Equal(a.Length, b.Length);
+        double max = 0;
+        for (int i = 0; i < a.Length; i++) max = Math.Max(max, Math.Abs(a[i] - b[i]));
+        return max;
+    }
+
+    void AssertMatchesSingleProcess(RankResult[] ranks, int dp)
+    {
+        var (single, weights, evaluation) = RunSingle();
+        for (int s = 0; s < Options.Steps; s++)
+        {
+            // Every stage of a replica reports that replica's loss; a replica's loss is the mean over its half of the batch.
+            foreach (var group in ranks.GroupBy(r => r.Replica))
+                Assert.All(group, r => Assert.Equal(group.First().Steps[s].Loss, r.Steps[s].Loss));
+            double loss = ranks.Where(r => r.Stage == 0).Average(r => r.Steps[s].Loss);
+            double mtp = ranks.Where(r => r.Stage == 0).Average(r => r.Steps[s].MtpLoss!.Value);
+            double aux = ranks.Where(r => r.Stage == 0).Average(r => r.Steps[s].AuxLoss!.Value); // every stage's MoE layers contribute
+            output.WriteLine($"step {s + 1}: loss {loss:R} (single {single[s].Loss:R}), mtp {mtp:R}, aux {aux:R} (single {single[s].AuxLoss:R}), grad norm {ranks[0].Steps[s].GradNorm:R} (single {single[s].GradNorm:R})");
+            Assert.True(Math.Abs(loss - single[s].Loss) <= Tolerance * single[s].Loss, $"step {s + 1}: pipeline loss {loss:R}, single process {single[s].Loss:R}");
+            Assert.True(Math.Abs(mtp - single[s].MtpLoss!.Value) <= Tolerance * single[s].MtpLoss!.Value, $"step {s + 1}: pipeline MTP loss {mtp:R}, single process {single[s].MtpLoss:R}");
+            Assert.True(Math.Abs(aux - single[s].AuxLoss!.Value) <= Tolerance * single[s].AuxLoss!.Value, $"step {s + 1}: pipeline aux loss {aux:R}, single process {single[s].AuxLoss:R}");
+            Assert.True(single[s].GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {single[s].GradNorm})");
+            Assert.All(ranks, r => Assert.True(Math.Abs(r.Steps[s].GradNorm - single[s].GradNorm) <= Tolerance * single[s].GradNorm,
+                $"step {s + 1}: stage {r.Stage} replica {r.Replica} clipped with norm {r.Steps[s].GradNorm:R}, the single process {single[s].GradNorm:R}"));
+            // The expert loads of every MoE layer (3 decoder layers and the MTP module) reach every stage.
+            if (dp == 1)
+                Assert.All(ranks, r => Assert.Equal(single[s].ExpertLoad.Select(l => string.Join(",", l)), r.Steps[s].ExpertLoad.Select(l => string.Join(",", l))));
+        }
+
+        // Every tensor of the single-process model is owned by exactly one stage, and every replica of it holds the same values.
+        foreach (var (name, expected) in weights)
+        {
+            var holders = ranks.Where(r => r.Owned.ContainsKey(name)).ToList();
+            Assert.True(holders.Count == dp && holders.Select(h => h.Stage).Distinct().Count() == 1, $"'{name}' is held by {holders.Count} ranks of stages {string.Join(",", holders.Select(h => h.Stage))}");
+            foreach (var h in holders)
+            {
+                double diff = MaxDifference(expected, h.Owned[name]);
+                Assert.True(diff <= Tolerance, $"'{name}' on stage {h.Stage} replica {h.Replica} differs from the single process by {diff:E2}");
+            }
+        }
+        Assert.Equal(weights.Count, ranks.Where(r => r.Replica == 0).Sum(r => r.Owned.Count));
+
+        // Evaluation through the stages (forwards only) gives the trained single process's loss on every rank.
+        output.WriteLine($"evaluation: pipeline {ranks[0].Evaluation:R}, single {evaluation:R}");
+        Assert.All(ranks, r => Assert.True(Math.Abs(r.Evaluation - evaluation) <= Tolerance * evaluation,
+            $"stage {r.Stage} replica {r.Replica} evaluates {r.Evaluation:R}, the single process {evaluation:R}"));
+    }
+
+    [Theory]
+    [InlineData(2)]
+    [InlineData(3)] // a middle stage passes the MTP embeddings and their gradient through
+    public void StagesAsThreadsGiveTheSingleProcessLossesAndWeights(int pp)
+    {
+        var clock = Stopwatch.StartNew();
+        var ranks = RunPipeline(dp: 1, pp);
+        output.WriteLine($"pp={pp}: {clock.Elapsed.TotalSeconds:F1} s for {Options.Steps} steps");
+        AssertMatchesSingleProcess(ranks, dp: 1);
+    }
+
+    [Fact]
+    public void TheTinyPresetInFloat32OnTwoStagesFollowsTheSingleProcessLossCurve()
+    {
+        // The shipped preset at its own precision: float32 sums in another order, so the curves agree to float tolerance.
+        var config = DeepSeekConfig.Tiny(Data.Value.Vocab);
+        var options = Options with { SeqLen = 16, GlobalBatch = 16, MicroBatch = 4, Steps = 4, ClipNorm = 1.0 };
+        DeepSeekForCausalLM Fresh() { manual_seed(options.Seed); return new DeepSeekForCausalLM(config).InitializeWeights(); }
+
+        List<(double Loss, double Seconds)> Single()
+        {
+            var steps = new List<(double Loss, double Seconds)>();
+            using var model = Fresh();
+            using var trainer = new Trainer(model, Data.Value.Train, null, options, CPU, peakFlops: 1e11);
+            for (int s = 0; s < options.Steps; s++)
+            {
+                var clock = Stopwatch.StartNew();
+                double loss = trainer.TrainStep().Loss;
+                steps.Add((loss, clock.Elapsed.TotalSeconds));
+            }
+            return steps;
+        }
+        // On a thread of its own like each stage: on the test runner's thread the same steps ran 10x slower here (torch threading per calling thread).
+        List<(double Loss, double Seconds)> OnOwnThread() =>
+            Task.Factory.StartNew(Single, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default).GetAwaiter().GetResult();
+        var onRunnerThread = Single();
+        var single = OnOwnThread();
+
+        var layout = ParallelLayout.Even(1, 2, config.NumHiddenLayers);
+        var models = new[] { Fresh(), Fresh() };
+        var stages = PipelineGroup.Run(1, 2, rank =>
+        {
+            using var trainer = new PipelineTrainer(new PipelineStage(models[rank.Stage], layout, rank.Stage),
+                new PermutedSamples(Data.Value.Train, (ulong)options.Seed), options, CPU, 1e11, rank.Links);
+            var steps = new List<(double Loss, double Seconds)>();
+            for (int s = 0; s < options.Steps; s++)
+            {
+                var clock = Stopwatch.StartNew();
+                double loss = trainer.TrainStep().Loss;
+                steps.Add((loss, clock.Elapsed.TotalSeconds));
+            }
+            return steps;
+        });
+        foreach (var m in models) m.Dispose();
+        var singleAgain = OnOwnThread(); // after the pipeline too, so that neither side alone pays the process's warm-up
+
+        // The fastest step after the first, for the report (the least disturbed by other load); nothing is asserted on time.
+        output.WriteLine($"tiny float32, seq 16, batch 16 = 4 x 4: step {onRunnerThread.Skip(1).Min(x => x.Seconds):F3} s on the runner's thread, {single.Skip(1).Min(x => x.Seconds):F3} s then " +
+                         $"{singleAgain.Skip(1).Min(x => x.Seconds):F3} s on one process, {stages[0].Skip(1).Min(x => x.Seconds):F3} s with 2 stages as threads");
+        for (int s = 0; s < options.Steps; s++)
+        {
+            output.WriteLine($"step {s + 1}: single {single[s].Loss:R}, pipeline {stages[0][s].Loss:R}");
+            Assert.Equal(single[s].Loss, singleAgain[s].Loss);
+            Assert.Equal(stages[0][s].Loss, stages[1][s].Loss);
+            Assert.True(Math.Abs(stages[0][s].Loss - single[s].Loss) <= 1e-4 * single[s].Loss, $"step {s + 1}: pipeline {stages[0][s].Loss}, single {single[s].Loss}");
+        }
+    }
+
+    [Fact]
+    public void TwoReplicasOfTwoStagesGiveTheSingleProcessLossesAndWeights()
+    {
+        var ranks = RunPipeline(dp: 2, pp: 2);
+        AssertMatchesSingleProcess(ranks, dp: 2);
+    }
+
+    [Fact]
+    public async Task EachStageSavesOnlyItsTensorsAndTheCheckpointLoadsIntoOneProcessAsTheSingleProcessState()
+    {
+        const string job = "pp-ckpt";
+        string root = Path.Combine(Path.GetTempPath(), $"pp-ckpt-{Guid.NewGuid():N}");
+        try
+        {
+            using var store = new FolderCheckpointStore(root, job);
+            var layout = ParallelLayout.Even(1, 2, Micro(Data.Value.Vocab).NumHiddenLayers);
+            var models = new[] { NewModel(), NewModel() };
+            var saved = PipelineGroup.Run(1, 2, rank =>
+            {
+                var stage = new PipelineStage(models[rank.Stage], layout, rank.Stage);
+                using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), Options, CPU, 1e11, rank.Links);
+                for (int s = 0; s < Options.Steps; s++) trainer.TrainStep();
+                var plan = new ShardingPlan(layout, stage.CheckpointCatalog);
+                int fileRank = layout.Rank(rank.Stage, 0);
+                var file = ShardedCheckpointWriter.WriteRank(store, plan, fileRank, Options.Steps, stage.StageTensors(trainer.Optimizer));
+                return (File: file, Plan: plan, Written: plan.WritesOf(fileRank).Select(w => w.Name).ToList(), Stage: rank.Stage);
+            });
+            foreach (var m in models) m.Dispose();
+
+            // Both stages catalogue the whole model; each writes exactly the tensors its stage owns, and together all of them.
+            Assert.Equal(saved[0].Plan.Tensors.Select(t => $"{t.Name}:{string.Join("x", t.Shape)}"), saved[1].Plan.Tensors.Select(t => $"{t.Name}:{string.Join("x", t.Shape)}"));
+            foreach (var r in saved) Assert.All(r.Written, name => Assert.Equal(r.Stage, r.Plan.StageOf(name)));
+            Assert.Empty(saved[0].Written.Intersect(saved[1].Written));
+            Assert.Equal(saved[0].Plan.Tensors.Select(t => t.Name).Order(), saved.SelectMany(r => r.Written).Order());
+            Assert.Contains("model.embed_tokens.weight", saved[0].Written);
+            Assert.Contains("optimizer.lm_head.weight.exp_avg", saved[1].Written);
+
+            var manifest = ShardedCheckpointWriter.Manifest(job, saved[0].Plan,
+                new CheckpointPosition(Options.Steps, 1, Options.Steps * Options.GlobalBatch, Options.Steps), saved.Select(r => r.File), Micro(Data.Value.Vocab).ToJson(), null);
+            await store.CommitAsync(manifest);
+
+            // The single process trained the same steps; a whole model loaded from the two stage files must equal it.
+            using var single = NewModel();
+            using var trainer = new Trainer(single, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);
+            for (int s = 0; s < Options.Steps; s++) trainer.TrainStep();
+            using var loaded = NewModel();
+            using var optimizer = Trainer.CreateOptimizer(loaded, Options);
+            await ShardedCheckpointLoader.LoadReplicaAsync(store, Options.Steps, loaded, optimizer);
+            Assert.Equal(Options.Steps, optimizer.StepCount);
+            var expected = CheckpointTensors.Collect(single, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float64).data<double>().ToArray());
+            var actual = CheckpointTensors.Collect(loaded, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float64).data<double>().ToArray());
+            Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
+            foreach (var (name, values) in expected)
+            {
+                double diff = MaxDifference(values, actual[name]);
+                Assert.True(diff <= Tolerance, $"'{name}' loaded from the stage files differs from the single process by {diff:E2}");
+            }
+        }
+        finally
+        {
+            if (Directory.Exists(root)) Directory.Delete(root, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void AStageWhoseNeighbourClosesItsLinkFailsNamingThatStage()
+    {
+        var layout = ParallelLayout.Even(1, 2, Micro(Data.Value.Vocab).NumHiddenLayers);
+        using var model = NewModel();
+        var outcomes = PipelineGroup.Run(1, 2, rank =>
+        {
+            if (rank.Stage == 1)
+            {
+                rank.Links.Dispose(); // the process of stage 1 dies: its sockets close
+                return ((Exception?)null, 0.0);
+            }
+            var clock = Stopwatch.StartNew();
+            using var trainer = new PipelineTrainer(new PipelineStage(model, layout, 0), new PermutedSamples(Data.Value.Train, 1), Options, CPU, 1e11, rank.Links);
+            try { trainer.TrainStep(); return (null, clock.Elapsed.TotalSeconds); }
+            catch (Exception e) { return (e, clock.Elapsed.TotalSeconds); }
+        }, timeout: TimeSpan.FromSeconds(20));
+
+        var (error, seconds) = outcomes[0];
+        var failure = Assert.IsType<CollectiveException>(error);
+        Assert.Equal(CollectiveFailure.PeerLost, failure.Failure);
+        Assert.Equal(1, failure.PeerRank);
+        Assert.Contains("pipeline stage 1 (replica 0, 127.0.0.1:", failure.Message);
+        Assert.True(seconds < 20, $"stage 0 noticed after {seconds:F1} s, not before its 20 s timeout");
+    }
+
+    [Fact]
+    public void AStageWhoseNeighbourStallsFailsWithinTheTimeoutNamingThatStage()
+    {
+        var layout = ParallelLayout.Even(1, 2, Micro(Data.Value.Vocab).NumHiddenLayers);
+        using var model = NewModel();
+        using var stageZeroDone = new ManualResetEventSlim();
+        var outcomes = PipelineGroup.Run(1, 2, rank =>
+        {
+            if (rank.Stage == 1)
+            {
+                // Alive but silent (a hung process): its links stay open until stage 0 has given up.
+                Assert.True(stageZeroDone.Wait(TimeSpan.FromSeconds(120)), "stage 0 never gave up");
+                return ((Exception?)null, 0.0);
+            }
+            var clock = Stopwatch.StartNew();
+            try
+            {
+                using var trainer = new PipelineTrainer(new PipelineStage(model, layout, 0), new PermutedSamples(Data.Value.Train, 1), Options, CPU, 1e11, rank.Links);
+                trainer.TrainStep();
+                return (null, clock.Elapsed.TotalSeconds);
+            }
+            catch (Exception e) { return (e, clock.Elapsed.TotalSeconds); }
+            finally { stageZeroDone.Set(); }
+        }, timeout: TimeSpan.FromSeconds(2));
+
+        var (error, seconds) = outcomes[0];
+        var failure = Assert.IsType<CollectiveException>(error);
+        Assert.Equal(CollectiveFailure.PeerStalled, failure.Failure);
+        Assert.Contains("pipeline stage 1 (replica 0, 127.0.0.1:", failure.Message);
+        Assert.Contains("within 2 s", failure.Message);
+        Assert.True(seconds >= 1.9, $"stage 0 gave up after {seconds:F2} s, before its 2 s timeout");
+    }
+
+    [Fact]
+    public async Task AListenerRefusesALinkFromAnotherGenerationAndTheDialerNamesTheStage()
+    {
+        using var listener = new StageListener("job", generation: 2, stage: 1, replica: 0, new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
+        string address = $"127.0.0.1:{listener.LocalEndpoint.Port}";
+        var accepting = Task.Run(() =>
+        {
+            try { listener.Accept("127.0.0.1:1", TimeSpan.FromSeconds(3)).Dispose(); return (Exception?)null; }
+            catch (Exception e) { return e; }
+        });
+        var refused = Assert.Throws<CollectiveException>(() => StageLink.Dial("job", generation: 1, ownStage: 0, replica: 0, address, TimeSpan.FromSeconds(10)));
+        Assert.Equal(CollectiveFailure.Refused, refused.Failure);
+        Assert.Contains($"pipeline stage 1 (replica 0, {address}) refused stage 0 of job 'job' generation 1", refused.Message);
+        Assert.Contains("generation 1 is not this stage's generation 2", refused.Message);
+        var acceptError = Assert.IsType<CollectiveException>(await accepting);
+        Assert.Equal(CollectiveFailure.PeerStalled, acceptError.Failure);
+        Assert.Contains("last refusal", acceptError.Message);
+    }
+}
