@@ -39,8 +39,9 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report);
 
     /// <summary>
-    /// A rank could not store its file of the step's checkpoint: the step cannot commit from this generation, which becomes
-    /// a checkpoint_not_committed event naming the rank and the error (training goes on). Fenced like steps.
+    /// A rank could not store its file of the step's checkpoint, or skipped it (its previous save was still uploading): the
+    /// step cannot commit from this generation, which becomes a checkpoint_not_committed event naming the rank and
+    /// <paramref name="error"/> (a phrase: "could not store its file: …"); training goes on. Fenced like steps.
     /// </summary>
     Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error);
 

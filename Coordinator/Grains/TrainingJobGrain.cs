@@ -267,8 +267,8 @@ public sealed class TrainingJobGrain(
     {
         Fence(generation, "checkpoint", acceptedWhenCompleted: true);
         string then = step >= S.Spec!.Steps ? "; the rank saves the final checkpoint again until the store takes it" : "; training goes on";
-        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: rank {rank} could not store its file ({error}){then}")
-            with { ResumeStep = step, Reason = $"rank {rank} could not store its file" });
+        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: rank {rank} {error}{then}")
+            with { ResumeStep = step, Reason = $"rank {rank}: {error}" });
         await job.WriteStateAsync();
     }
 

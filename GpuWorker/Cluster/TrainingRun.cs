@@ -227,17 +227,14 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                 Log($"checkpoint of step {outcome.Step} failed: {outcome.Error?.Message}");
                 manifests.TryRemove(outcome.Step, out _);
                 if (outcome.Error is OperationCanceledException) return Task.CompletedTask; // the run is ending: nothing to tell
-                send(new WorkerMessage
-                {
-                    Checkpoint = new CheckpointReport
-                    {
-                        Generation = assignment.Generation, Step = outcome.Step, Rank = assignment.Rank,
-                        Error = outcome.Error?.Message ?? "unknown error",
-                    },
-                });
+                NotStored(outcome.Step, $"could not store its file: {outcome.Error?.Message}");
             }
             return Task.CompletedTask;
         });
+
+        // A checkpoint that will not commit from this generation is a job event naming the rank and why.
+        void NotStored(long step, string why) =>
+            send(new WorkerMessage { Checkpoint = new CheckpointReport { Generation = assignment.Generation, Step = step, Rank = assignment.Rank, Error = why } });
 
         void SaveCheckpoint(long step)
         {
@@ -249,6 +246,12 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             var request = saver.Save(step, tensors);
             if (request.Started) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, request.Stall);
             if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
+            if (!request.Started && step != options.Steps)
+            {
+                manifests.TryRemove(step, out _);
+                NotStored(step, saver.Busy ? "skipped its save: the previous one was still uploading"
+                                           : $"could not copy its state to host memory: {request.PreviousFailure?.Message}");
+            }
             if (step == options.Steps && !request.Started)
             {
                 saver.WaitAsync().GetAwaiter().GetResult();

@@ -237,10 +237,10 @@ public class ElasticityTests
         for (int step = 1; step <= 2; step++) await job.ReportStepAsync(1, Slice(step, 0, 8));
 
         // A rank that could not store its final file keeps the job waiting (it saves again); the event names it.
-        await job.ReportCheckpointFailedAsync(1, 2, 0, "Unavailable: blob storage at http://127.0.0.1:1 failed to upload");
+        await job.ReportCheckpointFailedAsync(1, 2, 0, "could not store its file: Unavailable: blob storage at http://127.0.0.1:1 failed to upload");
         var waiting = await job.GetStatusAsync();
         Assert.Equal(JobState.Running, waiting.State);
-        Assert.Contains("rank 0 could not store its file (Unavailable: blob storage at http://127.0.0.1:1", waiting.Events.Last(e => e.Kind == K.CheckpointNotCommitted).Message);
+        Assert.Contains("rank 0 could not store its file: Unavailable: blob storage at http://127.0.0.1:1", waiting.Events.Last(e => e.Kind == K.CheckpointNotCommitted).Message);
 
         // An earlier step that cannot commit changes nothing; the final one ends the wait with the reason.
         await job.CheckpointNotCommittedAsync(1, 1, "hash mismatch in rank-0.safetensors");
