@@ -160,7 +160,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
         else
         {
             progress?.Report($"tokenizer: training vocab {spec.VocabSize} on the training side of {spool.Count} documents");
-            var trainMeter = new StageMeter("tokenizer: counting", progress);
+            var trainMeter = new StageMeter("tokenizer", progress);
             tokenizer = BpeTokenizer.Train(
                 spool.Read().Where(d => !IsValidation(d.Hash, spec.ValidationFraction)).Select(d =>
                 {
@@ -168,7 +168,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                     return d.Text;
                 }),
                 spec.VocabSize, progress: progress);
-            trainMeter.Done(", merges done");
+            trainMeter.Done($", vocab {tokenizer.VocabSize} trained (counting and merges)");
         }
         int eot = tokenizer.EosTokenId ?? throw DataInputException.Invalid(
             $"Tokenizer '{spec.TokenizerPath}' has no end-of-text token to join documents with.");
@@ -246,17 +246,23 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
     }
 
     /// <summary>
-    /// Staging folders of earlier runs for this dataset whose process has ended (killed, or crashed); a live
-    /// process's folder is left alone. One of this process is a leftover: runs of one dataset take turns at the gate held here.
+    /// Staging folders ("{dataset}-{pid}-{guid}") that no run will remove: those of ended processes (killed, or
+    /// crashed), whatever their dataset, and this process's own for this dataset (runs of one dataset take turns at
+    /// the gate held here, so one found now is a leftover). A live process's folder is left alone.
     /// </summary>
     private void RemoveAbandonedStaging(string datasetId, IProgress<string>? progress)
     {
         if (!Directory.Exists(workRoot))
             return;
-        foreach (string dir in Directory.EnumerateDirectories(workRoot, datasetId + "-*"))
+        foreach (string dir in Directory.EnumerateDirectories(workRoot, "ds-*-*-*"))
         {
-            string[] parts = Path.GetFileName(dir)[(datasetId.Length + 1)..].Split('-');
-            if (parts.Length != 2 || !int.TryParse(parts[0], out int pid) || (pid != Environment.ProcessId && IsRunning(pid)))
+            string[] parts = Path.GetFileName(dir).Split('-');
+            if (!int.TryParse(parts[^2], out int pid))
+                continue;
+            bool abandoned = pid == Environment.ProcessId
+                ? Path.GetFileName(dir).StartsWith(datasetId + "-", StringComparison.Ordinal)
+                : !IsRunning(pid);
+            if (!abandoned)
                 continue;
             Directory.Delete(dir, recursive: true);
             progress?.Report($"removed the staging folder {dir} of an interrupted run (process {pid})");

@@ -29,6 +29,31 @@ public sealed class FolderPrepareKillTests(FolderBackend backend) : PrepareKillB
     }
 }
 
+public sealed class AbandonedStagingTests
+{
+    [Fact]
+    public async Task APrepareRemovesStagingFoldersOfEndedProcessesAndLeavesThoseOfLiveOnes()
+    {
+        string root = TestCorpus.NewFolder("staging-store");
+        string work = TestCorpus.NewFolder("staging-work");
+        string input = TestCorpus.WritePlain(TestCorpus.NewFolder("staging-input"), "bible.txt", TestCorpus.FirstChapters(10));
+        using (var ended = System.Diagnostics.Process.Start("true")!)
+        {
+            await ended.WaitForExitAsync();
+            Directory.CreateDirectory(Path.Combine(work, $"ds-00000000000000aa-{ended.Id}-{Guid.NewGuid():N}", "x"));
+        }
+        // This process is alive and may be preparing another dataset right now: its folder stays.
+        string live = Directory.CreateDirectory(Path.Combine(work, $"ds-00000000000000bb-{Environment.ProcessId}-{Guid.NewGuid():N}")).FullName;
+
+        var preparer = new DatasetPreparer(new Storage.FolderDatasetStore(root), work);
+        await preparer.PrepareAsync(new PrepareSpec([new SourceSpec("bible", input)], 32, 259), null, CancellationToken.None);
+        Assert.Equal([live], Directory.GetDirectories(work));
+        Directory.Delete(root, true);
+        Directory.Delete(work, true);
+        Directory.Delete(Path.GetDirectoryName(input)!, true);
+    }
+}
+
 public sealed class AzuritePrepareKillTests(AzuriteBackend backend) : PrepareKillBehaviour(backend), IClassFixture<AzuriteBackend>;
 
 public abstract class PrepareKillBehaviour(StoreBackend backend)
