@@ -30,7 +30,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
     private const ulong SplitSeed = 0x5350_4C49_5456_414C; // which side of the split a document falls on
     private const ulong MixSeed = 0x4D49_5857_4549_4748;   // which documents get the fractional extra copy
     private const int EncodeChunk = 256;               // documents per parallel encode, and at most
-    private const long EncodeChunkChars = 1 << 20;     // this many characters, so long documents do not pile up
+    private const long EncodeChunkChars = 256 << 10;   // this many characters, so long documents do not pile up
     private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
 
     public async Task<PrepareResult> PrepareAsync(PrepareSpec spec, IProgress<string>? progress, CancellationToken ct)
@@ -191,12 +191,12 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
             {
                 ct.ThrowIfCancellationRequested();
                 var tokens = new int[chunk.Length][];
-                Parallel.For(0, chunk.Length, i => tokens[i] = [.. tokenizer.Encode(chunk[i].Text), eot]);
+                Parallel.For(0, chunk.Length, i => tokens[i] = tokenizer.Encode(chunk[i].Text));
                 for (int i = 0; i < chunk.Length; i++)
                 {
-                    (IsValidation(chunk[i].Hash, spec.ValidationFraction) ? validation : train).Add(tokens[i]);
+                    (IsValidation(chunk[i].Hash, spec.ValidationFraction) ? validation : train).Add(tokens[i], eot);
                     inMix[chunk[i].SourceIndex]++;
-                    tokensInMix[chunk[i].SourceIndex] += tokens[i].Length;
+                    tokensInMix[chunk[i].SourceIndex] += tokens[i].Length + 1;
                 }
                 packed += chunk.Length;
                 packMeter.Add(chunk.Length, chunk.Sum(d => (long)Encoding.UTF8.GetByteCount(d.Text)),

@@ -20,10 +20,10 @@ public sealed class StreamingMemoryTests
         Assert.True(big.RawBytes > 2.9 * HeapLimit, $"{big.RawBytes} bytes");
         Assert.Equal(Documents, big.Manifest.Report.DocumentsPacked); // every document was read and packed
         Assert.Equal(Documents, big.Manifest.Report.Dedup.Kept);
-        // Resident memory of the whole process (runtime, JIT, ICU, native buffers included) grows by far less than the
-        // text added: what grows is the dedup index (about 2.1 KB a document) and buffers bounded by the chunk sizes.
+        // Resident memory of the whole process (runtime, JIT, ICU, native buffers included) grows by the managed heap
+        // filling up to its cap (about 28 MB measured) and little more: nothing outside the heap scales with the text.
         long growth = big.Run.PeakRssBytes - small.Run.PeakRssBytes;
-        Assert.True(small.Run.PeakRssBytes > 0 && growth < big.RawBytes / 4,
+        Assert.True(small.Run.PeakRssBytes > 0 && growth < HeapLimit + (16L << 20),
             $"peak RSS {small.Run.PeakRssBytes} for {small.RawBytes} bytes of text, {big.Run.PeakRssBytes} for {big.RawBytes}");
         Assert.Contains(big.Run.Lines, l => l.StartsWith("[prepare] clean+dedup:", StringComparison.Ordinal) && l.Contains("MB/s", StringComparison.Ordinal));
     }
