@@ -17,8 +17,8 @@ public sealed record PrepareResult(DatasetManifest Manifest, bool Reused);
 /// yields byte-identical shards and manifest. So an interrupted run is repaired by running again: leftovers of
 /// incomplete puts are removed, shards are rewritten whole (each put is atomic), and the manifest, written
 /// last, is what marks the dataset complete; a complete dataset is returned as is.
-/// A killed run (SIGKILL included) leaves at most a staging folder, named with its process id, which the next run
-/// for the same dataset removes once that process is gone.
+/// A killed run (SIGKILL included) leaves at most a staging folder, named with its process id, which the next
+/// prepare run removes once that process is gone.
 /// Memory: what grows with the corpus is the dedup index (about 2.1 KB per kept document at the default MinHash
 /// settings, see <see cref="Deduplicator"/>) and the tokenizer trainer's distinct pre-tokens; texts stream from the
 /// inputs through a spool file, at most one document (capped by cleaning.max_chars) or one encode chunk at a time.
@@ -126,7 +126,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                     readMeter.Add(1, rawLength, () => $", {spool.Count} kept");
                     if (raw is null)
                     {
-                        cleaner.CountTooLong(); // longer than max_chars: the reader stopped holding it
+                        cleaner.CountTooLong(); // far over max_chars: the reader stopped holding it
                         continue;
                     }
                     if (cleaner.Clean(raw) is not { } text)
