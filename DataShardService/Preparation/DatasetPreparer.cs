@@ -19,7 +19,7 @@ public sealed record PrepareResult(DatasetManifest Manifest, bool Reused);
 /// last, is what marks the dataset complete; a complete dataset is returned as is.
 /// A killed run (SIGKILL included) leaves at most a staging folder, named with its process id, which the next
 /// prepare run removes once that process is gone.
-/// Memory: what grows with the corpus is the dedup index (about 2.1 KB per kept document at the default MinHash
+/// Memory: what grows with the corpus is the dedup index (about 1.7 KB per kept document at the default MinHash
 /// settings, see <see cref="Deduplicator"/>) and the tokenizer trainer's distinct pre-tokens; texts stream from the
 /// inputs through a spool file, at most one document (capped by cleaning.max_chars) or one encode chunk at a time.
 /// </summary>

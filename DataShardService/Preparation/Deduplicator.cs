@@ -25,8 +25,10 @@ public sealed class DedupCounts
 /// Only kept documents enter the buckets, so a document is compared with earlier kept ones and the first wins
 /// (whatever order the candidates are tried in: the verdict is whether any one reaches the threshold).
 /// Memory per kept document: the exact set's entry (about 40 bytes), 2·P bytes of signature, and per band a
-/// dictionary entry (about 24-48 bytes with the dictionary's growth slack) and a 4-byte chain link; at the defaults
-/// (P = 128, B = 32) about 2.1 KB, measured by DedupMemoryTests. Texts are never held.
+/// dictionary entry (16-32 bytes with the dictionary's growth slack) and a 4-byte chain link; at the defaults
+/// (P = 128, B = 32) about 1.7 KB, measured by DedupMemoryTests. Texts are never held. Buckets are keyed by 32
+/// bits of the band hash: a stray match only costs one signature comparison (at 10 M kept documents, 0.07 per
+/// document checked), and the verdict still rests on the Jaccard estimate.
 /// </summary>
 public sealed class Deduplicator
 {
@@ -39,7 +41,7 @@ public sealed class Deduplicator
     // Per kept document with words (the index is what grows with the corpus, see the class summary):
     // P 16-bit signature entries, and per band one bucket entry plus one chain link.
     private readonly PagedRows<ushort> _signatures_NP;   // of kept documents with shingles, by kept ordinal
-    private readonly Dictionary<ulong, int>[] _heads_B;  // per band: band hash -> newest kept ordinal in that bucket
+    private readonly Dictionary<uint, int>[] _heads_B;   // per band: band hash (low 32 bits) -> newest kept ordinal in that bucket
     private readonly PagedRows<int> _next_NB;            // (ordinal, band) -> the older ordinal in the same bucket, or -1
 
     public Deduplicator(DedupSpec spec)
@@ -56,7 +58,7 @@ public sealed class Deduplicator
         }
         _signatures_NP = new PagedRows<ushort>(spec.Permutations);
         _next_NB = new PagedRows<int>(spec.Bands);
-        _heads_B = new Dictionary<ulong, int>[spec.Bands];
+        _heads_B = new Dictionary<uint, int>[spec.Bands];
         for (int band = 0; band < spec.Bands; band++)
             _heads_B[band] = [];
     }
@@ -80,7 +82,7 @@ public sealed class Deduplicator
             var bandKeys_B = BandKeys(signature_P);
             for (int band = 0; band < bandKeys_B.Length; band++)
             {
-                if (!_heads_B[band].TryGetValue(bandKeys_B[band], out int kept))
+                if (!_heads_B[band].TryGetValue((uint)bandKeys_B[band], out int kept))
                     continue;
                 for (; kept >= 0; kept = _next_NB[kept, band])
                 {
@@ -99,7 +101,7 @@ public sealed class Deduplicator
             for (int band = 0; band < bandKeys_B.Length; band++)
             {
                 ref int head = ref System.Runtime.InteropServices.CollectionsMarshal.GetValueRefOrAddDefault(
-                    _heads_B[band], bandKeys_B[band], out bool existed);
+                    _heads_B[band], (uint)bandKeys_B[band], out bool existed);
                 next_B[band] = existed ? head : -1;
                 head = ordinal;
             }
