@@ -111,7 +111,7 @@ public abstract class PrepareKillBehaviour(StoreBackend backend)
             else
             {
                 // Only the last point can lose the race (the process is that close to its end): then it finished whole.
-                Assert.True(run.ExitCode == 0 && stage.StartsWith("after the last shard", StringComparison.Ordinal), $"{stage}: {run.Output}");
+                Assert.True(run.ExitCode == 0 && stage.StartsWith("after the last shard", StringComparison.Ordinal), $"{stage}: exit code {run.ExitCode}: {run.Output}");
             }
             // Whatever a kill left in the store is part of the finished dataset, byte for byte, or a leftover the rerun removes.
             foreach (string path in left.Where(expected.ContainsKey))

@@ -41,22 +41,27 @@ public static class PrepareProcess
             while (!process.HasExited && await timer.WaitForNextTickAsync(deadline.Token))
                 peak = Math.Max(peak, ReadHighWaterMark(process.Id));
         });
-        while (await process.StandardOutput.ReadLineAsync(deadline.Token) is { } line)
+        // Lines are read on a thread of their own, not the thread pool: with many tests running, a pool continuation
+        // can wait long enough for the process to run past the point the kill was meant for.
+        await Task.Factory.StartNew(() =>
         {
-            lock (output) output.AppendLine(line);
-            if (!killed && killAt is not null && killAt(line))
+            while (process.StandardOutput.ReadLine() is { } line)
             {
-                killed = true;
-                try
+                lock (output) output.AppendLine(line);
+                if (!killed && killAt is not null && killAt(line))
                 {
-                    process.Kill();
-                }
-                catch (InvalidOperationException)
-                {
-                    // it had already exited: the exit code says so below
+                    killed = true;
+                    try
+                    {
+                        process.Kill();
+                    }
+                    catch (InvalidOperationException)
+                    {
+                        // it had already exited: the exit code says so below
+                    }
                 }
             }
-        }
+        }, deadline.Token, TaskCreationOptions.LongRunning, TaskScheduler.Default);
         await process.WaitForExitAsync(deadline.Token);
         await watch;
         output.Append(await stderr);
