@@ -17,7 +17,11 @@ public sealed record PrepareResult(DatasetManifest Manifest, bool Reused);
 /// yields byte-identical shards and manifest. So an interrupted run is repaired by running again: leftovers of
 /// incomplete puts are removed, shards are rewritten whole (each put is atomic), and the manifest, written
 /// last, is what marks the dataset complete; a complete dataset is returned as is.
-/// Memory: the exact-dedup hash set and the MinHash signatures of kept documents; texts stream through a spool file.
+/// A killed run (SIGKILL included) leaves at most a staging folder, named with its process id, which the next
+/// prepare run removes once that process is gone.
+/// Memory: what grows with the corpus is the dedup index (about 1.7 KB per kept document at the default MinHash
+/// settings, see <see cref="Deduplicator"/>) and the tokenizer trainer's distinct pre-tokens; texts stream from the
+/// inputs through a spool file, at most one document (capped by cleaning.max_chars) or one encode chunk at a time.
 /// </summary>
 public sealed class DatasetPreparer(IDatasetStore store, string workRoot, PrepareHooks? hooks = null, DataShardsMetrics? metrics = null)
 {
@@ -25,7 +29,8 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
     public const string ValidationSplit = "validation";
     private const ulong SplitSeed = 0x5350_4C49_5456_414C; // which side of the split a document falls on
     private const ulong MixSeed = 0x4D49_5857_4549_4748;   // which documents get the fractional extra copy
-    private const int EncodeChunk = 256;
+    private const int EncodeChunk = 256;               // documents per parallel encode, and at most
+    private const long EncodeChunkChars = 256 << 10;   // this many characters, so long documents do not pile up
     private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
 
     public async Task<PrepareResult> PrepareAsync(PrepareSpec spec, IProgress<string>? progress, CancellationToken ct)
@@ -62,8 +67,9 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                 return new PrepareResult(DatasetManifest.FromJson(existing, store.Describe(manifestPath)), Reused: true);
             }
             await store.RemoveIncompleteAsync(datasetId + "/", ct);
+            RemoveAbandonedStaging(datasetId, progress);
 
-            string staging = Path.Combine(workRoot, $"{datasetId}-{Guid.NewGuid():N}");
+            string staging = Path.Combine(workRoot, $"{datasetId}-{Environment.ProcessId}-{Guid.NewGuid():N}");
             Directory.CreateDirectory(staging);
             try
             {
@@ -103,17 +109,26 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
         var cleaner = new TextCleaner(cleaningSpec);
         var dedup = new Deduplicator(dedupSpec);
         using var spool = new DocumentSpool(Path.Combine(staging, "documents.spool"));
+        long inputBytes = fileEntries.Sum(f => f.Sum(e => e.Bytes));
+        progress?.Report($"clean+dedup: reading {files.Sum(f => f.Count)} files ({inputBytes / 1e6:F1} MB on disk) of {sourceCount} sources");
+        var readMeter = new StageMeter("clean+dedup", progress);
         for (int s = 0; s < sourceCount; s++)
         {
             var source = spec.Sources[s];
             foreach (var file in files[s])
             {
                 long before = read[s];
-                foreach (string raw in SourceReader.Documents(source, file))
+                foreach (var (raw, rawLength) in SourceReader.Documents(source, file, cleaningSpec.MaxChars))
                 {
                     ct.ThrowIfCancellationRequested();
                     read[s]++;
-                    rawBytes += Encoding.UTF8.GetByteCount(raw);
+                    rawBytes += rawLength;
+                    readMeter.Add(1, rawLength, () => $", {spool.Count} kept");
+                    if (raw is null)
+                    {
+                        cleaner.CountTooLong(); // far over max_chars: the reader stopped holding it
+                        continue;
+                    }
                     if (cleaner.Clean(raw) is not { } text)
                         continue;
                     cleaned[s]++;
@@ -122,8 +137,6 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                         continue;
                     deduped[s]++;
                     spool.Add(new SpooledDocument(s, hash, text));
-                    if (spool.Count % 1000 == 0)
-                        progress?.Report($"clean+dedup: {spool.Count} documents kept of {read.Sum()} read");
                 }
                 if (read[s] == before)
                     emptyFiles++;
@@ -132,17 +145,31 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                 throw DataInputException.Invalid($"Source '{source.Name}' ('{source.Path}') holds no documents: every file is empty.");
         }
         spool.CompleteWriting();
-        progress?.Report($"clean+dedup: {spool.Count} documents kept of {read.Sum()} read " +
-                         $"(exact duplicates {dedup.Counts.RemovedExact}, near duplicates {dedup.Counts.RemovedNear})");
+        readMeter.Done($", {spool.Count} kept (exact duplicates {dedup.Counts.RemovedExact}, near duplicates {dedup.Counts.RemovedNear})");
         if (spool.Count == 0)
             throw DataInputException.Invalid(
                 $"Every document of sources {string.Join(", ", spec.Sources.Select(x => $"'{x.Name}'"))} was removed by cleaning or dedup; " +
                 $"cleaning counts: {JsonSerializer.Serialize(cleaner.Counts, DatasetManifest.Json)}");
 
         // ---- Tokenizer: given, or trained on the training side of the split ----
-        var tokenizer = givenTokenizer ?? BpeTokenizer.Train(
-            spool.Read().Where(d => !IsValidation(d.Hash, spec.ValidationFraction)).Select(d => d.Text),
-            spec.VocabSize, progress: progress);
+        BpeTokenizer tokenizer;
+        if (givenTokenizer is not null)
+        {
+            tokenizer = givenTokenizer;
+        }
+        else
+        {
+            progress?.Report($"tokenizer: training vocab {spec.VocabSize} on the training side of {spool.Count} documents");
+            var trainMeter = new StageMeter("tokenizer", progress);
+            tokenizer = BpeTokenizer.Train(
+                spool.Read().Where(d => !IsValidation(d.Hash, spec.ValidationFraction)).Select(d =>
+                {
+                    trainMeter.Add(1, Encoding.UTF8.GetByteCount(d.Text));
+                    return d.Text;
+                }),
+                spec.VocabSize, progress: progress);
+            trainMeter.Done($", vocab {tokenizer.VocabSize} trained (counting and merges)");
+        }
         int eot = tokenizer.EosTokenId ?? throw DataInputException.Invalid(
             $"Tokenizer '{spec.TokenizerPath}' has no end-of-text token to join documents with.");
         string tokenizerFile = Path.Combine(staging, "tokenizer.json");
@@ -157,29 +184,32 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
         using var validation = new ShardPacker(ValidationSplit, sampleTokens, tokenBytes, spec.SamplesPerShard, staging);
         int rounds = (int)Math.Ceiling(spec.Sources.Max(x => x.Weight));
         long packed = 0;
+        var packMeter = new StageMeter("tokenize+pack", progress);
         for (int round = 0; round < rounds; round++)
         {
-            foreach (var chunk in spool.Read().Where(d => Copies(d, spec.Sources[d.SourceIndex].Weight) > round).Chunk(EncodeChunk))
+            foreach (var chunk in Chunks(spool.Read().Where(d => Copies(d, spec.Sources[d.SourceIndex].Weight) > round)))
             {
                 ct.ThrowIfCancellationRequested();
                 var tokens = new int[chunk.Length][];
-                Parallel.For(0, chunk.Length, i => tokens[i] = [.. tokenizer.Encode(chunk[i].Text), eot]);
+                Parallel.For(0, chunk.Length, i => tokens[i] = tokenizer.Encode(chunk[i].Text));
                 for (int i = 0; i < chunk.Length; i++)
                 {
-                    (IsValidation(chunk[i].Hash, spec.ValidationFraction) ? validation : train).Add(tokens[i]);
+                    (IsValidation(chunk[i].Hash, spec.ValidationFraction) ? validation : train).Add(tokens[i], eot);
                     inMix[chunk[i].SourceIndex]++;
-                    tokensInMix[chunk[i].SourceIndex] += tokens[i].Length;
+                    tokensInMix[chunk[i].SourceIndex] += tokens[i].Length + 1;
                 }
                 packed += chunk.Length;
+                packMeter.Add(chunk.Length, chunk.Sum(d => (long)Encoding.UTF8.GetByteCount(d.Text)),
+                    () => $", round {round + 1}/{rounds}, {train.Samples} train + {validation.Samples} validation samples");
                 await StoreFinishedAsync(datasetId, train, progress, ct);
                 await StoreFinishedAsync(datasetId, validation, progress, ct);
             }
-            progress?.Report($"pack: round {round + 1}/{rounds}, {packed} documents, {train.Samples} train + {validation.Samples} validation samples");
         }
         train.Complete();
         validation.Complete();
         await StoreFinishedAsync(datasetId, train, progress, ct);
         await StoreFinishedAsync(datasetId, validation, progress, ct);
+        packMeter.Done($", {train.Samples} train + {validation.Samples} validation samples in {train.Shards.Count + validation.Shards.Count} shards");
 
         var sources = spec.Sources.Select((x, s) => new SourceEntry(
             x.Name, x.Weight, x.TextField, x.WholeFile, fileEntries[s], read[s], cleaned[s], deduped[s], inMix[s], tokensInMix[s])).ToList();
@@ -193,6 +223,63 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
                 [ValidationSplit] = new(validation.Samples, validation.Tokens, validation.Documents, validation.TokensDropped, validation.Shards),
             },
             sources, cleaningSpec, dedupSpec, new PrepareReport(cleaner.Counts, dedup.Counts, emptyFiles, packed, rawBytes));
+    }
+
+    /// <summary>Up to EncodeChunk documents and EncodeChunkChars characters (always at least one document).</summary>
+    private static IEnumerable<SpooledDocument[]> Chunks(IEnumerable<SpooledDocument> documents)
+    {
+        var chunk = new List<SpooledDocument>(EncodeChunk);
+        long chars = 0;
+        foreach (var d in documents)
+        {
+            if (chunk.Count > 0 && (chunk.Count == EncodeChunk || chars + d.Text.Length > EncodeChunkChars))
+            {
+                yield return [.. chunk];
+                chunk.Clear();
+                chars = 0;
+            }
+            chunk.Add(d);
+            chars += d.Text.Length;
+        }
+        if (chunk.Count > 0)
+            yield return [.. chunk];
+    }
+
+    /// <summary>
+    /// Staging folders ("{dataset}-{pid}-{guid}") that no run will remove: those of ended processes (killed, or
+    /// crashed), whatever their dataset, and this process's own for this dataset (runs of one dataset take turns at
+    /// the gate held here, so one found now is a leftover). A live process's folder is left alone.
+    /// </summary>
+    private void RemoveAbandonedStaging(string datasetId, IProgress<string>? progress)
+    {
+        if (!Directory.Exists(workRoot))
+            return;
+        foreach (string dir in Directory.EnumerateDirectories(workRoot, "ds-*-*-*"))
+        {
+            string[] parts = Path.GetFileName(dir).Split('-');
+            if (!int.TryParse(parts[^2], out int pid))
+                continue;
+            bool abandoned = pid == Environment.ProcessId
+                ? Path.GetFileName(dir).StartsWith(datasetId + "-", StringComparison.Ordinal)
+                : !IsRunning(pid);
+            if (!abandoned)
+                continue;
+            Directory.Delete(dir, recursive: true);
+            progress?.Report($"removed the staging folder {dir} of an interrupted run (process {pid})");
+        }
+    }
+
+    private static bool IsRunning(int pid)
+    {
+        try
+        {
+            using var p = System.Diagnostics.Process.GetProcessById(pid);
+            return !p.HasExited;
+        }
+        catch (ArgumentException)
+        {
+            return false;
+        }
     }
 
     private async Task StoreFinishedAsync(string datasetId, ShardPacker packer, IProgress<string>? progress, CancellationToken ct)

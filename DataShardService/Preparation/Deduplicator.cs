@@ -22,7 +22,13 @@ public sealed class DedupCounts
 /// A document's signature is, for each of P hash functions, the minimum over its word k-gram shingles.
 /// Two documents whose signatures agree on all R rows of some band become candidates; a candidate is a
 /// near-duplicate when the fraction of equal signature entries (the Jaccard estimate) reaches the threshold.
-/// Only kept documents enter the buckets, so a document is compared with earlier kept ones and the first wins.
+/// Only kept documents enter the buckets, so a document is compared with earlier kept ones and the first wins
+/// (whatever order the candidates are tried in: the verdict is whether any one reaches the threshold).
+/// Memory per kept document: the exact set's entry (about 40 bytes), 2·P bytes of signature, and per band a
+/// dictionary entry (16-32 bytes with the dictionary's growth slack) and a 4-byte chain link; at the defaults
+/// (P = 128, B = 32) about 1.7 KB, measured by DedupMemoryTests. Texts are never held. Buckets are keyed by 32
+/// bits of the band hash: a stray match only costs one signature comparison (at 10 M kept documents, 0.07 per
+/// document checked), and the verdict still rests on the Jaccard estimate.
 /// </summary>
 public sealed class Deduplicator
 {
@@ -32,8 +38,11 @@ public sealed class Deduplicator
     private readonly ulong[] _multiplier_P;
     private readonly ulong[] _offset_P;
     private readonly HashSet<UInt128> _exact = [];
-    private readonly List<uint[]> _signatures = [];                 // of kept documents with shingles, by kept ordinal
-    private readonly Dictionary<ulong, List<int>> _buckets = [];    // (band, band hash) -> kept ordinals
+    // Per kept document with words (the index is what grows with the corpus, see the class summary):
+    // P 16-bit signature entries, and per band one bucket entry plus one chain link.
+    private readonly PagedRows<ushort> _signatures_NP;   // of kept documents with shingles, by kept ordinal
+    private readonly Dictionary<uint, int>[] _heads_B;   // per band: band hash (low 32 bits) -> newest kept ordinal in that bucket
+    private readonly PagedRows<int> _next_NB;            // (ordinal, band) -> the older ordinal in the same bucket, or -1
 
     public Deduplicator(DedupSpec spec)
     {
@@ -47,6 +56,11 @@ public sealed class Deduplicator
             _multiplier_P[i] = StableHash.Mix(2UL * (ulong)i) | 1UL;
             _offset_P[i] = StableHash.Mix(2UL * (ulong)i + 1);
         }
+        _signatures_NP = new PagedRows<ushort>(spec.Permutations);
+        _next_NB = new PagedRows<int>(spec.Bands);
+        _heads_B = new Dictionary<uint, int>[spec.Bands];
+        for (int band = 0; band < spec.Bands; band++)
+            _heads_B[band] = [];
     }
 
     public DedupCounts Counts { get; } = new();
@@ -65,28 +79,31 @@ public sealed class Deduplicator
         }
         if (_spec.NearDuplicates && Signature(text) is { } signature_P)
         {
-            var bandKeys = BandKeys(signature_P);
-            foreach (ulong key in bandKeys)
+            var bandKeys_B = BandKeys(signature_P);
+            for (int band = 0; band < bandKeys_B.Length; band++)
             {
-                if (!_buckets.TryGetValue(key, out var candidates))
+                if (!_heads_B[band].TryGetValue((uint)bandKeys_B[band], out int kept))
                     continue;
-                foreach (int kept in candidates)
+                for (; kept >= 0; kept = _next_NB[kept, band])
                 {
-                    if (EstimatedJaccard(signature_P, _signatures[kept]) >= _spec.Threshold)
+                    if (EstimatedJaccard(signature_P, _signatures_NP.Row(kept)) >= _spec.Threshold)
                     {
                         Counts.RemovedNear++;
                         return DedupVerdict.NearDuplicate;
                     }
                 }
             }
-            int ordinal = _signatures.Count;
-            _signatures.Add(signature_P);
-            foreach (ulong key in bandKeys)
+            int ordinal = checked((int)_signatures_NP.Rows);
+            var stored_P = _signatures_NP.AppendRow();
+            for (int p = 0; p < signature_P.Length; p++)
+                stored_P[p] = (ushort)signature_P[p];
+            var next_B = _next_NB.AppendRow();
+            for (int band = 0; band < bandKeys_B.Length; band++)
             {
-                if (!_buckets.TryGetValue(key, out var list))
-                    _buckets[key] = list = new List<int>(1);
-                if (list.Count == 0 || list[^1] != ordinal)
-                    list.Add(ordinal);
+                ref int head = ref System.Runtime.InteropServices.CollectionsMarshal.GetValueRefOrAddDefault(
+                    _heads_B[band], (uint)bandKeys_B[band], out bool existed);
+                next_B[band] = existed ? head : -1;
+                head = ordinal;
             }
         }
         Counts.Kept++;
@@ -117,11 +134,16 @@ public sealed class Deduplicator
         return signature_P;
     }
 
-    internal static double EstimatedJaccard(uint[] a_P, uint[] b_P)
+    /// <summary>
+    /// The fraction of equal signature entries, compared on their low 16 bits (b-bit minwise hashing, Li and König
+    /// 2010): two different 32-bit minima agree there with probability 2^-16, which raises the estimate by about
+    /// 1.5e-5 and halves the signature memory.
+    /// </summary>
+    internal static double EstimatedJaccard(ReadOnlySpan<uint> a_P, ReadOnlySpan<ushort> b_P)
     {
         int equal = 0;
         for (int p = 0; p < a_P.Length; p++)
-            if (a_P[p] == b_P[p])
+            if ((ushort)a_P[p] == b_P[p])
                 equal++;
         return (double)equal / a_P.Length;
     }
@@ -161,5 +183,31 @@ public sealed class Deduplicator
         if (inWord)
             hashes.Add(StableHash.Mix(h));
         return hashes;
+    }
+}
+
+/// <summary>
+/// An append-only array of rows of equal length in pages of 1024 rows: grows without copying (no doubling slack,
+/// no large-object-heap reallocation), past 2^31 elements, and a row never straddles two pages.
+/// </summary>
+internal sealed class PagedRows<T>(int rowLength) where T : struct
+{
+    private const int RowsPerPage = 1024;
+    private readonly List<T[]> _pages = [];
+
+    public long Rows { get; private set; }
+
+    public T this[long row, int column] => _pages[(int)(row / RowsPerPage)][(int)(row % RowsPerPage) * rowLength + column];
+
+    public ReadOnlySpan<T> Row(long row) => _pages[(int)(row / RowsPerPage)].AsSpan((int)(row % RowsPerPage) * rowLength, rowLength);
+
+    /// <summary>Appends a row and returns it to be filled.</summary>
+    public Span<T> AppendRow()
+    {
+        if (Rows % RowsPerPage == 0)
+            _pages.Add(new T[RowsPerPage * rowLength]);
+        var row = _pages[^1].AsSpan((int)(Rows % RowsPerPage) * rowLength, rowLength);
+        Rows++;
+        return row;
     }
 }

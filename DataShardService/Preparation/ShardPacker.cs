@@ -8,7 +8,7 @@ namespace DeepSeekCluster.DataShardService.Preparation;
 public sealed record PackedShard(string LocalPath, ShardEntry Entry);
 
 /// <summary>
-/// Documents arrive as token arrays already ending in EOT; they are concatenated and cut into samples of
+/// Documents arrive as token arrays ending in EOT (or with the EOT given apart); they are concatenated and cut into samples of
 /// SampleTokens tokens (non-overlapping). A sample may hold the end of one document and the start of the next;
 /// the tail shorter than one sample is dropped (counted in TokensDropped).
 /// </summary>
@@ -32,6 +32,19 @@ public sealed class ShardPacker(string split, int sampleTokens, int tokenBytes, 
     public void Add(ReadOnlySpan<int> tokens)
     {
         Documents++;
+        Append(tokens);
+    }
+
+    /// <summary>A document's tokens and then its end-of-text token (without copying them into one array).</summary>
+    public void Add(ReadOnlySpan<int> tokens, int endOfText)
+    {
+        Documents++;
+        Append(tokens);
+        Append([endOfText]);
+    }
+
+    private void Append(ReadOnlySpan<int> tokens)
+    {
         while (!tokens.IsEmpty)
         {
             int n = Math.Min(tokens.Length, sampleTokens - _filled);

@@ -23,6 +23,13 @@ public sealed class TextCleaner(CleaningSpec spec)
 {
     public CleaningCounts Counts { get; } = new();
 
+    /// <summary>Counts a document the reader found too long to hold (see <see cref="SourceReader.Documents"/>).</summary>
+    public void CountTooLong()
+    {
+        Counts.DocumentsIn++;
+        Counts.RemovedTooLong++;
+    }
+
     /// <summary>The cleaned text, or null when a filter removed the document.</summary>
     public string? Clean(string raw)
     {

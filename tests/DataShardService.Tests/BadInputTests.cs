@@ -73,6 +73,58 @@ public sealed class BadInputTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task NonUtf8BytesInsideAGzippedJsonLineAreRefusedNamingFileAndLine()
+    {
+        string path = Path.Combine(_folder, "crawl.jsonl.gz");
+        using (var gz = new System.IO.Compression.GZipStream(File.Create(path), System.IO.Compression.CompressionLevel.Fastest))
+        {
+            gz.Write(Encoding.UTF8.GetBytes("{\"text\": \"fine\"}\n{\"text\": \"caf"));
+            gz.Write([0xE9, (byte)'"', (byte)'}', (byte)'\n']); // Latin-1 'é' inside the JSON string
+        }
+        var e = await PrepareFails(Request(new Source { Name = "crawl", Path = path }));
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains($"{path} line 2 is not valid UTF-8", e.Status.Detail);
+        Assert.Contains("'crawl'", e.Status.Detail);
+    }
+
+    [Fact]
+    public async Task AFileOfOnlyBlankLinesIsRefusedAsEmptyNamingTheSource()
+    {
+        string path = Path.Combine(_folder, "blank.txt.gz");
+        using (var gz = new System.IO.Compression.GZipStream(File.Create(path), System.IO.Compression.CompressionLevel.Fastest))
+            gz.Write(Encoding.UTF8.GetBytes("\n\n\r\n\n"));
+        var e = await PrepareFails(Request(new Source { Name = "blank", Path = path }));
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains("'blank'", e.Status.Detail);
+        Assert.Contains(path, e.Status.Detail);
+        Assert.Contains("no documents", e.Status.Detail);
+    }
+
+    [Theory]
+    [InlineData("truncated")]
+    [InlineData("flipped")]
+    public async Task ADamagedGzipFileIsRefusedNamingIt(string damage)
+    {
+        string path = Path.Combine(_folder, $"{damage}.txt.gz");
+        using (var buffer = new MemoryStream())
+        {
+            using (var gz = new System.IO.Compression.GZipStream(buffer, System.IO.Compression.CompressionLevel.Optimal, leaveOpen: true))
+                gz.Write(Encoding.UTF8.GetBytes(string.Join("\n\n", TestCorpus.FirstChapters(20))));
+            byte[] bytes = buffer.ToArray();
+            if (damage == "truncated")
+                bytes = bytes[..(bytes.Length / 2)];
+            else
+                for (int i = bytes.Length / 3; i < bytes.Length / 3 + 64; i++)
+                    bytes[i] ^= 0x5A;
+            File.WriteAllBytes(path, bytes);
+        }
+        var e = await PrepareFails(Request(new Source { Name = "damaged", Path = path }));
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains(path, e.Status.Detail);
+        Assert.Contains("gzip", e.Status.Detail);
+    }
+
+    [Fact]
     public async Task AJsonLineThatIsNotJsonIsRefusedNamingFileAndLine()
     {
         string path = Path.Combine(_folder, "broken.jsonl");

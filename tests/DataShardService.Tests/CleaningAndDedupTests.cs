@@ -64,4 +64,43 @@ public sealed class CleaningAndDedupTests
         Assert.Equal(1, cleaner.Counts.RemovedDuplicateNGrams);
         Assert.Equal(2, cleaner.Counts.Kept);
     }
+
+    [Fact]
+    public void NearCopiesOfDocumentsFarBackInTheIndexAreFoundAndFreshOnesKept()
+    {
+        // 3,000 kept documents span three pages of the index (1,024 rows each); copies point into every page.
+        var originals = DedupMemoryTests.RandomDocuments(3000, seed: 2, words: 200);
+        var dedup = new Deduplicator(new DedupSpec());
+        foreach (string text in originals)
+            Assert.Equal(DedupVerdict.Unique, dedup.Check(text, Deduplicator.TextHash(text)));
+        foreach (int i in new[] { 0, 1023, 1024, 2047, 2048, 2999 })
+        {
+            string near = TestCorpus.ChangeWords(originals[i], every: 100); // 2 words of 200 changed: Jaccard 186/206 = 0.90
+            Assert.Equal(DedupVerdict.NearDuplicate, dedup.Check(near, Deduplicator.TextHash(near)));
+            Assert.Equal(DedupVerdict.ExactDuplicate, dedup.Check(originals[i], Deduplicator.TextHash(originals[i])));
+        }
+        foreach (string fresh in DedupMemoryTests.RandomDocuments(50, seed: 3, words: 200))
+            Assert.Equal(DedupVerdict.Unique, dedup.Check(fresh, Deduplicator.TextHash(fresh)));
+        Assert.Equal(6, dedup.Counts.RemovedNear);
+        Assert.Equal(6, dedup.Counts.RemovedExact);
+        Assert.Equal(3050, dedup.Counts.Kept);
+    }
+
+    [Fact]
+    public void ADocumentOrLineTooLongToHoldIsCountedWithoutBeingReadIntoMemory()
+    {
+        const int maxChars = 100; // held up to 4·100 + 1024 = 1424 chars; a line up to 6·1424 bytes
+        string folder = TestCorpus.NewFolder("long");
+        string path = Path.Combine(folder, "long.txt");
+        string line = new('a', 49);
+        string manyLines = string.Join("\n", Enumerable.Repeat(line, 40));   // 40·50 - 1 = 1999 chars, no blank line
+        string oneLine = new('b', 9000);                                       // over 8544 bytes in one line
+        File.WriteAllText(path, string.Join("\n\n", "first document", manyLines, "third document", oneLine, "fifth document") + "\n");
+        var source = new SourceSpec("long", path);
+
+        var docs = SourceReader.Documents(source, new SourceFile(path, "long.txt"), maxChars).ToList();
+        Assert.Equal(["first document", null, "third document", null, "fifth document"], docs.Select(d => d.Text));
+        Assert.Equal([14L, 1999, 14, 9000, 14], docs.Select(d => d.Bytes));
+        Directory.Delete(folder, true);
+    }
 }

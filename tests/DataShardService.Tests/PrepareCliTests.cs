@@ -1,6 +1,5 @@
 // The `prepare` verb of the real DataShardService executable, as a child process: blob storage when
 // ConnectionStrings__blobs is set (as the service chooses), and the dataset it writes is served by the service.
-using System.Diagnostics;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Tests.Infrastructure;
 
@@ -58,20 +57,36 @@ public sealed class PrepareCliTests(AzuriteBackend backend) : IClassFixture<Azur
         Directory.Delete(input, recursive: true);
     }
 
-    // Settings become environment variables the way the service reads them ("DataShards:Container" → DataShards__Container).
     private static async Task<(int Code, string Output)> RunPrepareAsync(IReadOnlyDictionary<string, string?> settings, params string[] args)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "DeepSeekCluster.DataShardService.dll");
-        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        start.ArgumentList.Add(dll);
-        start.ArgumentList.Add("prepare");
-        foreach (string a in args) start.ArgumentList.Add(a);
-        foreach (var (key, value) in settings) start.Environment[key.Replace(":", "__", StringComparison.Ordinal)] = value;
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        using var deadline = new CancellationTokenSource(TimeSpan.FromMinutes(5));
-        await process.WaitForExitAsync(deadline.Token);
-        return (process.ExitCode, await stdout + await stderr);
+        var run = await PrepareProcess.RunAsync(settings, args);
+        return (run.ExitCode, run.Output);
+    }
+}
+
+public sealed class PrepareCliProgressTests
+{
+    [Fact]
+    public async Task EachStageReportsDocumentsMegabytesAndMegabytesPerSecond()
+    {
+        string input = TestCorpus.NewFolder("cli-progress");
+        string store = TestCorpus.NewFolder("cli-progress-store");
+        string file = TestCorpus.WritePlain(input, "bible.txt", TestCorpus.FirstChapters(40));
+        var run = await PrepareProcess.RunAsync(new Dictionary<string, string?> { ["DataShards:WorkDir"] = store + "-work" },
+            ["--source", $"bible={file}", "--seq-len", "32", "--vocab-size", "300", "--samples-per-shard", "500", "--out", store]);
+        Assert.True(run.ExitCode == 0, run.Output);
+
+        var stageLine = new System.Text.RegularExpressions.Regex(
+            @"^\[prepare\] (?<stage>clean\+dedup|tokenizer|tokenize\+pack): (?<docs>\d+) documents, (?<mb>\d+\.\d) MB in \d+\.\d s \((?<rate>\d+\.\d) MB/s\).*\(done\)$");
+        var done = run.Lines.Select(l => stageLine.Match(l)).Where(m => m.Success).ToDictionary(m => m.Groups["stage"].Value);
+        Assert.Equal(new[] { "clean+dedup", "tokenizer", "tokenize+pack" }.Order(StringComparer.Ordinal), done.Keys.Order(StringComparer.Ordinal));
+        Assert.Equal("40", done["clean+dedup"].Groups["docs"].Value);   // every chapter read
+        Assert.Equal("40", done["tokenize+pack"].Groups["docs"].Value); // every kept chapter packed
+        Assert.All(done.Values, m => Assert.True(double.Parse(m.Groups["mb"].Value, System.Globalization.CultureInfo.InvariantCulture) > 0, m.Value));
+        Assert.Contains(run.Lines, l => l.StartsWith("[prepare] clean+dedup: reading 1 files", StringComparison.Ordinal));
+        Assert.Contains(run.Lines, l => l.StartsWith("[prepare] tokenizer: training vocab 300", StringComparison.Ordinal));
+        Directory.Delete(input, true);
+        Directory.Delete(store, true);
+        Directory.Delete(store + "-work", true);
     }
 }

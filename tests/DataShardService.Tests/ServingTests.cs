@@ -129,9 +129,20 @@ public abstract class ServingBehaviour(PreparedDatasetFixture fixture)
         Assert.Equal(37 * fixture.Manifest.RecordBytes, metrics.Sum("deepseek.data.bytes_served"));
     }
 
-    private async Task<List<Sample>> FetchAsync(long start, int count, int epochs = 1)
+    [Fact]
+    public async Task ARestartedServiceServesTheSameSamplesForTheSameSeedAndPositions()
     {
-        using var call = fixture.Host.Client.GetBatch(new GetBatchRequest
+        long n = fixture.Manifest.Splits[DatasetPreparer.TrainSplit].Samples;
+        var before = await FetchAsync(n - 7, 12, epochs: 2, client: fixture.Host.Client); // across the epoch boundary
+        await using var restarted = await ServiceHost.StartAsync(fixture.Store);       // a fresh service instance (new catalog) on the same store
+        var after = await FetchAsync(n - 7, 12, epochs: 2, client: restarted.Client);
+        Assert.Equal(before.Select(s => (s.GlobalIndex, s.SampleIndex)), after.Select(s => (s.GlobalIndex, s.SampleIndex)));
+        Assert.Equal(before.Select(s => s.Tokens.ToArray()), after.Select(s => s.Tokens.ToArray()));
+    }
+
+    private async Task<List<Sample>> FetchAsync(long start, int count, int epochs = 1, DataShards.DataShardsClient? client = null)
+    {
+        using var call = (client ?? fixture.Host.Client).GetBatch(new GetBatchRequest
         {
             DatasetId = fixture.DatasetId,
             Seed = Seed,
