@@ -40,6 +40,9 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     Exception? unreported;
     readonly CancellationTokenSource stopping = new();
 
+    /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
+    internal Func<Task>? BeforeBackgroundCopy { get; set; }
+
     /// <summary>Training-thread time of the last save: its <see cref="SaveRequest.Stall"/> plus its <see cref="WaitForSnapshot"/>.</summary>
     public TimeSpan LastStall { get; private set; }
     public TimeSpan TotalStall { get; private set; }
@@ -102,9 +105,10 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         copy.Help();
         copy.Completed.GetAwaiter().GetResult();
         copying = null;
-        LastStall += sw.Elapsed;
-        TotalStall += sw.Elapsed;
-        return sw.Elapsed;
+        var waited = sw.Elapsed;
+        LastStall += waited;
+        TotalStall += waited;
+        return waited;
     }
 
     /// <summary>A scope whose end waits for a pending snapshot: the live tensors are the caller's again after it, however it ends.</summary>
@@ -121,6 +125,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         HostSnapshot snapshot;
         try
         {
+            if (BeforeBackgroundCopy is { } hold) await hold();
             copy.Help();
             await copy.Completed; // the training thread may still copy its last slice
             snapshot = copy.Take();

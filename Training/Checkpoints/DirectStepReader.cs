@@ -47,7 +47,10 @@ internal static class DirectStepReader
         int workersPerFile = Math.Max(2, Environment.ProcessorCount / Math.Min(plans.Count, options.MaxDegreeOfParallelism));
         await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() =>
         {
-            if (plan.File.ChunkHashes is { } chunks) StreamChunks(plan, chunks, label, workersPerFile, token);
+            // XXH128 hashes far faster than a disk reads, so its threads mostly wait in pread: more of them keep more
+            // reads in flight. SHA-256 chunks (older manifests) are CPU-bound: one thread per core.
+            if (plan.File.ChunkHashes is { } chunks)
+                StreamChunks(plan, chunks, label, chunks.Algorithm == ChunkHashAlgorithm.Xxh128 ? Math.Max(4, workersPerFile) : workersPerFile, token);
             else Stream(plan, label, token);
         }, token)));
     }
