@@ -17,6 +17,8 @@ public static class CheckpointBench
         int diskMb = int.Parse(Arg(args, "--disk-mb", "1024"));
         int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "2"));
         int repeats = int.Parse(Arg(args, "--repeats", "3"));
+        // "throughput" (save and load MB/s against the disk), "stall" (a save's cost to the training steps), or both.
+        var parts = Arg(args, "--parts", "throughput,stall").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet();
         if (Directory.Exists(dir)) Directory.Delete(dir, true);
         Directory.CreateDirectory(dir);
 
@@ -43,129 +45,136 @@ public static class CheckpointBench
         double mb = tensors.Sum(kv => kv.Value.numel() * kv.Value.ElementSize) / 1e6;
         Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
         Console.WriteLine();
-        // On a shared machine the disk's speed moves from minute to minute, so each save (load) is compared with a write
-        // (read) of the probe file taken just before it, under the same conditions; the best pair is reported.
-        Console.WriteLine($"| layout | save MB/s | disk write MB/s just before | save % of disk write | load MB/s{(canDrop ? ", page cache dropped" : "")} | disk read MB/s just before | load % of disk read | load MB/s from the page cache | save s | load s |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
-        long step = 0;
-        // Chunk hashes (the folder store's default: XXH128) let one file verify on every core at memory speed; "SHA-256
-        // chunks" is what the store wrote before (the baseline), "whole-file hash" what a manifest without chunk hashes costs.
-        // The variants take turns within each repeat, so a change in the machine's load hits them alike.
-        var variants = new[]
+        if (parts.Contains("throughput"))
         {
-            (D: 1, P: 1, Chunks: (ChunkHashAlgorithm?)ChunkHashAlgorithm.Xxh128), (D: 1, P: 1, Chunks: ChunkHashAlgorithm.Sha256), (D: 1, P: 1, Chunks: null),
-            (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Xxh128), (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Sha256), (D: dp, P: pp, Chunks: null),
-        };
-        var best = variants.Select(_ => new Best()).ToArray();
-        for (int i = 0; i < repeats; i++)
+            // On a shared machine the disk's speed moves from minute to minute, so each save (load) is compared with a write
+            // (read) of the probe file taken just before it, under the same conditions; the best pair is reported.
+            Console.WriteLine($"| layout | save MB/s | disk write MB/s just before | save % of disk write | load MB/s{(canDrop ? ", page cache dropped" : "")} | disk read MB/s just before | load % of disk read | load MB/s from the page cache | save s | load s |");
+            Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
+            long step = 0;
+            // Chunk hashes (the folder store's default: XXH128) let one file verify on every core at memory speed; "SHA-256
+            // chunks" is what the store wrote before (the baseline), "whole-file hash" what a manifest without chunk hashes costs.
+            // The variants take turns within each repeat, so a change in the machine's load hits them alike.
+            var variants = new[]
+            {
+                (D: 1, P: 1, Chunks: (ChunkHashAlgorithm?)ChunkHashAlgorithm.Xxh128), (D: 1, P: 1, Chunks: ChunkHashAlgorithm.Sha256), (D: 1, P: 1, Chunks: null),
+                (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Xxh128), (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Sha256), (D: dp, P: pp, Chunks: null),
+            };
+            var best = variants.Select(_ => new Best()).ToArray();
+            for (int i = 0; i < repeats; i++)
+                for (int v = 0; v < variants.Length; v++)
+                {
+                    var (d, p, chunks) = variants[v];
+                    var b = best[v];
+                    step++;
+                    var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
+                    using var store = new FolderCheckpointStore(dir, "bench")
+                    {
+                        HashChunkBytes = chunks is null ? null : ManifestFile.DefaultChunkBytes, HashChunkAlgorithm = chunks ?? ChunkHashAlgorithm.Xxh128,
+                    };
+                    double written = WriteSpeed(probe, diskMb);
+                    var sw = Stopwatch.StartNew();
+                    ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
+                        .GetAwaiter().GetResult();
+                    double save = sw.Elapsed.TotalSeconds;
+                    b.Save = Math.Min(b.Save, save);
+                    if (mb / save / written > b.SaveRatio) (b.SaveRatio, b.WriteBeside) = (mb / save / written, written);
+                    double read = ReadSpeed(probe, canDrop);
+                    if (canDrop) DropPageCache();
+                    sw.Restart();
+                    ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                    double load = sw.Elapsed.TotalSeconds;
+                    b.Load = Math.Min(b.Load, load);
+                    if (mb / load / read > b.LoadRatio) (b.LoadRatio, b.ReadBeside) = (mb / load / read, read);
+                    sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
+                    ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                    b.Warm = Math.Min(b.Warm, sw.Elapsed.TotalSeconds);
+                    Directory.Delete(store.StepFolder(step), true);
+                }
             for (int v = 0; v < variants.Length; v++)
             {
-                var (d, p, chunks) = variants[v];
-                var b = best[v];
-                step++;
-                var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
-                using var store = new FolderCheckpointStore(dir, "bench")
-                {
-                    HashChunkBytes = chunks is null ? null : ManifestFile.DefaultChunkBytes, HashChunkAlgorithm = chunks ?? ChunkHashAlgorithm.Xxh128,
-                };
-                double written = WriteSpeed(probe, diskMb);
-                var sw = Stopwatch.StartNew();
-                ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
-                    .GetAwaiter().GetResult();
-                double save = sw.Elapsed.TotalSeconds;
-                b.Save = Math.Min(b.Save, save);
-                if (mb / save / written > b.SaveRatio) (b.SaveRatio, b.WriteBeside) = (mb / save / written, written);
-                double read = ReadSpeed(probe, canDrop);
-                if (canDrop) DropPageCache();
-                sw.Restart();
-                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
-                double load = sw.Elapsed.TotalSeconds;
-                b.Load = Math.Min(b.Load, load);
-                if (mb / load / read > b.LoadRatio) (b.LoadRatio, b.ReadBeside) = (mb / load / read, read);
-                sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
-                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
-                b.Warm = Math.Min(b.Warm, sw.Elapsed.TotalSeconds);
-                Directory.Delete(store.StepFolder(step), true);
+                var ((d, p, chunks), b) = (variants[v], best[v]);
+                string hashes = chunks switch { ChunkHashAlgorithm.Xxh128 => "32 MiB chunk XXH128", ChunkHashAlgorithm.Sha256 => "32 MiB chunk SHA-256 (before)", _ => "whole-file SHA-256 only" };
+                Console.WriteLine($"| dp {d} x pp {p} ({d * p} files, {hashes}) | {mb / b.Save:F0} | {b.WriteBeside:F0} | {100 * b.SaveRatio:F0}% | {mb / b.Load:F0} | {b.ReadBeside:F0} | {100 * b.LoadRatio:F0}% | {mb / b.Warm:F0} | {b.Save:F2} | {b.Load:F2} |");
             }
-        for (int v = 0; v < variants.Length; v++)
-        {
-            var ((d, p, chunks), b) = (variants[v], best[v]);
-            string hashes = chunks switch { ChunkHashAlgorithm.Xxh128 => "32 MiB chunk XXH128", ChunkHashAlgorithm.Sha256 => "32 MiB chunk SHA-256 (before)", _ => "whole-file SHA-256 only" };
-            Console.WriteLine($"| dp {d} x pp {p} ({d * p} files, {hashes}) | {mb / b.Save:F0} | {b.WriteBeside:F0} | {100 * b.SaveRatio:F0}% | {mb / b.Load:F0} | {b.ReadBeside:F0} | {100 * b.LoadRatio:F0}% | {mb / b.Warm:F0} | {b.Save:F2} | {b.Load:F2} |");
-        }
-        Console.WriteLine($"load average after the saves and loads: {LoadAverage()}");
-        Console.WriteLine();
+            Console.WriteLine($"load average after the saves and loads: {LoadAverage()}");
+            Console.WriteLine();
 
-        // ---- Step stall: what a save adds to the training steps around it, against a blocking save (one rank, dp 1 x pp 1) ----
-        // Real training steps of the same model (the Trainer with its own AdamW, one small micro-batch), so the background
-        // copy really overlaps a forward and backward pass. Per repeat, in turns: two plain steps (the baseline: the faster
-        // one), a blocking save (the rank file written from the live tensors, then the next step), Save (the copy at the step
-        // boundary, then the next step) and BeginSave (the copy beside the next step's forward/backward, which waits for it
-        // before the optimizer update). The stall of a save = the wall time of the save call plus the next step, minus the
-        // plain step; the blocking save's own time is the reference. Each save's background write finishes before the next
-        // measurement (waited for and timed separately): on this CPU-only machine it competes with the steps for the cores.
-        var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
-        var rng = new Random(1);
-        var tokens = new int[(stepOptions.SeqLen + 1) * 256];
-        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(model.Config.VocabSize);
-        using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, CPU, peakFlops: 1e12);
-        var live = CheckpointTensors.Collect(model, trainer.Optimizer);
-        var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
-        var byName = live.ToDictionary();
-        using var blockingStore = new FolderCheckpointStore(dir, "blocking");
-        using var asyncStore = new FolderCheckpointStore(dir, "async");
-        double Timed(Action a) { var sw = Stopwatch.StartNew(); a(); return sw.Elapsed.TotalSeconds; }
-        for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
-        // One saver per mode for all saves, as in training: the first save allocates the host copies, later ones refill them.
-        var copyAtBoundary = new AsyncCheckpointSaver(asyncStore, single, 0);
-        var copyBeside = new AsyncCheckpointSaver(asyncStore, single, 0);
-        trainer.BeforeOptimizerUpdate = () => copyBeside.WaitForSnapshot();
-        double plain = double.MaxValue, blocking = double.MaxValue, blockingStep = double.MaxValue;
-        var boundary = new StallBest();
-        var beside = new StallBest();
-        long saveStep = 1_000;
-        void Measure(AsyncCheckpointSaver saver, StallBest best, bool background, bool first)
+        }
+
+        if (parts.Contains("stall"))
         {
-            long at = ++saveStep;
-            SaveRequest request = null!;
-            double wall = Timed(() =>
+            // ---- Step stall: what a save adds to the training steps around it, against a blocking save (one rank, dp 1 x pp 1) ----
+            // Real training steps of the same model (the Trainer with its own AdamW, one small micro-batch), so the background
+            // copy really overlaps a forward and backward pass. Per repeat, in turns: two plain steps (the baseline: the faster
+            // one), a blocking save (the rank file written from the live tensors, then the next step), Save (the copy at the step
+            // boundary, then the next step) and BeginSave (the copy beside the next step's forward/backward, which waits for it
+            // before the optimizer update). The stall of a save = the wall time of the save call plus the next step, minus the
+            // plain step; the blocking save's own time is the reference. Each save's background write finishes before the next
+            // measurement (waited for and timed separately): on this CPU-only machine it competes with the steps for the cores.
+            var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
+            var rng = new Random(1);
+            var tokens = new int[(stepOptions.SeqLen + 1) * 256];
+            for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(model.Config.VocabSize);
+            using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, CPU, peakFlops: 1e12);
+            var live = CheckpointTensors.Collect(model, trainer.Optimizer);
+            var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
+            var byName = live.ToDictionary();
+            using var blockingStore = new FolderCheckpointStore(dir, "blocking");
+            using var asyncStore = new FolderCheckpointStore(dir, "async");
+            double Timed(Action a) { var sw = Stopwatch.StartNew(); a(); return sw.Elapsed.TotalSeconds; }
+            for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
+            // One saver per mode for all saves, as in training: the first save allocates the host copies, later ones refill them.
+            var copyAtBoundary = new AsyncCheckpointSaver(asyncStore, single, 0);
+            var copyBeside = new AsyncCheckpointSaver(asyncStore, single, 0);
+            trainer.BeforeOptimizerUpdate = () => copyBeside.WaitForSnapshot();
+            double plain = double.MaxValue, blocking = double.MaxValue, blockingStep = double.MaxValue;
+            var boundary = new StallBest();
+            var beside = new StallBest();
+            long saveStep = 1_000;
+            void Measure(AsyncCheckpointSaver saver, StallBest best, bool background, bool first)
             {
-                request = background ? saver.BeginSave(at, byName) : saver.Save(at, byName);
-                trainer.TrainStep();
-            });
-            var failure = saver.WaitAsync().GetAwaiter().GetResult();
-            if (!request.Started || failure is not null) throw new InvalidOperationException($"save of step {at} failed: {failure?.Message}");
-            double thread = saver.LastStall.TotalSeconds;
-            if (first) (best.FirstWall, best.FirstThread) = (wall, thread);
-            else (best.Wall, best.Thread) = (Math.Min(best.Wall, wall), Math.Min(best.Thread, thread));
-            best.Background = Math.Min(best.Background, saver.LastOutcome!.Duration.TotalSeconds);
-            Directory.Delete(asyncStore.StepFolder(at), true);
+                long at = ++saveStep;
+                SaveRequest request = null!;
+                double wall = Timed(() =>
+                {
+                    request = background ? saver.BeginSave(at, byName) : saver.Save(at, byName);
+                    trainer.TrainStep();
+                });
+                var failure = saver.WaitAsync().GetAwaiter().GetResult();
+                if (!request.Started || failure is not null) throw new InvalidOperationException($"save of step {at} failed: {failure?.Message}");
+                double thread = saver.LastStall.TotalSeconds;
+                if (first) (best.FirstWall, best.FirstThread) = (wall, thread);
+                else (best.Wall, best.Thread) = (Math.Min(best.Wall, wall), Math.Min(best.Thread, thread));
+                best.Background = Math.Min(best.Background, saver.LastOutcome!.Duration.TotalSeconds);
+                Directory.Delete(asyncStore.StepFolder(at), true);
+            }
+            for (int i = 0; i <= repeats; i++)
+            {
+                plain = Math.Min(plain, Math.Min(Timed(() => trainer.TrainStep()), Timed(() => trainer.TrainStep())));
+                long at = ++saveStep;
+                blocking = Math.Min(blocking, Timed(() => ShardedCheckpointWriter.WriteRank(blockingStore, single, 0, at, byName)));
+                blockingStep = Math.Min(blockingStep, Timed(() => trainer.TrainStep()));
+                Directory.Delete(blockingStore.StepFolder(at), true);
+                Measure(copyAtBoundary, boundary, background: false, first: i == 0);
+                Measure(copyBeside, beside, background: true, first: i == 0);
+            }
+            copyAtBoundary.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            copyBeside.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            trainer.BeforeOptimizerUpdate = null;
+            Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, CPU, {get_num_threads()} torch threads): best plain step {plain:F3} s; " +
+                              $"blocking save of the rank's state {blocking:F3} s, the step after it {blockingStep:F3} s (best of {repeats + 1}); load average {LoadAverage()}");
+            Console.WriteLine();
+            Console.WriteLine("| save of one rank's whole state | stall = save call + next step − plain step, s | % of blocking save | training-thread time in the saver, s | background copy + write, s |");
+            Console.WriteLine("|---|---|---|---|---|");
+            Console.WriteLine($"| blocking (best of {repeats + 1}) | {blocking + blockingStep - plain:F3} | {100 * (blocking + blockingStep - plain) / blocking:F0}% | {blocking:F3} | — |");
+            foreach (var (name, b) in new[] { ("copy at the step boundary (Save)", boundary), ("copy beside the next forward/backward (BeginSave + WaitForSnapshot)", beside) })
+            {
+                Console.WriteLine($"| {name}, first save (allocates the host copies) | {b.FirstWall - plain:F3} | {100 * (b.FirstWall - plain) / blocking:F0}% | {b.FirstThread:F3} | — |");
+                Console.WriteLine($"| {name}, later saves (refill them; best of {repeats}) | {b.Wall - plain:F3} | {100 * (b.Wall - plain) / blocking:F0}% | {b.Thread:F3} | {b.Background:F3} |");
+            }
+            Console.WriteLine();
         }
-        for (int i = 0; i <= repeats; i++)
-        {
-            plain = Math.Min(plain, Math.Min(Timed(() => trainer.TrainStep()), Timed(() => trainer.TrainStep())));
-            long at = ++saveStep;
-            blocking = Math.Min(blocking, Timed(() => ShardedCheckpointWriter.WriteRank(blockingStore, single, 0, at, byName)));
-            blockingStep = Math.Min(blockingStep, Timed(() => trainer.TrainStep()));
-            Directory.Delete(blockingStore.StepFolder(at), true);
-            Measure(copyAtBoundary, boundary, background: false, first: i == 0);
-            Measure(copyBeside, beside, background: true, first: i == 0);
-        }
-        copyAtBoundary.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        copyBeside.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        trainer.BeforeOptimizerUpdate = null;
-        Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, CPU, {get_num_threads()} torch threads): best plain step {plain:F3} s; " +
-                          $"blocking save of the rank's state {blocking:F3} s (best of {repeats + 1}); load average {LoadAverage()}");
-        Console.WriteLine();
-        Console.WriteLine("| save of one rank's whole state | stall = save call + next step − plain step, s | % of blocking save | training-thread time in the saver, s | background copy + write, s |");
-        Console.WriteLine("|---|---|---|---|---|");
-        Console.WriteLine($"| blocking (best of {repeats + 1}) | {blocking + blockingStep - plain:F3} | {100 * (blocking + blockingStep - plain) / blocking:F0}% | {blocking:F3} | — |");
-        foreach (var (name, b) in new[] { ("copy at the step boundary (Save)", boundary), ("copy beside the next forward/backward (BeginSave + WaitForSnapshot)", beside) })
-        {
-            Console.WriteLine($"| {name}, first save (allocates the host copies) | {b.FirstWall - plain:F3} | {100 * (b.FirstWall - plain) / blocking:F0}% | {b.FirstThread:F3} | — |");
-            Console.WriteLine($"| {name}, later saves (refill them; best of {repeats}) | {b.Wall - plain:F3} | {100 * (b.Wall - plain) / blocking:F0}% | {b.Thread:F3} | {b.Background:F3} |");
-        }
-        Console.WriteLine();
         Console.WriteLine($"load average at the end: {LoadAverage()}");
         Directory.Delete(dir, true);
     }
