@@ -59,7 +59,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             if (recorded is null || announced is not null && !announced.SameAs(recorded))
             {
                 var (_, actual) = await HashBlobAsync(key, total, chunkBytes, ct);
-                await RefuseChunkMismatchAsync(announced, actual, key, fileName, total, "stored", ct);
+                await RefuseChunkMismatchAsync(announced, actual, key, fileName, total, "stored", ct, discard: false); // its SHA-256 matched: kept
                 recorded = actual;
                 await RecordChunksAsync(key, recorded, new Dictionary<string, string>(existing.Metadata) { [ShaKey] = sha }, ct);
             }
@@ -144,14 +144,15 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         return reply;
     }
 
-    /// <summary>A chunk the uploader hashed otherwise than the store: the bytes are discarded and the chunk named.</summary>
-    private async Task RefuseChunkMismatchAsync(ChunkHashes? announced, ChunkHashes actual, string key, string fileName, long total, string how, CancellationToken ct)
+    /// <summary>A chunk the uploader hashed otherwise than the store: the new bytes are discarded (a file stored before is kept) and the chunk named.</summary>
+    private async Task RefuseChunkMismatchAsync(ChunkHashes? announced, ChunkHashes actual, string key, string fileName, long total, string how, CancellationToken ct,
+        bool discard = true)
     {
         if (announced is null || announced.FirstDifference(actual) is not (>= 0 and var k)) return;
-        await retry.RunAsync($"discard {key}", c => blobs.DeleteAsync(key, c), ct);
+        if (discard) await retry.RunAsync($"discard {key}", c => blobs.DeleteAsync(key, c), ct);
         var (start, end) = announced.Range(k, total);
         throw new RpcException(new Status(StatusCode.DataLoss,
-            $"{fileName}: bytes [{start}, {end}) (chunk {k} of {announced.Hashes.Count}) {how} hash to {actual.Hashes[k]} (XXH128), not the announced {announced.Hashes[k]}; the upload was discarded"));
+            $"{fileName}: bytes [{start}, {end}) (chunk {k} of {announced.Hashes.Count}) {how} hash to {actual.Hashes[k]} (XXH128), not the announced {announced.Hashes[k]}; {(discard ? "the upload was discarded" : "the stored file is kept")}"));
     }
 
     private Task PutChunkListAsync(string key, ChunkHashes chunks, CancellationToken ct)

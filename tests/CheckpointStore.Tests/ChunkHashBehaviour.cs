@@ -172,4 +172,27 @@ public abstract class ChunkHashBehaviour(BackendFixture fixture)
         await CommitAsync(Client, job, 5, 1, file);
         Assert.Equal(file.ChunkXxh128(32L << 20), (await ManifestChunksAsync(job, 5, file.FileName)).Hashes);
     }
+
+    [Fact]
+    public async Task AStoredFileUploadedAgainWithOtherChunkHashesIsRehashedFromStorageAndAWrongAnnouncementLeavesItStored()
+    {
+        string job = NewJob();
+        var file = File();
+        await UploadAsync(Client, job, 6, 0, file); // stored with the store's own 32 MiB list
+        var wrong = file.ChunkXxh128(Chunk);
+        wrong[1] = wrong[0];
+        var e = await Assert.ThrowsAsync<RpcException>(() => UploadAsync(Client, job, 6, 0, file, chunkHashes: (Chunk, wrong)));
+        Assert.Equal(StatusCode.DataLoss, e.StatusCode);
+        Assert.Contains($"bytes [{Chunk}, {2 * Chunk}) (chunk 1 of {wrong.Count}) stored hash to", e.Status.Detail);
+        Assert.Contains("the stored file is kept", e.Status.Detail);
+        var status = await Client.GetUploadStatusAsync(new UploadStatusRequest { Job = job, Step = 6, FileName = file.FileName, Sha256 = file.Sha256 });
+        Assert.True(status.Complete);
+
+        var reply = await UploadAsync(Client, job, 6, 0, file, chunkHashes: (Chunk, file.ChunkXxh128(Chunk)));
+        Assert.Equal(file.ChunkXxh128(Chunk), reply!.ChunkXxh128);
+        await CommitAsync(Client, job, 6, 1, file);
+        var (hashes, bytes) = await ManifestChunksAsync(job, 6, file.FileName);
+        Assert.Equal(Chunk, bytes);
+        Assert.Equal(file.ChunkXxh128(Chunk), hashes);
+    }
 }
