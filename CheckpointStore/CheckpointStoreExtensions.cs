@@ -30,6 +30,7 @@ public static class CheckpointStoreExtensions
                 : AzureBlobBackend.Create(connection, options);
         });
         builder.Services.AddSingleton<BlobRetry>();
+        builder.Services.AddSingleton<VerifiedChunkCache>();
         builder.Services.AddSingleton<StorageErrorInterceptor>();
         builder.Services.AddGrpc(o =>
         {

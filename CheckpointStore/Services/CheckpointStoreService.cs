@@ -11,7 +11,8 @@ using static DeepSeekCluster.CheckpointStore.Services.CheckpointKeys;
 
 namespace DeepSeekCluster.CheckpointStore.Services;
 
-public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, IOptions<StorageOptions> options, ILogger<CheckpointStoreService> logger)
+public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, IOptions<StorageOptions> options, VerifiedChunkCache verified,
+    ILogger<CheckpointStoreService> logger)
     : Contracts.Checkpoints.CheckpointStore.CheckpointStoreBase
 {
     private const string ShaKey = "sha256"; // blob metadata: set only once the store has hashed the bytes itself
@@ -44,16 +45,31 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         string fileName = FileName(string.IsNullOrEmpty(header.FileName) ? RankFile(header.Rank) : header.FileName);
         string sha = Sha256(header.Sha256, $"{fileName}'s");
         long total = header.TotalSize >= 0 ? header.TotalSize : throw Invalid($"total size {header.TotalSize} of {fileName} is negative");
+        var announced = ChunkHashes.Announced(header.ChunkBytes, header.ChunkXxh128, total, fileName);
+        long chunkBytes = announced?.ChunkBytes ?? ChunkHashes.DefaultChunkBytes;
         string key = File(job, step, fileName);
         await RefuseIfCommittedAsync(job, step, fileName, ct);
 
         var existing = await retry.RunAsync($"read the properties of {key}", c => blobs.GetInfoAsync(key, c), ct);
         if (existing is not null && existing.Size == total && existing.Metadata.GetValueOrDefault(ShaKey) == sha)
-            return new UploadShardReply { FileName = fileName, Size = total, Sha256 = sha }; // already stored: nothing to receive
+        {
+            // Already stored: nothing to receive. Its chunk hashes are those recorded, or (other chunks announced, or none
+            // recorded by an older store) computed now from the stored bytes.
+            var recorded = await ReadChunkRecordAsync(key, existing, ct);
+            if (recorded is null || announced is not null && !announced.SameAs(recorded))
+            {
+                var (_, actual) = await HashBlobAsync(key, total, chunkBytes, ct);
+                await RefuseChunkMismatchAsync(announced, actual, key, fileName, total, "stored", ct, discard: false); // its SHA-256 matched: kept
+                recorded = actual;
+                await RecordChunksAsync(key, recorded, new Dictionary<string, string>(existing.Metadata) { [ShaKey] = sha }, ct);
+            }
+            return Reply(fileName, total, sha, recorded);
+        }
 
         long staged = await retry.RunAsync($"read the staged length of {key}", c => blobs.GetStagedLengthAsync(key, sha, c), ct);
         // Hashing as bytes arrive covers an upload that starts at 0; a resumed one is hashed by reading it back.
         using var hash = staged == 0 ? IncrementalHash.CreateHash(HashAlgorithmName.SHA256) : null;
+        var chunker = staged == 0 ? new ChunkHasher(chunkBytes) : null;
         var block = new MemoryStream();
         int blockBytes = options.Value.BlockBytes;
 
@@ -64,6 +80,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             long at = staged;
             await retry.RunAsync($"stage bytes [{at}, {at + data.Length}) of {key}", c => blobs.AppendStagedAsync(key, sha, at, data, c), ct);
             hash?.AppendData(data.Span);
+            chunker?.Append(data.Span);
             staged += data.Length;
             block.SetLength(0);
         }
@@ -88,30 +105,83 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             throw Refused($"{fileName}: the stream ended after {staged} of {total} bytes; send the rest from offset {staged}");
         await RefuseIfCommittedAsync(job, step, fileName, ct);
 
+        ChunkHashes chunks;
         if (hash is not null)
         {
             string actual = Convert.ToHexStringLower(hash.GetHashAndReset());
+            chunks = chunker!.Finish();
             if (actual != sha)
             {
                 await retry.RunAsync($"discard the staged bytes of {key}", c => blobs.DeleteAsync(key, c), ct);
                 throw new RpcException(new Status(StatusCode.DataLoss, $"{fileName}: the {total} bytes received hash to {actual}, not the announced {sha}; the upload was discarded"));
             }
-            var metadata = new Dictionary<string, string> { [ShaKey] = sha };
+            await RefuseChunkMismatchAsync(announced, chunks, key, fileName, total, "received", ct);
+            // The chunk list first, the file (with the list's hash in its metadata) last: a file the store calls complete has its list.
+            await PutChunkListAsync(key, chunks, ct);
+            var metadata = new Dictionary<string, string> { [ShaKey] = sha, [ChunkHashes.MetadataKey] = ChunkHashes.Digest(chunks.Serialize()) };
             await retry.RunAsync($"commit {key}", c => blobs.CommitStagedAsync(key, sha, total, metadata, c), ct);
         }
         else
         {
             await retry.RunAsync($"commit {key}", c => blobs.CommitStagedAsync(key, sha, total, NoMetadata, c), ct);
-            string actual = await HashBlobAsync(key, total, ct);
+            (string actual, chunks) = await HashBlobAsync(key, total, chunkBytes, ct);
             if (actual != sha)
             {
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);
                 throw new RpcException(new Status(StatusCode.DataLoss, $"{fileName}: the {total} bytes stored hash to {actual}, not the announced {sha}; the upload was discarded"));
             }
-            await retry.RunAsync($"set the metadata of {key}", c => blobs.SetMetadataAsync(key, new Dictionary<string, string> { [ShaKey] = sha }, c), ct);
+            await RefuseChunkMismatchAsync(announced, chunks, key, fileName, total, "stored", ct);
+            await RecordChunksAsync(key, chunks, new Dictionary<string, string> { [ShaKey] = sha }, ct);
         }
-        logger.LogInformation("Stored {Key} ({Bytes} bytes)", key, total);
-        return new UploadShardReply { FileName = fileName, Size = total, Sha256 = sha };
+        logger.LogInformation("Stored {Key} ({Bytes} bytes, {Chunks} chunk hashes)", key, total, chunks.Hashes.Count);
+        return Reply(fileName, total, sha, chunks);
+    }
+
+    private static UploadShardReply Reply(string fileName, long size, string sha, ChunkHashes chunks)
+    {
+        var reply = new UploadShardReply { FileName = fileName, Size = size, Sha256 = sha, ChunkBytes = chunks.ChunkBytes };
+        reply.ChunkXxh128.AddRange(chunks.Hashes);
+        return reply;
+    }
+
+    /// <summary>A chunk the uploader hashed otherwise than the store: the new bytes are discarded (a file stored before is kept) and the chunk named.</summary>
+    private async Task RefuseChunkMismatchAsync(ChunkHashes? announced, ChunkHashes actual, string key, string fileName, long total, string how, CancellationToken ct,
+        bool discard = true)
+    {
+        if (announced is null || announced.FirstDifference(actual) is not (>= 0 and var k)) return;
+        if (discard) await retry.RunAsync($"discard {key}", c => blobs.DeleteAsync(key, c), ct);
+        var (start, end) = announced.Range(k, total);
+        throw new RpcException(new Status(StatusCode.DataLoss,
+            $"{fileName}: bytes [{start}, {end}) (chunk {k} of {announced.Hashes.Count}) {how} hash to {actual.Hashes[k]} (XXH128), not the announced {announced.Hashes[k]}; {(discard ? "the upload was discarded" : "the stored file is kept")}"));
+    }
+
+    private Task PutChunkListAsync(string key, ChunkHashes chunks, CancellationToken ct)
+    {
+        string sidecar = ChunkHashes.SidecarKey(key);
+        byte[] bytes = chunks.Serialize();
+        return retry.RunAsync($"write {sidecar}", c => blobs.PutAsync(sidecar, bytes, NoMetadata, onlyIfAbsent: false, c), ct);
+    }
+
+    /// <summary>Writes the chunk list of an already stored file, then sets its metadata (<paramref name="metadata"/> plus the list's hash).</summary>
+    private async Task RecordChunksAsync(string key, ChunkHashes chunks, Dictionary<string, string> metadata, CancellationToken ct)
+    {
+        await PutChunkListAsync(key, chunks, ct);
+        metadata[ChunkHashes.MetadataKey] = ChunkHashes.Digest(chunks.Serialize());
+        await retry.RunAsync($"set the metadata of {key}", c => blobs.SetMetadataAsync(key, metadata, c), ct);
+    }
+
+    /// <summary>The chunk hashes the store verified for a stored file, or null when it recorded none (stored by an older store).</summary>
+    private async Task<ChunkHashes?> ReadChunkRecordAsync(string key, BlobEntry info, CancellationToken ct)
+    {
+        if (info.Metadata.GetValueOrDefault(ChunkHashes.MetadataKey) is not { } digest) return null;
+        string sidecar = ChunkHashes.SidecarKey(key);
+        var sidecarInfo = await retry.RunAsync($"read the properties of {sidecar}", c => blobs.GetInfoAsync(sidecar, c), ct);
+        if (sidecarInfo is null) return null; // the list is gone: the caller recomputes it from the file
+        byte[] bytes = new byte[sidecarInfo.Size];
+        await retry.RunAsync($"read {sidecar}", c => blobs.ReadAsync(sidecar, 0, bytes, c), ct);
+        var chunks = ChunkHashes.Parse(bytes, sidecar);
+        if (ChunkHashes.Digest(bytes) != digest || chunks.Hashes.Count != ChunkHashes.Count(info.Size, chunks.ChunkBytes)) return null;
+        return chunks;
     }
 
     private async Task RefuseIfCommittedAsync(string job, long step, string fileName, CancellationToken ct)
@@ -121,9 +191,10 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             throw Refused($"step {step} of job '{job}' is already committed; {fileName} cannot be written into it");
     }
 
-    private async Task<string> HashBlobAsync(string key, long size, CancellationToken ct)
+    private async Task<(string Sha256, ChunkHashes Chunks)> HashBlobAsync(string key, long size, long chunkBytes, CancellationToken ct)
     {
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        var chunker = new ChunkHasher(chunkBytes);
         byte[] buffer = new byte[Math.Min(size, 4 << 20)];
         for (long at = 0; at < size; at += buffer.Length)
         {
@@ -131,8 +202,9 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             long from = at;
             await retry.RunAsync($"read {key} at {from}", c => blobs.ReadAsync(key, from, part, c), ct);
             hash.AppendData(part.Span);
+            chunker.Append(part.Span);
         }
-        return Convert.ToHexStringLower(hash.GetHashAndReset());
+        return (Convert.ToHexStringLower(hash.GetHashAndReset()), chunker.Finish());
     }
 
     // ---- Commit ----
@@ -150,6 +222,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             if (!names.Add(FileName(f.FileName))) throw Invalid($"{f.FileName} is listed twice");
             Sha256(f.Sha256, $"{f.FileName}'s");
             if (f.Size < 0) throw Invalid($"{f.FileName} has negative size {f.Size}");
+            ChunkHashes.Announced(f.ChunkBytes, f.ChunkXxh128, f.Size, f.FileName);
             files.Add(f);
         }
         files.Sort((a, b) => string.CompareOrdinal(a.FileName, b.FileName));
@@ -159,6 +232,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         var previous = await ReadManifestAsync(manifestKey, ct);
         if (previous is not null) return SameCommitOrRefuse(previous, request.Generation, files, job, step, manifestKey);
 
+        var chunkLists = new Dictionary<string, ChunkHashes>(StringComparer.Ordinal);
         foreach (var f in files)
         {
             string key = File(job, step, f.FileName);
@@ -169,7 +243,20 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             string? stored = info.Metadata.GetValueOrDefault(ShaKey);
             if (stored != f.Sha256)
                 throw Refused($"step {step} of job '{job}' cannot be committed: {f.FileName} has SHA-256 {stored ?? "(not verified)"}, expected {f.Sha256}");
+            // The chunk hashes the store verified at upload go into the manifest (a committer need not know them; if it
+            // names some, they must be those). A file stored before chunk hashes existed commits without them.
+            var recorded = await ReadChunkRecordAsync(key, info, ct);
+            if (ChunkHashes.Announced(f.ChunkBytes, f.ChunkXxh128, f.Size, f.FileName) is { } expected && (recorded is null || !expected.SameAs(recorded)))
+                throw Refused($"step {step} of job '{job}' cannot be committed: the chunk hashes of {f.FileName} are not those the store verified " +
+                    $"({(recorded is null ? "it recorded none" : $"{recorded.Hashes.Count} chunks of {recorded.ChunkBytes} bytes")}); upload it again");
+            if (recorded is not null) chunkLists[f.FileName] = recorded;
         }
+        foreach (var entry in manifest["files"]!.AsArray())
+            if (chunkLists.TryGetValue(entry!["name"]!.GetValue<string>(), out var chunks))
+            {
+                entry["chunk_bytes"] = chunks.ChunkBytes;
+                entry["chunk_xxh128"] = new JsonArray(chunks.Hashes.Select(h => (JsonNode)JsonValue.Create(h)!).ToArray());
+            }
 
         byte[] bytes = JsonSerializer.SerializeToUtf8Bytes(manifest, new JsonSerializerOptions { WriteIndented = true });
         bool written = await retry.RunAsync($"write {manifestKey}", c => blobs.PutAsync(manifestKey, bytes, NoMetadata, onlyIfAbsent: true, c), ct);
@@ -291,12 +378,11 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
 
         string? fileName = null;
         TensorLocation? location = null;
+        Func<long, Memory<byte>, Task>? read = null;
         foreach (var f in files)
         {
-            string key = File(job, step, f.Name);
-            location = await SafeTensorsHeader.FindAsync(
-                (offset, buffer) => retry.RunAsync($"read {key} at {offset}", c => blobs.ReadAsync(key, offset, buffer, c), ct),
-                f.Name, f.Size, request.TensorName);
+            read = Reader(manifest, job, step, f.Name, f.Size, ct);
+            location = await SafeTensorsHeader.FindAsync(read, f.Name, f.Size, request.TensorName);
             if (location is not null) { fileName = f.Name; break; }
         }
         if (location is null || fileName is null)
@@ -319,15 +405,60 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         description.Shape.AddRange(location.Shape);
         await responseStream.WriteAsync(new TensorChunk { Description = description }, ct);
 
-        string tensorKey = File(job, step, fileName);
         byte[] buffer = new byte[Math.Min(count, DownloadChunkBytes)];
         for (long at = 0; at < count; at += buffer.Length)
         {
             var part = buffer.AsMemory(0, (int)Math.Min(buffer.Length, count - at));
-            long from = begin + at;
-            await retry.RunAsync($"read {tensorKey} at {from}", c => blobs.ReadAsync(tensorKey, from, part, c), ct);
+            await read!(begin + at, part);
             await responseStream.WriteAsync(new TensorChunk { Data = ByteString.CopyFrom(part.Span) }, ct);
         }
+    }
+
+    /// <summary>
+    /// Reads bytes of a committed file. Where the manifest records the file's chunk hashes, every byte served (the header
+    /// too) comes from a whole chunk whose XXH128 matched; a mismatch is refused with DataLoss naming the file, the chunk
+    /// and its byte range. A file committed without chunk hashes is read as stored.
+    /// </summary>
+    private Func<long, Memory<byte>, Task> Reader(JsonObject manifest, string job, long step, string fileName, long size, CancellationToken ct)
+    {
+        string key = File(job, step, fileName);
+        var entry = (manifest["files"] as JsonArray ?? []).FirstOrDefault(f => f?["name"]?.GetValue<string>() == fileName);
+        if (entry?["chunk_bytes"]?.GetValue<long>() is not long chunkBytes || entry["chunk_xxh128"] is not JsonArray list)
+            return (offset, buffer) => retry.RunAsync($"read {key} at {offset}", c => blobs.ReadAsync(key, offset, buffer, c), ct);
+        var hashes = list.Select(h => h!.GetValue<string>()).ToList();
+        if (chunkBytes < 1 || chunkBytes > ChunkHashes.MaxChunkBytes || hashes.Count != ChunkHashes.Count(size, chunkBytes))
+            throw new RpcException(new Status(StatusCode.DataLoss, $"{Manifest(job, step)} lists {hashes.Count} chunk hashes of {chunkBytes} bytes for {fileName} of {size} bytes"));
+
+        async Task<byte[]> VerifiedChunkAsync(int k)
+        {
+            string cacheKey = $"{key}#{k}#{hashes[k]}";
+            if (verified.Get(cacheKey) is { } cached) return cached;
+            long start = k * chunkBytes, end = Math.Min(start + chunkBytes, size);
+            byte[] bytes = new byte[end - start];
+            await retry.RunAsync($"read {key} at {start}", c => blobs.ReadAsync(key, start, bytes, c), ct);
+            string actual = Convert.ToHexStringLower(System.IO.Hashing.XxHash128.Hash(bytes));
+            if (actual != hashes[k])
+            {
+                logger.LogError("{Key}: bytes [{Start}, {End}) (chunk {Chunk}) hash to {Actual}, the manifest says {Expected}", key, start, end, k, actual, hashes[k]);
+                throw new RpcException(new Status(StatusCode.DataLoss,
+                    $"{fileName} of step {step} of job '{job}': bytes [{start}, {end}) (chunk {k} of {hashes.Count}) hash to {actual} (XXH128), the manifest says {hashes[k]}; the stored file is damaged"));
+            }
+            verified.Put(cacheKey, bytes);
+            return bytes;
+        }
+
+        return async (offset, buffer) =>
+        {
+            if (offset < 0 || offset + buffer.Length > size) throw new EndOfStreamException($"{key}: bytes [{offset}, {offset + buffer.Length}) are outside its {size} bytes");
+            for (long at = offset, end = offset + buffer.Length; at < end;)
+            {
+                int k = (int)(at / chunkBytes);
+                byte[] chunk = await VerifiedChunkAsync(k);
+                int from = (int)(at - k * chunkBytes), n = (int)Math.Min(chunk.Length - from, end - at);
+                chunk.AsSpan(from, n).CopyTo(buffer.Span[(int)(at - offset)..]);
+                at += n;
+            }
+        };
     }
 
     // ---- Retention ----

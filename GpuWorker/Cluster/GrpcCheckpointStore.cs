@@ -40,6 +40,12 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     readonly GrpcCheckpointStoreOptions options = options ?? new();
     readonly ILogger logger = logger ?? NullLogger<GrpcCheckpointStore>.Instance;
 
+    /// <summary>
+    /// Rank files record an XXH128 per chunk of this many bytes (null: none); the upload announces them, the store
+    /// verifies them against the bytes it receives, puts them in the manifest and checks every chunk it serves.
+    /// </summary>
+    public long? HashChunkBytes { get; init; } = ManifestFile.DefaultChunkBytes;
+
     /// <summary>The store's address, for error messages.</summary>
     public string Address => address;
 
@@ -64,7 +70,8 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
             try
             {
                 var stored = await UploadOnceAsync(step, rank, path, written, ct);
-                if (stored.Size != written.Size || stored.Sha256 != written.Sha256)
+                if (stored.Size != written.Size || stored.Sha256 != written.Sha256
+                    || written.ChunkXxh128 is { } mine && stored.ChunkXxh128 is { } theirs && !mine.SequenceEqual(theirs))
                     throw new InvalidDataException($"the checkpoint store at {address} holds {stored.Name} of step {step} as {stored.Size} bytes, {stored.Sha256}; " +
                         $"this rank wrote {written.Size} bytes, {written.Sha256}");
                 if (!options.KeepStagedFiles) File.Delete(path);
@@ -108,10 +115,13 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
             throw new InvalidDataException($"{path} is {file.Length} bytes, but its writer reported {written.Size}");
 
         using var call = client.UploadShard(cancellationToken: ct);
-        bool open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage
+        var header = new UploadHeader { Job = job, Step = step, Rank = rank, FileName = written.Name, TotalSize = written.Size, Sha256 = written.Sha256 };
+        if (written.ChunkXxh128 is { } chunks)
         {
-            Header = new UploadHeader { Job = job, Step = step, Rank = rank, FileName = written.Name, TotalSize = written.Size, Sha256 = written.Sha256 },
-        }, ct));
+            header.ChunkBytes = written.ChunkBytes!.Value;
+            header.ChunkXxh128.AddRange(chunks);
+        }
+        bool open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage { Header = header }, ct));
         file.Position = from;
         byte[] buffer = new byte[(int)Math.Min(options.ChunkBytes, Math.Max(1, written.Size))];
         for (long at = from; open && at < written.Size;)
@@ -123,7 +133,11 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
         }
         if (open) await SendAsync(call.RequestStream.CompleteAsync);
         var reply = await call.ResponseAsync;
-        return new ManifestFile(reply.FileName, reply.Size, reply.Sha256);
+        return new ManifestFile(reply.FileName, reply.Size, reply.Sha256)
+        {
+            ChunkBytes = reply.ChunkBytes > 0 ? reply.ChunkBytes : null,
+            ChunkXxh128 = reply.ChunkBytes > 0 ? [.. reply.ChunkXxh128] : null,
+        };
     }
 
     /// <summary>
@@ -146,7 +160,12 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     {
         if (manifest.Job != job) throw new ArgumentException($"the manifest is for job '{manifest.Job}', this store holds job '{job}'", nameof(manifest));
         var request = new CommitCheckpointRequest { Job = job, Step = manifest.Step, Generation = manifest.Generation, ManifestJson = WithoutStoreFields(manifest.ToJson()) };
-        request.Files.AddRange(manifest.Files.Select(f => new ExpectedFile { FileName = f.Name, Size = f.Size, Sha256 = f.Sha256 }));
+        request.Files.AddRange(manifest.Files.Select(f =>
+        {
+            var expected = new ExpectedFile { FileName = f.Name, Size = f.Size, Sha256 = f.Sha256 };
+            if (f.ChunkXxh128 is { } chunks) { expected.ChunkBytes = f.ChunkBytes!.Value; expected.ChunkXxh128.AddRange(chunks); }
+            return expected;
+        }));
         try { await client.CommitCheckpointAsync(request, cancellationToken: ct); }
         catch (RpcException e) when (!ct.IsCancellationRequested)
         {

@@ -235,6 +235,12 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // A checkpoint that will not commit from this generation is a job event naming the rank and why.
         void NotStored(long step, string why) =>
             send(new WorkerMessage { Checkpoint = new CheckpointReport { Generation = assignment.Generation, Step = step, Rank = assignment.Rank, Error = why } });
+        trainer.BeforeOptimizerUpdate = () =>
+        {
+            if (saver.WaitForSnapshot() is not null) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, saver.LastStall);
+        };
+        // Whatever ends this generation, the live state is not touched again (a re-formation's broadcast) while a copy reads it.
+        using var snapshotSettled = saver.SnapshotScope();
 
         void SaveCheckpoint(long step)
         {
@@ -243,8 +249,11 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                 manifests[step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, sharding,
                     new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
                     config.ToJson(), tokenizerReply.TokenizerHash);
-            var request = saver.Save(step, tensors);
-            if (request.Started) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, request.Stall);
+            // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
+            // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
+            bool last = step >= options.Steps;
+            var request = last ? saver.Save(step, tensors) : saver.BeginSave(step, tensors);
+            if (request.Started && last) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, request.Stall);
             if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
             if (!request.Started && step != options.Steps)
             {

@@ -4,9 +4,12 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Checkpoints;
 
-/// <summary>What one <see cref="AsyncCheckpointSaver.Save"/> call did.</summary>
+/// <summary>What one <see cref="AsyncCheckpointSaver.Save"/> or <see cref="AsyncCheckpointSaver.BeginSave"/> call did.</summary>
 /// <param name="Started">False when the previous save was still running: this one was skipped.</param>
-/// <param name="Stall">Time the calling (training) thread spent in the call: the host copy.</param>
+/// <param name="Stall">
+/// Time the calling (training) thread spent in the call: the host copy for <see cref="AsyncCheckpointSaver.Save"/>, only
+/// the start of it for <see cref="AsyncCheckpointSaver.BeginSave"/> (the rest is in <see cref="AsyncCheckpointSaver.WaitForSnapshot"/>).
+/// </param>
 /// <param name="PreviousFailure">The error of a background save that failed since the last call, reported once.</param>
 public sealed record SaveRequest(long Step, bool Started, TimeSpan Stall, Exception? PreviousFailure);
 
@@ -20,15 +23,27 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// once, in the next <see cref="Save"/>'s result and in <see cref="WaitAsync"/>. The host copies are kept from one save to
 /// the next and refilled in place: allocating and faulting in the rank's whole state every interval was most of the
 /// stall. They are touched only when no write is in flight (a skipped request never reaches them), and freed with the saver.
+/// <para>
+/// Two ways to take the snapshot. <see cref="Save"/> copies before it returns (on this thread and a helper). With
+/// <see cref="BeginSave"/> the copy runs on a background thread while the next step's forward and backward passes run,
+/// which read the parameters and optimizer moments but change none: the caller must call <see cref="WaitForSnapshot"/>
+/// before anything changes the saved tensors (the optimizer update; the trainer's <c>BeforeOptimizerUpdate</c> hook),
+/// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
+/// </para>
 /// </summary>
 public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan, int rank,
     Func<SaveOutcome, CancellationToken, Task>? onFinished = null) : IAsyncDisposable
 {
     Task<SaveOutcome>? inFlight;
+    HostCopy? copying;     // the snapshot being copied from the live tensors, until a WaitForSnapshot sees it done
     HostSnapshot? buffers; // the last save's host copies; the background write reads them until inFlight completes
     Exception? unreported;
     readonly CancellationTokenSource stopping = new();
 
+    /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
+    internal Func<Task>? BeforeBackgroundCopy { get; set; }
+
+    /// <summary>Training-thread time of the last save: its <see cref="SaveRequest.Stall"/> plus its <see cref="WaitForSnapshot"/>.</summary>
     public TimeSpan LastStall { get; private set; }
     public TimeSpan TotalStall { get; private set; }
     public int Started { get; private set; }
@@ -36,11 +51,29 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     public int Failed { get; private set; }
     public SaveOutcome? LastOutcome { get; private set; }
     public bool Busy => inFlight is { IsCompleted: false };
+    /// <summary>A snapshot started by <see cref="BeginSave"/> may still be reading the live tensors.</summary>
+    public bool SnapshotPending => copying is not null;
 
-    /// <summary>Call at a step boundary, on the training thread, with this rank's live tensors (by checkpoint name).</summary>
+    /// <summary>
+    /// Call at a step boundary, on the training thread, with this rank's live tensors (by checkpoint name); returns once
+    /// the host copy is taken, so the tensors may change right after.
+    /// </summary>
     public SaveRequest Save(long step, IReadOnlyDictionary<string, Tensor> tensors)
     {
+        var request = BeginSave(step, tensors);
+        if (!request.Started) return request;
+        var waited = WaitForSnapshot() ?? TimeSpan.Zero;
+        return request with { Stall = request.Stall + waited };
+    }
+
+    /// <summary>
+    /// Call at a step boundary, on the training thread, with this rank's live tensors; returns at once while a background
+    /// thread copies them. Until <see cref="WaitForSnapshot"/> returns, nothing may change, dispose or move those tensors.
+    /// </summary>
+    public SaveRequest BeginSave(long step, IReadOnlyDictionary<string, Tensor> tensors)
+    {
         var sw = Stopwatch.StartNew();
+        WaitForSnapshot(); // a caller that skipped it: the previous copy must be over before anything else
         Collect();
         var failure = unreported;
         unreported = null;
@@ -49,27 +82,60 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             Skipped++;
             return new SaveRequest(step, false, sw.Elapsed, failure);
         }
-        HostSnapshot snapshot;
         var previous = buffers;
-        buffers = null; // CopyToHost owns them now: it refills them or, failing, disposes them
-        try { snapshot = ShardedCheckpointWriter.CopyToHost(plan, rank, step, tensors, reuse: previous); }
-        catch (Exception e) // out of host memory, a tensor missing: the run goes on without this checkpoint
-        {
-            Failed++;
-            return new SaveRequest(step, false, sw.Elapsed, failure ?? e);
-        }
-        buffers = snapshot;
-        inFlight = Task.Run(() => WriteAsync(snapshot));
+        buffers = null; // the copy owns them now: it refills them or, failing, disposes them
+        var copy = new HostCopy(plan, rank, step, tensors, previous);
+        copying = copy;
+        inFlight = Task.Run(() => CopyAndWriteAsync(copy));
         Started++;
         LastStall = sw.Elapsed;
         TotalStall += LastStall;
         return new SaveRequest(step, true, LastStall, failure);
     }
 
-    async Task<SaveOutcome> WriteAsync(HostSnapshot snapshot)
+    /// <summary>
+    /// Blocks until the snapshot of the last <see cref="BeginSave"/> no longer reads the live tensors, helping to copy
+    /// meanwhile; returns the time this thread spent here, or null when no snapshot was pending. A failed copy is not
+    /// thrown: it is the save's outcome, reported like a failed write.
+    /// </summary>
+    public TimeSpan? WaitForSnapshot()
+    {
+        if (copying is not { } copy) return null;
+        var sw = Stopwatch.StartNew();
+        copy.Help();
+        copy.Completed.GetAwaiter().GetResult();
+        copying = null;
+        var waited = sw.Elapsed;
+        LastStall += waited;
+        TotalStall += waited;
+        return waited;
+    }
+
+    /// <summary>A scope whose end waits for a pending snapshot: the live tensors are the caller's again after it, however it ends.</summary>
+    public IDisposable SnapshotScope() => new SnapshotWait(this);
+
+    sealed class SnapshotWait(AsyncCheckpointSaver saver) : IDisposable
+    {
+        public void Dispose() => saver.WaitForSnapshot();
+    }
+
+    async Task<SaveOutcome> CopyAndWriteAsync(HostCopy copy)
     {
         var sw = Stopwatch.StartNew();
-        SaveOutcome outcome;
+        HostSnapshot snapshot;
+        try
+        {
+            if (BeforeBackgroundCopy is { } hold) await hold();
+            copy.Help();
+            await copy.Completed; // the training thread may still copy its last slice
+            snapshot = copy.Take();
+        }
+        catch (Exception e) // out of host memory, a tensor missing: the run goes on without this checkpoint
+        {
+            copy.Dispose();
+            return await NotifyAsync(new SaveOutcome(copy.Step, null, e, sw.Elapsed));
+        }
+        buffers = snapshot;
         try
         {
             var file = await ShardedCheckpointWriter.WriteRankAsync(sink, snapshot, stopping.Token);
@@ -79,16 +145,20 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         {
             outcome = new SaveOutcome(snapshot.Step, null, e, sw.Elapsed);
         }
-        // Told of failures too, so the caller can report which step could not be stored (the error still comes back once
-        // through Save/WaitAsync). A stored file whose report fails is a failed save; a failed save's report adds nothing.
-        if (onFinished is not null)
-        {
-            try { await onFinished(outcome, stopping.Token); }
-            catch (Exception e) when (outcome.Error is null) { outcome = outcome with { File = null, Error = e }; }
-            catch (Exception) when (outcome.Error is not null) { }
-        }
-        return outcome; // the snapshot stays: the next save refills it
+        return await NotifyAsync(outcome); // the snapshot stays: the next save refills it
+    }
 
+    /// <summary>
+    /// Tells the caller of every outcome, failures too, so it can report which step could not be stored (the error still
+    /// comes back once through Save/WaitAsync). A stored file whose report fails is a failed save; a failed save's report adds nothing.
+    /// </summary>
+    async Task<SaveOutcome> NotifyAsync(SaveOutcome outcome)
+    {
+        if (onFinished is null) return outcome;
+        try { await onFinished(outcome, stopping.Token); }
+        catch (Exception e) when (outcome.Error is null) { outcome = outcome with { File = null, Error = e }; }
+        catch (Exception) when (outcome.Error is not null) { }
+        return outcome;
     }
 
     /// <summary>Takes the finished save's outcome, keeping its error for the next report.</summary>
@@ -104,6 +174,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     public async Task<Exception?> WaitAsync()
     {
         if (inFlight is { } running) await running;
+        copying = null; // the write is done, so its copy was
         Collect();
         var failure = unreported;
         unreported = null;

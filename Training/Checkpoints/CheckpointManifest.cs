@@ -21,11 +21,13 @@ public sealed record ManifestTensor(
 }
 
 /// <summary>
-/// A file of the checkpoint with the size and lower-case hex SHA-256 its writer reported. Optionally also the SHA-256 of
-/// each <see cref="ChunkBytes"/>-byte range of the file (the last one shorter), so a reader can verify the ranges on
-/// several cores at once: one file's SHA-256 cannot be split, and one core's hashing would cap a one-file load. Both
-/// are absent in manifests written before they existed and in those whose files came through the cluster's gRPC
-/// store; a reader then checks <see cref="Sha256"/>.
+/// A file of the checkpoint with the size and lower-case hex SHA-256 its writer reported (what a store checks at commit
+/// and <see cref="FolderCheckpointStore.VerifyAsync"/> rehashes). Optionally also a hash of each
+/// <see cref="ChunkBytes"/>-byte range of the file (the last one shorter), so a reader can verify the ranges on several
+/// cores at once and overlap them with the reads: one file's SHA-256 cannot be split, and one core's hashing would cap a
+/// one-file load. Writers record XXH128 (<see cref="ChunkXxh128"/>), which hashes at memory speed; manifests written
+/// before it existed carry SHA-256 per chunk (<see cref="ChunkSha256"/>) or no chunk hashes at all, and a reader then
+/// checks what they have.
 /// </summary>
 public sealed record ManifestFile(
     [property: JsonPropertyName("name")] string Name,
@@ -39,24 +41,50 @@ public sealed record ManifestFile(
     public const long DefaultChunkBytes = 32L << 20;
 
     [JsonPropertyName("chunk_bytes")] public long? ChunkBytes { get; init; }
+    /// <summary>Lower-case hex XXH128 (System.IO.Hashing, canonical big-endian bytes) of each chunk: what writers record.</summary>
+    [JsonPropertyName("chunk_xxh128")] public IReadOnlyList<string>? ChunkXxh128 { get; init; }
+    /// <summary>Lower-case hex SHA-256 of each chunk: what writers recorded before <see cref="ChunkXxh128"/>; still verified.</summary>
     [JsonPropertyName("chunk_sha256")] public IReadOnlyList<string>? ChunkSha256 { get; init; }
 
     /// <summary>Ranges [i·ChunkBytes, min((i+1)·ChunkBytes, Size)) of a file of <paramref name="size"/> bytes.</summary>
     public static long ChunkCount(long size, long chunkBytes) => (size + chunkBytes - 1) / chunkBytes;
 
+    /// <summary>The chunk hashes a reader verifies (XXH128 where present, else SHA-256), or null when the file has none.</summary>
+    [JsonIgnore] public ChunkHashList? ChunkHashes =>
+        ChunkBytes is not { } bytes ? null
+        : ChunkXxh128 is { } x ? new ChunkHashList(ChunkHashAlgorithm.Xxh128, bytes, x)
+        : ChunkSha256 is { } s ? new ChunkHashList(ChunkHashAlgorithm.Sha256, bytes, s)
+        : null;
+
     /// <summary>The chunk hashes, if present, are complete: one well-formed hash per range, ranges covering the whole file.</summary>
     internal void Validate(string source)
     {
-        if (ChunkBytes is null && ChunkSha256 is null) return;
-        if (ChunkBytes is not { } bytes || bytes < 1 || ChunkSha256 is not { } hashes)
-            throw new InvalidDataException($"{source}: file '{Name}' needs both chunk_bytes (at least 1) and chunk_sha256, or neither; it has chunk_bytes {ChunkBytes?.ToString() ?? "(none)"} and {ChunkSha256?.Count.ToString() ?? "no"} chunk hashes");
+        if (ChunkBytes is null && ChunkSha256 is null && ChunkXxh128 is null) return;
+        if (ChunkBytes is not { } bytes || bytes < 1 || ChunkSha256 is null && ChunkXxh128 is null)
+            throw new InvalidDataException($"{source}: file '{Name}' needs both chunk_bytes (at least 1) and chunk hashes (chunk_xxh128 or chunk_sha256), or neither; " +
+                $"it has chunk_bytes {ChunkBytes?.ToString() ?? "(none)"} and {(ChunkXxh128 ?? ChunkSha256)?.Count.ToString() ?? "no"} chunk hashes");
         long expected = ChunkCount(Size, bytes);
-        if (hashes.Count != expected)
-            throw new InvalidDataException($"{source}: file '{Name}' of {Size} bytes in chunks of {bytes} needs {expected} chunk hashes; the manifest lists {hashes.Count}");
-        for (int i = 0; i < hashes.Count; i++)
-            if (hashes[i] is not { Length: 64 } h || !h.All(char.IsAsciiHexDigitLower))
-                throw new InvalidDataException($"{source}: chunk {i} of file '{Name}' has hash '{hashes[i]}'; expected 64 lower-case hex digits");
+        foreach (var (field, hashes, digits) in new[] { ("chunk_xxh128", ChunkXxh128, 32), ("chunk_sha256", ChunkSha256, 64) })
+        {
+            if (hashes is null) continue;
+            if (hashes.Count != expected)
+                throw new InvalidDataException($"{source}: file '{Name}' of {Size} bytes in chunks of {bytes} needs {expected} chunk hashes; the manifest lists {hashes.Count} in {field}");
+            for (int i = 0; i < hashes.Count; i++)
+                if (hashes[i] is not { } h || h.Length != digits || !h.All(char.IsAsciiHexDigitLower))
+                    throw new InvalidDataException($"{source}: chunk {i} of file '{Name}' has {field} '{hashes[i]}'; expected {digits} lower-case hex digits");
+        }
     }
+}
+
+public enum ChunkHashAlgorithm { Xxh128, Sha256 }
+
+/// <summary>One file's chunk hashes of one algorithm: hash i covers bytes [i·ChunkBytes, min((i+1)·ChunkBytes, size)).</summary>
+public sealed record ChunkHashList(ChunkHashAlgorithm Algorithm, long ChunkBytes, IReadOnlyList<string> Hashes)
+{
+    public string Label => Algorithm == ChunkHashAlgorithm.Xxh128 ? "XXH128" : "SHA-256";
+
+    /// <summary>A fresh incremental hasher of this list's algorithm.</summary>
+    public IChunkHash NewHasher() => ChunkHash.Create(Algorithm);
 }
 
 /// <summary>Where training stood when the checkpoint was taken.</summary>

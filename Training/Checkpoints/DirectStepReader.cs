@@ -15,8 +15,8 @@ public interface ICheckpointDirectSource : ICheckpointSource
     /// <summary>
     /// Reads every file of the committed <paramref name="manifest"/> once, front to back, writing each stored slice
     /// into its rows of <paramref name="destinations"/> (whole tensors by checkpoint name: contiguous, on the CPU, of the
-    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's SHA-256s
-    /// (its chunks' where the manifest has them, verified on several threads; else the whole file's) are checked
+    /// stored dtype and shape); stored tensors without a destination are read only to be hashed. Each file's hashes
+    /// (its chunks' XXH128 or SHA-256 where the manifest has them, verified on several threads; else the whole file's SHA-256) are checked
     /// against the manifest while it streams. Header or size problems are found before any destination is written; a
     /// hash mismatch is found after, and the error says the destinations hold a partial load.
     /// </summary>
@@ -47,8 +47,11 @@ internal static class DirectStepReader
         int workersPerFile = Math.Max(2, Environment.ProcessorCount / Math.Min(plans.Count, options.MaxDegreeOfParallelism));
         await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() =>
         {
-            if (plan.File.ChunkSha256 is null) Stream(plan, label, token);
-            else StreamChunks(plan, label, workersPerFile, token);
+            // XXH128 hashes far faster than a disk reads, so its threads mostly wait in pread: more of them keep more
+            // reads in flight. SHA-256 chunks (older manifests) are CPU-bound: one thread per core.
+            if (plan.File.ChunkHashes is { } chunks)
+                StreamChunks(plan, chunks, label, chunks.Algorithm == ChunkHashAlgorithm.Xxh128 ? Math.Max(4, workersPerFile) : workersPerFile, token);
+            else Stream(plan, label, token);
         }, token)));
     }
 
@@ -145,14 +148,15 @@ internal static class DirectStepReader
     }
 
     /// <summary>
-    /// The file's chunks (<see cref="ManifestFile.ChunkSha256"/>) are read and verified by up to <paramref name="workers"/>
+    /// The file's chunks (<see cref="ManifestFile.ChunkHashes"/>) are read and verified by up to <paramref name="workers"/>
     /// threads at once, each reading its chunk front to back in 8 MiB reads straight into the destinations and hashing
-    /// each read while it is still in the cache. A mismatch names the file and the chunk's byte range.
+    /// each read while it is still in the cache; while one thread hashes, another's read is in flight, so reading and
+    /// verifying overlap. A mismatch names the file, the chunk and its byte range.
     /// </summary>
-    static void StreamChunks(FilePlan plan, string label, int workers, CancellationToken ct)
+    static void StreamChunks(FilePlan plan, ChunkHashList chunks, string label, int workers, CancellationToken ct)
     {
-        long chunkBytes = plan.File.ChunkBytes!.Value;
-        var hashes = plan.File.ChunkSha256!;
+        long chunkBytes = chunks.ChunkBytes;
+        var hashes = chunks.Hashes;
         var segments = Segments(plan);
         using var handle = File.OpenHandle(plan.Path, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.SequentialScan);
         int next = -1;
@@ -160,16 +164,16 @@ internal static class DirectStepReader
         void Worker()
         {
             byte[]? scratch = null;
-            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            using var hash = chunks.NewHasher();
             for (int k; failures.IsEmpty && (k = Interlocked.Increment(ref next)) < hashes.Count;)
             {
                 try
                 {
                     long start = k * chunkBytes, end = Math.Min(start + chunkBytes, plan.File.Size);
                     ReadChunk(handle, plan, segments, start, end, hash, ref scratch, ct);
-                    string actual = Convert.ToHexStringLower(hash.GetHashAndReset());
+                    string actual = hash.FinishHex();
                     if (actual != hashes[k])
-                        throw new InvalidDataException($"{label}: bytes [{start}, {end}) of {plan.Path} (chunk {k} of {hashes.Count}) hash to {actual}, the manifest says {hashes[k]}; " +
+                        throw new InvalidDataException($"{label}: bytes [{start}, {end}) of {plan.Path} (chunk {k} of {hashes.Count}) hash to {actual} ({chunks.Label}), the manifest says {hashes[k]}; " +
                             "the file is damaged and the model and optimizer now hold a partial load — do not train on them");
                 }
                 catch (Exception e) { failures.Enqueue(e); }
@@ -198,10 +202,10 @@ internal static class DirectStepReader
     }
 
     /// <summary>Reads bytes [start, end) of the file into their destinations (the header from memory), hashing them in order.</summary>
-    static void ReadChunk(SafeFileHandle handle, FilePlan plan, List<Region> segments, long start, long end, IncrementalHash hash,
+    static void ReadChunk(SafeFileHandle handle, FilePlan plan, List<Region> segments, long start, long end, IChunkHash hash,
         ref byte[]? scratch, CancellationToken ct)
     {
-        if (start < plan.Prefix.Length) hash.AppendData(plan.Prefix.AsSpan((int)start, (int)(Math.Min(end, plan.Prefix.Length) - start)));
+        if (start < plan.Prefix.Length) hash.Append(plan.Prefix.AsSpan((int)start, (int)(Math.Min(end, plan.Prefix.Length) - start)));
         foreach (var r in segments)
         {
             if (r.End <= start || r.FileOffset >= end) continue;
@@ -211,7 +215,7 @@ internal static class DirectStepReader
                 int n = (int)Math.Min(ChunkBytes, until - at);
                 var target = r.Destination is null ? (scratch ??= new byte[ChunkBytes]).AsSpan(0, n) : DestinationBytes(r, at - r.FileOffset, n);
                 FillExactly(handle, plan.Path, target, at);
-                hash.AppendData(target);
+                hash.Append(target);
                 at += n;
             }
         }

@@ -23,6 +23,9 @@ public sealed class FolderCheckpointStore(string root, string job) : ICheckpoint
     /// </summary>
     public long? HashChunkBytes { get; init; } = ManifestFile.DefaultChunkBytes;
 
+    /// <summary>XXH128 per chunk; SHA-256 writes the chunk hashes older writers recorded (to compare with them).</summary>
+    public ChunkHashAlgorithm HashChunkAlgorithm { get; init; } = ChunkHashAlgorithm.Xxh128;
+
     public string LocalPath(long step, int rank) => Path.Combine(StepFolder(step), ShardingPlan.FileOf(rank));
 
     public Task<ManifestFile> PublishAsync(long step, int rank, ManifestFile written, CancellationToken ct = default) => Task.FromResult(written);

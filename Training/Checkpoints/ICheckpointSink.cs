@@ -17,10 +17,12 @@ public interface ICheckpointSink
     /// <summary>Checks the manifest's files are stored as reported and writes the manifest; the step exists from then on.</summary>
     Task CommitAsync(CheckpointManifest manifest, CancellationToken ct = default);
     /// <summary>
-    /// Bytes per chunk hash a writer records beside each file's SHA-256 (<see cref="ManifestFile.ChunkSha256"/>), or null
+    /// Bytes per chunk hash a writer records beside each file's SHA-256 (<see cref="ManifestFile.ChunkXxh128"/>), or null
     /// for none. Only a store that keeps them in its manifest and verifies by chunk is worth the save's extra hashing.
     /// </summary>
     long? HashChunkBytes => null;
+    /// <summary>The chunk hash a writer records: XXH128; SHA-256 only to write what older writers did (the benchmark's baseline).</summary>
+    ChunkHashAlgorithm HashChunkAlgorithm => ChunkHashAlgorithm.Xxh128;
 }
 
 /// <summary>Committed checkpoints, read by manifest, tensor and row range.</summary>

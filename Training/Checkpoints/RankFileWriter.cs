@@ -12,11 +12,12 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// <summary>
 /// The same bytes <see cref="SafeTensors.Save"/> would write for these tensors (same header, same order), written to a
 /// temporary file, fsynced and renamed into place; returns the file's size and SHA-256, and with
-/// <paramref name="chunkBytes"/> the SHA-256 of each chunk of the file too (see <see cref="ManifestFile.ChunkSha256"/>).
+/// <paramref name="chunkBytes"/> the XXH128 of each chunk of the file too (see <see cref="ManifestFile.ChunkXxh128"/>).
 /// </summary>
 internal static class RankFileWriter
 {
-    public static ManifestFile Write(string path, IReadOnlyList<KeyValuePair<string, Tensor>> tensors, long? chunkBytes = null)
+    public static ManifestFile Write(string path, IReadOnlyList<KeyValuePair<string, Tensor>> tensors, long? chunkBytes = null,
+        ChunkHashAlgorithm chunkAlgorithm = ChunkHashAlgorithm.Xxh128)
     {
         if (chunkBytes < 1) throw new ArgumentOutOfRangeException(nameof(chunkBytes), $"chunk hashes need chunks of at least 1 byte, not {chunkBytes}");
         SafeTensors.EnsureLittleEndian();
@@ -38,33 +39,16 @@ internal static class RankFileWriter
         byte[] header = SafeTensors.EncodeHeader(plan, new Dictionary<string, string> { ["format"] = "pt" });
 
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        using var chunks = chunkBytes is { } c ? new ChunkHasher(c) : null;
+        using var chunks = chunkBytes is { } c ? new ChunkHasher(c, chunkAlgorithm) : null;
         try
         {
             long size;
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 0))
             {
+                // XXH128 runs at memory speed, so the chunk hashes ride along on this thread: only the whole-file SHA-256
+                // (what the store verifies at commit) costs the save real CPU.
                 void Put(ReadOnlySpan<byte> bytes) { hash.AppendData(bytes); chunks?.Append(bytes); stream.Write(bytes); }
-                // Tensor data, up to 64 MiB at a time: the chunk hashes are computed on a second core while this thread
-                // hashes the whole file and writes, so they add no time to a save where a core is free.
-                void PutTensorBytes(Span<byte> bytes)
-                {
-                    if (chunks is null) { Put(bytes); return; }
-                    var (address, length) = NativeSpan.Of(bytes);
-                    var side = Task.Run(() => chunks.Append(NativeSpan.At(address, length)));
-                    try
-                    {
-                        hash.AppendData(bytes);
-                        stream.Write(bytes);
-                    }
-                    catch
-                    {
-                        // The side task reads the bytes: it must be done before the caller frees a temporary copy.
-                        try { side.Wait(); } catch (AggregateException) { }
-                        throw;
-                    }
-                    side.GetAwaiter().GetResult();
-                }
+                void PutTensorBytes(Span<byte> bytes) => Put(bytes);
                 Span<byte> prefix = stackalloc byte[8];
                 BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
                 Put(prefix);
@@ -87,7 +71,8 @@ internal static class RankFileWriter
             return new ManifestFile(Path.GetFileName(full), size, Convert.ToHexStringLower(hash.GetHashAndReset()))
             {
                 ChunkBytes = chunkBytes,
-                ChunkSha256 = chunks?.Finish(),
+                ChunkXxh128 = chunkAlgorithm == ChunkHashAlgorithm.Xxh128 ? chunks?.Finish() : null,
+                ChunkSha256 = chunkAlgorithm == ChunkHashAlgorithm.Sha256 ? chunks?.Finish() : null,
             };
         }
         catch
@@ -96,39 +81,6 @@ internal static class RankFileWriter
             throw;
         }
     }
-}
-
-/// <summary>SHA-256 of consecutive <c>chunkBytes</c>-byte ranges of a byte stream appended in order, the last range shorter.</summary>
-internal sealed class ChunkHasher(long chunkBytes) : IDisposable
-{
-    readonly IncrementalHash current = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-    readonly List<string> done = [];
-    long filled;
-
-    public void Append(ReadOnlySpan<byte> bytes)
-    {
-        while (!bytes.IsEmpty)
-        {
-            int n = (int)Math.Min(bytes.Length, chunkBytes - filled);
-            current.AppendData(bytes[..n]);
-            bytes = bytes[n..];
-            if ((filled += n) == chunkBytes) Close();
-        }
-    }
-
-    public IReadOnlyList<string> Finish()
-    {
-        if (filled > 0) Close();
-        return done;
-    }
-
-    void Close()
-    {
-        done.Add(Convert.ToHexStringLower(current.GetHashAndReset()));
-        filled = 0;
-    }
-
-    public void Dispose() => current.Dispose();
 }
 
 /// <summary>

@@ -41,34 +41,9 @@ public static class ShardedCheckpointWriter
     /// </summary>
     public static HostSnapshot CopyToHost(ShardingPlan plan, int rank, long step, IReadOnlyDictionary<string, Tensor> tensors, HostSnapshot? reuse = null)
     {
-        var previous = (reuse?.TakeSlices() ?? []).ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
-        var copies = new List<KeyValuePair<string, Tensor>>();
-        try
-        {
-            using var noGrad = no_grad();
-            foreach (var s in plan.WritesOf(rank))
-            {
-                var t = Lookup(tensors, s.Name);
-                using var view = t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount);
-                if (!previous.Remove(s.Name, out var buffer) || buffer.dtype != view.dtype || !buffer.shape.SequenceEqual(view.shape))
-                {
-                    buffer?.Dispose();
-                    buffer = NewHostBuffer(view);
-                }
-                copies.Add(new(s.Name, buffer));
-                buffer.copy_(view);
-            }
-            return new HostSnapshot(step, rank, copies);
-        }
-        catch
-        {
-            foreach (var kv in copies) kv.Value.Dispose();
-            throw;
-        }
-        finally
-        {
-            foreach (var unused in previous.Values) unused.Dispose();
-        }
+        using var copy = new HostCopy(plan, rank, step, tensors, reuse);
+        copy.Help();
+        return copy.Take();
     }
 
     /// <summary>
@@ -76,7 +51,7 @@ public static class ShardedCheckpointWriter
     /// <paramref name="like"/> is on a GPU. Pinning is page-locking host memory, which the OS may refuse (a locked-memory
     /// limit): then the copy goes through pageable memory, only slower.
     /// </summary>
-    static Tensor NewHostBuffer(Tensor like)
+    internal static Tensor NewHostBuffer(Tensor like)
     {
         var buffer = empty(like.shape, like.dtype, CPU).DetachFromDisposeScope();
         if (like.device_type != DeviceType.CUDA) return buffer;
@@ -95,7 +70,7 @@ public static class ShardedCheckpointWriter
     /// <summary>Writes <paramref name="snapshot"/> as the rank's file at the sink's local path and publishes it.</summary>
     public static async Task<ManifestFile> WriteRankAsync(ICheckpointSink sink, HostSnapshot snapshot, CancellationToken ct = default)
     {
-        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices, sink.HashChunkBytes), ct);
+        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm), ct);
         return await sink.PublishAsync(snapshot.Step, snapshot.Rank, written, ct);
     }
 
@@ -110,7 +85,7 @@ public static class ShardedCheckpointWriter
         var views = plan.WritesOf(rank)
             .Select(s => { var t = Lookup(tensors, s.Name); return new KeyValuePair<string, Tensor>(s.Name, t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount)); })
             .ToList();
-        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes);
+        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes, sink.HashChunkAlgorithm);
         return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
     }
 
@@ -153,6 +128,6 @@ public static class ShardedCheckpointWriter
         return manifest;
     }
 
-    static Tensor Lookup(IReadOnlyDictionary<string, Tensor> tensors, string name) =>
+    internal static Tensor Lookup(IReadOnlyDictionary<string, Tensor> tensors, string name) =>
         tensors.TryGetValue(name, out var t) ? t : throw new KeyNotFoundException($"the plan assigns tensor '{name}' to this rank, but the rank does not hold it");
 }

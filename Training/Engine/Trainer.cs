@@ -76,6 +76,13 @@ public sealed class Trainer : IDisposable
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
         };
 
+    /// <summary>
+    /// Called in <see cref="TrainStep"/> after forward, backward and the gradient exchange, right before the first change
+    /// to the parameters, optimizer moments and routing biases: a background checkpoint copy of the previous step's state
+    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
+    /// </summary>
+    public Action? BeforeOptimizerUpdate { get; set; }
+
     /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
     public StepMetrics TrainStep()
     {
@@ -140,6 +147,7 @@ public sealed class Trainer : IDisposable
             commS = c.Elapsed.TotalSeconds;
         }
         double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);
+        BeforeOptimizerUpdate?.Invoke();
         Optimizer.Step(lr);
         if (Options.BiasUpdateSpeed > 0)
             for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);

@@ -36,6 +36,14 @@ public sealed class GrpcCheckpointStoreTests : IAsyncLifetime
         Assert.Equal(2, manifest.Files.Count);
         Assert.Equal([40L], await store.ListStepsAsync());
         Assert.False(File.Exists(store.LocalPath(40, 0)), "the staged file is deleted once the store holds it");
+        // The writer's XXH128 chunk hashes went up with each file; the store verified them and the committed manifest carries them.
+        var committed = await store.ReadManifestAsync(40);
+        Assert.All(manifest.Files.Zip(committed.Files), p =>
+        {
+            Assert.Equal(ManifestFile.DefaultChunkBytes, p.Second.ChunkBytes);
+            Assert.Equal(p.First.ChunkXxh128!, p.Second.ChunkXxh128!);
+            Assert.Equal(ChunkHashAlgorithm.Xxh128, p.Second.ChunkHashes!.Algorithm);
+        });
 
         using var loaded = new TrainedState(2, fill: false);
         var back = await ShardedCheckpointLoader.LoadReplicaAsync(store, 40, loaded.Model, loaded.Optimizer, tokenizerSha256: new string('b', 64));

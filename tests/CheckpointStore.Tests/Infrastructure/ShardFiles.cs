@@ -19,6 +19,12 @@ public sealed record TestTensor(string Name, long[] Shape, float[] Values)
 public sealed record ShardFile(string FileName, byte[] Bytes, IReadOnlyList<TestTensor> Tensors)
 {
     public string Sha256 => Convert.ToHexStringLower(SHA256.HashData(Bytes));
+
+    /// <summary>XXH128 of each <paramref name="chunkBytes"/>-byte range, each hashed in one call (the store hashes as bytes arrive).</summary>
+    public List<string> ChunkXxh128(long chunkBytes) =>
+        Enumerable.Range(0, (int)((Bytes.Length + chunkBytes - 1) / chunkBytes))
+            .Select(k => Convert.ToHexStringLower(System.IO.Hashing.XxHash128.Hash(Bytes.AsSpan((int)(k * chunkBytes), (int)Math.Min(chunkBytes, Bytes.Length - k * chunkBytes)))))
+            .ToList();
     public ExpectedFile Expected => new() { FileName = FileName, Size = Bytes.Length, Sha256 = Sha256 };
 }
 
@@ -62,16 +68,20 @@ public static class ShardFiles
     /// call is cancelled once that many bytes went out, as a dropped connection would.
     /// </summary>
     public static async Task<UploadShardReply?> UploadAsync(Store.CheckpointStoreClient client, string job, long step, int rank, ShardFile file,
-        long from = 0, int chunk = 16 * 1024, long? stopAfter = null, string? sha256 = null, Func<Task>? beforeStop = null)
+        long from = 0, int chunk = 16 * 1024, long? stopAfter = null, string? sha256 = null, Func<Task>? beforeStop = null,
+        (long Bytes, IEnumerable<string> Xxh128)? chunkHashes = null)
     {
         using var cancel = new CancellationTokenSource();
         using var call = client.UploadShard(cancellationToken: cancel.Token);
         try
         {
-            await call.RequestStream.WriteAsync(new UploadShardMessage
+            var header = new UploadHeader { Job = job, Step = step, Rank = rank, FileName = file.FileName, TotalSize = file.Bytes.Length, Sha256 = sha256 ?? file.Sha256 };
+            if (chunkHashes is { } announced)
             {
-                Header = new UploadHeader { Job = job, Step = step, Rank = rank, FileName = file.FileName, TotalSize = file.Bytes.Length, Sha256 = sha256 ?? file.Sha256 },
-            });
+                header.ChunkBytes = announced.Bytes;
+                header.ChunkXxh128.AddRange(announced.Xxh128);
+            }
+            await call.RequestStream.WriteAsync(new UploadShardMessage { Header = header });
             for (long at = from; at < file.Bytes.Length; at += chunk)
             {
                 if (stopAfter is long stop && at - from >= stop)

@@ -24,6 +24,8 @@ public sealed class StoreHost : IAsyncDisposable
     }
 
     public GrpcChannel Channel { get; }
+    /// <summary>The running service's container: a test reaches the blob backend behind it, as the store sees it.</summary>
+    public IServiceProvider Services => _app.Services;
     public Store.CheckpointStoreClient Client { get; }
 
     /// <summary>Small blocks and short backoffs so the tests exercise block boundaries and give up within seconds.</summary>

@@ -2,6 +2,8 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Tests.Checkpoints;
@@ -78,6 +80,112 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.NotNull(saver.LastOutcome!.File);
         // The callback hears of both, so a worker can report which step its store did not take.
         Assert.Equal([(1L, false, true), (2L, true, false)], told.Select(o => (o.Step, o.File is not null, o.Error is IOException)));
+    }
+
+    /// <summary>A trainer over <paramref name="state"/>'s model and AdamW (whose moments it carries on), on random tokens.</summary>
+    static Trainer TrainerOf(TrainedState state)
+    {
+        var options = new TrainingOptions { SeqLen = 16, GlobalBatch = 2, MicroBatch = 2, Steps = 1_000, WarmupSteps = 1 };
+        var rng = new Random(3);
+        var tokens = new int[(options.SeqLen + 1) * 32];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(TrainedState.Config.VocabSize);
+        return new Trainer(state.Model, new PermutedSamples(new TokenDataset(tokens, options.SeqLen), 1), null, options, CPU, 1e12,
+            optimizer: state.Optimizer);
+    }
+
+    [Theory]
+    [InlineData(true)]  // the background thread and the training thread copy side by side, after the forward/backward
+    [InlineData(false)] // the background thread is held until the snapshot is done: the training thread copies it all
+    public async Task ABackgroundCopyHoldsTheStateOfTheStepBoundaryThoughTheNextForwardAndBackwardRanBeforeItStarted(bool backgroundJoins)
+    {
+        using var state = new TrainedState(1);
+        using var trainer = TrainerOf(state);
+        trainer.TrainStep(); // gradients exist, the moments are AdamW's own
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        const int rank = 1;
+        long step = trainer.Step;
+        ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, step, tensors); // the reference: a blocking save at the boundary
+        byte[] expected = File.ReadAllBytes(blockingStore.LocalPath(step, rank));
+
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, rank);
+        var forwardDone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var snapshotDone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        saver.BeforeBackgroundCopy = () => backgroundJoins ? forwardDone.Task : snapshotDone.Task;
+        bool pendingAtUpdate = false;
+        TimeSpan? waited = null;
+        trainer.BeforeOptimizerUpdate = () =>
+        {
+            pendingAtUpdate = saver.SnapshotPending;
+            forwardDone.SetResult();
+            waited = saver.WaitForSnapshot();
+            snapshotDone.TrySetResult();
+        };
+
+        var request = saver.BeginSave(step, tensors);
+        Assert.True(request.Started);
+        Assert.True(saver.SnapshotPending);
+        trainer.TrainStep(); // forward, backward, then (in the hook) the copy, then the update
+        Assert.True(pendingAtUpdate, "nothing was copied before the optimizer update, so the snapshot was still pending there");
+        Assert.NotNull(waited);
+        Assert.False(saver.SnapshotPending);
+        Assert.Null(await saver.WaitAsync());
+
+        Assert.Equal(expected, File.ReadAllBytes(asyncStore.LocalPath(step, rank)));
+        // The step did change the saved tensors: a blocking save now writes other bytes.
+        ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, step + 1, tensors);
+        Assert.NotEqual(expected, File.ReadAllBytes(blockingStore.LocalPath(step + 1, rank)));
+        Assert.Equal(expected.Length, saver.LastOutcome!.File!.Size);
+        Assert.Equal(request.Stall + waited!.Value, saver.LastStall);
+    }
+
+    [Fact]
+    public async Task BackgroundSavesWithReusedBuffersWriteTheSameBytesAsBlockingSavesAtEachBoundary()
+    {
+        using var state = new TrainedState(2);
+        using var trainer = TrainerOf(state);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0);
+        trainer.BeforeOptimizerUpdate = () => saver.WaitForSnapshot();
+        for (int i = 0; i < 3; i++)
+        {
+            trainer.TrainStep();
+            long step = trainer.Step;
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, 0, step, tensors);
+            Assert.True(saver.BeginSave(step, tensors).Started);
+            trainer.TrainStep(); // the copy runs beside this step's forward and backward
+            Assert.Null(await saver.WaitAsync());
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(step, 0)), File.ReadAllBytes(asyncStore.LocalPath(step, 0)));
+        }
+        Assert.Equal(3, saver.Started);
+    }
+
+    [Fact]
+    public async Task AFailedBackgroundCopyDoesNotThrowIntoTrainingAndIsReportedByTheNextSave()
+    {
+        using var state = new TrainedState(1);
+        using var store = new FolderCheckpointStore(root, "job");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        await using var saver = new AsyncCheckpointSaver(store, plan, 0);
+        string dropped = plan.WritesOf(0)[^1].Name;
+        var missing = tensors.Where(kv => kv.Key != dropped).ToDictionary();
+        Assert.True(saver.BeginSave(5, missing).Started);
+        Assert.NotNull(saver.WaitForSnapshot()); // returns, does not throw
+        for (var until = DateTime.UtcNow.AddSeconds(30); saver.Busy && DateTime.UtcNow < until;) await Task.Delay(5);
+        Assert.False(saver.Busy, "the failed save did not finish within 30 s");
+        var next = saver.Save(6, tensors);
+        Assert.True(next.Started);
+        var e = Assert.IsType<KeyNotFoundException>(next.PreviousFailure);
+        Assert.Contains($"'{dropped}'", e.Message);
+        Assert.Null(await saver.WaitAsync());
+        Assert.Equal(1, saver.Failed);
+        Assert.False(File.Exists(store.LocalPath(5, 0)));
     }
 
     /// <summary>Where a tensor's bytes start in memory.</summary>

@@ -1,4 +1,5 @@
-// Per-chunk SHA-256s in the manifest: written right, verified on several threads, any damaged chunk refused by name, old manifests still verified whole.
+// Per-chunk hashes in the manifest (XXH128; SHA-256 in older manifests): written right, verified on several threads, any damaged chunk refused by name, old manifests still verified.
+using System.IO.Hashing;
 using System.Security.Cryptography;
 using System.Text.Json.Nodes;
 using DeepSeekCluster.Training.Checkpoints;
@@ -36,9 +37,11 @@ public sealed class ChunkHashTests : IDisposable
             Assert.Equal(Convert.ToHexStringLower(SHA256.HashData(bytes)), f.Sha256);
             Assert.Equal(Chunk, f.ChunkBytes);
             Assert.True(bytes.Length > 3 * Chunk, $"{f.Name} is {bytes.Length} bytes: too small to spread over chunks");
+            // An independent one-shot hash of each range (the writer appends incrementally, in whatever pieces it writes).
             var expected = Enumerable.Range(0, (int)((bytes.Length + Chunk - 1) / Chunk))
-                .Select(k => Convert.ToHexStringLower(SHA256.HashData(bytes.AsSpan((int)(k * Chunk), (int)Math.Min(Chunk, bytes.Length - k * Chunk)))));
-            Assert.Equal(expected, f.ChunkSha256!);
+                .Select(k => Convert.ToHexStringLower(XxHash128.Hash(bytes.AsSpan((int)(k * Chunk), (int)Math.Min(Chunk, bytes.Length - k * Chunk)))));
+            Assert.Equal(expected, f.ChunkXxh128!);
+            Assert.Null(f.ChunkSha256);
         }
 
         using var target = new TrainedState(2, fill: false);
@@ -48,15 +51,20 @@ public sealed class ChunkHashTests : IDisposable
         Assert.Equal(Step, target.Optimizer.StepCount);
     }
 
-    [Fact]
-    public async Task AFlippedByteInAnyChunkIsRefusedNamingTheFileAndTheChunk()
+    [Theory]
+    [InlineData(ChunkHashAlgorithm.Xxh128)]
+    [InlineData(ChunkHashAlgorithm.Sha256)] // what older writers recorded
+    public async Task AFlippedByteInAnyChunkIsRefusedNamingTheFileAndTheChunk(ChunkHashAlgorithm algorithm)
     {
         using var saved = new TrainedState(1);
-        using var store = new FolderCheckpointStore(root, Job) { HashChunkBytes = Chunk };
+        using var store = new FolderCheckpointStore(root, Job) { HashChunkBytes = Chunk, HashChunkAlgorithm = algorithm };
         var manifest = await Save(store, saved, 1, 1);
         var file = manifest.Files[0];
+        var recorded = file.ChunkHashes!;
+        Assert.Equal(algorithm, recorded.Algorithm);
+        Assert.Equal(algorithm == ChunkHashAlgorithm.Xxh128 ? file.ChunkXxh128 : file.ChunkSha256, recorded.Hashes);
         string victim = Path.Combine(store.StepFolder(Step), file.Name);
-        int chunks = file.ChunkSha256!.Count;
+        int chunks = recorded.Hashes.Count;
         long headerEnd;
         using (var f = File.OpenRead(victim))
         {
@@ -76,7 +84,7 @@ public sealed class ChunkHashTests : IDisposable
             Assert.Contains(victim, e.Message);
             Assert.Contains($"bytes [{k * Chunk}, {Math.Min((k + 1) * Chunk, file.Size)})", e.Message);
             Assert.Contains($"(chunk {k} of {chunks})", e.Message);
-            Assert.Contains($"the manifest says {file.ChunkSha256[(int)k]}", e.Message);
+            Assert.Contains($"({recorded.Label}), the manifest says {recorded.Hashes[(int)k]}", e.Message);
             Assert.Contains("partial load", e.Message);
             Flip(victim, at); // restored: the next position is the only damage
         }
@@ -96,10 +104,10 @@ public sealed class ChunkHashTests : IDisposable
         var json = JsonNode.Parse(await File.ReadAllTextAsync(path))!;
         foreach (var f in json["files"]!.AsArray())
         {
-            Assert.True(f!.AsObject().Remove("chunk_bytes") & f.AsObject().Remove("chunk_sha256"));
+            Assert.True(f!.AsObject().Remove("chunk_bytes") & f.AsObject().Remove("chunk_xxh128"));
         }
         await File.WriteAllTextAsync(path, json.ToJsonString());
-        Assert.Null((await store.ReadManifestAsync(Step)).Files[0].ChunkSha256);
+        Assert.Null((await store.ReadManifestAsync(Step)).Files[0].ChunkHashes);
 
         using (var target = new TrainedState(2, fill: false))
         {
@@ -117,10 +125,11 @@ public sealed class ChunkHashTests : IDisposable
     }
 
     [Theory]
-    [InlineData("drop chunk_bytes", "needs both chunk_bytes (at least 1) and chunk_sha256, or neither")]
-    [InlineData("zero chunk_bytes", "needs both chunk_bytes (at least 1) and chunk_sha256, or neither")]
+    [InlineData("drop chunk_bytes", "needs both chunk_bytes (at least 1) and chunk hashes (chunk_xxh128 or chunk_sha256), or neither")]
+    [InlineData("zero chunk_bytes", "needs both chunk_bytes (at least 1) and chunk hashes (chunk_xxh128 or chunk_sha256), or neither")]
     [InlineData("drop a hash", "chunk hashes; the manifest lists")]
-    [InlineData("upper-case hash", "expected 64 lower-case hex digits")]
+    [InlineData("upper-case hash", "expected 32 lower-case hex digits")]
+    [InlineData("SHA-256 length", "expected 32 lower-case hex digits")]
     public async Task AManifestWithIncompleteOrMalformedChunkHashesIsRefusedNamingTheFile(string damage, string expected)
     {
         using var saved = new TrainedState(1);
@@ -129,13 +138,14 @@ public sealed class ChunkHashTests : IDisposable
         string path = Path.Combine(store.StepFolder(Step), CheckpointManifest.FileName);
         var json = JsonNode.Parse(await File.ReadAllTextAsync(path))!;
         var file = json["files"]![1]!.AsObject();
-        var hashes = file["chunk_sha256"]!.AsArray();
+        var hashes = file["chunk_xxh128"]!.AsArray();
         switch (damage)
         {
             case "drop chunk_bytes": file.Remove("chunk_bytes"); break;
             case "zero chunk_bytes": file["chunk_bytes"] = 0; break;
             case "drop a hash": hashes.RemoveAt(hashes.Count - 1); break;
             case "upper-case hash": hashes[1] = hashes[1]!.GetValue<string>().ToUpperInvariant(); break;
+            case "SHA-256 length": hashes[1] = new string('a', 64); break;
         }
         await File.WriteAllTextAsync(path, json.ToJsonString());
 
