@@ -136,6 +136,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             return await NotifyAsync(new SaveOutcome(copy.Step, null, e, sw.Elapsed));
         }
         buffers = snapshot;
+        SaveOutcome outcome;
         try
         {
             var file = await ShardedCheckpointWriter.WriteRankAsync(sink, snapshot, stopping.Token);
