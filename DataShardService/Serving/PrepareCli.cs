@@ -101,6 +101,7 @@ public static class PrepareCli
             }
         }
         if (sources.Count == 0) throw new FormatException("At least one --source name=path[:weight] is required.");
+        if (seqLen == 0) throw new FormatException("--seq-len N is required: the training sequence length in tokens (each stored sample holds N + 1).");
         if (textField is not null) sources = sources.Select(s => s with { TextField = textField }).ToList();
         return (new PrepareSpec(sources, seqLen, vocab, tokenizer, validation, perShard), outDir);
     }

@@ -40,6 +40,17 @@ public sealed class PrepareCliTests(AzuriteBackend backend) : IClassFixture<Azur
         Directory.Delete(input, recursive: true);
     }
 
+    [Theory]
+    [InlineData(new[] { "--out", "x", "--seq-len", "32" }, "At least one --source")]
+    [InlineData(new[] { "--source", "a=a.txt", "--out", "x" }, "--seq-len N is required")]
+    [InlineData(new[] { "--source", "a=a.txt", "--seq-len", "long" }, "--seq-len 'long' is not an integer")]
+    [InlineData(new[] { "--source", "a=a.txt", "--seq-len", "32", "--shards" }, "Unknown argument '--shards'")]
+    public void ArgumentsThatCannotMakeASpecAreRefusedNamingTheOption(string[] args, string expected)
+    {
+        var e = Assert.Throws<FormatException>(() => DeepSeekCluster.DataShardService.Serving.PrepareCli.Parse(args));
+        Assert.Contains(expected, e.Message);
+    }
+
     [Fact]
     public async Task AnOutFolderTogetherWithTheConnectionStringIsRefusedAndWritesNothing()
     {
