@@ -74,6 +74,8 @@ public sealed record StepReport
     [Id(7)] public float[] ExpertLoad { get; init; } = [];
     [Id(8)] public int[] ExpertLayers { get; init; } = [];
     [Id(9)] public int Experts { get; init; }
+    /// <summary>Sent again after a reconnect into the same generation: counted only where the ledger lacks it.</summary>
+    [Id(10)] public bool Resent { get; init; }
 }
 
 /// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>

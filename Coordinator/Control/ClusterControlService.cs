@@ -111,7 +111,7 @@ public sealed class ClusterControlService(
                 {
                     Rank = s.Rank, Step = s.Step, Loss = s.Loss, TokensPerSecond = s.TokensPerSecond, LearningRate = s.LearningRate,
                     SampleStart = s.SampleStart, SampleCount = s.SampleCount,
-                    ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts,
+                    ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts, Resent = s.Resent,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Resumed when connection.Current is { } a:

@@ -209,7 +209,13 @@ public sealed class TrainingJobGrain(
             await job.WriteStateAsync();
         // Reports that arrive after the completion (a rank's last step) still count in the ledger.
         Fence(generation, "step", acceptedWhenCompleted: true);
-        if (report.SampleCount > 0) S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
+        // A resent report (the worker reconnected: its first sending may have died with a Coordinator) fills only what
+        // the ledger lacks; counted again it would show as an overlap.
+        if (report.SampleCount > 0)
+        {
+            if (report.Resent) S.Ledger.AddLate(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
+            else S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
+        }
         if (S.State == JobState.Completed)
         {
             await job.WriteStateAsync();

@@ -116,18 +116,32 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             hello.Rank = position.Rank;
         }
         await call.RequestStream.WriteAsync(new WorkerMessage { Hello = hello }, connection.Token);
+        if (hello.Generation != 0)
+        {
+            StepReport[] again;
+            lock (recentSteps) again = [.. recentSteps.Where(r => r.Generation == hello.Generation)];
+            foreach (var r in again)
+            {
+                var copy = r.Clone();
+                copy.Resent = true;
+                await call.RequestStream.WriteAsync(new WorkerMessage { Step = copy }, connection.Token);
+            }
+            if (again.Length > 0) Log($"reconnected into generation {hello.Generation}: sent the last {again.Length} step reports again (the coordinator keeps what it lacks)");
+        }
         var writer = Task.Run(async () =>
         {
             if (unsent is { } first)
             {
                 await call.RequestStream.WriteAsync(first, connection.Token);
                 unsent = null;
+                Written(first);
             }
             await foreach (var m in outbox.Reader.ReadAllAsync(connection.Token))
             {
                 unsent = m;
                 await call.RequestStream.WriteAsync(m, connection.Token);
                 unsent = null;
+                Written(m);
             }
         }, connection.Token);
         var rejoin = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -253,6 +267,25 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
     }
 
     void Send(WorkerMessage m) => outbox.Writer.TryWrite(m);
+
+    /// <summary>
+    /// Step reports already written to a stream, kept to send again after a reconnect that re-adopts their generation: a
+    /// report written just before the Coordinator died reached its socket but was never processed, and the exactly-once
+    /// ledger would show that step as a gap. Only written ones: a report still queued goes out once, unflagged. The
+    /// Coordinator keeps a resent slice only where its ledger lacks it.
+    /// </summary>
+    readonly Queue<StepReport> recentSteps = new();
+    const int RecentStepsKept = 64;
+
+    void Written(WorkerMessage m)
+    {
+        if (m.KindCase != WorkerMessage.KindOneofCase.Step) return;
+        lock (recentSteps)
+        {
+            recentSteps.Enqueue(m.Step);
+            while (recentSteps.Count > RecentStepsKept) recentSteps.Dequeue();
+        }
+    }
 
     void SendHeartbeat()
     {

@@ -69,7 +69,7 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         Assert.True(c.Ranges.Count == 1 && c.Ranges[0] == (0, job.Samples),
             $"consumption ranges [{string.Join(", ", c.Ranges.Select(r => $"[{r.Start},{r.End})"))}]; expected one range [0,{job.Samples}) (no repeat, no gap)");
         Assert.Equal(job.Samples, c.Samples);
-        Assert.True(c.Complete, "the ledger says it is not complete");
+        Assert.True(c.Complete, $"the ledger says it is not complete: {c.Samples} samples, {c.Overlaps} overlapping, ranges [{string.Join(", ", c.Ranges.Select(r => $"[{r.Start},{r.End})"))}]");
         Assert.Equal(0, c.Overlaps);
         Assert.Empty(o.Model.Mismatched);
         var beyond = o.Model.Beyond(Tolerance);

@@ -226,6 +226,31 @@ public class ElasticityTests
     }
 
     [Fact]
+    public async Task StepReportsResentAfterAReconnectFillALostStepAndAreNotCountedTwice()
+    {
+        // A Coordinator killed just after both ranks wrote their step-2 reports never processed them; on reconnecting into
+        // the same generation the workers send their recent reports again, steps 1 and 3 included.
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("resent");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 4)); // global batch 8
+        await c.Worker("s1").RegisterAsync(TestSpecs.Worker("s1"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running, "formation");
+        await job.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
+        await job.ReportStepAsync(1, Slice(1, 0, 8));
+        await job.ReportStepAsync(1, Slice(3, 0, 8));
+        Assert.Equal([[0L, 8L], [16L, 24L]], (await job.GetStatusAsync()).Consumption.Ranges);
+
+        foreach (long step in new long[] { 1, 2, 3 }) await job.ReportStepAsync(1, Slice(step, 0, 8) with { Resent = true });
+        var status = await job.GetStatusAsync();
+        Assert.Equal([[0L, 24L]], status.Consumption.Ranges);
+        Assert.Equal((24L, true, 0L), (status.Consumption.Samples, status.Consumption.Complete, status.Consumption.Overlaps));
+
+        // The same slice sent twice without the flag is an overlap, as before: the flag is what makes a resend harmless.
+        await job.ReportStepAsync(1, Slice(3, 0, 8));
+        Assert.Equal(8, (await job.GetStatusAsync()).Consumption.Overlaps);
+    }
+
+    [Fact]
     public async Task AFinalCheckpointThatCannotCommitCompletesTheJobSayingSo()
     {
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
