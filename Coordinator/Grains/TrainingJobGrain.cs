@@ -237,9 +237,8 @@ public sealed class TrainingJobGrain(
             int excess = S.Loss.Count - options.Value.LossHistory;
             if (excess > 0) S.Loss.RemoveRange(0, excess);
         }
-        if (S.Step >= S.Spec.Steps && !await CompleteIfFinalCheckpointCommittedAsync() && lastStepReached)
-            logger.LogInformation("Job {Job}: all {Steps} steps trained; waiting for the final checkpoint to commit", JobId, S.Step);
-        await job.WriteStateAsync();
+        if (lastStepReached) logger.LogInformation("Job {Job}: all {Steps} steps trained; waiting for the final checkpoint to commit", JobId, S.Step);
+        if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
     }
 
     /// <summary>
@@ -256,7 +255,7 @@ public sealed class TrainingJobGrain(
 
     public async Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report)
     {
-        // The last step's checkpoint may arrive after the step report that completed the job.
+        // A rank's report of the last generation may still arrive after the commit that completed the job.
         Fence(generation, "checkpoint", acceptedWhenCompleted: true);
         int i = S.Checkpoints.FindIndex(c => c.Step == report.Step && c.Generation == generation);
         var record = i >= 0 ? S.Checkpoints[i] : new CheckpointRecord { Step = report.Step, Generation = generation, World = S.Workers.Count };

@@ -255,17 +255,18 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             var request = last ? saver.Save(step, tensors) : saver.BeginSave(step, tensors);
             if (request.Started && last) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, request.Stall);
             if (request.PreviousFailure is { } failure) Log($"an earlier checkpoint failed: {failure.Message}");
-            if (!request.Started && step != options.Steps)
-            {
-                manifests.TryRemove(step, out _);
-                NotStored(step, saver.Busy ? "skipped its save: the previous one was still uploading"
-                                           : $"could not copy its state to host memory: {request.PreviousFailure?.Message}");
-            }
-            if (step == options.Steps && !request.Started)
+            if (request.Started) return;
+            // Not started: the previous save is still uploading (a failed copy comes back through the saver's callback).
+            if (last)
             {
                 saver.WaitAsync().GetAwaiter().GetResult();
                 var final = saver.Save(step, tensors); // the final state must be saved even if the previous save was still running
                 if (final.Started) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, final.Stall);
+            }
+            else
+            {
+                manifests.TryRemove(step, out _);
+                NotStored(step, "skipped its save: the previous one was still uploading");
             }
         }
 
