@@ -1,5 +1,6 @@
 // Training samples fetched from DataShardService by global index: only this rank's part of each step travels, in one
-// call per step (the read-ahead) rather than one per micro-batch.
+// call per step (the read-ahead), and the next step's part is fetched in the background while this step computes (the
+// prefetch). Not thread-safe: one caller fetches, as the trainer does.
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Training.Data;
 using Grpc.Core;
@@ -7,7 +8,7 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
-public sealed class RemoteSampleSource : ISampleSource
+public sealed class RemoteSampleSource : ISampleSource, IDisposable
 {
     readonly DataShards.DataShardsClient client;
     readonly string dataset;
@@ -15,9 +16,13 @@ public sealed class RemoteSampleSource : ISampleSource
     readonly int epochs;
     readonly string split;
     readonly int readAhead;
-    long cachedStart = -1;
-    long[] cached = [];
-    int cachedCount;
+    readonly long stride;
+    readonly long limit;
+    /// <summary>Cancelled by the run's token or by Dispose: ends a prefetch in flight.</summary>
+    readonly CancellationTokenSource lifetime;
+    Window? current;
+    Prefetch? pending;
+    bool disposed;
 
     public int SeqLen { get; }
     public long SampleCount { get; }
@@ -27,23 +32,35 @@ public sealed class RemoteSampleSource : ISampleSource
     /// fetches in order. Each GetBatch call costs both processes CPU that a small step feels (the cluster bench measured
     /// ~11 ms of DataShardService CPU per call of 4 samples on the 2-core VM); 0 fetches exactly what is asked.
     /// </param>
+    /// <param name="stride">
+    /// Global indices between one step's window of this rank and the next's (the global batch): once a window is in hand,
+    /// the one <paramref name="stride"/> further on is fetched in the background, so the next step's first fetch finds it
+    /// ready. 0 (or a read-ahead of 0) prefetches nothing.
+    /// </param>
+    /// <param name="totalSamples">Global indices the job consumes; no call asks at or past it unless a fetch itself does. 0: the epochs' end.</param>
+    /// <param name="ct">The run's token: cancelling it cancels a prefetch in flight (a fetch the trainer makes still completes).</param>
     public RemoteSampleSource(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long sampleCount, int epochs,
-                              string split = "train", int readAhead = 0)
+                              string split = "train", int readAhead = 0, long stride = 0, long totalSamples = 0, CancellationToken ct = default)
     {
-        // At most ~4 M tokens held (32 MiB): a huge global batch of long sequences falls back to fetching less at a time.
+        ArgumentOutOfRangeException.ThrowIfNegative(stride);
+        // At most ~4 M tokens a window (32 MiB; two with a prefetch): a huge global batch of long sequences falls back to
+        // fetching less at a time.
         this.readAhead = Math.Clamp(readAhead, 0, Math.Max(1, (4 << 20) / (seqLen + 1)));
         this.split = split;
         this.client = client;
         this.dataset = dataset;
         this.seed = seed;
         this.epochs = Math.Max(1, epochs);
+        this.stride = stride;
         SeqLen = seqLen;
         SampleCount = sampleCount;
+        limit = totalSamples > 0 ? Math.Min(totalSamples, sampleCount * this.epochs) : sampleCount * this.epochs;
+        lifetime = CancellationTokenSource.CreateLinkedTokenSource(ct);
     }
 
     /// <summary>Connects to the dataset and checks it fits the job (sequence length).</summary>
     public static async Task<RemoteSampleSource> OpenAsync(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
-                                                           CancellationToken ct, string split = "train", int readAhead = 0)
+                                                           CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0)
     {
         var m = await client.GetManifestAsync(new GetManifestRequest { DatasetId = dataset }, cancellationToken: ct);
         if (m.SeqLen != seqLen)
@@ -51,41 +68,113 @@ public sealed class RemoteSampleSource : ISampleSource
         long samples = split == "validation" ? m.ValidationSamples : m.TrainSamples;
         if (samples == 0) throw new InvalidDataException($"dataset {dataset} has no {split} samples");
         int epochs = (int)Math.Max(1, (totalSamples + samples - 1) / samples);
-        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead);
+        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead, stride, totalSamples, ct);
     }
 
     public Tensor Fetch(long globalStart, int count)
     {
-        int row = SeqLen + 1;
-        if (cachedStart < 0 || globalStart < cachedStart || globalStart + count > cachedStart + cachedCount)
+        ObjectDisposedException.ThrowIf(disposed, this);
+        if (current is null || !current.Covers(globalStart, count))
         {
-            // A miss: this and the next samples up to the read-ahead, never past the last global index the job's epochs hold.
-            long available = SampleCount * epochs - globalStart;
-            int want = (int)Math.Min(Math.Max(count, readAhead), Math.Max(count, available));
-            cached = Download(globalStart, want);
-            cachedStart = globalStart;
-            cachedCount = want;
+            current = TakePrefetched(globalStart, count)
+                      // A miss: this and the next samples up to the read-ahead, never past the job's last global index.
+                      ?? Download(globalStart, (int)Math.Max(count, Math.Min(readAhead, limit - globalStart)), CancellationToken.None)
+                          .GetAwaiter().GetResult();
+            if (pending is null) StartPrefetch(current.Start + stride);
         }
+        int row = SeqLen + 1;
         var tokens = new long[count * row];
-        Array.Copy(cached, (globalStart - cachedStart) * row, tokens, 0, tokens.Length);
+        Array.Copy(current.Tokens, (globalStart - current.Start) * row, tokens, 0, tokens.Length);
         return tensor(tokens, [count, row], ScalarType.Int64);
     }
 
-    long[] Download(long globalStart, int count)
+    /// <summary>Cancels a prefetch in flight and waits for its call to end.</summary>
+    public void Dispose()
     {
-        var tokens = new long[count * (SeqLen + 1)];
-        int row = 0;
-        using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = split, Seed = seed, Start = globalStart, Count = count, Epochs = epochs });
-        var stream = call.ResponseStream;
-        while (stream.MoveNext(CancellationToken.None).GetAwaiter().GetResult())
+        if (disposed) return;
+        disposed = true;
+        lifetime.Cancel();
+        Discard();
+        lifetime.Dispose();
+    }
+
+    // ---- Prefetch ----
+
+    /// <summary>The prefetched window if it holds [globalStart, globalStart + count); null when the fetch must call itself.</summary>
+    Window? TakePrefetched(long globalStart, int count)
+    {
+        if (pending is not { } p) return null;
+        if (!p.Covers(globalStart, count))
         {
-            var s = stream.Current;
-            if (s.Tokens.Count != SeqLen + 1)
-                throw new InvalidDataException($"dataset {dataset}: sample {s.GlobalIndex} has {s.Tokens.Count} tokens, expected {SeqLen + 1}");
-            for (int i = 0; i < s.Tokens.Count; i++) tokens[row * (SeqLen + 1) + i] = s.Tokens[i];
-            row++;
+            // Still ahead of the reader (a window larger than the read-ahead cap, fetched in pieces): it will be wanted.
+            if (globalStart < p.Start) return null;
+            Discard();
+            return null;
         }
-        if (row != count) throw new InvalidDataException($"dataset {dataset}: asked for {count} samples from {globalStart}, got {row}");
-        return tokens;
+        pending = null;
+        try { return p.Call.GetAwaiter().GetResult(); }
+        // Cancelled by the run: the step in flight still gets its samples, by a direct call as without the prefetch.
+        catch (Exception) when (p.Cancel.IsCancellationRequested) { return null; }
+        finally { p.Cancel.Dispose(); }
+    }
+
+    void StartPrefetch(long start)
+    {
+        if (stride == 0 || readAhead == 0 || start >= limit || lifetime.IsCancellationRequested) return;
+        int count = (int)Math.Min(readAhead, limit - start);
+        var cancel = CancellationTokenSource.CreateLinkedTokenSource(lifetime.Token);
+        // Task.Run: the call starts on the pool, never inside the trainer's step.
+        pending = new Prefetch(start, count, cancel, Task.Run(() => Download(start, count, cancel.Token)));
+    }
+
+    /// <summary>Cancels the prefetch in flight, if any, and waits until its call has ended: at most one call is ever outstanding.</summary>
+    void Discard()
+    {
+        if (pending is not { } p) return;
+        pending = null;
+        p.Cancel.Cancel();
+        // Its window is not wanted, so neither is its outcome (the cancellation, or an error no fetch needs).
+        try { p.Call.Wait(); } catch (AggregateException) { }
+        p.Cancel.Dispose();
+    }
+
+    // ---- Calls ----
+
+    async Task<Window> Download(long globalStart, int count, CancellationToken ct)
+    {
+        int row = SeqLen + 1;
+        var tokens = new long[count * row];
+        int got = 0;
+        try
+        {
+            using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = split, Seed = seed, Start = globalStart, Count = count, Epochs = epochs },
+                                             cancellationToken: ct);
+            while (await call.ResponseStream.MoveNext(ct))
+            {
+                var s = call.ResponseStream.Current;
+                if (s.Tokens.Count != row)
+                    throw new InvalidDataException($"dataset {dataset}: sample {s.GlobalIndex} has {s.Tokens.Count} tokens, expected {row}");
+                if (got == count) throw new InvalidDataException($"dataset {dataset}: asked for {count} samples from {globalStart}, got more");
+                for (int i = 0; i < row; i++) tokens[got * row + i] = s.Tokens[i];
+                got++;
+            }
+        }
+        catch (RpcException e) when (!ct.IsCancellationRequested)
+        {
+            throw new IOException($"dataset {dataset}: fetching {split} samples [{globalStart}, {globalStart + count}) failed: {e.Status.StatusCode}: {e.Status.Detail}", e);
+        }
+        if (got != count) throw new InvalidDataException($"dataset {dataset}: asked for {count} samples from {globalStart}, got {got}");
+        return new Window(globalStart, count, tokens);
+    }
+
+    /// <summary>Samples [Start, Start + Count) of the global index, (Count, SeqLen + 1) tokens row by row.</summary>
+    sealed record Window(long Start, int Count, long[] Tokens)
+    {
+        public bool Covers(long start, int count) => start >= Start && start + count <= Start + Count;
+    }
+
+    sealed record Prefetch(long Start, int Count, CancellationTokenSource Cancel, Task<Window> Call)
+    {
+        public bool Covers(long start, int count) => start >= Start && start + count <= Start + Count;
     }
 }

@@ -120,8 +120,8 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = 0,
         }.Validated(assignment.DpSize);
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
-        var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
-                                                  readAhead: spec.GlobalBatch / assignment.DpSize)
+        using var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
+                                                        readAhead: spec.GlobalBatch / assignment.DpSize, stride: spec.GlobalBatch)
             .GetAwaiter().GetResult();
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizerReply.TokenizerHash);
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != fingerprint))
