@@ -33,10 +33,10 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
 /// <para>
-/// The background work (the copy, the hashes, the write) runs on a thread of its own at a lower CPU priority
-/// (<see cref="BackgroundNice"/>), so that where it shares cores with the training step (a CPU-only machine, or the
-/// host threads of a GPU step) the step's threads run first and the save takes the time they leave. <see cref="Prepare"/>
-/// allocates and faults in the host copies the same way before the first save, which otherwise does it inside a step.
+/// The background work (the copy, the hashes, the write) runs on a thread of its own, which can run at a lower CPU
+/// priority (<see cref="BackgroundNice"/>) so that where it shares cores with the training step the step's threads run
+/// first. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
+/// beside a step and leaves the training thread to help fault in what is not done by the optimizer update.
 /// </para>
 /// </summary>
 public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan, int rank,
@@ -51,12 +51,13 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     volatile bool stopPreparing;
 
     /// <summary>
-    /// The nice value (0 normal, 19 lowest) of the thread that copies, hashes and writes in the background, and of
-    /// <see cref="Prepare"/>'s thread; Linux sets it per thread. Training keeps the cores whenever it wants them and the
-    /// save takes the rest (10: about a tenth of a core's time against a busy normal-priority thread; 19: about 1.5%).
-    /// The training thread's own share of the copy (<see cref="WaitForSnapshot"/>) keeps its priority.
+    /// How many nice steps (0 to 19) below the process's threads the thread that copies, hashes and writes in the
+    /// background runs, and <see cref="Prepare"/>'s thread; Linux sets it per thread (capped at nice 19). 0 by default:
+    /// on the shared 2-core VM, saves at 10 stalled the steps around them no less than at 0 (docs/benchmarks.md,
+    /// Checkpoints), so there is no measured reason to let a save run longer. The training thread's own share of the
+    /// copy (<see cref="WaitForSnapshot"/>) always keeps its priority.
     /// </summary>
-    public int BackgroundNice { get; init; } = 10;
+    public int BackgroundNice { get; init; }
 
     /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
     internal Func<Task>? BeforeBackgroundCopy { get; set; }

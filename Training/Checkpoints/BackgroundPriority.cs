@@ -26,7 +26,7 @@ internal static partial class BackgroundPriority
     private static partial int gettid();
 
     /// <summary>
-    /// Runs <paramref name="work"/> on a new thread at nice <paramref name="nice"/> and returns its result (or throws its
+    /// Runs <paramref name="work"/> on a new thread <paramref name="nice"/> nice steps below the caller and returns its result (or throws its
     /// exception) on the calling thread, which blocks meanwhile. <paramref name="work"/> must not queue anything to the
     /// thread pool (no awaits, no task completions with asynchronous continuations): see the class remarks.
     /// </summary>
@@ -53,24 +53,26 @@ internal static partial class BackgroundPriority
     public static int? CurrentThreadId => OperatingSystem.IsLinux() ? gettid() : null;
 
     /// <summary>
-    /// Sets the calling thread's nice value to <paramref name="nice"/> (0, the default, to 19, the lowest priority) where
-    /// it is higher than the current one; returns the nice value the thread has afterwards, or null where the OS has no
-    /// per-thread nice value (then on Windows <see cref="Thread.Priority"/> is lowered instead).
+    /// Raises the calling thread's nice value by <paramref name="by"/> (0 to 19; the result is capped at 19, the lowest
+    /// priority): relative, so a process started at another priority keeps its background below its own threads.
+    /// Returns the nice value the thread has afterwards, or null where the OS has no per-thread nice value (then on
+    /// Windows <see cref="Thread.Priority"/> is lowered instead).
     /// </summary>
-    public static int? LowerCurrentThread(int nice)
+    public static int? LowerCurrentThread(int by)
     {
-        if (nice is < 0 or > 19) throw new ArgumentOutOfRangeException(nameof(nice), nice, "a background nice value is 0 (normal) to 19 (lowest)");
+        if (by is < 0 or > 19) throw new ArgumentOutOfRangeException(nameof(by), by, "a background priority drop is 0 (none) to 19 nice steps");
         if (OperatingSystem.IsLinux())
         {
             int tid = gettid();
             Marshal.SetLastPInvokeError(0);
             int current = getpriority(PrioProcess, tid); // -1 is a valid nice value: errno tells an error apart
             if (current == -1 && Marshal.GetLastPInvokeError() != 0) return null;
-            if (nice <= current) return current;
-            return setpriority(PrioProcess, tid, nice) == 0 ? nice : current;
+            int target = Math.Min(19, current + by);
+            if (target == current) return current;
+            return setpriority(PrioProcess, tid, target) == 0 ? target : current;
         }
-        if (OperatingSystem.IsWindows() && nice > 0)
-            Thread.CurrentThread.Priority = nice >= 10 ? ThreadPriority.Lowest : ThreadPriority.BelowNormal;
+        if (OperatingSystem.IsWindows() && by > 0)
+            Thread.CurrentThread.Priority = by >= 10 ? ThreadPriority.Lowest : ThreadPriority.BelowNormal;
         return null;
     }
 }
