@@ -1,6 +1,5 @@
 // Saves a rank's checkpoint share in the background: copy to host at a step boundary, write and upload while training goes on.
 using System.Diagnostics;
-using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -140,14 +139,14 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// Allocates and faults in, on a low-priority background thread, the host copies a save of these tensors (this
+    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>), the host copies a save of these tensors (this
     /// rank's slices of them: the live tensors by checkpoint name) fills, so that the first save refills them like every
     /// later one instead of allocating and faulting in the rank's whole state inside a training step. Only the
     /// tensors' shapes, dtypes and devices are read, on the calling thread; their values are not touched. The memory
     /// is the host copy every save keeps from then on anyway, never a second one: nothing happens when the saver
     /// already holds its copies or is preparing them. A save that begins before the preparation is done stops it and
-    /// uses what it made. The returned task completes when the preparation ends (done, stopped, or out of memory: the
-    /// save then allocates what is missing, and reports the failure if it fails again).
+    /// uses what it made. The returned task completes when the preparation ends (done, stopped, or failed, out of host
+    /// memory say: the save then allocates what is missing, and reports the failure if it fails again). It never throws.
     /// </summary>
     public Task Prepare(IReadOnlyDictionary<string, Tensor> tensors)
     {
@@ -174,7 +173,9 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
                     if (!Touch(buffer)) break;
                 }
             }
-            catch (Exception e) when (e is ExternalException or OutOfMemoryException) { } // the save allocates the rest, and reports it if it fails
+            // Nothing of a failure here may reach the training thread (BeginSave takes the result): the save allocates
+            // whatever is missing itself, and reports that if it fails.
+            catch (Exception) { }
             return new HostSnapshot(-1, rank, made);
         }));
         return preparing;
