@@ -375,7 +375,8 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
     [Fact]
     public void TensorsLargerThanOneCopyPieceAreCopiedWholeInRowRunsIntoTheirSlices()
     {
-        // 12,000 x 300 fp32 rows (14.4 MB, two ranks' halves of 7.2 MB) and bf16 ones: several 8 MiB pieces each, split between rows.
+        // 12,000 x 300 fp32 (two ranks' halves of 7.2 MB: one piece each) and 40,001 x 257 bf16 (halves of 10.3 MB: two
+        // pieces each, split between rows, one row not a divisor of the piece size).
         manual_seed(5);
         var tensors = new Dictionary<string, Tensor>
         {
@@ -383,7 +384,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             ["lm_head.weight"] = randn(40_001, 257).to(ScalarType.BFloat16),
             ["model.norm.weight"] = randn(300),
         };
-        Assert.True(tensors["lm_head.weight"].numel() * 2 / 2 > HostCopy.PieceBytes, "the test needs a slice of several pieces");
+        Assert.True(tensors["lm_head.weight"].numel() * 2 /* bytes */ / 2 /* ranks */ > HostCopy.PieceBytes, "the test needs a slice of several pieces");
         var plan = new ShardingPlan(ParallelLayout.Even(2, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
         for (int rank = 0; rank < 2; rank++)
         {
