@@ -157,7 +157,7 @@ public static class CheckpointBench
     /// </summary>
     static void Stall(string[] args, DeepSeekForCausalLM model, string preset, string dir, int repeats)
     {
-        var nices = Arg(args, "--nice", "0,10,19").Split(',').Select(int.Parse).ToArray();
+        var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
         // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
         // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
         if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
