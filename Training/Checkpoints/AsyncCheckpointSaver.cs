@@ -1,5 +1,6 @@
 // Saves a rank's checkpoint share in the background: copy to host at a step boundary, write and upload while training goes on.
 using System.Diagnostics;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Checkpoints;
@@ -30,6 +31,12 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// before anything changes the saved tensors (the optimizer update; the trainer's <c>BeforeOptimizerUpdate</c> hook),
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
+/// <para>
+/// The background work (the copy, the hashes, the write) runs on a thread of its own, which can run at a lower CPU
+/// priority (<see cref="BackgroundNice"/>) so that where it shares cores with the training step the step's threads run
+/// first. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
+/// beside a step and leaves the training thread to help fault in what is not done by the optimizer update.
+/// </para>
 /// </summary>
 public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan, int rank,
     Func<SaveOutcome, CancellationToken, Task>? onFinished = null) : IAsyncDisposable
@@ -39,6 +46,17 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     HostSnapshot? buffers; // the last save's host copies; the background write reads them until inFlight completes
     Exception? unreported;
     readonly CancellationTokenSource stopping = new();
+    Task<HostSnapshot>? preparing; // Prepare's buffers, until the first save (or the end) takes them
+    volatile bool stopPreparing;
+
+    /// <summary>
+    /// How many nice steps (0 to 19) below the process's threads the thread that copies, hashes and writes in the
+    /// background runs, and <see cref="Prepare"/>'s thread; Linux sets it per thread (capped at nice 19). 0 by default:
+    /// on the shared 2-core VM, saves at 10 stalled the steps around them no less than at 0 (docs/benchmarks.md,
+    /// Checkpoints), so there is no measured reason to let a save run longer. The training thread's own share of the
+    /// copy (<see cref="WaitForSnapshot"/>) always keeps its priority.
+    /// </summary>
+    public int BackgroundNice { get; init; }
 
     /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
     internal Func<Task>? BeforeBackgroundCopy { get; set; }
@@ -82,11 +100,12 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             Skipped++;
             return new SaveRequest(step, false, sw.Elapsed, failure);
         }
+        TakePrepared();
         var previous = buffers;
         buffers = null; // the copy owns them now: it refills them or, failing, disposes them
         var copy = new HostCopy(plan, rank, step, tensors, previous);
         copying = copy;
-        inFlight = Task.Run(() => CopyAndWriteAsync(copy));
+        inFlight = Task.Run(() => CopyAndWrite(copy));
         Started++;
         LastStall = sw.Elapsed;
         TotalStall += LastStall;
@@ -119,44 +138,130 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         public void Dispose() => saver.WaitForSnapshot();
     }
 
-    async Task<SaveOutcome> CopyAndWriteAsync(HostCopy copy)
+    /// <summary>
+    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>), the host copies a save of these tensors (this
+    /// rank's slices of them: the live tensors by checkpoint name) fills, so that the first save refills them like every
+    /// later one instead of allocating and faulting in the rank's whole state inside a training step. Only the
+    /// tensors' shapes, dtypes and devices are read, on the calling thread; their values are not touched. The memory
+    /// is the host copy every save keeps from then on anyway, never a second one: nothing happens when the saver
+    /// already holds its copies or is preparing them. A save that begins before the preparation is done stops it and
+    /// uses what it made. The returned task completes when the preparation ends (done, stopped, or failed, out of host
+    /// memory say: the save then allocates what is missing, and reports the failure if it fails again). It never throws.
+    /// </summary>
+    public Task Prepare(IReadOnlyDictionary<string, Tensor> tensors)
+    {
+        if (buffers is not null || inFlight is not null || preparing is not null) return preparing ?? Task.CompletedTask;
+        var wanted = new List<(string Name, long[] Shape, ScalarType Dtype, bool Pinned)>();
+        foreach (var s in plan.WritesOf(rank))
+        {
+            if (!tensors.TryGetValue(s.Name, out var t)) continue; // the save names it when it fails
+            long[] shape = t.dim() == 0 ? [] : [s.RowCount, .. t.shape.AsSpan(1)];
+            wanted.Add((s.Name, shape, t.dtype, t.device_type == DeviceType.CUDA));
+        }
+        stopPreparing = false;
+        int nice = BackgroundNice;
+        preparing = Task.Run(() => BackgroundPriority.Run(nice, $"ckpt-prepare-r{rank}", () =>
+        {
+            var made = new List<KeyValuePair<string, Tensor>>(wanted.Count);
+            try
+            {
+                foreach (var (name, shape, dtype, pinned) in wanted)
+                {
+                    if (stopPreparing) break;
+                    var buffer = ShardedCheckpointWriter.NewHostBuffer(shape, dtype, pinned);
+                    made.Add(new(name, buffer));
+                    if (!Touch(buffer)) break;
+                }
+            }
+            // Nothing of a failure here may reach the training thread (BeginSave takes the result): the save allocates
+            // whatever is missing itself, and reports that if it fails.
+            catch (Exception) { }
+            return new HostSnapshot(-1, rank, made);
+        }));
+        return preparing;
+    }
+
+    /// <summary>Writes every page of a new CPU buffer, a piece at a time so that a save can stop it between pieces; false when stopped.</summary>
+    bool Touch(Tensor buffer)
+    {
+        if (buffer.numel() == 0) return true;
+        using var flat = buffer.view(-1);
+        long perPiece = Math.Max(1, HostCopy.PieceBytes / buffer.ElementSize), n = flat.numel();
+        for (long i = 0; i < n; i += perPiece)
+        {
+            if (stopPreparing) return false;
+            using var piece = flat.narrow(0, i, Math.Min(perPiece, n - i));
+            piece.bytes.Clear();
+        }
+        return true;
+    }
+
+    /// <summary>Makes Prepare's buffers (all of them, or those made before it was stopped) the ones the next save refills.</summary>
+    void TakePrepared()
+    {
+        if (preparing is not { } p) return;
+        stopPreparing = true;
+        var prepared = p.GetAwaiter().GetResult(); // stops between two 8 MiB pieces
+        preparing = null;
+        if (buffers is null) buffers = prepared;
+        else prepared.Dispose();
+    }
+
+    /// <summary>
+    /// The save in the background: on a thread of its own at <see cref="BackgroundNice"/>, its share of the copy and then
+    /// the file (hashed as it is written, fsynced); then, on this pool thread at normal priority, the publish and the
+    /// caller's callback.
+    /// </summary>
+    SaveOutcome CopyAndWrite(HostCopy copy)
     {
         var sw = Stopwatch.StartNew();
-        HostSnapshot snapshot;
+        HostSnapshot? snapshot = null;
+        ManifestFile written;
         try
         {
-            if (BeforeBackgroundCopy is { } hold) await hold();
-            copy.Help();
-            await copy.Completed; // the training thread may still copy its last slice
-            snapshot = copy.Take();
+            written = BackgroundPriority.Run(BackgroundNice, $"ckpt-save-r{rank}", () =>
+            {
+                try
+                {
+                    if (BeforeBackgroundCopy is { } hold) hold().GetAwaiter().GetResult();
+                    copy.Help();
+                    copy.Completed.GetAwaiter().GetResult(); // a blocking wait: the training thread may still copy its last piece
+                    snapshot = copy.Take();
+                }
+                catch (Exception) // out of host memory, a tensor missing: the run goes on without this checkpoint
+                {
+                    copy.Dispose();
+                    throw;
+                }
+                buffers = snapshot;
+                return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
+            });
         }
-        catch (Exception e) // out of host memory, a tensor missing: the run goes on without this checkpoint
+        catch (Exception e)
         {
-            copy.Dispose();
-            return await NotifyAsync(new SaveOutcome(copy.Step, null, e, sw.Elapsed));
+            return Notify(new SaveOutcome(copy.Step, null, e, sw.Elapsed)); // the snapshot, if taken, stays: the next save refills it
         }
-        buffers = snapshot;
         SaveOutcome outcome;
         try
         {
-            var file = await ShardedCheckpointWriter.WriteRankAsync(sink, snapshot, stopping.Token);
+            var file = sink.PublishAsync(snapshot!.Step, rank, written, stopping.Token).GetAwaiter().GetResult();
             outcome = new SaveOutcome(snapshot.Step, file, null, sw.Elapsed);
         }
         catch (Exception e)
         {
-            outcome = new SaveOutcome(snapshot.Step, null, e, sw.Elapsed);
+            outcome = new SaveOutcome(snapshot!.Step, null, e, sw.Elapsed);
         }
-        return await NotifyAsync(outcome); // the snapshot stays: the next save refills it
+        return Notify(outcome);
     }
 
     /// <summary>
     /// Tells the caller of every outcome, failures too, so it can report which step could not be stored (the error still
     /// comes back once through Save/WaitAsync). A stored file whose report fails is a failed save; a failed save's report adds nothing.
     /// </summary>
-    async Task<SaveOutcome> NotifyAsync(SaveOutcome outcome)
+    SaveOutcome Notify(SaveOutcome outcome)
     {
         if (onFinished is null) return outcome;
-        try { await onFinished(outcome, stopping.Token); }
+        try { onFinished(outcome, stopping.Token).GetAwaiter().GetResult(); }
         catch (Exception e) when (outcome.Error is null) { outcome = outcome with { File = null, Error = e }; }
         catch (Exception) when (outcome.Error is not null) { }
         return outcome;
@@ -182,12 +287,17 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         return failure;
     }
 
-    /// <summary>The host copies the next save will refill (tests check they are reused); empty before the first save.</summary>
-    public IReadOnlyList<KeyValuePair<string, Tensor>> HostBuffers => buffers?.Slices ?? [];
+    /// <summary>
+    /// The host copies the next save will refill (tests check they are reused): a finished <see cref="Prepare"/>'s, or
+    /// the last save's; empty before either.
+    /// </summary>
+    public IReadOnlyList<KeyValuePair<string, Tensor>> HostBuffers =>
+        buffers?.Slices ?? (preparing is { IsCompletedSuccessfully: true } p ? p.Result.Slices : []);
 
     public async ValueTask DisposeAsync()
     {
         await WaitAsync();
+        TakePrepared();
         buffers?.Dispose();
         buffers = null;
         stopping.Dispose();

@@ -48,30 +48,28 @@ public static class ShardedCheckpointWriter
 
     /// <summary>
     /// An uninitialised contiguous CPU tensor shaped like <paramref name="like"/>, outside any dispose scope; pinned when
-    /// <paramref name="like"/> is on a GPU. Pinning is page-locking host memory, which the OS may refuse (a locked-memory
-    /// limit): then the copy goes through pageable memory, only slower.
+    /// <paramref name="like"/> is on a GPU.
     /// </summary>
-    internal static Tensor NewHostBuffer(Tensor like)
+    internal static Tensor NewHostBuffer(Tensor like) => NewHostBuffer(like.shape, like.dtype, pinned: like.device_type == DeviceType.CUDA);
+
+    /// <summary>
+    /// An uninitialised contiguous CPU tensor outside any dispose scope, pinned if asked. Pinning is page-locking host
+    /// memory, which the OS may refuse (a locked-memory limit): then the copy goes through pageable memory, only slower.
+    /// </summary>
+    internal static Tensor NewHostBuffer(long[] shape, ScalarType dtype, bool pinned)
     {
-        var buffer = empty(like.shape, like.dtype, CPU).DetachFromDisposeScope();
-        if (like.device_type != DeviceType.CUDA) return buffer;
+        var buffer = empty(shape, dtype, CPU).DetachFromDisposeScope();
+        if (!pinned) return buffer;
         try
         {
-            var pinned = buffer.pin_memory().DetachFromDisposeScope();
+            var locked = buffer.pin_memory().DetachFromDisposeScope();
             buffer.Dispose();
-            return pinned;
+            return locked;
         }
         catch (Exception e) when (e is ExternalException or InvalidOperationException)
         {
             return buffer;
         }
-    }
-
-    /// <summary>Writes <paramref name="snapshot"/> as the rank's file at the sink's local path and publishes it.</summary>
-    public static async Task<ManifestFile> WriteRankAsync(ICheckpointSink sink, HostSnapshot snapshot, CancellationToken ct = default)
-    {
-        var written = await Task.Run(() => RankFileWriter.Write(sink.LocalPath(snapshot.Step, snapshot.Rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm), ct);
-        return await sink.PublishAsync(snapshot.Step, snapshot.Rank, written, ct);
     }
 
     /// <summary>

@@ -1,5 +1,6 @@
 // Checkpoint benchmark: sharded save/load MB/s on the folder backend beside the disk's own sequential speed, and the step stall of an async save.
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -23,12 +24,20 @@ public static class CheckpointBench
         Directory.CreateDirectory(dir);
 
         Console.WriteLine($"# DeepSeekCluster checkpoint benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
-        bool canDrop = Arg(args, "--drop-cache", "true") == "true" && DropPageCache();
-        Console.WriteLine($"machine: {Environment.ProcessorCount} cores; folder {dir}; page cache drop before reads: {(canDrop ? "yes" : "not permitted — reads may come from the page cache")}");
+        // Linux shares the CPU between sessions (autogroups) first and between threads within one second, so on a shared
+        // machine the other sessions' load decides this process's share from second to second; a step time then measures
+        // them, not the save. --group-nice (root) raises this session's weight so that the comparison of a save's threads
+        // with the training's, within this process, is what the stall numbers show.
+        if (Arg(args, "--group-nice", "") is { Length: > 0 } groupNice)
+        {
+            File.WriteAllText("/proc/self/autogroup", groupNice);
+            Console.WriteLine($"this session's CPU group: {File.ReadAllText("/proc/self/autogroup").Trim()}");
+        }
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores; folder {dir}; every read starts with its files evicted from the page cache (posix_fadvise DONTNEED)");
 
-        // ---- The disk's physical limit: one large sequential file, fsynced; read again beside every load ----
+        // ---- The disk's physical limit: one large sequential file, fsynced, then read after evicting it ----
         string probe = Path.Combine(dir, "disk-probe.bin");
-        var (diskWrite, diskRead) = DiskSpeed(probe, diskMb, canDrop);
+        double diskWrite = WriteSpeed(probe, diskMb), diskRead = PlainRead([probe]);
         Console.WriteLine($"disk sequential ({diskMb} MB, FileStream + fsync): write {diskWrite:F0} MB/s, read {diskRead:F0} MB/s; load average {LoadAverage()}");
         // A load checks SHA-256s as it streams: one core's hashing bounds a file verified whole; chunk hashes spread it.
         Console.WriteLine($"SHA-256 (.NET, OpenSSL; 256 MB in memory): one core {HashSpeed(1, false):F0} MB/s, {Environment.ProcessorCount} threads {HashSpeed(Environment.ProcessorCount, false):F0} MB/s; " +
@@ -45,154 +54,215 @@ public static class CheckpointBench
         double mb = tensors.Sum(kv => kv.Value.numel() * kv.Value.ElementSize) / 1e6;
         Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
         Console.WriteLine();
-        if (parts.Contains("throughput"))
-        {
-            // On a shared machine the disk's speed moves from minute to minute, so each save (load) is compared with a write
-            // (read) of the probe file taken just before it, under the same conditions; the best pair is reported.
-            Console.WriteLine($"| layout | save MB/s | disk write MB/s just before | save % of disk write | load MB/s{(canDrop ? ", page cache dropped" : "")} | disk read MB/s just before | load % of disk read | load MB/s from the page cache | save s | load s |");
-            Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
-            long step = 0;
-            // Chunk hashes (the folder store's default: XXH128) let one file verify on every core at memory speed; "SHA-256
-            // chunks" is what the store wrote before (the baseline), "whole-file hash" what a manifest without chunk hashes costs.
-            // The variants take turns within each repeat, so a change in the machine's load hits them alike.
-            var variants = new[]
-            {
-                (D: 1, P: 1, Chunks: (ChunkHashAlgorithm?)ChunkHashAlgorithm.Xxh128), (D: 1, P: 1, Chunks: ChunkHashAlgorithm.Sha256), (D: 1, P: 1, Chunks: null),
-                (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Xxh128), (D: dp, P: pp, Chunks: ChunkHashAlgorithm.Sha256), (D: dp, P: pp, Chunks: null),
-            };
-            var best = variants.Select(_ => new Best()).ToArray();
-            for (int i = 0; i < repeats; i++)
-                for (int v = 0; v < variants.Length; v++)
-                {
-                    var (d, p, chunks) = variants[v];
-                    var b = best[v];
-                    step++;
-                    var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
-                    using var store = new FolderCheckpointStore(dir, "bench")
-                    {
-                        HashChunkBytes = chunks is null ? null : ManifestFile.DefaultChunkBytes, HashChunkAlgorithm = chunks ?? ChunkHashAlgorithm.Xxh128,
-                    };
-                    double written = WriteSpeed(probe, diskMb);
-                    var sw = Stopwatch.StartNew();
-                    ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
-                        .GetAwaiter().GetResult();
-                    double save = sw.Elapsed.TotalSeconds;
-                    b.Save = Math.Min(b.Save, save);
-                    if (mb / save / written > b.SaveRatio) (b.SaveRatio, b.WriteBeside) = (mb / save / written, written);
-                    double read = ReadSpeed(probe, canDrop);
-                    if (canDrop) DropPageCache();
-                    sw.Restart();
-                    ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
-                    double load = sw.Elapsed.TotalSeconds;
-                    b.Load = Math.Min(b.Load, load);
-                    if (mb / load / read > b.LoadRatio) (b.LoadRatio, b.ReadBeside) = (mb / load / read, read);
-                    sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
-                    ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
-                    b.Warm = Math.Min(b.Warm, sw.Elapsed.TotalSeconds);
-                    Directory.Delete(store.StepFolder(step), true);
-                }
-            for (int v = 0; v < variants.Length; v++)
-            {
-                var ((d, p, chunks), b) = (variants[v], best[v]);
-                string hashes = chunks switch { ChunkHashAlgorithm.Xxh128 => "32 MiB chunk XXH128", ChunkHashAlgorithm.Sha256 => "32 MiB chunk SHA-256 (before)", _ => "whole-file SHA-256 only" };
-                Console.WriteLine($"| dp {d} x pp {p} ({d * p} files, {hashes}) | {mb / b.Save:F0} | {b.WriteBeside:F0} | {100 * b.SaveRatio:F0}% | {mb / b.Load:F0} | {b.ReadBeside:F0} | {100 * b.LoadRatio:F0}% | {mb / b.Warm:F0} | {b.Save:F2} | {b.Load:F2} |");
-            }
-            Console.WriteLine($"load average after the saves and loads: {LoadAverage()}");
-            Console.WriteLine();
-
-        }
-
-        if (parts.Contains("stall"))
-        {
-            // ---- Step stall: what a save adds to the training steps around it, against a blocking save (one rank, dp 1 x pp 1) ----
-            // Real training steps of the same model (the Trainer with its own AdamW, one small micro-batch), so the background
-            // copy really overlaps a forward and backward pass. Per repeat, in turns: two plain steps (the baseline: the faster
-            // one), a blocking save (the rank file written from the live tensors, then the next step), Save (the copy at the step
-            // boundary, then the next step) and BeginSave (the copy beside the next step's forward/backward, which waits for it
-            // before the optimizer update). The stall of a save = the wall time of the save call plus the next step, minus the
-            // plain step; the blocking save's own time is the reference. Each save's background write finishes before the next
-            // measurement (waited for and timed separately): on this CPU-only machine it competes with the steps for the cores.
-            var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
-            var rng = new Random(1);
-            var tokens = new int[(stepOptions.SeqLen + 1) * 256];
-            for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(model.Config.VocabSize);
-            using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, CPU, peakFlops: 1e12);
-            var live = CheckpointTensors.Collect(model, trainer.Optimizer);
-            var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
-            var byName = live.ToDictionary();
-            using var blockingStore = new FolderCheckpointStore(dir, "blocking");
-            using var asyncStore = new FolderCheckpointStore(dir, "async");
-            double Timed(Action a) { var sw = Stopwatch.StartNew(); a(); return sw.Elapsed.TotalSeconds; }
-            for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
-            // One saver per mode for all saves, as in training: the first save allocates the host copies, later ones refill them.
-            var copyAtBoundary = new AsyncCheckpointSaver(asyncStore, single, 0);
-            var copyBeside = new AsyncCheckpointSaver(asyncStore, single, 0);
-            trainer.BeforeOptimizerUpdate = () => copyBeside.WaitForSnapshot();
-            double plain = double.MaxValue, blocking = double.MaxValue, blockingStep = double.MaxValue;
-            var boundary = new StallBest();
-            var beside = new StallBest();
-            long saveStep = 1_000;
-            void Measure(AsyncCheckpointSaver saver, StallBest best, bool background, bool first)
-            {
-                long at = ++saveStep;
-                SaveRequest request = null!;
-                double wall = Timed(() =>
-                {
-                    request = background ? saver.BeginSave(at, byName) : saver.Save(at, byName);
-                    trainer.TrainStep();
-                });
-                var failure = saver.WaitAsync().GetAwaiter().GetResult();
-                if (!request.Started || failure is not null) throw new InvalidOperationException($"save of step {at} failed: {failure?.Message}");
-                double thread = saver.LastStall.TotalSeconds;
-                if (first) (best.FirstWall, best.FirstThread) = (wall, thread);
-                else (best.Wall, best.Thread) = (Math.Min(best.Wall, wall), Math.Min(best.Thread, thread));
-                best.Background = Math.Min(best.Background, saver.LastOutcome!.Duration.TotalSeconds);
-                Directory.Delete(asyncStore.StepFolder(at), true);
-            }
-            for (int i = 0; i <= repeats; i++)
-            {
-                plain = Math.Min(plain, Math.Min(Timed(() => trainer.TrainStep()), Timed(() => trainer.TrainStep())));
-                long at = ++saveStep;
-                blocking = Math.Min(blocking, Timed(() => ShardedCheckpointWriter.WriteRank(blockingStore, single, 0, at, byName)));
-                blockingStep = Math.Min(blockingStep, Timed(() => trainer.TrainStep()));
-                Directory.Delete(blockingStore.StepFolder(at), true);
-                Measure(copyAtBoundary, boundary, background: false, first: i == 0);
-                Measure(copyBeside, beside, background: true, first: i == 0);
-            }
-            copyAtBoundary.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            copyBeside.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            trainer.BeforeOptimizerUpdate = null;
-            Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, CPU, {get_num_threads()} torch threads): best plain step {plain:F3} s; " +
-                              $"blocking save of the rank's state {blocking:F3} s, the step after it {blockingStep:F3} s (best of {repeats + 1}); load average {LoadAverage()}");
-            Console.WriteLine();
-            Console.WriteLine("| save of one rank's whole state | stall = save call + next step − plain step, s | % of blocking save | training-thread time in the saver, s | background copy + write, s |");
-            Console.WriteLine("|---|---|---|---|---|");
-            Console.WriteLine($"| blocking (best of {repeats + 1}) | {blocking + blockingStep - plain:F3} | {100 * (blocking + blockingStep - plain) / blocking:F0}% | {blocking:F3} | — |");
-            foreach (var (name, b) in new[] { ("copy at the step boundary (Save)", boundary), ("copy beside the next forward/backward (BeginSave + WaitForSnapshot)", beside) })
-            {
-                Console.WriteLine($"| {name}, first save (allocates the host copies) | {b.FirstWall - plain:F3} | {100 * (b.FirstWall - plain) / blocking:F0}% | {b.FirstThread:F3} | — |");
-                Console.WriteLine($"| {name}, later saves (refill them; best of {repeats}) | {b.Wall - plain:F3} | {100 * (b.Wall - plain) / blocking:F0}% | {b.Thread:F3} | {b.Background:F3} |");
-            }
-            Console.WriteLine();
-        }
+        if (parts.Contains("throughput")) Throughput(args, model, optimizer, tensors, mb, dir, probe, diskMb, dp, pp, repeats);
+        if (parts.Contains("stall")) Stall(args, model, preset, dir, repeats);
         Console.WriteLine($"load average at the end: {LoadAverage()}");
         Directory.Delete(dir, true);
     }
 
-    /// <summary>Wall time of a save call plus the next step (first save, best later one), the training thread's time in the saver, the background's.</summary>
-    sealed class StallBest
+    /// <summary>
+    /// Save and load MB/s of each layout and hash variant against the disk. A save is compared with a 1 GB fsynced
+    /// write of the probe file just before it. A load is compared with plain reads of the same step's files, taken just
+    /// before and just after it in the same cache state: each of the three reads starts with the files evicted from
+    /// the page cache (posix_fadvise DONTNEED on each file, after an fsync, so every page is clean and goes); whatever
+    /// lies beneath the guest (the disk, a VM host's cache) then serves all three alike. The plain read is the faster
+    /// of one sequential stream in 64 MiB reads and the loader's own pattern (4 threads of 8 MiB preads per 32 MiB
+    /// chunk) without hashing or copying: the most these files give up.
+    /// </summary>
+    static void Throughput(string[] args, DeepSeekForCausalLM model, AdamW optimizer, List<KeyValuePair<string, Tensor>> tensors, double mb,
+        string dir, string probe, int diskMb, int dp, int pp, int repeats)
     {
-        public double FirstWall, FirstThread, Wall = double.MaxValue, Thread = double.MaxValue, Background = double.MaxValue;
+        var hashes = Arg(args, "--hashes", "xxh128,sha256,whole").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet();
+        Console.WriteLine("| layout | save MB/s | disk write MB/s just before | save % of disk write | load MB/s, files evicted | plain read of the same files MB/s, before / after | load % of plain read | load MB/s from the page cache | save s | load s | load average |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|");
+        long step = 0;
+        // Chunk hashes (the folder store's default: XXH128) let one file verify on every core at memory speed; "SHA-256
+        // chunks" is what the store wrote before, "whole-file hash" what a manifest without chunk hashes costs.
+        // The variants take turns within each repeat, so a change in the machine's load hits them alike.
+        var variants = new (int D, int P, ChunkHashAlgorithm? Chunks)[]
+        {
+            (1, 1, ChunkHashAlgorithm.Xxh128), (1, 1, ChunkHashAlgorithm.Sha256), (1, 1, null),
+            (dp, pp, ChunkHashAlgorithm.Xxh128), (dp, pp, ChunkHashAlgorithm.Sha256), (dp, pp, null),
+        }.Where(v => hashes.Contains(v.Chunks switch { ChunkHashAlgorithm.Xxh128 => "xxh128", ChunkHashAlgorithm.Sha256 => "sha256", _ => "whole" })).ToArray();
+        var results = variants.Select(_ => new List<ThroughputRun>()).ToArray();
+        for (int i = 0; i < repeats; i++)
+            for (int v = 0; v < variants.Length; v++)
+            {
+                var (d, p, chunks) = variants[v];
+                step++;
+                var layout = ParallelLayout.Even(d, p, model.Config.NumHiddenLayers);
+                using var store = new FolderCheckpointStore(dir, "bench")
+                {
+                    HashChunkBytes = chunks is null ? null : ManifestFile.DefaultChunkBytes, HashChunkAlgorithm = chunks ?? ChunkHashAlgorithm.Xxh128,
+                };
+                double written = WriteSpeed(probe, diskMb);
+                var sw = Stopwatch.StartNew();
+                ShardedCheckpointWriter.SaveAllRanksAsync(store, "bench", layout, tensors, new CheckpointPosition(step, 0, 0, 0), model.Config.ToJson(), null)
+                    .GetAwaiter().GetResult();
+                double save = sw.Elapsed.TotalSeconds;
+                var files = Directory.GetFiles(store.StepFolder(step), "*.safetensors");
+                double before = PlainRead(files);
+                Evict(files);
+                sw.Restart();
+                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                double load = sw.Elapsed.TotalSeconds;
+                double after = PlainRead(files);
+                sw.Restart(); // the same files again, now in the page cache: what the loader costs beyond the disk
+                ShardedCheckpointLoader.LoadReplicaAsync(store, step, model, optimizer).GetAwaiter().GetResult();
+                double warm = sw.Elapsed.TotalSeconds;
+                Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} dp {d} x pp {p} {chunks}: save {mb / save:F0} MB/s (disk {written:F0}), load {mb / load:F0} MB/s (plain read {before:F0} / {after:F0}), warm {mb / warm:F0}; load {LoadAverage()}");
+                results[v].Add(new ThroughputRun(mb / save, written, mb / load, before, after, mb / warm, save, load, LoadAverage()));
+                Directory.Delete(store.StepFolder(step), true);
+            }
+        for (int v = 0; v < variants.Length; v++)
+        {
+            var (d, p, chunks) = variants[v];
+            string hash = chunks switch { ChunkHashAlgorithm.Xxh128 => "32 MiB chunk XXH128", ChunkHashAlgorithm.Sha256 => "32 MiB chunk SHA-256 (before)", _ => "whole-file SHA-256 only" };
+            foreach (var r in results[v])
+                Console.WriteLine($"| dp {d} x pp {p} ({d * p} files, {hash}) | {r.Save:F0} | {r.Write:F0} | {100 * r.Save / r.Write:F0}% | {r.Load:F0} | {r.ReadBefore:F0} / {r.ReadAfter:F0} | " +
+                                  $"{100 * r.Load / ((r.ReadBefore + r.ReadAfter) / 2):F0}% | {r.Warm:F0} | {r.SaveS:F2} | {r.LoadS:F2} | {r.LoadAverage} |");
+        }
+        Console.WriteLine();
+        Console.WriteLine("| layout | median save % of disk write | median load % of plain read | median load MB/s | median plain read MB/s |");
+        Console.WriteLine("|---|---|---|---|---|");
+        for (int v = 0; v < variants.Length; v++)
+        {
+            var (d, p, chunks) = variants[v];
+            var rs = results[v];
+            Console.WriteLine($"| dp {d} x pp {p}, {chunks?.ToString() ?? "whole-file"} | {100 * Median(rs.Select(r => r.Save / r.Write)):F0}% | " +
+                              $"{100 * Median(rs.Select(r => r.Load / ((r.ReadBefore + r.ReadAfter) / 2))):F0}% | {Median(rs.Select(r => r.Load)):F0} | {Median(rs.Select(r => (r.ReadBefore + r.ReadAfter) / 2)):F0} |");
+        }
+        Console.WriteLine($"load average after the saves and loads: {LoadAverage()}");
+        Console.WriteLine();
     }
 
-    /// <summary>The best of the repeats of one variant: shortest times, and the best ratio to the disk with the disk's speed beside it.</summary>
-    sealed class Best
+    sealed record ThroughputRun(double Save, double Write, double Load, double ReadBefore, double ReadAfter, double Warm, double SaveS, double LoadS, string LoadAverage);
+
+    static double Median(IEnumerable<double> values)
     {
-        public double Save = double.MaxValue, Load = double.MaxValue, Warm = double.MaxValue, SaveRatio, WriteBeside, LoadRatio, ReadBeside;
+        var sorted = values.Order().ToArray();
+        if (sorted.Length == 0) return double.NaN;
+        return sorted.Length % 2 == 1 ? sorted[sorted.Length / 2] : (sorted[sorted.Length / 2 - 1] + sorted[sorted.Length / 2]) / 2;
     }
 
-    /// <summary>Writes then reads one file of <paramref name="mb"/> MB in 64 MiB blocks; returns MB/s. The write includes the fsync.</summary>
-    static (double Write, double Read) DiskSpeed(string path, int mb, bool drop) => (WriteSpeed(path, mb), ReadSpeed(path, drop));
+    /// <summary>
+    /// Step stall of async saves (one rank, dp 1 x pp 1) against a blocking save, with real training steps of the same
+    /// model (the Trainer with its own AdamW, one small micro-batch) so the background copy really overlaps a forward and
+    /// backward pass. A save's background work outlasts the step after it (on this CPU-only machine it shares the cores
+    /// with the step), so its stall is what it costs every step until it is done: the wall time from the save call to
+    /// the end of the first step after which the save is finished, minus that many plain steps (the median of the plain
+    /// steps around it). The modes take turns within each repeat: a blocking save; for each background nice value, a new
+    /// saver's first save (it allocates the host copies) and its second (refills them); and a saver that prepared its
+    /// copies (Prepare, during plain steps whose extra time is reported as its cost) before its first save.
+    /// </summary>
+    static void Stall(string[] args, DeepSeekForCausalLM model, string preset, string dir, int repeats)
+    {
+        var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
+        // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
+        // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
+        if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
+        int prepareNice = int.Parse(Arg(args, "--prepare-nice", nices.Contains(10) ? "10" : nices[^1].ToString()));
+        var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
+        var rng = new Random(1);
+        var tokens = new int[(stepOptions.SeqLen + 1) * 256];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(model.Config.VocabSize);
+        using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, CPU, peakFlops: 1e12);
+        var live = CheckpointTensors.Collect(model, trainer.Optimizer);
+        var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
+        var byName = live.ToDictionary();
+        using var blockingStore = new FolderCheckpointStore(dir, "blocking");
+        using var asyncStore = new FolderCheckpointStore(dir, "async");
+        for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
+        AsyncCheckpointSaver? current = null;
+        trainer.BeforeOptimizerUpdate = () => current?.WaitForSnapshot();
+        long saveStep = 1_000;
+        double Timed(Action a) { var sw = Stopwatch.StartNew(); a(); return sw.Elapsed.TotalSeconds; }
+        var plainSteps = new List<double>();
+        int plainGcs = 0;
+        var plainPause = TimeSpan.Zero;
+        double Plain(int n)
+        {
+            int gcs = GC.CollectionCount(0);
+            var pause = GC.GetTotalPauseDuration();
+            var these = Enumerable.Range(0, n).Select(_ => Timed(() => trainer.TrainStep())).ToList();
+            plainGcs += GC.CollectionCount(0) - gcs;
+            plainPause += GC.GetTotalPauseDuration() - pause;
+            plainSteps.AddRange(these);
+            return Median(these);
+        }
+        // Begins a save, then trains until it is done; returns (stall against the plain step, steps it spanned, training-thread time in the saver, background time).
+        (double Stall, int Steps, double Thread, double Background) Spanned(AsyncCheckpointSaver saver, double plain)
+        {
+            long at = ++saveStep;
+            var pause = GC.GetTotalPauseDuration();
+            var sw = Stopwatch.StartNew();
+            var request = saver.BeginSave(at, byName);
+            if (!request.Started) throw new InvalidOperationException($"the save of step {at} did not start");
+            int steps = 0;
+            do { trainer.TrainStep(); steps++; } while (saver.Busy && steps < 100);
+            double wall = sw.Elapsed.TotalSeconds;
+            double paused = (GC.GetTotalPauseDuration() - pause).TotalSeconds;
+            Console.Error.WriteLine($"    GC pauses during the save's {steps} steps: {paused:F3} s ({paused / steps:F3} s per step)");
+            var failure = saver.WaitAsync().GetAwaiter().GetResult();
+            if (failure is not null) throw new InvalidOperationException($"the save of step {at} failed: {failure.Message}");
+            Directory.Delete(asyncStore.StepFolder(at), true);
+            return (wall - steps * plain, steps, saver.LastStall.TotalSeconds, saver.LastOutcome!.Duration.TotalSeconds);
+        }
+
+        var blocking = new List<(double Save, double Stall, string Load)>();
+        var rows = new Dictionary<string, List<(double Stall, int Steps, double Thread, double Background, double Blocking, string Load)>>();
+        void Add(string name, (double Stall, int Steps, double Thread, double Background) r, double reference)
+        {
+            if (!rows.TryGetValue(name, out var list)) rows[name] = list = [];
+            list.Add((r.Stall, r.Steps, r.Thread, r.Background, reference, LoadAverage()));
+            Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} {name}: stall {r.Stall:F2} s over {r.Steps} steps ({100 * r.Stall / reference:F0}% of {reference:F2} s), load {LoadAverage()}");
+        }
+        for (int i = 0; i < repeats; i++)
+        {
+            double plain = Plain(3);
+            long at = ++saveStep;
+            double save = Timed(() => ShardedCheckpointWriter.WriteRank(blockingStore, single, 0, at, byName));
+            double next = Timed(() => trainer.TrainStep());
+            Directory.Delete(blockingStore.StepFolder(at), true);
+            blocking.Add((save, save + next - plain, LoadAverage()));
+            Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} blocking save {save:F2} s, the step after it {next:F2} s, plain {plain:F2} s; load {LoadAverage()}");
+            foreach (int nice in nices)
+            {
+                plain = Plain(2);
+                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice };
+                Add($"nice {nice}, first save of a saver (allocates the host copies)", Spanned(saver, plain), save);
+                plain = Plain(2);
+                Add($"nice {nice}, second save (refills them)", Spanned(saver, plain), save);
+                saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+            {
+                plain = Plain(2);
+                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice };
+                var sw = Stopwatch.StartNew();
+                var preparing = saver.Prepare(byName);
+                int steps = 0;
+                do { trainer.TrainStep(); steps++; } while (!preparing.IsCompleted && steps < 100);
+                Add($"nice {prepareNice}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0), save);
+                plain = Plain(2);
+                Add($"nice {prepareNice}, first save after Prepare", Spanned(saver, plain), save);
+                saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+            current = null;
+        }
+        trainer.BeforeOptimizerUpdate = null;
+        Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, CPU, {get_num_threads()} torch threads): " +
+                          $"plain step median {Median(plainSteps):F3} s (min {plainSteps.Min():F3}, max {plainSteps.Max():F3}, {plainSteps.Count} steps, {(double)plainGcs / plainSteps.Count:F1} gen-0 GCs and {plainPause.TotalSeconds / plainSteps.Count:F3} s of GC pauses per step); load average {LoadAverage()}");
+        Console.WriteLine();
+        Console.WriteLine("| save of one rank's whole state | stall s, per repeat | steps the save spanned | % of that repeat's blocking save, per repeat | median % | training-thread time in the saver s | background copy + write s | load average per repeat |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        string Join(IEnumerable<double> xs, string format) => string.Join(" / ", xs.Select(x => x.ToString(format, System.Globalization.CultureInfo.InvariantCulture)));
+        Console.WriteLine($"| blocking save: the save itself (the reference) | {Join(blocking.Select(b => b.Save), "F2")} | — | 100% | 100% | {Join(blocking.Select(b => b.Save), "F2")} | — | {string.Join(" / ", blocking.Select(b => b.Load))} |");
+        Console.WriteLine($"| blocking save + the step after it − plain step | {Join(blocking.Select(b => b.Stall), "F2")} | 1 | {Join(blocking.Select(b => 100 * b.Stall / b.Save), "F0")}% | {100 * Median(blocking.Select(b => b.Stall / b.Save)):F0}% | — | — | |");
+        foreach (var (name, list) in rows)
+            Console.WriteLine($"| {name} | {Join(list.Select(r => r.Stall), "F2")} | {string.Join(" / ", list.Select(r => r.Steps))} | {Join(list.Select(r => 100 * r.Stall / r.Blocking), "F0")}% | " +
+                              $"{100 * Median(list.Select(r => r.Stall / r.Blocking)):F0}% | {Join(list.Select(r => r.Thread), "F3")} | {Join(list.Select(r => r.Background), "F2")} | {string.Join(" / ", list.Select(r => r.Load))} |");
+        Console.WriteLine();
+    }
 
     /// <summary>Writes <paramref name="mb"/> MB in 64 MiB blocks and fsyncs; MB/s.</summary>
     static double WriteSpeed(string path, int mb)
@@ -209,16 +279,68 @@ public static class CheckpointBench
         return mb / sw.Elapsed.TotalSeconds;
     }
 
-    /// <summary>Reads the whole file in 64 MiB blocks from a dropped page cache (when allowed); MB/s.</summary>
-    static double ReadSpeed(string path, bool drop)
+    /// <summary>
+    /// The fastest plain read of <paramref name="files"/> from outside the page cache, MB/s: one sequential stream in
+    /// 64 MiB reads, and the loader's pattern (its 32 MiB chunks over 4 threads, 8 MiB preads), each after evicting them.
+    /// </summary>
+    static double PlainRead(string[] files)
     {
-        var block = new byte[64 << 20];
-        if (drop) DropPageCache();
+        long total = files.Sum(f => new FileInfo(f).Length);
+        Evict(files);
         var sw = Stopwatch.StartNew();
-        long total = 0;
-        using (var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0))
-            for (int n; (n = fs.Read(block, 0, block.Length)) > 0;) total += n;
-        return total / 1e6 / sw.Elapsed.TotalSeconds;
+        var block = new byte[64 << 20];
+        foreach (var f in files)
+        {
+            using var fs = new FileStream(f, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0);
+            while (fs.Read(block, 0, block.Length) > 0) { }
+        }
+        double sequential = total / 1e6 / sw.Elapsed.TotalSeconds;
+
+        Evict(files);
+        const long chunk = 32L << 20;
+        var work = files.SelectMany(f => Enumerable.Range(0, (int)((new FileInfo(f).Length + chunk - 1) / chunk)).Select(k => (File: f, Start: k * chunk))).ToArray();
+        var handles = files.ToDictionary(f => f, f => File.OpenHandle(f, FileMode.Open, FileAccess.Read, FileShare.Read));
+        int next = -1;
+        sw.Restart();
+        var threads = Enumerable.Range(0, 4).Select(_ => new Thread(() =>
+        {
+            var buffer = new byte[8 << 20];
+            for (int k; (k = Interlocked.Increment(ref next)) < work.Length;)
+            {
+                var (f, start) = work[k];
+                long end = Math.Min(start + chunk, RandomAccess.GetLength(handles[f]));
+                for (long at = start; at < end;)
+                {
+                    int n = RandomAccess.Read(handles[f], buffer.AsSpan(0, (int)Math.Min(buffer.Length, end - at)), at);
+                    if (n == 0) break;
+                    at += n;
+                }
+            }
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        double parallel = total / 1e6 / sw.Elapsed.TotalSeconds;
+        foreach (var h in handles.Values) h.Dispose();
+        Evict(files);
+        return Math.Max(sequential, parallel);
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    static extern int posix_fadvise(int fd, long offset, long length, int advice);
+
+    /// <summary>
+    /// Drops the files' pages from the page cache: written back first (fsync), so all are clean and DONTNEED frees
+    /// them. Only these files: the machine's other work keeps its cache.
+    /// </summary>
+    static void Evict(string[] files)
+    {
+        foreach (var f in files)
+        {
+            using var fs = new FileStream(f, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite, bufferSize: 0);
+            fs.Flush(flushToDisk: true);
+            if (posix_fadvise((int)fs.SafeFileHandle.DangerousGetHandle(), 0, 0, 4 /* POSIX_FADV_DONTNEED */) != 0)
+                throw new IOException($"posix_fadvise(DONTNEED) on {f} failed: errno {Marshal.GetLastPInvokeError()}");
+        }
     }
 
     /// <summary>SHA-256 (or XXH128) of 256 MB split over <paramref name="threads"/> threads; MB/s.</summary>
@@ -240,21 +362,6 @@ public static class CheckpointBench
     {
         try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
         catch (IOException) { return "unknown"; }
-    }
-
-    /// <summary>Writes back dirty pages and drops the page cache (needs root and a writable /proc/sys); false when not allowed.</summary>
-    static bool DropPageCache()
-    {
-        try
-        {
-            using (var sync = Process.Start("sync")!) sync.WaitForExit();
-            File.WriteAllText("/proc/sys/vm/drop_caches", "3");
-            return true;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.ComponentModel.Win32Exception)
-        {
-            return false;
-        }
     }
 
     static string Arg(string[] args, string name, string fallback)

@@ -272,5 +272,132 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.True(reused < sharded.WritesOf(1).Count(), "every buffer was reused although the row slices shrank");
     }
 
+    /// <summary>The calling thread's nice value and kernel id, from /proc/thread-self/stat (fields 19 and 4 after the name).</summary>
+    static (int Nice, int Tid) OwnThreadStat()
+    {
+        string stat = File.ReadAllText("/proc/thread-self/stat");
+        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' '); // the name may hold spaces; fields[0] is field 3
+        return (int.Parse(fields[19 - 3]), int.Parse(stat[..stat.IndexOf(' ')]));
+    }
+
+    [Fact]
+    public async Task TheBackgroundCopyAndWriteRunOnAThreadBackgroundNiceStepsBelowTrainingAndStillWriteTheBlockingSavesBytes()
+    {
+        Assert.True(OperatingSystem.IsLinux(), "per-thread nice values are Linux's");
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 2, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        const int rank = 2;
+        var (trainingNice, trainingTid) = OwnThreadStat();
+        (int Nice, int Tid)? background = null, reported = null;
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, rank, (_, _) =>
+        {
+            reported = OwnThreadStat(); // the callback, after the write, runs where tasks complete: at normal priority
+            return Task.CompletedTask;
+        }) { BackgroundNice = 15 };
+        saver.BeforeBackgroundCopy = () => { background = OwnThreadStat(); return Task.CompletedTask; };
+
+        Assert.True(saver.BeginSave(4, tensors).Started);
+        saver.WaitForSnapshot();
+        Assert.Null(await saver.WaitAsync());
+
+        Assert.NotNull(background);
+        Assert.NotEqual(trainingTid, background.Value.Tid);
+        Assert.Equal(Math.Min(19, trainingNice + 15), background.Value.Nice);
+        Assert.Equal(trainingNice, reported!.Value.Nice);
+        Assert.Equal(trainingNice, OwnThreadStat().Nice); // the training thread keeps its priority
+        // No thread is left at the lowered priority: a pool worker created by the lowered thread would inherit it for good.
+        // The lowered thread itself is joined, but its OS thread may take a moment to exit after that.
+        List<string> Lowered() => Directory.GetDirectories("/proc/self/task").Select(d =>
+        {
+            try
+            {
+                string stat = File.ReadAllText(Path.Combine(d, "stat"));
+                return (Thread: stat[..(stat.LastIndexOf(')') + 1)], Nice: int.Parse(stat[(stat.LastIndexOf(')') + 2)..].Split(' ')[19 - 3]));
+            }
+            catch (IOException) { return (Thread: d, Nice: trainingNice); } // a thread that exited meanwhile
+        }).Where(t => t.Nice != trainingNice).Select(t => t.Thread).ToList();
+        var left = Lowered();
+        for (var until = DateTime.UtcNow.AddSeconds(30); left.Count > 0 && DateTime.UtcNow < until; left = Lowered()) await Task.Delay(10);
+        Assert.Empty(left);
+        ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, 4, tensors);
+        Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(4, rank)), File.ReadAllBytes(asyncStore.LocalPath(4, rank)));
+    }
+
+    [Fact]
+    public async Task PreparedHostCopiesAreTheOnesTheFirstSaveFillsAndASaveRightAfterPrepareStillWritesTheBlockingSavesBytes()
+    {
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 2, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        const int rank = 3;
+        var slices = plan.WritesOf(rank);
+
+        await using (var saver = new AsyncCheckpointSaver(asyncStore, plan, rank))
+        {
+            await saver.Prepare(tensors);
+            var prepared = saver.HostBuffers.ToDictionary(kv => kv.Key, kv => (Tensor: kv.Value, Address: Address(kv.Value)));
+            Assert.Equal(slices.Select(s => s.Name).Order(), prepared.Keys.Order());
+            foreach (var s in slices)
+            {
+                using var live = tensors[s.Name].dim() == 0 ? tensors[s.Name].alias() : tensors[s.Name].narrow(0, s.RowStart, s.RowCount);
+                Assert.Equal(live.shape, prepared[s.Name].Tensor.shape);
+                Assert.Equal(live.dtype, prepared[s.Name].Tensor.dtype);
+            }
+            Assert.Same(saver.Prepare(tensors), saver.Prepare(tensors)); // prepared once: never a second set of buffers
+
+            Assert.True(saver.BeginSave(1, tensors).Started);
+            saver.WaitForSnapshot();
+            Assert.Null(await saver.WaitAsync());
+            Assert.All(saver.HostBuffers, kv => Assert.Equal(prepared[kv.Key].Address, Address(kv.Value)));
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, 1, tensors);
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(1, rank)), File.ReadAllBytes(asyncStore.LocalPath(1, rank)));
+            Assert.Same(Task.CompletedTask, saver.Prepare(tensors)); // the saver holds its copies: nothing more to make
+        }
+
+        // A save right after Prepare stops it wherever it is and allocates what it had not made yet.
+        await using (var saver = new AsyncCheckpointSaver(asyncStore, plan, rank))
+        {
+            var preparing = saver.Prepare(tensors);
+            Assert.True(saver.Save(2, tensors).Started);
+            Assert.True(preparing.IsCompleted);
+            Assert.Null(await saver.WaitAsync());
+            Assert.Equal(slices.Count, saver.HostBuffers.Count);
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, 2, tensors);
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(2, rank)), File.ReadAllBytes(asyncStore.LocalPath(2, rank)));
+        }
+    }
+
+    [Fact]
+    public void TensorsLargerThanOneCopyPieceAreCopiedWholeInRowRunsIntoTheirSlices()
+    {
+        // 12,000 x 300 fp32 (two ranks' halves of 7.2 MB: one piece each) and 40,001 x 257 bf16 (halves of 10.3 MB: two
+        // pieces each, split between rows, one row not a divisor of the piece size).
+        manual_seed(5);
+        var tensors = new Dictionary<string, Tensor>
+        {
+            ["model.embed_tokens.weight"] = randn(12_000, 300),
+            ["lm_head.weight"] = randn(40_001, 257).to(ScalarType.BFloat16),
+            ["model.norm.weight"] = randn(300),
+        };
+        Assert.True(tensors["lm_head.weight"].numel() * 2 /* bytes */ / 2 /* ranks */ > HostCopy.PieceBytes, "the test needs a slice of several pieces");
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        for (int rank = 0; rank < 2; rank++)
+        {
+            using var copy = ShardedCheckpointWriter.CopyToHost(plan, rank, 1, tensors);
+            Assert.Equal(plan.WritesOf(rank).Select(s => s.Name), copy.Slices.Select(kv => kv.Key));
+            foreach (var s in plan.WritesOf(rank))
+            {
+                using var live = tensors[s.Name].narrow(0, s.RowStart, s.RowCount);
+                Assert.True(TrainedState.BitwiseEqual(live, copy.Slices.Single(kv => kv.Key == s.Name).Value), $"{s.Name} of rank {rank}");
+            }
+        }
+        foreach (var t in tensors.Values) t.Dispose();
+    }
+
     public void Dispose() => Directory.Delete(root, recursive: true);
 }
