@@ -428,7 +428,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         if (plan.Source == ResumePlan.Replica && !together)
         {
             Log($"stage {stage} could resume from live state at step {plan.Step}, but the stages hold steps {string.Join(", ", choices.Select(c => (long)c[0]))} " +
-                $"(−1: none) or another history: every stage loads {(assignment.ResumeStep > 0 ? $"the committed checkpoint of step {assignment.ResumeStep}" : "the start")}");
+                $"(-1: none) or another history: every stage loads {(assignment.ResumeStep > 0 ? $"the committed checkpoint of step {assignment.ResumeStep}" : "the start")}");
             plan = assignment.ResumeStep > 0 ? new ResumePlan(held, assignment.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
         long stateBytes = 0;
