@@ -22,7 +22,7 @@ public class PipelineStageCheckpointTests
     }
 
     /// <summary>A single-process state (weights and AdamW moments that are not zero) committed as a dp 1 × pp 1 checkpoint.</summary>
-    static async Task<(DeepSeekForCausalLM Model, Optim.AdamW Optimizer)> CommitSingleProcessState(FolderCheckpointStore store, string job, long step)
+    static async Task<(DeepSeekForCausalLM Model, DeepSeekCluster.Training.Optim.AdamW Optimizer)> CommitSingleProcessState(FolderCheckpointStore store, string job, long step)
     {
         var model = NewModel(Config, 7);
         var optimizer = Trainer.CreateOptimizer(model, Options);
