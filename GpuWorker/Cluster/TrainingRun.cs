@@ -342,7 +342,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             live.Step = trainer.Step(); // the optimizer update is done: the live state is consistent at this step
             Interlocked.Exchange(ref lastStepTicks, System.Diagnostics.Stopwatch.GetElapsedTime(stepStart).Ticks);
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
-            metrics?.Record(assignment.JobId, settings.WorkerId, m, (long)options.GlobalBatch / assignment.DpSize * options.SeqLen);
+            // A replica's tokens pass through each of its stages: stage 0 alone counts them, so sums over workers stay the job's.
+            bool countsTokens = assignment.PpStage == 0;
+            metrics?.Record(assignment.JobId, settings.WorkerId, countsTokens ? m : m with { TokensPerSecond = 0 },
+                            countsTokens ? (long)options.GlobalBatch / assignment.DpSize * options.SeqLen : 0);
             // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
             if (metrics is not null)
                 metrics.DeviceMemory(assignment.JobId, settings.WorkerId,
