@@ -160,6 +160,32 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
         AssertCompletedLikeTheReference(run, files: 2);
     }
 
+    [Fact]
+    public async Task AStageThatStopsRespondingIsReplacedAndItsNeighbourIsAbortedNotLeftWaitingOnTheLink()
+    {
+        DateTime stoppedAt = default;
+        string? victim = null;
+        var run = await RunAsync("pp-stall", pp: 2, workers: 2, async (job, workers) =>
+        {
+            string spare = fx.Cluster.AddWorker();
+            await fx.Cluster.WaitForIdleWorkersAsync([spare], TimeSpan.FromMinutes(5), CancellationToken.None);
+            var view = await fx.Cluster.WaitForAsync(job, j => j.CommittedSteps.Contains(PipelineFixture.CheckpointInterval) && j.Step > PipelineFixture.CheckpointInterval,
+                                                     TimeSpan.FromMinutes(6), "the first commit of the pipeline job", CancellationToken.None, poll: TimeSpan.FromMilliseconds(50));
+            victim = view.Workers.Single(w => w.Rank == 1).WorkerId;
+            output.WriteLine($"SIGSTOP {victim} (stage 1) at step {view.Step}");
+            stoppedAt = DateTime.UtcNow;
+            fx.Cluster.Signal(victim, Signals.Stop); // alive but silent: its links stay open and send nothing
+            // Stage 0 is blocked on a link to the silent stage. The job re-forms when the heartbeats stop, and the rescale
+            // cancels stage 0's run, which aborts the links after the grace instead of waiting out their timeout.
+            await fx.Cluster.WaitForLineAsync(l => l.Contains("run cancelled at step") || l.Contains("run aborted at step"), TimeSpan.FromMinutes(3),
+                                              "stage 0's run ending after the rescale", CancellationToken.None, since: stoppedAt);
+        });
+        Assert.Contains(run.Job.OfKind("worker_hung"), e => e.WorkerId == victim);
+        Assert.DoesNotContain("sent or accepted nothing within", fx.Cluster.RecentLines(20000)); // no link waited out its timeout
+        Assert.All(run.Job.OfKind("resumed").Where(e => e.Generation >= 2), e => Assert.Equal("checkpoint", e.ResumeSource));
+        AssertCompletedLikeTheReference(run, files: 2);
+    }
+
     async Task<PipelineRun> RunAsync(string name, int pp, int workers, Func<string, List<string>, Task>? whileRunning = null)
     {
         try { return await fx.RunJobAsync(name, pp, workers, whileRunning); }
