@@ -140,7 +140,7 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
         {
             string spare = fx.Cluster.AddWorker();
             await fx.Cluster.WaitForIdleWorkersAsync([spare], TimeSpan.FromMinutes(5), CancellationToken.None);
-            // After the first committed checkpoint (step 4) and before the end; the stage-1 member is rank 1.
+            // After the first committed checkpoint (step 4), while the job runs; the stage-1 member is rank 1.
             var view = await fx.Cluster.WaitForAsync(job, j => j.CommittedSteps.Contains(PipelineFixture.CheckpointInterval) && j.Step > PipelineFixture.CheckpointInterval,
                                                      TimeSpan.FromMinutes(6), "the first commit of the pipeline job", CancellationToken.None, poll: TimeSpan.FromMilliseconds(50));
             killedAtStep = view.Step;
@@ -148,9 +148,10 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
             output.WriteLine($"SIGKILL {victim} (stage 1) at step {view.Step}");
             Process.GetProcessById(fx.Cluster.Pid(victim)).Kill(); // SIGKILL: no goodbye
         });
-        Assert.True(killedAtStep < Steps, $"the job finished (step {killedAtStep}) before the kill could land");
-        var lost = run.Job.OfKind("worker_lost").ToList();
-        Assert.Single(lost);
+        // The kill landed in the running job (possibly after its last step, before the final commit, when the uploads lag
+        // the steps): the member was lost and a new generation finished the job.
+        output.WriteLine($"killed at step {killedAtStep}");
+        Assert.Single(run.Job.OfKind("worker_lost"));
         // Generation 2: the survivor and the spare. The spare holds no stage-1 state, so no stage may continue from live
         // state alone: every stage loaded the committed checkpoint, and the steps after it were redone.
         var resumed = run.Job.OfKind("resumed").Where(e => e.Generation >= 2).ToList();
@@ -169,8 +170,9 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
         {
             string spare = fx.Cluster.AddWorker();
             await fx.Cluster.WaitForIdleWorkersAsync([spare], TimeSpan.FromMinutes(5), CancellationToken.None);
-            var view = await fx.Cluster.WaitForAsync(job, j => j.CommittedSteps.Contains(PipelineFixture.CheckpointInterval) && j.Step > PipelineFixture.CheckpointInterval,
-                                                     TimeSpan.FromMinutes(6), "the first commit of the pipeline job", CancellationToken.None, poll: TimeSpan.FromMilliseconds(50));
+            // Early (step 2 of 12), so that the stages are mid-step and not past their last one whatever the machine's speed.
+            var view = await fx.Cluster.WaitForAsync(job, j => j.Step >= 2, TimeSpan.FromMinutes(6), "step 2 of the pipeline job", CancellationToken.None,
+                                                     poll: TimeSpan.FromMilliseconds(50));
             victim = view.Workers.Single(w => w.Rank == 1).WorkerId;
             output.WriteLine($"SIGSTOP {victim} (stage 1) at step {view.Step}");
             stoppedAt = DateTime.UtcNow;
@@ -182,7 +184,10 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
         });
         Assert.Contains(run.Job.OfKind("worker_hung"), e => e.WorkerId == victim);
         Assert.DoesNotContain("sent or accepted nothing within", fx.Cluster.RecentLines(20000)); // no link waited out its timeout
-        Assert.All(run.Job.OfKind("resumed").Where(e => e.Generation >= 2), e => Assert.Equal("checkpoint", e.ResumeSource));
+        // The spare holds no stage-1 state: the stages went back together, to the committed checkpoint or the start.
+        var resumed = run.Job.OfKind("resumed").Where(e => e.Generation >= 2).ToList();
+        Assert.NotEmpty(resumed);
+        Assert.All(resumed, e => Assert.Contains(e.ResumeSource, new[] { "checkpoint", "start" }));
         AssertCompletedLikeTheReference(run, files: 2);
     }
 
