@@ -55,8 +55,9 @@ public sealed record JobSpec
         else
         {
             if (dp < 0) Problem("parallel.dp", $"{dp} must be 0 (as many as the workers allow) or positive");
+            // pp may not exceed the model's decoder layers; Contracts cannot read a preset's depth, so the worker checks that
+            // (ParallelLayout.Even) and fails the job naming both numbers.
             if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
-            else if (pp > 1) Problem("parallel.pp", $"{pp}: cluster workers do not run pipeline stages yet (the stage trainer, Training/Pipeline, runs in-process and in tests; checkpoints already reshard across pp); use 1");
         }
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
         if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
@@ -110,7 +111,10 @@ public sealed record JobSpec
     }
 }
 
-/// <summary>dp: data-parallel replicas (0 = as many as the workers allow); pp: pipeline stages. World = dp·pp.</summary>
+/// <summary>
+/// dp: data-parallel replicas (0 = as many as the workers allow); pp: pipeline stages. World = dp·pp, ranks stage-major:
+/// rank = stage·dp + replica (the checkpoint file rank of ParallelLayout).
+/// </summary>
 [GenerateSerializer, Immutable]
 public sealed record ParallelPlan
 {

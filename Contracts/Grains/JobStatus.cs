@@ -57,7 +57,8 @@ public sealed record LossPoint([property: Id(0)] long Step, [property: Id(1)] do
 
 /// <summary>A worker in the current generation and the rank it holds.</summary>
 [GenerateSerializer, Immutable]
-public sealed record JobWorker([property: Id(0)] int Rank, [property: Id(1)] string WorkerId, [property: Id(2)] string Endpoint);
+public sealed record JobWorker([property: Id(0)] int Rank, [property: Id(1)] string WorkerId, [property: Id(2)] string Endpoint,
+                               [property: Id(3)] string PipelineEndpoint = "");
 
 /// <summary>
 /// A checkpoint step: the rank files reported so far; Complete once every rank of the generation reported. Reported is not

@@ -10,6 +10,8 @@ public sealed record WorkerCapabilities
     [Id(2)] public long MemoryBytes { get; init; }
     [Id(3)] public string Host { get; init; } = "";
     [Id(4)] public string CollectiveEndpoint { get; init; } = "";
+    /// <summary>host:port where the worker accepts the link from the pipeline stage before it (jobs with pp &gt; 1).</summary>
+    [Id(5)] public string PipelineEndpoint { get; init; } = "";
 }
 
 [GenerateSerializer, Immutable]
@@ -35,7 +37,8 @@ public sealed record WorkerStatus
 }
 
 /// <summary>
-/// One worker's part of one generation. rank = dpRank·ppSize + ppStage; the replica dpRank takes sequences
+/// One worker's part of one generation. Ranks are stage-major, rank = ppStage·dpSize + dpRank, so a rank is also the
+/// file rank of its checkpoint shard (ParallelLayout); the replica dpRank takes sequences
 /// [batchOffset, batchOffset + batchCount) of every step's global batch, in gradAccumSteps micro-batches.
 /// </summary>
 [GenerateSerializer, Immutable]

@@ -50,7 +50,7 @@ public sealed class ClusterControlService(
         long number = await worker.RegisterAsync(new WorkerCapabilities
         {
             WorkerId = hello.WorkerId, Device = hello.Device, MemoryBytes = hello.MemoryBytes, Host = hello.Host,
-            CollectiveEndpoint = hello.CollectiveEndpoint,
+            CollectiveEndpoint = hello.CollectiveEndpoint, PipelineEndpoint = hello.PipelineEndpoint,
         }, observer, hello.JobId.Length > 0 && hello.Generation > 0 ? new TrainingPosition(hello.JobId, hello.Generation, hello.Rank) : null);
         var pump = connection.PumpAsync(responses, ct);
 

@@ -33,6 +33,8 @@ public sealed class WorkerConnection : IWorkerControlObserver
             JobSpecJson = a.SpecJson, ResumeStep = a.ResumeStep,
         };
         foreach (var peer in a.Peers) message.Peers[peer.Rank] = peer.Endpoint;
+        if (a.PpSize > 1)
+            foreach (var peer in a.Peers) message.StagePeers[peer.Rank] = peer.PipelineEndpoint;
         Send(new CoordinatorMessage { Assignment = message });
         return Task.CompletedTask;
     }

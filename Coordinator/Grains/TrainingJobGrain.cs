@@ -322,7 +322,7 @@ public sealed class TrainingJobGrain(
 
     /// <summary>
     /// Claims free workers up to maxWorkers and, when the largest usable world (see JobSpec.ChooseDataParallel) differs from
-    /// the current one, forms a new generation: ranks 0..N-1, batch slices, an Assignment pushed to every member.
+    /// the current one, forms a new generation: ranks 0..N-1 (stage-major), batch slices, an Assignment pushed to every member.
     /// </summary>
     async Task TryFormAsync()
     {
@@ -363,7 +363,7 @@ public sealed class TrainingJobGrain(
         }
         S.Generation++;
         S.GenerationResumedAt = null;
-        S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint))];
+        S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint, m.PipelineEndpoint))];
         S.State = JobState.Running;
         if (S.Reforming is { } reforming) { reforming.FormedAt = clock.GetUtcNow(); reforming.Generation = S.Generation; }
         Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
@@ -378,17 +378,19 @@ public sealed class TrainingJobGrain(
         // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
         long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
         int perReplica = spec.GlobalBatch / dp.Value;
+        // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
+        // ranks of one stage (one dp group) are consecutive.
         await Task.WhenAll(S.Workers.Select(w => AssignAsync(w.WorkerId, new Assignment
         {
             JobId = JobId,
             Generation = S.Generation,
             Rank = w.Rank,
             World = world,
-            DpRank = w.Rank / pp,
+            DpRank = w.Rank % dp.Value,
             DpSize = dp.Value,
-            PpStage = w.Rank % pp,
+            PpStage = w.Rank / dp.Value,
             PpSize = pp,
-            BatchOffset = w.Rank / pp * perReplica,
+            BatchOffset = w.Rank % dp.Value * perReplica,
             BatchCount = perReplica,
             GradAccumSteps = perReplica / spec.MicroBatch,
             Peers = [.. S.Workers],

@@ -33,13 +33,16 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
     /// <summary>A message taken from the outbox whose write failed: sent first on the next connection, so nothing is lost.</summary>
     WorkerMessage? unsent;
     bool leaving;
+    /// <summary>Where this worker accepts the link from the pipeline stage before it (Worker__PipelinePort, or a free port).</summary>
+    int pipelinePort;
     public WorkerProgress Progress { get; } = new();
 
     public async Task<int> RunAsync(CancellationToken stop)
     {
         int port = settings.CollectivePort != 0 ? settings.CollectivePort : ReservePort();
         var endpoint = $"{settings.CollectiveHost}:{port}";
-        Log($"worker {settings.WorkerId}: coordinator {settings.Coordinator}, collectives on {endpoint}");
+        pipelinePort = settings.PipelinePort != 0 ? settings.PipelinePort : ReservePort();
+        Log($"worker {settings.WorkerId}: coordinator {settings.Coordinator}, collectives on {endpoint}, pipeline stage links on {settings.CollectiveHost}:{pipelinePort}");
         using var heartbeat = new Timer(_ => SendHeartbeat(), null, settings.HeartbeatInterval, settings.HeartbeatInterval);
         using var onStop = stop.Register(() => leave.TrySetResult("stopped (SIGTERM or Ctrl+C)"));
         var backoff = TimeSpan.FromMilliseconds(200);
@@ -107,6 +110,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         {
             WorkerId = settings.WorkerId, Device = DeviceName(), Host = Environment.MachineName,
             MemoryBytes = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, CollectiveEndpoint = endpoint,
+            PipelineEndpoint = $"{settings.CollectiveHost}:{pipelinePort}",
         };
         // Still training a generation (the Coordinator restarted, or the stream broke): ask to be re-adopted into it.
         if (current is { } position && Progress.Generation == position.Generation)
@@ -251,7 +255,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         Progress.Generation = assignment.Generation; // heartbeats speak for the new generation from now on
         Progress.Step = assignment.ResumeStep;
         current = assignment;
-        var r = new TrainingRun(assignment, settings, port, Send, Progress, log, metrics, replica);
+        var r = new TrainingRun(assignment, settings, port, Send, Progress, log, metrics, replica, pipelinePort);
         lock (gate) { run = r; runTask = Task.Factory.StartNew(r.Run, TaskCreationOptions.LongRunning); }
     }
 

@@ -7,6 +7,7 @@ using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Pipeline;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -24,6 +25,8 @@ public sealed class ReplicaState : IDisposable
     public required string Fingerprint { get; init; }
     public required DeepSeekForCausalLM Model { get; init; }
     public required AdamW Optimizer { get; init; }
+    /// <summary>The pipeline stage the state belongs to (pp &gt; 1; null otherwise): its tensors are the stage's own.</summary>
+    public PipelineStage? Stage { get; init; }
     public long Step { get; set; } = -1;
     /// <summary>
     /// Names the history of these tensors: drawn when a state starts from the seed or a checkpoint, copied with a
@@ -39,8 +42,8 @@ public sealed class ReplicaState : IDisposable
     public static string FingerprintOf(string jobId, string specJson, long vocabSize, string tokenizerHash) =>
         Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes($"{jobId}\n{specJson}\n{vocabSize}\n{tokenizerHash}")));
 
-    /// <summary>Every tensor that makes up the state: model (HF names, buffers included) and optimizer moments.</summary>
-    public List<KeyValuePair<string, Tensor>> Tensors() => CheckpointTensors.Collect(Model, Optimizer);
+    /// <summary>Every tensor that makes up the state: model (HF names, buffers included) and optimizer moments; a stage's own only.</summary>
+    public List<KeyValuePair<string, Tensor>> Tensors() => Stage is null ? CheckpointTensors.Collect(Model, Optimizer) : [.. Stage.StageTensors(Optimizer)];
 
     public void Dispose()
     {

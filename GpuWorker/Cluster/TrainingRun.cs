@@ -7,10 +7,13 @@ using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Collectives.Tcp;
+using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Perf;
+using DeepSeekCluster.Training.Pipeline;
 using DeepSeekCluster.Training.Tokenization;
 using DeepSeekCluster.ServiceDefaults;
 using TorchSharp;
@@ -33,8 +36,12 @@ public sealed class ReplicaHolder : IDisposable
     public void Dispose() => Drop();
 }
 
+/// <summary>
+/// <paramref name="collectivePort"/>: where this worker's ring collective listens; <paramref name="pipelinePort"/>: where it
+/// accepts the link from the pipeline stage before it (jobs with pp &gt; 1).
+/// </summary>
 public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, int collectivePort, Action<WorkerMessage> send,
-                                WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null, ReplicaHolder? replica = null)
+                                WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null, ReplicaHolder? replica = null, int pipelinePort = 0)
 {
     /// <summary>The matmul peak per device, measured once per process (a re-formation should not pay for it again).</summary>
     static readonly System.Collections.Concurrent.ConcurrentDictionary<string, double> Peaks = new();
@@ -123,11 +130,18 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         using var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
                                                         readAhead: spec.GlobalBatch / assignment.DpSize, stride: spec.GlobalBatch)
             .GetAwaiter().GetResult();
-        string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizerReply.TokenizerHash);
+        string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizerReply.TokenizerHash)
+                             + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : ""); // a stage's state is no other stage's
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != fingerprint))
         {
             Log($"dropping the live state of job {previous.JobId} (another job or spec)");
             holder.Drop();
+        }
+
+        if (assignment.PpSize > 1)
+        {
+            RunStage(spec, config, options, device, data, source, tokenizerReply, storeChannel, fingerprint, ct);
+            return;
         }
 
         // ---- Collectives: the ring of this generation (a cancel ends the rendezvous at once) ----
@@ -202,9 +216,51 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             $"global batch {options.GlobalBatch} = {assignment.DpSize} x {options.MicroBatch} x {options.Accumulation(assignment.DpSize)} accumulation, " +
             $"from step {live.Step} ({plan.Source})");
 
-        // ---- Checkpoints ----
+        // ---- Checkpoints and the loop ----
         var layout = ParallelLayout.Even(assignment.DpSize, 1, config.NumHiddenLayers);
         var sharding = new ShardingPlan(layout, CheckpointTensors.Catalog(CheckpointTensors.Collect(model, trainer.Optimizer)));
+        TrainToTheEnd(new StepLoop(trainer.TrainStep, () => trainer.Step, () => trainer.ConsumedSamples, trainer.Optimizer,
+                                   () => CheckpointTensors.Collect(model, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value),
+                                   a => trainer.BeforeOptimizerUpdate = a),
+                      sharding, options, config, live, store, tokenizerReply.TokenizerHash, ct);
+
+        // ---- The end: rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop) ----
+        if (assignment.Rank == 0) Finish(spec, options, device, data, tokenizerReply, model, validation => trainer.EvaluateOn(validation, 4));
+    }
+
+    /// <summary>Validation loss, a sample and the Hugging Face folder of the trained <paramref name="model"/> (rank 0, at the end).</summary>
+    void Finish(JobSpec spec, TrainingOptions options, Device device, DataShards.DataShardsClient data, GetTokenizerReply tokenizerReply,
+                DeepSeekForCausalLM model, Func<ISampleSource, double> evaluate)
+    {
+        var ct = CancellationToken.None;
+        var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {spec.Dataset}");
+        var validation = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, options.MicroBatch * 4L, ct, "validation")
+            .GetAwaiter().GetResult();
+        double val = evaluate(validation);
+        metrics?.ValidationLoss(assignment.JobId, settings.WorkerId, val);
+        Log($"validation loss {val:F4} nats/token, perplexity {Math.Exp(val):F1}");
+        var prompt = tokenizer.Encode("In the beginning");
+        var sample = TextGenerator.Generate(model, prompt, new SamplingOptions
+        {
+            MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = spec.Seed, EosTokenId = tokenizer.EosTokenId,
+        }, device);
+        Log($"sample: In the beginning{tokenizer.Decode(sample).ReplaceLineEndings(" ")}");
+        var dir = Path.Combine(settings.OutputDir, assignment.JobId, "model");
+        HfModelFolder.Save(dir, model, tokenizer);
+        Log($"model saved to {Path.GetFullPath(dir)}");
+    }
+
+    /// <summary>What the step loop needs of a trainer: the single-process <see cref="Trainer"/> (pp = 1) or one stage's <see cref="PipelineTrainer"/>.</summary>
+    sealed record StepLoop(Func<StepMetrics> TrainStep, Func<long> Step, Func<long> ConsumedSamples, AdamW Optimizer,
+                           Func<IReadOnlyDictionary<string, Tensor>> CheckpointTensors, Action<Action> SetBeforeUpdate);
+
+    /// <summary>
+    /// The steps to the job's last, with checkpoints (this rank's file of <paramref name="sharding"/>; rank 0 also writes the
+    /// manifest) and step reports, then the final checkpoint saved until the store takes it or the run is cancelled.
+    /// </summary>
+    void TrainToTheEnd(StepLoop trainer, ShardingPlan sharding, TrainingOptions options, DeepSeekConfig config, ReplicaState live,
+                       GrpcCheckpointStore store, string tokenizerHash, CancellationToken ct)
+    {
         int finalStored = 0;
         var saver = new AsyncCheckpointSaver(store, sharding, assignment.Rank, (outcome, token) =>
         {
@@ -235,20 +291,20 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // A checkpoint that will not commit from this generation is a job event naming the rank and why.
         void NotStored(long step, string why) =>
             send(new WorkerMessage { Checkpoint = new CheckpointReport { Generation = assignment.Generation, Step = step, Rank = assignment.Rank, Error = why } });
-        trainer.BeforeOptimizerUpdate = () =>
+        trainer.SetBeforeUpdate(() =>
         {
             if (saver.WaitForSnapshot() is not null) metrics?.CheckpointSnapshot(assignment.JobId, settings.WorkerId, saver.LastStall);
-        };
+        });
         // Whatever ends this generation, the live state is not touched again (a re-formation's broadcast) while a copy reads it.
         using var snapshotSettled = saver.SnapshotScope();
 
         void SaveCheckpoint(long step)
         {
-            var tensors = CheckpointTensors.Collect(model, trainer.Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
+            var tensors = trainer.CheckpointTensors();
             if (assignment.Rank == 0)
                 manifests[step] = GrpcCheckpointStore.ManifestJsonForReport(assignment.JobId, sharding,
-                    new CheckpointPosition(trainer.Step, assignment.Generation, trainer.ConsumedSamples, trainer.Optimizer.StepCount),
-                    config.ToJson(), tokenizerReply.TokenizerHash);
+                    new CheckpointPosition(trainer.Step(), assignment.Generation, trainer.ConsumedSamples(), trainer.Optimizer.StepCount),
+                    config.ToJson(), tokenizerHash);
             // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
             // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
             bool last = step >= options.Steps;
@@ -278,26 +334,31 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         progress.Generation = assignment.Generation;
         int perReplica = options.GlobalBatch / assignment.DpSize;
         long? deviceBytes = null;
-        while (trainer.Step < options.Steps)
+        while (trainer.Step() < options.Steps)
         {
             ct.ThrowIfCancellationRequested();
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
             var m = trainer.TrainStep();
-            live.Step = trainer.Step; // the optimizer update is done: the live state is consistent at this step
+            live.Step = trainer.Step(); // the optimizer update is done: the live state is consistent at this step
             Interlocked.Exchange(ref lastStepTicks, System.Diagnostics.Stopwatch.GetElapsedTime(stepStart).Ticks);
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
-            metrics?.Record(assignment.JobId, settings.WorkerId, m, (long)options.GlobalBatch / assignment.DpSize * options.SeqLen);
+            // A replica's tokens pass through each of its stages: stage 0 alone counts them, so sums over workers stay the job's.
+            bool countsTokens = assignment.PpStage == 0;
+            metrics?.Record(assignment.JobId, settings.WorkerId, countsTokens ? m : m with { TokensPerSecond = 0 },
+                            countsTokens ? (long)options.GlobalBatch / assignment.DpSize * options.SeqLen : 0);
             // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
             if (metrics is not null)
                 metrics.DeviceMemory(assignment.JobId, settings.WorkerId,
-                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(live.Tensors().Select(kv => kv.Value), model.parameters()));
+                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(live.Tensors().Select(kv => kv.Value), live.Model.parameters()));
             send(new WorkerMessage
             {
                 Step = new StepReport
                 {
                     Generation = assignment.Generation, Rank = assignment.Rank, Step = m.Step, Loss = m.Loss,
                     TokensPerSecond = m.TokensPerSecond * assignment.DpSize, LearningRate = m.LearningRate,
-                    SampleStart = (m.Step - 1) * options.GlobalBatch + (long)assignment.DpRank * perReplica, SampleCount = perReplica,
+                    // Every stage of a replica trains on its slice: stage 0 alone reports it, so the ledger counts it once.
+                    SampleStart = assignment.PpStage == 0 ? (m.Step - 1) * options.GlobalBatch + (long)assignment.DpRank * perReplica : 0,
+                    SampleCount = assignment.PpStage == 0 ? perReplica : 0,
                     ExpertLoad = { assignment.Rank == 0 ? ExpertFractions(m) : [] },
                     ExpertLayers = { assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? ExpertLayers(config, m.ExpertLoad.Count) : [] },
                     Experts = assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? m.ExpertLoad[0].Length : 0,
@@ -314,7 +375,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // The job completes when its final checkpoint commits, so a final shard the store could not take (storage down
         // past the upload's own retries) is saved again from the live state until it is stored, or until the run is
         // cancelled (Stop, or a re-formation whose generation saves it instead).
-        for (var delay = TimeSpan.FromSeconds(2); trainer.Step >= options.Steps && options.Steps > 0 && Volatile.Read(ref finalStored) == 0;
+        for (var delay = TimeSpan.FromSeconds(2); trainer.Step() >= options.Steps && options.Steps > 0 && Volatile.Read(ref finalStored) == 0;
              delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, FinalCheckpointRetryCap.Ticks)))
         {
             Log($"the final checkpoint (step {options.Steps}) is not stored yet; saving it again in {delay.TotalSeconds:0} s");
@@ -324,26 +385,231 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         }
         saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
 
-        // ---- The end: rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop) ----
-        ct = CancellationToken.None;
-        if (assignment.Rank == 0)
+    }
+
+    // ---- Pipeline stages (pp > 1) ----
+
+    /// <summary>
+    /// This worker trains stage PpStage of replica DpRank: its dp group (the ranks of its stage) forms the ring collective,
+    /// and links go to the same replica's stages before and after it (their listeners are the assignment's stage peers).
+    /// Every stage resumes at one step of one history, or all load the committed checkpoint. A dead or stalled neighbour
+    /// fails a link within the collective timeout (CollectiveFailed, the Coordinator re-forms), and a cancelled run aborts
+    /// the links with the ring.
+    /// </summary>
+    void RunStage(JobSpec spec, DeepSeekConfig config, TrainingOptions options, Device device, DataShards.DataShardsClient data, ISampleSource source,
+                  GetTokenizerReply tokenizerReply, Grpc.Net.Client.GrpcChannel storeChannel, string fingerprint, CancellationToken ct)
+    {
+        int stage = assignment.PpStage, replica = assignment.DpRank, dp = assignment.DpSize, pp = assignment.PpSize;
+        var layout = ParallelLayout.Even(dp, pp, config.NumHiddenLayers);
+        if (assignment.Rank != layout.Rank(stage, replica) || assignment.World != layout.WorldSize)
+            throw new InvalidDataException($"the assignment's rank {assignment.Rank} of {assignment.World} is not stage {stage}, replica {replica} of dp {dp} x pp {pp} (ranks are stage-major: rank = stage·dp + replica)");
+
+        // ---- Collectives: this stage's ring, then the stage links (a cancel ends either wait at once) ----
+        var ringPeers = Enumerable.Range(0, dp).Select(r => EndpointOf(assignment.Peers, layout.Rank(stage, r), "collective")).ToList();
+        using var collective = RunCancellation.ConnectRing(
+            () => new TcpRendezvous($"{assignment.JobId}/stage-{stage}", assignment.Generation, replica, dp,
+                                    new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
+            ringPeers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
+        using var aborting = cancel.Guard(collective);
+        using var links = ConnectStageLinks(layout, ct);
+        using var abortingLinks = cancel.Abort.Register(links.Dispose);
+        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
+        var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
+                                            Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
+        metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
+
+        // ---- Where to resume: every stage at one step, from live states or the committed checkpoint ----
+        long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var held = ReplicaSync.ExchangeHeldSteps(collective, holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
+        var plan = ReplicaSync.Decide(held, assignment.ResumeStep);
+        // Each stage's choice travels along the pipeline (every replica's pipeline carries the same choices, since the
+        // replicas of a stage decided from one exchange): live states only when all stages hold the same step of the same
+        // history; otherwise every stage loads the committed checkpoint, and a stage that was ahead redoes its steps.
+        var mine = plan.Source == ResumePlan.Replica ? held[plan.SourceRank] : new HeldState(-1, 0);
+        var choices = links.GatherAlongPipeline([mine.Step, mine.Lineage >> 32, mine.Lineage & 0xFFFFFFFF]);
+        bool together = mine.Step >= 0 && choices.All(c => c[0] == mine.Step && c[1] == mine.Lineage >> 32 && c[2] == (mine.Lineage & 0xFFFFFFFF));
+        if (plan.Source == ResumePlan.Replica && !together)
         {
-            var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {spec.Dataset}");
-            var validation = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, options.MicroBatch * 4L, ct, "validation")
-                .GetAwaiter().GetResult();
-            double val = trainer.EvaluateOn(validation, 4);
-            metrics?.ValidationLoss(assignment.JobId, settings.WorkerId, val);
-            Log($"validation loss {val:F4} nats/token, perplexity {Math.Exp(val):F1}");
-            var prompt = tokenizer.Encode("In the beginning");
-            var sample = TextGenerator.Generate(model, prompt, new SamplingOptions
-            {
-                MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = spec.Seed, EosTokenId = tokenizer.EosTokenId,
-            }, device);
-            Log($"sample: In the beginning{tokenizer.Decode(sample).ReplaceLineEndings(" ")}");
-            var dir = Path.Combine(settings.OutputDir, assignment.JobId, "model");
-            HfModelFolder.Save(dir, model, tokenizer);
-            Log($"model saved to {Path.GetFullPath(dir)}");
+            Log($"stage {stage} could resume from live state at step {plan.Step}, but the stages hold steps {string.Join(", ", choices.Select(c => (long)c[0]))} " +
+                $"(-1: none) or another history: every stage loads {(assignment.ResumeStep > 0 ? $"the committed checkpoint of step {assignment.ResumeStep}" : "the start")}");
+            plan = assignment.ResumeStep > 0 ? new ResumePlan(held, assignment.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
+        long stateBytes = 0;
+        if (plan.Source == ResumePlan.Replica)
+        {
+            var state = holder.State ?? NewStageState(config, options, layout, spec.Seed, device, fingerprint);
+            if (plan.AnyRankBehind)
+            {
+                long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
+                state.Step = -1; // half-copied tensors are no state
+                stateBytes = ReplicaSync.Broadcast(collective, plan.SourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+                state.Optimizer.StepCount = optimizerSteps;
+                state.Lineage = lineage;
+                state.Step = step;
+            }
+            Log($"stage {stage} resuming at step {plan.Step} from the live state of replica {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
+                $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
+        }
+        else
+        {
+            if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
+            var state = holder.State ?? NewStageState(config, options, layout, spec.Seed, device, fingerprint);
+            if (plan.Source == ResumePlan.Checkpoint)
+            {
+                long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
+                var loaded = state.Stage!.LoadCheckpointAsync(store, plan.Step, state.Optimizer, tokenizerReply.TokenizerHash, ct).GetAwaiter().GetResult();
+                state.Step = loaded.Step;
+                stateBytes = state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
+                metrics?.CheckpointLoaded(assignment.JobId, settings.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), stateBytes);
+                Log($"stage {stage} resumed from committed step {loaded.Step} (generation {loaded.Generation}, saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp})");
+            }
+            else state.Step = 0;
+            // One history for every rank that starts here: the stages can tell next time that their live states belong together.
+            state.Lineage = GenerationLineage(plan.Step);
+        }
+        var live = holder.State!;
+        var stageModel = live.Stage!;
+        using var reducer = dp > 1 ? new BucketedGradientReducer(collective) : null;
+        using var trainer = new PipelineTrainer(stageModel, source, options, device, peak, links, replica, dp, reducer, live.Optimizer);
+        trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
+        double restoreSeconds = ReplicaSync.Seconds(restoreStart);
+        if (assignment.Rank == 0)
+            send(new WorkerMessage
+            {
+                Resumed = new Resumed
+                {
+                    // Rank 0 is stage 0: its dp group's ranks are global ranks 0..dp-1.
+                    Generation = assignment.Generation, Step = live.Step, Source = plan.Source, SourceRank = plan.SourceRank,
+                    RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
+                },
+            });
+        Log($"generation {assignment.Generation}: rank {assignment.Rank} of {assignment.World} = stage {stage} (layers {stageModel.Layers.FirstLayer}..{stageModel.Layers.End - 1}) " +
+            $"of replica {replica}, dp {dp} x pp {pp}; global batch {options.GlobalBatch} = {dp} x {options.MicroBatch} x {options.Accumulation(dp)} micro-batches, " +
+            $"from step {live.Step} ({plan.Source})");
+
+        // ---- Checkpoints and the loop: this stage's tensors under its file rank ----
+        var sharding = new ShardingPlan(layout, stageModel.CheckpointCatalog);
+        TrainToTheEnd(new StepLoop(trainer.TrainStep, () => trainer.Step, () => trainer.ConsumedSamples, trainer.Optimizer,
+                                   () => stageModel.StageTensors(trainer.Optimizer), a => trainer.BeforeOptimizerUpdate = a),
+                      sharding, options, config, live, store, tokenizerReply.TokenizerHash, ct);
+
+        // ---- The end: rank 0 holds only stage 0, so it loads the whole model from the committed final checkpoint ----
+        if (assignment.Rank == 0 && trainer.Step >= options.Steps) FinishFromCheckpoint(spec, config, options, device, data, tokenizerReply, store, ct);
+    }
+
+    string EndpointOf(IDictionary<int, string> endpoints, int rank, string what) =>
+        endpoints.TryGetValue(rank, out var e) && e.Length > 0 ? e
+            : throw new InvalidDataException($"the assignment lists no {what} endpoint for rank {rank} (a worker that announces none cannot run pipeline stages)");
+
+    /// <summary>
+    /// Accepts the stage before (on this worker's pipeline port) while dialling the stage after, on a dedicated thread: a
+    /// cancel ends the wait at once and closes the listener; an abandoned dial gives up at the collective timeout, and a
+    /// late one is refused by the next generation's handshake.
+    /// </summary>
+    PipelineLinks ConnectStageLinks(ParallelLayout layout, CancellationToken ct)
+    {
+        int stage = assignment.PpStage, replica = assignment.DpRank;
+        string? previous = stage > 0 ? EndpointOf(assignment.StagePeers, layout.Rank(stage - 1, replica), "pipeline") : null;
+        string? next = stage < layout.Pp - 1 ? EndpointOf(assignment.StagePeers, layout.Rank(stage + 1, replica), "pipeline") : null;
+        var listener = stage > 0 ? new StageListener(assignment.JobId, assignment.Generation, stage, replica,
+                                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, pipelinePort)) : null;
+        var connecting = Task.Factory.StartNew(
+            () => PipelineLinks.Connect(assignment.JobId, assignment.Generation, stage, layout.Pp, replica, listener, previous, next, settings.CollectiveTimeout),
+            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        try
+        {
+            connecting.Wait(ct);
+            Log($"pipeline links formed: {(previous is null ? "" : $"stage {stage - 1} at {previous}")}{(previous is not null && next is not null ? ", " : "")}" +
+                $"{(next is null ? "" : $"stage {stage + 1} at {next}")}");
+            return connecting.Result;
+        }
+        catch (OperationCanceledException)
+        {
+            _ = connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
+            throw;
+        }
+        catch (AggregateException e) when (e.InnerException is not null)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerException);
+            throw;
+        }
+        finally { listener?.Dispose(); } // an accepted link lives on without it; the next generation binds the port again
+    }
+
+    /// <summary>Names the history that starts in this generation at <paramref name="step"/>: the same on every rank, another in every generation.</summary>
+    long GenerationLineage(long step)
+    {
+        var hash = System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes($"{assignment.JobId}\n{assignment.Generation}\n{step}"));
+        return Math.Max(1, BitConverter.ToInt64(hash, 0) & long.MaxValue);
+    }
+
+    /// <summary>The whole model from the seed (as every rank builds it), shrunk to this worker's stage, with an AdamW over the stage's parameters.</summary>
+    ReplicaState NewStageState(DeepSeekConfig config, TrainingOptions options, ParallelLayout layout, int seed, Device device, string fingerprint)
+    {
+        manual_seed(seed);
+        var model = new DeepSeekForCausalLM(config).InitializeWeights();
+        model.to(device);
+        var stage = new PipelineStage(model, layout, assignment.PpStage);
+        holder.State = new ReplicaState
+        {
+            JobId = assignment.JobId, Fingerprint = fingerprint, Model = model, Stage = stage, Optimizer = PipelineTrainer.CreateOptimizer(stage, options),
+        };
+        return holder.State;
+    }
+
+    /// <summary>
+    /// The end of a pipeline run on rank 0: the final checkpoint commits once every stage's file is reported (and the
+    /// Coordinator stops the ranks only after that), so rank 0 waits for the commit until the run is cancelled, loads the
+    /// whole model from it (any layout loads into one model) and evaluates, samples and writes the Hugging Face folder
+    /// from that. Without a committed final checkpoint there is no whole model to write: said, not guessed.
+    /// </summary>
+    void FinishFromCheckpoint(JobSpec spec, DeepSeekConfig config, TrainingOptions options, Device device, DataShards.DataShardsClient data,
+                              GetTokenizerReply tokenizerReply, GrpcCheckpointStore store, CancellationToken boundary)
+    {
+        long final = options.Steps;
+        while (true)
+        {
+            bool ending = boundary.IsCancellationRequested; // looked at before the store, so a commit before the Stop is seen
+            try
+            {
+                if (store.ListStepsAsync(CancellationToken.None).GetAwaiter().GetResult().Contains(final)) break;
+            }
+            catch (Grpc.Core.RpcException e) { Log($"could not list the committed checkpoints: {e.Status.Detail}"); }
+            if (ending)
+            {
+                Log($"the final checkpoint (step {final}) is not committed and the run ended: no validation loss, sample or model folder from rank 0");
+                return;
+            }
+            boundary.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(250));
+        }
+        long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        using var model = new DeepSeekForCausalLM(config);
+        model.to(device);
+        var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerReply.TokenizerHash).GetAwaiter().GetResult();
+        Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+        Finish(spec, options, device, data, tokenizerReply, model, validation => Evaluate(model, validation, options, device, 4));
+    }
+
+    /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches, as <see cref="Trainer.EvaluateOn"/> computes it.</summary>
+    static double Evaluate(DeepSeekForCausalLM model, ISampleSource source, TrainingOptions options, Device device, int batches)
+    {
+        model.eval();
+        using var noGrad = no_grad();
+        double sum = 0;
+        int done = 0;
+        for (int b = 0; b < batches && (long)(b + 1) * options.MicroBatch <= source.SampleCount; b++)
+        {
+            using var scope = NewDisposeScope();
+            var batch = source.Fetch((long)b * options.MicroBatch, options.MicroBatch).to(device);
+            var logits = model.Forward(batch.narrow(1, 0, options.SeqLen)).Logits_BTV;
+            long v = logits.shape[^1];
+            var ce = nn.functional.cross_entropy((logits.dtype == ScalarType.Float64 ? logits : logits.to_type(ScalarType.Float32)).reshape(-1, v),
+                                                 batch.narrow(1, 1, options.SeqLen).reshape(-1));
+            sum += ce.dtype == ScalarType.Float64 ? ce.item<double>() : ce.to_type(ScalarType.Float32).item<float>();
+            done++;
+        }
+        model.train();
+        return done == 0 ? double.NaN : sum / done;
     }
 
     ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint)

@@ -15,6 +15,11 @@ public sealed record WorkerSettings
     /// <summary>Address peers use to reach this worker's collectives (the pod IP in Kubernetes).</summary>
     public string CollectiveHost { get; init; } = "127.0.0.1";
     public int CollectivePort { get; init; }
+    /// <summary>
+    /// Worker__PipelinePort: where this worker accepts the link from the pipeline stage before it (jobs with pp &gt; 1),
+    /// announced beside the collective endpoint at CollectiveHost; 0 (the default) picks a free port at start.
+    /// </summary>
+    public int PipelinePort { get; init; }
     public string Device { get; init; } = "auto";
     /// <summary>Where rank 0 writes the final Hugging Face folder and where rank files are staged before upload.</summary>
     public string OutputDir { get; init; } = "runs/cluster";
@@ -51,6 +56,9 @@ public sealed record WorkerSettings
         int port = 0;
         if (Environment.GetEnvironmentVariable("Worker__CollectivePort") is { } p && !int.TryParse(p, out port))
             problems.Add($"Worker__CollectivePort='{p}' is not a port number");
+        int pipelinePort = 0;
+        if (Environment.GetEnvironmentVariable("Worker__PipelinePort") is { } pq && (!int.TryParse(pq, out pipelinePort) || pipelinePort is < 0 or > 65535))
+            problems.Add($"Worker__PipelinePort='{pq}' is not a port number (0 picks a free one)");
         TimeSpan Duration(string key, TimeSpan fallback)
         {
             var value = Environment.GetEnvironmentVariable(key);
@@ -80,7 +88,7 @@ public sealed record WorkerSettings
         {
             Coordinator = coordinator, DataShards = data, Checkpoints = checkpoints, Token = token!, WorkerId = id, Tls = tls,
             CollectiveHost = Environment.GetEnvironmentVariable("Worker__CollectiveHost") ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
-            CollectivePort = port,
+            CollectivePort = port, PipelinePort = pipelinePort,
             Device = Environment.GetEnvironmentVariable("Worker__Device") ?? "auto",
             OutputDir = Environment.GetEnvironmentVariable("Worker__OutputDir") ?? Path.Combine("runs", "cluster"),
             HeartbeatInterval = heartbeat, CollectiveTimeout = collectiveTimeout,

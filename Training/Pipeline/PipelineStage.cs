@@ -67,6 +67,51 @@ public sealed class PipelineStage
         CheckpointTensors.Collect(Model, optimizer).Where(kv => ownership.StageOf(kv.Key) == Index)
             .ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
 
+    /// <summary>
+    /// Loads this stage's tensors of committed step <paramref name="step"/> (saved with any layout: only the tensors this
+    /// stage owns are read, whole) into the model and <paramref name="optimizer"/>, and sets its step count. The config
+    /// and the stage's catalogue are checked first: a checkpoint of another model, or one without a tensor the stage
+    /// needs, is refused before any tensor is touched.
+    /// </summary>
+    public async Task<CheckpointManifest> LoadCheckpointAsync(ICheckpointSource source, long step, AdamW optimizer, string? tokenizerSha256 = null,
+                                                             CancellationToken ct = default)
+    {
+        var manifest = await source.ReadManifestAsync(step, ct);
+        string label = $"step {step} of job '{manifest.Job}'";
+        if (tokenizerSha256 is not null && manifest.TokenizerSha256 is { } saved && saved != tokenizerSha256)
+            throw new InvalidDataException($"{label} was saved with tokenizer {saved}, this run's is {tokenizerSha256}");
+        if (manifest.Config is { } config)
+        {
+            var differing = CheckpointCompatibility.Differences(DeepSeekConfig.FromJson(config.GetRawText(), $"the config.json of {label}"), Model.Config);
+            if (differing.Count > 0)
+                throw new InvalidDataException($"{label} is for a different model: it is for {string.Join(", ", differing.Select(d => $"{d.Name} {d.Saved}"))}; " +
+                    $"this model has {string.Join(", ", differing.Select(d => $"{d.Name} {d.Ours}"))}. Nothing was loaded.");
+        }
+        var live = StageTensors(optimizer);
+        // Master weights (mixed precision) that the checkpoint lacks are rebuilt from the loaded parameters below.
+        var missing = live.Where(kv => !manifest.Tensors.ContainsKey(kv.Key) && !kv.Key.EndsWith(".master", StringComparison.Ordinal))
+            .Select(kv => kv.Key).ToList();
+        var misshapen = live.Where(kv => manifest.Tensors.TryGetValue(kv.Key, out var t) && !t.Shape.SequenceEqual(kv.Value.shape))
+            .Select(kv => $"{kv.Key} ({string.Join("x", manifest.Tensors[kv.Key].Shape)} stored, {string.Join("x", kv.Value.shape)} here)").ToList();
+        if (missing.Count > 0 || misshapen.Count > 0)
+            throw new InvalidDataException($"{label} does not fit stage {Index}: " +
+                string.Join("; ", new[] { missing.Count > 0 ? $"missing {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? $" and {missing.Count - 5} more" : "")}" : null,
+                                          misshapen.Count > 0 ? $"other shapes: {string.Join(", ", misshapen.Take(5))}" : null }.Where(x => x is not null)) + ". Nothing was loaded.");
+
+        var needs = live.Keys.Where(manifest.Tensors.ContainsKey).Select(name => new TensorSlice(name, 0, manifest.Tensors[name].Rows));
+        var loaded = await ShardedCheckpointLoader.LoadAsync(source, manifest, needs, ct);
+        try
+        {
+            using var noGrad = no_grad();
+            foreach (var (name, t) in loaded) live[name].copy_(t);
+            foreach (var s in optimizer.Slots)
+                if (s.Master is not null && !loaded.ContainsKey($"optimizer.{s.Name}.master")) s.Master.copy_(s.Param.to_type(ScalarType.Float32));
+        }
+        finally { foreach (var t in loaded.Values) t.Dispose(); }
+        optimizer.StepCount = manifest.OptimizerSteps;
+        return manifest;
+    }
+
     /// <summary>Frees the storage of the parameters another stage owns (never read here); the routing-bias buffers are small and stay.</summary>
     void ReleaseOthers(ShardingPlan plan)
     {

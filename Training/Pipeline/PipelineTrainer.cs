@@ -40,6 +40,12 @@ public sealed class PipelineTrainer : IDisposable
     public int Replica { get; }
     public int Replicas { get; }
     public double PeakFlops { get; set; }
+    /// <summary>
+    /// Runs after the gradients are final and before anything writes to the stage's parameters, optimizer moments and
+    /// routing biases, as <see cref="Trainer.BeforeOptimizerUpdate"/>: a background checkpoint copy of the previous step's
+    /// state (AsyncCheckpointSaver.BeginSave) is waited for here.
+    /// </summary>
+    public Action? BeforeOptimizerUpdate { get; set; }
 
     readonly ISampleSource train;
     readonly PipelineLinks links;
@@ -221,6 +227,7 @@ public sealed class PipelineTrainer : IDisposable
             using var noGrad = no_grad();
             foreach (var s in Optimizer.Slots) s.Param.grad!.mul_(scale);
         }
+        BeforeOptimizerUpdate?.Invoke();
         Optimizer.Step(lr);
         if (Options.BiasUpdateSpeed > 0)
             for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);

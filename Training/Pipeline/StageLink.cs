@@ -198,7 +198,9 @@ public sealed unsafe class StageLink : IDisposable
             while (count > 0)
             {
                 int n = socket.Receive(new Span<byte>(data, (int)Math.Min(count, 1 << 30)));
-                if (n == 0) throw Fail(CollectiveFailure.PeerLost, $"{PeerName} closed the pipeline link (its process ended or it failed)");
+                // Our own Dispose (a run's abort) shuts the socket down under a blocked receive, which then reads 0 bytes too.
+                if (n == 0) throw disposed ? Fail(CollectiveFailure.Unavailable, $"receiving from {PeerName}: the link was closed on this side (aborted)")
+                                           : Fail(CollectiveFailure.PeerLost, $"{PeerName} closed the pipeline link (its process ended or it failed)");
                 data += n;
                 count -= n;
             }

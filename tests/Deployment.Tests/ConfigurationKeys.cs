@@ -55,7 +55,8 @@ public static partial class ConfigurationKeys
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
         // Kestrel:Endpoints:grpc:Url: ServiceDefaults' mutual-TLS server setup reads it, which the worker (no gRPC server) never calls.
-        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
+        // Worker:PipelinePort (0) picks a free port and announces it in Hello: pod IPs take any port, nothing needs declaring.
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:PipelinePort", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
                           "Kestrel:Endpoints:grpc:Url"],
     };
 
