@@ -297,6 +297,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         });
         // Whatever ends this generation, the live state is not touched again (a re-formation's broadcast) while a copy reads it.
         using var snapshotSettled = saver.SnapshotScope();
+        // The host copies every save refills, allocated and faulted in beside the first steps rather than inside the
+        // first save's step (the worker would hold them from that save on anyway).
+        _ = saver.Prepare(trainer.CheckpointTensors());
 
         void SaveCheckpoint(long step)
         {

@@ -32,7 +32,7 @@ public static partial class ConfigurationKeys
         // The worker reads environment variables directly (GpuWorker/Cluster/WorkerSettings.cs); its services__ keys are
         // built from the service name, so the scan cannot see them and they are listed here.
         ["gpu-worker"] = ["services:coordinator:grpc:0", "services:data-shards:grpc:0", "services:checkpoints:grpc:0", "Cluster:Token",
-                          "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:OutputDir", .. HttpEndpoint],
+                          "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:PipelinePort", "Worker:OutputDir", .. HttpEndpoint],
     };
 
     /// <summary>Required in the deployable overlays only (the base runs on folders).</summary>
@@ -55,8 +55,7 @@ public static partial class ConfigurationKeys
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
         // Kestrel:Endpoints:grpc:Url: ServiceDefaults' mutual-TLS server setup reads it, which the worker (no gRPC server) never calls.
-        // Worker:PipelinePort (0) picks a free port and announces it in Hello: pod IPs take any port, nothing needs declaring.
-        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:PipelinePort", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
+        ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
                           "Kestrel:Endpoints:grpc:Url"],
     };
 
