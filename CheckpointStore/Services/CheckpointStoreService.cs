@@ -429,10 +429,8 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         if (chunkBytes < 1 || chunkBytes > ChunkHashes.MaxChunkBytes || hashes.Count != ChunkHashes.Count(size, chunkBytes))
             throw new RpcException(new Status(StatusCode.DataLoss, $"{Manifest(job, step)} lists {hashes.Count} chunk hashes of {chunkBytes} bytes for {fileName} of {size} bytes"));
 
-        async Task<byte[]> VerifiedChunkAsync(int k)
+        Task<byte[]> VerifiedChunkAsync(int k) => verified.GetOrLoadAsync($"{key}#{k}#{hashes[k]}", async () =>
         {
-            string cacheKey = $"{key}#{k}#{hashes[k]}";
-            if (verified.Get(cacheKey) is { } cached) return cached;
             long start = k * chunkBytes, end = Math.Min(start + chunkBytes, size);
             byte[] bytes = new byte[end - start];
             await retry.RunAsync($"read {key} at {start}", c => blobs.ReadAsync(key, start, bytes, c), ct);
@@ -443,9 +441,8 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
                 throw new RpcException(new Status(StatusCode.DataLoss,
                     $"{fileName} of step {step} of job '{job}': bytes [{start}, {end}) (chunk {k} of {hashes.Count}) hash to {actual} (XXH128), the manifest says {hashes[k]}; the stored file is damaged"));
             }
-            verified.Put(cacheKey, bytes);
             return bytes;
-        }
+        }, ct);
 
         return async (offset, buffer) =>
         {

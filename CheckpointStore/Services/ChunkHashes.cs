@@ -119,29 +119,53 @@ public sealed class VerifiedChunkCache
 
     readonly Lock gate = new();
     readonly LinkedList<(string Key, byte[] Bytes)> entries = new(); // most recently used first
+    readonly Dictionary<string, Task<byte[]>> loading = new(StringComparer.Ordinal);
     long held;
 
-    public long Hits { get; private set; }
-    public long Misses { get; private set; }
-
-    public byte[]? Get(string key)
+    /// <summary>
+    /// The cached bytes of <paramref name="key"/>, or those <paramref name="load"/> reads and verifies. Requests for a
+    /// chunk that is being loaded wait for that load rather than reading and hashing the chunk again (a loader reads
+    /// several tensors of one chunk at once). A load that fails fails its waiters too (a damaged chunk is damaged for
+    /// all); one cancelled by the request that started it is started again by a waiter that was not cancelled.
+    /// </summary>
+    public async Task<byte[]> GetOrLoadAsync(string key, Func<Task<byte[]>> load, CancellationToken ct)
     {
-        lock (gate)
+        while (true)
         {
-            for (var node = entries.First; node is not null; node = node.Next)
-                if (node.Value.Key == key)
+            Task<byte[]> pending;
+            TaskCompletionSource<byte[]>? mine = null;
+            lock (gate)
+            {
+                for (var node = entries.First; node is not null; node = node.Next)
+                    if (node.Value.Key == key)
+                    {
+                        entries.Remove(node);
+                        entries.AddFirst(node);
+                        return node.Value.Bytes;
+                    }
+                if (!loading.TryGetValue(key, out pending!))
                 {
-                    entries.Remove(node);
-                    entries.AddFirst(node);
-                    Hits++;
-                    return node.Value.Bytes;
+                    mine = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                    loading[key] = pending = mine.Task;
                 }
-            Misses++;
-            return null;
+            }
+            if (mine is not null)
+            {
+                try
+                {
+                    var bytes = await load();
+                    Put(key, bytes);
+                    mine.SetResult(bytes);
+                }
+                catch (Exception e) { mine.SetException(e); }
+                finally { lock (gate) loading.Remove(key); }
+            }
+            try { return await pending.WaitAsync(ct); }
+            catch (OperationCanceledException) when (mine is null && !ct.IsCancellationRequested) { } // its starter was cancelled: load it here
         }
     }
 
-    public void Put(string key, byte[] bytes)
+    void Put(string key, byte[] bytes)
     {
         if (bytes.Length > CapacityBytes) return;
         lock (gate)

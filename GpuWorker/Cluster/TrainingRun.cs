@@ -590,29 +590,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         model.to(device);
         var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerReply.TokenizerHash).GetAwaiter().GetResult();
         Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Finish(spec, options, device, data, tokenizerReply, model, validation => Evaluate(model, validation, options, device, 4));
-    }
-
-    /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches, as <see cref="Trainer.EvaluateOn"/> computes it.</summary>
-    static double Evaluate(DeepSeekForCausalLM model, ISampleSource source, TrainingOptions options, Device device, int batches)
-    {
-        model.eval();
-        using var noGrad = no_grad();
-        double sum = 0;
-        int done = 0;
-        for (int b = 0; b < batches && (long)(b + 1) * options.MicroBatch <= source.SampleCount; b++)
-        {
-            using var scope = NewDisposeScope();
-            var batch = source.Fetch((long)b * options.MicroBatch, options.MicroBatch).to(device);
-            var logits = model.Forward(batch.narrow(1, 0, options.SeqLen)).Logits_BTV;
-            long v = logits.shape[^1];
-            var ce = nn.functional.cross_entropy((logits.dtype == ScalarType.Float64 ? logits : logits.to_type(ScalarType.Float32)).reshape(-1, v),
-                                                 batch.narrow(1, 1, options.SeqLen).reshape(-1));
-            sum += ce.dtype == ScalarType.Float64 ? ce.item<double>() : ce.to_type(ScalarType.Float32).item<float>();
-            done++;
-        }
-        model.train();
-        return done == 0 ? double.NaN : sum / done;
+        Finish(spec, options, device, data, tokenizerReply, model, validation => Trainer.Evaluate(model, validation, options, device, 4));
     }
 
     ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint)

@@ -10,28 +10,42 @@ namespace DeepSeekCluster.Training.Checkpoints;
 public static class ShardedCheckpointLoader
 {
     /// <summary>
-    /// Assembles each requested slice from the stored slices that overlap it, reading only the overlapping rows. The
-    /// result maps tensor names to new CPU tensors of shape [RowCount, ...] (the caller disposes them).
+    /// Reads in flight at once. Each read of a remote source (the gRPC store) is a round trip that the store serves from
+    /// a verified-chunk cache, so a sequential load spends most of its time waiting; four overlap the waits without
+    /// holding more than four tensors' bytes in flight.
+    /// </summary>
+    public const int ReadsInFlight = 4;
+
+    /// <summary>
+    /// Assembles each requested slice from the stored slices that overlap it, reading only the overlapping rows, up to
+    /// <see cref="ReadsInFlight"/> tensors at a time (a source must take concurrent reads). The result maps tensor names
+    /// to new CPU tensors of shape [RowCount, ...] (the caller disposes them). Every request is checked against the
+    /// manifest before anything is read; the first failed read fails the load and nothing read is kept.
     /// </summary>
     public static async Task<Dictionary<string, Tensor>> LoadAsync(ICheckpointSource source, CheckpointManifest manifest,
         IEnumerable<TensorSlice> needs, CancellationToken ct = default)
     {
-        var result = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        var work = new List<(TensorSlice Need, ManifestTensor Stored)>();
+        foreach (var need in needs)
+        {
+            if (!manifest.Tensors.TryGetValue(need.Name, out var stored))
+                throw new InvalidDataException($"step {manifest.Step} of job '{manifest.Job}' has no tensor '{need.Name}'");
+            if (need.RowStart < 0 || need.RowCount < 0 || need.RowEnd > stored.Rows)
+                throw new ArgumentOutOfRangeException(nameof(needs), $"rows [{need.RowStart}, {need.RowEnd}) are outside tensor '{need.Name}', which has {stored.Rows}");
+            work.Add((need, stored));
+        }
+        var loaded = new Tensor?[work.Count];
         try
         {
-            foreach (var need in needs)
-            {
-                if (!manifest.Tensors.TryGetValue(need.Name, out var stored))
-                    throw new InvalidDataException($"step {manifest.Step} of job '{manifest.Job}' has no tensor '{need.Name}'");
-                if (need.RowStart < 0 || need.RowCount < 0 || need.RowEnd > stored.Rows)
-                    throw new ArgumentOutOfRangeException(nameof(needs), $"rows [{need.RowStart}, {need.RowEnd}) are outside tensor '{need.Name}', which has {stored.Rows}");
-                result.Add(need.Name, await AssembleAsync(source, manifest.Step, need, stored, ct));
-            }
+            await Parallel.ForEachAsync(Enumerable.Range(0, work.Count), new ParallelOptions { MaxDegreeOfParallelism = ReadsInFlight, CancellationToken = ct },
+                async (i, token) => loaded[i] = await AssembleAsync(source, manifest.Step, work[i].Need, work[i].Stored, token));
+            var result = new Dictionary<string, Tensor>(work.Count, StringComparer.Ordinal);
+            for (int i = 0; i < work.Count; i++) result.Add(work[i].Need.Name, loaded[i]!);
             return result;
         }
         catch
         {
-            foreach (var t in result.Values) t.Dispose();
+            foreach (var t in loaded) t?.Dispose();
             throw;
         }
     }

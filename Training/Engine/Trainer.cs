@@ -204,22 +204,28 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global indices from 0).</summary>
-    public double EvaluateOn(ISampleSource source, int batches)
+    public double EvaluateOn(ISampleSource source, int batches) => Evaluate(Model, source, Options, Device, batches);
+
+    /// <summary>
+    /// Mean LM cross-entropy of <paramref name="model"/> over the first <paramref name="batches"/> micro-batches of
+    /// <paramref name="source"/> (fewer when it holds fewer); NaN when it holds none. Leaves the model in training mode.
+    /// </summary>
+    public static double Evaluate(DeepSeekForCausalLM model, ISampleSource source, TrainingOptions options, Device device, int batches)
     {
         using var hold = FinalizerHold.Enter();
-        Model.eval();
+        model.eval();
         using var noGrad = no_grad();
         double sum = 0;
         int done = 0;
-        for (int b = 0; b < batches && (long)(b + 1) * Options.MicroBatch <= source.SampleCount; b++)
+        for (int b = 0; b < batches && (long)(b + 1) * options.MicroBatch <= source.SampleCount; b++)
         {
             using var scope = NewDisposeScope();
-            var batch = source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device);
-            var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
-            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)));
+            var batch = source.Fetch((long)b * options.MicroBatch, options.MicroBatch).to(device);
+            var logits = model.Forward(batch.narrow(1, 0, options.SeqLen)).Logits_BTV;
+            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, options.SeqLen)));
             done++;
         }
-        Model.train();
+        model.train();
         return done == 0 ? double.NaN : sum / done;
     }
 

@@ -61,6 +61,65 @@ public sealed class CheckpointLoadTests : IDisposable
         AssertSame(expected, copied.Model, copied.Optimizer, "differs after the copying load");
     }
 
+    /// <summary>
+    /// A remote-like source: every read waits until <see cref="ShardedCheckpointLoader.ReadsInFlight"/> reads wait at
+    /// once (or the loader has no more to start), so a loader that reads one tensor at a time never gets past the first.
+    /// </summary>
+    sealed class OverlapGate(ICheckpointSource inner, int expectedReads, string? failOn = null) : ICheckpointSource
+    {
+        readonly Lock gate = new();
+        readonly List<TaskCompletionSource> waiting = [];
+        int started;
+        public int MostWaiting { get; private set; }
+        public Task<IReadOnlyList<long>> ListStepsAsync(CancellationToken ct = default) => inner.ListStepsAsync(ct);
+        public Task<CheckpointManifest> ReadManifestAsync(long step, CancellationToken ct = default) => inner.ReadManifestAsync(step, ct);
+
+        public async Task<Tensor> ReadAsync(long step, string file, string tensor, (long Start, long Count)? rows, CancellationToken ct = default)
+        {
+            var mine = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            lock (gate)
+            {
+                started++;
+                waiting.Add(mine);
+                MostWaiting = Math.Max(MostWaiting, waiting.Count);
+                if (waiting.Count == ShardedCheckpointLoader.ReadsInFlight || started == expectedReads)
+                {
+                    foreach (var w in waiting) w.SetResult();
+                    waiting.Clear();
+                }
+            }
+            await mine.Task.WaitAsync(TimeSpan.FromSeconds(60), ct);
+            if (tensor == failOn) throw new IOException($"the source could not read '{tensor}'");
+            return await inner.ReadAsync(step, file, tensor, rows, ct);
+        }
+    }
+
+    [Fact]
+    public async Task TheCopyingLoadReadsSeveralTensorsAtOnceInOrderOfTheRequestAndAFailedReadFailsItNamingTheTensor()
+    {
+        using var saved = new TrainedState(1);
+        using var store = new FolderCheckpointStore(root, Job);
+        var manifest = await Save(store, saved, 1, 1, TrainedState.Config.ToJson());
+        var needs = manifest.Tensors.Select(kv => new TensorSlice(kv.Key, 0, kv.Value.Rows)).ToList();
+        Assert.True(needs.Count > 2 * ShardedCheckpointLoader.ReadsInFlight, $"{needs.Count} tensors");
+
+        var overlapping = new OverlapGate(store, needs.Count);
+        var loaded = await ShardedCheckpointLoader.LoadAsync(overlapping, manifest, needs);
+        try
+        {
+            Assert.Equal(ShardedCheckpointLoader.ReadsInFlight, overlapping.MostWaiting);
+            var expected = saved.Tensors.ToDictionary();
+            Assert.Equal(needs.Select(n => n.Name), loaded.Keys);
+            Assert.All(loaded, kv => Assert.True(TrainedState.BitwiseEqual(expected[kv.Key], kv.Value), kv.Key));
+        }
+        finally { foreach (var t in loaded.Values) t.Dispose(); }
+
+        string victim = needs[needs.Count / 2].Name;
+        var failing = new OverlapGate(store, needs.Count, failOn: victim);
+        var e = await Assert.ThrowsAsync<IOException>(() => ShardedCheckpointLoader.LoadAsync(failing, manifest, needs));
+        Assert.Contains(victim, e.Message);
+    }
+
     [Fact]
     public async Task WithoutAnOptimizerTheWeightsLoadAndTheOptimizerStateIsOnlyHashed()
     {
