@@ -167,15 +167,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         if (plan.Source == ResumePlan.Replica)
         {
             var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
-            if (plan.AnyRankBehind)
-            {
-                long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
-                state.Step = -1; // half-copied tensors are no state
-                stateBytes = ReplicaSync.Broadcast(collective, plan.SourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
-                state.Optimizer.StepCount = optimizerSteps;
-                state.Lineage = lineage;
-                state.Step = step;
-            }
+            if (plan.AnyRankBehind) stateBytes = BroadcastLiveState(collective, plan.SourceRank, state);
             Log($"resuming at step {plan.Step} from the live state of rank {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
                 $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
         }
@@ -441,15 +433,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         if (plan.Source == ResumePlan.Replica)
         {
             var state = holder.State ?? NewStageState(config, options, layout, spec.Seed, device, fingerprint);
-            if (plan.AnyRankBehind)
-            {
-                long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
-                state.Step = -1; // half-copied tensors are no state
-                stateBytes = ReplicaSync.Broadcast(collective, plan.SourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
-                state.Optimizer.StepCount = optimizerSteps;
-                state.Lineage = lineage;
-                state.Step = step;
-            }
+            if (plan.AnyRankBehind) stateBytes = BroadcastLiveState(collective, plan.SourceRank, state);
             Log($"stage {stage} resuming at step {plan.Step} from the live state of replica {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
                 $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
         }
@@ -591,6 +575,18 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerReply.TokenizerHash).GetAwaiter().GetResult();
         Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
         Finish(spec, options, device, data, tokenizerReply, model, validation => Trainer.Evaluate(model, validation, options, device, 4));
+    }
+
+    /// <summary>Copies the live state of <paramref name="sourceRank"/> over the ring to the ranks behind it; the bytes sent.</summary>
+    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state)
+    {
+        long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
+        state.Step = -1; // half-copied tensors are no state
+        long bytes = ReplicaSync.Broadcast(collective, sourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+        state.Optimizer.StepCount = optimizerSteps;
+        state.Lineage = lineage;
+        state.Step = step;
+        return bytes;
     }
 
     ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint)
