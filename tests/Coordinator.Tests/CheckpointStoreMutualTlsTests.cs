@@ -50,7 +50,15 @@ public sealed class CheckpointStoreMutualTlsTests(CheckpointStoreMutualTlsTests.
         string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 100) with { Name = "tls-commit" }, CoordinatorJson.Options);
         var job = await new ClusterControl.ClusterControlClient(control).SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, bearer);
         Assignment? assignment = null;
-        while (assignment is null && await worker.ResponseStream.MoveNext(cts.Token)) assignment = worker.ResponseStream.Current.Assignment;
+        try
+        {
+            while (assignment is null && await worker.ResponseStream.MoveNext(cts.Token)) assignment = worker.ResponseStream.Current.Assignment;
+        }
+        catch (RpcException) when (cts.IsCancellationRequested)
+        {
+            // What the Coordinator did instead (seen once in CI under load): its log says where the formation stopped.
+            Assert.Fail($"no assignment for tls-w0 within 60 s; the Coordinator's log:\n{string.Join("\n", coordinator.Logs.TakeLast(60))}");
+        }
         Assert.NotNull(assignment);
 
         // The worker's side: upload over its own TLS channel, then report; the Coordinator commits over its channel.
