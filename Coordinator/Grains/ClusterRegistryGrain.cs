@@ -55,11 +55,36 @@ public sealed class ClusterRegistryGrain(
 
     public Task<string[]> ListJobsAsync() => Task.FromResult(S.Jobs.ToArray());
 
+    // A job claims free workers, then says it waits, in two calls. A worker that becomes free between them (comes online,
+    // or is released by another job) finds the job not yet waiting and is not offered to it, so the job would wait for
+    // the next free worker, forever if none comes. So each worker's moment of becoming free is numbered, each job's last
+    // look at the free workers (its claim) too, and SetWaitingAsync tells a job of a worker freed since its look. A
+    // job is never told of the workers it released itself (it let them go). In memory: after a reactivation a job may
+    // miss such a worker as before, but is never told twice.
+    long freeEvents;
+    readonly Dictionary<string, long> freedAt = new(StringComparer.Ordinal);
+    readonly Dictionary<string, string> releasedBy = new(StringComparer.Ordinal);
+    readonly Dictionary<string, long> lastLook = new(StringComparer.Ordinal);
+
+    void Freed(string workerId, string? by)
+    {
+        freedAt[workerId] = ++freeEvents;
+        if (by is null) releasedBy.Remove(workerId); else releasedBy[workerId] = by;
+    }
+
     public async Task SetWaitingAsync(string jobId, JobWait wait)
     {
-        if (S.Waiting.GetValueOrDefault(jobId) == wait) return;
-        if (wait == JobWait.None) S.Waiting.Remove(jobId); else S.Waiting[jobId] = wait;
-        await registry.WriteStateAsync();
+        if (S.Waiting.GetValueOrDefault(jobId) != wait)
+        {
+            if (wait == JobWait.None) S.Waiting.Remove(jobId); else S.Waiting[jobId] = wait;
+            await registry.WriteStateAsync();
+        }
+        if (wait == JobWait.None || !lastLook.TryGetValue(jobId, out long looked)) return;
+        lastLook[jobId] = freeEvents;
+        if (S.Workers.FirstOrDefault(kv => kv.Value.Online && kv.Value.JobId is null && kv.Value.Capabilities is not null
+                                           && freedAt.GetValueOrDefault(kv.Key) > looked && releasedBy.GetValueOrDefault(kv.Key) != jobId)
+            is { Key: { } missed })
+            await GrainFactory.GetGrain<ITrainingJobGrain>(jobId).WorkerJoinedAsync(missed); // one-way
     }
 
     public async Task WorkerOnlineAsync(WorkerCapabilities capabilities)
@@ -68,6 +93,7 @@ public sealed class ClusterRegistryGrain(
         w.Capabilities = capabilities;
         w.Online = true;
         w.Since = ++S.Sequence;
+        Freed(capabilities.WorkerId, by: null);
         await registry.WriteStateAsync();
         CountWorkers();
         if (w.JobId is null) await TellWaitingAsync(capabilities.WorkerId, includeGrowing: true, except: null);
@@ -85,6 +111,7 @@ public sealed class ClusterRegistryGrain(
 
     public async Task<WorkerCapabilities[]> ClaimWorkersAsync(string jobId, int max)
     {
+        lastLook[jobId] = freeEvents;
         var free = S.Workers.Values.Where(w => w.Online && w.JobId is null && w.Capabilities is not null)
             .OrderBy(w => w.Since).Take(Math.Max(0, max)).ToList();
         foreach (var w in free) w.JobId = jobId;
@@ -97,7 +124,11 @@ public sealed class ClusterRegistryGrain(
     {
         var released = S.Workers.Where(kv => kv.Value.JobId == jobId && (workerIds is null || workerIds.Contains(kv.Key))).ToList();
         if (released.Count == 0) return;
-        foreach (var (_, w) in released) w.JobId = null;
+        foreach (var (id, w) in released)
+        {
+            w.JobId = null;
+            Freed(id, by: jobId);
+        }
         await registry.WriteStateAsync();
         CountWorkers();
         // Only jobs that cannot run at all hear of released workers; see JobWait.
