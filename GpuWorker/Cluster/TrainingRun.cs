@@ -153,11 +153,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
         using var reducer = new BucketedGradientReducer(collective);
-        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
-        var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
-                                            Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
-
-        metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
+        var (peak, store) = PeakAndStore(device, storeChannel);
 
         // ---- Where to resume: a live replica, the committed checkpoint, or the start ----
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -195,15 +191,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         using var trainer = new Trainer(model, source, null, options, device, peak, assignment.DpRank, assignment.DpSize, reducer, live.Optimizer);
         trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
         double restoreSeconds = ReplicaSync.Seconds(restoreStart);
-        if (assignment.Rank == 0)
-            send(new WorkerMessage
-            {
-                Resumed = new Resumed
-                {
-                    Generation = assignment.Generation, Step = live.Step, Source = plan.Source, SourceRank = plan.SourceRank,
-                    RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
-                },
-            });
+        ReportResumed(plan, live.Step, restoreSeconds, stateBytes);
         Log($"generation {assignment.Generation}: rank {assignment.Rank} of {assignment.World}, {config.ParameterCount() / 1e6:F2} M parameters, " +
             $"global batch {options.GlobalBatch} = {assignment.DpSize} x {options.MicroBatch} x {options.Accumulation(assignment.DpSize)} accumulation, " +
             $"from step {live.Step} ({plan.Source})");
@@ -408,10 +396,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         using var aborting = cancel.Guard(collective);
         using var links = ConnectStageLinks(layout, ct);
         using var abortingLinks = cancel.Abort.Register(links.Dispose);
-        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
-        var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
-                                            Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
-        metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
+        var (peak, store) = PeakAndStore(device, storeChannel);
 
         // ---- Where to resume: every stage at one step, from live states or the committed checkpoint ----
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -460,16 +445,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         using var trainer = new PipelineTrainer(stageModel, source, options, device, peak, links, replica, dp, reducer, live.Optimizer);
         trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
         double restoreSeconds = ReplicaSync.Seconds(restoreStart);
-        if (assignment.Rank == 0)
-            send(new WorkerMessage
-            {
-                Resumed = new Resumed
-                {
-                    // Rank 0 is stage 0: its dp group's ranks are global ranks 0..dp-1.
-                    Generation = assignment.Generation, Step = live.Step, Source = plan.Source, SourceRank = plan.SourceRank,
-                    RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
-                },
-            });
+        ReportResumed(plan, live.Step, restoreSeconds, stateBytes); // rank 0 is stage 0: its ring's ranks are global ranks 0..dp-1
         Log($"generation {assignment.Generation}: rank {assignment.Rank} of {assignment.World} = stage {stage} (layers {stageModel.Layers.FirstLayer}..{stageModel.Layers.End - 1}) " +
             $"of replica {replica}, dp {dp} x pp {pp}; global batch {options.GlobalBatch} = {dp} x {options.MicroBatch} x {options.Accumulation(dp)} micro-batches, " +
             $"from step {live.Step} ({plan.Source})");
@@ -575,6 +551,30 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerReply.TokenizerHash).GetAwaiter().GetResult();
         Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
         Finish(spec, options, device, data, tokenizerReply, model, validation => Trainer.Evaluate(model, validation, options, device, 4));
+    }
+
+    /// <summary>The device's matmul peak (measured once per process) and this run's checkpoint store.</summary>
+    (double Peak, GrpcCheckpointStore Store) PeakAndStore(Device device, Grpc.Net.Client.GrpcChannel storeChannel)
+    {
+        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
+        var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
+                                            Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
+        metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
+        return (peak, store);
+    }
+
+    /// <summary>Rank 0 tells the Coordinator where the generation resumed and what the restore cost.</summary>
+    void ReportResumed(ResumePlan plan, long step, double restoreSeconds, long stateBytes)
+    {
+        if (assignment.Rank != 0) return;
+        send(new WorkerMessage
+        {
+            Resumed = new Resumed
+            {
+                Generation = assignment.Generation, Step = step, Source = plan.Source, SourceRank = plan.SourceRank,
+                RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
+            },
+        });
     }
 
     /// <summary>Copies the live state of <paramref name="sourceRank"/> over the ring to the ranks behind it; the bytes sent.</summary>

@@ -41,7 +41,7 @@ public class RemoteSampleSourceTests(DataShardsHostFixture fixture) : IClassFixt
 
     static long[] Values(Tensor t) => t.data<long>().ToArray();
 
-    static async Task Until(Func<bool> condition, string what)
+    internal static async Task Until(Func<bool> condition, string what)
     {
         var deadline = DateTime.UtcNow + Deadline;
         while (!condition())
@@ -201,12 +201,7 @@ public class RemoteSampleSourceFailureTests
         using var source = await RemoteSampleSource.OpenAsync(client, host.DatasetId, seed, DataShardsHost.SeqLen, 4 * globalBatch,
                                                               CancellationToken.None, readAhead: globalBatch, stride: globalBatch);
         for (int a = 0; a < globalBatch / micro; a++) using (source.Fetch(a * micro, micro)) { }
-        var deadline = DateTime.UtcNow.AddSeconds(60);
-        while (host.Calls.Of(seed) is not [_, { Held: true }])
-        {
-            Assert.True(DateTime.UtcNow < deadline, "the prefetch never reached the service");
-            await Task.Delay(10);
-        }
+        await RemoteSampleSourceTests.Until(() => host.Calls.Of(seed) is [_, { Held: true }], "the prefetch to reach the service");
 
         await host.StopAsync(); // aborts the held call's connection
         var e = Assert.Throws<IOException>(() => source.Fetch(globalBatch, micro));
