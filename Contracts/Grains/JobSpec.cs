@@ -58,6 +58,8 @@ public sealed record JobSpec
             // pp may not exceed the model's decoder layers; Contracts cannot read a preset's depth, so the worker checks that
             // (ParallelLayout.Even) and fails the job naming both numbers.
             if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
+            if (!ParallelPlan.Schedules.Contains(Parallel.Schedule))
+                Problem("parallel.schedule", $"'{Parallel.Schedule}' must be one of {string.Join(", ", ParallelPlan.Schedules)} (the pipeline schedule)");
         }
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
         if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
@@ -113,13 +115,18 @@ public sealed record JobSpec
 
 /// <summary>
 /// dp: data-parallel replicas (0 = as many as the workers allow); pp: pipeline stages. World = dp·pp, ranks stage-major:
-/// rank = stage·dp + replica (the checkpoint file rank of ParallelLayout).
+/// rank = stage·dp + replica (the checkpoint file rank of ParallelLayout). schedule: how a stage orders its micro-batches
+/// when pp &gt; 1 (Training's TrainingOptions.PipelineSchedule).
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record ParallelPlan
 {
+    /// <summary>1f1b: a forward, then a backward (stage s holds at most pp − s micro-batches); gpipe: all forwards, then all backwards.</summary>
+    public static readonly string[] Schedules = ["1f1b", "gpipe"];
+
     [Id(0)] public int Dp { get; init; }
     [Id(1)] public int Pp { get; init; } = 1;
+    [Id(2)] public string Schedule { get; init; } = "1f1b";
 }
 
 [GenerateSerializer, Immutable]

@@ -125,6 +125,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
             Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = 0,
+            PipelineSchedule = spec.Parallel.Schedule,
         }.Validated(assignment.DpSize);
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         using var source = RemoteSampleSource.OpenAsync(data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,

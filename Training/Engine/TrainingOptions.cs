@@ -31,6 +31,14 @@ public sealed record TrainingOptions
     public int CheckpointEvery { get; init; }
     /// <summary>cpu, cuda, cuda:N, or auto (CUDA when present).</summary>
     public string Device { get; init; } = "auto";
+    /// <summary>
+    /// How a pipeline stage orders its micro-batches (pp &gt; 1 only): 1f1b (one forward, one backward: stage s holds at
+    /// most pp − s micro-batches' activations) or gpipe (every forward, then every backward: it holds all of them).
+    /// </summary>
+    public string PipelineSchedule { get; init; } = "1f1b";
+
+    /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
+    public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
 
     public int Accumulation(int worldSize) => GlobalBatch / (worldSize * MicroBatch);
 
@@ -48,6 +56,8 @@ public sealed record TrainingOptions
         if (MtpWeight < 0) p.Add($"mtp_weight must be >= 0, got {MtpWeight}");
         if (BiasUpdateSpeed < 0) p.Add($"bias_update_speed must be >= 0, got {BiasUpdateSpeed}");
         if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");
+        if (!PipelineSchedules.Contains(PipelineSchedule))
+            p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;
     }

@@ -1,4 +1,4 @@
-// The training loop of one pipeline stage of one data-parallel replica: GPipe forwards, backwards, dp reduce, global clip, step.
+// The training loop of one pipeline stage of one data-parallel replica: 1F1B (or GPipe) forwards and backwards, dp reduce, global clip, step.
 using System.Diagnostics;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
@@ -13,18 +13,19 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// <see cref="PipelineLinks"/>) and the other replicas of this stage (over the stage's <see cref="IGradientReducer"/>).
 /// The step is the single-process <see cref="Trainer"/>'s, cut at stage boundaries:
 /// <list type="number">
-/// <item>GPipe: the forwards of all the step's micro-batches (the gradient-accumulation micro-batches), each stage
-/// receiving (B, T, D) hidden states — and with MTP the embeddings — from the stage before and sending its own on;</item>
-/// <item>the backwards in the same order, each stage receiving the gradient of its outputs from the stage after and
-/// sending the gradient of its inputs back, so every parameter accumulates its micro-batch gradients in the order the
-/// single process does;</item>
+/// <item>the forwards and backwards of the step's micro-batches (the gradient-accumulation micro-batches): a forward
+/// receives (B, T, D) hidden states — and with MTP the embeddings — from the stage before and sends its own on; a
+/// backward receives the gradient of its outputs from the stage after and sends the gradient of its inputs back. The
+/// backwards run in micro-batch order, so every parameter accumulates its micro-batch gradients in the order the
+/// single process does. <see cref="TrainingOptions.PipelineSchedule"/> orders them: 1F1B (warm-up forwards, then one
+/// forward and one backward in turn, then the cool-down backwards) or GPipe (every forward, then every backward);</item>
 /// <item>the data-parallel average of the stage's gradients and the sum of its expert loads within the stage's dp group;</item>
 /// <item>one exchange along the pipeline of each stage's gradient sum of squares, losses and expert loads: the clip uses
 /// the global norm, and every stage reports the loss that only the last one computes;</item>
 /// <item>AdamW on the owned parameters and the routing-bias update of the stage's own MoE layers.</item>
 /// </list>
-/// GPipe rather than 1F1B: both ends of a link never send at once, so blocking links cannot deadlock, at the cost of
-/// holding every micro-batch's activations until the backwards (see docs/decisions.md).
+/// 1F1B by default: stage s holds at most pp − s micro-batches' activations where GPipe holds all of them. In its steady
+/// phase both ends of a link send at once, which <see cref="StageLink.SendAndReceive"/> makes safe (see docs/decisions.md).
 /// </summary>
 public sealed class PipelineTrainer : IDisposable
 {
@@ -85,7 +86,13 @@ public sealed class PipelineTrainer : IDisposable
         new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
-    sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn);
+    sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held);
+
+    /// <summary>
+    /// The most micro-batches whose activations this stage held at once during the last step (a forward done, its
+    /// backward not yet): pp − s at most on stage s under 1F1B, all of the step's micro-batches under GPipe.
+    /// </summary>
+    public int PeakHeldMicroBatches { get; private set; }
 
     /// <summary>Runs one optimizer step of this stage over this replica's slice of the global batch.</summary>
     public StepMetrics TrainStep()
@@ -111,88 +118,163 @@ public sealed class PipelineTrainer : IDisposable
 
         Optimizer.ZeroGrad();
         long rankStart = Step * Options.GlobalBatch + (long)Replica * (Options.GlobalBatch / Replicas);
-        var pending = new List<Pending>(accumulation);
-        // Every micro-batch's graph lives until its backward (GPipe); the gradients outlive it.
+        int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
+        var pending = new Queue<Pending>(accumulation); // forwards awaiting their backward, oldest first
+        int held = 0;
+        PeakHeldMicroBatches = 0;
+
+        // ---- Link operations: null or nothing at the ends of the pipeline; their time is communication ----
+        Tensor[]? ReceiveForward()
+        {
+            if (Stage.IsFirst) return null;
+            var c = Stopwatch.StartNew();
+            var received = Enumerable.Range(0, frames).Select(_ => links.Previous!.Receive(shape, dtype, Device)).ToArray();
+            commS += c.Elapsed.TotalSeconds;
+            return received;
+        }
+        Tensor[]? ReceiveBackward()
+        {
+            if (Stage.IsLast) return null;
+            var c = Stopwatch.StartNew();
+            var received = Enumerable.Range(0, frames).Select(_ => links.Next!.Receive(shape, dtype, Device)).ToArray();
+            commS += c.Elapsed.TotalSeconds;
+            return received;
+        }
+        Tensor[] Outputs(Pending p) => carryEmbeddings ? [p.Output.Hidden_BTD, p.Output.Embeddings_BTD!] : [p.Output.Hidden_BTD];
+        void SendForward(Pending p)
+        {
+            if (Stage.IsLast) return;
+            var c = Stopwatch.StartNew();
+            foreach (var t in Outputs(p)) links.Next!.Send(t);
+            commS += c.Elapsed.TotalSeconds;
+        }
+        void SendBackward(Tensor[]? gradients)
+        {
+            if (gradients is null) return; // the first stage sends nothing back
+            var c = Stopwatch.StartNew();
+            foreach (var g in gradients) links.Previous!.Send(g);
+            commS += c.Elapsed.TotalSeconds;
+        }
+        // 1F1B's steady phase: the neighbour sends at the same time (StageLink.SendAndReceive).
+        Tensor[]? SendForwardReceiveBackward(Pending p)
+        {
+            if (Stage.IsLast) return null;
+            var c = Stopwatch.StartNew();
+            var received = links.Next!.SendAndReceive(Outputs(p), frames, shape, dtype, Device);
+            commS += c.Elapsed.TotalSeconds;
+            return received;
+        }
+        Tensor[]? SendBackwardReceiveForward(Tensor[]? gradients)
+        {
+            if (Stage.IsFirst) return null;
+            var c = Stopwatch.StartNew();
+            var received = links.Previous!.SendAndReceive(gradients!, frames, shape, dtype, Device);
+            commS += c.Elapsed.TotalSeconds;
+            return received;
+        }
+
+        // ---- One micro-batch's forward: its graph (and what it received) is held until its backward ----
+        void Forward(int a, Tensor[]? received)
+        {
+            using var scope = NewDisposeScope();
+            var c = Stopwatch.StartNew();
+            Tensor? batch = Stage.IsFirst || Stage.IsLast ? train.Fetch(rankStart + (long)a * micro, micro).to(Device) : null;
+            dataS += c.Elapsed.TotalSeconds;
+
+            var input = received?[0].requires_grad_(true);
+            var embIn = carryEmbeddings ? received?[1].requires_grad_(Stage.IsLast) : null;
+            c.Restart();
+            var output = Stage.Forward(batch?.narrow(1, 0, T), input, embIn, Stage.IsLast ? batch : null, withMtp);
+            Tensor? loss = null;
+            if (Stage.IsLast)
+            {
+                loss = output.LmLoss!;
+                lmSum += Trainer.ValueOf(output.LmLoss!);
+                if (output.MtpLoss is { } mtp) { mtpSum += Trainer.ValueOf(mtp); loss = loss + mtp * Options.MtpWeight; }
+            }
+            if (output.AuxLoss is { } aux) { auxSum += Trainer.ValueOf(aux); if (loss is not null) loss = loss + aux; }
+            for (int l = 0; l < moeLayers.Count; l++)
+                for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
+            fwdS += c.Elapsed.TotalSeconds;
+
+            // Into the step's scope, so that an exception still frees them; Release frees them as soon as the backward is done.
+            var graph = scope.DisposablesView.ToList();
+            scope.MoveToOuter(graph);
+            pending.Enqueue(new Pending(output, loss, input, embIn, [.. graph, .. received ?? []]));
+            PeakHeldMicroBatches = Math.Max(PeakHeldMicroBatches, ++held);
+        }
+
+        // ---- The oldest micro-batch's backward: returns the gradients of its inputs, for the stage before ----
+        Tensor[]? Backward(Tensor[]? fromNext)
+        {
+            var p = pending.Dequeue();
+            var c = Stopwatch.StartNew();
+            if (Stage.IsLast) (p.Loss! / accumulation).backward();
+            else
+            {
+                var roots = new List<Tensor> { p.Output.Hidden_BTD };
+                var grads = new List<Tensor> { fromNext![0] };
+                // The first stage owns the embeddings the MTP modules read: their gradient joins the layers' at the embedding.
+                if (Stage.IsFirst && carryEmbeddings) { roots.Add(p.Output.Embeddings_BTD!); grads.Add(fromNext[1]); }
+                // d(loss/accumulation)/d(aux) of this stage's MoE layers, as in the single-process backward.
+                if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(full_like(aux, 1.0 / accumulation)); }
+                autograd.backward(roots, grads);
+            }
+            bwdS += c.Elapsed.TotalSeconds;
+            Tensor[]? back = null;
+            if (!Stage.IsFirst)
+            {
+                var gradIn = p.Input!.grad ?? zeros(shape, dtype: dtype, device: Device);
+                // The last stage returns the gradient of the embeddings its MTP modules read; a middle stage passes it on.
+                back = !carryEmbeddings ? [gradIn]
+                     : [gradIn, Stage.IsLast ? p.EmbeddingsIn!.grad ?? zeros(shape, dtype: dtype, device: Device) : fromNext![1]];
+            }
+            // The graph goes now, not at the end of the step: this is what 1F1B saves.
+            foreach (var d in p.Held) d.Dispose();
+            held--;
+            return back;
+        }
+
+        // Backwards run in micro-batch order 0..m-1 under both schedules, so every parameter accumulates its micro-batch
+        // gradients in the order the single process does.
         using (NewDisposeScope())
         {
-            // ---- Forwards ----
-            for (int a = 0; a < accumulation; a++)
+            if (Options.PipelineSchedule == "gpipe")
             {
-                sw.Restart();
-                Tensor? batch = Stage.IsFirst || Stage.IsLast ? train.Fetch(rankStart + (long)a * micro, micro).to(Device) : null;
-                dataS += sw.Elapsed.TotalSeconds;
-
-                Tensor? input = null, embIn = null;
-                if (!Stage.IsFirst)
+                for (int a = 0; a < accumulation; a++)
                 {
-                    sw.Restart();
-                    input = links.Previous!.Receive(shape, dtype, Device).requires_grad_(true);
-                    if (carryEmbeddings) embIn = links.Previous.Receive(shape, dtype, Device).requires_grad_(Stage.IsLast);
-                    commS += sw.Elapsed.TotalSeconds;
+                    Forward(a, ReceiveForward());
+                    SendForward(pending.Last());
                 }
-                sw.Restart();
-                var output = Stage.Forward(batch?.narrow(1, 0, T), input, embIn, Stage.IsLast ? batch : null, withMtp);
-                Tensor? loss = null;
-                if (Stage.IsLast)
-                {
-                    loss = output.LmLoss!;
-                    lmSum += Trainer.ValueOf(output.LmLoss!);
-                    if (output.MtpLoss is { } mtp) { mtpSum += Trainer.ValueOf(mtp); loss = loss + mtp * Options.MtpWeight; }
-                }
-                if (output.AuxLoss is { } aux) { auxSum += Trainer.ValueOf(aux); if (loss is not null) loss = loss + aux; }
-                for (int l = 0; l < moeLayers.Count; l++)
-                    for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
-                fwdS += sw.Elapsed.TotalSeconds;
-
-                if (!Stage.IsLast)
-                {
-                    sw.Restart();
-                    links.Next!.Send(output.Hidden_BTD);
-                    if (carryEmbeddings) links.Next.Send(output.Embeddings_BTD!);
-                    commS += sw.Elapsed.TotalSeconds;
-                }
-                pending.Add(new Pending(output, loss, input, embIn));
+                for (int a = 0; a < accumulation; a++)
+                    using (NewDisposeScope()) SendBackward(Backward(ReceiveBackward()));
             }
-
-            // ---- Backwards, in the forwards' order ----
-            foreach (var p in pending)
+            else
             {
-                if (Stage.IsLast)
+                // 1F1B (PipeDream-Flush, as Megatron's non-interleaved schedule): warm-up forwards fill the pipeline below
+                // this stage, then each forward is followed by the backward of the oldest micro-batch, then the cool-down
+                // backwards. Stage s holds at most pp - s micro-batches.
+                int warmup = Math.Min(Stage.Layout.Pp - Stage.Index - 1, accumulation), steady = accumulation - warmup;
+                for (int a = 0; a < warmup; a++)
                 {
-                    sw.Restart();
-                    (p.Loss! / accumulation).backward();
-                    bwdS += sw.Elapsed.TotalSeconds;
+                    Forward(a, ReceiveForward());
+                    SendForward(pending.Last());
                 }
-                else
+                var next = steady > 0 ? ReceiveForward() : null;
+                for (int i = 0; i < steady; i++)
                 {
-                    sw.Restart();
-                    var gradOut = links.Next!.Receive(shape, dtype, Device);
-                    var gradEmb = carryEmbeddings ? links.Next.Receive(shape, dtype, Device) : null;
-                    commS += sw.Elapsed.TotalSeconds;
-                    sw.Restart();
-                    var roots = new List<Tensor> { p.Output.Hidden_BTD };
-                    var grads = new List<Tensor> { gradOut };
-                    // The first stage owns the embeddings the MTP modules read: their gradient joins the layers' at the embedding.
-                    if (Stage.IsFirst && gradEmb is not null) { roots.Add(p.Output.Embeddings_BTD!); grads.Add(gradEmb); }
-                    // d(loss/accumulation)/d(aux) of this stage's MoE layers, as in the single-process backward.
-                    if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(full_like(aux, 1.0 / accumulation)); }
-                    autograd.backward(roots, grads);
-                    bwdS += sw.Elapsed.TotalSeconds;
-                    if (!Stage.IsFirst)
+                    Forward(warmup + i, next);
+                    using var scope = NewDisposeScope(); // the backward's gradients, received and sent
+                    var back = Backward(SendForwardReceiveBackward(pending.Last()));
+                    if (i == steady - 1) SendBackward(back);
+                    else
                     {
-                        sw.Restart();
-                        links.Previous!.Send(p.Input!.grad ?? zeros(shape, dtype: dtype, device: Device));
-                        if (gradEmb is not null) links.Previous.Send(gradEmb); // a middle stage passes the MTP gradient on
-                        commS += sw.Elapsed.TotalSeconds;
+                        next = SendBackwardReceiveForward(back);
+                        if (next is not null) scope.MoveToOuter(next); // the next forward's inputs, held with its graph
                     }
                 }
-                if (Stage.IsLast && !Stage.IsFirst)
-                {
-                    sw.Restart();
-                    links.Previous!.Send(p.Input!.grad ?? zeros(shape, dtype: dtype, device: Device));
-                    if (carryEmbeddings) links.Previous.Send(p.EmbeddingsIn!.grad ?? zeros(shape, dtype: dtype, device: Device));
-                    commS += sw.Elapsed.TotalSeconds;
-                }
+                for (int a = 0; a < warmup; a++)
+                    using (NewDisposeScope()) SendBackward(Backward(ReceiveBackward()));
             }
         }
 

@@ -13,8 +13,11 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// tensor's bytes, or a vector of doubles). Every send and receive is bounded by the timeout: a neighbour that dies
 /// (its socket closes or resets) or sends nothing for that long makes the call throw <see cref="CollectiveException"/>
 /// naming it — "pipeline stage s (replica r, host:port)" — never hang. After a failure the link is faulted.
-/// Blocking and unbuffered on purpose: a GPipe step never has both ends of a link sending at once (forward frames go
-/// down, gradient frames come back only after every forward), so no sender thread is needed.
+/// <see cref="Send"/> and <see cref="Receive(Tensor)"/> block. A 1F1B step has both ends of a link sending at once
+/// (stage s sends micro-batch i + 1's activations down while stage s + 1 sends micro-batch i's gradient up): two blocking
+/// sends whose frames exceed the socket buffers would each wait for the other to read, a deadlock until the timeout.
+/// <see cref="SendAndReceive"/> is the exchange for that case: it sends on a thread of its own while the caller receives,
+/// so neither end's send waits on its own receive.
 /// </summary>
 public sealed unsafe class StageLink : IDisposable
 {
@@ -28,9 +31,13 @@ public sealed unsafe class StageLink : IDisposable
     public string PeerName => $"pipeline stage {PeerStage} (replica {Replica}, {PeerAddress})";
     public TimeSpan Timeout { get; }
     /// <summary>Payload bytes sent and received, for the step's communication report.</summary>
-    public long BytesMoved { get; private set; }
+    public long BytesMoved => Interlocked.Read(ref bytesMoved);
+
+    /// <summary>What the links ask of the kernel for each socket buffer (Linux caps it at net.core.wmem_max / rmem_max).</summary>
+    public const int DefaultBufferBytes = 4 << 20;
 
     readonly Socket socket;
+    long bytesMoved;
     CollectiveException? fault;
     volatile bool disposed;
 
@@ -44,8 +51,18 @@ public sealed unsafe class StageLink : IDisposable
         Timeout = timeout;
         socket.NoDelay = true;
         socket.SendTimeout = socket.ReceiveTimeout = (int)Math.Clamp(timeout.TotalMilliseconds, 1, int.MaxValue);
-        socket.SendBufferSize = Math.Max(socket.SendBufferSize, 4 << 20);
-        socket.ReceiveBufferSize = Math.Max(socket.ReceiveBufferSize, 4 << 20);
+        socket.SendBufferSize = Math.Max(socket.SendBufferSize, DefaultBufferBytes);
+        socket.ReceiveBufferSize = Math.Max(socket.ReceiveBufferSize, DefaultBufferBytes);
+    }
+
+    /// <summary>
+    /// Shrinks both socket buffers to about <paramref name="bytes"/> (the kernel doubles it and keeps its minimum): tests
+    /// use it so that a frame is far larger than everything the sockets can hold in flight.
+    /// </summary>
+    internal void LimitBuffers(int bytes)
+    {
+        socket.SendBufferSize = bytes;
+        socket.ReceiveBufferSize = bytes;
     }
 
     /// <summary>
@@ -123,6 +140,46 @@ public sealed unsafe class StageLink : IDisposable
         return device.type == DeviceType.CPU ? host : host.to(device);
     }
 
+    /// <summary>
+    /// Sends the frames of <paramref name="send"/> while receiving <paramref name="receiveCount"/> tensor frames of
+    /// <paramref name="shape"/> and <paramref name="dtype"/> (moved to <paramref name="device"/>), for when the peer sends
+    /// at the same time: the send runs on a thread of its own, so it never waits for this end's receive. Returns once
+    /// both are done; the host copies being sent live until then. Each side is bounded by the timeout as
+    /// <see cref="Send"/> and <see cref="Receive(Tensor)"/>; the first failure is thrown, naming the peer.
+    /// </summary>
+    public Tensor[] SendAndReceive(IReadOnlyList<Tensor> send, int receiveCount, long[] shape, ScalarType dtype, Device device)
+    {
+        ThrowIfFaulted();
+        using var scope = NewDisposeScope();
+        var hosts = send.Select(t => t.detach().cpu().contiguous()).ToList();
+        var received = Enumerable.Range(0, receiveCount).Select(_ => empty(shape, dtype: dtype)).ToArray();
+        Exception? sendError = null, receiveError = null;
+        // A thread per exchange (tens of microseconds, against the milliseconds of a micro-batch's compute), not a
+        // long-lived sender: nothing can be left waiting on a handoff when an abort closes the link mid-exchange.
+        var sender = new Thread(() =>
+        {
+            try
+            {
+                foreach (var h in hosts) SendFrame(h.numel() * h.element_size(), (byte*)TensorMemory.DataPointer(h));
+            }
+            catch (Exception e) { sendError = e; }
+        }) { IsBackground = true, Name = $"send to pipeline stage {PeerStage}" };
+        sender.Start();
+        try
+        {
+            foreach (var r in received) Receive(r);
+        }
+        catch (Exception e) { receiveError = e; }
+        sender.Join(); // bounded: the send times out, fails with the link, or ends when an abort shuts the socket down
+        if (receiveError is not null || sendError is not null)
+        {
+            // The link's first failure is the cause; the other side then failed on the faulted or closed link.
+            var first = ReferenceEquals(sendError, fault) ? sendError! : receiveError ?? sendError!;
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(first).Throw();
+        }
+        return received.Select(r => (device.type == DeviceType.CPU ? r : r.to(device)).MoveToOuterDisposeScope()).ToArray();
+    }
+
     // ---- Small vectors (scalars between stages) ----
 
     public void SendValues(double[] values)
@@ -149,7 +206,7 @@ public sealed unsafe class StageLink : IDisposable
         long header = bytes;
         Write((byte*)&header, sizeof(long), "send to");
         Write(data, bytes, "send to");
-        BytesMoved += bytes;
+        Interlocked.Add(ref bytesMoved, bytes);
     }
 
     void ReceiveFrame(long expected, byte* data)
@@ -171,7 +228,7 @@ public sealed unsafe class StageLink : IDisposable
     void ReceivePayload(long bytes, byte* data)
     {
         Read(data, bytes);
-        BytesMoved += bytes;
+        Interlocked.Add(ref bytesMoved, bytes);
     }
 
     void Write(byte* data, long count, string verb)
@@ -222,7 +279,7 @@ public sealed unsafe class StageLink : IDisposable
     CollectiveException Fail(CollectiveFailure failure, string message, Exception? inner = null)
     {
         var error = new CollectiveException(failure, message, PeerStage, PeerAddress, inner);
-        fault ??= error;
+        Interlocked.CompareExchange(ref fault, error, null); // the send of an exchange may fail beside its receive
         return error;
     }
 

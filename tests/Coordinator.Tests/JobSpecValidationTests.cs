@@ -22,6 +22,33 @@ public class JobSpecValidationTests
         Assert.Empty(expected.Except(fields));
     }
 
+    [Theory]
+    [InlineData("1f1b", true)]
+    [InlineData("gpipe", true)]
+    [InlineData("interleaved", false)]
+    [InlineData("1F1B", false)] // the worker's option is exact, so the spec is too
+    [InlineData("", false)]
+    public void ThePipelineScheduleIsOneTheStagesKnow(string schedule, bool valid)
+    {
+        var spec = TestSpecs.Tiny() with { Parallel = new ParallelPlan { Pp = 1, Schedule = schedule } };
+        var problems = spec.Validate().Where(p => p.Field == "parallel.schedule").ToList();
+        if (valid) Assert.Empty(problems);
+        else Assert.Contains($"'{schedule}' must be one of 1f1b, gpipe", Assert.Single(problems).Message);
+    }
+
+    [Fact]
+    public void AnAbsentScheduleIs1F1BAndTheJsonFieldIsParallelSchedule()
+    {
+        // As POST /jobs and SubmitJob read a spec.
+        JobSpec Read(string parallel) => System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
+            $$"""{"modelPreset": "tiny", "dataset": "d", "parallel": {{parallel}}, "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""",
+            CoordinatorJson.Options)!;
+        Assert.Equal("1f1b", Read("""{"dp": 1, "pp": 2}""").Parallel.Schedule);
+        Assert.Equal("gpipe", Read("""{"dp": 1, "pp": 2, "schedule": "gpipe"}""").Parallel.Schedule);
+        var bad = Read("""{"dp": 1, "pp": 2, "schedule": "zb-v"}""");
+        Assert.Equal("parallel.schedule", Assert.Single(bad.Validate()).Field);
+    }
+
     [Fact]
     public void DataParallelWidthDividesTheGlobalBatchInWholeMicroBatches()
     {
