@@ -39,7 +39,10 @@ public sealed unsafe class StageLink : IDisposable
     readonly Socket socket;
     long bytesMoved;
     CollectiveException? fault;
-    volatile bool disposed;
+    volatile bool disposed, sending;
+
+    /// <summary>Whether a frame is being written now (tests wait for it before aborting a blocked exchange).</summary>
+    internal bool SendInFlight => sending;
 
     internal StageLink(Socket socket, int ownStage, int peerStage, int replica, string peerAddress, TimeSpan timeout)
     {
@@ -56,8 +59,9 @@ public sealed unsafe class StageLink : IDisposable
     }
 
     /// <summary>
-    /// Shrinks both socket buffers to about <paramref name="bytes"/> (the kernel doubles it and keeps its minimum): tests
-    /// use it so that a frame is far larger than everything the sockets can hold in flight.
+    /// Shrinks both socket buffers to about <paramref name="bytes"/> (the kernel doubles it): tests use it so that a frame
+    /// is far larger than everything the sockets can hold in flight. Far below 64 KiB, shrinking a connected socket's
+    /// receive buffer makes loopback crawl (Linux prunes what the window already admitted and retransmits).
     /// </summary>
     internal void LimitBuffers(int bytes)
     {
@@ -204,8 +208,13 @@ public sealed unsafe class StageLink : IDisposable
         ThrowIfFaulted();
         if (bytes == 0 && !allowEmpty) throw new ArgumentException("an empty tensor frame");
         long header = bytes;
-        Write((byte*)&header, sizeof(long), "send to");
-        Write(data, bytes, "send to");
+        sending = true;
+        try
+        {
+            Write((byte*)&header, sizeof(long), "send to");
+            Write(data, bytes, "send to");
+        }
+        finally { sending = false; }
         Interlocked.Add(ref bytesMoved, bytes);
     }
 

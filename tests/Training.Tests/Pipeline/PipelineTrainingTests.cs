@@ -62,8 +62,9 @@ public class PipelineTrainingTests(ITestOutputHelper output)
 
     sealed record RankResult(int Stage, int Replica, List<StepMetrics> Steps, Dictionary<string, double[]> Owned, double Evaluation);
 
-    RankResult[] RunPipeline(int dp, int pp)
+    RankResult[] RunPipeline(int dp, int pp, string schedule)
     {
+        var options = Options with { PipelineSchedule = schedule };
         var layout = ParallelLayout.Even(dp, pp, Micro(Data.Value.Vocab).NumHiddenLayers);
         var plan = new ShardingPlan(layout, []);
         var models = new DeepSeekForCausalLM[dp * pp];
@@ -73,7 +74,7 @@ public class PipelineTrainingTests(ITestOutputHelper output)
             var model = models[layout.Rank(rank.Stage, rank.Replica)];
             var stage = new PipelineStage(model, layout, rank.Stage);
             using var reducer = rank.StageGroup is { } g ? new BucketedGradientReducer(g, bucketBytes: 16 << 10) : null;
-            using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), Options, CPU, 1e11,
+            using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), options, CPU, 1e11,
                                                     rank.Links, rank.Replica, dp, reducer);
             var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
             double evaluation = trainer.EvaluateOn(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
@@ -144,14 +145,17 @@ public class PipelineTrainingTests(ITestOutputHelper output)
             $"stage {r.Stage} replica {r.Replica} evaluates {r.Evaluation:R}, the single process {evaluation:R}"));
     }
 
+    // Both schedules run the backwards in micro-batch order, so both must equal the single process to float64 rounding.
     [Theory]
-    [InlineData(2)]
-    [InlineData(3)] // a middle stage passes the MTP embeddings and their gradient through
-    public void StagesAsThreadsGiveTheSingleProcessLossesAndWeights(int pp)
+    [InlineData(2, "1f1b")]
+    [InlineData(2, "gpipe")]
+    [InlineData(3, "1f1b")] // a middle stage passes the MTP embeddings and their gradient through
+    [InlineData(3, "gpipe")]
+    public void StagesAsThreadsGiveTheSingleProcessLossesAndWeights(int pp, string schedule)
     {
         var clock = Stopwatch.StartNew();
-        var ranks = RunPipeline(dp: 1, pp);
-        output.WriteLine($"pp={pp}: {clock.Elapsed.TotalSeconds:F1} s for {Options.Steps} steps");
+        var ranks = RunPipeline(dp: 1, pp, schedule);
+        output.WriteLine($"pp={pp} {schedule}: {clock.Elapsed.TotalSeconds:F1} s for {Options.Steps} steps");
         AssertMatchesSingleProcess(ranks, dp: 1);
     }
 
@@ -212,11 +216,141 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         }
     }
 
-    [Fact]
-    public void TwoReplicasOfTwoStagesGiveTheSingleProcessLossesAndWeights()
+    [Theory]
+    [InlineData("1f1b")]
+    [InlineData("gpipe")]
+    public void TwoReplicasOfTwoStagesGiveTheSingleProcessLossesAndWeights(string schedule)
     {
-        var ranks = RunPipeline(dp: 2, pp: 2);
+        var ranks = RunPipeline(dp: 2, pp: 2, schedule);
         AssertMatchesSingleProcess(ranks, dp: 2);
+    }
+
+    [Fact]
+    public void OneF1BHoldsAtMostPpMinusSMicroBatchesOnStageSWhereGPipeHoldsThemAll()
+    {
+        // pp 3 and 6 micro-batches per step: 1F1B's warm-up is pp - s - 1 forwards, so stage s holds pp - s at once.
+        var options = Options with { GlobalBatch = 12, MicroBatch = 2, Steps = 2 };
+        var layout = ParallelLayout.Even(1, 3, Micro(Data.Value.Vocab).NumHiddenLayers);
+        (int[] Peaks, double[] Losses) Run(string schedule)
+        {
+            var models = Enumerable.Range(0, 3).Select(_ => NewModel()).ToArray();
+            var stages = PipelineGroup.Run(1, 3, rank =>
+            {
+                using var trainer = new PipelineTrainer(new PipelineStage(models[rank.Stage], layout, rank.Stage),
+                    new PermutedSamples(Data.Value.Train, (ulong)options.Seed), options with { PipelineSchedule = schedule }, CPU, 1e11, rank.Links);
+                var steps = new List<(int Peak, double Loss)>();
+                for (int s = 0; s < options.Steps; s++)
+                {
+                    double loss = trainer.TrainStep().Loss;
+                    steps.Add((trainer.PeakHeldMicroBatches, loss));
+                }
+                return steps;
+            });
+            foreach (var m in models) m.Dispose();
+            // The peak is per step: the second step's equals the first's.
+            Assert.All(stages, s => Assert.Equal(s[0].Peak, s[1].Peak));
+            output.WriteLine($"{schedule}: peak micro-batches held per stage {string.Join(", ", stages.Select(s => s[1].Peak))}; losses {string.Join(", ", stages[0].Select(s => s.Loss.ToString("R")))}");
+            return (stages.Select(s => s[1].Peak).ToArray(), stages[0].Select(s => s.Loss).ToArray());
+        }
+
+        var oneF1B = Run("1f1b");
+        var gpipe = Run("gpipe");
+        Assert.Equal([3, 2, 1], oneF1B.Peaks);
+        Assert.Equal([6, 6, 6], gpipe.Peaks);
+        // The same micro-batches, the same backwards in the same order: the same losses.
+        for (int s = 0; s < options.Steps; s++)
+            Assert.True(Math.Abs(oneF1B.Losses[s] - gpipe.Losses[s]) <= Tolerance * gpipe.Losses[s], $"step {s + 1}: 1F1B {oneF1B.Losses[s]:R}, GPipe {gpipe.Losses[s]:R}");
+    }
+
+    [Fact]
+    public void OneF1BWithFramesFarLargerThanTheSocketBuffersCompletesAndMatchesTheSingleProcess()
+    {
+        // In 1F1B's steady phase stage 0 sends micro-batch i + 1's hidden states and embeddings (2 x 512 KiB here) while
+        // stage 1 sends micro-batch i's two gradients back. The socket buffers are cut to 64 KiB (the kernel doubles it;
+        // about 256 KiB in flight each way on loopback), so two plain blocking sends would each wait for the other end to
+        // read. With the links' default 4 MiB buffers the same happens above ~16 MiB per exchange (a bf16 micro-batch of
+        // 4 x 4096 x 7168 is 235 MiB). Checked: with StageLink.SendAndReceive changed to send, then receive, on the
+        // calling thread, this test fails after 60 s with PeerStalled ("sent or accepted nothing within 60 s (could not
+        // send to pipeline stage 1 ...)") on both stages instead of completing.
+        var config = Micro(Data.Value.Vocab) with { HiddenSize = 512 };
+        var options = Options with { GlobalBatch = 32, MicroBatch = 8, Steps = 2 }; // 4 micro-batches of 8 x 16 x 512 float64
+        DeepSeekForCausalLM Fresh()
+        {
+            manual_seed(options.Seed);
+            var model = new DeepSeekForCausalLM(config).InitializeWeights();
+            model.to(ScalarType.Float64);
+            return model;
+        }
+        var layout = ParallelLayout.Even(1, 2, config.NumHiddenLayers);
+        var models = new[] { Fresh(), Fresh() };
+        var stages = PipelineGroup.Run(1, 2, rank =>
+        {
+            foreach (var link in new[] { rank.Links.Previous, rank.Links.Next }) link?.LimitBuffers(64 << 10);
+            using var trainer = new PipelineTrainer(new PipelineStage(models[rank.Stage], layout, rank.Stage),
+                new PermutedSamples(Data.Value.Train, (ulong)options.Seed), options, CPU, 1e11, rank.Links);
+            var losses = Enumerable.Range(0, (int)options.Steps).Select(_ => trainer.TrainStep().Loss).ToList();
+            return (Losses: losses, rank.Links.BytesMoved);
+        }, timeout: TimeSpan.FromSeconds(60));
+        foreach (var m in models) m.Dispose();
+
+        using var single = Fresh();
+        using var reference = new Trainer(single, Data.Value.Train, null, options, CPU, peakFlops: 1e11);
+        for (int s = 0; s < options.Steps; s++)
+        {
+            double expected = reference.TrainStep().Loss;
+            output.WriteLine($"step {s + 1}: pipeline {stages[0].Losses[s]:R}, single {expected:R}");
+            Assert.Equal(stages[0].Losses[s], stages[1].Losses[s]);
+            Assert.True(Math.Abs(stages[0].Losses[s] - expected) <= Tolerance * expected, $"step {s + 1}: pipeline {stages[0].Losses[s]:R}, single {expected:R}");
+        }
+        // Every micro-batch's two frames went down and its two gradients came back: 4 frames of 512 KiB each, per step.
+        long frame = 8L * 16 * 512 * sizeof(double);
+        Assert.True(stages[0].BytesMoved >= options.Steps * 4 * 4 * frame, $"stage 0 moved {stages[0].BytesMoved} bytes");
+    }
+
+    [Fact]
+    public void AbortingTheLinksEndsAnExchangeBlockedOnASilentNeighbourAtOnce()
+    {
+        using var aborted = new ManualResetEventSlim();
+        var outcomes = PipelineGroup.Run(1, 2, rank =>
+        {
+            if (rank.Stage == 1)
+            {
+                // Alive but silent: reads nothing and sends nothing until stage 0's exchange has ended.
+                Assert.True(aborted.Wait(TimeSpan.FromSeconds(120)), "stage 0's exchange never ended");
+                return ((Exception?)null, 0.0);
+            }
+            rank.Links.Next!.LimitBuffers(64 << 10);
+            using var big = zeros([4 << 20], dtype: ScalarType.Float32); // 16 MiB: the send blocks on the full buffers
+            var clock = Stopwatch.StartNew();
+            // The run's abort (a cancel) disposes the links from another thread once the exchange is under way.
+            var abort = Task.Run(() =>
+            {
+                Assert.True(SpinWait.SpinUntil(() => rank.Links.Next!.SendInFlight, TimeSpan.FromSeconds(60)),
+                    "the exchange never started sending");
+                rank.Links.Dispose();
+            });
+            try
+            {
+                rank.Links.Next!.SendAndReceive([big], 1, [4 << 20], ScalarType.Float32, CPU);
+                return (null, clock.Elapsed.TotalSeconds);
+            }
+            catch (Exception e) { return (e, clock.Elapsed.TotalSeconds); }
+            finally { abort.Wait(); aborted.Set(); }
+        }, timeout: TimeSpan.FromSeconds(60));
+
+        var (error, seconds) = outcomes[0];
+        var failure = Assert.IsType<CollectiveException>(error);
+        Assert.Equal(CollectiveFailure.Unavailable, failure.Failure);
+        Assert.Contains("aborted", failure.Message);
+        Assert.Contains("pipeline stage 1 (replica 0, 127.0.0.1:", failure.Message);
+        Assert.True(seconds < 30, $"the exchange ended {seconds:F1} s after it began, not at the abort (the link timeout is 60 s)");
+    }
+
+    [Fact]
+    public void AnUnknownPipelineScheduleIsRefusedNamingTheOptionAndTheAcceptedValues()
+    {
+        var error = Assert.Throws<ArgumentException>(() => (Options with { PipelineSchedule = "interleaved" }).Validated());
+        Assert.Contains("pipeline_schedule must be one of 1f1b, gpipe, got 'interleaved'", error.Message);
     }
 
     [Fact]
