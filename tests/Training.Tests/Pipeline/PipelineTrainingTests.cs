@@ -159,12 +159,14 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         AssertMatchesSingleProcess(ranks, dp: 1);
     }
 
-    [Fact]
-    public void TheTinyPresetInFloat32OnTwoStagesFollowsTheSingleProcessLossCurve()
+    [Theory]
+    [InlineData("1f1b")]
+    [InlineData("gpipe")]
+    public void TheTinyPresetInFloat32OnTwoStagesFollowsTheSingleProcessLossCurve(string schedule)
     {
         // The shipped preset at its own precision: float32 sums in another order, so the curves agree to float tolerance.
         var config = DeepSeekConfig.Tiny(Data.Value.Vocab);
-        var options = Options with { SeqLen = 16, GlobalBatch = 16, MicroBatch = 4, Steps = 4, ClipNorm = 1.0 };
+        var options = Options with { SeqLen = 16, GlobalBatch = 16, MicroBatch = 4, Steps = 4, ClipNorm = 1.0, PipelineSchedule = schedule };
         DeepSeekForCausalLM Fresh() { manual_seed(options.Seed); return new DeepSeekForCausalLM(config).InitializeWeights(); }
 
         List<(double Loss, double Seconds)> Single()
@@ -205,7 +207,7 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         var singleAgain = OnOwnThread(); // after the pipeline too, so that neither side alone pays the process's warm-up
 
         // The fastest step after the first, for the report (the least disturbed by other load); nothing is asserted on time.
-        output.WriteLine($"tiny float32, seq 16, batch 16 = 4 x 4: step {onRunnerThread.Skip(1).Min(x => x.Seconds):F3} s on the runner's thread, {single.Skip(1).Min(x => x.Seconds):F3} s then " +
+        output.WriteLine($"tiny float32, seq 16, batch 16 = 4 x 4, {schedule}: step {onRunnerThread.Skip(1).Min(x => x.Seconds):F3} s on the runner's thread, {single.Skip(1).Min(x => x.Seconds):F3} s then " +
                          $"{singleAgain.Skip(1).Min(x => x.Seconds):F3} s on one process, {stages[0].Skip(1).Min(x => x.Seconds):F3} s with 2 stages as threads");
         for (int s = 0; s < options.Steps; s++)
         {
