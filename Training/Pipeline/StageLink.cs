@@ -1,6 +1,7 @@
 // A point-to-point tcp link between adjacent pipeline stages of one replica: activations forward, their gradients back.
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.ExceptionServices;
 using System.Text;
 using DeepSeekCluster.Training.Collectives;
 using TorchSharp;
@@ -179,7 +180,7 @@ public sealed unsafe class StageLink : IDisposable
         {
             // The link's first failure is the cause; the other side then failed on the faulted or closed link.
             var first = ReferenceEquals(sendError, fault) ? sendError! : receiveError ?? sendError!;
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(first).Throw();
+            ExceptionDispatchInfo.Capture(first).Throw();
         }
         return received.Select(r => (device.type == DeviceType.CPU ? r : r.to(device)).MoveToOuterDisposeScope()).ToArray();
     }
