@@ -1,5 +1,6 @@
 // The training loop of one pipeline stage of one data-parallel replica: 1F1B (or GPipe) forwards and backwards, dp reduce, global clip, step.
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -86,13 +87,35 @@ public sealed class PipelineTrainer : IDisposable
         new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
-    sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held);
+    sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held, long Bytes);
+
+    /// <summary>Bytes of the storages behind the live tensors among <paramref name="held"/>, each storage once (views share their base's).</summary>
+    static long BytesOf(List<IDisposable> held)
+    {
+        var storages = new Dictionary<IntPtr, long>();
+        foreach (var t in held.OfType<Tensor>())
+            if (!t.IsInvalid) storages[THSStorage_data_ptr(t.Handle)] = (long)THSStorage_nbytes(t.Handle);
+        return storages.Values.Sum();
+    }
+
+    // LibTorchSharp's exports behind TorchSharp's Storage (which needs the element type): a tensor's storage and its size.
+    [DllImport("LibTorchSharp")]
+    static extern IntPtr THSStorage_data_ptr(IntPtr tensor);
+    [DllImport("LibTorchSharp")]
+    static extern ulong THSStorage_nbytes(IntPtr tensor);
 
     /// <summary>
     /// The most micro-batches whose activations this stage held at once during the last step (a forward done, its
     /// backward not yet): pp − s at most on stage s under 1F1B, all of the step's micro-batches under GPipe.
     /// </summary>
     public int PeakHeldMicroBatches { get; private set; }
+
+    /// <summary>
+    /// The most bytes of tensors those held micro-batches kept at once during the last step: what each forward left for
+    /// its backward as tensors of its own (every module's output, the received inputs), counted once per storage. The
+    /// tensors autograd saves inside a module are not visible here, so this is a lower bound of the activations held.
+    /// </summary>
+    public long PeakHeldTensorBytes { get; private set; }
 
     /// <summary>Runs one optimizer step of this stage over this replica's slice of the global batch.</summary>
     public StepMetrics TrainStep()
@@ -121,7 +144,9 @@ public sealed class PipelineTrainer : IDisposable
         int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
         var pending = new Queue<Pending>(accumulation); // forwards awaiting their backward, oldest first
         int held = 0;
+        long heldBytes = 0;
         PeakHeldMicroBatches = 0;
+        PeakHeldTensorBytes = 0;
 
         // ---- Link operations: null or nothing at the ends of the pipeline; their time is communication ----
         Tensor[]? ReceiveForward()
@@ -200,8 +225,11 @@ public sealed class PipelineTrainer : IDisposable
             // Into the step's scope, so that an exception still frees them; Release frees them as soon as the backward is done.
             var graph = scope.DisposablesView.ToList();
             scope.MoveToOuter(graph);
-            pending.Enqueue(new Pending(output, loss, input, embIn, [.. graph, .. received ?? []]));
+            List<IDisposable> keep = [.. graph, .. received ?? []];
+            long bytes = BytesOf(keep);
+            pending.Enqueue(new Pending(output, loss, input, embIn, keep, bytes));
             PeakHeldMicroBatches = Math.Max(PeakHeldMicroBatches, ++held);
+            PeakHeldTensorBytes = Math.Max(PeakHeldTensorBytes, heldBytes += bytes);
         }
 
         // ---- The oldest micro-batch's backward: returns the gradients of its inputs, for the stage before ----
@@ -232,6 +260,7 @@ public sealed class PipelineTrainer : IDisposable
             // The graph goes now, not at the end of the step: this is what 1F1B saves.
             foreach (var d in p.Held) d.Dispose();
             held--;
+            heldBytes -= p.Bytes;
             return back;
         }
 
