@@ -199,7 +199,7 @@ public sealed class PipelineTrainer : IDisposable
         }
 
         // ---- One micro-batch's forward: its graph (and what it received) is held until its backward ----
-        void Forward(int a, Tensor[]? received)
+        Pending Forward(int a, Tensor[]? received)
         {
             using var scope = NewDisposeScope();
             var c = Stopwatch.StartNew();
@@ -222,14 +222,15 @@ public sealed class PipelineTrainer : IDisposable
                 for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
             fwdS += c.Elapsed.TotalSeconds;
 
-            // Into the step's scope, so that an exception still frees them; Release frees them as soon as the backward is done.
+            // Into the step's scope, so that an exception still frees them; Backward frees them as soon as it is done.
             var graph = scope.DisposablesView.ToList();
             scope.MoveToOuter(graph);
             List<IDisposable> keep = [.. graph, .. received ?? []];
-            long bytes = BytesOf(keep);
-            pending.Enqueue(new Pending(output, loss, input, embIn, keep, bytes));
+            var p = new Pending(output, loss, input, embIn, keep, BytesOf(keep));
+            pending.Enqueue(p);
             PeakHeldMicroBatches = Math.Max(PeakHeldMicroBatches, ++held);
-            PeakHeldTensorBytes = Math.Max(PeakHeldTensorBytes, heldBytes += bytes);
+            PeakHeldTensorBytes = Math.Max(PeakHeldTensorBytes, heldBytes += p.Bytes);
+            return p;
         }
 
         // ---- The oldest micro-batch's backward: returns the gradients of its inputs, for the stage before ----
@@ -271,10 +272,7 @@ public sealed class PipelineTrainer : IDisposable
             if (Options.PipelineSchedule == "gpipe")
             {
                 for (int a = 0; a < accumulation; a++)
-                {
-                    Forward(a, ReceiveForward());
-                    SendForward(pending.Last());
-                }
+                    SendForward(Forward(a, ReceiveForward()));
                 for (int a = 0; a < accumulation; a++)
                     using (NewDisposeScope()) SendBackward(Backward(ReceiveBackward()));
             }
@@ -285,16 +283,13 @@ public sealed class PipelineTrainer : IDisposable
                 // backwards. Stage s holds at most pp - s micro-batches.
                 int warmup = Math.Min(Stage.Layout.Pp - Stage.Index - 1, accumulation), steady = accumulation - warmup;
                 for (int a = 0; a < warmup; a++)
-                {
-                    Forward(a, ReceiveForward());
-                    SendForward(pending.Last());
-                }
+                    SendForward(Forward(a, ReceiveForward()));
                 var next = steady > 0 ? ReceiveForward() : null;
                 for (int i = 0; i < steady; i++)
                 {
-                    Forward(warmup + i, next);
+                    var p = Forward(warmup + i, next);
                     using var scope = NewDisposeScope(); // the backward's gradients, received and sent
-                    var back = Backward(SendForwardReceiveBackward(pending.Last()));
+                    var back = Backward(SendForwardReceiveBackward(p));
                     if (i == steady - 1) SendBackward(back);
                     else
                     {
