@@ -7,6 +7,8 @@ public sealed record AppHostOptions
     /// <summary>The job's maxWorkers: above --workers, workers added with 'add' grow the running job (0: --workers).</summary>
     public int MaxWorkers { get; init; }
     public int JobMaxWorkers => Math.Max(Workers, MaxWorkers);
+    /// <summary>Pipeline stages of the default job: each replica's layers are split over this many workers (dp = workers / pp).</summary>
+    public int Pp { get; init; } = 1;
     public string Preset { get; init; } = "tiny";
     public int Steps { get; init; } = 300;
     public int SeqLen { get; init; } = 128;
@@ -25,6 +27,8 @@ public sealed record AppHostOptions
         usage: dotnet run --project AppHost [-- options]
           --workers N            gpu-worker processes to start (default 2)
           --max-workers N        most workers the job may grow to with 'add' (default: --workers)
+          --pp N                 pipeline stages: each replica's layers split over N workers (default 1;
+                                 --workers must be a multiple of N, and dp = workers / N)
           --preset NAME          model preset of the default job (tiny)
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
@@ -32,6 +36,7 @@ public sealed record AppHostOptions
           --no-azurite           folder storage even when azurite is installed
           --exit-when-done       stop the cluster when the job ends
         While it runs, type 'add' (or '+') to start another worker, 'remove' (or '-') to stop one, 'quit' to stop all.
+        With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
         """;
 
     public static AppHostOptions Parse(string[] args, string root)
@@ -45,6 +50,7 @@ public sealed record AppHostOptions
             {
                 "--workers" => o with { Workers = Int() },
                 "--max-workers" => o with { MaxWorkers = Int() },
+                "--pp" => o with { Pp = Int() },
                 "--preset" => o with { Preset = Value() },
                 "--steps" => o with { Steps = Int() },
                 "--seq-len" => o with { SeqLen = Int() },
@@ -60,6 +66,12 @@ public sealed record AppHostOptions
             };
         }
         if (o.Workers < 1) throw new ArgumentException("--workers must be at least 1");
+        if (o.Pp < 1) throw new ArgumentException("--pp must be at least 1");
+        // The job would wait forever for a world it can form: catch it here, where the user typed it.
+        if (o.Workers % o.Pp != 0)
+            throw new ArgumentException($"--workers {o.Workers} is not a multiple of --pp {o.Pp}: every replica needs {o.Pp} workers, one per stage");
+        if (o.MaxWorkers > o.Workers && o.MaxWorkers % o.Pp != 0)
+            throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
         return o;
     }
 }

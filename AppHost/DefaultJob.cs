@@ -34,11 +34,11 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
             name = $"{options.Preset}-{DateTime.UtcNow:yyyyMMdd-HHmmss}",
             modelPreset = options.Preset,
             dataset = datasetId,
-            parallel = new { dp = 0, pp = 1 },
+            parallel = new { dp = 0, pp = options.Pp },
             globalBatch = options.GlobalBatch, microBatch = options.MicroBatch, seqLen = options.SeqLen, steps = options.Steps,
             schedule = new { kind = "cosine", peakLr = options.Lr, minLr = options.Lr / 10, warmupSteps = Math.Min(30, options.Steps / 10) },
             checkpointInterval = options.CheckpointInterval,
-            minWorkers = 1, maxWorkers = options.JobMaxWorkers, seed = 1234,
+            minWorkers = options.Pp, maxWorkers = options.JobMaxWorkers, seed = 1234,
         };
         using var request = new HttpRequestMessage(HttpMethod.Post, "/jobs") { Content = JsonContent.Create(spec) };
         request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
@@ -47,7 +47,7 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
         if (!response.IsSuccessStatusCode) throw new InvalidOperationException($"the coordinator refused the job ({(int)response.StatusCode}): {body}");
         using var doc = JsonDocument.Parse(body);
         var id = doc.RootElement.GetProperty("jobId").GetString()!;
-        Log.AppHost($"submitted job {id}: {options.Preset}, {options.Steps} steps, global batch {options.GlobalBatch} x {options.SeqLen} tokens, up to {options.JobMaxWorkers} workers");
+        Log.AppHost($"submitted job {id}: {options.Preset}, {options.Steps} steps, global batch {options.GlobalBatch} x {options.SeqLen} tokens, up to {options.JobMaxWorkers} workers{(options.Pp > 1 ? $", {options.Pp} pipeline stages per replica" : "")}");
         return id;
     }
 

@@ -49,13 +49,23 @@ public sealed class BucketedGradientReducer : IGradientReducer, IDisposable
         }
     }
 
-    public void SumLoads(long[] loads)
+    public void ReduceStatistics(IReadOnlyList<long[]> loads, double[] means)
     {
-        if (Collective.WorldSize == 1 || loads.Length == 0) return;
+        int n = loads.Sum(l => l.Length) + means.Length;
+        if (Collective.WorldSize == 1 || n == 0) return;
+        // One float64 all-reduce for all of it: a load count is exact in a double far beyond any step's token count, and
+        // a ring sum leaves the same bits on every rank, so the replicas' biases and reported losses stay identical.
+        var packed = new double[n];
+        int i = 0;
+        foreach (var l in loads) foreach (var x in l) packed[i++] = x;
+        means.CopyTo(packed, i);
         using var scope = NewDisposeScope();
-        var t = tensor(loads).to(Collective.Device);
+        var t = tensor(packed).to(Collective.Device);
         Collective.AllReduce(t, ReduceOp.Sum);
-        t.cpu().data<long>().CopyTo(loads);
+        var summed = t.cpu().data<double>().ToArray();
+        i = 0;
+        foreach (var l in loads) for (int e = 0; e < l.Length; e++) l[e] = (long)Math.Round(summed[i++]);
+        for (int m = 0; m < means.Length; m++) means[m] = summed[i++] / Collective.WorldSize;
     }
 
     void Plan(IReadOnlyList<Tensor> gradients)

@@ -13,8 +13,12 @@ public interface IGradientReducer
 {
     /// <summary>Averages the gradients of <paramref name="parameters"/> over ranks, in place.</summary>
     void AverageGradients(IReadOnlyList<Tensor> parameters);
-    /// <summary>Sums expert loads over ranks so every replica updates its routing bias identically.</summary>
-    void SumLoads(long[] loads);
+    /// <summary>
+    /// In one exchange: sums the step's expert <paramref name="loads"/> over ranks, so every replica updates its routing
+    /// bias identically, and averages <paramref name="means"/> (the step's loss sums), so every rank reports the loss of
+    /// the whole global batch rather than of its own share. Both in place.
+    /// </summary>
+    void ReduceStatistics(IReadOnlyList<long[]> loads, double[] means);
 }
 
 public sealed class Trainer : IDisposable
@@ -143,7 +147,9 @@ public sealed class Trainer : IDisposable
         {
             var c = Stopwatch.StartNew();
             reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
-            foreach (var l in loads) reducer.SumLoads(l);
+            double[] sums = [lmSum, mtpSum, auxSum];
+            reducer.ReduceStatistics(loads, sums);
+            (lmSum, mtpSum, auxSum) = (sums[0], sums[1], sums[2]);
             commS = c.Elapsed.TotalSeconds;
         }
         double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);

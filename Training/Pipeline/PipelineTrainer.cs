@@ -310,7 +310,10 @@ public sealed class PipelineTrainer : IDisposable
         {
             sw.Restart();
             reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
-            foreach (var l in loads) reducer.SumLoads(l);
+            // Only the last stage has losses to average; the exchange along the pipeline below hands them to every stage.
+            double[] sums = [lmSum, mtpSum, auxSum];
+            reducer.ReduceStatistics(loads, sums);
+            (lmSum, mtpSum, auxSum) = (sums[0], sums[1], sums[2]);
             commS += sw.Elapsed.TotalSeconds;
         }
         double sumSq = 0;

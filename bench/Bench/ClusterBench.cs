@@ -26,7 +26,7 @@ public static partial class ClusterBench
 
     /// <summary>One run: wall tokens/s over the steady window, median per-step tokens/s the trainer measured, phases per step.</summary>
     internal sealed record Sample(double WallTps, double StepTps, double Load1, IReadOnlyDictionary<string, double> Phases,
-                         IReadOnlyDictionary<string, double> CpuPerStep);
+                         IReadOnlyDictionary<string, double> CpuPerStep, IReadOnlyDictionary<string, double> ThreadCpuPerStep);
 
     /// <summary>The processes whose CPU time a window accounts for: the trainer's (workers, or this process), then the services.</summary>
     static readonly string[] CpuColumns = ["trainer", "coordinator", "data-shards", "checkpoints", "blobs", "bench"];
@@ -138,6 +138,11 @@ public static partial class ClusterBench
                 $"{Ratio(PairedRatios(results["c1ck"], results["c1"], (a, b) => a.WallTps / b.WallTps))} of the tokens/s");
         var sa = results["standalone"];
         var c1 = results["c1"];
+        Say("");
+        Say("Where the trainer process's CPU goes, by thread (medians over the rounds):");
+        Say("");
+        foreach (var line in ThreadTable(sa, c1)) Say(line);
+        Say("");
         Say($"per-step phases, medians (ms): standalone {Phases(MedianOf(sa, s => s.Phases))}, cluster {Phases(MedianOf(c1, s => s.Phases))}; wall ms per step: " +
             $"standalone {MedianOf(sa.Select(s => globalBatch * seqLen / s.WallTps * 1000)):F1}, cluster {MedianOf(c1.Select(s => globalBatch * seqLen / s.WallTps * 1000)):F1}");
         return 0;
@@ -208,14 +213,15 @@ public static partial class ClusterBench
         var measured = new List<StepMetrics>();
         var window = new Stopwatch();
         var pids = services.Append(new("trainer", Environment.ProcessId)).ToDictionary();
-        Dictionary<string, double> cpu0 = [];
+        Dictionary<string, double> cpu0 = [], threads0 = [];
         for (int i = 1; i <= steps; i++)
         {
             var m = trainer.TrainStep();
-            if (i == Warm) { window.Start(); cpu0 = CpuSeconds(pids); }
+            if (i == Warm) { window.Start(); cpu0 = CpuSeconds(pids); threads0 = ThreadCpuSeconds(Environment.ProcessId); }
             else if (i > Warm) measured.Add(m);
         }
         var cpu1 = CpuSeconds(pids);
+        var threads1 = ThreadCpuSeconds(Environment.ProcessId);
         double wall = (double)(steps - Warm) * globalBatch * seqLen / window.Elapsed.TotalSeconds;
         double load = double.Parse(LoadAverage(), CultureInfo.InvariantCulture);
         var phases = new Dictionary<string, double>
@@ -225,7 +231,8 @@ public static partial class ClusterBench
             ["optimizer"] = measured.Average(m => m.Times.OptimizerSeconds),
         };
         var cpu = cpu1.Keys.ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
-        return new Sample(wall, MedianOf(measured.Select(m => m.TokensPerSecond)), load, phases, cpu);
+        return new Sample(wall, MedianOf(measured.Select(m => m.TokensPerSecond)), load, phases, cpu,
+                          ThreadsPerStep(threads0, threads1, cpu["trainer"] * (steps - Warm), steps - Warm));
     }
 
     /// <summary>The options TrainingRun builds from the job spec ChaosJob.ToSpec writes (cosine, peak 3e-3, min 3e-4, warm-up steps/10).</summary>
@@ -263,7 +270,7 @@ public static partial class ClusterBench
             if (end.Generation != 1)
                 throw new InvalidOperationException($"{name} re-formed (generation {end.Generation}): its window mixes a recovery into the throughput; {end.Describe()}");
             double load = double.Parse(LoadAverage(), CultureInfo.InvariantCulture);
-            var (from, to, rank0, cpu0, cpu1) = watch.Window(Warm, steps) ?? throw new InvalidOperationException(
+            var (from, to, rank0, cpu0, cpu1, threads0, threads1) = watch.Window(Warm, steps) ?? throw new InvalidOperationException(
                 $"{name}: rank 0's log lines of steps {Warm} and {steps} were not both seen\n{cluster.RecentLines(30)}");
             double wall = (double)(steps - Warm) * globalBatch * seqLen / Stopwatch.GetElapsedTime(from, to).TotalSeconds;
             var stepTps = end.Loss.Where(l => l.Step > Warm).Select(l => l.TokensPerSecond).ToList();
@@ -280,7 +287,8 @@ public static partial class ClusterBench
             }
             var cpu = cpu1.Keys.Where(k => !ids.Contains(k)).ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
             cpu["trainer"] = ids.Sum(id => cpu1[id] - cpu0[id]) / (steps - Warm);
-            return new Sample(wall, MedianOf(stepTps), load, phases, cpu);
+            return new Sample(wall, MedianOf(stepTps), load, phases, cpu,
+                              ThreadsPerStep(threads0, threads1, cpu1[rank0] - cpu0[rank0], steps - Warm));
         }
         finally { await cluster.StopWorkersAsync(); }
     }
@@ -292,6 +300,7 @@ public static partial class ClusterBench
         readonly ConcurrentDictionary<string, string> urls = new();
         readonly ConcurrentDictionary<long, long> stepAt = new();
         readonly Dictionary<long, Dictionary<string, double>> cpuAt = new();
+        readonly Dictionary<long, Dictionary<string, double>> threadsAt = new();
         HashSet<string> current = [];
         Dictionary<string, int> pids = [];
         string? rank0;
@@ -300,7 +309,7 @@ public static partial class ClusterBench
 
         public void Expect(IEnumerable<string> instances, int steps, Dictionary<string, int> processes)
         {
-            lock (this) { current = instances.ToHashSet(); stepAt.Clear(); cpuAt.Clear(); pids = processes; rank0 = null; lastStep = steps; WarmScrape = null; }
+            lock (this) { current = instances.ToHashSet(); stepAt.Clear(); cpuAt.Clear(); threadsAt.Clear(); pids = processes; rank0 = null; lastStep = steps; WarmScrape = null; }
         }
 
         public string MetricsUrl(string instance) =>
@@ -316,18 +325,24 @@ public static partial class ClusterBench
                 if (!current.Contains(instance) || int.Parse(s.Groups[2].Value, CultureInfo.InvariantCulture) != lastStep) return;
                 long step = long.Parse(s.Groups[1].Value, CultureInfo.InvariantCulture);
                 if (!stepAt.TryAdd(step, now)) return;
-                if (step == Warm || step == lastStep) cpuAt[step] = CpuSeconds(pids);
+                if (step == Warm || step == lastStep)
+                {
+                    cpuAt[step] = CpuSeconds(pids);
+                    threadsAt[step] = ThreadCpuSeconds(pids[instance]);
+                }
                 rank0 = instance;
                 if (step == Warm && WarmScrape is null) WarmScrape = ScrapeAsync(MetricsUrl(instance));
             }
         }
 
-        public (long From, long To, string Rank0, Dictionary<string, double> Cpu0, Dictionary<string, double> Cpu1)? Window(int from, int to)
+        public (long From, long To, string Rank0, Dictionary<string, double> Cpu0, Dictionary<string, double> Cpu1,
+                Dictionary<string, double> Threads0, Dictionary<string, double> Threads1)? Window(int from, int to)
         {
             lock (this)
                 return stepAt.TryGetValue(from, out var a) && stepAt.TryGetValue(to, out var b) && rank0 is not null && WarmScrape is not null
                        && cpuAt.TryGetValue(from, out var c0) && cpuAt.TryGetValue(to, out var c1)
-                    ? (a, b, rank0, c0, c1) : null;
+                       && threadsAt.TryGetValue(from, out var t0) && threadsAt.TryGetValue(to, out var t1)
+                    ? (a, b, rank0, c0, c1, t0, t1) : null;
         }
 
         /// <summary>phase → (sum of seconds, steps) of the worker's step histogram.</summary>
@@ -387,6 +402,58 @@ public static partial class ClusterBench
         }
         catch (IOException) { return 0; }
     });
+
+    /// <summary>
+    /// utime + stime of every thread of <paramref name="pid"/>, summed by thread name (/proc/pid/task/tid/stat; the .NET
+    /// runtime names its threads, e.g. ".NET TP Worker"; the process's first thread is "main"), in seconds.
+    /// </summary>
+    static Dictionary<string, double> ThreadCpuSeconds(int pid)
+    {
+        var byName = new Dictionary<string, double>();
+        string[] tasks;
+        try { tasks = Directory.GetDirectories($"/proc/{pid}/task"); }
+        catch (DirectoryNotFoundException) { return byName; }
+        foreach (var dir in tasks)
+        {
+            try
+            {
+                var stat = File.ReadAllText(Path.Combine(dir, "stat"));
+                int open = stat.IndexOf('('), close = stat.LastIndexOf(')');
+                var name = Path.GetFileName(dir) == pid.ToString(CultureInfo.InvariantCulture) ? "main" : stat[(open + 1)..close];
+                var fields = stat[(close + 2)..].Split(' ');
+                double seconds = (long.Parse(fields[11], CultureInfo.InvariantCulture) + long.Parse(fields[12], CultureInfo.InvariantCulture)) / 100.0;
+                byName[name] = byName.GetValueOrDefault(name) + seconds;
+            }
+            catch (IOException) { } // a thread that ended between the listing and the read
+        }
+        return byName;
+    }
+
+    /// <summary>
+    /// CPU per step of each thread name over a window; what threads that ended inside the window used (the process's
+    /// total minus the named threads') is "(ended threads)".
+    /// </summary>
+    static Dictionary<string, double> ThreadsPerStep(Dictionary<string, double> t0, Dictionary<string, double> t1, double processSeconds, int steps)
+    {
+        var perStep = t1.ToDictionary(kv => kv.Key, kv => Math.Max(0, kv.Value - t0.GetValueOrDefault(kv.Key)) / steps);
+        perStep["(ended threads)"] = Math.Max(0, processSeconds / steps - perStep.Values.Sum());
+        return perStep;
+    }
+
+    /// <summary>CPU ms per step by thread name, the worker beside the standalone trainer (medians over the rounds), the biggest differences first.</summary>
+    static IEnumerable<string> ThreadTable(List<Sample> standalone, List<Sample> worker)
+    {
+        var sa = MedianOf(standalone, s => s.ThreadCpuPerStep);
+        var w = MedianOf(worker, s => s.ThreadCpuPerStep);
+        yield return "| thread | standalone CPU ms per step | 1 worker, rank 0 | difference |";
+        yield return "|---|---|---|---|";
+        foreach (var name in sa.Keys.Union(w.Keys).OrderByDescending(n => Math.Abs(w.GetValueOrDefault(n) - sa.GetValueOrDefault(n))))
+        {
+            double a = sa.GetValueOrDefault(name) * 1000, b = w.GetValueOrDefault(name) * 1000;
+            if (Math.Max(a, b) < 0.05) continue;
+            yield return FormattableString.Invariant($"| {name} | {a:F1} | {b:F1} | {b - a:+0.0;-0.0;0.0} |");
+        }
+    }
 
     static string Cpu(IReadOnlyDictionary<string, double> perStep) =>
         string.Join(" / ", CpuColumns.Select(k => perStep.TryGetValue(k, out var v) ? (v * 1000).ToString("F0", CultureInfo.InvariantCulture) : "–"));

@@ -55,18 +55,39 @@ public class ClusterEndToEndTests
     }
 
     [Fact]
-    public async Task TwoWorkersTrainTheDefaultJobToCompletionAndLeaveNoProcessBehind()
+    public void AWorkerCountThatIsNoMultipleOfThePipelineStagesIsRefusedBeforeAnythingStarts()
+    {
+        var runDir = Directory.CreateTempSubdirectory("e2e-pp-").FullName;
+        try
+        {
+            var (code, output) = RunAppHost(runDir, "--workers", "3", "--pp", "2");
+            Assert.NotEqual(0, code);
+            Assert.Contains("--workers 3 is not a multiple of --pp 2", output);
+            Assert.Contains("usage:", output);
+            // Refused while parsing: no service was started, nothing was written to the run folder.
+            Assert.Empty(Directory.EnumerateFileSystemEntries(runDir));
+            Assert.Empty(ProcessesMentioning(runDir));
+        }
+        finally { Directory.Delete(runDir, true); }
+    }
+
+    /// <summary>pp 1: two data-parallel replicas; pp 2 (<c>--pp 2</c>): one replica whose two stages are the two workers.</summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    public async Task TwoWorkersTrainTheDefaultJobToCompletionAndLeaveNoProcessBehind(int pp)
     {
         using var clusterLock = await ClusterTestLock.AcquireAsync("cluster end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-").FullName;
         try
         {
-            var (code, output) = RunAppHost(runDir, "--workers", "2", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
+            var (code, output) = RunAppHost(runDir, "--workers", "2", "--pp", $"{pp}", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
                                             "--global-batch", "16", "--micro-batch", "4", "--checkpoint-interval", "20");
             Assert.True(code == 0, "the AppHost failed:\n" + output);
             Assert.Contains("job", output);
             Assert.Matches(@"job \S+ ended: Completed", output);
-            // Both workers took part in one data-parallel generation.
+            // Both workers took part in one generation: two replicas, or the two stages of one.
+            Assert.Matches(pp == 1 ? @"\[gpu-worker-\d\] \[rank 1\] generation 1: rank 1 of 2, " : @"\[gpu-worker-\d\] \[rank 1\] generation 1: rank 1 of 2 = stage 1 ", output);
             Assert.Matches(@"\[gpu-worker-0\].*rank \d of 2", output);
             Assert.Matches(@"\[gpu-worker-1\].*rank \d of 2", output);
             // The loss fell: the first and the last reported losses of rank 0.
