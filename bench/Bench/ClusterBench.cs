@@ -18,25 +18,47 @@ namespace DeepSeekCluster.Bench;
 
 public static partial class ClusterBench
 {
-    /// <summary>Rank 0 logs steps 1, 10, 20, …: the steady window runs from the line of step 10 to the line of the last.</summary>
-    const int Warm = 10;
+    /// <summary>
+    /// The step whose log line opens the window (--warm, a multiple of <see cref="LogEvery"/>): 10 by default; a later one
+    /// leaves the worker's JIT warm-up (its larger code base tiers up for tens of seconds) out of a steady-state window.
+    /// </summary>
+    static int Warm = 10;
+    const int LogEvery = 10;
     const int VocabSize = 512; // the corpus the cluster prepares (as the chaos jobs do)
 
     sealed record Config(string Key, string Label, bool Standalone, int Workers, int Threads, int CheckpointEvery);
 
     /// <summary>One run: wall tokens/s over the steady window, median per-step tokens/s the trainer measured, phases per step.</summary>
     internal sealed record Sample(double WallTps, double StepTps, double Load1, IReadOnlyDictionary<string, double> Phases,
-                         IReadOnlyDictionary<string, double> CpuPerStep, IReadOnlyDictionary<string, double> ThreadCpuPerStep);
+                         IReadOnlyDictionary<string, double> CpuPerStep, IReadOnlyDictionary<string, double> ThreadCpuPerStep,
+                         IReadOnlyDictionary<string, double> RuntimePerStep);
+
+    /// <summary>The trainer process's .NET runtime counters (as the System.Runtime meter names them), for per-step differences.</summary>
+    static readonly string[] RuntimeCounters = ["gc pause ms", "gcs", "allocated MB", "jit ms", "jitted methods"];
+
+    /// <summary>This process's runtime counters, in <see cref="RuntimeCounters"/>' units.</summary>
+    static Dictionary<string, double> OwnRuntime() => new()
+    {
+        ["gc pause ms"] = GC.GetTotalPauseDuration().TotalMilliseconds, ["gcs"] = GC.CollectionCount(0), // gen0 counts every collection
+        ["allocated MB"] = GC.GetTotalAllocatedBytes() / 1e6,
+        ["jit ms"] = System.Runtime.JitInfo.GetCompilationTime().TotalMilliseconds, ["jitted methods"] = System.Runtime.JitInfo.GetCompiledMethodCount(),
+    };
+
+    static Dictionary<string, double> PerStep(IReadOnlyDictionary<string, double> at0, IReadOnlyDictionary<string, double> at1, int steps) =>
+        at1.Keys.Where(at0.ContainsKey).ToDictionary(k => k, k => (at1[k] - at0[k]) / steps);
 
     /// <summary>The processes whose CPU time a window accounts for: the trainer's (workers, or this process), then the services.</summary>
     static readonly string[] CpuColumns = ["trainer", "coordinator", "data-shards", "checkpoints", "blobs", "bench"];
 
     public static async Task<int> RunAsync(string[] args)
     {
-        int rounds = Int(args, "--rounds", 3, 1), steps = Int(args, "--steps", 30, 2 * Warm), threadRounds = Int(args, "--thread-rounds", 1, 0);
+        Warm = Int(args, "--warm", 10, LogEvery);
+        if (Warm % LogEvery != 0) throw new ArgumentException($"option --warm: {Warm} must be a multiple of {LogEvery} (rank 0 logs every {LogEvery} steps)");
+        int rounds = Int(args, "--rounds", 3, 1), steps = Int(args, "--steps", 30, Warm + LogEvery), threadRounds = Int(args, "--thread-rounds", 1, 0);
         int seqLen = Int(args, "--seq-len", 64, 8), globalBatch = Int(args, "--global-batch", 16, 2), micro = Int(args, "--micro-batch", 4, 1);
         int checkpointEvery = Int(args, "--checkpoint-every", 10, 0);
-        if (steps % Warm != 0) throw new ArgumentException($"option --steps: {steps} must be a multiple of {Warm} (rank 0 logs every {Warm} steps; the window ends on the last)");
+        bool scaling = !args.Contains("--no-scaling"); // --no-scaling: the overhead pair only (standalone, 1 worker), rounds twice as fast
+        if (steps % LogEvery != 0) throw new ArgumentException($"option --steps: {steps} must be a multiple of {LogEvery} (rank 0 logs every {LogEvery} steps; the window ends on the last)");
         if (globalBatch % (2 * micro) != 0)
             throw new ArgumentException($"option --global-batch: {globalBatch} must be a multiple of 2 x --micro-batch ({micro}) so 1 and 2 workers train the same batch");
         int cores = Environment.ProcessorCount;
@@ -44,8 +66,8 @@ public static partial class ClusterBench
         {
             new("standalone", "standalone Trainer (fresh process)", true, 1, 1, 0),
             new("c1", "1 worker under the Coordinator", false, 1, 1, 0),
-            new("c2", "2 workers (data-parallel)", false, 2, 1, 0),
         };
+        if (scaling) configs.Add(new("c2", "2 workers (data-parallel)", false, 2, 1, 0));
         if (threadRounds > 0) configs.Add(new("c1t2", $"1 worker, {cores} torch threads", false, 1, cores, 0));
         if (checkpointEvery > 0) configs.Add(new("c1ck", $"1 worker, checkpoint every {checkpointEvery}", false, 1, 1, checkpointEvery));
 
@@ -125,11 +147,11 @@ public static partial class ClusterBench
         // Ratios within a round (the configurations of a round ran minutes apart, under similar load), then their median.
         var overhead = PairedRatios(results["c1"], results["standalone"], (a, b) => a.WallTps / b.WallTps);
         var overheadStep = PairedRatios(results["c1"], results["standalone"], (a, b) => a.StepTps / b.StepTps);
-        var scaling = PairedRatios(results["c2"], results["c1"], (a, b) => a.WallTps / (2 * b.WallTps));
         Say($"cluster overhead: 1 worker under the Coordinator reaches {Ratio(overhead)} of the standalone trainer's wall tokens/s " +
             $"(trainer-measured step tokens/s: {Ratio(overheadStep)}); goal ≥ 95%");
-        Say($"data-parallel scaling, 2 workers × 1 thread vs 1 worker × 1 thread, same global batch: efficiency {Ratio(scaling)} " +
-            $"(tokens/s(2) / (2 × tokens/s(1)))");
+        if (scaling)
+            Say($"data-parallel scaling, 2 workers × 1 thread vs 1 worker × 1 thread, same global batch: efficiency " +
+                $"{Ratio(PairedRatios(results["c2"], results["c1"], (a, b) => a.WallTps / (2 * b.WallTps)))} (tokens/s(2) / (2 × tokens/s(1)))");
         if (threadRounds > 0)
             Say($"1 worker with {cores} torch threads vs 1 thread: " +
                 $"{Ratio(PairedRatios(results["c1t2"], results["c1"], (a, b) => a.WallTps / b.WallTps), "F2", percent: false)}×");
@@ -142,6 +164,11 @@ public static partial class ClusterBench
         Say("Where the trainer process's CPU goes, by thread (medians over the rounds):");
         Say("");
         foreach (var line in ThreadTable(sa, c1)) Say(line);
+        Say("");
+        var rsa = MedianOf(sa, s => s.RuntimePerStep);
+        var rc1 = MedianOf(c1, s => s.RuntimePerStep);
+        Say($"runtime per step, medians (standalone → 1 worker): " + string.Join(", ", RuntimeCounters.Select(k =>
+            FormattableString.Invariant($"{k} {rsa.GetValueOrDefault(k, double.NaN):F2} → {rc1.GetValueOrDefault(k, double.NaN):F2}"))));
         Say("");
         Say($"per-step phases, medians (ms): standalone {Phases(MedianOf(sa, s => s.Phases))}, cluster {Phases(MedianOf(c1, s => s.Phases))}; wall ms per step: " +
             $"standalone {MedianOf(sa.Select(s => globalBatch * seqLen / s.WallTps * 1000)):F1}, cluster {MedianOf(c1.Select(s => globalBatch * seqLen / s.WallTps * 1000)):F1}");
@@ -162,7 +189,7 @@ public static partial class ClusterBench
         foreach (var a in new[]
                  {
                      "cluster-standalone", "--seq-len", $"{seqLen}", "--global-batch", $"{globalBatch}", "--micro-batch", $"{micro}",
-                     "--steps", $"{steps}", "--threads", $"{threads}",
+                     "--steps", $"{steps}", "--threads", $"{threads}", "--warm", $"{Warm}",
                      "--pids", string.Join(",", services.Select(p => $"{p.Key}={p.Value}")),
                  })
             start.ArgumentList.Add(a);
@@ -188,11 +215,12 @@ public static partial class ClusterBench
     /// <summary>The child side (verb cluster-standalone): one standalone run, its <see cref="Sample"/> as a JSON line.</summary>
     public static int StandaloneChild(string[] args)
     {
+        Warm = Int(args, "--warm", 10, LogEvery);
         var pids = Arg(args, "--pids", "").Split(',', StringSplitOptions.RemoveEmptyEntries)
             .Select(p => p.Split('=')).ToDictionary(p => p[0], p => int.Parse(p[1], CultureInfo.InvariantCulture));
         var config = DeepSeekConfig.Preset("tiny") with { VocabSize = VocabSize };
         var s = Standalone(config, Int(args, "--seq-len", 64, 8), Int(args, "--global-batch", 16, 1), Int(args, "--micro-batch", 4, 1),
-                           Int(args, "--steps", 30, 2 * Warm), Int(args, "--threads", 1, 1), pids);
+                           Int(args, "--steps", 30, Warm + LogEvery), Int(args, "--threads", 1, 1), pids);
         Console.WriteLine("RESULT " + System.Text.Json.JsonSerializer.Serialize(s));
         return 0;
     }
@@ -213,15 +241,16 @@ public static partial class ClusterBench
         var measured = new List<StepMetrics>();
         var window = new Stopwatch();
         var pids = services.Append(new("trainer", Environment.ProcessId)).ToDictionary();
-        Dictionary<string, double> cpu0 = [], threads0 = [];
+        Dictionary<string, double> cpu0 = [], threads0 = [], runtime0 = [];
         for (int i = 1; i <= steps; i++)
         {
             var m = trainer.TrainStep();
-            if (i == Warm) { window.Start(); cpu0 = CpuSeconds(pids); threads0 = ThreadCpuSeconds(Environment.ProcessId); }
+            if (i == Warm) { window.Start(); cpu0 = CpuSeconds(pids); threads0 = ThreadCpuSeconds(Environment.ProcessId); runtime0 = OwnRuntime(); }
             else if (i > Warm) measured.Add(m);
         }
         var cpu1 = CpuSeconds(pids);
         var threads1 = ThreadCpuSeconds(Environment.ProcessId);
+        var runtime1 = OwnRuntime();
         double wall = (double)(steps - Warm) * globalBatch * seqLen / window.Elapsed.TotalSeconds;
         double load = double.Parse(LoadAverage(), CultureInfo.InvariantCulture);
         var phases = new Dictionary<string, double>
@@ -232,7 +261,7 @@ public static partial class ClusterBench
         };
         var cpu = cpu1.Keys.ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
         return new Sample(wall, MedianOf(measured.Select(m => m.TokensPerSecond)), load, phases, cpu,
-                          ThreadsPerStep(threads0, threads1, cpu["trainer"] * (steps - Warm), steps - Warm));
+                          ThreadsPerStep(threads0, threads1, cpu["trainer"] * (steps - Warm), steps - Warm), PerStep(runtime0, runtime1, steps - Warm));
     }
 
     /// <summary>The options TrainingRun builds from the job spec ChaosJob.ToSpec writes (cosine, peak 3e-3, min 3e-4, warm-up steps/10).</summary>
@@ -275,20 +304,21 @@ public static partial class ClusterBench
             double wall = (double)(steps - Warm) * globalBatch * seqLen / Stopwatch.GetElapsedTime(from, to).TotalSeconds;
             var stepTps = end.Loss.Where(l => l.Step > Warm).Select(l => l.TokensPerSecond).ToList();
             if (stepTps.Count == 0) throw new InvalidOperationException($"{name}: the job's loss history holds no step after {Warm}");
-            // The worker's deepseek_train_step_seconds histogram, scraped at step ~10 and at the end: the steady steps' phases.
+            // The worker's deepseek_train_step_seconds histogram and runtime counters, scraped at rank 0's log lines of step 10 and
+            // of the last step (before the final save and the end-of-run work): the steady steps' phases, GC and JIT.
             var first = await watch.WarmScrape!;
-            var last = await WorkerWatch.ScrapeAsync(watch.MetricsUrl(rank0));
+            var last = await watch.LastScrape!;
             var phases = new Dictionary<string, double>();
-            foreach (var phase in last.Keys)
+            foreach (var phase in last.Phases.Keys)
             {
-                var (sum1, count1) = last[phase];
-                var (sum0, count0) = first.GetValueOrDefault(phase);
+                var (sum1, count1) = last.Phases[phase];
+                var (sum0, count0) = first.Phases.GetValueOrDefault(phase);
                 if (count1 > count0) phases[phase] = (sum1 - sum0) / (count1 - count0);
             }
             var cpu = cpu1.Keys.Where(k => !ids.Contains(k)).ToDictionary(k => k, k => (cpu1[k] - cpu0[k]) / (steps - Warm));
             cpu["trainer"] = ids.Sum(id => cpu1[id] - cpu0[id]) / (steps - Warm);
             return new Sample(wall, MedianOf(stepTps), load, phases, cpu,
-                              ThreadsPerStep(threads0, threads1, cpu1[rank0] - cpu0[rank0], steps - Warm));
+                              ThreadsPerStep(threads0, threads1, cpu1[rank0] - cpu0[rank0], steps - Warm), PerStep(first.Runtime, last.Runtime, steps - Warm));
         }
         finally { await cluster.StopWorkersAsync(); }
     }
@@ -305,11 +335,12 @@ public static partial class ClusterBench
         Dictionary<string, int> pids = [];
         string? rank0;
         int lastStep;
-        public Task<Dictionary<string, (double Sum, long Count)>>? WarmScrape { get; private set; }
+        public Task<Scrape>? WarmScrape { get; private set; }
+        public Task<Scrape>? LastScrape { get; private set; }
 
         public void Expect(IEnumerable<string> instances, int steps, Dictionary<string, int> processes)
         {
-            lock (this) { current = instances.ToHashSet(); stepAt.Clear(); cpuAt.Clear(); threadsAt.Clear(); pids = processes; rank0 = null; lastStep = steps; WarmScrape = null; }
+            lock (this) { current = instances.ToHashSet(); stepAt.Clear(); cpuAt.Clear(); threadsAt.Clear(); pids = processes; rank0 = null; lastStep = steps; WarmScrape = LastScrape = null; }
         }
 
         public string MetricsUrl(string instance) =>
@@ -332,6 +363,7 @@ public static partial class ClusterBench
                 }
                 rank0 = instance;
                 if (step == Warm && WarmScrape is null) WarmScrape = ScrapeAsync(MetricsUrl(instance));
+                if (step == lastStep && LastScrape is null) LastScrape = ScrapeAsync(MetricsUrl(instance));
             }
         }
 
@@ -339,14 +371,16 @@ public static partial class ClusterBench
                 Dictionary<string, double> Threads0, Dictionary<string, double> Threads1)? Window(int from, int to)
         {
             lock (this)
-                return stepAt.TryGetValue(from, out var a) && stepAt.TryGetValue(to, out var b) && rank0 is not null && WarmScrape is not null
+                return stepAt.TryGetValue(from, out var a) && stepAt.TryGetValue(to, out var b) && rank0 is not null && WarmScrape is not null && LastScrape is not null
                        && cpuAt.TryGetValue(from, out var c0) && cpuAt.TryGetValue(to, out var c1)
                        && threadsAt.TryGetValue(from, out var t0) && threadsAt.TryGetValue(to, out var t1)
                     ? (a, b, rank0, c0, c1, t0, t1) : null;
         }
 
-        /// <summary>phase → (sum of seconds, steps) of the worker's step histogram.</summary>
-        public static async Task<Dictionary<string, (double Sum, long Count)>> ScrapeAsync(string baseUrl)
+        /// <summary>phase → (sum of seconds, steps) of the worker's step histogram; its runtime counters as <see cref="OwnRuntime"/>'s.</summary>
+        public sealed record Scrape(Dictionary<string, (double Sum, long Count)> Phases, Dictionary<string, double> Runtime);
+
+        public static async Task<Scrape> ScrapeAsync(string baseUrl)
         {
             var text = await Http.GetStringAsync(baseUrl.TrimEnd('/') + "/metrics");
             var sums = new Dictionary<string, double>();
@@ -357,7 +391,17 @@ public static partial class ClusterBench
                 if (m.Groups[1].Value == "sum") sums[m.Groups[2].Value] = v;
                 else counts[m.Groups[2].Value] = (long)v;
             }
-            return sums.Keys.Where(counts.ContainsKey).ToDictionary(k => k, k => (sums[k], counts[k]));
+            double Sum(string metric, double scale) => Regex.Matches(text, $@"^{metric}(?:{{[^}}]*}})? (\S+)", RegexOptions.Multiline)
+                .Sum(m => double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture)) * scale;
+            var runtime = new Dictionary<string, double>
+            {
+                ["gc pause ms"] = Sum("dotnet_gc_pause_time_seconds_total", 1000),
+                ["gcs"] = Sum("dotnet_gc_collections_total", 1), // every generation's: one collection counts once, in its generation
+                ["allocated MB"] = Sum("dotnet_gc_heap_total_allocated_bytes_total", 1e-6),
+                ["jit ms"] = Sum("dotnet_jit_compilation_time_seconds_total", 1000),
+                ["jitted methods"] = Sum("dotnet_jit_compiled_methods_total", 1),
+            };
+            return new Scrape(sums.Keys.Where(counts.ContainsKey).ToDictionary(k => k, k => (sums[k], counts[k])), runtime);
         }
 
         [GeneratedRegex(@"^health and metrics on (http://[^, ]+)")]
