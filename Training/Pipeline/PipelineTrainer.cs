@@ -149,22 +149,17 @@ public sealed class PipelineTrainer : IDisposable
         PeakHeldTensorBytes = 0;
 
         // ---- Link operations: null or nothing at the ends of the pipeline; their time is communication ----
-        Tensor[]? ReceiveForward()
+        // A stage's frames from the stage before (a forward's inputs) or after (a backward's gradients); null at the ends.
+        Tensor[]? ReceiveFrom(StageLink? link)
         {
-            if (Stage.IsFirst) return null;
+            if (link is null) return null;
             var c = Stopwatch.StartNew();
-            var received = Enumerable.Range(0, frames).Select(_ => links.Previous!.Receive(shape, dtype, Device)).ToArray();
+            var received = Enumerable.Range(0, frames).Select(_ => link.Receive(shape, dtype, Device)).ToArray();
             commS += c.Elapsed.TotalSeconds;
             return received;
         }
-        Tensor[]? ReceiveBackward()
-        {
-            if (Stage.IsLast) return null;
-            var c = Stopwatch.StartNew();
-            var received = Enumerable.Range(0, frames).Select(_ => links.Next!.Receive(shape, dtype, Device)).ToArray();
-            commS += c.Elapsed.TotalSeconds;
-            return received;
-        }
+        Tensor[]? ReceiveForward() => ReceiveFrom(links.Previous);
+        Tensor[]? ReceiveBackward() => ReceiveFrom(links.Next);
         Tensor[] Outputs(Pending p) => carryEmbeddings ? [p.Output.Hidden_BTD, p.Output.Embeddings_BTD!] : [p.Output.Hidden_BTD];
         void SendForward(Pending p)
         {
