@@ -146,8 +146,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         }
 
         // ---- Collectives: the ring of this generation (a cancel ends the rendezvous at once) ----
-        var peers = Enumerable.Range(0, assignment.World).Select(r => assignment.Peers.TryGetValue(r, out var e) ? e
-            : throw new InvalidDataException($"the assignment lists no endpoint for rank {r}")).ToList();
+        var peers = Enumerable.Range(0, assignment.World).Select(r => EndpointOf(assignment.Peers, r, "collective")).ToList();
         using var collective = RunCancellation.ConnectRing(
             () => new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
@@ -418,7 +417,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         long stateBytes = 0;
         if (plan.Source == ResumePlan.Replica)
         {
-            var state = holder.State ?? NewStageState(config, options, layout, spec.Seed, device, fingerprint);
+            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint, layout);
             if (plan.AnyRankBehind) stateBytes = BroadcastLiveState(collective, plan.SourceRank, state);
             Log($"stage {stage} resuming at step {plan.Step} from the live state of replica {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
                 $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
@@ -426,7 +425,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         else
         {
             if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
-            var state = holder.State ?? NewStageState(config, options, layout, spec.Seed, device, fingerprint);
+            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint, layout);
             if (plan.Source == ResumePlan.Checkpoint)
             {
                 long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -463,7 +462,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
 
     string EndpointOf(IDictionary<int, string> endpoints, int rank, string what) =>
         endpoints.TryGetValue(rank, out var e) && e.Length > 0 ? e
-            : throw new InvalidDataException($"the assignment lists no {what} endpoint for rank {rank} (a worker that announces none cannot run pipeline stages)");
+            : throw new InvalidDataException($"the assignment lists no {what} endpoint for rank {rank}");
 
     /// <summary>
     /// Accepts the stage before (on this worker's pipeline port) while dialling the stage after, on a dedicated thread: a
@@ -505,20 +504,6 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
     {
         var hash = System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes($"{assignment.JobId}\n{assignment.Generation}\n{step}"));
         return Math.Max(1, BitConverter.ToInt64(hash, 0) & long.MaxValue);
-    }
-
-    /// <summary>The whole model from the seed (as every rank builds it), shrunk to this worker's stage, with an AdamW over the stage's parameters.</summary>
-    ReplicaState NewStageState(DeepSeekConfig config, TrainingOptions options, ParallelLayout layout, int seed, Device device, string fingerprint)
-    {
-        manual_seed(seed);
-        var model = new DeepSeekForCausalLM(config).InitializeWeights();
-        model.to(device);
-        var stage = new PipelineStage(model, layout, assignment.PpStage);
-        holder.State = new ReplicaState
-        {
-            JobId = assignment.JobId, Fingerprint = fingerprint, Model = model, Stage = stage, Optimizer = PipelineTrainer.CreateOptimizer(stage, options),
-        };
-        return holder.State;
     }
 
     /// <summary>
@@ -590,14 +575,20 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         return bytes;
     }
 
-    ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint)
+    /// <summary>
+    /// The whole model from the seed (every rank builds the same weights) with its AdamW; given the <paramref name="pipeline"/>
+    /// layout, shrunk to this worker's stage, the AdamW over the stage's parameters only.
+    /// </summary>
+    ReplicaState NewState(DeepSeekConfig config, TrainingOptions options, int seed, Device device, string fingerprint, ParallelLayout? pipeline = null)
     {
-        manual_seed(seed); // every replica starts from the same weights
+        manual_seed(seed);
         var model = new DeepSeekForCausalLM(config).InitializeWeights();
         model.to(device);
+        var stage = pipeline is null ? null : new PipelineStage(model, pipeline, assignment.PpStage);
         holder.State = new ReplicaState
         {
-            JobId = assignment.JobId, Fingerprint = fingerprint, Model = model, Optimizer = Trainer.CreateOptimizer(model, options),
+            JobId = assignment.JobId, Fingerprint = fingerprint, Model = model, Stage = stage,
+            Optimizer = stage is null ? Trainer.CreateOptimizer(model, options) : PipelineTrainer.CreateOptimizer(stage, options),
         };
         return holder.State;
     }
