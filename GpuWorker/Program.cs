@@ -1,5 +1,5 @@
 // gpu-worker: one process per accelerator. Verbs: join (cluster mode, the default when a coordinator is configured),
-// train (standalone, no cluster) and generate (from a HF model folder).
+// train (standalone, no cluster), generate (from a HF model folder) and check (what this machine offers a worker).
 using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.Hosting;
@@ -14,6 +14,7 @@ try
         null when WorkerSettings.Configured => await Join(),
         "train" => StandaloneCommands.Train(args[1..]),
         "generate" => StandaloneCommands.Generate(args[1..]),
+        "check" => MachineCheck.Run(args[1..]),
         null or "help" or "--help" or "-h" => Usage(0),
         var other => Fail($"unknown verb '{other}'"),
     };
@@ -56,6 +57,6 @@ static int Fail(string message)
 
 static int Usage(int code)
 {
-    Console.WriteLine(StandaloneCommands.Usage);
+    Console.WriteLine(StandaloneCommands.Usage + Environment.NewLine + MachineCheck.Usage);
     return code;
 }

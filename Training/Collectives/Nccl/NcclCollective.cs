@@ -151,14 +151,14 @@ public sealed class NcclCollective : ICollective
             throw new CollectiveException(fault.Failure, $"{op} refused: this collective failed earlier; form a new generation ({fault.Message})", inner: fault);
         if (comm == IntPtr.Zero) throw new ObjectDisposedException(nameof(NcclCollective));
         int result = enqueue();
-        if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result)}");
+        if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result, comm)}");
         var device = Device;
         var done = Task.Factory.StartNew(() => cuda.synchronize(device), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
         var clock = Stopwatch.StartNew();
         while (!done.Wait(10))
         {
             if (NcclNative.ncclCommGetAsyncError(comm, out int asyncError) == NcclNative.Success && asyncError is not (NcclNative.Success or NcclNative.InProgress))
-                throw Fail(op, $"reported {NcclNative.ErrorString(asyncError)} (a peer failed or its connection broke)");
+                throw Fail(op, $"reported {NcclNative.ErrorString(asyncError, comm)} (a peer failed or its connection broke)");
             if (clock.Elapsed > Timeout)
                 throw Fail(op, $"did not complete within {Timeout.TotalSeconds:0.#} s: a peer died or stalled");
         }
@@ -206,12 +206,31 @@ public sealed class NcclCollective : ICollective
             throw new CollectiveException(CollectiveFailure.Unavailable, $"{call} failed: {NcclNative.ErrorString(result)}");
     }
 
-    /// <summary>Loads libnccl.so.2 up front so that its absence is one clear message, not a DllNotFoundException later.</summary>
+    /// <summary>
+    /// What the loader finds of NCCL here: the file, its version, and the entry points this backend calls that it lacks.
+    /// <c>gpu-worker check</c> prints it; <see cref="Create"/> and <see cref="CreateUniqueId"/> refuse to start without a
+    /// usable library, with one clear message instead of a DllNotFoundException or EntryPointNotFoundException mid-run.
+    /// </summary>
+    public static NcclLibraryInfo Inspect()
+    {
+        if (!NativeLibrary.TryLoad(NcclNative.Library, typeof(NcclCollective).Assembly, null, out var handle))
+            return new NcclLibraryInfo(null, 0, 0, [],
+                $"{NcclNative.Library} could not be loaded: install NCCL {NcclNative.VersionText(NcclNative.MinimumVersion)} or newer (Debian/Ubuntu: libnccl2) or add its folder to LD_LIBRARY_PATH");
+        var missing = NcclNative.EntryPoints.Where(e => !NcclNative.OptionalEntryPoints.Contains(e) && !NativeLibrary.TryGetExport(handle, e, out _)).Order().ToList();
+        string? path = SharedLibrary.PathOf(handle, nameof(NcclNative.ncclGetVersion));
+        int version = 0;
+        if (!missing.Contains(nameof(NcclNative.ncclGetVersion))) NcclNative.ncclGetVersion(out version);
+        var where = path ?? NcclNative.Library;
+        string? problem =
+            missing.Count > 0 ? $"{where} lacks {string.Join(", ", missing)}, which the nccl backend calls: install NCCL {NcclNative.VersionText(NcclNative.MinimumVersion)} or newer"
+            : version < NcclNative.MinimumVersion ? $"{where} is NCCL {NcclNative.VersionText(version)}; the nccl backend needs {NcclNative.VersionText(NcclNative.MinimumVersion)} or newer (ncclAvg, bfloat16)"
+            : null;
+        return new NcclLibraryInfo(path, version, NcclNative.EntryPoints.Count(e => !NcclNative.OptionalEntryPoints.Contains(e)), missing, problem);
+    }
+
     static void EnsureLibrary()
     {
-        if (!NativeLibrary.TryLoad(NcclNative.Library, typeof(NcclCollective).Assembly, null, out _))
-            throw new CollectiveException(CollectiveFailure.Unavailable,
-                $"the nccl backend needs {NcclNative.Library}, which could not be loaded: install NCCL 2.x (Debian/Ubuntu: libnccl2) or add its folder to LD_LIBRARY_PATH");
+        if (Inspect().Problem is { } problem) throw new CollectiveException(CollectiveFailure.Unavailable, $"the nccl backend cannot start: {problem}");
     }
 
     public void Dispose()
@@ -220,4 +239,15 @@ public sealed class NcclCollective : ICollective
         comm = IntPtr.Zero;
         if (c != IntPtr.Zero) NcclNative.ncclCommDestroy(c);
     }
+}
+
+/// <summary>NCCL as the loader finds it (<see cref="NcclCollective.Inspect"/>).</summary>
+/// <param name="Path">The file libnccl.so.2 resolved to, or null when it did not load.</param>
+/// <param name="VersionCode">ncclGetVersion's code (22203 is 2.22.3); 0 when it did not load.</param>
+/// <param name="Required">How many libnccl entry points the nccl backend calls.</param>
+/// <param name="Missing">Those the file lacks.</param>
+/// <param name="Problem">Why the nccl backend cannot use it, or null when it can.</param>
+public sealed record NcclLibraryInfo(string? Path, int VersionCode, int Required, IReadOnlyList<string> Missing, string? Problem)
+{
+    public string Version => NcclNative.VersionText(VersionCode);
 }

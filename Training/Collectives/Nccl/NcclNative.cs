@@ -1,4 +1,5 @@
 // P/Invoke declarations for libnccl.so.2 (NCCL 2.x C API) and the few CUDA driver calls NCCL needs around it.
+using System.Reflection;
 using System.Runtime.InteropServices;
 
 namespace DeepSeekCluster.Training.Collectives.Nccl;
@@ -7,6 +8,22 @@ internal static unsafe class NcclNative
 {
     public const string Library = "libnccl.so.2";
     public const int UniqueIdBytes = 128;
+
+    /// <summary>NCCL 2.10.0 (ncclGetVersion's code): the first with ncclAvg and ncclBfloat16, which this backend uses.</summary>
+    public const int MinimumVersion = 21000;
+
+    /// <summary>Entry points used when present and never required (ncclGetLastError came in NCCL 2.13).</summary>
+    public static readonly IReadOnlySet<string> OptionalEntryPoints = new HashSet<string> { nameof(ncclGetLastError) };
+
+    /// <summary>Every libnccl function declared here, by its exported name.</summary>
+    public static IEnumerable<string> EntryPoints =>
+        typeof(NcclNative).GetMethods(BindingFlags.Static | BindingFlags.Public | BindingFlags.NonPublic)
+            .Where(m => m.GetCustomAttribute<DllImportAttribute>()?.Value == Library)
+            .Select(m => m.GetCustomAttribute<DllImportAttribute>()!.EntryPoint ?? m.Name);
+
+    /// <summary>NCCL_VERSION_CODE as text: major*10000 + minor*100 + patch since 2.9, major*1000 + minor*100 + patch before.</summary>
+    public static string VersionText(int code) =>
+        code >= 20900 ? $"{code / 10000}.{code / 100 % 100}.{code % 100}" : $"{code / 1000}.{code / 100 % 10}.{code % 100}";
 
     // ncclResult_t
     public const int Success = 0, InProgress = 7;
@@ -26,6 +43,7 @@ internal static unsafe class NcclNative
     [DllImport(Library)] public static extern int ncclCommAbort(IntPtr comm);
     [DllImport(Library)] public static extern int ncclCommGetAsyncError(IntPtr comm, out int asyncError);
     [DllImport(Library)] public static extern IntPtr ncclGetErrorString(int result);
+    [DllImport(Library)] public static extern IntPtr ncclGetLastError(IntPtr comm);
     [DllImport(Library)] public static extern int ncclAllReduce(IntPtr sendbuff, IntPtr recvbuff, nuint count, int datatype, int op, IntPtr comm, IntPtr stream);
     [DllImport(Library)] public static extern int ncclReduceScatter(IntPtr sendbuff, IntPtr recvbuff, nuint recvcount, int datatype, int op, IntPtr comm, IntPtr stream);
     [DllImport(Library)] public static extern int ncclAllGather(IntPtr sendbuff, IntPtr recvbuff, nuint sendcount, int datatype, IntPtr comm, IntPtr stream);
@@ -35,10 +53,21 @@ internal static unsafe class NcclNative
     [DllImport(Library)] public static extern int ncclGroupStart();
     [DllImport(Library)] public static extern int ncclGroupEnd();
 
-    public static string ErrorString(int result)
+    /// <summary>
+    /// NCCL's name for <paramref name="result"/>, followed by its last error message where it keeps one (the generic
+    /// "unhandled cuda error" says little; the last error says which CUDA call failed and why).
+    /// </summary>
+    public static string ErrorString(int result, IntPtr comm = default)
     {
-        try { return Marshal.PtrToStringAnsi(ncclGetErrorString(result)) ?? $"NCCL error {result}"; }
+        string text;
+        try { text = Marshal.PtrToStringAnsi(ncclGetErrorString(result)) ?? $"NCCL error {result}"; }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { return $"NCCL error {result}"; }
+        try
+        {
+            var last = Marshal.PtrToStringAnsi(ncclGetLastError(comm));
+            return string.IsNullOrWhiteSpace(last) ? text : $"{text}: {last.Trim()}";
+        }
+        catch (EntryPointNotFoundException) { return text; }
     }
 
     // The CUDA driver API (libcuda.so.1 ships with the driver, one per process): NCCL uses the calling thread's current

@@ -10,9 +10,13 @@ public class GpuWorkerCliTests
 {
     static readonly string Dll = typeof(GpuWorkerCliTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "GpuWorkerDll").Value!;
 
-    static (int code, string stdout, string stderr) Run(params string[] args)
+    static (int code, string stdout, string stderr) Run(params string[] args) => RunWith("dotnet", new Dictionary<string, string>(), args);
+
+    /// <summary>Runs gpu-worker through the dotnet host <paramref name="host"/> with <paramref name="environment"/> added to ours.</summary>
+    internal static (int code, string stdout, string stderr) RunWith(string host, IReadOnlyDictionary<string, string> environment, params string[] args)
     {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        var psi = new ProcessStartInfo(host) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var (name, value) in environment) psi.Environment[name] = value;
         psi.ArgumentList.Add(Dll);
         foreach (var a in args) psi.ArgumentList.Add(a);
         using var p = Process.Start(psi)!;
@@ -77,5 +81,26 @@ public class GpuWorkerCliTests
         var bad = Run("train", "--global-batch", "10", "--micro-batch", "4");
         Assert.Equal(2, bad.code);
         Assert.Contains("global_batch (10) must be a multiple of micro_batch", bad.stderr);
+    }
+
+    [Fact]
+    public void CheckReportsACpuMachineWithoutNcclAsReadyForTheTcpBackend()
+    {
+        var (code, stdout, stderr) = Run("check");
+        Assert.True(code == 0, stderr + stdout);
+        Assert.Contains("runtime      .NET 10", stdout);
+        Assert.Contains("libtorch     TorchSharp 0.107.0, CPU build", stdout);
+        Assert.Contains("CUDA driver  libcuda.so.1 not found", stdout);
+        Assert.Contains("device       cpu (asked: auto)", stdout);
+        Assert.Contains("collectives  tcp", stdout);
+        Assert.Contains("NCCL         not loaded: libnccl.so.2 could not be loaded: install NCCL 2.10.0 or newer (Debian/Ubuntu: libnccl2)", stdout);
+        Assert.EndsWith("ok: this machine can train on cpu with the tcp backend", stdout.TrimEnd());
+
+        var cuda = Run("check", "--device", "cuda");
+        Assert.Equal(2, cuda.code);
+        Assert.Contains("device 'cuda' was asked for, but CUDA is not available", cuda.stderr);
+        var typo = Run("check", "--devcie", "cpu");
+        Assert.Equal(2, typo.code);
+        Assert.Contains("--devcie", typo.stderr);
     }
 }

@@ -1,0 +1,97 @@
+// gpu-worker check: what this machine offers a worker (runtime, libtorch, CUDA, collectives, NCCL), in the spirit of
+// DeepSpeed's ds_report and PyTorch's collect_env, with a real NCCL all-reduce over the local GPUs where there are some.
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Nccl;
+using DeepSeekCluster.Training.Engine;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.GpuWorker;
+
+public static class MachineCheck
+{
+    public const string Usage = """
+          gpu-worker check [--device auto|cpu|cuda]
+              Reports what this machine offers a worker: .NET, libtorch and its build, the CUDA driver and devices,
+              the collective backend the device gets, and NCCL (which libnccl.so.2 loads, its version, the entry
+              points the nccl backend calls, a unique id). With CUDA devices it runs an NCCL all-reduce across them.
+              Exit code 0 when the device can train in a cluster, 1 when it cannot (the reason is printed).
+        """;
+
+    public static int Run(string[] args)
+    {
+        var cl = new CommandLine(args, new HashSet<string>());
+        var asked = cl.String("device") ?? "auto";
+        cl.RejectUnknown();
+        var device = StandaloneRun.ResolveDevice(asked);
+        var output = Console.Out;
+        output.WriteLine("gpu-worker check");
+
+        Line(output, "runtime", $"{RuntimeInformation.FrameworkDescription} on {RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} processors");
+        var cudaBuild = Directory.EnumerateFiles(AppContext.BaseDirectory, "libtorch_cuda.so", SearchOption.AllDirectories).Any();
+        Line(output, "libtorch", $"TorchSharp {typeof(torch).Assembly.GetName().Version?.ToString(3)}, {(cudaBuild ? "CUDA build" : "CPU build (TorchSharp-cpu; build with -p:TorchBackend=cuda for GPUs)")}");
+        Line(output, "CUDA driver", NativeLibrary.TryLoad("libcuda.so.1", out var driver) ? $"libcuda.so.1 at {SharedLibrary.PathOf(driver, "cuInit") ?? "an unknown path"}" : "libcuda.so.1 not found (no NVIDIA driver)");
+        int gpus = cuda.is_available() ? cuda.device_count() : 0;
+        Line(output, "CUDA", gpus > 0 ? $"{gpus} device(s) visible to libtorch" : "not available to libtorch");
+        var backend = Collective.BackendFor(device);
+        Line(output, "device", $"{device} (asked: {asked})");
+        Line(output, "collectives", backend == "nccl" ? "nccl (CUDA tensors)" : "tcp (ring all-reduce over sockets, CPU tensors)");
+
+        var nccl = NcclCollective.Inspect();
+        if (nccl.Path is null && nccl.VersionCode == 0)
+            Line(output, "NCCL", $"not loaded: {nccl.Problem}");
+        else
+        {
+            Line(output, "NCCL", $"{nccl.Version} from {nccl.Path ?? "libnccl.so.2"}; {nccl.Required - nccl.Missing.Count} of {nccl.Required} entry points the nccl backend calls");
+            if (nccl.Problem is not null) Line(output, "", $"unusable: {nccl.Problem}");
+            else
+            {
+                try { Line(output, "unique id", $"created ({NcclCollective.CreateUniqueId().Length} bytes): the bootstrap works"); }
+                catch (CollectiveException e) { Line(output, "unique id", $"failed: {e.Message}"); nccl = nccl with { Problem = e.Message }; }
+            }
+        }
+
+        string? problem = null;
+        if (backend == "nccl")
+        {
+            if (nccl.Problem is not null) problem = $"the {device} device needs the nccl backend: {nccl.Problem}";
+            else
+            {
+                try { Line(output, "all-reduce", AllReduceAcross(gpus)); }
+                catch (Exception e) when (e is CollectiveException or InvalidOperationException) { problem = $"NCCL all-reduce across {gpus} device(s) failed: {e.Message}"; }
+            }
+        }
+        else Line(output, "all-reduce", "not run: needs CUDA devices (the tcp backend is tested by the worker's own runs)");
+
+        output.WriteLine(problem is null ? $"ok: this machine can train on {device} with the {backend} backend" : $"not ready: {problem}");
+        return problem is null ? 0 : 1;
+    }
+
+    /// <summary>
+    /// One rank per local GPU, each on its own thread as separate processes would be: rank r all-reduces a vector of
+    /// (r + 1), and every rank must then hold 1 + 2 + ... + n exactly (small integers are exact in float32).
+    /// </summary>
+    static string AllReduceAcross(int gpus)
+    {
+        var id = NcclCollective.CreateUniqueId();
+        const int elements = 1 << 22;
+        var clock = Stopwatch.StartNew();
+        var ranks = Enumerable.Range(0, gpus).Select(rank => Task.Factory.StartNew(() =>
+        {
+            var device = new Device(DeviceType.CUDA, rank);
+            using var collective = NcclCollective.Create(id, rank, gpus, generation: 0, device, TimeSpan.FromSeconds(60));
+            using var values = full(elements, rank + 1, dtype: ScalarType.Float32, device: device);
+            collective.AllReduce(values);
+            float expected = gpus * (gpus + 1) / 2f, min = values.min().cpu().item<float>(), max = values.max().cpu().item<float>();
+            if (min != expected || max != expected)
+                throw new InvalidOperationException($"rank {rank} holds values in [{min}, {max}] after the all-reduce; expected {expected} everywhere");
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
+        try { Task.WaitAll(ranks); }
+        catch (AggregateException e) { throw e.InnerExceptions.First(); }
+        return $"{gpus} rank(s), {elements} float32 each: every rank holds the exact sum ({clock.Elapsed.TotalMilliseconds:0} ms with communicator setup)";
+    }
+
+    static void Line(TextWriter output, string label, string text) => output.WriteLine($"  {label,-12} {text}");
+}
