@@ -159,33 +159,18 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
         var held = ReplicaSync.ExchangeHeldSteps(collective, holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var plan = ReplicaSync.Decide(held, assignment.ResumeStep);
-        long stateBytes = 0;
-        if (plan.Source == ResumePlan.Replica)
-        {
-            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
-            if (plan.AnyRankBehind) stateBytes = BroadcastLiveState(collective, plan.SourceRank, state);
-            Log($"resuming at step {plan.Step} from the live state of rank {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
-                $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
-        }
-        else
-        {
-            // A held state behind the checkpoint, or one the start must replace, is thrown away; fresh weights are seeded.
-            if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
-            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint);
-            if (plan.Source == ResumePlan.Checkpoint)
+        long stateBytes = Restore(plan, held, collective, restoreStart, "", $"rank {plan.SourceRank}",
+            () => NewState(config, options, spec.Seed, device, fingerprint),
+            (state, loadStart) =>
             {
-                long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
                 var loaded = ShardedCheckpointLoader.LoadReplicaAsync(store, plan.Step, state.Model, state.Optimizer, tokenizerReply.TokenizerHash, ct)
                     .GetAwaiter().GetResult();
                 state.Optimizer.StepCount = loaded.OptimizerSteps;
                 state.Step = loaded.Step;
-                stateBytes = state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
                 // A replica reads every file of the checkpoint (each rank's shard).
                 metrics?.CheckpointLoaded(assignment.JobId, settings.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), loaded.Files.Sum(f => f.Size));
-                Log($"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)");
-            }
-            else state.Step = 0;
-        }
+                return $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)";
+            });
         var live = holder.State!;
         var model = live.Model;
         using var trainer = new Trainer(model, source, null, options, device, peak, assignment.DpRank, assignment.DpSize, reducer, live.Optimizer);
@@ -414,31 +399,17 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                 $"(-1: none) or another history: every stage loads {(assignment.ResumeStep > 0 ? $"the committed checkpoint of step {assignment.ResumeStep}" : "the start")}");
             plan = assignment.ResumeStep > 0 ? new ResumePlan(held, assignment.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
-        long stateBytes = 0;
-        if (plan.Source == ResumePlan.Replica)
-        {
-            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint, layout);
-            if (plan.AnyRankBehind) stateBytes = BroadcastLiveState(collective, plan.SourceRank, state);
-            Log($"stage {stage} resuming at step {plan.Step} from the live state of replica {plan.SourceRank} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
-                $"{stateBytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
-        }
-        else
-        {
-            if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
-            var state = holder.State ?? NewState(config, options, spec.Seed, device, fingerprint, layout);
-            if (plan.Source == ResumePlan.Checkpoint)
+        long stateBytes = Restore(plan, held, collective, restoreStart, $"stage {stage} ", $"replica {plan.SourceRank}",
+            () => NewState(config, options, spec.Seed, device, fingerprint, layout),
+            (state, loadStart) =>
             {
-                long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
                 var loaded = state.Stage!.LoadCheckpointAsync(store, plan.Step, state.Optimizer, tokenizerReply.TokenizerHash, ct).GetAwaiter().GetResult();
                 state.Step = loaded.Step;
-                stateBytes = state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
-                metrics?.CheckpointLoaded(assignment.JobId, settings.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), stateBytes);
-                Log($"stage {stage} resumed from committed step {loaded.Step} (generation {loaded.Generation}, saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp})");
-            }
-            else state.Step = 0;
-            // One history for every rank that starts here: the stages can tell next time that their live states belong together.
-            state.Lineage = GenerationLineage(plan.Step);
-        }
+                metrics?.CheckpointLoaded(assignment.JobId, settings.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), StateBytes(state));
+                return $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp})";
+            });
+        // One history for every rank that did not take a live state: the stages can tell next time that their live states belong together.
+        if (plan.Source != ResumePlan.Replica) holder.State!.Lineage = GenerationLineage(plan.Step);
         var live = holder.State!;
         var stageModel = live.Stage!;
         using var reducer = dp > 1 ? new BucketedGradientReducer(collective) : null;
@@ -548,6 +519,36 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);
         return (peak, store);
     }
+
+    /// <summary>
+    /// Makes the holder's live state the one <paramref name="plan"/> names, and returns the bytes restored: the source's
+    /// live state copied over <paramref name="collective"/> to the ranks behind it; or a state loaded from the committed
+    /// checkpoint (<paramref name="loadCheckpoint"/> fills it and returns what to log); or fresh weights for the start.
+    /// A held state behind the checkpoint, or one the start must replace, is thrown away first.
+    /// </summary>
+    long Restore(ResumePlan plan, IReadOnlyList<HeldState> held, ICollective collective, long restoreStart, string who, string source,
+                 Func<ReplicaState> fresh, Func<ReplicaState, long, string> loadCheckpoint)
+    {
+        if (plan.Source == ResumePlan.Replica)
+        {
+            var state = holder.State ?? fresh();
+            long sent = plan.AnyRankBehind ? BroadcastLiveState(collective, plan.SourceRank, state) : 0;
+            Log($"{who}resuming at step {plan.Step} from the live state of {source} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
+                $"{sent} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
+            return sent;
+        }
+        if (holder.State is { Step: not 0 } || plan.Source == ResumePlan.Checkpoint && holder.State is not null) holder.Drop();
+        var restored = holder.State ?? fresh();
+        if (plan.Source != ResumePlan.Checkpoint)
+        {
+            restored.Step = 0;
+            return 0;
+        }
+        Log(who + loadCheckpoint(restored, System.Diagnostics.Stopwatch.GetTimestamp()));
+        return StateBytes(restored);
+    }
+
+    static long StateBytes(ReplicaState state) => state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
 
     /// <summary>Rank 0 tells the Coordinator where the generation resumed and what the restore cost.</summary>
     void ReportResumed(ResumePlan plan, long step, double restoreSeconds, long stateBytes)
