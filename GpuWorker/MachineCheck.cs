@@ -16,7 +16,8 @@ public static class MachineCheck
           gpu-worker check [--device auto|cpu|cuda]
               Reports what this machine offers a worker: .NET, libtorch and its build, the CUDA driver and devices,
               the collective backend the device gets, and NCCL (which libnccl.so.2 loads, its version, the entry
-              points the nccl backend calls, a unique id). With CUDA devices it runs an NCCL all-reduce across them.
+              points the nccl backend calls, a unique id, and a communicator of one rank or NCCL's reason why not).
+              With CUDA devices it runs an NCCL all-reduce across them.
               Exit code 0 when the device can train in a cluster, 1 when it cannot (the reason is printed).
         """;
 
@@ -48,8 +49,13 @@ public static class MachineCheck
             if (nccl.Problem is not null) Line(output, "", $"unusable: {nccl.Problem}");
             else
             {
-                try { Line(output, "unique id", $"created ({NcclCollective.CreateUniqueId().Length} bytes): the bootstrap works"); }
-                catch (CollectiveException e) { Line(output, "unique id", $"failed: {e.Message}"); nccl = nccl with { Problem = e.Message }; }
+                try
+                {
+                    Line(output, "unique id", $"created ({NcclCollective.CreateUniqueId().Length} bytes): the bootstrap works");
+                    Line(output, "communicator", NcclCollective.TryCommunicatorOfOne() is { } why
+                        ? $"NCCL cannot form one here: {why}" : "NCCL formed one of 1 rank on the current CUDA device");
+                }
+                catch (CollectiveException e) { Line(output, "", $"failed: {e.Message}"); nccl = nccl with { Problem = e.Message }; }
             }
         }
 

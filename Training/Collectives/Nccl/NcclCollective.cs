@@ -49,6 +49,21 @@ public sealed class NcclCollective : ICollective
         return bytes;
     }
 
+    /// <summary>
+    /// Forms a communicator of one rank on the current CUDA device and destroys it again: null when NCCL can, else NCCL's
+    /// own account of why not (its result and last error; without a GPU, the CUDA failure it met). <c>gpu-worker check</c>
+    /// prints it, so a driver too old for NCCL's CUDA runtime is named before a job fails on it.
+    /// </summary>
+    public static string? TryCommunicatorOfOne()
+    {
+        EnsureLibrary();
+        Check(NcclNative.ncclGetUniqueId(out var id), "ncclGetUniqueId");
+        int result = NcclNative.ncclCommInitRank(out var comm, 1, id, 0);
+        if (result != NcclNative.Success) return NcclNative.ErrorString(result);
+        NcclNative.ncclCommDestroy(comm);
+        return null;
+    }
+
     /// <summary>Joins the communicator of <paramref name="uniqueId"/> as <paramref name="rank"/>; every rank must call this within the timeout.</summary>
     public static NcclCollective Create(byte[] uniqueId, int rank, int worldSize, long generation, Device device, TimeSpan timeout)
     {

@@ -106,7 +106,7 @@ public class NcclLibraryTests
     };
 
     [Fact]
-    public void CheckLoadsTheRealLibncclReadsItsVersionFindsEveryEntryPointAndMakesAUniqueId()
+    public void CheckLoadsTheRealLibncclReadsItsVersionFindsEveryEntryPointAndHasNcclSayWhyItFormsNoCommunicatorWithoutAGpu()
     {
         var h = Header;
         var host = Path.Combine(Root, "dotnet", "dotnet");
@@ -116,6 +116,8 @@ public class NcclLibraryTests
         var version = $"{Define(h, "NCCL_MAJOR")}.{Define(h, "NCCL_MINOR")}.{Define(h, "NCCL_PATCH")}";
         Assert.Contains($"NCCL         {version} from {Path.Combine(Lib, "libnccl.so.2")}; {required} of {required} entry points the nccl backend calls", stdout);
         Assert.Contains("unique id    created (128 bytes): the bootstrap works", stdout);
+        // ncclCommInitRank reached NCCL's CUDA setup, and its failure comes with ncclGetLastError's detail after the result's name.
+        Assert.Matches(@"communicator NCCL cannot form one here: unhandled cuda error \(run with NCCL_DEBUG=INFO for details\): Cuda failure '[^']+'", stdout);
         Assert.Contains("collectives  tcp", stdout); // no GPU: the worker still trains with the tcp backend
         Assert.EndsWith("ok: this machine can train on cpu with the tcp backend", stdout.TrimEnd());
     }
