@@ -41,7 +41,7 @@ public static class MachineCheck
         Line(output, "collectives", backend == "nccl" ? "nccl (CUDA tensors)" : "tcp (ring all-reduce over sockets, CPU tensors)");
 
         var nccl = NcclCollective.Inspect();
-        if (nccl.Path is null && nccl.VersionCode == 0)
+        if (!nccl.Loaded)
             Line(output, "NCCL", $"not loaded: {nccl.Problem}");
         else
         {
@@ -69,7 +69,7 @@ public static class MachineCheck
                 catch (Exception e) when (e is CollectiveException or InvalidOperationException) { problem = $"NCCL all-reduce across {gpus} device(s) failed: {e.Message}"; }
             }
         }
-        else Line(output, "all-reduce", "not run: needs CUDA devices (the tcp backend is tested by the worker's own runs)");
+        else Line(output, "all-reduce", "not run: the NCCL all-reduce needs CUDA devices");
 
         output.WriteLine(problem is null ? $"ok: this machine can train on {device} with the {backend} backend" : $"not ready: {problem}");
         return problem is null ? 0 : 1;

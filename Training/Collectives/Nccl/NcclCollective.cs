@@ -259,10 +259,12 @@ public sealed class NcclCollective : ICollective
 /// <summary>NCCL as the loader finds it (<see cref="NcclCollective.Inspect"/>).</summary>
 /// <param name="Path">The file libnccl.so.2 resolved to, or null when it did not load.</param>
 /// <param name="VersionCode">ncclGetVersion's code (22203 is 2.22.3); 0 when it did not load.</param>
-/// <param name="Required">How many libnccl entry points the nccl backend calls.</param>
+/// <param name="Required">How many libnccl entry points the nccl backend calls; 0 when the library did not load.</param>
 /// <param name="Missing">Those the file lacks.</param>
 /// <param name="Problem">Why the nccl backend cannot use it, or null when it can.</param>
 public sealed record NcclLibraryInfo(string? Path, int VersionCode, int Required, IReadOnlyList<string> Missing, string? Problem)
 {
+    /// <summary>Whether libnccl.so.2 loaded at all (a loaded file can still be unusable: see <see cref="Problem"/>).</summary>
+    public bool Loaded => Required > 0;
     public string Version => NcclNative.VersionText(VersionCode);
 }
