@@ -15,16 +15,18 @@ public sealed class StreamingMemoryTests
     [Fact]
     public async Task ACorpusThreeTimesTheHeapLimitIsPreparedWholeUnderThatLimit()
     {
-        var small = await PrepareGeneratedAsync(documents: 10);
+        var half = await PrepareGeneratedAsync(Documents / 2);
         var big = await PrepareGeneratedAsync(Documents);
         Assert.True(big.RawBytes > 2.9 * HeapLimit, $"{big.RawBytes} bytes");
         Assert.Equal(Documents, big.Manifest.Report.DocumentsPacked); // every document was read and packed
         Assert.Equal(Documents, big.Manifest.Report.Dedup.Kept);
-        // Resident memory of the whole process (runtime, JIT, ICU, native buffers included) grows by the managed heap
-        // filling up to its cap (about 28 MB measured) and little more: nothing outside the heap scales with the text.
-        long growth = big.Run.PeakRssBytes - small.Run.PeakRssBytes;
-        Assert.True(small.Run.PeakRssBytes > 0 && growth < HeapLimit + (16L << 20),
-            $"peak RSS {small.Run.PeakRssBytes} for {small.RawBytes} bytes of text, {big.Run.PeakRssBytes} for {big.RawBytes}");
+        // Resident memory of the whole process (runtime, JIT, ICU, native buffers included) does not scale with the text:
+        // twice the text adds under 16 MB (measured: 96–98 MB at both sizes). The baseline is the half-size run, not a
+        // tiny one: the peak is read from /proc while the process runs, and a run of a second can end before a read
+        // sees its peak (a 10-document baseline read 36 MB in one run and 80 MB in others).
+        long growth = big.Run.PeakRssBytes - half.Run.PeakRssBytes;
+        Assert.True(half.Run.PeakRssBytes > 0 && growth < 16L << 20,
+            $"peak RSS {half.Run.PeakRssBytes} for {half.RawBytes} bytes of text, {big.Run.PeakRssBytes} for {big.RawBytes}");
         Assert.Contains(big.Run.Lines, l => l.StartsWith("[prepare] clean+dedup:", StringComparison.Ordinal) && l.Contains("MB/s", StringComparison.Ordinal));
     }
 
