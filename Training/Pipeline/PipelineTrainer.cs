@@ -111,11 +111,18 @@ public sealed class PipelineTrainer : IDisposable
     public int PeakHeldMicroBatches { get; private set; }
 
     /// <summary>
-    /// The most bytes of tensors those held micro-batches kept at once during the last step: what each forward left for
-    /// its backward as tensors of its own (every module's output, the received inputs), counted once per storage. The
-    /// tensors autograd saves inside a module are not visible here, so this is a lower bound of the activations held.
+    /// The most bytes of tensors those held micro-batches kept at once during the last step, when
+    /// <see cref="MeasureHeldBytes"/> is set (0 otherwise): what each forward left for its backward as tensors of its own
+    /// (every module's output, the received inputs), counted once per storage. The tensors autograd saves inside a
+    /// module are not visible here, so this is a lower bound of the activations held.
     /// </summary>
     public long PeakHeldTensorBytes { get; private set; }
+
+    /// <summary>
+    /// Measure <see cref="PeakHeldTensorBytes"/>: two native calls per tensor a forward leaves behind, so it is off in
+    /// training and on where the memory of a schedule is being looked at.
+    /// </summary>
+    public bool MeasureHeldBytes { get; init; }
 
     /// <summary>Runs one optimizer step of this stage over this replica's slice of the global batch.</summary>
     public StepMetrics TrainStep()
@@ -221,7 +228,7 @@ public sealed class PipelineTrainer : IDisposable
             var graph = scope.DisposablesView.ToList();
             scope.MoveToOuter(graph);
             List<IDisposable> keep = [.. graph, .. received ?? []];
-            var p = new Pending(output, loss, input, embIn, keep, BytesOf(keep));
+            var p = new Pending(output, loss, input, embIn, keep, MeasureHeldBytes ? BytesOf(keep) : 0);
             pending.Enqueue(p);
             PeakHeldMicroBatches = Math.Max(PeakHeldMicroBatches, ++held);
             PeakHeldTensorBytes = Math.Max(PeakHeldTensorBytes, heldBytes += p.Bytes);

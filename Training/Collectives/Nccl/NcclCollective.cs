@@ -225,8 +225,13 @@ public sealed class NcclCollective : ICollective
     /// What the loader finds of NCCL here: the file, its version, and the entry points this backend calls that it lacks.
     /// <c>gpu-worker check</c> prints it; <see cref="Create"/> and <see cref="CreateUniqueId"/> refuse to start without a
     /// usable library, with one clear message instead of a DllNotFoundException or EntryPointNotFoundException mid-run.
+    /// The loader's answer does not change while the process runs, so it is found once.
     /// </summary>
-    public static NcclLibraryInfo Inspect()
+    public static NcclLibraryInfo Inspect() => Library.Value;
+
+    static readonly Lazy<NcclLibraryInfo> Library = new(InspectLoader);
+
+    static NcclLibraryInfo InspectLoader()
     {
         if (!NativeLibrary.TryLoad(NcclNative.Library, typeof(NcclCollective).Assembly, null, out var handle))
             return new NcclLibraryInfo(null, 0, 0, [],

@@ -240,7 +240,8 @@ public class PipelineTrainingTests(ITestOutputHelper output)
             var stages = PipelineGroup.Run(1, 3, rank =>
             {
                 using var trainer = new PipelineTrainer(new PipelineStage(models[rank.Stage], layout, rank.Stage),
-                    new PermutedSamples(Data.Value.Train, (ulong)options.Seed), options with { PipelineSchedule = schedule }, CPU, 1e11, rank.Links);
+                    new PermutedSamples(Data.Value.Train, (ulong)options.Seed), options with { PipelineSchedule = schedule }, CPU, 1e11, rank.Links)
+                { MeasureHeldBytes = true };
                 var steps = new List<(int Peak, long Bytes, double Loss)>();
                 for (int s = 0; s < options.Steps; s++)
                 {
