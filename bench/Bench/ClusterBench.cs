@@ -438,14 +438,16 @@ public static partial class ClusterBench
     /// <summary>utime + stime of each process, in seconds (/proc/pid/stat, clock ticks of 1/100 s); 0 for one that is gone.</summary>
     static Dictionary<string, double> CpuSeconds(IReadOnlyDictionary<string, int> pids) => pids.ToDictionary(p => p.Key, p =>
     {
-        try
-        {
-            var stat = File.ReadAllText($"/proc/{p.Value}/stat");
-            var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
-            return (long.Parse(fields[11], CultureInfo.InvariantCulture) + long.Parse(fields[12], CultureInfo.InvariantCulture)) / 100.0;
-        }
+        try { return StatCpuSeconds(File.ReadAllText($"/proc/{p.Value}/stat")); }
         catch (IOException) { return 0; }
     });
+
+    /// <summary>utime + stime of a /proc stat line (a process's or a thread's), in seconds.</summary>
+    static double StatCpuSeconds(string stat)
+    {
+        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        return (long.Parse(fields[11], CultureInfo.InvariantCulture) + long.Parse(fields[12], CultureInfo.InvariantCulture)) / 100.0;
+    }
 
     /// <summary>
     /// utime + stime of every thread of <paramref name="pid"/>, summed by thread name (/proc/pid/task/tid/stat; the .NET
@@ -462,11 +464,8 @@ public static partial class ClusterBench
             try
             {
                 var stat = File.ReadAllText(Path.Combine(dir, "stat"));
-                int open = stat.IndexOf('('), close = stat.LastIndexOf(')');
-                var name = Path.GetFileName(dir) == pid.ToString(CultureInfo.InvariantCulture) ? "main" : stat[(open + 1)..close];
-                var fields = stat[(close + 2)..].Split(' ');
-                double seconds = (long.Parse(fields[11], CultureInfo.InvariantCulture) + long.Parse(fields[12], CultureInfo.InvariantCulture)) / 100.0;
-                byName[name] = byName.GetValueOrDefault(name) + seconds;
+                var name = Path.GetFileName(dir) == pid.ToString(CultureInfo.InvariantCulture) ? "main" : stat[(stat.IndexOf('(') + 1)..stat.LastIndexOf(')')];
+                byName[name] = byName.GetValueOrDefault(name) + StatCpuSeconds(stat);
             }
             catch (IOException) { } // a thread that ended between the listing and the read
         }
