@@ -18,4 +18,20 @@ public static class SharedLibrary
         try { return dladdr(address, out var info) != 0 && info.FileName != IntPtr.Zero ? Marshal.PtrToStringAnsi(info.FileName) : null; }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { return null; }
     }
+
+    /// <summary>
+    /// The path of the loaded file named <paramref name="fileName"/> (e.g. libtorch_cuda.so), read from /proc/self/maps,
+    /// or null when this process has not loaded it. Tells which of several copies the loader picked (the app folder's,
+    /// LD_LIBRARY_PATH's, a Python wheel's).
+    /// </summary>
+    public static string? Loaded(string fileName)
+    {
+        if (!File.Exists("/proc/self/maps")) return null;
+        foreach (var line in File.ReadLines("/proc/self/maps"))
+        {
+            int slash = line.IndexOf('/');
+            if (slash >= 0 && Path.GetFileName(line.AsSpan(slash)).SequenceEqual(fileName)) return line[slash..];
+        }
+        return null;
+    }
 }

@@ -89,7 +89,8 @@ public class GpuWorkerCliTests
         var (code, stdout, stderr) = Run("check");
         Assert.True(code == 0, stderr + stdout);
         Assert.Contains("runtime      .NET 10", stdout);
-        Assert.Contains("libtorch     TorchSharp 0.107.0, CPU build", stdout);
+        Assert.Matches(@"libtorch     TorchSharp 0\.107\.0 on /\S+/libtorch_cpu\.so\n", stdout.ReplaceLineEndings("\n"));
+        Assert.Contains("CPU build (TorchSharp-cpu;", stdout);
         Assert.Contains("CUDA driver  libcuda.so.1 not found", stdout);
         Assert.Contains("device       cpu (asked: auto)", stdout);
         Assert.Contains("collectives  tcp", stdout);
