@@ -72,7 +72,7 @@ public static class StandaloneRun
         if (options.Precision == "bf16") model.to(ScalarType.BFloat16);
         model.to(device);
         double peak = spec.PeakFlops > 0 ? spec.PeakFlops
-            : MatmulPeak.Measure(device, options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, 1024, TimeSpan.FromSeconds(1)).FlopsPerSecond;
+            : MatmulPeak.Measure(device, options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, MatmulPeak.SizeFor(device), TimeSpan.FromSeconds(1)).FlopsPerSecond;
         progress.Line($"model: {config.ParameterCount() / 1e6:F2} M parameters ({config.ParameterCount(activeOnly: true) / 1e6:F2} M active) + {config.MtpParameterCount() / 1e6:F2} M MTP, " +
                       $"{config.NumHiddenLayers} layers, {config.NRoutedExperts} experts (top {config.NumExpertsPerTok}); device {device.type}, {options.Precision}; " +
                       $"matmul peak {peak / 1e9:F1} GFLOP/s");

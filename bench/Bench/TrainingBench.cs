@@ -16,12 +16,13 @@ public static class TrainingBench
         var presets = Arg("--presets", "tiny,small").Split(',', StringSplitOptions.RemoveEmptyEntries);
         var precisions = Arg("--precisions", "fp32,bf16").Split(',', StringSplitOptions.RemoveEmptyEntries);
         int warmup = int.Parse(Arg("--warmup", "3")), measured = int.Parse(Arg("--steps", "8"));
+        int seqLen = int.Parse(Arg("--seq-len", "0")), batch = int.Parse(Arg("--batch", "0")); // 0: the preset's
         var device = StandaloneRun.ResolveDevice(Arg("--device", "auto"));
 
         Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
-        var fp32 = MatmulPeak.Measure(device, ScalarType.Float32, 1024, TimeSpan.FromSeconds(3));
-        var bf16 = MatmulPeak.Measure(device, ScalarType.BFloat16, 1024, TimeSpan.FromSeconds(3));
+        var fp32 = MatmulPeak.Measure(device, ScalarType.Float32, MatmulPeak.SizeFor(device), TimeSpan.FromSeconds(3));
+        var bf16 = MatmulPeak.Measure(device, ScalarType.BFloat16, MatmulPeak.SizeFor(device), TimeSpan.FromSeconds(3));
         Console.WriteLine($"matmul peak fp32: {fp32}");
         Console.WriteLine($"matmul peak bf16: {bf16}");
         Console.WriteLine();
@@ -36,6 +37,9 @@ public static class TrainingBench
             var options = name == "tiny"
                 ? new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 16, Steps = warmup + measured, WarmupSteps = 1, Precision = precision, Device = device.type.ToString().ToLowerInvariant() }
                 : new TrainingOptions { SeqLen = 256, GlobalBatch = 8, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Precision = precision, Device = device.type.ToString().ToLowerInvariant() };
+            // The defaults fit a CPU; a GPU needs far more tokens per step before its matmuls fill the chip.
+            if (seqLen > 0) options = options with { SeqLen = seqLen };
+            if (batch > 0) options = options with { GlobalBatch = batch, MicroBatch = batch };
             // Random tokens: the step's arithmetic does not depend on the text, and routing starts near uniform either way.
             var rng = new Random(1);
             var tokens = new int[(options.SeqLen + 1) * 64 * 8];
