@@ -4,6 +4,8 @@ using System.Text.Json;
 using System.Threading.Channels;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Nccl;
 using Grpc.Core;
 using Grpc.Net.Client;
 using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore.CheckpointStoreClient;
@@ -39,6 +41,13 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
 
     public async Task<int> RunAsync(CancellationToken stop)
     {
+        // A CUDA worker all-reduces its gradients through NCCL: say now, not after its first assignment, that it cannot.
+        var device = DeepSeekCluster.Training.Engine.StandaloneRun.ResolveDevice(settings.Device);
+        if (Collective.BackendFor(device) == "nccl" && NcclCollective.Inspect().Problem is { } problem)
+        {
+            Log($"cannot train on {device}: the nccl backend cannot start: {problem} ('gpu-worker check' tells more; Worker__Device=cpu trains on the CPU)");
+            return 1;
+        }
         int port = settings.CollectivePort != 0 ? settings.CollectivePort : ReservePort();
         var endpoint = $"{settings.CollectiveHost}:{port}";
         pipelinePort = settings.PipelinePort != 0 ? settings.PipelinePort : ReservePort();

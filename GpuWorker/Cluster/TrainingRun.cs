@@ -6,6 +6,7 @@ using JobSpec = DeepSeekCluster.Contracts.Grains.JobSpec;
 using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Nccl;
 using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
@@ -152,7 +153,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
             peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
-        using var reducer = new BucketedGradientReducer(collective);
+        using var nccl = NcclFor(collective, device);
+        using var abortingNccl = nccl is null ? default : cancel.Guard(nccl);
+        using var reducer = new BucketedGradientReducer((ICollective?)nccl ?? collective);
         var (peak, store) = PeakAndStore(device, storeChannel);
 
         // ---- Where to resume: a live replica, the committed checkpoint, or the start ----
@@ -412,7 +415,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         if (plan.Source != ResumePlan.Replica) holder.State!.Lineage = GenerationLineage(plan.Step);
         var live = holder.State!;
         var stageModel = live.Stage!;
-        using var reducer = dp > 1 ? new BucketedGradientReducer(collective) : null;
+        using var nccl = dp > 1 ? NcclFor(collective, device) : null;
+        using var abortingNccl = nccl is null ? default : cancel.Guard(nccl);
+        using var reducer = dp > 1 ? new BucketedGradientReducer((ICollective?)nccl ?? collective) : null;
         using var trainer = new PipelineTrainer(stageModel, source, options, device, peak, links, replica, dp, reducer, live.Optimizer);
         trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
         double restoreSeconds = ReplicaSync.Seconds(restoreStart);
@@ -510,10 +515,24 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         Finish(spec, options, device, data, tokenizerReply, model, validation => Trainer.Evaluate(model, validation, options, device, 4));
     }
 
+    /// <summary>
+    /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks (rank 0 makes its unique
+    /// id and the ring carries it to the others); on CPU, null: the tcp ring itself. The ring stays for the small
+    /// exchanges (held steps, a live state for a rank behind).
+    /// </summary>
+    NcclCollective? NcclFor(TcpCollective ring, Device device)
+    {
+        if (Collective.BackendFor(device) != "nccl") return null;
+        var id = Collective.ShareUniqueId(ring, NcclCollective.CreateUniqueId);
+        var nccl = NcclCollective.Create(id, ring.Rank, ring.WorldSize, ring.Generation, device, settings.CollectiveTimeout);
+        Log($"NCCL {NcclCollective.Inspect().Version}: a communicator of {ring.WorldSize} rank(s) on {device} all-reduces the gradients");
+        return nccl;
+    }
+
     /// <summary>The device's matmul peak (measured once per process) and this run's checkpoint store.</summary>
     (double Peak, GrpcCheckpointStore Store) PeakAndStore(Device device, Grpc.Net.Client.GrpcChannel storeChannel)
     {
-        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, 512, TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
+        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, MatmulPeak.SizeFor(device, 512), TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
         var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
                                             Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
         metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);

@@ -26,7 +26,14 @@ public sealed class NcclCollective : ICollective
     public Device Device { get; }
     public TimeSpan Timeout { get; }
 
+    /// <summary>The size of the unique id every rank of a communicator is given.</summary>
+    public const int UniqueIdBytes = NcclNative.UniqueIdBytes;
+
+    // comm is read and cleared under the gate: Dispose may come from another thread (a cancelled run) while an operation
+    // polls the communicator, and then aborts it rather than destroying it under kernels that wait for peers.
+    readonly Lock gate = new();
     IntPtr comm;
+    bool inFlight;
     CollectiveException? fault;
 
     NcclCollective(IntPtr comm, int rank, int worldSize, long generation, Device device, TimeSpan timeout)
@@ -162,28 +169,40 @@ public sealed class NcclCollective : ICollective
     /// <summary>Enqueues one NCCL call on the default stream and waits for it under the watchdog.</summary>
     void Run(string op, Func<int> enqueue)
     {
-        if (fault is not null)
-            throw new CollectiveException(fault.Failure, $"{op} refused: this collective failed earlier; form a new generation ({fault.Message})", inner: fault);
-        if (comm == IntPtr.Zero) throw new ObjectDisposedException(nameof(NcclCollective));
-        int result = enqueue();
-        if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result, comm)}");
-        var device = Device;
-        var done = Task.Factory.StartNew(() => cuda.synchronize(device), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
-        var clock = Stopwatch.StartNew();
-        while (!done.Wait(10))
+        lock (gate)
         {
-            if (NcclNative.ncclCommGetAsyncError(comm, out int asyncError) == NcclNative.Success && asyncError is not (NcclNative.Success or NcclNative.InProgress))
-                throw Fail(op, $"reported {NcclNative.ErrorString(asyncError, comm)} (a peer failed or its connection broke)");
-            if (clock.Elapsed > Timeout)
-                throw Fail(op, $"did not complete within {Timeout.TotalSeconds:0.#} s: a peer died or stalled");
+            if (fault is not null)
+                throw new CollectiveException(fault.Failure, $"{op} refused: this collective failed earlier; form a new generation ({fault.Message})", inner: fault);
+            if (comm == IntPtr.Zero) throw new ObjectDisposedException(nameof(NcclCollective));
+            int result = enqueue();
+            if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result, comm)}");
+            inFlight = true;
         }
+        try
+        {
+            var device = Device;
+            var done = Task.Factory.StartNew(() => cuda.synchronize(device), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            var clock = Stopwatch.StartNew();
+            while (!done.Wait(10))
+                lock (gate)
+                {
+                    if (comm == IntPtr.Zero)
+                        throw fault ?? new CollectiveException(CollectiveFailure.PeerStalled, $"NCCL {op} on rank {Rank}/{WorldSize} (generation {Generation}) was aborted: the collective was disposed");
+                    if (NcclNative.ncclCommGetAsyncError(comm, out int asyncError) == NcclNative.Success && asyncError is not (NcclNative.Success or NcclNative.InProgress))
+                        throw Fail(op, $"reported {NcclNative.ErrorString(asyncError, comm)} (a peer failed or its connection broke)");
+                    if (clock.Elapsed > Timeout)
+                        throw Fail(op, $"did not complete within {Timeout.TotalSeconds:0.#} s: a peer died or stalled");
+                }
+        }
+        finally { lock (gate) inFlight = false; }
     }
 
+    /// <summary>Aborts the communicator (kernels waiting for a dead peer exit) and records why; call under the gate.</summary>
     CollectiveException Fail(string op, string what)
     {
         var c = comm;
         comm = IntPtr.Zero;
-        if (c != IntPtr.Zero) NcclNative.ncclCommAbort(c); // kernels waiting for a dead peer exit; the communicator is gone
+        if (c != IntPtr.Zero) NcclNative.ncclCommAbort(c);
         fault = new CollectiveException(CollectiveFailure.PeerStalled,
             $"NCCL {op} on rank {Rank}/{WorldSize} (generation {Generation}) {what}");
         return fault;
@@ -253,11 +272,20 @@ public sealed class NcclCollective : ICollective
         if (Inspect().Problem is { } problem) throw new CollectiveException(CollectiveFailure.Unavailable, $"the nccl backend cannot start: {problem}");
     }
 
+    /// <summary>
+    /// Destroys the communicator; while an operation waits on it (another thread: a cancelled run), aborts it instead,
+    /// since ncclCommDestroy would wait for kernels that wait for peers, and the waiting operation throws.
+    /// </summary>
     public void Dispose()
     {
-        var c = comm;
-        comm = IntPtr.Zero;
-        if (c != IntPtr.Zero) NcclNative.ncclCommDestroy(c);
+        lock (gate)
+        {
+            var c = comm;
+            comm = IntPtr.Zero;
+            if (c == IntPtr.Zero) return;
+            if (inFlight) NcclNative.ncclCommAbort(c);
+            else NcclNative.ncclCommDestroy(c);
+        }
     }
 }
 
