@@ -4,6 +4,10 @@ namespace DeepSeekCluster.AppHost;
 public sealed record AppHostOptions
 {
     public int Workers { get; init; } = 2;
+    /// <summary>Where the workers train: cpu, or cuda with one GPU each (auto: cuda when the driver reports a device).</summary>
+    public string Device { get; init; } = "auto";
+    /// <summary>The CUDA_VISIBLE_DEVICES values the workers get, one each, when <see cref="Device"/> is cuda.</summary>
+    public IReadOnlyList<string> Gpus { get; init; } = [];
     /// <summary>The job's maxWorkers: above --workers, workers added with 'add' grow the running job (0: --workers).</summary>
     public int MaxWorkers { get; init; }
     public int JobMaxWorkers => Math.Max(Workers, MaxWorkers);
@@ -25,7 +29,10 @@ public sealed record AppHostOptions
 
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
-          --workers N            gpu-worker processes to start (default 2)
+          --workers N            gpu-worker processes to start (default: one per GPU, or 2 without GPUs)
+          --device auto|cpu|cuda where workers train (auto: cuda when the NVIDIA driver reports a GPU); on cuda
+                                 every worker gets a GPU of its own (CUDA_VISIBLE_DEVICES), since NCCL runs
+                                 one rank per GPU, so --workers and --max-workers are at most the GPU count
           --max-workers N        most workers the job may grow to with 'add' (default: --workers)
           --pp N                 pipeline stages: each replica's layers split over N workers (default 1;
                                  --workers must be a multiple of N, and dp = workers / N)
@@ -39,9 +46,11 @@ public sealed record AppHostOptions
         With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
         """;
 
-    public static AppHostOptions Parse(string[] args, string root)
+    /// <param name="gpus">The GPUs this machine gives workers (<see cref="LocalGpus.Visible()"/>).</param>
+    public static AppHostOptions Parse(string[] args, string root, IReadOnlyList<string> gpus)
     {
         var o = new AppHostOptions { RunDir = Path.Combine(root, "runs", "apphost") };
+        bool workersGiven = args.Contains("--workers");
         for (int i = 0; i < args.Length; i++)
         {
             string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"option {args[i]} needs a value");
@@ -49,6 +58,7 @@ public sealed record AppHostOptions
             o = args[i] switch
             {
                 "--workers" => o with { Workers = Int() },
+                "--device" => o with { Device = Value() },
                 "--max-workers" => o with { MaxWorkers = Int() },
                 "--pp" => o with { Pp = Int() },
                 "--preset" => o with { Preset = Value() },
@@ -65,8 +75,27 @@ public sealed record AppHostOptions
                 _ => throw new ArgumentException($"unknown option '{args[i]}'"),
             };
         }
-        if (o.Workers < 1) throw new ArgumentException("--workers must be at least 1");
         if (o.Pp < 1) throw new ArgumentException("--pp must be at least 1");
+        o = o.Device switch
+        {
+            "cpu" => o with { Gpus = [] },
+            "auto" or "cuda" when gpus.Count > 0 => o with { Device = "cuda", Gpus = gpus },
+            "auto" => o with { Device = "cpu", Gpus = [] },
+            "cuda" => throw new ArgumentException("--device cuda: the NVIDIA driver reports no GPU here (libcuda.so.1 missing, no device, or CUDA_VISIBLE_DEVICES hides them); use --device cpu"),
+            _ => throw new ArgumentException($"--device '{o.Device}': expected auto, cpu or cuda"),
+        };
+        if (o.Device == "cuda")
+        {
+            string have = $"this machine has {gpus.Count} visible GPU{(gpus.Count == 1 ? "" : "s")} ({string.Join(", ", gpus)})";
+            if (!workersGiven) o = o with { Workers = gpus.Count / o.Pp * o.Pp };
+            if (o.Workers > gpus.Count)
+                throw new ArgumentException($"--workers {o.Workers} needs {o.Workers} GPUs, one per worker (NCCL runs one rank per GPU), and {have}: use --workers {gpus.Count}, or --device cpu");
+            if (o.Workers < 1)
+                throw new ArgumentException($"--pp {o.Pp} needs {o.Pp} GPUs, one per stage, and {have}: use a smaller --pp, or --device cpu");
+            if (o.MaxWorkers > gpus.Count)
+                throw new ArgumentException($"--max-workers {o.MaxWorkers} needs as many GPUs, one per worker, and {have}: use --max-workers {gpus.Count} or less, or --device cpu");
+        }
+        if (o.Workers < 1) throw new ArgumentException("--workers must be at least 1");
         // The job would wait forever for a world it can form: catch it here, where the user typed it.
         if (o.Workers % o.Pp != 0)
             throw new ArgumentException($"--workers {o.Workers} is not a multiple of --pp {o.Pp}: every replica needs {o.Pp} workers, one per stage");

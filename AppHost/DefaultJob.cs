@@ -151,7 +151,8 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
             switch (line.Trim())
             {
                 case "add" or "+":
-                    app.Start(worker, next++);
+                    try { app.Start(worker, next++); }
+                    catch (InvalidOperationException e) { Log.AppHost($"not added: {e.Message}"); }
                     break;
                 case "remove" or "-":
                     var victim = app.Instances(worker).LastOrDefault();

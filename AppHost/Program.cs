@@ -13,7 +13,7 @@ if (args.Contains("--help") || args.Contains("-h"))
     return 0;
 }
 AppHostOptions options;
-try { options = AppHostOptions.Parse(args, root); }
+try { options = AppHostOptions.Parse(args, root, LocalGpus.Visible()); }
 catch (ArgumentException e)
 {
     Console.Error.WriteLine($"apphost: {e.Message}");
@@ -70,7 +70,14 @@ var worker = builder.AddProject("gpu-worker", "GpuWorker", "gpu-worker")
     .WithEnvironment("Cluster__Token", token)
     .WithEnvironment("Worker__OutputDir", Path.Combine(options.RunDir, "workers"))
     .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0") // each replica's /metrics on a port of its own
+    .WithEnvironment("Worker__Device", options.Device)
     .WithReplicas(options.Workers);
+var gpus = new GpuSlots(options.Gpus);
+if (options.Device == "cuda")
+{
+    worker.WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", gpus.Take(instance))]);
+    Log.AppHost($"workers train on cuda, one GPU each, of {gpus.Devices.Count} ({string.Join(", ", gpus.Devices)}): the nccl backend");
+}
 
 // ---- Run ----
 using var stop = new CancellationTokenSource();
@@ -78,7 +85,7 @@ Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
 await using var app = builder.Build();
 var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
 app.LineReceived += (instance, line) => { if (instance.StartsWith(worker.Name + "-", StringComparison.Ordinal)) endpoints.Observe(instance, worker.Name, line); };
-app.ChildExited += (instance, _) => endpoints.Remove(instance);
+app.ChildExited += (instance, _) => { endpoints.Remove(instance); gpus.Release(instance); };
 try
 {
     await app.StartAsync(stop.Token);

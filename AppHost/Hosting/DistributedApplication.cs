@@ -82,6 +82,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
             }
         // The resource's own environment last, so it may override an endpoint's binding (e.g. all interfaces).
         foreach (var (k, v) in r.Environment) psi.Environment[k] = v;
+        foreach (var (k, v) in r.InstanceEnvironment?.Invoke(instance) ?? []) psi.Environment[k] = v;
         psi.Environment["DEEPSEEK_INSTANCE"] = instance;
         var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) { Log.Child(instance, e.Data, error: false); LineReceived?.Invoke(instance, e.Data); } };

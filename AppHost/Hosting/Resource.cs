@@ -20,6 +20,8 @@ public sealed class Resource
     /// <summary>TCP port polled until it accepts, for resources without an HTTP health endpoint.</summary>
     public int? ReadinessPort { get; set; }
     public bool IsProject { get; init; }
+    /// <summary>Environment worked out for each instance as it starts (the GPU a worker gets), after <see cref="Environment"/>.</summary>
+    public Func<string, IEnumerable<KeyValuePair<string, string>>>? InstanceEnvironment { get; private set; }
 
     public Endpoint GetEndpoint(string name) =>
         Endpoints.FirstOrDefault(e => e.Name == name) ?? throw new InvalidOperationException($"resource '{Name}' has no endpoint '{name}'");
@@ -50,6 +52,13 @@ public sealed class Resource
     }
 
     public Resource WaitFor(Resource other) { WaitsFor.Add(other); return this; }
+
+    /// <summary>Environment for one instance by its name (e.g. gpu-worker-1); it may refuse to start it by throwing InvalidOperationException.</summary>
+    public Resource WithInstanceEnvironment(Func<string, IEnumerable<KeyValuePair<string, string>>> environment)
+    {
+        InstanceEnvironment = environment;
+        return this;
+    }
 
     public Resource WithReplicas(int n)
     {

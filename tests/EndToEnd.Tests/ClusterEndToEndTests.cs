@@ -71,6 +71,21 @@ public class ClusterEndToEndTests
         finally { Directory.Delete(runDir, true); }
     }
 
+    [Fact]
+    public void CudaWorkersOnAMachineWithoutAGpuAreRefusedBeforeAnythingStarts()
+    {
+        var runDir = Directory.CreateTempSubdirectory("e2e-cuda-").FullName;
+        try
+        {
+            var (code, output) = RunAppHost(runDir, "--device", "cuda");
+            Assert.Equal(2, code);
+            Assert.Contains("--device cuda: the NVIDIA driver reports no GPU here", output);
+            Assert.Empty(Directory.EnumerateFileSystemEntries(runDir));
+            Assert.Empty(ProcessesMentioning(runDir));
+        }
+        finally { Directory.Delete(runDir, true); }
+    }
+
     /// <summary>pp 1: two data-parallel replicas; pp 2 (<c>--pp 2</c>): one replica whose two stages are the two workers.</summary>
     [Theory]
     [InlineData(1)]
