@@ -65,3 +65,45 @@ public class GpuPlacementTests
         Assert.Equal("3", slots.Take("gpu-worker-2"));
     }
 }
+
+public class GpuPlacementProcessTests
+{
+    [Fact]
+    public async Task RealChildProcessesSeeTheirOwnGpuAndAnExitedOnesGpuGoesToTheNextInstance()
+    {
+        var builder = new DeepSeekCluster.AppHost.Hosting.DistributedApplicationBuilder(Path.GetTempPath(), "Debug");
+        var slots = new GpuSlots(["4", "6"]);
+        var worker = builder.AddExecutable("gpu-worker", "/bin/sh", "-c", "echo \"gpu=$CUDA_VISIBLE_DEVICES\"")
+            .WithReplicas(2)
+            .WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", slots.Take(instance))]);
+        await using var app = builder.Build();
+        var seen = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
+        var exited = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        app.LineReceived += (instance, line) => seen[instance] = line;
+        app.ChildExited += (instance, _) => { slots.Release(instance); exited.Enqueue(instance); };
+
+        await app.StartAsync(CancellationToken.None);
+        await Poll.UntilAsync(() => exited.Count == 2 && seen.Count == 2, TimeSpan.FromSeconds(30), () => $"{exited.Count} exited, {seen.Count} printed");
+        Assert.Equal("gpu=4", seen["gpu-worker-0"]);
+        Assert.Equal("gpu=6", seen["gpu-worker-1"]);
+
+        // Both GPUs are free again: a third instance gets the first, as 'add' would after the others left.
+        app.Start(worker, 2);
+        await Poll.UntilAsync(() => seen.ContainsKey("gpu-worker-2"), TimeSpan.FromSeconds(30), () => "the added child printed nothing");
+        Assert.Equal("gpu=4", seen["gpu-worker-2"]);
+    }
+
+    [Fact]
+    public async Task AnInstanceWithNoGpuLeftIsNotStarted()
+    {
+        var builder = new DeepSeekCluster.AppHost.Hosting.DistributedApplicationBuilder(Path.GetTempPath(), "Debug");
+        var slots = new GpuSlots(["0"]);
+        var worker = builder.AddExecutable("gpu-worker", "/bin/sleep", "30")
+            .WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", slots.Take(instance))]);
+        await using var app = builder.Build();
+        await app.StartAsync(CancellationToken.None);
+        var e = Assert.Throws<InvalidOperationException>(() => app.Start(worker, 1));
+        Assert.Equal("no GPU is free for gpu-worker-1: all 1 (0) have a worker, and NCCL runs one rank per GPU", e.Message);
+        Assert.Equal(["gpu-worker-0"], app.Instances(worker));
+    }
+}
