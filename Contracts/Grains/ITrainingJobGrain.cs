@@ -32,6 +32,13 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// </summary>
     Task ReportCollectiveFailedAsync(long generation, string workerId, string reason);
 
+    /// <summary>
+    /// The first rank of a group (<paramref name="group"/>: the pipeline stage, 0 without stages) made the NCCL unique id
+    /// of <paramref name="generation"/>'s communicator, or could not (<paramref name="id"/> empty, <paramref name="reason"/>
+    /// says why): it is handed to the group's other ranks. Fenced like steps; another rank than the group's first is refused.
+    /// </summary>
+    Task ShareNcclUniqueIdAsync(long generation, int fromRank, int group, byte[] id, string reason);
+
     /// <summary>Progress of one rank; throws <see cref="StaleGenerationException"/> for any generation but the current one.</summary>
     Task ReportStepAsync(long generation, StepReport report);
 

@@ -107,8 +107,11 @@ public sealed record CheckpointReport
     [Id(5)] public string ManifestJson { get; init; } = "";
 }
 
-/// <summary>Leave: finish the step in flight, send Leaving and exit (a graceful scale-in).</summary>
-public enum ControlCommandKind { CheckpointNow, Rescale, Stop, Leave }
+/// <summary>
+/// Leave: finish the step in flight, send Leaving and exit (a graceful scale-in). NcclUniqueId: the communicator id of
+/// the command's generation and group (<see cref="ControlCommand.Payload"/>), made by the group's first rank.
+/// </summary>
+public enum ControlCommandKind { CheckpointNow, Rescale, Stop, Leave, NcclUniqueId }
 
 /// <summary>A command down to a worker process; Stop also ends its assignment.</summary>
 [GenerateSerializer, Immutable]
@@ -119,4 +122,8 @@ public sealed record ControlCommand
     [Id(2)] public long Generation { get; init; }
     [Id(3)] public long Step { get; init; }
     [Id(4)] public string Reason { get; init; } = "";
+    /// <summary>NcclUniqueId: the pipeline stage whose ranks share the communicator (0 without stages).</summary>
+    [Id(5)] public int Group { get; init; }
+    /// <summary>NcclUniqueId: the 128-byte id, or empty when the first rank could not make one (<see cref="Reason"/> says why).</summary>
+    [Id(6)] public byte[] Payload { get; init; } = [];
 }

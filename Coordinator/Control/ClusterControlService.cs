@@ -137,13 +137,18 @@ public sealed class ClusterControlService(
                     if (complete) commits.Enqueue(a.JobId, c.Generation, c.Step);
                 });
                 break;
+            case WorkerMessage.KindOneofCase.NcclUniqueId when connection.Current is { } a:
+                var n = message.NcclUniqueId;
+                await Fenced(workerId, connection, a.JobId, n.Generation, "nccl-unique-id", () =>
+                    grains.GetGrain<ITrainingJobGrain>(a.JobId).ShareNcclUniqueIdAsync(n.Generation, a.Rank, n.Group, n.Id.ToByteArray(), n.Reason));
+                break;
             // Not fenced: every rank of a broken ring reports, and the grain ignores all but the current generation's first.
             case WorkerMessage.KindOneofCase.CollectiveFailed when connection.Current is { } a:
                 await grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCollectiveFailedAsync(message.CollectiveFailed.Generation, workerId, message.CollectiveFailed.Reason);
                 break;
             case WorkerMessage.KindOneofCase.CollectiveFailed:
                 break; // the worker already left that job
-            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed:
+            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));
                 break;
             default:

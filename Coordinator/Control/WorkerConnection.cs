@@ -54,6 +54,10 @@ public sealed class WorkerConnection : IWorkerControlObserver
             ControlCommandKind.CheckpointNow => new CoordinatorMessage { CheckpointNow = new CheckpointNow { Generation = c.Generation, Step = c.Step } },
             ControlCommandKind.Rescale => new CoordinatorMessage { Rescale = new Rescale { Generation = c.Generation, Reason = c.Reason } },
             ControlCommandKind.Leave => new CoordinatorMessage { Leave = new Leave { Reason = c.Reason } },
+            ControlCommandKind.NcclUniqueId => new CoordinatorMessage
+            {
+                NcclUniqueId = new NcclUniqueId { Generation = c.Generation, Group = c.Group, Id = Google.Protobuf.ByteString.CopyFrom(c.Payload), Reason = c.Reason },
+            },
             _ => new CoordinatorMessage { Stop = new Stop { Generation = c.Generation, Reason = c.Reason } },
         });
         return Task.CompletedTask;

@@ -168,6 +168,17 @@ public sealed class TrainingJobGrain(
         await job.WriteStateAsync();
     }
 
+    public async Task ShareNcclUniqueIdAsync(long generation, int fromRank, int group, byte[] id, string reason)
+    {
+        Fence(generation, "nccl-unique-id");
+        int pp = Math.Max(1, S.Spec!.Parallel.Pp), dp = Math.Max(1, S.Workers.Count / pp);
+        // Ranks are stage-major: group g is ranks g·dp … g·dp + dp - 1, and its first makes the id.
+        if (group < 0 || group >= pp || fromRank != group * dp)
+            throw new InvalidOperationException($"rank {fromRank} sent the NCCL unique id of group {group}; in generation {generation} (dp {dp} × pp {pp}) that is rank {group * dp}'s to make");
+        var share = new ControlCommand { Kind = ControlCommandKind.NcclUniqueId, JobId = JobId, Generation = generation, Group = group, Payload = id, Reason = reason };
+        await Task.WhenAll(S.Workers.Where(w => w.Rank / dp == group && w.Rank != fromRank).Select(w => SendAsync(w.WorkerId, share)));
+    }
+
     public async Task ReportResumedAsync(long generation, ResumedReport report)
     {
         Fence(generation, "resumed");

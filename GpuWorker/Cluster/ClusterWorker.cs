@@ -207,6 +207,9 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                     case CoordinatorMessage.KindOneofCase.CheckpointNow:
                         run?.RequestCheckpoint(message.CheckpointNow.Step);
                         break;
+                    case CoordinatorMessage.KindOneofCase.NcclUniqueId:
+                        run?.DeliverNcclUniqueId(message.NcclUniqueId);
+                        break;
                     case CoordinatorMessage.KindOneofCase.Leave:
                         Log($"asked to leave: {message.Leave.Reason}");
                         leave.TrySetResult(message.Leave.Reason);

@@ -53,6 +53,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
     };
 
     readonly RunCancellation cancel = new();
+    readonly TaskCompletionSource<NcclUniqueId> ncclId = new(TaskCreationOptions.RunContinuationsAsynchronously);
     readonly ReplicaHolder holder = replica ?? new ReplicaHolder();
     readonly System.Collections.Concurrent.ConcurrentDictionary<long, string> manifests = new();
     long checkpointRequested = -1;
@@ -153,7 +154,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
             peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
-        using var nccl = NcclFor(collective, device);
+        using var nccl = NcclFor(collective, device, ct);
         using var abortingNccl = nccl is null ? default : cancel.Guard(nccl);
         using var reducer = new BucketedGradientReducer((ICollective?)nccl ?? collective);
         var (peak, store) = PeakAndStore(device, storeChannel);
@@ -415,7 +416,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         if (plan.Source != ResumePlan.Replica) holder.State!.Lineage = GenerationLineage(plan.Step);
         var live = holder.State!;
         var stageModel = live.Stage!;
-        using var nccl = dp > 1 ? NcclFor(collective, device) : null;
+        using var nccl = dp > 1 ? NcclFor(collective, device, ct) : null;
         using var abortingNccl = nccl is null ? default : cancel.Guard(nccl);
         using var reducer = dp > 1 ? new BucketedGradientReducer((ICollective?)nccl ?? collective) : null;
         using var trainer = new PipelineTrainer(stageModel, source, options, device, peak, links, replica, dp, reducer, live.Optimizer);
@@ -515,16 +516,45 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         Finish(spec, options, device, data, tokenizerReply, model, validation => Trainer.Evaluate(model, validation, options, device, 4));
     }
 
+    /// <summary>The group's NCCL unique id as the Coordinator hands it on (ClusterWorker delivers it as it arrives).</summary>
+    public void DeliverNcclUniqueId(NcclUniqueId id)
+    {
+        if (id.Generation == assignment.Generation && id.Group == assignment.PpStage) ncclId.TrySetResult(id);
+    }
+
     /// <summary>
-    /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks (rank 0 makes its unique
-    /// id and the ring carries it to the others); on CPU, null: the tcp ring itself. The ring stays for the small
-    /// exchanges (held steps, a live state for a rank behind).
+    /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks; on CPU, null: the tcp ring
+    /// itself, which also stays for the small exchanges (held steps, a live state for a rank behind). The ring's first
+    /// rank makes the communicator's unique id and sends it up; the Coordinator hands it to the others (or the reason
+    /// it could not, so they fail at once instead of waiting out the timeout).
     /// </summary>
-    NcclCollective? NcclFor(TcpCollective ring, Device device)
+    NcclCollective? NcclFor(TcpCollective ring, Device device, CancellationToken ct)
     {
         if (Collective.BackendFor(device) != "nccl") return null;
-        var id = Collective.ShareUniqueId(ring, NcclCollective.CreateUniqueId);
-        var nccl = NcclCollective.Create(id, ring.Rank, ring.WorldSize, ring.Generation, device, settings.CollectiveTimeout);
+        long generation = assignment.Generation;
+        int group = assignment.PpStage;
+        byte[] id;
+        if (ring.Rank == 0)
+        {
+            try { id = NcclCollective.CreateUniqueId(); }
+            catch (CollectiveException e)
+            {
+                send(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = generation, Group = group, Reason = e.Message } });
+                throw;
+            }
+            send(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = generation, Group = group, Id = Google.Protobuf.ByteString.CopyFrom(id) } });
+        }
+        else
+        {
+            if (!ncclId.Task.Wait(settings.CollectiveTimeout, ct))
+                throw new CollectiveException(CollectiveFailure.PeerStalled,
+                    $"the NCCL unique id of generation {generation} (group {group}) did not come from the coordinator within {settings.CollectiveTimeout.TotalSeconds:0.#} s");
+            var shared = ncclId.Task.Result;
+            if (shared.Id.IsEmpty)
+                throw new CollectiveException(CollectiveFailure.Unavailable, $"the first rank of group {group} could not make the NCCL unique id of generation {generation}: {shared.Reason}");
+            id = shared.Id.ToByteArray();
+        }
+        var nccl = NcclCollective.Create(id, ring.Rank, ring.WorldSize, generation, device, settings.CollectiveTimeout);
         Log($"NCCL {NcclCollective.Inspect().Version}: a communicator of {ring.WorldSize} rank(s) on {device} all-reduces the gradients");
         return nccl;
     }

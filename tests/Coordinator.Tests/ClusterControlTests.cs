@@ -13,6 +13,15 @@ public class ClusterControlTests(CoordinatorFixture fixture)
 
     static Metadata Bearer(string token) => new() { { "authorization", $"Bearer {token}" } };
 
+    /// <summary>Ends a test's job, so that it does not claim the workers of the tests after it (they share the Coordinator).</summary>
+    async Task StopJobAsync(string jobId)
+    {
+        using var request = new HttpRequestMessage(HttpMethod.Post, $"/jobs/{jobId}/stop");
+        request.Headers.Authorization = new("Bearer", CoordinatorHost.Token);
+        using var response = await fixture.Host.Http.SendAsync(request);
+        response.EnsureSuccessStatusCode();
+    }
+
     [Fact]
     public async Task AWorkerThatSaysHelloReceivesItsAssignmentAndItsDeathIsNoticed()
     {
@@ -40,6 +49,7 @@ public class ClusterControlTests(CoordinatorFixture fixture)
         var job = await TestSpecs.EventuallyAsync(() => Control.GetJobAsync(new GetJobRequest { JobId = "grpc-job" }).ResponseAsync,
             j => j.State == "Rescaling", "the job noticing its worker died", seconds: 30);
         Assert.Equal(1, job.Step);
+        await StopJobAsync("grpc-job");
     }
 
     [Fact]
@@ -56,5 +66,52 @@ public class ClusterControlTests(CoordinatorFixture fixture)
         Assert.Equal(StatusCode.Unauthenticated, e.StatusCode);
         var workers = await fixture.Host.Http.GetStringAsync("/workers");
         Assert.DoesNotContain("intruder", workers);
+    }
+
+    [Fact]
+    public async Task TheFirstRanksNcclUniqueIdReachesTheOtherRanksOfItsGenerationAndNoOneElseMayMakeIt()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var streams = new[] { "nccl-w1", "nccl-w2" }.Select(worker => (Id: worker, Stream: Control.Connect(Bearer(CoordinatorHost.Token), cancellationToken: cts.Token))).ToArray();
+        int port = 41100;
+        foreach (var (worker, s) in streams)
+            await s.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = worker, Device = "cuda:0", Host = "127.0.0.1", CollectiveEndpoint = $"127.0.0.1:{port++}" } });
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 2, maxWorkers: 2) with { Name = "nccl-job" }, CoordinatorJson.Options);
+        await Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer(CoordinatorHost.Token));
+
+        var ranks = new Dictionary<int, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage>>();
+        foreach (var (_, s) in streams)
+        {
+            Assert.True(await s.ResponseStream.MoveNext(cts.Token));
+            var a = s.ResponseStream.Current.Assignment;
+            Assert.Equal(("nccl-job", 1L, 2), (a.JobId, a.Generation, a.World));
+            ranks[a.Rank] = s;
+            await s.RequestStream.WriteAsync(new WorkerMessage { Heartbeat = new Heartbeat { Generation = 1 } });
+        }
+
+        // Every byte value once or more, so nothing on the way may re-encode them.
+        var id = Google.Protobuf.ByteString.CopyFrom(Enumerable.Range(0, 128).Select(i => (byte)(255 - i * 2)).ToArray());
+        await ranks[0].RequestStream.WriteAsync(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = 1, Group = 0, Id = id } });
+        Assert.True(await ranks[1].ResponseStream.MoveNext(cts.Token));
+        var shared = ranks[1].ResponseStream.Current.NcclUniqueId;
+        Assert.NotNull(shared);
+        Assert.Equal((1L, 0), (shared.Generation, shared.Group));
+        Assert.Equal(id, shared.Id);
+
+        // Rank 1 is not its group's first rank, and generation 0 is over: both are refused, and rank 0 hears of neither.
+        await ranks[1].RequestStream.WriteAsync(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = 1, Group = 0, Id = id } });
+        Assert.True(await ranks[1].ResponseStream.MoveNext(cts.Token));
+        Assert.Equal("rank 1 sent the NCCL unique id of group 0; in generation 1 (dp 2 × pp 1) that is rank 0's to make", ranks[1].ResponseStream.Current.Refused.Reason);
+        await ranks[0].RequestStream.WriteAsync(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = 0, Group = 0, Id = id } });
+        Assert.True(await ranks[0].ResponseStream.MoveNext(cts.Token));
+        Assert.Contains("generation 0 is not the current generation 1", ranks[0].ResponseStream.Current.Refused.Reason);
+
+        // A first rank that cannot make one says why, and the others hear it.
+        await ranks[0].RequestStream.WriteAsync(new WorkerMessage { NcclUniqueId = new NcclUniqueId { Generation = 1, Group = 0, Reason = "libnccl.so.2 could not be loaded" } });
+        Assert.True(await ranks[1].ResponseStream.MoveNext(cts.Token));
+        Assert.Equal((true, "libnccl.so.2 could not be loaded"), (ranks[1].ResponseStream.Current.NcclUniqueId.Id.IsEmpty, ranks[1].ResponseStream.Current.NcclUniqueId.Reason));
+
+        await StopJobAsync("nccl-job");
+        foreach (var (_, s) in streams) s.Dispose();
     }
 }

@@ -26,9 +26,6 @@ public sealed class NcclCollective : ICollective
     public Device Device { get; }
     public TimeSpan Timeout { get; }
 
-    /// <summary>The size of the unique id every rank of a communicator is given.</summary>
-    public const int UniqueIdBytes = NcclNative.UniqueIdBytes;
-
     // comm is read and cleared under the gate: Dispose may come from another thread (a cancelled run) while an operation
     // polls the communicator, and then aborts it rather than destroying it under kernels that wait for peers.
     readonly Lock gate = new();
