@@ -37,8 +37,6 @@ public sealed class GpuSlots(IReadOnlyList<string> devices)
     readonly Dictionary<string, string> held = new(StringComparer.Ordinal);
     readonly Lock gate = new();
 
-    public IReadOnlyList<string> Devices => devices;
-
     /// <summary>The device for <paramref name="instance"/>: the first no other instance holds.</summary>
     /// <exception cref="InvalidOperationException">Every device has a worker.</exception>
     public string Take(string instance)

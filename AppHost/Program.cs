@@ -76,7 +76,7 @@ var gpus = new GpuSlots(options.Gpus);
 if (options.Device == "cuda")
 {
     worker.WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", gpus.Take(instance))]);
-    Log.AppHost($"workers train on cuda, one GPU each, of {gpus.Devices.Count} ({string.Join(", ", gpus.Devices)}): the nccl backend");
+    Log.AppHost($"workers train on cuda, one GPU each, of {options.Gpus.Count} ({string.Join(", ", options.Gpus)}): the nccl backend");
 }
 
 // ---- Run ----

@@ -34,8 +34,9 @@ public static class MachineCheck
         // Asking for CUDA makes TorchSharp load libtorch_cuda.so where it finds one (beside the binaries, or on
         // LD_LIBRARY_PATH); which files the loader then holds is what the build really is.
         int gpus = cuda.is_available() ? cuda.device_count() : 0;
-        var torchCpu = SharedLibrary.Loaded("libtorch_cpu.so");
-        var torchCuda = SharedLibrary.Loaded("libtorch_cuda.so");
+        var loaded = SharedLibrary.LoadedFiles();
+        var torchCpu = loaded.GetValueOrDefault("libtorch_cpu.so");
+        var torchCuda = loaded.GetValueOrDefault("libtorch_cuda.so");
         Line(output, "libtorch", $"TorchSharp {typeof(torch).Assembly.GetName().Version?.ToString(3)} on {torchCpu ?? "libtorch_cpu.so"}");
         Line(output, "", torchCuda is not null ? $"CUDA build: {torchCuda}" : "CPU build (TorchSharp-cpu; build with -p:TorchBackend=cuda, or put a CUDA libtorch on LD_LIBRARY_PATH, for GPUs)");
         Line(output, "CUDA driver", NativeLibrary.TryLoad("libcuda.so.1", out var driver) ? $"libcuda.so.1 at {SharedLibrary.PathOf(driver, "cuInit") ?? "an unknown path"}" : "libcuda.so.1 not found (no NVIDIA driver)");

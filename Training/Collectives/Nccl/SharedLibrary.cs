@@ -20,18 +20,19 @@ public static class SharedLibrary
     }
 
     /// <summary>
-    /// The path of the loaded file named <paramref name="fileName"/> (e.g. libtorch_cuda.so), read from /proc/self/maps,
-    /// or null when this process has not loaded it. Tells which of several copies the loader picked (the app folder's,
-    /// LD_LIBRARY_PATH's, a Python wheel's).
+    /// The files this process has mapped, by file name (e.g. libtorch_cuda.so → its path), read once from /proc/self/maps;
+    /// empty where there is none. Tells which of several copies the loader picked (the app folder's, LD_LIBRARY_PATH's, a
+    /// Python wheel's).
     /// </summary>
-    public static string? Loaded(string fileName)
+    public static IReadOnlyDictionary<string, string> LoadedFiles()
     {
-        if (!File.Exists("/proc/self/maps")) return null;
+        var files = new Dictionary<string, string>(StringComparer.Ordinal);
+        if (!File.Exists("/proc/self/maps")) return files;
         foreach (var line in File.ReadLines("/proc/self/maps"))
         {
             int slash = line.IndexOf('/');
-            if (slash >= 0 && Path.GetFileName(line.AsSpan(slash)).SequenceEqual(fileName)) return line[slash..];
+            if (slash >= 0) files.TryAdd(Path.GetFileName(line[slash..]), line[slash..]);
         }
-        return null;
+        return files;
     }
 }
