@@ -8,19 +8,6 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Engine;
 
-/// <summary>Reduces gradients across data-parallel ranks; the standalone trainer has none.</summary>
-public interface IGradientReducer
-{
-    /// <summary>Averages the gradients of <paramref name="parameters"/> over ranks, in place.</summary>
-    void AverageGradients(IReadOnlyList<Tensor> parameters);
-    /// <summary>
-    /// In one exchange: sums the step's expert <paramref name="loads"/> over ranks, so every replica updates its routing
-    /// bias identically, and averages <paramref name="means"/> (the step's loss sums), so every rank reports the loss of
-    /// the whole global batch rather than of its own share. Both in place.
-    /// </summary>
-    void ReduceStatistics(IReadOnlyList<long[]> loads, double[] means);
-}
-
 public sealed class Trainer : IDisposable
 {
     public DeepSeekForCausalLM Model { get; }
@@ -41,6 +28,7 @@ public sealed class Trainer : IDisposable
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
+    ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
                    Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
@@ -87,7 +75,11 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public Action? BeforeOptimizerUpdate { get; set; }
 
-    /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
+    /// <summary>
+    /// Runs one optimizer step over this rank's slice of the global batch. Each micro-batch's gradient is computed alone
+    /// (the backward of its unscaled loss) and added to an exact sum; the sum over every rank's micro-batches, divided by
+    /// their number, is the step's gradient: the same bits whatever the world size (see <see cref="ExactGradientSum"/>).
+    /// </summary>
     public StepMetrics TrainStep()
     {
         using var hold = FinalizerHold.Enter(); // see FinalizerHold: TorchSharp's implicit Scalars must outlive the native calls
@@ -96,13 +88,13 @@ public sealed class Trainer : IDisposable
         int micro = Options.MicroBatch;
         double lr = Schedule.At(Step);
         var moeLayers = Model.MoeLayers().ToList();
-        var loads = moeLayers.Select(m => new long[m.LastLoad.Length]).ToList();
+        var stats = new StepStatistics(moeLayers.Select(m => m.LastLoad.Length));
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
-        double lmSum = 0, mtpSum = 0, auxSum = 0;
         bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
         var total = Stopwatch.StartNew();
 
-        Optimizer.ZeroGrad();
+        gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+        gradients.Clear();
         // This rank's contiguous share of the step's global batch, in micro-batches.
         long rankStart = Step * Options.GlobalBatch + (long)Rank * (Options.GlobalBatch / WorldSize);
         for (int a = 0; a < accumulation; a++)
@@ -128,45 +120,46 @@ public sealed class Trainer : IDisposable
                     mtpTotal = mtpTotal is null ? ce : mtpTotal + ce;
                 }
                 var mtp = mtpTotal! / output.MtpLogits.Count;
-                mtpSum += ValueOf(mtp);
+                stats.Mtp.Add(ValueOf(mtp));
                 loss = loss + mtp * Options.MtpWeight;
             }
-            if (output.AuxLoss is { } aux) { auxSum += aux.item<double>(); loss = loss + aux; }
-            lmSum += ValueOf(lm);
-            for (int l = 0; l < moeLayers.Count; l++)
-                for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
+            if (output.AuxLoss is { } aux) { stats.Aux.Add(ValueOf(aux)); loss = loss + aux; }
+            stats.Lm.Add(ValueOf(lm));
+            stats.AddLoads(moeLayers.Select(m => m.LastLoad).ToList());
             fwdS += sw.Elapsed.TotalSeconds; sw.Restart();
 
-            (loss / accumulation).backward();
+            loss.backward();
+            gradients.AddAndClearGradients();
             bwdS += sw.Elapsed.TotalSeconds;
         }
 
         var opt = Stopwatch.StartNew();
-        Optimizer.FillMissingGradients();
         if (reducer is not null)
         {
             var c = Stopwatch.StartNew();
-            reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
-            double[] sums = [lmSum, mtpSum, auxSum];
-            reducer.ReduceStatistics(loads, sums);
-            (lmSum, mtpSum, auxSum) = (sums[0], sums[1], sums[2]);
+            reducer.SumGradients(gradients);
+            stats.SumOver(reducer);
             commS = c.Elapsed.TotalSeconds;
         }
+        // The sums are over every rank's micro-batches, or this rank's alone when it has no reducer (the standalone trainer).
+        int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
+        gradients.WriteMean(counted);
         double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);
         BeforeOptimizerUpdate?.Invoke();
         Optimizer.Step(lr);
         if (Options.BiasUpdateSpeed > 0)
-            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);
+            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         optS = opt.Elapsed.TotalSeconds - commS;
         Step++;
 
         double seconds = total.Elapsed.TotalSeconds;
         double tokens = (double)Options.GlobalBatch * Options.SeqLen / WorldSize;
         double tps = tokens / seconds;
+        double auxMean = stats.Aux.Value / counted;
         return new StepMetrics(
-            Step, lmSum / accumulation, withMtp ? mtpSum / accumulation : null, auxSum > 0 ? auxSum / accumulation : null,
+            Step, stats.Lm.Value / counted, withMtp ? stats.Mtp.Value / counted : null, auxMean > 0 ? auxMean : null,
             lr, gradNorm, tps, PeakFlops > 0 ? tps * flopsPerToken / PeakFlops : 0,
-            new StepTimes(dataS, fwdS, bwdS, commS, optS), loads);
+            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads);
     }
 
     /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>
@@ -244,6 +237,7 @@ public sealed class Trainer : IDisposable
 
     public void Dispose()
     {
+        gradients?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

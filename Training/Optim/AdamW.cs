@@ -66,19 +66,6 @@ public sealed class AdamW : IDisposable
         }
     }
 
-    public void ZeroGrad()
-    {
-        foreach (var s in slots)
-            if (s.Param.grad is { } g) { g.Dispose(); s.Param.grad = null; }
-    }
-
-    /// <summary>Gives every parameter without a gradient a zero one, so reductions see the same set on every rank.</summary>
-    public void FillMissingGradients()
-    {
-        foreach (var s in slots)
-            if (s.Param.grad is null) s.Param.grad = zeros_like(s.Param);
-    }
-
     /// <summary>Global L2 norm of all gradients; scales them down to <paramref name="maxNorm"/> when above it (maxNorm &lt;= 0: no clipping).</summary>
     public double ClipGradNorm(double maxNorm)
     {

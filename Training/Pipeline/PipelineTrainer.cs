@@ -16,11 +16,11 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// <list type="number">
 /// <item>the forwards and backwards of the step's micro-batches (the gradient-accumulation micro-batches): a forward
 /// receives (B, T, D) hidden states — and with MTP the embeddings — from the stage before and sends its own on; a
-/// backward receives the gradient of its outputs from the stage after and sends the gradient of its inputs back. The
-/// backwards run in micro-batch order, so every parameter accumulates its micro-batch gradients in the order the
-/// single process does. <see cref="TrainingOptions.PipelineSchedule"/> orders them: 1F1B (warm-up forwards, then one
+/// backward receives the gradient of its outputs from the stage after and sends the gradient of its inputs back. Each
+/// backward's parameter gradients go into an exact sum (<see cref="ExactGradientSum"/>), so their order does not matter.
+/// <see cref="TrainingOptions.PipelineSchedule"/> orders them: 1F1B (warm-up forwards, then one
 /// forward and one backward in turn, then the cool-down backwards) or GPipe (every forward, then every backward);</item>
-/// <item>the data-parallel average of the stage's gradients and the sum of its expert loads within the stage's dp group;</item>
+/// <item>the exact data-parallel sum of the stage's gradients, expert loads and losses within the stage's dp group;</item>
 /// <item>one exchange along the pipeline of each stage's gradient sum of squares, losses and expert loads: the clip uses
 /// the global norm, and every stage reports the loss that only the last one computes;</item>
 /// <item>AdamW on the owned parameters and the routing-bias update of the stage's own MoE layers.</item>
@@ -54,6 +54,7 @@ public sealed class PipelineTrainer : IDisposable
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
+    ExactGradientSum? gradients;
 
     /// <summary>
     /// <paramref name="optimizer"/>: an AdamW over exactly <paramref name="stage"/>'s parameters whose moments carry on;
@@ -135,9 +136,8 @@ public sealed class PipelineTrainer : IDisposable
         long T = Options.SeqLen, D = model.Config.HiddenSize;
         double lr = Schedule.At(Step);
         var moeLayers = Stage.MoeLayers().ToList();
-        var loads = moeLayers.Select(m => new long[m.LastLoad.Length]).ToList();
+        var stats = new StepStatistics(moeLayers.Select(m => m.LastLoad.Length));
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
-        double lmSum = 0, mtpSum = 0, auxSum = 0;
         bool withMtp = Options.MtpWeight > 0 && model.mtp.Count > 0;
         // With MTP, stage 0's embeddings travel beside the hidden states (PipelineStage explains why).
         bool carryEmbeddings = withMtp && Stage.Layout.Pp > 1;
@@ -146,7 +146,8 @@ public sealed class PipelineTrainer : IDisposable
         var total = Stopwatch.StartNew();
         var sw = new Stopwatch();
 
-        Optimizer.ZeroGrad();
+        gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+        gradients.Clear();
         long rankStart = Step * Options.GlobalBatch + (long)Replica * (Options.GlobalBatch / Replicas);
         int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
         var pending = new Queue<Pending>(accumulation); // forwards awaiting their backward, oldest first
@@ -216,12 +217,11 @@ public sealed class PipelineTrainer : IDisposable
             if (Stage.IsLast)
             {
                 loss = output.LmLoss!;
-                lmSum += Trainer.ValueOf(output.LmLoss!);
-                if (output.MtpLoss is { } mtp) { mtpSum += Trainer.ValueOf(mtp); loss = loss + mtp * Options.MtpWeight; }
+                stats.Lm.Add(Trainer.ValueOf(output.LmLoss!));
+                if (output.MtpLoss is { } mtp) { stats.Mtp.Add(Trainer.ValueOf(mtp)); loss = loss + mtp * Options.MtpWeight; }
             }
-            if (output.AuxLoss is { } aux) { auxSum += Trainer.ValueOf(aux); if (loss is not null) loss = loss + aux; }
-            for (int l = 0; l < moeLayers.Count; l++)
-                for (int e = 0; e < loads[l].Length; e++) loads[l][e] += moeLayers[l].LastLoad[e];
+            if (output.AuxLoss is { } aux) { stats.Aux.Add(Trainer.ValueOf(aux)); if (loss is not null) loss = loss + aux; }
+            stats.AddLoads(moeLayers.Select(m => m.LastLoad).ToList());
             fwdS += c.Elapsed.TotalSeconds;
 
             // Into the step's scope, so that an exception still frees them; Backward frees them as soon as it is done.
@@ -240,17 +240,19 @@ public sealed class PipelineTrainer : IDisposable
         {
             var p = pending.Dequeue();
             var c = Stopwatch.StartNew();
-            if (Stage.IsLast) (p.Loss! / accumulation).backward();
+            // Unscaled, as the single-process trainer: the mean over micro-batches is taken once, from the exact sum.
+            if (Stage.IsLast) p.Loss!.backward();
             else
             {
                 var roots = new List<Tensor> { p.Output.Hidden_BTD };
                 var grads = new List<Tensor> { fromNext![0] };
                 // The first stage owns the embeddings the MTP modules read: their gradient joins the layers' at the embedding.
                 if (Stage.IsFirst && carryEmbeddings) { roots.Add(p.Output.Embeddings_BTD!); grads.Add(fromNext[1]); }
-                // d(loss/accumulation)/d(aux) of this stage's MoE layers, as in the single-process backward.
-                if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(full_like(aux, 1.0 / accumulation)); }
+                // d(loss)/d(aux) of this stage's MoE layers, as in the single-process backward.
+                if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(ones_like(aux)); }
                 autograd.backward(roots, grads);
             }
+            gradients.AddAndClearGradients();
             bwdS += c.Elapsed.TotalSeconds;
             Tensor[]? back = null;
             if (!Stage.IsFirst)
@@ -267,8 +269,7 @@ public sealed class PipelineTrainer : IDisposable
             return back;
         }
 
-        // Backwards run in micro-batch order 0..m-1 under both schedules, so every parameter accumulates its micro-batch
-        // gradients in the order the single process does.
+        // Backwards run in micro-batch order 0..m-1 under both schedules.
         using (NewDisposeScope())
         {
             if (Options.PipelineSchedule == "gpipe")
@@ -307,17 +308,17 @@ public sealed class PipelineTrainer : IDisposable
         // ---- Reduce within the stage, clip over the pipeline, step ----
         var opt = Stopwatch.StartNew();
         double commBefore = commS;
-        Optimizer.FillMissingGradients();
         if (reducer is not null)
         {
             sw.Restart();
-            reducer.AverageGradients(Optimizer.Slots.Select(s => s.Param.grad!).ToList());
-            // Only the last stage has losses to average; the exchange along the pipeline below hands them to every stage.
-            double[] sums = [lmSum, mtpSum, auxSum];
-            reducer.ReduceStatistics(loads, sums);
-            (lmSum, mtpSum, auxSum) = (sums[0], sums[1], sums[2]);
+            reducer.SumGradients(gradients);
+            // Only the last stage has losses to sum; the exchange along the pipeline below hands them to every stage.
+            stats.SumOver(reducer);
             commS += sw.Elapsed.TotalSeconds;
         }
+        // The sums are over every replica's micro-batches, or this replica's alone when it has no reducer (dp 1).
+        int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
+        gradients.WriteMean(counted);
         double sumSq = 0;
         using (no_grad())
             foreach (var s in Optimizer.Slots)
@@ -326,8 +327,8 @@ public sealed class PipelineTrainer : IDisposable
                 sumSq += n.item<double>();
             }
         sw.Restart();
-        var own = new List<double> { sumSq, lmSum, mtpSum, auxSum };
-        foreach (var l in loads) own.AddRange(l.Select(x => (double)x));
+        var own = new List<double> { sumSq, stats.Lm.Value, stats.Mtp.Value, stats.Aux.Value };
+        foreach (var l in stats.Loads) own.AddRange(l.Select(x => (double)x));
         var all = links.GatherAlongPipeline([.. own]);
         commS += sw.Elapsed.TotalSeconds;
 
@@ -341,7 +342,7 @@ public sealed class PipelineTrainer : IDisposable
         BeforeOptimizerUpdate?.Invoke();
         Optimizer.Step(lr);
         if (Options.BiasUpdateSpeed > 0)
-            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(loads[l], Options.BiasUpdateSpeed);
+            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         optS = opt.Elapsed.TotalSeconds - (commS - commBefore);
         Step++;
 
@@ -356,7 +357,7 @@ public sealed class PipelineTrainer : IDisposable
         // The replica's pipeline spans Pp devices: MFU is over all of them.
         double mfu = PeakFlops > 0 ? tps * flopsPerToken / (PeakFlops * Stage.Layout.Pp) : 0;
         return new StepMetrics(
-            Step, last[1] / accumulation, withMtp ? last[2] / accumulation : null, pipelineAux > 0 ? pipelineAux / accumulation : null,
+            Step, last[1] / counted, withMtp ? last[2] / counted : null, pipelineAux > 0 ? pipelineAux / counted : null,
             lr, gradNorm, tps, mfu, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads);
     }
 
@@ -402,6 +403,7 @@ public sealed class PipelineTrainer : IDisposable
 
     public void Dispose()
     {
+        gradients?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

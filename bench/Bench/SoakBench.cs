@@ -14,9 +14,6 @@ namespace DeepSeekCluster.Bench;
 
 public static class SoakBench
 {
-    /// <summary>Same reasoning as the chaos tests' tolerance: other world sizes reorder the gradient sums (ulps per step).</summary>
-    const double Tolerance = 1e-3;
-
     sealed record Fault(DateTimeOffset At, string Kind, string? Victim, string? Job, bool Member);
 
     sealed record JobResult(string Name, JobView View, ModelDiff? Diff, List<string> Problems);
@@ -81,7 +78,7 @@ public static class SoakBench
                     if (c is null) jobProblems.Add("no consumption ledger");
                     else if (!(c.Complete && c.Overlaps == 0 && c.Ranges.Count == 1 && c.Ranges[0] == (0, j.Samples)))
                         jobProblems.Add($"ledger: ranges [{string.Join(", ", c.Ranges.Select(r => $"[{r.Start},{r.End})"))}], overlaps {c.Overlaps}, complete {c.Complete}");
-                    if (diff.Mismatched.Count > 0 || diff.Beyond(Tolerance).Count > 0) jobProblems.Add($"model differs from the reference beyond {Tolerance:E0}: {diff}");
+                    if (!diff.Bitwise) jobProblems.Add($"model differs from the reference (training is bitwise identical at any world size): {diff}");
                 }
                 catch (Exception e) when (e is InvalidOperationException or TimeoutException)
                 {
@@ -209,7 +206,7 @@ public static class SoakBench
         say($"| resumed from | {string.Join(", ", resumed.GroupBy(e => e.ResumeSource ?? "?").Select(g => $"{g.Key} {g.Count()}"))} |");
         say($"| steps redone | {resumed.Sum(e => e.StepsRedone ?? 0)} (max {resumed.Select(e => e.StepsRedone ?? 0).DefaultIfEmpty(0).Max()} in one resume) |");
         say($"| ledgers exact | {results.Count(r => r.View.Consumption is { Complete: true, Overlaps: 0, Ranges.Count: 1 })} of {results.Count} |");
-        say($"| models within {Tolerance:E0} of the reference | {results.Count(r => r.Diff is { } d && d.Mismatched.Count == 0 && d.Beyond(Tolerance).Count == 0)} of {results.Count}; " +
+        say($"| models bitwise equal to the reference | {results.Count(r => r.Diff is { Bitwise: true })} of {results.Count}; " +
             $"worst {results.Where(r => r.Diff is { Tensors.Count: > 0 }).Select(r => r.Diff!.Worst.Relative).DefaultIfEmpty(double.NaN).Max():E2} of a tensor's scale |");
         say($"| orphan processes | {orphans} |");
     }

@@ -1,6 +1,7 @@
 // Fault tolerance with real processes: the AppHost runs the system, two workers and a spare; one worker is SIGKILLed in
 // the middle of the job. The next generation (survivor and spare) resumes from the survivor's live state, copied to the
-// spare over the collective (no step redone), and the job completes with an exactly-once ledger of the samples.
+// spare over the collective (no step redone), and the job completes with an exactly-once ledger of the samples and the
+// very model an undisturbed run of the same job trains (bit for bit: training is exact at any world size).
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Reflection;
@@ -14,15 +15,15 @@ public class ElasticTests(ITestOutputHelper output)
 {
     static readonly string AppHost = typeof(ElasticTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
     const int Steps = 30, GlobalBatch = 8;
+    static readonly string[] JobArgs =
+        ["--steps", $"{Steps}", "--seq-len", "32", "--vocab-size", "512", "--global-batch", $"{GlobalBatch}", "--micro-batch", "2", "--checkpoint-interval", "0"];
 
     [Fact]
     public async Task AWorkerKilledMidRunIsReplacedByTheSurvivorsLiveStateWithoutRedoingAStep()
     {
         using var clusterLock = await ClusterTestLock.AcquireAsync("elastic end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-elastic-").FullName;
-        using var host = new AppHostProcess(AppHost, runDir,
-            "--workers", "2", "--steps", $"{Steps}", "--seq-len", "32", "--vocab-size", "512",
-            "--global-batch", $"{GlobalBatch}", "--micro-batch", "2", "--checkpoint-interval", "0");
+        using var host = new AppHostProcess(AppHost, runDir, ["--workers", "2", .. JobArgs]);
         try
         {
             string coordinator = host.WaitFor(@"started coordinator \(pid \d+\) on (http://\S+),", TimeSpan.FromMinutes(6)).Groups[1].Value;
@@ -79,9 +80,28 @@ public class ElasticTests(ITestOutputHelper output)
             Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
             Assert.Equal([0L, (long)Steps * GlobalBatch], consumption.GetProperty("ranges").EnumerateArray().Single().EnumerateArray().Select(x => x.GetInt64()));
 
+            var disturbed = File.ReadAllBytes(ModelFile(host));
             host.Send("quit");
             Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
             Assert.Empty(ClusterEndToEndTests.ProcessesMentioning(runDir));
+
+            // The same job, undisturbed and on one worker: the same model file, byte for byte.
+            var referenceDir = Directory.CreateTempSubdirectory("e2e-elastic-reference-").FullName;
+            try
+            {
+                using var reference = new AppHostProcess(AppHost, referenceDir, ["--workers", "1", "--exit-when-done", .. JobArgs]);
+                Assert.True(reference.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10)).Groups[2].Value == "Completed",
+                            "the undisturbed run did not complete:\n" + reference.Output);
+                var undisturbed = File.ReadAllBytes(ModelFile(reference));
+                Assert.True(disturbed.AsSpan().SequenceEqual(undisturbed),
+                            $"the model of the run that lost a worker ({disturbed.Length} bytes) differs from the undisturbed run's ({undisturbed.Length} bytes)");
+                Assert.True(reference.WaitForExit(TimeSpan.FromMinutes(2)), "the undisturbed AppHost did not exit after its job (--exit-when-done)");
+            }
+            finally
+            {
+                foreach (var pid in ClusterEndToEndTests.ProcessesMentioning(referenceDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+                Directory.Delete(referenceDir, true);
+            }
         }
         catch
         {
@@ -105,6 +125,10 @@ public class ElasticTests(ITestOutputHelper output)
             await Task.Delay(250);
         }
     }
+
+    /// <summary>The safetensors file of the Hugging Face folder rank 0 wrote at the end of the run.</summary>
+    static string ModelFile(AppHostProcess host) =>
+        Path.Combine(host.WaitFor(@"model saved to (\S+)", TimeSpan.FromMinutes(2)).Groups[1].Value, "model.safetensors");
 
     /// <summary>The pid of the worker instance started for this run.</summary>
     static int WorkerPid(string runDir, string instance)

@@ -90,12 +90,17 @@ public class PipelineEndToEndTests : IClassFixture<PipelineFixture>
     const int Steps = PipelineFixture.Steps, GlobalBatch = PipelineFixture.GlobalBatch;
 
     /// <summary>
-    /// Float32 on two stages (or two replicas) sums in another order than one process (the stage boundary, the clip's
-    /// global norm, the replicas' average), so losses agree to a few float32 ulps per step, not bitwise; a wrong batch,
+    /// Float32 cut into two stages sums in another order than one process at the stage boundary (the first stage's
+    /// embedding gradient from the layers and from the MTP modules, the clip's global norm summed stage by stage), so
+    /// losses agree to a few float32 ulps per step, not bitwise (replicas are exact: ExactGradientSum); a wrong batch,
     /// stage or step moves them by far more (a step's loss changes by ~1e-2 from one step to the next here).
     /// </summary>
     const double LossTolerance = 2e-4;
-    /// <summary>The chaos scenarios' bound for weights after a different summation order (see ChaosScenarioTests.Tolerance).</summary>
+    /// <summary>
+    /// Weights after those few-ulp differences per step: Adam divides by √v, so such a change moves a weight by at most
+    /// about lr·(relative gradient change) per step, far below 1e-3 of a weight's scale over these steps, while a wrong
+    /// resume moves weights by lr-sized amounts, ≳ 1e-2 of the scale.
+    /// </summary>
     const double WeightTolerance = 1e-3;
 
     readonly PipelineFixture fx;

@@ -1,0 +1,152 @@
+// Exact, order-independent sums of micro-batch gradients and losses (fixed point in int64 words); not a reducer itself.
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Engine;
+
+/// <summary>
+/// The sum of a step's micro-batch gradients in 128-bit fixed point, so that the sum is exact and therefore the same in
+/// any order and over any number of ranks: a job that goes from 2 workers to 1 and back trains bit for bit as one that
+/// never changed (docs/decisions.md, "Training is bitwise identical at any world size").
+/// <para>
+/// Each gradient element x is rounded once to a multiple of 2^-<see cref="FractionBits"/> (every float32 of magnitude
+/// 2^-40 or more is such a multiple already, so nothing but values below about 1e-12 is rounded) and kept as two int64
+/// words, q = hi·2^<see cref="LowBits"/> + lo with 0 ≤ lo &lt; 2^LowBits. Integer sums are exact and associative; the
+/// words of up to 2^<see cref="MaxTermsLog2"/> micro-batches fit an int64 as long as |x| &lt; <see cref="Bound"/>.
+/// An element beyond it, or NaN/Inf, poisons its parameter's result with NaN (the norm then says so), as a float sum would.
+/// </para>
+/// Both words of every parameter live in two flat buffers (<see cref="High"/>, <see cref="Low"/>) that a reducer
+/// all-reduces in place with an int64 Sum, in buckets of views: no copies in or out.
+/// </summary>
+public sealed class ExactGradientSum : IDisposable
+{
+    public const int FractionBits = 64, LowBits = 40, MaxTermsLog2 = 20;
+    /// <summary>The largest gradient element magnitude the words can sum 2^20 times without overflow: 2^19.</summary>
+    public static readonly double Bound = Math.Pow(2, 63 - MaxTermsLog2 - (FractionBits - LowBits));
+
+    static readonly double Scale = Math.Pow(2, FractionBits), LowScale = Math.Pow(2, LowBits);
+
+    readonly Tensor[] parameters;
+    readonly long[] offsets;
+    readonly Tensor scratch; // (N,) float64: one micro-batch's gradients, flat
+    readonly Tensor worst;   // () float64: the largest |x| (or NaN) of any gradient element this step
+
+    /// <summary>hi words of every parameter, flat in parameter order (int64).</summary>
+    public Tensor High { get; }
+    /// <summary>lo words of every parameter, flat in parameter order (int64), each term in [0, 2^LowBits).</summary>
+    public Tensor Low { get; }
+    /// <summary>The largest gradient magnitude of the step (NaN if any was NaN); a reducer all-reduces it with Max (exact).</summary>
+    public Tensor Worst => worst;
+    /// <summary>Micro-batches added on this rank since <see cref="Clear"/>.</summary>
+    public int Terms { get; private set; }
+
+    public ExactGradientSum(IReadOnlyList<Tensor> parameters)
+    {
+        if (parameters.Count == 0) throw new ArgumentException("no parameters to sum gradients of", nameof(parameters));
+        this.parameters = [.. parameters];
+        offsets = new long[parameters.Count + 1];
+        for (int i = 0; i < parameters.Count; i++) offsets[i + 1] = offsets[i] + parameters[i].numel();
+        var device = parameters[0].device;
+        High = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
+        Low = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
+        scratch = zeros(offsets[^1], dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
+        worst = zeros(1, dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
+    }
+
+    /// <summary>Empties the sum and zeroes every existing <c>.grad</c>: the start of a step.</summary>
+    public void Clear()
+    {
+        using var noGrad = no_grad();
+        High.zero_();
+        Low.zero_();
+        worst.zero_();
+        foreach (var p in parameters) p.grad?.zero_();
+        Terms = 0;
+    }
+
+    /// <summary>
+    /// Adds the current <c>.grad</c> of every parameter (none counts as zero) and zeroes it for the next micro-batch's
+    /// backward, which then accumulates into zeros: 0 + g is g exactly.
+    /// </summary>
+    public void AddAndClearGradients()
+    {
+        if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        for (int i = 0; i < parameters.Length; i++)
+        {
+            var range = scratch.narrow(0, offsets[i], offsets[i + 1] - offsets[i]);
+            if (parameters[i].grad is { } g) { range.copy_(g.reshape(-1)); g.zero_(); }
+            else range.zero_();
+        }
+        worst.copy_(maximum(worst, scratch.abs().max().unsqueeze(0))); // NaN propagates
+        var q = scratch.mul_(Scale).round_();        // exact scaling by 2^64, then the one rounding
+        var hi = q.div(LowScale).floor_();           // exact: q has at most 53 significant bits
+        var lo = q.add_(hi, alpha: -LowScale);       // the low 40 bits, in [0, 2^40): exact, with or without an FMA
+        High.add_(hi.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
+        Low.add_(lo.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
+        Terms++;
+    }
+
+    /// <summary>
+    /// Sets every parameter's <c>.grad</c> to the summed gradient divided by <paramref name="count"/> (the mean over the
+    /// step's micro-batches of all ranks), in the parameter's dtype: one rounding from the exact sum. A step whose
+    /// largest element reached <see cref="Bound"/> or was not finite gets NaN gradients, as a float sum would give.
+    /// </summary>
+    public void WriteMean(long count)
+    {
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        bool poisoned = !(worst.cpu().item<double>() < Bound);
+        var carry = Low.div(1L << LowBits, rounding_mode: RoundingMode.floor); // lo sums are ≥ 0
+        var hi = (High + carry).to_type(ScalarType.Float64);
+        var lo = (Low - carry * (1L << LowBits)).to_type(ScalarType.Float64); // canonical: [0, 2^40)
+        var mean = hi.mul_(LowScale).add_(lo).div_(Scale).div_(count);
+        if (poisoned) mean.fill_(double.NaN);
+        for (int i = 0; i < parameters.Length; i++)
+        {
+            var p = parameters[i];
+            var value = mean.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(p.shape);
+            if (p.grad is { } g) g.copy_(value);
+            else p.grad = value.to_type(p.dtype).clone().DetachFromDisposeScope();
+        }
+    }
+
+    public void Dispose()
+    {
+        High.Dispose();
+        Low.Dispose();
+        scratch.Dispose();
+        worst.Dispose();
+    }
+}
+
+/// <summary>
+/// An exact sum of doubles (losses) in fixed point at 2^-40 (every float32 loss of magnitude 2^-16 or more is a multiple
+/// of it), kept as one Int128 and exchanged as int64 words, so a step's loss is the same whatever ranks its micro-batches
+/// ran on. A term that is not finite or not below 2^20 poisons the sum: it reads NaN.
+/// </summary>
+public struct ExactScalarSum
+{
+    const int FractionBits = 40, LowBits = 32;
+    static readonly double Scale = Math.Pow(2, FractionBits), Limit = Math.Pow(2, 20);
+
+    Int128 total;
+    long poisoned;
+
+    public void Add(double value)
+    {
+        if (!(Math.Abs(value) < Limit)) { poisoned++; return; }
+        total += (Int128)Math.Round(value * Scale);
+    }
+
+    public readonly double Value => poisoned > 0 ? double.NaN : (double)total / Scale;
+
+    /// <summary>
+    /// Three int64 words whose sums over ranks <see cref="FromWords"/> reads back exactly: the high part (|total| &lt; 2^80
+    /// for up to 2^20 terms, so below 2^48), the low 32 bits, and the count of poisoned terms.
+    /// </summary>
+    public readonly long[] Words => [(long)(total >> LowBits), (long)(total & uint.MaxValue), poisoned];
+
+    public static ExactScalarSum FromWords(ReadOnlySpan<long> words) =>
+        new() { total = ((Int128)words[0] << LowBits) + words[1], poisoned = words[2] };
+}
