@@ -3,6 +3,7 @@ using System.Net.Http.Headers;
 using System.Net.Http.Json;
 using System.Text.Json;
 using DeepSeekCluster.AppHost.Hosting;
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.Contracts.DataShards;
 using Grpc.Net.Client;
 
@@ -107,7 +108,7 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
     async Task<double?> WorkersMfuAsync(CancellationToken ct)
     {
         var values = new List<double>();
-        foreach (var i in endpoints.Snapshot().Where(i => i.Resource == "gpu-worker"))
+        foreach (var i in endpoints.Snapshot().Where(i => i.Resource == ServiceNames.GpuWorker))
         {
             try
             {

@@ -1,6 +1,7 @@
 // Starts resources in dependency order, gates dependants on health, prefixes logs, and stops everything on exit.
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using DeepSeekCluster.Contracts;
 
 namespace DeepSeekCluster.AppHost.Hosting;
 
@@ -67,7 +68,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
 
     public string Start(Resource r, int index)
     {
-        var instance = r.Replicas > 1 || r.Name == "gpu-worker" ? $"{r.Name}-{index}" : r.Name;
+        var instance = r.Replicas > 1 || r.Name == ServiceNames.GpuWorker ? $"{r.Name}-{index}" : r.Name;
         var psi = new ProcessStartInfo(r.Command)
         {
             RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = false,

@@ -5,8 +5,8 @@ using System.Text;
 using System.Text.Json;
 using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Storage;
-using DeepSeekCluster.Training.Data;
-using DeepSeekCluster.Training.Tokenization;
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
 
 namespace DeepSeekCluster.DataShardService.Preparation;
 

@@ -3,7 +3,7 @@
 using System.Buffers.Binary;
 using System.Security.Cryptography;
 using System.Text;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.DataShardService.Preparation;
 

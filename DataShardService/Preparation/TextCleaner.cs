@@ -1,7 +1,7 @@
 // Cleaning of one document: NFC, line endings, control characters; then length and quality filters, each counted.
 using System.Globalization;
 using System.Text;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.DataShardService.Preparation;
 

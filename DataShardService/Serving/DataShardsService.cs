@@ -2,7 +2,7 @@
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Metrics;
 using DeepSeekCluster.DataShardService.Preparation;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 using Grpc.Core;
 
 namespace DeepSeekCluster.DataShardService.Serving;

@@ -15,7 +15,7 @@ using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Perf;
 using DeepSeekCluster.Training.Pipeline;
-using DeepSeekCluster.Training.Tokenization;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.ServiceDefaults;
 using TorchSharp;
 using static TorchSharp.torch;

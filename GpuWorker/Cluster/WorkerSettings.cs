@@ -1,4 +1,5 @@
 // The worker's cluster settings, from the same environment keys an Aspire AppHost or the k8s ConfigMap sets.
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.ServiceDefaults;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
@@ -32,25 +33,25 @@ public sealed record WorkerSettings
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
     /// <summary>The environment variables of the services' gRPC addresses (Aspire's service discovery names).</summary>
-    public const string CoordinatorKey = "services__coordinator__grpc__0", DataShardsKey = "services__data-shards__grpc__0", CheckpointsKey = "services__checkpoints__grpc__0";
+    public const string CoordinatorKey = $"services__{ServiceNames.Coordinator}__grpc__0", DataShardsKey = $"services__{ServiceNames.DataShards}__grpc__0",
+        CheckpointsKey = $"services__{ServiceNames.Checkpoints}__grpc__0";
 
     /// <summary>True when the environment names a coordinator: the process was started as part of a cluster.</summary>
-    public static bool Configured => Environment.GetEnvironmentVariable("services__coordinator__grpc__0") is not null;
+    public static bool Configured => Environment.GetEnvironmentVariable(CoordinatorKey) is not null;
 
     public static WorkerSettings FromEnvironment()
     {
         var problems = new List<string>();
-        Uri Service(string name)
+        Uri Service(string name, string key)
         {
-            var key = $"services__{name}__grpc__0";
             var value = Environment.GetEnvironmentVariable(key);
             if (string.IsNullOrWhiteSpace(value)) { problems.Add($"{key} is not set (the {name} service's gRPC address)"); return new Uri("http://invalid"); }
             if (!Uri.TryCreate(value, UriKind.Absolute, out var uri)) { problems.Add($"{key}='{value}' is not an absolute URI"); return new Uri("http://invalid"); }
             return uri;
         }
-        var coordinator = Service("coordinator");
-        var data = Service("data-shards");
-        var checkpoints = Service("checkpoints");
+        var coordinator = Service(ServiceNames.Coordinator, CoordinatorKey);
+        var data = Service(ServiceNames.DataShards, DataShardsKey);
+        var checkpoints = Service(ServiceNames.Checkpoints, CheckpointsKey);
         var token = Environment.GetEnvironmentVariable("Cluster__Token");
         if (string.IsNullOrWhiteSpace(token)) problems.Add("Cluster__Token is not set (the cluster token; the AppHost sets it, Kubernetes takes it from a Secret)");
         int port = 0;

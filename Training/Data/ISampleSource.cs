@@ -1,4 +1,5 @@
 // Where a trainer's samples come from, addressed by global index of the run's sample stream (DESIGN.md, Data plane).
+using DeepSeekCluster.Text.Data;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Data;

@@ -1,9 +1,10 @@
 // Standalone training in one process: text -> tokenizer -> packed samples -> trainer loop -> HF model folder.
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Perf;
-using DeepSeekCluster.Training.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
 

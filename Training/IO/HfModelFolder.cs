@@ -1,8 +1,8 @@
 // A Hugging Face model folder: config.json, model.safetensors (or shards + index), tokenizer.json, generation_config.json.
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Model;
-using DeepSeekCluster.Training.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
 

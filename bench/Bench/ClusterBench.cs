@@ -6,6 +6,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.RegularExpressions;
 using DeepSeekCluster.Chaos;
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -48,7 +49,7 @@ public static partial class ClusterBench
         at1.Keys.Where(at0.ContainsKey).ToDictionary(k => k, k => (at1[k] - at0[k]) / steps);
 
     /// <summary>The processes whose CPU time a window accounts for: the trainer's (workers, or this process), then the services.</summary>
-    static readonly string[] CpuColumns = ["trainer", "coordinator", "data-shards", "checkpoints", "blobs", "bench"];
+    static readonly string[] CpuColumns = ["trainer", ServiceNames.Coordinator, ServiceNames.DataShards, ServiceNames.Checkpoints, ServiceNames.Blobs, "bench"];
 
     public static async Task<int> RunAsync(string[] args)
     {
@@ -107,7 +108,7 @@ public static partial class ClusterBench
             Say("| round | config | wall tokens/s | trainer tokens/s (median step) | data / fwd / bwd / comm / opt ms per step (rank 0) | " +
                 $"CPU ms per step: {string.Join(" / ", CpuColumns)} | load 1 min |");
             Say("|---|---|---|---|---|---|---|");
-            var services = new[] { "coordinator", "data-shards", "checkpoints", "blobs" }.ToDictionary(n => n, cluster.Pid);
+            var services = new[] { ServiceNames.Coordinator, ServiceNames.DataShards, ServiceNames.Checkpoints, ServiceNames.Blobs }.ToDictionary(n => n, cluster.Pid);
             services["bench"] = Environment.ProcessId;
             for (int round = 1; round <= rounds; round++)
                 foreach (var c in configs.Where(c => c.Key != "c1t2" || round <= threadRounds))

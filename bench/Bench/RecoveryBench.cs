@@ -3,6 +3,7 @@
 // redone. Then the same 2-worker job runs with heartbeats every 100 ms and every 5 s to price the heartbeat and
 // fencing machinery in tokens/s.
 using DeepSeekCluster.Chaos;
+using DeepSeekCluster.Contracts;
 using static DeepSeekCluster.Bench.ClusterBenchSupport;
 
 namespace DeepSeekCluster.Bench;
@@ -119,7 +120,7 @@ public static class RecoveryBench
             var end = await cluster.WaitForAsync(job.Name, j => j.Terminal, TimeSpan.FromMinutes(10), $"cost run {run}", CancellationToken.None, TimeSpan.FromSeconds(1));
             // The same processes idle afterwards: what they burn then is heartbeats (sent, received, fenced-checked) plus
             // the runtime's own background, which the 5 s runs measure alone.
-            var pids = pair.Select(cluster.Pid).Append(cluster.Pid("coordinator")).ToList();
+            var pids = pair.Select(cluster.Pid).Append(cluster.Pid(ServiceNames.Coordinator)).ToList();
             double cpu0 = pids.Sum(CpuSeconds);
             var window = System.Diagnostics.Stopwatch.StartNew();
             await Task.Delay(TimeSpan.FromSeconds(15)); // a measurement window, not a readiness wait

@@ -1,7 +1,7 @@
 // The cleaning filters and the deduplicator on their own, without the service.
 using System.Text.Json;
 using DeepSeekCluster.DataShardService.Preparation;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.DataShardService.Tests;
 

@@ -62,7 +62,7 @@ public abstract class PrepareKillBehaviour(StoreBackend backend)
     {
         // 600 chapters in three files, about 2 MB: long enough that each stage outlives the reaction to its line.
         string folder = TestCorpus.NewFolder("kill-input");
-        var chapters = Training.Data.ShippedCorpus.Documents().Take(600).ToArray();
+        var chapters = Text.Data.ShippedCorpus.Documents().Take(600).ToArray();
         for (int f = 0; f < 3; f++)
             TestCorpus.WritePlain(folder, $"part-{f}.txt", chapters.Skip(200 * f).Take(200));
         return folder;

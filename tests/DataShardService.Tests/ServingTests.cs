@@ -3,7 +3,7 @@
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Tests.Infrastructure;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 using Grpc.Core;
 
 namespace DeepSeekCluster.DataShardService.Tests;
@@ -66,7 +66,7 @@ public abstract class ServingBehaviour(PreparedDatasetFixture fixture)
     public async Task TheTokenizerTravelsWithTheDatasetAndDecodesItsSamples()
     {
         var reply = await fixture.Host.Client.GetTokenizerAsync(new GetManifestRequest { DatasetId = fixture.DatasetId });
-        var tokenizer = DeepSeekCluster.Training.Tokenization.BpeTokenizer.FromJson(reply.TokenizerJson, "GetTokenizer");
+        var tokenizer = DeepSeekCluster.Text.Tokenization.BpeTokenizer.FromJson(reply.TokenizerJson, "GetTokenizer");
         Assert.Equal(reply.TokenizerHash, tokenizer.Hash);
         Assert.Equal(tokenizer.EosTokenId, reply.EotTokenId);
         using var call = fixture.Host.Client.GetBatch(new GetBatchRequest { DatasetId = fixture.DatasetId, Count = 1 });

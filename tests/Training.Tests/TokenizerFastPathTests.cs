@@ -2,7 +2,7 @@
 // replaces, and whole encodings against a naive encoder (regex pieces, merges found by rescanning string pairs).
 using System.Text;
 using System.Text.Json;
-using DeepSeekCluster.Training.Tokenization;
+using DeepSeekCluster.Text.Tokenization;
 
 namespace DeepSeekCluster.Training.Tests;
 

@@ -1,8 +1,8 @@
 // Tests of the byte-level BPE tokenizer: losslessness, training, tokenizer.json compatibility, hand-derived goldens.
 using System.Runtime.CompilerServices;
 using System.Text;
-using DeepSeekCluster.Training.Tokenization;
-using BpeTokenizer = DeepSeekCluster.Training.Tokenization.BpeTokenizer;
+using DeepSeekCluster.Text.Tokenization;
+using BpeTokenizer = DeepSeekCluster.Text.Tokenization.BpeTokenizer;
 using CodeGenTokenizer = Microsoft.ML.Tokenizers.CodeGenTokenizer;
 
 namespace DeepSeekCluster.Training.Tests;

@@ -8,6 +8,7 @@ using System.Net.Http.Json;
 using System.Reflection;
 using System.Security.Cryptography;
 using DeepSeekCluster.AppHost.Hosting;
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.Contracts.DataShards;
 using Grpc.Net.Client;
 
@@ -89,25 +90,25 @@ public sealed class ChaosCluster : IAsyncDisposable
         {
             var token = Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(32));
             int blobPort = FreePort.Next();
-            var blobs = builder.AddExecutable("blobs", azurite, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose",
+            var blobs = builder.AddExecutable(ServiceNames.Blobs, azurite, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose",
                 "--blobHost", "127.0.0.1", "--blobPort", blobPort.ToString(), "--location", Path.Combine(options.RunDir, "azurite"));
             blobs.ReadinessPort = blobPort;
             var blobConnection = $"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={BlobAccountKey};" +
                                  $"BlobEndpoint=http://127.0.0.1:{blobPort}/devstoreaccount1;";
-            var dataShards = builder.AddProject("data-shards", "DataShardService", "DeepSeekCluster.DataShardService")
+            var dataShards = builder.AddProject(ServiceNames.DataShards, "DataShardService", "DeepSeekCluster.DataShardService")
                 .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
                 .WithEnvironment("DataShards__Root", Path.Combine(options.RunDir, "datasets"))
                 .WithEnvironment("DataShards__WorkDir", Path.Combine(options.RunDir, "prepare"))
                 .WithEnvironment("DataShards__CacheDir", Path.Combine(options.RunDir, "shard-cache"))
-                .WithConnectionString("blobs", blobConnection).WaitFor(blobs);
-            var checkpoints = builder.AddProject("checkpoints", "CheckpointStore", "CheckpointStore")
+                .WithConnectionString(ServiceNames.Blobs, blobConnection).WaitFor(blobs);
+            var checkpoints = builder.AddProject(ServiceNames.Checkpoints, "CheckpointStore", "CheckpointStore")
                 .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
                 .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"))
                 // An outage scenario waits for uploads to fail: 2 quick tries instead of the default ~15 s of backoff per request.
                 .WithEnvironment("Storage__RetryCount", "2")
                 .WithEnvironment("Storage__RetryBaseDelayMs", "200")
-                .WithConnectionString("blobs", blobConnection).WaitFor(blobs);
-            var coordinator = builder.AddProject("coordinator", "Coordinator", "DeepSeekCluster.Coordinator")
+                .WithConnectionString(ServiceNames.Blobs, blobConnection).WaitFor(blobs);
+            var coordinator = builder.AddProject(ServiceNames.Coordinator, "Coordinator", "DeepSeekCluster.Coordinator")
                 .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
                 .WithReference(checkpoints).WaitFor(checkpoints)
                 .WithEnvironment("Cluster__Token", token)
@@ -236,7 +237,7 @@ public sealed class ChaosCluster : IAsyncDisposable
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(torchThreads, 1);
         if (inNamespace && Namespace is null) throw new InvalidOperationException("this cluster was started without a network namespace");
-        var r = factory.AddProject("gpu-worker", "GpuWorker", "gpu-worker").WithArgs("join");
+        var r = factory.AddProject(ServiceNames.GpuWorker, "GpuWorker", "gpu-worker").WithArgs("join");
         string host = Namespace?.HostAddress ?? "127.0.0.1";
         foreach (var s in new[] { coordinator, dataShards, checkpoints })
             foreach (var e in s.Endpoints)
@@ -341,30 +342,30 @@ public sealed class ChaosCluster : IAsyncDisposable
     /// <summary>SIGKILLs the coordinator and waits until it is gone.</summary>
     public async Task KillCoordinatorAsync(CancellationToken ct)
     {
-        Signal("coordinator", Signals.Kill);
-        await WaitForExitAsync("coordinator", TimeSpan.FromSeconds(30), ct);
+        Signal(ServiceNames.Coordinator, Signals.Kill);
+        await WaitForExitAsync(ServiceNames.Coordinator, TimeSpan.FromSeconds(30), ct);
     }
 
     /// <summary>Starts the coordinator again on the same ports, token and state folder; returns when it is healthy.</summary>
     public async Task RestartCoordinatorAsync(CancellationToken ct)
     {
-        await App.RestartAsync("coordinator", ct);
-        Options.Log($"coordinator restarted (pid {Pid("coordinator")})");
+        await App.RestartAsync(ServiceNames.Coordinator, ct);
+        Options.Log($"coordinator restarted (pid {Pid(ServiceNames.Coordinator)})");
     }
 
     /// <summary>Stops Azurite (SIGTERM: it saves its metadata and exits) and waits until it is gone.</summary>
     public async Task StopAzuriteAsync(CancellationToken ct)
     {
         Options.Log("stopping Azurite");
-        await App.StopInstanceAsync("blobs", TimeSpan.FromSeconds(20));
-        await WaitForExitAsync("blobs", TimeSpan.FromSeconds(5), ct);
+        await App.StopInstanceAsync(ServiceNames.Blobs, TimeSpan.FromSeconds(20));
+        await WaitForExitAsync(ServiceNames.Blobs, TimeSpan.FromSeconds(5), ct);
     }
 
     /// <summary>Starts Azurite again on the same port and data folder.</summary>
     public async Task StartAzuriteAsync(CancellationToken ct)
     {
-        await App.RestartAsync("blobs", ct);
-        Options.Log($"Azurite restarted (pid {Pid("blobs")})");
+        await App.RestartAsync(ServiceNames.Blobs, ct);
+        Options.Log($"Azurite restarted (pid {Pid(ServiceNames.Blobs)})");
     }
 
     /// <summary>Processes of the given instances of this run that are still alive (not counting exited, unreaped children).</summary>

@@ -6,7 +6,7 @@ using System.Net;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.DataShardService.Preparation;
 using DeepSeekCluster.DataShardService.Serving;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 using Grpc.Core;
 using Grpc.Core.Interceptors;
 using Grpc.Net.Client;

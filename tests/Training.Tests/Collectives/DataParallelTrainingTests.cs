@@ -1,11 +1,12 @@
 // Data-parallel training over the tcp collective gives one process's loss curve, with identical replicas after every step.
 using System.Security.Cryptography;
 using System.Runtime.InteropServices;
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
-using DeepSeekCluster.Training.Tokenization;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Tests.Collectives;

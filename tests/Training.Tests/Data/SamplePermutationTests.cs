@@ -1,4 +1,4 @@
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.Training.Tests.Data;
 

@@ -1,6 +1,6 @@
 using System.IO.Compression;
 using System.Text;
-using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.Training.Tests.Data;
 

@@ -1,9 +1,10 @@
 // The training loop end to end on real data: it learns, it resumes exactly, its memory stays flat.
 using System.Diagnostics;
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
-using DeepSeekCluster.Training.Tokenization;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Tests.Engine;

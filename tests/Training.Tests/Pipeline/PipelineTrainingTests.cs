@@ -1,12 +1,13 @@
 // Pipeline-parallel training over real loopback links gives the single-process trainer's losses and weights (float64, MoE and MTP on).
 using System.Diagnostics;
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Pipeline;
-using DeepSeekCluster.Training.Tokenization;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;

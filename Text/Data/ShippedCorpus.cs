@@ -1,14 +1,14 @@
 // The corpus shipped in the repository (data/corpus/kjv.txt.gz, format in data/corpus/README.md):
 // locating it, streaming its documents, and a deterministic train/validation split. Not a tokenizer.
 
-namespace DeepSeekCluster.Training.Data;
+namespace DeepSeekCluster.Text.Data;
 
 public static class ShippedCorpus
 {
     /// <summary>Where the file lives in the repository.</summary>
     public const string RepositoryPath = "data/corpus/kjv.txt.gz";
 
-    /// <summary>Where Training.csproj copies it, relative to the binaries of every project that references Training.</summary>
+    /// <summary>Where Text.csproj copies it, relative to the binaries of every project that references Text (Training does).</summary>
     public const string OutputPath = "corpus/kjv.txt.gz";
 
     /// <summary>

@@ -2,7 +2,7 @@
 using System.Globalization;
 using System.Runtime.CompilerServices;
 
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// Cuts text exactly where <see cref="PreTokenizer.Gpt2Pattern"/>,

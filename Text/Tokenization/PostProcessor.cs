@@ -1,7 +1,7 @@
 // The "post_processor" of tokenizer.json: what Encode(addSpecialTokens: true) adds around the ids (e.g. BOS).
 using System.Text.Json;
 
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// Supports TemplateProcessing (its "single" template), ByteLevel (which only trims offsets, so it adds no

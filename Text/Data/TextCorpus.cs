@@ -2,7 +2,7 @@
 using System.IO.Compression;
 using System.Text;
 
-namespace DeepSeekCluster.Training.Data;
+namespace DeepSeekCluster.Text.Data;
 
 public static class TextCorpus
 {

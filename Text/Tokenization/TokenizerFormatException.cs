@@ -1,5 +1,5 @@
 // The error for a tokenizer.json that is malformed or uses a component this tokenizer does not implement.
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// Thrown when a tokenizer.json cannot be applied exactly as Hugging Face `tokenizers` would apply it.

@@ -2,7 +2,7 @@
 using System.Collections.Concurrent;
 using System.Text;
 
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// Applies merges exactly as `tokenizers`' BPE model does: a piece starts as one symbol per byte-level char;

@@ -4,7 +4,7 @@
 // which sample or document goes where.)
 using System.Text;
 
-namespace DeepSeekCluster.Training.Data;
+namespace DeepSeekCluster.Text.Data;
 
 public static class StableHash
 {

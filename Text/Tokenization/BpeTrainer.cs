@@ -2,7 +2,7 @@
 using System.Text;
 using System.Text.Json;
 
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// The classic BPE training loop, made fast by never recounting:

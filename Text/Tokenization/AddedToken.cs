@@ -1,7 +1,7 @@
 // Added (special) tokens and the leftmost-longest matcher that splits them out of text before pre-tokenization.
 using System.Buffers;
 
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>One entry of tokenizer.json's "added_tokens", with the Hugging Face field meanings.</summary>
 public sealed record AddedToken(

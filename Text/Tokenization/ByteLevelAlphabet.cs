@@ -1,5 +1,5 @@
 // The GPT-2 byte-to-unicode map that byte-level BPE uses as its 256-symbol base alphabet; not a tokenizer by itself.
-namespace DeepSeekCluster.Training.Tokenization;
+namespace DeepSeekCluster.Text.Tokenization;
 
 /// <summary>
 /// Every byte gets one printable char so that byte strings can live in a JSON vocab as ordinary text:

@@ -2,7 +2,7 @@
 // visits samples in a seeded permutation of [0, SampleCount); step s of a job with global batch G
 // consumes global indices [s·G, (s+1)·G) of the epochs' permutations laid end to end, and
 // data-parallel rank r takes its contiguous slice of that range. Not a data loader.
-namespace DeepSeekCluster.Training.Data;
+namespace DeepSeekCluster.Text.Data;
 
 /// <summary>
 /// A keyed pseudo-random permutation computed on the fly: a balanced Feistel network over the
