@@ -48,17 +48,24 @@ public static class CpuPeakCalibration
         directory ??= PeakSettings.DefaultCacheDirectory();
         Directory.CreateDirectory(directory);
         string path = CachePath(directory, precision);
-        if (TryRead(path, precision, out var cached, out _)) return cached!;
+        if (TryRead(path, precision, out var cached, out _) && !WorthRetrying(cached!)) return cached!;
 
         using var held = Lock(path + ".lock");
         // Another process may have calibrated while this one waited for the lock.
-        if (TryRead(path, precision, out cached, out string? problem)) return cached!;
+        if (TryRead(path, precision, out cached, out string? problem) && !WorthRetrying(cached!)) return cached!;
         if (problem is not null)
         {
             File.Move(path, path + ".corrupt", overwrite: true);
             log?.Invoke($"warning: the peak cache {path} {problem}; moved it to {path}.corrupt and calibrating again");
         }
         var calibration = Calibrate(dtype, budget ?? DefaultBudget);
+        if (cached is not null)
+        {
+            // Load only ever lowers a measured throughput, so the higher of two calibrations is the better peak.
+            log?.Invoke($"peak: the cached calibration was made under load {cached.LoadAverage:F1}, now {calibration.LoadAverage:F1}: measured " +
+                        $"{HardwarePeak.Format(calibration.FlopsPerSecond)} against the cached {HardwarePeak.Format(cached.FlopsPerSecond)}");
+            if (calibration.FlopsPerSecond <= cached.FlopsPerSecond) calibration = cached with { LoadAverage = Math.Min(cached.LoadAverage, calibration.LoadAverage) };
+        }
         string temp = $"{path}.{Environment.ProcessId}.tmp";
         File.WriteAllText(temp, JsonSerializer.Serialize(calibration, Json));
         File.Move(temp, path, overwrite: true); // readers never see half a file
@@ -68,6 +75,14 @@ public static class CpuPeakCalibration
                            : ""));
         return calibration;
     }
+
+    /// <summary>
+    /// A calibration made on a busy machine (load above half a task per core) is made again when the machine is
+    /// now at most half as loaded: a worker starting on a quieter machine improves the cache instead of inheriting a
+    /// low peak for good. The result keeps the higher figure and the lower load, so this converges and stops.
+    /// </summary>
+    static bool WorthRetrying(CpuCalibration cached) =>
+        cached.LoadAverage > 0.5 * cached.Cores && LoadAverage() < cached.LoadAverage / 2;
 
     /// <summary>Times matmuls with every core: the whole machine's peak, whatever this process's own thread setting.</summary>
     static CpuCalibration Calibrate(ScalarType dtype, TimeSpan budget)

@@ -109,6 +109,29 @@ public sealed class HardwarePeakTests : IDisposable
     }
 
     [Fact]
+    public void ACalibrationMadeUnderHeavyLoadIsMadeAgainWhenTheMachineIsQuieterAndKeepsTheHigherPeak()
+    {
+        string path = CpuPeakCalibration.CachePath(cache, "fp32");
+        var busy = new CpuCalibration(CpuPeakCalibration.CpuModel(), Environment.ProcessorCount, "fp32", 1.0, DateTimeOffset.UtcNow.AddDays(-1),
+                                      LoadAverage: 1e6, MatrixSize: 1024, Seconds: 2);
+        File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(busy, System.Text.Json.JsonSerializerOptions.Web));
+        var log = new List<string>();
+
+        var better = CpuPeakCalibration.LoadOrCalibrate(torch.ScalarType.Float32, cache, log.Add, Quick);
+
+        Assert.True(better.FlopsPerSecond > 1.0, $"{better.FlopsPerSecond}");
+        Assert.True(better.LoadAverage < 1e6);
+        Assert.Contains(log, l => l.Contains("was made under load 1000000.0", StringComparison.Ordinal));
+
+        // A cached figure higher than any measurement here stays: a quieter machine never lowers the peak.
+        var high = better with { FlopsPerSecond = 1e18, LoadAverage = 1e6 };
+        File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(high, System.Text.Json.JsonSerializerOptions.Web));
+        var kept = CpuPeakCalibration.LoadOrCalibrate(torch.ScalarType.Float32, cache, log.Add, Quick);
+        Assert.Equal(1e18, kept.FlopsPerSecond);
+        Assert.True(kept.LoadAverage < 1e6);
+    }
+
+    [Fact]
     public void OnACpuThePeakIsTheCachedCalibrationAndSaysSo()
     {
         var calibration = CpuPeakCalibration.LoadOrCalibrate(torch.ScalarType.Float32, cache, null, Quick);
