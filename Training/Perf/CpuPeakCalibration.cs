@@ -45,7 +45,7 @@ public static class CpuPeakCalibration
     public static CpuCalibration LoadOrCalibrate(ScalarType dtype, string? directory = null, Action<string>? log = null, TimeSpan? budget = null)
     {
         string precision = HardwarePeak.PrecisionOf(dtype);
-        directory ??= PeakSettings.DefaultCacheDirectory();
+        directory ??= WritableDefault(log);
         Directory.CreateDirectory(directory);
         string path = CachePath(directory, precision);
         if (TryRead(path, precision, out var cached, out _) && !WorthRetrying(cached!)) return cached!;
@@ -74,6 +74,26 @@ public static class CpuPeakCalibration
                            ? $" (warning: the machine was busy, load {calibration.LoadAverage:F1}: the peak may be low and MFU high; delete the file to calibrate again when idle, or set {PeakSettings.EnvironmentKey})"
                            : ""));
         return calibration;
+    }
+
+    /// <summary>
+    /// The user's cache folder, or the temporary folder where that is not writable (a Kubernetes pod with a read-only
+    /// root filesystem has an emptyDir on /tmp): the calibration then lasts as long as the pod.
+    /// </summary>
+    static string WritableDefault(Action<string>? log)
+    {
+        string preferred = PeakSettings.DefaultCacheDirectory();
+        try
+        {
+            Directory.CreateDirectory(preferred);
+            return preferred;
+        }
+        catch (Exception e) when (e is UnauthorizedAccessException or IOException)
+        {
+            string temp = Path.Combine(Path.GetTempPath(), "deepseekcluster");
+            log?.Invoke($"peak: {preferred} is not writable ({e.Message}); the calibration is cached in {temp} instead");
+            return temp;
+        }
     }
 
     /// <summary>

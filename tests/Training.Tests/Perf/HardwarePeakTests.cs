@@ -132,6 +132,30 @@ public sealed class HardwarePeakTests : IDisposable
     }
 
     [Fact]
+    public void AnUnwritableCacheFolderFallsBackToTheTemporaryFolder()
+    {
+        // As a pod with a read-only root filesystem: the cache folder cannot be made (here its parent is a file).
+        string blocker = Path.Combine(cache, "not-a-folder");
+        File.WriteAllText(blocker, "");
+        string? xdg = Environment.GetEnvironmentVariable("XDG_CACHE_HOME"), tmp = Environment.GetEnvironmentVariable("TMPDIR");
+        Environment.SetEnvironmentVariable("XDG_CACHE_HOME", blocker);
+        Environment.SetEnvironmentVariable("TMPDIR", cache);
+        try
+        {
+            var log = new List<string>();
+            CpuPeakCalibration.LoadOrCalibrate(torch.ScalarType.Float32, directory: null, log.Add, Quick);
+
+            Assert.Contains(log, l => l.Contains("is not writable", StringComparison.Ordinal));
+            Assert.True(File.Exists(CpuPeakCalibration.CachePath(Path.Combine(Path.GetTempPath(), "deepseekcluster"), "fp32")));
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable("XDG_CACHE_HOME", xdg);
+            Environment.SetEnvironmentVariable("TMPDIR", tmp);
+        }
+    }
+
+    [Fact]
     public void OnACpuThePeakIsTheCachedCalibrationAndSaysSo()
     {
         var calibration = CpuPeakCalibration.LoadOrCalibrate(torch.ScalarType.Float32, cache, null, Quick);
