@@ -9,7 +9,7 @@ using Grpc.Net.Client;
 
 namespace DeepSeekCluster.AppHost;
 
-public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Resource dataShards, string token, EndpointsFile endpoints)
+public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Resource dataShards, string token)
 {
     readonly HttpClient http = new() { BaseAddress = new Uri(coordinator.GetEndpoint("http").Url), Timeout = TimeSpan.FromSeconds(30) };
 
@@ -77,11 +77,13 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
                 var now = new JobProgress(state, s.GetProperty("generation").GetInt64(), step, options.Steps,
                     loss.ValueKind == JsonValueKind.Object ? loss.GetProperty("loss").GetDouble() : null,
                     loss.ValueKind == JsonValueKind.Object ? loss.GetProperty("tokensPerSecond").GetDouble() : null,
-                    await WorkersMfuAsync(ct),
+                    ProgressView.UtilizationOf(s),
                     s.TryGetProperty("workers", out var w) ? w.GetArrayLength() : 0,
                     s.TryGetProperty("committed", out var c) && c.GetArrayLength() > 0 ? c[c.GetArrayLength() - 1].GetProperty("step").GetInt64() : null,
                     pace is { } p ? ProgressView.Eta(p.step, DateTime.UtcNow - p.at, step, options.Steps) : null);
                 bool terminal = state is "Completed" or "Failed" or "Stopped";
+                if (now.Mfu is { } u && (last?.Mfu is not { } before || !before.Peaks.SequenceEqual(u.Peaks) || before.PeakTooLow != u.PeakTooLow))
+                    Log.AppHost(ProgressView.PeakLine(u));
                 if (live)
                 {
                     // State and generation changes stay in the log; the status line below it follows every poll.
@@ -100,23 +102,6 @@ public sealed class DefaultJob(AppHostOptions options, Resource coordinator, Res
             }
         }
         finally { if (live) Log.Status(null); }
-    }
-
-    readonly HttpClient scraper = new() { Timeout = TimeSpan.FromSeconds(2) };
-
-    /// <summary>The workers' mean MFU, read from their /metrics (the job status does not carry it); null when none reports it.</summary>
-    async Task<double?> WorkersMfuAsync(CancellationToken ct)
-    {
-        var values = new List<double>();
-        foreach (var i in endpoints.Snapshot().Where(i => i.Resource == ServiceNames.GpuWorker))
-        {
-            try
-            {
-                if (ProgressView.MeanOf(await scraper.GetStringAsync(i.Endpoints["http"] + "/metrics", ct), "deepseek_train_mfu_ratio") is double v) values.Add(v);
-            }
-            catch (Exception e) when (e is HttpRequestException or TaskCanceledException && !ct.IsCancellationRequested) { } // a worker that is leaving
-        }
-        return values.Count > 0 ? values.Average() : null;
     }
 
     /// <summary>The final checkpoint commits after the last step report: wait for it (bounded) so the run ends complete.</summary>

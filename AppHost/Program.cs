@@ -92,7 +92,7 @@ try
     await app.StartAsync(stop.Token);
     foreach (var r in new[] { coordinator, dataShards, checkpoints }) endpoints.Add(r.Name, r); // one instance each, named as the resource
     Log.AppHost($"endpoints of every instance: {endpoints.Path}");
-    var job = new DefaultJob(options, coordinator, dataShards, token, endpoints);
+    var job = new DefaultJob(options, coordinator, dataShards, token);
     var modelSaved = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
     app.LineReceived += (_, line) => { if (line.Contains("model saved to")) modelSaved.TrySetResult(line); };
     var datasetId = await job.PrepareCorpusAsync(Path.Combine(root, "data", "corpus", "kjv.txt.gz"), stop.Token);

@@ -1,11 +1,13 @@
 // The AppHost's view of the job: one live status line at the bottom of a terminal, plain log lines otherwise (CI, files).
 using System.Globalization;
+using System.Text.Json;
+using DeepSeekCluster.Contracts.Grains;
 
 namespace DeepSeekCluster.AppHost;
 
-/// <summary>What the follow loop knows about the job at one poll.</summary>
+/// <summary>What the follow loop knows about the job at one poll. <paramref name="Mfu"/>: the job status's cluster figure.</summary>
 public sealed record JobProgress(string State, long Generation, long Step, long TotalSteps, double? Loss, double? TokensPerSecond,
-    double? Mfu, int Workers, long? LastCheckpoint, TimeSpan? Eta);
+    Utilization? Mfu, int Workers, long? LastCheckpoint, TimeSpan? Eta);
 
 public static class ProgressView
 {
@@ -28,7 +30,7 @@ public static class ProgressView
             p.TotalSteps > 0 ? string.Create(c, $"step {p.Step}/{p.TotalSteps} ({100.0 * p.Step / p.TotalSteps:F0}%)") : $"step {p.Step}",
             p.Loss is double l ? string.Create(c, $"loss {l:F4}") : "loss -",
             p.TokensPerSecond is double t ? string.Create(c, $"{t / 1000:F1}k tok/s") : "tok/s -",
-            p.Mfu is double m ? string.Create(c, $"MFU {m * 100:F2}%") : "MFU -",
+            p.Mfu is { } u ? string.Create(c, $"MFU {u.Mfu * 100:F2}% of {Flops(u.PeakFlops)}") + (u.PeakTooLow ? " (capped: the peak looks too low)" : "") : "MFU -",
             $"workers {p.Workers}",
             p.LastCheckpoint is long s ? $"checkpoint step {s}" : "no checkpoint yet",
             p.Eta is TimeSpan eta ? $"ETA {FormatEta(eta)}" : "ETA -",
@@ -48,19 +50,19 @@ public static class ProgressView
         last is null || now.State != last.State || now.Generation != last.Generation ||
         (now.Step != last.Step && (now.Step / Math.Max(1, every) != last.Step / Math.Max(1, every) || now.Step == now.TotalSteps));
 
-    /// <summary>The mean of a metric's samples in Prometheus text exposition (null when absent).</summary>
-    public static double? MeanOf(string exposition, string metric)
-    {
-        double sum = 0;
-        int n = 0;
-        foreach (var raw in exposition.Split('\n'))
-        {
-            var line = raw.Trim();
-            if (!line.StartsWith(metric, StringComparison.Ordinal) || line.Length == metric.Length || line[metric.Length] is not ('{' or ' ')) continue;
-            var rest = line[metric.Length] == '{' ? line[(line.IndexOf('}') + 1)..] : line[metric.Length..];
-            var fields = rest.Split(' ', StringSplitOptions.RemoveEmptyEntries);
-            if (fields.Length > 0 && double.TryParse(fields[0], NumberStyles.Float, CultureInfo.InvariantCulture, out var v) && double.IsFinite(v)) { sum += v; n++; }
-        }
-        return n > 0 ? sum / n : null;
-    }
+    /// <summary>The job status's <c>utilization</c> (GET /jobs/{id}, camelCase): null before a member reported a peak.</summary>
+    public static Utilization? UtilizationOf(JsonElement status) =>
+        status.TryGetProperty("utilization", out var u) && u.ValueKind == JsonValueKind.Object ? u.Deserialize<Utilization>(JsonSerializerOptions.Web) : null;
+
+    /// <summary>
+    /// The line that says what the MFU is against: the summed peak of the members' devices and where each came from
+    /// ("declared: NVIDIA H100 80GB HBM3 fp32 ×2"). Printed when it changes, so the status line can stay short.
+    /// </summary>
+    public static string PeakLine(Utilization u) =>
+        $"MFU is the members' model FLOP/s over {Flops(u.PeakFlops)}, the sum of their devices' peaks: {string.Join("; ", u.Peaks)}" +
+        (u.PeakTooLow ? string.Create(CultureInfo.InvariantCulture, $" (warning: the members did {u.AchievedFlops / u.PeakFlops:F2}× that: the peak looks too low, MFU is shown as at most 100%)") : "");
+
+    public static string Flops(double flopsPerSecond) => flopsPerSecond >= 1e12
+        ? string.Create(CultureInfo.InvariantCulture, $"{flopsPerSecond / 1e12:F1} TFLOP/s")
+        : string.Create(CultureInfo.InvariantCulture, $"{flopsPerSecond / 1e9:F1} GFLOP/s");
 }

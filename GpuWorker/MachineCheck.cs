@@ -5,6 +5,7 @@ using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Collectives.Nccl;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Perf;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -17,7 +18,8 @@ public static class MachineCheck
               Reports what this machine offers a worker: .NET, libtorch and its build, the CUDA driver and devices,
               the collective backend the device gets, and NCCL (which libnccl.so.2 loads, its version, the entry
               points the nccl backend calls, a unique id, and a communicator of one rank or NCCL's reason why not).
-              With CUDA devices it runs an NCCL all-reduce across them.
+              With CUDA devices it runs an NCCL all-reduce across them. Shows the fp32 peak MFU is measured against
+              (on a CPU it calibrates and caches it when no calibration exists: run it while the machine is idle).
               Exit code 0 when the device can train in a cluster, 1 when it cannot (the reason is printed).
         """;
 
@@ -44,6 +46,8 @@ public static class MachineCheck
         var backend = Collective.BackendFor(device);
         Line(output, "device", $"{device} (asked: {asked})");
         Line(output, "collectives", backend == "nccl" ? "nccl (CUDA tensors)" : "tcp (ring all-reduce over sockets, CPU tensors)");
+        // The fp32 peak a cluster worker's MFU will be against (on a CPU this makes the cached calibration: run it idle).
+        Line(output, "MFU peak", HardwarePeak.For(device, ScalarType.Float32, PeakSettings.FromEnvironment()).ToString());
 
         var nccl = NcclCollective.Inspect();
         if (!nccl.Loaded)

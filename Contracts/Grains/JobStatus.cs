@@ -21,6 +21,8 @@ public sealed record JobStatus
     [Id(12)] public Consumption Consumption { get; init; } = new();
     /// <summary>Rank 0's latest routed-token fractions per MoE layer and expert; null before the first report.</summary>
     [Id(13)] public ExpertLoad? ExpertLoad { get; init; }
+    /// <summary>The current generation's MFU: each member's latest step and the cluster's sum; null before a report carries a peak.</summary>
+    [Id(14)] public Utilization? Utilization { get; init; }
 }
 
 /// <summary>

@@ -79,6 +79,9 @@ public sealed record StepReport
     [Id(9)] public int Experts { get; init; }
     /// <summary>Sent again after a reconnect into the same generation: counted only where the ledger lacks it.</summary>
     [Id(10)] public bool Resent { get; init; }
+    /// <summary>Model FLOP/s this rank's device did in the step; with <see cref="Peak"/>, the job's MFU (see <see cref="Utilization"/>).</summary>
+    [Id(11)] public double AchievedFlops { get; init; }
+    [Id(12)] public DevicePeakInfo? Peak { get; init; }
 }
 
 /// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>

@@ -112,6 +112,7 @@ public sealed class ClusterControlService(
                     Rank = s.Rank, Step = s.Step, Loss = s.Loss, TokensPerSecond = s.TokensPerSecond, LearningRate = s.LearningRate,
                     SampleStart = s.SampleStart, SampleCount = s.SampleCount,
                     ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts, Resent = s.Resent,
+                    AchievedFlops = s.AchievedFlops, Peak = s.Peak is { } p ? new DevicePeakInfo(p.Flops, p.Precision, p.Source, p.Description, p.Hardware) : null,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Resumed when connection.Current is { } a:

@@ -31,6 +31,8 @@ public sealed class TrainingJobGrainState
     [Id(14)] public Reformation? Reforming { get; set; }
     /// <summary>The step the current generation resumed from; null until its rank 0 reports Resumed.</summary>
     [Id(15)] public long? GenerationResumedAt { get; set; }
+    /// <summary>Each member's latest achieved FLOP/s and device peak: the status's MFU (see <see cref="UtilizationBoard"/>).</summary>
+    [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
 }
 
 /// <summary>A re-formation's clock: cause (a worker left, was lost or hung, or the job grows) → formed → resumed → first step.</summary>
@@ -227,6 +229,7 @@ public sealed class TrainingJobGrain(
             if (report.Resent) S.Ledger.AddLate(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
             else S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
         }
+        S.Utilization.Record(generation, report);
         if (S.State == JobState.Completed)
         {
             await job.WriteStateAsync();
@@ -507,6 +510,7 @@ public sealed class TrainingJobGrain(
         Committed = [.. S.Committed],
         Consumption = S.Ledger.Summary(S.Spec?.GlobalBatch ?? 0),
         ExpertLoad = S.ExpertLoad,
+        Utilization = S.Utilization.Of(S.Generation),
         Events = [.. S.Events],
         Error = S.Error,
         SubmittedAt = S.SubmittedAt,

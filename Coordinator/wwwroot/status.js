@@ -13,6 +13,7 @@ function el(tag, attrs, ...children) {
 }
 
 function fmt(n, digits) { return typeof n === "number" && isFinite(n) ? n.toFixed(digits) : "–"; }
+function flops(n) { return typeof n !== "number" ? "–" : n >= 1e12 ? fmt(n / 1e12, 1) + " TFLOP/s" : fmt(n / 1e9, 1) + " GFLOP/s"; }
 function bytes(n) { return typeof n !== "number" ? "–" : n >= 1e9 ? fmt(n / 1e9, 2) + " GB" : n >= 1e6 ? fmt(n / 1e6, 1) + " MB" : fmt(n / 1e3, 1) + " kB"; }
 function ago(iso) {
   if (!iso) return "never";
@@ -124,6 +125,10 @@ function renderJob(s) {
     item("step", total ? `${s.step}/${total}` : s.step),
     item("loss", fmt(last && last.loss, 4)),
     item("tokens/s", last ? fmt(last.tokensPerSecond, 0) : "–"),
+    // The members' summed model FLOP/s over their devices' summed peaks; which peaks, and where they came from, beside it.
+    item("MFU", s.utilization ? `${fmt(s.utilization.mfu * 100, 2)}% of ${flops(s.utilization.peakFlops)}` +
+      (s.utilization.peakTooLow ? " (capped: the peak looks too low)" : "") : "–"),
+    ...(s.utilization ? [item("peak", s.utilization.peaks.join("; "))] : []),
     item("workers", (s.workers || []).length),
     item("model", spec.modelPreset || "custom"),
   ];

@@ -14,7 +14,7 @@ public sealed class TrainingMetrics : IDisposable
     static readonly double[] SecondsBuckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000];
 
     readonly Meter meter = new(MeterName);
-    readonly Gauge<double> loss, validationLoss, learningRate, gradNorm, tokensPerSecond, mfu, expertLoad, imbalance;
+    readonly Gauge<double> loss, validationLoss, learningRate, gradNorm, tokensPerSecond, mfu, achievedFlops, peakFlops, expertLoad, imbalance;
     readonly Gauge<long> globalStep, deviceMemory;
     readonly Histogram<double> stepSeconds, snapshotSeconds, saveSeconds, loadSeconds;
     readonly Counter<long> steps, tokens, checkpointBytes;
@@ -26,6 +26,8 @@ public sealed class TrainingMetrics : IDisposable
         gradNorm = meter.CreateGauge<double>("deepseek.train.grad_norm");
         tokensPerSecond = meter.CreateGauge<double>("deepseek.train.tokens_per_second", "{token}/s");
         mfu = meter.CreateGauge<double>("deepseek.train.mfu_ratio", "1");
+        achievedFlops = meter.CreateGauge<double>("deepseek.train.achieved_flops", "{flop}/s");
+        peakFlops = meter.CreateGauge<double>("deepseek.train.peak_flops", "{flop}/s");
         globalStep = meter.CreateGauge<long>("deepseek.train.global_step", "{step}");
         stepSeconds = meter.CreateHistogram<double>("deepseek.train.step", "s", "time of one step in each phase", tags: null,
             advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60] });
@@ -54,6 +56,14 @@ public sealed class TrainingMetrics : IDisposable
         gradNorm.Record(m.GradNorm, who);
         tokensPerSecond.Record(m.TokensPerSecond, who);
         mfu.Record(m.Mfu, who);
+        achievedFlops.Record(m.AchievedFlops, who);
+        // Which peak the MFU is against and where it came from: in the labels, so a dashboard can show the source.
+        if (m.Peak is { } peak)
+            peakFlops.Record(peak.FlopsPerSecond, new TagList
+            {
+                { "training_job", job }, { "worker", worker }, { "precision", peak.Precision },
+                { "source", peak.Source.ToString().ToLowerInvariant() }, { "hardware", peak.Hardware }, { "description", peak.Description },
+            });
         globalStep.Record(m.Step, who);
         steps.Add(1, who);
         tokens.Add(tokensThisStep, who);

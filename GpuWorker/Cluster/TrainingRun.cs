@@ -44,8 +44,8 @@ public sealed class ReplicaHolder : IDisposable
 public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, int collectivePort, Action<WorkerMessage> send,
                                 WorkerProgress progress, TextWriter log, TrainingMetrics? metrics = null, ReplicaHolder? replica = null, int pipelinePort = 0)
 {
-    /// <summary>The matmul peak per device, measured once per process (a re-formation should not pay for it again).</summary>
-    static readonly System.Collections.Concurrent.ConcurrentDictionary<string, double> Peaks = new();
+    /// <summary>The peak per device, looked up once per process (a re-formation should not pay for it again).</summary>
+    static readonly System.Collections.Concurrent.ConcurrentDictionary<string, HardwarePeak> Peaks = new();
 
     static readonly JsonSerializerOptions SpecJson = new(JsonSerializerDefaults.Web)
     {
@@ -334,6 +334,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
                     ExpertLoad = { assignment.Rank == 0 ? ExpertFractions(m) : [] },
                     ExpertLayers = { assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? ExpertLayers(config, m.ExpertLoad.Count) : [] },
                     Experts = assignment.Rank == 0 && m.ExpertLoad.Count > 0 ? m.ExpertLoad[0].Length : 0,
+                    AchievedFlops = m.AchievedFlops, Peak = PeakMessage.From(m.Peak),
                 },
             });
             if (assignment.Rank == 0 && (m.Step % 10 == 0 || m.Step == options.Steps || m.Step == 1))
@@ -559,10 +560,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         return nccl;
     }
 
-    /// <summary>The device's matmul peak (measured once per process) and this run's checkpoint store.</summary>
-    (double Peak, GrpcCheckpointStore Store) PeakAndStore(Device device, Grpc.Net.Client.GrpcChannel storeChannel)
+    /// <summary>The device's peak for MFU (fp32: cluster jobs train in fp32; see HardwarePeak.For) and this run's checkpoint store.</summary>
+    (HardwarePeak Peak, GrpcCheckpointStore Store) PeakAndStore(Device device, Grpc.Net.Client.GrpcChannel storeChannel)
     {
-        double peak = Peaks.GetOrAdd(device.ToString(), _ => MatmulPeak.Measure(device, ScalarType.Float32, MatmulPeak.SizeFor(device, 512), TimeSpan.FromMilliseconds(300)).FlopsPerSecond);
+        var peak = Peaks.GetOrAdd(device.ToString(), _ => HardwarePeak.For(device, ScalarType.Float32, PeakSettings.FromEnvironment(), Log));
         var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), assignment.JobId,
                                             Path.Combine(settings.OutputDir, "staging", settings.WorkerId));
         metrics?.CheckpointRunStarted(assignment.JobId, settings.WorkerId);

@@ -9,6 +9,7 @@ public sealed class ConsoleProgress
     readonly bool live;
     readonly Stopwatch clock = Stopwatch.StartNew();
     int lastLength;
+    bool warnedCapped;
 
     /// <summary>Back to the start of the line and erase it.</summary>
     public const string ClearLine = "\r\u001b[2K";
@@ -38,6 +39,11 @@ public sealed class ConsoleProgress
     /// <summary>A step report: rewritten in place on a terminal, printed every <paramref name="logEvery"/> steps otherwise.</summary>
     public void Step(StepMetrics m, long totalSteps, int workers, int logEvery, string? extra = null)
     {
+        if (!warnedCapped && m.Utilization.Capped && m.Peak is { } peak)
+        {
+            Line("warning: " + m.Utilization.Warning(peak));
+            warnedCapped = true;
+        }
         var text = Format(m, totalSteps, workers, clock.Elapsed, extra);
         if (live)
         {
@@ -56,9 +62,13 @@ public sealed class ConsoleProgress
         var eta = TimeSpan.FromSeconds(perStep * Math.Max(0, totalSteps - m.Step));
         var mtp = m.MtpLoss is double l ? $" (mtp {l:F3})" : "";
         return $"step {m.Step}/{totalSteps} | loss {m.Loss:F4}{mtp} | lr {m.LearningRate:E2} | gnorm {m.GradNorm:F2} | " +
-               $"{m.TokensPerSecond / 1000:F1}k tok/s | MFU {m.Mfu * 100:F1}% | balance {m.LoadImbalance:F2} | workers {workers} | ETA {eta:hh\\:mm\\:ss}" +
+               $"{m.TokensPerSecond / 1000:F1}k tok/s | MFU {m.Mfu * 100:F1}%{PeakNote(m)} | balance {m.LoadImbalance:F2} | workers {workers} | ETA {eta:hh\\:mm\\:ss}" +
                (extra is null ? "" : " | " + extra);
     }
+
+    /// <summary>" of 67.0 TFLOP/s declared": which peak the MFU is against; a capped reading says the peak looks too low.</summary>
+    static string PeakNote(StepMetrics m) => m.Peak is not { FlopsPerSecond: > 0 } peak ? ""
+        : $" {peak.Tag}" + (m.Utilization.Capped ? $" (capped: {m.Utilization.Raw:F2}× the peak, which looks too low)" : "");
 
     void ClearLive()
     {

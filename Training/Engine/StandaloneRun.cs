@@ -24,7 +24,7 @@ public sealed record StandaloneSpec
     /// <summary>Continue from the newest checkpoint in OutputDir/checkpoints when there is one.</summary>
     public bool Resume { get; init; } = true;
     public double ValidationFraction { get; init; } = 0.05;
-    /// <summary>Measured matmul peak (FLOP/s) for MFU; 0 measures it at start.</summary>
+    /// <summary>The device's peak (FLOP/s) for MFU, set by --peak-gflops; 0: the declared GPU peak or the CPU's cached calibration.</summary>
     public double PeakFlops { get; init; }
     public string SamplePrompt { get; init; } = "In the beginning";
     public int SampleTokens { get; init; } = 40;
@@ -72,11 +72,10 @@ public static class StandaloneRun
         using var model = new DeepSeekForCausalLM(config).InitializeWeights();
         if (options.Precision == "bf16") model.to(ScalarType.BFloat16);
         model.to(device);
-        double peak = spec.PeakFlops > 0 ? spec.PeakFlops
-            : MatmulPeak.Measure(device, options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, MatmulPeak.SizeFor(device), TimeSpan.FromSeconds(1)).FlopsPerSecond;
+        var peak = HardwarePeak.For(device, options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32,
+                                    spec.PeakFlops > 0 ? PeakSettings.FromGflops(spec.PeakFlops / 1e9, "--peak-gflops") : PeakSettings.Default, progress.Line);
         progress.Line($"model: {config.ParameterCount() / 1e6:F2} M parameters ({config.ParameterCount(activeOnly: true) / 1e6:F2} M active) + {config.MtpParameterCount() / 1e6:F2} M MTP, " +
-                      $"{config.NumHiddenLayers} layers, {config.NRoutedExperts} experts (top {config.NumExpertsPerTok}); device {device.type}, {options.Precision}; " +
-                      $"matmul peak {peak / 1e9:F1} GFLOP/s");
+                      $"{config.NumHiddenLayers} layers, {config.NRoutedExperts} experts (top {config.NumExpertsPerTok}); device {device.type}, {options.Precision}");
         using var trainer = new Trainer(model, train, validation, options, device, peak);
         long resumedFrom = 0;
         if (spec.Resume && TrainingCheckpoint.Latest(checkpoints) is { } latest)

@@ -3,6 +3,7 @@ using System.Diagnostics;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Perf;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -21,7 +22,10 @@ public sealed class Trainer : IDisposable
     public long ConsumedSamples => Step * Options.GlobalBatch;
     public int Rank { get; }
     public int WorldSize { get; }
-    public double PeakFlops { get; set; }
+    /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
+    public HardwarePeak Peak { get; set; }
+    /// <summary>The peak as a number (FLOP/s); setting one makes it a peak <see cref="PeakSource.Given"/> by the caller.</summary>
+    public double PeakFlops { get => Peak.FlopsPerSecond; set => Peak = value; }
 
     readonly ISampleSource train;
     readonly TokenDataset? validation;
@@ -31,18 +35,19 @@ public sealed class Trainer : IDisposable
     ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
-                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
+                   Device device, HardwarePeak peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
         : this(model, new PermutedSamples(train, (ulong)options.Seed), validation, options, device, peakFlops, rank, worldSize, reducer)
     {
     }
 
     /// <summary>
     /// A trainer whose samples come from any source addressed by global index (a local dataset or the data service).
+    /// <paramref name="peakFlops"/>: the device's peak (<see cref="HardwarePeak.For"/>); a bare number of FLOP/s converts.
     /// <paramref name="optimizer"/>: an existing AdamW over <paramref name="model"/>'s parameters whose moments carry on
     /// (an elastic worker keeps its live state across generations); the caller keeps owning it. Null: a fresh one.
     /// </summary>
     public Trainer(DeepSeekForCausalLM model, ISampleSource train, TokenDataset? validation, TrainingOptions options,
-                   Device device, double peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
+                   Device device, HardwarePeak peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
     {
         Options = options.Validated(worldSize);
         if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
@@ -54,7 +59,7 @@ public sealed class Trainer : IDisposable
         this.train = train;
         this.validation = validation;
         this.reducer = reducer;
-        PeakFlops = peakFlops;
+        Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(model, options);
@@ -158,8 +163,8 @@ public sealed class Trainer : IDisposable
         double auxMean = stats.Aux.Value / counted;
         return new StepMetrics(
             Step, stats.Lm.Value / counted, withMtp ? stats.Mtp.Value / counted : null, auxMean > 0 ? auxMean : null,
-            lr, gradNorm, tps, PeakFlops > 0 ? tps * flopsPerToken / PeakFlops : 0,
-            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads);
+            lr, gradNorm, tps, Peak.Mfu(tps * flopsPerToken).Ratio,
+            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak };
     }
 
     /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>

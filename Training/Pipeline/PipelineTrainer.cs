@@ -5,6 +5,7 @@ using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Perf;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Pipeline;
@@ -41,7 +42,9 @@ public sealed class PipelineTrainer : IDisposable
     /// <summary>This stage's data-parallel replica and the number of replicas.</summary>
     public int Replica { get; }
     public int Replicas { get; }
-    public double PeakFlops { get; set; }
+    /// <summary>This stage's device's peak (see <see cref="Trainer.Peak"/>).</summary>
+    public HardwarePeak Peak { get; set; }
+    public double PeakFlops { get => Peak.FlopsPerSecond; set => Peak = value; }
     /// <summary>
     /// Runs after the gradients are final and before anything writes to the stage's parameters, optimizer moments and
     /// routing biases, as <see cref="Trainer.BeforeOptimizerUpdate"/>: a background checkpoint copy of the previous step's
@@ -60,7 +63,7 @@ public sealed class PipelineTrainer : IDisposable
     /// <paramref name="optimizer"/>: an AdamW over exactly <paramref name="stage"/>'s parameters whose moments carry on;
     /// null: a fresh one (<see cref="CreateOptimizer"/>). <paramref name="reducer"/> spans this stage's replicas.
     /// </summary>
-    public PipelineTrainer(PipelineStage stage, ISampleSource train, TrainingOptions options, Device device, double peakFlops,
+    public PipelineTrainer(PipelineStage stage, ISampleSource train, TrainingOptions options, Device device, HardwarePeak peakFlops,
                            PipelineLinks links, int replica = 0, int replicas = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
     {
         Options = options.Validated(replicas);
@@ -76,7 +79,7 @@ public sealed class PipelineTrainer : IDisposable
         this.train = train;
         this.links = links;
         this.reducer = reducer;
-        PeakFlops = peakFlops;
+        Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(stage, options);
@@ -354,11 +357,12 @@ public sealed class PipelineTrainer : IDisposable
         double seconds = total.Elapsed.TotalSeconds;
         double tokens = (double)Options.GlobalBatch * Options.SeqLen / Replicas;
         double tps = tokens / seconds;
-        // The replica's pipeline spans Pp devices: MFU is over all of them.
-        double mfu = PeakFlops > 0 ? tps * flopsPerToken / (PeakFlops * Stage.Layout.Pp) : 0;
+        // The replica's pipeline spans Pp devices: each stage's device is credited an equal share of the model FLOPs.
+        double achieved = tps * flopsPerToken / Stage.Layout.Pp;
         return new StepMetrics(
             Step, last[1] / counted, withMtp ? last[2] / counted : null, pipelineAux > 0 ? pipelineAux / counted : null,
-            lr, gradNorm, tps, mfu, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads);
+            lr, gradNorm, tps, Peak.Mfu(achieved).Ratio, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads)
+            { AchievedFlops = achieved, Peak = Peak };
     }
 
     /// <summary>

@@ -78,14 +78,14 @@ public static partial class ClusterBench
         Say($"# Cluster overhead and data-parallel scaling — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Say($"machine: {cores} cores, load average {LoadAverage()} at start; cluster log: {runDir}/cluster.log");
 
-        // The peaks first, before any child runs: the denominators of the MFU column.
+        // Before any child runs: the 1-thread throughput for reference, and the machine's peak (the cached calibration the
+        // workers use too, with every core), the denominator of the MFU column.
         var cpu = CPU;
         set_num_threads(1);
         var peak1 = MatmulPeak.Measure(cpu, ScalarType.Float32, 1024, TimeSpan.FromSeconds(3));
         set_num_threads(cores);
-        var peakAll = MatmulPeak.Measure(cpu, ScalarType.Float32, 1024, TimeSpan.FromSeconds(3));
-        Say($"matmul peak fp32, 1 thread: {peak1}");
-        Say($"matmul peak fp32, {cores} threads: {peakAll}");
+        var peakAll = HardwarePeak.For(cpu, ScalarType.Float32, PeakSettings.Default, Say);
+        Say($"matmul throughput fp32, 1 thread: {peak1}");
 
         var config = DeepSeekConfig.Preset("tiny") with { VocabSize = VocabSize };
         double flopsPerToken = config.TrainingFlopsPerToken(seqLen, includeMtp: new TrainingOptions().MtpWeight > 0);
@@ -134,15 +134,15 @@ public static partial class ClusterBench
             $"{results[key].Min(f):F0}–{results[key].Max(f):F0}";
         Say("");
         Say($"Medians over {rounds} rounds (range in brackets). MFU: model FLOPs ({flopsPerToken / 1e6:F2} MFLOP/token, MTP included) per second " +
-            $"over the measured fp32 matmul peak of the whole machine ({peakAll.FlopsPerSecond / 1e9:F1} GFLOP/s, {cores} threads; " +
-            $"1 thread: {peak1.FlopsPerSecond / 1e9:F1} GFLOP/s)");
+            $"over the fp32 peak of the whole machine ({peakAll}; " +
+            $"1 thread measured now: {peak1.FlopsPerSecond / 1e9:F1} GFLOP/s)");
         Say("");
         Say($"| config | workers × torch threads | runs | wall tokens/s | trainer tokens/s | MFU (wall) | CPU ms per step: {string.Join(" / ", CpuColumns)} | load 1 min |");
         Say("|---|---|---|---|---|---|---|---|");
         foreach (var c in configs)
             Say($"| {c.Label} | {c.Workers} × {c.Threads} | {results[c.Key].Count} | {Median(c.Key, s => s.WallTps):F0} ({Spread(c.Key, s => s.WallTps)}) | " +
                 $"{Median(c.Key, s => s.StepTps):F0} ({Spread(c.Key, s => s.StepTps)}) | " +
-                $"{Median(c.Key, s => s.WallTps) * flopsPerToken / peakAll.FlopsPerSecond * 100:F1}% | {Cpu(MedianOf(results[c.Key], s => s.CpuPerStep))} | " +
+                $"{peakAll.Mfu(Median(c.Key, s => s.WallTps) * flopsPerToken).Ratio * 100:F1}% | {Cpu(MedianOf(results[c.Key], s => s.CpuPerStep))} | " +
                 $"{Median(c.Key, s => s.Load1):F2} ({results[c.Key].Min(s => s.Load1):F2}–{results[c.Key].Max(s => s.Load1):F2}) |");
         Say("");
         // Ratios within a round (the configurations of a round ran minutes apart, under similar load), then their median.

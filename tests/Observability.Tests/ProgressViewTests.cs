@@ -1,5 +1,7 @@
 // The AppHost's progress view and endpoints file, as units: formatting, when output is live, the ETA, and what workers announce.
+using System.Text.Json;
 using DeepSeekCluster.AppHost;
+using DeepSeekCluster.Contracts.Grains;
 
 namespace DeepSeekCluster.Observability.Tests;
 
@@ -7,8 +9,10 @@ public class ProgressViewTests
 {
     static Func<string, string?> Env(params (string Key, string Value)[] vars) => k => vars.FirstOrDefault(v => v.Key == k).Value;
 
+    static readonly DevicePeakInfo Box = new(80e9, "fp32", "calibrated", "calibrated 2026-12-06 on AMD EPYC 7763 (2 cores)", "cpu:box");
+
     static JobProgress At(long step, string state = "Running", long generation = 1) =>
-        new(state, generation, step, 40, 3.25, 12_345, 0.0125, 2, 20, TimeSpan.FromSeconds(75));
+        new(state, generation, step, 40, 3.25, 12_345, Utilization.Of([new MemberUtilization(0, 1, step, 1e9, Box)]), 2, 20, TimeSpan.FromSeconds(75));
 
     [Fact]
     public void LiveOnlyOnATerminalWithoutNoColorOrADumbTerm()
@@ -22,7 +26,7 @@ public class ProgressViewTests
     [Fact]
     public void TheLineShowsStepOfTotalLossThroughputMfuWorkersCheckpointAndEta()
     {
-        Assert.Equal("job running | generation 1 | step 10/40 (25%) | loss 3.2500 | 12.3k tok/s | MFU 1.25% | workers 2 | checkpoint step 20 | ETA 01:15",
+        Assert.Equal("job running | generation 1 | step 10/40 (25%) | loss 3.2500 | 12.3k tok/s | MFU 1.25% of 80.0 GFLOP/s | workers 2 | checkpoint step 20 | ETA 01:15",
             ProgressView.Format(At(10)));
         Assert.Equal("job forming | generation 0 | step 0/40 (0%) | loss - | tok/s - | MFU - | workers 0 | no checkpoint yet | ETA -",
             ProgressView.Format(new JobProgress("Forming", 0, 0, 40, null, null, null, 0, null, null)));
@@ -51,17 +55,22 @@ public class ProgressViewTests
     }
 
     [Fact]
-    public void TheMfuIsTheMeanOverTheWorkersSeriesInTheExposition()
+    public void TheMfuComesFromTheJobStatusAndACappedFigureSaysThePeakLooksTooLow()
     {
-        const string exposition = """
-            # TYPE deepseek_train_mfu_ratio gauge
-            deepseek_train_mfu_ratio{training_job="j",worker="w0"} 0.1 1732590000000
-            deepseek_train_mfu_ratio_other 5
-            deepseek_train_mfu_ratio{training_job="j",worker="w1"} 0.3
-            """;
-        Assert.Equal(0.2, ProgressView.MeanOf(exposition, "deepseek_train_mfu_ratio")!.Value, 12);
-        Assert.Equal(5, ProgressView.MeanOf(exposition, "deepseek_train_mfu_ratio_other"));
-        Assert.Null(ProgressView.MeanOf(exposition, "deepseek_train_loss"));
+        // As GET /jobs/{id} writes it (camelCase): two workers on one machine, which together did more than its peak.
+        var status = JsonSerializer.SerializeToElement(new
+        {
+            utilization = Utilization.Of([new MemberUtilization(0, 1, 7, 50e9, Box), new MemberUtilization(1, 1, 7, 40e9, Box)]),
+        }, JsonSerializerOptions.Web);
+
+        var u = ProgressView.UtilizationOf(status)!;
+
+        Assert.Equal((90e9, 80e9, 1.0, true), (u.AchievedFlops, u.PeakFlops, u.Mfu, u.PeakTooLow));
+        Assert.Contains("| MFU 100.00% of 80.0 GFLOP/s (capped: the peak looks too low) |",
+            ProgressView.Format(At(7) with { Mfu = u }));
+        Assert.Equal("MFU is the members' model FLOP/s over 80.0 GFLOP/s, the sum of their devices' peaks: calibrated 2026-12-06 on AMD EPYC 7763 (2 cores) " +
+                     "(warning: the members did 1.12× that: the peak looks too low, MFU is shown as at most 100%)", ProgressView.PeakLine(u));
+        Assert.Null(ProgressView.UtilizationOf(JsonSerializer.SerializeToElement(new { utilization = (object?)null })));
     }
 
     [Fact]

@@ -83,5 +83,40 @@ public partial class RunMetricsTests(RunningCluster cluster, ITestOutputHelper l
         Assert.Equal(online, events["joined"] - events["left"] - events["failed"]);
     }
 
+    [Fact]
+    public async Task TheJobsMfuIsItsMembersSummedFlopsOverTheirSummedPeaksAndNoOutputShowsMoreThanAHundredPercent()
+    {
+        // The job status: the last generation's member, its achieved FLOP/s against its CPU's cached calibration.
+        var u = (await cluster.JobAsync())!["utilization"]!.AsObject();
+        var members = u["members"]!.AsArray();
+        Assert.NotEmpty(members);
+        double achieved = members.Sum(m => m!["achievedFlops"]!.GetValue<double>());
+        Assert.Equal(achieved, u["achievedFlops"]!.GetValue<double>(), 1e-9 * achieved);
+        Assert.All(members, m => Assert.Equal("calibrated", m!["peak"]!["source"]!.GetValue<string>()));
+        Assert.All(members, m => Assert.StartsWith("calibrated ", m!["peak"]!["description"]!.GetValue<string>()));
+        double peak = u["peakFlops"]!.GetValue<double>(), mfu = u["mfu"]!.GetValue<double>();
+        Assert.Equal(Math.Min(achieved / peak, 1), mfu, 12);
+        Assert.InRange(mfu, double.Epsilon, 1);
+        Assert.Equal(achieved > peak, u["peakTooLow"]!.GetValue<bool>());
+
+        // /metrics: the peak and its source, and the dashboard's job figure from the same two series.
+        var peaks = await QueryAsync($"deepseek_train_peak_flops_per_second{{training_job=\"{cluster.JobId}\"}}");
+        Assert.NotEmpty(peaks);
+        Assert.All(peaks, p => Assert.Equal("calibrated", p.Labels["source"]!.GetValue<string>()));
+        var figure = Assert.Single(await QueryAsync(
+            $"clamp_max(sum by (training_job) (deepseek_train_achieved_flops_per_second{{training_job=\"{cluster.JobId}\"}}) / " +
+            $"sum by (training_job) (max by (training_job, hardware) (deepseek_train_peak_flops_per_second{{training_job=\"{cluster.JobId}\"}})), 1)"));
+        Assert.InRange(figure.Value, double.Epsilon, 1);
+
+        // Every MFU the AppHost and the workers printed (status lines, rank 0's step lines) is at most 100%, and the
+        // AppHost said which peak it is against.
+        var printed = MfuPrinted().Matches(cluster.Output).Select(m => double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture)).ToList();
+        Assert.NotEmpty(printed);
+        Assert.All(printed, v => Assert.InRange(v, 0, 100));
+        Assert.Contains("MFU is the members' model FLOP/s over ", cluster.Output);
+    }
+
+    [GeneratedRegex(@"MFU (\d+(?:\.\d+)?)%")] private static partial Regex MfuPrinted();
+
     [GeneratedRegex(@"validation loss (\d+\.\d+) nats/token")] private static partial Regex ValidationLine();
 }

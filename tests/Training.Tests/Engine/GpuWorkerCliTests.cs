@@ -51,6 +51,8 @@ public class GpuWorkerCliTests
                                              "--out", dir, "--peak-gflops", "100", "--device", "cpu");
             Assert.True(code == 0, stderr + stdout);
             Assert.Contains("step 12/12", stdout);
+            Assert.Contains("MFU is measured against 100.0 GFLOP/s fp32, set by --peak-gflops", stdout);
+            Assert.Contains("of 100.0 GFLOP/s option", stdout);
             Assert.Contains("validation loss", stdout);
             foreach (var f in new[] { "config.json", "model.safetensors", "tokenizer.json", "generation_config.json" })
                 Assert.True(File.Exists(Path.Combine(dir, "model", f)), $"model/{f} is missing");
@@ -94,6 +96,7 @@ public class GpuWorkerCliTests
         Assert.Contains("CUDA driver  libcuda.so.1 not found", stdout);
         Assert.Contains("device       cpu (asked: auto)", stdout);
         Assert.Contains("collectives  tcp", stdout);
+        Assert.Matches(@"MFU peak +\d+\.\d [GT]FLOP/s fp32, (calibrated \d{4}-\d\d-\d\d on .+ \(\d+ cores|set by Worker__PeakGflops)", stdout);
         Assert.Contains("NCCL         not loaded: libnccl.so.2 could not be loaded: install NCCL 2.10.0 or newer (Debian/Ubuntu: libnccl2)", stdout);
         Assert.EndsWith("ok: this machine can train on cpu with the tcp backend", stdout.TrimEnd());
 
