@@ -1,4 +1,5 @@
-// The CheckpointStore gRPC service: resumable shard uploads, two-phase commit with manifest.json last, ranged tensor downloads, retention.
+// The CheckpointStore gRPC service: resumable shard uploads, two-phase commit with manifest.json last, ranged tensor downloads,
+// retention. The chunk-hash records of stored files are StoredChunkRecords'; the manifest's content is CommitManifest's.
 using System.Security.Cryptography;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -18,6 +19,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
     private const string ShaKey = "sha256"; // blob metadata: set only once the store has hashed the bytes itself
     private const int DownloadChunkBytes = 1 << 20;
     private static readonly Dictionary<string, string> NoMetadata = new();
+    private readonly StoredChunkRecords chunkRecords = new(blobs, retry);
 
     // ---- Upload ----
 
@@ -55,13 +57,13 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         {
             // Already stored: nothing to receive. Its chunk hashes are those recorded, or (other chunks announced, or none
             // recorded by an older store) computed now from the stored bytes.
-            var recorded = await ReadChunkRecordAsync(key, existing, ct);
+            var recorded = await chunkRecords.ReadAsync(key, existing, ct);
             if (recorded is null || announced is not null && !announced.SameAs(recorded))
             {
-                var (_, actual) = await HashBlobAsync(key, total, chunkBytes, ct);
+                var (_, actual) = await chunkRecords.HashBlobAsync(key, total, chunkBytes, ct);
                 await RefuseChunkMismatchAsync(announced, actual, key, fileName, total, "stored", ct, discard: false); // its SHA-256 matched: kept
                 recorded = actual;
-                await RecordChunksAsync(key, recorded, new Dictionary<string, string>(existing.Metadata) { [ShaKey] = sha }, ct);
+                await chunkRecords.RecordAsync(key, recorded, new Dictionary<string, string>(existing.Metadata) { [ShaKey] = sha }, ct);
             }
             return Reply(fileName, total, sha, recorded);
         }
@@ -117,21 +119,21 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             }
             await RefuseChunkMismatchAsync(announced, chunks, key, fileName, total, "received", ct);
             // The chunk list first, the file (with the list's hash in its metadata) last: a file the store calls complete has its list.
-            await PutChunkListAsync(key, chunks, ct);
+            await chunkRecords.PutListAsync(key, chunks, ct);
             var metadata = new Dictionary<string, string> { [ShaKey] = sha, [ChunkHashes.MetadataKey] = ChunkHashes.Digest(chunks.Serialize()) };
             await retry.RunAsync($"commit {key}", c => blobs.CommitStagedAsync(key, sha, total, metadata, c), ct);
         }
         else
         {
             await retry.RunAsync($"commit {key}", c => blobs.CommitStagedAsync(key, sha, total, NoMetadata, c), ct);
-            (string actual, chunks) = await HashBlobAsync(key, total, chunkBytes, ct);
+            (string actual, chunks) = await chunkRecords.HashBlobAsync(key, total, chunkBytes, ct);
             if (actual != sha)
             {
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);
                 throw new RpcException(new Status(StatusCode.DataLoss, $"{fileName}: the {total} bytes stored hash to {actual}, not the announced {sha}; the upload was discarded"));
             }
             await RefuseChunkMismatchAsync(announced, chunks, key, fileName, total, "stored", ct);
-            await RecordChunksAsync(key, chunks, new Dictionary<string, string> { [ShaKey] = sha }, ct);
+            await chunkRecords.RecordAsync(key, chunks, new Dictionary<string, string> { [ShaKey] = sha }, ct);
         }
         logger.LogInformation("Stored {Key} ({Bytes} bytes, {Chunks} chunk hashes)", key, total, chunks.Hashes.Count);
         return Reply(fileName, total, sha, chunks);
@@ -155,56 +157,11 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             $"{fileName}: bytes [{start}, {end}) (chunk {k} of {announced.Hashes.Count}) {how} hash to {actual.Hashes[k]} (XXH128), not the announced {announced.Hashes[k]}; {(discard ? "the upload was discarded" : "the stored file is kept")}"));
     }
 
-    private Task PutChunkListAsync(string key, ChunkHashes chunks, CancellationToken ct)
-    {
-        string sidecar = ChunkHashes.SidecarKey(key);
-        byte[] bytes = chunks.Serialize();
-        return retry.RunAsync($"write {sidecar}", c => blobs.PutAsync(sidecar, bytes, NoMetadata, onlyIfAbsent: false, c), ct);
-    }
-
-    /// <summary>Writes the chunk list of an already stored file, then sets its metadata (<paramref name="metadata"/> plus the list's hash).</summary>
-    private async Task RecordChunksAsync(string key, ChunkHashes chunks, Dictionary<string, string> metadata, CancellationToken ct)
-    {
-        await PutChunkListAsync(key, chunks, ct);
-        metadata[ChunkHashes.MetadataKey] = ChunkHashes.Digest(chunks.Serialize());
-        await retry.RunAsync($"set the metadata of {key}", c => blobs.SetMetadataAsync(key, metadata, c), ct);
-    }
-
-    /// <summary>The chunk hashes the store verified for a stored file, or null when it recorded none (stored by an older store).</summary>
-    private async Task<ChunkHashes?> ReadChunkRecordAsync(string key, BlobEntry info, CancellationToken ct)
-    {
-        if (info.Metadata.GetValueOrDefault(ChunkHashes.MetadataKey) is not { } digest) return null;
-        string sidecar = ChunkHashes.SidecarKey(key);
-        var sidecarInfo = await retry.RunAsync($"read the properties of {sidecar}", c => blobs.GetInfoAsync(sidecar, c), ct);
-        if (sidecarInfo is null) return null; // the list is gone: the caller recomputes it from the file
-        byte[] bytes = new byte[sidecarInfo.Size];
-        await retry.RunAsync($"read {sidecar}", c => blobs.ReadAsync(sidecar, 0, bytes, c), ct);
-        var chunks = ChunkHashes.Parse(bytes, sidecar);
-        if (ChunkHashes.Digest(bytes) != digest || chunks.Hashes.Count != ChunkHashes.Count(info.Size, chunks.ChunkBytes)) return null;
-        return chunks;
-    }
-
     private async Task RefuseIfCommittedAsync(string job, long step, string fileName, CancellationToken ct)
     {
         string manifest = Manifest(job, step);
         if (await retry.RunAsync($"read the properties of {manifest}", c => blobs.GetInfoAsync(manifest, c), ct) is not null)
             throw Refused($"step {step} of job '{job}' is already committed; {fileName} cannot be written into it");
-    }
-
-    private async Task<(string Sha256, ChunkHashes Chunks)> HashBlobAsync(string key, long size, long chunkBytes, CancellationToken ct)
-    {
-        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        var chunker = new ChunkHasher(chunkBytes);
-        byte[] buffer = new byte[Math.Min(size, 4 << 20)];
-        for (long at = 0; at < size; at += buffer.Length)
-        {
-            var part = buffer.AsMemory(0, (int)Math.Min(buffer.Length, size - at));
-            long from = at;
-            await retry.RunAsync($"read {key} at {from}", c => blobs.ReadAsync(key, from, part, c), ct);
-            hash.AppendData(part.Span);
-            chunker.Append(part.Span);
-        }
-        return (Convert.ToHexStringLower(hash.GetHashAndReset()), chunker.Finish());
     }
 
     // ---- Commit ----
@@ -226,11 +183,11 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
             files.Add(f);
         }
         files.Sort((a, b) => string.CompareOrdinal(a.FileName, b.FileName));
-        JsonObject manifest = BuildManifest(request, job, step, files);
+        JsonObject manifest = CommitManifest.Build(request, job, step, files);
         string manifestKey = Manifest(job, step);
 
         var previous = await ReadManifestAsync(manifestKey, ct);
-        if (previous is not null) return SameCommitOrRefuse(previous, request.Generation, files, job, step, manifestKey);
+        if (previous is not null) return CommitManifest.SameCommitOrRefuse(previous, request.Generation, files, job, step, manifestKey);
 
         var chunkLists = new Dictionary<string, ChunkHashes>(StringComparer.Ordinal);
         foreach (var f in files)
@@ -245,7 +202,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
                 throw Refused($"step {step} of job '{job}' cannot be committed: {f.FileName} has SHA-256 {stored ?? "(not verified)"}, expected {f.Sha256}");
             // The chunk hashes the store verified at upload go into the manifest (a committer need not know them; if it
             // names some, they must be those). A file stored before chunk hashes existed commits without them.
-            var recorded = await ReadChunkRecordAsync(key, info, ct);
+            var recorded = await chunkRecords.ReadAsync(key, info, ct);
             if (ChunkHashes.Announced(f.ChunkBytes, f.ChunkXxh128, f.Size, f.FileName) is { } expected && (recorded is null || !expected.SameAs(recorded)))
                 throw Refused($"step {step} of job '{job}' cannot be committed: the chunk hashes of {f.FileName} are not those the store verified " +
                     $"({(recorded is null ? "it recorded none" : $"{recorded.Hashes.Count} chunks of {recorded.ChunkBytes} bytes")}); upload it again");
@@ -264,66 +221,10 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         {
             // Another writer committed between our check and our write: only an identical commit is accepted.
             var winner = await ReadManifestAsync(manifestKey, ct) ?? throw Refused($"{manifestKey} vanished during the commit");
-            return SameCommitOrRefuse(winner, request.Generation, files, job, step, manifestKey);
+            return CommitManifest.SameCommitOrRefuse(winner, request.Generation, files, job, step, manifestKey);
         }
         logger.LogInformation("Committed step {Step} of job {Job} (generation {Generation}, {Files} files)", step, job, request.Generation, files.Count);
         return new CommitCheckpointReply { ManifestPath = manifestKey };
-    }
-
-    private static JsonObject BuildManifest(CommitCheckpointRequest request, string job, long step, List<ExpectedFile> files)
-    {
-        JsonObject manifest;
-        try
-        {
-            manifest = string.IsNullOrWhiteSpace(request.ManifestJson)
-                ? new JsonObject()
-                : JsonNode.Parse(request.ManifestJson) as JsonObject ?? throw Invalid("manifest_json is not a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw Invalid($"manifest_json is not valid JSON: {e.Message}");
-        }
-        void Own(string name, JsonNode value)
-        {
-            if (manifest[name] is { } given && !JsonNode.DeepEquals(given, value))
-                throw Invalid($"manifest_json has \"{name}\": {given.ToJsonString()}, but the commit says {value.ToJsonString()}");
-            manifest[name] = value;
-        }
-        Own("job", JsonValue.Create(job));
-        Own("step", JsonValue.Create(step));
-        Own("generation", JsonValue.Create(request.Generation));
-        Own("files", new JsonArray(files.Select(f => (JsonNode)new JsonObject
-        {
-            ["name"] = f.FileName, ["size"] = f.Size, ["sha256"] = f.Sha256,
-        }).ToArray()));
-        manifest.Remove("committed_utc");
-        manifest["committed_utc"] = DateTime.UtcNow.ToString("O");
-        return manifest;
-    }
-
-    /// <summary>A retried commit (same generation, same files) is answered as done; anything else is a second writer and refused.</summary>
-    private static CommitCheckpointReply SameCommitOrRefuse(JsonObject committed, long generation, List<ExpectedFile> files, string job, long step, string manifestKey)
-    {
-        var (committedGeneration, committedFiles) = Summary(committed);
-        bool same = committedGeneration == generation
-            && committedFiles.Count == files.Count
-            && committedFiles.Zip(files).All(p => p.First.Name == p.Second.FileName && p.First.Size == p.Second.Size && p.First.Sha256 == p.Second.Sha256);
-        if (!same)
-        {
-            throw new RpcException(new Status(StatusCode.AlreadyExists,
-                $"step {step} of job '{job}' is already committed by generation {committedGeneration} with other files; a second writer cannot replace it"));
-        }
-        return new CommitCheckpointReply { AlreadyCommitted = true, ManifestPath = manifestKey };
-    }
-
-    private static (long Generation, List<(string Name, long Size, string Sha256)> Files) Summary(JsonObject manifest)
-    {
-        long generation = manifest["generation"]?.GetValue<long>() ?? -1;
-        var files = (manifest["files"] as JsonArray ?? [])
-            .Select(f => (f!["name"]!.GetValue<string>(), f["size"]!.GetValue<long>(), f["sha256"]!.GetValue<string>()))
-            .OrderBy(f => f.Item1, StringComparer.Ordinal)
-            .ToList();
-        return (generation, files);
     }
 
     private async Task<JsonObject?> ReadManifestAsync(string manifestKey, CancellationToken ct)
@@ -346,7 +247,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         {
             var manifest = await ReadManifestAsync(Manifest(job, step), ct);
             if (manifest is null) continue; // deleted by retention meanwhile
-            var (generation, files) = Summary(manifest);
+            var (generation, files) = CommitManifest.Summary(manifest);
             reply.Checkpoints.Add(new CheckpointSummary { Step = step, Generation = generation, FileCount = files.Count, TotalBytes = files.Sum(f => f.Size) });
         }
         return reply;
@@ -369,7 +270,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         if (string.IsNullOrEmpty(request.TensorName)) throw Invalid("tensor_name is empty");
         var manifest = await ReadManifestAsync(Manifest(job, step), ct)
             ?? throw NotFound($"step {step} of job '{job}' is not committed (it has no {ManifestName})");
-        var files = Summary(manifest).Files;
+        var files = CommitManifest.Summary(manifest).Files;
         if (!string.IsNullOrEmpty(request.FileName))
         {
             files = files.Where(f => f.Name == request.FileName).ToList();

@@ -60,6 +60,11 @@ public sealed record Assignment
     [Id(12)] public string SpecJson { get; init; } = "";
     /// <summary>The step to resume from: the last complete checkpoint, or 0.</summary>
     [Id(13)] public long ResumeStep { get; init; }
+    /// <summary>
+    /// The generation's data-plane link key (LinkProof in Training): travels only on the authenticated control stream,
+    /// never in REST (GET /workers serializes this record).
+    /// </summary>
+    [Id(14), System.Text.Json.Serialization.JsonIgnore] public byte[] LinkKey { get; init; } = [];
 }
 
 [GenerateSerializer, Immutable]

@@ -392,6 +392,7 @@ public sealed class TrainingJobGrain(
         // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
         long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
         int perReplica = spec.GlobalBatch / dp.Value;
+        var linkKey = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32); // this generation's data-plane key (LinkProof)
         // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
         // ranks of one stage (one dp group) are consecutive.
         await Task.WhenAll(S.Workers.Select(w => AssignAsync(w.WorkerId, new Assignment
@@ -410,6 +411,7 @@ public sealed class TrainingJobGrain(
             Peers = [.. S.Workers],
             SpecJson = specJson,
             ResumeStep = resume,
+            LinkKey = linkKey,
         })));
     }
 

@@ -52,6 +52,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         var endpoint = $"{settings.CollectiveHost}:{port}";
         pipelinePort = settings.PipelinePort != 0 ? settings.PipelinePort : ReservePort();
         Log($"worker {settings.WorkerId}: coordinator {settings.Coordinator}, collectives on {endpoint}, pipeline stage links on {settings.CollectiveHost}:{pipelinePort}");
+        using var refusals = LinkRefusals.Subscribe(r => Log($"refused a {r.Link} link connection with {r.Remote}: {r.Reason}"));
         using var heartbeat = new Timer(_ => SendHeartbeat(), null, settings.HeartbeatInterval, settings.HeartbeatInterval);
         using var onStop = stop.Register(() => leave.TrySetResult("stopped (SIGTERM or Ctrl+C)"));
         var backoff = TimeSpan.FromMilliseconds(200);

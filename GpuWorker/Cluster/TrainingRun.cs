@@ -150,7 +150,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // ---- Collectives: the ring of this generation (a cancel ends the rendezvous at once) ----
         var peers = Enumerable.Range(0, assignment.World).Select(r => EndpointOf(assignment.Peers, r, "collective")).ToList();
         using var collective = RunCancellation.ConnectRing(
-            () => new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.Rank, assignment.World,
+            () => new TcpRendezvous(assignment.JobId, assignment.Generation, assignment.LinkKey.ToByteArray(), assignment.Rank, assignment.World,
                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
             peers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
@@ -380,7 +380,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // ---- Collectives: this stage's ring, then the stage links (a cancel ends either wait at once) ----
         var ringPeers = Enumerable.Range(0, dp).Select(r => EndpointOf(assignment.Peers, layout.Rank(stage, r), "collective")).ToList();
         using var collective = RunCancellation.ConnectRing(
-            () => new TcpRendezvous($"{assignment.JobId}/stage-{stage}", assignment.Generation, replica, dp,
+            () => new TcpRendezvous($"{assignment.JobId}/stage-{stage}", assignment.Generation, assignment.LinkKey.ToByteArray(), replica, dp,
                                     new System.Net.IPEndPoint(System.Net.IPAddress.Any, collectivePort)),
             ringPeers, new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, ct);
         using var aborting = cancel.Guard(collective);
@@ -452,10 +452,10 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         int stage = assignment.PpStage, replica = assignment.DpRank;
         string? previous = stage > 0 ? EndpointOf(assignment.StagePeers, layout.Rank(stage - 1, replica), "pipeline") : null;
         string? next = stage < layout.Pp - 1 ? EndpointOf(assignment.StagePeers, layout.Rank(stage + 1, replica), "pipeline") : null;
-        var listener = stage > 0 ? new StageListener(assignment.JobId, assignment.Generation, stage, replica,
+        var listener = stage > 0 ? new StageListener(assignment.JobId, assignment.Generation, assignment.LinkKey.ToByteArray(), stage, replica,
                                                      new System.Net.IPEndPoint(System.Net.IPAddress.Any, pipelinePort)) : null;
         var connecting = Task.Factory.StartNew(
-            () => PipelineLinks.Connect(assignment.JobId, assignment.Generation, stage, layout.Pp, replica, listener, previous, next, settings.CollectiveTimeout),
+            () => PipelineLinks.Connect(assignment.JobId, assignment.Generation, assignment.LinkKey.ToByteArray(), stage, layout.Pp, replica, listener, previous, next, settings.CollectiveTimeout),
             CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
         try
         {

@@ -29,7 +29,11 @@ public static class Collective
         }
         var endpoints = group.Endpoints ?? throw new ArgumentException("the tcp backend needs the group's Endpoints (host:port of every rank)");
         var options = new TcpCollectiveOptions { Timeout = group.Timeout };
-        if (rendezvous is null) return TcpRendezvous.Connect(group.JobId, group.Generation, group.Rank, endpoints, options);
+        if (rendezvous is null)
+        {
+            var key = group.LinkKey ?? throw new ArgumentException("the tcp backend needs the group's LinkKey (the generation's key from the assignment)");
+            return TcpRendezvous.Connect(group.JobId, group.Generation, key, group.Rank, endpoints, options);
+        }
         if (rendezvous.JobId != group.JobId || rendezvous.Generation != group.Generation || rendezvous.Rank != group.Rank || rendezvous.WorldSize != group.WorldSize)
             throw new ArgumentException($"the rendezvous was opened for job '{rendezvous.JobId}' generation {rendezvous.Generation} rank {rendezvous.Rank}/{rendezvous.WorldSize}, not for {group}");
         return rendezvous.Connect(endpoints, options);

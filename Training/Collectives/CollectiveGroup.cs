@@ -10,6 +10,8 @@ public sealed record CollectiveGroup(string JobId, long Generation, int Rank, in
 {
     public IReadOnlyList<string>? Endpoints { get; init; }
     public byte[]? NcclUniqueId { get; init; }
+    /// <summary>The generation's link key (tcp): a rendezvous admits only peers that prove they hold it.</summary>
+    public byte[]? LinkKey { get; init; }
     /// <summary>Bounds the rendezvous and every operation; see <c>TcpCollectiveOptions.Timeout</c> for the default's reason.</summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
 }

@@ -32,8 +32,9 @@ public sealed class PipelineLinks : IDisposable
     /// Forms this stage's links within <paramref name="timeout"/>: accepts stage − 1 on <paramref name="listener"/> (needed
     /// unless first) while dialling stage + 1 at <paramref name="nextAddress"/> (needed unless last).
     /// <paramref name="previousAddress"/> names stage − 1 in errors. The links keep <paramref name="timeout"/> for every transfer.
+    /// <paramref name="linkKey"/> is the generation's link key: the dial proves membership with it (the listener holds its own copy).
     /// </summary>
-    public static PipelineLinks Connect(string jobId, long generation, int stage, int stages, int replica,
+    public static PipelineLinks Connect(string jobId, long generation, byte[] linkKey, int stage, int stages, int replica,
                                         StageListener? listener, string? previousAddress, string? nextAddress, TimeSpan timeout)
     {
         if (stages < 1 || stage < 0 || stage >= stages) throw new ArgumentOutOfRangeException(nameof(stage), stage, $"stage must be in [0, {stages})");
@@ -50,7 +51,7 @@ public sealed class PipelineLinks : IDisposable
         StageLink? next = null;
         try
         {
-            if (!last) next = StageLink.Dial(jobId, generation, stage, replica, nextAddress!, timeout);
+            if (!last) next = StageLink.Dial(jobId, generation, linkKey, stage, replica, nextAddress!, timeout);
             var previous = accepting?.GetAwaiter().GetResult();
             return new PipelineLinks(stage, stages, replica, previous, next);
         }

@@ -23,7 +23,7 @@ namespace DeepSeekCluster.Training.Pipeline;
 public sealed unsafe class StageLink : IDisposable
 {
     internal const int Magic = 0x50505344; // "DSPP"
-    internal const int Version = 1;
+    internal const int Version = 2; // 2: the membership proof follows the hello
 
     public int OwnStage { get; }
     public int PeerStage { get; }
@@ -72,10 +72,12 @@ public sealed unsafe class StageLink : IDisposable
 
     /// <summary>
     /// Dials the next stage at <paramref name="address"/> (retrying while it is not listening yet) and introduces this
-    /// end: job, generation, own stage and replica. The acceptor refuses any other job, generation or position.
+    /// end: job, generation, own stage and replica. The acceptor refuses any other job, generation or position; then each
+    /// end proves it holds the generation's <paramref name="linkKey"/> (<see cref="LinkProof"/>).
     /// </summary>
-    public static StageLink Dial(string jobId, long generation, int ownStage, int replica, string address, TimeSpan timeout)
+    public static StageLink Dial(string jobId, long generation, byte[] linkKey, int ownStage, int replica, string address, TimeSpan timeout)
     {
+        linkKey = LinkProof.CheckKey(linkKey, nameof(linkKey));
         var deadline = DateTime.UtcNow + timeout;
         string name = $"pipeline stage {ownStage + 1} (replica {replica}, {address})";
         var endpoint = ParseEndpoint(address);
@@ -92,14 +94,15 @@ public sealed unsafe class StageLink : IDisposable
                 using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
                 using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
                 {
-                    writer.Write(Magic); writer.Write(Version); writer.Write(jobId); writer.Write(generation);
-                    writer.Write(ownStage); writer.Write(replica);
-                    writer.Flush();
-                    bool accepted = reader.ReadBoolean();
-                    string reason = reader.ReadString();
-                    if (!accepted)
+                    if (LinkProof.Dial(reader, writer, linkKey, Hello(jobId, generation, ownStage, replica), out bool impostor) is { } reason)
                     {
                         socket.Dispose();
+                        if (impostor)
+                        {
+                            LinkRefusals.Record(LinkRefusals.Stage, address, reason);
+                            throw new CollectiveException(CollectiveFailure.Refused,
+                                $"{name} is not a member of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
+                        }
                         throw new CollectiveException(CollectiveFailure.Refused,
                             $"{name} refused stage {ownStage} of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
                     }
@@ -116,6 +119,12 @@ public sealed unsafe class StageLink : IDisposable
         throw new CollectiveException(CollectiveFailure.PeerStalled,
             $"{name} did not accept the link from stage {ownStage} within {timeout.TotalSeconds:0.#} s ({last?.Message ?? "no attempt"})", ownStage + 1, address, last);
     }
+
+    /// <summary>The hello's fields before the dialer's nonce: what the dialer sends and what both proofs cover.</summary>
+    internal static byte[] Hello(string jobId, long generation, int stage, int replica) => LinkProof.Encode(w =>
+    {
+        w.Write(Magic); w.Write(Version); w.Write(jobId); w.Write(generation); w.Write(stage); w.Write(replica);
+    });
 
     // ---- Tensors ----
 

@@ -1,4 +1,5 @@
-// Where a pipeline stage waits for the link from the stage before it; the handshake fences other jobs, generations and positions.
+// Where a pipeline stage waits for the link from the stage before it; the handshake fences other jobs, generations and
+// positions, and proves membership (LinkProof).
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
@@ -10,6 +11,8 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// Bind first (port 0 picks one), publish <see cref="LocalEndpoint"/>, then <see cref="Accept"/> the previous stage.
 /// A connection whose handshake names another job, another generation, or a dialer that is not stage − 1 of the same
 /// replica is refused with the reason and the wait goes on, so a zombie of an older generation can never feed a stage.
+/// A dialer whose fields pass must then prove it holds the generation's link key, and the listener proves the same to
+/// it (<see cref="LinkProof"/>); every refusal is counted and announced by <see cref="LinkRefusals"/>.
 /// </summary>
 public sealed class StageListener : IDisposable
 {
@@ -22,9 +25,12 @@ public sealed class StageListener : IDisposable
     public string? LastRefusal { get; private set; }
 
     readonly Socket listener;
+    readonly byte[] linkKey; // never logged, never a property
 
-    public StageListener(string jobId, long generation, int stage, int replica, IPEndPoint? bind = null)
+    /// <param name="linkKey">The generation's link key from the assignment (at least 16 bytes; the coordinator makes 32).</param>
+    public StageListener(string jobId, long generation, byte[] linkKey, int stage, int replica, IPEndPoint? bind = null)
     {
+        this.linkKey = LinkProof.CheckKey(linkKey, nameof(linkKey));
         if (stage < 0) throw new ArgumentOutOfRangeException(nameof(stage), stage, "stage must be >= 0");
         JobId = jobId;
         Generation = generation;
@@ -71,44 +77,57 @@ public sealed class StageListener : IDisposable
 
     StageLink? Handshake(Socket socket, DateTime deadline, string peerAddress, TimeSpan timeout)
     {
+        string remote = "unknown";
+        bool hello = false;
         try
         {
-            socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Max(1, StageLink.Remaining(deadline).TotalMilliseconds);
-            string remote = socket.RemoteEndPoint?.ToString() ?? "unknown";
+            remote = socket.RemoteEndPoint?.ToString() ?? remote;
+            // A handshake is a few hundred bytes: a silent connection must not hold the wait for the real stage - 1 for long.
+            socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Clamp(StageLink.Remaining(deadline).TotalMilliseconds, 1, 10_000);
             using var stream = new NetworkStream(socket, ownsSocket: false);
             using var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true);
             using var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
             int magic = reader.ReadInt32(), version = reader.ReadInt32();
-            string? reason = null;
-            string job = ""; long generation = 0; int stage = -1, replica = -1;
-            if (magic != StageLink.Magic || version != StageLink.Version) reason = $"not a pipeline link (magic {magic:x8}, version {version})";
+            hello = true;
+            string? reason;
+            if (magic != StageLink.Magic) reason = $"not a pipeline link (magic {magic:x8}, version {version})";
             else
             {
-                job = reader.ReadString(); generation = reader.ReadInt64(); stage = reader.ReadInt32(); replica = reader.ReadInt32();
-                if (job != JobId) reason = $"job '{job}' is not this stage's job '{JobId}'";
-                else if (generation != Generation) reason = $"generation {generation} is not this stage's generation {Generation}";
-                else if (stage != Stage - 1 || replica != Replica)
-                    reason = $"stage {stage} replica {replica} is not stage {Stage - 1} replica {Replica}, the only one that feeds stage {Stage}";
-            }
-            if (reason is not null && magic == StageLink.Magic)
-            {
-                writer.Write(false); writer.Write(reason); writer.Flush();
+                string job = reader.ReadString();
+                long generation = reader.ReadInt64();
+                int stage = reader.ReadInt32(), replica = reader.ReadInt32();
+                // Version 1 sent these same fields and nothing after them: read whole, its refusal reaches it before the close.
+                var dialerNonce = version == StageLink.Version ? LinkProof.ReadExactly(reader, LinkProof.NonceBytes) : [];
+                reason = version != StageLink.Version ? $"pipeline link version {version}; this stage speaks version {StageLink.Version}, which proves membership with the generation's link key"
+                    : job != JobId ? $"job '{job}' is not this stage's job '{JobId}'"
+                    : generation != Generation ? $"generation {generation} is not this stage's generation {Generation}"
+                    : stage != Stage - 1 || replica != Replica ? $"stage {stage} replica {replica} is not stage {Stage - 1} replica {Replica}, the only one that feeds stage {Stage}"
+                    : LinkProof.Challenge(reader, writer, linkKey, StageLink.Hello(job, generation, stage, replica), dialerNonce);
             }
             if (reason is not null)
             {
-                LastRefusal = $"{remote}: {reason}";
-                socket.Dispose();
+                Refuse(socket, magic == StageLink.Magic ? writer : null, remote, reason);
                 return null;
             }
-            writer.Write(true); writer.Write(""); writer.Flush();
+            LinkProof.Admit(writer);
             return new StageLink(socket, Stage, Stage - 1, Replica, peerAddress, timeout);
         }
         catch (Exception e) when (e is SocketException or IOException or EndOfStreamException)
         {
-            LastRefusal = $"handshake failed: {e.Message}";
-            socket.Dispose();
+            // A connection that closes before saying anything is a port probe or a dial given up, not a refusal.
+            if (hello) Refuse(socket, null, remote, $"the handshake broke off: {e.Message}");
+            else socket.Dispose();
             return null;
         }
+    }
+
+    void Refuse(Socket socket, BinaryWriter? writer, string remote, string reason)
+    {
+        LastRefusal = $"{remote}: {reason}";
+        LinkRefusals.Record(LinkRefusals.Stage, remote, reason);
+        try { if (writer is not null) LinkProof.Refuse(writer, reason); }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException) { }
+        socket.Dispose();
     }
 
     public void Dispose() => listener.Dispose();

@@ -59,7 +59,8 @@ public static class CollectiveBench
     static double TimeAllReduce(int world, long bytes, int chunk, double budgetSeconds)
     {
         var options = new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(60), ChunkBytes = chunk };
-        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("bench", 1, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
+        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("bench", 1, key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
         var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
         var threads = rendezvous.Select(rv => Task.Factory.StartNew(() =>
         {

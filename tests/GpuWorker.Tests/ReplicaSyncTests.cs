@@ -116,21 +116,23 @@ public class ReplicaSyncTests
     public void ACancelEndsARendezvousWhosePeerNeverConnectsAndFreesItsPort()
     {
         int port = FreePort.Next(), absent = FreePort.Next();
-        var rendezvous = new TcpRendezvous("job", 3, 0, 2, new IPEndPoint(IPAddress.Loopback, port));
+        var rendezvous = new TcpRendezvous("job", 3, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port));
         using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
         var connect = Task.Run(() => RunCancellation.ConnectRing(rendezvous, [$"127.0.0.1:{port}", $"127.0.0.1:{absent}"],
             new TcpCollectiveOptions { Timeout = TimeSpan.FromMinutes(5) }, cts.Token));
         Assert.True(((IAsyncResult)connect).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(60)), "the rendezvous ignored the cancellation");
         Assert.IsAssignableFrom<OperationCanceledException>(connect.Exception?.InnerException);
-        using var next = new TcpRendezvous("job", 4, 0, 2, new IPEndPoint(IPAddress.Loopback, port)); // the next generation binds the same port
+        using var next = new TcpRendezvous("job", 4, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port)); // the next generation binds the same port
         Assert.Equal(port, next.LocalEndpoint.Port);
     }
+
+    static readonly byte[] Key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
 
     /// <summary>W ranks as threads over real sockets; a rank that hangs past the limit fails the test.</summary>
     static T[] Run<T>(int world, Func<TcpCollective, T> body, TcpCollectiveOptions? options = null, TimeSpan? limit = null)
     {
         options ??= new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(60) };
-        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("replica-test", 2, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
+        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("replica-test", 2, Key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
         var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
         var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
         {

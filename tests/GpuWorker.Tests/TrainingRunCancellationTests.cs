@@ -35,6 +35,7 @@ public class TrainingRunCancellationTests
             {
                 JobId = "cancelled", Generation = 3, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1, BatchCount = 4, GradAccumSteps = 2,
                 JobSpecJson = JsonSerializer.Serialize(spec, new JsonSerializerOptions(JsonSerializerDefaults.Web)), Peers = { [0] = "127.0.0.1:1" },
+                LinkKey = Google.Protobuf.ByteString.CopyFrom(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32)),
             };
             var settings = new WorkerSettings
             {

@@ -1,4 +1,5 @@
-// Forms a tcp collective: listen, dial the ring successor, accept the ring predecessor; a handshake fences other jobs and generations.
+// Forms a tcp collective: listen, dial the ring successor, accept the ring predecessor; a handshake fences other jobs and
+// generations and proves membership (LinkProof).
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
@@ -12,32 +13,37 @@ internal enum LinkKind : byte { Ring = 1, PointToPoint = 2 }
 /// The rendezvous of one rank. Bind first (the port can be 0), publish <see cref="LocalEndpoint"/> (the coordinator
 /// brokers the list), then <see cref="Connect"/> with every rank's "host:port". Each connection opens with a handshake
 /// (magic, version, job id, generation, world size, rank, link kind); the acceptor refuses any that does not match its
-/// own job and generation, so a zombie of an older generation can never join a newer group. The listener stays open
-/// for the group's lifetime: point-to-point links are dialled on first use (the lower rank dials).
+/// own job and generation, so a zombie of an older generation can never join a newer group, and then both ends prove
+/// they hold the generation's link key (<see cref="LinkProof"/>), so knowing the job and generation is not enough.
+/// Refusals are counted and announced by <see cref="LinkRefusals"/>. The listener stays open for the group's lifetime:
+/// point-to-point links are dialled on first use (the lower rank dials).
 /// </summary>
 public sealed class TcpRendezvous : IDisposable
 {
     const int Magic = 0x43435344; // "DSCC"
-    const int Version = 1;
+    const int Version = 2; // 2: the membership proof follows the hello
 
     public string JobId { get; }
     public long Generation { get; }
     public int Rank { get; }
     public int WorldSize { get; }
     public IPEndPoint LocalEndpoint { get; }
-    /// <summary>Connections refused by the handshake (wrong job, generation, world size or rank).</summary>
+    /// <summary>Connections refused by the handshake (wrong job, generation, world size or rank, or no membership proof).</summary>
     public int RefusedCount => refusedCount;
     /// <summary>Why the last connection was refused, for logs.</summary>
     public string? LastRefusal { get; private set; }
 
     readonly Socket listener;
+    readonly byte[] linkKey; // never logged, never a property
     readonly CancellationTokenSource stop = new();
     readonly ConcurrentDictionary<(LinkKind, int), TaskCompletionSource<Socket>> incoming = new();
     int refusedCount;
     IReadOnlyList<string>? addresses;
 
-    public TcpRendezvous(string jobId, long generation, int rank, int worldSize, IPEndPoint? bind = null)
+    /// <param name="linkKey">The generation's link key from the assignment (at least 16 bytes; the coordinator makes 32).</param>
+    public TcpRendezvous(string jobId, long generation, byte[] linkKey, int rank, int worldSize, IPEndPoint? bind = null)
     {
+        this.linkKey = LinkProof.CheckKey(linkKey, nameof(linkKey));
         if (worldSize < 1) throw new ArgumentOutOfRangeException(nameof(worldSize), worldSize, "world size must be at least 1");
         if (rank < 0 || rank >= worldSize) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"rank must be in [0, {worldSize})");
         if (Encoding.UTF8.GetByteCount(jobId) > 1024) throw new ArgumentException("job id longer than 1024 bytes", nameof(jobId));
@@ -55,12 +61,12 @@ public sealed class TcpRendezvous : IDisposable
     }
 
     /// <summary>Binds on the port of <paramref name="endpoints"/>[rank] and connects: a static endpoint list, no broker.</summary>
-    public static TcpCollective Connect(string jobId, long generation, int rank, IReadOnlyList<string> endpoints, TcpCollectiveOptions? options = null)
+    public static TcpCollective Connect(string jobId, long generation, byte[] linkKey, int rank, IReadOnlyList<string> endpoints, TcpCollectiveOptions? options = null)
     {
         if (rank < 0 || rank >= endpoints.Count) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"rank must index the {endpoints.Count} endpoints");
         var own = ParseEndpoint(endpoints[rank]);
         var bind = new IPEndPoint(own is IPEndPoint ip ? ip.Address : IPAddress.Any, own is IPEndPoint p ? p.Port : ((DnsEndPoint)own).Port);
-        var rendezvous = new TcpRendezvous(jobId, generation, rank, endpoints.Count, bind);
+        var rendezvous = new TcpRendezvous(jobId, generation, linkKey, rank, endpoints.Count, bind);
         try { return rendezvous.Connect(endpoints, options); }
         catch { rendezvous.Dispose(); throw; }
     }
@@ -126,14 +132,16 @@ public sealed class TcpRendezvous : IDisposable
                 using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
                 using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
                 {
-                    writer.Write(Magic); writer.Write(Version); writer.Write((byte)kind);
-                    writer.Write(JobId); writer.Write(Generation); writer.Write(WorldSize); writer.Write(Rank);
-                    writer.Flush();
-                    bool accepted = reader.ReadBoolean();
-                    string reason = reader.ReadString();
-                    if (!accepted)
+                    var hello = Hello(kind, JobId, Generation, WorldSize, Rank);
+                    if (LinkProof.Dial(reader, writer, linkKey, hello, out bool impostor) is { } reason)
                     {
                         socket.Dispose();
+                        if (impostor)
+                        {
+                            LinkRefusals.Record(LinkRefusals.Ring, address, reason);
+                            throw new CollectiveException(CollectiveFailure.Refused,
+                                $"{name} is not a member of job '{JobId}' generation {Generation}: {reason}", peer, address);
+                        }
                         throw new CollectiveException(CollectiveFailure.Refused,
                             $"{name} refused rank {Rank} of job '{JobId}' generation {Generation}: {reason}", peer, address);
                     }
@@ -178,19 +186,30 @@ public sealed class TcpRendezvous : IDisposable
 
     void Admit(Socket socket)
     {
+        string remote = "unknown";
+        bool hello = false;
         try
         {
+            remote = socket.RemoteEndPoint?.ToString() ?? remote;
             socket.NoDelay = true;
-            socket.ReceiveTimeout = socket.SendTimeout = 10_000; // a handshake is a few dozen bytes
+            socket.ReceiveTimeout = socket.SendTimeout = 10_000; // a handshake is a few hundred bytes
             using var stream = new NetworkStream(socket, ownsSocket: false);
             using var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true);
             using var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
             int magic = reader.ReadInt32(), version = reader.ReadInt32();
-            if (magic != Magic || version != Version) { Refuse(socket, writer, $"not a DeepSeekCluster collective handshake (magic {magic:x8}, version {version})"); return; }
+            hello = true;
+            if (magic != Magic) { Refuse(socket, writer, remote, $"not a DeepSeekCluster collective handshake (magic {magic:x8}, version {version})"); return; }
             var kind = (LinkKind)reader.ReadByte();
             string job = reader.ReadString();
             long generation = reader.ReadInt64();
             int world = reader.ReadInt32(), rank = reader.ReadInt32();
+            // Version 1 sent these same fields and nothing after them: read whole, its refusal reaches it before the close.
+            if (version != Version)
+            {
+                Refuse(socket, writer, remote, $"handshake version {version}; this group speaks version {Version}, which proves membership with the generation's link key");
+                return;
+            }
+            var dialerNonce = LinkProof.ReadExactly(reader, LinkProof.NonceBytes);
             string? problem =
                 job != JobId ? $"job '{job}' is not this group's job '{JobId}'"
                 : generation != Generation ? $"generation {generation} does not match this group's generation {Generation} (a peer of another generation is fenced out)"
@@ -199,28 +218,38 @@ public sealed class TcpRendezvous : IDisposable
                 : kind == LinkKind.Ring && rank != (Rank - 1 + WorldSize) % WorldSize ? $"rank {rank} is not rank {Rank}'s ring predecessor"
                 : kind == LinkKind.PointToPoint && rank > Rank ? $"rank {rank} should wait for rank {Rank} to dial (the lower rank dials)"
                 : kind is not (LinkKind.Ring or LinkKind.PointToPoint) ? $"unknown link kind {(byte)kind}"
-                : null;
-            if (problem is not null) { Refuse(socket, writer, problem); return; }
+                : LinkProof.Challenge(reader, writer, linkKey, Hello(kind, job, generation, world, rank), dialerNonce);
+            if (problem is not null) { Refuse(socket, writer, remote, problem); return; }
             var slot = Slot(kind, rank);
-            if (slot.Task.IsCompleted) { Refuse(socket, writer, $"rank {rank} is already connected"); return; }
-            writer.Write(true); writer.Write(""); writer.Flush();
+            if (slot.Task.IsCompleted) { Refuse(socket, writer, remote, $"rank {rank} is already connected"); return; }
+            LinkProof.Admit(writer);
             socket.ReceiveTimeout = socket.SendTimeout = 0;
             if (!slot.TrySetResult(socket)) socket.Dispose();
         }
         catch (Exception e) when (e is IOException or SocketException or EndOfStreamException or ObjectDisposedException)
         {
-            socket.Dispose();
+            // A connection that closes before saying anything is a port probe or a dial given up, not a refusal.
+            if (hello) Refuse(socket, null, remote, $"the handshake broke off: {e.Message}");
+            else socket.Dispose();
         }
     }
 
-    void Refuse(Socket socket, BinaryWriter writer, string reason)
+    void Refuse(Socket socket, BinaryWriter? writer, string remote, string reason)
     {
         Interlocked.Increment(ref refusedCount);
-        LastRefusal = reason;
-        try { writer.Write(false); writer.Write(reason); writer.Flush(); }
-        catch (Exception e) when (e is IOException or SocketException) { }
+        LastRefusal = $"{remote}: {reason}";
+        LinkRefusals.Record(LinkRefusals.Ring, remote, reason);
+        try { if (writer is not null) LinkProof.Refuse(writer, reason); }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException) { }
         socket.Dispose();
     }
+
+    /// <summary>The hello's fields before the dialer's nonce: what the dialer sends and what both proofs cover.</summary>
+    internal static byte[] Hello(LinkKind kind, string job, long generation, int world, int rank) => LinkProof.Encode(w =>
+    {
+        w.Write(Magic); w.Write(Version); w.Write((byte)kind);
+        w.Write(job); w.Write(generation); w.Write(world); w.Write(rank);
+    });
 
     static TimeSpan Remaining(DateTime deadline)
     {

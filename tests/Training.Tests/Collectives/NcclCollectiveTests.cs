@@ -34,7 +34,7 @@ public class NcclCollectiveTests
     {
         Assert.Equal("nccl", Collective.BackendFor(new Device(DeviceType.CUDA, 0)));
         Assert.Equal("tcp", Collective.BackendFor(CPU));
-        using var single = Collective.Create(CPU, new CollectiveGroup("job", 1, 0, 1) { Endpoints = ["127.0.0.1:0"] });
+        using var single = Collective.Create(CPU, new CollectiveGroup("job", 1, 0, 1) { Endpoints = ["127.0.0.1:0"], LinkKey = LinkKeys.Test });
         Assert.IsType<DeepSeekCluster.Training.Collectives.Tcp.TcpCollective>(single);
     }
 }

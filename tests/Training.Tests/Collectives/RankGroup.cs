@@ -10,7 +10,7 @@ static class RankGroup
     public static T[] Run<T>(int world, Func<TcpCollective, T> body, TcpCollectiveOptions? options = null, string job = "test-job", long generation = 1, TimeSpan? limit = null)
     {
         options ??= new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(20) };
-        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous(job, generation, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
+        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous(job, generation, LinkKeys.Test, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
         var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
         var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
         {

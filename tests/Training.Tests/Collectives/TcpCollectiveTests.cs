@@ -218,10 +218,10 @@ public class TcpCollectiveTests
     public async Task APeerOfAStaleGenerationIsRefusedAndTheCurrentGroupStillForms()
     {
         var options = new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(10) };
-        using var rank0 = new TcpRendezvous("job", 5, 0, 2, new(System.Net.IPAddress.Loopback, 0));
-        using var rank1 = new TcpRendezvous("job", 5, 1, 2, new(System.Net.IPAddress.Loopback, 0));
+        using var rank0 = new TcpRendezvous("job", 5, LinkKeys.Test, 0, 2, new(System.Net.IPAddress.Loopback, 0));
+        using var rank1 = new TcpRendezvous("job", 5, LinkKeys.Test, 1, 2, new(System.Net.IPAddress.Loopback, 0));
         var endpoints = new[] { $"127.0.0.1:{rank0.LocalEndpoint.Port}", $"127.0.0.1:{rank1.LocalEndpoint.Port}" };
-        using var zombie = new TcpRendezvous("job", 4, 0, 2, new(System.Net.IPAddress.Loopback, 0));
+        using var zombie = new TcpRendezvous("job", 4, LinkKeys.Test, 0, 2, new(System.Net.IPAddress.Loopback, 0));
         var refused = Assert.Throws<CollectiveException>(() => zombie.Connect([$"127.0.0.1:{zombie.LocalEndpoint.Port}", endpoints[1]], options with { Timeout = TimeSpan.FromSeconds(3) }));
         Assert.Equal(CollectiveFailure.Refused, refused.Failure);
         Assert.Equal(1, refused.PeerRank);
@@ -242,7 +242,7 @@ public class TcpCollectiveTests
     [Fact]
     public void ARendezvousWhosePeerNeverComesFailsWithinTheTimeoutNamingIt()
     {
-        using var rank0 = new TcpRendezvous("job", 1, 0, 2, new(System.Net.IPAddress.Loopback, 0));
+        using var rank0 = new TcpRendezvous("job", 1, LinkKeys.Test, 0, 2, new(System.Net.IPAddress.Loopback, 0));
         using var absent = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
         absent.Bind(new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0)); // a port nobody listens on
         string absentAddress = $"127.0.0.1:{((System.Net.IPEndPoint)absent.LocalEndPoint!).Port}";

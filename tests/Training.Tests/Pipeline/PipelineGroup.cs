@@ -3,6 +3,7 @@ using System.Net;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Pipeline;
+using DeepSeekCluster.Training.Tests.Collectives;
 
 namespace DeepSeekCluster.Training.Tests.Pipeline;
 
@@ -23,8 +24,8 @@ static class PipelineGroup
         for (int s = 0; s < pp; s++)
             for (int r = 0; r < dp; r++)
             {
-                listeners[s, r] = new StageListener(job, generation, s, r, new IPEndPoint(IPAddress.Loopback, 0));
-                rings[s, r] = new TcpRendezvous($"{job}/stage-{s}", generation, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
+                listeners[s, r] = new StageListener(job, generation, LinkKeys.Test, s, r, new IPEndPoint(IPAddress.Loopback, 0));
+                rings[s, r] = new TcpRendezvous($"{job}/stage-{s}", generation, LinkKeys.Test, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
             }
         string Address(int s, int r) => $"127.0.0.1:{listeners[s, r].LocalEndpoint.Port}";
         var tasks = new List<Task<T>>();
@@ -38,7 +39,7 @@ static class PipelineGroup
                     var ringEndpoints = Enumerable.Range(0, dp).Select(x => $"127.0.0.1:{rings[stage, x].LocalEndpoint.Port}").ToList();
                     using var ring = dp > 1 ? rings[stage, replica].Connect(ringEndpoints, new TcpCollectiveOptions { Timeout = linkTimeout }) : null;
                     if (dp == 1) rings[stage, replica].Dispose();
-                    using var links = PipelineLinks.Connect(job, generation, stage, pp, replica, stage == 0 ? null : listener,
+                    using var links = PipelineLinks.Connect(job, generation, LinkKeys.Test, stage, pp, replica, stage == 0 ? null : listener,
                         stage == 0 ? null : Address(stage - 1, replica), stage == pp - 1 ? null : Address(stage + 1, replica), linkTimeout);
                     return body(new PipelineRank(stage, replica, links, ring));
                 }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));

@@ -8,6 +8,7 @@ using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Pipeline;
+using DeepSeekCluster.Training.Tests.Collectives;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
@@ -482,14 +483,14 @@ public class PipelineTrainingTests(ITestOutputHelper output)
     [Fact]
     public async Task AListenerRefusesALinkFromAnotherGenerationAndTheDialerNamesTheStage()
     {
-        using var listener = new StageListener("job", generation: 2, stage: 1, replica: 0, new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
+        using var listener = new StageListener("job", generation: 2, LinkKeys.Test, stage: 1, replica: 0, new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
         string address = $"127.0.0.1:{listener.LocalEndpoint.Port}";
         var accepting = Task.Run(() =>
         {
             try { listener.Accept("127.0.0.1:1", TimeSpan.FromSeconds(3)).Dispose(); return (Exception?)null; }
             catch (Exception e) { return e; }
         });
-        var refused = Assert.Throws<CollectiveException>(() => StageLink.Dial("job", generation: 1, ownStage: 0, replica: 0, address, TimeSpan.FromSeconds(10)));
+        var refused = Assert.Throws<CollectiveException>(() => StageLink.Dial("job", generation: 1, LinkKeys.Test, ownStage: 0, replica: 0, address, TimeSpan.FromSeconds(10)));
         Assert.Equal(CollectiveFailure.Refused, refused.Failure);
         Assert.Contains($"pipeline stage 1 (replica 0, {address}) refused stage 0 of job 'job' generation 1", refused.Message);
         Assert.Contains("generation 1 is not this stage's generation 2", refused.Message);
