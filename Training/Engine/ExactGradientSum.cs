@@ -15,7 +15,8 @@ namespace DeepSeekCluster.Training.Engine;
 /// An element beyond it, or NaN/Inf, poisons its parameter's result with NaN (the norm then says so), as a float sum would.
 /// </para>
 /// Both words of every parameter live in two flat buffers (<see cref="High"/>, <see cref="Low"/>) that a reducer
-/// all-reduces in place with an int64 Sum, in buckets of views: no copies in or out.
+/// all-reduces in place with an int64 Sum, in buckets of views: no copies in or out. Memory: 16 bytes per parameter
+/// for the words, plus a float64 scratch of at most <see cref="ChunkElements"/> elements (or the largest parameter).
 /// </summary>
 public sealed class ExactGradientSum : IDisposable
 {
@@ -27,7 +28,8 @@ public sealed class ExactGradientSum : IDisposable
 
     readonly Tensor[] parameters;
     readonly long[] offsets;
-    readonly Tensor scratch; // (N,) float64: one micro-batch's gradients, flat
+    readonly (int First, int End)[] chunks; // runs of parameters of at most ChunkElements (or one larger parameter)
+    readonly Tensor scratch; // (C,) float64: one chunk of one micro-batch's gradients, flat
     readonly Tensor worst;   // () float64: the largest |x| (or NaN) of any gradient element this step
 
     /// <summary>hi words of every parameter, flat in parameter order (int64).</summary>
@@ -39,7 +41,11 @@ public sealed class ExactGradientSum : IDisposable
     /// <summary>Micro-batches added on this rank since <see cref="Clear"/>.</summary>
     public int Terms { get; private set; }
 
-    public ExactGradientSum(IReadOnlyList<Tensor> parameters)
+    /// <summary>Elements converted at once by default: bounds the float64 scratch (32 MB) and the temporaries beside it.</summary>
+    public const long ChunkElements = 1L << 22;
+
+    /// <param name="chunkElements">Elements converted at once (a parameter larger than that is converted whole).</param>
+    public ExactGradientSum(IReadOnlyList<Tensor> parameters, long chunkElements = ChunkElements)
     {
         if (parameters.Count == 0) throw new ArgumentException("no parameters to sum gradients of", nameof(parameters));
         this.parameters = [.. parameters];
@@ -48,7 +54,17 @@ public sealed class ExactGradientSum : IDisposable
         var device = parameters[0].device;
         High = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
         Low = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
-        scratch = zeros(offsets[^1], dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
+        var runs = new List<(int, int)>();
+        for (int first = 0; first < parameters.Count;)
+        {
+            int end = first + 1;
+            while (end < parameters.Count && offsets[end + 1] - offsets[first] <= chunkElements) end++;
+            runs.Add((first, end));
+            first = end;
+        }
+        chunks = [.. runs];
+        long largest = chunks.Max(c => offsets[c.End] - offsets[c.First]);
+        scratch = zeros(largest, dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
         worst = zeros(1, dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
     }
 
@@ -71,19 +87,24 @@ public sealed class ExactGradientSum : IDisposable
     {
         if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
         using var noGrad = no_grad();
-        using var scope = NewDisposeScope();
-        for (int i = 0; i < parameters.Length; i++)
+        foreach (var (first, end) in chunks)
         {
-            var range = scratch.narrow(0, offsets[i], offsets[i + 1] - offsets[i]);
-            if (parameters[i].grad is { } g) { range.copy_(g.reshape(-1)); g.zero_(); }
-            else range.zero_();
+            using var scope = NewDisposeScope();
+            long start = offsets[first], n = offsets[end] - start;
+            var x = scratch.narrow(0, 0, n);
+            for (int i = first; i < end; i++)
+            {
+                var range = x.narrow(0, offsets[i] - start, offsets[i + 1] - offsets[i]);
+                if (parameters[i].grad is { } g) { range.copy_(g.reshape(-1)); g.zero_(); }
+                else range.zero_();
+            }
+            worst.copy_(maximum(worst, x.abs().max().unsqueeze(0))); // NaN propagates
+            var q = x.mul_(Scale).round_();              // exact scaling by 2^64, then the one rounding
+            var hi = q.div(LowScale).floor_();           // exact: q has at most 53 significant bits
+            var lo = q.add_(hi, alpha: -LowScale);       // the low 40 bits, in [0, 2^40): exact, with or without an FMA
+            High.narrow(0, start, n).add_(hi.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
+            Low.narrow(0, start, n).add_(lo.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
         }
-        worst.copy_(maximum(worst, scratch.abs().max().unsqueeze(0))); // NaN propagates
-        var q = scratch.mul_(Scale).round_();        // exact scaling by 2^64, then the one rounding
-        var hi = q.div(LowScale).floor_();           // exact: q has at most 53 significant bits
-        var lo = q.add_(hi, alpha: -LowScale);       // the low 40 bits, in [0, 2^40): exact, with or without an FMA
-        High.add_(hi.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
-        Low.add_(lo.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
         Terms++;
     }
 
@@ -95,19 +116,25 @@ public sealed class ExactGradientSum : IDisposable
     public void WriteMean(long count)
     {
         using var noGrad = no_grad();
-        using var scope = NewDisposeScope();
         bool poisoned = !(worst.cpu().item<double>() < Bound);
-        var carry = Low.div(1L << LowBits, rounding_mode: RoundingMode.floor); // lo sums are ≥ 0
-        var hi = (High + carry).to_type(ScalarType.Float64);
-        var lo = (Low - carry * (1L << LowBits)).to_type(ScalarType.Float64); // canonical: [0, 2^40)
-        var mean = hi.mul_(LowScale).add_(lo).div_(Scale).div_(count);
-        if (poisoned) mean.fill_(double.NaN);
-        for (int i = 0; i < parameters.Length; i++)
+        foreach (var (first, end) in chunks)
         {
-            var p = parameters[i];
-            var value = mean.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(p.shape);
-            if (p.grad is { } g) g.copy_(value);
-            else p.grad = value.to_type(p.dtype).clone().DetachFromDisposeScope();
+            using var scope = NewDisposeScope();
+            long start = offsets[first], n = offsets[end] - start;
+            var high = High.narrow(0, start, n);
+            var low = Low.narrow(0, start, n);
+            var carry = low.div(1L << LowBits, rounding_mode: RoundingMode.floor); // lo sums are ≥ 0
+            var hi = (high + carry).to_type(ScalarType.Float64);
+            var lo = (low - carry * (1L << LowBits)).to_type(ScalarType.Float64); // canonical: [0, 2^40)
+            var mean = hi.mul_(LowScale).add_(lo).div_(Scale).div_(count);
+            if (poisoned) mean.fill_(double.NaN);
+            for (int i = first; i < end; i++)
+            {
+                var p = parameters[i];
+                var value = mean.narrow(0, offsets[i] - start, offsets[i + 1] - offsets[i]).view(p.shape);
+                if (p.grad is { } g) g.copy_(value);
+                else p.grad = value.to_type(p.dtype).clone().DetachFromDisposeScope();
+            }
         }
     }
 

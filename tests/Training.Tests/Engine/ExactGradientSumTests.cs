@@ -29,14 +29,14 @@ public class ExactGradientSumTests
     static Tensor[] Parameters() => [zeros(37), zeros(5)];
 
     /// <summary>Each "rank" sums its contiguous micro-batches alone; the words are then added as an all-reduce would.</summary>
-    static float[][] SumSplit(float[][][] micro, int ranks)
+    static float[][] SumSplit(float[][][] micro, int ranks, long chunkElements = ExactGradientSum.ChunkElements)
     {
         var parameters = Parameters();
         var sums = new List<ExactGradientSum>();
         int per = MicroBatches / ranks;
         for (int r = 0; r < ranks; r++)
         {
-            var sum = new ExactGradientSum(parameters);
+            var sum = new ExactGradientSum(parameters, chunkElements);
             sum.Clear();
             for (int m = r * per; m < (r + 1) * per; m++)
             {
@@ -69,6 +69,15 @@ public class ExactGradientSumTests
                     Assert.True(BitConverter.SingleToInt32Bits(one[p][i]) == BitConverter.SingleToInt32Bits(split[p][i]),
                         $"parameter {p} element {i}: {split[p][i]:R} over {ranks} ranks, {one[p][i]:R} over 1");
         }
+    }
+
+    [Fact]
+    public void ConvertingInChunksGivesTheSameBitsAsConvertingAllAtOnce()
+    {
+        var micro = Gradients(5);
+        var whole = SumSplit(micro, 2);
+        var chunked = SumSplit(micro, 2, chunkElements: 4); // each parameter alone (37 and 5 elements)
+        for (int p = 0; p < whole.Length; p++) Assert.Equal(whole[p], chunked[p]);
     }
 
     [Fact]
