@@ -385,10 +385,9 @@ public sealed class TrainingJobGrain(
         metrics.JobGeneration(JobId, S.Generation);
         await Registry.SetWaitingAsync(JobId, world < spec.MaxWorkers ? JobWait.ToGrow : JobWait.None);
 
-        string specJson = JsonSerializer.Serialize(spec, CoordinatorJson.Options);
+        string specJson = JobSpecJson.Serialize(spec);
         // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
         long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
-        int perReplica = spec.GlobalBatch / dp.Value;
         // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
         // ranks of one stage (one dp group) are consecutive.
         await Task.WhenAll(S.Workers.Select(w => AssignAsync(w.WorkerId, new Assignment
@@ -401,9 +400,6 @@ public sealed class TrainingJobGrain(
             DpSize = dp.Value,
             PpStage = w.Rank / dp.Value,
             PpSize = pp,
-            BatchOffset = w.Rank % dp.Value * perReplica,
-            BatchCount = perReplica,
-            GradAccumSteps = perReplica / spec.MicroBatch,
             Peers = [.. S.Workers],
             SpecJson = specJson,
             ResumeStep = resume,
