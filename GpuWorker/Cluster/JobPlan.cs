@@ -14,12 +14,13 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
 {
     /// <summary>
     /// The plan of <paramref name="assignment"/>'s job (its <paramref name="spec"/>, read with JobSpecJson) on the dataset the data service describes. The Coordinator
-    /// validated the spec when it was submitted (JobSpec.Validate); what only the worker can check — the preset's or
-    /// config's depth against pp, the options against this data-parallel width — fails here, naming the numbers.
+    /// validated the spec when it was submitted (JobSpec.Validate) and it is not checked again; what only the worker can
+    /// check fails where it is used, naming the numbers: the model config here, the preset's depth against pp in
+    /// ParallelLayout.Even, the options against the data-parallel width in the trainer's constructor.
     /// </summary>
     public static JobPlan For(Assignment assignment, JobSpec spec, GetManifestReply manifest, GetTokenizerReply tokenizer)
     {
-        var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId, assignment.DpSize);
+        var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId);
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizer.TokenizerHash)
                              + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : ""); // a stage's state is no other stage's
         return new JobPlan(spec, config, options, fingerprint);
@@ -27,10 +28,9 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
 
     /// <summary>
     /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
-    /// the training options (batch, schedule, seed, checkpoints, pipeline schedule) of <paramref name="spec"/> trained
-    /// by <paramref name="dp"/> data-parallel replicas.
+    /// the training options (batch, schedule, seed, checkpoints, validation, pipeline schedule) of <paramref name="spec"/>.
     /// </summary>
-    public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId, int dp)
+    public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId)
     {
         var baseConfig = spec.ModelConfigJson is { Length: > 0 } json ? DeepSeekConfig.FromJson(json, "job spec modelConfigJson") : DeepSeekConfig.Preset(spec.ModelPreset!);
         var config = (baseConfig with { VocabSize = vocabSize, EosTokenId = eosTokenId }).Validated();
@@ -41,7 +41,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
             PipelineSchedule = spec.Parallel.Schedule,
-        }.Validated(dp);
+        };
         return (config, options);
     }
 }

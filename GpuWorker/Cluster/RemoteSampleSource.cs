@@ -146,7 +146,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         pending = null;
         p.Cancel.Cancel();
         // Its window is not wanted, so neither is its outcome (the cancellation, or an error no fetch needs).
-        try { p.Call.Wait(); } catch (AggregateException) { }
+        TrainingThread.WaitEnded(p.Call);
         p.Cancel.Dispose();
     }
 

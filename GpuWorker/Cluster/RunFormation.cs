@@ -133,10 +133,9 @@ sealed class RunFormation : IDisposable
         }
         else
         {
-            if (!delivered.Wait(timeout, ct))
+            if (!TrainingThread.TryWait(delivered, timeout, ct, out var shared))
                 throw new CollectiveException(CollectiveFailure.PeerStalled,
                     $"the NCCL unique id of generation {generation} (group {group}) did not come from the coordinator within {timeout.TotalSeconds:0.#} s");
-            var shared = delivered.Result;
             if (shared.Id.IsEmpty)
                 throw new CollectiveException(CollectiveFailure.Unavailable, $"the first rank of group {group} could not make the NCCL unique id of generation {generation}: {shared.Reason}");
             id = shared.Id.ToByteArray();

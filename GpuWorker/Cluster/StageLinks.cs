@@ -18,25 +18,13 @@ static class StageLinks
         string? previous = stage > 0 ? run.EndpointOf(a.StagePeers, layout.Rank(stage - 1, replica), "pipeline") : null;
         string? next = stage < layout.Pp - 1 ? run.EndpointOf(a.StagePeers, layout.Rank(stage + 1, replica), "pipeline") : null;
         var listener = stage > 0 ? new StageListener(a.JobId, a.Generation, stage, replica, new System.Net.IPEndPoint(System.Net.IPAddress.Any, pipelinePort)) : null;
-        var connecting = Task.Factory.StartNew(
-            () => PipelineLinks.Connect(a.JobId, a.Generation, stage, layout.Pp, replica, listener, previous, next, run.Settings.CollectiveTimeout),
-            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
         try
         {
-            connecting.Wait(ct);
+            var links = TrainingThread.Connect(
+                () => PipelineLinks.Connect(a.JobId, a.Generation, stage, layout.Pp, replica, listener, previous, next, run.Settings.CollectiveTimeout), ct);
             run.Log($"pipeline links formed: {(previous is null ? "" : $"stage {stage - 1} at {previous}")}{(previous is not null && next is not null ? ", " : "")}" +
                     $"{(next is null ? "" : $"stage {stage + 1} at {next}")}");
-            return connecting.Result;
-        }
-        catch (OperationCanceledException)
-        {
-            _ = connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
-            throw;
-        }
-        catch (AggregateException e) when (e.InnerException is not null)
-        {
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerException);
-            throw;
+            return links;
         }
         finally { listener?.Dispose(); } // an accepted link lives on without it; the next generation binds the port again
     }
