@@ -81,7 +81,11 @@ public sealed class Trainer : ITrainer
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
         };
 
-    /// <inheritdoc/>
+    /// <summary>
+    /// Called in <see cref="TrainStep"/> after forward, backward and the gradient exchange, right before the first change
+    /// to the parameters, optimizer moments and routing biases: a background checkpoint copy of the previous step's state
+    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
+    /// </summary>
     public Action? BeforeOptimizerUpdate { get; set; }
 
     /// <summary>Runs one optimizer step over this rank's slice of the global batch.</summary>
