@@ -59,7 +59,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             // A replica's tokens pass through each of its stages: stage 0 alone counts them, so sums over workers stay the job's.
             bool countsTokens = A.PpStage == 0;
             run.Metrics?.Record(A.JobId, run.WorkerId, countsTokens ? m : m with { TokensPerSecond = 0 },
-                                countsTokens ? (long)Options.GlobalBatch / A.DpSize * Options.SeqLen : 0);
+                                countsTokens ? (long)ParallelLayout.ReplicaSamples(0, Options.GlobalBatch, A.DpRank, A.DpSize).Count * Options.SeqLen : 0);
             // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
             if (run.Metrics is not null)
                 run.Metrics.DeviceMemory(A.JobId, run.WorkerId,

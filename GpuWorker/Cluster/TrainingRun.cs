@@ -5,6 +5,7 @@ using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.ServiceDefaults;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Parallel;
 using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 using JobSpecJson = DeepSeekCluster.Contracts.Grains.JobSpecJson;
 
@@ -87,8 +88,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var tokenizer = data.GetTokenizer(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
         var plan = JobPlan.For(assignment, spec, manifest, tokenizer);
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
+        var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);
         using var source = RemoteSampleSource.For(manifest, data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
-                                                  readAhead: spec.GlobalBatch / assignment.DpSize, stride: spec.GlobalBatch);
+                                                  readAhead: share.Count, stride: spec.GlobalBatch);
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != plan.Fingerprint))
         {
             context.Log($"dropping the live state of job {previous.JobId} (another job or spec)");
