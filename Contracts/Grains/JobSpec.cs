@@ -33,6 +33,16 @@ public sealed record JobSpec
     [Id(12)] public int MaxWorkers { get; init; } = 1;
     [Id(13)] public int Seed { get; init; } = 1337;
 
+    /// <summary>Steps between validations (the loss on the dataset's validation split, on the step's report); 0 validates only at the end.</summary>
+    [Id(14)] public int EvalInterval { get; init; }
+
+    /// <summary>The text the trained model continues at the end of the job (the standalone run's --sample-prompt).</summary>
+    [Id(15)] public string SamplePrompt { get; init; } = DefaultSamplePrompt;
+
+    public const string DefaultSamplePrompt = "In the beginning";
+    /// <summary>Characters a sample prompt may hold: it is logged and encoded whole.</summary>
+    public const int MaxSamplePromptLength = 1000;
+
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
     {
@@ -78,6 +88,9 @@ public sealed record JobSpec
                 Problem("schedule.warmupSteps", $"{Schedule.WarmupSteps} must be between 0 and steps ({Steps})");
         }
         if (CheckpointInterval < 0) Problem("checkpointInterval", $"{CheckpointInterval} must be 0 (only at the end) or positive");
+        if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (only at the end) or positive");
+        if (SamplePrompt is null || SamplePrompt.Length > MaxSamplePromptLength || SamplePrompt.Any(c => char.IsControl(c) && c is not ('\n' or '\r' or '\t')))
+            Problem("samplePrompt", $"must be text of at most {MaxSamplePromptLength} characters without control characters other than line breaks and tabs (got {(SamplePrompt is null ? "null" : $"{SamplePrompt.Length} characters")})");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
         if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");

@@ -38,8 +38,8 @@ public sealed record WorkerStatus
 
 /// <summary>
 /// One worker's part of one generation. Ranks are stage-major, rank = ppStage·dpSize + dpRank, so a rank is also the
-/// file rank of its checkpoint shard (ParallelLayout); the replica dpRank takes sequences
-/// [batchOffset, batchOffset + batchCount) of every step's global batch, in gradAccumSteps micro-batches.
+/// file rank of its checkpoint shard (ParallelLayout); the samples a replica trains on follow from the spec and its dpRank
+/// (the worker's ParallelLayout.ReplicaSamples), so they are not carried here.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record Assignment
@@ -52,9 +52,7 @@ public sealed record Assignment
     [Id(5)] public int DpSize { get; init; }
     [Id(6)] public int PpStage { get; init; }
     [Id(7)] public int PpSize { get; init; }
-    [Id(8)] public int BatchOffset { get; init; }
-    [Id(9)] public int BatchCount { get; init; }
-    [Id(10)] public int GradAccumSteps { get; init; }
+    // Ids 8-10 held BatchOffset, BatchCount and GradAccumSteps, which nobody read: not to be reused.
     [Id(11)] public JobWorker[] Peers { get; init; } = [];
     /// <summary>The job spec as JSON, so a worker needs nothing else to build its model and data loader.</summary>
     [Id(12)] public string SpecJson { get; init; } = "";

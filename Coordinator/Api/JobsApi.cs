@@ -57,7 +57,7 @@ public static class JobsApi
     {
         try
         {
-            var spec = await request.ReadFromJsonAsync<JobSpec>(CoordinatorJson.Options, request.HttpContext.RequestAborted);
+            var spec = await request.ReadFromJsonAsync<JobSpec>(JobSpecJson.Options, request.HttpContext.RequestAborted);
             return spec is null ? (null, "expected a JobSpec JSON object") : (spec, null);
         }
         catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException)

@@ -188,7 +188,7 @@ public sealed class ClusterControlService(
             throw new RpcException(new Status(StatusCode.Unauthenticated, "cluster token missing or wrong"));
         }
         JobSpec? spec;
-        try { spec = JsonSerializer.Deserialize<JobSpec>(request.JobSpecJson, CoordinatorJson.Options); }
+        try { spec = JsonSerializer.Deserialize<JobSpec>(request.JobSpecJson, JobSpecJson.Options); }
         catch (JsonException e) { throw new RpcException(new Status(StatusCode.InvalidArgument, $"job_spec_json: {e.Message}")); }
         if (spec is null) throw new RpcException(new Status(StatusCode.InvalidArgument, "job_spec_json: expected a JobSpec JSON object"));
         return await jobs.SubmitAsync(spec) switch
@@ -209,7 +209,7 @@ public sealed class ClusterControlService(
     static JobReply Reply(JobStatus s) => new()
     {
         JobId = s.JobId, State = s.State.ToString(), Generation = s.Generation, Step = s.Step,
-        StatusJson = JsonSerializer.Serialize(s, CoordinatorJson.Options),
+        StatusJson = JsonSerializer.Serialize(s, JobSpecJson.Options),
     };
 
     static Task Refuse(IServerStreamWriter<CoordinatorMessage> responses, string reason, CancellationToken ct) =>

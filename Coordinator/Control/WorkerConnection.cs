@@ -29,7 +29,6 @@ public sealed class WorkerConnection : IWorkerControlObserver
         {
             JobId = a.JobId, Generation = a.Generation, Rank = a.Rank, World = a.World,
             DpRank = a.DpRank, DpSize = a.DpSize, PpStage = a.PpStage, PpSize = a.PpSize,
-            BatchOffset = a.BatchOffset, BatchCount = a.BatchCount, GradAccumSteps = a.GradAccumSteps,
             JobSpecJson = a.SpecJson, ResumeStep = a.ResumeStep, LinkKey = Google.Protobuf.ByteString.CopyFrom(a.LinkKey),
         };
         foreach (var peer in a.Peers) message.Peers[peer.Rank] = peer.Endpoint;

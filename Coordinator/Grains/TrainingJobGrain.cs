@@ -388,10 +388,9 @@ public sealed class TrainingJobGrain(
         metrics.JobGeneration(JobId, S.Generation);
         await Registry.SetWaitingAsync(JobId, world < spec.MaxWorkers ? JobWait.ToGrow : JobWait.None);
 
-        string specJson = JsonSerializer.Serialize(spec, CoordinatorJson.Options);
+        string specJson = JobSpecJson.Serialize(spec);
         // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
         long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
-        int perReplica = spec.GlobalBatch / dp.Value;
         var linkKey = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32); // this generation's data-plane key (LinkProof)
         // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
         // ranks of one stage (one dp group) are consecutive.
@@ -405,9 +404,6 @@ public sealed class TrainingJobGrain(
             DpSize = dp.Value,
             PpStage = w.Rank / dp.Value,
             PpSize = pp,
-            BatchOffset = w.Rank % dp.Value * perReplica,
-            BatchCount = perReplica,
-            GradAccumSteps = perReplica / spec.MicroBatch,
             Peers = [.. S.Workers],
             SpecJson = specJson,
             ResumeStep = resume,

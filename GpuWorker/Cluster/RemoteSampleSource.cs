@@ -1,8 +1,10 @@
 // Training samples fetched from DataShardService by global index: only this rank's part of each step travels, in one
 // call per step (the read-ahead), and the next step's part is fetched in the background while this step computes (the
-// prefetch). Not thread-safe: one caller fetches, as the trainer does.
+// prefetch). Not thread-safe: one caller fetches, as the trainer does. What a fetch returned is recorded by the global
+// indices the service's replies carried (TakeServed): the step report tells the exactly-once ledger those.
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Parallel;
 using Grpc.Core;
 using static TorchSharp.torch;
 
@@ -20,6 +22,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     readonly long limit;
     /// <summary>Cancelled by the run's token or by Dispose: ends a prefetch in flight.</summary>
     readonly CancellationTokenSource lifetime;
+    readonly ServedRanges served = new();
     Window? current;
     Prefetch? pending;
     bool disposed;
@@ -60,9 +63,15 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
 
     /// <summary>Connects to the dataset and checks it fits the job (sequence length).</summary>
     public static async Task<RemoteSampleSource> OpenAsync(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
-                                                           CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0)
+                                                           CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0) =>
+        For(await client.GetManifestAsync(new GetManifestRequest { DatasetId = dataset }, cancellationToken: ct),
+            client, dataset, seed, seqLen, totalSamples, ct, split, readAhead, stride);
+
+    /// <summary><see cref="OpenAsync"/> for a run's own thread, with <paramref name="manifest"/> already in hand.</summary>
+    public static RemoteSampleSource For(GetManifestReply manifest, DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
+                                         CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0)
     {
-        var m = await client.GetManifestAsync(new GetManifestRequest { DatasetId = dataset }, cancellationToken: ct);
+        var m = manifest;
         if (m.SeqLen != seqLen)
             throw new InvalidDataException($"dataset {dataset} was packed with seq_len {m.SeqLen}, the job trains with {seqLen}");
         long samples = split == "validation" ? m.ValidationSamples : m.TrainSamples;
@@ -78,15 +87,18 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         {
             current = TakePrefetched(globalStart, count)
                       // A miss: this and the next samples up to the read-ahead, never past the job's last global index.
-                      ?? Download(globalStart, (int)Math.Max(count, Math.Min(readAhead, limit - globalStart)), CancellationToken.None)
-                          .GetAwaiter().GetResult();
+                      ?? TrainingThread.Wait(Download(globalStart, (int)Math.Max(count, Math.Min(readAhead, limit - globalStart)), CancellationToken.None));
             if (pending is null) StartPrefetch(current.Start + stride);
         }
         int row = SeqLen + 1;
+        long first = globalStart - current.Start;
         var tokens = new long[count * row];
-        Array.Copy(current.Tokens, (globalStart - current.Start) * row, tokens, 0, tokens.Length);
+        Array.Copy(current.Tokens, first * row, tokens, 0, tokens.Length);
+        for (long i = first; i < first + count; i++) served.Add(current.Indices[i]);
         return tensor(tokens, [count, row], ScalarType.Int64);
     }
+
+    public IReadOnlyList<SampleRange> TakeServed() => served.Take();
 
     /// <summary>Cancels a prefetch in flight and waits for its call to end.</summary>
     public void Dispose()
@@ -112,7 +124,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
             return null;
         }
         pending = null;
-        try { return p.Call.GetAwaiter().GetResult(); }
+        try { return TrainingThread.Wait(p.Call); }
         // Cancelled by the run: the step in flight still gets its samples, by a direct call as without the prefetch.
         catch (Exception) when (p.Cancel.IsCancellationRequested) { return null; }
         finally { p.Cancel.Dispose(); }
@@ -134,7 +146,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         pending = null;
         p.Cancel.Cancel();
         // Its window is not wanted, so neither is its outcome (the cancellation, or an error no fetch needs).
-        try { p.Call.Wait(); } catch (AggregateException) { }
+        TrainingThread.WaitEnded(p.Call);
         p.Cancel.Dispose();
     }
 
@@ -144,6 +156,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     {
         int row = SeqLen + 1;
         var tokens = new long[count * row];
+        var indices = new long[count];
         int got = 0;
         try
         {
@@ -156,6 +169,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
                     throw new InvalidDataException($"dataset {dataset}: sample {s.GlobalIndex} has {s.Tokens.Count} tokens, expected {row}");
                 if (got == count) throw new InvalidDataException($"dataset {dataset}: asked for {count} samples from {globalStart}, got more");
                 for (int i = 0; i < row; i++) tokens[got * row + i] = s.Tokens[i];
+                indices[got] = s.GlobalIndex;
                 got++;
             }
         }
@@ -164,11 +178,14 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
             throw new IOException($"dataset {dataset}: fetching {split} samples [{globalStart}, {globalStart + count}) failed: {e.Status.StatusCode}: {e.Status.Detail}", e);
         }
         if (got != count) throw new InvalidDataException($"dataset {dataset}: asked for {count} samples from {globalStart}, got {got}");
-        return new Window(globalStart, count, tokens);
+        return new Window(globalStart, count, tokens, indices);
     }
 
-    /// <summary>Samples [Start, Start + Count) of the global index, (Count, SeqLen + 1) tokens row by row.</summary>
-    sealed record Window(long Start, int Count, long[] Tokens)
+    /// <summary>
+    /// Samples [Start, Start + Count) of the global index as asked, (Count, SeqLen + 1) tokens row by row, and the global
+    /// index each row's reply carried (what the service says it served).
+    /// </summary>
+    sealed record Window(long Start, int Count, long[] Tokens, long[] Indices)
     {
         public bool Covers(long start, int count) => start >= Start && start + count <= Start + Count;
     }

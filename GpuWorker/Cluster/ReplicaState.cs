@@ -13,6 +13,20 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
+/// <summary>Holds the worker's live state between runs (see <see cref="ReplicaState"/>); runs use it one at a time.</summary>
+public sealed class ReplicaHolder : IDisposable
+{
+    public ReplicaState? State { get; set; }
+
+    public void Drop()
+    {
+        State?.Dispose();
+        State = null;
+    }
+
+    public void Dispose() => Drop();
+}
+
 /// <summary>
 /// The model and AdamW of one job on this worker, reused by the next generation instead of re-initialising. Step is the
 /// optimizer step the tensors are consistent at: it moves only after a completed optimizer step, so a step interrupted

@@ -63,22 +63,10 @@ public sealed class RunCancellation : IDisposable
 
     public static TcpCollective ConnectRing(TcpRendezvous rendezvous, IReadOnlyList<string> peers, TcpCollectiveOptions options, CancellationToken ct)
     {
-        var connecting = Task.Factory.StartNew(() => rendezvous.Connect(peers, options), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
-        try
-        {
-            connecting.Wait(ct);
-            return connecting.Result;
-        }
-        catch (OperationCanceledException)
+        try { return TrainingThread.Connect(() => rendezvous.Connect(peers, options), ct); }
+        catch
         {
             rendezvous.Dispose();
-            _ = connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
-            throw;
-        }
-        catch (AggregateException e) when (e.InnerException is not null)
-        {
-            rendezvous.Dispose();
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerException);
             throw;
         }
     }

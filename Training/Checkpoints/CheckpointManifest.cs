@@ -1,4 +1,5 @@
 // manifest.json of a sharded checkpoint: what was saved, from which layout, and which file holds which rows of each tensor.
+using DeepSeekCluster.Training.Parallel;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 

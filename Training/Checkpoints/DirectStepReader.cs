@@ -45,7 +45,7 @@ internal static class DirectStepReader
         var options = new ParallelOptions { CancellationToken = ct, MaxDegreeOfParallelism = Math.Clamp(Environment.ProcessorCount, 2, 8) };
         // Files with chunk hashes spread over the cores the concurrent files leave (at least two: one reads while one hashes).
         int workersPerFile = Math.Max(2, Environment.ProcessorCount / Math.Min(plans.Count, options.MaxDegreeOfParallelism));
-        await Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() =>
+        await System.Threading.Tasks.Parallel.ForEachAsync(plans, options, (plan, token) => new ValueTask(Task.Run(() =>
         {
             // XXH128 hashes far faster than a disk reads, so its threads mostly wait in pread: more of them keep more
             // reads in flight. SHA-256 chunks (older manifests) are CPU-bound: one thread per core.

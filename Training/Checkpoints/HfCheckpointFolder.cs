@@ -1,4 +1,5 @@
 // Converts between committed sharded checkpoints and Hugging Face model folders (config.json, sharded safetensors + index, tokenizer.json).
+using DeepSeekCluster.Training.Parallel;
 using System.Security.Cryptography;
 using DeepSeekCluster.Training.IO;
 using static TorchSharp.torch;

@@ -1,4 +1,5 @@
 // Loads the tensors, or row ranges of them, that a rank of any layout needs, from the slices a checkpoint stores.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
@@ -37,7 +38,7 @@ public static class ShardedCheckpointLoader
         var loaded = new Tensor?[work.Count];
         try
         {
-            await Parallel.ForEachAsync(Enumerable.Range(0, work.Count), new ParallelOptions { MaxDegreeOfParallelism = ReadsInFlight, CancellationToken = ct },
+            await System.Threading.Tasks.Parallel.ForEachAsync(Enumerable.Range(0, work.Count), new ParallelOptions { MaxDegreeOfParallelism = ReadsInFlight, CancellationToken = ct },
                 async (i, token) => loaded[i] = await AssembleAsync(source, manifest.Step, work[i].Need, work[i].Stored, token));
             var result = new Dictionary<string, Tensor>(work.Count, StringComparer.Ordinal);
             for (int i = 0; i < work.Count; i++) result.Add(work[i].Need.Name, loaded[i]!);

@@ -1,4 +1,5 @@
 // Writes a rank's share of a checkpoint (its row slices of model, routing-bias and optimizer tensors) and builds the manifest.
+using DeepSeekCluster.Training.Parallel;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using TorchSharp;

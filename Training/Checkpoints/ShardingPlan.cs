@@ -1,4 +1,5 @@
 // Which rank writes which rows of which tensor for a layout, and which rows a rank needs when it loads.
+using DeepSeekCluster.Training.Parallel;
 using System.Text.RegularExpressions;
 
 namespace DeepSeekCluster.Training.Checkpoints;

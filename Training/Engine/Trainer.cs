@@ -4,12 +4,13 @@ using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Perf;
+using DeepSeekCluster.Training.Parallel;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Engine;
 
-public sealed class Trainer : IDisposable
+public sealed class Trainer : ITrainer
 {
     public DeepSeekForCausalLM Model { get; }
     public AdamW Optimizer { get; }
@@ -28,7 +29,7 @@ public sealed class Trainer : IDisposable
     public double PeakFlops { get => Peak.FlopsPerSecond; set => Peak = value; }
 
     readonly ISampleSource train;
-    readonly TokenDataset? validation;
+    readonly ISampleSource? validation;
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
@@ -57,7 +58,7 @@ public sealed class Trainer : IDisposable
         Rank = rank;
         WorldSize = worldSize;
         this.train = train;
-        this.validation = validation;
+        this.validation = validation is null ? null : new InOrderSamples(validation);
         this.reducer = reducer;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
@@ -101,7 +102,7 @@ public sealed class Trainer : IDisposable
         gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
         gradients.Clear();
         // This rank's contiguous share of the step's global batch, in micro-batches.
-        long rankStart = Step * Options.GlobalBatch + (long)Rank * (Options.GlobalBatch / WorldSize);
+        long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Rank, WorldSize).Start;
         for (int a = 0; a < accumulation; a++)
         {
             using var scope = NewDisposeScope();
@@ -175,63 +176,17 @@ public sealed class Trainer : IDisposable
         _ => loss.to_type(ScalarType.Float32).item<float>(),
     };
 
-    static Tensor CrossEntropy(Tensor logits_BTV, Tensor target_BT)
-    {
-        long v = logits_BTV.shape[^1];
-        var logits = logits_BTV.dtype == ScalarType.Float64 ? logits_BTV : logits_BTV.to_type(ScalarType.Float32);
-        return nn.functional.cross_entropy(logits.reshape(-1, v), target_BT.reshape(-1));
-    }
+    static Tensor CrossEntropy(Tensor logits_BTV, Tensor target_BT) => Evaluation.CrossEntropy(logits_BTV, target_BT);
 
-    /// <summary>Mean LM cross-entropy (nats/token) over the first EvalBatches micro-batches of the validation set.</summary>
-    public double Evaluate()
-    {
-        if (validation is null || validation.SampleCount == 0) return double.NaN;
-        using var hold = FinalizerHold.Enter();
-        Model.eval();
-        using var noGrad = no_grad();
-        double sum = 0;
-        int batches = 0;
-        long n = validation.SampleCount;
-        for (int b = 0; b < Options.EvalBatches; b++)
-        {
-            long start = (long)b * Options.MicroBatch;
-            if (start >= n) break;
-            using var scope = NewDisposeScope();
-            var ids = Enumerable.Range(0, (int)Math.Min(Options.MicroBatch, n - start)).Select(i => start + i).ToList();
-            var batch = validation.Batch(ids).to(Device);
-            var logits = Model.Forward(batch.narrow(1, 0, Options.SeqLen)).Logits_BTV;
-            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, Options.SeqLen)));
-            batches++;
-        }
-        Model.train();
-        return sum / batches;
-    }
+    /// <summary>Mean LM cross-entropy (nats/token) over the first EvalBatches micro-batches of the validation set; NaN without one.</summary>
+    public double Evaluate() => validation is null ? double.NaN : Evaluate(validation, Options.EvalBatches);
 
-    /// <summary>Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global indices from 0).</summary>
-    public double EvaluateOn(ISampleSource source, int batches) => Evaluate(Model, source, Options, Device, batches);
+    /// <inheritdoc/>
+    public double Evaluate(ISampleSource validation, int batches) => Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches);
 
-    /// <summary>
-    /// Mean LM cross-entropy of <paramref name="model"/> over the first <paramref name="batches"/> micro-batches of
-    /// <paramref name="source"/> (fewer when it holds fewer); NaN when it holds none. Leaves the model in training mode.
-    /// </summary>
-    public static double Evaluate(DeepSeekForCausalLM model, ISampleSource source, TrainingOptions options, Device device, int batches)
-    {
-        using var hold = FinalizerHold.Enter();
-        model.eval();
-        using var noGrad = no_grad();
-        double sum = 0;
-        int done = 0;
-        for (int b = 0; b < batches && (long)(b + 1) * options.MicroBatch <= source.SampleCount; b++)
-        {
-            using var scope = NewDisposeScope();
-            var batch = source.Fetch((long)b * options.MicroBatch, options.MicroBatch).to(device);
-            var logits = model.Forward(batch.narrow(1, 0, options.SeqLen)).Logits_BTV;
-            sum += ValueOf(CrossEntropy(logits, batch.narrow(1, 1, options.SeqLen)));
-            done++;
-        }
-        model.train();
-        return done == 0 ? double.NaN : sum / done;
-    }
+    /// <inheritdoc/>
+    public IReadOnlyDictionary<string, Tensor> CheckpointTensors() =>
+        Checkpoints.CheckpointTensors.Collect(Model, Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
 
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
     public void ResumeAt(long step, long optimizerSteps)

@@ -1,4 +1,5 @@
 // The standalone trainer's checkpoints: the cluster's sharded format (one rank) in a folder CheckpointStore, plus the data order.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 
 namespace DeepSeekCluster.Training.Engine;

@@ -1,4 +1,5 @@
 // One pipeline stage of a DeepSeekForCausalLM: which parameters it owns and its part of the forward pass.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;

@@ -6,6 +6,7 @@ using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Perf;
+using DeepSeekCluster.Training.Parallel;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Pipeline;
@@ -29,7 +30,7 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// 1F1B by default: stage s holds at most pp − s micro-batches' activations where GPipe holds all of them. In its steady
 /// phase both ends of a link send at once, which <see cref="StageLink.SendAndReceive"/> makes safe (see docs/decisions.md).
 /// </summary>
-public sealed class PipelineTrainer : IDisposable
+public sealed class PipelineTrainer : ITrainer
 {
     public PipelineStage Stage { get; }
     public AdamW Optimizer { get; }
@@ -151,7 +152,7 @@ public sealed class PipelineTrainer : IDisposable
 
         gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
         gradients.Clear();
-        long rankStart = Step * Options.GlobalBatch + (long)Replica * (Options.GlobalBatch / Replicas);
+        long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Replica, Replicas).Start;
         int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
         var pending = new Queue<Pending>(accumulation); // forwards awaiting their backward, oldest first
         int held = 0;
@@ -366,11 +367,11 @@ public sealed class PipelineTrainer : IDisposable
     }
 
     /// <summary>
-    /// Mean LM cross-entropy over the first <paramref name="batches"/> micro-batches of <paramref name="source"/> (global
-    /// indices from 0), as <see cref="Trainer.EvaluateOn"/>: forwards only, the hidden states sent down the pipeline, the
-    /// loss computed on the last stage and returned by every stage. Every stage of the replica must call it together.
+    /// <see cref="ITrainer.Evaluate"/> of the replica's pipeline: forwards only over the micro-batches
+    /// <see cref="Evaluation.Batches"/> names, the hidden states sent down the pipeline, the loss computed on the last
+    /// stage and returned by every stage. Every stage of the replica must call it together, with sources of one length.
     /// </summary>
-    public double EvaluateOn(ISampleSource source, int batches)
+    public double Evaluate(ISampleSource validation, int batches)
     {
         using var hold = FinalizerHold.Enter();
         var model = Stage.Model;
@@ -378,14 +379,14 @@ public sealed class PipelineTrainer : IDisposable
         try
         {
             using var noGrad = no_grad();
-            long[] shape = [Options.MicroBatch, Options.SeqLen, model.Config.HiddenSize];
             var dtype = model.model.embed_tokens.weight!.dtype;
             double sum = 0;
             int done = 0;
-            for (int b = 0; b < batches && (long)(b + 1) * Options.MicroBatch <= source.SampleCount; b++)
+            foreach (var range in Evaluation.Batches(validation.SampleCount, Options.MicroBatch, batches))
             {
                 using var scope = NewDisposeScope();
-                Tensor? batch = Stage.IsFirst || Stage.IsLast ? source.Fetch((long)b * Options.MicroBatch, Options.MicroBatch).to(Device) : null;
+                long[] shape = [range.Count, Options.SeqLen, model.Config.HiddenSize];
+                Tensor? batch = Stage.IsFirst || Stage.IsLast ? validation.Fetch(range.Start, range.Count).to(Device) : null;
                 var input = Stage.IsFirst ? null : links.Previous!.Receive(shape, dtype, Device);
                 var output = Stage.Forward(batch?.narrow(1, 0, Options.SeqLen), input, null, Stage.IsLast ? batch : null, withMtp: false);
                 if (Stage.IsLast) sum += Trainer.ValueOf(output.LmLoss!);
@@ -397,6 +398,9 @@ public sealed class PipelineTrainer : IDisposable
         }
         finally { model.train(); }
     }
+
+    /// <inheritdoc/>
+    public IReadOnlyDictionary<string, Tensor> CheckpointTensors() => Stage.StageTensors(Optimizer);
 
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
     public void ResumeAt(long step, long optimizerSteps)

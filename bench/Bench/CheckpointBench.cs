@@ -1,4 +1,5 @@
 // Checkpoint benchmark: sharded save/load MB/s on the folder backend beside the disk's own sequential speed, and the step stall of an async save.
+using DeepSeekCluster.Training.Parallel;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;

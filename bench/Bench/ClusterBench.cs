@@ -265,7 +265,7 @@ public static partial class ClusterBench
                           ThreadsPerStep(threads0, threads1, cpu["trainer"] * (steps - Warm), steps - Warm), PerStep(runtime0, runtime1, steps - Warm));
     }
 
-    /// <summary>The options TrainingRun builds from the job spec ChaosJob.ToSpec writes (cosine, peak 3e-3, min 3e-4, warm-up steps/10).</summary>
+    /// <summary>The options the worker (GpuWorker/Cluster/JobPlan.Map) builds from the job spec ChaosJob.ToSpec writes (cosine, peak 3e-3, min 3e-4, warm-up steps/10).</summary>
     static TrainingOptions JobOptions(int seqLen, int globalBatch, int micro, int steps)
     {
         var job = new ChaosJob();

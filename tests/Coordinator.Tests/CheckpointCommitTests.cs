@@ -24,7 +24,7 @@ public class CheckpointCommitTests
         using var first = await ConnectAsync(coordinator, "ckpt-w0", cts.Token);
         using var second = await ConnectAsync(coordinator, "ckpt-w1", cts.Token);
 
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2, steps: 100) with { Name = Job }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2, steps: 100) with { Name = Job }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         await coordinator.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer());
         var a = await NextAssignmentAsync(first, cts.Token);
         var b = await NextAssignmentAsync(second, cts.Token);

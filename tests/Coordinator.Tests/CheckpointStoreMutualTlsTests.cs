@@ -47,7 +47,7 @@ public sealed class CheckpointStoreMutualTlsTests(CheckpointStoreMutualTlsTests.
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         using var worker = new ClusterControl.ClusterControlClient(control).Connect(bearer, cancellationToken: cts.Token);
         await worker.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "tls-w0", Device = "cpu", Host = "127.0.0.1", CollectiveEndpoint = "127.0.0.1:41103" } });
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 100) with { Name = "tls-commit" }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 100) with { Name = "tls-commit" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         var job = await new ClusterControl.ClusterControlClient(control).SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, bearer);
         Assignment? assignment = null;
         try

@@ -29,7 +29,7 @@ public class ClusterControlTests(CoordinatorFixture fixture)
         var stream = Control.Connect(Bearer(CoordinatorHost.Token), cancellationToken: cts.Token);
         await stream.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "grpc-w1", Device = "cpu", Host = "127.0.0.1", CollectiveEndpoint = "127.0.0.1:41001" } });
 
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "grpc-job" }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "grpc-job" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         var submitted = await Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer(CoordinatorHost.Token));
         Assert.Equal("grpc-job", submitted.JobId);
 
@@ -76,7 +76,7 @@ public class ClusterControlTests(CoordinatorFixture fixture)
         int port = 41100;
         foreach (var (worker, s) in streams)
             await s.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = worker, Device = "cuda:0", Host = "127.0.0.1", CollectiveEndpoint = $"127.0.0.1:{port++}" } });
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 2, maxWorkers: 2) with { Name = "nccl-job" }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 2, maxWorkers: 2) with { Name = "nccl-job" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         await Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer(CoordinatorHost.Token));
 
         var ranks = new Dictionary<int, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage>>();

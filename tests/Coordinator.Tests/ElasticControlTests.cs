@@ -53,7 +53,7 @@ public class ElasticControlTests(CoordinatorFixture fixture)
                 try { await Task.Delay(200, beating.Token); } catch (OperationCanceledException) { }
             }
         });
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "sleepy" }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "sleepy" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         await host.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer);
         Assert.True(await stream.ResponseStream.MoveNext(cts.Token));
         Assert.Equal(1, stream.ResponseStream.Current.Assignment?.Generation);
@@ -95,7 +95,7 @@ public class ElasticControlTests(CoordinatorFixture fixture)
         using var a = host.Control.Connect(Bearer, cancellationToken: cts.Token);
         await a.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "failer", Device = "cpu", CollectiveEndpoint = "127.0.0.1:41779" } });
         await TestSpecs.EventuallyAsync(() => host.Http.GetStringAsync("/workers"), w => w.Contains("\"failer\""), "the first worker registered");
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2) with { Name = "grows" }, CoordinatorJson.Options);
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2) with { Name = "grows" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         await host.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer);
         Assert.True(await a.ResponseStream.MoveNext(cts.Token));
         Assert.Equal(1, a.ResponseStream.Current.Assignment?.Generation);

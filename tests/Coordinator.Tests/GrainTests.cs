@@ -19,8 +19,7 @@ public class GrainTests
         Assert.Equal(1, status.Generation);
         Assert.Equal(["w1", "w2"], status.Workers.OrderBy(w => w.Rank).Select(w => w.WorkerId));
         var a1 = (await c.Worker("w1").GetAsync()).Assignment!;
-        Assert.Equal((1L, 2, 4), (a1.Generation, a1.World, a1.BatchCount)); // 8 sequences over dp 2
-        Assert.Equal(2, a1.GradAccumSteps);
+        Assert.Equal((1L, 2, 2), (a1.Generation, a1.World, a1.DpSize)); // 8 sequences over dp 2
 
         await c.Worker("w2").DisconnectedAsync(w2, "killed", LeaveKind.Lost);
         status = await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Rescaling, "rescaling after a worker left");

@@ -22,6 +22,20 @@ public class JobSpecValidationTests
         Assert.Empty(expected.Except(fields));
     }
 
+    [Fact]
+    public void EvalIntervalAndSamplePromptDefaultAndAreChecked()
+    {
+        // As the worker reads a spec: absent fields take their defaults.
+        var read = JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec");
+        Assert.Equal((0, "In the beginning"), (read.EvalInterval, read.SamplePrompt));
+        Assert.Empty((TestSpecs.Tiny() with { EvalInterval = 5, SamplePrompt = "Line one\nline two" }).Validate());
+        Assert.Equal("evalInterval", Assert.Single((TestSpecs.Tiny() with { EvalInterval = -1 }).Validate()).Field);
+        Assert.Equal("samplePrompt", Assert.Single((TestSpecs.Tiny() with { SamplePrompt = new string('a', JobSpec.MaxSamplePromptLength + 1) }).Validate()).Field);
+        Assert.Equal("samplePrompt", Assert.Single((TestSpecs.Tiny() with { SamplePrompt = "bell\u0007" }).Validate()).Field);
+        var e = Assert.Throws<InvalidDataException>(() => JobSpecJson.Deserialize("{not json", "assignment of job j"));
+        Assert.Contains("assignment of job j", e.Message);
+    }
+
     [Theory]
     [InlineData("1f1b", true)]
     [InlineData("gpipe", true)]
@@ -42,7 +56,7 @@ public class JobSpecValidationTests
         // As POST /jobs and SubmitJob read a spec.
         JobSpec Read(string parallel) => System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
             $$"""{"modelPreset": "tiny", "dataset": "d", "parallel": {{parallel}}, "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""",
-            CoordinatorJson.Options)!;
+            JobSpecJson.Options)!;
         Assert.Equal("1f1b", Read("""{"dp": 1, "pp": 2}""").Parallel.Schedule);
         Assert.Equal("gpipe", Read("""{"dp": 1, "pp": 2, "schedule": "gpipe"}""").Parallel.Schedule);
         var bad = Read("""{"dp": 1, "pp": 2, "schedule": "zb-v"}""");

@@ -2,6 +2,7 @@
 // Assignment on the authenticated control stream, never on REST (GET /workers shows assignments, GET /jobs is public).
 using System.Text.Json;
 using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.Grains;
 using Google.Protobuf;
 using Grpc.Core;
 
@@ -19,7 +20,7 @@ public class LinkKeyTests
         using var a = host.Control.Connect(Bearer, cancellationToken: cts.Token);
         await a.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello { WorkerId = "keyed-a", Device = "cpu", CollectiveEndpoint = "127.0.0.1:41881" } });
         await TestSpecs.EventuallyAsync(() => host.Http.GetStringAsync("/workers"), w => w.Contains("\"keyed-a\""), "the first worker registered");
-        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2) with { Name = "keyed" }, CoordinatorJson.Options);
+        string spec = JobSpecJson.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 2) with { Name = "keyed" });
         await host.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer);
         Assert.True(await a.ResponseStream.MoveNext(cts.Token));
         var first = a.ResponseStream.Current.Assignment;

@@ -163,7 +163,7 @@ public sealed class MutualTlsTests(MutualTlsTests.TlsCoordinator coordinator) : 
         public GrpcChannel Channel(SslClientAuthenticationOptions ssl) => Host.Channel(ssl);
 
         public async Task<WorkerStatus?> WorkerAsync(string id) =>
-            (await Http.GetFromJsonAsync<WorkerStatus[]>("/workers", CoordinatorJson.Options))!.SingleOrDefault(w => w.WorkerId == id);
+            (await Http.GetFromJsonAsync<WorkerStatus[]>("/workers", JobSpecJson.Options))!.SingleOrDefault(w => w.WorkerId == id);
 
         public async Task DisposeAsync() => await Host.DisposeAsync();
     }

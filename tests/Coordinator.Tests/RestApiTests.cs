@@ -43,7 +43,7 @@ public class RestApiTests(CoordinatorFixture fixture)
     public async Task AJobSubmittedWithTheTokenCanBeReadListedAndStopped()
     {
         var request = Authorized(HttpMethod.Post, "/jobs");
-        request.Content = JsonContent.Create(TestSpecs.Tiny(minWorkers: 50, maxWorkers: 50) with { Name = "rest-job", GlobalBatch = 100 }, options: CoordinatorJson.Options);
+        request.Content = JsonContent.Create(TestSpecs.Tiny(minWorkers: 50, maxWorkers: 50) with { Name = "rest-job", GlobalBatch = 100 }, options: DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
         using var created = await Http.SendAsync(request);
         Assert.True(created.StatusCode == HttpStatusCode.Created, await created.Content.ReadAsStringAsync());
 

@@ -1,5 +1,6 @@
 // GrpcCheckpointStore against the real CheckpointStore service: a dp=2 save loads back bitwise, a dropped upload resumes,
 // an unreachable store is named in the error.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Training.Checkpoints;

@@ -3,6 +3,7 @@
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
+using DeepSeekCluster.Training.Parallel;
 using Grpc.Core;
 using Grpc.Core.Interceptors;
 using static TorchSharp.torch;
@@ -93,6 +94,24 @@ public class RemoteSampleSourceTests(DataShardsHostFixture fixture) : IClassFixt
             Assert.All(callsWith, c => Assert.Equal(globalBatch / dp, c.Count));
             Assert.All(callsWith, c => Assert.True(c.End <= total, $"a call asked for [{c.Start}, {c.End}), past the job's {total} samples"));
         }
+    }
+
+    [Fact]
+    public async Task TheServedIndicesAreThoseTheServicesRepliesCarriedNotThoseAsked()
+    {
+        const int globalBatch = 4;
+        const ulong seed = 900;
+        // A faulty service answers the call for step 1's window [4, 8) with samples [5, 9).
+        Host.Calls.Rewrite = r => r.Seed == seed && r.Start == globalBatch ? new GetBatchRequest(r) { Start = globalBatch + 1 } : null;
+        using var source = await OpenAsync(seed, globalBatch, 1, steps: 3, prefetch: false);
+        for (int a = 0; a < globalBatch / Micro; a++) using (source.Fetch(a * Micro, Micro)) { }
+        Assert.Equal(new SampleRange[] { new(0, globalBatch) }, source.TakeServed());
+        Assert.Empty(source.TakeServed()); // taken once
+
+        for (int a = 0; a < globalBatch / Micro; a++)
+            using (var t = source.Fetch(globalBatch + a * Micro, Micro))
+                Assert.Equal(Host.ReadDirectly("train", seed, globalBatch + 1 + a * Micro, Micro), Values(t));
+        Assert.Equal(new SampleRange[] { new(globalBatch + 1, globalBatch) }, source.TakeServed());
     }
 
     [Fact]

@@ -3,10 +3,10 @@
 // the soak: a worker asked to leave, or moved to a new generation, while its run was still setting up).
 using System.Net;
 using System.Net.Sockets;
-using System.Text.Json;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.GpuWorker.Cluster;
 using JobSpec = DeepSeekCluster.Contracts.Grains.JobSpec;
+using JobSpecJson = DeepSeekCluster.Contracts.Grains.JobSpecJson;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -33,8 +33,8 @@ public class TrainingRunCancellationTests
             };
             var assignment = new Assignment
             {
-                JobId = "cancelled", Generation = 3, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1, BatchCount = 4, GradAccumSteps = 2,
-                JobSpecJson = JsonSerializer.Serialize(spec, new JsonSerializerOptions(JsonSerializerDefaults.Web)), Peers = { [0] = "127.0.0.1:1" },
+                JobId = "cancelled", Generation = 3, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1,
+                JobSpecJson = JobSpecJson.Serialize(spec), Peers = { [0] = "127.0.0.1:1" },
                 LinkKey = Google.Protobuf.ByteString.CopyFrom(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32)),
             };
             var settings = new WorkerSettings

@@ -31,10 +31,12 @@ public sealed class DataShardsHost : IAsyncDisposable
     DataShardsHost(WebApplication app, string folder, string address, GetBatchLog calls)
     {
         (this.app, this.folder, Calls) = (app, folder, calls);
+        Address = new Uri(address);
         Channel = GrpcChannel.ForAddress(address);
         Client = new DataShards.DataShardsClient(Channel);
     }
 
+    public Uri Address { get; }
     public GrpcChannel Channel { get; }
     public DataShards.DataShardsClient Client { get; }
     public GetBatchLog Calls { get; }
@@ -121,7 +123,12 @@ public sealed class DataShardsHost : IAsyncDisposable
         public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
             ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
         {
-            if (request is GetBatchRequest r) await log.EnterAsync(r, context.CancellationToken);
+            if (request is GetBatchRequest r)
+            {
+                // A faulty service: the call is served as rewritten (and logged so), whatever the client asked for.
+                if (log.Rewrite?.Invoke(r) is { } rewritten) request = (TRequest)(object)(r = rewritten);
+                await log.EnterAsync(r, context.CancellationToken);
+            }
             await continuation(request, responseStream, context);
         }
     }
@@ -142,6 +149,9 @@ public sealed class GetBatchLog
         public volatile bool CancelledWhileHeld;
         public long End => Start + Count;
     }
+
+    /// <summary>Rewrites a call before the service serves it (null, or a null result: served as asked).</summary>
+    public volatile Func<GetBatchRequest, GetBatchRequest?>? Rewrite;
 
     /// <summary>Calls this holds before the service sees them (null: none).</summary>
     public volatile Func<GetBatchRequest, bool>? Hold;

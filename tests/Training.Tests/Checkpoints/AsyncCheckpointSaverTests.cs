@@ -1,4 +1,5 @@
 // The background save keeps the state of its step, runs one at a time, and reports failures without throwing into training.
+using DeepSeekCluster.Training.Parallel;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;

@@ -1,4 +1,5 @@
 // A replica load reads straight into the live tensors, checks every file's hash as it streams, and refuses a checkpoint of another model untouched.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;

@@ -1,4 +1,5 @@
 // Per-chunk hashes in the manifest (XXH128; SHA-256 in older manifests): written right, verified on several threads, any damaged chunk refused by name, old manifests still verified.
+using DeepSeekCluster.Training.Parallel;
 using System.IO.Hashing;
 using System.Security.Cryptography;
 using System.Text.Json.Nodes;

@@ -1,4 +1,5 @@
 // A sharded checkpoint exported as a Hugging Face folder loads into the same logits; an HF folder imports into a checkpoint.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;

@@ -1,4 +1,5 @@
 // Sharded checkpoints saved with dp=4, pp=2 load bitwise into other layouts, optimizer moments and routing biases included.
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 using static TorchSharp.torch;
 

@@ -1,5 +1,6 @@
 // A stage resumes from a committed checkpoint of any layout: it reads only the tensors it owns, and a checkpoint of
 // another model is refused before anything is touched (what a cluster worker of a pp > 1 job does on a re-formation).
+using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;

@@ -1,4 +1,5 @@
 // Pipeline-parallel training over real loopback links gives the single-process trainer's losses and weights (float64, MoE and MTP on).
+using DeepSeekCluster.Training.Parallel;
 using System.Diagnostics;
 using DeepSeekCluster.Text.Data;
 using DeepSeekCluster.Text.Tokenization;
@@ -79,7 +80,7 @@ public class PipelineTrainingTests(ITestOutputHelper output)
             using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), options, CPU, 1e11,
                                                     rank.Links, rank.Replica, dp, reducer);
             var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
-            double evaluation = trainer.EvaluateOn(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
+            double evaluation = trainer.Evaluate(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
             return new RankResult(rank.Stage, rank.Replica, steps, Snapshot(model, n => plan.StageOf(n) == rank.Stage), evaluation);
         });
         foreach (var m in models) m.Dispose();
@@ -93,7 +94,7 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         using var model = NewModel();
         using var trainer = new Trainer(model, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);
         var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
-        double evaluation = trainer.EvaluateOn(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
+        double evaluation = trainer.Evaluate(new PermutedSamples(Data.Value.Train, 7), EvalBatches);
         return (steps, Snapshot(model, _ => true), evaluation);
     }
 

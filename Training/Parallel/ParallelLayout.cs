@@ -1,7 +1,7 @@
-// The data-parallel x pipeline-parallel layout a checkpoint is saved from or loaded into; not a process-group factory.
+// The data-parallel x pipeline-parallel layout: which rank holds which stage, which samples a replica trains on, and the layout a checkpoint is saved from or loaded into.
 using System.Text.Json.Serialization;
 
-namespace DeepSeekCluster.Training.Checkpoints;
+namespace DeepSeekCluster.Training.Parallel;
 
 /// <summary>Decoder layers [<see cref="FirstLayer"/>, <see cref="FirstLayer"/> + <see cref="LayerCount"/>) held by one pipeline stage.</summary>
 public sealed record StageLayers(
@@ -61,6 +61,28 @@ public sealed record ParallelLayout(
     public int ReplicaOfRank(int rank) => rank % Dp;
     public int Rank(int stage, int replica) => stage * Dp + replica;
 
+    /// <summary>
+    /// The samples replica <paramref name="replica"/> of <paramref name="replicas"/> trains on in the step that follows
+    /// <paramref name="completedSteps"/> completed steps: its contiguous share of that step's global batch,
+    /// [s·G + replica·G/replicas, + G/replicas). Every stage of a replica trains on the same share. The one place the
+    /// trainers and the worker's step report learn a rank's samples from.
+    /// </summary>
+    public static SampleRange ReplicaSamples(long completedSteps, int globalBatch, int replica, int replicas)
+    {
+        if (replicas < 1 || globalBatch % replicas != 0)
+            throw new ArgumentOutOfRangeException(nameof(replicas), $"{replicas} replicas must divide the global batch {globalBatch}");
+        if (replica < 0 || replica >= replicas) throw new ArgumentOutOfRangeException(nameof(replica), $"replica {replica} is not in [0, {replicas})");
+        int share = globalBatch / replicas;
+        return new SampleRange(completedSteps * globalBatch + (long)replica * share, share);
+    }
+
     /// <summary>Same degrees and stage boundaries (records compare lists by reference).</summary>
     public bool SameAs(ParallelLayout other) => Dp == other.Dp && Pp == other.Pp && Stages.SequenceEqual(other.Stages);
+}
+
+/// <summary>Global sample indices [<see cref="Start"/>, <see cref="Start"/> + <see cref="Count"/>) of the job's sample stream.</summary>
+public readonly record struct SampleRange(long Start, int Count)
+{
+    public long End => Start + Count;
+    public override string ToString() => $"[{Start}, {End})";
 }

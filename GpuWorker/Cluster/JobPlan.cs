@@ -1,0 +1,47 @@
+// The job spec an assignment carries, as this worker trains it: the one mapping from the spec to the model config and
+// the training options, and the fingerprint that tells whether a live state kept from before was built for the same.
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+/// <param name="Fingerprint">The job, its spec and its data (and a stage's index): another fingerprint cannot reuse a live state.</param>
+public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOptions Options, string Fingerprint)
+{
+    /// <summary>
+    /// The plan of <paramref name="assignment"/>'s job (its <paramref name="spec"/>, read with JobSpecJson) on the dataset the data service describes. The Coordinator
+    /// validated the spec when it was submitted (JobSpec.Validate) and it is not checked again; what only the worker can
+    /// check fails where it is used, naming the numbers: the model config here, the preset's depth against pp in
+    /// ParallelLayout.Even, the options against the data-parallel width in the trainer's constructor.
+    /// </summary>
+    public static JobPlan For(Assignment assignment, JobSpec spec, GetManifestReply manifest, GetTokenizerReply tokenizer)
+    {
+        var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId);
+        string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizer.TokenizerHash)
+                             + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : ""); // a stage's state is no other stage's
+        return new JobPlan(spec, config, options, fingerprint);
+    }
+
+    /// <summary>
+    /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
+    /// the training options (batch, schedule, seed, checkpoints, validation, pipeline schedule) of <paramref name="spec"/>.
+    /// </summary>
+    public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId)
+    {
+        var baseConfig = spec.ModelConfigJson is { Length: > 0 } json ? DeepSeekConfig.FromJson(json, "job spec modelConfigJson") : DeepSeekConfig.Preset(spec.ModelPreset!);
+        var config = (baseConfig with { VocabSize = vocabSize, EosTokenId = eosTokenId }).Validated();
+        var options = new TrainingOptions
+        {
+            SeqLen = spec.SeqLen, GlobalBatch = spec.GlobalBatch, MicroBatch = spec.MicroBatch, Steps = spec.Steps,
+            Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
+            MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
+            Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
+            PipelineSchedule = spec.Parallel.Schedule,
+        };
+        return (config, options);
+    }
+}

@@ -1,0 +1,153 @@
+// Where a generation resumes on this worker and the live state it resumes from: a replica's live state (broadcast to
+// the ranks behind it), the committed checkpoint, or fresh weights from the seed.
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
+using DeepSeekCluster.Training.Pipeline;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLayout layout, GrpcCheckpointStore store, string tokenizerHash,
+                        CancellationToken ct)
+{
+    Assignment A => run.Assignment;
+    ReplicaHolder Holder => run.Holder;
+    bool Pipeline => layout.Pp > 1;
+
+    /// <summary>
+    /// Agrees over <paramref name="ring"/> (and, for a stage, along <paramref name="links"/>) where to resume, makes the
+    /// holder's live state that step's, and returns the plan and the bytes restored.
+    /// </summary>
+    public (ResumePlan Plan, long Bytes) Restore(ICollective ring, PipelineLinks? links)
+    {
+        long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
+        var resume = ReplicaSync.Decide(held, A.ResumeStep);
+        if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
+        string who = Pipeline ? $"stage {A.PpStage} " : "", source = Pipeline ? $"replica {resume.SourceRank}" : $"rank {resume.SourceRank}";
+        long bytes;
+        if (resume.Source == ResumePlan.Replica)
+        {
+            var state = Holder.State ?? NewState();
+            bytes = resume.AnyRankBehind ? BroadcastLiveState(ring, resume.SourceRank, state) : 0;
+            run.Log($"{who}resuming at step {resume.Step} from the live state of {source} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
+                    $"{bytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
+        }
+        else
+        {
+            // A held state behind the checkpoint, or one the start must replace, is thrown away first.
+            if (Holder.State is { Step: not 0 } || resume.Source == ResumePlan.Checkpoint && Holder.State is not null) Holder.Drop();
+            var restored = Holder.State ?? NewState();
+            if (resume.Source == ResumePlan.Checkpoint) bytes = LoadCheckpoint(restored, resume.Step, who);
+            else
+            {
+                restored.Step = 0;
+                bytes = 0;
+            }
+            // One history for every stage that did not take a live state: the stages can tell next time that their live
+            // states belong together.
+            if (Pipeline) restored.Lineage = GenerationLineage(resume.Step);
+        }
+        return (resume, bytes);
+    }
+
+    /// <summary>
+    /// Each stage's choice travels along the pipeline (every replica's pipeline carries the same choices, since the
+    /// replicas of a stage decided from one exchange): live states only when all stages hold the same step of the same
+    /// history; otherwise every stage loads the committed checkpoint, and a stage that was ahead redoes its steps.
+    /// </summary>
+    ResumePlan AgreeAlongPipeline(ResumePlan resume, HeldState[] held, PipelineLinks links)
+    {
+        var mine = resume.Source == ResumePlan.Replica ? held[resume.SourceRank] : new HeldState(-1, 0);
+        var choices = links.GatherAlongPipeline([mine.Step, mine.Lineage >> 32, mine.Lineage & 0xFFFFFFFF]);
+        bool together = mine.Step >= 0 && choices.All(c => c[0] == mine.Step && c[1] == mine.Lineage >> 32 && c[2] == (mine.Lineage & 0xFFFFFFFF));
+        if (resume.Source != ResumePlan.Replica || together) return resume;
+        run.Log($"stage {A.PpStage} could resume from live state at step {resume.Step}, but the stages hold steps {string.Join(", ", choices.Select(c => (long)c[0]))} " +
+                $"(-1: none) or another history: every stage loads {(A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start")}");
+        return A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
+    }
+
+    /// <summary>Loads committed step <paramref name="step"/> into <paramref name="state"/> (a stage reads only its rows); the bytes restored.</summary>
+    long LoadCheckpoint(ReplicaState state, long step, string who)
+    {
+        long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        string what;
+        long read;
+        if (state.Stage is { } stage)
+        {
+            var loaded = TrainingThread.Wait(stage.LoadCheckpointAsync(store, step, state.Optimizer, tokenizerHash, ct));
+            state.Step = loaded.Step;
+            read = StateBytes(state);
+            what = $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp})";
+        }
+        else
+        {
+            var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(store, step, state.Model, state.Optimizer, tokenizerHash, ct));
+            state.Optimizer.StepCount = loaded.OptimizerSteps;
+            state.Step = loaded.Step;
+            read = loaded.Files.Sum(f => f.Size); // a replica reads every file of the checkpoint (each rank's shard)
+            what = $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)";
+        }
+        run.Metrics?.CheckpointLoaded(A.JobId, run.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), read);
+        run.Log(who + what);
+        return StateBytes(state);
+    }
+
+    static long StateBytes(ReplicaState state) => state.Tensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
+
+    /// <summary>Rank 0 tells the Coordinator where the generation resumed and what the restore cost.</summary>
+    public void Report(ResumePlan resume, long step, double restoreSeconds, long stateBytes)
+    {
+        if (A.Rank != 0) return; // rank 0 is stage 0: its ring's ranks are global ranks 0..dp-1
+        run.Send(new WorkerMessage
+        {
+            Resumed = new Resumed
+            {
+                Generation = A.Generation, Step = step, Source = resume.Source, SourceRank = resume.SourceRank,
+                RestoreSeconds = restoreSeconds, StateBytes = stateBytes,
+            },
+        });
+    }
+
+    /// <summary>Copies the live state of <paramref name="sourceRank"/> over the ring to the ranks behind it; the bytes sent.</summary>
+    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state)
+    {
+        long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
+        state.Step = -1; // half-copied tensors are no state
+        long bytes = ReplicaSync.Broadcast(collective, sourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+        state.Optimizer.StepCount = optimizerSteps;
+        state.Lineage = lineage;
+        state.Step = step;
+        return bytes;
+    }
+
+    /// <summary>
+    /// The whole model from the seed (every rank builds the same weights) with its AdamW; for a pipeline stage, shrunk to
+    /// this worker's stage, the AdamW over the stage's parameters only.
+    /// </summary>
+    ReplicaState NewState()
+    {
+        manual_seed(plan.Spec.Seed);
+        var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
+        model.to(device);
+        var stage = Pipeline ? new PipelineStage(model, layout, A.PpStage) : null;
+        Holder.State = new ReplicaState
+        {
+            JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
+            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options) : PipelineTrainer.CreateOptimizer(stage, plan.Options),
+        };
+        return Holder.State;
+    }
+
+    /// <summary>Names the history that starts in this generation at <paramref name="step"/>: the same on every rank, another in every generation.</summary>
+    long GenerationLineage(long step)
+    {
+        var hash = System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes($"{A.JobId}\n{A.Generation}\n{step}"));
+        return Math.Max(1, BitConverter.ToInt64(hash, 0) & long.MaxValue);
+    }
+}

@@ -1,0 +1,112 @@
+// The end of a job's run on rank 0: the validation loss, a sample from the job's prompt, and the Hugging Face folder of
+// the trained model; and the validation set every validation of the run reads.
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.IO;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Text.Tokenization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+/// <summary>
+/// The dataset's validation split, opened on first use: the first <see cref="Evaluation.ClusterBatches"/> micro-batches
+/// of it are what every validation of the job measures (between steps and at the end), whatever its layout.
+/// </summary>
+sealed class RunValidation(DataShards.DataShardsClient data, JobPlan plan) : IDisposable
+{
+    RemoteSampleSource? source;
+
+    RemoteSampleSource Source => source ??= RemoteSampleSource.For(
+        data.GetManifest(new GetManifestRequest { DatasetId = plan.Spec.Dataset }), data, plan.Spec.Dataset, (ulong)plan.Spec.Seed,
+        plan.Spec.SeqLen, (long)plan.Options.MicroBatch * Evaluation.ClusterBatches, CancellationToken.None, "validation");
+
+    /// <summary>The trainer's validation loss (a pipeline's stages call it together).</summary>
+    public double Evaluate(ITrainer trainer) => trainer.Evaluate(Source, Evaluation.ClusterBatches);
+
+    /// <summary>The validation loss of a whole model (a pipeline's, loaded from its final checkpoint).</summary>
+    public double Evaluate(DeepSeekForCausalLM model, Device device) =>
+        Evaluation.LmLoss(model, Source, plan.Options.MicroBatch, device, Evaluation.ClusterBatches);
+
+    public void Dispose() => source?.Dispose();
+}
+
+static class RunEnd
+{
+    /// <summary>
+    /// The ranks that take part in a validation between steps: rank 0 with the whole model; in a pipeline, every stage of
+    /// replica 0 (the loss is computed on the last stage and handed along to rank 0, which reports it).
+    /// </summary>
+    public static bool Validates(Assignment a) => a.PpSize > 1 ? a.DpRank == 0 : a.Rank == 0;
+
+    /// <summary>
+    /// Rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop). With pp = 1 it holds the
+    /// whole model. A pipeline's rank 0 holds only stage 0: the final checkpoint commits once every stage's file is
+    /// reported (and the Coordinator stops the ranks only after that), so it waits for the commit until the run is
+    /// cancelled and loads the whole model from it (any layout loads into one model). Without a committed final
+    /// checkpoint there is no whole model to write: said, not guessed.
+    /// </summary>
+    public static void Finish(RunContext run, JobPlan plan, RunFormation formed, RunValidation validation, (long Step, double Loss)? last,
+                              Device device, GetTokenizerReply tokenizer, CancellationToken boundary)
+    {
+        if (run.Rank != 0) return;
+        double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
+        if (run.Assignment.PpSize == 1)
+        {
+            Write(run, plan, formed.Live.Model, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer);
+            return;
+        }
+        if (formed.Trainer.Step < plan.Options.Steps) return;
+        long final = plan.Options.Steps;
+        if (!WaitForCommit(run, formed.Store, final, boundary)) return;
+        long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        using var model = new DeepSeekForCausalLM(plan.Config);
+        model.to(device);
+        var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
+        run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+        Write(run, plan, model, reuse ?? validation.Evaluate(model, device), device, tokenizer);
+    }
+
+    /// <summary>Whether committed step <paramref name="final"/> appeared before the run was cancelled (looked at every 250 ms).</summary>
+    static bool WaitForCommit(RunContext run, GrpcCheckpointStore store, long final, CancellationToken boundary)
+    {
+        while (true)
+        {
+            bool ending = boundary.IsCancellationRequested; // looked at before the store, so a commit before the Stop is seen
+            try
+            {
+                if (TrainingThread.Wait(store.ListStepsAsync(CancellationToken.None)).Contains(final)) return true;
+            }
+            catch (Grpc.Core.RpcException e) { run.Log($"could not list the committed checkpoints: {e.Status.Detail}"); }
+            if (ending)
+            {
+                run.Log($"the final checkpoint (step {final}) is not committed and the run ended: no validation loss, sample or model folder from rank 0");
+                return false;
+            }
+            boundary.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(250));
+        }
+    }
+
+    /// <summary>Logs the validation loss and a sample from the job's prompt, and writes the Hugging Face folder of <paramref name="model"/>.</summary>
+    static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, double validationLoss, Device device, GetTokenizerReply tokenizerReply)
+    {
+        var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
+        run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
+        run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        string promptText = plan.Spec.SamplePrompt;
+        var prompt = tokenizer.Encode(promptText);
+        // An empty prompt starts from the end-of-text token, as the standalone run does.
+        if (prompt.Length == 0 && tokenizer.EosTokenId is { } eos) prompt = [eos];
+        var sample = TextGenerator.Generate(model, prompt, new SamplingOptions
+        {
+            MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = plan.Spec.Seed, EosTokenId = tokenizer.EosTokenId,
+        }, device);
+        run.Log($"sample: {(promptText + tokenizer.Decode(sample)).ReplaceLineEndings(" ")}");
+        var dir = Path.Combine(run.Settings.OutputDir, run.JobId, "model");
+        HfModelFolder.Save(dir, model, tokenizer);
+        run.Log($"model saved to {Path.GetFullPath(dir)}");
+    }
+}

@@ -1,0 +1,43 @@
+// What runs a job's steps, whatever the parallel layout: the single-process Trainer (one data-parallel rank) or one
+// pipeline stage's PipelineTrainer. The worker's step loop and the end of its run see only this.
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Optim;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Engine;
+
+public interface ITrainer : IDisposable
+{
+    TrainingOptions Options { get; }
+    AdamW Optimizer { get; }
+    /// <summary>Optimizer steps completed; the next step is this number.</summary>
+    long Step { get; }
+    /// <summary>Samples of the global stream consumed by completed steps (step × global batch): the only data state.</summary>
+    long ConsumedSamples { get; }
+
+    /// <summary>
+    /// Called after forward, backward and the gradient exchange, right before the first change to the parameters, the
+    /// optimizer moments and the routing biases: a background checkpoint copy of the previous step's state
+    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
+    /// </summary>
+    Action? BeforeOptimizerUpdate { get; set; }
+
+    /// <summary>One optimizer step over this rank's share of the global batch.</summary>
+    StepMetrics TrainStep();
+
+    /// <summary>
+    /// Mean LM cross-entropy (nats/token) over the first <paramref name="batches"/> micro-batches of
+    /// <paramref name="validation"/> (<see cref="Evaluation.Batches"/>); NaN when it holds none. A pipeline's stages call
+    /// it together and all return the last stage's figure.
+    /// </summary>
+    double Evaluate(ISampleSource validation, int batches);
+
+    /// <summary>The tensors a checkpoint of this rank holds (HF names; a stage's own only): weights, buffers, optimizer moments.</summary>
+    IReadOnlyDictionary<string, Tensor> CheckpointTensors();
+
+    /// <summary>Bytes of <see cref="CheckpointTensors"/>: what this rank holds of the training state.</summary>
+    long HeldBytes => CheckpointTensors().Values.Sum(t => t.numel() * t.element_size());
+
+    /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
+    void ResumeAt(long step, long optimizerSteps);
+}

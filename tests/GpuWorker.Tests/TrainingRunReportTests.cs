@@ -1,0 +1,67 @@
+// A whole training run of one rank against the real DataShards and CheckpointStore services: its step reports claim
+// exactly the samples the data service served (the exactly-once ledger is built from them), it validates at the spec's
+// interval and reports the loss on that step, and it ends with a sample from the spec's prompt and a model folder.
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
+using JobSpec = DeepSeekCluster.Contracts.Grains.JobSpec;
+using JobSpecJson = DeepSeekCluster.Contracts.Grains.JobSpecJson;
+
+namespace DeepSeekCluster.GpuWorker.Tests;
+
+public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixture<DataShardsHostFixture>
+{
+    DataShardsHost Data => fixture.Host;
+
+    [Fact]
+    public async Task StepReportsClaimTheSamplesTheServiceServedAndCarryTheValidationAtTheInterval()
+    {
+        const int seed = 4242, globalBatch = 4;
+        await using var store = await StoreHost.StartAsync();
+        var spec = new JobSpec
+        {
+            Name = "served", ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = globalBatch, MicroBatch = 2,
+            SeqLen = DataShardsHost.SeqLen, Steps = 3, Seed = seed, EvalInterval = 2, SamplePrompt = "And God said",
+            Schedule = new() { WarmupSteps = 1 },
+        };
+        Assert.Empty(spec.Validate());
+        int port = FreePort.Next();
+        var assignment = new Assignment
+        {
+            JobId = "served", Generation = 1, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1,
+            JobSpecJson = JobSpecJson.Serialize(spec), Peers = { [0] = $"127.0.0.1:{port}" },
+        };
+        var settings = new WorkerSettings
+        {
+            Coordinator = Data.Address, DataShards = Data.Address, Checkpoints = new Uri(store.Address), Token = "t", WorkerId = "w", Device = "cpu",
+            OutputDir = Directory.CreateTempSubdirectory("run-reports-").FullName,
+        };
+        // A faulty service: step 1's share [4, 8) is answered with samples [5, 9), whether asked by a fetch or a prefetch.
+        Data.Calls.Rewrite = r => r.Seed == seed && r.Split == "train" && r.Start == globalBatch ? new GetBatchRequest(r) { Start = globalBatch + 1 } : null;
+        var sent = new List<WorkerMessage>();
+        var log = new StringWriter();
+        try
+        {
+            var run = new TrainingRun(assignment, settings, port, m => { lock (sent) sent.Add(m); }, new WorkerProgress(), log);
+            await Task.Factory.StartNew(run.Run, TaskCreationOptions.LongRunning).WaitAsync(TimeSpan.FromMinutes(5));
+        }
+        finally { Data.Calls.Rewrite = null; }
+
+        string output = log.ToString();
+        List<StepReport> steps;
+        lock (sent)
+        {
+            Assert.DoesNotContain(sent, m => m.KindCase == WorkerMessage.KindOneofCase.Leaving);
+            steps = [.. sent.Where(m => m.KindCase == WorkerMessage.KindOneofCase.Step).Select(m => m.Step)];
+        }
+        Assert.Equal([1L, 2, 3], steps.Select(s => s.Step));
+        // What the service served, not step × global batch: the ledger would see step 1's gap at 4 and sample 8 twice.
+        Assert.Equal([(0L, 4), (5L, 4), (8L, 4)], steps.Select(s => (s.SampleStart, s.SampleCount)));
+        Assert.Equal([false, true, false], steps.Select(s => s.HasValidation));
+        Assert.True(steps[1].ValidationLoss is > 0 and < 20, $"validation loss {steps[1].ValidationLoss}: {output}");
+        Assert.Contains("sample: And God said", output);
+        Assert.True(File.Exists(Path.Combine(settings.OutputDir, "served", "model", "config.json")), output);
+        Directory.Delete(settings.OutputDir, recursive: true);
+    }
+}
