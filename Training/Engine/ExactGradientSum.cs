@@ -98,12 +98,14 @@ public sealed class ExactGradientSum : IDisposable
                 if (parameters[i].grad is { } g) { range.copy_(g.reshape(-1)); g.zero_(); }
                 else range.zero_();
             }
-            worst.copy_(maximum(worst, x.abs().max().unsqueeze(0))); // NaN propagates
-            var q = x.mul_(Scale).round_();              // exact scaling by 2^64, then the one rounding
-            var hi = q.div(LowScale).floor_();           // exact: q has at most 53 significant bits
-            var lo = q.add_(hi, alpha: -LowScale);       // the low 40 bits, in [0, 2^40): exact, with or without an FMA
-            High.narrow(0, start, n).add_(hi.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
-            Low.narrow(0, start, n).add_(lo.nan_to_num_(0, 0, 0).to_type(ScalarType.Int64));
+            // max and -min in two reads, no |x| temporary; NaN propagates through both and through maximum.
+            worst.copy_(maximum(worst, maximum(x.max(), x.min().neg()).unsqueeze(0)));
+            var q = x.mul_(Scale).round_();                                   // exact scaling by 2^64, then the one rounding
+            var hi = q.div(LowScale, rounding_mode: RoundingMode.floor);      // exact: q has at most 53 significant bits
+            var lo = q.add_(hi, alpha: -LowScale);                            // the low 40 bits, in [0, 2^40): exact, FMA or not
+            // A NaN, an infinity or an element past the bound converts to some int64 here; WriteMean poisons the step then.
+            High.narrow(0, start, n).add_(hi.to_type(ScalarType.Int64));
+            Low.narrow(0, start, n).add_(lo.to_type(ScalarType.Int64));
         }
         Terms++;
     }

@@ -13,17 +13,19 @@ public static class ExactSumBench
     {
         var presets = Arg(args, "--presets", "tiny,small").Split(',', StringSplitOptions.RemoveEmptyEntries);
         int repeats = int.Parse(Arg(args, "--repeats", "10"));
+        var micros = Arg(args, "--micro-batches", "8,2").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(int.Parse).ToList();
         Console.WriteLine($"# Exact gradient sums — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, load {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
         Console.WriteLine();
-        Console.WriteLine("| preset | params | micro-batches | train step s | exact add per micro-batch s | exact mean per step s | float32 add per micro-batch s | exact sum share of the step |");
+        Console.WriteLine("| preset | params | micro-batch x count | train step s | exact add per micro-batch s | exact mean per step s | float32 add per micro-batch s | exact sum share of the step |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|");
         foreach (var name in presets)
+        foreach (int microBatch in micros)
         {
             var config = DeepSeekConfig.Preset(name);
-            // The training bench's CPU shapes, cut into micro-batches of 2 so that the step accumulates.
+            // The training bench's CPU shapes, cut into micro-batches (the cost is per micro-batch: 8 is the default job's).
             var options = name == "tiny"
-                ? new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 2, Steps = 100, WarmupSteps = 1 }
-                : new TrainingOptions { SeqLen = 256, GlobalBatch = 8, MicroBatch = 2, Steps = 100, WarmupSteps = 1 };
+                ? new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = microBatch, Steps = 100, WarmupSteps = 1 }
+                : new TrainingOptions { SeqLen = 256, GlobalBatch = 8, MicroBatch = microBatch, Steps = 100, WarmupSteps = 1 };
             int micro = options.GlobalBatch / options.MicroBatch;
             var rng = new Random(1);
             var tokens = new int[(options.SeqLen + 1) * 64];
@@ -50,7 +52,7 @@ public static class ExactSumBench
             var accumulators = parameters.Select(p => zeros_like(p)).ToList();
             double floatAdd = Time(repeats, () => { using (no_grad()) for (int i = 0; i < parameters.Count; i++) accumulators[i].add_(grads[i]); });
             double exactPerStep = (add - restore) * micro + mean;
-            Console.WriteLine($"| {name} | {config.ParameterCount() / 1e6:F1} M | {micro} | {stepS:F3} | {add - restore:F4} | {mean:F4} | {floatAdd:F4} | {exactPerStep / stepS:P1} |");
+            Console.WriteLine($"| {name} | {config.ParameterCount() / 1e6:F1} M | {microBatch} x {micro} | {stepS:F3} | {add - restore:F4} | {mean:F4} | {floatAdd:F4} | {exactPerStep / stepS:P1} |");
             foreach (var a in accumulators) a.Dispose();
             foreach (var g in grads) g.Dispose();
         }
