@@ -479,6 +479,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         if (committed.Count == 0) return reply; // nothing committed: every folder may still be an upload in progress
         var keep = committed.TakeLast(request.KeepLast).ToHashSet();
         if (request.KeepEvery > 0) keep.UnionWith(committed.Where(s => s % request.KeepEvery == 0));
+        keep.UnionWith(request.KeepSteps);
         long newest = committed[^1];
 
         foreach (long step in committed)
@@ -491,7 +492,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);
             reply.DeletedSteps.Add(step);
         }
-        foreach (var (step, keys) in byStep.Where(kv => kv.Key < newest && !committed.Contains(kv.Key)).OrderBy(kv => kv.Key))
+        foreach (var (step, keys) in byStep.Where(kv => kv.Key < newest && !committed.Contains(kv.Key) && !keep.Contains(kv.Key)).OrderBy(kv => kv.Key))
         {
             foreach (string key in keys)
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);

@@ -33,6 +33,15 @@ public sealed record JobSpec
     [Id(12)] public int MaxWorkers { get; init; } = 1;
     [Id(13)] public int Seed { get; init; } = 1337;
 
+    /// <summary>
+    /// Committed checkpoints kept in the store: after each commit the older ones are deleted, never the newest nor one a
+    /// resume may still load. 0 keeps every checkpoint. 3 leaves room for a resume in progress while a newer one commits.
+    /// </summary>
+    [Id(14)] public int KeepLast { get; init; } = 3;
+
+    /// <summary>Steps between validation passes over the held-out split; 0 validates only at the end.</summary>
+    [Id(15)] public int EvalInterval { get; init; }
+
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
     {
@@ -78,6 +87,8 @@ public sealed record JobSpec
                 Problem("schedule.warmupSteps", $"{Schedule.WarmupSteps} must be between 0 and steps ({Steps})");
         }
         if (CheckpointInterval < 0) Problem("checkpointInterval", $"{CheckpointInterval} must be 0 (only at the end) or positive");
+        if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
+        if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (validate only at the end) or a positive number of steps");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
         if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");

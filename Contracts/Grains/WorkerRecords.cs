@@ -79,6 +79,9 @@ public sealed record StepReport
     [Id(9)] public int Experts { get; init; }
     /// <summary>Sent again after a reconnect into the same generation: counted only where the ledger lacks it.</summary>
     [Id(10)] public bool Resent { get; init; }
+    /// <summary>The held-out loss of a validation pass after this step (see cluster_control.proto), when HasValidation.</summary>
+    [Id(11)] public double ValidationLoss { get; init; }
+    [Id(12)] public bool HasValidation { get; init; }
 }
 
 /// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>
