@@ -25,6 +25,7 @@ public class RestApiTests(CoordinatorFixture fixture)
     [Fact]
     public async Task WritesWithoutTheTokenAreRefusedLoggedAndCounted()
     {
+        double missingBefore = await RestRefusalsAsync("missing"), wrongBefore = await RestRefusalsAsync("wrong");
         using var noToken = await Http.PostAsJsonAsync("/jobs", TestSpecs.Tiny());
         Assert.Equal(HttpStatusCode.Unauthorized, noToken.StatusCode);
         var wrong = new HttpRequestMessage(HttpMethod.Post, "/jobs/any/stop");
@@ -32,11 +33,25 @@ public class RestApiTests(CoordinatorFixture fixture)
         using var wrongToken = await Http.SendAsync(wrong);
         Assert.Equal(HttpStatusCode.Unauthorized, wrongToken.StatusCode);
 
-        // /metrics over HTTP/1.1, as Prometheus scrapes it; the token appears nowhere in it.
-        string metrics = await TestSpecs.EventuallyAsync(() => Http.GetStringAsync("/metrics"),
-            m => m.Contains("deepseek_coordinator_auth_refusals"), "the refusal counter on /metrics");
-        Assert.DoesNotContain(CoordinatorHost.Token, metrics);
+        // Counted: one more refusal of each reason on /metrics (over HTTP/1.1, as Prometheus scrapes it). The tests of this
+        // collection run one at a time, so nothing else refuses on the REST surface meanwhile.
+        await TestSpecs.EventuallyAsync(async () => (await RestRefusalsAsync("missing"), await RestRefusalsAsync("wrong")),
+            n => n == (missingBefore + 1, wrongBefore + 1), $"the REST refusal counters to grow by one each from ({missingBefore}, {wrongBefore})");
+        // Logged: one warning per refusal naming the request and the reason, never the presented value.
+        Assert.Contains(fixture.Host.Logs, l => l.StartsWith("Warning: Refused POST /jobs from ") && l.Contains("missing cluster token"));
+        Assert.Contains(fixture.Host.Logs, l => l.StartsWith("Warning: Refused POST /jobs/any/stop from ") && l.Contains("wrong cluster token"));
+        Assert.DoesNotContain(fixture.Host.Logs, l => l.Contains("not-the-token"));
+        Assert.DoesNotContain(CoordinatorHost.Token, await Http.GetStringAsync("/metrics"));
         Assert.Equal(HttpStatusCode.OK, (await Http.GetAsync("/alive")).StatusCode);
+    }
+
+    /// <summary>deepseek_coordinator_auth_refusals for surface="rest" and <paramref name="reason"/> on /metrics; 0 before the first.</summary>
+    async Task<double> RestRefusalsAsync(string reason)
+    {
+        string metrics = await Http.GetStringAsync("/metrics");
+        var line = metrics.Split('\n').FirstOrDefault(l => l.StartsWith("deepseek_coordinator_auth_refusals") && !l.StartsWith('#')
+            && l.Contains("surface=\"rest\"") && l.Contains($"reason=\"{reason}\""));
+        return line is null ? 0 : double.Parse(line[(line.LastIndexOf('}') + 1)..].Trim().Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
     }
 
     [Fact]
