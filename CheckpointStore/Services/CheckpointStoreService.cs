@@ -331,7 +331,13 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         var info = await retry.RunAsync($"read the properties of {manifestKey}", c => blobs.GetInfoAsync(manifestKey, c), ct);
         if (info is null) return null;
         byte[] bytes = new byte[info.Size];
-        await retry.RunAsync($"read {manifestKey}", c => blobs.ReadAsync(manifestKey, 0, bytes, c), ct);
+        try { await retry.RunAsync($"read {manifestKey}", c => blobs.ReadAsync(manifestKey, 0, bytes, c), ct); }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // Retention deleted the step between the two calls: it is not committed any more, which is not a storage fault.
+            if (await blobs.GetInfoAsync(manifestKey, ct) is null) return null;
+            throw;
+        }
         return JsonNode.Parse(bytes) as JsonObject ?? throw new RpcException(new Status(StatusCode.DataLoss, $"{manifestKey} is not a JSON object"));
     }
 

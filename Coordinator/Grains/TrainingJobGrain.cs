@@ -1,5 +1,6 @@
 // One training job: the state machine Pending → Forming → Running ⇄ Rescaling → Completed | Failed | Stopped,
-// generations that fence every report, and the ranks handed to worker grains. Persisted after every change.
+// generations that fence every report, and the ranks handed to worker grains. What it records lives in plain classes
+// of its state (TrainingJobGrainState: SampleLedger, CheckpointBook, RecoveryClock), persisted after every change.
 using System.Text.Json;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Checkpoints;
@@ -254,9 +255,10 @@ public sealed class TrainingJobGrain(
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
         S.CheckpointBook.Deleted(steps, clock.GetUtcNow());
-        string also = leftovers.Length > 0 ? $", and the uncommitted files of steps {string.Join(", ", leftovers)}" : "";
-        Event(New(JobEventKinds.CheckpointsDeleted, $"retention (keepLast {S.Spec.KeepLast}) deleted the checkpoints of steps {string.Join(", ", steps)}{also}")
-            with { Reason = "retention" });
+        var what = new List<string>();
+        if (steps.Length > 0) what.Add($"the checkpoints of steps {string.Join(", ", steps)}");
+        if (leftovers.Length > 0) what.Add($"the uncommitted files of steps {string.Join(", ", leftovers)}");
+        Event(New(JobEventKinds.CheckpointsDeleted, $"retention (keepLast {S.Spec.KeepLast}) deleted {string.Join(" and ", what)}") with { Reason = "retention" });
         await job.WriteStateAsync();
     }
 

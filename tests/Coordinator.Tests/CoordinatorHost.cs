@@ -29,6 +29,9 @@ public sealed class CoordinatorHost : IAsyncDisposable
 
     public HttpClient Http { get; }
 
+    /// <summary>The host's services (its IMeterFactory scopes the Coordinator's instruments to this host).</summary>
+    public IServiceProvider Services => _app.Services;
+
     /// <summary>Every line the Coordinator logged, formatted (see CapturingLogger).</summary>
     public ConcurrentQueue<string> Logs { get; }
 

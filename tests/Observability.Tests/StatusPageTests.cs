@@ -81,10 +81,13 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
             Assert.Equal(w!["online"]!.GetValue<bool>(), shown["health"]!.GetValue<string>() != "offline");
         }
         Assert.Contains(page["workers"]!.AsArray(), r => r!["health"]!.GetValue<string>() == "online");
-        // Checkpoints: every committed step, including the last.
-        var committed = job["committed"]!.AsArray().Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
-        Assert.Contains((long)RunningCluster.Steps, committed);
-        Assert.Superset(committed, page["checkpoints"]!.AsArray().Where(c => c!["state"]!.GetValue<string>() == "committed").Select(c => c!["step"]!.GetValue<long>()).ToHashSet());
+        // Checkpoints: every committed step, including the last, as committed, and those retention (keepLast 3 by default)
+        // deleted from the store as deleted.
+        HashSet<long> Api(bool deleted) => job["committed"]!.AsArray().Where(c => (c!["deletedAt"] is not null) == deleted).Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
+        HashSet<long> Shown(string state) => page["checkpoints"]!.AsArray().Where(c => c!["state"]!.GetValue<string>() == state).Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
+        Assert.Contains((long)RunningCluster.Steps, Api(deleted: false));
+        Assert.Equal(Api(deleted: false), Shown("committed"));
+        Assert.Equal(Api(deleted: true), Shown("deleted (keepLast)"));
         // Event log: every event of the job, the worker leaving among them.
         var events = page["events"]!.AsArray().Select(e => e!.GetValue<string>()).ToList();
         Assert.Equal(job["events"]!.AsArray().Count, events.Count);
