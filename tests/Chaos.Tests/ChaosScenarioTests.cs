@@ -149,8 +149,11 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         await AssertNoOrphansAsync(o.Instances);
     }
 
-    /// <summary>How late past the heartbeat timeout (and its check period) a hung worker may be declared hung.</summary>
-    static readonly TimeSpan HungDetectionSlack = TimeSpan.FromSeconds(3);
+    /// <summary>
+    /// How late past the heartbeat timeout (and its check period) a hung worker may be declared hung: measured 4.6–6.6 s
+    /// after SIGSTOP with the 5 s timeout on the 2-core VM (docs/fault-tolerance.md), against this bound of 10.25 s.
+    /// </summary>
+    static readonly TimeSpan HungDetectionSlack = TimeSpan.FromSeconds(4);
 
     [Fact]
     public async Task HungWorkerIsNoticedWithinTheHeartbeatTimeoutAndComesBackOnlyAsANewWorker()
