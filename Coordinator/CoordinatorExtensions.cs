@@ -30,6 +30,7 @@ public static class CoordinatorExtensions
         builder.Services.AddSingleton<RequireClusterToken>();
         builder.Services.AddSingleton<CheckpointCommitter>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<CheckpointCommitter>());
+        builder.Services.AddSingleton<ICheckpointCommitter>(sp => sp.GetRequiredService<CheckpointCommitter>());
         builder.Services.ConfigureHttpJsonOptions(o => JobSpecJson.Configure(o.SerializerOptions));
         builder.Services.AddGrpc();
         builder.Services.AddGrpcReflection();

@@ -232,7 +232,13 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         var info = await retry.RunAsync($"read the properties of {manifestKey}", c => blobs.GetInfoAsync(manifestKey, c), ct);
         if (info is null) return null;
         byte[] bytes = new byte[info.Size];
-        await retry.RunAsync($"read {manifestKey}", c => blobs.ReadAsync(manifestKey, 0, bytes, c), ct);
+        try { await retry.RunAsync($"read {manifestKey}", c => blobs.ReadAsync(manifestKey, 0, bytes, c), ct); }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // Retention deleted the step between the two calls: it is not committed any more, which is not a storage fault.
+            if (await blobs.GetInfoAsync(manifestKey, ct) is null) return null;
+            throw;
+        }
         return JsonNode.Parse(bytes) as JsonObject ?? throw new RpcException(new Status(StatusCode.DataLoss, $"{manifestKey} is not a JSON object"));
     }
 
@@ -380,6 +386,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
         if (committed.Count == 0) return reply; // nothing committed: every folder may still be an upload in progress
         var keep = committed.TakeLast(request.KeepLast).ToHashSet();
         if (request.KeepEvery > 0) keep.UnionWith(committed.Where(s => s % request.KeepEvery == 0));
+        keep.UnionWith(request.KeepSteps);
         long newest = committed[^1];
 
         foreach (long step in committed)
@@ -392,7 +399,7 @@ public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, 
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);
             reply.DeletedSteps.Add(step);
         }
-        foreach (var (step, keys) in byStep.Where(kv => kv.Key < newest && !committed.Contains(kv.Key)).OrderBy(kv => kv.Key))
+        foreach (var (step, keys) in byStep.Where(kv => kv.Key < newest && !committed.Contains(kv.Key) && !keep.Contains(kv.Key)).OrderBy(kv => kv.Key))
         {
             foreach (string key in keys)
                 await retry.RunAsync($"delete {key}", c => blobs.DeleteAsync(key, c), ct);

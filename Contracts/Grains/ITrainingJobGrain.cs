@@ -42,7 +42,10 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>Progress of one rank; throws <see cref="StaleGenerationException"/> for any generation but the current one.</summary>
     Task ReportStepAsync(long generation, StepReport report);
 
-    /// <summary>One rank's checkpoint file is uploaded; returns true when this completes the step's checkpoint. Fenced like steps.</summary>
+    /// <summary>
+    /// One rank's checkpoint file is uploaded; returns true when this completes the step's checkpoint, which the grain then
+    /// hands to the CheckpointCommitter. Fenced like steps.
+    /// </summary>
     Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report);
 
     /// <summary>
@@ -52,11 +55,11 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// </summary>
     Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error);
 
-    /// <summary>The step's record once every rank reported (rank 0's report carries the manifest); null if it is not complete.</summary>
-    Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step);
-
     /// <summary>The CheckpointStore committed the step: it is listed in the status and a re-formation resumes from the newest.</summary>
     Task CheckpointCommittedAsync(CommittedCheckpoint checkpoint);
+
+    /// <summary>Retention deleted these committed steps (and these uncommitted leftovers) from the store.</summary>
+    Task CheckpointsDeletedAsync(long[] steps, long[] leftovers);
 
     /// <summary>The step stays uncommitted (the store refused it, or none is configured); the reason becomes a job event.</summary>
     Task CheckpointNotCommittedAsync(long generation, long step, string reason);

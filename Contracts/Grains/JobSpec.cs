@@ -33,7 +33,7 @@ public sealed record JobSpec
     [Id(12)] public int MaxWorkers { get; init; } = 1;
     [Id(13)] public int Seed { get; init; } = 1337;
 
-    /// <summary>Steps between validations (the loss on the dataset's validation split, on the step's report); 0 validates only at the end.</summary>
+    /// <summary>Steps between validation passes over the held-out split (the loss on that step's report); 0 validates only at the end.</summary>
     [Id(14)] public int EvalInterval { get; init; }
 
     /// <summary>The text the trained model continues at the end of the job (the standalone run's --sample-prompt).</summary>
@@ -42,6 +42,12 @@ public sealed record JobSpec
     public const string DefaultSamplePrompt = "In the beginning";
     /// <summary>Characters a sample prompt may hold: it is logged and encoded whole.</summary>
     public const int MaxSamplePromptLength = 1000;
+
+    /// <summary>
+    /// Committed checkpoints kept in the store: after each commit the older ones are deleted, never the newest nor one a
+    /// resume may still load. 0 keeps every checkpoint. 3 leaves room for a resume in progress while a newer one commits.
+    /// </summary>
+    [Id(16)] public int KeepLast { get; init; } = 3;
 
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
@@ -91,6 +97,7 @@ public sealed record JobSpec
         if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (only at the end) or positive");
         if (SamplePrompt is null || SamplePrompt.Length > MaxSamplePromptLength || SamplePrompt.Any(c => char.IsControl(c) && c is not ('\n' or '\r' or '\t')))
             Problem("samplePrompt", $"must be text of at most {MaxSamplePromptLength} characters without control characters other than line breaks and tabs (got {(SamplePrompt is null ? "null" : $"{SamplePrompt.Length} characters")})");
+        if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
         if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");

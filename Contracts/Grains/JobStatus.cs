@@ -23,6 +23,8 @@ public sealed record JobStatus
     [Id(13)] public ExpertLoad? ExpertLoad { get; init; }
     /// <summary>The current generation's MFU: each member's latest step and the cluster's sum; null before a report carries a peak.</summary>
     [Id(14)] public Utilization? Utilization { get; init; }
+    /// <summary>The validation curve of the current lineage: one held-out loss per validated step, oldest first.</summary>
+    [Id(15)] public ValidationPoint[] ValidationLoss { get; init; } = [];
 }
 
 /// <summary>
@@ -57,6 +59,9 @@ public sealed record ExpertLoad
 [GenerateSerializer, Immutable]
 public sealed record LossPoint([property: Id(0)] long Step, [property: Id(1)] double Loss, [property: Id(2)] double TokensPerSecond);
 
+[GenerateSerializer, Immutable]
+public sealed record ValidationPoint([property: Id(0)] long Step, [property: Id(1)] double Loss);
+
 /// <summary>A worker in the current generation and the rank it holds.</summary>
 [GenerateSerializer, Immutable]
 public sealed record JobWorker([property: Id(0)] int Rank, [property: Id(1)] string WorkerId, [property: Id(2)] string Endpoint,
@@ -76,10 +81,16 @@ public sealed record CheckpointRecord
     [Id(4)] public bool Complete { get; init; }
 }
 
-/// <summary>A checkpoint that exists: its manifest is written in the CheckpointStore.</summary>
+/// <summary>
+/// A checkpoint the CheckpointStore committed (its manifest is written). DeletedAt: when retention (JobSpec.KeepLast)
+/// deleted it from the store; the entry stays so the job's history still says what was saved.
+/// </summary>
 [GenerateSerializer, Immutable]
 public sealed record CommittedCheckpoint(
-    [property: Id(0)] long Step, [property: Id(1)] long Generation, [property: Id(2)] int Files, [property: Id(3)] long Bytes);
+    [property: Id(0)] long Step, [property: Id(1)] long Generation, [property: Id(2)] int Files, [property: Id(3)] long Bytes)
+{
+    [Id(4)] public DateTimeOffset? DeletedAt { get; init; }
+}
 
 /// <summary>
 /// One transition of the job. Message is the sentence for people; Kind (see <see cref="JobEventKinds"/>) and the optional
@@ -115,11 +126,11 @@ public static class JobEventKinds
     public const string Submitted = "submitted", Forming = "forming", Formed = "formed", WorkerJoined = "worker_joined",
         WorkerLeft = "worker_left", WorkerLost = "worker_lost", WorkerHung = "worker_hung", WorkerFenced = "worker_fenced",
         Rescaling = "rescaling", Resumed = "resumed", Recovered = "recovered", CheckpointCommitted = "checkpoint_committed",
-        CheckpointNotCommitted = "checkpoint_not_committed", Completed = "completed", Failed = "failed", Stopped = "stopped";
+        CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
-        Recovered, CheckpointCommitted, CheckpointNotCommitted, Completed, Failed, Stopped,
+        Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped,
     ];
 }

@@ -85,6 +85,9 @@ public sealed record StepReport
     /// <summary>Model FLOP/s this rank's device did in the step; with <see cref="Peak"/>, the job's MFU (see <see cref="Utilization"/>).</summary>
     [Id(11)] public double AchievedFlops { get; init; }
     [Id(12)] public DevicePeakInfo? Peak { get; init; }
+    /// <summary>The held-out loss of a validation pass after this step (see cluster_control.proto), when HasValidation.</summary>
+    [Id(13)] public double ValidationLoss { get; init; }
+    [Id(14)] public bool HasValidation { get; init; }
 }
 
 /// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>

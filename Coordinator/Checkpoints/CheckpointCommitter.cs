@@ -1,4 +1,4 @@
-// Commits a checkpoint step through CheckpointStore once every rank reported, in the background, and tells the job grain.
+// Commits a checkpoint step through CheckpointStore in the background, applies a job's retention, and tells the job grain.
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using System.Threading.Channels;
@@ -12,13 +12,23 @@ using Store = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore;
 
 namespace DeepSeekCluster.Coordinator.Checkpoints;
 
+/// <summary>What the job grain hands over: one direction, grain → committer → store → grain (the outcome).</summary>
+public interface ICheckpointCommitter
+{
+    /// <summary>Every rank of the step reported: <paramref name="record"/> has all their files and rank 0's manifest.</summary>
+    void Commit(string jobId, CheckpointRecord record);
+
+    /// <summary>Retention: delete the job's committed steps except <paramref name="keep"/> and the newest.</summary>
+    void Prune(string jobId, long[] keep);
+}
+
 /// <summary>
-/// The second phase of the two-phase save. The report that completes a step only queues it here, so neither the worker's
-/// control stream nor the job grain waits on blob storage; one loop then asks the job grain for the step's files and rank
-/// 0's manifest, calls CommitCheckpoint (which verifies every file and writes manifest.json last) and records the outcome
-/// in the job: committed (a re-formation resumes from it) or an event with the store's reason (training goes on).
+/// The second phase of the two-phase save. The job grain hands a complete step over here, so neither the worker's control
+/// stream nor the grain waits on blob storage; one loop calls CommitCheckpoint (which verifies every file and writes
+/// manifest.json last) and records the outcome in the job: committed (a re-formation resumes from it) or an event with the
+/// store's reason (training goes on). The same loop applies retention, so a deletion never races a commit.
 /// </summary>
-public sealed class CheckpointCommitter : BackgroundService
+public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitter
 {
     /// <summary>Aspire's services__checkpoints__grpc__0: the CheckpointStore's gRPC address.</summary>
     public const string AddressKey = $"services:{ServiceNames.Checkpoints}:grpc:0";
@@ -26,7 +36,11 @@ public sealed class CheckpointCommitter : BackgroundService
     /// <summary>Store unreachable: tries before the step is given up (the next checkpoint interval saves again).</summary>
     const int Attempts = 4;
 
-    readonly Channel<(string JobId, long Generation, long Step)> queue = Channel.CreateUnbounded<(string, long, long)>(new UnboundedChannelOptions { SingleReader = true });
+    abstract record Work(string JobId);
+    sealed record CommitWork(string JobId, CheckpointRecord Record) : Work(JobId);
+    sealed record PruneWork(string JobId, long[] Keep) : Work(JobId);
+
+    readonly Channel<Work> queue = Channel.CreateUnbounded<Work>(new UnboundedChannelOptions { SingleReader = true });
     readonly IGrainFactory grains;
     readonly CoordinatorMetrics metrics;
     readonly ILogger<CheckpointCommitter> logger;
@@ -52,30 +66,34 @@ public sealed class CheckpointCommitter : BackgroundService
     /// <summary>The CheckpointStore's address, or null when none is configured.</summary>
     public string? Address { get; }
 
-    /// <summary>Every rank of <paramref name="step"/> reported: commit it soon.</summary>
-    public void Enqueue(string jobId, long generation, long step) => queue.Writer.TryWrite((jobId, generation, step));
+    public void Commit(string jobId, CheckpointRecord record) => queue.Writer.TryWrite(new CommitWork(jobId, record));
+
+    public void Prune(string jobId, long[] keep) => queue.Writer.TryWrite(new PruneWork(jobId, keep));
 
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
-        await foreach (var (jobId, generation, step) in queue.Reader.ReadAllAsync(stoppingToken))
+        await foreach (var work in queue.Reader.ReadAllAsync(stoppingToken))
         {
-            try { await CommitAsync(jobId, generation, step, stoppingToken); }
+            try
+            {
+                if (work is CommitWork c) await CommitAsync(c.JobId, c.Record, stoppingToken);
+                else if (work is PruneWork p) await PruneAsync(p.JobId, p.Keep, stoppingToken);
+            }
             catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested) { return; }
-            catch (Exception e) { logger.LogError(e, "Job {Job}: the commit of step {Step} failed unexpectedly", jobId, step); }
+            catch (Exception e) { logger.LogError(e, "Job {Job}: {Work} failed unexpectedly", work.JobId, work is CommitWork cw ? $"the commit of step {cw.Record.Step}" : "retention"); }
         }
     }
 
-    async Task CommitAsync(string jobId, long generation, long step, CancellationToken ct)
+    async Task CommitAsync(string jobId, CheckpointRecord record, CancellationToken ct)
     {
         var job = grains.GetGrain<ITrainingJobGrain>(jobId);
+        long generation = record.Generation, step = record.Step;
         if (store is null)
         {
             metrics.CheckpointCommit("unconfigured");
             await job.CheckpointNotCommittedAsync(generation, step, $"no checkpoint store is configured ({AddressKey}); the checkpoint stays uncommitted");
             return;
         }
-        var record = await job.GetCompleteCheckpointAsync(generation, step);
-        if (record is null) return; // the job was told already, or a duplicate queue entry
 
         var request = new CommitCheckpointRequest { Job = jobId, Step = step, Generation = generation };
         request.Files.AddRange(record.Files.Select(f => new ExpectedFile { FileName = f.File, Size = f.SizeBytes, Sha256 = f.Sha256 }));
@@ -116,6 +134,26 @@ public sealed class CheckpointCommitter : BackgroundService
                 return;
             }
         }
+    }
+
+    /// <summary>
+    /// Deletes what the job's retention rule let go (see CheckpointBook.Deletable) and tells the job what the store deleted.
+    /// A store that cannot be reached keeps everything until the next commit asks again.
+    /// </summary>
+    async Task PruneAsync(string jobId, long[] keep, CancellationToken ct)
+    {
+        if (store is null) return;
+        var request = new ApplyRetentionRequest { Job = jobId, KeepLast = 1 };
+        request.KeepSteps.AddRange(keep);
+        ApplyRetentionReply reply;
+        try { reply = await store.ApplyRetentionAsync(request, deadline: DateTime.UtcNow.AddMinutes(2), cancellationToken: ct); }
+        catch (RpcException e) when (!ct.IsCancellationRequested)
+        {
+            logger.LogWarning("Job {Job}: retention not applied, the checkpoint store said {Status}: {Detail}", jobId, e.StatusCode, e.Status.Detail);
+            return;
+        }
+        if (reply.DeletedSteps.Count == 0 && reply.DeletedUncommittedSteps.Count == 0) return;
+        await grains.GetGrain<ITrainingJobGrain>(jobId).CheckpointsDeletedAsync([.. reply.DeletedSteps], [.. reply.DeletedUncommittedSteps]);
     }
 
     static bool IsUnreachable(StatusCode code) => code is StatusCode.Unavailable or StatusCode.DeadlineExceeded or StatusCode.Unknown or StatusCode.Internal;

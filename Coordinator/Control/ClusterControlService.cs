@@ -4,7 +4,6 @@ using System.Text.Json;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Api;
-using DeepSeekCluster.Coordinator.Checkpoints;
 using Grpc.Core;
 using CheckpointReport = DeepSeekCluster.Contracts.Grains.CheckpointReport;
 using StepReport = DeepSeekCluster.Contracts.Grains.StepReport;
@@ -15,7 +14,6 @@ public sealed class ClusterControlService(
     IGrainFactory grains,
     ClusterToken token,
     JobSubmission jobs,
-    CheckpointCommitter commits,
     CoordinatorMetrics metrics,
     ILogger<ClusterControlService> logger) : ClusterControl.ClusterControlBase
 {
@@ -113,6 +111,7 @@ public sealed class ClusterControlService(
                     SampleStart = s.SampleStart, SampleCount = s.SampleCount,
                     ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts, Resent = s.Resent,
                     AchievedFlops = s.AchievedFlops, Peak = s.Peak is { } p ? new DevicePeakInfo(p.Flops, p.Precision, p.Source, p.Description, p.Hardware) : null,
+                    HasValidation = s.HasValidation, ValidationLoss = s.ValidationLoss,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Resumed when connection.Current is { } a:
@@ -129,14 +128,12 @@ public sealed class ClusterControlService(
                 break;
             case WorkerMessage.KindOneofCase.Checkpoint when (connection.Current ?? connection.Last) is { } a:
                 var c = message.Checkpoint;
-                await Fenced(workerId, connection, a.JobId, c.Generation, "checkpoint", async () =>
-                {
-                    bool complete = await grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
+                // The report that completes the step makes the job grain hand it to the CheckpointCommitter.
+                await Fenced(workerId, connection, a.JobId, c.Generation, "checkpoint", () =>
+                    grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportCheckpointAsync(c.Generation, new CheckpointReport
                     {
                         Rank = c.Rank, Step = c.Step, File = c.File, SizeBytes = c.SizeBytes, Sha256 = c.Sha256, ManifestJson = c.ManifestJson,
-                    });
-                    if (complete) commits.Enqueue(a.JobId, c.Generation, c.Step);
-                });
+                    }));
                 break;
             case WorkerMessage.KindOneofCase.NcclUniqueId when connection.Current is { } a:
                 var n = message.NcclUniqueId;

@@ -1,56 +1,18 @@
 // One training job: the state machine Pending → Forming → Running ⇄ Rescaling → Completed | Failed | Stopped,
-// generations that fence every report, and the ranks handed to worker grains. Persisted after every change.
+// generations that fence every report, and the ranks handed to worker grains. What it records lives in plain classes
+// of its state (TrainingJobGrainState: SampleLedger, CheckpointBook, RecoveryClock), persisted after every change.
 using System.Text.Json;
 using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Coordinator.Checkpoints;
 using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.Coordinator.Grains;
-
-[GenerateSerializer]
-public sealed class TrainingJobGrainState
-{
-    [Id(0)] public JobSpec? Spec { get; set; }
-    [Id(1)] public JobState State { get; set; }
-    [Id(2)] public long Generation { get; set; }
-    [Id(3)] public long Step { get; set; }
-    [Id(4)] public List<LossPoint> Loss { get; set; } = [];
-    /// <summary>The current generation's ranks, in rank order.</summary>
-    [Id(5)] public List<JobWorker> Workers { get; set; } = [];
-    /// <summary>Every worker the registry handed to this job (members and, while forming, those waiting for more).</summary>
-    [Id(6)] public List<WorkerCapabilities> Pool { get; set; } = [];
-    [Id(7)] public List<CheckpointRecord> Checkpoints { get; set; } = [];
-    [Id(8)] public List<JobEvent> Events { get; set; } = [];
-    [Id(9)] public string? Error { get; set; }
-    [Id(10)] public DateTimeOffset? SubmittedAt { get; set; }
-    /// <summary>Steps the CheckpointStore committed, oldest first.</summary>
-    [Id(11)] public List<CommittedCheckpoint> Committed { get; set; } = [];
-    /// <summary>The exactly-once ledger of the current state's lineage (see <see cref="SampleLedger"/>).</summary>
-    [Id(12)] public SampleLedger Ledger { get; set; } = new();
-    [Id(13)] public ExpertLoad? ExpertLoad { get; set; }
-    /// <summary>The re-formation in progress (null when none): timed from its cause to the first step after it.</summary>
-    [Id(14)] public Reformation? Reforming { get; set; }
-    /// <summary>The step the current generation resumed from; null until its rank 0 reports Resumed.</summary>
-    [Id(15)] public long? GenerationResumedAt { get; set; }
-    /// <summary>Each member's latest achieved FLOP/s and device peak: the status's MFU (see <see cref="UtilizationBoard"/>).</summary>
-    [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
-}
-
-/// <summary>A re-formation's clock: cause (a worker left, was lost or hung, or the job grows) → formed → resumed → first step.</summary>
-[GenerateSerializer]
-public sealed class Reformation
-{
-    [Id(0)] public DateTimeOffset DetectedAt { get; set; }
-    [Id(1)] public string Cause { get; set; } = "";
-    [Id(2)] public DateTimeOffset? FormedAt { get; set; }
-    [Id(3)] public DateTimeOffset? ResumedAt { get; set; }
-    [Id(4)] public long Generation { get; set; }
-    [Id(5)] public long ResumedStep { get; set; }
-}
 
 public sealed class TrainingJobGrain(
     [PersistentState("job")] IPersistentState<TrainingJobGrainState> job,
     IOptions<CoordinatorOptions> options,
     CoordinatorMetrics metrics,
+    ICheckpointCommitter committer,
     TimeProvider clock,
     ILogger<TrainingJobGrain> logger) : Grain, ITrainingJobGrain
 {
@@ -83,11 +45,11 @@ public sealed class TrainingJobGrain(
         return Status();
     }
 
-    public override Task OnActivateAsync(CancellationToken cancellationToken)
+    public override async Task OnActivateAsync(CancellationToken cancellationToken)
     {
+        if (S.MoveLegacyState()) await job.WriteStateAsync(cancellationToken);
         if (S.Spec is not null && !S.State.IsTerminal()) metrics.JobGeneration(JobId, S.Generation);
         if (S.Spec is not null) metrics.JobStateChanged(JobId, S.State);
-        return Task.CompletedTask;
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -141,7 +103,7 @@ public sealed class TrainingJobGrain(
     /// </summary>
     async Task ReformAsync(string cause, string metricReason, JobEvent rescaling, string commandReason)
     {
-        StartReformation(cause);
+        S.Recovery.Start(cause, clock.GetUtcNow());
         S.State = JobState.Rescaling;
         metrics.Rescaled(metricReason);
         Event(rescaling);
@@ -188,10 +150,9 @@ public sealed class TrainingJobGrain(
         // The state now descends from step report.Step: what later steps consumed was thrown away with them.
         S.Ledger.ResumedAt(report.Step, S.Spec!.GlobalBatch);
         S.GenerationResumedAt = report.Step;
-        S.Loss.RemoveAll(p => p.Step > report.Step);
+        S.DropCurvesAfter(report.Step);
         S.Step = report.Step;
-        var now = clock.GetUtcNow();
-        if (S.Reforming is { } r && r.Generation == generation) { r.ResumedAt = now; r.ResumedStep = report.Step; }
+        S.Recovery.Resumed(generation, report.Step, clock.GetUtcNow());
         metrics.StepsRedone(redone);
         string from = report.Source switch
         {
@@ -230,27 +191,17 @@ public sealed class TrainingJobGrain(
             else S.Ledger.Add(report.Step, report.SampleStart, report.SampleCount, S.Spec!.GlobalBatch);
         }
         S.Utilization.Record(generation, report);
+        // The validation after the last step may arrive once the final commit completed the job.
+        S.RecordValidation(report);
         if (S.State == JobState.Completed)
         {
             await job.WriteStateAsync();
             return;
         }
-        if (report.ExpertLoad.Length > 0 && report.Experts > 0 && report.ExpertLoad.Length == report.ExpertLayers.Length * report.Experts
-            && (S.ExpertLoad is null || report.Step >= S.ExpertLoad.Step))
-            S.ExpertLoad = new ExpertLoad
-            {
-                Step = report.Step, Layers = report.ExpertLayers,
-                Fractions = [.. Enumerable.Range(0, report.ExpertLayers.Length).Select(i => report.ExpertLoad[(i * report.Experts)..((i + 1) * report.Experts)])],
-            };
-        if (S.Reforming is { } r && r.Generation == generation && report.Step > r.ResumedStep) Recovered(r);
+        S.RecordCurves(report, options.Value.LossHistory);
+        if (S.Recovery.StepCompleted(generation, report.Step, clock.GetUtcNow()) is { } recovery) Recovered(recovery);
         bool lastStepReached = report.Step >= S.Spec!.Steps && S.Step < S.Spec.Steps;
         if (report.Step > S.Step) S.Step = report.Step;
-        if (!S.Loss.Any(p => p.Step == report.Step))
-        {
-            S.Loss.Add(new LossPoint(report.Step, report.Loss, report.TokensPerSecond));
-            int excess = S.Loss.Count - options.Value.LossHistory;
-            if (excess > 0) S.Loss.RemoveRange(0, excess);
-        }
         if (lastStepReached) logger.LogInformation("Job {Job}: all {Steps} steps trained; waiting for the final checkpoint to commit", JobId, S.Step);
         if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
     }
@@ -262,7 +213,7 @@ public sealed class TrainingJobGrain(
     /// </summary>
     async Task<bool> CompleteIfFinalCheckpointCommittedAsync()
     {
-        if (S.State.IsTerminal() || S.Step < S.Spec!.Steps || !S.Committed.Any(c => c.Step >= S.Spec.Steps)) return false;
+        if (S.State.IsTerminal() || S.Step < S.Spec!.Steps || S.CheckpointBook.NewestCommitted < S.Spec.Steps) return false;
         await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps; the final checkpoint is committed");
         return true;
     }
@@ -271,15 +222,12 @@ public sealed class TrainingJobGrain(
     {
         // A rank's report of the last generation may still arrive after the commit that completed the job.
         Fence(generation, "checkpoint", acceptedWhenCompleted: true);
-        int i = S.Checkpoints.FindIndex(c => c.Step == report.Step && c.Generation == generation);
-        var record = i >= 0 ? S.Checkpoints[i] : new CheckpointRecord { Step = report.Step, Generation = generation, World = S.Workers.Count };
-        var files = record.Files.Where(f => f.Rank != report.Rank).Append(report).OrderBy(f => f.Rank).ToArray();
-        bool complete = files.Length == record.World, wasComplete = record.Complete;
-        record = record with { Files = files, Complete = complete };
-        if (i >= 0) S.Checkpoints[i] = record; else S.Checkpoints.Add(record);
-        if (complete && !wasComplete) logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported", JobId, report.Step, record.World);
+        var complete = S.CheckpointBook.Report(generation, S.Workers.Count, report);
         await job.WriteStateAsync();
-        return complete;
+        if (complete is null) return false;
+        logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported; handed to the committer", JobId, report.Step, complete.World);
+        committer.Commit(JobId, complete);
+        return true;
     }
 
     public async Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error)
@@ -291,25 +239,34 @@ public sealed class TrainingJobGrain(
         await job.WriteStateAsync();
     }
 
-    public Task<CheckpointRecord?> GetCompleteCheckpointAsync(long generation, long step) =>
-        Task.FromResult(S.Checkpoints.Find(c => c.Step == step && c.Generation == generation && c.Complete));
-
     public async Task CheckpointCommittedAsync(CommittedCheckpoint checkpoint)
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        if (S.Committed.Any(c => c.Step == checkpoint.Step)) return; // a retried commit
-        S.Committed.Add(checkpoint);
-        S.Committed.Sort((a, b) => a.Step.CompareTo(b.Step));
-        ForgetManifest(checkpoint.Generation, checkpoint.Step);
+        if (!S.CheckpointBook.Commit(checkpoint)) return; // a retried commit
         Event(New(JobEventKinds.CheckpointCommitted, $"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes")
             with { ResumeStep = checkpoint.Step });
+        // Retention: a generation that has not resumed yet may be loading the step its Assignment named.
+        long? resuming = S.GenerationResumedAt is null && !S.State.IsTerminal() ? S.GenerationResumeStep : null;
+        var deletable = S.CheckpointBook.Deletable(S.Spec.KeepLast, resuming);
+        if (deletable.Count > 0) committer.Prune(JobId, S.CheckpointBook.KeptBesides(deletable));
         if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
+    }
+
+    public async Task CheckpointsDeletedAsync(long[] steps, long[] leftovers)
+    {
+        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
+        S.CheckpointBook.Deleted(steps, clock.GetUtcNow());
+        var what = new List<string>();
+        if (steps.Length > 0) what.Add($"the checkpoints of steps {string.Join(", ", steps)}");
+        if (leftovers.Length > 0) what.Add($"the uncommitted files of steps {string.Join(", ", leftovers)}");
+        Event(New(JobEventKinds.CheckpointsDeleted, $"retention (keepLast {S.Spec.KeepLast}) deleted {string.Join(" and ", what)}") with { Reason = "retention" });
+        await job.WriteStateAsync();
     }
 
     public async Task CheckpointNotCommittedAsync(long generation, long step, string reason)
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        ForgetManifest(generation, step);
+        S.CheckpointBook.NotCommitted(step);
         Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: {reason}")
             with { ResumeStep = step, Reason = reason });
         // Every rank uploaded the final checkpoint but it cannot be committed (refused, no store, storage gone past the
@@ -317,13 +274,6 @@ public sealed class TrainingJobGrain(
         if (step >= S.Spec.Steps && S.Step >= S.Spec.Steps && generation == S.Generation && !S.State.IsTerminal())
             await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps; the final checkpoint was not committed: {reason}");
         else await job.WriteStateAsync();
-    }
-
-    /// <summary>The manifest is needed only until the commit is decided; it can be megabytes for a large model.</summary>
-    void ForgetManifest(long generation, long step)
-    {
-        int i = S.Checkpoints.FindIndex(c => c.Step == step && c.Generation == generation);
-        if (i >= 0) S.Checkpoints[i] = S.Checkpoints[i] with { Files = [.. S.Checkpoints[i].Files.Select(f => f with { ManifestJson = "" })] };
     }
 
     public async Task FailAsync(long generation, string reason)
@@ -370,7 +320,7 @@ public sealed class TrainingJobGrain(
         bool rescale = S.Generation > 0;
         if (running)
         {
-            StartReformation("grow");
+            S.Recovery.Start("grow", clock.GetUtcNow());
             S.State = JobState.Rescaling;
             metrics.Rescaled("grow");
             Event(New(JobEventKinds.Rescaling, $"growing from {S.Workers.Count} to {world} workers") with { Reason = "grow" });
@@ -379,9 +329,11 @@ public sealed class TrainingJobGrain(
         S.GenerationResumedAt = null;
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint, m.PipelineEndpoint))];
         S.State = JobState.Running;
-        if (S.Reforming is { } reforming) { reforming.FormedAt = clock.GetUtcNow(); reforming.Generation = S.Generation; }
+        S.Recovery.Formed(S.Generation, clock.GetUtcNow());
+        // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
+        S.GenerationResumeStep = S.CheckpointBook.NewestCommitted;
         Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
-            with { Reason = rescale ? S.Reforming?.Cause ?? "rescale" : "initial" });
+            with { Reason = rescale ? S.Recovery.Cause ?? "rescale" : "initial" });
         await ReleaseExtrasAsync();
         await job.WriteStateAsync();
         metrics.Formed(rescale);
@@ -389,8 +341,7 @@ public sealed class TrainingJobGrain(
         await Registry.SetWaitingAsync(JobId, world < spec.MaxWorkers ? JobWait.ToGrow : JobWait.None);
 
         string specJson = JobSpecJson.Serialize(spec);
-        // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
-        long resume = S.Committed.Select(c => c.Step).DefaultIfEmpty(0).Max();
+        long resume = S.GenerationResumeStep;
         var linkKey = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32); // this generation's data-plane key (LinkProof)
         // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
         // ranks of one stage (one dp group) are consecutive.
@@ -423,7 +374,7 @@ public sealed class TrainingJobGrain(
     {
         var members = S.Workers.ToList();
         S.State = final;
-        S.Reforming = null;
+        S.Recovery.Stop();
         if (final == JobState.Failed) S.Error = why;
         Event(New(kind, why) with { Reason = why });
         S.Pool.Clear();
@@ -461,25 +412,11 @@ public sealed class TrainingJobGrain(
         catch (Exception e) { logger.LogWarning(e, "Job {Job}: could not send {Command} to worker {Worker}", JobId, command.Kind, workerId); }
     }
 
-    /// <summary>A re-formation starts (unless one is already under way: a second failure during recovery extends the first).</summary>
-    void StartReformation(string cause)
+    void Recovered(Recovery r)
     {
-        if (S.Reforming is not null && S.Reforming.ResumedAt is null) return;
-        S.Reforming = new Reformation { DetectedAt = clock.GetUtcNow(), Cause = cause };
-    }
-
-    /// <summary>The first step of the re-formed generation completed: the recovery is over.</summary>
-    void Recovered(Reformation r)
-    {
-        var now = clock.GetUtcNow();
-        double total = (now - r.DetectedAt).TotalSeconds;
-        double? formation = r.FormedAt is { } f ? (f - r.DetectedAt).TotalSeconds : null;
-        double? restore = r.FormedAt is { } f2 && r.ResumedAt is { } a ? (a - f2).TotalSeconds : null;
-        double? first = r.ResumedAt is { } a2 ? (now - a2).TotalSeconds : null;
-        S.Reforming = null;
-        metrics.Recovery(total, r.Cause);
-        Event(New(JobEventKinds.Recovered, $"recovered from {r.Cause} in {total:0.###} s (formation {formation:0.###} s, restore {restore:0.###} s, first step {first:0.###} s)")
-            with { Reason = r.Cause, RecoverySeconds = total, FormationSeconds = formation, RestoreSeconds = restore, FirstStepSeconds = first, ResumeStep = r.ResumedStep });
+        metrics.Recovery(r.Total, r.Cause);
+        Event(New(JobEventKinds.Recovered, $"recovered from {r.Cause} in {r.Total:0.###} s (formation {r.Formation:0.###} s, restore {r.Restore:0.###} s, first step {r.FirstStep:0.###} s)")
+            with { Reason = r.Cause, RecoverySeconds = r.Total, FormationSeconds = r.Formation, RestoreSeconds = r.Restore, FirstStepSeconds = r.FirstStep, ResumeStep = r.ResumedStep });
     }
 
     JobEvent New(string kind, string message) => new(clock.GetUtcNow(), S.Generation, message) { Kind = kind };
@@ -495,22 +432,5 @@ public sealed class TrainingJobGrain(
         logger.LogInformation("Job {Job} [{State}, generation {Generation}] {Kind}: {Message}", JobId, S.State, S.Generation, e.Kind, e.Message);
     }
 
-    JobStatus Status() => new()
-    {
-        JobId = JobId,
-        State = S.State,
-        Generation = S.Generation,
-        Step = S.Step,
-        Spec = S.Spec,
-        Loss = [.. S.Loss],
-        Workers = [.. S.Workers],
-        Checkpoints = [.. S.Checkpoints.Select(c => c with { Files = [.. c.Files.Select(f => f with { ManifestJson = "" })] })],
-        Committed = [.. S.Committed],
-        Consumption = S.Ledger.Summary(S.Spec?.GlobalBatch ?? 0),
-        ExpertLoad = S.ExpertLoad,
-        Utilization = S.Utilization.Of(S.Generation),
-        Events = [.. S.Events],
-        Error = S.Error,
-        SubmittedAt = S.SubmittedAt,
-    };
+    JobStatus Status() => S.ToStatus(JobId);
 }

@@ -79,9 +79,10 @@ function heatmap(box, load) {
   }
   const experts = load.experts || Math.max(...rows.map(r => r.length));
   const layers = Array.isArray(load.layers) ? load.layers : rows.map((_, i) => i);
-  const cell = Math.max(6, Math.min(28, Math.floor(400 / experts))), L = 60, T = 18;
-  const W = L + experts * cell + 10, H = T + rows.length * cell + 24;
-  const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "expert load by layer" });
+  const cell = Math.max(6, Math.min(44, Math.floor(400 / experts))), L = 60, T = 4;
+  const W = L + experts * cell + 4, H = T + rows.length * cell + 4;
+  // Drawn at its own size (shrunk, never stretched, to fit the card), so its labels keep the charts' 11px.
+  const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "expert load by layer" });
   // Balanced is 1/E: colour by the share relative to twice that, so balance reads as mid-blue and collapse as dark.
   const full = 2 / experts;
   let cells = 0;
@@ -95,9 +96,10 @@ function heatmap(box, load) {
       cells++;
     });
   });
-  svg.append(el("svg:text", { x: L, y: 12 }, `experts 0…${experts - 1} (darker: more tokens; balanced = ${fmt(100 / experts, 1)}%)`));
   box.setAttribute("data-cells", String(cells));
-  box.append(svg);
+  // The caption is text in the page, not in the SVG: it wraps in a narrow card instead of being clipped by the viewBox.
+  box.append(svg, el("p", { class: "muted caption" },
+    `${typeof load.step === "number" ? `step ${load.step}: ` : ""}layers (rows) by experts 0…${experts - 1} (columns); darker: more tokens; balanced = ${fmt(100 / experts, 1)}% each`));
 }
 
 // ---- Sections ----
@@ -148,7 +150,9 @@ function renderJob(s) {
   const committed = new Set((s.committed || []).map(c => c.step));
   const rows = [];
   for (const c of (s.committed || []).slice().reverse())
-    rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation), el("td", { class: "state-completed" }, "committed"), el("td", {}, c.files), el("td", {}, bytes(c.bytes))));
+    rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation),
+      c.deletedAt ? el("td", { class: "muted", title: "deleted " + new Date(c.deletedAt).toLocaleTimeString() }, "deleted (keepLast)") : el("td", { class: "state-completed" }, "committed"),
+      el("td", {}, c.files), el("td", {}, bytes(c.bytes))));
   for (const c of (s.checkpoints || []).slice().reverse())
     if (!committed.has(c.step))
       rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation), el("td", { class: "state-pending" }, c.complete ? "reported" : `${(c.files || []).length}/${c.world} ranks`), el("td", {}, (c.files || []).length), el("td", {}, "–")));

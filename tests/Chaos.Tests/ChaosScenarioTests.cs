@@ -138,17 +138,25 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         await AssertNoOrphansAsync(o.Instances);
     }
 
+    /// <summary>
+    /// How late past the heartbeat timeout (and its check period) a hung worker may be declared hung: measured 4.6–6.6 s
+    /// after SIGSTOP with the 5 s timeout on the 2-core VM (docs/fault-tolerance.md), against this bound of 10.25 s.
+    /// </summary>
+    static readonly TimeSpan HungDetectionSlack = TimeSpan.FromSeconds(4);
+
     [Fact]
     public async Task HungWorkerIsNoticedWithinTheHeartbeatTimeoutAndComesBackOnlyAsANewWorker()
     {
         var job = fx.Job(1, 3);
         string victim = "";
         long generation = 0;
+        DateTimeOffset stopped = default;
         var o = await RunAsync(job, 3, async (id, workers) =>
         {
             var before = await RunningPastACheckpointAsync(id, 3);
             generation = before.Generation;
             victim = before.Workers.Single(w => w.Rank == 1).WorkerId;
+            stopped = DateTimeOffset.UtcNow;
             Cluster.Signal(victim, Signals.Stop);
             var hung = Single(await EventAsync(id, "worker_hung", victim, $"the coordinator noticing {victim} hung"), "worker_hung", victim);
             await FormedAfterAsync(id, generation);
@@ -158,6 +166,14 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         });
         AssertCommon(o, job);
         var hung = Single(o.Job, "worker_hung", victim);
+        // Noticed within the heartbeat timeout: its last beat came at most when it was stopped, and the worker grain checks
+        // every timeout/4. The slack covers a loaded 2-core machine (grain turns, the event write); a Coordinator that
+        // missed heartbeats for longer, or never watched them, takes at least another timeout.
+        var timeout = Cluster.Options.HeartbeatTimeout;
+        var within = timeout + timeout / 4 + HungDetectionSlack;
+        Assert.True(hung.At - stopped <= within && hung.At >= stopped,
+                    $"{victim} was declared hung {(hung.At - stopped).TotalSeconds:F2} s after it was stopped; expected within the {timeout.TotalSeconds} s " +
+                    $"heartbeat timeout + {(timeout / 4).TotalSeconds} s check period + {HungDetectionSlack.TotalSeconds} s slack");
         // Woken, the zombie either sends a report of its old generation first (refused: worker_fenced, told to rejoin) or
         // first reads the Stop the Coordinator queued on its stream when it declared it hung; which comes first is a race
         // of the wake-up. Either way it comes back only as a new worker, and nothing it sent for its old generation
@@ -227,9 +243,10 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
         AssertCommon(o, job);
         Assert.False(File.Exists($"/proc/{oldPid}/cmdline") && File.ReadAllText($"/proc/{oldPid}/cmdline").Contains("Coordinator"),
                      $"the killed coordinator (pid {oldPid}) is still there");
-        // Re-adopted: no step was redone, and a re-formation (if any) resumed from a live replica.
-        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal(0, e.StepsRedone));
-        Assert.All(o.Job.OfKind("resumed").Where(e => e.At > killed), e => Assert.Equal("replica", e.ResumeSource));
+        // Re-adopted: the generation running when the Coordinator died is the one that finished the job. No generation
+        // formed after the kill, none resumed, so no step was redone.
+        Assert.True(o.Job.Generation == generation, $"the job ended in generation {o.Job.Generation}, not the re-adopted {generation}:\n{o.Job.Describe()}");
+        Assert.DoesNotContain(o.Job.Events, e => e.Kind is "formed" or "resumed" or "rescaling" && e.At > killed);
         await AssertNoOrphansAsync(o.Instances);
     }
 
@@ -283,12 +300,15 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
     [Fact]
     public async Task BlobStorageStoppedAndRestartedLosesNoCommittedCheckpointAndTheJobCompletes()
     {
-        var job = fx.Job(1, 2);
+        var job = fx.Job(1, 2) with { KeepLast = 0 }; // retention deletes nothing: every committed step must still be there
         DateTimeOffset restarted = default;
         long dueDuringOutage = 0;
+        IReadOnlyList<long> committedBefore = [], storedBefore = [];
         var o = await RunAsync(job, 2, async (id, workers) =>
         {
             var before = await RunningPastACheckpointAsync(id, 2);
+            storedBefore = await Cluster.CommittedInStoreAsync(id, CancellationToken.None);
+            committedBefore = before.CommittedSteps;
             await Cluster.StopAzuriteAsync(CancellationToken.None);
             try
             {
@@ -305,6 +325,13 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
             }
         });
         AssertCommon(o, job);
+        // Nothing committed before the outage was lost: the job and the store itself still list every step of then.
+        var storedAfter = await Cluster.CommittedInStoreAsync(o.Job.JobId, CancellationToken.None);
+        Assert.True(committedBefore.Count > 0 && committedBefore.All(storedBefore.Contains),
+                    $"before the outage the job listed [{string.Join(", ", committedBefore)}], the store [{string.Join(", ", storedBefore)}]");
+        Assert.True(storedBefore.All(storedAfter.Contains) && storedBefore.All(o.Job.CommittedSteps.Contains),
+                    $"committed before the outage: [{string.Join(", ", storedBefore)}]; after it the store lists [{string.Join(", ", storedAfter)}], the job [{string.Join(", ", o.Job.CommittedSteps)}]");
+        Assert.Superset(storedAfter.ToHashSet(), o.Job.CommittedSteps.ToHashSet()); // every step the job calls committed exists
         // The checkpoint due during the outage either committed once storage was back or says it was not committed.
         Assert.True(o.Job.CommittedSteps.Contains(dueDuringOutage) || o.Job.OfKind("checkpoint_not_committed").Any(),
                     $"the checkpoint of step {dueDuringOutage}, due while Azurite was down, neither committed nor reported as not committed:\n{o.Job.Describe()}");

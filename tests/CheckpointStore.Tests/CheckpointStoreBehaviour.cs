@@ -233,6 +233,33 @@ public abstract class CheckpointStoreBehaviour(BackendFixture fixture)
     }
 
     [Fact]
+    public async Task RetentionKeepsTheStepsTheCallerNamesCommittedOrOnTheirWay()
+    {
+        // What the Coordinator asks after a commit: keep the newest, a step a resuming generation may load (20), and the
+        // files of a step whose commit is queued behind a newer one (25).
+        string job = NewJob();
+        foreach (long step in new long[] { 10, 20, 30, 40 })
+        {
+            var file = Rank(0, seed: (int)step, rows: 4, cols: 8);
+            await UploadAsync(Client, job, step, 0, file);
+            await CommitAsync(Client, job, step, 1, file);
+        }
+        var queued = Rank(0, seed: 25, rows: 4, cols: 8);
+        await UploadAsync(Client, job, 25, 0, queued);
+        await UploadAsync(Client, job, 15, 0, Rank(0, seed: 15, rows: 4, cols: 8)); // a leftover nobody waits for
+
+        var request = new ApplyRetentionRequest { Job = job, KeepLast = 1 };
+        request.KeepSteps.AddRange([20, 25]);
+        var reply = await Client.ApplyRetentionAsync(request);
+
+        Assert.Equal(new long[] { 20L, 40L }, reply.KeptSteps);
+        Assert.Equal(new long[] { 10L, 30L }, reply.DeletedSteps);
+        Assert.Equal(new long[] { 15L }, reply.DeletedUncommittedSteps);
+        await CommitAsync(Client, job, 25, 1, queued); // its files survived
+        Assert.Equal(new long[] { 20L, 25L, 40L }, await CommittedStepsAsync(job));
+    }
+
+    [Fact]
     public async Task StorageLostMidUploadGivesAClearErrorAndThePreviousCheckpointStillLoads()
     {
         string job = NewJob();

@@ -1,5 +1,6 @@
 // The real Coordinator (silo, REST, ClusterControl, service defaults) in-process: REST + /metrics on an HTTP/1.1 endpoint,
 // gRPC on an HTTP/2 endpoint, both on free loopback ports, exactly as the two-endpoint configuration in ServiceDefaults says.
+using System.Collections.Concurrent;
 using DeepSeekCluster.Contracts.Control;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
@@ -16,9 +17,10 @@ public sealed class CoordinatorHost : IAsyncDisposable
     private readonly WebApplication _app;
     private readonly GrpcChannel _channel;
 
-    private CoordinatorHost(WebApplication app, int httpPort, int grpcPort)
+    private CoordinatorHost(WebApplication app, int httpPort, int grpcPort, ConcurrentQueue<string> logs)
     {
         _app = app;
+        Logs = logs;
         Http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{httpPort}") };
         GrpcAddress = $"http://127.0.0.1:{grpcPort}";
         _channel = GrpcChannel.ForAddress(GrpcAddress);
@@ -26,6 +28,12 @@ public sealed class CoordinatorHost : IAsyncDisposable
     }
 
     public HttpClient Http { get; }
+
+    /// <summary>The host's services (its IMeterFactory scopes the Coordinator's instruments to this host).</summary>
+    public IServiceProvider Services => _app.Services;
+
+    /// <summary>Every line the Coordinator logged, formatted (see CapturingLogger).</summary>
+    public ConcurrentQueue<string> Logs { get; }
 
     public string GrpcAddress { get; }
 
@@ -51,13 +59,15 @@ public sealed class CoordinatorHost : IAsyncDisposable
         builder.Configuration.AddInMemoryCollection(settings);
         if (extra is not null) builder.Configuration.AddInMemoryCollection(extra);
         builder.Logging.ClearProviders();
+        var logs = new ConcurrentQueue<string>();
+        builder.Logging.AddProvider(new CapturingLogger(logs));
         builder.AddBasicServiceDefaults();
         builder.AddCoordinator();
         var app = builder.Build();
         app.MapDefaultEndpoints();
         app.MapCoordinator();
         await app.StartAsync();
-        return new CoordinatorHost(app, httpPort, grpcPort);
+        return new CoordinatorHost(app, httpPort, grpcPort, logs);
     }
 
     public async ValueTask DisposeAsync()

@@ -1,5 +1,7 @@
 // An in-process Orleans cluster with the Coordinator's grains and real persistence (files, or Redis), restartable on the same store.
+using System.Collections.Concurrent;
 using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Coordinator.Checkpoints;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Orleans.TestingHost;
@@ -23,6 +25,8 @@ public sealed class GrainCluster : IAsyncDisposable
         builder.ConfigureSilo((_, silo) =>
         {
             silo.Services.AddCoordinatorGrainServices();
+            silo.Services.AddSingleton<HandedCheckpoints>();
+            silo.Services.AddSingleton<ICheckpointCommitter>(sp => sp.GetRequiredService<HandedCheckpoints>());
             silo.Services.Configure<CoordinatorOptions>(o => o.HeartbeatTimeout = heartbeatTimeout ?? TimeSpan.FromSeconds(30));
             if (redis is null)
                 silo.AddFileGrainStorageAsDefault(new ConfigurationBuilder().AddInMemoryCollection(
@@ -39,6 +43,9 @@ public sealed class GrainCluster : IAsyncDisposable
 
     public IGpuWorkerGrain Worker(string id) => Grains.GetGrain<IGpuWorkerGrain>(id);
 
+    /// <summary>What the job grains handed to the committer (the tests play the CheckpointStore's part).</summary>
+    public HandedCheckpoints Handed => SiloServices.GetRequiredService<HandedCheckpoints>();
+
     /// <summary>The (single) silo's services: its meter factory scopes the Coordinator's instruments to this cluster.</summary>
     public IServiceProvider SiloServices => _cluster.Silos[0].ServiceProvider;
 
@@ -47,4 +54,19 @@ public sealed class GrainCluster : IAsyncDisposable
         await _cluster.StopAllSilosAsync();
         await _cluster.DisposeAsync();
     }
+}
+
+/// <summary>
+/// The grain tests' committer: it records what the job grains hand over and commits nothing, so a test decides each
+/// outcome by calling CheckpointCommittedAsync or CheckpointNotCommittedAsync, as the real committer does after the store
+/// answered (CheckpointCommitTests and RetentionTests run the real one against a real CheckpointStore).
+/// </summary>
+public sealed class HandedCheckpoints : ICheckpointCommitter
+{
+    public ConcurrentQueue<(string JobId, CheckpointRecord Record)> Commits { get; } = new();
+    public ConcurrentQueue<(string JobId, long[] Keep)> Prunes { get; } = new();
+
+    public void Commit(string jobId, CheckpointRecord record) => Commits.Enqueue((jobId, record));
+
+    public void Prune(string jobId, long[] keep) => Prunes.Enqueue((jobId, keep));
 }

@@ -43,6 +43,39 @@ public class GrainTests
     }
 
     [Fact]
+    public async Task TheValidationCurveHasOnePointPerValidatedStepDropsRedoneStepsAndTakesTheFinalPassAfterCompletion()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var job = c.Job("curve");
+        await job.SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 4) with { EvalInterval = 1 });
+        long v1 = await c.Worker("v1").RegisterAsync(TestSpecs.Worker("v1"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running, "formation");
+        await job.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
+        await job.ReportStepAsync(1, new StepReport { Step = 1, Loss = 9 });
+        await job.ReportStepAsync(1, new StepReport { Step = 2, Loss = 8, HasValidation = true, ValidationLoss = 5.5 });
+        await job.ReportStepAsync(1, new StepReport { Rank = 1, Step = 2, Loss = 8, HasValidation = true, ValidationLoss = 5.5 }); // another rank, same pass
+        await job.ReportStepAsync(1, new StepReport { Step = 3, Loss = 7, HasValidation = true, ValidationLoss = 5.2 });
+        Assert.Equal([new ValidationPoint(2, 5.5), new ValidationPoint(3, 5.2)], (await job.GetStatusAsync()).ValidationLoss);
+
+        // The worker dies; the next generation resumes from step 2, so step 3 and its validation are redone.
+        await c.Worker("v1").DisconnectedAsync(v1, "killed", LeaveKind.Lost);
+        await c.Worker("v2").RegisterAsync(TestSpecs.Worker("v2"), null);
+        await TestSpecs.EventuallyAsync(job.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "re-formation");
+        await job.ReportResumedAsync(2, new ResumedReport { Step = 2, Source = "checkpoint" });
+        Assert.Equal([new ValidationPoint(2, 5.5)], (await job.GetStatusAsync()).ValidationLoss);
+        await job.ReportStepAsync(2, new StepReport { Step = 3, Loss = 7, HasValidation = true, ValidationLoss = 5.1 });
+        await job.ReportStepAsync(2, new StepReport { Step = 4, Loss = 6 });
+        await job.CheckpointCommittedAsync(new CommittedCheckpoint(4, 2, 1, 100));
+        Assert.Equal(JobState.Completed, (await job.GetStatusAsync()).State);
+
+        // The pass after the last step reports once the final commit already completed the job.
+        await job.ReportStepAsync(2, new StepReport { Step = 4, Loss = 6, HasValidation = true, ValidationLoss = 5.0 });
+        var status = await job.GetStatusAsync();
+        Assert.Equal([new ValidationPoint(2, 5.5), new ValidationPoint(3, 5.1), new ValidationPoint(4, 5.0)], status.ValidationLoss);
+        Assert.Equal([9.0, 8.0, 7.0, 6.0], status.Loss.Select(p => p.Loss));
+    }
+
+    [Fact]
     public async Task AWorkerWithoutHeartbeatsLeavesItsJob()
     {
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder(), heartbeatTimeout: TimeSpan.FromSeconds(1.5)); // long enough to form first on a loaded machine

@@ -71,4 +71,20 @@ public class JobSpecValidationTests
         Assert.Equal(6, spec.ChooseDataParallel(8));
         Assert.Null((spec with { MinWorkers = 4 }).ChooseDataParallel(3));
     }
+
+    [Fact]
+    public void KeepLastAndEvalIntervalDefaultToThreeAndZeroAndRefuseNegativesNamingTheField()
+    {
+        var read = System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
+            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", CoordinatorJson.Options)!;
+        Assert.Equal((3, 0), (read.KeepLast, read.EvalInterval));
+        var set = System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
+            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2, "keepLast": 0, "evalInterval": 50}""", CoordinatorJson.Options)!;
+        Assert.Equal((0, 50), (set.KeepLast, set.EvalInterval));
+        Assert.Empty(set.Validate());
+
+        var problems = (TestSpecs.Tiny() with { KeepLast = -1, EvalInterval = -5 }).Validate();
+        Assert.Contains("-1 must be 0 (keep every checkpoint)", Assert.Single(problems, p => p.Field == "keepLast").Message);
+        Assert.Contains("-5 must be 0 (validate only at the end)", Assert.Single(problems, p => p.Field == "evalInterval").Message);
+    }
 }

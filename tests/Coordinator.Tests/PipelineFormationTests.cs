@@ -76,7 +76,9 @@ public class PipelineFormationTests
         for (int rank = 0; rank < 3; rank++)
             Assert.False(await job.ReportCheckpointAsync(g, new CheckpointReport { Rank = rank, Step = 2, File = $"rank-{rank}.safetensors", SizeBytes = 1, Sha256 = "00" }));
         Assert.True(await job.ReportCheckpointAsync(g, new CheckpointReport { Rank = 3, Step = 2, File = "rank-3.safetensors", SizeBytes = 1, Sha256 = "00" }));
-        var record = await job.GetCompleteCheckpointAsync(g, 2);
-        Assert.Equal(["rank-0.safetensors", "rank-1.safetensors", "rank-2.safetensors", "rank-3.safetensors"], record!.Files.Select(f => f.File));
+        // The grain hands the complete step to the committer itself: every rank's file, once.
+        var (jobId, record) = Assert.Single(c.Handed.Commits);
+        Assert.Equal((job.GetPrimaryKeyString(), 2L, g), (jobId, record.Step, record.Generation));
+        Assert.Equal(["rank-0.safetensors", "rank-1.safetensors", "rank-2.safetensors", "rank-3.safetensors"], record.Files.Select(f => f.File));
     }
 }

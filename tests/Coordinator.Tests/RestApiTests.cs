@@ -1,7 +1,10 @@
+using System.Collections.Concurrent;
+using System.Diagnostics.Metrics;
 using System.Net;
 using System.Net.Http.Headers;
 using System.Net.Http.Json;
 using System.Text.Json;
+using Microsoft.Extensions.DependencyInjection;
 
 namespace DeepSeekCluster.Coordinator.Tests;
 
@@ -25,6 +28,24 @@ public class RestApiTests(CoordinatorFixture fixture)
     [Fact]
     public async Task WritesWithoutTheTokenAreRefusedLoggedAndCounted()
     {
+        // The counter as this host's /metrics exports it, read from its own meter: other hosts and silos of this test
+        // process create meters of the same name, and a scrape of /metrics cannot tell their series apart.
+        var refusals = new ConcurrentDictionary<string, long>();
+        var factory = fixture.Host.Services.GetRequiredService<IMeterFactory>();
+        fixture.Host.Services.GetRequiredService<CoordinatorMetrics>();
+        using var listener = new MeterListener();
+        listener.InstrumentPublished = (instrument, l) =>
+        {
+            if (ReferenceEquals(instrument.Meter.Scope, factory) && instrument.Name == "deepseek_coordinator_auth_refusals") l.EnableMeasurementEvents(instrument);
+        };
+        listener.SetMeasurementEventCallback<long>((_, value, tags, _) =>
+        {
+            string surface = "", reason = "";
+            foreach (var t in tags) { if (t.Key == "surface") surface = (string)t.Value!; else if (t.Key == "reason") reason = (string)t.Value!; }
+            refusals.AddOrUpdate($"{surface}/{reason}", value, (_, sum) => sum + value);
+        });
+        listener.Start();
+
         using var noToken = await Http.PostAsJsonAsync("/jobs", TestSpecs.Tiny());
         Assert.Equal(HttpStatusCode.Unauthorized, noToken.StatusCode);
         var wrong = new HttpRequestMessage(HttpMethod.Post, "/jobs/any/stop");
@@ -32,7 +53,14 @@ public class RestApiTests(CoordinatorFixture fixture)
         using var wrongToken = await Http.SendAsync(wrong);
         Assert.Equal(HttpStatusCode.Unauthorized, wrongToken.StatusCode);
 
-        // /metrics over HTTP/1.1, as Prometheus scrapes it; the token appears nowhere in it.
+        // Counted: one refusal of each reason on the REST surface (the tests of this collection run one at a time).
+        Assert.Equal(1, refusals.GetValueOrDefault("rest/missing"));
+        Assert.Equal(1, refusals.GetValueOrDefault("rest/wrong"));
+        // Logged: one warning per refusal naming the request and the reason, never the presented value.
+        Assert.Contains(fixture.Host.Logs, l => l.StartsWith("Warning: Refused POST /jobs from ") && l.Contains("missing cluster token"));
+        Assert.Contains(fixture.Host.Logs, l => l.StartsWith("Warning: Refused POST /jobs/any/stop from ") && l.Contains("wrong cluster token"));
+        Assert.DoesNotContain(fixture.Host.Logs, l => l.Contains("not-the-token"));
+        // /metrics over HTTP/1.1, as Prometheus scrapes it: the counter is exported, the token appears nowhere in it.
         string metrics = await TestSpecs.EventuallyAsync(() => Http.GetStringAsync("/metrics"),
             m => m.Contains("deepseek_coordinator_auth_refusals"), "the refusal counter on /metrics");
         Assert.DoesNotContain(CoordinatorHost.Token, metrics);

@@ -81,10 +81,13 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
             Assert.Equal(w!["online"]!.GetValue<bool>(), shown["health"]!.GetValue<string>() != "offline");
         }
         Assert.Contains(page["workers"]!.AsArray(), r => r!["health"]!.GetValue<string>() == "online");
-        // Checkpoints: every committed step, including the last.
-        var committed = job["committed"]!.AsArray().Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
-        Assert.Contains((long)RunningCluster.Steps, committed);
-        Assert.Superset(committed, page["checkpoints"]!.AsArray().Where(c => c!["state"]!.GetValue<string>() == "committed").Select(c => c!["step"]!.GetValue<long>()).ToHashSet());
+        // Checkpoints: every committed step, including the last, as committed, and those retention (keepLast 3 by default)
+        // deleted from the store as deleted.
+        HashSet<long> Api(bool deleted) => job["committed"]!.AsArray().Where(c => (c!["deletedAt"] is not null) == deleted).Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
+        HashSet<long> Shown(string state) => page["checkpoints"]!.AsArray().Where(c => c!["state"]!.GetValue<string>() == state).Select(c => c!["step"]!.GetValue<long>()).ToHashSet();
+        Assert.Contains((long)RunningCluster.Steps, Api(deleted: false));
+        Assert.Equal(Api(deleted: false), Shown("committed"));
+        Assert.Equal(Api(deleted: true), Shown("deleted (keepLast)"));
         // Event log: every event of the job, the worker leaving among them.
         var events = page["events"]!.AsArray().Select(e => e!.GetValue<string>()).ToList();
         Assert.Equal(job["events"]!.AsArray().Count, events.Count);
@@ -123,18 +126,25 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
                 jobId: 'contract', state: 'running', generation: 3, step: 12, spec: { steps: 20 },
                 loss: [{ step: 1, loss: 5, tokensPerSecond: 100 }, { step: 2, loss: 4, tokensPerSecond: 120 }],
                 validationLoss: [{ step: 4, loss: 5.5 }, { step: 8, loss: 4.5 }, { step: 12, loss: 4.4 }],
-                expertLoad: { layers: [1, 2], experts: 4, fractions: [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]] },
+                expertLoad: { step: 12, layers: [1, 2], experts: 4, fractions: [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]] },
                 consumption: { samples: 160, ranges: [[0, 160]], complete: false },
                 events: [
                   { at: '2026-01-01T00:00:00Z', generation: 2, message: 'worker w1 failed', kind: 'failed', workerId: 'w1', reason: 'heartbeat timeout' },
                   { at: '2026-01-01T00:00:05Z', generation: 3, message: 'recovered', kind: 'recovered', resumeSource: 'checkpoint', stepsRedone: 2, recoverySeconds: 4.5 }],
-                committed: [{ step: 8, generation: 2, files: 2, bytes: 2000000 }],
+                committed: [{ step: 4, generation: 1, files: 2, bytes: 2000000, deletedAt: '2026-01-01T00:00:06Z' }, { step: 8, generation: 2, files: 2, bytes: 2000000 }],
                 checkpoints: [{ step: 12, generation: 3, world: 2, files: [{}], complete: false }],
               });
               const heat = document.getElementById('heatmap');
               return {
                 validation: +document.getElementById('validation-chart').getAttribute('data-points'),
                 cells: +heat.getAttribute('data-cells'), shades: [...heat.querySelectorAll('rect.cell')].map(r => r.getAttribute('fill')),
+                caption: heat.querySelector('.caption')?.textContent || '',
+                // Every label and the caption drawn inside the heatmap's box: none cut off at its edge.
+                clipped: [...heat.querySelectorAll('svg text, .caption')].filter(t => {
+                  const r = t.getBoundingClientRect(), box = heat.getBoundingClientRect(), svg = heat.querySelector('svg').getBoundingClientRect();
+                  const inner = t.closest('svg') ? svg : box;
+                  return r.left < inner.left - 0.5 || r.right > inner.right + 0.5 || r.top < inner.top - 0.5 || r.bottom > inner.bottom + 0.5;
+                }).map(t => t.textContent),
                 events: [...document.querySelectorAll('#events li')].map(li => ({ kind: li.dataset.kind, text: li.textContent })),
                 consumption: document.getElementById('consumption').textContent,
                 checkpoints: [...document.querySelectorAll('#checkpoints tbody tr')].map(r => r.textContent),
@@ -144,6 +154,8 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
         log.WriteLine(shown.ToJsonString());
         Assert.Equal(3, shown["validation"]!.GetValue<int>());
         Assert.Equal(8, shown["cells"]!.GetValue<int>());
+        Assert.Equal("step 12: layers (rows) by experts 0…3 (columns); darker: more tokens; balanced = 25.0% each", shown["caption"]!.GetValue<string>());
+        Assert.Empty(shown["clipped"]!.AsArray());
         // Balanced experts (1/4) are drawn lighter than the one taking 70% of its layer.
         var shades = shown["shades"]!.AsArray().Select(f => double.Parse(f!.GetValue<string>().Split(',')[3].TrimEnd(')'), System.Globalization.CultureInfo.InvariantCulture)).ToList();
         Assert.True(shades[4] > shades[0] && shades[0] > shades[5], string.Join(", ", shades));
@@ -156,8 +168,11 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
         Assert.Contains("worker w1", events[1]!["text"]!.GetValue<string>());
         Assert.Contains("heartbeat timeout", events[1]!["text"]!.GetValue<string>());
         Assert.Equal("data consumed: 160 samples in 1 ranges", shown["consumption"]!.GetValue<string>());
-        Assert.Equal(2, shown["checkpoints"]!.AsArray().Count);
-        Assert.Contains("1/2 ranks", shown["checkpoints"]![1]!.GetValue<string>());
+        Assert.Equal(3, shown["checkpoints"]!.AsArray().Count);
+        // Committed steps newest first (8, then 4, which retention deleted), then the step still being reported.
+        Assert.Contains("committed", shown["checkpoints"]![0]!.GetValue<string>());
+        Assert.Contains("deleted (keepLast)", shown["checkpoints"]![1]!.GetValue<string>());
+        Assert.Contains("1/2 ranks", shown["checkpoints"]![2]!.GetValue<string>());
     }
 
     [Fact]

@@ -31,7 +31,8 @@ internal sealed class StoreHost : IAsyncDisposable
     public GrpcChannel Channel { get; }
     public Store.CheckpointStoreClient Client { get; }
 
-    public static async Task<StoreHost> StartAsync()
+    /// <param name="blobConnection">An Azure Blob connection string (e.g. Azurite's) instead of the folder backend.</param>
+    public static async Task<StoreHost> StartAsync(string? blobConnection = null)
     {
         int port = FreePort.Next();
         string folder = Directory.CreateTempSubdirectory("store-").FullName;
@@ -41,6 +42,7 @@ internal sealed class StoreHost : IAsyncDisposable
         {
             ["Storage:Folder"] = Path.Combine(folder, "blobs"),
             ["Storage:BlockBytes"] = "65536", // small blocks: an interrupted upload leaves staged bytes to resume from
+            ["ConnectionStrings:blobs"] = blobConnection,
         });
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Loopback, port, o => o.Protocols = HttpProtocols.Http2));

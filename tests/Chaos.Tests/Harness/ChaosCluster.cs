@@ -9,6 +9,7 @@ using System.Reflection;
 using System.Security.Cryptography;
 using DeepSeekCluster.AppHost.Hosting;
 using DeepSeekCluster.Contracts;
+using DeepSeekCluster.Contracts.Checkpoints;
 using DeepSeekCluster.Contracts.DataShards;
 using Grpc.Net.Client;
 
@@ -147,6 +148,14 @@ public sealed class ChaosCluster : IAsyncDisposable
         }, deadline: DateTime.UtcNow.AddMinutes(10), cancellationToken: ct);
         Options.Log($"dataset {reply.DatasetId}: {reply.TrainSamples} train samples of {seqLen} tokens{(reply.Reused ? " (reused)" : "")}");
         return reply.DatasetId;
+    }
+
+    /// <summary>The job's committed steps as the CheckpointStore itself lists them (ascending).</summary>
+    public async Task<List<long>> CommittedInStoreAsync(string jobId, CancellationToken ct)
+    {
+        using var channel = GrpcChannel.ForAddress(checkpoints.GetEndpoint("grpc").Url);
+        var reply = await new Contracts.Checkpoints.CheckpointStore.CheckpointStoreClient(channel).ListCheckpointsAsync(new ListCheckpointsRequest { Job = jobId }, cancellationToken: ct);
+        return [.. reply.Checkpoints.Select(c => c.Step)];
     }
 
     public async Task<string> SubmitAsync(ChaosJob job, string datasetId, CancellationToken ct)

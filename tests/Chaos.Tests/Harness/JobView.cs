@@ -53,7 +53,8 @@ public sealed record JobView(
         return new JobView(
             Str(s, "jobId") ?? "?", Str(s, "state") ?? "?", Long(s, "generation") ?? 0, Long(s, "step") ?? 0,
             Array(s, "workers").Select(w => (w.GetProperty("rank").GetInt32(), w.GetProperty("workerId").GetString()!)).ToList(),
-            events, consumption, Array(s, "committed").Select(x => x.GetProperty("step").GetInt64()).ToList(), Str(s, "error"),
+            // Committed steps that still exist: those retention deleted (deletedAt) are history.
+            events, consumption, Array(s, "committed").Where(x => Str(x, "deletedAt") is null).Select(x => x.GetProperty("step").GetInt64()).ToList(), Str(s, "error"),
             Array(s, "loss").Select(l => (l.GetProperty("step").GetInt64(), l.GetProperty("tokensPerSecond").GetDouble())).ToList());
     }
 }
@@ -68,6 +69,8 @@ public sealed record ChaosJob
     public int GlobalBatch { get; init; } = 12;
     public int MicroBatch { get; init; } = 2;
     public int CheckpointInterval { get; init; } = 5;
+    /// <summary>The spec's keepLast (its default 3); 0 keeps every committed checkpoint.</summary>
+    public int KeepLast { get; init; } = 3;
     public int MinWorkers { get; init; } = 1;
     public int MaxWorkers { get; init; } = 2;
     public int Seed { get; init; } = 1234;
@@ -80,6 +83,6 @@ public sealed record ChaosJob
         name = Name, modelPreset = "tiny", dataset = datasetId, parallel = new { dp = 0, pp = 1 },
         globalBatch = GlobalBatch, microBatch = MicroBatch, seqLen = SeqLen, steps = Steps,
         schedule = new { kind = "cosine", peakLr = Lr, minLr = Lr / 10, warmupSteps = Math.Max(1, Steps / 10) },
-        checkpointInterval = CheckpointInterval, minWorkers = MinWorkers, maxWorkers = MaxWorkers, seed = Seed,
+        checkpointInterval = CheckpointInterval, keepLast = KeepLast, minWorkers = MinWorkers, maxWorkers = MaxWorkers, seed = Seed,
     };
 }
