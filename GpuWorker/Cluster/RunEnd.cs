@@ -56,7 +56,7 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (run.Assignment.PpSize == 1)
         {
-            Write(run, plan, formed.Live.Model, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer);
+            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer);
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
@@ -67,7 +67,7 @@ static class RunEnd
         model.to(device);
         var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
         run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, reuse ?? validation.Evaluate(model, device), device, tokenizer);
+        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer);
     }
 
     /// <summary>Whether committed step <paramref name="final"/> appeared before the run was cancelled (looked at every 250 ms).</summary>
@@ -91,11 +91,20 @@ static class RunEnd
     }
 
     /// <summary>Logs the validation loss and a sample from the job's prompt, and writes the Hugging Face folder of <paramref name="model"/>.</summary>
-    static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, double validationLoss, Device device, GetTokenizerReply tokenizerReply)
+    static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, long step, double validationLoss, Device device, GetTokenizerReply tokenizerReply)
     {
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
         run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
         run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        // The end's validation joins the job's curve (a report of no samples: the ledger and the loss curve ignore it).
+        run.Send(new WorkerMessage
+        {
+            Step = new StepReport
+            {
+                Generation = run.Assignment.Generation, Rank = run.Rank, Step = step,
+                ValidationLoss = validationLoss, HasValidation = double.IsFinite(validationLoss),
+            },
+        });
         string promptText = plan.Spec.SamplePrompt;
         var prompt = tokenizer.Encode(promptText);
         // An empty prompt starts from the end-of-text token, as the standalone run does.

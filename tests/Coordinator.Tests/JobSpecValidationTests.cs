@@ -76,10 +76,10 @@ public class JobSpecValidationTests
     public void KeepLastAndEvalIntervalDefaultToThreeAndZeroAndRefuseNegativesNamingTheField()
     {
         var read = System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
-            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", CoordinatorJson.Options)!;
+            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", JobSpecJson.Options)!;
         Assert.Equal((3, 0), (read.KeepLast, read.EvalInterval));
         var set = System.Text.Json.JsonSerializer.Deserialize<JobSpec>(
-            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2, "keepLast": 0, "evalInterval": 50}""", CoordinatorJson.Options)!;
+            """{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2, "keepLast": 0, "evalInterval": 50}""", JobSpecJson.Options)!;
         Assert.Equal((0, 50), (set.KeepLast, set.EvalInterval));
         Assert.Empty(set.Validate());
 

@@ -31,7 +31,7 @@ public class RetentionTests
         await TestSpecs.EventuallyAsync(() => coordinator.Http.GetStringAsync("/workers"), w => w.Contains("keep-w0"), "worker keep-w0 registered");
 
         var spec = TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 5) with { Name = Job, CheckpointInterval = 1, KeepLast = 2 };
-        await coordinator.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = JsonSerializer.Serialize(spec, CoordinatorJson.Options) }, bearer);
+        await coordinator.Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = JsonSerializer.Serialize(spec, JobSpecJson.Options) }, bearer);
         Contracts.Control.Assignment? assignment = null;
         while (assignment is null && await worker.ResponseStream.MoveNext(cts.Token)) assignment = worker.ResponseStream.Current.Assignment;
         Assert.Equal((1L, 1, 0L), (assignment!.Generation, assignment.World, assignment.ResumeStep));
@@ -97,7 +97,7 @@ public class RetentionTests
     }
 
     static async Task<JobStatus> StatusAsync(CoordinatorHost host) =>
-        JsonSerializer.Deserialize<JobStatus>(await host.Http.GetStringAsync($"/jobs/{Job}"), CoordinatorJson.Options)!;
+        JsonSerializer.Deserialize<JobStatus>(await host.Http.GetStringAsync($"/jobs/{Job}"), JobSpecJson.Options)!;
 
     static string Manifest(long step) => JsonSerializer.Serialize(new
     {
