@@ -10,9 +10,12 @@ public class ClusterEndToEndTests
 {
     static readonly string AppHost = typeof(ClusterEndToEndTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
 
-    static (int code, string output) RunAppHost(string runDir, params string[] args)
+    static (int code, string output) RunAppHost(string runDir, params string[] args) => RunAppHost(runDir, new Dictionary<string, string>(), args);
+
+    static (int code, string output) RunAppHost(string runDir, IReadOnlyDictionary<string, string> environment, params string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        foreach (var (name, value) in environment) psi.Environment[name] = value;
         psi.ArgumentList.Add(AppHost);
         foreach (var a in args) psi.ArgumentList.Add(a);
         psi.ArgumentList.Add("--run-dir");
@@ -72,12 +75,13 @@ public class ClusterEndToEndTests
     }
 
     [Fact]
-    public void CudaWorkersOnAMachineWithoutAGpuAreRefusedBeforeAnythingStarts()
+    public void CudaWorkersWhereNoGpuIsVisibleAreRefusedBeforeAnythingStarts()
     {
         var runDir = Directory.CreateTempSubdirectory("e2e-cuda-").FullName;
         try
         {
-            var (code, output) = RunAppHost(runDir, "--device", "cuda");
+            // Every GPU hidden: a GPU machine sees none either, so this runs (and refuses) everywhere.
+            var (code, output) = RunAppHost(runDir, new Dictionary<string, string> { ["CUDA_VISIBLE_DEVICES"] = "" }, "--device", "cuda");
             Assert.Equal(2, code);
             Assert.Contains("--device cuda: the NVIDIA driver reports no GPU here", output);
             Assert.Empty(Directory.EnumerateFileSystemEntries(runDir));
@@ -96,7 +100,8 @@ public class ClusterEndToEndTests
         var runDir = Directory.CreateTempSubdirectory("e2e-").FullName;
         try
         {
-            var (code, output) = RunAppHost(runDir, "--workers", "2", "--pp", $"{pp}", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
+            // --device cpu: two workers on any machine (on cuda each would need a GPU of its own).
+            var (code, output) = RunAppHost(runDir, "--device", "cpu", "--workers", "2", "--pp", $"{pp}", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
                                             "--global-batch", "16", "--micro-batch", "4", "--checkpoint-interval", "20");
             Assert.True(code == 0, "the AppHost failed:\n" + output);
             Assert.Contains("job", output);
