@@ -44,7 +44,9 @@ static async Task<int> Join()
     // SIGTERM (Kubernetes pod deletion, the AppHost removing a worker) and Ctrl+C: leave cleanly.
     using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
     using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
-    try { return await new ClusterWorker(settings, Console.Out, metrics).RunAsync(stop.Token); }
+    // The Coordinator lists this URL in GET /workers: how the AppHost and scrapers find each worker's /metrics.
+    var metricsEndpoint = web?.Urls.FirstOrDefault()?.TrimEnd('/') ?? "";
+    try { return await new ClusterWorker(settings, Console.Out, metrics, metricsEndpoint).RunAsync(stop.Token); }
     finally { if (web is not null) await web.StopAsync(); }
 }
 

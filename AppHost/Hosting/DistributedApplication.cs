@@ -67,7 +67,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
 
     public string Start(Resource r, int index)
     {
-        var instance = r.Replicas > 1 || r.Name == "gpu-worker" ? $"{r.Name}-{index}" : r.Name;
+        var instance = r.Numbered || r.Replicas > 1 ? $"{r.Name}-{index}" : r.Name;
         var psi = new ProcessStartInfo(r.Command)
         {
             RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = false,

@@ -217,6 +217,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var dir = Path.Combine(settings.OutputDir, assignment.JobId, "model");
         HfModelFolder.Save(dir, model, tokenizer);
         Log($"model saved to {Path.GetFullPath(dir)}");
+        send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = assignment.Generation, Step = spec.Steps, Path = Path.GetFullPath(dir) } });
     }
 
     /// <summary>What the step loop needs of a trainer: the single-process <see cref="Trainer"/> (pp = 1) or one stage's <see cref="PipelineTrainer"/>.</summary>
