@@ -33,6 +33,8 @@ public static class LocalRun
         var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
         app.ChildExited += (instance, _) => { endpoints.Remove(instance); cluster.Gpus.Release(instance); };
         using var coordinator = new CoordinatorClient(new Uri(cluster.Coordinator.GetEndpoint("http").Url), token);
+        // The services run in the AppHost's own configuration: see docs/decisions.md, "The AppHost starts the services' builds of its own configuration".
+        Log.AppHost($"starting the {builder.Configuration} builds of the services{(builder.Configuration == "Debug" ? " (dotnet run -c Release --project AppHost starts Release ones)" : "")}");
         try
         {
             await app.StartAsync(stop.Token);

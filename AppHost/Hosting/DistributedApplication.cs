@@ -8,6 +8,8 @@ public sealed class DistributedApplicationBuilder(string repositoryRoot, string 
 {
     public List<Resource> Resources { get; } = new();
     public string RepositoryRoot { get; } = repositoryRoot;
+    /// <summary>The build configuration (Debug, Release) whose output <see cref="AddProject"/> runs.</summary>
+    public string Configuration { get; } = configuration;
 
     /// <summary>A .NET project of this repository, run from its build output (the AppHost builds it first).</summary>
     public Resource AddProject(string name, string projectFolder, string assemblyName)
