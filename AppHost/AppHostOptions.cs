@@ -51,6 +51,7 @@ public sealed record AppHostOptions
           --exit-when-done       stop the cluster when the job ends
         While it runs, type 'add' (or '+') to start another worker, 'remove' (or '-') to stop one, 'quit' to stop all.
         With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
+        Ctrl+C leaves an unfinished job in the run folder; the next run names it and resumes it (or, with --fresh, stops it).
         """;
 
     /// <summary>The options of the command line, or null with the exit code when it asked for help (0) or was wrong (2, said why).</summary>

@@ -14,7 +14,7 @@ public sealed class DistributedApplicationBuilder(string repositoryRoot, string 
     /// <summary>A .NET project of this repository, run from its build output (the AppHost builds it first).</summary>
     public Resource AddProject(string name, string projectFolder, string assemblyName)
     {
-        var dll = Path.Combine(RepositoryRoot, projectFolder, "bin", configuration, "net10.0", assemblyName + ".dll");
+        var dll = Path.Combine(RepositoryRoot, projectFolder, "bin", Configuration, "net10.0", assemblyName + ".dll");
         var r = new Resource { Name = name, Command = "dotnet", IsProject = true };
         r.Args.Add(dll);
         r.Environment["OTEL_SERVICE_NAME"] = name;

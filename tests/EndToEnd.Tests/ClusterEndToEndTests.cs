@@ -103,7 +103,7 @@ public class ClusterEndToEndTests
         try
         {
             var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
-            foreach (var a in new[] { AppHost, .. job, "--steps", "500", "--run-dir", runDir }) psi.ArgumentList.Add(a);
+            foreach (var a in new[] { AppHost }.Concat(job).Concat(["--steps", "500", "--run-dir", runDir])) psi.ArgumentList.Add(a);
             psi.Environment["NO_COLOR"] = "1";
             var first = new System.Text.StringBuilder();
             var running = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
