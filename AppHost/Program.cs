@@ -3,6 +3,7 @@
 using System.Reflection;
 using DeepSeekCluster.AppHost;
 using DeepSeekCluster.AppHost.Hosting;
+using DeepSeekCluster.Contracts;
 
 // ---- Options ----
 var meta = typeof(AppHostOptions).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
@@ -17,7 +18,7 @@ string? blobConnection = null;
 if (!options.NoAzurite && Which("azurite-blob") is { } azurite)
 {
     int port = FreePort.Next();
-    blobs = builder.AddExecutable("blobs", azurite, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--blobHost", "127.0.0.1",
+    blobs = builder.AddExecutable(ServiceNames.Blobs, azurite, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--blobHost", "127.0.0.1",
         "--blobPort", port.ToString(), "--location", Path.Combine(options.RunDir, "azurite"));
     blobs.ReadinessPort = port;
     // Azurite's published development account (not a secret).
@@ -26,27 +27,27 @@ if (!options.NoAzurite && Which("azurite-blob") is { } azurite)
         $"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;";
 }
 
-var dataShards = builder.AddProject("data-shards", "DataShardService", "DeepSeekCluster.DataShardService")
+var dataShards = builder.AddProject(ServiceNames.DataShards, "DataShardService", "DeepSeekCluster.DataShardService")
     .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
     .WithEnvironment("DataShards__Root", Path.Combine(options.RunDir, "datasets"))
     .WithEnvironment("DataShards__WorkDir", Path.Combine(options.RunDir, "prepare"))
     .WithEnvironment("DataShards__CacheDir", Path.Combine(options.RunDir, "shard-cache"));
-var checkpoints = builder.AddProject("checkpoints", "CheckpointStore", "CheckpointStore")
+var checkpoints = builder.AddProject(ServiceNames.Checkpoints, "CheckpointStore", "CheckpointStore")
     .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
     .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"));
 if (blobs is not null)
 {
-    dataShards.WithConnectionString("blobs", blobConnection!).WaitFor(blobs);
-    checkpoints.WithConnectionString("blobs", blobConnection!).WaitFor(blobs);
+    dataShards.WithConnectionString(ServiceNames.Blobs, blobConnection!).WaitFor(blobs);
+    checkpoints.WithConnectionString(ServiceNames.Blobs, blobConnection!).WaitFor(blobs);
 }
-var coordinator = builder.AddProject("coordinator", "Coordinator", "DeepSeekCluster.Coordinator")
+var coordinator = builder.AddProject(ServiceNames.Coordinator, "Coordinator", "DeepSeekCluster.Coordinator")
     .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
     .WithReference(checkpoints).WaitFor(checkpoints)
     .WithEnvironment("Cluster__Token", token)
     .WithEnvironment("Coordinator__StateFolder", Path.Combine(options.RunDir, "coordinator"))
     .WithEnvironment("Orleans__SiloPort", FreePort.Next().ToString())
     .WithEnvironment("Orleans__GatewayPort", FreePort.Next().ToString());
-var worker = builder.AddProject("gpu-worker", "GpuWorker", "gpu-worker")
+var worker = builder.AddProject(ServiceNames.GpuWorker, "GpuWorker", "gpu-worker")
     .WithArgs("join")
     .WithReference(coordinator).WithReference(dataShards).WithReference(checkpoints)
     .WaitFor(coordinator).WaitFor(dataShards)

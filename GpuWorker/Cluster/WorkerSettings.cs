@@ -4,6 +4,7 @@
 // services__coordinator__grpc__0, Cluster__Token, …); a bad value stops the worker at start with a message naming its key.
 using System.ComponentModel.DataAnnotations;
 using System.Globalization;
+using DeepSeekCluster.Contracts;
 using DeepSeekCluster.ServiceDefaults;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
@@ -81,13 +82,13 @@ public sealed record WorkerSettings
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
     /// <summary>The configuration keys of the services' gRPC addresses (Aspire's service discovery names).</summary>
-    public const string CoordinatorKey = "services:coordinator:grpc:0";
-    public const string DataShardsKey = "services:data-shards:grpc:0";
-    public const string CheckpointsKey = "services:checkpoints:grpc:0";
+    public const string CoordinatorKey = $"services:{ServiceNames.Coordinator}:grpc:0";
+    public const string DataShardsKey = $"services:{ServiceNames.DataShards}:grpc:0";
+    public const string CheckpointsKey = $"services:{ServiceNames.Checkpoints}:grpc:0";
     public const string TokenKey = "Cluster:Token";
 
     /// <summary>True when the environment names a coordinator: the process was started as part of a cluster.</summary>
-    public static bool Configured => Environment.GetEnvironmentVariable("services__coordinator__grpc__0") is not null;
+    public static bool Configured => Environment.GetEnvironmentVariable(CoordinatorKey.Replace(":", "__")) is not null;
 
     /// <summary>The settings of <paramref name="worker"/> and <paramref name="configuration"/>; every problem, each naming its key, in one ArgumentException.</summary>
     public static WorkerSettings From(WorkerOptions worker, IConfiguration configuration)
@@ -100,9 +101,9 @@ public sealed record WorkerSettings
             if (!Uri.TryCreate(value, UriKind.Absolute, out var uri)) { problems.Add($"{variable}='{value}' is not an absolute URI"); return new Uri("http://invalid"); }
             return uri;
         }
-        var coordinator = Service(configuration[CoordinatorKey], CoordinatorKey, "coordinator");
-        var data = Service(configuration[DataShardsKey], DataShardsKey, "data-shards");
-        var checkpoints = Service(configuration[CheckpointsKey], CheckpointsKey, "checkpoints");
+        var coordinator = Service(configuration[CoordinatorKey], CoordinatorKey, ServiceNames.Coordinator);
+        var data = Service(configuration[DataShardsKey], DataShardsKey, ServiceNames.DataShards);
+        var checkpoints = Service(configuration[CheckpointsKey], CheckpointsKey, ServiceNames.Checkpoints);
         var token = configuration[TokenKey];
         if (string.IsNullOrWhiteSpace(token)) problems.Add("Cluster__Token is not set (the cluster token; the AppHost sets it, Kubernetes takes it from a Secret)");
         ClusterTls? tls = null;
