@@ -23,6 +23,11 @@ public sealed record AppHostOptions
     public double Lr { get; init; } = 3e-3;
     /// <summary>Exit when the job ends instead of keeping the cluster up until Ctrl+C (for scripts and tests).</summary>
     public bool ExitWhenDone { get; init; }
+    /// <summary>
+    /// Stop the unfinished jobs an earlier run left in <see cref="RunDir"/> and submit a new default job; without it they
+    /// resume and no new job is submitted while one is unfinished (<see cref="EarlierJobs"/>).
+    /// </summary>
+    public bool Fresh { get; init; }
     /// <summary>Use the folder backends even when Azurite is installed.</summary>
     public bool NoAzurite { get; init; }
     public string RunDir { get; init; } = "";
@@ -40,11 +45,33 @@ public sealed record AppHostOptions
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
           --run-dir DIR          where state, checkpoints, datasets and the model go (runs/apphost)
+          --fresh                stop the unfinished jobs an earlier run left in the run folder, then submit a
+                                 new default job (without it they resume, and no new job is submitted)
           --no-azurite           folder storage even when azurite is installed
           --exit-when-done       stop the cluster when the job ends
         While it runs, type 'add' (or '+') to start another worker, 'remove' (or '-') to stop one, 'quit' to stop all.
         With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
+        Ctrl+C leaves an unfinished job in the run folder; the next run names it and resumes it (or, with --fresh, stops it).
         """;
+
+    /// <summary>The options of the command line, or null with the exit code when it asked for help (0) or was wrong (2, said why).</summary>
+    public static AppHostOptions? FromCommandLine(string[] args, string root, out int exitCode)
+    {
+        exitCode = 0;
+        if (args.Contains("--help") || args.Contains("-h"))
+        {
+            Console.WriteLine(Usage);
+            return null;
+        }
+        try { return Parse(args, root, LocalGpus.Visible()); }
+        catch (ArgumentException e)
+        {
+            Console.Error.WriteLine($"apphost: {e.Message}");
+            Console.Error.WriteLine(Usage);
+            exitCode = 2;
+            return null;
+        }
+    }
 
     /// <param name="gpus">The GPUs this machine gives workers (<see cref="LocalGpus.Visible()"/>).</param>
     public static AppHostOptions Parse(string[] args, string root, IReadOnlyList<string> gpus)
@@ -71,6 +98,7 @@ public sealed record AppHostOptions
                 "--lr" => o with { Lr = double.TryParse(Value(), System.Globalization.CultureInfo.InvariantCulture, out var lr) && lr > 0 ? lr : throw new ArgumentException("option --lr needs a positive number") },
                 "--run-dir" => o with { RunDir = Path.GetFullPath(Value()) },
                 "--exit-when-done" => o with { ExitWhenDone = true },
+                "--fresh" => o with { Fresh = true },
                 "--no-azurite" => o with { NoAzurite = true },
                 _ => throw new ArgumentException($"unknown option '{args[i]}'"),
             };

@@ -1,12 +1,11 @@
 // {runDir}/endpoints.json: every running instance and its endpoints, for Prometheus, scripts and tests. Workers bind
-// their /metrics port at start (port 0), so their entry appears when they announce it.
+// their /metrics port at start (port 0) and announce it to the Coordinator, so their entries come from GET /workers.
 using System.Text.Json;
-using System.Text.RegularExpressions;
 using DeepSeekCluster.AppHost.Hosting;
 
 namespace DeepSeekCluster.AppHost;
 
-public sealed partial class EndpointsFile(string path)
+public sealed class EndpointsFile(string path)
 {
     readonly Lock gate = new();
     readonly SortedDictionary<string, Instance> instances = new(StringComparer.Ordinal);
@@ -22,12 +21,25 @@ public sealed partial class EndpointsFile(string path)
         Set(new Instance(instance, r.Name, r.Endpoints.ToDictionary(e => e.Name, e => e.Url)));
     }
 
-    /// <summary>Reads a worker's announcement ("health and metrics on http://127.0.0.1:40123 (...)"); true when it was one.</summary>
-    public bool Observe(string instance, string resource, string line)
+    /// <summary>
+    /// The instances of <paramref name="resource"/> that serve http now (instance → http://host:port, as the Coordinator
+    /// lists its online workers); the resource's other entries are dropped. Written only when something changed.
+    /// </summary>
+    public void SetWorkers(string resource, IReadOnlyDictionary<string, string> http)
     {
-        if (Announcement().Match(line) is not { Success: true } m) return false;
-        Set(new Instance(instance, resource, new Dictionary<string, string> { ["http"] = m.Groups[1].Value.TrimEnd('/') }));
-        return true;
+        lock (gate)
+        {
+            bool changed = false;
+            foreach (var gone in instances.Values.Where(i => i.Resource == resource && !http.ContainsKey(i.Name)).Select(i => i.Name).ToList())
+                changed |= instances.Remove(gone);
+            foreach (var (name, url) in http)
+            {
+                if (instances.TryGetValue(name, out var had) && had.Resource == resource && had.Endpoints.TryGetValue("http", out var u) && u == url) continue;
+                instances[name] = new Instance(name, resource, new Dictionary<string, string> { ["http"] = url.TrimEnd('/') });
+                changed = true;
+            }
+            if (changed) Write();
+        }
     }
 
     public void Remove(string instance)
@@ -53,7 +65,4 @@ public sealed partial class EndpointsFile(string path)
         File.WriteAllText(temp, json);
         File.Move(temp, Path, overwrite: true);
     }
-
-    [GeneratedRegex(@"health and metrics on (https?://[^\s,]+)")]
-    private static partial Regex Announcement();
 }

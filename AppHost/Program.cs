@@ -1,33 +1,16 @@
 // AppHost: the whole system on this machine — blob storage, data service, checkpoint store, coordinator and
 // GPU workers — started in dependency order, then the default job. Reads like an Aspire AppHost: one chain per resource.
 using System.Reflection;
-using System.Security.Cryptography;
 using DeepSeekCluster.AppHost;
 using DeepSeekCluster.AppHost.Hosting;
 using DeepSeekCluster.Contracts;
 
+// ---- Options ----
 var meta = typeof(AppHostOptions).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
 var root = meta["RepositoryRoot"];
-if (args.Contains("--help") || args.Contains("-h"))
-{
-    Console.WriteLine(AppHostOptions.Usage);
-    return 0;
-}
-AppHostOptions options;
-try { options = AppHostOptions.Parse(args, root, LocalGpus.Visible()); }
-catch (ArgumentException e)
-{
-    Console.Error.WriteLine($"apphost: {e.Message}");
-    Console.Error.WriteLine(AppHostOptions.Usage);
-    return 2;
-}
-Directory.CreateDirectory(options.RunDir);
-var token = Convert.ToHexString(RandomNumberGenerator.GetBytes(32)).ToLowerInvariant(); // fresh per run, never printed
-var tokenFile = Path.Combine(options.RunDir, "cluster.token");
-File.WriteAllText(tokenFile, token);
-if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tokenFile, UnixFileMode.UserRead | UnixFileMode.UserWrite);
-
-var builder = new DistributedApplicationBuilder(root, meta["BuildConfiguration"]);
+if (AppHostOptions.FromCommandLine(args, root, out int exitCode) is not { } options) return exitCode;
+var token = LocalRun.NewToken(options.RunDir);
+var builder = new DistributedApplicationBuilder(root, meta["ServicesConfiguration"]);
 
 // ---- Resources ----
 Resource? blobs = null;
@@ -81,50 +64,7 @@ if (options.Device == "cuda")
 }
 
 // ---- Run ----
-using var stop = new CancellationTokenSource();
-Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
-await using var app = builder.Build();
-var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
-app.LineReceived += (instance, line) => { if (instance.StartsWith(worker.Name + "-", StringComparison.Ordinal)) endpoints.Observe(instance, worker.Name, line); };
-app.ChildExited += (instance, _) => { endpoints.Remove(instance); gpus.Release(instance); };
-try
-{
-    await app.StartAsync(stop.Token);
-    foreach (var r in new[] { coordinator, dataShards, checkpoints }) endpoints.Add(r.Name, r); // one instance each, named as the resource
-    Log.AppHost($"endpoints of every instance: {endpoints.Path}");
-    var job = new DefaultJob(options, coordinator, dataShards, token);
-    var modelSaved = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
-    app.LineReceived += (_, line) => { if (line.Contains("model saved to")) modelSaved.TrySetResult(line); };
-    var datasetId = await job.PrepareCorpusAsync(Path.Combine(root, "data", "corpus", "kjv.txt.gz"), stop.Token);
-    var jobId = await job.SubmitAsync(datasetId, stop.Token);
-    var console = job.AcceptConsoleCommandsAsync(app, worker, stop);
-    var final = await job.FollowAsync(jobId, stop.Token);
-    if (final == "Completed")
-    {
-        // Rank 0 evaluates, samples and writes the model folder after the last step; wait for it before reporting.
-        try { await modelSaved.Task.WaitAsync(TimeSpan.FromMinutes(3), stop.Token); }
-        catch (TimeoutException) { Log.AppHost("rank 0 did not report its final model within 3 minutes"); }
-    }
-    Log.AppHost($"job {jobId} ended: {final}");
-    Log.AppHost($"REST API: {coordinator.GetEndpoint("http").Url}/jobs   (writes need 'Authorization: Bearer <token>' with the token in {tokenFile})");
-    Log.AppHost($"status page: {coordinator.GetEndpoint("http").Url}/status");
-    foreach (var i in endpoints.Snapshot().Where(i => i.Endpoints.ContainsKey("http")))
-        Log.AppHost($"metrics: {i.Endpoints["http"]}/metrics   ({i.Name})");
-    if (options.ExitWhenDone) return final == "Completed" ? 0 : 1;
-    Log.AppHost("the cluster stays up; Ctrl+C (or 'quit') stops it");
-    await Task.Delay(Timeout.Infinite, stop.Token);
-    return 0;
-}
-catch (OperationCanceledException) when (stop.IsCancellationRequested)
-{
-    Log.AppHost("stopping");
-    return 0;
-}
-catch (Exception e) when (e is InvalidOperationException or TimeoutException or HttpRequestException or Grpc.Core.RpcException)
-{
-    Log.AppHost($"failed: {e.Message}");
-    return 1;
-}
+return await LocalRun.RunAsync(builder, new LocalCluster(coordinator, dataShards, checkpoints, worker, gpus), options, token);
 
 static string? Which(string command) =>
     (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Select(d => Path.Combine(d, command)).FirstOrDefault(File.Exists);

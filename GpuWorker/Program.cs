@@ -2,7 +2,9 @@
 // train (standalone, no cluster), generate (from a HF model folder) and check (what this machine offers a worker).
 using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Options;
 using DeepSeekCluster.GpuWorker;
 using DeepSeekCluster.GpuWorker.Cluster;
 
@@ -26,26 +28,46 @@ catch (Exception e) when (e is ArgumentException or FileNotFoundException or Dir
 
 static async Task<int> Join()
 {
-    var settings = WorkerSettings.FromEnvironment();
-    using var stop = new CancellationTokenSource();
-    using var metrics = new TrainingMetrics();
     // /health, /alive and /metrics when an http endpoint is configured (Kestrel__Endpoints__http__Url: the AppHost
     // and the Kubernetes ConfigMap set it); /alive answers from this process alone, whatever the training does.
     WebApplication? web = null;
+    IHost host;
     if (Environment.GetEnvironmentVariable("Kestrel__Endpoints__http__Url") is not null)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.AddBasicServiceDefaults();
-        web = builder.Build();
+        builder.AddWorkerSettings();
+        host = web = builder.Build();
         web.MapDefaultEndpoints();
-        await web.StartAsync();
-        Console.WriteLine($"health and metrics on {string.Join(", ", web.Urls)} (/health, /alive, /metrics)");
     }
+    else
+    {
+        var builder = Host.CreateApplicationBuilder();
+        builder.AddWorkerSettings();
+        host = builder.Build();
+    }
+    using var _ = host;
+    WorkerSettings settings;
+    try
+    {
+        await host.StartAsync(); // validates the Worker section first
+        settings = host.Services.GetRequiredService<WorkerSettings>();
+    }
+    catch (OptionsValidationException e) { throw new ArgumentException("cluster mode: " + string.Join("; ", e.Failures)); }
+    catch (InvalidOperationException e) when (e.Message.StartsWith("Failed to convert configuration value", StringComparison.Ordinal))
+    {
+        throw new ArgumentException($"cluster mode: {e.Message}");
+    }
+    if (web is not null) Console.WriteLine($"health and metrics on {string.Join(", ", web.Urls)} (/health, /alive, /metrics)");
+    using var stop = new CancellationTokenSource();
+    using var metrics = new TrainingMetrics();
     // SIGTERM (Kubernetes pod deletion, the AppHost removing a worker) and Ctrl+C: leave cleanly.
     using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
     using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
-    try { return await new ClusterWorker(settings, Console.Out, metrics).RunAsync(stop.Token); }
-    finally { if (web is not null) await web.StopAsync(); }
+    // The Coordinator lists this URL in GET /workers: how the AppHost and scrapers find each worker's /metrics.
+    var metricsEndpoint = web?.Urls.FirstOrDefault()?.TrimEnd('/') ?? "";
+    try { return await new ClusterWorker(settings, Console.Out, metrics, metricsEndpoint).RunAsync(stop.Token); }
+    finally { await host.StopAsync(); }
 }
 
 static int Fail(string message)

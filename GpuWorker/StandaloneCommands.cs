@@ -23,7 +23,7 @@ public static class StandaloneCommands
                            [--eval-every N] [--eval-batches N] [--log-every N] [--checkpoint-every N]
                            [--fresh] [--peak-gflops X]
               Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
-              600 steps, output in runs/standalone. Text files: documents are separated by empty lines.
+              600 steps, output in runs/standalone. --warmup defaults to min(30, steps / 10). Text files: documents are separated by empty lines.
               Checkpoints go to DIR/checkpoints/standalone/NNNNNNNN (the cluster's sharded format, one rank);
               resumes from the newest unless --fresh. Writes a Hugging Face folder to DIR/model.
           gpu-worker generate --model DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
@@ -35,6 +35,13 @@ public static class StandaloneCommands
 
     public static int Train(string[] args)
     {
+        StandaloneRun.Run(ParseTrain(args));
+        return 0;
+    }
+
+    /// <summary>The train verb's options, validated (nothing is loaded or trained yet).</summary>
+    public static StandaloneSpec ParseTrain(string[] args)
+    {
         var cl = new CommandLine(args, new HashSet<string> { "fresh" });
         var config = cl.String("config") is { } path ? DeepSeekConfig.Load(path) : DeepSeekConfig.Preset(cl.String("preset") ?? "tiny");
         var d = new TrainingOptions();
@@ -42,13 +49,15 @@ public static class StandaloneCommands
         {
             Steps = cl.Get("steps", d.Steps), SeqLen = cl.Get("seq-len", d.SeqLen), GlobalBatch = cl.Get("global-batch", d.GlobalBatch),
             MicroBatch = cl.Get("micro-batch", d.MicroBatch), Lr = cl.Get("lr", d.Lr), Schedule = cl.String("schedule") ?? d.Schedule,
-            WarmupSteps = cl.Get("warmup", d.WarmupSteps), MinLrRatio = cl.Get("min-lr-ratio", d.MinLrRatio),
+            MinLrRatio = cl.Get("min-lr-ratio", d.MinLrRatio),
             WeightDecay = cl.Get("weight-decay", d.WeightDecay), ClipNorm = cl.Get("clip", d.ClipNorm),
             MtpWeight = cl.Get("mtp-weight", d.MtpWeight), BiasUpdateSpeed = cl.Get("bias-update-speed", d.BiasUpdateSpeed),
             Precision = cl.String("precision") ?? d.Precision, Device = cl.String("device") ?? d.Device, Seed = cl.Get("seed", d.Seed),
             EvalEvery = cl.Get("eval-every", d.EvalEvery), EvalBatches = cl.Get("eval-batches", d.EvalBatches),
             LogEvery = cl.Get("log-every", d.LogEvery), CheckpointEvery = cl.Get("checkpoint-every", 100),
         };
+        // Unset, the warmup follows --steps (TrainingOptions.DefaultWarmup); given, it is checked as typed.
+        if (cl.String("warmup") is not null) options = options with { WarmupSteps = cl.Get("warmup", 0L) };
         var spec = new StandaloneSpec
         {
             Model = config, Data = cl.Strings("data"), TokenizerPath = cl.String("tokenizer"),
@@ -57,8 +66,7 @@ public static class StandaloneCommands
             Resume = !cl.Flag("fresh"), PeakFlops = cl.Get("peak-gflops", 0.0) * 1e9,
         };
         cl.RejectUnknown();
-        StandaloneRun.Run(spec);
-        return 0;
+        return spec;
     }
 
     public static int Generate(string[] args)

@@ -9,11 +9,13 @@ public sealed class DistributedApplicationBuilder(string repositoryRoot, string 
 {
     public List<Resource> Resources { get; } = new();
     public string RepositoryRoot { get; } = repositoryRoot;
+    /// <summary>The build configuration (Debug, Release) whose output <see cref="AddProject"/> runs.</summary>
+    public string Configuration { get; } = configuration;
 
     /// <summary>A .NET project of this repository, run from its build output (the AppHost builds it first).</summary>
     public Resource AddProject(string name, string projectFolder, string assemblyName)
     {
-        var dll = Path.Combine(RepositoryRoot, projectFolder, "bin", configuration, "net10.0", assemblyName + ".dll");
+        var dll = Path.Combine(RepositoryRoot, projectFolder, "bin", Configuration, "net10.0", assemblyName + ".dll");
         var r = new Resource { Name = name, Command = "dotnet", IsProject = true };
         r.Args.Add(dll);
         r.Environment["OTEL_SERVICE_NAME"] = name;
@@ -68,7 +70,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
 
     public string Start(Resource r, int index)
     {
-        var instance = r.Replicas > 1 || r.Name == ServiceNames.GpuWorker ? $"{r.Name}-{index}" : r.Name;
+        var instance = r.Numbered || r.Replicas > 1 ? $"{r.Name}-{index}" : r.Name;
         var psi = new ProcessStartInfo(r.Command)
         {
             RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = false,

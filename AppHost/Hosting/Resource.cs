@@ -15,6 +15,11 @@ public sealed class Resource
     public List<Endpoint> Endpoints { get; } = new();
     public List<Resource> WaitsFor { get; } = new();
     public int Replicas { get; set; } = 1;
+    /// <summary>
+    /// Instances are named {Name}-{index} (gpu-worker-0, …): set by <see cref="WithReplicas"/>, for a resource whose
+    /// instances come and go; otherwise the single instance is named as the resource.
+    /// </summary>
+    public bool Numbered { get; set; }
     /// <summary>HTTP path polled until it answers 200 before dependants start; null: started is ready.</summary>
     public string? HealthPath { get; set; }
     /// <summary>TCP port polled until it accepts, for resources without an HTTP health endpoint.</summary>
@@ -64,6 +69,7 @@ public sealed class Resource
     {
         if (n < 0) throw new ArgumentOutOfRangeException(nameof(n), $"replicas of '{Name}' must be >= 0");
         Replicas = n;
+        Numbered = true;
         return this;
     }
 

@@ -32,6 +32,9 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// <summary>Asks the process to leave gracefully (finish its step, say Leaving, exit); false when it is not online.</summary>
     Task<bool> LeaveAsync(string reason);
 
+    /// <summary>The process wrote a job's model folder (rank 0, after the last step); GET /workers shows it.</summary>
+    Task ModelSavedAsync(string jobId, long step, string path);
+
     Task<WorkerStatus> GetAsync();
 }
 

@@ -56,6 +56,12 @@ public sealed record ExpertLoad
     [Id(2)] public float[][] Fractions { get; init; } = [];
 }
 
+/// <summary>What GET /jobs lists of one job: enough to find it; GET /jobs/{id} has the rest.</summary>
+public sealed record JobSummary(string JobId, JobState State, long Generation, long Step, int Workers, double? Loss)
+{
+    public static JobSummary Of(JobStatus s) => new(s.JobId, s.State, s.Generation, s.Step, s.Workers.Length, s.Loss.LastOrDefault()?.Loss);
+}
+
 [GenerateSerializer, Immutable]
 public sealed record LossPoint([property: Id(0)] long Step, [property: Id(1)] double Loss, [property: Id(2)] double TokensPerSecond);
 

@@ -12,6 +12,8 @@ public sealed record WorkerCapabilities
     [Id(4)] public string CollectiveEndpoint { get; init; } = "";
     /// <summary>host:port where the worker accepts the link from the pipeline stage before it (jobs with pp &gt; 1).</summary>
     [Id(5)] public string PipelineEndpoint { get; init; } = "";
+    /// <summary>http://host:port of the worker's /health and /metrics; empty when it serves none.</summary>
+    [Id(6)] public string MetricsEndpoint { get; init; } = "";
 }
 
 [GenerateSerializer, Immutable]
@@ -34,7 +36,14 @@ public sealed record WorkerStatus
     [Id(4)] public long Generation { get; init; }
     [Id(5)] public Assignment? Assignment { get; init; }
     [Id(6)] public WorkerMetrics? Metrics { get; init; }
+    /// <summary>The last model this worker wrote (rank 0, after a job's last step); null before the first.</summary>
+    [Id(7)] public SavedModel? SavedModel { get; init; }
 }
+
+/// <summary>A Hugging Face model folder a worker wrote for a job: Path is on that worker's filesystem.</summary>
+[GenerateSerializer, Immutable]
+public sealed record SavedModel([property: Id(0)] string JobId, [property: Id(1)] long Step, [property: Id(2)] string Path,
+                                [property: Id(3)] DateTimeOffset At);
 
 /// <summary>
 /// One worker's part of one generation. Ranks are stage-major, rank = ppStage·dpSize + dpRank, so a rank is also the

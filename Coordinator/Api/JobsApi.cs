@@ -24,7 +24,7 @@ public static class JobsApi
         {
             var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListJobsAsync();
             var all = await Task.WhenAll(ids.Select(id => grains.GetGrain<ITrainingJobGrain>(id).GetStatusAsync()));
-            return all.Select(s => new { s.JobId, s.State, s.Generation, s.Step, Workers = s.Workers.Length, Loss = s.Loss.LastOrDefault()?.Loss });
+            return all.Select(JobSummary.Of);
         });
 
         app.MapGet("/jobs/{id}", async (string id, JobSubmission jobs) =>

@@ -48,7 +48,7 @@ public sealed class ClusterControlService(
         long number = await worker.RegisterAsync(new WorkerCapabilities
         {
             WorkerId = hello.WorkerId, Device = hello.Device, MemoryBytes = hello.MemoryBytes, Host = hello.Host,
-            CollectiveEndpoint = hello.CollectiveEndpoint, PipelineEndpoint = hello.PipelineEndpoint,
+            CollectiveEndpoint = hello.CollectiveEndpoint, PipelineEndpoint = hello.PipelineEndpoint, MetricsEndpoint = hello.MetricsEndpoint,
         }, observer, hello.JobId.Length > 0 && hello.Generation > 0 ? new TrainingPosition(hello.JobId, hello.Generation, hello.Rank) : null);
         var pump = connection.PumpAsync(responses, ct);
 
@@ -146,6 +146,11 @@ public sealed class ClusterControlService(
                 break;
             case WorkerMessage.KindOneofCase.CollectiveFailed:
                 break; // the worker already left that job
+            // After the job completed (its Stop cleared Current): the model is written once the last step is trained.
+            case WorkerMessage.KindOneofCase.ModelSaved when (connection.Current ?? connection.Last) is { } a:
+                var m = message.ModelSaved;
+                await worker.ModelSavedAsync(a.JobId, m.Step, m.Path);
+                break;
             case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));
                 break;

@@ -13,6 +13,7 @@ public sealed class GpuWorkerGrainState
     [Id(2)] public Assignment? Assignment { get; set; }
     /// <summary>Counts connections, so the close of an old stream cannot take down a newer one.</summary>
     [Id(3)] public long Connection { get; set; }
+    [Id(4)] public SavedModel? SavedModel { get; set; }
 }
 
 public sealed class GpuWorkerGrain(
@@ -142,6 +143,12 @@ public sealed class GpuWorkerGrain(
         await GoOfflineAsync(reason, kind);
     }
 
+    public async Task ModelSavedAsync(string jobId, long step, string path)
+    {
+        S.SavedModel = new SavedModel(jobId, step, path, clock.GetUtcNow());
+        await worker.WriteStateAsync();
+    }
+
     public Task<WorkerStatus> GetAsync() => Task.FromResult(new WorkerStatus
     {
         WorkerId = WorkerId,
@@ -151,6 +158,7 @@ public sealed class GpuWorkerGrain(
         Generation = S.Assignment?.Generation ?? 0,
         Assignment = S.Assignment,
         Metrics = _metrics,
+        SavedModel = S.SavedModel,
     });
 
     void TellFenced(long generation, string what)

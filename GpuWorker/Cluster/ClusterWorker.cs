@@ -18,7 +18,8 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// up goes through one outbox so the stream has a single writer; heartbeats come from a timer that training
 /// cannot block.
 /// </summary>
-public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, TrainingMetrics? metrics = null)
+/// <param name="metricsEndpoint">http://host:port of this process's /metrics, announced in Hello; empty when it serves none.</param>
+public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, TrainingMetrics? metrics = null, string metricsEndpoint = "")
 {
     readonly Channel<WorkerMessage> outbox = Channel.CreateUnbounded<WorkerMessage>();
     readonly Lock gate = new();
@@ -120,7 +121,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         {
             WorkerId = settings.WorkerId, Device = DeviceName(), Host = Environment.MachineName,
             MemoryBytes = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, CollectiveEndpoint = endpoint,
-            PipelineEndpoint = $"{settings.CollectiveHost}:{pipelinePort}",
+            PipelineEndpoint = $"{settings.CollectiveHost}:{pipelinePort}", MetricsEndpoint = metricsEndpoint,
         };
         // Still training a generation (the Coordinator restarted, or the stream broke): ask to be re-adopted into it.
         if (current is { } position && Progress.Generation == position.Generation)

@@ -117,5 +117,6 @@ static class RunEnd
         var dir = Path.Combine(run.Settings.OutputDir, run.JobId, "model");
         HfModelFolder.Save(dir, model, tokenizer);
         run.Log($"model saved to {Path.GetFullPath(dir)}");
+        run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = Path.GetFullPath(dir) } });
     }
 }

@@ -11,7 +11,12 @@ public sealed record TrainingOptions
     public long Steps { get; init; } = 600;
     public double Lr { get; init; } = 3e-3;          // tiny models tolerate a high peak; V3 used 2.2e-4 at 671B
     public string Schedule { get; init; } = "cosine";
-    public long WarmupSteps { get; init; } = 30;
+    /// <summary>
+    /// Linear warmup steps. Unset, it is <see cref="DefaultWarmup"/>(Steps) = min(30, Steps / 10), so a short run
+    /// (--steps 20) warms up for 2 steps instead of failing; a value set explicitly is checked against Steps as given.
+    /// </summary>
+    public long WarmupSteps { get => warmupSteps ?? DefaultWarmup(Steps); init => warmupSteps = value; }
+    long? warmupSteps;
     public double MinLrRatio { get; init; } = 0.1;
     public double DecayFraction { get; init; } = 0.2; // WSD only
     public double WeightDecay { get; init; } = 0.1;
@@ -40,6 +45,9 @@ public sealed record TrainingOptions
     /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
     public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
 
+    /// <summary>30 steps (enough to steady Adam's moments on the tiny presets), but never more than a tenth of the run.</summary>
+    public static long DefaultWarmup(long steps) => Math.Clamp(steps / 10, 0, 30);
+
     public int Accumulation(int worldSize) => GlobalBatch / (worldSize * MicroBatch);
 
     public IReadOnlyList<string> Problems(int worldSize = 1)
@@ -52,7 +60,7 @@ public sealed record TrainingOptions
             p.Add($"global_batch ({GlobalBatch}) must be a multiple of micro_batch x data-parallel width ({MicroBatch} x {worldSize})");
         if (Steps <= 0) p.Add($"steps must be > 0, got {Steps}");
         if (Lr <= 0) p.Add($"lr must be > 0, got {Lr}");
-        if (WarmupSteps < 0 || WarmupSteps > Steps) p.Add($"warmup must be between 0 and steps ({Steps}), got {WarmupSteps}");
+        if (WarmupSteps < 0 || WarmupSteps > Steps) p.Add($"warmup must be between 0 and steps ({Steps}), got {WarmupSteps} (leave it unset for min(30, steps / 10))");
         if (MtpWeight < 0) p.Add($"mtp_weight must be >= 0, got {MtpWeight}");
         if (BiasUpdateSpeed < 0) p.Add($"bias_update_speed must be >= 0, got {BiasUpdateSpeed}");
         if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");

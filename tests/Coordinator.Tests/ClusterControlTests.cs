@@ -22,6 +22,35 @@ public class ClusterControlTests(CoordinatorFixture fixture)
         response.EnsureSuccessStatusCode();
     }
 
+    /// <summary>What the AppHost learns from the Coordinator instead of log lines: each worker's /metrics and the saved model.</summary>
+    [Fact]
+    public async Task GetWorkersShowsTheMetricsEndpointFromHelloAndTheModelAWorkerSaved()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var stream = Control.Connect(Bearer(CoordinatorHost.Token), cancellationToken: cts.Token);
+        await stream.RequestStream.WriteAsync(new WorkerMessage { Hello = new Hello
+        {
+            WorkerId = "grpc-saver", Device = "cpu", Host = "127.0.0.1", CollectiveEndpoint = "127.0.0.1:41009", MetricsEndpoint = "http://127.0.0.1:40999",
+        } });
+        string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "saver-job" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);
+        await Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec }, Bearer(CoordinatorHost.Token));
+        Assert.True(await stream.ResponseStream.MoveNext(cts.Token));
+        Assert.Equal("saver-job", stream.ResponseStream.Current.Assignment.JobId);
+
+        await stream.RequestStream.WriteAsync(new WorkerMessage { ModelSaved = new ModelSaved { Generation = 1, Step = 5, Path = "/runs/workers/saver-job/model" } });
+        var worker = await TestSpecs.EventuallyAsync(async () =>
+            {
+                using var doc = JsonDocument.Parse(await fixture.Host.Http.GetStringAsync("/workers", cts.Token));
+                return doc.RootElement.EnumerateArray().Where(w => w.GetProperty("workerId").GetString() == "grpc-saver").Select(w => w.Clone()).FirstOrDefault();
+            }, w => w.ValueKind == JsonValueKind.Object && w.TryGetProperty("savedModel", out _), "GET /workers showing the saved model", seconds: 20);
+        Assert.Equal("http://127.0.0.1:40999", worker.GetProperty("capabilities").GetProperty("metricsEndpoint").GetString());
+        var model = worker.GetProperty("savedModel");
+        Assert.Equal(("saver-job", 5L, "/runs/workers/saver-job/model"),
+                     (model.GetProperty("jobId").GetString(), model.GetProperty("step").GetInt64(), model.GetProperty("path").GetString()));
+        await StopJobAsync("saver-job");
+        stream.Dispose();
+    }
+
     [Fact]
     public async Task AWorkerThatSaysHelloReceivesItsAssignmentAndItsDeathIsNoticed()
     {

@@ -29,8 +29,8 @@ public static partial class ConfigurationKeys
         ["coordinator"] = ["ConnectionStrings:orleans-redis", "services:checkpoints:grpc:0", "Cluster:Token", "Coordinator:StateFolder", "Orleans:ClusterId", "Orleans:ServiceId", .. HttpEndpoint, .. GrpcEndpoint],
         ["data-shards"] = ["DataShards:Root", "DataShards:WorkDir", "DataShards:CacheDir", "DataShards:Container", .. HttpEndpoint, .. GrpcEndpoint],
         ["checkpoints"] = ["Storage:Folder", "Storage:Container", .. HttpEndpoint, .. GrpcEndpoint],
-        // The worker reads environment variables directly (GpuWorker/Cluster/WorkerSettings.cs); its services__ keys are
-        // built from the service name, so the scan cannot see them and they are listed here.
+        // The worker binds the Worker section and reads the services: addresses and the token through configuration
+        // (GpuWorker/Cluster/WorkerSettings.cs); DEEPSEEK_INSTANCE and POD_IP are its fallbacks for Worker:Id and CollectiveHost.
         ["gpu-worker"] = ["services:coordinator:grpc:0", "services:data-shards:grpc:0", "services:checkpoints:grpc:0", "Cluster:Token",
                           "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:PipelinePort", "Worker:OutputDir", .. HttpEndpoint],
     };

@@ -10,9 +10,12 @@ public class ClusterEndToEndTests
 {
     static readonly string AppHost = typeof(ClusterEndToEndTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
 
-    static (int code, string output) RunAppHost(string runDir, params string[] args)
+    static (int code, string output) RunAppHost(string runDir, params string[] args) => RunAppHost(runDir, new Dictionary<string, string>(), args);
+
+    static (int code, string output) RunAppHost(string runDir, IReadOnlyDictionary<string, string> environment, params string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        foreach (var (name, value) in environment) psi.Environment[name] = value;
         psi.ArgumentList.Add(AppHost);
         foreach (var a in args) psi.ArgumentList.Add(a);
         psi.ArgumentList.Add("--run-dir");
@@ -72,18 +75,76 @@ public class ClusterEndToEndTests
     }
 
     [Fact]
-    public void CudaWorkersOnAMachineWithoutAGpuAreRefusedBeforeAnythingStarts()
+    public void CudaWorkersWhereNoGpuIsVisibleAreRefusedBeforeAnythingStarts()
     {
         var runDir = Directory.CreateTempSubdirectory("e2e-cuda-").FullName;
         try
         {
-            var (code, output) = RunAppHost(runDir, "--device", "cuda");
+            // Every GPU hidden: a GPU machine sees none either, so this runs (and refuses) everywhere.
+            var (code, output) = RunAppHost(runDir, new Dictionary<string, string> { ["CUDA_VISIBLE_DEVICES"] = "" }, "--device", "cuda");
             Assert.Equal(2, code);
             Assert.Contains("--device cuda: the NVIDIA driver reports no GPU here", output);
             Assert.Empty(Directory.EnumerateFileSystemEntries(runDir));
             Assert.Empty(ProcessesMentioning(runDir));
         }
         finally { Directory.Delete(runDir, true); }
+    }
+
+    /// <summary>
+    /// Ctrl+C leaves the job in the run folder; the next run names it and, with --fresh, stops it over REST before it
+    /// submits a new default job, which completes alone; the saved model is learned from the Coordinator (GET /workers).
+    /// </summary>
+    [Fact]
+    public async Task AnInterruptedJobIsNamedByTheNextRunAndFreshStopsItBeforeANewOneCompletes()
+    {
+        using var clusterLock = await ClusterTestLock.AcquireAsync("cluster end-to-end test");
+        var runDir = Directory.CreateTempSubdirectory("e2e-fresh-").FullName;
+        string[] job = ["--device", "cpu", "--workers", "2", "--seq-len", "32", "--vocab-size", "512", "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", "0"];
+        try
+        {
+            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+            foreach (var a in new[] { AppHost }.Concat(job).Concat(["--steps", "500", "--run-dir", runDir])) psi.ArgumentList.Add(a);
+            psi.Environment["NO_COLOR"] = "1";
+            var first = new System.Text.StringBuilder();
+            var running = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            using (var p = Process.Start(psi)!)
+            {
+                p.OutputDataReceived += (_, e) =>
+                {
+                    if (e.Data is null) return;
+                    lock (first) first.AppendLine(e.Data);
+                    if (e.Data.Contains("[apphost] job running")) running.TrySetResult();
+                };
+                p.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (first) first.AppendLine(e.Data); };
+                p.BeginOutputReadLine();
+                p.BeginErrorReadLine();
+                await running.Task.WaitAsync(TimeSpan.FromMinutes(8));
+                using (var interrupt = Process.Start("kill", ["-INT", p.Id.ToString()])) interrupt.WaitForExit(); // Ctrl+C
+                Assert.True(p.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after SIGINT:\n" + first);
+                p.WaitForExit();
+            }
+            string firstOutput;
+            lock (first) firstOutput = first.ToString();
+            var earlier = Regex.Match(firstOutput, @"submitted job (\S+):").Groups[1].Value;
+            Assert.True(earlier.Length > 0, "the first run submitted no job:\n" + firstOutput);
+            Assert.Contains("a job not yet finished stays in", firstOutput);
+
+            var (code, output) = RunAppHost(runDir, job.Concat(["--steps", "4", "--fresh"]).ToArray());
+            Assert.True(code == 0, "the second AppHost run failed:\n" + output);
+            Assert.Matches($@"earlier job {Regex.Escape(earlier)} is unfinished \((forming|running|rescaling|pending), step \d+/500", output);
+            Assert.Contains("--fresh: stopping it, then submitting a new default job", output);
+            Assert.Matches($@"stopped earlier job {Regex.Escape(earlier)} at step \d+", output);
+            var fresh = Regex.Match(output, @"submitted job (\S+):").Groups[1].Value;
+            Assert.NotEqual(earlier, fresh);
+            Assert.Contains($"job {fresh} ended: Completed", output);
+            Assert.Matches($@"model of job {Regex.Escape(fresh)} \(step 4\) saved by gpu-worker-\d to /\S+/model", output);
+            Assert.Empty(ProcessesMentioning(runDir));
+        }
+        finally
+        {
+            foreach (var pid in ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+            Directory.Delete(runDir, true);
+        }
     }
 
     /// <summary>pp 1: two data-parallel replicas; pp 2 (<c>--pp 2</c>): one replica whose two stages are the two workers.</summary>
@@ -96,7 +157,8 @@ public class ClusterEndToEndTests
         var runDir = Directory.CreateTempSubdirectory("e2e-").FullName;
         try
         {
-            var (code, output) = RunAppHost(runDir, "--workers", "2", "--pp", $"{pp}", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
+            // --device cpu: two workers on any machine (on cuda each would need a GPU of its own).
+            var (code, output) = RunAppHost(runDir, "--device", "cpu", "--workers", "2", "--pp", $"{pp}", "--steps", "40", "--seq-len", "64", "--vocab-size", "512",
                                             "--global-batch", "16", "--micro-batch", "4", "--checkpoint-interval", "20");
             Assert.True(code == 0, "the AppHost failed:\n" + output);
             Assert.Contains("job", output);

@@ -23,7 +23,8 @@ public class ElasticTests(ITestOutputHelper output)
     {
         using var clusterLock = await ClusterTestLock.AcquireAsync("elastic end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-elastic-").FullName;
-        using var host = new AppHostProcess(AppHost, runDir, ["--workers", "2", .. JobArgs]);
+        // --device cpu: the scenario needs three workers, more than a one-GPU machine has GPUs for.
+        using var host = new AppHostProcess(AppHost, runDir, ["--device", "cpu", "--workers", "2", .. JobArgs]);
         try
         {
             string coordinator = host.WaitFor(@"started coordinator \(pid \d+\) on (http://\S+),", TimeSpan.FromMinutes(6)).Groups[1].Value;
@@ -89,7 +90,7 @@ public class ElasticTests(ITestOutputHelper output)
             var referenceDir = Directory.CreateTempSubdirectory("e2e-elastic-reference-").FullName;
             try
             {
-                using var reference = new AppHostProcess(AppHost, referenceDir, ["--workers", "1", "--exit-when-done", .. JobArgs]);
+                using var reference = new AppHostProcess(AppHost, referenceDir, ["--device", "cpu", "--workers", "1", "--exit-when-done", .. JobArgs]);
                 Assert.True(reference.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10)).Groups[2].Value == "Completed",
                             "the undisturbed run did not complete:\n" + reference.Output);
                 var undisturbed = File.ReadAllBytes(ModelFile(reference));

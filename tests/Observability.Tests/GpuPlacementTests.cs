@@ -98,7 +98,7 @@ public class GpuPlacementProcessTests
     {
         var builder = new DeepSeekCluster.AppHost.Hosting.DistributedApplicationBuilder(Path.GetTempPath(), "Debug");
         var slots = new GpuSlots(["0"]);
-        var worker = builder.AddExecutable("gpu-worker", "/bin/sleep", "30")
+        var worker = builder.AddExecutable("gpu-worker", "/bin/sleep", "30").WithReplicas(1)
             .WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", slots.Take(instance))]);
         await using var app = builder.Build();
         await app.StartAsync(CancellationToken.None);

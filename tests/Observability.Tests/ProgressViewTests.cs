@@ -74,18 +74,20 @@ public class ProgressViewTests
     }
 
     [Fact]
-    public void TheEndpointsFileListsInstancesAndWhatWorkersAnnounce()
+    public void TheEndpointsFileListsInstancesAndTheWorkersTheCoordinatorKnows()
     {
         var path = Path.Combine(Directory.CreateTempSubdirectory("endpoints-").FullName, "endpoints.json");
         var file = new EndpointsFile(path);
-        Assert.False(file.Observe("gpu-worker-0", "gpu-worker", "worker gpu-worker-0: coordinator http://127.0.0.1:5000/"));
-        Assert.True(file.Observe("gpu-worker-0", "gpu-worker", "health and metrics on http://127.0.0.1:40123 (/health, /alive, /metrics)"));
-        Assert.True(file.Observe("gpu-worker-1", "gpu-worker", "health and metrics on http://127.0.0.1:40124, http://[::1]:40124 (/health)"));
-        var written = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!["instances"]!.AsArray();
+        static System.Text.Json.Nodes.JsonArray Written(string path) => System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!["instances"]!.AsArray();
+        file.SetWorkers("gpu-worker", new Dictionary<string, string> { ["gpu-worker-0"] = "http://127.0.0.1:40123/", ["gpu-worker-1"] = "http://127.0.0.1:40124" });
+        var written = Written(path);
         Assert.Equal(["gpu-worker-0", "gpu-worker-1"], written.Select(i => i!["instance"]!.GetValue<string>()));
-        Assert.Equal("http://127.0.0.1:40124", written[1]!["endpoints"]!["http"]!.GetValue<string>());
-        file.Remove("gpu-worker-0");
-        Assert.Single(System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!["instances"]!.AsArray());
+        Assert.Equal("http://127.0.0.1:40123", written[0]!["endpoints"]!["http"]!.GetValue<string>());
+        // A worker the Coordinator no longer lists online leaves the file; a new one joins it.
+        file.SetWorkers("gpu-worker", new Dictionary<string, string> { ["gpu-worker-1"] = "http://127.0.0.1:40124", ["gpu-worker-2"] = "http://127.0.0.1:40125" });
+        Assert.Equal(["gpu-worker-1", "gpu-worker-2"], Written(path).Select(i => i!["instance"]!.GetValue<string>()));
+        file.Remove("gpu-worker-1");
+        Assert.Single(Written(path));
         Directory.Delete(Path.GetDirectoryName(path)!, true);
     }
 }

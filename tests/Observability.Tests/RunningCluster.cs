@@ -43,7 +43,7 @@ public sealed class RunningCluster : IAsyncLifetime
     {
         clusterLock = await ClusterTestLock.AcquireAsync("observability cluster");
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
-        foreach (var a in new[] { AppHostDll, "--workers", "2", "--steps", $"{Steps}", "--seq-len", "64", "--vocab-size", "512",
+        foreach (var a in new[] { AppHostDll, "--device", "cpu", "--workers", "2", "--steps", $"{Steps}", "--seq-len", "64", "--vocab-size", "512",
                                   "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", $"{CheckpointInterval}", "--run-dir", RunDir })
             psi.ArgumentList.Add(a);
         psi.Environment["NO_COLOR"] = "1";

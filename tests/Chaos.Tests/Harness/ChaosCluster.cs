@@ -246,7 +246,7 @@ public sealed class ChaosCluster : IAsyncDisposable
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(torchThreads, 1);
         if (inNamespace && Namespace is null) throw new InvalidOperationException("this cluster was started without a network namespace");
-        var r = factory.AddProject(ServiceNames.GpuWorker, "GpuWorker", "gpu-worker").WithArgs("join");
+        var r = factory.AddProject(ServiceNames.GpuWorker, "GpuWorker", "gpu-worker").WithArgs("join").WithReplicas(1); // instances gpu-worker-N
         string host = Namespace?.HostAddress ?? "127.0.0.1";
         foreach (var s in new[] { coordinator, dataShards, checkpoints })
             foreach (var e in s.Endpoints)
@@ -265,7 +265,7 @@ public sealed class ChaosCluster : IAsyncDisposable
         var run = r;
         if (inNamespace)
         {
-            run = new Resource { Name = r.Name, Command = "ip", IsProject = false };
+            run = new Resource { Name = r.Name, Command = "ip", IsProject = false, Numbered = true };
             run.Args.AddRange(Namespace!.ExecPrefix);
             run.Args.Add(r.Command);
             run.Args.AddRange(r.Args);

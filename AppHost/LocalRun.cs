@@ -1,0 +1,97 @@
+// The AppHost's run once its resources are declared: start them, settle earlier jobs, submit (or resume) the default job,
+// follow it, report where everything is, and keep the cluster up until Ctrl+C or 'quit'.
+using System.Security.Cryptography;
+using DeepSeekCluster.AppHost.Hosting;
+using DeepSeekCluster.Contracts.Grains;
+
+namespace DeepSeekCluster.AppHost;
+
+/// <summary>The resources the run talks to (the AppHost declares them in Program.cs).</summary>
+public sealed record LocalCluster(Resource Coordinator, Resource DataShards, Resource Checkpoints, Resource Worker, GpuSlots Gpus);
+
+public static class LocalRun
+{
+    /// <summary>A fresh cluster token per run in {runDir}/cluster.token (owner-only); never printed.</summary>
+    public static string NewToken(string runDir)
+    {
+        Directory.CreateDirectory(runDir);
+        var token = Convert.ToHexString(RandomNumberGenerator.GetBytes(32)).ToLowerInvariant();
+        var file = TokenFile(runDir);
+        File.WriteAllText(file, token);
+        if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        return token;
+    }
+
+    static string TokenFile(string runDir) => Path.Combine(runDir, "cluster.token");
+
+    /// <summary>Runs the cluster and its default job; the process exit code.</summary>
+    public static async Task<int> RunAsync(DistributedApplicationBuilder builder, LocalCluster cluster, AppHostOptions options, string token)
+    {
+        using var stop = new CancellationTokenSource();
+        Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+        await using var app = builder.Build();
+        var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
+        app.ChildExited += (instance, _) => { endpoints.Remove(instance); cluster.Gpus.Release(instance); };
+        using var coordinator = new CoordinatorClient(new Uri(cluster.Coordinator.GetEndpoint("http").Url), token);
+        // The services run in the AppHost's own configuration: see docs/decisions.md, "The AppHost starts the services' builds of its own configuration".
+        Log.AppHost($"starting the {builder.Configuration} builds of the services{(builder.Configuration == "Debug" ? " (dotnet run -c Release --project AppHost starts Release ones)" : "")}");
+        try
+        {
+            await app.StartAsync(stop.Token);
+            foreach (var r in new[] { cluster.Coordinator, cluster.DataShards, cluster.Checkpoints }) endpoints.Add(r.Name, r); // one instance each
+            Log.AppHost($"endpoints of every instance: {endpoints.Path}");
+            Log.AppHost($"status page (while it runs): {coordinator.BaseAddress}status");
+
+            var jobId = await EarlierJobs.HandleAsync(coordinator, options.Fresh, stop.Token);
+            if (jobId is null)
+            {
+                var dataset = await DefaultJob.PrepareCorpusAsync(options, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), stop.Token);
+                jobId = await DefaultJob.SubmitAsync(coordinator, options, dataset, stop.Token);
+            }
+            _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);
+            var follower = new JobFollower(coordinator, endpoints);
+            var final = await follower.FollowAsync(jobId, stop.Token);
+            if (final.State == JobState.Completed) await WaitForModelAsync(coordinator, jobId, stop.Token);
+            Log.AppHost($"job {jobId} ended: {final.State}");
+            Log.AppHost($"REST API: {coordinator.BaseAddress}jobs   (writes need 'Authorization: Bearer <token>' with the token in {TokenFile(options.RunDir)})");
+            Log.AppHost($"status page: {coordinator.BaseAddress}status");
+            await follower.RefreshWorkersAsync(stop.Token);
+            foreach (var i in endpoints.Snapshot().Where(i => i.Endpoints.ContainsKey("http")))
+                Log.AppHost($"metrics: {i.Endpoints["http"]}/metrics   ({i.Name})");
+            if (options.ExitWhenDone) return final.State == JobState.Completed ? 0 : 1;
+            Log.AppHost("the cluster stays up; Ctrl+C (or 'quit') stops it");
+            await Task.Delay(Timeout.Infinite, stop.Token);
+            return 0;
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            Log.AppHost($"stopping; a job not yet finished stays in {options.RunDir}: the next run resumes it (--fresh stops it instead)");
+            return 0;
+        }
+        catch (Exception e) when (e is InvalidOperationException or TimeoutException or HttpRequestException or Grpc.Core.RpcException)
+        {
+            Log.AppHost($"failed: {e.Message}");
+            return 1;
+        }
+    }
+
+    /// <summary>
+    /// Rank 0 evaluates, samples and writes the model folder after the last step, and its worker tells the Coordinator
+    /// (GET /workers, SavedModel): wait for that before reporting, bounded.
+    /// </summary>
+    static async Task WaitForModelAsync(CoordinatorClient coordinator, string jobId, CancellationToken ct)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(3);
+        while (DateTime.UtcNow < deadline)
+        {
+            var saved = (await coordinator.WorkersAsync(ct)).FirstOrDefault(w => w.SavedModel?.JobId == jobId);
+            if (saved is { SavedModel: { } model })
+            {
+                Log.AppHost($"model of job {jobId} (step {model.Step}) saved by {saved.WorkerId} to {model.Path}");
+                return;
+            }
+            await Task.Delay(500, ct);
+        }
+        Log.AppHost($"no worker reported the model of job {jobId} within 3 minutes (see the workers' log lines above)");
+    }
+}
