@@ -94,7 +94,7 @@ public sealed record JobSpec
                 Problem("schedule.warmupSteps", $"{Schedule.WarmupSteps} must be between 0 and steps ({Steps})");
         }
         if (CheckpointInterval < 0) Problem("checkpointInterval", $"{CheckpointInterval} must be 0 (only at the end) or positive");
-        if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (only at the end) or positive");
+        if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (validate only at the end) or a positive number of steps");
         if (SamplePrompt is null || SamplePrompt.Length > MaxSamplePromptLength || SamplePrompt.Any(c => char.IsControl(c) && c is not ('\n' or '\r' or '\t')))
             Problem("samplePrompt", $"must be text of at most {MaxSamplePromptLength} characters without control characters other than line breaks and tabs (got {(SamplePrompt is null ? "null" : $"{SamplePrompt.Length} characters")})");
         if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
