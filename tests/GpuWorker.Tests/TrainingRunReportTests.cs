@@ -31,6 +31,7 @@ public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixtu
         {
             JobId = "served", Generation = 1, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1,
             JobSpecJson = JobSpecJson.Serialize(spec), Peers = { [0] = $"127.0.0.1:{port}" },
+            LinkKey = Google.Protobuf.ByteString.CopyFrom(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32)),
         };
         var settings = new WorkerSettings
         {
@@ -55,11 +56,14 @@ public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixtu
             Assert.DoesNotContain(sent, m => m.KindCase == WorkerMessage.KindOneofCase.Leaving);
             steps = [.. sent.Where(m => m.KindCase == WorkerMessage.KindOneofCase.Step).Select(m => m.Step)];
         }
-        Assert.Equal([1L, 2, 3], steps.Select(s => s.Step));
+        // Three step reports, then the end's validation of step 3 as a report of no samples (the job's curve ends there).
+        Assert.Equal([1L, 2, 3, 3], steps.Select(s => s.Step));
         // What the service served, not step × global batch: the ledger would see step 1's gap at 4 and sample 8 twice.
-        Assert.Equal([(0L, 4), (5L, 4), (8L, 4)], steps.Select(s => (s.SampleStart, s.SampleCount)));
-        Assert.Equal([false, true, false], steps.Select(s => s.HasValidation));
+        Assert.Equal([(0L, 4), (5L, 4), (8L, 4), (0L, 0)], steps.Select(s => (s.SampleStart, s.SampleCount)));
+        Assert.Equal([false, true, false, true], steps.Select(s => s.HasValidation));
         Assert.True(steps[1].ValidationLoss is > 0 and < 20, $"validation loss {steps[1].ValidationLoss}: {output}");
+        Assert.True(steps[3].ValidationLoss is > 0 and < 20, $"final validation loss {steps[3].ValidationLoss}: {output}");
+        Assert.Contains($"validation loss {steps[3].ValidationLoss:F4}", output);
         Assert.Contains("sample: And God said", output);
         Assert.True(File.Exists(Path.Combine(settings.OutputDir, "served", "model", "config.json")), output);
         Directory.Delete(settings.OutputDir, recursive: true);
