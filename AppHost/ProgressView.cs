@@ -1,6 +1,5 @@
 // The AppHost's view of the job: one live status line at the bottom of a terminal, plain log lines otherwise (CI, files).
 using System.Globalization;
-using System.Text.Json;
 using DeepSeekCluster.Contracts.Grains;
 
 namespace DeepSeekCluster.AppHost;
@@ -49,10 +48,6 @@ public static class ProgressView
     public static bool PlainLineDue(JobProgress now, JobProgress? last, int every) =>
         last is null || now.State != last.State || now.Generation != last.Generation ||
         (now.Step != last.Step && (now.Step / Math.Max(1, every) != last.Step / Math.Max(1, every) || now.Step == now.TotalSteps));
-
-    /// <summary>The job status's <c>utilization</c> (GET /jobs/{id}, camelCase): null before a member reported a peak.</summary>
-    public static Utilization? UtilizationOf(JsonElement status) =>
-        status.TryGetProperty("utilization", out var u) && u.ValueKind == JsonValueKind.Object ? u.Deserialize<Utilization>(JsonSerializerOptions.Web) : null;
 
     /// <summary>
     /// The line that says what the MFU is against: the summed peak of the members' devices and where each came from

@@ -57,20 +57,20 @@ public class ProgressViewTests
     [Fact]
     public void TheMfuComesFromTheJobStatusAndACappedFigureSaysThePeakLooksTooLow()
     {
-        // As GET /jobs/{id} writes it (camelCase): two workers on one machine, which together did more than its peak.
-        var status = JsonSerializer.SerializeToElement(new
+        // Through GET /jobs/{id}'s JSON, as the AppHost reads it: two workers on one machine, which together did more than its peak.
+        var written = JsonSerializer.Serialize(new JobStatus
         {
-            utilization = Utilization.Of([new MemberUtilization(0, 1, 7, 50e9, Box), new MemberUtilization(1, 1, 7, 40e9, Box)]),
-        }, JsonSerializerOptions.Web);
+            JobId = "j", Utilization = Utilization.Of([new MemberUtilization(0, 1, 7, 50e9, Box), new MemberUtilization(1, 1, 7, 40e9, Box)]),
+        }, JobSpecJson.Options);
 
-        var u = ProgressView.UtilizationOf(status)!;
+        var u = JsonSerializer.Deserialize<JobStatus>(written, JobSpecJson.Options)!.Utilization!;
 
         Assert.Equal((90e9, 80e9, 1.0, true), (u.AchievedFlops, u.PeakFlops, u.Mfu, u.PeakTooLow));
         Assert.Contains("| MFU 100.00% of 80.0 GFLOP/s (capped: the peak looks too low) |",
             ProgressView.Format(At(7) with { Mfu = u }));
         Assert.Equal("MFU is the members' model FLOP/s over 80.0 GFLOP/s, the sum of their devices' peaks: calibrated 2026-12-06 on AMD EPYC 7763 (2 cores) " +
                      "(warning: the members did 1.12× that: the peak looks too low, MFU is shown as at most 100%)", ProgressView.PeakLine(u));
-        Assert.Null(ProgressView.UtilizationOf(JsonSerializer.SerializeToElement(new { utilization = (object?)null })));
+        Assert.Null(JsonSerializer.Deserialize<JobStatus>(JsonSerializer.Serialize(new JobStatus { JobId = "j" }, JobSpecJson.Options), JobSpecJson.Options)!.Utilization);
     }
 
     [Fact]
