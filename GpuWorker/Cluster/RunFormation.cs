@@ -76,7 +76,7 @@ sealed class RunFormation : IDisposable
             bool reduces = !pipeline || dp > 1;
             var nccl = reduces ? NcclFor(run, ring, device, ncclId, ct) : null;
             if (nccl is not null) { Keep(nccl); Keep(run.Cancel.Guard(nccl)); }
-            var reducer = reduces ? Keep(new BucketedGradientReducer((ICollective?)nccl ?? ring)) : null;
+            var reducer = reduces ? new BucketedGradientReducer((ICollective?)nccl ?? ring) : null;
             // fp32: cluster jobs train in fp32 (see HardwarePeak.For).
             var peak = Peaks.GetOrAdd(device.ToString(), _ => HardwarePeak.For(device, ScalarType.Float32, PeakSettings.FromEnvironment(), run.Log));
             var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), run.Settings.Checkpoints.ToString(), a.JobId,

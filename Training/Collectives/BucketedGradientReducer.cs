@@ -10,7 +10,7 @@ namespace DeepSeekCluster.Training.Collectives;
 /// latency vanishes, small enough that a ring's chunks stay in cache), all-reduced in place with Sum. Integer sums are
 /// exact, so every rank ends with the same words whatever the ring's order.
 /// </summary>
-public sealed class BucketedGradientReducer : IGradientReducer, IDisposable
+public sealed class BucketedGradientReducer : IGradientReducer
 {
     public ICollective Collective { get; }
     public long BucketBytes { get; }
@@ -44,6 +44,4 @@ public sealed class BucketedGradientReducer : IGradientReducer, IDisposable
         Collective.AllReduce(t, ReduceOp.Sum);
         t.cpu().data<long>().CopyTo(words);
     }
-
-    public void Dispose() { }
 }

@@ -25,8 +25,6 @@ public sealed class Trainer : ITrainer
     public int WorldSize { get; }
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
-    /// <summary>The peak as a number (FLOP/s); setting one makes it a peak <see cref="PeakSource.Given"/> by the caller.</summary>
-    public double PeakFlops { get => Peak.FlopsPerSecond; set => Peak = value; }
 
     readonly ISampleSource train;
     readonly ISampleSource? validation;

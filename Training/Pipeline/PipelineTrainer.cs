@@ -45,7 +45,6 @@ public sealed class PipelineTrainer : ITrainer
     public int Replicas { get; }
     /// <summary>This stage's device's peak (see <see cref="Trainer.Peak"/>).</summary>
     public HardwarePeak Peak { get; set; }
-    public double PeakFlops { get => Peak.FlopsPerSecond; set => Peak = value; }
     /// <summary>
     /// Runs after the gradients are final and before anything writes to the stage's parameters, optimizer moments and
     /// routing biases, as <see cref="Trainer.BeforeOptimizerUpdate"/>: a background checkpoint copy of the previous step's

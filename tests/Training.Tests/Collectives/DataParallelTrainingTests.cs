@@ -75,7 +75,7 @@ public class DataParallelTrainingTests
         for (int r = 0; r < world; r++) models[r] = NewModel(); // built in turn: the seed is global
         var perRank = RankGroup.Run(world, c =>
         {
-            using var reducer = new BucketedGradientReducer(c, bucketBytes: 64 << 10); // small buckets: many all-reduces per step
+            var reducer = new BucketedGradientReducer(c, bucketBytes: 64 << 10); // small buckets: many all-reduces per step
             using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, Options, CPU, 1e11, c.Rank, world, reducer);
             var steps = new List<(double Loss, string Hash)>();
             for (int s = 0; s < Options.Steps; s++) steps.Add((trainer.TrainStep().Loss, WeightsHash(trainer)));

@@ -283,6 +283,6 @@ public class TrainerMfuTests
         Assert.True(m.AchievedFlops > 1, $"{m.AchievedFlops}");
         Assert.Equal(m.AchievedFlops, m.Utilization.Raw, 1e-9 * m.AchievedFlops);
         Assert.True(m.Utilization.Capped);
-        Assert.Equal(1.0, trainer.PeakFlops);
+        Assert.Equal(1.0, trainer.Peak.FlopsPerSecond);
     }
 }

@@ -76,7 +76,7 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         {
             var model = models[layout.Rank(rank.Stage, rank.Replica)];
             var stage = new PipelineStage(model, layout, rank.Stage);
-            using var reducer = rank.StageGroup is { } g ? new BucketedGradientReducer(g, bucketBytes: 16 << 10) : null;
+            var reducer = rank.StageGroup is { } g ? new BucketedGradientReducer(g, bucketBytes: 16 << 10) : null;
             using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), options, CPU, 1e11,
                                                     rank.Links, rank.Replica, dp, reducer);
             var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
