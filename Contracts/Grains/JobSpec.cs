@@ -7,7 +7,7 @@ namespace DeepSeekCluster.Contracts.Grains;
 public sealed record JobSpec
 {
     /// <summary>Names the model presets the Training library knows (DeepSeekConfig.Preset); Contracts cannot reference it.</summary>
-    public static readonly string[] ModelPresets = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite"];
+    public static readonly string[] ModelPresets = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite", "v2-lite-80gb"];
 
     /// <summary>Optional job id; a fresh one is generated when absent.</summary>
     [Id(0)] public string? Name { get; init; }

@@ -127,13 +127,31 @@ public sealed record DeepSeekConfig
         NumNextnPredictLayers = 0, BosTokenId = 100000, EosTokenId = 100001, TorchDtype = "bfloat16",
     };
 
+    /// <summary>
+    /// DeepSeek-V2-Lite's layer shapes (hidden 2048, MLA with kv_lora_rank 512, 64 routed experts of 1408 plus 2 shared,
+    /// top-6, V3's sigmoid routing with the correction bias) cut to the depth one 80 GB GPU trains with AdamW in bf16:
+    /// 3 layers (1 dense, 2 MoE), 1.67B parameters. Training state is 32 bytes a parameter (bf16 weights and gradients,
+    /// fp32 master weights and both moments, the 16-byte exact gradient sum) = 53 GB; a fourth layer makes it 72 GB and
+    /// leaves no room for activations. The GPU speed goal is measured on it: its 2048-wide matmuls can fill a GPU.
+    /// </summary>
+    public static DeepSeekConfig V2LiteFor80GB() => DeepSeekV2Lite() with
+    {
+        NumHiddenLayers = V2LiteLayersFor80GB, MaxPositionEmbeddings = 4096, RopeScaling = null,
+    };
+
+    public const int V2LiteLayersFor80GB = 3;
+
+    /// <summary>Bytes of training state per parameter in bf16 with AdamW: weight 2 + gradient 2 + master 4 + moments 8 + exact sum 16.</summary>
+    public const int Bf16AdamWStateBytesPerParameter = 32;
+
     public static DeepSeekConfig Preset(string name) => name.ToLowerInvariant() switch
     {
         "tiny" => Tiny(),
         "small" => Small(),
         "deepseek-v3" or "v3-671b" or "deepseek-v3-671b" => DeepSeekV3_671B(),
         "deepseek-v2-lite" or "v2-lite" => DeepSeekV2Lite(),
-        _ => throw new ArgumentException($"Unknown model preset '{name}': expected tiny, small, deepseek-v3 or deepseek-v2-lite."),
+        "v2-lite-80gb" => V2LiteFor80GB(),
+        _ => throw new ArgumentException($"Unknown model preset '{name}': expected tiny, small, deepseek-v3, deepseek-v2-lite or v2-lite-80gb."),
     };
 
     // ---- Validation ----

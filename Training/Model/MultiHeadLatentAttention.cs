@@ -87,25 +87,8 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         var query_BHTq = cat([qNope_BHTN, qRope_BHTR], -1);
         var key_BHSq = cat([kNope_BHSN, kRope_BHSR], -1);
 
-        var out_BHTV = Attend(query_BHTq, key_BHSq, v_BHSV, S - T);
+        var out_BHTV = CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale);
         var out_BTx = out_BHTV.transpose(1, 2).reshape(B, T, heads * vDim);
         return o_proj.forward(out_BTx).MoveToOuterDisposeScope();
-    }
-
-    /// <summary>Causal softmax attention; query i (absolute position past + i) sees keys 0..past + i.</summary>
-    Tensor Attend(Tensor q_BHTq, Tensor k_BHSq, Tensor v_BHSV, long past)
-    {
-        long T = q_BHTq.shape[2], S = k_BHSq.shape[2];
-        var scores_BHTS = matmul(q_BHTq, k_BHSq.transpose(-1, -2)) * softmaxScale;
-        if (T > 1)
-        {
-            var mask_TS = ones(T, S, ScalarType.Bool, q_BHTq.device).triu(past + 1);
-            scores_BHTS = scores_BHTS.masked_fill(mask_TS, double.NegativeInfinity);
-        }
-        // Softmax in at least float32, as HF's eager attention does for half types.
-        var probs = scores_BHTS.dtype is ScalarType.BFloat16 or ScalarType.Float16
-            ? scores_BHTS.softmax(-1, ScalarType.Float32).to_type(scores_BHTS.dtype)
-            : scores_BHTS.softmax(-1);
-        return matmul(probs, v_BHSV);
     }
 }

@@ -34,6 +34,23 @@ public class ConfigTests
     }
 
     [Fact]
+    public void TheV2LiteShapedPresetIsTheDeepestThatLeavesAQuarterOf80GBForActivations()
+    {
+        var preset = DeepSeekConfig.Preset("v2-lite-80gb");
+        var lite = DeepSeekConfig.DeepSeekV2Lite();
+        Assert.Equal((lite.HiddenSize, lite.KvLoraRank, lite.QkNopeHeadDim, lite.QkRopeHeadDim, lite.VHeadDim),
+            (preset.HiddenSize, preset.KvLoraRank, preset.QkNopeHeadDim, preset.QkRopeHeadDim, preset.VHeadDim));
+        Assert.Equal((64, 1408, 2, 6), (preset.NRoutedExperts, preset.MoeIntermediateSize, preset.NSharedExperts, preset.NumExpertsPerTok));
+        Assert.Empty(preset.Problems());
+
+        const double budget = 0.75 * 80e9;
+        double StateBytes(DeepSeekConfig c) => (double)(c.ParameterCount() + c.MtpParameterCount()) * DeepSeekConfig.Bf16AdamWStateBytesPerParameter;
+        Assert.InRange(StateBytes(preset), 0, budget);
+        Assert.True(StateBytes(preset with { NumHiddenLayers = preset.NumHiddenLayers + 1 }) > budget, "a deeper model would still fit");
+        Assert.InRange(preset.ParameterCount() / 1e9, 1.6, 1.75);
+    }
+
+    [Fact]
     public void ConfigJsonReadsBothRopeSpellingsAndRejectsBadValuesByKey()
     {
         var modern = DeepSeekConfig.FromJson("""{"model_type":"deepseek_v3","rope_parameters":{"rope_type":"yarn","rope_theta":50000.0,"factor":8.0,"original_max_position_embeddings":4096,"mscale":1.0,"mscale_all_dim":1.0}}""");

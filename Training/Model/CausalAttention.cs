@@ -1,0 +1,53 @@
+// Causal softmax attention for MLA, where queries and keys are wider than values (qk_nope + qk_rope against v_head_dim).
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Model;
+
+// Shape legend: B batch, H heads, T queries (the new tokens), S keys (cached + new), Q query/key width, V value width.
+public static class CausalAttention
+{
+    /// <summary>
+    /// Through scaled_dot_product_attention, so libtorch picks its fused kernels (flash or memory-efficient on CUDA, the
+    /// flash kernel on CPU) instead of materialising the (T, S) scores. Query i sits at absolute position past + i and sees
+    /// keys 0..past + i.
+    /// </summary>
+    public static Tensor Fused(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale)
+    {
+        using var scope = NewDisposeScope();
+        long T = q_BHTQ.shape[2], S = k_BHSQ.shape[2];
+        // The binding has no scale argument and scales by 1/sqrt(Q); MLA's scale differs under YaRN (mscale²), so the
+        // difference is folded into the query, which costs one elementwise pass over it.
+        double queryFactor = scale * Math.Sqrt(q_BHTQ.shape[^1]);
+        if (Math.Abs(queryFactor - 1.0) > 1e-12) q_BHTQ = q_BHTQ * queryFactor;
+        Tensor out_BHTV;
+        if (T == 1 || past == 0)
+            out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_casual: T > 1);
+        else
+        {
+            // Prefill onto a cache: libtorch's is_causal aligns the mask top-left, ours is bottom-right (true = may attend).
+            var allowed_TS = ones(T, S, ScalarType.Bool, q_BHTQ.device).tril(past);
+            out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, allowed_TS);
+        }
+        return out_BHTV.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The same attention written out (scores, mask, softmax in at least float32 as HF's eager attention does, values):
+    /// the reference the fused path is checked against.
+    /// </summary>
+    public static Tensor Explicit(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale)
+    {
+        using var scope = NewDisposeScope();
+        long T = q_BHTQ.shape[2], S = k_BHSQ.shape[2];
+        var scores_BHTS = matmul(q_BHTQ, k_BHSQ.transpose(-1, -2)) * scale;
+        if (T > 1)
+        {
+            var mask_TS = ones(T, S, ScalarType.Bool, q_BHTQ.device).triu(past + 1);
+            scores_BHTS = scores_BHTS.masked_fill(mask_TS, double.NegativeInfinity);
+        }
+        var probs = scores_BHTS.dtype is ScalarType.BFloat16 or ScalarType.Float16
+            ? scores_BHTS.softmax(-1, ScalarType.Float32).to_type(scores_BHTS.dtype)
+            : scores_BHTS.softmax(-1);
+        return matmul(probs, v_BHSV).MoveToOuterDisposeScope();
+    }
+}

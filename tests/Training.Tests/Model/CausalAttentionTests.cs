@@ -1,0 +1,63 @@
+// The fused attention (scaled_dot_product_attention) against the written-out softmax attention it replaced.
+using DeepSeekCluster.Training.Model;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Tests.Model;
+
+public class CausalAttentionTests
+{
+    // MLA's shapes: queries and keys wider than values; a YaRN-like scale that is not 1/sqrt(Q).
+    const int B = 2, H = 3, Q = 12, V = 5;
+    const double Scale = 0.41;
+
+    static (Tensor q, Tensor k, Tensor v) Inputs(long t, long s, ScalarType dtype, int seed)
+    {
+        manual_seed(seed);
+        return (randn(B, H, t, Q, dtype).requires_grad_(true), randn(B, H, s, Q, dtype).requires_grad_(true),
+            randn(B, H, s, V, dtype).requires_grad_(true));
+    }
+
+    [Theory]
+    [InlineData(7, 7)]   // training: every query a new token, no cache
+    [InlineData(3, 10)]  // prefill of 3 tokens onto 7 cached ones: the mask is aligned bottom-right
+    [InlineData(1, 9)]   // one decode step sees every key
+    public void FusedEqualsExplicitInValueAndGradientsInFloat64(long t, long s)
+    {
+        var (q, k, v) = Inputs(t, s, ScalarType.Float64, seed: 11);
+        var fused = CausalAttention.Fused(q, k, v, s - t, Scale);
+        var reference = CausalAttention.Explicit(q, k, v, s - t, Scale);
+        Assert.True(fused.allclose(reference, rtol: 0, atol: 1e-12), $"max |diff| {(fused - reference).abs().max().item<double>():E3}");
+
+        var projection = randn_like(reference);
+        var fusedGrads = autograd.grad([(fused * projection).sum()], [q, k, v]);
+        var referenceGrads = autograd.grad([(reference * projection).sum()], [q, k, v]);
+        for (int i = 0; i < 3; i++)
+            Assert.True(fusedGrads[i].allclose(referenceGrads[i], rtol: 0, atol: 1e-11), $"gradient {"qkv"[i]} differs");
+    }
+
+    [Fact]
+    public void TheLastQueryOfAPrefillSeesTheWholeCacheAndTheFirstSeesOnlyUpToItsPosition()
+    {
+        // Independent of both paths: a key after query i's position must not change query i's output.
+        var (q, k, v) = Inputs(3, 10, ScalarType.Float64, seed: 5);
+        using var noGrad = no_grad();
+        var before = CausalAttention.Fused(q, k, v, past: 7, Scale);
+        var vChanged = v.clone();
+        vChanged[.., .., 9, ..] += 100.0; // key 9 is the last query's own position only
+        var after = CausalAttention.Fused(q, k, vChanged, past: 7, Scale);
+        Assert.True(after[.., .., ..2, ..].allclose(before[.., .., ..2, ..], rtol: 0, atol: 0), "queries 0 and 1 (positions 7, 8) saw key 9");
+        Assert.False(after[.., .., 2, ..].allclose(before[.., .., 2, ..]), "query 2 (position 9) did not see key 9");
+    }
+
+    [Fact]
+    public void FusedInBFloat16StaysWithinItsRoundingOfTheFloat64Result()
+    {
+        var (q, k, v) = Inputs(16, 16, ScalarType.Float64, seed: 3);
+        using var noGrad = no_grad();
+        var reference = CausalAttention.Explicit(q, k, v, 0, Scale);
+        var bf16 = CausalAttention.Fused(q.to_type(ScalarType.BFloat16), k.to_type(ScalarType.BFloat16), v.to_type(ScalarType.BFloat16), 0, Scale);
+        // Inputs rounded to 8 bits of mantissa (relative 2^-9 each) through a softmax of |scores| up to ~10: a few 1e-2 absolute.
+        double worst = (bf16.to_type(ScalarType.Float64) - reference).abs().max().item<double>();
+        Assert.InRange(worst, 0, 0.05);
+    }
+}
