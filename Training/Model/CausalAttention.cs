@@ -19,6 +19,9 @@ public static class CausalAttention
         // difference is folded into the query, which costs one elementwise pass over it.
         double queryFactor = scale * Math.Sqrt(q_BHTQ.shape[^1]);
         if (Math.Abs(queryFactor - 1.0) > 1e-12) q_BHTQ = q_BHTQ * queryFactor;
+        // libtorch's fused kernels want values as wide as queries; zero columns add nothing to the output and are cut off.
+        long V = v_BHSV.shape[^1], Q = q_BHTQ.shape[^1];
+        if (V < Q) v_BHSV = nn.functional.pad(v_BHSV, [0, Q - V]);
         Tensor out_BHTV;
         if (T == 1 || past == 0)
             out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_casual: T > 1);
@@ -28,6 +31,7 @@ public static class CausalAttention
             var allowed_TS = ones(T, S, ScalarType.Bool, q_BHTQ.device).tril(past);
             out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, allowed_TS);
         }
+        if (V < Q) out_BHTV = out_BHTV.narrow(-1, 0, V);
         return out_BHTV.MoveToOuterDisposeScope();
     }
 

@@ -1,0 +1,75 @@
+// Fused paths against the plain ones they replaced, timed side by side in one process (interleaved rounds, so the shared
+// machine's load falls on both alike): the ratio is the figure, the absolute times only its context.
+using System.Diagnostics;
+using DeepSeekCluster.Training.Model;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Bench;
+
+public static class KernelBench
+{
+    public static void Run(string[] args)
+    {
+        var device = Arg(args, "--device", "cpu") == "cuda" ? CUDA : CPU;
+        int rounds = int.Parse(Arg(args, "--rounds", "7"));
+        var preset = DeepSeekConfig.Preset(Arg(args, "--preset", "small"));
+        int seqLen = int.Parse(Arg(args, "--seq-len", "256")), batch = int.Parse(Arg(args, "--batch", "8"));
+        Console.WriteLine($"# Fused against plain — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, " +
+                          $"device {device.type}, load {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
+        Console.WriteLine();
+        Console.WriteLine("| kernel | shape | dtype | plain s (median) | fused s (median) | fused / plain, median (range over rounds) |");
+        Console.WriteLine("|---|---|---|---|---|---|");
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            // One MLA layer's attention in training: queries and keys qk_nope + qk_rope wide, values v_head_dim wide.
+            long h = preset.NumAttentionHeads, q = preset.QkHeadDim, v = preset.VHeadDim;
+            double scale = RotaryEmbedding.SoftmaxScale(preset);
+            manual_seed(1);
+            var query = randn(batch, h, seqLen, q, dtype, device).requires_grad_(true);
+            var key = randn(batch, h, seqLen, q, dtype, device).requires_grad_(true);
+            var value = randn(batch, h, seqLen, v, dtype, device).requires_grad_(true);
+            var projection = randn(batch, h, seqLen, v, dtype, device);
+            void Pass(Func<Tensor, Tensor, Tensor, long, double, Tensor> attention)
+            {
+                using var scope = NewDisposeScope();
+                var grads = autograd.grad([(attention(query, key, value, 0, scale) * projection).sum()], [query, key, value]);
+                if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
+            }
+            var (plain, fused, ratios) = SideBySide(rounds, () => Pass(CausalAttention.Explicit), () => Pass(CausalAttention.Fused));
+            Console.WriteLine($"| attention forward + backward | {batch} x {h} heads x {seqLen} tokens, q/k {q}, v {v} | {dtype} | {plain:F4} | {fused:F4} | " +
+                              $"{Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
+        }
+    }
+
+    /// <summary>Both actions once to warm up, then <paramref name="rounds"/> rounds of plain then fused; medians and per-round ratios.</summary>
+    static (double plain, double fused, List<double> ratios) SideBySide(int rounds, Action plain, Action fused)
+    {
+        plain(); fused();
+        var (p, f, r) = (new List<double>(), new List<double>(), new List<double>());
+        for (int i = 0; i < rounds; i++)
+        {
+            double a = Time(plain), b = Time(fused);
+            p.Add(a); f.Add(b); r.Add(b / a);
+        }
+        return (Median(p), Median(f), r);
+    }
+
+    static double Time(Action action)
+    {
+        var sw = Stopwatch.StartNew();
+        action();
+        return sw.Elapsed.TotalSeconds;
+    }
+
+    static double Median(List<double> xs)
+    {
+        var s = xs.Order().ToList();
+        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
+    }
+
+    static string Arg(string[] args, string name, string fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+    }
+}
