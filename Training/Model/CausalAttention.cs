@@ -9,9 +9,10 @@ public static class CausalAttention
     /// <summary>
     /// Through scaled_dot_product_attention, so libtorch picks its fused kernels (flash or memory-efficient on CUDA, the
     /// flash kernel on CPU) instead of materialising the (T, S) scores. Query i sits at absolute position past + i and sees
-    /// keys 0..past + i.
+    /// keys 0..past + i; or, given <paramref name="visible_B1TS"/> (rows of different lengths in one batch, as a server's
+    /// decode batch holds), exactly the keys it marks true.
     /// </summary>
-    public static Tensor Fused(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale)
+    public static Tensor Fused(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale, Tensor? visible_B1TS = null)
     {
         using var scope = NewDisposeScope();
         long T = q_BHTQ.shape[2], S = k_BHSQ.shape[2];
@@ -23,7 +24,9 @@ public static class CausalAttention
         long V = v_BHSV.shape[^1], Q = q_BHTQ.shape[^1];
         if (V < Q) v_BHSV = nn.functional.pad(v_BHSV, [0, Q - V]);
         Tensor out_BHTV;
-        if (T == 1 || past == 0)
+        if (visible_B1TS is not null)
+            out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, visible_B1TS);
+        else if (T == 1 || past == 0)
             out_BHTV = nn.functional.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_casual: T > 1);
         else
         {
@@ -39,12 +42,14 @@ public static class CausalAttention
     /// The same attention written out (scores, mask, softmax in at least float32 as HF's eager attention does, values):
     /// the reference the fused path is checked against.
     /// </summary>
-    public static Tensor Explicit(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale)
+    public static Tensor Explicit(Tensor q_BHTQ, Tensor k_BHSQ, Tensor v_BHSV, long past, double scale, Tensor? visible_B1TS = null)
     {
         using var scope = NewDisposeScope();
         long T = q_BHTQ.shape[2], S = k_BHSQ.shape[2];
         var scores_BHTS = matmul(q_BHTQ, k_BHSQ.transpose(-1, -2)) * scale;
-        if (T > 1)
+        if (visible_B1TS is not null)
+            scores_BHTS = scores_BHTS.masked_fill(visible_B1TS.logical_not(), double.NegativeInfinity);
+        else if (T > 1)
         {
             var mask_TS = ones(T, S, ScalarType.Bool, q_BHTQ.device).triu(past + 1);
             scores_BHTS = scores_BHTS.masked_fill(mask_TS, double.NegativeInfinity);

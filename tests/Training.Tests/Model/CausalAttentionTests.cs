@@ -50,6 +50,22 @@ public class CausalAttentionTests
     }
 
     [Fact]
+    public void APerRowMaskGivesEachRowWhatItGetsAloneWithItsOwnKeys()
+    {
+        // Row 0 holds 4 keys, row 1 holds 7 (padded to S = 7): one decode query each, as a server batches two requests.
+        var (q, k, v) = Inputs(1, 7, ScalarType.Float64, seed: 9);
+        using var noGrad = no_grad();
+        var visible_B1TS = ones(B, 1, 1, 7, ScalarType.Bool);
+        visible_B1TS[0, .., .., 4..] = false;
+        var batched = CausalAttention.Fused(q, k, v, 6, Scale, visible_B1TS);
+        Assert.True(batched.allclose(CausalAttention.Explicit(q, k, v, 6, Scale, visible_B1TS), rtol: 0, atol: 1e-12));
+        var row0 = CausalAttention.Explicit(q[..1], k[..1, .., ..4], v[..1, .., ..4], 3, Scale);
+        var row1 = CausalAttention.Explicit(q[1..], k[1..], v[1..], 6, Scale);
+        Assert.True(batched[..1].allclose(row0, rtol: 0, atol: 1e-12), "the short row saw its padding");
+        Assert.True(batched[1..].allclose(row1, rtol: 0, atol: 1e-12));
+    }
+
+    [Fact]
     public void FusedInBFloat16StaysWithinItsRoundingOfTheFloat64Result()
     {
         var (q, k, v) = Inputs(16, 16, ScalarType.Float64, seed: 3);
