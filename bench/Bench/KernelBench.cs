@@ -35,7 +35,7 @@ public static class KernelBench
                 var grads = autograd.grad([(attention(query, key, value, 0, scale) * projection).sum()], [query, key, value]);
                 if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
             }
-            var (plain, fused, ratios) = SideBySide(rounds, () => Pass(CausalAttention.Explicit), () => Pass(CausalAttention.Fused));
+            var (plain, fused, ratios) = SideBySide(rounds, () => Pass((q, k, v, past, s) => CausalAttention.Explicit(q, k, v, past, s)), () => Pass((q, k, v, past, s) => CausalAttention.Fused(q, k, v, past, s)));
             Console.WriteLine($"| attention forward + backward | {batch} x {h} heads x {seqLen} tokens, q/k {q}, v {v} | {dtype} | {plain:F4} | {fused:F4} | " +
                               $"{Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
         }

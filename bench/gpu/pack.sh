@@ -7,10 +7,12 @@ cd "$(dirname "$0")/../.."
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 for project in bench/Bench GpuWorker; do
-  dotnet publish "$project" -c Release -r linux-x64 --self-contained -o "$stage/bundle" -p:DebugType=none >/dev/null
+  echo "pack: publishing $project (self-contained, linux-x64)"
+  dotnet publish "$project" -c Release -r linux-x64 --self-contained -o "$stage/bundle" -p:DebugType=none > "$stage/publish.log" 2>&1 \
+    || { grep -E 'error' "$stage/publish.log" | sort -u >&2; echo "pack: publishing $project failed" >&2; exit 1; }
 done
 # PyTorch's own libtorch replaces TorchSharp's CPU build; LibTorchSharp (the binding) stays.
-find "$stage/bundle" \( -name 'libtorch*.so*' -o -name 'libc10*.so*' -o -name 'libgomp*.so*' \) ! -name 'libLibTorchSharp.so' -delete
+find "$stage/bundle" \( -name 'libtorch*.so*' -o -name 'libc10*.so*' -o -name 'libgomp*.so*' \) -delete
 mkdir -p build
 tar -C "$stage" -cJf build/gpu-bundle.tar.xz bundle
 echo "build/gpu-bundle.tar.xz: $(du -h build/gpu-bundle.tar.xz | cut -f1) (the device tool carries at most 64 MiB)"
