@@ -35,24 +35,17 @@ public sealed class ServiceProcess : IAsyncDisposable
         .SingleOrDefault(p => Path.GetFileNameWithoutExtension(p) == name)
         ?? throw new InvalidOperationException($"no built assembly named {name} among the TorchFreeService items of Deployment.Tests.csproj");
 
+    /// <summary>The worker's built assembly (gpu-worker.dll).</summary>
+    public static string WorkerAssembly => typeof(ServiceProcess).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>()
+        .SingleOrDefault(a => a.Key == "WorkerAssembly")?.Value ?? throw new InvalidOperationException("no WorkerAssembly item in Deployment.Tests.csproj");
+
     /// <summary>Starts the service and returns once its readiness endpoint (/health) answers 200.</summary>
-    public static async Task<ServiceProcess> StartAsync(string assembly, IReadOnlyDictionary<string, string> environment)
+    public static async Task<ServiceProcess> StartAsync(string assembly, IReadOnlyDictionary<string, string> environment, int? httpPort = null, int? grpcPort = null)
     {
-        int httpPort = FreePort.Next(), grpcPort = FreePort.Next();
-        string dll = AssemblyOf(assembly);
-        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false, WorkingDirectory = Path.GetDirectoryName(dll)! };
-        info.ArgumentList.Add(dll);
-        info.Environment["DOTNET_ENVIRONMENT"] = "Production";
-        info.Environment["ASPNETCORE_ENVIRONMENT"] = "Production";
-        info.Environment["Kestrel__Endpoints__http__Url"] = $"http://127.0.0.1:{httpPort}";
-        info.Environment["Kestrel__Endpoints__http__Protocols"] = "Http1";
-        info.Environment["Kestrel__Endpoints__grpc__Url"] = $"http://127.0.0.1:{grpcPort}";
-        info.Environment["Kestrel__Endpoints__grpc__Protocols"] = "Http2";
-        foreach (var (k, v) in environment) info.Environment[k] = v;
-        var service = new ServiceProcess(Process.Start(info)!, httpPort, grpcPort);
+        var service = Launch(AssemblyOf(assembly), [], environment, httpPort ?? FreePort.Next(), grpcPort ?? FreePort.Next());
         try
         {
-            await service.WaitUntilReadyAsync(TimeSpan.FromSeconds(60));
+            await service.WaitForHealthAsync(ready: true, TimeSpan.FromSeconds(60));
             return service;
         }
         catch
@@ -62,22 +55,67 @@ public sealed class ServiceProcess : IAsyncDisposable
         }
     }
 
-    async Task WaitUntilReadyAsync(TimeSpan timeout)
+    /// <summary>Starts `dotnet dll args` with Kestrel's endpoints on the given ports, without waiting for anything.</summary>
+    public static ServiceProcess Launch(string dll, string[] args, IReadOnlyDictionary<string, string> environment, int httpPort, int grpcPort)
+    {
+        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false, WorkingDirectory = Path.GetDirectoryName(dll)! };
+        info.ArgumentList.Add(dll);
+        foreach (var a in args) info.ArgumentList.Add(a);
+        info.Environment["DOTNET_ENVIRONMENT"] = "Production";
+        info.Environment["ASPNETCORE_ENVIRONMENT"] = "Production";
+        info.Environment["Kestrel__Endpoints__http__Url"] = $"http://127.0.0.1:{httpPort}";
+        info.Environment["Kestrel__Endpoints__http__Protocols"] = "Http1";
+        info.Environment["Kestrel__Endpoints__grpc__Url"] = $"http://127.0.0.1:{grpcPort}";
+        info.Environment["Kestrel__Endpoints__grpc__Protocols"] = "Http2";
+        foreach (var (k, v) in environment) info.Environment[k] = v;
+        return new ServiceProcess(Process.Start(info)!, httpPort, grpcPort);
+    }
+
+    public bool HasExited => process.HasExited;
+
+    public int ExitCode => process.ExitCode;
+
+    /// <summary>Polls /health, as a readiness probe does, until it answers 200 (ready) or 503 (not ready).</summary>
+    public async Task WaitForHealthAsync(bool ready, TimeSpan timeout)
     {
         var until = DateTime.UtcNow + timeout;
+        var expected = ready ? System.Net.HttpStatusCode.OK : System.Net.HttpStatusCode.ServiceUnavailable;
+        string last = "no answer";
         while (true)
         {
-            if (process.HasExited) throw new InvalidOperationException($"{process.StartInfo.ArgumentList[0]} exited with {process.ExitCode} before it was ready:\n{Output}");
+            if (process.HasExited) throw new InvalidOperationException($"{process.StartInfo.ArgumentList[0]} exited with {process.ExitCode} while waiting for /health {(int)expected}:\n{Output}");
             try
             {
                 using var response = await Http.GetAsync("/health");
-                if (response.IsSuccessStatusCode) return;
+                if (response.StatusCode == expected) return;
+                last = $"{(int)response.StatusCode}";
             }
-            catch (HttpRequestException) { }
-            catch (TaskCanceledException) { }
-            if (DateTime.UtcNow > until) throw new TimeoutException($"{process.StartInfo.ArgumentList[0]} was not ready within {timeout.TotalSeconds} s:\n{Output}");
+            catch (HttpRequestException e) { last = e.Message; }
+            catch (TaskCanceledException) { last = "timeout"; }
+            if (DateTime.UtcNow > until) throw new TimeoutException($"/health of {process.StartInfo.ArgumentList[0]} did not answer {(int)expected} within {timeout.TotalSeconds} s (last: {last}):\n{Output}");
             await Task.Delay(100);
         }
+    }
+
+    /// <summary>Waits for a line of output containing <paramref name="text"/>.</summary>
+    public async Task WaitForOutputAsync(string text, TimeSpan timeout)
+    {
+        var until = DateTime.UtcNow + timeout;
+        while (!Output.Contains(text, StringComparison.Ordinal))
+        {
+            if (DateTime.UtcNow > until) throw new TimeoutException($"no output line with '{text}' within {timeout.TotalSeconds} s:\n{Output}");
+            await Task.Delay(50);
+        }
+    }
+
+    /// <summary>SIGTERM, as the kubelet sends on pod deletion; returns the exit code.</summary>
+    public async Task<int> TerminateAsync(TimeSpan timeout)
+    {
+        using var kill = Process.Start("kill", ["-TERM", process.Id.ToString()])!;
+        await kill.WaitForExitAsync();
+        using var cts = new CancellationTokenSource(timeout);
+        await process.WaitForExitAsync(cts.Token);
+        return process.ExitCode;
     }
 
     /// <summary>The value of one series of /metrics (exact label set in Prometheus text order), or null when absent.</summary>
