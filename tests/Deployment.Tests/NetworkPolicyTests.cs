@@ -26,7 +26,7 @@ public class NetworkPolicyTests
         [("gpu-worker", "pipeline")] = ["gpu-worker"],
         [("redis", "redis")] = ["coordinator"],
         [("azurite", "blob")] = ["checkpoints", "data-shards"],
-        [("dcgm-exporter", "metrics")] = [Monitoring],
+        [("dcgm-exporter", "http")] = [Monitoring],
     };
 
     /// <summary>Ports no container declares (NCCL's, picked at start): open to the workers among themselves, to nobody else.</summary>

@@ -95,7 +95,10 @@ public partial class ProductionTests
         Assert.Equal(build.Workload("gpu-worker").Template.Spec.NodeSelector, dcgm.Template.Spec.NodeSelector);
         Assert.DoesNotContain("nvidia.com/gpu", dcgm.Container.Resources.Limits.Keys);
         Assert.Equal("true", dcgm.Template.Metadata.Annotations["prometheus.io/scrape"]);
-        Assert.Equal(dcgm.Container.Ports.Single().ContainerPort.ToString(), dcgm.Template.Metadata.Annotations["prometheus.io/port"]);
+        var port = dcgm.Container.Ports.Single();
+        Assert.Equal(port.ContainerPort.ToString(), dcgm.Template.Metadata.Annotations["prometheus.io/port"]);
+        Assert.Equal("http", port.Name); // the port name k8s/prometheus scrapes (prometheus.yml keeps only "http")
+        Assert.Contains(Kustomize.Objects("k8s/prometheus").OfType<ServiceMonitor>(), m => m.Spec.Selector.MatchLabels["app.kubernetes.io/name"] == "dcgm-exporter");
         Assert.DoesNotContain(Build.Of("k8s/overlays/local").Workloads, w => w.Name == "dcgm-exporter"); // no GPUs there
     }
 
