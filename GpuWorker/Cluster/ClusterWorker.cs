@@ -204,9 +204,9 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         }
         finally
         {
-            readiness?.Disconnected("control stream to the coordinator ended; reconnecting");
             connection.Cancel();
-            await registered;
+            await registered; // first, so a late "registered" cannot follow the line below
+            readiness?.Disconnected("control stream to the coordinator ended; reconnecting");
             // However the stream ended (closed, reset under a write, cancelled), this connection is over; the loop reconnects.
             try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { } catch (InvalidOperationException) { } catch (IOException) { }
             try { await reading; } catch (OperationCanceledException) { } catch (RpcException) { } catch (IOException) { }
