@@ -2,6 +2,7 @@
 using DeepSeekCluster.AppHost.Hosting;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Contracts.Grains;
+using Grpc.Core;
 using Grpc.Net.Client;
 
 namespace DeepSeekCluster.AppHost;
@@ -9,7 +10,8 @@ namespace DeepSeekCluster.AppHost;
 public static class DefaultJob
 {
     /// <summary>Prepares (or reuses: the dataset id is a content address) the corpus in DataShardService.</summary>
-    public static async Task<string> PrepareCorpusAsync(AppHostOptions options, Resource dataShards, string corpus, CancellationToken ct)
+    /// <param name="token">The cluster token: DataShardService refuses a call without it.</param>
+    public static async Task<string> PrepareCorpusAsync(AppHostOptions options, Resource dataShards, string corpus, string token, CancellationToken ct)
     {
         Log.AppHost($"preparing {Path.GetFileName(corpus)} in data-shards (seq_len {options.SeqLen}, vocabulary {options.VocabSize}); the first run trains the tokenizer");
         using var channel = GrpcChannel.ForAddress(dataShards.GetEndpoint("grpc").Url);
@@ -18,7 +20,7 @@ public static class DefaultJob
         {
             Sources = { new Source { Name = "kjv", Path = corpus, Weight = 1 } },
             SeqLen = options.SeqLen, VocabSize = options.VocabSize,
-        }, deadline: DateTime.UtcNow.AddMinutes(10), cancellationToken: ct);
+        }, new Metadata { { "authorization", $"Bearer {token}" } }, deadline: DateTime.UtcNow.AddMinutes(10), cancellationToken: ct);
         Log.AppHost($"dataset {reply.DatasetId}{(reply.Reused ? " (reused)" : "")}: {reply.TrainSamples} train / {reply.ValidationSamples} validation samples");
         return reply.DatasetId;
     }

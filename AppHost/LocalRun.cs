@@ -45,7 +45,7 @@ public static class LocalRun
             var jobId = await EarlierJobs.HandleAsync(coordinator, options.Fresh, stop.Token);
             if (jobId is null)
             {
-                var dataset = await DefaultJob.PrepareCorpusAsync(options, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), stop.Token);
+                var dataset = await DefaultJob.PrepareCorpusAsync(options, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), token, stop.Token);
                 jobId = await DefaultJob.SubmitAsync(coordinator, options, dataset, stop.Token);
             }
             _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);

@@ -31,10 +31,12 @@ var dataShards = builder.AddProject(ServiceNames.DataShards, "DataShardService",
     .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
     .WithEnvironment("DataShards__Root", Path.Combine(options.RunDir, "datasets"))
     .WithEnvironment("DataShards__WorkDir", Path.Combine(options.RunDir, "prepare"))
-    .WithEnvironment("DataShards__CacheDir", Path.Combine(options.RunDir, "shard-cache"));
+    .WithEnvironment("DataShards__CacheDir", Path.Combine(options.RunDir, "shard-cache"))
+    .WithEnvironment("Cluster__Token", token);
 var checkpoints = builder.AddProject(ServiceNames.Checkpoints, "CheckpointStore", "CheckpointStore")
     .WithEndpoint("http").WithEndpoint("grpc", http2Only: true).WithHttpHealthCheck()
-    .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"));
+    .WithEnvironment("Storage__Folder", Path.Combine(options.RunDir, "checkpoints"))
+    .WithEnvironment("Cluster__Token", token);
 if (blobs is not null)
 {
     dataShards.WithConnectionString(ServiceNames.Blobs, blobConnection!).WaitFor(blobs);

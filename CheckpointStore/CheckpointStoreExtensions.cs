@@ -1,5 +1,5 @@
-// Registers the checkpoint store (blob backend chosen by configuration, retries, gRPC service, mutual TLS on it when
-// Cluster:Tls:* are set) and maps its endpoints.
+// Registers the checkpoint store (blob backend chosen by configuration, retries, gRPC service, the cluster token on it,
+// mutual TLS on it when Cluster:Tls:* are set) and maps its endpoints.
 using DeepSeekCluster.CheckpointStore.Services;
 using DeepSeekCluster.CheckpointStore.Storage;
 using DeepSeekCluster.Contracts;
@@ -34,6 +34,7 @@ public static class CheckpointStoreExtensions
         builder.Services.AddSingleton<StorageErrorInterceptor>();
         builder.Services.AddGrpc(o =>
         {
+            o.Interceptors.Add<ClusterTokenGate>(); // first: a caller without the token reaches nothing
             o.Interceptors.Add<StorageErrorInterceptor>();
             o.MaxReceiveMessageSize = 16 * 1024 * 1024; // upload chunks up to 16 MiB
         });
@@ -42,6 +43,8 @@ public static class CheckpointStoreExtensions
         builder.Services.AddSingleton<CheckpointStoreMetrics>();
         // Cluster:Tls:* set: the grpc endpoint requires client certificates of the cluster CA (the workers', the Coordinator's).
         builder.AddClusterTlsEndpoint("CheckpointStore", sp => sp.GetRequiredService<CheckpointStoreMetrics>().AuthRefused);
+        // Cluster:Token set: every call (Commit, ApplyRetention, DownloadTensor, ...) must carry it, as on ClusterControl.
+        ClusterTokenGate.AddClusterTokenGate(builder, "CheckpointStore", sp => sp.GetRequiredService<CheckpointStoreMetrics>().TokenRefused);
         return builder;
     }
 
@@ -51,6 +54,7 @@ public static class CheckpointStoreExtensions
         app.MapGrpcReflectionService();
         // The instruments now, so the refusal counter's zeros are on /metrics from the first scrape.
         app.Services.GetRequiredService<CheckpointStoreMetrics>();
+        app.Services.GetRequiredService<ClusterTokenGate>(); // says at start when the gate is open
         return app;
     }
 

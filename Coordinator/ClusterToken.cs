@@ -38,6 +38,9 @@ public sealed class ClusterToken
     public static string? FromAuthorization(string? header) =>
         header is not null && header.StartsWith("Bearer ", StringComparison.OrdinalIgnoreCase) ? header["Bearer ".Length..].Trim() : null;
 
+    /// <summary>The token itself, for this process's own calls to CheckpointStore; never for a log or a reply.</summary>
+    public string ForOutgoingCalls() => Encoding.UTF8.GetString(_token);
+
     public override string ToString() => "ClusterToken(***)";
 
     static string Base64Url(byte[] bytes) => Convert.ToBase64String(bytes).TrimEnd('=').Replace('+', '-').Replace('/', '_');

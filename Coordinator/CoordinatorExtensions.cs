@@ -54,6 +54,9 @@ public static class CoordinatorExtensions
             else
             {
                 silo.ConfigureEndpoints(siloPort, gatewayPort, listenOnAnyHostAddress: true);
+                string connection = redis;
+                builder.Services.AddSingleton(_ => new RedisReadiness(connection));
+                builder.Services.AddHealthChecks().AddCheck<RedisReadiness>(RedisReadiness.Name); // /health only, never /alive
                 silo.UseRedisClustering(redis);
                 silo.AddRedisGrainStorageAsDefault(o => o.ConfigurationOptions = ConfigurationOptions.Parse(redis));
             }

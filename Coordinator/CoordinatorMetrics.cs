@@ -34,7 +34,7 @@ public sealed class CoordinatorMetrics
 
     private readonly ConcurrentDictionary<string, long> _workersByState = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, long> _generations = new(StringComparer.Ordinal);
-    private readonly ConcurrentDictionary<string, JobState> _jobStates = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, (JobState State, int MaxWorkers)> _jobStates = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, DateTimeOffset> _heartbeats = new(StringComparer.Ordinal);
     private readonly TimeProvider _clock;
 
@@ -61,6 +61,8 @@ public sealed class CoordinatorMetrics
         // Zero series, so the first join or failure is an increase on the dashboard rather than a series appearing at 1.
         foreach (var e in WorkerEvents) _workerEvents.Add(0, new KeyValuePair<string, object?>("event", e));
         meter.CreateObservableGauge("deepseek.cluster.jobs", ObserveJobs, "{job}", "Jobs whose grain is active on this silo, by state");
+        meter.CreateObservableGauge("deepseek.cluster.workers_wanted", ObserveWorkersWanted, "{worker}",
+            "Workers the jobs active on this silo can use: maxWorkers of every forming, running or rescaling job (what an autoscaler scales the workers to)");
         meter.CreateObservableGauge("deepseek.cluster.workers", ObserveWorkers, "{worker}", "Known workers by state: free, assigned (to a job), offline");
         meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
         meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
@@ -97,8 +99,8 @@ public sealed class CoordinatorMetrics
 
     // ---- Snapshot for the gauges ----
 
-    /// <summary>The job's current state (its grain calls this on activation and on every transition).</summary>
-    public void JobStateChanged(string jobId, JobState state) => _jobStates[jobId] = state;
+    /// <summary>The job's current state and its spec's maxWorkers (its grain calls this on activation and on every transition).</summary>
+    public void JobStateChanged(string jobId, JobState state, int maxWorkers) => _jobStates[jobId] = (state, maxWorkers);
 
     /// <summary>The job's grain left this silo: the silo that activates it next reports it.</summary>
     public void JobDeactivated(string jobId) => _jobStates.TryRemove(jobId, out _);
@@ -127,9 +129,17 @@ public sealed class CoordinatorMetrics
     /// <summary>Every state, zeros included, so a state the cluster has no job in reads 0 rather than nothing.</summary>
     IEnumerable<Measurement<long>> ObserveJobs()
     {
-        var counts = _jobStates.Values.GroupBy(s => s).ToDictionary(g => g.Key, g => (long)g.Count());
+        var counts = _jobStates.Values.GroupBy(s => s.State).ToDictionary(g => g.Key, g => (long)g.Count());
         return Enum.GetValues<JobState>().Select(s => new Measurement<long>(counts.GetValueOrDefault(s), new KeyValuePair<string, object?>("state", StateName(s))));
     }
+
+    /// <summary>
+    /// Demand, not usage: a running job below its maxWorkers grows when workers come (a rescale), so its headroom counts;
+    /// a pending job has not asked for workers yet and a finished one wants none. One value, 0 included, so a scaler
+    /// always reads a number.
+    /// </summary>
+    Measurement<long> ObserveWorkersWanted() =>
+        new(_jobStates.Values.Where(j => j.State is JobState.Forming or JobState.Running or JobState.Rescaling).Sum(j => (long)j.MaxWorkers));
 
     static string StateName(JobState state) => state.ToString().ToLowerInvariant();
 

@@ -32,10 +32,13 @@ static async Task<int> Join()
     // and the Kubernetes ConfigMap set it); /alive answers from this process alone, whatever the training does.
     WebApplication? web = null;
     IHost host;
+    WorkerReadiness? readiness = null;
     if (Environment.GetEnvironmentVariable("Kestrel__Endpoints__http__Url") is not null)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.AddBasicServiceDefaults();
+        // Readiness (/health) waits for the Coordinator to register this worker; liveness (/alive) stays "self" only.
+        builder.Services.AddHealthChecks().AddCheck(WorkerReadiness.Name, readiness = new WorkerReadiness());
         builder.AddWorkerSettings();
         host = web = builder.Build();
         web.MapDefaultEndpoints();
@@ -66,7 +69,7 @@ static async Task<int> Join()
     using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
     // The Coordinator lists this URL in GET /workers: how the AppHost and scrapers find each worker's /metrics.
     var metricsEndpoint = web?.Urls.FirstOrDefault()?.TrimEnd('/') ?? "";
-    try { return await new ClusterWorker(settings, Console.Out, metrics, metricsEndpoint).RunAsync(stop.Token); }
+    try { return await new ClusterWorker(settings, Console.Out, metrics, metricsEndpoint, readiness).RunAsync(stop.Token); }
     finally { await host.StopAsync(); }
 }
 

@@ -18,18 +18,34 @@ public static class ClusterChannel
 
     /// <summary>
     /// A channel to <paramref name="address"/>. With <paramref name="tls"/> it presents this process's certificate and
-    /// accepts only a server certificate of the cluster CA naming the host dialled; without it nothing is added.
+    /// accepts only a server certificate of the cluster CA naming the host dialled; without it nothing is added. With
+    /// <paramref name="token"/> every call carries "authorization: Bearer &lt;token&gt;", which DataShardService and
+    /// CheckpointStore require (ClusterTokenGate) as ClusterControl does.
     /// </summary>
-    public static GrpcChannel For(Uri address, ClusterTls? tls, string addressKey, GrpcChannelOptions? options = null)
+    public static GrpcChannel For(Uri address, ClusterTls? tls, string addressKey, GrpcChannelOptions? options = null, string? token = null)
     {
         if (Problem(address, tls, addressKey) is { } problem) throw new ArgumentException(problem);
         options ??= new GrpcChannelOptions();
-        if (tls is not null)
+        if (tls is not null || !string.IsNullOrEmpty(token))
         {
-            if (options.HttpHandler is not null) throw new ArgumentException("ClusterChannel.For sets the HTTP handler itself when Cluster:Tls:* are set", nameof(options));
+            if (options.HttpHandler is not null) throw new ArgumentException("ClusterChannel.For sets the HTTP handler itself when Cluster:Tls:* or a token are given", nameof(options));
             // What GrpcChannel would create by itself, plus the certificate and the trust of the cluster CA alone.
-            options.HttpHandler = new SocketsHttpHandler { EnableMultipleHttp2Connections = true, SslOptions = tls.ClientOptions() };
+            HttpMessageHandler handler = new SocketsHttpHandler { EnableMultipleHttp2Connections = true, SslOptions = tls?.ClientOptions() ?? new() };
+            if (!string.IsNullOrEmpty(token)) handler = new BearerToken(token) { InnerHandler = handler };
+            options.HttpHandler = handler;
         }
         return GrpcChannel.ForAddress(address, options);
+    }
+
+    /// <summary>A header on the HTTP request rather than gRPC call credentials: those are refused on cleartext channels.</summary>
+    sealed class BearerToken(string token) : DelegatingHandler
+    {
+        readonly System.Net.Http.Headers.AuthenticationHeaderValue header = new("Bearer", token);
+
+        protected override Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            request.Headers.Authorization = header;
+            return base.SendAsync(request, cancellationToken);
+        }
     }
 }

@@ -41,7 +41,8 @@ public static class JobsApi
             var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListWorkersAsync();
             return await Task.WhenAll(ids.Select(id => grains.GetGrain<IGpuWorkerGrain>(id).GetAsync()));
         });
-        // Scale in: the worker finishes the step in flight, says Leaving and exits; its job re-forms without it.
+        // Scale in: the worker finishes the step in flight, says Leaving and exits (with Worker:StayAfterLeave, as in
+        // Kubernetes, it stays up and out of the cluster until stopped); its job re-forms without it.
         app.MapPost("/workers/{id}/leave", async (string id, IGrainFactory grains) =>
         {
             var ids = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListWorkersAsync();

@@ -48,7 +48,8 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
     readonly Store.CheckpointStoreClient? store;
 
     /// <param name="tls">The Coordinator's certificates (Cluster:Tls:*), registered by ControlChannelTls when set: the store is then dialled with mutual TLS.</param>
-    public CheckpointCommitter(IConfiguration config, IGrainFactory grains, CoordinatorMetrics metrics, ILogger<CheckpointCommitter> logger, ClusterTls? tls = null)
+    /// <param name="token">The cluster token, sent on every call: CheckpointStore refuses a commit or a prune without it.</param>
+    public CheckpointCommitter(IConfiguration config, IGrainFactory grains, CoordinatorMetrics metrics, ILogger<CheckpointCommitter> logger, ClusterToken token, ClusterTls? tls = null)
     {
         (this.grains, this.metrics, this.logger) = (grains, metrics, logger);
         Address = config[AddressKey] is { Length: > 0 } a ? a : null;
@@ -59,7 +60,7 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
         }
         if (!Uri.TryCreate(Address, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
             throw new InvalidOperationException($"{AddressKey} is '{Address}'; expected an http:// or https:// address of the CheckpointStore");
-        channel = ClusterChannel.For(uri, tls, AddressKey);
+        channel = ClusterChannel.For(uri, tls, AddressKey, token: token.ForOutgoingCalls());
         store = new Store.CheckpointStoreClient(channel);
     }
 

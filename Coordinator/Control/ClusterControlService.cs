@@ -50,6 +50,8 @@ public sealed class ClusterControlService(
             WorkerId = hello.WorkerId, Device = hello.Device, MemoryBytes = hello.MemoryBytes, Host = hello.Host,
             CollectiveEndpoint = hello.CollectiveEndpoint, PipelineEndpoint = hello.PipelineEndpoint, MetricsEndpoint = hello.MetricsEndpoint,
         }, observer, hello.JobId.Length > 0 && hello.Generation > 0 ? new TrainingPosition(hello.JobId, hello.Generation, hello.Rank) : null);
+        // The worker's readiness waits for this: registered, on this stream (before any message, so the pump cannot race it).
+        await context.WriteResponseHeadersAsync(new Metadata { { "deepseek-registered", "true" } });
         var pump = connection.PumpAsync(responses, ct);
 
         string why = "stream closed";

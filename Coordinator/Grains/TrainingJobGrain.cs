@@ -49,7 +49,7 @@ public sealed class TrainingJobGrain(
     {
         if (S.MoveLegacyState()) await job.WriteStateAsync(cancellationToken);
         if (S.Spec is not null && !S.State.IsTerminal()) metrics.JobGeneration(JobId, S.Generation);
-        if (S.Spec is not null) metrics.JobStateChanged(JobId, S.State);
+        if (S.Spec is not null) metrics.JobStateChanged(JobId, S.State, S.Spec.MaxWorkers);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -428,7 +428,7 @@ public sealed class TrainingJobGrain(
         S.Events.Add(e);
         if (S.Events.Count > EventsKept) S.Events.RemoveRange(0, S.Events.Count - EventsKept);
         metrics.JobEvent(e.Kind);
-        metrics.JobStateChanged(JobId, S.State); // every transition records an event after setting the state
+        metrics.JobStateChanged(JobId, S.State, S.Spec?.MaxWorkers ?? 0); // every transition records an event after setting the state
         logger.LogInformation("Job {Job} [{State}, generation {Generation}] {Kind}: {Message}", JobId, S.State, S.Generation, e.Kind, e.Message);
     }
 

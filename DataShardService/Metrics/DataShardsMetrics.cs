@@ -14,7 +14,7 @@ namespace DeepSeekCluster.DataShardService.Metrics;
 ///   deepseek.data.cache_misses    {shard}   → deepseek_data_cache_misses_total
 ///   deepseek.data.prepared_bytes  By        → deepseek_data_prepared_bytes_total
 ///   deepseek.data.prepare_megabytes_per_second  MBy/s → deepseek_data_prepare_megabytes_per_second (gauge)
-///   deepseek.data.auth_refusals   {connection} → deepseek_data_auth_refusals_total{surface="tls",reason}
+///   deepseek.data.auth_refusals   {request} → deepseek_data_auth_refusals_total{surface="tls"|"grpc",reason}
 /// The meter comes from the host's IMeterFactory, so each host (and each test) has its own instruments;
 /// ServiceDefaults exports it with AddMeter(DataShardsMetrics.MeterName).
 /// </summary>
@@ -42,14 +42,19 @@ public sealed class DataShardsMetrics
         _cacheMisses.Add(0);
         _preparedBytes = meter.CreateCounter<long>("deepseek.data.prepared_bytes", "By", "Raw UTF-8 text bytes read by completed prepare runs.");
         _prepareThroughput = meter.CreateGauge<double>("deepseek.data.prepare_megabytes_per_second", "MBy/s", "Raw text MB (10^6 bytes) per second of the last completed prepare run, all stages.");
-        _authRefusals = meter.CreateCounter<long>("deepseek.data.auth_refusals", "{connection}", "TLS handshakes refused for a missing or untrusted client certificate (mutual TLS configured).");
-        foreach (var reason in ClusterTlsEndpoint.Reasons) _authRefusals.Add(0, Refusal(reason));
+        _authRefusals = meter.CreateCounter<long>("deepseek.data.auth_refusals", "{request}",
+            "gRPC calls refused for a missing or wrong cluster token (surface grpc), and TLS handshakes refused for a missing or untrusted client certificate (surface tls).");
+        foreach (var reason in ClusterTlsEndpoint.Reasons) _authRefusals.Add(0, Refusal(ClusterTlsEndpoint.Surface, reason));
+        foreach (var reason in ClusterTokenGate.Reasons) _authRefusals.Add(0, Refusal(ClusterTokenGate.Surface, reason));
     }
 
     /// <summary>A client refused in the TLS handshake (<see cref="ClusterTlsEndpoint"/>), by reason.</summary>
-    public void AuthRefused(string reason) => _authRefusals.Add(1, Refusal(reason));
+    public void AuthRefused(string reason) => _authRefusals.Add(1, Refusal(ClusterTlsEndpoint.Surface, reason));
 
-    private static KeyValuePair<string, object?>[] Refusal(string reason) => [new("surface", ClusterTlsEndpoint.Surface), new("reason", reason)];
+    /// <summary>A call refused for its cluster token (<see cref="ClusterTokenGate"/>), by reason.</summary>
+    public void TokenRefused(string reason) => _authRefusals.Add(1, Refusal(ClusterTokenGate.Surface, reason));
+
+    private static KeyValuePair<string, object?>[] Refusal(string surface, string reason) => [new("surface", surface), new("reason", reason)];
 
     public void SamplesServed(long samples, long bytes)
     {

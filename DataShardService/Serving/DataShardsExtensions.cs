@@ -96,7 +96,7 @@ public static class DataShardsExtensions
     /// <summary>ConnectionStrings:blobs set → Azure Blob storage (Azurite or an account); otherwise the folder DataShards:Root.</summary>
     public static IHostApplicationBuilder AddDataShards(this IHostApplicationBuilder builder)
     {
-        builder.Services.AddGrpc();
+        builder.Services.AddGrpc(o => o.Interceptors.Add<ClusterTokenGate>());
         builder.Services.AddMetrics();
         builder.Services.AddOptions<DataShardsOptions>().BindConfiguration(DataShardsOptions.Section)
             .Configure<IConfiguration>((o, config) => o.BlobConnection = config.GetConnectionString(ServiceNames.Blobs))
@@ -119,6 +119,8 @@ public static class DataShardsExtensions
         builder.Services.AddSingleton<DatasetCatalog>();
         // Cluster:Tls:* set: the grpc endpoint requires client certificates of the cluster CA (the workers', the AppHost's).
         builder.AddClusterTlsEndpoint("DataShards", sp => sp.GetRequiredService<DataShardsMetrics>().AuthRefused);
+        // Cluster:Token set: every call (Prepare, GetManifest, GetBatch, GetTokenizer) must carry it, as on ClusterControl.
+        ClusterTokenGate.AddClusterTokenGate(builder, "DataShards", sp => sp.GetRequiredService<DataShardsMetrics>().TokenRefused);
         return builder;
     }
 
@@ -127,6 +129,7 @@ public static class DataShardsExtensions
         app.MapGrpcService<DataShardsService>();
         // The instruments now, so every series (the refusal counter's zeros included) is on /metrics from the first scrape.
         app.Services.GetRequiredService<DataShardsMetrics>();
+        app.Services.GetRequiredService<ClusterTokenGate>(); // says at start when the gate is open
         return app;
     }
 

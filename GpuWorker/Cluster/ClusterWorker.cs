@@ -19,7 +19,8 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// cannot block.
 /// </summary>
 /// <param name="metricsEndpoint">http://host:port of this process's /metrics, announced in Hello; empty when it serves none.</param>
-public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, TrainingMetrics? metrics = null, string metricsEndpoint = "")
+/// <param name="readiness">What /health reports: registered or not; null where the process serves no health endpoint.</param>
+public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, TrainingMetrics? metrics = null, string metricsEndpoint = "", WorkerReadiness? readiness = null)
 {
     readonly Channel<WorkerMessage> outbox = Channel.CreateUnbounded<WorkerMessage>();
     readonly Lock gate = new();
@@ -36,6 +37,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
     /// <summary>A message taken from the outbox whose write failed: sent first on the next connection, so nothing is lost.</summary>
     WorkerMessage? unsent;
     bool leaving;
+    /// <summary>The Coordinator asked this worker to leave (not SIGTERM): with StayAfterLeave the process then stays out of the cluster.</summary>
+    volatile bool leaveOrdered;
     /// <summary>Where this worker accepts the link from the pipeline stage before it (Worker__PipelinePort, or a free port).</summary>
     int pipelinePort;
     public WorkerProgress Progress { get; } = new();
@@ -64,6 +67,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                 try
                 {
                     var outcome = await ConnectOnceAsync(endpoint, port);
+                    if (outcome is 0 && leaveOrdered && settings.StayAfterLeave) return await StayOutAsync(stop);
                     if (outcome is { } code) return code;
                     backoff = TimeSpan.FromMilliseconds(200);
                 }
@@ -101,6 +105,31 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         }
     }
 
+    /// <summary>
+    /// A leave stays a leave: an exit would be restarted by Kubernetes (restartPolicy Always) and rejoin, causing another
+    /// rescale. Unready and idle until SIGTERM, which then ends the process with 0.
+    /// </summary>
+    async Task<int> StayOutAsync(CancellationToken stop)
+    {
+        readiness?.Disconnected("left the cluster at the coordinator's request; stays out until the pod is deleted");
+        Log("left the cluster at the coordinator's request; staying out of it until stopped (Worker__StayAfterLeave)");
+        try { await Task.Delay(Timeout.Infinite, stop); }
+        catch (OperationCanceledException) { }
+        return 0;
+    }
+
+    /// <summary>Ready once the Coordinator's response headers say Hello registered this worker on this stream.</summary>
+    async Task MarkRegisteredAsync(AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call)
+    {
+        if (readiness is null) return;
+        try
+        {
+            var headers = await call.ResponseHeadersAsync;
+            if (headers.GetValue(WorkerReadiness.RegisteredHeader) == "true" && !leave.Task.IsCompleted) readiness.Connected();
+        }
+        catch (Exception e) when (e is RpcException or IOException or OperationCanceledException or InvalidOperationException) { }
+    }
+
     /// <summary>One connection: returns an exit code when the worker must stop, null to reconnect.</summary>
     async Task<int?> ConnectOnceAsync(string endpoint, int port)
     {
@@ -131,6 +160,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
             hello.Rank = position.Rank;
         }
         await call.RequestStream.WriteAsync(new WorkerMessage { Hello = hello }, connection.Token);
+        var registered = MarkRegisteredAsync(call);
         if (hello.Generation != 0)
         {
             StepReport[] again;
@@ -175,6 +205,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         finally
         {
             connection.Cancel();
+            await registered; // first, so a late "registered" cannot follow the line below
+            readiness?.Disconnected("control stream to the coordinator ended; reconnecting");
             // However the stream ended (closed, reset under a write, cancelled), this connection is over; the loop reconnects.
             try { await writer; } catch (OperationCanceledException) { } catch (RpcException) { } catch (InvalidOperationException) { } catch (IOException) { }
             try { await reading; } catch (OperationCanceledException) { } catch (RpcException) { } catch (IOException) { }
@@ -214,7 +246,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                         break;
                     case CoordinatorMessage.KindOneofCase.Leave:
                         Log($"asked to leave: {message.Leave.Reason}");
-                        leave.TrySetResult(message.Leave.Reason);
+                        leaveOrdered = leave.TrySetResult(message.Leave.Reason);
                         break;
                     case CoordinatorMessage.KindOneofCase.Refused:
                         var refused = message.Refused;

@@ -77,9 +77,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
     void RunCore(CancellationToken ct)
     {
         var device = StandaloneRun.ResolveDevice(settings.Device);
-        // Mutual TLS when Cluster__Tls__* are set (WorkerSettings checked the addresses are https:// then).
-        using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey);
-        using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey);
+        // Mutual TLS when Cluster__Tls__* are set (WorkerSettings checked the addresses are https:// then); the token always.
+        using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
+        using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
         var data = new DataShards.DataShardsClient(dataChannel);
 
         // ---- The plan: the spec mapped onto the dataset ----

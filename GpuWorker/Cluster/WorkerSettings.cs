@@ -37,6 +37,12 @@ public sealed class WorkerOptions : IValidatableObject
     /// re-formation does not wait for it: the run aborts a blocked collective when it is cancelled. Default 30 s.
     /// </summary>
     public string? CollectiveTimeout { get; set; }
+    /// <summary>
+    /// After the Coordinator asks this worker to leave (POST /workers/{id}/leave), stay up and unready instead of exiting
+    /// until SIGTERM. Kubernetes (restartPolicy Always) would start an exited worker again and it would rejoin; the
+    /// manifests set it. Default false: a local run's leave ends the process.
+    /// </summary>
+    public bool StayAfterLeave { get; set; }
 
     public TimeSpan Heartbeat => Duration(HeartbeatInterval) ?? TimeSpan.FromSeconds(1);
     public TimeSpan Collective => Duration(CollectiveTimeout) ?? TimeSpan.FromSeconds(30);
@@ -80,6 +86,7 @@ public sealed record WorkerSettings
     public string OutputDir { get; init; } = "runs/cluster";
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public bool StayAfterLeave { get; init; }
 
     /// <summary>The configuration keys of the services' gRPC addresses (Aspire's service discovery names).</summary>
     public const string CoordinatorKey = $"services:{ServiceNames.Coordinator}:grpc:0";
@@ -123,7 +130,7 @@ public sealed record WorkerSettings
             WorkerId = worker.Id ?? Environment.GetEnvironmentVariable("DEEPSEEK_INSTANCE") ?? $"{Environment.MachineName}-{Environment.ProcessId}",
             CollectiveHost = worker.CollectiveHost ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
             CollectivePort = worker.CollectivePort, PipelinePort = worker.PipelinePort, Device = worker.Device, OutputDir = worker.OutputDir,
-            HeartbeatInterval = worker.Heartbeat, CollectiveTimeout = worker.Collective,
+            HeartbeatInterval = worker.Heartbeat, CollectiveTimeout = worker.Collective, StayAfterLeave = worker.StayAfterLeave,
         };
     }
 }

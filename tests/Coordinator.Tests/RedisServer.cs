@@ -1,4 +1,5 @@
-// A throwaway redis-server on a free port (no persistence), killed on dispose.
+// A throwaway redis-server on a free port, killed on dispose. Without persistence by default; with a data folder it
+// keeps an fsync'ed append-only file there, so a server started again on the same port and folder has the same data.
 using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
@@ -14,17 +15,23 @@ public sealed class RedisServer : IDisposable
     private RedisServer(Process process, int port)
     {
         _process = process;
+        Port = port;
         ConnectionString = $"127.0.0.1:{port}";
     }
 
-    public static async Task<RedisServer> StartAsync()
+    public int Port { get; }
+
+    /// <param name="port">A port of an earlier server (to start it again), or null for a free one.</param>
+    /// <param name="dataFolder">Where to keep an append-only file (fsync'ed on every write); null: no persistence.</param>
+    public static async Task<RedisServer> StartAsync(int? port = null, string? dataFolder = null)
     {
-        int port = FreePort.Next();
+        int p = port ?? FreePort.Next();
         Process process;
         try
         {
             var info = new ProcessStartInfo("redis-server") { RedirectStandardOutput = true, RedirectStandardError = true };
-            foreach (var a in new[] { "--port", port.ToString(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no" }) info.ArgumentList.Add(a);
+            string[] persistence = dataFolder is null ? ["--appendonly", "no"] : ["--appendonly", "yes", "--appendfsync", "always", "--dir", dataFolder];
+            foreach (var a in (string[])["--port", p.ToString(), "--bind", "127.0.0.1", "--save", "", .. persistence]) info.ArgumentList.Add(a);
             process = Process.Start(info)!;
         }
         catch (System.ComponentModel.Win32Exception e)
@@ -39,12 +46,12 @@ public sealed class RedisServer : IDisposable
         var deadline = DateTime.UtcNow.AddSeconds(10);
         while (true)
         {
-            if (process.HasExited) throw new InvalidOperationException($"redis-server exited with {process.ExitCode} before accepting connections on port {port}");
-            if (await AnswersPing(port)) return new RedisServer(process, port);
+            if (process.HasExited) throw new InvalidOperationException($"redis-server exited with {process.ExitCode} before accepting connections on port {p}");
+            if (await AnswersPing(p)) return new RedisServer(process, p);
             if (DateTime.UtcNow > deadline)
             {
                 process.Kill();
-                throw new TimeoutException($"redis-server did not answer PING on port {port} within 10 s");
+                throw new TimeoutException($"redis-server did not answer PING on port {p} within 10 s");
             }
             await Task.Delay(50);
         }

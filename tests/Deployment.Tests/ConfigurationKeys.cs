@@ -27,12 +27,13 @@ public static partial class ConfigurationKeys
     public static readonly IReadOnlyDictionary<string, string[]> Required = new Dictionary<string, string[]>
     {
         ["coordinator"] = ["ConnectionStrings:orleans-redis", "services:checkpoints:grpc:0", "Cluster:Token", "Coordinator:StateFolder", "Orleans:ClusterId", "Orleans:ServiceId", .. HttpEndpoint, .. GrpcEndpoint],
-        ["data-shards"] = ["DataShards:Root", "DataShards:WorkDir", "DataShards:CacheDir", "DataShards:Container", .. HttpEndpoint, .. GrpcEndpoint],
-        ["checkpoints"] = ["Storage:Folder", "Storage:Container", .. HttpEndpoint, .. GrpcEndpoint],
+        // Cluster:Token on the two storage services: unset, their gRPC calls are open to any caller (ClusterTokenGate).
+        ["data-shards"] = ["DataShards:Root", "DataShards:WorkDir", "DataShards:CacheDir", "DataShards:Container", "Cluster:Token", .. HttpEndpoint, .. GrpcEndpoint],
+        ["checkpoints"] = ["Storage:Folder", "Storage:Container", "Cluster:Token", .. HttpEndpoint, .. GrpcEndpoint],
         // The worker binds the Worker section and reads the services: addresses and the token through configuration
         // (GpuWorker/Cluster/WorkerSettings.cs); DEEPSEEK_INSTANCE and POD_IP are its fallbacks for Worker:Id and CollectiveHost.
         ["gpu-worker"] = ["services:coordinator:grpc:0", "services:data-shards:grpc:0", "services:checkpoints:grpc:0", "Cluster:Token",
-                          "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:PipelinePort", "Worker:OutputDir", .. HttpEndpoint],
+                          "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:PipelinePort", "Worker:OutputDir", "Worker:StayAfterLeave", .. HttpEndpoint],
     };
 
     /// <summary>Required in the deployable overlays only (the base runs on folders).</summary>

@@ -15,6 +15,14 @@ public static class Kustomize
     /// <summary>The deployable builds: what `kubectl apply -k` is run on.</summary>
     public static readonly string[] Overlays = ["k8s/overlays/local", "k8s/overlays/azure"];
 
+    /// <summary>
+    /// Every rendering a cluster may be given: the overlays, the production overlay with its placeholders filled, and
+    /// each overlay with the mutual-TLS component (test fixtures under tests/Deployment.Tests/). The security, network,
+    /// scaling and resource rules hold for each.
+    /// </summary>
+    public static readonly string[] Deployable =
+        [.. Overlays, "tests/Deployment.Tests/production", "tests/Deployment.Tests/mtls/local", "tests/Deployment.Tests/mtls/azure"];
+
     static readonly ConcurrentDictionary<string, Lazy<string>> builds = new();
 
     /// <summary>The YAML `kubectl kustomize` prints for a folder (built once per test run).</summary>
@@ -41,6 +49,9 @@ public static class Kustomize
             map[$"{apiVersion}/{a.Kind}"] = t;
         }
         map[$"{ServiceMonitor.ApiVersionValue}/{ServiceMonitor.KindValue}"] = typeof(ServiceMonitor);
+        map["monitoring.coreos.com/v1/PrometheusRule"] = typeof(PrometheusRule);
+        map["cert-manager.io/v1/Certificate"] = typeof(Certificate);
+        map["cert-manager.io/v1/Issuer"] = typeof(Issuer);
         return map;
     }
 

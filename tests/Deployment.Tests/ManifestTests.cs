@@ -32,8 +32,11 @@ public class ManifestTests
         var build = Build.Of(overlay);
         Assert.Equal(2, build.Workload("coordinator").Replicas);
         Assert.Equal("StatefulSet", build.Workload("gpu-worker").Kind);
-        foreach (var name in new[] { "redis", "data-shards", "checkpoints" }) build.Workload(name);
-        Assert.All(build.Objects, o => Assert.Equal("deepseek", ((IMetadata<V1ObjectMeta>)o).Metadata.NamespaceProperty));
+        foreach (var name in new[] { "data-shards", "checkpoints" }) build.Workload(name);
+        // Redis in-cluster only where nothing else provides it: the local overlay. Production points at a managed one.
+        Assert.Equal(overlay == "k8s/overlays/local", build.Workloads.Any(w => w.Name == "redis"));
+        Assert.All(build.Objects.Where(o => o is not V1Namespace), o => Assert.Equal("deepseek", ((IMetadata<V1ObjectMeta>)o).Metadata.NamespaceProperty));
+        Assert.Equal("deepseek", build.All<V1Namespace>().Single().Metadata.Name);
 
         var pdbs = build.All<V1PodDisruptionBudget>().ToList();
         foreach (var name in new[] { "coordinator", "gpu-worker" })
@@ -81,13 +84,19 @@ public class ManifestTests
     public void TheAzureOverlayUsesWorkloadIdentityGpuNodesAndNoKeys()
     {
         var build = Build.Of("k8s/overlays/azure");
-        var account = build.All<V1ServiceAccount>().Single(a => a.Metadata.Name == "deepseek");
-        Assert.True(Guid.TryParse(account.Metadata.Annotations["azure.workload.identity/client-id"], out _));
+        // Only the two processes that touch Blob storage get an Azure identity, each its own.
+        var federated = build.All<V1ServiceAccount>().Where(a => a.Metadata.Annotations?.ContainsKey("azure.workload.identity/client-id") == true)
+            .Select(a => a.Metadata.Name).Order().ToArray();
+        Assert.Equal(["checkpoints", "data-shards"], federated);
+        foreach (var w in build.Workloads.Where(w => w.Name is not ("checkpoints" or "data-shards")))
+            Assert.False(w.Template.Metadata.Labels.ContainsKey("azure.workload.identity/use"), $"{w.Name} must not get an Azure identity");
         foreach (var name in new[] { "checkpoints", "data-shards" })
         {
             var w = build.Workload(name);
+            var account = build.All<V1ServiceAccount>().Single(a => a.Metadata.Name == w.Template.Spec.ServiceAccountName);
+            Assert.True(Guid.TryParse(account.Metadata.Annotations["azure.workload.identity/client-id"], out _));
             Assert.Equal("true", w.Template.Metadata.Labels["azure.workload.identity/use"]);
-            Assert.Equal("deepseek", w.Template.Spec.ServiceAccountName);
+            Assert.Equal(name, w.Template.Spec.ServiceAccountName);
             string blobs = build.Configuration(w)["ConnectionStrings:blobs"];
             Assert.StartsWith("https://", blobs);
             Assert.DoesNotContain("AccountKey", blobs, StringComparison.OrdinalIgnoreCase);
@@ -109,22 +118,18 @@ public class ManifestTests
     }
 
     [Fact]
-    public void TheScalingExamplesTargetTheWorkerStatefulSet()
+    public void TheKedaExampleScalesTheWorkersOnDemandWithAnExplicitScaleDown()
     {
-        var hpa = Kustomize.Parse(Repository.Read("k8s", "examples", "gpu-worker-hpa.yaml")).OfType<V2HorizontalPodAutoscaler>().Single();
-        Assert.Equal(("StatefulSet", "gpu-worker"), (hpa.Spec.ScaleTargetRef.Kind, hpa.Spec.ScaleTargetRef.Name));
-        Assert.All(PromQlOfKeda(), n => Assert.Contains(n, MetricsCatalogue.SeriesNames));
-
-        static IEnumerable<string> PromQlOfKeda()
-        {
-            var yaml = new YamlStream();
-            yaml.Load(new StringReader(Repository.Read("k8s", "examples", "gpu-worker-keda.yaml")));
-            var spec = (YamlMappingNode)((YamlMappingNode)yaml.Documents.Single().RootNode)["spec"];
-            var target = (YamlMappingNode)spec["scaleTargetRef"];
-            Assert.Equal("StatefulSet", target["kind"].ToString());
-            Assert.Equal("gpu-worker", target["name"].ToString());
-            var query = ((YamlMappingNode)((YamlMappingNode)((YamlSequenceNode)spec["triggers"]).Children[0])["metadata"])["query"].ToString();
-            return PromQl.MetricNames(query);
-        }
+        var yaml = new YamlStream();
+        yaml.Load(new StringReader(Repository.Read("k8s", "examples", "gpu-worker-keda.yaml")));
+        var spec = (YamlMappingNode)((YamlMappingNode)yaml.Documents.Single().RootNode)["spec"];
+        var target = (YamlMappingNode)spec["scaleTargetRef"];
+        Assert.Equal(("StatefulSet", "gpu-worker"), (target["kind"].ToString(), target["name"].ToString()));
+        var query = ((YamlMappingNode)((YamlMappingNode)((YamlSequenceNode)spec["triggers"]).Children[0])["metadata"])["query"].ToString();
+        Assert.Equal(new[] { "deepseek_cluster_workers_wanted" }, PromQl.MetricNames(query).ToArray());
+        Assert.All(PromQl.MetricNames(query), n => Assert.Contains(n, MetricsCatalogue.SeriesNames));
+        // cooldownPeriod governs only the step to zero: above it, the behavior KEDA hands its HPA decides.
+        var scaleDown = (YamlMappingNode)((YamlMappingNode)((YamlMappingNode)((YamlMappingNode)spec["advanced"])["horizontalPodAutoscalerConfig"])["behavior"])["scaleDown"];
+        Assert.True(int.Parse(scaleDown["stabilizationWindowSeconds"].ToString()) >= 300);
     }
 }

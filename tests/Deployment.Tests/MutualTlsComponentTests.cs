@@ -77,9 +77,11 @@ public class MutualTlsComponentTests
     }
 
     [Fact]
-    public void WithoutTheComponentEverythingStaysCleartext()
+    public void OnlyTheLocalOverlayStaysCleartextProductionHasTheComponentBuiltIn()
     {
-        foreach (var folder in Kustomize.Overlays)
+        // Production (azure) includes the component by default: its build equals the fixture that adds it.
+        Assert.Equal(Kustomize.Build("tests/Deployment.Tests/mtls/azure"), Kustomize.Build("k8s/overlays/azure"));
+        foreach (var folder in new[] { "k8s/overlays/local", "k8s/base" })
         {
             var build = Build.Of(folder);
             foreach (var w in build.Workloads.Where(w => w.IsDeepSeekProcess))

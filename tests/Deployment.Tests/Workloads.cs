@@ -8,8 +8,9 @@ public sealed record Workload(string Name, string Kind, V1PodTemplateSpec Templa
 {
     public V1Container Container => Template.Spec.Containers.Single();
 
-    /// <summary>Scraped by Prometheus: the cluster's own .NET processes (Redis and Azurite are not).</summary>
-    public bool IsDeepSeekProcess => Template.Metadata.Annotations?.TryGetValue("prometheus.io/scrape", out var s) == true && s == "true";
+    /// <summary>The cluster's own .NET processes: scraped by Prometheus and run from a deepseek/ image (Redis, Azurite and the DCGM exporter are not).</summary>
+    public bool IsDeepSeekProcess => Template.Metadata.Annotations?.TryGetValue("prometheus.io/scrape", out var s) == true && s == "true"
+        && Container.Image.Contains("deepseek/", StringComparison.Ordinal);
 }
 
 public sealed class Build
@@ -26,6 +27,7 @@ public sealed class Build
         {
             V1Deployment d => new Workload(d.Metadata.Name, "Deployment", d.Spec.Template, d.Spec.Replicas),
             V1StatefulSet s => new Workload(s.Metadata.Name, "StatefulSet", s.Spec.Template, s.Spec.Replicas),
+            V1DaemonSet d => new Workload(d.Metadata.Name, "DaemonSet", d.Spec.Template, null),
             _ => null,
         }).OfType<Workload>().ToList();
     }
