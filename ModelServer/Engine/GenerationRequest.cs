@@ -42,6 +42,9 @@ public sealed class GenerationRequest
     public Channel<GenerationEvent> Events { get; } = Channel.CreateUnbounded<GenerationEvent>(new UnboundedChannelOptions { SingleWriter = true });
 
     public long EnqueuedAt { get; } = Stopwatch.GetTimestamp();
+    /// <summary>Stopwatch timestamps the engine sets: the first token sampled, the request finished (0 until then).</summary>
+    public long FirstTokenAt { get; internal set; }
+    public long FinishedAt { get; internal set; }
 
     // ---- Engine state (engine thread only) ----
     internal TorchSharp.torch.Generator Generator { get; }

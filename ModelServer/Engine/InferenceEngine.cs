@@ -179,6 +179,7 @@ public sealed class InferenceEngine : IDisposable
     {
         int next = r.Sampling.Greedy ? (int)logits_V.argmax().item<long>() : TextGenerator.Sample(logits_V, r.Sampling, r.Generator);
         long now = Stopwatch.GetTimestamp();
+        if (r.Produced == 0) r.FirstTokenAt = now;
         if (r.Produced == 0) metrics?.FirstToken(version, Stopwatch.GetElapsedTime(r.EnqueuedAt, now).TotalSeconds);
         else metrics?.NextToken(version, Stopwatch.GetElapsedTime(r.LastTokenAt, now).TotalSeconds);
         r.LastTokenAt = now;
@@ -219,6 +220,7 @@ public sealed class InferenceEngine : IDisposable
 
     void Remove(GenerationRequest r)
     {
+        r.FinishedAt = Stopwatch.GetTimestamp();
         if (waiting.Remove(r)) Interlocked.Decrement(ref queued);
         prefilling.Remove(r);
         running.Remove(r);
