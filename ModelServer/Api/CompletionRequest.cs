@@ -96,7 +96,8 @@ public static class CompletionRequest
             offsets.Add(offset);
             if (token.Top is null) { top.Add(null); return; }
             var alternatives = new JsonObject();
-            foreach (var (t, lp) in token.Top) alternatives[assembler.TokenText(t)] = lp;
+            // Keyed by text, as OpenAI's legacy shape is: two tokens with one text keep the likelier (they come most likely first).
+            foreach (var (t, lp) in token.Top) alternatives.TryAdd(assembler.TokenText(t), lp);
             top.Add(alternatives);
         }
 

@@ -228,8 +228,11 @@ public sealed class InferenceEngine : IDisposable
         r.Pending = -1;
     }
 
+    int disposed;
+
     public void Dispose()
     {
+        if (Interlocked.Exchange(ref disposed, 1) == 1) return;
         stop.Cancel();
         wake.Release();
         thread.Join();

@@ -78,10 +78,4 @@ public sealed class ModelLoader(ServingSettings settings, ModelRegistry registry
         Task.FromResult(loaded.Task.IsCompletedSuccessfully ? HealthCheckResult.Healthy()
             : loaded.Task.IsFaulted ? HealthCheckResult.Unhealthy("loading the models failed", loaded.Task.Exception)
             : HealthCheckResult.Unhealthy("loading the models"));
-
-    public override void Dispose()
-    {
-        registry.Dispose();
-        base.Dispose();
-    }
 }
