@@ -98,7 +98,6 @@ public sealed class InferenceEngine : IDisposable
             using var hold = FinalizerHold.Enter();
             Prefill();
             Decode();
-            Volatile.Write(ref runningCount, running.Count + prefilling.Count);
         }
         foreach (var r in waiting.Concat(prefilling).Concat(running).ToList()) Finish(r, "cancelled");
     }
@@ -120,6 +119,7 @@ public sealed class InferenceEngine : IDisposable
             r.Blocks = blocks;
             waiting.RemoveAt(0);
             Interlocked.Decrement(ref queued);
+            Interlocked.Increment(ref runningCount);
             prefilling.Add(r);
         }
     }
@@ -222,8 +222,7 @@ public sealed class InferenceEngine : IDisposable
     {
         r.FinishedAt = Stopwatch.GetTimestamp();
         if (waiting.Remove(r)) Interlocked.Decrement(ref queued);
-        prefilling.Remove(r);
-        running.Remove(r);
+        if (prefilling.Remove(r) | running.Remove(r)) Interlocked.Decrement(ref runningCount);
         if (r.Blocks is { } blocks) { Pool.Release(blocks); r.Blocks = null; }
         r.Pending = -1;
     }
