@@ -60,7 +60,7 @@ public static class OpenAiEndpoints
         {
             metrics.Request(version, 499);
         }
-        catch (Exception e) when (e is InvalidOperationException)
+        catch (InvalidOperationException e) // the engine failed or stopped under the request
         {
             metrics.Request(version, 500);
             if (!http.Response.HasStarted) await new ApiError(500, e.Message, type: "server_error").WriteAsync(http.Response);
