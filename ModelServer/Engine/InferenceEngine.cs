@@ -99,6 +99,8 @@ public sealed class InferenceEngine : IDisposable
             Prefill();
             Decode();
         }
+        // Stopping: whatever was accepted and not finished ends as cancelled, so no reader waits forever.
+        while (incoming.TryDequeue(out var late)) waiting.Add(late);
         foreach (var r in waiting.Concat(prefilling).Concat(running).ToList()) Finish(r, "cancelled");
     }
 
