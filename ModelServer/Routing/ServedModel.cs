@@ -23,6 +23,8 @@ public sealed class ServedModel : IDisposable
     public int? EosTokenId { get; }
     public int? BosTokenId => Tokenizer?.BosTokenId;
     public QuantizationReport? Quantization { get; }
+    /// <summary>Bytes of the one-layer float32 arena the integer weights are expanded into (0 for fp32).</summary>
+    public long ArenaBytes => packed?.ArenaBytes ?? 0;
     public DateTimeOffset LoadedAt { get; } = DateTimeOffset.UtcNow;
 
     /// <summary>Loads an HF folder (config.json, safetensors, tokenizer.json when present), quantizes it when asked, starts its engine.</summary>
@@ -31,10 +33,19 @@ public sealed class ServedModel : IDisposable
         if (string.IsNullOrWhiteSpace(version) || version.Any(c => char.IsWhiteSpace(c) || c == '@'))
             throw new ArgumentException($"model version '{version}' must be a non-empty name without spaces or '@'");
         var loaded = HfModelFolder.Load(folder, device);
-        var report = format == WeightFormat.Fp32 ? null : WeightQuantizer.Quantize(loaded.Model, format);
+        QuantizationReport? report = null;
+        PackedLayerWeights? packed = null;
+        if (format != WeightFormat.Fp32)
+        {
+            // Decoder layers: integer codes, one layer expanded at a time; lm_head (outside the layer hook): rounded in place.
+            packed = PackedLayerWeights.Pack(loaded.Model, format);
+            var head = WeightQuantizer.Quantize(loaded.Model, format, name => !name.StartsWith("model.layers.", StringComparison.Ordinal));
+            report = new QuantizationReport(format, head.Tensors + packed.Tensors, head.Fp32Bytes + packed.ReplacedFp32Bytes,
+                head.QuantizedBytes + packed.PackedBytes, head.MaxAbsError);
+        }
         var engine = new InferenceEngine(loaded.Model, options, version, metrics);
         int? eos = loaded.Tokenizer?.EosTokenId ?? loaded.Model.Config.EosTokenId;
-        return new ServedModel(version, folder, format, engine, loaded.Tokenizer, eos, report);
+        return new ServedModel(version, folder, format, engine, loaded.Tokenizer, eos, report) { packed = packed };
     }
 
     // ---- Leases: a request holds its version from routing to its last byte ----
@@ -71,5 +82,11 @@ public sealed class ServedModel : IDisposable
         return idle.Task;
     }
 
-    public void Dispose() => Engine.Dispose();
+    PackedLayerWeights? packed;
+
+    public void Dispose()
+    {
+        Engine.Dispose();
+        packed?.Dispose();
+    }
 }

@@ -27,6 +27,9 @@ public sealed class DeepSeekModel : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor ids_BT) => Forward(ids_BT, null).hidden;
 
+    /// <summary>Called with a decoder layer's index just before it runs (the model server materialises that layer's quantized weights there).</summary>
+    public Action<int>? BeforeLayer { get; set; }
+
     /// <summary>Final-normed hidden states (B, T, D) and the summed balance loss of the MoE layers.</summary>
     public (Tensor hidden, Tensor? auxLoss) Forward(Tensor ids_BT, ILatentCache? cache)
     {
@@ -36,6 +39,7 @@ public sealed class DeepSeekModel : nn.Module<Tensor, Tensor>
         Tensor? aux = null;
         for (int i = 0; i < layers.Count; i++)
         {
+            BeforeLayer?.Invoke(i);
             var (next, layerAux) = layers[i].Forward(h, start, cache, i);
             h = next;
             if (layerAux is not null) aux = aux is null ? layerAux : aux + layerAux;

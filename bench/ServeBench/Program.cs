@@ -5,6 +5,7 @@ using System.Diagnostics;
 using System.Globalization;
 using DeepSeekCluster.ModelServer.Engine;
 using DeepSeekCluster.ModelServer.Quantization;
+using DeepSeekCluster.ModelServer.Routing;
 using DeepSeekCluster.ServeBench;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
@@ -44,6 +45,7 @@ Console.WriteLine();
 Console.WriteLine("| engine | weights | concurrency | requests | output tok/s | TTFT P50 ms | TTFT P99 ms | TPOT P50 ms | TPOT P99 ms |");
 Console.WriteLine("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 var quality = new List<string>();
+var memory = new List<string>();
 foreach (var format in formats)
 {
     var loaded = HfModelFolder.Load(folder);
@@ -56,7 +58,13 @@ foreach (var format in formats)
         quality.Add($"| {format.ToString().ToLowerInvariant()} | {ppl:F3} | {(report is null ? parameterBytes : parameterBytes - report.Fp32Bytes + report.QuantizedBytes) / 1048576.0:F1} MiB " +
                     $"| {(report is null ? "—" : $"{report.Tensors} matmul weights {report.Fp32Bytes / 1048576.0:F1} → {report.QuantizedBytes / 1048576.0:F1} MiB, max error {report.MaxAbsError:G3}")} | {clock.Elapsed.TotalSeconds:F0} s |");
     }
-    using var engine = new InferenceEngine(loaded.Model, new EngineOptions { MaxBatch = levels.Max(), MaxWaiting = levels.Max() * 2, BlockSize = 16 }, format.ToString());
+    loaded.Model.Dispose();
+    // Served as the server serves it: decoder layers as integer codes expanded one layer at a time (ServedModel.Load).
+    using var served = ServedModel.Load(format.ToString().ToLowerInvariant(), folder, format,
+        new EngineOptions { MaxBatch = levels.Max(), MaxWaiting = levels.Max() * 2, BlockSize = 16 }, metrics: null);
+    var engine = served.Engine;
+    GC.Collect();
+    memory.Add($"| {format.ToString().ToLowerInvariant()} | {(served.Quantization is { } q ? $"{q.Fp32Bytes / 1048576.0:F1} → {q.QuantizedBytes / 1048576.0:F1} MiB + {served.ArenaBytes / 1048576.0:F1} MiB one-layer arena" : "—")} | {Environment.WorkingSet / 1048576.0:F0} MiB |");
     await EngineLoad.RunAsync(engine, 1, 1, promptTokens, 4, seed: 99); // warm-up: first-call allocations and kernel selection
     foreach (var c in levels) Print("model-server", format.ToString().ToLowerInvariant(), await EngineLoad.RunAsync(engine, c, perClient, promptTokens, outputTokens, seed: c));
 }
@@ -64,6 +72,9 @@ if (options.TryGetValue("gguf", out var gguf))
     foreach (var c in levels) Print("llama.cpp", Path.GetFileName(gguf), await LlamaCppLoad.RunAsync(gguf, c, perClient, promptTokens, outputTokens, seed: c));
 else
     Console.WriteLine("\n(no --gguf FILE: llama.cpp not run)");
+Console.WriteLine("\n| weights | matmul weights held (fp32 → integer codes + scales) | process working set after load |");
+Console.WriteLine("| --- | --- | --- |");
+memory.ForEach(Console.WriteLine);
 if (quality.Count > 0)
 {
     Console.WriteLine("\n| weights | held-out perplexity | stored parameters | quantized | time |");
