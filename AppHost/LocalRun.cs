@@ -7,7 +7,7 @@ using DeepSeekCluster.Contracts.Grains;
 namespace DeepSeekCluster.AppHost;
 
 /// <summary>The resources the run talks to (the AppHost declares them in Program.cs).</summary>
-public sealed record LocalCluster(Resource Coordinator, Resource DataShards, Resource Checkpoints, Resource Worker, GpuSlots Gpus);
+public sealed record LocalCluster(Resource Coordinator, Resource DataShards, Resource Checkpoints, Resource Worker, GpuSlots Gpus, Resource? ModelServer = null);
 
 public static class LocalRun
 {
@@ -51,7 +51,8 @@ public static class LocalRun
             _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);
             var follower = new JobFollower(coordinator, endpoints);
             var final = await follower.FollowAsync(jobId, stop.Token);
-            if (final.State == JobState.Completed) await WaitForModelAsync(coordinator, jobId, stop.Token);
+            var modelPath = final.State == JobState.Completed ? await WaitForModelAsync(coordinator, jobId, stop.Token) : null;
+            if (modelPath is not null && cluster.ModelServer is { } server) await StartModelServerAsync(app, server, modelPath, options, endpoints, stop.Token);
             Log.AppHost($"job {jobId} ended: {final.State}");
             Log.AppHost($"REST API: {coordinator.BaseAddress}jobs   (writes need 'Authorization: Bearer <token>' with the token in {TokenFile(options.RunDir)})");
             Log.AppHost($"status page: {coordinator.BaseAddress}status");
@@ -79,7 +80,7 @@ public static class LocalRun
     /// Rank 0 evaluates, samples and writes the model folder after the last step, and its worker tells the Coordinator
     /// (GET /workers, SavedModel): wait for that before reporting, bounded.
     /// </summary>
-    static async Task WaitForModelAsync(CoordinatorClient coordinator, string jobId, CancellationToken ct)
+    static async Task<string?> WaitForModelAsync(CoordinatorClient coordinator, string jobId, CancellationToken ct)
     {
         var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(3);
         while (DateTime.UtcNow < deadline)
@@ -88,10 +89,24 @@ public static class LocalRun
             if (saved is { SavedModel: { } model })
             {
                 Log.AppHost($"model of job {jobId} (step {model.Step}) saved by {saved.WorkerId} to {model.Path}");
-                return;
+                return model.Path;
             }
             await Task.Delay(500, ct);
         }
         Log.AppHost($"no worker reported the model of job {jobId} within 3 minutes (see the workers' log lines above)");
+        return null;
+    }
+
+    /// <summary>Serves the job's model folder (docs/serving.md) and prints a request to paste; the token is read from its file, never printed.</summary>
+    static async Task StartModelServerAsync(DistributedApplication app, Resource server, string modelPath, AppHostOptions options, EndpointsFile endpoints, CancellationToken ct)
+    {
+        server.WithEnvironment("Serving__Models__0__Path", modelPath);
+        var instance = app.Start(server, 0);
+        await app.WaitReadyAsync(server, ct);
+        endpoints.Add(instance, server);
+        var url = server.GetEndpoint("http").Url;
+        Log.AppHost($"model server: {url}/v1 (OpenAI API, model \"default\"); try:");
+        Log.AppHost($"  curl {url}/v1/completions -H \"Authorization: Bearer $(cat {TokenFile(options.RunDir)})\" -H 'Content-Type: application/json' " +
+                    "-d '{\"model\": \"default\", \"prompt\": \"In the beginning\", \"max_tokens\": 32, \"temperature\": 0}'");
     }
 }

@@ -64,9 +64,16 @@ if (options.Device == "cuda")
     worker.WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", gpus.Take(instance))]);
     Log.AppHost($"workers train on cuda, one GPU each, of {options.Gpus.Count} ({string.Join(", ", options.Gpus)}): the nccl backend");
 }
+// Not started with the others (0 replicas): LocalRun starts it once the default job has saved its model, on that folder.
+var modelServer = builder.AddProject("model-server", "ModelServer", "model-server")
+    .WithEndpoint("http").WithHttpHealthCheck()
+    .WithEnvironment("Cluster__Token", token)
+    .WithEnvironment("Serving__Models__0__Version", "default")
+    .WithEnvironment("Serving__Device", options.Device == "cuda" ? "cuda" : "cpu")
+    .WithReplicas(0);
 
 // ---- Run ----
-return await LocalRun.RunAsync(builder, new LocalCluster(coordinator, dataShards, checkpoints, worker, gpus), options, token);
+return await LocalRun.RunAsync(builder, new LocalCluster(coordinator, dataShards, checkpoints, worker, gpus, modelServer), options, token);
 
 static string? Which(string command) =>
     (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Select(d => Path.Combine(d, command)).FirstOrDefault(File.Exists);

@@ -50,7 +50,8 @@ public static class TextGenerator
         return produced.ToArray();
     }
 
-    static int Sample(Tensor logits_V, SamplingOptions options, TorchSharp.torch.Generator generator)
+    /// <summary>One draw from softmax(logits / temperature), cut to the top-p nucleus; the model server samples each request with it too.</summary>
+    public static int Sample(Tensor logits_V, SamplingOptions options, TorchSharp.torch.Generator generator)
     {
         var probs = (logits_V / options.Temperature).softmax(-1);
         if (options.TopP < 1)

@@ -24,7 +24,7 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1).output;
 
-    public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD, long start, LatentKvCache? cache, int cacheLayer)
+    public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD, long start, ILatentCache? cache, int cacheLayer)
     {
         using var scope = NewDisposeScope();
         var h = x_BTD + self_attn.Forward(input_layernorm.forward(x_BTD), start, cache, cacheLayer);

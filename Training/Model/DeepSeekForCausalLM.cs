@@ -27,15 +27,19 @@ public sealed class DeepSeekModel : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor ids_BT) => Forward(ids_BT, null).hidden;
 
+    /// <summary>Called with a decoder layer's index just before it runs (the model server materialises that layer's quantized weights there).</summary>
+    public Action<int>? BeforeLayer { get; set; }
+
     /// <summary>Final-normed hidden states (B, T, D) and the summed balance loss of the MoE layers.</summary>
-    public (Tensor hidden, Tensor? auxLoss) Forward(Tensor ids_BT, LatentKvCache? cache)
+    public (Tensor hidden, Tensor? auxLoss) Forward(Tensor ids_BT, ILatentCache? cache)
     {
         using var scope = NewDisposeScope();
-        long start = cache?.Length ?? 0;
+        long start = 0; // without a cache the tokens start at 0; with one, the cache places them (ILatentCache.Rotation)
         var h = embed_tokens.forward(ids_BT);
         Tensor? aux = null;
         for (int i = 0; i < layers.Count; i++)
         {
+            BeforeLayer?.Invoke(i);
             var (next, layerAux) = layers[i].Forward(h, start, cache, i);
             h = next;
             if (layerAux is not null) aux = aux is null ? layerAux : aux + layerAux;
@@ -87,7 +91,7 @@ public sealed class DeepSeekForCausalLM : nn.Module<Tensor, Tensor>
     /// Logits for every position; with <paramref name="withMtp"/>, MTP depth k gives logits (B, T-k, V) where
     /// position i predicts token i+k+1. The cache, when given, is extended by these tokens.
     /// </summary>
-    public CausalLmOutput Forward(Tensor ids_BT, LatentKvCache? cache = null, bool withMtp = false)
+    public CausalLmOutput Forward(Tensor ids_BT, ILatentCache? cache = null, bool withMtp = false)
     {
         using var scope = NewDisposeScope();
         var (hidden, aux) = model.Forward(ids_BT, cache);

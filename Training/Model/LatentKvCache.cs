@@ -8,7 +8,7 @@ namespace DeepSeekCluster.Training.Model;
 /// kv_lora_rank + qk_rope_head_dim numbers per token and layer (576 for V3) instead of full keys and values
 /// (2 * 128 * 192 = 49152 for V3). Keys and values are re-expanded from the latent at each step.
 /// </summary>
-public sealed class LatentKvCache : IDisposable
+public sealed class LatentKvCache : ILatentCache, IDisposable
 {
     readonly Tensor?[] latent;
     readonly Tensor?[] ropeKey;
@@ -25,8 +25,11 @@ public sealed class LatentKvCache : IDisposable
     /// <summary>Numbers stored per token and layer.</summary>
     public long ElementsPerTokenPerLayer => latent[0] is null ? 0 : latent[0]!.shape[2] + ropeKey[0]!.shape[2];
 
+    public (Tensor cos, Tensor sin) Rotation(RotaryEmbedding rotary, int layer, long newTokens, ScalarType dtype, Device device) =>
+        rotary.CosSin(latent[layer]?.shape[1] ?? 0, newTokens, dtype, device);
+
     /// <summary>Appends this step's entries for a layer and returns everything cached for it.</summary>
-    public (Tensor latent_BSC, Tensor ropeKey_BSR) Append(int layer, Tensor latent_BTC, Tensor ropeKey_BTR)
+    public LatentKeys Append(int layer, Tensor latent_BTC, Tensor ropeKey_BTR)
     {
         var newLatent = latent[layer] is null ? latent_BTC.detach().clone() : cat([latent[layer]!, latent_BTC.detach()], 1);
         var newRope = ropeKey[layer] is null ? ropeKey_BTR.detach().clone() : cat([ropeKey[layer]!, ropeKey_BTR.detach()], 1);
@@ -36,7 +39,7 @@ public sealed class LatentKvCache : IDisposable
         newRope.DetachFromDisposeScope();
         latent[layer] = newLatent;
         ropeKey[layer] = newRope;
-        return (newLatent.alias(), newRope.alias());
+        return new LatentKeys(newLatent.alias(), newRope.alias(), null);
     }
 
     public void Dispose()

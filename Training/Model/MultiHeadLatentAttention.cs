@@ -52,7 +52,7 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1);
 
     /// <summary>Attention over the new tokens x (B, T, D) at positions [start, start+T), extending the cache when given.</summary>
-    public Tensor Forward(Tensor x_BTD, long start, LatentKvCache? cache, int layer)
+    public Tensor Forward(Tensor x_BTD, long start, ILatentCache? cache, int layer)
     {
         using var scope = NewDisposeScope();
         long B = x_BTD.shape[0], T = x_BTD.shape[1];
@@ -70,12 +70,13 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         var latent_BTC = kv_a_layernorm.forward(kvSplit[0]);
         var kRope_B1TR = kvSplit[1].view(B, 1, T, rope);
 
-        var (cos_TR, sin_TR) = rotary.CosSin(start, T, x_BTD.dtype, x_BTD.device);
+        var (cos_TR, sin_TR) = cache?.Rotation(rotary, layer, T, x_BTD.dtype, x_BTD.device) ?? rotary.CosSin(start, T, x_BTD.dtype, x_BTD.device);
         qRope_BHTR = rotary.Apply(qRope_BHTR, cos_TR, sin_TR);
         var kRopeRot_BTR = rotary.Apply(kRope_B1TR, cos_TR, sin_TR).view(B, T, rope);
 
         Tensor latent_BSC = latent_BTC, kRope_BSR = kRopeRot_BTR;
-        if (cache is not null) (latent_BSC, kRope_BSR) = cache.Append(layer, latent_BTC, kRopeRot_BTR);
+        Tensor? visible_B1TS = null;
+        if (cache is not null) (latent_BSC, kRope_BSR, visible_B1TS) = cache.Append(layer, latent_BTC, kRopeRot_BTR);
         long S = latent_BSC.shape[1];
 
         var kv_BHSx = kv_b_proj.forward(latent_BSC).view(B, S, heads, nope + vDim).transpose(1, 2);
@@ -87,7 +88,7 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         var query_BHTq = cat([qNope_BHTN, qRope_BHTR], -1);
         var key_BHSq = cat([kNope_BHSN, kRope_BHSR], -1);
 
-        var out_BHTV = CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale);
+        var out_BHTV = CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale, visible_B1TS);
         var out_BTx = out_BHTV.transpose(1, 2).reshape(B, T, heads * vDim);
         return o_proj.forward(out_BTx).MoveToOuterDisposeScope();
     }

@@ -87,6 +87,22 @@ public sealed class RotaryEmbedding
         return (cos.MoveToOuterDisposeScope(), sin.MoveToOuterDisposeScope());
     }
 
+    /// <summary>cos and sin for rows that start at different positions: row b covers [starts[b], starts[b]+T); (B, 1, T, d) each.</summary>
+    public (Tensor cos, Tensor sin) CosSin(IReadOnlyList<long> starts, long length, ScalarType dtype, Device device)
+    {
+        using var scope = NewDisposeScope();
+        var positions = new double[starts.Count * length];
+        for (int b = 0; b < starts.Count; b++)
+            for (long t = 0; t < length; t++) positions[b * length + t] = starts[b] + t;
+        var pos_N = tensor(positions, dtype: ScalarType.Float64);
+        var inv_F = tensor(InvFreq, dtype: ScalarType.Float64);
+        var freqs_NF = outer(pos_N, inv_F);
+        var emb_Nd = cat([freqs_NF, freqs_NF], -1).view(starts.Count, 1, length, Dim);
+        var cos = (emb_Nd.cos() * AttentionFactor).to(dtype, device);
+        var sin = (emb_Nd.sin() * AttentionFactor).to(dtype, device);
+        return (cos.MoveToOuterDisposeScope(), sin.MoveToOuterDisposeScope());
+    }
+
     /// <summary>
     /// Rotates x (..., T, d). With rope_interleave the stored layout pairs dimensions (2i, 2i+1); HF first
     /// de-interleaves them to (i, i + d/2) and then applies the rotate-half form, which we do the same way.

@@ -52,7 +52,7 @@ public class EndpointTests
             }
             foreach (var name in new[] { "http", "grpc" }.Where(ports.ContainsKey))
                 Assert.True(endpoints.Contains(name), $"{folder}/{w.Name}: container port '{name}' but no Kestrel endpoint '{name}'");
-            bool servesGrpc = w.Name != "gpu-worker";
+            bool servesGrpc = w.Name is not ("gpu-worker" or "model-server"); // those two serve HTTP only
             Assert.Equal(servesGrpc, ports.ContainsKey("grpc"));
         }
     }
@@ -79,7 +79,7 @@ public class EndpointTests
     {
         var build = Build.Of(folder);
         var scraped = build.Workloads.Where(w => w.IsDeepSeekProcess).Select(w => w.Name).Order().ToList();
-        Assert.Equal(["checkpoints", "coordinator", "data-shards", "gpu-worker"], scraped);
+        Assert.Equal(["checkpoints", "coordinator", "data-shards", "gpu-worker", "model-server"], scraped);
         foreach (var w in build.Workloads.Where(w => w.IsDeepSeekProcess))
         {
             var a = w.Template.Metadata.Annotations;

@@ -48,7 +48,7 @@ public partial class MetricsCatalogueTests
         var byInstrument = MetricsCatalogue.Entries.Where(e => e.Instrument is not null).ToDictionary(e => e.Instrument!);
         var found = new List<string>();
         var problems = new List<string>();
-        foreach (var project in new[] { "Coordinator", "GpuWorker", "DataShardService", "CheckpointStore", "Training", "ServiceDefaults" })
+        foreach (var project in new[] { "Coordinator", "GpuWorker", "DataShardService", "CheckpointStore", "Training", "ServiceDefaults", "ModelServer" })
             foreach (var file in Repository.SourcesOf(project))
                 foreach (Match m in Instrument().Matches(File.ReadAllText(file)))
                 {
