@@ -104,12 +104,49 @@ public sealed class RunningCluster : IAsyncLifetime
         // The job runs to completion on the new worker and its last checkpoint commits.
         await Poll.UntilAsync(async () => await JobAsync() is { } j && j["state"]!.GetValue<string>() == "completed"
                                           && j["committed"]!.AsArray().Any(c => c!["step"]!.GetValue<long>() == Steps), TimeSpan.FromMinutes(10), AppHostState, TimeSpan.FromSeconds(1));
+        // After the job, the AppHost serves its model (docs/serving.md): the model server joins the scraped instances.
+        await Poll.UntilAsync(() => Targets().Any(t => t.Service == "model-server"), TimeSpan.FromMinutes(4), AppHostState, TimeSpan.FromSeconds(1));
+        Prometheus.SetTargets(Targets());
         // Every instance scraped successfully at least once.
         await Poll.UntilAsync(async () => (await Prometheus.TargetsAsync()) is var t && t.Count == Targets().Count && t.All(x => x.Health == "up"),
             TimeSpan.FromMinutes(1), () => "not every target is up:\n" + string.Join("\n", Prometheus.TargetsAsync().Result.Select(t => $"{t.Url} {t.Health} {t.Error}")));
         // Rank 0 evaluates after the last checkpoint is saved: the run is over when Prometheus has scraped that value.
         await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("deepseek_train_validation_loss", DateTimeOffset.UtcNow)).Series.Count > 0,
             TimeSpan.FromMinutes(3), AppHostState, TimeSpan.FromSeconds(1));
+        await ServeTrafficAsync();
+    }
+
+    /// <summary>
+    /// Requests to the model server (plain, streamed, and one without a key) in two rounds: the first creates the serving
+    /// series, the second, once Prometheus holds them, makes their rates non-zero, as live traffic would.
+    /// </summary>
+    async Task ServeTrafficAsync()
+    {
+        var url = Endpoints().Single(i => i!["resource"]!.GetValue<string>() == "model-server")!["endpoints"]!["http"]!.GetValue<string>();
+        using var server = new HttpClient { BaseAddress = new Uri(url), Timeout = TimeSpan.FromMinutes(2) };
+        var token = File.ReadAllText(Path.Combine(RunDir, "cluster.token")).Trim();
+        async Task RoundAsync()
+        {
+            foreach (bool stream in new[] { false, true })
+            {
+                using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/completions")
+                {
+                    Content = new StringContent($$"""{"model": "default", "prompt": "In the beginning", "max_tokens": 8, "temperature": 0, "stream": {{(stream ? "true" : "false")}}}""", Encoding.UTF8, "application/json"),
+                };
+                request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
+                using var response = await server.SendAsync(request);
+                var body = await response.Content.ReadAsStringAsync();
+                if (!response.IsSuccessStatusCode) throw new InvalidOperationException($"POST /v1/completions (stream {stream}) answered {(int)response.StatusCode}: {body}");
+            }
+            using var anonymous = await server.PostAsync("/v1/completions", new StringContent("""{"model": "default", "prompt": "x"}""", Encoding.UTF8, "application/json"));
+            if (anonymous.StatusCode != HttpStatusCode.Unauthorized) throw new InvalidOperationException($"a completion without a key answered {(int)anonymous.StatusCode}, expected 401");
+        }
+        await RoundAsync();
+        await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("deepseek_serving_output_tokens_total", DateTimeOffset.UtcNow)).Series.Count > 0,
+            TimeSpan.FromMinutes(1), AppHostState, TimeSpan.FromSeconds(1));
+        await RoundAsync();
+        await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("rate(deepseek_serving_output_tokens_total[1m]) > 0", DateTimeOffset.UtcNow)).Series.Count > 0,
+            TimeSpan.FromMinutes(1), AppHostState, TimeSpan.FromSeconds(1));
     }
 
     /// <summary>The job the AppHost submitted, as GET /jobs/{id} shows it (null before it exists).</summary>
