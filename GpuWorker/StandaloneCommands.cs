@@ -36,11 +36,15 @@ public static class StandaloneCommands
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
           gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0
                             (--checkpoints ROOT [--job NAME] [--step N] --tokenizer tokenizer.json [--exports DIR]
+                             | --store URL --job NAME [--step N] --tokenizer tokenizer.json
                              | --model DIR --out DIR)
               Exports a committed checkpoint of any layout (default: job standalone, its newest step) into
-              DIR/{job}/{step}/{format}/ (DIR defaults to ROOT/exports), or an HF model folder into --out, with
-              export.json listing every file's size and SHA-256. GGUF is llama.cpp's deepseek2 (model.gguf).
+              DIR/{job}/{step}/{format}/ (DIR defaults to ROOT/exports); with --store, from the CheckpointStore
+              service at URL into its exports/{job}/{step}/{format}/; or an HF model folder into --out. Each export
+              has an export.json listing every file's size and SHA-256. GGUF is llama.cpp's deepseek2 (model.gguf).
               Nothing is left behind when it fails; an existing export is never overwritten.
+          gpu-worker export --store URL --download --job NAME --step N --format F --out DIR
+              Downloads a committed export from the store into DIR, checking every file's SHA-256.
         """;
 
     public static int Train(string[] args)
@@ -120,11 +124,14 @@ public static class StandaloneCommands
 
     public static int Export(string[] args)
     {
-        var cl = new CommandLine(args, new HashSet<string>());
+        var cl = new CommandLine(args, new HashSet<string> { "download" });
         var format = ModelExport.CheckFormat(cl.String("format") ?? throw new ArgumentException($"option --format is required: one of {string.Join(", ", ModelExport.Formats)}"));
         var model = cl.String("model");
         var checkpoints = cl.String("checkpoints");
-        if ((model is null) == (checkpoints is null)) throw new ArgumentException("give exactly one of --checkpoints ROOT (a committed checkpoint) or --model DIR (an HF folder)");
+        var storeUrl = cl.String("store");
+        if (new[] { model, checkpoints, storeUrl }.Count(o => o is not null) != 1)
+            throw new ArgumentException("give exactly one of --checkpoints ROOT (a checkpoint folder), --store URL (the CheckpointStore service) or --model DIR (an HF folder)");
+        if (storeUrl is not null) return StoreExport.Run(cl, storeUrl, format);
         string folder;
         ExportManifest manifest;
         if (model is not null)

@@ -98,14 +98,7 @@ public static class ModelExport
         try
         {
             WriteFormat(model, tokenizer, format, staging);
-            var files = Directory.EnumerateFiles(staging, "*", SearchOption.AllDirectories)
-                .Select(f => new ExportedFile(Path.GetRelativePath(staging, f).Replace('\\', '/'), new FileInfo(f).Length, Sha256(f)))
-                .OrderBy(f => f.Path, StringComparer.Ordinal).ToList();
-            var manifest = new ExportManifest
-            {
-                Format = format, Job = job, Step = step, Source = source, TokenizerSha256 = tokenizer.Hash,
-                CreatedUtc = DateTimeOffset.UtcNow, Files = files,
-            };
+            var manifest = Describe(staging, format, job, step, source, tokenizer.Hash);
             File.WriteAllText(Path.Combine(staging, ExportManifest.FileName), manifest.ToJson());
             Directory.Move(staging, folder);
             return manifest;
@@ -116,6 +109,16 @@ public static class ModelExport
             throw;
         }
     }
+
+    /// <summary>The manifest of the files in <paramref name="folder"/> (sizes and SHA-256s, export.json excepted).</summary>
+    public static ExportManifest Describe(string folder, string format, string job, long step, string source, string? tokenizerSha256) => new()
+    {
+        Format = CheckFormat(format), Job = job, Step = step, Source = source, TokenizerSha256 = tokenizerSha256, CreatedUtc = DateTimeOffset.UtcNow,
+        Files = Directory.EnumerateFiles(folder, "*", SearchOption.AllDirectories)
+            .Select(f => new ExportedFile(Path.GetRelativePath(folder, f).Replace('\\', '/'), new FileInfo(f).Length, Sha256(f)))
+            .Where(f => f.Path != ExportManifest.FileName)
+            .OrderBy(f => f.Path, StringComparer.Ordinal).ToList(),
+    };
 
     static void WriteFormat(DeepSeekForCausalLM model, BpeTokenizer tokenizer, string format, string dir)
     {
