@@ -34,14 +34,15 @@ public static class StandaloneCommands
               Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).
               --prompt-ids gives token ids directly (no tokenizer needed).
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
-          gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0
+          gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0|onnx
                             (--checkpoints ROOT [--job NAME] [--step N] --tokenizer tokenizer.json [--exports DIR]
                              | --store URL --job NAME [--step N] --tokenizer tokenizer.json
                              | --model DIR --out DIR)
               Exports a committed checkpoint of any layout (default: job standalone, its newest step) into
               DIR/{job}/{step}/{format}/ (DIR defaults to ROOT/exports); with --store, from the CheckpointStore
               service at URL into its exports/{job}/{step}/{format}/; or an HF model folder into --out. Each export
-              has an export.json listing every file's size and SHA-256. GGUF is llama.cpp's deepseek2 (model.gguf).
+              has an export.json listing every file's size and SHA-256. GGUF is llama.cpp's deepseek2 (model.gguf);
+              onnx is model.onnx (whole sequence) and decode.onnx (a step over the MLA latent cache).
               Nothing is left behind when it fails; an existing export is never overwritten.
           gpu-worker export --store URL --download --job NAME --step N --format F --out DIR
               Downloads a committed export from the store into DIR, checking every file's SHA-256.

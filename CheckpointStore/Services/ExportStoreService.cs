@@ -156,7 +156,7 @@ internal static class ExportKeys
 {
     public const string Root = "exports/";
     public const string ManifestName = "export.json";
-    public static readonly string[] Formats = ["hf", "hf-bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_0"];
+    public static readonly string[] Formats = ["hf", "hf-bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "onnx"];
 
     public static string Folder(ExportKey? key)
     {

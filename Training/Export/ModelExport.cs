@@ -1,4 +1,4 @@
-// Exports a committed checkpoint (any layout) or an HF folder to hf / hf-bf16 / gguf-* under exports/{job}/{step}/{format}/, with a manifest of hashes.
+// Exports a committed checkpoint (any layout) or an HF folder to hf / hf-bf16 / gguf-* / onnx under exports/{job}/{step}/{format}/, with a manifest of hashes.
 using System.Security.Cryptography;
 using System.Text.Json;
 using System.Text.Json.Serialization;
@@ -37,7 +37,7 @@ public sealed record ExportManifest
 public static class ModelExport
 {
     /// <summary>The format names the CLI, the REST call and the store's folder use.</summary>
-    public static readonly IReadOnlyList<string> Formats = ["hf", "hf-bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_0"];
+    public static readonly IReadOnlyList<string> Formats = ["hf", "hf-bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "onnx"];
 
     public static string CheckFormat(string format) => Formats.Contains(format)
         ? format
@@ -135,6 +135,13 @@ public static class ModelExport
                     copy.to(ScalarType.BFloat16);
                     HfModelFolder.Save(dir, copy, tokenizer);
                 }
+                break;
+            case "onnx":
+                // Two graphs: the whole sequence at once, and a decode step over the latent cache.
+                Onnx.OnnxExporter.Write(model, Path.Combine(dir, "model.onnx"));
+                Onnx.OnnxExporter.Write(model, Path.Combine(dir, "decode.onnx"), withCache: true);
+                tokenizer.Save(Path.Combine(dir, HfModelFolder.TokenizerFile));
+                File.WriteAllText(Path.Combine(dir, HfModelFolder.ConfigFile), model.Config.ToJson());
                 break;
             default:
                 var type = format switch { "gguf-f16" => GgufType.F16, "gguf-q8_0" => GgufType.Q8_0, _ => GgufType.Q4_0 };

@@ -57,6 +57,15 @@ public sealed class ModelExportTests(ExportModelFixture fx) : IClassFixture<Expo
     }
 
     [Fact]
+    public async Task AnOnnxExportHoldsBothGraphsTheTokenizerAndTheConfig()
+    {
+        using var store = SavePipelineCheckpoint();
+        var (folder, manifest) = await ModelExport.FromCheckpointAsync(store, Step, fx.Tokenizer, "onnx", Exports);
+        Assert.Equal(["config.json", "decode.onnx", "model.onnx", "tokenizer.json"], manifest.Files.Select(f => f.Path));
+        ModelExport.Verify(folder);
+    }
+
+    [Fact]
     public async Task ACorruptRankFileIsRefusedByNameAndNothingIsLeftInTheStore()
     {
         using (SavePipelineCheckpoint()) { }
@@ -97,6 +106,19 @@ public sealed class ModelExportTests(ExportModelFixture fx) : IClassFixture<Expo
         var e = Assert.Throws<NotSupportedException>(() => ModelExport.Write(model, fx.Tokenizer, "gguf-f16", folder, Job, Step, "test"));
         Assert.Contains("n_shared_experts", e.Message);
         Assert.Empty(Directory.EnumerateFileSystemEntries(Path.GetDirectoryName(folder)!));
+    }
+
+    [Fact]
+    public void AttentionBiasesAreRefusedByGgufAndOnnxAlike()
+    {
+        using var model = ExportModelFixture.Build(fx.Tokenizer.VocabSize, c => c with { AttentionBias = true });
+        foreach (var format in new[] { "gguf-q8_0", "onnx" })
+        {
+            var folder = ModelExport.FolderOf(Exports, Job, Step, format);
+            var e = Assert.Throws<NotSupportedException>(() => ModelExport.Write(model, fx.Tokenizer, format, folder, Job, Step, "test"));
+            Assert.Contains("attention_bias", e.Message);
+            Assert.False(Directory.Exists(folder));
+        }
     }
 
     [Fact]
