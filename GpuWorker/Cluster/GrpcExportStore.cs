@@ -24,18 +24,22 @@ public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string
             foreach (var file in manifest.Files)
             {
                 using var call = client.UploadExportFile(cancellationToken: ct);
-                await call.RequestStream.WriteAsync(new UploadExportFileMessage
+                try
                 {
-                    Header = new ExportFileHeader { Export = key, Path = file.Path, TotalSize = file.Bytes, Sha256 = file.Sha256 },
-                }, ct);
-                await using (var stream = File.OpenRead(Path.Combine(folder, file.Path)))
-                {
-                    var buffer = new byte[ChunkBytes];
-                    int read;
-                    while ((read = await stream.ReadAsync(buffer, ct)) > 0)
-                        await call.RequestStream.WriteAsync(new UploadExportFileMessage { Data = ByteString.CopyFrom(buffer, 0, read) }, ct);
+                    await call.RequestStream.WriteAsync(new UploadExportFileMessage
+                    {
+                        Header = new ExportFileHeader { Export = key, Path = file.Path, TotalSize = file.Bytes, Sha256 = file.Sha256 },
+                    }, ct);
+                    await using (var stream = File.OpenRead(Path.Combine(folder, file.Path)))
+                    {
+                        var buffer = new byte[ChunkBytes];
+                        int read;
+                        while ((read = await stream.ReadAsync(buffer, ct)) > 0)
+                            await call.RequestStream.WriteAsync(new UploadExportFileMessage { Data = ByteString.CopyFrom(buffer, 0, read) }, ct);
+                    }
+                    await call.RequestStream.CompleteAsync();
                 }
-                await call.RequestStream.CompleteAsync();
+                catch (RpcException) when (!ct.IsCancellationRequested) { } // the store ended the call early: its reason is the response's status
                 await call;
             }
             var reply = await client.CommitExportAsync(new CommitExportRequest { Export = key, ManifestJson = manifest.ToJson() }, cancellationToken: ct);
