@@ -51,6 +51,7 @@ public static class CheckpointStoreExtensions
     public static WebApplication MapCheckpointStore(this WebApplication app)
     {
         app.MapGrpcService<CheckpointStoreService>();
+        app.MapGrpcService<ExportStoreService>();
         app.MapGrpcReflectionService();
         // The instruments now, so the refusal counter's zeros are on /metrics from the first scrape.
         app.Services.GetRequiredService<CheckpointStoreMetrics>();

@@ -1,5 +1,5 @@
 // gpu-worker: one process per accelerator. Verbs: join (cluster mode, the default when a coordinator is configured),
-// train (standalone, no cluster), generate (from a HF model folder) and check (what this machine offers a worker).
+// train (standalone, no cluster), generate (from a HF model folder), export (a checkpoint or folder to HF / GGUF) and check (what this machine offers a worker).
 using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
@@ -16,12 +16,13 @@ try
         null when WorkerSettings.Configured => await Join(),
         "train" => StandaloneCommands.Train(args[1..]),
         "generate" => StandaloneCommands.Generate(args[1..]),
+        "export" => StandaloneCommands.Export(args[1..]),
         "check" => MachineCheck.Run(args[1..]),
         null or "help" or "--help" or "-h" => Usage(0),
         var other => Fail($"unknown verb '{other}'"),
     };
 }
-catch (Exception e) when (e is ArgumentException or FileNotFoundException or DirectoryNotFoundException or InvalidDataException)
+catch (Exception e) when (e is ArgumentException or IOException or InvalidDataException or NotSupportedException)
 {
     return Fail(e.Message);
 }

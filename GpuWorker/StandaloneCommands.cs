@@ -1,6 +1,9 @@
-// The standalone verbs: train a model in this process, or generate text from a saved HF model folder.
+// The standalone verbs: train a model in this process, generate text from a saved HF model folder, export a checkpoint or folder.
 using System.Text.Json;
+using DeepSeekCluster.Text.Tokenization;
+using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Export;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 
@@ -31,6 +34,18 @@ public static class StandaloneCommands
               Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).
               --prompt-ids gives token ids directly (no tokenizer needed).
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
+          gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0|onnx
+                            (--checkpoints ROOT [--job NAME] [--step N] --tokenizer tokenizer.json [--exports DIR]
+                             | --store URL --job NAME [--step N] --tokenizer tokenizer.json
+                             | --model DIR --out DIR)
+              Exports a committed checkpoint of any layout (default: job standalone, its newest step) into
+              DIR/{job}/{step}/{format}/ (DIR defaults to ROOT/exports); with --store, from the CheckpointStore
+              service at URL into its exports/{job}/{step}/{format}/; or an HF model folder into --out. Each export
+              has an export.json listing every file's size and SHA-256. GGUF is llama.cpp's deepseek2 (model.gguf);
+              onnx is model.onnx (whole sequence) and decode.onnx (a step over the MLA latent cache).
+              Nothing is left behind when it fails; an existing export is never overwritten.
+          gpu-worker export --store URL --download --job NAME --step N --format F --out DIR
+              Downloads a committed export from the store into DIR, checking every file's SHA-256.
         """;
 
     public static int Train(string[] args)
@@ -105,6 +120,39 @@ public static class StandaloneCommands
             Console.WriteLine(JsonSerializer.Serialize(new { prompt_ids = ids, generated_ids = generated, text }));
         else
             Console.WriteLine(text is null ? string.Join(" ", generated) : prompt + text);
+        return 0;
+    }
+
+    public static int Export(string[] args)
+    {
+        var cl = new CommandLine(args, new HashSet<string> { "download" });
+        var format = ModelExport.CheckFormat(cl.String("format") ?? throw new ArgumentException($"option --format is required: one of {string.Join(", ", ModelExport.Formats)}"));
+        var model = cl.String("model");
+        var checkpoints = cl.String("checkpoints");
+        var storeUrl = cl.String("store");
+        if (new[] { model, checkpoints, storeUrl }.Count(o => o is not null) != 1)
+            throw new ArgumentException("give exactly one of --checkpoints ROOT (a checkpoint folder), --store URL (the CheckpointStore service) or --model DIR (an HF folder)");
+        if (storeUrl is not null) return StoreExport.Run(cl, storeUrl, format);
+        string folder;
+        ExportManifest manifest;
+        if (model is not null)
+        {
+            folder = cl.String("out") ?? throw new ArgumentException("option --out DIR is required with --model");
+            cl.RejectUnknown();
+            manifest = ModelExport.FromModelFolder(model, format, folder);
+        }
+        else
+        {
+            string job = cl.String("job") ?? TrainingCheckpoint.Job;
+            long? step = cl.String("step") is null ? null : cl.Get("step", 0L);
+            var tokenizerPath = cl.String("tokenizer") ?? throw new ArgumentException("option --tokenizer FILE is required with --checkpoints: the tokenizer.json the checkpoint was trained with");
+            var exports = cl.String("exports") ?? Path.Combine(checkpoints!, "exports");
+            cl.RejectUnknown();
+            if (!Directory.Exists(Path.Combine(checkpoints!, job))) throw new DirectoryNotFoundException($"--checkpoints {checkpoints}: no folder for job '{job}'");
+            using var store = new FolderCheckpointStore(checkpoints!, job);
+            (folder, manifest) = ModelExport.FromCheckpointAsync(store, step, BpeTokenizer.Load(tokenizerPath), format, exports).GetAwaiter().GetResult();
+        }
+        Console.WriteLine($"exported {manifest.Source} as {format} to {Path.GetFullPath(folder)} ({manifest.Files.Sum(f => f.Bytes)} bytes in {manifest.Files.Count} files)");
         return 0;
     }
 

@@ -28,10 +28,13 @@ internal static partial class CheckpointKeys
         return slash == 8 && long.TryParse(rest[..8], out long step) ? step : null;
     }
 
+    public static bool IsSafeName(string name) => SafeName().IsMatch(name);
+
+    // "exports" is the folder of ExportStoreService beside the jobs' folders.
     public static string Job(string job) =>
-        SafeName().IsMatch(job ?? "") && !job!.Contains("..")
+        SafeName().IsMatch(job ?? "") && !job!.Contains("..") && job != "exports"
             ? job
-            : throw Invalid($"job '{job}' is not a valid job id: expected 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit");
+            : throw Invalid($"job '{job}' is not a valid job id: expected 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (and not 'exports')");
 
     public static long Step(long step) =>
         step is >= 0 and <= MaxStep ? step : throw Invalid($"step {step} is out of range: expected 0 to {MaxStep}");

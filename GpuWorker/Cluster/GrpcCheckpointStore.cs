@@ -46,6 +46,9 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     /// </summary>
     public long? HashChunkBytes { get; init; } = ManifestFile.DefaultChunkBytes;
 
+    /// <summary>The same service's exports (a run's final model goes there); null where only checkpoints are wanted.</summary>
+    public GrpcExportStore? Exports { get; init; }
+
     /// <summary>The store's address, for error messages.</summary>
     public string Address => address;
 

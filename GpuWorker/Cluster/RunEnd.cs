@@ -4,6 +4,7 @@ using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Export;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Text.Tokenization;
@@ -56,7 +57,7 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (run.Assignment.PpSize == 1)
         {
-            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer);
+            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, formed.Store.Exports);
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
@@ -67,7 +68,7 @@ static class RunEnd
         model.to(device);
         var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
         run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer);
+        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, formed.Store.Exports);
     }
 
     /// <summary>Whether committed step <paramref name="final"/> appeared before the run was cancelled (looked at every 250 ms).</summary>
@@ -91,7 +92,8 @@ static class RunEnd
     }
 
     /// <summary>Logs the validation loss and a sample from the job's prompt, and writes the Hugging Face folder of <paramref name="model"/>.</summary>
-    static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, long step, double validationLoss, Device device, GetTokenizerReply tokenizerReply)
+    static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, long step, double validationLoss, Device device, GetTokenizerReply tokenizerReply,
+                      GrpcExportStore? exports)
     {
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
         run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
@@ -117,6 +119,22 @@ static class RunEnd
         var dir = Path.Combine(run.Settings.OutputDir, run.JobId, "model");
         HfModelFolder.Save(dir, model, tokenizer);
         run.Log($"model saved to {Path.GetFullPath(dir)}");
+        if (exports is not null) PutIntoStore(run, exports, dir, step, tokenizer.Hash);
         run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = Path.GetFullPath(dir) } });
+    }
+
+    /// <summary>
+    /// The same folder as the store's hf export of this step (exports/{job}/{step}/hf), where any machine can download it. A
+    /// refusal (the step was exported already, the store is down) is logged: the folder on this disk stays either way.
+    /// </summary>
+    static void PutIntoStore(RunContext run, GrpcExportStore exports, string dir, long step, string tokenizerHash)
+    {
+        var manifest = ModelExport.Describe(dir, "hf", run.JobId, step, $"final model of job '{run.JobId}' (rank 0, generation {run.Assignment.Generation})", tokenizerHash);
+        try
+        {
+            string key = TrainingThread.Wait(exports.UploadAsync(dir, manifest));
+            run.Log($"model exported to the checkpoint store as {key}");
+        }
+        catch (IOException e) { run.Log($"could not put the model into the checkpoint store: {e.Message}"); }
     }
 }

@@ -80,7 +80,10 @@ sealed class RunFormation : IDisposable
             // fp32: cluster jobs train in fp32 (see HardwarePeak.For).
             var peak = Peaks.GetOrAdd(device.ToString(), _ => HardwarePeak.For(device, ScalarType.Float32, PeakSettings.FromEnvironment(), run.Log));
             var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), run.Settings.Checkpoints.ToString(), a.JobId,
-                                                Path.Combine(run.Settings.OutputDir, "staging", run.WorkerId));
+                                                Path.Combine(run.Settings.OutputDir, "staging", run.WorkerId))
+            {
+                Exports = new GrpcExportStore(new Contracts.Checkpoints.ExportStore.ExportStoreClient(storeChannel), run.Settings.Checkpoints.ToString()),
+            };
             run.Metrics?.CheckpointRunStarted(a.JobId, run.WorkerId);
 
             // ---- Where to resume, and the live state restored there ----

@@ -1,0 +1,88 @@
+// Exports in the CheckpointStore's ExportStore service: upload a local export folder and commit its export.json; download one back.
+using DeepSeekCluster.Contracts.Checkpoints;
+using DeepSeekCluster.Training.Export;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string address)
+{
+    const int ChunkBytes = 1 << 20;
+
+    public static ExportKey KeyOf(ExportManifest m) => new() { Job = m.Job, Step = m.Step, Format = m.Format };
+
+    /// <summary>
+    /// Uploads every file <paramref name="manifest"/> lists from <paramref name="folder"/>, then commits: the store checks
+    /// each against the manifest and writes export.json last. Returns the key of the committed export.json.
+    /// </summary>
+    public async Task<string> UploadAsync(string folder, ExportManifest manifest, CancellationToken ct = default)
+    {
+        var key = KeyOf(manifest);
+        try
+        {
+            foreach (var file in manifest.Files)
+            {
+                using var call = client.UploadExportFile(cancellationToken: ct);
+                try
+                {
+                    await call.RequestStream.WriteAsync(new UploadExportFileMessage
+                    {
+                        Header = new ExportFileHeader { Export = key, Path = file.Path, TotalSize = file.Bytes, Sha256 = file.Sha256 },
+                    }, ct);
+                    await using (var stream = File.OpenRead(Path.Combine(folder, file.Path)))
+                    {
+                        var buffer = new byte[ChunkBytes];
+                        int read;
+                        while ((read = await stream.ReadAsync(buffer, ct)) > 0)
+                            await call.RequestStream.WriteAsync(new UploadExportFileMessage { Data = ByteString.CopyFrom(buffer, 0, read) }, ct);
+                    }
+                    await call.RequestStream.CompleteAsync();
+                }
+                catch (RpcException) when (!ct.IsCancellationRequested) { } // the store ended the call early: its reason is the response's status
+                await call;
+            }
+            var reply = await client.CommitExportAsync(new CommitExportRequest { Export = key, ManifestJson = manifest.ToJson() }, cancellationToken: ct);
+            return reply.ManifestKey;
+        }
+        catch (RpcException e)
+        {
+            throw new IOException($"the export store at {address} refused {key.Job}/{key.Step}/{key.Format}: {e.Status.StatusCode}: {e.Status.Detail}", e);
+        }
+    }
+
+    /// <summary>Committed exports of <paramref name="job"/>.</summary>
+    public async Task<IReadOnlyList<ExportSummary>> ListAsync(string job, CancellationToken ct = default) =>
+        (await client.ListExportsAsync(new ListExportsRequest { Job = job }, cancellationToken: ct)).Exports;
+
+    /// <summary>Downloads a committed export into <paramref name="target"/> (created; must not exist) and verifies it.</summary>
+    public async Task<ExportManifest> DownloadAsync(ExportKey key, string target, CancellationToken ct = default)
+    {
+        var summary = (await ListAsync(key.Job, ct)).FirstOrDefault(e => e.Export.Equals(key))
+            ?? throw new FileNotFoundException($"the export store at {address} has no committed export {key.Job}/{key.Step}/{key.Format}");
+        if (Directory.Exists(target)) throw new IOException($"'{target}' already exists");
+        var staging = target + $".partial-{Guid.NewGuid():N}";
+        try
+        {
+            Directory.CreateDirectory(staging);
+            File.WriteAllText(Path.Combine(staging, ExportManifest.FileName), summary.ManifestJson);
+            var manifest = ExportManifest.Load(Path.Combine(staging, ExportManifest.FileName));
+            foreach (var file in manifest.Files)
+            {
+                var path = Path.Combine(staging, file.Path);
+                Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+                await using var output = File.Create(path);
+                using var call = client.DownloadExportFile(new DownloadExportFileRequest { Export = key, Path = file.Path }, cancellationToken: ct);
+                await foreach (var chunk in call.ResponseStream.ReadAllAsync(ct)) chunk.Data.WriteTo(output);
+            }
+            ModelExport.Verify(staging);
+            Directory.Move(staging, target);
+            return manifest;
+        }
+        catch
+        {
+            if (Directory.Exists(staging)) Directory.Delete(staging, recursive: true);
+            throw;
+        }
+    }
+}

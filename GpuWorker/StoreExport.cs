@@ -1,0 +1,46 @@
+// gpu-worker export --store: a committed checkpoint in the CheckpointStore service exported into its ExportStore, or an export downloaded.
+using DeepSeekCluster.Contracts.Checkpoints;
+using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.Text.Tokenization;
+using DeepSeekCluster.Training.Export;
+using Grpc.Net.Client;
+
+namespace DeepSeekCluster.GpuWorker;
+
+static class StoreExport
+{
+    public static int Run(CommandLine cl, string storeUrl, string format)
+    {
+        if (!Uri.TryCreate(storeUrl, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
+            throw new ArgumentException($"--store '{storeUrl}' is not an http(s) URL of the CheckpointStore service");
+        string job = cl.String("job") ?? throw new ArgumentException("option --job NAME is required with --store");
+        long? step = cl.String("step") is null ? null : cl.Get("step", 0L);
+        bool download = cl.Flag("download");
+        using var channel = GrpcChannel.ForAddress(uri);
+        var exports = new GrpcExportStore(new ExportStore.ExportStoreClient(channel), storeUrl);
+        if (download)
+        {
+            var outDir = cl.String("out") ?? throw new ArgumentException("option --out DIR is required with --download");
+            cl.RejectUnknown();
+            var key = new ExportKey { Job = job, Step = step ?? throw new ArgumentException("option --step N is required with --download"), Format = format };
+            var manifest = exports.DownloadAsync(key, outDir).GetAwaiter().GetResult();
+            Console.WriteLine($"downloaded {job}/{key.Step}/{format} ({manifest.Files.Sum(f => f.Bytes)} bytes in {manifest.Files.Count} files, hashes checked) to {Path.GetFullPath(outDir)}");
+            return 0;
+        }
+        var tokenizerPath = cl.String("tokenizer") ?? throw new ArgumentException("option --tokenizer FILE is required with --store: the tokenizer.json the checkpoint was trained with");
+        cl.RejectUnknown();
+        var scratch = Directory.CreateTempSubdirectory("gpu-worker-export-").FullName;
+        try
+        {
+            var source = new GrpcCheckpointStore(new CheckpointStore.CheckpointStoreClient(channel), storeUrl, job, scratch);
+            var (folder, manifest) = ModelExport.FromCheckpointAsync(source, step, BpeTokenizer.Load(tokenizerPath), format, scratch).GetAwaiter().GetResult();
+            string key = exports.UploadAsync(folder, manifest).GetAwaiter().GetResult();
+            Console.WriteLine($"exported {manifest.Source} as {format} into the store at {storeUrl}: {key} ({manifest.Files.Sum(f => f.Bytes)} bytes in {manifest.Files.Count} files)");
+            return 0;
+        }
+        finally
+        {
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+}
