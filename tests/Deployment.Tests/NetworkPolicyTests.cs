@@ -27,6 +27,7 @@ public class NetworkPolicyTests
         [("redis", "redis")] = ["coordinator"],
         [("azurite", "blob")] = ["checkpoints", "data-shards"],
         [("dcgm-exporter", "http")] = [Monitoring],
+        [("model-server", "http")] = ["namespaces labelled deepseek-cluster.io/model-clients=true", Monitoring],
     };
 
     /// <summary>Ports no container declares (NCCL's, picked at start): open to the workers among themselves, to nobody else.</summary>
@@ -95,9 +96,11 @@ public class NetworkPolicyTests
                     if (from.IpBlock is not null) peers.Add($"ipBlock:{from.IpBlock.Cidr}");
                     else if (from.NamespaceSelector is not null)
                     {
-                        string? ns = from.NamespaceSelector.MatchExpressions is null or { Count: 0 } && from.NamespaceSelector.MatchLabels is { Count: 1 } ml
-                            && ml.TryGetValue("kubernetes.io/metadata.name", out var name) ? name : null;
-                        peers.Add(ns is null ? "namespace:*" : from.PodSelector is null || IsEmpty(from.PodSelector) ? $"namespace:{ns}" : $"namespace:{ns}(some pods)");
+                        var one = from.NamespaceSelector.MatchExpressions is null or { Count: 0 } && from.NamespaceSelector.MatchLabels is { Count: 1 } ml ? ml.Single() : (KeyValuePair<string, string>?)null;
+                        bool allPods = from.PodSelector is null || IsEmpty(from.PodSelector);
+                        if (one is { Key: "kubernetes.io/metadata.name" } named) peers.Add(allPods ? $"namespace:{named.Value}" : $"namespace:{named.Value}(some pods)");
+                        else if (one is { } label && allPods) peers.Add($"namespaces labelled {label.Key}={label.Value}"); // an operator opts a namespace in
+                        else peers.Add("namespace:*");
                     }
                     else if (from.PodSelector is { } selector)
                     {

@@ -31,7 +31,7 @@ public partial class ProductionTests
         Assert.Contains(found, f => f.Contains("STORAGE_ACCOUNT"));
         Assert.Contains(found, f => f.Contains("00000000-0000-0000-0000-000000000000"));
         Assert.Contains(found, f => f.Contains("myregistry"));
-        Assert.Equal(4, found.Count(f => f.Contains("not pinned by digest")));
+        Assert.Equal(5, found.Count(f => f.Contains("not pinned by digest")));
     }
 
     [Fact]

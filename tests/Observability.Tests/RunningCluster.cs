@@ -105,7 +105,7 @@ public sealed class RunningCluster : IAsyncLifetime
         await Poll.UntilAsync(async () => await JobAsync() is { } j && j["state"]!.GetValue<string>() == "completed"
                                           && j["committed"]!.AsArray().Any(c => c!["step"]!.GetValue<long>() == Steps), TimeSpan.FromMinutes(10), AppHostState, TimeSpan.FromSeconds(1));
         // After the job, the AppHost serves its model (docs/serving.md): the model server joins the scraped instances.
-        await Poll.UntilAsync(() => Targets().Any(t => t.Service == "model-server"), TimeSpan.FromMinutes(4), AppHostState, TimeSpan.FromSeconds(1));
+        await Poll.UntilAsync(() => Targets().Any(t => t.Service == "model-server"), TimeSpan.FromMinutes(4), AppHostState);
         Prometheus.SetTargets(Targets());
         // Every instance scraped successfully at least once.
         await Poll.UntilAsync(async () => (await Prometheus.TargetsAsync()) is var t && t.Count == Targets().Count && t.All(x => x.Health == "up"),
