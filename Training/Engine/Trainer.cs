@@ -24,6 +24,8 @@ public sealed class Trainer : ITrainer
     public long ConsumedSamples => Step * Options.GlobalBatch;
     public int Rank { get; }
     public int WorldSize { get; }
+    /// <summary>Bytes of the exact gradient sum's int64 words this rank holds (1/dp of them under ZeRO-2); 0 before the first step.</summary>
+    public long GradientWordBytes => gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long);
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
 

@@ -53,7 +53,7 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
     }
 
     /// <summary>What a rank holds after training: weights and biases whole, the optimizer state of its rows.</summary>
-    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Start, long RowSize, double[] Values)> Moments, long OptimizerBytes);
+    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Start, long RowSize, double[] Values)> Moments, long OptimizerBytes, long WordBytes);
 
     static Held Capture(Trainer trainer, List<StepMetrics> steps)
     {
@@ -67,7 +67,7 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
             moments[$"{s.Name}.exp_avg_sq"] = (s.RowStart, rowSize, s.ExpAvgSq.data<double>().ToArray());
         }
         long bytes = trainer.Optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
-        return new Held(steps, weights, moments, bytes);
+        return new Held(steps, weights, moments, bytes, trainer.GradientWordBytes);
     }
 
     static Held RunSingle()
@@ -151,12 +151,29 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
     [InlineData(3, 1)]
     [InlineData(2, 2)]
     [InlineData(3, 2)]
-    public void ShardedOptimizerOverTcpEqualsTheSingleProcess(int dp, int zero)
+    public void ShardedOptimizerOverTcpEqualsTheSingleProcessBitForBitAndHoldsThePlannedShare(int dp, int zero)
     {
         var clock = Stopwatch.StartNew();
         var ranks = RunZero(dp, zero);
         output.WriteLine($"dp {dp} zero {zero}: {clock.Elapsed.TotalSeconds:F1} s");
         AssertEqualsSingle(ranks, dp);
+
+        // Measured resident optimizer state (and, under ZeRO-2, gradient words) against the planner's prediction.
+        var config = Micro(Data.Value.Vocab);
+        var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(1, zero, config.NRoutedExperts);
+        var inputs = new MemoryInputs("fp64", "none", Options.MicroBatch, Options.SeqLen);
+        var whole = MemoryPlanner.Predict(config, ParallelLayout.Even(1, 1, config.NumHiddenLayers), 0, inputs);
+        Assert.True(Math.Abs(Single.Value.OptimizerBytes - whole.Optimizer) <= 0.01 * whole.Optimizer,
+            $"one process holds {Single.Value.OptimizerBytes} optimizer bytes; the planner predicts {whole.Optimizer}");
+        for (int r = 0; r < dp; r++)
+        {
+            var predicted = MemoryPlanner.Predict(config, layout, r, inputs);
+            output.WriteLine($"rank {r}: optimizer {ranks[r].OptimizerBytes} B (predicted {predicted.Optimizer}, one process {Single.Value.OptimizerBytes}); gradient words {ranks[r].WordBytes} B (predicted {predicted.GradientWords})");
+            Assert.True(Math.Abs(ranks[r].OptimizerBytes - predicted.Optimizer) <= 0.10 * predicted.Optimizer,
+                $"rank {r} of dp {dp} holds {ranks[r].OptimizerBytes} optimizer bytes; the planner predicts {predicted.Optimizer} (1/{dp} of {whole.Optimizer})");
+            Assert.True(Math.Abs(ranks[r].WordBytes - predicted.GradientWords) <= 0.10 * predicted.GradientWords,
+                $"rank {r} of dp {dp} zero {zero} holds {ranks[r].WordBytes} bytes of gradient words; the planner predicts {predicted.GradientWords}");
+        }
     }
 
     public void Dispose() => Directory.Delete(root, recursive: true);
