@@ -55,19 +55,22 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
     /// <summary>What a rank holds after training: weights and biases whole, the optimizer state of its rows.</summary>
     sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Start, long RowSize, double[] Values)> Moments, long OptimizerBytes, long WordBytes);
 
-    static Held Capture(Trainer trainer, List<StepMetrics> steps)
+    static Held Capture(Trainer trainer, List<StepMetrics> steps) =>
+        Capture(trainer.Model, trainer.Optimizer) with { Steps = steps, WordBytes = trainer.GradientWordBytes };
+
+    static Held Capture(DeepSeekForCausalLM model, AdamW optimizer)
     {
         var weights = new Dictionary<string, double[]>();
-        foreach (var (name, t) in trainer.Model.HfStateDict()) weights[name] = t.detach().to_type(ScalarType.Float64).data<double>().ToArray();
+        foreach (var (name, t) in model.HfStateDict()) weights[name] = t.detach().to_type(ScalarType.Float64).data<double>().ToArray();
         var moments = new Dictionary<string, (long, long, double[])>();
-        foreach (var s in trainer.Optimizer.Slots)
+        foreach (var s in optimizer.Slots)
         {
             long rowSize = s.Param.dim() == 0 ? 1 : s.Param.numel() / Math.Max(1, s.Param.shape[0]);
             moments[$"{s.Name}.exp_avg"] = (s.RowStart, rowSize, s.ExpAvg.data<double>().ToArray());
             moments[$"{s.Name}.exp_avg_sq"] = (s.RowStart, rowSize, s.ExpAvgSq.data<double>().ToArray());
         }
-        long bytes = trainer.Optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
-        return new Held(steps, weights, moments, bytes, trainer.GradientWordBytes);
+        long bytes = optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
+        return new Held([], weights, moments, bytes, 0);
     }
 
     static Held RunSingle()
@@ -173,6 +176,56 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
                 $"rank {r} of dp {dp} holds {ranks[r].OptimizerBytes} optimizer bytes; the planner predicts {predicted.Optimizer} (1/{dp} of {whole.Optimizer})");
             Assert.True(Math.Abs(ranks[r].WordBytes - predicted.GradientWords) <= 0.10 * predicted.GradientWords,
                 $"rank {r} of dp {dp} zero {zero} holds {ranks[r].WordBytes} bytes of gradient words; the planner predicts {predicted.GradientWords}");
+        }
+    }
+
+    /// <summary>
+    /// A dp 2 zero 2 job saves its checkpoint the way a cluster does (each rank writes its own file: its rows of the
+    /// weights and the optimizer rows it holds, nothing gathered); it loads into one process and into dp 3 zero 1 shards
+    /// with every weight, routing bias, both moments of every row and the step count bitwise those of the single process.
+    /// </summary>
+    [Fact]
+    public async Task AZeroCheckpointLoadsIntoOneProcessAndIntoOtherShardsBitwise()
+    {
+        const string job = "zero-job";
+        var config = Micro(Data.Value.Vocab);
+        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(1, 2, config.NRoutedExperts);
+        using var store = new FolderCheckpointStore(root, job);
+        var position = new CheckpointPosition(Options.Steps, 1, Options.Steps * Options.GlobalBatch, Options.Steps);
+        var files = new ManifestFile[2];
+        ShardingPlan? plan = null;
+        RunZero(2, 2, trainer =>
+        {
+            var catalog = CheckpointTensors.Catalog(trainer.Model, trainer.Optimizer);
+            var mine = new ShardingPlan(layout, catalog);
+            if (trainer.Rank == 0) plan = mine;
+            files[trainer.Rank] = ShardedCheckpointWriter.WriteRank(store, mine, trainer.Rank, Options.Steps, trainer.CheckpointTensors());
+        });
+        await store.CommitAsync(ShardedCheckpointWriter.Manifest(job, plan!, position, files, config.ToJson(), null));
+
+        var single = Single.Value;
+        using (var model = NewModel())
+        using (var optimizer = Trainer.CreateOptimizer(model, Options))
+        {
+            await ShardedCheckpointLoader.LoadReplicaAsync(store, Options.Steps, model, optimizer);
+            Assert.Equal(Options.Steps, optimizer.StepCount);
+            var loaded = Capture(model, optimizer);
+            foreach (var (name, expected) in single.Weights) Assert.True(expected.SequenceEqual(loaded.Weights[name]), $"'{name}' differs after loading into one process");
+            foreach (var (name, (_, _, expected)) in single.Moments) Assert.True(expected.SequenceEqual(loaded.Moments[name].Values), $"'{name}' differs after loading into one process");
+        }
+        var zero1 = Options with { Zero = 1 };
+        for (int r = 0; r < 3; r++)
+        {
+            using var model = NewModel();
+            using var optimizer = Trainer.CreateOptimizer(model, zero1, r, 3);
+            await ShardedCheckpointLoader.LoadReplicaAsync(store, Options.Steps, model, optimizer);
+            var loaded = Capture(model, optimizer);
+            foreach (var (name, expected) in single.Weights) Assert.True(expected.SequenceEqual(loaded.Weights[name]), $"'{name}' differs after loading into shard {r} of 3");
+            foreach (var (name, (_, _, expected)) in single.Moments)
+            {
+                var (start, rowSize, values) = loaded.Moments[name];
+                Assert.True(expected.AsSpan((int)(start * rowSize), values.Length).SequenceEqual(values), $"'{name}' rows from {start} differ after loading into shard {r} of 3");
+            }
         }
     }
 
