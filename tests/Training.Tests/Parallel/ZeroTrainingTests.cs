@@ -229,5 +229,49 @@ public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
         }
     }
 
+    /// <summary>
+    /// A bf16 job (bf16 weights, gradients and activations; fp32 master weights and moments; parameters all-gathered in
+    /// bf16) trains on dp 2 ZeRO-1 bit for bit as one bf16 process, and its losses stay within 2% of the fp32 run's over
+    /// the 3 steps (the stated tolerance of bf16 against fp32 here; measured: 0.02% at most).
+    /// </summary>
+    [Fact]
+    public void ABf16JobOnZeroShardsEqualsOneBf16ProcessAndFollowsFp32WithinTwoPercent()
+    {
+        DeepSeekForCausalLM Fresh(ScalarType dtype)
+        {
+            manual_seed(Options.Seed);
+            var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
+            if (dtype != ScalarType.Float32) model.to(dtype);
+            return model;
+        }
+        List<double> RunOne(ScalarType dtype, TrainingOptions options)
+        {
+            using var model = Fresh(dtype);
+            using var trainer = new Trainer(model, Data.Value.Train, null, options, CPU, peakFlops: 1e11);
+            return Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep().Loss).ToList();
+        }
+        var bf16 = Options with { Precision = "bf16" };
+        var fp32Losses = RunOne(ScalarType.Float32, Options);
+        var bf16Losses = RunOne(ScalarType.BFloat16, bf16);
+        var models = new[] { Fresh(ScalarType.BFloat16), Fresh(ScalarType.BFloat16) };
+        var ranks = RankGroup.Run(2, c =>
+        {
+            using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, bf16 with { Zero = 1 }, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, 4 << 10));
+            Assert.True(trainer.Optimizer.Slots.All(s => s.Master is not null && s.Master.dtype == ScalarType.Float32));
+            return Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep().Loss).ToList();
+        });
+        for (int s = 0; s < Options.Steps; s++)
+        {
+            output.WriteLine($"step {s + 1}: fp32 {fp32Losses[s]:R}, bf16 {bf16Losses[s]:R} ({Math.Abs(bf16Losses[s] - fp32Losses[s]) / fp32Losses[s]:P3}), bf16 dp 2 zero 1 {ranks[0][s]:R}");
+            Assert.All(ranks, r => Assert.Equal(bf16Losses[s], r[s]));
+            Assert.True(Math.Abs(bf16Losses[s] - fp32Losses[s]) <= 0.02 * fp32Losses[s], $"step {s + 1}: bf16 loss {bf16Losses[s]:R}, fp32 {fp32Losses[s]:R}");
+        }
+        // The replicas' bf16 weights are the same bits (the all-gather moved each shard's rows unchanged).
+        var w0 = models[0].parameters().Select(p => p.to_type(ScalarType.Float32).data<float>().ToArray()).ToList();
+        var w1 = models[1].parameters().Select(p => p.to_type(ScalarType.Float32).data<float>().ToArray()).ToList();
+        Assert.True(w0.Zip(w1).All(x => x.First.SequenceEqual(x.Second)), "the two bf16 replicas hold different weights");
+        foreach (var m in models) m.Dispose();
+    }
+
     public void Dispose() => Directory.Delete(root, recursive: true);
 }
