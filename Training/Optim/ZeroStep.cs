@@ -54,9 +54,12 @@ public sealed class ZeroStep
             for (long c = 0; c < s; c += width)
             {
                 long k = Math.Min(width, s - c);
-                using var input = grid.narrow(1, c, k);
+                // A copy: NCCL takes contiguous buffers only, and the output is a region of the input's buffer.
+                using var columns = grid.narrow(1, c, k);
+                using var input = empty([Shards.Shards, k], dtype: ScalarType.Int64, device: words.device);
+                input.copy_(columns);
                 using var output = words.narrow(0, Shard * s + c, k);
-                Collective.ReduceScatter(input, output, ReduceOp.Sum); // the input is copied before the output is written
+                Collective.ReduceScatter(input, output, ReduceOp.Sum);
             }
         }
         Collective.AllReduce(sum.Worst, ReduceOp.Max);

@@ -49,6 +49,10 @@ public sealed unsafe partial class TcpCollective
         }
         catch (Exception e) when (e is CollectiveException or System.Net.Sockets.SocketException or ObjectDisposedException)
         {
+            // Let the blocks already posted reach the healthy peers before the links close: a peer still waiting for
+            // this rank's block would otherwise see this rank close and blame it instead of the rank that failed.
+            var drain = grace < TimeSpan.FromSeconds(1) ? grace : TimeSpan.FromSeconds(1);
+            if (!disposed) foreach (var link in pointToPoint.Values) link.WaitIdle(drain);
             throw Fail("all-to-all", e, ring: false);
         }
     }
