@@ -13,6 +13,16 @@ public sealed record AppHostOptions
     public int JobMaxWorkers => Math.Max(Workers, MaxWorkers);
     /// <summary>Pipeline stages of the default job: each replica's layers are split over this many workers (dp = workers / pp).</summary>
     public int Pp { get; init; } = 1;
+    /// <summary>Expert-parallel width of the default job (parallel.ep): the routed experts split over this many replicas.</summary>
+    public int Ep { get; init; } = 1;
+    /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients.</summary>
+    public int Zero { get; init; }
+    /// <summary>auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: the job's precision.</summary>
+    public string Precision { get; init; } = "auto";
+    /// <summary>none, full or selective: the job's activationCheckpointing.</summary>
+    public string Recompute { get; init; } = "none";
+    /// <summary>Bytes each worker's rank may hold (Worker__MemoryBudgetBytes); 0: the device's memory.</summary>
+    public long MemoryBudget { get; init; }
     public string Preset { get; init; } = "tiny";
     public int Steps { get; init; } = 300;
     public int SeqLen { get; init; } = 128;
@@ -41,6 +51,15 @@ public sealed record AppHostOptions
           --max-workers N        most workers the job may grow to with 'add' (default: --workers)
           --pp N                 pipeline stages: each replica's layers split over N workers (default 1;
                                  --workers must be a multiple of N, and dp = workers / N)
+          --ep N                 expert parallelism: routed experts split over N replicas (default 1)
+          --zero 0|1|2           ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
+                                 sums (default 0: replicated; 3 is not built yet)
+          --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
+          --recompute R          activation recompute: none, full or selective (default none)
+          --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker
+                                 refuses a plan predicted to need more before it builds or connects anything,
+                                 and the job fails naming the bytes (default: the GPU's memory, or on CPU the
+                                 memory available to the worker process)
           --preset NAME          model preset of the default job (tiny)
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
@@ -53,6 +72,12 @@ public sealed record AppHostOptions
         With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
         Ctrl+C leaves an unfinished job in the run folder; the next run names it and resumes it (or, with --fresh, stops it).
         """;
+
+    static string OptionOf(string field) => field switch
+    {
+        "parallel.ep" => "--ep", "parallel.zero" => "--zero", "precision" => "--precision", "activationCheckpointing" => "--recompute",
+        _ => "--workers/--pp/--ep",
+    };
 
     /// <summary>The options of the command line, or null with the exit code when it asked for help (0) or was wrong (2, said why).</summary>
     public static AppHostOptions? FromCommandLine(string[] args, string root, out int exitCode)
@@ -88,6 +113,11 @@ public sealed record AppHostOptions
                 "--device" => o with { Device = Value() },
                 "--max-workers" => o with { MaxWorkers = Int() },
                 "--pp" => o with { Pp = Int() },
+                "--ep" => o with { Ep = Int() },
+                "--zero" => o with { Zero = Int() },
+                "--precision" => o with { Precision = Value() },
+                "--recompute" => o with { Recompute = Value() },
+                "--memory-budget" => o with { MemoryBudget = long.TryParse(Value(), out var b) && b > 0 ? b : throw new ArgumentException("option --memory-budget needs a positive number of bytes") },
                 "--preset" => o with { Preset = Value() },
                 "--steps" => o with { Steps = Int() },
                 "--seq-len" => o with { SeqLen = Int() },
@@ -104,6 +134,7 @@ public sealed record AppHostOptions
             };
         }
         if (o.Pp < 1) throw new ArgumentException("--pp must be at least 1");
+        if (o.Ep < 1) throw new ArgumentException("--ep must be at least 1");
         o = o.Device switch
         {
             "cpu" => o with { Gpus = [] },
@@ -129,6 +160,10 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--workers {o.Workers} is not a multiple of --pp {o.Pp}: every replica needs {o.Pp} workers, one per stage");
         if (o.MaxWorkers > o.Workers && o.MaxWorkers % o.Pp != 0)
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
+        // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
+        var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
+            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "precision" or "activationCheckpointing" or "parallel").ToList();
+        if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
         return o;
     }
 }

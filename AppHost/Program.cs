@@ -58,6 +58,7 @@ var worker = builder.AddProject(ServiceNames.GpuWorker, "GpuWorker", "gpu-worker
     .WithEnvironment("Kestrel__Endpoints__http__Url", "http://127.0.0.1:0") // each replica's /metrics on a port of its own
     .WithEnvironment("Worker__Device", options.Device)
     .WithReplicas(options.Workers);
+if (options.MemoryBudget > 0) worker.WithEnvironment("Worker__MemoryBudgetBytes", options.MemoryBudget.ToString(System.Globalization.CultureInfo.InvariantCulture));
 var gpus = new GpuSlots(options.Gpus);
 if (options.Device == "cuda")
 {

@@ -49,6 +49,15 @@ public sealed record JobSpec
     /// </summary>
     [Id(16)] public int KeepLast { get; init; } = 3;
 
+    /// <summary>The compute precisions a job may ask for; auto is bf16 on CUDA and fp32 on CPU (docs/parallelism.md).</summary>
+    public static readonly string[] Precisions = ["auto", "fp32", "bf16"];
+    /// <summary>bf16: bf16 weights and activations with fp32 master weights, moments and reductions; auto: bf16 on CUDA, fp32 on CPU.</summary>
+    [Id(35)] public string Precision { get; init; } = "auto";
+
+    /// <summary>Activation recompute: none, full (per decoder layer), selective (only the cheap parts: norms, activations).</summary>
+    public static readonly string[] RecomputeModes = ["none", "full", "selective"];
+    [Id(36)] public string ActivationCheckpointing { get; init; } = "none";
+
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
     {
@@ -76,7 +85,14 @@ public sealed record JobSpec
             if (pp < 1) Problem("parallel.pp", $"{pp} must be at least 1");
             if (!ParallelPlan.Schedules.Contains(Parallel.Schedule))
                 Problem("parallel.schedule", $"'{Parallel.Schedule}' must be one of {string.Join(", ", ParallelPlan.Schedules)} (the pipeline schedule)");
+            foreach (var (field, message) in Parallel.Problems()) Problem(field, message);
         }
+        if (!Precisions.Contains(Precision))
+            Problem("precision", $"'{Precision}' must be one of {string.Join(", ", Precisions)} (auto: bf16 on CUDA, fp32 on CPU)");
+        if (!RecomputeModes.Contains(ActivationCheckpointing))
+            Problem("activationCheckpointing", $"'{ActivationCheckpointing}' must be one of {string.Join(", ", RecomputeModes)}");
+        else if (ActivationCheckpointing != "none")
+            Problem("activationCheckpointing", $"'{ActivationCheckpointing}' is not built yet: only none trains today (docs/parallelism.md)");
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
         if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
         else if (GlobalBatch >= 1 && GlobalBatch % MicroBatch != 0)
@@ -103,7 +119,8 @@ public sealed record JobSpec
         if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");
         if (problems.Count == 0 && ChooseDataParallel(MaxWorkers) is null)
             Problem("parallel", $"no world size in minWorkers..maxWorkers ({MinWorkers}..{MaxWorkers}) is a multiple of pp ({pp}) " +
-                $"with dp{(dp > 0 ? $" = {dp}" : "")} dividing globalBatch/microBatch ({GlobalBatch}/{MicroBatch})");
+                $"with dp{(dp > 0 ? $" = {dp}" : "")} dividing globalBatch/microBatch ({GlobalBatch}/{MicroBatch})" +
+                (Parallel!.Ep > 1 ? $" and a multiple of ep ({Parallel.Ep})" : ""));
         return problems;
     }
 
@@ -118,7 +135,7 @@ public sealed record JobSpec
         {
             if (Parallel.Dp > 0 && dp != Parallel.Dp) continue;
             if (dp * pp < MinWorkers) break;
-            if (microsPerStep % dp == 0) return dp;
+            if (microsPerStep % dp == 0 && dp % Math.Max(1, Parallel.Ep) == 0) return dp;
         }
         return null;
     }
@@ -147,6 +164,24 @@ public sealed record ParallelPlan
     [Id(0)] public int Dp { get; init; }
     [Id(1)] public int Pp { get; init; } = 1;
     [Id(2)] public string Schedule { get; init; } = "1f1b";
+    /// <summary>Expert parallelism: the routed experts are split over ep replicas (ep divides dp and n_routed_experts).</summary>
+    [Id(3)] public int Ep { get; init; } = 1;
+    /// <summary>0: replicated; 1: AdamW state sharded over dp; 2: and the gradient sums; 3: and the parameters.</summary>
+    [Id(4)] public int Zero { get; init; }
+
+    /// <summary>The ZeRO stages and expert-parallel widths this build trains (the others are refused before anything starts).</summary>
+    public const int MaxZeroBuilt = 2, MaxEpBuilt = 1;
+
+    /// <summary>The plan's own problems (those that need no other field of the spec), each with its JSON path and the numbers.</summary>
+    public IEnumerable<(string Field, string Message)> Problems()
+    {
+        if (Ep < 1) yield return ("parallel.ep", $"{Ep} must be at least 1 (1: every replica holds every expert)");
+        else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
+        else if (Ep > MaxEpBuilt) yield return ("parallel.ep", $"{Ep}: expert parallelism is not built yet, expected 1 (docs/parallelism.md)");
+        if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
+        else if (Zero > MaxZeroBuilt) yield return ("parallel.zero", $"{Zero}: ZeRO-3 is not built yet, expected 0 to {MaxZeroBuilt} (docs/parallelism.md)");
+        if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");
+    }
 }
 
 [GenerateSerializer, Immutable]

@@ -18,19 +18,21 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
     /// check fails where it is used, naming the numbers: the model config here, the preset's depth against pp in
     /// ParallelLayout.Even, the options against the data-parallel width in the trainer's constructor.
     /// </summary>
-    public static JobPlan For(Assignment assignment, JobSpec spec, GetManifestReply manifest, GetTokenizerReply tokenizer)
+    public static JobPlan For(Assignment assignment, JobSpec spec, GetManifestReply manifest, GetTokenizerReply tokenizer, bool cuda = false)
     {
-        var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId);
+        var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId, cuda);
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizer.TokenizerHash)
-                             + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : ""); // a stage's state is no other stage's
+                             + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : "") // a stage's state is no other stage's
+                             + (spec.Parallel.Zero > 0 ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : ""); // nor a ZeRO shard another's
         return new JobPlan(spec, config, options, fingerprint);
     }
 
     /// <summary>
     /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
-    /// the training options (batch, schedule, seed, checkpoints, validation, pipeline schedule) of <paramref name="spec"/>.
+    /// the training options (batch, schedule, seed, checkpoints, validation, pipeline schedule, ZeRO stage, precision) of
+    /// <paramref name="spec"/>; precision auto is bf16 on CUDA (<paramref name="cuda"/>) and fp32 on CPU.
     /// </summary>
-    public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId)
+    public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId, bool cuda = false)
     {
         var baseConfig = spec.ModelConfigJson is { Length: > 0 } json ? DeepSeekConfig.FromJson(json, "job spec modelConfigJson") : DeepSeekConfig.Preset(spec.ModelPreset!);
         var config = (baseConfig with { VocabSize = vocabSize, EosTokenId = eosTokenId }).Validated();
@@ -40,8 +42,16 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
-            PipelineSchedule = spec.Parallel.Schedule,
+            PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero,
+            Precision = PrecisionOf(spec, cuda),
         };
         return (config, options);
     }
+
+    /// <summary>The spec's precision as the trainer takes it: auto is bf16 on CUDA (bf16 matmul units) and fp32 on CPU.</summary>
+    public static string PrecisionOf(JobSpec spec, bool cuda) => spec.Precision switch
+    {
+        "auto" or null or "" => cuda ? "bf16" : "fp32",
+        var p => p,
+    };
 }

@@ -29,6 +29,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
         if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
+        if (layout.Zero > 0 && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
+        {
+            // A ZeRO rank's optimizer state is its shard alone, held nowhere else: a rank behind cannot copy it from
+            // another replica. Every rank decides this from the same exchange, so all load the committed checkpoint.
+            run.Log($"rank {A.Rank} could resume from live state at step {resume.Step}, but a rank is behind and ZeRO {layout.Zero} shards are held once: " +
+                    $"every rank loads {(A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start")}");
+            resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
+        }
         string who = Pipeline ? $"stage {A.PpStage} " : "", source = Pipeline ? $"replica {resume.SourceRank}" : $"rank {resume.SourceRank}";
         long bytes;
         if (resume.Source == ResumePlan.Replica)
@@ -135,11 +143,12 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         manual_seed(plan.Spec.Seed);
         var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
         model.to(device);
+        if (plan.Options.Precision == "bf16") model.to(ScalarType.BFloat16); // AdamW keeps fp32 master weights and moments
         var stage = Pipeline ? new PipelineStage(model, layout, A.PpStage) : null;
         Holder.State = new ReplicaState
         {
             JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
-            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options) : PipelineTrainer.CreateOptimizer(stage, plan.Options),
+            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options),
         };
         return Holder.State;
     }

@@ -55,9 +55,14 @@ sealed class RunFormation : IDisposable
         var a = run.Assignment;
         int stage = a.PpStage, replica = a.DpRank, dp = a.DpSize, pp = a.PpSize;
         bool pipeline = pp > 1;
-        var layout = ParallelLayout.Even(dp, pp, plan.Config.NumHiddenLayers);
+        var layout = ParallelLayout.Even(dp, pp, plan.Config.NumHiddenLayers)
+            .WithShards(plan.Spec.Parallel.Ep, plan.Spec.Parallel.Zero, plan.Config.NRoutedExperts);
         if (a.Rank != layout.Rank(stage, replica) || a.World != layout.WorldSize)
             throw new InvalidDataException($"the assignment's rank {a.Rank} of {a.World} is not stage {stage}, replica {replica} of dp {dp} x pp {pp} (ranks are stage-major: rank = stage·dp + replica)");
+        // Refused before anything is allocated or connected: every rank predicts the same and fails the job, naming the bytes.
+        var (budget, budgetSource) = run.Settings.MemoryBudget(device);
+        var memory = MemoryPlanner.CheckFits(plan.Config, layout, MemoryInputsOf(plan, dp), budget, budgetSource);
+        run.Log($"memory plan ({plan.Options.Precision}, zero {layout.Zero}): {memory} of {RankMemory.Gib(budget)} ({budgetSource}); activations estimated");
         var formed = new List<IDisposable>();
         T Keep<T>(T d) where T : IDisposable { formed.Add(d); return d; }
         try
@@ -77,8 +82,8 @@ sealed class RunFormation : IDisposable
             var nccl = reduces ? NcclFor(run, ring, device, ncclId, ct) : null;
             if (nccl is not null) { Keep(nccl); Keep(run.Cancel.Guard(nccl)); }
             var reducer = reduces ? new BucketedGradientReducer((ICollective?)nccl ?? ring) : null;
-            // fp32: cluster jobs train in fp32 (see HardwarePeak.For).
-            var peak = Peaks.GetOrAdd(device.ToString(), _ => HardwarePeak.For(device, ScalarType.Float32, PeakSettings.FromEnvironment(), run.Log));
+            var computeType = plan.Options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32;
+            var peak = Peaks.GetOrAdd($"{device}/{computeType}", _ => HardwarePeak.For(device, computeType, PeakSettings.FromEnvironment(), run.Log));
             var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), run.Settings.Checkpoints.ToString(), a.JobId,
                                                 Path.Combine(run.Settings.OutputDir, "staging", run.WorkerId))
             {
@@ -96,7 +101,7 @@ sealed class RunFormation : IDisposable
                 : Keep(new Trainer(live.Model, source, null, plan.Options, device, peak, replica, dp, reducer, live.Optimizer));
             trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
             resume.Report(resumePlan, live.Step, ReplicaSync.Seconds(restoreStart), stateBytes);
-            var catalog = live.Stage?.CheckpointCatalog ?? CheckpointTensors.Catalog(CheckpointTensors.Collect(live.Model, live.Optimizer));
+            var catalog = live.Stage?.CheckpointCatalog ?? CheckpointTensors.Catalog(live.Model, live.Optimizer);
             run.Log($"generation {a.Generation}: rank {a.Rank} of {a.World}" +
                     (pipeline ? $" = stage {stage} (layers {live.Stage!.Layers.FirstLayer}..{live.Stage.Layers.End - 1}) of replica {replica}, dp {dp} x pp {pp}" : "") +
                     $", {plan.Config.ParameterCount() / 1e6:F2} M parameters, global batch {plan.Options.GlobalBatch} = {dp} x {plan.Options.MicroBatch} x " +
@@ -111,6 +116,11 @@ sealed class RunFormation : IDisposable
             throw;
         }
     }
+
+    /// <summary>What besides the layout decides a rank's memory: the job's precision, recompute and micro-batches.</summary>
+    public static MemoryInputs MemoryInputsOf(JobPlan plan, int dp) =>
+        new(plan.Options.Precision, plan.Spec.ActivationCheckpointing, plan.Options.MicroBatch, plan.Options.SeqLen,
+            plan.Options.Accumulation(dp), plan.Options.PipelineSchedule);
 
     /// <summary>
     /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks; on CPU, null: the tcp ring

@@ -9,6 +9,8 @@ using DeepSeekCluster.Training.Parallel;
 using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 using JobSpecJson = DeepSeekCluster.Contracts.Grains.JobSpecJson;
 
+using TorchSharp;
+
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
 /// <summary>
@@ -86,7 +88,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var spec = JobSpecJson.Deserialize(assignment.JobSpecJson, $"the assignment of job {assignment.JobId}");
         var manifest = data.GetManifest(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
         var tokenizer = data.GetTokenizer(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
-        var plan = JobPlan.For(assignment, spec, manifest, tokenizer);
+        var plan = JobPlan.For(assignment, spec, manifest, tokenizer, cuda: device.type == DeviceType.CUDA);
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);
         using var source = RemoteSampleSource.For(manifest, data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,

@@ -43,6 +43,12 @@ public sealed class WorkerOptions : IValidatableObject
     /// manifests set it. Default false: a local run's leave ends the process.
     /// </summary>
     public bool StayAfterLeave { get; set; }
+    /// <summary>
+    /// Bytes one rank of this worker may hold (parameters, gradients, optimizer, activations); a job whose plan is
+    /// predicted to need more is refused before it starts. Unset: the GPU's memory on CUDA, the memory available to
+    /// this process on CPU.
+    /// </summary>
+    public long? MemoryBudgetBytes { get; set; }
 
     public TimeSpan Heartbeat => Duration(HeartbeatInterval) ?? TimeSpan.FromSeconds(1);
     public TimeSpan Collective => Duration(CollectiveTimeout) ?? TimeSpan.FromSeconds(30);
@@ -56,6 +62,8 @@ public sealed class WorkerOptions : IValidatableObject
         foreach (var (name, value) in new[] { (nameof(HeartbeatInterval), HeartbeatInterval), (nameof(CollectiveTimeout), CollectiveTimeout) })
             if (!string.IsNullOrWhiteSpace(value) && Duration(value) is null)
                 yield return new($"{Section}:{name} (Worker__{name}) = '{value}' is not a positive duration (seconds, such as 2.5, or a TimeSpan such as 00:00:02.5)", [name]);
+        if (MemoryBudgetBytes is <= 0)
+            yield return new($"{Section}:MemoryBudgetBytes (Worker__MemoryBudgetBytes) = {MemoryBudgetBytes} must be a positive number of bytes (unset: the device's memory)", [nameof(MemoryBudgetBytes)]);
         if (string.IsNullOrWhiteSpace(Device)) yield return new($"{Section}:Device (Worker__Device) is empty: auto, cpu, cuda or cuda:N", [nameof(Device)]);
         if (string.IsNullOrWhiteSpace(OutputDir)) yield return new($"{Section}:OutputDir (Worker__OutputDir) is empty: a folder for rank files and the model", [nameof(OutputDir)]);
     }
@@ -87,6 +95,16 @@ public sealed record WorkerSettings
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public bool StayAfterLeave { get; init; }
+    /// <summary>The configured bytes per rank (Worker:MemoryBudgetBytes), or null: the device's memory.</summary>
+    public long? MemoryBudgetBytes { get; init; }
+
+    /// <summary>The bytes a rank on <paramref name="device"/> may hold, and where that number came from (for the refusal's message).</summary>
+    public (long Bytes, string Source) MemoryBudget(TorchSharp.torch.Device device)
+    {
+        if (MemoryBudgetBytes is { } set) return (set, "Worker:MemoryBudgetBytes");
+        if (device.type == TorchSharp.DeviceType.CUDA && DeepSeekCluster.Training.Perf.CudaDevice.TotalMemory(device) is { } gpu) return (gpu, $"{device}'s memory");
+        return (GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, "the memory available to this worker process");
+    }
 
     /// <summary>The configuration keys of the services' gRPC addresses (Aspire's service discovery names).</summary>
     public const string CoordinatorKey = $"services:{ServiceNames.Coordinator}:grpc:0";
@@ -131,6 +149,7 @@ public sealed record WorkerSettings
             CollectiveHost = worker.CollectiveHost ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
             CollectivePort = worker.CollectivePort, PipelinePort = worker.PipelinePort, Device = worker.Device, OutputDir = worker.OutputDir,
             HeartbeatInterval = worker.Heartbeat, CollectiveTimeout = worker.Collective, StayAfterLeave = worker.StayAfterLeave,
+            MemoryBudgetBytes = worker.MemoryBudgetBytes,
         };
     }
 }

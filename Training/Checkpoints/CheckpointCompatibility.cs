@@ -32,7 +32,7 @@ public static class CheckpointCompatibility
         }
 
         bool withOptimizer = optimizer is not null && manifest.Tensors.Keys.Any(ShardingPlan.IsOptimizerState);
-        var ours = CheckpointTensors.Catalog(CheckpointTensors.Collect(model, withOptimizer ? optimizer : null))
+        var ours = CheckpointTensors.Catalog(model, withOptimizer ? optimizer : null)
             .ToDictionary(t => t.Name, StringComparer.Ordinal);
         var problems = new List<string>();
         var extra = manifest.Tensors.Keys

@@ -19,6 +19,18 @@ public static class CheckpointTensors
         return result;
     }
 
+    /// <summary>
+    /// The catalog of <paramref name="model"/> and <paramref name="optimizer"/>'s tensors, with the whole shape of each
+    /// optimizer state even when this rank holds a ZeRO shard of its rows (the checkpoint stores whole tensors).
+    /// </summary>
+    public static List<TensorEntry> Catalog(DeepSeekForCausalLM model, AdamW? optimizer)
+    {
+        var whole = new Dictionary<string, long[]>(StringComparer.Ordinal);
+        foreach (var s in optimizer?.Slots ?? [])
+            foreach (var kind in new[] { "exp_avg", "exp_avg_sq", "master" }) whole[$"optimizer.{s.Name}.{kind}"] = s.Param.shape;
+        return Catalog(Collect(model, optimizer)).Select(e => whole.TryGetValue(e.Name, out var shape) ? e with { Shape = shape } : e).ToList();
+    }
+
     public static List<TensorEntry> Catalog(IEnumerable<KeyValuePair<string, Tensor>> tensors) =>
         tensors.Select(kv => new TensorEntry(kv.Key, SafeTensorDtype.Of(kv.Value.dtype, kv.Key).Name, kv.Value.shape)).ToList();
 

@@ -27,6 +27,7 @@ internal sealed class HostCopy : IDisposable
     readonly IReadOnlyDictionary<string, Tensor> tensors;
     readonly TensorSlice[] slices;
     readonly Piece[] pieces;
+    readonly ShardingPlan plan;
     readonly Tensor?[] buffers;   // what each slice is copied into: a reused buffer until it is checked, then the result
     readonly bool[] checkedBuffer;
     readonly Lock gate = new();
@@ -41,6 +42,7 @@ internal sealed class HostCopy : IDisposable
         this.step = step;
         this.rank = rank;
         this.tensors = tensors;
+        this.plan = plan;
         slices = plan.WritesOf(rank).ToArray();
         buffers = new Tensor?[slices.Length];
         checkedBuffer = new bool[slices.Length];
@@ -100,7 +102,7 @@ internal sealed class HostCopy : IDisposable
     {
         var s = slices[p.Slice];
         var t = ShardedCheckpointWriter.Lookup(tensors, s.Name);
-        using var view = t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount);
+        using var view = ShardedCheckpointWriter.RowsOf(plan, t, s);
         var buffer = BufferFor(p.Slice, view);
         if (p.Rows < 0)
         {

@@ -113,7 +113,10 @@ public static class ShardedCheckpointLoader
         }
 
         var plan = ShardingPlan.For(ParallelLayout.Even(1, 1, manifest.Layout.NumLayers), manifest);
-        var wanted = plan.NeedsOf(0, shardOptimizer: false).Where(s => optimizer is not null || !ShardingPlan.IsOptimizerState(s.Name));
+        // A ZeRO shard reads only its rows of the optimizer state, whatever layout saved it.
+        var shardRows = optimizer?.ShardRows() ?? new Dictionary<string, (long, long)>();
+        var wanted = plan.NeedsOf(0, shardOptimizer: false).Where(s => optimizer is not null || !ShardingPlan.IsOptimizerState(s.Name))
+            .Select(s => shardRows.TryGetValue(s.Name, out var rows) ? new TensorSlice(s.Name, rows.Start, rows.Count) : s);
         var tensors = await LoadAsync(source, manifest, wanted, ct);
         try { CheckpointTensors.Apply(tensors, manifest, model, optimizer, label); }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
@@ -135,7 +138,10 @@ public static class ShardedCheckpointLoader
         using (no_grad())
             foreach (var s in optimizer.Slots)
                 if (s.Master is not null && !manifest.Tensors.ContainsKey($"optimizer.{s.Name}.master"))
-                    s.Master.copy_(s.Param.to_type(ScalarType.Float32));
+                {
+                    using var own = s.Own(s.Param);
+                    s.Master.copy_(own.to_type(ScalarType.Float32));
+                }
         optimizer.StepCount = manifest.OptimizerSteps;
     }
 }

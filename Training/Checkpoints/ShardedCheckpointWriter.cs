@@ -82,7 +82,7 @@ public static class ShardedCheckpointWriter
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var views = plan.WritesOf(rank)
-            .Select(s => { var t = Lookup(tensors, s.Name); return new KeyValuePair<string, Tensor>(s.Name, t.dim() == 0 ? t.alias() : t.narrow(0, s.RowStart, s.RowCount)); })
+            .Select(s => new KeyValuePair<string, Tensor>(s.Name, RowsOf(plan, Lookup(tensors, s.Name), s)))
             .ToList();
         var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes, sink.HashChunkAlgorithm);
         return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
@@ -125,6 +125,18 @@ public static class ShardedCheckpointWriter
         var manifest = Manifest(job, plan, position, files, configJson, tokenizerSha256);
         await sink.CommitAsync(manifest, ct);
         return manifest;
+    }
+
+    /// <summary>
+    /// The rows <paramref name="slice"/> of a rank's tensor: narrowed from a whole tensor, or the tensor itself when it
+    /// holds exactly those rows (a ZeRO shard's optimizer state: replica d updates the very rows it writes).
+    /// </summary>
+    internal static Tensor RowsOf(ShardingPlan plan, Tensor t, TensorSlice slice)
+    {
+        if (t.dim() == 0) return t.alias();
+        if (t.shape[0] == plan.Entry(slice.Name).Rows) return t.narrow(0, slice.RowStart, slice.RowCount);
+        if (t.shape[0] == slice.RowCount) return t.alias();
+        throw new ArgumentException($"tensor '{slice.Name}' has {t.shape[0]} rows on this rank: expected all {plan.Entry(slice.Name).Rows} or its shard's {slice.RowCount}");
     }
 
     internal static Tensor Lookup(IReadOnlyDictionary<string, Tensor> tensors, string name) =>

@@ -67,11 +67,7 @@ public sealed class ShardingPlan
     }
 
     /// <summary>Rows [i·n/parts, (i+1)·n/parts): balanced, contiguous, and covering [0, n) once over i.</summary>
-    public static (long Start, long Count) Split(long rows, int parts, int index)
-    {
-        long start = rows * index / parts, end = rows * (index + 1) / parts;
-        return (start, end - start);
-    }
+    public static (long Start, long Count) Split(long rows, int parts, int index) => ParallelLayout.Split(rows, parts, index);
 
     /// <summary>The slices <paramref name="rank"/> writes, in catalog order; none of zero rows.</summary>
     public IReadOnlyList<TensorSlice> WritesOf(int rank)

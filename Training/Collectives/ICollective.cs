@@ -26,6 +26,14 @@ public interface ICollective : IDisposable
     void ReduceScatter(Tensor input, Tensor output, ReduceOp op = ReduceOp.Sum);
     /// <summary>Concatenates every rank's <paramref name="input"/> (n elements) in rank order into <paramref name="output"/> (WorldSize·n).</summary>
     void AllGather(Tensor input, Tensor output);
+    /// <summary>
+    /// Every rank sends rows (dim 0) of <paramref name="input"/> to every rank: the first <paramref name="sendRows"/>[0]
+    /// rows to rank 0, the next sendRows[1] to rank 1, and so on; <paramref name="output"/> receives, in rank order,
+    /// <paramref name="receiveRows"/>[j] rows from rank j. Counts may be uneven or zero, but must agree: what rank i
+    /// receives from j is what j sends to i. Both tensors have the same dtype and row size (expert parallelism's token
+    /// dispatch and combine).
+    /// </summary>
+    void AllToAll(Tensor input, long[] sendRows, Tensor output, long[] receiveRows);
     /// <summary>Copies <paramref name="root"/>'s tensor into <paramref name="tensor"/> on every rank.</summary>
     void Broadcast(Tensor tensor, int root);
     void Send(Tensor tensor, int peer);

@@ -1,4 +1,5 @@
 // Exact, order-independent sums of micro-batch gradients and losses (fixed point in int64 words); not a reducer itself.
+using DeepSeekCluster.Training.Parallel;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Engine;
@@ -17,6 +18,11 @@ namespace DeepSeekCluster.Training.Engine;
 /// Both words of every parameter live in two flat buffers (<see cref="High"/>, <see cref="Low"/>) that a reducer
 /// all-reduces in place with an int64 Sum, in buckets of views: no copies in or out. Memory: 16 bytes per parameter
 /// for the words, plus a float64 scratch of at most <see cref="ChunkElements"/> elements (or the largest parameter).
+/// <para>
+/// With <see cref="Shards"/> (ZeRO), the words are laid out shard-major (<see cref="ZeroShards"/>) so that a reduce-scatter
+/// hands each replica the summed words of its own rows, and <see cref="WriteShardMean"/> writes only those rows' gradients.
+/// The words are integers either way: the sum, and every gradient element, are the same bits as without shards.
+/// </para>
 /// </summary>
 public sealed class ExactGradientSum : IDisposable
 {
@@ -32,9 +38,9 @@ public sealed class ExactGradientSum : IDisposable
     readonly Tensor scratch; // (C,) float64: one chunk of one micro-batch's gradients, flat
     readonly Tensor worst;   // () float64: the largest |x| (or NaN) of any gradient element this step
 
-    /// <summary>hi words of every parameter, flat in parameter order (int64).</summary>
+    /// <summary>hi words of every parameter, flat in parameter order (int64), or shard-major with <see cref="Shards"/>.</summary>
     public Tensor High { get; }
-    /// <summary>lo words of every parameter, flat in parameter order (int64), each term in [0, 2^LowBits).</summary>
+    /// <summary>lo words of every parameter, laid out as <see cref="High"/> (int64), each term in [0, 2^LowBits).</summary>
     public Tensor Low { get; }
     /// <summary>The largest gradient magnitude of the step (NaN if any was NaN); a reducer all-reduces it with Max (exact).</summary>
     public Tensor Worst => worst;
@@ -45,15 +51,45 @@ public sealed class ExactGradientSum : IDisposable
     public const long ChunkElements = 1L << 22;
 
     /// <param name="chunkElements">Elements converted at once (a parameter larger than that is converted whole).</param>
-    public ExactGradientSum(IReadOnlyList<Tensor> parameters, long chunkElements = ChunkElements)
+    /// <summary>The ZeRO partition the words are laid out in (shard-major), or null: parameter order.</summary>
+    public ZeroShards? Shards { get; }
+
+    /// <param name="chunkElements">Elements converted at once (a parameter larger than that is converted whole).</param>
+    public ExactGradientSum(IReadOnlyList<Tensor> parameters, long chunkElements = ChunkElements) : this(parameters, chunkElements, null) { }
+
+    /// <summary>
+    /// ZeRO-2: only shard <see cref="OwnShard"/>'s words are kept (<see cref="High"/> and <see cref="Low"/> hold its region
+    /// alone), and each micro-batch's words are reduce-scattered into them at once, a window of columns at a time.
+    /// </summary>
+    public bool ShardOnly => scatter is not null;
+    public int OwnShard { get; } = -1;
+    readonly Action<Tensor, Tensor>? scatter;
+    readonly long window;
+
+    /// <param name="chunkElements">Elements converted at once (a parameter larger than that is converted whole).</param>
+    /// <param name="shards">Lays the words out shard-major for a reduce-scatter (its shapes must be the parameters').</param>
+    /// <param name="ownShard">With <paramref name="scatter"/>: the shard whose words this rank keeps.</param>
+    /// <param name="scatter">
+    /// ZeRO-2's exchange: reduce-scatters (int64 Sum) a window of every shard's words, shard-major (input), into this
+    /// rank's part of the window (output). Null: every word is kept and summed over ranks later.
+    /// </param>
+    public ExactGradientSum(IReadOnlyList<Tensor> parameters, long chunkElements, ZeroShards? shards, int ownShard = -1, Action<Tensor, Tensor>? scatter = null)
     {
+        if (scatter is not null && (shards is null || ownShard < 0 || ownShard >= shards.Shards))
+            throw new ArgumentException($"keeping one shard's words needs the ZeRO partition and a shard in [0, {shards?.Shards ?? 0}), got {ownShard}", nameof(ownShard));
+        this.scatter = scatter;
+        OwnShard = ownShard;
         if (parameters.Count == 0) throw new ArgumentException("no parameters to sum gradients of", nameof(parameters));
+        if (shards is not null && (shards.Shapes.Count != parameters.Count || !shards.Shapes.Select((s, i) => s.SequenceEqual(parameters[i].shape)).All(x => x)))
+            throw new ArgumentException($"the ZeRO partition was made for {shards.Shapes.Count} other shapes than these {parameters.Count} parameters", nameof(shards));
+        Shards = shards;
         this.parameters = [.. parameters];
         offsets = new long[parameters.Count + 1];
         for (int i = 0; i < parameters.Count; i++) offsets[i + 1] = offsets[i] + parameters[i].numel();
         var device = parameters[0].device;
-        High = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
-        Low = zeros(offsets[^1], dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
+        long words = scatter is not null ? shards!.ShardWords : shards?.TotalWords ?? offsets[^1];
+        High = zeros(words, dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
+        Low = zeros(words, dtype: ScalarType.Int64, device: device).DetachFromDisposeScope();
         var runs = new List<(int, int)>();
         for (int first = 0; first < parameters.Count;)
         {
@@ -64,6 +100,11 @@ public sealed class ExactGradientSum : IDisposable
         }
         chunks = [.. runs];
         long largest = chunks.Max(c => offsets[c.End] - offsets[c.First]);
+        if (scatter is not null)
+        {
+            window = Math.Clamp(chunkElements / shards!.Shards, 1, shards.ShardWords);
+            largest = window * shards.Shards;
+        }
         scratch = zeros(largest, dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
         worst = zeros(1, dtype: ScalarType.Float64, device: device).DetachFromDisposeScope();
     }
@@ -87,6 +128,7 @@ public sealed class ExactGradientSum : IDisposable
     {
         if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
         using var noGrad = no_grad();
+        if (ShardOnly) { ScatterGradients(); Terms++; return; }
         foreach (var (first, end) in chunks)
         {
             using var scope = NewDisposeScope();
@@ -98,16 +140,70 @@ public sealed class ExactGradientSum : IDisposable
                 if (parameters[i].grad is { } g) { range.copy_(g.reshape(-1)); g.zero_(); }
                 else range.zero_();
             }
-            // max and -min in two reads, no |x| temporary; NaN propagates through both and through maximum.
-            worst.copy_(maximum(worst, maximum(x.max(), x.min().neg()).unsqueeze(0)));
-            var q = x.mul_(Scale).round_();                                   // exact scaling by 2^64, then the one rounding
-            var hi = q.div(LowScale, rounding_mode: RoundingMode.floor);      // exact: q has at most 53 significant bits
-            var lo = q.add_(hi, alpha: -LowScale);                            // the low 40 bits, in [0, 2^40): exact, FMA or not
-            // A NaN, an infinity or an element past the bound converts to some int64 here; WriteMean poisons the step then.
-            High.narrow(0, start, n).add_(hi.to_type(ScalarType.Int64));
-            Low.narrow(0, start, n).add_(lo.to_type(ScalarType.Int64));
+            var (hiWords, loWords) = ToWords(x);
+            if (Shards is null)
+            {
+                High.narrow(0, start, n).add_(hiWords);
+                Low.narrow(0, start, n).add_(loWords);
+            }
+            else
+                for (int i = first; i < end; i++)
+                    foreach (var piece in Shards.PiecesOf(i))
+                    {
+                        if (piece.Count == 0) continue;
+                        long at = offsets[i] - start + piece.Element;
+                        High.narrow(0, piece.Word, piece.Count).add_(hiWords.narrow(0, at, piece.Count));
+                        Low.narrow(0, piece.Word, piece.Count).add_(loWords.narrow(0, at, piece.Count));
+                    }
         }
         Terms++;
+    }
+
+    /// <summary>The two words of each element of <paramref name="x"/> (overwritten), and the running largest magnitude.</summary>
+    (Tensor Hi, Tensor Lo) ToWords(Tensor x)
+    {
+        // max and -min in two reads, no |x| temporary; NaN propagates through both and through maximum.
+        worst.copy_(maximum(worst, maximum(x.max(), x.min().neg()).unsqueeze(0)));
+        var q = x.mul_(Scale).round_();                                   // exact scaling by 2^64, then the one rounding
+        var hi = q.div(LowScale, rounding_mode: RoundingMode.floor);      // exact: q has at most 53 significant bits
+        var lo = q.add_(hi, alpha: -LowScale);                            // the low 40 bits, in [0, 2^40): exact, FMA or not
+        // A NaN, an infinity or an element past the bound converts to some int64 here; WriteMean poisons the step then.
+        return (hi.to_type(ScalarType.Int64), lo.to_type(ScalarType.Int64));
+    }
+
+    /// <summary>
+    /// ZeRO-2: one micro-batch's words, window by window: columns [c, c+w) of every shard's region are converted from
+    /// the gradients (shard-major, as a reduce-scatter wants them), reduce-scattered, and this shard's part is added to
+    /// its words. The transient buffers hold one window of every shard, never the whole model's words.
+    /// </summary>
+    void ScatterGradients()
+    {
+        var shards = Shards!;
+        int dp = shards.Shards;
+        var flats = parameters.Select(p => p.grad?.reshape(-1)).ToArray();
+        try
+        {
+            for (long c = 0; c < shards.ShardWords; c += window)
+            {
+                using var scope = NewDisposeScope();
+                long k = Math.Min(window, shards.ShardWords - c);
+                var x = scratch.narrow(0, 0, dp * k).zero_();
+                for (int d = 0; d < dp; d++)
+                    foreach (var (piece, from, length, at) in shards.Window(d, c, k))
+                        if (flats[piece.Param] is { } g) x.narrow(0, d * k + at, length).copy_(g.narrow(0, piece.Element + from, length));
+                var (hi, lo) = ToWords(x);
+                var own = empty(k, dtype: ScalarType.Int64, device: hi.device);
+                scatter!(hi, own);
+                High.narrow(0, c, k).add_(own);
+                scatter(lo, own);
+                Low.narrow(0, c, k).add_(own);
+            }
+        }
+        finally
+        {
+            foreach (var f in flats) f?.Dispose();
+        }
+        foreach (var p in parameters) p.grad?.zero_();
     }
 
     /// <summary>
@@ -117,6 +213,7 @@ public sealed class ExactGradientSum : IDisposable
     /// </summary>
     public void WriteMean(long count)
     {
+        if (Shards is not null) throw new InvalidOperationException("the words are laid out in ZeRO shards: write one shard's mean with WriteShardMean");
         using var noGrad = no_grad();
         bool poisoned = !(worst.cpu().item<double>() < Bound);
         foreach (var (first, end) in chunks)
@@ -137,6 +234,35 @@ public sealed class ExactGradientSum : IDisposable
                 if (p.grad is { } g) g.copy_(value);
                 else p.grad = value.to_type(p.dtype).clone().DetachFromDisposeScope();
             }
+        }
+    }
+
+    /// <summary>
+    /// Like <see cref="WriteMean"/>, for the rows of ZeRO shard <paramref name="shard"/> only (the words a reduce-scatter
+    /// left summed in its region): those rows of every <c>.grad</c> get the mean, one rounding from the exact sum; the
+    /// other rows are left as they are and are not read by the sharded update.
+    /// </summary>
+    public void WriteShardMean(long count, int shard)
+    {
+        var shards = Shards ?? throw new InvalidOperationException("the words are in parameter order: use WriteMean");
+        using var noGrad = no_grad();
+        bool poisoned = !(worst.cpu().item<double>() < Bound);
+        if (ShardOnly && shard != OwnShard) throw new ArgumentException($"this sum keeps the words of shard {OwnShard} only, not of shard {shard}", nameof(shard));
+        long region = ShardOnly ? shard * shards.ShardWords : 0; // where High[0] sits in the shard-major layout
+        foreach (var piece in shards.ShardPieces(shard))
+        {
+            var p = parameters[piece.Param];
+            if (p.grad is null) p.grad = zeros_like(p).DetachFromDisposeScope();
+            if (piece.Count == 0) continue;
+            using var scope = NewDisposeScope();
+            var high = High.narrow(0, piece.Word - region, piece.Count);
+            var low = Low.narrow(0, piece.Word - region, piece.Count);
+            var carry = low.div(1L << LowBits, rounding_mode: RoundingMode.floor);
+            var hi = (high + carry).to_type(ScalarType.Float64);
+            var lo = (low - carry * (1L << LowBits)).to_type(ScalarType.Float64);
+            var mean = hi.mul_(LowScale).add_(lo).div_(Scale).div_(count);
+            if (poisoned) mean.fill_(double.NaN);
+            p.grad!.view(-1).narrow(0, piece.Element, piece.Count).copy_(mean);
         }
     }
 

@@ -1,5 +1,6 @@
 // The training loop of one data-parallel rank: schedule -> accumulate -> (reduce) -> clip -> step -> balance -> report.
 using System.Diagnostics;
+using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
@@ -23,6 +24,8 @@ public sealed class Trainer : ITrainer
     public long ConsumedSamples => Step * Options.GlobalBatch;
     public int Rank { get; }
     public int WorldSize { get; }
+    /// <summary>Bytes of the exact gradient sum's int64 words this rank holds (1/dp of them under ZeRO-2); 0 before the first step.</summary>
+    public long GradientWordBytes => gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long);
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
 
@@ -31,6 +34,7 @@ public sealed class Trainer : ITrainer
     readonly IGradientReducer? reducer;
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
+    readonly ZeroStep? zero;
     ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
@@ -61,16 +65,36 @@ public sealed class Trainer : ITrainer
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         ownsOptimizer = optimizer is null;
-        Optimizer = optimizer ?? CreateOptimizer(model, options);
+        Optimizer = optimizer ?? CreateOptimizer(model, options, rank, worldSize);
+        zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
     }
 
-    /// <summary>The AdamW a trainer with these options creates: moments allocated for every parameter up front.</summary>
-    public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options) =>
-        new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
+    /// <summary>
+    /// The AdamW a trainer with these options creates: moments allocated up front for every parameter, or, with ZeRO on
+    /// more than one rank, for rank <paramref name="rank"/>'s rows only (<see cref="ParallelLayout.ZeroRows"/>).
+    /// </summary>
+    public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options, int rank = 0, int worldSize = 1) =>
+        new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? shape => layout.ZeroRows(shape, rank) : null)
         {
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
         };
+
+    /// <summary>The data-parallel layout whose ZeRO shards the optimizer holds, or null when nothing is sharded.</summary>
+    static ParallelLayout? ZeroLayout(TrainingOptions options, int worldSize) =>
+        options.Zero > 0 && worldSize > 1 ? new ParallelLayout(worldSize, 1, [new StageLayers(0, 1)]) { Zero = options.Zero } : null;
+
+    static ZeroStep? ZeroStepFor(AdamW optimizer, TrainingOptions options, int rank, int worldSize, IGradientReducer? reducer)
+    {
+        if (ZeroLayout(options, worldSize) is not { } layout) return null;
+        var collective = (reducer as BucketedGradientReducer)?.Collective
+            ?? throw new ArgumentException($"zero {options.Zero} on {worldSize} ranks needs the data-parallel collective (a BucketedGradientReducer)");
+        foreach (var slot in optimizer.Slots)
+            if (slot.RowCount is null || (slot.RowStart, slot.RowCount.Value) != layout.ZeroRows(slot.Param.shape, rank))
+                throw new ArgumentException($"the optimizer's state of '{slot.Name}' is not rank {rank}'s ZeRO shard of {worldSize} (rows {slot.RowStart}+{slot.RowCount?.ToString() ?? "all"})");
+        var shards = new ZeroShards(layout, optimizer.Slots.Select(s => s.Param.shape).ToList());
+        return new ZeroStep(collective, shards, (reducer as BucketedGradientReducer)!.BucketBytes);
+    }
 
     /// <summary>
     /// Called in <see cref="TrainStep"/> after forward, backward and the gradient exchange, right before the first change
@@ -97,7 +121,8 @@ public sealed class Trainer : ITrainer
         bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
         var total = Stopwatch.StartNew();
 
-        gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+        gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero)
+                      ?? new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
         gradients.Clear();
         // This rank's contiguous share of the step's global batch, in micro-batches.
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Rank, WorldSize).Start;
@@ -141,16 +166,24 @@ public sealed class Trainer : ITrainer
         if (reducer is not null)
         {
             var c = Stopwatch.StartNew();
-            reducer.SumGradients(gradients);
+            if (zero is null) reducer.SumGradients(gradients);
+            else zero.ReduceScatter(gradients);
             stats.SumOver(reducer);
             commS = c.Elapsed.TotalSeconds;
         }
         // The sums are over every rank's micro-batches, or this rank's alone when it has no reducer (the standalone trainer).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
-        gradients.WriteMean(counted);
-        double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);
+        if (zero is null) gradients.WriteMean(counted);
+        else gradients.WriteShardMean(counted, zero.Shard);
+        double gradNorm = zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
         BeforeOptimizerUpdate?.Invoke();
         Optimizer.Step(lr);
+        if (zero is not null)
+        {
+            var c = Stopwatch.StartNew();
+            zero.AllGatherParameters(Optimizer);
+            commS += c.Elapsed.TotalSeconds;
+        }
         if (Options.BiasUpdateSpeed > 0)
             for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         optS = opt.Elapsed.TotalSeconds - commS;

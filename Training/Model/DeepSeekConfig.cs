@@ -221,6 +221,12 @@ public sealed record DeepSeekConfig
         return AttentionParams() + moe + norms;
     }
 
+    /// <summary>Parameters of decoder layer <paramref name="layer"/> (an index at or past NumHiddenLayers: an MTP module's MoE layer).</summary>
+    public long LayerParameterCount(int layer) => LayerParams(layer, activeOnly: false);
+
+    /// <summary>Parameters of the routed experts of decoder layer <paramref name="layer"/> (0 for a dense layer): what expert parallelism splits.</summary>
+    public long RoutedExpertParameterCount(int layer) => layer < FirstKDenseReplace ? 0 : (long)NRoutedExperts * MlpParams(MoeIntermediateSize);
+
     /// <summary>Parameters of the main model (embeddings, layers, final norm, head), without MTP layers.</summary>
     public long ParameterCount(bool activeOnly = false)
     {

@@ -1,4 +1,4 @@
-// The data-parallel x pipeline-parallel layout: which rank holds which stage, which samples a replica trains on, and the layout a checkpoint is saved from or loaded into.
+// The dp x pp (x ep, zero) layout: every rank's coordinates (stage, replica, expert shard, ZeRO shard), which samples a replica trains on, and the layout a checkpoint is saved from or loaded into.
 using System.Text.Json.Serialization;
 
 namespace DeepSeekCluster.Training.Parallel;
@@ -14,13 +14,21 @@ public sealed record StageLayers(
 /// <summary>
 /// <see cref="Dp"/> data-parallel replicas of <see cref="Pp"/> pipeline stages. Ranks are stage-major:
 /// rank = stage × Dp + replica. Stage 0 also owns the embedding; the last stage owns the final norm, the output
-/// head and the MTP layers (which sit after the last decoder layer).
+/// head and the MTP layers (which sit after the last decoder layer). Within a stage, consecutive groups of
+/// <see cref="Ep"/> replicas split the routed experts (expert shard = replica mod Ep), and with <see cref="Zero"/> &gt; 0
+/// replica d holds ZeRO shard d: rows [d·n/Dp, (d+1)·n/Dp) of every tensor of its stage, the same rows it writes to a
+/// checkpoint (ShardingPlan). This record is the one place those coordinates are computed.
 /// </summary>
 public sealed record ParallelLayout(
     [property: JsonPropertyName("dp")] int Dp,
     [property: JsonPropertyName("pp")] int Pp,
     [property: JsonPropertyName("stages")] IReadOnlyList<StageLayers> Stages)
 {
+    /// <summary>Expert-parallel width: replicas that split the routed experts among them (1: every replica holds all).</summary>
+    [JsonPropertyName("ep")] public int Ep { get; init; } = 1;
+    /// <summary>ZeRO stage: 0 replicated, 1 optimizer state sharded over Dp, 2 and the gradient sums, 3 and the parameters.</summary>
+    [JsonPropertyName("zero")] public int Zero { get; init; }
+
     [JsonIgnore] public int WorldSize => Dp * Pp;
     [JsonIgnore] public int NumLayers => Stages[^1].End;
 
@@ -41,10 +49,24 @@ public sealed record ParallelLayout(
         return new ParallelLayout(dp, pp, stages).Validated();
     }
 
-    /// <summary>Checks that the stages tile [0, NumLayers) in order, one per pipeline stage.</summary>
+    /// <summary>
+    /// The layout with <paramref name="ep"/> expert shards and ZeRO stage <paramref name="zero"/>; ep must divide both dp
+    /// and <paramref name="routedExperts"/> (an error names all three numbers).
+    /// </summary>
+    public ParallelLayout WithShards(int ep, int zero, int routedExperts)
+    {
+        if (ep < 1 || Dp % ep != 0 || (routedExperts > 0 && routedExperts % ep != 0))
+            throw new ArgumentOutOfRangeException(nameof(ep), $"ep {ep} must be at least 1 and divide dp ({Dp}) and the routed experts ({routedExperts})");
+        if (zero is < 0 or > 3) throw new ArgumentOutOfRangeException(nameof(zero), $"zero {zero}: expected 0, 1, 2 or 3");
+        return (this with { Ep = ep, Zero = zero }).Validated();
+    }
+
+    /// <summary>Checks that the stages tile [0, NumLayers) in order, one per pipeline stage, and that ep divides dp.</summary>
     public ParallelLayout Validated()
     {
         if (Dp < 1) throw new InvalidDataException($"layout dp is {Dp}; expected at least 1");
+        if (Ep < 1 || Dp % Ep != 0) throw new InvalidDataException($"layout ep is {Ep}; expected a divisor of dp {Dp}");
+        if (Zero is < 0 or > 3) throw new InvalidDataException($"layout zero is {Zero}; expected 0 to 3");
         if (Stages is null || Stages.Count != Pp)
             throw new InvalidDataException($"layout has pp {Pp} but {Stages?.Count ?? 0} stage entries");
         int next = 0;
@@ -60,6 +82,27 @@ public sealed record ParallelLayout(
     public int StageOfRank(int rank) => rank / Dp;
     public int ReplicaOfRank(int rank) => rank % Dp;
     public int Rank(int stage, int replica) => stage * Dp + replica;
+    /// <summary>Which slice of the routed experts <paramref name="rank"/> holds: experts [shard·E/Ep, (shard+1)·E/Ep).</summary>
+    public int ExpertShardOfRank(int rank) => ReplicaOfRank(rank) % Ep;
+    /// <summary>The expert-parallel group of <paramref name="rank"/>'s stage: Ep consecutive replicas exchange tokens.</summary>
+    public int ExpertGroupOfRank(int rank) => ReplicaOfRank(rank) / Ep;
+    /// <summary>The ZeRO shard <paramref name="rank"/> updates (its replica), or -1 when nothing is sharded (zero 0).</summary>
+    public int ZeroShardOfRank(int rank) => Zero > 0 ? ReplicaOfRank(rank) : -1;
+
+    /// <summary>
+    /// Rows [i·n/parts, (i+1)·n/parts) of a tensor of <paramref name="rows"/> rows: balanced, contiguous, covering [0, n)
+    /// once over i. A ZeRO shard and a checkpoint writer's slice are both this split over the replicas.
+    /// </summary>
+    public static (long Start, long Count) Split(long rows, int parts, int index)
+    {
+        if (parts < 1 || index < 0 || index >= parts) throw new ArgumentOutOfRangeException(nameof(index), $"part {index} of {parts}: expected 0 <= part < parts");
+        long start = rows * index / parts, end = rows * (index + 1) / parts;
+        return (start, end - start);
+    }
+
+    /// <summary>The rows of a tensor of shape <paramref name="shape"/> that ZeRO shard <paramref name="shard"/> holds (a scalar: shard 0 only).</summary>
+    public (long Start, long Count) ZeroRows(long[] shape, int shard) =>
+        shape.Length == 0 ? (0, shard == 0 ? 1 : 0) : Split(shape[0], Dp, shard);
 
     /// <summary>
     /// The samples replica <paramref name="replica"/> of <paramref name="replicas"/> trains on in the step that follows
@@ -76,7 +119,7 @@ public sealed record ParallelLayout(
         return new SampleRange(completedSteps * globalBatch + (long)replica * share, share);
     }
 
-    /// <summary>Same degrees and stage boundaries (records compare lists by reference).</summary>
+    /// <summary>Same dp, pp and stage boundaries (records compare lists by reference); ep and zero change no checkpoint file.</summary>
     public bool SameAs(ParallelLayout other) => Dp == other.Dp && Pp == other.Pp && Stages.SequenceEqual(other.Stages);
 }
 

@@ -13,6 +13,14 @@ public static class CudaDevice
     [DllImport(Driver)] static extern int cuDeviceGet(out int device, int ordinal);
     [DllImport(Driver)] static extern int cuDeviceGetName(byte[] name, int length, int device);
     [DllImport(Driver)] static extern int cuDeviceGetUuid(byte[] uuid, int device);
+    [DllImport(Driver)] static extern int cuDeviceTotalMem_v2(out nuint bytes, int device);
+
+    /// <summary>The device's total memory in bytes; null without a driver or when it refuses.</summary>
+    public static long? TotalMemory(Device device)
+    {
+        nuint bytes = 0;
+        return Call(device, d => cuDeviceTotalMem_v2(out bytes, d)) is true ? (long)bytes : null;
+    }
 
     /// <summary>"NVIDIA H100 80GB HBM3": the name nvidia-smi shows; null without a driver or when it refuses.</summary>
     public static string? Name(Device device)

@@ -37,3 +37,67 @@ public class JobPlanTests
         Assert.Contains("modelConfigJson", e.Message);
     }
 }
+
+/// <summary>The parallel plan {dp, pp, ep, zero}, precision and recompute: validated as a whole, and mapped onto the trainer.</summary>
+public class ParallelPlanSpecTests
+{
+    static JobSpec Spec(ParallelPlan plan, int minWorkers = 1, int maxWorkers = 4) => new()
+    {
+        ModelPreset = "tiny", Dataset = "d", GlobalBatch = 16, MicroBatch = 2, SeqLen = 32, Steps = 10,
+        Parallel = plan, MinWorkers = minWorkers, MaxWorkers = maxWorkers,
+    };
+
+    static IReadOnlyList<SpecProblem> Problems(JobSpec spec, string field) => spec.Validate().Where(p => p.Field == field).ToList();
+
+    [Theory]
+    [InlineData(0, "0 must be at least 1")]
+    [InlineData(-2, "must be at least 1")]
+    public void AnEpBelowOneIsRefusedNamingTheNumber(int ep, string expected) =>
+        Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Ep = ep }), "parallel.ep")).Message);
+
+    [Fact]
+    public void EpMustDivideDpAndTheNumbersAreNamed()
+    {
+        var message = Assert.Single(Problems(Spec(new ParallelPlan { Dp = 3, Ep = 2 }), "parallel.ep")).Message;
+        Assert.Contains("2 must divide dp (3)", message);
+    }
+
+    [Theory]
+    [InlineData(-1, "must be 0 (replicated), 1")]
+    [InlineData(4, "must be 0 (replicated), 1")]
+    [InlineData(3, "ZeRO-3 is not built yet")]
+    public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
+        Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
+
+    [Fact]
+    public void ZeroWithAPipelineIsRefusedAndZeroOneAndTwoPass()
+    {
+        Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4), "parallel.zero")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Zero = 1 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
+    }
+
+    [Fact]
+    public void PrecisionAndRecomputeAreCheckedAndAutoIsBf16OnlyOnCuda()
+    {
+        Assert.Contains("'fp8' must be one of auto, fp32, bf16", Assert.Single(Problems(Spec(new()) with { Precision = "fp8" }, "precision")).Message);
+        Assert.Contains("'some' must be one of none, full, selective", Assert.Single(Problems(Spec(new()) with { ActivationCheckpointing = "some" }, "activationCheckpointing")).Message);
+        Assert.Contains("not built yet", Assert.Single(Problems(Spec(new()) with { ActivationCheckpointing = "full" }, "activationCheckpointing")).Message);
+        var spec = Spec(new ParallelPlan { Zero = 2 });
+        Assert.Equal(("bf16", 2), (JobPlan.Map(spec, 300, 3, cuda: true).Options.Precision, JobPlan.Map(spec, 300, 3, cuda: true).Options.Zero));
+        Assert.Equal("fp32", JobPlan.Map(spec, 300, 3, cuda: false).Options.Precision);
+        Assert.Equal("bf16", JobPlan.Map(spec with { Precision = "bf16" }, 300, 3, cuda: false).Options.Precision);
+        Assert.Equal("fp32", JobPlan.Map(spec with { Precision = "fp32" }, 300, 3, cuda: true).Options.Precision);
+    }
+
+    [Fact]
+    public void TheJsonFieldsAreParallelEpParallelZeroPrecisionAndActivationCheckpointing()
+    {
+        var read = JobSpecJson.Deserialize(
+            """{"modelPreset": "tiny", "dataset": "d", "parallel": {"dp": 2, "ep": 1, "zero": 2}, "precision": "bf16", "activationCheckpointing": "none", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""",
+            "the test spec");
+        Assert.Equal((2, 1, 2, "bf16", "none"), (read.Parallel.Dp, read.Parallel.Ep, read.Parallel.Zero, read.Precision, read.ActivationCheckpointing));
+        var defaults = JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec");
+        Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
+    }
+}

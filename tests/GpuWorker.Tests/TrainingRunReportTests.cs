@@ -68,4 +68,46 @@ public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixtu
         Assert.True(File.Exists(Path.Combine(settings.OutputDir, "served", "model", "config.json")), output);
         Directory.Delete(settings.OutputDir, recursive: true);
     }
+
+    /// <summary>
+    /// A worker whose memory budget is below the plan's predicted bytes refuses the job at formation, before it builds a
+    /// model or connects a ring: it leaves failed, naming the plan, each kind of bytes and the budget, and trains nothing.
+    /// </summary>
+    [Fact]
+    public async Task APlanThatDoesNotFitTheWorkersMemoryIsRefusedBeforeAnythingStartsNamingTheBytes()
+    {
+        await using var store = await StoreHost.StartAsync();
+        var spec = new JobSpec
+        {
+            Name = "too-big", ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = 4, MicroBatch = 2,
+            SeqLen = DataShardsHost.SeqLen, Steps = 3, Parallel = new() { Zero = 1 },
+        };
+        Assert.Empty(spec.Validate());
+        int port = FreePort.Next();
+        var assignment = new Assignment
+        {
+            JobId = "too-big", Generation = 1, Rank = 0, World = 1, DpRank = 0, DpSize = 1, PpSize = 1,
+            JobSpecJson = JobSpecJson.Serialize(spec), Peers = { [0] = $"127.0.0.1:{port}" },
+            LinkKey = Google.Protobuf.ByteString.CopyFrom(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32)),
+        };
+        var settings = new WorkerSettings
+        {
+            Coordinator = Data.Address, DataShards = Data.Address, Checkpoints = new Uri(store.Address), Token = "t", WorkerId = "w", Device = "cpu",
+            OutputDir = Directory.CreateTempSubdirectory("run-refused-").FullName, MemoryBudgetBytes = 1 << 20,
+        };
+        var sent = new List<WorkerMessage>();
+        var log = new StringWriter();
+        var run = new TrainingRun(assignment, settings, port, m => { lock (sent) sent.Add(m); }, new WorkerProgress(), log);
+        await Task.Factory.StartNew(run.Run, TaskCreationOptions.LongRunning).WaitAsync(TimeSpan.FromMinutes(2));
+
+        lock (sent)
+        {
+            Assert.DoesNotContain(sent, m => m.KindCase == WorkerMessage.KindOneofCase.Step);
+            var leaving = Assert.Single(sent, m => m.KindCase == WorkerMessage.KindOneofCase.Leaving).Leaving;
+            Assert.True(leaving.Failed);
+            foreach (var part in new[] { "dp 1 x pp 1", "zero 1", "does not fit", "parameters", "gradients", "optimizer", "activations", "1 MiB of Worker:MemoryBudgetBytes" })
+                Assert.Contains(part, leaving.Reason);
+        }
+        Directory.Delete(settings.OutputDir, recursive: true);
+    }
 }

@@ -130,6 +130,33 @@ public sealed class NcclCollective : ICollective
         Run("all-gather", () => NcclNative.ncclAllGather(src, dst, (nuint)input.numel(), DataType(input.dtype), comm, IntPtr.Zero));
     }
 
+    /// <summary>One NCCL group of a send and a receive per peer (ncclSend/ncclRecv), so every pair's exchange runs at once.</summary>
+    public void AllToAll(Tensor input, long[] sendRows, Tensor output, long[] receiveRows)
+    {
+        var (rowElements, _) = AllToAllPlan.Check(input, sendRows, output, receiveRows, WorldSize);
+        IntPtr src = Data(input, "all-to-all"), dst = Data(output, "all-to-all");
+        int type = DataType(input.dtype);
+        long bytesPerRow = rowElements * input.element_size();
+        Run("all-to-all", () =>
+        {
+            int r = NcclNative.ncclGroupStart();
+            if (r != NcclNative.Success) return r;
+            long sent = 0, received = 0;
+            int inner = NcclNative.Success;
+            for (int peer = 0; peer < WorldSize && inner == NcclNative.Success; peer++)
+            {
+                if (sendRows[peer] > 0)
+                    inner = NcclNative.ncclSend(src + (nint)(sent * bytesPerRow), (nuint)(sendRows[peer] * rowElements), type, peer, comm, IntPtr.Zero);
+                if (inner == NcclNative.Success && receiveRows[peer] > 0)
+                    inner = NcclNative.ncclRecv(dst + (nint)(received * bytesPerRow), (nuint)(receiveRows[peer] * rowElements), type, peer, comm, IntPtr.Zero);
+                sent += sendRows[peer];
+                received += receiveRows[peer];
+            }
+            r = NcclNative.ncclGroupEnd();
+            return inner != NcclNative.Success ? inner : r;
+        });
+    }
+
     public void Broadcast(Tensor tensor, int root)
     {
         var p = Data(tensor, "broadcast");

@@ -1,0 +1,128 @@
+// Predicted bytes per rank of a layout (parameters, gradients, optimizer, activations), and the refusal of a plan that does not fit.
+using DeepSeekCluster.Training.Model;
+
+namespace DeepSeekCluster.Training.Parallel;
+
+/// <summary>What besides the layout decides a rank's memory.</summary>
+/// <param name="Precision">fp32, bf16 (bf16 weights, gradients and activations; fp32 master weights and moments) or fp64 (tests).</param>
+/// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms and activations recomputed).</param>
+/// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
+public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b");
+
+/// <summary>One rank's predicted resident bytes, by kind.</summary>
+/// <param name="GradientWords">The part of <paramref name="Gradients"/> that is the exact sum's int64 words (16 bytes per summed element).</param>
+public sealed record RankMemory(int Rank, long Parameters, long Gradients, long GradientWords, long Optimizer, long Activations)
+{
+    public long Total => Parameters + Gradients + Optimizer + Activations;
+
+    public override string ToString() =>
+        $"rank {Rank}: parameters {Gib(Parameters)} + gradients {Gib(Gradients)} + optimizer {Gib(Optimizer)} + activations {Gib(Activations)} = {Gib(Total)}";
+
+    public static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):0.##} GiB" : $"{bytes / (double)(1L << 20):0.#} MiB";
+}
+
+/// <summary>A plan whose predicted bytes on some rank exceed the worker's memory: refused before anything is allocated.</summary>
+public sealed class PlanDoesNotFitException(string message) : InvalidOperationException(message);
+
+/// <summary>
+/// Predicts the bytes each rank of a layout holds while training, from the model's shape alone (nothing is built):
+/// <list type="bullet">
+/// <item>parameters: its stage's, with its 1/ep of the routed experts, and 1/dp of them under ZeRO-3;</item>
+/// <item>gradients: one <c>.grad</c> per parameter in the parameters' dtype, and the exact sum's two int64 words per
+/// element (ExactGradientSum), 1/dp of the words under ZeRO-2 and up, plus its float64 conversion scratch;</item>
+/// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up;</item>
+/// <item>activations: an estimate of what autograd keeps per micro-batch (attention, MLP or MoE, logits), times the
+/// micro-batches a pipeline stage holds at once; recompute keeps only each layer's input plus one layer's set.</item>
+/// </list>
+/// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
+/// activations are an estimate (the allocator and temporaries add to them), stated as such where they are shown.
+/// </summary>
+public static class MemoryPlanner
+{
+    const long ExactWordBytes = 16, ExactScratchElements = 1L << 22;
+
+    public static (int Param, int Moment, int Master, int Activation) ElementBytes(string precision) => precision switch
+    {
+        "fp32" => (4, 4, 0, 4),
+        "bf16" => (2, 4, 4, 2),
+        "fp64" => (8, 8, 0, 8),
+        _ => throw new ArgumentException($"precision '{precision}': expected fp32, bf16 or fp64", nameof(precision)),
+    };
+
+    /// <summary>The parameters rank <paramref name="rank"/> holds whole (before ZeRO-3): its stage's, its share of the routed experts.</summary>
+    public static long LocalParameters(DeepSeekConfig config, ParallelLayout layout, int rank)
+    {
+        int stage = layout.StageOfRank(rank);
+        var layers = layout.Stages[stage];
+        long total = 0, routed = 0;
+        for (int l = layers.FirstLayer; l < layers.End; l++)
+        {
+            total += config.LayerParameterCount(l);
+            routed += config.RoutedExpertParameterCount(l);
+        }
+        long vocabRows = (long)config.VocabSize * config.HiddenSize;
+        if (stage == 0) total += vocabRows;
+        if (stage == layout.Pp - 1)
+        {
+            total += config.HiddenSize + (config.TieWordEmbeddings ? 0 : vocabRows) + config.MtpParameterCount();
+            for (int m = 0; m < config.NumNextnPredictLayers; m++) routed += config.RoutedExpertParameterCount(config.NumHiddenLayers + m);
+        }
+        return total - routed + routed / layout.Ep;
+    }
+
+    public static RankMemory Predict(DeepSeekConfig config, ParallelLayout layout, int rank, MemoryInputs inputs)
+    {
+        var (param, moment, master, act) = ElementBytes(inputs.Precision);
+        long local = LocalParameters(config, layout, rank);
+        long shard = (local + layout.Dp - 1) / layout.Dp;
+        long parameters = (layout.Zero >= 3 ? shard : local) * param;
+        long words = (layout.Zero >= 2 ? shard : local) * ExactWordBytes;
+        long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
+        long optimizer = (layout.Zero >= 1 ? shard : local) * (2L * moment + master);
+        return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
+    }
+
+    public static IReadOnlyList<RankMemory> PredictAll(DeepSeekConfig config, ParallelLayout layout, MemoryInputs inputs) =>
+        Enumerable.Range(0, layout.WorldSize).Select(r => Predict(config, layout, r, inputs)).ToList();
+
+    /// <summary>
+    /// Throws <see cref="PlanDoesNotFitException"/> naming the layout, the largest rank's predicted bytes by kind, and
+    /// <paramref name="budgetBytes"/> (<paramref name="budgetSource"/> says whose memory that is) when some rank exceeds it.
+    /// </summary>
+    public static RankMemory CheckFits(DeepSeekConfig config, ParallelLayout layout, MemoryInputs inputs, long budgetBytes, string budgetSource)
+    {
+        var largest = PredictAll(config, layout, inputs).MaxBy(m => m.Total)!;
+        if (largest.Total > budgetBytes)
+            throw new PlanDoesNotFitException(
+                $"the plan dp {layout.Dp} x pp {layout.Pp}, ep {layout.Ep}, zero {layout.Zero}, {inputs.Precision}, recompute {inputs.Recompute} does not fit: " +
+                $"{largest} predicted (activations estimated), against {RankMemory.Gib(budgetBytes)} of {budgetSource}. " +
+                "Shard more (a higher zero, ep, pp) or recompute activations, or give each rank more memory.");
+        return largest;
+    }
+
+    /// <summary>Activation bytes kept for the backward, per the micro-batches the stage holds at once (an estimate).</summary>
+    static long Activations(DeepSeekConfig c, ParallelLayout layout, int rank, MemoryInputs inputs, int bytes)
+    {
+        int stage = layout.StageOfRank(rank);
+        var layers = layout.Stages[stage];
+        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize, heads = c.NumAttentionHeads;
+        long attention = 2 * h + (c.QLoraRank ?? 0) + c.KvLoraRank + c.QkRopeHeadDim + heads * (2L * c.QkHeadDim + c.VHeadDim)
+                         + heads * c.VHeadDim + 2 * heads * inputs.SeqLen;
+        long Mlp(int layer) => layer < c.FirstKDenseReplace
+            ? 2 * h + 3L * c.IntermediateSize
+            : h + 2L * c.NRoutedExperts + c.NumExpertsPerTok * (h + 3L * c.MoeIntermediateSize) + c.NSharedExperts * 3L * c.MoeIntermediateSize;
+        long Selective(int layer) => layer < c.FirstKDenseReplace ? h + c.IntermediateSize : h + c.NumExpertsPerTok * (long)c.MoeIntermediateSize; // norms and SwiGLU products recomputed
+        long perToken = 0, largestLayer = 0;
+        int mtpLayers = stage == layout.Pp - 1 ? c.NumNextnPredictLayers : 0;
+        for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
+        {
+            long full = attention + Mlp(l);
+            largestLayer = Math.Max(largestLayer, full);
+            perToken += inputs.Recompute switch { "full" => h, "selective" => full - Selective(l), _ => full };
+        }
+        if (inputs.Recompute == "full") perToken += largestLayer; // the layer being recomputed holds its whole set
+        long logits = stage == layout.Pp - 1 ? (1 + mtpLayers) * (long)c.VocabSize * (bytes + 4) : 0; // logits and fp32 log-softmax
+        int inFlight = layout.Pp == 1 ? 1 : inputs.PipelineSchedule == "gpipe" ? Math.Max(1, inputs.MicroBatchesPerStep) : Math.Min(Math.Max(1, inputs.MicroBatchesPerStep), layout.Pp - stage);
+        return inFlight * tokens * (perToken * bytes + logits);
+    }
+}

@@ -1,0 +1,32 @@
+// The AppHost's --ep, --zero, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
+using DeepSeekCluster.AppHost;
+
+namespace DeepSeekCluster.Observability.Tests;
+
+public class ParallelOptionsTests
+{
+    static AppHostOptions Parse(params string[] args) => AppHostOptions.Parse(args, "/repo", []);
+
+    [Fact]
+    public void TheOptionsMapOntoTheSpecsPlanPrecisionAndRecompute()
+    {
+        var o = Parse("--workers", "4", "--zero", "2", "--precision", "bf16", "--recompute", "none", "--memory-budget", "1000000");
+        var spec = DefaultJob.Spec(o, "d", DateTime.UnixEpoch);
+        Assert.Equal((1, 2, "bf16", "none"), (spec.Parallel.Ep, spec.Parallel.Zero, spec.Precision, spec.ActivationCheckpointing));
+        Assert.Equal(1000000, o.MemoryBudget);
+        var defaults = DefaultJob.Spec(Parse(), "d", DateTime.UnixEpoch);
+        Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
+    }
+
+    [Theory]
+    [InlineData("--zero", "5", "--zero (parallel.zero): 5 must be 0")]
+    [InlineData("--precision", "fp16", "--precision (precision): 'fp16' must be one of auto, fp32, bf16")]
+    [InlineData("--recompute", "all", "--recompute (activationCheckpointing): 'all' must be one of none, full, selective")]
+    [InlineData("--ep", "0", "--ep must be at least 1")]
+    [InlineData("--memory-budget", "-3", "--memory-budget needs a positive number of bytes")]
+    public void AWrongValueIsRefusedNamingTheOptionAndTheField(string option, string value, string expected)
+    {
+        var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", option, value));
+        Assert.Contains(expected, e.Message);
+    }
+}

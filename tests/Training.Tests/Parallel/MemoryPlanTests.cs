@@ -1,0 +1,109 @@
+// The layout's coordinates (stage, replica, expert shard, ZeRO shard) and the memory planner's predictions and refusals.
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Tests.Parallel;
+
+public class MemoryPlanTests
+{
+    static readonly DeepSeekConfig Tiny = DeepSeekConfig.Tiny(512);
+
+    [Fact]
+    public void EveryRankHasOneStageReplicaExpertShardAndZeroShard()
+    {
+        var layout = ParallelLayout.Even(4, 2, Tiny.NumHiddenLayers).WithShards(2, 1, Tiny.NRoutedExperts);
+        var seen = new HashSet<(int, int)>();
+        for (int rank = 0; rank < layout.WorldSize; rank++)
+        {
+            int stage = layout.StageOfRank(rank), replica = layout.ReplicaOfRank(rank);
+            Assert.Equal(rank, layout.Rank(stage, replica));
+            Assert.True(seen.Add((stage, replica)));
+            Assert.Equal(replica % 2, layout.ExpertShardOfRank(rank));
+            Assert.Equal(replica / 2, layout.ExpertGroupOfRank(rank));
+            Assert.Equal(replica, layout.ZeroShardOfRank(rank));
+        }
+        Assert.Equal(-1, ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).ZeroShardOfRank(3)); // zero 0 shards nothing
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).WithShards(3, 0, Tiny.NRoutedExperts));
+        Assert.Contains("ep 3 must be at least 1 and divide dp (4)", e.Message);
+    }
+
+    [Fact]
+    public void ZeroRowsTileEveryTensorOnceAndMatchTheCheckpointWritersRows()
+    {
+        var layout = ParallelLayout.Even(3, 1, 2).WithShards(1, 1, 0);
+        var shapes = new List<long[]> { new long[] { 10, 4 }, new long[] { 2 }, new long[] { 7 }, Array.Empty<long>() };
+        var shards = new ZeroShards(layout, shapes);
+        for (int i = 0; i < shapes.Count; i++)
+        {
+            long numel = shapes[i].Aggregate(1L, (a, b) => a * b), next = 0;
+            foreach (var piece in shards.PiecesOf(i).Where(p => p.Count > 0)) // a scalar has rows in shard 0 only
+            {
+                Assert.Equal(next, piece.Element);
+                next += piece.Count;
+                var (start, count) = layout.ZeroRows(shapes[i], piece.Shard);
+                if (shapes[i].Length > 0) Assert.Equal(Training.Checkpoints.ShardingPlan.Split(shapes[i][0], 3, piece.Shard), (start, count));
+                Assert.InRange(piece.Word, piece.Shard * shards.ShardWords, (piece.Shard + 1) * shards.ShardWords - piece.Count);
+            }
+            Assert.Equal(numel, next);
+        }
+        Assert.Equal(shards.Elements, shards.ShardPieces(0).Concat(shards.ShardPieces(1)).Concat(shards.ShardPieces(2)).Sum(p => p.Count));
+    }
+
+    [Fact]
+    public void ThePlannersParameterCountIsTheBuiltModelsAndItsShardsFallByDpAndEp()
+    {
+        using var model = new DeepSeekForCausalLM(Tiny);
+        long built = model.parameters().Sum(p => p.numel());
+        var single = ParallelLayout.Even(1, 1, Tiny.NumHiddenLayers);
+        Assert.Equal(built, MemoryPlanner.LocalParameters(Tiny, single, 0));
+
+        var inputs = new MemoryInputs("bf16", "none", 4, 128);
+        var whole = MemoryPlanner.Predict(Tiny, single, 0, inputs);
+        Assert.Equal(built * (2 * 4 + 4), whole.Optimizer); // two fp32 moments and the fp32 master
+        var zero1 = MemoryPlanner.Predict(Tiny, ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).WithShards(1, 1, Tiny.NRoutedExperts), 0, inputs);
+        Assert.InRange(zero1.Optimizer, whole.Optimizer / 4, whole.Optimizer / 4 + 12 * 4);
+        Assert.Equal(whole.GradientWords, zero1.GradientWords);
+        var zero2 = MemoryPlanner.Predict(Tiny, ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).WithShards(1, 2, Tiny.NRoutedExperts), 0, inputs);
+        Assert.InRange(zero2.GradientWords, whole.GradientWords / 4, whole.GradientWords / 4 + 16 * 4);
+        var ep2 = MemoryPlanner.LocalParameters(Tiny, ParallelLayout.Even(2, 1, Tiny.NumHiddenLayers).WithShards(2, 0, Tiny.NRoutedExperts), 0);
+        long routed = Enumerable.Range(0, Tiny.NumHiddenLayers + Tiny.NumNextnPredictLayers).Sum(l => Tiny.RoutedExpertParameterCount(l));
+        Assert.Equal(built - routed / 2, ep2);
+        // Full recompute keeps less than selective, which keeps less than none.
+        var layout = ParallelLayout.Even(1, 1, Tiny.NumHiddenLayers);
+        long none = whole.Activations, selective = MemoryPlanner.Predict(Tiny, layout, 0, inputs with { Recompute = "selective" }).Activations;
+        long full = MemoryPlanner.Predict(Tiny, layout, 0, inputs with { Recompute = "full" }).Activations;
+        Assert.True(full < selective && selective < none, $"activations: full {full}, selective {selective}, none {none}");
+    }
+
+    [Fact]
+    public void APlanThatDoesNotFitIsRefusedWithTheBytesByKindAndAShardedOneWithinTheSameBudgetPasses()
+    {
+        var config = DeepSeekConfig.Preset("small") with { VocabSize = 8192 };
+        var replicated = ParallelLayout.Even(4, 1, config.NumHiddenLayers);
+        var inputs = new MemoryInputs("fp32", "none", 2, 256);
+        var needed = MemoryPlanner.Predict(config, replicated, 0, inputs);
+        var sharded = MemoryPlanner.Predict(config, replicated.WithShards(1, 2, config.NRoutedExperts), 0, inputs);
+        long budget = (needed.Total + sharded.Total) / 2;
+        var e = Assert.Throws<PlanDoesNotFitException>(() => MemoryPlanner.CheckFits(config, replicated, inputs, budget, "the test's budget"));
+        foreach (var part in new[] { "dp 4 x pp 1", "zero 0", "parameters", "gradients", "optimizer", "activations", RankMemory.Gib(needed.Total), RankMemory.Gib(budget), "the test's budget" })
+            Assert.Contains(part, e.Message);
+        Assert.Equal(sharded, MemoryPlanner.CheckFits(config, replicated.WithShards(1, 2, config.NRoutedExperts), inputs, budget, "the test's budget"));
+    }
+
+    [Fact]
+    public void TheTrainersOptimizerIsShardedOnlyWithZeroOnMoreThanOneRank()
+    {
+        using var model = new DeepSeekForCausalLM(Tiny);
+        using var replicated = Trainer.CreateOptimizer(model, new TrainingOptions { Zero = 0 }, 1, 4);
+        using var alone = Trainer.CreateOptimizer(model, new TrainingOptions { Zero = 1 }, 0, 1);
+        using var shard = Trainer.CreateOptimizer(model, new TrainingOptions { Zero = 1 }, 1, 4);
+        Assert.False(replicated.Sharded || alone.Sharded);
+        Assert.True(shard.Sharded);
+        long Bytes(Training.Optim.AdamW o) => o.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.ElementSize);
+        double ratio = Bytes(shard) / (double)Bytes(replicated);
+        Assert.InRange(ratio, 0.25 * 0.9, 0.25 * 1.1);
+        Assert.Throws<InvalidOperationException>(() => shard.ClipGradNorm(1.0)); // the global norm needs every shard
+    }
+}
