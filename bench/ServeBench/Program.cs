@@ -7,6 +7,9 @@ using DeepSeekCluster.ModelServer.Engine;
 using DeepSeekCluster.ModelServer.Quantization;
 using DeepSeekCluster.ModelServer.Routing;
 using DeepSeekCluster.ServeBench;
+using DeepSeekCluster.Text.Data;
+using DeepSeekCluster.Text.Tokenization;
+using DeepSeekCluster.Training.Export;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using static TorchSharp.torch;
@@ -31,13 +34,22 @@ if (options.TryGetValue("threads", out var threads)) set_num_threads(int.Parse(t
 string folder = Opt("model", "");
 if (folder == "")
 {
-    folder = Path.Combine(Path.GetTempPath(), $"serve-bench-{Opt("preset", "small")}");
+    // With a tokenizer (2048 tokens trained on the shipped corpus), so llama.cpp can load the same model as GGUF.
+    folder = Path.Combine(Path.GetTempPath(), $"serve-bench-{Opt("preset", "small")}-bpe2048");
     if (!File.Exists(Path.Combine(folder, HfModelFolder.ConfigFile)))
     {
+        var tokenizer = BpeTokenizer.Train(ShippedCorpus.Documents().Take(2000), 2048);
         manual_seed(1);
-        using var fresh = new DeepSeekForCausalLM(DeepSeekConfig.Preset(Opt("preset", "small"))).InitializeWeights();
-        HfModelFolder.Save(folder, fresh, tokenizer: null);
+        using var fresh = new DeepSeekForCausalLM(DeepSeekConfig.Preset(Opt("preset", "small")) with { VocabSize = tokenizer.VocabSize }).InitializeWeights();
+        HfModelFolder.Save(folder, fresh, tokenizer);
     }
+}
+// --gguf FILE: llama.cpp on that file; --gguf f16|q8_0|q4_0: the model folder exported here (GgufExporter) first.
+if (options.TryGetValue("gguf", out var ggufOption) && Enum.TryParse<GgufType>(ggufOption, ignoreCase: true, out var ggufType))
+{
+    var exported = Path.Combine(folder, $"model-{ggufType.ToString().ToLowerInvariant()}.gguf");
+    if (!File.Exists(exported)) GgufExporter.Write(folder, exported, ggufType);
+    options["gguf"] = exported;
 }
 Console.WriteLine($"# serve-bench: {folder}, prompt {promptTokens} tokens, {outputTokens} generated per request (greedy, no EOS), " +
                   $"{perClient} requests per client, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}");
