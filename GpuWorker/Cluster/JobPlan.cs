@@ -28,7 +28,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
 
     /// <summary>
     /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
-    /// the training options (batch, schedule, seed, checkpoints, validation, pipeline schedule) of <paramref name="spec"/>.
+    /// the training options (batch, schedule and its shape, optimizer knobs, seed, checkpoints, validation, pipeline schedule) of <paramref name="spec"/>.
     /// </summary>
     public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId)
     {
@@ -40,7 +40,9 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
-            PipelineSchedule = spec.Parallel.Schedule,
+            PipelineSchedule = spec.Parallel.Schedule, DecayFraction = spec.Schedule.DecayFraction,
+            WeightDecay = spec.WeightDecay, ClipNorm = spec.ClipNorm, MtpWeight = spec.MtpWeight, BiasUpdateSpeed = spec.BiasUpdateSpeed,
+            Beta1 = spec.Beta1, Beta2 = spec.Beta2, Epsilon = spec.Epsilon,
         };
         return (config, options);
     }

@@ -37,6 +37,8 @@ public sealed class WorkerOptions : IValidatableObject
     /// re-formation does not wait for it: the run aborts a blocked collective when it is cancelled. Default 30 s.
     /// </summary>
     public string? CollectiveTimeout { get; set; }
+    /// <summary>Drills and tests only: faults injected into training (FaultInjection: "nan@5,spike@12"). Unset in production.</summary>
+    public string? InjectFault { get; set; }
 
     public TimeSpan Heartbeat => Duration(HeartbeatInterval) ?? TimeSpan.FromSeconds(1);
     public TimeSpan Collective => Duration(CollectiveTimeout) ?? TimeSpan.FromSeconds(30);
@@ -51,6 +53,10 @@ public sealed class WorkerOptions : IValidatableObject
             if (!string.IsNullOrWhiteSpace(value) && Duration(value) is null)
                 yield return new($"{Section}:{name} (Worker__{name}) = '{value}' is not a positive duration (seconds, such as 2.5, or a TimeSpan such as 00:00:02.5)", [name]);
         if (string.IsNullOrWhiteSpace(Device)) yield return new($"{Section}:Device (Worker__Device) is empty: auto, cpu, cuda or cuda:N", [nameof(Device)]);
+        string? faultProblem = null;
+        try { FaultInjection.Parse(InjectFault, $"{Section}:{nameof(InjectFault)} (Worker__InjectFault)"); }
+        catch (ArgumentException e) { faultProblem = e.Message; }
+        if (faultProblem is not null) yield return new(faultProblem, [nameof(InjectFault)]);
         if (string.IsNullOrWhiteSpace(OutputDir)) yield return new($"{Section}:OutputDir (Worker__OutputDir) is empty: a folder for rank files and the model", [nameof(OutputDir)]);
     }
 
@@ -80,6 +86,7 @@ public sealed record WorkerSettings
     public string OutputDir { get; init; } = "runs/cluster";
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(1);
     public TimeSpan CollectiveTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public FaultInjection Faults { get; init; } = FaultInjection.None;
 
     /// <summary>The configuration keys of the services' gRPC addresses (Aspire's service discovery names).</summary>
     public const string CoordinatorKey = $"services:{ServiceNames.Coordinator}:grpc:0";
@@ -124,6 +131,7 @@ public sealed record WorkerSettings
             CollectiveHost = worker.CollectiveHost ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
             CollectivePort = worker.CollectivePort, PipelinePort = worker.PipelinePort, Device = worker.Device, OutputDir = worker.OutputDir,
             HeartbeatInterval = worker.Heartbeat, CollectiveTimeout = worker.Collective,
+            Faults = FaultInjection.Parse(worker.InjectFault, "Worker__InjectFault"),
         };
     }
 }

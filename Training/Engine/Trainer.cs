@@ -69,7 +69,7 @@ public sealed class Trainer : ITrainer
     public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options) =>
         new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)))
         {
-            Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
+            Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon,
         };
 
     /// <summary>
@@ -78,6 +78,9 @@ public sealed class Trainer : ITrainer
     /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
     /// </summary>
     public Action? BeforeOptimizerUpdate { get; set; }
+
+    /// <inheritdoc/>
+    public double LrScale { get; set; } = 1;
 
     /// <summary>
     /// Runs one optimizer step over this rank's slice of the global batch. Each micro-batch's gradient is computed alone
@@ -90,7 +93,7 @@ public sealed class Trainer : ITrainer
         Model.train();
         int accumulation = Options.Accumulation(WorldSize);
         int micro = Options.MicroBatch;
-        double lr = Schedule.At(Step);
+        double lr = Schedule.At(Step) * LrScale;
         var moeLayers = Model.MoeLayers().ToList();
         var stats = new StepStatistics(moeLayers.Select(m => m.LastLoad.Length));
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
@@ -149,10 +152,16 @@ public sealed class Trainer : ITrainer
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
         gradients.WriteMean(counted);
         double gradNorm = Optimizer.ClipGradNorm(Options.ClipNorm);
+        // The guard: a NaN/Inf loss or norm is never applied. Every rank holds the same summed words, hence the same norm
+        // and loss, and skips with the others without a word exchanged.
+        bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));
         BeforeOptimizerUpdate?.Invoke();
-        Optimizer.Step(lr);
-        if (Options.BiasUpdateSpeed > 0)
-            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
+        if (!skipped)
+        {
+            Optimizer.Step(lr);
+            if (Options.BiasUpdateSpeed > 0)
+                for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
+        }
         optS = opt.Elapsed.TotalSeconds - commS;
         Step++;
 
@@ -163,7 +172,7 @@ public sealed class Trainer : ITrainer
         return new StepMetrics(
             Step, stats.Lm.Value / counted, withMtp ? stats.Mtp.Value / counted : null, auxMean > 0 ? auxMean : null,
             lr, gradNorm, tps, Peak.Mfu(tps * flopsPerToken).Ratio,
-            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak };
+            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak, Skipped = skipped };
     }
 
     /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>
