@@ -60,6 +60,7 @@ public static class CoordinatorExtensions
         });
         // After the silo has started: wake the workers that were online before a restart (see GpuWorkerGrain.OnActivateAsync).
         builder.Services.AddHostedService<WorkerWakeUp>();
+        builder.Services.AddHostedService<Studies.StudyWakeUp>();
         return builder;
     }
 
@@ -87,6 +88,7 @@ public static class CoordinatorExtensions
         app.MapGrpcService<ClusterControlService>();
         app.MapGrpcReflectionService();
         app.MapJobsApi();
+        app.MapStudiesApi();
         app.MapStatusPage();
         return app;
     }
