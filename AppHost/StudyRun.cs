@@ -23,8 +23,9 @@ public static class StudyRun
         while (true)
         {
             var status = await coordinator.StudyAsync(studyId, ct);
-            string table = Table(status);
-            if (table != last) { Log.AppHost(table); last = table; }
+            // Printed when a trial starts, ends or reports its metric (not at every step).
+            string key = string.Join(";", status.Trials.Select(t => $"{t.State}:{t.Metric}")) + string.Join(";", status.Rungs.Select(r => r.Results));
+            if (key != last) { Log.AppHost(Table(status)); last = key; }
             if (status.State != StudyState.Running)
             {
                 Log.AppHost($"study {studyId} ended: {status.State}" + (status.Best is { } b
@@ -51,7 +52,7 @@ public static class StudyRun
     /// <summary>The base job's seqLen in the study file, if it gives one.</summary>
     public static int? SeqLenOf(string file) => ReadSpec(file, "")["job"]?["seqLen"]?.GetValue<int>();
 
-    /// <summary>One line per trial: its values, state, step, metric, and where ASHA stopped it.</summary>
+    /// <summary>One line per trial: its values, state, step, metric, and where ASHA stopped it; then the rungs.</summary>
     public static string Table(StudyStatus s)
     {
         var lines = new List<string> { $"study {s.StudyId} ({s.State.ToString().ToLowerInvariant()}), {s.Metric} ({s.Mode}):" };
