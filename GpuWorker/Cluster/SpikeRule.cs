@@ -21,6 +21,8 @@ public sealed class SpikeRule(StepGuardSpec spec)
     const double MadToSigma = 1.4826;
     /// <summary>The smallest deviation unit, as a share of the median: a flat history (MAD 0) must not make noise a spike.</summary>
     public const double MedianFloor = 0.05;
+    /// <summary>The smallest unit of the log gradient norm: with the default threshold 10, a norm e ≈ 2.7 times its median at least.</summary>
+    public const double LogFloor = 0.1;
 
     readonly List<double> losses = [], norms = [];
     int skipsInRow;
@@ -41,11 +43,11 @@ public sealed class SpikeRule(StepGuardSpec spec)
         skipsInRow = 0;
         if (spec.Rollback && losses.Count >= spec.MinHistory)
         {
-            if (Spike("loss", loss, losses) is { } l) return Diverged(l);
-            if (Spike("gradient norm", gradNorm, norms) is { } g) return Diverged(g);
+            if (Spike("loss", loss, losses, logScale: false) is { } l) return Diverged(l);
+            if (Spike("gradient norm", gradNorm, norms, logScale: true) is { } g) return Diverged(g);
         }
         Remember(losses, loss);
-        Remember(norms, gradNorm);
+        Remember(norms, Math.Log(Math.Max(gradNorm, 1e-30)));
         return new(GuardAct.Apply, "", spec.Rollback && step % spec.SnapshotEvery == 0);
     }
 
@@ -59,14 +61,21 @@ public sealed class SpikeRule(StepGuardSpec spec)
         return new(GuardAct.Rollback, why);
     }
 
-    string? Spike(string name, double x, List<double> history)
+    /// <summary>
+    /// A spike of <paramref name="x"/> against <paramref name="history"/>. The gradient norm is judged on a log scale (its
+    /// history is kept as logs), with a unit of at least <see cref="LogFloor"/>: it is routinely a few times its median in
+    /// healthy MoE training, and clipping already bounds what such a step can do.
+    /// </summary>
+    string? Spike(string name, double x, List<double> history, bool logScale)
     {
+        double value = logScale ? Math.Log(Math.Max(x, 1e-30)) : x;
         double median = Median(history);
         double mad = Median(history.Select(v => Math.Abs(v - median)).ToList());
-        double unit = Math.Max(Math.Max(MadToSigma * mad, MedianFloor * Math.Abs(median)), 1e-12);
-        double deviations = (x - median) / unit;
+        double unit = Math.Max(Math.Max(MadToSigma * mad, MedianFloor * Math.Abs(median)), logScale ? LogFloor : 1e-12);
+        double deviations = (value - median) / unit;
         return deviations > spec.Threshold
-            ? $"{name} {x:G4} is {deviations:0.#} robust deviations above the median {median:G4} of the last {history.Count} good steps (guard.threshold {spec.Threshold})"
+            ? $"{name} {x:G4} is {deviations:0.#} robust deviations above the median {(logScale ? Math.Exp(median) : median):G4} of the last {history.Count} good steps" +
+              $"{(logScale ? " (log scale)" : "")} (guard.threshold {spec.Threshold})"
             : null;
     }
 
