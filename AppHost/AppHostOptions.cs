@@ -41,6 +41,8 @@ public sealed record AppHostOptions
     /// <summary>Use the folder backends even when Azurite is installed.</summary>
     public bool NoAzurite { get; init; }
     public string RunDir { get; init; } = "";
+    /// <summary>A study spec (JSON, docs/studies.md) to run instead of the default job.</summary>
+    public string? StudyFile { get; init; }
 
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
@@ -68,6 +70,8 @@ public sealed record AppHostOptions
                                  new default job (without it they resume, and no new job is submitted)
           --no-azurite           folder storage even when azurite is installed
           --exit-when-done       stop the cluster when the job ends
+          --study FILE           run the study in FILE (docs/studies.md) instead of the default job and print
+                                 its trials' table; the base job's dataset defaults to the shipped corpus
         While it runs, type 'add' (or '+') to start another worker, 'remove' (or '-') to stop one, 'quit' to stop all.
         With --pp N the job grows or shrinks by whole replicas: N added workers form one more.
         Ctrl+C leaves an unfinished job in the run folder; the next run names it and resumes it (or, with --fresh, stops it).
@@ -128,6 +132,7 @@ public sealed record AppHostOptions
                 "--lr" => o with { Lr = double.TryParse(Value(), System.Globalization.CultureInfo.InvariantCulture, out var lr) && lr > 0 ? lr : throw new ArgumentException("option --lr needs a positive number") },
                 "--run-dir" => o with { RunDir = Path.GetFullPath(Value()) },
                 "--exit-when-done" => o with { ExitWhenDone = true },
+                "--study" => o with { StudyFile = Path.GetFullPath(Value()) },
                 "--fresh" => o with { Fresh = true },
                 "--no-azurite" => o with { NoAzurite = true },
                 _ => throw new ArgumentException($"unknown option '{args[i]}'"),

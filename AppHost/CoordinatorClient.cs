@@ -33,6 +33,22 @@ public sealed class CoordinatorClient(Uri baseAddress, string token) : IDisposab
     public async Task<JobStatus> StopAsync(string jobId, CancellationToken ct) =>
         await SendAsync(HttpMethod.Post, $"/jobs/{Uri.EscapeDataString(jobId)}/stop", null, $"did not stop job {jobId}", ct);
 
+    /// <summary>POST /studies with the spec's JSON: true when created, false when it already exists (an earlier run's).</summary>
+    public async Task<bool> CreateStudyAsync(string specJson, CancellationToken ct)
+    {
+        using var request = new HttpRequestMessage(HttpMethod.Post, "/studies") { Content = new StringContent(specJson, System.Text.Encoding.UTF8, "application/json") };
+        request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
+        using var response = await http.SendAsync(request, ct);
+        if (response.StatusCode == System.Net.HttpStatusCode.Conflict) return false;
+        if (!response.IsSuccessStatusCode)
+            throw new InvalidOperationException($"the coordinator refused the study ({(int)response.StatusCode}): {await response.Content.ReadAsStringAsync(ct)}");
+        return true;
+    }
+
+    public async Task<StudyStatus> StudyAsync(string studyId, CancellationToken ct) =>
+        await http.GetFromJsonAsync<StudyStatus>($"/studies/{Uri.EscapeDataString(studyId)}", Json, ct)
+        ?? throw new InvalidOperationException($"GET /studies/{studyId} returned no status");
+
     async Task<JobStatus> SendAsync(HttpMethod method, string path, HttpContent? content, string failure, CancellationToken ct)
     {
         using var request = new HttpRequestMessage(method, path) { Content = content };

@@ -42,6 +42,17 @@ public static class LocalRun
             Log.AppHost($"endpoints of every instance: {endpoints.Path}");
             Log.AppHost($"status page (while it runs): {coordinator.BaseAddress}status");
 
+            if (options.StudyFile is { } studyFile)
+            {
+                // The corpus is packed at the base job's sequence length, so the trials' samples are whole.
+                var corpus = await DefaultJob.PrepareCorpusAsync(options with { SeqLen = StudyRun.SeqLenOf(studyFile) ?? options.SeqLen }, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), stop.Token);
+                _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);
+                var study = await StudyRun.RunAsync(coordinator, studyFile, corpus, stop.Token);
+                if (options.ExitWhenDone) return study.State == StudyState.Completed ? 0 : 1;
+                Log.AppHost("the cluster stays up; Ctrl+C (or 'quit') stops it");
+                await Task.Delay(Timeout.Infinite, stop.Token);
+                return 0;
+            }
             var jobId = await EarlierJobs.HandleAsync(coordinator, options.Fresh, stop.Token);
             if (jobId is null)
             {

@@ -63,6 +63,7 @@ public static class CoordinatorExtensions
         });
         // After the silo has started: wake the workers that were online before a restart (see GpuWorkerGrain.OnActivateAsync).
         builder.Services.AddHostedService<WorkerWakeUp>();
+        builder.Services.AddHostedService<Studies.StudyWakeUp>();
         return builder;
     }
 
@@ -90,6 +91,7 @@ public static class CoordinatorExtensions
         app.MapGrpcService<ClusterControlService>();
         app.MapGrpcReflectionService();
         app.MapJobsApi();
+        app.MapStudiesApi();
         app.MapStatusPage();
         return app;
     }

@@ -31,6 +31,8 @@ public sealed class CoordinatorMetrics
     private readonly Histogram<double> _recovery;
     private readonly Counter<long> _stepsRedone;
     private readonly Counter<long> _workerEvents;
+    private readonly Counter<long> _studyDecisions;
+    private readonly ConcurrentDictionary<string, IReadOnlyDictionary<TrialState, int>> _studyTrials = new(StringComparer.Ordinal);
 
     private readonly ConcurrentDictionary<string, long> _workersByState = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, long> _generations = new(StringComparer.Ordinal);
@@ -66,6 +68,9 @@ public sealed class CoordinatorMetrics
         meter.CreateObservableGauge("deepseek.cluster.workers", ObserveWorkers, "{worker}", "Known workers by state: free, assigned (to a job), offline");
         meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
         meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
+        meter.CreateObservableGauge("deepseek.cluster.study_trials", ObserveStudyTrials, "{trial}", "Trials of each study by state");
+        _studyDecisions = meter.CreateCounter<long>("deepseek.cluster.study_decisions", "{decision}", "ASHA decisions at a rung: continued or stopped");
+        foreach (var d in new[] { "continued", "stopped" }) _studyDecisions.Add(0, new KeyValuePair<string, object?>("decision", d));
     }
 
     /// <param name="surface">rest or grpc.</param>
@@ -97,7 +102,17 @@ public sealed class CoordinatorMetrics
 
     public void WorkerLeft(LeaveKind kind) => _workerEvents.Add(1, new KeyValuePair<string, object?>("event", kind == LeaveKind.Left ? "left" : "failed"));
 
+    /// <param name="decision">continued or stopped.</param>
+    public void StudyDecision(string decision) => _studyDecisions.Add(1, new KeyValuePair<string, object?>("decision", decision));
+
     // ---- Snapshot for the gauges ----
+
+    /// <summary>A study's trials by state (its grain calls this as it follows them).</summary>
+    public void StudyTrials(string studyId, IReadOnlyDictionary<TrialState, int> byState) => _studyTrials[studyId] = byState;
+
+    IEnumerable<Measurement<long>> ObserveStudyTrials() =>
+        _studyTrials.SelectMany(kv => Enum.GetValues<TrialState>().Select(s => new Measurement<long>(kv.Value.GetValueOrDefault(s),
+            new KeyValuePair<string, object?>("study", kv.Key), new KeyValuePair<string, object?>("state", s.ToString().ToLowerInvariant()))));
 
     /// <summary>The job's current state and its spec's maxWorkers (its grain calls this on activation and on every transition).</summary>
     public void JobStateChanged(string jobId, JobState state, int maxWorkers) => _jobStates[jobId] = (state, maxWorkers);

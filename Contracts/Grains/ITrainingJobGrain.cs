@@ -64,6 +64,9 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>The step stays uncommitted (the store refused it, or none is configured); the reason becomes a job event.</summary>
     Task CheckpointNotCommittedAsync(long generation, long step, string reason);
 
+    /// <summary>The step guard skipped a step or rolled the live state back: a job event with its reason. Fenced like steps.</summary>
+    Task ReportGuardAsync(long generation, GuardReport report);
+
     /// <summary>A rank hit an error it cannot recover from; the job fails with that reason. Fenced like steps.</summary>
     Task FailAsync(long generation, string reason);
 }

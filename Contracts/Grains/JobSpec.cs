@@ -4,7 +4,7 @@ using System.Text.Json;
 namespace DeepSeekCluster.Contracts.Grains;
 
 [GenerateSerializer, Immutable]
-public sealed record JobSpec
+public sealed partial record JobSpec
 {
     /// <summary>Names the model presets the Training library knows (DeepSeekConfig.Preset); Contracts cannot reference it.</summary>
     public static readonly string[] ModelPresets = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite", "v2-lite-80gb"];
@@ -58,6 +58,23 @@ public sealed record JobSpec
     public static readonly string[] RecomputeModes = ["none", "full", "selective"];
     [Id(36)] public string ActivationCheckpointing { get; init; } = "none";
 
+    // ---- The optimizer's knobs: the standalone trainer's options (TrainingOptions), with its defaults ----
+    /// <summary>AdamW's decoupled weight decay (matrices only; norms and biases get none).</summary>
+    [Id(17)] public double WeightDecay { get; init; } = 0.1;
+    /// <summary>The global gradient norm is scaled down to this before the update; 0 never clips.</summary>
+    [Id(18)] public double ClipNorm { get; init; } = 1.0;
+    /// <summary>λ of DeepSeek-V3's multi-token-prediction loss; 0 skips the MTP modules.</summary>
+    [Id(19)] public double MtpWeight { get; init; } = 0.3;
+    /// <summary>γ of the auxiliary-loss-free balancing: the routing bias change per step.</summary>
+    [Id(20)] public double BiasUpdateSpeed { get; init; } = 0.001;
+    [Id(21)] public double Beta1 { get; init; } = 0.9;
+    [Id(22)] public double Beta2 { get; init; } = 0.95;
+    /// <summary>AdamW's ε, added to the root of the second moment.</summary>
+    [Id(23)] public double Epsilon { get; init; } = 1e-8;
+
+    /// <summary>What the worker does about a step that went wrong (NaN/Inf, a loss or gradient-norm spike): see docs/agent.md.</summary>
+    [Id(24)] public StepGuardSpec Guard { get; init; } = new();
+
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
     {
@@ -108,11 +125,13 @@ public sealed record JobSpec
             if (!(Schedule.MinLr >= 0 && Schedule.MinLr <= Schedule.PeakLr)) Problem("schedule.minLr", $"{Schedule.MinLr} must be between 0 and peakLr");
             if (Schedule.WarmupSteps < 0 || (Steps >= 1 && Schedule.WarmupSteps > Steps))
                 Problem("schedule.warmupSteps", $"{Schedule.WarmupSteps} must be between 0 and steps ({Steps})");
+            ValidateDecayFraction(Problem);
         }
         if (CheckpointInterval < 0) Problem("checkpointInterval", $"{CheckpointInterval} must be 0 (only at the end) or positive");
         if (EvalInterval < 0) Problem("evalInterval", $"{EvalInterval} must be 0 (validate only at the end) or a positive number of steps");
         if (SamplePrompt is null || SamplePrompt.Length > MaxSamplePromptLength || SamplePrompt.Any(c => char.IsControl(c) && c is not ('\n' or '\r' or '\t')))
             Problem("samplePrompt", $"must be text of at most {MaxSamplePromptLength} characters without control characters other than line breaks and tabs (got {(SamplePrompt is null ? "null" : $"{SamplePrompt.Length} characters")})");
+        ValidateTraining(Problem);
         if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
@@ -194,6 +213,8 @@ public sealed record LrSchedule
     [Id(1)] public double PeakLr { get; init; } = 3e-4;
     [Id(2)] public double MinLr { get; init; } = 3e-5;
     [Id(3)] public int WarmupSteps { get; init; }
+    /// <summary>wsd only: the last fraction of the steps over which the learning rate decays to minLr.</summary>
+    [Id(4)] public double DecayFraction { get; init; } = 0.2;
 }
 
 /// <summary>One thing wrong with a spec: the JSON field path and what was expected.</summary>

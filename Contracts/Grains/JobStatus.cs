@@ -132,11 +132,12 @@ public static class JobEventKinds
     public const string Submitted = "submitted", Forming = "forming", Formed = "formed", WorkerJoined = "worker_joined",
         WorkerLeft = "worker_left", WorkerLost = "worker_lost", WorkerHung = "worker_hung", WorkerFenced = "worker_fenced",
         Rescaling = "rescaling", Resumed = "resumed", Recovered = "recovered", CheckpointCommitted = "checkpoint_committed",
-        CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped";
+        CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped",
+        StepSkipped = "step_skipped", RolledBack = "rolled_back";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
-        Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped,
+        Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
     ];
 }

@@ -137,6 +137,14 @@ public sealed class ClusterControlService(
                         Rank = c.Rank, Step = c.Step, File = c.File, SizeBytes = c.SizeBytes, Sha256 = c.Sha256, ManifestJson = c.ManifestJson,
                     }));
                 break;
+            case WorkerMessage.KindOneofCase.Guard when (connection.Current ?? connection.Last) is { } a:
+                var g = message.Guard;
+                await Fenced(workerId, connection, a.JobId, g.Generation, "guard", () => grains.GetGrain<ITrainingJobGrain>(a.JobId).ReportGuardAsync(g.Generation, new GuardReport
+                {
+                    Step = g.Step, Action = g.Action, Reason = g.Reason, RestoredStep = g.RestoredStep, SamplesSkipped = g.SamplesSkipped,
+                    LrScale = g.LrScale, Rollbacks = g.Rollbacks,
+                }));
+                break;
             case WorkerMessage.KindOneofCase.NcclUniqueId when connection.Current is { } a:
                 var n = message.NcclUniqueId;
                 await Fenced(workerId, connection, a.JobId, n.Generation, "nccl-unique-id", () =>
@@ -153,7 +161,7 @@ public sealed class ClusterControlService(
                 var m = message.ModelSaved;
                 await worker.ModelSavedAsync(a.JobId, m.Step, m.Path);
                 break;
-            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId:
+            case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId or WorkerMessage.KindOneofCase.Guard:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));
                 break;
             default:

@@ -282,6 +282,17 @@ public sealed class TrainingJobGrain(
         await FinishAsync(JobState.Failed, JobEventKinds.Failed, reason);
     }
 
+    public async Task ReportGuardAsync(long generation, GuardReport r)
+    {
+        Fence(generation, "guard");
+        var e = r.Action == "rolled_back"
+            ? New(JobEventKinds.RolledBack, $"step {r.Step}: rolled back to the live state of step {r.RestoredStep} ({r.SamplesSkipped} samples skipped, " +
+                $"learning rate x{r.LrScale:0.####}, rollback {r.Rollbacks}): {r.Reason}") with { ResumeStep = r.RestoredStep }
+            : New(JobEventKinds.StepSkipped, $"step {r.Step} not applied: {r.Reason}");
+        Event(e with { Reason = r.Reason });
+        await job.WriteStateAsync();
+    }
+
     // ---- Formation ----
 
     /// <summary>

@@ -63,8 +63,13 @@ function lineChart(svg, points, seriesClass, emptyText, yDigits) {
     if (t < x0 || t > x1) continue;
     svg.append(el("svg:text", { x: sx(t), y: H - 8, "text-anchor": "middle" }, String(Math.round(t))));
   }
-  const d = points.map((p, i) => (i ? "L" : "M") + sx(p.x).toFixed(1) + " " + sy(p.y).toFixed(1)).join(" ");
-  svg.append(el("svg:path", { class: "series " + seriesClass, d }));
+  // Points with a series key (p.s) draw one line per series: the study chart's trials.
+  const groups = new Map();
+  for (const p of points) { if (!groups.has(p.s)) groups.set(p.s, []); groups.get(p.s).push(p); }
+  for (const g of groups.values()) {
+    const d = g.map((p, i) => (i ? "L" : "M") + sx(p.x).toFixed(1) + " " + sy(p.y).toFixed(1)).join(" ");
+    svg.append(el("svg:path", { class: "series " + seriesClass, d }));
+  }
   if (points.length === 1) svg.append(el("svg:circle", { cx: sx(points[0].x), cy: sy(points[0].y), r: 3, class: "series " + seriesClass }));
 }
 
@@ -192,6 +197,26 @@ function renderWorkers(workers) {
   if (workers.length === 0) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no worker has joined")));
 }
 
+// ---- Studies: trials by state, each trial's metric against its steps, the rung cut-offs, the best trial ----
+
+function renderStudy(s) {
+  document.getElementById("studies").hidden = false;
+  document.getElementById("study-title").textContent = "Study " + s.studyId + " (" + s.state + ")";
+  const counts = {};
+  for (const t of s.trials) counts[t.state] = (counts[t.state] || 0) + 1;
+  const rungs = s.rungs.map(r => "rung " + r.rung + " @" + r.step + ": cut-off " + fmt(r.cutoff, 4) + ", " + r.stopped + " stopped of " + r.results).join("; ");
+  const best = s.best ? "best " + s.best.jobId + " (" + fmt(s.best.metric, 4) + ")" + (s.best.checkpointStep ? ", checkpoint step " + s.best.checkpointStep : "") : "no result yet";
+  document.getElementById("study-summary").textContent =
+    Object.entries(counts).map(([k, v]) => v + " " + k).join(", ") + " | " + s.metric + " (" + s.mode + ") | " + best + (rungs ? " | " + rungs : "");
+  document.querySelector("#trials tbody").replaceChildren(...s.trials.map(t => el("tr", {},
+    el("td", {}, el("a", { href: "?job=" + encodeURIComponent(t.jobId) }, t.jobId)), stateCell(t.state), el("td", {}, t.step),
+    el("td", {}, fmt(t.metric, 4)), el("td", {}, Object.entries(t.parameters).map(([k, v]) => k + " = " + v).join(", ")),
+    el("td", {}, t.checkpointStep || "–"))));
+  // Every trial's curve in one chart, one line each.
+  const points = s.trials.flatMap(t => t.curve.map(p => ({ x: p.step, y: p.loss, s: t.index })));
+  lineChart(document.getElementById("study-chart"), points, "series", "no metric yet", 3);
+}
+
 async function poll() {
   try {
     const [jobs, workers] = await Promise.all([getJson("/jobs"), getJson("/workers")]);
@@ -201,6 +226,9 @@ async function poll() {
     renderJobs(jobs, selected);
     renderWorkers(workers);
     if (selected) renderJob(await getJson("/jobs/" + encodeURIComponent(selected)));
+    const studies = await getJson("/studies");
+    const study = studies.find(s => s.state === "running") || studies[studies.length - 1];
+    if (study) renderStudy(await getJson("/studies/" + encodeURIComponent(study.studyId)));
     const u = document.getElementById("updated");
     u.textContent = "updated " + new Date().toLocaleTimeString();
     u.removeAttribute("data-error");

@@ -46,12 +46,14 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
+        using var guard = new StepGuardRun(run, plan, Trainer);
+        guard.Start();
         long? deviceBytes = null;
         while (Trainer.Step < Options.Steps)
         {
             ct.ThrowIfCancellationRequested();
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
-            var m = Trainer.TrainStep();
+            var m = run.Settings.Faults.Step(Trainer);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
             run.LastStep = System.Diagnostics.Stopwatch.GetElapsedTime(stepStart);
             var served = source.TakeServed();
@@ -69,6 +71,8 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             if (A.Rank == 0 && (m.Step % 10 == 0 || m.Step == Options.Steps || m.Step == 1))
                 run.Log(ConsoleProgress.Format(m, Options.Steps, A.World, TimeSpan.Zero).Split(" | ETA")[0] +
                         (validationLoss is { } v ? $" | val {v:F4} (ppl {Math.Exp(v):F1})" : ""));
+            // After the report (the samples were consumed whatever the guard does), before a save (which then holds what survived).
+            guard.After(m, () => saver.WaitForSnapshot());
             bool due = Options.CheckpointEvery > 0 && m.Step % Options.CheckpointEvery == 0 || m.Step == Options.Steps || run.TakeCheckpointRequest(m.Step);
             if (due) SaveCheckpoint(saver, m.Step);
         }

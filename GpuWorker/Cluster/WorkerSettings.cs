@@ -49,6 +49,8 @@ public sealed class WorkerOptions : IValidatableObject
     /// this process on CPU.
     /// </summary>
     public long? MemoryBudgetBytes { get; set; }
+    /// <summary>Drills and tests only: faults injected into training (FaultInjection: "nan@5,spike@12"). Unset in production.</summary>
+    public string? InjectFault { get; set; }
 
     public TimeSpan Heartbeat => Duration(HeartbeatInterval) ?? TimeSpan.FromSeconds(1);
     public TimeSpan Collective => Duration(CollectiveTimeout) ?? TimeSpan.FromSeconds(30);
@@ -65,6 +67,10 @@ public sealed class WorkerOptions : IValidatableObject
         if (MemoryBudgetBytes is <= 0)
             yield return new($"{Section}:MemoryBudgetBytes (Worker__MemoryBudgetBytes) = {MemoryBudgetBytes} must be a positive number of bytes (unset: the device's memory)", [nameof(MemoryBudgetBytes)]);
         if (string.IsNullOrWhiteSpace(Device)) yield return new($"{Section}:Device (Worker__Device) is empty: auto, cpu, cuda or cuda:N", [nameof(Device)]);
+        string? faultProblem = null;
+        try { FaultInjection.Parse(InjectFault, $"{Section}:{nameof(InjectFault)} (Worker__InjectFault)"); }
+        catch (ArgumentException e) { faultProblem = e.Message; }
+        if (faultProblem is not null) yield return new(faultProblem, [nameof(InjectFault)]);
         if (string.IsNullOrWhiteSpace(OutputDir)) yield return new($"{Section}:OutputDir (Worker__OutputDir) is empty: a folder for rank files and the model", [nameof(OutputDir)]);
     }
 
@@ -105,6 +111,7 @@ public sealed record WorkerSettings
         if (device.type == TorchSharp.DeviceType.CUDA && DeepSeekCluster.Training.Perf.CudaDevice.TotalMemory(device) is { } gpu) return (gpu, $"{device}'s memory");
         return (GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, "the memory available to this worker process");
     }
+    public FaultInjection Faults { get; init; } = FaultInjection.None;
 
     /// <summary>The configuration keys of the services' gRPC addresses (Aspire's service discovery names).</summary>
     public const string CoordinatorKey = $"services:{ServiceNames.Coordinator}:grpc:0";
@@ -149,7 +156,7 @@ public sealed record WorkerSettings
             CollectiveHost = worker.CollectiveHost ?? Environment.GetEnvironmentVariable("POD_IP") ?? "127.0.0.1",
             CollectivePort = worker.CollectivePort, PipelinePort = worker.PipelinePort, Device = worker.Device, OutputDir = worker.OutputDir,
             HeartbeatInterval = worker.Heartbeat, CollectiveTimeout = worker.Collective, StayAfterLeave = worker.StayAfterLeave,
-            MemoryBudgetBytes = worker.MemoryBudgetBytes,
+            MemoryBudgetBytes = worker.MemoryBudgetBytes, Faults = FaultInjection.Parse(worker.InjectFault, "Worker__InjectFault"),
         };
     }
 }

@@ -22,6 +22,12 @@ public interface ITrainer : IDisposable
     /// </summary>
     Action? BeforeOptimizerUpdate { get; set; }
 
+    /// <summary>
+    /// Multiplies the schedule's learning rate (1 unless the step guard lowered it after a rollback). A step whose loss or
+    /// gradient norm is NaN/Inf is never applied (<see cref="StepMetrics.Skipped"/>); every rank decides the same.
+    /// </summary>
+    double LrScale { get; set; }
+
     /// <summary>One optimizer step over this rank's share of the global batch.</summary>
     StepMetrics TrainStep();
 

@@ -24,6 +24,8 @@ public sealed record StepMetrics(
     public double AchievedFlops { get; init; }
     /// <summary>The peak <see cref="Mfu"/> is measured against; null when none was given.</summary>
     public HardwarePeak? Peak { get; init; }
+    /// <summary>The step's loss or gradient norm was NaN/Inf: its update was not applied (the samples are used up all the same).</summary>
+    public bool Skipped { get; init; }
     /// <summary>The uncapped reading: <see cref="MfuReading.Capped"/> says the peak is too low.</summary>
     public MfuReading Utilization => MfuReading.Of(AchievedFlops, Peak?.FlopsPerSecond ?? 0);
 

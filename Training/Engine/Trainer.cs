@@ -77,7 +77,7 @@ public sealed class Trainer : ITrainer
     public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options, int rank = 0, int worldSize = 1) =>
         new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? shape => layout.ZeroRows(shape, rank) : null)
         {
-            Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay,
+            Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon,
         };
 
     /// <summary>The data-parallel layout whose ZeRO shards the optimizer holds, or null when nothing is sharded.</summary>
@@ -103,6 +103,9 @@ public sealed class Trainer : ITrainer
     /// </summary>
     public Action? BeforeOptimizerUpdate { get; set; }
 
+    /// <inheritdoc/>
+    public double LrScale { get; set; } = 1;
+
     /// <summary>
     /// Runs one optimizer step over this rank's slice of the global batch. Each micro-batch's gradient is computed alone
     /// (the backward of its unscaled loss) and added to an exact sum; the sum over every rank's micro-batches, divided by
@@ -114,7 +117,7 @@ public sealed class Trainer : ITrainer
         Model.train();
         int accumulation = Options.Accumulation(WorldSize);
         int micro = Options.MicroBatch;
-        double lr = Schedule.At(Step);
+        double lr = Schedule.At(Step) * LrScale;
         var moeLayers = Model.MoeLayers().ToList();
         var stats = new StepStatistics(moeLayers.Select(m => m.LastLoad.Length));
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
@@ -176,16 +179,22 @@ public sealed class Trainer : ITrainer
         if (zero is null) gradients.WriteMean(counted);
         else gradients.WriteShardMean(counted, zero.Shard);
         double gradNorm = zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
+        // The guard: a NaN/Inf loss or norm is never applied. Every rank holds the same summed words (under ZeRO, the norm
+        // is summed over every shard), hence the same norm and loss, and skips with the others without a word exchanged.
+        bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));
         BeforeOptimizerUpdate?.Invoke();
-        Optimizer.Step(lr);
-        if (zero is not null)
+        if (!skipped)
         {
-            var c = Stopwatch.StartNew();
-            zero.AllGatherParameters(Optimizer);
-            commS += c.Elapsed.TotalSeconds;
+            Optimizer.Step(lr);
+            if (zero is not null)
+            {
+                var c = Stopwatch.StartNew();
+                zero.AllGatherParameters(Optimizer);
+                commS += c.Elapsed.TotalSeconds;
+            }
+            if (Options.BiasUpdateSpeed > 0)
+                for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         }
-        if (Options.BiasUpdateSpeed > 0)
-            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         optS = opt.Elapsed.TotalSeconds - commS;
         Step++;
 
@@ -196,7 +205,7 @@ public sealed class Trainer : ITrainer
         return new StepMetrics(
             Step, stats.Lm.Value / counted, withMtp ? stats.Mtp.Value / counted : null, auxMean > 0 ? auxMean : null,
             lr, gradNorm, tps, Peak.Mfu(tps * flopsPerToken).Ratio,
-            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak };
+            new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak, Skipped = skipped };
     }
 
     /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>

@@ -22,6 +22,8 @@ public sealed record TrainingOptions
     public double WeightDecay { get; init; } = 0.1;
     public double Beta1 { get; init; } = 0.9;
     public double Beta2 { get; init; } = 0.95;       // 0.95 as in V3: steadier than 0.999 on spiky MoE gradients
+    /// <summary>AdamW's ε (PyTorch's default).</summary>
+    public double Epsilon { get; init; } = 1e-8;
     public double ClipNorm { get; init; } = 1.0;
     /// <summary>λ of DeepSeek-V3's MTP loss (0.3 early in V3 training); 0 skips the MTP modules.</summary>
     public double MtpWeight { get; init; } = 0.3;
@@ -63,6 +65,7 @@ public sealed record TrainingOptions
             p.Add($"global_batch ({GlobalBatch}) must be a multiple of micro_batch x data-parallel width ({MicroBatch} x {worldSize})");
         if (Steps <= 0) p.Add($"steps must be > 0, got {Steps}");
         if (Lr <= 0) p.Add($"lr must be > 0, got {Lr}");
+        if (!(Epsilon > 0)) p.Add($"epsilon must be > 0, got {Epsilon}");
         if (WarmupSteps < 0 || WarmupSteps > Steps) p.Add($"warmup must be between 0 and steps ({Steps}), got {WarmupSteps} (leave it unset for min(30, steps / 10))");
         if (MtpWeight < 0) p.Add($"mtp_weight must be >= 0, got {MtpWeight}");
         if (BiasUpdateSpeed < 0) p.Add($"bias_update_speed must be >= 0, got {BiasUpdateSpeed}");

@@ -50,6 +50,9 @@ public sealed class PipelineTrainer : ITrainer
     /// routing biases, as <see cref="Trainer.BeforeOptimizerUpdate"/>: a background checkpoint copy of the previous step's
     /// state (AsyncCheckpointSaver.BeginSave) is waited for here.
     /// </summary>
+    /// <inheritdoc/>
+    public double LrScale { get; set; } = 1;
+
     public Action? BeforeOptimizerUpdate { get; set; }
 
     readonly ISampleSource train;
@@ -88,7 +91,7 @@ public sealed class PipelineTrainer : ITrainer
 
     /// <summary>The AdamW of a stage: moments for its own parameters only.</summary>
     public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options) =>
-        new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay };
+        new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
     sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held, long Bytes);
@@ -137,7 +140,7 @@ public sealed class PipelineTrainer : ITrainer
         int accumulation = Options.Accumulation(Replicas);
         int micro = Options.MicroBatch;
         long T = Options.SeqLen, D = model.Config.HiddenSize;
-        double lr = Schedule.At(Step);
+        double lr = Schedule.At(Step) * LrScale;
         var moeLayers = Stage.MoeLayers().ToList();
         var stats = new StepStatistics(moeLayers.Select(m => m.LastLoad.Length));
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
@@ -342,10 +345,15 @@ public sealed class PipelineTrainer : ITrainer
             using var noGrad = no_grad();
             foreach (var s in Optimizer.Slots) s.Param.grad!.mul_(scale);
         }
+        // The guard: the norm and the last stage's loss came along the pipeline, so every stage and replica skips together.
+        bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(all[^1][1]));
         BeforeOptimizerUpdate?.Invoke();
-        Optimizer.Step(lr);
-        if (Options.BiasUpdateSpeed > 0)
-            for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
+        if (!skipped)
+        {
+            Optimizer.Step(lr);
+            if (Options.BiasUpdateSpeed > 0)
+                for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
+        }
         optS = opt.Elapsed.TotalSeconds - (commS - commBefore);
         Step++;
 
@@ -362,7 +370,7 @@ public sealed class PipelineTrainer : ITrainer
         return new StepMetrics(
             Step, last[1] / counted, withMtp ? last[2] / counted : null, pipelineAux > 0 ? pipelineAux / counted : null,
             lr, gradNorm, tps, Peak.Mfu(achieved).Ratio, new StepTimes(dataS, fwdS, bwdS, commS, optS), pipelineLoads)
-            { AchievedFlops = achieved, Peak = Peak };
+            { AchievedFlops = achieved, Peak = Peak, Skipped = skipped };
     }
 
     /// <summary>

@@ -36,6 +36,33 @@ public class JobSpecValidationTests
         Assert.Contains("assignment of job j", e.Message);
     }
 
+    [Fact]
+    public void EveryOptimizerKnobIsCheckedAndNamedByItsField()
+    {
+        var bad = TestSpecs.Tiny() with
+        {
+            WeightDecay = -0.1, ClipNorm = double.NaN, MtpWeight = -1, BiasUpdateSpeed = 1, Beta1 = 1, Beta2 = -0.5, Epsilon = 0,
+            Schedule = TestSpecs.Tiny().Schedule with { DecayFraction = 1.5 },
+            Guard = new StepGuardSpec { Window = 2, MinHistory = 1, Threshold = 0, SnapshotEvery = 0, LrFactor = 2, MaxRollbacks = -1, MaxSkips = 0 },
+        };
+        var problems = bad.Validate();
+        string[] expected = ["weightDecay", "clipNorm", "mtpWeight", "biasUpdateSpeed", "beta1", "beta2", "epsilon", "schedule.decayFraction",
+            "guard.window", "guard.minHistory", "guard.threshold", "guard.snapshotEvery", "guard.lrFactor", "guard.maxRollbacks", "guard.maxSkips"];
+        Assert.Equal(expected.Order(), problems.Select(p => p.Field).Order());
+        Assert.Contains("-0.1 must be in [0, 1)", problems.Single(p => p.Field == "weightDecay").Message);
+
+        // As a user writes it: absent knobs take the trainer's defaults, present ones are read by their JSON names.
+        var read = JobSpecJson.Deserialize("""
+            {"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 20,
+             "weightDecay": 0.01, "beta2": 0.999, "schedule": {"kind": "wsd", "decayFraction": 0.3}, "guard": {"lrFactor": 0.5}}
+            """, "the test spec");
+        Assert.Empty(read.Validate());
+        Assert.Equal((0.01, 0.999, 0.9, 1e-8, 0.3, 0.5, 50), (read.WeightDecay, read.Beta2, read.Beta1, read.Epsilon, read.Schedule.DecayFraction, read.Guard.LrFactor, read.Guard.Window));
+        // A wsd decay that would start inside the warmup is refused here, not on the worker.
+        var late = read with { Schedule = read.Schedule with { WarmupSteps = 15, DecayFraction = 0.5 } };
+        Assert.Contains("start inside the warmup", Assert.Single(late.Validate()).Message);
+    }
+
     [Theory]
     [InlineData("1f1b", true)]
     [InlineData("gpipe", true)]

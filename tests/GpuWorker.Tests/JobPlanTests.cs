@@ -26,6 +26,28 @@ public class JobPlanTests
     }
 
     [Fact]
+    public void TheOptimizerKnobsReachTheTrainerAndTheirDefaultsAreTheStandaloneTrainers()
+    {
+        var spec = new JobSpec
+        {
+            ModelPreset = "tiny", Dataset = "d", GlobalBatch = 8, MicroBatch = 2, SeqLen = 32, Steps = 50,
+            Schedule = new LrSchedule { Kind = "wsd", DecayFraction = 0.4 },
+            WeightDecay = 0.05, ClipNorm = 0.5, MtpWeight = 0.1, BiasUpdateSpeed = 0.002, Beta1 = 0.8, Beta2 = 0.99, Epsilon = 1e-6,
+        };
+        Assert.Empty(spec.Validate());
+        var options = JobPlan.Map(spec, 300, 3).Options;
+        Assert.Equal((0.05, 0.5, 0.1, 0.002), (options.WeightDecay, options.ClipNorm, options.MtpWeight, options.BiasUpdateSpeed));
+        Assert.Equal((0.8, 0.99, 1e-6, 0.4), (options.Beta1, options.Beta2, options.Epsilon, options.DecayFraction));
+
+        // A spec that names none of them trains as the standalone trainer does by default.
+        var plain = new JobSpec { ModelPreset = "tiny", Dataset = "d", GlobalBatch = 8, MicroBatch = 2, SeqLen = 32, Steps = 50 };
+        var defaults = JobPlan.Map(plain, 300, 3).Options;
+        var d = new Training.Engine.TrainingOptions();
+        Assert.Equal((d.WeightDecay, d.ClipNorm, d.MtpWeight, d.BiasUpdateSpeed, d.Beta1, d.Beta2, d.Epsilon, d.DecayFraction),
+            (defaults.WeightDecay, defaults.ClipNorm, defaults.MtpWeight, defaults.BiasUpdateSpeed, defaults.Beta1, defaults.Beta2, defaults.Epsilon, defaults.DecayFraction));
+    }
+
+    [Fact]
     public void AConfigJsonReplacesThePresetAndABadOneIsNamed()
     {
         var tiny = DeepSeekConfig.Preset("tiny");
