@@ -45,7 +45,7 @@ public static class LocalRun
             if (options.StudyFile is { } studyFile)
             {
                 // The corpus is packed at the base job's sequence length, so the trials' samples are whole.
-                var corpus = await DefaultJob.PrepareCorpusAsync(options with { SeqLen = StudyRun.SeqLenOf(studyFile) ?? options.SeqLen }, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), stop.Token);
+                var corpus = await DefaultJob.PrepareCorpusAsync(options with { SeqLen = StudyRun.SeqLenOf(studyFile) ?? options.SeqLen }, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), token, stop.Token);
                 _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);
                 var study = await StudyRun.RunAsync(coordinator, studyFile, corpus, stop.Token);
                 if (options.ExitWhenDone) return study.State == StudyState.Completed ? 0 : 1;
