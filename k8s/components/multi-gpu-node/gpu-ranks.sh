@@ -43,6 +43,7 @@ on_term() { terminating=1; stop_all; }
 trap on_term TERM INT
 
 for (( r = 0; r < ranks; r++ )); do
+    (( terminating )) && break # SIGTERM while starting: start no more ranks
     mkdir -p "$out/g$r" || fail "cannot create $out/g$r"
     CUDA_VISIBLE_DEVICES=$r LOCAL_RANK=$r DEEPSEEK_INSTANCE="$pod-g$r" \
     Worker__CollectivePort=$(( collective + r )) Worker__PipelinePort=$(( pipeline + r )) Worker__OutputDir="$out/g$r" \
