@@ -10,7 +10,7 @@ namespace DeepSeekCluster.Deployment.Tests;
 public static class Kustomize
 {
     /// <summary>Every kustomization of the repository: the base, the overlays, and the monitoring folders.</summary>
-    public static readonly string[] Folders = ["k8s/base", "k8s/overlays/local", "k8s/overlays/azure", "k8s/prometheus", "k8s/grafana"];
+    public static readonly string[] Folders = ["k8s/base", "k8s/overlays/local", "k8s/overlays/azure", "k8s/overlays/azure-multi-gpu", "k8s/prometheus", "k8s/grafana"];
 
     /// <summary>The deployable builds: what `kubectl apply -k` is run on.</summary>
     public static readonly string[] Overlays = ["k8s/overlays/local", "k8s/overlays/azure"];
@@ -18,10 +18,13 @@ public static class Kustomize
     /// <summary>
     /// Every rendering a cluster may be given: the overlays, the production overlay with its placeholders filled, and
     /// each overlay with the mutual-TLS component (test fixtures under tests/Deployment.Tests/). The security, network,
-    /// scaling and resource rules hold for each.
+    /// scaling and resource rules hold for each (the multi-GPU one adds IPC_LOCK to its workers, and nothing else).
     /// </summary>
     public static readonly string[] Deployable =
-        [.. Overlays, "tests/Deployment.Tests/production", "tests/Deployment.Tests/mtls/local", "tests/Deployment.Tests/mtls/azure"];
+        [.. Overlays, "tests/Deployment.Tests/production", "tests/Deployment.Tests/mtls/local", "tests/Deployment.Tests/mtls/azure", MultiGpu];
+
+    /// <summary>The filled production overlay with k8s/components/multi-gpu-node: one worker pod per GPU node.</summary>
+    public const string MultiGpu = "tests/Deployment.Tests/production-multi-gpu";
 
     static readonly ConcurrentDictionary<string, Lazy<string>> builds = new();
 

@@ -35,9 +35,12 @@ public class ScalingTests
             Assert.Equal("External", metric.Type);
             Assert.Equal("deepseek_cluster_workers_wanted", metric.External.Metric.Name);
             Assert.Contains(metric.External.Metric.Name, MetricsCatalogue.SeriesNames);
-            // AverageValue 1: desired replicas = ceil(wanted / 1), the demand itself (Value would multiply by the current count).
+            // AverageValue = workers per pod: desired replicas = ceil(wanted / workers per pod), the demand itself
+            // (Value would multiply by the current count). One worker per pod, or GPUS_PER_POD ranks on multi-GPU nodes.
             Assert.Equal("AverageValue", metric.External.Target.Type);
-            Assert.Equal(1m, metric.External.Target.AverageValue.ToDecimal());
+            var env = Build.Of(folder).Environment(Build.Of(folder).Workload("gpu-worker"));
+            decimal perPod = env.TryGetValue("GPUS_PER_POD", out var ranks) ? decimal.Parse(ranks) : 1m;
+            Assert.Equal(perPod, metric.External.Target.AverageValue.ToDecimal());
             var down = hpa.Spec.Behavior?.ScaleDown;
             Assert.True(down is not null, $"{folder}: HPA {hpa.Metadata.Name} has no explicit scale-down behaviour");
             Assert.True(down!.StabilizationWindowSeconds >= 300, $"{folder}: scale-down waits {down.StabilizationWindowSeconds} s; every change is a rescale");
