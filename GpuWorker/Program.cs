@@ -1,5 +1,5 @@
 // gpu-worker: one process per accelerator. Verbs: join (cluster mode, the default when a coordinator is configured),
-// train (standalone, no cluster), generate (from a HF model folder) and check (what this machine offers a worker).
+// train (standalone, no cluster), generate (from a HF model folder), eval and make-tasks (evaluation tasks) and check (what this machine offers a worker).
 using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
@@ -16,6 +16,8 @@ try
         null when WorkerSettings.Configured => await Join(),
         "train" => StandaloneCommands.Train(args[1..]),
         "generate" => StandaloneCommands.Generate(args[1..]),
+        "eval" => EvalCommands.Eval(args[1..]),
+        "make-tasks" => EvalCommands.MakeTasks(args[1..]),
         "check" => MachineCheck.Run(args[1..]),
         null or "help" or "--help" or "-h" => Usage(0),
         var other => Fail($"unknown verb '{other}'"),
@@ -79,6 +81,6 @@ static int Fail(string message)
 
 static int Usage(int code)
 {
-    Console.WriteLine(StandaloneCommands.Usage + Environment.NewLine + MachineCheck.Usage);
+    Console.WriteLine(StandaloneCommands.Usage + Environment.NewLine + EvalCommands.Usage + Environment.NewLine + MachineCheck.Usage);
     return code;
 }
