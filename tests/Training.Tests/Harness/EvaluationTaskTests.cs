@@ -6,6 +6,7 @@ using System.Text.Json.Nodes;
 using DeepSeekCluster.Text.Data;
 using DeepSeekCluster.Training.Harness;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Tests.Collectives;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Tests.Harness;
@@ -148,17 +149,29 @@ public class EvaluationTaskTests
     [Fact]
     public void OneAndThreeWorkersGiveTheSameScores()
     {
-        using var model = MicroModel();
         var tasks = new[] { Shipped(TaskMaker.NextVerse, 5), Shipped(TaskMaker.Cloze, 5), Shipped(TaskMaker.HeldOut, 1) };
         var plan = EvalPlan.Build(tasks, Words, Prefix, Micro.MaxPositionEmbeddings, batchSize: 8);
-        var one = plan.ScoreAll(new ModelScorer(model, CPU));
-        var shares = Enumerable.Range(0, 3).Select(w => plan.Share(w, 3)).ToList();
-        Assert.Equal(plan.Batches.Count, shares.Sum(s => s.Count));
-        Assert.All(shares, s => Assert.True(s.Count > 0));
-        // Each share on its own scorer (a fresh worker), in reverse order: nothing carries over between shares.
-        var three = shares.AsEnumerable().Reverse().SelectMany(s => plan.ScoreBatches(new ModelScorer(model, CPU), s.First, s.Count)).ToList();
-        Assert.Equal(one.OrderBy(s => (s.Task, s.Example)), three.OrderBy(s => (s.Task, s.Example)));
-        Assert.Equal(HarnessResults.Write(Stable(plan, one)), HarnessResults.Write(Stable(plan, three)));
+        // A copy of the model per worker (the same seed gives the same weights), made before the workers' threads start.
+        var models = Enumerable.Range(0, 3).Select(_ => MicroModel()).ToArray();
+        try
+        {
+            var one = plan.ScoreAll(new ModelScorer(models[0], CPU));
+            var shares = Enumerable.Range(0, 3).Select(w => plan.Share(w, 3)).ToList();
+            Assert.Equal(plan.Batches.Count, shares.Sum(s => s.Count));
+            Assert.All(shares, s => Assert.True(s.Count > 0));
+            // Three ranks of a real tcp collective: each scores its share, then every rank gathers all the scores.
+            var gathered = RankGroup.Run(3, c =>
+            {
+                var (first, count) = plan.Share(c.Rank, c.WorldSize);
+                return ScoreExchange.AllGather(plan, plan.ScoreBatches(new ModelScorer(models[c.Rank], CPU), first, count), c);
+            }, limit: TimeSpan.FromMinutes(2));
+            foreach (var three in gathered)
+            {
+                Assert.Equal(one.OrderBy(s => (s.Task, s.Example)), three);
+                Assert.Equal(HarnessResults.Write(Stable(plan, one)), HarnessResults.Write(Stable(plan, three)));
+            }
+        }
+        finally { foreach (var m in models) m.Dispose(); }
     }
 
     static JsonObject Stable(EvalPlan plan, List<ExampleScore> scores)
