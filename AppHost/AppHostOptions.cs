@@ -22,7 +22,7 @@ public sealed record AppHostOptions
     public int CheckpointInterval { get; init; } = 100;
     /// <summary>Evaluation tasks scored at each checkpoint (JobSpec.evalTasks), the first <see cref="EvalLimit"/> examples of each.</summary>
     public IReadOnlyList<string> EvalTasks { get; init; } = ["kjv_nextverse", "kjv_cloze"];
-    public int EvalLimit { get; init; } = 100;
+    public int EvalLimit { get; init; } = 50;
     public double Lr { get; init; } = 3e-3;
     /// <summary>Exit when the job ends instead of keeping the cluster up until Ctrl+C (for scripts and tests).</summary>
     public bool ExitWhenDone { get; init; }
@@ -48,7 +48,7 @@ public sealed record AppHostOptions
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
           --eval-tasks LIST      tasks scored at each checkpoint, comma-separated, 'none' for none
-                                 (kjv_nextverse,kjv_cloze; pp = 1 only); --eval-limit N examples of each (100)
+                                 (kjv_nextverse,kjv_cloze; pp = 1 only); --eval-limit N examples of each (50)
           --run-dir DIR          where state, checkpoints, datasets and the model go (runs/apphost)
           --fresh                stop the unfinished jobs an earlier run left in the run folder, then submit a
                                  new default job (without it they resume, and no new job is submitted)

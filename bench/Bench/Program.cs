@@ -10,12 +10,13 @@ switch (verb)
     case "data": DataBench.Run(rest); break;
     case "collectives": CollectiveBench.Run(rest); break;
     case "exact-sum": ExactSumBench.Run(rest); break;
+    case "eval": EvalBench.Run(rest); break;
     case "soak": return await SoakBench.RunAsync(rest);
     case "recovery": return await RecoveryBench.RunAsync(rest);
     case "cluster": return await ClusterBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, soak, recovery, cluster");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, eval, soak, recovery, cluster");
         return 2;
 }
 return 0;
