@@ -15,18 +15,30 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 sealed class CheckpointEvaluation(RunContext run, JobPlan plan, GetTokenizerReply tokenizerReply, ICollective ring, Device device)
 {
     EvalPlan? tasks;
+    bool refused;
 
     /// <summary>Whether <paramref name="step"/> is evaluated: the scheduled checkpoint steps, the same on every rank (a
     /// checkpoint asked for by the Coordinator reaches the ranks at different steps, so it is not one).</summary>
-    public bool Due(long step) => plan.Spec.EvalTasks.Length > 0 && run.Assignment.PpSize == 1 &&
+    public bool Due(long step) => !refused && plan.Spec.EvalTasks.Length > 0 && run.Assignment.PpSize == 1 &&
         (plan.Options.CheckpointEvery > 0 && step % plan.Options.CheckpointEvery == 0 || step == plan.Options.Steps);
 
     /// <summary>Scores this rank's share, gathers everyone's; the results JSON on rank 0, null elsewhere.</summary>
     public string? Run(DeepSeekForCausalLM model, long step)
     {
         var a = run.Assignment;
-        tasks ??= Plan();
-        var scorer = new ModelScorer(model, device, plan.Spec.SeqLen);
+        if (tasks is null)
+        {
+            // The plan is the same on every rank (the same files, tokenizer and window), so a task that cannot be planned
+            // fails on all of them alike and none enters the exchange: the training goes on, the reason is logged.
+            try { tasks = Plan(); }
+            catch (Exception e) when (e is InvalidDataException or ArgumentException or FileNotFoundException or DirectoryNotFoundException)
+            {
+                refused = true;
+                run.Log($"evaluation tasks {string.Join(", ", plan.Spec.EvalTasks)} are not scored in this run: {e.Message}");
+                return null;
+            }
+        }
+        var scorer = new ModelScorer(model, device, Window);
         var (first, count) = tasks.Share(a.DpRank, a.DpSize);
         var clock = Stopwatch.StartNew();
         var mine = tasks.ScoreBatches(scorer, first, count);
@@ -48,6 +60,9 @@ sealed class CheckpointEvaluation(RunContext run, JobPlan plan, GetTokenizerRepl
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
         var loaded = plan.Spec.EvalTasks.Select(name => EvalTask.Resolve(name).Limited(plan.Spec.EvalLimit)).ToList();
         return EvalPlan.Build(loaded, s => tokenizer.Encode(s), ModelEvaluation.PrefixToken(tokenizer, $"dataset {plan.Spec.Dataset}"),
-                              plan.Spec.SeqLen, batchSize: Math.Max(1, plan.Options.MicroBatch));
+                              Window, batchSize: Math.Max(1, plan.Options.MicroBatch));
     }
+
+    /// <summary>The scoring window: the model's positions, so that a verse longer than the training sequences still fits.</summary>
+    int Window => plan.Config.MaxPositionEmbeddings;
 }
