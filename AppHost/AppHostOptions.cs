@@ -30,6 +30,9 @@ public sealed record AppHostOptions
     public int MicroBatch { get; init; } = 8;
     public int VocabSize { get; init; } = 2048;
     public int CheckpointInterval { get; init; } = 100;
+    /// <summary>Evaluation tasks scored at each checkpoint (JobSpec.evalTasks), the first <see cref="EvalLimit"/> examples of each.</summary>
+    public IReadOnlyList<string> EvalTasks { get; init; } = ["kjv_nextverse", "kjv_cloze"];
+    public int EvalLimit { get; init; } = 50;
     public double Lr { get; init; } = 3e-3;
     /// <summary>Exit when the job ends instead of keeping the cluster up until Ctrl+C (for scripts and tests).</summary>
     public bool ExitWhenDone { get; init; }
@@ -65,6 +68,8 @@ public sealed record AppHostOptions
           --preset NAME          model preset of the default job (tiny)
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
+          --eval-tasks LIST      tasks scored at each checkpoint, comma-separated, 'none' for none
+                                 (kjv_nextverse,kjv_cloze; pp = 1 only); --eval-limit N examples of each (50)
           --run-dir DIR          where state, checkpoints, datasets and the model go (runs/apphost)
           --fresh                stop the unfinished jobs an earlier run left in the run folder, then submit a
                                  new default job (without it they resume, and no new job is submitted)
@@ -129,6 +134,8 @@ public sealed record AppHostOptions
                 "--micro-batch" => o with { MicroBatch = Int() },
                 "--vocab-size" => o with { VocabSize = Int() },
                 "--checkpoint-interval" => o with { CheckpointInterval = Int() },
+                "--eval-tasks" => o with { EvalTasks = Value() is "none" ? [] : args[i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) },
+                "--eval-limit" => o with { EvalLimit = Int() },
                 "--lr" => o with { Lr = double.TryParse(Value(), System.Globalization.CultureInfo.InvariantCulture, out var lr) && lr > 0 ? lr : throw new ArgumentException("option --lr needs a positive number") },
                 "--run-dir" => o with { RunDir = Path.GetFullPath(Value()) },
                 "--exit-when-done" => o with { ExitWhenDone = true },

@@ -1,5 +1,6 @@
 // gpu-worker: one process per accelerator. Verbs: join (cluster mode, the default when a coordinator is configured),
-// train (standalone, no cluster), generate (from a HF model folder), export (a checkpoint or folder to HF / GGUF) and check (what this machine offers a worker).
+// train (standalone, no cluster), generate (from a HF model folder), export (a checkpoint or folder to HF / GGUF / ONNX),
+// eval and make-tasks (evaluation tasks) and check (what this machine offers a worker).
 using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
@@ -17,6 +18,8 @@ try
         "train" => StandaloneCommands.Train(args[1..]),
         "generate" => StandaloneCommands.Generate(args[1..]),
         "export" => StandaloneCommands.Export(args[1..]),
+        "eval" => EvalCommands.Eval(args[1..]),
+        "make-tasks" => EvalCommands.MakeTasks(args[1..]),
         "check" => MachineCheck.Run(args[1..]),
         null or "help" or "--help" or "-h" => Usage(0),
         var other => Fail($"unknown verb '{other}'"),
@@ -83,6 +86,6 @@ static int Fail(string message)
 
 static int Usage(int code)
 {
-    Console.WriteLine(StandaloneCommands.Usage + Environment.NewLine + MachineCheck.Usage);
+    Console.WriteLine(StandaloneCommands.Usage + Environment.NewLine + EvalCommands.Usage + Environment.NewLine + MachineCheck.Usage);
     return code;
 }

@@ -24,11 +24,13 @@ public static class StandaloneCommands
                            [--weight-decay X] [--clip X] [--mtp-weight X] [--bias-update-speed X]
                            [--precision fp32|bf16] [--device auto|cpu|cuda] [--seed N]
                            [--eval-every N] [--eval-batches N] [--log-every N] [--checkpoint-every N]
-                           [--fresh] [--peak-gflops X]
+                           [--fresh] [--peak-gflops X] [--init-from HF_DIR]
               Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
               600 steps, output in runs/standalone. --warmup defaults to min(30, steps / 10). Text files: documents are separated by empty lines.
               Checkpoints go to DIR/checkpoints/standalone/NNNNNNNN (the cluster's sharded format, one rank);
               resumes from the newest unless --fresh. Writes a Hugging Face folder to DIR/model.
+              --init-from starts from a Hugging Face folder's weights (ours or transformers', FP8 blocks dequantized)
+              and takes its config.json and tokenizer.json.
           gpu-worker generate --model DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
                               [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
               Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).
@@ -58,7 +60,11 @@ public static class StandaloneCommands
     public static StandaloneSpec ParseTrain(string[] args)
     {
         var cl = new CommandLine(args, new HashSet<string> { "fresh" });
-        var config = cl.String("config") is { } path ? DeepSeekConfig.Load(path) : DeepSeekConfig.Preset(cl.String("preset") ?? "tiny");
+        var initFrom = cl.String("init-from");
+        if (initFrom is not null && (cl.String("config") ?? cl.String("preset")) is not null)
+            throw new ArgumentException("option --init-from takes the model's shape from its config.json: leave out --config and --preset");
+        var config = initFrom is not null ? DeepSeekConfig.Load(Path.Combine(initFrom, HfModelFolder.ConfigFile))
+            : cl.String("config") is { } path ? DeepSeekConfig.Load(path) : DeepSeekConfig.Preset(cl.String("preset") ?? "tiny");
         var d = new TrainingOptions();
         var options = new TrainingOptions
         {
@@ -75,7 +81,9 @@ public static class StandaloneCommands
         if (cl.String("warmup") is not null) options = options with { WarmupSteps = cl.Get("warmup", 0L) };
         var spec = new StandaloneSpec
         {
-            Model = config, Data = cl.Strings("data"), TokenizerPath = cl.String("tokenizer"),
+            Model = config, Data = cl.Strings("data"), InitFrom = initFrom,
+            // A pretrained model keeps its own tokenizer when it has one.
+            TokenizerPath = cl.String("tokenizer") ?? (initFrom is not null && File.Exists(Path.Combine(initFrom, HfModelFolder.TokenizerFile)) ? Path.Combine(initFrom, HfModelFolder.TokenizerFile) : null),
             VocabSize = cl.String("vocab-size") is null ? null : cl.Get("vocab-size", 0),
             OutputDir = cl.String("out") ?? Path.Combine("runs", "standalone"), Options = options.Validated(),
             Resume = !cl.Flag("fresh"), PeakFlops = cl.Get("peak-gflops", 0.0) * 1e9,

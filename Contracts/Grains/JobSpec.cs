@@ -74,6 +74,22 @@ public sealed partial record JobSpec
 
     /// <summary>What the worker does about a step that went wrong (NaN/Inf, a loss or gradient-norm spike): see docs/agent.md.</summary>
     [Id(24)] public StepGuardSpec Guard { get; init; } = new();
+    /// <summary>
+    /// Evaluation tasks scored at every scheduled checkpoint (checkpointInterval and the last step) by the job's replicas,
+    /// the examples split over them: names of the tasks shipped with the workers (kjv_cloze, kjv_nextverse, kjv_heldout;
+    /// docs/evaluation.md). Empty: none.
+    /// </summary>
+    [Id(30)] public string[] EvalTasks { get; init; } = [];
+    /// <summary>The first N examples of each evaluation task (lm-evaluation-harness's --limit); 0: all of them.</summary>
+    [Id(31)] public int EvalLimit { get; init; }
+    /// <summary>
+    /// A Hugging Face model folder (config.json + safetensors, as ours or transformers write them, FP8 block-quantized
+    /// weights included) on every worker's filesystem: the job starts from its weights instead of a random
+    /// initialization. Used only when the job has no committed checkpoint to resume from.
+    /// </summary>
+    [Id(32)] public string? InitFrom { get; init; }
+    /// <summary>Evaluation tasks a job may name at most (each is scored at every checkpoint).</summary>
+    public const int MaxEvalTasks = 8;
 
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
@@ -132,6 +148,13 @@ public sealed partial record JobSpec
         if (SamplePrompt is null || SamplePrompt.Length > MaxSamplePromptLength || SamplePrompt.Any(c => char.IsControl(c) && c is not ('\n' or '\r' or '\t')))
             Problem("samplePrompt", $"must be text of at most {MaxSamplePromptLength} characters without control characters other than line breaks and tabs (got {(SamplePrompt is null ? "null" : $"{SamplePrompt.Length} characters")})");
         ValidateTraining(Problem);
+        if (EvalTasks is null || EvalTasks.Length > MaxEvalTasks || EvalTasks.Any(t => !IsTaskName(t)) || EvalTasks.Distinct().Count() != EvalTasks.Length)
+            Problem("evalTasks", $"must be at most {MaxEvalTasks} distinct task names of a-z, 0-9 and '_' (the shipped tasks: kjv_cloze, kjv_nextverse, kjv_heldout)");
+        else if (EvalTasks.Length > 0 && pp > 1)
+            Problem("evalTasks", $"needs parallel.pp = 1: each replica scores its share of the examples with the whole model (pp is {pp})");
+        if (EvalLimit < 0) Problem("evalLimit", $"{EvalLimit} must be 0 (every example) or the number of examples per task");
+        if (InitFrom is not null && (InitFrom.Length == 0 || InitFrom.Any(char.IsControl)))
+            Problem("initFrom", "must be the path of a Hugging Face model folder on the workers (config.json and *.safetensors)");
         if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
@@ -161,6 +184,8 @@ public sealed partial record JobSpec
 
     public static bool IsValidName(string name) =>
         name.Length is >= 1 and <= 64 && name.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.');
+
+    static bool IsTaskName(string? name) => name is { Length: >= 1 and <= 64 } && name.All(c => char.IsAsciiLetterLower(c) || char.IsAsciiDigit(c) || c == '_');
 
     static bool IsJsonObject(string json)
     {

@@ -25,6 +25,8 @@ public sealed record JobStatus
     [Id(14)] public Utilization? Utilization { get; init; }
     /// <summary>The validation curve of the current lineage: one held-out loss per validated step, oldest first.</summary>
     [Id(15)] public ValidationPoint[] ValidationLoss { get; init; } = [];
+    /// <summary>The evaluation tasks' scores at each evaluated checkpoint step of the current lineage (JobSpec.evalTasks), oldest first.</summary>
+    [Id(60)] public EvaluationScore[] Evaluations { get; init; } = [];
 }
 
 /// <summary>
@@ -64,6 +66,11 @@ public sealed record JobSummary(string JobId, JobState State, long Generation, l
 
 [GenerateSerializer, Immutable]
 public sealed record LossPoint([property: Id(0)] long Step, [property: Id(1)] double Loss, [property: Id(2)] double TokensPerSecond);
+
+/// <summary>One metric of one task at a checkpoint step ("acc", "acc_norm", "perplexity", ...), with its standard error when the harness has one.</summary>
+[GenerateSerializer, Immutable]
+public sealed record EvaluationScore([property: Id(0)] long Step, [property: Id(1)] string Task, [property: Id(2)] string Metric,
+                                     [property: Id(3)] double Value, [property: Id(4)] double? Stderr);
 
 [GenerateSerializer, Immutable]
 public sealed record ValidationPoint([property: Id(0)] long Step, [property: Id(1)] double Loss);

@@ -97,6 +97,8 @@ public sealed record StepReport
     /// <summary>The held-out loss of a validation pass after this step (see cluster_control.proto), when HasValidation.</summary>
     [Id(13)] public double ValidationLoss { get; init; }
     [Id(14)] public bool HasValidation { get; init; }
+    /// <summary>Rank 0, at a scheduled checkpoint of a job with evalTasks: the results JSON (lm-evaluation-harness shape); empty otherwise.</summary>
+    [Id(60)] public string EvalResultsJson { get; init; } = "";
 }
 
 /// <summary>Rank 0's account of where the generation resumed (see cluster_control.proto Resumed).</summary>

@@ -113,7 +113,7 @@ public sealed class ClusterControlService(
                     SampleStart = s.SampleStart, SampleCount = s.SampleCount,
                     ExpertLoad = [.. s.ExpertLoad], ExpertLayers = [.. s.ExpertLayers], Experts = s.Experts, Resent = s.Resent,
                     AchievedFlops = s.AchievedFlops, Peak = s.Peak is { } p ? new DevicePeakInfo(p.Flops, p.Precision, p.Source, p.Description, p.Hardware) : null,
-                    HasValidation = s.HasValidation, ValidationLoss = s.ValidationLoss,
+                    HasValidation = s.HasValidation, ValidationLoss = s.ValidationLoss, EvalResultsJson = s.EvalResultsJson,
                 }));
                 break;
             case WorkerMessage.KindOneofCase.Resumed when connection.Current is { } a:

@@ -193,6 +193,8 @@ public sealed class TrainingJobGrain(
         S.Utilization.Record(generation, report);
         // The validation after the last step may arrive once the final commit completed the job.
         S.RecordValidation(report);
+        if (S.RecordEvaluation(report) is { } badEvaluation)
+            logger.LogWarning("Job {Job}: rank {Rank}'s evaluation results were not recorded: {Problem}", JobId, report.Rank, badEvaluation);
         if (S.State == JobState.Completed)
         {
             await job.WriteStateAsync();

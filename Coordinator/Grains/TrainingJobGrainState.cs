@@ -29,6 +29,8 @@ public sealed class TrainingJobGrainState
     /// <summary>The step the current generation was told to resume from (its Assignment's ResumeStep).</summary>
     [Id(18)] public long GenerationResumeStep { get; set; }
     [Id(19)] public List<ValidationPoint> Validation { get; set; } = [];
+    /// <summary>The evaluation tasks' scores by checkpoint step (JobSpec.evalTasks), oldest first.</summary>
+    [Id(60)] public List<EvaluationScore> Evaluations { get; set; } = [];
     /// <summary>Each member's latest achieved FLOP/s and device peak: the status's MFU (see <see cref="UtilizationBoard"/>).</summary>
     [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
 
@@ -74,11 +76,22 @@ public sealed class TrainingJobGrainState
         Validation.Sort((a, b) => a.Step.CompareTo(b.Step));
     }
 
+    /// <summary>A checkpoint evaluation's scores, once per step (rank 0 reports them); why not, for a report that does not parse.</summary>
+    public string? RecordEvaluation(StepReport report)
+    {
+        if (report.EvalResultsJson.Length == 0 || Evaluations.Any(e => e.Step == report.Step)) return null;
+        try { Evaluations.AddRange(EvaluationResults.Parse(report.Step, report.EvalResultsJson)); }
+        catch (InvalidDataException e) { return e.Message; }
+        Evaluations.Sort((a, b) => a.Step.CompareTo(b.Step));
+        return null;
+    }
+
     /// <summary>The state now descends from <paramref name="step"/>: the points of later steps are redone.</summary>
     public void DropCurvesAfter(long step)
     {
         Loss.RemoveAll(p => p.Step > step);
         Validation.RemoveAll(p => p.Step > step);
+        Evaluations.RemoveAll(p => p.Step > step);
     }
 
     public JobStatus ToStatus(string jobId) => new()
@@ -93,6 +106,7 @@ public sealed class TrainingJobGrainState
         Checkpoints = CheckpointBook.Shown(),
         Committed = [.. CheckpointBook.Committed],
         ValidationLoss = [.. Validation],
+        Evaluations = [.. Evaluations],
         Consumption = Ledger.Summary(Spec?.GlobalBatch ?? 0),
         ExpertLoad = ExpertLoad,
         Utilization = Utilization.Of(Generation),

@@ -163,6 +163,7 @@ function renderJob(s) {
       rows.push(el("tr", { "data-step": c.step }, el("td", {}, c.step), el("td", {}, c.generation), el("td", { class: "state-pending" }, c.complete ? "reported" : `${(c.files || []).length}/${c.world} ranks`), el("td", {}, (c.files || []).length), el("td", {}, "–")));
   const body = document.querySelector("#checkpoints tbody");
   body.replaceChildren(...rows);
+  evaluation(document.getElementById("evaluation"), s.evaluations || [], (spec.evalTasks || []).length > 0);
   if (rows.length === 0) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "no checkpoint yet")));
   const c = s.consumption;
   document.getElementById("consumption").textContent = c ? `data consumed: ${c.samples} samples in ${Array.isArray(c.ranges) ? c.ranges.length : c.ranges} ranges${c.complete ? " (epoch complete)" : ""}` : "";
@@ -242,3 +243,18 @@ async function poll() {
 }
 
 poll();
+
+// The newest checkpoint evaluation (JobSpec.evalTasks): every task's metrics at that step, with their standard errors.
+function evaluation(node, scores, asked) {
+  if (scores.length === 0) {
+    node.textContent = asked ? "evaluation: none yet (the tasks are scored at each checkpoint)" : "";
+    return;
+  }
+  const step = Math.max(...scores.map(e => e.step));
+  const byTask = new Map();
+  for (const e of scores.filter(e => e.step === step)) {
+    const text = `${e.metric} ${fmt(e.value, 4)}` + (e.stderr == null ? "" : ` ± ${fmt(e.stderr, 4)}`);
+    byTask.set(e.task, [...(byTask.get(e.task) || []), text]);
+  }
+  node.textContent = `evaluation at step ${step}: ` + [...byTask].map(([task, m]) => `${task} ${m.join(", ")}`).join("; ");
+}

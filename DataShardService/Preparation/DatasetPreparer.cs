@@ -27,7 +27,6 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
 {
     public const string TrainSplit = "train";
     public const string ValidationSplit = "validation";
-    private const ulong SplitSeed = 0x5350_4C49_5456_414C; // which side of the split a document falls on
     private const ulong MixSeed = 0x4D49_5857_4549_4748;   // which documents get the fractional extra copy
     private const int EncodeChunk = 256;               // documents per parallel encode, and at most
     private const long EncodeChunkChars = 256 << 10;   // this many characters, so long documents do not pile up
@@ -293,8 +292,7 @@ public sealed class DatasetPreparer(IDatasetStore store, string workRoot, Prepar
     }
 
     /// <summary>A document's side depends on its text alone, so exact duplicates and copies never straddle the split.</summary>
-    internal static bool IsValidation(UInt128 hash, double fraction) =>
-        StableHash.ToUnitInterval(StableHash.Combine(SplitSeed, (ulong)hash)) < fraction;
+    internal static bool IsValidation(UInt128 hash, double fraction) => DatasetSplit.IsValidation(hash, fraction);
 
     internal static int Copies(SpooledDocument doc, double weight)
     {

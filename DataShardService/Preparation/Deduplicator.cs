@@ -1,8 +1,5 @@
 // Exact (SHA-256 of the cleaned text) and near-duplicate (MinHash over word shingles, LSH banding) dedup.
 // Keeps the first occurrence in input order; holds hashes and signatures of kept documents, never texts.
-using System.Buffers.Binary;
-using System.Security.Cryptography;
-using System.Text;
 using DeepSeekCluster.Text.Data;
 
 namespace DeepSeekCluster.DataShardService.Preparation;
@@ -66,8 +63,7 @@ public sealed class Deduplicator
     public DedupCounts Counts { get; } = new();
 
     /// <summary>SHA-256 of the UTF-8 text, first 16 bytes: the document's identity for exact dedup and the split.</summary>
-    public static UInt128 TextHash(string text) =>
-        BinaryPrimitives.ReadUInt128LittleEndian(SHA256.HashData(Encoding.UTF8.GetBytes(text)));
+    public static UInt128 TextHash(string text) => DatasetSplit.TextHash(text);
 
     public DedupVerdict Check(string text, UInt128 hash)
     {

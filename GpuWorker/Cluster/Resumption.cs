@@ -4,6 +4,7 @@ using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Pipeline;
@@ -142,6 +143,12 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     {
         manual_seed(plan.Spec.Seed);
         var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
+        // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
+        if (plan.Spec.InitFrom is { } pretrained)
+        {
+            PretrainedWeights.LoadInto(model, pretrained);
+            run.Log($"initFrom: the model starts from the weights of {pretrained}");
+        }
         model.to(device);
         if (plan.Options.Precision == "bf16") model.to(ScalarType.BFloat16); // AdamW keeps fp32 master weights and moments
         var stage = Pipeline ? new PipelineStage(model, layout, A.PpStage) : null;

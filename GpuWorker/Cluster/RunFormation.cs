@@ -36,6 +36,8 @@ sealed class RunFormation : IDisposable
     public required GrpcCheckpointStore Store { get; init; }
     /// <summary>The dataset's tokenizer hash: checkpoints carry it, and a load checks it.</summary>
     public required string TokenizerHash { get; init; }
+    /// <summary>This stage's tcp ring (all ranks when pp = 1): the small exchanges between steps use it.</summary>
+    public required ICollective Ring { get; init; }
 
     T Own<T>(T disposable) where T : IDisposable { owned.Push(disposable); return disposable; }
 
@@ -106,7 +108,7 @@ sealed class RunFormation : IDisposable
                     (pipeline ? $" = stage {stage} (layers {live.Stage!.Layers.FirstLayer}..{live.Stage.Layers.End - 1}) of replica {replica}, dp {dp} x pp {pp}" : "") +
                     $", {plan.Config.ParameterCount() / 1e6:F2} M parameters, global batch {plan.Options.GlobalBatch} = {dp} x {plan.Options.MicroBatch} x " +
                     $"{plan.Options.Accumulation(dp)} micro-batches, from step {live.Step} ({resumePlan.Source})");
-            var formation = new RunFormation { Trainer = trainer, Live = live, Layout = layout, Sharding = new ShardingPlan(layout, catalog), Store = store, TokenizerHash = tokenizerHash };
+            var formation = new RunFormation { Trainer = trainer, Live = live, Layout = layout, Sharding = new ShardingPlan(layout, catalog), Store = store, TokenizerHash = tokenizerHash, Ring = ring };
             foreach (var d in formed) formation.Own(d);
             return formation;
         }

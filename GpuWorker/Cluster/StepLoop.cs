@@ -10,7 +10,9 @@ using DeepSeekCluster.Training.Parallel;
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
 /// <param name="validation">The validation this rank takes part in (null: none between steps); see <see cref="RunEnd.Validates"/>.</param>
-sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISampleSource source, WorkerProgress progress, RunValidation? validation)
+/// <param name="evaluation">The job's evaluation tasks, scored at scheduled checkpoint steps (null: the job names none).</param>
+sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISampleSource source, WorkerProgress progress, RunValidation? validation,
+                      CheckpointEvaluation? evaluation = null)
 {
     /// <summary>The longest wait between two saves of a final checkpoint that the store did not take.</summary>
     static readonly TimeSpan FinalCheckpointRetryCap = TimeSpan.FromSeconds(30);
@@ -67,7 +69,11 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
                 run.Metrics.DeviceMemory(A.JobId, run.WorkerId,
                     deviceBytes ??= TrainingMetrics.TrainingStateBytes(formed.Live.Tensors().Select(kv => kv.Value), formed.Live.Model.parameters()));
             double? validationLoss = Options.EvalEvery > 0 && m.Step % Options.EvalEvery == 0 ? Validate(m.Step) : null;
-            run.Send(new WorkerMessage { Step = Report(m, served, validationLoss) });
+            // Every replica scores its share of the tasks before the checkpoint's copy (the weights are the same).
+            string? evalResults = evaluation?.Due(m.Step) == true ? evaluation.Run(formed.Live.Model, m.Step) : null;
+            var report = Report(m, served, validationLoss);
+            report.EvalResultsJson = evalResults ?? "";
+            run.Send(new WorkerMessage { Step = report });
             if (A.Rank == 0 && (m.Step % 10 == 0 || m.Step == Options.Steps || m.Step == 1))
                 run.Log(ConsoleProgress.Format(m, Options.Steps, A.World, TimeSpan.Zero).Split(" | ETA")[0] +
                         (validationLoss is { } v ? $" | val {v:F4} (ppl {Math.Exp(v):F1})" : ""));

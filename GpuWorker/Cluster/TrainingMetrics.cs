@@ -17,7 +17,8 @@ public sealed class TrainingMetrics : IDisposable
     readonly Gauge<double> loss, validationLoss, learningRate, gradNorm, tokensPerSecond, mfu, achievedFlops, peakFlops, expertLoad, imbalance;
     readonly Gauge<long> globalStep, deviceMemory;
     readonly Histogram<double> stepSeconds, snapshotSeconds, saveSeconds, loadSeconds;
-    readonly Counter<long> steps, tokens, checkpointBytes;
+    readonly Counter<long> steps, tokens, checkpointBytes, evalTokens;
+    readonly Gauge<double> evalAccuracy, evalPerplexity, evalTokensPerSecond;
 
     public TrainingMetrics()
     {
@@ -45,6 +46,10 @@ public sealed class TrainingMetrics : IDisposable
         loadSeconds = meter.CreateHistogram<double>("deepseek.checkpoint.load", "s",
             "From the manifest read to this rank's tensors loaded from a committed checkpoint", tags: null, advice: checkpointBuckets);
         checkpointBytes = meter.CreateCounter<long>("deepseek.checkpoint.bytes", "By", "Checkpoint bytes this rank moved (direction: save, load)");
+        evalAccuracy = meter.CreateGauge<double>("deepseek.eval.accuracy_ratio", "1", "The last checkpoint evaluation's accuracy per task (metric: acc, acc_norm)");
+        evalPerplexity = meter.CreateGauge<double>("deepseek.eval.perplexity", "{perplexity}", "The last checkpoint evaluation's perplexity per task (metric: perplexity, word_perplexity, byte_perplexity)");
+        evalTokens = meter.CreateCounter<long>("deepseek.eval.tokens", "{token}", "Tokens this rank scored for evaluation tasks");
+        evalTokensPerSecond = meter.CreateGauge<double>("deepseek.eval.tokens_per_second", "{token}/s", "Tokens per second this rank scored in its last evaluation");
     }
 
     /// <summary>Records one step; labels stay low-cardinality (job, worker, layer, expert, phase — never the step).</summary>
@@ -86,6 +91,24 @@ public sealed class TrainingMetrics : IDisposable
 
     /// <summary>The validation cross-entropy of an evaluation (rank 0 evaluates, so only its worker has the series).</summary>
     public void ValidationLoss(string job, string worker, double nats) => validationLoss.Record(nats, Who(job, worker));
+
+    /// <summary>Rank 0: one task's results of a checkpoint evaluation (accuracies as ratios, perplexities as values).</summary>
+    public void EvaluationResult(string job, string worker, Training.Harness.TaskResult result)
+    {
+        foreach (var (metric, value) in result.Metrics)
+        {
+            var tags = new TagList { { "training_job", job }, { "worker", worker }, { "task", result.Name }, { "metric", metric } };
+            if (metric.StartsWith("acc", StringComparison.Ordinal)) evalAccuracy.Record(value, tags);
+            else if (metric.EndsWith("perplexity", StringComparison.Ordinal)) evalPerplexity.Record(value, tags);
+        }
+    }
+
+    /// <summary>Every rank: the tokens it scored in an evaluation and how fast.</summary>
+    public void EvaluationTokens(string job, string worker, long tokensScored, double seconds)
+    {
+        evalTokens.Add(tokensScored, Who(job, worker));
+        if (seconds > 0) evalTokensPerSecond.Record(tokensScored / seconds, Who(job, worker));
+    }
 
     /// <summary>Bytes of the tensors the training state holds on the device (see <see cref="TrainingStateBytes"/>).</summary>
     public void DeviceMemory(string job, string worker, long bytes) => deviceMemory.Record(bytes, Who(job, worker));

@@ -26,6 +26,8 @@ public sealed record StandaloneSpec
     public double ValidationFraction { get; init; } = 0.05;
     /// <summary>The device's peak (FLOP/s) for MFU, set by --peak-gflops; 0: the declared GPU peak or the CPU's cached calibration.</summary>
     public double PeakFlops { get; init; }
+    /// <summary>A Hugging Face model folder whose weights the run starts from (FP8 blocks dequantized) instead of the seed's.</summary>
+    public string? InitFrom { get; init; }
     public string SamplePrompt { get; init; } = "In the beginning";
     public int SampleTokens { get; init; } = 40;
 }
@@ -67,9 +69,16 @@ public static class StandaloneRun
         progress.Line($"tokens: {train.TokenCount:N0} train ({train.SampleCount:N0} samples of {options.SeqLen + 1}), {validation.TokenCount:N0} validation; unigram baseline {unigram:F3} nats/token");
 
         // ---- Model, trainer, resume ----
-        var config = (spec.Model with { VocabSize = tokenizer.VocabSize, BosTokenId = tokenizer.BosTokenId, EosTokenId = eot }).Validated();
+        // From pretrained weights the embedding keeps the folder's rows (vocab_size may be padded beyond the tokenizer's).
+        int vocab = spec.InitFrom is null ? tokenizer.VocabSize : Math.Max(spec.Model.VocabSize, tokenizer.VocabSize);
+        var config = (spec.Model with { VocabSize = vocab, BosTokenId = tokenizer.BosTokenId, EosTokenId = eot }).Validated();
         manual_seed(options.Seed);
         using var model = new DeepSeekForCausalLM(config).InitializeWeights();
+        if (spec.InitFrom is { } pretrained)
+        {
+            PretrainedWeights.LoadInto(model, pretrained);
+            progress.Line($"initFrom: the model starts from the weights of {pretrained}");
+        }
         if (options.Precision == "bf16") model.to(ScalarType.BFloat16);
         model.to(device);
         var peak = HardwarePeak.For(device, options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32,

@@ -47,7 +47,7 @@ public static class HfModelFolder
         var configPath = Path.Combine(dir, ConfigFile);
         if (!File.Exists(configPath)) throw new FileNotFoundException($"Model folder '{dir}' has no {ConfigFile}.", configPath);
         var config = DeepSeekConfig.Load(configPath).Validated();
-        var weights = HfWeights.Load(dir);
+        var weights = PretrainedWeights.Load(dir);
         try
         {
             var model = new DeepSeekForCausalLM(config);

@@ -9,11 +9,14 @@ internal static class SafeTensorDtype
     // Rank is the place in the reference library's dtype enum, which is ordered by alignment; writers
     // lay tensors out by descending rank (then name) so every tensor starts at a multiple of its
     // element size once the header is padded to 8. Types the format has but torch lacks (U16, U32,
-    // U64, F8_*) are absent: we cannot make a tensor from them.
+    // U64, F8_E5M2) are absent: we cannot make a tensor from them.
     private static readonly (string Name, ScalarType Type, int ItemSize, int Rank)[] Table =
     [
         ("BOOL", ScalarType.Bool, 1, 0),
         ("U8", ScalarType.Byte, 1, 1),
+        // FP8 (e4m3fn), as DeepSeek-V3's released weights store them: read as raw bits (uint8), which Fp8BlockDequant
+        // decodes with the tensor's weight_scale_inv. Never written: a uint8 tensor is written as U8 (found first).
+        ("F8_E4M3", ScalarType.Byte, 1, 3),
         ("I8", ScalarType.Int8, 1, 2),
         ("I16", ScalarType.Int16, 2, 5),
         ("F16", ScalarType.Float16, 2, 7),

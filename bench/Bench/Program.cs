@@ -12,12 +12,13 @@ switch (verb)
     case "exact-sum": ExactSumBench.Run(rest); break;
     case "kernels": KernelBench.Run(rest); break;
     case "export": ExportBench.Run(rest); break;
+    case "eval": EvalBench.Run(rest); break;
     case "soak": return await SoakBench.RunAsync(rest);
     case "recovery": return await RecoveryBench.RunAsync(rest);
     case "cluster": return await ClusterBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, export, soak, recovery, cluster");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, export, eval, soak, recovery, cluster");
         return 2;
 }
 return 0;

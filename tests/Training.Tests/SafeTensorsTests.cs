@@ -204,7 +204,7 @@ public sealed class SafeTensorsTests : IDisposable
     {
         { "invalid JSON", """{"x":{"dtype":"F32",""", 4, "not valid UTF-8 JSON" },
         { "JSON that is not an object", """[1,2]""", 0, "expected an object" },
-        { "unknown dtype", """{"x":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}""", 4, "unknown dtype 'F8_E4M3'" },
+        { "unknown dtype", """{"x":{"dtype":"F8_E5M2","shape":[4],"data_offsets":[0,4]}}""", 4, "unknown dtype 'F8_E5M2'" },
         { "size mismatch", """{"x":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}""", 12, "which is 16 bytes, but its data_offsets [0, 12] span 12" },
         { "overlap", """{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}""", 12, "overlaps tensor 'x'" },
         { "gap", """{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}""", 8, "begins at data offset 4; expected 0" },
