@@ -12,6 +12,7 @@ public static partial class ConfigurationKeys
         ["gpu-worker"] = "GpuWorker",
         ["data-shards"] = "DataShardService",
         ["checkpoints"] = "CheckpointStore",
+        ["model-server"] = "ModelServer",
     };
 
     static readonly string[] HttpEndpoint = ["Kestrel:Endpoints:http:Url", "Kestrel:Endpoints:http:Protocols"];
@@ -34,6 +35,8 @@ public static partial class ConfigurationKeys
         // (GpuWorker/Cluster/WorkerSettings.cs); DEEPSEEK_INSTANCE and POD_IP are its fallbacks for Worker:Id and CollectiveHost.
         ["gpu-worker"] = ["services:coordinator:grpc:0", "services:data-shards:grpc:0", "services:checkpoints:grpc:0", "Cluster:Token",
                           "DEEPSEEK_INSTANCE", "POD_IP", "Worker:CollectivePort", "Worker:PipelinePort", "Worker:OutputDir", "Worker:StayAfterLeave", .. HttpEndpoint],
+        // The model server: what it serves (a folder on the models volume, its route) and who may call it (the token).
+        ["model-server"] = ["Cluster:Token", "Serving:Models:0:Version", "Serving:Models:0:Path", .. HttpEndpoint],
     };
 
     /// <summary>Required in the deployable overlays only (the base runs on folders).</summary>
@@ -56,8 +59,13 @@ public static partial class ConfigurationKeys
         // Worker:Id falls back to DEEPSEEK_INSTANCE (the pod name), Worker:CollectiveHost to POD_IP; Worker:Device is auto.
         // Worker:HeartbeatInterval (1 s) and Worker:CollectiveTimeout (30 s) suit a pod as they are.
         // Kestrel:Endpoints:grpc:Url: ServiceDefaults' mutual-TLS server setup reads it, which the worker (no gRPC server) never calls.
+        // Worker:MemoryBudgetBytes: unset is the device's memory (the GPU's, or the pod's limit as .NET sees it);
+        // Worker:InjectFault is for drills and tests only and must stay unset in a deployment.
+        // Serving:ApiKeys comes from an optional Secret; without it only the cluster token is accepted. Cluster:Tls:* is read by
+        // ServiceDefaults' mutual-TLS setup, which the model server (an HTTP API that dials no cluster service) leaves off.
+        ["model-server"] = ["Serving:ApiKeys", "Serving:Device", .. ClusterTlsKeys, "Kestrel:Endpoints:grpc:Url"],
         ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
-                          "Kestrel:Endpoints:grpc:Url"],
+                          "Kestrel:Endpoints:grpc:Url", "Worker:MemoryBudgetBytes", "Worker:InjectFault"],
     };
 
     /// <summary>Folder keys: each must point into a volume the container mounts (the root filesystem is read-only).</summary>

@@ -119,6 +119,21 @@ public sealed class ServiceProcess : IAsyncDisposable
     }
 
     /// <summary>The value of one series of /metrics (exact label set in Prometheus text order), or null when absent.</summary>
+    /// <summary>
+    /// The counter once it reads <paramref name="expected"/>, or its last reading after 10 s: the Prometheus exporter
+    /// caches a scrape's answer for a moment, so calls just made may not show in the first read after them.
+    /// </summary>
+    public async Task<double?> MetricReachingAsync(double expected, string name, params (string Label, string Value)[] labels)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (true)
+        {
+            var value = await MetricAsync(name, labels);
+            if (value == expected || DateTime.UtcNow > deadline) return value;
+            await Task.Delay(100);
+        }
+    }
+
     public async Task<double?> MetricAsync(string name, params (string Label, string Value)[] labels)
     {
         string text = await Http.GetStringAsync("/metrics");

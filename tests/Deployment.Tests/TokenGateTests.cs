@@ -47,8 +47,8 @@ public class TokenGateTests
         });
         await AssertRefused(() => client.GetTokenizerAsync(new DataManifestRequest { DatasetId = "absent" }, Bearer("not-the-token")).ResponseAsync);
 
-        Assert.Equal(3, await service.MetricAsync(Metric, ("surface", "grpc"), ("reason", "missing")));
-        Assert.Equal(1, await service.MetricAsync(Metric, ("surface", "grpc"), ("reason", "wrong")));
+        Assert.Equal(3, await service.MetricReachingAsync(3, Metric, ("surface", "grpc"), ("reason", "missing")));
+        Assert.Equal(1, await service.MetricReachingAsync(1, Metric, ("surface", "grpc"), ("reason", "wrong")));
         Assert.False(Directory.Exists(Path.Combine(root, "work")) && Directory.EnumerateFileSystemEntries(Path.Combine(root, "work")).Any(),
             "a refused Prepare must not have started");
         await AssertLoggedWithoutSecrets(service, "Prepare");
@@ -87,8 +87,8 @@ public class TokenGateTests
         });
         await AssertRefused(() => client.ListCheckpointsAsync(new ListCheckpointsRequest { Job = "job-1" }, Bearer("not-the-token")).ResponseAsync);
 
-        Assert.Equal(4, await service.MetricAsync(Metric, ("surface", "grpc"), ("reason", "missing")));
-        Assert.Equal(1, await service.MetricAsync(Metric, ("surface", "grpc"), ("reason", "wrong")));
+        Assert.Equal(4, await service.MetricReachingAsync(4, Metric, ("surface", "grpc"), ("reason", "missing")));
+        Assert.Equal(1, await service.MetricReachingAsync(1, Metric, ("surface", "grpc"), ("reason", "wrong")));
         Assert.Empty(Directory.EnumerateFiles(folder, "*", SearchOption.AllDirectories)); // nothing committed, nothing uploaded
         await AssertLoggedWithoutSecrets(service, "CommitCheckpoint");
     }
