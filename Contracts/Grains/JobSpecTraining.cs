@@ -38,8 +38,12 @@ public sealed partial record JobSpec
 [GenerateSerializer, Immutable]
 public sealed record StepGuardSpec
 {
-    /// <summary>false: only the NaN/Inf skip; no spike rule, no snapshots.</summary>
-    [Id(0)] public bool Rollback { get; init; } = true;
+    /// <summary>
+    /// true: the spike rule and its rollbacks (with host snapshots). Off by default (only the NaN/Inf skip): its window is
+    /// per-generation state, so a job re-formed after a fault would judge steps on another history than an undisturbed
+    /// one and lose its bit-for-bit equality, and its default threshold flagged normal early-training swings (docs/agent.md).
+    /// </summary>
+    [Id(0)] public bool Rollback { get; init; }
     [Id(1)] public int Window { get; init; } = 50;
     [Id(2)] public int MinHistory { get; init; } = 10;
     [Id(3)] public double Threshold { get; init; } = 10;

@@ -6,7 +6,7 @@ namespace DeepSeekCluster.GpuWorker.Tests;
 
 public class SpikeRuleTests
 {
-    static readonly StepGuardSpec Spec = new() { Window = 5, MinHistory = 5, Threshold = 10, SnapshotEvery = 2, MaxRollbacks = 2, MaxSkips = 2, LrFactor = 0.5 };
+    static readonly StepGuardSpec Spec = new() { Rollback = true, Window = 5, MinHistory = 5, Threshold = 10, SnapshotEvery = 2, MaxRollbacks = 2, MaxSkips = 2, LrFactor = 0.5 };
 
     [Fact]
     public void ASpikeIsMeasuredInRobustDeviationsFromTheMedianOfTheWindow()

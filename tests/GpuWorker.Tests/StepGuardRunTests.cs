@@ -23,7 +23,7 @@ public class StepGuardRunTests(DataShardsHostFixture fixture) : IClassFixture<Da
         {
             Name = "guarded", ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = globalBatch, MicroBatch = 2,
             SeqLen = DataShardsHost.SeqLen, Steps = steps, Schedule = new() { Kind = "constant", WarmupSteps = 1 },
-            Guard = new StepGuardSpec { Window = 8, MinHistory = 3, SnapshotEvery = 2, LrFactor = 0.5, MaxRollbacks = 1 },
+            Guard = new StepGuardSpec { Rollback = true, Window = 8, MinHistory = 3, SnapshotEvery = 2, LrFactor = 0.5, MaxRollbacks = 1 },
         };
         Assert.Empty(spec.Validate());
         int port = FreePort.Next();

@@ -144,8 +144,44 @@ public sealed class RunningCluster : IAsyncLifetime
         await RoundAsync();
         await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("deepseek_serving_output_tokens_total", DateTimeOffset.UtcNow)).Series.Count > 0,
             TimeSpan.FromMinutes(1), AppHostState, TimeSpan.FromSeconds(1));
-        await RoundAsync();
-        await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("rate(deepseek_serving_output_tokens_total[1m]) > 0", DateTimeOffset.UtcNow)).Series.Count > 0,
+        // Rounds until the latency panels' own form (a quantile of a short-window rate) has a value: a histogram's rate
+        // needs two scrapes around a change in the same few seconds, which a busy engine can delay.
+        var latency = new[] { "deepseek_serving_time_to_first_token_seconds_bucket", "deepseek_serving_time_per_output_token_seconds_bucket" }
+            .Select(h => $"histogram_quantile(0.5, sum by (le) (rate({h}[{4 * PrometheusServer.ScrapeInterval.TotalSeconds:F0}s])))").ToList();
+        await Poll.UntilAsync(async () =>
+        {
+            await RoundAsync();
+            foreach (var q in latency)
+                if (!(await Prometheus.QueryAsync(q, DateTimeOffset.UtcNow)).Series.Any(x => x?["value"] is System.Text.Json.Nodes.JsonArray v && double.TryParse(v[1]!.GetValue<string>(), System.Globalization.CultureInfo.InvariantCulture, out var d) && double.IsFinite(d)))
+                    return false;
+            return true;
+        }, TimeSpan.FromMinutes(2), () => $"the serving latency quantiles stayed empty: {string.Join("; ", latency)}", TimeSpan.FromMilliseconds(200));
+        await StudyAsync(token);
+    }
+
+    /// <summary>
+    /// A study (docs/studies.md) created and stopped at once: its trials are reported by state on /metrics
+    /// (deepseek_cluster_study_trials), as the cluster dashboard shows them. Its trial asks for more workers than the
+    /// cluster has, so it never forms and takes no worker from the tests that look at the training job.
+    /// </summary>
+    async Task StudyAsync(string token)
+    {
+        var dataset = (await JobAsync())!["spec"]!["dataset"]!.GetValue<string>();
+        string body = $$$"""
+            {"name": "observability-study", "job": {"modelPreset": "tiny", "dataset": "{{{dataset}}}", "globalBatch": 32, "microBatch": 4, "seqLen": 64, "steps": 20,
+              "schedule": {"kind": "cosine", "peakLr": 0.003, "minLr": 0, "warmupSteps": 2}, "checkpointInterval": 0, "minWorkers": 8, "maxWorkers": 8},
+             "space": [{"path": "schedule.peakLr", "kind": "logUniform", "low": 0.0001, "high": 0.01}],
+             "metric": "validationLoss", "mode": "min", "budget": {"trials": 2}, "concurrency": 1,
+             "sampler": {"kind": "random", "seed": 1}, "scheduler": {"kind": "asha", "gracePeriod": 5, "reductionFactor": 3}}
+            """;
+        foreach (var (path, content) in new[] { ("/studies", body), ("/studies/observability-study/stop", "") })
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Post, path) { Content = new StringContent(content, Encoding.UTF8, "application/json") };
+            request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token);
+            using var response = await Coordinator.SendAsync(request);
+            if (!response.IsSuccessStatusCode) throw new InvalidOperationException($"POST {path} answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}");
+        }
+        await Poll.UntilAsync(async () => (await Prometheus.QueryAsync("deepseek_cluster_study_trials", DateTimeOffset.UtcNow)).Series.Count > 0,
             TimeSpan.FromMinutes(1), AppHostState, TimeSpan.FromSeconds(1));
     }
 

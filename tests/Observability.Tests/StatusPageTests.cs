@@ -9,7 +9,7 @@ namespace DeepSeekCluster.Observability.Tests;
 [Collection(ClusterCollection.Name)]
 public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
 {
-    const int Width = 1280, Height = 1700;
+    const int Width = 1280, Height = 2600; // tall enough for the whole page (evaluations and studies included): a scrollbar would narrow the screenshot
 
     /// <summary>What the page shows, read from its DOM in one evaluation.</summary>
     const string ReadPage = """
@@ -43,7 +43,8 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
         Assert.True(lossPoints >= 5, $"the job reported only {lossPoints} loss points");
 
         await using var browser = await Chromium.StartAsync(Width, Height);
-        await browser.NavigateAsync(cluster.CoordinatorUrl + "/status");
+        // The training job by name: the cluster also holds a stopped study trial, which is newer.
+        await browser.NavigateAsync(cluster.CoordinatorUrl + "/status?job=" + Uri.EscapeDataString(cluster.JobId));
         JsonObject page = new();
         await Poll.UntilAsync(async () =>
         {
@@ -117,7 +118,8 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
     public async Task TheStatusFieldsBeingAddedRenderWhenPresent()
     {
         await using var browser = await Chromium.StartAsync(Width, Height);
-        await browser.NavigateAsync(cluster.CoordinatorUrl + "/status");
+        // The training job by name: the cluster also holds a stopped study trial, which is newer.
+        await browser.NavigateAsync(cluster.CoordinatorUrl + "/status?job=" + Uri.EscapeDataString(cluster.JobId));
         await Poll.UntilAsync(async () => (await browser.EvaluateAsync("typeof renderJob === 'function' && document.readyState === 'complete'"))?.GetValue<bool>() == true,
             TimeSpan.FromSeconds(60), () => "the page's script did not load:\n" + browser.Log);
         var shown = JsonNode.Parse((await browser.EvaluateAsync("""

@@ -77,3 +77,37 @@ public class CausalAttentionTests
         Assert.InRange(worst, 0, 0.05);
     }
 }
+
+public class CausalAttentionThreadTests
+{
+    /// <summary>
+    /// Training is bit-identical at any world size only if a micro-batch's gradients do not depend on how many torch
+    /// threads the process that computes them has (workers on one machine split its cores).
+    /// </summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void AttentionGradientsAreTheSameBitsWithOneOrTwoThreads(bool fused)
+    {
+        int before = TorchSharp.torch.get_num_threads();
+        try
+        {
+            Tensor[] Run(int threads)
+            {
+                TorchSharp.torch.set_num_threads(threads);
+                manual_seed(3);
+                var q = randn(4, 8, 64, 48).requires_grad_(true);
+                var k = randn(4, 8, 64, 48).requires_grad_(true);
+                var v = randn(4, 8, 64, 32).requires_grad_(true);
+                var o = fused ? CausalAttention.Fused(q, k, v, 0, 0.2) : CausalAttention.Explicit(q, k, v, 0, 0.2);
+                var g = autograd.grad([(o * o).sum()], [q, k, v]);
+                return [o.detach(), .. g];
+            }
+            var one = Run(1);
+            var two = Run(2);
+            for (int i = 0; i < one.Length; i++)
+                Assert.True(one[i].eq(two[i]).all().item<bool>(), $"{(fused ? "fused" : "explicit")}: tensor {i} differs between 1 and 2 threads (max {(one[i] - two[i]).abs().max().item<float>():E2})");
+        }
+        finally { TorchSharp.torch.set_num_threads(before); }
+    }
+}
