@@ -28,7 +28,7 @@ public sealed class DataShardsMetrics
     private readonly Counter<long> _cacheMisses;
     private readonly Counter<long> _preparedBytes;
     private readonly Gauge<double> _prepareThroughput;
-    private readonly Counter<long> _authRefusals;
+    private readonly AuthRefusals _authRefusals;
 
     public DataShardsMetrics(IMeterFactory meterFactory)
     {
@@ -42,19 +42,15 @@ public sealed class DataShardsMetrics
         _cacheMisses.Add(0);
         _preparedBytes = meter.CreateCounter<long>("deepseek.data.prepared_bytes", "By", "Raw UTF-8 text bytes read by completed prepare runs.");
         _prepareThroughput = meter.CreateGauge<double>("deepseek.data.prepare_megabytes_per_second", "MBy/s", "Raw text MB (10^6 bytes) per second of the last completed prepare run, all stages.");
-        _authRefusals = meter.CreateCounter<long>("deepseek.data.auth_refusals", "{request}",
-            "gRPC calls refused for a missing or wrong cluster token (surface grpc), and TLS handshakes refused for a missing or untrusted client certificate (surface tls).");
-        foreach (var reason in ClusterTlsEndpoint.Reasons) _authRefusals.Add(0, Refusal(ClusterTlsEndpoint.Surface, reason));
-        foreach (var reason in ClusterTokenGate.Reasons) _authRefusals.Add(0, Refusal(ClusterTokenGate.Surface, reason));
+        _authRefusals = new AuthRefusals(meter.CreateCounter<long>("deepseek.data.auth_refusals", "{request}", AuthRefusals.Description));
     }
 
     /// <summary>A client refused in the TLS handshake (<see cref="ClusterTlsEndpoint"/>), by reason.</summary>
-    public void AuthRefused(string reason) => _authRefusals.Add(1, Refusal(ClusterTlsEndpoint.Surface, reason));
+    public void AuthRefused(string reason) => _authRefusals.TlsRefused(reason);
 
     /// <summary>A call refused for its cluster token (<see cref="ClusterTokenGate"/>), by reason.</summary>
-    public void TokenRefused(string reason) => _authRefusals.Add(1, Refusal(ClusterTokenGate.Surface, reason));
+    public void TokenRefused(string reason) => _authRefusals.TokenRefused(reason);
 
-    private static KeyValuePair<string, object?>[] Refusal(string surface, string reason) => [new("surface", surface), new("reason", reason)];
 
     public void SamplesServed(long samples, long bytes)
     {

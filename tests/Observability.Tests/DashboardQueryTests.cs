@@ -78,7 +78,7 @@ public partial class DashboardQueryTests(RunningCluster cluster, ITestOutputHelp
         PromQl.MetricNames(expr).Where(n => !MetricsCatalogue.Entries.Any(e => e.Status is "emitted" or "scrape" && e.SeriesNames.Contains(n))).ToList();
 
 
-    static bool HasFiniteSample(JsonArray series) => series.Any(s =>
+    internal static bool HasFiniteSample(JsonArray series) => series.Any(s =>
         (s?["values"]?.AsArray() ?? (s?["value"] is JsonArray one ? new JsonArray(one.DeepClone()) : []))
             .Any(v => double.TryParse(v![1]!.GetValue<string>(), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var x) && double.IsFinite(x)));
 

@@ -152,8 +152,7 @@ public sealed class RunningCluster : IAsyncLifetime
         {
             await RoundAsync();
             foreach (var q in latency)
-                if (!(await Prometheus.QueryAsync(q, DateTimeOffset.UtcNow)).Series.Any(x => x?["value"] is System.Text.Json.Nodes.JsonArray v && double.TryParse(v[1]!.GetValue<string>(), System.Globalization.CultureInfo.InvariantCulture, out var d) && double.IsFinite(d)))
-                    return false;
+                if (!DashboardQueryTests.HasFiniteSample((await Prometheus.QueryAsync(q, DateTimeOffset.UtcNow)).Series)) return false;
             return true;
         }, TimeSpan.FromMinutes(2), () => $"the serving latency quantiles stayed empty: {string.Join("; ", latency)}", TimeSpan.FromMilliseconds(200));
         await StudyAsync(token);
