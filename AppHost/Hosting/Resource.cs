@@ -75,22 +75,3 @@ public sealed class Resource
 
     public Resource WithHttpHealthCheck(string path = "/health") { HealthPath = path; return this; }
 }
-
-public static class FreePort
-{
-    static readonly HashSet<int> handed = new();
-
-    /// <summary>A loopback port nobody listens on now (and that this process has not handed out).</summary>
-    public static int Next()
-    {
-        lock (handed)
-            while (true)
-            {
-                var l = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
-                l.Start();
-                int port = ((System.Net.IPEndPoint)l.LocalEndpoint).Port;
-                l.Stop();
-                if (handed.Add(port)) return port;
-            }
-    }
-}

@@ -194,7 +194,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         try
         {
             var first = await Task.WhenAny(reading, leave.Task, rejoin.Task);
-            if (first == leave.Task) return await LeaveAsync(call, writer, await leave.Task);
+            if (first == leave.Task) return await LeaveAsync(call, writer, reading, await leave.Task);
             if (first == rejoin.Task)
             {
                 Log("rejoining the coordinator as a free worker");
@@ -272,8 +272,12 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         return null;
     }
 
-    /// <summary>Graceful leave: the step in flight finishes, Leaving goes up, the stream closes; exit code 0.</summary>
-    async Task<int> LeaveAsync(AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call, Task writer, string reason)
+    /// <summary>
+    /// Graceful leave: the step in flight finishes, Leaving goes up, the stream closes; exit code 0. The coordinator ends its
+    /// side once it has read the farewell; until then the call stays open, since cancelling it (or exiting) resets the stream
+    /// and the coordinator, which may not have read the farewell yet, would record the worker as lost instead of left.
+    /// </summary>
+    async Task<int> LeaveAsync(AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call, Task writer, Task reading, string reason)
     {
         await handling.WaitAsync();
         try { leaving = true; }
@@ -283,8 +287,13 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         Log($"leaving: {reason}");
         Send(new WorkerMessage { Leaving = new Leaving { Reason = reason, Generation = generation } });
         outbox.Writer.TryComplete(); // the writer sends what is queued, the farewell last, then ends
-        try { await writer.WaitAsync(TimeSpan.FromSeconds(5)); await call.RequestStream.CompleteAsync(); }
-        catch (Exception e) when (e is TimeoutException or RpcException or InvalidOperationException or OperationCanceledException)
+        try
+        {
+            await writer.WaitAsync(TimeSpan.FromSeconds(5));
+            await call.RequestStream.CompleteAsync();
+            await reading.WaitAsync(TimeSpan.FromSeconds(5));
+        }
+        catch (Exception e) when (e is TimeoutException or RpcException or InvalidOperationException or OperationCanceledException or IOException)
         {
             Log($"the farewell may not have reached the coordinator: {e.Message}");
         }

@@ -18,6 +18,8 @@ public sealed record GenerationParameters
     public string? User { get; init; }
     /// <summary>vLLM's extension: also return the generated token ids.</summary>
     public bool ReturnTokenIds { get; init; }
+    /// <summary>OpenAI's logit_bias: added to a token's logit before it is chosen (-100 bans it, 100 forces it).</summary>
+    public IReadOnlyDictionary<int, double> LogitBias { get; init; } = new Dictionary<int, double>();
 
     /// <summary>Reads the shared fields; <paramref name="maxTokensDefault"/> differs (16 for completions, the context for chat).</summary>
     public static GenerationParameters Read(JsonElement body, int maxTokensDefault, Func<JsonElement, int> logprobs)
@@ -55,7 +57,26 @@ public sealed record GenerationParameters
         {
             Model = model, MaxTokens = maxTokens, Temperature = temperature, TopP = topP, Seed = seed, Stop = stop,
             Stream = stream, IncludeUsage = includeUsage, Logprobs = logprobs(body), User = user, ReturnTokenIds = Bool(body, "return_token_ids"),
+            LogitBias = LogitBiasOf(body),
         };
+    }
+
+    /// <summary>{"token id": bias} with biases from -100 to 100, as OpenAI takes it; the ids are checked against the model later.</summary>
+    static Dictionary<int, double> LogitBiasOf(JsonElement body)
+    {
+        var bias = new Dictionary<int, double>();
+        if (Get(body, "logit_bias") is not { ValueKind: not JsonValueKind.Null } lb) return bias;
+        if (lb.ValueKind != JsonValueKind.Object)
+            throw ApiError.BadRequest($"'logit_bias' must be an object mapping token ids to biases from -100 to 100, got {lb.GetRawText()}", "logit_bias");
+        foreach (var entry in lb.EnumerateObject())
+        {
+            if (!int.TryParse(entry.Name, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int token))
+                throw ApiError.BadRequest($"'logit_bias' keys must be token ids (non-negative integers), got \"{entry.Name}\"", "logit_bias");
+            if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetDouble(out var b) || b < -100 || b > 100)
+                throw ApiError.BadRequest($"'logit_bias' for token {token} must be a number from -100 to 100, got {entry.Value.GetRawText()}", "logit_bias");
+            bias[token] = b;
+        }
+        return bias;
     }
 
     internal static JsonElement? Get(JsonElement body, string name) => body.TryGetProperty(name, out var v) ? v : null;

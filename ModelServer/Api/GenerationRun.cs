@@ -34,10 +34,12 @@ public static class GenerationRun
             throw ApiError.BadRequest($"prompt token {bad} is outside the vocabulary (0..{vocab - 1})", "prompt");
         if (prompt.Length >= engine.ContextLength)
             throw ApiError.BadRequest($"the prompt has {prompt.Length} tokens; this model's context holds {engine.ContextLength}, so at most {engine.ContextLength - 1}", "prompt");
+        if (p.LogitBias.Keys.FirstOrDefault(t => t >= vocab, -1) is var biased && biased != -1)
+            throw ApiError.BadRequest($"'logit_bias' names token {biased}, outside the vocabulary (0..{vocab - 1})", "logit_bias");
         int maxTokens = Math.Min(p.MaxTokens, engine.ContextLength - prompt.Length);
         var sampling = new SamplingOptions { MaxNewTokens = maxTokens, Temperature = p.Temperature, TopP = p.TopP, Seed = p.Seed };
         using var cancel = CancellationTokenSource.CreateLinkedTokenSource(aborted);
-        var request = new GenerationRequest(prompt, maxTokens, sampling, topLogprobs, served.EosTokenId, cancel.Token);
+        var request = new GenerationRequest(prompt, maxTokens, sampling, topLogprobs, served.EosTokenId, cancel.Token) { LogitBias = p.LogitBias };
         bool accepted;
         try { accepted = engine.TryEnqueue(request); }
         catch (ArgumentException e) { throw ApiError.BadRequest(e.Message, "max_tokens"); }

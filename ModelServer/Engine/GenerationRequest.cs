@@ -37,6 +37,8 @@ public sealed class GenerationRequest
     public int TopLogprobs { get; }
     public int? EosTokenId { get; }
     public CancellationToken Cancellation { get; }
+    /// <summary>Added to the logits before the token is chosen (OpenAI's logit_bias); the reported log-probabilities stay the model's.</summary>
+    public IReadOnlyDictionary<int, double> LogitBias { get; init; } = new Dictionary<int, double>();
 
     /// <summary>Written by the engine thread only; the API reads until the channel completes.</summary>
     public Channel<GenerationEvent> Events { get; } = Channel.CreateUnbounded<GenerationEvent>(new UnboundedChannelOptions { SingleWriter = true });

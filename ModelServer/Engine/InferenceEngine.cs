@@ -179,7 +179,13 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>Samples the request's next token from its float64 logits (V) and streams it, or finishes the request.</summary>
     void Emit(GenerationRequest r, Tensor logits_V)
     {
-        int next = r.Sampling.Greedy ? (int)logits_V.argmax().item<long>() : TextGenerator.Sample(logits_V, r.Sampling, r.Generator);
+        var choose_V = logits_V;
+        if (r.LogitBias.Count > 0)
+        {
+            choose_V = logits_V.clone();
+            foreach (var (token, bias) in r.LogitBias) choose_V[token] += bias;
+        }
+        int next = r.Sampling.Greedy ? (int)choose_V.argmax().item<long>() : TextGenerator.Sample(choose_V, r.Sampling, r.Generator);
         long now = Stopwatch.GetTimestamp();
         if (r.Produced == 0) r.FirstTokenAt = now;
         if (r.Produced == 0) metrics?.FirstToken(version, Stopwatch.GetElapsedTime(r.EnqueuedAt, now).TotalSeconds);

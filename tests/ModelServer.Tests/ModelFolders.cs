@@ -11,30 +11,30 @@ public static class ModelFolders
 {
     static readonly Lazy<BpeTokenizer> Tokenizer = new(() => BpeTokenizer.Train(ShippedCorpus.Documents().Take(40).ToList(), 300));
     static readonly Lazy<string> Root = new(() => Directory.CreateTempSubdirectory("model-server-tests-").FullName);
-    static readonly Dictionary<int, string> Written = [];
+    static readonly Dictionary<(int, int), string> Written = [];
 
     /// <summary>
     /// Two layers (one dense, one MoE with 4 experts), vocabulary of the tokenizer, context 128. The wider init
     /// (0.1) spreads the logits so greedy choices are far from ties.
     /// </summary>
-    public static DeepSeekConfig Config(int vocab) => DeepSeekConfig.Tiny(vocab) with
+    public static DeepSeekConfig Config(int vocab, int context = 128) => DeepSeekConfig.Tiny(vocab) with
     {
         HiddenSize = 64, IntermediateSize = 128, MoeIntermediateSize = 32, NumHiddenLayers = 2, NRoutedExperts = 4, NGroup = 2,
         TopkGroup = 1, KvLoraRank = 16, QLoraRank = 32, QkNopeHeadDim = 16, QkRopeHeadDim = 8, VHeadDim = 16,
-        MaxPositionEmbeddings = 128, InitializerRange = 0.1, NumNextnPredictLayers = 0,
+        MaxPositionEmbeddings = context, InitializerRange = 0.1, NumNextnPredictLayers = 0,
     };
 
-    /// <summary>The folder of the model initialised from <paramref name="seed"/>.</summary>
-    public static string Get(int seed)
+    /// <summary>The folder of the model initialised from <paramref name="seed"/>, with a context of <paramref name="context"/> tokens.</summary>
+    public static string Get(int seed, int context = 128)
     {
         lock (Written)
         {
-            if (Written.TryGetValue(seed, out var dir)) return dir;
-            dir = Path.Combine(Root.Value, $"seed-{seed}");
+            if (Written.TryGetValue((seed, context), out var dir)) return dir;
+            dir = Path.Combine(Root.Value, $"seed-{seed}-context-{context}");
             manual_seed(seed);
-            using var model = new DeepSeekForCausalLM(Config(Tokenizer.Value.VocabSize)).InitializeWeights();
+            using var model = new DeepSeekForCausalLM(Config(Tokenizer.Value.VocabSize, context)).InitializeWeights();
             HfModelFolder.Save(dir, model, Tokenizer.Value);
-            Written[seed] = dir;
+            Written[(seed, context)] = dir;
             return dir;
         }
     }

@@ -157,6 +157,47 @@ public class OpenAiApiTests(ServerFixture fixture) : IClassFixture<ServerFixture
     }
 
     [Fact]
+    public async Task LogitBiasBansAndForcesTokensAndTheLogprobsStayTheModels()
+    {
+        JsonObject Request(JsonObject? bias) => new()
+        {
+            ["model"] = "v1", ["prompt"] = "And God said", ["max_tokens"] = 6, ["temperature"] = 0, ["return_token_ids"] = true,
+            ["logprobs"] = 0, ["logit_bias"] = bias,
+        };
+        static long[] Ids(JsonNode answer) => answer["choices"]![0]!["token_ids"]!.AsArray().Select(t => (long)t!).ToArray();
+        var plain = Ids(await server.CompleteAsync(Request(null)));
+
+        // -100 on the greedy first token: another token comes first.
+        var banned = Ids(await server.CompleteAsync(Request(new JsonObject { [plain[0].ToString()] = -100 })));
+        Assert.NotEqual(plain[0], banned[0]);
+        Assert.DoesNotContain(plain[0], banned);
+
+        // +100 on one token: greedy picks it every time; its reported log-probability is the model's (below 0, not ~0).
+        long forcedToken = plain[0] == 7 ? 8 : 7;
+        var forcedAnswer = await server.CompleteAsync(Request(new JsonObject { [forcedToken.ToString()] = 100 }));
+        Assert.All(Ids(forcedAnswer), t => Assert.Equal(forcedToken, t));
+        var logprobs = forcedAnswer["choices"]![0]!["logprobs"]!["token_logprobs"]!.AsArray().Select(l => (double)l!).ToArray();
+        Assert.All(logprobs, l => Assert.True(l < -0.5, $"the forced token's log-probability {l} should be the model's own"));
+
+        // Through the official client (its LogitBiases), and the refusals that name the field.
+        var chat = server.Chat("v1");
+        var reply = (await chat.CompleteChatAsync([new UserChatMessage("hi")],
+            new ChatCompletionOptions { MaxOutputTokenCount = 3, Temperature = 0, LogitBiases = { [(int)forcedToken] = 100 } })).Value;
+        Assert.Equal(3, reply.Usage.OutputTokenCount);
+        foreach (var (bias, expected) in new (JsonObject, string)[]
+                 {
+                     (new JsonObject { ["abc"] = 1 }, "keys must be token ids"),
+                     (new JsonObject { ["5"] = 200 }, "for token 5 must be a number from -100 to 100"),
+                     (new JsonObject { ["100000"] = 1 }, "names token 100000, outside the vocabulary"),
+                 })
+        {
+            var refused = await Assert.ThrowsAsync<ClientResultException>(() => server.CompleteAsync(Request(bias)));
+            Assert.Equal(400, refused.Status);
+            Assert.Contains(expected, refused.Message);
+        }
+    }
+
+    [Fact]
     public async Task ConcurrentStreamsGetTheTokensTheyWouldGetAlone()
     {
         var questions = Enumerable.Range(0, 8).Select(i => $"Question {i}: the {new string('a', i)} word").ToArray();

@@ -16,12 +16,17 @@ public class OverloadTests
     {
         await using var server = await ServerHost.StartAsync(new Dictionary<string, string?>
         {
-            ["Serving:Models:0:Version"] = "v1", ["Serving:Models:0:Path"] = ModelFolders.Get(1),
+            // A long context, so the streaming request below holds the slot for seconds, not the fraction of a second a
+            // short answer of this tiny model takes (a loaded machine delayed the second request past the end of one).
+            ["Serving:Models:0:Version"] = "v1", ["Serving:Models:0:Path"] = ModelFolders.Get(1, context: 8192),
             ["Serving:MaxBatch"] = "1", ["Serving:MaxWaiting"] = "0",
         });
         var engine = server.Services.GetRequiredService<ModelRegistry>().Versions["v1"].Engine;
         using var leave = new CancellationTokenSource();
-        var options = new ChatCompletionOptions { MaxOutputTokenCount = 100, Temperature = 0 };
+        // The end-of-sequence token banned (logit_bias), so the answer runs to max_tokens: thousands of steps, not the 160
+        // greedy tokens this model says before it stops.
+        var eos = (int)server.Services.GetRequiredService<ModelRegistry>().Versions["v1"].EosTokenId!;
+        var options = new ChatCompletionOptions { MaxOutputTokenCount = 8000, Temperature = 0, LogitBiases = { [eos] = -100 } };
         var stream = server.Chat("v1").CompleteChatStreamingAsync([new UserChatMessage("a long answer")], options, leave.Token).GetAsyncEnumerator(leave.Token);
         Assert.True(await stream.MoveNextAsync()); // the request holds the only batch slot now
 

@@ -1,4 +1,4 @@
-// A free loopback TCP port for a child process or an in-process server.
+// A free loopback TCP port for a child process or an in-process server, and a wait until something accepts on one.
 using System.Net;
 using System.Net.Sockets;
 
@@ -6,12 +6,8 @@ namespace DeepSeekCluster.Tests.Shared;
 
 internal static class FreePort
 {
-    public static int Next()
-    {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
-    }
+    /// <summary>A port below the ephemeral range, as the AppHost hands them out (see AppHost/Hosting/FreePort.cs).</summary>
+    public static int Next() => DeepSeekCluster.AppHost.Hosting.FreePort.Next();
 
     /// <summary>Polls until <paramref name="port"/> accepts a connection, or fails naming what did not start.</summary>
     public static async Task WaitUntilAcceptingAsync(int port, TimeSpan deadline, string what, Func<string>? diagnostics = null)
