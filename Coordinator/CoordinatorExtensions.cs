@@ -91,6 +91,7 @@ public static class CoordinatorExtensions
         app.MapGrpcService<ClusterControlService>();
         app.MapGrpcReflectionService();
         app.MapJobsApi();
+        app.MapExportsApi();
         app.MapStudiesApi();
         app.MapStatusPage();
         return app;

@@ -35,6 +35,9 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// <summary>The process wrote a job's model folder (rank 0, after the last step); GET /workers shows it.</summary>
     Task ModelSavedAsync(string jobId, long step, string path);
 
+    /// <summary>Pushes an export order down to the process (held for it in the registry); false when it is not online.</summary>
+    Task<bool> OrderExportAsync(ExportOrder order);
+
     Task<WorkerStatus> GetAsync();
 }
 
@@ -47,6 +50,9 @@ public interface IWorkerControlObserver : IGrainObserver
 
     /// <summary>The process's current assignment was re-adopted after it reconnected: reports route to its job again.</summary>
     Task AdoptedAsync(Assignment assignment);
+
+    /// <summary>The process is to export a committed checkpoint (REST POST /jobs/{id}/exports).</summary>
+    Task ExportOrderedAsync(ExportOrder order);
 }
 
 /// <summary>What a reconnecting worker says it is training.</summary>

@@ -67,6 +67,9 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>The step guard skipped a step or rolled the live state back: a job event with its reason. Fenced like steps.</summary>
     Task ReportGuardAsync(long generation, GuardReport report);
 
+    /// <summary>Something done with the job's checkpoints outside training (an export): a job event of <paramref name="kind"/>.</summary>
+    Task RecordEventAsync(string kind, string message, string? reason);
+
     /// <summary>A rank hit an error it cannot recover from; the job fails with that reason. Fenced like steps.</summary>
     Task FailAsync(long generation, string reason);
 }

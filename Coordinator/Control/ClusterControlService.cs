@@ -86,6 +86,7 @@ public sealed class ClusterControlService(
         finally
         {
             connection.Complete();
+            if (connection.Export is { } export) await grains.GetGrain<IJobExportsGrain>(export.Job).WorkerLostAsync(hello.WorkerId, why);
             await worker.DisconnectedAsync(number, why, kind);
             grains.DeleteObjectReference<IWorkerControlObserver>(observer);
             try { await pump; } catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException) { }
@@ -160,6 +161,13 @@ public sealed class ClusterControlService(
             case WorkerMessage.KindOneofCase.ModelSaved when (connection.Current ?? connection.Last) is { } a:
                 var m = message.ModelSaved;
                 await worker.ModelSavedAsync(a.JobId, m.Step, m.Path);
+                break;
+            // Not fenced by generation: an export belongs to no generation; the job's exports grain matches it to the order.
+            case WorkerMessage.KindOneofCase.ExportFinished:
+                var x = message.ExportFinished;
+                connection.Export = null;
+                await grains.GetGrain<IJobExportsGrain>(x.JobId).FinishedAsync(workerId, x.Step, x.Format,
+                    x.Error.Length > 0 ? x.Error : null, NullIfEmpty(x.ManifestKey), x.Files, x.Bytes);
                 break;
             case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId or WorkerMessage.KindOneofCase.Guard:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));

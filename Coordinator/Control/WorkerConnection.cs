@@ -62,6 +62,19 @@ public sealed class WorkerConnection : IWorkerControlObserver
         return Task.CompletedTask;
     }
 
+    /// <summary>The export this process was ordered and has not finished: it fails if the stream ends first.</summary>
+    public ExportOrder? Export { get; set; }
+
+    public Task ExportOrderedAsync(ExportOrder order)
+    {
+        Export = order;
+        Send(new CoordinatorMessage
+        {
+            ExportCheckpoint = new ExportCheckpoint { JobId = order.Job, Step = order.Step, Format = order.Format, Dataset = order.Dataset },
+        });
+        return Task.CompletedTask;
+    }
+
     public void Send(CoordinatorMessage message) => _outbox.Writer.TryWrite(message);
 
     public void Complete() => _outbox.Writer.TryComplete();

@@ -149,6 +149,18 @@ public sealed class GpuWorkerGrain(
         await worker.WriteStateAsync();
     }
 
+    public async Task<bool> OrderExportAsync(ExportOrder order)
+    {
+        if (!S.Online || _observer is null) return false;
+        try { await _observer.ExportOrderedAsync(order); }
+        catch (Exception e)
+        {
+            logger.LogWarning(e, "Worker {Worker}: could not push the export of {Job} step {Step} to its stream", WorkerId, order.Job, order.Step);
+            return false;
+        }
+        return true;
+    }
+
     public Task<WorkerStatus> GetAsync() => Task.FromResult(new WorkerStatus
     {
         WorkerId = WorkerId,

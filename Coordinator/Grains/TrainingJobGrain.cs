@@ -8,7 +8,7 @@ using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.Coordinator.Grains;
 
-public sealed class TrainingJobGrain(
+public sealed partial class TrainingJobGrain(
     [PersistentState("job")] IPersistentState<TrainingJobGrainState> job,
     IOptions<CoordinatorOptions> options,
     CoordinatorMetrics metrics,
