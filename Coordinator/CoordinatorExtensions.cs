@@ -92,6 +92,7 @@ public static class CoordinatorExtensions
         app.MapGrpcReflectionService();
         app.MapJobsApi();
         app.MapExportsApi();
+        app.MapEvaluationsApi();
         app.MapStudiesApi();
         app.MapStatusPage();
         return app;

@@ -38,6 +38,9 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// <summary>Pushes an export order down to the process (held for it in the registry); false when it is not online.</summary>
     Task<bool> OrderExportAsync(ExportOrder order);
 
+    /// <summary>Pushes a share of an evaluation down to the process (held for it in the registry); false when it is not online.</summary>
+    Task<bool> OrderEvaluationAsync(EvaluationOrder order);
+
     Task<WorkerStatus> GetAsync();
 }
 
@@ -53,6 +56,9 @@ public interface IWorkerControlObserver : IGrainObserver
 
     /// <summary>The process is to export a committed checkpoint (REST POST /jobs/{id}/exports).</summary>
     Task ExportOrderedAsync(ExportOrder order);
+
+    /// <summary>The process is to score its share of an evaluation (REST POST /evaluations).</summary>
+    Task EvaluationOrderedAsync(EvaluationOrder order);
 }
 
 /// <summary>What a reconnecting worker says it is training.</summary>

@@ -70,6 +70,12 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>Something done with the job's checkpoints outside training (an export): a job event of <paramref name="kind"/>.</summary>
     Task RecordEventAsync(string kind, string message, string? reason);
 
+    /// <summary>
+    /// An evaluation job (POST /evaluations) scored committed <paramref name="step"/>: its scores join the job's
+    /// (replacing those of the same step and task) and the event says so.
+    /// </summary>
+    Task RecordEvaluationAsync(long step, EvaluationScore[] scores, string message);
+
     /// <summary>A rank hit an error it cannot recover from; the job fails with that reason. Fenced like steps.</summary>
     Task FailAsync(long generation, string reason);
 }

@@ -140,12 +140,13 @@ public static class JobEventKinds
         WorkerLeft = "worker_left", WorkerLost = "worker_lost", WorkerHung = "worker_hung", WorkerFenced = "worker_fenced",
         Rescaling = "rescaling", Resumed = "resumed", Recovered = "recovered", CheckpointCommitted = "checkpoint_committed",
         CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped",
-        StepSkipped = "step_skipped", RolledBack = "rolled_back", ExportStarted = "export_started", Exported = "exported", ExportFailed = "export_failed";
+        StepSkipped = "step_skipped", RolledBack = "rolled_back", ExportStarted = "export_started", Exported = "exported", ExportFailed = "export_failed",
+        EvaluationStarted = "evaluation_started", Evaluated = "evaluated", EvaluationFailed = "evaluation_failed";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
         Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
-        ExportStarted, Exported, ExportFailed,
+        ExportStarted, Exported, ExportFailed, EvaluationStarted, Evaluated, EvaluationFailed,
     ];
 }

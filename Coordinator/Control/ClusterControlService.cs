@@ -87,6 +87,7 @@ public sealed class ClusterControlService(
         {
             connection.Complete();
             if (connection.Export is { } export) await grains.GetGrain<IJobExportsGrain>(export.Job).WorkerLostAsync(hello.WorkerId, why);
+            if (connection.Evaluation is { } evaluation) await grains.GetGrain<IEvaluationGrain>(evaluation.EvaluationId).WorkerLostAsync(hello.WorkerId, why);
             await worker.DisconnectedAsync(number, why, kind);
             grains.DeleteObjectReference<IWorkerControlObserver>(observer);
             try { await pump; } catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException) { }
@@ -168,6 +169,11 @@ public sealed class ClusterControlService(
                 connection.Export = null;
                 await grains.GetGrain<IJobExportsGrain>(x.JobId).FinishedAsync(workerId, x.Step, x.Format,
                     x.Error.Length > 0 ? x.Error : null, NullIfEmpty(x.ManifestKey), x.Files, x.Bytes);
+                break;
+            case WorkerMessage.KindOneofCase.EvaluationFinished:
+                var v = message.EvaluationFinished;
+                connection.Evaluation = null;
+                await grains.GetGrain<IEvaluationGrain>(v.EvaluationId).FinishedAsync(workerId, v.Rank, NullIfEmpty(v.ResultsJson), NullIfEmpty(v.Error));
                 break;
             case WorkerMessage.KindOneofCase.Step or WorkerMessage.KindOneofCase.Checkpoint or WorkerMessage.KindOneofCase.Resumed or WorkerMessage.KindOneofCase.NcclUniqueId or WorkerMessage.KindOneofCase.Guard:
                 connection.Send(Refusal($"worker '{workerId}' has no assignment; the report was refused"));

@@ -75,6 +75,23 @@ public sealed class WorkerConnection : IWorkerControlObserver
         return Task.CompletedTask;
     }
 
+    /// <summary>The evaluation share this process was ordered and has not finished: it fails if the stream ends first.</summary>
+    public EvaluationOrder? Evaluation { get; set; }
+
+    public Task EvaluationOrderedAsync(EvaluationOrder o)
+    {
+        Evaluation = o;
+        var message = new EvaluateCheckpoint
+        {
+            EvaluationId = o.EvaluationId, JobId = o.Job, Step = o.Step, Dataset = o.Dataset, Limit = o.Limit, BatchSize = o.BatchSize,
+            Rank = o.Rank, World = o.World, LinkKey = Google.Protobuf.ByteString.CopyFrom(o.LinkKey),
+        };
+        message.Tasks.AddRange(o.Tasks);
+        message.Peers.AddRange(o.Peers);
+        Send(new CoordinatorMessage { EvaluateCheckpoint = message });
+        return Task.CompletedTask;
+    }
+
     public void Send(CoordinatorMessage message) => _outbox.Writer.TryWrite(message);
 
     public void Complete() => _outbox.Writer.TryComplete();

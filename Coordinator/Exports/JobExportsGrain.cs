@@ -30,17 +30,7 @@ public sealed class JobExportsGrain(
             return Refused(ExportRefusal.Invalid, $"format '{format}' is not an export format: expected one of {string.Join(", ", ExportFormats.All)}");
         if (step <= 0) return Refused(ExportRefusal.Invalid, $"step {step} must be a positive checkpoint step");
         var status = await Job.GetStatusAsync();
-        if (status.Spec is null) return Refused(ExportRefusal.NotFound, $"no job '{JobId}'");
-        string committedSteps = string.Join(", ", status.Committed.Where(c => c.DeletedAt is null).Select(c => c.Step)) is { Length: > 0 } list ? list : "none";
-        switch (status.Committed.FirstOrDefault(c => c.Step == step))
-        {
-            case null when status.Checkpoints.Any(c => c.Step == step):
-                return Refused(ExportRefusal.Conflict, $"step {step} of job '{JobId}' is not committed (its checkpoint files were reported, the store has not committed them); committed steps: {committedSteps}");
-            case null:
-                return Refused(ExportRefusal.NotFound, $"job '{JobId}' has no checkpoint at step {step}; committed steps: {committedSteps}");
-            case { DeletedAt: { } deleted }:
-                return Refused(ExportRefusal.Conflict, $"the checkpoint at step {step} of job '{JobId}' was deleted by retention (keepLast) at {deleted:u}; committed steps: {committedSteps}");
-        }
+        if (CommittedStep.Check(status, JobId, step) is { } refusal) return Refused(refusal.Kind, refusal.Reason);
         if (Records.LastOrDefault(r => r.Step == step && r.Format == format) is { State: not ExportStates.Failed } existing)
             return Refused(ExportRefusal.Conflict, existing.State == ExportStates.Done
                 ? $"step {step} of job '{JobId}' is already exported as {format}: {existing.ManifestKey}"
@@ -51,7 +41,7 @@ public sealed class JobExportsGrain(
         if (claimed.Length == 0)
             return Refused(ExportRefusal.Conflict, "no free worker: every online worker is in a job (GET /workers); ask again when one is free");
         string workerId = claimed[0].WorkerId;
-        if (!await GrainFactory.GetGrain<IGpuWorkerGrain>(workerId).OrderExportAsync(new ExportOrder(JobId, step, format, status.Spec.Dataset)))
+        if (!await GrainFactory.GetGrain<IGpuWorkerGrain>(workerId).OrderExportAsync(new ExportOrder(JobId, step, format, status.Spec!.Dataset)))
         {
             await Registry.ReleaseWorkersAsync(hold, null);
             return Refused(ExportRefusal.Conflict, $"no free worker: worker {workerId} went offline as it was ordered the export; ask again");

@@ -149,13 +149,17 @@ public sealed class GpuWorkerGrain(
         await worker.WriteStateAsync();
     }
 
-    public async Task<bool> OrderExportAsync(ExportOrder order)
+    public Task<bool> OrderExportAsync(ExportOrder order) => OrderAsync(o => o.ExportOrderedAsync(order), $"the export of {order.Job} step {order.Step}");
+
+    public Task<bool> OrderEvaluationAsync(EvaluationOrder order) => OrderAsync(o => o.EvaluationOrderedAsync(order), $"evaluation {order.EvaluationId}");
+
+    async Task<bool> OrderAsync(Func<IWorkerControlObserver, Task> push, string what)
     {
         if (!S.Online || _observer is null) return false;
-        try { await _observer.ExportOrderedAsync(order); }
+        try { await push(_observer); }
         catch (Exception e)
         {
-            logger.LogWarning(e, "Worker {Worker}: could not push the export of {Job} step {Step} to its stream", WorkerId, order.Job, order.Step);
+            logger.LogWarning(e, "Worker {Worker}: could not push {What} to its stream", WorkerId, what);
             return false;
         }
         return true;

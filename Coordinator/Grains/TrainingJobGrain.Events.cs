@@ -1,4 +1,4 @@
-// Job events from outside training (exports run by the job's exports grain): kept apart so the job's state machine stays in one file.
+// Job events and records from outside training (exports, evaluation jobs): kept apart so the job's state machine stays in one file.
 using DeepSeekCluster.Contracts.Grains;
 
 namespace DeepSeekCluster.Coordinator.Grains;
@@ -9,6 +9,17 @@ public sealed partial class TrainingJobGrain
     {
         if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
         Event(New(kind, message) with { Reason = reason });
+        await job.WriteStateAsync();
+    }
+
+    public async Task RecordEvaluationAsync(long step, EvaluationScore[] scores, string message)
+    {
+        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
+        var tasks = scores.Select(s => s.Task).ToHashSet(StringComparer.Ordinal);
+        S.Evaluations.RemoveAll(e => e.Step == step && tasks.Contains(e.Task));
+        S.Evaluations.AddRange(scores);
+        S.Evaluations.Sort((a, b) => a.Step.CompareTo(b.Step));
+        Event(New(JobEventKinds.Evaluated, message) with { ResumeStep = step });
         await job.WriteStateAsync();
     }
 }

@@ -32,8 +32,8 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
     readonly ReplicaHolder replica = new();
     TrainingRun? run;
     Task? runTask;
-    /// <summary>The export the Coordinator ordered last (CheckpointExport); awaited before the process ends.</summary>
-    Task exporting = Task.CompletedTask;
+    /// <summary>The export or evaluation share the Coordinator ordered last; awaited before the process ends.</summary>
+    Task orderedWork = Task.CompletedTask;
     /// <summary>The assignment this process trains (or waits in, after a Rescale); announced in Hello on reconnect.</summary>
     Assignment? current;
     /// <summary>A message taken from the outbox whose write failed: sent first on the next connection, so nothing is lost.</summary>
@@ -103,7 +103,7 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         {
             // The training thread may still be in a step: it must end before its model and optimizer are freed.
             await StopRunAsync(now: true);
-            await exporting;
+            await orderedWork;
             replica.Dispose();
         }
     }
@@ -251,8 +251,15 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
                         var order = message.ExportCheckpoint;
                         Log($"export ordered: step {order.Step} of job {order.JobId} as {order.Format}");
                         // Off the read loop: an export takes seconds to minutes, and the stream must go on (heartbeats, Leave).
-                        exporting = Task.Factory.StartNew(() => CheckpointExport.RunAsync(order, settings, log), TaskCreationOptions.LongRunning)
+                        orderedWork = Task.Factory.StartNew(() => CheckpointExport.RunAsync(order, settings, log), TaskCreationOptions.LongRunning)
                             .Unwrap().ContinueWith(t => Send(new WorkerMessage { ExportFinished = t.Result }), TaskScheduler.Default);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.EvaluateCheckpoint:
+                        var share = message.EvaluateCheckpoint;
+                        Log($"evaluation ordered: {share.EvaluationId}, rank {share.Rank}/{share.World} on step {share.Step} of job {share.JobId}");
+                        // The ring listens on the collective port, free while no run holds it (the registry holds this worker).
+                        orderedWork = Task.Factory.StartNew(() => EvaluationShare.RunAsync(share, settings, port, log, metrics), TaskCreationOptions.LongRunning)
+                            .Unwrap().ContinueWith(t => Send(new WorkerMessage { EvaluationFinished = t.Result }), TaskScheduler.Default);
                         break;
                     case CoordinatorMessage.KindOneofCase.Leave:
                         Log($"asked to leave: {message.Leave.Reason}");

@@ -7,42 +7,33 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using DeepSeekCluster.Contracts.Checkpoints;
 using DeepSeekCluster.Contracts.Grains;
-using DeepSeekCluster.Coordinator;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
-using DeepSeekCluster.ServiceDefaults;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Export;
 using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
-using Microsoft.AspNetCore.Builder;
-using Microsoft.Extensions.Configuration;
-using Microsoft.Extensions.Hosting;
-using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
 public class CoordinatorExportTests(DataShardsHostFixture fixture) : IClassFixture<DataShardsHostFixture>
 {
-    const string Token = "export-test-token", Job = "exported-job", WorkerId = "exporter-1";
+    const string Job = "exported-job", WorkerId = "exporter-1";
     DataShardsHost Data => fixture.Host;
 
     [Fact]
     public async Task ACommittedStepExportedOverRestOnAFreeWorkerDownloadsBackWithTheCheckpointsWeightsAndBadRequestsAreNamed()
     {
         await using var store = await StoreHost.StartAsync();
-        var (app, http, grpc) = await StartCoordinatorAsync(store.Address);
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
         var scratch = Directory.CreateTempSubdirectory("coordinator-export-").FullName;
         var log = new StringWriter();
         using var stopWorker = new CancellationTokenSource();
         Task<int>? worker = null;
         try
         {
-            worker = new ClusterWorker(new WorkerSettings
-            {
-                Coordinator = new Uri(grpc), DataShards = Data.Address, Checkpoints = new Uri(store.Address), Token = Token, WorkerId = WorkerId,
-                Device = "cpu", OutputDir = Path.Combine(scratch, "runs"),
-            }, log).RunAsync(stopWorker.Token);
+            worker = new ClusterWorker(coordinator.Worker(WorkerId, Data.Address, store.Address, Path.Combine(scratch, "runs")), log).RunAsync(stopWorker.Token);
 
             // A tiny job whose steps 1 and 2 are committed; its end puts the final model into the store as step 2's hf export.
             var spec = new JobSpec
@@ -52,8 +43,8 @@ public class CoordinatorExportTests(DataShardsHostFixture fixture) : IClassFixtu
             };
             var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
             Assert.Equal(HttpStatusCode.Created, submitted.StatusCode);
-            await Until(async () => (await Status(http)).State == JobState.Completed, "the job completes", log);
-            await Until(async () => (await Workers(http)).Any(w => w["savedModel"]?["step"]?.GetValue<long>() == 2), "the final model is in the store", log);
+            await InProcessCoordinator.Until(async () => (await Status(http)).State == JobState.Completed, "the job completes", log);
+            await InProcessCoordinator.Until(async () => (await Workers(http)).Any(w => w["savedModel"]?["step"]?.GetValue<long>() == 2), "the final model is in the store", log);
             Assert.Equal([1L, 2], (await Status(http)).Committed.Select(c => c.Step));
 
             // ---- The export, ordered over REST and run by the free worker ----
@@ -94,62 +85,30 @@ public class CoordinatorExportTests(DataShardsHostFixture fixture) : IClassFixtu
             // ---- Bad requests, each refused with its reason ----
             using (var anonymous = new HttpClient { BaseAddress = http.BaseAddress })
                 Assert.Equal(HttpStatusCode.Unauthorized, (await anonymous.PostAsJsonAsync($"/jobs/{Job}/exports", new { step = 1, format = "hf" })).StatusCode);
-            await Refused(await Post(http, new { step = 1, format = "hf" }, "no-such-job"), HttpStatusCode.NotFound, "no job 'no-such-job'");
-            await Refused(await Post(http, new { step = 7, format = "hf" }), HttpStatusCode.NotFound, "no checkpoint at step 7; committed steps: 1, 2");
-            await Refused(await Post(http, new { step = 1, format = "safetensors" }), HttpStatusCode.BadRequest, "format 'safetensors' is not an export format: expected one of hf, hf-bf16");
-            await Refused(await Post(http, new { format = "hf" }), HttpStatusCode.BadRequest, "step");
-            await Refused(await Post(http, new { step = 1, format = "hf" }), HttpStatusCode.Conflict, $"already exported as hf: {done.ManifestKey}");
+            await InProcessCoordinator.Refused(await Post(http, new { step = 1, format = "hf" }, "no-such-job"), HttpStatusCode.NotFound, "no job 'no-such-job'");
+            await InProcessCoordinator.Refused(await Post(http, new { step = 7, format = "hf" }), HttpStatusCode.NotFound, "no checkpoint at step 7; committed steps: 1, 2");
+            await InProcessCoordinator.Refused(await Post(http, new { step = 1, format = "safetensors" }), HttpStatusCode.BadRequest, "format 'safetensors' is not an export format: expected one of hf, hf-bf16");
+            await InProcessCoordinator.Refused(await Post(http, new { format = "hf" }), HttpStatusCode.BadRequest, "step");
+            await InProcessCoordinator.Refused(await Post(http, new { step = 1, format = "hf" }), HttpStatusCode.Conflict, $"already exported as hf: {done.ManifestKey}");
             Assert.Equal(HttpStatusCode.NotFound, (await http.GetAsync("/jobs/no-such-job/exports")).StatusCode);
 
             // With its only worker gone there is no one to run an export.
             Assert.Equal(HttpStatusCode.Accepted, (await http.PostAsync($"/workers/{WorkerId}/leave", null)).StatusCode);
             Assert.Equal(0, await worker.WaitAsync(TimeSpan.FromMinutes(1)));
-            await Until(async () => (await Workers(http)).All(w => !w["online"]!.GetValue<bool>()), "the worker is offline", log);
-            await Refused(await Post(http, new { step = 1, format = "gguf-q8_0" }), HttpStatusCode.Conflict, "no free worker");
+            await InProcessCoordinator.Until(async () => (await Workers(http)).All(w => !w["online"]!.GetValue<bool>()), "the worker is offline", log);
+            await InProcessCoordinator.Refused(await Post(http, new { step = 1, format = "gguf-q8_0" }), HttpStatusCode.Conflict, "no free worker");
             Assert.Equal(2, (await http.GetFromJsonAsync<ExportRecord[]>($"/jobs/{Job}/exports", JobSpecJson.Options))!.Length);
         }
         finally
         {
             await stopWorker.CancelAsync();
             if (worker is not null) await worker.WaitAsync(TimeSpan.FromMinutes(1));
-            http.Dispose();
-            await app.StopAsync();
-            await app.DisposeAsync();
             Directory.Delete(scratch, recursive: true);
         }
     }
 
     [Fact]
     public void TheCoordinatorAcceptsExactlyTheFormatsTheWorkerExports() => Assert.Equal(ModelExport.Formats, ExportFormats.All);
-
-    static async Task<(WebApplication App, HttpClient Http, string Grpc)> StartCoordinatorAsync(string storeAddress)
-    {
-        int httpPort = FreePort.Next(), grpcPort = FreePort.Next();
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing" });
-        builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
-        {
-            ["Kestrel:Endpoints:http:Url"] = $"http://127.0.0.1:{httpPort}",
-            ["Kestrel:Endpoints:http:Protocols"] = "Http1",
-            ["Kestrel:Endpoints:grpc:Url"] = $"http://127.0.0.1:{grpcPort}",
-            ["Kestrel:Endpoints:grpc:Protocols"] = "Http2",
-            ["Cluster:Token"] = Token,
-            ["Coordinator:StateFolder"] = Directory.CreateTempSubdirectory("coordinator-state-").FullName,
-            ["Coordinator:HeartbeatTimeout"] = "00:00:30",
-            ["Orleans:SiloPort"] = FreePort.Next().ToString(),
-            ["Orleans:GatewayPort"] = FreePort.Next().ToString(),
-            [WorkerSettings.CheckpointsKey] = storeAddress,
-        });
-        builder.Logging.ClearProviders();
-        builder.AddBasicServiceDefaults();
-        builder.AddCoordinator();
-        var app = builder.Build();
-        app.MapDefaultEndpoints();
-        app.MapCoordinator();
-        await app.StartAsync();
-        var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{httpPort}") };
-        http.DefaultRequestHeaders.Authorization = new("Bearer", Token);
-        return (app, http, $"http://127.0.0.1:{grpcPort}");
-    }
 
     static Task<HttpResponseMessage> Post(HttpClient http, object body, string job = Job) => http.PostAsJsonAsync($"/jobs/{job}/exports", body);
 
@@ -160,30 +119,12 @@ public class CoordinatorExportTests(DataShardsHostFixture fixture) : IClassFixtu
     static async Task<ExportRecord> Finished(HttpClient http, long step, string format, StringWriter log)
     {
         ExportRecord? record = null;
-        await Until(async () =>
+        await InProcessCoordinator.Until(async () =>
         {
             var all = await http.GetFromJsonAsync<ExportRecord[]>($"/jobs/{Job}/exports", JobSpecJson.Options);
             record = all!.LastOrDefault(r => r.Step == step && r.Format == format);
             return record is { State: not ExportStates.Running };
         }, $"the export of step {step} as {format} ends", log);
         return record!;
-    }
-
-    static async Task Refused(HttpResponseMessage response, HttpStatusCode status, string reason)
-    {
-        string body = await response.Content.ReadAsStringAsync();
-        Assert.True(response.StatusCode == status, $"expected {status}, got {response.StatusCode}: {body}");
-        Assert.Contains(reason, JsonSerializer.Deserialize<JsonNode>(body)!.ToJsonString(new JsonSerializerOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
-    }
-
-    /// <summary>Polls a state the cluster reaches by itself (a job's end, an export's end), up to three minutes.</summary>
-    static async Task Until(Func<Task<bool>> reached, string what, StringWriter log)
-    {
-        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(3);
-        while (!await reached())
-        {
-            if (DateTime.UtcNow > deadline) Assert.Fail($"timed out waiting until {what}; worker log:\n{log}");
-            await Task.Delay(100);
-        }
     }
 }

@@ -1,0 +1,86 @@
+// A free worker's share of an evaluation job (EvaluateCheckpoint): load the committed step from the CheckpointStore, score
+// its share of the tasks' batches, gather every share over the evaluation's ring (as a training job's checkpoint
+// evaluation does: ScoreExchange), and on rank 0 combine them into the harness's results. Not part of any generation.
+using System.Diagnostics;
+using System.Net;
+using DeepSeekCluster.Contracts.Control;
+using DeepSeekCluster.Contracts.DataShards;
+using DeepSeekCluster.ServiceDefaults;
+using DeepSeekCluster.Text.Tokenization;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Collectives.Tcp;
+using DeepSeekCluster.Training.Harness;
+using DeepSeekCluster.Training.Model;
+using TorchSharp;
+using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore.CheckpointStoreClient;
+
+namespace DeepSeekCluster.GpuWorker.Cluster;
+
+public static class EvaluationShare
+{
+    /// <summary>
+    /// Scores and returns the report to send up; every failure (the step, a task, the ring) becomes the report's error,
+    /// since the Coordinator holds this worker until it hears one. <paramref name="collectivePort"/>: where the ring listens.
+    /// </summary>
+    public static async Task<EvaluationFinished> RunAsync(EvaluateCheckpoint order, WorkerSettings settings, int collectivePort, TextWriter log,
+                                                         TrainingMetrics? metrics = null)
+    {
+        var report = new EvaluationFinished { EvaluationId = order.EvaluationId, Rank = order.Rank };
+        string scratch = Directory.CreateTempSubdirectory($"evaluation-{order.JobId}-").FullName;
+        string label = $"step {order.Step} of job '{order.JobId}'";
+        try
+        {
+            using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
+            using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
+            var reply = await new DataShards.DataShardsClient(dataChannel).GetTokenizerAsync(new GetManifestRequest { DatasetId = order.Dataset });
+            var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
+            var device = Training.Engine.StandaloneRun.ResolveDevice(settings.Device);
+
+            // ---- The model: the committed step, any layout, hashes checked as it loads ----
+            var source = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), order.JobId, scratch);
+            var manifest = await source.ReadManifestAsync(order.Step);
+            var config = manifest.Config is { } json
+                ? DeepSeekConfig.FromJson(json.GetRawText(), $"the config.json of {label}").Validated()
+                : throw new InvalidDataException($"{label}: its manifest has no config.json, so there is no model to score");
+            using var model = new DeepSeekForCausalLM(config);
+            await ShardedCheckpointLoader.LoadReplicaAsync(source, order.Step, model, null, tokenizer.Hash);
+            model.to(device);
+            model.eval();
+
+            // ---- The plan (the same on every rank), this rank's share, the exchange ----
+            int window = config.MaxPositionEmbeddings; // as the in-training evaluation: a long verse still fits
+            var tasks = order.Tasks.Select(name => EvalTask.Resolve(name).Limited(order.Limit)).ToList();
+            var plan = EvalPlan.Build(tasks, s => tokenizer.Encode(s), ModelEvaluation.PrefixToken(tokenizer, $"dataset {order.Dataset}"), window, order.BatchSize);
+            using var ring = RunCancellation.ConnectRing(
+                () => new TcpRendezvous($"evaluation/{order.EvaluationId}", 1, order.LinkKey.ToByteArray(), order.Rank, order.World,
+                                        new IPEndPoint(IPAddress.Any, collectivePort)),
+                [.. order.Peers], new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, CancellationToken.None);
+            var scorer = new ModelScorer(model, device, window);
+            var (first, count) = plan.Share(order.Rank, order.World);
+            var clock = Stopwatch.StartNew();
+            var mine = plan.ScoreBatches(scorer, first, count);
+            double seconds = clock.Elapsed.TotalSeconds;
+            metrics?.EvaluationTokens(order.JobId, settings.WorkerId, scorer.TokensScored, seconds);
+            var all = ScoreExchange.AllGather(plan, mine, ring);
+            Log(log, $"evaluation {order.EvaluationId}: rank {order.Rank}/{order.World} scored batches [{first}, {first + count}) of {plan.Batches.Count} " +
+                     $"({scorer.TokensScored} tokens in {seconds:F1} s)");
+            if (order.Rank != 0) return report;
+            var results = HarnessResults.Aggregate(plan.Tasks, all);
+            foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
+            report.ResultsJson = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            report.Error = e is Grpc.Core.RpcException r ? $"{r.StatusCode}: {r.Status.Detail}" : e.Message;
+            Log(log, $"evaluation {order.EvaluationId} (rank {order.Rank}) failed: {e}");
+        }
+        finally
+        {
+            try { Directory.Delete(scratch, recursive: true); }
+            catch (IOException e) { Log(log, $"could not delete the evaluation's scratch folder {scratch}: {e.Message}"); }
+        }
+        return report;
+    }
+
+    static void Log(TextWriter log, string message) { lock (log) log.WriteLine(message); }
+}

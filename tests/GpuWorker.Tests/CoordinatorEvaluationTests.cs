@@ -1,0 +1,113 @@
+// POST /evaluations end to end: the real Coordinator orders free workers (the real ClusterWorker, three of them) to score
+// their shares of the shipped tasks on a committed checkpoint from the real CheckpointStore; the shares are gathered over
+// the evaluation's ring and combined on rank 0. One worker and three give the same results document.
+using System.Net;
+using System.Net.Http.Json;
+using System.Text.Json.Nodes;
+using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
+
+namespace DeepSeekCluster.GpuWorker.Tests;
+
+public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassFixture<DataShardsHostFixture>
+{
+    const string Job = "evaluated-job";
+    static readonly string[] Tasks = ["kjv_nextverse", "kjv_cloze"];
+    DataShardsHost Data => fixture.Host;
+
+    [Fact]
+    public async Task OneWorkerAndThreeScoreACommittedStepIdenticallyIntoTheJobsRecordAndBadRequestsAreNamed()
+    {
+        await using var store = await StoreHost.StartAsync();
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
+        var scratch = Directory.CreateTempSubdirectory("coordinator-evaluation-").FullName;
+        var log = new StringWriter();
+        using var stopWorkers = new CancellationTokenSource();
+        var workers = new List<Task<int>>();
+        try
+        {
+            for (int i = 0; i < 3; i++)
+                workers.Add(new ClusterWorker(coordinator.Worker($"scorer-{i}", Data.Address, store.Address, Path.Combine(scratch, $"runs-{i}")), log).RunAsync(stopWorkers.Token));
+            await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.Count == 3, "three workers are online", log);
+            var spec = new JobSpec
+            {
+                Name = Job, ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = 2, MicroBatch = 2, SeqLen = DataShardsHost.SeqLen,
+                Steps = 2, Seed = 11, Schedule = new() { WarmupSteps = 1 },
+            };
+            var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
+            Assert.Equal(HttpStatusCode.Created, submitted.StatusCode);
+            await InProcessCoordinator.Until(async () => (await Status(http)).State == JobState.Completed, "the job completes", log);
+
+            var one = await Evaluate(http, workers: 1, log);
+            var three = await Evaluate(http, workers: 3, log);
+            Assert.True(one.State == EvaluationStates.Done, $"one worker: {one.State}: {one.Error}");
+            Assert.True(three.State == EvaluationStates.Done, $"three workers: {three.State}: {three.Error}");
+            Assert.Equal(3, three.Workers.Distinct().Count());
+            // The whole document but the three fields that say when and how long (date, time, this rank's tokens): bit for bit.
+            Assert.Equal(Comparable(one.ResultsJson!), Comparable(three.ResultsJson!));
+            Assert.Equal(one.Scores, three.Scores);
+            var results = JsonNode.Parse(one.ResultsJson!)!["results"]!.AsObject();
+            Assert.Equal(Tasks.Order(), results.Select(kv => kv.Key).Order());
+            Assert.All(Tasks, t => Assert.InRange(results[t]!["acc,none"]!.GetValue<double>(), 0, 1));
+            Assert.Equal(12, JsonNode.Parse(one.ResultsJson!)!["n-samples"]!["kjv_cloze"]!["effective"]!.GetValue<int>());
+
+            // Into the job's record: its scores at step 2 (the status page and GET /jobs/{id} read them), its events.
+            var status = await Status(http);
+            Assert.Equal(one.Scores.OrderBy(s => (s.Task, s.Metric)), status.Evaluations.Where(e => e.Step == 2).OrderBy(s => (s.Task, s.Metric)));
+            Assert.Equal(2, status.Events.Count(e => e.Kind == JobEventKinds.Evaluated && e.ResumeStep == 2));
+            Assert.Contains(status.Events, e => e.Kind == JobEventKinds.EvaluationStarted && e.Message.Contains(three.Id) && e.Message.Contains("3 worker(s)"));
+
+            // ---- Bad requests ----
+            await InProcessCoordinator.Refused(await Post(http, new { job = Job, step = 2, tasks = Array.Empty<string>(), workers = 1 }), HttpStatusCode.BadRequest, "must be 1 to 8 distinct task names");
+            await InProcessCoordinator.Refused(await Post(http, new { job = Job, step = 2, tasks = Tasks, workers = 0 }), HttpStatusCode.BadRequest, "0 must be 1 to 64 free workers");
+            await InProcessCoordinator.Refused(await Post(http, new { job = "no-such-job", step = 2, tasks = Tasks, workers = 1 }), HttpStatusCode.NotFound, "no job 'no-such-job'");
+            await InProcessCoordinator.Refused(await Post(http, new { job = Job, step = 1, tasks = Tasks, workers = 1 }), HttpStatusCode.NotFound, "no checkpoint at step 1; committed steps: 2");
+            await InProcessCoordinator.Refused(await Post(http, new { job = Job, step = 2, tasks = Tasks, workers = 4 }), HttpStatusCode.Conflict, "no free workers: 4 asked, 3 free");
+            using (var anonymous = new HttpClient { BaseAddress = http.BaseAddress })
+                Assert.Equal(HttpStatusCode.Unauthorized, (await anonymous.PostAsJsonAsync("/evaluations", new { job = Job, step = 2, tasks = Tasks })).StatusCode);
+            // A task no worker has: every rank fails naming it, and the workers are free again for the next request.
+            var missing = await Evaluate(http, workers: 2, log, ["no_such_task"]);
+            Assert.Equal(EvaluationStates.Failed, missing.State);
+            Assert.Contains("no_such_task", missing.Error);
+            Assert.Contains((await Status(http)).Events, e => e.Kind == JobEventKinds.EvaluationFailed && e.Message.Contains(missing.Id));
+            Assert.Equal(EvaluationStates.Done, (await Evaluate(http, workers: 3, log)).State);
+            Assert.Equal(HttpStatusCode.NotFound, (await http.GetAsync("/evaluations/eval-none")).StatusCode);
+        }
+        finally
+        {
+            await stopWorkers.CancelAsync();
+            await Task.WhenAll(workers).WaitAsync(TimeSpan.FromMinutes(1));
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+
+    static Task<HttpResponseMessage> Post(HttpClient http, object body) => http.PostAsJsonAsync("/evaluations", body);
+
+    static async Task<JobStatus> Status(HttpClient http) => (await http.GetFromJsonAsync<JobStatus>($"/jobs/{Job}", JobSpecJson.Options))!;
+
+    /// <summary>Orders an evaluation of step 2 (12 examples a task) and waits for its end on every rank.</summary>
+    static async Task<EvaluationRecord> Evaluate(HttpClient http, int workers, StringWriter log, string[]? tasks = null)
+    {
+        var response = await Post(http, new { job = Job, step = 2, tasks = tasks ?? Tasks, limit = 12, workers });
+        Assert.True(response.StatusCode == HttpStatusCode.Accepted, await response.Content.ReadAsStringAsync());
+        var started = (await response.Content.ReadFromJsonAsync<EvaluationRecord>(JobSpecJson.Options))!;
+        Assert.Equal(workers, started.Workers.Length);
+        EvaluationRecord? record = null;
+        await InProcessCoordinator.Until(async () =>
+        {
+            record = await http.GetFromJsonAsync<EvaluationRecord>($"/evaluations/{started.Id}", JobSpecJson.Options);
+            // Failed is said at the first rank's error; the others are let go as they report (Finished lists them).
+            return record is { State: not EvaluationStates.Running } && record.Finished.Length == workers;
+        }, $"evaluation {started.Id} ends and every rank has reported", log);
+        return record!;
+    }
+
+    static string Comparable(string resultsJson)
+    {
+        var doc = JsonNode.Parse(resultsJson)!.AsObject();
+        foreach (var when in new[] { "date", "total_evaluation_time_seconds", "tokens_scored" }) Assert.True(doc.Remove(when), $"the results have no '{when}'");
+        return doc.ToJsonString();
+    }
+}
