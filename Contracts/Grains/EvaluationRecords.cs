@@ -16,6 +16,11 @@ public sealed record EvaluationSpec
     [Id(3)] public int Limit { get; init; }
     /// <summary>How many free workers share the examples.</summary>
     [Id(4)] public int Workers { get; init; } = 1;
+    /// <summary>Score the store's export of the step in this format (exports/{job}/{step}/{format}) instead of the checkpoint.</summary>
+    [Id(5)] public string? Export { get; init; }
+
+    /// <summary>The exports a worker loads back into the model (GGUF and ONNX are for other runtimes).</summary>
+    public static readonly string[] ScorableExports = ["hf", "hf-bf16"];
 
     /// <summary>Every problem, each naming its JSON field and what was expected.</summary>
     public List<SpecProblem> Validate()
@@ -27,6 +32,8 @@ public sealed record EvaluationSpec
             problems.Add(new("tasks", $"must be 1 to {JobSpec.MaxEvalTasks} distinct task names of a-z, 0-9 and '_' (the shipped tasks: kjv_cloze, kjv_nextverse, kjv_heldout)"));
         if (Limit < 0) problems.Add(new("limit", $"{Limit} must be 0 (every example) or the number of examples per task"));
         if (Workers is < 1 or > MaxWorkers) problems.Add(new("workers", $"{Workers} must be 1 to {MaxWorkers} free workers"));
+        if (Export is not null && !ScorableExports.Contains(Export))
+            problems.Add(new("export", $"'{Export}' must be an export format the workers load back: {string.Join(" or ", ScorableExports)} (or absent: the checkpoint)"));
         return problems;
     }
 
@@ -66,7 +73,7 @@ public sealed record EvaluationRecord
 public sealed record EvaluationOrder(
     [property: Id(0)] string EvaluationId, [property: Id(1)] string Job, [property: Id(2)] long Step, [property: Id(3)] string Dataset,
     [property: Id(4)] string[] Tasks, [property: Id(5)] int Limit, [property: Id(6)] int BatchSize, [property: Id(7)] int Rank,
-    [property: Id(8)] int World, [property: Id(9)] string[] Peers, [property: Id(10)] byte[] LinkKey);
+    [property: Id(8)] int World, [property: Id(9)] string[] Peers, [property: Id(10)] byte[] LinkKey, [property: Id(11)] string? Export = null);
 
 /// <summary>The answer to POST /evaluations: the record, or a refusal (the same kinds as an export's).</summary>
 [GenerateSerializer, Immutable]

@@ -84,7 +84,7 @@ public sealed class WorkerConnection : IWorkerControlObserver
         var message = new EvaluateCheckpoint
         {
             EvaluationId = o.EvaluationId, JobId = o.Job, Step = o.Step, Dataset = o.Dataset, Limit = o.Limit, BatchSize = o.BatchSize,
-            Rank = o.Rank, World = o.World, LinkKey = Google.Protobuf.ByteString.CopyFrom(o.LinkKey),
+            Rank = o.Rank, World = o.World, LinkKey = Google.Protobuf.ByteString.CopyFrom(o.LinkKey), ExportFormat = o.Export ?? "",
         };
         message.Tasks.AddRange(o.Tasks);
         message.Peers.AddRange(o.Peers);

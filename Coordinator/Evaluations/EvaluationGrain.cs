@@ -31,7 +31,9 @@ public sealed class EvaluationGrain(
             return Refused(ExportRefusal.Invalid, string.Join("; ", problems.Select(p => $"{p.Field}: {p.Message}")));
         var job = GrainFactory.GetGrain<ITrainingJobGrain>(spec.Job);
         var status = await job.GetStatusAsync();
-        if (CommittedStep.Check(status, spec.Job, spec.Step) is { } refusal) return Refused(refusal.Kind, refusal.Reason);
+        // An export outlives retention and the job's end writes one itself: whether it exists is the store's to say (the workers ask it).
+        if (spec.Export is null && CommittedStep.Check(status, spec.Job, spec.Step) is { } refusal) return Refused(refusal.Kind, refusal.Reason);
+        if (status.Spec is null) return Refused(ExportRefusal.NotFound, $"no job '{spec.Job}'");
 
         var claimed = await Registry.ClaimWorkersAsync(HoldKey, spec.Workers);
         if (claimed.Length < spec.Workers)
@@ -47,7 +49,7 @@ public sealed class EvaluationGrain(
         for (int rank = 0; rank < claimed.Length; rank++)
         {
             var order = new EvaluationOrder(Id, spec.Job, spec.Step, status.Spec!.Dataset, spec.Tasks, spec.Limit, Math.Max(1, status.Spec.MicroBatch),
-                                            rank, claimed.Length, peers, key);
+                                            rank, claimed.Length, peers, key, spec.Export);
             if (!await GrainFactory.GetGrain<IGpuWorkerGrain>(claimed[rank].WorkerId).OrderEvaluationAsync(order))
             {
                 // The ranks already ordered fail on the ring (no peer at this rank's endpoint) within the collective timeout,
@@ -59,7 +61,7 @@ public sealed class EvaluationGrain(
             }
         }
         await job.RecordEventAsync(JobEventKinds.EvaluationStarted,
-            $"evaluation {Id} of step {spec.Step} on {string.Join(", ", spec.Tasks)} started on {claimed.Length} worker(s): {string.Join(", ", record.Workers)}", null);
+            $"evaluation {Id} of step {spec.Step}{(spec.Export is { } x ? $" (its {x} export)" : "")} on {string.Join(", ", spec.Tasks)} started on {claimed.Length} worker(s): {string.Join(", ", record.Workers)}", null);
         return new EvaluationOutcome(record, ExportRefusal.None, "");
     }
 

@@ -12,7 +12,9 @@ using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Harness;
 using DeepSeekCluster.Training.Model;
 using TorchSharp;
+using DeepSeekCluster.Training.IO;
 using CheckpointStoreClient = DeepSeekCluster.Contracts.Checkpoints.CheckpointStore.CheckpointStoreClient;
+using ExportStoreClient = DeepSeekCluster.Contracts.Checkpoints.ExportStore.ExportStoreClient;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
@@ -27,7 +29,6 @@ public static class EvaluationShare
     {
         var report = new EvaluationFinished { EvaluationId = order.EvaluationId, Rank = order.Rank };
         string scratch = Directory.CreateTempSubdirectory($"evaluation-{order.JobId}-").FullName;
-        string label = $"step {order.Step} of job '{order.JobId}'";
         try
         {
             using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
@@ -36,14 +37,10 @@ public static class EvaluationShare
             var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
             var device = Training.Engine.StandaloneRun.ResolveDevice(settings.Device);
 
-            // ---- The model: the committed step, any layout, hashes checked as it loads ----
-            var source = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), order.JobId, scratch);
-            var manifest = await source.ReadManifestAsync(order.Step);
-            var config = manifest.Config is { } json
-                ? DeepSeekConfig.FromJson(json.GetRawText(), $"the config.json of {label}").Validated()
-                : throw new InvalidDataException($"{label}: its manifest has no config.json, so there is no model to score");
-            using var model = new DeepSeekForCausalLM(config);
-            await ShardedCheckpointLoader.LoadReplicaAsync(source, order.Step, model, null, tokenizer.Hash);
+            using var model = order.ExportFormat.Length > 0
+                ? await FromExportAsync(order, new ExportStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch)
+                : await FromCheckpointAsync(order, new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch, tokenizer.Hash);
+            var config = model.Config;
             model.to(device);
             model.eval();
 
@@ -80,6 +77,29 @@ public static class EvaluationShare
             catch (IOException e) { Log(log, $"could not delete the evaluation's scratch folder {scratch}: {e.Message}"); }
         }
         return report;
+    }
+
+    /// <summary>The committed step, any layout, every file's hash checked as it loads.</summary>
+    static async Task<DeepSeekForCausalLM> FromCheckpointAsync(EvaluateCheckpoint order, CheckpointStoreClient client, string address, string scratch, string tokenizerHash)
+    {
+        string label = $"step {order.Step} of job '{order.JobId}'";
+        var source = new GrpcCheckpointStore(client, address, order.JobId, scratch);
+        var manifest = await source.ReadManifestAsync(order.Step);
+        var config = manifest.Config is { } json
+            ? DeepSeekConfig.FromJson(json.GetRawText(), $"the config.json of {label}").Validated()
+            : throw new InvalidDataException($"{label}: its manifest has no config.json, so there is no model to score");
+        var model = new DeepSeekForCausalLM(config);
+        try { await ShardedCheckpointLoader.LoadReplicaAsync(source, order.Step, model, null, tokenizerHash); }
+        catch { model.Dispose(); throw; }
+        return model;
+    }
+
+    /// <summary>The store's export of the step (downloaded, every file's hash checked), loaded as float32.</summary>
+    static async Task<DeepSeekForCausalLM> FromExportAsync(EvaluateCheckpoint order, ExportStoreClient client, string address, string scratch)
+    {
+        string folder = Path.Combine(scratch, "export");
+        await new GrpcExportStore(client, address).DownloadAsync(new Contracts.Checkpoints.ExportKey { Job = order.JobId, Step = order.Step, Format = order.ExportFormat }, folder);
+        return HfModelFolder.Load(folder).Model;
     }
 
     static void Log(TextWriter log, string message) { lock (log) log.WriteLine(message); }

@@ -53,10 +53,17 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
             Assert.All(Tasks, t => Assert.InRange(results[t]!["acc,none"]!.GetValue<double>(), 0, 1));
             Assert.Equal(12, JsonNode.Parse(one.ResultsJson!)!["n-samples"]!["kjv_cloze"]!["effective"]!.GetValue<int>());
 
+            // The job's end put its final model into the store as step 2's hf export: scoring that gives the same document.
+            await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.Any(w => w!["savedModel"]?["step"]?.GetValue<long>() == 2),
+                "the final model is in the store", log);
+            var exported = await Evaluate(http, workers: 2, log, export: "hf");
+            Assert.True(exported.State == EvaluationStates.Done, $"the hf export: {exported.State}: {exported.Error}");
+            Assert.Equal(Comparable(one.ResultsJson!), Comparable(exported.ResultsJson!));
+
             // Into the job's record: its scores at step 2 (the status page and GET /jobs/{id} read them), its events.
             var status = await Status(http);
             Assert.Equal(one.Scores.OrderBy(s => (s.Task, s.Metric)), status.Evaluations.Where(e => e.Step == 2).OrderBy(s => (s.Task, s.Metric)));
-            Assert.Equal(2, status.Events.Count(e => e.Kind == JobEventKinds.Evaluated && e.ResumeStep == 2));
+            Assert.Equal(3, status.Events.Count(e => e.Kind == JobEventKinds.Evaluated && e.ResumeStep == 2));
             Assert.Contains(status.Events, e => e.Kind == JobEventKinds.EvaluationStarted && e.Message.Contains(three.Id) && e.Message.Contains("3 worker(s)"));
 
             // ---- Bad requests ----
@@ -73,6 +80,10 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
             Assert.Contains("no_such_task", missing.Error);
             Assert.Contains((await Status(http)).Events, e => e.Kind == JobEventKinds.EvaluationFailed && e.Message.Contains(missing.Id));
             Assert.Equal(EvaluationStates.Done, (await Evaluate(http, workers: 3, log)).State);
+            await InProcessCoordinator.Refused(await Post(http, new { job = Job, step = 2, tasks = Tasks, workers = 1, export = "gguf-f16" }), HttpStatusCode.BadRequest, "'gguf-f16' must be an export format the workers load back: hf or hf-bf16");
+            var noExport = await Evaluate(http, workers: 1, log, export: "hf-bf16");
+            Assert.Equal(EvaluationStates.Failed, noExport.State);
+            Assert.Contains($"no committed export {Job}/2/hf-bf16", noExport.Error);
             Assert.Equal(HttpStatusCode.NotFound, (await http.GetAsync("/evaluations/eval-none")).StatusCode);
         }
         finally
@@ -88,9 +99,9 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
     static async Task<JobStatus> Status(HttpClient http) => (await http.GetFromJsonAsync<JobStatus>($"/jobs/{Job}", JobSpecJson.Options))!;
 
     /// <summary>Orders an evaluation of step 2 (12 examples a task) and waits for its end on every rank.</summary>
-    static async Task<EvaluationRecord> Evaluate(HttpClient http, int workers, StringWriter log, string[]? tasks = null)
+    static async Task<EvaluationRecord> Evaluate(HttpClient http, int workers, StringWriter log, string[]? tasks = null, string? export = null)
     {
-        var response = await Post(http, new { job = Job, step = 2, tasks = tasks ?? Tasks, limit = 12, workers });
+        var response = await Post(http, new { job = Job, step = 2, tasks = tasks ?? Tasks, limit = 12, workers, export });
         Assert.True(response.StatusCode == HttpStatusCode.Accepted, await response.Content.ReadAsStringAsync());
         var started = (await response.Content.ReadFromJsonAsync<EvaluationRecord>(JobSpecJson.Options))!;
         Assert.Equal(workers, started.Workers.Length);
