@@ -164,13 +164,13 @@ public sealed class ClusterControlService(
                 await worker.ModelSavedAsync(a.JobId, m.Step, m.Path);
                 break;
             // Not fenced by generation: an export belongs to no generation; the job's exports grain matches it to the order.
-            case WorkerMessage.KindOneofCase.ExportFinished:
+            case WorkerMessage.KindOneofCase.ExportFinished when JobSpec.IsValidName(message.ExportFinished.JobId):
                 var x = message.ExportFinished;
                 connection.Export = null;
                 await grains.GetGrain<IJobExportsGrain>(x.JobId).FinishedAsync(workerId, x.Step, x.Format,
                     x.Error.Length > 0 ? x.Error : null, NullIfEmpty(x.ManifestKey), x.Files, x.Bytes);
                 break;
-            case WorkerMessage.KindOneofCase.EvaluationFinished:
+            case WorkerMessage.KindOneofCase.EvaluationFinished when message.EvaluationFinished.EvaluationId.StartsWith("eval-", StringComparison.Ordinal):
                 var v = message.EvaluationFinished;
                 connection.Evaluation = null;
                 await grains.GetGrain<IEvaluationGrain>(v.EvaluationId).FinishedAsync(workerId, v.Rank, NullIfEmpty(v.ResultsJson), NullIfEmpty(v.Error));
