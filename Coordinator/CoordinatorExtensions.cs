@@ -92,6 +92,7 @@ public static class CoordinatorExtensions
         app.MapGrpcReflectionService();
         app.MapJobsApi();
         app.MapStudiesApi();
+        app.MapSchedulingApi();
         app.MapStatusPage();
         return app;
     }

@@ -141,10 +141,13 @@ public static class JobEventKinds
         Rescaling = "rescaling", Resumed = "resumed", Recovered = "recovered", CheckpointCommitted = "checkpoint_committed",
         CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped",
         StepSkipped = "step_skipped", RolledBack = "rolled_back";
+    /// <summary>Preempted: released for a higher-priority job; Scheduling: the registry's decision about this job's claim.</summary>
+    public const string Preempted = "preempted", Scheduling = "scheduling";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
         Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
+        Preempted, Scheduling,
     ];
 }

@@ -8,7 +8,7 @@ using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.Coordinator.Grains;
 
-public sealed class TrainingJobGrain(
+public sealed partial class TrainingJobGrain(
     [PersistentState("job")] IPersistentState<TrainingJobGrainState> job,
     IOptions<CoordinatorOptions> options,
     CoordinatorMetrics metrics,
@@ -36,6 +36,7 @@ public sealed class TrainingJobGrain(
         S.SubmittedAt = clock.GetUtcNow();
         Event(JobEventKinds.Submitted, "submitted");
         await job.WriteStateAsync();
+        await Registry.SetShareAsync(JobId, JobShare.Of(S.Spec));
         await Registry.AddJobAsync(JobId);
 
         S.State = JobState.Forming;
