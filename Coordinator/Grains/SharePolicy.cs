@@ -13,7 +13,8 @@ namespace DeepSeekCluster.Coordinator.Grains;
 [GenerateSerializer]
 public sealed class ShareRecord
 {
-    [Id(0)] public JobShare Share { get; set; } = Default;
+    /// <summary>Null for a job registered before shares existed: it counts as <see cref="Default"/>.</summary>
+    [Id(0)] public JobShare? Share { get; set; }
     /// <summary>Registration order: among preemption victims of one priority the youngest goes first.</summary>
     [Id(1)] public long Order { get; set; }
     /// <summary>When the job last began to wait to form (the registry's sequence); 0 while it does not.</summary>
@@ -24,7 +25,7 @@ public sealed class ShareRecord
 
 public sealed class SharePolicy(ClusterRegistryGrainState s, IReadOnlyDictionary<string, int> quotas)
 {
-    public JobShare ShareOf(string jobId) => s.Shares.TryGetValue(jobId, out var r) ? r.Share : ShareRecord.Default;
+    public JobShare ShareOf(string jobId) => s.Shares.TryGetValue(jobId, out var r) && r.Share is { } share ? share : ShareRecord.Default;
 
     public int Held(string jobId) => s.Workers.Values.Count(w => w.JobId == jobId);
 
