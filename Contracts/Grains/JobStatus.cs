@@ -143,11 +143,13 @@ public static class JobEventKinds
         StepSkipped = "step_skipped", RolledBack = "rolled_back";
     /// <summary>Preempted: released for a higher-priority job; Scheduling: the registry's decision about this job's claim.</summary>
     public const string Preempted = "preempted", Scheduling = "scheduling";
+    /// <summary>The job starts from another job's committed checkpoint (JobSpec.StartFrom): its provenance.</summary>
+    public const string StartedFrom = "started_from";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
         Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
-        Preempted, Scheduling,
+        Preempted, Scheduling, StartedFrom,
     ];
 }

@@ -103,7 +103,7 @@ public sealed class StudyGrain(
             int index = S.Trials.Count;
             var values = StudySamplers.Propose(Spec, index, StudyHistory.Observations(Spec, S.Trials));
             if (values is null) { S.SamplerExhausted = true; Event($"the {Spec.Sampler.Kind} sampler has no point left after {index} trials"); return true; }
-            var t = new TrialRecord { Index = index, JobId = $"{StudyId}-t{index:D3}", Values = values };
+            var t = new TrialRecord { Index = index, JobId = $"{StudyId}-t{index:D3}", Values = values, NextBoundary = Spec.Scheduler.PerturbationInterval };
             S.Trials.Add(t);
             Event($"trial {index} ({t.JobId}): {Describe(t)}");
             await study.WriteStateAsync(); // the sampler's draw is history before the job exists: a restart re-submits, never re-draws
@@ -115,7 +115,15 @@ public sealed class StudyGrain(
 
     async Task SubmitAsync(TrialRecord t)
     {
-        try { await Job(t.JobId).SubmitAsync(Spec.TrialJob(t.Values, t.JobId)); }
+        var spec = Spec.TrialJob(t.Values, t.JobId);
+        // An exploit: the trial's previous job ends (again after a restart: stopping is idempotent) and its successor
+        // starts from the donor's checkpoint.
+        if (t.Exploits.LastOrDefault() is { } exploit)
+        {
+            await Job(exploit.OldJob).StopAsync();
+            spec = spec with { StartFrom = new CheckpointRef(exploit.FromJob, exploit.Step) };
+        }
+        try { await Job(t.JobId).SubmitAsync(spec); }
         catch (InvalidOperationException) { } // submitted before a restart: the job exists
         catch (JobSpecInvalidException e) { t.State = TrialState.Failed; t.Error = e.Message; Event($"trial {t.Index} failed to start: {e.Message}"); }
         t.Submitted = true;
@@ -140,6 +148,7 @@ public sealed class StudyGrain(
                 await Job(t.JobId).StopAsync();
                 return true;
             }
+            if (Spec.Scheduler.Kind == "pbt" && p.Step >= t.NextBoundary && await PerturbAsync(t, p)) return true;
         }
         if (status.State.IsTerminal())
         {
@@ -165,6 +174,40 @@ public sealed class StudyGrain(
             metrics.StudyDecision("stopped");
             return false;
         }
+        return true;
+    }
+
+    /// <summary>pbt at a boundary: records the trial's result and, in the bottom quantile, moves it onto a top trial's checkpoint.</summary>
+    async Task<bool> PerturbAsync(TrialRecord t, ValidationPoint p)
+    {
+        long interval = Spec.Scheduler.PerturbationInterval, boundary = p.Step / interval * interval;
+        t.NextBoundary = boundary + interval;
+        S.PbtScores[t.Index] = StudyHistory.Lower(Spec, p.Loss);
+        if (p.Step >= Spec.Job!.Steps) return false; // the trial's end: nothing is left to train otherwise
+        var byIndex = S.Trials.ToDictionary(x => x.Index);
+        var move = Pbt.Decide(Spec, S.PbtScores, t.Index, boundary, i => byIndex[i].CheckpointStep is not null, i => byIndex[i].Values);
+        if (move is null)
+        {
+            var (top, bottom) = Pbt.Quantiles(S.PbtScores, Spec.Scheduler.Quantile);
+            if (bottom.Contains(t.Index) && !top.Contains(t.Index))
+                Event($"trial {t.Index} at step {boundary} is in the bottom quantile, but no top trial ({string.Join(", ", top)}) has a committed checkpoint to copy: it trains on unchanged");
+            return false;
+        }
+        var donor = byIndex[move.Donor];
+        long step = donor.CheckpointStep!.Value;
+        string before = Describe(t);
+        t.Exploits.Add(new PbtExploit { Boundary = boundary, FromTrial = donor.Index, FromJob = donor.JobId, Step = step, OldJob = t.JobId, OldValues = t.Values, NewValues = move.Values });
+        t.JobId = $"{StudyId}-t{t.Index:D3}-p{t.Exploits.Count}";
+        t.Values = move.Values;
+        t.Submitted = false;
+        t.Curve.RemoveAll(x => x.Step > step);
+        (t.Step, t.CheckpointStep) = (step, null); // its own checkpoints start with the new job
+        t.NextBoundary = (step / interval + 1) * interval;
+        Event($"trial {t.Index} at step {boundary} ({Spec.Metric} {p.Loss:G5}, bottom quantile) exploits trial {donor.Index}: job {t.JobId} starts from " +
+              $"the committed checkpoint of job {donor.JobId} (trial {donor.Index}) at step {step}; explores {before} -> {Describe(t)}");
+        metrics.StudyDecision("exploited");
+        await study.WriteStateAsync(); // the decision is history before the job exists: a restart submits it, never decides again
+        await SubmitAsync(t);
         return true;
     }
 
