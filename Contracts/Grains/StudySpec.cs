@@ -41,6 +41,7 @@ public sealed record StudySpec
         if (!Modes.Contains(Mode)) Problem("mode", $"'{Mode}' must be min or max");
         if (Budget is null || Budget.Trials < 1) Problem("budget.trials", $"{Budget?.Trials} must be at least 1 trial");
         if (Budget is { TotalSteps: < 0 }) Problem("budget.totalSteps", $"{Budget.TotalSteps} must be 0 (no limit) or the steps all trials may train together");
+        if (Budget is { } b && !(b.WorkerHours >= 0 && double.IsFinite(b.WorkerHours))) Problem("budget.workerHours", $"{b.WorkerHours} must be 0 (no limit) or the worker-hours all trials may use together");
         if (Concurrency < 1) Problem("concurrency", $"{Concurrency} must be at least 1 trial at once");
         if (Sampler is null || !SamplerSpec.Kinds.Contains(Sampler.Kind)) Problem("sampler.kind", $"'{Sampler?.Kind}' must be one of {string.Join(", ", SamplerSpec.Kinds)}");
         else if (Sampler.Kind == "grid" && Space.FirstOrDefault(d => d.Kind is not ("grid" or "choice")) is { } continuous)
@@ -126,6 +127,8 @@ public sealed record StudyBudget
     public int Trials { get; init; } = 8;
     /// <summary>Steps all trials may train together (0: no limit): a worker-time budget at a fixed step cost.</summary>
     public long TotalSteps { get; init; }
+    /// <summary>Worker-hours all trials may hold workers together (0: no limit): no trial starts once they are spent.</summary>
+    public double WorkerHours { get; init; }
 }
 
 public sealed record SamplerSpec

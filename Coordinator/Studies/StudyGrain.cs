@@ -12,7 +12,7 @@ public sealed class StudyGrain(
     ILogger<StudyGrain> logger) : Grain, IStudyGrain
 {
     const int EventsKept = 500;
-    static readonly TimeSpan Period = TimeSpan.FromSeconds(1);
+    static readonly TimeSpan Period = TimeSpan.FromSeconds(1), MaxGap = TimeSpan.FromSeconds(5);
 
     StudySpec? spec;
     IGrainTimer? timer;
@@ -77,8 +77,12 @@ public sealed class StudyGrain(
     {
         if (S.State != StudyState.Running) return;
         bool changed = false;
+        // Worker time since the last follow; at most MaxGap, so a Coordinator that was down counts no time it did not see.
+        var now = clock.GetUtcNow();
+        double elapsed = S.LastFollowed is { } last ? Math.Clamp((now - last).TotalSeconds, 0, MaxGap.TotalSeconds) : 0;
+        S.LastFollowed = now;
         foreach (var t in S.Trials.Where(t => t.State == TrialState.Running).ToList())
-            changed |= await FollowAsync(t);
+            changed |= await FollowAsync(t, elapsed);
         changed |= await LaunchAsync();
         if (S.Trials.All(t => t.State != TrialState.Running) && !CanLaunch())
         {
@@ -93,7 +97,8 @@ public sealed class StudyGrain(
     }
 
     bool CanLaunch() => !S.SamplerExhausted && S.Trials.Count < Spec.Budget.Trials &&
-                        (Spec.Budget.TotalSteps == 0 || S.Trials.Sum(t => t.Step) < Spec.Budget.TotalSteps);
+                        (Spec.Budget.TotalSteps == 0 || S.Trials.Sum(t => t.Step) < Spec.Budget.TotalSteps) &&
+                        (Spec.Budget.WorkerHours == 0 || S.Trials.Sum(t => t.WorkerSeconds) < Spec.Budget.WorkerHours * 3600);
 
     async Task<bool> LaunchAsync()
     {
@@ -130,10 +135,11 @@ public sealed class StudyGrain(
     }
 
     /// <summary>Reads the trial's job: new metric points (each judged at the rungs it passes), its end, its checkpoint.</summary>
-    async Task<bool> FollowAsync(TrialRecord t)
+    async Task<bool> FollowAsync(TrialRecord t, double elapsed)
     {
         if (!t.Submitted) { await SubmitAsync(t); return true; }
         var status = await Job(t.JobId).GetStatusAsync();
+        if (status.State == JobState.Running) t.WorkerSeconds += elapsed * status.Workers.Length;
         bool changed = t.Step != status.Step;
         t.Step = status.Step;
         t.CheckpointStep = status.Committed.Where(c => c.DeletedAt is null).Select(c => (long?)c.Step).Max();
@@ -226,6 +232,7 @@ public sealed class StudyGrain(
     {
         Index = t.Index, JobId = t.JobId, State = t.State, Step = t.Step, Metric = t.Curve.Count > 0 ? t.Curve[^1].Loss : null,
         Curve = [.. t.Curve], StoppedAtRung = t.StoppedAtRung, CheckpointStep = t.CheckpointStep, Error = t.Error,
+        WorkerHours = t.WorkerSeconds / 3600,
         Parameters = Spec.Space.Select((d, i) => (d.Path, d.Format(t.Values[i]))).ToDictionary(x => x.Path, x => x.Item2),
     };
 

@@ -18,6 +18,8 @@ public sealed class StudyGrainState
     [Id(6)] public bool SamplerExhausted { get; set; }
     /// <summary>pbt: each trial's latest result at a perturbation boundary, lower is better (the sign of StudyHistory.Lower).</summary>
     [Id(7)] public Dictionary<int, double> PbtScores { get; set; } = [];
+    /// <summary>When the trials were last followed: worker time is counted from there.</summary>
+    [Id(8)] public DateTimeOffset? LastFollowed { get; set; }
 }
 
 [GenerateSerializer]
@@ -42,6 +44,8 @@ public sealed class TrialRecord
     [Id(11)] public long NextBoundary { get; set; }
     /// <summary>pbt: each exploit, oldest first; the last one's checkpoint is what the trial's current job starts from.</summary>
     [Id(12)] public List<PbtExploit> Exploits { get; set; } = [];
+    /// <summary>Seconds × workers the trial's jobs held, summed at each follow.</summary>
+    [Id(13)] public double WorkerSeconds { get; set; }
 }
 
 /// <summary>At <see cref="Boundary"/> the trial left <see cref="OldJob"/> and went on from trial <see cref="FromTrial"/>'s checkpoint.</summary>

@@ -104,6 +104,18 @@ public class PbtTests
         Assert.True(moves > 50 && refusedForCheckpoint > 20, $"{moves} moves, {refusedForCheckpoint} refused for want of a checkpoint");
     }
 
+    [Fact]
+    public void StartFromAndThePbtSettingsAreValidatedNamingTheField()
+    {
+        var job = TestSpecs.Tiny(1, 1, steps: 8);
+        Assert.Contains((job with { StartFrom = new CheckpointRef("a b", 2) }).Validate(), p => p.Field == "startFrom" && p.Message.Contains("'a b'"));
+        Assert.Contains((job with { StartFrom = new CheckpointRef("src", 8) }).Validate(), p => p.Field == "startFrom" && p.Message.Contains("between 1 and steps - 1 (7)"));
+        Assert.Empty((job with { StartFrom = new CheckpointRef("src", 7) }).Validate());
+        var bad = Spec(0.7) with { Scheduler = new SchedulerSpec { Kind = "pbt", PerturbationInterval = 8, Quantile = 0.7, PerturbFactors = [], ResampleProbability = 2 } };
+        Assert.Equal(["scheduler.perturbationInterval", "scheduler.perturbFactors", "scheduler.quantile", "scheduler.resampleProbability"],
+            bad.Validate().Select(p => p.Field).Order());
+    }
+
     static async Task<JobStatus> RunningAsync(GrainCluster c, string jobId) =>
         await TestSpecs.EventuallyAsync(() => c.Job(jobId).GetStatusAsync(), s => s.State == JobState.Running, $"job {jobId} running");
 
