@@ -131,11 +131,12 @@ public sealed class ClusterRegistryGrain(
         var (count, kind, why) = policy.Allowed(jobId, max);
         var free = policy.Free().Take(count).ToList();
         foreach (var (_, w) in free) w.JobId = jobId;
-        if (free.Count > 0)
-            Decide(new(clock.GetUtcNow(), jobId, "assigned", $"{string.Join(", ", free.Select(f => f.Key))} assigned " +
-                $"(priority {policy.ShareOf(jobId).Priority}, tenant '{policy.ShareOf(jobId).Tenant}'){(why is null ? "" : $"; {why}")}") { Workers = [.. free.Select(f => f.Key)] });
-        else if (kind is not null) Decide(new(clock.GetUtcNow(), jobId, kind, why!));
-        if (free.Count > 0 || kind is not null) await registry.WriteStateAsync();
+        // An assignment is always recorded (and the claimed workers written); a held-back claim once per distinct decision.
+        bool decided = free.Count > 0
+            ? Decide(new(clock.GetUtcNow(), jobId, "assigned", $"{string.Join(", ", free.Select(f => f.Key))} assigned " +
+                $"(priority {policy.ShareOf(jobId).Priority}, tenant '{policy.ShareOf(jobId).Tenant}'){(why is null ? "" : $"; {why}")}") { Workers = [.. free.Select(f => f.Key)] })
+            : kind is not null && Decide(new(clock.GetUtcNow(), jobId, kind, why!));
+        if (decided) await registry.WriteStateAsync();
         CountWorkers();
         return [.. free.Select(f => f.Value.Capabilities!)];
     }
@@ -161,9 +162,10 @@ public sealed class ClusterRegistryGrain(
         var me = policy.ShareOf(jobId);
         if (!policy.CanForm(jobId))
         {
-            if (me.Priority > 0 || policy.QuotaLeft(me.Tenant) is not null)
-                Decide(new(clock.GetUtcNow(), jobId, "no_preemption", $"cannot form even by preempting: it lacks {policy.Shortfall(jobId)} workers " +
-                    $"(tenant '{me.Tenant}' may take {policy.QuotaLeft(me.Tenant)?.ToString() ?? "any number"}; lower priorities hold fewer)"));
+            if ((me.Priority > 0 || policy.QuotaLeft(me.Tenant) is not null)
+                && Decide(new(clock.GetUtcNow(), jobId, "no_preemption", $"cannot form even by preempting: it lacks {policy.Shortfall(jobId)} workers " +
+                    $"(tenant '{me.Tenant}' may take {policy.QuotaLeft(me.Tenant)?.ToString() ?? "any number"}; lower priorities hold fewer)")))
+                await registry.WriteStateAsync();
             return;
         }
         if (policy.Victims(jobId) is not { Count: > 0 } victims) return;
@@ -177,11 +179,12 @@ public sealed class ClusterRegistryGrain(
         await registry.WriteStateAsync();
     }
 
-    void Decide(SchedulingDecision d)
+    /// <summary>Records the decision (false: the same held-back decision as the job's last one, not recorded again).</summary>
+    bool Decide(SchedulingDecision d)
     {
         if (d.Kind is "held" or "quota" or "no_preemption")
         {
-            if (lastHeld.GetValueOrDefault(d.JobId) == d.Message) return;
+            if (lastHeld.GetValueOrDefault(d.JobId) == d.Message) return false;
             lastHeld[d.JobId] = d.Message;
         }
         else lastHeld.Remove(d.JobId);
@@ -190,6 +193,7 @@ public sealed class ClusterRegistryGrain(
         logger.LogInformation("Scheduling {Kind} for job {Job}: {Message}", d.Kind, d.JobId, d.Message);
         // The job's own events say it too: an assignment as worker_joined, a preemption as preempted (PreemptAsync).
         if (d.Kind is not ("assigned" or "preempt")) _ = GrainFactory.GetGrain<ITrainingJobGrain>(d.JobId).ScheduledAsync(d.Kind, d.Message); // one-way
+        return true;
     }
 
     public async Task ReleaseWorkersAsync(string jobId, string[]? workerIds)

@@ -154,6 +154,30 @@ public class SharingTests
     }
 
     [Fact]
+    public async Task PrioritiesAndDecisionsSurviveARestartAndStillDecideAPreemption()
+    {
+        string folder = TestSpecs.TempFolder();
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            await c.Worker("r1").RegisterAsync(TestSpecs.Worker("r1"), null);
+            await c.Job("lo").SubmitAsync(Spec(1, 5));
+            await TestSpecs.EventuallyAsync(c.Job("lo").GetStatusAsync, s => s.State == JobState.Running, "lo formed");
+            // hi needs two workers; only one exists: it cannot form even by preempting, and says so.
+            await c.Job("hi").SubmitAsync(Spec(2, 5, priority: 2));
+            await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Scheduling && e.Reason == "no_preemption"), "hi told why it waits");
+        }
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            Assert.Contains(await Registry(c).ListDecisionsAsync(), d => d.JobId == "hi" && d.Kind == "no_preemption");
+            // A second worker: with lo's, hi could form, and its priority (kept by the registry) takes lo's worker.
+            await c.Worker("r2").RegisterAsync(TestSpecs.Worker("r2"), null);
+            var hi = await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.State == JobState.Running, "hi formed after the restart");
+            Assert.Equal(["r1", "r2"], hi.Workers.Select(w => w.WorkerId).Order());
+            Assert.Contains((await c.Job("lo").GetStatusAsync()).Events, e => e.Kind == K.Preempted && e.Reason == "preempted by hi");
+        }
+    }
+
+    [Fact]
     public void PriorityAndTenantAreValidatedNamingTheField()
     {
         var problems = (Spec(1, 5) with { Priority = 1001, Tenant = "a b" }).Validate();
