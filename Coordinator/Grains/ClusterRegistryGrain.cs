@@ -192,7 +192,7 @@ public sealed class ClusterRegistryGrain(
         if (S.Decisions.Count > DecisionsKept) S.Decisions.RemoveRange(0, S.Decisions.Count - DecisionsKept);
         logger.LogInformation("Scheduling {Kind} for job {Job}: {Message}", d.Kind, d.JobId, d.Message);
         // The job's own events say it too: an assignment as worker_joined, a preemption as preempted (PreemptAsync).
-        if (d.Kind is not ("assigned" or "preempt")) _ = GrainFactory.GetGrain<ITrainingJobGrain>(d.JobId).ScheduledAsync(d.Kind, d.Message); // one-way
+        if (d.Kind is not ("assigned" or "preempt") && S.Shares.ContainsKey(d.JobId)) _ = GrainFactory.GetGrain<ITrainingJobGrain>(d.JobId).ScheduledAsync(d.Kind, d.Message); // one-way
         return true;
     }
 

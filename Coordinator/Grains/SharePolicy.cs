@@ -58,7 +58,7 @@ public sealed class SharePolicy(ClusterRegistryGrainState s, IReadOnlyDictionary
         var me = ShareOf(jobId);
         int lacks = Shortfall(jobId);
         if (QuotaLeft(me.Tenant) is { } left && left < lacks) return false;
-        int reachable = Free().Count + s.Workers.Values.Count(w => w.Online && w.JobId is { } o && o != jobId && ShareOf(o).Priority < me.Priority);
+        int reachable = Free().Count + s.Workers.Values.Count(w => w.Online && w.JobId is { } o && o != jobId && s.Shares.ContainsKey(o) && ShareOf(o).Priority < me.Priority);
         return reachable >= lacks;
     }
 
@@ -77,6 +77,9 @@ public sealed class SharePolicy(ClusterRegistryGrainState s, IReadOnlyDictionary
     public (int Count, string? Kind, string? Why) Allowed(string jobId, int max)
     {
         int free = Free().Count, want = Math.Min(Math.Max(0, max), free);
+        // A holder that is not a registered job (a short hold of a worker for other work, or a job from before shares
+        // existed) takes free workers as it always did, first come, first served.
+        if (!s.Shares.ContainsKey(jobId)) return (want, null, null);
         var me = ShareOf(jobId);
         int? quota = QuotaLeft(me.Tenant);
         int reserved = Reserved(jobId);
@@ -98,7 +101,7 @@ public sealed class SharePolicy(ClusterRegistryGrainState s, IReadOnlyDictionary
         int lacks = Shortfall(jobId) - Math.Max(0, Free().Count - Reserved(jobId));
         if (lacks <= 0) return [];
         var victims = new List<(string, int)>();
-        foreach (var g in s.Workers.Values.Where(w => w.Online && w.JobId is { } o && o != jobId && ShareOf(o).Priority < me.Priority)
+        foreach (var g in s.Workers.Values.Where(w => w.Online && w.JobId is { } o && o != jobId && s.Shares.ContainsKey(o) && ShareOf(o).Priority < me.Priority)
                      .GroupBy(w => w.JobId!)
                      .OrderBy(g => ShareOf(g.Key).Priority).ThenByDescending(g => s.Shares.GetValueOrDefault(g.Key)?.Order ?? 0))
         {

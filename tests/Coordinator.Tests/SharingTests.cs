@@ -123,6 +123,16 @@ public class SharingTests
         Assert.Equal(["a", "b"], policy.Ahead("n").Order());
         Assert.Empty(policy.Ahead("h"));
 
+        // A holder that is not a registered job (a short hold for other work) is not queued, and is never preempted.
+        Assert.Equal((2, null, null), policy.Allowed("hold:export", 2));
+        state.Workers["w1"].JobId = state.Workers["w3"].JobId = "hold:export";
+        state.Shares["p"] = new Grains.ShareRecord { Share = new JobShare(5, "default", 2), WaitingSince = 20 };
+        state.Waiting["p"] = JobWait.ToForm;
+        Assert.Null(policy.Victims("p")); // the hold's two workers are not taken; a's one is not enough
+        Assert.False(policy.CanForm("p"));
+        state.Workers["w1"].JobId = state.Workers["w3"].JobId = null;
+        state.Waiting.Remove("p");
+
         // A job that needs more workers than are online reserves none.
         state.Shares["a"].Share = new JobShare(0, "default", 4);
         Assert.Equal((1, null, null), policy.Allowed("b", 1));
