@@ -94,6 +94,7 @@ public static class CoordinatorExtensions
         app.MapExportsApi();
         app.MapEvaluationsApi();
         app.MapStudiesApi();
+        app.MapSchedulingApi();
         app.MapStatusPage();
         return app;
     }

@@ -69,7 +69,7 @@ public sealed class CoordinatorMetrics
         meter.CreateObservableGauge("deepseek.cluster.job_generation", ObserveGenerations, "{generation}", "The current generation of each job that is not finished");
         meter.CreateObservableGauge("deepseek.cluster.heartbeat_age", ObserveHeartbeats, "s", "Seconds since each online worker's last heartbeat");
         meter.CreateObservableGauge("deepseek.cluster.study_trials", ObserveStudyTrials, "{trial}", "Trials of each study by state");
-        _studyDecisions = meter.CreateCounter<long>("deepseek.cluster.study_decisions", "{decision}", "ASHA decisions at a rung: continued or stopped");
+        _studyDecisions = meter.CreateCounter<long>("deepseek.cluster.study_decisions", "{decision}", "Study scheduler decisions: ASHA continued or stopped at a rung, PBT exploited");
         foreach (var d in new[] { "continued", "stopped" }) _studyDecisions.Add(0, new KeyValuePair<string, object?>("decision", d));
     }
 
@@ -102,7 +102,7 @@ public sealed class CoordinatorMetrics
 
     public void WorkerLeft(LeaveKind kind) => _workerEvents.Add(1, new KeyValuePair<string, object?>("event", kind == LeaveKind.Left ? "left" : "failed"));
 
-    /// <param name="decision">continued or stopped.</param>
+    /// <param name="decision">continued or stopped (ASHA), exploited (PBT).</param>
     public void StudyDecision(string decision) => _studyDecisions.Add(1, new KeyValuePair<string, object?>("decision", decision));
 
     // ---- Snapshot for the gauges ----

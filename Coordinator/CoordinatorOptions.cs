@@ -22,6 +22,9 @@ public sealed class CoordinatorOptions : IValidatableObject
     /// <summary>Loss points kept per job (the oldest go first).</summary>
     public int LossHistory { get; set; } = 5000;
 
+    /// <summary>Per tenant (Coordinator:Quotas:&lt;tenant&gt;), the most workers its jobs hold together; a tenant not named has no limit.</summary>
+    public Dictionary<string, int> Quotas { get; set; } = new(StringComparer.Ordinal);
+
     public IEnumerable<ValidationResult> Validate(ValidationContext context)
     {
         if (HeartbeatTimeout <= TimeSpan.Zero)
@@ -32,5 +35,8 @@ public sealed class CoordinatorOptions : IValidatableObject
             yield return new($"{Section}:StateFolder must name a folder", [nameof(StateFolder)]);
         if (LossHistory < 1)
             yield return new($"{Section}:LossHistory must be at least 1, not {LossHistory}", [nameof(LossHistory)]);
+        foreach (var (tenant, quota) in Quotas)
+            if (quota < 0 || !Contracts.Grains.JobSpec.IsValidName(tenant))
+                yield return new($"{Section}:Quotas:{tenant} must name a tenant (1-64 characters of a-z, A-Z, 0-9, '-', '_' or '.') and a worker count of 0 or more, not {quota}", [nameof(Quotas)]);
     }
 }

@@ -27,6 +27,35 @@ public interface IClusterRegistryGrain : IGrainWithStringKey
 
     /// <summary>Frees the job's hold on these workers (all of them when <paramref name="workerIds"/> is null).</summary>
     Task ReleaseWorkersAsync(string jobId, string[]? workerIds);
+
+    /// <summary>What the job's claims are ranked and limited by (priority, tenant quota, workers it needs to form); given at submission.</summary>
+    Task SetShareAsync(string jobId, JobShare share);
+
+    /// <summary>The newest scheduling decisions (assignments, claims held back for fairness or a quota, preemptions), oldest first.</summary>
+    Task<SchedulingDecision[]> ListDecisionsAsync();
+}
+
+/// <param name="Need">The fewest workers the job can form with (the smallest usable world of minWorkers..maxWorkers).</param>
+[GenerateSerializer, Immutable]
+public sealed record JobShare([property: Id(0)] int Priority, [property: Id(1)] string Tenant, [property: Id(2)] int Need)
+{
+    public static JobShare Of(JobSpec spec)
+    {
+        int need = spec.MinWorkers;
+        for (int n = spec.MinWorkers; n <= spec.MaxWorkers; n++)
+            if (spec.ChooseDataParallel(n) is { } dp) { need = dp * Math.Max(1, spec.Parallel.Pp); break; }
+        return new(spec.Priority, spec.Tenant ?? JobSpec.DefaultTenant, need);
+    }
+}
+
+/// <summary>One decision of the registry. Kind: assigned, held (fairness), quota, preempt, no_preemption.</summary>
+[GenerateSerializer, Immutable]
+public sealed record SchedulingDecision(
+    [property: Id(0)] DateTimeOffset At, [property: Id(1)] string JobId, [property: Id(2)] string Kind, [property: Id(3)] string Message)
+{
+    [Id(4)] public string[] Workers { get; init; } = [];
+    /// <summary>preempt: the job the workers are taken for.</summary>
+    [Id(5)] public string? For { get; init; }
 }
 
 public enum JobWait { None, ToForm, ToGrow }

@@ -66,6 +66,8 @@ public sealed record TrialStatus
     /// <summary>The newest committed checkpoint of the trial's job: checkpoints/{jobId}/{step}.</summary>
     [Id(8)] public long? CheckpointStep { get; init; }
     [Id(9)] public string? Error { get; init; }
+    /// <summary>Worker-hours the trial's jobs held workers (see StudyBudget.WorkerHours).</summary>
+    [Id(10)] public double WorkerHours { get; init; }
 }
 
 [GenerateSerializer, Immutable]

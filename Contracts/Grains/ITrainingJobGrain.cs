@@ -23,6 +23,15 @@ public interface ITrainingJobGrain : IGrainWithStringKey
     /// <summary>A report of <paramref name="what"/> from this worker in a stale generation was refused: recorded as worker_fenced.</summary>
     [OneWay] Task WorkerFencedAsync(string workerId, long reportedGeneration, string what);
 
+    /// <summary>
+    /// The registry needs this job's workers for a job of a higher priority: the members stop at their step boundary, the
+    /// workers are released, and the job waits to re-form from its newest committed checkpoint. One-way (see above).
+    /// </summary>
+    [OneWay] Task PreemptAsync(string byJob, string reason);
+
+    /// <summary>A decision of the registry about this job's claim for workers, recorded as a scheduling event. One-way.</summary>
+    [OneWay] Task ScheduledAsync(string decision, string message);
+
     /// <summary>Rank 0 of the current generation resumed (from a replica, a checkpoint or the start). Fenced like steps.</summary>
     Task ReportResumedAsync(long generation, ResumedReport report);
 

@@ -91,6 +91,22 @@ public sealed partial record JobSpec
     /// <summary>Evaluation tasks a job may name at most (each is scored at every checkpoint).</summary>
     public const int MaxEvalTasks = 8;
 
+    /// <summary>
+    /// Free workers go to the higher priority first, and a job that cannot form preempts running jobs of a lower priority
+    /// (they release their workers and resume later from their newest committed checkpoint): docs/agent.md.
+    /// </summary>
+    [Id(55)] public int Priority { get; init; }
+    public const int MaxPriority = 1000;
+    /// <summary>Who the job runs for: the per-tenant worker quota (Coordinator:Quotas:&lt;tenant&gt;) counts its workers. Null: "default".</summary>
+    [Id(56)] public string? Tenant { get; init; }
+    public const string DefaultTenant = "default";
+    /// <summary>
+    /// Start from another job's committed checkpoint (a PBT exploit): the first generation loads it and trains on from its
+    /// step; steps 1..step are that job's lineage (its ledger shows their samples). Used only while this job has no
+    /// committed checkpoint of its own; a checkpoint that is not committed in the store is refused at submission.
+    /// </summary>
+    [Id(57)] public CheckpointRef? StartFrom { get; init; }
+
     /// <summary>Every problem, each named by its JSON field path, so a user fixes them all in one go.</summary>
     public IReadOnlyList<SpecProblem> Validate()
     {
@@ -155,6 +171,10 @@ public sealed partial record JobSpec
         if (EvalLimit < 0) Problem("evalLimit", $"{EvalLimit} must be 0 (every example) or the number of examples per task");
         if (InitFrom is not null && (InitFrom.Length == 0 || InitFrom.Any(char.IsControl)))
             Problem("initFrom", "must be the path of a Hugging Face model folder on the workers (config.json and *.safetensors)");
+        if (Priority is < -MaxPriority or > MaxPriority) Problem("priority", $"{Priority} must be between {-MaxPriority} and {MaxPriority} (higher runs first)");
+        if (Tenant is not null && !IsValidName(Tenant)) Problem("tenant", $"'{Tenant}' must be 1-64 characters of a-z, A-Z, 0-9, '-', '_' or '.'");
+        if (StartFrom is { } from && (from.Job is null || !IsValidName(from.Job) || from.Step < 1 || Steps >= 1 && from.Step >= Steps))
+            Problem("startFrom", $"must name a job (1-64 characters of a-z, A-Z, 0-9, '-', '_' or '.') and a committed step between 1 and steps - 1 ({Steps - 1}), not '{from.Job}' at step {from.Step}");
         if (KeepLast < 0) Problem("keepLast", $"{KeepLast} must be 0 (keep every checkpoint) or the number of newest committed checkpoints to keep");
 
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
@@ -241,6 +261,10 @@ public sealed record LrSchedule
     /// <summary>wsd only: the last fraction of the steps over which the learning rate decays to minLr.</summary>
     [Id(4)] public double DecayFraction { get; init; } = 0.2;
 }
+
+/// <summary>A committed checkpoint of a job: its step.</summary>
+[GenerateSerializer, Immutable]
+public sealed record CheckpointRef([property: Id(0)] string Job, [property: Id(1)] long Step);
 
 /// <summary>One thing wrong with a spec: the JSON field path and what was expected.</summary>
 [GenerateSerializer, Immutable]

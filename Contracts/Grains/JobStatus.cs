@@ -142,11 +142,15 @@ public static class JobEventKinds
         CheckpointNotCommitted = "checkpoint_not_committed", CheckpointsDeleted = "checkpoints_deleted", Completed = "completed", Failed = "failed", Stopped = "stopped",
         StepSkipped = "step_skipped", RolledBack = "rolled_back", ExportStarted = "export_started", Exported = "exported", ExportFailed = "export_failed",
         EvaluationStarted = "evaluation_started", Evaluated = "evaluated", EvaluationFailed = "evaluation_failed";
+    /// <summary>Preempted: released for a higher-priority job; Scheduling: the registry's decision about this job's claim.</summary>
+    public const string Preempted = "preempted", Scheduling = "scheduling";
+    /// <summary>The job starts from another job's committed checkpoint (JobSpec.StartFrom): its provenance.</summary>
+    public const string StartedFrom = "started_from";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
         Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
-        ExportStarted, Exported, ExportFailed, EvaluationStarted, Evaluated, EvaluationFailed,
+        ExportStarted, Exported, ExportFailed, EvaluationStarted, Evaluated, EvaluationFailed, Preempted, Scheduling, StartedFrom,
     ];
 }

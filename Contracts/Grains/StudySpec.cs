@@ -41,6 +41,7 @@ public sealed record StudySpec
         if (!Modes.Contains(Mode)) Problem("mode", $"'{Mode}' must be min or max");
         if (Budget is null || Budget.Trials < 1) Problem("budget.trials", $"{Budget?.Trials} must be at least 1 trial");
         if (Budget is { TotalSteps: < 0 }) Problem("budget.totalSteps", $"{Budget.TotalSteps} must be 0 (no limit) or the steps all trials may train together");
+        if (Budget is { } b && !(b.WorkerHours >= 0 && double.IsFinite(b.WorkerHours))) Problem("budget.workerHours", $"{b.WorkerHours} must be 0 (no limit) or the worker-hours all trials may use together");
         if (Concurrency < 1) Problem("concurrency", $"{Concurrency} must be at least 1 trial at once");
         if (Sampler is null || !SamplerSpec.Kinds.Contains(Sampler.Kind)) Problem("sampler.kind", $"'{Sampler?.Kind}' must be one of {string.Join(", ", SamplerSpec.Kinds)}");
         else if (Sampler.Kind == "grid" && Space.FirstOrDefault(d => d.Kind is not ("grid" or "choice")) is { } continuous)
@@ -57,7 +58,13 @@ public sealed record StudySpec
         var node = JsonSerializer.SerializeToNode(Job, JobSpecJson.Options)!.AsObject();
         for (int i = 0; i < Space.Count; i++) SearchDimension.Set(node, Space[i].Path, Space[i].ToJson(values[i]));
         var trial = node.Deserialize<JobSpec>(JobSpecJson.Options)! with { Name = jobName };
-        return Scheduler.Kind == "asha" ? trial with { Steps = Scheduler.MaxStepsOr(Job!.Steps), EvalInterval = Scheduler.GracePeriod } : trial;
+        return Scheduler.Kind switch
+        {
+            "asha" => trial with { Steps = Scheduler.MaxStepsOr(Job!.Steps), EvalInterval = Scheduler.GracePeriod },
+            // A result and a committed checkpoint at every perturbation boundary, none deleted: an exploit may copy any.
+            "pbt" => trial with { EvalInterval = Scheduler.PerturbationInterval, CheckpointInterval = Scheduler.PerturbationInterval, KeepLast = 0 },
+            _ => trial,
+        };
     }
 }
 
@@ -120,6 +127,8 @@ public sealed record StudyBudget
     public int Trials { get; init; } = 8;
     /// <summary>Steps all trials may train together (0: no limit): a worker-time budget at a fixed step cost.</summary>
     public long TotalSteps { get; init; }
+    /// <summary>Worker-hours all trials may hold workers together (0: no limit): no trial starts once they are spent.</summary>
+    public double WorkerHours { get; init; }
 }
 
 public sealed record SamplerSpec
@@ -133,11 +142,13 @@ public sealed record SamplerSpec
 
 /// <summary>
 /// fifo: every trial trains to the end. asha: rungs at gracePeriod·η^k steps below maxSteps; a trial reaching a rung
-/// stops unless its metric is within the best 1/η of the results recorded there before it (docs/studies.md).
+/// stops unless its metric is within the best 1/η of the results recorded there before it. pbt: at every
+/// perturbationInterval steps a trial in the bottom quantile copies a top-quantile trial's committed checkpoint and
+/// perturbs its values (docs/studies.md).
 /// </summary>
 public sealed record SchedulerSpec
 {
-    public static readonly string[] Kinds = ["fifo", "asha"];
+    public static readonly string[] Kinds = ["fifo", "asha", "pbt"];
     public string Kind { get; init; } = "fifo";
     public int GracePeriod { get; init; } = 10;
     public int ReductionFactor { get; init; } = 3;
@@ -145,6 +156,16 @@ public sealed record SchedulerSpec
     public int MaxSteps { get; init; }
 
     public int MaxStepsOr(int jobSteps) => MaxSteps > 0 ? MaxSteps : jobSteps;
+
+    // ---- pbt ----
+    /// <summary>Steps between a trial's perturbation boundaries (its results and checkpoints come at these steps).</summary>
+    public int PerturbationInterval { get; init; } = 10;
+    /// <summary>The fraction of scored trials in the top and in the bottom (at least one each).</summary>
+    public double Quantile { get; init; } = 0.25;
+    /// <summary>Explore: a numeric value is the donor's times one of these, drawn uniformly, clamped to the dimension's range.</summary>
+    public double[] PerturbFactors { get; init; } = [0.8, 1.2];
+    /// <summary>Explore: the chance that a value is drawn afresh from its dimension instead.</summary>
+    public double ResampleProbability { get; init; } = 0.25;
 
     /// <summary>The rungs' steps: gracePeriod·η^k below the maximum.</summary>
     public long[] Rungs(int jobSteps)
@@ -157,6 +178,16 @@ public sealed record SchedulerSpec
     public IEnumerable<(string Field, string Message)> Problems(int jobSteps)
     {
         if (!Kinds.Contains(Kind)) { yield return ("kind", $"'{Kind}' must be one of {string.Join(", ", Kinds)}"); yield break; }
+        if (Kind == "pbt")
+        {
+            if (PerturbationInterval < 1 || PerturbationInterval >= jobSteps)
+                yield return ("perturbationInterval", $"{PerturbationInterval} must be between 1 and the job's steps - 1 ({jobSteps - 1})");
+            if (!(Quantile > 0 && Quantile <= 0.5)) yield return ("quantile", $"{Quantile} must be in (0, 0.5]");
+            if (PerturbFactors is not { Length: > 0 } || PerturbFactors.Any(f => !(f > 0 && double.IsFinite(f))))
+                yield return ("perturbFactors", "must be one or more positive numbers (such as [0.8, 1.2])");
+            if (!(ResampleProbability >= 0 && ResampleProbability <= 1)) yield return ("resampleProbability", $"{ResampleProbability} must be between 0 and 1");
+            yield break;
+        }
         if (Kind != "asha") yield break;
         if (GracePeriod < 1) yield return ("gracePeriod", $"{GracePeriod} must be at least 1 step");
         if (ReductionFactor < 2) yield return ("reductionFactor", $"{ReductionFactor} must be at least 2");

@@ -1,6 +1,7 @@
 // The cluster's lists of jobs and workers and who holds which worker. It never waits on a job (jobs are told one-way),
 // so jobs may call it freely without deadlock.
 using DeepSeekCluster.Contracts.Grains;
+using Microsoft.Extensions.Options;
 
 namespace DeepSeekCluster.Coordinator.Grains;
 
@@ -11,6 +12,9 @@ public sealed class ClusterRegistryGrainState
     [Id(1)] public Dictionary<string, JobWait> Waiting { get; set; } = [];
     [Id(2)] public Dictionary<string, RegisteredWorker> Workers { get; set; } = [];
     [Id(3)] public long Sequence { get; set; }
+    [Id(4)] public Dictionary<string, ShareRecord> Shares { get; set; } = [];
+    /// <summary>The newest scheduling decisions (at most DecisionsKept).</summary>
+    [Id(5)] public List<SchedulingDecision> Decisions { get; set; } = [];
 }
 
 [GenerateSerializer]
@@ -25,9 +29,15 @@ public sealed class RegisteredWorker
 
 public sealed class ClusterRegistryGrain(
     [PersistentState("registry")] IPersistentState<ClusterRegistryGrainState> registry,
-    CoordinatorMetrics metrics) : Grain, IClusterRegistryGrain
+    CoordinatorMetrics metrics,
+    IOptions<CoordinatorOptions> options,
+    TimeProvider clock,
+    ILogger<ClusterRegistryGrain> logger) : Grain, IClusterRegistryGrain
 {
+    const int DecisionsKept = 500;
+
     ClusterRegistryGrainState S => registry.State;
+    SharePolicy Policy => new(S, options.Value.Quotas);
 
     public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
@@ -74,11 +84,16 @@ public sealed class ClusterRegistryGrain(
 
     public async Task SetWaitingAsync(string jobId, JobWait wait)
     {
-        if (S.Waiting.GetValueOrDefault(jobId) != wait)
+        var was = S.Waiting.GetValueOrDefault(jobId);
+        if (was != wait)
         {
             if (wait == JobWait.None) S.Waiting.Remove(jobId); else S.Waiting[jobId] = wait;
+            if (S.Shares.TryGetValue(jobId, out var share)) share.WaitingSince = wait == JobWait.ToForm ? ++S.Sequence : 0;
             await registry.WriteStateAsync();
+            // Free workers kept for this job (it was ahead in the queue) may now go to the jobs behind it.
+            if (was == JobWait.ToForm && Policy.Free() is [var first, ..]) await TellWaitingAsync(first.Key, includeGrowing: false, except: jobId);
         }
+        if (wait == JobWait.ToForm) await PreemptForAsync(jobId);
         if (wait == JobWait.None || !lastLook.TryGetValue(jobId, out long looked)) return;
         lastLook[jobId] = freeEvents;
         if (S.Workers.FirstOrDefault(kv => kv.Value.Online && kv.Value.JobId is null && kv.Value.Capabilities is not null
@@ -112,12 +127,73 @@ public sealed class ClusterRegistryGrain(
     public async Task<WorkerCapabilities[]> ClaimWorkersAsync(string jobId, int max)
     {
         lastLook[jobId] = freeEvents;
-        var free = S.Workers.Values.Where(w => w.Online && w.JobId is null && w.Capabilities is not null)
-            .OrderBy(w => w.Since).Take(Math.Max(0, max)).ToList();
-        foreach (var w in free) w.JobId = jobId;
-        if (free.Count > 0) await registry.WriteStateAsync();
+        var policy = Policy;
+        var (count, kind, why) = policy.Allowed(jobId, max);
+        var free = policy.Free().Take(count).ToList();
+        foreach (var (_, w) in free) w.JobId = jobId;
+        // An assignment is always recorded (and the claimed workers written); a held-back claim once per distinct decision.
+        bool decided = free.Count > 0
+            ? Decide(new(clock.GetUtcNow(), jobId, "assigned", $"{string.Join(", ", free.Select(f => f.Key))} assigned " +
+                $"(priority {policy.ShareOf(jobId).Priority}, tenant '{policy.ShareOf(jobId).Tenant}'){(why is null ? "" : $"; {why}")}") { Workers = [.. free.Select(f => f.Key)] })
+            : kind is not null && Decide(new(clock.GetUtcNow(), jobId, kind, why!));
+        if (decided) await registry.WriteStateAsync();
         CountWorkers();
-        return [.. free.Select(w => w.Capabilities!)];
+        return [.. free.Select(f => f.Value.Capabilities!)];
+    }
+
+    public async Task SetShareAsync(string jobId, JobShare share)
+    {
+        if (!S.Shares.TryGetValue(jobId, out var r)) S.Shares[jobId] = r = new ShareRecord { Order = ++S.Sequence };
+        r.Share = share;
+        await registry.WriteStateAsync();
+    }
+
+    public Task<SchedulingDecision[]> ListDecisionsAsync() => Task.FromResult(S.Decisions.ToArray());
+
+    /// <summary>Jobs told to release their workers for another, until they hold none (so each is told once).</summary>
+    readonly Dictionary<string, string> preempting = new(StringComparer.Ordinal);
+    /// <summary>The last held-back decision per job, so a job that asks again and again is not recorded again and again.</summary>
+    readonly Dictionary<string, string> lastHeld = new(StringComparer.Ordinal);
+
+    /// <summary>A job that cannot form takes the workers of running jobs of lower priorities (SharePolicy.Victims).</summary>
+    async Task PreemptForAsync(string jobId)
+    {
+        var policy = Policy;
+        var me = policy.ShareOf(jobId);
+        if (!policy.CanForm(jobId))
+        {
+            if ((me.Priority > 0 || policy.QuotaLeft(me.Tenant) is not null)
+                && Decide(new(clock.GetUtcNow(), jobId, "no_preemption", $"cannot form even by preempting: it lacks {policy.Shortfall(jobId)} workers " +
+                    $"(tenant '{me.Tenant}' may take {policy.QuotaLeft(me.Tenant)?.ToString() ?? "any number"}; lower priorities hold fewer)")))
+                await registry.WriteStateAsync();
+            return;
+        }
+        if (policy.Victims(jobId) is not { Count: > 0 } victims) return;
+        foreach (var (victim, workers) in victims.Where(v => !preempting.ContainsKey(v.JobId)))
+        {
+            preempting[victim] = jobId;
+            string why = $"preempted by {jobId} (priority {me.Priority} over {policy.ShareOf(victim).Priority}): its {workers} workers are needed to form it";
+            Decide(new(clock.GetUtcNow(), victim, "preempt", why) { For = jobId, Workers = [.. S.Workers.Where(kv => kv.Value.JobId == victim).Select(kv => kv.Key)] });
+            await GrainFactory.GetGrain<ITrainingJobGrain>(victim).PreemptAsync(jobId, why); // one-way
+        }
+        await registry.WriteStateAsync();
+    }
+
+    /// <summary>Records the decision (false: the same held-back decision as the job's last one, not recorded again).</summary>
+    bool Decide(SchedulingDecision d)
+    {
+        if (d.Kind is "held" or "quota" or "no_preemption")
+        {
+            if (lastHeld.GetValueOrDefault(d.JobId) == d.Message) return false;
+            lastHeld[d.JobId] = d.Message;
+        }
+        else lastHeld.Remove(d.JobId);
+        S.Decisions.Add(d);
+        if (S.Decisions.Count > DecisionsKept) S.Decisions.RemoveRange(0, S.Decisions.Count - DecisionsKept);
+        logger.LogInformation("Scheduling {Kind} for job {Job}: {Message}", d.Kind, d.JobId, d.Message);
+        // The job's own events say it too: an assignment as worker_joined, a preemption as preempted (PreemptAsync).
+        if (d.Kind is not ("assigned" or "preempt") && S.Shares.ContainsKey(d.JobId)) _ = GrainFactory.GetGrain<ITrainingJobGrain>(d.JobId).ScheduledAsync(d.Kind, d.Message); // one-way
+        return true;
     }
 
     public async Task ReleaseWorkersAsync(string jobId, string[]? workerIds)
@@ -129,6 +205,7 @@ public sealed class ClusterRegistryGrain(
             w.JobId = null;
             Freed(id, by: jobId);
         }
+        if (Policy.Held(jobId) == 0) preempting.Remove(jobId);
         await registry.WriteStateAsync();
         CountWorkers();
         // Only jobs that cannot run at all hear of released workers; see JobWait.

@@ -28,7 +28,7 @@ public sealed partial class TrainingJobGrain(
     public async Task<JobStatus> SubmitAsync(JobSpec spec)
     {
         if (S.Spec is not null) throw new InvalidOperationException($"job '{JobId}' already exists");
-        var problems = spec.Validate();
+        var problems = await ValidateAsync(spec);
         if (problems.Count > 0) throw new JobSpecInvalidException(problems);
 
         S.Spec = spec with { Name = JobId };
@@ -36,6 +36,7 @@ public sealed partial class TrainingJobGrain(
         S.SubmittedAt = clock.GetUtcNow();
         Event(JobEventKinds.Submitted, "submitted");
         await job.WriteStateAsync();
+        await JoinClusterAsync();
         await Registry.AddJobAsync(JobId);
 
         S.State = JobState.Forming;
@@ -344,7 +345,7 @@ public sealed partial class TrainingJobGrain(
         S.State = JobState.Running;
         S.Recovery.Formed(S.Generation, clock.GetUtcNow());
         // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
-        S.GenerationResumeStep = S.CheckpointBook.NewestCommitted;
+        S.GenerationResumeStep = S.CheckpointBook.NewestCommitted is > 0 and var own ? own : spec.StartFrom?.Step ?? 0;
         Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
             with { Reason = rescale ? S.Recovery.Cause ?? "rescale" : "initial" });
         await ReleaseExtrasAsync();

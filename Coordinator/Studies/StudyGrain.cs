@@ -12,7 +12,7 @@ public sealed class StudyGrain(
     ILogger<StudyGrain> logger) : Grain, IStudyGrain
 {
     const int EventsKept = 500;
-    static readonly TimeSpan Period = TimeSpan.FromSeconds(1);
+    static readonly TimeSpan Period = TimeSpan.FromSeconds(1), MaxGap = TimeSpan.FromSeconds(5);
 
     StudySpec? spec;
     IGrainTimer? timer;
@@ -77,8 +77,12 @@ public sealed class StudyGrain(
     {
         if (S.State != StudyState.Running) return;
         bool changed = false;
+        // Worker time since the last follow; at most MaxGap, so a Coordinator that was down counts no time it did not see.
+        var now = clock.GetUtcNow();
+        double elapsed = S.LastFollowed is { } last ? Math.Clamp((now - last).TotalSeconds, 0, MaxGap.TotalSeconds) : 0;
+        S.LastFollowed = now;
         foreach (var t in S.Trials.Where(t => t.State == TrialState.Running).ToList())
-            changed |= await FollowAsync(t);
+            changed |= await FollowAsync(t, elapsed);
         changed |= await LaunchAsync();
         if (S.Trials.All(t => t.State != TrialState.Running) && !CanLaunch())
         {
@@ -93,7 +97,8 @@ public sealed class StudyGrain(
     }
 
     bool CanLaunch() => !S.SamplerExhausted && S.Trials.Count < Spec.Budget.Trials &&
-                        (Spec.Budget.TotalSteps == 0 || S.Trials.Sum(t => t.Step) < Spec.Budget.TotalSteps);
+                        (Spec.Budget.TotalSteps == 0 || S.Trials.Sum(t => t.Step) < Spec.Budget.TotalSteps) &&
+                        (Spec.Budget.WorkerHours == 0 || S.Trials.Sum(t => t.WorkerSeconds) < Spec.Budget.WorkerHours * 3600);
 
     async Task<bool> LaunchAsync()
     {
@@ -103,7 +108,7 @@ public sealed class StudyGrain(
             int index = S.Trials.Count;
             var values = StudySamplers.Propose(Spec, index, StudyHistory.Observations(Spec, S.Trials));
             if (values is null) { S.SamplerExhausted = true; Event($"the {Spec.Sampler.Kind} sampler has no point left after {index} trials"); return true; }
-            var t = new TrialRecord { Index = index, JobId = $"{StudyId}-t{index:D3}", Values = values };
+            var t = new TrialRecord { Index = index, JobId = $"{StudyId}-t{index:D3}", Values = values, NextBoundary = Spec.Scheduler.PerturbationInterval };
             S.Trials.Add(t);
             Event($"trial {index} ({t.JobId}): {Describe(t)}");
             await study.WriteStateAsync(); // the sampler's draw is history before the job exists: a restart re-submits, never re-draws
@@ -115,17 +120,26 @@ public sealed class StudyGrain(
 
     async Task SubmitAsync(TrialRecord t)
     {
-        try { await Job(t.JobId).SubmitAsync(Spec.TrialJob(t.Values, t.JobId)); }
+        var spec = Spec.TrialJob(t.Values, t.JobId);
+        // An exploit: the trial's previous job ends (again after a restart: stopping is idempotent) and its successor
+        // starts from the donor's checkpoint.
+        if (t.Exploits.LastOrDefault() is { } exploit)
+        {
+            await Job(exploit.OldJob).StopAsync();
+            spec = spec with { StartFrom = new CheckpointRef(exploit.FromJob, exploit.Step) };
+        }
+        try { await Job(t.JobId).SubmitAsync(spec); }
         catch (InvalidOperationException) { } // submitted before a restart: the job exists
         catch (JobSpecInvalidException e) { t.State = TrialState.Failed; t.Error = e.Message; Event($"trial {t.Index} failed to start: {e.Message}"); }
         t.Submitted = true;
     }
 
     /// <summary>Reads the trial's job: new metric points (each judged at the rungs it passes), its end, its checkpoint.</summary>
-    async Task<bool> FollowAsync(TrialRecord t)
+    async Task<bool> FollowAsync(TrialRecord t, double elapsed)
     {
         if (!t.Submitted) { await SubmitAsync(t); return true; }
         var status = await Job(t.JobId).GetStatusAsync();
+        if (status.State == JobState.Running) t.WorkerSeconds += elapsed * status.Workers.Length;
         bool changed = t.Step != status.Step;
         t.Step = status.Step;
         t.CheckpointStep = status.Committed.Where(c => c.DeletedAt is null).Select(c => (long?)c.Step).Max();
@@ -140,6 +154,7 @@ public sealed class StudyGrain(
                 await Job(t.JobId).StopAsync();
                 return true;
             }
+            if (Spec.Scheduler.Kind == "pbt" && p.Step >= t.NextBoundary && await PerturbAsync(t, p)) return true;
         }
         if (status.State.IsTerminal())
         {
@@ -168,6 +183,40 @@ public sealed class StudyGrain(
         return true;
     }
 
+    /// <summary>pbt at a boundary: records the trial's result and, in the bottom quantile, moves it onto a top trial's checkpoint.</summary>
+    async Task<bool> PerturbAsync(TrialRecord t, ValidationPoint p)
+    {
+        long interval = Spec.Scheduler.PerturbationInterval, boundary = p.Step / interval * interval;
+        t.NextBoundary = boundary + interval;
+        S.PbtScores[t.Index] = StudyHistory.Lower(Spec, p.Loss);
+        if (p.Step >= Spec.Job!.Steps) return false; // the trial's end: nothing is left to train otherwise
+        var byIndex = S.Trials.ToDictionary(x => x.Index);
+        var move = Pbt.Decide(Spec, S.PbtScores, t.Index, boundary, i => byIndex[i].CheckpointStep is not null, i => byIndex[i].Values);
+        if (move is null)
+        {
+            var (top, bottom) = Pbt.Quantiles(S.PbtScores, Spec.Scheduler.Quantile);
+            if (bottom.Contains(t.Index) && !top.Contains(t.Index))
+                Event($"trial {t.Index} at step {boundary} is in the bottom quantile, but no top trial ({string.Join(", ", top)}) has a committed checkpoint to copy: it trains on unchanged");
+            return false;
+        }
+        var donor = byIndex[move.Donor];
+        long step = donor.CheckpointStep!.Value;
+        string before = Describe(t);
+        t.Exploits.Add(new PbtExploit { Boundary = boundary, FromTrial = donor.Index, FromJob = donor.JobId, Step = step, OldJob = t.JobId, OldValues = t.Values, NewValues = move.Values });
+        t.JobId = $"{StudyId}-t{t.Index:D3}-p{t.Exploits.Count}";
+        t.Values = move.Values;
+        t.Submitted = false;
+        t.Curve.RemoveAll(x => x.Step > step);
+        (t.Step, t.CheckpointStep) = (step, null); // its own checkpoints start with the new job
+        t.NextBoundary = (step / interval + 1) * interval;
+        Event($"trial {t.Index} at step {boundary} ({Spec.Metric} {p.Loss:G5}, bottom quantile) exploits trial {donor.Index}: job {t.JobId} starts from " +
+              $"the committed checkpoint of job {donor.JobId} (trial {donor.Index}) at step {step}; explores {before} -> {Describe(t)}");
+        metrics.StudyDecision("exploited");
+        await study.WriteStateAsync(); // the decision is history before the job exists: a restart submits it, never decides again
+        await SubmitAsync(t);
+        return true;
+    }
+
     TrialStatus? Best()
     {
         var scored = S.Trials.Where(t => t.Curve.Count > 0).ToList();
@@ -183,6 +232,7 @@ public sealed class StudyGrain(
     {
         Index = t.Index, JobId = t.JobId, State = t.State, Step = t.Step, Metric = t.Curve.Count > 0 ? t.Curve[^1].Loss : null,
         Curve = [.. t.Curve], StoppedAtRung = t.StoppedAtRung, CheckpointStep = t.CheckpointStep, Error = t.Error,
+        WorkerHours = t.WorkerSeconds / 3600,
         Parameters = Spec.Space.Select((d, i) => (d.Path, d.Format(t.Values[i]))).ToDictionary(x => x.Path, x => x.Item2),
     };
 

@@ -95,7 +95,12 @@ sealed class RunFormation : IDisposable
 
             // ---- Where to resume, and the live state restored there ----
             long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
-            var resume = new Resumption(run, plan, device, layout, store, tokenizerHash, ct);
+            // startFrom (a PBT exploit): the first generation loads the other job's committed checkpoint; later ones this job's.
+            var resumeStore = plan.Spec.StartFrom is { } from && a.ResumeStep == from.Step
+                ? new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), run.Settings.Checkpoints.ToString(), from.Job,
+                                          Path.Combine(run.Settings.OutputDir, "staging", run.WorkerId))
+                : store;
+            var resume = new Resumption(run, plan, device, layout, resumeStore, tokenizerHash, ct);
             var (resumePlan, stateBytes) = resume.Restore(ring, links);
             var live = run.Holder.State!;
             ITrainer trainer = pipeline

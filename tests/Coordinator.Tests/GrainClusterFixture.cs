@@ -18,7 +18,8 @@ public sealed class GrainCluster : IAsyncDisposable
     public IGrainFactory Grains => _cluster.Client;
 
     /// <param name="stateFolder">File storage here, unless <paramref name="redis"/> is given.</param>
-    public static async Task<GrainCluster> StartAsync(string stateFolder, string? redis = null, TimeSpan? heartbeatTimeout = null)
+    public static async Task<GrainCluster> StartAsync(string stateFolder, string? redis = null, TimeSpan? heartbeatTimeout = null,
+        Action<CoordinatorOptions>? options = null)
     {
         var builder = new InProcessTestClusterBuilder(1);
         builder.Options.ServiceId = "coordinator-tests"; // the storage key includes it: a restarted cluster must find its state
@@ -28,6 +29,7 @@ public sealed class GrainCluster : IAsyncDisposable
             silo.Services.AddSingleton<HandedCheckpoints>();
             silo.Services.AddSingleton<ICheckpointCommitter>(sp => sp.GetRequiredService<HandedCheckpoints>());
             silo.Services.Configure<CoordinatorOptions>(o => o.HeartbeatTimeout = heartbeatTimeout ?? TimeSpan.FromSeconds(30));
+            if (options is not null) silo.Services.Configure(options);
             if (redis is null)
                 silo.AddFileGrainStorageAsDefault(new ConfigurationBuilder().AddInMemoryCollection(
                     new Dictionary<string, string?> { ["Coordinator:StateFolder"] = stateFolder }).Build());

@@ -1,0 +1,202 @@
+// Sharing the cluster (docs/agent.md): priorities with preemption, per-tenant quotas, and the order in which waiting jobs
+// get free workers, on the real Coordinator grains (the tests play the workers' and the store's parts, as ElasticityTests).
+using DeepSeekCluster.Contracts.Grains;
+using K = DeepSeekCluster.Contracts.Grains.JobEventKinds;
+
+namespace DeepSeekCluster.Coordinator.Tests;
+
+public class SharingTests
+{
+    static JobSpec Spec(int workers, int steps, int priority = 0, string? tenant = null, int? maxWorkers = null) =>
+        TestSpecs.Tiny(minWorkers: workers, maxWorkers: maxWorkers ?? workers, steps: steps) with { Priority = priority, Tenant = tenant };
+
+    /// <summary>Step <paramref name="step"/>'s whole global batch of 8, reported by one rank.</summary>
+    static StepReport Step(long step) => new() { Step = step, Loss = 10 - step, SampleStart = (step - 1) * 8, SampleCount = 8 };
+
+    static IClusterRegistryGrain Registry(GrainCluster c) => c.Grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key);
+
+    [Fact]
+    public async Task AHigherPriorityJobPreemptsALowerOneWhichResumesFromItsCheckpointAndConsumesEverySampleExactlyOnce()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var low = c.Job("low");
+        await low.SubmitAsync(Spec(workers: 2, steps: 6));
+        await c.Worker("p1").RegisterAsync(TestSpecs.Worker("p1"), null);
+        await c.Worker("p2").RegisterAsync(TestSpecs.Worker("p2"), null);
+        await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.State == JobState.Running && s.Workers.Length == 2, "low formed");
+        await low.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 3; step++) await low.ReportStepAsync(1, Step(step));
+        await low.CheckpointCommittedAsync(new CommittedCheckpoint(2, 1, 2, 100));
+
+        // No worker is free: the job of priority 5 takes low's two.
+        var high = c.Job("high");
+        await high.SubmitAsync(Spec(workers: 2, steps: 2, priority: 5));
+        var highStatus = await TestSpecs.EventuallyAsync(high.GetStatusAsync, s => s.State == JobState.Running, "high formed on low's workers");
+        Assert.Equal(["p1", "p2"], highStatus.Workers.Select(w => w.WorkerId).Order());
+        Assert.Equal("high", (await c.Worker("p1").GetAsync()).Assignment!.JobId);
+        var lowStatus = await low.GetStatusAsync();
+        Assert.Equal(JobState.Rescaling, lowStatus.State);
+        var preempted = Assert.Single(lowStatus.Events, e => e.Kind == K.Preempted);
+        Assert.Equal("preempted by high", preempted.Reason);
+        var decision = Assert.Single(await Registry(c).ListDecisionsAsync(), d => d.Kind == "preempt");
+        Assert.Equal(("low", "high"), (decision.JobId, decision.For));
+        Assert.Equal(["p1", "p2"], decision.Workers.Order());
+
+        // low's ranks finish the step in flight at their boundary (step 4): it is recorded, and later dropped with the
+        // state that is not resumed.
+        await low.ReportStepAsync(1, Step(4));
+
+        // high runs to completion and gives the workers back; low re-forms from its committed step 2.
+        await high.ReportResumedAsync(highStatus.Generation, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 2; step++) await high.ReportStepAsync(highStatus.Generation, Step(step));
+        await high.CheckpointCommittedAsync(new CommittedCheckpoint(2, highStatus.Generation, 2, 100));
+        highStatus = await high.GetStatusAsync();
+        Assert.Equal(JobState.Completed, highStatus.State);
+        Assert.Equal((16L, true, 0L), (highStatus.Consumption.Samples, highStatus.Consumption.Complete, highStatus.Consumption.Overlaps));
+
+        lowStatus = await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "low re-formed");
+        Assert.Equal(2, (await c.Worker("p1").GetAsync()).Assignment!.ResumeStep);
+        await low.ReportResumedAsync(2, new ResumedReport { Step = 2, Source = "checkpoint" });
+        Assert.Equal([[0L, 16L]], (await low.GetStatusAsync()).Consumption.Ranges); // steps 3 and 4 belong to the dropped state
+        for (int step = 3; step <= 6; step++) await low.ReportStepAsync(2, Step(step));
+        await low.CheckpointCommittedAsync(new CommittedCheckpoint(6, 2, 2, 100));
+        lowStatus = await low.GetStatusAsync();
+        Assert.Equal(JobState.Completed, lowStatus.State);
+        // The ledger: the six global batches once each, no gap, no overlap, and the redone steps counted.
+        Assert.Equal((48L, true, 0L), (lowStatus.Consumption.Samples, lowStatus.Consumption.Complete, lowStatus.Consumption.Overlaps));
+        Assert.Equal([[0L, 48L]], lowStatus.Consumption.Ranges);
+        Assert.Equal(2L, lowStatus.Events.Last(e => e.Kind == K.Resumed).StepsRedone);
+        Assert.Contains(lowStatus.Events, e => e.Kind == K.Recovered && e.Reason == K.Preempted);
+    }
+
+    [Fact]
+    public async Task WithinAPriorityTheJobWaitingLongestGetsFreeWorkersFirstAndAHigherPriorityGoesBeforeIt()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        // Submitted in this order, all waiting: a needs 2 workers, b and d one each; h (priority 1) comes last.
+        foreach (var (id, spec) in new[] { ("a", Spec(2, 5)), ("b", Spec(1, 5)), ("d", Spec(1, 5)), ("h", Spec(1, 5, priority: 1)) })
+            await c.Job(id).SubmitAsync(spec);
+
+        // One worker at a time, each handed out only after the last one's effect is seen. Every waiting job hears of
+        // each worker and claims in whatever order the calls land; the rule alone decides who gets it.
+        async Task<JobStatus> Offer(string worker, string job, Func<JobStatus, bool> seen)
+        {
+            await c.Worker(worker).RegisterAsync(TestSpecs.Worker(worker), null);
+            return await TestSpecs.EventuallyAsync(c.Job(job).GetStatusAsync, seen, $"{worker} reached {job}");
+        }
+        await Offer("w1", "h", s => s.State == JobState.Running);                                   // priority first
+        await Offer("w2", "a", s => s.Events.Any(e => e.Kind == K.WorkerJoined && e.WorkerId == "w2")); // a holds it: b cannot pass a
+        await Offer("w3", "a", s => s.State == JobState.Running);
+        await Offer("w4", "b", s => s.State == JobState.Running);                                   // b waited longer than d
+        await Offer("w5", "d", s => s.State == JobState.Running);
+
+        var assigned = (await Registry(c).ListDecisionsAsync()).Where(d => d.Kind == "assigned").Select(d => (d.JobId, string.Join(",", d.Workers)));
+        Assert.Equal([("h", "w1"), ("a", "w2"), ("a", "w3"), ("b", "w4"), ("d", "w5")], assigned);
+    }
+
+    [Fact]
+    public void AClaimGetsOnlyTheFreeWorkersLeftAfterTheJobsAheadAndSaysWhoHeldThemUnlessTheyCannotFormHere()
+    {
+        var state = new Grains.ClusterRegistryGrainState();
+        void Worker(string id, string? job) => state.Workers[id] = new Grains.RegisteredWorker
+            { Capabilities = TestSpecs.Worker(id), Online = true, JobId = job, Since = state.Workers.Count + 1 };
+        void Waiting(string job, int priority, int need, long since)
+        {
+            state.Shares[job] = new Grains.ShareRecord { Share = new JobShare(priority, "default", need), WaitingSince = since, Order = since };
+            state.Waiting[job] = JobWait.ToForm;
+        }
+        Worker("w1", null);
+        Worker("w2", "a");
+        Worker("w3", null);
+        Waiting("a", priority: 0, need: 3, since: 10); // holds w2, lacks 2
+        Waiting("b", priority: 0, need: 1, since: 11);
+        var policy = new Grains.SharePolicy(state, new Dictionary<string, int>());
+
+        Assert.Equal((2, null, null), policy.Allowed("a", 2));
+        var (count, kind, why) = policy.Allowed("b", 1);
+        Assert.Equal((0, "held"), (count, kind));
+        Assert.Equal("2 of 2 free workers kept for jobs ahead in the queue: a (priority 0, needs 2); 0 of 1 given", why);
+        // A newcomer of a higher priority is ahead of both; one of the same priority that has not waited yet is behind both.
+        state.Shares["h"] = new Grains.ShareRecord { Share = new JobShare(1, "default", 1) };
+        Assert.Equal((2, null, null), policy.Allowed("h", 2));
+        state.Shares["n"] = new Grains.ShareRecord { Share = new JobShare(0, "default", 1) };
+        Assert.Equal(["a", "b"], policy.Ahead("n").Order());
+        Assert.Empty(policy.Ahead("h"));
+
+        // A holder that is not a registered job (a short hold for other work) is not queued, and is never preempted.
+        Assert.Equal((2, null, null), policy.Allowed("hold:export", 2));
+        state.Workers["w1"].JobId = state.Workers["w3"].JobId = "hold:export";
+        state.Shares["p"] = new Grains.ShareRecord { Share = new JobShare(5, "default", 2), WaitingSince = 20 };
+        state.Waiting["p"] = JobWait.ToForm;
+        Assert.Null(policy.Victims("p")); // the hold's two workers are not taken; a's one is not enough
+        Assert.False(policy.CanForm("p"));
+        state.Workers["w1"].JobId = state.Workers["w3"].JobId = null;
+        state.Waiting.Remove("p");
+
+        // A job that needs more workers than are online reserves none.
+        state.Shares["a"].Share = new JobShare(0, "default", 4);
+        Assert.Equal((1, null, null), policy.Allowed("b", 1));
+    }
+
+    [Fact]
+    public async Task ATenantHoldsNoMoreWorkersThanItsQuotaAndTheWorkersItCannotTakeGoToOthers()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder(), options: o => o.Quotas["team-a"] = 2);
+        foreach (var w in new[] { "q1", "q2", "q3", "q4" }) await c.Worker(w).RegisterAsync(TestSpecs.Worker(w), null);
+
+        // a1 wants up to 4 but team-a may hold 2.
+        await c.Job("a1").SubmitAsync(Spec(1, 5, tenant: "team-a", maxWorkers: 4));
+        var a1 = await TestSpecs.EventuallyAsync(c.Job("a1").GetStatusAsync, s => s.State == JobState.Running, "a1 formed");
+        Assert.Equal(2, a1.Workers.Length);
+        Assert.Contains(await Registry(c).ListDecisionsAsync(), d => d.JobId == "a1" && d.Kind == "assigned" && d.Message.Contains("quota of 2"));
+
+        // a2 of the same tenant waits although two workers are free, and says why; b1 of another tenant takes them.
+        await c.Job("a2").SubmitAsync(Spec(1, 5, tenant: "team-a"));
+        await TestSpecs.EventuallyAsync(c.Job("a2").GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Scheduling && e.Reason == "quota"), "a2 held by the quota");
+        await c.Job("b1").SubmitAsync(Spec(2, 5, tenant: "team-b"));
+        var b1 = await TestSpecs.EventuallyAsync(c.Job("b1").GetStatusAsync, s => s.State == JobState.Running, "b1 formed");
+        Assert.Equal(["q3", "q4"], b1.Workers.Select(w => w.WorkerId).Order());
+        Assert.Equal(JobState.Forming, (await c.Job("a2").GetStatusAsync()).State);
+
+        // When a1 ends, team-a has room again and a2 forms.
+        await c.Job("a1").StopAsync();
+        await TestSpecs.EventuallyAsync(c.Job("a2").GetStatusAsync, s => s.State == JobState.Running, "a2 formed after a1 stopped");
+    }
+
+    [Fact]
+    public async Task PrioritiesAndDecisionsSurviveARestartAndStillDecideAPreemption()
+    {
+        string folder = TestSpecs.TempFolder();
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            await c.Worker("r1").RegisterAsync(TestSpecs.Worker("r1"), null);
+            await c.Job("lo").SubmitAsync(Spec(1, 5));
+            await TestSpecs.EventuallyAsync(c.Job("lo").GetStatusAsync, s => s.State == JobState.Running, "lo formed");
+            // hi needs two workers; only one exists: it cannot form even by preempting, and says so.
+            await c.Job("hi").SubmitAsync(Spec(2, 5, priority: 2));
+            await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Scheduling && e.Reason == "no_preemption"), "hi told why it waits");
+        }
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            Assert.Contains(await Registry(c).ListDecisionsAsync(), d => d.JobId == "hi" && d.Kind == "no_preemption");
+            // A second worker: with lo's, hi could form, and its priority (kept by the registry) takes lo's worker.
+            await c.Worker("r2").RegisterAsync(TestSpecs.Worker("r2"), null);
+            var hi = await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.State == JobState.Running, "hi formed after the restart");
+            Assert.Equal(["r1", "r2"], hi.Workers.Select(w => w.WorkerId).Order());
+            Assert.Contains((await c.Job("lo").GetStatusAsync()).Events, e => e.Kind == K.Preempted && e.Reason == "preempted by hi");
+        }
+    }
+
+    [Fact]
+    public void PriorityAndTenantAreValidatedNamingTheField()
+    {
+        var problems = (Spec(1, 5) with { Priority = 1001, Tenant = "a b" }).Validate();
+        Assert.Contains(problems, p => p.Field == "priority" && p.Message.Contains("between -1000 and 1000"));
+        Assert.Contains(problems, p => p.Field == "tenant" && p.Message.Contains("'a b'"));
+        Assert.Empty((Spec(1, 5) with { Priority = -3, Tenant = "team-a" }).Validate());
+
+        var options = new CoordinatorOptions { Quotas = { ["team-a"] = -1 } };
+        var result = Assert.Single(options.Validate(new System.ComponentModel.DataAnnotations.ValidationContext(options)));
+        Assert.Contains("Coordinator:Quotas:team-a", result.ErrorMessage);
+    }
+}
