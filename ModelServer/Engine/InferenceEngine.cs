@@ -47,6 +47,7 @@ public sealed class InferenceEngine : IDisposable
         int blocks = options.CacheBlocks > 0 ? options.CacheBlocks : options.MaxBatch * ((ContextLength + blockSize - 1) / blockSize);
         Pool = new LatentBlockPool(config.NumHiddenLayers, blocks, blockSize, config.KvLoraRank, config.QkRopeHeadDim, model.lm_head.weight!.dtype, device);
         model.eval();
+        foreach (var layer in model.model.layers) layer.self_attn.AbsorbedDecode = options.AbsorbedDecode;
         metrics?.Observe(this);
         thread = new Thread(Run) { IsBackground = true, Name = $"engine {version}" };
         thread.Start();
