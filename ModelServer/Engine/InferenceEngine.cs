@@ -33,6 +33,7 @@ public sealed class InferenceEngine : IDisposable
     readonly Thread thread;
     readonly CancellationTokenSource stop = new();
     int queued;                                   // incoming + waiting: what MaxWaiting bounds
+    readonly List<InferenceMoe> inferenceMoe;
 
     public InferenceEngine(DeepSeekForCausalLM model, EngineOptions options, string version, ServingMetrics? metrics = null)
     {
@@ -48,6 +49,7 @@ public sealed class InferenceEngine : IDisposable
         Pool = new LatentBlockPool(config.NumHiddenLayers, blocks, blockSize, config.KvLoraRank, config.QkRopeHeadDim, model.lm_head.weight!.dtype, device);
         model.eval();
         foreach (var layer in model.model.layers) layer.self_attn.AbsorbedDecode = options.AbsorbedDecode;
+        inferenceMoe = InferenceMoe.Install(model);
         metrics?.Observe(this);
         thread = new Thread(Run) { IsBackground = true, Name = $"engine {version}" };
         thread.Start();
@@ -247,6 +249,7 @@ public sealed class InferenceEngine : IDisposable
         metrics?.Forget(this);
         Pool.Dispose();
         model.Dispose();
+        foreach (var m in inferenceMoe) m.Dispose();
         stop.Dispose();
         wake.Dispose();
     }

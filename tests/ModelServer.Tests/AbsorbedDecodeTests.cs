@@ -62,6 +62,33 @@ public class AbsorbedDecodeTests
     }
 
     [Fact]
+    public void TheServersMoeForwardEqualsTheTrainingLayerBitForBit()
+    {
+        using var noGrad = no_grad();
+        using var model = HfModelFolder.Load(ModelFolders.Get(2)).Model;
+        model.eval();
+        var layer = model.model.layers.First(l => l.Moe is not null);
+        var training = layer.Moe!;
+        manual_seed(4);
+        // One token chooses K = 2 of 4 experts, so two get none (skipped here, run on empty slices in training); a
+        // batch of five rows exercises the grouping of several tokens per expert.
+        var one_BTD = randn(1, 1, model.Config.HiddenSize);
+        var five_BTD = randn(5, 1, model.Config.HiddenSize);
+        var wantOne = training.Forward(one_BTD).output;
+        Assert.Contains(0L, training.LastLoad);
+        var wantFive = training.Forward(five_BTD).output;
+        using var installed = new DisposableList(Engine.InferenceMoe.Install(model));
+        Assert.IsType<Engine.InferenceMoe>(layer.mlp);
+        Assert.True(layer.mlp.forward(one_BTD).equal(wantOne).all().item<bool>(), "one token: the server's MoE forward differs from DeepSeekMoe.Forward");
+        Assert.True(layer.mlp.forward(five_BTD).equal(wantFive).all().item<bool>(), "five tokens: the server's MoE forward differs from DeepSeekMoe.Forward");
+    }
+
+    sealed class DisposableList(List<Engine.InferenceMoe> items) : IDisposable
+    {
+        public void Dispose() { foreach (var m in items) m.Dispose(); }
+    }
+
+    [Fact]
     public async Task TheEngineDecodesAbsorbedAndGreedyTokensEqualTheExpandedEngine()
     {
         var dir = ModelFolders.Get(1);
