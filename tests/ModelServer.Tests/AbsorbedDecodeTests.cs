@@ -62,25 +62,40 @@ public class AbsorbedDecodeTests
     }
 
     [Fact]
-    public void TheServersMoeForwardEqualsTheTrainingLayerBitForBit()
+    public void TheServersMoeForwardEqualsTheTrainingLayer()
     {
         using var noGrad = no_grad();
-        using var model = HfModelFolder.Load(ModelFolders.Get(2)).Model;
+        var dir = ModelFolders.Get(2);
+        using var model = HfModelFolder.Load(dir).Model;
         model.eval();
-        var layer = model.model.layers.First(l => l.Moe is not null);
-        var training = layer.Moe!;
+        var training = model.model.layers.First(l => l.Moe is not null).Moe!;
         manual_seed(4);
-        // One token chooses K = 2 of 4 experts, so two get none (skipped here, run on empty slices in training); a
-        // batch of five rows exercises the grouping of several tokens per expert.
+        // One token chooses K = 2 of 4 experts, so two get none (skipped by the server, run on empty slices in training);
+        // sixteen rows keep every expert busy.
         var one_BTD = randn(1, 1, model.Config.HiddenSize);
-        var five_BTD = randn(5, 1, model.Config.HiddenSize);
+        var many_BTD = randn(16, 1, model.Config.HiddenSize);
         var wantOne = training.Forward(one_BTD).output;
         Assert.Contains(0L, training.LastLoad);
-        var wantFive = training.Forward(five_BTD).output;
-        using var installed = new DisposableList(Engine.InferenceMoe.Install(model));
-        Assert.IsType<Engine.InferenceMoe>(layer.mlp);
-        Assert.True(layer.mlp.forward(one_BTD).equal(wantOne).all().item<bool>(), "one token: the server's MoE forward differs from DeepSeekMoe.Forward");
-        Assert.True(layer.mlp.forward(five_BTD).equal(wantFive).all().item<bool>(), "five tokens: the server's MoE forward differs from DeepSeekMoe.Forward");
+        var wantMany = training.Forward(many_BTD).output;
+        Assert.DoesNotContain(0L, training.LastLoad);
+
+        // Per expert (as for int8/int4 weights, which a layer hook rewrites): the same calls in the same order, bit for bit.
+        model.model.BeforeLayer = _ => { };
+        using (new DisposableList(Engine.InferenceMoe.Install(model)))
+        {
+            var layer = model.model.layers.First(l => l.mlp is Engine.InferenceMoe);
+            Assert.True(layer.mlp.forward(one_BTD).equal(wantOne).all().item<bool>(), "one token: the per-expert MoE forward differs from DeepSeekMoe.Forward");
+            Assert.True(layer.mlp.forward(many_BTD).equal(wantMany).all().item<bool>(), "sixteen tokens: the per-expert MoE forward differs from DeepSeekMoe.Forward");
+        }
+
+        // Float weights: every expert busy runs as batched matmuls over stacked weights, equal to float32 rounding.
+        using var stackedModel = HfModelFolder.Load(dir).Model;
+        stackedModel.eval();
+        using var installed = new DisposableList(Engine.InferenceMoe.Install(stackedModel));
+        var stacked = stackedModel.model.layers.First(l => l.mlp is Engine.InferenceMoe).mlp;
+        double worst = (stacked.forward(many_BTD) - wantMany).abs().max().item<float>();
+        Assert.True(worst < 1e-5 * wantMany.abs().max().item<float>(), $"stacked experts: max |Δ| = {worst:G3}");
+        Assert.True(stacked.forward(one_BTD).allclose(wantOne, rtol: 1e-5, atol: 1e-6), "one token on stacked weights");
     }
 
     sealed class DisposableList(List<Engine.InferenceMoe> items) : IDisposable
