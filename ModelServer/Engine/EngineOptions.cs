@@ -13,6 +13,8 @@ public sealed record EngineOptions
     public int CacheBlocks { get; init; }
     /// <summary>Prompt tokens prefilled per engine step, over all requests, before the step's decode runs (chunked prefill).</summary>
     public int PrefillTokensPerStep { get; init; } = 512;
+    /// <summary>Decode attends in MLA's latent space (absorbed W_UK/W_UV) instead of expanding the cache each step.</summary>
+    public bool AbsorbedDecode { get; init; } = true;
 
     public EngineOptions Validated()
     {

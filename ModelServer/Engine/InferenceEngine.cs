@@ -14,7 +14,8 @@ namespace DeepSeekCluster.ModelServer.Engine;
 /// admit waiting requests in arrival order while the batch has room and the pool holds their worst case
 /// (prompt + max_tokens, so a running request never runs out of cache and nothing is preempted; the head of the
 /// queue waits for blocks, and those behind it wait too, so no large request starves); prefill at most
-/// <see cref="EngineOptions.PrefillTokensPerStep"/> prompt tokens, in chunks, oldest first; then one decode step for
+/// <see cref="EngineOptions.PrefillTokensPerStep"/> prompt tokens, in chunks, oldest first (requests with as many tokens
+/// left as the oldest one's chunk share its forward); then one decode step for
 /// every running request together. A long prompt therefore delays a running stream by at most one chunk per token,
 /// and a request admitted in this step decodes in the next.
 /// </summary>
@@ -33,6 +34,7 @@ public sealed class InferenceEngine : IDisposable
     readonly Thread thread;
     readonly CancellationTokenSource stop = new();
     int queued;                                   // incoming + waiting: what MaxWaiting bounds
+    readonly List<InferenceMoe> inferenceMoe;
 
     public InferenceEngine(DeepSeekForCausalLM model, EngineOptions options, string version, ServingMetrics? metrics = null)
     {
@@ -47,6 +49,8 @@ public sealed class InferenceEngine : IDisposable
         int blocks = options.CacheBlocks > 0 ? options.CacheBlocks : options.MaxBatch * ((ContextLength + blockSize - 1) / blockSize);
         Pool = new LatentBlockPool(config.NumHiddenLayers, blocks, blockSize, config.KvLoraRank, config.QkRopeHeadDim, model.lm_head.weight!.dtype, device);
         model.eval();
+        foreach (var layer in model.model.layers) layer.self_attn.AbsorbedDecode = options.AbsorbedDecode;
+        inferenceMoe = InferenceMoe.Install(model);
         metrics?.Observe(this);
         thread = new Thread(Run) { IsBackground = true, Name = $"engine {version}" };
         thread.Start();
@@ -131,25 +135,39 @@ public sealed class InferenceEngine : IDisposable
         int budget = options.PrefillTokensPerStep;
         while (budget > 0 && prefilling.Count > 0)
         {
-            var r = prefilling[0];
-            int chunk = (int)Math.Min(budget, r.Prompt.Length - r.Cached);
+            // The oldest request sets the chunk; later ones with at least that many prompt tokens left join the same
+            // (rows, chunk) forward while the budget lasts, so a burst of arrivals prefills in one pass, not one each.
+            var head = prefilling[0];
+            int chunk = (int)Math.Min(budget, head.Prompt.Length - head.Cached);
+            var group = new List<GenerationRequest> { head };
             budget -= chunk;
+            for (int i = 1; i < prefilling.Count && budget >= chunk; i++)
+                if (prefilling[i].Prompt.Length - prefilling[i].Cached >= chunk)
+                {
+                    group.Add(prefilling[i]);
+                    budget -= chunk;
+                }
             try
             {
                 using var scope = NewDisposeScope();
-                var ids = tensor(r.Prompt.AsSpan((int)r.Cached, chunk).ToArray().Select(t => (long)t).ToArray(), device: device).unsqueeze(0);
-                using var batch = new PagedBatch(Pool, [r.Blocks!], [r.Cached], chunk, device);
-                var logits_BTV = model.Forward(ids, batch).Logits_BTV;
-                r.Cached += chunk;
-                if (r.Cached < r.Prompt.Length) continue; // more chunks next step
-                prefilling.RemoveAt(0);
-                running.Add(r);
-                metrics?.PromptTokens(version, r.Prompt.Length);
-                Emit(r, logits_BTV[0, -1].to_type(ScalarType.Float64).cpu());
+                var ids = tensor(group.SelectMany(r => r.Prompt.AsSpan((int)r.Cached, chunk).ToArray()).Select(t => (long)t).ToArray(), device: device)
+                    .view(group.Count, chunk);
+                using var batch = new PagedBatch(Pool, group.Select(r => r.Blocks!).ToList(), group.Select(r => r.Cached).ToArray(), chunk, device);
+                var last_GV = model.Forward(ids, batch).Logits_BTV.select(1, chunk - 1).to_type(ScalarType.Float64).cpu();
+                for (int g = 0; g < group.Count; g++)
+                {
+                    var r = group[g];
+                    r.Cached += chunk;
+                    if (r.Cached < r.Prompt.Length) continue; // more chunks next step
+                    prefilling.Remove(r);
+                    running.Add(r);
+                    metrics?.PromptTokens(version, r.Prompt.Length);
+                    Emit(r, last_GV[g]);
+                }
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
-                Fail(r, e);
+                foreach (var r in group) Fail(r, e);
             }
         }
     }
@@ -246,6 +264,7 @@ public sealed class InferenceEngine : IDisposable
         metrics?.Forget(this);
         Pool.Dispose();
         model.Dispose();
+        foreach (var m in inferenceMoe) m.Dispose();
         stop.Dispose();
         wake.Dispose();
     }

@@ -12,7 +12,8 @@ namespace DeepSeekCluster.ModelServer.Hosting;
 
 public static class AdminEndpoints
 {
-    public sealed record LoadBody(string? Version, string? Path, string? Quantization);
+    /// <summary>Either <c>path</c> (a folder) or <c>store</c> (exports/{job}/{step}/{format} or {job}/{step}, with <c>tokenizer</c> for a checkpoint).</summary>
+    public sealed record LoadBody(string? Version, string? Path, string? Quantization, string? Store = null, string? Tokenizer = null);
 
     public static IEndpointRouteBuilder MapAdminApi(this IEndpointRouteBuilder app)
     {
@@ -21,13 +22,28 @@ public static class AdminEndpoints
             await Guard(http, async () =>
             {
                 var body = await http.Request.ReadFromJsonAsync<LoadBody>(JsonSerializerOptions.Web) ?? throw ApiError.BadRequest("a JSON body {version, path, quantization} is required");
-                if (body.Version is null || body.Path is null) throw ApiError.BadRequest("'version' and 'path' are required", body.Version is null ? "version" : "path");
+                if (body.Version is null) throw ApiError.BadRequest("'version' is required", "version");
+                if ((body.Path is null) == (body.Store is null)) throw ApiError.BadRequest("exactly one of 'path' (a model folder) and 'store' (a place in the CheckpointStore) is required", "path");
+                StoreModelRef? place = null;
+                if (body.Store is not null)
+                {
+                    try { place = StoreModelRef.Parse(body.Store, "store"); }
+                    catch (ArgumentException e) { throw ApiError.BadRequest(e.Message, "store"); }
+                    if (settings.Store is null) throw ApiError.BadRequest("this server has no Serving:Store configured, so it cannot load from the CheckpointStore", "store");
+                }
                 WeightFormat format;
                 try { format = WeightQuantizer.Parse(body.Quantization, "quantization"); }
                 catch (ArgumentException e) { throw ApiError.BadRequest(e.Message, "quantization"); }
                 ServedModel model;
-                try { model = await Task.Run(() => ServedModel.Load(body.Version, body.Path, format, settings.Engine, metrics, ServerSetup.DeviceOf(settings))); }
-                catch (Exception e) when (e is IOException or ArgumentException or InvalidDataException) { throw ApiError.BadRequest($"cannot load '{body.Path}': {e.Message}", "path"); }
+                try
+                {
+                    string folder = place is null ? body.Path! : await StoreModels.FetchAsync(settings.Store!, place, body.Tokenizer, http.RequestAborted);
+                    model = await Task.Run(() => ServedModel.Load(body.Version, folder, format, settings.Engine, metrics, ServerSetup.DeviceOf(settings)));
+                }
+                catch (Exception e) when (e is IOException or ArgumentException or InvalidDataException)
+                {
+                    throw ApiError.BadRequest($"cannot load '{body.Path ?? body.Store}': {e.Message}", place is null ? "path" : "store");
+                }
                 await registry.AddAsync(model, settings.Drain);
                 await Results.Json(new { version = model.Version, path = model.Folder, quantization = model.Format.ToString().ToLowerInvariant() }, statusCode: 201).ExecuteAsync(http);
             });

@@ -57,9 +57,12 @@ public sealed class ModelLoader(ServingSettings settings, ModelRegistry registry
             foreach (var source in settings.Models)
             {
                 var format = WeightQuantizer.Parse(source.Quantization, $"Serving:Models ({source.Version}):Quantization");
-                var model = ServedModel.Load(source.Version, source.Path, format, settings.Engine, metrics, device);
+                string folder = source.Store is { } place
+                    ? await StoreModels.FetchAsync(settings.Store!, place, source.Tokenizer, stoppingToken)
+                    : source.Path!;
+                var model = ServedModel.Load(source.Version, folder, format, settings.Engine, metrics, device);
                 log.LogInformation("Model {Version} from {Path} ({Format}{Report}) serves; latent cache {Blocks} blocks of {BlockSize} tokens ({Bytes} MiB)",
-                    source.Version, source.Path, format, model.Quantization is { } q ? $", {q.Tensors} tensors {q.Fp32Bytes >> 20} MiB → {q.QuantizedBytes >> 20} MiB" : "",
+                    source.Version, source.Store is { } from ? $"{from} in the CheckpointStore, at {folder}" : folder, format, model.Quantization is { } q ? $", {q.Tensors} tensors {q.Fp32Bytes >> 20} MiB → {q.QuantizedBytes >> 20} MiB" : "",
                     model.Engine.Pool.BlockCount, model.Engine.Pool.BlockSize, model.Engine.Pool.BytesPerBlock * model.Engine.Pool.BlockCount >> 20);
                 await registry.AddAsync(model, settings.Drain);
             }

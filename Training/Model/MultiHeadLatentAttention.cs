@@ -49,6 +49,14 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>
+    /// When set, a one-token step onto a cache attends in latent space (DeepSeek-V2 §2.1.3's absorbed form): W_UK is
+    /// folded into the query and W_UV applied after attention, so the step never expands the cached latents into per-head
+    /// keys and values. The model server turns it on; training and prefill keep the expanded form, which costs fewer
+    /// flops when many queries share the keys.
+    /// </summary>
+    public bool AbsorbedDecode { get; set; }
+
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1);
 
     /// <summary>Attention over the new tokens x (B, T, D) at positions [start, start+T), extending the cache when given.</summary>
@@ -78,6 +86,8 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         Tensor? visible_B1TS = null;
         if (cache is not null) (latent_BSC, kRope_BSR, visible_B1TS) = cache.Append(layer, latent_BTC, kRopeRot_BTR);
         long S = latent_BSC.shape[1];
+        if (AbsorbedDecode && cache is not null && T == 1)
+            return o_proj.forward(AbsorbedAttention(qNope_BHTN, qRope_BHTR, latent_BSC, kRope_BSR, visible_B1TS)).MoveToOuterDisposeScope();
 
         var kv_BHSx = kv_b_proj.forward(latent_BSC).view(B, S, heads, nope + vDim).transpose(1, 2);
         var kvParts = kv_BHSx.split([nope, vDim], -1);
@@ -91,5 +101,34 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         var out_BHTV = CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale, visible_B1TS);
         var out_BTx = out_BHTV.transpose(1, 2).reshape(B, T, heads * vDim);
         return o_proj.forward(out_BTx).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// One new token per row (T = 1): scores = scale * (q_nope W_UK · latent + q_rope · k_rope) over the cached latents,
+    /// output = (probs · latent) W_UV^T per head; the same numbers as the expanded form, reassociated.
+    /// </summary>
+    Tensor AbsorbedAttention(Tensor qNope_BH1N, Tensor qRope_BH1R, Tensor latent_BSC, Tensor kRope_BSR, Tensor? visible_B11S)
+    {
+        long B = qNope_BH1N.shape[0], S = latent_BSC.shape[1];
+        // kv_b_proj's rows are per head [W_UK (N rows); W_UV (V rows)], each row over the C latent features.
+        var wkv_HxC = kv_b_proj.weight!.view(heads, nope + vDim, kvRank);
+        var wUK_HNC = wkv_HxC.narrow(1, 0, nope);
+        var wUV_HVC = wkv_HxC.narrow(1, nope, vDim);
+
+        // Heads lead so one batched matmul folds every row's query through its head's W_UK: (H, B, N) x (H, N, C).
+        var qLatent_HBC = bmm(qNope_BH1N.reshape(B, heads, nope).transpose(0, 1), wUK_HNC);
+        var qLatent_BHC = qLatent_HBC.transpose(0, 1);
+        var qRope_BHR = qRope_BH1R.reshape(B, heads, rope);
+        // All heads of a row share one latent key per position, so a row's heads are the rows of one matmul.
+        var scores_BHS = bmm(qLatent_BHC, latent_BSC.transpose(1, 2)).add_(bmm(qRope_BHR, kRope_BSR.transpose(1, 2))).mul_(softmaxScale);
+        if (visible_B11S is not null)
+            scores_BHS = scores_BHS.masked_fill_(visible_B11S.view(B, 1, S).logical_not(), double.NegativeInfinity);
+        var probs_BHS = scores_BHS.dtype is ScalarType.BFloat16 or ScalarType.Float16
+            ? scores_BHS.softmax(-1, ScalarType.Float32).to_type(scores_BHS.dtype)
+            : scores_BHS.softmax(-1);
+        var context_BHC = bmm(probs_BHS, latent_BSC);
+        // W_UV after attention: (H, B, C) x (H, C, V) -> (H, B, V), then back to HF's (B, 1, H*V) head-major layout.
+        var out_HBV = bmm(context_BHC.transpose(0, 1), wUV_HVC.transpose(1, 2));
+        return out_HBV.transpose(0, 1).reshape(B, 1, heads * vDim);
     }
 }

@@ -17,7 +17,7 @@ using static TorchSharp.torch;
 var options = args.Select((a, i) => (a, i)).Where(x => x.a.StartsWith("--", StringComparison.Ordinal))
     .ToDictionary(x => x.a[2..], x => x.i + 1 < args.Length && !args[x.i + 1].StartsWith("--", StringComparison.Ordinal) ? args[x.i + 1] : "true");
 string Opt(string name, string fallback) => options.TryGetValue(name, out var v) ? v : fallback;
-var known = new HashSet<string> { "model", "preset", "formats", "concurrency", "prompt", "output", "requests-per-client", "gguf", "ppl-windows", "ppl-length", "threads" };
+var known = new HashSet<string> { "model", "preset", "formats", "concurrency", "prompt", "output", "requests-per-client", "gguf", "ppl-windows", "ppl-length", "threads", "decode" };
 if (options.Keys.FirstOrDefault(k => !known.Contains(k)) is { } unknown)
 {
     Console.Error.WriteLine($"serve-bench: unknown option --{unknown}; known: {string.Join(", ", known.Select(k => "--" + k))}");
@@ -27,6 +27,12 @@ int promptTokens = int.Parse(Opt("prompt", "32"), CultureInfo.InvariantCulture);
 int outputTokens = int.Parse(Opt("output", "32"), CultureInfo.InvariantCulture);
 int perClient = int.Parse(Opt("requests-per-client", "2"), CultureInfo.InvariantCulture);
 var levels = Opt("concurrency", "1,4,16,64").Split(',').Select(s => int.Parse(s, CultureInfo.InvariantCulture)).ToArray();
+// --decode absorbed|expanded|both: MLA decode in latent space (the server's default) or the expanded form, or both side by side.
+var decodes = Opt("decode", "absorbed") switch
+{
+    "absorbed" => new[] { true }, "expanded" => [false], "both" => [true, false],
+    var d => throw new ArgumentException($"--decode '{d}': expected absorbed, expanded or both"),
+};
 var formats = Opt("formats", "fp32,int8,int4").Split(',').Select(f => WeightQuantizer.Parse(f, "--formats")).ToArray();
 if (options.TryGetValue("threads", out var threads)) set_num_threads(int.Parse(threads, CultureInfo.InvariantCulture));
 
@@ -72,13 +78,17 @@ foreach (var format in formats)
     }
     loaded.Model.Dispose();
     // Served as the server serves it: decoder layers as integer codes expanded one layer at a time (ServedModel.Load).
-    using var served = ServedModel.Load(format.ToString().ToLowerInvariant(), folder, format,
-        new EngineOptions { MaxBatch = levels.Max(), MaxWaiting = levels.Max() * 2, BlockSize = 16 }, metrics: null);
-    var engine = served.Engine;
-    // Tensor bytes, not the working set: the allocator keeps what loading freed, so RSS says little about what is held.
-    memory.Add($"| {format.ToString().ToLowerInvariant()} | {(served.Quantization is { } q ? $"{q.Fp32Bytes / 1048576.0:F1} → {q.QuantizedBytes / 1048576.0:F1} MiB + {served.ArenaBytes / 1048576.0:F1} MiB one-layer arena" : "all float32")} |");
-    await EngineLoad.RunAsync(engine, 1, 1, promptTokens, 4, seed: 99); // warm-up: first-call allocations and kernel selection
-    foreach (var c in levels) Print("model-server", format.ToString().ToLowerInvariant(), await EngineLoad.RunAsync(engine, c, perClient, promptTokens, outputTokens, seed: c));
+    foreach (var absorbed in decodes)
+    {
+        using var served = ServedModel.Load(format.ToString().ToLowerInvariant(), folder, format,
+            new EngineOptions { MaxBatch = levels.Max(), MaxWaiting = levels.Max() * 2, BlockSize = 16, AbsorbedDecode = absorbed }, metrics: null);
+        var engine = served.Engine;
+        string label = format.ToString().ToLowerInvariant() + (absorbed ? "" : " (expanded MLA)");
+        // Tensor bytes, not the working set: the allocator keeps what loading freed, so RSS says little about what is held.
+        if (absorbed == decodes[0]) memory.Add($"| {format.ToString().ToLowerInvariant()} | {(served.Quantization is { } q ? $"{q.Fp32Bytes / 1048576.0:F1} → {q.QuantizedBytes / 1048576.0:F1} MiB + {served.ArenaBytes / 1048576.0:F1} MiB one-layer arena" : "all float32")} |");
+        await EngineLoad.RunAsync(engine, 1, 1, promptTokens, 4, seed: 99); // warm-up: first-call allocations and kernel selection
+        foreach (var c in levels) Print("model-server", label, await EngineLoad.RunAsync(engine, c, perClient, promptTokens, outputTokens, seed: c));
+    }
 }
 if (options.TryGetValue("gguf", out var gguf))
     foreach (var c in levels) Print("llama.cpp", Path.GetFileName(gguf), await LlamaCppLoad.RunAsync(gguf, c, perClient, promptTokens, outputTokens, seed: c));

@@ -30,7 +30,11 @@ public sealed class ServerHost : IAsyncDisposable
 
     public static async Task<ServerHost> StartAsync(IDictionary<string, string?> settings)
     {
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Test" });
+        // An empty content root: the CheckpointStore's appsettings.json (HTTP/2-only Kestrel) is in the test output too.
+        var builder = WebApplication.CreateBuilder(new WebApplicationOptions
+        {
+            EnvironmentName = "Test", ContentRootPath = Directory.CreateTempSubdirectory("model-server-root-").FullName,
+        });
         builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
         {
             ["Serving:ApiKeys:0"] = ApiKey, ["Cluster:Token"] = ClusterToken,
