@@ -4,10 +4,12 @@
 using System.Diagnostics;
 using DeepSeekCluster.Text.Data;
 using DeepSeekCluster.Text.Tokenization;
+using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Tests.Collectives;
 using TorchSharp;
@@ -16,8 +18,10 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Tests.Parallel;
 
-public sealed class ExpertParallelTrainingTests(ITestOutputHelper output)
+public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDisposable
 {
+    readonly string root = Directory.CreateTempSubdirectory("ep-ckpt-").FullName;
+
     // 3 decoder layers (1 dense, 2 MoE) and an MTP module (a third MoE layer): 8 routed experts in 4 groups, top-2 of
     // 2 groups per token, so ep 4 puts one group on each rank and a token reaches at most 2 ranks.
     static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
@@ -55,18 +59,21 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output)
 
     sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments, ExpertTraffic Traffic);
 
-    static Held Capture(Trainer trainer, List<StepMetrics> steps, ExpertTraffic traffic)
+    static Held Capture(Trainer trainer, List<StepMetrics> steps, ExpertTraffic traffic) =>
+        Capture(trainer.Model, trainer.Optimizer) with { Steps = steps, Traffic = traffic };
+
+    static Held Capture(DeepSeekForCausalLM model, AdamW optimizer)
     {
         var weights = new Dictionary<string, double[]>();
-        foreach (var (name, t) in trainer.Model.HfStateDict()) weights[name] = t.detach().to_type(ScalarType.Float64).data<double>().ToArray();
+        foreach (var (name, t) in model.HfStateDict()) weights[name] = t.detach().to_type(ScalarType.Float64).data<double>().ToArray();
         var moments = new Dictionary<string, double[]>();
-        foreach (var s in trainer.Optimizer.Slots)
+        foreach (var s in optimizer.Slots)
         {
             Assert.True(s.RowStart == 0 && s.RowCount is null, $"'{s.Name}': without ZeRO every held row's moments are on the rank");
             moments[$"{s.Name}.exp_avg"] = s.ExpAvg.data<double>().ToArray();
             moments[$"{s.Name}.exp_avg_sq"] = s.ExpAvgSq.data<double>().ToArray();
         }
-        return new Held(steps, weights, moments, traffic);
+        return new Held([], weights, moments, default);
     }
 
     static readonly Lazy<Held> Single = new(() =>
@@ -77,7 +84,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output)
         return Capture(trainer, steps, default);
     });
 
-    static Held[] RunEp(int dp, int ep)
+    static Held[] RunEp(int dp, int ep, Action<Trainer>? after = null)
     {
         var config = Micro(Data.Value.Vocab);
         var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
@@ -94,6 +101,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output)
                 var reducer = new BucketedGradientReducer(c, bucketBytes: 4 << 10);
                 using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, Options with { Ep = ep }, CPU, 1e11, c.Rank, dp, reducer);
                 var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+                after?.Invoke(trainer);
                 return Capture(trainer, steps, trainer.Model.MoeLayers().First().Parallel!.TakeTraffic());
             }, limit: TimeSpan.FromSeconds(150));
         }
@@ -161,4 +169,67 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output)
             Assert.True(held.Traffic.SentBytes > 0, $"rank {r} sent no token to another rank");
         }
     }
+
+    /// <summary>Every tensor <paramref name="held"/> has equals the single process's, bit for bit.</summary>
+    static void AssertHeldEqualsSingle(Held held, string where)
+    {
+        var single = Single.Value;
+        foreach (var (name, values) in held.Weights) Assert.True(single.Weights[name].AsSpan().SequenceEqual(values), $"weight '{name}' differs after loading into {where}");
+        foreach (var (name, values) in held.Moments) Assert.True(single.Moments[name].AsSpan().SequenceEqual(values), $"moment '{name}' differs after loading into {where}");
+    }
+
+    /// <summary>
+    /// An ep 2 job saves its checkpoint as a cluster does (each rank writes its file: its rows of the replicated tensors
+    /// and of the experts it holds, nothing gathered); it loads into one process bitwise, that process's checkpoint loads
+    /// into the shards of dp 4 x ep 2 bitwise, and so does the ep 2 checkpoint itself.
+    /// </summary>
+    [Fact]
+    public async Task AnExpertParallelCheckpointLoadsIntoOneProcessAndBackIntoShardsBitwise()
+    {
+        var config = Micro(Data.Value.Vocab);
+        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(2, 0, config.NRoutedExperts);
+        var position = new CheckpointPosition(Options.Steps, 1, Options.Steps * Options.GlobalBatch, Options.Steps);
+        using var store = new FolderCheckpointStore(root, "ep-job");
+        var files = new ManifestFile[2];
+        var plans = new ShardingPlan[2];
+        RunEp(2, 2, trainer =>
+        {
+            plans[trainer.Rank] = new ShardingPlan(layout, CheckpointTensors.Catalog(trainer.Model, trainer.Optimizer));
+            files[trainer.Rank] = ShardedCheckpointWriter.WriteRank(store, plans[trainer.Rank], trainer.Rank, Options.Steps, trainer.CheckpointTensors());
+        });
+        Assert.Equal(plans[0].Tensors.Select(t => t.Name).Order(), plans[1].Tensors.Select(t => t.Name).Order());
+        await store.CommitAsync(ShardedCheckpointWriter.Manifest("ep-job", plans[0], position, files, config.ToJson(), null));
+
+        // ep 2 -> one process; then that process writes a dp 1 checkpoint.
+        using var one = new FolderCheckpointStore(root, "one-job");
+        using (var model = NewModel())
+        using (var optimizer = Trainer.CreateOptimizer(model, Options))
+        {
+            await ShardedCheckpointLoader.LoadReplicaAsync(store, Options.Steps, model, optimizer);
+            Assert.Equal(Options.Steps, optimizer.StepCount);
+            var loaded = Capture(model, optimizer);
+            Assert.Equal(Single.Value.Weights.Count, loaded.Weights.Count);
+            Assert.Equal(Single.Value.Moments.Count, loaded.Moments.Count);
+            AssertHeldEqualsSingle(loaded, "one process");
+            var plan = new ShardingPlan(ParallelLayout.Even(1, 1, config.NumHiddenLayers), CheckpointTensors.Catalog(model, optimizer));
+            var file = ShardedCheckpointWriter.WriteRank(one, plan, 0, Options.Steps, CheckpointTensors.Collect(model, optimizer).ToDictionary());
+            await one.CommitAsync(ShardedCheckpointWriter.Manifest("one-job", plan, position, [file], config.ToJson(), null));
+        }
+
+        // Both checkpoints -> each rank of dp 4 x ep 2 (a model holding one shard, its optimizer with the experts last).
+        var wide = ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(2, 0, config.NRoutedExperts);
+        foreach (var source in new[] { store, one })
+            for (int r = 0; r < 4; r++)
+            {
+                using var model = NewModel();
+                ExpertParallel.ShardModel(model, wide, r);
+                using var optimizer = Trainer.CreateOptimizer(model, Options with { Ep = 2 }, r, 4);
+                await ShardedCheckpointLoader.LoadReplicaAsync(source, Options.Steps, model, optimizer);
+                var loaded = Capture(model, optimizer);
+                Assert.Equal(config.NRoutedExperts / 2 * 3 * 3, loaded.Weights.Keys.Count(ExpertParallel.IsExpertParameter));
+                AssertHeldEqualsSingle(loaded, $"rank {r} of dp 4 x ep 2");
+            }
+    }
+
+    public void Dispose() => Directory.Delete(root, recursive: true);
 }
