@@ -57,10 +57,13 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         return model;
     }
 
-    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments, ExpertTraffic Traffic);
+    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments, ExpertTraffic Traffic)
+    {
+        public long ParameterBytes, OptimizerBytes, WordBytes;
+    }
 
     static Held Capture(Trainer trainer, List<StepMetrics> steps, ExpertTraffic traffic) =>
-        Capture(trainer.Model, trainer.Optimizer) with { Steps = steps, Traffic = traffic };
+        Capture(trainer.Model, trainer.Optimizer) with { Steps = steps, Traffic = traffic, WordBytes = trainer.GradientWordBytes };
 
     static Held Capture(DeepSeekForCausalLM model, AdamW optimizer)
     {
@@ -73,7 +76,11 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             moments[$"{s.Name}.exp_avg"] = s.ExpAvg.data<double>().ToArray();
             moments[$"{s.Name}.exp_avg_sq"] = s.ExpAvgSq.data<double>().ToArray();
         }
-        return new Held([], weights, moments, default);
+        return new Held([], weights, moments, default)
+        {
+            ParameterBytes = model.parameters().Sum(p => p.numel() * p.element_size()),
+            OptimizerBytes = optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.element_size()),
+        };
     }
 
     static readonly Lazy<Held> Single = new(() =>
@@ -160,10 +167,23 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             foreach (var held in ranks.Where(h => h.Moments.ContainsKey(name)))
                 Assert.All(held.Moments[name], v => Assert.Equal(0.0, v));
 
+        // Resident bytes against the planner: parameters and optimizer state hold 1/ep of the routed experts, and so do
+        // the exact gradient words (each rank sums only the experts it holds).
+        var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
+        var inputs = new MemoryInputs("fp64", "none", Options.MicroBatch, Options.SeqLen);
+        foreach (var (held, r) in ranks.Select((x, i) => (x, i)))
+        {
+            var predicted = MemoryPlanner.Predict(config, layout, r, inputs);
+            output.WriteLine($"rank {r}: parameters {held.ParameterBytes} B (predicted {predicted.Parameters}, one process {single.ParameterBytes}), optimizer {held.OptimizerBytes} B (predicted {predicted.Optimizer}), gradient words {held.WordBytes} B (predicted {predicted.GradientWords})");
+            foreach (var (what, got, want) in new[] { ("parameter", held.ParameterBytes, predicted.Parameters), ("optimizer", held.OptimizerBytes, predicted.Optimizer), ("gradient word", held.WordBytes, predicted.GradientWords) })
+                Assert.True(Math.Abs(got - want) <= 0.10 * want, $"rank {r} of dp {dp} x ep {ep} holds {got} {what} bytes; the planner predicts {want}");
+        }
+        Assert.True(ranks[0].ParameterBytes < single.ParameterBytes, "an expert-parallel rank holds fewer parameter bytes than one process");
+
         // Fan-out: ranks a token's experts live on. With one group per rank (ep 4), topk_group = 2 bounds it.
         foreach (var (held, r) in ranks.Select((x, i) => (x, i)))
         {
-            output.WriteLine($"rank {r}: fan-out {held.Traffic.FanOut:F3} ranks/token over {held.Traffic.Tokens} tokens, {held.Traffic.SentBytes} B sent to other ranks (first MoE layer, 3 steps)");
+            output.WriteLine($"rank {r}: fan-out {held.Traffic.FanOut:F3} ranks/token over {held.Traffic.Tokens} tokens, {held.Traffic.SentBytes} B sent to other ranks (all MoE layers, 3 steps)");
             Assert.True(held.Traffic.FanOut >= 1 && held.Traffic.FanOut <= Math.Min(ep, config.NumExpertsPerTok), $"rank {r}: fan-out {held.Traffic.FanOut}");
             if (ep == config.NGroup) Assert.True(held.Traffic.FanOut <= config.TopkGroup, $"rank {r}: fan-out {held.Traffic.FanOut} exceeds topk_group {config.TopkGroup}");
             Assert.True(held.Traffic.SentBytes > 0, $"rank {r} sent no token to another rank");
