@@ -29,6 +29,8 @@ public sealed partial class ExpertParallel
     public IReadOnlyList<int> GroupRanks { get; }
     /// <summary>The world ranks holding this rank's shard (itself included), ascending: its expert gradients are summed over them.</summary>
     public IReadOnlyList<int> ShardPeers { get; }
+    /// <summary>The optimizer's (and the exact sum's) index of its first routed-expert parameter: the experts come last.</summary>
+    public int FirstExpertParameter { get; internal set; }
 
     /// <summary>Bytes this rank sent to other ranks in dispatch and combine, forward and backward, since <see cref="TakeTraffic"/>.</summary>
     long sentBytes, tokens, tokenRanks;
@@ -124,7 +126,7 @@ public sealed partial class ExpertParallel
                 if (param.grad is { } pg) pg.add_(g);
                 else param.grad = g.clone().DetachFromDisposeScope();
             }
-            sum.AddAndClearGradients();
+            sum.AddAndClearGradients(FirstExpertParameter);
         }
         foreach (var (_, leaf, _) in leaves) leaf.Dispose();
         leaves.Clear();
@@ -251,7 +253,7 @@ public static class ExpertParallelTraining
             bool expert = ExpertParallel.IsExpertParameter(slot.Name);
             if (!expert && inExperts) throw new ArgumentException($"the optimizer's '{slot.Name}' follows a routed expert's parameter; with ep the experts come last (Trainer.CreateOptimizer)");
             inExperts |= expert;
-            if (!expert) replicated += slot.Param.numel();
+            if (!expert) { replicated += slot.Param.numel(); parallel.FirstExpertParameter++; }
         }
         return (parallel, new ExpertGradientReducer((BucketedGradientReducer)reducer!, parallel, replicated));
     }
