@@ -132,13 +132,6 @@ public sealed partial class ExpertParallel
         leaves.Clear();
     }
 
-    /// <summary>Forgets the leaves of a forward that had no backward (evaluation under grad, an aborted step).</summary>
-    public void DiscardLeaves()
-    {
-        foreach (var (_, leaf, _) in leaves) leaf.Dispose();
-        leaves.Clear();
-    }
-
     /// <summary>Row counts per (source, my expert): an all-to-all of each rank's per-expert loads, shard by shard.</summary>
     long[][] ExchangeCounts(long[] load_E)
     {
