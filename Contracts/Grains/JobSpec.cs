@@ -241,7 +241,7 @@ public sealed record ParallelPlan
     {
         if (Ep < 1) yield return ("parallel.ep", $"{Ep} must be at least 1 (1: every replica holds every expert)");
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
-        else if (Ep > MaxEpBuilt) yield return ("parallel.ep", $"{Ep}: expert parallelism is not built yet, expected 1 (docs/parallelism.md)");
+        else if (Ep > MaxEpBuilt) yield return ("parallel.ep", $"{Ep}: expert parallelism is built in the trainer but not yet in the cluster worker (validation and the model folder need every expert on rank 0), expected 1 (docs/parallelism.md)");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         else if (Zero > MaxZeroBuilt) yield return ("parallel.zero", $"{Zero}: ZeRO-3 is not built yet, expected 0 to {MaxZeroBuilt} (docs/parallelism.md)");
         if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");

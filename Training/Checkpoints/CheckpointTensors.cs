@@ -28,7 +28,29 @@ public static class CheckpointTensors
         var whole = new Dictionary<string, long[]>(StringComparer.Ordinal);
         foreach (var s in optimizer?.Slots ?? [])
             foreach (var kind in new[] { "exp_avg", "exp_avg_sq", "master" }) whole[$"optimizer.{s.Name}.{kind}"] = s.Param.shape;
-        return Catalog(Collect(model, optimizer)).Select(e => whole.TryGetValue(e.Name, out var shape) ? e with { Shape = shape } : e).ToList();
+        var entries = Catalog(Collect(model, optimizer)).Select(e => whole.TryGetValue(e.Name, out var shape) ? e with { Shape = shape } : e).ToList();
+        return model.MoeLayers().Any(m => m.experts.Count != model.Config.NRoutedExperts) ? WithEveryExpert(entries, model.Config.NRoutedExperts) : entries;
+    }
+
+    /// <summary>
+    /// An expert-parallel rank's catalog made the whole model's: each routed expert tensor it holds stands for the same
+    /// tensor of every expert (they share shape and dtype), so every rank names the same checkpoint.
+    /// </summary>
+    static List<TensorEntry> WithEveryExpert(List<TensorEntry> entries, int routedExperts)
+    {
+        var result = new List<TensorEntry>();
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var e in entries)
+        {
+            var m = ShardingPlan.ExpertIndex.Match(e.Name);
+            if (!m.Success) { if (seen.Add(e.Name)) result.Add(e); continue; }
+            for (int x = 0; x < routedExperts; x++)
+            {
+                var name = $"{e.Name[..m.Index]}.mlp.experts.{x}.{e.Name[(m.Index + m.Length)..]}";
+                if (seen.Add(name)) result.Add(e with { Name = name });
+            }
+        }
+        return result;
     }
 
     public static List<TensorEntry> Catalog(IEnumerable<KeyValuePair<string, Tensor>> tensors) =>

@@ -115,7 +115,8 @@ public static class ShardedCheckpointLoader
         var plan = ShardingPlan.For(ParallelLayout.Even(1, 1, manifest.Layout.NumLayers), manifest);
         // A ZeRO shard reads only its rows of the optimizer state, whatever layout saved it.
         var shardRows = optimizer?.ShardRows() ?? new Dictionary<string, (long, long)>();
-        var wanted = plan.NeedsOf(0, shardOptimizer: false).Where(s => optimizer is not null || !ShardingPlan.IsOptimizerState(s.Name))
+        // An expert-parallel rank reads only the experts it holds (live holds what this model has).
+        var wanted = plan.NeedsOf(0, shardOptimizer: false).Where(s => (optimizer is not null || !ShardingPlan.IsOptimizerState(s.Name)) && live.ContainsKey(s.Name))
             .Select(s => shardRows.TryGetValue(s.Name, out var rows) ? new TensorSlice(s.Name, rows.Start, rows.Count) : s);
         var tensors = await LoadAsync(source, manifest, wanted, ct);
         try { CheckpointTensors.Apply(tensors, manifest, model, optimizer, label); }

@@ -27,6 +27,9 @@ public sealed class ShardingPlan
 {
     static readonly Regex LayerIndex = new(@"^(?:optimizer\.)?model\.layers\.(\d+)\.", RegexOptions.Compiled);
     const string OptimizerPrefix = "optimizer.";
+    /// <summary>A routed expert's tensor (or its optimizer state): group 1 is the expert's index.</summary>
+    internal static readonly Regex ExpertIndex = new(@"\.mlp\.experts\.(\d+)\.", RegexOptions.Compiled);
+    readonly int expertsPerShard;
 
     public ParallelLayout Layout { get; }
     public IReadOnlyList<TensorEntry> Tensors { get; }
@@ -39,6 +42,9 @@ public sealed class ShardingPlan
         byName = new Dictionary<string, TensorEntry>(StringComparer.Ordinal);
         foreach (var t in Tensors)
             if (!byName.TryAdd(t.Name, t)) throw new ArgumentException($"tensor '{t.Name}' appears twice in the checkpoint catalog");
+        int experts = Tensors.Select(t => ExpertOf(t.Name)).Where(e => e >= 0).Distinct().Count();
+        if (experts % Layout.Ep != 0) throw new ArgumentException($"ep {Layout.Ep} does not divide the catalog's {experts} routed experts");
+        expertsPerShard = experts / Layout.Ep;
     }
 
     public static ShardingPlan For(ParallelLayout layout, CheckpointManifest manifest) =>
@@ -66,6 +72,24 @@ public sealed class ShardingPlan
         return param.StartsWith("model.embed_tokens.", StringComparison.Ordinal) ? 0 : Layout.Pp - 1;
     }
 
+    /// <summary>The routed expert <paramref name="name"/> belongs to, or -1.</summary>
+    public static int ExpertOf(string name) => ExpertIndex.Match(name) is { Success: true } m ? int.Parse(m.Groups[1].Value) : -1;
+
+    /// <summary>
+    /// The rows <paramref name="rank"/> writes of <paramref name="t"/>: its replica's share, or, for a routed expert under
+    /// ep, nothing unless its shard holds the expert and then its share among the dp/ep replicas holding it.
+    /// </summary>
+    (long Start, long Count) WriteRows(TensorEntry t, int rank)
+    {
+        int replica = Layout.ReplicaOfRank(rank), parts = Layout.Dp;
+        if (Layout.Ep > 1 && ExpertOf(t.Name) is var e and >= 0)
+        {
+            if (e / expertsPerShard != Layout.ExpertShardOfRank(rank)) return (0, 0);
+            (replica, parts) = (replica / Layout.Ep, Layout.Dp / Layout.Ep);
+        }
+        return t.Shape.Length == 0 ? (0L, replica == 0 ? 1L : 0L) : Split(t.Rows, parts, replica);
+    }
+
     /// <summary>Rows [i·n/parts, (i+1)·n/parts): balanced, contiguous, and covering [0, n) once over i.</summary>
     public static (long Start, long Count) Split(long rows, int parts, int index) => ParallelLayout.Split(rows, parts, index);
 
@@ -73,12 +97,12 @@ public sealed class ShardingPlan
     public IReadOnlyList<TensorSlice> WritesOf(int rank)
     {
         CheckRank(rank);
-        int stage = Layout.StageOfRank(rank), replica = Layout.ReplicaOfRank(rank);
+        int stage = Layout.StageOfRank(rank);
         var result = new List<TensorSlice>();
         foreach (var t in Tensors)
         {
             if (StageOf(t.Name) != stage) continue;
-            var (start, count) = t.Shape.Length == 0 ? (0L, replica == 0 ? 1L : 0L) : Split(t.Rows, Layout.Dp, replica);
+            var (start, count) = WriteRows(t, rank);
             if (count > 0) result.Add(new TensorSlice(t.Name, start, count));
         }
         return result;

@@ -124,13 +124,21 @@ public sealed class ExactGradientSum : IDisposable
     /// Adds the current <c>.grad</c> of every parameter (none counts as zero) and zeroes it for the next micro-batch's
     /// backward, which then accumulates into zeros: 0 + g is g exactly.
     /// </summary>
-    public void AddAndClearGradients()
+    public void AddAndClearGradients() => AddAndClearGradients(0);
+
+    /// <summary>
+    /// Like <see cref="AddAndClearGradients()"/>, when the parameters before <paramref name="firstParam"/> hold zero
+    /// gradients: chunks of those alone are skipped (adding zero words changes nothing), the rest are added as usual.
+    /// Expert parallelism's extra terms carry only expert gradients, and the experts come last.
+    /// </summary>
+    public void AddAndClearGradients(int firstParam)
     {
         if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
         using var noGrad = no_grad();
         if (ShardOnly) { ScatterGradients(); Terms++; return; }
         foreach (var (first, end) in chunks)
         {
+            if (end <= firstParam) continue;
             using var scope = NewDisposeScope();
             long start = offsets[first], n = offsets[end] - start;
             var x = scratch.narrow(0, 0, n);

@@ -35,6 +35,7 @@ public sealed class Trainer : ITrainer
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
     readonly ZeroStep? zero;
+    readonly ExpertParallel? experts;
     ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
@@ -66,6 +67,7 @@ public sealed class Trainer : ITrainer
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(model, options, rank, worldSize);
+        (experts, this.reducer) = ExpertParallelTraining.Attach(model, Options.Ep, Optimizer, rank, worldSize, reducer);
         zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
     }
@@ -75,7 +77,7 @@ public sealed class Trainer : ITrainer
     /// more than one rank, for rank <paramref name="rank"/>'s rows only (<see cref="ParallelLayout.ZeroRows"/>).
     /// </summary>
     public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options, int rank = 0, int worldSize = 1) =>
-        new(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? shape => layout.ZeroRows(shape, rank) : null)
+        new(ExpertParallelTraining.OptimizerOrder(model.named_parameters(), options.Ep).Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? shape => layout.ZeroRows(shape, rank) : null)
         {
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon,
         };
@@ -162,6 +164,7 @@ public sealed class Trainer : ITrainer
 
             loss.backward();
             gradients.AddAndClearGradients();
+            experts?.AddSourceGradients(gradients); // with ep: the other sources' expert gradients, each a term of its own
             bwdS += sw.Elapsed.TotalSeconds;
         }
 
@@ -178,7 +181,7 @@ public sealed class Trainer : ITrainer
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
         if (zero is null) gradients.WriteMean(counted);
         else gradients.WriteShardMean(counted, zero.Shard);
-        double gradNorm = zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
+        double gradNorm = experts?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
         // The guard: a NaN/Inf loss or norm is never applied. Every rank holds the same summed words (under ZeRO, the norm
         // is summed over every shard), hence the same norm and loss, and skips with the others without a word exchanged.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));

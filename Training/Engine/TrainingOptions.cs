@@ -47,6 +47,9 @@ public sealed record TrainingOptions
     /// <summary>ZeRO stage over the data-parallel ranks: 0 replicated, 1 AdamW state sharded, 2 and the gradient words (docs/parallelism.md).</summary>
     public int Zero { get; init; }
 
+    /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
+    public int Ep { get; init; } = 1;
+
     /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
     public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
 
@@ -73,6 +76,8 @@ public sealed record TrainingOptions
         if (!PipelineSchedules.Contains(PipelineSchedule))
             p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
         if (Zero is < 0 or > 2) p.Add($"zero must be 0, 1 or 2 (ZeRO-3 is not built), got {Zero}");
+        if (Ep < 1 || worldSize % Ep != 0) p.Add($"ep must be at least 1 and divide the data-parallel width {worldSize}, got {Ep}");
+        if (Ep > 1 && Zero > 0) p.Add($"ep {Ep} with zero {Zero}: sharded optimizer state with expert parallelism is not built, expected zero 0");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;
     }

@@ -1,5 +1,5 @@
 // DeepSeekMoE layer: shared experts plus routed experts, tokens grouped per expert by sorting (no dense dispatch).
-using TorchSharp.Modules;
+using DeepSeekCluster.Training.Parallel;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Model;
@@ -7,7 +7,8 @@ namespace DeepSeekCluster.Training.Model;
 // Shape legend: B batch, T tokens per sequence, N = B*T, D hidden, E routed experts, K experts per token, M = N*K.
 public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
 {
-    public ModuleList<SwiGluMlp> experts;
+    /// <summary>The routed experts this rank holds: all of them, or one expert-parallel shard (<see cref="KeepExperts"/>).</summary>
+    public ExpertList experts;
     public MoeRouter gate;
     public SwiGluMlp? shared_experts;
 
@@ -22,14 +23,16 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     public bool RecordRouting { get; set; }
     public RouterOutput? LastRoute { get; private set; }
 
+    /// <summary>Set on an expert-parallel rank: runs the routed experts across the ranks of its group (forward and backward).</summary>
+    public ExpertParallel? Parallel { get; set; }
+
     public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
     {
         nExperts = config.NRoutedExperts;
         k = config.NumExpertsPerTok;
         auxAlpha = config.AuxLossAlpha;
         seqAux = config.SeqAux;
-        experts = new ModuleList<SwiGluMlp>();
-        for (int e = 0; e < nExperts; e++) experts.Add(new SwiGluMlp(config.HiddenSize, config.MoeIntermediateSize));
+        experts = new ExpertList(0, Enumerable.Range(0, nExperts).Select(_ => new SwiGluMlp(config.HiddenSize, config.MoeIntermediateSize)));
         gate = new MoeRouter(config);
         if (config.NSharedExperts > 0)
             shared_experts = new SwiGluMlp(config.HiddenSize, (long)config.MoeIntermediateSize * config.NSharedExperts);
@@ -38,6 +41,17 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD).output;
+
+    /// <summary>
+    /// Keeps routed experts [<paramref name="first"/>, first + <paramref name="count"/>) and disposes the others: an
+    /// expert-parallel rank's shard. Their names stay global (<see cref="ExpertList"/>).
+    /// </summary>
+    public void KeepExperts(int first, int count)
+    {
+        if (experts.First != 0 || experts.Count != nExperts) throw new InvalidOperationException($"this layer already holds experts [{experts.First}, {experts.First + experts.Count}) only");
+        if (first < 0 || count < 1 || first + count > nExperts) throw new ArgumentOutOfRangeException(nameof(count), $"experts [{first}, {first + count}) are not within the layer's {nExperts}");
+        experts.Keep(first, count);
+    }
 
     /// <summary>The layer output and, when aux_loss_alpha > 0 in training, the sequence-wise balance loss.</summary>
     public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD)
@@ -64,6 +78,22 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         LastLoad = load_E.data<long>().ToArray();
 
         var input_MD = x_ND.index_select(0, token_M);
+        var expertOut_MD = Parallel is { } ep ? ep.RunExperts(input_MD, LastLoad, route.Indices_NK, experts) : RunAll(input_MD);
+        var weighted_MD = expertOut_MD * weight_M.unsqueeze(-1);
+        var routed_ND = zeros(N, D, weighted_MD.dtype, x_BTD.device).index_add(0, token_M, weighted_MD, 1);
+        var output = routed_ND.to_type(x_BTD.dtype).view(shape);
+        if (shared_experts is not null) output = output + shared_experts.forward(x_BTD);
+
+        Tensor? aux = null;
+        if (auxAlpha > 0 && training) aux = SequenceBalanceLoss(route, shape[0], shape[1]);
+        return (output.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Every routed expert on its rows of <paramref name="input_MD"/> (grouped by expert, <see cref="LastLoad"/> each).</summary>
+    Tensor RunAll(Tensor input_MD)
+    {
+        if (experts.Count != nExperts)
+            throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
         var outputs = new List<Tensor>(nExperts);
         long offset = 0;
         for (int e = 0; e < nExperts; e++)
@@ -74,15 +104,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
             outputs.Add(experts[e].forward(input_MD.narrow(0, offset, count)));
             offset += count;
         }
-        var expertOut_MD = cat(outputs, 0);
-        var weighted_MD = expertOut_MD * weight_M.unsqueeze(-1);
-        var routed_ND = zeros(N, D, weighted_MD.dtype, x_BTD.device).index_add(0, token_M, weighted_MD, 1);
-        var output = routed_ND.to_type(x_BTD.dtype).view(shape);
-        if (shared_experts is not null) output = output + shared_experts.forward(x_BTD);
-
-        Tensor? aux = null;
-        if (auxAlpha > 0 && training) aux = SequenceBalanceLoss(route, shape[0], shape[1]);
-        return (output.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope());
+        return cat(outputs, 0);
     }
 
     /// <summary>

@@ -70,6 +70,7 @@ public sealed class PipelineTrainer : ITrainer
                            PipelineLinks links, int replica = 0, int replicas = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
     {
         Options = options.Validated(replicas);
+        if (options.Ep > 1) throw new ArgumentException($"ep {options.Ep} with pp > 1: expert parallelism is built for the data-parallel trainer (pp 1) only, expected ep 1");
         if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
         if (train.SampleCount == 0) throw new ArgumentException($"the training data holds no sample of {options.SeqLen + 1} tokens");
         if (links.Stage != stage.Index || links.Stages != stage.Layout.Pp)

@@ -39,7 +39,7 @@ public static class CollectiveBench
     }
 
     /// <summary>Bytes per second of copying one buffer into another (the cost every hop of the ring pays at least twice).</summary>
-    static double MemoryCopyBandwidth(int bytes)
+    internal static double MemoryCopyBandwidth(int bytes)
     {
         var a = GC.AllocateUninitializedArray<byte>(bytes);
         var b = GC.AllocateUninitializedArray<byte>(bytes);

@@ -9,6 +9,7 @@ switch (verb)
     case "checkpoint": CheckpointBench.Run(rest); break;
     case "data": DataBench.Run(rest); break;
     case "collectives": CollectiveBench.Run(rest); break;
+    case "ep": ExpertBench.Run(rest); break;
     case "exact-sum": ExactSumBench.Run(rest); break;
     case "kernels": KernelBench.Run(rest); break;
     case "export": ExportBench.Run(rest); break;

@@ -1,0 +1,86 @@
+// The global gradient norm under expert parallelism: every row of every expert, summed in the single process's order.
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Parallel;
+
+public sealed partial class ExpertParallel
+{
+    // The whole model's parameters in the single process's optimizer order (module order): a replicated one is a local
+    // slot; an expert is rows [Offset, Offset + Rows) of its shard's vector of expert row squares.
+    (int Slot, int Shard, long Offset, long Rows)[] normOrder = [];
+    int[] expertSlots = [];  // this shard's expert slots, in the order of its vector
+    long vectorRows;         // rows in each shard's vector (the same for every shard)
+
+    /// <summary>
+    /// Learns the single process's parameter order from <paramref name="model"/> (which holds this shard's experts where
+    /// the whole model holds all of them, <see cref="ExpertList.Keep"/>) for <see cref="ClipGradNorm"/>.
+    /// </summary>
+    internal void PlanNorm(DeepSeekForCausalLM model, AdamW optimizer)
+    {
+        var slotOf = optimizer.Slots.Select((s, i) => (s.Name, i)).ToDictionary(x => x.Name, x => x.i);
+        static long Rows(TorchSharp.torch.Tensor t) => t.dim() == 0 ? 1 : t.shape[0];
+        var order = new List<(int, int, long, long)>();
+        var cursor = new long[Ep];
+        var mine = new List<int>();
+        var expanded = new HashSet<string>();
+        var names = model.named_parameters().Select(p => (Hf: model.ToHfName(p.name), p.parameter)).Where(p => slotOf.ContainsKey(p.Hf)).ToList();
+        const string marker = ".mlp.experts.";
+        foreach (var (hf, p) in names)
+        {
+            if (!IsExpertParameter(hf)) { order.Add((slotOf[hf], -1, 0, Rows(p))); continue; }
+            var prefix = hf[..(hf.IndexOf(marker, StringComparison.Ordinal) + marker.Length)];
+            if (!expanded.Add(prefix)) continue;
+            // This layer's experts: each of the first held expert's projections, for every expert of the model in turn.
+            string firstHeld = $"{prefix}{Shard * PerShard}.";
+            var projections = names.Where(n => n.Hf.StartsWith(firstHeld, StringComparison.Ordinal)).Select(n => (Tail: n.Hf[firstHeld.Length..], Count: Rows(n.parameter))).ToList();
+            for (int e = 0; e < Ep * PerShard; e++)
+                foreach (var (tail, rows) in projections)
+                {
+                    int shard = e / PerShard;
+                    order.Add((-1, shard, cursor[shard], rows));
+                    cursor[shard] += rows;
+                    if (shard == Shard)
+                        mine.Add(slotOf.TryGetValue($"{prefix}{e}.{tail}", out var slot) ? slot
+                            : throw new InvalidOperationException($"expert shard {Shard} has no optimizer slot for '{prefix}{e}.{tail}'"));
+                }
+        }
+        if (cursor.Distinct().Count() > 1) throw new InvalidOperationException($"the expert shards hold different numbers of rows ({string.Join(", ", cursor)})");
+        normOrder = [.. order];
+        expertSlots = [.. mine];
+        vectorRows = cursor.Length > 0 ? cursor[0] : 0;
+    }
+
+    /// <summary>
+    /// Clips every held gradient by the global norm over the whole model: the row squares of each shard's experts are
+    /// exchanged within the group, and all rows are summed in the order the single process sums them
+    /// (<see cref="AdamW.ClipGradNorm"/>), so the norm and the clipped gradients are its bits.
+    /// </summary>
+    public double ClipGradNorm(AdamW optimizer, double maxNorm)
+    {
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        var slots = optimizer.Slots;
+        var squares = slots.Select(s => s.Param.grad is { } g ? AdamW.RowSquares(g) : zeros(s.Param.dim() == 0 ? 1 : s.Param.shape[0], dtype: ScalarType.Float64)).ToList();
+        var vector = expertSlots.Length == 0 ? zeros(0, dtype: ScalarType.Float64) : cat(expertSlots.Select(i => squares[i]).ToList(), 0);
+        var send = new long[Collective.WorldSize];
+        foreach (var r in GroupRanks) send[r] = vectorRows;
+        var input = vector.to(Collective.Device).unsqueeze(0).expand(Ep, vectorRows).reshape(-1).contiguous();
+        var output = empty(Ep * vectorRows, ScalarType.Float64, Collective.Device);
+        Collective.AllToAll(input, send, output, send);
+        var all = output.cpu().data<double>().ToArray();
+        var local = squares.Select(t => t.data<double>().ToArray()).ToArray();
+        double sumSq = 0;
+        foreach (var (slot, shard, offset, rows) in normOrder)
+            if (slot >= 0) foreach (var x in local[slot]) sumSq += x;
+            else for (long i = 0; i < rows; i++) sumSq += all[shard * vectorRows + offset + i];
+        double norm = Math.Sqrt(sumSq);
+        if (maxNorm > 0 && norm > maxNorm)
+        {
+            double scale = maxNorm / (norm + 1e-6);
+            foreach (var s in slots) s.Param.grad?.mul_(scale);
+        }
+        return norm;
+    }
+}

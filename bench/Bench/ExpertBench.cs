@@ -1,0 +1,127 @@
+// Expert parallelism on this machine: step time of dp 2 x ep 2 against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
+using System.Diagnostics;
+using System.Net;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Tcp;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Bench;
+
+/// <summary>
+/// Ranks are threads of this process over real sockets on 127.0.0.1 (as the equality tests run them), so both layouts
+/// share the same cores: the step times compare what each layout computes and moves, not more hardware. The all-to-all
+/// moves each rank's buffer split evenly over the ranks; its bandwidth is the bytes a rank sends to others per second.
+/// </summary>
+public static class ExpertBench
+{
+    public static void Run(string[] args)
+    {
+        var presets = Arg(args, "--presets", "tiny").Split(',');
+        int steps = int.Parse(Arg(args, "--steps", "4")), warmup = int.Parse(Arg(args, "--warmup", "1"));
+        Console.WriteLine($"# DeepSeekCluster expert-parallel benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {File.ReadAllText("/proc/loadavg").Split(' ')[0]} at start; fp32, ranks as threads over tcp on 127.0.0.1");
+        double copy = CollectiveBench.MemoryCopyBandwidth(256 << 20);
+        Console.WriteLine($"memory copy (256 MiB, single thread): {copy / 1e9:F2} GB/s");
+        Console.WriteLine();
+        Console.WriteLine("| world | MiB per rank | time ms | sent GB/s per rank | / memcpy |");
+        Console.WriteLine("|---|---|---|---|---|");
+        foreach (int world in new[] { 2, 4 })
+            foreach (int mb in new[] { 4, 32 })
+            {
+                double t = TimeAllToAll(world, (long)mb << 20);
+                double sent = ((long)mb << 20) * (world - 1.0) / world / t;
+                Console.WriteLine($"| {world} | {mb} | {t * 1e3:F1} | {sent / 1e9:F2} | {sent / copy:P0} |");
+            }
+        Console.WriteLine();
+        Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank |");
+        Console.WriteLine("|---|---|---|---|---|---|---|");
+        foreach (var preset in presets)
+            foreach (int ep in new[] { 1, 2 })
+            {
+                var r = TimeSteps(preset, ep, warmup, steps);
+                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} |");
+            }
+        Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
+    }
+
+    static T[] OnRanks<T>(int world, Func<TcpCollective, T> body)
+    {
+        var options = new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(120) };
+        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("bench", 1, key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
+        var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
+        var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
+        {
+            using var c = rv.Connect(endpoints, options);
+            return body(c);
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
+        Task.WaitAll(tasks);
+        return [.. tasks.Select(t => t.Result)];
+    }
+
+    /// <summary>Median seconds of one all-to-all of <paramref name="bytes"/> per rank, split evenly over the ranks.</summary>
+    static double TimeAllToAll(int world, long bytes) => OnRanks(world, c =>
+    {
+        long rows = bytes / 4 / 1024 / world * world;
+        using var input = ones(rows, 1024, dtype: ScalarType.Float32);
+        using var output = empty(rows, 1024, dtype: ScalarType.Float32);
+        var counts = Enumerable.Repeat(rows / world, world).ToArray();
+        c.AllToAll(input, counts, output, counts); // warm-up
+        var times = new List<double>();
+        for (int i = 0; i < 9; i++)
+        {
+            c.Barrier();
+            var sw = Stopwatch.StartNew();
+            c.AllToAll(input, counts, output, counts);
+            times.Add(sw.Elapsed.TotalSeconds);
+        }
+        times.Sort();
+        return times[times.Count / 2];
+    }).Max();
+
+    sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes);
+
+    static StepResult TimeSteps(string preset, int ep, int warmup, int measured)
+    {
+        var config = DeepSeekConfig.Preset(preset);
+        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Ep = ep };
+        var rng = new Random(1);
+        var tokens = new int[(options.SeqLen + 1) * 64];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
+        var data = new TokenDataset(tokens, options.SeqLen);
+        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
+        var models = Enumerable.Range(0, 2).Select(r =>
+        {
+            manual_seed(1);
+            var m = new DeepSeekForCausalLM(config).InitializeWeights();
+            if (ep > 1) ExpertParallel.ShardModel(m, layout, r);
+            return m;
+        }).ToArray();
+        var results = OnRanks(2, c =>
+        {
+            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c));
+            for (int i = 0; i < warmup; i++) trainer.TrainStep();
+            var parallel = trainer.Model.MoeLayers().First().Parallel;
+            parallel?.TakeTraffic();
+            var sw = Stopwatch.StartNew();
+            var m = Enumerable.Range(0, measured).Select(_ => trainer.TrainStep()).ToList();
+            double s = sw.Elapsed.TotalSeconds / measured;
+            var traffic = parallel?.TakeTraffic() ?? default;
+            long bytes = trainer.Model.parameters().Sum(p => p.numel() * p.element_size());
+            return new StepResult(s, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
+                traffic.FanOut, (double)traffic.SentBytes / measured, bytes);
+        });
+        foreach (var m in models) m.Dispose();
+        return results.MaxBy(r => r.Step)!;
+    }
+
+    static string Arg(string[] args, string name, string fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+    }
+}
