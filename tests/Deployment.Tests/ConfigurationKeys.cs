@@ -52,7 +52,8 @@ public static partial class ConfigurationKeys
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
         // Cluster:Tls:* (every process): optional; unset is cleartext gRPC (with the token for ClusterControl), set by the
         // opt-in component k8s/components/mtls, which mounts the certificate Secrets (docs/kubernetes.md).
-        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
+        // Coordinator:Quotas:<tenant> (docs/agent.md): unset, no tenant is capped.
+        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Coordinator:Quotas", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */,
             "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds", .. ClusterTlsKeys],
         ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds", .. ClusterTlsKeys],
@@ -62,7 +63,8 @@ public static partial class ConfigurationKeys
         // Worker:MemoryBudgetBytes: unset is the device's memory (the GPU's, or the pod's limit as .NET sees it);
         // Worker:InjectFault is for drills and tests only and must stay unset in a deployment.
         // Serving:ApiKeys comes from an optional Secret; without it only the cluster token is accepted. Cluster:Tls:* is read by
-        // ServiceDefaults' mutual-TLS setup, which the model server (an HTTP API that dials no cluster service) leaves off.
+        // ServiceDefaults' mutual-TLS setup (the model server's API stays plain HTTP) and by its store client, which dials the
+        // CheckpointStore only when a model names a Store place (unset in the manifests: they serve from the models volume).
         ["model-server"] = ["Serving:ApiKeys", "Serving:Device", .. ClusterTlsKeys, "Kestrel:Endpoints:grpc:Url"],
         ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
                           "Kestrel:Endpoints:grpc:Url", "Worker:MemoryBudgetBytes", "Worker:InjectFault"],

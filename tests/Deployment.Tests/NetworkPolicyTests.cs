@@ -20,7 +20,7 @@ public class NetworkPolicyTests
         [("data-shards", "http")] = [Monitoring],
         [("data-shards", "grpc")] = ["gpu-worker"],
         [("checkpoints", "http")] = [Monitoring],
-        [("checkpoints", "grpc")] = ["coordinator", "gpu-worker"],
+        [("checkpoints", "grpc")] = ["coordinator", "gpu-worker", "model-server"],
         [("gpu-worker", "http")] = ["gpu-worker", Monitoring], // workers reach each other on every port (NCCL), this one included
         [("gpu-worker", "collective")] = ["gpu-worker"],
         [("gpu-worker", "pipeline")] = ["gpu-worker"],
