@@ -68,6 +68,7 @@ public sealed class Trainer : ITrainer
         Optimizer = optimizer ?? CreateOptimizer(model, options, rank, worldSize);
         zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+        ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
     }
 
     /// <summary>

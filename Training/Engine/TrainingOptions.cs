@@ -1,4 +1,6 @@
 // Training hyper-parameters of one run (model shape lives in DeepSeekConfig), with the reasons for the defaults.
+using DeepSeekCluster.Training.Model;
+
 namespace DeepSeekCluster.Training.Engine;
 
 public sealed record TrainingOptions
@@ -47,6 +49,9 @@ public sealed record TrainingOptions
     /// <summary>ZeRO stage over the data-parallel ranks: 0 replicated, 1 AdamW state sharded, 2 and the gradient words (docs/parallelism.md).</summary>
     public int Zero { get; init; }
 
+    /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>
+    public string Recompute { get; init; } = "none";
+
     /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
     public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
 
@@ -72,6 +77,8 @@ public sealed record TrainingOptions
         if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");
         if (!PipelineSchedules.Contains(PipelineSchedule))
             p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
+        if (!ActivationRecompute.Modes.Contains(Recompute))
+            p.Add($"recompute must be one of {string.Join(", ", ActivationRecompute.Modes)}, got '{Recompute}'");
         if (Zero is < 0 or > 2) p.Add($"zero must be 0, 1 or 2 (ZeRO-3 is not built), got {Zero}");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;
