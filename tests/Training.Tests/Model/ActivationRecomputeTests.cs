@@ -5,6 +5,9 @@ using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Tests.Collectives;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
@@ -38,18 +41,18 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
         return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
     });
 
-    static DeepSeekForCausalLM NewModel()
+    static DeepSeekForCausalLM NewModel(ScalarType dtype = ScalarType.Float64)
     {
         manual_seed(Options.Seed);
         var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
-        model.to(ScalarType.Float64);
+        model.to(dtype);
         return model;
     }
 
     /// <summary>Every parameter's gradient after one forward and backward of LM + MTP + balance loss.</summary>
-    static Dictionary<string, double[]> Gradients(RecomputeMode mode)
+    static Dictionary<string, double[]> Gradients(RecomputeMode mode, ScalarType dtype = ScalarType.Float64)
     {
-        using var model = NewModel();
+        using var model = NewModel(dtype);
         ActivationRecompute.Apply(model, mode);
         model.train();
         using var scope = NewDisposeScope();
@@ -60,7 +63,7 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
                    + Evaluation.CrossEntropy(result.MtpLogits[0], batch.narrow(1, 2, Options.SeqLen - 1)) * 0.3
                    + result.AuxLoss!;
         loss.backward();
-        return model.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.data<double>().ToArray());
+        return model.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.to_type(ScalarType.Float64).data<double>().ToArray());
     }
 
     static double RelativeDifference(double[] a, double[] b)
@@ -96,16 +99,32 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
         output.WriteLine($"{mode}: {segments} segments recomputed, {plain.Count} gradients, worst relative difference {worst:E2}");
     }
 
-    sealed record Trained(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments);
+    [Fact]
+    public void FullRecomputeIsBitForBitInBf16Too()
+    {
+        var plain = Gradients(RecomputeMode.None, ScalarType.BFloat16);
+        var full = Gradients(RecomputeMode.Full, ScalarType.BFloat16);
+        foreach (var (name, expected) in plain)
+            Assert.True(RelativeDifference(expected, full[name]) == 0, $"bf16: the gradient of '{name}' differs with full recompute");
+    }
+
+    sealed record Trained(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Offset, double[] Values)> Moments);
 
     static Trained Train(RecomputeMode mode)
     {
         using var model = NewModel();
-        using var trainer = new Trainer(model, Data.Value.Train, null, Options with { Recompute = mode.ToString().ToLowerInvariant() }, CPU, peakFlops: 1e11);
+        return Train(model, mode, options => new Trainer(model, Data.Value.Train, null, options, CPU, peakFlops: 1e11));
+    }
+
+    static Trained Train(DeepSeekForCausalLM model, RecomputeMode mode, Func<TrainingOptions, Trainer> newTrainer, int zero = 0)
+    {
+        using var trainer = newTrainer(Options with { Recompute = mode.ToString().ToLowerInvariant(), Zero = zero });
         var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
         var weights = model.HfStateDict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float64).data<double>().ToArray());
-        var moments = trainer.Optimizer.Slots.SelectMany(s => new[] { ($"{s.Name}.exp_avg", s.ExpAvg), ($"{s.Name}.exp_avg_sq", s.ExpAvgSq) })
-            .ToDictionary(m => m.Item1, m => m.Item2.data<double>().ToArray());
+        // Under ZeRO a rank holds the moments of its rows only: keep where they start in the whole tensor.
+        long Offset(AdamW.Slot s) => s.RowStart * (s.Param.dim() == 0 ? 1 : s.Param.numel() / Math.Max(1, s.Param.shape[0]));
+        var moments = trainer.Optimizer.Slots.SelectMany(s => new[] { ($"{s.Name}.exp_avg", Offset(s), s.ExpAvg), ($"{s.Name}.exp_avg_sq", Offset(s), s.ExpAvgSq) })
+            .ToDictionary(m => m.Item1, m => (m.Item2, m.Item3.data<double>().ToArray()));
         return new Trained(steps, weights, moments);
     }
 
@@ -114,10 +133,29 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
     [Theory]
     [InlineData(RecomputeMode.Full)]
     [InlineData(RecomputeMode.Selective)]
-    public void ThreeStepsWithRecomputeEqualThreeStepsWithout(RecomputeMode mode)
+    public void ThreeStepsWithRecomputeEqualThreeStepsWithout(RecomputeMode mode) => AssertEqualsPlain(Train(mode), mode);
+
+    /// <summary>Recompute inside a data-parallel ZeRO-2 job (dp 2 over tcp between threads) still equals one plain process.</summary>
+    [Fact]
+    public void FullRecomputeInADp2ZeroJobEqualsOnePlainProcess()
+    {
+        // The models are made one after the other: initialization draws from the process-wide generator.
+        var models = new[] { NewModel(), NewModel() };
+        Trained[] ranks;
+        try
+        {
+            ranks = RankGroup.Run(2, c => Train(models[c.Rank], RecomputeMode.Full,
+                options => new Trainer(models[c.Rank], Data.Value.Train, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, bucketBytes: 4 << 10)), zero: 2),
+                limit: TimeSpan.FromSeconds(120));
+        }
+        finally { foreach (var m in models) m.Dispose(); }
+        foreach (var rank in ranks) AssertEqualsPlain(rank, RecomputeMode.Full);
+        Assert.True(ranks[0].Moments.Values.Sum(m => m.Values.Length) < PlainRun.Value.Moments.Values.Sum(m => m.Values.Length), "each ZeRO rank should hold a shard of the moments");
+    }
+
+    void AssertEqualsPlain(Trained run, RecomputeMode mode)
     {
         var plain = PlainRun.Value;
-        var run = Train(mode);
         double tolerance = ToleranceOf(mode);
         for (int s = 0; s < Options.Steps; s++)
         {
@@ -137,9 +175,10 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
             double diff = RelativeDifference(expected, run.Weights[name]);
             Assert.True(diff <= tolerance, $"{mode}: '{name}' after 3 steps differs by {diff:E2} (relative)");
         }
-        foreach (var (name, expected) in plain.Moments)
+        foreach (var (name, (_, whole)) in plain.Moments)
         {
-            double diff = RelativeDifference(expected, run.Moments[name]);
+            var (offset, values) = run.Moments[name];
+            double diff = RelativeDifference(whole.AsSpan((int)offset, values.Length).ToArray(), values);
             Assert.True(diff <= tolerance, $"{mode}: '{name}' after 3 steps differs by {diff:E2} (relative)");
         }
     }
