@@ -42,27 +42,28 @@ public static partial class RecomputeBench
             foreach (var mode in Modes)
             {
                 var pass = Step(model, ActivationRecompute.Parse(mode), ids, seqLen);
-                Console.Error.WriteLine($"round {round + 1}, {mode}: kept {Mib(pass.Kept):F1} MiB, peak {Mib(pass.Peak):F1} MiB, fwd {pass.Forward:F3} s, bwd {pass.Backward:F3} s");
+                Console.Error.WriteLine($"round {round + 1}, {mode}: kept {Mib(pass.Kept):F1} MiB, peak {Mib(pass.Peak):F1} MiB, fwd {pass.Forward:F3} s, bwd {pass.Backward:F3} s, CPU {pass.Cpu:F2} s");
                 if (round >= 0) results[mode].Add(pass);
             }
 
         var layout = new ParallelLayout(1, 1, [new StageLayers(0, config.NumHiddenLayers)]);
         var none = Median(results["none"], p => p.Kept);
-        double noneTime = Median(results["none"], p => p.Forward + p.Backward);
-        Console.WriteLine("| mode | kept after forward MiB | saved vs none | planner's activations MiB | peak in step over start MiB | fwd s | bwd s | fwd + bwd vs none |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        double noneTime = Median(results["none"], p => p.Forward + p.Backward), noneCpu = Median(results["none"], p => p.Cpu);
+        Console.WriteLine("| mode | kept after forward MiB | saved vs none | planner's activations MiB | peak in step over start MiB | fwd s | bwd s | wall fwd + bwd vs none | CPU s | CPU vs none |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
         foreach (var mode in Modes)
         {
             var r = results[mode];
-            double kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward);
+            double kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward), cpu = Median(r, p => p.Cpu);
             long predicted = MemoryPlanner.Predict(config, layout, 0, new MemoryInputs(precision, mode, batch, seqLen)).Activations;
             Console.WriteLine($"| {mode} | {Mib(kept):F1} | {(mode == "none" ? "—" : $"{1 - kept / none:P0}")} | {Mib(predicted):F1} | {Mib(peak):F1} | {fwd:F3} | {bwd:F3} | " +
-                              $"{(fwd + bwd) / noneTime:F2}× |");
+                              $"{(fwd + bwd) / noneTime:F2}× | {cpu:F2} | {cpu / noneCpu:F2}× |");
         }
         ActivationRecompute.Apply(model, RecomputeMode.None);
     }
 
-    sealed record Pass(double Kept, double Peak, double Forward, double Backward);
+    /// <summary>Bytes and wall seconds of one pass, and the process's CPU seconds (steadier than wall time on a loaded machine).</summary>
+    sealed record Pass(double Kept, double Peak, double Forward, double Backward, double Cpu);
 
     /// <summary>One forward and backward; gradients stay allocated between passes so every pass starts from the same bytes.</summary>
     static Pass Step(DeepSeekForCausalLM model, RecomputeMode mode, Tensor ids, int seqLen)
@@ -73,6 +74,7 @@ public static partial class RecomputeBench
         long start = Resident();
         File.WriteAllText("/proc/self/clear_refs", "5"); // resets the peak resident size (VmHWM) to the current one
         using var scope = NewDisposeScope();
+        var cpu = Process.GetCurrentProcess().TotalProcessorTime;
         var sw = Stopwatch.StartNew();
         var output = model.Forward(ids.narrow(1, 0, seqLen), withMtp: true);
         var loss = Evaluation.CrossEntropy(output.Logits_BTV, ids.narrow(1, 1, seqLen));
@@ -84,9 +86,10 @@ public static partial class RecomputeBench
         sw.Restart();
         loss.backward();
         double backward = sw.Elapsed.TotalSeconds;
+        double cpuSeconds = (Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalSeconds;
         long peak = PeakResident() - start;
         using (no_grad()) foreach (var p in model.parameters()) p.grad?.zero_();
-        return new Pass(kept, peak, forward, backward);
+        return new Pass(kept, peak, forward, backward, cpuSeconds);
     }
 
     static long Resident() => long.Parse(File.ReadAllText("/proc/self/statm").Split(' ')[1]) * Environment.SystemPageSize;
