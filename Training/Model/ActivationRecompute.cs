@@ -44,7 +44,7 @@ public static class ActivationRecompute
 
     static long recomputed;
 
-    /// <summary>Segments run a second time in backward, since the process started (tests and the bench check recompute happened).</summary>
+    /// <summary>Segments run a second time in backward, since the process started (the tests check that recompute happened).</summary>
     public static long Recomputed => Interlocked.Read(ref recomputed);
 
     /// <summary>Whether a module asked to recompute does so now: only where a backward will follow.</summary>
