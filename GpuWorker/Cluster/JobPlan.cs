@@ -42,7 +42,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
-            PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero,
+            PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero, Recompute = spec.ActivationCheckpointing,
             Precision = PrecisionOf(spec, cuda), DecayFraction = spec.Schedule.DecayFraction,
             WeightDecay = spec.WeightDecay, ClipNorm = spec.ClipNorm, MtpWeight = spec.MtpWeight, BiasUpdateSpeed = spec.BiasUpdateSpeed,
             Beta1 = spec.Beta1, Beta2 = spec.Beta2, Epsilon = spec.Epsilon,

@@ -70,6 +70,7 @@ public sealed class Trainer : ITrainer
         (experts, this.reducer) = ExpertParallelTraining.Attach(model, Options.Ep, Optimizer, rank, worldSize, reducer);
         zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+        ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
     }
 
     /// <summary>

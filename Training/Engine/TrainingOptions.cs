@@ -1,4 +1,6 @@
 // Training hyper-parameters of one run (model shape lives in DeepSeekConfig), with the reasons for the defaults.
+using DeepSeekCluster.Training.Model;
+
 namespace DeepSeekCluster.Training.Engine;
 
 public sealed record TrainingOptions
@@ -49,6 +51,8 @@ public sealed record TrainingOptions
 
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;
+    /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>
+    public string Recompute { get; init; } = "none";
 
     /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
     public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
@@ -75,9 +79,13 @@ public sealed record TrainingOptions
         if (Precision is not ("fp32" or "bf16")) p.Add($"precision must be fp32 or bf16, got '{Precision}'");
         if (!PipelineSchedules.Contains(PipelineSchedule))
             p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
+        if (!ActivationRecompute.Modes.Contains(Recompute))
+            p.Add($"recompute must be one of {string.Join(", ", ActivationRecompute.Modes)}, got '{Recompute}'");
         if (Zero is < 0 or > 2) p.Add($"zero must be 0, 1 or 2 (ZeRO-3 is not built), got {Zero}");
         if (Ep < 1 || worldSize % Ep != 0) p.Add($"ep must be at least 1 and divide the data-parallel width {worldSize}, got {Ep}");
         if (Ep > 1 && Zero > 0) p.Add($"ep {Ep} with zero {Zero}: sharded optimizer state with expert parallelism is not built, expected zero 0");
+        // A recomputed MoE layer would run its dispatch and combine again in backward; no test covers that yet.
+        if (Ep > 1 && Recompute != "none") p.Add($"ep {Ep} with recompute '{Recompute}': recompute with expert parallelism is not tested, expected recompute none");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;
     }

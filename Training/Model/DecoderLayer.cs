@@ -22,9 +22,27 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
 
     public DeepSeekMoe? Moe => mlp as DeepSeekMoe;
 
+    /// <summary>Full activation recompute: keep only this layer's input, run it again in backward (<see cref="ActivationRecompute"/>).</summary>
+    public bool RecomputeLayer { get; set; }
+
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1).output;
 
     public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD, long start, ILatentCache? cache, int cacheLayer)
+    {
+        if (!ActivationRecompute.Active(RecomputeLayer, training) || cache is not null) return ForwardKept(x_BTD, start, cache, cacheLayer);
+        // The MoE routing of the second run is the first's: same input, weights and biases (the bias moves only after the
+        // step). The second run sets the MoE's LastLoad again to the same counts; the trainer reads them once, after forward.
+        var outputs = ActivationRecompute.Run(Body, [x_BTD], parameters().ToList<Tensor>());
+        return (outputs[0], outputs.Length > 1 ? outputs[1] : null);
+
+        Tensor[] Body(Tensor[] x)
+        {
+            var (h, aux) = ForwardKept(x[0], start, null, cacheLayer);
+            return aux is null ? [h] : [h, aux];
+        }
+    }
+
+    (Tensor output, Tensor? auxLoss) ForwardKept(Tensor x_BTD, long start, ILatentCache? cache, int cacheLayer)
     {
         using var scope = NewDisposeScope();
         var h = x_BTD + self_attn.Forward(input_layernorm.forward(x_BTD), start, cache, cacheLayer);

@@ -56,8 +56,18 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
     /// flops when many queries share the keys.
     /// </summary>
     public bool AbsorbedDecode { get; set; }
+    /// <summary>Selective recompute of the up-projections (q_a_layernorm→q_b_proj, kv_a_layernorm→kv_b_proj).</summary>
+    public bool RecomputeUpProjections { get; set; }
 
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1);
+
+    static Tensor UpProject(RmsNorm norm, Linear up, Tensor compressed, bool recompute)
+    {
+        if (!recompute) return up.forward(norm.Normalize(compressed));
+        var parameters = new List<Tensor> { norm.weight, up.weight! };
+        if (up.bias is { } b) parameters.Add(b);
+        return ActivationRecompute.Run(t => [up.forward(norm.Normalize(t[0]))], [compressed], parameters)[0];
+    }
 
     /// <summary>Attention over the new tokens x (B, T, D) at positions [start, start+T), extending the cache when given.</summary>
     public Tensor Forward(Tensor x_BTD, long start, ILatentCache? cache, int layer)
@@ -65,9 +75,11 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         long B = x_BTD.shape[0], T = x_BTD.shape[1];
 
+        // Selective recompute keeps only the up-projections' inputs: their norm products are made again in backward.
+        bool recompute = ActivationRecompute.Active(RecomputeUpProjections, training) && cache is null;
         var q = q_proj is not null
             ? q_proj.forward(x_BTD)
-            : q_b_proj!.forward(q_a_layernorm!.forward(q_a_proj!.forward(x_BTD)));
+            : UpProject(q_a_layernorm!, q_b_proj!, q_a_proj!.forward(x_BTD), recompute);
         var q_BHTq = q.view(B, T, heads, nope + rope).transpose(1, 2);
         var qSplit = q_BHTq.split([nope, rope], -1);
         var qNope_BHTN = qSplit[0];
@@ -75,7 +87,8 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
 
         var compressed_BTx = kv_a_proj_with_mqa.forward(x_BTD);
         var kvSplit = compressed_BTx.split([kvRank, rope], -1);
-        var latent_BTC = kv_a_layernorm.forward(kvSplit[0]);
+        // Training (no cache) up-projects the new latent in one piece; with a cache the normed latent is appended first.
+        var latent_BTC = cache is null ? kvSplit[0] : kv_a_layernorm.forward(kvSplit[0]);
         var kRope_B1TR = kvSplit[1].view(B, 1, T, rope);
 
         var (cos_TR, sin_TR) = cache?.Rotation(rotary, layer, T, x_BTD.dtype, x_BTD.device) ?? rotary.CosSin(start, T, x_BTD.dtype, x_BTD.device);
@@ -89,7 +102,8 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         if (AbsorbedDecode && cache is not null && T == 1)
             return o_proj.forward(AbsorbedAttention(qNope_BHTN, qRope_BHTR, latent_BSC, kRope_BSR, visible_B1TS)).MoveToOuterDisposeScope();
 
-        var kv_BHSx = kv_b_proj.forward(latent_BSC).view(B, S, heads, nope + vDim).transpose(1, 2);
+        var kvUp = cache is null ? UpProject(kv_a_layernorm, kv_b_proj, latent_BSC, recompute) : kv_b_proj.forward(latent_BSC);
+        var kv_BHSx = kvUp.view(B, S, heads, nope + vDim).transpose(1, 2);
         var kvParts = kv_BHSx.split([nope, vDim], -1);
         var kNope_BHSN = kvParts[0];
         var v_BHSV = kvParts[1];

@@ -17,7 +17,13 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x)
+    /// <summary>Selective recompute: keep only the input; the normalized product is made again in backward.</summary>
+    public bool RecomputeNorm { get; set; }
+
+    public override Tensor forward(Tensor x) =>
+        ActivationRecompute.Active(RecomputeNorm, training) ? ActivationRecompute.Run(t => [Normalize(t[0])], [x], [weight])[0] : Normalize(x);
+
+    internal Tensor Normalize(Tensor x)
     {
         using var scope = NewDisposeScope();
         var inputType = x.dtype;

@@ -16,12 +16,20 @@ public sealed class SwiGluMlp : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>Selective recompute: keep gate and up; silu(gate) is made again in backward.</summary>
+    public bool RecomputeProduct { get; set; }
+
     public override Tensor forward(Tensor x)
     {
         using var gate = gate_proj.forward(x);
-        using var act = nn.functional.silu(gate);
         using var up = up_proj.forward(x);
-        using var h = act * up;
+        using var h = ActivationRecompute.Active(RecomputeProduct, training) ? ActivationRecompute.Run(t => [Product(t[0], t[1])], [gate, up], [])[0] : Product(gate, up);
         return down_proj.forward(h);
+    }
+
+    static Tensor Product(Tensor gate, Tensor up)
+    {
+        using var act = nn.functional.silu(gate);
+        return act * up;
     }
 }

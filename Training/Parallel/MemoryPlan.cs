@@ -5,7 +5,7 @@ namespace DeepSeekCluster.Training.Parallel;
 
 /// <summary>What besides the layout decides a rank's memory.</summary>
 /// <param name="Precision">fp32, bf16 (bf16 weights, gradients and activations; fp32 master weights and moments) or fp64 (tests).</param>
-/// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms and activations recomputed).</param>
+/// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms, SwiGLU products and MLA up-projections recomputed).</param>
 /// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
 public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b");
 
@@ -111,7 +111,9 @@ public static class MemoryPlanner
         long Mlp(int layer) => layer < c.FirstKDenseReplace
             ? 2 * h + 3L * c.IntermediateSize
             : h + 2L * c.NRoutedExperts + c.NumExpertsPerTok * (h + 3L * c.MoeIntermediateSize) + c.NSharedExperts * 3L * c.MoeIntermediateSize;
-        long Selective(int layer) => layer < c.FirstKDenseReplace ? h + c.IntermediateSize : h + c.NumExpertsPerTok * (long)c.MoeIntermediateSize; // norms and SwiGLU products recomputed
+        // What selective recompute does not keep (ActivationRecompute): each norm's normalized product, silu(gate) of every SwiGLU.
+        long Selective(int layer) => 2 * h + (c.QLoraRank ?? 0) + c.KvLoraRank
+                                     + (layer < c.FirstKDenseReplace ? c.IntermediateSize : (c.NumExpertsPerTok + (long)c.NSharedExperts) * c.MoeIntermediateSize);
         long perToken = 0, largestLayer = 0;
         int mtpLayers = stage == layout.Pp - 1 ? c.NumNextnPredictLayers : 0;
         for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)

@@ -88,6 +88,7 @@ public sealed class PipelineTrainer : ITrainer
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(stage, options);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
+        ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
     }
 
     /// <summary>The AdamW of a stage: moments for its own parameters only.</summary>

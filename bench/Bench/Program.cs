@@ -12,6 +12,7 @@ switch (verb)
     case "ep": ExpertBench.Run(rest); break;
     case "exact-sum": ExactSumBench.Run(rest); break;
     case "kernels": KernelBench.Run(rest); break;
+    case "recompute": RecomputeBench.Run(rest); break;
     case "export": ExportBench.Run(rest); break;
     case "eval": EvalBench.Run(rest); break;
     case "soak": return await SoakBench.RunAsync(rest);
@@ -19,7 +20,7 @@ switch (verb)
     case "cluster": return await ClusterBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, export, eval, soak, recovery, cluster");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, recompute, export, eval, soak, recovery, cluster");
         return 2;
 }
 return 0;

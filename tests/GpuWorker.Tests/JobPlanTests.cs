@@ -104,7 +104,9 @@ public class ParallelPlanSpecTests
     {
         Assert.Contains("'fp8' must be one of auto, fp32, bf16", Assert.Single(Problems(Spec(new()) with { Precision = "fp8" }, "precision")).Message);
         Assert.Contains("'some' must be one of none, full, selective", Assert.Single(Problems(Spec(new()) with { ActivationCheckpointing = "some" }, "activationCheckpointing")).Message);
-        Assert.Contains("not built yet", Assert.Single(Problems(Spec(new()) with { ActivationCheckpointing = "full" }, "activationCheckpointing")).Message);
+        Assert.Empty((Spec(new()) with { ActivationCheckpointing = "full" }).Validate());
+        Assert.Empty((Spec(new()) with { ActivationCheckpointing = "selective" }).Validate());
+        Assert.Equal("selective", JobPlan.Map(Spec(new()) with { ActivationCheckpointing = "selective" }, 300, 3).Options.Recompute);
         var spec = Spec(new ParallelPlan { Zero = 2 });
         Assert.Equal(("bf16", 2), (JobPlan.Map(spec, 300, 3, cuda: true).Options.Precision, JobPlan.Map(spec, 300, 3, cuda: true).Options.Zero));
         Assert.Equal("fp32", JobPlan.Map(spec, 300, 3, cuda: false).Options.Precision);

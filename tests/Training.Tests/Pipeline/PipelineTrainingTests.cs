@@ -65,9 +65,9 @@ public class PipelineTrainingTests(ITestOutputHelper output)
 
     sealed record RankResult(int Stage, int Replica, List<StepMetrics> Steps, Dictionary<string, double[]> Owned, double Evaluation);
 
-    RankResult[] RunPipeline(int dp, int pp, string schedule)
+    RankResult[] RunPipeline(int dp, int pp, string schedule, string recompute = "none")
     {
-        var options = Options with { PipelineSchedule = schedule };
+        var options = Options with { PipelineSchedule = schedule, Recompute = recompute };
         var layout = ParallelLayout.Even(dp, pp, Micro(Data.Value.Vocab).NumHiddenLayers);
         var plan = new ShardingPlan(layout, []);
         var models = new DeepSeekForCausalLM[dp * pp];
@@ -161,6 +161,17 @@ public class PipelineTrainingTests(ITestOutputHelper output)
         var ranks = RunPipeline(dp: 1, pp, schedule);
         output.WriteLine($"pp={pp} {schedule}: {clock.Elapsed.TotalSeconds:F1} s for {Options.Steps} steps");
         AssertMatchesSingleProcess(ranks, dp: 1);
+    }
+
+    // Stages that recompute their layers (and, on the last, the MTP block) still equal the plain single process.
+    [Theory]
+    [InlineData("full")]
+    [InlineData("selective")]
+    public void StagesThatRecomputeGiveTheSingleProcessLossesAndWeights(string recompute)
+    {
+        long before = ActivationRecompute.Recomputed;
+        AssertMatchesSingleProcess(RunPipeline(dp: 1, pp: 2, "1f1b", recompute), dp: 1);
+        Assert.True(ActivationRecompute.Recomputed > before, "the stages should have recomputed");
     }
 
     [Theory]

@@ -1,0 +1,158 @@
+// Activation recompute: a piece of the forward run without keeping its graph, and run again inside backward. Not a
+// scheduler (which layers to recompute is the mode's fixed choice), and not a memory planner (Parallel/MemoryPlan.cs).
+using System.Reflection;
+using static TorchSharp.torch;
+using static TorchSharp.torch.autograd;
+
+namespace DeepSeekCluster.Training.Model;
+
+/// <summary>
+/// none: every activation kept. full: per decoder layer (main and MTP blocks), only the layer's input is kept and the
+/// layer's forward runs again in backward. selective: only the cheap parts are recomputed, as DeepSeek-V3 does: every
+/// RMSNorm (its normalized product is not kept), the SwiGLU product silu(gate)·up of dense MLPs, experts and shared
+/// experts (silu(gate) is not kept), and the MLA up-projections with their norms (q_a_layernorm→q_b_proj,
+/// kv_a_layernorm→kv_b_proj: their norm products are not kept). Matmuls outside the up-projections, attention and
+/// routing are never recomputed under selective.
+/// </summary>
+public enum RecomputeMode { None, Full, Selective }
+
+public static class ActivationRecompute
+{
+    /// <summary>The values <see cref="Parse"/> accepts, as the job spec and options spell them.</summary>
+    public static readonly string[] Modes = ["none", "full", "selective"];
+
+    public static RecomputeMode Parse(string mode) => mode switch
+    {
+        "none" => RecomputeMode.None,
+        "full" => RecomputeMode.Full,
+        "selective" => RecomputeMode.Selective,
+        _ => throw new ArgumentException($"recompute must be one of {string.Join(", ", Modes)}, got '{mode}'"),
+    };
+
+    /// <summary>Sets every module of <paramref name="model"/> to recompute as <paramref name="mode"/> says (in training, with gradients on).</summary>
+    public static void Apply(DeepSeekForCausalLM model, RecomputeMode mode)
+    {
+        foreach (var (_, module) in model.named_modules())
+            switch (module)
+            {
+                case DecoderLayer layer: layer.RecomputeLayer = mode == RecomputeMode.Full; break;
+                case RmsNorm norm: norm.RecomputeNorm = mode == RecomputeMode.Selective; break;
+                case SwiGluMlp mlp: mlp.RecomputeProduct = mode == RecomputeMode.Selective; break;
+                case MultiHeadLatentAttention mla: mla.RecomputeUpProjections = mode == RecomputeMode.Selective; break;
+            }
+    }
+
+    static long recomputed;
+
+    /// <summary>Segments run a second time in backward, since the process started (the tests check that recompute happened).</summary>
+    public static long Recomputed => Interlocked.Read(ref recomputed);
+
+    /// <summary>Whether a module asked to recompute does so now: only where a backward will follow.</summary>
+    internal static bool Active(bool asked, bool training) => asked && training && is_grad_enabled();
+
+    /// <summary>
+    /// <paramref name="body"/>(<paramref name="inputs"/>) whose intermediate activations are not kept: backward keeps only
+    /// the inputs, runs the body again with a graph and differentiates it. <paramref name="parameters"/>: every tensor the
+    /// body reads besides its inputs that needs a gradient (they are the function's inputs too, so their gradients flow
+    /// through the outer backward exactly as without recompute). The body must be deterministic (this model is RNG-free)
+    /// and must return the same number of outputs every time.
+    /// </summary>
+    public static Tensor[] Run(Func<Tensor[], Tensor[]> body, Tensor[] inputs, IReadOnlyList<Tensor> parameters)
+    {
+        var segment = new Segment(body, inputs.Length, inputs.Select(t => t.requires_grad).ToArray(),
+                                  parameters.Select(p => p.requires_grad).ToArray());
+        var args = new object[1 + inputs.Length + parameters.Count];
+        args[0] = segment;
+        inputs.CopyTo(args, 1);
+        for (int i = 0; i < parameters.Count; i++) args[1 + inputs.Length + i] = parameters[i];
+        var outputs = RecomputedSegment.apply(args);
+        OutputCache.Shrink(segment);
+        return outputs.ToArray();
+    }
+
+    internal sealed class Segment(Func<Tensor[], Tensor[]> body, int inputs, bool[] inputNeedsGrad, bool[] parameterNeedsGrad)
+    {
+        public Func<Tensor[], Tensor[]> Body { get; } = body;
+        public int Inputs { get; } = inputs;
+        public bool[] InputNeedsGrad { get; } = inputNeedsGrad;
+        public bool[] ParameterNeedsGrad { get; } = parameterNeedsGrad;
+        public AutogradContext? Context { get; set; }
+    }
+
+    internal sealed class RecomputedSegment : MultiTensorFunction<RecomputedSegment>
+    {
+        public override string Name => nameof(RecomputedSegment);
+
+        // Runs with autograd off (Function.apply turns it off): nothing inside is kept but the inputs saved here.
+        public override List<Tensor> forward(AutogradContext ctx, params object[] vars)
+        {
+            var segment = (Segment)vars[0];
+            segment.Context = ctx;
+            var inputs = new Tensor[segment.Inputs];
+            for (int i = 0; i < inputs.Length; i++) inputs[i] = (Tensor)vars[1 + i];
+            ctx.save_for_backward([.. inputs]);
+            ctx.save_data("segment", segment);
+            ctx.save_data("parameters", vars.Skip(1 + segment.Inputs).Cast<Tensor>().ToArray());
+            return [.. segment.Body(inputs)];
+        }
+
+        public override List<Tensor> backward(AutogradContext ctx, List<Tensor> gradOutputs)
+        {
+            var segment = (Segment)ctx.get_data("segment");
+            var parameters = (Tensor[])ctx.get_data("parameters");
+            using var scope = NewDisposeScope(); // backward may run on an engine thread (CUDA) with no scope of its own
+            var saved = ctx.get_saved_variables();
+            var inputs = new Tensor[segment.Inputs];
+            for (int i = 0; i < inputs.Length; i++) inputs[i] = saved[i].detach().requires_grad_(segment.InputNeedsGrad[i]);
+            Tensor[] outputs;
+            using (enable_grad()) outputs = segment.Body(inputs);
+            Interlocked.Increment(ref recomputed);
+
+            var wrt = new List<Tensor>();
+            for (int i = 0; i < inputs.Length; i++) if (segment.InputNeedsGrad[i]) wrt.Add(inputs[i]);
+            for (int i = 0; i < parameters.Length; i++) if (segment.ParameterNeedsGrad[i]) wrt.Add(parameters[i]);
+            var differentiable = outputs.Select((o, i) => (o, g: gradOutputs[i])).Where(p => p.o.requires_grad).ToList();
+            var grads = differentiable.Count == 0 || wrt.Count == 0
+                ? wrt.Select(_ => (Tensor?)null).ToList()
+                : grad(differentiable.Select(p => p.o).ToList(), wrt, differentiable.Select(p => p.g).ToList(), allow_unused: true)
+                    .Select(g => g is null || g.IsInvalid ? null : g.MoveToOuterDisposeScope()).ToList();
+
+            // One entry per argument of apply: none for the segment itself, then the inputs', then the parameters'.
+            var result = new List<Tensor> { null! };
+            int next = 0;
+            for (int i = 0; i < inputs.Length; i++) result.Add(segment.InputNeedsGrad[i] ? grads[next++]! : null!);
+            for (int i = 0; i < parameters.Length; i++) result.Add(segment.ParameterNeedsGrad[i] ? grads[next++]! : null!);
+            return result;
+        }
+    }
+
+    /// <summary>
+    /// TorchSharp 0.107's Function node keeps an <c>empty_like</c> of every output for as long as the graph lives, only
+    /// to make zeros when an output gets no gradient. For a recomputed layer that is one more copy of its output per
+    /// layer, which would cancel much of what recompute saves; a zero-strided stand-in (one element) makes the same
+    /// zeros. The field names are checked once: a TorchSharp without them fails here, loudly, rather than keep the copy.
+    /// </summary>
+    static class OutputCache
+    {
+        static readonly FieldInfo NodeField = typeof(AutogradContext).GetField("_node", BindingFlags.NonPublic | BindingFlags.Instance)
+            ?? throw new MissingFieldException($"TorchSharp {typeof(AutogradContext).Assembly.GetName().Version}: AutogradContext._node, which activation recompute relies on, is gone");
+
+        public static void Shrink(Segment segment)
+        {
+            var ctx = segment.Context;
+            segment.Context = null;
+            if (ctx is null) return; // apply never called forward: nothing cached
+            var node = NodeField.GetValue(ctx) ?? throw new InvalidOperationException("the recompute node has no native node");
+            var field = node.GetType().GetField("_outputCache", BindingFlags.NonPublic | BindingFlags.Instance)
+                ?? throw new MissingFieldException($"TorchSharp: {node.GetType().Name}._outputCache, which activation recompute relies on, is gone");
+            if (field.GetValue(node) is not List<Tensor> cache) return; // not executable (no input needs a gradient): no cache
+            for (int i = 0; i < cache.Count; i++)
+            {
+                if (cache[i] is not { } full) continue;
+                var standIn = zeros(Array.Empty<long>(), dtype: full.dtype, device: full.device).expand(full.shape).DetachFromDisposeScope();
+                full.Dispose();
+                cache[i] = standIn;
+            }
+        }
+    }
+}
