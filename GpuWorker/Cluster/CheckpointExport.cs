@@ -20,32 +20,21 @@ public static class CheckpointExport
     public static async Task<ExportFinished> RunAsync(ExportCheckpoint order, WorkerSettings settings, TextWriter log)
     {
         var report = new ExportFinished { JobId = order.JobId, Step = order.Step, Format = order.Format };
-        string scratch = Directory.CreateTempSubdirectory($"export-{order.JobId}-").FullName;
-        try
-        {
-            using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
-            using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
-            var reply = await new DataShards.DataShardsClient(dataChannel).GetTokenizerAsync(new GetManifestRequest { DatasetId = order.Dataset });
-            var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
-            var source = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), order.JobId, Path.Combine(scratch, "staging"));
-            var (folder, manifest) = await ModelExport.FromCheckpointAsync(source, order.Step, tokenizer, order.Format, Path.Combine(scratch, "exports"));
-            report.ManifestKey = await new GrpcExportStore(new ExportStoreClient(storeChannel), settings.Checkpoints.ToString()).UploadAsync(folder, manifest);
-            report.Files = manifest.Files.Count;
-            report.Bytes = manifest.Files.Sum(f => f.Bytes);
-            Log(log, $"exported step {order.Step} of job {order.JobId} as {order.Format} into the store: {report.ManifestKey} ({report.Bytes} bytes in {report.Files} files)");
-        }
-        catch (Exception e) when (e is not OutOfMemoryException)
-        {
-            report.Error = e is Grpc.Core.RpcException r ? $"{r.StatusCode}: {r.Status.Detail}" : e.Message;
-            Log(log, $"export of step {order.Step} of job {order.JobId} as {order.Format} failed: {e}");
-        }
-        finally
-        {
-            try { Directory.Delete(scratch, recursive: true); }
-            catch (IOException e) { Log(log, $"could not delete the export's scratch folder {scratch}: {e.Message}"); }
-        }
+        string what = $"export of step {order.Step} of job {order.JobId} as {order.Format}";
+        if (await WorkOrder.InScratchAsync($"export-{order.JobId}-", what, log, async scratch =>
+            {
+                using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
+                using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
+                var reply = await new DataShards.DataShardsClient(dataChannel).GetTokenizerAsync(new GetManifestRequest { DatasetId = order.Dataset });
+                var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
+                var source = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), order.JobId, Path.Combine(scratch, "staging"));
+                var (folder, manifest) = await ModelExport.FromCheckpointAsync(source, order.Step, tokenizer, order.Format, Path.Combine(scratch, "exports"));
+                report.ManifestKey = await new GrpcExportStore(new ExportStoreClient(storeChannel), settings.Checkpoints.ToString()).UploadAsync(folder, manifest);
+                report.Files = manifest.Files.Count;
+                report.Bytes = manifest.Files.Sum(f => f.Bytes);
+                WorkOrder.Log(log, $"exported step {order.Step} of job {order.JobId} as {order.Format} into the store: {report.ManifestKey} ({report.Bytes} bytes in {report.Files} files)");
+            }) is { } error)
+            report.Error = error;
         return report;
     }
-
-    static void Log(TextWriter log, string message) { lock (log) log.WriteLine(message); }
 }

@@ -28,54 +28,45 @@ public static class EvaluationShare
                                                          TrainingMetrics? metrics = null)
     {
         var report = new EvaluationFinished { EvaluationId = order.EvaluationId, Rank = order.Rank };
-        string scratch = Directory.CreateTempSubdirectory($"evaluation-{order.JobId}-").FullName;
-        try
-        {
-            using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
-            using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
-            var reply = await new DataShards.DataShardsClient(dataChannel).GetTokenizerAsync(new GetManifestRequest { DatasetId = order.Dataset });
-            var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
-            var device = Training.Engine.StandaloneRun.ResolveDevice(settings.Device);
+        string what = $"evaluation {order.EvaluationId} (rank {order.Rank})";
+        if (await WorkOrder.InScratchAsync($"evaluation-{order.JobId}-", what, log, async scratch =>
+            {
+                using var dataChannel = ClusterChannel.For(settings.DataShards, settings.Tls, WorkerSettings.DataShardsKey, token: settings.Token);
+                using var storeChannel = ClusterChannel.For(settings.Checkpoints, settings.Tls, WorkerSettings.CheckpointsKey, token: settings.Token);
+                var reply = await new DataShards.DataShardsClient(dataChannel).GetTokenizerAsync(new GetManifestRequest { DatasetId = order.Dataset });
+                var tokenizer = BpeTokenizer.FromJson(reply.TokenizerJson, $"dataset {order.Dataset}");
+                var device = Training.Engine.StandaloneRun.ResolveDevice(settings.Device);
 
-            using var model = order.ExportFormat.Length > 0
-                ? await FromExportAsync(order, new ExportStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch)
-                : await FromCheckpointAsync(order, new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch, tokenizer.Hash);
-            var config = model.Config;
-            model.to(device);
-            model.eval();
+                using var model = order.ExportFormat.Length > 0
+                    ? await FromExportAsync(order, new ExportStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch)
+                    : await FromCheckpointAsync(order, new CheckpointStoreClient(storeChannel), settings.Checkpoints.ToString(), scratch, tokenizer.Hash);
+                var config = model.Config;
+                model.to(device);
+                model.eval();
 
-            // ---- The plan (the same on every rank), this rank's share, the exchange ----
-            int window = config.MaxPositionEmbeddings; // as the in-training evaluation: a long verse still fits
-            var tasks = order.Tasks.Select(name => EvalTask.Resolve(name).Limited(order.Limit)).ToList();
-            var plan = EvalPlan.Build(tasks, s => tokenizer.Encode(s), ModelEvaluation.PrefixToken(tokenizer, $"dataset {order.Dataset}"), window, order.BatchSize);
-            using var ring = RunCancellation.ConnectRing(
-                () => new TcpRendezvous($"evaluation/{order.EvaluationId}", 1, order.LinkKey.ToByteArray(), order.Rank, order.World,
-                                        new IPEndPoint(IPAddress.Any, collectivePort)),
-                [.. order.Peers], new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, CancellationToken.None);
-            var scorer = new ModelScorer(model, device, window);
-            var (first, count) = plan.Share(order.Rank, order.World);
-            var clock = Stopwatch.StartNew();
-            var mine = plan.ScoreBatches(scorer, first, count);
-            double seconds = clock.Elapsed.TotalSeconds;
-            metrics?.EvaluationTokens(order.JobId, settings.WorkerId, scorer.TokensScored, seconds);
-            var all = ScoreExchange.AllGather(plan, mine, ring);
-            Log(log, $"evaluation {order.EvaluationId}: rank {order.Rank}/{order.World} scored batches [{first}, {first + count}) of {plan.Batches.Count} " +
-                     $"({scorer.TokensScored} tokens in {seconds:F1} s)");
-            if (order.Rank != 0) return report;
-            var results = HarnessResults.Aggregate(plan.Tasks, all);
-            foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
-            report.ResultsJson = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
-        }
-        catch (Exception e) when (e is not OutOfMemoryException)
-        {
-            report.Error = e is Grpc.Core.RpcException r ? $"{r.StatusCode}: {r.Status.Detail}" : e.Message;
-            Log(log, $"evaluation {order.EvaluationId} (rank {order.Rank}) failed: {e}");
-        }
-        finally
-        {
-            try { Directory.Delete(scratch, recursive: true); }
-            catch (IOException e) { Log(log, $"could not delete the evaluation's scratch folder {scratch}: {e.Message}"); }
-        }
+                // ---- The plan (the same on every rank), this rank's share, the exchange ----
+                int window = config.MaxPositionEmbeddings; // as the in-training evaluation: a long verse still fits
+                var tasks = order.Tasks.Select(name => EvalTask.Resolve(name).Limited(order.Limit)).ToList();
+                var plan = EvalPlan.Build(tasks, s => tokenizer.Encode(s), ModelEvaluation.PrefixToken(tokenizer, $"dataset {order.Dataset}"), window, order.BatchSize);
+                using var ring = RunCancellation.ConnectRing(
+                    () => new TcpRendezvous($"evaluation/{order.EvaluationId}", 1, order.LinkKey.ToByteArray(), order.Rank, order.World,
+                                            new IPEndPoint(IPAddress.Any, collectivePort)),
+                    [.. order.Peers], new TcpCollectiveOptions { Timeout = settings.CollectiveTimeout }, CancellationToken.None);
+                var scorer = new ModelScorer(model, device, window);
+                var (first, count) = plan.Share(order.Rank, order.World);
+                var clock = Stopwatch.StartNew();
+                var mine = plan.ScoreBatches(scorer, first, count);
+                double seconds = clock.Elapsed.TotalSeconds;
+                metrics?.EvaluationTokens(order.JobId, settings.WorkerId, scorer.TokensScored, seconds);
+                var all = ScoreExchange.AllGather(plan, mine, ring);
+                WorkOrder.Log(log, $"evaluation {order.EvaluationId}: rank {order.Rank}/{order.World} scored batches [{first}, {first + count}) of {plan.Batches.Count} " +
+                         $"({scorer.TokensScored} tokens in {seconds:F1} s)");
+                if (order.Rank != 0) return;
+                var results = HarnessResults.Aggregate(plan.Tasks, all);
+                foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
+                report.ResultsJson = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
+            }) is { } error)
+            report.Error = error;
         return report;
     }
 
@@ -101,6 +92,4 @@ public static class EvaluationShare
         await new GrpcExportStore(client, address).DownloadAsync(new Contracts.Checkpoints.ExportKey { Job = order.JobId, Step = order.Step, Format = order.ExportFormat }, folder);
         return HfModelFolder.Load(folder).Model;
     }
-
-    static void Log(TextWriter log, string message) { lock (log) log.WriteLine(message); }
 }

@@ -1,11 +1,10 @@
 // Activation recompute (full and selective) changes what backward keeps, not what it computes: in float64 the gradients
 // and a 3-step training run (MTP, balance loss, routing-bias updates, clipping) equal those without recompute.
-using DeepSeekCluster.Text.Data;
-using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Tests.Parallel;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Tests.Collectives;
 using TorchSharp;
@@ -18,15 +17,11 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
 {
     // 3 decoder layers (1 dense, 2 MoE with a shared expert), q and kv LoRA (both up-projections), an MTP module and the
     // sequence balance loss: every module recompute touches.
-    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
-    {
-        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 3, NumAttentionHeads = 2,
-        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8, AuxLossAlpha = 0.01,
-    };
+    static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab);
 
     static readonly TrainingOptions Options = new()
     {
-        SeqLen = 16, GlobalBatch = 4, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        SeqLen = MicroModel.SeqLen, GlobalBatch = 4, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
         MtpWeight = 0.3, ClipNorm = 0.5,
     };
 
@@ -34,12 +29,7 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
     // as one sum, which the plain graph adds to the residual's in another order: last bits may move.
     static double ToleranceOf(RecomputeMode mode) => mode == RecomputeMode.Full ? 0 : 1e-12;
 
-    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
-    {
-        var docs = ShippedCorpus.Documents().Take(40).ToList();
-        var tok = BpeTokenizer.Train(docs, 300);
-        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
-    });
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
     static DeepSeekForCausalLM NewModel(ScalarType dtype = ScalarType.Float64)
     {

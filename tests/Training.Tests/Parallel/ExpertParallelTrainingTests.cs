@@ -2,8 +2,6 @@
 // clipped norm, expert loads, every weight, both moments, routing biases), an expert no token reaches gets a zero
 // gradient, and node-limited routing bounds the measured fan-out.
 using System.Diagnostics;
-using DeepSeekCluster.Text.Data;
-using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
@@ -24,28 +22,19 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
 
     // 3 decoder layers (1 dense, 2 MoE) and an MTP module (a third MoE layer): 8 routed experts in 4 groups, top-2 of
     // 2 groups per token, so ep 4 puts one group on each rank and a token reaches at most 2 ranks.
-    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
-    {
-        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 3, NumAttentionHeads = 2,
-        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8, AuxLossAlpha = 0.01,
-    };
+    static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab);
 
     // Global batch 16 = 1 x 8 x 2 = 2 x 4 x 2 = 4 x 2 x 2; the clip of 0.5 is active in every step.
     static readonly TrainingOptions Options = new()
     {
-        SeqLen = 16, GlobalBatch = 16, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        SeqLen = MicroModel.SeqLen, GlobalBatch = 16, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
         MtpWeight = 0.3, ClipNorm = 0.5,
     };
 
     // No token ever chooses this expert (its routing bias is far below the others'): its gradient must be exactly zero.
     const int Starved = 5;
 
-    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
-    {
-        var docs = ShippedCorpus.Documents().Take(40).ToList();
-        var tok = BpeTokenizer.Train(docs, 300);
-        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
-    });
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
     static DeepSeekForCausalLM NewModel()
     {

@@ -1,8 +1,6 @@
 // ZeRO-1/2 over real tcp between rank threads equals the single-process trainer (float64: losses, clipped norm, weights,
 // both moments, routing biases), holds ~1/dp of the optimizer state, and saves checkpoints any layout loads bitwise.
 using System.Diagnostics;
-using DeepSeekCluster.Text.Data;
-using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
@@ -20,29 +18,20 @@ namespace DeepSeekCluster.Training.Tests.Parallel;
 public sealed class ZeroTrainingTests(ITestOutputHelper output) : IDisposable
 {
     // 3 decoder layers (1 dense, 2 MoE), an MTP module and the sequence balance loss: every kind of parameter and loss.
-    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
-    {
-        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 3, NumAttentionHeads = 2,
-        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8, AuxLossAlpha = 0.01,
-    };
+    static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab);
 
     // Global batch 12 = 1 x 6 x 2 = 2 x 3 x 2 = 3 x 2 x 2. A clip of 0.5 is active in every step, so the norm over all
     // shards decides every update.
     static readonly TrainingOptions Options = new()
     {
-        SeqLen = 16, GlobalBatch = 12, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        SeqLen = MicroModel.SeqLen, GlobalBatch = 12, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
         MtpWeight = 0.3, ClipNorm = 0.5,
     };
 
     const double Tolerance = 0; // the issue asks for 1e-9; the sums are exact and the norm is summed in one order, so it is bit for bit
     readonly string root = Directory.CreateTempSubdirectory("zero-ckpt-").FullName;
 
-    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
-    {
-        var docs = ShippedCorpus.Documents().Take(40).ToList();
-        var tok = BpeTokenizer.Train(docs, 300);
-        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
-    });
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
     static DeepSeekForCausalLM NewModel()
     {

@@ -1,8 +1,6 @@
 // Pipeline-parallel training over real loopback links gives the single-process trainer's losses and weights (float64, MoE and MTP on).
 using DeepSeekCluster.Training.Parallel;
 using System.Diagnostics;
-using DeepSeekCluster.Text.Data;
-using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
@@ -10,6 +8,7 @@ using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Pipeline;
 using DeepSeekCluster.Training.Tests.Collectives;
+using DeepSeekCluster.Training.Tests.Parallel;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
@@ -20,28 +19,19 @@ public class PipelineTrainingTests(ITestOutputHelper output)
 {
     // 4 decoder layers (1 dense, 3 MoE) and one MoE MTP module: pp = 2 splits 2 + 2, pp = 3 splits 2 + 1 + 1. The
     // sequence balance loss is on so that every stage's MoE layers add an auxiliary term to its backward.
-    static DeepSeekConfig Micro(int vocab) => DeepSeekConfig.Tiny(vocab) with
-    {
-        HiddenSize = 32, IntermediateSize = 64, MoeIntermediateSize = 16, NumHiddenLayers = 4, NumAttentionHeads = 2,
-        KvLoraRank = 16, QLoraRank = 16, QkNopeHeadDim = 8, QkRopeHeadDim = 8, VHeadDim = 8, AuxLossAlpha = 0.01,
-    };
+    static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab, layers: 4);
 
     // Global batch 8 = 1 x 4 x 2 = 2 x 2 x 2 (replicas x micro-batches x micro-batch). A clip of 0.5 is active in every
     // step here, so the global norm over the stages decides every update.
     static readonly TrainingOptions Options = new()
     {
-        SeqLen = 16, GlobalBatch = 8, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        SeqLen = MicroModel.SeqLen, GlobalBatch = 8, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
         MtpWeight = 0.3, ClipNorm = 0.5,
     };
 
     const double Tolerance = 1e-9;
 
-    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = new(() =>
-    {
-        var docs = ShippedCorpus.Documents().Take(40).ToList();
-        var tok = BpeTokenizer.Train(docs, 300);
-        return (tok.VocabSize, TokenDataset.Pack(docs.Select(d => tok.Encode(d)), tok.EosTokenId!.Value, Options.SeqLen));
-    });
+    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
     static DeepSeekForCausalLM NewModel()
     {
