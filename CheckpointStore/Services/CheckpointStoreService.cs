@@ -12,7 +12,7 @@ using static DeepSeekCluster.CheckpointStore.Services.CheckpointKeys;
 
 namespace DeepSeekCluster.CheckpointStore.Services;
 
-public sealed class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, IOptions<StorageOptions> options, VerifiedChunkCache verified,
+public sealed partial class CheckpointStoreService(IBlobBackend blobs, BlobRetry retry, IOptions<StorageOptions> options, VerifiedChunkCache verified,
     ILogger<CheckpointStoreService> logger)
     : Contracts.Checkpoints.CheckpointStore.CheckpointStoreBase
 {

@@ -64,7 +64,17 @@ public static class EvaluationShare
                 if (order.Rank != 0) return;
                 var results = HarnessResults.Aggregate(plan.Tasks, all);
                 foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
-                report.ResultsJson = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
+                string json = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
+                // A checkpoint's scores are kept with it in the store (an export's stay in the Coordinator's record only).
+                if (order.ExportFormat.Length == 0)
+                {
+                    var recorded = await new CheckpointStoreClient(storeChannel).RecordEvaluationAsync(new Contracts.Checkpoints.RecordEvaluationRequest
+                    {
+                        Job = order.JobId, Step = order.Step, EvaluationId = order.EvaluationId, ResultsJson = json,
+                    });
+                    WorkOrder.Log(log, $"evaluation {order.EvaluationId}: results kept with the checkpoint in the store ({recorded.Key})");
+                }
+                report.ResultsJson = json;
             }) is { } error)
             report.Error = error;
         return report;

@@ -233,6 +233,51 @@ public abstract class CheckpointStoreBehaviour(BackendFixture fixture)
     }
 
     [Fact]
+    public async Task EvaluationsAreKeptWithTheirStepOnceAndGoWithItByRetention()
+    {
+        string job = NewJob();
+        foreach (long step in new long[] { 10, 20 })
+        {
+            var file = Rank(0, seed: (int)step, rows: 4, cols: 8);
+            await UploadAsync(Client, job, step, 0, file);
+            await CommitAsync(Client, job, step, 1, file);
+        }
+        const string Results = """{"results": {"kjv_cloze": {"acc,none": 0.25}}}""";
+        var first = await Client.RecordEvaluationAsync(new RecordEvaluationRequest { Job = job, Step = 10, EvaluationId = "eval-1", ResultsJson = Results });
+        Assert.False(first.AlreadyRecorded);
+        Assert.True((await Client.RecordEvaluationAsync(new RecordEvaluationRequest { Job = job, Step = 10, EvaluationId = "eval-1", ResultsJson = Results })).AlreadyRecorded);
+        await Client.RecordEvaluationAsync(new RecordEvaluationRequest { Job = job, Step = 10, EvaluationId = "eval-2", ResultsJson = Results.Replace("0.25", "0.5") });
+
+        var listed = (await Client.ListEvaluationsAsync(new ListEvaluationsRequest { Job = job, Step = 10 })).Evaluations;
+        Assert.Equal(["eval-1", "eval-2"], listed.Select(e => e.EvaluationId));
+        Assert.Equal(Results, listed[0].ResultsJson);
+        Assert.Empty((await Client.ListEvaluationsAsync(new ListEvaluationsRequest { Job = job, Step = 20 })).Evaluations);
+
+        // A record is never replaced; only a committed step keeps scores; the JSON must be the harness's shape.
+        async Task Refused(StatusCode code, string expected, RecordEvaluationRequest request)
+        {
+            var e = await Assert.ThrowsAsync<RpcException>(() => Client.RecordEvaluationAsync(request).ResponseAsync);
+            Assert.Equal(code, e.StatusCode);
+            Assert.Contains(expected, e.Status.Detail);
+        }
+        await Refused(StatusCode.AlreadyExists, "recorded with other results", new() { Job = job, Step = 10, EvaluationId = "eval-1", ResultsJson = Results.Replace("0.25", "0.75") });
+        await Refused(StatusCode.NotFound, "step 15 of job", new() { Job = job, Step = 15, EvaluationId = "eval-3", ResultsJson = Results });
+        await Refused(StatusCode.InvalidArgument, "not JSON", new() { Job = job, Step = 10, EvaluationId = "eval-4", ResultsJson = "{" });
+        await Refused(StatusCode.InvalidArgument, "a \"results\" object", new() { Job = job, Step = 10, EvaluationId = "eval-4", ResultsJson = "[]" });
+        await Refused(StatusCode.InvalidArgument, "evaluation_id '../x'", new() { Job = job, Step = 10, EvaluationId = "../x", ResultsJson = Results });
+        Assert.Equal(2, (await Client.ListEvaluationsAsync(new ListEvaluationsRequest { Job = job, Step = 10 })).Evaluations.Count);
+
+        // Retention deletes step 10 and its scores with it.
+        await Client.ApplyRetentionAsync(new ApplyRetentionRequest { Job = job, KeepLast = 1 });
+        var gone = await Assert.ThrowsAsync<RpcException>(() => Client.ListEvaluationsAsync(new ListEvaluationsRequest { Job = job, Step = 10 }).ResponseAsync);
+        Assert.Equal(StatusCode.NotFound, gone.StatusCode);
+        var file10 = Rank(0, seed: 10, rows: 4, cols: 8);
+        await UploadAsync(Client, job, 10, 0, file10);
+        await CommitAsync(Client, job, 10, 2, file10); // committed again: no scores of the deleted one come back
+        Assert.Empty((await Client.ListEvaluationsAsync(new ListEvaluationsRequest { Job = job, Step = 10 })).Evaluations);
+    }
+
+    [Fact]
     public async Task RetentionKeepsTheStepsTheCallerNamesCommittedOrOnTheirWay()
     {
         // What the Coordinator asks after a commit: keep the newest, a step a resuming generation may load (20), and the

@@ -60,6 +60,13 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
             Assert.True(exported.State == EvaluationStates.Done, $"the hf export: {exported.State}: {exported.Error}");
             Assert.Equal(Comparable(one.ResultsJson!), Comparable(exported.ResultsJson!));
 
+            // Kept with the checkpoint in the store, word for word: the two evaluations of step 2's checkpoint (an export's
+            // scores stay in the Coordinator's record).
+            var kept = (await store.Client.ListEvaluationsAsync(new Contracts.Checkpoints.ListEvaluationsRequest { Job = Job, Step = 2 })).Evaluations;
+            Assert.Equal(new[] { one.Id, three.Id }.Order(StringComparer.Ordinal), kept.Select(e => e.EvaluationId));
+            Assert.Equal(one.ResultsJson, kept.Single(e => e.EvaluationId == one.Id).ResultsJson);
+            Assert.Equal(three.ResultsJson, kept.Single(e => e.EvaluationId == three.Id).ResultsJson);
+
             // Into the job's record: its scores at step 2 (the status page and GET /jobs/{id} read them), its events.
             var status = await Status(http);
             Assert.Equal(one.Scores.OrderBy(s => (s.Task, s.Metric)), status.Evaluations.Where(e => e.Step == 2).OrderBy(s => (s.Task, s.Metric)));
