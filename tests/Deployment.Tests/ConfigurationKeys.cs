@@ -63,8 +63,8 @@ public static partial class ConfigurationKeys
         // Worker:MemoryBudgetBytes: unset is the device's memory (the GPU's, or the pod's limit as .NET sees it);
         // Worker:InjectFault is for drills and tests only and must stay unset in a deployment.
         // Serving:ApiKeys comes from an optional Secret; without it only the cluster token is accepted. Cluster:Tls:* is read by
-        // ServiceDefaults' mutual-TLS setup (the model server's API stays plain HTTP) and by its store client, which dials the
-        // CheckpointStore only when a model names a Store place (unset in the manifests: they serve from the models volume).
+        // its store client, which dials the CheckpointStore only when a model names a Store place (unset in the base: it serves
+        // from the models volume; the mtls component mounts its client certificate). Its API stays plain HTTP.
         ["model-server"] = ["Serving:ApiKeys", "Serving:Device", .. ClusterTlsKeys, "Kestrel:Endpoints:grpc:Url"],
         ["gpu-worker"] = ["Worker:Id", "Worker:CollectiveHost", "Worker:Device", "Worker:HeartbeatInterval", "Worker:CollectiveTimeout", .. ClusterTlsKeys,
                           "Kestrel:Endpoints:grpc:Url", "Worker:MemoryBudgetBytes", "Worker:InjectFault"],

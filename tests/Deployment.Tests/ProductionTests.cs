@@ -61,12 +61,13 @@ public partial class ProductionTests
         var build = Build.Of(Template);
         var certificates = build.All<Certificate>().ToDictionary(c => (string)c.Spec["secretName"].ToString()!);
         var issuers = build.All<Issuer>().Select(i => i.Metadata.Name).ToHashSet();
-        // The model server dials no cluster service and serves only its HTTP API, whose callers are applications with API
-        // keys (TLS for them ends at the ingress): it has no gRPC channel for the mutual-TLS component to secure.
-        var clusterProcesses = build.Workloads.Where(w => w.IsDeepSeekProcess && w.Name != "model-server").ToList();
+        // The model server's API stays plain HTTP for applications with API keys (TLS for them ends at the ingress); its
+        // certificate is a client's, for the models it loads from the store.
+        var clusterProcesses = build.Workloads.Where(w => w.IsDeepSeekProcess).ToList();
         var mounted = clusterProcesses
-            .SelectMany(w => (w.Template.Spec.Volumes ?? []).Where(v => v.Secret is not null).Select(v => (w.Name, v.Secret.SecretName))).ToList();
-        Assert.Equal(4, mounted.Select(m => m.Name).Distinct().Count()); // every process has its certificate
+            .SelectMany(w => (w.Template.Spec.Volumes ?? []).Where(v => v.Secret is not null && v.Secret.SecretName.EndsWith("-tls", StringComparison.Ordinal))
+                                                             .Select(v => (w.Name, v.Secret.SecretName))).ToList();
+        Assert.Equal(5, mounted.Select(m => m.Name).Distinct().Count()); // every process has its certificate
         foreach (var (workload, secret) in mounted)
         {
             Assert.True(certificates.TryGetValue(secret, out var certificate), $"{workload} mounts Secret {secret}, which no Certificate issues");
