@@ -5,6 +5,8 @@
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Coordinator.Studies;
 
+using static DeepSeekCluster.Coordinator.Tests.Studies.StudyGrainTests;
+
 namespace DeepSeekCluster.Coordinator.Tests.Studies;
 
 public class PbtTests
@@ -114,15 +116,6 @@ public class PbtTests
         var bad = Spec(0.7) with { Scheduler = new SchedulerSpec { Kind = "pbt", PerturbationInterval = 8, Quantile = 0.7, PerturbFactors = [], ResampleProbability = 2 } };
         Assert.Equal(["scheduler.perturbationInterval", "scheduler.perturbFactors", "scheduler.quantile", "scheduler.resampleProbability"],
             bad.Validate().Select(p => p.Field).Order());
-    }
-
-    static async Task<JobStatus> RunningAsync(GrainCluster c, string jobId) =>
-        await TestSpecs.EventuallyAsync(() => c.Job(jobId).GetStatusAsync(), s => s.State == JobState.Running, $"job {jobId} running");
-
-    static async Task ValidateAsync(GrainCluster c, string jobId, long step, double validation)
-    {
-        var job = await RunningAsync(c, jobId);
-        await c.Job(jobId).ReportStepAsync(job.Generation, new StepReport { Step = step, Loss = validation + 1, HasValidation = true, ValidationLoss = validation });
     }
 
     [Fact]

@@ -15,11 +15,11 @@ public class StudyGrainTests
         Scheduler = new SchedulerSpec { Kind = "asha", GracePeriod = 2, ReductionFactor = 2 }, // rungs at steps 2 and 4
     };
 
-    static async Task<JobStatus> RunningAsync(GrainCluster c, string jobId) =>
+    internal static async Task<JobStatus> RunningAsync(GrainCluster c, string jobId) =>
         await TestSpecs.EventuallyAsync(() => c.Job(jobId).GetStatusAsync(), s => s.State == JobState.Running, $"job {jobId} running");
 
     /// <summary>What a trial's rank 0 reports: the step, and the validation loss at it.</summary>
-    static async Task ValidateAsync(GrainCluster c, string jobId, long step, double validation)
+    internal static async Task ValidateAsync(GrainCluster c, string jobId, long step, double validation)
     {
         var job = await RunningAsync(c, jobId);
         await c.Job(jobId).ReportStepAsync(job.Generation, new StepReport { Step = step, Loss = validation + 1, HasValidation = true, ValidationLoss = validation });
