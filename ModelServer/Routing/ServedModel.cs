@@ -42,7 +42,8 @@ public sealed class ServedModel : IDisposable
         var loaded = HfModelFolder.Load(folder, device);
         QuantizationReport? report = null;
         PackedLayerWeights? packed = null;
-        if (format != WeightFormat.Fp32)
+        if (format == WeightFormat.Bf16) report = WeightQuantizer.ToBf16(loaded.Model);
+        else if (format != WeightFormat.Fp32)
         {
             // Decoder layers: integer codes, one layer expanded at a time; lm_head (outside the layer hook): rounded in place.
             packed = PackedLayerWeights.Pack(loaded.Model, format);
