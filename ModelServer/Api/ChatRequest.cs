@@ -1,8 +1,9 @@
-// /v1/chat/completions: messages rendered by the default chat template, the reply streamed as chat.completion.chunk deltas.
+// /v1/chat/completions: messages rendered by the model folder's chat template (or the default one), the reply streamed as chat.completion.chunk deltas.
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using DeepSeekCluster.ModelServer.Routing;
+using DeepSeekCluster.ModelServer.Templates;
 using Microsoft.AspNetCore.Http;
 
 namespace DeepSeekCluster.ModelServer.Api;
@@ -24,22 +25,40 @@ public static class ChatRequest
         });
 
     /// <summary>
-    /// The default chat template (docs/serving.md): for each message "&lt;|role|&gt;\n" + content + "\n", then
-    /// "&lt;|assistant|&gt;\n", encoded with the tokenizer's special tokens (BOS first). Chat templates in
-    /// tokenizer_config.json are Jinja programs; this server does not run them.
+    /// The default chat template (docs/serving.md), for folders without one: for each message "&lt;|role|&gt;\n" +
+    /// content + "\n", then "&lt;|assistant|&gt;\n", encoded with the tokenizer's special tokens (BOS first).
     /// </summary>
-    public static string Render(IEnumerable<(string Role, string Content)> messages)
+    public static string Render(IEnumerable<(string Role, string? Content)> messages)
     {
         var text = new StringBuilder();
         foreach (var (role, content) in messages) text.Append("<|").Append(role).Append("|>\n").Append(content).Append('\n');
         return text.Append("<|assistant|>\n").ToString();
     }
 
+    /// <summary>
+    /// The prompt's tokens. With the folder's template: its text encoded without adding special tokens, as
+    /// transformers' apply_chat_template does (the template writes BOS itself); otherwise the default template.
+    /// </summary>
+    public static int[] Encode(ServedModel served, IReadOnlyList<(string Role, string? Content)> messages)
+    {
+        if (served.ChatTemplate is not { } template) return GenerationRun.Encode(served, Render(messages), "messages");
+        if (served.Tokenizer is null)
+            throw ApiError.BadRequest($"model version '{served.Version}' has no tokenizer.json, so it cannot encode chat messages; use /v1/completions with token ids", "messages");
+        string text;
+        try { text = template.Render(messages); }
+        catch (TemplateRuntimeException e)
+        {
+            throw ApiError.BadRequest($"the chat template of model version '{served.Version}' ({Path.GetFileName(template.Source)}) refused the messages: {e.Message}", "messages");
+        }
+        var ids = served.Tokenizer.Encode(text, addSpecialTokens: false);
+        return ids.Length > 0 ? ids : throw ApiError.BadRequest($"the chat template of model version '{served.Version}' rendered these messages as empty text", "messages");
+    }
+
     public static int[] Prompt(ServedModel served, JsonElement body)
     {
         if (!body.TryGetProperty("messages", out var messages) || messages.ValueKind != JsonValueKind.Array || messages.GetArrayLength() == 0)
             throw ApiError.BadRequest("'messages' is required: a non-empty array of {role, content}", "messages");
-        var parsed = new List<(string, string)>();
+        var parsed = new List<(string, string?)>();
         int i = 0;
         foreach (var m in messages.EnumerateArray())
         {
@@ -48,12 +67,13 @@ public static class ChatRequest
                 ? rs : throw ApiError.BadRequest($"{where}.role must be one of system, developer, user, assistant, tool", where + ".role");
             parsed.Add((role, Content(m, where)));
         }
-        return GenerationRun.Encode(served, Render(parsed), "messages");
+        return Encode(served, parsed);
     }
 
-    static string Content(JsonElement message, string where)
+    // A missing or null content is None to a template (an assistant turn with only tool calls); text parts are joined.
+    static string? Content(JsonElement message, string where)
     {
-        if (!message.TryGetProperty("content", out var c) || c.ValueKind == JsonValueKind.Null) return "";
+        if (!message.TryGetProperty("content", out var c) || c.ValueKind == JsonValueKind.Null) return null;
         if (c.ValueKind == JsonValueKind.String) return c.GetString()!;
         if (c.ValueKind != JsonValueKind.Array) throw ApiError.BadRequest($"{where}.content must be a string or an array of text parts", where + ".content");
         var text = new StringBuilder();

@@ -19,6 +19,8 @@ public sealed class PagedBatch : ILatentCache, IDisposable
     readonly Tensor readSlots_BS;      // (B*S) pool rows of each row's history, padding reads slot 0
     readonly Tensor visible_B1TS;
     readonly long rows, longest;
+    // cos/sin of the rows' positions: the same for every layer, so made once per forward pass (not per layer).
+    (RotaryEmbedding Of, Tensor Cos, Tensor Sin)? rotation;
 
     public PagedBatch(LatentBlockPool pool, IReadOnlyList<int[]> blocks, long[] past, long newTokens, Device device)
     {
@@ -46,8 +48,25 @@ public sealed class PagedBatch : ILatentCache, IDisposable
         visible_B1TS = tensor(visible, device: device).view(rows, 1, newTokens, longest);
     }
 
-    public (Tensor cos, Tensor sin) Rotation(RotaryEmbedding rotary, int layer, long newTokens, ScalarType dtype, Device device) =>
-        rotary.CosSin(past, newTokens, dtype, device);
+    public (Tensor cos, Tensor sin) Rotation(RotaryEmbedding rotary, int layer, long newTokens, ScalarType dtype, Device device)
+    {
+        if (rotation is not { } r || r.Of != rotary || r.Cos.dtype != dtype || r.Cos.device_type != device.type || newTokens != this.newTokens)
+        {
+            Forget();
+            // Detached: the first layer's dispose scope must not free what the later layers use; Dispose frees them.
+            var (cos, sin) = rotary.CosSin(past, newTokens, dtype, device);
+            rotation = r = (rotary, cos.DetachFromDisposeScope(), sin.DetachFromDisposeScope());
+        }
+        return (r.Cos, r.Sin);
+    }
+
+    void Forget()
+    {
+        if (rotation is not { } r) return;
+        r.Cos.Dispose();
+        r.Sin.Dispose();
+        rotation = null;
+    }
 
     public LatentKeys Append(int layer, Tensor latent_BTC, Tensor ropeKey_BTR)
     {
@@ -68,5 +87,6 @@ public sealed class PagedBatch : ILatentCache, IDisposable
         writeSlots_M.Dispose();
         readSlots_BS.Dispose();
         visible_B1TS.Dispose();
+        Forget();
     }
 }

@@ -33,7 +33,7 @@ public sealed class PackedLayerWeights : IDisposable
 
     public static PackedLayerWeights Pack(DeepSeekForCausalLM model, WeightFormat format)
     {
-        if (format == WeightFormat.Fp32) throw new ArgumentException("fp32 is not a quantized format");
+        if (format is not (WeightFormat.Int8 or WeightFormat.Int4)) throw new ArgumentException($"{format} is not an integer format");
         var device = model.lm_head.weight!.device;
         var perLayer = new List<(Linear Linear, long Numel)>[model.model.layers.Count];
         for (int i = 0; i < perLayer.Length; i++)

@@ -2,6 +2,7 @@
 using DeepSeekCluster.ModelServer.Engine;
 using DeepSeekCluster.ModelServer.Metrics;
 using DeepSeekCluster.ModelServer.Quantization;
+using DeepSeekCluster.ModelServer.Templates;
 using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.IO;
 using static TorchSharp.torch;
@@ -23,6 +24,8 @@ public sealed class ServedModel : IDisposable
     public int? EosTokenId { get; }
     public int? BosTokenId => Tokenizer?.BosTokenId;
     public QuantizationReport? Quantization { get; }
+    /// <summary>The folder's chat template (chat_template.jinja or tokenizer_config.json); null: the documented default.</summary>
+    public ChatTemplate? ChatTemplate { get; private init; }
     /// <summary>Bytes of the one-layer float32 arena the integer weights are expanded into (0 for fp32).</summary>
     public long ArenaBytes => packed?.ArenaBytes ?? 0;
     public DateTimeOffset LoadedAt { get; } = DateTimeOffset.UtcNow;
@@ -32,10 +35,15 @@ public sealed class ServedModel : IDisposable
     {
         if (string.IsNullOrWhiteSpace(version) || version.Any(c => char.IsWhiteSpace(c) || c == '@'))
             throw new ArgumentException($"model version '{version}' must be a non-empty name without spaces or '@'");
+        // The template first: one it cannot run refuses the model here, naming file, line and column, before weights load.
+        ChatTemplate? chatTemplate;
+        try { chatTemplate = ChatTemplate.Load(folder); }
+        catch (TemplateSyntaxException e) { throw new InvalidDataException(e.Message, e); } // refused like any malformed folder file
         var loaded = HfModelFolder.Load(folder, device);
         QuantizationReport? report = null;
         PackedLayerWeights? packed = null;
-        if (format != WeightFormat.Fp32)
+        if (format == WeightFormat.Bf16) report = WeightQuantizer.ToBf16(loaded.Model);
+        else if (format != WeightFormat.Fp32)
         {
             // Decoder layers: integer codes, one layer expanded at a time; lm_head (outside the layer hook): rounded in place.
             packed = PackedLayerWeights.Pack(loaded.Model, format);
@@ -45,7 +53,7 @@ public sealed class ServedModel : IDisposable
         }
         var engine = new InferenceEngine(loaded.Model, options, version, metrics);
         int? eos = loaded.Tokenizer?.EosTokenId ?? loaded.Model.Config.EosTokenId;
-        return new ServedModel(version, folder, format, engine, loaded.Tokenizer, eos, report) { packed = packed };
+        return new ServedModel(version, folder, format, engine, loaded.Tokenizer, eos, report) { packed = packed, ChatTemplate = chatTemplate };
     }
 
     // ---- Leases: a request holds its version from routing to its last byte ----

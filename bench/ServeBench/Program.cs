@@ -33,7 +33,7 @@ var decodes = Opt("decode", "absorbed") switch
     "absorbed" => new[] { true }, "expanded" => [false], "both" => [true, false],
     var d => throw new ArgumentException($"--decode '{d}': expected absorbed, expanded or both"),
 };
-var formats = Opt("formats", "fp32,int8,int4").Split(',').Select(f => WeightQuantizer.Parse(f, "--formats")).ToArray();
+var formats = Opt("formats", "fp32,bf16,int8,int4").Split(',').Select(f => WeightQuantizer.Parse(f, "--formats")).ToArray();
 if (options.TryGetValue("threads", out var threads)) set_num_threads(int.Parse(threads, CultureInfo.InvariantCulture));
 
 // A model folder: --model DIR (a trained export), or the preset random-initialised and saved once.
@@ -67,7 +67,12 @@ var memory = new List<string>();
 foreach (var format in formats)
 {
     var loaded = HfModelFolder.Load(folder);
-    var report = format == WeightFormat.Fp32 ? null : WeightQuantizer.Quantize(loaded.Model, format);
+    var report = format switch
+    {
+        WeightFormat.Fp32 => null,
+        WeightFormat.Bf16 => WeightQuantizer.ToBf16(loaded.Model),
+        _ => WeightQuantizer.Quantize(loaded.Model, format),
+    };
     long parameterBytes = loaded.Model.parameters().Sum(p => p.numel() * p.ElementSize);
     if (loaded.Tokenizer is { } tokenizer && int.Parse(Opt("ppl-windows", "16"), CultureInfo.InvariantCulture) is > 0 and var windows)
     {

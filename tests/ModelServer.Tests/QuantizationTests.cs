@@ -4,6 +4,7 @@ using DeepSeekCluster.ModelServer.Quantization;
 using DeepSeekCluster.ModelServer.Routing;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.IO;
+using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -83,7 +84,37 @@ public class QuantizationTests
     }
 
     [Fact]
+    public async Task Bf16ServedModelGeneratesWhatTheBf16ModelGeneratesAlone()
+    {
+        var dir = ModelFolders.Get(1);
+        int[] prompt = [5, 9, 17, 33, 2, 40];
+        int[] want;
+        float largestWeight;
+        using (var half = HfModelFolder.Load(dir).Model)
+        {
+            largestWeight = half.parameters().Max(p => p.abs().max().item<float>());
+            half.to(ScalarType.BFloat16);
+            want = TextGenerator.Generate(half, prompt, new SamplingOptions { MaxNewTokens = 16 });
+        }
+        using var served = ServedModel.Load("b", dir, WeightFormat.Bf16, new EngineOptions { MaxBatch = 2, BlockSize = 4 }, metrics: null);
+        var config = ModelFolders.Config(ServerFixture.Tokenizer(dir).VocabSize);
+        // The latent cache is bfloat16 too: 2 bytes per cached number.
+        Assert.Equal((long)config.NumHiddenLayers * 4 * (config.KvLoraRank + config.QkRopeHeadDim) * 2, served.Engine.Pool.BytesPerBlock);
+        var request = new GenerationRequest(prompt, 16, new SamplingOptions(), -1, null, CancellationToken.None);
+        Assert.True(served.Engine.TryEnqueue(request));
+        var got = new List<int>();
+        await foreach (var ev in request.Events.Reader.ReadAllAsync())
+            if (ev is TokenEvent t) got.Add(t.Token);
+        Assert.Equal(want, got);
+
+        var report = served.Quantization!;
+        Assert.Equal(0.5, (double)report.QuantizedBytes / report.Fp32Bytes);
+        // bfloat16 keeps 8 significant bits: a rounding error of at most 2^-8 of the largest weight, and not none.
+        Assert.InRange(report.MaxAbsError, 1e-9, largestWeight / 256);
+    }
+
+    [Fact]
     public void AnUnknownFormatNamesTheKeyAndTheChoices() =>
-        Assert.Equal("Serving:Models:0:Quantization must be fp32, int8 or int4, got 'int3'",
+        Assert.Equal("Serving:Models:0:Quantization must be fp32, bf16, int8 or int4, got 'int3'",
             Assert.Throws<ArgumentException>(() => WeightQuantizer.Parse("int3", "Serving:Models:0:Quantization")).Message);
 }
