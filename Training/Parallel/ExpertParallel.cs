@@ -102,6 +102,7 @@ public sealed partial class ExpertParallel
         {
             var leaf = p.detach().requires_grad_(true).DetachFromDisposeScope();
             leaves.Add((p, leaf, round));
+            ActivationRecompute.DeclareLeaf(leaf); // a layer recomputed in backward creates its leaves there
             return leaf;
         }
         // The same operations as SwiGluMlp.forward (Linear is F.linear without bias): the same bits.

@@ -25,7 +25,7 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
     readonly string root = Directory.CreateTempSubdirectory("ep-zero-ckpt-").FullName;
 
     /// <summary>What a rank holds: weights whole, both moments of its rows (first row, row size, values).</summary>
-    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Start, long RowSize, double[] Values)> Moments,
+    internal sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, (long Start, long RowSize, double[] Values)> Moments,
                        long OptimizerBytes, long WordBytes);
 
     static Held Capture(DeepSeekForCausalLM model, AdamW optimizer, List<StepMetrics>? steps = null, long wordBytes = 0)
@@ -43,7 +43,7 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
         return new Held(steps ?? [], weights, moments, bytes, wordBytes);
     }
 
-    static Held[] Run(int dp, int ep, int zero, Action<Trainer>? after = null)
+    internal static Held[] Run(int dp, int ep, int zero, Action<Trainer>? after = null, string recompute = "none")
     {
         var config = EpTests.Micro(EpTests.Data.Value.Vocab);
         var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
@@ -58,7 +58,7 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
             return RankGroup.Run(dp, c =>
             {
                 var reducer = new BucketedGradientReducer(c, bucketBytes: 4 << 10); // small buckets: many windows per exchange
-                using var trainer = new Trainer(models[c.Rank], EpTests.Data.Value.Train, null, Options with { Ep = ep, Zero = zero }, CPU, 1e11, c.Rank, dp, reducer);
+                using var trainer = new Trainer(models[c.Rank], EpTests.Data.Value.Train, null, Options with { Ep = ep, Zero = zero, Recompute = recompute }, CPU, 1e11, c.Rank, dp, reducer);
                 var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
                 after?.Invoke(trainer);
                 return Capture(trainer.Model, trainer.Optimizer, steps, trainer.GradientWordBytes);
