@@ -5,9 +5,11 @@ namespace DeepSeekCluster.Training.Collectives;
 
 /// <summary>
 /// All-reduce, reduce-scatter and all-gather among <see cref="Members"/> (world ranks, ascending) of
-/// <paramref name="world"/>, each one all-to-all of the whole group in which every other rank sends and receives nothing
-/// (so every rank of the group must make the same calls in the same order, members or not, as with any collective).
-/// Sums add the members' parts in member order, so they are deterministic (and exact for the int64 gradient words).
+/// <paramref name="world"/>, each one all-to-all of the whole group in which the rank sends to and receives from its
+/// members only. So the subgroups must partition the world into groups of one size (as the holders of each expert
+/// shard do), and every rank makes the same calls in the same order on its own subgroup, at once: together they are one
+/// all-to-all of the world. Sums add the members' parts in member order, so they are deterministic (and exact for the
+/// int64 gradient words).
 /// Expert parallelism × ZeRO uses it for the expert parameters, whose holders are a subgroup; it owns nothing, and the
 /// operations a ZeRO step does not need are refused.
 /// </summary>
