@@ -25,7 +25,7 @@ public sealed class Trainer : ITrainer
     public int Rank { get; }
     public int WorldSize { get; }
     /// <summary>Bytes of the exact gradient sum's int64 words this rank holds (1/dp of them under ZeRO-2); 0 before the first step.</summary>
-    public long GradientWordBytes => gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long);
+    public long GradientWordBytes => expertZero?.WordBytes ?? (gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long));
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
 
@@ -36,6 +36,7 @@ public sealed class Trainer : ITrainer
     readonly bool ownsOptimizer;
     readonly ZeroStep? zero;
     readonly ExpertParallel? experts;
+    readonly ExpertZeroStep? expertZero; // ep x ZeRO: two partitions with sums of their own (then gradients stays null)
     ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
@@ -68,7 +69,9 @@ public sealed class Trainer : ITrainer
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(model, options, rank, worldSize);
         (experts, this.reducer) = ExpertParallelTraining.Attach(model, Options.Ep, Optimizer, rank, worldSize, reducer);
-        zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
+        if (experts is not null && ZeroLayout(Options, worldSize) is { } layout)
+            expertZero = new ExpertZeroStep(experts, Optimizer, experts.Collective, layout, rank, Options.Zero, ((BucketedGradientReducer)reducer!).BucketBytes);
+        else zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
     }
@@ -78,14 +81,14 @@ public sealed class Trainer : ITrainer
     /// more than one rank, for rank <paramref name="rank"/>'s rows only (<see cref="ParallelLayout.ZeroRows"/>).
     /// </summary>
     public static AdamW CreateOptimizer(DeepSeekForCausalLM model, TrainingOptions options, int rank = 0, int worldSize = 1) =>
-        new(ExpertParallelTraining.OptimizerOrder(model.named_parameters(), options.Ep).Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? shape => layout.ZeroRows(shape, rank) : null)
+        new(ExpertParallelTraining.OptimizerOrder(model.named_parameters(), options.Ep).Select(p => (model.ToHfName(p.name), (Tensor)p.parameter)), ZeroLayout(options, worldSize) is { } layout ? (name, shape) => layout.ZeroRowsOfRank(shape, rank, ExpertParallel.IsExpertParameter(name)) : null)
         {
             Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon,
         };
 
     /// <summary>The data-parallel layout whose ZeRO shards the optimizer holds, or null when nothing is sharded.</summary>
     static ParallelLayout? ZeroLayout(TrainingOptions options, int worldSize) =>
-        options.Zero > 0 && worldSize > 1 ? new ParallelLayout(worldSize, 1, [new StageLayers(0, 1)]) { Zero = options.Zero } : null;
+        options.Zero > 0 && worldSize > 1 ? new ParallelLayout(worldSize, 1, [new StageLayers(0, 1)]) { Zero = options.Zero, Ep = options.Ep }.Validated() : null;
 
     static ZeroStep? ZeroStepFor(AdamW optimizer, TrainingOptions options, int rank, int worldSize, IGradientReducer? reducer)
     {
@@ -127,9 +130,13 @@ public sealed class Trainer : ITrainer
         bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
         var total = Stopwatch.StartNew();
 
-        gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero)
-                      ?? new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
-        gradients.Clear();
+        if (expertZero is null)
+        {
+            gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero)
+                          ?? new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+            gradients.Clear();
+        }
+        else expertZero.Clear();
         // This rank's contiguous share of the step's global batch, in micro-batches.
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Rank, WorldSize).Start;
         for (int a = 0; a < accumulation; a++)
@@ -164,8 +171,12 @@ public sealed class Trainer : ITrainer
             fwdS += sw.Elapsed.TotalSeconds; sw.Restart();
 
             loss.backward();
-            gradients.AddAndClearGradients();
-            experts?.AddSourceGradients(gradients); // with ep: the other sources' expert gradients, each a term of its own
+            if (expertZero is not null) expertZero.AddMicroBatch();
+            else
+            {
+                gradients!.AddAndClearGradients();
+                experts?.AddSourceGradients(gradients); // with ep: the other sources' expert gradients, each a term of its own
+            }
             bwdS += sw.Elapsed.TotalSeconds;
         }
 
@@ -173,16 +184,17 @@ public sealed class Trainer : ITrainer
         if (reducer is not null)
         {
             var c = Stopwatch.StartNew();
-            if (zero is null) reducer.SumGradients(gradients);
-            else zero.ReduceScatter(gradients);
+            if (expertZero is not null) expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            else if (zero is null) reducer.SumGradients(gradients!);
+            else zero.ReduceScatter(gradients!);
             stats.SumOver(reducer);
             commS = c.Elapsed.TotalSeconds;
         }
         // The sums are over every rank's micro-batches, or this rank's alone when it has no reducer (the standalone trainer).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
-        if (zero is null) gradients.WriteMean(counted);
-        else gradients.WriteShardMean(counted, zero.Shard);
-        double gradNorm = experts?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
+        if (zero is not null) gradients!.WriteShardMean(counted, zero.Shard);
+        else if (expertZero is null) gradients!.WriteMean(counted); // (ep x ZeRO wrote its rows' mean in ReduceAndWriteMean)
+        double gradNorm = expertZero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? experts?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
         // The guard: a NaN/Inf loss or norm is never applied. Every rank holds the same summed words (under ZeRO, the norm
         // is summed over every shard), hence the same norm and loss, and skips with the others without a word exchanged.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));
@@ -190,10 +202,11 @@ public sealed class Trainer : ITrainer
         if (!skipped)
         {
             Optimizer.Step(lr);
-            if (zero is not null)
+            if (zero is not null || expertZero is not null)
             {
                 var c = Stopwatch.StartNew();
-                zero.AllGatherParameters(Optimizer);
+                if (expertZero is not null) expertZero.AllGatherParameters();
+                else zero!.AllGatherParameters(Optimizer);
                 commS += c.Elapsed.TotalSeconds;
             }
             if (Options.BiasUpdateSpeed > 0)
@@ -242,6 +255,7 @@ public sealed class Trainer : ITrainer
     public void Dispose()
     {
         gradients?.Dispose();
+        expertZero?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

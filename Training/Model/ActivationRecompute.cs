@@ -44,6 +44,16 @@ public static class ActivationRecompute
 
     static long recomputed;
 
+    // The leaves a body creates while it runs again in backward (thread-static: the body runs on the backward's thread).
+    [ThreadStatic] static List<Tensor>? leavesOfRerun;
+
+    /// <summary>
+    /// Declares <paramref name="leaf"/>, a leaf tensor a body creates for itself (expert parallelism's weights of another
+    /// source's tokens, whose gradients must stay a separate term), so that when the body runs again in backward the leaf
+    /// gets its gradient as it would without recompute; outside such a run, nothing.
+    /// </summary>
+    public static void DeclareLeaf(Tensor leaf) => leavesOfRerun?.Add(leaf);
+
     /// <summary>Segments run a second time in backward, since the process started (the tests check that recompute happened).</summary>
     public static long Recomputed => Interlocked.Read(ref recomputed);
 
@@ -105,12 +115,20 @@ public static class ActivationRecompute
             var inputs = new Tensor[segment.Inputs];
             for (int i = 0; i < inputs.Length; i++) inputs[i] = saved[i].detach().requires_grad_(segment.InputNeedsGrad[i]);
             Tensor[] outputs;
-            using (enable_grad()) outputs = segment.Body(inputs);
+            var leaves = new List<Tensor>();
+            var outer = leavesOfRerun;
+            leavesOfRerun = leaves;
+            try
+            {
+                using (enable_grad()) outputs = segment.Body(inputs);
+            }
+            finally { leavesOfRerun = outer; }
             Interlocked.Increment(ref recomputed);
 
             var wrt = new List<Tensor>();
             for (int i = 0; i < inputs.Length; i++) if (segment.InputNeedsGrad[i]) wrt.Add(inputs[i]);
             for (int i = 0; i < parameters.Length; i++) if (segment.ParameterNeedsGrad[i]) wrt.Add(parameters[i]);
+            wrt.AddRange(leaves);
             var differentiable = outputs.Select((o, i) => (o, g: gradOutputs[i])).Where(p => p.o.requires_grad).ToList();
             var grads = differentiable.Count == 0 || wrt.Count == 0
                 ? wrt.Select(_ => (Tensor?)null).ToList()
@@ -122,6 +140,9 @@ public static class ActivationRecompute
             int next = 0;
             for (int i = 0; i < inputs.Length; i++) result.Add(segment.InputNeedsGrad[i] ? grads[next++]! : null!);
             for (int i = 0; i < parameters.Length; i++) result.Add(segment.ParameterNeedsGrad[i] ? grads[next++]! : null!);
+            // A declared leaf is used by this run alone: its gradient is what the plain backward would leave in its .grad.
+            foreach (var leaf in leaves)
+                if (grads[next++] is { } g) leaf.grad = g.detach().clone().DetachFromDisposeScope();
             return result;
         }
     }

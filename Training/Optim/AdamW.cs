@@ -48,16 +48,17 @@ public sealed class AdamW : IDisposable
 
     public AdamW(IEnumerable<(string name, Tensor param)> parameters) : this(parameters, null) { }
 
-    /// <param name="shardRows">The rows (start, count) of a parameter of the given shape this optimizer updates (its
-    /// ZeRO shard, ParallelLayout.ZeroRows); null: every row of every parameter.</param>
-    public AdamW(IEnumerable<(string name, Tensor param)> parameters, Func<long[], (long Start, long Count)>? shardRows)
+    /// <param name="shardRows">The rows (start, count) of the named parameter of the given shape this optimizer updates
+    /// (its ZeRO shard, ParallelLayout.ZeroRowsOfRank: a routed expert's are split over fewer ranks); null: every row of
+    /// every parameter.</param>
+    public AdamW(IEnumerable<(string name, Tensor param)> parameters, Func<string, long[], (long Start, long Count)>? shardRows)
     {
         var seen = new HashSet<IntPtr>();
         using var noGrad = no_grad();
         foreach (var (name, p) in parameters)
         {
             if (!seen.Add(p.Handle)) continue; // tied weights are one parameter
-            var (rowStart, rowCount) = shardRows?.Invoke(p.shape) ?? (0, -1);
+            var (rowStart, rowCount) = shardRows?.Invoke(name, p.shape) ?? (0, -1);
             long? count = rowCount < 0 ? null : rowCount;
             using var own = count is { } n && p.dim() > 0 ? p.narrow(0, rowStart, n) : p.alias();
             bool lowPrecision = p.dtype is ScalarType.BFloat16 or ScalarType.Float16;

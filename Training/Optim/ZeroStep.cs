@@ -109,10 +109,15 @@ public sealed class ZeroStep
     }
 
     /// <summary>Gives every rank every shard's updated rows of every parameter (in the parameters' own dtype: bf16 when training in bf16).</summary>
-    public void AllGatherParameters(AdamW optimizer)
+    public void AllGatherParameters(AdamW optimizer) => AllGatherParameters(optimizer.Slots);
+
+    /// <summary>
+    /// <see cref="AllGatherParameters(AdamW)"/> for <paramref name="slots"/>, the parameters this partition was made for
+    /// (under expert parallelism the replicated ones and the experts are two partitions over two groups).
+    /// </summary>
+    public void AllGatherParameters(IReadOnlyList<AdamW.Slot> slots)
     {
         using var noGrad = no_grad();
-        var slots = optimizer.Slots;
         if (slots.Count != Shards.Shapes.Count) throw new ArgumentException($"the optimizer has {slots.Count} slots and the ZeRO partition {Shards.Shapes.Count} parameters");
         var dtype = slots[0].Param.dtype;
         if (slots.Any(s => s.Param.dtype != dtype))

@@ -19,7 +19,7 @@ public sealed class ExpertGradientReducer(BucketedGradientReducer inner, ExpertP
 
     public void SumGradients(ExactGradientSum sum)
     {
-        if (sum.Shards is not null) throw new InvalidOperationException("expert parallelism with ZeRO shards is not built: the words must be in parameter order");
+        if (sum.Shards is not null) throw new InvalidOperationException("these words are laid out in ZeRO shards: ep with ZeRO sums through ExpertZeroStep, not this reducer");
         var collective = Inner.Collective;
         if (collective.WorldSize == 1) return;
         using var noGrad = no_grad();

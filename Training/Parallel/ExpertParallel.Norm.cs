@@ -12,6 +12,10 @@ public sealed partial class ExpertParallel
     (int Slot, int Shard, long Offset, long Rows)[] normOrder = [];
     int[] expertSlots = [];  // this shard's expert slots, in the order of its vector
     long vectorRows;         // rows in each shard's vector (the same for every shard)
+    // Under ZeRO: where each slot's rows sit in the vector of the whole model's rows (replicated ones first, then each
+    // shard's expert vector in shard order).
+    long[] slotRowAt = [];
+    long replicatedRows;
 
     /// <summary>
     /// Learns the single process's parameter order from <paramref name="model"/> (which holds this shard's experts where
@@ -50,6 +54,54 @@ public sealed partial class ExpertParallel
         normOrder = [.. order];
         expertSlots = [.. mine];
         vectorRows = cursor.Length > 0 ? cursor[0] : 0;
+        slotRowAt = new long[optimizer.Slots.Count];
+        replicatedRows = 0;
+        foreach (var (slot, _, _, rows) in normOrder)
+            if (slot >= 0) { slotRowAt[slot] = replicatedRows; replicatedRows += rows; }
+        long at = replicatedRows + Shard * vectorRows;
+        foreach (var slot in expertSlots)
+        {
+            slotRowAt[slot] = at;
+            at += Rows(optimizer.Slots[slot].Param);
+        }
+    }
+
+    /// <summary>
+    /// <see cref="ClipGradNorm"/> when every rank holds the gradients of its ZeRO rows only (<see cref="ExpertZeroStep"/>):
+    /// each rank writes its rows' squares into the vector of the whole model's rows (zeros elsewhere), one all-reduce over
+    /// the world gives every row its holder's value (x + 0 is exact), and the rows are summed in the single process's
+    /// order, so the norm is its bits. Only this rank's rows are clipped: the others are not read by its update.
+    /// </summary>
+    public double ClipShardedGradNorm(AdamW optimizer, double maxNorm)
+    {
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        var slots = optimizer.Slots;
+        var vector = zeros(replicatedRows + Ep * vectorRows, dtype: ScalarType.Float64);
+        for (int i = 0; i < slots.Count; i++)
+        {
+            var slot = slots[i];
+            if (slot.Empty || slot.Param.grad is not { } grad) continue;
+            var squares = AdamW.RowSquares(slot.Own(grad));
+            vector.narrow(0, slotRowAt[i] + slot.RowStart, squares.shape[0]).copy_(squares);
+        }
+        var summed = vector.to(Collective.Device);
+        Collective.AllReduce(summed, Collectives.ReduceOp.Sum);
+        var all = summed.cpu().data<double>().ToArray();
+        double sumSq = 0;
+        foreach (var (slot, shard, offset, rows) in normOrder)
+        {
+            long start = slot >= 0 ? slotRowAt[slot] : replicatedRows + shard * vectorRows + offset;
+            for (long i = 0; i < rows; i++) sumSq += all[start + i];
+        }
+        double norm = Math.Sqrt(sumSq);
+        if (maxNorm > 0 && norm > maxNorm)
+        {
+            double scale = maxNorm / (norm + 1e-6); // AdamW.ClipGradNorm's scale
+            foreach (var slot in slots)
+                if (!slot.Empty && slot.Param.grad is { } g) slot.Own(g).mul_(scale);
+        }
+        return norm;
     }
 
     /// <summary>

@@ -102,6 +102,7 @@ public sealed partial class ExpertParallel
         {
             var leaf = p.detach().requires_grad_(true).DetachFromDisposeScope();
             leaves.Add((p, leaf, round));
+            ActivationRecompute.DeclareLeaf(leaf); // a layer recomputed in backward creates its leaves there
             return leaf;
         }
         // The same operations as SwiGluMlp.forward (Linear is F.linear without bias): the same bits.
@@ -115,7 +116,13 @@ public sealed partial class ExpertParallel
     /// tokens' expert gradients): adds each other source's expert gradients as its own term, round by round, as the
     /// single process adds each micro-batch's. Every rank runs Ep − 1 rounds, so a sum that exchanges per term stays in step.
     /// </summary>
-    public void AddSourceGradients(ExactGradientSum sum)
+    public void AddSourceGradients(ExactGradientSum sum) => AddSourceGradients(() => sum.AddAndClearGradients(FirstExpertParameter));
+
+    /// <summary>
+    /// <see cref="AddSourceGradients(ExactGradientSum)"/> where <paramref name="addTerm"/> adds the expert gradients as one
+    /// term and clears them (under ZeRO the experts have an exact sum of their own, <see cref="ExpertZeroStep"/>).
+    /// </summary>
+    public void AddSourceGradients(Action addTerm)
     {
         using var noGrad = no_grad();
         for (int round = 1; round < Ep; round++)
@@ -126,7 +133,7 @@ public sealed partial class ExpertParallel
                 if (param.grad is { } pg) pg.add_(g);
                 else param.grad = g.clone().DetachFromDisposeScope();
             }
-            sum.AddAndClearGradients(FirstExpertParameter);
+            addTerm();
         }
         foreach (var (_, leaf, _) in leaves) leaf.Dispose();
         leaves.Clear();

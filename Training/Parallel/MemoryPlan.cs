@@ -30,7 +30,8 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// <item>parameters: its stage's, with its 1/ep of the routed experts, and 1/dp of them under ZeRO-3;</item>
 /// <item>gradients: one <c>.grad</c> per parameter in the parameters' dtype, and the exact sum's two int64 words per
 /// element (ExactGradientSum), 1/dp of the words under ZeRO-2 and up, plus its float64 conversion scratch;</item>
-/// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up;</item>
+/// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
+/// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
 /// <item>activations: an estimate of what autograd keeps per micro-batch (attention, MLP or MoE, logits), times the
 /// micro-batches a pipeline stage holds at once; recompute keeps only each layer's input plus one layer's set.</item>
 /// </list>
@@ -52,6 +53,13 @@ public static class MemoryPlanner
     /// <summary>The parameters rank <paramref name="rank"/> holds whole (before ZeRO-3): its stage's, its share of the routed experts.</summary>
     public static long LocalParameters(DeepSeekConfig config, ParallelLayout layout, int rank)
     {
+        var (replicated, experts) = LocalParts(config, layout, rank);
+        return replicated + experts;
+    }
+
+    /// <summary>The parameters rank <paramref name="rank"/> holds whole, split into replicated ones and its share of the routed experts.</summary>
+    public static (long Replicated, long Experts) LocalParts(DeepSeekConfig config, ParallelLayout layout, int rank)
+    {
         int stage = layout.StageOfRank(rank);
         var layers = layout.Stages[stage];
         long total = 0, routed = 0;
@@ -67,14 +75,26 @@ public static class MemoryPlanner
             total += config.HiddenSize + (config.TieWordEmbeddings ? 0 : vocabRows) + config.MtpParameterCount();
             for (int m = 0; m < config.NumNextnPredictLayers; m++) routed += config.RoutedExpertParameterCount(config.NumHiddenLayers + m);
         }
-        return total - routed + routed / layout.Ep;
+        return (total - routed, routed / layout.Ep);
+    }
+
+    /// <summary>
+    /// The elements of rank <paramref name="rank"/>'s ZeRO shard: 1/Dp of its parameters, or, under ep, 1/Dp of the
+    /// replicated ones and 1/(Dp/Ep) of its experts (only the Dp/Ep replicas holding them split them: ExpertZeroStep).
+    /// </summary>
+    public static long ShardParameters(DeepSeekConfig config, ParallelLayout layout, int rank)
+    {
+        var (replicated, experts) = LocalParts(config, layout, rank);
+        if (layout.Ep == 1) return (replicated + experts + layout.Dp - 1) / layout.Dp;
+        int holders = layout.Dp / layout.Ep;
+        return (replicated + layout.Dp - 1) / layout.Dp + (experts + holders - 1) / holders;
     }
 
     public static RankMemory Predict(DeepSeekConfig config, ParallelLayout layout, int rank, MemoryInputs inputs)
     {
         var (param, moment, master, act) = ElementBytes(inputs.Precision);
         long local = LocalParameters(config, layout, rank);
-        long shard = (local + layout.Dp - 1) / layout.Dp;
+        long shard = ShardParameters(config, layout, rank);
         long parameters = (layout.Zero >= 3 ? shard : local) * param;
         long words = (layout.Zero >= 2 ? shard : local) * ExactWordBytes;
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;

@@ -90,6 +90,20 @@ public sealed record ParallelLayout(
     public int ZeroShardOfRank(int rank) => Zero > 0 ? ReplicaOfRank(rank) : -1;
 
     /// <summary>
+    /// The rows of a tensor of shape <paramref name="shape"/> that <paramref name="rank"/> updates under ZeRO: a replicated
+    /// tensor's shard of Dp (<see cref="ZeroRows"/>), or, for a routed expert's (<paramref name="expert"/>) under ep &gt; 1,
+    /// its share among the Dp/Ep replicas that hold that expert (shard replica / Ep). Either way the rows it also writes to
+    /// a checkpoint (ShardingPlan), so a ZeRO rank's optimizer state is its checkpoint slice.
+    /// </summary>
+    public (long Start, long Count) ZeroRowsOfRank(long[] shape, int rank, bool expert)
+    {
+        int replica = ReplicaOfRank(rank);
+        if (!expert || Ep == 1) return ZeroRows(shape, replica);
+        int holder = replica / Ep;
+        return shape.Length == 0 ? (0, holder == 0 ? 1 : 0) : Split(shape[0], Dp / Ep, holder);
+    }
+
+    /// <summary>
     /// Rows [i·n/parts, (i+1)·n/parts) of a tensor of <paramref name="rows"/> rows: balanced, contiguous, covering [0, n)
     /// once over i. A ZeRO shard and a checkpoint writer's slice are both this split over the replicas.
     /// </summary>

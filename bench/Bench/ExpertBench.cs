@@ -1,4 +1,4 @@
-// Expert parallelism on this machine: step time of dp 2 x ep 2 against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
+// Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1) against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
 using System.Diagnostics;
 using System.Net;
 using DeepSeekCluster.Training.Collectives;
@@ -37,13 +37,13 @@ public static class ExpertBench
                 Console.WriteLine($"| {world} | {mb} | {t * 1e3:F1} | {sent / 1e9:F2} | {sent / copy:P0} |");
             }
         Console.WriteLine();
-        Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank |");
-        Console.WriteLine("|---|---|---|---|---|---|---|");
+        Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank | optimizer MiB per rank (predicted) |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
         foreach (var preset in presets)
-            foreach (int ep in new[] { 1, 2 })
+            foreach (var (ep, zero) in new[] { (1, 0), (2, 0), (2, 1) })
             {
-                var r = TimeSteps(preset, ep, warmup, steps);
-                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} |");
+                var r = TimeSteps(preset, ep, zero, warmup, steps);
+                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
             }
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
     }
@@ -83,17 +83,17 @@ public static class ExpertBench
         return times[times.Count / 2];
     }).Max();
 
-    sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes);
+    sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes, long OptimizerBytes, long PredictedOptimizer);
 
-    static StepResult TimeSteps(string preset, int ep, int warmup, int measured)
+    static StepResult TimeSteps(string preset, int ep, int zero, int warmup, int measured)
     {
         var config = DeepSeekConfig.Preset(preset);
-        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Ep = ep };
+        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Ep = ep, Zero = zero };
         var rng = new Random(1);
         var tokens = new int[(options.SeqLen + 1) * 64];
         for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
         var data = new TokenDataset(tokens, options.SeqLen);
-        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
+        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
         var models = Enumerable.Range(0, 2).Select(r =>
         {
             manual_seed(1);
@@ -112,8 +112,10 @@ public static class ExpertBench
             double s = sw.Elapsed.TotalSeconds / measured;
             var traffic = parallel?.TakeTraffic() ?? default;
             long bytes = trainer.Model.parameters().Sum(p => p.numel() * p.element_size());
+            long optimizer = trainer.Optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
+            long predicted = MemoryPlanner.Predict(config, layout, c.Rank, new MemoryInputs("fp32", "none", options.MicroBatch, options.SeqLen)).Optimizer;
             return new StepResult(s, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
-                traffic.FanOut, (double)traffic.SentBytes / measured, bytes);
+                traffic.FanOut, (double)traffic.SentBytes / measured, bytes, optimizer, predicted);
         });
         foreach (var m in models) m.Dispose();
         return results.MaxBy(r => r.Step)!;

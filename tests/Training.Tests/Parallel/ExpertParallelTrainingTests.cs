@@ -22,21 +22,21 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
 
     // 3 decoder layers (1 dense, 2 MoE) and an MTP module (a third MoE layer): 8 routed experts in 4 groups, top-2 of
     // 2 groups per token, so ep 4 puts one group on each rank and a token reaches at most 2 ranks.
-    static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab);
+    internal static DeepSeekConfig Micro(int vocab) => MicroModel.Config(vocab);
 
     // Global batch 16 = 1 x 8 x 2 = 2 x 4 x 2 = 4 x 2 x 2; the clip of 0.5 is active in every step.
-    static readonly TrainingOptions Options = new()
+    internal static readonly TrainingOptions Options = new()
     {
         SeqLen = MicroModel.SeqLen, GlobalBatch = 16, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
         MtpWeight = 0.3, ClipNorm = 0.5,
     };
 
     // No token ever chooses this expert (its routing bias is far below the others'): its gradient must be exactly zero.
-    const int Starved = 5;
+    internal const int Starved = 5;
 
-    static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
+    internal static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
-    static DeepSeekForCausalLM NewModel()
+    internal static DeepSeekForCausalLM NewModel()
     {
         manual_seed(Options.Seed);
         var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
@@ -46,7 +46,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         return model;
     }
 
-    sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments, ExpertTraffic Traffic)
+    internal sealed record Held(List<StepMetrics> Steps, Dictionary<string, double[]> Weights, Dictionary<string, double[]> Moments, ExpertTraffic Traffic)
     {
         public long ParameterBytes, OptimizerBytes, WordBytes;
     }
@@ -72,7 +72,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         };
     }
 
-    static readonly Lazy<Held> Single = new(() =>
+    internal static readonly Lazy<Held> Single = new(() =>
     {
         using var model = NewModel();
         using var trainer = new Trainer(model, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);

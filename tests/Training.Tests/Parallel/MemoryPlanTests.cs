@@ -67,6 +67,10 @@ public class MemoryPlanTests
         Assert.Equal(whole.GradientWords, zero1.GradientWords);
         var zero2 = MemoryPlanner.Predict(Tiny, ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).WithShards(1, 2, Tiny.NRoutedExperts), 0, inputs);
         Assert.InRange(zero2.GradientWords, whole.GradientWords / 4, whole.GradientWords / 4 + 16 * 4);
+        // ep x ZeRO: 1/dp of the replicated parameters' state and 1/(dp/ep) of the held experts', 1/dp of the whole.
+        var epZero = MemoryPlanner.Predict(Tiny, ParallelLayout.Even(4, 1, Tiny.NumHiddenLayers).WithShards(2, 2, Tiny.NRoutedExperts), 0, inputs);
+        Assert.InRange(epZero.Optimizer, whole.Optimizer / 4, whole.Optimizer / 4 + 2 * 12);
+        Assert.InRange(epZero.GradientWords, whole.GradientWords / 4, whole.GradientWords / 4 + 2 * 16);
         var ep2 = MemoryPlanner.LocalParameters(Tiny, ParallelLayout.Even(2, 1, Tiny.NumHiddenLayers).WithShards(2, 0, Tiny.NRoutedExperts), 0);
         long routed = Enumerable.Range(0, Tiny.NumHiddenLayers + Tiny.NumNextnPredictLayers).Sum(l => Tiny.RoutedExpertParameterCount(l));
         Assert.Equal(built - routed / 2, ep2);
