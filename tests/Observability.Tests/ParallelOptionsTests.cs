@@ -18,6 +18,16 @@ public class ParallelOptionsTests
         Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
     }
 
+    [Fact]
+    public void EpTwoReachesTheSpecWithoutEvaluationTasksAndEpWithZeroIsRefusedNamingBoth()
+    {
+        var spec = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--precision", "bf16"), "d", DateTime.UnixEpoch);
+        Assert.Equal((2, 0, "bf16"), (spec.Parallel.Ep, spec.Parallel.Zero, spec.Precision));
+        Assert.Empty(spec.EvalTasks); // a replica holds half the experts: no whole model to score tasks with
+        Assert.Empty(spec.Validate());
+        Assert.Contains("--ep (parallel.ep): 2 with zero 1", Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--ep", "2", "--zero", "1")).Message);
+    }
+
     [Theory]
     [InlineData("--zero", "5", "--zero (parallel.zero): 5 must be 0")]
     [InlineData("--precision", "fp16", "--precision (precision): 'fp16' must be one of auto, fp32, bf16")]
