@@ -60,9 +60,10 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
                 restored.Step = 0;
                 bytes = 0;
             }
-            // One history for every stage that did not take a live state: the stages can tell next time that their live
-            // states belong together.
-            if (Pipeline) restored.Lineage = GenerationLineage(resume.Step);
+            // One history for every stage (or expert shard) that did not take a live state: next time the ranks can tell
+            // that their live states belong together. Without it every rank's own random lineage would make each one
+            // look behind the others, and an ep job, which cannot copy a live state, would reload the checkpoint.
+            if (Pipeline || layout.Ep > 1) restored.Lineage = GenerationLineage(resume.Step);
         }
         return (resume, bytes);
     }

@@ -38,15 +38,19 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
             host.Send("add");
             using var http = new HttpClient { BaseAddress = new Uri(coordinator) };
             await ElasticTests.Eventually(async () => (await http.GetStringAsync("/workers")).Contains("\"gpu-worker-4\""), "the spare registered", TimeSpan.FromMinutes(5));
-            // The console's status line is throttled: the job's record says when the first checkpoint is committed.
+            // The console's status line is throttled: the job's record says when the first checkpoint is committed and a
+            // step after it is done (so that the kill leaves steps to redo).
+            long killedAtStep = 0;
             await ElasticTests.Eventually(async () =>
             {
                 using var running = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
-                return running.RootElement.GetProperty("committed").EnumerateArray().Any(c => c.GetProperty("step").GetInt64() == CheckpointInterval);
-            }, $"the commit of step {CheckpointInterval}", TimeSpan.FromMinutes(8));
+                killedAtStep = running.RootElement.GetProperty("step").GetInt64();
+                return killedAtStep > CheckpointInterval &&
+                       running.RootElement.GetProperty("committed").EnumerateArray().Any(c => c.GetProperty("step").GetInt64() == CheckpointInterval);
+            }, $"the commit of step {CheckpointInterval} and a step after it", TimeSpan.FromMinutes(8));
             int victim = ElasticTests.WorkerPid(runDir, "gpu-worker-1");
             Process.GetProcessById(victim).Kill(); // SIGKILL: its experts' live state is gone with it
-            output.WriteLine($"SIGKILL gpu-worker-1 (pid {victim}) after the commit of step {CheckpointInterval}");
+            output.WriteLine($"SIGKILL gpu-worker-1 (pid {victim}) at step {killedAtStep}, after the commit of step {CheckpointInterval}");
 
             var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
             Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
@@ -68,6 +72,9 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
             Assert.Contains(r.GetProperty("resumeStep").GetInt64(), committed);
             Assert.True(r.GetProperty("resumeStep").GetInt64() >= CheckpointInterval, $"resumed before the first commit: {r}");
             Assert.Contains((long)Steps, committed);
+            // The steps done after that checkpoint are redone (unless a later commit landed between the poll and the kill).
+            long resumeStep = r.GetProperty("resumeStep").GetInt64();
+            Assert.True(r.GetProperty("stepsRedone").GetInt64() >= killedAtStep - resumeStep, $"killed at step {killedAtStep}, resumed at {resumeStep}: {r}");
 
             // Exactly once: the redone steps' first samples are forgotten with them; every step's batch once, no gap.
             var consumption = job.GetProperty("consumption");
