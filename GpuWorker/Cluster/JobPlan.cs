@@ -23,14 +23,15 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
         var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId, cuda);
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizer.TokenizerHash)
                              + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : "") // a stage's state is no other stage's
-                             + (spec.Parallel.Zero > 0 ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : ""); // nor a ZeRO shard another's
+                             + (spec.Parallel.Zero > 0 ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : "") // nor a ZeRO shard another's
+                             + (spec.Parallel.Ep > 1 ? $"/expert shard {assignment.DpRank % spec.Parallel.Ep} of {spec.Parallel.Ep}" : ""); // nor an expert shard (ParallelLayout.ExpertShardOfRank)
         return new JobPlan(spec, config, options, fingerprint);
     }
 
     /// <summary>
     /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
     /// the training options (batch, schedule and its shape, optimizer knobs, seed, checkpoints, validation, pipeline schedule,
-    /// ZeRO stage, precision) of <paramref name="spec"/>; precision auto is bf16 on CUDA (<paramref name="cuda"/>) and fp32 on CPU.
+    /// ZeRO stage, expert-parallel width, precision) of <paramref name="spec"/>; precision auto is bf16 on CUDA (<paramref name="cuda"/>) and fp32 on CPU.
     /// </summary>
     public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId, bool cuda = false)
     {
@@ -42,7 +43,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             Lr = spec.Schedule.PeakLr, Schedule = spec.Schedule.Kind, WarmupSteps = spec.Schedule.WarmupSteps,
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
-            PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero, Recompute = spec.ActivationCheckpointing,
+            PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero, Ep = spec.Parallel.Ep, Recompute = spec.ActivationCheckpointing,
             Precision = PrecisionOf(spec, cuda), DecayFraction = spec.Schedule.DecayFraction,
             WeightDecay = spec.WeightDecay, ClipNorm = spec.ClipNorm, MtpWeight = spec.MtpWeight, BiasUpdateSpeed = spec.BiasUpdateSpeed,
             Beta1 = spec.Beta1, Beta2 = spec.Beta2, Epsilon = spec.Epsilon,

@@ -30,11 +30,13 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
         if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
-        if (layout.Zero > 0 && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
+        if ((layout.Zero > 0 || layout.Ep > 1) && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
         {
-            // A ZeRO rank's optimizer state is its shard alone, held nowhere else: a rank behind cannot copy it from
-            // another replica. Every rank decides this from the same exchange, so all load the committed checkpoint.
-            run.Log($"rank {A.Rank} could resume from live state at step {resume.Step}, but a rank is behind and ZeRO {layout.Zero} shards are held once: " +
+            // A ZeRO rank's optimizer state is its shard alone, held nowhere else, and an expert-parallel rank's experts
+            // are not the source's (the broadcast copies one rank's tensors to all): a rank behind cannot copy its state
+            // from another replica. Every rank decides this from the same exchange, so all load the committed checkpoint.
+            string why = layout.Zero > 0 ? $"ZeRO {layout.Zero} shards are held once" : $"with ep {layout.Ep} the ranks hold different experts";
+            run.Log($"rank {A.Rank} could resume from live state at step {resume.Step}, but a rank is behind and {why}: " +
                     $"every rank loads {(A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start")}");
             resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
@@ -58,9 +60,10 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
                 restored.Step = 0;
                 bytes = 0;
             }
-            // One history for every stage that did not take a live state: the stages can tell next time that their live
-            // states belong together.
-            if (Pipeline) restored.Lineage = GenerationLineage(resume.Step);
+            // One history for every stage (or expert shard) that did not take a live state: next time the ranks can tell
+            // that their live states belong together. Without it every rank's own random lineage would make each one
+            // look behind the others, and an ep job, which cannot copy a live state, would reload the checkpoint.
+            if (Pipeline || layout.Ep > 1) restored.Lineage = GenerationLineage(resume.Step);
         }
         return (resume, bytes);
     }
@@ -135,20 +138,31 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         return bytes;
     }
 
+    static readonly object SeedLock = new();
+
     /// <summary>
     /// The whole model from the seed (every rank builds the same weights) with its AdamW; for a pipeline stage, shrunk to
     /// this worker's stage, the AdamW over the stage's parameters only.
     /// </summary>
     ReplicaState NewState()
     {
-        manual_seed(plan.Spec.Seed);
-        var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
+        DeepSeekForCausalLM model;
+        // The seed drives torch's one process-wide generator: workers that share a process (the in-process cluster
+        // tests) would interleave their draws and start from different weights.
+        lock (SeedLock)
+        {
+            manual_seed(plan.Spec.Seed);
+            model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
+        }
         // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
         if (plan.Spec.InitFrom is { } pretrained)
         {
             PretrainedWeights.LoadInto(model, pretrained);
             run.Log($"initFrom: the model starts from the weights of {pretrained}");
         }
+        // Expert parallelism: the whole model is built from the seed (so every expert starts as in one process), then
+        // this rank keeps its shard's experts; the optimizer puts them last (Trainer.CreateOptimizer with the options' ep).
+        if (layout.Ep > 1) ExpertParallel.ShardModel(model, layout, A.Rank);
         model.to(device);
         if (plan.Options.Precision == "bf16") model.to(ScalarType.BFloat16); // AdamW keeps fp32 master weights and moments
         var stage = Pipeline ? new PipelineStage(model, layout, A.PpStage) : null;

@@ -39,23 +39,28 @@ static class RunEnd
 {
     /// <summary>
     /// The ranks that take part in a validation between steps: rank 0 with the whole model; in a pipeline, every stage of
-    /// replica 0 (the loss is computed on the last stage and handed along to rank 0, which reports it).
+    /// replica 0 (the loss is computed on the last stage and handed along to rank 0, which reports it); with expert
+    /// parallelism every rank, since a MoE layer's all-to-all spans the ring and each rank holds only its experts (they
+    /// all measure the same batches, and rank 0 reports the loss).
     /// </summary>
-    public static bool Validates(Assignment a) => a.PpSize > 1 ? a.DpRank == 0 : a.Rank == 0;
+    public static bool Validates(Assignment a, JobPlan plan) => a.PpSize > 1 ? a.DpRank == 0 : plan.Options.Ep > 1 || a.Rank == 0;
+
+    /// <summary>Rank 0 holds the whole model at the end: not a pipeline stage and not one expert shard.</summary>
+    static bool HoldsWholeModel(Assignment a, JobPlan plan) => a.PpSize == 1 && plan.Options.Ep == 1;
 
     /// <summary>
-    /// Rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop). With pp = 1 it holds the
-    /// whole model. A pipeline's rank 0 holds only stage 0: the final checkpoint commits once every stage's file is
-    /// reported (and the Coordinator stops the ranks only after that), so it waits for the commit until the run is
-    /// cancelled and loads the whole model from it (any layout loads into one model). Without a committed final
-    /// checkpoint there is no whole model to write: said, not guessed.
+    /// Rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop). With pp = 1 and ep = 1 it
+    /// holds the whole model. A pipeline's rank 0 holds only stage 0, an expert-parallel one only its experts: the final
+    /// checkpoint commits once every rank's file is reported (and the Coordinator stops the ranks only after that), so it
+    /// waits for the commit until the run is cancelled and loads the whole model from it (any layout loads into one
+    /// model). Without a committed final checkpoint there is no whole model to write: said, not guessed.
     /// </summary>
     public static void Finish(RunContext run, JobPlan plan, RunFormation formed, RunValidation validation, (long Step, double Loss)? last,
                               Device device, GetTokenizerReply tokenizer, CancellationToken boundary)
     {
         if (run.Rank != 0) return;
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
-        if (run.Assignment.PpSize == 1)
+        if (HoldsWholeModel(run.Assignment, plan))
         {
             Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, formed.Store.Exports);
             return;
@@ -67,7 +72,7 @@ static class RunEnd
         using var model = new DeepSeekForCausalLM(plan.Config);
         model.to(device);
         var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
-        run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+        run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
         Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, formed.Store.Exports);
     }
 

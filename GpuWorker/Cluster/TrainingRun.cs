@@ -103,7 +103,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         using var formed = RunFormation.Form(context, plan, source, device, ncclId.Task, storeChannel, tokenizer.TokenizerHash, collectivePort, pipelinePort, ct);
         using var validation = new RunValidation(data, plan);
         var evaluation = spec.EvalTasks.Length > 0 ? new CheckpointEvaluation(context, plan, tokenizer, formed.Ring, device) : null;
-        var loop = new StepLoop(context, plan, formed, source, progress, RunEnd.Validates(assignment) ? validation : null, evaluation);
+        var loop = new StepLoop(context, plan, formed, source, progress, RunEnd.Validates(assignment, plan) ? validation : null, evaluation);
         loop.Run(ct);
         RunEnd.Finish(context, plan, formed, validation, loop.LastValidation, device, tokenizer, ct);
     }

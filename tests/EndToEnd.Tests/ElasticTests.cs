@@ -117,7 +117,7 @@ public class ElasticTests(ITestOutputHelper output)
         }
     }
 
-    static async Task Eventually(Func<Task<bool>> condition, string what, TimeSpan limit)
+    internal static async Task Eventually(Func<Task<bool>> condition, string what, TimeSpan limit)
     {
         var deadline = DateTime.UtcNow + limit;
         while (!await condition())
@@ -132,7 +132,7 @@ public class ElasticTests(ITestOutputHelper output)
         Path.Combine(host.WaitFor(@"model saved to (\S+)", TimeSpan.FromMinutes(2)).Groups[1].Value, "model.safetensors");
 
     /// <summary>The pid of the worker instance started for this run.</summary>
-    static int WorkerPid(string runDir, string instance)
+    internal static int WorkerPid(string runDir, string instance)
     {
         foreach (var pid in ClusterEndToEndTests.ProcessesMentioning(runDir))
         {
@@ -147,7 +147,7 @@ public class ElasticTests(ITestOutputHelper output)
     }
 
     /// <summary>The AppHost as a child process with its console: lines are collected, commands written to its stdin.</summary>
-    sealed class AppHostProcess : IDisposable
+    internal sealed class AppHostProcess : IDisposable
     {
         readonly Process process;
         readonly List<string> lines = [];

@@ -84,6 +84,20 @@ public class ParallelPlanSpecTests
         Assert.Contains("2 must divide dp (3)", message);
     }
 
+    [Fact]
+    public void EpTwoIsAcceptedWithZeroAndRecomputeAndMappedAndWhatItDoesNotTrainWithIsRefusedNamingBoth()
+    {
+        Assert.Empty(Spec(new ParallelPlan { Ep = 2 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 4, Ep = 4 }).Validate());
+        Assert.Equal(2, JobPlan.Map(Spec(new ParallelPlan { Ep = 2 }), 300, 3).Options.Ep);
+        Assert.Contains("2 with pp 2: expert parallelism is built for pp 1 only", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Ep = 2 }, 2, 4), "parallel.ep")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Ep = 2, Zero = 2 }).Validate());
+        Assert.Empty((Spec(new ParallelPlan { Ep = 2, Zero = 1 }) with { ActivationCheckpointing = "full" }).Validate());
+        var options = JobPlan.Map(Spec(new ParallelPlan { Ep = 2, Zero = 1 }) with { ActivationCheckpointing = "selective" }, 300, 3).Options;
+        Assert.Equal((2, 1, "selective"), (options.Ep, options.Zero, options.Recompute));
+        Assert.Contains("needs parallel.ep = 1", Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2 }) with { EvalTasks = ["kjv_cloze"] }, "evalTasks")).Message);
+    }
+
     [Theory]
     [InlineData(-1, "must be 0 (replicated), 1")]
     [InlineData(4, "must be 0 (replicated), 1")]

@@ -18,6 +18,18 @@ public class ParallelOptionsTests
         Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
     }
 
+    [Fact]
+    public void EpTwoReachesTheSpecWithoutEvaluationTasksAndCombinesWithZero()
+    {
+        var spec = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--precision", "bf16"), "d", DateTime.UnixEpoch);
+        Assert.Equal((2, 0, "bf16"), (spec.Parallel.Ep, spec.Parallel.Zero, spec.Precision));
+        Assert.Empty(spec.EvalTasks); // a replica holds half the experts: no whole model to score tasks with
+        Assert.Empty(spec.Validate());
+        var sharded = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--precision", "bf16"), "d", DateTime.UnixEpoch);
+        Assert.Equal((2, 1), (sharded.Parallel.Ep, sharded.Parallel.Zero));
+        Assert.Empty(sharded.Validate());
+    }
+
     [Theory]
     [InlineData("--zero", "5", "--zero (parallel.zero): 5 must be 0")]
     [InlineData("--precision", "fp16", "--precision (precision): 'fp16' must be one of auto, fp32, bf16")]
