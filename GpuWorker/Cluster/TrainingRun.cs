@@ -105,6 +105,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var evaluation = spec.EvalTasks.Length > 0 ? new CheckpointEvaluation(context, plan, tokenizer, formed.Ring, device) : null;
         var loop = new StepLoop(context, plan, formed, source, progress, RunEnd.Validates(assignment) ? validation : null, evaluation);
         loop.Run(ct);
+        if (assignment.CheckpointOnly) return; // the job was preempted: its run ends when the workers are released
         RunEnd.Finish(context, plan, formed, validation, loop.LastValidation, device, tokenizer, ct);
     }
 }
