@@ -54,7 +54,7 @@ public class PreemptionCheckpointRunTests(DataShardsHostFixture fixture) : IClas
         lock (sent) return ([.. sent], log.ToString());
     }
 
-    static List<StepReport> Steps(IEnumerable<WorkerMessage> sent) =>
+    static List<StepReport> Trained(IEnumerable<WorkerMessage> sent) =>
         [.. sent.Where(m => m.KindCase == WorkerMessage.KindOneofCase.Step && m.Step.SampleCount > 0).Select(m => m.Step)];
 
     [Fact]
@@ -64,12 +64,12 @@ public class PreemptionCheckpointRunTests(DataShardsHostFixture fixture) : IClas
         string output = Directory.CreateTempSubdirectory("run-preempt-").FullName;
 
         var (reference, referenceLog) = await RunAsync(Spec("reference"), 1, 0, false, new ReplicaHolder(), store, output);
-        Assert.True(Steps(reference).Count == Steps, referenceLog);
+        Assert.True(Trained(reference).Count == Steps, referenceLog);
 
         // Generation 1 is stopped after step 2 (the preemption's Rescale); the worker keeps its live state.
         var holder = new ReplicaHolder();
         var (first, firstLog) = await RunAsync(Spec("job"), 1, 0, false, holder, store, output, stopAfter: 2);
-        Assert.True(Steps(first).Select(s => s.Step).SequenceEqual([1L, 2L]), firstLog);
+        Assert.True(Trained(first).Select(s => s.Step).SequenceEqual([1L, 2L]), firstLog);
         Assert.DoesNotContain(first, m => m.KindCase == WorkerMessage.KindOneofCase.Checkpoint);
 
         // Generation 2, checkpoint-only: resumes from that live state, saves step 2, trains nothing.
@@ -88,12 +88,12 @@ public class PreemptionCheckpointRunTests(DataShardsHostFixture fixture) : IClas
         var (last, lastLog) = await RunAsync(Spec("job"), 3, 2, false, new ReplicaHolder(), store, output);
         var resumedLast = Assert.Single(last, m => m.KindCase == WorkerMessage.KindOneofCase.Resumed).Resumed;
         Assert.True((2L, "checkpoint") == (resumedLast.Step, resumedLast.Source), lastLog);
-        var steps = Steps(first).Concat(Steps(last)).ToList();
+        var steps = Trained(first).Concat(Trained(last)).ToList();
         Assert.Equal([1L, 2L, 3L, 4L], steps.Select(s => s.Step));
         // Every sample of the four global batches claimed once, in order.
-        Assert.Equal(Enumerable.Range(0, Steps).Select(i => ((long)i * GlobalBatch, (long)GlobalBatch)), steps.Select(s => (s.SampleStart, s.SampleCount)));
+        Assert.Equal(Enumerable.Range(0, Steps).Select(i => ((long)i * GlobalBatch, (long)GlobalBatch)), steps.Select(s => (s.SampleStart, (long)s.SampleCount)));
         // The weights, moments and batches of the uninterrupted run: the same losses, to the bit.
-        Assert.Equal(Steps(reference).Select(s => s.Loss), steps.Select(s => s.Loss));
+        Assert.Equal(Trained(reference).Select(s => s.Loss), steps.Select(s => s.Loss));
         Directory.Delete(output, recursive: true);
     }
 }
