@@ -118,6 +118,7 @@ public sealed partial class TrainingJobGrain(
 
     public async Task ReportCollectiveFailedAsync(long generation, string workerId, string reason)
     {
+        if (await ReleaseWithoutPreemptionCheckpointAsync(generation, "collective_failed", $"the ring broke on worker {workerId}: {reason}")) return;
         if (S.Spec is null || S.State != JobState.Running || generation != S.Generation) return;
         logger.LogWarning("Job {Job}: the collective of generation {Generation} failed on worker {Worker}: {Reason}", JobId, generation, workerId, reason);
         await ReformAsync("collective_failed", "collective_failed", New(JobEventKinds.Rescaling,
