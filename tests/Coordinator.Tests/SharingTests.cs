@@ -118,6 +118,22 @@ public class SharingTests
     }
 
     [Fact]
+    public async Task APreemptedJobWhoseCheckpointSaveFailsReleasesItsWorkersAtOnceAndSaysWhy()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder()); // the default bound: 60 s
+        var (low, high) = await PreemptAfterStep3Async(c);
+        await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Formed && e.Reason == "preemption_checkpoint"), "low's checkpoint-only generation");
+        await low.ReportResumedAsync(2, new ResumedReport { Step = 3, Source = "replica", SourceRank = 0 });
+
+        // Rank 1 cannot store its file: the checkpoint will never commit, so the workers go now, not at the bound.
+        await low.ReportCheckpointFailedAsync(2, 3, 1, "could not store its file: no space left on device");
+        var released = Assert.Single((await low.GetStatusAsync()).Events, e => e.Kind == K.Released);
+        Assert.Equal(("checkpoint_failed", 2L, 1L), (released.Reason, released.ResumeStep, released.StepsRedone));
+        Assert.Contains("rank 1's save of step 3 failed", released.Message);
+        await RunHighToCompletionAsync(high);
+    }
+
+    [Fact]
     public async Task WithinAPriorityTheJobWaitingLongestGetsFreeWorkersFirstAndAHigherPriorityGoesBeforeIt()
     {
         await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
