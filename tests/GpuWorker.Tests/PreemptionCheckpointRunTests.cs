@@ -17,7 +17,7 @@ public class PreemptionCheckpointRunTests(DataShardsHostFixture fixture) : IClas
 
     const int GlobalBatch = 4, Steps = 4;
 
-    // Checkpoints at 3 and 4 only: the preemption after step 2 finds no checkpoint of its step.
+    // Checkpoints at 3 and 4 only: the preemption after step 2 finds no checkpoint of its step (the reference saves every step).
     JobSpec Spec(string name) => new()
     {
         Name = name, ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = GlobalBatch, MicroBatch = 2,
@@ -57,43 +57,53 @@ public class PreemptionCheckpointRunTests(DataShardsHostFixture fixture) : IClas
     static List<StepReport> Trained(IEnumerable<WorkerMessage> sent) =>
         [.. sent.Where(m => m.KindCase == WorkerMessage.KindOneofCase.Step && m.Step.SampleCount > 0).Select(m => m.Step)];
 
+    /// <summary>Commits the checkpoint a run reported, as the Coordinator would.</summary>
+    static async Task CommitAsync(StoreHost store, string job, CheckpointReport saved)
+    {
+        Assert.True(saved.Error.Length == 0, saved.Error);
+        var commit = new CommitCheckpointRequest { Job = job, Step = saved.Step, Generation = saved.Generation, ManifestJson = saved.ManifestJson };
+        commit.Files.Add(new ExpectedFile { FileName = saved.File, Size = saved.SizeBytes, Sha256 = saved.Sha256 });
+        await store.Client.CommitCheckpointAsync(commit);
+    }
+
     [Fact]
     public async Task APreemptedRunSavesTheStepItHoldsAndTheNextGenerationResumesThereAsAnUninterruptedRunWould()
     {
         await using var store = await StoreHost.StartAsync();
         string output = Directory.CreateTempSubdirectory("run-preempt-").FullName;
 
-        var (reference, referenceLog) = await RunAsync(Spec("reference"), 1, 0, false, new ReplicaHolder(), store, output);
+        // The uninterrupted reference, saving every step. Both runs below start from its committed step 1 (startFrom):
+        // a fresh start draws its weights from torch's process-wide generator, which tests running beside this one also draw from.
+        var (reference, referenceLog) = await RunAsync(Spec("reference") with { CheckpointInterval = 1 }, 1, 0, false, new ReplicaHolder(), store, output);
         Assert.True(Trained(reference).Count == Steps, referenceLog);
+        await CommitAsync(store, "reference", Assert.Single(reference, m => m.KindCase == WorkerMessage.KindOneofCase.Checkpoint && m.Checkpoint.Step == 1).Checkpoint);
+        var job = Spec("job") with { StartFrom = new Contracts.Grains.CheckpointRef("reference", 1) };
 
-        // Generation 1 is stopped after step 2 (the preemption's Rescale); the worker keeps its live state.
+        // Generation 1 trains step 2 and is stopped after it (the preemption's Rescale); the worker keeps its live state.
         var holder = new ReplicaHolder();
-        var (first, firstLog) = await RunAsync(Spec("job"), 1, 0, false, holder, store, output, stopAfter: 2);
-        Assert.True(Trained(first).Select(s => s.Step).SequenceEqual([1L, 2L]), firstLog);
+        var (first, firstLog) = await RunAsync(job, 1, 1, false, holder, store, output, stopAfter: 2);
+        Assert.True(Trained(first).Select(s => s.Step).SequenceEqual([2L]), firstLog);
         Assert.DoesNotContain(first, m => m.KindCase == WorkerMessage.KindOneofCase.Checkpoint);
 
         // Generation 2, checkpoint-only: resumes from that live state, saves step 2, trains nothing.
-        var (drain, drainLog) = await RunAsync(Spec("job"), 2, 0, true, holder, store, output);
+        var (drain, drainLog) = await RunAsync(job, 2, 1, true, holder, store, output);
         var resumed = Assert.Single(drain, m => m.KindCase == WorkerMessage.KindOneofCase.Resumed).Resumed;
         Assert.True((2L, "replica") == (resumed.Step, resumed.Source), drainLog);
         Assert.DoesNotContain(drain, m => m.KindCase == WorkerMessage.KindOneofCase.Step);
         var saved = Assert.Single(drain, m => m.KindCase == WorkerMessage.KindOneofCase.Checkpoint).Checkpoint;
-        Assert.True(saved.Error.Length == 0, saved.Error);
         Assert.Equal((2L, 2L), (saved.Step, saved.Generation));
-        var commit = new CommitCheckpointRequest { Job = "job", Step = 2, Generation = 2, ManifestJson = saved.ManifestJson };
-        commit.Files.Add(new ExpectedFile { FileName = saved.File, Size = saved.SizeBytes, Sha256 = saved.Sha256 });
-        await store.Client.CommitCheckpointAsync(commit);
+        await CommitAsync(store, "job", saved);
 
         // Generation 3 on a fresh worker (no live state): from the committed step 2, steps 3 and 4, nothing redone.
-        var (last, lastLog) = await RunAsync(Spec("job"), 3, 2, false, new ReplicaHolder(), store, output);
+        var (last, lastLog) = await RunAsync(job, 3, 2, false, new ReplicaHolder(), store, output);
         var resumedLast = Assert.Single(last, m => m.KindCase == WorkerMessage.KindOneofCase.Resumed).Resumed;
         Assert.True((2L, "checkpoint") == (resumedLast.Step, resumedLast.Source), lastLog);
         var steps = Trained(first).Concat(Trained(last)).ToList();
-        Assert.Equal([1L, 2L, 3L, 4L], steps.Select(s => s.Step));
-        // Every sample of the four global batches claimed once, in order.
-        Assert.Equal(Enumerable.Range(0, Steps).Select(i => ((long)i * GlobalBatch, (long)GlobalBatch)), steps.Select(s => (s.SampleStart, (long)s.SampleCount)));
+        Assert.Equal([2L, 3L, 4L], steps.Select(s => s.Step));
+        // Every sample of global batches 2..4 claimed once, in order (step 1's are the reference's lineage).
+        Assert.Equal(Enumerable.Range(1, Steps - 1).Select(i => ((long)i * GlobalBatch, (long)GlobalBatch)), steps.Select(s => (s.SampleStart, (long)s.SampleCount)));
         // The weights, moments and batches of the uninterrupted run: the same losses, to the bit.
-        Assert.Equal(Trained(reference).Select(s => s.Loss), steps.Select(s => s.Loss));
+        Assert.Equal(Trained(reference).Skip(1).Select(s => s.Loss), steps.Select(s => s.Loss));
         Directory.Delete(output, recursive: true);
     }
 }
