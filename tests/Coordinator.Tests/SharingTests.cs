@@ -266,5 +266,8 @@ public class SharingTests
         var options = new CoordinatorOptions { Quotas = { ["team-a"] = -1 } };
         var result = Assert.Single(options.Validate(new System.ComponentModel.DataAnnotations.ValidationContext(options)));
         Assert.Contains("Coordinator:Quotas:team-a", result.ErrorMessage);
+        var bound = new CoordinatorOptions { PreemptionCheckpointTimeout = TimeSpan.FromSeconds(-1) };
+        Assert.Contains("Coordinator:PreemptionCheckpointTimeout must not be negative",
+            Assert.Single(bound.Validate(new System.ComponentModel.DataAnnotations.ValidationContext(bound))).ErrorMessage);
     }
 }
