@@ -25,12 +25,20 @@ public sealed class CoordinatorOptions : IValidatableObject
     /// <summary>Per tenant (Coordinator:Quotas:&lt;tenant&gt;), the most workers its jobs hold together; a tenant not named has no limit.</summary>
     public Dictionary<string, int> Quotas { get; set; } = new(StringComparer.Ordinal);
 
+    /// <summary>
+    /// How long a preempted job may take to save and commit a checkpoint at its current step before its workers go
+    /// without one (it then redoes the steps after its newest committed checkpoint); zero: release at once, no checkpoint.
+    /// </summary>
+    public TimeSpan PreemptionCheckpointTimeout { get; set; } = TimeSpan.FromSeconds(60);
+
     public IEnumerable<ValidationResult> Validate(ValidationContext context)
     {
         if (HeartbeatTimeout <= TimeSpan.Zero)
             yield return new($"{Section}:HeartbeatTimeout must be positive (a TimeSpan such as 00:00:05), not {HeartbeatTimeout}", [nameof(HeartbeatTimeout)]);
         if (ReconnectGrace < TimeSpan.Zero)
             yield return new($"{Section}:ReconnectGrace must not be negative (a TimeSpan such as 00:00:20), not {ReconnectGrace}", [nameof(ReconnectGrace)]);
+        if (PreemptionCheckpointTimeout < TimeSpan.Zero)
+            yield return new($"{Section}:PreemptionCheckpointTimeout must not be negative (a TimeSpan such as 00:01:00; zero: no checkpoint at preemption), not {PreemptionCheckpointTimeout}", [nameof(PreemptionCheckpointTimeout)]);
         if (string.IsNullOrWhiteSpace(StateFolder))
             yield return new($"{Section}:StateFolder must name a folder", [nameof(StateFolder)]);
         if (LossHistory < 1)

@@ -22,6 +22,7 @@ public sealed partial record JobSpec
 
     /// <summary>Sequences per optimizer step over the whole job; fixed whatever the data-parallel width.</summary>
     [Id(5)] public int GlobalBatch { get; init; }
+    /// <summary>Sequences per forward/backward; 0 (absent): each worker's batch-size finder picks the largest that fits its memory.</summary>
     [Id(6)] public int MicroBatch { get; init; }
     [Id(7)] public int SeqLen { get; init; }
     [Id(8)] public int Steps { get; init; }
@@ -141,8 +142,8 @@ public sealed partial record JobSpec
         if (!RecomputeModes.Contains(ActivationCheckpointing))
             Problem("activationCheckpointing", $"'{ActivationCheckpointing}' must be one of {string.Join(", ", RecomputeModes)}");
         if (GlobalBatch < 1) Problem("globalBatch", $"{GlobalBatch} must be at least 1 sequence");
-        if (MicroBatch < 1) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence");
-        else if (GlobalBatch >= 1 && GlobalBatch % MicroBatch != 0)
+        if (MicroBatch < 0) Problem("microBatch", $"{MicroBatch} must be at least 1 sequence, or 0 (absent) for the largest that fits a worker's memory");
+        else if (MicroBatch > 0 && GlobalBatch >= 1 && GlobalBatch % MicroBatch != 0)
             Problem("microBatch", $"{MicroBatch} must divide globalBatch {GlobalBatch}");
         if (SeqLen < 1 || SeqLen > 1 << 20) Problem("seqLen", $"{SeqLen} must be between 1 and {1 << 20}");
         if (Steps < 1) Problem("steps", $"{Steps} must be at least 1");

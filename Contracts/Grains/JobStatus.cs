@@ -146,11 +146,14 @@ public static class JobEventKinds
     public const string Preempted = "preempted", Scheduling = "scheduling";
     /// <summary>The job starts from another job's committed checkpoint (JobSpec.StartFrom): its provenance.</summary>
     public const string StartedFrom = "started_from";
+    /// <summary>A preempted job let its workers go: Reason "checkpointed" (its checkpoint at preemption committed) or why not.</summary>
+    public const string Released = "released";
 
     public static readonly string[] All =
     [
         Submitted, Forming, Formed, WorkerJoined, WorkerLeft, WorkerLost, WorkerHung, WorkerFenced, Rescaling, Resumed,
         Recovered, CheckpointCommitted, CheckpointNotCommitted, CheckpointsDeleted, Completed, Failed, Stopped, StepSkipped, RolledBack,
         ExportStarted, Exported, ExportFailed, EvaluationStarted, Evaluated, EvaluationFailed, Preempted, Scheduling, StartedFrom,
+        Released,
     ];
 }

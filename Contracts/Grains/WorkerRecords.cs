@@ -72,6 +72,11 @@ public sealed record Assignment
     /// never in REST (GET /workers serializes this record).
     /// </summary>
     [Id(14), System.Text.Json.Serialization.JsonIgnore] public byte[] LinkKey { get; init; } = [];
+    /// <summary>
+    /// The generation only saves a checkpoint at the step it resumes at and trains nothing: the job was preempted and
+    /// lets its workers go once that checkpoint commits (docs/scheduling.md).
+    /// </summary>
+    [Id(69)] public bool CheckpointOnly { get; init; }
 }
 
 [GenerateSerializer, Immutable]

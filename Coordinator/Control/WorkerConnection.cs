@@ -30,6 +30,7 @@ public sealed class WorkerConnection : IWorkerControlObserver
             JobId = a.JobId, Generation = a.Generation, Rank = a.Rank, World = a.World,
             DpRank = a.DpRank, DpSize = a.DpSize, PpStage = a.PpStage, PpSize = a.PpSize,
             JobSpecJson = a.SpecJson, ResumeStep = a.ResumeStep, LinkKey = Google.Protobuf.ByteString.CopyFrom(a.LinkKey),
+            CheckpointOnly = a.CheckpointOnly,
         };
         foreach (var peer in a.Peers) message.Peers[peer.Rank] = peer.Endpoint;
         if (a.PpSize > 1)

@@ -51,6 +51,7 @@ public sealed partial class TrainingJobGrain(
         if (S.MoveLegacyState()) await job.WriteStateAsync(cancellationToken);
         if (S.Spec is not null && !S.State.IsTerminal()) metrics.JobGeneration(JobId, S.Generation);
         if (S.Spec is not null) metrics.JobStateChanged(JobId, S.State, S.Spec.MaxWorkers);
+        if (S.Preemption is not null && !S.State.IsTerminal()) ArmPreemptionDeadline();
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -104,6 +105,7 @@ public sealed partial class TrainingJobGrain(
     /// </summary>
     async Task ReformAsync(string cause, string metricReason, JobEvent rescaling, string commandReason)
     {
+        if (await ReleaseWithoutPreemptionCheckpointAsync(S.Generation, cause, commandReason)) return; // no checkpoint from fewer ranks
         S.Recovery.Start(cause, clock.GetUtcNow());
         S.State = JobState.Rescaling;
         metrics.Rescaled(metricReason);
@@ -116,6 +118,7 @@ public sealed partial class TrainingJobGrain(
 
     public async Task ReportCollectiveFailedAsync(long generation, string workerId, string reason)
     {
+        if (await ReleaseWithoutPreemptionCheckpointAsync(generation, "collective_failed", $"the ring broke on worker {workerId}: {reason}")) return;
         if (S.Spec is null || S.State != JobState.Running || generation != S.Generation) return;
         logger.LogWarning("Job {Job}: the collective of generation {Generation} failed on worker {Worker}: {Reason}", JobId, generation, workerId, reason);
         await ReformAsync("collective_failed", "collective_failed", New(JobEventKinds.Rescaling,
@@ -169,7 +172,7 @@ public sealed partial class TrainingJobGrain(
                 StateBytes = report.StateBytes, RestoreSeconds = report.RestoreSeconds,
             });
         // A generation that resumes at the last step trains nothing: it saves the final checkpoint, whose commit completes the job.
-        if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
+        if (!await CompleteIfFinalCheckpointCommittedAsync() && !await ReleaseIfNothingToSaveAsync(generation, report.Step)) await job.WriteStateAsync();
     }
 
     public async Task ReportStepAsync(long generation, StepReport report)
@@ -221,64 +224,6 @@ public sealed partial class TrainingJobGrain(
         return true;
     }
 
-    public async Task<bool> ReportCheckpointAsync(long generation, CheckpointReport report)
-    {
-        // A rank's report of the last generation may still arrive after the commit that completed the job.
-        Fence(generation, "checkpoint", acceptedWhenCompleted: true);
-        var complete = S.CheckpointBook.Report(generation, S.Workers.Count, report);
-        await job.WriteStateAsync();
-        if (complete is null) return false;
-        logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported; handed to the committer", JobId, report.Step, complete.World);
-        committer.Commit(JobId, complete);
-        return true;
-    }
-
-    public async Task ReportCheckpointFailedAsync(long generation, long step, int rank, string error)
-    {
-        Fence(generation, "checkpoint", acceptedWhenCompleted: true);
-        string then = step >= S.Spec!.Steps ? "; the rank saves the final checkpoint again until the store takes it" : "; training goes on";
-        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: rank {rank} {error}{then}")
-            with { ResumeStep = step, Reason = $"rank {rank}: {error}" });
-        await job.WriteStateAsync();
-    }
-
-    public async Task CheckpointCommittedAsync(CommittedCheckpoint checkpoint)
-    {
-        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        if (!S.CheckpointBook.Commit(checkpoint)) return; // a retried commit
-        Event(New(JobEventKinds.CheckpointCommitted, $"checkpoint at step {checkpoint.Step} committed: {checkpoint.Files} files, {checkpoint.Bytes} bytes")
-            with { ResumeStep = checkpoint.Step });
-        // Retention: a generation that has not resumed yet may be loading the step its Assignment named.
-        long? resuming = S.GenerationResumedAt is null && !S.State.IsTerminal() ? S.GenerationResumeStep : null;
-        var deletable = S.CheckpointBook.Deletable(S.Spec.KeepLast, resuming);
-        if (deletable.Count > 0) committer.Prune(JobId, S.CheckpointBook.KeptBesides(deletable));
-        if (!await CompleteIfFinalCheckpointCommittedAsync()) await job.WriteStateAsync();
-    }
-
-    public async Task CheckpointsDeletedAsync(long[] steps, long[] leftovers)
-    {
-        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        S.CheckpointBook.Deleted(steps, clock.GetUtcNow());
-        var what = new List<string>();
-        if (steps.Length > 0) what.Add($"the checkpoints of steps {string.Join(", ", steps)}");
-        if (leftovers.Length > 0) what.Add($"the uncommitted files of steps {string.Join(", ", leftovers)}");
-        Event(New(JobEventKinds.CheckpointsDeleted, $"retention (keepLast {S.Spec.KeepLast}) deleted {string.Join(" and ", what)}") with { Reason = "retention" });
-        await job.WriteStateAsync();
-    }
-
-    public async Task CheckpointNotCommittedAsync(long generation, long step, string reason)
-    {
-        if (S.Spec is null) throw new KeyNotFoundException($"no job '{JobId}'");
-        S.CheckpointBook.NotCommitted(step);
-        Event(New(JobEventKinds.CheckpointNotCommitted, $"checkpoint at step {step} (generation {generation}) not committed: {reason}")
-            with { ResumeStep = step, Reason = reason });
-        // Every rank uploaded the final checkpoint but it cannot be committed (refused, no store, storage gone past the
-        // retries): training is over, so the job completes and says what is missing rather than waiting forever.
-        if (step >= S.Spec.Steps && S.Step >= S.Spec.Steps && generation == S.Generation && !S.State.IsTerminal())
-            await FinishAsync(JobState.Completed, JobEventKinds.Completed, $"completed {S.Step} steps; the final checkpoint was not committed: {reason}");
-        else await job.WriteStateAsync();
-    }
-
     public async Task FailAsync(long generation, string reason)
     {
         Fence(generation, "failure");
@@ -304,6 +249,7 @@ public sealed partial class TrainingJobGrain(
     /// </summary>
     async Task TryFormAsync()
     {
+        if (S.Preemption is not null) return; // the members save the preemption's checkpoint; then they go
         var spec = S.Spec!;
         int want = spec.MaxWorkers - S.Pool.Count;
         if (want > 0)
@@ -344,8 +290,7 @@ public sealed partial class TrainingJobGrain(
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint, m.PipelineEndpoint))];
         S.State = JobState.Running;
         S.Recovery.Formed(S.Generation, clock.GetUtcNow());
-        // Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.
-        S.GenerationResumeStep = S.CheckpointBook.NewestCommitted is > 0 and var own ? own : spec.StartFrom?.Step ?? 0;
+        S.GenerationResumeStep = ResumeStepOfNextGeneration();
         Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
             with { Reason = rescale ? S.Recovery.Cause ?? "rescale" : "initial" });
         await ReleaseExtrasAsync();
@@ -354,7 +299,17 @@ public sealed partial class TrainingJobGrain(
         metrics.JobGeneration(JobId, S.Generation);
         await Registry.SetWaitingAsync(JobId, world < spec.MaxWorkers ? JobWait.ToGrow : JobWait.None);
 
-        string specJson = JobSpecJson.Serialize(spec);
+        await AssignGenerationAsync(dp.Value, pp, checkpointOnly: false);
+    }
+
+    /// <summary>Only a committed checkpoint exists; a step every rank reported but the store never committed cannot be loaded.</summary>
+    long ResumeStepOfNextGeneration() => S.CheckpointBook.NewestCommitted is > 0 and var own ? own : S.Spec!.StartFrom?.Step ?? 0;
+
+    /// <summary>The current generation's Assignment, pushed to every member.</summary>
+    async Task AssignGenerationAsync(int dp, int pp, bool checkpointOnly)
+    {
+        int world = dp * pp;
+        string specJson = JobSpecJson.Serialize(S.Spec!);
         long resume = S.GenerationResumeStep;
         var linkKey = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32); // this generation's data-plane key (LinkProof)
         // Stage-major ranks (rank = stage·dp + replica): a rank is its checkpoint file's rank in ParallelLayout, and the
@@ -365,14 +320,15 @@ public sealed partial class TrainingJobGrain(
             Generation = S.Generation,
             Rank = w.Rank,
             World = world,
-            DpRank = w.Rank % dp.Value,
-            DpSize = dp.Value,
-            PpStage = w.Rank / dp.Value,
+            DpRank = w.Rank % dp,
+            DpSize = dp,
+            PpStage = w.Rank / dp,
             PpSize = pp,
             Peers = [.. S.Workers],
             SpecJson = specJson,
             ResumeStep = resume,
             LinkKey = linkKey,
+            CheckpointOnly = checkpointOnly,
         })));
     }
 
@@ -389,6 +345,7 @@ public sealed partial class TrainingJobGrain(
         var members = S.Workers.ToList();
         S.State = final;
         S.Recovery.Stop();
+        S.Preemption = null;
         if (final == JobState.Failed) S.Error = why;
         Event(New(kind, why) with { Reason = why });
         S.Pool.Clear();

@@ -33,6 +33,8 @@ public sealed class TrainingJobGrainState
     [Id(60)] public List<EvaluationScore> Evaluations { get; set; } = [];
     /// <summary>Each member's latest achieved FLOP/s and device peak: the status's MFU (see <see cref="UtilizationBoard"/>).</summary>
     [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
+    /// <summary>While a preempted job's members save its checkpoint before they are released; null otherwise.</summary>
+    [Id(69)] public PreemptionCheckpoint? Preemption { get; set; }
 
     // State written before CheckpointBook and RecoveryClock existed; moved into them on activation (MoveLegacyState).
     [Id(7)] public List<CheckpointRecord> Checkpoints { get; set; } = [];

@@ -5,6 +5,7 @@ using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
 using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
@@ -49,6 +50,26 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             Beta1 = spec.Beta1, Beta2 = spec.Beta2, Epsilon = spec.Epsilon,
         };
         return (config, options);
+    }
+
+    /// <summary>The finder's answers in this process, by model, layout, inputs and memory: found once per model and device.</summary>
+    static readonly System.Collections.Concurrent.ConcurrentDictionary<string, MicroBatchChoice> FoundMicroBatches = new();
+
+    /// <summary>
+    /// The plan with the micro-batch the batch-size finder picks for <paramref name="assignment"/>'s rank when the spec leaves
+    /// microBatch unset (0): the largest that splits the replica's share of a step into whole micro-batches and whose
+    /// predicted bytes fit <paramref name="budgetBytes"/> with headroom (MicroBatchFinder). Every rank of a job on the same
+    /// device and budget picks the same. A spec that sets it gets this plan back unchanged (null choice).
+    /// </summary>
+    public (JobPlan Plan, MicroBatchChoice? Found) WithMicroBatchFound(Assignment assignment, string device, long budgetBytes)
+    {
+        if (Spec.MicroBatch > 0) return (this, null);
+        int dp = assignment.DpSize, pp = Math.Max(1, assignment.PpSize), share = Options.GlobalBatch / dp;
+        var layout = ParallelLayout.Even(dp, pp, Config.NumHiddenLayers).WithShards(Spec.Parallel.Ep, Spec.Parallel.Zero, Config.NRoutedExperts);
+        var inputs = new MemoryInputs(Options.Precision, Spec.ActivationCheckpointing, 1, Options.SeqLen, share, Options.PipelineSchedule);
+        string key = $"{device}|{budgetBytes}|{Config.ToJson()}|{dp}x{pp}/{layout.Ep}/{layout.Zero}|{inputs}|{share}";
+        var found = FoundMicroBatches.GetOrAdd(key, _ => MicroBatchFinder.Find(Config, layout, inputs, share, budgetBytes));
+        return (this with { Options = Options with { MicroBatch = found.MicroBatch } }, found);
     }
 
     /// <summary>The spec's precision as the trainer takes it: auto is bf16 on CUDA (bf16 matmul units) and fp32 on CPU.</summary>

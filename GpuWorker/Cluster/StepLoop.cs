@@ -45,6 +45,11 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
 
         // A generation that resumes at the last step trains nothing: the previous one finished the run, but its reports
         // crossed the re-formation and were refused, so its final checkpoint can never commit. This generation saves it.
+        if (A.CheckpointOnly)
+        {
+            SaveForPreemption(saver);
+            return;
+        }
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
@@ -162,7 +167,8 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
     void NotStored(long step, string why) =>
         run.Send(new WorkerMessage { Checkpoint = new CheckpointReport { Generation = A.Generation, Step = step, Rank = A.Rank, Error = why } });
 
-    void SaveCheckpoint(AsyncCheckpointSaver saver, long step)
+    /// <param name="now">Copy the tensors here rather than beside the next step (the last step, or no step follows).</param>
+    void SaveCheckpoint(AsyncCheckpointSaver saver, long step, bool now = false)
     {
         var tensors = Trainer.CheckpointTensors();
         if (A.Rank == 0)
@@ -171,7 +177,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
                 plan.Config.ToJson(), formed.TokenizerHash);
         // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
         // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
-        bool last = step >= Options.Steps;
+        bool last = now || step >= Options.Steps;
         var request = last ? saver.Save(step, tensors) : saver.BeginSave(step, tensors);
         if (request.Started && last) run.Metrics?.CheckpointSnapshot(A.JobId, run.WorkerId, request.Stall);
         if (request.PreviousFailure is { } failure) run.Log($"an earlier checkpoint failed: {failure.Message}");
@@ -188,6 +194,26 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             manifests.TryRemove(step, out _);
             NotStored(step, "skipped its save: the previous one was still uploading");
         }
+    }
+
+    /// <summary>
+    /// A checkpoint-only generation (the job was preempted): the live state every rank resumed at is saved and reported
+    /// through the ordinary commit, and nothing is trained; the Coordinator releases the workers once it commits. A state
+    /// no newer than the committed checkpoint named in the assignment (or the start) is already stored: nothing is saved,
+    /// as the Coordinator decides from the same Resumed report.
+    /// </summary>
+    void SaveForPreemption(AsyncCheckpointSaver saver)
+    {
+        long step = formed.Live.Step;
+        if (step <= A.ResumeStep)
+        {
+            run.Log($"preempted at step {step}: already committed, nothing to save");
+            return;
+        }
+        run.Log($"preempted at step {step}: saving its checkpoint before the workers are released");
+        SaveCheckpoint(saver, step, now: true);
+        if (TrainingThread.Wait(saver.WaitAsync()) is { } failure) run.Log($"the checkpoint at preemption failed: {failure.Message}");
+        TrainingThread.Wait(saver.DisposeAsync());
     }
 
     /// <summary>Routed-token fractions, layers × experts flattened (a layer that routed nothing reports zeros).</summary>

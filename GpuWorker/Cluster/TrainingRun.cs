@@ -88,7 +88,9 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var spec = JobSpecJson.Deserialize(assignment.JobSpecJson, $"the assignment of job {assignment.JobId}");
         var manifest = data.GetManifest(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
         var tokenizer = data.GetTokenizer(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
-        var plan = JobPlan.For(assignment, spec, manifest, tokenizer, cuda: device.type == DeviceType.CUDA);
+        var (plan, found) = JobPlan.For(assignment, spec, manifest, tokenizer, cuda: device.type == DeviceType.CUDA)
+            .WithMicroBatchFound(assignment, device.ToString(), settings.MemoryBudget(device).Bytes);
+        if (found is not null) context.Log($"microBatch unset: the batch-size finder chose {found} ({settings.MemoryBudget(device).Source})");
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);
         using var source = RemoteSampleSource.For(manifest, data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
@@ -105,6 +107,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var evaluation = spec.EvalTasks.Length > 0 ? new CheckpointEvaluation(context, plan, tokenizer, formed.Ring, device) : null;
         var loop = new StepLoop(context, plan, formed, source, progress, RunEnd.Validates(assignment, plan) ? validation : null, evaluation);
         loop.Run(ct);
+        if (assignment.CheckpointOnly) return; // the job was preempted: its run ends when the workers are released
         RunEnd.Finish(context, plan, formed, validation, loop.LastValidation, device, tokenizer, ct);
     }
 }

@@ -18,9 +18,10 @@ switch (verb)
     case "soak": return await SoakBench.RunAsync(rest);
     case "recovery": return await RecoveryBench.RunAsync(rest);
     case "cluster": return await ClusterBench.RunAsync(rest);
+    case "scheduling": return await SchedulingBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, recompute, export, eval, soak, recovery, cluster");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, data, collectives, exact-sum, kernels, recompute, export, eval, soak, recovery, cluster, scheduling");
         return 2;
 }
 return 0;

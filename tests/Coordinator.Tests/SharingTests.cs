@@ -15,10 +15,9 @@ public class SharingTests
 
     static IClusterRegistryGrain Registry(GrainCluster c) => c.Grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key);
 
-    [Fact]
-    public async Task AHigherPriorityJobPreemptsALowerOneWhichResumesFromItsCheckpointAndConsumesEverySampleExactlyOnce()
+    /// <summary>low (2 workers, 6 steps) trained steps 1..3 with step 2 committed when high (priority 5, 2 workers) arrives.</summary>
+    static async Task<(ITrainingJobGrain Low, ITrainingJobGrain High)> PreemptAfterStep3Async(GrainCluster c)
     {
-        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
         var low = c.Job("low");
         await low.SubmitAsync(Spec(workers: 2, steps: 6));
         await c.Worker("p1").RegisterAsync(TestSpecs.Worker("p1"), null);
@@ -27,46 +26,111 @@ public class SharingTests
         await low.ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
         for (int step = 1; step <= 3; step++) await low.ReportStepAsync(1, Step(step));
         await low.CheckpointCommittedAsync(new CommittedCheckpoint(2, 1, 2, 100));
-
-        // No worker is free: the job of priority 5 takes low's two.
         var high = c.Job("high");
         await high.SubmitAsync(Spec(workers: 2, steps: 2, priority: 5));
-        var highStatus = await TestSpecs.EventuallyAsync(high.GetStatusAsync, s => s.State == JobState.Running, "high formed on low's workers");
-        Assert.Equal(["p1", "p2"], highStatus.Workers.Select(w => w.WorkerId).Order());
-        Assert.Equal("high", (await c.Worker("p1").GetAsync()).Assignment!.JobId);
+        return (low, high);
+    }
+
+    /// <summary>high trains its two steps on the workers low let go, and completes (giving them back).</summary>
+    static async Task RunHighToCompletionAsync(ITrainingJobGrain high)
+    {
+        var status = await TestSpecs.EventuallyAsync(high.GetStatusAsync, s => s.State == JobState.Running, "high formed on low's workers");
+        Assert.Equal(["p1", "p2"], status.Workers.Select(w => w.WorkerId).Order());
+        await high.ReportResumedAsync(status.Generation, new ResumedReport { Step = 0, Source = "start" });
+        for (int step = 1; step <= 2; step++) await high.ReportStepAsync(status.Generation, Step(step));
+        await high.CheckpointCommittedAsync(new CommittedCheckpoint(2, status.Generation, 2, 100));
+        status = await high.GetStatusAsync();
+        Assert.Equal(JobState.Completed, status.State);
+        Assert.Equal((16L, true, 0L), (status.Consumption.Samples, status.Consumption.Complete, status.Consumption.Overlaps));
+    }
+
+    [Fact]
+    public async Task APreemptedJobCheckpointsTheStepItHoldsBeforeReleasingItsWorkersAndResumesThereRedoingNothing()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder());
+        var (low, high) = await PreemptAfterStep3Async(c);
+
+        // No worker is free: high takes low's two, but only after low's members saved the step they hold. They form a
+        // checkpoint-only generation on the same workers; high waits.
+        var p1 = (await TestSpecs.EventuallyAsync(() => c.Worker("p1").GetAsync(), w => w.Assignment?.Generation == 2, "low's checkpoint-only generation")).Assignment!;
+        Assert.Equal(("low", true), (p1.JobId, p1.CheckpointOnly));
         var lowStatus = await low.GetStatusAsync();
         Assert.Equal(JobState.Rescaling, lowStatus.State);
-        var preempted = Assert.Single(lowStatus.Events, e => e.Kind == K.Preempted);
-        Assert.Equal("preempted by high", preempted.Reason);
+        Assert.Equal("preempted by high", Assert.Single(lowStatus.Events, e => e.Kind == K.Preempted).Reason);
         var decision = Assert.Single(await Registry(c).ListDecisionsAsync(), d => d.Kind == "preempt");
         Assert.Equal(("low", "high"), (decision.JobId, decision.For));
         Assert.Equal(["p1", "p2"], decision.Workers.Order());
 
-        // low's ranks finish the step in flight at their boundary (step 4): it is recorded, and later dropped with the
-        // state that is not resumed.
-        await low.ReportStepAsync(1, Step(4));
+        // The ranks finish the step in flight (4), stop, resume from their live states at 4 and save it: until the store
+        // commits it the workers stay with low. Step 4's report crossed the re-formation: refused to the rank, but its
+        // samples belong to the state the new generation resumes from.
+        await Assert.ThrowsAsync<StaleGenerationException>(() => low.ReportStepAsync(1, Step(4)));
+        await low.ReportResumedAsync(2, new ResumedReport { Step = 4, Source = "replica", SourceRank = 0 });
+        Assert.Equal([[0L, 32L]], (await low.GetStatusAsync()).Consumption.Ranges);
+        await low.ReportCheckpointAsync(2, new CheckpointReport { Rank = 0, Step = 4, File = "rank-0.safetensors", ManifestJson = "{}" });
+        Assert.True(await low.ReportCheckpointAsync(2, new CheckpointReport { Rank = 1, Step = 4, File = "rank-1.safetensors" }));
+        Assert.Contains(c.Handed.Commits, h => h.JobId == "low" && h.Record.Step == 4 && h.Record.Generation == 2);
+        var highStatus = await high.GetStatusAsync();
+        Assert.Equal((JobState.Forming, 0), (highStatus.State, highStatus.Workers.Length));
+        Assert.Equal("low", (await c.Worker("p1").GetAsync()).Assignment!.JobId);
 
-        // high runs to completion and gives the workers back; low re-forms from its committed step 2.
-        await high.ReportResumedAsync(highStatus.Generation, new ResumedReport { Step = 0, Source = "start" });
-        for (int step = 1; step <= 2; step++) await high.ReportStepAsync(highStatus.Generation, Step(step));
-        await high.CheckpointCommittedAsync(new CommittedCheckpoint(2, highStatus.Generation, 2, 100));
-        highStatus = await high.GetStatusAsync();
-        Assert.Equal(JobState.Completed, highStatus.State);
-        Assert.Equal((16L, true, 0L), (highStatus.Consumption.Samples, highStatus.Consumption.Complete, highStatus.Consumption.Overlaps));
+        await low.CheckpointCommittedAsync(new CommittedCheckpoint(4, 2, 2, 100));
+        var released = Assert.Single((await low.GetStatusAsync()).Events, e => e.Kind == K.Released);
+        Assert.Equal(("checkpointed", 4L, 0L), (released.Reason, released.ResumeStep, released.StepsRedone));
+        await RunHighToCompletionAsync(high);
 
-        lowStatus = await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 2, "low re-formed");
-        Assert.Equal(2, (await c.Worker("p1").GetAsync()).Assignment!.ResumeStep);
-        await low.ReportResumedAsync(2, new ResumedReport { Step = 2, Source = "checkpoint" });
-        Assert.Equal([[0L, 16L]], (await low.GetStatusAsync()).Consumption.Ranges); // steps 3 and 4 belong to the dropped state
-        for (int step = 3; step <= 6; step++) await low.ReportStepAsync(2, Step(step));
-        await low.CheckpointCommittedAsync(new CommittedCheckpoint(6, 2, 2, 100));
+        // low forms again from the checkpoint of step 4: nothing is redone.
+        lowStatus = await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 3, "low re-formed");
+        Assert.Equal((4L, false), ((await c.Worker("p1").GetAsync()).Assignment!.ResumeStep, (await c.Worker("p1").GetAsync()).Assignment!.CheckpointOnly));
+        await low.ReportResumedAsync(3, new ResumedReport { Step = 4, Source = "checkpoint" });
+        for (int step = 5; step <= 6; step++) await low.ReportStepAsync(3, Step(step));
+        await low.CheckpointCommittedAsync(new CommittedCheckpoint(6, 3, 2, 100));
         lowStatus = await low.GetStatusAsync();
         Assert.Equal(JobState.Completed, lowStatus.State);
-        // The ledger: the six global batches once each, no gap, no overlap, and the redone steps counted.
+        // The ledger: the six global batches once each, no gap, no overlap, and no step redone by any generation.
         Assert.Equal((48L, true, 0L), (lowStatus.Consumption.Samples, lowStatus.Consumption.Complete, lowStatus.Consumption.Overlaps));
         Assert.Equal([[0L, 48L]], lowStatus.Consumption.Ranges);
-        Assert.Equal(2L, lowStatus.Events.Last(e => e.Kind == K.Resumed).StepsRedone);
+        Assert.All(lowStatus.Events.Where(e => e.Kind == K.Resumed), e => Assert.Equal(0L, e.StepsRedone));
         Assert.Contains(lowStatus.Events, e => e.Kind == K.Recovered && e.Reason == K.Preempted);
+    }
+
+    [Fact]
+    public async Task APreemptedJobWhoseCheckpointDoesNotCommitWithinTheBoundReleasesItsWorkersAndSaysItRedoesFromTheLastCommittedOne()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder(), options: o => o.PreemptionCheckpointTimeout = TimeSpan.FromMilliseconds(300));
+        var (low, high) = await PreemptAfterStep3Async(c);
+
+        // The checkpoint-only generation never reports (its ranks hang, or the store is slow): after the bound the workers go.
+        await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Formed && e.Reason == "preemption_checkpoint"), "low's checkpoint-only generation");
+        await RunHighToCompletionAsync(high);
+        var lowStatus = await low.GetStatusAsync();
+        var released = Assert.Single(lowStatus.Events, e => e.Kind == K.Released);
+        Assert.Equal(("checkpoint_timeout", 2L, 1L), (released.Reason, released.ResumeStep, released.StepsRedone));
+        Assert.Contains("without a checkpoint at preemption (no checkpoint committed within 0.3 s)", released.Message);
+
+        // low resumes from its committed step 2; step 3 is redone and its first consumption is dropped from the ledger.
+        await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.State == JobState.Running && s.Generation == 3, "low re-formed");
+        Assert.Equal(2, (await c.Worker("p1").GetAsync()).Assignment!.ResumeStep);
+        await low.ReportResumedAsync(3, new ResumedReport { Step = 2, Source = "checkpoint" });
+        lowStatus = await low.GetStatusAsync();
+        Assert.Equal([[0L, 16L]], lowStatus.Consumption.Ranges);
+        Assert.Equal(1L, lowStatus.Events.Last(e => e.Kind == K.Resumed).StepsRedone);
+    }
+
+    [Fact]
+    public async Task APreemptedJobWhoseCheckpointSaveFailsReleasesItsWorkersAtOnceAndSaysWhy()
+    {
+        await using var c = await GrainCluster.StartAsync(TestSpecs.TempFolder()); // the default bound: 60 s
+        var (low, high) = await PreemptAfterStep3Async(c);
+        await TestSpecs.EventuallyAsync(low.GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Formed && e.Reason == "preemption_checkpoint"), "low's checkpoint-only generation");
+        await low.ReportResumedAsync(2, new ResumedReport { Step = 3, Source = "replica", SourceRank = 0 });
+
+        // Rank 1 cannot store its file: the checkpoint will never commit, so the workers go now, not at the bound.
+        await low.ReportCheckpointFailedAsync(2, 3, 1, "could not store its file: no space left on device");
+        var released = Assert.Single((await low.GetStatusAsync()).Events, e => e.Kind == K.Released);
+        Assert.Equal(("checkpoint_failed", 2L, 1L), (released.Reason, released.ResumeStep, released.StepsRedone));
+        Assert.Contains("rank 1's save of step 3 failed", released.Message);
+        await RunHighToCompletionAsync(high);
     }
 
     [Fact]
@@ -172,6 +236,7 @@ public class SharingTests
             await c.Worker("r1").RegisterAsync(TestSpecs.Worker("r1"), null);
             await c.Job("lo").SubmitAsync(Spec(1, 5));
             await TestSpecs.EventuallyAsync(c.Job("lo").GetStatusAsync, s => s.State == JobState.Running, "lo formed");
+            await c.Job("lo").ReportResumedAsync(1, new ResumedReport { Step = 0, Source = "start" });
             // hi needs two workers; only one exists: it cannot form even by preempting, and says so.
             await c.Job("hi").SubmitAsync(Spec(2, 5, priority: 2));
             await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Scheduling && e.Reason == "no_preemption"), "hi told why it waits");
@@ -181,6 +246,9 @@ public class SharingTests
             Assert.Contains(await Registry(c).ListDecisionsAsync(), d => d.JobId == "hi" && d.Kind == "no_preemption");
             // A second worker: with lo's, hi could form, and its priority (kept by the registry) takes lo's worker.
             await c.Worker("r2").RegisterAsync(TestSpecs.Worker("r2"), null);
+            // lo's checkpoint-only generation resumes at step 0: nothing to save, so it lets its worker go at once.
+            await TestSpecs.EventuallyAsync(c.Job("lo").GetStatusAsync, s => s.Events.Any(e => e.Kind == K.Formed && e.Reason == "preemption_checkpoint"), "lo saves for the preemption");
+            await c.Job("lo").ReportResumedAsync(2, new ResumedReport { Step = 0, Source = "start" });
             var hi = await TestSpecs.EventuallyAsync(c.Job("hi").GetStatusAsync, s => s.State == JobState.Running, "hi formed after the restart");
             Assert.Equal(["r1", "r2"], hi.Workers.Select(w => w.WorkerId).Order());
             Assert.Contains((await c.Job("lo").GetStatusAsync()).Events, e => e.Kind == K.Preempted && e.Reason == "preempted by hi");
@@ -198,5 +266,8 @@ public class SharingTests
         var options = new CoordinatorOptions { Quotas = { ["team-a"] = -1 } };
         var result = Assert.Single(options.Validate(new System.ComponentModel.DataAnnotations.ValidationContext(options)));
         Assert.Contains("Coordinator:Quotas:team-a", result.ErrorMessage);
+        var bound = new CoordinatorOptions { PreemptionCheckpointTimeout = TimeSpan.FromSeconds(-1) };
+        Assert.Contains("Coordinator:PreemptionCheckpointTimeout must not be negative",
+            Assert.Single(bound.Validate(new System.ComponentModel.DataAnnotations.ValidationContext(bound))).ErrorMessage);
     }
 }

@@ -75,6 +75,8 @@ public sealed record ChaosJob
     public int MaxWorkers { get; init; } = 2;
     public int Seed { get; init; } = 1234;
     public double Lr { get; init; } = 3e-3;
+    /// <summary>The spec's priority (docs/scheduling.md): a higher one preempts lower ones.</summary>
+    public int Priority { get; init; }
 
     public long Samples => (long)Steps * GlobalBatch;
 
@@ -84,5 +86,6 @@ public sealed record ChaosJob
         globalBatch = GlobalBatch, microBatch = MicroBatch, seqLen = SeqLen, steps = Steps,
         schedule = new { kind = "cosine", peakLr = Lr, minLr = Lr / 10, warmupSteps = Math.Max(1, Steps / 10) },
         checkpointInterval = CheckpointInterval, keepLast = KeepLast, minWorkers = MinWorkers, maxWorkers = MaxWorkers, seed = Seed,
+        priority = Priority,
     };
 }
