@@ -52,8 +52,9 @@ public static partial class ConfigurationKeys
         ["*"] = ["OTEL_EXPORTER_OTLP_ENDPOINT"], // optional: OTLP only where a collector runs; Prometheus scrapes /metrics
         // Cluster:Tls:* (every process): optional; unset is cleartext gRPC (with the token for ClusterControl), set by the
         // opt-in component k8s/components/mtls, which mounts the certificate Secrets (docs/kubernetes.md).
-        // Coordinator:Quotas:<tenant> (docs/agent.md): unset, no tenant is capped.
-        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Coordinator:Quotas", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
+        // Coordinator:Quotas:<tenant> (docs/agent.md): unset, no tenant is capped. Coordinator:PreemptionCheckpointTimeout
+        // (docs/scheduling.md): 60 s for a preempted job to commit its checkpoint before its workers go.
+        ["coordinator"] = ["Coordinator:HeartbeatTimeout", "Coordinator:ReconnectGrace", "Coordinator:LossHistory", "Coordinator:Quotas", "Coordinator:PreemptionCheckpointTimeout", "Orleans:SiloPort", "Orleans:GatewayPort", .. ClusterTlsKeys],
         ["data-shards"] = ["DataShards:BlockBytes", "DataShards:BlobConnection" /* bound, then replaced by ConnectionStrings:blobs */,
             "DataShards:BlobRetries", "DataShards:BlobRetryDelaySeconds", "DataShards:BlobRetryMaxDelaySeconds", "DataShards:BlobNetworkTimeoutSeconds", .. ClusterTlsKeys],
         ["checkpoints"] = ["Storage:RetryCount", "Storage:RetryBaseDelayMs", "Storage:RetryMaxDelayMs", "Storage:BlockBytes", "Storage:NetworkTimeoutSeconds", .. ClusterTlsKeys],
