@@ -138,22 +138,15 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         return bytes;
     }
 
-    static readonly object SeedLock = new();
-
     /// <summary>
     /// The whole model from the seed (every rank builds the same weights) with its AdamW; for a pipeline stage, shrunk to
     /// this worker's stage, the AdamW over the stage's parameters only.
     /// </summary>
     ReplicaState NewState()
     {
-        DeepSeekForCausalLM model;
-        // The seed drives torch's one process-wide generator: workers that share a process (the in-process cluster
-        // tests) would interleave their draws and start from different weights.
-        lock (SeedLock)
-        {
-            manual_seed(plan.Spec.Seed);
-            model = new DeepSeekForCausalLM(plan.Config).InitializeWeights();
-        }
+        // The seed drives a generator of the model's own: torch's global one is shared by every thread of the process,
+        // and workers or tests that share a process (the in-process cluster tests) would interleave their draws.
+        var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights(plan.Spec.Seed);
         // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
         if (plan.Spec.InitFrom is { } pretrained)
         {

@@ -73,7 +73,7 @@ public static class StandaloneRun
         int vocab = spec.InitFrom is null ? tokenizer.VocabSize : Math.Max(spec.Model.VocabSize, tokenizer.VocabSize);
         var config = (spec.Model with { VocabSize = vocab, BosTokenId = tokenizer.BosTokenId, EosTokenId = eot }).Validated();
         manual_seed(options.Seed);
-        using var model = new DeepSeekForCausalLM(config).InitializeWeights();
+        using var model = new DeepSeekForCausalLM(config).InitializeWeights(options.Seed); // the weights a cluster job of this seed starts from
         if (spec.InitFrom is { } pretrained)
         {
             PretrainedWeights.LoadInto(model, pretrained);

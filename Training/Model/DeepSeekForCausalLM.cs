@@ -69,16 +69,21 @@ public sealed class DeepSeekForCausalLM : nn.Module<Tensor, Tensor>
         if (config.TieWordEmbeddings) lm_head.weight = model.embed_tokens.weight!;
     }
 
-    /// <summary>Initializes weights as HF does (normal(0, initializer_range), norms to one, biases to zero), from the global torch seed.</summary>
-    public DeepSeekForCausalLM InitializeWeights()
+    /// <summary>
+    /// Initializes weights as HF does (normal(0, initializer_range), norms to one, biases to zero): from the global torch
+    /// generator, or, given a seed, from a generator of its own that draws what the global one would right after manual_seed(seed) —
+    /// so that models built at once on several threads of one process (in-process workers) cannot interleave draws.
+    /// </summary>
+    public DeepSeekForCausalLM InitializeWeights(long? seed = null)
     {
         using var noGrad = no_grad();
+        using var generator = seed is long s ? new Generator(unchecked((ulong)s)) : null;
         double std = Config.InitializerRange;
         foreach (var (name, p) in named_parameters())
         {
             if (name.EndsWith("norm.weight", StringComparison.Ordinal)) p.fill_(1.0);
             else if (name.EndsWith(".bias", StringComparison.Ordinal)) p.zero_();
-            else nn.init.normal_(p, 0, std);
+            else p.normal_(0, std, generator);
         }
         foreach (var (name, b) in named_buffers())
             if (name.EndsWith("e_score_correction_bias", StringComparison.Ordinal)) b.zero_();

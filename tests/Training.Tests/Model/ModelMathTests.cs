@@ -27,6 +27,23 @@ public class ModelMathTests
         return model;
     }
 
+    [Fact]
+    public void ASeededInitializationDrawsWhatTheGlobalGeneratorDrawsAfterManualSeedWhateverElseDrawsFromIt()
+    {
+        var config = TestConfig();
+        using var global = new DeepSeekForCausalLM(config); // its modules' own initializations draw from the global generator
+        manual_seed(5);
+        global.InitializeWeights();
+        manual_seed(123);
+        using var noise = randn(1000); // the global generator moves on: the seeded initialization must not see it
+        using var seeded = new DeepSeekForCausalLM(config).InitializeWeights(seed: 5);
+        using var other = new DeepSeekForCausalLM(config).InitializeWeights(seed: 6);
+        var expected = global.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in seeded.named_parameters())
+            Assert.True(p.eq(expected[name]).all().item<bool>(), $"{name}: the seeded initialization differs from manual_seed's");
+        Assert.Contains(other.named_parameters(), p => !p.parameter.eq(expected[p.name]).all().item<bool>());
+    }
+
     /// <summary>Central differences on a few coordinates against autograd, for a scalar projection of the output.</summary>
     static void GradCheck(Func<Tensor, Tensor> f, Tensor x, int coords = 12, double eps = 1e-6, double tol = 1e-6)
     {
