@@ -36,7 +36,8 @@ public static class StandaloneCommands
                               [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
               Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]), or with an
               export in the CheckpointStore service at URL (a cluster job's final model is exports/{job}/{steps}/hf),
-              downloaded with every file's SHA-256 checked into a temporary folder.
+              downloaded with every file's SHA-256 checked into a temporary folder (the cluster token from
+              Cluster__Token when set).
               --prompt-ids gives token ids directly (no tokenizer needed).
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
           gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0|onnx

@@ -18,10 +18,13 @@ static class StoreExport
         return (uri, new ExportKey { Job = job, Step = step, Format = ModelExport.CheckFormat(cl.String("format") ?? defaultFormat) });
     }
 
-    /// <summary>Downloads a committed export into <paramref name="target"/> (which must not exist), checking every file's SHA-256.</summary>
+    /// <summary>
+    /// Downloads a committed export into <paramref name="target"/> (which must not exist), checking every file's SHA-256;
+    /// with the cluster token from Cluster__Token when it is set (a cluster's store refuses calls without it).
+    /// </summary>
     public static ExportManifest Download(Uri store, ExportKey key, string target)
     {
-        using var channel = GrpcChannel.ForAddress(store);
+        using var channel = DeepSeekCluster.ServiceDefaults.ClusterChannel.For(store, null, "--store", token: Environment.GetEnvironmentVariable("Cluster__Token") is { Length: > 0 } t ? t : null);
         return new GrpcExportStore(new ExportStore.ExportStoreClient(channel), store.ToString()).DownloadAsync(key, target).GetAwaiter().GetResult();
     }
 

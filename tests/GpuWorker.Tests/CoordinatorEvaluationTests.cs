@@ -74,6 +74,26 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
             // The job's end put its final model into the store as step 2's hf export: scoring that gives the same document.
             await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.Any(w => w!["savedModel"]?["step"]?.GetValue<long>() == 2),
                 "the final model is in the store", log);
+            var saved = (await http.GetFromJsonAsync<JsonArray>("/workers"))!.Select(w => w!["savedModel"]).Single(m => m is not null)!;
+            Assert.Equal($"exports/{Job}/2/hf", saved["path"]!.GetValue<string>());
+            // gpu-worker generate reads it from the store: the same greedy tokens as the export downloaded and loaded here.
+            var downloaded = Path.Combine(scratch, "final-model");
+            await new GrpcExportStore(new Contracts.Checkpoints.ExportStore.ExportStoreClient(store.Channel), store.Address)
+                .DownloadAsync(new Contracts.Checkpoints.ExportKey { Job = Job, Step = 2, Format = "hf" }, downloaded);
+            int[] expected;
+            var folder = Training.IO.HfModelFolder.Load(downloaded);
+            using (var loaded = folder.Model)
+                expected = Training.Engine.TextGenerator.Generate(loaded, [5, 6, 7], new Training.Engine.SamplingOptions
+                {
+                    MaxNewTokens = 6, Temperature = 0, EosTokenId = folder.Tokenizer?.EosTokenId ?? loaded.Config.EosTokenId,
+                });
+            var (code, stdout, stderr) = GpuWorkerCli("generate", "--store", store.Address, "--job", Job, "--step", "2", "--prompt-ids", "5,6,7",
+                                              "--max-new-tokens", "6", "--greedy", "--json", "--device", "cpu");
+            Assert.True(code == 0, stdout + stderr);
+            var generated = JsonNode.Parse(stdout.Trim().Split('\n')[^1])!["generated_ids"]!.AsArray().Select(i => i!.GetValue<int>()).ToArray();
+            Assert.Equal(expected, generated);
+            Assert.NotEmpty(generated);
+
             var exported = await Evaluate(http, workers: 2, log, export: "hf");
             Assert.True(exported.State == EvaluationStates.Done, $"the hf export: {exported.State}: {exported.Error}");
             Assert.Equal(Comparable(one.ResultsJson!), Comparable(exported.ResultsJson!));
@@ -126,6 +146,19 @@ public class CoordinatorEvaluationTests(DataShardsHostFixture fixture) : IClassF
             await Task.WhenAll(workers).WaitAsync(TimeSpan.FromMinutes(1));
             Directory.Delete(scratch, recursive: true);
         }
+    }
+
+    /// <summary>The gpu-worker executable (beside this test's assembly) with <paramref name="args"/>; its exit code and output.</summary>
+    static (int Code, string Stdout, string Stderr) GpuWorkerCli(params string[] args)
+    {
+        var psi = new System.Diagnostics.ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "gpu-worker.dll"));
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        var stderr = p.StandardError.ReadToEndAsync();
+        string stdout = p.StandardOutput.ReadToEnd();
+        p.WaitForExit();
+        return (p.ExitCode, stdout, stderr.Result);
     }
 
     static Task<HttpResponseMessage> Post(HttpClient http, object body) => http.PostAsJsonAsync("/evaluations", body);
