@@ -229,7 +229,6 @@ public sealed partial class TrainingJobGrain(
         await job.WriteStateAsync();
         if (complete is null) return false;
         logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported; handed to the committer", JobId, report.Step, complete.World);
-        // Rank 0 reports a step's scores before its checkpoint file, so they are here by the time the step is complete.
         committer.Commit(JobId, complete, S.TakeEvaluationDocument(complete.Step));
         return true;
     }

@@ -89,7 +89,10 @@ public sealed class TrainingJobGrainState
         return null;
     }
 
-    /// <summary>The results JSON of <paramref name="step"/>, removed: it goes with the step's checkpoint to the committer once.</summary>
+    /// <summary>
+    /// The results JSON of <paramref name="step"/>, removed: it goes with the step's checkpoint to the committer once. Rank 0
+    /// reports a step's scores before its checkpoint file, so they are here by the time every rank's file is.
+    /// </summary>
     public string? TakeEvaluationDocument(long step) => EvaluationDocuments.Remove(step, out var json) ? json : null;
 
     /// <summary>The state now descends from <paramref name="step"/>: the points of later steps are redone.</summary>
