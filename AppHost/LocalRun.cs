@@ -62,8 +62,8 @@ public static class LocalRun
             _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);
             var follower = new JobFollower(coordinator, endpoints);
             var final = await follower.FollowAsync(jobId, stop.Token);
-            var modelPath = final.State == JobState.Completed ? await WaitForModelAsync(coordinator, jobId, stop.Token) : null;
-            if (modelPath is not null && cluster.ModelServer is { } server) await StartModelServerAsync(app, server, modelPath, options, endpoints, stop.Token);
+            var modelPlace = final.State == JobState.Completed ? await WaitForModelAsync(coordinator, jobId, stop.Token) : null;
+            if (modelPlace is not null && cluster.ModelServer is { } server) await StartModelServerAsync(app, cluster, server, modelPlace, options, endpoints, stop.Token);
             Log.AppHost($"job {jobId} ended: {final.State}");
             Log.AppHost($"REST API: {coordinator.BaseAddress}jobs   (writes need 'Authorization: Bearer <token>' with the token in {TokenFile(options.RunDir)})");
             Log.AppHost($"status page: {coordinator.BaseAddress}status");
@@ -88,8 +88,8 @@ public static class LocalRun
     }
 
     /// <summary>
-    /// Rank 0 evaluates, samples and writes the model folder after the last step, and its worker tells the Coordinator
-    /// (GET /workers, SavedModel): wait for that before reporting, bounded.
+    /// Rank 0 evaluates, samples and puts the model into the store after the last step, and its worker tells the
+    /// Coordinator (GET /workers, SavedModel, its place in the store): wait for that before reporting, bounded.
     /// </summary>
     static async Task<string?> WaitForModelAsync(CoordinatorClient coordinator, string jobId, CancellationToken ct)
     {
@@ -99,7 +99,7 @@ public static class LocalRun
             var saved = (await coordinator.WorkersAsync(ct)).FirstOrDefault(w => w.SavedModel?.JobId == jobId);
             if (saved is { SavedModel: { } model })
             {
-                Log.AppHost($"model of job {jobId} (step {model.Step}) saved by {saved.WorkerId} to {model.Path}");
+                Log.AppHost($"model of job {jobId} (step {model.Step}) put by {saved.WorkerId} into the checkpoint store as {model.Path}");
                 return model.Path;
             }
             await Task.Delay(500, ct);
@@ -108,15 +108,20 @@ public static class LocalRun
         return null;
     }
 
-    /// <summary>Serves the job's model folder (docs/serving.md) and prints a request to paste; the token is read from its file, never printed.</summary>
-    static async Task StartModelServerAsync(DistributedApplication app, Resource server, string modelPath, AppHostOptions options, EndpointsFile endpoints, CancellationToken ct)
+    /// <summary>
+    /// Serves the job's model from the store (docs/serving.md: the server downloads the export, hash-checked, into its
+    /// cache) and prints a request to paste; the token is read from its file, never printed.
+    /// </summary>
+    static async Task StartModelServerAsync(DistributedApplication app, LocalCluster cluster, Resource server, string place, AppHostOptions options, EndpointsFile endpoints, CancellationToken ct)
     {
-        server.WithEnvironment("Serving__Models__0__Path", modelPath);
+        server.WithEnvironment("Serving__Models__0__Store", place);
+        server.WithEnvironment("Serving__Store", cluster.Checkpoints.GetEndpoint("grpc").Url);
+        server.WithEnvironment("Serving__ModelCache", Path.Combine(options.RunDir, "model-cache"));
         var instance = app.Start(server, 0);
         await app.WaitReadyAsync(server, ct);
         endpoints.Add(instance, server);
         var url = server.GetEndpoint("http").Url;
-        Log.AppHost($"model server: {url}/v1 (OpenAI API, model \"default\"); try:");
+        Log.AppHost($"model server: {url}/v1 (OpenAI API, model \"default\", {place} from the checkpoint store); try:");
         Log.AppHost($"  curl {url}/v1/completions -H \"Authorization: Bearer $(cat {TokenFile(options.RunDir)})\" -H 'Content-Type: application/json' " +
                     "-d '{\"model\": \"default\", \"prompt\": \"In the beginning\", \"max_tokens\": 32, \"temperature\": 0}'");
     }

@@ -65,7 +65,7 @@ if (options.Device == "cuda")
     worker.WithInstanceEnvironment(instance => [new("CUDA_VISIBLE_DEVICES", gpus.Take(instance))]);
     Log.AppHost($"workers train on cuda, one GPU each, of {options.Gpus.Count} ({string.Join(", ", options.Gpus)}): the nccl backend");
 }
-// Not started with the others (0 replicas): LocalRun starts it once the default job has saved its model, on that folder.
+// Not started with the others (0 replicas): LocalRun starts it once the default job has put its model into the store, on that place.
 var modelServer = builder.AddProject("model-server", "ModelServer", "model-server")
     .WithEndpoint("http").WithHttpHealthCheck()
     .WithEnvironment("Cluster__Token", token)

@@ -1,4 +1,4 @@
-// The standalone verbs: train a model in this process, generate text from a saved HF model folder, export a checkpoint or folder.
+// The standalone verbs: train a model in this process, generate text from a saved HF model folder (or one in the store), export a checkpoint or folder.
 using System.Text.Json;
 using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
@@ -31,9 +31,13 @@ public static class StandaloneCommands
               resumes from the newest unless --fresh. Writes a Hugging Face folder to DIR/model.
               --init-from starts from a Hugging Face folder's weights (ours or transformers', FP8 blocks dequantized)
               and takes its config.json and tokenizer.json.
-          gpu-worker generate --model DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
+          gpu-worker generate (--model DIR | --store URL --job NAME --step N [--format hf|hf-bf16])
+                              [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--greedy]
                               [--temperature X] [--top-p X] [--seed N] [--json] [--no-cache]
-              Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]).
+              Continues a prompt with a model folder (config.json + *.safetensors [+ tokenizer.json]), or with an
+              export in the CheckpointStore service at URL (a cluster job's final model is exports/{job}/{steps}/hf),
+              downloaded with every file's SHA-256 checked into a temporary folder (the cluster token from
+              Cluster__Token when set).
               --prompt-ids gives token ids directly (no tokenizer needed).
               --json prints {"prompt_ids": [...], "generated_ids": [...], "text": "..."}.
           gpu-worker export --format hf|hf-bf16|gguf-f16|gguf-q8_0|gguf-q4_0|onnx
@@ -95,7 +99,13 @@ public static class StandaloneCommands
     public static int Generate(string[] args)
     {
         var cl = new CommandLine(args, new HashSet<string> { "greedy", "json", "no-cache" });
-        var dir = cl.String("model") ?? throw new ArgumentException("option --model DIR is required (a folder with config.json, model.safetensors and tokenizer.json)");
+        var dir = cl.String("model");
+        var storeUrl = cl.String("store");
+        if ((dir is null) == (storeUrl is null))
+            throw new ArgumentException("exactly one of --model DIR (a folder with config.json, model.safetensors and tokenizer.json) and --store URL --job NAME --step N (an hf export in the CheckpointStore) is required");
+        (Uri Store, Contracts.Checkpoints.ExportKey Key)? fromStore = storeUrl is null ? null : StoreExport.ExportOf(cl, storeUrl, "hf");
+        if (fromStore is { Key.Format: not ("hf" or "hf-bf16") } other)
+            throw new ArgumentException($"--format {other.Key.Format}: generate loads a Hugging Face export, hf or hf-bf16");
         var prompt = cl.String("prompt") ?? "";
         var promptIds = cl.String("prompt-ids");
         var sampling = new SamplingOptions
@@ -107,6 +117,19 @@ public static class StandaloneCommands
         var device = StandaloneRun.ResolveDevice(cl.String("device") ?? "auto");
         cl.RejectUnknown();
 
+        string? downloaded = null;
+        if (fromStore is { } export)
+        {
+            downloaded = Directory.CreateTempSubdirectory("gpu-worker-generate-").FullName;
+            dir = Path.Combine(downloaded, "model");
+            StoreExport.Download(export.Store, export.Key, dir);
+        }
+        try { return Generate(dir!, prompt, promptIds, sampling, json, device); }
+        finally { if (downloaded is not null) Directory.Delete(downloaded, recursive: true); }
+    }
+
+    static int Generate(string dir, string prompt, string? promptIds, SamplingOptions sampling, bool json, TorchSharp.torch.Device device)
+    {
         var loaded = HfModelFolder.Load(dir, device);
         using var model = loaded.Model;
         var tokenizer = loaded.Tokenizer;

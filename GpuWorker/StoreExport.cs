@@ -9,10 +9,32 @@ namespace DeepSeekCluster.GpuWorker;
 
 static class StoreExport
 {
+    /// <summary>--job and --step (and --format, <paramref name="defaultFormat"/> unless given) of an export in the store at <paramref name="storeUrl"/>.</summary>
+    public static (Uri Store, ExportKey Key) ExportOf(CommandLine cl, string storeUrl, string defaultFormat)
+    {
+        var uri = StoreUri(storeUrl);
+        string job = cl.String("job") ?? throw new ArgumentException("option --job NAME is required with --store");
+        long step = cl.String("step") is null ? throw new ArgumentException("option --step N is required with --store: the export's step") : cl.Get("step", 0L);
+        return (uri, new ExportKey { Job = job, Step = step, Format = ModelExport.CheckFormat(cl.String("format") ?? defaultFormat) });
+    }
+
+    /// <summary>
+    /// Downloads a committed export into <paramref name="target"/> (which must not exist), checking every file's SHA-256;
+    /// with the cluster token from Cluster__Token when it is set (a cluster's store refuses calls without it).
+    /// </summary>
+    public static ExportManifest Download(Uri store, ExportKey key, string target)
+    {
+        using var channel = DeepSeekCluster.ServiceDefaults.ClusterChannel.For(store, null, "--store", token: Environment.GetEnvironmentVariable("Cluster__Token") is { Length: > 0 } t ? t : null);
+        return new GrpcExportStore(new ExportStore.ExportStoreClient(channel), store.ToString()).DownloadAsync(key, target).GetAwaiter().GetResult();
+    }
+
+    static Uri StoreUri(string storeUrl) =>
+        Uri.TryCreate(storeUrl, UriKind.Absolute, out var uri) && uri.Scheme is "http" or "https"
+            ? uri : throw new ArgumentException($"--store '{storeUrl}' is not an http(s) URL of the CheckpointStore service");
+
     public static int Run(CommandLine cl, string storeUrl, string format)
     {
-        if (!Uri.TryCreate(storeUrl, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
-            throw new ArgumentException($"--store '{storeUrl}' is not an http(s) URL of the CheckpointStore service");
+        var uri = StoreUri(storeUrl);
         string job = cl.String("job") ?? throw new ArgumentException("option --job NAME is required with --store");
         long? step = cl.String("step") is null ? null : cl.Get("step", 0L);
         bool download = cl.Flag("download");

@@ -1,5 +1,6 @@
-// The scores of a committed step: an evaluation job's results, written once into the step's folder
-// ({job}/{step:D8}/evaluations/{id}.json), so they travel with the checkpoint and retention deletes them with it.
+// The scores of a committed step: an evaluation job's results (or a training job's own at the checkpoint), written once
+// into the step's folder ({job}/{step:D8}/evaluations/{id}.json), so they travel with the checkpoint and retention deletes
+// them with it; an export's scores likewise into the committed export's folder (exports/{job}/{step:D8}/{format}/evaluations/).
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -14,7 +15,20 @@ public sealed partial class CheckpointStoreService
     const string EvaluationsFolder = "evaluations/";
     const int MaxResultsBytes = 4 << 20;
 
-    static string EvaluationKey(string job, long step, string id) => StepPrefix(job, step) + EvaluationsFolder + id + ".json";
+    /// <summary>Where the scores of the committed step (or of its committed export <paramref name="exportFormat"/>) are kept; NotFound when it is not committed.</summary>
+    async Task<string> EvaluationsFolderAsync(string job, long step, string exportFormat, CancellationToken ct)
+    {
+        if (string.IsNullOrEmpty(exportFormat))
+        {
+            if (await ReadManifestAsync(Manifest(job, step), ct) is null)
+                throw NotFound($"step {step} of job '{job}' is not committed (it has no {ManifestName}): scores are kept only with a committed checkpoint");
+            return StepPrefix(job, step) + EvaluationsFolder;
+        }
+        string export = ExportKeys.Folder(new ExportKey { Job = job, Step = step, Format = exportFormat });
+        if (await retry.RunAsync($"read the properties of {export}{ExportKeys.ManifestName}", c => blobs.GetInfoAsync(export + ExportKeys.ManifestName, c), ct) is null)
+            throw NotFound($"export {export} is not committed (it has no {ExportKeys.ManifestName}): scores are kept only with a committed export");
+        return export + EvaluationsFolder;
+    }
 
     public override async Task<RecordEvaluationReply> RecordEvaluation(RecordEvaluationRequest request, ServerCallContext context)
     {
@@ -31,10 +45,8 @@ public sealed partial class CheckpointStoreService
                 throw Invalid("results_json must be a JSON object with a \"results\" object (lm-evaluation-harness's shape)");
         }
         catch (JsonException e) { throw Invalid($"results_json is not JSON: {e.Message}"); }
-        if (await ReadManifestAsync(Manifest(job, step), ct) is null)
-            throw NotFound($"step {step} of job '{job}' is not committed (it has no {ManifestName}): scores are kept only with a committed checkpoint");
-
-        string key = EvaluationKey(job, step, request.EvaluationId!);
+        string folder = await EvaluationsFolderAsync(job, step, request.ExportFormat, ct);
+        string key = folder + request.EvaluationId + ".json";
         var metadata = new Dictionary<string, string> { ["evaluation"] = request.EvaluationId! };
         if (await retry.RunAsync($"write {key}", c => blobs.PutAsync(key, bytes, metadata, onlyIfAbsent: true, c), ct))
         {
@@ -53,9 +65,7 @@ public sealed partial class CheckpointStoreService
         var ct = context.CancellationToken;
         string job = Job(request.Job);
         long step = Step(request.Step);
-        if (await ReadManifestAsync(Manifest(job, step), ct) is null)
-            throw NotFound($"step {step} of job '{job}' is not committed (it has no {ManifestName})");
-        string prefix = StepPrefix(job, step) + EvaluationsFolder;
+        string prefix = await EvaluationsFolderAsync(job, step, request.ExportFormat, ct);
         var reply = new ListEvaluationsReply();
         foreach (var entry in (await retry.RunAsync($"list {prefix}", c => blobs.ListAsync(prefix, includeStaged: false, c), ct)).OrderBy(e => e.Key, StringComparer.Ordinal))
         {

@@ -18,7 +18,8 @@ public interface IClusterRegistryGrain : IGrainWithStringKey
 
     Task WorkerOnlineAsync(WorkerCapabilities capabilities);
 
-    Task WorkerOfflineAsync(string workerId);
+    /// <summary>The worker went offline; returns what holds it (a job id, or an export's or evaluation's hold key), null when free.</summary>
+    Task<string?> WorkerOfflineAsync(string workerId);
 
     Task<string[]> ListWorkersAsync();
 

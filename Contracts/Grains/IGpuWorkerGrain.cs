@@ -32,7 +32,7 @@ public interface IGpuWorkerGrain : IGrainWithStringKey
     /// <summary>Asks the process to leave gracefully (finish its step, say Leaving, exit); false when it is not online.</summary>
     Task<bool> LeaveAsync(string reason);
 
-    /// <summary>The process wrote a job's model folder (rank 0, after the last step); GET /workers shows it.</summary>
+    /// <summary>The process put a job's model into the store (rank 0, after the last step; <paramref name="path"/> is its place there); GET /workers shows it.</summary>
     Task ModelSavedAsync(string jobId, long step, string path);
 
     /// <summary>Pushes an export order down to the process (held for it in the registry); false when it is not online.</summary>

@@ -36,11 +36,11 @@ public sealed record WorkerStatus
     [Id(4)] public long Generation { get; init; }
     [Id(5)] public Assignment? Assignment { get; init; }
     [Id(6)] public WorkerMetrics? Metrics { get; init; }
-    /// <summary>The last model this worker wrote (rank 0, after a job's last step); null before the first.</summary>
+    /// <summary>The last model this worker put into the store (rank 0, after a job's last step); null before the first.</summary>
     [Id(7)] public SavedModel? SavedModel { get; init; }
 }
 
-/// <summary>A Hugging Face model folder a worker wrote for a job: Path is on that worker's filesystem.</summary>
+/// <summary>A job's model a worker put into the CheckpointStore: Path is its place there, exports/{job}/{step}/hf (a ModelServer's Serving:Models:N:Store).</summary>
 [GenerateSerializer, Immutable]
 public sealed record SavedModel([property: Id(0)] string JobId, [property: Id(1)] long Step, [property: Id(2)] string Path,
                                 [property: Id(3)] DateTimeOffset At);

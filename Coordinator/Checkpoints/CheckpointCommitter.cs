@@ -15,8 +15,11 @@ namespace DeepSeekCluster.Coordinator.Checkpoints;
 /// <summary>What the job grain hands over: one direction, grain → committer → store → grain (the outcome).</summary>
 public interface ICheckpointCommitter
 {
-    /// <summary>Every rank of the step reported: <paramref name="record"/> has all their files and rank 0's manifest.</summary>
-    void Commit(string jobId, CheckpointRecord record);
+    /// <summary>
+    /// Every rank of the step reported: <paramref name="record"/> has all their files and rank 0's manifest;
+    /// <paramref name="evaluationJson"/> the job's evalTasks scores at that step (rank 0's report), kept with the checkpoint once it commits.
+    /// </summary>
+    void Commit(string jobId, CheckpointRecord record, string? evaluationJson = null);
 
     /// <summary>Retention: delete the job's committed steps except <paramref name="keep"/> and the newest.</summary>
     void Prune(string jobId, long[] keep);
@@ -37,7 +40,7 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
     const int Attempts = 4;
 
     abstract record Work(string JobId);
-    sealed record CommitWork(string JobId, CheckpointRecord Record) : Work(JobId);
+    sealed record CommitWork(string JobId, CheckpointRecord Record, string? EvaluationJson) : Work(JobId);
     sealed record PruneWork(string JobId, long[] Keep) : Work(JobId);
 
     readonly Channel<Work> queue = Channel.CreateUnbounded<Work>(new UnboundedChannelOptions { SingleReader = true });
@@ -67,7 +70,13 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
     /// <summary>The CheckpointStore's address, or null when none is configured.</summary>
     public string? Address { get; }
 
-    public void Commit(string jobId, CheckpointRecord record) => queue.Writer.TryWrite(new CommitWork(jobId, record));
+    /// <summary>The id a training job's own scores at a checkpoint have among the step's evaluations ({job}/{step}/evaluations/training.json).</summary>
+    public const string TrainingEvaluationId = "training";
+
+    public void Commit(string jobId, CheckpointRecord record, string? evaluationJson = null) => queue.Writer.TryWrite(new CommitWork(jobId, record, evaluationJson));
+
+    /// <summary>The store's client (null when none is configured), for reads the REST API makes (a step's kept evaluations).</summary>
+    public Store.CheckpointStoreClient? StoreClient => store;
 
     public void Prune(string jobId, long[] keep) => queue.Writer.TryWrite(new PruneWork(jobId, keep));
 
@@ -77,7 +86,7 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
         {
             try
             {
-                if (work is CommitWork c) await CommitAsync(c.JobId, c.Record, stoppingToken);
+                if (work is CommitWork c) await CommitAsync(c.JobId, c.Record, c.EvaluationJson, stoppingToken);
                 else if (work is PruneWork p) await PruneAsync(p.JobId, p.Keep, stoppingToken);
             }
             catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested) { return; }
@@ -85,7 +94,7 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
         }
     }
 
-    async Task CommitAsync(string jobId, CheckpointRecord record, CancellationToken ct)
+    async Task CommitAsync(string jobId, CheckpointRecord record, string? evaluationJson, CancellationToken ct)
     {
         var job = grains.GetGrain<ITrainingJobGrain>(jobId);
         long generation = record.Generation, step = record.Step;
@@ -113,6 +122,8 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
             {
                 await store.CommitCheckpointAsync(request, deadline: DateTime.UtcNow.AddMinutes(2), cancellationToken: ct);
                 metrics.CheckpointCommit("committed");
+                // Before the job hears of the commit: a job that completes on it already has its scores in the store.
+                if (evaluationJson is not null) await KeepScoresAsync(job, jobId, step, evaluationJson, ct);
                 await job.CheckpointCommittedAsync(new CommittedCheckpoint(step, generation, record.Files.Length, record.Files.Sum(f => f.SizeBytes)));
                 return;
             }
@@ -134,6 +145,27 @@ public sealed class CheckpointCommitter : BackgroundService, ICheckpointCommitte
                 await job.CheckpointNotCommittedAsync(generation, step, reason);
                 return;
             }
+        }
+    }
+
+    /// <summary>
+    /// The job's own scores at a committed step, written beside its checkpoint as the evaluation jobs' are (retention deletes
+    /// them with it; a retried commit records the same JSON again, which the store acknowledges). A refusal is the job's
+    /// event: the scores stay in its status either way, and training goes on.
+    /// </summary>
+    async Task KeepScoresAsync(ITrainingJobGrain job, string jobId, long step, string evaluationJson, CancellationToken ct)
+    {
+        try
+        {
+            var reply = await store!.RecordEvaluationAsync(new RecordEvaluationRequest { Job = jobId, Step = step, EvaluationId = TrainingEvaluationId, ResultsJson = evaluationJson },
+                                                           deadline: DateTime.UtcNow.AddMinutes(1), cancellationToken: ct);
+            logger.LogInformation("Job {Job}: the scores at step {Step} are kept with its checkpoint ({Key})", jobId, step, reply.Key);
+        }
+        catch (RpcException e) when (!ct.IsCancellationRequested)
+        {
+            logger.LogWarning("Job {Job}: the scores at step {Step} are not kept with its checkpoint: {Status}: {Detail}", jobId, step, e.StatusCode, e.Status.Detail);
+            await job.RecordEventAsync(JobEventKinds.EvaluationFailed,
+                $"the evaluation tasks' scores at step {step} are in the job's status but not kept with its checkpoint: the store said {e.StatusCode}: {e.Status.Detail}", e.Status.Detail);
         }
     }
 

@@ -114,12 +114,14 @@ public sealed class ClusterRegistryGrain(
         if (w.JobId is null) await TellWaitingAsync(capabilities.WorkerId, includeGrowing: true, except: null);
     }
 
-    public async Task WorkerOfflineAsync(string workerId)
+    public async Task<string?> WorkerOfflineAsync(string workerId)
     {
-        if (!S.Workers.TryGetValue(workerId, out var w) || !w.Online) return;
+        if (!S.Workers.TryGetValue(workerId, out var w)) return null;
+        if (!w.Online) return w.JobId;
         w.Online = false;
         await registry.WriteStateAsync();
         CountWorkers();
+        return w.JobId;
     }
 
     public Task<string[]> ListWorkersAsync() => Task.FromResult(S.Workers.Keys.Order(StringComparer.Ordinal).ToArray());

@@ -196,8 +196,11 @@ public sealed class GpuWorkerGrain(
         metrics.WorkerLeft(kind);
         await worker.WriteStateAsync();
         logger.LogWarning("Worker {Worker} went offline: {Reason}", WorkerId, reason);
-        await Registry.WorkerOfflineAsync(WorkerId);
+        string? holder = await Registry.WorkerOfflineAsync(WorkerId);
         if (left is not null) await GrainFactory.GetGrain<ITrainingJobGrain>(left.JobId).WorkerLeftAsync(WorkerId, reason, kind);
+        // Ordered work (an export, an evaluation share) ends with its worker. The stream's end tells it too while the
+        // Coordinator runs; this is what tells it after a restart, when the stream is gone and the worker never came back.
+        await OrderedWork.WorkerLostAsync(GrainFactory, holder, WorkerId, reason);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)

@@ -14,7 +14,7 @@ public sealed partial class TrainingJobGrain
         await job.WriteStateAsync();
         if (complete is null) return false;
         logger.LogInformation("Job {Job}: checkpoint at step {Step}: all {World} ranks reported; handed to the committer", JobId, report.Step, complete.World);
-        committer.Commit(JobId, complete);
+        committer.Commit(JobId, complete, S.TakeEvaluationDocument(complete.Step));
         return true;
     }
 

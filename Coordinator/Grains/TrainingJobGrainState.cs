@@ -31,6 +31,8 @@ public sealed class TrainingJobGrainState
     [Id(19)] public List<ValidationPoint> Validation { get; set; } = [];
     /// <summary>The evaluation tasks' scores by checkpoint step (JobSpec.evalTasks), oldest first.</summary>
     [Id(60)] public List<EvaluationScore> Evaluations { get; set; } = [];
+    /// <summary>Rank 0's results JSON by step until the step's checkpoint is handed to the committer, which keeps it with the checkpoint in the store.</summary>
+    [Id(61)] public Dictionary<long, string> EvaluationDocuments { get; set; } = [];
     /// <summary>Each member's latest achieved FLOP/s and device peak: the status's MFU (see <see cref="UtilizationBoard"/>).</summary>
     [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
     /// <summary>While a preempted job's members save its checkpoint before they are released; null otherwise.</summary>
@@ -84,13 +86,21 @@ public sealed class TrainingJobGrainState
         if (report.EvalResultsJson.Length == 0 || Evaluations.Any(e => e.Step == report.Step)) return null;
         try { Evaluations.AddRange(EvaluationResults.Parse(report.Step, report.EvalResultsJson)); }
         catch (InvalidDataException e) { return e.Message; }
+        EvaluationDocuments[report.Step] = report.EvalResultsJson;
         Evaluations.Sort((a, b) => a.Step.CompareTo(b.Step));
         return null;
     }
 
+    /// <summary>
+    /// The results JSON of <paramref name="step"/>, removed: it goes with the step's checkpoint to the committer once. Rank 0
+    /// reports a step's scores before its checkpoint file, so they are here by the time every rank's file is.
+    /// </summary>
+    public string? TakeEvaluationDocument(long step) => EvaluationDocuments.Remove(step, out var json) ? json : null;
+
     /// <summary>The state now descends from <paramref name="step"/>: the points of later steps are redone.</summary>
     public void DropCurvesAfter(long step)
     {
+        foreach (long later in EvaluationDocuments.Keys.Where(s => s > step).ToList()) EvaluationDocuments.Remove(later);
         Loss.RemoveAll(p => p.Step > step);
         Validation.RemoveAll(p => p.Step > step);
         Evaluations.RemoveAll(p => p.Step > step);

@@ -63,17 +63,14 @@ public static class EvaluationShare
                          $"({scorer.TokensScored} tokens in {seconds:F1} s)");
                 if (order.Rank != 0) return;
                 var results = HarnessResults.Aggregate(plan.Tasks, all);
-                foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
+                foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, order.Step, r);
                 string json = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
-                // A checkpoint's scores are kept with it in the store (an export's stay in the Coordinator's record only).
-                if (order.ExportFormat.Length == 0)
+                // The scores are kept with what was scored in the store: the checkpoint's step folder, or the export's folder.
+                var recorded = await new CheckpointStoreClient(storeChannel).RecordEvaluationAsync(new Contracts.Checkpoints.RecordEvaluationRequest
                 {
-                    var recorded = await new CheckpointStoreClient(storeChannel).RecordEvaluationAsync(new Contracts.Checkpoints.RecordEvaluationRequest
-                    {
-                        Job = order.JobId, Step = order.Step, EvaluationId = order.EvaluationId, ResultsJson = json,
-                    });
-                    WorkOrder.Log(log, $"evaluation {order.EvaluationId}: results kept with the checkpoint in the store ({recorded.Key})");
-                }
+                    Job = order.JobId, Step = order.Step, EvaluationId = order.EvaluationId, ResultsJson = json, ExportFormat = order.ExportFormat,
+                });
+                WorkOrder.Log(log, $"evaluation {order.EvaluationId}: results kept with the {(order.ExportFormat.Length == 0 ? "checkpoint" : $"{order.ExportFormat} export")} in the store ({recorded.Key})");
                 report.ResultsJson = json;
             }) is { } error)
             report.Error = error;

@@ -1,5 +1,6 @@
-// The end of a job's run on rank 0: the validation loss, a sample from the job's prompt, and the Hugging Face folder of
-// the trained model; and the validation set every validation of the run reads.
+// The end of a job's run on rank 0: the validation loss, a sample from the job's prompt, and the trained model as a
+// Hugging Face folder in the CheckpointStore (its step's hf export, not a folder on this disk); and the validation set
+// every validation of the run reads.
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.Training.Checkpoints;
@@ -49,11 +50,11 @@ static class RunEnd
     static bool HoldsWholeModel(Assignment a, JobPlan plan) => a.PpSize == 1 && plan.Options.Ep == 1;
 
     /// <summary>
-    /// Rank 0 evaluates, samples and writes the model folder (not cancelled by the job's Stop). With pp = 1 and ep = 1 it
-    /// holds the whole model. A pipeline's rank 0 holds only stage 0, an expert-parallel one only its experts: the final
-    /// checkpoint commits once every rank's file is reported (and the Coordinator stops the ranks only after that), so it
-    /// waits for the commit until the run is cancelled and loads the whole model from it (any layout loads into one
-    /// model). Without a committed final checkpoint there is no whole model to write: said, not guessed.
+    /// Rank 0 evaluates, samples and puts the model into the store (not cancelled by the job's Stop). With pp = 1 and
+    /// ep = 1 it holds the whole model. A pipeline's rank 0 holds only stage 0, an expert-parallel one only its experts:
+    /// the final checkpoint commits once every rank's file is reported (and the Coordinator stops the ranks only after
+    /// that), so it waits for the commit until the run is cancelled and loads the whole model from it (any layout loads
+    /// into one model). Without a committed final checkpoint there is no whole model to write: said, not guessed.
     /// </summary>
     public static void Finish(RunContext run, JobPlan plan, RunFormation formed, RunValidation validation, (long Step, double Loss)? last,
                               Device device, GetTokenizerReply tokenizer, CancellationToken boundary)
@@ -62,7 +63,7 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (HoldsWholeModel(run.Assignment, plan))
         {
-            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, formed.Store.Exports);
+            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, Exports(formed));
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
@@ -73,8 +74,11 @@ static class RunEnd
         model.to(device);
         var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
         run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, formed.Store.Exports);
+        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, Exports(formed));
     }
+
+    static GrpcExportStore Exports(RunFormation formed) =>
+        formed.Store.Exports ?? throw new InvalidOperationException("a cluster run's store has no export service: its final model has nowhere to go");
 
     /// <summary>Whether committed step <paramref name="final"/> appeared before the run was cancelled (looked at every 250 ms).</summary>
     static bool WaitForCommit(RunContext run, GrpcCheckpointStore store, long final, CancellationToken boundary)
@@ -89,16 +93,16 @@ static class RunEnd
             catch (Grpc.Core.RpcException e) { run.Log($"could not list the committed checkpoints: {e.Status.Detail}"); }
             if (ending)
             {
-                run.Log($"the final checkpoint (step {final}) is not committed and the run ended: no validation loss, sample or model folder from rank 0");
+                run.Log($"the final checkpoint (step {final}) is not committed and the run ended: no validation loss, sample or model from rank 0");
                 return false;
             }
             boundary.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(250));
         }
     }
 
-    /// <summary>Logs the validation loss and a sample from the job's prompt, and writes the Hugging Face folder of <paramref name="model"/>.</summary>
+    /// <summary>Logs the validation loss and a sample from the job's prompt, and puts <paramref name="model"/> into the store as its step's hf export.</summary>
     static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, long step, double validationLoss, Device device, GetTokenizerReply tokenizerReply,
-                      GrpcExportStore? exports)
+                      GrpcExportStore exports)
     {
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
         run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
@@ -121,25 +125,46 @@ static class RunEnd
             MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = plan.Spec.Seed, EosTokenId = tokenizer.EosTokenId,
         }, device);
         run.Log($"sample: {(promptText + tokenizer.Decode(sample)).ReplaceLineEndings(" ")}");
-        var dir = Path.Combine(run.Settings.OutputDir, run.JobId, "model");
-        HfModelFolder.Save(dir, model, tokenizer);
-        run.Log($"model saved to {Path.GetFullPath(dir)}");
-        if (exports is not null) PutIntoStore(run, exports, dir, step, tokenizer.Hash);
-        run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = Path.GetFullPath(dir) } });
+        if (PutIntoStore(run, exports, model, tokenizer, step) is { } place)
+            run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = place } });
     }
 
     /// <summary>
-    /// The same folder as the store's hf export of this step (exports/{job}/{step}/hf), where any machine can download it. A
-    /// refusal (the step was exported already, the store is down) is logged: the folder on this disk stays either way.
+    /// The model goes to the store only, as the hf export of its step (exports/{job}/{step}/hf), where any machine
+    /// downloads it: written into a staging folder on this disk, uploaded with its hashes, and the folder deleted either
+    /// way. Returns the place, or null (logged) when the store refused it; a step exported before (an earlier end of the
+    /// same run, a POST /jobs/{id}/exports) is that place already.
     /// </summary>
-    static void PutIntoStore(RunContext run, GrpcExportStore exports, string dir, long step, string tokenizerHash)
+    static string? PutIntoStore(RunContext run, GrpcExportStore exports, DeepSeekForCausalLM model, BpeTokenizer tokenizer, long step)
     {
-        var manifest = ModelExport.Describe(dir, "hf", run.JobId, step, $"final model of job '{run.JobId}' (rank 0, generation {run.Assignment.Generation})", tokenizerHash);
+        string place = $"exports/{run.JobId}/{step}/hf";
         try
         {
-            string key = TrainingThread.Wait(exports.UploadAsync(dir, manifest));
-            run.Log($"model exported to the checkpoint store as {key}");
+            if (TrainingThread.Wait(exports.ListAsync(run.JobId)).Any(e => e.Export.Step == step && e.Export.Format == "hf"))
+            {
+                run.Log($"the model of step {step} is in the checkpoint store already as {place}");
+                return place;
+            }
         }
-        catch (IOException e) { run.Log($"could not put the model into the checkpoint store: {e.Message}"); }
+        catch (Grpc.Core.RpcException e) { run.Log($"could not list the exports of job '{run.JobId}': {e.Status.StatusCode}: {e.Status.Detail}"); }
+        var staging = Path.Combine(run.Settings.OutputDir, "final-model-staging", run.WorkerId, $"{run.JobId}-{step}");
+        try
+        {
+            if (Directory.Exists(staging)) Directory.Delete(staging, recursive: true); // a crashed earlier end's leftovers
+            HfModelFolder.Save(staging, model, tokenizer);
+            var manifest = ModelExport.Describe(staging, "hf", run.JobId, step, $"final model of job '{run.JobId}' (rank 0, generation {run.Assignment.Generation})", tokenizer.Hash);
+            string key = TrainingThread.Wait(exports.UploadAsync(staging, manifest));
+            run.Log($"model saved to the checkpoint store as {place} ({key})");
+            return place;
+        }
+        catch (IOException e)
+        {
+            run.Log($"could not put the model into the checkpoint store, so this run leaves no model: {e.Message}");
+            return null;
+        }
+        finally
+        {
+            if (Directory.Exists(staging)) Directory.Delete(staging, recursive: true);
+        }
     }
 }

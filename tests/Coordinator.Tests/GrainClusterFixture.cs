@@ -68,7 +68,7 @@ public sealed class HandedCheckpoints : ICheckpointCommitter
     public ConcurrentQueue<(string JobId, CheckpointRecord Record)> Commits { get; } = new();
     public ConcurrentQueue<(string JobId, long[] Keep)> Prunes { get; } = new();
 
-    public void Commit(string jobId, CheckpointRecord record) => Commits.Enqueue((jobId, record));
+    public void Commit(string jobId, CheckpointRecord record, string? evaluationJson = null) => Commits.Enqueue((jobId, record));
 
     public void Prune(string jobId, long[] keep) => Prunes.Enqueue((jobId, keep));
 }

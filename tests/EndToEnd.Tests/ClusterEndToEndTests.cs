@@ -137,7 +137,7 @@ public class ClusterEndToEndTests
             var fresh = Regex.Match(output, @"submitted job (\S+):").Groups[1].Value;
             Assert.NotEqual(earlier, fresh);
             Assert.Contains($"job {fresh} ended: Completed", output);
-            Assert.Matches($@"model of job {Regex.Escape(fresh)} \(step 4\) saved by gpu-worker-\d to /\S+/model", output);
+            Assert.Matches($@"model of job {Regex.Escape(fresh)} \(step 4\) put by gpu-worker-\d into the checkpoint store as exports/{Regex.Escape(fresh)}/4/hf", output);
             Assert.Empty(ProcessesMentioning(runDir));
         }
         finally
@@ -172,11 +172,15 @@ public class ClusterEndToEndTests
                 .Select(m => (step: int.Parse(m.Groups[1].Value), loss: double.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture))).ToList();
             Assert.True(losses.Count >= 2, "rank 0 reported no progress:\n" + output);
             Assert.True(losses[^1].loss < losses[0].loss - 0.5, $"loss went from {losses[0].loss} to {losses[^1].loss}");
-            // Checkpoints committed (steps 20 and 40), the model folder written, validation and a sample printed.
+            // Checkpoints committed (steps 20 and 40), validation and a sample printed, the model put into the store (not onto
+            // rank 0's disk) and served from there by the model server.
             Assert.Matches(@"checkpoint of step 40 committed \(2 files", output);
             Assert.Contains("validation loss", output);
             Assert.Contains("sample: In the beginning", output);
-            Assert.Contains("model saved to", output);
+            var place = Regex.Match(output, @"model saved to the checkpoint store as (exports/(\S+)/40/hf)");
+            Assert.True(place.Success, "rank 0 put no model into the store:\n" + output);
+            Assert.Matches($@"model server: http://\S+/v1 \(OpenAI API, model ""default"", {Regex.Escape(place.Groups[1].Value)} from the checkpoint store\)", output);
+            Assert.False(Directory.Exists(Path.Combine(runDir, "workers", place.Groups[2].Value)), "a model folder was left on a worker's disk");
             // The run's fresh token never reaches the console.
             var token = File.ReadAllText(Path.Combine(runDir, "cluster.token"));
             Assert.Equal(64, token.Length);

@@ -7,6 +7,7 @@ using System.Diagnostics;
 using System.Reflection;
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using DeepSeekCluster.Chaos;
 using Xunit.Abstractions;
 
 namespace DeepSeekCluster.EndToEnd.Tests;
@@ -81,7 +82,7 @@ public class ElasticTests(ITestOutputHelper output)
             Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
             Assert.Equal([0L, (long)Steps * GlobalBatch], consumption.GetProperty("ranges").EnumerateArray().Single().EnumerateArray().Select(x => x.GetInt64()));
 
-            var disturbed = File.ReadAllBytes(ModelFile(host));
+            var disturbed = await ModelWeightsAsync(host, runDir);
             host.Send("quit");
             Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
             Assert.Empty(ClusterEndToEndTests.ProcessesMentioning(runDir));
@@ -90,13 +91,15 @@ public class ElasticTests(ITestOutputHelper output)
             var referenceDir = Directory.CreateTempSubdirectory("e2e-elastic-reference-").FullName;
             try
             {
-                using var reference = new AppHostProcess(AppHost, referenceDir, ["--device", "cpu", "--workers", "1", "--exit-when-done", .. JobArgs]);
+                // Not --exit-when-done: the model is downloaded from the run's store while it is up, then the run is told to quit.
+                using var reference = new AppHostProcess(AppHost, referenceDir, ["--device", "cpu", "--workers", "1", .. JobArgs]);
                 Assert.True(reference.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10)).Groups[2].Value == "Completed",
                             "the undisturbed run did not complete:\n" + reference.Output);
-                var undisturbed = File.ReadAllBytes(ModelFile(reference));
+                var undisturbed = await ModelWeightsAsync(reference, referenceDir);
                 Assert.True(disturbed.AsSpan().SequenceEqual(undisturbed),
                             $"the model of the run that lost a worker ({disturbed.Length} bytes) differs from the undisturbed run's ({undisturbed.Length} bytes)");
-                Assert.True(reference.WaitForExit(TimeSpan.FromMinutes(2)), "the undisturbed AppHost did not exit after its job (--exit-when-done)");
+                reference.Send("quit");
+                Assert.True(reference.WaitForExit(TimeSpan.FromMinutes(2)), "the undisturbed AppHost did not stop after 'quit'");
             }
             finally
             {
@@ -127,9 +130,14 @@ public class ElasticTests(ITestOutputHelper output)
         }
     }
 
-    /// <summary>The safetensors file of the Hugging Face folder rank 0 wrote at the end of the run.</summary>
-    static string ModelFile(AppHostProcess host) =>
-        Path.Combine(host.WaitFor(@"model saved to (\S+)", TimeSpan.FromMinutes(2)).Groups[1].Value, "model.safetensors");
+    /// <summary>The weights of the model rank 0 put into the store at the end of the run, downloaded from it (the run is still up).</summary>
+    static async Task<byte[]> ModelWeightsAsync(AppHostProcess host, string runDir)
+    {
+        var place = host.WaitFor(@"model saved to the checkpoint store as exports/(\S+)/(\d+)/hf", TimeSpan.FromMinutes(2));
+        var file = await StoredModel.DownloadWeightsAsync(StoredModel.StoreOfAppHostRun(runDir), File.ReadAllText(Path.Combine(runDir, "cluster.token")),
+                                                          place.Groups[1].Value, long.Parse(place.Groups[2].Value), Path.Combine(runDir, "downloaded", "model.safetensors"));
+        return File.ReadAllBytes(file);
+    }
 
     /// <summary>The pid of the worker instance started for this run.</summary>
     internal static int WorkerPid(string runDir, string instance)

@@ -2,11 +2,12 @@
 // holds half the routed experts and a quarter of the optimizer state) and a spare; one rank is SIGKILLed after the first committed checkpoint. The spare holds no live
 // state and no peer's can be copied to it (the ranks hold different experts), so the next generation resumes from the
 // committed checkpoint and says so; the job completes with an
-// exactly-once ledger, and rank 0's Hugging Face folder (assembled from the committed final checkpoint, and put into the
-// store as the step's hf export) loads in another process and generates.
+// exactly-once ledger, and rank 0's Hugging Face folder (assembled from the committed final checkpoint and put into the
+// store as the step's hf export, nowhere else) loads from the store in another process and generates.
 using System.Diagnostics;
 using System.Reflection;
 using System.Text.Json;
+using DeepSeekCluster.Chaos;
 using Xunit.Abstractions;
 
 namespace DeepSeekCluster.EndToEnd.Tests;
@@ -86,13 +87,12 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
             string text = host.Output;
             Assert.Contains("memory plan (bf16, zero 1)", text);
             host.WaitFor($@"loaded the whole model from committed step {Steps} \(saved as dp \d x pp 1 x ep 2\)", TimeSpan.FromMinutes(2));
-            host.WaitFor($@"model exported to the checkpoint store as exports/{jobId}/0*{Steps}/hf/", TimeSpan.FromMinutes(2));
-            string modelDir = host.WaitFor(@"model saved to (\S+)", TimeSpan.FromMinutes(2)).Groups[1].Value;
+            host.WaitFor($@"model saved to the checkpoint store as exports/{jobId}/{Steps}/hf", TimeSpan.FromMinutes(2));
+
+            // The stored folder loads in another process (from the store, with the run's token) and continues a prompt.
+            var generated = Generate(StoredModel.StoreOfAppHostRun(runDir), File.ReadAllText(Path.Combine(runDir, "cluster.token")), jobId);
             host.Send("quit");
             Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
-
-            // The folder loads in another process and continues a prompt.
-            var generated = Generate(modelDir);
             output.WriteLine($"generated: {generated}");
             using var result = JsonDocument.Parse(generated);
             Assert.InRange(result.RootElement.GetProperty("generated_ids").GetArrayLength(), 1, 8); // fewer only if it ends with end-of-text
@@ -111,15 +111,16 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
         }
     }
 
-    /// <summary>`gpu-worker generate` on <paramref name="modelDir"/>: eight greedy tokens, as JSON.</summary>
-    static string Generate(string modelDir)
+    /// <summary>`gpu-worker generate` on the job's final hf export in the store: eight greedy tokens, as JSON.</summary>
+    static string Generate(string store, string token, string jobId)
     {
         var metadata = typeof(ExpertParallelEndToEndTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value);
         string worker = Path.Combine(metadata["RepositoryRoot"]!, "GpuWorker", "bin", metadata["BuildConfiguration"]!, "net10.0", "gpu-worker.dll");
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { worker, "generate", "--model", modelDir, "--prompt", "In the beginning", "--max-new-tokens", "8", "--greedy", "--json" })
+        foreach (var a in new[] { worker, "generate", "--store", store, "--job", jobId, "--step", $"{Steps}", "--prompt", "In the beginning", "--max-new-tokens", "8", "--greedy", "--json" })
             psi.ArgumentList.Add(a);
         psi.Environment["CUDA_VISIBLE_DEVICES"] = "";
+        psi.Environment["Cluster__Token"] = token;
         using var p = Process.Start(psi)!;
         var stderr = p.StandardError.ReadToEndAsync();
         string stdout = p.StandardOutput.ReadToEnd();

@@ -1,6 +1,6 @@
 // Expert parallelism in a cluster job: the real Coordinator (in this process) forms dp 4 with ep 2 on four real
 // ClusterWorkers over tcp; each rank holds half the routed experts. The job validates on every rank (the MoE layers
-// exchange tokens), rank 0 writes the final model from the committed checkpoint, and that checkpoint equals, bit for
+// exchange tokens), rank 0 puts the final model, assembled from the committed checkpoint, into the store, and that checkpoint equals, bit for
 // bit, the one a one-worker job of the same spec commits: every weight, both AdamW moments, the routing biases. So does
 // the same job with ZeRO-1 (each rank also holds a quarter of the optimizer state).
 using System.Net;
@@ -63,7 +63,7 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             string text = log.ToString();
             Assert.Contains("loaded the whole model from committed step 3 (saved as dp 4 x pp 1 x ep 2)", text);
             Assert.Contains("sample: And God said", text);
-            Assert.Single(Directory.GetFiles(scratch, "config.json", SearchOption.AllDirectories), f => f.Contains(Path.Combine("ep-job", "model")));
+            Assert.Contains("model saved to the checkpoint store as exports/ep-job/3/hf", text);
 
             // The same losses step by step, and the same validation (each rank computed it through the exchange).
             Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), epStatus.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
@@ -109,8 +109,8 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         {
             status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{spec.Name}", JobSpecJson.Options))!;
             Assert.NotEqual(JobState.Failed, status.State);
-            // The end's validation and the model folder come after the completion: wait for the folder too.
-            return status.State == JobState.Completed && log.ToString().Contains($"{Path.DirectorySeparatorChar}{spec.Name}{Path.DirectorySeparatorChar}model");
+            // The end's validation and the model's upload come after the completion: wait for the upload too.
+            return status.State == JobState.Completed && log.ToString().Contains($"model saved to the checkpoint store as exports/{spec.Name}/");
         }, $"job {spec.Name} completes", log);
         await InProcessCoordinator.Until(async () =>
         {

@@ -1,6 +1,7 @@
 // A whole training run of one rank against the real DataShards and CheckpointStore services: its step reports claim
 // exactly the samples the data service served (the exactly-once ledger is built from them), it validates at the spec's
-// interval and reports the loss on that step, and it ends with a sample from the spec's prompt and a model folder.
+// interval and reports the loss on that step, and it ends with a sample from the spec's prompt and its model in the store
+// (the step's hf export), with no model folder left on the worker's disk.
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.DataShards;
 using DeepSeekCluster.GpuWorker.Cluster;
@@ -51,10 +52,12 @@ public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixtu
 
         string output = log.ToString();
         List<StepReport> steps;
+        ModelSaved saved;
         lock (sent)
         {
             Assert.DoesNotContain(sent, m => m.KindCase == WorkerMessage.KindOneofCase.Leaving);
             steps = [.. sent.Where(m => m.KindCase == WorkerMessage.KindOneofCase.Step).Select(m => m.Step)];
+            saved = Assert.Single(sent, m => m.KindCase == WorkerMessage.KindOneofCase.ModelSaved).ModelSaved;
         }
         // Three step reports, then the end's validation of step 3 as a report of no samples (the job's curve ends there).
         Assert.Equal([1L, 2, 3, 3], steps.Select(s => s.Step));
@@ -65,7 +68,16 @@ public class TrainingRunReportTests(DataShardsHostFixture fixture) : IClassFixtu
         Assert.True(steps[3].ValidationLoss is > 0 and < 20, $"final validation loss {steps[3].ValidationLoss}: {output}");
         Assert.Contains($"validation loss {steps[3].ValidationLoss:F4}", output);
         Assert.Contains("sample: And God said", output);
-        Assert.True(File.Exists(Path.Combine(settings.OutputDir, "served", "model", "config.json")), output);
+        // The model is step 3's hf export in the store, and nothing of it stays on this disk (no folder, no staging).
+        Assert.Equal((3L, "exports/served/3/hf"), (saved.Step, saved.Path));
+        var exported = (await new Contracts.Checkpoints.ExportStore.ExportStoreClient(store.Channel).ListExportsAsync(new() { Job = "served" })).Exports;
+        Assert.Equal(["served/3/hf"], exported.Select(e => $"{e.Export.Job}/{e.Export.Step}/{e.Export.Format}"));
+        Assert.Contains("config.json", exported[0].ManifestJson);
+        Assert.Contains("model saved to the checkpoint store as exports/served/3/hf", output);
+        Assert.False(Directory.Exists(Path.Combine(settings.OutputDir, "served")), output);
+        var staging = Path.Combine(settings.OutputDir, "final-model-staging");
+        Assert.True(Directory.Exists(staging), output);
+        Assert.Empty(Directory.EnumerateFiles(staging, "*", SearchOption.AllDirectories));
         Directory.Delete(settings.OutputDir, recursive: true);
     }
 

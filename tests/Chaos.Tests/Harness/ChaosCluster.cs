@@ -210,17 +210,22 @@ public sealed class ChaosCluster : IAsyncDisposable
         }
     }
 
-    /// <summary>Waits for the job to complete and for rank 0's model folder; returns the final status and the weights file.</summary>
+    /// <summary>
+    /// Waits for the job to complete and for rank 0's model in the store; returns the final status and the weights file,
+    /// downloaded from the store's hf export of the final step (no worker keeps the model on its disk).
+    /// </summary>
     public async Task<(JobView Job, string ModelFile)> WaitForCompletionAsync(string jobId, TimeSpan timeout, CancellationToken ct)
     {
         var job = await WaitForAsync(jobId, j => j.State == "completed", timeout, $"completion of {jobId}", ct);
-        var dir = Path.Combine(WorkersDir, jobId, "model");
-        // Rank 0 evaluates, samples and saves after its last step; its log line says the folder is whole.
-        await WaitForLineAsync(l => l.Contains("model saved to") && l.Contains(dir), TimeSpan.FromMinutes(3), $"rank 0 saving {dir}", ct);
+        // Rank 0 evaluates, samples and puts the model into the store after its last step; its log line says the export committed.
+        string place = $"model saved to the checkpoint store as exports/{jobId}/";
+        await WaitForLineAsync(l => l.Contains(place), TimeSpan.FromMinutes(3), $"rank 0 putting the model of {jobId} into the store", ct);
         // The final checkpoint commits after the last step report; the ledger and committed list are final then.
         job = await WaitForAsync(jobId, j => j.CommittedSteps.Contains(j.Step) || j.Step == 0, TimeSpan.FromMinutes(2), $"the final checkpoint of {jobId}", ct,
                                  afterEnd: true);
-        return (job, Path.Combine(dir, "model.safetensors"));
+        var file = await StoredModel.DownloadWeightsAsync(checkpoints.GetEndpoint("grpc").Url, null, jobId, job.Step,
+                                                          Path.Combine(Options.RunDir, "models", jobId, "model.safetensors"), ct);
+        return (job, file);
     }
 
     /// <summary>Waits for a child's stdout line (written at or after <paramref name="since"/>, when given) that matches.</summary>
