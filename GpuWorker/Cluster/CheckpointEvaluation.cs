@@ -47,7 +47,7 @@ sealed class CheckpointEvaluation(RunContext run, JobPlan plan, GetTokenizerRepl
         var all = ScoreExchange.AllGather(tasks, mine, ring);
         if (a.Rank != 0) return null;
         var results = HarnessResults.Aggregate(tasks.Tasks, all);
-        foreach (var r in results) run.Metrics?.EvaluationResult(a.JobId, run.WorkerId, step, r);
+        foreach (var r in results) run.Metrics?.EvaluationResult(a.JobId, run.WorkerId, r);
         run.Log($"evaluation at step {step}: " + string.Join("; ", results.Select(r =>
             $"{r.Name} " + string.Join(", ", r.Metrics.Select(m => $"{m.Key} {m.Value:F4}")))) +
             $" ({scorer.TokensScored} tokens on this rank in {seconds:F1} s)");

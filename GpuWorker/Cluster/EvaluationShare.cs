@@ -63,7 +63,7 @@ public static class EvaluationShare
                          $"({scorer.TokensScored} tokens in {seconds:F1} s)");
                 if (order.Rank != 0) return;
                 var results = HarnessResults.Aggregate(plan.Tasks, all);
-                foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, order.Step, r);
+                foreach (var r in results) metrics?.EvaluationResult(order.JobId, settings.WorkerId, r);
                 string json = HarnessResults.ToJson(results, plan.Tasks, $"{order.JobId}@{order.Step}", seconds, scorer.TokensScored).ToJsonString();
                 // The scores are kept with what was scored in the store: the checkpoint's step folder, or the export's folder.
                 var recorded = await new CheckpointStoreClient(storeChannel).RecordEvaluationAsync(new Contracts.Checkpoints.RecordEvaluationRequest

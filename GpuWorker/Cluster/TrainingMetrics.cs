@@ -46,8 +46,8 @@ public sealed class TrainingMetrics : IDisposable
         loadSeconds = meter.CreateHistogram<double>("deepseek.checkpoint.load", "s",
             "From the manifest read to this rank's tensors loaded from a committed checkpoint", tags: null, advice: checkpointBuckets);
         checkpointBytes = meter.CreateCounter<long>("deepseek.checkpoint.bytes", "By", "Checkpoint bytes this rank moved (direction: save, load)");
-        evalAccuracy = meter.CreateGauge<double>("deepseek.eval.accuracy_ratio", "1", "A checkpoint's accuracy per task (metric: acc, acc_norm; step: the checkpoint's)");
-        evalPerplexity = meter.CreateGauge<double>("deepseek.eval.perplexity", "{perplexity}", "A checkpoint's perplexity per task (metric: perplexity, word_perplexity, byte_perplexity; step: the checkpoint's)");
+        evalAccuracy = meter.CreateGauge<double>("deepseek.eval.accuracy_ratio", "1", "The last checkpoint evaluation's accuracy per task (metric: acc, acc_norm)");
+        evalPerplexity = meter.CreateGauge<double>("deepseek.eval.perplexity", "{perplexity}", "The last checkpoint evaluation's perplexity per task (metric: perplexity, word_perplexity, byte_perplexity)");
         evalTokens = meter.CreateCounter<long>("deepseek.eval.tokens", "{token}", "Tokens this rank scored for evaluation tasks");
         evalTokensPerSecond = meter.CreateGauge<double>("deepseek.eval.tokens_per_second", "{token}/s", "Tokens per second this rank scored in its last evaluation");
     }
@@ -92,16 +92,12 @@ public sealed class TrainingMetrics : IDisposable
     /// <summary>The validation cross-entropy of an evaluation (rank 0 evaluates, so only its worker has the series).</summary>
     public void ValidationLoss(string job, string worker, double nats) => validationLoss.Record(nats, Who(job, worker));
 
-    /// <summary>
-    /// Rank 0: one task's results of the evaluation of checkpoint <paramref name="step"/> (accuracies as ratios, perplexities
-    /// as values). The step is a label: each evaluated checkpoint is a series of its own (a job has few), so a panel shows
-    /// the score of every checkpoint side by side, not only the newest.
-    /// </summary>
-    public void EvaluationResult(string job, string worker, long step, Training.Harness.TaskResult result)
+    /// <summary>Rank 0: one task's results of a checkpoint evaluation (accuracies as ratios, perplexities as values).</summary>
+    public void EvaluationResult(string job, string worker, Training.Harness.TaskResult result)
     {
         foreach (var (metric, value) in result.Metrics)
         {
-            var tags = new TagList { { "training_job", job }, { "worker", worker }, { "task", result.Name }, { "metric", metric }, { "step", step } };
+            var tags = new TagList { { "training_job", job }, { "worker", worker }, { "task", result.Name }, { "metric", metric } };
             if (metric.StartsWith("acc", StringComparison.Ordinal)) evalAccuracy.Record(value, tags);
             else if (metric.EndsWith("perplexity", StringComparison.Ordinal)) evalPerplexity.Record(value, tags);
         }

@@ -55,33 +55,4 @@ public class TrainingMetricsTests
             ],
             seen.Select(s => (s.Instrument, s.Value, s.Tags.GetValueOrDefault("direction", ""))));
     }
-
-    [Fact]
-    public void EachEvaluatedCheckpointIsASeriesOfItsOwnLabelledWithItsStep()
-    {
-        string job = "job-" + Guid.NewGuid().ToString("N")[..8];
-        var seen = new List<(string Instrument, double Value, string Task, string Metric, string Step)>();
-        using var listener = new MeterListener();
-        listener.InstrumentPublished = (instrument, l) => { if (instrument.Meter.Name == TrainingMetrics.MeterName) l.EnableMeasurementEvents(instrument); };
-        listener.SetMeasurementEventCallback<double>((i, v, tags, _) =>
-        {
-            var t = new Dictionary<string, string>();
-            foreach (var kv in tags) t[kv.Key] = kv.Value?.ToString() ?? "";
-            if (t.GetValueOrDefault("training_job") == job) lock (seen) seen.Add((i.Name, v, t["task"], t["metric"], t.GetValueOrDefault("step", "none")));
-        });
-        listener.Start();
-
-        using var metrics = new TrainingMetrics();
-        static Training.Harness.TaskResult Cloze(double acc, double ppl) => new("kjv_cloze", Training.Harness.TaskKind.Cloze, 10,
-            new Dictionary<string, double> { ["acc"] = acc, ["perplexity"] = ppl }, new Dictionary<string, double?> { ["acc"] = 0.1, ["perplexity"] = null });
-        metrics.EvaluationResult(job, "w0", 100, Cloze(0.25, 80));
-        metrics.EvaluationResult(job, "w0", 200, Cloze(0.5, 40));
-
-        Assert.Equal(
-            [
-                ("deepseek.eval.accuracy_ratio", 0.25, "kjv_cloze", "acc", "100"), ("deepseek.eval.perplexity", 80, "kjv_cloze", "perplexity", "100"),
-                ("deepseek.eval.accuracy_ratio", 0.5, "kjv_cloze", "acc", "200"), ("deepseek.eval.perplexity", 40, "kjv_cloze", "perplexity", "200"),
-            ],
-            seen);
-    }
 }
