@@ -144,9 +144,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     /// </summary>
     ReplicaState NewState()
     {
-        // The seed drives a generator of the model's own: torch's global one is shared by every thread of the process,
-        // and workers or tests that share a process (the in-process cluster tests) would interleave their draws.
-        var model = new DeepSeekForCausalLM(plan.Config).InitializeWeights(plan.Spec.Seed);
+        var model = DeepSeekForCausalLM.FromSeed(plan.Config, plan.Spec.Seed); // under the process-wide seed lock: in-process workers build at once
         // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
         if (plan.Spec.InitFrom is { } pretrained)
         {

@@ -72,8 +72,7 @@ public static class StandaloneRun
         // From pretrained weights the embedding keeps the folder's rows (vocab_size may be padded beyond the tokenizer's).
         int vocab = spec.InitFrom is null ? tokenizer.VocabSize : Math.Max(spec.Model.VocabSize, tokenizer.VocabSize);
         var config = (spec.Model with { VocabSize = vocab, BosTokenId = tokenizer.BosTokenId, EosTokenId = eot }).Validated();
-        manual_seed(options.Seed);
-        using var model = new DeepSeekForCausalLM(config).InitializeWeights(options.Seed); // the weights a cluster job of this seed starts from
+        using var model = DeepSeekForCausalLM.FromSeed(config, options.Seed); // the weights a cluster job of this seed starts from
         if (spec.InitFrom is { } pretrained)
         {
             PretrainedWeights.LoadInto(model, pretrained);

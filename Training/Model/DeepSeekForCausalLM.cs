@@ -69,21 +69,32 @@ public sealed class DeepSeekForCausalLM : nn.Module<Tensor, Tensor>
         if (config.TieWordEmbeddings) lm_head.weight = model.embed_tokens.weight!;
     }
 
+    static readonly object SeedLock = new();
+
     /// <summary>
-    /// Initializes weights as HF does (normal(0, initializer_range), norms to one, biases to zero): from the global torch
-    /// generator, or, given a seed, from a generator of its own that draws what the global one would right after manual_seed(seed) —
-    /// so that models built at once on several threads of one process (in-process workers) cannot interleave draws.
+    /// The model of <paramref name="seed"/>: torch's global generator seeded, the modules built and initialized as HF does,
+    /// all under one process-wide lock — the generator is shared by every thread of the process, and models built at once
+    /// (in-process workers, tests running side by side) would interleave their draws and start from different weights.
     /// </summary>
-    public DeepSeekForCausalLM InitializeWeights(long? seed = null)
+    public static DeepSeekForCausalLM FromSeed(DeepSeekConfig config, long seed)
+    {
+        lock (SeedLock)
+        {
+            manual_seed(seed);
+            return new DeepSeekForCausalLM(config).InitializeWeights();
+        }
+    }
+
+    /// <summary>Initializes weights as HF does (normal(0, initializer_range), norms to one, biases to zero), from the global torch seed.</summary>
+    public DeepSeekForCausalLM InitializeWeights()
     {
         using var noGrad = no_grad();
-        using var generator = seed is long s ? new Generator(unchecked((ulong)s)) : null;
         double std = Config.InitializerRange;
         foreach (var (name, p) in named_parameters())
         {
             if (name.EndsWith("norm.weight", StringComparison.Ordinal)) p.fill_(1.0);
             else if (name.EndsWith(".bias", StringComparison.Ordinal)) p.zero_();
-            else p.normal_(0, std, generator);
+            else nn.init.normal_(p, 0, std);
         }
         foreach (var (name, b) in named_buffers())
             if (name.EndsWith("e_score_correction_bias", StringComparison.Ordinal)) b.zero_();

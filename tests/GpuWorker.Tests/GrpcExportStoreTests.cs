@@ -34,8 +34,7 @@ public sealed class GrpcExportStoreTests : IAsyncLifetime
     public async Task ACheckpointInTheStoreExportsIntoItAndDownloadsBackWithTheSameWeights()
     {
         var tokenizer = Tokenizer();
-        manual_seed(3);
-        using var model = new DeepSeekForCausalLM(DeepSeekConfig.Tiny(tokenizer.VocabSize)).InitializeWeights();
+        using var model = DeepSeekForCausalLM.FromSeed(DeepSeekConfig.Tiny(tokenizer.VocabSize), 3);
         var checkpoints = new GrpcCheckpointStore(host.Client, host.Address, "exported", Path.Combine(scratch, "staging"));
         await ShardedCheckpointWriter.SaveAllRanksAsync(checkpoints, "exported", ParallelLayout.Even(2, 2, model.Config.NumHiddenLayers),
             CheckpointTensors.Collect(model, null), new CheckpointPosition(12, 1, 0, 12), model.Config.ToJson(), tokenizer.Hash);

@@ -44,8 +44,7 @@ public class InitFromRunTests(DataShardsHostFixture fixture) : IClassFixture<Dat
 
             // The folder: the job's model shape, initialized from another seed, its head scaled so that its loss is far
             // from any freshly initialized model's (a run that ignored initFrom could not land on it by chance).
-            manual_seed(seed + 1);
-            using var pretrained = new DeepSeekForCausalLM(JobPlan.For(assignment, spec, manifest, tokenizerReply).Config).InitializeWeights();
+            using var pretrained = DeepSeekForCausalLM.FromSeed(JobPlan.For(assignment, spec, manifest, tokenizerReply).Config, seed + 1);
             using (no_grad()) pretrained.lm_head.weight!.mul_(4);
             HfModelFolder.Save(spec.InitFrom, pretrained, BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, "the test dataset"));
 

@@ -28,20 +28,22 @@ public class ModelMathTests
     }
 
     [Fact]
-    public void ASeededInitializationDrawsWhatTheGlobalGeneratorDrawsAfterManualSeedWhateverElseDrawsFromIt()
+    public void ModelsBuiltFromSeedsOnSeveralThreadsAtOnceEachGetTheirSeedsWeights()
     {
         var config = TestConfig();
-        using var global = new DeepSeekForCausalLM(config); // its modules' own initializations draw from the global generator
-        manual_seed(5);
-        global.InitializeWeights();
-        manual_seed(123);
-        using var noise = randn(1000); // the global generator moves on: the seeded initialization must not see it
-        using var seeded = new DeepSeekForCausalLM(config).InitializeWeights(seed: 5);
-        using var other = new DeepSeekForCausalLM(config).InitializeWeights(seed: 6);
-        var expected = global.named_parameters().ToDictionary(p => p.name, p => p.parameter);
-        foreach (var (name, p) in seeded.named_parameters())
-            Assert.True(p.eq(expected[name]).all().item<bool>(), $"{name}: the seeded initialization differs from manual_seed's");
-        Assert.Contains(other.named_parameters(), p => !p.parameter.eq(expected[p.name]).all().item<bool>());
+        var expected = new Dictionary<long, Dictionary<string, Tensor>>();
+        foreach (long seed in new long[] { 5, 6 })
+        {
+            manual_seed(seed);
+            expected[seed] = new DeepSeekForCausalLM(config).InitializeWeights().named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+        }
+        // Eight builds at once, two seeds: without the lock their draws from torch's one generator interleave.
+        var built = Enumerable.Range(0, 8).AsParallel().WithDegreeOfParallelism(8)
+            .Select(i => (Seed: 5L + i % 2, Model: DeepSeekForCausalLM.FromSeed(config, 5L + i % 2))).ToList();
+        foreach (var (seed, model) in built)
+            foreach (var (name, p) in model.named_parameters())
+                Assert.True(p.eq(expected[seed][name]).all().item<bool>(), $"seed {seed}, {name}: differs from manual_seed's model");
+        Assert.Contains(expected[5], kv => !kv.Value.eq(expected[6][kv.Key]).all().item<bool>());
     }
 
     /// <summary>Central differences on a few coordinates against autograd, for a scalar projection of the output.</summary>
