@@ -9,6 +9,7 @@ using DeepSeekCluster.Coordinator.Security;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Persistence.FileStorage;
+using Orleans.Serialization;
 using StackExchange.Redis;
 
 namespace DeepSeekCluster.Coordinator;
@@ -43,6 +44,7 @@ public static class CoordinatorExtensions
                 o.ClusterId = config["Orleans:ClusterId"] ?? "deepseek";
                 o.ServiceId = config["Orleans:ServiceId"] ?? "deepseek-cluster";
             });
+            silo.KeepDefaultValuesInGrainState();
             int siloPort = config.GetValue("Orleans:SiloPort", EndpointOptions.DEFAULT_SILO_PORT);
             int gatewayPort = config.GetValue("Orleans:GatewayPort", EndpointOptions.DEFAULT_GATEWAY_PORT);
             if (string.IsNullOrWhiteSpace(redis))
@@ -77,9 +79,21 @@ public static class CoordinatorExtensions
         return services;
     }
 
+    /// <summary>
+    /// Orleans' grain-state JSON leaves out (and on reading, skips) every value equal to its type's default, so a field whose
+    /// initializer is not that default came back changed after a restart: a job's schedule.minLr 0 read back as 3e-5 (its
+    /// trainer then refused the ratio), keepLast 0 as 3. With this, every value is written and read as it was.
+    /// </summary>
+    public static ISiloBuilder KeepDefaultValuesInGrainState(this ISiloBuilder silo)
+    {
+        silo.Services.Configure<OrleansJsonSerializerOptions>(o => o.JsonSerializerSettings.DefaultValueHandling = Newtonsoft.Json.DefaultValueHandling.Include);
+        return silo;
+    }
+
     /// <summary>File storage under Coordinator:StateFolder as the default grain storage.</summary>
     public static ISiloBuilder AddFileGrainStorageAsDefault(this ISiloBuilder silo, IConfiguration config)
     {
+        silo.KeepDefaultValuesInGrainState();
         string folder = config[$"{CoordinatorOptions.Section}:StateFolder"] is { Length: > 0 } f ? f : new CoordinatorOptions().StateFolder;
         return silo.AddFileGrainStorage(o => o.RootDirectory = Path.GetFullPath(Path.Combine(folder, "grains")));
     }

@@ -34,7 +34,10 @@ public sealed class GrainCluster : IAsyncDisposable
                 silo.AddFileGrainStorageAsDefault(new ConfigurationBuilder().AddInMemoryCollection(
                     new Dictionary<string, string?> { ["Coordinator:StateFolder"] = stateFolder }).Build());
             else
+            {
+                silo.KeepDefaultValuesInGrainState(); // as the Coordinator does (AddFileGrainStorageAsDefault does it itself)
                 silo.AddRedisGrainStorageAsDefault(o => o.ConfigurationOptions = ConfigurationOptions.Parse(redis));
+            }
         });
         var cluster = builder.Build();
         await cluster.DeployAsync();

@@ -106,16 +106,24 @@ public class GrainTests
 
     static async Task RunToStepOneAsync(GrainCluster c)
     {
-        await c.Job("durable").SubmitAsync(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 10));
+        await c.Job("durable").SubmitAsync(DurableSpec);
         await c.Worker("d1").RegisterAsync(TestSpecs.Worker("d1"), null);
         await TestSpecs.EventuallyAsync(c.Job("durable").GetStatusAsync, s => s.State == JobState.Running, "formation");
         await c.Job("durable").ReportStepAsync(1, new StepReport { Step = 1, Loss = 7.5 });
         await c.Job("durable").ReportCheckpointAsync(1, new CheckpointReport { Rank = 0, Step = 1, File = "r0.safetensors", SizeBytes = 10, Sha256 = "ab" });
     }
 
+    // Values equal to their type's default where the field's initializer is not (minLr 3e-5, keepLast 3): the grain
+    // state's JSON once dropped them, and the restarted job trained with the initializers.
+    static readonly JobSpec DurableSpec = TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1, steps: 10) with
+    {
+        Schedule = new LrSchedule { WarmupSteps = 1, MinLr = 0 }, KeepLast = 0,
+    };
+
     static async Task AssertStepOneSurvivedAsync(GrainCluster c)
     {
         var s = await c.Job("durable").GetStatusAsync();
+        Assert.Equal(JobSpecJson.Serialize(DurableSpec with { Name = "durable" }), JobSpecJson.Serialize(s.Spec!));
         Assert.Equal((JobState.Running, 1L, 1L), (s.State, s.Generation, s.Step));
         Assert.Equal(7.5, Assert.Single(s.Loss).Loss);
         Assert.True(Assert.Single(s.Checkpoints).Complete);
