@@ -93,7 +93,6 @@ public static class CoordinatorExtensions
     /// <summary>File storage under Coordinator:StateFolder as the default grain storage.</summary>
     public static ISiloBuilder AddFileGrainStorageAsDefault(this ISiloBuilder silo, IConfiguration config)
     {
-        silo.KeepDefaultValuesInGrainState();
         string folder = config[$"{CoordinatorOptions.Section}:StateFolder"] is { Length: > 0 } f ? f : new CoordinatorOptions().StateFolder;
         return silo.AddFileGrainStorage(o => o.RootDirectory = Path.GetFullPath(Path.Combine(folder, "grains")));
     }

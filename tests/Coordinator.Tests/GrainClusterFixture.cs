@@ -30,14 +30,12 @@ public sealed class GrainCluster : IAsyncDisposable
             silo.Services.AddSingleton<ICheckpointCommitter>(sp => sp.GetRequiredService<HandedCheckpoints>());
             silo.Services.Configure<CoordinatorOptions>(o => o.HeartbeatTimeout = heartbeatTimeout ?? TimeSpan.FromSeconds(30));
             if (options is not null) silo.Services.Configure(options);
+            silo.KeepDefaultValuesInGrainState(); // as the Coordinator does, whichever storage
             if (redis is null)
                 silo.AddFileGrainStorageAsDefault(new ConfigurationBuilder().AddInMemoryCollection(
                     new Dictionary<string, string?> { ["Coordinator:StateFolder"] = stateFolder }).Build());
             else
-            {
-                silo.KeepDefaultValuesInGrainState(); // as the Coordinator does (AddFileGrainStorageAsDefault does it itself)
                 silo.AddRedisGrainStorageAsDefault(o => o.ConfigurationOptions = ConfigurationOptions.Parse(redis));
-            }
         });
         var cluster = builder.Build();
         await cluster.DeployAsync();
