@@ -43,13 +43,13 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         // first save's step (the worker would hold them from that save on anyway).
         _ = saver.Prepare(Trainer.CheckpointTensors());
 
-        // A generation that resumes at the last step trains nothing: the previous one finished the run, but its reports
-        // crossed the re-formation and were refused, so its final checkpoint can never commit. This generation saves it.
         if (A.CheckpointOnly)
         {
             SaveForPreemption(saver);
             return;
         }
+        // A generation that resumes at the last step trains nothing: the previous one finished the run, but its reports
+        // crossed the re-formation and were refused, so its final checkpoint can never commit. This generation saves it.
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
