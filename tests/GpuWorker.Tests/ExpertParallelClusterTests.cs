@@ -17,6 +17,13 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
+// Alone: the jobs' weights come from torch's one process-wide generator (DeepSeekForCausalLM.FromSeed seeds it under a
+// lock), and any model another test class constructs meanwhile draws from that generator too, outside the lock; the
+// bit-for-bit comparison of a four-worker and a one-worker job saw those draws (a CI run's step-1 losses differed).
+[CollectionDefinition(nameof(ExpertParallelClusterTests), DisableParallelization = true)]
+public sealed class ExpertParallelClusterCollection;
+
+[Collection(nameof(ExpertParallelClusterTests))]
 public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutputHelper output) : IClassFixture<DataShardsHostFixture>
 {
     const int Steps = 3, Workers = 4;
