@@ -180,7 +180,7 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
         // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
         var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
-            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "precision" or "activationCheckpointing" or "parallel").ToList();
+            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "precision" or "activationCheckpointing" or "parallel").ToList();
         if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
         return o;
     }

@@ -174,7 +174,7 @@ public static class LiveShards
                 var into = State(slot, kind);
                 if (slot.Param.dim() == 0)
                 {
-                    if (d == 0) into.copy_(words.narrow(0, word, 1).reshape(into.shape));
+                    if (d == 0 && !slot.Empty) into.copy_(words.narrow(0, word, 1).reshape(into.shape)); // only shard 0 updates a scalar
                     continue;
                 }
                 long mineStart = slot.RowStart, mineCount = slot.RowCount ?? slot.Param.shape[0];
