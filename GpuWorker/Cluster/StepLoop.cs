@@ -74,7 +74,8 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
             if (run.Metrics is not null)
                 run.Metrics.DeviceMemory(A.JobId, run.WorkerId,
-                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(formed.Live.Tensors().Select(kv => kv.Value), formed.Live.Model.parameters()));
+                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(formed.Live.Tensors().Select(kv => kv.Value).Concat(formed.Live.Neighbour is { } n ? [n.Words] : []),
+                                                                      formed.Live.Model.parameters()));
             double? validationLoss = Options.EvalEvery > 0 && m.Step % Options.EvalEvery == 0 ? Validate(m.Step) : null;
             // Every replica scores its share of the tasks before the checkpoint's copy (the weights are the same).
             string? evalResults = evaluation?.Due(m.Step) == true ? evaluation.Run(formed.Live.Model, m.Step) : null;

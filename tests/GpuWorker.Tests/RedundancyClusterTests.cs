@@ -11,6 +11,7 @@ using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
 
@@ -65,6 +66,18 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             Assert.Contains(live.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("3 workers"));
             Assert.Contains("from the live shards of the survivors: 4 shard(s) resharded onto dp 3", log.ToString());
             Assert.Contains("'s copy)", log.ToString()); // the lost rank's shard came from its neighbour's copy
+            // Each rank of dp 4 held its neighbour's shard from the start: the bytes the planner adds for it (within a row's rounding).
+            var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
+            var config = JobPlan.Map(redundant, (int)manifest.VocabSize, 0).Config;
+            var layout = ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(1, 1, config.NRoutedExperts);
+            var copies = System.Text.RegularExpressions.Regex.Matches(log.ToString(), @"redundancy: holds the copy of shard (\d) at step 0 \((\d+) bytes")
+                .Select(m => (Shard: int.Parse(m.Groups[1].Value), Bytes: long.Parse(m.Groups[2].Value))).ToList();
+            Assert.Equal([0, 1, 2, 3], copies.Select(c => c.Shard).Order());
+            foreach (var (shard, bytes) in copies)
+            {
+                long predicted = MemoryPlanner.Predict(config, layout, shard, new MemoryInputs("fp32", "none", 1, DataShardsHost.SeqLen)).Optimizer;
+                Assert.InRange(bytes, predicted * 0.99, predicted * 1.01);
+            }
 
             // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
             StartWorker();
