@@ -99,9 +99,19 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         if (!cover.InPlace)
         {
             var old = Holder.State;
+            // A rank off the cover's step receives the weights: half-received weights are no state of any step.
+            if (old is not null && !cover.Current[ring.Rank]) old.Step = -1;
             // The model (weights replicated under ZeRO 1 and 2) stays; the optimizer is built anew over this rank's rows.
             var target = NewState(old?.Model);
-            bytes = LiveShards.Reshard(ring, cover, old, target);
+            try { bytes = LiveShards.Reshard(ring, cover, old, target); }
+            catch
+            {
+                // A peer lost during the reshard: the old shard and copy stay held, so the next generation can try again.
+                target.Optimizer.Dispose();
+                if (old is null) target.Model.Dispose(); // a spare's model from the seed
+                Holder.State = old;
+                throw;
+            }
             if (old is not null)
             {
                 old.Neighbour?.Dispose();
