@@ -63,6 +63,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             var liveResumes = live.Events.Where(e => e.Kind == JobEventKinds.Resumed && e.Generation > 1).ToList();
             Assert.NotEmpty(liveResumes);
             Assert.All(liveResumes, e => Assert.Equal(("shards", 0L), (e.ResumeSource, e.StepsRedone)));
+            Assert.All(liveResumes, e => Assert.Contains("from the live ZeRO shards of the survivors", e.Message));
             Assert.Contains(live.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("3 workers"));
             Assert.Contains("from the live shards of the survivors: 4 shard(s) resharded onto dp 3", log.ToString());
             Assert.Contains("'s copy)", log.ToString()); // the lost rank's shard came from its neighbour's copy
