@@ -17,6 +17,8 @@ public sealed record AppHostOptions
     public int Ep { get; init; } = 1;
     /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients.</summary>
     public int Zero { get; init; }
+    /// <summary>parallel.redundancy of the default job: each rank also keeps its neighbour's ZeRO shard.</summary>
+    public bool Redundancy { get; init; }
     /// <summary>auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: the job's precision.</summary>
     public string Precision { get; init; } = "auto";
     /// <summary>none, full or selective: the job's activationCheckpointing.</summary>
@@ -60,6 +62,8 @@ public sealed record AppHostOptions
                                  N > 1: --pp 1, --zero 0, --recompute none, and no evaluation tasks)
           --zero 0|1|2           ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
                                  sums (default 0: replicated; 3 is not built yet)
+          --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1|2): a lost
+                                 worker's shard survives, and the job resumes from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
           --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker
@@ -85,7 +89,7 @@ public sealed record AppHostOptions
 
     static string OptionOf(string field) => field switch
     {
-        "parallel.ep" => "--ep", "parallel.zero" => "--zero", "precision" => "--precision", "activationCheckpointing" => "--recompute",
+        "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "precision" => "--precision", "activationCheckpointing" => "--recompute",
         _ => "--workers/--pp/--ep",
     };
 
@@ -125,6 +129,7 @@ public sealed record AppHostOptions
                 "--pp" => o with { Pp = Int() },
                 "--ep" => o with { Ep = Int() },
                 "--zero" => o with { Zero = Int() },
+                "--redundancy" => o with { Redundancy = true },
                 "--precision" => o with { Precision = Value() },
                 "--recompute" => o with { Recompute = Value() },
                 "--memory-budget" => o with { MemoryBudget = long.TryParse(Value(), out var b) && b > 0 ? b : throw new ArgumentException("option --memory-budget needs a positive number of bytes") },
@@ -175,7 +180,7 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
         // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
         var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
-            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "precision" or "activationCheckpointing" or "parallel").ToList();
+            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "precision" or "activationCheckpointing" or "parallel").ToList();
         if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
         return o;
     }

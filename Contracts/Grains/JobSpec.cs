@@ -234,6 +234,11 @@ public sealed record ParallelPlan
     [Id(3)] public int Ep { get; init; } = 1;
     /// <summary>0: replicated; 1: AdamW state sharded over dp; 2: and the gradient sums; 3: and the parameters.</summary>
     [Id(4)] public int Zero { get; init; }
+    /// <summary>
+    /// Each rank also keeps its ring neighbour's ZeRO shard (refreshed every step by one extra send), so a single lost rank's
+    /// shard survives and the job resumes from live state instead of the committed checkpoint (docs/fault-tolerance.md).
+    /// </summary>
+    [Id(5)] public bool Redundancy { get; init; }
 
     /// <summary>The ZeRO stages this build trains (the others are refused before anything starts).</summary>
     public const int MaxZeroBuilt = 2;
@@ -247,6 +252,8 @@ public sealed record ParallelPlan
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         else if (Zero > MaxZeroBuilt) yield return ("parallel.zero", $"{Zero}: ZeRO-3 is not built yet, expected 0 to {MaxZeroBuilt} (docs/parallelism.md)");
         if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");
+        if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1 or 2");
+        else if (Redundancy && Ep > 1) yield return ("parallel.redundancy", $"true with ep {Ep}: neighbour copies of expert shards are not built yet, expected false or ep 1");
     }
 }
 

@@ -161,6 +161,7 @@ public sealed partial class TrainingJobGrain(
         string from = report.Source switch
         {
             "replica" => $"the live state of rank {report.SourceRank}",
+            "shards" => "the live ZeRO shards of the survivors (each held by its rank or its neighbour's copy)",
             "checkpoint" => $"the committed checkpoint of step {report.Step}",
             _ => "the start",
         };

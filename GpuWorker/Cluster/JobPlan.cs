@@ -24,7 +24,8 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
         var (config, options) = Map(spec, manifest.VocabSize, tokenizer.EotTokenId, cuda);
         string fingerprint = ReplicaState.FingerprintOf(assignment.JobId, assignment.JobSpecJson, manifest.VocabSize, tokenizer.TokenizerHash)
                              + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : "") // a stage's state is no other stage's
-                             + (spec.Parallel.Zero > 0 ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : "") // nor a ZeRO shard another's
+                             // nor a ZeRO shard another's; with redundancy the state names its shard and a new layout reshards it (LiveShards)
+                             + (spec.Parallel.Zero > 0 && !spec.Parallel.Redundancy ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : "")
                              + (spec.Parallel.Ep > 1 ? $"/expert shard {assignment.DpRank % spec.Parallel.Ep} of {spec.Parallel.Ep}" : ""); // nor an expert shard (ParallelLayout.ExpertShardOfRank)
         return new JobPlan(spec, config, options, fingerprint);
     }
@@ -66,7 +67,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
         if (Spec.MicroBatch > 0) return (this, null);
         int dp = assignment.DpSize, pp = Math.Max(1, assignment.PpSize), share = Options.GlobalBatch / dp;
         var layout = ParallelLayout.Even(dp, pp, Config.NumHiddenLayers).WithShards(Spec.Parallel.Ep, Spec.Parallel.Zero, Config.NRoutedExperts);
-        var inputs = new MemoryInputs(Options.Precision, Spec.ActivationCheckpointing, 1, Options.SeqLen, share, Options.PipelineSchedule);
+        var inputs = new MemoryInputs(Options.Precision, Spec.ActivationCheckpointing, 1, Options.SeqLen, share, Options.PipelineSchedule, Spec.Parallel.Redundancy);
         string key = $"{device}|{budgetBytes}|{Config.ToJson()}|{dp}x{pp}/{layout.Ep}/{layout.Zero}|{inputs}|{share}";
         var found = FoundMicroBatches.GetOrAdd(key, _ => MicroBatchFinder.Find(Config, layout, inputs, share, budgetBytes));
         return (this with { Options = Options with { MicroBatch = found.MicroBatch } }, found);

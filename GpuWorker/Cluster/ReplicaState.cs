@@ -49,6 +49,12 @@ public sealed class ReplicaState : IDisposable
     /// </summary>
     public long Lineage { get; set; } = NewLineage();
 
+    /// <summary>The ZeRO shard the optimizer holds and of how many (-1 and 0: not sharded); a reshard reads it (LiveShards).</summary>
+    public int ZeroShard { get; init; } = -1;
+    public int ZeroShards { get; init; }
+    /// <summary>parallel.redundancy: this rank's copy of its ring neighbour's optimizer shard (null: none kept).</summary>
+    public NeighbourCopy? Neighbour { get; set; }
+
     public bool Held => Step >= 0;
 
     public static long NewLineage() => Random.Shared.NextInt64(1, long.MaxValue);
@@ -61,15 +67,19 @@ public sealed class ReplicaState : IDisposable
 
     public void Dispose()
     {
+        Neighbour?.Dispose();
         Optimizer.Dispose();
         Model.Dispose();
     }
 }
 
-/// <summary>Where a generation resumes: Source is "replica" (broadcast from SourceRank), "checkpoint" or "start".</summary>
+/// <summary>
+/// Where a generation resumes: Source is "replica" (broadcast from SourceRank), "shards" (the survivors' live ZeRO shards,
+/// resharded: parallel.redundancy), "checkpoint" or "start".
+/// </summary>
 public sealed record ResumePlan(HeldState[] Held, long Step, string Source, int SourceRank)
 {
-    public const string Replica = "replica", Checkpoint = "checkpoint", Start = "start";
+    public const string Replica = "replica", Shards = "shards", Checkpoint = "checkpoint", Start = "start";
 
     /// <summary>Some rank must receive the source's state: it holds another step, another history, or nothing.</summary>
     public bool AnyRankBehind => SourceRank >= 0 && Held.Any(h => h != Held[SourceRank]);

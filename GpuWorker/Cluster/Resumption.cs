@@ -30,6 +30,13 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
         if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
+        if (Redundant && resume.Source == ResumePlan.Replica)
+        {
+            // The held shards may be of another layout (a rescale) or miss a lost rank's: the survivors' own shards and
+            // neighbour copies rebuild every rank's shard of this layout, or, where one is held nowhere, the checkpoint.
+            if (ReshardLive(ring, held, resume) is { } live) return live;
+            resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
+        }
         if ((layout.Zero > 0 || layout.Ep > 1) && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
         {
             // A ZeRO rank's optimizer state is its shard alone, held nowhere else, and an expert-parallel rank's experts
@@ -51,8 +58,9 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         }
         else
         {
-            // A held state behind the checkpoint, or one the start must replace, is thrown away first.
-            if (Holder.State is { Step: not 0 } || resume.Source == ResumePlan.Checkpoint && Holder.State is not null) Holder.Drop();
+            // A held state behind the checkpoint, or one the start must replace (or of another ZeRO layout), is thrown away first.
+            if (Holder.State is { Step: not 0 } || resume.Source == ResumePlan.Checkpoint && Holder.State is not null
+                || Holder.State is { } s && layout.Zero > 0 && (s.ZeroShard, s.ZeroShards) != (A.DpRank, A.DpSize)) Holder.Drop();
             var restored = Holder.State ?? NewState();
             if (resume.Source == ResumePlan.Checkpoint) bytes = LoadCheckpoint(restored, resume.Step, who);
             else
@@ -63,9 +71,66 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             // One history for every stage (or expert shard) that did not take a live state: next time the ranks can tell
             // that their live states belong together. Without it every rank's own random lineage would make each one
             // look behind the others, and an ep job, which cannot copy a live state, would reload the checkpoint.
-            if (Pipeline || layout.Ep > 1) restored.Lineage = GenerationLineage(resume.Step);
+            if (Pipeline || layout.Ep > 1 || layout.Zero > 0) restored.Lineage = GenerationLineage(resume.Step);
         }
+        if (Redundant) RefreshNeighbour(ring);
         return (resume, bytes);
+    }
+
+    /// <summary>parallel.redundancy on a sharded ring: each rank keeps its neighbour's shard (none on a ring of one).</summary>
+    bool Redundant => plan.Spec.Parallel.Redundancy && layout.Zero > 0 && !Pipeline;
+
+    /// <summary>
+    /// The live reshard: when every shard of the newest held step is held by a survivor (its own rank's, or the copy its
+    /// neighbour keeps), every rank's state of this layout is rebuilt from them over the ring; null (said why) otherwise.
+    /// </summary>
+    (ResumePlan Plan, long Bytes)? ReshardLive(ICollective ring, HeldState[] held, ResumePlan resume)
+    {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        var shards = LiveShards.Exchange(ring, Holder.State);
+        var (cover, why) = LiveShards.Cover(shards, resume.Step, resume.SourceRank, layout.Dp);
+        if (cover is null)
+        {
+            run.Log($"rank {A.Rank} cannot resume from live state at step {resume.Step}: {why}; every rank loads " +
+                    (A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start"));
+            return null;
+        }
+        long bytes = 0;
+        if (!cover.InPlace)
+        {
+            var old = Holder.State;
+            // A rank off the cover's step receives the weights: half-received weights are no state of any step.
+            if (old is not null && !cover.Current[ring.Rank]) old.Step = -1;
+            // The model (weights replicated under ZeRO 1 and 2) stays; the optimizer is built anew over this rank's rows.
+            var target = NewState(old?.Model);
+            try { bytes = LiveShards.Reshard(ring, cover, old, target); }
+            catch
+            {
+                // A peer lost during the reshard: the old shard and copy stay held, so the next generation can try again.
+                target.Optimizer.Dispose();
+                if (old is null) target.Model.Dispose(); // a spare's model from the seed
+                Holder.State = old;
+                throw;
+            }
+            if (old is not null)
+            {
+                old.Neighbour?.Dispose();
+                old.Optimizer.Dispose();
+            }
+        }
+        var copies = string.Join(", ", Enumerable.Range(0, cover.Shards).Where(d => cover.FromCopy[d]).Select(d => $"shard {d} from rank {cover.Holders[d]}'s copy"));
+        run.Log($"resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s) resharded onto dp {layout.Dp}" +
+                (copies.Length > 0 ? $" ({copies})" : "") + $"; {bytes} bytes in {ReplicaSync.Seconds(start):0.###} s");
+        RefreshNeighbour(ring);
+        return (new ResumePlan(held, cover.Step, ResumePlan.Shards, cover.Source), bytes);
+    }
+
+    void RefreshNeighbour(ICollective ring)
+    {
+        var state = Holder.State!;
+        long sent = LiveShards.Refresh(ring, state);
+        if (state.Neighbour is null) return; // a ring of one has no neighbour
+        run.Log($"redundancy: holds the copy of shard {state.Neighbour!.Shard} at step {state.Step} ({state.Neighbour.Words.numel() * state.Neighbour.Words.element_size()} bytes; sent {sent})");
     }
 
     /// <summary>
@@ -142,8 +207,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     /// The whole model from the seed (every rank builds the same weights) with its AdamW; for a pipeline stage, shrunk to
     /// this worker's stage, the AdamW over the stage's parameters only.
     /// </summary>
-    ReplicaState NewState()
+    ReplicaState NewState(DeepSeekForCausalLM? keep = null)
     {
+        if (keep is not null)
+            return Holder.State = new ReplicaState
+            {
+                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize,
+                Optimizer = Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize),
+            };
         var model = DeepSeekForCausalLM.FromSeed(plan.Config, plan.Spec.Seed); // under the process-wide seed lock: in-process workers build at once
         // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
         if (plan.Spec.InitFrom is { } pretrained)
@@ -160,6 +231,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         Holder.State = new ReplicaState
         {
             JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
+            ZeroShard = layout.Zero > 0 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 ? A.DpSize : 0,
             Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options),
         };
         return Holder.State;

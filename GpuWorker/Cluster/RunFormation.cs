@@ -127,7 +127,7 @@ sealed class RunFormation : IDisposable
     /// <summary>What besides the layout decides a rank's memory: the job's precision, recompute and micro-batches.</summary>
     public static MemoryInputs MemoryInputsOf(JobPlan plan, int dp) =>
         new(plan.Options.Precision, plan.Spec.ActivationCheckpointing, plan.Options.MicroBatch, plan.Options.SeqLen,
-            plan.Options.Accumulation(dp), plan.Options.PipelineSchedule);
+            plan.Options.Accumulation(dp), plan.Options.PipelineSchedule, plan.Spec.Parallel.Redundancy);
 
     /// <summary>
     /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks; on CPU, null: the tcp ring

@@ -13,6 +13,9 @@ sealed class StepGuardRun(RunContext run, JobPlan plan, ITrainer trainer) : IDis
     readonly SpikeRule rule = new(plan.Spec.Guard);
     readonly LiveSnapshot snapshot = new();
 
+    /// <summary>Rollbacks so far: one that moves tells the caller the live state changed after the step.</summary>
+    public int Rollbacks => rule.Rollbacks;
+
     /// <summary>The first rollback target is the state the run starts (or resumes) from.</summary>
     public void Start()
     {

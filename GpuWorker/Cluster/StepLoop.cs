@@ -53,6 +53,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
+        bool redundant = plan.Spec.Parallel.Redundancy && formed.Layout.Zero > 0 && formed.Layout.Pp == 1;
         using var guard = new StepGuardRun(run, plan, Trainer);
         guard.Start();
         long? deviceBytes = null;
@@ -62,6 +63,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
             var m = run.Settings.Faults.Step(Trainer);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
+            if (redundant) LiveShards.Refresh(formed.Ring, formed.Live); // the neighbour's copy of this rank's shard, at this step
             run.LastStep = System.Diagnostics.Stopwatch.GetElapsedTime(stepStart);
             var served = source.TakeServed();
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
@@ -72,7 +74,8 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             // The resident tensors are all allocated after the first step (gradients, optimizer moments) and keep their sizes.
             if (run.Metrics is not null)
                 run.Metrics.DeviceMemory(A.JobId, run.WorkerId,
-                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(formed.Live.Tensors().Select(kv => kv.Value), formed.Live.Model.parameters()));
+                    deviceBytes ??= TrainingMetrics.TrainingStateBytes(formed.Live.Tensors().Select(kv => kv.Value).Concat(formed.Live.Neighbour is { } n ? [n.Words] : []),
+                                                                      formed.Live.Model.parameters()));
             double? validationLoss = Options.EvalEvery > 0 && m.Step % Options.EvalEvery == 0 ? Validate(m.Step) : null;
             // Every replica scores its share of the tasks before the checkpoint's copy (the weights are the same).
             string? evalResults = evaluation?.Due(m.Step) == true ? evaluation.Run(formed.Live.Model, m.Step) : null;
@@ -83,7 +86,9 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
                 run.Log(ConsoleProgress.Format(m, Options.Steps, A.World, TimeSpan.Zero).Split(" | ETA")[0] +
                         (validationLoss is { } v ? $" | val {v:F4} (ppl {Math.Exp(v):F1})" : ""));
             // After the report (the samples were consumed whatever the guard does), before a save (which then holds what survived).
+            int rollbacks = guard.Rollbacks;
             guard.After(m, () => saver.WaitForSnapshot());
+            if (redundant && guard.Rollbacks != rollbacks) LiveShards.Refresh(formed.Ring, formed.Live); // the copy must hold what the rollback restored
             bool due = Options.CheckpointEvery > 0 && m.Step % Options.CheckpointEvery == 0 || m.Step == Options.Steps || run.TakeCheckpointRequest(m.Step);
             if (due) SaveCheckpoint(saver, m.Step);
         }

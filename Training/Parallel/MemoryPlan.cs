@@ -7,7 +7,9 @@ namespace DeepSeekCluster.Training.Parallel;
 /// <param name="Precision">fp32, bf16 (bf16 weights, gradients and activations; fp32 master weights and moments) or fp64 (tests).</param>
 /// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms, SwiGLU products and MLA up-projections recomputed).</param>
 /// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
-public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b");
+/// <param name="Redundancy">parallel.redundancy: a ZeRO rank also holds its ring neighbour's optimizer shard (2/dp, not 1/dp).</param>
+public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b",
+                                  bool Redundancy = false);
 
 /// <summary>One rank's predicted resident bytes, by kind.</summary>
 /// <param name="GradientWords">The part of <paramref name="Gradients"/> that is the exact sum's int64 words (16 bytes per summed element).</param>
@@ -98,7 +100,8 @@ public static class MemoryPlanner
         long parameters = (layout.Zero >= 3 ? shard : local) * param;
         long words = (layout.Zero >= 2 ? shard : local) * ExactWordBytes;
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
-        long optimizer = (layout.Zero >= 1 ? shard : local) * (2L * moment + master);
+        long neighbour = layout.Zero >= 1 && inputs.Redundancy && layout.Dp > 1 ? ShardParameters(config, layout, layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp)) : 0;
+        long optimizer = ((layout.Zero >= 1 ? shard : local) + neighbour) * (2L * moment + master);
         return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
     }
 

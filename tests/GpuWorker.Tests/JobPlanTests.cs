@@ -138,4 +138,28 @@ public class ParallelPlanSpecTests
         var defaults = JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec");
         Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
     }
+
+    [Fact]
+    public void RedundancyNeedsAShardedOptimizerWithoutEpAndThePlannerCountsTheNeighboursShard()
+    {
+        Assert.Empty(Spec(new ParallelPlan { Zero = 1, Redundancy = true }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 4, Zero = 2, Redundancy = true }).Validate());
+        Assert.Contains("true with zero 0", Assert.Single(Problems(Spec(new ParallelPlan { Redundancy = true }), "parallel.redundancy")).Message);
+        Assert.Contains("true with ep 2", Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2, Zero = 1, Redundancy = true }), "parallel.redundancy")).Message);
+        Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.Redundancy);
+
+        // Rank 1 of dp 4 (uneven rows: shards differ by a row) holds its own shard and rank 2's: the two ranks' predictions added.
+        var config = DeepSeekConfig.Preset("tiny") with { VocabSize = 301 };
+        var layout = DeepSeekCluster.Training.Parallel.ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(1, 1, config.NRoutedExperts);
+        var inputs = new DeepSeekCluster.Training.Parallel.MemoryInputs("bf16", "none", 1, 32);
+        var own = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, layout, 1, inputs);
+        var next = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, layout, 2, inputs);
+        var redundant = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, layout, 1, inputs with { Redundancy = true });
+        Assert.Equal(own.Optimizer + next.Optimizer, redundant.Optimizer);
+        Assert.Equal((own.Parameters, own.Gradients, own.Activations), (redundant.Parameters, redundant.Gradients, redundant.Activations));
+        // Replicated (zero 0), there is no shard to copy.
+        var replicated = layout with { Zero = 0 };
+        Assert.Equal(DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, replicated, 1, inputs).Optimizer,
+                     DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, replicated, 1, inputs with { Redundancy = true }).Optimizer);
+    }
 }

@@ -1,4 +1,4 @@
-// The AppHost's --ep, --zero, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
+// The AppHost's --ep, --zero, --redundancy, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
 using DeepSeekCluster.AppHost;
 
 namespace DeepSeekCluster.Observability.Tests;
@@ -28,6 +28,17 @@ public class ParallelOptionsTests
         var sharded = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--precision", "bf16"), "d", DateTime.UnixEpoch);
         Assert.Equal((2, 1), (sharded.Parallel.Ep, sharded.Parallel.Zero));
         Assert.Empty(sharded.Validate());
+    }
+
+    [Fact]
+    public void RedundancyReachesTheSpecWithZeroAndIsRefusedWithoutIt()
+    {
+        var spec = DefaultJob.Spec(Parse("--workers", "4", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch);
+        Assert.Equal((1, true), (spec.Parallel.Zero, spec.Parallel.Redundancy));
+        Assert.Empty(spec.Validate());
+        Assert.False(DefaultJob.Spec(Parse("--workers", "4", "--zero", "1"), "d", DateTime.UnixEpoch).Parallel.Redundancy);
+        var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--redundancy"));
+        Assert.Contains("--redundancy (parallel.redundancy): true with zero 0", e.Message);
     }
 
     [Theory]

@@ -1,0 +1,181 @@
+// parallel.redundancy in a cluster job: the real Coordinator (in this process) forms dp 4 with ZeRO-1 on four real
+// ClusterWorkers over tcp; one worker leaves after a step. With redundancy every rank also holds its neighbour's optimizer
+// shard, so the three survivors reshard the live state onto dp 3 and resume with 0 steps redone; without it the lost
+// shard is nowhere, and the job resumes from the committed checkpoint and says so. Either way the final committed
+// checkpoint equals, bit for bit, the one an uninterrupted one-worker job commits, and every sample is trained once.
+using System.Net;
+using System.Net.Http.Json;
+using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
+using DeepSeekCluster.Training.Checkpoints;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.GpuWorker.Tests;
+
+// In the cluster tests' collection: the bit-for-bit comparison needs the seeded weights no other test class disturbs.
+[Collection(nameof(ExpertParallelClusterTests))]
+public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHelper output) : IClassFixture<DataShardsHostFixture>
+{
+    const int Steps = 5, GlobalBatch = 12;
+    DataShardsHost Data => fixture.Host;
+
+    // Global batch 12 = 4 ranks x 3 micro-batches of 1 = 3 ranks x 4 = 1 rank x 12: the exact gradient sums make all the same.
+    JobSpec Spec(string name, ParallelPlan parallel, int min, int max) => new()
+    {
+        Name = name, ModelPreset = "tiny", Dataset = Data.DatasetId, GlobalBatch = GlobalBatch, MicroBatch = 1, SeqLen = DataShardsHost.SeqLen,
+        Steps = Steps, Seed = 13, EvalInterval = 0, CheckpointInterval = 1, Parallel = parallel, MinWorkers = min, MaxWorkers = max,
+        Schedule = new() { WarmupSteps = 1, PeakLr = 3e-3 }, ClipNorm = 0.5,
+    };
+
+    [Fact]
+    public async Task AZero1JobThatLosesAWorkerResumesLiveWithRedundancyAndFromTheCheckpointWithoutAndBothCommitTheOneWorkerJobsCheckpoint()
+    {
+        await using var store = await StoreHost.StartAsync();
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
+        var scratch = Directory.CreateTempSubdirectory("redundancy-cluster-").FullName;
+        var log = new StringWriter();
+        var syncLog = TextWriter.Synchronized(log);
+        var stops = new List<CancellationTokenSource>();
+        var workers = new List<Task<int>>();
+        void StartWorker()
+        {
+            int i = workers.Count;
+            var stop = new CancellationTokenSource();
+            stops.Add(stop);
+            workers.Add(new ClusterWorker(coordinator.Worker($"red-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stop.Token));
+        }
+        try
+        {
+            for (int i = 0; i < 4; i++) StartWorker();
+
+            // ---- With redundancy: a worker leaves after a step; the survivors reshard live, 0 steps redone ----
+            var redundant = Spec("zero-redundant", new ParallelPlan { Zero = 1, Redundancy = true }, 3, 4);
+            Assert.Empty(redundant.Validate());
+            await Submit(http, redundant);
+            await LoseOneWorker(http, redundant.Name!, log, stops[1], afterCommit: false);
+            var live = await Completion(http, redundant.Name!, log);
+            var liveResumes = live.Events.Where(e => e.Kind == JobEventKinds.Resumed && e.Generation > 1).ToList();
+            Assert.NotEmpty(liveResumes);
+            Assert.All(liveResumes, e => Assert.Equal(("shards", 0L), (e.ResumeSource, e.StepsRedone)));
+            Assert.All(liveResumes, e => Assert.Contains("from the live ZeRO shards of the survivors", e.Message));
+            Assert.Contains(live.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("3 workers"));
+            Assert.Contains("from the live shards of the survivors: 4 shard(s) resharded onto dp 3", log.ToString());
+            Assert.Contains("'s copy)", log.ToString()); // the lost rank's shard came from its neighbour's copy
+            // Each rank of dp 4 held its neighbour's shard from the start: the bytes the planner adds for it (within a row's rounding).
+            var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
+            var config = JobPlan.Map(redundant, (int)manifest.VocabSize, 0).Config;
+            var layout = ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(1, 1, config.NRoutedExperts);
+            var copies = System.Text.RegularExpressions.Regex.Matches(log.ToString(), @"redundancy: holds the copy of shard (\d) at step 0 \((\d+) bytes")
+                .Select(m => (Shard: int.Parse(m.Groups[1].Value), Bytes: long.Parse(m.Groups[2].Value))).ToList();
+            Assert.Equal([0, 1, 2, 3], copies.Select(c => c.Shard).Order());
+            foreach (var (shard, bytes) in copies)
+            {
+                long predicted = MemoryPlanner.Predict(config, layout, shard, new MemoryInputs("fp32", "none", 1, DataShardsHost.SeqLen)).Optimizer;
+                Assert.InRange(bytes, predicted * 0.99, predicted * 1.01);
+            }
+
+            // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
+            StartWorker();
+            var plain = Spec("zero-plain", new ParallelPlan { Zero = 1 }, 3, 4);
+            await Submit(http, plain);
+            await LoseOneWorker(http, plain.Name!, log, stops[4], afterCommit: true);
+            var reloaded = await Completion(http, plain.Name!, log);
+            var last = reloaded.Events.Last(e => e.Kind == JobEventKinds.Resumed);
+            Assert.True(last.Generation > 1, "the job without redundancy did not re-form");
+            Assert.Equal("checkpoint", last.ResumeSource);
+            Assert.Contains("from the committed checkpoint of step", last.Message);
+
+            var one = Spec("zero-reference", new ParallelPlan { Dp = 1 }, 1, 1);
+            await Submit(http, one);
+            var reference = await Completion(http, one.Name!, log);
+
+            // ---- Every sample once; the same losses; the final checkpoints bit for bit the one-worker job's ----
+            foreach (var s in new[] { live, reloaded, reference })
+            {
+                Assert.True(s.Consumption.Complete, $"{s.JobId}: the ledger is not complete: {s.Consumption}");
+                Assert.Equal(((long)Steps * GlobalBatch, 0L), (s.Consumption.Samples, s.Consumption.Overlaps));
+            }
+            Assert.Equal(Losses(reference), Losses(live));
+            Assert.Equal(Losses(reference), Losses(reloaded));
+            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
+            var expected = await LoadWhole(store, one.Name!, one, tokenizerHash, Path.Combine(scratch, "load-one"));
+            Assert.Contains(expected.Keys, k => k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
+            foreach (var job in new[] { redundant.Name!, plain.Name! })
+            {
+                var actual = await LoadWhole(store, job, one, tokenizerHash, Path.Combine(scratch, $"load-{job}"));
+                Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
+                foreach (var (name, values) in expected)
+                    Assert.True(values.SequenceEqual(actual[name]), $"{name} differs between {job}'s committed checkpoint and the one-worker job's");
+            }
+            output.WriteLine($"{expected.Count} tensors equal bit for bit; resumed: {string.Join(" | ", liveResumes.Select(e => e.Message))} / {last.Message}");
+        }
+        catch
+        {
+            output.WriteLine(log.ToString());
+            throw;
+        }
+        finally
+        {
+            foreach (var s in stops) await s.CancelAsync();
+            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
+            foreach (var s in stops) s.Dispose();
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+
+    static IEnumerable<double> Losses(JobStatus s) => s.Loss.OrderBy(p => p.Step).Select(p => p.Loss);
+
+    static async Task Submit(HttpClient http, JobSpec spec)
+    {
+        var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
+        Assert.True(submitted.StatusCode == HttpStatusCode.Created, $"{spec.Name}: {await submitted.Content.ReadAsStringAsync()}");
+    }
+
+    /// <summary>
+    /// Once the job has trained a step on four workers (and, <paramref name="afterCommit"/>, committed a checkpoint), one
+    /// worker leaves: it finishes the step in flight, so its rank's shard is whole in the survivors' copies or nowhere.
+    /// </summary>
+    static async Task LoseOneWorker(HttpClient http, string job, StringWriter log, CancellationTokenSource stop, bool afterCommit)
+    {
+        await InProcessCoordinator.Until(async () =>
+        {
+            var s = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
+            Assert.NotEqual(JobState.Failed, s.State);
+            Assert.True(s.Step < Steps, $"{job} finished before a worker could leave it");
+            return s.Workers.Length == 4 && s.Step >= 1 && (!afterCommit || s.Committed.Length > 0);
+        }, $"{job} trains a step on four workers", log);
+        await stop.CancelAsync();
+    }
+
+    static async Task<JobStatus> Completion(HttpClient http, string job, StringWriter log)
+    {
+        JobStatus? status = null;
+        await InProcessCoordinator.Until(async () =>
+        {
+            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
+            Assert.NotEqual(JobState.Failed, status.State);
+            return status.State == JobState.Completed;
+        }, $"job {job} completes", log);
+        Assert.Equal((long)Steps, status!.Committed.Max(c => c.Step));
+        return status;
+    }
+
+    /// <summary>The committed final step of <paramref name="job"/> loaded into one whole model and AdamW: every tensor's values by name.</summary>
+    async Task<Dictionary<string, float[]>> LoadWhole(StoreHost store, string job, JobSpec spec, string tokenizerHash, string staging)
+    {
+        var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
+        var eos = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).EotTokenId;
+        var (config, options) = JobPlan.Map(spec with { Parallel = new ParallelPlan() }, (int)manifest.VocabSize, eos);
+        var checkpoints = new GrpcCheckpointStore(store.Client, store.Address, job, staging);
+        using var model = new DeepSeekForCausalLM(config);
+        using var optimizer = Trainer.CreateOptimizer(model, options);
+        await ShardedCheckpointLoader.LoadReplicaAsync(checkpoints, Steps, model, optimizer, tokenizerHash);
+        return CheckpointTensors.Collect(model, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float32).contiguous().data<float>().ToArray());
+    }
+}
