@@ -116,8 +116,9 @@ public sealed partial class ExpertParallel
     /// tokens' expert gradients): adds each other source's expert gradients as its own term, round by round, as the
     /// single process adds each micro-batch's. Every rank runs Ep − 1 rounds, so a sum that exchanges per term stays in step.
     /// </summary>
-    /// <paramref name="pending"/>: other micro-batches' forwards still await their backward (a pipeline stage's 1F1B):
-    /// only the leaves this backward reached are taken, and theirs stay for their own backward.
+    /// <param name="sum">The exact sum the terms go into.</param>
+    /// <param name="pending">Other micro-batches' forwards still await their backward (a pipeline stage's 1F1B): only the
+    /// leaves this backward reached are taken, and theirs stay for their own backward.</param>
     public void AddSourceGradients(ExactGradientSum sum, bool pending = false) => AddSourceGradients(() => sum.AddAndClearGradients(FirstExpertParameter), pending);
 
     /// <summary>
