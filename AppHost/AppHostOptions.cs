@@ -58,8 +58,8 @@ public sealed record AppHostOptions
           --max-workers N        most workers the job may grow to with 'add' (default: --workers)
           --pp N                 pipeline stages: each replica's layers split over N workers (default 1;
                                  --workers must be a multiple of N, and dp = workers / N)
-          --ep N                 expert parallelism: routed experts split over N replicas (default 1; with
-                                 N > 1: --pp 1, --zero 0, --recompute none, and no evaluation tasks)
+          --ep N                 expert parallelism: routed experts split over N replicas of each pipeline
+                                 stage (default 1; N divides dp and the routed experts)
           --zero 0|1|2           ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
                                  sums (default 0: replicated; 3 is not built yet)
           --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1|2): a lost

@@ -40,8 +40,9 @@ public static class DefaultJob
         Schedule = new LrSchedule { Kind = "cosine", PeakLr = options.Lr, MinLr = options.Lr / 10, WarmupSteps = Math.Min(30, options.Steps / 10) },
         CheckpointInterval = options.CheckpointInterval,
         MinWorkers = options.Pp, MaxWorkers = options.JobMaxWorkers, Seed = 1234,
-        // A pipeline's replicas, or expert-parallel ones, hold no whole model to score tasks with: their default job evaluates none.
-        EvalTasks = options.Pp == 1 && options.Ep == 1 ? [.. options.EvalTasks] : [], EvalLimit = options.EvalLimit,
+        // A pipeline's replicas hold no whole model to score tasks with: its default job evaluates none. (Expert-parallel
+        // replicas score together: each ep group one share, its MoE layers exchanging tokens as in training.)
+        EvalTasks = options.Pp == 1 ? [.. options.EvalTasks] : [], EvalLimit = options.EvalLimit,
     };
 
     public static async Task<string> SubmitAsync(CoordinatorClient coordinator, AppHostOptions options, string datasetId, CancellationToken ct)

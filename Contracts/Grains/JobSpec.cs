@@ -167,9 +167,6 @@ public sealed partial record JobSpec
             Problem("evalTasks", $"must be at most {MaxEvalTasks} distinct task names of a-z, 0-9 and '_' (the shipped tasks: kjv_cloze, kjv_nextverse, kjv_heldout)");
         else if (EvalTasks.Length > 0 && pp > 1)
             Problem("evalTasks", $"needs parallel.pp = 1: each replica scores its share of the examples with the whole model (pp is {pp})");
-        else if (EvalTasks.Length > 0 && Parallel is { Ep: > 1 })
-            Problem("evalTasks", $"needs parallel.ep = 1: each replica scores its share of the examples with the whole model, and with ep {Parallel.Ep} a replica holds 1/{Parallel.Ep} of the experts " +
-                                 "(score a committed checkpoint with POST /evaluations instead)");
         if (EvalLimit < 0) Problem("evalLimit", $"{EvalLimit} must be 0 (every example) or the number of examples per task");
         if (InitFrom is not null && (InitFrom.Length == 0 || InitFrom.Any(char.IsControl)))
             Problem("initFrom", "must be the path of a Hugging Face model folder on the workers (config.json and *.safetensors)");
@@ -248,7 +245,6 @@ public sealed record ParallelPlan
     {
         if (Ep < 1) yield return ("parallel.ep", $"{Ep} must be at least 1 (1: every replica holds every expert)");
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
-        else if (Ep > 1 && Pp > 1) yield return ("parallel.ep", $"{Ep} with pp {Pp}: expert parallelism is built for pp 1 only, expected ep 1 or pp 1");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         else if (Zero > MaxZeroBuilt) yield return ("parallel.zero", $"{Zero}: ZeRO-3 is not built yet, expected 0 to {MaxZeroBuilt} (docs/parallelism.md)");
         if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");

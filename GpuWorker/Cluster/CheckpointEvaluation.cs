@@ -1,6 +1,7 @@
 // The job's evaluation tasks (JobSpec.evalTasks) scored at each scheduled checkpoint step by every replica of the job:
-// each scores its share of the plan's batches with its own copy of the model, the shares are gathered over the job's
-// ring, and rank 0 reports the results (lm-evaluation-harness JSON) on the step's report. Not the validation loss.
+// each scores its share of the plan's batches with its own copy of the model (with ep, each ep group one share through
+// its MoE exchange), the shares are gathered over the job's ring, and rank 0 reports the results
+// (lm-evaluation-harness JSON) on the step's report. Not the validation loss.
 using System.Diagnostics;
 using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.DataShards;
@@ -39,9 +40,14 @@ sealed class CheckpointEvaluation(RunContext run, JobPlan plan, GetTokenizerRepl
             }
         }
         var scorer = new ModelScorer(model, device, Window);
-        var (first, count) = tasks.Share(a.DpRank, a.DpSize);
+        // With ep > 1 a replica holds 1/ep of the experts: the ranks of an ep group score one share together (the same
+        // batches, so their MoE layers exchange tokens in step, as in training) and its first rank reports the scores.
+        // Groups never exchange with each other (zero rows), so their shares need not hold as many batches.
+        int ep = plan.Options.Ep;
+        var (first, count) = tasks.Share(a.DpRank / ep, a.DpSize / ep);
         var clock = Stopwatch.StartNew();
-        var mine = tasks.ScoreBatches(scorer, first, count);
+        var scored = tasks.ScoreBatches(scorer, first, count);
+        var mine = a.DpRank % ep == 0 ? scored : [];
         double seconds = clock.Elapsed.TotalSeconds;
         run.Metrics?.EvaluationTokens(a.JobId, run.WorkerId, scorer.TokensScored, seconds);
         var all = ScoreExchange.AllGather(tasks, mine, ring);

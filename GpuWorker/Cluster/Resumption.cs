@@ -29,7 +29,6 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
         var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
-        if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
         if (Redundant && resume.Source == ResumePlan.Replica)
         {
             // The held shards may be of another layout (a rescale) or miss a lost rank's: the survivors' own shards and
@@ -37,6 +36,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             if (ReshardLive(ring, held, resume) is { } live) return live;
             resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
+        // Before the stages agree: a stage of an ep x pp job that must load the checkpoint makes every stage load it.
         if ((layout.Zero > 0 || layout.Ep > 1) && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
         {
             // A ZeRO rank's optimizer state is its shard alone, held nowhere else, and an expert-parallel rank's experts
@@ -47,6 +47,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
                     $"every rank loads {(A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start")}");
             resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
+        if (links is not null) resume = AgreeAlongPipeline(resume, held, links);
         string who = Pipeline ? $"stage {A.PpStage} " : "", source = Pipeline ? $"replica {resume.SourceRank}" : $"rank {resume.SourceRank}";
         long bytes;
         if (resume.Source == ResumePlan.Replica)

@@ -111,6 +111,22 @@ public sealed partial class ExpertParallel
     /// </summary>
     public double ClipGradNorm(AdamW optimizer, double maxNorm)
     {
+        double norm = Math.Sqrt(SumOfSquares(optimizer));
+        if (maxNorm > 0 && norm > maxNorm)
+        {
+            using var noGrad = no_grad();
+            double scale = maxNorm / (norm + 1e-6);
+            foreach (var s in optimizer.Slots) s.Param.grad?.mul_(scale);
+        }
+        return norm;
+    }
+
+    /// <summary>
+    /// The sum of squares of every gradient row this rank's group holds (each shard's experts exchanged within the group),
+    /// in the single process's order: <see cref="ClipGradNorm"/>'s, and a pipeline stage's share of the global norm.
+    /// </summary>
+    public double SumOfSquares(AdamW optimizer)
+    {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         var slots = optimizer.Slots;
@@ -127,12 +143,6 @@ public sealed partial class ExpertParallel
         foreach (var (slot, shard, offset, rows) in normOrder)
             if (slot >= 0) foreach (var x in local[slot]) sumSq += x;
             else for (long i = 0; i < rows; i++) sumSq += all[shard * vectorRows + offset + i];
-        double norm = Math.Sqrt(sumSq);
-        if (maxNorm > 0 && norm > maxNorm)
-        {
-            double scale = maxNorm / (norm + 1e-6);
-            foreach (var s in slots) s.Param.grad?.mul_(scale);
-        }
-        return norm;
+        return sumSq;
     }
 }

@@ -116,13 +116,16 @@ public sealed partial class ExpertParallel
     /// tokens' expert gradients): adds each other source's expert gradients as its own term, round by round, as the
     /// single process adds each micro-batch's. Every rank runs Ep − 1 rounds, so a sum that exchanges per term stays in step.
     /// </summary>
-    public void AddSourceGradients(ExactGradientSum sum) => AddSourceGradients(() => sum.AddAndClearGradients(FirstExpertParameter));
+    /// <param name="sum">The exact sum the terms go into.</param>
+    /// <param name="pending">Other micro-batches' forwards still await their backward (a pipeline stage's 1F1B): only the
+    /// leaves this backward reached are taken, and theirs stay for their own backward.</param>
+    public void AddSourceGradients(ExactGradientSum sum, bool pending = false) => AddSourceGradients(() => sum.AddAndClearGradients(FirstExpertParameter), pending);
 
     /// <summary>
-    /// <see cref="AddSourceGradients(ExactGradientSum)"/> where <paramref name="addTerm"/> adds the expert gradients as one
+    /// <see cref="AddSourceGradients(ExactGradientSum, bool)"/> where <paramref name="addTerm"/> adds the expert gradients as one
     /// term and clears them (under ZeRO the experts have an exact sum of their own, <see cref="ExpertZeroStep"/>).
     /// </summary>
-    public void AddSourceGradients(Action addTerm)
+    public void AddSourceGradients(Action addTerm, bool pending = false)
     {
         using var noGrad = no_grad();
         for (int round = 1; round < Ep; round++)
@@ -135,6 +138,16 @@ public sealed partial class ExpertParallel
             }
             addTerm();
         }
+        // A leaf without a gradient after its backward (an expert its source sent no row) holds nothing to add.
+        var done = pending ? leaves.Where(l => l.Leaf.grad is not null).ToList() : leaves;
+        foreach (var (_, leaf, _) in done) leaf.Dispose();
+        if (pending) leaves.RemoveAll(l => l.Leaf.IsInvalid);
+        else leaves.Clear();
+    }
+
+    /// <summary>Drops the leaves no backward reached (called once a pipeline stage's step has run every backward).</summary>
+    public void DropLeaves()
+    {
         foreach (var (_, leaf, _) in leaves) leaf.Dispose();
         leaves.Clear();
     }

@@ -59,7 +59,7 @@ public sealed class PipelineStage
             .Where(p => ownership.StageOf(p.Name) == stage).ToList();
         // A throwaway AdamW over the whole model names and shapes its state exactly as the trainers' optimizers do.
         using (var whole = new AdamW(model.named_parameters().Select(p => (model.ToHfName(p.name), (Tensor)p.parameter))))
-            CheckpointCatalog = CheckpointTensors.Catalog(CheckpointTensors.Collect(model, whole));
+            CheckpointCatalog = CheckpointTensors.Catalog(model, whole); // an expert shard's still names every expert
         if (layout.Pp > 1) ReleaseOthers(ownership);
     }
 

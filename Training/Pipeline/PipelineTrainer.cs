@@ -26,6 +26,9 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// <item>one exchange along the pipeline of each stage's gradient sum of squares, losses and expert loads: the clip uses
 /// the global norm, and every stage reports the loss that only the last one computes;</item>
 /// <item>AdamW on the owned parameters and the routing-bias update of the stage's own MoE layers.</item>
+/// <item>With ep &gt; 1 the stage's replicas are its ep groups (ParallelLayout): its MoE layers dispatch tokens over the
+/// stage's collective, each source's expert gradients are a term of their own as in the data-parallel trainer, and the
+/// stage's share of the norm counts every expert of the stage once (ExpertParallel.SumOfSquares).</item>
 /// </list>
 /// 1F1B by default: stage s holds at most pp − s micro-batches' activations where GPipe holds all of them. In its steady
 /// phase both ends of a link send at once, which <see cref="StageLink.SendAndReceive"/> makes safe (see docs/decisions.md).
@@ -58,6 +61,7 @@ public sealed class PipelineTrainer : ITrainer
     readonly ISampleSource train;
     readonly PipelineLinks links;
     readonly IGradientReducer? reducer;
+    readonly ExpertParallel? expertParallel;
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
     ExactGradientSum? gradients;
@@ -70,7 +74,6 @@ public sealed class PipelineTrainer : ITrainer
                            PipelineLinks links, int replica = 0, int replicas = 1, IGradientReducer? reducer = null, AdamW? optimizer = null)
     {
         Options = options.Validated(replicas);
-        if (options.Ep > 1) throw new ArgumentException($"ep {options.Ep} with pp > 1: expert parallelism is built for the data-parallel trainer (pp 1) only, expected ep 1");
         if (train.SeqLen != options.SeqLen) throw new ArgumentException($"dataset seq_len {train.SeqLen} differs from the options' {options.SeqLen}");
         if (train.SampleCount == 0) throw new ArgumentException($"the training data holds no sample of {options.SeqLen + 1} tokens");
         if (links.Stage != stage.Index || links.Stages != stage.Layout.Pp)
@@ -82,18 +85,19 @@ public sealed class PipelineTrainer : ITrainer
         Replicas = replicas;
         this.train = train;
         this.links = links;
-        this.reducer = reducer;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(stage, options);
+        // ep > 1: the stage's replicas form its ep groups; its MoE layers exchange tokens over the stage's collective.
+        (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
     }
 
-    /// <summary>The AdamW of a stage: moments for its own parameters only.</summary>
+    /// <summary>The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last).</summary>
     public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options) =>
-        new(stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
+        new(options.Ep > 1 ? stage.Parameters.OrderBy(p => ExpertParallel.IsExpertParameter(p.Name)) : stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
     sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held, long Bytes);
@@ -261,6 +265,7 @@ public sealed class PipelineTrainer : ITrainer
                 autograd.backward(roots, grads);
             }
             gradients.AddAndClearGradients();
+            expertParallel?.AddSourceGradients(gradients, pending: true); // with ep: the other sources' expert gradients, a term each
             bwdS += c.Elapsed.TotalSeconds;
             Tensor[]? back = null;
             if (!Stage.IsFirst)
@@ -313,6 +318,8 @@ public sealed class PipelineTrainer : ITrainer
             }
         }
 
+        expertParallel?.DropLeaves();
+
         // ---- Reduce within the stage, clip over the pipeline, step ----
         var opt = Stopwatch.StartNew();
         double commBefore = commS;
@@ -327,13 +334,14 @@ public sealed class PipelineTrainer : ITrainer
         // The sums are over every replica's micro-batches, or this replica's alone when it has no reducer (dp 1).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
         gradients.WriteMean(counted);
-        double sumSq = 0;
-        using (no_grad())
-            foreach (var s in Optimizer.Slots)
-            {
-                using var n = s.Param.grad!.to_type(ScalarType.Float64).square().sum();
-                sumSq += n.item<double>();
-            }
+        double sumSq = expertParallel?.SumOfSquares(Optimizer) ?? 0; // with ep: every expert of the stage, exchanged in its group
+        if (expertParallel is null)
+            using (no_grad())
+                foreach (var s in Optimizer.Slots)
+                {
+                    using var n = s.Param.grad!.to_type(ScalarType.Float64).square().sum();
+                    sumSq += n.item<double>();
+                }
         sw.Restart();
         var own = new List<double> { sumSq, stats.Lm.Value, stats.Mtp.Value, stats.Aux.Value };
         foreach (var l in stats.Loads) own.AddRange(l.Select(x => (double)x));

@@ -107,6 +107,84 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         }
     }
 
+    /// <summary>
+    /// Expert parallelism inside pipeline stages: dp 2 x pp 2 x ep 2 on four workers (each stage's two replicas are its ep
+    /// group) commits the one-worker job's checkpoint bit for bit (unclipped and without MTP, see below). And evalTasks in
+    /// a dp 4 x ep 2 job: each ep group
+    /// scores one share through its MoE exchange, and the results equal the one-worker job's.
+    /// </summary>
+    [Fact]
+    public async Task ADp2Pp2Ep2JobCommitsTheOneWorkerJobsCheckpointBitForBitAndAnEpJobScoresItsEvalTasksAsOneWorker()
+    {
+        await using var store = await StoreHost.StartAsync();
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
+        var scratch = Directory.CreateTempSubdirectory("eppp-cluster-").FullName;
+        var log = new StringWriter();
+        var syncLog = TextWriter.Synchronized(log);
+        using var stopWorkers = new CancellationTokenSource();
+        var workers = new List<Task<int>>();
+        try
+        {
+            for (int i = 0; i < Workers; i++)
+                workers.Add(new ClusterWorker(coordinator.Worker($"eppp-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
+
+            // Unclipped and without MTP: a stage's share of the norm is summed along the pipeline, and the embedding's
+            // gradient from the MTP module comes back along it, both added in another order than one process adds them.
+            JobSpec Unclipped(string name, ParallelPlan parallel, int workers) => Spec(name, parallel, workers) with { ClipNorm = 0, MtpWeight = 0 };
+            var eppp = Unclipped("eppp-job", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2 }, Workers);
+            Assert.Empty(eppp.Validate());
+            var epppStatus = await RunToCompletion(http, eppp, log);
+            string[] tasks = ["kjv_nextverse", "kjv_cloze"];
+            var evaluated = Unclipped("ep-eval-job", new ParallelPlan { Dp = 4, Ep = 2 }, Workers) with { EvalTasks = tasks, EvalLimit = 3 };
+            Assert.Empty(evaluated.Validate());
+            var evaluatedStatus = await RunToCompletion(http, evaluated, log);
+            var one = await RunToCompletion(http, Unclipped("eppp-reference", new ParallelPlan { Dp = 1 }, 1) with { EvalTasks = tasks, EvalLimit = 3 }, log);
+
+            Assert.Contains(epppStatus.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
+            Assert.True(epppStatus.Consumption.Complete, $"the ledger is not complete: {epppStatus.Consumption}");
+            Assert.Equal(((long)Steps * 8, 0L), (epppStatus.Consumption.Samples, epppStatus.Consumption.Overlaps));
+            string text = log.ToString();
+            Assert.Contains("loaded the whole model from committed step 3 (saved as dp 2 x pp 2 x ep 2)", text);
+            Assert.Contains("model saved to the checkpoint store as exports/eppp-job/3/hf", text);
+            Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), epppStatus.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
+            Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, epppStatus.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
+
+            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
+            var epppTensors = await LoadWhole(store, "eppp-job", eppp, tokenizerHash, Path.Combine(scratch, "load-eppp"));
+            var oneTensors = await LoadWhole(store, "eppp-reference", eppp, tokenizerHash, Path.Combine(scratch, "load-one"));
+            Assert.Equal(oneTensors.Keys.Order(), epppTensors.Keys.Order());
+            Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
+            foreach (var (name, expected) in oneTensors)
+                Assert.True(expected.SequenceEqual(epppTensors[name]), $"{name} differs between the dp 2 x pp 2 x ep 2 job's committed checkpoint and the one-worker job's");
+
+            // ---- evalTasks in the ep job: the same scores as one worker with the whole model ----
+            await InProcessCoordinator.Until(async () =>
+                (await http.GetFromJsonAsync<JobStatus>("/jobs/eppp-reference", JobSpecJson.Options))!.Evaluations.Length > 0, "the reference's evaluation", log);
+            await InProcessCoordinator.Until(async () =>
+                (await http.GetFromJsonAsync<JobStatus>($"/jobs/{evaluated.Name}", JobSpecJson.Options))!.Evaluations.Length > 0, "the ep job's evaluation", log);
+            var expectedScores = (await http.GetFromJsonAsync<JobStatus>("/jobs/eppp-reference", JobSpecJson.Options))!.Evaluations.OrderBy(e => (e.Task, e.Metric)).ToList();
+            var epScores = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{evaluated.Name}", JobSpecJson.Options))!.Evaluations.OrderBy(e => (e.Task, e.Metric)).ToList();
+            Assert.Equal(tasks.Order(), expectedScores.Select(e => e.Task).Distinct().Order());
+            Assert.All(expectedScores, e => Assert.Equal(Steps, e.Step));
+            Assert.Equal(expectedScores, epScores);
+            Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), evaluatedStatus.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
+            output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; losses {string.Join(", ", epppStatus.Loss.Select(p => p.Loss))}; " +
+                             $"scores {string.Join(", ", epScores.Select(e => $"{e.Task} {e.Metric} {e.Value:R}"))}");
+        }
+        catch
+        {
+            output.WriteLine(log.ToString());
+            throw;
+        }
+        finally
+        {
+            await stopWorkers.CancelAsync();
+            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+
     static async Task<JobStatus> RunToCompletion(HttpClient http, JobSpec spec, StringWriter log)
     {
         var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));

@@ -85,17 +85,19 @@ public class ParallelPlanSpecTests
     }
 
     [Fact]
-    public void EpTwoIsAcceptedWithZeroAndRecomputeAndMappedAndWhatItDoesNotTrainWithIsRefusedNamingBoth()
+    public void EpTwoIsAcceptedWithZeroRecomputePipelinesAndEvalTasksAndMappedAndAnEpNotDividingAStagesDpIsRefusedNamingBoth()
     {
         Assert.Empty(Spec(new ParallelPlan { Ep = 2 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 4, Ep = 4 }).Validate());
         Assert.Equal(2, JobPlan.Map(Spec(new ParallelPlan { Ep = 2 }), 300, 3).Options.Ep);
-        Assert.Contains("2 with pp 2: expert parallelism is built for pp 1 only", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Ep = 2 }, 2, 4), "parallel.ep")).Message);
+        // ep x pp: each stage's replicas form its ep groups (world = dp x pp, ep divides dp).
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2 }, 2, 4).Validate());
+        Assert.Contains("must divide dp (2)", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 4 }, 2, 4), "parallel.ep")).Message);
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Ep = 2, Zero = 2 }).Validate());
         Assert.Empty((Spec(new ParallelPlan { Ep = 2, Zero = 1 }) with { ActivationCheckpointing = "full" }).Validate());
         var options = JobPlan.Map(Spec(new ParallelPlan { Ep = 2, Zero = 1 }) with { ActivationCheckpointing = "selective" }, 300, 3).Options;
         Assert.Equal((2, 1, "selective"), (options.Ep, options.Zero, options.Recompute));
-        Assert.Contains("needs parallel.ep = 1", Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2 }) with { EvalTasks = ["kjv_cloze"] }, "evalTasks")).Message);
+        Assert.Empty((Spec(new ParallelPlan { Ep = 2 }) with { EvalTasks = ["kjv_cloze"] }).Validate()); // each ep group scores a share
     }
 
     [Theory]

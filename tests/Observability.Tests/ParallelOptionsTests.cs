@@ -19,11 +19,11 @@ public class ParallelOptionsTests
     }
 
     [Fact]
-    public void EpTwoReachesTheSpecWithoutEvaluationTasksAndCombinesWithZero()
+    public void EpTwoReachesTheSpecWithItsEvaluationTasksAndCombinesWithZero()
     {
         var spec = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--precision", "bf16"), "d", DateTime.UnixEpoch);
         Assert.Equal((2, 0, "bf16"), (spec.Parallel.Ep, spec.Parallel.Zero, spec.Precision));
-        Assert.Empty(spec.EvalTasks); // a replica holds half the experts: no whole model to score tasks with
+        Assert.Equal(["kjv_nextverse", "kjv_cloze"], spec.EvalTasks); // each ep group scores a share through its MoE exchange
         Assert.Empty(spec.Validate());
         var sharded = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--precision", "bf16"), "d", DateTime.UnixEpoch);
         Assert.Equal((2, 1), (sharded.Parallel.Ep, sharded.Parallel.Zero));
