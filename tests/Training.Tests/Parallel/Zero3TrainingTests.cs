@@ -133,6 +133,13 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
         var inputs = new MemoryInputs("fp64", "full", Options.MicroBatch, Options.SeqLen);
         var whole = MemoryPlanner.Predict(Config, ParallelLayout.Even(1, 1, Config.NumHiddenLayers), 0, inputs);
         Assert.True(Math.Abs(single.ParameterBytes - whole.Parameters) <= 0.01 * whole.Parameters, $"one process holds {single.ParameterBytes} parameter bytes; the planner predicts {whole.Parameters}");
+        // What a step holds whole besides the rows: everything outside the layers, and the largest layer.
+        using (var model = NewModel())
+        {
+            var layers = model.model.layers.Concat(model.mtp.Select(m => m.block)).Select(l => l.parameters().Sum(p => p.numel())).ToList();
+            long outside = model.parameters().Sum(p => p.numel()) - layers.Sum();
+            Assert.Equal((outside + layers.Max()) * sizeof(double), MemoryPlanner.Predict(Config, layout, 0, inputs).Gathered);
+        }
         for (int r = 0; r < dp; r++)
         {
             long predicted = MemoryPlanner.Predict(Config, layout, r, inputs).Parameters;
