@@ -75,7 +75,8 @@ public sealed class Trainer : ITrainer
         if (experts is not null && ZeroLayout(Options, worldSize) is { } layout)
             expertZero = new ExpertZeroStep(experts, Optimizer, experts.Collective, layout, rank, Options.Zero, ((BucketedGradientReducer)reducer!).BucketBytes);
         else zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
-        if (zero is not null && Options.Zero >= 3)
+        if (expertZero is not null && Options.Zero >= 3) zeroParameters = expertZero.ShardParameters(model);
+        else if (zero is not null && Options.Zero >= 3)
         {
             // The gradient sum is laid out from the parameters' shapes: made while they are whole.
             gradients = zero.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero);

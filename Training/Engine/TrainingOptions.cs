@@ -82,7 +82,6 @@ public sealed record TrainingOptions
         if (!ActivationRecompute.Modes.Contains(Recompute))
             p.Add($"recompute must be one of {string.Join(", ", ActivationRecompute.Modes)}, got '{Recompute}'");
         if (Zero is < 0 or > 3) p.Add($"zero must be 0 to 3, got {Zero}");
-        if (Zero == 3 && Ep > 1) p.Add($"zero 3 with ep {Ep}: ZeRO-3 under expert parallelism is not built (use zero 1 or 2 with ep)");
         if (Ep < 1 || worldSize % Ep != 0) p.Add($"ep must be at least 1 and divide the data-parallel width {worldSize}, got {Ep}");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;

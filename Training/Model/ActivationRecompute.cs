@@ -193,6 +193,14 @@ public static class ActivationRecompute
             // A declared leaf is used by this run alone: its gradient is what the plain backward would leave in its .grad.
             foreach (var leaf in leaves)
                 if (grads[next++] is { } g) leaf.grad = g.detach().clone().DetachFromDisposeScope();
+            // A leaf is an alias of a gathered weight: emptied, it no longer keeps the freed layer's storage alive (only its .grad is read later).
+            if (segment.Gathered is not null)
+                using (no_grad())
+                    foreach (var leaf in leaves)
+                    {
+                        using var nothing = empty(0, dtype: leaf.dtype, device: leaf.device);
+                        leaf.set_(nothing);
+                    }
             return result;
         }
     }

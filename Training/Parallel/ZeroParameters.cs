@@ -24,9 +24,18 @@ namespace DeepSeekCluster.Training.Parallel;
 /// </summary>
 public sealed class ZeroParameters : IDisposable
 {
-    sealed record Group(string Name, int[] Members, ZeroShards Shards);
+    /// <summary>
+    /// A set of ranks that split some parameters' rows among themselves: <paramref name="Layout"/>'s Dp of them, this rank
+    /// holder <paramref name="Shard"/>. Without ep, one partition over the data-parallel group; under ep, the replicated
+    /// parameters over every replica and the routed experts over the replicas holding them (ExpertZeroStep's two).
+    /// </summary>
+    public sealed record Partition(ICollective Collective, ParallelLayout Layout, int Shard);
 
-    readonly ICollective collective;
+    // One gather: per partition, the group's members in it and their ZeRO partition (shard-major windows).
+    sealed record Group(string Name, int[] Members, (int Partition, int[] Members, ZeroShards Shards)[] Parts);
+
+    readonly Partition[] partitions;
+    readonly int[] partitionOf;
     readonly long bucketBytes;
     readonly Tensor[] parameters;
     readonly long[][] shapes;
@@ -35,18 +44,29 @@ public sealed class ZeroParameters : IDisposable
     readonly Group rest;
     readonly Dictionary<DecoderLayer, Group> layers = new(ReferenceEqualityComparer.Instance);
 
-    public int Shard => collective.Rank;
-
-    /// <param name="parameters">Every parameter once (the optimizer's order); each must be whole (full shape) now.</param>
+    /// <summary>Sharded over the data-parallel group alone (ep 1): <paramref name="collective"/>'s ranks, this rank its own shard.</summary>
     public ZeroParameters(DeepSeekForCausalLM model, IReadOnlyList<Tensor> parameters, ICollective collective, ParallelLayout layout, long bucketBytes)
+        : this(model, parameters, [new Partition(collective, layout, collective.Rank)], new int[parameters.Count], bucketBytes)
     {
         if (layout.Dp != collective.WorldSize || layout.Pp != 1 || layout.Ep != 1)
-            throw new ArgumentException($"ZeRO-3 parameters are sharded over the data-parallel group alone; the layout is dp {layout.Dp} x pp {layout.Pp}, ep {layout.Ep} on {collective.WorldSize} ranks");
-        this.collective = collective;
+            throw new ArgumentException($"ZeRO-3 parameters over one partition need the data-parallel group alone; the layout is dp {layout.Dp} x pp {layout.Pp}, ep {layout.Ep} on {collective.WorldSize} ranks");
+    }
+
+    /// <param name="parameters">Every parameter once (the optimizer's order); each must be whole (full shape) now.</param>
+    /// <param name="partitionOf">The partition each parameter's rows are split over.</param>
+    public ZeroParameters(DeepSeekForCausalLM model, IReadOnlyList<Tensor> parameters, IReadOnlyList<Partition> partitions, IReadOnlyList<int> partitionOf, long bucketBytes)
+    {
+        if (partitionOf.Count != parameters.Count || partitionOf.Any(p => p < 0 || p >= partitions.Count))
+            throw new ArgumentException($"each of the {parameters.Count} parameters needs a partition in [0, {partitions.Count})", nameof(partitionOf));
+        foreach (var part in partitions)
+            if (part.Layout.Dp != part.Collective.WorldSize || part.Shard < 0 || part.Shard >= part.Layout.Dp)
+                throw new ArgumentException($"a partition of {part.Layout.Dp} shards over {part.Collective.WorldSize} ranks, this rank shard {part.Shard}: expected one shard per rank");
+        this.partitions = [.. partitions];
+        this.partitionOf = [.. partitionOf];
         this.bucketBytes = bucketBytes;
         this.parameters = [.. parameters];
         shapes = [.. parameters.Select(p => p.shape)];
-        rows = [.. shapes.Select(s => layout.ZeroRows(s, collective.Rank))];
+        rows = [.. shapes.Select((s, i) => partitions[partitionOf[i]].Layout.ZeroRows(s, partitions[partitionOf[i]].Shard))];
         var index = new Dictionary<IntPtr, int>();
         for (int i = 0; i < parameters.Count; i++) index[parameters[i].Handle] = i;
         var inLayer = new bool[parameters.Count];
@@ -56,9 +76,9 @@ public sealed class ZeroParameters : IDisposable
             var members = layer.parameters().Select(p => index.TryGetValue(p.Handle, out int i) ? i
                 : throw new ArgumentException($"a parameter of decoder layer {l} is not among the {parameters.Count} given")).Distinct().ToArray();
             foreach (var m in members) inLayer[m] = true;
-            layers[layer] = NewGroup($"layer {l}", members, layout);
+            layers[layer] = NewGroup($"layer {l}", members);
         }
-        rest = NewGroup("outside the layers", [.. Enumerable.Range(0, parameters.Count).Where(i => !inLayer[i])], layout);
+        rest = NewGroup("outside the layers", [.. Enumerable.Range(0, parameters.Count).Where(i => !inLayer[i])]);
         using var noGrad = no_grad();
         homes = new Tensor[parameters.Count];
         for (int i = 0; i < homes.Length; i++)
@@ -70,8 +90,13 @@ public sealed class ZeroParameters : IDisposable
         foreach (var (layer, group) in layers) layer.Zero3 = new GatheredParameters(() => Gather(group), () => Release(group));
     }
 
-    Group NewGroup(string name, int[] members, ParallelLayout layout) =>
-        new(name, members, new ZeroShards(layout, [.. members.Select(m => shapes[m])]));
+    // Every rank has the same members in each partition (the same layers, and under ep as many experts of the same shapes),
+    // so every rank makes the same all-gathers in the same order.
+    Group NewGroup(string name, int[] members) =>
+        new(name, members, [.. Enumerable.Range(0, partitions.Length)
+            .Select(p => (p, Members: members.Where(m => partitionOf[m] == p).ToArray()))
+            .Where(x => x.Members.Length > 0)
+            .Select(x => (x.p, x.Members, new ZeroShards(partitions[x.p].Layout, [.. x.Members.Select(m => shapes[m])])))]);
 
     /// <summary>Bytes of parameter storage this rank holds now: its rows, and whatever is gathered at the moment.</summary>
     public long ResidentBytes => homes.Sum(h => h.numel() * h.ElementSize) + parameters.Sum(p => p.numel() * p.ElementSize);
@@ -140,17 +165,15 @@ public sealed class ZeroParameters : IDisposable
     void Gather(Group group)
     {
         using var noGrad = no_grad();
-        var fulls = new Tensor[group.Members.Length];
-        for (int j = 0; j < fulls.Length; j++)
+        foreach (var i in group.Members)
         {
-            int i = group.Members[j];
             var full = empty(shapes[i], dtype: homes[i].dtype, device: homes[i].device);
             using (var own = Own(full, i)) own.copy_(homes[i]);
             parameters[i].set_(full);
             full.Dispose();
-            fulls[j] = parameters[i];
         }
-        AllGatherRows(group.Shards, fulls);
+        foreach (var (partition, members, shards) in group.Parts)
+            AllGatherRows(partitions[partition], shards, [.. members.Select(i => parameters[i])]);
     }
 
     void Release(Group group)
@@ -159,8 +182,10 @@ public sealed class ZeroParameters : IDisposable
     }
 
     /// <summary>Every shard's rows of <paramref name="tensors"/> to every rank, a bucket at a time (ZeroStep's all-gather).</summary>
-    void AllGatherRows(ZeroShards shards, Tensor[] tensors)
+    void AllGatherRows(Partition partition, ZeroShards shards, Tensor[] tensors)
     {
+        var collective = partition.Collective;
+        int shard = partition.Shard;
         var flats = tensors.Select(t => t.detach().view(-1)).ToArray();
         try
         {
@@ -174,12 +199,12 @@ public sealed class ZeroParameters : IDisposable
                 using var scope = NewDisposeScope();
                 var inWindow = input.narrow(0, 0, k);
                 var outWindow = output.narrow(0, 0, k * shards.Shards);
-                foreach (var (piece, from, length, at) in shards.Window(Shard, c, k))
+                foreach (var (piece, from, length, at) in shards.Window(shard, c, k))
                     inWindow.narrow(0, at, length).copy_(flats[piece.Param].narrow(0, piece.Element + from, length));
                 collective.AllGather(inWindow, outWindow);
                 for (int d = 0; d < shards.Shards; d++)
                 {
-                    if (d == Shard) continue;
+                    if (d == shard) continue;
                     foreach (var (piece, from, length, at) in shards.Window(d, c, k))
                         flats[piece.Param].narrow(0, piece.Element + from, length).copy_(outWindow.narrow(0, d * k + at, length));
                 }

@@ -150,6 +150,58 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
     }
 
     /// <summary>
+    /// dp 4 x ep 2 with ZeRO-3 (the replicated parameters sharded over all 4 replicas, each routed expert over the 2 that
+    /// hold it, gathered per layer from those): bit for bit the single process in loss, MTP loss, clipped norm, expert
+    /// loads, every weight on every holder, both moments of every row; between steps every parameter tensor is empty and
+    /// each rank holds exactly the planner's share of the parameters.
+    /// </summary>
+    [Fact]
+    public void ExpertParallelWithShardedParametersEqualsTheSingleProcessBitForBit()
+    {
+        const int dp = 4, ep = 2;
+        var resident = new long[dp];
+        var ranks = ExpertZeroTrainingTests.Run(dp, ep, 3, trainer =>
+        {
+            Assert.All(trainer.Model.parameters(), p => Assert.Equal(0, p.numel()));
+            resident[trainer.Rank] = trainer.ShardedParameters!.ResidentBytes;
+            trainer.ShardedParameters.GatherAll(); // for the capture of every weight
+        });
+        var single = ExpertParallelTrainingTests.Single.Value;
+        for (int s = 0; s < Options.Steps; s++)
+        {
+            var one = single.Steps[s];
+            Assert.True(one.GradNorm > ExpertParallelTrainingTests.Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
+            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
+            {
+                output.WriteLine($"dp 4 x ep 2 zero 3 rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
+                Assert.Equal(one.Loss, m.Loss);
+                Assert.Equal(one.MtpLoss, m.MtpLoss);
+                Assert.Equal(one.GradNorm, m.GradNorm);
+                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
+            }
+        }
+        foreach (var (name, values) in single.Weights)
+        {
+            var holders = ranks.Select((x, i) => (Held: x, Rank: i)).Where(h => h.Held.Weights.ContainsKey(name)).ToList();
+            Assert.Equal(ExpertParallel.IsExpertParameter(name) ? dp / ep : dp, holders.Count);
+            foreach (var (held, r) in holders)
+                Assert.True(values.AsSpan().SequenceEqual(held.Weights[name]), $"weight '{name}' on rank {r} differs from the single process");
+        }
+        ExpertZeroTrainingTests.AssertMomentsEqualSingle(ranks, "dp 4 x ep 2 zero 3");
+
+        var config = ExpertParallelTrainingTests.Micro(ExpertParallelTrainingTests.Data.Value.Vocab);
+        var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, 3, config.NRoutedExperts);
+        var inputs = new MemoryInputs("fp64", "full", ExpertParallelTrainingTests.Options.MicroBatch, ExpertParallelTrainingTests.Options.SeqLen);
+        long epAlone = MemoryPlanner.Predict(config, layout with { Zero = 0 }, 0, inputs).Parameters;
+        for (int r = 0; r < dp; r++)
+        {
+            long predicted = MemoryPlanner.Predict(config, layout, r, inputs).Parameters;
+            output.WriteLine($"rank {r}: {resident[r]} parameter bytes between steps (predicted {predicted}; ep 2 alone {epAlone})");
+            Assert.True(Math.Abs(resident[r] - predicted) <= 0.10 * predicted, $"rank {r} holds {resident[r]} parameter bytes between steps; the planner predicts {predicted}");
+        }
+    }
+
+    /// <summary>
     /// A dp 2 zero 3 job saves its checkpoint the way a cluster does (each rank writes its own file: its rows of the
     /// weights and optimizer state); it loads into one process and into dp 2 zero 1 with every weight, routing bias and
     /// both moments of every row bitwise the single process's.
