@@ -57,9 +57,9 @@ public sealed record AppHostOptions
           --pp N                 pipeline stages: each replica's layers split over N workers (default 1;
                                  --workers must be a multiple of N, and dp = workers / N)
           --ep N                 expert parallelism: routed experts split over N replicas (default 1; with
-                                 N > 1: --pp 1, --zero 0, --recompute none, and no evaluation tasks)
-          --zero 0|1|2           ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
-                                 sums (default 0: replicated; 3 is not built yet)
+                                 N > 1: --pp 1 and no evaluation tasks)
+          --zero 0|1|2|3         ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
+                                 sums, 3 also the parameters, gathered per layer (default 0: replicated)
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
           --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker

@@ -236,7 +236,7 @@ public sealed record ParallelPlan
     [Id(4)] public int Zero { get; init; }
 
     /// <summary>The ZeRO stages this build trains (the others are refused before anything starts).</summary>
-    public const int MaxZeroBuilt = 2;
+    public const int MaxZeroBuilt = 3;
 
     /// <summary>The plan's own problems (those that need no other field of the spec), each with its JSON path and the numbers.</summary>
     public IEnumerable<(string Field, string Message)> Problems()

@@ -139,7 +139,10 @@ public sealed class Trainer : ITrainer
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
         bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
         var total = Stopwatch.StartNew();
-        zeroParameters?.GatherRest(); // embedding, head and norms outside the layers: whole for the step (ZeroParameters)
+        // Rows a rollback or load wrote into the parameters since the last step (CheckpointTensors exposed them) become the
+        // rank's own; then embedding, head and norms outside the layers are whole for the step (ZeroParameters).
+        zeroParameters?.KeepOwnRowsAndRelease();
+        zeroParameters?.GatherRest();
 
         if (expertZero is null)
         {
@@ -257,6 +260,7 @@ public sealed class Trainer : ITrainer
     public double Evaluate(ISampleSource validation, int batches)
     {
         if (zeroParameters is null) return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches);
+        zeroParameters.KeepOwnRowsAndRelease();
         zeroParameters.GatherRest();
         try { return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches); }
         finally { zeroParameters.ReleaseAll(); }

@@ -137,7 +137,11 @@ public sealed class ZeroParameters : IDisposable
         }
     }
 
-    /// <summary>Copies this rank's (updated) rows of every parameter back into its own storage, empties every parameter and drops every <c>.grad</c>.</summary>
+    /// <summary>
+    /// Copies this rank's rows of every parameter that has its full shape (after the update, or after a caller wrote into
+    /// the tensors <see cref="MaterializeOwnRows"/> exposed: a checkpoint load, a rollback) back into its own storage,
+    /// empties every parameter and drops every <c>.grad</c>.
+    /// </summary>
     public void KeepOwnRowsAndRelease()
     {
         using var noGrad = no_grad();
@@ -216,9 +220,14 @@ public sealed class ZeroParameters : IDisposable
         }
     }
 
+    /// <summary>
+    /// Leaves every parameter with its full shape and this rank's rows (the others unset): the live state a later trainer
+    /// of the same shard takes its rows from (a cluster worker keeps it across generations), as after <see cref="MaterializeOwnRows"/>.
+    /// </summary>
     public void Dispose()
     {
         foreach (var layer in layers.Keys) layer.Zero3 = null;
+        MaterializeOwnRows();
         foreach (var h in homes) h.Dispose();
     }
 }

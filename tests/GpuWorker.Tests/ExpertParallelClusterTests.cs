@@ -107,6 +107,63 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         }
     }
 
+    /// <summary>
+    /// ZeRO-3 in a cluster job: dp 4 x ep 2 with the parameters sharded too (each layer gathered from the replicas while
+    /// it runs). Every rank validates (the layers gather from every rank), rank 0 assembles the final model from the
+    /// committed checkpoint, and that checkpoint, the per-step losses and the validation loss equal a one-worker job's bit for bit.
+    /// </summary>
+    [Fact]
+    public async Task ADp4Ep2Zero3JobCommitsTheOneWorkerJobsCheckpointBitForBit()
+    {
+        await using var store = await StoreHost.StartAsync();
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
+        var scratch = Directory.CreateTempSubdirectory("zero3-cluster-").FullName;
+        var log = new StringWriter();
+        var syncLog = TextWriter.Synchronized(log);
+        using var stopWorkers = new CancellationTokenSource();
+        var workers = new List<Task<int>>();
+        try
+        {
+            for (int i = 0; i < Workers; i++)
+                workers.Add(new ClusterWorker(coordinator.Worker($"zero3-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
+
+            var zero3 = Spec("zero3-job", new ParallelPlan { Dp = 4, Ep = 2, Zero = 3 }, Workers);
+            Assert.Empty(zero3.Validate());
+            var status = await RunToCompletion(http, zero3, log);
+            var one = await RunToCompletion(http, Spec("zero3-reference", new ParallelPlan { Dp = 1 }, 1), log);
+
+            Assert.Contains(status.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
+            Assert.True(status.Consumption.Complete, $"the ledger is not complete: {status.Consumption}");
+            Assert.Equal(((long)Steps * 8, 0L), (status.Consumption.Samples, status.Consumption.Overlaps));
+            Assert.Contains("loaded the whole model from committed step 3 (saved as dp 4 x pp 1 x ep 2)", log.ToString());
+            Assert.Contains("model saved to the checkpoint store as exports/zero3-job/3/hf", log.ToString());
+            Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), status.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
+            var validation = Assert.Single(status.ValidationLoss.Where(v => v.Step == Steps).DistinctBy(v => v.Loss));
+            Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, validation.Loss);
+
+            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
+            var tensors = await LoadWhole(store, "zero3-job", zero3, tokenizerHash, Path.Combine(scratch, "load-zero3"));
+            var oneTensors = await LoadWhole(store, "zero3-reference", zero3, tokenizerHash, Path.Combine(scratch, "load-one"));
+            Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
+            Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
+            foreach (var (name, expected) in oneTensors)
+                Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the zero 3 job's committed checkpoint and the one-worker job's");
+            output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; validation loss {validation.Loss:R}; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
+        }
+        catch
+        {
+            output.WriteLine(log.ToString());
+            throw;
+        }
+        finally
+        {
+            await stopWorkers.CancelAsync();
+            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+
     static async Task<JobStatus> RunToCompletion(HttpClient http, JobSpec spec, StringWriter log)
     {
         var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));

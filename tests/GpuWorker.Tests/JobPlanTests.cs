@@ -101,7 +101,6 @@ public class ParallelPlanSpecTests
     [Theory]
     [InlineData(-1, "must be 0 (replicated), 1")]
     [InlineData(4, "must be 0 (replicated), 1")]
-    [InlineData(3, "ZeRO-3 is not built yet")]
     public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
         Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
 
@@ -111,6 +110,9 @@ public class ParallelPlanSpecTests
         Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4), "parallel.zero")).Message);
         Assert.Empty(Spec(new ParallelPlan { Zero = 1 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Ep = 2, Zero = 3 }).Validate());
+        Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4), "parallel.zero")).Message);
     }
 
     [Fact]
