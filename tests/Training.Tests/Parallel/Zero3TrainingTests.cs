@@ -252,6 +252,45 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
     }
 
     /// <summary>
+    /// bf16 under ZeRO-3 (bf16 weights gathered in bf16, fp32 master and moments of each rank's rows): dp 2 trains bit
+    /// for bit as one bf16 process, and the bf16 weights each rank gathers at the end are the same bits on both.
+    /// </summary>
+    [Fact]
+    public void ABf16Zero3JobEqualsOneBf16Process()
+    {
+        static DeepSeekForCausalLM Bf16Model()
+        {
+            var model = DeepSeekForCausalLM.FromSeed(Config, Options.Seed);
+            model.to(ScalarType.BFloat16);
+            return model;
+        }
+        var bf16 = Options with { Precision = "bf16" };
+        List<double> expected;
+        using (var model = Bf16Model())
+        using (var trainer = new Trainer(model, MicroModel.Data.Value.Train, null, bf16, CPU, peakFlops: 1e11))
+            expected = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep().Loss).ToList();
+        var models = new[] { Bf16Model(), Bf16Model() };
+        try
+        {
+            var ranks = RankGroup.Run(2, c =>
+            {
+                using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, bf16 with { Zero = 3 }, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, 4 << 10));
+                Assert.True(trainer.Optimizer.Slots.All(s => s.Master is { dtype: ScalarType.Float32 }));
+                var losses = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep().Loss).ToList();
+                trainer.ShardedParameters!.GatherAll();
+                return (losses, weights: trainer.Model.parameters().Select(p => p.to_type(ScalarType.Float32).data<float>().ToArray()).ToList());
+            }, limit: TimeSpan.FromSeconds(120));
+            for (int s = 0; s < Options.Steps; s++)
+            {
+                output.WriteLine($"step {s + 1}: one bf16 process {expected[s]:R}, bf16 dp 2 zero 3 {ranks[0].losses[s]:R}");
+                Assert.All(ranks, r => Assert.Equal(expected[s], r.losses[s]));
+            }
+            Assert.True(ranks[0].weights.Zip(ranks[1].weights).All(x => x.First.SequenceEqual(x.Second)), "the two ranks gathered different bf16 weights");
+        }
+        finally { foreach (var m in models) m.Dispose(); }
+    }
+
+    /// <summary>
     /// Emptying a parameter the way ZeroParameters does (<c>set_</c> to a zero-element tensor) gives its storage back to
     /// the system: the 256 MiB mapping that held it is gone from the process's address space, while the module keeps
     /// the same parameter object (and a later <c>set_</c> restores it).
