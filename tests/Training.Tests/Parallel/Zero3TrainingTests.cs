@@ -4,6 +4,7 @@
 using System.Globalization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
@@ -249,6 +250,66 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
             await ShardedCheckpointLoader.LoadReplicaAsync(store, Options.Steps, model, optimizer);
             AssertLoaded(model, optimizer, $"shard {r} of dp 2 zero 1");
         }
+    }
+
+    /// <summary>
+    /// What a cluster worker does with a ZeRO-3 trainer's live state: step 3 is taken, rolled back by writing a snapshot
+    /// into the tensors <see cref="Trainer.CheckpointTensors"/> exposes (a step guard's rollback), the trainer ends (a
+    /// re-formation), and a new trainer over the same model and optimizer (the same shard) takes step 3 again. Both takes
+    /// of step 3, and the weights and moments after, are the single process's bit for bit.
+    /// </summary>
+    [Fact]
+    public void AZero3RanksLiveStateSurvivesARollbackAndANewTrainer()
+    {
+        const int dp = 2;
+        var options = Options with { Zero = 3 };
+        var models = Enumerable.Range(0, dp).Select(_ => NewModel()).ToArray();
+        try
+        {
+            var ranks = RankGroup.Run(dp, c =>
+            {
+                using var optimizer = Trainer.CreateOptimizer(models[c.Rank], options, c.Rank, dp);
+                var steps = new List<StepMetrics>();
+                Dictionary<string, Tensor> snapshot;
+                void RollBack(Trainer trainer)
+                {
+                    using (no_grad())
+                        foreach (var (name, t) in trainer.CheckpointTensors()) t.copy_(snapshot[name]);
+                    trainer.ResumeAt(2, 2);
+                }
+                using (var first = new Trainer(models[c.Rank], new PermutedSamples(MicroModel.Data.Value.Train, (ulong)options.Seed), null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c, 4 << 10), optimizer))
+                {
+                    steps.Add(first.TrainStep());
+                    steps.Add(first.TrainStep());
+                    snapshot = first.CheckpointTensors().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+                    steps.Add(first.TrainStep());
+                    RollBack(first);
+                    steps.Add(first.TrainStep()); // step 3 again, in the same trainer
+                    RollBack(first);
+                }
+                using var second = new Trainer(models[c.Rank], new PermutedSamples(MicroModel.Data.Value.Train, (ulong)options.Seed), null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c, 4 << 10), optimizer);
+                second.ResumeAt(2, 2);
+                steps.Add(second.TrainStep()); // and in a new trainer over the live state
+                foreach (var t in snapshot.Values) t.Dispose();
+                second.ShardedParameters!.GatherAll();
+                return Capture(second.Model, optimizer, steps, 0);
+            }, limit: TimeSpan.FromSeconds(120));
+            var single = Single.Value;
+            foreach (var (held, r) in ranks.Select((x, i) => (x, i)))
+            {
+                var taken = held.Steps.Select(m => (m.Loss, m.GradNorm)).ToList();
+                var expected = single.Steps.Select(m => (m.Loss, m.GradNorm)).ToList();
+                Assert.Equal([expected[0], expected[1], expected[2], expected[2], expected[2]], taken);
+                foreach (var (name, values) in single.Weights)
+                    Assert.True(values.SequenceEqual(held.Weights[name]), $"'{name}' on rank {r} differs from the single process after the rollback and the new trainer");
+                foreach (var (name, (_, expectedMoment)) in single.Moments)
+                {
+                    var (start, values) = held.Moments[name];
+                    Assert.True(expectedMoment.AsSpan((int)start, values.Length).SequenceEqual(values), $"'{name}' on rank {r} differs from the single process");
+                }
+            }
+        }
+        finally { foreach (var m in models) m.Dispose(); }
     }
 
     /// <summary>
