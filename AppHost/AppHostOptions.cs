@@ -60,8 +60,8 @@ public sealed record AppHostOptions
                                  --workers must be a multiple of N, and dp = workers / N)
           --ep N                 expert parallelism: routed experts split over N replicas of each pipeline
                                  stage (default 1; N divides dp and the routed experts)
-          --zero 0|1|2           ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
-                                 sums (default 0: replicated; 3 is not built yet)
+          --zero 0|1|2|3         ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
+                                 sums, 3 also the parameters, gathered per layer (default 0: replicated)
           --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1|2): a lost
                                  worker's shard survives, and the job resumes from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)

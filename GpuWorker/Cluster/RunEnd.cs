@@ -42,12 +42,13 @@ static class RunEnd
     /// The ranks that take part in a validation between steps: rank 0 with the whole model; in a pipeline, every stage of
     /// replica 0 (the loss is computed on the last stage and handed along to rank 0, which reports it); with expert
     /// parallelism every rank (of every stage), since a MoE layer's all-to-all spans its ep group and each rank holds only
-    /// its experts (they all measure the same batches, and rank 0 reports the loss).
+    /// its experts (they all measure the same batches, and rank 0 reports the loss); with ZeRO-3 every rank too, since each
+    /// layer gathers its parameters from every replica.
     /// </summary>
-    public static bool Validates(Assignment a, JobPlan plan) => plan.Options.Ep > 1 || (a.PpSize > 1 ? a.DpRank == 0 : a.Rank == 0);
+    public static bool Validates(Assignment a, JobPlan plan) => plan.Options.Ep > 1 || plan.Options.Zero >= 3 || (a.PpSize > 1 ? a.DpRank == 0 : a.Rank == 0);
 
-    /// <summary>Rank 0 holds the whole model at the end: not a pipeline stage and not one expert shard.</summary>
-    static bool HoldsWholeModel(Assignment a, JobPlan plan) => a.PpSize == 1 && plan.Options.Ep == 1;
+    /// <summary>Rank 0 holds the whole model at the end: not a pipeline stage, not one expert shard, not ZeRO-3's rows.</summary>
+    static bool HoldsWholeModel(Assignment a, JobPlan plan) => a.PpSize == 1 && plan.Options.Ep == 1 && plan.Options.Zero < 3;
 
     /// <summary>
     /// Rank 0 evaluates, samples and puts the model into the store (not cancelled by the job's Stop). With pp = 1 and

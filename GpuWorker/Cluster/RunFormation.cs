@@ -103,12 +103,13 @@ sealed class RunFormation : IDisposable
             var resume = new Resumption(run, plan, device, layout, resumeStore, tokenizerHash, ct);
             var (resumePlan, stateBytes) = resume.Restore(ring, links);
             var live = run.Holder.State!;
+            // Before the trainer: under ZeRO-3 it empties the parameters, whose whole shapes the catalog names.
+            var catalog = live.Stage?.CheckpointCatalog ?? CheckpointTensors.Catalog(live.Model, live.Optimizer);
             ITrainer trainer = pipeline
                 ? Keep(new PipelineTrainer(live.Stage!, source, plan.Options, device, peak, links!, replica, dp, reducer, live.Optimizer))
                 : Keep(new Trainer(live.Model, source, null, plan.Options, device, peak, replica, dp, reducer, live.Optimizer));
             trainer.ResumeAt(live.Step, live.Optimizer.StepCount);
             resume.Report(resumePlan, live.Step, ReplicaSync.Seconds(restoreStart), stateBytes);
-            var catalog = live.Stage?.CheckpointCatalog ?? CheckpointTensors.Catalog(live.Model, live.Optimizer);
             run.Log($"generation {a.Generation}: rank {a.Rank} of {a.World}" +
                     (pipeline ? $" = stage {stage} (layers {live.Stage!.Layers.FirstLayer}..{live.Stage.Layers.End - 1}) of replica {replica}, dp {dp} x pp {pp}" : "") +
                     $", {plan.Config.ParameterCount() / 1e6:F2} M parameters, global batch {plan.Options.GlobalBatch} = {dp} x {plan.Options.MicroBatch} x " +

@@ -24,6 +24,8 @@ public sealed class Trainer : ITrainer
     public long ConsumedSamples => Step * Options.GlobalBatch;
     public int Rank { get; }
     public int WorldSize { get; }
+    /// <summary>ZeRO-3's sharded parameters (null otherwise): what this rank holds of them (<see cref="ZeroParameters.ResidentBytes"/>).</summary>
+    public ZeroParameters? ShardedParameters => zeroParameters;
     /// <summary>Bytes of the exact gradient sum's int64 words this rank holds (1/dp of them under ZeRO-2); 0 before the first step.</summary>
     public long GradientWordBytes => expertZero?.WordBytes ?? (gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long));
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
@@ -37,6 +39,7 @@ public sealed class Trainer : ITrainer
     readonly ZeroStep? zero;
     readonly ExpertParallel? experts;
     readonly ExpertZeroStep? expertZero; // ep x ZeRO: two partitions with sums of their own (then gradients stays null)
+    readonly ZeroParameters? zeroParameters; // ZeRO-3: the parameters live sharded (gathered per layer)
     ExactGradientSum? gradients;
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
@@ -72,6 +75,13 @@ public sealed class Trainer : ITrainer
         if (experts is not null && ZeroLayout(Options, worldSize) is { } layout)
             expertZero = new ExpertZeroStep(experts, Optimizer, experts.Collective, layout, rank, Options.Zero, ((BucketedGradientReducer)reducer!).BucketBytes);
         else zero = ZeroStepFor(Optimizer, Options, rank, worldSize, reducer);
+        if (expertZero is not null && Options.Zero >= 3) zeroParameters = expertZero.ShardParameters(model);
+        else if (zero is not null && Options.Zero >= 3)
+        {
+            // The gradient sum is laid out from the parameters' shapes: made while they are whole.
+            gradients = zero.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero);
+            zeroParameters = new ZeroParameters(model, [.. Optimizer.Slots.Select(s => s.Param)], zero.Collective, zero.Layout, zero.BucketBytes);
+        }
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
     }
@@ -99,7 +109,7 @@ public sealed class Trainer : ITrainer
             if (slot.RowCount is null || (slot.RowStart, slot.RowCount.Value) != layout.ZeroRows(slot.Param.shape, rank))
                 throw new ArgumentException($"the optimizer's state of '{slot.Name}' is not rank {rank}'s ZeRO shard of {worldSize} (rows {slot.RowStart}+{slot.RowCount?.ToString() ?? "all"})");
         var shards = new ZeroShards(layout, optimizer.Slots.Select(s => s.Param.shape).ToList());
-        return new ZeroStep(collective, shards, (reducer as BucketedGradientReducer)!.BucketBytes);
+        return new ZeroStep(collective, shards, (reducer as BucketedGradientReducer)!.BucketBytes, layout);
     }
 
     /// <summary>
@@ -129,6 +139,10 @@ public sealed class Trainer : ITrainer
         double dataS = 0, fwdS = 0, bwdS = 0, commS = 0, optS = 0;
         bool withMtp = Options.MtpWeight > 0 && Model.mtp.Count > 0;
         var total = Stopwatch.StartNew();
+        // Rows a rollback or load wrote into the parameters since the last step (CheckpointTensors exposed them) become the
+        // rank's own; then embedding, head and norms outside the layers are whole for the step (ZeroParameters).
+        zeroParameters?.KeepOwnRowsAndRelease();
+        zeroParameters?.GatherRest();
 
         if (expertZero is null)
         {
@@ -192,6 +206,7 @@ public sealed class Trainer : ITrainer
         }
         // The sums are over every rank's micro-batches, or this rank's alone when it has no reducer (the standalone trainer).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
+        zeroParameters?.MaterializeOwnRows(); // ZeRO-3: the update reads and writes this rank's rows only
         if (zero is not null) gradients!.WriteShardMean(counted, zero.Shard);
         else if (expertZero is null) gradients!.WriteMean(counted); // (ep x ZeRO wrote its rows' mean in ReduceAndWriteMean)
         double gradNorm = expertZero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? experts?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
@@ -202,7 +217,8 @@ public sealed class Trainer : ITrainer
         if (!skipped)
         {
             Optimizer.Step(lr);
-            if (zero is not null || expertZero is not null)
+            if (zeroParameters is not null) { } // ZeRO-3 gathers each layer when it next runs: no all-gather here
+            else if (zero is not null || expertZero is not null)
             {
                 var c = Stopwatch.StartNew();
                 if (expertZero is not null) expertZero.AllGatherParameters();
@@ -212,6 +228,7 @@ public sealed class Trainer : ITrainer
             if (Options.BiasUpdateSpeed > 0)
                 for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         }
+        zeroParameters?.KeepOwnRowsAndRelease();
         optS = opt.Elapsed.TotalSeconds - commS;
         Step++;
 
@@ -239,11 +256,26 @@ public sealed class Trainer : ITrainer
     public double Evaluate() => validation is null ? double.NaN : Evaluate(validation, Options.EvalBatches);
 
     /// <inheritdoc/>
-    public double Evaluate(ISampleSource validation, int batches) => Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches);
+    /// <remarks>Under ZeRO-3 every rank must evaluate together: each layer gathers its parameters from every rank.</remarks>
+    public double Evaluate(ISampleSource validation, int batches)
+    {
+        if (zeroParameters is null) return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches);
+        zeroParameters.KeepOwnRowsAndRelease();
+        zeroParameters.GatherRest();
+        try { return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches); }
+        finally { zeroParameters.ReleaseAll(); }
+    }
 
     /// <inheritdoc/>
-    public IReadOnlyDictionary<string, Tensor> CheckpointTensors() =>
-        Checkpoints.CheckpointTensors.Collect(Model, Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
+    /// <remarks>
+    /// Under ZeRO-3 every parameter gets its full shape with this rank's rows filled (the rows a ZeRO layout's rank writes;
+    /// the others are not read), so that the catalog and the writer see whole shapes; the next step empties them again.
+    /// </remarks>
+    public IReadOnlyDictionary<string, Tensor> CheckpointTensors()
+    {
+        zeroParameters?.MaterializeOwnRows();
+        return Checkpoints.CheckpointTensors.Collect(Model, Optimizer).ToDictionary(kv => kv.Key, kv => kv.Value);
+    }
 
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
     public void ResumeAt(long step, long optimizerSteps)
@@ -256,6 +288,7 @@ public sealed class Trainer : ITrainer
     {
         gradients?.Dispose();
         expertZero?.Dispose();
+        zeroParameters?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

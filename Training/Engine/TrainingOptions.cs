@@ -46,7 +46,7 @@ public sealed record TrainingOptions
     /// </summary>
     public string PipelineSchedule { get; init; } = "1f1b";
 
-    /// <summary>ZeRO stage over the data-parallel ranks: 0 replicated, 1 AdamW state sharded, 2 and the gradient words (docs/parallelism.md).</summary>
+    /// <summary>ZeRO stage over the data-parallel ranks: 0 replicated, 1 AdamW state sharded, 2 and the gradient words, 3 and the parameters (docs/parallelism.md).</summary>
     public int Zero { get; init; }
 
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
@@ -81,7 +81,7 @@ public sealed record TrainingOptions
             p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
         if (!ActivationRecompute.Modes.Contains(Recompute))
             p.Add($"recompute must be one of {string.Join(", ", ActivationRecompute.Modes)}, got '{Recompute}'");
-        if (Zero is < 0 or > 2) p.Add($"zero must be 0, 1 or 2 (ZeRO-3 is not built), got {Zero}");
+        if (Zero is < 0 or > 3) p.Add($"zero must be 0 to 3, got {Zero}");
         if (Ep < 1 || worldSize % Ep != 0) p.Add($"ep must be at least 1 and divide the data-parallel width {worldSize}, got {Ep}");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");
         return p;

@@ -16,6 +16,12 @@ namespace DeepSeekCluster.Training.Model;
 /// </summary>
 public enum RecomputeMode { None, Full, Selective }
 
+/// <summary>
+/// Parameters a module holds only while it runs (ZeRO-3, Parallel/ZeroParameters.cs): <paramref name="Gather"/> gives
+/// them their whole values (every rank calls it at the same point: it is a collective), <paramref name="Release"/> frees them.
+/// </summary>
+public sealed record GatheredParameters(Action Gather, Action Release);
+
 public static class ActivationRecompute
 {
     /// <summary>The values <see cref="Parse"/> accepts, as the job spec and options spell them.</summary>
@@ -80,8 +86,31 @@ public static class ActivationRecompute
         return outputs.ToArray();
     }
 
+    /// <summary>
+    /// <see cref="Run"/> for a body whose <paramref name="parameters"/> are gathered only while it runs (ZeRO-3): the
+    /// forward gathers, runs the body without a graph and releases; the backward gathers again, reruns the body with a
+    /// graph, differentiates it, adds the parameters' gradients into their <c>.grad</c> (as the autograd engine's
+    /// accumulation would: the first one is stored, later ones added) and releases. The parameters are no inputs of the
+    /// function, so nothing outside the segment ever sees them whole, and no gathered tensor outlives a run.
+    /// </summary>
+    public static Tensor[] RunGathered(Func<Tensor[], Tensor[]> body, Tensor[] inputs, IReadOnlyList<Tensor> parameters, GatheredParameters gathered)
+    {
+        var segment = new Segment(body, inputs.Length, inputs.Select(t => t.requires_grad).ToArray(), [])
+        {
+            Gathered = gathered, GatheredParameters = [.. parameters],
+        };
+        var args = new object[1 + inputs.Length];
+        args[0] = segment;
+        inputs.CopyTo(args, 1);
+        var outputs = RecomputedSegment.apply(args);
+        OutputCache.Shrink(segment);
+        return outputs.ToArray();
+    }
+
     internal sealed class Segment(Func<Tensor[], Tensor[]> body, int inputs, bool[] inputNeedsGrad, bool[] parameterNeedsGrad)
     {
+        public GatheredParameters? Gathered { get; init; }
+        public Tensor[] GatheredParameters { get; init; } = [];
         public Func<Tensor[], Tensor[]> Body { get; } = body;
         public int Inputs { get; } = inputs;
         public bool[] InputNeedsGrad { get; } = inputNeedsGrad;
@@ -103,7 +132,10 @@ public static class ActivationRecompute
             ctx.save_for_backward([.. inputs]);
             ctx.save_data("segment", segment);
             ctx.save_data("parameters", vars.Skip(1 + segment.Inputs).Cast<Tensor>().ToArray());
-            return [.. segment.Body(inputs)];
+            if (segment.Gathered is not { } gathered) return [.. segment.Body(inputs)];
+            gathered.Gather();
+            try { return [.. segment.Body(inputs)]; }
+            finally { gathered.Release(); }
         }
 
         public override List<Tensor> backward(AutogradContext ctx, List<Tensor> gradOutputs)
@@ -118,22 +150,40 @@ public static class ActivationRecompute
             var leaves = new List<Tensor>();
             var outer = leavesOfRerun;
             leavesOfRerun = leaves;
+            segment.Gathered?.Gather();
+            List<Tensor?> grads;
+            var gatheredParameters = segment.GatheredParameters.Where(p => p.requires_grad).ToArray();
             try
             {
-                using (enable_grad()) outputs = segment.Body(inputs);
-            }
-            finally { leavesOfRerun = outer; }
-            Interlocked.Increment(ref recomputed);
+                try
+                {
+                    using (enable_grad()) outputs = segment.Body(inputs);
+                }
+                finally { leavesOfRerun = outer; }
+                Interlocked.Increment(ref recomputed);
 
-            var wrt = new List<Tensor>();
-            for (int i = 0; i < inputs.Length; i++) if (segment.InputNeedsGrad[i]) wrt.Add(inputs[i]);
-            for (int i = 0; i < parameters.Length; i++) if (segment.ParameterNeedsGrad[i]) wrt.Add(parameters[i]);
-            wrt.AddRange(leaves);
-            var differentiable = outputs.Select((o, i) => (o, g: gradOutputs[i])).Where(p => p.o.requires_grad).ToList();
-            var grads = differentiable.Count == 0 || wrt.Count == 0
-                ? wrt.Select(_ => (Tensor?)null).ToList()
-                : grad(differentiable.Select(p => p.o).ToList(), wrt, differentiable.Select(p => p.g).ToList(), allow_unused: true)
-                    .Select(g => g is null || g.IsInvalid ? null : g.MoveToOuterDisposeScope()).ToList();
+                var wrt = new List<Tensor>();
+                for (int i = 0; i < inputs.Length; i++) if (segment.InputNeedsGrad[i]) wrt.Add(inputs[i]);
+                for (int i = 0; i < parameters.Length; i++) if (segment.ParameterNeedsGrad[i]) wrt.Add(parameters[i]);
+                wrt.AddRange(leaves);
+                wrt.AddRange(gatheredParameters);
+                var differentiable = outputs.Select((o, i) => (o, g: gradOutputs[i])).Where(p => p.o.requires_grad).ToList();
+                grads = differentiable.Count == 0 || wrt.Count == 0
+                    ? wrt.Select(_ => (Tensor?)null).ToList()
+                    : grad(differentiable.Select(p => p.o).ToList(), wrt, differentiable.Select(p => p.g).ToList(), allow_unused: true)
+                        .Select(g => g is null || g.IsInvalid ? null : g.MoveToOuterDisposeScope()).ToList();
+                // The gathered parameters' gradients, while they are whole: the engine's accumulation, done here.
+                int first = grads.Count - gatheredParameters.Length;
+                using (no_grad())
+                    for (int i = 0; i < gatheredParameters.Length; i++)
+                    {
+                        if (grads[first + i] is not { } g) continue;
+                        var p = gatheredParameters[i];
+                        if (p.grad is { } existing) existing.add_(g);
+                        else p.grad = g.detach().clone().DetachFromDisposeScope();
+                    }
+            }
+            finally { segment.Gathered?.Release(); }
 
             // One entry per argument of apply: none for the segment itself, then the inputs', then the parameters'.
             var result = new List<Tensor> { null! };
@@ -143,6 +193,14 @@ public static class ActivationRecompute
             // A declared leaf is used by this run alone: its gradient is what the plain backward would leave in its .grad.
             foreach (var leaf in leaves)
                 if (grads[next++] is { } g) leaf.grad = g.detach().clone().DetachFromDisposeScope();
+            // A leaf is an alias of a gathered weight: emptied, it no longer keeps the freed layer's storage alive (only its .grad is read later).
+            if (segment.Gathered is not null)
+                using (no_grad())
+                    foreach (var leaf in leaves)
+                    {
+                        using var nothing = empty(0, dtype: leaf.dtype, device: leaf.device);
+                        leaf.set_(nothing);
+                    }
             return result;
         }
     }

@@ -25,14 +25,30 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
     /// <summary>Full activation recompute: keep only this layer's input, run it again in backward (<see cref="ActivationRecompute"/>).</summary>
     public bool RecomputeLayer { get; set; }
 
+    /// <summary>
+    /// ZeRO-3: this layer's parameters are whole only while it runs. Under training every run gathers them and is a
+    /// recompute segment whatever <see cref="RecomputeLayer"/> says (a kept graph would hold the gathered weights until
+    /// backward); without gradients (evaluation) the layer gathers, runs and releases. Null: the parameters stay whole.
+    /// </summary>
+    public GatheredParameters? Zero3 { get; set; }
+
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1).output;
 
     public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD, long start, ILatentCache? cache, int cacheLayer)
     {
-        if (!ActivationRecompute.Active(RecomputeLayer, training) || cache is not null) return ForwardKept(x_BTD, start, cache, cacheLayer);
+        bool sharded = Zero3 is not null && ActivationRecompute.Active(true, training) && cache is null;
+        if (Zero3 is { } zero3 && !sharded)
+        {
+            zero3.Gather();
+            try { return ForwardKept(x_BTD, start, cache, cacheLayer); }
+            finally { zero3.Release(); }
+        }
+        if (!sharded && (!ActivationRecompute.Active(RecomputeLayer, training) || cache is not null)) return ForwardKept(x_BTD, start, cache, cacheLayer);
         // The MoE routing of the second run is the first's: same input, weights and biases (the bias moves only after the
         // step). The second run sets the MoE's LastLoad again to the same counts; the trainer reads them once, after forward.
-        var outputs = ActivationRecompute.Run(Body, [x_BTD], parameters().ToList<Tensor>());
+        var outputs = sharded
+            ? ActivationRecompute.RunGathered(Body, [x_BTD], parameters().ToList<Tensor>(), Zero3!)
+            : ActivationRecompute.Run(Body, [x_BTD], parameters().ToList<Tensor>());
         return (outputs[0], outputs.Length > 1 ? outputs[1] : null);
 
         Tensor[] Body(Tensor[] x)

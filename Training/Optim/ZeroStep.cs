@@ -21,8 +21,10 @@ public sealed class ZeroStep
     /// <summary>The shard this replica updates: its rank in the data-parallel group.</summary>
     public int Shard => Collective.Rank;
     public long BucketBytes { get; }
+    /// <summary>The data-parallel layout the shards were made for.</summary>
+    public ParallelLayout Layout { get; }
 
-    public ZeroStep(ICollective collective, ZeroShards shards, long bucketBytes = 25L << 20)
+    public ZeroStep(ICollective collective, ZeroShards shards, long bucketBytes = 25L << 20, ParallelLayout? layout = null)
     {
         if (collective.WorldSize != shards.Shards)
             throw new ArgumentException($"the collective has {collective.WorldSize} ranks and the ZeRO partition {shards.Shards} shards: expected one shard per data-parallel rank");
@@ -30,6 +32,7 @@ public sealed class ZeroStep
         Collective = collective;
         Shards = shards;
         BucketBytes = bucketBytes;
+        Layout = layout ?? new ParallelLayout(shards.Shards, 1, [new StageLayers(0, 1)]);
     }
 
     /// <summary>

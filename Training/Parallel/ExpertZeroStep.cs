@@ -1,6 +1,7 @@
 // ZeRO-1/2 under expert parallelism: replicated parameters sharded over every replica, each routed expert over the replicas that hold it.
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 
 namespace DeepSeekCluster.Training.Parallel;
@@ -36,7 +37,7 @@ public sealed class ExpertZeroStep : IDisposable
 
     public ExpertZeroStep(ExpertParallel experts, AdamW optimizer, ICollective world, ParallelLayout layout, int rank, int zero, long bucketBytes)
     {
-        if (zero is not (1 or 2)) throw new ArgumentOutOfRangeException(nameof(zero), zero, "expert parallelism shards the optimizer at zero 1 or 2");
+        if (zero is not (1 or 2 or 3)) throw new ArgumentOutOfRangeException(nameof(zero), zero, "expert parallelism with ZeRO: zero 1, 2 or 3");
         if (layout.Ep != experts.Ep || layout.Dp != world.WorldSize || layout.Pp != 1)
             throw new ArgumentException($"the layout dp {layout.Dp} x pp {layout.Pp}, ep {layout.Ep} is not this data-parallel group's ({world.WorldSize} ranks, ep {experts.Ep})");
         this.experts = experts;
@@ -61,6 +62,15 @@ public sealed class ExpertZeroStep : IDisposable
         ReplicatedSum = Replicated.NewGradientSum([.. replicatedSlots.Select(s => s.Param)], zero);
         ExpertSum = Experts.NewGradientSum([.. expertSlots.Select(s => s.Param)], zero);
     }
+
+    /// <summary>
+    /// ZeRO-3: the parameters sharded over the same two partitions as the optimizer (the replicated ones over every
+    /// replica, the held experts over their holders); made while the parameters are whole, and empties them.
+    /// </summary>
+    public ZeroParameters ShardParameters(DeepSeekForCausalLM model) =>
+        new(model, [.. replicatedSlots.Concat(expertSlots).Select(s => s.Param)],
+            [new(Replicated.Collective, Replicated.Layout, Replicated.Shard), new(Experts.Collective, Experts.Layout, Experts.Shard)],
+            [.. replicatedSlots.Select(_ => 0).Concat(expertSlots.Select(_ => 1))], Replicated.BucketBytes);
 
     /// <summary>Empties both sums and every <c>.grad</c>: the start of a step.</summary>
     public void Clear()

@@ -12,13 +12,16 @@ public sealed record MemoryInputs(string Precision, string Recompute, int MicroB
                                   bool Redundancy = false);
 
 /// <summary>One rank's predicted resident bytes, by kind.</summary>
+/// <param name="Parameters">What the rank holds between steps (under ZeRO-3 its rows alone).</param>
 /// <param name="GradientWords">The part of <paramref name="Gradients"/> that is the exact sum's int64 words (16 bytes per summed element).</param>
-public sealed record RankMemory(int Rank, long Parameters, long Gradients, long GradientWords, long Optimizer, long Activations)
+/// <param name="Gathered">ZeRO-3: parameters held whole during a step besides the rank's rows (everything outside the
+/// decoder layers, and the largest layer while it runs); 0 otherwise.</param>
+public sealed record RankMemory(int Rank, long Parameters, long Gradients, long GradientWords, long Optimizer, long Activations, long Gathered = 0)
 {
-    public long Total => Parameters + Gradients + Optimizer + Activations;
+    public long Total => Parameters + Gathered + Gradients + Optimizer + Activations;
 
     public override string ToString() =>
-        $"rank {Rank}: parameters {Gib(Parameters)} + gradients {Gib(Gradients)} + optimizer {Gib(Optimizer)} + activations {Gib(Activations)} = {Gib(Total)}";
+        $"rank {Rank}: parameters {Gib(Parameters)}{(Gathered > 0 ? $" (+ {Gib(Gathered)} gathered)" : "")} + gradients {Gib(Gradients)} + optimizer {Gib(Optimizer)} + activations {Gib(Activations)} = {Gib(Total)}";
 
     public static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):0.##} GiB" : $"{bytes / (double)(1L << 20):0.#} MiB";
 }
@@ -29,7 +32,9 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// <summary>
 /// Predicts the bytes each rank of a layout holds while training, from the model's shape alone (nothing is built):
 /// <list type="bullet">
-/// <item>parameters: its stage's, with its 1/ep of the routed experts, and 1/dp of them under ZeRO-3;</item>
+/// <item>parameters: its stage's, with its 1/ep of the routed experts, and 1/dp of them under ZeRO-3, which also holds
+/// everything outside the decoder layers and one layer whole during a step (<see cref="RankMemory.Gathered"/>; ZeRO-3
+/// recomputes every layer, so its activations are those of full recompute whatever the option says);</item>
 /// <item>gradients: one <c>.grad</c> per parameter in the parameters' dtype, and the exact sum's two int64 words per
 /// element (ExactGradientSum), 1/dp of the words under ZeRO-2 and up, plus its float64 conversion scratch;</item>
 /// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
@@ -102,7 +107,25 @@ public static class MemoryPlanner
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
         long neighbour = layout.Zero >= 1 && inputs.Redundancy && layout.Dp > 1 ? ShardParameters(config, layout, layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp)) : 0;
         long optimizer = ((layout.Zero >= 1 ? shard : local) + neighbour) * (2L * moment + master);
-        return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
+        if (layout.Zero < 3) return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
+        long gathered = GatheredParameters(config, layout, rank) * param;
+        return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs with { Recompute = "full" }, act), gathered);
+    }
+
+    /// <summary>ZeRO-3's whole parameters during a step: everything outside the decoder layers, and the largest layer (with its 1/ep of the routed experts).</summary>
+    static long GatheredParameters(DeepSeekConfig config, ParallelLayout layout, int rank)
+    {
+        var layers = layout.Stages[layout.StageOfRank(rank)];
+        int mtpLayers = layout.StageOfRank(rank) == layout.Pp - 1 ? config.NumNextnPredictLayers : 0;
+        long inLayers = 0, largest = 0;
+        for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
+        {
+            int index = l < layers.End ? l : config.NumHiddenLayers + (l - layers.End);
+            long layer = config.LayerParameterCount(index) - config.RoutedExpertParameterCount(index) + config.RoutedExpertParameterCount(index) / layout.Ep;
+            inLayers += layer;
+            largest = Math.Max(largest, layer);
+        }
+        return LocalParameters(config, layout, rank) - inLayers + largest;
     }
 
     public static IReadOnlyList<RankMemory> PredictAll(DeepSeekConfig config, ParallelLayout layout, MemoryInputs inputs) =>

@@ -1,4 +1,4 @@
-// Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1) against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
+// Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1/3) and dp 2 ZeRO-3 against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
 using System.Diagnostics;
 using System.Net;
 using DeepSeekCluster.Training.Collectives;
@@ -37,13 +37,13 @@ public static class ExpertBench
                 Console.WriteLine($"| {world} | {mb} | {t * 1e3:F1} | {sent / 1e9:F2} | {sent / copy:P0} |");
             }
         Console.WriteLine();
-        Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank | optimizer MiB per rank (predicted) |");
+        Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank between steps (predicted) | optimizer MiB per rank (predicted) |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|");
         foreach (var preset in presets)
-            foreach (var (ep, zero) in new[] { (1, 0), (2, 0), (2, 1) })
+            foreach (var (ep, zero) in new[] { (1, 0), (2, 0), (2, 1), (1, 3), (2, 3) })
             {
                 var r = TimeSteps(preset, ep, zero, warmup, steps);
-                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
+                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} ({r.PredictedParams / 1048576.0:F1}) | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
             }
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
     }
@@ -83,7 +83,7 @@ public static class ExpertBench
         return times[times.Count / 2];
     }).Max();
 
-    sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes, long OptimizerBytes, long PredictedOptimizer);
+    sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes, long OptimizerBytes, long PredictedOptimizer, long PredictedParams);
 
     static StepResult TimeSteps(string preset, int ep, int zero, int warmup, int measured)
     {
@@ -111,11 +111,11 @@ public static class ExpertBench
             var m = Enumerable.Range(0, measured).Select(_ => trainer.TrainStep()).ToList();
             double s = sw.Elapsed.TotalSeconds / measured;
             var traffic = parallel?.TakeTraffic() ?? default;
-            long bytes = trainer.Model.parameters().Sum(p => p.numel() * p.element_size());
+            long bytes = trainer.ShardedParameters?.ResidentBytes ?? trainer.Model.parameters().Sum(p => p.numel() * p.element_size()); // ZeRO-3: its rows
             long optimizer = trainer.Optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
-            long predicted = MemoryPlanner.Predict(config, layout, c.Rank, new MemoryInputs("fp32", "none", options.MicroBatch, options.SeqLen)).Optimizer;
+            var predicted = MemoryPlanner.Predict(config, layout, c.Rank, new MemoryInputs("fp32", "none", options.MicroBatch, options.SeqLen));
             return new StepResult(s, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
-                traffic.FanOut, (double)traffic.SentBytes / measured, bytes, optimizer, predicted);
+                traffic.FanOut, (double)traffic.SentBytes / measured, bytes, optimizer, predicted.Optimizer, predicted.Parameters);
         });
         foreach (var m in models) m.Dispose();
         return results.MaxBy(r => r.Step)!;

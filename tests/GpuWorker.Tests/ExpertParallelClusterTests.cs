@@ -2,7 +2,8 @@
 // ClusterWorkers over tcp; each rank holds half the routed experts. The job validates on every rank (the MoE layers
 // exchange tokens), rank 0 puts the final model, assembled from the committed checkpoint, into the store, and that checkpoint equals, bit for
 // bit, the one a one-worker job of the same spec commits: every weight, both AdamW moments, the routing biases. So does
-// the same job with ZeRO-1 (each rank also holds a quarter of the optimizer state).
+// the same job with ZeRO-1 (each rank also holds a quarter of the optimizer state), and with ZeRO-3 under a memory
+// budget that refuses the replicated plan.
 using System.Net;
 using System.Net.Http.Json;
 using System.Text.Json.Nodes;
@@ -12,6 +13,7 @@ using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
 
@@ -93,6 +95,98 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
                 Assert.True(expected.SequenceEqual(epZeroTensors[name]), $"{name} differs between the ep x zero 1 job's committed checkpoint and the one-worker job's");
             }
             output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; validation loss {validation.Loss:R}; losses {string.Join(", ", epStatus.Loss.Select(p => p.Loss))}");
+        }
+        catch
+        {
+            output.WriteLine(log.ToString());
+            throw;
+        }
+        finally
+        {
+            await stopWorkers.CancelAsync();
+            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
+            Directory.Delete(scratch, recursive: true);
+        }
+    }
+
+    /// <summary>
+    /// ZeRO-3 in a cluster job, under a memory budget the replicated plan exceeds. The one-worker reference trains first
+    /// on a worker without a budget, which then leaves. Four workers with Worker:MemoryBudgetBytes set between the
+    /// planner's predictions refuse a dp 4 zero 0 job before building anything (the job fails naming the bytes) and
+    /// train dp 4 x ep 2 x zero 3 (each layer gathered from the replicas while it runs) within the same budget: every
+    /// rank validates, rank 0 assembles the final model from the committed checkpoint, and that checkpoint, the per-step
+    /// losses and the validation loss equal the one-worker job's bit for bit.
+    /// </summary>
+    [Fact]
+    public async Task AJobTooBigReplicatedIsRefusedAndTrainsWithZero3AndEpBitForBitTheOneWorkerJob()
+    {
+        await using var store = await StoreHost.StartAsync();
+        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
+        var http = coordinator.Http;
+        var scratch = Directory.CreateTempSubdirectory("zero3-cluster-").FullName;
+        var log = new StringWriter();
+        var syncLog = TextWriter.Synchronized(log);
+        using var stopWorkers = new CancellationTokenSource();
+        var workers = new List<Task<int>>();
+        try
+        {
+            var reference = new ClusterWorker(coordinator.Worker("zero3-reference-worker", Data.Address, store.Address, Path.Combine(scratch, "ref")), syncLog).RunAsync(stopWorkers.Token);
+            workers.Add(reference);
+            var one = await RunToCompletion(http, Spec("zero3-reference", new ParallelPlan { Dp = 1 }, 1), log);
+            Assert.Equal(HttpStatusCode.Accepted, (await http.PostAsync("/workers/zero3-reference-worker/leave", null)).StatusCode);
+            Assert.Equal(0, await reference.WaitAsync(TimeSpan.FromMinutes(1)));
+            await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.All(w => !w!["online"]!.GetValue<bool>()), "the reference worker is offline", log);
+
+            // A budget between what a rank of the replicated plan and of dp 4 x ep 2 x zero 3 is predicted to hold.
+            var zero0 = Spec("zero0-job", new ParallelPlan { Dp = 4 }, Workers);
+            var zero3 = Spec("zero3-job", new ParallelPlan { Dp = 4, Ep = 2, Zero = 3 }, Workers);
+            var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
+            var (config, options) = JobPlan.Map(zero0, (int)manifest.VocabSize, 0);
+            var inputs = new MemoryInputs(options.Precision, zero0.ActivationCheckpointing, options.MicroBatch, options.SeqLen, options.Accumulation(Workers));
+            long replicated = MemoryPlanner.Predict(config, ParallelLayout.Even(Workers, 1, config.NumHiddenLayers), 0, inputs).Total;
+            long sharded = MemoryPlanner.PredictAll(config, ParallelLayout.Even(Workers, 1, config.NumHiddenLayers).WithShards(2, 3, config.NRoutedExperts), inputs).Max(m => m.Total);
+            output.WriteLine($"predicted per rank: zero 0 {replicated} B, ep 2 x zero 3 {sharded} B");
+            Assert.True(sharded < 0.8 * replicated, $"ep 2 x zero 3 is predicted {sharded} B per rank against {replicated} B replicated");
+            long budget = (replicated + sharded) / 2;
+            for (int i = 0; i < Workers; i++)
+                workers.Add(new ClusterWorker(coordinator.Worker($"zero3-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")) with { MemoryBudgetBytes = budget }, syncLog)
+                    .RunAsync(stopWorkers.Token));
+
+            Assert.Empty(zero0.Validate());
+            var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(zero0), System.Text.Encoding.UTF8, "application/json"));
+            Assert.Equal(HttpStatusCode.Created, submitted.StatusCode);
+            JobStatus? refused = null;
+            await InProcessCoordinator.Until(async () =>
+            {
+                refused = (await http.GetFromJsonAsync<JobStatus>("/jobs/zero0-job", JobSpecJson.Options))!;
+                return refused.State == JobState.Failed;
+            }, "the replicated job is refused", log);
+            foreach (var part in new[] { "dp 4 x pp 1, ep 1, zero 0", "does not fit", "parameters", "optimizer", $"{RankMemory.Gib(budget)} of Worker:MemoryBudgetBytes" })
+                Assert.Contains(part, refused!.Error);
+            Assert.Empty(refused!.Loss);
+
+            Assert.Empty(zero3.Validate());
+            var status = await RunToCompletion(http, zero3, log);
+            Assert.Contains(status.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
+            Assert.Contains($"memory plan (fp32, zero 3): ", log.ToString());
+            Assert.Contains($"of {RankMemory.Gib(budget)} (Worker:MemoryBudgetBytes)", log.ToString());
+            Assert.True(status.Consumption.Complete, $"the ledger is not complete: {status.Consumption}");
+            Assert.Equal(((long)Steps * 8, 0L), (status.Consumption.Samples, status.Consumption.Overlaps));
+            Assert.Contains("loaded the whole model from committed step 3 (saved as dp 4 x pp 1 x ep 2)", log.ToString());
+            Assert.Contains("model saved to the checkpoint store as exports/zero3-job/3/hf", log.ToString());
+            Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), status.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
+            var validation = Assert.Single(status.ValidationLoss.Where(v => v.Step == Steps).DistinctBy(v => v.Loss));
+            Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, validation.Loss);
+
+            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
+            var tensors = await LoadWhole(store, "zero3-job", zero3, tokenizerHash, Path.Combine(scratch, "load-zero3"));
+            var oneTensors = await LoadWhole(store, "zero3-reference", zero3, tokenizerHash, Path.Combine(scratch, "load-one"));
+            Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
+            Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
+            foreach (var (name, expected) in oneTensors)
+                Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the zero 3 job's committed checkpoint and the one-worker job's");
+            output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; validation loss {validation.Loss:R}; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
+            output.WriteLine($"refused: {refused.Error}");
         }
         catch
         {

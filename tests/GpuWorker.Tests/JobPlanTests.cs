@@ -103,7 +103,6 @@ public class ParallelPlanSpecTests
     [Theory]
     [InlineData(-1, "must be 0 (replicated), 1")]
     [InlineData(4, "must be 0 (replicated), 1")]
-    [InlineData(3, "ZeRO-3 is not built yet")]
     public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
         Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
 
@@ -113,6 +112,9 @@ public class ParallelPlanSpecTests
         Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4), "parallel.zero")).Message);
         Assert.Empty(Spec(new ParallelPlan { Zero = 1 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3 }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Ep = 2, Zero = 3 }).Validate());
+        Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4), "parallel.zero")).Message);
     }
 
     [Fact]
@@ -148,6 +150,7 @@ public class ParallelPlanSpecTests
         Assert.Empty(Spec(new ParallelPlan { Dp = 4, Zero = 2, Redundancy = true }).Validate());
         Assert.Contains("true with zero 0", Assert.Single(Problems(Spec(new ParallelPlan { Redundancy = true }), "parallel.redundancy")).Message);
         Assert.Contains("true with ep 2", Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2, Zero = 1, Redundancy = true }), "parallel.redundancy")).Message);
+        Assert.Contains("true with zero 3", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Zero = 3, Redundancy = true }), "parallel.redundancy")).Message);
         Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.Redundancy);
 
         // Rank 1 of dp 4 (uneven rows: shards differ by a row) holds its own shard and rank 2's: the two ranks' predictions added.

@@ -28,6 +28,9 @@ public class ParallelOptionsTests
         var sharded = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--precision", "bf16"), "d", DateTime.UnixEpoch);
         Assert.Equal((2, 1), (sharded.Parallel.Ep, sharded.Parallel.Zero));
         Assert.Empty(sharded.Validate());
+        var zero3 = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "3"), "d", DateTime.UnixEpoch);
+        Assert.Equal((2, 3), (zero3.Parallel.Ep, zero3.Parallel.Zero));
+        Assert.Empty(zero3.Validate());
     }
 
     [Fact]

@@ -68,7 +68,7 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
     }
 
     /// <summary>Each moment's rows held by <paramref name="ranks"/> cover the single process's exactly once, bit for bit.</summary>
-    static void AssertMomentsEqualSingle(IReadOnlyList<Held> ranks, string where)
+    internal static void AssertMomentsEqualSingle(IReadOnlyList<Held> ranks, string where)
     {
         var single = EpTests.Single.Value;
         foreach (var (name, expected) in single.Moments)
