@@ -48,6 +48,8 @@ public sealed class ReplicaState : IDisposable
     /// may hold step N of a history the job abandoned).
     /// </summary>
     public long Lineage { get; set; } = NewLineage();
+    /// <summary>The step guard's rule after the steps these tensors hold (null: none judged yet); part of the state, broadcast with it.</summary>
+    public GuardState? Guard { get; set; }
 
     public bool Held => Step >= 0;
 

@@ -45,7 +45,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         if (resume.Source == ResumePlan.Replica)
         {
             var state = Holder.State ?? NewState();
-            bytes = resume.AnyRankBehind ? BroadcastLiveState(ring, resume.SourceRank, state) : 0;
+            bytes = resume.AnyRankBehind ? BroadcastLiveState(ring, resume.SourceRank, state, plan.Spec.Guard.Window) : 0;
             run.Log($"{who}resuming at step {resume.Step} from the live state of {source} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
                     $"{bytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
         }
@@ -58,6 +58,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             else
             {
                 restored.Step = 0;
+                restored.Guard = null;
                 bytes = 0;
             }
             // One history for every stage (or expert shard) that did not take a live state: next time the ranks can tell
@@ -105,8 +106,10 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             read = loaded.Files.Sum(f => f.Size); // a replica reads every file of the checkpoint (each rank's shard)
             what = $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)";
         }
+        // The rule's window as it was at the committed step (a checkpoint saved before it was kept: the rule starts afresh).
+        state.Guard = TrainingThread.Wait(store.ReadGuardStateAsync(step, ct));
         run.Metrics?.CheckpointLoaded(A.JobId, run.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), read);
-        run.Log(who + what);
+        run.Log(who + what + (state.Guard is { } g ? $"; step guard {g}" : "; no step guard state in it"));
         return StateBytes(state);
     }
 
@@ -127,11 +130,17 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     }
 
     /// <summary>Copies the live state of <paramref name="sourceRank"/> over the ring to the ranks behind it; the bytes sent.</summary>
-    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state)
+    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state, int guardWindow)
     {
         long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
         state.Step = -1; // half-copied tensors are no state
         long bytes = ReplicaSync.Broadcast(collective, sourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+        // The step guard's window with it: every rank then judges the next steps on the source's history.
+        using (var guard = tensor(collective.Rank == sourceRank && state.Guard is { } g ? g.ToLongs(guardWindow) : new long[GuardState.Longs(guardWindow)]))
+        {
+            collective.Broadcast(guard, sourceRank);
+            state.Guard = GuardState.FromLongs(guard.data<long>().ToArray(), guardWindow);
+        }
         state.Optimizer.StepCount = optimizerSteps;
         state.Lineage = lineage;
         state.Step = step;

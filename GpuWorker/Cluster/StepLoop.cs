@@ -53,7 +53,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
-        using var guard = new StepGuardRun(run, plan, Trainer);
+        using var guard = new StepGuardRun(run, plan, Trainer, formed.Live);
         guard.Start();
         long? deviceBytes = null;
         while (Trainer.Step < Options.Steps)
@@ -174,7 +174,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (A.Rank == 0)
             manifests[step] = GrpcCheckpointStore.ManifestJsonForReport(A.JobId, formed.Sharding,
                 new CheckpointPosition(Trainer.Step, A.Generation, Trainer.ConsumedSamples, Trainer.Optimizer.StepCount),
-                plan.Config.ToJson(), formed.TokenizerHash);
+                plan.Config.ToJson(), formed.TokenizerHash, formed.Live.Guard);
         // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
         // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
         bool last = now || step >= Options.Steps;
