@@ -65,8 +65,7 @@ public sealed partial class TrainingJobGrain
     /// <summary>A new generation of the same ranks whose Assignment says CheckpointOnly (GpuWorker's StepLoop).</summary>
     async Task FormCheckpointOnlyGenerationAsync(string byJob, TimeSpan bound)
     {
-        S.Generation++;
-        S.GenerationResumedAt = null;
+        S.NextGeneration();
         S.GenerationResumeStep = ResumeStepOfNextGeneration();
         S.Preemption = new PreemptionCheckpoint { ByJob = byJob, Generation = S.Generation, Deadline = clock.GetUtcNow() + bound };
         // Not a recovery's formation (RecoveryClock.Formed): the recovery the preemption started ends at the first step after
