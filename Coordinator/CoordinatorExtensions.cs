@@ -45,6 +45,7 @@ public static class CoordinatorExtensions
                 o.ServiceId = config["Orleans:ServiceId"] ?? "deepseek-cluster";
             });
             silo.KeepDefaultValuesInGrainState();
+            silo.WakeJobsHoldingWorkers();
             int siloPort = config.GetValue("Orleans:SiloPort", EndpointOptions.DEFAULT_SILO_PORT);
             int gatewayPort = config.GetValue("Orleans:GatewayPort", EndpointOptions.DEFAULT_GATEWAY_PORT);
             if (string.IsNullOrWhiteSpace(redis))
@@ -89,6 +90,19 @@ public static class CoordinatorExtensions
         silo.Services.Configure<OrleansJsonSerializerOptions>(o => o.JsonSerializerSettings.DefaultValueHandling = Newtonsoft.Json.DefaultValueHandling.Include);
         return silo;
     }
+
+    /// <summary>
+    /// Once the silo runs, activates every job that holds workers: a job's timers (the preemption's checkpoint deadline)
+    /// live in its activation, and nothing else may call a job whose members stay connected but silent.
+    /// </summary>
+    public static ISiloBuilder WakeJobsHoldingWorkers(this ISiloBuilder silo) => silo.AddStartupTask(async (services, ct) =>
+    {
+        var grains = services.GetRequiredService<IGrainFactory>();
+        var jobs = await grains.GetGrain<IClusterRegistryGrain>(IClusterRegistryGrain.Key).ListJobsHoldingWorkersAsync();
+        foreach (var id in jobs) await grains.GetGrain<ITrainingJobGrain>(id).GetStatusAsync();
+        if (jobs.Length > 0)
+            services.GetRequiredService<ILoggerFactory>().CreateLogger(typeof(CoordinatorExtensions)).LogInformation("Woke {Count} jobs holding workers", jobs.Length);
+    });
 
     /// <summary>File storage under Coordinator:StateFolder as the default grain storage.</summary>
     public static ISiloBuilder AddFileGrainStorageAsDefault(this ISiloBuilder silo, IConfiguration config)

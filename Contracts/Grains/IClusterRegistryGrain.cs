@@ -23,6 +23,9 @@ public interface IClusterRegistryGrain : IGrainWithStringKey
 
     Task<string[]> ListWorkersAsync();
 
+    /// <summary>The registered jobs that hold workers now (a Coordinator's start wakes them: their timers live in an activation).</summary>
+    Task<string[]> ListJobsHoldingWorkersAsync();
+
     /// <summary>Hands up to <paramref name="max"/> online, free workers to the job (in the order they came online).</summary>
     Task<WorkerCapabilities[]> ClaimWorkersAsync(string jobId, int max);
 

@@ -29,8 +29,8 @@ public sealed partial record JobSpec
 
 /// <summary>
 /// The step guard of a job (docs/agent.md). A step whose loss or gradient norm is NaN/Inf is never applied, always. The
-/// spike rule: once <see cref="MinHistory"/> good steps are known, a step whose loss or gradient norm lies more than
-/// <see cref="Threshold"/> robust deviations (1.4826·MAD, or 1% of the median when the MAD is smaller) above the median
+/// spike rule (on by default): after the job's first <see cref="Warmup"/> steps, once <see cref="MinHistory"/> good steps are known, a step whose loss or gradient norm lies more than
+/// <see cref="Threshold"/> robust deviations (1.4826·MAD, but at least 5% of the median) above the median
 /// of the last <see cref="Window"/> good steps is a spike; so are <see cref="MaxSkips"/> non-finite steps in a row. A spike
 /// rolls the live state back to the last snapshot (taken every <see cref="SnapshotEvery"/> good steps), skips the samples
 /// since it, multiplies the learning rate by <see cref="LrFactor"/>; the <see cref="MaxRollbacks"/>+1-th spike fails the job.
@@ -39,11 +39,11 @@ public sealed partial record JobSpec
 public sealed record StepGuardSpec
 {
     /// <summary>
-    /// true: the spike rule and its rollbacks (with host snapshots). Off by default (only the NaN/Inf skip): its window is
-    /// per-generation state, so a job re-formed after a fault would judge steps on another history than an undisturbed
-    /// one and lose its bit-for-bit equality, and its default threshold flagged normal early-training swings (docs/agent.md).
+    /// true (the default): the spike rule and its rollbacks (with host snapshots); false: only the NaN/Inf skip, and
+    /// <see cref="MaxSkips"/> non-finite steps in a row fail the job. The rule's window travels with the live state and the
+    /// checkpoints, so a re-formed or resumed job judges its steps as the undisturbed run would (docs/agent.md).
     /// </summary>
-    [Id(0)] public bool Rollback { get; init; }
+    [Id(0)] public bool Rollback { get; init; } = true;
     [Id(1)] public int Window { get; init; } = 50;
     [Id(2)] public int MinHistory { get; init; } = 10;
     [Id(3)] public double Threshold { get; init; } = 10;
@@ -51,6 +51,11 @@ public sealed record StepGuardSpec
     [Id(5)] public double LrFactor { get; init; } = 1.0;
     [Id(6)] public int MaxRollbacks { get; init; } = 3;
     [Id(7)] public int MaxSkips { get; init; } = 3;
+    /// <summary>
+    /// The job's first steps (its step count, not a generation's) that are neither judged for spikes nor kept in the
+    /// window: early training's falling loss and swinging gradient norms set no range for the later steps.
+    /// </summary>
+    [Id(8)] public int Warmup { get; init; } = 50;
 
     public IEnumerable<(string Field, string Message)> Problems()
     {
@@ -61,5 +66,6 @@ public sealed record StepGuardSpec
         if (!(LrFactor > 0 && LrFactor <= 1)) yield return ("lrFactor", $"{LrFactor} must be in (0, 1] (1 keeps the learning rate after a rollback)");
         if (MaxRollbacks < 0) yield return ("maxRollbacks", $"{MaxRollbacks} must be 0 (fail at the first spike) or positive");
         if (MaxSkips < 1) yield return ("maxSkips", $"{MaxSkips} must be at least 1 non-finite step in a row");
+        if (Warmup < 0) yield return ("warmup", $"{Warmup} must be 0 (judge from the first step) or a positive number of steps");
     }
 }

@@ -65,6 +65,9 @@ public sealed class ClusterRegistryGrain(
 
     public Task<string[]> ListJobsAsync() => Task.FromResult(S.Jobs.ToArray());
 
+    public Task<string[]> ListJobsHoldingWorkersAsync() =>
+        Task.FromResult(S.Workers.Values.Select(w => w.JobId).OfType<string>().Distinct(StringComparer.Ordinal).Where(S.Jobs.Contains).Order(StringComparer.Ordinal).ToArray());
+
     // A job claims free workers, then says it waits, in two calls. A worker that becomes free between them (comes online,
     // or is released by another job) finds the job not yet waiting and is not offered to it, so the job would wait for
     // the next free worker, forever if none comes. So each worker's moment of becoming free is numbered, each job's last

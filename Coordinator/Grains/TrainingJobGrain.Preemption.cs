@@ -14,6 +14,11 @@ public sealed class PreemptionCheckpoint
     [Id(1)] public long Generation { get; set; }
     /// <summary>When the workers go without it (the preemption + CoordinatorOptions.PreemptionCheckpointTimeout).</summary>
     [Id(2)] public DateTimeOffset Deadline { get; set; }
+    /// <summary>
+    /// When the checkpoint-only generation formed (null in state written before it was kept): a restarted Coordinator
+    /// re-arms the deadline from it and the bound configured now.
+    /// </summary>
+    [Id(3)] public DateTimeOffset? Since { get; set; }
 }
 
 public sealed partial class TrainingJobGrain
@@ -65,10 +70,10 @@ public sealed partial class TrainingJobGrain
     /// <summary>A new generation of the same ranks whose Assignment says CheckpointOnly (GpuWorker's StepLoop).</summary>
     async Task FormCheckpointOnlyGenerationAsync(string byJob, TimeSpan bound)
     {
-        S.Generation++;
-        S.GenerationResumedAt = null;
+        S.NextGeneration();
         S.GenerationResumeStep = ResumeStepOfNextGeneration();
-        S.Preemption = new PreemptionCheckpoint { ByJob = byJob, Generation = S.Generation, Deadline = clock.GetUtcNow() + bound };
+        var now = clock.GetUtcNow();
+        S.Preemption = new PreemptionCheckpoint { ByJob = byJob, Generation = S.Generation, Deadline = now + bound, Since = now };
         // Not a recovery's formation (RecoveryClock.Formed): the recovery the preemption started ends at the first step after
         // the job forms again, so its time includes the wait for workers.
         Event(New(JobEventKinds.Formed, $"generation {S.Generation}: the same {S.Workers.Count} workers save a checkpoint for the preemption and train nothing " +
@@ -80,11 +85,17 @@ public sealed partial class TrainingJobGrain
         await AssignGenerationAsync(S.Workers.Count / pp, pp, checkpointOnly: true);
     }
 
+    /// <summary>
+    /// The timer that releases the workers at the deadline. A grain timer lives in one activation: after a Coordinator
+    /// restart it is armed again when the job activates, which the silo's start does for every job holding workers
+    /// (CoordinatorExtensions.WakeJobsHoldingWorkers), so a preemption whose members never report again still ends.
+    /// </summary>
     void ArmPreemptionDeadline()
     {
         if (S.Preemption is not { } p) return;
         preemptionTimer?.Dispose();
-        var due = p.Deadline - clock.GetUtcNow();
+        var deadline = p.Since is { } since ? since + options.Value.PreemptionCheckpointTimeout : p.Deadline;
+        var due = deadline - clock.GetUtcNow();
         preemptionTimer = this.RegisterGrainTimer(_ => PreemptionDeadlinePassedAsync(p.Generation),
             new GrainTimerCreationOptions { DueTime = due > TimeSpan.Zero ? due : TimeSpan.Zero, Period = Timeout.InfiniteTimeSpan, KeepAlive = true });
     }

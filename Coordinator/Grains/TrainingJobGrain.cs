@@ -174,6 +174,7 @@ public sealed partial class TrainingJobGrain(
             });
         // A generation that resumes at the last step trains nothing: it saves the final checkpoint, whose commit completes the job.
         if (!await CompleteIfFinalCheckpointCommittedAsync() && !await ReleaseIfNothingToSaveAsync(generation, report.Step)) await job.WriteStateAsync();
+        await ReplayStepsBeforeResumeAsync(generation);
     }
 
     public async Task ReportStepAsync(long generation, StepReport report)
@@ -188,6 +189,7 @@ public sealed partial class TrainingJobGrain(
             await job.WriteStateAsync();
         // Reports that arrive after the completion (a rank's last step) still count in the ledger.
         Fence(generation, "step", acceptedWhenCompleted: true);
+        if (await HoldUntilResumedAsync(generation, report)) return;
         // A resent report (the worker reconnected: its first sending may have died with a Coordinator) fills only what
         // the ledger lacks; counted again it would show as an overlap.
         if (report.SampleCount > 0)
@@ -286,8 +288,7 @@ public sealed partial class TrainingJobGrain(
             metrics.Rescaled("grow");
             Event(New(JobEventKinds.Rescaling, $"growing from {S.Workers.Count} to {world} workers") with { Reason = "grow" });
         }
-        S.Generation++;
-        S.GenerationResumedAt = null;
+        S.NextGeneration();
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint, m.PipelineEndpoint))];
         S.State = JobState.Running;
         S.Recovery.Formed(S.Generation, clock.GetUtcNow());

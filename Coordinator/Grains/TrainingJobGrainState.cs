@@ -37,11 +37,31 @@ public sealed class TrainingJobGrainState
     [Id(40)] public UtilizationBoard Utilization { get; set; } = new();
     /// <summary>While a preempted job's members save its checkpoint before they are released; null otherwise.</summary>
     [Id(69)] public PreemptionCheckpoint? Preemption { get; set; }
+    /// <summary>
+    /// Step reports of the current generation that arrived before its rank 0's Resumed (each rank reports on its own
+    /// stream), held until that report says which steps the generation redoes (TrainingJobGrain.Resume.cs).
+    /// </summary>
+    [Id(74)] public List<StepReport> StepsBeforeResume { get; set; } = [];
+    /// <summary>Rank 0 reported a step of the current generation before its Resumed: that report was lost, none is awaited.</summary>
+    [Id(75)] public bool ResumeReportMissing { get; set; }
 
     // State written before CheckpointBook and RecoveryClock existed; moved into them on activation (MoveLegacyState).
     [Id(7)] public List<CheckpointRecord> Checkpoints { get; set; } = [];
     [Id(11)] public List<CommittedCheckpoint> Committed { get; set; } = [];
     [Id(14)] public Reformation? Reforming { get; set; }
+
+    /// <summary>
+    /// A new generation is formed: its Resumed is awaited again, and the steps the previous one reported before a Resumed
+    /// that never came are late reports of that generation (kept unless beyond where the new one resumes, as any other).
+    /// </summary>
+    public void NextGeneration()
+    {
+        Generation++;
+        GenerationResumedAt = null;
+        ResumeReportMissing = false;
+        foreach (var r in StepsBeforeResume) Ledger.AddLate(r.Step, r.SampleStart, r.SampleCount, Spec!.GlobalBatch);
+        StepsBeforeResume.Clear();
+    }
 
     /// <summary>Moves what an older Coordinator persisted into the classes that hold it now; true when anything moved.</summary>
     public bool MoveLegacyState()

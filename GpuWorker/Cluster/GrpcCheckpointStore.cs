@@ -180,11 +180,27 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     /// What rank 0 sends in its CheckpointReport.manifest_json: the manifest of the whole step without "files" and
     /// "committed_utc", which the store fills in from the Coordinator's list of reported files.
     /// </summary>
-    public static string ManifestJsonForReport(string job, ShardingPlan plan, CheckpointPosition position, string? configJson, string? tokenizerSha256)
+    /// <param name="guard">The step guard's state at the checkpoint's step, kept under <see cref="GuardState.ManifestKey"/> (the store keeps a committer's own fields).</param>
+    public static string ManifestJsonForReport(string job, ShardingPlan plan, CheckpointPosition position, string? configJson, string? tokenizerSha256,
+                                               GuardState? guard = null)
     {
         // Every rank's file is named so the manifest validates; sizes and hashes are the Coordinator's to give.
         var placeholders = Enumerable.Range(0, plan.Layout.WorldSize).Select(r => new ManifestFile(ShardingPlan.FileOf(r), 0, ""));
-        return WithoutStoreFields(ShardedCheckpointWriter.Manifest(job, plan, position, placeholders, configJson, tokenizerSha256).ToJson());
+        string json = WithoutStoreFields(ShardedCheckpointWriter.Manifest(job, plan, position, placeholders, configJson, tokenizerSha256).ToJson());
+        if (guard is null) return json;
+        var node = JsonNode.Parse(json)!.AsObject();
+        node[GuardState.ManifestKey] = guard.ToJson();
+        return node.ToJsonString();
+    }
+
+    /// <summary>The step guard's state committed with step <paramref name="step"/>; null for a checkpoint saved without one.</summary>
+    public async Task<GuardState?> ReadGuardStateAsync(long step, CancellationToken ct = default)
+    {
+        var reply = await Call($"read the manifest of step {step}",
+            () => client.GetManifestAsync(new GetManifestRequest { Job = job, Step = step }, cancellationToken: ct).ResponseAsync, ct);
+        string source = $"{address}: manifest of step {step} of job '{job}'";
+        var node = JsonNode.Parse(reply.ManifestJson) ?? throw new InvalidDataException($"{source} is empty");
+        return node[GuardState.ManifestKey] is { } guard ? GuardState.FromJson(guard, source) : null;
     }
 
     static string WithoutStoreFields(string manifestJson)

@@ -48,6 +48,8 @@ public sealed class ReplicaState : IDisposable
     /// may hold step N of a history the job abandoned).
     /// </summary>
     public long Lineage { get; set; } = NewLineage();
+    /// <summary>The step guard's rule after the steps these tensors hold (null: none judged yet); part of the state, broadcast with it.</summary>
+    public GuardState? Guard { get; set; }
 
     /// <summary>The ZeRO shard the optimizer holds and of how many (-1 and 0: not sharded); a reshard reads it (LiveShards).</summary>
     public int ZeroShard { get; init; } = -1;

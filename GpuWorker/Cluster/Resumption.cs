@@ -53,7 +53,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         if (resume.Source == ResumePlan.Replica)
         {
             var state = Holder.State ?? NewState();
-            bytes = resume.AnyRankBehind ? BroadcastLiveState(ring, resume.SourceRank, state) : 0;
+            bytes = resume.AnyRankBehind ? BroadcastLiveState(ring, resume.SourceRank, state, plan.Spec.Guard.Window) : 0;
             run.Log($"{who}resuming at step {resume.Step} from the live state of {source} (held steps: {string.Join(", ", held.Select(x => x.Step))}; " +
                     $"{bytes} bytes in {ReplicaSync.Seconds(restoreStart):0.###} s)");
         }
@@ -67,6 +67,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             else
             {
                 restored.Step = 0;
+                restored.Guard = null;
                 bytes = 0;
             }
             // One history for every stage (or expert shard) that did not take a live state: next time the ranks can tell
@@ -97,6 +98,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             return null;
         }
         long bytes = 0;
+        var heldGuard = Holder.State?.Guard;
         if (!cover.InPlace)
         {
             var old = Holder.State;
@@ -119,6 +121,8 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
                 old.Optimizer.Dispose();
             }
         }
+        // The rebuilt state has no step guard window, and a spare never had one: every rank takes the source's.
+        Holder.State!.Guard = BroadcastGuard(ring, cover.Source, heldGuard, plan.Spec.Guard.Window);
         var copies = string.Join(", ", Enumerable.Range(0, cover.Shards).Where(d => cover.FromCopy[d]).Select(d => $"shard {d} from rank {cover.Holders[d]}'s copy"));
         run.Log($"resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s) resharded onto dp {layout.Dp}" +
                 (copies.Length > 0 ? $" ({copies})" : "") + $"; {bytes} bytes in {ReplicaSync.Seconds(start):0.###} s");
@@ -171,8 +175,10 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             read = loaded.Files.Sum(f => f.Size); // a replica reads every file of the checkpoint (each rank's shard)
             what = $"resumed from committed step {loaded.Step} (generation {loaded.Generation}, {loaded.ConsumedSamples} samples consumed)";
         }
+        // The rule's window as it was at the committed step (a checkpoint saved before it was kept: the rule starts afresh).
+        state.Guard = TrainingThread.Wait(store.ReadGuardStateAsync(step, ct));
         run.Metrics?.CheckpointLoaded(A.JobId, run.WorkerId, System.Diagnostics.Stopwatch.GetElapsedTime(loadStart), read);
-        run.Log(who + what);
+        run.Log(who + what + (state.Guard is { } g ? $"; step guard {g}" : "; no step guard state in it"));
         return StateBytes(state);
     }
 
@@ -193,11 +199,13 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     }
 
     /// <summary>Copies the live state of <paramref name="sourceRank"/> over the ring to the ranks behind it; the bytes sent.</summary>
-    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state)
+    static long BroadcastLiveState(ICollective collective, int sourceRank, ReplicaState state, int guardWindow)
     {
         long step = state.Step, optimizerSteps = state.Optimizer.StepCount, lineage = state.Lineage;
         state.Step = -1; // half-copied tensors are no state
         long bytes = ReplicaSync.Broadcast(collective, sourceRank, state.Tensors(), ref step, ref optimizerSteps, ref lineage);
+        // The step guard's window with it: every rank then judges the next steps on the source's history.
+        state.Guard = BroadcastGuard(collective, sourceRank, state.Guard, guardWindow);
         state.Optimizer.StepCount = optimizerSteps;
         state.Lineage = lineage;
         state.Step = step;
@@ -208,6 +216,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     /// The whole model from the seed (every rank builds the same weights) with its AdamW; for a pipeline stage, shrunk to
     /// this worker's stage, the AdamW over the stage's parameters only.
     /// </summary>
+    /// <summary>The step guard's state of <paramref name="sourceRank"/> on every rank.</summary>
+    static GuardState? BroadcastGuard(ICollective collective, int sourceRank, GuardState? held, int guardWindow)
+    {
+        using var guard = tensor(collective.Rank == sourceRank && held is { } g ? g.ToLongs(guardWindow) : new long[GuardState.Longs(guardWindow)]);
+        collective.Broadcast(guard, sourceRank);
+        return GuardState.FromLongs(guard.data<long>().ToArray(), guardWindow);
+    }
+
     ReplicaState NewState(DeepSeekForCausalLM? keep = null)
     {
         if (keep is not null)

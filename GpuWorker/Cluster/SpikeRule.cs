@@ -13,9 +13,12 @@ public sealed record GuardVerdict(GuardAct Act, string Reason, bool SnapshotDue 
 /// The rule of <see cref="StepGuardSpec"/> (docs/agent.md): a non-finite step is skipped; <c>MaxSkips</c> in a row, or a
 /// loss or gradient norm more than <c>Threshold</c> robust deviations above the median of the last <c>Window</c> good
 /// steps, is a divergence that rolls back; the rollback after <c>MaxRollbacks</c> fails the job instead. Median and MAD,
-/// not mean and standard deviation, because the very spikes the rule looks for would inflate a standard deviation.
+/// not mean and standard deviation, because the very spikes the rule looks for would inflate a standard deviation. The
+/// job's first <c>Warmup</c> steps are neither judged nor remembered: early training's steep fall of the loss and its
+/// swinging gradient norms are not the range the later steps should be held to.
 /// </summary>
-public sealed class SpikeRule(StepGuardSpec spec)
+/// <param name="resumed">The state carried from the step the job resumes at (live state or checkpoint); null: a fresh start.</param>
+public sealed class SpikeRule(StepGuardSpec spec, GuardState? resumed = null)
 {
     /// <summary>MAD × 1.4826 estimates σ for normal noise.</summary>
     const double MadToSigma = 1.4826;
@@ -24,15 +27,21 @@ public sealed class SpikeRule(StepGuardSpec spec)
     /// <summary>The smallest unit of the log gradient norm: with the default threshold 10, a norm e ≈ 2.7 times its median at least.</summary>
     public const double LogFloor = 0.1;
 
-    readonly List<double> losses = [], norms = [];
-    int skipsInRow;
+    // A window saved with a larger spec.Window keeps only its newest steps (the spec cannot change within a job today).
+    readonly List<double> losses = [.. (resumed?.Losses ?? []).TakeLast(spec.Window)], norms = [.. (resumed?.LogNorms ?? []).TakeLast(spec.Window)];
+    int skipsInRow = resumed?.SkipsInRow ?? 0;
+    long lastStep = resumed?.Step ?? 0;
 
-    public int Rollbacks { get; private set; }
+    public int Rollbacks { get; private set; } = resumed?.Rollbacks ?? 0;
     /// <summary>The learning-rate multiplier: <c>LrFactor</c> to the power of the rollbacks so far.</summary>
-    public double LrScale { get; private set; } = 1;
+    public double LrScale { get; private set; } = resumed?.LrScale ?? 1;
+
+    /// <summary>Everything the next verdict depends on, after the last step judged: what a re-formation or a checkpoint carries.</summary>
+    public GuardState State => new(lastStep, [.. losses], [.. norms], skipsInRow, Rollbacks, LrScale);
 
     public GuardVerdict Judge(long step, double loss, double gradNorm, bool skipped)
     {
+        lastStep = step;
         if (skipped || !double.IsFinite(loss) || !double.IsFinite(gradNorm))
         {
             string what = $"loss {loss:G4}, gradient norm {gradNorm:G4}";
@@ -41,6 +50,7 @@ public sealed class SpikeRule(StepGuardSpec spec)
             return Diverged($"{spec.MaxSkips} steps in a row with a loss or gradient norm that is not finite (last: {what})");
         }
         skipsInRow = 0;
+        if (step <= spec.Warmup) return new(GuardAct.Apply, "", spec.Rollback && step % spec.SnapshotEvery == 0);
         if (spec.Rollback && losses.Count >= spec.MinHistory)
         {
             if (Spike("loss", loss, losses, logScale: false) is { } l) return Diverged(l);

@@ -8,18 +8,41 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// <summary>The job diverged past what the guard may undo; the message says why and becomes the job's failure.</summary>
 public sealed class JobDivergedException(string message) : Exception(message);
 
-sealed class StepGuardRun(RunContext run, JobPlan plan, ITrainer trainer) : IDisposable
+/// <param name="live">The live state the run trains: its <see cref="ReplicaState.Guard"/> is where the rule resumes and what it leaves.</param>
+sealed class StepGuardRun(RunContext run, JobPlan plan, ITrainer trainer, ReplicaState live) : IDisposable
 {
-    readonly SpikeRule rule = new(plan.Spec.Guard);
+    readonly SpikeRule rule = new(plan.Spec.Guard, ResumedState(run, live));
     readonly LiveSnapshot snapshot = new();
 
     /// <summary>Rollbacks so far: one that moves tells the caller the live state changed after the step.</summary>
     public int Rollbacks => rule.Rollbacks;
 
-    /// <summary>The first rollback target is the state the run starts (or resumes) from.</summary>
+    /// <summary>
+    /// The first rollback target is the state the run starts (or resumes) from, and the learning rate is the one the
+    /// carried rollbacks left (after a re-formation as in the undisturbed run).
+    /// </summary>
     public void Start()
     {
+        trainer.LrScale = rule.LrScale;
+        live.Guard = rule.State;
         if (plan.Spec.Guard.Rollback) snapshot.Take(trainer);
+    }
+
+    /// <summary>
+    /// The carried state when it is the resumed step's. A state of an earlier step (the run that held it ended between a
+    /// step's update and its judgement) still holds the window up to there; one from a later step cannot be this state's.
+    /// </summary>
+    static GuardState? ResumedState(RunContext run, ReplicaState live)
+    {
+        if (live.Guard is not { } g) return null;
+        if (g.Step == live.Step) return g;
+        if (g.Step < live.Step)
+        {
+            run.Log($"the step guard's state is of step {g.Step}, the live state of step {live.Step}: step {live.Step} was not judged and is not in its window");
+            return g;
+        }
+        run.Log($"the step guard's state is of step {g.Step}, after the live state's {live.Step}: the rule starts afresh");
+        return null;
     }
 
     /// <summary>
@@ -53,6 +76,7 @@ sealed class StepGuardRun(RunContext run, JobPlan plan, ITrainer trainer) : IDis
             case GuardAct.Fail:
                 throw new JobDivergedException($"step {m.Step}: {verdict.Reason}");
         }
+        live.Guard = rule.State;
     }
 
     void Tell(GuardAction action)

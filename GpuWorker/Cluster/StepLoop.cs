@@ -54,7 +54,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
 
         progress.Generation = A.Generation;
         bool redundant = plan.Spec.Parallel.Redundancy && formed.Layout.Zero > 0 && formed.Layout.Pp == 1;
-        using var guard = new StepGuardRun(run, plan, Trainer);
+        using var guard = new StepGuardRun(run, plan, Trainer, formed.Live);
         guard.Start();
         long? deviceBytes = null;
         while (Trainer.Step < Options.Steps)
@@ -179,7 +179,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (A.Rank == 0)
             manifests[step] = GrpcCheckpointStore.ManifestJsonForReport(A.JobId, formed.Sharding,
                 new CheckpointPosition(Trainer.Step, A.Generation, Trainer.ConsumedSamples, Trainer.Optimizer.StepCount),
-                plan.Config.ToJson(), formed.TokenizerHash);
+                plan.Config.ToJson(), formed.TokenizerHash, formed.Live.Guard);
         // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
         // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
         bool last = now || step >= Options.Steps;

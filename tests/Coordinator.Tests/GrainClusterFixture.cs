@@ -31,6 +31,7 @@ public sealed class GrainCluster : IAsyncDisposable
             silo.Services.Configure<CoordinatorOptions>(o => o.HeartbeatTimeout = heartbeatTimeout ?? TimeSpan.FromSeconds(30));
             if (options is not null) silo.Services.Configure(options);
             silo.KeepDefaultValuesInGrainState(); // as the Coordinator does, whichever storage
+            silo.WakeJobsHoldingWorkers();
             if (redis is null)
                 silo.AddFileGrainStorageAsDefault(new ConfigurationBuilder().AddInMemoryCollection(
                     new Dictionary<string, string?> { ["Coordinator:StateFolder"] = stateFolder }).Build());

@@ -43,11 +43,11 @@ public class JobSpecValidationTests
         {
             WeightDecay = -0.1, ClipNorm = double.NaN, MtpWeight = -1, BiasUpdateSpeed = 1, Beta1 = 1, Beta2 = -0.5, Epsilon = 0,
             Schedule = TestSpecs.Tiny().Schedule with { DecayFraction = 1.5 },
-            Guard = new StepGuardSpec { Window = 2, MinHistory = 1, Threshold = 0, SnapshotEvery = 0, LrFactor = 2, MaxRollbacks = -1, MaxSkips = 0 },
+            Guard = new StepGuardSpec { Window = 2, MinHistory = 1, Threshold = 0, SnapshotEvery = 0, LrFactor = 2, MaxRollbacks = -1, MaxSkips = 0, Warmup = -1 },
         };
         var problems = bad.Validate();
         string[] expected = ["weightDecay", "clipNorm", "mtpWeight", "biasUpdateSpeed", "beta1", "beta2", "epsilon", "schedule.decayFraction",
-            "guard.window", "guard.minHistory", "guard.threshold", "guard.snapshotEvery", "guard.lrFactor", "guard.maxRollbacks", "guard.maxSkips"];
+            "guard.window", "guard.minHistory", "guard.threshold", "guard.snapshotEvery", "guard.lrFactor", "guard.maxRollbacks", "guard.maxSkips", "guard.warmup"];
         Assert.Equal(expected.Order(), problems.Select(p => p.Field).Order());
         Assert.Contains("-0.1 must be in [0, 1)", problems.Single(p => p.Field == "weightDecay").Message);
 
