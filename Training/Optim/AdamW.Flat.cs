@@ -14,10 +14,17 @@ public sealed partial class AdamW
     public bool Flat { get; set; } = true;
 
     /// <summary>
-    /// Elements one flat kernel covers: bounds the step's temporaries (the gradient in the state's dtype and the
-    /// denominator, 64 MiB each in fp32) whatever the model's size, while a kernel stays large enough to fill a device.
+    /// Elements one flat kernel covers; null: <see cref="DefaultChunkElements"/> of the buffers' device. Bounds the
+    /// step's temporaries (the gradient in the state's dtype and the denominator) whatever the model's size.
     /// </summary>
-    public const long FlatChunkElements = 1L << 24;
+    public long? FlatChunkElements { get; set; }
+
+    /// <summary>
+    /// On a GPU 2^24 elements (64 MiB of fp32 temporaries): kernels large enough to fill it. On a CPU 2^18: the
+    /// step's dozen passes over a chunk then stay in cache (about 6 MiB touched per chunk) instead of streaming the
+    /// whole model through memory a dozen times, at a few thousand kernel calls per step for a 100 M model.
+    /// </summary>
+    public static long DefaultChunkElements(Device device) => device.type == TorchSharp.DeviceType.CPU ? 1L << 18 : 1L << 24;
 
     readonly List<FlatGroup> groups = new();
 
@@ -158,10 +165,13 @@ public sealed partial class AdamW
     {
         AttachViews();
         foreach (var group in groups)
-            for (long c = 0; c < group.Count; c += FlatChunkElements)
+        {
+            long chunk = FlatChunkElements ?? DefaultChunkElements(group.ExpAvg.device);
+            if (chunk < 1) throw new InvalidOperationException($"FlatChunkElements is {chunk}; expected at least 1 element");
+            for (long c = 0; c < group.Count; c += chunk)
             {
                 using var scope = NewDisposeScope();
-                long k = Math.Min(FlatChunkElements, group.Count - c);
+                long k = Math.Min(chunk, group.Count - c);
                 var m = group.ExpAvg.narrow(0, c, k);
                 var v = group.ExpAvgSq.narrow(0, c, k);
                 Tensor g, weights;
@@ -186,6 +196,7 @@ public sealed partial class AdamW
                 if (group.Adopted) { if (group.Master is not null) weights.copy_(target); }
                 else Scatter(group, c, k, target);
             }
+        }
     }
 
     /// <summary>Elements [c, +k) of a non-adopted group, gathered from each member's own rows of <paramref name="of"/> (null: zeros).</summary>

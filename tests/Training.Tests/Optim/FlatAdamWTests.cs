@@ -56,17 +56,18 @@ public sealed class FlatAdamWTests : IDisposable
     }
 
     [Theory]
-    [InlineData(ScalarType.Float64, false)]
-    [InlineData(ScalarType.Float64, true)]
-    [InlineData(ScalarType.BFloat16, false)]
-    [InlineData(ScalarType.BFloat16, true)]
-    public void TheFlatStepEqualsAnIndependentPerParameterAdamWBitForBitOverThreeSteps(ScalarType dtype, bool sharded)
+    [InlineData(ScalarType.Float64, false, null)]
+    [InlineData(ScalarType.Float64, true, 7L)]
+    [InlineData(ScalarType.BFloat16, false, 7L)]
+    [InlineData(ScalarType.BFloat16, true, null)]
+    public void TheFlatStepEqualsAnIndependentPerParameterAdamWBitForBitOverThreeSteps(ScalarType dtype, bool sharded, long? chunk)
     {
+        // chunk 7: chunks cross parameters and the end of the decayed prefix; null: the whole group in one chunk.
         var flatParams = NewParameters(dtype, 11);
         var plainParams = NewParameters(dtype, 11);
         // Sharded: rows [1, +rows/2) of every parameter with rows (a ZeRO shard's), the scalar whole.
         Func<string, long[], (long, long)>? rows = sharded ? (_, shape) => shape.Length == 0 ? (0, 1) : (1, shape[0] / 2) : null;
-        using var flat = new AdamW(flatParams, rows) { WeightDecay = 0.1 };
+        using var flat = new AdamW(flatParams, rows) { WeightDecay = 0.1, FlatChunkElements = chunk };
         Assert.True(flat.Flat);
         var plain = new PlainAdamW(flat.Beta1, flat.Beta2, flat.Eps, flat.WeightDecay);
         for (int step = 1; step <= 3; step++)
@@ -133,6 +134,7 @@ public sealed class FlatAdamWTests : IDisposable
         options = options with { Precision = model.parameters().First().dtype == ScalarType.BFloat16 ? "bf16" : "fp32" };
         using var optimizer = Trainer.CreateOptimizer(model, options, rank, dp);
         optimizer.Flat = flat;
+        optimizer.FlatChunkElements = 1000; // several chunks per group, crossing parameters
         using var trainer = new Trainer(model, new PermutedSamples(MicroModel.Data.Value.Train, (ulong)options.Seed), null, options, CPU, 1e11, rank, dp, reducer, optimizer);
         var steps = Enumerable.Range(0, (int)options.Steps).Select(_ => trainer.TrainStep()).ToList();
         var grads = optimizer.Slots.ToDictionary(s => s.Name, s => s.Own(s.Param.grad!).clone());
