@@ -108,14 +108,15 @@ public sealed partial class AdamW
             }
             groups.Add(flat);
         }
-        AttachViews();
+        // The parameters become views at the first step (AttachViews), not here: an optimizer made only to name the
+        // state (PipelineStage's catalog) must leave the model's storage alone, or a stage could not free the others' parameters.
         return [.. result.Select(s => s!)];
     }
 
     static long RowElements(Tensor p) => p.dim() == 0 ? 1 : p.numel() / Math.Max(1, p.shape[0]);
 
     /// <summary>
-    /// Makes every whole parameter and its gradient views of their group's flat buffers: at construction, and again for
+    /// Makes every whole parameter and its gradient views of their group's flat buffers: at the first step, and again for
     /// one that something replaced since (a load that swapped the storage, a gradient assigned rather than accumulated:
     /// autograd accumulates into an existing <c>.grad</c> in place). Its values move into the buffer first.
     /// </summary>
