@@ -27,6 +27,20 @@ public sealed partial class AdamW
     public static long DefaultChunkElements(Device device) => 1L << 24;
 
     readonly List<FlatGroup> groups = new();
+    // Two chunks of the state's dtype per device, kept across steps: fresh 64 MiB temporaries each chunk are fresh pages
+    // for the allocator every time (on the CPU, page faults that cost more than the arithmetic).
+    readonly Dictionary<(string Device, ScalarType Dtype), Tensor> scratch = new();
+
+    Tensor Scratch(Device device, ScalarType dtype, long chunk)
+    {
+        var key = (device.ToString(), dtype);
+        if (!scratch.TryGetValue(key, out var buffer) || buffer.numel() < 2 * chunk)
+        {
+            buffer?.Dispose();
+            scratch[key] = buffer = empty(2 * chunk, dtype: dtype, device: device).DetachFromDisposeScope();
+        }
+        return buffer;
+    }
 
     /// <summary>
     /// The parameters of one device and dtype, whole or as ZeRO shards, laid out back to back (weight-decayed ones first,
@@ -175,11 +189,12 @@ public sealed partial class AdamW
                 long k = Math.Min(chunk, group.Count - c);
                 var m = group.ExpAvg.narrow(0, c, k);
                 var v = group.ExpAvgSq.narrow(0, c, k);
+                var buffer = Scratch(m.device, m.dtype, chunk);
                 Tensor g, weights;
                 if (group.Adopted)
                 {
                     var grads = group.Grads!.narrow(0, c, k);
-                    g = grads.dtype == m.dtype ? grads : grads.to_type(m.dtype);
+                    g = grads.dtype == m.dtype ? grads : buffer.narrow(0, chunk, k).copy_(grads); // the conversion to_type makes
                     weights = group.Weights!.narrow(0, c, k);
                 }
                 else
@@ -192,7 +207,7 @@ public sealed partial class AdamW
                 if (decayed > 0 && WeightDecay != 0) target.narrow(0, 0, decayed).mul_(1 - lr * WeightDecay);
                 m.mul_(Beta1).add_(g, alpha: 1 - Beta1);
                 v.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
-                var denom = (v / c2).sqrt_().add_(Eps);
+                var denom = buffer.narrow(0, 0, k).copy_(v).div_(c2).sqrt_().add_(Eps); // v / c2's bits, in place
                 target.addcdiv_(m, denom, value: -lr / c1);
                 if (group.Adopted) { if (group.Master is not null) weights.copy_(target); }
                 else Scatter(group, c, k, target);

@@ -187,5 +187,7 @@ public sealed partial class AdamW : IDisposable
         slots.Clear();
         foreach (var g in groups) g.Dispose();
         groups.Clear();
+        foreach (var b in scratch.Values) b.Dispose();
+        scratch.Clear();
     }
 }
