@@ -20,11 +20,12 @@ public sealed partial class AdamW
     public long? FlatChunkElements { get; set; }
 
     /// <summary>
-    /// 2^24 elements (64 MiB of fp32 temporaries) on every device: kernels large enough to fill a GPU. On this CPU it
-    /// was also the faster choice: measured side by side (bench kernels, load 22–36), chunks of 2^18 and 2^20 elements
-    /// (meant to keep a chunk's passes in cache) were slower than 2^24 in fp32 and no faster in bf16.
+    /// On a GPU 2^24 elements (64 MiB of fp32 temporaries): kernels large enough to fill it. On a CPU 2^20: the dozen
+    /// passes over a chunk then reuse the cache. Measured side by side on the 2-core VM at load 2 (bench kernels):
+    /// chunks of 2^18–2^20 took 0.91–0.95× the per-slot step's time, 2^16 1.2× (call overhead), 2^24 1.5× (every pass
+    /// streams from memory); under load 22–36 the order was different and noisy (2^24 fastest).
     /// </summary>
-    public static long DefaultChunkElements(Device device) => 1L << 24;
+    public static long DefaultChunkElements(Device device) => device.type == TorchSharp.DeviceType.CPU ? 1L << 20 : 1L << 24;
 
     readonly List<FlatGroup> groups = new();
     // Two chunks of the state's dtype per device, kept across steps: fresh 64 MiB temporaries each chunk are fresh pages

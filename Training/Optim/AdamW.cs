@@ -15,7 +15,7 @@ namespace DeepSeekCluster.Training.Optim;
 /// <para>
 /// The moments and master weights of all slots live in a few flat buffers per device and dtype (AdamW.Flat.cs); the
 /// slots' tensors are views of them, and a whole parameter and its gradient become views too, so a step is a few large
-/// kernels per chunk of 2^24 elements instead of a dozen per parameter, and clipping scales one buffer.
+/// kernels per chunk (2^24 elements on a GPU, 2^20 on a CPU) instead of a dozen per parameter, and clipping scales one buffer.
 /// </para>
 /// </summary>
 public sealed partial class AdamW : IDisposable
