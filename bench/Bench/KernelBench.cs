@@ -2,6 +2,7 @@
 // machine's load falls on both alike): the ratio is the figure, the absolute times only its context.
 using System.Diagnostics;
 using DeepSeekCluster.Training.Model;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Bench;
@@ -19,8 +20,11 @@ public static class KernelBench
         Console.WriteLine();
         Console.WriteLine("| kernel | shape | dtype | plain s (median) | fused s (median) | fused / plain, median (range over rounds) |");
         Console.WriteLine("|---|---|---|---|---|---|");
+        var parts = Arg(args, "--parts", "attention,adamw").Split(',');
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
         {
+            if (parts.Contains("adamw")) AdamWStep(preset, dtype, device, rounds, Arg(args, "--chunks", ""));
+            if (!parts.Contains("attention")) continue;
             // One MLA layer's attention in training: queries and keys qk_nope + qk_rope wide, values v_head_dim wide.
             long h = preset.NumAttentionHeads, q = preset.QkHeadDim, v = preset.VHeadDim;
             double scale = RotaryEmbedding.SoftmaxScale(preset);
@@ -38,6 +42,39 @@ public static class KernelBench
             var (plain, fused, ratios) = SideBySide(rounds, () => Pass((q, k, v, past, s) => CausalAttention.Explicit(q, k, v, past, s)), () => Pass((q, k, v, past, s) => CausalAttention.Fused(q, k, v, past, s)));
             Console.WriteLine($"| attention forward + backward | {batch} x {h} heads x {seqLen} tokens, q/k {q}, v {v} | {dtype} | {plain:F4} | {fused:F4} | " +
                               $"{Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
+        }
+    }
+
+    /// <summary>
+    /// One AdamW step over every parameter of <paramref name="preset"/> (random gradients): the per-slot step against the
+    /// flat one, each on a model of its own (the flat optimizer makes its parameters views of its buffers).
+    /// </summary>
+    static void AdamWStep(DeepSeekConfig preset, ScalarType dtype, Device device, int rounds, string chunks)
+    {
+        var sizes = chunks.Length == 0 ? new long?[] { null } : chunks.Split(',').Select(c => (long?)long.Parse(c)).ToArray();
+        foreach (var chunk in sizes)
+        {
+            (DeepSeekForCausalLM, Training.Optim.AdamW) Make(bool flat)
+            {
+                manual_seed(1);
+                var model = new DeepSeekForCausalLM(preset).InitializeWeights();
+                model.to(dtype).to(device);
+                using (no_grad()) foreach (var p in model.parameters()) p.grad = randn_like(p);
+                var optimizer = new Training.Optim.AdamW(model.named_parameters().Select(p => (p.name, (Tensor)p.parameter))) { Flat = flat, FlatChunkElements = chunk };
+                return (model, optimizer);
+            }
+            var (plainModel, plainOptimizer) = Make(false);
+            var (flatModel, flatOptimizer) = Make(true);
+            void Step(Training.Optim.AdamW optimizer)
+            {
+                optimizer.Step(1e-4);
+                if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
+            }
+            var (plain, fused, ratios) = SideBySide(rounds, () => Step(plainOptimizer), () => Step(flatOptimizer));
+            long chunkElements = chunk ?? Training.Optim.AdamW.DefaultChunkElements(device);
+            Console.WriteLine($"| AdamW step, per slot vs flat | {preset.ParameterCount() / 1e6:F1} M parameters, {plainOptimizer.Slots.Count} slots, flat chunks of {chunkElements:N0} | {dtype} | {plain:F4} | {fused:F4} | " +
+                              $"{Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
+            plainOptimizer.Dispose(); flatOptimizer.Dispose(); plainModel.Dispose(); flatModel.Dispose();
         }
     }
 

@@ -18,6 +18,9 @@ public static class TrainingBench
         int warmup = int.Parse(Arg("--warmup", "3")), measured = int.Parse(Arg("--steps", "8"));
         int seqLen = int.Parse(Arg("--seq-len", "0")), batch = int.Parse(Arg("--batch", "0")); // 0: the preset's
         var device = StandaloneRun.ResolveDevice(Arg("--device", "auto"));
+        // flat: AdamW over flat buffers (the trainer's); plain: the per-slot step it replaced; both: side by side, steps interleaved.
+        var optimizers = Arg("--optimizer", "flat") is "both" ? new[] { "plain", "flat" } : [Arg("--optimizer", "flat")];
+        if (optimizers.Any(o => o is not ("flat" or "plain"))) throw new ArgumentException($"--optimizer must be flat, plain or both, got '{Arg("--optimizer", "flat")}'");
 
         Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
@@ -28,8 +31,9 @@ public static class TrainingBench
         // MFU is against the hardware's peak (declared on a GPU, the cached calibration on a CPU), not this run's matmuls.
         var peaks = precisions.Distinct().ToDictionary(p => p, p => HardwarePeak.For(device, p == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, PeakSettings.Default, Console.WriteLine));
         Console.WriteLine();
-        Console.WriteLine("| preset | precision | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine($"load average at start: {File.ReadAllText("/proc/loadavg").Trim()}");
+        Console.WriteLine("| preset | precision | optimizer | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
 
         foreach (var name in presets)
         foreach (var precision in precisions)
@@ -47,21 +51,50 @@ public static class TrainingBench
             var tokens = new int[(options.SeqLen + 1) * 64 * 8];
             for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
             var data = new TokenDataset(tokens, options.SeqLen);
-            manual_seed(1);
-            using var model = new DeepSeekForCausalLM(config).InitializeWeights();
-            if (precision == "bf16") model.to(ScalarType.BFloat16);
-            model.to(device);
-            using var trainer = new Trainer(model, data, null, options, device, peak);
-            for (int i = 0; i < warmup; i++) trainer.TrainStep();
-            var steps = new List<StepMetrics>();
-            var sw = Stopwatch.StartNew();
-            for (int i = 0; i < measured; i++) steps.Add(trainer.TrainStep());
-            double seconds = sw.Elapsed.TotalSeconds / measured;
-            double tps = options.GlobalBatch * options.SeqLen / seconds;
-            var mfu = peak.Mfu(tps * config.TrainingFlopsPerToken(options.SeqLen));
-            Console.WriteLine($"| {name} | {precision} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
-                              $"{steps.Average(s => s.Times.ForwardSeconds):F3} / {steps.Average(s => s.Times.BackwardSeconds):F3} / {steps.Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} |");
+            var models = new List<DeepSeekForCausalLM>();
+            var trainers = new List<Trainer>();
+            try
+            {
+                foreach (var optimizer in optimizers)
+                {
+                    manual_seed(1);
+                    var model = new DeepSeekForCausalLM(config).InitializeWeights();
+                    models.Add(model);
+                    if (precision == "bf16") model.to(ScalarType.BFloat16);
+                    model.to(device);
+                    var trainer = new Trainer(model, data, null, options, device, peak);
+                    trainer.Optimizer.Flat = optimizer == "flat";
+                    trainers.Add(trainer);
+                    for (int i = 0; i < warmup; i++) trainer.TrainStep();
+                }
+                // Interleaved, so a change of load on this shared machine falls on every optimizer alike.
+                var steps = trainers.Select(_ => new List<StepMetrics>()).ToList();
+                var elapsed = new double[trainers.Count];
+                for (int i = 0; i < measured; i++)
+                    for (int k = 0; k < trainers.Count; k++)
+                    {
+                        var sw = Stopwatch.StartNew();
+                        steps[k].Add(trainers[k].TrainStep());
+                        elapsed[k] += sw.Elapsed.TotalSeconds;
+                    }
+                for (int k = 0; k < trainers.Count; k++)
+                {
+                    double seconds = elapsed[k] / measured;
+                    double tps = options.GlobalBatch * options.SeqLen / seconds;
+                    var mfu = peak.Mfu(tps * config.TrainingFlopsPerToken(options.SeqLen));
+                    Console.WriteLine($"| {name} | {precision} | {optimizers[k]} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
+                                      $"{steps[k].Average(s => s.Times.ForwardSeconds):F3} / {steps[k].Average(s => s.Times.BackwardSeconds):F3} / {steps[k].Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} |");
+                }
+                if (trainers.Count == 2)
+                    Console.WriteLine($"|  |  | flat / plain | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | |");
+            }
+            finally
+            {
+                foreach (var t in trainers) t.Dispose();
+                foreach (var m in models) m.Dispose();
+            }
         }
+        Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Trim()}");
     }
 
     static string Arg(string name, string fallback)
