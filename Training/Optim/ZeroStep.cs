@@ -125,25 +125,37 @@ public sealed class ZeroStep
         var dtype = slots[0].Param.dtype;
         if (slots.Any(s => s.Param.dtype != dtype))
             throw new InvalidOperationException($"ZeRO gathers parameters of one dtype; these have {string.Join(", ", slots.Select(s => s.Param.dtype).Distinct())}");
-        var flats = slots.Select(s => s.Param.detach().view(-1)).ToArray();
+        AllGatherRows(Collective, Shards, Shard, [.. slots.Select(s => s.Param)], BucketBytes);
+    }
+
+    /// <summary>
+    /// Every shard's rows of <paramref name="tensors"/> (one dtype, laid out by <paramref name="shards"/>) to every rank of
+    /// <paramref name="collective"/>, at most <paramref name="bucketBytes"/> per call: rank <paramref name="shard"/>
+    /// sends its rows and writes every other shard's into place. ZeRO-1/2 after the update, ZeRO-3 before each use.
+    /// </summary>
+    public static void AllGatherRows(ICollective collective, ZeroShards shards, int shard, IReadOnlyList<Tensor> tensors, long bucketBytes)
+    {
+        using var noGrad = no_grad();
+        var flats = tensors.Select(t => t.detach().view(-1)).ToArray();
         try
         {
-            long s = Shards.ShardWords, width = Math.Max(1, BucketBytes / slots[0].Param.ElementSize / Shards.Shards);
-            using var input = zeros(Math.Min(width, s), dtype: dtype, device: Collective.Device);
-            using var output = zeros(Math.Min(width, s) * Shards.Shards, dtype: dtype, device: Collective.Device);
+            var dtype = tensors[0].dtype;
+            long s = shards.ShardWords, width = Math.Max(1, bucketBytes / tensors[0].ElementSize / shards.Shards);
+            using var input = zeros(Math.Min(width, s), dtype: dtype, device: collective.Device);
+            using var output = zeros(Math.Min(width, s) * shards.Shards, dtype: dtype, device: collective.Device);
             for (long c = 0; c < s; c += width)
             {
                 long k = Math.Min(width, s - c);
                 using var scope = NewDisposeScope();
                 var inWindow = input.narrow(0, 0, k);
-                var outWindow = output.narrow(0, 0, k * Shards.Shards);
-                foreach (var (piece, from, length, at) in Shards.Window(Shard, c, k))
+                var outWindow = output.narrow(0, 0, k * shards.Shards);
+                foreach (var (piece, from, length, at) in shards.Window(shard, c, k))
                     inWindow.narrow(0, at, length).copy_(flats[piece.Param].narrow(0, piece.Element + from, length));
-                Collective.AllGather(inWindow, outWindow);
-                for (int d = 0; d < Shards.Shards; d++)
+                collective.AllGather(inWindow, outWindow);
+                for (int d = 0; d < shards.Shards; d++)
                 {
-                    if (d == Shard) continue;
-                    foreach (var (piece, from, length, at) in Shards.Window(d, c, k))
+                    if (d == shard) continue;
+                    foreach (var (piece, from, length, at) in shards.Window(d, c, k))
                         flats[piece.Param].narrow(0, piece.Element + from, length).copy_(outWindow.narrow(0, d * k + at, length));
                 }
             }

@@ -2,6 +2,7 @@
 // parameters only while that layer runs (forward, and the recompute in backward).
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Optim;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Parallel;
@@ -186,39 +187,8 @@ public sealed class ZeroParameters : IDisposable
     }
 
     /// <summary>Every shard's rows of <paramref name="tensors"/> to every rank, a bucket at a time (ZeroStep's all-gather).</summary>
-    void AllGatherRows(Partition partition, ZeroShards shards, Tensor[] tensors)
-    {
-        var collective = partition.Collective;
-        int shard = partition.Shard;
-        var flats = tensors.Select(t => t.detach().view(-1)).ToArray();
-        try
-        {
-            var dtype = tensors[0].dtype;
-            long s = shards.ShardWords, width = Math.Max(1, bucketBytes / tensors[0].ElementSize / shards.Shards);
-            using var input = zeros(Math.Min(width, s), dtype: dtype, device: collective.Device);
-            using var output = zeros(Math.Min(width, s) * shards.Shards, dtype: dtype, device: collective.Device);
-            for (long c = 0; c < s; c += width)
-            {
-                long k = Math.Min(width, s - c);
-                using var scope = NewDisposeScope();
-                var inWindow = input.narrow(0, 0, k);
-                var outWindow = output.narrow(0, 0, k * shards.Shards);
-                foreach (var (piece, from, length, at) in shards.Window(shard, c, k))
-                    inWindow.narrow(0, at, length).copy_(flats[piece.Param].narrow(0, piece.Element + from, length));
-                collective.AllGather(inWindow, outWindow);
-                for (int d = 0; d < shards.Shards; d++)
-                {
-                    if (d == shard) continue;
-                    foreach (var (piece, from, length, at) in shards.Window(d, c, k))
-                        flats[piece.Param].narrow(0, piece.Element + from, length).copy_(outWindow.narrow(0, d * k + at, length));
-                }
-            }
-        }
-        finally
-        {
-            foreach (var f in flats) f.Dispose();
-        }
-    }
+    void AllGatherRows(Partition partition, ZeroShards shards, Tensor[] tensors) =>
+        ZeroStep.AllGatherRows(partition.Collective, shards, partition.Shard, tensors, bucketBytes);
 
     /// <summary>
     /// Leaves every parameter with its full shape and this rank's rows (the others unset): the live state a later trainer
