@@ -1,4 +1,6 @@
-// Faults a drill or a test injects into a worker's training (Worker__InjectFault): what the step guard must survive.
+// Faults a drill or a test injects into a worker's training (Worker__InjectFault): what the step guard and the live
+// resumption must survive.
+using System.Diagnostics;
 using System.Globalization;
 using DeepSeekCluster.Training.Engine;
 using static TorchSharp.torch;
@@ -9,29 +11,47 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// "nan@S": step S computes with one element of a norm's weight set to NaN (restored after the step), so its loss and
 /// gradients are NaN;
 /// "spike@S": before step S every weight matrix gets Gaussian noise (seeded by S, the same on every rank) that stays,
-/// so the loss jumps until a rollback undoes it. Several faults: "nan@5,spike@12".
+/// so the loss jumps until a rollback undoes it;
+/// "sigkill@S:WORKER": the worker named WORKER sends SIGKILL to its own process before step S, after step S − 1 is done
+/// (its optimizer update and, under redundancy, its neighbour copy), so a test of live resumption with real processes
+/// kills a rank at a known point; every other worker ignores it (all workers of a run may share the setting). It ends
+/// the process: never set it where workers run inside another process. Several faults: "nan@5,spike@12".
 /// </summary>
 public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
 {
     public static readonly FaultInjection None = new(new Dictionary<long, string>());
 
+    /// <summary>The steps before which a named worker kills its own process, and that worker.</summary>
+    public IReadOnlyDictionary<long, string> Kills { get; init; } = new Dictionary<long, string>();
+
     public static FaultInjection Parse(string? text, string what)
     {
         if (string.IsNullOrWhiteSpace(text)) return None;
         var faults = new Dictionary<long, string>();
+        var kills = new Dictionary<long, string>();
         foreach (var part in text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
         {
             var at = part.Split('@');
-            if (at.Length != 2 || at[0] is not ("nan" or "spike") || !long.TryParse(at[1], NumberStyles.None, CultureInfo.InvariantCulture, out var step) || step < 1)
-                throw new ArgumentException($"{what}: '{part}' is not a fault: expected nan@STEP or spike@STEP (STEP ≥ 1), comma-separated");
-            faults[step] = at[0];
+            string[] stepAndWorker = at.Length == 2 && at[0] == "sigkill" ? at[1].Split(':', 2) : at.Length == 2 ? [at[1]] : [];
+            bool named = stepAndWorker.Length == 2 && stepAndWorker[1].Length > 0;
+            if (at.Length != 2 || at[0] is not ("nan" or "spike" or "sigkill") || (at[0] == "sigkill") != named
+                || !long.TryParse(stepAndWorker[0], NumberStyles.None, CultureInfo.InvariantCulture, out var step) || step < 1)
+                throw new ArgumentException($"{what}: '{part}' is not a fault: expected nan@STEP, spike@STEP or sigkill@STEP:WORKER (STEP ≥ 1), comma-separated");
+            if (named) kills[step] = stepAndWorker[1];
+            else faults[step] = at[0];
         }
-        return new(faults);
+        return new(faults) { Kills = kills };
     }
 
-    /// <summary>Runs the next step of <paramref name="trainer"/> with the fault planned for it, if any.</summary>
-    public StepMetrics Step(ITrainer trainer)
+    /// <summary>Runs the next step of <paramref name="trainer"/> on worker <paramref name="workerId"/> with the fault planned for it, if any.</summary>
+    public StepMetrics Step(ITrainer trainer, string workerId, Action<string> log)
     {
+        if (Kills.TryGetValue(trainer.Step + 1, out var victim) && victim == workerId)
+        {
+            log($"injected fault: worker {workerId} sends SIGKILL to its own process (pid {Environment.ProcessId}) before step {trainer.Step + 1}");
+            Console.Out.Flush();
+            Process.GetCurrentProcess().Kill(); // SIGKILL on Linux: no handler, no flush, no goodbye to the Coordinator
+        }
         if (!Faults.TryGetValue(trainer.Step + 1, out var fault)) return trainer.TrainStep();
         var weights = trainer.CheckpointTensors().Where(kv => !kv.Key.StartsWith("optimizer.", StringComparison.Ordinal) && kv.Value.is_floating_point())
             .Select(kv => kv.Value).ToList();

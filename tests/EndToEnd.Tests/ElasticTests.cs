@@ -161,7 +161,10 @@ public class ElasticTests(ITestOutputHelper output)
         readonly List<string> lines = [];
         readonly SemaphoreSlim changed = new(0);
 
-        public AppHostProcess(string dll, string runDir, params string[] args)
+        public AppHostProcess(string dll, string runDir, params string[] args) : this(dll, runDir, new Dictionary<string, string>(), args) { }
+
+        /// <param name="environment">Variables the AppHost and every process it starts inherit (Worker__InjectFault, say).</param>
+        public AppHostProcess(string dll, string runDir, IReadOnlyDictionary<string, string> environment, params string[] args)
         {
             var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
             psi.ArgumentList.Add(dll);
@@ -169,6 +172,7 @@ public class ElasticTests(ITestOutputHelper output)
             psi.ArgumentList.Add("--run-dir");
             psi.ArgumentList.Add(runDir);
             psi.Environment["NO_COLOR"] = "1";
+            foreach (var (name, value) in environment) psi.Environment[name] = value;
             process = Process.Start(psi)!;
             process.OutputDataReceived += (_, e) => Add(e.Data);
             process.ErrorDataReceived += (_, e) => Add(e.Data);

@@ -1,0 +1,98 @@
+// parallel.redundancy with real processes: the AppHost runs `--workers 4 --zero 1 --redundancy --precision bf16` and a
+// spare; one rank's process is SIGKILLed (by itself, through Worker__InjectFault, so the kill lands at a known point:
+// before a step, after the step before it is done). Its optimizer shard lives on in its ring neighbour's copy, so the
+// next generation (three survivors and the spare, which holds nothing) reshards the survivors' live shards onto its
+// layout and resumes with 0 steps redone; the job completes with an exactly-once ledger.
+using System.Diagnostics;
+using System.Reflection;
+using System.Text.Json;
+using DeepSeekCluster.Chaos;
+using Xunit.Abstractions;
+
+namespace DeepSeekCluster.EndToEnd.Tests;
+
+public class RedundancyEndToEndTests(ITestOutputHelper output)
+{
+    static readonly string AppHost = typeof(RedundancyEndToEndTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "AppHostDll").Value!;
+    const int Steps = 12, GlobalBatch = 8, CheckpointInterval = 4, KilledBefore = 7;
+
+    static readonly string[] Args =
+        ["--device", "cpu", "--workers", "4", "--zero", "1", "--redundancy", "--precision", "bf16", "--steps", $"{Steps}", "--seq-len", "32",
+         "--vocab-size", "512", "--global-batch", $"{GlobalBatch}", "--micro-batch", "2", "--checkpoint-interval", $"{CheckpointInterval}", "--eval-tasks", "none"];
+
+    [Fact]
+    public async Task AZero1JobWithRedundancyResumesFromTheSurvivorsLiveShardsWithNoStepRedoneAfterARankIsSigkilled()
+    {
+        using var clusterLock = await ClusterTestLock.AcquireAsync("redundancy end-to-end test");
+        var runDir = Directory.CreateTempSubdirectory("e2e-redundancy-").FullName;
+        // Every worker reads the setting; only gpu-worker-1 acts on it (a worker's id is its own).
+        using var host = new ElasticTests.AppHostProcess(AppHost, runDir,
+            new Dictionary<string, string> { ["Worker__InjectFault"] = $"sigkill@{KilledBefore}:gpu-worker-1" }, Args);
+        try
+        {
+            string coordinator = host.WaitFor(@"started coordinator \(pid \d+\) on (http://\S+),", TimeSpan.FromMinutes(6)).Groups[1].Value;
+            string jobId = host.WaitFor(@"submitted job (\S+):", TimeSpan.FromMinutes(6)).Groups[1].Value;
+            host.WaitFor(@"generation 1: rank 3 of 4, ", TimeSpan.FromMinutes(6));
+            // A spare: the job is at maxWorkers (4), so gpu-worker-4 waits free until a member is lost.
+            host.Send("add");
+            using var http = new HttpClient { BaseAddress = new Uri(coordinator) };
+            await ElasticTests.Eventually(async () => (await http.GetStringAsync("/workers")).Contains("\"gpu-worker-4\""), "the spare registered", TimeSpan.FromMinutes(5));
+
+            var killed = host.WaitFor(@"injected fault: worker gpu-worker-1 sends SIGKILL to its own process \(pid (\d+)\) before step (\d+)", TimeSpan.FromMinutes(8));
+            Assert.Equal($"{KilledBefore}", killed.Groups[2].Value);
+            int victim = int.Parse(killed.Groups[1].Value);
+            await ElasticTests.Eventually(() => Task.FromResult(!Alive(victim)), $"gpu-worker-1 (pid {victim}) is gone", TimeSpan.FromMinutes(1));
+
+            var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
+            Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
+            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
+            var job = doc.RootElement;
+            Assert.Equal(Steps, job.GetProperty("step").GetInt64());
+            var events = job.GetProperty("events").EnumerateArray().ToList();
+            string Kind(JsonElement e) => e.GetProperty("kind").GetString()!;
+
+            // The loss, then a generation that resumed from the survivors' live shards at the step the victim finished.
+            int lost = events.FindIndex(e => Kind(e) == "worker_lost" && e.GetProperty("workerId").GetString() == "gpu-worker-1");
+            Assert.True(lost >= 0, "no worker_lost event for gpu-worker-1:\n" + string.Join("\n", events));
+            int resumed = events.FindIndex(lost, e => Kind(e) == "resumed");
+            Assert.True(resumed > lost, "no resumed event after the loss:\n" + string.Join("\n", events));
+            var r = events[resumed];
+            output.WriteLine($"resumed after the kill: {r}");
+            Assert.Equal("shards", r.GetProperty("resumeSource").GetString());
+            Assert.Equal(KilledBefore - 1, r.GetProperty("resumeStep").GetInt64());
+            Assert.Equal(0, r.GetProperty("stepsRedone").GetInt64());
+            // The lost rank's shard came from its neighbour's copy; the spare joined the ring without state of its own.
+            var reshard = host.WaitFor(@"resuming at step (\d+) from the live shards of the survivors: 4 shard\(s\) resharded onto dp 4 \(shard \d from rank \d's copy\)", TimeSpan.FromMinutes(1));
+            Assert.Equal($"{KilledBefore - 1}", reshard.Groups[1].Value);
+
+            // Exactly once: every step's batch once, no gap, no overlap.
+            var consumption = job.GetProperty("consumption");
+            output.WriteLine($"ledger: {consumption}");
+            Assert.True(consumption.GetProperty("complete").GetBoolean(), "the ledger is not complete: " + consumption);
+            Assert.Equal((long)Steps * GlobalBatch, consumption.GetProperty("samples").GetInt64());
+            Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
+            var committed = job.GetProperty("committed").EnumerateArray().Select(c => c.GetProperty("step").GetInt64()).ToList();
+            Assert.Contains((long)Steps, committed);
+            Assert.Contains("memory plan (bf16, zero 1)", host.Output);
+            host.Send("quit");
+            Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
+        }
+        catch
+        {
+            output.WriteLine(host.Output);
+            throw;
+        }
+        finally
+        {
+            host.Dispose();
+            foreach (var pid in ClusterEndToEndTests.ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
+            Directory.Delete(runDir, true);
+        }
+    }
+
+    static bool Alive(int pid)
+    {
+        try { return !Process.GetProcessById(pid).HasExited; }
+        catch (ArgumentException) { return false; }
+    }
+}
