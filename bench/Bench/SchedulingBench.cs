@@ -88,8 +88,9 @@ public static class SchedulingBench
         say($"Studies: tiny preset, seq_len 32, global batch 8, {steps} steps per trial, peak LR log-uniform in [1e-4, 3e-2], random sampler, concurrency 2 on 2 workers, " +
             $"budget {workerHours} worker-hours ({workerHours * 3600:F0} worker-seconds) or {trials} trials; ASHA grace {steps / 4}, η 2");
         say("");
-        say("| seed | scheduler | best validation loss | best peak LR | trials run | stopped early | worker-hours used | wall s | submitted → formed per trial s (mean) |");
-        say("|---|---|---|---|---|---|---|---|---|");
+        say("| seed | scheduler | best validation loss | best peak LR | trials run | stopped early | worker-hours used | wall s | submitted → formed per trial s (mean) " +
+            "| per promotion decision: steps trained past the rung (mean, max) | decision → trial's job stopped s (mean) | decision → next trial formed s (mean) |");
+        say("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for (int seed = 1; seed <= seeds; seed++)
             foreach (var scheduler in new[] { "asha", "fifo" })
             {
@@ -123,19 +124,51 @@ public static class SchedulingBench
                 double wall = (DateTimeOffset.UtcNow - start).TotalSeconds;
                 var trialList = study.GetProperty("trials").EnumerateArray().ToList();
                 var overheads = new List<double>();
+                var jobTimes = new Dictionary<string, (DateTimeOffset? Submitted, DateTimeOffset? Formed, DateTimeOffset? Stopped)>();
                 foreach (var t in trialList)
                 {
                     var events = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{t.GetProperty("jobId").GetString()}")).RootElement.GetProperty("events").EnumerateArray().ToList();
                     DateTimeOffset? At(string kind) => events.FirstOrDefault(e => e.GetProperty("kind").GetString() == kind) is { ValueKind: JsonValueKind.Object } e
                         ? e.GetProperty("at").GetDateTimeOffset() : null;
                     if (At("submitted") is { } s && At("formed") is { } f) overheads.Add((f - s).TotalSeconds);
+                    jobTimes[t.GetProperty("jobId").GetString()!] = (At("submitted"), At("formed"), At("stopped"));
                 }
+                var promotions = Promotions(study, trialList, jobTimes);
                 var best = study.TryGetProperty("best", out var b) && b.ValueKind == JsonValueKind.Object ? b : (JsonElement?)null;
                 string bestLr = best?.GetProperty("parameters").TryGetProperty("schedule.peakLr", out var lr) == true ? lr.GetString() ?? "–" : "–";
                 double? bestLoss = best?.GetProperty("metric") is { ValueKind: JsonValueKind.Number } m ? m.GetDouble() : null;
                 int stopped = trialList.Count(t => t.GetProperty("state").GetString() == "pruned");
                 double used = trialList.Sum(t => t.GetProperty("workerHours").GetDouble());
-                say($"| {seed} | {scheduler} | {F(bestLoss, "F4")} | {bestLr} | {trialList.Count} | {stopped} | {used:F4} | {wall:F0} | {F(overheads.Count == 0 ? null : overheads.Average())} |");
+                say($"| {seed} | {scheduler} | {F(bestLoss, "F4")} | {bestLr} | {trialList.Count} | {stopped} | {used:F4} | {wall:F0} | {F(overheads.Count == 0 ? null : overheads.Average())} " +
+                    (promotions.Count == 0 ? "| – | – | – |"
+                        : $"| {promotions.Average(p => p.PastRung):F1}, {promotions.Max(p => p.PastRung)} | {F(Mean(promotions.Select(p => p.ToStopped)))} | {F(Mean(promotions.Select(p => p.ToNextFormed)))} |"));
             }
+    }
+
+    static double? Mean(IEnumerable<double?> values) => values.Where(v => v.HasValue).Select(v => v!.Value).DefaultIfEmpty(double.NaN).Average() is var m && double.IsNaN(m) ? null : m;
+
+    /// <summary>
+    /// Each ASHA decision to stop a trial, from the study's own record (its event "trial I stopped at rung K (step R)"
+    /// with the study's clock) and the jobs' events: how many steps the trial trained past its rung before the study saw
+    /// the rung's result (the study looks at its trials once a second), how long its job took to stop, and how long until
+    /// the next trial submitted after the decision formed on the freed worker.
+    /// </summary>
+    static List<(long PastRung, double? ToStopped, double? ToNextFormed)> Promotions(JsonElement study, List<JsonElement> trials,
+        Dictionary<string, (DateTimeOffset? Submitted, DateTimeOffset? Formed, DateTimeOffset? Stopped)> jobs)
+    {
+        var result = new List<(long, double?, double?)>();
+        foreach (var line in study.GetProperty("events").EnumerateArray().Select(e => e.GetString()!))
+        {
+            var m = System.Text.RegularExpressions.Regex.Match(line, @"^(\S+) trial (\d+) stopped at rung \d+ \(step (\d+)\)");
+            if (!m.Success) continue;
+            var decided = DateTimeOffset.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+            var trial = trials.Single(t => t.GetProperty("index").GetInt32() == int.Parse(m.Groups[2].Value));
+            var job = jobs[trial.GetProperty("jobId").GetString()!];
+            var next = jobs.Values.Where(j => j.Submitted >= decided && j.Formed is not null).Select(j => j.Formed!.Value).DefaultIfEmpty().Min();
+            result.Add((trial.GetProperty("step").GetInt64() - long.Parse(m.Groups[3].Value),
+                        job.Stopped is { } s ? (s - decided).TotalSeconds : null,
+                        next == default ? null : (next - decided).TotalSeconds));
+        }
+        return result;
     }
 }
