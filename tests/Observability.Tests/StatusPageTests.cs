@@ -28,6 +28,9 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
             workers: [...document.querySelectorAll('#workers tbody tr[data-worker]')].map(r => ({ id: r.dataset.worker, health: r.children[1].textContent })),
             checkpoints: [...document.querySelectorAll('#checkpoints tbody tr[data-step]')].map(r => ({ step: +r.dataset.step, state: r.children[2].textContent })),
             events: [...document.querySelectorAll('#events li')].map(li => li.textContent),
+            studyShown: !document.getElementById('studies').hidden, studyTitle: document.getElementById('study-title').textContent,
+            studySummary: document.getElementById('study-summary').textContent,
+            trials: [...document.querySelectorAll('#trials tbody tr')].map(r => ({ job: r.children[0].textContent, state: r.children[1].textContent })),
             foreign: [...document.querySelectorAll('script[src], link[href], img[src]')].map(e => new URL(e.src || e.href, location.href)).filter(u => u.origin !== location.origin).map(u => u.href),
           };
         })())
@@ -52,12 +55,22 @@ public class StatusPageTests(RunningCluster cluster, ITestOutputHelper log)
             if ((await browser.EvaluateAsync("document.readyState === 'complete' && document.getElementById('updated') !== null"))?.GetValue<bool>() != true)
                 return false;
             page = JsonNode.Parse((await browser.EvaluateAsync(ReadPage))?.GetValue<string>() ?? "{}")!.AsObject();
-            return page["loss"]?.GetValue<int>() == lossPoints && page["workers"]!.AsArray().Count == workers.Count && page["events"]!.AsArray().Count > 0;
+            return page["loss"]?.GetValue<int>() == lossPoints && page["workers"]!.AsArray().Count == workers.Count && page["events"]!.AsArray().Count > 0
+                && page["trials"]!.AsArray().Count > 0;
         }, TimeSpan.FromSeconds(90), () => "the page did not show the job's data: " + page.ToJsonString() + "\n" + browser.Log, TimeSpan.FromMilliseconds(500));
         log.WriteLine(page.ToJsonString());
 
         Assert.Null(page["error"]);
         Assert.Empty(page["foreign"]!.AsArray()); // every asset comes from the Coordinator itself
+        // The cluster's study (created and stopped by the fixture): its trials by state, as GET /studies/{id} reports them.
+        var study = JsonNode.Parse(await cluster.Coordinator.GetStringAsync("/studies/observability-study"))!;
+        Assert.True(page["studyShown"]!.GetValue<bool>(), "the study view is hidden");
+        Assert.Equal($"Study observability-study ({study["state"]!.GetValue<string>()})", page["studyTitle"]!.GetValue<string>());
+        var trials = study["trials"]!.AsArray();
+        Assert.Equal(trials.Select(t => (t!["jobId"]!.GetValue<string>(), t["state"]!.GetValue<string>())),
+                     page["trials"]!.AsArray().Select(t => (t!["job"]!.GetValue<string>(), t["state"]!.GetValue<string>())));
+        foreach (var byState in trials.GroupBy(t => t!["state"]!.GetValue<string>()))
+            Assert.Contains($"{byState.Count()} {byState.Key}", page["studySummary"]!.GetValue<string>());
         // Jobs table and summary: the job, its state and generation as the API reports them.
         var row = Assert.Single(page["jobs"]!.AsArray(), r => r!["id"]!.GetValue<string>() == cluster.JobId)!;
         Assert.Equal(job["state"]!.GetValue<string>(), row["state"]!.GetValue<string>());
