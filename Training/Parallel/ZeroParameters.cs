@@ -131,10 +131,7 @@ public sealed class ZeroParameters : IDisposable
         for (int i = 0; i < parameters.Length; i++)
         {
             if (parameters[i].numel() != 0 || Numel(shapes[i]) == 0) continue; // the rest group is whole already
-            var full = empty(shapes[i], dtype: homes[i].dtype, device: homes[i].device);
-            using (var own = Own(full, i)) own.copy_(homes[i]);
-            parameters[i].set_(full);
-            full.Dispose();
+            WithOwnRows(i);
         }
     }
 
@@ -165,18 +162,21 @@ public sealed class ZeroParameters : IDisposable
         foreach (var p in parameters) Empty(p);
     }
 
+    /// <summary>Parameter <paramref name="i"/> gets fresh storage of its full shape with this rank's rows filled (the others unset).</summary>
+    void WithOwnRows(int i)
+    {
+        var full = empty(shapes[i], dtype: homes[i].dtype, device: homes[i].device);
+        using (var own = Own(full, i)) own.copy_(homes[i]);
+        parameters[i].set_(full);
+        full.Dispose();
+    }
+
     static long Numel(long[] shape) => shape.Aggregate(1L, (a, b) => a * b);
 
     void Gather(Group group)
     {
         using var noGrad = no_grad();
-        foreach (var i in group.Members)
-        {
-            var full = empty(shapes[i], dtype: homes[i].dtype, device: homes[i].device);
-            using (var own = Own(full, i)) own.copy_(homes[i]);
-            parameters[i].set_(full);
-            full.Dispose();
-        }
+        foreach (var i in group.Members) WithOwnRows(i);
         foreach (var (partition, members, shards) in group.Parts)
             AllGatherRows(partitions[partition], shards, [.. members.Select(i => parameters[i])]);
     }
