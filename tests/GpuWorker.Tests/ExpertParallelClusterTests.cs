@@ -81,10 +81,9 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.True(epZeroStatus.Consumption.Complete, $"the ep x zero 1 ledger is not complete: {epZeroStatus.Consumption}");
 
             // ---- The committed checkpoints, each loaded whole: every tensor bit for bit ----
-            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
-            var epTensors = await LoadWhole(store, "ep-job", ep, tokenizerHash, Path.Combine(scratch, "load-ep"));
-            var epZeroTensors = await LoadWhole(store, "ep-zero-job", ep, tokenizerHash, Path.Combine(scratch, "load-ep-zero"));
-            var oneTensors = await LoadWhole(store, "ep-reference", ep, tokenizerHash, Path.Combine(scratch, "load-one"));
+            var epTensors = await CommittedTensors.LoadWhole(Data, store, "ep-job", ep, Steps, Path.Combine(scratch, "load-ep"));
+            var epZeroTensors = await CommittedTensors.LoadWhole(Data, store, "ep-zero-job", ep, Steps, Path.Combine(scratch, "load-ep-zero"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "ep-reference", ep, Steps, Path.Combine(scratch, "load-one"));
             Assert.Equal(oneTensors.Keys.Order(), epTensors.Keys.Order());
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
             Assert.Contains(oneTensors.Keys, k => k.EndsWith("e_score_correction_bias"));
@@ -178,9 +177,8 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             var validation = Assert.Single(status.ValidationLoss.Where(v => v.Step == Steps).DistinctBy(v => v.Loss));
             Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, validation.Loss);
 
-            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
-            var tensors = await LoadWhole(store, "zero3-job", zero3, tokenizerHash, Path.Combine(scratch, "load-zero3"));
-            var oneTensors = await LoadWhole(store, "zero3-reference", zero3, tokenizerHash, Path.Combine(scratch, "load-one"));
+            var tensors = await CommittedTensors.LoadWhole(Data, store, "zero3-job", zero3, Steps, Path.Combine(scratch, "load-zero3"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "zero3-reference", zero3, Steps, Path.Combine(scratch, "load-one"));
             Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
             foreach (var (name, expected) in oneTensors)
@@ -244,9 +242,8 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), epppStatus.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
             Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, epppStatus.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
 
-            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
-            var epppTensors = await LoadWhole(store, "eppp-job", eppp, tokenizerHash, Path.Combine(scratch, "load-eppp"));
-            var oneTensors = await LoadWhole(store, "eppp-reference", eppp, tokenizerHash, Path.Combine(scratch, "load-one"));
+            var epppTensors = await CommittedTensors.LoadWhole(Data, store, "eppp-job", eppp, Steps, Path.Combine(scratch, "load-eppp"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "eppp-reference", eppp, Steps, Path.Combine(scratch, "load-one"));
             Assert.Equal(oneTensors.Keys.Order(), epppTensors.Keys.Order());
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
             foreach (var (name, expected) in oneTensors)
@@ -298,18 +295,5 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         }, $"the final validation of {spec.Name}", log);
         Assert.Equal([(long)Steps], status!.Committed.Select(c => c.Step));
         return status;
-    }
-
-    /// <summary>The committed final step of <paramref name="job"/> loaded into one whole model and AdamW: every tensor's values by name.</summary>
-    async Task<Dictionary<string, float[]>> LoadWhole(StoreHost store, string job, JobSpec spec, string tokenizerHash, string staging)
-    {
-        var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
-        var eos = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).EotTokenId;
-        var (config, options) = JobPlan.Map(spec with { Parallel = new ParallelPlan() }, (int)manifest.VocabSize, eos);
-        var checkpoints = new GrpcCheckpointStore(store.Client, store.Address, job, staging);
-        using var model = new DeepSeekForCausalLM(config);
-        using var optimizer = Trainer.CreateOptimizer(model, options);
-        await ShardedCheckpointLoader.LoadReplicaAsync(checkpoints, Steps, model, optimizer, tokenizerHash);
-        return CheckpointTensors.Collect(model, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float32).contiguous().data<float>().ToArray());
     }
 }
