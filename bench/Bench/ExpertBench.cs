@@ -1,4 +1,5 @@
-// Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1/3) and dp 2 ZeRO-3 against plain dp 2, and the tcp all-to-all's bandwidth beside a memory copy.
+// Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1/3) and dp 2 ZeRO-3 against plain dp 2,
+// dp 2 x pp 2 x ep 2 against dp 2 x pp 2, and the tcp all-to-all's bandwidth beside a memory copy.
 using System.Diagnostics;
 using System.Net;
 using DeepSeekCluster.Training.Collectives;
@@ -7,6 +8,7 @@ using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
+using DeepSeekCluster.Training.Pipeline;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Bench;
@@ -44,6 +46,15 @@ public static class ExpertBench
             {
                 var r = TimeSteps(preset, ep, zero, warmup, steps);
                 Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} ({r.PredictedParams / 1048576.0:F1}) | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
+            }
+        Console.WriteLine();
+        Console.WriteLine("| preset | layout (4 ranks) | step s | fwd / bwd / comm s (slowest rank) | fan-out ranks/token (mean of ranks) | bytes sent per step (most of any rank) |");
+        Console.WriteLine("|---|---|---|---|---|---|");
+        foreach (var preset in presets)
+            foreach (int ep in new[] { 1, 2 })
+            {
+                var r = TimePipelineSteps(preset, ep, warmup, steps);
+                Console.WriteLine($"| {preset} | dp 2 x pp 2{(ep > 1 ? $" x ep {ep}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} |");
             }
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
     }
@@ -119,6 +130,71 @@ public static class ExpertBench
         });
         foreach (var m in models) m.Dispose();
         return results.MaxBy(r => r.Step)!;
+    }
+
+    /// <summary>
+    /// dp 2 x pp 2 (each stage's two replicas its ep group when <paramref name="ep"/> is 2) as four threads: stage links and
+    /// per-stage rings over 127.0.0.1, the 1F1B schedule with two micro-batches per replica, as the cluster runs it.
+    /// </summary>
+    static StepResult TimePipelineSteps(string preset, int ep, int warmup, int measured)
+    {
+        const int dp = 2, pp = 2;
+        var config = DeepSeekConfig.Preset(preset);
+        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 4, Steps = warmup + measured, WarmupSteps = 1, Ep = ep };
+        var rng = new Random(1);
+        var tokens = new int[(options.SeqLen + 1) * 64];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
+        var data = new TokenDataset(tokens, options.SeqLen);
+        var layout = ParallelLayout.Even(dp, pp, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
+        // Built here, one after another: torch's generator is process-wide, so every run routes the same tokens alike.
+        var models = Enumerable.Range(0, dp * pp).Select(r =>
+        {
+            manual_seed(1);
+            var m = new DeepSeekForCausalLM(config).InitializeWeights();
+            if (ep > 1) ExpertParallel.ShardModel(m, layout, r);
+            return m;
+        }).ToArray();
+        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+        var listeners = new StageListener[pp, dp];
+        var rings = new TcpRendezvous[pp, dp];
+        for (int s = 0; s < pp; s++)
+            for (int r = 0; r < dp; r++)
+            {
+                listeners[s, r] = new StageListener("bench", 1, key, s, r, new IPEndPoint(IPAddress.Loopback, 0));
+                rings[s, r] = new TcpRendezvous($"bench/stage-{s}", 1, key, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
+            }
+        var timeout = TimeSpan.FromSeconds(120);
+        var tasks = new List<Task<StepResult>>();
+        for (int s = 0; s < pp; s++)
+            for (int r = 0; r < dp; r++)
+            {
+                int stage = s, replica = r;
+                tasks.Add(Task.Factory.StartNew(() =>
+                {
+                    using var model = models[layout.Rank(stage, replica)];
+                    using var listener = listeners[stage, replica];
+                    using var ring = rings[stage, replica].Connect([.. Enumerable.Range(0, dp).Select(x => $"127.0.0.1:{rings[stage, x].LocalEndpoint.Port}")],
+                                                                   new TcpCollectiveOptions { Timeout = timeout });
+                    string Address(int st) => $"127.0.0.1:{listeners[st, replica].LocalEndpoint.Port}";
+                    using var links = PipelineLinks.Connect("bench", 1, key, stage, pp, replica, stage == 0 ? null : listener,
+                                                            stage == 0 ? null : Address(stage - 1), stage == pp - 1 ? null : Address(stage + 1), timeout);
+                    var pipelineStage = new PipelineStage(model, layout, stage);
+                    using var trainer = new PipelineTrainer(pipelineStage, new PermutedSamples(data, 1), options, CPU, 1e11, links, replica, dp, new BucketedGradientReducer(ring));
+                    for (int i = 0; i < warmup; i++) trainer.TrainStep();
+                    var parallel = pipelineStage.MoeLayers().FirstOrDefault()?.Parallel;
+                    parallel?.TakeTraffic();
+                    var sw = Stopwatch.StartNew();
+                    var m = Enumerable.Range(0, measured).Select(_ => trainer.TrainStep()).ToList();
+                    double seconds = sw.Elapsed.TotalSeconds / measured;
+                    var traffic = parallel?.TakeTraffic() ?? default;
+                    return new StepResult(seconds, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
+                        traffic.FanOut, (double)traffic.SentBytes / measured, 0, 0, 0, 0);
+                }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
+            }
+        Task.WaitAll([.. tasks]);
+        // The stages hold different MoE layers, so their traffic differs: the ranks' mean fan-out and the most any rank sent.
+        var results = tasks.Select(t => t.Result).ToList();
+        return results.MaxBy(r => r.Step)! with { FanOut = results.Average(r => r.FanOut), Bytes = results.Max(r => r.Bytes) };
     }
 
     static string Arg(string[] args, string name, string fallback)
