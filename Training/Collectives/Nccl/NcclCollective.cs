@@ -12,7 +12,8 @@ namespace DeepSeekCluster.Training.Collectives.Nccl;
 /// <para>
 /// Stream: every call is enqueued on the legacy default CUDA stream (stream argument 0), which is the stream TorchSharp's
 /// own kernels use, so the collective is ordered after the kernels that produced the gradients and before those that
-/// read them, with no event plumbing. The call then waits for the device (torch.cuda.synchronize on a helper thread)
+/// read them, with no event plumbing. The call then waits for the device (torch.cuda.synchronize on the collective's one
+/// waiter thread, <see cref="SerialWaiter"/>)
 /// while polling ncclCommGetAsyncError; past the timeout, or on an asynchronous error, it calls ncclCommAbort, which makes
 /// the stuck kernels exit, and throws. NCCL does not say which peer failed, so the exception names this rank and the
 /// operation; the coordinator's heartbeats name the dead worker.
@@ -29,6 +30,7 @@ public sealed class NcclCollective : ICollective
     // comm is read and cleared under the gate: Dispose may come from another thread (a cancelled run) while an operation
     // polls the communicator, and then aborts it rather than destroying it under kernels that wait for peers.
     readonly Lock gate = new();
+    readonly SerialWaiter waiter;
     IntPtr comm;
     bool inFlight;
     CollectiveException? fault;
@@ -41,6 +43,7 @@ public sealed class NcclCollective : ICollective
         Generation = generation;
         Device = device;
         Timeout = timeout;
+        waiter = new SerialWaiter($"nccl waiter {rank}/{worldSize}");
     }
 
     /// <summary>Creates the group's unique id (on the rank that brokers it, usually rank 0): 128 opaque bytes.</summary>
@@ -205,7 +208,7 @@ public sealed class NcclCollective : ICollective
         try
         {
             var device = Device;
-            var done = Task.Factory.StartNew(() => cuda.synchronize(device), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            var done = waiter.Submit(() => cuda.synchronize(device));
             var clock = Stopwatch.StartNew();
             while (!done.Wait(10))
                 lock (gate)
@@ -302,6 +305,7 @@ public sealed class NcclCollective : ICollective
     /// </summary>
     public void Dispose()
     {
+        waiter.Dispose();
         lock (gate)
         {
             var c = comm;
