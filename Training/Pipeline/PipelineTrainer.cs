@@ -62,6 +62,7 @@ public sealed class PipelineTrainer : ITrainer
     readonly PipelineLinks links;
     readonly IGradientReducer? reducer;
     readonly ExpertParallel? expertParallel;
+    readonly ZeroStep? zero; // zero 1/2: the stage's optimizer state (and gradient sums) sharded over its replicas
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
     ExactGradientSum? gradients;
@@ -87,17 +88,24 @@ public sealed class PipelineTrainer : ITrainer
         this.links = links;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
+        StageZero.CheckSupported(Options, replicas);
         ownsOptimizer = optimizer is null;
-        Optimizer = optimizer ?? CreateOptimizer(stage, options);
+        Optimizer = optimizer ?? CreateOptimizer(stage, options, replica, replicas);
         // ep > 1: the stage's replicas form its ep groups; its MoE layers exchange tokens over the stage's collective.
         (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
+        zero = StageZero.For(Optimizer, Options, replica, replicas, this.reducer);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
     }
 
-    /// <summary>The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last).</summary>
-    public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options) =>
-        new(options.Ep > 1 ? stage.Parameters.OrderBy(p => ExpertParallel.IsExpertParameter(p.Name)) : stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
+    /// <summary>
+    /// The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last), and with ZeRO on
+    /// more than one replica only for replica <paramref name="replica"/>'s rows of them (<see cref="StageZero"/>).
+    /// </summary>
+    public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options, int replica = 0, int replicas = 1) =>
+        new(options.Ep > 1 ? stage.Parameters.OrderBy(p => ExpertParallel.IsExpertParameter(p.Name)) : stage.Parameters,
+            StageZero.Layout(options, replicas) is { } layout ? (_, shape) => layout.ZeroRows(shape, replica) : null)
+            { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
     sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held, long Bytes);
@@ -158,7 +166,7 @@ public sealed class PipelineTrainer : ITrainer
         var total = Stopwatch.StartNew();
         var sw = new Stopwatch();
 
-        gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+        gradients ??= zero?.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero) ?? new ExactGradientSum([.. Optimizer.Slots.Select(s => s.Param)]);
         gradients.Clear();
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Replica, Replicas).Start;
         int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
@@ -326,16 +334,20 @@ public sealed class PipelineTrainer : ITrainer
         if (reducer is not null)
         {
             sw.Restart();
-            reducer.SumGradients(gradients);
+            if (zero is not null) zero.ReduceScatter(gradients); // this replica's rows summed over the stage's replicas
+            else reducer.SumGradients(gradients);
             // Only the last stage has losses to sum; the exchange along the pipeline below hands them to every stage.
             stats.SumOver(reducer);
             commS += sw.Elapsed.TotalSeconds;
         }
         // The sums are over every replica's micro-batches, or this replica's alone when it has no reducer (dp 1).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
-        gradients.WriteMean(counted);
-        double sumSq = expertParallel?.SumOfSquares(Optimizer) ?? 0; // with ep: every expert of the stage, exchanged in its group
-        if (expertParallel is null)
+        if (zero is not null) gradients.WriteShardMean(counted, zero.Shard);
+        else gradients.WriteMean(counted);
+        // The stage's share of the norm: with ep every expert of the stage, exchanged in its group; with ZeRO every
+        // replica's rows, exchanged in the stage's group and added row by row (the same bits whatever dp is).
+        double sumSq = expertParallel?.SumOfSquares(Optimizer) ?? zero?.SumOfSquares(Optimizer) ?? 0;
+        if (expertParallel is null && zero is null)
             using (no_grad())
                 foreach (var s in Optimizer.Slots)
                 {
@@ -352,8 +364,7 @@ public sealed class PipelineTrainer : ITrainer
         if (Options.ClipNorm > 0 && gradNorm > Options.ClipNorm)
         {
             double scale = Options.ClipNorm / (gradNorm + 1e-6); // AdamW.ClipGradNorm's formula, with the global norm
-            using var noGrad = no_grad();
-            foreach (var s in Optimizer.Slots) s.Param.grad!.mul_(scale);
+            ZeroStep.ScaleGradients(Optimizer, scale); // under ZeRO this replica's rows (those its AdamW updates), else all
         }
         // The guard: the norm and the last stage's loss came along the pipeline, so every stage and replica skips together.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(all[^1][1]));
@@ -361,6 +372,8 @@ public sealed class PipelineTrainer : ITrainer
         if (!skipped)
         {
             Optimizer.Step(lr);
+            // ZeRO: every replica's updated rows to every replica of the stage.
+            if (zero is not null) { sw.Restart(); zero.AllGatherParameters(Optimizer); commS += sw.Elapsed.TotalSeconds; }
             if (Options.BiasUpdateSpeed > 0)
                 for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         }
