@@ -1,5 +1,6 @@
-// ZeRO inside pipeline stages in a cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with zero 1 and
-// with zero 2 on four real ClusterWorkers over tcp; each stage's two replicas hold half of that stage's optimizer state.
+// ZeRO inside pipeline stages in a cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with zero 1, and
+// dp 2 x pp 2 x ep 2 with zero 2, on four real ClusterWorkers over tcp; each stage's two replicas hold half of that
+// stage's replicated optimizer state (and, under ep, each its half of the routed experts with their whole state).
 // Both jobs complete with a complete ledger, validate, and commit, bit for bit, the checkpoint a one-worker job of the
 // same spec commits: every weight, both AdamW moments, the routing biases.
 using System.Net;
@@ -35,7 +36,7 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
     };
 
     [Fact]
-    public async Task Dp2Pp2JobsWithZero1AndZero2CommitTheOneWorkerJobsCheckpointBitForBit()
+    public async Task Dp2Pp2JobsWithZero1AndWithEp2Zero2CommitTheOneWorkerJobsCheckpointBitForBit()
     {
         await using var store = await StoreHost.StartAsync();
         await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
@@ -50,9 +51,10 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
             for (int i = 0; i < Workers; i++)
                 workers.Add(new ClusterWorker(coordinator.Worker($"zero-pp-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
 
-            var jobs = new[] { 1, 2 }.Select(z => (Zero: z, Spec: Spec($"zero{z}-pp-job", new ParallelPlan { Dp = 2, Pp = 2, Zero = z }, Workers))).ToList();
+            var jobs = new[] { (Zero: 1, Ep: 1), (Zero: 2, Ep: 2) }
+                .Select(j => (j.Zero, j.Ep, Spec: Spec($"zero{j.Zero}-ep{j.Ep}-pp-job", new ParallelPlan { Dp = 2, Pp = 2, Ep = j.Ep, Zero = j.Zero }, Workers))).ToList();
             var statuses = new List<JobStatus>();
-            foreach (var (_, spec) in jobs)
+            foreach (var (_, _, spec) in jobs)
             {
                 Assert.Empty(spec.Validate());
                 statuses.Add(await RunToCompletion(http, spec, log));
@@ -64,13 +66,13 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
             Assert.Contains(oneTensors.Keys, k => k.EndsWith("e_score_correction_bias"));
             string text = log.ToString();
 
-            foreach (var ((zero, spec), status) in jobs.Zip(statuses))
+            foreach (var ((zero, ep, spec), status) in jobs.Zip(statuses))
             {
                 Assert.Contains(status.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
-                Assert.True(status.Consumption.Complete, $"zero {zero}: the ledger is not complete: {status.Consumption}");
+                Assert.True(status.Consumption.Complete, $"zero {zero} ep {ep}: the ledger is not complete: {status.Consumption}");
                 Assert.Equal(((long)Steps * 8, 0L), (status.Consumption.Samples, status.Consumption.Overlaps));
                 Assert.Contains($"memory plan (fp32, zero {zero}): ", text);
-                Assert.Contains($"loaded the whole model from committed step 3 (saved as dp 2 x pp 2)", text);
+                Assert.Contains($"loaded the whole model from committed step 3 (saved as dp 2 x pp 2{(ep > 1 ? " x ep 2" : "")})", text);
                 Assert.Contains($"model saved to the checkpoint store as exports/{spec.Name}/3/hf", text);
                 Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), status.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
                 Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, status.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
@@ -78,8 +80,8 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
                 var tensors = await LoadWhole(store, spec.Name!, spec, tokenizerHash, Path.Combine(scratch, $"load-{spec.Name}"));
                 Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
                 foreach (var (name, expected) in oneTensors)
-                    Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the dp 2 x pp 2 x zero {zero} job's committed checkpoint and the one-worker job's");
-                output.WriteLine($"zero {zero}: {oneTensors.Count} tensors equal bit for bit; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
+                    Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the dp 2 x pp 2 x ep {ep} x zero {zero} job's committed checkpoint and the one-worker job's");
+                output.WriteLine($"zero {zero} ep {ep}: {oneTensors.Count} tensors equal bit for bit; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
             }
         }
         catch

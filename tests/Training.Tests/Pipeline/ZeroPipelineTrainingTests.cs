@@ -19,7 +19,7 @@ namespace DeepSeekCluster.Training.Tests.Pipeline;
 
 public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDisposable
 {
-    const int Dp = 2, Pp = 2, Layers = 4;
+    const int Dp = 2, Pp = 2, Layers = 4, Experts = 8;
     const string Job = "zero-pp-job";
     readonly string root = Directory.CreateTempSubdirectory("zero-pp-ckpt-").FullName;
 
@@ -83,23 +83,25 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
         }
     }
 
-    static ParallelLayout LayoutOf(int zero) => ParallelLayout.Even(Dp, Pp, Layers).WithShards(1, zero, 8);
+    static ParallelLayout LayoutOf(TrainingOptions options, int dp = Dp) => ParallelLayout.Even(dp, Pp, Layers).WithShards(options.Ep, options.Zero, Experts);
 
-    /// <summary>Trains dp 2 x pp 2 with ZeRO <paramref name="options"/>.Zero for 3 steps; each rank then writes its checkpoint file.</summary>
-    static Held[] RunZeroPipeline(FolderCheckpointStore store, TrainingOptions options)
+    /// <summary>Trains dp x pp 2 (x ep) with ZeRO <paramref name="options"/>.Zero for 3 steps; each rank then writes its checkpoint file.</summary>
+    static Held[] RunZeroPipeline(FolderCheckpointStore store, TrainingOptions options, int dp)
     {
-        var layout = LayoutOf(options.Zero);
-        var models = Enumerable.Range(0, Dp * Pp).Select(_ => NewModel()).ToArray();
+        var layout = LayoutOf(options, dp);
+        var models = Enumerable.Range(0, dp * Pp).Select(_ => NewModel()).ToArray();
+        if (options.Ep > 1)
+            for (int r = 0; r < models.Length; r++) ExpertParallel.ShardModel(models[r], layout, r);
         try
         {
-            return PipelineGroup.Run(Dp, Pp, rank =>
+            return PipelineGroup.Run(dp, Pp, rank =>
             {
                 int worldRank = layout.Rank(rank.Stage, rank.Replica);
                 var stage = new PipelineStage(models[worldRank], layout, rank.Stage);
                 // Small buckets: many reduce-scatters (per micro-batch under ZeRO-2) and all-gathers per step.
                 var reducer = new BucketedGradientReducer(rank.StageGroup!, bucketBytes: 4 << 10);
                 using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), options, CPU, 1e11,
-                                                        rank.Links, rank.Replica, Dp, reducer);
+                                                        rank.Links, rank.Replica, dp, reducer);
                 Assert.True(trainer.Optimizer.Sharded, $"stage {rank.Stage} replica {rank.Replica}: the optimizer is not sharded");
                 var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
                 var plan = new ShardingPlan(layout, stage.CheckpointCatalog);
@@ -142,20 +144,23 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     /// pipeline (not row by row over the whole model as one process does) and the embedding's gradient from the MTP
     /// module arrives along the pipeline, added in another order. Unclipped without MTP every weight, moment and bias is
     /// the single process's bit for bit (the gradient sums are exact and each shard's AdamW is the same arithmetic); the
-    /// reported norm and aux loss are sums over the stages in another order, so to 1e-9.
+    /// reported norm and aux loss are sums over the stages in another order, so to 1e-9. With ep 2 each stage's replicas
+    /// also form its ep groups: dp 2 leaves each expert one holder (only the replicated rows are split), dp 4 two.
     /// </summary>
     [Theory]
-    [InlineData(1, 0.5, 0.3)]
-    [InlineData(2, 0.5, 0.3)]
-    [InlineData(2, 0.0, 0.0)]
-    public async Task ZeroShardedStagesEqualTheSingleProcessAndTheirCheckpointLoadsIntoOtherLayoutsBitwise(int zero, double clipNorm, double mtpWeight)
+    [InlineData(1, 1, 2, 0.5, 0.3)]
+    [InlineData(2, 1, 2, 0.5, 0.3)]
+    [InlineData(2, 1, 2, 0.0, 0.0)]
+    [InlineData(1, 2, 2, 0.5, 0.3)]
+    [InlineData(2, 2, 4, 0.0, 0.0)]
+    public async Task ZeroShardedStagesEqualTheSingleProcessAndTheirCheckpointLoadsIntoOtherLayoutsBitwise(int zero, int ep, int dp, double clipNorm, double mtpWeight)
     {
         const double Tolerance = 1e-9;
-        var options = Options with { Zero = zero, ClipNorm = clipNorm, MtpWeight = mtpWeight };
+        var options = Options with { Zero = zero, Ep = ep, ClipNorm = clipNorm, MtpWeight = mtpWeight };
         double tolerance = clipNorm > 0 ? Tolerance : 0;
         using var store = new FolderCheckpointStore(root, Job);
-        var ranks = RunZeroPipeline(store, options);
-        var single = RunSingle(options with { Zero = 0 });
+        var ranks = RunZeroPipeline(store, options, dp);
+        var single = RunSingle(options with { Zero = 0, Ep = 1 });
 
         for (int s = 0; s < Options.Steps; s++)
         {
@@ -164,7 +169,7 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             foreach (var r in ranks)
             {
                 var m = r.Steps[s];
-                output.WriteLine($"zero {zero} stage {r.Stage} replica {r.Replica} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
+                output.WriteLine($"zero {zero} ep {ep} dp {dp} stage {r.Stage} replica {r.Replica} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
                 foreach (var (what, got, want) in new[] { ("loss", m.Loss, one.Loss), ("MTP loss", m.MtpLoss ?? 0, one.MtpLoss ?? 0), ("aux loss", m.AuxLoss!.Value, one.AuxLoss!.Value), ("clipped norm", m.GradNorm, one.GradNorm) })
                     Assert.True(Math.Abs(got - want) <= (what is "clipped norm" or "aux loss" ? Tolerance : tolerance) * want, $"step {s + 1}, stage {r.Stage} replica {r.Replica}: {what} {got:R}, the single process {want:R}");
                 Assert.Equal(mtpWeight > 0, m.MtpLoss is not null);
@@ -172,12 +177,14 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             }
         }
 
-        // Every weight and routing bias on both replicas of its stage; every row of both moments on exactly one replica.
+        // Every weight and routing bias on every replica of its stage holding it (a routed expert's: dp / ep of them);
+        // every row of both moments on exactly one of them.
         double worst = 0;
         foreach (var (name, expected) in single.Tensors)
         {
             var holders = ranks.Where(r => r.Tensors.ContainsKey(name)).ToList();
-            Assert.True(holders.Count == Dp && holders.Select(h => h.Stage).Distinct().Count() == 1, $"'{name}' is held by {holders.Count} ranks");
+            int expectedHolders = ExpertParallel.IsExpertParameter(name) ? dp / ep : dp;
+            Assert.True(holders.Count == expectedHolders && holders.Select(h => h.Stage).Distinct().Count() == 1, $"'{name}' is held by {holders.Count} ranks; expected {expectedHolders}");
             bool sharded = ShardingPlan.IsOptimizerState(name) && holders.Any(h => h.Tensors[name].Values.Length != expected.Values.Length);
             var got = sharded ? [Assemble([.. holders], name, expected.Values.Length)] : holders.Select(h => h.Tensors[name].Values).ToArray();
             foreach (var values in got)
@@ -187,11 +194,11 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
                 Assert.True(diff <= tolerance, $"'{name}' differs from the single process by {diff:E2}");
             }
         }
-        output.WriteLine($"zero {zero}, clip {clipNorm}, MTP weight {mtpWeight}: {single.Tensors.Count} tensors, largest difference from the single process {worst:E2}");
+        output.WriteLine($"zero {zero}, ep {ep}, dp {dp}, clip {clipNorm}, MTP weight {mtpWeight}: {single.Tensors.Count} tensors, largest difference from the single process {worst:E2}");
         Assert.Contains(single.Tensors.Keys, n => n.EndsWith("e_score_correction_bias", StringComparison.Ordinal));
 
         // Each replica holds ~1/dp of its stage's optimizer state, as the memory plan predicts (within 10%).
-        var layout = LayoutOf(zero);
+        var layout = LayoutOf(options, dp);
         foreach (var r in ranks)
         {
             int rank = layout.Rank(r.Stage, r.Replica);
@@ -199,13 +206,13 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             output.WriteLine($"stage {r.Stage} replica {r.Replica}: moments of {r.OptimizerElements} elements per kind, planned {predicted}, the stage's whole {whole}");
             Assert.True(Math.Abs(r.OptimizerElements - predicted) <= 0.1 * predicted, $"stage {r.Stage} replica {r.Replica} holds moments of {r.OptimizerElements} elements; the plan says {predicted}");
         }
-        if (zero == 1) await CheckpointLoadsIntoOtherLayoutsBitwise(store, ranks, options);
+        if (zero == 1 && ep == 1) await CheckpointLoadsIntoOtherLayoutsBitwise(store, ranks, options);
     }
 
     /// <summary>The dp 2 x pp 2 x zero 1 checkpoint into one process, a dp 2 x pp 1 x zero 0 replica, dp 3 x pp 1 x zero 1 shards and dp 2 x pp 2 x zero 2 stages.</summary>
     async Task CheckpointLoadsIntoOtherLayoutsBitwise(FolderCheckpointStore store, Held[] ranks, TrainingOptions options)
     {
-        var written = ranks.SelectMany(r => r.Plan!.WritesOf(LayoutOf(1).Rank(r.Stage, r.Replica))).GroupBy(w => w.Name).ToDictionary(g => g.Key, g => g.Sum(w => w.RowCount));
+        var written = ranks.SelectMany(r => r.Plan!.WritesOf(LayoutOf(options).Rank(r.Stage, r.Replica))).GroupBy(w => w.Name).ToDictionary(g => g.Key, g => g.Sum(w => w.RowCount));
         Assert.All(ranks[0].Plan!.Tensors, t => Assert.Equal(t.Rows, written[t.Name]));
         await store.CommitAsync(ShardedCheckpointWriter.Manifest(Job, ranks[0].Plan!,
             new CheckpointPosition(Options.Steps, 1, Options.Steps * Options.GlobalBatch, Options.Steps), ranks.Select(r => r.File!), Micro(Data.Value.Vocab).ToJson(), null));
@@ -233,7 +240,7 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
         }
 
         // Back into dp 2 x pp 2 stages, sharded as ZeRO-2: each replica reads its stage's weights and its rows of the moments.
-        var layout = LayoutOf(2);
+        var layout = LayoutOf(options with { Zero = 2 });
         for (int rank = 0; rank < layout.WorldSize; rank++)
         {
             using var model = NewModel();
