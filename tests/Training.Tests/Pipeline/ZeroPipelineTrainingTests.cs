@@ -85,8 +85,12 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
 
     static ParallelLayout LayoutOf(TrainingOptions options, int dp = Dp) => ParallelLayout.Even(dp, Pp, Layers).WithShards(options.Ep, options.Zero, Experts);
 
-    /// <summary>Trains dp x pp 2 (x ep) with ZeRO <paramref name="options"/>.Zero for 3 steps; each rank then writes its checkpoint file.</summary>
-    static Held[] RunZeroPipeline(FolderCheckpointStore store, TrainingOptions options, int dp)
+    /// <summary>
+    /// Trains dp x pp 2 (x ep) with ZeRO <paramref name="options"/>.Zero up to step <paramref name="until"/> (from the
+    /// start, or from <paramref name="store"/>'s committed step <paramref name="resumeFrom"/>, each stage reading its
+    /// rows); each rank then writes its checkpoint file of step <paramref name="until"/>.
+    /// </summary>
+    static Held[] RunZeroPipeline(FolderCheckpointStore store, TrainingOptions options, int dp, long until = 3, long resumeFrom = 0)
     {
         var layout = LayoutOf(options, dp);
         var models = Enumerable.Range(0, dp * Pp).Select(_ => NewModel()).ToArray();
@@ -100,12 +104,15 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
                 var stage = new PipelineStage(models[worldRank], layout, rank.Stage);
                 // Small buckets: many reduce-scatters (per micro-batch under ZeRO-2) and all-gathers per step.
                 var reducer = new BucketedGradientReducer(rank.StageGroup!, bucketBytes: 4 << 10);
+                using var optimizer = PipelineTrainer.CreateOptimizer(stage, options, rank.Replica, dp);
+                if (resumeFrom > 0) stage.LoadCheckpointAsync(store, resumeFrom, optimizer).GetAwaiter().GetResult();
                 using var trainer = new PipelineTrainer(stage, new PermutedSamples(Data.Value.Train, (ulong)Options.Seed), options, CPU, 1e11,
-                                                        rank.Links, rank.Replica, dp, reducer);
+                                                        rank.Links, rank.Replica, dp, reducer, optimizer);
+                trainer.ResumeAt(resumeFrom, optimizer.StepCount);
                 Assert.True(trainer.Optimizer.Sharded, $"stage {rank.Stage} replica {rank.Replica}: the optimizer is not sharded");
-                var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+                var steps = Enumerable.Range(0, (int)(until - resumeFrom)).Select(_ => trainer.TrainStep()).ToList();
                 var plan = new ShardingPlan(layout, stage.CheckpointCatalog);
-                var file = ShardedCheckpointWriter.WriteRank(store, plan, worldRank, Options.Steps, trainer.CheckpointTensors());
+                var file = ShardedCheckpointWriter.WriteRank(store, plan, worldRank, until, trainer.CheckpointTensors());
                 return new Held(steps, Capture(trainer.CheckpointTensors(), trainer.Optimizer, stage.CheckpointCatalog))
                 {
                     Stage = rank.Stage, Replica = rank.Replica, File = file, Plan = plan,
@@ -207,6 +214,36 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             Assert.True(Math.Abs(r.OptimizerElements - predicted) <= 0.1 * predicted, $"stage {r.Stage} replica {r.Replica} holds moments of {r.OptimizerElements} elements; the plan says {predicted}");
         }
         if (zero == 1 && ep == 1) await CheckpointLoadsIntoOtherLayoutsBitwise(store, ranks, options);
+    }
+
+    /// <summary>
+    /// A dp 2 x pp 2 x zero 2 job stopped after step 2 and resumed from its committed checkpoint (each stage reading
+    /// its weights and its rows of the moments) trains step 3 bit for bit as the job that never stopped: loss, norm,
+    /// every weight, both moments of every row, routing biases.
+    /// </summary>
+    [Fact]
+    public async Task AZeroPipelineResumedFromItsCheckpointContinuesBitForBit()
+    {
+        var options = Options with { Zero = 2 };
+        using var store = new FolderCheckpointStore(root, Job);
+        using var straightStore = new FolderCheckpointStore(root, "straight-job");
+        var first = RunZeroPipeline(store, options, Dp, until: 2);
+        await store.CommitAsync(ShardedCheckpointWriter.Manifest(Job, first[0].Plan!, new CheckpointPosition(2, 1, 2 * Options.GlobalBatch, 2),
+                                                                 first.Select(r => r.File!), Micro(Data.Value.Vocab).ToJson(), null));
+        var resumed = RunZeroPipeline(store, options, Dp, until: 3, resumeFrom: 2);
+        var straight = RunZeroPipeline(straightStore, options, Dp);
+        foreach (var (r, s) in resumed.OrderBy(r => (r.Stage, r.Replica)).Zip(straight.OrderBy(r => (r.Stage, r.Replica))))
+        {
+            Assert.Equal((s.Stage, s.Replica), (r.Stage, r.Replica));
+            var (m, want) = (Assert.Single(r.Steps), s.Steps[^1]);
+            Assert.Equal(3, m.Step);
+            Assert.True((m.Loss, m.GradNorm) == (want.Loss, want.GradNorm), $"stage {r.Stage} replica {r.Replica} step 3: loss {m.Loss:R}, norm {m.GradNorm:R}; without the stop {want.Loss:R}, {want.GradNorm:R}");
+            Assert.Equal(s.Tensors.Keys.Order(), r.Tensors.Keys.Order());
+            foreach (var (name, part) in s.Tensors)
+                Assert.True(part.Start == r.Tensors[name].Start && part.Values.AsSpan().SequenceEqual(r.Tensors[name].Values),
+                            $"'{name}' on stage {r.Stage} replica {r.Replica} differs after the resume");
+        }
+        output.WriteLine($"resumed at step 2: step 3's loss {resumed[0].Steps[0].Loss:R} and all {straight[0].Tensors.Count + straight[^1].Tensors.Count} stage tensors bitwise the uninterrupted run's");
     }
 
     /// <summary>The dp 2 x pp 2 x zero 1 checkpoint into one process, a dp 2 x pp 1 x zero 0 replica, dp 3 x pp 1 x zero 1 shards and dp 2 x pp 2 x zero 2 stages.</summary>
