@@ -249,7 +249,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         {
             JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
             ZeroShard = layout.Zero > 0 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 ? A.DpSize : 0,
-            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options),
+            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options, A.DpRank, A.DpSize),
         };
         return Holder.State;
     }

@@ -85,6 +85,18 @@ public sealed class ZeroStep
     /// </summary>
     public double ClipGradNorm(AdamW optimizer, double maxNorm)
     {
+        double norm = Math.Sqrt(SumOfSquares(optimizer));
+        if (maxNorm > 0 && norm > maxNorm) ScaleGradients(optimizer, maxNorm / (norm + 1e-6)); // AdamW.ClipGradNorm's scale
+        return norm;
+    }
+
+    /// <summary>
+    /// The sum of squares of the gradient of every parameter of this partition, from each rank's rows, added in the fixed
+    /// order of <see cref="ClipGradNorm"/> (the same bits whatever the number of shards). A pipeline stage's share of the
+    /// global norm, which the stages then add along the pipeline.
+    /// </summary>
+    public double SumOfSquares(AdamW optimizer)
+    {
         using var noGrad = no_grad();
         var slots = optimizer.Slots;
         var rowOffsets = new long[slots.Count + 1];
@@ -101,14 +113,15 @@ public sealed class ZeroStep
         Collective.AllReduce(rows, ReduceOp.Sum);
         double sumSq = 0;
         foreach (var x in rows.cpu().data<double>()) sumSq += x;
-        double norm = Math.Sqrt(sumSq);
-        if (maxNorm > 0 && norm > maxNorm)
-        {
-            double scale = maxNorm / (norm + 1e-6); // AdamW.ClipGradNorm's scale
-            foreach (var slot in slots)
-                if (!slot.Empty && slot.Param.grad is { } g) { using var own = slot.Own(g); own.mul_(scale); }
-        }
-        return norm;
+        return sumSq;
+    }
+
+    /// <summary>Multiplies this rank's rows of every gradient by <paramref name="scale"/> (the clip; the other rows are not this rank's to update).</summary>
+    public static void ScaleGradients(AdamW optimizer, double scale)
+    {
+        using var noGrad = no_grad();
+        foreach (var slot in optimizer.Slots)
+            if (!slot.Empty && slot.Param.grad is { } g) { using var own = slot.Own(g); own.mul_(scale); }
     }
 
     /// <summary>Gives every rank every shard's updated rows of every parameter (in the parameters' own dtype: bf16 when training in bf16).</summary>

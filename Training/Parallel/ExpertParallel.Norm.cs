@@ -74,6 +74,17 @@ public sealed partial class ExpertParallel
     /// </summary>
     public double ClipShardedGradNorm(AdamW optimizer, double maxNorm)
     {
+        double norm = Math.Sqrt(ShardedSumOfSquares(optimizer));
+        if (maxNorm > 0 && norm > maxNorm) ZeroStep.ScaleGradients(optimizer, maxNorm / (norm + 1e-6)); // AdamW.ClipGradNorm's scale
+        return norm;
+    }
+
+    /// <summary>
+    /// <see cref="ClipShardedGradNorm"/>'s sum of squares without the clip: every row of the optimizer's parameters from
+    /// the rank holding it, in the single process's order. A pipeline stage's share of the global norm under ep × ZeRO.
+    /// </summary>
+    public double ShardedSumOfSquares(AdamW optimizer)
+    {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         var slots = optimizer.Slots;
@@ -94,14 +105,7 @@ public sealed partial class ExpertParallel
             long start = slot >= 0 ? slotRowAt[slot] : replicatedRows + shard * vectorRows + offset;
             for (long i = 0; i < rows; i++) sumSq += all[start + i];
         }
-        double norm = Math.Sqrt(sumSq);
-        if (maxNorm > 0 && norm > maxNorm)
-        {
-            double scale = maxNorm / (norm + 1e-6); // AdamW.ClipGradNorm's scale
-            foreach (var slot in slots)
-                if (!slot.Empty && slot.Param.grad is { } g) slot.Own(g).mul_(scale);
-        }
-        return norm;
+        return sumSq;
     }
 
     /// <summary>

@@ -83,11 +83,17 @@ public sealed class ExpertZeroStep : IDisposable
     /// After a micro-batch's backward: its gradients, then each other source's expert gradients as terms of their own.
     /// Every rank makes the same calls (ZeRO-2 exchanges in each), members of a subgroup or not.
     /// </summary>
-    public void AddMicroBatch()
+    public void AddMicroBatch() => AddMicroBatch(pending: false);
+
+    /// <summary>
+    /// <see cref="AddMicroBatch()"/> in a pipeline stage, where <paramref name="pending"/>: later micro-batches' forwards
+    /// may hold expert leaves that their own backward has not reached yet (ExpertParallel.AddSourceGradients).
+    /// </summary>
+    public void AddMicroBatch(bool pending)
     {
         ReplicatedSum.AddAndClearGradients();
         ExpertSum.AddAndClearGradients();
-        experts.AddSourceGradients(() => ExpertSum.AddAndClearGradients());
+        experts.AddSourceGradients(() => ExpertSum.AddAndClearGradients(), pending);
     }
 
     /// <summary>Leaves this rank's rows of both sums with their totals over the ranks that hold them, and writes their mean over <paramref name="count"/> micro-batches.</summary>
@@ -101,6 +107,9 @@ public sealed class ExpertZeroStep : IDisposable
 
     /// <summary>The global norm over every row of the whole model, and the clip of this rank's rows.</summary>
     public double ClipGradNorm(AdamW optimizer, double maxNorm) => experts.ClipShardedGradNorm(optimizer, maxNorm);
+
+    /// <summary>The sum of squares of every row of the optimizer's parameters, without the clip: a pipeline stage's share of the global norm.</summary>
+    public double SumOfSquares(AdamW optimizer) => experts.ShardedSumOfSquares(optimizer);
 
     /// <summary>Every replica gets every updated replicated row; every holder of an expert shard gets its updated rows.</summary>
     public void AllGatherParameters()

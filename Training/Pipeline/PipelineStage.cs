@@ -92,21 +92,29 @@ public sealed class PipelineStage
         // Master weights (mixed precision) that the checkpoint lacks are rebuilt from the loaded parameters below.
         var missing = live.Where(kv => !manifest.Tensors.ContainsKey(kv.Key) && !kv.Key.EndsWith(".master", StringComparison.Ordinal))
             .Select(kv => kv.Key).ToList();
-        var misshapen = live.Where(kv => manifest.Tensors.TryGetValue(kv.Key, out var t) && !t.Shape.SequenceEqual(kv.Value.shape))
-            .Select(kv => $"{kv.Key} ({string.Join("x", manifest.Tensors[kv.Key].Shape)} stored, {string.Join("x", kv.Value.shape)} here)").ToList();
+        // A ZeRO replica holds its rows of the stage's optimizer state: the whole shape is the catalogue's.
+        var whole = CheckpointCatalog.ToDictionary(e => e.Name, e => e.Shape, StringComparer.Ordinal);
+        var misshapen = live.Where(kv => manifest.Tensors.TryGetValue(kv.Key, out var t) && !t.Shape.SequenceEqual(whole.GetValueOrDefault(kv.Key, kv.Value.shape)))
+            .Select(kv => $"{kv.Key} ({string.Join("x", manifest.Tensors[kv.Key].Shape)} stored, {string.Join("x", whole.GetValueOrDefault(kv.Key, kv.Value.shape))} here)").ToList();
         if (missing.Count > 0 || misshapen.Count > 0)
             throw new InvalidDataException($"{label} does not fit stage {Index}: " +
                 string.Join("; ", new[] { missing.Count > 0 ? $"missing {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? $" and {missing.Count - 5} more" : "")}" : null,
                                           misshapen.Count > 0 ? $"other shapes: {string.Join(", ", misshapen.Take(5))}" : null }.Where(x => x is not null)) + ". Nothing was loaded.");
 
-        var needs = live.Keys.Where(manifest.Tensors.ContainsKey).Select(name => new TensorSlice(name, 0, manifest.Tensors[name].Rows));
+        var shardRows = optimizer.ShardRows(); // a ZeRO replica reads only its rows of the optimizer state, whatever layout saved it
+        var needs = live.Keys.Where(manifest.Tensors.ContainsKey)
+            .Select(name => shardRows.TryGetValue(name, out var rows) ? new TensorSlice(name, rows.Start, rows.Count) : new TensorSlice(name, 0, manifest.Tensors[name].Rows));
         var loaded = await ShardedCheckpointLoader.LoadAsync(source, manifest, needs, ct);
         try
         {
             using var noGrad = no_grad();
             foreach (var (name, t) in loaded) live[name].copy_(t);
             foreach (var s in optimizer.Slots)
-                if (s.Master is not null && !loaded.ContainsKey($"optimizer.{s.Name}.master")) s.Master.copy_(s.Param.to_type(ScalarType.Float32));
+                if (s.Master is not null && !loaded.ContainsKey($"optimizer.{s.Name}.master"))
+                {
+                    using var own = s.Own(s.Param);
+                    s.Master.copy_(own.to_type(ScalarType.Float32));
+                }
         }
         finally { foreach (var t in loaded.Values) t.Dispose(); }
         optimizer.StepCount = manifest.OptimizerSteps;

@@ -1,6 +1,5 @@
 // The training loop of one pipeline stage of one data-parallel replica: 1F1B (or GPipe) forwards and backwards, dp reduce, global clip, step.
 using System.Diagnostics;
-using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -62,6 +61,8 @@ public sealed class PipelineTrainer : ITrainer
     readonly PipelineLinks links;
     readonly IGradientReducer? reducer;
     readonly ExpertParallel? expertParallel;
+    readonly ZeroStep? zero; // zero 1/2: the stage's optimizer state (and gradient sums) sharded over its replicas
+    readonly ExpertZeroStep? expertZero; // ep x zero 1/2: two partitions with sums of their own (then gradients stays null)
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
     ExactGradientSum? gradients;
@@ -87,35 +88,28 @@ public sealed class PipelineTrainer : ITrainer
         this.links = links;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
+        StageZero.CheckSupported(Options, replicas);
         ownsOptimizer = optimizer is null;
-        Optimizer = optimizer ?? CreateOptimizer(stage, options);
+        Optimizer = optimizer ?? CreateOptimizer(stage, options, replica, replicas);
         // ep > 1: the stage's replicas form its ep groups; its MoE layers exchange tokens over the stage's collective.
         (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
+        zero = StageZero.For(Optimizer, Options, replica, replicas, this.reducer);
+        expertZero = StageZero.ForExperts(expertParallel, Optimizer, Options, replica, replicas, reducer);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
     }
 
-    /// <summary>The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last).</summary>
-    public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options) =>
-        new(options.Ep > 1 ? stage.Parameters.OrderBy(p => ExpertParallel.IsExpertParameter(p.Name)) : stage.Parameters) { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
+    /// <summary>
+    /// The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last), and with ZeRO on
+    /// more than one replica only for replica <paramref name="replica"/>'s rows of them (<see cref="StageZero"/>).
+    /// </summary>
+    public static AdamW CreateOptimizer(PipelineStage stage, TrainingOptions options, int replica = 0, int replicas = 1) =>
+        new(options.Ep > 1 ? stage.Parameters.OrderBy(p => ExpertParallel.IsExpertParameter(p.Name)) : stage.Parameters,
+            StageZero.Rows(options, replica, replicas))
+            { Beta1 = options.Beta1, Beta2 = options.Beta2, WeightDecay = options.WeightDecay, Eps = options.Epsilon };
 
     /// <summary>What one micro-batch leaves for its backward: the tensors to differentiate and the received leaves whose gradients go back.</summary>
     sealed record Pending(StageOutput Output, Tensor? Loss, Tensor? Input, Tensor? EmbeddingsIn, List<IDisposable> Held, long Bytes);
-
-    /// <summary>Bytes of the storages behind the live tensors among <paramref name="held"/>, each storage once (views share their base's).</summary>
-    static long BytesOf(List<IDisposable> held)
-    {
-        var storages = new Dictionary<IntPtr, long>();
-        foreach (var t in held.OfType<Tensor>())
-            if (!t.IsInvalid) storages[THSStorage_data_ptr(t.Handle)] = (long)THSStorage_nbytes(t.Handle);
-        return storages.Values.Sum();
-    }
-
-    // LibTorchSharp's exports behind TorchSharp's Storage (which needs the element type): a tensor's storage and its size.
-    [DllImport("LibTorchSharp")]
-    static extern IntPtr THSStorage_data_ptr(IntPtr tensor);
-    [DllImport("LibTorchSharp")]
-    static extern ulong THSStorage_nbytes(IntPtr tensor);
 
     /// <summary>
     /// The most micro-batches whose activations this stage held at once during the last step (a forward done, its
@@ -158,8 +152,8 @@ public sealed class PipelineTrainer : ITrainer
         var total = Stopwatch.StartNew();
         var sw = new Stopwatch();
 
-        gradients ??= new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
-        gradients.Clear();
+        if (expertZero is not null) expertZero.Clear();
+        else (gradients ??= zero?.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero) ?? new ExactGradientSum([.. Optimizer.Slots.Select(s => s.Param)])).Clear();
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Replica, Replicas).Start;
         int frames = carryEmbeddings ? 2 : 1; // tensors per micro-batch on a link, each way
         var pending = new Queue<Pending>(accumulation); // forwards awaiting their backward, oldest first
@@ -240,7 +234,7 @@ public sealed class PipelineTrainer : ITrainer
             var graph = scope.DisposablesView.ToList();
             scope.MoveToOuter(graph);
             List<IDisposable> keep = [.. graph, .. received ?? []];
-            var p = new Pending(output, loss, input, embIn, keep, MeasureHeldBytes ? BytesOf(keep) : 0);
+            var p = new Pending(output, loss, input, embIn, keep, MeasureHeldBytes ? HeldBytes.Of(keep) : 0);
             pending.Enqueue(p);
             PeakHeldMicroBatches = Math.Max(PeakHeldMicroBatches, ++held);
             PeakHeldTensorBytes = Math.Max(PeakHeldTensorBytes, heldBytes += p.Bytes);
@@ -264,8 +258,12 @@ public sealed class PipelineTrainer : ITrainer
                 if (p.Output.AuxLoss is { } aux) { roots.Add(aux); grads.Add(ones_like(aux)); }
                 autograd.backward(roots, grads);
             }
-            gradients.AddAndClearGradients();
-            expertParallel?.AddSourceGradients(gradients, pending: true); // with ep: the other sources' expert gradients, a term each
+            if (expertZero is not null) expertZero.AddMicroBatch(pending: true); // both partitions' terms, as below
+            else
+            {
+                gradients!.AddAndClearGradients();
+                expertParallel?.AddSourceGradients(gradients, pending: true); // with ep: the other sources' expert gradients, a term each
+            }
             bwdS += c.Elapsed.TotalSeconds;
             Tensor[]? back = null;
             if (!Stage.IsFirst)
@@ -326,16 +324,22 @@ public sealed class PipelineTrainer : ITrainer
         if (reducer is not null)
         {
             sw.Restart();
-            reducer.SumGradients(gradients);
+            // ZeRO: this replica's rows summed over the stage's replicas (under ep, its expert rows over their holders).
+            if (expertZero is not null) expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            else if (zero is not null) zero.ReduceScatter(gradients!);
+            else reducer.SumGradients(gradients!);
             // Only the last stage has losses to sum; the exchange along the pipeline below hands them to every stage.
             stats.SumOver(reducer);
             commS += sw.Elapsed.TotalSeconds;
         }
         // The sums are over every replica's micro-batches, or this replica's alone when it has no reducer (dp 1).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
-        gradients.WriteMean(counted);
-        double sumSq = expertParallel?.SumOfSquares(Optimizer) ?? 0; // with ep: every expert of the stage, exchanged in its group
-        if (expertParallel is null)
+        if (zero is not null) gradients!.WriteShardMean(counted, zero.Shard);
+        else if (expertZero is null) gradients!.WriteMean(counted); // (ep x ZeRO wrote its rows' mean above)
+        // The stage's share of the norm: with ep every expert of the stage, exchanged in its group; with ZeRO every
+        // replica's rows, exchanged in the stage's group and added row by row (the same bits whatever dp is).
+        double sumSq = expertZero?.SumOfSquares(Optimizer) ?? zero?.SumOfSquares(Optimizer) ?? expertParallel?.SumOfSquares(Optimizer) ?? 0;
+        if (expertParallel is null && zero is null)
             using (no_grad())
                 foreach (var s in Optimizer.Slots)
                 {
@@ -352,8 +356,7 @@ public sealed class PipelineTrainer : ITrainer
         if (Options.ClipNorm > 0 && gradNorm > Options.ClipNorm)
         {
             double scale = Options.ClipNorm / (gradNorm + 1e-6); // AdamW.ClipGradNorm's formula, with the global norm
-            using var noGrad = no_grad();
-            foreach (var s in Optimizer.Slots) s.Param.grad!.mul_(scale);
+            ZeroStep.ScaleGradients(Optimizer, scale); // under ZeRO this replica's rows (those its AdamW updates), else all
         }
         // The guard: the norm and the last stage's loss came along the pipeline, so every stage and replica skips together.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(all[^1][1]));
@@ -361,6 +364,11 @@ public sealed class PipelineTrainer : ITrainer
         if (!skipped)
         {
             Optimizer.Step(lr);
+            // ZeRO: every replica's updated rows to every replica of the stage.
+            sw.Restart();
+            zero?.AllGatherParameters(Optimizer);
+            expertZero?.AllGatherParameters();
+            commS += sw.Elapsed.TotalSeconds;
             if (Options.BiasUpdateSpeed > 0)
                 for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         }
@@ -429,6 +437,7 @@ public sealed class PipelineTrainer : ITrainer
     public void Dispose()
     {
         gradients?.Dispose();
+        expertZero?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

@@ -106,15 +106,19 @@ public class ParallelPlanSpecTests
     public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
         Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
 
+    /// <summary>Zero 1 and 2 shard each pipeline stage's state over its replicas (with ep too); zero 3 and redundancy are not built with pp.</summary>
     [Fact]
-    public void ZeroWithAPipelineIsRefusedAndZeroOneAndTwoPass()
+    public void ZeroOneAndTwoPassWithAPipelineAndWhatIsNotBuiltIsRefusedByName()
     {
-        Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4), "parallel.zero")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 2 }, 2, 4).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 2 }, 2, 4).Validate());
+        Assert.Contains("neighbour copies of a stage's shards are not built", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 1, Redundancy = true }, 2, 4), "parallel.redundancy")).Message);
         Assert.Empty(Spec(new ParallelPlan { Zero = 1 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Ep = 2, Zero = 3 }).Validate());
-        Assert.Contains("pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4), "parallel.zero")).Message);
+        Assert.Contains("zero 0, 1 or 2 with pp > 1", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4), "parallel.zero")).Message);
     }
 
     [Fact]

@@ -1,0 +1,66 @@
+// ZeRO-1/2 inside a pipeline stage: the stage's optimizer state (and, ZeRO-2, its gradient sums) sharded over the stage's replicas.
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Optim;
+using DeepSeekCluster.Training.Parallel;
+
+namespace DeepSeekCluster.Training.Pipeline;
+
+/// <summary>
+/// A pipeline stage's replicas form its data-parallel group, so ZeRO there is the data-parallel trainer's over that group
+/// and the stage's own parameters: replica d holds rows [d·n/dp, (d+1)·n/dp) of each of them — the rows it also writes
+/// to a checkpoint (ShardingPlan.WriteRows for rank stage·dp + d), so a stage's sharded state is its checkpoint slice.
+/// Under ep a routed expert's rows are split over the stage's replicas that hold it (ExpertZeroStep), as without pp.
+/// </summary>
+public static class StageZero
+{
+    /// <summary>The layout of one stage's data-parallel group whose ZeRO shards the optimizer holds, or null when nothing is sharded.</summary>
+    public static ParallelLayout? Layout(TrainingOptions options, int replicas) =>
+        options.Zero > 0 && replicas > 1 ? new ParallelLayout(replicas, 1, [new StageLayers(0, 1)]) { Zero = options.Zero, Ep = options.Ep }.Validated() : null;
+
+    /// <summary>What a stage's ZeRO is not built for yet: ZeRO-3 (parameters sharded).</summary>
+    public static void CheckSupported(TrainingOptions options, int replicas)
+    {
+        if (Layout(options, replicas) is not null && options.Zero >= 3)
+            throw new NotSupportedException($"zero {options.Zero} in a pipeline stage: sharded parameters are built for pp 1 only; expected zero 1 or 2 with pp > 1");
+    }
+
+    /// <summary>
+    /// The rows of a stage's parameter <paramref name="name"/> replica <paramref name="replica"/>'s optimizer holds: its
+    /// share over the stage's replicas, or, for a routed expert under ep, over the replicas holding that expert.
+    /// </summary>
+    public static Func<string, long[], (long Start, long Count)>? Rows(TrainingOptions options, int replica, int replicas) =>
+        Layout(options, replicas) is { } layout ? (name, shape) => layout.ZeroRowsOfRank(shape, replica, ExpertParallel.IsExpertParameter(name)) : null;
+
+    /// <summary>
+    /// The ZeRO step of a stage without routed experts of its own (ep 1, or a stage of dense layers only); null when
+    /// nothing is sharded or <see cref="ForExperts"/> applies. The optimizer must hold replica <paramref name="replica"/>'s rows.
+    /// </summary>
+    public static ZeroStep? For(AdamW optimizer, TrainingOptions options, int replica, int replicas, IGradientReducer? reducer)
+    {
+        CheckSupported(options, replicas);
+        if (HoldsExperts(optimizer, options) || Layout(options, replicas) is not { } layout) return null;
+        var bucketed = reducer as BucketedGradientReducer
+            ?? throw new ArgumentException($"zero {options.Zero} on {replicas} replicas of a stage needs the stage's data-parallel collective (a BucketedGradientReducer)");
+        foreach (var slot in optimizer.Slots)
+            if (slot.RowCount is null || (slot.RowStart, slot.RowCount.Value) != layout.ZeroRows(slot.Param.shape, replica))
+                throw new ArgumentException($"the optimizer's state of '{slot.Name}' is not replica {replica}'s ZeRO shard of {replicas} (rows {slot.RowStart}+{slot.RowCount?.ToString() ?? "all"}); create it with PipelineTrainer.CreateOptimizer");
+        return new ZeroStep(bucketed.Collective, new ZeroShards(layout, [.. optimizer.Slots.Select(s => s.Param.shape)]), bucketed.BucketBytes, layout);
+    }
+
+    static bool HoldsExperts(AdamW optimizer, TrainingOptions options) =>
+        options.Ep > 1 && optimizer.Slots.Any(s => ExpertParallel.IsExpertParameter(s.Name));
+
+    /// <summary>
+    /// ZeRO under ep in a stage (null without either): the replicated parameters sharded over the stage's replicas, each
+    /// routed expert over the replicas holding it, the stage's collective as the data-parallel trainer's world.
+    /// </summary>
+    public static ExpertZeroStep? ForExperts(ExpertParallel? experts, AdamW optimizer, TrainingOptions options, int replica, int replicas, IGradientReducer? reducer)
+    {
+        CheckSupported(options, replicas);
+        if (experts is null || !HoldsExperts(optimizer, options) || Layout(options, replicas) is not { } layout) return null;
+        var bucketed = reducer as BucketedGradientReducer
+            ?? throw new ArgumentException($"zero {options.Zero} with ep {options.Ep} on {replicas} replicas of a stage needs the stage's data-parallel collective (a BucketedGradientReducer)");
+        return new ExpertZeroStep(experts, optimizer, experts.Collective, layout, replica, options.Zero, bucketed.BucketBytes);
+    }
+}
