@@ -1,5 +1,6 @@
-// A dp 2 x pp 2 x ep 2 job that loses a rank: each rank holds one stage's half of the routed experts and nobody else
-// does, so the lost rank's experts survive only in the committed checkpoint. The real Coordinator (in this process)
+// A dp 2 x pp 2 x ep 2 job (and the same with ZeRO-2: each rank also holds half its stage's optimizer state) that loses a
+// rank: each rank holds one stage's half of the routed experts and nobody else does, so the lost rank's experts survive
+// only in the committed checkpoint. The real Coordinator (in this process)
 // re-forms the job on the spare worker, every rank loads that checkpoint (the stages agree on it, so no stage goes on
 // live while another reloads), the steps since are trained again, and the final checkpoint equals, bit for bit, the one
 // an uninterrupted one-worker job commits, with every sample in the ledger once.
@@ -32,8 +33,10 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
         Schedule = new() { WarmupSteps = 1, PeakLr = 3e-3 }, ClipNorm = 0, MtpWeight = 0,
     };
 
-    [Fact]
-    public async Task ADp2Pp2Ep2JobThatLosesARankResumesFromTheCheckpointOnTheSpareAndCommitsTheOneWorkerJobsCheckpoint()
+    [Theory]
+    [InlineData(0)]
+    [InlineData(2)]
+    public async Task ADp2Pp2Ep2JobThatLosesARankResumesFromTheCheckpointOnTheSpareAndCommitsTheOneWorkerJobsCheckpoint(int zero)
     {
         await using var store = await StoreHost.StartAsync();
         await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
@@ -52,7 +55,7 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
                 workers.Add(new ClusterWorker(coordinator.Worker(id, Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stops[id].Token));
             }
 
-            var eppp = Spec("eppp-resume", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2 }, 4);
+            var eppp = Spec($"eppp-resume-zero{zero}", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = zero }, 4);
             Assert.Empty(eppp.Validate());
             await Submit(http, eppp);
             // Once a step is committed, the worker of the last stage's second expert shard leaves (finishing its step in flight).
@@ -75,7 +78,7 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
             Assert.DoesNotContain(resumed.Workers, w => w.WorkerId == leaving);
             Assert.Equal(4, resumed.Workers.Length);
 
-            var one = Spec("eppp-resume-reference", new ParallelPlan { Dp = 1 }, 1);
+            var one = Spec($"eppp-resume-reference-{zero}", new ParallelPlan { Dp = 1 }, 1);
             await Submit(http, one);
             var reference = await Completion(http, one.Name!, log);
 
