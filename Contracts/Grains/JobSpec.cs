@@ -244,9 +244,8 @@ public sealed record ParallelPlan
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");
-        if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1 or 2");
+        if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1, 2 or 3");
         else if (Redundancy && Ep > 1) yield return ("parallel.redundancy", $"true with ep {Ep}: neighbour copies of expert shards are not built yet, expected false or ep 1");
-        else if (Redundancy && Zero >= 3) yield return ("parallel.redundancy", "true with zero 3: neighbour copies of parameter rows are not built yet, expected false or zero 1 or 2");
     }
 }
 
