@@ -245,7 +245,9 @@ public sealed record ParallelPlan
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         if (Zero > 0 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded optimizer state is built for pp 1 only, expected zero 0 or pp 1");
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1, 2 or 3");
-        else if (Redundancy && Ep > 1) yield return ("parallel.redundancy", $"true with ep {Ep}: neighbour copies of expert shards are not built yet, expected false or ep 1");
+        // With ep the expert shards are not the ring's ZeRO shards (ExpertZeroStep shards their optimizer state over the
+        // replicas holding each expert), so the neighbour copy would not cover them: refused rather than half-kept.
+        else if (Redundancy && Ep > 1) yield return ("parallel.redundancy", $"true with ep {Ep}: neighbour copies of expert shards and of their optimizer shards (sharded over the dp/ep replicas holding them) are not built yet, expected false or ep 1");
     }
 }
 
