@@ -54,6 +54,13 @@ public sealed class ReplicaState : IDisposable
     /// <summary>The ZeRO shard the optimizer holds and of how many (-1 and 0: not sharded); a reshard reads it (LiveShards).</summary>
     public int ZeroShard { get; init; } = -1;
     public int ZeroShards { get; init; }
+    /// <summary>
+    /// ZeRO-3: the parameters live as this rank's rows alone (ZeroParameters), so its neighbour copy holds the neighbour's
+    /// parameter rows too (in bf16 the fp32 master rows are those rows, rounded) and a reshard writes each rank's new rows.
+    /// </summary>
+    public bool ShardedParameters { get; init; }
+    /// <summary>Every optimizer slot's whole parameter shape (a ZeRO-3 parameter is emptied between uses); null: read them off the parameters.</summary>
+    public long[][]? Shapes { get; init; }
     /// <summary>parallel.redundancy: this rank's copy of its ring neighbour's optimizer shard (null: none kept).</summary>
     public NeighbourCopy? Neighbour { get; set; }
 

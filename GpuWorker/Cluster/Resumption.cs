@@ -227,11 +227,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     ReplicaState NewState(DeepSeekForCausalLM? keep = null)
     {
         if (keep is not null)
+        {
+            var optimizer = Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize);
             return Holder.State = new ReplicaState
             {
-                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize,
-                Optimizer = Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize),
+                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize, Optimizer = optimizer,
+                ShardedParameters = layout.Zero >= 3, Shapes = Shapes(optimizer),
             };
+        }
         var model = DeepSeekForCausalLM.FromSeed(plan.Config, plan.Spec.Seed); // under the process-wide seed lock: in-process workers build at once
         // initFrom: pretrained weights instead of the seed's (a committed checkpoint, when one is loaded next, replaces them).
         if (plan.Spec.InitFrom is { } pretrained)
@@ -245,14 +248,18 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         model.to(device);
         if (plan.Options.Precision == "bf16") model.to(ScalarType.BFloat16); // AdamW keeps fp32 master weights and moments
         var stage = Pipeline ? new PipelineStage(model, layout, A.PpStage) : null;
+        var created = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options, A.DpRank, A.DpSize);
         Holder.State = new ReplicaState
         {
             JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
-            ZeroShard = layout.Zero > 0 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 ? A.DpSize : 0,
-            Optimizer = stage is null ? Trainer.CreateOptimizer(model, plan.Options, A.DpRank, A.DpSize) : PipelineTrainer.CreateOptimizer(stage, plan.Options, A.DpRank, A.DpSize),
+            ZeroShard = layout.Zero > 0 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 ? A.DpSize : 0, Optimizer = created,
+            ShardedParameters = layout.Zero >= 3, Shapes = Shapes(created),
         };
         return Holder.State;
     }
+
+    /// <summary>The whole shapes, taken while the parameters are whole (a ZeRO-3 trainer empties them between uses).</summary>
+    static long[][] Shapes(Training.Optim.AdamW optimizer) => [.. optimizer.Slots.Select(s => s.Param.shape)];
 
     /// <summary>Names the history that starts in this generation at <paramref name="step"/>: the same on every rank, another in every generation.</summary>
     long GenerationLineage(long step)

@@ -54,6 +54,8 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
 
         progress.Generation = A.Generation;
         bool redundant = plan.Spec.Parallel.Redundancy && formed.Layout.Zero > 0 && formed.Layout.Pp == 1;
+        // ZeRO-3: between steps the trainer holds this rank's parameter rows (the parameters themselves are emptied).
+        Func<int, TorchSharp.torch.Tensor>? ownRows = (Trainer as Trainer)?.ShardedParameters is { } sharded ? sharded.OwnRows : null;
         using var guard = new StepGuardRun(run, plan, Trainer, formed.Live);
         guard.Start();
         long? deviceBytes = null;
@@ -63,7 +65,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
             var m = run.Settings.Faults.Step(Trainer, run.WorkerId, run.Log);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
-            if (redundant) LiveShards.Refresh(formed.Ring, formed.Live); // the neighbour's copy of this rank's shard, at this step
+            if (redundant) LiveShards.Refresh(formed.Ring, formed.Live, ownRows); // the neighbour's copy of this rank's shard, at this step
             run.LastStep = System.Diagnostics.Stopwatch.GetElapsedTime(stepStart);
             var served = source.TakeServed();
             progress.Step = m.Step; progress.Loss = m.Loss; progress.TokensPerSecond = m.TokensPerSecond;
@@ -88,7 +90,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             // After the report (the samples were consumed whatever the guard does), before a save (which then holds what survived).
             int rollbacks = guard.Rollbacks;
             guard.After(m, () => saver.WaitForSnapshot());
-            if (redundant && guard.Rollbacks != rollbacks) LiveShards.Refresh(formed.Ring, formed.Live); // the copy must hold what the rollback restored
+            if (redundant && guard.Rollbacks != rollbacks) LiveShards.Refresh(formed.Ring, formed.Live, ownRows); // the copy must hold what the rollback restored
             bool due = Options.CheckpointEvery > 0 && m.Step % Options.CheckpointEvery == 0 || m.Step == Options.Steps || run.TakeCheckpointRequest(m.Step);
             if (due) SaveCheckpoint(saver, m.Step);
         }

@@ -115,7 +115,8 @@ public sealed class Trainer : ITrainer
     /// <summary>
     /// Called in <see cref="TrainStep"/> after forward, backward and the gradient exchange, right before the first change
     /// to the parameters, optimizer moments and routing biases: a background checkpoint copy of the previous step's state
-    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
+    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot). Under ZeRO-3 also
+    /// at the start of the step, which empties the parameters.
     /// </summary>
     public Action? BeforeOptimizerUpdate { get; set; }
 
@@ -141,6 +142,9 @@ public sealed class Trainer : ITrainer
         var total = Stopwatch.StartNew();
         // Rows a rollback or load wrote into the parameters since the last step (CheckpointTensors exposed them) become the
         // rank's own; then embedding, head and norms outside the layers are whole for the step (ZeroParameters).
+        // Emptying them is ZeRO-3's first change to the parameters: a background checkpoint copy of the tensors
+        // CheckpointTensors exposed must be done first (else it reads emptied storage and the save fails).
+        if (zeroParameters is not null) BeforeOptimizerUpdate?.Invoke();
         zeroParameters?.KeepOwnRowsAndRelease();
         zeroParameters?.GatherRest();
 

@@ -7,7 +7,8 @@ namespace DeepSeekCluster.Training.Parallel;
 /// <param name="Precision">fp32, bf16 (bf16 weights, gradients and activations; fp32 master weights and moments) or fp64 (tests).</param>
 /// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms, SwiGLU products and MLA up-projections recomputed).</param>
 /// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
-/// <param name="Redundancy">parallel.redundancy: a ZeRO rank also holds its ring neighbour's optimizer shard (2/dp, not 1/dp).</param>
+/// <param name="Redundancy">parallel.redundancy: a ZeRO rank also holds its ring neighbour's optimizer shard (2/dp, not 1/dp), and
+/// under ZeRO-3 without fp32 master rows (fp32, fp64) the neighbour's parameter rows, counted in Parameters.</param>
 public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b",
                                   bool Redundancy = false);
 
@@ -102,10 +103,11 @@ public static class MemoryPlanner
         var (param, moment, master, act) = ElementBytes(inputs.Precision);
         long local = LocalParameters(config, layout, rank);
         long shard = ShardParameters(config, layout, rank);
-        long parameters = (layout.Zero >= 3 ? shard : local) * param;
+        long neighbour = layout.Zero >= 1 && inputs.Redundancy && layout.Dp > 1 ? ShardParameters(config, layout, layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp)) : 0;
+        // In bf16 the neighbour's parameter rows are its master rows (rounded on a reshard): only without a master are they copied.
+        long parameters = (layout.Zero >= 3 ? shard + (master == 0 ? neighbour : 0) : local) * param;
         long words = (layout.Zero >= 2 ? shard : local) * ExactWordBytes;
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
-        long neighbour = layout.Zero >= 1 && inputs.Redundancy && layout.Dp > 1 ? ShardParameters(config, layout, layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp)) : 0;
         long optimizer = ((layout.Zero >= 1 ? shard : local) + neighbour) * (2L * moment + master);
         if (layout.Zero < 3) return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
         long gathered = GatheredParameters(config, layout, rank) * param;

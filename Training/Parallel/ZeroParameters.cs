@@ -156,6 +156,14 @@ public sealed class ZeroParameters : IDisposable
         }
     }
 
+    /// <summary>
+    /// This rank's current rows of parameter <paramref name="i"/> (the constructor's order), read without gathering: from a
+    /// parameter that has its full shape (a rollback or load wrote there; <see cref="KeepOwnRowsAndRelease"/> takes them next),
+    /// else from the rank's own storage. An alias: parallel.redundancy copies it to the ring neighbour between steps.
+    /// </summary>
+    public Tensor OwnRows(int i) =>
+        parameters[i].numel() == Numel(shapes[i]) && Numel(shapes[i]) > 0 ? Own(parameters[i], i) : homes[i].alias();
+
     /// <summary>Empties every parameter without taking rows back (after a skipped step, or to undo <see cref="GatherAll"/>).</summary>
     public void ReleaseAll()
     {

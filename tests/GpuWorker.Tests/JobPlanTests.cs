@@ -152,9 +152,9 @@ public class ParallelPlanSpecTests
     {
         Assert.Empty(Spec(new ParallelPlan { Zero = 1, Redundancy = true }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 4, Zero = 2, Redundancy = true }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3, Redundancy = true }).Validate());
         Assert.Contains("true with zero 0", Assert.Single(Problems(Spec(new ParallelPlan { Redundancy = true }), "parallel.redundancy")).Message);
         Assert.Contains("true with ep 2", Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2, Zero = 1, Redundancy = true }), "parallel.redundancy")).Message);
-        Assert.Contains("true with zero 3", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Zero = 3, Redundancy = true }), "parallel.redundancy")).Message);
         Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.Redundancy);
 
         // Rank 1 of dp 4 (uneven rows: shards differ by a row) holds its own shard and rank 2's: the two ranks' predictions added.
@@ -166,6 +166,16 @@ public class ParallelPlanSpecTests
         var redundant = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, layout, 1, inputs with { Redundancy = true });
         Assert.Equal(own.Optimizer + next.Optimizer, redundant.Optimizer);
         Assert.Equal((own.Parameters, own.Gradients, own.Activations), (redundant.Parameters, redundant.Gradients, redundant.Activations));
+        // ZeRO-3: in bf16 the neighbour's parameter rows are its master rows (counted in the optimizer); in fp32 the copy holds them too.
+        var zero3 = layout with { Zero = 3 };
+        var own3 = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 1, inputs);
+        var next3 = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 2, inputs);
+        var redundant3 = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 1, inputs with { Redundancy = true });
+        Assert.Equal((own3.Optimizer + next3.Optimizer, own3.Parameters), (redundant3.Optimizer, redundant3.Parameters));
+        var fp32 = inputs with { Precision = "fp32" };
+        var (own32, next32) = (DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 1, fp32), DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 2, fp32));
+        var redundant32 = DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, zero3, 1, fp32 with { Redundancy = true });
+        Assert.Equal((own32.Optimizer + next32.Optimizer, own32.Parameters + next32.Parameters), (redundant32.Optimizer, redundant32.Parameters));
         // Replicated (zero 0), there is no shard to copy.
         var replicated = layout with { Zero = 0 };
         Assert.Equal(DeepSeekCluster.Training.Parallel.MemoryPlanner.Predict(config, replicated, 1, inputs).Optimizer,

@@ -96,6 +96,88 @@ public class LiveShardsReshardTests
         }
     }
 
+    [Theory]
+    [InlineData(ScalarType.Float32)]
+    [InlineData(ScalarType.BFloat16)]
+    public void UnderZero3EveryNewRankGetsItsParameterRowsFromTheSurvivorsRowsAndTheLostRanksCopy(ScalarType dtype)
+    {
+        // ---- A whole model and optimizer with distinct values; four ZeRO-3 ranks each hold only their rows of both ----
+        var options = new TrainingOptions { Zero = 3 };
+        DeepSeekForCausalLM NewModel()
+        {
+            var m = DeepSeekForCausalLM.FromSeed(Config, 5);
+            m.to(dtype);
+            return m;
+        }
+        using var wholeModel = NewModel();
+        using var whole = Trainer.CreateOptimizer(wholeModel, options);
+        var generator = new Generator(3);
+        using (no_grad())
+            foreach (var (_, t) in whole.StateTensors()) t.copy_(randn(t.shape, dtype: t.dtype, generator: generator));
+        var wholeState = whole.StateTensors().ToDictionary(kv => kv.Key, kv => kv.Value);
+        // In bf16 AdamW's update writes each parameter as its master rounded: the whole model is that here too.
+        if (dtype == ScalarType.BFloat16)
+            using (no_grad()) foreach (var s in whole.Slots) s.Param.copy_(s.Master!);
+        var old = Enumerable.Range(0, 4).Select(r =>
+        {
+            var model = NewModel();
+            var optimizer = Trainer.CreateOptimizer(model, options, r, 4);
+            optimizer.LoadStateTensors(wholeState, "the whole state");
+            optimizer.StepCount = 17;
+            // Rank r holds its rows of every parameter (a ZeRO-3 rank's live state); the other rows are NaN, never to be read.
+            using (no_grad())
+                foreach (var (s, w) in optimizer.Slots.Zip(whole.Slots))
+                {
+                    s.Param.fill_(double.NaN);
+                    using var mine = s.Own(s.Param);
+                    using var rows = s.Own(w.Param);
+                    mine.copy_(rows);
+                }
+            return new ReplicaState { JobId = "j", Fingerprint = "f", Model = model, Optimizer = optimizer, ZeroShard = r, ZeroShards = 4, Step = 5, Lineage = 77, ShardedParameters = true };
+        }).ToArray();
+        try
+        {
+            Run(4, c => LiveShards.Refresh(c, old[c.Rank]));
+            // fp32 copies carry the neighbour's parameter rows beside its moments; bf16 copies its master rows instead.
+            long moments = 2 * whole.Slots.Sum(s => s.ExpAvg.numel());
+            Assert.InRange(old.Sum(s => s.Neighbour!.Words.numel()), 1.49 * moments, 1.51 * moments);
+
+            // ---- Old rank 1 is gone: old 0, 2, 3 are new ranks 0, 1, 2 of dp 3 ----
+            ReplicaState[] survivors = [old[0], old[2], old[3]];
+            var targets = Run(3, c =>
+            {
+                var held = survivors[c.Rank];
+                var (cover, why) = LiveShards.Cover(LiveShards.Exchange(c, held), step: 5, source: 0, dp: 3);
+                if (cover is null) throw new InvalidOperationException(why);
+                var target = new ReplicaState
+                {
+                    JobId = "j", Fingerprint = "f", Model = held.Model, Optimizer = Trainer.CreateOptimizer(held.Model, options, c.Rank, 3), ZeroShard = c.Rank, ZeroShards = 3,
+                    ShardedParameters = true,
+                };
+                LiveShards.Reshard(c, cover, held, target);
+                return target;
+            });
+            foreach (var target in targets)
+            {
+                Assert.Equal((5L, 17L), (target.Step, target.Optimizer.StepCount));
+                foreach (var (s, w) in target.Optimizer.Slots.Zip(whole.Slots))
+                {
+                    using var expected = s.Own(w.Param);
+                    using var actual = s.Own(s.Param);
+                    Assert.True(Same(expected, actual), $"{s.Name}: rows [{s.RowStart}, +{s.RowCount}) of the parameter differ from the whole model's");
+                    var moment = wholeState[$"optimizer.{s.Name}.exp_avg"];
+                    using var momentRows = s.RowCount is { } n && moment.dim() > 0 ? moment.narrow(0, s.RowStart, n) : moment.alias();
+                    Assert.True(Same(momentRows, s.ExpAvg), $"{s.Name}.exp_avg differs from the whole state's rows");
+                }
+                target.Optimizer.Dispose();
+            }
+        }
+        finally
+        {
+            foreach (var s in old) s.Dispose();
+        }
+    }
+
     /// <summary>Same shape, dtype and values (no NaN in these states).</summary>
     static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
 

@@ -1,7 +1,7 @@
-// parallel.redundancy in a cluster job: the real Coordinator (in this process) forms dp 4 with ZeRO-1 on four real
-// ClusterWorkers over tcp; one worker leaves after a step. With redundancy every rank also holds its neighbour's optimizer
-// shard, so the three survivors reshard the live state onto dp 3 and resume with 0 steps redone; without it the lost
-// shard is nowhere, and the job resumes from the committed checkpoint and says so. Either way the final committed
+// parallel.redundancy in a cluster job: the real Coordinator (in this process) forms dp 4 with ZeRO-1 (or ZeRO-3) on four
+// real ClusterWorkers over tcp; one worker leaves after a step. With redundancy every rank also holds its neighbour's
+// optimizer shard (under ZeRO-3 with its parameter rows), so the three survivors reshard the live state onto dp 3 and
+// resume with 0 steps redone; without it the lost shard is nowhere, and the job resumes from the committed checkpoint and says so. Either way the final committed
 // checkpoint equals, bit for bit, the one an uninterrupted one-worker job commits, and every sample is trained once.
 using System.Net;
 using System.Net.Http.Json;
@@ -33,7 +33,12 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
     };
 
     [Fact]
-    public async Task AZero1JobThatLosesAWorkerResumesLiveWithRedundancyAndFromTheCheckpointWithoutAndBothCommitTheOneWorkerJobsCheckpoint()
+    public Task AZero1JobThatLosesAWorkerResumesLiveWithRedundancyAndFromTheCheckpointWithoutAndBothCommitTheOneWorkerJobsCheckpoint() => LoseAWorker(1);
+
+    [Fact]
+    public Task AZero3JobThatLosesAWorkerResumesLiveFromTheNeighboursParameterRowsWithRedundancyAndFromTheCheckpointWithoutAndBothCommitTheOneWorkerJobsCheckpoint() => LoseAWorker(3);
+
+    async Task LoseAWorker(int zero)
     {
         await using var store = await StoreHost.StartAsync();
         await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
@@ -55,7 +60,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             for (int i = 0; i < 4; i++) StartWorker();
 
             // ---- With redundancy: a worker leaves after a step; the survivors reshard live, 0 steps redone ----
-            var redundant = Spec("zero-redundant", new ParallelPlan { Zero = 1, Redundancy = true }, 3, 4);
+            var redundant = Spec($"zero{zero}-redundant", new ParallelPlan { Zero = zero, Redundancy = true }, 3, 4);
             Assert.Empty(redundant.Validate());
             await Submit(http, redundant);
             await LoseOneWorker(http, redundant.Name!, log, stops[1], afterCommit: false);
@@ -67,22 +72,24 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             Assert.Contains(live.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("3 workers"));
             Assert.Contains("from the live shards of the survivors: 4 shard(s) resharded onto dp 3", log.ToString());
             Assert.Contains("'s copy)", log.ToString()); // the lost rank's shard came from its neighbour's copy
-            // Each rank of dp 4 held its neighbour's shard from the start: the bytes the planner adds for it (within a row's rounding).
+            // Each rank of dp 4 held its neighbour's shard from the start: the bytes the planner adds for it (within a row's
+            // rounding); under ZeRO-3 in fp32 the neighbour's parameter rows besides its moments.
             var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
             var config = JobPlan.Map(redundant, (int)manifest.VocabSize, 0).Config;
-            var layout = ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(1, 1, config.NRoutedExperts);
+            var layout = ParallelLayout.Even(4, 1, config.NumHiddenLayers).WithShards(1, zero, config.NRoutedExperts);
             var copies = System.Text.RegularExpressions.Regex.Matches(log.ToString(), @"redundancy: holds the copy of shard (\d) at step 0 \((\d+) bytes")
                 .Select(m => (Shard: int.Parse(m.Groups[1].Value), Bytes: long.Parse(m.Groups[2].Value))).ToList();
             Assert.Equal([0, 1, 2, 3], copies.Select(c => c.Shard).Order());
             foreach (var (shard, bytes) in copies)
             {
-                long predicted = MemoryPlanner.Predict(config, layout, shard, new MemoryInputs("fp32", "none", 1, DataShardsHost.SeqLen)).Optimizer;
+                var neighbour = MemoryPlanner.Predict(config, layout, shard, new MemoryInputs("fp32", "none", 1, DataShardsHost.SeqLen));
+                long predicted = neighbour.Optimizer + (zero >= 3 ? neighbour.Parameters : 0);
                 Assert.InRange(bytes, predicted * 0.99, predicted * 1.01);
             }
 
             // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
             StartWorker();
-            var plain = Spec("zero-plain", new ParallelPlan { Zero = 1 }, 3, 4);
+            var plain = Spec($"zero{zero}-plain", new ParallelPlan { Zero = zero }, 3, 4);
             await Submit(http, plain);
             await LoseOneWorker(http, plain.Name!, log, stops[4], afterCommit: true);
             var reloaded = await Completion(http, plain.Name!, log);
@@ -91,7 +98,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             Assert.Equal("checkpoint", last.ResumeSource);
             Assert.Contains("from the committed checkpoint of step", last.Message);
 
-            var one = Spec("zero-reference", new ParallelPlan { Dp = 1 }, 1, 1);
+            var one = Spec($"zero{zero}-reference", new ParallelPlan { Dp = 1 }, 1, 1);
             await Submit(http, one);
             var reference = await Completion(http, one.Name!, log);
 
