@@ -110,12 +110,11 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             }
             Assert.Equal(Losses(reference), Losses(live));
             Assert.Equal(Losses(reference), Losses(reloaded));
-            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
-            var expected = await LoadWhole(store, one.Name!, one, tokenizerHash, Path.Combine(scratch, "load-one"));
+            var expected = await CommittedTensors.LoadWhole(Data, store, one.Name!, one, Steps, Path.Combine(scratch, "load-one"));
             Assert.Contains(expected.Keys, k => k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
             foreach (var job in new[] { redundant.Name!, plain.Name! })
             {
-                var actual = await LoadWhole(store, job, one, tokenizerHash, Path.Combine(scratch, $"load-{job}"));
+                var actual = await CommittedTensors.LoadWhole(Data, store, job, one, Steps, Path.Combine(scratch, $"load-{job}"));
                 Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
                 foreach (var (name, values) in expected)
                     Assert.True(values.SequenceEqual(actual[name]), $"{name} differs between {job}'s committed checkpoint and the one-worker job's");
@@ -171,18 +170,5 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
         }, $"job {job} completes", log);
         Assert.Equal((long)Steps, status!.Committed.Max(c => c.Step));
         return status;
-    }
-
-    /// <summary>The committed final step of <paramref name="job"/> loaded into one whole model and AdamW: every tensor's values by name.</summary>
-    async Task<Dictionary<string, float[]>> LoadWhole(StoreHost store, string job, JobSpec spec, string tokenizerHash, string staging)
-    {
-        var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
-        var eos = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).EotTokenId;
-        var (config, options) = JobPlan.Map(spec with { Parallel = new ParallelPlan() }, (int)manifest.VocabSize, eos);
-        var checkpoints = new GrpcCheckpointStore(store.Client, store.Address, job, staging);
-        using var model = new DeepSeekForCausalLM(config);
-        using var optimizer = Trainer.CreateOptimizer(model, options);
-        await ShardedCheckpointLoader.LoadReplicaAsync(checkpoints, Steps, model, optimizer, tokenizerHash);
-        return CheckpointTensors.Collect(model, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float32).contiguous().data<float>().ToArray());
     }
 }
