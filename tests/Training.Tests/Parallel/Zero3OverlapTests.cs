@@ -60,6 +60,30 @@ public sealed class Zero3OverlapTests(ITestOutputHelper output)
     }
 
     /// <summary>
+    /// The exchange thread runs its calls in the order posted; a call that fails fails every call queued after it without
+    /// running it (another rank would wait on its collective), and the failure reaches the waiter as the same exception.
+    /// </summary>
+    [Fact]
+    public void TheExchangeRunsCallsInOrderAndStopsAtTheFirstFailure()
+    {
+        using var exchange = new OrderedExchange(async: true);
+        using var hold = new ManualResetEventSlim();
+        var ran = new List<int>();
+        var stalled = new CollectiveException(CollectiveFailure.PeerStalled, "rank 1 stalled", peerRank: 1);
+        var first = exchange.Post(() => { hold.Wait(); ran.Add(1); });
+        var second = exchange.Post(() => ran.Add(2));
+        var failing = exchange.Post(() => throw stalled);
+        var after = exchange.Post(() => ran.Add(4));
+        Assert.False(first.IsCompleted); // held: the later calls are queued behind it
+        hold.Set();
+        Assert.Same(stalled, Assert.Throws<CollectiveException>(() => OrderedExchange.Wait(after)));
+        Assert.Equal([1, 2], ran);
+        Assert.True(second.IsCompletedSuccessfully);
+        Assert.Same(stalled, Assert.Throws<CollectiveException>(() => exchange.Drain()));
+        Assert.True(failing.IsFaulted);
+    }
+
+    /// <summary>
     /// dp 2 and dp 3 (rows that do not split evenly), without and with selective recompute (nested in the layer's own rerun): the overlapped exchanges give the
     /// same loss, MTP loss, clipped norm and expert loads at every step, and every weight and both moments of every rank's
     /// rows, bit for bit, as the reduce-scatter after the backward; the prefetches were used and every layer scattered
