@@ -22,7 +22,9 @@ namespace DeepSeekCluster.Training.Parallel;
 /// The optimizer step needs only this rank's rows: <see cref="MaterializeOwnRows"/> gives each parameter its full
 /// shape with this rank's rows filled (the other rows are allocated, never read or written, so on the CPU they are not
 /// even resident), and <see cref="KeepOwnRowsAndRelease"/> takes the updated rows back and empties every tensor.
-/// The gathers move the exact bits of each shard, so the gathered layer is the single process's.
+/// The gathers move the exact bits of each shard, so the gathered layer is the single process's. <see cref="Overlap"/>
+/// (ZeroParameters.Overlap.cs) prefetches the next layer's gather and reduce-scatters each layer's gradients as its
+/// backward ends, on an exchange thread of their own.
 /// </summary>
 public sealed partial class ZeroParameters : IDisposable
 {

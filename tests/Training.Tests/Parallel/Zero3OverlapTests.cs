@@ -84,13 +84,15 @@ public sealed class Zero3OverlapTests(ITestOutputHelper output)
     }
 
     /// <summary>
-    /// dp 2 and dp 3 (rows that do not split evenly), without and with selective recompute (nested in the layer's own rerun): the overlapped exchanges give the
+    /// dp 2 and dp 3 (rows that do not split evenly), each without and with selective recompute (nested in the layer's own rerun): the overlapped exchanges give the
     /// same loss, MTP loss, clipped norm and expert loads at every step, and every weight and both moments of every rank's
     /// rows, bit for bit, as the reduce-scatter after the backward; the prefetches were used and every layer scattered
     /// during the backward; and the peak of parameter and gradient storage falls to within 10% of the planner's prediction.
     /// </summary>
     [Theory]
     [InlineData(2, "none")]
+    [InlineData(2, "selective")]
+    [InlineData(3, "none")]
     [InlineData(3, "selective")]
     public void OverlappedExchangesTrainBitForBitAsTheAfterBackwardReductionAndHoldLess(int dp, string recompute)
     {
