@@ -167,8 +167,19 @@ public sealed class ExactGradientSum : IDisposable
         Terms++;
     }
 
+    /// <summary>
+    /// Counts a micro-batch whose gradients were added by someone else a part at a time (ZeRO-3 reduce-scatters each
+    /// layer's during the backward into <see cref="High"/> and <see cref="Low"/>, LayerGradientScatter).
+    /// </summary>
+    internal void CountTerm()
+    {
+        if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
+        Terms++;
+    }
+
     /// <summary>The two words of each element of <paramref name="x"/> (overwritten), and the running largest magnitude.</summary>
-    (Tensor Hi, Tensor Lo) ToWords(Tensor x)
+    /// <remarks>Internal for ZeRO-3's per-layer scatter (Parallel/LayerGradientScatter.cs), which converts a layer at a time.</remarks>
+    internal (Tensor Hi, Tensor Lo) ToWords(Tensor x)
     {
         // max and -min in two reads, no |x| temporary; NaN propagates through both and through maximum.
         worst.copy_(maximum(worst, maximum(x.max(), x.min().neg()).unsqueeze(0)));

@@ -81,6 +81,7 @@ public sealed class Trainer : ITrainer
             // The gradient sum is laid out from the parameters' shapes: made while they are whole.
             gradients = zero.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero);
             zeroParameters = new ZeroParameters(model, [.. Optimizer.Slots.Select(s => s.Param)], zero.Collective, zero.Layout, zero.BucketBytes);
+            if (Options.Zero3Overlap) zeroParameters.Overlap(gradients);
         }
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
@@ -190,8 +191,10 @@ public sealed class Trainer : ITrainer
 
             loss.backward();
             if (expertZero is not null) expertZero.AddMicroBatch();
+            else if (zeroParameters is { ScattersLayers: true }) zeroParameters.ScatterRest(); // the layers' went during the backward
             else
             {
+                zeroParameters?.NoteHoldings();
                 gradients!.AddAndClearGradients();
                 experts?.AddSourceGradients(gradients); // with ep: the other sources' expert gradients, each a term of its own
             }
@@ -211,6 +214,7 @@ public sealed class Trainer : ITrainer
         // The sums are over every rank's micro-batches, or this rank's alone when it has no reducer (the standalone trainer).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
         zeroParameters?.MaterializeOwnRows(); // ZeRO-3: the update reads and writes this rank's rows only
+        if (zeroParameters is { ScattersLayers: true }) zeroParameters.GiveGradients(); // (their rows only, as the parameters')
         if (zero is not null) gradients!.WriteShardMean(counted, zero.Shard);
         else if (expertZero is null) gradients!.WriteMean(counted); // (ep x ZeRO wrote its rows' mean in ReduceAndWriteMean)
         double gradNorm = expertZero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? experts?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? zero?.ClipGradNorm(Optimizer, Options.ClipNorm) ?? Optimizer.ClipGradNorm(Options.ClipNorm);
@@ -290,9 +294,9 @@ public sealed class Trainer : ITrainer
 
     public void Dispose()
     {
+        zeroParameters?.Dispose(); // first: its exchanges in flight add into the gradient sum
         gradients?.Dispose();
         expertZero?.Dispose();
-        zeroParameters?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();
     }
 }

@@ -49,6 +49,14 @@ public sealed record TrainingOptions
     /// <summary>ZeRO stage over the data-parallel ranks: 0 replicated, 1 AdamW state sharded, 2 and the gradient words, 3 and the parameters (docs/parallelism.md).</summary>
     public int Zero { get; init; }
 
+    /// <summary>
+    /// ZeRO-3 without ep: each layer's gradients are reduce-scattered as soon as its backward is done, and (CPU
+    /// collectives) the next layer's gather is prefetched while this one computes (ZeroParameters.Overlap). Off: the
+    /// whole backward's gradients are reduce-scattered after it and each gather waits; the same bits either way (the
+    /// bench compares the two).
+    /// </summary>
+    public bool Zero3Overlap { get; init; } = true;
+
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;
     /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>

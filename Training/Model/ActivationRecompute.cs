@@ -20,7 +20,14 @@ public enum RecomputeMode { None, Full, Selective }
 /// Parameters a module holds only while it runs (ZeRO-3, Parallel/ZeroParameters.cs): <paramref name="Gather"/> gives
 /// them their whole values (every rank calls it at the same point: it is a collective), <paramref name="Release"/> frees them.
 /// </summary>
-public sealed record GatheredParameters(Action Gather, Action Release);
+public sealed record GatheredParameters(Action Gather, Action Release)
+{
+    /// <summary>The gather before the backward's rerun, when it differs from the forward's (it prefetches the layer before, not after).</summary>
+    public Action? GatherForBackward { get; init; }
+
+    /// <summary>Called once the backward has added the parameters' gradients into their <c>.grad</c>, before the release (a ZeRO-3 rank reduce-scatters them there).</summary>
+    public Action? Differentiated { get; init; }
+}
 
 public static class ActivationRecompute
 {
@@ -150,7 +157,7 @@ public static class ActivationRecompute
             var leaves = new List<Tensor>();
             var outer = leavesOfRerun;
             leavesOfRerun = leaves;
-            segment.Gathered?.Gather();
+            if (segment.Gathered is { } toGather) (toGather.GatherForBackward ?? toGather.Gather)();
             List<Tensor?> grads;
             var gatheredParameters = segment.GatheredParameters.Where(p => p.requires_grad).ToArray();
             try
@@ -182,6 +189,7 @@ public static class ActivationRecompute
                         if (p.grad is { } existing) existing.add_(g);
                         else p.grad = g.detach().clone().DetachFromDisposeScope();
                     }
+                segment.Gathered?.Differentiated?.Invoke();
             }
             finally { segment.Gathered?.Release(); }
 

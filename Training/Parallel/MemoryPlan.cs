@@ -9,14 +9,16 @@ namespace DeepSeekCluster.Training.Parallel;
 /// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
 /// <param name="Redundancy">parallel.redundancy: a ZeRO rank also holds its ring neighbour's optimizer shard (2/dp, not 1/dp), and
 /// under ZeRO-3 without fp32 master rows (fp32, fp64) the neighbour's parameter rows, counted in Parameters.</param>
+/// <param name="Zero3Overlap">TrainingOptions.Zero3Overlap (ZeRO-3 without ep): gradients reduce-scattered per layer, the next layer's gather prefetched.</param>
 public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b",
-                                  bool Redundancy = false);
+                                  bool Redundancy = false, bool Zero3Overlap = true);
 
 /// <summary>One rank's predicted resident bytes, by kind.</summary>
 /// <param name="Parameters">What the rank holds between steps (under ZeRO-3 its rows alone).</param>
 /// <param name="GradientWords">The part of <paramref name="Gradients"/> that is the exact sum's int64 words (16 bytes per summed element).</param>
 /// <param name="Gathered">ZeRO-3: parameters held whole during a step besides the rank's rows (everything outside the
-/// decoder layers, and the largest layer while it runs); 0 otherwise.</param>
+/// decoder layers, and the largest layer while it runs, or with the overlap the largest two consecutive ones: one runs
+/// while the next is prefetched); 0 otherwise.</param>
 public sealed record RankMemory(int Rank, long Parameters, long Gradients, long GradientWords, long Optimizer, long Activations, long Gathered = 0)
 {
     public long Total => Parameters + Gathered + Gradients + Optimizer + Activations;
@@ -36,8 +38,10 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// <item>parameters: its stage's, with its 1/ep of the routed experts, and 1/dp of them under ZeRO-3, which also holds
 /// everything outside the decoder layers and one layer whole during a step (<see cref="RankMemory.Gathered"/>; ZeRO-3
 /// recomputes every layer, so its activations are those of full recompute whatever the option says);</item>
-/// <item>gradients: one <c>.grad</c> per parameter in the parameters' dtype, and the exact sum's two int64 words per
-/// element (ExactGradientSum), 1/dp of the words under ZeRO-2 and up, plus its float64 conversion scratch;</item>
+/// <item>gradients: one <c>.grad</c> per parameter in the parameters' dtype (under ZeRO-3 with the overlap only those
+/// outside the layers and the largest layer's: each layer's are reduce-scattered and freed when its backward ends), and
+/// the exact sum's two int64 words per element (ExactGradientSum), 1/dp of the words under ZeRO-2 and up, plus its
+/// float64 conversion scratch;</item>
 /// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
 /// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
 /// <item>activations: an estimate of what autograd keeps per micro-batch (attention, MLP or MoE, logits), times the
@@ -110,24 +114,40 @@ public static class MemoryPlanner
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
         long optimizer = ((layout.Zero >= 1 ? shard : local) + neighbour) * (2L * moment + master);
         if (layout.Zero < 3) return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs, act));
-        long gathered = GatheredParameters(config, layout, rank) * param;
+        var (outside, largest, largestPair) = LayerParts(config, layout, rank);
+        // The trainer overlaps ZeRO-3's exchanges without ep only (ZeroParameters.Overlap).
+        bool overlap = inputs.Zero3Overlap && layout.Ep == 1;
+        long gathered = (outside + (overlap ? largestPair : largest)) * param;
+        if (overlap)
+        {
+            // The .grads peak while a layer's backward ends: its own and those outside the layers but the embedding's
+            // (its backward is the last, after every layer's); at the end of the backward, all of those outside.
+            long embedding = layout.StageOfRank(rank) == 0 && !config.TieWordEmbeddings ? (long)config.VocabSize * config.HiddenSize : 0;
+            gradients = Math.Max(outside - embedding + largest, outside) * param + words + Math.Min(local, ExactScratchElements) * 8;
+        }
         return new RankMemory(rank, parameters, gradients, words, optimizer, Activations(config, layout, rank, inputs with { Recompute = "full" }, act), gathered);
     }
 
-    /// <summary>ZeRO-3's whole parameters during a step: everything outside the decoder layers, and the largest layer (with its 1/ep of the routed experts).</summary>
-    static long GatheredParameters(DeepSeekConfig config, ParallelLayout layout, int rank)
+    /// <summary>
+    /// ZeRO-3's gather groups: the parameters outside the decoder layers, the largest layer, and the largest two layers
+    /// that run one after the other (main layers, then MTP blocks, each in order), each layer with its 1/ep of the routed experts.
+    /// </summary>
+    static (long Outside, long Largest, long LargestPair) LayerParts(DeepSeekConfig config, ParallelLayout layout, int rank)
     {
         var layers = layout.Stages[layout.StageOfRank(rank)];
         int mtpLayers = layout.StageOfRank(rank) == layout.Pp - 1 ? config.NumNextnPredictLayers : 0;
-        long inLayers = 0, largest = 0;
+        long inLayers = 0, largest = 0, pair = 0, previous = 0;
         for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
         {
             int index = l < layers.End ? l : config.NumHiddenLayers + (l - layers.End);
             long layer = config.LayerParameterCount(index) - config.RoutedExpertParameterCount(index) + config.RoutedExpertParameterCount(index) / layout.Ep;
+            if (l == layers.End) previous = 0; // the first MTP block follows no layer of the forward's order
             inLayers += layer;
             largest = Math.Max(largest, layer);
+            pair = Math.Max(pair, previous + layer);
+            previous = layer;
         }
-        return LocalParameters(config, layout, rank) - inLayers + largest;
+        return (LocalParameters(config, layout, rank) - inLayers, largest, pair);
     }
 
     public static IReadOnlyList<RankMemory> PredictAll(DeepSeekConfig config, ParallelLayout layout, MemoryInputs inputs) =>

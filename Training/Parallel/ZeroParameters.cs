@@ -1,6 +1,7 @@
 // ZeRO-3's parameter storage: each rank keeps its rows of every parameter, and gathers a decoder layer's whole
 // parameters only while that layer runs (forward, and the recompute in backward).
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using static TorchSharp.torch;
@@ -21,9 +22,11 @@ namespace DeepSeekCluster.Training.Parallel;
 /// The optimizer step needs only this rank's rows: <see cref="MaterializeOwnRows"/> gives each parameter its full
 /// shape with this rank's rows filled (the other rows are allocated, never read or written, so on the CPU they are not
 /// even resident), and <see cref="KeepOwnRowsAndRelease"/> takes the updated rows back and empties every tensor.
-/// The gathers move the exact bits of each shard, so the gathered layer is the single process's.
+/// The gathers move the exact bits of each shard, so the gathered layer is the single process's. <see cref="Overlap"/>
+/// (ZeroParameters.Overlap.cs) prefetches the next layer's gather and reduce-scatters each layer's gradients as its
+/// backward ends, on an exchange thread of their own.
 /// </summary>
-public sealed class ZeroParameters : IDisposable
+public sealed partial class ZeroParameters : IDisposable
 {
     /// <summary>
     /// A set of ranks that split some parameters' rows among themselves: <paramref name="Layout"/>'s Dp of them, this rank
@@ -32,8 +35,9 @@ public sealed class ZeroParameters : IDisposable
     /// </summary>
     public sealed record Partition(ICollective Collective, ParallelLayout Layout, int Shard);
 
-    // One gather: per partition, the group's members in it and their ZeRO partition (shard-major windows).
-    sealed record Group(string Name, int[] Members, (int Partition, int[] Members, ZeroShards Shards)[] Parts);
+    // One gather: per partition, the group's members in it and their ZeRO partition (shard-major windows). Layers are
+    // numbered in forward order (main layers, then MTP blocks; Index -1: the group outside the layers).
+    sealed record Group(string Name, int Index, int[] Members, (int Partition, int[] Members, ZeroShards Shards)[] Parts);
 
     readonly Partition[] partitions;
     readonly int[] partitionOf;
@@ -44,6 +48,13 @@ public sealed class ZeroParameters : IDisposable
     readonly Tensor[] homes;
     readonly Group rest;
     readonly Dictionary<DecoderLayer, Group> layers = new(ReferenceEqualityComparer.Instance);
+    readonly Group[] order;       // the layers' groups by Index
+    readonly int mainLayers;      // order[..mainLayers]: the model's layers; after them the MTP blocks
+    OrderedExchange exchange = new(async: false);
+    (Group Group, Tensor[] Full, Task Done)? pending; // a prefetched gather (at most one)
+    ExactGradientSum? sink;       // per-layer reduce-scatter during the backward into its words, or null: after the backward
+    Dictionary<Group, LayerGradientScatter>? scatters;
+    long pendingGradientBytes, peak;
 
     /// <summary>Sharded over the data-parallel group alone (ep 1): <paramref name="collective"/>'s ranks, this rank its own shard.</summary>
     public ZeroParameters(DeepSeekForCausalLM model, IReadOnlyList<Tensor> parameters, ICollective collective, ParallelLayout layout, long bucketBytes)
@@ -72,14 +83,16 @@ public sealed class ZeroParameters : IDisposable
         for (int i = 0; i < parameters.Count; i++) index[parameters[i].Handle] = i;
         var inLayer = new bool[parameters.Count];
         var decoderLayers = model.model.layers.Concat(model.mtp.Select(m => m.block)).ToList();
+        mainLayers = model.model.layers.Count;
         foreach (var (layer, l) in decoderLayers.Select((x, i) => (x, i)))
         {
             var members = layer.parameters().Select(p => index.TryGetValue(p.Handle, out int i) ? i
                 : throw new ArgumentException($"a parameter of decoder layer {l} is not among the {parameters.Count} given")).Distinct().ToArray();
             foreach (var m in members) inLayer[m] = true;
-            layers[layer] = NewGroup($"layer {l}", members);
+            layers[layer] = NewGroup($"layer {l}", l, members);
         }
-        rest = NewGroup("outside the layers", [.. Enumerable.Range(0, parameters.Count).Where(i => !inLayer[i])]);
+        order = [.. decoderLayers.Select(l => layers[l])];
+        rest = NewGroup("outside the layers", -1, [.. Enumerable.Range(0, parameters.Count).Where(i => !inLayer[i])]);
         using var noGrad = no_grad();
         homes = new Tensor[parameters.Count];
         for (int i = 0; i < homes.Length; i++)
@@ -88,13 +101,18 @@ public sealed class ZeroParameters : IDisposable
             homes[i] = own.clone().DetachFromDisposeScope();
         }
         foreach (var p in this.parameters) Empty(p);
-        foreach (var (layer, group) in layers) layer.Zero3 = new GatheredParameters(() => Gather(group), () => Release(group));
+        foreach (var (layer, group) in layers)
+            layer.Zero3 = new GatheredParameters(() => Gather(group, backward: false), () => Release(group))
+            {
+                GatherForBackward = () => Gather(group, backward: true),
+                Differentiated = () => Differentiated(group),
+            };
     }
 
     // Every rank has the same members in each partition (the same layers, and under ep as many experts of the same shapes),
     // so every rank makes the same all-gathers in the same order.
-    Group NewGroup(string name, int[] members) =>
-        new(name, members, [.. Enumerable.Range(0, partitions.Length)
+    Group NewGroup(string name, int index, int[] members) =>
+        new(name, index, members, [.. Enumerable.Range(0, partitions.Length)
             .Select(p => (p, Members: members.Where(m => partitionOf[m] == p).ToArray()))
             .Where(x => x.Members.Length > 0)
             .Select(x => (x.p, x.Members, new ZeroShards(partitions[x.p].Layout, [.. x.Members.Select(m => shapes[m])])))]);
@@ -115,18 +133,19 @@ public sealed class ZeroParameters : IDisposable
     }
 
     /// <summary>Gives the parameters outside the decoder layers their whole values: at the start of a step (every rank calls it).</summary>
-    public void GatherRest() => Gather(rest);
+    public void GatherRest() => Gather(rest, backward: false);
 
     /// <summary>The whole model gathered (every rank calls it): for an evaluation or an export that reads every weight.</summary>
     public void GatherAll()
     {
-        Gather(rest);
-        foreach (var g in layers.Values) Gather(g);
+        Gather(rest, backward: false);
+        foreach (var g in order) Gather(g, backward: false);
     }
 
     /// <summary>Every parameter gets its full shape with this rank's rows filled; nothing is exchanged.</summary>
     public void MaterializeOwnRows()
     {
+        Settle();
         using var noGrad = no_grad();
         for (int i = 0; i < parameters.Length; i++)
         {
@@ -142,6 +161,7 @@ public sealed class ZeroParameters : IDisposable
     /// </summary>
     public void KeepOwnRowsAndRelease()
     {
+        Settle();
         using var noGrad = no_grad();
         for (int i = 0; i < parameters.Length; i++)
         {
@@ -167,6 +187,7 @@ public sealed class ZeroParameters : IDisposable
     /// <summary>Empties every parameter without taking rows back (after a skipped step, or to undo <see cref="GatherAll"/>).</summary>
     public void ReleaseAll()
     {
+        Settle();
         foreach (var p in parameters) Empty(p);
     }
 
@@ -181,22 +202,10 @@ public sealed class ZeroParameters : IDisposable
 
     static long Numel(long[] shape) => shape.Aggregate(1L, (a, b) => a * b);
 
-    void Gather(Group group)
-    {
-        using var noGrad = no_grad();
-        foreach (var i in group.Members) WithOwnRows(i);
-        foreach (var (partition, members, shards) in group.Parts)
-            AllGatherRows(partitions[partition], shards, [.. members.Select(i => parameters[i])]);
-    }
-
     void Release(Group group)
     {
         foreach (var i in group.Members) Empty(parameters[i]);
     }
-
-    /// <summary>Every shard's rows of <paramref name="tensors"/> to every rank, a bucket at a time (ZeroStep's all-gather).</summary>
-    void AllGatherRows(Partition partition, ZeroShards shards, Tensor[] tensors) =>
-        ZeroStep.AllGatherRows(partition.Collective, shards, partition.Shard, tensors, bucketBytes);
 
     /// <summary>
     /// Leaves every parameter with its full shape and this rank's rows (the others unset): the live state a later trainer
@@ -205,6 +214,10 @@ public sealed class ZeroParameters : IDisposable
     public void Dispose()
     {
         foreach (var layer in layers.Keys) layer.Zero3 = null;
+        try { Settle(); }
+        catch (Exception) { pending = null; } // a failed exchange was thrown to the step it belonged to already
+        exchange.Dispose();
+        exchange = new OrderedExchange(async: false);
         MaterializeOwnRows();
         foreach (var h in homes) h.Dispose();
     }

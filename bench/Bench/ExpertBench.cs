@@ -59,7 +59,7 @@ public static class ExpertBench
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
     }
 
-    static T[] OnRanks<T>(int world, Func<TcpCollective, T> body)
+    internal static T[] OnRanks<T>(int world, Func<TcpCollective, T> body)
     {
         var options = new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(120) };
         var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);

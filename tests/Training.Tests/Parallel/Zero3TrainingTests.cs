@@ -134,12 +134,17 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
         var inputs = new MemoryInputs("fp64", "full", Options.MicroBatch, Options.SeqLen);
         var whole = MemoryPlanner.Predict(Config, ParallelLayout.Even(1, 1, Config.NumHiddenLayers), 0, inputs);
         Assert.True(Math.Abs(single.ParameterBytes - whole.Parameters) <= 0.01 * whole.Parameters, $"one process holds {single.ParameterBytes} parameter bytes; the planner predicts {whole.Parameters}");
-        // What a step holds whole besides the rows: everything outside the layers, and the largest layer.
+        // What a step holds whole besides the rows: everything outside the layers, and the largest layer; with the
+        // overlap (the default), the largest two consecutive layers of the main ones or of the MTP blocks (one runs, the next is prefetched).
         using (var model = NewModel())
         {
-            var layers = model.model.layers.Concat(model.mtp.Select(m => m.block)).Select(l => l.parameters().Sum(p => p.numel())).ToList();
+            var main = model.model.layers.Select(l => l.parameters().Sum(p => p.numel())).ToList();
+            var mtp = model.mtp.Select(m => m.block.parameters().Sum(p => p.numel())).ToList();
+            var layers = main.Concat(mtp).ToList();
             long outside = model.parameters().Sum(p => p.numel()) - layers.Sum();
-            Assert.Equal((outside + layers.Max()) * sizeof(double), MemoryPlanner.Predict(Config, layout, 0, inputs).Gathered);
+            long pair = new[] { main, mtp }.Max(list => list.Select((x, i) => x + (i > 0 ? list[i - 1] : 0)).DefaultIfEmpty(0).Max());
+            Assert.Equal((outside + layers.Max()) * sizeof(double), MemoryPlanner.Predict(Config, layout, 0, inputs with { Zero3Overlap = false }).Gathered);
+            Assert.Equal((outside + pair) * sizeof(double), MemoryPlanner.Predict(Config, layout, 0, inputs).Gathered);
         }
         for (int r = 0; r < dp; r++)
         {
