@@ -93,6 +93,7 @@ public sealed class PipelineTrainer : ITrainer
         (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
+        GroupedExperts.Apply(stage.Model, GroupedExperts.Parse(Options.Experts, Device.type));
     }
 
     /// <summary>The AdamW of a stage: moments for its own parameters only (with ep, its routed experts last).</summary>
