@@ -22,7 +22,7 @@ public static class StandaloneCommands
                            [--out DIR] [--steps N] [--seq-len N] [--global-batch N] [--micro-batch N]
                            [--lr X] [--schedule cosine|wsd|constant] [--warmup N] [--min-lr-ratio X]
                            [--weight-decay X] [--clip X] [--mtp-weight X] [--bias-update-speed X]
-                           [--precision fp32|bf16] [--recompute none|full|selective] [--device auto|cpu|cuda] [--seed N]
+                           [--precision fp32|bf16] [--recompute none|full|selective] [--experts auto|grouped|per-expert] [--device auto|cpu|cuda] [--seed N]
                            [--eval-every N] [--eval-batches N] [--log-every N] [--checkpoint-every N]
                            [--fresh] [--peak-gflops X] [--init-from HF_DIR]
               Trains without the cluster. Default: the tiny preset on the shipped King James Bible corpus,
@@ -77,7 +77,7 @@ public static class StandaloneCommands
             MinLrRatio = cl.Get("min-lr-ratio", d.MinLrRatio),
             WeightDecay = cl.Get("weight-decay", d.WeightDecay), ClipNorm = cl.Get("clip", d.ClipNorm),
             MtpWeight = cl.Get("mtp-weight", d.MtpWeight), BiasUpdateSpeed = cl.Get("bias-update-speed", d.BiasUpdateSpeed),
-            Precision = cl.String("precision") ?? d.Precision, Recompute = cl.String("recompute") ?? d.Recompute, Device = cl.String("device") ?? d.Device, Seed = cl.Get("seed", d.Seed),
+            Precision = cl.String("precision") ?? d.Precision, Recompute = cl.String("recompute") ?? d.Recompute, Experts = cl.String("experts") ?? d.Experts, Device = cl.String("device") ?? d.Device, Seed = cl.Get("seed", d.Seed),
             EvalEvery = cl.Get("eval-every", d.EvalEvery), EvalBatches = cl.Get("eval-batches", d.EvalBatches),
             LogEvery = cl.Get("log-every", d.LogEvery), CheckpointEvery = cl.Get("checkpoint-every", 100),
         };

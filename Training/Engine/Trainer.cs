@@ -85,6 +85,7 @@ public sealed class Trainer : ITrainer
         }
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
+        GroupedExperts.Apply(model, GroupedExperts.Parse(Options.Experts, Device.type));
     }
 
     /// <summary>

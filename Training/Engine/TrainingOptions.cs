@@ -61,6 +61,11 @@ public sealed record TrainingOptions
     public int Ep { get; init; } = 1;
     /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>
     public string Recompute { get; init; } = "none";
+    /// <summary>
+    /// How MoE layers run their routed experts: per-expert (one GEMM chain each), grouped (one batched matmul per
+    /// projection, slices padded to the largest load) or auto (grouped on CUDA, per-expert on the CPU); see GroupedExperts.
+    /// </summary>
+    public string Experts { get; init; } = "auto";
 
     /// <summary>The values <see cref="PipelineSchedule"/> accepts.</summary>
     public static readonly string[] PipelineSchedules = ["1f1b", "gpipe"];
@@ -89,6 +94,8 @@ public sealed record TrainingOptions
             p.Add($"pipeline_schedule must be one of {string.Join(", ", PipelineSchedules)}, got '{PipelineSchedule}'");
         if (!ActivationRecompute.Modes.Contains(Recompute))
             p.Add($"recompute must be one of {string.Join(", ", ActivationRecompute.Modes)}, got '{Recompute}'");
+        if (!GroupedExperts.Modes.Contains(Experts))
+            p.Add($"experts must be one of {string.Join(", ", GroupedExperts.Modes)}, got '{Experts}'");
         if (Zero is < 0 or > 3) p.Add($"zero must be 0 to 3, got {Zero}");
         if (Ep < 1 || worldSize % Ep != 0) p.Add($"ep must be at least 1 and divide the data-parallel width {worldSize}, got {Ep}");
         if (EvalEvery < 0 || LogEvery <= 0 || CheckpointEvery < 0) p.Add("eval_every and checkpoint_every must be >= 0 and log_every > 0");

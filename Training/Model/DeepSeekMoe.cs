@@ -26,6 +26,9 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     /// <summary>Set on an expert-parallel rank: runs the routed experts across the ranks of its group (forward and backward).</summary>
     public ExpertParallel? Parallel { get; set; }
 
+    /// <summary>How the routed experts run: one GEMM chain per expert, or one batched matmul per projection (<see cref="GroupedExperts"/>).</summary>
+    public ExpertKernel Kernel { get; set; } = ExpertKernel.PerExpert;
+
     public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
     {
         nExperts = config.NRoutedExperts;
@@ -78,7 +81,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         LastLoad = load_E.data<long>().ToArray();
 
         var input_MD = x_ND.index_select(0, token_M);
-        var expertOut_MD = Parallel is { } ep ? ep.RunExperts(input_MD, LastLoad, route.Indices_NK, experts) : RunAll(input_MD);
+        var expertOut_MD = Parallel is { } ep ? ep.RunExperts(input_MD, LastLoad, route.Indices_NK, experts, Kernel) : RunAll(input_MD);
         var weighted_MD = expertOut_MD * weight_M.unsqueeze(-1);
         var routed_ND = zeros(N, D, weighted_MD.dtype, x_BTD.device).index_add(0, token_M, weighted_MD, 1);
         var output = routed_ND.to_type(x_BTD.dtype).view(shape);
@@ -94,6 +97,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     {
         if (experts.Count != nExperts)
             throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
+        if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training);
         var outputs = new List<Tensor>(nExperts);
         long offset = 0;
         for (int e = 0; e < nExperts; e++)

@@ -27,7 +27,7 @@ public sealed class SwiGluMlp : nn.Module<Tensor, Tensor>
         return down_proj.forward(h);
     }
 
-    static Tensor Product(Tensor gate, Tensor up)
+    internal static Tensor Product(Tensor gate, Tensor up)
     {
         using var act = nn.functional.silu(gate);
         return act * up;

@@ -66,7 +66,7 @@ public sealed partial class ExpertParallel
     /// The routed experts' outputs for <paramref name="input_MD"/>'s rows (grouped by expert, <paramref name="load_E"/>
     /// rows each), computed by the ranks that hold them; differentiable in the input and in every expert's weights.
     /// </summary>
-    public Tensor RunExperts(Tensor input_MD, long[] load_E, Tensor indices_NK, ExpertList experts)
+    public Tensor RunExperts(Tensor input_MD, long[] load_E, Tensor indices_NK, ExpertList experts, ExpertKernel kernel = ExpertKernel.PerExpert)
     {
         if (load_E.Length != Ep * PerShard) throw new ArgumentException($"expected a load for each of {Ep * PerShard} experts, got {load_E.Length}");
         if (experts.First != Shard * PerShard || experts.Count != PerShard)
@@ -80,9 +80,11 @@ public sealed partial class ExpertParallel
         CountFanOut(indices_NK);
 
         var received_RD = ExpertAllToAll.apply(input_MD, this, send, receive);
+        bool recording = is_grad_enabled() && input_MD.requires_grad;
+        if (kernel == ExpertKernel.Grouped)
+            return ExpertAllToAll.apply(RunGrouped(received_RD, counts_SP, experts, recording), this, receive, send);
         var outputs = new List<Tensor>(Ep * PerShard);
         long offset = 0;
-        bool recording = is_grad_enabled() && input_MD.requires_grad;
         for (int s = 0; s < Ep; s++)
             for (int e = 0; e < PerShard; e++)
             {
@@ -98,17 +100,42 @@ public sealed partial class ExpertParallel
     /// <summary>The expert on another source's rows, through leaves of its weights whose gradients stay apart (round r).</summary>
     Tensor ForeignSource(SwiGluMlp expert, Tensor x, int round)
     {
-        Tensor Leaf(Parameter p)
-        {
-            var leaf = p.detach().requires_grad_(true).DetachFromDisposeScope();
-            leaves.Add((p, leaf, round));
-            ActivationRecompute.DeclareLeaf(leaf); // a layer recomputed in backward creates its leaves there
-            return leaf;
-        }
         // The same operations as SwiGluMlp.forward (Linear is F.linear without bias): the same bits.
-        var gate = nn.functional.linear(x, Leaf(expert.gate_proj.weight!));
-        var up = nn.functional.linear(x, Leaf(expert.up_proj.weight!));
-        return nn.functional.linear(nn.functional.silu(gate) * up, Leaf(expert.down_proj.weight!));
+        var gate = nn.functional.linear(x, Leaf(expert.gate_proj.weight!, round));
+        var up = nn.functional.linear(x, Leaf(expert.up_proj.weight!, round));
+        return nn.functional.linear(nn.functional.silu(gate) * up, Leaf(expert.down_proj.weight!, round));
+    }
+
+    Tensor Leaf(Parameter p, int round)
+    {
+        var leaf = p.detach().requires_grad_(true).DetachFromDisposeScope();
+        leaves.Add((p, leaf, round));
+        ActivationRecompute.DeclareLeaf(leaf); // a layer recomputed in backward creates its leaves there
+        return leaf;
+    }
+
+    /// <summary>
+    /// Every (source, expert) block of <paramref name="received_RD"/> in one batched matmul per projection: a group per
+    /// pair, its own source's through the parameters and each other source's through that round's leaves, so the
+    /// gradient terms stay apart exactly as in the per-expert path.
+    /// </summary>
+    Tensor RunGrouped(Tensor received_RD, long[][] counts_SP, ExpertList experts, bool recording)
+    {
+        var gate = new List<Tensor>(Ep * PerShard);
+        var up = new List<Tensor>(Ep * PerShard);
+        var down = new List<Tensor>(Ep * PerShard);
+        for (int s = 0; s < Ep; s++)
+            for (int e = 0; e < PerShard; e++)
+            {
+                bool own = s == Shard || !recording;
+                int round = (s - Shard + Ep) % Ep;
+                Tensor W(Parameter p) => own ? p : Leaf(p, round);
+                gate.Add(W(experts[e].gate_proj.weight!));
+                up.Add(W(experts[e].up_proj.weight!));
+                down.Add(W(experts[e].down_proj.weight!));
+            }
+        bool recompute = experts[0].RecomputeProduct && experts[0].training;
+        return GroupedExperts.Run(received_RD, [.. counts_SP.SelectMany(c => c)], gate, up, down, recompute);
     }
 
     /// <summary>

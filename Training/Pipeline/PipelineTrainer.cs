@@ -97,6 +97,7 @@ public sealed class PipelineTrainer : ITrainer
         expertZero = StageZero.ForExperts(expertParallel, Optimizer, Options, replica, replicas, reducer);
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
+        GroupedExperts.Apply(stage.Model, GroupedExperts.Parse(Options.Experts, Device.type));
     }
 
     /// <summary>

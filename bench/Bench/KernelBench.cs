@@ -24,6 +24,7 @@ public static class KernelBench
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
         {
             if (parts.Contains("adamw")) AdamWStep(preset, dtype, device, rounds, Arg(args, "--chunks", ""));
+            if (parts.Contains("moe")) MoeLayer(preset, dtype, device, rounds, batch, seqLen);
             if (!parts.Contains("attention")) continue;
             // One MLA layer's attention in training: queries and keys qk_nope + qk_rope wide, values v_head_dim wide.
             long h = preset.NumAttentionHeads, q = preset.QkHeadDim, v = preset.VHeadDim;
@@ -76,6 +77,47 @@ public static class KernelBench
                               $"{Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
             plainOptimizer.Dispose(); flatOptimizer.Dispose(); plainModel.Dispose(); flatModel.Dispose();
         }
+    }
+
+    /// <summary>
+    /// One MoE layer of <paramref name="preset"/> (router, shared and routed experts), forward + backward: the routed experts
+    /// one GEMM chain each against one bmm per projection (GroupedExperts); then what stacking the expert weights costs alone.
+    /// </summary>
+    static void MoeLayer(DeepSeekConfig preset, ScalarType dtype, Device device, int rounds, int batch, int seqLen)
+    {
+        manual_seed(1);
+        using var moe = new DeepSeekMoe(preset);
+        using (no_grad()) foreach (var p in moe.parameters()) p.normal_(0, 0.02);
+        moe.to(dtype).to(device);
+        moe.train();
+        var x = randn(batch, seqLen, preset.HiddenSize, dtype, device).requires_grad_(true);
+        var projection = randn_like(x);
+        void Pass(ExpertKernel kernel)
+        {
+            using var scope = NewDisposeScope();
+            moe.Kernel = kernel;
+            moe.zero_grad();
+            (moe.forward(x) * projection).sum().backward();
+            if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
+        }
+        var (plain, fused, ratios) = SideBySide(rounds, () => Pass(ExpertKernel.PerExpert), () => Pass(ExpertKernel.Grouped));
+        var load = moe.LastLoad;
+        double padding = (double)load.Max() * load.Length / load.Sum();
+        Console.WriteLine($"| MoE layer forward + backward, per-expert vs grouped | {batch} x {seqLen} tokens, {preset.NRoutedExperts} experts of {preset.HiddenSize} x {preset.MoeIntermediateSize}, top-{preset.NumExpertsPerTok}; " +
+                          $"load {string.Join(",", load)} (padded rows / rows {padding:F2}) | {dtype} | {plain:F4} | {fused:F4} | {Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
+
+        // The stack the grouped path makes of the per-expert weights each forward, and its backward (slicing the gradient).
+        var gateUp = moe.experts.SelectMany(e => new[] { (Tensor)e.gate_proj.weight!, e.up_proj.weight! }).ToArray();
+        var down = moe.experts.Select(e => (Tensor)e.down_proj.weight!).ToArray();
+        void Stack()
+        {
+            using var scope = NewDisposeScope();
+            moe.zero_grad();
+            (stack(gateUp).sum() + stack(down).sum()).backward();
+            if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
+        }
+        var (_, stackSeconds, _) = SideBySide(rounds, () => { }, Stack);
+        Console.WriteLine($"| stacking the routed expert weights (forward + backward), alone | {3 * preset.NRoutedExperts} tensors of {preset.HiddenSize} x {preset.MoeIntermediateSize} | {dtype} | | {stackSeconds:F4} | {stackSeconds / fused:P0} of the grouped layer (an upper bound: includes a sum's backward) |");
     }
 
     /// <summary>Both actions once to warm up, then <paramref name="rounds"/> rounds of plain then fused; medians and per-round ratios.</summary>

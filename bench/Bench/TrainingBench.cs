@@ -21,6 +21,9 @@ public static class TrainingBench
         // flat: AdamW over flat buffers (the trainer's); plain: the per-slot step it replaced; both: side by side, steps interleaved.
         var optimizers = Arg("--optimizer", "flat") is "both" ? new[] { "plain", "flat" } : [Arg("--optimizer", "flat")];
         if (optimizers.Any(o => o is not ("flat" or "plain"))) throw new ArgumentException($"--optimizer must be flat, plain or both, got '{Arg("--optimizer", "flat")}'");
+        // auto, grouped, per-expert (GroupedExperts), or both: per-expert and grouped side by side, steps interleaved.
+        var expertKernels = Arg("--experts", "auto") is "both" ? new[] { "per-expert", "grouped" } : [Arg("--experts", "auto")];
+        var variants = optimizers.SelectMany(o => expertKernels.Select(e => (Optimizer: o, Experts: e))).ToList();
 
         Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
@@ -32,8 +35,8 @@ public static class TrainingBench
         var peaks = precisions.Distinct().ToDictionary(p => p, p => HardwarePeak.For(device, p == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, PeakSettings.Default, Console.WriteLine));
         Console.WriteLine();
         Console.WriteLine($"load average at start: {File.ReadAllText("/proc/loadavg").Trim()}");
-        Console.WriteLine("| preset | precision | optimizer | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| preset | precision | optimizer | experts | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB | expert load (max/mean over layers and steps; first MoE layer's, last step) |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
 
         foreach (var name in presets)
         foreach (var precision in precisions)
@@ -55,14 +58,14 @@ public static class TrainingBench
             var trainers = new List<Trainer>();
             try
             {
-                foreach (var optimizer in optimizers)
+                foreach (var (optimizer, experts) in variants)
                 {
                     manual_seed(1);
                     var model = new DeepSeekForCausalLM(config).InitializeWeights();
                     models.Add(model);
                     if (precision == "bf16") model.to(ScalarType.BFloat16);
                     model.to(device);
-                    var trainer = new Trainer(model, data, null, options, device, peak);
+                    var trainer = new Trainer(model, data, null, options with { Experts = experts }, device, peak);
                     trainer.Optimizer.Flat = optimizer == "flat";
                     trainers.Add(trainer);
                     for (int i = 0; i < warmup; i++) trainer.TrainStep();
@@ -82,11 +85,13 @@ public static class TrainingBench
                     double seconds = elapsed[k] / measured;
                     double tps = options.GlobalBatch * options.SeqLen / seconds;
                     var mfu = peak.Mfu(tps * config.TrainingFlopsPerToken(options.SeqLen));
-                    Console.WriteLine($"| {name} | {precision} | {optimizers[k]} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
-                                      $"{steps[k].Average(s => s.Times.ForwardSeconds):F3} / {steps[k].Average(s => s.Times.BackwardSeconds):F3} / {steps[k].Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} |");
+                    Console.WriteLine($"| {name} | {precision} | {variants[k].Optimizer} | {variants[k].Experts} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
+                                      $"{steps[k].Average(s => s.Times.ForwardSeconds):F3} / {steps[k].Average(s => s.Times.BackwardSeconds):F3} / {steps[k].Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} | max/mean {steps[k].Average(s => s.LoadImbalance):F2}; {string.Join(",", steps[k][^1].ExpertLoad[0])} |");
                 }
-                if (trainers.Count == 2)
-                    Console.WriteLine($"|  |  | flat / plain | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | |");
+                if (trainers.Count == 2 && optimizers.Length == 2)
+                    Console.WriteLine($"|  |  | flat / plain | | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | | |");
+                if (trainers.Count == 2 && expertKernels.Length == 2)
+                    Console.WriteLine($"|  |  | | grouped / per-expert | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | fwd+bwd time {steps[1].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds):F2}× | | |");
             }
             finally
             {

@@ -52,5 +52,5 @@ else
 fi
 run 60 "${worker[@]}" check
 run 200 "${bench[@]}" train --device cuda --presets "$preset" --precisions bf16 --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2
-run 60 "${bench[@]}" kernels --device cuda --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
+run 90 "${bench[@]}" kernels --device cuda --parts attention,adamw,moe --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
 echo "report: $report"

@@ -54,7 +54,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
     static Held Capture(Trainer trainer, List<StepMetrics> steps, ExpertTraffic traffic) =>
         Capture(trainer.Model, trainer.Optimizer) with { Steps = steps, Traffic = traffic, WordBytes = trainer.GradientWordBytes };
 
-    static Held Capture(DeepSeekForCausalLM model, AdamW optimizer)
+    internal static Held Capture(DeepSeekForCausalLM model, AdamW optimizer)
     {
         var weights = new Dictionary<string, double[]>();
         foreach (var (name, t) in model.HfStateDict()) weights[name] = t.detach().to_type(ScalarType.Float64).data<double>().ToArray();
@@ -80,7 +80,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         return Capture(trainer, steps, default);
     });
 
-    static Held[] RunEp(int dp, int ep, Action<Trainer>? after = null)
+    internal static Held[] RunEp(int dp, int ep, Action<Trainer>? after = null, string experts = "auto")
     {
         var config = Micro(Data.Value.Vocab);
         var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
@@ -95,7 +95,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             return RankGroup.Run(dp, c =>
             {
                 var reducer = new BucketedGradientReducer(c, bucketBytes: 4 << 10);
-                using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, Options with { Ep = ep }, CPU, 1e11, c.Rank, dp, reducer);
+                using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, Options with { Ep = ep, Experts = experts }, CPU, 1e11, c.Rank, dp, reducer);
                 var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
                 after?.Invoke(trainer);
                 return Capture(trainer, steps, trainer.Model.MoeLayers().First().Parallel!.TakeTraffic());
