@@ -24,7 +24,7 @@ namespace DeepSeekCluster.Training.Engine;
 /// The words are integers either way: the sum, and every gradient element, are the same bits as without shards.
 /// </para>
 /// </summary>
-public sealed class ExactGradientSum : IDisposable
+public sealed partial class ExactGradientSum : IDisposable
 {
     public const int FractionBits = 64, LowBits = 40, MaxTermsLog2 = 20;
     /// <summary>The largest gradient element magnitude the words can sum 2^20 times without overflow: 2^19.</summary>
@@ -116,6 +116,7 @@ public sealed class ExactGradientSum : IDisposable
         High.zero_();
         Low.zero_();
         worst.zero_();
+        if (flat is not null) foreach (var buffer in FlatBuffers()) buffer.zero_();
         foreach (var p in parameters) p.grad?.zero_();
         Terms = 0;
     }
@@ -136,6 +137,7 @@ public sealed class ExactGradientSum : IDisposable
         if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
         using var noGrad = no_grad();
         if (ShardOnly) { ScatterGradients(); Terms++; return; }
+        if (flat is not null) { AddFlat(); Terms++; return; }
         foreach (var (first, end) in chunks)
         {
             if (end <= firstParam) continue;
@@ -235,6 +237,7 @@ public sealed class ExactGradientSum : IDisposable
         if (Shards is not null) throw new InvalidOperationException("the words are laid out in ZeRO shards: write one shard's mean with WriteShardMean");
         using var noGrad = no_grad();
         bool poisoned = !(worst.cpu().item<double>() < Bound);
+        if (flat is not null) { WriteFlatMean(count, poisoned); return; }
         foreach (var (first, end) in chunks)
         {
             using var scope = NewDisposeScope();
@@ -291,6 +294,7 @@ public sealed class ExactGradientSum : IDisposable
         Low.Dispose();
         scratch.Dispose();
         worst.Dispose();
+        if (work is not null) foreach (var w in work) w.Dispose();
     }
 }
 

@@ -28,6 +28,8 @@ public sealed class Trainer : ITrainer
     public ZeroParameters? ShardedParameters => zeroParameters;
     /// <summary>Bytes of the exact gradient sum's int64 words this rank holds (1/dp of them under ZeRO-2); 0 before the first step.</summary>
     public long GradientWordBytes => expertZero?.WordBytes ?? (gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long));
+    /// <summary>Whether the exact gradient sum reads and writes AdamW's flat gradient buffers (known after the first step).</summary>
+    public bool GradientsOverFlatBuffers => gradients?.OverFlat ?? false;
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
 
@@ -152,8 +154,7 @@ public sealed class Trainer : ITrainer
 
         if (expertZero is null)
         {
-            gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero)
-                          ?? new ExactGradientSum(Optimizer.Slots.Select(s => s.Param).ToList());
+            gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero) ?? NewGradientSum();
             gradients.Clear();
         }
         else expertZero.Clear();
@@ -249,6 +250,18 @@ public sealed class Trainer : ITrainer
             Step, stats.Lm.Value / counted, withMtp ? stats.Mtp.Value / counted : null, auxMean > 0 ? auxMean : null,
             lr, gradNorm, tps, Peak.Mfu(tps * flopsPerToken).Ratio,
             new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak, Skipped = skipped };
+    }
+
+    /// <summary>
+    /// With the flat optimizer (<see cref="AdamW.Flat"/>, read at the first step) and whole parameters, the sum's words
+    /// follow AdamW's flat gradient buffers and it reads and writes them directly; otherwise (and with ep, whose extra
+    /// terms skip the dense parameters' words) it copies each parameter's gradient in and out: the reference path.
+    /// </summary>
+    ExactGradientSum NewGradientSum()
+    {
+        var parameters = Optimizer.Slots.Select(s => s.Param).ToList();
+        if (!Optimizer.Flat || experts is not null || Optimizer.AdoptGradients() is null) return new ExactGradientSum(parameters);
+        return ExactGradientSum.OverFlatBuffers(() => Optimizer.AdoptGradients()!);
     }
 
     /// <summary>A loss as a double: exact for float32 losses (as before), and keeps every digit of a float64 run's.</summary>

@@ -97,12 +97,14 @@ public sealed partial class AdamW : IDisposable
     /// Global L2 norm of all gradients; scales them down to <paramref name="maxNorm"/> when above it (maxNorm &lt;= 0: no
     /// clipping). The squares are summed per row (dim 0), then the rows' sums in parameter and row order: the order a
     /// ZeRO shard's rows can be summed in too (ZeroStep.ClipGradNorm), so the norm is the same bits sharded or not.
+    /// With <see cref="Flat"/> the row sums come from the flat gradient buffers a chunk at a time (AdamW.Clip.cs).
     /// </summary>
     public double ClipGradNorm(double maxNorm)
     {
         if (Sharded) throw new InvalidOperationException("a sharded AdamW sees only its rows' gradients: the global norm is ZeroStep's");
         using var noGrad = no_grad();
         AttachViews(); // a gradient written outside the flat buffer since the last step joins it before it is read
+        if (Flat && groups.All(g => g.Adopted)) return ClipFlat(maxNorm);
         double sumSq = 0;
         foreach (var s in slots)
             if (s.Param.grad is { } g)

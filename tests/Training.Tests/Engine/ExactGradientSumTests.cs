@@ -114,6 +114,57 @@ public class ExactGradientSumTests
         }
     }
 
+    /// <summary>
+    /// The sum over flat gradient buffers (the optimizer's, every parameter's .grad a view of them) against the sum over
+    /// the parameters: the same mean bits per element in float32 and bfloat16, chunks crossing parameters and buffers,
+    /// the buffers zeroed after each add, and a NaN poisoning every gradient as before (NaN compared as NaN).
+    /// </summary>
+    [Theory]
+    [InlineData(ScalarType.Float32, 4L)]
+    [InlineData(ScalarType.BFloat16, 5L)]
+    [InlineData(ScalarType.Float32, null)]
+    public void OverFlatBuffersTheMeanHasTheSameBitsAsOverTheParameters(ScalarType dtype, long? chunk)
+    {
+        var micro = Gradients(13);
+        var parameters = Parameters().Select(p => p.to_type(dtype)).ToArray();
+        // Two buffers, as two dtypes or devices would give: parameter 0 in one, parameter 1 in the other.
+        var buffers = new[] { zeros(37, dtype: dtype), zeros(5, dtype: dtype) };
+        using var reference = new ExactGradientSum(parameters);
+        using var flat = ExactGradientSum.OverFlatBuffers(() => buffers, chunk);
+        Assert.True(flat.OverFlat);
+        foreach (bool poison in new[] { false, true })
+        {
+            reference.Clear();
+            flat.Clear();
+            for (int m = 0; m < MicroBatches; m++)
+            {
+                for (int p = 0; p < 2; p++)
+                {
+                    var g = tensor(micro[m][p]).to_type(dtype);
+                    if (poison && m == 3 && p == 1) g[2] = tensor(float.NaN);
+                    parameters[p].grad = g.clone();
+                    buffers[p].copy_(g);
+                }
+                reference.AddAndClearGradients();
+                flat.AddAndClearGradients();
+                Assert.All(buffers, b => Assert.Equal(0, b.count_nonzero().item<long>()));
+            }
+            reference.WriteMean(MicroBatches);
+            flat.WriteMean(MicroBatches);
+            for (int p = 0; p < 2; p++)
+            {
+                var expected = parameters[p].grad!.to_type(ScalarType.Float32).data<float>().ToArray();
+                var actual = buffers[p].to_type(ScalarType.Float32).data<float>().ToArray();
+                Assert.Equal(poison, float.IsNaN(actual[0]));
+                // A poisoned NaN's sign bit depends on whether torch's bf16 conversion ran vectorized (where a chunk ends), in
+                // either path: NaN is compared as NaN, every number by its bits.
+                for (int i = 0; i < expected.Length; i++)
+                    Assert.True(float.IsNaN(expected[i]) ? float.IsNaN(actual[i]) : BitConverter.SingleToInt32Bits(expected[i]) == BitConverter.SingleToInt32Bits(actual[i]),
+                        $"{dtype} parameter {p} element {i}: {actual[i]:R} over the flat buffers, {expected[i]:R} over the parameters");
+            }
+        }
+    }
+
     [Fact]
     public void AMissingGradientCountsAsZero()
     {
