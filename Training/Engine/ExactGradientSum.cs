@@ -208,10 +208,8 @@ public sealed partial class ExactGradientSum : IDisposable
             {
                 using var scope = NewDisposeScope();
                 long k = Math.Min(window, shards.ShardWords - c);
-                var x = scratch.narrow(0, 0, dp * k).zero_();
-                for (int d = 0; d < dp; d++)
-                    foreach (var (piece, from, length, at) in shards.Window(d, c, k))
-                        if (flats[piece.Param] is { } g) x.narrow(0, d * k + at, length).copy_(g.narrow(0, piece.Element + from, length));
+                var x = scratch.narrow(0, 0, dp * k);
+                shards.FillWindow(x, flats, c, k);
                 var (hi, lo) = ToWords(x);
                 var own = empty(k, dtype: ScalarType.Int64, device: hi.device);
                 scatter!(hi, own);

@@ -130,10 +130,8 @@ sealed class LayerGradientScatter
             {
                 using var scope = NewDisposeScope();
                 long k = Math.Min(window, shards.ShardWords - c);
-                var x = scratch.narrow(0, 0, dp * k).zero_();
-                for (int d = 0; d < dp; d++)
-                    foreach (var (piece, from, length, at) in shards.Window(d, c, k))
-                        if (flats[piece.Param] is { } g) x.narrow(0, d * k + at, length).copy_(g.narrow(0, piece.Element + from, length));
+                var x = scratch.narrow(0, 0, dp * k);
+                shards.FillWindow(x, flats, c, k);
                 var (hi, lo) = sum.ToWords(x);
                 var mine = part.narrow(0, 0, k);
                 collective.ReduceScatter(hi, mine, ReduceOp.Sum);

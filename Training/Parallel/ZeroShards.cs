@@ -1,4 +1,6 @@
 // Where each ZeRO shard's rows of every parameter sit in a shard-major flat buffer (gradient words, gathered parameters).
+using static TorchSharp.torch;
+
 namespace DeepSeekCluster.Training.Parallel;
 
 /// <summary>
@@ -79,5 +81,18 @@ public sealed class ZeroShards
             long start = Math.Max(lo, p.Word), end = Math.Min(hi, p.Word + p.Count);
             if (start < end) yield return (p, start - p.Word, end - start, start - lo);
         }
+    }
+
+    /// <summary>
+    /// Columns [<paramref name="column"/>, +<paramref name="width"/>) of every shard's region, shard-major, copied into
+    /// <paramref name="window"/> (Shards·width elements, zeroed first) from the flattened <paramref name="flats"/> (one per
+    /// parameter; null adds nothing): what a windowed reduce-scatter of gradient words converts. Call inside a dispose scope.
+    /// </summary>
+    public void FillWindow(Tensor window, IReadOnlyList<Tensor?> flats, long column, long width)
+    {
+        window.zero_();
+        for (int d = 0; d < Shards; d++)
+            foreach (var (piece, from, length, at) in Window(d, column, width))
+                if (flats[piece.Param] is { } g) window.narrow(0, d * width + at, length).copy_(g.narrow(0, piece.Element + from, length));
     }
 }

@@ -10,12 +10,9 @@ using System.Text.Json.Nodes;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
-using DeepSeekCluster.Training.Checkpoints;
-using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
 using Xunit.Abstractions;
-using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -57,11 +54,11 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
 
             var ep = Spec("ep-job", new ParallelPlan { Dp = 4, Ep = 2 }, Workers);
             Assert.Empty(ep.Validate());
-            var epStatus = await RunToCompletion(http, ep, log);
+            var epStatus = await ClusterJobs.RunToCompletion(http, ep, Steps, log);
             var epZero = Spec("ep-zero-job", new ParallelPlan { Dp = 4, Ep = 2, Zero = 1 }, Workers);
             Assert.Empty(epZero.Validate());
-            var epZeroStatus = await RunToCompletion(http, epZero, log);
-            var one = await RunToCompletion(http, Spec("ep-reference", new ParallelPlan { Dp = 1 }, 1), log);
+            var epZeroStatus = await ClusterJobs.RunToCompletion(http, epZero, Steps, log);
+            var one = await ClusterJobs.RunToCompletion(http, Spec("ep-reference", new ParallelPlan { Dp = 1 }, 1), Steps, log);
 
             // ---- The ep job: formed on four ranks, every sample once, validated, final model from the checkpoint ----
             Assert.Contains(epStatus.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
@@ -131,7 +128,7 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         {
             var reference = new ClusterWorker(coordinator.Worker("zero3-reference-worker", Data.Address, store.Address, Path.Combine(scratch, "ref")), syncLog).RunAsync(stopWorkers.Token);
             workers.Add(reference);
-            var one = await RunToCompletion(http, Spec("zero3-reference", new ParallelPlan { Dp = 1 }, 1), log);
+            var one = await ClusterJobs.RunToCompletion(http, Spec("zero3-reference", new ParallelPlan { Dp = 1 }, 1), Steps, log);
             Assert.Equal(HttpStatusCode.Accepted, (await http.PostAsync("/workers/zero3-reference-worker/leave", null)).StatusCode);
             Assert.Equal(0, await reference.WaitAsync(TimeSpan.FromMinutes(1)));
             await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.All(w => !w!["online"]!.GetValue<bool>()), "the reference worker is offline", log);
@@ -165,7 +162,7 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.Empty(refused!.Loss);
 
             Assert.Empty(zero3.Validate());
-            var status = await RunToCompletion(http, zero3, log);
+            var status = await ClusterJobs.RunToCompletion(http, zero3, Steps, log);
             Assert.Contains(status.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
             Assert.Contains($"memory plan (fp32, zero 3): ", log.ToString());
             Assert.Contains($"of {RankMemory.Gib(budget)} (Worker:MemoryBudgetBytes)", log.ToString());
@@ -226,12 +223,12 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             JobSpec Unclipped(string name, ParallelPlan parallel, int workers) => Spec(name, parallel, workers) with { ClipNorm = 0, MtpWeight = 0 };
             var eppp = Unclipped("eppp-job", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2 }, Workers);
             Assert.Empty(eppp.Validate());
-            var epppStatus = await RunToCompletion(http, eppp, log);
+            var epppStatus = await ClusterJobs.RunToCompletion(http, eppp, Steps, log);
             string[] tasks = ["kjv_nextverse", "kjv_cloze"];
             var evaluated = Unclipped("ep-eval-job", new ParallelPlan { Dp = 4, Ep = 2 }, Workers) with { EvalTasks = tasks, EvalLimit = 3 };
             Assert.Empty(evaluated.Validate());
-            var evaluatedStatus = await RunToCompletion(http, evaluated, log);
-            var one = await RunToCompletion(http, Unclipped("eppp-reference", new ParallelPlan { Dp = 1 }, 1) with { EvalTasks = tasks, EvalLimit = 3 }, log);
+            var evaluatedStatus = await ClusterJobs.RunToCompletion(http, evaluated, Steps, log);
+            var one = await ClusterJobs.RunToCompletion(http, Unclipped("eppp-reference", new ParallelPlan { Dp = 1 }, 1) with { EvalTasks = tasks, EvalLimit = 3 }, Steps, log);
 
             Assert.Contains(epppStatus.Events, e => e.Kind == JobEventKinds.Formed && e.Message.Contains("4 workers"));
             Assert.True(epppStatus.Consumption.Complete, $"the ledger is not complete: {epppStatus.Consumption}");
@@ -274,26 +271,5 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
             Directory.Delete(scratch, recursive: true);
         }
-    }
-
-    static async Task<JobStatus> RunToCompletion(HttpClient http, JobSpec spec, StringWriter log)
-    {
-        var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
-        Assert.True(submitted.StatusCode == HttpStatusCode.Created, $"{spec.Name}: {await submitted.Content.ReadAsStringAsync()}");
-        JobStatus? status = null;
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{spec.Name}", JobSpecJson.Options))!;
-            Assert.NotEqual(JobState.Failed, status.State);
-            // The end's validation and the model's upload come after the completion: wait for the upload too.
-            return status.State == JobState.Completed && log.ToString().Contains($"model saved to the checkpoint store as exports/{spec.Name}/");
-        }, $"job {spec.Name} completes", log);
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{spec.Name}", JobSpecJson.Options))!;
-            return status.ValidationLoss.Any(v => v.Step == Steps);
-        }, $"the final validation of {spec.Name}", log);
-        Assert.Equal([(long)Steps], status!.Committed.Select(c => c.Step));
-        return status;
     }
 }

@@ -4,16 +4,11 @@
 // re-forms the job on the spare worker, every rank loads that checkpoint (the stages agree on it, so no stage goes on
 // live while another reloads), the steps since are trained again, and the final checkpoint equals, bit for bit, the one
 // an uninterrupted one-worker job commits, with every sample in the ledger once.
-using System.Net;
 using System.Net.Http.Json;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
-using DeepSeekCluster.Training.Checkpoints;
-using DeepSeekCluster.Training.Engine;
-using DeepSeekCluster.Training.Model;
 using Xunit.Abstractions;
-using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -57,7 +52,7 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
 
             var eppp = Spec($"eppp-resume-zero{zero}", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = zero }, 4);
             Assert.Empty(eppp.Validate());
-            await Submit(http, eppp);
+            await ClusterJobs.Submit(http, eppp);
             // Once a step is committed, the worker of the last stage's second expert shard leaves (finishing its step in flight).
             JobStatus? before = null;
             await InProcessCoordinator.Until(async () =>
@@ -70,7 +65,7 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
             string leaving = before!.Workers.Single(w => w.Rank == 3).WorkerId;
             await stops[leaving].CancelAsync();
 
-            var resumed = await Completion(http, eppp.Name!, log);
+            var resumed = await ClusterJobs.Completion(http, eppp.Name!, Steps, log);
             var last = resumed.Events.Last(e => e.Kind == JobEventKinds.Resumed);
             Assert.True(last.Generation > 1, "the job did not re-form after losing a rank");
             Assert.Equal("checkpoint", last.ResumeSource);
@@ -79,15 +74,15 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
             Assert.Equal(4, resumed.Workers.Length);
 
             var one = Spec($"eppp-resume-reference-{zero}", new ParallelPlan { Dp = 1 }, 1);
-            await Submit(http, one);
-            var reference = await Completion(http, one.Name!, log);
+            await ClusterJobs.Submit(http, one);
+            var reference = await ClusterJobs.Completion(http, one.Name!, Steps, log);
 
             foreach (var s in new[] { resumed, reference })
             {
                 Assert.True(s.Consumption.Complete, $"{s.JobId}: the ledger is not complete: {s.Consumption}");
                 Assert.Equal(((long)Steps * GlobalBatch, 0L), (s.Consumption.Samples, s.Consumption.Overlaps));
             }
-            Assert.Equal(Losses(reference), Losses(resumed));
+            Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(resumed));
             var expected = await CommittedTensors.LoadWhole(Data, store, one.Name!, one, Steps, Path.Combine(scratch, "load-one"));
             var actual = await CommittedTensors.LoadWhole(Data, store, eppp.Name!, one, Steps, Path.Combine(scratch, "load-eppp"));
             Assert.Contains(expected.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
@@ -108,26 +103,5 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
             foreach (var s in stops.Values) s.Dispose();
             Directory.Delete(scratch, recursive: true);
         }
-    }
-
-    static IEnumerable<double> Losses(JobStatus s) => s.Loss.OrderBy(p => p.Step).Select(p => p.Loss);
-
-    static async Task Submit(HttpClient http, JobSpec spec)
-    {
-        var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
-        Assert.True(submitted.StatusCode == HttpStatusCode.Created, $"{spec.Name}: {await submitted.Content.ReadAsStringAsync()}");
-    }
-
-    static async Task<JobStatus> Completion(HttpClient http, string job, StringWriter log)
-    {
-        JobStatus? status = null;
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
-            Assert.NotEqual(JobState.Failed, status.State);
-            return status.State == JobState.Completed;
-        }, $"job {job} completes", log);
-        Assert.Equal((long)Steps, status!.Committed.Max(c => c.Step));
-        return status;
     }
 }

@@ -3,17 +3,12 @@
 // optimizer shard (under ZeRO-3 with its parameter rows), so the three survivors reshard the live state onto dp 3 and
 // resume with 0 steps redone; without it the lost shard is nowhere, and the job resumes from the committed checkpoint and says so. Either way the final committed
 // checkpoint equals, bit for bit, the one an uninterrupted one-worker job commits, and every sample is trained once.
-using System.Net;
 using System.Net.Http.Json;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
-using DeepSeekCluster.Training.Checkpoints;
-using DeepSeekCluster.Training.Engine;
-using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
 using Xunit.Abstractions;
-using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -62,9 +57,9 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             // ---- With redundancy: a worker leaves after a step; the survivors reshard live, 0 steps redone ----
             var redundant = Spec($"zero{zero}-redundant", new ParallelPlan { Zero = zero, Redundancy = true }, 3, 4);
             Assert.Empty(redundant.Validate());
-            await Submit(http, redundant);
+            await ClusterJobs.Submit(http, redundant);
             await LoseOneWorker(http, redundant.Name!, log, stops[1], afterCommit: false);
-            var live = await Completion(http, redundant.Name!, log);
+            var live = await ClusterJobs.Completion(http, redundant.Name!, Steps, log);
             var liveResumes = live.Events.Where(e => e.Kind == JobEventKinds.Resumed && e.Generation > 1).ToList();
             Assert.NotEmpty(liveResumes);
             Assert.All(liveResumes, e => Assert.Equal(("shards", 0L), (e.ResumeSource, e.StepsRedone)));
@@ -90,17 +85,17 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
             StartWorker();
             var plain = Spec($"zero{zero}-plain", new ParallelPlan { Zero = zero }, 3, 4);
-            await Submit(http, plain);
+            await ClusterJobs.Submit(http, plain);
             await LoseOneWorker(http, plain.Name!, log, stops[4], afterCommit: true);
-            var reloaded = await Completion(http, plain.Name!, log);
+            var reloaded = await ClusterJobs.Completion(http, plain.Name!, Steps, log);
             var last = reloaded.Events.Last(e => e.Kind == JobEventKinds.Resumed);
             Assert.True(last.Generation > 1, "the job without redundancy did not re-form");
             Assert.Equal("checkpoint", last.ResumeSource);
             Assert.Contains("from the committed checkpoint of step", last.Message);
 
             var one = Spec($"zero{zero}-reference", new ParallelPlan { Dp = 1 }, 1, 1);
-            await Submit(http, one);
-            var reference = await Completion(http, one.Name!, log);
+            await ClusterJobs.Submit(http, one);
+            var reference = await ClusterJobs.Completion(http, one.Name!, Steps, log);
 
             // ---- Every sample once; the same losses; the final checkpoints bit for bit the one-worker job's ----
             foreach (var s in new[] { live, reloaded, reference })
@@ -108,8 +103,8 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
                 Assert.True(s.Consumption.Complete, $"{s.JobId}: the ledger is not complete: {s.Consumption}");
                 Assert.Equal(((long)Steps * GlobalBatch, 0L), (s.Consumption.Samples, s.Consumption.Overlaps));
             }
-            Assert.Equal(Losses(reference), Losses(live));
-            Assert.Equal(Losses(reference), Losses(reloaded));
+            Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(live));
+            Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(reloaded));
             var expected = await CommittedTensors.LoadWhole(Data, store, one.Name!, one, Steps, Path.Combine(scratch, "load-one"));
             Assert.Contains(expected.Keys, k => k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
             foreach (var job in new[] { redundant.Name!, plain.Name! })
@@ -135,14 +130,6 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
         }
     }
 
-    static IEnumerable<double> Losses(JobStatus s) => s.Loss.OrderBy(p => p.Step).Select(p => p.Loss);
-
-    static async Task Submit(HttpClient http, JobSpec spec)
-    {
-        var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
-        Assert.True(submitted.StatusCode == HttpStatusCode.Created, $"{spec.Name}: {await submitted.Content.ReadAsStringAsync()}");
-    }
-
     /// <summary>
     /// Once the job has trained a step on four workers (and, <paramref name="afterCommit"/>, committed a checkpoint), one
     /// worker leaves: it finishes the step in flight, so its rank's shard is whole in the survivors' copies or nowhere.
@@ -157,18 +144,5 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             return s.Workers.Length == 4 && s.Step >= 1 && (!afterCommit || s.Committed.Length > 0);
         }, $"{job} trains a step on four workers", log);
         await stop.CancelAsync();
-    }
-
-    static async Task<JobStatus> Completion(HttpClient http, string job, StringWriter log)
-    {
-        JobStatus? status = null;
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
-            Assert.NotEqual(JobState.Failed, status.State);
-            return status.State == JobState.Completed;
-        }, $"job {job} completes", log);
-        Assert.Equal((long)Steps, status!.Committed.Max(c => c.Step));
-        return status;
     }
 }

@@ -3,17 +3,10 @@
 // stage's replicated optimizer state (and, under ep, each its half of the routed experts with their whole state).
 // Both jobs complete with a complete ledger, validate, and commit, bit for bit, the checkpoint a one-worker job of the
 // same spec commits: every weight, both AdamW moments, the routing biases.
-using System.Net;
-using System.Net.Http.Json;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
-using DeepSeekCluster.Training.Checkpoints;
-using DeepSeekCluster.Training.Engine;
-using DeepSeekCluster.Training.Model;
-using DeepSeekCluster.Training.Parallel;
 using Xunit.Abstractions;
-using static TorchSharp.torch;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -57,11 +50,10 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
             foreach (var (_, _, spec) in jobs)
             {
                 Assert.Empty(spec.Validate());
-                statuses.Add(await RunToCompletion(http, spec, log));
+                statuses.Add(await ClusterJobs.RunToCompletion(http, spec, Steps, log));
             }
-            var one = await RunToCompletion(http, Spec("zero-pp-reference", new ParallelPlan { Dp = 1 }, 1), log);
-            string tokenizerHash = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).TokenizerHash;
-            var oneTensors = await LoadWhole(store, "zero-pp-reference", jobs[0].Spec, tokenizerHash, Path.Combine(scratch, "load-one"));
+            var one = await ClusterJobs.RunToCompletion(http, Spec("zero-pp-reference", new ParallelPlan { Dp = 1 }, 1), Steps, log);
+            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "zero-pp-reference", jobs[0].Spec, Steps, Path.Combine(scratch, "load-one"));
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.") && k.EndsWith(".exp_avg_sq"));
             Assert.Contains(oneTensors.Keys, k => k.EndsWith("e_score_correction_bias"));
             string text = log.ToString();
@@ -77,7 +69,7 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
                 Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), status.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
                 Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, status.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
 
-                var tensors = await LoadWhole(store, spec.Name!, spec, tokenizerHash, Path.Combine(scratch, $"load-{spec.Name}"));
+                var tensors = await CommittedTensors.LoadWhole(Data, store, spec.Name!, spec, Steps, Path.Combine(scratch, $"load-{spec.Name}"));
                 Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
                 foreach (var (name, expected) in oneTensors)
                     Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the dp 2 x pp 2 x ep {ep} x zero {zero} job's committed checkpoint and the one-worker job's");
@@ -95,39 +87,5 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
             foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
             Directory.Delete(scratch, recursive: true);
         }
-    }
-
-    static async Task<JobStatus> RunToCompletion(HttpClient http, JobSpec spec, StringWriter log)
-    {
-        var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(spec), System.Text.Encoding.UTF8, "application/json"));
-        Assert.True(submitted.StatusCode == HttpStatusCode.Created, $"{spec.Name}: {await submitted.Content.ReadAsStringAsync()}");
-        JobStatus? status = null;
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{spec.Name}", JobSpecJson.Options))!;
-            Assert.NotEqual(JobState.Failed, status.State);
-            // The end's validation and the model's upload come after the completion: wait for the upload too.
-            return status.State == JobState.Completed && log.ToString().Contains($"model saved to the checkpoint store as exports/{spec.Name}/");
-        }, $"job {spec.Name} completes", log);
-        await InProcessCoordinator.Until(async () =>
-        {
-            status = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{spec.Name}", JobSpecJson.Options))!;
-            return status.ValidationLoss.Any(v => v.Step == Steps);
-        }, $"the final validation of {spec.Name}", log);
-        Assert.Equal([(long)Steps], status!.Committed.Select(c => c.Step));
-        return status;
-    }
-
-    /// <summary>The committed final step of <paramref name="job"/> loaded into one whole model and AdamW: every tensor's values by name.</summary>
-    async Task<Dictionary<string, float[]>> LoadWhole(StoreHost store, string job, JobSpec spec, string tokenizerHash, string staging)
-    {
-        var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
-        var eos = Data.Client.GetTokenizer(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId }).EotTokenId;
-        var (config, options) = JobPlan.Map(spec with { Parallel = new ParallelPlan() }, (int)manifest.VocabSize, eos);
-        var checkpoints = new GrpcCheckpointStore(store.Client, store.Address, job, staging);
-        using var model = new DeepSeekForCausalLM(config);
-        using var optimizer = Trainer.CreateOptimizer(model, options);
-        await ShardedCheckpointLoader.LoadReplicaAsync(checkpoints, Steps, model, optimizer, tokenizerHash);
-        return CheckpointTensors.Collect(model, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float32).contiguous().data<float>().ToArray());
     }
 }
