@@ -62,7 +62,7 @@ public sealed record AppHostOptions
                                  stage (default 1; N divides dp and the routed experts)
           --zero 0|1|2|3         ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
                                  sums, 3 also the parameters, gathered per layer (default 0: replicated)
-          --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1|2): a lost
+          --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1-3): a lost
                                  worker's shard survives, and the job resumes from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
