@@ -39,18 +39,12 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
     [Fact]
     public async Task ADp4Ep2JobWithAndWithoutZero1TrainsValidatesOnEveryRankAndCommitsTheOneWorkerJobsCheckpointBitForBit()
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("ep-cluster-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        using var stopWorkers = new CancellationTokenSource();
-        var workers = new List<Task<int>>();
+        await using var run = await ClusterRun.StartAsync(Data, "ep-cluster");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            for (int i = 0; i < Workers; i++)
-                workers.Add(new ClusterWorker(coordinator.Worker($"ep-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
+            for (int i = 0; i < Workers; i++) run.StartWorker($"ep-worker-{i}");
 
             var ep = Spec("ep-job", new ParallelPlan { Dp = 4, Ep = 2 }, Workers);
             Assert.Empty(ep.Validate());
@@ -78,30 +72,20 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.True(epZeroStatus.Consumption.Complete, $"the ep x zero 1 ledger is not complete: {epZeroStatus.Consumption}");
 
             // ---- The committed checkpoints, each loaded whole: every tensor bit for bit ----
-            var epTensors = await CommittedTensors.LoadWhole(Data, store, "ep-job", ep, Steps, Path.Combine(scratch, "load-ep"));
-            var epZeroTensors = await CommittedTensors.LoadWhole(Data, store, "ep-zero-job", ep, Steps, Path.Combine(scratch, "load-ep-zero"));
-            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "ep-reference", ep, Steps, Path.Combine(scratch, "load-one"));
+            var epTensors = await CommittedTensors.LoadWhole(Data, run.Store, "ep-job", ep, Steps, run.Folder("load-ep"));
+            var epZeroTensors = await CommittedTensors.LoadWhole(Data, run.Store, "ep-zero-job", ep, Steps, run.Folder("load-ep-zero"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, run.Store, "ep-reference", ep, Steps, run.Folder("load-one"));
             Assert.Equal(oneTensors.Keys.Order(), epTensors.Keys.Order());
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
             Assert.Contains(oneTensors.Keys, k => k.EndsWith("e_score_correction_bias"));
-            Assert.Equal(oneTensors.Keys.Order(), epZeroTensors.Keys.Order());
-            foreach (var (name, expected) in oneTensors)
-            {
-                Assert.True(expected.SequenceEqual(epTensors[name]), $"{name} differs between the ep job's committed checkpoint and the one-worker job's");
-                Assert.True(expected.SequenceEqual(epZeroTensors[name]), $"{name} differs between the ep x zero 1 job's committed checkpoint and the one-worker job's");
-            }
+            CommittedTensors.AssertSame(oneTensors, epTensors, "the ep job");
+            CommittedTensors.AssertSame(oneTensors, epZeroTensors, "the ep x zero 1 job");
             output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; validation loss {validation.Loss:R}; losses {string.Join(", ", epStatus.Loss.Select(p => p.Loss))}");
         }
         catch
         {
             output.WriteLine(log.ToString());
             throw;
-        }
-        finally
-        {
-            await stopWorkers.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            Directory.Delete(scratch, recursive: true);
         }
     }
 
@@ -116,21 +100,15 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
     [Fact]
     public async Task AJobTooBigReplicatedIsRefusedAndTrainsWithZero3AndEpBitForBitTheOneWorkerJob()
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("zero3-cluster-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        using var stopWorkers = new CancellationTokenSource();
-        var workers = new List<Task<int>>();
+        await using var run = await ClusterRun.StartAsync(Data, "zero3-cluster");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            var reference = new ClusterWorker(coordinator.Worker("zero3-reference-worker", Data.Address, store.Address, Path.Combine(scratch, "ref")), syncLog).RunAsync(stopWorkers.Token);
-            workers.Add(reference);
+            run.StartWorker("zero3-reference-worker");
             var one = await ClusterJobs.RunToCompletion(http, Spec("zero3-reference", new ParallelPlan { Dp = 1 }, 1), Steps, log);
             Assert.Equal(HttpStatusCode.Accepted, (await http.PostAsync("/workers/zero3-reference-worker/leave", null)).StatusCode);
-            Assert.Equal(0, await reference.WaitAsync(TimeSpan.FromMinutes(1)));
+            Assert.Equal(0, await run.Running("zero3-reference-worker").WaitAsync(TimeSpan.FromMinutes(1)));
             await InProcessCoordinator.Until(async () => (await http.GetFromJsonAsync<JsonArray>("/workers"))!.All(w => !w!["online"]!.GetValue<bool>()), "the reference worker is offline", log);
 
             // A budget between what a rank of the replicated plan and of dp 4 x ep 2 x zero 3 is predicted to hold.
@@ -145,8 +123,7 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.True(sharded < 0.8 * replicated, $"ep 2 x zero 3 is predicted {sharded} B per rank against {replicated} B replicated");
             long budget = (replicated + sharded) / 2;
             for (int i = 0; i < Workers; i++)
-                workers.Add(new ClusterWorker(coordinator.Worker($"zero3-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")) with { MemoryBudgetBytes = budget }, syncLog)
-                    .RunAsync(stopWorkers.Token));
+                run.StartWorker($"zero3-worker-{i}", settings => settings with { MemoryBudgetBytes = budget });
 
             Assert.Empty(zero0.Validate());
             var submitted = await http.PostAsync("/jobs", new StringContent(JobSpecJson.Serialize(zero0), System.Text.Encoding.UTF8, "application/json"));
@@ -174,12 +151,10 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             var validation = Assert.Single(status.ValidationLoss.Where(v => v.Step == Steps).DistinctBy(v => v.Loss));
             Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, validation.Loss);
 
-            var tensors = await CommittedTensors.LoadWhole(Data, store, "zero3-job", zero3, Steps, Path.Combine(scratch, "load-zero3"));
-            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "zero3-reference", zero3, Steps, Path.Combine(scratch, "load-one"));
-            Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
+            var tensors = await CommittedTensors.LoadWhole(Data, run.Store, "zero3-job", zero3, Steps, run.Folder("load-zero3"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, run.Store, "zero3-reference", zero3, Steps, run.Folder("load-one"));
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
-            foreach (var (name, expected) in oneTensors)
-                Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the zero 3 job's committed checkpoint and the one-worker job's");
+            CommittedTensors.AssertSame(oneTensors, tensors, "the zero 3 job");
             output.WriteLine($"{oneTensors.Count} tensors equal bit for bit; validation loss {validation.Loss:R}; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
             output.WriteLine($"refused: {refused.Error}");
         }
@@ -187,12 +162,6 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         {
             output.WriteLine(log.ToString());
             throw;
-        }
-        finally
-        {
-            await stopWorkers.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            Directory.Delete(scratch, recursive: true);
         }
     }
 
@@ -205,18 +174,12 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
     [Fact]
     public async Task ADp2Pp2Ep2JobCommitsTheOneWorkerJobsCheckpointBitForBitAndAnEpJobScoresItsEvalTasksAsOneWorker()
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("eppp-cluster-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        using var stopWorkers = new CancellationTokenSource();
-        var workers = new List<Task<int>>();
+        await using var run = await ClusterRun.StartAsync(Data, "eppp-cluster");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            for (int i = 0; i < Workers; i++)
-                workers.Add(new ClusterWorker(coordinator.Worker($"eppp-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
+            for (int i = 0; i < Workers; i++) run.StartWorker($"eppp-worker-{i}");
 
             // Unclipped and without MTP: a stage's share of the norm is summed along the pipeline, and the embedding's
             // gradient from the MTP module comes back along it, both added in another order than one process adds them.
@@ -239,12 +202,10 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), epppStatus.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
             Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, epppStatus.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
 
-            var epppTensors = await CommittedTensors.LoadWhole(Data, store, "eppp-job", eppp, Steps, Path.Combine(scratch, "load-eppp"));
-            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "eppp-reference", eppp, Steps, Path.Combine(scratch, "load-one"));
-            Assert.Equal(oneTensors.Keys.Order(), epppTensors.Keys.Order());
+            var epppTensors = await CommittedTensors.LoadWhole(Data, run.Store, "eppp-job", eppp, Steps, run.Folder("load-eppp"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, run.Store, "eppp-reference", eppp, Steps, run.Folder("load-one"));
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq"));
-            foreach (var (name, expected) in oneTensors)
-                Assert.True(expected.SequenceEqual(epppTensors[name]), $"{name} differs between the dp 2 x pp 2 x ep 2 job's committed checkpoint and the one-worker job's");
+            CommittedTensors.AssertSame(oneTensors, epppTensors, "the dp 2 x pp 2 x ep 2 job");
 
             // ---- evalTasks in the ep job: the same scores as one worker with the whole model ----
             await InProcessCoordinator.Until(async () =>
@@ -264,12 +225,6 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
         {
             output.WriteLine(log.ToString());
             throw;
-        }
-        finally
-        {
-            await stopWorkers.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            Directory.Delete(scratch, recursive: true);
         }
     }
 }

@@ -6,7 +6,6 @@
 // an uninterrupted one-worker job commits, with every sample in the ledger once.
 using System.Net.Http.Json;
 using DeepSeekCluster.Contracts.Grains;
-using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using Xunit.Abstractions;
 
@@ -33,22 +32,12 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
     [InlineData(2)]
     public async Task ADp2Pp2Ep2JobThatLosesARankResumesFromTheCheckpointOnTheSpareAndCommitsTheOneWorkerJobsCheckpoint(int zero)
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("eppp-resume-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        var stops = new Dictionary<string, CancellationTokenSource>();
-        var workers = new List<Task<int>>();
+        await using var run = await ClusterRun.StartAsync(Data, "eppp-resume");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            for (int i = 0; i < 5; i++) // four ranks and a spare
-            {
-                string id = $"eppp-resume-worker-{i}";
-                stops[id] = new CancellationTokenSource();
-                workers.Add(new ClusterWorker(coordinator.Worker(id, Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stops[id].Token));
-            }
+            for (int i = 0; i < 5; i++) run.StartWorker($"eppp-resume-worker-{i}"); // four ranks and a spare
 
             var eppp = Spec($"eppp-resume-zero{zero}", new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = zero }, 4);
             Assert.Empty(eppp.Validate());
@@ -63,7 +52,7 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
                 return before.Workers.Length == 4 && before.Committed.Length > 0;
             }, "the ep x pp job commits a step on four workers", log);
             string leaving = before!.Workers.Single(w => w.Rank == 3).WorkerId;
-            await stops[leaving].CancelAsync();
+            await run.StopWorker(leaving);
 
             var resumed = await ClusterJobs.Completion(http, eppp.Name!, Steps, log);
             var last = resumed.Events.Last(e => e.Kind == JobEventKinds.Resumed);
@@ -83,25 +72,16 @@ public class ExpertPipelineResumeTests(DataShardsHostFixture fixture, ITestOutpu
                 Assert.Equal(((long)Steps * GlobalBatch, 0L), (s.Consumption.Samples, s.Consumption.Overlaps));
             }
             Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(resumed));
-            var expected = await CommittedTensors.LoadWhole(Data, store, one.Name!, one, Steps, Path.Combine(scratch, "load-one"));
-            var actual = await CommittedTensors.LoadWhole(Data, store, eppp.Name!, one, Steps, Path.Combine(scratch, "load-eppp"));
+            var expected = await CommittedTensors.LoadWhole(Data, run.Store, one.Name!, one, Steps, run.Folder("load-one"));
+            var actual = await CommittedTensors.LoadWhole(Data, run.Store, eppp.Name!, one, Steps, run.Folder("load-eppp"));
             Assert.Contains(expected.Keys, k => k.Contains(".mlp.experts.7.") && k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
-            Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
-            foreach (var (name, values) in expected)
-                Assert.True(values.SequenceEqual(actual[name]), $"{name} differs between the resumed ep x pp job's committed checkpoint and the one-worker job's");
+            CommittedTensors.AssertSame(expected, actual, "the resumed ep x pp job");
             output.WriteLine($"{expected.Count} tensors equal bit for bit; {last.Message}");
         }
         catch
         {
             output.WriteLine(log.ToString());
             throw;
-        }
-        finally
-        {
-            foreach (var s in stops.Values) await s.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            foreach (var s in stops.Values) s.Dispose();
-            Directory.Delete(scratch, recursive: true);
         }
     }
 }

@@ -35,30 +35,18 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
 
     async Task LoseAWorker(int zero)
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("redundancy-cluster-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        var stops = new List<CancellationTokenSource>();
-        var workers = new List<Task<int>>();
-        void StartWorker()
-        {
-            int i = workers.Count;
-            var stop = new CancellationTokenSource();
-            stops.Add(stop);
-            workers.Add(new ClusterWorker(coordinator.Worker($"red-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stop.Token));
-        }
+        await using var run = await ClusterRun.StartAsync(Data, "redundancy-cluster");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            for (int i = 0; i < 4; i++) StartWorker();
+            for (int i = 0; i < 4; i++) run.StartWorker($"red-worker-{i}");
 
             // ---- With redundancy: a worker leaves after a step; the survivors reshard live, 0 steps redone ----
             var redundant = Spec($"zero{zero}-redundant", new ParallelPlan { Zero = zero, Redundancy = true }, 3, 4);
             Assert.Empty(redundant.Validate());
             await ClusterJobs.Submit(http, redundant);
-            await LoseOneWorker(http, redundant.Name!, log, stops[1], afterCommit: false);
+            await LoseOneWorker(run, redundant.Name!, "red-worker-1", afterCommit: false);
             var live = await ClusterJobs.Completion(http, redundant.Name!, Steps, log);
             var liveResumes = live.Events.Where(e => e.Kind == JobEventKinds.Resumed && e.Generation > 1).ToList();
             Assert.NotEmpty(liveResumes);
@@ -83,10 +71,10 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             }
 
             // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
-            StartWorker();
+            run.StartWorker("red-worker-4");
             var plain = Spec($"zero{zero}-plain", new ParallelPlan { Zero = zero }, 3, 4);
             await ClusterJobs.Submit(http, plain);
-            await LoseOneWorker(http, plain.Name!, log, stops[4], afterCommit: true);
+            await LoseOneWorker(run, plain.Name!, "red-worker-4", afterCommit: true);
             var reloaded = await ClusterJobs.Completion(http, plain.Name!, Steps, log);
             var last = reloaded.Events.Last(e => e.Kind == JobEventKinds.Resumed);
             Assert.True(last.Generation > 1, "the job without redundancy did not re-form");
@@ -105,14 +93,12 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             }
             Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(live));
             Assert.Equal(ClusterJobs.Losses(reference), ClusterJobs.Losses(reloaded));
-            var expected = await CommittedTensors.LoadWhole(Data, store, one.Name!, one, Steps, Path.Combine(scratch, "load-one"));
+            var expected = await CommittedTensors.LoadWhole(Data, run.Store, one.Name!, one, Steps, run.Folder("load-one"));
             Assert.Contains(expected.Keys, k => k.EndsWith(".exp_avg_sq", StringComparison.Ordinal));
             foreach (var job in new[] { redundant.Name!, plain.Name! })
             {
-                var actual = await CommittedTensors.LoadWhole(Data, store, job, one, Steps, Path.Combine(scratch, $"load-{job}"));
-                Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
-                foreach (var (name, values) in expected)
-                    Assert.True(values.SequenceEqual(actual[name]), $"{name} differs between {job}'s committed checkpoint and the one-worker job's");
+                var actual = await CommittedTensors.LoadWhole(Data, run.Store, job, one, Steps, run.Folder($"load-{job}"));
+                CommittedTensors.AssertSame(expected, actual, job);
             }
             output.WriteLine($"{expected.Count} tensors equal bit for bit; resumed: {string.Join(" | ", liveResumes.Select(e => e.Message))} / {last.Message}");
         }
@@ -121,28 +107,21 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
             output.WriteLine(log.ToString());
             throw;
         }
-        finally
-        {
-            foreach (var s in stops) await s.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            foreach (var s in stops) s.Dispose();
-            Directory.Delete(scratch, recursive: true);
-        }
     }
 
     /// <summary>
     /// Once the job has trained a step on four workers (and, <paramref name="afterCommit"/>, committed a checkpoint), one
     /// worker leaves: it finishes the step in flight, so its rank's shard is whole in the survivors' copies or nowhere.
     /// </summary>
-    static async Task LoseOneWorker(HttpClient http, string job, StringWriter log, CancellationTokenSource stop, bool afterCommit)
+    static async Task LoseOneWorker(ClusterRun run, string job, string worker, bool afterCommit)
     {
         await InProcessCoordinator.Until(async () =>
         {
-            var s = (await http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
+            var s = (await run.Http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
             Assert.NotEqual(JobState.Failed, s.State);
             Assert.True(s.Step < Steps, $"{job} finished before a worker could leave it");
             return s.Workers.Length == 4 && s.Step >= 1 && (!afterCommit || s.Committed.Length > 0);
-        }, $"{job} trains a step on four workers", log);
-        await stop.CancelAsync();
+        }, $"{job} trains a step on four workers", run.Log);
+        await run.StopWorker(worker);
     }
 }

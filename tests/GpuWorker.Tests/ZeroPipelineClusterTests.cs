@@ -4,7 +4,6 @@
 // Both jobs complete with a complete ledger, validate, and commit, bit for bit, the checkpoint a one-worker job of the
 // same spec commits: every weight, both AdamW moments, the routing biases.
 using DeepSeekCluster.Contracts.Grains;
-using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using Xunit.Abstractions;
 
@@ -31,18 +30,12 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
     [Fact]
     public async Task Dp2Pp2JobsWithZero1AndWithEp2Zero2CommitTheOneWorkerJobsCheckpointBitForBit()
     {
-        await using var store = await StoreHost.StartAsync();
-        await using var coordinator = await InProcessCoordinator.StartAsync(store.Address);
-        var http = coordinator.Http;
-        var scratch = Directory.CreateTempSubdirectory("zero-pp-cluster-").FullName;
-        var log = new StringWriter();
-        var syncLog = TextWriter.Synchronized(log);
-        using var stopWorkers = new CancellationTokenSource();
-        var workers = new List<Task<int>>();
+        await using var run = await ClusterRun.StartAsync(Data, "zero-pp-cluster");
+        var http = run.Http;
+        var log = run.Log;
         try
         {
-            for (int i = 0; i < Workers; i++)
-                workers.Add(new ClusterWorker(coordinator.Worker($"zero-pp-worker-{i}", Data.Address, store.Address, Path.Combine(scratch, $"w{i}")), syncLog).RunAsync(stopWorkers.Token));
+            for (int i = 0; i < Workers; i++) run.StartWorker($"zero-pp-worker-{i}");
 
             var jobs = new[] { (Zero: 1, Ep: 1), (Zero: 2, Ep: 2) }
                 .Select(j => (j.Zero, j.Ep, Spec: Spec($"zero{j.Zero}-ep{j.Ep}-pp-job", new ParallelPlan { Dp = 2, Pp = 2, Ep = j.Ep, Zero = j.Zero }, Workers))).ToList();
@@ -53,7 +46,7 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
                 statuses.Add(await ClusterJobs.RunToCompletion(http, spec, Steps, log));
             }
             var one = await ClusterJobs.RunToCompletion(http, Spec("zero-pp-reference", new ParallelPlan { Dp = 1 }, 1), Steps, log);
-            var oneTensors = await CommittedTensors.LoadWhole(Data, store, "zero-pp-reference", jobs[0].Spec, Steps, Path.Combine(scratch, "load-one"));
+            var oneTensors = await CommittedTensors.LoadWhole(Data, run.Store, "zero-pp-reference", jobs[0].Spec, Steps, run.Folder("load-one"));
             Assert.Contains(oneTensors.Keys, k => k.Contains(".mlp.experts.") && k.EndsWith(".exp_avg_sq"));
             Assert.Contains(oneTensors.Keys, k => k.EndsWith("e_score_correction_bias"));
             string text = log.ToString();
@@ -69,10 +62,8 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
                 Assert.Equal(one.Loss.OrderBy(p => p.Step).Select(p => p.Loss), status.Loss.OrderBy(p => p.Step).Select(p => p.Loss));
                 Assert.Equal(one.ValidationLoss.Single(v => v.Step == Steps).Loss, status.ValidationLoss.Where(v => v.Step == Steps).Select(v => v.Loss).Distinct().Single());
 
-                var tensors = await CommittedTensors.LoadWhole(Data, store, spec.Name!, spec, Steps, Path.Combine(scratch, $"load-{spec.Name}"));
-                Assert.Equal(oneTensors.Keys.Order(), tensors.Keys.Order());
-                foreach (var (name, expected) in oneTensors)
-                    Assert.True(expected.SequenceEqual(tensors[name]), $"{name} differs between the dp 2 x pp 2 x ep {ep} x zero {zero} job's committed checkpoint and the one-worker job's");
+                var tensors = await CommittedTensors.LoadWhole(Data, run.Store, spec.Name!, spec, Steps, run.Folder($"load-{spec.Name}"));
+                CommittedTensors.AssertSame(oneTensors, tensors, $"the dp 2 x pp 2 x ep {ep} x zero {zero} job");
                 output.WriteLine($"zero {zero} ep {ep}: {oneTensors.Count} tensors equal bit for bit; losses {string.Join(", ", status.Loss.Select(p => p.Loss))}");
             }
         }
@@ -80,12 +71,6 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
         {
             output.WriteLine(log.ToString());
             throw;
-        }
-        finally
-        {
-            await stopWorkers.CancelAsync();
-            foreach (var w in workers) await w.WaitAsync(TimeSpan.FromMinutes(1));
-            Directory.Delete(scratch, recursive: true);
         }
     }
 }

@@ -25,4 +25,12 @@ internal static class CommittedTensors
         await ShardedCheckpointLoader.LoadReplicaAsync(checkpoints, step, model, optimizer, tokenizer.TokenizerHash);
         return CheckpointTensors.Collect(model, optimizer).ToDictionary(kv => kv.Key, kv => kv.Value.detach().to_type(ScalarType.Float32).contiguous().data<float>().ToArray());
     }
+
+    /// <summary>Every tensor of <paramref name="actual"/> (<paramref name="job"/>'s) equals the one-worker job's <paramref name="expected"/> bit for bit, and no name is missing or extra.</summary>
+    public static void AssertSame(Dictionary<string, float[]> expected, Dictionary<string, float[]> actual, string job)
+    {
+        Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
+        foreach (var (name, values) in expected)
+            Assert.True(values.SequenceEqual(actual[name]), $"{name} differs between {job}'s committed checkpoint and the one-worker job's");
+    }
 }
