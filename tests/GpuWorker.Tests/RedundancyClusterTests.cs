@@ -41,6 +41,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
         try
         {
             for (int i = 0; i < 4; i++) run.StartWorker($"red-worker-{i}");
+            await run.Online(4);
 
             // ---- With redundancy: a worker leaves after a step; the survivors reshard live, 0 steps redone ----
             var redundant = Spec($"zero{zero}-redundant", new ParallelPlan { Zero = zero, Redundancy = true }, 3, 4);
@@ -72,6 +73,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
 
             // ---- Without: the same loss resumes from the committed checkpoint, and says so ----
             run.StartWorker("red-worker-4");
+            await run.Online(4); // red-worker-1 left: 0, 2, 3 and 4
             var plain = Spec($"zero{zero}-plain", new ParallelPlan { Zero = zero }, 3, 4);
             await ClusterJobs.Submit(http, plain);
             await LoseOneWorker(run, plain.Name!, "red-worker-4", afterCommit: true);

@@ -1,6 +1,8 @@
 // One cluster test's world: the checkpoint store, the real Coordinator in this process, a scratch folder, the workers'
 // shared log, and real ClusterWorkers started and stopped by id. Disposing stops every worker (each finishes what it is
 // doing), removes the folder, then stops the Coordinator and the store.
+using System.Net.Http.Json;
+using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
 
 namespace DeepSeekCluster.GpuWorker.Tests.Infrastructure;
@@ -48,6 +50,14 @@ internal sealed class ClusterRun : IAsyncDisposable
         var settings = Coordinator.Worker(id, data.Address, Store.Address, Path.Combine(Scratch, id));
         workers.Add(id, new ClusterWorker(configure?.Invoke(settings) ?? settings, syncLog).RunAsync(stop.Token));
     }
+
+    /// <summary>
+    /// Waits until the Coordinator lists <paramref name="count"/> online workers: a job submitted before a started worker
+    /// registered forms without it and re-forms when it arrives, which a test that counts generations cannot allow.
+    /// </summary>
+    public Task Online(int count) => InProcessCoordinator.Until(async () =>
+        (await Http.GetFromJsonAsync<WorkerStatus[]>("/workers", JobSpecJson.Options))!.Count(w => w.Online) == count,
+        $"{count} workers are online", Log);
 
     /// <summary>Worker <paramref name="id"/>'s run: it ends with the worker's exit code.</summary>
     public Task<int> Running(string id) => workers[id];
