@@ -58,6 +58,35 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// </summary>
     public int BackgroundNice { get; init; }
 
+    /// <summary>
+    /// Torch intra-op threads the training thread gives up while a save's background work runs (0: none, the default).
+    /// On a CPU whose every core runs the step, the save's thread can only take a core from one of torch's threads, and
+    /// every parallel op then waits on that starved thread; with one thread fewer the step runs undisturbed beside the
+    /// save (docs/benchmarks.md, Checkpoints). torch's thread count is the calling thread's own (OpenMP), so it is
+    /// lowered in <see cref="BeginSave"/> and given back in the first <see cref="BeginSave"/>, <see cref="WaitForSnapshot"/>
+    /// or <see cref="RestoreThreads"/> that finds the save done: all on the training thread. At least one thread stays.
+    /// </summary>
+    public int YieldTorchThreads { get; init; }
+
+    int? yieldedFrom; // the training thread's torch thread count before a save lowered it
+
+    /// <summary>Gives the training thread its torch threads back once no save runs; call on the training thread.</summary>
+    public void RestoreThreads()
+    {
+        if (yieldedFrom is not { } threads || Busy) return;
+        set_num_threads(threads);
+        yieldedFrom = null;
+    }
+
+    void YieldThreads()
+    {
+        if (YieldTorchThreads <= 0 || yieldedFrom is not null) return;
+        int threads = get_num_threads();
+        if (threads <= 1) return;
+        set_num_threads(Math.Max(1, threads - YieldTorchThreads));
+        yieldedFrom = threads;
+    }
+
     /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
     internal Func<Task>? BeforeBackgroundCopy { get; set; }
 
@@ -93,6 +122,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         var sw = Stopwatch.StartNew();
         WaitForSnapshot(); // a caller that skipped it: the previous copy must be over before anything else
         Collect();
+        RestoreThreads();
         var failure = unreported;
         unreported = null;
         if (Busy)
@@ -106,6 +136,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         var copy = new HostCopy(plan, rank, step, tensors, previous);
         copying = copy;
         inFlight = Task.Run(() => CopyAndWrite(copy));
+        YieldThreads();
         Started++;
         LastStall = sw.Elapsed;
         TotalStall += LastStall;
@@ -119,6 +150,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// </summary>
     public TimeSpan? WaitForSnapshot()
     {
+        RestoreThreads();
         if (copying is not { } copy) return null;
         var sw = Stopwatch.StartNew();
         copy.Help();

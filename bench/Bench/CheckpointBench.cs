@@ -19,7 +19,8 @@ public static class CheckpointBench
         int diskMb = int.Parse(Arg(args, "--disk-mb", "1024"));
         int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "2"));
         int repeats = int.Parse(Arg(args, "--repeats", "3"));
-        // "throughput" (save and load MB/s against the disk), "stall" (a save's cost to the training steps), or both.
+        // "throughput" (save and load MB/s against the disk), "cost" (a save's parts, each alone: wall and CPU time),
+        // "stall" (a save's cost to the training steps); any of them.
         var parts = Arg(args, "--parts", "throughput,stall").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet();
         if (Directory.Exists(dir)) Directory.Delete(dir, true);
         Directory.CreateDirectory(dir);
@@ -56,6 +57,11 @@ public static class CheckpointBench
         Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
         Console.WriteLine();
         if (parts.Contains("throughput")) Throughput(args, model, optimizer, tensors, mb, dir, probe, diskMb, dp, pp, repeats);
+        if (parts.Contains("cost"))
+        {
+            var plan = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+            CheckpointCostBench.Run(plan, tensors.ToDictionary(), dir, repeats, Console.Error.WriteLine);
+        }
         if (parts.Contains("stall")) Stall(args, model, preset, dir, repeats);
         Console.WriteLine($"load average at the end: {LoadAverage()}");
         Directory.Delete(dir, true);
@@ -159,15 +165,21 @@ public static class CheckpointBench
     static void Stall(string[] args, DeepSeekForCausalLM model, string preset, string dir, int repeats)
     {
         var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
+        // Torch threads the trainer gives up while a save runs (AsyncCheckpointSaver.YieldTorchThreads), compared in turns.
+        var yields = Arg(args, "--yield", "0").Split(',').Select(int.Parse).ToArray();
+        bool withPrepare = Arg(args, "--prepare", "true") == "true";
         // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
         // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
         if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
         int prepareNice = int.Parse(Arg(args, "--prepare-nice", nices.Contains(10) ? "10" : nices[^1].ToString()));
+        // cuda (the GPU bundle, bench/gpu/run.sh): the host copies are pinned and filled by device-to-host copies.
+        var device = Arg(args, "--device", "cpu") == "cuda" ? CUDA : CPU;
+        if (device.type == DeviceType.CUDA) model.to(device);
         var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
         var rng = new Random(1);
         var tokens = new int[(stepOptions.SeqLen + 1) * 256];
         for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(model.Config.VocabSize);
-        using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, CPU, peakFlops: 1e12);
+        using var trainer = new Trainer(model, new Training.Data.TokenDataset(tokens, stepOptions.SeqLen), null, stepOptions, device, peakFlops: 1e12);
         var live = CheckpointTensors.Collect(model, trainer.Optimizer);
         var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
         var byName = live.ToDictionary();
@@ -202,6 +214,7 @@ public static class CheckpointBench
             int steps = 0;
             do { trainer.TrainStep(); steps++; } while (saver.Busy && steps < 100);
             double wall = sw.Elapsed.TotalSeconds;
+            saver.RestoreThreads(); // the plain steps after it run with every thread again
             double paused = (GC.GetTotalPauseDuration() - pause).TotalSeconds;
             Console.Error.WriteLine($"    GC pauses during the save's {steps} steps: {paused:F3} s ({paused / steps:F3} s per step)");
             var failure = saver.WaitAsync().GetAwaiter().GetResult();
@@ -228,14 +241,17 @@ public static class CheckpointBench
             blocking.Add((save, save + next - plain, LoadAverage()));
             Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} blocking save {save:F2} s, the step after it {next:F2} s, plain {plain:F2} s; load {LoadAverage()}");
             foreach (int nice in nices)
-            {
-                plain = Plain(2);
-                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice };
-                Add($"nice {nice}, first save of a saver (allocates the host copies)", Spanned(saver, plain), save);
-                plain = Plain(2);
-                Add($"nice {nice}, second save (refills them)", Spanned(saver, plain), save);
-                saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            }
+                foreach (int yielded in yields)
+                {
+                    string name = yielded > 0 ? $"nice {nice}, trainer yields {yielded} torch thread(s) while it runs" : $"nice {nice}";
+                    plain = Plain(2);
+                    var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice, YieldTorchThreads = yielded };
+                    Add($"{name}, first save of a saver (allocates the host copies)", Spanned(saver, plain), save);
+                    plain = Plain(2);
+                    Add($"{name}, second save (refills them)", Spanned(saver, plain), save);
+                    saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+                }
+            if (withPrepare)
             {
                 plain = Plain(2);
                 var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice };
@@ -251,7 +267,7 @@ public static class CheckpointBench
             current = null;
         }
         trainer.BeforeOptimizerUpdate = null;
-        Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, CPU, {get_num_threads()} torch threads): " +
+        Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, {device.type}, {get_num_threads()} torch threads): " +
                           $"plain step median {Median(plainSteps):F3} s (min {plainSteps.Min():F3}, max {plainSteps.Max():F3}, {plainSteps.Count} steps, {(double)plainGcs / plainSteps.Count:F1} gen-0 GCs and {plainPause.TotalSeconds / plainSteps.Count:F3} s of GC pauses per step); load average {LoadAverage()}");
         Console.WriteLine();
         Console.WriteLine("| save of one rank's whole state | stall s, per repeat | steps the save spanned | % of that repeat's blocking save, per repeat | median % | training-thread time in the saver s | background copy + write s | load average per repeat |");

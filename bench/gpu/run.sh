@@ -52,5 +52,7 @@ else
 fi
 run 60 "${worker[@]}" check
 run 200 "${bench[@]}" train --device cuda --presets "$preset" --precisions bf16 --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2
+# The async checkpoint's stall against a blocking save on the GPU: pinned host copies filled beside the next step.
+run 150 "${bench[@]}" checkpoint --parts cost,stall --device cuda --preset small --nice 0 --prepare false --repeats 2 --disk-mb 256
 run 90 "${bench[@]}" kernels --device cuda --parts attention,adamw,moe --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
 echo "report: $report"

@@ -400,5 +400,93 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         foreach (var t in tensors.Values) t.Dispose();
     }
 
+    /// <summary>
+    /// torch's thread count is the calling thread's own (OpenMP), so the scenario runs on one thread of its own, without
+    /// awaits. The write is held at its publish (the gated sink), so the save is in flight for certain while the count is read.
+    /// </summary>
+    [Fact]
+    public Task ATrainerThatYieldsATorchThreadRunsWithOneFewerWhileTheSaveRunsAndGetsItBackOnceItIsDone() =>
+        Task.Factory.StartNew(YieldScenario, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+
+    void YieldScenario()
+    {
+        int threads = get_num_threads();
+        set_num_threads(2);
+        try
+        {
+            using var state = new TrainedState(1);
+            using var trainer = TrainerOf(state);
+            using var store = new FolderCheckpointStore(root, "job");
+            var sink = new GatedSink(store);
+            var tensors = state.Tensors.ToDictionary();
+            var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+            var saver = new AsyncCheckpointSaver(sink, plan, 0) { YieldTorchThreads = 1 };
+            trainer.BeforeOptimizerUpdate = () => saver.WaitForSnapshot();
+            var expected = tensors.ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+
+            Assert.True(saver.BeginSave(7, tensors).Started);
+            Assert.Equal(1, get_num_threads());
+            trainer.TrainStep(); // changes every tensor after its WaitForSnapshot; the write is still held
+            Assert.True(saver.Busy);
+            Assert.Equal(1, get_num_threads());
+            saver.RestoreThreads(); // nothing to give back while the save runs
+            Assert.Equal(1, get_num_threads());
+
+            sink.Gate.SetResult();
+            Assert.Null(saver.WaitAsync().GetAwaiter().GetResult());
+            saver.RestoreThreads();
+            Assert.Equal(2, get_num_threads());
+            using var written = new TrainedState(2, fill: false);
+            var file = saver.LastOutcome!.File!;
+            store.CommitAsync(ShardedCheckpointWriter.Manifest("job", plan, new CheckpointPosition(7, 0, 0, 1), [file], null, null)).GetAwaiter().GetResult();
+            ShardedCheckpointLoader.LoadReplicaAsync(store, 7, written.Model, written.Optimizer).GetAwaiter().GetResult();
+            Assert.All(written.Tensors, kv => Assert.True(TrainedState.BitwiseEqual(expected[kv.Key], kv.Value), kv.Key));
+
+            // A saver that yields nothing leaves the count alone.
+            var plainSaver = new AsyncCheckpointSaver(store, plan, 0);
+            Assert.True(plainSaver.BeginSave(8, tensors).Started);
+            Assert.Equal(2, get_num_threads());
+            Assert.Null(plainSaver.WaitAsync().GetAwaiter().GetResult());
+            saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            plainSaver.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            foreach (var t in expected.Values) t.Dispose();
+        }
+        finally { set_num_threads(threads); }
+    }
+
+    /// <summary>
+    /// The bytes of a rank file against writers that share none of its code: SafeTensors.Save's file, SHA-256 of the
+    /// whole file and XXH128 of each chunk, with chunks that end inside the writer's cache-sized pieces and tensors larger
+    /// than one piece, so the file is what rank files were before they were hashed and written piece by piece.
+    /// </summary>
+    [Fact]
+    public async Task ARankFileIsTheSafeTensorsFileOfItsSlicesAndItsHashesAreThoseOfTheWholeFileAndOfEachChunk()
+    {
+        manual_seed(11);
+        var tensors = new Dictionary<string, Tensor>
+        {
+            ["model.embed_tokens.weight"] = randn(700, 300),                              // 840,000 bytes: several pieces
+            ["lm_head.weight"] = randn(333, 257).to(ScalarType.BFloat16),
+            ["model.norm.weight"] = randn(300),
+        };
+        const long chunk = 100_003; // no divisor of the 256 KiB pieces
+        using var store = new FolderCheckpointStore(root, "job") { HashChunkBytes = chunk };
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        var file = ShardedCheckpointWriter.WriteRank(store, plan, 0, 3, tensors);
+        string reference = Path.Combine(root, "reference.safetensors");
+        DeepSeekCluster.Training.IO.SafeTensors.Save(reference, [.. tensors], new Dictionary<string, string> { ["format"] = "pt" });
+
+        var bytes = await File.ReadAllBytesAsync(store.LocalPath(3, 0));
+        Assert.Equal(await File.ReadAllBytesAsync(reference), bytes);
+        Assert.Equal(bytes.Length, file.Size);
+        Assert.Equal(Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(bytes)), file.Sha256);
+        var chunks = Enumerable.Range(0, (int)((bytes.Length + chunk - 1) / chunk))
+            .Select(i => ChunkHash.Xxh128Hex(bytes.AsSpan((int)(i * chunk), (int)Math.Min(chunk, bytes.Length - i * chunk)))).ToList();
+        Assert.True(chunks.Count > 8, "the test needs a file of many chunks");
+        Assert.Equal(chunks, file.ChunkXxh128);
+        Assert.Equal(chunk, file.ChunkBytes);
+        foreach (var t in tensors.Values) t.Dispose();
+    }
+
     public void Dispose() => Directory.Delete(root, recursive: true);
 }

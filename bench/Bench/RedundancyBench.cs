@@ -1,0 +1,110 @@
+// parallel.redundancy's per-step cost: the refresh of each rank's copy of its ring neighbour's ZeRO shard, against the step.
+using System.Diagnostics;
+using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Data;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Bench;
+
+/// <summary>
+/// dp ranks as threads over tcp on 127.0.0.1 (one torch thread each), ZeRO 1..3, real Trainer steps. Rounds alternate a
+/// block of steps without redundancy and a block where, as the worker's step loop does (StepLoop), every step is followed
+/// by <see cref="LiveShards.Refresh"/>: the all-to-all that sends this rank's shard (AdamW moments, and the master or
+/// ZeRO-3 parameter rows) to the rank before it. Reported: the bytes each rank sends per refresh, the refresh's seconds,
+/// and the step's seconds with and without it (the slowest rank, as the ring waits for it).
+/// </summary>
+public static class RedundancyBench
+{
+    public static void Run(string[] args)
+    {
+        string preset = Arg(args, "--preset", "tiny");
+        int dp = int.Parse(Arg(args, "--dp", "4")), zero = int.Parse(Arg(args, "--zero", "1"));
+        int steps = int.Parse(Arg(args, "--steps", "4")), rounds = int.Parse(Arg(args, "--rounds", "3"));
+        var config = DeepSeekConfig.Preset(preset);
+        var options = new TrainingOptions { SeqLen = 64, GlobalBatch = 4 * dp, MicroBatch = 4, Steps = 1_000_000, WarmupSteps = 1, Zero = zero };
+        Console.WriteLine($"# DeepSeekCluster redundancy refresh benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; preset '{preset}' fp32, dp {dp} zero {zero}, ranks as threads " +
+                          $"over tcp on 127.0.0.1, 1 torch thread each, seq {options.SeqLen} x global batch {options.GlobalBatch} (micro {options.MicroBatch}); " +
+                          $"{rounds} rounds of {steps} steps without, then {steps} with the refresh (after 1 warm-up step each way)");
+        var rng = new Random(1);
+        var tokens = new int[(options.SeqLen + 1) * 512];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
+        var data = new TokenDataset(tokens, options.SeqLen);
+        var models = Enumerable.Range(0, dp).Select(_ =>
+        {
+            manual_seed(1);
+            return new DeepSeekForCausalLM(config).InitializeWeights();
+        }).ToArray();
+        var perRank = ExpertBench.OnRanks(dp, c =>
+        {
+            set_num_threads(1);
+            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c));
+            var state = new ReplicaState
+            {
+                JobId = "bench", Fingerprint = "bench", Model = models[c.Rank], Optimizer = trainer.Optimizer,
+                ZeroShard = c.Rank, ZeroShards = dp, ShardedParameters = zero == 3,
+            };
+            Func<int, Tensor>? ownRows = trainer.ShardedParameters is { } sharded ? sharded.OwnRows : null;
+            var plain = new List<double>();
+            var withRefresh = new List<double>();
+            var refresh = new List<double>();
+            long bytes = 0;
+            void Step(List<double>? times, bool redundant)
+            {
+                c.Barrier(); // every rank starts the step together: a step's time is its own, not the last one's straggler
+                var sw = Stopwatch.StartNew();
+                trainer.TrainStep();
+                state.Step = trainer.Step;
+                double step = sw.Elapsed.TotalSeconds;
+                if (redundant)
+                {
+                    var r = Stopwatch.StartNew();
+                    bytes = LiveShards.Refresh(c, state, ownRows);
+                    refresh.Add(r.Elapsed.TotalSeconds);
+                }
+                times?.Add(step + (redundant ? refresh[^1] : 0));
+            }
+            Step(null, false);
+            Step(null, true);
+            refresh.Clear();
+            for (int r = 0; r < rounds; r++)
+            {
+                for (int s = 0; s < steps; s++) Step(plain, false);
+                for (int s = 0; s < steps; s++) Step(withRefresh, true);
+            }
+            state.Neighbour?.Dispose();
+            return (Plain: plain, With: withRefresh, Refresh: refresh, Bytes: bytes);
+        });
+        // The ring moves at its slowest rank's pace: per step, the slowest rank's time.
+        double[] Slowest(Func<(List<double> Plain, List<double> With, List<double> Refresh, long Bytes), List<double>> pick) =>
+            [.. Enumerable.Range(0, pick(perRank[0]).Count).Select(i => perRank.Max(r => pick(r)[i]))];
+        var plainSteps = Slowest(r => r.Plain);
+        var withSteps = Slowest(r => r.With);
+        var refreshes = Slowest(r => r.Refresh);
+        long sent = perRank.Max(r => r.Bytes);
+        double plainMedian = Median(plainSteps), withMedian = Median(withSteps), refreshMedian = Median(refreshes);
+        Console.WriteLine();
+        Console.WriteLine("| preset, dp x zero | bytes sent per rank per refresh | refresh s, median (min–max) | MB/s per rank | step s without redundancy, median (min–max) | step + refresh s, median (min–max) | refresh % of the step | load average at end |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        Console.WriteLine($"| {preset}, dp {dp} zero {zero} | {sent:N0} ({sent / 1e6:F1} MB) | {refreshMedian:F3} ({refreshes.Min():F3}–{refreshes.Max():F3}) | {sent / 1e6 / refreshMedian:F0} | " +
+                          $"{plainMedian:F3} ({plainSteps.Min():F3}–{plainSteps.Max():F3}) | {withMedian:F3} ({withSteps.Min():F3}–{withSteps.Max():F3}) | {100 * refreshMedian / plainMedian:F1}% | {Load()} |");
+        foreach (var m in models) m.Dispose();
+    }
+
+    static double Median(IReadOnlyList<double> values)
+    {
+        var s = values.Order().ToArray();
+        return s.Length == 0 ? double.NaN : s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;
+    }
+
+    static string Load() => File.ReadAllText("/proc/loadavg").Split(' ')[0];
+
+    static string Arg(string[] args, string name, string fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+    }
+}
