@@ -1,5 +1,6 @@
 // Checkpoint benchmark: sharded save/load MB/s on the folder backend beside the disk's own sequential speed, and the step stall of an async save.
 using DeepSeekCluster.Training.Parallel;
+using TorchSharp;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using DeepSeekCluster.Training.Checkpoints;
@@ -174,7 +175,7 @@ public static class CheckpointBench
         int prepareNice = int.Parse(Arg(args, "--prepare-nice", nices.Contains(10) ? "10" : nices[^1].ToString()));
         // cuda (the GPU bundle, bench/gpu/run.sh): the host copies are pinned and filled by device-to-host copies.
         var device = Arg(args, "--device", "cpu") == "cuda" ? CUDA : CPU;
-        if (device.type == DeviceType.CUDA) model.to(device);
+        if (device.type == TorchSharp.DeviceType.CUDA) model.to(device);
         var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
         var rng = new Random(1);
         var tokens = new int[(stepOptions.SeqLen + 1) * 256];
@@ -183,8 +184,10 @@ public static class CheckpointBench
         var live = CheckpointTensors.Collect(model, trainer.Optimizer);
         var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
         var byName = live.ToDictionary();
-        using var blockingStore = new FolderCheckpointStore(dir, "blocking");
-        using var asyncStore = new FolderCheckpointStore(dir, "async");
+        // O_DIRECT rank files (the folder store's default) or buffered writes, as before: --direct false.
+        bool direct = Arg(args, "--direct", "true") == "true";
+        using var blockingStore = new FolderCheckpointStore(dir, "blocking") { DirectWrites = direct };
+        using var asyncStore = new FolderCheckpointStore(dir, "async") { DirectWrites = direct };
         for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
         AsyncCheckpointSaver? current = null;
         trainer.BeforeOptimizerUpdate = () => current?.WaitForSnapshot();
@@ -224,6 +227,7 @@ public static class CheckpointBench
         }
 
         var blocking = new List<(double Save, double Stall, string Load)>();
+        var fewerThreads = new List<(double Full, double Fewer)>();
         var rows = new Dictionary<string, List<(double Stall, int Steps, double Thread, double Background, double Blocking, string Load)>>();
         void Add(string name, (double Stall, int Steps, double Thread, double Background) r, double reference)
         {
@@ -240,6 +244,17 @@ public static class CheckpointBench
             Directory.Delete(blockingStore.StepFolder(at), true);
             blocking.Add((save, save + next - plain, LoadAverage()));
             Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} blocking save {save:F2} s, the step after it {next:F2} s, plain {plain:F2} s; load {LoadAverage()}");
+            if (yields.Any(y => y > 0) && get_num_threads() > 1)
+            {
+                // What a step costs with one torch thread fewer and no save: on a loaded machine fewer threads can be faster.
+                int all = get_num_threads();
+                set_num_threads(all - 1);
+                double fewer = Median(Enumerable.Range(0, 2).Select(_ => Timed(() => trainer.TrainStep())));
+                set_num_threads(all);
+                double full = Plain(2);
+                fewerThreads.Add((full, fewer));
+                Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} plain step with {all} torch threads {full:F2} s, with {all - 1} {fewer:F2} s; load {LoadAverage()}");
+            }
             foreach (int nice in nices)
                 foreach (int yielded in yields)
                 {
@@ -269,6 +284,8 @@ public static class CheckpointBench
         trainer.BeforeOptimizerUpdate = null;
         Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, {device.type}, {get_num_threads()} torch threads): " +
                           $"plain step median {Median(plainSteps):F3} s (min {plainSteps.Min():F3}, max {plainSteps.Max():F3}, {plainSteps.Count} steps, {(double)plainGcs / plainSteps.Count:F1} gen-0 GCs and {plainPause.TotalSeconds / plainSteps.Count:F3} s of GC pauses per step); load average {LoadAverage()}");
+        if (fewerThreads.Count > 0)
+            Console.WriteLine($"plain steps without a save, per repeat: {string.Join(" / ", fewerThreads.Select(f => $"{f.Full:F2} s with every torch thread, {f.Fewer:F2} s with one fewer"))}");
         Console.WriteLine();
         Console.WriteLine("| save of one rank's whole state | stall s, per repeat | steps the save spanned | % of that repeat's blocking save, per repeat | median % | training-thread time in the saver s | background copy + write s | load average per repeat |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|");

@@ -52,7 +52,8 @@ static class CheckpointCostBench
 
     public static void Run(ShardingPlan plan, IReadOnlyDictionary<string, Tensor> live, string dir, int repeats, Action<string> log)
     {
-        using var store = new FolderCheckpointStore(dir, "cost") { HashChunkBytes = ManifestFile.DefaultChunkBytes };
+        using var store = new FolderCheckpointStore(dir, "cost") { HashChunkBytes = ManifestFile.DefaultChunkBytes, DirectWrites = false };
+        using var direct = new FolderCheckpointStore(dir, "cost-direct") { HashChunkBytes = ManifestFile.DefaultChunkBytes, DirectWrites = true };
         var snapshot = ShardedCheckpointWriter.CopyToHost(plan, 0, 0, live); // allocates and faults in: later refills are what a save costs
         double mb = snapshot.Bytes / 1e6;
         string file = Path.Combine(dir, "cost-probe.bin");
@@ -112,15 +113,19 @@ static class CheckpointCostBench
                 File.Delete(file);
             }
             var byName = snapshot.Slices.ToDictionary();
-            double pc = ProcessCpu();
-            (w, c) = Timed(() => ShardedCheckpointWriter.WriteRank(store, plan, 0, step, byName));
-            Add("the saver's background write: RankFileWriter from the host copies (hashes + write + fsync)", w, c);
-            Add("  same, the process's CPU (all its threads)", w, ProcessCpu() - pc);
-            Directory.Delete(store.StepFolder(step), true);
-            pc = ProcessCpu();
-            (w, c) = Timed(() => ShardedCheckpointWriter.WriteRank(store, plan, 0, step + 100, live));
-            Add("blocking save from the live tensors (the reference)", w, c);
-            Directory.Delete(store.StepFolder(step + 100), true);
+            // Buffered (write() into the page cache, as before) and O_DIRECT (FolderCheckpointStore's default now) in turns.
+            foreach (var s in new[] { store, direct })
+            {
+                string how = s.DirectWrites ? "O_DIRECT" : "buffered write()";
+                double pc = ProcessCpu();
+                (w, c) = Timed(() => ShardedCheckpointWriter.WriteRank(s, plan, 0, step, byName));
+                Add($"the saver's background write from the host copies (hashes + write + fsync), {how}", w, c);
+                Add($"  same, the process's CPU (all its threads), {how}", w, ProcessCpu() - pc);
+                Directory.Delete(s.StepFolder(step), true);
+                (w, c) = Timed(() => ShardedCheckpointWriter.WriteRank(s, plan, 0, step + 100, live));
+                Add($"blocking save from the live tensors, {how}", w, c);
+                Directory.Delete(s.StepFolder(step + 100), true);
+            }
             log($"  {DateTime.UtcNow:HH:mm:ss} cost repeat {r + 1}: " + string.Join("; ", parts.Select(kv => $"{kv.Key.Split(' ')[0]} {kv.Value[^1].Wall:F2}/{kv.Value[^1].Cpu:F2}")));
         }
         snapshot.Dispose();
