@@ -266,7 +266,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
                     throw;
                 }
                 buffers = snapshot;
-                return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm, sink.DirectWrites);
+                return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
             });
         }
         catch (Exception e)

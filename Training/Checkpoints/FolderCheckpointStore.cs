@@ -26,12 +26,6 @@ public sealed class FolderCheckpointStore(string root, string job) : ICheckpoint
     /// <summary>XXH128 per chunk; SHA-256 writes the chunk hashes older writers recorded (to compare with them).</summary>
     public ChunkHashAlgorithm HashChunkAlgorithm { get; init; } = ChunkHashAlgorithm.Xxh128;
 
-    /// <summary>
-    /// Rank files go past the page cache (<see cref="DirectFileWriter"/>): the folder is their final place, nothing reads
-    /// them back to publish them, and the page-cache copy was a third of a save's CPU.
-    /// </summary>
-    public bool DirectWrites { get; init; } = true;
-
     public string LocalPath(long step, int rank) => Path.Combine(StepFolder(step), ShardingPlan.FileOf(rank));
 
     public Task<ManifestFile> PublishAsync(long step, int rank, ManifestFile written, CancellationToken ct = default) => Task.FromResult(written);

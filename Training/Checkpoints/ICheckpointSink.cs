@@ -23,11 +23,6 @@ public interface ICheckpointSink
     long? HashChunkBytes => null;
     /// <summary>The chunk hash a writer records: XXH128; SHA-256 only to write what older writers did (the benchmark's baseline).</summary>
     ChunkHashAlgorithm HashChunkAlgorithm => ChunkHashAlgorithm.Xxh128;
-    /// <summary>
-    /// Rank files are written past the page cache (O_DIRECT, where the file system has it): less CPU per save, but the
-    /// file is not cached afterwards, so only a sink that does not read it back (to upload it) should ask.
-    /// </summary>
-    bool DirectWrites => false;
 }
 
 /// <summary>Committed checkpoints, read by manifest, tensor and row range.</summary>

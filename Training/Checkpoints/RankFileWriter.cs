@@ -16,9 +16,8 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// </summary>
 internal static class RankFileWriter
 {
-    /// <param name="direct">Write past the page cache (<see cref="DirectFileWriter"/>) where the file system allows it.</param>
     public static ManifestFile Write(string path, IReadOnlyList<KeyValuePair<string, Tensor>> tensors, long? chunkBytes = null,
-        ChunkHashAlgorithm chunkAlgorithm = ChunkHashAlgorithm.Xxh128, bool direct = false)
+        ChunkHashAlgorithm chunkAlgorithm = ChunkHashAlgorithm.Xxh128)
     {
         if (chunkBytes < 1) throw new ArgumentOutOfRangeException(nameof(chunkBytes), $"chunk hashes need chunks of at least 1 byte, not {chunkBytes}");
         SafeTensors.EnsureLittleEndian();
@@ -44,18 +43,11 @@ internal static class RankFileWriter
         try
         {
             long size;
-            using (var directFile = direct ? DirectFileWriter.TryCreate(temp) : null)
-            using (var stream = directFile is null ? new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 0) : null)
+            using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 0))
             {
                 // XXH128 runs at memory speed, so the chunk hashes ride along on this thread: only the whole-file SHA-256
                 // (what the store verifies at commit) costs the save real CPU.
-                void Put(ReadOnlySpan<byte> bytes)
-                {
-                    hash.AppendData(bytes);
-                    chunks?.Append(bytes);
-                    if (directFile is null) stream!.Write(bytes);
-                    else directFile.Write(bytes);
-                }
+                void Put(ReadOnlySpan<byte> bytes) { hash.AppendData(bytes); chunks?.Append(bytes); stream.Write(bytes); }
                 void PutTensorBytes(Span<byte> bytes) => Put(bytes);
                 Span<byte> prefix = stackalloc byte[8];
                 BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
@@ -70,11 +62,10 @@ internal static class RankFileWriter
                         TensorBytes.ForEachChunk(copy ?? source, PutTensorBytes);
                     }
                 }
-                size = directFile?.Position ?? stream!.Position;
+                size = stream.Position;
                 if (size != 8 + header.Length + offset)
                     throw new InvalidOperationException($"wrote {size} bytes to {temp}, the header promised {8 + header.Length + offset}");
-                if (directFile is null) stream!.Flush(flushToDisk: true);
-                else directFile.Finish();
+                stream.Flush(flushToDisk: true);
             }
             File.Move(temp, full, overwrite: true);
             return new ManifestFile(Path.GetFileName(full), size, Convert.ToHexStringLower(hash.GetHashAndReset()))

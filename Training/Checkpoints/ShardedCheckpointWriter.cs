@@ -84,7 +84,7 @@ public static class ShardedCheckpointWriter
         var views = plan.WritesOf(rank)
             .Select(s => new KeyValuePair<string, Tensor>(s.Name, RowsOf(plan, Lookup(tensors, s.Name), s)))
             .ToList();
-        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes, sink.HashChunkAlgorithm, sink.DirectWrites);
+        var written = RankFileWriter.Write(sink.LocalPath(step, rank), views, sink.HashChunkBytes, sink.HashChunkAlgorithm);
         return sink.PublishAsync(step, rank, written).GetAwaiter().GetResult();
     }
 

@@ -184,10 +184,8 @@ public static class CheckpointBench
         var live = CheckpointTensors.Collect(model, trainer.Optimizer);
         var single = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(live));
         var byName = live.ToDictionary();
-        // O_DIRECT rank files (the folder store's default) or buffered writes, as before: --direct false.
-        bool direct = Arg(args, "--direct", "true") == "true";
-        using var blockingStore = new FolderCheckpointStore(dir, "blocking") { DirectWrites = direct };
-        using var asyncStore = new FolderCheckpointStore(dir, "async") { DirectWrites = direct };
+        using var blockingStore = new FolderCheckpointStore(dir, "blocking");
+        using var asyncStore = new FolderCheckpointStore(dir, "async");
         for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
         AsyncCheckpointSaver? current = null;
         trainer.BeforeOptimizerUpdate = () => current?.WaitForSnapshot();

@@ -52,8 +52,7 @@ static class CheckpointCostBench
 
     public static void Run(ShardingPlan plan, IReadOnlyDictionary<string, Tensor> live, string dir, int repeats, Action<string> log)
     {
-        using var store = new FolderCheckpointStore(dir, "cost") { HashChunkBytes = ManifestFile.DefaultChunkBytes, DirectWrites = false };
-        using var direct = new FolderCheckpointStore(dir, "cost-direct") { HashChunkBytes = ManifestFile.DefaultChunkBytes, DirectWrites = true };
+        using var store = new FolderCheckpointStore(dir, "cost") { HashChunkBytes = ManifestFile.DefaultChunkBytes };
         var snapshot = ShardedCheckpointWriter.CopyToHost(plan, 0, 0, live); // allocates and faults in: later refills are what a save costs
         double mb = snapshot.Bytes / 1e6;
         string file = Path.Combine(dir, "cost-probe.bin");
@@ -113,10 +112,10 @@ static class CheckpointCostBench
                 File.Delete(file);
             }
             var byName = snapshot.Slices.ToDictionary();
-            // Buffered (write() into the page cache, as before) and O_DIRECT (FolderCheckpointStore's default now) in turns.
-            foreach (var s in new[] { store, direct })
+            // (O_DIRECT writes from an aligned staging buffer were measured here at commit 8aeda64: docs/benchmarks.md.)
+            foreach (var s in new[] { store })
             {
-                string how = s.DirectWrites ? "O_DIRECT" : "buffered write()";
+                string how = "buffered write()";
                 double pc = ProcessCpu();
                 (w, c) = Timed(() => ShardedCheckpointWriter.WriteRank(s, plan, 0, step, byName));
                 Add($"the saver's background write from the host copies (hashes + write + fsync), {how}", w, c);
