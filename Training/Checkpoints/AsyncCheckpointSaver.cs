@@ -65,6 +65,8 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// save (docs/benchmarks.md, Checkpoints). torch's thread count is the calling thread's own (OpenMP), so it is
     /// lowered in <see cref="BeginSave"/> and given back in the first <see cref="BeginSave"/>, <see cref="WaitForSnapshot"/>
     /// or <see cref="RestoreThreads"/> that finds the save done: all on the training thread. At least one thread stays.
+    /// A caller that ends with <see cref="WaitAsync"/> (which may resume on another thread) calls <see cref="RestoreThreads"/>
+    /// on the training thread afterwards.
     /// </summary>
     public int YieldTorchThreads { get; init; }
 

@@ -46,6 +46,8 @@ public static class RedundancyBench
             {
                 JobId = "bench", Fingerprint = "bench", Model = models[c.Rank], Optimizer = trainer.Optimizer,
                 ZeroShard = c.Rank, ZeroShards = dp, ShardedParameters = zero == 3,
+                // Whole shapes, read before the first step empties ZeRO-3's parameters (as the worker's Resumption does).
+                Shapes = [.. trainer.Optimizer.Slots.Select(s => s.Param.shape)],
             };
             Func<int, Tensor>? ownRows = trainer.ShardedParameters is { } sharded ? sharded.OwnRows : null;
             var plain = new List<double>();
