@@ -72,10 +72,13 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
 
     int? yieldedFrom; // the training thread's torch thread count before a save lowered it
 
-    /// <summary>Gives the training thread its torch threads back once no save runs; call on the training thread.</summary>
-    public void RestoreThreads()
+    /// <summary>
+    /// Gives the training thread its torch threads back once no save runs (or at once, <paramref name="evenIfBusy"/>: the
+    /// end of a run, whose thread must not keep fewer); call on the training thread.
+    /// </summary>
+    public void RestoreThreads(bool evenIfBusy = false)
     {
-        if (yieldedFrom is not { } threads || Busy) return;
+        if (yieldedFrom is not { } threads || Busy && !evenIfBusy) return;
         set_num_threads(threads);
         yieldedFrom = null;
     }
@@ -164,12 +167,19 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         return waited;
     }
 
-    /// <summary>A scope whose end waits for a pending snapshot: the live tensors are the caller's again after it, however it ends.</summary>
+    /// <summary>
+    /// A scope whose end waits for a pending snapshot: the live tensors are the caller's again after it, however it ends,
+    /// and the training thread (which ends it) has its torch threads back even if a write is still running.
+    /// </summary>
     public IDisposable SnapshotScope() => new SnapshotWait(this);
 
     sealed class SnapshotWait(AsyncCheckpointSaver saver) : IDisposable
     {
-        public void Dispose() => saver.WaitForSnapshot();
+        public void Dispose()
+        {
+            saver.WaitForSnapshot();
+            saver.RestoreThreads(evenIfBusy: true);
+        }
     }
 
     /// <summary>

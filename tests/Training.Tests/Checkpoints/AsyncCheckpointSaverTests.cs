@@ -405,7 +405,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
     /// awaits. The write is held at its publish (the gated sink), so the save is in flight for certain while the count is read.
     /// </summary>
     [Fact]
-    public Task ATrainerThatYieldsATorchThreadRunsWithOneFewerWhileTheSaveRunsAndGetsItBackOnceItIsDone() =>
+    public Task ATrainerThatYieldsATorchThreadRunsWithOneFewerWhileTheSaveRunsAndGetsItBackOnceItIsDoneOrTheRunEnds() =>
         Task.Factory.StartNew(YieldScenario, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     void YieldScenario()
@@ -441,6 +441,20 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             store.CommitAsync(ShardedCheckpointWriter.Manifest("job", plan, new CheckpointPosition(7, 0, 0, 1), [file], null, null)).GetAwaiter().GetResult();
             ShardedCheckpointLoader.LoadReplicaAsync(store, 7, written.Model, written.Optimizer).GetAwaiter().GetResult();
             Assert.All(written.Tensors, kv => Assert.True(TrainedState.BitwiseEqual(expected[kv.Key], kv.Value), kv.Key));
+
+            // The end of a run (SnapshotScope) gives the threads back even while the write is still held.
+            var held = new GatedSink(store);
+            var scoped = new AsyncCheckpointSaver(held, plan, 0) { YieldTorchThreads = 1 };
+            using (scoped.SnapshotScope())
+            {
+                Assert.True(scoped.BeginSave(9, tensors).Started);
+                Assert.Equal(1, get_num_threads());
+            }
+            Assert.True(scoped.Busy);
+            Assert.Equal(2, get_num_threads());
+            held.Gate.SetResult();
+            Assert.Null(scoped.WaitAsync().GetAwaiter().GetResult());
+            scoped.DisposeAsync().AsTask().GetAwaiter().GetResult();
 
             // A saver that yields nothing leaves the count alone.
             var plainSaver = new AsyncCheckpointSaver(store, plan, 0);
