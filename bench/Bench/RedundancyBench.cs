@@ -41,13 +41,14 @@ public static class RedundancyBench
         var perRank = ExpertBench.OnRanks(dp, c =>
         {
             set_num_threads(1);
+            // Whole shapes by checkpoint name, read before the trainer exists: under ZeRO-3 it empties the parameters at once.
+            var whole = models[c.Rank].named_parameters().ToDictionary(p => models[c.Rank].ToHfName(p.name), p => p.parameter.shape);
             using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c));
             var state = new ReplicaState
             {
                 JobId = "bench", Fingerprint = "bench", Model = models[c.Rank], Optimizer = trainer.Optimizer,
                 ZeroShard = c.Rank, ZeroShards = dp, ShardedParameters = zero == 3,
-                // Whole shapes, read before the first step empties ZeRO-3's parameters (as the worker's Resumption does).
-                Shapes = [.. trainer.Optimizer.Slots.Select(s => s.Param.shape)],
+                Shapes = [.. trainer.Optimizer.Slots.Select(s => whole[s.Name])], // as the worker's Resumption keeps them
             };
             Func<int, Tensor>? ownRows = trainer.ShardedParameters is { } sharded ? sharded.OwnRows : null;
             var plain = new List<double>();
