@@ -1,4 +1,4 @@
-// ZeRO-1/2 inside a pipeline stage: the stage's optimizer state (and, ZeRO-2, its gradient sums) sharded over the stage's replicas.
+// ZeRO inside a pipeline stage: the stage's optimizer state (ZeRO-2: its gradient sums; ZeRO-3: its parameters) sharded over the stage's replicas.
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Optim;
@@ -18,11 +18,29 @@ public static class StageZero
     public static ParallelLayout? Layout(TrainingOptions options, int replicas) =>
         options.Zero > 0 && replicas > 1 ? new ParallelLayout(replicas, 1, [new StageLayers(0, 1)]) { Zero = options.Zero, Ep = options.Ep }.Validated() : null;
 
-    /// <summary>What a stage's ZeRO is not built for yet: ZeRO-3 (parameters sharded).</summary>
+    /// <summary>What a stage's ZeRO is not built for yet: ZeRO-3 (parameters sharded) under ep.</summary>
     public static void CheckSupported(TrainingOptions options, int replicas)
     {
-        if (Layout(options, replicas) is not null && options.Zero >= 3)
-            throw new NotSupportedException($"zero {options.Zero} in a pipeline stage: sharded parameters are built for pp 1 only; expected zero 1 or 2 with pp > 1");
+        if (Layout(options, replicas) is not null && options.Zero >= 3 && options.Ep > 1)
+            throw new NotSupportedException($"zero {options.Zero} with ep {options.Ep} in a pipeline stage: a stage's sharded parameters are built for ep 1 only; expected zero 0, 1 or 2 with ep > 1 and pp > 1");
+    }
+
+    /// <summary>
+    /// ZeRO-3 in a stage (null below zero 3): the stage's parameters sharded over its replicas as <paramref name="zero"/>'s
+    /// rows, its decoder layers (and on the last stage the MTP blocks) gathered per use, everything else of the stage per
+    /// step. <paramref name="gradients"/> (made while the parameters are whole) takes each layer's reduce-scattered words
+    /// during the backward unless <see cref="TrainingOptions.Zero3Overlap"/> is off.
+    /// </summary>
+    public static ZeroParameters? ShardParameters(PipelineStage stage, AdamW optimizer, ZeroStep? zero, TrainingOptions options, ExactGradientSum gradients)
+    {
+        if (zero is null || options.Zero < 3) return null;
+        var main = Enumerable.Range(stage.Layers.FirstLayer, stage.Layers.End - stage.Layers.FirstLayer).Select(l => stage.Model.model.layers[l]).ToList();
+        var mtp = stage.IsLast ? stage.Model.mtp.Select(m => m.block).ToList() : [];
+        var parameters = optimizer.Slots.Select(s => s.Param).ToList();
+        var sharded = new ZeroParameters(stage.Model, parameters, [new ZeroParameters.Partition(zero.Collective, zero.Layout, zero.Shard)],
+                                         new int[parameters.Count], zero.BucketBytes, (main, mtp));
+        if (options.Zero3Overlap) sharded.Overlap(gradients);
+        return sharded;
     }
 
     /// <summary>
