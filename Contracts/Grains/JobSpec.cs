@@ -243,8 +243,7 @@ public sealed record ParallelPlan
         if (Ep < 1) yield return ("parallel.ep", $"{Ep} must be at least 1 (1: every replica holds every expert)");
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
-        // Each stage's replicas shard that stage's optimizer state (zero 1) and gradient sums (zero 2), with or without ep.
-        if (Zero >= 3 && Pp > 1) yield return ("parallel.zero", $"{Zero} with pp {Pp}: sharded parameters are built for pp 1 only, expected zero 0, 1 or 2 with pp > 1");
+        // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
         if (Zero > 0 && Pp > 1 && Redundancy) yield return ("parallel.redundancy", $"true with zero {Zero} and pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1, 2 or 3");
         // With ep the expert shards are not the ring's ZeRO shards (ExpertZeroStep shards their optimizer state over the

@@ -67,10 +67,11 @@ public sealed class ExpertZeroStep : IDisposable
     /// ZeRO-3: the parameters sharded over the same two partitions as the optimizer (the replicated ones over every
     /// replica, the held experts over their holders); made while the parameters are whole, and empties them.
     /// </summary>
-    public ZeroParameters ShardParameters(DeepSeekForCausalLM model) =>
+    /// <param name="stage">A pipeline stage's decoder layers and MTP blocks; null: the whole model's.</param>
+    public ZeroParameters ShardParameters(DeepSeekForCausalLM model, (IReadOnlyList<DecoderLayer> Main, IReadOnlyList<DecoderLayer> Mtp)? stage = null) =>
         new(model, [.. replicatedSlots.Concat(expertSlots).Select(s => s.Param)],
             [new(Replicated.Collective, Replicated.Layout, Replicated.Shard), new(Experts.Collective, Experts.Layout, Experts.Shard)],
-            [.. replicatedSlots.Select(_ => 0).Concat(expertSlots.Select(_ => 1))], Replicated.BucketBytes);
+            [.. replicatedSlots.Select(_ => 0).Concat(expertSlots.Select(_ => 1))], Replicated.BucketBytes, stage);
 
     /// <summary>Empties both sums and every <c>.grad</c>: the start of a step.</summary>
     public void Clear()

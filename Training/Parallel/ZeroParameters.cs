@@ -66,7 +66,10 @@ public sealed partial class ZeroParameters : IDisposable
 
     /// <param name="parameters">Every parameter once (the optimizer's order); each must be whole (full shape) now.</param>
     /// <param name="partitionOf">The partition each parameter's rows are split over.</param>
-    public ZeroParameters(DeepSeekForCausalLM model, IReadOnlyList<Tensor> parameters, IReadOnlyList<Partition> partitions, IReadOnlyList<int> partitionOf, long bucketBytes)
+    /// <param name="stage">A pipeline stage's decoder layers and MTP blocks (the model's others belong to other stages and
+    /// are not among <paramref name="parameters"/>); null: the whole model's.</param>
+    public ZeroParameters(DeepSeekForCausalLM model, IReadOnlyList<Tensor> parameters, IReadOnlyList<Partition> partitions, IReadOnlyList<int> partitionOf, long bucketBytes,
+                          (IReadOnlyList<DecoderLayer> Main, IReadOnlyList<DecoderLayer> Mtp)? stage = null)
     {
         if (partitionOf.Count != parameters.Count || partitionOf.Any(p => p < 0 || p >= partitions.Count))
             throw new ArgumentException($"each of the {parameters.Count} parameters needs a partition in [0, {partitions.Count})", nameof(partitionOf));
@@ -82,8 +85,9 @@ public sealed partial class ZeroParameters : IDisposable
         var index = new Dictionary<IntPtr, int>();
         for (int i = 0; i < parameters.Count; i++) index[parameters[i].Handle] = i;
         var inLayer = new bool[parameters.Count];
-        var decoderLayers = model.model.layers.Concat(model.mtp.Select(m => m.block)).ToList();
-        mainLayers = model.model.layers.Count;
+        var (main, mtp) = stage ?? ([.. model.model.layers], [.. model.mtp.Select(m => m.block)]);
+        var decoderLayers = main.Concat(mtp).ToList();
+        mainLayers = main.Count;
         foreach (var (layer, l) in decoderLayers.Select((x, i) => (x, i)))
         {
             var members = layer.parameters().Select(p => index.TryGetValue(p.Handle, out int i) ? i

@@ -32,7 +32,7 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// 1F1B by default: stage s holds at most pp − s micro-batches' activations where GPipe holds all of them. In its steady
 /// phase both ends of a link send at once, which <see cref="StageLink.SendAndReceive"/> makes safe (see docs/decisions.md).
 /// </summary>
-public sealed class PipelineTrainer : ITrainer
+public sealed partial class PipelineTrainer : ITrainer
 {
     public PipelineStage Stage { get; }
     public AdamW Optimizer { get; }
@@ -63,6 +63,7 @@ public sealed class PipelineTrainer : ITrainer
     readonly ExpertParallel? expertParallel;
     readonly ZeroStep? zero; // zero 1/2: the stage's optimizer state (and gradient sums) sharded over its replicas
     readonly ExpertZeroStep? expertZero; // ep x zero 1/2: two partitions with sums of their own (then gradients stays null)
+    readonly ZeroParameters? zeroParameters; // zero 3: the stage's parameters live sharded over its replicas (gathered per layer)
     readonly double flopsPerToken;
     readonly bool ownsOptimizer;
     ExactGradientSum? gradients;
@@ -88,13 +89,19 @@ public sealed class PipelineTrainer : ITrainer
         this.links = links;
         Peak = peakFlops;
         Schedule = LrSchedule.Parse(options.Schedule, options.Lr, options.WarmupSteps, options.Steps, options.MinLrRatio, options.DecayFraction);
-        StageZero.CheckSupported(Options, replicas);
         ownsOptimizer = optimizer is null;
         Optimizer = optimizer ?? CreateOptimizer(stage, options, replica, replicas);
         // ep > 1: the stage's replicas form its ep groups; its MoE layers exchange tokens over the stage's collective.
         (expertParallel, this.reducer) = ExpertParallelTraining.Attach(stage.Model, Options.Ep, Optimizer, replica, replicas, reducer);
         zero = StageZero.For(Optimizer, Options, replica, replicas, this.reducer);
         expertZero = StageZero.ForExperts(expertParallel, Optimizer, Options, replica, replicas, reducer);
+        zeroParameters = StageZero.ShardParameters(stage, expertZero, Options);
+        if (zero is not null && Options.Zero >= 3)
+        {
+            // The gradient sum is laid out from the parameters' shapes: made while they are whole.
+            gradients = zero.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero);
+            zeroParameters = StageZero.ShardParameters(stage, Optimizer, zero, Options, gradients);
+        }
         flopsPerToken = stage.Model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(stage.Model, ActivationRecompute.Parse(Options.Recompute));
         GroupedExperts.Apply(stage.Model, GroupedExperts.Parse(Options.Experts, Device.type));
@@ -152,6 +159,7 @@ public sealed class PipelineTrainer : ITrainer
         long[] shape = [micro, T, D];
         var total = Stopwatch.StartNew();
         var sw = new Stopwatch();
+        BeginShardedStep();
 
         if (expertZero is not null) expertZero.Clear();
         else (gradients ??= zero?.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero) ?? new ExactGradientSum([.. Optimizer.Slots.Select(s => s.Param)])).Clear();
@@ -260,6 +268,7 @@ public sealed class PipelineTrainer : ITrainer
                 autograd.backward(roots, grads);
             }
             if (expertZero is not null) expertZero.AddMicroBatch(pending: true); // both partitions' terms, as below
+            else if (zeroParameters is not null) AddShardedMicroBatch();
             else
             {
                 gradients!.AddAndClearGradients();
@@ -326,7 +335,13 @@ public sealed class PipelineTrainer : ITrainer
         {
             sw.Restart();
             // ZeRO: this replica's rows summed over the stage's replicas (under ep, its expert rows over their holders).
-            if (expertZero is not null) expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            if (expertZero is not null)
+            {
+                // ep x ZeRO-3: the mean goes into the .grads, a missing one (an expert no token of this stage reached)
+                // made in the parameter's shape, which it has only with its rows exposed.
+                ExposeOwnRows();
+                expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            }
             else if (zero is not null) zero.ReduceScatter(gradients!);
             else reducer.SumGradients(gradients!);
             // Only the last stage has losses to sum; the exchange along the pipeline below hands them to every stage.
@@ -335,6 +350,7 @@ public sealed class PipelineTrainer : ITrainer
         }
         // The sums are over every replica's micro-batches, or this replica's alone when it has no reducer (dp 1).
         int counted = reducer is null ? accumulation : Options.GlobalBatch / micro;
+        ExposeOwnRows(); // ZeRO-3: the update reads and writes this replica's rows only
         if (zero is not null) gradients!.WriteShardMean(counted, zero.Shard);
         else if (expertZero is null) gradients!.WriteMean(counted); // (ep x ZeRO wrote its rows' mean above)
         // The stage's share of the norm: with ep every expert of the stage, exchanged in its group; with ZeRO every
@@ -367,12 +383,13 @@ public sealed class PipelineTrainer : ITrainer
             Optimizer.Step(lr);
             // ZeRO: every replica's updated rows to every replica of the stage.
             sw.Restart();
-            zero?.AllGatherParameters(Optimizer);
+            if (zeroParameters is null) zero?.AllGatherParameters(Optimizer); // (ZeRO-3 gathers each layer when it next runs)
             expertZero?.AllGatherParameters();
             commS += sw.Elapsed.TotalSeconds;
             if (Options.BiasUpdateSpeed > 0)
                 for (int l = 0; l < moeLayers.Count; l++) moeLayers[l].gate.UpdateBias(stats.Loads[l], Options.BiasUpdateSpeed);
         }
+        zeroParameters?.KeepOwnRowsAndRelease();
         optS = opt.Elapsed.TotalSeconds - (commS - commBefore);
         Step++;
 
@@ -392,41 +409,12 @@ public sealed class PipelineTrainer : ITrainer
             { AchievedFlops = achieved, Peak = Peak, Skipped = skipped };
     }
 
-    /// <summary>
-    /// <see cref="ITrainer.Evaluate"/> of the replica's pipeline: forwards only over the micro-batches
-    /// <see cref="Evaluation.Batches"/> names, the hidden states sent down the pipeline, the loss computed on the last
-    /// stage and returned by every stage. Every stage of the replica must call it together, with sources of one length.
-    /// </summary>
-    public double Evaluate(ISampleSource validation, int batches)
-    {
-        using var hold = FinalizerHold.Enter();
-        var model = Stage.Model;
-        model.eval();
-        try
-        {
-            using var noGrad = no_grad();
-            var dtype = model.model.embed_tokens.weight!.dtype;
-            double sum = 0;
-            int done = 0;
-            foreach (var range in Evaluation.Batches(validation.SampleCount, Options.MicroBatch, batches))
-            {
-                using var scope = NewDisposeScope();
-                long[] shape = [range.Count, Options.SeqLen, model.Config.HiddenSize];
-                Tensor? batch = Stage.IsFirst || Stage.IsLast ? validation.Fetch(range.Start, range.Count).to(Device) : null;
-                var input = Stage.IsFirst ? null : links.Previous!.Receive(shape, dtype, Device);
-                var output = Stage.Forward(batch?.narrow(1, 0, Options.SeqLen), input, null, Stage.IsLast ? batch : null, withMtp: false);
-                if (Stage.IsLast) sum += Trainer.ValueOf(output.LmLoss!);
-                else links.Next!.Send(output.Hidden_BTD);
-                done++;
-            }
-            var last = links.GatherAlongPipeline([sum, done])[^1];
-            return last[1] == 0 ? double.NaN : last[0] / last[1];
-        }
-        finally { model.train(); }
-    }
-
     /// <inheritdoc/>
-    public IReadOnlyDictionary<string, Tensor> CheckpointTensors() => Stage.StageTensors(Optimizer);
+    public IReadOnlyDictionary<string, Tensor> CheckpointTensors()
+    {
+        zeroParameters?.MaterializeOwnRows(); // ZeRO-3: full shapes with this replica's rows, the rows its rank writes
+        return Stage.StageTensors(Optimizer);
+    }
 
     /// <summary>Positions the trainer after <paramref name="step"/> completed steps (used when resuming).</summary>
     public void ResumeAt(long step, long optimizerSteps)
@@ -437,6 +425,7 @@ public sealed class PipelineTrainer : ITrainer
 
     public void Dispose()
     {
+        zeroParameters?.Dispose(); // first: its exchanges in flight add into the gradient sum
         gradients?.Dispose();
         expertZero?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();

@@ -1,6 +1,7 @@
-// ZeRO-1/2 inside a pipeline stage: the stage's optimizer state (and, ZeRO-2, its gradient sums) sharded over the stage's replicas.
+// ZeRO inside a pipeline stage: the stage's optimizer state (ZeRO-2: its gradient sums; ZeRO-3: its parameters) sharded over the stage's replicas.
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Parallel;
 
@@ -11,6 +12,7 @@ namespace DeepSeekCluster.Training.Pipeline;
 /// and the stage's own parameters: replica d holds rows [d·n/dp, (d+1)·n/dp) of each of them — the rows it also writes
 /// to a checkpoint (ShardingPlan.WriteRows for rank stage·dp + d), so a stage's sharded state is its checkpoint slice.
 /// Under ep a routed expert's rows are split over the stage's replicas that hold it (ExpertZeroStep), as without pp.
+/// ZeRO-3 shards the stage's parameters over the same rows (<see cref="ShardParameters(PipelineStage, AdamW, ZeroStep?, TrainingOptions, ExactGradientSum)"/>).
 /// </summary>
 public static class StageZero
 {
@@ -18,12 +20,33 @@ public static class StageZero
     public static ParallelLayout? Layout(TrainingOptions options, int replicas) =>
         options.Zero > 0 && replicas > 1 ? new ParallelLayout(replicas, 1, [new StageLayers(0, 1)]) { Zero = options.Zero, Ep = options.Ep }.Validated() : null;
 
-    /// <summary>What a stage's ZeRO is not built for yet: ZeRO-3 (parameters sharded).</summary>
-    public static void CheckSupported(TrainingOptions options, int replicas)
+    /// <summary>
+    /// ZeRO-3 in a stage (null below zero 3): the stage's parameters sharded over its replicas as <paramref name="zero"/>'s
+    /// rows, its decoder layers (and on the last stage the MTP blocks) gathered per use, everything else of the stage per
+    /// step. <paramref name="gradients"/> (made while the parameters are whole) takes each layer's reduce-scattered words
+    /// during the backward unless <see cref="TrainingOptions.Zero3Overlap"/> is off.
+    /// </summary>
+    public static ZeroParameters? ShardParameters(PipelineStage stage, AdamW optimizer, ZeroStep? zero, TrainingOptions options, ExactGradientSum gradients)
     {
-        if (Layout(options, replicas) is not null && options.Zero >= 3)
-            throw new NotSupportedException($"zero {options.Zero} in a pipeline stage: sharded parameters are built for pp 1 only; expected zero 1 or 2 with pp > 1");
+        if (zero is null || options.Zero < 3) return null;
+        var parameters = optimizer.Slots.Select(s => s.Param).ToList();
+        var sharded = new ZeroParameters(stage.Model, parameters, [new ZeroParameters.Partition(zero.Collective, zero.Layout, zero.Shard)],
+                                         new int[parameters.Count], zero.BucketBytes, LayersOf(stage));
+        if (options.Zero3Overlap) sharded.Overlap(gradients);
+        return sharded;
     }
+
+    /// <summary>
+    /// ZeRO-3 under ep in a stage (null below zero 3): the stage's parameters over <paramref name="expertZero"/>'s two
+    /// partitions, as its optimizer state; no overlap (the forward's all-to-all shares the stage's links), as without pp.
+    /// </summary>
+    public static ZeroParameters? ShardParameters(PipelineStage stage, ExpertZeroStep? expertZero, TrainingOptions options) =>
+        expertZero is not null && options.Zero >= 3 ? expertZero.ShardParameters(stage.Model, LayersOf(stage)) : null;
+
+    /// <summary>The stage's decoder layers, and on the last stage the MTP blocks: the layers its ZeRO-3 gathers per use.</summary>
+    static (IReadOnlyList<DecoderLayer> Main, IReadOnlyList<DecoderLayer> Mtp) LayersOf(PipelineStage stage) =>
+        ([.. Enumerable.Range(stage.Layers.FirstLayer, stage.Layers.End - stage.Layers.FirstLayer).Select(l => stage.Model.model.layers[l])],
+         stage.IsLast ? [.. stage.Model.mtp.Select(m => m.block)] : []);
 
     /// <summary>
     /// The rows of a stage's parameter <paramref name="name"/> replica <paramref name="replica"/>'s optimizer holds: its
@@ -38,7 +61,6 @@ public static class StageZero
     /// </summary>
     public static ZeroStep? For(AdamW optimizer, TrainingOptions options, int replica, int replicas, IGradientReducer? reducer)
     {
-        CheckSupported(options, replicas);
         if (HoldsExperts(optimizer, options) || Layout(options, replicas) is not { } layout) return null;
         var bucketed = reducer as BucketedGradientReducer
             ?? throw new ArgumentException($"zero {options.Zero} on {replicas} replicas of a stage needs the stage's data-parallel collective (a BucketedGradientReducer)");
@@ -57,7 +79,6 @@ public static class StageZero
     /// </summary>
     public static ExpertZeroStep? ForExperts(ExpertParallel? experts, AdamW optimizer, TrainingOptions options, int replica, int replicas, IGradientReducer? reducer)
     {
-        CheckSupported(options, replicas);
         if (experts is null || !HoldsExperts(optimizer, options) || Layout(options, replicas) is not { } layout) return null;
         var bucketed = reducer as BucketedGradientReducer
             ?? throw new ArgumentException($"zero {options.Zero} with ep {options.Ep} on {replicas} replicas of a stage needs the stage's data-parallel collective (a BucketedGradientReducer)");

@@ -106,9 +106,9 @@ public class ParallelPlanSpecTests
     public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
         Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
 
-    /// <summary>Zero 1 and 2 shard each pipeline stage's state over its replicas (with ep too); zero 3 and redundancy are not built with pp.</summary>
+    /// <summary>Zero 1 to 3 shard each pipeline stage's state over its replicas (with ep too); redundancy is not built with pp.</summary>
     [Fact]
-    public void ZeroOneAndTwoPassWithAPipelineAndWhatIsNotBuiltIsRefusedByName()
+    public void ZeroOneToThreePassWithAPipelineAndWhatIsNotBuiltIsRefusedByName()
     {
         Assert.Empty(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 2 }, 2, 4).Validate());
@@ -118,7 +118,9 @@ public class ParallelPlanSpecTests
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Ep = 2, Zero = 3 }).Validate());
-        Assert.Contains("zero 0, 1 or 2 with pp > 1", Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4), "parallel.zero")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 3 }, 2, 4).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Pp = 2, Zero = 3 }, 2, 4).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 3 }, 2, 4).Validate());
     }
 
     [Fact]

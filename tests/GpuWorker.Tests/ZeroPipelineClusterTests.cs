@@ -1,7 +1,7 @@
-// ZeRO inside pipeline stages in a cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with zero 1, and
-// dp 2 x pp 2 x ep 2 with zero 2, on four real ClusterWorkers over tcp; each stage's two replicas hold half of that
-// stage's replicated optimizer state (and, under ep, each its half of the routed experts with their whole state).
-// Both jobs complete with a complete ledger, validate, and commit, bit for bit, the checkpoint a one-worker job of the
+// ZeRO inside pipeline stages in a cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with zero 1,
+// dp 2 x pp 2 with zero 3, and dp 2 x pp 2 x ep 2 with zero 2 and with zero 3, on four real ClusterWorkers over tcp; each stage's two
+// replicas hold half of that stage's replicated optimizer state (zero 3: and half of its parameters, each layer gathered
+// while it runs; under ep, each its half of the routed experts with their whole state). The jobs complete with a complete ledger, validate, and commit, bit for bit, the checkpoint a one-worker job of the
 // same spec commits: every weight, both AdamW moments, the routing biases.
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
@@ -28,7 +28,7 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
     };
 
     [Fact]
-    public async Task Dp2Pp2JobsWithZero1AndWithEp2Zero2CommitTheOneWorkerJobsCheckpointBitForBit()
+    public async Task Dp2Pp2JobsWithZero1Zero3AndEp2Zero2Zero3CommitTheOneWorkerJobsCheckpointBitForBit()
     {
         await using var run = await ClusterRun.StartAsync(Data, "zero-pp-cluster");
         var http = run.Http;
@@ -36,8 +36,9 @@ public class ZeroPipelineClusterTests(DataShardsHostFixture fixture, ITestOutput
         try
         {
             for (int i = 0; i < Workers; i++) run.StartWorker($"zero-pp-worker-{i}");
+            await run.Online(Workers); // a job submitted before every worker registered would form on fewer and re-form
 
-            var jobs = new[] { (Zero: 1, Ep: 1), (Zero: 2, Ep: 2) }
+            var jobs = new[] { (Zero: 1, Ep: 1), (Zero: 3, Ep: 1), (Zero: 2, Ep: 2), (Zero: 3, Ep: 2) }
                 .Select(j => (j.Zero, j.Ep, Spec: Spec($"zero{j.Zero}-ep{j.Ep}-pp-job", new ParallelPlan { Dp = 2, Pp = 2, Ep = j.Ep, Zero = j.Zero }, Workers))).ToList();
             var statuses = new List<JobStatus>();
             foreach (var (_, _, spec) in jobs)

@@ -96,6 +96,35 @@ public class MemoryPlanTests
         Assert.Equal(sharded, MemoryPlanner.CheckFits(config, replicated.WithShards(1, 2, config.NRoutedExperts), inputs, budget, "the test's budget"));
     }
 
+    /// <summary>
+    /// ZeRO-3 in pipeline stages: each replica holds 1/dp of its stage's parameters between steps, and during a step its
+    /// stage's parameters outside the layers plus two of its own layers (one runs, the next is prefetched) — less than
+    /// the stage's whole, which keeping its layers gathered through the step would hold. A stage that does not fit
+    /// replicated is refused naming pp, and trains with zero 3 within the same budget.
+    /// </summary>
+    [Fact]
+    public void APipelineStagesZero3ShareFallsByItsReplicasAndFitsWhereTheReplicatedStageIsRefused()
+    {
+        var config = DeepSeekConfig.Preset("small") with { VocabSize = 8192 };
+        var replicated = ParallelLayout.Even(2, 2, config.NumHiddenLayers);
+        var sharded = replicated.WithShards(1, 3, config.NRoutedExperts);
+        var inputs = new MemoryInputs("fp32", "none", 2, 256, MicroBatchesPerStep: 4);
+        for (int rank = 0; rank < sharded.WorldSize; rank++)
+        {
+            long stage = MemoryPlanner.LocalParameters(config, sharded, rank);
+            var m = MemoryPlanner.Predict(config, sharded, rank, inputs);
+            Assert.Equal((stage + 1) / 2 * 4, m.Parameters);
+            long embedding = (long)config.VocabSize * config.HiddenSize;
+            long outside = sharded.StageOfRank(rank) == 0 ? embedding
+                : config.HiddenSize + embedding + config.MtpParameterCount() - Enumerable.Range(0, config.NumNextnPredictLayers).Sum(k => config.LayerParameterCount(config.NumHiddenLayers + k));
+            Assert.InRange(m.Gathered, outside * 4 + 1, stage * 4 - 1); // some layers whole, never all of the stage's
+        }
+        long budget = (MemoryPlanner.PredictAll(config, replicated, inputs).Max(m => m.Total) + MemoryPlanner.PredictAll(config, sharded, inputs).Max(m => m.Total)) / 2;
+        var e = Assert.Throws<PlanDoesNotFitException>(() => MemoryPlanner.CheckFits(config, replicated, inputs, budget, "the test's budget"));
+        Assert.Contains("dp 2 x pp 2, ep 1, zero 0", e.Message);
+        MemoryPlanner.CheckFits(config, sharded, inputs, budget, "the test's budget");
+    }
+
     [Fact]
     public void TheTrainersOptimizerIsShardedOnlyWithZeroOnMoreThanOneRank()
     {

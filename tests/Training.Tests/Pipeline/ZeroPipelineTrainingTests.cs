@@ -1,7 +1,7 @@
-// ZeRO-1/2 inside pipeline stages (dp 2 x pp 2, rank threads over real tcp) equals the single-process trainer in float64
+// ZeRO-1/2/3 inside pipeline stages (dp 2 x pp 2, rank threads over real tcp) equals the single-process trainer in float64
 // (losses, clipped norm, expert loads, every weight, both moments of every row, routing biases), each replica holds the
-// planned share of its stage's optimizer state, and a dp 2 x pp 2 x zero 1 checkpoint loads bitwise into one process,
-// into a dp 2 x pp 1 x zero 0 replica and back into dp 2 x pp 2 sharded stages.
+// planned share of its stage's optimizer state (ZeRO-3: and of its parameters), and a dp 2 x pp 2 x zero 1 or zero 3
+// checkpoint loads bitwise into one process, into a dp 2 x pp 1 x zero 0 replica and back into dp 2 x pp 2 sharded stages.
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
@@ -50,6 +50,9 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     {
         public int Stage, Replica;
         public long OptimizerElements;
+        /// <summary>ZeRO-3: parameter bytes held between steps, the peak of parameter and gradient storage, whether every parameter was empty between steps.</summary>
+        public long ParameterBytes, PeakBytes;
+        public bool EmptyBetweenSteps;
         public ManifestFile? File;
         public ShardingPlan? Plan;
     }
@@ -110,13 +113,21 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
                                                         rank.Links, rank.Replica, dp, reducer, optimizer);
                 trainer.ResumeAt(resumeFrom, optimizer.StepCount);
                 Assert.True(trainer.Optimizer.Sharded, $"stage {rank.Stage} replica {rank.Replica}: the optimizer is not sharded");
+                var sharded = trainer.ShardedParameters;
+                Assert.Equal(options.Zero >= 3, sharded is not null);
+                if (sharded is not null) sharded.TrackPeak = true;
                 var steps = Enumerable.Range(0, (int)(until - resumeFrom)).Select(_ => trainer.TrainStep()).ToList();
+                // ZeRO-3 between steps: every parameter of the stage empty, the replica's rows alone held.
+                bool empty = stage.Parameters.All(p => p.Param.numel() == 0);
+                long parameterBytes = sharded?.ResidentBytes ?? 0, peak = sharded?.PeakBytes ?? 0;
                 var plan = new ShardingPlan(layout, stage.CheckpointCatalog);
                 var file = ShardedCheckpointWriter.WriteRank(store, plan, worldRank, until, trainer.CheckpointTensors());
+                if (sharded is not null) { sharded.TrackPeak = false; sharded.GatherAll(); } // every weight whole, for the comparison
                 return new Held(steps, Capture(trainer.CheckpointTensors(), trainer.Optimizer, stage.CheckpointCatalog))
                 {
                     Stage = rank.Stage, Replica = rank.Replica, File = file, Plan = plan,
                     OptimizerElements = trainer.Optimizer.Slots.Sum(s => s.ExpAvg.numel()),
+                    ParameterBytes = parameterBytes, PeakBytes = peak, EmptyBetweenSteps = empty,
                 };
             }, limit: TimeSpan.FromSeconds(150));
         }
@@ -152,7 +163,9 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     /// module arrives along the pipeline, added in another order. Unclipped without MTP every weight, moment and bias is
     /// the single process's bit for bit (the gradient sums are exact and each shard's AdamW is the same arithmetic); the
     /// reported norm and aux loss are sums over the stages in another order, so to 1e-9. With ep 2 each stage's replicas
-    /// also form its ep groups: dp 2 leaves each expert one holder (only the replicated rows are split), dp 4 two.
+    /// also form its ep groups: dp 2 leaves each expert one holder (only the replicated rows are split), dp 4 two. ZeRO-3
+    /// (each layer gathered around its forward and again around its backward's recompute, per micro-batch) under 1F1B,
+    /// whose backwards run after later micro-batches' forwards, and under GPipe.
     /// </summary>
     [Theory]
     [InlineData(1, 1, 2, 0.5, 0.3)]
@@ -160,14 +173,19 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     [InlineData(2, 1, 2, 0.0, 0.0)]
     [InlineData(1, 2, 2, 0.5, 0.3)]
     [InlineData(2, 2, 4, 0.0, 0.0)]
-    public async Task ZeroShardedStagesEqualTheSingleProcessAndTheirCheckpointLoadsIntoOtherLayoutsBitwise(int zero, int ep, int dp, double clipNorm, double mtpWeight)
+    [InlineData(3, 1, 2, 0.5, 0.3)]
+    [InlineData(3, 1, 2, 0.5, 0.3, "gpipe")]
+    [InlineData(3, 1, 2, 0.0, 0.0)]
+    [InlineData(3, 2, 2, 0.5, 0.3)]
+    [InlineData(3, 2, 4, 0.0, 0.0)]
+    public async Task ZeroShardedStagesEqualTheSingleProcessAndTheirCheckpointLoadsIntoOtherLayoutsBitwise(int zero, int ep, int dp, double clipNorm, double mtpWeight, string schedule = "1f1b")
     {
         const double Tolerance = 1e-9;
-        var options = Options with { Zero = zero, Ep = ep, ClipNorm = clipNorm, MtpWeight = mtpWeight };
+        var options = Options with { Zero = zero, Ep = ep, ClipNorm = clipNorm, MtpWeight = mtpWeight, PipelineSchedule = schedule };
         double tolerance = clipNorm > 0 ? Tolerance : 0;
         using var store = new FolderCheckpointStore(root, Job);
         var ranks = RunZeroPipeline(store, options, dp);
-        var single = RunSingle(options with { Zero = 0, Ep = 1 });
+        var single = RunSingle(options with { Zero = 0, Ep = 1, PipelineSchedule = "1f1b" });
 
         for (int s = 0; s < Options.Steps; s++)
         {
@@ -176,7 +194,7 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             foreach (var r in ranks)
             {
                 var m = r.Steps[s];
-                output.WriteLine($"zero {zero} ep {ep} dp {dp} stage {r.Stage} replica {r.Replica} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
+                output.WriteLine($"zero {zero} ep {ep} dp {dp} {schedule} stage {r.Stage} replica {r.Replica} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
                 foreach (var (what, got, want) in new[] { ("loss", m.Loss, one.Loss), ("MTP loss", m.MtpLoss ?? 0, one.MtpLoss ?? 0), ("aux loss", m.AuxLoss!.Value, one.AuxLoss!.Value), ("clipped norm", m.GradNorm, one.GradNorm) })
                     Assert.True(Math.Abs(got - want) <= (what is "clipped norm" or "aux loss" ? Tolerance : tolerance) * want, $"step {s + 1}, stage {r.Stage} replica {r.Replica}: {what} {got:R}, the single process {want:R}");
                 Assert.Equal(mtpWeight > 0, m.MtpLoss is not null);
@@ -212,19 +230,22 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
             long predicted = MemoryPlanner.ShardParameters(Micro(Data.Value.Vocab), layout, rank), whole = MemoryPlanner.LocalParameters(Micro(Data.Value.Vocab), layout, rank);
             output.WriteLine($"stage {r.Stage} replica {r.Replica}: moments of {r.OptimizerElements} elements per kind, planned {predicted}, the stage's whole {whole}");
             Assert.True(Math.Abs(r.OptimizerElements - predicted) <= 0.1 * predicted, $"stage {r.Stage} replica {r.Replica} holds moments of {r.OptimizerElements} elements; the plan says {predicted}");
+            if (zero >= 3) AssertShardedParametersAsPlanned(r, layout, rank, options);
         }
-        if (zero == 1 && ep == 1) await CheckpointLoadsIntoOtherLayoutsBitwise(store, ranks, options);
+        if (zero is 1 or 3 && ep == 1 && clipNorm > 0 && schedule == "1f1b") await CheckpointLoadsIntoOtherLayoutsBitwise(store, ranks, options);
     }
 
     /// <summary>
-    /// A dp 2 x pp 2 x zero 2 job stopped after step 2 and resumed from its committed checkpoint (each stage reading
+    /// A dp 2 x pp 2 x zero 2 (and zero 3) job stopped after step 2 and resumed from its committed checkpoint (each stage reading
     /// its weights and its rows of the moments) trains step 3 bit for bit as the job that never stopped: loss, norm,
     /// every weight, both moments of every row, routing biases.
     /// </summary>
-    [Fact]
-    public async Task AZeroPipelineResumedFromItsCheckpointContinuesBitForBit()
+    [Theory]
+    [InlineData(2)]
+    [InlineData(3)]
+    public async Task AZeroPipelineResumedFromItsCheckpointContinuesBitForBit(int zero)
     {
-        var options = Options with { Zero = 2 };
+        var options = Options with { Zero = zero };
         using var store = new FolderCheckpointStore(root, Job);
         using var straightStore = new FolderCheckpointStore(root, "straight-job");
         var first = RunZeroPipeline(store, options, Dp, until: 2);
@@ -244,6 +265,29 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
                             $"'{name}' on stage {r.Stage} replica {r.Replica} differs after the resume");
         }
         output.WriteLine($"resumed at step 2: step 3's loss {resumed[0].Steps[0].Loss:R} and all {straight[0].Tensors.Count + straight[^1].Tensors.Count} stage tensors bitwise the uninterrupted run's");
+    }
+
+    /// <summary>
+    /// ZeRO-3: between steps the stage's parameters are empty and the replica holds its rows alone, the planner's
+    /// prediction within 10%; during a step the peak of parameter and gradient storage (the rows, what is gathered, the
+    /// .grads) within 10% of the planner's, well below the stage's whole parameters that keeping its layers gathered
+    /// through the step would hold besides the gradients.
+    /// </summary>
+    void AssertShardedParametersAsPlanned(Held r, ParallelLayout layout, int rank, TrainingOptions options)
+    {
+        var config = Micro(Data.Value.Vocab);
+        var inputs = new MemoryInputs("fp64", "none", options.MicroBatch, options.SeqLen, options.Accumulation(layout.Dp), options.PipelineSchedule);
+        var predicted = MemoryPlanner.Predict(config, layout, rank, inputs);
+        long local = MemoryPlanner.LocalParameters(config, layout, rank);
+        long scratch = Math.Min(local, 1L << 22) * sizeof(double);
+        long held = predicted.Parameters + predicted.Gathered + predicted.Gradients - predicted.GradientWords - scratch;
+        output.WriteLine($"zero 3 {options.PipelineSchedule} stage {r.Stage} replica {r.Replica}: {r.ParameterBytes} parameter bytes between steps (planned {predicted.Parameters}, " +
+                         $"the stage's whole {local * sizeof(double)}); peak parameter and gradient bytes {r.PeakBytes} (planned {held}; the stage's parameters and .grads whole {2 * local * sizeof(double)})");
+        Assert.True(r.EmptyBetweenSteps, $"stage {r.Stage} replica {r.Replica}: a parameter was whole between steps");
+        Assert.True(Math.Abs(r.ParameterBytes - predicted.Parameters) <= 0.10 * predicted.Parameters,
+            $"stage {r.Stage} replica {r.Replica} holds {r.ParameterBytes} parameter bytes between steps; the planner predicts {predicted.Parameters}");
+        // (Under ep the gradients are not scattered per layer and the trainer does not count its holdings at the backward's end.)
+        if (layout.Ep == 1) Assert.True(Math.Abs(r.PeakBytes - held) <= 0.10 * held, $"stage {r.Stage} replica {r.Replica}: {r.PeakBytes} bytes at the peak; the planner predicts {held}");
     }
 
     /// <summary>The dp 2 x pp 2 x zero 1 checkpoint into one process, a dp 2 x pp 1 x zero 0 replica, dp 3 x pp 1 x zero 1 shards and dp 2 x pp 2 x zero 2 stages.</summary>
