@@ -146,6 +146,30 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
     }
 
     /// <summary>
+    /// ep x ZeRO-3 without pipelines: the parameters live sharded over the replicas (an expert's over its holders) and
+    /// are gathered per layer, and expert 5 gets no token in any step, so its missing .grad must be made in the
+    /// parameter's whole shape before the mean is written into it. Losses, norms and loads bit for bit, every weight
+    /// (gathered after the last step) bit for bit, the moments' rows exactly once and bit for bit.
+    /// </summary>
+    [Fact]
+    public void ExpertParallelWithZero3AndAStarvedExpertEqualsTheSingleProcessBitForBit()
+    {
+        const int dp = 4, ep = 2;
+        var ranks = Run(dp, ep, 3, trainer => trainer.ShardedParameters!.GatherAll());
+        var single = EpTests.Single.Value;
+        for (int s = 0; s < Options.Steps; s++)
+            foreach (var m in ranks.Select(r => r.Steps[s]))
+            {
+                Assert.Equal((single.Steps[s].Loss, single.Steps[s].GradNorm), (m.Loss, m.GradNorm));
+                Assert.Equal(0, m.ExpertLoad[0][EpTests.Starved]);
+            }
+        foreach (var (name, values) in single.Weights)
+            foreach (var (held, r) in ranks.Select((x, i) => (x, i)).Where(h => h.x.Weights.ContainsKey(name)))
+                Assert.True(values.AsSpan().SequenceEqual(held.Weights[name]), $"weight '{name}' on rank {r} differs from the single process");
+        AssertMomentsEqualSingle(ranks, $"dp {dp} x ep {ep} zero 3");
+    }
+
+    /// <summary>
     /// A dp 2 x ep 2 zero 1 job saves its checkpoint as a cluster does (each rank writes its rows of the replicated
     /// tensors, its experts and the optimizer rows it holds, nothing gathered); it loads into one process, and into every
     /// rank of dp 4 x ep 2 zero 2 (other replicated shards, experts now split over two holders), bitwise.
