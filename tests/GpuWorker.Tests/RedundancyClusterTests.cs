@@ -3,6 +3,7 @@
 // optimizer shard (under ZeRO-3 with its parameter rows), so the three survivors reshard the live state onto dp 3 and
 // resume with 0 steps redone; without it the lost shard is nowhere, and the job resumes from the committed checkpoint and says so. Either way the final committed
 // checkpoint equals, bit for bit, the one an uninterrupted one-worker job commits, and every sample is trained once.
+// The same for dp 4 x ep 2 x zero 1, where a spare replaces the lost worker and the lost expert rows come from a copy.
 using System.Net.Http.Json;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
