@@ -17,7 +17,7 @@ public sealed record AppHostOptions
     public int Ep { get; init; } = 1;
     /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients.</summary>
     public int Zero { get; init; }
-    /// <summary>parallel.redundancy of the default job: each rank also keeps its neighbour's ZeRO shard.</summary>
+    /// <summary>parallel.redundancy of the default job: each rank also keeps the pieces of its neighbour's state no other rank holds.</summary>
     public bool Redundancy { get; init; }
     /// <summary>auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: the job's precision.</summary>
     public string Precision { get; init; } = "auto";
@@ -62,8 +62,10 @@ public sealed record AppHostOptions
                                  stage (default 1; N divides dp and the routed experts)
           --zero 0|1|2|3         ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
                                  sums, 3 also the parameters, gathered per layer (default 0: replicated)
-          --redundancy           each rank also keeps its neighbour's ZeRO shard (needs --zero 1-3): a lost
-                                 worker's shard survives, and the job resumes from live state, 0 steps redone
+          --redundancy           each rank also keeps what of its neighbour's state no other rank holds (its
+                                 ZeRO shard; with --ep its experts' rows; needs --zero 1-3 or --ep, not --pp,
+                                 not --zero 3 with --ep): a lost worker's state survives, and the job resumes
+                                 from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
           --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker

@@ -244,11 +244,11 @@ public sealed record ParallelPlan
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
-        if (Zero > 0 && Pp > 1 && Redundancy) yield return ("parallel.redundancy", $"true with zero {Zero} and pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
-        if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0: every rank already holds the whole state, expected false or zero 1, 2 or 3");
-        // With ep the expert shards are not the ring's ZeRO shards (ExpertZeroStep shards their optimizer state over the
-        // replicas holding each expert), so the neighbour copy would not cover them: refused rather than half-kept.
-        else if (Redundancy && Ep > 1) yield return ("parallel.redundancy", $"true with ep {Ep}: neighbour copies of expert shards and of their optimizer shards (sharded over the dp/ep replicas holding them) are not built yet, expected false or ep 1");
+        if (Redundancy && Pp > 1) yield return ("parallel.redundancy", $"true with pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
+        if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
+        // Under ZeRO-3 an expert's parameter rows live on its holders alone (ExpertZeroStep.ShardParameters); their copies
+        // and reshard are not built, so they are refused rather than half-kept.
+        else if (Redundancy && Ep > 1 && Zero >= 3) yield return ("parallel.redundancy", $"true with ep {Ep} and zero {Zero}: neighbour copies of sharded expert parameters are not built, expected false, ep 1 or zero 0, 1 or 2");
     }
 }
 

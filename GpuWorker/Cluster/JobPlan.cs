@@ -26,7 +26,8 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
                              + (assignment.PpSize > 1 ? $"/stage {assignment.PpStage}" : "") // a stage's state is no other stage's
                              // nor a ZeRO shard another's; with redundancy the state names its shard and a new layout reshards it (LiveShards)
                              + (spec.Parallel.Zero > 0 && !spec.Parallel.Redundancy ? $"/zero shard {assignment.DpRank} of {assignment.DpSize}" : "")
-                             + (spec.Parallel.Ep > 1 ? $"/expert shard {assignment.DpRank % spec.Parallel.Ep} of {spec.Parallel.Ep}" : ""); // nor an expert shard (ParallelLayout.ExpertShardOfRank)
+                             // nor an expert shard (ParallelLayout.ExpertShardOfRank); with redundancy a reshard moves it
+                             + (spec.Parallel.Ep > 1 && !spec.Parallel.Redundancy ? $"/expert shard {assignment.DpRank % spec.Parallel.Ep} of {spec.Parallel.Ep}" : "");
         return new JobPlan(spec, config, options, fingerprint);
     }
 

@@ -51,9 +51,14 @@ public sealed class ReplicaState : IDisposable
     /// <summary>The step guard's rule after the steps these tensors hold (null: none judged yet); part of the state, broadcast with it.</summary>
     public GuardState? Guard { get; set; }
 
-    /// <summary>The ZeRO shard the optimizer holds and of how many (-1 and 0: not sharded); a reshard reads it (LiveShards).</summary>
+    /// <summary>
+    /// The replica (ZeRO shard, and under ep the expert shard replica mod <see cref="Ep"/>) the state is laid out for, and of
+    /// how many (-1 and 0: neither sharded); a reshard reads it (LiveShards).
+    /// </summary>
     public int ZeroShard { get; init; } = -1;
     public int ZeroShards { get; init; }
+    /// <summary>The job's expert-parallel width: the model holds expert shard ZeroShard mod Ep's routed experts alone.</summary>
+    public int Ep { get; init; } = 1;
     /// <summary>
     /// ZeRO-3: the parameters live as this rank's rows alone (ZeroParameters), so its neighbour copy holds the neighbour's
     /// parameter rows too (in bf16 the fp32 master rows are those rows, rounded) and a reshard writes each rank's new rows.
@@ -61,7 +66,7 @@ public sealed class ReplicaState : IDisposable
     public bool ShardedParameters { get; init; }
     /// <summary>Every optimizer slot's whole parameter shape (a ZeRO-3 parameter is emptied between uses); null: read them off the parameters.</summary>
     public long[][]? Shapes { get; init; }
-    /// <summary>parallel.redundancy: this rank's copy of its ring neighbour's optimizer shard (null: none kept).</summary>
+    /// <summary>parallel.redundancy: this rank's copy of its ring neighbour's pieces no other rank holds (null: none kept; StatePieces).</summary>
     public NeighbourCopy? Neighbour { get; set; }
 
     public bool Held => Step >= 0;

@@ -31,8 +31,9 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
         if (Redundant && resume.Source == ResumePlan.Replica)
         {
-            // The held shards may be of another layout (a rescale) or miss a lost rank's: the survivors' own shards and
-            // neighbour copies rebuild every rank's shard of this layout, or, where one is held nowhere, the checkpoint.
+            // The held shards may be of another layout (a rescale) or miss a lost rank's (its ZeRO shard, under ep its expert
+            // shard's rows): the survivors' own pieces and neighbour copies rebuild every rank's state of this layout, or,
+            // where one is held nowhere, the checkpoint.
             if (ReshardLive(ring, held, resume) is { } live) return live;
             resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
@@ -61,7 +62,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         {
             // A held state behind the checkpoint, or one the start must replace (or of another ZeRO layout), is thrown away first.
             if (Holder.State is { Step: not 0 } || resume.Source == ResumePlan.Checkpoint && Holder.State is not null
-                || Holder.State is { } s && layout.Zero > 0 && (s.ZeroShard, s.ZeroShards) != (A.DpRank, A.DpSize)) Holder.Drop();
+                || Holder.State is { } s && (layout.Zero > 0 || layout.Ep > 1) && (s.ZeroShard, s.ZeroShards) != (A.DpRank, A.DpSize)) Holder.Drop();
             var restored = Holder.State ?? NewState();
             if (resume.Source == ResumePlan.Checkpoint) bytes = LoadCheckpoint(restored, resume.Step, who);
             else
@@ -79,8 +80,11 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         return (resume, bytes);
     }
 
-    /// <summary>parallel.redundancy on a sharded ring: each rank keeps its neighbour's shard (none on a ring of one).</summary>
-    bool Redundant => plan.Spec.Parallel.Redundancy && layout.Zero > 0 && !Pipeline;
+    /// <summary>
+    /// parallel.redundancy on a sharded ring (ZeRO, or ep): each rank keeps its neighbour's singly held pieces (none on a
+    /// ring of one, nor where every piece has two holders: zero 0 with dp &gt; ep).
+    /// </summary>
+    bool Redundant => plan.Spec.Parallel.Redundancy && (layout.Zero > 0 || layout.Ep > 1) && !Pipeline;
 
     /// <summary>
     /// The live reshard: when every shard of the newest held step is held by a survivor (its own rank's, or the copy its
@@ -90,7 +94,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         var shards = LiveShards.Exchange(ring, Holder.State);
-        var (cover, why) = LiveShards.Cover(shards, resume.Step, resume.SourceRank, layout.Dp);
+        var (cover, why) = LiveShards.Cover(shards, resume.Step, resume.SourceRank, layout.Dp, layout.Ep, layout.Zero);
         if (cover is null)
         {
             run.Log($"rank {A.Rank} cannot resume from live state at step {resume.Step}: {why}; every rank loads " +
@@ -104,14 +108,16 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             var old = Holder.State;
             // A rank off the cover's step receives the weights: half-received weights are no state of any step.
             if (old is not null && !cover.Current[ring.Rank]) old.Step = -1;
-            // The model (weights replicated under ZeRO 1 and 2) stays; the optimizer is built anew over this rank's rows.
-            var target = NewState(old?.Model);
+            // The model (weights replicated under ZeRO 1 and 2) stays, unless it holds another expert shard's experts (a
+            // rank whose replica moved to another shard, or a spare, builds one); the optimizer is built anew over this rank's rows.
+            bool keepModel = old is not null && old.ZeroShard % layout.Ep == A.DpRank % layout.Ep;
+            var target = NewState(keepModel ? old!.Model : null);
             try { bytes = LiveShards.Reshard(ring, cover, old, target); }
             catch
             {
                 // A peer lost during the reshard: the old shard and copy stay held, so the next generation can try again.
                 target.Optimizer.Dispose();
-                if (old is null) target.Model.Dispose(); // a spare's model from the seed
+                if (!keepModel) target.Model.Dispose(); // a model from the seed
                 Holder.State = old;
                 throw;
             }
@@ -119,12 +125,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             {
                 old.Neighbour?.Dispose();
                 old.Optimizer.Dispose();
+                if (!keepModel) old.Model.Dispose();
             }
         }
         // The rebuilt state has no step guard window, and a spare never had one: every rank takes the source's.
         Holder.State!.Guard = BroadcastGuard(ring, cover.Source, heldGuard, plan.Spec.Guard.Window);
-        var copies = string.Join(", ", Enumerable.Range(0, cover.Shards).Where(d => cover.FromCopy[d]).Select(d => $"shard {d} from rank {cover.Holders[d]}'s copy"));
-        run.Log($"resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s) resharded onto dp {layout.Dp}" +
+        var pieces = cover.Pieces.All().ToArray();
+        var copies = string.Join(", ", Enumerable.Range(0, pieces.Length).Where(i => cover.FromCopy[i]).Select(i => $"{pieces[i]} from rank {cover.Holders[i]}'s copy"));
+        run.Log($"resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s){(layout.Ep > 1 ? $" (ep {layout.Ep})" : "")} resharded onto dp {layout.Dp}" +
                 (copies.Length > 0 ? $" ({copies})" : "") + $"; {bytes} bytes in {ReplicaSync.Seconds(start):0.###} s");
         RefreshNeighbour(ring);
         return (new ResumePlan(held, cover.Step, ResumePlan.Shards, cover.Source), bytes);
@@ -231,7 +239,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             var optimizer = Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize);
             return Holder.State = new ReplicaState
             {
-                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize, Optimizer = optimizer,
+                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize, Ep = layout.Ep, Optimizer = optimizer,
                 ShardedParameters = layout.Zero >= 3, Shapes = Shapes(optimizer),
             };
         }
@@ -252,7 +260,8 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         Holder.State = new ReplicaState
         {
             JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = model, Stage = stage,
-            ZeroShard = layout.Zero > 0 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 ? A.DpSize : 0, Optimizer = created,
+            // Under ep the replica also names the expert shard the model holds (a reshard reads it).
+            ZeroShard = layout.Zero > 0 || layout.Ep > 1 ? A.DpRank : -1, ZeroShards = layout.Zero > 0 || layout.Ep > 1 ? A.DpSize : 0, Ep = layout.Ep, Optimizer = created,
             ShardedParameters = layout.Zero >= 3, Shapes = Shapes(created),
         };
         return Holder.State;

@@ -7,8 +7,9 @@ namespace DeepSeekCluster.Training.Parallel;
 /// <param name="Precision">fp32, bf16 (bf16 weights, gradients and activations; fp32 master weights and moments) or fp64 (tests).</param>
 /// <param name="Recompute">none, full (only each layer's input is kept) or selective (norms, SwiGLU products and MLA up-projections recomputed).</param>
 /// <param name="MicroBatchesPerStep">Micro-batches one replica runs per step: what a gpipe stage holds at once.</param>
-/// <param name="Redundancy">parallel.redundancy: a ZeRO rank also holds its ring neighbour's optimizer shard (2/dp, not 1/dp), and
-/// under ZeRO-3 without fp32 master rows (fp32, fp64) the neighbour's parameter rows, counted in Parameters.</param>
+/// <param name="Redundancy">parallel.redundancy: a rank also holds the state of its ring neighbour that no other replica holds
+/// (<see cref="MemoryPlanner.NeighbourElements"/>): a ZeRO rank its optimizer shard (2/dp, not 1/dp), and without fp32 master
+/// rows (fp32, fp64) the parameter rows of it that are held once (ZeRO-3's; under ep the experts'), counted in Parameters.</param>
 /// <param name="Zero3Overlap">TrainingOptions.Zero3Overlap (ZeRO-3 without ep): gradients reduce-scattered per layer, the next layer's gather prefetched.</param>
 public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b",
                                   bool Redundancy = false, bool Zero3Overlap = true);
@@ -102,14 +103,30 @@ public static class MemoryPlanner
         return (replicated + layout.Dp - 1) / layout.Dp + (experts + holders - 1) / holders;
     }
 
+    /// <summary>
+    /// parallel.redundancy: the parameters whose state rank <paramref name="rank"/> copies from its ring neighbour, the pieces
+    /// of it no other replica holds: its ZeRO shard (under ep its replicated rows / dp and its experts' / (dp/ep)), or at
+    /// zero 0 its experts where dp = ep (each held once); <c>Rows</c>: those whose parameter rows the copy holds too when
+    /// there is no fp32 master (ZeRO-3's; under ep the experts', from which a lost rank's weights are rebuilt).
+    /// </summary>
+    public static (long State, long Rows) NeighbourElements(DeepSeekConfig config, ParallelLayout layout, int rank)
+    {
+        if (layout.Dp < 2) return (0, 0);
+        int next = layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp);
+        var (_, experts) = LocalParts(config, layout, next);
+        int holders = layout.Dp / layout.Ep;
+        long expertRows = layout.Ep == 1 ? 0 : layout.Zero >= 1 ? (experts + holders - 1) / holders : holders == 1 ? experts : 0;
+        return layout.Zero >= 1 ? (ShardParameters(config, layout, next), layout.Zero >= 3 ? ShardParameters(config, layout, next) : expertRows) : (expertRows, expertRows);
+    }
+
     public static RankMemory Predict(DeepSeekConfig config, ParallelLayout layout, int rank, MemoryInputs inputs)
     {
         var (param, moment, master, act) = ElementBytes(inputs.Precision);
         long local = LocalParameters(config, layout, rank);
         long shard = ShardParameters(config, layout, rank);
-        long neighbour = layout.Zero >= 1 && inputs.Redundancy && layout.Dp > 1 ? ShardParameters(config, layout, layout.Rank(layout.StageOfRank(rank), (layout.ReplicaOfRank(rank) + 1) % layout.Dp)) : 0;
+        var (neighbour, neighbourRows) = inputs.Redundancy ? NeighbourElements(config, layout, rank) : (0, 0);
         // In bf16 the neighbour's parameter rows are its master rows (rounded on a reshard): only without a master are they copied.
-        long parameters = (layout.Zero >= 3 ? shard + (master == 0 ? neighbour : 0) : local) * param;
+        long parameters = ((layout.Zero >= 3 ? shard : local) + (master == 0 ? neighbourRows : 0)) * param;
         long words = (layout.Zero >= 2 ? shard : local) * ExactWordBytes;
         long gradients = local * param + words + Math.Min(local, ExactScratchElements) * 8;
         long optimizer = ((layout.Zero >= 1 ? shard : local) + neighbour) * (2L * moment + master);

@@ -1,8 +1,10 @@
-// parallel.redundancy with real processes: the AppHost runs `--workers 4 --zero 1 --redundancy --precision bf16` and a
-// spare; one rank's process is SIGKILLed (by itself, through Worker__InjectFault, so the kill lands at a known point:
-// before a step, after the step before it is done). Its optimizer shard lives on in its ring neighbour's copy, so the
-// next generation (three survivors and the spare, which holds nothing) reshards the survivors' live shards onto its
-// layout and resumes with 0 steps redone; the job completes with an exactly-once ledger.
+// parallel.redundancy with real processes: the AppHost runs `--workers 4 --ep 2 --zero 1 --redundancy --precision bf16`
+// and a spare; one rank's process is SIGKILLed (by itself, through Worker__InjectFault, so the kill lands at a known
+// point: before a step, after the step before it is done). Its ZeRO shard of the replicated state and its part of its
+// expert shard's rows (each held once: the shard's two holders split them) live on in its ring neighbour's copy, so the
+// next generation (three survivors and the spare, which holds nothing; ranks may move to the other expert shard)
+// reshards the survivors' live pieces onto its layout and resumes with 0 steps redone; the job completes with an
+// exactly-once ledger.
 using System.Diagnostics;
 using System.Reflection;
 using System.Text.Json;
@@ -17,11 +19,11 @@ public class RedundancyEndToEndTests(ITestOutputHelper output)
     const int Steps = 12, GlobalBatch = 8, CheckpointInterval = 4, KilledBefore = 7;
 
     static readonly string[] Args =
-        ["--device", "cpu", "--workers", "4", "--zero", "1", "--redundancy", "--precision", "bf16", "--steps", $"{Steps}", "--seq-len", "32",
+        ["--device", "cpu", "--workers", "4", "--ep", "2", "--zero", "1", "--redundancy", "--precision", "bf16", "--steps", $"{Steps}", "--seq-len", "32",
          "--vocab-size", "512", "--global-batch", $"{GlobalBatch}", "--micro-batch", "2", "--checkpoint-interval", $"{CheckpointInterval}", "--eval-tasks", "none"];
 
     [Fact]
-    public async Task AZero1JobWithRedundancyResumesFromTheSurvivorsLiveShardsWithNoStepRedoneAfterARankIsSigkilled()
+    public async Task AnEp2Zero1JobWithRedundancyResumesFromTheSurvivorsLiveShardsWithNoStepRedoneAfterARankIsSigkilled()
     {
         using var clusterLock = await ClusterTestLock.AcquireAsync("redundancy end-to-end test");
         var runDir = Directory.CreateTempSubdirectory("e2e-redundancy-").FullName;
@@ -61,8 +63,9 @@ public class RedundancyEndToEndTests(ITestOutputHelper output)
             Assert.Equal("shards", r.GetProperty("resumeSource").GetString());
             Assert.Equal(KilledBefore - 1, r.GetProperty("resumeStep").GetInt64());
             Assert.Equal(0, r.GetProperty("stepsRedone").GetInt64());
-            // The lost rank's shard came from its neighbour's copy; the spare joined the ring without state of its own.
-            var reshard = host.WaitFor(@"resuming at step (\d+) from the live shards of the survivors: 4 shard\(s\) resharded onto dp 4 \(shard \d from rank \d's copy\)", TimeSpan.FromMinutes(1));
+            // The lost rank's pieces came from its neighbour's copy; the spare joined the ring without state of its own.
+            var reshard = host.WaitFor(@"resuming at step (\d+) from the live shards of the survivors: 4 shard\(s\) \(ep 2\) resharded onto dp 4 " +
+                                       @"\(shard \d from rank \d's copy, expert shard \d part \d of 2 from rank \d's copy\)", TimeSpan.FromMinutes(1));
             Assert.Equal($"{KilledBefore - 1}", reshard.Groups[1].Value);
 
             // Exactly once: every step's batch once, no gap, no overlap.
@@ -74,6 +77,7 @@ public class RedundancyEndToEndTests(ITestOutputHelper output)
             var committed = job.GetProperty("committed").EnumerateArray().Select(c => c.GetProperty("step").GetInt64()).ToList();
             Assert.Contains((long)Steps, committed);
             Assert.Contains("memory plan (bf16, zero 1)", host.Output);
+            Assert.Contains("redundancy: holds the copy of shard", host.Output);
             host.Send("quit");
             Assert.True(host.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after 'quit'");
         }

@@ -179,10 +179,10 @@ public class LiveShardsReshardTests
     }
 
     /// <summary>Same shape, dtype and values (no NaN in these states).</summary>
-    static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
+    internal static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
 
     /// <summary>W ranks as threads over real sockets; a rank that hangs past two minutes fails the test.</summary>
-    static T[] Run<T>(int world, Func<TcpCollective, T> body)
+    internal static T[] Run<T>(int world, Func<TcpCollective, T> body)
     {
         var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("reshard-test", world, Key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
         var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();

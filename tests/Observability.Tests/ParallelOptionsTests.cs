@@ -42,6 +42,11 @@ public class ParallelOptionsTests
         Assert.False(DefaultJob.Spec(Parse("--workers", "4", "--zero", "1"), "d", DateTime.UnixEpoch).Parallel.Redundancy);
         var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--redundancy"));
         Assert.Contains("--redundancy (parallel.redundancy): true with zero 0", e.Message);
+        // With ep the expert shards' pieces are copied (zero 0 to 2); ZeRO-3's sharded expert parameters are not.
+        Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
+        Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
+        var z3 = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--ep", "2", "--zero", "3", "--redundancy"));
+        Assert.Contains("--redundancy (parallel.redundancy): true with ep 2 and zero 3", z3.Message);
     }
 
     [Theory]
