@@ -57,6 +57,13 @@ public sealed record TrainingOptions
     /// </summary>
     public bool Zero3Overlap { get; init; } = true;
 
+    /// <summary>
+    /// Plain data parallelism (zero 0, ep 1, pp 1): the gradient all-reduce starts during the last micro-batch's backward,
+    /// a bucket as soon as its layers' backward is done (OverlappedGradientReduction); off, it starts after the backward.
+    /// The same bits either way (the sum is of integers); `bench -- dp-overlap` compares the two.
+    /// </summary>
+    public bool OverlapGradientReduction { get; init; } = true;
+
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;
     /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>
