@@ -1,6 +1,7 @@
 // Plain data parallelism's gradient all-reduce overlapped with the last micro-batch's backward: each bucket of exact-sum
 // words is converted and all-reduced as soon as its layers' backward is done. Not ZeRO's (Parallel/ZeroParameters.Overlap.cs).
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Nccl;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Parallel;
@@ -18,7 +19,12 @@ namespace DeepSeekCluster.Training.Engine;
 /// all-reduced in place. <see cref="EndBackward"/> adds the parameters outside the layers (embedding, head, norms: used
 /// at both ends of the graph) and the last bucket; <see cref="Complete"/> waits for every bucket and all-reduces the
 /// largest magnitude. On a CPU collective the conversions and all-reduces run on one thread of their own, in the order
-/// posted, which is the same on every rank (<see cref="OrderedExchange"/>); a CUDA collective runs them on the caller.
+/// posted, which is the same on every rank (<see cref="OrderedExchange"/>). On NCCL the conversions are kernels on the
+/// default stream, enqueued by the backward's own thread, and each bucket's all-reduce goes on the collective's side
+/// stream after an event recorded on the default stream behind them (<see cref="NcclCollective.AllReduceAfterCompute"/>):
+/// NCCL reads the words only once the kernels that wrote them are done, and runs beside the rest of the backward;
+/// <see cref="Complete"/> waits for the side stream before anything reads the words again. Everything but that launch is
+/// the same code on both.
 /// <para>
 /// Bits: the words are integers, each element's conversion is the same elementwise arithmetic as the sum's own, and an
 /// integer all-reduce is exact in any grouping, so the sum, the mean and everything after are the bits of the
@@ -156,6 +162,7 @@ public sealed class OverlappedGradientReduction : IDisposable
         try
         {
             ex.Drain();
+            (collective as NcclCollective)?.WaitForSideStream();
             collective.AllReduce(sum.Worst, ReduceOp.Max);
         }
         finally { Abandon(); }
@@ -205,7 +212,8 @@ public sealed class OverlappedGradientReduction : IDisposable
                 foreach (var words in new[] { sum.High, sum.Low })
                 {
                     using var view = words.narrow(0, word, count);
-                    collective.AllReduce(view, ReduceOp.Sum);
+                    if (collective is NcclCollective nccl) nccl.AllReduceAfterCompute(view, ReduceOp.Sum); // (the exchange is synchronous there)
+                    else collective.AllReduce(view, ReduceOp.Sum);
                 }
         });
     }
