@@ -59,10 +59,11 @@ public sealed record TrainingOptions
 
     /// <summary>
     /// Plain data parallelism (zero 0, ep 1, pp 1): the gradient all-reduce starts during the last micro-batch's backward,
-    /// a bucket as soon as its layers' backward is done (OverlappedGradientReduction); off, it starts after the backward.
-    /// The same bits either way (the sum is of integers); `bench -- dp-overlap` compares the two.
+    /// a bucket as soon as its layers' backward is done (OverlappedGradientReduction); false: after the backward. The same
+    /// bits either way (the sum is of integers). Null (the default): on over tcp, where `bench -- dp-overlap` measured it
+    /// not slower; off over NCCL, whose side-stream path has not run on a GPU yet (docs/parallelism.md).
     /// </summary>
-    public bool OverlapGradientReduction { get; init; } = true;
+    public bool? OverlapGradientReduction { get; init; }
 
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;

@@ -2,6 +2,8 @@
 // after the backward: step time and its phases, one run, the two modes interleaved.
 using System.Diagnostics;
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Nccl;
+using TorchSharp;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -22,8 +24,10 @@ public static class DpOverlapBench
         var presets = Arg(args, "--presets", "tiny").Split(',');
         int steps = int.Parse(Arg(args, "--steps", "3")), rounds = int.Parse(Arg(args, "--rounds", "3"));
         int seqLen = int.Parse(Arg(args, "--seq-len", "128")), batch = int.Parse(Arg(args, "--batch", "16")), micro = int.Parse(Arg(args, "--micro", "4"));
+        long bucketBytes = (long)(double.Parse(Arg(args, "--bucket-mb", "25")) * (1 << 20));
+        bool onGpus = Arg(args, "--device", "cpu") == "cuda";
         Console.WriteLine($"# DeepSeekCluster data-parallel overlap benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
-        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; fp32, dp 2 zero 0, ranks as threads over tcp on 127.0.0.1, " +
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; fp32, dp 2 zero 0, ranks as threads {(onGpus ? "over NCCL on cuda:0 and cuda:1" : "over tcp on 127.0.0.1")}, " +
                           $"seq {seqLen}, global batch {batch}, micro-batch {micro} ({batch / 2 / micro} per rank per step), buckets of {bucketBytes / 1048576.0:0.##} MiB, {rounds} alternating rounds of {steps} steps (+1 warm-up) per mode");
         Console.WriteLine();
         Console.WriteLine("| preset | all-reduce | step s (median) | fwd / bwd / comm / opt s | buckets per step (during the backward) | load during |");
@@ -33,7 +37,7 @@ public static class DpOverlapBench
             var results = new Dictionary<bool, List<Result>> { [false] = [], [true] = [] };
             for (int r = 0; r < rounds; r++)
                 foreach (bool overlap in new[] { false, true })
-                    results[overlap].Add(TimeSteps(preset, overlap, steps, seqLen, batch, micro, bucketBytes));
+                    results[overlap].Add(TimeSteps(preset, overlap, steps, seqLen, batch, micro, bucketBytes, onGpus));
             foreach (bool overlap in new[] { false, true })
             {
                 var rs = results[overlap].OrderBy(x => x.Step).ToList();
@@ -47,7 +51,7 @@ public static class DpOverlapBench
 
     sealed record Result(double Step, double Fwd, double Bwd, double Comm, double Opt, double Buckets, double During, string Load);
 
-    static Result TimeSteps(string preset, bool overlap, int measured, int seqLen, int batch, int micro, long bucketBytes)
+    static Result TimeSteps(string preset, bool overlap, int measured, int seqLen, int batch, int micro, long bucketBytes, bool onGpus)
     {
         var config = DeepSeekConfig.Preset(preset);
         var options = new TrainingOptions { SeqLen = seqLen, GlobalBatch = batch, MicroBatch = micro, Steps = measured + 1, WarmupSteps = 1, OverlapGradientReduction = overlap };
@@ -60,9 +64,11 @@ public static class DpOverlapBench
             manual_seed(1);
             return new DeepSeekForCausalLM(config).InitializeWeights();
         }).ToArray();
-        var results = ExpertBench.OnRanks(2, c =>
+        var results = (onGpus ? OnGpus : (Func<Func<ICollective, Result>, Result[]>)(body => ExpertBench.OnRanks(2, c => body(c))))(c =>
         {
-            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, bucketBytes));
+            var device = onGpus ? new Device(DeviceType.CUDA, c.Rank) : CPU;
+            models[c.Rank].to(device);
+            using var trainer = new Trainer(models[c.Rank], data, null, options, device, 1e11, c.Rank, 2, new BucketedGradientReducer(c, bucketBytes));
             if (trainer.OverlapsReduction != overlap) throw new InvalidOperationException($"the trainer {(overlap ? "does not overlap" : "overlaps")} its all-reduce");
             trainer.TrainStep(); // warm-up
             var (b0, d0) = trainer.OverlappedBuckets;
@@ -75,6 +81,19 @@ public static class DpOverlapBench
         });
         foreach (var m in models) m.Dispose();
         return results.MaxBy(r => r.Step)!;
+    }
+
+    /// <summary>Two ranks as threads, rank r on cuda:r, over one NCCL communicator (needs two GPUs: NCCL refuses two ranks on one).</summary>
+    static Result[] OnGpus(Func<ICollective, Result> body)
+    {
+        var id = NcclCollective.CreateUniqueId();
+        var tasks = Enumerable.Range(0, 2).Select(r => Task.Factory.StartNew(() =>
+        {
+            using var c = NcclCollective.Create(id, r, 2, 1, new Device(DeviceType.CUDA, r), TimeSpan.FromSeconds(120));
+            return body(c);
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
+        Task.WaitAll(tasks);
+        return [.. tasks.Select(t => t.Result)];
     }
 
     static string Load() => File.ReadAllText("/proc/loadavg").Split(' ')[0];
