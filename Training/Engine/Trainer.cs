@@ -266,11 +266,9 @@ public sealed class Trainer : ITrainer
 
     /// <summary>
     /// Whether the data-parallel all-reduce overlaps the last micro-batch's backward (<see cref="OverlappedGradientReduction"/>):
-    /// <see cref="TrainingOptions.OverlapGradientReduction"/> (unset: on over tcp, off over NCCL) on plain data parallelism
-    /// (zero 0, ep 1, more than one rank).
+    /// <see cref="TrainingOptions.OverlapGradientReduction"/> on plain data parallelism (zero 0, ep 1, more than one rank).
     /// </summary>
-    public bool OverlapsReduction => WorldSize > 1 && reducer is BucketedGradientReducer dp
-        && (Options.OverlapGradientReduction ?? dp.Collective is not Collectives.Nccl.NcclCollective)
+    public bool OverlapsReduction => Options.OverlapGradientReduction && WorldSize > 1 && reducer is BucketedGradientReducer
         && zero is null && expertZero is null && experts is null && zeroParameters is null;
 
     /// <summary>The overlapped reduction's counts (buckets in all, and those all-reduced during a backward); zeros without it.</summary>
