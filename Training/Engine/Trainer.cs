@@ -43,6 +43,7 @@ public sealed class Trainer : ITrainer
     readonly ExpertZeroStep? expertZero; // ep x ZeRO: two partitions with sums of their own (then gradients stays null)
     readonly ZeroParameters? zeroParameters; // ZeRO-3: the parameters live sharded (gathered per layer)
     ExactGradientSum? gradients;
+    OverlappedGradientReduction? overlap; // plain dp with Options.OverlapGradientReduction: made at the first step (it maps the sum's words)
 
     public Trainer(DeepSeekForCausalLM model, TokenDataset train, TokenDataset? validation, TrainingOptions options,
                    Device device, HardwarePeak peakFlops, int rank = 0, int worldSize = 1, IGradientReducer? reducer = null)
@@ -158,12 +159,15 @@ public sealed class Trainer : ITrainer
             gradients.Clear();
         }
         else expertZero.Clear();
+        if (OverlapsReduction) overlap ??= new OverlappedGradientReduction(Model, Optimizer, gradients!, ((BucketedGradientReducer)reducer!).Collective, ((BucketedGradientReducer)reducer!).BucketBytes);
         // This rank's contiguous share of the step's global batch, in micro-batches.
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Rank, WorldSize).Start;
         for (int a = 0; a < accumulation; a++)
         {
             using var scope = NewDisposeScope();
             var sw = Stopwatch.StartNew();
+            bool overlapped = overlap is not null && a == accumulation - 1; // earlier micro-batches only add locally
+            if (overlapped) overlap!.Arm();
             var batch = train.Fetch(rankStart + (long)a * micro, micro).to(Device);
             var input_BT = batch.narrow(1, 0, Options.SeqLen);
             var target_BT = batch.narrow(1, 1, Options.SeqLen);
@@ -191,6 +195,13 @@ public sealed class Trainer : ITrainer
             stats.AddLoads(moeLayers.Select(m => m.LastLoad).ToList());
             fwdS += sw.Elapsed.TotalSeconds; sw.Restart();
 
+            if (overlapped)
+            {
+                try { loss.backward(); overlap!.EndBackward(); }
+                catch { overlap!.Abandon(); throw; }
+                bwdS += sw.Elapsed.TotalSeconds;
+                continue;
+            }
             loss.backward();
             if (expertZero is not null) expertZero.AddMicroBatch();
             else if (zeroParameters is { ScattersLayers: true }) zeroParameters.ScatterRest(); // the layers' went during the backward
@@ -208,6 +219,7 @@ public sealed class Trainer : ITrainer
         {
             var c = Stopwatch.StartNew();
             if (expertZero is not null) expertZero.ReduceAndWriteMean(Options.GlobalBatch / micro);
+            else if (overlap is not null) overlap.Complete(); // the buckets went during the backward: wait for the last ones
             else if (zero is null) reducer.SumGradients(gradients!);
             else zero.ReduceScatter(gradients!);
             stats.SumOver(reducer);
@@ -251,6 +263,16 @@ public sealed class Trainer : ITrainer
             lr, gradNorm, tps, Peak.Mfu(tps * flopsPerToken).Ratio,
             new StepTimes(dataS, fwdS, bwdS, commS, optS), stats.Loads) { AchievedFlops = tps * flopsPerToken, Peak = Peak, Skipped = skipped };
     }
+
+    /// <summary>
+    /// Whether the data-parallel all-reduce overlaps the last micro-batch's backward (<see cref="OverlappedGradientReduction"/>):
+    /// <see cref="TrainingOptions.OverlapGradientReduction"/> on plain data parallelism (zero 0, ep 1, more than one rank).
+    /// </summary>
+    public bool OverlapsReduction => Options.OverlapGradientReduction && WorldSize > 1 && reducer is BucketedGradientReducer
+        && zero is null && expertZero is null && experts is null && zeroParameters is null;
+
+    /// <summary>The overlapped reduction's counts (buckets in all, and those all-reduced during a backward); zeros without it.</summary>
+    public (long Buckets, long DuringBackward) OverlappedBuckets => (overlap?.Buckets ?? 0, overlap?.BucketsDuringBackward ?? 0);
 
     /// <summary>
     /// With the flat optimizer (<see cref="AdamW.Flat"/>, read at the first step) and whole parameters, the sum's words
@@ -309,6 +331,7 @@ public sealed class Trainer : ITrainer
     public void Dispose()
     {
         zeroParameters?.Dispose(); // first: its exchanges in flight add into the gradient sum
+        overlap?.Dispose(); // before the sum: its thread may still add into the words
         gradients?.Dispose();
         expertZero?.Dispose();
         if (ownsOptimizer) Optimizer.Dispose();

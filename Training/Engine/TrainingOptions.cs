@@ -57,6 +57,15 @@ public sealed record TrainingOptions
     /// </summary>
     public bool Zero3Overlap { get; init; } = true;
 
+    /// <summary>
+    /// Plain data parallelism (zero 0, ep 1, pp 1): the gradient all-reduce starts during the last micro-batch's backward,
+    /// a bucket as soon as its layers' backward is done (OverlappedGradientReduction); off, after the backward. The same
+    /// bits either way (the sum is of integers). Off by default: on the loaded 2-core VM `bench -- dp-overlap` could not
+    /// show it not slower (rounds 0.5–2.3× the after-backward step; the exchange thread competes with the compute for the
+    /// two cores), and its NCCL side stream has not run on a GPU yet (docs/parallelism.md, docs/benchmarks.md).
+    /// </summary>
+    public bool OverlapGradientReduction { get; init; }
+
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;
     /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>

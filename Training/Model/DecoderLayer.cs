@@ -32,10 +32,17 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
     /// </summary>
     public GatheredParameters? Zero3 { get; set; }
 
+    /// <summary>
+    /// Called when this layer's backward is done (its parameters' <c>.grad</c>s hold their whole gradient): the
+    /// data-parallel overlap reduces them then (<see cref="BackwardSignal"/>). Null: the layer's graph is as without it.
+    /// </summary>
+    public Action? BackwardDone { get; set; }
+
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1).output;
 
     public (Tensor output, Tensor? auxLoss) Forward(Tensor x_BTD, long start, ILatentCache? cache, int cacheLayer)
     {
+        if (BackwardDone is { } done && training && is_grad_enabled() && x_BTD.requires_grad) x_BTD = BackwardSignal.Around(x_BTD, done);
         bool sharded = Zero3 is not null && ActivationRecompute.Active(true, training) && cache is null;
         if (Zero3 is { } zero3 && !sharded)
         {

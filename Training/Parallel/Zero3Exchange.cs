@@ -22,11 +22,11 @@ sealed class OrderedExchange : IDisposable
     Task last = Task.CompletedTask;
     Exception? fault; // the first call that failed: the calls after it are not run (another rank would wait on them)
 
-    public OrderedExchange(bool async)
+    public OrderedExchange(bool async, string name = "zero3-exchange")
     {
         if (!async) return;
         queue = [];
-        thread = new Thread(Loop) { IsBackground = true, Name = "zero3-exchange" };
+        thread = new Thread(Loop) { IsBackground = true, Name = name };
         thread.Start();
     }
 

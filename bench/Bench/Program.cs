@@ -12,6 +12,7 @@ switch (verb)
     case "ep": ExpertBench.Run(rest); break;
     case "zero3": Zero3Bench.Run(rest); break;
     case "redundancy": RedundancyBench.Run(rest); break;
+    case "dp-overlap": DpOverlapBench.Run(rest); break;
     case "exact-sum": ExactSumBench.Run(rest); break;
     case "optimizer-phase": OptimizerPhaseBench.Run(rest); break;
     case "kernels": KernelBench.Run(rest); break;
@@ -24,7 +25,7 @@ switch (verb)
     case "scheduling": return await SchedulingBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, redundancy, data, collectives, ep, zero3, exact-sum, optimizer-phase, kernels, recompute, export, eval, soak, recovery, cluster, scheduling");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, redundancy, data, collectives, ep, zero3, dp-overlap, exact-sum, optimizer-phase, kernels, recompute, export, eval, soak, recovery, cluster, scheduling");
         return 2;
 }
 return 0;

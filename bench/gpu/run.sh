@@ -55,4 +55,8 @@ run 200 "${bench[@]}" train --device cuda --presets "$preset" --precisions bf16 
 # The async checkpoint's stall against a blocking save on the GPU: pinned host copies filled beside the next step.
 run 150 "${bench[@]}" checkpoint --parts cost,stall --device cuda --preset small --nice 0 --prepare false --repeats 2 --disk-mb 256
 run 90 "${bench[@]}" kernels --device cuda --parts attention,adamw,moe --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
+# The dp all-reduce overlapped with the backward over NCCL needs two GPUs (NCCL refuses two ranks on one): only then.
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  run 150 "${bench[@]}" dp-overlap --device cuda --presets small --seq-len 1024 --batch 16 --micro 8 --rounds 3 --steps 3
+fi
 echo "report: $report"

@@ -19,7 +19,7 @@ namespace DeepSeekCluster.Training.Collectives.Nccl;
 /// operation; the coordinator's heartbeats name the dead worker.
 /// </para>
 /// </summary>
-public sealed class NcclCollective : ICollective
+public sealed partial class NcclCollective : ICollective
 {
     public int Rank { get; }
     public int WorldSize { get; }
@@ -205,10 +205,16 @@ public sealed class NcclCollective : ICollective
             if (result != NcclNative.Success && result != NcclNative.InProgress) throw Fail(op, $"returned {NcclNative.ErrorString(result, comm)}");
             inFlight = true;
         }
+        var device = Device;
+        WaitUnderWatchdog(op, () => cuda.synchronize(device));
+    }
+
+    /// <summary>Runs <paramref name="wait"/> on the waiter while polling the communicator's errors and the timeout (it aborts on either).</summary>
+    void WaitUnderWatchdog(string op, Action wait)
+    {
         try
         {
-            var device = Device;
-            var done = waiter.Submit(() => cuda.synchronize(device));
+            var done = waiter.Submit(wait);
             var clock = Stopwatch.StartNew();
             while (!done.Wait(10))
                 lock (gate)
@@ -306,6 +312,7 @@ public sealed class NcclCollective : ICollective
     public void Dispose()
     {
         waiter.Dispose();
+        DisposeSideStream();
         lock (gate)
         {
             var c = comm;

@@ -78,6 +78,17 @@ internal static unsafe class NcclNative
     [DllImport(Driver)] static extern int cuDevicePrimaryCtxRetain(out IntPtr context, int device);
     [DllImport(Driver)] static extern int cuCtxSetCurrent(IntPtr context);
 
+    // Streams and events for the overlapped all-reduce (NcclCollective.SideStream.cs). Stream 0 is the legacy default
+    // stream, TorchSharp's; a NON_BLOCKING stream does not synchronize with it implicitly, so only the events order them.
+    public const uint StreamNonBlocking = 1, EventDisableTiming = 2;
+    [DllImport(Driver)] public static extern int cuStreamCreate(out IntPtr stream, uint flags);
+    [DllImport(Driver, EntryPoint = "cuStreamDestroy_v2")] public static extern int cuStreamDestroy(IntPtr stream);
+    [DllImport(Driver)] public static extern int cuEventCreate(out IntPtr evt, uint flags);
+    [DllImport(Driver, EntryPoint = "cuEventDestroy_v2")] public static extern int cuEventDestroy(IntPtr evt);
+    [DllImport(Driver)] public static extern int cuEventRecord(IntPtr evt, IntPtr stream);
+    [DllImport(Driver)] public static extern int cuStreamWaitEvent(IntPtr stream, IntPtr evt, uint flags);
+    [DllImport(Driver)] public static extern int cuEventSynchronize(IntPtr evt);
+
     public static void MakeDeviceCurrent(int ordinal)
     {
         int r = cuInit(0);

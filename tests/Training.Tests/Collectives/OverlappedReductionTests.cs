@@ -1,0 +1,172 @@
+// Plain data parallelism with the gradient all-reduce overlapped with the last micro-batch's backward trains bit for bit
+// as with the all-reduce after the backward (and as one process), over real tcp between rank threads; a failed
+// collective during the overlapped backward surfaces as the same error and leaves no exchange thread behind.
+using System.Text.RegularExpressions;
+using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Collectives.Tcp;
+using DeepSeekCluster.Training.Tests.Parallel;
+using TorchSharp;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace DeepSeekCluster.Training.Tests.Collectives;
+
+public sealed class OverlappedReductionTests(ITestOutputHelper output)
+{
+    // Global batch 12 = 1 x 6 x 2 = 2 x 3 x 2 = 3 x 2 x 2: several micro-batches per step on every rank, so the earlier
+    // ones add locally and only the last one's backward overlaps.
+    static readonly TrainingOptions Options = new()
+    {
+        SeqLen = MicroModel.SeqLen, GlobalBatch = 12, MicroBatch = 2, Steps = 3, Lr = 5e-3, WarmupSteps = 1, BiasUpdateSpeed = 0.01,
+        MtpWeight = 0.3, ClipNorm = 0.5,
+    };
+
+    static DeepSeekConfig Config => MicroModel.Config(MicroModel.Data.Value.Vocab);
+
+    sealed record Ran(List<StepMetrics> Steps, Dictionary<string, double[]> State, long Buckets, long DuringBackward);
+
+    static DeepSeekForCausalLM NewModel()
+    {
+        var m = DeepSeekForCausalLM.FromSeed(Config, Options.Seed);
+        m.to(ScalarType.Float64);
+        return m;
+    }
+
+    /// <summary>Every weight, both moments of every slot and every MoE layer's routing bias, as doubles.</summary>
+    static Ran Collect(Trainer trainer, List<StepMetrics> steps)
+    {
+        var state = trainer.Model.HfStateDict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().data<double>().ToArray());
+        foreach (var s in trainer.Optimizer.Slots)
+        {
+            state[$"{s.Name}.exp_avg"] = s.ExpAvg.data<double>().ToArray();
+            state[$"{s.Name}.exp_avg_sq"] = s.ExpAvgSq.data<double>().ToArray();
+        }
+        int l = 0;
+        foreach (var moe in trainer.Model.MoeLayers()) state[$"routing bias {l++}"] = moe.gate.e_score_correction_bias.data<double>().ToArray();
+        var (buckets, during) = trainer.OverlappedBuckets;
+        return new Ran(steps, state, buckets, during);
+    }
+
+    static Ran[] Train(int dp, bool overlap, long bucketBytes, string recompute)
+    {
+        var options = Options with { OverlapGradientReduction = overlap, Recompute = recompute };
+        var models = Enumerable.Range(0, dp).Select(_ => NewModel()).ToArray();
+        try
+        {
+            if (dp == 1)
+            {
+                using var single = new Trainer(models[0], MicroModel.Data.Value.Train, null, options, CPU, 1e11);
+                return [Collect(single, [.. Enumerable.Range(0, (int)Options.Steps).Select(_ => single.TrainStep())])];
+            }
+            return RankGroup.Run(dp, c =>
+            {
+                using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c, bucketBytes));
+                Assert.Equal(overlap, trainer.OverlapsReduction);
+                return Collect(trainer, [.. Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep())]);
+            }, limit: TimeSpan.FromSeconds(150));
+        }
+        finally { foreach (var m in models) m.Dispose(); }
+    }
+
+    /// <summary>
+    /// dp 2 and 3, with buckets of one layer's words or less (many buckets during the backward) and with buckets that take
+    /// several layers: the overlapped all-reduce gives the same loss, MTP loss, clipped norm and expert loads at every
+    /// step, and every weight, both moments and the routing biases, bit for bit, as the all-reduce after the backward and
+    /// as one process; buckets were all-reduced during the backward, and none without the overlap. With full recompute
+    /// each layer's parameters get their gradients inside its rerun segment, before the layer's signal all the same.
+    /// </summary>
+    [Theory]
+    [InlineData(2, 4 << 10, "none")]
+    [InlineData(3, 4 << 10, "none")]
+    [InlineData(2, 384 << 10, "full")]
+    public void OverlappedAllReduceTrainsBitForBitAsTheAllReduceAfterTheBackward(int dp, long bucketBytes, string recompute)
+    {
+        var single = Train(1, overlap: false, bucketBytes, recompute)[0];
+        var after = Train(dp, overlap: false, bucketBytes, recompute);
+        var overlapped = Train(dp, overlap: true, bucketBytes, recompute);
+        for (int r = 0; r < dp; r++)
+        {
+            for (int s = 0; s < Options.Steps; s++)
+            {
+                var (one, a, o) = (single.Steps[s], after[r].Steps[s], overlapped[r].Steps[s]);
+                output.WriteLine($"dp {dp} rank {r} step {s + 1}: loss {o.Loss:R} (after {a.Loss:R}, one process {one.Loss:R}), norm {o.GradNorm:R} ({a.GradNorm:R})");
+                Assert.True(a.GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {a.GradNorm})");
+                foreach (var reference in new[] { a, one })
+                {
+                    Assert.Equal(reference.Loss, o.Loss);
+                    Assert.Equal(reference.MtpLoss, o.MtpLoss);
+                    Assert.Equal(reference.GradNorm, o.GradNorm);
+                    Assert.Equal(reference.ExpertLoad.Select(l => string.Join(",", l)), o.ExpertLoad.Select(l => string.Join(",", l)));
+                }
+            }
+            foreach (var (name, values) in single.State)
+            {
+                Assert.True(values.SequenceEqual(after[r].State[name]), $"'{name}' on rank {r} after the backward differs from one process");
+                Assert.True(values.SequenceEqual(overlapped[r].State[name]), $"'{name}' on rank {r} with the overlap differs from one process");
+            }
+            output.WriteLine($"rank {r}: {overlapped[r].Buckets} buckets, {overlapped[r].DuringBackward} during a backward");
+            Assert.Equal(0, after[r].Buckets);
+            Assert.True(overlapped[r].DuringBackward > 0, "no bucket was all-reduced during a backward");
+            Assert.True(overlapped[r].Buckets > overlapped[r].DuringBackward, "the parameters outside the layers go after the backward");
+        }
+        long perLayer = Options.Steps * (Config.NumHiddenLayers + Config.NumNextnPredictLayers + 1);
+        if (bucketBytes < 64 << 10) Assert.Equal(perLayer, overlapped[0].Buckets); // one bucket per decoder layer (main and MTP) and the rest, each step
+        else Assert.True(overlapped[0].Buckets < perLayer, $"{overlapped[0].Buckets} buckets of {bucketBytes} bytes: some should take several layers");
+    }
+
+    /// <summary>
+    /// Rank 1 closes its links after the first step; rank 0's second step then fails in its first all-reduce, which the
+    /// overlap makes during the last micro-batch's backward on its exchange thread: the step throws the same
+    /// CollectiveException (failure, peer, message but the ports) as the all-reduce after the backward, and no exchange
+    /// thread is left running once the step has thrown.
+    /// </summary>
+    [Fact]
+    public void AFailedCollectiveDuringTheOverlappedBackwardThrowsTheSameErrorAndLeavesNoThread()
+    {
+        var errors = new Dictionary<bool, CollectiveException>();
+        foreach (bool overlap in new[] { false, true })
+        {
+            var options = Options with { OverlapGradientReduction = overlap };
+            var models = Enumerable.Range(0, 2).Select(_ => NewModel()).ToArray();
+            var outcomes = RankGroup.Outcomes(2, c =>
+            {
+                using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, 4 << 10));
+                trainer.TrainStep();
+                if (c.Rank == 1) { c.Dispose(); return 0; }
+                try { trainer.TrainStep(); }
+                finally { AssertNoExchangeThread(); } // before the trainer's Dispose: the step itself ended its thread
+                return 1;
+            }, new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(20) }, limit: TimeSpan.FromSeconds(120));
+            foreach (var m in models) m.Dispose();
+            Assert.Null(outcomes[1].Error);
+            errors[overlap] = Assert.IsType<CollectiveException>(outcomes[0].Error);
+            output.WriteLine($"overlap {overlap}: {errors[overlap].Failure}, peer {errors[overlap].PeerRank}: {errors[overlap].Message}");
+        }
+        var (after, during) = (errors[false], errors[true]);
+        Assert.Equal(after.Failure, during.Failure);
+        Assert.Equal(1, during.PeerRank);
+        Assert.Equal(after.PeerRank, during.PeerRank);
+        static string WithoutPorts(string m) => Regex.Replace(m, @":\d+", ":port");
+        Assert.Equal(WithoutPorts(after.Message), WithoutPorts(during.Message));
+    }
+
+    /// <summary>
+    /// The step joined its exchange thread (Thread.Join returns once the managed thread is done); the kernel drops the
+    /// task a moment later, as the thread's native exit completes, so its absence is awaited, up to a deadline.
+    /// </summary>
+    static void AssertNoExchangeThread()
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        List<string> left;
+        while ((left = ExchangeThreads()).Count > 0 && DateTime.UtcNow < deadline) Thread.Yield();
+        Assert.True(left.Count == 0, $"{left.Count} exchange thread(s) still running after the step threw");
+    }
+
+    /// <summary>The threads of this process that Linux names after the overlap's exchange thread.</summary>
+    static List<string> ExchangeThreads() =>
+        [.. Directory.GetDirectories("/proc/self/task").Select(t => Path.Combine(t, "comm")).Where(File.Exists)
+            .Select(f => { try { return File.ReadAllText(f).Trim(); } catch (IOException) { return ""; } })
+            .Where(n => n.StartsWith("dp-grad-reduce", StringComparison.Ordinal))];
+}
