@@ -65,22 +65,43 @@ public sealed partial class ExactGradientSum
     }
 
     /// <summary>The chunks of every buffer: the buffer's elements [c, +k) and where their words start.</summary>
-    IEnumerable<(Tensor Buffer, long C, long K, long Word)> FlatChunks(IReadOnlyList<Tensor> buffers)
+    IEnumerable<(Tensor Buffer, long C, long K, long Word)> FlatChunks(IReadOnlyList<Tensor> buffers, long? chunk = null)
     {
-        long at = 0;
+        long at = 0, size = chunk ?? flatChunk;
         foreach (var b in buffers)
         {
             long n = b.numel();
-            for (long c = 0; c < n; c += flatChunk) yield return (b, c, Math.Min(flatChunk, n - c), at + c);
+            for (long c = 0; c < n; c += size) yield return (b, c, Math.Min(size, n - c), at + c);
             at += n;
         }
     }
 
+    /// <summary>
+    /// Elements per call of the one-pass CPU kernels: they allocate nothing, so only a span's 2 GiB (the int64 words)
+    /// bounds it; each call splits its elements over torch's threads.
+    /// </summary>
+    const long NativeChunk = 1L << 24;
+
+    /// <summary>Whether the one-pass CPU kernels (<see cref="NativeCpu"/>) take every flat buffer.</summary>
+    bool NativeFlat(IReadOnlyList<Tensor> buffers) => NativeCpu && buffers.All(ExactWordKernels.Supports);
+
     /// <summary><see cref="ToWords"/>'s arithmetic, in place in the work buffers: the same kernels, so the same words.</summary>
     void AddFlat()
     {
+        var buffers = FlatBuffers();
+        if (NativeFlat(buffers))
+        {
+            double seen = 0;
+            foreach (var (buffer, c, k, word) in FlatChunks(buffers, NativeChunk))
+            {
+                using var scope = NewDisposeScope();
+                seen = Math.Max(seen, ExactWordKernels.AddAndZero(buffer.narrow(0, c, k), High.narrow(0, word, k), Low.narrow(0, word, k)));
+            }
+            worst.fill_(Math.Max(worst.item<double>(), seen)); // Math.Max propagates NaN, as torch's maximum
+            return;
+        }
         var (x64, hi64, hiWords, loWords) = (work![0], work[1], work[2], work[3]);
-        foreach (var (buffer, c, k, word) in FlatChunks(FlatBuffers()))
+        foreach (var (buffer, c, k, word) in FlatChunks(buffers))
         {
             using var scope = NewDisposeScope();
             var grads = buffer.narrow(0, c, k);
@@ -98,8 +119,18 @@ public sealed partial class ExactGradientSum
     /// <summary><see cref="WriteMean"/>'s arithmetic over the flat words, written into the gradient buffers in their dtype.</summary>
     void WriteFlatMean(long count, bool poisoned)
     {
+        var buffers = FlatBuffers();
+        if (NativeFlat(buffers))
+        {
+            foreach (var (buffer, c, k, word) in FlatChunks(buffers, NativeChunk))
+            {
+                using var scope = NewDisposeScope();
+                ExactWordKernels.WriteMean(High.narrow(0, word, k), Low.narrow(0, word, k), buffer.narrow(0, c, k), count, poisoned);
+            }
+            return;
+        }
         var (lo64, hi64, carryWords, loWords) = (work![0], work[1], work[2], work[3]);
-        foreach (var (buffer, c, k, word) in FlatChunks(FlatBuffers()))
+        foreach (var (buffer, c, k, word) in FlatChunks(buffers))
         {
             using var scope = NewDisposeScope();
             var high = High.narrow(0, word, k);

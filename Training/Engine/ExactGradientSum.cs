@@ -119,6 +119,7 @@ public sealed partial class ExactGradientSum : IDisposable
         if (flat is not null) foreach (var buffer in FlatBuffers()) buffer.zero_();
         foreach (var p in parameters) p.grad?.zero_();
         Terms = 0;
+        lone = false;
     }
 
     /// <summary>
@@ -135,6 +136,7 @@ public sealed partial class ExactGradientSum : IDisposable
     public void AddAndClearGradients(int firstParam)
     {
         if (Terms >= 1 << MaxTermsLog2) throw new InvalidOperationException($"more than 2^{MaxTermsLog2} micro-batches in one exact sum");
+        if (lone) throw new InvalidOperationException("the step's only term was added already (AddOnlyTerm)");
         using var noGrad = no_grad();
         if (ShardOnly) { ScatterGradients(); Terms++; return; }
         if (flat is not null) { AddFlat(); Terms++; return; }
@@ -234,6 +236,7 @@ public sealed partial class ExactGradientSum : IDisposable
     {
         if (Shards is not null) throw new InvalidOperationException("the words are laid out in ZeRO shards: write one shard's mean with WriteShardMean");
         using var noGrad = no_grad();
+        if (lone) { WriteLoneMean(count); return; }
         bool poisoned = !(worst.cpu().item<double>() < Bound);
         if (flat is not null) { WriteFlatMean(count, poisoned); return; }
         foreach (var (first, end) in chunks)
@@ -277,12 +280,14 @@ public sealed partial class ExactGradientSum : IDisposable
             using var scope = NewDisposeScope();
             var high = High.narrow(0, piece.Word - region, piece.Count);
             var low = Low.narrow(0, piece.Word - region, piece.Count);
+            var rows = p.grad!.view(-1).narrow(0, piece.Element, piece.Count);
+            if (NativeCpu && ExactWordKernels.Supports(rows)) { ExactWordKernels.WriteMean(high, low, rows, count, poisoned); continue; }
             var carry = low.div(1L << LowBits, rounding_mode: RoundingMode.floor);
             var hi = (high + carry).to_type(ScalarType.Float64);
             var lo = (low - carry * (1L << LowBits)).to_type(ScalarType.Float64);
             var mean = hi.mul_(LowScale).add_(lo).div_(Scale).div_(count);
             if (poisoned) mean.fill_(double.NaN);
-            p.grad!.view(-1).narrow(0, piece.Element, piece.Count).copy_(mean);
+            rows.copy_(mean);
         }
     }
 

@@ -30,6 +30,11 @@ public sealed class Trainer : ITrainer
     public long GradientWordBytes => expertZero?.WordBytes ?? (gradients is null ? 0 : (gradients.High.numel() + gradients.Low.numel()) * sizeof(long));
     /// <summary>Whether the exact gradient sum reads and writes AdamW's flat gradient buffers (known after the first step).</summary>
     public bool GradientsOverFlatBuffers => gradients?.OverFlat ?? false;
+    /// <summary>
+    /// The exact gradient sum's fast paths (on by default): its one-pass CPU kernels, and no sum at all for a standalone
+    /// step of one micro-batch. The same gradient bits either way; off is the reference the bench compares against.
+    /// </summary>
+    public bool ExactSumFastPaths { get; set; } = true;
     /// <summary>The device's peak MFU is measured against, and where it came from.</summary>
     public HardwarePeak Peak { get; set; }
 
@@ -157,6 +162,7 @@ public sealed class Trainer : ITrainer
         {
             gradients ??= zero?.NewGradientSum(Optimizer.Slots.Select(s => s.Param).ToList(), Options.Zero) ?? NewGradientSum();
             gradients.Clear();
+            gradients.NativeCpu = ExactSumFastPaths;
         }
         else expertZero.Clear();
         if (OverlapsReduction) overlap ??= new OverlappedGradientReduction(Model, Optimizer, gradients!, ((BucketedGradientReducer)reducer!).Collective, ((BucketedGradientReducer)reducer!).BucketBytes);
@@ -208,7 +214,9 @@ public sealed class Trainer : ITrainer
             else
             {
                 zeroParameters?.NoteHoldings();
-                gradients!.AddAndClearGradients();
+                // A standalone step of one micro-batch has no other term here or elsewhere: nothing to sum, the same mean.
+                if (reducer is null && accumulation == 1 && ExactSumFastPaths) gradients!.AddOnlyTerm();
+                else gradients!.AddAndClearGradients();
                 experts?.AddSourceGradients(gradients); // with ep: the other sources' expert gradients, each a term of its own
             }
             bwdS += sw.Elapsed.TotalSeconds;

@@ -23,7 +23,10 @@ public static class TrainingBench
         if (optimizers.Any(o => o is not ("flat" or "plain"))) throw new ArgumentException($"--optimizer must be flat, plain or both, got '{Arg("--optimizer", "flat")}'");
         // auto, grouped, per-expert (GroupedExperts), or both: per-expert and grouped side by side, steps interleaved.
         var expertKernels = Arg("--experts", "auto") is "both" ? new[] { "per-expert", "grouped" } : [Arg("--experts", "auto")];
-        var variants = optimizers.SelectMany(o => expertKernels.Select(e => (Optimizer: o, Experts: e))).ToList();
+        // fast: the exact sum's one-pass CPU kernels and lone-term shortcut (the default); torch: its op chain; both: side by side.
+        var sums = Arg("--exact-sum", "fast") is "both" ? new[] { "torch", "fast" } : [Arg("--exact-sum", "fast")];
+        if (sums.Any(s => s is not ("fast" or "torch"))) throw new ArgumentException($"--exact-sum must be fast, torch or both, got '{Arg("--exact-sum", "fast")}'");
+        var variants = optimizers.SelectMany(o => expertKernels.SelectMany(e => sums.Select(s => (Optimizer: o, Experts: e, Sum: s)))).ToList();
 
         Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
@@ -35,8 +38,8 @@ public static class TrainingBench
         var peaks = precisions.Distinct().ToDictionary(p => p, p => HardwarePeak.For(device, p == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, PeakSettings.Default, Console.WriteLine));
         Console.WriteLine();
         Console.WriteLine($"load average at start: {File.ReadAllText("/proc/loadavg").Trim()}");
-        Console.WriteLine("| preset | precision | optimizer | experts | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB | expert load (max/mean over layers and steps; first MoE layer's, last step) |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| preset | precision | optimizer | experts | exact sum | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB | expert load (max/mean over layers and steps; first MoE layer's, last step) |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 
         foreach (var name in presets)
         foreach (var precision in precisions)
@@ -58,7 +61,7 @@ public static class TrainingBench
             var trainers = new List<Trainer>();
             try
             {
-                foreach (var (optimizer, experts) in variants)
+                foreach (var (optimizer, experts, sum) in variants)
                 {
                     manual_seed(1);
                     var model = new DeepSeekForCausalLM(config).InitializeWeights();
@@ -67,6 +70,7 @@ public static class TrainingBench
                     model.to(device);
                     var trainer = new Trainer(model, data, null, options with { Experts = experts }, device, peak);
                     trainer.Optimizer.Flat = optimizer == "flat";
+                    trainer.ExactSumFastPaths = sum == "fast";
                     trainers.Add(trainer);
                     for (int i = 0; i < warmup; i++) trainer.TrainStep();
                 }
@@ -85,13 +89,16 @@ public static class TrainingBench
                     double seconds = elapsed[k] / measured;
                     double tps = options.GlobalBatch * options.SeqLen / seconds;
                     var mfu = peak.Mfu(tps * config.TrainingFlopsPerToken(options.SeqLen));
-                    Console.WriteLine($"| {name} | {precision} | {variants[k].Optimizer} | {variants[k].Experts} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
+                    Console.WriteLine($"| {name} | {precision} | {variants[k].Optimizer} | {variants[k].Experts} | {variants[k].Sum} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
                                       $"{steps[k].Average(s => s.Times.ForwardSeconds):F3} / {steps[k].Average(s => s.Times.BackwardSeconds):F3} / {steps[k].Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} | max/mean {steps[k].Average(s => s.LoadImbalance):F2}; {string.Join(",", steps[k][^1].ExpertLoad[0])} |");
                 }
+                Console.WriteLine($"|  |  | load average now: {File.ReadAllText("/proc/loadavg").Trim()} | | | | | | | | | | |");
+                if (trainers.Count == 2 && sums.Length == 2)
+                    Console.WriteLine($"|  |  | | | fast / torch | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | bwd time {steps[1].Sum(s => s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.BackwardSeconds):F2}×, opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | | |");
                 if (trainers.Count == 2 && optimizers.Length == 2)
-                    Console.WriteLine($"|  |  | flat / plain | | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | | |");
+                    Console.WriteLine($"|  |  | flat / plain | | | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | | |");
                 if (trainers.Count == 2 && expertKernels.Length == 2)
-                    Console.WriteLine($"|  |  | | grouped / per-expert | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | fwd+bwd time {steps[1].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds):F2}× | | |");
+                    Console.WriteLine($"|  |  | | grouped / per-expert | | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | fwd+bwd time {steps[1].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.ForwardSeconds + s.Times.BackwardSeconds):F2}× | | |");
             }
             finally
             {
