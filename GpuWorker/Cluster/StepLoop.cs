@@ -32,12 +32,9 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
     /// </summary>
     public void Run(CancellationToken ct)
     {
-        var saver = new AsyncCheckpointSaver(formed.Store, formed.Sharding, A.Rank, Saved)
-        {
-            // On a CPU the save's thread can only take a core from the step's torch threads: the step gives one up while
-            // a save runs (docs/decisions.md, YieldTorchThreads); SnapshotScope gives it back however the run ends.
-            YieldTorchThreads = (Trainer as Trainer)?.Device.type == TorchSharp.DeviceType.CPU ? 1 : 0,
-        };
+        // No YieldTorchThreads here: torch's CPU reductions split their work by the thread count, so a step that ran
+        // while a save held a thread would add in another order and lose the bit-for-bit equality of every layout.
+        var saver = new AsyncCheckpointSaver(formed.Store, formed.Sharding, A.Rank, Saved);
         Trainer.BeforeOptimizerUpdate = () =>
         {
             if (saver.WaitForSnapshot() is not null) run.Metrics?.CheckpointSnapshot(A.JobId, run.WorkerId, saver.LastStall);
