@@ -217,7 +217,16 @@ public static class LiveShards
         long step = cover.Step, optimizerSteps = cover.OptimizerSteps, lineage = cover.Lineage;
         int ep = cover.Pieces.Ep, myExperts = ring.Rank % ep;
         if (cover.Keeps.Any(k => !k))
-            bytes += ReplicaSync.Broadcast(ring, cover.Source, ReplicatedWeights(target, ep), ref step, ref optimizerSteps, ref lineage);
+        {
+            // A source whose expert shard moved (the lost rank was rank 0) builds a new model from the seed: it sends the
+            // weights it held, and takes them itself, rather than its new model's step-0 weights.
+            var into = ReplicatedWeights(target, ep);
+            bool fromOld = ring.Rank == cover.Source && !cover.Keeps[ring.Rank] && old is not null && !ReferenceEquals(old.Model, target.Model);
+            var sent = fromOld ? ReplicatedWeights(old!, ep) : into;
+            bytes += ReplicaSync.Broadcast(ring, cover.Source, sent, ref step, ref optimizerSteps, ref lineage);
+            if (fromOld)
+                foreach (var (to, held) in into.Zip(sent)) to.Value.copy_(held.Value);
+        }
         var type = WordType(target, ep);
         var all = cover.Pieces.All().ToArray();
         for (int i = 0; i < all.Length; i++)

@@ -30,7 +30,8 @@ public sealed class ReplicaHolder : IDisposable
 /// <summary>
 /// The model and AdamW of one job on this worker, reused by the next generation instead of re-initialising. Step is the
 /// optimizer step the tensors are consistent at: it moves only after a completed optimizer step, so a step interrupted
-/// before its update leaves the previous step's (consistent) state; −1 while the tensors are being built or loaded.
+/// before its update leaves the previous step's (consistent) state; −1 while the tensors are being built, loaded or
+/// updated (from the update to the end of the step's collectives: StepLoop).
 /// </summary>
 public sealed class ReplicaState : IDisposable
 {

@@ -3,7 +3,9 @@
 // is held once and its ring neighbour keeps a copy; old ranks 1 and 3 are lost and old ranks 0 and 2 reshard onto
 // dp 2 x ep 2, old rank 2 (expert shard 0) becoming new rank 1 (expert shard 1) with a model of another seed. dp 2 x ep 2
 // with zero 0: each expert shard is held once, so its weights and moments are copied; old rank 1 is lost and a spare takes
-// its place. Either way every new rank's moments, master rows and weights equal, bit for bit, one whole state's.
+// its place; or old rank 0 is lost, and the source of the replicated weights (new rank 0, old rank 1) builds a model for
+// expert shard 0 yet sends the weights it held. Either way every new rank's moments, master rows and weights equal, bit
+// for bit, one whole state's.
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
@@ -166,6 +168,31 @@ public class LiveShardsExpertTests
         finally
         {
             foreach (var t in targets) { t.Optimizer.Dispose(); if (t.Model != old[0].Model) t.Model.Dispose(); }
+            foreach (var s in old) s.Dispose();
+        }
+    }
+
+    [Fact]
+    public void Zero0Dp2Ep2LosesRank0AndTheSourceWhoseExpertShardMovedSendsTheWeightsItHeldNotItsNewModels()
+    {
+        using var whole = new Whole(ScalarType.Float32);
+        var old = Enumerable.Range(0, 2).Select(r => whole.Replica(r, 2, zero: 0, ScalarType.Float32)).ToArray();
+        var targets = new List<ReplicaState>();
+        try
+        {
+            Run(2, c => LiveShards.Refresh(c, old[c.Rank]));
+            // Old rank 1 becomes new rank 0, the cover's source: its replica now holds expert shard 0, so its model is one of
+            // another seed (and a spare is new rank 1); the replicated weights must still be the ones it held.
+            var outcomes = Reshard([old[1], null], dp: 2, zero: 0, ScalarType.Float32);
+            targets.AddRange(outcomes.Select(o => o.Target));
+            Assert.Equal([false, false], outcomes[0].Cover.Keeps);
+            Assert.Equal([0, 0, 0], outcomes[0].Cover.Holders);
+            Assert.Equal([false, true, false], outcomes[0].Cover.FromCopy);
+            foreach (var target in targets) whole.AssertHeldBy(target);
+        }
+        finally
+        {
+            foreach (var t in targets) { t.Optimizer.Dispose(); t.Model.Dispose(); }
             foreach (var s in old) s.Dispose();
         }
     }
