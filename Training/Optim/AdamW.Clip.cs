@@ -14,7 +14,7 @@ public sealed partial class AdamW
     {
         if (groups.Count == 0 || !groups.All(g => g.Adopted)) return null;
         using var noGrad = no_grad();
-        AttachViews();
+        AttachViews(weights: false);
         return [.. groups.Select(g => g.Grads!)];
     }
 

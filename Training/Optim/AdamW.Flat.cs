@@ -131,11 +131,18 @@ public sealed partial class AdamW
     static long RowElements(Tensor p) => p.dim() == 0 ? 1 : p.numel() / Math.Max(1, p.shape[0]);
 
     /// <summary>
-    /// Makes every whole parameter and its gradient views of their group's flat buffers: at the first step, and again for
+    /// Makes every whole parameter's gradient a view of its group's flat gradient buffer, and with
+    /// <paramref name="weights"/> the parameter itself a view of the flat weight buffer: at the first step, and again for
     /// one that something replaced since (a load that swapped the storage, a gradient assigned rather than accumulated:
     /// autograd accumulates into an existing <c>.grad</c> in place). Its values move into the buffer first.
+    /// <para>
+    /// Only the update (<see cref="FlatStep"/>) moves the weights: swapping a parameter's storage is a change to a tensor
+    /// the checkpoint saves, and a background checkpoint copy may read the parameters until the trainer's
+    /// <c>BeforeOptimizerUpdate</c> hook (AsyncCheckpointSaver.BeginSave); a swap beside that copy frees the storage it
+    /// reads. The gradients are no checkpoint tensor, so the step's start (<see cref="AdoptGradients"/>) and the clip move those.
+    /// </para>
     /// </summary>
-    void AttachViews()
+    void AttachViews(bool weights)
     {
         using var noGrad = no_grad();
         foreach (var group in groups)
@@ -144,7 +151,7 @@ public sealed partial class AdamW
             foreach (var m in group.Members)
             {
                 var p = m.Slot.Param;
-                if (TensorMemory.DataPointer(p) != m.WeightData)
+                if (weights && TensorMemory.DataPointer(p) != m.WeightData)
                 {
                     if (p.numel() != m.Count)
                         throw new InvalidOperationException($"parameter '{m.Slot.Name}' now has {p.numel()} elements; the optimizer was made for {m.Count}");
@@ -179,7 +186,7 @@ public sealed partial class AdamW
     /// </summary>
     void FlatStep(double lr, double c1, double c2)
     {
-        AttachViews();
+        AttachViews(weights: true);
         foreach (var group in groups)
         {
             long chunk = FlatChunkElements ?? DefaultChunkElements(group.ExpAvg.device);

@@ -103,7 +103,7 @@ public sealed partial class AdamW : IDisposable
     {
         if (Sharded) throw new InvalidOperationException("a sharded AdamW sees only its rows' gradients: the global norm is ZeroStep's");
         using var noGrad = no_grad();
-        AttachViews(); // a gradient written outside the flat buffer since the last step joins it before it is read
+        AttachViews(weights: false); // a gradient written outside the flat buffer since the last step joins it before it is read
         if (Flat && groups.All(g => g.Adopted)) return ClipFlat(maxNorm);
         double sumSq = 0;
         foreach (var s in slots)

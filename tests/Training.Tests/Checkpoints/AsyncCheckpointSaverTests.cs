@@ -94,6 +94,33 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             optimizer: state.Optimizer);
     }
 
+    /// <summary>
+    /// A background copy reads the checkpoint tensors until the trainer's BeforeOptimizerUpdate hook, so nothing before
+    /// the hook may swap their storage, not even the first step, where the optimizer makes the parameters views of its
+    /// flat buffers: that swap beside a running copy freed the storage the copy read (a CI test host died in libc10 on
+    /// the ckpt-save thread). The parameters do move into the flat buffers, in the update.
+    /// </summary>
+    [Fact]
+    public void TheFirstStepSwapsNoCheckpointTensorsStorageBeforeItsUpdateHookAndTheParametersMoveInTheUpdate()
+    {
+        using var state = new TrainedState(1);
+        using var trainer = TrainerOf(state);
+        var tensors = state.Tensors.ToDictionary();
+        var before = tensors.ToDictionary(kv => kv.Key, kv => Address(kv.Value));
+        var moved = new List<string>();
+        bool hooked = false;
+        trainer.BeforeOptimizerUpdate = () =>
+        {
+            hooked = true;
+            moved.AddRange(tensors.Where(kv => Address(kv.Value) != before[kv.Key]).Select(kv => kv.Key));
+        };
+        trainer.TrainStep();
+        Assert.True(hooked);
+        Assert.Empty(moved);
+        var parameters = state.Model.named_parameters().Select(p => state.Model.ToHfName(p.name)).ToHashSet();
+        Assert.Contains(tensors, kv => parameters.Contains(kv.Key) && Address(kv.Value) != before[kv.Key]);
+    }
+
     [Theory]
     [InlineData(true)]  // the background thread and the training thread copy side by side, after the forward/backward
     [InlineData(false)] // the background thread is held until the snapshot is done: the training thread copies it all
