@@ -246,9 +246,6 @@ public sealed record ParallelPlan
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
         if (Redundancy && Pp > 1) yield return ("parallel.redundancy", $"true with pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
-        // Under ZeRO-3 an expert's parameter rows live on its holders alone (ExpertZeroStep.ShardParameters); their copies
-        // and reshard are not built, so they are refused rather than half-kept.
-        else if (Redundancy && Ep > 1 && Zero >= 3) yield return ("parallel.redundancy", $"true with ep {Ep} and zero {Zero}: neighbour copies of sharded expert parameters are not built, expected false, ep 1 or zero 0, 1 or 2");
     }
 }
 

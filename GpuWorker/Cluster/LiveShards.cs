@@ -199,9 +199,17 @@ public static class LiveShards
     /// <summary>The pieces of the layout <paramref name="state"/> is laid out for on a ring of <paramref name="dp"/>.</summary>
     static StatePieces PiecesOf(ReplicaState state, int dp) => new(dp, state.Ep, state.Optimizer.Sharded);
 
-    /// <summary>The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces.</summary>
-    static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep) =>
-        [.. Training.Checkpoints.CheckpointTensors.Collect(state.Model, null).Where(kv => ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key))];
+    /// <summary>
+    /// The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces. Under
+    /// ZeRO-3 the buffers alone: a rank holds only its own rows of each parameter, which come with the pieces, and a rank
+    /// keeping its model has yet to send its rows from it (the source's broadcast rows would overwrite them).
+    /// </summary>
+    static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep)
+    {
+        var parameters = state.ShardedParameters ? state.Optimizer.Slots.Select(s => s.Name).ToHashSet(StringComparer.Ordinal) : [];
+        return [.. Training.Checkpoints.CheckpointTensors.Collect(state.Model, null)
+            .Where(kv => (ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key)) && !parameters.Contains(kv.Key))];
+    }
 
     /// <summary>
     /// Fills <paramref name="target"/> (this rank's state of the new layout: its model, a fresh AdamW over its rows) from

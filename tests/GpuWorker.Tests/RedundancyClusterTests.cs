@@ -123,6 +123,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
     [Theory]
     [InlineData(1)]
     [InlineData(0)]
+    [InlineData(3)] // ZeRO-3: the copies hold the neighbour's replicated and expert parameter rows too
     public async Task AnEp2JobThatLosesAWorkerResumesLiveFromTheExpertShardsAndTheirCopiesWithRedundancyAndFromTheCheckpointWithoutAndBothCommitTheOneWorkerJobsCheckpoint(int zero)
     {
         await using var run = await ClusterRun.StartAsync(Data, "redundancy-ep-cluster");
