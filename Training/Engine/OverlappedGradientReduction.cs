@@ -223,13 +223,24 @@ public sealed class OverlappedGradientReduction : IDisposable
         finally { Abandon(); }
     }
 
-    /// <summary>Drops the signals and ends the exchange thread (the calls queued run out first: a failed collective fails them quickly); idempotent.</summary>
+    /// <summary>
+    /// Drops the signals and ends the exchange thread (the calls queued run out first: a failed collective fails them
+    /// quickly); on NCCL waits for the all-reduces still on the side stream, which read and write the words (the next
+    /// step's Clear, or the sum's Dispose, must not run under them). Throws nothing: it runs after the failure that is thrown.
+    /// </summary>
     public void Abandon()
     {
         Disarm();
         var ex = exchange;
         exchange = null;
-        ex?.Dispose();
+        if (ex is null) return;
+        // The queued conversions run on their own thread, maybe after the step's hold closed (Trainer.Dispose): hold the
+        // finalizers while they run, as the step does (FinalizerHold: TorchSharp's implicit Scalars).
+        using var hold = FinalizerHold.Enter();
+        ex.Dispose();
+        if (collective is NcclCollective nccl)
+            try { nccl.WaitForSideStream(); }
+            catch (Exception) { } // the wait failed: the communicator was aborted (NcclCollective.Fail), nothing runs on the side stream any more
     }
 
     public void Dispose()

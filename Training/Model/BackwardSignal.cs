@@ -28,6 +28,13 @@ public interface IBackwardListener
 /// AccumulateGrad highest), and a node created later that had not run would have a not-yet-run node created later still
 /// before it, and so on, until one that is ready and outranks this one. The node after the last layer's is thus the first
 /// to fire, the first layer's the last: one order on every rank, since each layer's input gradient needs the layer after it.
+/// <para>
+/// Native lifetimes: the listener lives in the node's context (TorchSharp keeps the node until libtorch frees the graph);
+/// the incoming gradient's wrapper is returned as is, and libtorch copies it before the wrapper can be freed (the step's
+/// dispose scope on the CPU, the step's <c>FinalizerHold</c> on a CUDA engine thread). Nothing is marked dirty or
+/// non-differentiable: TorchSharp 0.107's <c>WrapOutputs</c> passes the first of those lists through an array it has
+/// already unpinned, harmless only while both are empty.
+/// </para>
 /// </summary>
 sealed class BackwardSignal : SingleTensorFunction<BackwardSignal>
 {
