@@ -19,8 +19,9 @@ namespace DeepSeekCluster.Training.Engine;
 /// (<see cref="ExactGradientSum.ToWords"/>, as ZeRO-3's per-layer scatter does), and once the groups ready since the last
 /// bucket hold <see cref="BucketedGradientReducer.BucketBytes"/> of words, their words are all-reduced in place.
 /// <see cref="EndBackward"/> adds the embedding (used at both ends of the graph: complete only when the backward ends) and
-/// the last bucket; <see cref="Complete"/> waits for every bucket and all-reduces the largest magnitude. On a CPU collective the conversions and all-reduces run on one thread of their own, in the order
-/// posted, which is the same on every rank (<see cref="OrderedExchange"/>). On NCCL the conversions are kernels on the
+/// the last bucket; <see cref="Complete"/> waits for every bucket and all-reduces the largest magnitude. On a CPU
+/// collective the conversions and all-reduces run on one thread of their own, in the order posted, which is the same on
+/// every rank (<see cref="OrderedExchange"/>). On NCCL the conversions are kernels on the
 /// default stream, enqueued by the backward's own thread, and each bucket's all-reduce goes on the collective's side
 /// stream after an event recorded on the default stream behind them (<see cref="NcclCollective.AllReduceAfterCompute"/>):
 /// NCCL reads the words only once the kernels that wrote them are done, and runs beside the rest of the backward;
