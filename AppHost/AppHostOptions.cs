@@ -19,6 +19,8 @@ public sealed record AppHostOptions
     public int Zero { get; init; }
     /// <summary>parallel.redundancy of the default job: each rank also keeps the pieces of its neighbour's state no other rank holds.</summary>
     public bool Redundancy { get; init; }
+    /// <summary>parallel.overlapGradientReduction of the default job: the gradient all-reduce starts during the backward.</summary>
+    public bool OverlapReduction { get; init; }
     /// <summary>auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: the job's precision.</summary>
     public string Precision { get; init; } = "auto";
     /// <summary>none, full or selective: the job's activationCheckpointing.</summary>
@@ -66,6 +68,9 @@ public sealed record AppHostOptions
                                  ZeRO shard; with --ep its experts' rows; needs --zero 1-3 or --ep, not --pp,
                                  not --zero 3 with --ep): a lost worker's state survives, and the job resumes
                                  from live state, 0 steps redone
+          --overlap-reduction    start the gradient all-reduce during the backward, a bucket as soon as its layers
+                                 are done (plain dp only: not with --zero 1-3, --pp or --ep; off by default: no
+                                 faster on a 2-core CPU, docs/benchmarks.md)
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
           --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker
@@ -91,7 +96,7 @@ public sealed record AppHostOptions
 
     static string OptionOf(string field) => field switch
     {
-        "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "precision" => "--precision", "activationCheckpointing" => "--recompute",
+        "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "parallel.overlapGradientReduction" => "--overlap-reduction", "precision" => "--precision", "activationCheckpointing" => "--recompute",
         _ => "--workers/--pp/--ep",
     };
 
@@ -132,6 +137,7 @@ public sealed record AppHostOptions
                 "--ep" => o with { Ep = Int() },
                 "--zero" => o with { Zero = Int() },
                 "--redundancy" => o with { Redundancy = true },
+                "--overlap-reduction" => o with { OverlapReduction = true },
                 "--precision" => o with { Precision = Value() },
                 "--recompute" => o with { Recompute = Value() },
                 "--memory-budget" => o with { MemoryBudget = long.TryParse(Value(), out var b) && b > 0 ? b : throw new ArgumentException("option --memory-budget needs a positive number of bytes") },
@@ -182,7 +188,7 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
         // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
         var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
-            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "precision" or "activationCheckpointing" or "parallel").ToList();
+            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "parallel.overlapGradientReduction" or "precision" or "activationCheckpointing" or "parallel").ToList();
         if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
         return o;
     }

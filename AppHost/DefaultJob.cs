@@ -34,7 +34,7 @@ public static class DefaultJob
         Name = $"{options.Preset}-{now:yyyyMMdd-HHmmss}",
         ModelPreset = options.Preset,
         Dataset = datasetId,
-        Parallel = new ParallelPlan { Dp = 0, Pp = options.Pp, Ep = options.Ep, Zero = options.Zero, Redundancy = options.Redundancy },
+        Parallel = new ParallelPlan { Dp = 0, Pp = options.Pp, Ep = options.Ep, Zero = options.Zero, Redundancy = options.Redundancy, OverlapGradientReduction = options.OverlapReduction },
         Precision = options.Precision, ActivationCheckpointing = options.Recompute,
         GlobalBatch = options.GlobalBatch, MicroBatch = options.MicroBatch, SeqLen = options.SeqLen, Steps = options.Steps,
         Schedule = new LrSchedule { Kind = "cosine", PeakLr = options.Lr, MinLr = options.Lr / 10, WarmupSteps = Math.Min(30, options.Steps / 10) },

@@ -236,6 +236,12 @@ public sealed record ParallelPlan
     /// shard survives and the job resumes from live state instead of the committed checkpoint (docs/fault-tolerance.md).
     /// </summary>
     [Id(5)] public bool Redundancy { get; init; }
+    /// <summary>
+    /// Plain data parallelism (zero 0, pp 1, ep 1): the gradient all-reduce starts during the last micro-batch's backward,
+    /// a bucket as soon as its layers' gradients are done, instead of after the backward; the same bits either way. Off by
+    /// default: on a 2-core CPU it measured no faster (docs/benchmarks.md); no effect with a single replica.
+    /// </summary>
+    [Id(7)] public bool OverlapGradientReduction { get; init; }
 
     /// <summary>The plan's own problems (those that need no other field of the spec), each with its JSON path and the numbers.</summary>
     public IEnumerable<(string Field, string Message)> Problems()
@@ -246,6 +252,11 @@ public sealed record ParallelPlan
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
         if (Redundancy && Pp > 1) yield return ("parallel.redundancy", $"true with pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
+        // The overlap all-reduces whole words per bucket; ZeRO reduce-scatters them (zero 3 already per layer, during the
+        // backward), a pipeline stage's backward and ep's extra expert terms are not bucketed this way.
+        if (OverlapGradientReduction && Zero > 0) yield return ("parallel.overlapGradientReduction", $"true with zero {Zero}: only plain data parallelism's all-reduce is overlapped (zero 3 overlaps its reduce-scatter per layer by itself), expected false or zero 0");
+        if (OverlapGradientReduction && Pp > 1) yield return ("parallel.overlapGradientReduction", $"true with pp {Pp}: a pipeline stage's gradient all-reduce is not overlapped, expected false or pp 1");
+        if (OverlapGradientReduction && Ep > 1) yield return ("parallel.overlapGradientReduction", $"true with ep {Ep}: the expert-parallel gradient sums are not overlapped, expected false or ep 1");
     }
 }
 

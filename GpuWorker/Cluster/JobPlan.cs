@@ -34,7 +34,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
     /// <summary>
     /// The model config (the preset or the spec's config.json, with the dataset's vocabulary and end-of-text token) and
     /// the training options (batch, schedule and its shape, optimizer knobs, seed, checkpoints, validation, pipeline schedule,
-    /// ZeRO stage, expert-parallel width, precision) of <paramref name="spec"/>; precision auto is bf16 on CUDA (<paramref name="cuda"/>) and fp32 on CPU.
+    /// ZeRO stage, expert-parallel width, the overlapped all-reduce, precision) of <paramref name="spec"/>; precision auto is bf16 on CUDA (<paramref name="cuda"/>) and fp32 on CPU.
     /// </summary>
     public static (DeepSeekConfig Config, TrainingOptions Options) Map(JobSpec spec, int vocabSize, int eosTokenId, bool cuda = false)
     {
@@ -47,6 +47,7 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
             MinLrRatio = spec.Schedule.PeakLr > 0 ? spec.Schedule.MinLr / spec.Schedule.PeakLr : 0.1,
             Seed = spec.Seed, CheckpointEvery = spec.CheckpointInterval, EvalEvery = spec.EvalInterval, EvalBatches = Evaluation.ClusterBatches,
             PipelineSchedule = spec.Parallel.Schedule, Zero = spec.Parallel.Zero, Ep = spec.Parallel.Ep, Recompute = spec.ActivationCheckpointing,
+            OverlapGradientReduction = spec.Parallel.OverlapGradientReduction,
             Precision = PrecisionOf(spec, cuda), DecayFraction = spec.Schedule.DecayFraction,
             WeightDecay = spec.WeightDecay, ClipNorm = spec.ClipNorm, MtpWeight = spec.MtpWeight, BiasUpdateSpeed = spec.BiasUpdateSpeed,
             Beta1 = spec.Beta1, Beta2 = spec.Beta2, Epsilon = spec.Epsilon,

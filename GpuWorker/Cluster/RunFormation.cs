@@ -113,7 +113,8 @@ sealed class RunFormation : IDisposable
             run.Log($"generation {a.Generation}: rank {a.Rank} of {a.World}" +
                     (pipeline ? $" = stage {stage} (layers {live.Stage!.Layers.FirstLayer}..{live.Stage.Layers.End - 1}) of replica {replica}, dp {dp} x pp {pp}" : "") +
                     $", {plan.Config.ParameterCount() / 1e6:F2} M parameters, global batch {plan.Options.GlobalBatch} = {dp} x {plan.Options.MicroBatch} x " +
-                    $"{plan.Options.Accumulation(dp)} micro-batches, from step {live.Step} ({resumePlan.Source})");
+                    $"{plan.Options.Accumulation(dp)} micro-batches, from step {live.Step} ({resumePlan.Source})" +
+                    (trainer is Trainer { OverlapsReduction: true } ? ", gradient all-reduce overlapped with the backward" : ""));
             var formation = new RunFormation { Trainer = trainer, Live = live, Layout = layout, Sharding = new ShardingPlan(layout, catalog), Store = store, TokenizerHash = tokenizerHash, Ring = ring };
             foreach (var d in formed) formation.Own(d);
             return formation;

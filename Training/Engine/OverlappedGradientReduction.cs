@@ -13,13 +13,15 @@ namespace DeepSeekCluster.Training.Engine;
 /// The data-parallel reduction of <see cref="BucketedGradientReducer"/> (zero 0, pp 1, ep 1), started during the backward.
 /// Earlier micro-batches only add their words into the sum locally, so only the last micro-batch's backward can overlap:
 /// <see cref="Arm"/> before its forward makes every decoder layer (main and MTP blocks) signal the end of its backward
-/// (<see cref="DecoderLayer.BackwardDone"/>). At each signal the layer's gradients are converted to exact-sum words and
-/// added into the sum (<see cref="ExactGradientSum.ToWords"/>, as ZeRO-3's per-layer scatter does), and once the layers
-/// ready since the last bucket hold <see cref="BucketedGradientReducer.BucketBytes"/> of words, their words are
-/// all-reduced in place. <see cref="EndBackward"/> adds the parameters outside the layers (embedding, head, norms: used
-/// at both ends of the graph) and the last bucket; <see cref="Complete"/> waits for every bucket and all-reduces the
-/// largest magnitude. On a CPU collective the conversions and all-reduces run on one thread of their own, in the order
-/// posted, which is the same on every rank (<see cref="OrderedExchange"/>). On NCCL the conversions are kernels on the
+/// (<see cref="DecoderLayer.BackwardDone"/>), and the main model the end of the backward of everything after its layers
+/// (<see cref="DeepSeekModel.HeadBackwardDone"/>: final norm, head, the MTP modules' own norms and projection; the first
+/// signal of the backward). At each signal the group's gradients are converted to exact-sum words and added into the sum
+/// (<see cref="ExactGradientSum.ToWords"/>, as ZeRO-3's per-layer scatter does), and once the groups ready since the last
+/// bucket hold <see cref="BucketedGradientReducer.BucketBytes"/> of words, their words are all-reduced in place.
+/// <see cref="EndBackward"/> adds the embedding (used at both ends of the graph: complete only when the backward ends) and
+/// the last bucket; <see cref="Complete"/> waits for every bucket and all-reduces the largest magnitude. On a CPU
+/// collective the conversions and all-reduces run on one thread of their own, in the order posted, which is the same on
+/// every rank (<see cref="OrderedExchange"/>). On NCCL the conversions are kernels on the
 /// default stream, enqueued by the backward's own thread, and each bucket's all-reduce goes on the collective's side
 /// stream after an event recorded on the default stream behind them (<see cref="NcclCollective.AllReduceAfterCompute"/>):
 /// NCCL reads the words only once the kernels that wrote them are done, and runs beside the rest of the backward;
@@ -47,9 +49,13 @@ public sealed class OverlappedGradientReduction : IDisposable
     readonly ExactGradientSum sum;
     readonly long bucketBytes;
     readonly (DecoderLayer Layer, Group Group)[] layers; // in the model's order: main layers, then MTP blocks
-    readonly Group rest;
+    readonly DeepSeekModel main;
+    readonly Group head; // used only after the layers: final norm, lm_head, the MTP modules' enorm, hnorm, eh_proj and norm
+    readonly Group rest; // the embedding (and anything else outside the layers)
     readonly long chunk;
     OrderedExchange? exchange;
+    bool armed; // between Arm and EndBackward
+    Exception? failure; // the first thing a signal threw (kept for EndBackward: nothing may leave the autograd engine's callback)
     List<Run> bucket = [];
     long bucketWords;
     HashSet<Group> posted = new(ReferenceEqualityComparer.Instance);
@@ -73,6 +79,7 @@ public sealed class OverlappedGradientReduction : IDisposable
         var index = new Dictionary<IntPtr, int>();
         for (int i = 0; i < slots.Count; i++) index[slots[i].Handle] = i;
         var inLayer = new bool[slots.Count];
+        main = model.model;
         var decoderLayers = model.model.layers.Concat(model.mtp.Select(m => m.block)).ToList();
         layers = new (DecoderLayer, Group)[decoderLayers.Count];
         for (int l = 0; l < decoderLayers.Count; l++)
@@ -82,7 +89,22 @@ public sealed class OverlappedGradientReduction : IDisposable
             foreach (var m in members) inLayer[m] = true;
             layers[l] = (decoderLayers[l], new Group($"layer {l}", RunsOf(members, words)));
         }
-        rest = new Group("outside the layers", RunsOf([.. Enumerable.Range(0, slots.Count).Where(i => !inLayer[i])], words));
+        // Everything after the layers; not the embedding, which the MTP modules use after them but the model before
+        // them (with tied embeddings the head is the embedding, and stays with it).
+        var embedding = model.model.embed_tokens.weight!.Handle;
+        var after = model.model.norm.parameters().Concat(model.lm_head.parameters())
+            .Concat(model.mtp.SelectMany(m => m.parameters().Except(m.block.parameters(), HandleComparer.Instance)))
+            .Select(p => p.Handle).Where(h => h != embedding).ToHashSet();
+        var outside = Enumerable.Range(0, slots.Count).Where(i => !inLayer[i]).ToList();
+        head = new Group("after the layers", RunsOf([.. outside.Where(i => after.Contains(slots[i].Handle))], words));
+        rest = new Group("the embedding", RunsOf([.. outside.Where(i => !after.Contains(slots[i].Handle))], words));
+    }
+
+    sealed class HandleComparer : IEqualityComparer<TorchSharp.Modules.Parameter>
+    {
+        public static readonly HandleComparer Instance = new();
+        public bool Equals(TorchSharp.Modules.Parameter? x, TorchSharp.Modules.Parameter? y) => x?.Handle == y?.Handle;
+        public int GetHashCode(TorchSharp.Modules.Parameter p) => p.Handle.GetHashCode();
     }
 
     /// <summary>Where each slot's words are: its buffer and element there (flat), or in slot order (per parameter).</summary>
@@ -131,28 +153,62 @@ public sealed class OverlappedGradientReduction : IDisposable
     }
 
     /// <summary>
-    /// Before the last micro-batch's forward (its gradients accumulate into zeros): every layer will signal the end of
-    /// its backward. Every rank arms the same step.
+    /// Before the last micro-batch's forward (its gradients accumulate into zeros): every layer and the head will signal
+    /// the end of their backward. Every rank arms the same step. Dispose what it returns at the end of the micro-batch:
+    /// a forward or backward that threw before <see cref="EndBackward"/> leaves no signal and no exchange thread behind.
     /// </summary>
-    public void Arm()
+    public ArmedStep Arm()
     {
-        if (exchange is not null) throw new InvalidOperationException("the overlapped reduction is armed already");
+        Abandon(); // a step that threw between EndBackward and Complete left its exchange running
         exchange = new OrderedExchange(async: collective.Device.type == TorchSharp.DeviceType.CPU, name: "dp-grad-reduce");
         posted = new(ReferenceEqualityComparer.Instance);
         bucket = [];
         bucketWords = 0;
-        foreach (var (layer, group) in layers) layer.BackwardDone = () => Ready(group, duringBackward: true);
+        failure = null;
+        armed = true;
+        foreach (var (layer, group) in layers) layer.BackwardDone = new Signal(this, group);
+        main.HeadBackwardDone = new Signal(this, head);
+        return new ArmedStep(this);
     }
 
-    /// <summary>After the last micro-batch's backward: the groups that did not signal (in the model's order), the rest, and the last bucket.</summary>
+    /// <summary>The armed micro-batch: disposed before <see cref="EndBackward"/> (its forward or backward threw), it abandons the step's reduction.</summary>
+    public readonly struct ArmedStep(OverlappedGradientReduction? owner) : IDisposable
+    {
+        public void Dispose()
+        {
+            if (owner is { armed: true }) owner.Abandon();
+        }
+    }
+
+    /// <summary>
+    /// After the last micro-batch's backward: the groups that did not signal (in the model's order), the embedding, and
+    /// the last bucket. Throws what a signal threw during the backward.
+    /// </summary>
     public void EndBackward()
     {
         var ex = exchange ?? throw new InvalidOperationException("EndBackward without Arm");
         Disarm();
+        if (failure is { } e)
+        {
+            Abandon();
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e);
+        }
         foreach (var (_, group) in layers) Ready(group, duringBackward: false);
+        Ready(head, duringBackward: false);
         Ready(rest, duringBackward: false);
         if (bucket.Count > 0) PostBucket(duringBackward: false);
         ex.Post(sum.CountTerm);
+    }
+
+    /// <summary>A group's signal: called back from inside the autograd engine, so it never throws (IBackwardListener).</summary>
+    sealed class Signal(OverlappedGradientReduction owner, Group group) : IBackwardListener
+    {
+        public void Done()
+        {
+            if (owner.failure is null) owner.Ready(group, duringBackward: true);
+        }
+
+        public void Failed(Exception error) => Interlocked.CompareExchange(ref owner.failure, error, null);
     }
 
     /// <summary>Waits for every bucket and all-reduces the largest magnitude (Max): the sum is then the reducer's. Ends the exchange thread, also on a failure (thrown here).</summary>
@@ -168,13 +224,24 @@ public sealed class OverlappedGradientReduction : IDisposable
         finally { Abandon(); }
     }
 
-    /// <summary>Drops the signals and ends the exchange thread (the calls queued run out first: a failed collective fails them quickly).</summary>
+    /// <summary>
+    /// Drops the signals and ends the exchange thread (the calls queued run out first: a failed collective fails them
+    /// quickly); on NCCL waits for the all-reduces still on the side stream, which read and write the words (the next
+    /// step's Clear, or the sum's Dispose, must not run under them). Throws nothing: it runs after the failure that is thrown.
+    /// </summary>
     public void Abandon()
     {
         Disarm();
         var ex = exchange;
         exchange = null;
-        ex?.Dispose();
+        if (ex is null) return;
+        // The queued conversions run on their own thread, maybe after the step's hold closed (Trainer.Dispose): hold the
+        // finalizers while they run, as the step does (FinalizerHold: TorchSharp's implicit Scalars).
+        using var hold = FinalizerHold.Enter();
+        ex.Dispose();
+        if (collective is NcclCollective nccl)
+            try { nccl.WaitForSideStream(); }
+            catch (Exception) { } // the wait failed: the communicator was aborted (NcclCollective.Fail), nothing runs on the side stream any more
     }
 
     public void Dispose()
@@ -186,13 +253,15 @@ public sealed class OverlappedGradientReduction : IDisposable
 
     void Disarm()
     {
+        armed = false;
         foreach (var (layer, _) in layers) layer.BackwardDone = null;
+        main.HeadBackwardDone = null;
     }
 
     void Ready(Group group, bool duringBackward)
     {
+        var ex = exchange ?? throw new InvalidOperationException($"the group {group.Name} signalled with no step armed");
         if (!posted.Add(group)) return;
-        var ex = exchange!;
         ex.Post(() => Add(group));
         bucket.AddRange(group.Runs);
         bucketWords += group.Words;
@@ -263,7 +332,7 @@ public sealed class OverlappedGradientReduction : IDisposable
     void AddWords(Tensor x, long word)
     {
         long n = x.numel();
-        scratch ??= empty(Math.Min(chunk, Math.Max(1, layers.Select(l => l.Group).Append(rest).SelectMany(g => g.Runs).Max(r => r.Count))),
+        scratch ??= empty(Math.Min(chunk, Math.Max(1, layers.Select(l => l.Group).Append(head).Append(rest).SelectMany(g => g.Runs).Max(r => r.Count))),
                           dtype: ScalarType.Float64, device: sum.High.device).DetachFromDisposeScope();
         for (long c = 0; c < n; c += scratch.numel())
         {

@@ -173,7 +173,7 @@ public sealed class Trainer : ITrainer
             using var scope = NewDisposeScope();
             var sw = Stopwatch.StartNew();
             bool overlapped = overlap is not null && a == accumulation - 1; // earlier micro-batches only add locally
-            if (overlapped) overlap!.Arm();
+            using var armed = overlapped ? overlap!.Arm() : default; // abandoned if this micro-batch throws before EndBackward
             var batch = train.Fetch(rankStart + (long)a * micro, micro).to(Device);
             var input_BT = batch.narrow(1, 0, Options.SeqLen);
             var target_BT = batch.narrow(1, 1, Options.SeqLen);
@@ -203,8 +203,8 @@ public sealed class Trainer : ITrainer
 
             if (overlapped)
             {
-                try { loss.backward(); overlap!.EndBackward(); }
-                catch { overlap!.Abandon(); throw; }
+                loss.backward();
+                overlap!.EndBackward();
                 bwdS += sw.Elapsed.TotalSeconds;
                 continue;
             }

@@ -60,9 +60,10 @@ public sealed record TrainingOptions
     /// <summary>
     /// Plain data parallelism (zero 0, ep 1, pp 1): the gradient all-reduce starts during the last micro-batch's backward,
     /// a bucket as soon as its layers' backward is done (OverlappedGradientReduction); off, after the backward. The same
-    /// bits either way (the sum is of integers). Off by default: on the loaded 2-core VM `bench -- dp-overlap` could not
-    /// show it not slower (rounds 0.5–2.3× the after-backward step; the exchange thread competes with the compute for the
-    /// two cores), and its NCCL side stream has not run on a GPU yet (docs/parallelism.md, docs/benchmarks.md).
+    /// bits either way (the sum is of integers). The job spec's parallel.overlapGradientReduction. Off by default: on the
+    /// loaded 2-core VM `bench -- dp-overlap` could not show it faster (medians 0.84–1.31× the after-backward step, single
+    /// rounds 0.5–2.3×; the exchange thread competes with the compute for the two cores), and its NCCL side stream has
+    /// not run on a GPU yet (docs/parallelism.md, docs/benchmarks.md).
     /// </summary>
     public bool OverlapGradientReduction { get; init; }
 

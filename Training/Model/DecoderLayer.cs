@@ -33,10 +33,10 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
     public GatheredParameters? Zero3 { get; set; }
 
     /// <summary>
-    /// Called when this layer's backward is done (its parameters' <c>.grad</c>s hold their whole gradient): the
+    /// Told when this layer's backward is done (its parameters' <c>.grad</c>s hold their whole gradient): the
     /// data-parallel overlap reduces them then (<see cref="BackwardSignal"/>). Null: the layer's graph is as without it.
     /// </summary>
-    public Action? BackwardDone { get; set; }
+    public IBackwardListener? BackwardDone { get; set; }
 
     public override Tensor forward(Tensor x_BTD) => Forward(x_BTD, 0, null, -1).output;
 

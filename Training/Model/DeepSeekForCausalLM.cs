@@ -30,6 +30,12 @@ public sealed class DeepSeekModel : nn.Module<Tensor, Tensor>
     /// <summary>Called with a decoder layer's index just before it runs (the model server materialises that layer's quantized weights there).</summary>
     public Action<int>? BeforeLayer { get; set; }
 
+    /// <summary>
+    /// Told when the backward of everything after the decoder layers is done (the final norm, the head, the MTP modules;
+    /// not the embedding, used first too): a <see cref="BackwardSignal"/> on the final norm's input. Null: no signal.
+    /// </summary>
+    public IBackwardListener? HeadBackwardDone { get; set; }
+
     /// <summary>Final-normed hidden states (B, T, D) and the summed balance loss of the MoE layers.</summary>
     public (Tensor hidden, Tensor? auxLoss) Forward(Tensor ids_BT, ILatentCache? cache)
     {
@@ -44,6 +50,7 @@ public sealed class DeepSeekModel : nn.Module<Tensor, Tensor>
             h = next;
             if (layerAux is not null) aux = aux is null ? layerAux : aux + layerAux;
         }
+        if (HeadBackwardDone is { } done && training && is_grad_enabled() && h.requires_grad) h = BackwardSignal.Around(h, done);
         return (norm.forward(h).MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope());
     }
 }

@@ -149,6 +149,25 @@ public class ParallelPlanSpecTests
         Assert.Equal((1, 0, "auto", "none"), (defaults.Parallel.Ep, defaults.Parallel.Zero, defaults.Precision, defaults.ActivationCheckpointing));
     }
 
+    /// <summary>The overlapped all-reduce is plain data parallelism's: with zero, pp or ep it is refused, naming the field and the number.</summary>
+    [Fact]
+    public void OverlapGradientReductionIsRefusedWhereItDoesNotApplyNamingTheNumbers()
+    {
+        const string field = "parallel.overlapGradientReduction";
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, OverlapGradientReduction = true }).Validate());
+        Assert.Empty(Spec(new ParallelPlan { OverlapGradientReduction = true }).Validate()); // dp from the workers; alone it has nothing to overlap
+        Assert.Contains("true with zero 1: only plain data parallelism's all-reduce is overlapped", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Zero = 1, OverlapGradientReduction = true }), field)).Message);
+        Assert.Contains("true with zero 3", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Zero = 3, OverlapGradientReduction = true }), field)).Message);
+        Assert.Contains("true with pp 2: a pipeline stage's gradient all-reduce is not overlapped, expected false or pp 1",
+                        Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, OverlapGradientReduction = true }, 2, 4), field)).Message);
+        Assert.Contains("true with ep 2: the expert-parallel gradient sums are not overlapped, expected false or ep 1",
+                        Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Ep = 2, OverlapGradientReduction = true }), field)).Message);
+        Assert.Equal(2, Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 2, OverlapGradientReduction = true }, 2, 4), field).Count);
+        Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.OverlapGradientReduction);
+        Assert.False(JobPlan.Map(Spec(new ParallelPlan { Dp = 2 }), 300, 3).Options.OverlapGradientReduction);
+        Assert.True(JobPlan.Map(Spec(new ParallelPlan { Dp = 2, OverlapGradientReduction = true }), 300, 3).Options.OverlapGradientReduction);
+    }
+
     [Fact]
     public void RedundancyNeedsAShardedOptimizerOrEpAndThePlannerCountsTheNeighboursShard()
     {

@@ -1,4 +1,4 @@
-// The AppHost's --ep, --zero, --redundancy, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
+// The AppHost's --ep, --zero, --redundancy, --overlap-reduction, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
 using DeepSeekCluster.AppHost;
 
 namespace DeepSeekCluster.Observability.Tests;
@@ -47,6 +47,19 @@ public class ParallelOptionsTests
         Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
         var z3 = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--ep", "2", "--zero", "3", "--redundancy"));
         Assert.Contains("--redundancy (parallel.redundancy): true with ep 2 and zero 3", z3.Message);
+    }
+
+    [Fact]
+    public void OverlapReductionReachesTheSpecAndIsRefusedWithZeroPipelinesOrEp()
+    {
+        var spec = DefaultJob.Spec(Parse("--workers", "2", "--overlap-reduction"), "d", DateTime.UnixEpoch);
+        Assert.True(spec.Parallel.OverlapGradientReduction);
+        Assert.Empty(spec.Validate());
+        Assert.False(DefaultJob.Spec(Parse("--workers", "2"), "d", DateTime.UnixEpoch).Parallel.OverlapGradientReduction);
+        var zero = Assert.Throws<ArgumentException>(() => Parse("--workers", "2", "--zero", "2", "--overlap-reduction"));
+        Assert.Contains("--overlap-reduction (parallel.overlapGradientReduction): true with zero 2", zero.Message);
+        var pp = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--pp", "2", "--overlap-reduction"));
+        Assert.Contains("--overlap-reduction (parallel.overlapGradientReduction): true with pp 2", pp.Message);
     }
 
     [Theory]

@@ -74,7 +74,7 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
     /// dp 2 and 3, with buckets of one layer's words or less (many buckets during the backward) and with buckets that take
     /// several layers: the overlapped all-reduce gives the same loss, MTP loss, clipped norm and expert loads at every
     /// step, and every weight, both moments and the routing biases, bit for bit, as the all-reduce after the backward and
-    /// as one process; buckets were all-reduced during the backward, and none without the overlap. With full recompute
+    /// as one process; buckets were all-reduced during the backward (the head's group too), and none without the overlap. With full recompute
     /// each layer's parameters get their gradients inside its rerun segment, before the layer's signal all the same.
     /// </summary>
     [Theory]
@@ -111,9 +111,11 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
             Assert.True(overlapped[r].DuringBackward > 0, "no bucket was all-reduced during a backward");
             Assert.True(overlapped[r].Buckets > overlapped[r].DuringBackward, "the parameters outside the layers go after the backward");
         }
-        long perLayer = Options.Steps * (Config.NumHiddenLayers + Config.NumNextnPredictLayers + 1);
-        if (bucketBytes < 64 << 10) Assert.Equal(perLayer, overlapped[0].Buckets); // one bucket per decoder layer (main and MTP) and the rest, each step
-        else Assert.True(overlapped[0].Buckets < perLayer, $"{overlapped[0].Buckets} buckets of {bucketBytes} bytes: some should take several layers");
+        // Small buckets: one per decoder layer (main and MTP) and one for the head's group (final norm, head, MTP norms and
+        // projection), all during the backward, and the embedding's after it, each step.
+        long signalled = Options.Steps * (Config.NumHiddenLayers + Config.NumNextnPredictLayers + 1);
+        if (bucketBytes < 64 << 10) Assert.Equal((signalled + Options.Steps, signalled), (overlapped[0].Buckets, overlapped[0].DuringBackward));
+        else Assert.True(overlapped[0].Buckets < signalled, $"{overlapped[0].Buckets} buckets of {bucketBytes} bytes: some should take several layers");
     }
 
     /// <summary>
@@ -152,6 +154,63 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
         // message's last words say which.
         static string WithoutPorts(string m) => Regex.Replace(Regex.Replace(m, @":\d+", ":port"), @" while sending\)$", ")");
         Assert.Equal(WithoutPorts(after.Message), WithoutPorts(during.Message));
+    }
+
+    /// <summary>
+    /// Both ranks' data source fails once, on the last micro-batch of step 2, after the overlap armed that micro-batch: the
+    /// step throws that error, no exchange thread is left (both ranks checked between barriers), and the step tried again
+    /// and the one after it train bit for bit as a run that never failed (an armed step that threw used to leave the
+    /// overlap armed, and every later step refused to arm it again).
+    /// </summary>
+    [Fact]
+    public void AStepThatThrowsAfterArmingLeavesNothingArmedAndTheRetryTrainsAsIfItHadNotFailed()
+    {
+        var undisturbed = Train(2, overlap: true, 4 << 10, "none");
+        var options = Options with { OverlapGradientReduction = true };
+        var models = Enumerable.Range(0, 2).Select(_ => NewModel()).ToArray();
+        using var barrier = new Barrier(2);
+        try
+        {
+            var ran = RankGroup.Run(2, c =>
+            {
+                // Step 2's last micro-batch on this rank (global batch 12 = 2 ranks x 3 micro-batches of 2).
+                long failAt = Options.GlobalBatch + c.Rank * (Options.GlobalBatch / 2) + 2 * Options.MicroBatch;
+                var source = new FailingOnce(new Training.Data.PermutedSamples(MicroModel.Data.Value.Train, (ulong)options.Seed), failAt);
+                using var trainer = new Trainer(models[c.Rank], source, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c, 4 << 10));
+                var steps = new List<StepMetrics> { trainer.TrainStep() };
+                var e = Assert.Throws<IOException>(() => trainer.TrainStep());
+                Assert.Equal(FailingOnce.Message, e.Message);
+                barrier.SignalAndWait(TimeSpan.FromSeconds(60)); // both ranks' failed steps are over
+                AssertNoExchangeThread();
+                barrier.SignalAndWait(TimeSpan.FromSeconds(60)); // neither has armed its retry yet while the other looked
+                while (steps.Count < Options.Steps) steps.Add(trainer.TrainStep());
+                return Collect(trainer, steps);
+            }, limit: TimeSpan.FromSeconds(150));
+            for (int r = 0; r < 2; r++)
+            {
+                Assert.Equal(undisturbed[r].Steps.Select(m => m.Loss), ran[r].Steps.Select(m => m.Loss));
+                Assert.Equal(undisturbed[r].Steps.Select(m => m.GradNorm), ran[r].Steps.Select(m => m.GradNorm));
+                foreach (var (name, values) in undisturbed[r].State)
+                    Assert.True(values.SequenceEqual(ran[r].State[name]), $"'{name}' on rank {r} differs from the run that never failed");
+            }
+        }
+        finally { foreach (var m in models) m.Dispose(); }
+    }
+
+    /// <summary>The corpus, but the fetch that starts at <paramref name="failAt"/> fails the first time.</summary>
+    sealed class FailingOnce(Training.Data.ISampleSource inner, long failAt) : Training.Data.ISampleSource
+    {
+        public const string Message = "the data service went away (injected)";
+        bool failed;
+        public int SeqLen => inner.SeqLen;
+        public long SampleCount => inner.SampleCount;
+        public IReadOnlyList<Training.Parallel.SampleRange> TakeServed() => inner.TakeServed();
+
+        public Tensor Fetch(long globalStart, int count)
+        {
+            if (globalStart == failAt && !failed) { failed = true; throw new IOException(Message); }
+            return inner.Fetch(globalStart, count);
+        }
     }
 
     /// <summary>
