@@ -6,6 +6,28 @@ namespace DeepSeekCluster.Contracts.Parallel;
 
 public static class LiveMembers
 {
+    /// <summary>
+    /// The members of a new generation of <paramref name="pp"/> stages of <paramref name="dp"/> replicas, as indices into
+    /// <paramref name="candidates"/> in new rank order (stage-major): each stage's from the survivors of that stage of the
+    /// old layout (<paramref name="candidates"/>[i]: its old stage and replica; null for a spare, which holds nothing and
+    /// may fill any stage), chosen by <see cref="Covering"/> over the stage's <paramref name="pieces"/> (every stage's
+    /// state has the same pieces) before any spare; null when some stage cannot be covered that way.
+    /// </summary>
+    public static int[]? ByStage(StatePieces pieces, int pp, IReadOnlyList<(int Stage, int Replica)?> candidates, int dp)
+    {
+        var members = new List<int>();
+        var spares = Enumerable.Range(0, candidates.Count).Where(i => candidates[i] is null).ToList();
+        for (int stage = 0; stage < pp; stage++)
+        {
+            var own = Enumerable.Range(0, candidates.Count).Where(i => candidates[i]?.Stage == stage).Concat(spares).ToList();
+            if (Covering(pieces, redundancy: true, [.. own.Select(i => candidates[i]?.Replica)], dp) is not { } chosen) return null;
+            var picked = chosen.Select(c => own[c]).ToList();
+            members.AddRange(picked);
+            spares.RemoveAll(picked.Contains);
+        }
+        return [.. members];
+    }
+
     /// <summary>Search nodes before giving up: the pools are small, and giving up only costs the live resume.</summary>
     const int Budget = 100_000;
 

@@ -1,7 +1,8 @@
 // Which survivors a sharded job keeps when it re-forms onto fewer workers than it has. Each rank of a ZeRO or expert-
 // parallel job holds pieces of the state no other rank holds, and under parallel.redundancy its ring neighbour keeps a
 // copy of them; the first survivors by rank may leave out the one that holds a piece (or its copy), and the job would
-// load the committed checkpoint although the survivors together hold every piece live.
+// load the committed checkpoint although the survivors together hold every piece live. In a pipeline each stage's
+// replicas hold that stage's pieces, so each new stage is drawn from its own old stage's survivors.
 using DeepSeekCluster.Contracts.Parallel;
 
 namespace DeepSeekCluster.Coordinator.Grains;
@@ -9,21 +10,21 @@ namespace DeepSeekCluster.Coordinator.Grains;
 public sealed partial class TrainingJobGrain
 {
     /// <summary>
-    /// <paramref name="world"/> of <paramref name="ordered"/> (the pool, the last generation's members first by rank) whose
-    /// live state holds every piece of the last generation's layout (StatePieces), the first by rank where several do;
-    /// null where the first by rank already do, where none do, or where the job keeps no live shards to reshard
-    /// (no redundancy, zero 0 without ep, or pp &gt; 1: the workers' Resumption reshards only a single-stage ring).
+    /// <paramref name="world"/> of <paramref name="ordered"/> (the pool, the last generation's members first by rank), in
+    /// new rank order, whose live state holds every piece of the last generation's layout (StatePieces): each new stage's
+    /// members from the survivors of that stage, then spares (a survivor numbered into another stage drops its state),
+    /// the first by rank where several sets do. Null where the first by rank already are such members, where no set is,
+    /// or where the job keeps no live shards to reshard (no redundancy, or zero 0 without ep).
     /// </summary>
     List<Contracts.Grains.WorkerCapabilities>? KeepingLiveState(List<Contracts.Grains.WorkerCapabilities> ordered, int world)
     {
         var plan = S.Spec!.Parallel;
-        int dp = S.GenerationDp;
-        if (!plan.Redundancy || plan.Pp > 1 || plan.Zero == 0 && plan.Ep <= 1 || dp < 2 || S.Generation == 0) return null;
-        if (ordered.Count(p => S.Workers.Any(w => w.WorkerId == p.WorkerId)) <= world) return null; // every survivor stays
-        var pieces = new StatePieces(dp, Math.Max(1, plan.Ep), plan.Zero > 0);
-        var replicas = ordered.Select(p => S.Workers.Find(w => w.WorkerId == p.WorkerId) is { } w && w.Rank < dp ? w.Rank : (int?)null).ToList();
-        var first = Enumerable.Range(0, world).ToArray();
-        if (LiveMembers.Covering(pieces, redundancy: true, replicas, world) is not { } chosen || chosen.SequenceEqual(first)) return null;
+        int oldDp = S.GenerationDp, pp = Math.Max(1, plan.Pp);
+        if (!plan.Redundancy || plan.Zero == 0 && plan.Ep <= 1 || oldDp < 2 || S.Generation == 0) return null;
+        var pieces = new StatePieces(oldDp, Math.Max(1, plan.Ep), plan.Zero > 0);
+        // Old ranks are stage-major too: rank = stage·dp + replica.
+        var old = ordered.Select(p => S.Workers.Find(w => w.WorkerId == p.WorkerId) is { } w && w.Rank < oldDp * pp ? (w.Rank / oldDp, w.Rank % oldDp) : ((int, int)?)null).ToList();
+        if (LiveMembers.ByStage(pieces, pp, old, world / pp) is not { } chosen || chosen.SequenceEqual(Enumerable.Range(0, world))) return null;
         return [.. chosen.Select(i => ordered[i])];
     }
 

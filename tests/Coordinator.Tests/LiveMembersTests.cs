@@ -1,5 +1,6 @@
 // The members a sharded job keeps when it shrinks without a spare: the choice itself (LiveMembers.Covering over the
-// layout's StatePieces), and the Coordinator making it when a worker of an ep 2 x zero 1 job with redundancy leaves.
+// layout's StatePieces, and ByStage for each pipeline stage), and the Coordinator making it when a worker of an
+// ep 2 x zero 1 job with redundancy leaves.
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.Contracts.Parallel;
 using K = DeepSeekCluster.Contracts.Grains.JobEventKinds;
@@ -89,6 +90,23 @@ public class LiveMembersTests
                             $"{layout} redundancy {redundancy}, candidates [{string.Join(", ", candidates)}], {count}: expected [{string.Join(", ", expected ?? [])}], got [{string.Join(", ", actual ?? [])}]");
                     }
                 }
+    }
+
+    [Fact]
+    public void InAPipelineEachNewStageIsDrawnFromItsOwnStagesSurvivorsThenSpares()
+    {
+        // pp 2 x dp 3 x zero 1 loses old rank 4 (stage 1, replica 1) and shrinks to dp 2. The first four by rank put old
+        // rank 2 into stage 1 and leave out rank 5, the only holder of stage 1's shard 2 besides the lost rank's copy;
+        // stage 1 is old ranks 3 and 5 instead (replica 0 holds shard 0 and the copy of 1, replica 2 shard 2 and the copy of 0).
+        var pieces = new StatePieces(3, 1, Sharded: true);
+        (int, int)?[] survivors = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2)];
+        Chooses([0, 1, 3, 4], LiveMembers.ByStage(pieces, 2, survivors, 2));
+        // Two adjacent replicas of stage 1 lost (old ranks 3 and 4): its shard 1 and the copy of it are gone.
+        Assert.Null(LiveMembers.ByStage(pieces, 2, [(0, 0), (0, 1), (0, 2), (1, 2)], 2));
+        // pp 2 x dp 2 losing old rank 1 with a spare: stage 0 is its survivor and the spare, stage 1 keeps both of its own.
+        Chooses([0, 3, 1, 2], LiveMembers.ByStage(new StatePieces(2, 1, true), 2, [(0, 0), (1, 0), (1, 1), null], 2));
+        // One stage: the same choice as Covering's.
+        Chooses([1, 2], LiveMembers.ByStage(new StatePieces(4, 2, true), 1, [(0, 0), (0, 1), (0, 3)], 2));
     }
 
     /// <summary>The <paramref name="k"/>-subsets of 0..n-1, ascending, in lexicographic order.</summary>
