@@ -161,7 +161,7 @@ public sealed partial class TrainingJobGrain(
         string from = report.Source switch
         {
             "replica" => $"the live state of rank {report.SourceRank}",
-            "shards" => "the live ZeRO shards of the survivors (each held by its rank or its neighbour's copy)",
+            "shards" => LiveShardsResumed(S.Spec.Parallel),
             "checkpoint" => $"the committed checkpoint of step {report.Step}",
             _ => "the start",
         };
@@ -277,9 +277,10 @@ public sealed partial class TrainingJobGrain(
         }
 
         int world = dp.Value * pp;
-        // Members of the last generation first, so ranks move as little as possible.
-        var members = S.Pool.OrderBy(p => S.Workers.FindIndex(w => w.WorkerId == p.WorkerId) is var r && r >= 0 ? r : int.MaxValue)
-            .Take(world).ToList();
+        // Members of the last generation first, so ranks move as little as possible; a sharded job that shrinks keeps
+        // survivors that hold every piece of its live state.
+        var ordered = S.Pool.OrderBy(p => S.Workers.FindIndex(w => w.WorkerId == p.WorkerId) is var r && r >= 0 ? r : int.MaxValue).ToList();
+        var (members, kept) = KeepingLiveState(ordered, world) is { } covering ? (covering, true) : (ordered.Take(world).ToList(), false);
         bool rescale = S.Generation > 0;
         if (running)
         {
@@ -288,12 +289,15 @@ public sealed partial class TrainingJobGrain(
             metrics.Rescaled("grow");
             Event(New(JobEventKinds.Rescaling, $"growing from {S.Workers.Count} to {world} workers") with { Reason = "grow" });
         }
+        int previousDp = S.GenerationDp;
         S.NextGeneration();
+        S.GenerationDp = dp.Value;
         S.Workers = [.. members.Select((m, rank) => new JobWorker(rank, m.WorkerId, m.CollectiveEndpoint, m.PipelineEndpoint))];
         S.State = JobState.Running;
         S.Recovery.Formed(S.Generation, clock.GetUtcNow());
         S.GenerationResumeStep = ResumeStepOfNextGeneration();
-        Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}")
+        Event(New(JobEventKinds.Formed, $"generation {S.Generation}: {world} workers (dp {dp} × pp {pp}): {string.Join(", ", S.Workers.Select(w => $"{w.Rank}={w.WorkerId}"))}" +
+                (kept ? $"; kept the survivors whose live state holds every piece of the dp {previousDp} layout, not the first by rank" : ""))
             with { Reason = rescale ? S.Recovery.Cause ?? "rescale" : "initial" });
         await ReleaseExtrasAsync();
         await job.WriteStateAsync();

@@ -28,6 +28,9 @@ public sealed class TrainingJobGrainState
     [Id(17)] public RecoveryClock Recovery { get; set; } = new();
     /// <summary>The step the current generation was told to resume from (its Assignment's ResumeStep).</summary>
     [Id(18)] public long GenerationResumeStep { get; set; }
+    /// <summary>The current generation's data-parallel width (0: formed by a Coordinator that did not record it); the
+    /// members' ranks index its layout when a re-formation picks the survivors to keep (TrainingJobGrain.Members.cs).</summary>
+    [Id(62)] public int GenerationDp { get; set; }
     [Id(19)] public List<ValidationPoint> Validation { get; set; } = [];
     /// <summary>The evaluation tasks' scores by checkpoint step (JobSpec.evalTasks), oldest first.</summary>
     [Id(60)] public List<EvaluationScore> Evaluations { get; set; } = [];

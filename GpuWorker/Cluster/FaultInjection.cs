@@ -2,6 +2,7 @@
 // resumption must survive.
 using System.Diagnostics;
 using System.Globalization;
+using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
 using static TorchSharp.torch;
 
@@ -15,7 +16,11 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// "sigkill@S:WORKER": the worker named WORKER sends SIGKILL to its own process before step S, after step S − 1 is done
 /// (its optimizer update and, under redundancy, its neighbour copy), so a test of live resumption with real processes
 /// kills a rank at a known point; every other worker ignores it (all workers of a run may share the setting). It ends
-/// the process: never set it where workers run inside another process. Several faults: "nan@5,spike@12".
+/// the process: never set it where workers run inside another process;
+/// "updateloss@S:WORKER": the worker named WORKER loses its ring as step S's update begins (ITrainer.UpdateBegins), once
+/// per process (the step redone after the re-formation runs clean): under ZeRO every other rank is then caught between
+/// its update and the end of its step (in the all-gather of the updated rows), where no rank holds a live state, so the
+/// job resumes from the committed checkpoint. Safe in-process. Several faults: "nan@5,spike@12".
 /// </summary>
 public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
 {
@@ -24,23 +29,45 @@ public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
     /// <summary>The steps before which a named worker kills its own process, and that worker.</summary>
     public IReadOnlyDictionary<long, string> Kills { get; init; } = new Dictionary<long, string>();
 
+    /// <summary>The steps at whose update a named worker loses its ring, and that worker.</summary>
+    public IReadOnlyDictionary<long, string> UpdateLosses { get; init; } = new Dictionary<long, string>();
+
+    /// <summary>The update losses already injected by this process.</summary>
+    readonly HashSet<long> lostAtUpdate = [];
+
     public static FaultInjection Parse(string? text, string what)
     {
         if (string.IsNullOrWhiteSpace(text)) return None;
         var faults = new Dictionary<long, string>();
         var kills = new Dictionary<long, string>();
+        var updateLosses = new Dictionary<long, string>();
         foreach (var part in text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
         {
             var at = part.Split('@');
-            string[] stepAndWorker = at.Length == 2 && at[0] == "sigkill" ? at[1].Split(':', 2) : at.Length == 2 ? [at[1]] : [];
+            bool ofWorker = at.Length == 2 && at[0] is "sigkill" or "updateloss";
+            string[] stepAndWorker = ofWorker ? at[1].Split(':', 2) : at.Length == 2 ? [at[1]] : [];
             bool named = stepAndWorker.Length == 2 && stepAndWorker[1].Length > 0;
-            if (at.Length != 2 || at[0] is not ("nan" or "spike" or "sigkill") || (at[0] == "sigkill") != named
+            if (at.Length != 2 || at[0] is not ("nan" or "spike" or "sigkill" or "updateloss") || ofWorker != named
                 || !long.TryParse(stepAndWorker[0], NumberStyles.None, CultureInfo.InvariantCulture, out var step) || step < 1)
-                throw new ArgumentException($"{what}: '{part}' is not a fault: expected nan@STEP, spike@STEP or sigkill@STEP:WORKER (STEP ≥ 1), comma-separated");
-            if (named) kills[step] = stepAndWorker[1];
-            else faults[step] = at[0];
+                throw new ArgumentException($"{what}: '{part}' is not a fault: expected nan@STEP, spike@STEP, sigkill@STEP:WORKER or updateloss@STEP:WORKER (STEP ≥ 1), comma-separated");
+            if (!named) faults[step] = at[0];
+            else if (at[0] == "sigkill") kills[step] = stepAndWorker[1];
+            else updateLosses[step] = stepAndWorker[1];
         }
-        return new(faults) { Kills = kills };
+        return new(faults) { Kills = kills, UpdateLosses = updateLosses };
+    }
+
+    /// <summary>
+    /// As step <paramref name="step"/>'s update begins on worker <paramref name="workerId"/>: the planned ring loss, thrown
+    /// as the collective failure a lost link is (the worker reports it and waits for the next generation).
+    /// </summary>
+    public void AtUpdate(long step, string workerId, Action<string> log)
+    {
+        if (!UpdateLosses.TryGetValue(step, out var victim) || victim != workerId) return;
+        lock (lostAtUpdate)
+            if (!lostAtUpdate.Add(step)) return;
+        log($"injected fault: worker {workerId} loses its ring as step {step}'s update begins");
+        throw new CollectiveException(CollectiveFailure.PeerLost, $"injected fault: worker {workerId} lost its ring as step {step}'s update began");
     }
 
     /// <summary>Runs the next step of <paramref name="trainer"/> on worker <paramref name="workerId"/> with the fault planned for it, if any.</summary>

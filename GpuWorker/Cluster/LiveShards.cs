@@ -3,6 +3,7 @@
 // other replica holds them: StatePieces), refreshed after every step, and the live reshard that rebuilds every rank's state
 // of a new layout from what the survivors hold. Neither is a checkpoint: nothing leaves the ring, and a piece lost with
 // both its rank and that rank's neighbour is loaded from storage instead.
+using DeepSeekCluster.Contracts.Parallel;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Parallel;

@@ -36,16 +36,17 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         // thread count, and which steps a yield would slow depends on timing and on whether this generation began the
         // previous step's save, so a resumed or rescaled job would no longer equal an uninterrupted one (docs/decisions.md).
         var saver = new AsyncCheckpointSaver(formed.Store, formed.Sharding, A.Rank, Saved);
-        // ZeRO-3 calls the hook at the start of a step too (emptying the parameters), then before the update as every trainer does.
-        bool zero3 = (Trainer as Trainer)?.ShardedParameters is not null || (Trainer as Training.Pipeline.PipelineTrainer)?.ShardedParameters is not null;
-        int hookCalls = 0;
         Trainer.BeforeOptimizerUpdate = () =>
         {
             if (saver.WaitForSnapshot() is not null) run.Metrics?.CheckpointSnapshot(A.JobId, run.WorkerId, saver.LastStall);
-            // From the update until the step returns the state is of no one step: a peer lost in the ZeRO all-gather after
-            // the update leaves this rank's rows and moments a step ahead of the others' rows. Not held, a live resume
-            // cannot start from it; the step sets it again once done.
-            if (hookCalls++ == (zero3 ? 1 : 0)) formed.Live.Step = -1;
+        };
+        // From the update until the step returns the state is of no one step: a peer lost in the ZeRO all-gather after the
+        // update leaves this rank's rows and moments a step ahead of the others' rows. Not held, a live resume cannot start
+        // from it; the loop sets it again once the step is done.
+        Trainer.UpdateBegins = () =>
+        {
+            formed.Live.Step = -1;
+            run.Settings.Faults.AtUpdate(Trainer.Step + 1, run.WorkerId, run.Log);
         };
         // Whatever ends this generation, the live state is not touched again (a re-formation's broadcast) while a copy reads it.
         using var snapshotSettled = saver.SnapshotScope();
@@ -73,7 +74,6 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         {
             ct.ThrowIfCancellationRequested();
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
-            hookCalls = 0;
             var m = run.Settings.Faults.Step(Trainer, run.WorkerId, run.Log);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
             if (redundant) LiveShards.Refresh(formed.Ring, formed.Live, ownRows); // the neighbour's copy of this rank's shard, at this step

@@ -18,9 +18,17 @@ public interface ITrainer : IDisposable
     /// <summary>
     /// Called after forward, backward and the gradient exchange, right before the first change to the parameters, the
     /// optimizer moments and the routing biases: a background checkpoint copy of the previous step's state
-    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot).
+    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot). Under ZeRO-3 also at
+    /// the start of the step, whose emptying of the parameters is such a change; <see cref="UpdateBegins"/> marks the update alone.
     /// </summary>
     Action? BeforeOptimizerUpdate { get; set; }
+
+    /// <summary>
+    /// Called once per step, after the pre-update <see cref="BeforeOptimizerUpdate"/> and before the update is applied or
+    /// skipped: from here until <see cref="TrainStep"/> returns the parameters, moments and routing biases are of no one
+    /// step (under ZeRO the updated rows are still to be gathered), so a worker marks its live state not held (StepLoop).
+    /// </summary>
+    Action? UpdateBegins { get; set; }
 
     /// <summary>
     /// Multiplies the schedule's learning rate (1 unless the step guard lowered it after a rollback). A step whose loss or

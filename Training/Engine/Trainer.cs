@@ -131,6 +131,9 @@ public sealed class Trainer : ITrainer
     public Action? BeforeOptimizerUpdate { get; set; }
 
     /// <inheritdoc/>
+    public Action? UpdateBegins { get; set; }
+
+    /// <inheritdoc/>
     public double LrScale { get; set; } = 1;
 
     /// <summary>
@@ -244,6 +247,7 @@ public sealed class Trainer : ITrainer
         // is summed over every shard), hence the same norm and loss, and skips with the others without a word exchanged.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));
         BeforeOptimizerUpdate?.Invoke();
+        UpdateBegins?.Invoke();
         if (!skipped)
         {
             Optimizer.Step(lr);

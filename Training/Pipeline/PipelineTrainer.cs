@@ -57,6 +57,9 @@ public sealed partial class PipelineTrainer : ITrainer
 
     public Action? BeforeOptimizerUpdate { get; set; }
 
+    /// <inheritdoc/>
+    public Action? UpdateBegins { get; set; }
+
     readonly ISampleSource train;
     readonly PipelineLinks links;
     readonly IGradientReducer? reducer;
@@ -378,6 +381,7 @@ public sealed partial class PipelineTrainer : ITrainer
         // The guard: the norm and the last stage's loss came along the pipeline, so every stage and replica skips together.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(all[^1][1]));
         BeforeOptimizerUpdate?.Invoke();
+        UpdateBegins?.Invoke();
         if (!skipped)
         {
             Optimizer.Step(lr);

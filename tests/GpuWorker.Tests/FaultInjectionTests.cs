@@ -14,8 +14,26 @@ public class FaultInjectionTests
         Assert.Empty(FaultInjection.Parse(" ", "Worker__InjectFault").Kills);
     }
 
+    [Fact]
+    public void AnUpdateLossNamesItsStepAndWorkerAndIsThrownOnceAsALostLinkOnThatWorkerAlone()
+    {
+        var faults = FaultInjection.Parse("updateloss@4:gpu-worker-2,nan@3", "Worker__InjectFault");
+        Assert.Equal(new Dictionary<long, string> { [4] = "gpu-worker-2" }, faults.UpdateLosses);
+        Assert.Equal(new Dictionary<long, string> { [3] = "nan" }, faults.Faults);
+        Assert.Empty(faults.Kills);
+        var log = new List<string>();
+        faults.AtUpdate(4, "gpu-worker-1", log.Add); // another worker
+        faults.AtUpdate(3, "gpu-worker-2", log.Add); // another step
+        Assert.Empty(log);
+        var e = Assert.Throws<DeepSeekCluster.Training.Collectives.CollectiveException>(() => faults.AtUpdate(4, "gpu-worker-2", log.Add));
+        Assert.Equal(DeepSeekCluster.Training.Collectives.CollectiveFailure.PeerLost, e.Failure);
+        faults.AtUpdate(4, "gpu-worker-2", log.Add); // the redone step runs clean
+        Assert.Equal(["injected fault: worker gpu-worker-2 loses its ring as step 4's update begins"], log);
+    }
+
     [Theory]
     [InlineData("sigkill@7")]       // whose process?
+    [InlineData("updateloss@7")]
     [InlineData("sigkill@7:")]
     [InlineData("nan@3:gpu-worker-1")] // the step guard's faults hit every rank alike
     [InlineData("sigkill@0:gpu-worker-1")]
@@ -24,6 +42,6 @@ public class FaultInjectionTests
     {
         var e = Assert.Throws<ArgumentException>(() => FaultInjection.Parse(text, "Worker__InjectFault"));
         Assert.Contains($"Worker__InjectFault: '{text}' is not a fault", e.Message);
-        Assert.Contains("sigkill@STEP:WORKER", e.Message);
+        Assert.Contains("sigkill@STEP:WORKER or updateloss@STEP:WORKER", e.Message);
     }
 }

@@ -1,6 +1,7 @@
 // The pieces a layout's live optimizer state falls into under parallel.redundancy, which rank holds each, and which of a
-// rank's pieces its ring neighbour must copy; not the copy or the reshard themselves (LiveShards).
-namespace DeepSeekCluster.GpuWorker.Cluster;
+// rank's pieces its ring neighbour must copy; not the copy or the reshard themselves (the worker's LiveShards). Here, not
+// in the worker, because the Coordinator asks the same question when it picks the members a job shrinks to (LiveMembers).
+namespace DeepSeekCluster.Contracts.Parallel;
 
 /// <summary>
 /// Rows Split(n, <see cref="Parts"/>, <see cref="Index"/>) of the optimizer state of every replicated parameter
@@ -45,4 +46,10 @@ public sealed record StatePieces(int Dp, int Ep, bool Sharded)
 
     /// <summary>The pieces of <paramref name="replica"/> that no other replica holds: what its ring neighbour's copy keeps.</summary>
     public StatePiece[] Copied(int replica) => Dp < 2 ? [] : [.. Of(replica).Where(p => Holders(p) == 1)];
+
+    /// <summary>
+    /// The pieces replica <paramref name="replica"/> keeps between steps: its own, and with <paramref name="redundancy"/>
+    /// its copy of the next replica's singly held ones (LiveShards.Refresh keeps the copy of replica (r + 1) mod dp).
+    /// </summary>
+    public IEnumerable<StatePiece> Kept(int replica, bool redundancy) => redundancy ? Of(replica).Concat(Copied((replica + 1) % Dp)) : Of(replica);
 }
