@@ -199,9 +199,16 @@ public static class LiveShards
     /// <summary>The pieces of the layout <paramref name="state"/> is laid out for on a ring of <paramref name="dp"/>.</summary>
     static StatePieces PiecesOf(ReplicaState state, int dp) => new(dp, state.Ep, state.Optimizer.Sharded);
 
-    /// <summary>The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces.</summary>
-    static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep) =>
-        [.. Training.Checkpoints.CheckpointTensors.Collect(state.Model, null).Where(kv => ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key))];
+    /// <summary>
+    /// The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces. A
+    /// pipeline stage's own only: its model has released every other stage's storage, and its ring is the stage's replicas.
+    /// </summary>
+    static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep)
+    {
+        var owner = state.Stage is { } stage ? new Training.Checkpoints.ShardingPlan(stage.Layout, []) : null;
+        return [.. Training.Checkpoints.CheckpointTensors.Collect(state.Model, null)
+            .Where(kv => (ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key)) && (owner is null || owner.StageOf(kv.Key) == state.Stage!.Index))];
+    }
 
     /// <summary>
     /// Fills <paramref name="target"/> (this rank's state of the new layout: its model, a fresh AdamW over its rows) from
