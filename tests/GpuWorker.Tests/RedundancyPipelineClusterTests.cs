@@ -70,7 +70,8 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
             foreach (var (bytes, expected) in copies.Zip(predicted)) Assert.InRange(bytes, expected * 0.99, expected * 1.01);
 
             var one = Spec("pp2-zero1-reference", new ParallelPlan { Dp = 1 }, 1);
-            var reference = await ClusterJobs.RunToCompletion(http, one, Steps, log);
+            await ClusterJobs.Submit(http, one);
+            var reference = await ClusterJobs.Completion(http, one.Name!, Steps, log);
 
             // ---- Every sample once; the same losses; the final checkpoint bit for bit the one-worker job's ----
             foreach (var s in new[] { live, reference })
