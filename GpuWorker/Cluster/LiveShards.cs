@@ -201,7 +201,8 @@ public static class LiveShards
 
     /// <summary>
     /// The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces. A
-    /// pipeline stage's own only: its model has released every other stage's storage, and its ring is the stage's replicas.
+    /// pipeline stage's own only: its ring is the stage's replicas, and its model holds no other stage's weights (only
+    /// stale seed values of their routing biases).
     /// </summary>
     static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep)
     {
