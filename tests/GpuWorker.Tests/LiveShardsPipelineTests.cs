@@ -1,6 +1,6 @@
 // parallel.redundancy inside pipeline stages over real tcp rings (ranks are threads of this process; each stage's replicas
-// form its own ring, as RunFormation connects them), in float64. pp 2 x dp 3 with ZeRO-1 or -2: each stage's replicas
-// shard the stage's optimizer state and each keeps its ring neighbour's shard of it. Old rank 4 (stage 1, replica 1)
+// form its own ring, as RunFormation connects them), in float64. pp 2 x dp 3 with ZeRO-1, -2 or -3: each stage's replicas
+// shard the stage's optimizer state (ZeRO-3: and its parameters) and each keeps its ring neighbour's shard of it. Old rank 4 (stage 1, replica 1)
 // is lost; onto pp 2 x dp 2 stage 0 keeps old replicas 0 and 1 (old replica 2's shard from replica 1's copy) and stage 1
 // old replicas 2 and 0 (the lost shard from replica 0's copy). Or a spare takes its place (pp 2 x dp 3 again) and gets
 // the stage's weights and its rows. Every new rank's weights, both moments and step counters equal, bit for bit, one
@@ -54,10 +54,21 @@ public class LiveShardsPipelineTests
             var optimizer = PipelineTrainer.CreateOptimizer(pipelineStage, new TrainingOptions { Zero = zero }, replica, dp);
             optimizer.LoadStateTensors(State, "the whole state");
             optimizer.StepCount = 17;
+            // ZeRO-3: the replica holds its rows of each of the stage's parameters (a trainer's between steps, made whole-shaped
+            // when it ends); the other rows are NaN, never to be read.
+            if (zero >= 3)
+                using (no_grad())
+                    foreach (var slot in optimizer.Slots)
+                    {
+                        using var rows = slot.Own(slot.Param).clone();
+                        slot.Param.fill_(double.NaN);
+                        using var mine = slot.Own(slot.Param);
+                        mine.copy_(rows);
+                    }
             return new ReplicaState
             {
                 JobId = "j", Fingerprint = $"f/stage {stage}", Model = model, Stage = pipelineStage, Optimizer = optimizer, ZeroShard = replica, ZeroShards = dp,
-                Step = 5, Lineage = 77,
+                Step = 5, Lineage = 77, ShardedParameters = zero >= 3,
             };
         }
 
@@ -89,6 +100,7 @@ public class LiveShardsPipelineTests
             {
                 JobId = "j", Fingerprint = $"f/stage {stage}", Model = keep.Model, Stage = keep,
                 Optimizer = PipelineTrainer.CreateOptimizer(keep, new TrainingOptions { Zero = zero }, c.Rank, dp), ZeroShard = c.Rank, ZeroShards = dp,
+                ShardedParameters = zero >= 3,
             };
             Assert.True(LiveShards.Reshard(c, cover, held, target) > 0);
             return (Cover: cover, Target: target);
@@ -96,7 +108,10 @@ public class LiveShardsPipelineTests
         return (ranks[0].Cover, [.. ranks.Select(r => r.Target)]);
     }
 
-    /// <summary>Every rank of <paramref name="stage"/>: the stage's weights and its rows of both moments are the whole state's, bit for bit.</summary>
+    /// <summary>
+    /// Every rank of <paramref name="stage"/>: the stage's weights (under ZeRO-3 the rank's rows of its parameters) and its
+    /// rows of both moments are the whole state's, bit for bit.
+    /// </summary>
     static void AssertWhole(Whole whole, int stage, ReplicaState[] targets)
     {
         var owner = new ShardingPlan(Layout(2, 1), []);
@@ -105,7 +120,17 @@ public class LiveShardsPipelineTests
             Assert.Equal((5L, 77L, 17L), (target.Step, target.Lineage, target.Optimizer.StepCount));
             var weights = CheckpointTensors.Collect(target.Model, null).Where(kv => owner.StageOf(kv.Key) == stage).ToList();
             Assert.Contains(weights, kv => kv.Key == (stage == 0 ? "model.embed_tokens.weight" : "lm_head.weight"));
-            Assert.All(weights, kv => Assert.True(Same(whole.Weights[kv.Key], kv.Value), $"stage {stage} replica {target.ZeroShard}: {kv.Key} differs from the whole model's"));
+            var rowsOnly = target.ShardedParameters ? target.Optimizer.Slots.ToDictionary(s => s.Name) : [];
+            foreach (var (name, t) in weights)
+            {
+                if (rowsOnly.TryGetValue(name, out var slot))
+                {
+                    using var expected = slot.Own(whole.Weights[name]);
+                    using var actual = slot.Own(t);
+                    Assert.True(Same(expected, actual), $"stage {stage} replica {target.ZeroShard}: rows [{slot.RowStart}, +{slot.RowCount}) of {name} differ from the whole model's");
+                }
+                else Assert.True(Same(whole.Weights[name], t), $"stage {stage} replica {target.ZeroShard}: {name} differs from the whole model's");
+            }
             int checkedTensors = 0;
             foreach (var s in target.Optimizer.Slots)
                 foreach (var (kind, t) in new[] { ("exp_avg", s.ExpAvg), ("exp_avg_sq", s.ExpAvgSq) })
@@ -132,6 +157,7 @@ public class LiveShardsPipelineTests
     [Theory]
     [InlineData(1)]
     [InlineData(2)]
+    [InlineData(3)]
     public void EachStageReshardsTheLostRanksShardFromItsNeighboursCopyOntoDp2AndHoldsTheWholeStatesRows(int zero)
     {
         using var whole = new Whole();
@@ -149,8 +175,11 @@ public class LiveShardsPipelineTests
                 {
                     var copy = stage[d].Neighbour!;
                     Assert.Equal(((d + 1) % 3, 5L), (copy.Shard, copy.Step));
-                    // The planner's count for rank stage·3 + d: its neighbour's ZeRO shard of the stage, both moments in float64.
-                    long expected = MemoryPlanner.NeighbourElements(Config, layout, layout.Rank(s, d)).State * 2 * sizeof(double);
+                    // The planner's count for rank stage·3 + d: its neighbour's ZeRO shard of the stage, both moments in float64
+                    // (ZeRO-3: and its parameter rows, there being no fp32 master).
+                    var (state, rows) = MemoryPlanner.NeighbourElements(Config, layout, layout.Rank(s, d));
+                    long expected = (state * 2 + (zero >= 3 ? rows : 0)) * sizeof(double);
+                    if (zero >= 3) Assert.Equal(state, rows);
                     Assert.InRange(copy.Words.numel() * copy.Words.element_size(), expected * 0.99, expected * 1.01);
                 }
             }

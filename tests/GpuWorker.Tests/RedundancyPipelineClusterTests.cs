@@ -1,6 +1,6 @@
-// parallel.redundancy in a pipelined cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with ZeRO-1 on
-// four real ClusterWorkers over tcp; each stage's two replicas shard that stage's optimizer state and each keeps the other's
-// shard. One worker leaves after a step and a spare takes its place: every stage rebuilds its state from its survivor's
+// parallel.redundancy in a pipelined cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with ZeRO-1 (or
+// ZeRO-3) on four real ClusterWorkers over tcp; each stage's two replicas shard that stage's optimizer state (and its
+// parameters) and each keeps the other's shard. One worker leaves after a step and a spare takes its place: every stage rebuilds its state from its survivor's
 // shard and copy, and the job resumes with 0 steps redone, its losses and final committed checkpoint those of the
 // one-worker job bit for bit, every sample trained once.
 using System.Net.Http.Json;
@@ -28,8 +28,10 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
         Schedule = new() { WarmupSteps = 1, PeakLr = 3e-3 }, ClipNorm = 0, MtpWeight = 0,
     };
 
-    [Fact]
-    public async Task ADp2Pp2Zero1JobThatLosesAWorkerResumesEachStageFromItsSurvivorsShardAndCopyWithNoStepRedoneAndCommitsTheOneWorkerJobsCheckpoint()
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    public async Task ADp2Pp2ShardedJobThatLosesAWorkerResumesEachStageFromItsSurvivorsShardAndCopyWithNoStepRedoneAndCommitsTheOneWorkerJobsCheckpoint(int zero)
     {
         await using var run = await ClusterRun.StartAsync(Data, "redundancy-pp-cluster");
         var http = run.Http;
@@ -39,7 +41,7 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
             for (int i = 0; i < 4; i++) run.StartWorker($"rpp-worker-{i}");
             await run.Online(4);
 
-            var redundant = Spec("pp2-zero1-redundant", new ParallelPlan { Dp = 2, Pp = 2, Zero = 1, Redundancy = true }, 4);
+            var redundant = Spec($"pp2-zero{zero}-redundant", new ParallelPlan { Dp = 2, Pp = 2, Zero = zero, Redundancy = true }, 4);
             Assert.Empty(redundant.Validate());
             await ClusterJobs.Submit(http, redundant);
             // The spare waits free (the job is at maxWorkers) until a member is lost.
@@ -59,17 +61,19 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
             Assert.Contains("'s copy)", text); // the lost rank's shard came from its stage neighbour's copy
             Assert.DoesNotContain("cannot resume from live state", text);
 
-            // ---- Each rank of each stage held its neighbour's shard from the start: the bytes the planner adds for it ----
+            // ---- Each rank of each stage held its neighbour's shard from the start (ZeRO-3 in fp32: with its parameter
+            // rows): the bytes the planner adds for it ----
             var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
             var config = JobPlan.Map(redundant, (int)manifest.VocabSize, 0).Config;
-            var layout = ParallelLayout.Even(2, 2, config.NumHiddenLayers).WithShards(1, 1, config.NRoutedExperts);
+            var layout = ParallelLayout.Even(2, 2, config.NumHiddenLayers).WithShards(1, zero, config.NRoutedExperts);
             var copies = System.Text.RegularExpressions.Regex.Matches(text, @"redundancy: holds the copy of shard \d at step 0 \((\d+) bytes")
                 .Select(m => long.Parse(m.Groups[1].Value)).Order().ToList();
-            var predicted = Enumerable.Range(0, 4).Select(r => MemoryPlanner.NeighbourElements(config, layout, r).State * 2 * sizeof(float)).Order().ToList();
+            var predicted = Enumerable.Range(0, 4).Select(r => MemoryPlanner.NeighbourElements(config, layout, r))
+                .Select(n => (n.State * 2 + (zero >= 3 ? n.Rows : 0)) * sizeof(float)).Order().ToList();
             Assert.Equal(4, copies.Count);
             foreach (var (bytes, expected) in copies.Zip(predicted)) Assert.InRange(bytes, expected * 0.99, expected * 1.01);
 
-            var one = Spec("pp2-zero1-reference", new ParallelPlan { Dp = 1 }, 1);
+            var one = Spec($"pp2-zero{zero}-reference", new ParallelPlan { Dp = 1 }, 1);
             await ClusterJobs.Submit(http, one);
             var reference = await ClusterJobs.Completion(http, one.Name!, Steps, log);
 
