@@ -63,9 +63,9 @@ public sealed record AppHostOptions
           --zero 0|1|2|3         ZeRO stage: 1 shards AdamW's state over the replicas, 2 also the gradient
                                  sums, 3 also the parameters, gathered per layer (default 0: replicated)
           --redundancy           each rank also keeps what of its neighbour's state no other rank holds (its
-                                 ZeRO shard; with --ep its experts' rows; needs --zero 1-3 or --ep, not --pp,
-                                 not --zero 3 with --ep): a lost worker's state survives, and the job resumes
-                                 from live state, 0 steps redone
+                                 ZeRO shard, within its pipeline stage; with --ep its experts' rows; needs
+                                 --zero 1-3 or --ep; not --ep with --pp or with --zero 3): a lost worker's
+                                 state survives, and the job resumes from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)
           --memory-budget BYTES  bytes one worker's rank may hold (Worker__MemoryBudgetBytes): every worker
