@@ -64,7 +64,7 @@ public sealed record AppHostOptions
                                  sums, 3 also the parameters, gathered per layer (default 0: replicated)
           --redundancy           each rank also keeps what of its neighbour's state no other rank holds (its
                                  ZeRO shard, within its pipeline stage; with --ep its experts' rows; needs
-                                 --zero 1-3 or --ep; not --ep with --pp or with --zero 3): a lost worker's
+                                 --zero 1-3 or --ep; not --ep with --zero 3): a lost worker's
                                  state survives, and the job resumes from live state, 0 steps redone
           --precision P          auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (default auto)
           --recompute R          activation recompute: none, full or selective (default none)

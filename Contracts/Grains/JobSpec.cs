@@ -244,10 +244,8 @@ public sealed record ParallelPlan
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
-        // With pp > 1 each stage's replicas keep their neighbours' pieces of the stage's state (ep 1); a stage's expert
-        // pieces are not built (nor tested) there, so they are refused rather than half-kept.
-        if (Redundancy && Pp > 1 && Ep > 1)
-            yield return ("parallel.redundancy", $"true with pp {Pp} and ep {Ep}: neighbour copies of a stage's expert pieces are not built, expected false, pp 1 or ep 1");
+        // With pp > 1 each stage's replicas keep their neighbours' pieces of the stage's state (with ep, of its expert shards;
+        // zero 1 to 3 at ep 1 and zero 0 and 1 at ep 2 tested: LiveShardsPipelineTests, RedundancyPipelineClusterTests).
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
         // Under ZeRO-3 an expert's parameter rows live on its holders alone (ExpertZeroStep.ShardParameters); their copies
         // and reshard are not built, so they are refused rather than half-kept.

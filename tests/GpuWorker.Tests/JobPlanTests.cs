@@ -106,19 +106,21 @@ public class ParallelPlanSpecTests
     public void AZeroStageOutsideWhatTrainsIsRefused(int zero, string expected) =>
         Assert.Contains(expected, Assert.Single(Problems(Spec(new ParallelPlan { Zero = zero }), "parallel.zero")).Message);
 
-    /// <summary>Zero 1 to 3 shard each pipeline stage's state over its replicas (with ep too); redundancy with pp only at ep 1.</summary>
+    /// <summary>Zero 1 to 3 shard each pipeline stage's state over its replicas (with ep too); redundancy with pp as without.</summary>
     [Fact]
     public void ZeroOneToThreePassWithAPipelineAndWhatIsNotBuiltIsRefusedByName()
     {
         Assert.Empty(Spec(new ParallelPlan { Pp = 2, Zero = 1 }, 2, 4).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 2 }, 2, 4).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 2 }, 2, 4).Validate());
-        // Redundancy inside the stages: zero 1, 2 and 3 with ep 1 are built; a stage's expert pieces are not.
+        // Redundancy inside the stages, as without pp: zero 1 to 3, and ep with zero 0 to 2; ep with zero 3 is not built.
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 1, Redundancy = true }, 2, 4).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 2, Redundancy = true }, 2, 4).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Zero = 3, Redundancy = true }, 2, 4).Validate());
-        Assert.Contains("true with pp 2 and ep 2: neighbour copies of a stage's expert pieces are not built, expected false, pp 1 or ep 1",
-            Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 1, Redundancy = true }, 2, 4), "parallel.redundancy")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 1, Redundancy = true }, 2, 4).Validate());
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Redundancy = true }, 2, 4).Validate());
+        Assert.Contains("true with ep 2 and zero 3: neighbour copies of sharded expert parameters are not built",
+            Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Zero = 3, Redundancy = true }, 2, 4), "parallel.redundancy")).Message);
         Assert.Empty(Spec(new ParallelPlan { Zero = 1 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 2 }).Validate());
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Zero = 3 }).Validate());

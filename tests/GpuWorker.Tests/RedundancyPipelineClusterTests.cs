@@ -1,6 +1,6 @@
 // parallel.redundancy in a pipelined cluster job: the real Coordinator (in this process) forms dp 2 x pp 2 with ZeRO-1 (or
-// ZeRO-3) on four real ClusterWorkers over tcp; each stage's two replicas shard that stage's optimizer state (and its
-// parameters) and each keeps the other's shard. One worker leaves after a step and a spare takes its place: every stage rebuilds its state from its survivor's
+// ZeRO-3, or ep 2 with ZeRO-1 or 0) on four real ClusterWorkers over tcp; each stage's two replicas shard that stage's
+// optimizer state (and its parameters; or hold one expert shard each) and each keeps the other's singly held pieces. One worker leaves after a step and a spare takes its place: every stage rebuilds its state from its survivor's
 // shard and copy, and the job resumes with 0 steps redone, its losses and final committed checkpoint those of the
 // one-worker job bit for bit, every sample trained once.
 using System.Net.Http.Json;
@@ -29,9 +29,11 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
     };
 
     [Theory]
-    [InlineData(1)]
-    [InlineData(3)]
-    public async Task ADp2Pp2ShardedJobThatLosesAWorkerResumesEachStageFromItsSurvivorsShardAndCopyWithNoStepRedoneAndCommitsTheOneWorkerJobsCheckpoint(int zero)
+    [InlineData(1, 1)]
+    [InlineData(3, 1)]
+    [InlineData(1, 2)]
+    [InlineData(0, 2)]
+    public async Task ADp2Pp2ShardedJobThatLosesAWorkerResumesEachStageFromItsSurvivorsShardAndCopyWithNoStepRedoneAndCommitsTheOneWorkerJobsCheckpoint(int zero, int ep)
     {
         await using var run = await ClusterRun.StartAsync(Data, "redundancy-pp-cluster");
         var http = run.Http;
@@ -41,7 +43,7 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
             for (int i = 0; i < 4; i++) run.StartWorker($"rpp-worker-{i}");
             await run.Online(4);
 
-            var redundant = Spec($"pp2-zero{zero}-redundant", new ParallelPlan { Dp = 2, Pp = 2, Zero = zero, Redundancy = true }, 4);
+            var redundant = Spec($"pp2-ep{ep}-zero{zero}-redundant", new ParallelPlan { Dp = 2, Pp = 2, Ep = ep, Zero = zero, Redundancy = true }, 4);
             Assert.Empty(redundant.Validate());
             await ClusterJobs.Submit(http, redundant);
             // The spare waits free (the job is at maxWorkers) until a member is lost.
@@ -57,23 +59,28 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
             Assert.All(live.Events.Where(e => e.Kind == JobEventKinds.Formed), e => Assert.Contains("4 workers", e.Message));
             string text = log.ToString();
             foreach (int stage in new[] { 0, 1 })
-                Assert.Matches($@"stage {stage} resuming at step [1-3] from the live shards of the survivors: 2 shard\(s\) resharded onto dp 2", text);
-            Assert.Contains("'s copy)", text); // the lost rank's shard came from its stage neighbour's copy
+                Assert.Matches($@"stage {stage} resuming at step [1-3] from the live shards of the survivors: 2 shard\(s\){(ep > 1 ? @" \(ep 2\)" : "")} resharded onto dp 2", text);
+            // The lost rank's pieces came from its stage neighbour's copy: its ZeRO rows, and under ep (dp = ep in a stage:
+            // each expert shard held once) its experts' rows and weights.
+            Assert.Contains("'s copy)", text);
+            if (zero > 0) Assert.Matches(@"\(shard \d from rank \d's copy", text);
+            if (ep > 1) Assert.Matches(@"expert shard \d part 0 of 1 from rank \d's copy\)", text);
             Assert.DoesNotContain("cannot resume from live state", text);
 
-            // ---- Each rank of each stage held its neighbour's shard from the start (ZeRO-3 in fp32: with its parameter
-            // rows): the bytes the planner adds for it ----
+            // ---- Each rank of each stage held its neighbour's shard from the start (in fp32 under ZeRO-3, and under ep
+            // for the experts, with its parameter rows): the bytes the planner adds for redundancy ----
             var manifest = Data.Client.GetManifest(new Contracts.DataShards.GetManifestRequest { DatasetId = Data.DatasetId });
             var config = JobPlan.Map(redundant, (int)manifest.VocabSize, 0).Config;
-            var layout = ParallelLayout.Even(2, 2, config.NumHiddenLayers).WithShards(1, zero, config.NRoutedExperts);
+            var layout = ParallelLayout.Even(2, 2, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
             var copies = System.Text.RegularExpressions.Regex.Matches(text, @"redundancy: holds the copy of shard \d at step 0 \((\d+) bytes")
                 .Select(m => long.Parse(m.Groups[1].Value)).Order().ToList();
-            var predicted = Enumerable.Range(0, 4).Select(r => MemoryPlanner.NeighbourElements(config, layout, r))
-                .Select(n => (n.State * 2 + (zero >= 3 ? n.Rows : 0)) * sizeof(float)).Order().ToList();
+            var inputs = new MemoryInputs("fp32", "none", 2, DataShardsHost.SeqLen);
+            var predicted = Enumerable.Range(0, 4).Select(r => (Without: MemoryPlanner.Predict(config, layout, r, inputs), With: MemoryPlanner.Predict(config, layout, r, inputs with { Redundancy = true })))
+                .Select(p => p.With.Optimizer + p.With.Parameters - p.Without.Optimizer - p.Without.Parameters).Order().ToList();
             Assert.Equal(4, copies.Count);
             foreach (var (bytes, expected) in copies.Zip(predicted)) Assert.InRange(bytes, expected * 0.99, expected * 1.01);
 
-            var one = Spec($"pp2-zero{zero}-reference", new ParallelPlan { Dp = 1 }, 1);
+            var one = Spec($"pp2-ep{ep}-zero{zero}-reference", new ParallelPlan { Dp = 1 }, 1);
             await ClusterJobs.Submit(http, one);
             var reference = await ClusterJobs.Completion(http, one.Name!, Steps, log);
 
