@@ -23,7 +23,7 @@ public class LiveShardsPipelineTests
     static readonly DeepSeekConfig Config = DeepSeekConfig.Preset("tiny") with { VocabSize = 101 };
     const int Pp = 2;
 
-    static ParallelLayout Layout(int dp, int zero) => ParallelLayout.Even(dp, Pp, Config.NumHiddenLayers).WithShards(1, zero, Config.NRoutedExperts);
+    static ParallelLayout Layout(int dp, int zero, int ep = 1) => ParallelLayout.Even(dp, Pp, Config.NumHiddenLayers).WithShards(ep, zero, Config.NRoutedExperts);
 
     /// <summary>One whole model and optimizer state in float64 with distinct values everywhere.</summary>
     sealed class Whole : IDisposable
@@ -45,13 +45,15 @@ public class LiveShardsPipelineTests
         }
 
         /// <summary>Stage <paramref name="stage"/>, replica <paramref name="replica"/> of pp 2 x dp at step 5: the stage's weights and its rows of the whole state.</summary>
-        public ReplicaState Replica(int stage, int replica, int dp, int zero)
+        public ReplicaState Replica(int stage, int replica, int dp, int zero, int ep = 1)
         {
             var model = DeepSeekForCausalLM.FromSeed(Config, 5);
+            var layout = Layout(dp, zero, ep);
+            if (ep > 1) ExpertParallel.ShardModel(model, layout, layout.Rank(stage, replica));
             model.to(ScalarType.Float64);
             using (no_grad()) foreach (var (name, t) in CheckpointTensors.Collect(model, null)) t.copy_(Weights[name]);
-            var pipelineStage = new PipelineStage(model, Layout(dp, zero), stage);
-            var optimizer = PipelineTrainer.CreateOptimizer(pipelineStage, new TrainingOptions { Zero = zero }, replica, dp);
+            var pipelineStage = new PipelineStage(model, layout, stage);
+            var optimizer = PipelineTrainer.CreateOptimizer(pipelineStage, new TrainingOptions { Zero = zero, Ep = ep }, replica, dp);
             optimizer.LoadStateTensors(State, "the whole state");
             optimizer.StepCount = 17;
             // ZeRO-3: the replica holds its rows of each of the stage's parameters (a trainer's between steps, made whole-shaped
@@ -68,7 +70,7 @@ public class LiveShardsPipelineTests
             return new ReplicaState
             {
                 JobId = "j", Fingerprint = $"f/stage {stage}", Model = model, Stage = pipelineStage, Optimizer = optimizer, ZeroShard = replica, ZeroShards = dp,
-                Step = 5, Lineage = 77, ShardedParameters = zero >= 3,
+                Ep = ep, Step = 5, Lineage = 77, ShardedParameters = zero >= 3,
             };
         }
 
@@ -88,19 +90,19 @@ public class LiveShardsPipelineTests
     /// <paramref name="spare"/>, its stage of a model of its own) covered and resharded onto its rank; the cover, and every
     /// rank's new state.
     /// </summary>
-    static (ShardCover Cover, ReplicaState[] Targets) Reshard(ReplicaState?[] members, int stage, int dp, int zero, PipelineStage? spare = null)
+    static (ShardCover Cover, ReplicaState[] Targets) Reshard(ReplicaState?[] members, int stage, int dp, int zero, PipelineStage? spare = null, int ep = 1)
     {
         var ranks = Run(dp, c =>
         {
             var held = members[c.Rank];
-            var (cover, why) = LiveShards.Cover(LiveShards.Exchange(c, held), step: 5, source: 0, dp: dp, zero: zero);
+            var (cover, why) = LiveShards.Cover(LiveShards.Exchange(c, held), step: 5, source: 0, dp: dp, ep: ep, zero: zero);
             if (cover is null) throw new InvalidOperationException($"stage {stage}: {why}");
             var keep = held?.Stage ?? spare!;
             var target = new ReplicaState
             {
                 JobId = "j", Fingerprint = $"f/stage {stage}", Model = keep.Model, Stage = keep,
-                Optimizer = PipelineTrainer.CreateOptimizer(keep, new TrainingOptions { Zero = zero }, c.Rank, dp), ZeroShard = c.Rank, ZeroShards = dp,
-                ShardedParameters = zero >= 3,
+                Optimizer = PipelineTrainer.CreateOptimizer(keep, new TrainingOptions { Zero = zero, Ep = ep }, c.Rank, dp), ZeroShard = c.Rank, ZeroShards = dp,
+                Ep = ep, ShardedParameters = zero >= 3,
             };
             Assert.True(LiveShards.Reshard(c, cover, held, target) > 0);
             return (Cover: cover, Target: target);
@@ -225,6 +227,45 @@ public class LiveShardsPipelineTests
             Assert.Equal([false, true, false], cover.FromCopy);
             Assert.Equal([true, false, true], cover.Keeps);
             Assert.Same(spareModel, targets[1].Model);
+            AssertWhole(whole, 1, targets);
+        }
+        finally
+        {
+            Dispose(targets, models: false);
+            spareModel.Dispose();
+            Dispose(old.SelectMany(s => s), models: true);
+        }
+    }
+
+    [Fact]
+    public void UnderEp2ASpareInAStageTakesTheLostRanksExpertsAndRowsFromTheNeighboursCopy()
+    {
+        // pp 2 x dp 2 x ep 2 x zero 1: in each stage replica d holds expert shard d alone, so its experts' rows and weights
+        // are held once, and its replicated ZeRO rows too; the copy keeps both.
+        using var whole = new Whole();
+        var old = Enumerable.Range(0, Pp).Select(s => Enumerable.Range(0, 2).Select(d => whole.Replica(s, d, 2, 1, ep: 2)).ToArray()).ToArray();
+        var layout = Layout(2, 1, ep: 2);
+        var spareModel = DeepSeekForCausalLM.FromSeed(Config, 99);
+        ExpertParallel.ShardModel(spareModel, layout, layout.Rank(1, 1));
+        spareModel.to(ScalarType.Float64);
+        var spare = new PipelineStage(spareModel, layout, 1);
+        var targets = Array.Empty<ReplicaState>();
+        try
+        {
+            Run(2, c => LiveShards.Refresh(c, old[1][c.Rank]));
+            // The planner's redundancy bytes for replica 0 of stage 1 (fp64 without a master: the experts' parameter rows too).
+            var inputs = new MemoryInputs("fp64", "none", 1, 8);
+            var (without, with) = (MemoryPlanner.Predict(Config, layout, layout.Rank(1, 0), inputs), MemoryPlanner.Predict(Config, layout, layout.Rank(1, 0), inputs with { Redundancy = true }));
+            long expected = with.Optimizer + with.Parameters - without.Optimizer - without.Parameters;
+            var copy = old[1][0].Neighbour!;
+            Assert.InRange(copy.Words.numel() * copy.Words.element_size(), expected * 0.99, expected * 1.01);
+
+            // ---- Stage 1's replica 1 is lost; a spare holding another seed's expert shard 1 takes its place ----
+            (var cover, targets) = Reshard([old[1][0], null], 1, 2, 1, spare, ep: 2);
+            // Pieces: the replicated rows of shards 0 and 1, then expert shards 0 and 1 (one part each).
+            Assert.Equal([0, 0, 0, 0], cover.Holders);
+            Assert.Equal([false, true, false, true], cover.FromCopy);
+            Assert.Contains(CheckpointTensors.Collect(spareModel, null), kv => kv.Key.Contains(".mlp.experts.4.", StringComparison.Ordinal));
             AssertWhole(whole, 1, targets);
         }
         finally
