@@ -168,7 +168,7 @@ public class ParallelPlanSpecTests
         Assert.Empty(Spec(new ParallelPlan { Ep = 2, Redundancy = true }).Validate()); // zero 0: the expert shards held once are copied
         Assert.Contains("true with ep 2 and zero 3: neighbour copies of sharded expert parameters are not built",
                         Assert.Single(Problems(Spec(new ParallelPlan { Ep = 2, Zero = 3, Redundancy = true }), "parallel.redundancy")).Message);
-        Assert.Contains("true with pp 2", Assert.Single(Problems(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Redundancy = true }, 2, 4), "parallel.redundancy")).Message);
+        Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Redundancy = true }, 2, 4).Validate()); // within each stage, as without pp
         Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.Redundancy);
 
         // Rank 1 of dp 4 (uneven rows: shards differ by a row) holds its own shard and rank 2's: the two ranks' predictions added.

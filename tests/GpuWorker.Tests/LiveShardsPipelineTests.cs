@@ -3,8 +3,9 @@
 // shard the stage's optimizer state (ZeRO-3: and its parameters) and each keeps its ring neighbour's shard of it. Old rank 4 (stage 1, replica 1)
 // is lost; onto pp 2 x dp 2 stage 0 keeps old replicas 0 and 1 (old replica 2's shard from replica 1's copy) and stage 1
 // old replicas 2 and 0 (the lost shard from replica 0's copy). Or a spare takes its place (pp 2 x dp 3 again) and gets
-// the stage's weights and its rows. Every new rank's weights, both moments and step counters equal, bit for bit, one
-// whole state's; each copy's bytes are the planner's. Without the copies the cover names the lost shard.
+// the stage's weights and its rows. Under pp 2 x dp 2 x ep 2 a spare in stage 1 takes the lost rank's experts from the
+// copy. Every new rank's weights, both moments and step counters equal, bit for bit, one whole state's; each copy's
+// bytes are the planner's. Without the copies the cover names the lost shard.
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;

@@ -104,13 +104,15 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
     }
 
     /// <summary>
-    /// Once the job has trained a step on four workers, one worker leaves: it finishes the step in flight, so its stage
-    /// shard is whole in its stage neighbour's copy.
+    /// Once every rank has finished step 2 (its update and its copy's refresh) and waits for step 3's samples, one worker
+    /// leaves: its shard of step 2 is whole in its stage neighbour's copy, and no survivor can begin step 3's update.
     /// </summary>
     async Task LoseOneWorker(ClusterRun run, string job, string worker)
     {
         // Step 3's samples are held at the data service until the worker has been asked to leave, so however slowly this
-        // test polls on a loaded machine, the job cannot finish (or even pass step 3) before the loss.
+        // test polls on a loaded machine, no rank passes the start of step 3 before the loss. A worker's heartbeat carries
+        // the step it finished, set after that step's refresh (StepLoop): all four at step 2 is the state to lose from.
+        // (A worker stopped in the middle of a step may take its refresh with it: then the newest step is covered nowhere.)
         Data.Calls.Hold = r => r.Split == "train" && r.Start >= 2 * GlobalBatch;
         try
         {
@@ -119,8 +121,11 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
                 var s = (await run.Http.GetFromJsonAsync<JobStatus>($"/jobs/{job}", JobSpecJson.Options))!;
                 Assert.NotEqual(JobState.Failed, s.State);
                 Assert.True(s.Step < Steps, $"{job} finished before a worker could leave it");
-                return s.Workers.Length == 4 && s.Step >= 1;
-            }, $"{job} trains a step on four workers", run.Log);
+                if (s.Workers.Length != 4) return false;
+                var members = s.Workers.Select(w => w.WorkerId).ToHashSet();
+                var workers = (await run.Http.GetFromJsonAsync<WorkerStatus[]>("/workers", JobSpecJson.Options))!;
+                return workers.Count(w => members.Contains(w.WorkerId) && w.Generation == s.Generation && w.Metrics?.Step >= 2) == 4;
+            }, $"every rank of {job} finishes step 2 and waits for step 3's samples", run.Log);
             await run.StopWorker(worker);
         }
         finally { Data.Calls.ReleaseAll(); }
