@@ -250,6 +250,9 @@ public sealed record ParallelPlan
         // Under ZeRO-3 an expert's parameter rows live on its holders alone (ExpertZeroStep.ShardParameters); their copies
         // and reshard are not built, so they are refused rather than half-kept.
         else if (Redundancy && Ep > 1 && Zero >= 3) yield return ("parallel.redundancy", $"true with ep {Ep} and zero {Zero}: neighbour copies of sharded expert parameters are not built, expected false, ep 1 or zero 0, 1 or 2");
+        // Inside pipeline stages ep with ZeRO-3 is not tested (a stage's expert parameter rows): refused whatever pp 1 allows.
+        else if (Redundancy && Pp > 1 && Ep > 1 && Zero >= 3)
+            yield return ("parallel.redundancy", $"true with pp {Pp}, ep {Ep} and zero {Zero}: neighbour copies of a stage's sharded expert parameters are not built, expected false, pp 1, ep 1 or zero 0, 1 or 2");
     }
 }
 
