@@ -250,8 +250,12 @@ public sealed record ParallelPlan
         else if (Dp > 0 && Dp % Ep != 0) yield return ("parallel.ep", $"{Ep} must divide dp ({Dp}): the experts are split over ep replicas of each group");
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
-        if (Redundancy && Pp > 1) yield return ("parallel.redundancy", $"true with pp {Pp}: neighbour copies of a stage's shards are not built, expected false or pp 1");
+        // With pp > 1 each stage's replicas keep their neighbours' pieces of the stage's state (with ep, of its expert shards;
+        // zero 1 to 3 at ep 1 and zero 0 and 1 at ep 2 tested: LiveShardsPipelineTests, RedundancyPipelineClusterTests).
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
+        // Inside pipeline stages ep with ZeRO-3 is not tested (a stage's expert parameter rows): refused whatever pp 1 allows.
+        if (Redundancy && Pp > 1 && Ep > 1 && Zero >= 3)
+            yield return ("parallel.redundancy", $"true with pp {Pp}, ep {Ep} and zero {Zero}: neighbour copies of a stage's sharded expert parameters are not built, expected false, pp 1, ep 1 or zero 0, 1 or 2");
         // The overlap all-reduces whole words per bucket; ZeRO reduce-scatters them (zero 3 already per layer, during the
         // backward), a pipeline stage's backward and ep's extra expert terms are not bucketed this way.
         if (OverlapGradientReduction && Zero > 0) yield return ("parallel.overlapGradientReduction", $"true with zero {Zero}: only plain data parallelism's all-reduce is overlapped (zero 3 overlaps its reduce-scatter per layer by itself), expected false or zero 0");

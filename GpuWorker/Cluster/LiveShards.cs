@@ -203,13 +203,17 @@ public static class LiveShards
     /// <summary>
     /// The replicated tensors of the model (HF names, buffers included): with ep, every rank's; the experts are pieces. Under
     /// ZeRO-3 the buffers alone: a rank holds only its own rows of each parameter, which come with the pieces, and a rank
-    /// keeping its model has yet to send its rows from it (the source's broadcast rows would overwrite them).
+    /// keeping its model has yet to send its rows from it (the source's broadcast rows would overwrite them). A pipeline
+    /// stage's own only: its ring is the stage's replicas, and its model holds no other stage's weights (only stale seed
+    /// values of their routing biases).
     /// </summary>
     static List<KeyValuePair<string, Tensor>> ReplicatedWeights(ReplicaState state, int ep)
     {
         var parameters = state.ShardedParameters ? state.Optimizer.Slots.Select(s => s.Name).ToHashSet(StringComparer.Ordinal) : [];
+        var owner = state.Stage is { } stage ? new Training.Checkpoints.ShardingPlan(stage.Layout, []) : null;
         return [.. Training.Checkpoints.CheckpointTensors.Collect(state.Model, null)
-            .Where(kv => (ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key)) && !parameters.Contains(kv.Key))];
+            .Where(kv => (ep < 2 || !ExpertParallel.IsExpertParameter(kv.Key)) && !parameters.Contains(kv.Key)
+                         && (owner is null || owner.StageOf(kv.Key) == state.Stage!.Index))];
     }
 
     /// <summary>

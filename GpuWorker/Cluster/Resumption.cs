@@ -29,13 +29,14 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         long restoreStart = System.Diagnostics.Stopwatch.GetTimestamp();
         var held = ReplicaSync.ExchangeHeldSteps(ring, Holder.State is { } h ? new HeldState(h.Step, h.Lineage) : new HeldState(-1, 0));
         var resume = ReplicaSync.Decide(held, A.ResumeStep);
-        if (Redundant && resume.Source == ResumePlan.Replica)
+        if (Redundant)
         {
             // The held shards may be of another layout (a rescale) or miss a lost rank's (its ZeRO shard, under ep its expert
             // shard's rows): the survivors' own pieces and neighbour copies rebuild every rank's state of this layout, or,
-            // where one is held nowhere, the checkpoint.
-            if (ReshardLive(ring, held, resume) is { } live) return live;
-            resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
+            // where one is held nowhere, the checkpoint. Every stage of a pipeline takes part, whatever its ring decided.
+            if (ReshardLive(ring, held, resume, links) is { } live) return live;
+            if (resume.Source == ResumePlan.Replica)
+                resume = A.ResumeStep > 0 ? new ResumePlan(held, A.ResumeStep, ResumePlan.Checkpoint, -1) : new ResumePlan(held, 0, ResumePlan.Start, -1);
         }
         // Before the stages agree: a stage of an ep x pp job that must load the checkpoint makes every stage load it.
         if ((layout.Zero > 0 || layout.Ep > 1) && resume.Source == ResumePlan.Replica && resume.AnyRankBehind)
@@ -82,23 +83,33 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
 
     /// <summary>
     /// parallel.redundancy on a sharded ring (ZeRO, or ep): each rank keeps its neighbour's singly held pieces (none on a
-    /// ring of one, nor where every piece has two holders: zero 0 with dp &gt; ep).
+    /// ring of one, nor where every piece has two holders: zero 0 with dp &gt; ep). In a pipeline the ring is the stage's
+    /// replicas, and the pieces are the stage's own state's.
     /// </summary>
-    bool Redundant => plan.Spec.Parallel.Redundancy && (layout.Zero > 0 || layout.Ep > 1) && !Pipeline;
+    bool Redundant => plan.Spec.Parallel.Redundancy && (layout.Zero > 0 || layout.Ep > 1);
 
     /// <summary>
     /// The live reshard: when every shard of the newest held step is held by a survivor (its own rank's, or the copy its
     /// neighbour keeps), every rank's state of this layout is rebuilt from them over the ring; null (said why) otherwise.
+    /// A stage of a pipeline reshards only when every stage's cover is of the same step and history (a stage whose lost
+    /// rank's pieces are held nowhere makes every stage load the checkpoint: the stages must hold one step together).
     /// </summary>
-    (ResumePlan Plan, long Bytes)? ReshardLive(ICollective ring, HeldState[] held, ResumePlan resume)
+    (ResumePlan Plan, long Bytes)? ReshardLive(ICollective ring, HeldState[] held, ResumePlan resume, PipelineLinks? links)
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        var shards = LiveShards.Exchange(ring, Holder.State);
-        var (cover, why) = LiveShards.Cover(shards, resume.Step, resume.SourceRank, layout.Dp, layout.Ep, layout.Zero);
+        bool live = resume.Source == ResumePlan.Replica; // the same on every rank of the ring: one exchange decided it
+        var (cover, why) = live ? LiveShards.Cover(LiveShards.Exchange(ring, Holder.State), resume.Step, resume.SourceRank, layout.Dp, layout.Ep, layout.Zero)
+                                : (null, "");
+        if (links is not null && !CoveredAlongPipeline(cover, links, out var stages))
+        {
+            if (cover is not null) why = $"stage {A.PpStage} is covered, but the stages' covers are of steps {stages} (-1: none) or another history";
+            cover = null;
+        }
         if (cover is null)
         {
-            run.Log($"rank {A.Rank} cannot resume from live state at step {resume.Step}: {why}; every rank loads " +
-                    (A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start"));
+            if (live)
+                run.Log($"{(Pipeline ? $"stage {A.PpStage} " : "")}rank {A.Rank} cannot resume from live state at step {resume.Step}: {why}; every rank loads " +
+                        (A.ResumeStep > 0 ? $"the committed checkpoint of step {A.ResumeStep}" : "the start"));
             return null;
         }
         long bytes = 0;
@@ -111,7 +122,7 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
             // The model (weights replicated under ZeRO 1 and 2) stays, unless it holds another expert shard's experts (a
             // rank whose replica moved to another shard, or a spare, builds one); the optimizer is built anew over this rank's rows.
             bool keepModel = old is not null && old.ZeroShard % layout.Ep == A.DpRank % layout.Ep;
-            var target = NewState(keepModel ? old!.Model : null);
+            var target = NewState(keepModel ? old!.Model : null, keepModel ? old!.Stage : null);
             try { bytes = LiveShards.Reshard(ring, cover, old, target); }
             catch
             {
@@ -132,10 +143,22 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         Holder.State!.Guard = BroadcastGuard(ring, cover.Source, heldGuard, plan.Spec.Guard.Window);
         var pieces = cover.Pieces.All().ToArray();
         var copies = string.Join(", ", Enumerable.Range(0, pieces.Length).Where(i => cover.FromCopy[i]).Select(i => $"{pieces[i]} from rank {cover.Holders[i]}'s copy"));
-        run.Log($"resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s){(layout.Ep > 1 ? $" (ep {layout.Ep})" : "")} resharded onto dp {layout.Dp}" +
+        run.Log($"{(Pipeline ? $"stage {A.PpStage} " : "")}resuming at step {cover.Step} from the live shards of the survivors: {cover.Shards} shard(s){(layout.Ep > 1 ? $" (ep {layout.Ep})" : "")} resharded onto dp {layout.Dp}" +
                 (copies.Length > 0 ? $" ({copies})" : "") + $"; {bytes} bytes in {ReplicaSync.Seconds(start):0.###} s");
         RefreshNeighbour(ring);
         return (new ResumePlan(held, cover.Step, ResumePlan.Shards, cover.Source), bytes);
+    }
+
+    /// <summary>
+    /// Whether every stage's cover (this one's <paramref name="cover"/>; null: none) is of the same step and history, told
+    /// along the pipeline as <see cref="AgreeAlongPipeline"/> tells the stages' choices; <paramref name="stages"/>: their steps.
+    /// </summary>
+    bool CoveredAlongPipeline(ShardCover? cover, PipelineLinks links, out string stages)
+    {
+        long step = cover?.Step ?? -1, lineage = cover?.Lineage ?? 0;
+        var covers = links.GatherAlongPipeline([step, lineage >> 32, lineage & 0xFFFFFFFF]);
+        stages = string.Join(", ", covers.Select(c => (long)c[0]));
+        return step >= 0 && covers.All(c => c[0] == step && c[1] == lineage >> 32 && c[2] == (lineage & 0xFFFFFFFF));
     }
 
     void RefreshNeighbour(ICollective ring)
@@ -232,14 +255,17 @@ sealed class Resumption(RunContext run, JobPlan plan, Device device, ParallelLay
         return GuardState.FromLongs(guard.data<long>().ToArray(), guardWindow);
     }
 
-    ReplicaState NewState(DeepSeekForCausalLM? keep = null)
+    /// <param name="keepStage">The stage <paramref name="keep"/> belongs to (pp &gt; 1): the same stage of a layout with the same pp
+    /// (the fingerprint names the stage), whose split of the layers and checkpoint catalogue stay; its optimizer is built anew.</param>
+    ReplicaState NewState(DeepSeekForCausalLM? keep = null, PipelineStage? keepStage = null)
     {
         if (keep is not null)
         {
-            var optimizer = Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize);
+            var optimizer = keepStage is not null ? PipelineTrainer.CreateOptimizer(keepStage, plan.Options, A.DpRank, A.DpSize)
+                : Trainer.CreateOptimizer(keep, plan.Options, A.DpRank, A.DpSize);
             return Holder.State = new ReplicaState
             {
-                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, ZeroShard = A.DpRank, ZeroShards = A.DpSize, Ep = layout.Ep, Optimizer = optimizer,
+                JobId = A.JobId, Fingerprint = plan.Fingerprint, Model = keep, Stage = keepStage, ZeroShard = A.DpRank, ZeroShards = A.DpSize, Ep = layout.Ep, Optimizer = optimizer,
                 ShardedParameters = layout.Zero >= 3, Shapes = Shapes(optimizer),
             };
         }

@@ -64,9 +64,11 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         if (formed.Live.Step >= Options.Steps && Options.Steps > 0) SaveCheckpoint(saver, formed.Live.Step);
 
         progress.Generation = A.Generation;
-        bool redundant = plan.Spec.Parallel.Redundancy && (formed.Layout.Zero > 0 || formed.Layout.Ep > 1) && formed.Layout.Pp == 1;
+        // In a pipeline the ring is the stage's replicas: each keeps its neighbour's pieces of the stage's state.
+        bool redundant = plan.Spec.Parallel.Redundancy && (formed.Layout.Zero > 0 || formed.Layout.Ep > 1);
         // ZeRO-3: between steps the trainer holds this rank's parameter rows (the parameters themselves are emptied).
-        Func<int, TorchSharp.torch.Tensor>? ownRows = (Trainer as Trainer)?.ShardedParameters is { } sharded ? sharded.OwnRows : null;
+        Func<int, TorchSharp.torch.Tensor>? ownRows = ((Trainer as Trainer)?.ShardedParameters ?? (Trainer as Training.Pipeline.PipelineTrainer)?.ShardedParameters) is { } sharded
+            ? sharded.OwnRows : null;
         using var guard = new StepGuardRun(run, plan, Trainer, formed.Live);
         guard.Start();
         long? deviceBytes = null;
