@@ -22,8 +22,11 @@ public static class PrecisionPartsBench
         // (and CPU tensors, whose backward runs on the calling thread) they are the whole work of the part.
         bool cpuClock = Arg(args, "--clock", "wall") == "cpu";
         if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
+        // min: the fastest round of each, nearest what an idle machine gives when other processes take the cores at times.
+        bool useMin = Arg(args, "--stat", "median") == "min";
+        Func<IEnumerable<double>, double> stat = useMin ? v => v.Min() : Median;
         Func<double> now = cpuClock ? CheckpointCostBench.ThreadCpu : () => Stopwatch.GetTimestamp() / (double)Stopwatch.Frequency;
-        Console.WriteLine($"# fp32 against bf16, part by part — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {name} {seqLen} x {batch}, torch threads {get_num_threads()}, {(cpuClock ? "thread CPU" : "wall")} seconds, load {File.ReadAllText("/proc/loadavg").Trim()}");
+        Console.WriteLine($"# fp32 against bf16, part by part — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {name} {seqLen} x {batch}, torch threads {get_num_threads()}, {(cpuClock ? "thread CPU" : "wall")} seconds, {(useMin ? "fastest round" : "median")}, load {File.ReadAllText("/proc/loadavg").Trim()}");
         Console.WriteLine();
 
         manual_seed(1);
@@ -99,7 +102,7 @@ public static class PrecisionPartsBench
             return output.AuxLoss is { } aux ? loss + aux : loss;
         }));
 
-        Console.WriteLine("| part | fp32 fwd s | fp32 bwd s | bf16 fwd s | bf16 bwd s | bf16 / fp32 fwd | bf16 / fp32 bwd (range over rounds) |");
+        Console.WriteLine("| part | fp32 fwd s | fp32 bwd s | bf16 fwd s | bf16 bwd s | bf16 / fp32 fwd | bf16 / fp32 bwd (range of the rounds' ratios) |");
         Console.WriteLine("|---|---|---|---|---|---|---|");
         var only = Arg(args, "--only", ""); // parts whose name contains this
         foreach (var (partName, forward) in parts.Where(p => p.Name.Contains(only, StringComparison.Ordinal)))
@@ -121,11 +124,65 @@ public static class PrecisionPartsBench
             var f = times[ScalarType.Float32];
             var b = times[ScalarType.BFloat16];
             var bwdRatios = f.Zip(b, (x, y) => y.Bwd / x.Bwd).ToList();
-            Console.WriteLine($"| {partName} | {Median(f.Select(t => t.Fwd)):F4} | {Median(f.Select(t => t.Bwd)):F4} | {Median(b.Select(t => t.Fwd)):F4} | {Median(b.Select(t => t.Bwd)):F4} | " +
-                              $"{Median(b.Select(t => t.Fwd)) / Median(f.Select(t => t.Fwd)):F2} | {Median(bwdRatios):F2} ({bwdRatios.Min():F2}–{bwdRatios.Max():F2}) |");
+            Console.WriteLine($"| {partName} | {stat(f.Select(t => t.Fwd)):F4} | {stat(f.Select(t => t.Bwd)):F4} | {stat(b.Select(t => t.Fwd)):F4} | {stat(b.Select(t => t.Bwd)):F4} | " +
+                              $"{stat(b.Select(t => t.Fwd)) / stat(f.Select(t => t.Fwd)):F2} | {stat(b.Select(t => t.Bwd)) / stat(f.Select(t => t.Bwd)):F2} (rounds {bwdRatios.Min():F2}–{bwdRatios.Max():F2}) |");
         }
+        if (Arg(args, "--trainer", "true") == "true") TrainerSteps(config, seqLen, batch, rounds, now, stat);
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Trim()}");
         foreach (var m in models.Values) m.Dispose();
+    }
+
+    /// <summary>Whole trainer steps (standalone, one micro-batch, the bench's settings), fp32 and bf16 interleaved.</summary>
+    static void TrainerSteps(DeepSeekConfig config, int seqLen, int batch, int rounds, Func<double> now, Func<IEnumerable<double>, double> stat)
+    {
+        var rng = new Random(1);
+        var tokens = new int[(seqLen + 1) * 64 * 8];
+        for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
+        var data = new Training.Data.TokenDataset(tokens, seqLen);
+        var trainers = new Dictionary<string, (Trainer Trainer, DeepSeekForCausalLM Model)>();
+        foreach (var precision in new[] { "fp32", "bf16" })
+        {
+            manual_seed(1);
+            var model = new DeepSeekForCausalLM(config).InitializeWeights();
+            if (precision == "bf16") model.to(ScalarType.BFloat16);
+            var options = new TrainingOptions { SeqLen = seqLen, GlobalBatch = batch, MicroBatch = batch, Steps = 1000, WarmupSteps = 1, Precision = precision };
+            var trainer = new Trainer(model, data, null, options, CPU, 1e11);
+            trainer.Optimizer.Flat = Arg(Environment.GetCommandLineArgs(), "--flat", "true") == "true";
+            trainers[precision] = (trainer, model);
+        }
+        var times = trainers.Keys.ToDictionary(k => k, _ => new List<(double Total, StepTimes Phases)>());
+        for (int r = 0; r < rounds + 2; r++)
+            foreach (var (precision, (trainer, _)) in trainers)
+            {
+                double t0 = now();
+                var metrics = trainer.TrainStep();
+                if (r >= 2) times[precision].Add((now() - t0, metrics.Times)); // two warm-up steps
+            }
+        foreach (var (precision, list) in times)
+            Console.WriteLine($"| trainer step {precision}, bwd by step: {string.Join(" ", list.Select(t => t.Phases.BackwardSeconds.ToString("F3")))} | | | | | | |");
+        foreach (var (precision, list) in times)
+            Console.WriteLine($"| trainer step {precision}: total {stat(list.Select(t => t.Total)):F4} s (wall phases fwd / bwd / opt {stat(list.Select(t => t.Phases.ForwardSeconds)):F4} / {stat(list.Select(t => t.Phases.BackwardSeconds)):F4} / {stat(list.Select(t => t.Phases.OptimizerSeconds)):F4}) | | | | | | |");
+        // The trained models' forward and backward alone (the same input as the trainer's last batch shape), to compare with
+        // the fresh models' "whole model" row: what training changed in the weights (routing, magnitudes) shows here.
+        var ids = randint(config.VocabSize, [batch, seqLen + 2], dtype: ScalarType.Int64);
+        foreach (var (precision, (_, model)) in trainers)
+        {
+            var f = new List<double>(); var b = new List<double>();
+            for (int r = 0; r < rounds; r++)
+            {
+                using var scope = NewDisposeScope();
+                double t0 = now();
+                var output = model.Forward(ids.narrow(1, 0, seqLen), withMtp: true);
+                var loss = Evaluation.CrossEntropy(output.Logits_BTV, ids.narrow(1, 1, seqLen));
+                foreach (var mtp in output.MtpLogits) loss = loss + Evaluation.CrossEntropy(mtp, ids.narrow(1, 2, mtp.shape[1]));
+                if (output.AuxLoss is { } aux) loss = loss + aux;
+                double t1 = now();
+                loss.backward();
+                f.Add(t1 - t0); b.Add(now() - t1);
+            }
+            Console.WriteLine($"| trained model {precision}: fwd {stat(f):F4} bwd {stat(b):F4} | | | | | | |");
+        }
+        foreach (var (trainer, model) in trainers.Values) { trainer.Dispose(); model.Dispose(); }
     }
 
     static double Median(IEnumerable<double> values)
