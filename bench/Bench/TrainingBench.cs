@@ -76,6 +76,8 @@ public static class TrainingBench
                     models.Add(model);
                     if (precision == "bf16") model.to(ScalarType.BFloat16);
                     CausalAttention.Apply(model, attentionKernels[Array.IndexOf(attentions, attention)]);
+                    // exact: each expert on its exact token count (no rounding up for oneDNN's primitive cache), as before it.
+                    if (Arg("--expert-rows", "auto") == "exact") foreach (var moe in model.MoeLayers()) moe.RowBucket = 1;
                     model.to(device);
                     var trainer = new Trainer(model, data, null, options with { Experts = experts }, device, peak);
                     trainer.Optimizer.Flat = optimizer == "flat";
