@@ -4,8 +4,40 @@ using static TorchSharp.torch;
 namespace DeepSeekCluster.Training.Model;
 
 // Shape legend: B batch, H heads, T queries (the new tokens), S keys (cached + new), Q query/key width, V value width.
+
+/// <summary>
+/// How a layer computes attention without a cache: <see cref="CausalAttention.Fused"/>, <see cref="CausalAttention.Explicit"/>
+/// (written out), or Auto, which picks by device, dtype and length (<see cref="CausalAttention.PrefersWrittenOut"/>).
+/// </summary>
+public enum AttentionKernel { Auto, Fused, WrittenOut }
+
 public static class CausalAttention
 {
+    /// <summary>
+    /// The longest key sequence whose bf16 attention Auto writes out on a CPU. Measured (bench precision-parts, one
+    /// thread's CPU seconds, forward + backward): libtorch's CPU flash kernel takes 2.3–2.4× its fp32 time in a bf16
+    /// backward at 128 keys (tiny 16 × 4 heads, q/k 48, v 32: 0.028 s against the written-out 0.012 s) and 0.083 against
+    /// 0.051 s at 256 (small 8 × 8 heads, q/k 96); at 512 (tiny 4 × 4) and 1024 (small 2 × 8) the fused kernel wins
+    /// (0.045 against 0.064 s, 0.195 against 0.43 s). In fp32 the two are even at 128 and fused wins at 256: fp32 keeps it.
+    /// </summary>
+    public const long WrittenOutMaxKeys = 256;
+
+    /// <summary>
+    /// Whether <see cref="AttentionKernel.Auto"/> writes attention over <paramref name="keys"/> keys out for queries like
+    /// <paramref name="q_BHTQ"/>: bf16 on a CPU up to <see cref="WrittenOutMaxKeys"/> keys. The written-out form is HF's
+    /// eager attention (bf16 matmuls with fp32 accumulation, the softmax in fp32); it keeps the (T, S) probabilities for
+    /// the backward, 6 bytes each per head, which at these lengths is a few MiB a layer.
+    /// </summary>
+    public static bool PrefersWrittenOut(Tensor q_BHTQ, long keys) =>
+        q_BHTQ.device_type == TorchSharp.DeviceType.CPU && q_BHTQ.dtype == ScalarType.BFloat16 && keys <= WrittenOutMaxKeys;
+
+    /// <summary>Sets every attention layer of <paramref name="model"/> (main and MTP) to <paramref name="kernel"/>.</summary>
+    public static void Apply(DeepSeekForCausalLM model, AttentionKernel kernel)
+    {
+        foreach (var (_, module) in model.named_modules())
+            if (module is MultiHeadLatentAttention attention) attention.Kernel = kernel;
+    }
+
     /// <summary>
     /// Through scaled_dot_product_attention, so libtorch picks its fused kernels (flash or memory-efficient on CUDA, the
     /// flash kernel on CPU) instead of materialising the (T, S) scores. Query i sits at absolute position past + i and sees

@@ -29,6 +29,19 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     /// <summary>How the routed experts run: one GEMM chain per expert, or one batched matmul per projection (<see cref="GroupedExperts"/>).</summary>
     public ExpertKernel Kernel { get; set; } = ExpertKernel.PerExpert;
 
+    /// <summary>
+    /// Rows each routed expert's matmuls run on, per expert, rounded up to a multiple of this (null: <see cref="AutoRowBucket"/>).
+    /// The extra rows are the next experts' tokens (or zeros past the last), whose outputs are dropped, so their gradient
+    /// is zero and adds nothing. Why: oneDNN, which runs bf16 matmuls on a CPU, creates a primitive per shape (about
+    /// 0.3 ms each); a token count per expert that changes every step made ~180 new ones per tiny bf16 step (0.05 s, a
+    /// sixth of the step), while counts rounded to 64 repeat and hit its cache.
+    /// </summary>
+    public long? RowBucket { get; set; }
+
+    /// <summary>64 rows for bf16 and fp16 on a CPU (oneDNN's matmuls), 1 (no rounding) otherwise: fp32 runs through BLAS.</summary>
+    public static long AutoRowBucket(Tensor x) =>
+        x.device_type == TorchSharp.DeviceType.CPU && x.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? 64 : 1;
+
     public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
     {
         nExperts = config.NRoutedExperts;
@@ -98,14 +111,19 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         if (experts.Count != nExperts)
             throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
         if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training);
+        long bucket = RowBucket ?? AutoRowBucket(input_MD);
+        if (bucket < 1) throw new InvalidOperationException($"RowBucket must be at least 1, got {bucket}");
+        // Zero rows past the last token, so that the last expert's rounded-up window fits.
+        var rows_MD = bucket == 1 ? input_MD : cat([input_MD, zeros(bucket - 1, input_MD.shape[1], input_MD.dtype, input_MD.device)], 0);
         var outputs = new List<Tensor>(nExperts);
         long offset = 0;
         for (int e = 0; e < nExperts; e++)
         {
             // An expert with no tokens still runs on an empty (0, D) slice: its weights then get a defined
             // zero gradient, so data-parallel reduction and the optimizer never see a missing or NaN gradient.
-            long count = LastLoad[e];
-            outputs.Add(experts[e].forward(input_MD.narrow(0, offset, count)));
+            long count = LastLoad[e], rounded = (count + bucket - 1) / bucket * bucket;
+            var output = experts[e].forward(rows_MD.narrow(0, offset, rounded));
+            outputs.Add(rounded == count ? output : output.narrow(0, 0, count));
             offset += count;
         }
         return cat(outputs, 0);

@@ -56,6 +56,8 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
     /// flops when many queries share the keys.
     /// </summary>
     public bool AbsorbedDecode { get; set; }
+    /// <summary>How attention over the new tokens runs without a cache (with one it is always fused: the server's path).</summary>
+    public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
     /// <summary>Selective recompute of the up-projections (q_a_layernorm→q_b_proj, kv_a_layernorm→kv_b_proj).</summary>
     public bool RecomputeUpProjections { get; set; }
 
@@ -112,7 +114,15 @@ public sealed class MultiHeadLatentAttention : nn.Module<Tensor, Tensor>
         var query_BHTq = cat([qNope_BHTN, qRope_BHTR], -1);
         var key_BHSq = cat([kNope_BHSN, kRope_BHSR], -1);
 
-        var out_BHTV = CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale, visible_B1TS);
+        bool writtenOut = cache is null && Kernel switch
+        {
+            AttentionKernel.WrittenOut => true,
+            AttentionKernel.Fused => false,
+            _ => CausalAttention.PrefersWrittenOut(query_BHTq, S),
+        };
+        var out_BHTV = writtenOut
+            ? CausalAttention.Explicit(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale)
+            : CausalAttention.Fused(query_BHTq, key_BHSq, v_BHSV, S - T, softmaxScale, visible_B1TS);
         var out_BTx = out_BHTV.transpose(1, 2).reshape(B, T, heads * vDim);
         return o_proj.forward(out_BTx).MoveToOuterDisposeScope();
     }

@@ -16,6 +16,7 @@ switch (verb)
     case "exact-sum": ExactSumBench.Run(rest); break;
     case "optimizer-phase": OptimizerPhaseBench.Run(rest); break;
     case "kernels": KernelBench.Run(rest); break;
+    case "precision-parts": PrecisionPartsBench.Run(rest); break;
     case "recompute": RecomputeBench.Run(rest); break;
     case "export": ExportBench.Run(rest); break;
     case "eval": EvalBench.Run(rest); break;
@@ -25,7 +26,7 @@ switch (verb)
     case "scheduling": return await SchedulingBench.RunAsync(rest);
     case "cluster-standalone": return ClusterBench.StandaloneChild(rest); // the cluster bench's standalone side, run as a child
     default:
-        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, redundancy, data, collectives, ep, zero3, dp-overlap, exact-sum, optimizer-phase, kernels, recompute, export, eval, soak, recovery, cluster, scheduling");
+        Console.Error.WriteLine($"bench: unknown verb '{verb}'; known: train, checkpoint, redundancy, data, collectives, ep, zero3, dp-overlap, exact-sum, optimizer-phase, kernels, precision-parts, recompute, export, eval, soak, recovery, cluster, scheduling");
         return 2;
 }
 return 0;

@@ -18,6 +18,7 @@ public static class TrainingBench
         int warmup = int.Parse(Arg("--warmup", "3")), measured = int.Parse(Arg("--steps", "8"));
         int seqLen = int.Parse(Arg("--seq-len", "0")), batch = int.Parse(Arg("--batch", "0")); // 0: the preset's
         var device = StandaloneRun.ResolveDevice(Arg("--device", "auto"));
+        if (Arg("--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
         // flat: AdamW over flat buffers (the trainer's); plain: the per-slot step it replaced; both: side by side, steps interleaved.
         var optimizers = Arg("--optimizer", "flat") is "both" ? new[] { "plain", "flat" } : [Arg("--optimizer", "flat")];
         if (optimizers.Any(o => o is not ("flat" or "plain"))) throw new ArgumentException($"--optimizer must be flat, plain or both, got '{Arg("--optimizer", "flat")}'");
@@ -26,7 +27,14 @@ public static class TrainingBench
         // fast: the exact sum's one-pass CPU kernels and lone-term shortcut (the default); torch: its op chain; both: side by side.
         var sums = Arg("--exact-sum", "fast") is "both" ? new[] { "torch", "fast" } : [Arg("--exact-sum", "fast")];
         if (sums.Any(s => s is not ("fast" or "torch"))) throw new ArgumentException($"--exact-sum must be fast, torch or both, got '{Arg("--exact-sum", "fast")}'");
-        var variants = optimizers.SelectMany(o => expertKernels.SelectMany(e => sums.Select(s => (Optimizer: o, Experts: e, Sum: s)))).ToList();
+        // auto (the default: written out for bf16 on a CPU up to 256 keys), fused, written-out, or both: fused and auto side by side.
+        var attentions = Arg("--attention", "auto") is "both" ? new[] { "fused", "auto" } : [Arg("--attention", "auto")];
+        var attentionKernels = attentions.Select(a => a switch
+        {
+            "auto" => AttentionKernel.Auto, "fused" => AttentionKernel.Fused, "written-out" => AttentionKernel.WrittenOut,
+            _ => throw new ArgumentException($"--attention must be auto, fused, written-out or both, got '{a}'"),
+        }).ToArray();
+        var variants = optimizers.SelectMany(o => expertKernels.SelectMany(e => sums.SelectMany(s => attentions.Select(a => (Optimizer: o, Experts: e, Sum: s, Attention: a))))).ToList();
 
         Console.WriteLine($"# DeepSeekCluster training benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, device {device.type}");
@@ -38,8 +46,8 @@ public static class TrainingBench
         var peaks = precisions.Distinct().ToDictionary(p => p, p => HardwarePeak.For(device, p == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32, PeakSettings.Default, Console.WriteLine));
         Console.WriteLine();
         Console.WriteLine($"load average at start: {File.ReadAllText("/proc/loadavg").Trim()}");
-        Console.WriteLine("| preset | precision | optimizer | experts | exact sum | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB | expert load (max/mean over layers and steps; first MoE layer's, last step) |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| preset | precision | optimizer | experts | exact sum | attention | params (active) | seq x batch | tokens/s | MFU vs same-dtype peak | step s | fwd / bwd / opt s | peak RSS MiB | expert load (max/mean over layers and steps; first MoE layer's, last step) |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 
         foreach (var name in presets)
         foreach (var precision in precisions)
@@ -61,12 +69,15 @@ public static class TrainingBench
             var trainers = new List<Trainer>();
             try
             {
-                foreach (var (optimizer, experts, sum) in variants)
+                foreach (var (optimizer, experts, sum, attention) in variants)
                 {
                     manual_seed(1);
                     var model = new DeepSeekForCausalLM(config).InitializeWeights();
                     models.Add(model);
                     if (precision == "bf16") model.to(ScalarType.BFloat16);
+                    CausalAttention.Apply(model, attentionKernels[Array.IndexOf(attentions, attention)]);
+                    // exact: each expert on its exact token count (no rounding up for oneDNN's primitive cache), as before it.
+                    if (Arg("--expert-rows", "auto") == "exact") foreach (var moe in model.MoeLayers()) moe.RowBucket = 1;
                     model.to(device);
                     var trainer = new Trainer(model, data, null, options with { Experts = experts }, device, peak);
                     trainer.Optimizer.Flat = optimizer == "flat";
@@ -89,10 +100,12 @@ public static class TrainingBench
                     double seconds = elapsed[k] / measured;
                     double tps = options.GlobalBatch * options.SeqLen / seconds;
                     var mfu = peak.Mfu(tps * config.TrainingFlopsPerToken(options.SeqLen));
-                    Console.WriteLine($"| {name} | {precision} | {variants[k].Optimizer} | {variants[k].Experts} | {variants[k].Sum} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
+                    Console.WriteLine($"| {name} | {precision} | {variants[k].Optimizer} | {variants[k].Experts} | {variants[k].Sum} | {variants[k].Attention} | {config.ParameterCount() / 1e6:F1} M ({config.ParameterCount(true) / 1e6:F1} M) | {options.SeqLen} x {options.GlobalBatch} | {tps:F0} | {mfu.Ratio * 100:F1}%{(mfu.Capped ? " (capped: peak too low)" : "")} | {seconds:F3} | " +
                                       $"{steps[k].Average(s => s.Times.ForwardSeconds):F3} / {steps[k].Average(s => s.Times.BackwardSeconds):F3} / {steps[k].Average(s => s.Times.OptimizerSeconds):F3} | {PeakRssMiB()} | max/mean {steps[k].Average(s => s.LoadImbalance):F2}; {string.Join(",", steps[k][^1].ExpertLoad[0])} |");
                 }
                 Console.WriteLine($"|  |  | load average now: {File.ReadAllText("/proc/loadavg").Trim()} | | | | | | | | | | |");
+                if (trainers.Count == 2 && attentions.Length == 2)
+                    Console.WriteLine($"|  |  | | | | auto / fused | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | fwd time {steps[1].Sum(s => s.Times.ForwardSeconds) / steps[0].Sum(s => s.Times.ForwardSeconds):F2}×, bwd time {steps[1].Sum(s => s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.BackwardSeconds):F2}× | | |");
                 if (trainers.Count == 2 && sums.Length == 2)
                     Console.WriteLine($"|  |  | | | fast / torch | | | tokens/s {elapsed[0] / elapsed[1]:F2}× | | | bwd time {steps[1].Sum(s => s.Times.BackwardSeconds) / steps[0].Sum(s => s.Times.BackwardSeconds):F2}×, opt time {steps[1].Sum(s => s.Times.OptimizerSeconds) / steps[0].Sum(s => s.Times.OptimizerSeconds):F2}× | | |");
                 if (trainers.Count == 2 && optimizers.Length == 2)

@@ -76,6 +76,46 @@ public class CausalAttentionTests
         double worst = (bf16.to_type(ScalarType.Float64) - reference).abs().max().item<double>();
         Assert.InRange(worst, 0, 0.05);
     }
+
+    [Fact]
+    public void WrittenOutInBFloat16IsAsNearTheFloat64ResultAsTheFusedKernelInValueAndGradients()
+    {
+        // Tiny's training shapes (4 heads, q/k 48, v 32, 128 tokens), the attention Auto writes out in bf16 on a CPU.
+        manual_seed(17);
+        var inputs = new[] { randn(2, 4, 128, 48, ScalarType.Float64), randn(2, 4, 128, 48, ScalarType.Float64), randn(2, 4, 128, 32, ScalarType.Float64) };
+        var projection = randn(2, 4, 128, 32, ScalarType.Float64);
+        const double scale = 0.144; // 1/sqrt(48)
+        Tensor[] Run(ScalarType dtype, bool fused)
+        {
+            var t = inputs.Select(x => x.to_type(dtype).requires_grad_(true)).ToArray();
+            var o = fused ? CausalAttention.Fused(t[0], t[1], t[2], 0, scale) : CausalAttention.Explicit(t[0], t[1], t[2], 0, scale);
+            var g = autograd.grad([(o * projection.to_type(dtype)).sum()], t);
+            return [.. new[] { o }.Concat(g).Select(x => x.detach().to_type(ScalarType.Float64))];
+        }
+        var exact = Run(ScalarType.Float64, fused: true);
+        var fusedBf16 = Run(ScalarType.BFloat16, fused: true);
+        var writtenOut = Run(ScalarType.BFloat16, fused: false);
+        for (int i = 0; i < exact.Length; i++)
+        {
+            double norm = exact[i].norm().item<double>();
+            double fusedError = (fusedBf16[i] - exact[i]).norm().item<double>() / norm, writtenOutError = (writtenOut[i] - exact[i]).norm().item<double>() / norm;
+            // bf16 keeps 8 bits (2^-9 relative per rounding): both a few 1e-3 from the float64 numbers; the written-out form
+            // rounds the scores to bf16 before the softmax (HF's eager attention), the flash kernel keeps them in fp32.
+            Assert.True(fusedError < 0.02 && writtenOutError < 0.02 && writtenOutError < 2 * fusedError,
+                $"{new[] { "output", "dq", "dk", "dv" }[i]}: relative error fused {fusedError:E2}, written out {writtenOutError:E2}");
+        }
+    }
+
+    [Fact]
+    public void AutoWritesOutOnlyBFloat16AttentionOnTheCpuUpTo256Keys()
+    {
+        using var bf16 = zeros(1, 1, 4, 8, ScalarType.BFloat16);
+        using var fp32 = zeros(1, 1, 4, 8);
+        Assert.True(CausalAttention.PrefersWrittenOut(bf16, 256));
+        Assert.False(CausalAttention.PrefersWrittenOut(bf16, 257));
+        Assert.False(CausalAttention.PrefersWrittenOut(fp32, 16));
+        Assert.False(CausalAttention.PrefersWrittenOut(zeros(1, 1, 4, 8, ScalarType.Float64), 16));
+    }
 }
 
 public class CausalAttentionThreadTests
@@ -85,9 +125,11 @@ public class CausalAttentionThreadTests
     /// threads the process that computes them has (workers on one machine split its cores).
     /// </summary>
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void AttentionGradientsAreTheSameBitsWithOneOrTwoThreads(bool fused)
+    [InlineData(true, ScalarType.Float32)]
+    [InlineData(false, ScalarType.Float32)]
+    [InlineData(true, ScalarType.BFloat16)]
+    [InlineData(false, ScalarType.BFloat16)] // what Auto runs in bf16 on a CPU
+    public void AttentionGradientsAreTheSameBitsWithOneOrTwoThreads(bool fused, ScalarType dtype)
     {
         int before = TorchSharp.torch.get_num_threads();
         try
@@ -96,9 +138,9 @@ public class CausalAttentionThreadTests
             {
                 TorchSharp.torch.set_num_threads(threads);
                 manual_seed(3);
-                var q = randn(4, 8, 64, 48).requires_grad_(true);
-                var k = randn(4, 8, 64, 48).requires_grad_(true);
-                var v = randn(4, 8, 64, 32).requires_grad_(true);
+                var q = randn(4, 8, 64, 48).to_type(dtype).requires_grad_(true);
+                var k = randn(4, 8, 64, 48).to_type(dtype).requires_grad_(true);
+                var v = randn(4, 8, 64, 32).to_type(dtype).requires_grad_(true);
                 var o = fused ? CausalAttention.Fused(q, k, v, 0, 0.2) : CausalAttention.Explicit(q, k, v, 0, 0.2);
                 var g = autograd.grad([(o * o).sum()], [q, k, v]);
                 return [o.detach(), .. g];
@@ -106,7 +148,7 @@ public class CausalAttentionThreadTests
             var one = Run(1);
             var two = Run(2);
             for (int i = 0; i < one.Length; i++)
-                Assert.True(one[i].eq(two[i]).all().item<bool>(), $"{(fused ? "fused" : "explicit")}: tensor {i} differs between 1 and 2 threads (max {(one[i] - two[i]).abs().max().item<float>():E2})");
+                Assert.True(one[i].eq(two[i]).all().item<bool>(), $"{(fused ? "fused" : "explicit")}: tensor {i} differs between 1 and 2 threads (max {(one[i] - two[i]).abs().max().to_type(ScalarType.Float32).item<float>():E2})");
         }
         finally { TorchSharp.torch.set_num_threads(before); }
     }
