@@ -253,9 +253,6 @@ public sealed record ParallelPlan
         // With pp > 1 each stage's replicas keep their neighbours' pieces of the stage's state (with ep, of its expert shards;
         // zero 1 to 3 at ep 1 and zero 0 and 1 at ep 2 tested: LiveShardsPipelineTests, RedundancyPipelineClusterTests).
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
-        // Inside pipeline stages ep with ZeRO-3 is not tested (a stage's expert parameter rows): refused whatever pp 1 allows.
-        if (Redundancy && Pp > 1 && Ep > 1 && Zero >= 3)
-            yield return ("parallel.redundancy", $"true with pp {Pp}, ep {Ep} and zero {Zero}: neighbour copies of a stage's sharded expert parameters are not built, expected false, pp 1, ep 1 or zero 0, 1 or 2");
         // The overlap all-reduces whole words per bucket; ZeRO reduce-scatters them (zero 3 already per layer, during the
         // backward), a pipeline stage's backward and ep's extra expert terms are not bucketed this way.
         if (OverlapGradientReduction && Zero > 0) yield return ("parallel.overlapGradientReduction", $"true with zero {Zero}: only plain data parallelism's all-reduce is overlapped (zero 3 overlaps its reduce-scatter per layer by itself), expected false or zero 0");

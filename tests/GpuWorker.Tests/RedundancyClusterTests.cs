@@ -274,14 +274,17 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
     }
 
     /// <summary>
-    /// Once the job has trained a step on four workers (and, <paramref name="afterCommit"/>, committed a checkpoint), one
-    /// worker leaves (<paramref name="worker"/>, or the one holding <paramref name="rank"/>): it finishes the step in
-    /// flight, so its rank's shard is whole in the survivors' copies or nowhere.
+    /// Once every rank of the job's four has finished step 2 (its update and its copy's refresh) and waits for step 3's
+    /// samples (and, <paramref name="afterCommit"/>, a checkpoint is committed), one worker leaves (<paramref name="worker"/>,
+    /// or the one holding <paramref name="rank"/>): its rank's shard of step 2 is whole in the survivors' copies or nowhere.
     /// </summary>
     async Task LoseOneWorker(ClusterRun run, string job, string? worker, int rank, bool afterCommit)
     {
         // Step 3's samples are held at the data service until the worker has been asked to leave, so however slowly this
-        // test polls on a loaded machine, the job cannot finish (or even pass step 3) before the loss.
+        // test polls on a loaded machine, the job cannot finish (or even pass step 3) before the loss. A worker's heartbeat
+        // carries the step it finished, set after that step's refresh (StepLoop): all four at step 2 is the state to lose
+        // from. (A worker stopped in the middle of step 2 may take its refresh with it: then step 2 is covered nowhere and
+        // the job resumes from the checkpoint, which CI saw once.)
         Data.Calls.Hold = r => r.Split == "train" && r.Start >= 2 * GlobalBatch;
         try
         {
@@ -292,8 +295,11 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
                 Assert.NotEqual(JobState.Failed, s.State);
                 Assert.True(s.Step < Steps, $"{job} finished before a worker could leave it");
                 formed = s;
-                return s.Workers.Length == 4 && s.Step >= 1 && (!afterCommit || s.Committed.Length > 0);
-            }, $"{job} trains a step on four workers", run.Log);
+                if (s.Workers.Length != 4 || afterCommit && s.Committed.Length == 0) return false;
+                var members = s.Workers.Select(w => w.WorkerId).ToHashSet();
+                var workers = (await run.Http.GetFromJsonAsync<WorkerStatus[]>("/workers", JobSpecJson.Options))!;
+                return workers.Count(w => members.Contains(w.WorkerId) && w.Generation == s.Generation && w.Metrics?.Step >= 2) == 4;
+            }, $"every rank of {job} finishes step 2 and waits for step 3's samples", run.Log);
             await run.StopWorker(worker ?? formed!.Workers.Single(w => w.Rank == rank).WorkerId);
         }
         finally { Data.Calls.ReleaseAll(); }

@@ -33,6 +33,7 @@ public class RedundancyPipelineClusterTests(DataShardsHostFixture fixture, ITest
     [InlineData(3, 1)]
     [InlineData(1, 2)]
     [InlineData(0, 2)]
+    [InlineData(3, 2)]
     public async Task ADp2Pp2ShardedJobThatLosesAWorkerResumesEachStageFromItsSurvivorsShardAndCopyWithNoStepRedoneAndCommitsTheOneWorkerJobsCheckpoint(int zero, int ep)
     {
         await using var run = await ClusterRun.StartAsync(Data, "redundancy-pp-cluster");
