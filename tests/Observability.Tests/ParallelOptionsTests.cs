@@ -42,11 +42,13 @@ public class ParallelOptionsTests
         Assert.False(DefaultJob.Spec(Parse("--workers", "4", "--zero", "1"), "d", DateTime.UnixEpoch).Parallel.Redundancy);
         var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--redundancy"));
         Assert.Contains("--redundancy (parallel.redundancy): true with zero 0", e.Message);
-        // With ep the expert shards' pieces are copied (zero 0 to 2); ZeRO-3's sharded expert parameters are not.
+        // With ep the expert shards' pieces are copied (any zero, ZeRO-3's parameter rows too), and inside pipeline stages.
         Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
         Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
-        var z3 = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--ep", "2", "--zero", "3", "--redundancy"));
-        Assert.Contains("--redundancy (parallel.redundancy): true with ep 2 and zero 3", z3.Message);
+        var z3 = DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "3", "--redundancy"), "d", DateTime.UnixEpoch);
+        Assert.Equal((2, 3, true), (z3.Parallel.Ep, z3.Parallel.Zero, z3.Parallel.Redundancy));
+        Assert.Empty(z3.Validate());
+        Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--pp", "2", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
     }
 
     [Fact]
