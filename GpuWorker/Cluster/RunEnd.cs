@@ -69,6 +69,7 @@ static class RunEnd
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
         long final = plan.Options.Steps;
+        run.Log($"waiting for the final checkpoint (step {final}) to commit, to load the whole model from it");
         if (!WaitForCommit(run, formed.Store, final, boundary)) return;
         long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
         using var model = new DeepSeekForCausalLM(plan.Config);
@@ -82,16 +83,24 @@ static class RunEnd
         formed.Store.Exports ?? throw new InvalidOperationException("a cluster run's store has no export service: its final model has nowhere to go");
 
     /// <summary>Whether committed step <paramref name="final"/> appeared before the run was cancelled (looked at every 250 ms).</summary>
-    static bool WaitForCommit(RunContext run, GrpcCheckpointStore store, long final, CancellationToken boundary)
+    internal static bool WaitForCommit(RunContext run, GrpcCheckpointStore store, long final, CancellationToken boundary)
     {
         while (true)
         {
             bool ending = boundary.IsCancellationRequested; // looked at before the store, so a commit before the Stop is seen
+            // Each look has a deadline: a call that never answers (a store that stopped reading) would hold the end forever,
+            // and the run's cancellation cannot end it, since the end runs after the job's Stop.
+            using var look = new CancellationTokenSource(ListTimeout);
             try
             {
-                if (TrainingThread.Wait(store.ListStepsAsync(CancellationToken.None)).Contains(final)) return true;
+                if (TrainingThread.Wait(store.ListStepsAsync(look.Token)).Contains(final)) return true;
             }
-            catch (Grpc.Core.RpcException e) { run.Log($"could not list the committed checkpoints: {e.Status.Detail}"); }
+            catch (Exception e) when (look.IsCancellationRequested && e is Grpc.Core.RpcException or OperationCanceledException)
+            {
+                run.Log($"the checkpoint store did not list the committed checkpoints within {ListTimeout.TotalSeconds:0} s; asking again");
+            }
+            // The store's client names the store and the call (IOException); a bare RpcException would be a transport's.
+            catch (Exception e) when (e is IOException or Grpc.Core.RpcException) { run.Log($"could not list the committed checkpoints: {e.Message}"); }
             if (ending)
             {
                 run.Log($"the final checkpoint (step {final}) is not committed and the run ended: no validation loss, sample or model from rank 0");
@@ -100,6 +109,9 @@ static class RunEnd
             boundary.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(250));
         }
     }
+
+    /// <summary>The longest one look at the committed checkpoints may take.</summary>
+    static readonly TimeSpan ListTimeout = TimeSpan.FromSeconds(30);
 
     /// <summary>Logs the validation loss and a sample from the job's prompt, and puts <paramref name="model"/> into the store as its step's hf export.</summary>
     static void Write(RunContext run, JobPlan plan, DeepSeekForCausalLM model, long step, double validationLoss, Device device, GetTokenizerReply tokenizerReply,
