@@ -52,6 +52,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The real NCCL (Debian's libnccl2 and nccl.h) that the nccl binding's tests check against; no GPU needed.
 .ci/fetch-nccl
+# dotnet-stack (a local tool, .config/dotnet-tools.json): an end-to-end test that times out shows each process's stacks.
+dotnet tool restore >/dev/null || { echo "test.sh: 'dotnet tool restore' failed (NuGet unreachable?)" >&2; exit 1; }
 
 # ---- The tests ----
 log=$(mktemp)

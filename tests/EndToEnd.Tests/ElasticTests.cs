@@ -158,6 +158,7 @@ public class ElasticTests(ITestOutputHelper output)
     internal sealed class AppHostProcess : IDisposable
     {
         readonly Process process;
+        readonly string runDir;
         readonly List<string> lines = [];
         readonly SemaphoreSlim changed = new(0);
 
@@ -166,6 +167,7 @@ public class ElasticTests(ITestOutputHelper output)
         /// <param name="environment">Variables the AppHost and every process it starts inherit (Worker__InjectFault, say).</param>
         public AppHostProcess(string dll, string runDir, IReadOnlyDictionary<string, string> environment, params string[] args)
         {
+            this.runDir = runDir;
             var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
             psi.ArgumentList.Add(dll);
             foreach (var a in args) psi.ArgumentList.Add(a);
@@ -192,7 +194,10 @@ public class ElasticTests(ITestOutputHelper output)
         /// <summary>Lines so far: WaitFor(from: Mark) looks only at what comes after now.</summary>
         public int Mark { get { lock (lines) return lines.Count; } }
 
-        /// <summary>The first line from line <paramref name="from"/> on matching <paramref name="pattern"/>; fails with the output at the deadline.</summary>
+        /// <summary>
+        /// The first line from line <paramref name="from"/> on matching <paramref name="pattern"/>; fails at the deadline with
+        /// the output and the managed stacks of the run's processes.
+        /// </summary>
         public Match WaitFor(string pattern, TimeSpan limit, int from = 0)
         {
             var regex = new Regex(pattern);
@@ -205,7 +210,9 @@ public class ElasticTests(ITestOutputHelper output)
                 if (process.HasExited && !changed.Wait(TimeSpan.FromMilliseconds(200)))
                     throw new InvalidOperationException($"the AppHost exited ({process.ExitCode}) before '{pattern}':\n{Output}");
                 var left = deadline - DateTime.UtcNow;
-                if (left <= TimeSpan.Zero) throw new TimeoutException($"'{pattern}' did not appear within {limit}:\n{Output}");
+                // A hang says where every process of the run stood (the AppHost, its services and workers).
+                if (left <= TimeSpan.Zero)
+                    throw new TimeoutException($"'{pattern}' did not appear within {limit}:\n{Output}\n{ManagedStacks.OfProcessesMentioning(runDir)}");
                 changed.Wait(left < TimeSpan.FromSeconds(1) ? left : TimeSpan.FromSeconds(1));
             }
         }
