@@ -205,7 +205,7 @@ public sealed class ChaosCluster : IAsyncDisposable
                 if (view.Terminal && !afterEnd) throw new InvalidOperationException($"waiting for {what}, the job ended first: {view.Describe()}");
             }
             if (DateTime.UtcNow > deadline)
-                throw new TimeoutException($"{what} did not happen within {timeout.TotalSeconds:F0} s; {last?.Describe() ?? "the coordinator never answered"}\n{RecentLines(40)}");
+                throw new TimeoutException($"{what} did not happen within {timeout.TotalSeconds:F0} s; {last?.Describe() ?? "the coordinator never answered"}\n{RecentLines(40)}\n{ManagedStacks.OfProcessesMentioning(Options.RunDir)}");
             await Task.Delay(poll ?? TimeSpan.FromMilliseconds(200), ct);
         }
     }
@@ -234,7 +234,7 @@ public sealed class ChaosCluster : IAsyncDisposable
         var deadline = DateTime.UtcNow + timeout;
         while (!lines.Any(l => l.At >= (since ?? DateTime.MinValue) && match(l.Line)))
         {
-            if (DateTime.UtcNow > deadline) throw new TimeoutException($"{what}: no such log line within {timeout.TotalSeconds:F0} s\n{RecentLines(40)}");
+            if (DateTime.UtcNow > deadline) throw new TimeoutException($"{what}: no such log line within {timeout.TotalSeconds:F0} s\n{RecentLines(40)}\n{ManagedStacks.OfProcessesMentioning(Options.RunDir)}");
             await Task.Delay(200, ct);
         }
     }
