@@ -1,5 +1,5 @@
 // bf16 training inside pipeline stages (pp 2, and pp 2 x dp 2 x ep 2 x zero 1, rank threads over real tcp): the losses
-// follow the same layout's fp32 pipeline within the stated 2%, the stage links carry bf16 activations, and every
+// follow the same layout's fp32 pipeline within the stated 2%, the replicas of a stage hold the same bf16 bits, and every
 // optimizer slot keeps fp32 master weights and moments. Not a float64 equality test: ExpertPipelineTrainingTests and
 // ZeroPipelineTrainingTests are.
 using DeepSeekCluster.Training.Collectives;
