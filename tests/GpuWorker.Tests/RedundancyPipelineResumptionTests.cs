@@ -159,6 +159,14 @@ public sealed class RedundancyPipelineResumptionTests(ITestOutputHelper output) 
         }
     }
 
+    /// <summary>Commits <paramref name="state"/> as step 3 of the job (saved as one process; a stage reads its tensors and rows of it).</summary>
+    async Task Commit(Whole state)
+    {
+        var store = new GrpcCheckpointStore(host.Client, host.Address, Job, staging);
+        await ShardedCheckpointWriter.SaveAllRanksAsync(store, Job, ParallelLayout.Even(1, 1, Config.NumHiddenLayers), [.. state.Tensors],
+            new CheckpointPosition(CommittedStep, 1, CommittedStep * Spec.GlobalBatch, CommittedStep), Config.ToJson(), TokenizerHash);
+    }
+
     /// <summary>Every rank holds, bit for bit, <paramref name="expected"/>'s weights of its stage and its new ZeRO rows of both moments, at <paramref name="step"/>.</summary>
     static void AssertHolds(Whole expected, Restored[] ranks, long step, long optimizerSteps)
     {
@@ -195,9 +203,7 @@ public sealed class RedundancyPipelineResumptionTests(ITestOutputHelper output) 
     {
         using var live = new Whole(seed: 1);
         using var committed = new Whole(seed: 2);
-        var store = new GrpcCheckpointStore(host.Client, host.Address, Job, staging);
-        await ShardedCheckpointWriter.SaveAllRanksAsync(store, Job, ParallelLayout.Even(1, 1, Config.NumHiddenLayers), [.. committed.Tensors],
-            new CheckpointPosition(CommittedStep, 1, CommittedStep * Spec.GlobalBatch, CommittedStep), Config.ToJson(), TokenizerHash);
+        await Commit(committed);
 
         var ranks = Reform(live, [[0, 1], [0, -1]]);
         try
@@ -225,9 +231,11 @@ public sealed class RedundancyPipelineResumptionTests(ITestOutputHelper output) 
     /// reshards live: no step redone, each rank's rows the live state's bit for bit.
     /// </summary>
     [Fact]
-    public void ADp3PipelineShrinkingOntoDp2WithTheStagesCoveredReshardsEveryStageLive()
+    public async Task ADp3PipelineShrinkingOntoDp2WithTheStagesCoveredReshardsEveryStageLive()
     {
         using var live = new Whole(seed: 1);
+        using var committed = new Whole(seed: 2);
+        await Commit(committed); // there to fall back to: the stages must choose the live shards over it
         var ranks = Reform(live, [[0, 1], [0, 2]]);
         try
         {
