@@ -1,63 +1,79 @@
-// parallel.redundancy's per-step cost: the refresh of each rank's copy of its ring neighbour's ZeRO shard, against the step.
+// parallel.redundancy's per-step cost: the refresh of each rank's copy of its ring neighbour's singly held pieces, against the step.
 using System.Diagnostics;
+using System.Net;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.Training.Collectives;
+using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
+using DeepSeekCluster.Training.Parallel;
+using DeepSeekCluster.Training.Pipeline;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Bench;
 
 /// <summary>
-/// dp ranks as threads over tcp on 127.0.0.1 (one torch thread each), ZeRO 1..3, real Trainer steps. Rounds alternate a
-/// block of steps without redundancy and a block where, as the worker's step loop does (StepLoop), every step is followed
-/// by <see cref="LiveShards.Refresh"/>: the all-to-all that sends this rank's shard (AdamW moments, and the master or
-/// ZeRO-3 parameter rows) to the rank before it. Reported: the bytes each rank sends per refresh, the refresh's seconds,
-/// and the step's seconds with and without it (the slowest rank, as the ring waits for it).
+/// dp x pp ranks as threads over tcp on 127.0.0.1 (one torch thread each), ZeRO 0..3 and ep, real Trainer (pp 1) or
+/// PipelineTrainer steps (each stage's replicas a ring of their own, the stages joined by stage links, as the worker forms
+/// them). Rounds alternate a block of steps without redundancy and a block where, as the worker's step loop does
+/// (StepLoop), every step is followed by <see cref="LiveShards.Refresh"/> over the rank's ring: the all-to-all that sends
+/// this rank's pieces (AdamW moments of its ZeRO rows, the master or ZeRO-3 parameter rows, under ep its expert shard's
+/// singly held rows and weights) to the rank before it. Reported: the bytes each rank sends per refresh, the refresh's
+/// seconds, and the step's seconds with and without it (the slowest rank, as the ring and the pipeline wait for it).
 /// </summary>
 public static class RedundancyBench
 {
     public static void Run(string[] args)
     {
         string preset = Arg(args, "--preset", "tiny");
-        int dp = int.Parse(Arg(args, "--dp", "4")), zero = int.Parse(Arg(args, "--zero", "1"));
+        int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "1")), ep = int.Parse(Arg(args, "--ep", "1")), zero = int.Parse(Arg(args, "--zero", "1"));
         int steps = int.Parse(Arg(args, "--steps", "4")), rounds = int.Parse(Arg(args, "--rounds", "3"));
+        if (zero == 0 && ep == 1) throw new ArgumentException("--zero 0 with --ep 1: parallel.redundancy needs zero 1..3 or ep > 1 (a replicated rank holds nothing alone)");
         var config = DeepSeekConfig.Preset(preset);
-        var options = new TrainingOptions { SeqLen = 64, GlobalBatch = 4 * dp, MicroBatch = 4, Steps = 1_000_000, WarmupSteps = 1, Zero = zero };
+        var options = new TrainingOptions { SeqLen = 64, GlobalBatch = 4 * dp * pp, MicroBatch = 4, Steps = 1_000_000, WarmupSteps = 1, Zero = zero, Ep = ep };
+        var layout = ParallelLayout.Even(dp, pp, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
+        string plan = $"dp {dp}{(pp > 1 ? $" x pp {pp}" : "")}{(ep > 1 ? $" ep {ep}" : "")} zero {zero}";
         Console.WriteLine($"# DeepSeekCluster redundancy refresh benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
-        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; preset '{preset}' fp32, dp {dp} zero {zero}, ranks as threads " +
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; preset '{preset}' fp32, {plan}, ranks as threads " +
                           $"over tcp on 127.0.0.1, 1 torch thread each, seq {options.SeqLen} x global batch {options.GlobalBatch} (micro {options.MicroBatch}); " +
                           $"{rounds} rounds of {steps} steps without, then {steps} with the refresh (after 1 warm-up step each way)");
         var rng = new Random(1);
         var tokens = new int[(options.SeqLen + 1) * 512];
         for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
         var data = new TokenDataset(tokens, options.SeqLen);
-        var models = Enumerable.Range(0, dp).Select(_ =>
+        var models = Enumerable.Range(0, layout.WorldSize).Select(r =>
         {
             manual_seed(1);
-            return new DeepSeekForCausalLM(config).InitializeWeights();
+            var m = new DeepSeekForCausalLM(config).InitializeWeights();
+            if (ep > 1) ExpertParallel.ShardModel(m, layout, r);
+            return m;
         }).ToArray();
-        var perRank = ExpertBench.OnRanks(dp, c =>
+        (List<double> Plain, List<double> With, List<double> Refresh, long Bytes) OnRank(int stage, int replica, ICollective ring, PipelineLinks? links)
         {
             set_num_threads(1);
+            var model = models[layout.Rank(stage, replica)];
             // Whole shapes by checkpoint name, read before the trainer exists: under ZeRO-3 it empties the parameters at once.
-            var whole = models[c.Rank].named_parameters().ToDictionary(p => models[c.Rank].ToHfName(p.name), p => p.parameter.shape);
-            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c));
+            var whole = model.named_parameters().ToDictionary(p => model.ToHfName(p.name), p => p.parameter.shape);
+            var pipelineStage = links is null ? null : new PipelineStage(model, layout, stage);
+            using ITrainer trainer = pipelineStage is null
+                ? new Trainer(model, data, null, options, CPU, 1e11, replica, dp, new BucketedGradientReducer(ring))
+                : new PipelineTrainer(pipelineStage, new PermutedSamples(data, 1), options, CPU, 1e11, links!, replica, dp, new BucketedGradientReducer(ring));
             var state = new ReplicaState
             {
-                JobId = "bench", Fingerprint = "bench", Model = models[c.Rank], Optimizer = trainer.Optimizer,
-                ZeroShard = c.Rank, ZeroShards = dp, ShardedParameters = zero == 3,
+                JobId = "bench", Fingerprint = "bench", Model = model, Stage = pipelineStage, Optimizer = trainer.Optimizer,
+                ZeroShard = replica, ZeroShards = dp, Ep = ep, ShardedParameters = zero == 3,
                 Shapes = [.. trainer.Optimizer.Slots.Select(s => whole[s.Name])], // as the worker's Resumption keeps them
             };
-            Func<int, Tensor>? ownRows = trainer.ShardedParameters is { } sharded ? sharded.OwnRows : null;
+            // As the worker's StepLoop: under ZeRO-3 the trainer holds this rank's parameter rows between steps.
+            Func<int, Tensor>? ownRows = ((trainer as Trainer)?.ShardedParameters ?? (trainer as PipelineTrainer)?.ShardedParameters) is { } sharded ? sharded.OwnRows : null;
             var plain = new List<double>();
             var withRefresh = new List<double>();
             var refresh = new List<double>();
             long bytes = 0;
             void Step(List<double>? times, bool redundant)
             {
-                c.Barrier(); // every rank starts the step together: a step's time is its own, not the last one's straggler
+                ring.Barrier(); // the stage's replicas start the step together: a step's time is its own, not the last one's straggler
                 var sw = Stopwatch.StartNew();
                 trainer.TrainStep();
                 state.Step = trainer.Step;
@@ -65,7 +81,7 @@ public static class RedundancyBench
                 if (redundant)
                 {
                     var r = Stopwatch.StartNew();
-                    bytes = LiveShards.Refresh(c, state, ownRows);
+                    bytes = LiveShards.Refresh(ring, state, ownRows);
                     refresh.Add(r.Elapsed.TotalSeconds);
                 }
                 times?.Add(step + (redundant ? refresh[^1] : 0));
@@ -80,7 +96,8 @@ public static class RedundancyBench
             }
             state.Neighbour?.Dispose();
             return (Plain: plain, With: withRefresh, Refresh: refresh, Bytes: bytes);
-        });
+        }
+        var perRank = pp == 1 ? ExpertBench.OnRanks(dp, c => OnRank(0, c.Rank, c, null)) : OnStages(dp, pp, OnRank);
         // The ring moves at its slowest rank's pace: per step, the slowest rank's time.
         double[] Slowest(Func<(List<double> Plain, List<double> With, List<double> Refresh, long Bytes), List<double>> pick) =>
             [.. Enumerable.Range(0, pick(perRank[0]).Count).Select(i => perRank.Max(r => pick(r)[i]))];
@@ -90,11 +107,44 @@ public static class RedundancyBench
         long sent = perRank.Max(r => r.Bytes);
         double plainMedian = Median(plainSteps), withMedian = Median(withSteps), refreshMedian = Median(refreshes);
         Console.WriteLine();
-        Console.WriteLine("| preset, dp x zero | bytes sent per rank per refresh | refresh s, median (min–max) | MB/s per rank | step s without redundancy, median (min–max) | step + refresh s, median (min–max) | refresh % of the step | load average at end |");
+        Console.WriteLine("| preset, layout | bytes sent per rank per refresh (most of any rank) | refresh s, median (min–max) | MB/s per rank | step s without redundancy, median (min–max) | step + refresh s, median (min–max) | refresh % of the step | load average at end |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|");
-        Console.WriteLine($"| {preset}, dp {dp} zero {zero} | {sent:N0} ({sent / 1e6:F1} MB) | {refreshMedian:F3} ({refreshes.Min():F3}–{refreshes.Max():F3}) | {sent / 1e6 / refreshMedian:F0} | " +
+        Console.WriteLine($"| {preset}, {plan} | {sent:N0} ({sent / 1e6:F1} MB) | {refreshMedian:F3} ({refreshes.Min():F3}–{refreshes.Max():F3}) | {sent / 1e6 / refreshMedian:F0} | " +
                           $"{plainMedian:F3} ({plainSteps.Min():F3}–{plainSteps.Max():F3}) | {withMedian:F3} ({withSteps.Min():F3}–{withSteps.Max():F3}) | {100 * refreshMedian / plainMedian:F1}% | {Load()} |");
         foreach (var m in models) m.Dispose();
+    }
+
+    /// <summary>dp x pp ranks as threads: each stage's replicas a tcp ring, each replica's stages joined by stage links; results stage-major.</summary>
+    static T[] OnStages<T>(int dp, int pp, Func<int, int, ICollective, PipelineLinks, T> body)
+    {
+        var timeout = TimeSpan.FromSeconds(120);
+        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+        var listeners = new StageListener[pp, dp];
+        var rings = new TcpRendezvous[pp, dp];
+        for (int s = 0; s < pp; s++)
+            for (int r = 0; r < dp; r++)
+            {
+                listeners[s, r] = new StageListener("bench", 1, key, s, r, new IPEndPoint(IPAddress.Loopback, 0));
+                rings[s, r] = new TcpRendezvous($"bench/stage-{s}", 1, key, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
+            }
+        var tasks = new List<Task<T>>();
+        for (int s = 0; s < pp; s++)
+            for (int r = 0; r < dp; r++)
+            {
+                int stage = s, replica = r;
+                tasks.Add(Task.Factory.StartNew(() =>
+                {
+                    using var listener = listeners[stage, replica];
+                    using var ring = rings[stage, replica].Connect([.. Enumerable.Range(0, dp).Select(x => $"127.0.0.1:{rings[stage, x].LocalEndpoint.Port}")],
+                                                                   new TcpCollectiveOptions { Timeout = timeout });
+                    string Address(int st) => $"127.0.0.1:{listeners[st, replica].LocalEndpoint.Port}";
+                    using var links = PipelineLinks.Connect("bench", 1, key, stage, pp, replica, stage == 0 ? null : listener,
+                                                            stage == 0 ? null : Address(stage - 1), stage == pp - 1 ? null : Address(stage + 1), timeout);
+                    return body(stage, replica, ring, links);
+                }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
+            }
+        Task.WaitAll([.. tasks]);
+        return [.. tasks.Select(t => t.Result)];
     }
 
     static double Median(IReadOnlyList<double> values)

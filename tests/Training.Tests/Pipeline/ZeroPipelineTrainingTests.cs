@@ -177,6 +177,7 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
     [InlineData(2, 1, 2, 0.5, 0.3)]
     [InlineData(2, 1, 2, 0.0, 0.0)]
     [InlineData(1, 2, 2, 0.5, 0.3)]
+    [InlineData(2, 2, 2, 0.5, 0.3)]
     [InlineData(2, 2, 4, 0.0, 0.0)]
     [InlineData(3, 1, 2, 0.5, 0.3)]
     [InlineData(3, 1, 2, 0.5, 0.3, "gpipe")]
