@@ -32,9 +32,11 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
 /// <para>
-/// The background work (the copy, the hashes, the write) runs on a thread of its own, which can run at a lower CPU
-/// priority (<see cref="BackgroundNice"/>) so that where it shares cores with the training step the step's threads run
-/// first. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
+/// The background work (the copy, the hashes, the write) runs on a thread of its own. A save begun beside training
+/// (<see cref="BeginSave"/>) runs it under SCHED_IDLE (<see cref="BackgroundIdle"/>): only where a core would otherwise
+/// idle, so it takes no time from torch's threads. A <see cref="Save"/> (the last step's, a preemption's: nothing runs
+/// beside it) runs it at normal priority, so that nothing else on the machine can hold the final checkpoint back.
+/// <see cref="BackgroundNice"/> lowers it by nice steps as well. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
 /// beside a step and leaves the training thread to help fault in what is not done by the optimizer update.
 /// </para>
 /// </summary>
@@ -57,6 +59,18 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// copy (<see cref="WaitForSnapshot"/>) always keeps its priority.
     /// </summary>
     public int BackgroundNice { get; init; }
+
+    /// <summary>
+    /// Whether the background work of a <see cref="BeginSave"/> (and <see cref="Prepare"/>) runs under Linux's SCHED_IDLE
+    /// (true by default): the thread then runs only on a core no other thread wants, so it cannot take one from torch's
+    /// threads in the middle of a parallel op. It changes no reduction order (the training keeps every thread), unlike
+    /// <see cref="YieldTorchThreads"/>. The measurement is in docs/benchmarks.md (Checkpoints), the reasons in
+    /// docs/decisions.md. <see cref="Save"/> never runs idle.
+    /// </summary>
+    public bool BackgroundIdle { get; init; } = true;
+
+    /// <summary>Why the last background thread asked to run under SCHED_IDLE could not (it ran at its nice value); null when it could.</summary>
+    public string? IdleRefused { get; private set; }
 
     /// <summary>
     /// Torch intra-op threads the training thread gives up while a save's background work runs (0: none, the default).
@@ -112,7 +126,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// </summary>
     public SaveRequest Save(long step, IReadOnlyDictionary<string, Tensor> tensors)
     {
-        var request = BeginSave(step, tensors);
+        var request = Begin(step, tensors, idle: false); // no step runs beside this one: nothing to yield to
         if (!request.Started) return request;
         var waited = WaitForSnapshot() ?? TimeSpan.Zero;
         return request with { Stall = request.Stall + waited };
@@ -122,7 +136,9 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// Call at a step boundary, on the training thread, with this rank's live tensors; returns at once while a background
     /// thread copies them. Until <see cref="WaitForSnapshot"/> returns, nothing may change, dispose or move those tensors.
     /// </summary>
-    public SaveRequest BeginSave(long step, IReadOnlyDictionary<string, Tensor> tensors)
+    public SaveRequest BeginSave(long step, IReadOnlyDictionary<string, Tensor> tensors) => Begin(step, tensors, BackgroundIdle);
+
+    SaveRequest Begin(long step, IReadOnlyDictionary<string, Tensor> tensors, bool idle)
     {
         var sw = Stopwatch.StartNew();
         WaitForSnapshot(); // a caller that skipped it: the previous copy must be over before anything else
@@ -140,7 +156,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         buffers = null; // the copy owns them now: it refills them or, failing, disposes them
         var copy = new HostCopy(plan, rank, step, tensors, previous);
         copying = copy;
-        inFlight = Task.Run(() => CopyAndWrite(copy));
+        inFlight = Task.Run(() => CopyAndWrite(copy, idle));
         YieldThreads();
         Started++;
         LastStall = sw.Elapsed;
@@ -183,7 +199,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>), the host copies a save of these tensors (this
+    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>, under SCHED_IDLE where <see cref="BackgroundIdle"/>), the host copies a save of these tensors (this
     /// rank's slices of them: the live tensors by checkpoint name) fills, so that the first save refills them like every
     /// later one instead of allocating and faulting in the rank's whole state inside a training step. Only the
     /// tensors' shapes, dtypes and devices are read, on the calling thread; their values are not touched. The memory
@@ -204,7 +220,8 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         }
         stopPreparing = false;
         int nice = BackgroundNice;
-        preparing = Task.Run(() => BackgroundPriority.Run(nice, $"ckpt-prepare-r{rank}", () =>
+        bool idle = BackgroundIdle;
+        preparing = Task.Run(() => BackgroundPriority.Run(nice, idle, $"ckpt-prepare-r{rank}", () =>
         {
             var made = new List<KeyValuePair<string, Tensor>>(wanted.Count);
             try
@@ -221,7 +238,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             // whatever is missing itself, and reports that if it fails.
             catch (Exception) { }
             return new HostSnapshot(-1, rank, made);
-        }));
+        }, why => IdleRefused = why));
         return preparing;
     }
 
@@ -252,18 +269,20 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// The save in the background: on a thread of its own at <see cref="BackgroundNice"/>, its share of the copy and then
+    /// The save in the background: on a thread of its own at <see cref="BackgroundNice"/> (and SCHED_IDLE when
+    /// <paramref name="idle"/>), its share of the copy and then
     /// the file (hashed as it is written, fsynced); then, on this pool thread at normal priority, the publish and the
     /// caller's callback.
     /// </summary>
-    SaveOutcome CopyAndWrite(HostCopy copy)
+    SaveOutcome CopyAndWrite(HostCopy copy, bool idle)
     {
         var sw = Stopwatch.StartNew();
         HostSnapshot? snapshot = null;
         ManifestFile written;
         try
         {
-            written = BackgroundPriority.Run(BackgroundNice, $"ckpt-save-r{rank}", () =>
+            string? refused = null;
+            written = BackgroundPriority.Run(BackgroundNice, idle, $"ckpt-save-r{rank}", () =>
             {
                 try
                 {
@@ -279,7 +298,8 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
                 }
                 buffers = snapshot;
                 return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
-            });
+            }, why => refused = why);
+            if (idle) IdleRefused = refused;
         }
         catch (Exception e)
         {

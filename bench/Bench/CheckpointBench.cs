@@ -159,7 +159,8 @@ public static class CheckpointBench
     /// backward pass. A save's background work outlasts the step after it (on this CPU-only machine it shares the cores
     /// with the step), so its stall is what it costs every step until it is done: the wall time from the save call to
     /// the end of the first step after which the save is finished, minus that many plain steps (the median of the plain
-    /// steps around it). The modes take turns within each repeat: a blocking save; for each background nice value, a new
+    /// steps around it). The modes take turns within each repeat: a blocking save; for each background nice value and
+    /// scheduling class (SCHED_IDLE or not), a new
     /// saver's first save (it allocates the host copies) and its second (refills them); and a saver that prepared its
     /// copies (Prepare, during plain steps whose extra time is reported as its cost) before its first save.
     /// </summary>
@@ -168,6 +169,13 @@ public static class CheckpointBench
         var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
         // Torch threads the trainer gives up while a save runs (AsyncCheckpointSaver.YieldTorchThreads), compared in turns.
         var yields = Arg(args, "--yield", "0").Split(',').Select(int.Parse).ToArray();
+        // Whether the save's background thread runs under SCHED_IDLE (AsyncCheckpointSaver.BackgroundIdle), 0 and/or 1, compared in turns.
+        var idles = Arg(args, "--idle", "0,1").Split(',').Select(v => v.Trim() switch
+        {
+            "0" => false,
+            "1" => true,
+            _ => throw new ArgumentException($"--idle takes 0 (the save's thread at its nice value) and/or 1 (under SCHED_IDLE), comma-separated; got '{v}'"),
+        }).ToArray();
         bool withPrepare = Arg(args, "--prepare", "true") == "true";
         // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
         // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
@@ -254,12 +262,14 @@ public static class CheckpointBench
                 Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} plain step with {all} torch threads {full:F2} s, with {all - 1} {fewer:F2} s; load {LoadAverage()}");
             }
             foreach (int nice in nices)
+                foreach (bool idle in idles)
                 foreach (int yielded in yields)
                 {
-                    string name = yielded > 0 ? $"nice {nice}, trainer yields {yielded} torch thread(s) while it runs" : $"nice {nice}";
+                    string name = (idle ? $"nice {nice} + SCHED_IDLE" : $"nice {nice}") + (yielded > 0 ? $", trainer yields {yielded} torch thread(s) while it runs" : "");
                     plain = Plain(2);
-                    var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice, YieldTorchThreads = yielded };
+                    var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice, BackgroundIdle = idle, YieldTorchThreads = yielded };
                     Add($"{name}, first save of a saver (allocates the host copies)", Spanned(saver, plain), save);
+                    if (saver.IdleRefused is { } refused) throw new InvalidOperationException($"the save's thread could not run idle: {refused}");
                     plain = Plain(2);
                     Add($"{name}, second save (refills them)", Spanned(saver, plain), save);
                     saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
@@ -267,14 +277,14 @@ public static class CheckpointBench
             if (withPrepare)
             {
                 plain = Plain(2);
-                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice };
+                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice, BackgroundIdle = idles[^1] };
                 var sw = Stopwatch.StartNew();
                 var preparing = saver.Prepare(byName);
                 int steps = 0;
                 do { trainer.TrainStep(); steps++; } while (!preparing.IsCompleted && steps < 100);
-                Add($"nice {prepareNice}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0), save);
+                Add($"nice {prepareNice}{(idles[^1] ? " + SCHED_IDLE" : "")}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0), save);
                 plain = Plain(2);
-                Add($"nice {prepareNice}, first save after Prepare", Spanned(saver, plain), save);
+                Add($"nice {prepareNice}{(idles[^1] ? " + SCHED_IDLE" : "")}, first save after Prepare", Spanned(saver, plain), save);
                 saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
             }
             current = null;
