@@ -35,7 +35,9 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// The background work (the copy, the hashes, the write) runs on a thread of its own. A save begun beside training
 /// (<see cref="BeginSave"/>) runs it under SCHED_IDLE (<see cref="BackgroundIdle"/>): only where a core would otherwise
 /// idle, so it takes no time from torch's threads. A <see cref="Save"/> (the last step's, a preemption's: nothing runs
-/// beside it) runs it at normal priority, so that nothing else on the machine can hold the final checkpoint back.
+/// beside it) runs it at normal priority, so that nothing else on the machine can hold the final checkpoint back; and an
+/// idle write that someone comes to wait for (the next save's request, <see cref="WaitAsync"/>) is finished at normal
+/// priority from its next 64 MiB piece (<see cref="Hurried"/>), so that a machine with no idle core delays it, never starves it.
 /// <see cref="BackgroundNice"/> lowers it by nice steps as well. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
 /// beside a step and leaves the training thread to help fault in what is not done by the optimizer update.
 /// </para>
@@ -106,6 +108,17 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         yieldedFrom = threads;
     }
 
+    volatile bool hurried; // someone waits for the save in flight: its write leaves SCHED_IDLE at the next piece
+
+    /// <summary>
+    /// Saves whose write was finished at normal priority because someone waited for it while it ran under SCHED_IDLE:
+    /// the next save's request (which is still skipped) or <see cref="WaitAsync"/> (the end of a run, the final save).
+    /// </summary>
+    public int Hurried { get; private set; }
+
+    /// <summary>Tests: run on the thread that finishes a hurried write, before it writes.</summary>
+    internal Action? BeforeHurriedWrite { get; set; }
+
     /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
     internal Func<Task>? BeforeBackgroundCopy { get; set; }
 
@@ -148,6 +161,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         unreported = null;
         if (Busy)
         {
+            hurried = true; // this request is skipped, but the save it waited for should not keep it waiting longer
             Skipped++;
             return new SaveRequest(step, false, sw.Elapsed, failure);
         }
@@ -156,6 +170,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         buffers = null; // the copy owns them now: it refills them or, failing, disposes them
         var copy = new HostCopy(plan, rank, step, tensors, previous);
         copying = copy;
+        hurried = false;
         inFlight = Task.Run(() => CopyAndWrite(copy, idle));
         YieldThreads();
         Started++;
@@ -279,10 +294,11 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         var sw = Stopwatch.StartNew();
         HostSnapshot? snapshot = null;
         ManifestFile written;
+        RankFileWriting? writing = null;
         try
         {
             string? refused = null;
-            written = BackgroundPriority.Run(BackgroundNice, idle, $"ckpt-save-r{rank}", () =>
+            var done = BackgroundPriority.Run(BackgroundNice, idle, $"ckpt-save-r{rank}", () =>
             {
                 try
                 {
@@ -297,14 +313,28 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
                     throw;
                 }
                 buffers = snapshot;
-                return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
+                writing = new RankFileWriting(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
+                while (!(idle && hurried))
+                    if (!writing.WriteNext()) return writing.Finish();
+                return null; // hurried: what is left is written below, at normal priority
             }, why => refused = why);
             if (idle) IdleRefused = refused;
+            // Someone waits for this save (the next save's request, the end of the run): an idle thread may wait for a free
+            // core indefinitely on a busy machine, and it cannot raise itself again without privileges, so a thread at
+            // the saver's nice value finishes the file from the next piece on.
+            written = done ?? BackgroundPriority.Run(BackgroundNice, false, $"ckpt-save-r{rank}-hurried", () =>
+            {
+                if (BeforeHurriedWrite is { } hurriedHook) hurriedHook();
+                while (writing!.WriteNext()) { }
+                return writing.Finish();
+            });
+            if (done is null) Hurried++;
         }
         catch (Exception e)
         {
             return Notify(new SaveOutcome(copy.Step, null, e, sw.Elapsed)); // the snapshot, if taken, stays: the next save refills it
         }
+        finally { writing?.Dispose(); } // a file not finished is deleted
         SaveOutcome outcome;
         try
         {
@@ -340,9 +370,13 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         if (LastOutcome.Error is { } e) { Failed++; unreported = e; }
     }
 
-    /// <summary>Waits for the save in flight (end of training, tests); returns the unreported failure, if any.</summary>
+    /// <summary>
+    /// Waits for the save in flight (end of training, a final save that found it running, tests), whose write, if it runs
+    /// under SCHED_IDLE, goes on at normal priority from its next piece; returns the unreported failure, if any.
+    /// </summary>
     public async Task<Exception?> WaitAsync()
     {
+        hurried = true;
         if (inFlight is { } running) await running;
         copying = null; // the write is done, so its copy was
         Collect();

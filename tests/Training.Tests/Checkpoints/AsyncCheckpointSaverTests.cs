@@ -364,7 +364,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
     const int SchedOther = 0, SchedIdle = 5;
 
     [Fact]
-    public async Task ASaveBegunBesideTrainingWritesUnderSchedIdleWhileAFinalSaveAndTheTrainingThreadKeepTheNormalPolicy()
+    public async Task ASaveBegunBesideTrainingRunsItsBackgroundThreadUnderSchedIdleWhileAFinalSaveAndTheTrainingThreadKeepTheNormalPolicy()
     {
         Assert.True(OperatingSystem.IsLinux(), "SCHED_IDLE is Linux's");
         using var state = new TrainedState(1);
@@ -444,6 +444,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             long[] before = [.. cores.Select(Spun)];
             while (saver.Busy && DateTime.UtcNow < deadline) await Task.Delay(20);
             Assert.False(saver.Busy, "the idle save did not finish within 120 s while every core spun");
+            Assert.Equal(0, saver.Hurried); // nobody waited for it: it finished under SCHED_IDLE
             Assert.All(cores, i => Assert.True(Spun(i) > before[i], "a spinner stopped while the save ran"));
         }
         finally
@@ -455,6 +456,53 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.Equal(SchedIdle, policy);
         ShardedCheckpointWriter.WriteRank(blockingStore, plan, 0, 6, tensors);
         Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(6, 0)), File.ReadAllBytes(asyncStore.LocalPath(6, 0)));
+    }
+
+    /// <summary>
+    /// The background thread is held before its copy (the training thread copies everything meanwhile), so the whole
+    /// write is still to come when someone starts waiting: first the next save's request, then WaitAsync.
+    /// </summary>
+    [Fact]
+    public async Task AnIdleWriteThatTheNextRequestOrAWaitFindsRunningIsFinishedAtNormalPriority()
+    {
+        Assert.True(OperatingSystem.IsLinux(), "SCHED_IDLE is Linux's");
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0);
+        var release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var copying = new List<int>();
+        var finishing = new List<int>();
+        saver.BeforeBackgroundCopy = () => { copying.Add(OwnPolicy()); return release.Task; };
+        saver.BeforeHurriedWrite = () => finishing.Add(OwnPolicy());
+
+        Assert.True(saver.BeginSave(2, tensors).Started);
+        saver.WaitForSnapshot();
+        Assert.False(saver.BeginSave(3, tensors).Started); // skipped, as before, but it hurries the save it found
+        release.SetResult();
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while (saver.Busy && DateTime.UtcNow < deadline) await Task.Delay(10);
+        Assert.False(saver.Busy, "the hurried save did not finish within 60 s");
+        Assert.Equal(1, saver.Hurried);
+
+        release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Assert.True(saver.BeginSave(4, tensors).Started);
+        saver.WaitForSnapshot();
+        var waiting = saver.WaitAsync();
+        release.SetResult();
+        Assert.Null(await waiting);
+        Assert.Equal(2, saver.Hurried);
+
+        Assert.Equal([SchedIdle, SchedIdle], copying);
+        Assert.Equal([SchedOther, SchedOther], finishing);
+        foreach (long step in new long[] { 2, 4 })
+        {
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, 0, step, tensors);
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(step, 0)), File.ReadAllBytes(asyncStore.LocalPath(step, 0)));
+        }
+        Assert.False(File.Exists(asyncStore.LocalPath(3, 0)));
     }
 
     [Fact]
