@@ -32,9 +32,9 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
 /// <para>
-/// The background work (the copy, the hashes, the write) runs on a thread of its own. A save begun beside training
-/// (<see cref="BeginSave"/>) runs it under SCHED_IDLE (<see cref="BackgroundIdle"/>): only where a core would otherwise
-/// idle, so it takes no time from torch's threads. A <see cref="Save"/> (the last step's, a preemption's: nothing runs
+/// The background work (the copy, the hashes, the write) runs on a thread of its own. With <see cref="BackgroundIdle"/> a
+/// save begun beside training (<see cref="BeginSave"/>) runs it under SCHED_IDLE: only where a core would otherwise
+/// idle, so it takes next to no time from torch's threads. A <see cref="Save"/> (the last step's, a preemption's: nothing runs
 /// beside it) runs it at normal priority, so that nothing else on the machine can hold the final checkpoint back; and an
 /// idle write that someone comes to wait for (the next save's request, <see cref="WaitAsync"/>) is finished at normal
 /// priority from its next 64 MiB piece (<see cref="Hurried"/>), so that a machine with no idle core delays it, never starves it.
@@ -64,12 +64,14 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
 
     /// <summary>
     /// Whether the background work of a <see cref="BeginSave"/> (and <see cref="Prepare"/>) runs under Linux's SCHED_IDLE
-    /// (true by default): the thread then runs only on a core no other thread wants, so it cannot take one from torch's
+    /// (false by default): the thread then runs only on a core no other thread wants, so it cannot take one from torch's
     /// threads in the middle of a parallel op. It changes no reduction order (the training keeps every thread), unlike
-    /// <see cref="YieldTorchThreads"/>. The measurement is in docs/benchmarks.md (Checkpoints), the reasons in
-    /// docs/decisions.md. <see cref="Save"/> never runs idle.
+    /// <see cref="YieldTorchThreads"/>. Off by default: on the shared 2-core VM the steps beside an idle save ran at their
+    /// plain speed, but the save took 40–80 s (30–75 steps) instead of 3–6 s, since no core there is ever idle, so a
+    /// checkpoint interval shorter than that would skip saves (docs/benchmarks.md, Checkpoints; docs/decisions.md).
+    /// <see cref="Save"/> never runs idle, and a write someone waits for leaves it (<see cref="Hurried"/>).
     /// </summary>
-    public bool BackgroundIdle { get; init; } = true;
+    public bool BackgroundIdle { get; init; }
 
     /// <summary>Why the last background thread asked to run under SCHED_IDLE could not (it ran at its nice value); null when it could.</summary>
     public string? IdleRefused { get; private set; }

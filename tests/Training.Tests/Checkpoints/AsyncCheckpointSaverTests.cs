@@ -378,12 +378,12 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         {
             reported = OwnPolicy(); // the callback, after the write, runs where tasks complete: never idle
             return Task.CompletedTask;
-        });
+        }) { BackgroundIdle = true };
         var background = new List<int>();
         saver.BeforeBackgroundCopy = () => { background.Add(OwnPolicy()); return Task.CompletedTask; };
         Assert.Equal(SchedOther, OwnPolicy());
 
-        Assert.True(saver.BeginSave(3, tensors).Started); // the default: beside the next step
+        Assert.True(saver.BeginSave(3, tensors).Started); // beside the next step
         saver.WaitForSnapshot();
         Assert.Null(await saver.WaitAsync());
         Assert.Null(saver.IdleRefused);
@@ -398,8 +398,8 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, step, tensors);
             Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(step, rank)), File.ReadAllBytes(asyncStore.LocalPath(step, rank)));
         }
-        // A saver told not to run idle keeps its background thread at the normal policy.
-        await using var normal = new AsyncCheckpointSaver(asyncStore, plan, rank) { BackgroundIdle = false };
+        // A saver not told to run idle (the default) keeps its background thread at the normal policy.
+        await using var normal = new AsyncCheckpointSaver(asyncStore, plan, rank);
         normal.BeforeBackgroundCopy = () => { background.Add(OwnPolicy()); return Task.CompletedTask; };
         Assert.True(normal.BeginSave(5, tensors).Started);
         normal.WaitForSnapshot();
@@ -421,7 +421,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         using var blockingStore = new FolderCheckpointStore(root, "blocking");
         var tensors = state.Tensors.ToDictionary();
         var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
-        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0);
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0) { BackgroundIdle = true };
         int? policy = null;
         saver.BeforeBackgroundCopy = () => { policy = OwnPolicy(); return Task.CompletedTask; };
 
@@ -471,7 +471,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         using var blockingStore = new FolderCheckpointStore(root, "blocking");
         var tensors = state.Tensors.ToDictionary();
         var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
-        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0);
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0) { BackgroundIdle = true };
         var release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var copying = new List<int>();
         var finishing = new List<int>();
