@@ -63,7 +63,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     public int BackgroundNice { get; init; }
 
     /// <summary>
-    /// Whether the background work of a <see cref="BeginSave"/> (and <see cref="Prepare"/>) runs under Linux's SCHED_IDLE
+    /// Whether the background work of a <see cref="BeginSave"/> runs under Linux's SCHED_IDLE
     /// (false by default): the thread then runs only on a core no other thread wants, so it cannot take one from torch's
     /// threads in the middle of a parallel op. It changes no reduction order (the training keeps every thread), unlike
     /// <see cref="YieldTorchThreads"/>. Off by default: on the shared 2-core VM the steps beside an idle save ran at their
@@ -216,7 +216,8 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>, under SCHED_IDLE where <see cref="BackgroundIdle"/>), the host copies a save of these tensors (this
+    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>; never under SCHED_IDLE: the first save
+    /// waits for it to stop, and a thread starved at idle priority would hold that save's training thread), the host copies a save of these tensors (this
     /// rank's slices of them: the live tensors by checkpoint name) fills, so that the first save refills them like every
     /// later one instead of allocating and faulting in the rank's whole state inside a training step. Only the
     /// tensors' shapes, dtypes and devices are read, on the calling thread; their values are not touched. The memory
@@ -237,8 +238,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         }
         stopPreparing = false;
         int nice = BackgroundNice;
-        bool idle = BackgroundIdle;
-        preparing = Task.Run(() => BackgroundPriority.Run(nice, idle, $"ckpt-prepare-r{rank}", () =>
+        preparing = Task.Run(() => BackgroundPriority.Run(nice, idle: false, $"ckpt-prepare-r{rank}", () =>
         {
             var made = new List<KeyValuePair<string, Tensor>>(wanted.Count);
             try
@@ -255,7 +255,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
             // whatever is missing itself, and reports that if it fails.
             catch (Exception) { }
             return new HostSnapshot(-1, rank, made);
-        }, why => IdleRefused = why));
+        }));
         return preparing;
     }
 

@@ -286,7 +286,7 @@ public static class CheckpointBench
                 var preparing = saver.Prepare(byName);
                 int steps = 0;
                 do { trainer.TrainStep(); steps++; } while (!preparing.IsCompleted && steps < 100);
-                Add($"nice {prepareNice}{(idles[^1] ? " + SCHED_IDLE" : "")}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0, double.NaN), save);
+                Add($"nice {prepareNice}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0, double.NaN), save);
                 plain = Plain(2);
                 Add($"nice {prepareNice}{(idles[^1] ? " + SCHED_IDLE" : "")}, first save after Prepare", Spanned(saver, plain), save);
                 saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
