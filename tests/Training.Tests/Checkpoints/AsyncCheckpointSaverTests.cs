@@ -354,6 +354,157 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(4, rank)), File.ReadAllBytes(asyncStore.LocalPath(4, rank)));
     }
 
+    /// <summary>The calling thread's scheduling policy (0 SCHED_OTHER, 5 SCHED_IDLE), from /proc/thread-self/stat (field 41).</summary>
+    static int OwnPolicy()
+    {
+        string stat = File.ReadAllText("/proc/thread-self/stat");
+        return int.Parse(stat[(stat.LastIndexOf(')') + 2)..].Split(' ')[41 - 3]);
+    }
+
+    const int SchedOther = 0, SchedIdle = 5;
+
+    [Fact]
+    public async Task ASaveBegunBesideTrainingRunsItsBackgroundThreadUnderSchedIdleWhileAFinalSaveAndTheTrainingThreadKeepTheNormalPolicy()
+    {
+        Assert.True(OperatingSystem.IsLinux(), "SCHED_IDLE is Linux's");
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(2, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        const int rank = 1;
+        int? reported = null;
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, rank, (_, _) =>
+        {
+            reported = OwnPolicy(); // the callback, after the write, runs where tasks complete: never idle
+            return Task.CompletedTask;
+        }) { BackgroundIdle = true };
+        var background = new List<int>();
+        saver.BeforeBackgroundCopy = () => { background.Add(OwnPolicy()); return Task.CompletedTask; };
+        Assert.Equal(SchedOther, OwnPolicy());
+
+        Assert.True(saver.BeginSave(3, tensors).Started); // beside the next step
+        saver.WaitForSnapshot();
+        Assert.Null(await saver.WaitAsync());
+        Assert.Null(saver.IdleRefused);
+        Assert.Equal(SchedOther, reported);
+        Assert.True(saver.Save(4, tensors).Started); // the last step's or a preemption's: nothing runs beside it
+        Assert.Null(await saver.WaitAsync());
+
+        Assert.Equal([SchedIdle, SchedOther], background);
+        Assert.Equal(SchedOther, OwnPolicy());
+        foreach (long step in new long[] { 3, 4 })
+        {
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, rank, step, tensors);
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(step, rank)), File.ReadAllBytes(asyncStore.LocalPath(step, rank)));
+        }
+        // A saver not told to run idle (the default) keeps its background thread at the normal policy.
+        await using var normal = new AsyncCheckpointSaver(asyncStore, plan, rank);
+        normal.BeforeBackgroundCopy = () => { background.Add(OwnPolicy()); return Task.CompletedTask; };
+        Assert.True(normal.BeginSave(5, tensors).Started);
+        normal.WaitForSnapshot();
+        Assert.Null(await normal.WaitAsync());
+        Assert.Equal(SchedOther, background[^1]);
+    }
+
+    /// <summary>
+    /// A SCHED_IDLE thread is not starved outright: with a thread spinning at normal priority on every core of the machine
+    /// (and the waiting thread asleep), the save's write still ends. Nothing here is timed; the deadline only turns a
+    /// save that never ends into a failure rather than a hung run.
+    /// </summary>
+    [Fact]
+    public async Task ASaveUnderSchedIdleStillCompletesWhileAThreadSpinsOnEveryCore()
+    {
+        Assert.True(OperatingSystem.IsLinux(), "SCHED_IDLE is Linux's");
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0) { BackgroundIdle = true };
+        int? policy = null;
+        saver.BeforeBackgroundCopy = () => { policy = OwnPolicy(); return Task.CompletedTask; };
+
+        bool stop = false;
+        var spun = new long[Environment.ProcessorCount];
+        var spinners = Enumerable.Range(0, spun.Length).Select(i => new Thread(() =>
+        {
+            while (!Volatile.Read(ref stop)) Interlocked.Increment(ref spun[i]);
+        }) { IsBackground = true, Name = $"spinner-{i}" }).ToList();
+        spinners.ForEach(t => t.Start());
+        try
+        {
+            var deadline = DateTime.UtcNow.AddSeconds(120);
+            long Spun(int i) => Interlocked.Read(ref spun[i]);
+            var cores = Enumerable.Range(0, spun.Length).ToList();
+            while (cores.Any(i => Spun(i) == 0) && DateTime.UtcNow < deadline) await Task.Delay(10);
+            Assert.All(cores, i => Assert.True(Spun(i) > 0, "a spinner never ran"));
+            Assert.True(saver.BeginSave(6, tensors).Started);
+            saver.WaitForSnapshot(); // the copy is this thread's; the hashes, the write and the fsync the idle thread's
+            long[] before = [.. cores.Select(Spun)];
+            while (saver.Busy && DateTime.UtcNow < deadline) await Task.Delay(20);
+            Assert.False(saver.Busy, "the idle save did not finish within 120 s while every core spun");
+            Assert.Equal(0, saver.Hurried); // nobody waited for it: it finished under SCHED_IDLE
+            Assert.All(cores, i => Assert.True(Spun(i) > before[i], "a spinner stopped while the save ran"));
+        }
+        finally
+        {
+            Volatile.Write(ref stop, true);
+            spinners.ForEach(t => t.Join());
+        }
+        Assert.Null(await saver.WaitAsync());
+        Assert.Equal(SchedIdle, policy);
+        ShardedCheckpointWriter.WriteRank(blockingStore, plan, 0, 6, tensors);
+        Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(6, 0)), File.ReadAllBytes(asyncStore.LocalPath(6, 0)));
+    }
+
+    /// <summary>
+    /// The background thread is held before its copy (the training thread copies everything meanwhile), so the whole
+    /// write is still to come when someone starts waiting: first the next save's request, then WaitAsync.
+    /// </summary>
+    [Fact]
+    public async Task AnIdleWriteThatTheNextRequestOrAWaitFindsRunningIsFinishedAtNormalPriority()
+    {
+        Assert.True(OperatingSystem.IsLinux(), "SCHED_IDLE is Linux's");
+        using var state = new TrainedState(1);
+        using var asyncStore = new FolderCheckpointStore(root, "async");
+        using var blockingStore = new FolderCheckpointStore(root, "blocking");
+        var tensors = state.Tensors.ToDictionary();
+        var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
+        await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0) { BackgroundIdle = true };
+        var release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var copying = new List<int>();
+        var finishing = new List<int>();
+        saver.BeforeBackgroundCopy = () => { copying.Add(OwnPolicy()); return release.Task; };
+        saver.BeforeHurriedWrite = () => finishing.Add(OwnPolicy());
+
+        Assert.True(saver.BeginSave(2, tensors).Started);
+        saver.WaitForSnapshot();
+        Assert.False(saver.BeginSave(3, tensors).Started); // skipped, as before, but it hurries the save it found
+        release.SetResult();
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while (saver.Busy && DateTime.UtcNow < deadline) await Task.Delay(10);
+        Assert.False(saver.Busy, "the hurried save did not finish within 60 s");
+        Assert.Equal(1, saver.Hurried);
+
+        release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Assert.True(saver.BeginSave(4, tensors).Started);
+        saver.WaitForSnapshot();
+        var waiting = saver.WaitAsync();
+        release.SetResult();
+        Assert.Null(await waiting);
+        Assert.Equal(2, saver.Hurried);
+
+        Assert.Equal([SchedIdle, SchedIdle], copying);
+        Assert.Equal([SchedOther, SchedOther], finishing);
+        foreach (long step in new long[] { 2, 4 })
+        {
+            ShardedCheckpointWriter.WriteRank(blockingStore, plan, 0, step, tensors);
+            Assert.Equal(File.ReadAllBytes(blockingStore.LocalPath(step, 0)), File.ReadAllBytes(asyncStore.LocalPath(step, 0)));
+        }
+        Assert.False(File.Exists(asyncStore.LocalPath(3, 0)));
+    }
+
     [Fact]
     public async Task PreparedHostCopiesAreTheOnesTheFirstSaveFillsAndASaveRightAfterPrepareStillWritesTheBlockingSavesBytes()
     {
