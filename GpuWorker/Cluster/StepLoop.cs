@@ -35,8 +35,6 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         // The trainer keeps every torch thread while a save runs (YieldTorchThreads 0): a CPU kernel's bits depend on its
         // thread count, and which steps a yield would slow depends on timing and on whether this generation began the
         // previous step's save, so a resumed or rescaled job would no longer equal an uninterrupted one (docs/decisions.md).
-        // Its save's thread is not put under SCHED_IDLE (BackgroundIdle off): where every core runs the step the save would
-        // wait a minute for an idle one, and a checkpoint interval shorter than that would skip saves (docs/decisions.md).
         var saver = new AsyncCheckpointSaver(formed.Store, formed.Sharding, A.Rank, Saved);
         Trainer.BeforeOptimizerUpdate = () =>
         {

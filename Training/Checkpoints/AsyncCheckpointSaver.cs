@@ -32,13 +32,9 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
 /// <para>
-/// The background work (the copy, the hashes, the write) runs on a thread of its own. With <see cref="BackgroundIdle"/> a
-/// save begun beside training (<see cref="BeginSave"/>) runs it under SCHED_IDLE: only where a core would otherwise
-/// idle, so it takes next to no time from torch's threads. A <see cref="Save"/> (the last step's, a preemption's: nothing runs
-/// beside it) runs it at normal priority, so that nothing else on the machine can hold the final checkpoint back; and an
-/// idle write that someone comes to wait for (the next save's request, <see cref="WaitAsync"/>) is finished at normal
-/// priority from its next 64 MiB piece (<see cref="Hurried"/>), so that a machine with no idle core delays it, never starves it.
-/// <see cref="BackgroundNice"/> lowers it by nice steps as well. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
+/// The background work (the copy, the hashes, the write) runs on a thread of its own, which can run at a lower CPU
+/// priority (<see cref="BackgroundNice"/>) so that where it shares cores with the training step the step's threads run
+/// first. <see cref="Prepare"/> allocates and faults in the host copies before the first save, which otherwise does it
 /// beside a step and leaves the training thread to help fault in what is not done by the optimizer update.
 /// </para>
 /// </summary>
@@ -61,20 +57,6 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// copy (<see cref="WaitForSnapshot"/>) always keeps its priority.
     /// </summary>
     public int BackgroundNice { get; init; }
-
-    /// <summary>
-    /// Whether the background work of a <see cref="BeginSave"/> runs under Linux's SCHED_IDLE
-    /// (false by default): the thread then runs only on a core no other thread wants, so it cannot take one from torch's
-    /// threads in the middle of a parallel op. It changes no reduction order (the training keeps every thread), unlike
-    /// <see cref="YieldTorchThreads"/>. Off by default: on the shared 2-core VM the steps beside an idle save ran at their
-    /// plain speed, but the save took 40–80 s (30–75 steps) instead of 3–6 s, since no core there is ever idle, so a
-    /// checkpoint interval shorter than that would skip saves (docs/benchmarks.md, Checkpoints; docs/decisions.md).
-    /// <see cref="Save"/> never runs idle, and a write someone waits for leaves it (<see cref="Hurried"/>).
-    /// </summary>
-    public bool BackgroundIdle { get; init; }
-
-    /// <summary>Why the last background thread asked to run under SCHED_IDLE could not (it ran at its nice value); null when it could.</summary>
-    public string? IdleRefused { get; private set; }
 
     /// <summary>
     /// Torch intra-op threads the training thread gives up while a save's background work runs (0: none, the default).
@@ -110,17 +92,6 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         yieldedFrom = threads;
     }
 
-    volatile bool hurried; // someone waits for the save in flight: its write leaves SCHED_IDLE at the next piece
-
-    /// <summary>
-    /// Saves whose write was finished at normal priority because someone waited for it while it ran under SCHED_IDLE:
-    /// the next save's request (which is still skipped) or <see cref="WaitAsync"/> (the end of a run, the final save).
-    /// </summary>
-    public int Hurried { get; private set; }
-
-    /// <summary>Tests: run on the thread that finishes a hurried write, before it writes.</summary>
-    internal Action? BeforeHurriedWrite { get; set; }
-
     /// <summary>Tests: awaited by the background thread before it copies anything, to fix an interleaving with the training thread.</summary>
     internal Func<Task>? BeforeBackgroundCopy { get; set; }
 
@@ -141,7 +112,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// </summary>
     public SaveRequest Save(long step, IReadOnlyDictionary<string, Tensor> tensors)
     {
-        var request = Begin(step, tensors, idle: false); // no step runs beside this one: nothing to yield to
+        var request = BeginSave(step, tensors);
         if (!request.Started) return request;
         var waited = WaitForSnapshot() ?? TimeSpan.Zero;
         return request with { Stall = request.Stall + waited };
@@ -151,9 +122,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     /// Call at a step boundary, on the training thread, with this rank's live tensors; returns at once while a background
     /// thread copies them. Until <see cref="WaitForSnapshot"/> returns, nothing may change, dispose or move those tensors.
     /// </summary>
-    public SaveRequest BeginSave(long step, IReadOnlyDictionary<string, Tensor> tensors) => Begin(step, tensors, BackgroundIdle);
-
-    SaveRequest Begin(long step, IReadOnlyDictionary<string, Tensor> tensors, bool idle)
+    public SaveRequest BeginSave(long step, IReadOnlyDictionary<string, Tensor> tensors)
     {
         var sw = Stopwatch.StartNew();
         WaitForSnapshot(); // a caller that skipped it: the previous copy must be over before anything else
@@ -163,7 +132,6 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         unreported = null;
         if (Busy)
         {
-            hurried = true; // this request is skipped, but the save it waited for should not keep it waiting longer
             Skipped++;
             return new SaveRequest(step, false, sw.Elapsed, failure);
         }
@@ -172,8 +140,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         buffers = null; // the copy owns them now: it refills them or, failing, disposes them
         var copy = new HostCopy(plan, rank, step, tensors, previous);
         copying = copy;
-        hurried = false;
-        inFlight = Task.Run(() => CopyAndWrite(copy, idle));
+        inFlight = Task.Run(() => CopyAndWrite(copy));
         YieldThreads();
         Started++;
         LastStall = sw.Elapsed;
@@ -216,8 +183,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>; never under SCHED_IDLE: the first save
-    /// waits for it to stop, and a thread starved at idle priority would hold that save's training thread), the host copies a save of these tensors (this
+    /// Allocates and faults in, on a background thread (at <see cref="BackgroundNice"/>), the host copies a save of these tensors (this
     /// rank's slices of them: the live tensors by checkpoint name) fills, so that the first save refills them like every
     /// later one instead of allocating and faulting in the rank's whole state inside a training step. Only the
     /// tensors' shapes, dtypes and devices are read, on the calling thread; their values are not touched. The memory
@@ -238,7 +204,7 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         }
         stopPreparing = false;
         int nice = BackgroundNice;
-        preparing = Task.Run(() => BackgroundPriority.Run(nice, idle: false, $"ckpt-prepare-r{rank}", () =>
+        preparing = Task.Run(() => BackgroundPriority.Run(nice, $"ckpt-prepare-r{rank}", () =>
         {
             var made = new List<KeyValuePair<string, Tensor>>(wanted.Count);
             try
@@ -286,21 +252,18 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
     }
 
     /// <summary>
-    /// The save in the background: on a thread of its own at <see cref="BackgroundNice"/> (and SCHED_IDLE when
-    /// <paramref name="idle"/>), its share of the copy and then
+    /// The save in the background: on a thread of its own at <see cref="BackgroundNice"/>, its share of the copy and then
     /// the file (hashed as it is written, fsynced); then, on this pool thread at normal priority, the publish and the
     /// caller's callback.
     /// </summary>
-    SaveOutcome CopyAndWrite(HostCopy copy, bool idle)
+    SaveOutcome CopyAndWrite(HostCopy copy)
     {
         var sw = Stopwatch.StartNew();
         HostSnapshot? snapshot = null;
         ManifestFile written;
-        RankFileWriting? writing = null;
         try
         {
-            string? refused = null;
-            var done = BackgroundPriority.Run(BackgroundNice, idle, $"ckpt-save-r{rank}", () =>
+            written = BackgroundPriority.Run(BackgroundNice, $"ckpt-save-r{rank}", () =>
             {
                 try
                 {
@@ -315,28 +278,13 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
                     throw;
                 }
                 buffers = snapshot;
-                writing = new RankFileWriting(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
-                while (!(idle && hurried))
-                    if (!writing.WriteNext()) return writing.Finish();
-                return null; // hurried: what is left is written below, at normal priority
-            }, why => refused = why);
-            if (idle) IdleRefused = refused;
-            // Someone waits for this save (the next save's request, the end of the run): an idle thread may wait for a free
-            // core indefinitely on a busy machine, and it cannot raise itself again without privileges, so a thread at
-            // the saver's nice value finishes the file from the next piece on.
-            written = done ?? BackgroundPriority.Run(BackgroundNice, false, $"ckpt-save-r{rank}-hurried", () =>
-            {
-                if (BeforeHurriedWrite is { } hurriedHook) hurriedHook();
-                while (writing!.WriteNext()) { }
-                return writing.Finish();
+                return RankFileWriter.Write(sink.LocalPath(snapshot.Step, rank), snapshot.Slices, sink.HashChunkBytes, sink.HashChunkAlgorithm);
             });
-            if (done is null) Hurried++;
         }
         catch (Exception e)
         {
             return Notify(new SaveOutcome(copy.Step, null, e, sw.Elapsed)); // the snapshot, if taken, stays: the next save refills it
         }
-        finally { writing?.Dispose(); } // a file not finished is deleted
         SaveOutcome outcome;
         try
         {
@@ -372,13 +320,9 @@ public sealed class AsyncCheckpointSaver(ICheckpointSink sink, ShardingPlan plan
         if (LastOutcome.Error is { } e) { Failed++; unreported = e; }
     }
 
-    /// <summary>
-    /// Waits for the save in flight (end of training, a final save that found it running, tests), whose write, if it runs
-    /// under SCHED_IDLE, goes on at normal priority from its next piece; returns the unreported failure, if any.
-    /// </summary>
+    /// <summary>Waits for the save in flight (end of training, tests); returns the unreported failure, if any.</summary>
     public async Task<Exception?> WaitAsync()
     {
-        hurried = true;
         if (inFlight is { } running) await running;
         copying = null; // the write is done, so its copy was
         Collect();

@@ -1,4 +1,4 @@
-// Lowers the CPU priority of the thread that calls it (nice, or Linux's SCHED_IDLE): checkpoint work that must not slow the training step it runs beside.
+// Lowers the CPU priority of the thread that calls it: checkpoint work that must not slow the training step it runs beside.
 using System.Runtime.InteropServices;
 
 namespace DeepSeekCluster.Training.Checkpoints;
@@ -11,12 +11,6 @@ namespace DeepSeekCluster.Training.Checkpoints;
 /// when it needs one: a lowered thread that completes a task with asynchronous continuations can leave the pool a worker
 /// at low priority for good. So <see cref="Run{T}"/> lowers a thread of its own that only computes, and the caller, at
 /// normal priority, waits for it and does the rest (completing tasks, publishing, callbacks).
-/// <para>
-/// SCHED_IDLE (<see cref="IdleCurrentThread"/>) goes further than nice 19: the scheduler gives such a thread a weight of 3
-/// against a normal thread's 1,024 (nice 19: 15), and it never preempts a normal thread on wakeup, so it runs where a core
-/// would otherwise idle and takes almost nothing from threads that are running. It is a one-way door for a thread without
-/// CAP_SYS_NICE (RLIMIT_NICE is 0 by default), which is one more reason it is only ever set on a thread made for one job.
-/// </para>
 /// </summary>
 internal static partial class BackgroundPriority
 {
@@ -31,19 +25,12 @@ internal static partial class BackgroundPriority
     [LibraryImport("libc")]
     private static partial int gettid();
 
-    const int SchedIdle = 5; // SCHED_IDLE, linux/sched.h
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int sched_setscheduler(int pid, int policy, ref int param); // param: struct sched_param { int sched_priority; }
-
     /// <summary>
-    /// Runs <paramref name="work"/> on a new thread <paramref name="nice"/> nice steps below the caller (and under SCHED_IDLE
-    /// when <paramref name="idle"/>) and returns its result (or throws its exception) on the calling thread, which blocks
-    /// meanwhile. <paramref name="work"/> must not queue anything to the thread pool (no awaits, no task completions with
-    /// asynchronous continuations): see the class remarks. <paramref name="idleRefused"/> hears why the thread could not
-    /// be made idle (it then runs at its nice value).
+    /// Runs <paramref name="work"/> on a new thread <paramref name="nice"/> nice steps below the caller and returns its result (or throws its
+    /// exception) on the calling thread, which blocks meanwhile. <paramref name="work"/> must not queue anything to the
+    /// thread pool (no awaits, no task completions with asynchronous continuations): see the class remarks.
     /// </summary>
-    public static T Run<T>(int nice, bool idle, string name, Func<T> work, Action<string>? idleRefused = null)
+    public static T Run<T>(int nice, string name, Func<T> work)
     {
         T result = default!;
         System.Runtime.ExceptionServices.ExceptionDispatchInfo? failure = null;
@@ -52,7 +39,6 @@ internal static partial class BackgroundPriority
             try
             {
                 LowerCurrentThread(nice);
-                if (idle && IdleCurrentThread() is { } refused) idleRefused?.Invoke(refused);
                 result = work();
             }
             catch (Exception e) { failure = System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(e); }
@@ -61,19 +47,6 @@ internal static partial class BackgroundPriority
         thread.Join();
         failure?.Throw();
         return result;
-    }
-
-    /// <summary>
-    /// Puts the calling thread under SCHED_IDLE (Linux; allowed without privileges for a thread lowering itself); returns
-    /// null when it is, or why not: the errno (a seccomp filter or a container's policy can refuse it) or the OS.
-    /// </summary>
-    public static string? IdleCurrentThread()
-    {
-        if (!OperatingSystem.IsLinux()) return $"SCHED_IDLE is Linux's; {RuntimeInformation.OSDescription} runs the thread at its nice value";
-        int priority = 0; // SCHED_IDLE takes no static priority
-        if (sched_setscheduler(0, SchedIdle, ref priority) == 0) return null; // pid 0: the calling thread
-        int errno = Marshal.GetLastPInvokeError();
-        return $"sched_setscheduler(SCHED_IDLE) failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})";
     }
 
     /// <summary>The calling thread's kernel id (Linux), as in /proc/self/task/&lt;tid&gt;; null elsewhere.</summary>

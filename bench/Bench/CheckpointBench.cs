@@ -159,8 +159,7 @@ public static class CheckpointBench
     /// backward pass. A save's background work outlasts the step after it (on this CPU-only machine it shares the cores
     /// with the step), so its stall is what it costs every step until it is done: the wall time from the save call to
     /// the end of the first step after which the save is finished, minus that many plain steps (the median of the plain
-    /// steps around it). The modes take turns within each repeat: a blocking save; for each background nice value and
-    /// scheduling class (SCHED_IDLE or not), a new
+    /// steps around it). The modes take turns within each repeat: a blocking save; for each background nice value, a new
     /// saver's first save (it allocates the host copies) and its second (refills them); and a saver that prepared its
     /// copies (Prepare, during plain steps whose extra time is reported as its cost) before its first save.
     /// </summary>
@@ -169,13 +168,6 @@ public static class CheckpointBench
         var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
         // Torch threads the trainer gives up while a save runs (AsyncCheckpointSaver.YieldTorchThreads), compared in turns.
         var yields = Arg(args, "--yield", "0").Split(',').Select(int.Parse).ToArray();
-        // Whether the save's background thread runs under SCHED_IDLE (AsyncCheckpointSaver.BackgroundIdle), 0 and/or 1, compared in turns.
-        var idles = Arg(args, "--idle", "0,1").Split(',').Select(v => v.Trim() switch
-        {
-            "0" => false,
-            "1" => true,
-            _ => throw new ArgumentException($"--idle takes 0 (the save's thread at its nice value) and/or 1 (under SCHED_IDLE), comma-separated; got '{v}'"),
-        }).ToArray();
         bool withPrepare = Arg(args, "--prepare", "true") == "true";
         // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
         // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
@@ -213,37 +205,33 @@ public static class CheckpointBench
             return Median(these);
         }
         // Begins a save, then trains until it is done; returns (stall against the plain step, steps it spanned, training-thread time in the saver, background time).
-        // A save under SCHED_IDLE can span tens of steps, and then the plain-step noise summed over them outweighs its cost:
-        // the median step during the save against the plain step is the steadier figure for those.
-        (double Stall, int Steps, double Thread, double Background, double Slowdown) Spanned(AsyncCheckpointSaver saver, double plain)
+        (double Stall, int Steps, double Thread, double Background) Spanned(AsyncCheckpointSaver saver, double plain)
         {
             long at = ++saveStep;
             var pause = GC.GetTotalPauseDuration();
             var sw = Stopwatch.StartNew();
             var request = saver.BeginSave(at, byName);
             if (!request.Started) throw new InvalidOperationException($"the save of step {at} did not start");
-            var during = new List<double>();
-            do during.Add(Timed(() => trainer.TrainStep())); while (saver.Busy && during.Count < 100);
+            int steps = 0;
+            do { trainer.TrainStep(); steps++; } while (saver.Busy && steps < 100);
             double wall = sw.Elapsed.TotalSeconds;
-            int steps = during.Count;
             saver.RestoreThreads(); // the plain steps after it run with every thread again
             double paused = (GC.GetTotalPauseDuration() - pause).TotalSeconds;
             Console.Error.WriteLine($"    GC pauses during the save's {steps} steps: {paused:F3} s ({paused / steps:F3} s per step)");
             var failure = saver.WaitAsync().GetAwaiter().GetResult();
             if (failure is not null) throw new InvalidOperationException($"the save of step {at} failed: {failure.Message}");
             Directory.Delete(asyncStore.StepFolder(at), true);
-            return (wall - steps * plain, steps, saver.LastStall.TotalSeconds, saver.LastOutcome!.Duration.TotalSeconds, Median(during) / plain);
+            return (wall - steps * plain, steps, saver.LastStall.TotalSeconds, saver.LastOutcome!.Duration.TotalSeconds);
         }
 
         var blocking = new List<(double Save, double Stall, string Load)>();
         var fewerThreads = new List<(double Full, double Fewer)>();
-        var rows = new Dictionary<string, List<(double Stall, int Steps, double Thread, double Background, double Slowdown, double Blocking, string Load)>>();
-        void Add(string name, (double Stall, int Steps, double Thread, double Background, double Slowdown) r, double reference)
+        var rows = new Dictionary<string, List<(double Stall, int Steps, double Thread, double Background, double Blocking, string Load)>>();
+        void Add(string name, (double Stall, int Steps, double Thread, double Background) r, double reference)
         {
             if (!rows.TryGetValue(name, out var list)) rows[name] = list = [];
-            list.Add((r.Stall, r.Steps, r.Thread, r.Background, r.Slowdown, reference, LoadAverage()));
-            Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} {name}: stall {r.Stall:F2} s over {r.Steps} steps ({100 * r.Stall / reference:F0}% of {reference:F2} s), " +
-                                    $"median step during it {r.Slowdown:F2}x the plain step, background {r.Background:F2} s; load {LoadAverage()}");
+            list.Add((r.Stall, r.Steps, r.Thread, r.Background, reference, LoadAverage()));
+            Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} {name}: stall {r.Stall:F2} s over {r.Steps} steps ({100 * r.Stall / reference:F0}% of {reference:F2} s), load {LoadAverage()}");
         }
         for (int i = 0; i < repeats; i++)
         {
@@ -266,14 +254,12 @@ public static class CheckpointBench
                 Console.Error.WriteLine($"  {DateTime.UtcNow:HH:mm:ss} plain step with {all} torch threads {full:F2} s, with {all - 1} {fewer:F2} s; load {LoadAverage()}");
             }
             foreach (int nice in nices)
-                foreach (bool idle in idles)
                 foreach (int yielded in yields)
                 {
-                    string name = (idle ? $"nice {nice} + SCHED_IDLE" : $"nice {nice}") + (yielded > 0 ? $", trainer yields {yielded} torch thread(s) while it runs" : "");
+                    string name = yielded > 0 ? $"nice {nice}, trainer yields {yielded} torch thread(s) while it runs" : $"nice {nice}";
                     plain = Plain(2);
-                    var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice, BackgroundIdle = idle, YieldTorchThreads = yielded };
+                    var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = nice, YieldTorchThreads = yielded };
                     Add($"{name}, first save of a saver (allocates the host copies)", Spanned(saver, plain), save);
-                    if (saver.IdleRefused is { } refused) throw new InvalidOperationException($"the save's thread could not run idle: {refused}");
                     plain = Plain(2);
                     Add($"{name}, second save (refills them)", Spanned(saver, plain), save);
                     saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
@@ -281,14 +267,14 @@ public static class CheckpointBench
             if (withPrepare)
             {
                 plain = Plain(2);
-                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice, BackgroundIdle = idles[^1] };
+                var saver = current = new AsyncCheckpointSaver(asyncStore, single, 0) { BackgroundNice = prepareNice };
                 var sw = Stopwatch.StartNew();
                 var preparing = saver.Prepare(byName);
                 int steps = 0;
                 do { trainer.TrainStep(); steps++; } while (!preparing.IsCompleted && steps < 100);
-                Add($"nice {prepareNice}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0, double.NaN), save);
+                Add($"nice {prepareNice}, Prepare during plain steps (its cost to them)", (sw.Elapsed.TotalSeconds - steps * plain, steps, 0, 0), save);
                 plain = Plain(2);
-                Add($"nice {prepareNice}{(idles[^1] ? " + SCHED_IDLE" : "")}, first save after Prepare", Spanned(saver, plain), save);
+                Add($"nice {prepareNice}, first save after Prepare", Spanned(saver, plain), save);
                 saver.DisposeAsync().AsTask().GetAwaiter().GetResult();
             }
             current = null;
@@ -299,14 +285,14 @@ public static class CheckpointBench
         if (fewerThreads.Count > 0)
             Console.WriteLine($"plain steps without a save, per repeat: {string.Join(" / ", fewerThreads.Select(f => $"{f.Full:F2} s with every torch thread, {f.Fewer:F2} s with one fewer"))}");
         Console.WriteLine();
-        Console.WriteLine("| save of one rank's whole state | stall s, per repeat | steps the save spanned | % of that repeat's blocking save, per repeat | median % | median step during the save ÷ plain step, per repeat | training-thread time in the saver s | background copy + write s | load average per repeat |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| save of one rank's whole state | stall s, per repeat | steps the save spanned | % of that repeat's blocking save, per repeat | median % | training-thread time in the saver s | background copy + write s | load average per repeat |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
         string Join(IEnumerable<double> xs, string format) => string.Join(" / ", xs.Select(x => x.ToString(format, System.Globalization.CultureInfo.InvariantCulture)));
-        Console.WriteLine($"| blocking save: the save itself (the reference) | {Join(blocking.Select(b => b.Save), "F2")} | — | 100% | 100% | — | {Join(blocking.Select(b => b.Save), "F2")} | — | {string.Join(" / ", blocking.Select(b => b.Load))} |");
-        Console.WriteLine($"| blocking save + the step after it − plain step | {Join(blocking.Select(b => b.Stall), "F2")} | 1 | {Join(blocking.Select(b => 100 * b.Stall / b.Save), "F0")}% | {100 * Median(blocking.Select(b => b.Stall / b.Save)):F0}% | — | — | — | |");
+        Console.WriteLine($"| blocking save: the save itself (the reference) | {Join(blocking.Select(b => b.Save), "F2")} | — | 100% | 100% | {Join(blocking.Select(b => b.Save), "F2")} | — | {string.Join(" / ", blocking.Select(b => b.Load))} |");
+        Console.WriteLine($"| blocking save + the step after it − plain step | {Join(blocking.Select(b => b.Stall), "F2")} | 1 | {Join(blocking.Select(b => 100 * b.Stall / b.Save), "F0")}% | {100 * Median(blocking.Select(b => b.Stall / b.Save)):F0}% | — | — | |");
         foreach (var (name, list) in rows)
             Console.WriteLine($"| {name} | {Join(list.Select(r => r.Stall), "F2")} | {string.Join(" / ", list.Select(r => r.Steps))} | {Join(list.Select(r => 100 * r.Stall / r.Blocking), "F0")}% | " +
-                              $"{100 * Median(list.Select(r => r.Stall / r.Blocking)):F0}% | {Join(list.Select(r => r.Slowdown), "F2")} | {Join(list.Select(r => r.Thread), "F3")} | {Join(list.Select(r => r.Background), "F2")} | {string.Join(" / ", list.Select(r => r.Load))} |");
+                              $"{100 * Median(list.Select(r => r.Stall / r.Blocking)):F0}% | {Join(list.Select(r => r.Thread), "F3")} | {Join(list.Select(r => r.Background), "F2")} | {string.Join(" / ", list.Select(r => r.Load))} |");
         Console.WriteLine();
     }
 
