@@ -91,13 +91,9 @@ public abstract class CheckpointStoreBehaviour(BackendFixture fixture)
         var status = new UploadStatusRequest { Job = job, Step = 7, FileName = rank0.FileName, Sha256 = rank0.Sha256 };
         // HTTP/2 lets the client run ahead of the server by a flow-control window; drop the stream only once
         // the store has staged something, so the test does not depend on how far the server had read.
-        await UploadAsync(Client, job, 7, 0, rank0, stopAfter: rank0.Bytes.Length / 2, beforeStop: async () =>
-        {
-            for (var until = DateTime.UtcNow.AddSeconds(10); DateTime.UtcNow < until; await Task.Delay(20))
-                if ((await Client.GetUploadStatusAsync(status)).ReceivedBytes > 0) return;
-        });
+        await UploadAsync(Client, job, 7, 0, rank0, stopAfter: rank0.Bytes.Length / 2, beforeStop: () => fixture.Host.WaitUntilStagedAsync(status));
 
-        long received = await StableReceivedBytesAsync(status);
+        long received = await fixture.Host.ReceivedAfterDropAsync(status);
         Assert.InRange(received, 1, rank0.Bytes.Length / 2);
 
         var reply = await UploadAsync(Client, job, 7, 0, rank0, from: received);
@@ -108,20 +104,6 @@ public abstract class CheckpointStoreBehaviour(BackendFixture fixture)
 
         await CommitAsync(Client, job, 7, 1, rank0);
         await AssertLoadsBitwiseAsync(job, 7, rank0);
-    }
-
-    /// <summary>The server may still be staging the block it had when the stream dropped: wait until the count stops moving.</summary>
-    private async Task<long> StableReceivedBytesAsync(UploadStatusRequest status)
-    {
-        long previous = -1;
-        for (var until = DateTime.UtcNow.AddSeconds(10); DateTime.UtcNow < until;)
-        {
-            long now = (await Client.GetUploadStatusAsync(status)).ReceivedBytes;
-            if (now == previous && now > 0) return now;
-            previous = now;
-            await Task.Delay(100);
-        }
-        return previous;
     }
 
     [Fact]

@@ -104,18 +104,8 @@ public abstract class ChunkHashBehaviour(BackendFixture fixture)
         var status = new UploadStatusRequest { Job = job, Step = 4, FileName = file.FileName, Sha256 = file.Sha256 };
         // Dropped once the store has staged a block, so the rest arrives in a second stream and the store hashes the
         // whole file by reading it back (the path of a resumed upload) rather than as the bytes arrive.
-        await UploadAsync(Client, job, 4, 0, file, stopAfter: file.Bytes.Length / 2, chunkHashes: (Chunk, hashes), beforeStop: async () =>
-        {
-            for (var until = DateTime.UtcNow.AddSeconds(30); DateTime.UtcNow < until; await Task.Delay(20))
-                if ((await Client.GetUploadStatusAsync(status)).ReceivedBytes > 0) return;
-        });
-        long from = 0;
-        for (var until = DateTime.UtcNow.AddSeconds(30); DateTime.UtcNow < until; await Task.Delay(100))
-        {
-            long now = (await Client.GetUploadStatusAsync(status)).ReceivedBytes;
-            if (now > 0 && now == from) break;
-            from = now;
-        }
+        await UploadAsync(Client, job, 4, 0, file, stopAfter: file.Bytes.Length / 2, chunkHashes: (Chunk, hashes), beforeStop: () => fixture.Host.WaitUntilStagedAsync(status));
+        long from = await fixture.Host.ReceivedAfterDropAsync(status);
         Assert.InRange(from, 1, file.Bytes.Length / 2);
 
         var wrong = hashes.ToList();
@@ -126,18 +116,8 @@ public abstract class ChunkHashBehaviour(BackendFixture fixture)
         Assert.Equal(0, (await Client.GetUploadStatusAsync(status)).ReceivedBytes); // discarded
 
         // Again, right: dropped and resumed the same way, then recorded and committed.
-        await UploadAsync(Client, job, 4, 0, file, stopAfter: file.Bytes.Length / 2, chunkHashes: (Chunk, hashes), beforeStop: async () =>
-        {
-            for (var until = DateTime.UtcNow.AddSeconds(30); DateTime.UtcNow < until; await Task.Delay(20))
-                if ((await Client.GetUploadStatusAsync(status)).ReceivedBytes > 0) return;
-        });
-        from = -1;
-        for (var until = DateTime.UtcNow.AddSeconds(30); DateTime.UtcNow < until; await Task.Delay(100))
-        {
-            long now = (await Client.GetUploadStatusAsync(status)).ReceivedBytes;
-            if (now > 0 && now == from) break;
-            from = now;
-        }
+        await UploadAsync(Client, job, 4, 0, file, stopAfter: file.Bytes.Length / 2, chunkHashes: (Chunk, hashes), beforeStop: () => fixture.Host.WaitUntilStagedAsync(status));
+        from = await fixture.Host.ReceivedAfterDropAsync(status);
         var reply = await UploadAsync(Client, job, 4, 0, file, from: from, chunkHashes: (Chunk, hashes));
         Assert.Equal(hashes, reply!.ChunkXxh128);
         await CommitAsync(Client, job, 4, 1, file);

@@ -50,7 +50,7 @@ public class ElasticControlTests(CoordinatorFixture fixture)
             while (!beating.IsCancellationRequested)
             {
                 await stream.RequestStream.WriteAsync(new WorkerMessage { Heartbeat = new Heartbeat { Generation = 0 } });
-                try { await Task.Delay(200, beating.Token); } catch (OperationCanceledException) { }
+                try { await Task.Delay(200, beating.Token); } catch (OperationCanceledException) { } // the beat's period, as a worker's heartbeat has one
             }
         });
         string spec = JsonSerializer.Serialize(TestSpecs.Tiny(minWorkers: 1, maxWorkers: 1) with { Name = "sleepy" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options);

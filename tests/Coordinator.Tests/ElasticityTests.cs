@@ -79,7 +79,7 @@ public class ElasticityTests
             {
                 var w = await c.Worker("z1").GetAsync();
                 try { await c.Worker("z1").HeartbeatAsync(w.Generation, new WorkerMetrics()); } catch (StaleGenerationException) { }
-                await Task.Delay(50);
+                await Task.Delay(50); // the beat's period, as a worker's heartbeat has one
             }
         });
         try

@@ -161,6 +161,7 @@ public class ElasticTests(ITestOutputHelper output)
         readonly string runDir;
         readonly List<string> lines = [];
         readonly SemaphoreSlim changed = new(0);
+        int openStreams = 2; // stdout and stderr: each ends with a null line once the process and its pipes are done
 
         public AppHostProcess(string dll, string runDir, params string[] args) : this(dll, runDir, new Dictionary<string, string>(), args) { }
 
@@ -184,10 +185,13 @@ public class ElasticTests(ITestOutputHelper output)
 
         void Add(string? line)
         {
-            if (line is null) return;
-            lock (lines) lines.Add(line);
+            if (line is null) Interlocked.Decrement(ref openStreams);
+            else lock (lines) lines.Add(line);
             changed.Release();
         }
+
+        /// <summary>Both output streams reached their end: every line the AppHost wrote is in <see cref="lines"/>.</summary>
+        bool OutputEnded => Volatile.Read(ref openStreams) == 0;
 
         public string Output { get { lock (lines) return string.Join("\n", lines); } }
 
@@ -204,11 +208,12 @@ public class ElasticTests(ITestOutputHelper output)
             var deadline = DateTime.UtcNow + limit;
             while (true)
             {
+                bool ended = OutputEnded; // read before the lines: a line that came before the end is then among them
                 lock (lines)
                     foreach (var line in lines.Skip(from))
                         if (regex.Match(line) is { Success: true } m) return m;
-                if (process.HasExited && !changed.Wait(TimeSpan.FromMilliseconds(200)))
-                    throw new InvalidOperationException($"the AppHost exited ({process.ExitCode}) before '{pattern}':\n{Output}");
+                if (ended)
+                    throw new InvalidOperationException($"the AppHost's output ended{(process.HasExited ? $" (exit code {process.ExitCode})" : "")} before '{pattern}':\n{Output}");
                 var left = deadline - DateTime.UtcNow;
                 // A hang says where every process of the run stood (the AppHost, its services and workers).
                 if (left <= TimeSpan.Zero)

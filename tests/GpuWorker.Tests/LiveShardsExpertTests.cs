@@ -14,105 +14,35 @@ using DeepSeekCluster.Training.Parallel;
 using TorchSharp;
 using static TorchSharp.torch;
 using static DeepSeekCluster.GpuWorker.Tests.LiveShardsReshardTests;
+using static DeepSeekCluster.GpuWorker.Tests.WholeExpertState;
+using static DeepSeekCluster.GpuWorker.Tests.Infrastructure.TcpRanks;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
 public class LiveShardsExpertTests
 {
-    // 101 vocabulary rows split unevenly over 4 shards; 8 routed experts, 4 per expert shard.
-    static readonly DeepSeekConfig Config = DeepSeekConfig.Preset("tiny") with { VocabSize = 101 };
-
-    /// <summary>One whole model and optimizer state with distinct values everywhere (in bf16 the weights are the master rows rounded, as AdamW writes them).</summary>
-    sealed class Whole : IDisposable
+    /// <summary>Every weight and every state row of <paramref name="target"/> is the whole state's, bit for bit.</summary>
+    static void AssertHeldBy(WholeExpertState whole, ReplicaState target)
     {
-        public readonly DeepSeekForCausalLM Model;
-        public readonly Training.Optim.AdamW Optimizer;
-        public readonly Dictionary<string, Tensor> State, Weights;
-
-        public Whole(ScalarType dtype)
-        {
-            Model = DeepSeekForCausalLM.FromSeed(Config, 5);
-            var generator = new Generator(3);
-            using (no_grad()) foreach (var p in Model.parameters()) p.copy_(randn(p.shape, generator: generator));
-            Model.to(dtype);
-            Optimizer = Trainer.CreateOptimizer(Model, new TrainingOptions());
-            using (no_grad())
+        Assert.Equal((5L, 77L, 17L), (target.Step, target.Lineage, target.Optimizer.StepCount));
+        foreach (var (name, t) in CheckpointTensors.Collect(target.Model, null))
+            Assert.True(Same(whole.Weights[name], t), $"{name} is not the whole model's");
+        foreach (var s in target.Optimizer.Slots)
+            foreach (var (kind, t) in new[] { ("exp_avg", s.ExpAvg), ("exp_avg_sq", s.ExpAvgSq), ("master", s.Master) })
             {
-                foreach (var (_, t) in Optimizer.StateTensors()) t.copy_(randn(t.shape, dtype: t.dtype, generator: generator));
-                if (dtype == ScalarType.BFloat16) foreach (var s in Optimizer.Slots) s.Param.copy_(s.Master!);
+                if (t is null) continue;
+                var all = whole.State[$"optimizer.{s.Name}.{kind}"];
+                using var rows = s.RowCount is { } n && all.dim() > 0 ? all.narrow(0, s.RowStart, n) : all.alias();
+                Assert.True(Same(rows, t), $"{s.Name}.{kind} rows [{s.RowStart}, +{s.RowCount}) differ from the whole state's");
             }
-            State = Optimizer.StateTensors().ToDictionary(kv => kv.Key, kv => kv.Value);
-            Weights = CheckpointTensors.Collect(Model, null).ToDictionary(kv => kv.Key, kv => kv.Value);
-        }
-
-        /// <summary>Replica <paramref name="replica"/> of dp x ep 2 at step 5: its experts and its rows of the whole state.</summary>
-        public ReplicaState Replica(int replica, int dp, int zero, ScalarType dtype)
-        {
-            var model = DeepSeekForCausalLM.FromSeed(Config, 5);
-            ExpertParallel.ShardModel(model, Layout(dp, zero), replica);
-            model.to(dtype);
-            using (no_grad()) foreach (var (name, t) in CheckpointTensors.Collect(model, null)) t.copy_(Weights[name]);
-            var optimizer = Trainer.CreateOptimizer(model, new TrainingOptions { Zero = zero, Ep = 2 }, replica, dp);
-            optimizer.LoadStateTensors(State, "the whole state");
-            optimizer.StepCount = 17;
-            return new ReplicaState { JobId = "j", Fingerprint = "f", Model = model, Optimizer = optimizer, ZeroShard = replica, ZeroShards = dp, Ep = 2, Step = 5, Lineage = 77 };
-        }
-
-        /// <summary>Every weight and every state row of <paramref name="target"/> is the whole state's, bit for bit.</summary>
-        public void AssertHeldBy(ReplicaState target)
-        {
-            Assert.Equal((5L, 77L, 17L), (target.Step, target.Lineage, target.Optimizer.StepCount));
-            foreach (var (name, t) in CheckpointTensors.Collect(target.Model, null))
-                Assert.True(Same(Weights[name], t), $"{name} is not the whole model's");
-            foreach (var s in target.Optimizer.Slots)
-                foreach (var (kind, t) in new[] { ("exp_avg", s.ExpAvg), ("exp_avg_sq", s.ExpAvgSq), ("master", s.Master) })
-                {
-                    if (t is null) continue;
-                    var all = State[$"optimizer.{s.Name}.{kind}"];
-                    using var rows = s.RowCount is { } n && all.dim() > 0 ? all.narrow(0, s.RowStart, n) : all.alias();
-                    Assert.True(Same(rows, t), $"{s.Name}.{kind} rows [{s.RowStart}, +{s.RowCount}) differ from the whole state's");
-                }
-        }
-
-        public void Dispose()
-        {
-            Optimizer.Dispose();
-            Model.Dispose();
-        }
     }
-
-    static ParallelLayout Layout(int dp, int zero) => ParallelLayout.Even(dp, 1, Config.NumHiddenLayers).WithShards(2, zero, Config.NRoutedExperts);
-
-    /// <summary>
-    /// The reshard of <paramref name="survivors"/> (null: a spare) onto dp <paramref name="dp"/> x ep 2: a rank keeps its model
-    /// where its expert shard stays (Resumption.ReshardLive), else builds one of another seed that the reshard overwrites.
-    /// </summary>
-    static (ShardCover Cover, ReplicaState Target)[] Reshard(ReplicaState?[] survivors, int dp, int zero, ScalarType dtype) => Run(dp, c =>
-    {
-        var held = survivors[c.Rank];
-        var (cover, why) = LiveShards.Cover(LiveShards.Exchange(c, held), step: 5, source: 0, dp: dp, ep: 2, zero: zero);
-        if (cover is null) throw new InvalidOperationException(why);
-        bool keep = held is not null && held.ZeroShard % 2 == c.Rank % 2;
-        DeepSeekForCausalLM model;
-        if (keep) model = held!.Model;
-        else
-        {
-            model = DeepSeekForCausalLM.FromSeed(Config, 99);
-            ExpertParallel.ShardModel(model, Layout(dp, zero), c.Rank);
-            model.to(dtype);
-        }
-        var optimizer = Trainer.CreateOptimizer(model, new TrainingOptions { Zero = zero, Ep = 2 }, c.Rank, dp);
-        var target = new ReplicaState { JobId = "j", Fingerprint = "f", Model = model, Optimizer = optimizer, ZeroShard = c.Rank, ZeroShards = dp, Ep = 2 };
-        LiveShards.Reshard(c, cover, held, target);
-        return (cover, target);
-    });
 
     [Theory]
     [InlineData(ScalarType.Float32)]
     [InlineData(ScalarType.BFloat16)]
     public void Zero1Dp4Ep2LosesTwoNonAdjacentRanksAndTheSurvivorsReshardOntoDp2WithAnExpertShardMoved(ScalarType dtype)
     {
-        using var whole = new Whole(dtype);
+        using var whole = new WholeExpertState(dtype);
         var old = Enumerable.Range(0, 4).Select(r => whole.Replica(r, 4, zero: 1, dtype)).ToArray();
         var targets = new List<ReplicaState>();
         try
@@ -133,7 +63,7 @@ public class LiveShardsExpertTests
             Assert.Equal([0, 0, 1, 1, 0, 1, 0, 1], cover.Holders);
             Assert.Equal([false, true, false, true, false, false, true, true], cover.FromCopy);
             Assert.Equal([true, false], cover.Keeps); // old rank 2 held expert shard 0; as new rank 1 it holds shard 1
-            foreach (var target in targets) whole.AssertHeldBy(target);
+            foreach (var target in targets) AssertHeldBy(whole, target);
             Assert.Contains(targets[1].Optimizer.Slots, s => s.Name.Contains(".mlp.experts.7.", StringComparison.Ordinal));
         }
         finally
@@ -146,7 +76,7 @@ public class LiveShardsExpertTests
     [Fact]
     public void Zero0Dp2Ep2CopiesEachExpertShardHeldOnceAndASpareTakesTheLostRanksExpertsFromTheCopy()
     {
-        using var whole = new Whole(ScalarType.Float32);
+        using var whole = new WholeExpertState(ScalarType.Float32);
         var old = Enumerable.Range(0, 2).Select(r => whole.Replica(r, 2, zero: 0, ScalarType.Float32)).ToArray();
         var targets = new List<ReplicaState>();
         try
@@ -163,7 +93,7 @@ public class LiveShardsExpertTests
             targets.AddRange(outcomes.Select(o => o.Target));
             Assert.Equal([0, 0, 0], outcomes[0].Cover.Holders);
             Assert.Equal([false, false, true], outcomes[0].Cover.FromCopy);
-            foreach (var target in targets) whole.AssertHeldBy(target);
+            foreach (var target in targets) AssertHeldBy(whole, target);
         }
         finally
         {
@@ -175,7 +105,7 @@ public class LiveShardsExpertTests
     [Fact]
     public void Zero0Dp2Ep2LosesRank0AndTheSourceWhoseExpertShardMovedSendsTheWeightsItHeldNotItsNewModels()
     {
-        using var whole = new Whole(ScalarType.Float32);
+        using var whole = new WholeExpertState(ScalarType.Float32);
         var old = Enumerable.Range(0, 2).Select(r => whole.Replica(r, 2, zero: 0, ScalarType.Float32)).ToArray();
         var targets = new List<ReplicaState>();
         try
@@ -188,7 +118,7 @@ public class LiveShardsExpertTests
             Assert.Equal([false, false], outcomes[0].Cover.Keeps);
             Assert.Equal([0, 0, 0], outcomes[0].Cover.Holders);
             Assert.Equal([false, true, false], outcomes[0].Cover.FromCopy);
-            foreach (var target in targets) whole.AssertHeldBy(target);
+            foreach (var target in targets) AssertHeldBy(whole, target);
         }
         finally
         {

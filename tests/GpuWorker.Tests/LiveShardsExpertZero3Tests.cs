@@ -14,149 +14,77 @@ using DeepSeekCluster.Training.Parallel;
 using TorchSharp;
 using static TorchSharp.torch;
 using static DeepSeekCluster.GpuWorker.Tests.LiveShardsReshardTests;
+using static DeepSeekCluster.GpuWorker.Tests.WholeExpertState;
+using static DeepSeekCluster.GpuWorker.Tests.Infrastructure.TcpRanks;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
 public class LiveShardsExpertZero3Tests
 {
-    // 101 vocabulary rows split unevenly over 4 shards; 8 routed experts, 4 per expert shard.
-    static readonly DeepSeekConfig Config = DeepSeekConfig.Preset("tiny") with { VocabSize = 101 };
-    static readonly TrainingOptions Options = new() { Zero = 3, Ep = 2 };
-
-    static ParallelLayout Layout(int dp) => ParallelLayout.Even(dp, 1, Config.NumHiddenLayers).WithShards(2, 3, Config.NRoutedExperts);
-
-    /// <summary>One whole model and optimizer state with distinct values everywhere, routing biases included (in bf16 the weights are the master rows rounded, as AdamW writes them).</summary>
-    sealed class Whole : IDisposable
+    /// <summary>
+    /// Replica <paramref name="replica"/> of dp x ep 2 x zero 3 at step 5, as a ZeRO-3 worker keeps it between generations:
+    /// every parameter full-shaped with its own rows of the whole model and NaN elsewhere (never to be read), its rows of the state.
+    /// </summary>
+    static ReplicaState Replica(WholeExpertState whole, int replica, int dp, ScalarType dtype)
     {
-        public readonly DeepSeekForCausalLM Model;
-        public readonly Training.Optim.AdamW Optimizer;
-        public readonly Dictionary<string, Tensor> State, Weights;
-
-        public Whole(ScalarType dtype)
-        {
-            Model = DeepSeekForCausalLM.FromSeed(Config, 5);
-            var generator = new Generator(3);
-            Model.to(dtype);
-            Optimizer = Trainer.CreateOptimizer(Model, new TrainingOptions());
-            using (no_grad())
+        var state = whole.Replica(replica, dp, zero: 3, dtype);
+        using (no_grad())
+            foreach (var s in state.Optimizer.Slots)
             {
-                foreach (var (_, t) in CheckpointTensors.Collect(Model, null)) t.copy_(randn(t.shape, dtype: t.dtype, generator: generator));
-                foreach (var (_, t) in Optimizer.StateTensors()) t.copy_(randn(t.shape, dtype: t.dtype, generator: generator));
-                if (dtype == ScalarType.BFloat16) foreach (var s in Optimizer.Slots) s.Param.copy_(s.Master!);
+                if (s.Param.dim() == 0) continue;
+                using var own = s.Own(s.Param);
+                using var rows = own.clone();
+                s.Param.fill_(double.NaN);
+                own.copy_(rows);
             }
-            State = Optimizer.StateTensors().ToDictionary(kv => kv.Key, kv => kv.Value);
-            Weights = CheckpointTensors.Collect(Model, null).ToDictionary(kv => kv.Key, kv => kv.Value);
-            Assert.Contains(Weights.Keys, k => k.EndsWith("e_score_correction_bias", StringComparison.Ordinal));
-        }
-
-        /// <summary>
-        /// Replica <paramref name="replica"/> of dp x ep 2 x zero 3 at step 5, as a ZeRO-3 worker keeps it between generations:
-        /// every parameter full-shaped with its own rows of the whole model and NaN elsewhere (never to be read), its rows of the state.
-        /// </summary>
-        public ReplicaState Replica(int replica, int dp, ScalarType dtype)
-        {
-            var model = DeepSeekForCausalLM.FromSeed(Config, 5);
-            ExpertParallel.ShardModel(model, Layout(dp), replica);
-            model.to(dtype);
-            using (no_grad()) foreach (var (name, t) in CheckpointTensors.Collect(model, null)) t.copy_(Weights[name]);
-            var optimizer = Trainer.CreateOptimizer(model, Options, replica, dp);
-            optimizer.LoadStateTensors(State, "the whole state");
-            optimizer.StepCount = 17;
-            using (no_grad())
-                foreach (var s in optimizer.Slots)
-                {
-                    if (s.Param.dim() == 0) continue;
-                    using var own = s.Own(s.Param);
-                    using var rows = own.clone();
-                    s.Param.fill_(double.NaN);
-                    own.copy_(rows);
-                }
-            return new ReplicaState
-            {
-                JobId = "j", Fingerprint = "f", Model = model, Optimizer = optimizer, ZeroShard = replica, ZeroShards = dp, Ep = 2, Step = 5, Lineage = 77,
-                ShardedParameters = true,
-            };
-        }
-
-        /// <summary>
-        /// Each new rank's moments and master rows, and its routing biases, are the whole state's; the new ranks' own parameter
-        /// rows (all a ZeRO-3 rank keeps of the weights), laid side by side, are every row of every weight of the whole model.
-        /// </summary>
-        public void AssertHeldBy(IReadOnlyList<ReplicaState> targets)
-        {
-            var assembled = Weights.Where(kv => Optimizer.Slots.Any(s => s.Name == kv.Key))
-                .ToDictionary(kv => kv.Key, kv => full_like(kv.Value, double.NaN));
-            foreach (var target in targets)
-            {
-                Assert.Equal((5L, 77L, 17L), (target.Step, target.Lineage, target.Optimizer.StepCount));
-                var parameters = target.Optimizer.Slots.Select(s => s.Name).ToHashSet();
-                foreach (var (name, t) in CheckpointTensors.Collect(target.Model, null).Where(kv => !parameters.Contains(kv.Key)))
-                    Assert.True(Same(Weights[name], t), $"rank {target.ZeroShard}: buffer {name} is not the whole model's");
-                foreach (var s in target.Optimizer.Slots)
-                {
-                    using (var own = s.Own(s.Param))
-                    using (var into = s.Own(assembled[s.Name]))
-                        into.copy_(own);
-                    foreach (var (kind, t) in new[] { ("exp_avg", s.ExpAvg), ("exp_avg_sq", s.ExpAvgSq), ("master", s.Master) })
-                    {
-                        if (t is null) continue;
-                        var all = State[$"optimizer.{s.Name}.{kind}"];
-                        using var rows = s.RowCount is { } n && all.dim() > 0 ? all.narrow(0, s.RowStart, n) : all.alias();
-                        Assert.True(Same(rows, t), $"rank {target.ZeroShard}: {s.Name}.{kind} rows [{s.RowStart}, +{s.RowCount}) differ from the whole state's");
-                    }
-                }
-            }
-            // A row no new rank holds stays NaN and fails here, as does a held row of other bits.
-            foreach (var (name, t) in assembled)
-                Assert.True(Same(Weights[name], t), $"{name}: the new ranks' parameter rows are not the whole model's");
-            Assert.Equal(Optimizer.Slots.Count, assembled.Count);
-            foreach (var t in assembled.Values) t.Dispose();
-        }
-
-        public void Dispose()
-        {
-            Optimizer.Dispose();
-            Model.Dispose();
-        }
+        return state;
     }
 
     /// <summary>
-    /// The reshard of <paramref name="survivors"/> (null: a spare) onto dp <paramref name="dp"/> x ep 2 x zero 3: a rank keeps its
-    /// model where its expert shard stays (Resumption.ReshardLive), else builds a whole one of another seed that the reshard overwrites.
+    /// Each new rank's moments and master rows, and its routing biases, are the whole state's; the new ranks' own parameter
+    /// rows (all a ZeRO-3 rank keeps of the weights), laid side by side, are every row of every weight of the whole model.
     /// </summary>
-    static (ShardCover Cover, ReplicaState Target)[] Reshard(ReplicaState?[] survivors, int dp, ScalarType dtype) => Run(dp, c =>
+    static void AssertHeldBy(WholeExpertState whole, IReadOnlyList<ReplicaState> targets)
     {
-        var held = survivors[c.Rank];
-        var (cover, why) = LiveShards.Cover(LiveShards.Exchange(c, held), step: 5, source: 0, dp: dp, ep: 2, zero: 3);
-        if (cover is null) throw new InvalidOperationException(why);
-        bool keep = held is not null && held.ZeroShard % 2 == c.Rank % 2;
-        DeepSeekForCausalLM model;
-        if (keep) model = held!.Model;
-        else
+        var assembled = whole.Weights.Where(kv => whole.Optimizer.Slots.Any(s => s.Name == kv.Key))
+            .ToDictionary(kv => kv.Key, kv => full_like(kv.Value, double.NaN));
+        foreach (var target in targets)
         {
-            model = DeepSeekForCausalLM.FromSeed(Config, 99);
-            ExpertParallel.ShardModel(model, Layout(dp), c.Rank);
-            model.to(dtype);
+            Assert.Equal((5L, 77L, 17L), (target.Step, target.Lineage, target.Optimizer.StepCount));
+            var parameters = target.Optimizer.Slots.Select(s => s.Name).ToHashSet();
+            foreach (var (name, t) in CheckpointTensors.Collect(target.Model, null).Where(kv => !parameters.Contains(kv.Key)))
+                Assert.True(Same(whole.Weights[name], t), $"rank {target.ZeroShard}: buffer {name} is not the whole model's");
+            foreach (var s in target.Optimizer.Slots)
+            {
+                using (var own = s.Own(s.Param))
+                using (var into = s.Own(assembled[s.Name]))
+                    into.copy_(own);
+                foreach (var (kind, t) in new[] { ("exp_avg", s.ExpAvg), ("exp_avg_sq", s.ExpAvgSq), ("master", s.Master) })
+                {
+                    if (t is null) continue;
+                    var all = whole.State[$"optimizer.{s.Name}.{kind}"];
+                    using var rows = s.RowCount is { } n && all.dim() > 0 ? all.narrow(0, s.RowStart, n) : all.alias();
+                    Assert.True(Same(rows, t), $"rank {target.ZeroShard}: {s.Name}.{kind} rows [{s.RowStart}, +{s.RowCount}) differ from the whole state's");
+                }
+            }
         }
-        var optimizer = Trainer.CreateOptimizer(model, Options, c.Rank, dp);
-        var target = new ReplicaState
-        {
-            JobId = "j", Fingerprint = "f", Model = model, Optimizer = optimizer, ZeroShard = c.Rank, ZeroShards = dp, Ep = 2, ShardedParameters = true,
-        };
-        LiveShards.Reshard(c, cover, held, target);
-        return (cover, target);
-    });
+        // A row no new rank holds stays NaN and fails here, as does a held row of other bits.
+        foreach (var (name, t) in assembled)
+            Assert.True(Same(whole.Weights[name], t), $"{name}: the new ranks' parameter rows are not the whole model's");
+        Assert.Equal(whole.Optimizer.Slots.Count, assembled.Count);
+        foreach (var t in assembled.Values) t.Dispose();
+    }
 
     /// <summary>The four old ranks' copies refreshed; each copy's bytes are the planner's for its holder, and what the neighbour sent.</summary>
-    static ReplicaState[] Refreshed(Whole whole, ScalarType dtype)
+    static ReplicaState[] Refreshed(WholeExpertState whole, ScalarType dtype)
     {
-        var old = Enumerable.Range(0, 4).Select(r => whole.Replica(r, 4, dtype)).ToArray();
+        var old = Enumerable.Range(0, 4).Select(r => Replica(whole, r, 4, dtype)).ToArray();
         var sent = Run(4, c => LiveShards.Refresh(c, old[c.Rank]));
         Assert.All(old, s => Assert.Equal(5, s.Neighbour!.Step));
         for (int r = 0; r < 4; r++)
         {
             // The neighbour's replicated rows / 4 and its experts' / 2, each with its parameter rows (fp32) or master rows (bf16).
-            var (elements, rows) = MemoryPlanner.NeighbourElements(Config, Layout(4), r);
+            var (elements, rows) = MemoryPlanner.NeighbourElements(Config, Layout(4, zero: 3), r);
             Assert.Equal(elements, rows); // ZeRO-3: every copied row's weights travel with it
             long expected = dtype == ScalarType.Float32 ? (2 * elements + rows) * 4 : 3 * elements * 4;
             long held = old[r].Neighbour!.Words.numel() * old[r].Neighbour!.Words.element_size();
@@ -178,19 +106,19 @@ public class LiveShardsExpertZero3Tests
     [InlineData(ScalarType.BFloat16)]
     public void Dp4Ep2Zero3LosesTwoNonAdjacentRanksAndTheSurvivorsReshardOntoDp2WithAnExpertShardMovedFromTheCopiedParameterRows(ScalarType dtype)
     {
-        using var whole = new Whole(dtype);
+        using var whole = new WholeExpertState(dtype);
         var old = Refreshed(whole, dtype);
         var targets = new List<ReplicaState>();
         try
         {
-            var outcomes = Reshard([old[0], old[2]], dp: 2, dtype);
+            var outcomes = Reshard([old[0], old[2]], dp: 2, zero: 3, dtype);
             targets.AddRange(outcomes.Select(o => o.Target));
             var cover = outcomes[0].Cover;
             // Pieces: the replicated rows of shards 0-3, then expert shard 0's parts 0 and 1, expert shard 1's parts 0 and 1.
             Assert.Equal([0, 0, 1, 1, 0, 1, 0, 1], cover.Holders);
             Assert.Equal([false, true, false, true, false, false, true, true], cover.FromCopy);
             Assert.Equal([true, false], cover.Keeps); // old rank 2 held expert shard 0; as new rank 1 it holds shard 1
-            whole.AssertHeldBy(targets);
+            AssertHeldBy(whole, targets);
             Assert.Contains(targets[1].Optimizer.Slots, s => s.Name.Contains(".mlp.experts.7.", StringComparison.Ordinal));
         }
         finally { Dispose(targets, old); }
@@ -199,13 +127,13 @@ public class LiveShardsExpertZero3Tests
     [Fact]
     public void Dp4Ep2Zero3LosesOneRankAndASpareAndTwoSurvivorsThatChangeExpertShardTakeItsRowsFromTheCopy()
     {
-        using var whole = new Whole(ScalarType.Float32);
+        using var whole = new WholeExpertState(ScalarType.Float32);
         var old = Refreshed(whole, ScalarType.Float32);
         var targets = new List<ReplicaState>();
         try
         {
             // Old ranks 0, 2, 3 are new ranks 0, 1, 2 (old 2 and 3 change expert shard), a spare is new rank 3.
-            var outcomes = Reshard([old[0], old[2], old[3], null], dp: 4, ScalarType.Float32);
+            var outcomes = Reshard([old[0], old[2], old[3], null], dp: 4, zero: 3, ScalarType.Float32);
             targets.AddRange(outcomes.Select(o => o.Target));
             var cover = outcomes[0].Cover;
             // Old rank 1's replicated rows (shard 1) and its part of expert shard 1 (part 0) come from old rank 0's copy.
@@ -213,7 +141,7 @@ public class LiveShardsExpertZero3Tests
             Assert.Equal([false, true, false, false, false, false, true, false], cover.FromCopy);
             Assert.Equal([true, false, false, false], cover.Keeps);
             Assert.False(cover.InPlace);
-            whole.AssertHeldBy(targets);
+            AssertHeldBy(whole, targets);
         }
         finally { Dispose(targets, old); }
     }
@@ -226,19 +154,19 @@ public class LiveShardsExpertZero3Tests
         // The spare has no weights, so the source broadcasts its replicated tensors; under ZeRO-3 the source holds only its
         // own rows of each parameter, and survivors 1 and 2 keep their models: their own rows, still to be sent as pieces,
         // must not be overwritten by the source's rows (found in the cluster: NaN after such a resume).
-        using var whole = new Whole(dtype);
+        using var whole = new WholeExpertState(dtype);
         var old = Refreshed(whole, dtype);
         var targets = new List<ReplicaState>();
         try
         {
-            var outcomes = Reshard([old[0], old[1], old[2], null], dp: 4, dtype);
+            var outcomes = Reshard([old[0], old[1], old[2], null], dp: 4, zero: 3, dtype);
             targets.AddRange(outcomes.Select(o => o.Target));
             var cover = outcomes[0].Cover;
             // Old rank 3's replicated rows (shard 3) and its part of expert shard 1 (part 1) come from old rank 2's copy.
             Assert.Equal([0, 1, 2, 2, 0, 2, 1, 2], cover.Holders);
             Assert.Equal([false, false, false, true, false, false, false, true], cover.FromCopy);
             Assert.Equal([true, true, true, false], cover.Keeps);
-            whole.AssertHeldBy(targets);
+            AssertHeldBy(whole, targets);
         }
         finally { Dispose(targets, old); }
     }

@@ -15,6 +15,7 @@ using DeepSeekCluster.Training.Pipeline;
 using TorchSharp;
 using static TorchSharp.torch;
 using static DeepSeekCluster.GpuWorker.Tests.LiveShardsReshardTests;
+using static DeepSeekCluster.GpuWorker.Tests.Infrastructure.TcpRanks;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 

@@ -3,14 +3,13 @@
 // survives in its neighbour's copy), and old ranks 0 and 2 with a spare that holds nothing reshard onto dp 3. Every
 // new rank's moments and master rows equal, bit for bit, the rows of one whole optimizer state, and the spare gets
 // the weights.
-using System.Net;
 using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.Training.Checkpoints;
-using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using TorchSharp;
 using static TorchSharp.torch;
+using static DeepSeekCluster.GpuWorker.Tests.Infrastructure.TcpRanks;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -180,18 +179,4 @@ public class LiveShardsReshardTests
 
     /// <summary>Same shape, dtype and values (no NaN in these states).</summary>
     internal static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
-
-    /// <summary>W ranks as threads over real sockets; a rank that hangs past two minutes fails the test.</summary>
-    internal static T[] Run<T>(int world, Func<TcpCollective, T> body)
-    {
-        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("reshard-test", world, Key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
-        var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
-        var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
-        {
-            using var collective = rv.Connect(endpoints, new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(60) });
-            return body(collective);
-        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
-        if (!Task.WaitAll(tasks, TimeSpan.FromMinutes(2))) throw new TimeoutException($"a rank of a world of {world} hung");
-        return [.. tasks.Select(t => t.Result)];
-    }
 }

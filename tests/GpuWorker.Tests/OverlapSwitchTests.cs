@@ -1,10 +1,9 @@
 // The job spec's parallel.overlapGradientReduction, from its JSON through the worker's plan to the trainer it builds: on,
 // a dp 2 trainer over a real tcp ring all-reduces buckets during the backward; absent, none.
-using System.Net;
 using DeepSeekCluster.Contracts.Grains;
 using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Training.Collectives;
-using DeepSeekCluster.Training.Collectives.Tcp;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -24,20 +23,14 @@ public class OverlapSwitchTests
         var (config, options) = JobPlan.Map(spec, vocabSize: 101, eosTokenId: 3);
         var rng = new Random(1);
         var data = new TokenDataset([.. Enumerable.Range(0, 17 * 16).Select(_ => rng.Next(101))], options.SeqLen);
-        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
-        var rendezvous = Enumerable.Range(0, 2).Select(r => new TcpRendezvous("overlap-switch", 1, key, r, 2, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
-        var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
-        var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
+        return TcpRanks.Run(2, ring =>
         {
-            using var ring = rv.Connect(endpoints, new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(60) });
             using var model = DeepSeekForCausalLM.FromSeed(config, 7);
             // Buckets of 4 KiB: each signalled group is one, whatever the model's size (the worker's are 25 MiB).
             using var trainer = new Trainer(model, data, null, options, CPU, 1e11, ring.Rank, 2, new BucketedGradientReducer(ring, 4 << 10));
             trainer.TrainStep();
             return (options, trainer.OverlapsReduction, trainer.OverlappedBuckets.DuringBackward);
-        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
-        Assert.True(Task.WaitAll(tasks, TimeSpan.FromSeconds(120)), "a rank hung");
-        return [.. tasks.Select(t => t.Result)];
+        });
     }
 
     [Fact]

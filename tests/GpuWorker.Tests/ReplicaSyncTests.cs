@@ -5,6 +5,7 @@ using DeepSeekCluster.GpuWorker.Cluster;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Collectives.Tcp;
 using static TorchSharp.torch;
+using static DeepSeekCluster.GpuWorker.Tests.Infrastructure.TcpRanks;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -91,10 +92,17 @@ public class ReplicaSyncTests
             using var cancellation = new RunCancellation();
             using var guard = cancellation.Guard(c);
             using var grads = ones(1 << 16);
-            var timer = new Timer(_ => cancellation.Cancel(TimeSpan.FromMilliseconds(200)), null, TimeSpan.FromMilliseconds(300), Timeout.InfiniteTimeSpan);
+            // The cancel comes once the all-reduce waits on its silent peer: a cancel before it began would fail it the same way.
+            using var blocked = new ManualResetEventSlim();
+            c.ReceiveWaiting = blocked.Set;
+            var canceller = Task.Run(() =>
+            {
+                Assert.True(blocked.Wait(TimeSpan.FromSeconds(60)), "rank 0's all-reduce never waited on its peer");
+                cancellation.Cancel(TimeSpan.FromMilliseconds(200));
+            });
             try { c.AllReduce(grads, ReduceOp.Avg); return (null, false); }
             catch (Exception e) { return (e, cancellation.Boundary.IsCancellationRequested && cancellation.IsAborted); }
-            finally { timer.Dispose(); peerGone.Set(); }
+            finally { canceller.Wait(); peerGone.Set(); }
         }, options, limit: TimeSpan.FromSeconds(60)); // far below the 5 minute collective timeout
         var error = Assert.IsType<CollectiveException>(outcomes[0].Error);
         Assert.Equal(CollectiveFailure.Unavailable, error.Failure);
@@ -115,31 +123,28 @@ public class ReplicaSyncTests
     [Fact]
     public void ACancelEndsARendezvousWhosePeerNeverConnectsAndFreesItsPort()
     {
-        int port = FreePort.Next(), absent = FreePort.Next();
-        var rendezvous = new TcpRendezvous("job", 3, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port));
-        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
-        var connect = Task.Run(() => RunCancellation.ConnectRing(rendezvous, [$"127.0.0.1:{port}", $"127.0.0.1:{absent}"],
-            new TcpCollectiveOptions { Timeout = TimeSpan.FromMinutes(5) }, cts.Token));
-        Assert.True(((IAsyncResult)connect).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(60)), "the rendezvous ignored the cancellation");
-        Assert.IsAssignableFrom<OperationCanceledException>(connect.Exception?.InnerException);
-        using var next = new TcpRendezvous("job", 4, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port)); // the next generation binds the same port
-        Assert.Equal(port, next.LocalEndpoint.Port);
+        int port = FreePort.Next();
+        // The peer's port takes connections into its backlog and never answers: rank 0's dial reaching it shows the
+        // rendezvous is under way and waiting, which is when the cancel must end it.
+        var silentPeer = new System.Net.Sockets.TcpListener(IPAddress.Loopback, 0);
+        silentPeer.Start();
+        try
+        {
+            int absent = ((IPEndPoint)silentPeer.LocalEndpoint).Port;
+            var rendezvous = new TcpRendezvous("job", 3, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port));
+            using var cts = new CancellationTokenSource();
+            var connect = Task.Run(() => RunCancellation.ConnectRing(rendezvous, [$"127.0.0.1:{port}", $"127.0.0.1:{absent}"],
+                new TcpCollectiveOptions { Timeout = TimeSpan.FromMinutes(5) }, cts.Token));
+            Assert.True(SpinWait.SpinUntil(() => silentPeer.Pending() || connect.IsCompleted, TimeSpan.FromSeconds(60)), "rank 0 never dialled its peer");
+            Assert.False(connect.IsCompleted, $"the rendezvous ended before the cancel: {connect.Exception}");
+            cts.Cancel();
+            Assert.True(((IAsyncResult)connect).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(60)), "the rendezvous ignored the cancellation");
+            Assert.IsAssignableFrom<OperationCanceledException>(connect.Exception?.InnerException);
+            using var next = new TcpRendezvous("job", 4, Key, 0, 2, new IPEndPoint(IPAddress.Loopback, port)); // the next generation binds the same port
+            Assert.Equal(port, next.LocalEndpoint.Port);
+        }
+        finally { silentPeer.Stop(); }
     }
 
     static readonly byte[] Key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
-
-    /// <summary>W ranks as threads over real sockets; a rank that hangs past the limit fails the test.</summary>
-    static T[] Run<T>(int world, Func<TcpCollective, T> body, TcpCollectiveOptions? options = null, TimeSpan? limit = null)
-    {
-        options ??= new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(60) };
-        var rendezvous = Enumerable.Range(0, world).Select(r => new TcpRendezvous("replica-test", 2, Key, r, world, new IPEndPoint(IPAddress.Loopback, 0))).ToArray();
-        var endpoints = rendezvous.Select(r => $"127.0.0.1:{r.LocalEndpoint.Port}").ToArray();
-        var tasks = rendezvous.Select(rv => Task.Factory.StartNew(() =>
-        {
-            using var collective = rv.Connect(endpoints, options);
-            return body(collective);
-        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
-        if (!Task.WaitAll(tasks, limit ?? TimeSpan.FromSeconds(120))) throw new TimeoutException($"a rank of a world of {world} hung");
-        return [.. tasks.Select(t => t.Result)];
-    }
 }

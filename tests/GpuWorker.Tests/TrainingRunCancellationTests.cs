@@ -19,9 +19,10 @@ public class TrainingRunCancellationTests
         var silent = new TcpListener(IPAddress.Loopback, 0);
         silent.Start();
         var accepted = new List<Socket>();
+        var called = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var accepting = Task.Run(async () =>
         {
-            try { while (true) { var s = await silent.AcceptSocketAsync(); lock (accepted) accepted.Add(s); } }
+            try { while (true) { var s = await silent.AcceptSocketAsync(); lock (accepted) accepted.Add(s); called.TrySetResult(); } }
             catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
         });
         var address = new Uri($"http://127.0.0.1:{((IPEndPoint)silent.LocalEndpoint).Port}");
@@ -48,14 +49,9 @@ public class TrainingRunCancellationTests
             var running = Task.Factory.StartNew(run.Run, TaskCreationOptions.LongRunning);
 
             // Cancel once the call is in flight (the silent service has its connection), as a new Assignment or a Leave does.
-            var deadline = DateTime.UtcNow.AddSeconds(60);
-            while (true)
-            {
-                lock (accepted) if (accepted.Count > 0) break;
-                Assert.False(running.IsCompleted, $"the run ended before its first call: {log}");
-                Assert.True(DateTime.UtcNow < deadline, "the run never called the data service");
-                await Task.Delay(20);
-            }
+            var first = await Task.WhenAny(called.Task, running, Task.Delay(TimeSpan.FromSeconds(60))); // the third: the deadline
+            Assert.False(first == running, $"the run ended before its first call: {log}");
+            Assert.True(first == called.Task, "the run never called the data service within 60 s");
             run.Cancel();
             await running.WaitAsync(TimeSpan.FromSeconds(60));
 

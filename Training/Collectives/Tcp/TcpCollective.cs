@@ -39,6 +39,9 @@ public sealed unsafe partial class TcpCollective : ICollective
     /// <summary>Test hook: called after each data frame is received (a test kills a rank in the middle of an operation).</summary>
     internal Action? FrameReceived { get; set; }
 
+    /// <summary>Test hook: called each poll slice in which a receive finds nothing to read (a test cancels a rank blocked on a silent peer).</summary>
+    internal Action? ReceiveWaiting { get; set; }
+
     readonly TcpRendezvous rendezvous;
     readonly IReadOnlyList<string> addresses;
     readonly PeerLink? next, prev;
@@ -283,6 +286,7 @@ public sealed unsafe partial class TcpCollective : ICollective
             catch (SocketException e) { throw Lost(from, $"failed ({e.SocketErrorCode})", e); }
             if (!ready)
             {
+                ReceiveWaiting?.Invoke();
                 long now = Stopwatch.GetTimestamp();
                 if (untilTimestamp is { } until) { if (now >= until) return false; }
                 else if (Stopwatch.GetElapsedTime(last, now) >= detectAfter)

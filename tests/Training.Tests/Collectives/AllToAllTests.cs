@@ -89,7 +89,8 @@ public class AllToAllTests
             c.AllToAll(input, two, output, two); // the links are up: the failure is the peer's, not the formation's
             if (c.Rank == victim)
             {
-                if (stalls) { Thread.Sleep(timeout * 3); return 0; } // alive and connected, but never calls
+                // The stall is the subject: alive and connected, but never calls, for longer than the others may wait.
+                if (stalls) { Thread.Sleep(timeout * 3); return 0; }
                 c.Dispose(); // dies: its sockets close
                 return 0;
             }

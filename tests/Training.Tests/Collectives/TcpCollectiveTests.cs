@@ -182,8 +182,8 @@ public class TcpCollectiveTests
         var timeout = TimeSpan.FromSeconds(2);
         var outcomes = RankGroup.Outcomes(world, c =>
         {
-            // Alive, connected, never calls the all-reduce, and stays so until the others must have decided: they must notice
-            // the stall itself, not a close.
+            // The stall is the subject: alive, connected, never calls the all-reduce, and stays so until the others must have
+            // decided: they must notice the stall itself, not a close.
             if (c.Rank == victim) { Thread.Sleep(timeout * 3); return 0; }
             using var t = ones(1000, dtype: ScalarType.Float32);
             c.AllReduce(t);
@@ -206,7 +206,7 @@ public class TcpCollectiveTests
         {
             if (c.Rank == 1) { c.Dispose(); return 0; }
             using var t = ones(10);
-            try { c.AllReduce(t); } catch (CollectiveException) { }
+            Assert.Throws<CollectiveException>(() => c.AllReduce(t)); // the failure: its peer is gone
             c.Barrier();
             return 1;
         }, new TcpCollectiveOptions { Timeout = TimeSpan.FromSeconds(2) });

@@ -14,8 +14,9 @@ public class FinalizerHoldTests
         ~Probe() => finalized.Value = true;
     }
 
+    /// <summary>Leaves a probe for the collector; the short weak reference is cleared when a collection finds it dead and queues its finalizer.</summary>
     [MethodImpl(MethodImplOptions.NoInlining)]
-    static void Drop(StrongBox<bool> finalized) => _ = new Probe(finalized);
+    static WeakReference Drop(StrongBox<bool> finalized) => new(new Probe(finalized), trackResurrection: false);
 
     static bool Eventually(Func<bool> condition, TimeSpan timeout)
     {
@@ -24,7 +25,7 @@ public class FinalizerHoldTests
         {
             if (deadline.Elapsed > timeout) return false;
             GC.Collect();
-            Thread.Sleep(10);
+            Thread.Sleep(10); // a poll interval: the condition is checked again after each collection, up to the timeout
         }
         return true;
     }
@@ -36,9 +37,12 @@ public class FinalizerHoldTests
         using (FinalizerHold.Enter())
         {
             var nested = FinalizerHold.Enter();
-            Drop(finalized);
-            // Collections run and find the probe dead; its finalizer must wait for the hold. (A bounded wait: this
-            // asserts that something does not happen.)
+            var probe = Drop(finalized);
+            // First the condition that makes the rest mean something: a collection found the probe dead and queued its
+            // finalizer (without it, "not finalized" below would hold for a probe still alive).
+            Assert.True(Eventually(() => !probe.IsAlive, TimeSpan.FromSeconds(60)), "no collection found the probe dead within 60 s");
+            // Its finalizer must wait for the hold. A bounded window, as any check that something does not happen needs:
+            // a free finalizer thread runs a queued finalizer within milliseconds, and this one has 300 ms of collections.
             Assert.False(Eventually(() => finalized.Value, TimeSpan.FromMilliseconds(300)), "a finalizer ran inside a hold");
             nested.Dispose();
             Assert.False(Eventually(() => finalized.Value, TimeSpan.FromMilliseconds(100)), "closing the inner of two holds released the finalizer");
