@@ -2,7 +2,6 @@
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
-using System.Runtime.InteropServices;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
@@ -13,29 +12,10 @@ public class MemoryPlanTests(ITestOutputHelper output)
 {
     static readonly DeepSeekConfig Tiny = DeepSeekConfig.Tiny(512);
 
-    [StructLayout(LayoutKind.Sequential)]
-    struct MallInfo2 { public nuint Arena, Ordblks, Smblks, Hblks, Hblkhd, Usmblks, Fsmblks, Uordblks, Fordblks, Keepcost; }
-
-    [DllImport("libc", EntryPoint = "mallinfo2")]
-    static extern MallInfo2 MallInfo();
-
-    /// <summary>
-    /// Bytes malloc holds for the process now (every arena's chunks in use and every mapped block): libtorch allocates CPU
-    /// tensors there, so a tensor kept adds its bytes at once, whatever glibc's mapping threshold is (resident pages would not).
-    /// </summary>
-    static long HeapBytesInUse()
-    {
-        GC.Collect();
-        GC.WaitForPendingFinalizers();
-        GC.Collect();
-        var m = MallInfo();
-        return (long)m.Uordblks + (long)m.Hblkhd;
-    }
-
     /// <summary>
     /// One MLA layer's forward keeps what the planner predicts for the form the model will run there: written out in bf16
     /// at 256 keys on a CPU (6 bytes a score per head: the planner's old 4 was 25% under), fused at 512 keys and in fp32
-    /// (where the old (T, S) term was several times too much). Measured as malloc's bytes in use after the forward, less
+    /// (where the old (T, S) term was several times too much). Measured as malloc's bytes in use (MallocHeap) after the forward, less
     /// the layer's output (the model's residual add consumes it), the median of 5 rounds after one that warms the kernels.
     /// </summary>
     [Theory]
@@ -57,10 +37,10 @@ public class MemoryPlanTests(ITestOutputHelper output)
         var kept = new List<long>();
         for (int round = 0; round < 6; round++)
         {
-            long before = HeapBytesInUse();
+            long before = MallocHeap.BytesInUse();
             using var scope = NewDisposeScope();
             var y_BTD = layer.forward(x_BTD);
-            long after = HeapBytesInUse();
+            long after = MallocHeap.BytesInUse();
             if (round > 0) kept.Add(after - before - y_BTD.numel() * y_BTD.element_size());
             y_BTD.sum().backward();
         }
