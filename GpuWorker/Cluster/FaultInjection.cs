@@ -17,7 +17,7 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// (its optimizer update and, under redundancy, its neighbour copy), so a test of live resumption with real processes
 /// kills a rank at a known point; every other worker ignores it (all workers of a run may share the setting). It ends
 /// the process: never set it where workers run inside another process;
-/// "updateloss@S:WORKER": the worker named WORKER loses its ring as step S's update begins (ITrainer.UpdateBegins), once
+/// "updateloss@S:WORKER": the worker named WORKER loses its ring as step S's update begins (ITrainer.BeforeStateChange with StateChange.Update), once
 /// per process (the step redone after the re-formation runs clean): under ZeRO every other rank is then caught between
 /// its update and the end of its step (in the all-gather of the updated rows), where no rank holds a live state, so the
 /// job resumes from the committed checkpoint. Safe in-process. Several faults: "nan@5,spike@12".

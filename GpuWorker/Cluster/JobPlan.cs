@@ -64,12 +64,13 @@ public sealed record JobPlan(JobSpec Spec, DeepSeekConfig Config, TrainingOption
     /// predicted bytes fit <paramref name="budgetBytes"/> with headroom (MicroBatchFinder). Every rank of a job on the same
     /// device and budget picks the same. A spec that sets it gets this plan back unchanged (null choice).
     /// </summary>
-    public (JobPlan Plan, MicroBatchChoice? Found) WithMicroBatchFound(Assignment assignment, string device, long budgetBytes)
+    public (JobPlan Plan, MicroBatchChoice? Found) WithMicroBatchFound(Assignment assignment, TorchSharp.torch.Device device, long budgetBytes)
     {
         if (Spec.MicroBatch > 0) return (this, null);
         int dp = assignment.DpSize, pp = Math.Max(1, assignment.PpSize), share = Options.GlobalBatch / dp;
         var layout = ParallelLayout.Even(dp, pp, Config.NumHiddenLayers).WithShards(Spec.Parallel.Ep, Spec.Parallel.Zero, Config.NRoutedExperts);
-        var inputs = new MemoryInputs(Options.Precision, Spec.ActivationCheckpointing, 1, Options.SeqLen, share, Options.PipelineSchedule, Spec.Parallel.Redundancy);
+        var inputs = new MemoryInputs(Options.Precision, Spec.ActivationCheckpointing, 1, Options.SeqLen, share, Options.PipelineSchedule, Spec.Parallel.Redundancy,
+                                      Device: device.type);
         string key = $"{device}|{budgetBytes}|{Config.ToJson()}|{dp}x{pp}/{layout.Ep}/{layout.Zero}|{inputs}|{share}";
         var found = FoundMicroBatches.GetOrAdd(key, _ => MicroBatchFinder.Find(Config, layout, inputs, share, budgetBytes));
         return (this with { Options = Options with { MicroBatch = found.MicroBatch } }, found);

@@ -63,7 +63,7 @@ sealed class RunFormation : IDisposable
             throw new InvalidDataException($"the assignment's rank {a.Rank} of {a.World} is not stage {stage}, replica {replica} of dp {dp} x pp {pp} (ranks are stage-major: rank = stage·dp + replica)");
         // Refused before anything is allocated or connected: every rank predicts the same and fails the job, naming the bytes.
         var (budget, budgetSource) = run.Settings.MemoryBudget(device);
-        var memory = MemoryPlanner.CheckFits(plan.Config, layout, MemoryInputsOf(plan, dp), budget, budgetSource);
+        var memory = MemoryPlanner.CheckFits(plan.Config, layout, MemoryInputsOf(plan, dp, device), budget, budgetSource);
         run.Log($"memory plan ({plan.Options.Precision}, zero {layout.Zero}): {memory} of {RankMemory.Gib(budget)} ({budgetSource}); activations estimated");
         var formed = new List<IDisposable>();
         T Keep<T>(T d) where T : IDisposable { formed.Add(d); return d; }
@@ -127,9 +127,9 @@ sealed class RunFormation : IDisposable
     }
 
     /// <summary>What besides the layout decides a rank's memory: the job's precision, recompute and micro-batches.</summary>
-    public static MemoryInputs MemoryInputsOf(JobPlan plan, int dp) =>
+    public static MemoryInputs MemoryInputsOf(JobPlan plan, int dp, Device device) =>
         new(plan.Options.Precision, plan.Spec.ActivationCheckpointing, plan.Options.MicroBatch, plan.Options.SeqLen,
-            plan.Options.Accumulation(dp), plan.Options.PipelineSchedule, plan.Spec.Parallel.Redundancy);
+            plan.Options.Accumulation(dp), plan.Options.PipelineSchedule, plan.Spec.Parallel.Redundancy, Device: device.type);
 
     /// <summary>
     /// Where the gradients are all-reduced: on CUDA, an NCCL communicator of the ring's ranks; on CPU, null: the tcp ring

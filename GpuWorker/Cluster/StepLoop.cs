@@ -36,15 +36,13 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         // thread count, and which steps a yield would slow depends on timing and on whether this generation began the
         // previous step's save, so a resumed or rescaled job would no longer equal an uninterrupted one (docs/decisions.md).
         var saver = new AsyncCheckpointSaver(formed.Store, formed.Sharding, A.Rank, Saved);
-        Trainer.BeforeOptimizerUpdate = () =>
+        Trainer.BeforeStateChange = change =>
         {
             if (saver.WaitForSnapshot() is not null) run.Metrics?.CheckpointSnapshot(A.JobId, run.WorkerId, saver.LastStall);
-        };
-        // From the update until the step returns the state is of no one step: a peer lost in the ZeRO all-gather after the
-        // update leaves this rank's rows and moments a step ahead of the others' rows. Not held, a live resume cannot start
-        // from it; the loop sets it again once the step is done.
-        Trainer.UpdateBegins = () =>
-        {
+            if (change != StateChange.Update) return;
+            // From the update until the step returns the state is of no one step: a peer lost in the ZeRO all-gather after
+            // the update leaves this rank's rows and moments a step ahead of the others' rows. Not held, a live resume
+            // cannot start from it; the loop sets it again once the step is done.
             formed.Live.Step = -1;
             run.Settings.Faults.AtUpdate(Trainer.Step + 1, run.WorkerId, run.Log);
         };
@@ -196,7 +194,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
                 new CheckpointPosition(Trainer.Step, A.Generation, Trainer.ConsumedSamples, Trainer.Optimizer.StepCount),
                 plan.Config.ToJson(), formed.TokenizerHash, formed.Live.Guard);
         // The copy runs beside the next step's forward and backward and the trainer waits for it before the update
-        // (BeforeOptimizerUpdate); after the last step nothing follows to overlap, so the copy is taken here.
+        // (BeforeStateChange); after the last step nothing follows to overlap, so the copy is taken here.
         bool last = now || step >= Options.Steps;
         var request = last ? saver.Save(step, tensors) : saver.BeginSave(step, tensors);
         if (request.Started && last) run.Metrics?.CheckpointSnapshot(A.JobId, run.WorkerId, request.Stall);

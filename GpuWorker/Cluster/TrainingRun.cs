@@ -90,7 +90,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         var tokenizer = data.GetTokenizer(new GetManifestRequest { DatasetId = spec.Dataset }, cancellationToken: ct);
         var budget = settings.MemoryBudget(device);
         var (plan, found) = JobPlan.For(assignment, spec, manifest, tokenizer, cuda: device.type == DeviceType.CUDA)
-            .WithMicroBatchFound(assignment, device.ToString(), budget.Bytes);
+            .WithMicroBatchFound(assignment, device, budget.Bytes);
         if (found is not null) context.Log($"microBatch unset: the batch-size finder chose {found} ({budget.Source})");
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);

@@ -28,7 +28,7 @@ public sealed record SaveOutcome(long Step, ManifestFile? File, Exception? Error
 /// Two ways to take the snapshot. <see cref="Save"/> copies before it returns (on this thread and a helper). With
 /// <see cref="BeginSave"/> the copy runs on a background thread while the next step's forward and backward passes run,
 /// which read the parameters and optimizer moments but change none: the caller must call <see cref="WaitForSnapshot"/>
-/// before anything changes the saved tensors (the optimizer update; the trainer's <c>BeforeOptimizerUpdate</c> hook),
+/// before anything changes the saved tensors (the optimizer update; the trainer's <c>BeforeStateChange</c> hook),
 /// and then helps finish the copy instead of idling. The snapshot is the state at the step boundary either way.
 /// </para>
 /// <para>

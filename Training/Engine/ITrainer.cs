@@ -6,6 +6,18 @@ using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Training.Engine;
 
+/// <summary>A change to the parameters, optimizer moments or routing biases that a step is about to make (<see cref="ITrainer.BeforeStateChange"/>).</summary>
+public enum StateChange
+{
+    /// <summary>ZeRO-3's start of a step: rows written into the exposed parameters become the rank's own, and the parameters are emptied.</summary>
+    ReleaseParameters,
+    /// <summary>
+    /// The optimizer update, applied or skipped: from here until the step returns the parameters, moments and routing
+    /// biases are of no one step (under ZeRO the updated rows are still to be gathered).
+    /// </summary>
+    Update,
+}
+
 public interface ITrainer : IDisposable
 {
     TrainingOptions Options { get; }
@@ -16,19 +28,14 @@ public interface ITrainer : IDisposable
     long ConsumedSamples { get; }
 
     /// <summary>
-    /// Called after forward, backward and the gradient exchange, right before the first change to the parameters, the
-    /// optimizer moments and the routing biases: a background checkpoint copy of the previous step's state
-    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot). Under ZeRO-3 also at
-    /// the start of the step, whose emptying of the parameters is such a change; <see cref="UpdateBegins"/> marks the update alone.
+    /// Called right before each change <see cref="TrainStep"/> makes to the parameters, the optimizer moments and the
+    /// routing biases, with which change it is: the update (<see cref="StateChange.Update"/>, once per step, after forward,
+    /// backward and the gradient exchange) and, under ZeRO-3, the emptying of the parameters at the step's start
+    /// (<see cref="StateChange.ReleaseParameters"/>). A background checkpoint copy of the previous step's state
+    /// (AsyncCheckpointSaver.BeginSave) may run until the first of them and is waited for there (WaitForSnapshot); from the
+    /// update until the step returns the state is of no one step, so a worker marks its live state not held (StepLoop).
     /// </summary>
-    Action? BeforeOptimizerUpdate { get; set; }
-
-    /// <summary>
-    /// Called once per step, after the pre-update <see cref="BeforeOptimizerUpdate"/> and before the update is applied or
-    /// skipped: from here until <see cref="TrainStep"/> returns the parameters, moments and routing biases are of no one
-    /// step (under ZeRO the updated rows are still to be gathered), so a worker marks its live state not held (StepLoop).
-    /// </summary>
-    Action? UpdateBegins { get; set; }
+    Action<StateChange>? BeforeStateChange { get; set; }
 
     /// <summary>
     /// Multiplies the schedule's learning rate (1 unless the step guard lowered it after a rollback). A step whose loss or

@@ -122,16 +122,8 @@ public sealed class Trainer : ITrainer
         return new ZeroStep(collective, shards, (reducer as BucketedGradientReducer)!.BucketBytes, layout);
     }
 
-    /// <summary>
-    /// Called in <see cref="TrainStep"/> after forward, backward and the gradient exchange, right before the first change
-    /// to the parameters, optimizer moments and routing biases: a background checkpoint copy of the previous step's state
-    /// (AsyncCheckpointSaver.BeginSave) may run until then and is waited for here (WaitForSnapshot). Under ZeRO-3 also
-    /// at the start of the step, which empties the parameters.
-    /// </summary>
-    public Action? BeforeOptimizerUpdate { get; set; }
-
     /// <inheritdoc/>
-    public Action? UpdateBegins { get; set; }
+    public Action<StateChange>? BeforeStateChange { get; set; }
 
     /// <inheritdoc/>
     public double LrScale { get; set; } = 1;
@@ -157,7 +149,7 @@ public sealed class Trainer : ITrainer
         // rank's own; then embedding, head and norms outside the layers are whole for the step (ZeroParameters).
         // Emptying them is ZeRO-3's first change to the parameters: a background checkpoint copy of the tensors
         // CheckpointTensors exposed must be done first (else it reads emptied storage and the save fails).
-        if (zeroParameters is not null) BeforeOptimizerUpdate?.Invoke();
+        if (zeroParameters is not null) BeforeStateChange?.Invoke(StateChange.ReleaseParameters);
         zeroParameters?.KeepOwnRowsAndRelease();
         zeroParameters?.GatherRest();
 
@@ -246,8 +238,7 @@ public sealed class Trainer : ITrainer
         // The guard: a NaN/Inf loss or norm is never applied. Every rank holds the same summed words (under ZeRO, the norm
         // is summed over every shard), hence the same norm and loss, and skips with the others without a word exchanged.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(stats.Lm.Value));
-        BeforeOptimizerUpdate?.Invoke();
-        UpdateBegins?.Invoke();
+        BeforeStateChange?.Invoke(StateChange.Update);
         if (!skipped)
         {
             Optimizer.Step(lr);

@@ -1,6 +1,5 @@
 // Activation recompute: a piece of the forward run without keeping its graph, and run again inside backward. Not a
 // scheduler (which layers to recompute is the mode's fixed choice), and not a memory planner (Parallel/MemoryPlan.cs).
-using System.Reflection;
 using static TorchSharp.torch;
 using static TorchSharp.torch.autograd;
 
@@ -89,7 +88,8 @@ public static class ActivationRecompute
         inputs.CopyTo(args, 1);
         for (int i = 0; i < parameters.Count; i++) args[1 + inputs.Length + i] = parameters[i];
         var outputs = RecomputedSegment.apply(args);
-        OutputCache.Shrink(segment);
+        FunctionOutputCache.Shrink(segment.Context);
+        segment.Context = null;
         return outputs.ToArray();
     }
 
@@ -110,7 +110,8 @@ public static class ActivationRecompute
         args[0] = segment;
         inputs.CopyTo(args, 1);
         var outputs = RecomputedSegment.apply(args);
-        OutputCache.Shrink(segment);
+        FunctionOutputCache.Shrink(segment.Context);
+        segment.Context = null;
         return outputs.ToArray();
     }
 
@@ -210,36 +211,6 @@ public static class ActivationRecompute
                         leaf.set_(nothing);
                     }
             return result;
-        }
-    }
-
-    /// <summary>
-    /// TorchSharp 0.107's Function node keeps an <c>empty_like</c> of every output for as long as the graph lives, only
-    /// to make zeros when an output gets no gradient. For a recomputed layer that is one more copy of its output per
-    /// layer, which would cancel much of what recompute saves; a zero-strided stand-in (one element) makes the same
-    /// zeros. The field names are checked once: a TorchSharp without them fails here, loudly, rather than keep the copy.
-    /// </summary>
-    static class OutputCache
-    {
-        static readonly FieldInfo NodeField = typeof(AutogradContext).GetField("_node", BindingFlags.NonPublic | BindingFlags.Instance)
-            ?? throw new MissingFieldException($"TorchSharp {typeof(AutogradContext).Assembly.GetName().Version}: AutogradContext._node, which activation recompute relies on, is gone");
-
-        public static void Shrink(Segment segment)
-        {
-            var ctx = segment.Context;
-            segment.Context = null;
-            if (ctx is null) return; // apply never called forward: nothing cached
-            var node = NodeField.GetValue(ctx) ?? throw new InvalidOperationException("the recompute node has no native node");
-            var field = node.GetType().GetField("_outputCache", BindingFlags.NonPublic | BindingFlags.Instance)
-                ?? throw new MissingFieldException($"TorchSharp: {node.GetType().Name}._outputCache, which activation recompute relies on, is gone");
-            if (field.GetValue(node) is not List<Tensor> cache) return; // not executable (no input needs a gradient): no cache
-            for (int i = 0; i < cache.Count; i++)
-            {
-                if (cache[i] is not { } full) continue;
-                var standIn = zeros(Array.Empty<long>(), dtype: full.dtype, device: full.device).expand(full.shape).DetachFromDisposeScope();
-                full.Dispose();
-                cache[i] = standIn;
-            }
         }
     }
 }

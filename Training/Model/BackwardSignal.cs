@@ -41,11 +41,22 @@ sealed class BackwardSignal : SingleTensorFunction<BackwardSignal>
     public override string Name => nameof(BackwardSignal);
 
     /// <summary><paramref name="x"/> unchanged, with <paramref name="listener"/> called when its gradient is complete.</summary>
-    public static Tensor Around(Tensor x, IBackwardListener listener) => apply(x, listener);
+    public static Tensor Around(Tensor x, IBackwardListener listener)
+    {
+        var forwarded = new Forwarded();
+        var y = apply(x, listener, forwarded);
+        // The node's copy of its output would hold one more (B, T, D) per layer until the backward: a stand-in instead.
+        FunctionOutputCache.Shrink(forwarded.Context);
+        return y;
+    }
+
+    /// <summary>The context the forward ran with, for the node's output cache (<see cref="FunctionOutputCache"/>).</summary>
+    sealed class Forwarded { public AutogradContext? Context; }
 
     public override Tensor forward(AutogradContext ctx, params object[] vars)
     {
         ctx.save_data("listener", vars[1]);
+        ((Forwarded)vars[2]).Context = ctx;
         return ((Tensor)vars[0]).alias();
     }
 
@@ -58,6 +69,6 @@ sealed class BackwardSignal : SingleTensorFunction<BackwardSignal>
             try { listener.Failed(e); }
             catch { } // nothing may leave this frame (see IBackwardListener); the listener's contract is not to throw here
         }
-        return [grad_output, null!];
+        return [grad_output, null!, null!];
     }
 }

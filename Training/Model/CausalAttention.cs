@@ -28,8 +28,11 @@ public static class CausalAttention
     /// eager attention (bf16 matmuls with fp32 accumulation, the softmax in fp32); it keeps the (T, S) probabilities for
     /// the backward, 6 bytes each per head, which at these lengths is a few MiB a layer.
     /// </summary>
-    public static bool PrefersWrittenOut(Tensor q_BHTQ, long keys) =>
-        q_BHTQ.device_type == TorchSharp.DeviceType.CPU && q_BHTQ.dtype == ScalarType.BFloat16 && keys <= WrittenOutMaxKeys;
+    public static bool PrefersWrittenOut(Tensor q_BHTQ, long keys) => PrefersWrittenOut(q_BHTQ.device_type, q_BHTQ.dtype, keys);
+
+    /// <summary>The same decision from the queries' device and dtype alone: the memory planner predicts the form a layer will run by it.</summary>
+    public static bool PrefersWrittenOut(TorchSharp.DeviceType device, ScalarType dtype, long keys) =>
+        device == TorchSharp.DeviceType.CPU && dtype == ScalarType.BFloat16 && keys <= WrittenOutMaxKeys;
 
     /// <summary>Sets every attention layer of <paramref name="model"/> (main and MTP) to <paramref name="kernel"/>.</summary>
     public static void Apply(DeepSeekForCausalLM model, AttentionKernel kernel)

@@ -42,6 +42,37 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     public static long AutoRowBucket(Tensor x) =>
         x.device_type == TorchSharp.DeviceType.CPU && x.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? 64 : 1;
 
+    /// <summary>The row bucket this layer's experts run with on rows like <paramref name="input_MD"/>, here or on their expert-parallel ranks.</summary>
+    long BucketFor(Tensor input_MD)
+    {
+        long bucket = RowBucket ?? AutoRowBucket(input_MD);
+        if (bucket < 1) throw new InvalidOperationException($"RowBucket must be at least 1, got {bucket}");
+        return bucket;
+    }
+
+    /// <summary>
+    /// <paramref name="run"/> on each group of consecutive rows of <paramref name="rows_MD"/> (<paramref name="counts"/>[i]
+    /// rows for group i, in order), each group's window rounded up to a multiple of <paramref name="bucket"/>
+    /// (<see cref="RowBucket"/>): the extra rows are the next groups' (or zeros past the last), their outputs dropped.
+    /// A group with no rows still runs, on an empty (or all-extra) window: its expert's weights then get a defined zero
+    /// gradient, so data-parallel reduction and the optimizer never see a missing or NaN gradient.
+    /// </summary>
+    internal static List<Tensor> RunInBuckets(Tensor rows_MD, IReadOnlyList<long> counts, long bucket, Func<int, Tensor, Tensor> run)
+    {
+        // Zero rows past the last group, so that its rounded-up window fits.
+        var padded_MD = bucket == 1 ? rows_MD : cat([rows_MD, zeros(bucket - 1, rows_MD.shape[1], rows_MD.dtype, rows_MD.device)], 0);
+        var outputs = new List<Tensor>(counts.Count);
+        long offset = 0;
+        for (int i = 0; i < counts.Count; i++)
+        {
+            long count = counts[i], rounded = (count + bucket - 1) / bucket * bucket;
+            var output = run(i, padded_MD.narrow(0, offset, rounded));
+            outputs.Add(rounded == count ? output : output.narrow(0, 0, count));
+            offset += count;
+        }
+        return outputs;
+    }
+
     public DeepSeekMoe(DeepSeekConfig config) : base(nameof(DeepSeekMoe))
     {
         nExperts = config.NRoutedExperts;
@@ -94,7 +125,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         LastLoad = load_E.data<long>().ToArray();
 
         var input_MD = x_ND.index_select(0, token_M);
-        var expertOut_MD = Parallel is { } ep ? ep.RunExperts(input_MD, LastLoad, route.Indices_NK, experts, Kernel) : RunAll(input_MD);
+        var expertOut_MD = Parallel is { } ep ? ep.RunExperts(input_MD, LastLoad, route.Indices_NK, experts, Kernel, BucketFor(input_MD)) : RunAll(input_MD);
         var weighted_MD = expertOut_MD * weight_M.unsqueeze(-1);
         var routed_ND = zeros(N, D, weighted_MD.dtype, x_BTD.device).index_add(0, token_M, weighted_MD, 1);
         var output = routed_ND.to_type(x_BTD.dtype).view(shape);
@@ -111,22 +142,8 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
         if (experts.Count != nExperts)
             throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
         if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training);
-        long bucket = RowBucket ?? AutoRowBucket(input_MD);
-        if (bucket < 1) throw new InvalidOperationException($"RowBucket must be at least 1, got {bucket}");
-        // Zero rows past the last token, so that the last expert's rounded-up window fits.
-        var rows_MD = bucket == 1 ? input_MD : cat([input_MD, zeros(bucket - 1, input_MD.shape[1], input_MD.dtype, input_MD.device)], 0);
-        var outputs = new List<Tensor>(nExperts);
-        long offset = 0;
-        for (int e = 0; e < nExperts; e++)
-        {
-            // An expert with no tokens still runs on an empty (0, D) slice: its weights then get a defined
-            // zero gradient, so data-parallel reduction and the optimizer never see a missing or NaN gradient.
-            long count = LastLoad[e], rounded = (count + bucket - 1) / bucket * bucket;
-            var output = experts[e].forward(rows_MD.narrow(0, offset, rounded));
-            outputs.Add(rounded == count ? output : output.narrow(0, 0, count));
-            offset += count;
-        }
-        return cat(outputs, 0);
+        // call, not forward: a module hook on an expert sees the rows it runs on (the tests check the bucket by it).
+        return cat(RunInBuckets(input_MD, LastLoad, BucketFor(input_MD), (e, rows) => experts[e].call(rows)), 0);
     }
 
     /// <summary>

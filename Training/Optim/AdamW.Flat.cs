@@ -138,7 +138,7 @@ public sealed partial class AdamW
     /// <para>
     /// Only the update (<see cref="FlatStep"/>) moves the weights: swapping a parameter's storage is a change to a tensor
     /// the checkpoint saves, and a background checkpoint copy may read the parameters until the trainer's
-    /// <c>BeforeOptimizerUpdate</c> hook (AsyncCheckpointSaver.BeginSave); a swap beside that copy frees the storage it
+    /// <c>BeforeStateChange</c> hook (AsyncCheckpointSaver.BeginSave); a swap beside that copy frees the storage it
     /// reads. The gradients are no checkpoint tensor, so the step's start (<see cref="AdoptGradients"/>) and the clip move those.
     /// </para>
     /// </summary>

@@ -64,9 +64,11 @@ public sealed partial class ExpertParallel
 
     /// <summary>
     /// The routed experts' outputs for <paramref name="input_MD"/>'s rows (grouped by expert, <paramref name="load_E"/>
-    /// rows each), computed by the ranks that hold them; differentiable in the input and in every expert's weights.
+    /// rows each), computed by the ranks that hold them; differentiable in the input and in every expert's weights. Per
+    /// expert, each source's block runs on a window of rows rounded up to <paramref name="rowBucket"/> (the layer's
+    /// <see cref="DeepSeekMoe.RowBucket"/> rule), as that source's micro-batch runs it in a single process.
     /// </summary>
-    public Tensor RunExperts(Tensor input_MD, long[] load_E, Tensor indices_NK, ExpertList experts, ExpertKernel kernel = ExpertKernel.PerExpert)
+    public Tensor RunExperts(Tensor input_MD, long[] load_E, Tensor indices_NK, ExpertList experts, ExpertKernel kernel, long rowBucket)
     {
         if (load_E.Length != Ep * PerShard) throw new ArgumentException($"expected a load for each of {Ep * PerShard} experts, got {load_E.Length}");
         if (experts.First != Shard * PerShard || experts.Count != PerShard)
@@ -83,16 +85,12 @@ public sealed partial class ExpertParallel
         bool recording = is_grad_enabled() && input_MD.requires_grad;
         if (kernel == ExpertKernel.Grouped)
             return ExpertAllToAll.apply(RunGrouped(received_RD, counts_SP, experts, recording), this, receive, send);
-        var outputs = new List<Tensor>(Ep * PerShard);
-        long offset = 0;
-        for (int s = 0; s < Ep; s++)
-            for (int e = 0; e < PerShard; e++)
-            {
-                // An expert no token reached still runs on an empty slice: a defined zero gradient, as without ep.
-                var slice = received_RD.narrow(0, offset, counts_SP[s][e]);
-                outputs.Add(s == Shard || !recording ? experts[e].forward(slice) : ForeignSource(experts[e], slice, (s - Shard + Ep) % Ep));
-                offset += counts_SP[s][e];
-            }
+        // Blocks by source, then by expert; an expert no token reached still runs (a defined zero gradient, as without ep).
+        var outputs = DeepSeekMoe.RunInBuckets(received_RD, [.. counts_SP.SelectMany(c => c)], rowBucket, (i, rows) =>
+        {
+            int s = i / PerShard, e = i % PerShard;
+            return s == Shard || !recording ? experts[e].call(rows) : ForeignSource(experts[e], rows, (s - Shard + Ep) % Ep);
+        });
         var out_RD = cat(outputs, 0);
         return ExpertAllToAll.apply(out_RD, this, receive, send);
     }

@@ -1,5 +1,7 @@
 // Predicted bytes per rank of a layout (parameters, gradients, optimizer, activations), and the refusal of a plan that does not fit.
 using DeepSeekCluster.Training.Model;
+using DeviceType = TorchSharp.DeviceType;
+using ScalarType = TorchSharp.torch.ScalarType;
 
 namespace DeepSeekCluster.Training.Parallel;
 
@@ -11,8 +13,10 @@ namespace DeepSeekCluster.Training.Parallel;
 /// (<see cref="MemoryPlanner.NeighbourElements"/>): a ZeRO rank its optimizer shard (2/dp, not 1/dp), and without fp32 master
 /// rows (fp32, fp64) the parameter rows of it that are held once (ZeRO-3's; under ep the experts'), counted in Parameters.</param>
 /// <param name="Zero3Overlap">TrainingOptions.Zero3Overlap (ZeRO-3 without ep): gradients reduce-scattered per layer, the next layer's gather prefetched.</param>
+/// <param name="Device">Where the rank computes: with the precision and the length it decides which attention form the
+/// layers run (<see cref="CausalAttention.PrefersWrittenOut(DeviceType, ScalarType, long)"/>), and so what attention keeps.</param>
 public sealed record MemoryInputs(string Precision, string Recompute, int MicroBatch, int SeqLen, int MicroBatchesPerStep = 1, string PipelineSchedule = "1f1b",
-                                  bool Redundancy = false, bool Zero3Overlap = true);
+                                  bool Redundancy = false, bool Zero3Overlap = true, DeviceType Device = DeviceType.CPU);
 
 /// <summary>One rank's predicted resident bytes, by kind.</summary>
 /// <param name="Parameters">What the rank holds between steps (under ZeRO-3 its rows alone).</param>
@@ -60,6 +64,15 @@ public static class MemoryPlanner
         "fp32" => (4, 4, 0, 4),
         "bf16" => (2, 4, 4, 2),
         "fp64" => (8, 8, 0, 8),
+        _ => throw new ArgumentException($"precision '{precision}': expected fp32, bf16 or fp64", nameof(precision)),
+    };
+
+    /// <summary>The dtype the layers compute in at <paramref name="precision"/>.</summary>
+    public static ScalarType ComputeType(string precision) => precision switch
+    {
+        "fp32" => ScalarType.Float32,
+        "bf16" => ScalarType.BFloat16,
+        "fp64" => ScalarType.Float64,
         _ => throw new ArgumentException($"precision '{precision}': expected fp32, bf16 or fp64", nameof(precision)),
     };
 
@@ -190,9 +203,8 @@ public static class MemoryPlanner
     {
         int stage = layout.StageOfRank(rank);
         var layers = layout.Stages[stage];
-        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize, heads = c.NumAttentionHeads;
-        long attention = 2 * h + (c.QLoraRank ?? 0) + c.KvLoraRank + c.QkRopeHeadDim + heads * (2L * c.QkHeadDim + c.VHeadDim)
-                         + heads * c.VHeadDim + 2 * heads * inputs.SeqLen;
+        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize;
+        long attention = AttentionBytesPerToken(c, inputs);
         long Mlp(int layer) => layer < c.FirstKDenseReplace
             ? 2 * h + 3L * c.IntermediateSize
             : h + 2L * c.NRoutedExperts + c.NumExpertsPerTok * (h + 3L * c.MoeIntermediateSize) + c.NSharedExperts * 3L * c.MoeIntermediateSize;
@@ -203,13 +215,41 @@ public static class MemoryPlanner
         int mtpLayers = stage == layout.Pp - 1 ? c.NumNextnPredictLayers : 0;
         for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
         {
-            long full = attention + Mlp(l);
+            // Bytes: the attention's, the layer's two norms (input and output) and its MLP or MoE set.
+            long full = attention + (2 * h + Mlp(l)) * bytes;
             largestLayer = Math.Max(largestLayer, full);
-            perToken += inputs.Recompute switch { "full" => h, "selective" => full - Selective(l), _ => full };
+            perToken += inputs.Recompute switch { "full" => h * bytes, "selective" => full - Selective(l) * bytes, _ => full };
         }
         if (inputs.Recompute == "full") perToken += largestLayer; // the layer being recomputed holds its whole set
         long logits = stage == layout.Pp - 1 ? (1 + mtpLayers) * (long)c.VocabSize * (bytes + 4) : 0; // logits and fp32 log-softmax
         int inFlight = layout.Pp == 1 ? 1 : inputs.PipelineSchedule == "gpipe" ? Math.Max(1, inputs.MicroBatchesPerStep) : Math.Min(Math.Max(1, inputs.MicroBatchesPerStep), layout.Pp - stage);
-        return inFlight * tokens * (perToken * bytes + logits);
+        return inFlight * tokens * (perToken + logits);
+    }
+
+    /// <summary>
+    /// Bytes one attention layer (MultiHeadLatentAttention, from its normed input to o_proj's input) keeps for the backward
+    /// per token of a micro-batch of <see cref="MemoryInputs.SeqLen"/>-long sequences, in the form the layer will run: the
+    /// model's own choice (<see cref="CausalAttention.PrefersWrittenOut(DeviceType, ScalarType, long)"/>) on the inputs'
+    /// device, dtype and length. Written out, it keeps every (query, key) probability per head: softmax's fp32 output for
+    /// its backward and, in bf16, the probabilities cast back for probs·V, 6 bytes a score (4 in fp32, where both are one
+    /// tensor); the fused kernel keeps a log-sum-exp per query and head instead. Checked against a layer's measured bytes.
+    /// </summary>
+    public static long AttentionBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4); // RmsNorm and softmax compute in at least fp32
+        long heads = c.NumAttentionHeads, S = inputs.SeqLen, Q = c.QkHeadDim, V = c.VHeadDim;
+        // A latent's RmsNorm (no recompute): its fp32 input (squared), 1/rms, the normalized product cast back (the
+        // weight's gradient) and the output (the up-projection's input).
+        long Norm(long n) => n * (f + 2 * p) + f;
+        long bytes = (c.QLoraRank is int r ? Norm(r) : 0) + Norm(c.KvLoraRank)
+                     + 2 * heads * Q * p // queries and keys, each joined from its nope and rope parts
+                     + heads * V * p;    // the heads' outputs joined: o_proj's input
+        if (CausalAttention.PrefersWrittenOut(inputs.Device, ComputeType(inputs.Precision), S))
+            return bytes + heads * (c.QkNopeHeadDim + V) * p // the values, a view into kv_b_proj's whole output, which probs·V keeps
+                   + heads * S * (f + (p < f ? p : 0))        // the probabilities (see above)
+                   + S / Math.Max(1, inputs.MicroBatch);      // the causal mask: one (T, S) of bools per micro-batch
+        // The fused kernel's backward keeps the values (padded to the queries' width, a copy; unpadded, a view into
+        // kv_b_proj's output), its output at that width, and one fp32 log-sum-exp per head.
+        return bytes + heads * (V < Q ? Q : c.QkNopeHeadDim + V) * p + heads * Math.Max(Q, V) * p + heads * 4;
     }
 }

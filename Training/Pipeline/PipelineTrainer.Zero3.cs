@@ -25,7 +25,7 @@ public sealed partial class PipelineTrainer
     void BeginShardedStep()
     {
         if (zeroParameters is null) return;
-        BeforeOptimizerUpdate?.Invoke();
+        BeforeStateChange?.Invoke(Engine.StateChange.ReleaseParameters);
         zeroParameters.KeepOwnRowsAndRelease();
         zeroParameters.GatherRest();
     }

@@ -47,18 +47,11 @@ public sealed partial class PipelineTrainer : ITrainer
     public int Replicas { get; }
     /// <summary>This stage's device's peak (see <see cref="Trainer.Peak"/>).</summary>
     public HardwarePeak Peak { get; set; }
-    /// <summary>
-    /// Runs after the gradients are final and before anything writes to the stage's parameters, optimizer moments and
-    /// routing biases, as <see cref="Trainer.BeforeOptimizerUpdate"/>: a background checkpoint copy of the previous step's
-    /// state (AsyncCheckpointSaver.BeginSave) is waited for here.
-    /// </summary>
     /// <inheritdoc/>
     public double LrScale { get; set; } = 1;
 
-    public Action? BeforeOptimizerUpdate { get; set; }
-
     /// <inheritdoc/>
-    public Action? UpdateBegins { get; set; }
+    public Action<StateChange>? BeforeStateChange { get; set; }
 
     readonly ISampleSource train;
     readonly PipelineLinks links;
@@ -380,8 +373,7 @@ public sealed partial class PipelineTrainer : ITrainer
         }
         // The guard: the norm and the last stage's loss came along the pipeline, so every stage and replica skips together.
         bool skipped = !(double.IsFinite(gradNorm) && double.IsFinite(all[^1][1]));
-        BeforeOptimizerUpdate?.Invoke();
-        UpdateBegins?.Invoke();
+        BeforeStateChange?.Invoke(StateChange.Update);
         if (!skipped)
         {
             Optimizer.Step(lr);

@@ -188,7 +188,7 @@ public static class CheckpointBench
         using var asyncStore = new FolderCheckpointStore(dir, "async");
         for (int i = 0; i < 2; i++) trainer.TrainStep(); // gradients and moments allocated, caches warm
         AsyncCheckpointSaver? current = null;
-        trainer.BeforeOptimizerUpdate = () => current?.WaitForSnapshot();
+        trainer.BeforeStateChange = _ => current?.WaitForSnapshot();
         long saveStep = 1_000;
         double Timed(Action a) { var sw = Stopwatch.StartNew(); a(); return sw.Elapsed.TotalSeconds; }
         var plainSteps = new List<double>();
@@ -279,7 +279,7 @@ public static class CheckpointBench
             }
             current = null;
         }
-        trainer.BeforeOptimizerUpdate = null;
+        trainer.BeforeStateChange = null;
         Console.WriteLine($"training step of preset '{preset}' (seq {stepOptions.SeqLen} x batch {stepOptions.MicroBatch}, {device.type}, {get_num_threads()} torch threads): " +
                           $"plain step median {Median(plainSteps):F3} s (min {plainSteps.Min():F3}, max {plainSteps.Max():F3}, {plainSteps.Count} steps, {(double)plainGcs / plainSteps.Count:F1} gen-0 GCs and {plainPause.TotalSeconds / plainSteps.Count:F3} s of GC pauses per step); load average {LoadAverage()}");
         if (fewerThreads.Count > 0)

@@ -151,7 +151,7 @@ public class RedundancyClusterTests(DataShardsHostFixture fixture, ITestOutputHe
     /// <summary>
     /// dp 4 x zero 1 with redundancy: worker 2 loses its ring as step 3's update begins (FaultInjection's updateloss), so
     /// ranks 0, 1 and 3 apply step 3's update to their shards and are caught in the all-gather of the updated rows. Each
-    /// rank marked its live state not held as its update began (ITrainer.UpdateBegins), so no rank holds one and the job
+    /// rank marked its live state not held as its update began (ITrainer.BeforeStateChange, StateChange.Update), so no rank holds one and the job
     /// resumes from the committed checkpoint (or the start), and says so; had the others kept step 2's label on rows and
     /// moments of step 3, the live reshard would have resumed from them and redone step 3 on top (the final checkpoint
     /// would differ from the one-worker job's, which it equals bit for bit).

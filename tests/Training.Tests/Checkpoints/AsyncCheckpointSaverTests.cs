@@ -95,7 +95,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
     }
 
     /// <summary>
-    /// A background copy reads the checkpoint tensors until the trainer's BeforeOptimizerUpdate hook, so nothing before
+    /// A background copy reads the checkpoint tensors until the trainer's BeforeStateChange hook, so nothing before
     /// the hook may swap their storage, not even the first step, where the optimizer makes the parameters views of its
     /// flat buffers: that swap beside a running copy freed the storage the copy read (a CI test host died in libc10 on
     /// the ckpt-save thread). The parameters do move into the flat buffers, in the update.
@@ -109,7 +109,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         var before = tensors.ToDictionary(kv => kv.Key, kv => Address(kv.Value));
         var moved = new List<string>();
         bool hooked = false;
-        trainer.BeforeOptimizerUpdate = () =>
+        trainer.BeforeStateChange = _ =>
         {
             hooked = true;
             moved.AddRange(tensors.Where(kv => Address(kv.Value) != before[kv.Key]).Select(kv => kv.Key));
@@ -144,7 +144,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         saver.BeforeBackgroundCopy = () => backgroundJoins ? forwardDone.Task : snapshotDone.Task;
         bool pendingAtUpdate = false;
         TimeSpan? waited = null;
-        trainer.BeforeOptimizerUpdate = () =>
+        trainer.BeforeStateChange = _ =>
         {
             pendingAtUpdate = saver.SnapshotPending;
             forwardDone.SetResult();
@@ -179,7 +179,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
         var tensors = state.Tensors.ToDictionary();
         var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
         await using var saver = new AsyncCheckpointSaver(asyncStore, plan, 0);
-        trainer.BeforeOptimizerUpdate = () => saver.WaitForSnapshot();
+        trainer.BeforeStateChange = _ => saver.WaitForSnapshot();
         for (int i = 0; i < 3; i++)
         {
             trainer.TrainStep();
@@ -448,7 +448,7 @@ public sealed class AsyncCheckpointSaverTests : IDisposable
             var tensors = state.Tensors.ToDictionary();
             var plan = new ShardingPlan(ParallelLayout.Even(1, 1, TrainedState.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
             var saver = new AsyncCheckpointSaver(sink, plan, 0) { YieldTorchThreads = 1 };
-            trainer.BeforeOptimizerUpdate = () => saver.WaitForSnapshot();
+            trainer.BeforeStateChange = _ => saver.WaitForSnapshot();
             var expected = tensors.ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
 
             Assert.True(saver.BeginSave(7, tensors).Started);

@@ -36,11 +36,11 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
 
     internal static readonly Lazy<(int Vocab, TokenDataset Train)> Data = MicroModel.Data;
 
-    internal static DeepSeekForCausalLM NewModel()
+    internal static DeepSeekForCausalLM NewModel(ScalarType dtype = ScalarType.Float64)
     {
         manual_seed(Options.Seed);
         var model = new DeepSeekForCausalLM(Micro(Data.Value.Vocab)).InitializeWeights();
-        model.to(ScalarType.Float64);
+        model.to(dtype);
         using var noGrad = no_grad();
         foreach (var moe in model.MoeLayers()) moe.gate.e_score_correction_bias[Starved] = tensor(-1e3f);
         return model;
@@ -62,8 +62,8 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         foreach (var s in optimizer.Slots)
         {
             Assert.True(s.RowStart == 0 && s.RowCount is null, $"'{s.Name}': without ZeRO every held row's moments are on the rank");
-            moments[$"{s.Name}.exp_avg"] = s.ExpAvg.data<double>().ToArray();
-            moments[$"{s.Name}.exp_avg_sq"] = s.ExpAvgSq.data<double>().ToArray();
+            moments[$"{s.Name}.exp_avg"] = s.ExpAvg.to_type(ScalarType.Float64).data<double>().ToArray();
+            moments[$"{s.Name}.exp_avg_sq"] = s.ExpAvgSq.to_type(ScalarType.Float64).data<double>().ToArray();
         }
         return new Held([], weights, moments, default)
         {
@@ -72,22 +72,28 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         };
     }
 
-    internal static readonly Lazy<Held> Single = new(() =>
-    {
-        using var model = NewModel();
-        using var trainer = new Trainer(model, Data.Value.Train, null, Options, CPU, peakFlops: 1e11);
-        var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
-        return Capture(trainer, steps, default);
-    });
+    internal static readonly Lazy<Held> Single = new(() => RunSingle(ScalarType.Float64));
 
-    internal static Held[] RunEp(int dp, int ep, Action<Trainer>? after = null, string experts = "auto")
+    static TrainingOptions OptionsFor(ScalarType dtype) => Options with { Precision = dtype == ScalarType.BFloat16 ? "bf16" : "fp32" };
+
+    static Held RunSingle(ScalarType dtype, int? steps = null)
+    {
+        using var model = NewModel(dtype);
+        using var trainer = new Trainer(model, Data.Value.Train, null, OptionsFor(dtype), CPU, peakFlops: 1e11);
+        var metrics = Enumerable.Range(0, steps ?? (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+        return Capture(trainer, metrics, default);
+    }
+
+    internal static Held[] RunEp(int dp, int ep, Action<Trainer>? after = null, string experts = "auto", ScalarType dtype = ScalarType.Float64,
+                                 Action<DeepSeekForCausalLM>? configure = null, int? steps = null)
     {
         var config = Micro(Data.Value.Vocab);
         var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, 0, config.NRoutedExperts);
         var models = Enumerable.Range(0, dp).Select(r =>
         {
-            var m = NewModel();
+            var m = NewModel(dtype);
             ExpertParallel.ShardModel(m, layout, r);
+            configure?.Invoke(m);
             return m;
         }).ToArray();
         try
@@ -95,10 +101,10 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             return RankGroup.Run(dp, c =>
             {
                 var reducer = new BucketedGradientReducer(c, bucketBytes: 4 << 10);
-                using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, Options with { Ep = ep, Experts = experts }, CPU, 1e11, c.Rank, dp, reducer);
-                var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
+                using var trainer = new Trainer(models[c.Rank], Data.Value.Train, null, OptionsFor(dtype) with { Ep = ep, Experts = experts }, CPU, 1e11, c.Rank, dp, reducer);
+                var metrics = Enumerable.Range(0, steps ?? (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
                 after?.Invoke(trainer);
-                return Capture(trainer, steps, trainer.Model.MoeLayers().First().Parallel!.TakeTraffic());
+                return Capture(trainer, metrics, trainer.Model.MoeLayers().First().Parallel!.TakeTraffic());
             }, limit: TimeSpan.FromSeconds(150));
         }
         finally { foreach (var m in models) m.Dispose(); }
@@ -177,6 +183,42 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             if (ep == config.NGroup) Assert.True(held.Traffic.FanOut <= config.TopkGroup, $"rank {r}: fan-out {held.Traffic.FanOut} exceeds topk_group {config.TopkGroup}");
             Assert.True(held.Traffic.SentBytes > 0, $"rank {r} sent no token to another rank");
         }
+    }
+
+    /// <summary>
+    /// In bf16 on a CPU the ep path runs each source's rows of an expert on a window rounded up to 64 rows, the single
+    /// process's rule (DeepSeekMoe.AutoRowBucket), so oneDNN sees the shapes one process gives it for that micro-batch
+    /// (and reuses its primitives): every window an expert runs its own source's rows on (a module hook) is a multiple
+    /// of 64, and dp 2 x ep 2 equals the single-process bf16 training bit for bit in loss, norm, every weight and both
+    /// moments, as float64 does. Two steps (bf16 on the CPU is slow to warm): the second runs on updated weights and biases.
+    /// </summary>
+    [Fact]
+    public void InBFloat16ExpertParallelRoundsExpertRowsAsOneProcessAndEqualsItBitForBit()
+    {
+        const int steps = 2;
+        var single = RunSingle(ScalarType.BFloat16, steps);
+        var windows = new System.Collections.Concurrent.ConcurrentBag<long>();
+        var ranks = RunEp(2, 2, dtype: ScalarType.BFloat16, configure: model =>
+        {
+            foreach (var moe in model.MoeLayers())
+                for (int e = 0; e < moe.experts.Count; e++)
+                    moe.experts[e].register_forward_pre_hook((_, rows) => { windows.Add(rows.shape[0]); return rows; });
+        }, steps: steps);
+        Assert.NotEmpty(windows);
+        Assert.All(windows, rows => Assert.Equal(0, rows % 64));
+        Assert.Contains(windows, rows => rows > 0);
+        for (int s = 0; s < steps; s++)
+            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
+            {
+                output.WriteLine($"rank {r} step {s + 1}: loss {m.Loss:R} (single {single.Steps[s].Loss:R}), norm {m.GradNorm:R} (single {single.Steps[s].GradNorm:R})");
+                Assert.Equal((single.Steps[s].Loss, single.Steps[s].MtpLoss, single.Steps[s].GradNorm), (m.Loss, m.MtpLoss, m.GradNorm));
+            }
+        foreach (var (held, r) in ranks.Select((x, i) => (x, i)))
+            foreach (var (name, values) in held.Weights.Concat(held.Moments))
+            {
+                var want = single.Weights.GetValueOrDefault(name) ?? single.Moments[name];
+                Assert.True(want.AsSpan().SequenceEqual(values), $"'{name}' on rank {r} differs from the single process (largest difference {want.Zip(values).Max(x => Math.Abs(x.First - x.Second)):E2})");
+            }
     }
 
     /// <summary>Every tensor <paramref name="held"/> has equals the single process's, bit for bit.</summary>

@@ -69,12 +69,11 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
             {
                 var reducer = new BucketedGradientReducer(c, bucketBytes: 4 << 10); // small buckets: many gathers per layer
                 using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, Options with { Zero = 3 }, CPU, 1e11, c.Rank, dp, reducer);
-                // ZeRO-3 calls BeforeOptimizerUpdate at the start of a step and before its update; the update begins once, after both.
-                int before = 0, begins = 0;
-                trainer.BeforeOptimizerUpdate = () => before++;
-                trainer.UpdateBegins = () => Assert.Equal(2 * ++begins, before);
+                // ZeRO-3 announces the parameters' release at the start of each step, then its update.
+                var changes = new List<StateChange>();
+                trainer.BeforeStateChange = changes.Add;
                 var steps = Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep()).ToList();
-                Assert.Equal((Options.Steps, 2 * Options.Steps), ((long)begins, (long)before));
+                Assert.Equal(Enumerable.Repeat(new[] { StateChange.ReleaseParameters, StateChange.Update }, (int)Options.Steps).SelectMany(c => c), changes);
                 var sharded = trainer.ShardedParameters!;
                 Assert.All(trainer.Model.parameters(), p => Assert.Equal(0, p.numel())); // nothing whole between steps
                 long resident = sharded.ResidentBytes;

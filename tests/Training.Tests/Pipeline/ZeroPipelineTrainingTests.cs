@@ -116,12 +116,12 @@ public sealed class ZeroPipelineTrainingTests(ITestOutputHelper output) : IDispo
                 var sharded = trainer.ShardedParameters;
                 Assert.Equal(options.Zero >= 3, sharded is not null);
                 if (sharded is not null) sharded.TrackPeak = true;
-                // The update begins once per step, after the pre-update BeforeOptimizerUpdate (under ZeRO-3 its second call of the step).
-                int calls = options.Zero >= 3 ? 2 : 1, before = 0, begins = 0;
-                trainer.BeforeOptimizerUpdate = () => before++;
-                trainer.UpdateBegins = () => Assert.Equal(calls * ++begins, before);
+                // Each step announces its changes in order: under ZeRO-3 the parameters' release at its start, then the update.
+                var changes = new List<StateChange>();
+                trainer.BeforeStateChange = changes.Add;
                 var steps = Enumerable.Range(0, (int)(until - resumeFrom)).Select(_ => trainer.TrainStep()).ToList();
-                Assert.Equal((until - resumeFrom, calls * (until - resumeFrom)), ((long)begins, (long)before));
+                StateChange[] perStep = options.Zero >= 3 ? [StateChange.ReleaseParameters, StateChange.Update] : [StateChange.Update];
+                Assert.Equal(Enumerable.Repeat(perStep, (int)(until - resumeFrom)).SelectMany(c => c), changes);
                 // ZeRO-3 between steps: every parameter of the stage empty, the replica's rows alone held.
                 bool empty = stage.Parameters.All(p => p.Param.numel() == 0);
                 long parameterBytes = sharded?.ResidentBytes ?? 0, peak = sharded?.PeakBytes ?? 0;
