@@ -7,6 +7,7 @@ using DeepSeekCluster.Contracts.Control;
 using DeepSeekCluster.Contracts.Grains;
 using Assignment = DeepSeekCluster.Contracts.Control.Assignment;
 using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
@@ -16,7 +17,6 @@ using DeepSeekCluster.Training.Tests.Pipeline;
 using TorchSharp;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
-using static DeepSeekCluster.GpuWorker.Tests.LiveShardsReshardTests;
 
 namespace DeepSeekCluster.GpuWorker.Tests;
 
@@ -114,7 +114,7 @@ public sealed class RedundancyPipelineResumptionTests(ITestOutputHelper output) 
             for (int s = 0; s < Pp; s++)
             {
                 var stage = old[s];
-                Run(OldDp, c => LiveShards.Refresh(c, stage[c.Rank]));
+                TcpRanks.Run(OldDp, c => LiveShards.Refresh(c, stage[c.Rank]));
                 Assert.All(stage, r => Assert.Equal(LiveStep, r.Neighbour!.Step));
             }
             var layout = Layout(NewDp);
@@ -182,7 +182,7 @@ public sealed class RedundancyPipelineResumptionTests(ITestOutputHelper output) 
                 var whole = expected.Tensors[name];
                 var slot = name.StartsWith("optimizer.", StringComparison.Ordinal) ? r.State.Optimizer.Slots.Single(s => name == $"optimizer.{s.Name}.exp_avg" || name == $"optimizer.{s.Name}.exp_avg_sq") : null;
                 using var rows = slot is { RowCount: { } n } && whole.dim() > 0 ? whole.narrow(0, slot.RowStart, n) : whole.alias();
-                Assert.True(Same(rows, t), $"{who}: '{name}'{(slot is null ? "" : $" rows [{slot.RowStart}, +{slot.RowCount})")} differ from the expected state's");
+                Assert.True(LiveShardsReshardTests.Same(rows, t), $"{who}: '{name}'{(slot is null ? "" : $" rows [{slot.RowStart}, +{slot.RowCount})")} differ from the expected state's");
                 if (slot is null) weights++; else moments++;
             }
             Assert.True(weights > 0 && moments == 2 * r.State.Stage.Parameters.Count, $"{who}: {weights} weights and {moments} moments compared");
