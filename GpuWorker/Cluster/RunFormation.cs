@@ -84,7 +84,7 @@ sealed class RunFormation : IDisposable
             var nccl = reduces ? NcclFor(run, ring, device, ncclId, ct) : null;
             if (nccl is not null) { Keep(nccl); Keep(run.Cancel.Guard(nccl)); }
             var reducer = reduces ? new BucketedGradientReducer((ICollective?)nccl ?? ring) : null;
-            var computeType = plan.Options.Precision == "bf16" ? ScalarType.BFloat16 : ScalarType.Float32;
+            var computeType = MemoryPlanner.ComputeType(plan.Options.Precision); // the dtype the planner predicted for: one mapping
             var peak = Peaks.GetOrAdd($"{device}/{computeType}", _ => HardwarePeak.For(device, computeType, PeakSettings.FromEnvironment(), run.Log));
             var store = new GrpcCheckpointStore(new CheckpointStoreClient(storeChannel), run.Settings.Checkpoints.ToString(), a.JobId,
                                                 Path.Combine(run.Settings.OutputDir, "staging", run.WorkerId))
