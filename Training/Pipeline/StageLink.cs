@@ -80,44 +80,19 @@ public sealed unsafe class StageLink : IDisposable
         linkKey = LinkProof.CheckKey(linkKey, nameof(linkKey));
         var deadline = DateTime.UtcNow + timeout;
         string name = $"pipeline stage {ownStage + 1} (replica {replica}, {address})";
-        var endpoint = ParseEndpoint(address);
-        Exception? last = null;
-        while (DateTime.UtcNow < deadline)
-        {
-            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-            try
+        var socket = LinkSockets.DialProved(ParseEndpoint(address), deadline, CancellationToken.None, linkKey, Hello(jobId, generation, ownStage, replica),
+            refused: (reason, impostor) =>
             {
-                using (var cts = new CancellationTokenSource(Remaining(deadline)))
-                    socket.ConnectAsync(endpoint, cts.Token).AsTask().GetAwaiter().GetResult();
-                socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Max(1, Remaining(deadline).TotalMilliseconds);
-                using (var stream = new NetworkStream(socket, ownsSocket: false))
-                using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
-                using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
-                {
-                    if (LinkProof.Dial(reader, writer, linkKey, Hello(jobId, generation, ownStage, replica), out bool impostor) is { } reason)
-                    {
-                        socket.Dispose();
-                        if (impostor)
-                        {
-                            LinkRefusals.Record(LinkRefusals.Stage, address, reason);
-                            throw new CollectiveException(CollectiveFailure.Refused,
-                                $"{name} is not a member of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
-                        }
-                        throw new CollectiveException(CollectiveFailure.Refused,
-                            $"{name} refused stage {ownStage} of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
-                    }
-                }
-                return new StageLink(socket, ownStage, ownStage + 1, replica, address, timeout);
-            }
-            catch (Exception e) when (e is SocketException or OperationCanceledException or IOException or EndOfStreamException)
-            {
-                socket.Dispose();
-                last = e;
-                if (DateTime.UtcNow < deadline) Thread.Sleep(50); // not listening yet: retry until the deadline
-            }
-        }
-        throw new CollectiveException(CollectiveFailure.PeerStalled,
-            $"{name} did not accept the link from stage {ownStage} within {timeout.TotalSeconds:0.#} s ({last?.Message ?? "no attempt"})", ownStage + 1, address, last);
+                if (!impostor)
+                    return new CollectiveException(CollectiveFailure.Refused,
+                        $"{name} refused stage {ownStage} of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
+                LinkRefusals.Record(LinkRefusals.Stage, address, reason);
+                return new CollectiveException(CollectiveFailure.Refused,
+                    $"{name} is not a member of job '{jobId}' generation {generation}: {reason}", ownStage + 1, address);
+            },
+            stalled: last => new CollectiveException(CollectiveFailure.PeerStalled,
+                $"{name} did not accept the link from stage {ownStage} within {timeout.TotalSeconds:0.#} s ({last?.Message ?? "no attempt"})", ownStage + 1, address, last));
+        return new StageLink(socket, ownStage, ownStage + 1, replica, address, timeout);
     }
 
     /// <summary>The hello's fields before the dialer's nonce: what the dialer sends and what both proofs cover.</summary>
@@ -315,12 +290,6 @@ public sealed unsafe class StageLink : IDisposable
             throw new ArgumentException($"pipeline endpoint '{text}': expected host:port");
         var host = text[..colon].Trim('[', ']');
         return IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : new DnsEndPoint(host, port);
-    }
-
-    internal static TimeSpan Remaining(DateTime deadline)
-    {
-        var left = deadline - DateTime.UtcNow;
-        return left > TimeSpan.Zero ? left : TimeSpan.FromMilliseconds(1);
     }
 
     /// <summary>Closes the connection; a call blocked on it fails at once (this is how a run aborts its pipeline).</summary>

@@ -36,11 +36,7 @@ public sealed class StageListener : IDisposable
         Generation = generation;
         Stage = stage;
         Replica = replica;
-        bind ??= new IPEndPoint(IPAddress.Any, 0);
-        listener = new Socket(bind.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        listener.Bind(bind);
-        listener.Listen(16);
+        listener = LinkSockets.Listen(bind, backlog: 16);
         LocalEndpoint = (IPEndPoint)listener.LocalEndPoint!;
     }
 
@@ -58,7 +54,7 @@ public sealed class StageListener : IDisposable
             Socket socket;
             try
             {
-                using var cts = new CancellationTokenSource(StageLink.Remaining(deadline));
+                using var cts = new CancellationTokenSource(LinkSockets.Remaining(deadline));
                 socket = listener.AcceptAsync(cts.Token).AsTask().GetAwaiter().GetResult();
             }
             catch (OperationCanceledException e)
@@ -83,7 +79,7 @@ public sealed class StageListener : IDisposable
         {
             remote = socket.RemoteEndPoint?.ToString() ?? remote;
             // A handshake is a few hundred bytes: a silent connection must not hold the wait for the real stage - 1 for long.
-            socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Clamp(StageLink.Remaining(deadline).TotalMilliseconds, 1, 10_000);
+            socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Clamp(LinkSockets.Remaining(deadline).TotalMilliseconds, 1, 10_000);
             using var stream = new NetworkStream(socket, ownsSocket: false);
             using var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true);
             using var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);

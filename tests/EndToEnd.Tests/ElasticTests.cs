@@ -41,30 +41,21 @@ public class ElasticTests(ITestOutputHelper output)
             var killedAt = DateTimeOffset.UtcNow;
             Process.GetProcessById(victim).Kill(); // SIGKILL: no goodbye, no flushed report
 
-            var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
-            Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
-            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
-            var job = doc.RootElement;
-            Assert.Equal("completed", job.GetProperty("state").GetString());
-            Assert.Equal(Steps, job.GetProperty("step").GetInt64());
-            var events = job.GetProperty("events").EnumerateArray().ToList();
-            string Kind(JsonElement e) => e.GetProperty("kind").GetString()!;
+            using var ended = await EndedJob.CompletedAsync(host, http, jobId, Steps);
+            var (job, events) = (ended.Job, ended.Events);
+            string Kind(JsonElement e) => EndedJob.Kind(e);
 
             // The kill is a lost worker (its stream broke); the next generation (the survivor and the spare) resumed from the
             // survivor's live state, copied over the collective to the spare: nothing redone.
-            int lost = events.FindIndex(e => Kind(e) == "worker_lost" && e.GetProperty("workerId").GetString() == "gpu-worker-1");
-            Assert.True(lost >= 0, "no worker_lost event for gpu-worker-1:\n" + string.Join("\n", events));
-            int joined = events.FindIndex(lost, e => Kind(e) == "worker_joined" && e.GetProperty("workerId").GetString() == "gpu-worker-2");
-            Assert.True(joined > lost, "the spare never joined after the loss:\n" + string.Join("\n", events));
-            int resumed = events.FindIndex(lost, e => Kind(e) == "resumed");
-            Assert.True(resumed > lost, "no resumed event after the loss:\n" + string.Join("\n", events));
+            int lost = ended.IndexOf("worker_lost", workerId: "gpu-worker-1");
+            ended.IndexOf("worker_joined", from: lost, workerId: "gpu-worker-2");
+            int resumed = ended.IndexOf("resumed", from: lost);
             var r = events[resumed];
             Assert.Equal("replica", r.GetProperty("resumeSource").GetString());
             Assert.Equal(0, r.GetProperty("stepsRedone").GetInt64());
             Assert.True(r.GetProperty("resumeStep").GetInt64() >= 10);
             Assert.True(r.GetProperty("stateBytes").GetInt64() > 0, "the spare received no state: " + r);
-            int recovered = events.FindIndex(resumed, e => Kind(e) == "recovered");
-            Assert.True(recovered > resumed, "no recovered event after the resume:\n" + string.Join("\n", events));
+            int recovered = ended.IndexOf("recovered", from: resumed);
             Assert.DoesNotContain(events, e => Kind(e) == "resumed" && e.TryGetProperty("stepsRedone", out var n) && n.ValueKind == JsonValueKind.Number && n.GetInt64() > 0);
 
             // The measurements behind the README's numbers (printed, never asserted: the machine may be loaded).
@@ -76,10 +67,7 @@ public class ElasticTests(ITestOutputHelper output)
             output.WriteLine($"ledger: {job.GetProperty("consumption")}");
 
             // Exactly once: every step's global batch, no repeat, no gap.
-            var consumption = job.GetProperty("consumption");
-            Assert.True(consumption.GetProperty("complete").GetBoolean(), "the ledger is not complete: " + consumption);
-            Assert.Equal((long)Steps * GlobalBatch, consumption.GetProperty("samples").GetInt64());
-            Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
+            var consumption = ended.AssertExactlyOnce((long)Steps * GlobalBatch);
             Assert.Equal([0L, (long)Steps * GlobalBatch], consumption.GetProperty("ranges").EnumerateArray().Single().EnumerateArray().Select(x => x.GetInt64()));
 
             var disturbed = await ModelWeightsAsync(host, runDir);

@@ -53,23 +53,13 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
             Process.GetProcessById(victim).Kill(); // SIGKILL: its experts' live state is gone with it
             output.WriteLine($"SIGKILL gpu-worker-1 (pid {victim}) at step {killedAtStep}, after the commit of step {CheckpointInterval}");
 
-            var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
-            Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
-            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
-            var job = doc.RootElement;
-            Assert.Equal(Steps, job.GetProperty("step").GetInt64());
-            var events = job.GetProperty("events").EnumerateArray().ToList();
-            string Kind(JsonElement e) => e.GetProperty("kind").GetString()!;
+            using var job = await EndedJob.CompletedAsync(host, http, jobId, Steps);
 
             // The loss, then a generation that resumed from the committed checkpoint (no survivor holds the lost experts).
-            int lost = events.FindIndex(e => Kind(e) == "worker_lost" && e.GetProperty("workerId").GetString() == "gpu-worker-1");
-            Assert.True(lost >= 0, "no worker_lost event for gpu-worker-1:\n" + string.Join("\n", events));
-            int resumed = events.FindIndex(lost, e => Kind(e) == "resumed");
-            Assert.True(resumed > lost, "no resumed event after the loss:\n" + string.Join("\n", events));
-            var r = events[resumed];
+            var r = job.Events[job.IndexOf("resumed", from: job.IndexOf("worker_lost", workerId: "gpu-worker-1"))];
             output.WriteLine($"resumed after the kill: {r}");
             Assert.Equal("checkpoint", r.GetProperty("resumeSource").GetString());
-            var committed = job.GetProperty("committed").EnumerateArray().Select(c => c.GetProperty("step").GetInt64()).ToList();
+            var committed = job.Committed;
             Assert.Contains(r.GetProperty("resumeStep").GetInt64(), committed);
             Assert.True(r.GetProperty("resumeStep").GetInt64() >= CheckpointInterval, $"resumed before the first commit: {r}");
             Assert.Contains((long)Steps, committed);
@@ -78,11 +68,7 @@ public class ExpertParallelEndToEndTests(ITestOutputHelper output)
             Assert.True(r.GetProperty("stepsRedone").GetInt64() >= killedAtStep - resumeStep, $"killed at step {killedAtStep}, resumed at {resumeStep}: {r}");
 
             // Exactly once: the redone steps' first samples are forgotten with them; every step's batch once, no gap.
-            var consumption = job.GetProperty("consumption");
-            output.WriteLine($"ledger: {consumption}");
-            Assert.True(consumption.GetProperty("complete").GetBoolean(), "the ledger is not complete: " + consumption);
-            Assert.Equal((long)Steps * GlobalBatch, consumption.GetProperty("samples").GetInt64());
-            Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
+            output.WriteLine($"ledger: {job.AssertExactlyOnce((long)Steps * GlobalBatch)}");
 
             // bf16 with expert and optimizer shards; the end's model is assembled from the committed final checkpoint and exported.
             string text = host.Output;

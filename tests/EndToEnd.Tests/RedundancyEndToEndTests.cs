@@ -45,20 +45,10 @@ public class RedundancyEndToEndTests(ITestOutputHelper output)
             int victim = int.Parse(killed.Groups[1].Value);
             await ElasticTests.Eventually(() => Task.FromResult(!Alive(victim)), $"gpu-worker-1 (pid {victim}) is gone", TimeSpan.FromMinutes(1));
 
-            var ended = host.WaitFor(@"job (\S+) ended: (\w+)", TimeSpan.FromMinutes(10));
-            Assert.True(ended.Groups[2].Value == "Completed", "the job did not complete:\n" + host.Output);
-            using var doc = JsonDocument.Parse(await http.GetStringAsync($"/jobs/{jobId}"));
-            var job = doc.RootElement;
-            Assert.Equal(Steps, job.GetProperty("step").GetInt64());
-            var events = job.GetProperty("events").EnumerateArray().ToList();
-            string Kind(JsonElement e) => e.GetProperty("kind").GetString()!;
+            using var job = await EndedJob.CompletedAsync(host, http, jobId, Steps);
 
             // The loss, then a generation that resumed from the survivors' live shards at the step the victim finished.
-            int lost = events.FindIndex(e => Kind(e) == "worker_lost" && e.GetProperty("workerId").GetString() == "gpu-worker-1");
-            Assert.True(lost >= 0, "no worker_lost event for gpu-worker-1:\n" + string.Join("\n", events));
-            int resumed = events.FindIndex(lost, e => Kind(e) == "resumed");
-            Assert.True(resumed > lost, "no resumed event after the loss:\n" + string.Join("\n", events));
-            var r = events[resumed];
+            var r = job.Events[job.IndexOf("resumed", from: job.IndexOf("worker_lost", workerId: "gpu-worker-1"))];
             output.WriteLine($"resumed after the kill: {r}");
             Assert.Equal("shards", r.GetProperty("resumeSource").GetString());
             Assert.Equal(KilledBefore - 1, r.GetProperty("resumeStep").GetInt64());
@@ -69,13 +59,8 @@ public class RedundancyEndToEndTests(ITestOutputHelper output)
             Assert.Equal($"{KilledBefore - 1}", reshard.Groups[1].Value);
 
             // Exactly once: every step's batch once, no gap, no overlap.
-            var consumption = job.GetProperty("consumption");
-            output.WriteLine($"ledger: {consumption}");
-            Assert.True(consumption.GetProperty("complete").GetBoolean(), "the ledger is not complete: " + consumption);
-            Assert.Equal((long)Steps * GlobalBatch, consumption.GetProperty("samples").GetInt64());
-            Assert.Equal(0, consumption.GetProperty("overlaps").GetInt64());
-            var committed = job.GetProperty("committed").EnumerateArray().Select(c => c.GetProperty("step").GetInt64()).ToList();
-            Assert.Contains((long)Steps, committed);
+            output.WriteLine($"ledger: {job.AssertExactlyOnce((long)Steps * GlobalBatch)}");
+            Assert.Contains((long)Steps, job.Committed);
             Assert.Contains("memory plan (bf16, zero 1)", host.Output);
             Assert.Contains("redundancy: holds the copy of shard", host.Output);
             host.Send("quit");

@@ -51,11 +51,7 @@ public sealed class TcpRendezvous : IDisposable
         Generation = generation;
         Rank = rank;
         WorldSize = worldSize;
-        bind ??= new IPEndPoint(IPAddress.Any, 0);
-        listener = new Socket(bind.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        listener.Bind(bind);
-        listener.Listen(64);
+        listener = LinkSockets.Listen(bind, backlog: 64);
         LocalEndpoint = (IPEndPoint)listener.LocalEndPoint!;
         _ = AcceptLoop();
     }
@@ -92,7 +88,7 @@ public sealed class TcpRendezvous : IDisposable
         Socket? prevSocket = null;
         try
         {
-            Task.WaitAny([dialing, accepted], Remaining(deadline)); // a refusal while dialing ends the wait at once
+            Task.WaitAny([dialing, accepted], LinkSockets.Remaining(deadline)); // a refusal while dialing ends the wait at once
             if (dialing.IsFaulted) dialing.GetAwaiter().GetResult();
             prevSocket = AwaitIncoming(prev, LinkKind.Ring, deadline);
             var nextSocket = dialing.GetAwaiter().GetResult();
@@ -117,54 +113,28 @@ public sealed class TcpRendezvous : IDisposable
     internal Socket Dial(int peer, LinkKind kind, DateTime deadline)
     {
         var address = AddressOf(peer);
-        var endpoint = ParseEndpoint(address);
         string name = CollectiveException.Peer(peer, address);
-        Exception? last = null;
-        while (DateTime.UtcNow < deadline && !stop.IsCancellationRequested)
-        {
-            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-            try
+        var socket = LinkSockets.DialProved(ParseEndpoint(address), deadline, stop.Token, linkKey, Hello(kind, JobId, Generation, WorldSize, Rank),
+            refused: (reason, impostor) =>
             {
-                using (var cts = new CancellationTokenSource(Remaining(deadline)))
-                    socket.ConnectAsync(endpoint, cts.Token).AsTask().GetAwaiter().GetResult();
-                socket.ReceiveTimeout = socket.SendTimeout = (int)Math.Max(1, Remaining(deadline).TotalMilliseconds);
-                using (var stream = new NetworkStream(socket, ownsSocket: false))
-                using (var writer = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true))
-                using (var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true))
-                {
-                    var hello = Hello(kind, JobId, Generation, WorldSize, Rank);
-                    if (LinkProof.Dial(reader, writer, linkKey, hello, out bool impostor) is { } reason)
-                    {
-                        socket.Dispose();
-                        if (impostor)
-                        {
-                            LinkRefusals.Record(LinkRefusals.Ring, address, reason);
-                            throw new CollectiveException(CollectiveFailure.Refused,
-                                $"{name} is not a member of job '{JobId}' generation {Generation}: {reason}", peer, address);
-                        }
-                        throw new CollectiveException(CollectiveFailure.Refused,
-                            $"{name} refused rank {Rank} of job '{JobId}' generation {Generation}: {reason}", peer, address);
-                    }
-                }
-                socket.ReceiveTimeout = 0;
-                return socket;
-            }
-            catch (Exception e) when (e is SocketException or OperationCanceledException or IOException or EndOfStreamException)
-            {
-                socket.Dispose();
-                last = e;
-                if (DateTime.UtcNow < deadline) Thread.Sleep(50); // not listening yet: retry until the deadline
-            }
-        }
-        throw new CollectiveException(CollectiveFailure.PeerStalled,
-            $"{name} did not accept a connection from rank {Rank} within the rendezvous timeout ({last?.Message ?? "no attempt"})", peer, address, last);
+                if (!impostor)
+                    return new CollectiveException(CollectiveFailure.Refused,
+                        $"{name} refused rank {Rank} of job '{JobId}' generation {Generation}: {reason}", peer, address);
+                LinkRefusals.Record(LinkRefusals.Ring, address, reason);
+                return new CollectiveException(CollectiveFailure.Refused,
+                    $"{name} is not a member of job '{JobId}' generation {Generation}: {reason}", peer, address);
+            },
+            stalled: last => new CollectiveException(CollectiveFailure.PeerStalled,
+                $"{name} did not accept a connection from rank {Rank} within the rendezvous timeout ({last?.Message ?? "no attempt"})", peer, address, last));
+        socket.ReceiveTimeout = 0;
+        return socket;
     }
 
     /// <summary>Waits for <paramref name="peer"/> to dial us with a handshake that the accept loop has validated.</summary>
     internal Socket AwaitIncoming(int peer, LinkKind kind, DateTime deadline)
     {
         var slot = Slot(kind, peer);
-        if (slot.Task.Wait(Remaining(deadline))) return slot.Task.Result;
+        if (slot.Task.Wait(LinkSockets.Remaining(deadline))) return slot.Task.Result;
         string refused = refusedCount > 0 ? $"; {refusedCount} connection(s) refused, last: {LastRefusal}" : "";
         throw new CollectiveException(CollectiveFailure.PeerStalled,
             $"{CollectiveException.Peer(peer, AddressOf(peer))} did not connect to rank {Rank} within the timeout{refused}", peer, AddressOf(peer));
@@ -250,12 +220,6 @@ public sealed class TcpRendezvous : IDisposable
         w.Write(Magic); w.Write(Version); w.Write((byte)kind);
         w.Write(job); w.Write(generation); w.Write(world); w.Write(rank);
     });
-
-    static TimeSpan Remaining(DateTime deadline)
-    {
-        var left = deadline - DateTime.UtcNow;
-        return left > TimeSpan.Zero ? left : TimeSpan.Zero;
-    }
 
     /// <summary>"host:port", "1.2.3.4:port" or "[::1]:port".</summary>
     internal static EndPoint ParseEndpoint(string text)

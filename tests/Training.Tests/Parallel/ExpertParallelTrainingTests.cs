@@ -74,6 +74,45 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
 
     internal static readonly Lazy<Held> Single = new(() => RunSingle(ScalarType.Float64));
 
+    /// <summary>
+    /// Every rank's steps are the single process's bit for bit: the loss, the MTP loss, the clipped norm (the clip active
+    /// in every step, so that it is tested) and every MoE layer's expert loads.
+    /// </summary>
+    internal static void AssertStepsEqualSingle(IEnumerable<IReadOnlyList<StepMetrics>> ranks, IReadOnlyList<StepMetrics> single, double clipNorm,
+                                                ITestOutputHelper output, string where)
+    {
+        var all = ranks.ToList();
+        for (int s = 0; s < single.Count; s++)
+        {
+            var one = single[s];
+            Assert.True(one.GradNorm > clipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
+            foreach (var (m, r) in all.Select((x, i) => (x[s], i)))
+            {
+                output.WriteLine($"{where} rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} (single {one.GradNorm:R})");
+                Assert.Equal(one.Loss, m.Loss);
+                Assert.Equal(one.MtpLoss, m.MtpLoss);
+                Assert.Equal(one.GradNorm, m.GradNorm);
+                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
+            }
+        }
+    }
+
+    /// <summary>
+    /// Every weight of the single process (routing biases included) is held, bit for bit, by exactly the ranks that should
+    /// hold it: a routed expert's by its dp / ep holders, every other weight by all dp ranks.
+    /// </summary>
+    internal static void AssertWeightsEqualSingle(IReadOnlyList<IReadOnlyDictionary<string, double[]>> ranks, IReadOnlyDictionary<string, double[]> single, int dp, int ep)
+    {
+        Assert.Contains(single.Keys, n => n.EndsWith("e_score_correction_bias", StringComparison.Ordinal));
+        foreach (var (name, values) in single)
+        {
+            var holders = ranks.Select((x, i) => (Held: x, Rank: i)).Where(h => h.Held.ContainsKey(name)).ToList();
+            Assert.True(holders.Count == (ExpertParallel.IsExpertParameter(name) ? dp / ep : dp), $"'{name}' is held by ranks [{string.Join(", ", holders.Select(h => h.Rank))}]");
+            foreach (var (held, r) in holders)
+                Assert.True(values.AsSpan().SequenceEqual(held[name]), $"weight '{name}' on rank {r} differs from the single process");
+        }
+    }
+
     static TrainingOptions OptionsFor(ScalarType dtype) => Options with { Precision = dtype == ScalarType.BFloat16 ? "bf16" : "fp32" };
 
     static Held RunSingle(ScalarType dtype, int? steps = null)
@@ -123,20 +162,8 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
         var config = Micro(Data.Value.Vocab);
         int perShard = config.NRoutedExperts / ep;
 
-        for (int s = 0; s < Options.Steps; s++)
-        {
-            var one = single.Steps[s];
-            Assert.True(one.GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
-            Assert.All(one.ExpertLoad, l => Assert.Equal(0, l[Starved]));
-            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
-            {
-                output.WriteLine($"rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} (single {one.GradNorm:R})");
-                Assert.Equal(one.Loss, m.Loss);
-                Assert.Equal(one.MtpLoss, m.MtpLoss);
-                Assert.Equal(one.GradNorm, m.GradNorm);
-                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
-            }
-        }
+        Assert.All(single.Steps, one => Assert.All(one.ExpertLoad, l => Assert.Equal(0, l[Starved])));
+        AssertStepsEqualSingle(ranks.Select(r => r.Steps), single.Steps, Options.ClipNorm, output, $"dp {dp} x ep {ep}");
 
         // Every tensor on every rank that holds it; a routed expert on exactly dp/ep ranks, the rest on all of them.
         int ExpertOf(string name) => int.Parse(name.Split(".mlp.experts.")[1].Split('.')[0]);

@@ -102,29 +102,9 @@ public sealed class ExpertZeroTrainingTests(ITestOutputHelper output) : IDisposa
         var single = EpTests.Single.Value;
         var config = EpTests.Micro(EpTests.Data.Value.Vocab);
 
-        for (int s = 0; s < Options.Steps; s++)
-        {
-            var one = single.Steps[s];
-            Assert.True(one.GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
-            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
-            {
-                output.WriteLine($"rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} (single {one.GradNorm:R})");
-                Assert.Equal(one.Loss, m.Loss);
-                Assert.Equal(one.MtpLoss, m.MtpLoss);
-                Assert.Equal(one.GradNorm, m.GradNorm);
-                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
-            }
-        }
-
+        EpTests.AssertStepsEqualSingle(ranks.Select(r => r.Steps), single.Steps, Options.ClipNorm, output, $"dp {dp} x ep {ep} zero {zero}");
         // Every weight (routing biases included) on every rank that holds it: a routed expert on dp/ep ranks, the rest on all.
-        foreach (var (name, values) in single.Weights)
-        {
-            var holders = ranks.Select((x, i) => (Held: x, Rank: i)).Where(h => h.Held.Weights.ContainsKey(name)).ToList();
-            Assert.True(holders.Count == (ExpertParallel.IsExpertParameter(name) ? dp / ep : dp), $"'{name}' is held by ranks [{string.Join(", ", holders.Select(h => h.Rank))}]");
-            foreach (var (held, r) in holders)
-                Assert.True(values.AsSpan().SequenceEqual(held.Weights[name]), $"weight '{name}' on rank {r} differs from the single process");
-        }
-        Assert.Contains(single.Weights.Keys, n => n.EndsWith("e_score_correction_bias", StringComparison.Ordinal));
+        EpTests.AssertWeightsEqualSingle(ranks.Select(r => (IReadOnlyDictionary<string, double[]>)r.Weights).ToList(), single.Weights, dp, ep);
         AssertMomentsEqualSingle(ranks, $"dp {dp} x ep {ep} zero {zero}");
 
         // Resident optimizer state (and, at zero 2, gradient words) per rank: the planner's prediction exactly (these shapes

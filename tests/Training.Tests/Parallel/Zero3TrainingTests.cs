@@ -100,19 +100,7 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
     {
         var ranks = RunZero3(dp);
         var single = Single.Value;
-        for (int s = 0; s < Options.Steps; s++)
-        {
-            var one = single.Steps[s];
-            Assert.True(one.GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
-            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
-            {
-                output.WriteLine($"dp {dp} rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} (single {one.GradNorm:R})");
-                Assert.Equal(one.Loss, m.Loss);
-                Assert.Equal(one.MtpLoss, m.MtpLoss);
-                Assert.Equal(one.GradNorm, m.GradNorm);
-                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
-            }
-        }
+        ExpertParallelTrainingTests.AssertStepsEqualSingle(ranks.Select(r => r.Steps), single.Steps, Options.ClipNorm, output, $"dp {dp}");
         Assert.Contains(single.Weights.Keys, n => n.EndsWith("e_score_correction_bias", StringComparison.Ordinal));
         foreach (var (name, expected) in single.Weights)
             foreach (var (rank, r) in ranks.Select((x, i) => (x, i)))
@@ -177,26 +165,8 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
             trainer.ShardedParameters.GatherAll(); // for the capture of every weight
         });
         var single = ExpertParallelTrainingTests.Single.Value;
-        for (int s = 0; s < Options.Steps; s++)
-        {
-            var one = single.Steps[s];
-            Assert.True(one.GradNorm > ExpertParallelTrainingTests.Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
-            foreach (var (m, r) in ranks.Select((x, i) => (x.Steps[s], i)))
-            {
-                output.WriteLine($"dp 4 x ep 2 zero 3 rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), norm {m.GradNorm:R} (single {one.GradNorm:R})");
-                Assert.Equal(one.Loss, m.Loss);
-                Assert.Equal(one.MtpLoss, m.MtpLoss);
-                Assert.Equal(one.GradNorm, m.GradNorm);
-                Assert.Equal(one.ExpertLoad.Select(l => string.Join(",", l)), m.ExpertLoad.Select(l => string.Join(",", l)));
-            }
-        }
-        foreach (var (name, values) in single.Weights)
-        {
-            var holders = ranks.Select((x, i) => (Held: x, Rank: i)).Where(h => h.Held.Weights.ContainsKey(name)).ToList();
-            Assert.Equal(ExpertParallel.IsExpertParameter(name) ? dp / ep : dp, holders.Count);
-            foreach (var (held, r) in holders)
-                Assert.True(values.AsSpan().SequenceEqual(held.Weights[name]), $"weight '{name}' on rank {r} differs from the single process");
-        }
+        ExpertParallelTrainingTests.AssertStepsEqualSingle(ranks.Select(r => r.Steps), single.Steps, ExpertParallelTrainingTests.Options.ClipNorm, output, "dp 4 x ep 2 zero 3");
+        ExpertParallelTrainingTests.AssertWeightsEqualSingle(ranks.Select(r => (IReadOnlyDictionary<string, double[]>)r.Weights).ToList(), single.Weights, dp, ep);
         ExpertZeroTrainingTests.AssertMomentsEqualSingle(ranks, "dp 4 x ep 2 zero 3");
 
         var config = ExpertParallelTrainingTests.Micro(ExpertParallelTrainingTests.Data.Value.Vocab);
