@@ -251,7 +251,7 @@ public sealed record ParallelPlan
         if (Zero is < 0 or > 3) yield return ("parallel.zero", $"{Zero} must be 0 (replicated), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)");
         // Each stage's replicas shard that stage's optimizer state (zero 1), gradient sums (zero 2) and parameters (zero 3), with or without ep.
         // With pp > 1 each stage's replicas keep their neighbours' pieces of the stage's state (with ep, of its expert shards;
-        // zero 1 to 3 at ep 1 and zero 0, 1 and 3 at ep 2 tested: LiveShardsPipelineTests, RedundancyPipelineClusterTests).
+        // zero 1 to 3 at ep 1 and zero 0 to 3 at ep 2 tested, bf16 too: LiveShardsPipelineTests, RedundancyPipelineClusterTests).
         if (Redundancy && Zero == 0 && Ep <= 1) yield return ("parallel.redundancy", "true with zero 0 and ep 1: every rank already holds the whole state, expected false, zero 1, 2 or 3, or ep > 1");
         // The overlap all-reduces whole words per bucket; ZeRO reduce-scatters them (zero 3 already per layer, during the
         // backward), a pipeline stage's backward and ep's extra expert terms are not bucketed this way.
