@@ -64,19 +64,37 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (HoldsWholeModel(run.Assignment, plan))
         {
+            run.Doing = "measuring the final validation loss";
             Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, Exports(formed));
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
         long final = plan.Options.Steps;
         run.Log($"waiting for the final checkpoint (step {final}) to commit, to load the whole model from it");
+        run.Doing = $"waiting for the final checkpoint (step {final}) to commit";
         if (!WaitForCommit(run, formed.Store, final, boundary)) return;
+        run.Log($"the final checkpoint (step {final}) is committed; loading the whole model from it");
+        run.Doing = $"loading the whole model from committed step {final}";
         long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
         using var model = new DeepSeekForCausalLM(plan.Config);
         model.to(device);
-        var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
+        CheckpointManifest loaded;
+        // Every read of the store is bounded by its silence timeout (GrpcCheckpointStore): a store that stops answering
+        // ends the load with its name and the tensor asked for, not a rank 0 that waits silently for ever after the Stop.
+        try { loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash)); }
+        catch (IOException e)
+        {
+            run.Log($"could not load the whole model from committed step {final}, so there is no validation loss, sample or model from rank 0: {e.Message}");
+            return;
+        }
         run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, Exports(formed));
+        Write(run, plan, model, final, reuse ?? Validate(run, validation, model, device), device, tokenizer, Exports(formed));
+    }
+
+    static double Validate(RunContext run, RunValidation validation, DeepSeekForCausalLM model, Device device)
+    {
+        run.Doing = "measuring the whole model's validation loss";
+        return validation.Evaluate(model, device);
     }
 
     static GrpcExportStore Exports(RunFormation formed) =>
@@ -129,6 +147,7 @@ static class RunEnd
                 ValidationLoss = validationLoss, HasValidation = double.IsFinite(validationLoss),
             },
         });
+        run.Doing = "generating the sample";
         string promptText = plan.Spec.SamplePrompt;
         var prompt = tokenizer.Encode(promptText);
         // An empty prompt starts from the end-of-text token, as the standalone run does.
@@ -138,6 +157,7 @@ static class RunEnd
             MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = plan.Spec.Seed, EosTokenId = tokenizer.EosTokenId,
         }, device);
         run.Log($"sample: {(promptText + tokenizer.Decode(sample)).ReplaceLineEndings(" ")}");
+        run.Doing = $"putting the model of step {step} into the checkpoint store";
         if (PutIntoStore(run, exports, model, tokenizer, step) is { } place)
             run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = place } });
     }
