@@ -32,7 +32,7 @@ public sealed record GrpcCheckpointStoreOptions
     /// download, a chunk of an upload taken in. A call without one for this long is given up with an error naming the
     /// store and what it was asked (an upload counts it as a failed attempt); not a bound on a transfer's length.
     /// </summary>
-    public TimeSpan SilenceTimeout { get; init; } = TimeSpan.FromSeconds(60);
+    public TimeSpan SilenceTimeout { get; init; } = CallSilence.DefaultTimeout;
 }
 
 /// <summary>
@@ -119,17 +119,17 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     /// </summary>
     async Task<ManifestFile> UploadOnceAsync(long step, int rank, string path, ManifestFile written, CancellationToken ct)
     {
-        using var silence = new StoreSilence(options.SilenceTimeout, ct);
+        using var silence = new CallSilence(options.SilenceTimeout, ct);
         try { return await UploadOnceAsync(step, rank, path, written, silence, ct); }
         catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
         {
             throw new RpcException(new Status(StatusCode.DeadlineExceeded,
-                $"the checkpoint store at {address} {(silence.Uploading ? "took in" : "answered")} nothing for {options.SilenceTimeout.TotalSeconds:0.#} s " +
+                $"the checkpoint store at {address} {silence.Verb} nothing for {options.SilenceTimeout.TotalSeconds:0.#} s " +
                 $"during the upload of {written.Name} of step {step}"));
         }
     }
 
-    async Task<ManifestFile> UploadOnceAsync(long step, int rank, string path, ManifestFile written, StoreSilence silence, CancellationToken ct)
+    async Task<ManifestFile> UploadOnceAsync(long step, int rank, string path, ManifestFile written, CallSilence silence, CancellationToken ct)
     {
         var status = await client.GetUploadStatusAsync(new UploadStatusRequest { Job = job, Step = step, FileName = written.Name, Sha256 = written.Sha256 },
             cancellationToken: silence.Token);
@@ -263,7 +263,7 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     }
 
     /// <summary>A tensor's bytes as the store streams them; each message that comes restarts the silence bound.</summary>
-    async Task<Tensor> DownloadAsync(DownloadTensorRequest request, StoreSilence silence)
+    async Task<Tensor> DownloadAsync(DownloadTensorRequest request, CallSilence silence)
     {
         using var call = client.DownloadTensor(request, cancellationToken: silence.Token);
         Tensor? result = null;
@@ -302,9 +302,9 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     /// that sends nothing for <see cref="GrpcCheckpointStoreOptions.SilenceTimeout"/> (a call without a deadline would wait
     /// for it forever, and rank 0's end, which loads the whole model after the job's Stop, has no other way out).
     /// </summary>
-    async Task<T> Call<T>(string what, Func<StoreSilence, Task<T>> call, CancellationToken ct)
+    async Task<T> Call<T>(string what, Func<CallSilence, Task<T>> call, CancellationToken ct)
     {
-        using var silence = new StoreSilence(options.SilenceTimeout, ct);
+        using var silence = new CallSilence(options.SilenceTimeout, ct);
         try { return await call(silence); }
         catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
         {
@@ -315,36 +315,6 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
             string message = $"could not {what} of job '{job}' from the checkpoint store at {address}: {e.Status.Detail} ({e.StatusCode})";
             throw e.StatusCode == StatusCode.NotFound ? new FileNotFoundException(message, e) : new IOException(message, e);
         }
-    }
-
-    /// <summary>
-    /// The silence bound of one call: its token is the caller's, cancelled also when <see cref="Progress"/> was not called
-    /// for the timeout. <see cref="Expired"/> tells that cancel from the caller's.
-    /// </summary>
-    sealed class StoreSilence : IDisposable
-    {
-        readonly CancellationTokenSource cts;
-        readonly CancellationToken caller;
-        readonly TimeSpan timeout;
-
-        public StoreSilence(TimeSpan timeout, CancellationToken caller)
-        {
-            (this.timeout, this.caller) = (timeout, caller);
-            cts = CancellationTokenSource.CreateLinkedTokenSource(caller);
-            cts.CancelAfter(timeout);
-        }
-
-        public CancellationToken Token => cts.Token;
-        public bool Expired => cts.IsCancellationRequested && !caller.IsCancellationRequested;
-        /// <summary>Sending the file (the store is silent by taking nothing in), not waiting for an answer: for the message.</summary>
-        public bool Uploading { get; set; }
-
-        public void Progress()
-        {
-            if (!cts.IsCancellationRequested) cts.CancelAfter(timeout);
-        }
-
-        public void Dispose() => cts.Dispose();
     }
 
     /// <summary>Writes streamed bytes into a contiguous CPU tensor in order, a window of whole elements at a time.</summary>

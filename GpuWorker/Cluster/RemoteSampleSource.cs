@@ -20,6 +20,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     readonly int readAhead;
     readonly long stride;
     readonly long limit;
+    readonly TimeSpan? silenceTimeout;
     /// <summary>Cancelled by the run's token or by Dispose: ends a prefetch in flight.</summary>
     readonly CancellationTokenSource lifetime;
     readonly ServedRanges served = new();
@@ -42,9 +43,16 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     /// </param>
     /// <param name="totalSamples">Global indices the job consumes; no call asks at or past it unless a fetch itself does. 0: the epochs' end.</param>
     /// <param name="ct">The run's token: cancelling it cancels a prefetch in flight (a fetch the trainer makes still completes).</param>
+    /// <param name="silenceTimeout">
+    /// A call that gets no sample from the service for this long fails with an IOException naming the dataset and the
+    /// samples (null: it waits as long as the service takes). Rank 0's validation at the end of a job sets it: it runs
+    /// after the job's Stop, which no longer reaches a fetch.
+    /// </param>
     public RemoteSampleSource(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long sampleCount, int epochs,
-                              string split = "train", int readAhead = 0, long stride = 0, long totalSamples = 0, CancellationToken ct = default)
+                              string split = "train", int readAhead = 0, long stride = 0, long totalSamples = 0, CancellationToken ct = default,
+                              TimeSpan? silenceTimeout = null)
     {
+        this.silenceTimeout = silenceTimeout;
         ArgumentOutOfRangeException.ThrowIfNegative(stride);
         // At most ~4 M tokens a window (32 MiB; two with a prefetch): a huge global batch of long sequences falls back to
         // fetching less at a time.
@@ -69,7 +77,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
 
     /// <summary><see cref="OpenAsync"/> for a run's own thread, with <paramref name="manifest"/> already in hand.</summary>
     public static RemoteSampleSource For(GetManifestReply manifest, DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
-                                         CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0)
+                                         CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0, TimeSpan? silenceTimeout = null)
     {
         var m = manifest;
         if (m.SeqLen != seqLen)
@@ -77,7 +85,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         long samples = split == "validation" ? m.ValidationSamples : m.TrainSamples;
         if (samples == 0) throw new InvalidDataException($"dataset {dataset} has no {split} samples");
         int epochs = (int)Math.Max(1, (totalSamples + samples - 1) / samples);
-        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead, stride, totalSamples, ct);
+        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead, stride, totalSamples, ct, silenceTimeout);
     }
 
     public Tensor Fetch(long globalStart, int count)
@@ -158,12 +166,14 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         var tokens = new long[count * row];
         var indices = new long[count];
         int got = 0;
+        using var silence = new CallSilence(silenceTimeout ?? Timeout.InfiniteTimeSpan, ct);
         try
         {
             using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = split, Seed = seed, Start = globalStart, Count = count, Epochs = epochs },
-                                             cancellationToken: ct);
-            while (await call.ResponseStream.MoveNext(ct))
+                                             cancellationToken: silence.Token);
+            while (await call.ResponseStream.MoveNext(silence.Token))
             {
+                silence.Progress();
                 var s = call.ResponseStream.Current;
                 if (s.Tokens.Count != row)
                     throw new InvalidDataException($"dataset {dataset}: sample {s.GlobalIndex} has {s.Tokens.Count} tokens, expected {row}");
@@ -172,6 +182,10 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
                 indices[got] = s.GlobalIndex;
                 got++;
             }
+        }
+        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        {
+            throw new IOException($"dataset {dataset}: fetching {split} samples [{globalStart}, {globalStart + count}) failed: the data service sent nothing for {silenceTimeout!.Value.TotalSeconds:0.#} s", e);
         }
         catch (RpcException e) when (!ct.IsCancellationRequested)
         {

@@ -22,9 +22,23 @@ sealed class RunValidation(DataShards.DataShardsClient data, JobPlan plan) : IDi
 {
     RemoteSampleSource? source;
 
-    RemoteSampleSource Source => source ??= RemoteSampleSource.For(
-        data.GetManifest(new GetManifestRequest { DatasetId = plan.Spec.Dataset }), data, plan.Spec.Dataset, (ulong)plan.Spec.Seed,
-        plan.Spec.SeqLen, (long)plan.Options.MicroBatch * Evaluation.ClusterBatches, CancellationToken.None, "validation");
+    RemoteSampleSource Source => source ??= Open();
+
+    /// <summary>
+    /// Every call is bounded by <see cref="CallSilence.DefaultTimeout"/>: rank 0's validation at the end runs after the
+    /// job's Stop, and a data service that stopped answering would otherwise hold it, silently, for ever.
+    /// </summary>
+    RemoteSampleSource Open()
+    {
+        GetManifestReply manifest;
+        try { manifest = data.GetManifest(new GetManifestRequest { DatasetId = plan.Spec.Dataset }, deadline: DateTime.UtcNow + CallSilence.DefaultTimeout); }
+        catch (Grpc.Core.RpcException e) when (e.StatusCode == Grpc.Core.StatusCode.DeadlineExceeded)
+        {
+            throw new IOException($"dataset {plan.Spec.Dataset}: the data service did not answer for the manifest within {CallSilence.DefaultTimeout.TotalSeconds:0} s (the validation split)", e);
+        }
+        return RemoteSampleSource.For(manifest, data, plan.Spec.Dataset, (ulong)plan.Spec.Seed, plan.Spec.SeqLen, (long)plan.Options.MicroBatch * Evaluation.ClusterBatches,
+                                      CancellationToken.None, "validation", silenceTimeout: CallSilence.DefaultTimeout);
+    }
 
     /// <summary>The trainer's validation loss (a pipeline's stages call it together).</summary>
     public double Evaluate(ITrainer trainer) => trainer.Evaluate(Source, Evaluation.ClusterBatches);
@@ -64,8 +78,7 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (HoldsWholeModel(run.Assignment, plan))
         {
-            run.Doing = "measuring the final validation loss";
-            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, Exports(formed));
+            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? Validate(run, () => validation.Evaluate(formed.Trainer)), device, tokenizer, Exports(formed));
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
@@ -88,13 +101,19 @@ static class RunEnd
             return;
         }
         run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, final, reuse ?? Validate(run, validation, model, device), device, tokenizer, Exports(formed));
+        Write(run, plan, model, final, reuse ?? Validate(run, () => validation.Evaluate(model, device)), device, tokenizer, Exports(formed));
     }
 
-    static double Validate(RunContext run, RunValidation validation, DeepSeekForCausalLM model, Device device)
+    /// <summary>The final validation loss; NaN, said in the log, when the data service could not serve the validation split.</summary>
+    static double Validate(RunContext run, Func<double> evaluate)
     {
-        run.Doing = "measuring the whole model's validation loss";
-        return validation.Evaluate(model, device);
+        run.Doing = "measuring the final validation loss";
+        try { return evaluate(); }
+        catch (IOException e)
+        {
+            run.Log($"no final validation loss: {e.Message}");
+            return double.NaN;
+        }
     }
 
     static GrpcExportStore Exports(RunFormation formed) =>
@@ -136,8 +155,11 @@ static class RunEnd
                       GrpcExportStore exports)
     {
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
-        run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
-        run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        if (double.IsFinite(validationLoss))
+        {
+            run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
+            run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        }
         // The end's validation joins the job's curve (a report of no samples: the ledger and the loss curve ignore it).
         run.Send(new WorkerMessage
         {
@@ -180,6 +202,7 @@ static class RunEnd
             }
         }
         catch (Grpc.Core.RpcException e) { run.Log($"could not list the exports of job '{run.JobId}': {e.Status.StatusCode}: {e.Status.Detail}"); }
+        catch (IOException e) { run.Log($"could not list the exports of job '{run.JobId}': {e.Message}"); }
         var staging = Path.Combine(run.Settings.OutputDir, "final-model-staging", run.WorkerId, $"{run.JobId}-{step}");
         try
         {
