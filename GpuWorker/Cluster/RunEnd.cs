@@ -86,21 +86,8 @@ static class RunEnd
         run.Log($"waiting for the final checkpoint (step {final}) to commit, to load the whole model from it");
         run.Doing = $"waiting for the final checkpoint (step {final}) to commit";
         if (!WaitForCommit(run, formed.Store, final, boundary)) return;
-        run.Log($"the final checkpoint (step {final}) is committed; loading the whole model from it");
-        run.Doing = $"loading the whole model from committed step {final}";
-        long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
-        using var model = new DeepSeekForCausalLM(plan.Config);
-        model.to(device);
-        CheckpointManifest loaded;
-        // Every read of the store is bounded by its silence timeout (GrpcCheckpointStore): a store that stops answering
-        // ends the load with its name and the tensor asked for, not a rank 0 that waits silently for ever after the Stop.
-        try { loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash)); }
-        catch (IOException e)
-        {
-            run.Log($"could not load the whole model from committed step {final}, so there is no validation loss, sample or model from rank 0: {e.Message}");
-            return;
-        }
-        run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+        using var model = LoadWholeModel(run, formed.Store, final, plan.Config, device, tokenizer.TokenizerHash);
+        if (model is null) return;
         Write(run, plan, model, final, reuse ?? Validate(run, () => validation.Evaluate(model, device)), device, tokenizer, Exports(formed));
     }
 
@@ -113,6 +100,38 @@ static class RunEnd
         {
             run.Log($"no final validation loss: {e.Message}");
             return double.NaN;
+        }
+    }
+
+    /// <summary>
+    /// The whole model of committed step <paramref name="final"/>, whatever layout saved it; null, said in the log, when
+    /// the store could not serve it. Every read of the store is bounded by its silence timeout (GrpcCheckpointStore): a
+    /// store that stops answering ends the load with its name and the tensor asked for, rather than a rank 0 that waits
+    /// silently for ever after the job's Stop.
+    /// </summary>
+    internal static DeepSeekForCausalLM? LoadWholeModel(RunContext run, GrpcCheckpointStore store, long final, DeepSeekConfig config, Device device, string tokenizerHash)
+    {
+        run.Log($"the final checkpoint (step {final}) is committed; loading the whole model from it");
+        run.Doing = $"loading the whole model from committed step {final}";
+        long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var model = new DeepSeekForCausalLM(config);
+        try
+        {
+            model.to(device);
+            var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerHash));
+            run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+            return model;
+        }
+        catch (IOException e)
+        {
+            model.Dispose();
+            run.Log($"could not load the whole model from committed step {final}, so there is no validation loss, sample or model from rank 0: {e.Message}");
+            return null;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
         }
     }
 
