@@ -101,7 +101,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);
         using var source = RemoteSampleSource.For(manifest, data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
-                                                  readAhead: share.Count, stride: spec.GlobalBatch);
+                                                  readAhead: share.Count, stride: spec.GlobalBatch, abort: cancel.Abort);
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != plan.Fingerprint))
         {
             context.Log($"dropping the live state of job {previous.JobId} (another job or spec)");
