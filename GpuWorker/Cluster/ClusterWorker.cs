@@ -339,7 +339,19 @@ public sealed class ClusterWorker(WorkerSettings settings, TextWriter log, Train
         lock (gate) { r = run; t = runTask; run = null; runTask = null; }
         if (r is null || t is null) return;
         r.Cancel(now);
-        await t;
+        // Rank 0's end (the whole model's load, validation and export) runs on after the job's Stop, and a run may be held
+        // by a wait that no cancellation reaches: say what it is doing rather than wait in silence.
+        await WaitSayingAsync(t, () => $"the run of generation {r.Generation} (rank {r.Rank}) has not ended yet: {r.Doing}", RunEndReportEvery, Log);
+    }
+
+    /// <summary>How often a Stop, rescale or leave that waits for the run to end logs what the run is doing.</summary>
+    internal static readonly TimeSpan RunEndReportEvery = TimeSpan.FromSeconds(30);
+
+    /// <summary>Awaits <paramref name="run"/>, logging <paramref name="where"/> each <paramref name="every"/> it has not ended.</summary>
+    internal static async Task WaitSayingAsync(Task run, Func<string> where, TimeSpan every, Action<string> log)
+    {
+        while (await Task.WhenAny(run, Task.Delay(every)) != run) log(where());
+        await run;
     }
 
     void Send(WorkerMessage m) => outbox.Writer.TryWrite(m);

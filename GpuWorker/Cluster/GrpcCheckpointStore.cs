@@ -26,6 +26,13 @@ public sealed record GrpcCheckpointStoreOptions
 
     /// <summary>False: the staged file is deleted once the store holds it (a rank file can be gigabytes).</summary>
     public bool KeepStagedFiles { get; init; }
+
+    /// <summary>
+    /// The longest the store may go without a sign of progress in one call: an answer to a unary call, a message of a
+    /// download, a chunk of an upload taken in. A call without one for this long is given up with an error naming the
+    /// store and what it was asked (an upload counts it as a failed attempt); not a bound on a transfer's length.
+    /// </summary>
+    public TimeSpan SilenceTimeout { get; init; } = CallSilence.DefaultTimeout;
 }
 
 /// <summary>
@@ -105,10 +112,28 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
         code is StatusCode.Unavailable or StatusCode.DeadlineExceeded or StatusCode.Aborted or StatusCode.Internal
             or StatusCode.ResourceExhausted or StatusCode.Unknown or StatusCode.Cancelled or StatusCode.FailedPrecondition;
 
+    /// <summary>
+    /// One attempt. A store that takes nothing in (its reads stopped: the writes wait on HTTP/2 flow control) or never
+    /// answers for <see cref="GrpcCheckpointStoreOptions.SilenceTimeout"/> fails the attempt as DeadlineExceeded, which the
+    /// caller retries: without it the final checkpoint's upload, and the run's end that waits for it, could wait forever.
+    /// </summary>
     async Task<ManifestFile> UploadOnceAsync(long step, int rank, string path, ManifestFile written, CancellationToken ct)
     {
+        using var silence = new CallSilence(options.SilenceTimeout, ct);
+        try { return await UploadOnceAsync(step, rank, path, written, silence, ct); }
+        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        {
+            throw new RpcException(new Status(StatusCode.DeadlineExceeded,
+                $"the checkpoint store at {address} {silence.Verb} nothing for {options.SilenceTimeout.TotalSeconds:0.#} s " +
+                $"during the upload of {written.Name} of step {step}"));
+        }
+    }
+
+    async Task<ManifestFile> UploadOnceAsync(long step, int rank, string path, ManifestFile written, CallSilence silence, CancellationToken ct)
+    {
         var status = await client.GetUploadStatusAsync(new UploadStatusRequest { Job = job, Step = step, FileName = written.Name, Sha256 = written.Sha256 },
-            cancellationToken: ct);
+            cancellationToken: silence.Token);
+        silence.Progress();
         if (status.Complete) return written with { Size = status.ReceivedBytes };
 
         long from = status.ReceivedBytes;
@@ -117,24 +142,28 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
         if (file.Length != written.Size)
             throw new InvalidDataException($"{path} is {file.Length} bytes, but its writer reported {written.Size}");
 
-        using var call = client.UploadShard(cancellationToken: ct);
+        using var call = client.UploadShard(cancellationToken: silence.Token);
+        silence.Uploading = true;
         var header = new UploadHeader { Job = job, Step = step, Rank = rank, FileName = written.Name, TotalSize = written.Size, Sha256 = written.Sha256 };
         if (written.ChunkXxh128 is { } chunks)
         {
             header.ChunkBytes = written.ChunkBytes!.Value;
             header.ChunkXxh128.AddRange(chunks);
         }
-        bool open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage { Header = header }, ct));
+        bool open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage { Header = header }, silence.Token));
         file.Position = from;
         byte[] buffer = new byte[(int)Math.Min(options.ChunkBytes, Math.Max(1, written.Size))];
         for (long at = from; open && at < written.Size;)
         {
             int n = await file.ReadAtLeastAsync(buffer, (int)Math.Min(buffer.Length, written.Size - at), throwOnEndOfStream: true, ct);
             long offset = at;
-            open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage { Chunk = new UploadChunk { Offset = offset, Data = ByteString.CopyFrom(buffer, 0, n) } }, ct));
+            open = await SendAsync(() => call.RequestStream.WriteAsync(new UploadShardMessage { Chunk = new UploadChunk { Offset = offset, Data = ByteString.CopyFrom(buffer, 0, n) } }, silence.Token));
+            silence.Progress();
             at += n;
         }
         if (open) await SendAsync(call.RequestStream.CompleteAsync);
+        silence.Uploading = false;
+        silence.Progress(); // from here the store checks and stores what it took in, then answers
         var reply = await call.ResponseAsync;
         return new ManifestFile(reply.FileName, reply.Size, reply.Sha256)
         {
@@ -197,7 +226,7 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     public async Task<GuardState?> ReadGuardStateAsync(long step, CancellationToken ct = default)
     {
         var reply = await Call($"read the manifest of step {step}",
-            () => client.GetManifestAsync(new GetManifestRequest { Job = job, Step = step }, cancellationToken: ct).ResponseAsync, ct);
+            silence => client.GetManifestAsync(new GetManifestRequest { Job = job, Step = step }, cancellationToken: silence.Token).ResponseAsync, ct);
         string source = $"{address}: manifest of step {step} of job '{job}'";
         var node = JsonNode.Parse(reply.ManifestJson) ?? throw new InvalidDataException($"{source} is empty");
         return node[GuardState.ManifestKey] is { } guard ? GuardState.FromJson(guard, source) : null;
@@ -215,14 +244,14 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
 
     public async Task<IReadOnlyList<long>> ListStepsAsync(CancellationToken ct = default)
     {
-        var reply = await Call("list the checkpoints", () => client.ListCheckpointsAsync(new ListCheckpointsRequest { Job = job }, cancellationToken: ct).ResponseAsync, ct);
+        var reply = await Call("list the checkpoints", silence => client.ListCheckpointsAsync(new ListCheckpointsRequest { Job = job }, cancellationToken: silence.Token).ResponseAsync, ct);
         return [.. reply.Checkpoints.Select(c => c.Step).Order()];
     }
 
     public async Task<CheckpointManifest> ReadManifestAsync(long step, CancellationToken ct = default)
     {
         var reply = await Call($"read the manifest of step {step}",
-            () => client.GetManifestAsync(new GetManifestRequest { Job = job, Step = step }, cancellationToken: ct).ResponseAsync, ct);
+            silence => client.GetManifestAsync(new GetManifestRequest { Job = job, Step = step }, cancellationToken: silence.Token).ResponseAsync, ct);
         return CheckpointManifest.FromJson(reply.ManifestJson, $"{address}: manifest of step {step} of job '{job}'");
     }
 
@@ -230,18 +259,20 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     {
         var request = new DownloadTensorRequest { Job = job, Step = step, TensorName = tensor, FileName = file };
         if (rows is { } r) (request.HasRows, request.RowStart, request.RowCount) = (true, r.Start, r.Count);
-        return Call($"download '{tensor}' of {file}, step {step}", () => DownloadAsync(request, ct), ct);
+        return Call($"download '{tensor}' of {file}, step {step}", silence => DownloadAsync(request, silence), ct);
     }
 
-    async Task<Tensor> DownloadAsync(DownloadTensorRequest request, CancellationToken ct)
+    /// <summary>A tensor's bytes as the store streams them; each message that comes restarts the silence bound.</summary>
+    async Task<Tensor> DownloadAsync(DownloadTensorRequest request, CallSilence silence)
     {
-        using var call = client.DownloadTensor(request, cancellationToken: ct);
+        using var call = client.DownloadTensor(request, cancellationToken: silence.Token);
         Tensor? result = null;
         TensorFill? fill = null;
         try
         {
-            await foreach (var chunk in call.ResponseStream.ReadAllAsync(ct))
+            await foreach (var chunk in call.ResponseStream.ReadAllAsync(silence.Token))
             {
+                silence.Progress();
                 if (chunk.Description is { } d)
                 {
                     var (type, itemSize) = Dtypes.Of(d.Dtype, request.TensorName);
@@ -266,10 +297,19 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
         }
     }
 
-    /// <summary>Runs a read; a gRPC failure becomes an exception naming the store, the job and what was asked.</summary>
-    async Task<T> Call<T>(string what, Func<Task<T>> call, CancellationToken ct)
+    /// <summary>
+    /// Runs a read; a gRPC failure becomes an exception naming the store, the job and what was asked, and so does a store
+    /// that sends nothing for <see cref="GrpcCheckpointStoreOptions.SilenceTimeout"/> (a call without a deadline would wait
+    /// for it forever, and rank 0's end, which loads the whole model after the job's Stop, has no other way out).
+    /// </summary>
+    async Task<T> Call<T>(string what, Func<CallSilence, Task<T>> call, CancellationToken ct)
     {
-        try { return await call(); }
+        using var silence = new CallSilence(options.SilenceTimeout, ct);
+        try { return await call(silence); }
+        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        {
+            throw new IOException($"could not {what} of job '{job}' from the checkpoint store at {address}: it sent nothing for {options.SilenceTimeout.TotalSeconds:0.#} s", e);
+        }
         catch (RpcException e) when (!ct.IsCancellationRequested)
         {
             string message = $"could not {what} of job '{job}' from the checkpoint store at {address}: {e.Status.Detail} ({e.StatusCode})";

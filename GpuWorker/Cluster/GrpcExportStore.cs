@@ -6,9 +6,15 @@ using Grpc.Core;
 
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
-public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string address)
+/// <param name="silenceTimeout">
+/// The longest a call may go without an answer, a message or a chunk taken in (null: <see cref="CallSilence.DefaultTimeout"/>):
+/// rank 0 puts the final model here after the job's Stop, when no cancellation reaches it, so a silent store must end the
+/// call with its name rather than hold the run's end for ever.
+/// </param>
+public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string address, TimeSpan? silenceTimeout = null)
 {
     const int ChunkBytes = 1 << 20;
+    readonly TimeSpan silenceTimeout = silenceTimeout ?? CallSilence.DefaultTimeout;
 
     public static ExportKey KeyOf(ExportManifest m) => new() { Job = m.Job, Step = m.Step, Format = m.Format };
 
@@ -19,41 +25,65 @@ public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string
     public async Task<string> UploadAsync(string folder, ExportManifest manifest, CancellationToken ct = default)
     {
         var key = KeyOf(manifest);
+        string what = "";
+        CallSilence? silence = null;
         try
         {
             foreach (var file in manifest.Files)
             {
-                using var call = client.UploadExportFile(cancellationToken: ct);
+                what = $"the upload of {file.Path}";
+                silence = new CallSilence(silenceTimeout, ct) { Uploading = true };
+                using var call = client.UploadExportFile(cancellationToken: silence.Token);
                 try
                 {
                     await call.RequestStream.WriteAsync(new UploadExportFileMessage
                     {
                         Header = new ExportFileHeader { Export = key, Path = file.Path, TotalSize = file.Bytes, Sha256 = file.Sha256 },
-                    }, ct);
+                    }, silence.Token);
                     await using (var stream = File.OpenRead(Path.Combine(folder, file.Path)))
                     {
                         var buffer = new byte[ChunkBytes];
                         int read;
                         while ((read = await stream.ReadAsync(buffer, ct)) > 0)
-                            await call.RequestStream.WriteAsync(new UploadExportFileMessage { Data = ByteString.CopyFrom(buffer, 0, read) }, ct);
+                        {
+                            await call.RequestStream.WriteAsync(new UploadExportFileMessage { Data = ByteString.CopyFrom(buffer, 0, read) }, silence.Token);
+                            silence.Progress();
+                        }
                     }
                     await call.RequestStream.CompleteAsync();
                 }
-                catch (RpcException) when (!ct.IsCancellationRequested) { } // the store ended the call early: its reason is the response's status
+                catch (RpcException) when (!ct.IsCancellationRequested && !silence.Expired) { } // the store ended the call early: its reason is the response's status
+                silence.Uploading = false;
+                silence.Progress();
                 await call;
+                silence.Dispose();
             }
-            var reply = await client.CommitExportAsync(new CommitExportRequest { Export = key, ManifestJson = manifest.ToJson() }, cancellationToken: ct);
+            what = "the commit";
+            silence = new CallSilence(silenceTimeout, ct);
+            var reply = await client.CommitExportAsync(new CommitExportRequest { Export = key, ManifestJson = manifest.ToJson() }, cancellationToken: silence.Token);
             return reply.ManifestKey;
+        }
+        catch (Exception e) when (silence is { Expired: true } && e is RpcException or OperationCanceledException)
+        {
+            throw new IOException($"the export store at {address} {silence.Verb} nothing for {silenceTimeout.TotalSeconds:0.#} s during {what} of {key.Job}/{key.Step}/{key.Format}", e);
         }
         catch (RpcException e)
         {
             throw new IOException($"the export store at {address} refused {key.Job}/{key.Step}/{key.Format}: {e.Status.StatusCode}: {e.Status.Detail}", e);
         }
+        finally { silence?.Dispose(); }
     }
 
-    /// <summary>Committed exports of <paramref name="job"/>.</summary>
-    public async Task<IReadOnlyList<ExportSummary>> ListAsync(string job, CancellationToken ct = default) =>
-        (await client.ListExportsAsync(new ListExportsRequest { Job = job }, cancellationToken: ct)).Exports;
+    /// <summary>Committed exports of <paramref name="job"/>; a store silent for the silence timeout is an IOException naming it.</summary>
+    public async Task<IReadOnlyList<ExportSummary>> ListAsync(string job, CancellationToken ct = default)
+    {
+        using var silence = new CallSilence(silenceTimeout, ct);
+        try { return (await client.ListExportsAsync(new ListExportsRequest { Job = job }, cancellationToken: silence.Token)).Exports; }
+        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        {
+            throw new IOException($"the export store at {address} answered nothing for {silenceTimeout.TotalSeconds:0.#} s when asked to list the exports of job '{job}'", e);
+        }
+    }
 
     /// <summary>Downloads a committed export into <paramref name="target"/> (created; must not exist) and verifies it.</summary>
     public async Task<ExportManifest> DownloadAsync(ExportKey key, string target, CancellationToken ct = default)

@@ -20,6 +20,9 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     readonly int readAhead;
     readonly long stride;
     readonly long limit;
+    readonly TimeSpan? silenceTimeout;
+    /// <summary>The run's abort: a fetch the trainer waits for is given up with its step.</summary>
+    readonly CancellationToken abort;
     /// <summary>Cancelled by the run's token or by Dispose: ends a prefetch in flight.</summary>
     readonly CancellationTokenSource lifetime;
     readonly ServedRanges served = new();
@@ -41,10 +44,23 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
     /// ready. 0 (or a read-ahead of 0) prefetches nothing.
     /// </param>
     /// <param name="totalSamples">Global indices the job consumes; no call asks at or past it unless a fetch itself does. 0: the epochs' end.</param>
-    /// <param name="ct">The run's token: cancelling it cancels a prefetch in flight (a fetch the trainer makes still completes).</param>
+    /// <param name="ct">The run's token: cancelling it cancels a prefetch in flight (a fetch the trainer makes still completes, unless <paramref name="abort"/> ends it).</param>
+    /// <param name="abort">
+    /// The run's abort (RunCancellation.Abort, a grace after the Stop): it ends a fetch the trainer waits for, as it ends a
+    /// blocked collective, so that a data service that stopped answering in the middle of a step cannot hold the run, and
+    /// the Stop or re-formation that waits for it, for ever. The step is given up either way once the run is aborted.
+    /// </param>
+    /// <param name="silenceTimeout">
+    /// A call that gets no sample from the service for this long fails with an IOException naming the dataset and the
+    /// samples (null: it waits as long as the service takes). Rank 0's validation at the end of a job sets it: it runs
+    /// after the job's Stop, which no longer reaches a fetch.
+    /// </param>
     public RemoteSampleSource(DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long sampleCount, int epochs,
-                              string split = "train", int readAhead = 0, long stride = 0, long totalSamples = 0, CancellationToken ct = default)
+                              string split = "train", int readAhead = 0, long stride = 0, long totalSamples = 0, CancellationToken ct = default,
+                              TimeSpan? silenceTimeout = null, CancellationToken abort = default)
     {
+        this.silenceTimeout = silenceTimeout;
+        this.abort = abort;
         ArgumentOutOfRangeException.ThrowIfNegative(stride);
         // At most ~4 M tokens a window (32 MiB; two with a prefetch): a huge global batch of long sequences falls back to
         // fetching less at a time.
@@ -69,7 +85,8 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
 
     /// <summary><see cref="OpenAsync"/> for a run's own thread, with <paramref name="manifest"/> already in hand.</summary>
     public static RemoteSampleSource For(GetManifestReply manifest, DataShards.DataShardsClient client, string dataset, ulong seed, int seqLen, long totalSamples,
-                                         CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0)
+                                         CancellationToken ct, string split = "train", int readAhead = 0, long stride = 0, TimeSpan? silenceTimeout = null,
+                                         CancellationToken abort = default)
     {
         var m = manifest;
         if (m.SeqLen != seqLen)
@@ -77,7 +94,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         long samples = split == "validation" ? m.ValidationSamples : m.TrainSamples;
         if (samples == 0) throw new InvalidDataException($"dataset {dataset} has no {split} samples");
         int epochs = (int)Math.Max(1, (totalSamples + samples - 1) / samples);
-        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead, stride, totalSamples, ct);
+        return new RemoteSampleSource(client, dataset, seed, seqLen, samples, epochs, split, readAhead, stride, totalSamples, ct, silenceTimeout, abort);
     }
 
     public Tensor Fetch(long globalStart, int count)
@@ -87,7 +104,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         {
             current = TakePrefetched(globalStart, count)
                       // A miss: this and the next samples up to the read-ahead, never past the job's last global index.
-                      ?? TrainingThread.Wait(Download(globalStart, (int)Math.Max(count, Math.Min(readAhead, limit - globalStart)), CancellationToken.None));
+                      ?? TrainingThread.Wait(Download(globalStart, (int)Math.Max(count, Math.Min(readAhead, limit - globalStart)), abort));
             if (pending is null) StartPrefetch(current.Start + stride);
         }
         int row = SeqLen + 1;
@@ -158,12 +175,14 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
         var tokens = new long[count * row];
         var indices = new long[count];
         int got = 0;
+        using var silence = new CallSilence(silenceTimeout ?? Timeout.InfiniteTimeSpan, ct);
         try
         {
             using var call = client.GetBatch(new GetBatchRequest { DatasetId = dataset, Split = split, Seed = seed, Start = globalStart, Count = count, Epochs = epochs },
-                                             cancellationToken: ct);
-            while (await call.ResponseStream.MoveNext(ct))
+                                             cancellationToken: silence.Token);
+            while (await call.ResponseStream.MoveNext(silence.Token))
             {
+                silence.Progress();
                 var s = call.ResponseStream.Current;
                 if (s.Tokens.Count != row)
                     throw new InvalidDataException($"dataset {dataset}: sample {s.GlobalIndex} has {s.Tokens.Count} tokens, expected {row}");
@@ -172,6 +191,10 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
                 indices[got] = s.GlobalIndex;
                 got++;
             }
+        }
+        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        {
+            throw new IOException($"dataset {dataset}: fetching {split} samples [{globalStart}, {globalStart + count}) failed: the data service sent nothing for {silenceTimeout!.Value.TotalSeconds:0.#} s", e);
         }
         catch (RpcException e) when (!ct.IsCancellationRequested)
         {

@@ -8,7 +8,7 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// Two tokens. <see cref="Boundary"/> is cancelled at once and checked between steps, so the step in flight finishes.
 /// <see cref="Abort"/> follows after a grace and disposes the run's collective (see <see cref="Guard"/>): a rank blocked in
 /// an all-reduce whose peer is gone (or whose peers already began the next step) throws within a poll slice instead of
-/// waiting out the collective timeout (30 s by default).
+/// waiting out the collective timeout (30 s by default). It also ends a sample fetch the step waits for (RemoteSampleSource).
 /// </summary>
 public sealed class RunCancellation : IDisposable
 {

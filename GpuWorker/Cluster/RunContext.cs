@@ -32,6 +32,29 @@ sealed class RunContext(Assignment assignment, WorkerSettings settings, Action<W
         set => Interlocked.Exchange(ref lastStepTicks, value.Ticks);
     }
 
+    sealed record Activity(string What, long Since);
+    Activity doing = new("starting", System.Diagnostics.Stopwatch.GetTimestamp());
+
+    /// <summary>
+    /// What the run's thread is doing now, and since when: set before each long wait of a step and of the end, so that a
+    /// Stop or rescale that waits for the run to end can say where it stands (ClusterWorker) instead of staying silent.
+    /// </summary>
+    public string Doing
+    {
+        get => Volatile.Read(ref doing).What;
+        set => Volatile.Write(ref doing, new Activity(value, System.Diagnostics.Stopwatch.GetTimestamp()));
+    }
+
+    /// <summary><see cref="Doing"/> with how long it has been going on, for a log line.</summary>
+    public string DoingFor
+    {
+        get
+        {
+            var now = Volatile.Read(ref doing);
+            return $"{now.What} (for {System.Diagnostics.Stopwatch.GetElapsedTime(now.Since).TotalSeconds:0} s)";
+        }
+    }
+
     public void Send(WorkerMessage message) => send(message);
 
     public void Log(string message) { lock (log) log.WriteLine($"[rank {Assignment.Rank}] {message}"); }

@@ -22,9 +22,23 @@ sealed class RunValidation(DataShards.DataShardsClient data, JobPlan plan) : IDi
 {
     RemoteSampleSource? source;
 
-    RemoteSampleSource Source => source ??= RemoteSampleSource.For(
-        data.GetManifest(new GetManifestRequest { DatasetId = plan.Spec.Dataset }), data, plan.Spec.Dataset, (ulong)plan.Spec.Seed,
-        plan.Spec.SeqLen, (long)plan.Options.MicroBatch * Evaluation.ClusterBatches, CancellationToken.None, "validation");
+    RemoteSampleSource Source => source ??= Open();
+
+    /// <summary>
+    /// Every call is bounded by <see cref="CallSilence.DefaultTimeout"/>: rank 0's validation at the end runs after the
+    /// job's Stop, and a data service that stopped answering would otherwise hold it, silently, for ever.
+    /// </summary>
+    RemoteSampleSource Open()
+    {
+        GetManifestReply manifest;
+        try { manifest = data.GetManifest(new GetManifestRequest { DatasetId = plan.Spec.Dataset }, deadline: DateTime.UtcNow + CallSilence.DefaultTimeout); }
+        catch (Grpc.Core.RpcException e) when (e.StatusCode == Grpc.Core.StatusCode.DeadlineExceeded)
+        {
+            throw new IOException($"dataset {plan.Spec.Dataset}: the data service did not answer for the manifest within {CallSilence.DefaultTimeout.TotalSeconds:0} s (the validation split)", e);
+        }
+        return RemoteSampleSource.For(manifest, data, plan.Spec.Dataset, (ulong)plan.Spec.Seed, plan.Spec.SeqLen, (long)plan.Options.MicroBatch * Evaluation.ClusterBatches,
+                                      CancellationToken.None, "validation", silenceTimeout: CallSilence.DefaultTimeout);
+    }
 
     /// <summary>The trainer's validation loss (a pipeline's stages call it together).</summary>
     public double Evaluate(ITrainer trainer) => trainer.Evaluate(Source, Evaluation.ClusterBatches);
@@ -64,19 +78,61 @@ static class RunEnd
         double? reuse = last is { } l && l.Step == formed.Trainer.Step ? l.Loss : null;
         if (HoldsWholeModel(run.Assignment, plan))
         {
-            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? validation.Evaluate(formed.Trainer), device, tokenizer, Exports(formed));
+            Write(run, plan, formed.Live.Model, formed.Trainer.Step, reuse ?? Validate(run, () => validation.Evaluate(formed.Trainer)), device, tokenizer, Exports(formed));
             return;
         }
         if (formed.Trainer.Step < plan.Options.Steps) return;
         long final = plan.Options.Steps;
         run.Log($"waiting for the final checkpoint (step {final}) to commit, to load the whole model from it");
+        run.Doing = $"waiting for the final checkpoint (step {final}) to commit";
         if (!WaitForCommit(run, formed.Store, final, boundary)) return;
+        using var model = LoadWholeModel(run, formed.Store, final, plan.Config, device, tokenizer.TokenizerHash);
+        if (model is null) return;
+        Write(run, plan, model, final, reuse ?? Validate(run, () => validation.Evaluate(model, device)), device, tokenizer, Exports(formed));
+    }
+
+    /// <summary>The final validation loss; NaN, said in the log, when the data service could not serve the validation split.</summary>
+    static double Validate(RunContext run, Func<double> evaluate)
+    {
+        run.Doing = "measuring the final validation loss";
+        try { return evaluate(); }
+        catch (IOException e)
+        {
+            run.Log($"no final validation loss: {e.Message}");
+            return double.NaN;
+        }
+    }
+
+    /// <summary>
+    /// The whole model of committed step <paramref name="final"/>, whatever layout saved it; null, said in the log, when
+    /// the store could not serve it. Every read of the store is bounded by its silence timeout (GrpcCheckpointStore): a
+    /// store that stops answering ends the load with its name and the tensor asked for, rather than a rank 0 that waits
+    /// silently for ever after the job's Stop.
+    /// </summary>
+    internal static DeepSeekForCausalLM? LoadWholeModel(RunContext run, GrpcCheckpointStore store, long final, DeepSeekConfig config, Device device, string tokenizerHash)
+    {
+        run.Log($"the final checkpoint (step {final}) is committed; loading the whole model from it");
+        run.Doing = $"loading the whole model from committed step {final}";
         long loadStart = System.Diagnostics.Stopwatch.GetTimestamp();
-        using var model = new DeepSeekForCausalLM(plan.Config);
-        model.to(device);
-        var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(formed.Store, final, model, null, tokenizer.TokenizerHash));
-        run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
-        Write(run, plan, model, final, reuse ?? validation.Evaluate(model, device), device, tokenizer, Exports(formed));
+        var model = new DeepSeekForCausalLM(config);
+        try
+        {
+            model.to(device);
+            var loaded = TrainingThread.Wait(ShardedCheckpointLoader.LoadReplicaAsync(store, final, model, null, tokenizerHash));
+            run.Log($"loaded the whole model from committed step {final} (saved as dp {loaded.Layout.Dp} x pp {loaded.Layout.Pp}{(loaded.Layout.Ep > 1 ? $" x ep {loaded.Layout.Ep}" : "")}) in {ReplicaSync.Seconds(loadStart):0.###} s");
+            return model;
+        }
+        catch (IOException e)
+        {
+            model.Dispose();
+            run.Log($"could not load the whole model from committed step {final}, so there is no validation loss, sample or model from rank 0: {e.Message}");
+            return null;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
     }
 
     static GrpcExportStore Exports(RunFormation formed) =>
@@ -118,8 +174,11 @@ static class RunEnd
                       GrpcExportStore exports)
     {
         var tokenizer = BpeTokenizer.FromJson(tokenizerReply.TokenizerJson, $"dataset {plan.Spec.Dataset}");
-        run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
-        run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        if (double.IsFinite(validationLoss))
+        {
+            run.Metrics?.ValidationLoss(run.JobId, run.WorkerId, validationLoss);
+            run.Log($"validation loss {validationLoss:F4} nats/token, perplexity {Math.Exp(validationLoss):F1}");
+        }
         // The end's validation joins the job's curve (a report of no samples: the ledger and the loss curve ignore it).
         run.Send(new WorkerMessage
         {
@@ -129,6 +188,7 @@ static class RunEnd
                 ValidationLoss = validationLoss, HasValidation = double.IsFinite(validationLoss),
             },
         });
+        run.Doing = "generating the sample";
         string promptText = plan.Spec.SamplePrompt;
         var prompt = tokenizer.Encode(promptText);
         // An empty prompt starts from the end-of-text token, as the standalone run does.
@@ -138,6 +198,7 @@ static class RunEnd
             MaxNewTokens = 40, Temperature = 0.8, TopP = 0.95, Seed = plan.Spec.Seed, EosTokenId = tokenizer.EosTokenId,
         }, device);
         run.Log($"sample: {(promptText + tokenizer.Decode(sample)).ReplaceLineEndings(" ")}");
+        run.Doing = $"putting the model of step {step} into the checkpoint store";
         if (PutIntoStore(run, exports, model, tokenizer, step) is { } place)
             run.Send(new WorkerMessage { ModelSaved = new ModelSaved { Generation = run.Assignment.Generation, Step = step, Path = place } });
     }
@@ -160,6 +221,7 @@ static class RunEnd
             }
         }
         catch (Grpc.Core.RpcException e) { run.Log($"could not list the exports of job '{run.JobId}': {e.Status.StatusCode}: {e.Status.Detail}"); }
+        catch (IOException e) { run.Log($"could not list the exports of job '{run.JobId}': {e.Message}"); }
         var staging = Path.Combine(run.Settings.OutputDir, "final-model-staging", run.WorkerId, $"{run.JobId}-{step}");
         try
         {

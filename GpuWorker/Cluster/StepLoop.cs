@@ -73,6 +73,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         while (Trainer.Step < Options.Steps)
         {
             ct.ThrowIfCancellationRequested();
+            run.Doing = $"training step {Trainer.Step + 1}";
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
             var m = run.Settings.Faults.Step(Trainer, run.WorkerId, run.Log);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
@@ -105,6 +106,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             bool due = Options.CheckpointEvery > 0 && m.Step % Options.CheckpointEvery == 0 || m.Step == Options.Steps || run.TakeCheckpointRequest(m.Step);
             if (due) SaveCheckpoint(saver, m.Step);
         }
+        run.Doing = "waiting for the last checkpoint's upload";
         if (TrainingThread.Wait(saver.WaitAsync()) is { } lastFailure) run.Log($"the last checkpoint failed: {lastFailure.Message}");
         // The job completes when its final checkpoint commits, so a final shard the store could not take (storage down
         // past the upload's own retries) is saved again from the live state until it is stored, or until the run is
@@ -114,9 +116,11 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
         {
             run.Log($"the final checkpoint (step {Options.Steps}) is not stored yet; saving it again in {delay.TotalSeconds:0} s");
             if (ct.WaitHandle.WaitOne(delay)) break;
+            run.Doing = $"saving the final checkpoint (step {Options.Steps}) again";
             SaveCheckpoint(saver, Options.Steps);
             if (TrainingThread.Wait(saver.WaitAsync()) is { } failure) run.Log($"the final checkpoint failed again: {failure.Message}");
         }
+        run.Doing = "closing the checkpoint saver";
         TrainingThread.Wait(saver.DisposeAsync());
     }
 

@@ -37,6 +37,12 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
 
     public void RequestCheckpoint(long step) => context.RequestCheckpoint(step);
 
+    /// <summary>What the run's thread is doing now and for how long (a Stop that waits for the run logs it).</summary>
+    public string Doing => context.DoingFor;
+
+    public long Generation => assignment.Generation;
+    public int Rank => assignment.Rank;
+
     /// <summary>The group's NCCL unique id as the Coordinator hands it on (ClusterWorker delivers it as it arrives).</summary>
     public void DeliverNcclUniqueId(NcclUniqueId id)
     {
@@ -95,7 +101,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         // The rank's whole share of a step in one call: the trainer fetches its micro-batches of it in order.
         var share = ParallelLayout.ReplicaSamples(0, spec.GlobalBatch, assignment.DpRank, assignment.DpSize);
         using var source = RemoteSampleSource.For(manifest, data, spec.Dataset, (ulong)spec.Seed, spec.SeqLen, (long)spec.Steps * spec.GlobalBatch, ct,
-                                                  readAhead: share.Count, stride: spec.GlobalBatch);
+                                                  readAhead: share.Count, stride: spec.GlobalBatch, abort: cancel.Abort);
         if (holder.State is { } previous && (previous.JobId != assignment.JobId || previous.Fingerprint != plan.Fingerprint))
         {
             context.Log($"dropping the live state of job {previous.JobId} (another job or spec)");
@@ -103,6 +109,7 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         }
 
         // ---- Formation, the steps, the end ----
+        context.Doing = "forming the generation";
         using var formed = RunFormation.Form(context, plan, source, device, ncclId.Task, storeChannel, tokenizer.TokenizerHash, collectivePort, pipelinePort, ct);
         using var validation = new RunValidation(data, plan);
         var evaluation = spec.EvalTasks.Length > 0 ? new CheckpointEvaluation(context, plan, tokenizer, formed.Ring, device) : null;
@@ -110,5 +117,6 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         loop.Run(ct);
         if (assignment.CheckpointOnly) return; // the job was preempted: its run ends when the workers are released
         RunEnd.Finish(context, plan, formed, validation, loop.LastValidation, device, tokenizer, ct);
+        context.Doing = "closing the generation (collectives, trainer, data source, channels)";
     }
 }

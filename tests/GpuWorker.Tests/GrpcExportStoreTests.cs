@@ -1,6 +1,7 @@
 // A checkpoint committed in the real CheckpointStore service, exported into its ExportStore and downloaded back: same weights, checked hashes.
 using DeepSeekCluster.Contracts.Checkpoints;
 using DeepSeekCluster.GpuWorker.Cluster;
+using DeepSeekCluster.GpuWorker.Tests.Infrastructure;
 using DeepSeekCluster.Text.Tokenization;
 using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Export;
@@ -57,5 +58,29 @@ public sealed class GrpcExportStoreTests : IAsyncLifetime
         var again = ModelExport.Describe(folder, "hf", "exported", 12, "another exporter", tokenizer.Hash);
         var refused = await Assert.ThrowsAsync<IOException>(() => exports.UploadAsync(folder, again));
         Assert.Contains("exports/exported/00000012/hf/", refused.Message);
+    }
+
+    [Fact]
+    public async Task AnExportUploadTheStoreStopsTakingInEndsAfterTheSilenceTimeoutNamingTheStoreAndTheFile()
+    {
+        var tokenizer = Tokenizer();
+        using var model = DeepSeekForCausalLM.FromSeed(DeepSeekConfig.Tiny(tokenizer.VocabSize), 5);
+        var checkpoints = new GrpcCheckpointStore(host.Client, host.Address, "silent-export", Path.Combine(scratch, "staging"));
+        await ShardedCheckpointWriter.SaveAllRanksAsync(checkpoints, "silent-export", ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers),
+            CheckpointTensors.Collect(model, null), new CheckpointPosition(12, 1, 0, 12), model.Config.ToJson(), tokenizer.Hash);
+        var (folder, manifest) = await ModelExport.FromCheckpointAsync(checkpoints, null, tokenizer, "hf", Path.Combine(scratch, "local"));
+        Assert.True(manifest.Files.Max(f => f.Bytes) > 4 << 20, "the weights file must be far larger than what HTTP/2 lets through unread");
+
+        // The store takes in 256 KiB, then reads nothing more and answers nothing, keeping the connection open.
+        using var proxy = new StallingProxy(host.Port, upstreamBytes: 256 * 1024);
+        string address = $"http://127.0.0.1:{proxy.Port}";
+        using var channel = Grpc.Net.Client.GrpcChannel.ForAddress(address);
+        var exports = new GrpcExportStore(new ExportStore.ExportStoreClient(channel), address, silenceTimeout: TimeSpan.FromSeconds(2));
+
+        var e = await Assert.ThrowsAsync<IOException>(() => exports.UploadAsync(folder, manifest).WaitAsync(TimeSpan.FromMinutes(2)));
+
+        Assert.True(proxy.Stalled);
+        Assert.StartsWith($"the export store at {address} took in nothing for 2 s during the upload of ", e.Message);
+        Assert.EndsWith(" of silent-export/12/hf", e.Message);
     }
 }

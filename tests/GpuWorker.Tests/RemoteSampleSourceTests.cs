@@ -159,6 +159,49 @@ public class RemoteSampleSourceTests(DataShardsHostFixture fixture) : IClassFixt
     }
 
     [Fact]
+    public async Task AFetchTheServiceNeverAnswersEndsAfterTheSilenceTimeoutNamingTheDatasetAndTheSamples()
+    {
+        const ulong seed = 450;
+        Host.Calls.Hold = r => r.Seed == seed; // the service takes the call and sends nothing, as a stalled one does
+        try
+        {
+            // As rank 0's validation at the end of a job opens it: no cancellation reaches it, the silence bound does.
+            var manifest = await Host.Client.GetManifestAsync(new GetManifestRequest { DatasetId = Host.DatasetId });
+            using var source = RemoteSampleSource.For(manifest, Host.Client, Host.DatasetId, seed, DataShardsHost.SeqLen, 4 * Micro, CancellationToken.None,
+                                                      "validation", silenceTimeout: TimeSpan.FromSeconds(2));
+
+            var e = await Assert.ThrowsAsync<IOException>(() => Task.Run(() => source.Fetch(0, Micro)).WaitAsync(Deadline));
+
+            Assert.Equal($"dataset {Host.DatasetId}: fetching validation samples [0, {Micro}) failed: the data service sent nothing for 2 s", e.Message);
+            Assert.True(Host.Calls.Of(seed)[0].Held, "the call was never held at the service");
+        }
+        finally { Host.Calls.ReleaseAll(); }
+    }
+
+    [Fact]
+    public async Task AFetchTheServiceHoldsEndsWhenTheRunIsAbortedAndTheServiceSeesItCancelled()
+    {
+        const ulong seed = 460;
+        Host.Calls.Hold = r => r.Seed == seed; // a data service that stopped answering in the middle of a step
+        using var abort = new CancellationTokenSource();
+        try
+        {
+            var manifest = await Host.Client.GetManifestAsync(new GetManifestRequest { DatasetId = Host.DatasetId });
+            using var source = RemoteSampleSource.For(manifest, Host.Client, Host.DatasetId, seed, DataShardsHost.SeqLen, 4 * Micro, CancellationToken.None,
+                                                      readAhead: Micro, abort: abort.Token);
+            var fetching = Task.Run(() => source.Fetch(0, Micro));
+            await Until(() => Host.Calls.Of(seed) is [{ Held: true }], "the fetch to reach the service");
+
+            abort.Cancel(); // as RunCancellation does a grace after a Stop or a re-formation
+
+            var e = await Assert.ThrowsAnyAsync<Exception>(() => fetching.WaitAsync(Deadline));
+            Assert.True(e is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled }, $"not a cancellation: {e}");
+            await Until(() => Host.Calls.Of(seed)[0].CancelledWhileHeld, "the service to see the held fetch cancelled");
+        }
+        finally { Host.Calls.ReleaseAll(); }
+    }
+
+    [Fact]
     public async Task DisposingTheSourceCancelsAnOutstandingPrefetch()
     {
         const int globalBatch = 8;
