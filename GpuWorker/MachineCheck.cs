@@ -74,11 +74,21 @@ public static class MachineCheck
             if (nccl.Problem is not null) problem = $"the {device} device needs the nccl backend: {nccl.Problem}";
             else
             {
-                try { Line(output, "all-reduce", AllReduceAcross(gpus)); }
+                try
+                {
+                    var (blocking, sideStream) = AllReduceAcross(gpus);
+                    Line(output, "all-reduce", blocking);
+                    Line(output, "side stream", sideStream);
+                }
                 catch (Exception e) when (e is CollectiveException or InvalidOperationException) { problem = $"NCCL all-reduce across {gpus} device(s) failed: {e.Message}"; }
             }
         }
         else Line(output, "all-reduce", "not run: the NCCL all-reduce needs CUDA devices");
+        if (device.type == DeviceType.CUDA)
+        {
+            try { Line(output, "pinned copy", PinnedHostCopy(device)); }
+            catch (InvalidOperationException e) { problem ??= e.Message; }
+        }
 
         output.WriteLine(problem is null ? $"ok: this machine can train on {device} with the {backend} backend" : $"not ready: {problem}");
         return problem is null ? 0 : 1;
@@ -86,13 +96,18 @@ public static class MachineCheck
 
     /// <summary>
     /// One rank per local GPU, each on its own thread as separate processes would be: rank r all-reduces a vector of
-    /// (r + 1), and every rank must then hold 1 + 2 + ... + n exactly (small integers are exact in float32).
+    /// (r + 1), and every rank must then hold 1 + 2 + ... + n exactly (small integers are exact in float32). Then the
+    /// overlapped data-parallel all-reduce's launch (<see cref="NcclCollective.AllReduceAfterCompute"/>, the only code of
+    /// that path a CPU test cannot run): the vector is rewritten as (r + 1) + 4096 by kernels queued on the default stream
+    /// behind a 4096² matmul, all-reduced on the side stream after an event, and waited for by event
+    /// (<see cref="NcclCollective.WaitForSideStream"/>); an all-reduce that did not wait for those kernels reads the old values.
     /// </summary>
-    static string AllReduceAcross(int gpus)
+    static (string Blocking, string SideStream) AllReduceAcross(int gpus)
     {
         var id = NcclCollective.CreateUniqueId();
         const int elements = 1 << 22;
         var clock = Stopwatch.StartNew();
+        TimeSpan? blocking = null; // the first rank's blocking all-reduce done
         var ranks = Enumerable.Range(0, gpus).Select(rank => Task.Factory.StartNew(() =>
         {
             var device = new Device(DeviceType.CUDA, rank);
@@ -102,10 +117,54 @@ public static class MachineCheck
             float expected = gpus * (gpus + 1) / 2f, min = values.min().cpu().item<float>(), max = values.max().cpu().item<float>();
             if (min != expected || max != expected)
                 throw new InvalidOperationException($"rank {rank} holds values in [{min}, {max}] after the all-reduce; expected {expected} everywhere");
+            lock (clock) blocking ??= clock.Elapsed;
+
+            using var square = ones(4096, 4096, dtype: ScalarType.Float32, device: device);
+            using var product = square.mm(square); // every element 4096, exact in float32
+            using var largest = product.max();
+            values.fill_(rank + 1).add_(largest);
+            collective.AllReduceAfterCompute(values);
+            collective.WaitForSideStream();
+            expected += gpus * 4096f;
+            (min, max) = (values.min().cpu().item<float>(), values.max().cpu().item<float>());
+            if (min != expected || max != expected)
+                throw new InvalidOperationException($"rank {rank} holds values in [{min}, {max}] after the side stream's all-reduce; expected {expected} everywhere " +
+                                                    "(it did not wait for the default stream's kernels, or its wait returned early)");
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
         try { Task.WaitAll(ranks); }
         catch (AggregateException e) { throw e.InnerExceptions.First(); }
-        return $"{gpus} rank(s), {elements} float32 each: every rank holds the exact sum ({clock.Elapsed.TotalMilliseconds:0} ms with communicator setup)";
+        return ($"{gpus} rank(s), {elements} float32 each: every rank holds the exact sum ({blocking?.TotalMilliseconds:0} ms with communicator setup)",
+                $"all-reduce after a matmul on the default stream, waited for by event: every rank holds the exact sum ({(clock.Elapsed - blocking)?.TotalMilliseconds:0} ms)");
+    }
+
+    /// <summary>
+    /// The async checkpoint's device-to-host copy (HostCopy into ShardedCheckpointWriter.NewHostBuffer's page-locked
+    /// buffer): 64 MB from the GPU into pinned host memory, checked element by element. Pinning may be refused (a
+    /// locked-memory limit); the checkpoint then copies through pageable memory, slower: said here, not an error.
+    /// </summary>
+    static string PinnedHostCopy(Device device)
+    {
+        const long elements = 1 << 24; // 64 MB of float32; integers up to 2^24 are exact
+        using var source = arange(elements, dtype: ScalarType.Float32, device: device);
+        using var pageable = empty(elements, dtype: ScalarType.Float32);
+        Tensor host;
+        try { host = pageable.pin_memory(); }
+        catch (Exception e) when (e is ExternalException or InvalidOperationException)
+        {
+            return $"not granted ({e.Message.Split('\n')[0]}): the async checkpoint copies through pageable memory";
+        }
+        using (host)
+        {
+            if (!host.is_pinned()) return "pin_memory returned pageable memory: the async checkpoint copies through it";
+            cuda.synchronize(device);
+            var clock = Stopwatch.StartNew();
+            host.copy_(source);
+            double seconds = clock.Elapsed.TotalSeconds;
+            using var expected = arange(elements, dtype: ScalarType.Float32);
+            using var same = host.eq(expected).all();
+            if (!same.item<bool>()) throw new InvalidOperationException($"the copy from {device} into pinned host memory differs from the source");
+            return $"64 MB from {device} into page-locked host memory, as the async checkpoint copies: exact, {elements * 4 / seconds / 1e9:0.0} GB/s";
+        }
     }
 
     static void Line(TextWriter output, string label, string text) => output.WriteLine($"  {label,-12} {text}");
