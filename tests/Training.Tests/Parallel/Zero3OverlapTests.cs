@@ -146,7 +146,8 @@ public sealed class Zero3OverlapTests(ITestOutputHelper output)
     /// The CUDA shape of the overlap on CPU tensors (the seam TrainingOptions.ExchangeThread = false): no exchange thread,
     /// each layer's reduce-scatter run inline by the backward's own thread as its signal fires, no prefetch. The code a
     /// GPU runs between NCCL calls trains bit for bit as the reduce-scatter after the backward, scatters every layer
-    /// during the backward, and holds no more than the planner predicts for the same run on CUDA.
+    /// during the backward, and holds at its peak (one layer gathered at a time: no prefetch) what the planner predicts
+    /// for the same run on CUDA, within 10%.
     /// </summary>
     [Fact]
     public void WithoutAnExchangeThreadAsOnCudaTheOverlapTrainsBitForBitAsTheAfterBackwardReduction()
@@ -178,7 +179,8 @@ public sealed class Zero3OverlapTests(ITestOutputHelper output)
             var cuda = MemoryPlanner.Predict(Config, layout, r, inputs);
             long predicted = cuda.Parameters + cuda.Gathered + cuda.Gradients - cuda.GradientWords - scratch;
             output.WriteLine($"rank {r}: peak parameter and gradient bytes {inline[r].Peak} inline (the planner predicts {predicted} on CUDA), {after[r].Peak} after the backward");
-            Assert.True(inline[r].Peak <= predicted, $"rank {r}: {inline[r].Peak} bytes at the inline overlap's peak, more than the {predicted} the planner predicts on CUDA");
+            Assert.True(Math.Abs(inline[r].Peak - predicted) <= 0.10 * inline[r].Peak,
+                $"rank {r}: {inline[r].Peak} bytes at the inline overlap's peak; the planner predicts {predicted} on CUDA");
         }
     }
 }
