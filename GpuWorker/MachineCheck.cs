@@ -18,7 +18,8 @@ public static class MachineCheck
               Reports what this machine offers a worker: .NET, libtorch and its build, the CUDA driver and devices,
               the collective backend the device gets, and NCCL (which libnccl.so.2 loads, its version, the entry
               points the nccl backend calls, a unique id, and a communicator of one rank or NCCL's reason why not).
-              With CUDA devices it runs an NCCL all-reduce across them. Shows the fp32 peak MFU is measured against
+              With CUDA devices it runs an NCCL all-reduce across them, blocking and on the overlap's side stream,
+              and copies from the GPU into pinned host memory as the async checkpoint does. Shows the fp32 peak MFU is measured against
               (on a CPU it calibrates and caches it when no calibration exists: run it while the machine is idle).
               Exit code 0 when the device can train in a cluster, 1 when it cannot (the reason is printed).
         """;
@@ -43,6 +44,12 @@ public static class MachineCheck
         Line(output, "", torchCuda is not null ? $"CUDA build: {torchCuda}" : "CPU build (TorchSharp-cpu; build with -p:TorchBackend=cuda, or put a CUDA libtorch on LD_LIBRARY_PATH, for GPUs)");
         Line(output, "CUDA driver", NativeLibrary.TryLoad("libcuda.so.1", out var driver) ? $"libcuda.so.1 at {SharedLibrary.PathOf(driver, "cuInit") ?? "an unknown path"}" : "libcuda.so.1 not found (no NVIDIA driver)");
         Line(output, "CUDA", gpus > 0 ? $"{gpus} device(s) visible to libtorch" : "not available to libtorch");
+        if (device.type == DeviceType.CUDA)
+            // What the driver says of the worker's GPU: its memory is a cluster rank's budget (WorkerSettings.MemoryBudget)
+            // unless Worker:MemoryBudgetBytes is set, and its name picks the declared MFU peak below.
+            Line(output, "GPU", $"{CudaDevice.Name(device) ?? "(the driver gave no name)"}, " +
+                 (CudaDevice.TotalMemory(device) is { } bytes ? $"{bytes / (double)(1L << 30):0.0} GiB" : "memory unknown to the driver") +
+                 $", {CudaDevice.Identity(device)}");
         var backend = Collective.BackendFor(device);
         Line(output, "device", $"{device} (asked: {asked})");
         Line(output, "collectives", backend == "nccl" ? "nccl (CUDA tensors)" : "tcp (ring all-reduce over sockets, CPU tensors)");
