@@ -137,11 +137,85 @@ public static class MachineCheck
             if (min != expected || max != expected)
                 throw new InvalidOperationException($"rank {rank} holds values in [{min}, {max}] after the side stream's all-reduce; expected {expected} everywhere " +
                                                     "(it did not wait for the default stream's kernels, or its wait returned early)");
+            EveryOperation(collective, device);
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
         try { Task.WaitAll(ranks); }
         catch (AggregateException e) { throw e.InnerExceptions.First(); }
         return ($"{gpus} rank(s), {elements} float32 each: every rank holds the exact sum ({blocking?.TotalMilliseconds:0} ms with communicator setup)",
-                $"all-reduce after a matmul on the default stream, waited for by event: every rank holds the exact sum ({(clock.Elapsed - blocking)?.TotalMilliseconds:0} ms)");
+                $"all-reduce after a matmul on the default stream, waited for by event: every rank holds the exact sum; then every other " +
+                $"operation the nccl backend binds (sum/avg/max in float32, bfloat16, int64; reduce-scatter, all-gather, all-to-all, broadcast" +
+                $"{(gpus > 1 ? ", send/recv" : "")}) gave the exact result ({(clock.Elapsed - blocking)?.TotalMilliseconds:0} ms)");
+    }
+
+    /// <summary>
+    /// Every operation of the nccl backend once, with values whose results are exact (small integers), checked on every
+    /// rank: the binding's pointers, counts, dtypes and reduce ops as ZeRO (reduce-scatter, all-gather), expert
+    /// parallelism (all-to-all with per-peer rows), a replica's live state (broadcast) and the exact sum (int64) use them.
+    /// Any backend: the tests run it over tcp (MachineCheckTests), which proves its expected values before a GPU runs it.
+    /// </summary>
+    internal static void EveryOperation(ICollective c, Device device)
+    {
+        int n = c.WorldSize, r = c.Rank;
+        void Expect(Tensor actual, Tensor expected, string what)
+        {
+            using var host = actual.cpu().to_type(ScalarType.Float64);
+            using var want = expected.to_type(ScalarType.Float64);
+            using var same = host.eq(want).all();
+            if (!same.item<bool>())
+                throw new InvalidOperationException($"rank {r}: {what} gave [{string.Join(", ", host.data<double>().Take(8))}...]; expected [{string.Join(", ", want.data<double>().Take(8))}...]");
+        }
+        foreach (var (op, dtype, want) in new[]
+        {
+            (ReduceOp.Sum, ScalarType.Float32, n * (n + 1) / 2.0), (ReduceOp.Sum, ScalarType.BFloat16, n * (n + 1) / 2.0),
+            (ReduceOp.Sum, ScalarType.Int64, n * (n + 1) / 2.0), (ReduceOp.Avg, ScalarType.Float32, (n + 1) / 2.0),
+            (ReduceOp.Max, ScalarType.Float32, n),
+        })
+        {
+            using var x = full(1000, r + 1, dtype: dtype, device: device);
+            c.AllReduce(x, op);
+            using var expected = full(1000, want, dtype: ScalarType.Float64);
+            Expect(x, expected, $"all-reduce {op} of {dtype}");
+        }
+        const long k = 1000;
+        using (var input = full(n * k, r + 1, dtype: ScalarType.Float32, device: device))
+        using (var output = empty(k, dtype: ScalarType.Float32, device: device))
+        using (var expected = full(k, n * (n + 1) / 2.0, dtype: ScalarType.Float64))
+        {
+            c.ReduceScatter(input, output);
+            Expect(output, expected, "reduce-scatter");
+        }
+        using (var input = full(k, r + 1, dtype: ScalarType.BFloat16, device: device))
+        using (var output = empty(n * k, dtype: ScalarType.BFloat16, device: device))
+        using (var expected = arange(1, n + 1, dtype: ScalarType.Float64).repeat_interleave(k))
+        {
+            c.AllGather(input, output);
+            Expect(output, expected, "all-gather");
+        }
+        using (var x = full(k, r + 1, dtype: ScalarType.Float32, device: device))
+        using (var expected = full(k, 1.0, dtype: ScalarType.Float64))
+        {
+            c.Broadcast(x, root: 0);
+            Expect(x, expected, "broadcast from rank 0");
+        }
+        // All-to-all: rank r sends 1 + (r + p) % 2 rows of 3 to peer p (rows valued r + 1), so the counts differ by pair.
+        long[] rows = [.. Enumerable.Range(0, n).Select(p => 1L + (r + p) % 2)];
+        using (var input = full(rows.Sum(), 3, r + 1, dtype: ScalarType.Float32, device: device))
+        using (var output = empty(rows.Sum(), 3, dtype: ScalarType.Float32, device: device))
+        using (var expected = cat(Enumerable.Range(0, n).Select(p => full(rows[p], 3, p + 1.0, dtype: ScalarType.Float64)).ToArray(), 0))
+        {
+            c.AllToAll(input, rows, output, rows);
+            Expect(output, expected, "all-to-all");
+        }
+        if (n < 2) return;
+        // Send/recv around the ring: each rank sends its value to the next, receives the previous one's.
+        using (var mine = full(k, r + 1, dtype: ScalarType.Float32, device: device))
+        using (var got = empty(k, dtype: ScalarType.Float32, device: device))
+        using (var expected = full(k, (r + n - 1) % n + 1.0, dtype: ScalarType.Float64))
+        {
+            if (r % 2 == 0) { c.Send(mine, (r + 1) % n); c.Recv(got, (r + n - 1) % n); }
+            else { c.Recv(got, (r + n - 1) % n); c.Send(mine, (r + 1) % n); }
+            Expect(got, expected, "send/recv around the ring");
+        }
     }
 
     /// <summary>
