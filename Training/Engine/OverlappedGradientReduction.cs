@@ -61,6 +61,12 @@ public sealed class OverlappedGradientReduction : IDisposable
     HashSet<Group> posted = new(ReferenceEqualityComparer.Instance);
     Tensor? scratch;
 
+    /// <summary>Null: the exchange thread by the collective's device (<see cref="OrderedExchange.RunsOnThread"/>); false runs the CUDA shape (conversions and all-reduces on the backward's thread) on a CPU collective, a test seam (TrainingOptions.ExchangeThread).</summary>
+    internal bool? ExchangeThread { get; init; }
+
+    /// <summary>Whether the last armed step's conversions and all-reduces ran on an exchange thread (false: on the backward's own, as on CUDA).</summary>
+    internal bool ExchangedOnThread { get; private set; }
+
     /// <summary>Buckets all-reduced during a backward (before <see cref="EndBackward"/>), since the start.</summary>
     public long BucketsDuringBackward { get; private set; }
     /// <summary>Buckets all-reduced in all, since the start.</summary>
@@ -160,7 +166,8 @@ public sealed class OverlappedGradientReduction : IDisposable
     public ArmedStep Arm()
     {
         Abandon(); // a step that threw between EndBackward and Complete left its exchange running
-        exchange = new OrderedExchange(async: collective.Device.type == TorchSharp.DeviceType.CPU, name: "dp-grad-reduce");
+        exchange = new OrderedExchange(async: OrderedExchange.RunsOnThread(collective, ExchangeThread), name: "dp-grad-reduce");
+        ExchangedOnThread = exchange.Async;
         posted = new(ReferenceEqualityComparer.Instance);
         bucket = [];
         bucketWords = 0;

@@ -89,7 +89,7 @@ public sealed class Trainer : ITrainer
             // The gradient sum is laid out from the parameters' shapes: made while they are whole.
             gradients = zero.NewGradientSum([.. Optimizer.Slots.Select(s => s.Param)], Options.Zero);
             zeroParameters = new ZeroParameters(model, [.. Optimizer.Slots.Select(s => s.Param)], zero.Collective, zero.Layout, zero.BucketBytes);
-            if (Options.Zero3Overlap) zeroParameters.Overlap(gradients);
+            if (Options.Zero3Overlap) zeroParameters.Overlap(gradients, Options.ExchangeThread);
         }
         flopsPerToken = model.Config.TrainingFlopsPerToken(options.SeqLen, includeMtp: options.MtpWeight > 0);
         ActivationRecompute.Apply(model, ActivationRecompute.Parse(Options.Recompute));
@@ -160,7 +160,7 @@ public sealed class Trainer : ITrainer
             gradients.NativeCpu = ExactSumFastPaths;
         }
         else expertZero.Clear();
-        if (OverlapsReduction) overlap ??= new OverlappedGradientReduction(Model, Optimizer, gradients!, ((BucketedGradientReducer)reducer!).Collective, ((BucketedGradientReducer)reducer!).BucketBytes);
+        if (OverlapsReduction) overlap ??= new OverlappedGradientReduction(Model, Optimizer, gradients!, ((BucketedGradientReducer)reducer!).Collective, ((BucketedGradientReducer)reducer!).BucketBytes) { ExchangeThread = Options.ExchangeThread };
         // This rank's contiguous share of the step's global batch, in micro-batches.
         long rankStart = ParallelLayout.ReplicaSamples(Step, Options.GlobalBatch, Rank, WorldSize).Start;
         for (int a = 0; a < accumulation; a++)
@@ -273,6 +273,9 @@ public sealed class Trainer : ITrainer
     /// </summary>
     public bool OverlapsReduction => Options.OverlapGradientReduction && WorldSize > 1 && reducer is BucketedGradientReducer
         && zero is null && expertZero is null && experts is null && zeroParameters is null;
+
+    /// <summary>Whether the overlapped all-reduce's last step ran on an exchange thread (null: no overlap yet); tests of the CUDA shape read it.</summary>
+    internal bool? OverlapExchangedOnThread => overlap?.ExchangedOnThread;
 
     /// <summary>The overlapped reduction's counts (buckets in all, and those all-reduced during a backward); zeros without it.</summary>
     public (long Buckets, long DuringBackward) OverlappedBuckets => (overlap?.Buckets ?? 0, overlap?.BucketsDuringBackward ?? 0);

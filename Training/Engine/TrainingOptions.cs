@@ -67,6 +67,15 @@ public sealed record TrainingOptions
     /// </summary>
     public bool OverlapGradientReduction { get; init; }
 
+    /// <summary>
+    /// Where the overlapped exchanges (ZeRO-3's, and the data-parallel all-reduce's) run. Null, always outside tests: by
+    /// the collective's device, a thread of their own on a CPU collective, the caller's thread on CUDA (whose default
+    /// stream orders them; OrderedExchange.RunsOnThread). A test seam, not an option (no job spec or command line sets
+    /// it): false makes a CPU run take the CUDA shape of that code (inline, no prefetch), so what a GPU runs is tested
+    /// where no GPU is lent (docs/gpus.md, "CUDA-only code and what covers it").
+    /// </summary>
+    internal bool? ExchangeThread { get; init; }
+
     /// <summary>Expert-parallel width: consecutive data-parallel ranks that split the routed experts (docs/parallelism.md).</summary>
     public int Ep { get; init; } = 1;
     /// <summary>Activation recompute: none, full (per decoder layer) or selective (norms, SwiGLU products, MLA up-projections); see ActivationRecompute.</summary>

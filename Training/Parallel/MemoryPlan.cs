@@ -147,7 +147,10 @@ public static class MemoryPlanner
         var (outside, largest, largestPair) = LayerParts(config, layout, rank);
         // The trainer overlaps ZeRO-3's exchanges without ep only (ZeroParameters.Overlap).
         bool overlap = inputs.Zero3Overlap && layout.Ep == 1;
-        long gathered = (outside + (overlap ? largestPair : largest)) * param;
+        // Only a CPU collective prefetches the next layer's gather (its exchange thread); CUDA's exchanges run inline on
+        // the default stream (OrderedExchange.RunsOnThread), so one layer is gathered at a time there.
+        bool prefetch = overlap && inputs.Device == DeviceType.CPU;
+        long gathered = (outside + (prefetch ? largestPair : largest)) * param;
         if (overlap)
         {
             // The .grads peak while a layer's backward ends: its own and those outside the layers but the embedding's

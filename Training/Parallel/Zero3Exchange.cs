@@ -32,6 +32,14 @@ sealed class OrderedExchange : IDisposable
 
     public bool Async => queue is not null;
 
+    /// <summary>
+    /// Whether exchanges over <paramref name="collective"/> get a thread of their own: on a CPU collective, yes; on CUDA no
+    /// (NCCL enqueues on the default stream, which orders them after the kernels that wrote their inputs).
+    /// <paramref name="forced"/> overrides the device's answer (TrainingOptions.ExchangeThread, a test seam).
+    /// </summary>
+    public static bool RunsOnThread(ICollective collective, bool? forced = null) =>
+        forced ?? collective.Device.type == TorchSharp.DeviceType.CPU;
+
     /// <summary>Queues <paramref name="work"/> after every call posted before it; the task ends when it has run.</summary>
     public Task Post(Action work)
     {

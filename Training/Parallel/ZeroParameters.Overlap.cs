@@ -18,12 +18,19 @@ public sealed partial class ZeroParameters
     /// collective enqueues on the default stream, which orders everything anyway: its exchanges stay on the caller's
     /// thread, without prefetch. One partition only (under ep the forward's all-to-all shares the ranks' links).
     /// </summary>
-    public void Overlap(ExactGradientSum? gradients)
+    public void Overlap(ExactGradientSum? gradients) => Overlap(gradients, exchangeThread: null);
+
+    /// <summary>
+    /// <see cref="Overlap(ExactGradientSum?)"/> with the exchange thread chosen: null by the collective's device
+    /// (<see cref="OrderedExchange.RunsOnThread"/>); false runs the CUDA shape (inline, no prefetch) on a CPU collective,
+    /// a test seam (TrainingOptions.ExchangeThread).
+    /// </summary>
+    internal void Overlap(ExactGradientSum? gradients, bool? exchangeThread)
     {
         if (partitions.Length != 1) throw new InvalidOperationException($"ZeRO-3 overlaps its exchanges over one partition; these parameters are split over {partitions.Length}");
         if (exchange.Async || sink is not null) throw new InvalidOperationException("ZeRO-3's exchanges overlap already");
         var partition = partitions[0];
-        exchange = new OrderedExchange(async: partition.Collective.Device.type == TorchSharp.DeviceType.CPU);
+        exchange = new OrderedExchange(async: OrderedExchange.RunsOnThread(partition.Collective, exchangeThread));
         if (gradients is null) return;
         sink = gradients;
         scatters = new Dictionary<Group, LayerGradientScatter>(ReferenceEqualityComparer.Instance);

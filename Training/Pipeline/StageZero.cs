@@ -32,7 +32,7 @@ public static class StageZero
         var parameters = optimizer.Slots.Select(s => s.Param).ToList();
         var sharded = new ZeroParameters(stage.Model, parameters, [new ZeroParameters.Partition(zero.Collective, zero.Layout, zero.Shard)],
                                          new int[parameters.Count], zero.BucketBytes, LayersOf(stage));
-        if (options.Zero3Overlap) sharded.Overlap(gradients);
+        if (options.Zero3Overlap) sharded.Overlap(gradients, options.ExchangeThread);
         return sharded;
     }
 

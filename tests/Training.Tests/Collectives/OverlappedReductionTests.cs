@@ -25,7 +25,7 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
 
     static DeepSeekConfig Config => MicroModel.Config(MicroModel.Data.Value.Vocab);
 
-    sealed record Ran(List<StepMetrics> Steps, Dictionary<string, double[]> State, long Buckets, long DuringBackward);
+    sealed record Ran(List<StepMetrics> Steps, Dictionary<string, double[]> State, long Buckets, long DuringBackward, bool? OnThread);
 
     static DeepSeekForCausalLM NewModel()
     {
@@ -46,12 +46,12 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
         int l = 0;
         foreach (var moe in trainer.Model.MoeLayers()) state[$"routing bias {l++}"] = moe.gate.e_score_correction_bias.data<double>().ToArray();
         var (buckets, during) = trainer.OverlappedBuckets;
-        return new Ran(steps, state, buckets, during);
+        return new Ran(steps, state, buckets, during, trainer.OverlapExchangedOnThread);
     }
 
-    static Ran[] Train(int dp, bool overlap, long bucketBytes, string recompute)
+    static Ran[] Train(int dp, bool overlap, long bucketBytes, string recompute, bool? exchangeThread = null, bool fastPaths = true)
     {
-        var options = Options with { OverlapGradientReduction = overlap, Recompute = recompute };
+        var options = Options with { OverlapGradientReduction = overlap, Recompute = recompute, ExchangeThread = exchangeThread };
         var models = Enumerable.Range(0, dp).Select(_ => NewModel()).ToArray();
         try
         {
@@ -62,7 +62,10 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
             }
             return RankGroup.Run(dp, c =>
             {
-                using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c, bucketBytes));
+                using var trainer = new Trainer(models[c.Rank], MicroModel.Data.Value.Train, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c, bucketBytes))
+                {
+                    ExactSumFastPaths = fastPaths,
+                };
                 Assert.Equal(overlap, trainer.OverlapsReduction);
                 return Collect(trainer, [.. Enumerable.Range(0, (int)Options.Steps).Select(_ => trainer.TrainStep())]);
             }, limit: TimeSpan.FromSeconds(150));
@@ -109,6 +112,7 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
             output.WriteLine($"rank {r}: {overlapped[r].Buckets} buckets, {overlapped[r].DuringBackward} during a backward");
             Assert.Equal(0, after[r].Buckets);
             Assert.True(overlapped[r].DuringBackward > 0, "no bucket was all-reduced during a backward");
+            Assert.True(overlapped[r].OnThread, "a CPU collective's overlapped all-reduce runs on an exchange thread of its own");
             Assert.True(overlapped[r].Buckets > overlapped[r].DuringBackward, "the parameters outside the layers go after the backward");
         }
         // Small buckets: one per decoder layer (main and MTP) and one for the head's group (final norm, head, MTP norms and
@@ -116,6 +120,37 @@ public sealed class OverlappedReductionTests(ITestOutputHelper output)
         long signalled = Options.Steps * (Config.NumHiddenLayers + Config.NumNextnPredictLayers + 1);
         if (bucketBytes < 64 << 10) Assert.Equal((signalled + Options.Steps, signalled), (overlapped[0].Buckets, overlapped[0].DuringBackward));
         else Assert.True(overlapped[0].Buckets < signalled, $"{overlapped[0].Buckets} buckets of {bucketBytes} bytes: some should take several layers");
+    }
+
+    /// <summary>
+    /// The CUDA shape on CPU tensors: no exchange thread (TrainingOptions.ExchangeThread = false), so each bucket's words are
+    /// converted and all-reduced inline by the backward's own thread as the layer's signal fires, and the words made by
+    /// torch's tensor arithmetic, not the CPU's one-pass kernels (ExactSumFastPaths off: what a CUDA tensor takes). Only
+    /// NCCL's launch on its side stream differs on a GPU. It trains bit for bit as the all-reduce after the backward, with
+    /// every layer's bucket all-reduced during the backward.
+    /// </summary>
+    [Fact]
+    public void WithoutAnExchangeThreadAsOnCudaTheOverlappedAllReduceTrainsBitForBitAsTheAllReduceAfterTheBackward()
+    {
+        const int dp = 2;
+        const long bucketBytes = 4 << 10;
+        var after = Train(dp, overlap: false, bucketBytes, "none");
+        var inline = Train(dp, overlap: true, bucketBytes, "none", exchangeThread: false, fastPaths: false);
+        for (int r = 0; r < dp; r++)
+        {
+            for (int s = 0; s < Options.Steps; s++)
+            {
+                var (a, o) = (after[r].Steps[s], inline[r].Steps[s]);
+                Assert.True(a.GradNorm > Options.ClipNorm, $"step {s + 1}: the clip should be active (norm {a.GradNorm})");
+                Assert.Equal((a.Loss, a.MtpLoss, a.GradNorm), (o.Loss, o.MtpLoss, o.GradNorm));
+                Assert.Equal(a.ExpertLoad.Select(l => string.Join(",", l)), o.ExpertLoad.Select(l => string.Join(",", l)));
+            }
+            foreach (var (name, values) in after[r].State)
+                Assert.True(values.SequenceEqual(inline[r].State[name]), $"'{name}' on rank {r} with the inline overlap differs from the all-reduce after the backward");
+            long signalled = Options.Steps * (Config.NumHiddenLayers + Config.NumNextnPredictLayers + 1);
+            Assert.Equal((signalled + Options.Steps, signalled), (inline[r].Buckets, inline[r].DuringBackward));
+            Assert.False(inline[r].OnThread, "the seam should have run the exchange on the backward's thread");
+        }
     }
 
     /// <summary>

@@ -125,6 +125,23 @@ public sealed class GroupedExpertsTests(ITestOutputHelper output)
     }
 
     /// <summary>Loads measured on tiny (balanced at init; max/mean 2.3 after a few steps of bias updates): the bucket keeps padding within a quarter.</summary>
+    /// <summary>
+    /// "auto" is the CUDA default that no CPU run takes: grouped on a GPU, per-expert on the CPU; the explicit modes ignore
+    /// the device (so the CPU tests of the grouped kernel run what auto picks on a GPU), and a bad mode is named.
+    /// </summary>
+    [Fact]
+    public void AutoRunsTheGroupedKernelOnCudaAndThePerExpertChainsOnTheCpu()
+    {
+        Assert.Equal(ExpertKernel.Grouped, GroupedExperts.Parse("auto", DeviceType.CUDA));
+        Assert.Equal(ExpertKernel.PerExpert, GroupedExperts.Parse("auto", DeviceType.CPU));
+        foreach (var device in new[] { DeviceType.CPU, DeviceType.CUDA })
+        {
+            Assert.Equal(ExpertKernel.Grouped, GroupedExperts.Parse("grouped", device));
+            Assert.Equal(ExpertKernel.PerExpert, GroupedExperts.Parse("per-expert", device));
+        }
+        Assert.Contains("'batched'", Assert.Throws<ArgumentException>(() => GroupedExperts.Parse("batched", DeviceType.CUDA)).Message);
+    }
+
     [Fact]
     public void TheBucketIsTheLargestLoadWhenThatPadsLittleAndSmallerChunksOtherwise()
     {
