@@ -212,9 +212,9 @@ public static class MemoryPlanner
             largestSet = Math.Max(largestSet, LayerActivationBytes(c, l, inputs with { Recompute = "none" }));
         }
         if (inputs.Recompute == "full") perMicroBatch += largestSet; // the layer being recomputed holds its whole set
-        long logits = stage == layout.Pp - 1 ? (1 + mtpLayers) * (long)c.VocabSize * (bytes + 4) : 0; // logits and fp32 log-softmax
+        long head = stage == layout.Pp - 1 ? (1 + mtpLayers) * HeadBytesPerToken(c, inputs) + mtpLayers * MtpInputBytesPerToken(c, inputs) : 0;
         int inFlight = layout.Pp == 1 ? 1 : inputs.PipelineSchedule == "gpipe" ? Math.Max(1, inputs.MicroBatchesPerStep) : Math.Min(Math.Max(1, inputs.MicroBatchesPerStep), layout.Pp - stage);
-        return inFlight * (perMicroBatch + tokens * logits);
+        return inFlight * (perMicroBatch + tokens * head);
     }
 
     /// <summary>
@@ -240,7 +240,9 @@ public static class MemoryPlanner
         long firstNorm = selective ? h * p : h * (upcast + 2 * p) + f;
         long secondNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
         long swiglu = (selective ? 3 : 4) * p; // gate, up, (silu(gate) unless recomputed,) their product: per intermediate unit
-        long perToken = firstNorm + AttentionBytesPerToken(c, inputs) + secondNorm + h * p; // ... and the output
+        // The output, where the next layer keeps it: a plain bf16 norm keeps its fp32 copy instead (counted there).
+        long output = upcast > 0 && !selective ? 0 : h * p;
+        long perToken = firstNorm + AttentionBytesPerToken(c, inputs) + secondNorm + output;
         if (layer < c.FirstKDenseReplace) return tokens * (perToken + c.IntermediateSize * swiglu);
         long k = c.NumExpertsPerTok, moe = c.MoeIntermediateSize;
         perToken += upcast * h + f * c.NRoutedExperts // the router's fp32 input, its sigmoid scores
@@ -254,6 +256,31 @@ public static class MemoryPlanner
         long bucket = inputs.Device == DeviceType.CPU && p == 2 ? 64 : 1;
         long padding = bucket == 1 ? 0 : c.NRoutedExperts * (bucket - 1) / 2 * moe * swiglu + (bucket - 1) * h * p;
         return tokens * perToken + padding;
+    }
+
+    /// <summary>
+    /// Bytes per token the last stage keeps outside its decoder layers, for the main model (and again for each MTP module):
+    /// the final norm (its input is the last layer's output), the logits, cross-entropy's fp32 log-softmax and, from bf16
+    /// logits, the fp32 copy it was taken of (measured: libtorch keeps both); an MTP module also keeps its two input norms
+    /// (the embeddings of the tokens ahead, new; the previous hidden states), their concatenation (eh_proj's input) and
+    /// eh_proj's output (its block's input).
+    /// </summary>
+    static long HeadBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
+        bool selective = inputs.Recompute == "selective";
+        long norm = selective ? h * p : h * (upcast + 2 * p) + f;
+        return norm + (long)c.VocabSize * (p + 4 + upcast);
+    }
+
+    /// <summary>What an MTP module keeps besides its block and head (<see cref="HeadBytesPerToken"/>).</summary>
+    static long MtpInputBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
+        bool selective = inputs.Recompute == "selective";
+        long previousNorm = selective ? h * p : h * (upcast + 2 * p) + f, aheadNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
+        long blockInput = upcast > 0 && inputs.Recompute == "none" ? 0 : h * p; // as a layer's output (LayerActivationBytes)
+        return previousNorm + aheadNorm + 2 * h * p + blockInput;
     }
 
     /// <summary>
