@@ -49,11 +49,13 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// float64 conversion scratch;</item>
 /// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
 /// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
-/// <item>activations: an estimate of what autograd keeps per micro-batch (attention, MLP or MoE, logits), times the
-/// micro-batches a pipeline stage holds at once; recompute keeps only each layer's input plus one layer's set.</item>
+/// <item>activations: what autograd keeps per micro-batch (each layer's norms, attention, MLP or MoE as the recompute mode
+/// leaves them, the head), times the micro-batches a pipeline stage holds at once; full recompute keeps only each layer's
+/// input plus one layer's set.</item>
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
-/// activations are an estimate (the allocator and temporaries add to them), stated as such where they are shown.
+/// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
+/// 10% per mode), but not the backward's own temporaries: an estimate, stated as such where they are shown.
 /// </summary>
 public static class MemoryPlanner
 {
