@@ -141,7 +141,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     {
         if (experts.Count != nExperts)
             throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
-        if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training);
+        if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training, BucketFor(input_MD));
         // call, not forward: a module hook on an expert sees the rows it runs on (the tests check the bucket by it).
         return cat(RunInBuckets(input_MD, LastLoad, BucketFor(input_MD), (e, rows) => experts[e].call(rows)), 0);
     }

@@ -116,6 +116,17 @@ public static class GroupedExperts
         }
     }
 
+    /// <summary>
+    /// The chunk rows the layer runs with: <see cref="BucketRows"/> of <paramref name="counts"/>, rounded up to a multiple of
+    /// the layer's row bucket (<see cref="DeepSeekMoe.RowBucket"/>: 64 in bf16 on a CPU, 1 otherwise), the rule the
+    /// per-expert path's windows follow, so the batched matmuls' row count repeats from step to step as theirs does.
+    /// </summary>
+    public static long ChunkRows(ReadOnlySpan<long> counts, long rowBucket)
+    {
+        if (rowBucket < 1) throw new ArgumentOutOfRangeException(nameof(rowBucket), rowBucket, "a row bucket must be at least 1");
+        return (BucketRows(counts) + rowBucket - 1) / rowBucket * rowBucket;
+    }
+
     /// <summary>Rows the batched matmuls compute for <paramref name="counts"/> in chunks of <paramref name="bucketRows"/>, padding included.</summary>
     public static long PaddedRows(ReadOnlySpan<long> counts, long bucketRows)
     {
@@ -125,10 +136,10 @@ public static class GroupedExperts
     }
 
     /// <summary><see cref="Run"/> over experts modules' own weights.</summary>
-    public static Tensor Run(Tensor input_MD, ReadOnlySpan<long> counts, IReadOnlyList<SwiGluMlp> experts, bool training)
+    public static Tensor Run(Tensor input_MD, ReadOnlySpan<long> counts, IReadOnlyList<SwiGluMlp> experts, bool training, long rowBucket = 1)
     {
         var recompute = experts.Count > 0 && experts[0].RecomputeProduct && training;
         return Run(input_MD, counts, [.. experts.Select(e => (Tensor)e.gate_proj.weight!)], [.. experts.Select(e => (Tensor)e.up_proj.weight!)],
-            [.. experts.Select(e => (Tensor)e.down_proj.weight!)], recompute);
+            [.. experts.Select(e => (Tensor)e.down_proj.weight!)], recompute, ChunkRows(counts, rowBucket));
     }
 }
