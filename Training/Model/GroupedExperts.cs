@@ -9,8 +9,9 @@ namespace DeepSeekCluster.Training.Model;
 /// <summary>
 /// How a MoE layer runs its routed experts. PerExpert: one gate/up/down chain per expert on its slice (no padding, one
 /// kernel per expert and projection). Grouped: every expert's slice cut into chunks of one bucket size (the largest count
-/// when that pads little, <see cref="GroupedExperts.BucketRows"/>), the weights stacked, and one <c>bmm</c> for gate+up and
-/// one for down (padding rows computed and thrown away).
+/// when that pads little, <see cref="GroupedExperts.BucketRows"/>, rounded up to the layer's row bucket as the per-expert
+/// windows are: <see cref="GroupedExperts.ChunkRows"/>), the weights stacked, and one <c>bmm</c> for gate+up and one for
+/// down (padding rows computed and thrown away).
 /// Auto: grouped on CUDA, per-expert on the CPU (docs/benchmarks.md, "Grouped experts", has the measurements).
 /// </summary>
 public enum ExpertKernel { PerExpert, Grouped }
