@@ -41,10 +41,10 @@ public static class ActivationRecompute
         _ => throw new ArgumentException($"recompute must be one of {string.Join(", ", Modes)}, got '{mode}'"),
     };
 
-    /// <summary>Sets every module of <paramref name="model"/> to recompute as <paramref name="mode"/> says (in training, with gradients on).</summary>
-    public static void Apply(DeepSeekForCausalLM model, RecomputeMode mode)
+    /// <summary>Sets every module of <paramref name="model"/> (a whole model, or one layer) to recompute as <paramref name="mode"/> says (in training, with gradients on).</summary>
+    public static void Apply(TorchSharp.torch.nn.Module model, RecomputeMode mode)
     {
-        foreach (var (_, module) in model.named_modules())
+        foreach (var (_, module) in model.named_modules().Prepend((string.Empty, model)))
             switch (module)
             {
                 case DecoderLayer layer: layer.RecomputeLayer = mode == RecomputeMode.Full; break;

@@ -30,7 +30,8 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     public ExpertKernel Kernel { get; set; } = ExpertKernel.PerExpert;
 
     /// <summary>
-    /// Rows each routed expert's matmuls run on, per expert, rounded up to a multiple of this (null: <see cref="AutoRowBucket"/>).
+    /// Rows each routed expert's matmuls run on, per expert, rounded up to a multiple of this (null: <see cref="AutoRowBucket"/>);
+    /// the grouped kernel's chunk rows too (<see cref="GroupedExperts.ChunkRows"/>).
     /// The extra rows are the next experts' tokens (or zeros past the last), whose outputs are dropped, so their gradient
     /// is zero and adds nothing. Why: oneDNN, which runs bf16 matmuls on a CPU, creates a primitive per shape (about
     /// 0.3 ms each); a token count per expert that changes every step made ~180 new ones per tiny bf16 step (0.05 s, a
@@ -141,7 +142,7 @@ public sealed class DeepSeekMoe : nn.Module<Tensor, Tensor>
     {
         if (experts.Count != nExperts)
             throw new InvalidOperationException($"this layer holds experts [{experts.First}, {experts.First + experts.Count}) of {nExperts} and has no expert-parallel group to run the others");
-        if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training);
+        if (Kernel == ExpertKernel.Grouped) return GroupedExperts.Run(input_MD, LastLoad, experts, training, BucketFor(input_MD));
         // call, not forward: a module hook on an expert sees the rows it runs on (the tests check the bucket by it).
         return cat(RunInBuckets(input_MD, LastLoad, BucketFor(input_MD), (e, rows) => experts[e].call(rows)), 0);
     }

@@ -9,8 +9,9 @@ namespace DeepSeekCluster.Training.Model;
 /// <summary>
 /// How a MoE layer runs its routed experts. PerExpert: one gate/up/down chain per expert on its slice (no padding, one
 /// kernel per expert and projection). Grouped: every expert's slice cut into chunks of one bucket size (the largest count
-/// when that pads little, <see cref="GroupedExperts.BucketRows"/>), the weights stacked, and one <c>bmm</c> for gate+up and
-/// one for down (padding rows computed and thrown away).
+/// when that pads little, <see cref="GroupedExperts.BucketRows"/>, rounded up to the layer's row bucket as the per-expert
+/// windows are: <see cref="GroupedExperts.ChunkRows"/>), the weights stacked, and one <c>bmm</c> for gate+up and one for
+/// down (padding rows computed and thrown away).
 /// Auto: grouped on CUDA, per-expert on the CPU (docs/benchmarks.md, "Grouped experts", has the measurements).
 /// </summary>
 public enum ExpertKernel { PerExpert, Grouped }
@@ -116,6 +117,17 @@ public static class GroupedExperts
         }
     }
 
+    /// <summary>
+    /// The chunk rows the layer runs with: <see cref="BucketRows"/> of <paramref name="counts"/>, rounded up to a multiple of
+    /// the layer's row bucket (<see cref="DeepSeekMoe.RowBucket"/>: 64 in bf16 on a CPU, 1 otherwise), the rule the
+    /// per-expert path's windows follow, so the batched matmuls' row count repeats from step to step as theirs does.
+    /// </summary>
+    public static long ChunkRows(ReadOnlySpan<long> counts, long rowBucket)
+    {
+        if (rowBucket < 1) throw new ArgumentOutOfRangeException(nameof(rowBucket), rowBucket, "a row bucket must be at least 1");
+        return (BucketRows(counts) + rowBucket - 1) / rowBucket * rowBucket;
+    }
+
     /// <summary>Rows the batched matmuls compute for <paramref name="counts"/> in chunks of <paramref name="bucketRows"/>, padding included.</summary>
     public static long PaddedRows(ReadOnlySpan<long> counts, long bucketRows)
     {
@@ -125,10 +137,10 @@ public static class GroupedExperts
     }
 
     /// <summary><see cref="Run"/> over experts modules' own weights.</summary>
-    public static Tensor Run(Tensor input_MD, ReadOnlySpan<long> counts, IReadOnlyList<SwiGluMlp> experts, bool training)
+    public static Tensor Run(Tensor input_MD, ReadOnlySpan<long> counts, IReadOnlyList<SwiGluMlp> experts, bool training, long rowBucket = 1)
     {
         var recompute = experts.Count > 0 && experts[0].RecomputeProduct && training;
         return Run(input_MD, counts, [.. experts.Select(e => (Tensor)e.gate_proj.weight!)], [.. experts.Select(e => (Tensor)e.up_proj.weight!)],
-            [.. experts.Select(e => (Tensor)e.down_proj.weight!)], recompute);
+            [.. experts.Select(e => (Tensor)e.down_proj.weight!)], recompute, ChunkRows(counts, rowBucket));
     }
 }

@@ -84,7 +84,7 @@ public sealed partial class ExpertParallel
         var received_RD = ExpertAllToAll.apply(input_MD, this, send, receive);
         bool recording = is_grad_enabled() && input_MD.requires_grad;
         if (kernel == ExpertKernel.Grouped)
-            return ExpertAllToAll.apply(RunGrouped(received_RD, counts_SP, experts, recording), this, receive, send);
+            return ExpertAllToAll.apply(RunGrouped(received_RD, counts_SP, experts, recording, rowBucket), this, receive, send);
         // Blocks by source, then by expert; an expert no token reached still runs (a defined zero gradient, as without ep).
         var outputs = DeepSeekMoe.RunInBuckets(received_RD, [.. counts_SP.SelectMany(c => c)], rowBucket, (i, rows) =>
         {
@@ -117,7 +117,7 @@ public sealed partial class ExpertParallel
     /// pair, its own source's through the parameters and each other source's through that round's leaves, so the
     /// gradient terms stay apart exactly as in the per-expert path.
     /// </summary>
-    Tensor RunGrouped(Tensor received_RD, long[][] counts_SP, ExpertList experts, bool recording)
+    Tensor RunGrouped(Tensor received_RD, long[][] counts_SP, ExpertList experts, bool recording, long rowBucket)
     {
         var gate = new List<Tensor>(Ep * PerShard);
         var up = new List<Tensor>(Ep * PerShard);
@@ -133,7 +133,8 @@ public sealed partial class ExpertParallel
                 down.Add(W(experts[e].down_proj.weight!));
             }
         bool recompute = experts[0].RecomputeProduct && experts[0].training;
-        return GroupedExperts.Run(received_RD, [.. counts_SP.SelectMany(c => c)], gate, up, down, recompute);
+        long[] counts = [.. counts_SP.SelectMany(c => c)];
+        return GroupedExperts.Run(received_RD, counts, gate, up, down, recompute, GroupedExperts.ChunkRows(counts, rowBucket));
     }
 
     /// <summary>

@@ -49,11 +49,13 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// float64 conversion scratch;</item>
 /// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
 /// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
-/// <item>activations: an estimate of what autograd keeps per micro-batch (attention, MLP or MoE, logits), times the
-/// micro-batches a pipeline stage holds at once; recompute keeps only each layer's input plus one layer's set.</item>
+/// <item>activations: what autograd keeps per micro-batch (each layer's norms, attention, MLP or MoE as the recompute mode
+/// leaves them, the head), times the micro-batches a pipeline stage holds at once; full recompute keeps only each layer's
+/// input plus one layer's set.</item>
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
-/// activations are an estimate (the allocator and temporaries add to them), stated as such where they are shown.
+/// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
+/// 10% per mode), but not the backward's own temporaries: an estimate, stated as such where they are shown.
 /// </summary>
 public static class MemoryPlanner
 {
@@ -206,27 +208,84 @@ public static class MemoryPlanner
     {
         int stage = layout.StageOfRank(rank);
         var layers = layout.Stages[stage];
-        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize;
-        long attention = AttentionBytesPerToken(c, inputs);
-        long Mlp(int layer) => layer < c.FirstKDenseReplace
-            ? 2 * h + 3L * c.IntermediateSize
-            : h + 2L * c.NRoutedExperts + c.NumExpertsPerTok * (h + 3L * c.MoeIntermediateSize) + c.NSharedExperts * 3L * c.MoeIntermediateSize;
-        // What selective recompute does not keep (ActivationRecompute): each norm's normalized product, silu(gate) of every SwiGLU.
-        long Selective(int layer) => 2 * h + (c.QLoraRank ?? 0) + c.KvLoraRank
-                                     + (layer < c.FirstKDenseReplace ? c.IntermediateSize : (c.NumExpertsPerTok + (long)c.NSharedExperts) * c.MoeIntermediateSize);
-        long perToken = 0, largestLayer = 0;
+        long tokens = (long)inputs.MicroBatch * inputs.SeqLen;
+        long perMicroBatch = 0, largestSet = 0;
         int mtpLayers = stage == layout.Pp - 1 ? c.NumNextnPredictLayers : 0;
         for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
         {
-            // Bytes: the attention's, the layer's two norms (input and output) and its MLP or MoE set.
-            long full = attention + (2 * h + Mlp(l)) * bytes;
-            largestLayer = Math.Max(largestLayer, full);
-            perToken += inputs.Recompute switch { "full" => h * bytes, "selective" => full - Selective(l) * bytes, _ => full };
+            perMicroBatch += LayerActivationBytes(c, l, inputs);
+            largestSet = Math.Max(largestSet, LayerActivationBytes(c, l, inputs with { Recompute = "none" }));
         }
-        if (inputs.Recompute == "full") perToken += largestLayer; // the layer being recomputed holds its whole set
-        long logits = stage == layout.Pp - 1 ? (1 + mtpLayers) * (long)c.VocabSize * (bytes + 4) : 0; // logits and fp32 log-softmax
+        if (inputs.Recompute == "full") perMicroBatch += largestSet; // the layer being recomputed holds its whole set
+        long head = stage == layout.Pp - 1 ? (1 + mtpLayers) * HeadBytesPerToken(c, inputs) + mtpLayers * MtpInputBytesPerToken(c, inputs) : 0;
         int inFlight = layout.Pp == 1 ? 1 : inputs.PipelineSchedule == "gpipe" ? Math.Max(1, inputs.MicroBatchesPerStep) : Math.Min(Math.Max(1, inputs.MicroBatchesPerStep), layout.Pp - stage);
-        return inFlight * tokens * (perToken + logits);
+        return inFlight * (perMicroBatch + tokens * head);
+    }
+
+    /// <summary>
+    /// Bytes decoder layer <paramref name="layer"/> (a main layer, or past <see cref="DeepSeekConfig.NumHiddenLayers"/> an
+    /// MTP block's) keeps for the backward after its forward on one micro-batch, under <see cref="MemoryInputs.Recompute"/>:
+    /// the tensors autograd saves in the code that runs (ActivationRecompute says what each mode recomputes). Its output is
+    /// counted (the next layer's input, which that layer's norm or recompute keeps), its input is not (the layer before's
+    /// output). Checked against one layer's measured bytes for each mode, dense and MoE, fp32 and bf16.
+    /// </summary>
+    public static long LayerActivationBytes(DeepSeekConfig c, int layer, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), index = 8; // norms and routing compute in at least fp32
+        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize;
+        if (inputs.Recompute == "full") return tokens * h * p; // the output alone: the layer's graph is made again in backward
+        if (inputs.Recompute != "none" && inputs.Recompute != "selective")
+            throw new ArgumentException($"recompute '{inputs.Recompute}': expected none, full or selective", nameof(inputs));
+        bool selective = inputs.Recompute == "selective";
+        long upcast = p < f ? f : 0; // the fp32 copy a bf16 norm or router makes of its input, which it keeps
+        // A plain RmsNorm keeps its fp32 input (pow and the scaling; in fp32 the input itself), 1/rms, the normalized
+        // product in the input's dtype (the weight's gradient) and its output (its consumers' input); recomputed, its input
+        // and output only. The layer's first norm reads the layer's input (not counted here); the second reads x +
+        // attention, new: in bf16 its fp32 copy, not itself, is what a plain norm keeps.
+        long firstNorm = selective ? h * p : h * (upcast + 2 * p) + f;
+        long secondNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
+        long swiglu = (selective ? 3 : 4) * p; // gate, up, (silu(gate) unless recomputed,) their product: per intermediate unit
+        // The output, where the next layer keeps it: a plain bf16 norm keeps its fp32 copy instead (counted there).
+        long output = upcast > 0 && !selective ? 0 : h * p;
+        long perToken = firstNorm + AttentionBytesPerToken(c, inputs) + secondNorm + output;
+        if (layer < c.FirstKDenseReplace) return tokens * (perToken + c.IntermediateSize * swiglu);
+        long k = c.NumExpertsPerTok, moe = c.MoeIntermediateSize;
+        perToken += upcast * h + f * c.NRoutedExperts // the router's fp32 input, its sigmoid scores
+                    + index * k + f * k + f           // the top-k indices, their scores and the scores' sum (the normalisation)
+                    + 2 * index * k + f * k           // the sort order, each row's token, each row's weight
+                    + 2 * k * h * p                   // the rows sorted by expert (the experts' input) and the experts' outputs
+                    + k * h * f                       // the outputs times their weights (fp32 in bf16: the weights are), index_add's source
+                    + k * moe * swiglu + c.NSharedExperts * moe * swiglu;
+        // On a CPU in bf16 each expert's window is rounded up to 64 rows (DeepSeekMoe.AutoRowBucket) over a padded copy of
+        // the rows: on average half a bucket more per expert, and the bucket's zero rows past the last.
+        long bucket = inputs.Device == DeviceType.CPU && p == 2 ? 64 : 1;
+        long padding = bucket == 1 ? 0 : c.NRoutedExperts * (bucket - 1) / 2 * moe * swiglu + (bucket - 1) * h * p;
+        return tokens * perToken + padding;
+    }
+
+    /// <summary>
+    /// Bytes per token the last stage keeps outside its decoder layers, for the main model (and again for each MTP module):
+    /// the final norm (its input is the last layer's output), the logits, cross-entropy's fp32 log-softmax and, from bf16
+    /// logits, the fp32 copy it was taken of (measured: libtorch keeps both); an MTP module also keeps its two input norms
+    /// (the embeddings of the tokens ahead, new; the previous hidden states), their concatenation (eh_proj's input) and
+    /// eh_proj's output (its block's input).
+    /// </summary>
+    static long HeadBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
+        bool selective = inputs.Recompute == "selective";
+        long norm = selective ? h * p : h * (upcast + 2 * p) + f;
+        return norm + (long)c.VocabSize * (p + 4 + upcast);
+    }
+
+    /// <summary>What an MTP module keeps besides its block and head (<see cref="HeadBytesPerToken"/>).</summary>
+    static long MtpInputBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
+        bool selective = inputs.Recompute == "selective";
+        long previousNorm = selective ? h * p : h * (upcast + 2 * p) + f, aheadNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
+        long blockInput = upcast > 0 && inputs.Recompute == "none" ? 0 : h * p; // as a layer's output (LayerActivationBytes)
+        return previousNorm + aheadNorm + 2 * h * p + blockInput;
     }
 
     /// <summary>
@@ -241,10 +300,14 @@ public static class MemoryPlanner
     {
         long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4); // RmsNorm and softmax compute in at least fp32
         long heads = c.NumAttentionHeads, S = inputs.SeqLen, Q = c.QkHeadDim, V = c.VHeadDim;
-        // A latent's RmsNorm (no recompute): its fp32 input (squared), 1/rms, the normalized product cast back (the
-        // weight's gradient) and the output (the up-projection's input).
+        // A latent's RmsNorm: its fp32 input (squared), 1/rms, the normalized product cast back (the weight's gradient)
+        // and the output (the up-projection's input). kv's latent is a view into kv_a_proj_with_mqa's output, which a
+        // kept view keeps whole, the rope part too: the norm's input in fp32 (in bf16 it keeps a copy of the latent alone).
+        // Selective recompute keeps only the latents, the up-projections' inputs.
+        bool selective = inputs.Recompute == "selective";
         long Norm(long n) => n * (f + 2 * p) + f;
-        long bytes = (c.QLoraRank is int r ? Norm(r) : 0) + Norm(c.KvLoraRank)
+        long kvLatent = selective ? (c.KvLoraRank + c.QkRopeHeadDim) * p : Norm(c.KvLoraRank) + (p == f ? c.QkRopeHeadDim * p : 0);
+        long bytes = (c.QLoraRank is int r ? selective ? r * p : Norm(r) : 0) + kvLatent
                      + 2 * heads * Q * p // queries and keys, each joined from its nope and rope parts
                      + heads * V * p;    // the heads' outputs joined: o_proj's input
         if (CausalAttention.PrefersWrittenOut(inputs.Device, ComputeType(inputs.Precision), S))

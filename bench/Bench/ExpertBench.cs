@@ -1,5 +1,5 @@
 // Expert parallelism on this machine: step time of dp 2 x ep 2 (with and without ZeRO-1/3) and dp 2 ZeRO-3 against plain dp 2,
-// dp 2 x pp 2 x ep 2 against dp 2 x pp 2, and the tcp all-to-all's bandwidth beside a memory copy.
+// dp 2 x pp 2 x ep 2 against dp 2 x pp 2, in fp32 or bf16, and the tcp all-to-all's bandwidth beside a memory copy.
 using System.Diagnostics;
 using System.Net;
 using DeepSeekCluster.Training.Collectives;
@@ -9,6 +9,7 @@ using DeepSeekCluster.Training.Engine;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Parallel;
 using DeepSeekCluster.Training.Pipeline;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DeepSeekCluster.Bench;
@@ -24,8 +25,11 @@ public static class ExpertBench
     {
         var presets = Arg(args, "--presets", "tiny").Split(',');
         int steps = int.Parse(Arg(args, "--steps", "4")), warmup = int.Parse(Arg(args, "--warmup", "1"));
+        // As `bench -- recompute` names it; the trainer's own check (TrainingOptions.Validate) would refuse others later, inside a rank.
+        var precision = Arg(args, "--precision", "fp32");
+        if (precision is not ("fp32" or "bf16")) throw new ArgumentException($"--precision: expected fp32 or bf16, got '{precision}'");
         Console.WriteLine($"# DeepSeekCluster expert-parallel benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
-        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {File.ReadAllText("/proc/loadavg").Split(' ')[0]} at start; fp32, ranks as threads over tcp on 127.0.0.1");
+        Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {File.ReadAllText("/proc/loadavg").Split(' ')[0]} at start; {precision}, ranks as threads over tcp on 127.0.0.1");
         double copy = CollectiveBench.MemoryCopyBandwidth(256 << 20);
         Console.WriteLine($"memory copy (256 MiB, single thread): {copy / 1e9:F2} GB/s");
         Console.WriteLine();
@@ -42,10 +46,11 @@ public static class ExpertBench
         Console.WriteLine("| preset | layout | step s | fwd / bwd / comm s | fan-out ranks/token | bytes sent per step per rank | parameter MiB per rank between steps (predicted) | optimizer MiB per rank (predicted) |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|");
         foreach (var preset in presets)
-            foreach (var (ep, zero) in new[] { (1, 0), (2, 0), (2, 1), (1, 3), (2, 3) })
+            // dp 1: one process running every expert itself, the same global batch in two micro-batches (the ep path's reference).
+            foreach (var (dp, ep, zero) in new[] { (1, 1, 0), (2, 1, 0), (2, 2, 0), (2, 2, 1), (2, 1, 3), (2, 2, 3) })
             {
-                var r = TimeSteps(preset, ep, zero, warmup, steps);
-                Console.WriteLine($"| {preset} | dp 2{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} ({r.PredictedParams / 1048576.0:F1}) | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
+                var r = TimeSteps(preset, precision, dp, ep, zero, warmup, steps);
+                Console.WriteLine($"| {preset} | dp {dp}{(ep > 1 ? $" x ep {ep}" : "")}{(zero > 0 ? $", zero {zero}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} | {r.ParamBytes / 1048576.0:F1} ({r.PredictedParams / 1048576.0:F1}) | {r.OptimizerBytes / 1048576.0:F1} ({r.PredictedOptimizer / 1048576.0:F1}) |");
             }
         Console.WriteLine();
         Console.WriteLine("| preset | layout (4 ranks) | step s | fwd / bwd / comm s (slowest rank) | fan-out ranks/token (mean of ranks) | bytes sent per step (most of any rank) |");
@@ -53,7 +58,7 @@ public static class ExpertBench
         foreach (var preset in presets)
             foreach (int ep in new[] { 1, 2 })
             {
-                var r = TimePipelineSteps(preset, ep, warmup, steps);
+                var r = TimePipelineSteps(preset, precision, ep, warmup, steps);
                 Console.WriteLine($"| {preset} | dp 2 x pp 2{(ep > 1 ? $" x ep {ep}" : "")} | {r.Step:F3} | {r.Fwd:F3} / {r.Bwd:F3} / {r.Comm:F3} | {(ep > 1 ? r.FanOut.ToString("F2") : "-")} | {(ep > 1 ? $"{r.Bytes / 1e6:F2} MB" : "-")} |");
             }
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
@@ -96,25 +101,26 @@ public static class ExpertBench
 
     sealed record StepResult(double Step, double Fwd, double Bwd, double Comm, double FanOut, double Bytes, long ParamBytes, long OptimizerBytes, long PredictedOptimizer, long PredictedParams);
 
-    static StepResult TimeSteps(string preset, int ep, int zero, int warmup, int measured)
+    static StepResult TimeSteps(string preset, string precision, int dp, int ep, int zero, int warmup, int measured)
     {
         var config = DeepSeekConfig.Preset(preset);
-        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Ep = ep, Zero = zero };
+        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 8, Steps = warmup + measured, WarmupSteps = 1, Ep = ep, Zero = zero, Precision = precision };
         var rng = new Random(1);
         var tokens = new int[(options.SeqLen + 1) * 64];
         for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
         var data = new TokenDataset(tokens, options.SeqLen);
-        var layout = ParallelLayout.Even(2, 1, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
-        var models = Enumerable.Range(0, 2).Select(r =>
+        var layout = ParallelLayout.Even(dp, 1, config.NumHiddenLayers).WithShards(ep, zero, config.NRoutedExperts);
+        var models = Enumerable.Range(0, dp).Select(r =>
         {
             manual_seed(1);
             var m = new DeepSeekForCausalLM(config).InitializeWeights();
             if (ep > 1) ExpertParallel.ShardModel(m, layout, r);
+            if (precision == "bf16") m.to(ScalarType.BFloat16); // as the worker does: AdamW keeps fp32 master weights and moments
             return m;
         }).ToArray();
-        var results = OnRanks(2, c =>
+        var results = OnRanks(dp, c =>
         {
-            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, 2, new BucketedGradientReducer(c));
+            using var trainer = new Trainer(models[c.Rank], data, null, options, CPU, 1e11, c.Rank, dp, new BucketedGradientReducer(c));
             for (int i = 0; i < warmup; i++) trainer.TrainStep();
             var parallel = trainer.Model.MoeLayers().First().Parallel;
             parallel?.TakeTraffic();
@@ -124,7 +130,7 @@ public static class ExpertBench
             var traffic = parallel?.TakeTraffic() ?? default;
             long bytes = trainer.ShardedParameters?.ResidentBytes ?? trainer.Model.parameters().Sum(p => p.numel() * p.element_size()); // ZeRO-3: its rows
             long optimizer = trainer.Optimizer.StateTensors().Sum(kv => kv.Value.numel() * kv.Value.element_size());
-            var predicted = MemoryPlanner.Predict(config, layout, c.Rank, new MemoryInputs("fp32", "none", options.MicroBatch, options.SeqLen));
+            var predicted = MemoryPlanner.Predict(config, layout, c.Rank, new MemoryInputs(precision, "none", options.MicroBatch, options.SeqLen));
             return new StepResult(s, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
                 traffic.FanOut, (double)traffic.SentBytes / measured, bytes, optimizer, predicted.Optimizer, predicted.Parameters);
         });
@@ -136,11 +142,11 @@ public static class ExpertBench
     /// dp 2 x pp 2 (each stage's two replicas its ep group when <paramref name="ep"/> is 2) as four threads: stage links and
     /// per-stage rings over 127.0.0.1, the 1F1B schedule with two micro-batches per replica, as the cluster runs it.
     /// </summary>
-    static StepResult TimePipelineSteps(string preset, int ep, int warmup, int measured)
+    static StepResult TimePipelineSteps(string preset, string precision, int ep, int warmup, int measured)
     {
         const int dp = 2, pp = 2;
         var config = DeepSeekConfig.Preset(preset);
-        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 4, Steps = warmup + measured, WarmupSteps = 1, Ep = ep };
+        var options = new TrainingOptions { SeqLen = 128, GlobalBatch = 16, MicroBatch = 4, Steps = warmup + measured, WarmupSteps = 1, Ep = ep, Precision = precision };
         var rng = new Random(1);
         var tokens = new int[(options.SeqLen + 1) * 64];
         for (int i = 0; i < tokens.Length; i++) tokens[i] = rng.Next(config.VocabSize);
@@ -152,6 +158,7 @@ public static class ExpertBench
             manual_seed(1);
             var m = new DeepSeekForCausalLM(config).InitializeWeights();
             if (ep > 1) ExpertParallel.ShardModel(m, layout, r);
+            if (precision == "bf16") m.to(ScalarType.BFloat16); // as the worker does: AdamW keeps fp32 master weights and moments
             return m;
         }).ToArray();
         var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);

@@ -106,6 +106,30 @@ public static class KernelBench
         Console.WriteLine($"| MoE layer forward + backward, per-expert vs grouped | {batch} x {seqLen} tokens, {preset.NRoutedExperts} experts of {preset.HiddenSize} x {preset.MoeIntermediateSize}, top-{preset.NumExpertsPerTok}; " +
                           $"load {string.Join(",", load)} (padded rows / rows {padding:F2}) | {dtype} | {plain:F4} | {fused:F4} | {Median(ratios):F2} ({ratios.Min():F2}–{ratios.Max():F2}) |");
 
+        // The grouped path's chunk rows: its own rule alone (RowBucket 1) against that rounded up to the layer's row bucket
+        // (auto: 64 in bf16 on a CPU, the per-expert windows' rule; 1 in fp32, where both are one rule), on fresh tokens each
+        // round, so that the loads and with them the matmul shapes change as they do from step to step (oneDNN makes a
+        // primitive per new shape). Both see the same tokens in a round.
+        var fresh = Enumerable.Range(0, rounds + 1).Select(_ => randn(batch, seqLen, preset.HiddenSize, dtype, device).requires_grad_(true)).ToArray();
+        int round = -1;
+        var chunks = new List<(long own, long rounded)>();
+        void Grouped(long? rowBucket, bool first)
+        {
+            if (first) round++;
+            using var scope = NewDisposeScope();
+            moe.Kernel = ExpertKernel.Grouped;
+            moe.RowBucket = rowBucket;
+            moe.zero_grad();
+            (moe.forward(fresh[round]) * projection).sum().backward();
+            if (device.type == TorchSharp.DeviceType.CUDA) cuda.synchronize();
+            if (!first && round > 0) chunks.Add((GroupedExperts.BucketRows(moe.LastLoad), GroupedExperts.ChunkRows(moe.LastLoad, DeepSeekMoe.AutoRowBucket(fresh[round]))));
+        }
+        var (own, rounded, chunkRatios) = SideBySide(rounds, () => Grouped(1, first: true), () => Grouped(null, first: false));
+        moe.RowBucket = null;
+        Console.WriteLine($"| MoE layer forward + backward, grouped: chunk rows by its own rule vs rounded to the row bucket (fresh tokens each round) | {batch} x {seqLen} tokens; " +
+                          $"chunk rows own {string.Join(",", chunks.Select(c => c.own))}, rounded {string.Join(",", chunks.Select(c => c.rounded))} | {dtype} | {own:F4} | {rounded:F4} | {Median(chunkRatios):F2} ({chunkRatios.Min():F2}–{chunkRatios.Max():F2}) |");
+        foreach (var t in fresh) t.Dispose();
+
         // The stack the grouped path makes of the per-expert weights each forward, and its backward (slicing the gradient).
         var gateUp = moe.experts.SelectMany(e => new[] { (Tensor)e.gate_proj.weight!, e.up_proj.weight! }).ToArray();
         var down = moe.experts.Select(e => (Tensor)e.down_proj.weight!).ToArray();

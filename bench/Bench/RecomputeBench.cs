@@ -51,22 +51,22 @@ public static partial class RecomputeBench
         var layout = new ParallelLayout(1, 1, [new StageLayers(0, config.NumHiddenLayers)]);
         var none = Median(results["none"], p => p.Kept);
         double noneTime = Median(results["none"], p => p.Forward + p.Backward), noneCpu = Median(results["none"], p => p.Cpu);
-        Console.WriteLine("| mode | kept after forward MiB | saved vs none | planner's activations MiB | peak in step over start MiB | fwd s | bwd s | wall fwd + bwd vs none | CPU s | CPU vs none |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| mode | kept after forward MiB | malloc's bytes kept MiB | saved vs none | planner's activations MiB | peak in step over start MiB | fwd s | bwd s | wall fwd + bwd vs none | CPU s | CPU vs none |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var mode in Modes)
         {
             var r = results[mode];
-            double kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward), cpu = Median(r, p => p.Cpu);
+            double heap = Median(r, p => p.Malloc), kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward), cpu = Median(r, p => p.Cpu);
             double wall = Median(r, p => p.Forward + p.Backward);
             long predicted = MemoryPlanner.Predict(config, layout, 0, new MemoryInputs(precision, mode, batch, seqLen)).Activations;
-            Console.WriteLine($"| {mode} | {Mib(kept):F1} | {(mode == "none" ? "—" : $"{1 - kept / none:P0}")} | {Mib(predicted):F1} | {Mib(peak):F1} | {fwd:F3} | {bwd:F3} | " +
+            Console.WriteLine($"| {mode} | {Mib(kept):F1} | {Mib(heap):F1} | {(mode == "none" ? "—" : $"{1 - kept / none:P0}")} | {Mib(predicted):F1} | {Mib(peak):F1} | {fwd:F3} | {bwd:F3} | " +
                               $"{wall / noneTime:F2}× | {cpu:F2} | {cpu / noneCpu:F2}× |");
         }
         ActivationRecompute.Apply(model, RecomputeMode.None);
     }
 
     /// <summary>Bytes and wall seconds of one pass, and the process's CPU seconds (steadier than wall time on a loaded machine).</summary>
-    sealed record Pass(double Kept, double Peak, double Forward, double Backward, double Cpu);
+    sealed record Pass(double Kept, double Peak, double Forward, double Backward, double Cpu, double Malloc);
 
     /// <summary>One forward and backward; gradients stay allocated between passes so every pass starts from the same bytes.</summary>
     static Pass Step(DeepSeekForCausalLM model, RecomputeMode mode, Tensor ids, int seqLen)
@@ -74,7 +74,7 @@ public static partial class RecomputeBench
         ActivationRecompute.Apply(model, mode);
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long start = Resident();
+        long start = Resident(), heapStart = HeapInUse();
         File.WriteAllText("/proc/self/clear_refs", "5"); // resets the peak resident size (VmHWM) to the current one
         using var scope = NewDisposeScope();
         var cpu = Process.GetCurrentProcess().TotalProcessorTime;
@@ -85,15 +85,28 @@ public static partial class RecomputeBench
             loss = loss + Evaluation.CrossEntropy(output.MtpLogits[k - 1], ids.narrow(1, k + 1, output.MtpLogits[k - 1].shape[1])) * 0.3;
         if (output.AuxLoss is { } aux) loss = loss + aux;
         double forward = sw.Elapsed.TotalSeconds;
-        long kept = Resident() - start;
+        long kept = Resident() - start, heapKept = HeapInUse() - heapStart;
         sw.Restart();
         loss.backward();
         double backward = sw.Elapsed.TotalSeconds;
         double cpuSeconds = (Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalSeconds;
         long peak = PeakResident() - start;
         using (no_grad()) foreach (var p in model.parameters()) p.grad?.zero_();
-        return new Pass(kept, peak, forward, backward, cpuSeconds);
+        return new Pass(kept, peak, forward, backward, cpuSeconds, heapKept);
     }
+
+    /// <summary>malloc's chunks in use and mapped blocks (mallinfo2), what the tests' MallocHeap reads: libtorch's CPU tensors, byte for byte.</summary>
+    static long HeapInUse()
+    {
+        var m = mallinfo2();
+        return (long)m.Uordblks + (long)m.Hblkhd;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    struct MallInfo2 { public nuint Arena, Ordblks, Smblks, Hblks, Hblkhd, Usmblks, Fsmblks, Uordblks, Fordblks, Keepcost; }
+
+    [DllImport("libc")]
+    static extern MallInfo2 mallinfo2();
 
     static long Resident() => long.Parse(File.ReadAllText("/proc/self/statm").Split(' ')[1]) * Environment.SystemPageSize;
 

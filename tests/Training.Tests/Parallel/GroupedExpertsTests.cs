@@ -154,6 +154,18 @@ public sealed class GroupedExpertsTests(ITestOutputHelper output)
         Assert.Equal(1, GroupedExperts.BucketRows([0, 0, 0]));
     }
 
+    /// <summary>The grouped chunk follows the per-expert windows' rule too: the bucket rule's rows rounded up to the layer's row bucket.</summary>
+    [Fact]
+    public void TheChunkRowsAreTheBucketRoundedUpToTheLayersRowBucket()
+    {
+        long[] even = [503, 504, 514, 500, 482, 549, 531, 513], skewed = [117, 547, 546, 413, 144, 474, 1160, 695];
+        Assert.Equal(549, GroupedExperts.ChunkRows(even, 1));
+        Assert.Equal(576, GroupedExperts.ChunkRows(even, 64));
+        Assert.Equal(320, GroupedExperts.ChunkRows(skewed, 64));
+        Assert.Equal(64, GroupedExperts.ChunkRows([0, 0, 0], 64));
+        Assert.Throws<ArgumentOutOfRangeException>(() => GroupedExperts.ChunkRows(even, 0));
+    }
+
     [Fact]
     public void AGroupedLayerEqualsThePerExpertLayerInBf16WithinTheStatedTolerance()
     {
