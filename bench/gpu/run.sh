@@ -35,7 +35,7 @@ run() { # seconds, command...: output into the report; a failure or timeout is a
 }
 
 section "PyTorch, the same model, batch and sequence"
-run 170 python3 bench/torch/deepseek_step.py --preset "$preset" --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2 --peak-tflops "$peak" --compile
+run 150 python3 bench/torch/deepseek_step.py --preset "$preset" --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2 --peak-tflops "$peak" --compile
 
 section "DeepSeekCluster"
 if command -v dotnet >/dev/null; then
@@ -51,10 +51,10 @@ else
   exit 1
 fi
 run 60 "${worker[@]}" check
-run 200 "${bench[@]}" train --device cuda --presets "$preset" --precisions bf16 --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2
+run 140 "${bench[@]}" train --device cuda --presets "$preset" --precisions bf16 --seq-len "$seq" --batch "$batch" --steps 5 --warmup 2
 # The async checkpoint's stall against a blocking save on the GPU: pinned host copies filled beside the next step.
-run 150 "${bench[@]}" checkpoint --parts cost,stall --device cuda --preset small --nice 0 --prepare false --repeats 2 --disk-mb 256
-run 90 "${bench[@]}" kernels --device cuda --parts attention,adamw,moe --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
+run 75 "${bench[@]}" checkpoint --parts cost,stall --device cuda --preset small --nice 0 --prepare false --repeats 2 --disk-mb 256
+run 50 "${bench[@]}" kernels --device cuda --parts attention,adamw,moe --preset "$preset" --seq-len "$seq" --batch "$batch" --rounds 5
 # The dp all-reduce overlapped with the backward over NCCL needs two GPUs (NCCL refuses two ranks on one): only then.
 if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
   run 150 "${bench[@]}" dp-overlap --device cuda --presets small --seq-len 1024 --batch 16 --micro 8 --rounds 3 --steps 3
