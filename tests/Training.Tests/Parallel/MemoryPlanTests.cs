@@ -34,18 +34,8 @@ public class MemoryPlanTests(ITestOutputHelper output)
         using var layer = new MultiHeadLatentAttention(Tiny, new RotaryEmbedding(Tiny));
         layer.to(dtype).train();
         using var x_BTD = randn(inputs.MicroBatch, seqLen, Tiny.HiddenSize, dtype: dtype).requires_grad_(true);
-        var kept = new List<long>();
-        for (int round = 0; round < 6; round++)
-        {
-            long before = MallocHeap.BytesInUse();
-            using var scope = NewDisposeScope();
-            var y_BTD = layer.forward(x_BTD);
-            long after = MallocHeap.BytesInUse();
-            if (round > 0) kept.Add(after - before - y_BTD.numel() * y_BTD.element_size());
-            y_BTD.sum().backward();
-        }
+        var (measured, kept) = ForwardKeeps(() => layer.forward(x_BTD), y_BTD => y_BTD.numel() * y_BTD.element_size());
         long tokens = (long)inputs.MicroBatch * seqLen, predicted = MemoryPlanner.AttentionBytesPerToken(Tiny, inputs) * tokens;
-        long measured = kept.Order().ElementAt(kept.Count / 2);
         output.WriteLine($"{precision}, {seqLen} keys, {(writtenOut ? "written out" : "fused")}: kept {string.Join(", ", kept.Select(k => $"{k / (double)tokens:F0}"))} bytes a token; predicted {predicted / (double)tokens:F0}");
         Assert.InRange(measured, 0.9 * predicted, 1.1 * predicted);
     }
@@ -78,24 +68,33 @@ public class MemoryPlanTests(ITestOutputHelper output)
             layer.to(dtype).train();
             ActivationRecompute.Apply(layer, ActivationRecompute.Parse(mode));
             using var x_BTD = randn(inputs.MicroBatch, inputs.SeqLen, Tiny.HiddenSize, dtype: dtype).requires_grad_(true);
-            var kept = new List<long>();
-            for (int round = 0; round < 6; round++)
-            {
-                long before = MallocHeap.BytesInUse();
-                using var scope = NewDisposeScope();
-                var y_BTD = layer.forward(x_BTD);
-                long after = MallocHeap.BytesInUse();
-                // A plain bf16 layer's output is not what the next layer keeps (its norm keeps an fp32 copy, which the planner counts there).
-                long output = precision == "bf16" && mode == "none" ? y_BTD.numel() * y_BTD.element_size() : 0;
-                if (round > 0) kept.Add(after - before - output);
-                y_BTD.sum().backward();
-            }
+            // A plain bf16 layer's output is not what the next layer keeps (its norm keeps an fp32 copy, which the planner counts there).
+            bool outputNotKept = precision == "bf16" && mode == "none";
+            var (measured, kept) = ForwardKeeps(() => layer.forward(x_BTD), y_BTD => outputNotKept ? y_BTD.numel() * y_BTD.element_size() : 0);
             long tokens = (long)inputs.MicroBatch * inputs.SeqLen, predicted = MemoryPlanner.LayerActivationBytes(Tiny, layerIndex, inputs);
-            long measured = kept.Order().ElementAt(kept.Count / 2);
             output.WriteLine($"{precision}, layer {layerIndex}, {mode}: kept {string.Join(", ", kept.Select(k => $"{k / (double)tokens:F0}"))} bytes a token; predicted {predicted / (double)tokens:F0}");
             if (measured < 0.9 * predicted || measured > 1.1 * predicted) failures.Add($"{mode}: measured {measured / (double)tokens:F0}, predicted {predicted / (double)tokens:F0} bytes a token");
         }
         Assert.True(failures.Count == 0, string.Join("; ", failures));
+    }
+
+    /// <summary>
+    /// malloc's bytes in use that a forward adds and keeps for its backward (less <paramref name="notKept"/> of its
+    /// output), the median of 5 rounds after one that warms the kernels, and every round's figure.
+    /// </summary>
+    static (long Median, List<long> Rounds) ForwardKeeps(Func<Tensor> forward, Func<Tensor, long> notKept)
+    {
+        var kept = new List<long>();
+        for (int round = 0; round < 6; round++)
+        {
+            long before = MallocHeap.BytesInUse();
+            using var scope = NewDisposeScope();
+            var y = forward();
+            long after = MallocHeap.BytesInUse();
+            if (round > 0) kept.Add(after - before - notKept(y));
+            y.sum().backward();
+        }
+        return (kept.Order().ElementAt(kept.Count / 2), kept);
     }
 
     [Fact]
