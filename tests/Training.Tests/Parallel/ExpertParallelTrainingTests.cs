@@ -75,11 +75,11 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
     internal static readonly Lazy<Held> Single = new(() => RunSingle(ScalarType.Float64));
 
     /// <summary>
-    /// Every rank's steps are the single process's bit for bit: the loss, the MTP loss, the clipped norm (the clip active
-    /// in every step, so that it is tested) and every MoE layer's expert loads.
+    /// Every rank's steps are the single process's (or another <paramref name="reference"/>'s) bit for bit: the loss, the
+    /// MTP loss, the clipped norm (the clip active in every step, so that it is tested) and every MoE layer's expert loads.
     /// </summary>
     internal static void AssertStepsEqualSingle(IEnumerable<IReadOnlyList<StepMetrics>> ranks, IReadOnlyList<StepMetrics> single, double clipNorm,
-                                                ITestOutputHelper output, string where)
+                                                ITestOutputHelper output, string where, string reference = "single")
     {
         var all = ranks.ToList();
         for (int s = 0; s < single.Count; s++)
@@ -88,7 +88,7 @@ public sealed class ExpertParallelTrainingTests(ITestOutputHelper output) : IDis
             Assert.True(one.GradNorm > clipNorm, $"step {s + 1}: the clip should be active (norm {one.GradNorm})");
             foreach (var (m, r) in all.Select((x, i) => (x[s], i)))
             {
-                output.WriteLine($"{where} rank {r} step {s + 1}: loss {m.Loss:R} (single {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} (single {one.GradNorm:R})");
+                output.WriteLine($"{where} rank {r} step {s + 1}: loss {m.Loss:R} ({reference} {one.Loss:R}), MTP {m.MtpLoss:R}, norm {m.GradNorm:R} ({reference} {one.GradNorm:R})");
                 Assert.Equal(one.Loss, m.Loss);
                 Assert.Equal(one.MtpLoss, m.MtpLoss);
                 Assert.Equal(one.GradNorm, m.GradNorm);
