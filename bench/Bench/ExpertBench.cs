@@ -161,6 +161,29 @@ public static class ExpertBench
             if (precision == "bf16") m.to(ScalarType.BFloat16); // as the worker does: AdamW keeps fp32 master weights and moments
             return m;
         }).ToArray();
+        var results = OnStages(dp, pp, (stage, replica, ring, links) =>
+        {
+            using var model = models[layout.Rank(stage, replica)];
+            var pipelineStage = new PipelineStage(model, layout, stage);
+            using var trainer = new PipelineTrainer(pipelineStage, new PermutedSamples(data, 1), options, CPU, 1e11, links, replica, dp, new BucketedGradientReducer(ring));
+            for (int i = 0; i < warmup; i++) trainer.TrainStep();
+            var parallel = pipelineStage.MoeLayers().FirstOrDefault()?.Parallel;
+            parallel?.TakeTraffic();
+            var sw = Stopwatch.StartNew();
+            var m = Enumerable.Range(0, measured).Select(_ => trainer.TrainStep()).ToList();
+            double seconds = sw.Elapsed.TotalSeconds / measured;
+            var traffic = parallel?.TakeTraffic() ?? default;
+            return new StepResult(seconds, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
+                traffic.FanOut, (double)traffic.SentBytes / measured, 0, 0, 0, 0);
+        });
+        // The stages hold different MoE layers, so their traffic differs: the ranks' mean fan-out and the most any rank sent.
+        return results.MaxBy(r => r.Step)! with { FanOut = results.Average(r => r.FanOut), Bytes = results.Max(r => r.Bytes) };
+    }
+
+    /// <summary>dp x pp ranks as threads: each stage's replicas a tcp ring, each replica's stages joined by stage links; results stage-major.</summary>
+    internal static T[] OnStages<T>(int dp, int pp, Func<int, int, ICollective, PipelineLinks, T> body)
+    {
+        var timeout = TimeSpan.FromSeconds(120);
         var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
         var listeners = new StageListener[pp, dp];
         var rings = new TcpRendezvous[pp, dp];
@@ -170,38 +193,24 @@ public static class ExpertBench
                 listeners[s, r] = new StageListener("bench", 1, key, s, r, new IPEndPoint(IPAddress.Loopback, 0));
                 rings[s, r] = new TcpRendezvous($"bench/stage-{s}", 1, key, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
             }
-        var timeout = TimeSpan.FromSeconds(120);
-        var tasks = new List<Task<StepResult>>();
+        var tasks = new List<Task<T>>();
         for (int s = 0; s < pp; s++)
             for (int r = 0; r < dp; r++)
             {
                 int stage = s, replica = r;
                 tasks.Add(Task.Factory.StartNew(() =>
                 {
-                    using var model = models[layout.Rank(stage, replica)];
                     using var listener = listeners[stage, replica];
                     using var ring = rings[stage, replica].Connect([.. Enumerable.Range(0, dp).Select(x => $"127.0.0.1:{rings[stage, x].LocalEndpoint.Port}")],
                                                                    new TcpCollectiveOptions { Timeout = timeout });
                     string Address(int st) => $"127.0.0.1:{listeners[st, replica].LocalEndpoint.Port}";
                     using var links = PipelineLinks.Connect("bench", 1, key, stage, pp, replica, stage == 0 ? null : listener,
                                                             stage == 0 ? null : Address(stage - 1), stage == pp - 1 ? null : Address(stage + 1), timeout);
-                    var pipelineStage = new PipelineStage(model, layout, stage);
-                    using var trainer = new PipelineTrainer(pipelineStage, new PermutedSamples(data, 1), options, CPU, 1e11, links, replica, dp, new BucketedGradientReducer(ring));
-                    for (int i = 0; i < warmup; i++) trainer.TrainStep();
-                    var parallel = pipelineStage.MoeLayers().FirstOrDefault()?.Parallel;
-                    parallel?.TakeTraffic();
-                    var sw = Stopwatch.StartNew();
-                    var m = Enumerable.Range(0, measured).Select(_ => trainer.TrainStep()).ToList();
-                    double seconds = sw.Elapsed.TotalSeconds / measured;
-                    var traffic = parallel?.TakeTraffic() ?? default;
-                    return new StepResult(seconds, m.Average(x => x.Times.ForwardSeconds), m.Average(x => x.Times.BackwardSeconds), m.Average(x => x.Times.CommunicationSeconds),
-                        traffic.FanOut, (double)traffic.SentBytes / measured, 0, 0, 0, 0);
+                    return body(stage, replica, ring, links);
                 }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
             }
         Task.WaitAll([.. tasks]);
-        // The stages hold different MoE layers, so their traffic differs: the ranks' mean fan-out and the most any rank sent.
-        var results = tasks.Select(t => t.Result).ToList();
-        return results.MaxBy(r => r.Step)! with { FanOut = results.Average(r => r.FanOut), Bytes = results.Max(r => r.Bytes) };
+        return [.. tasks.Select(t => t.Result)];
     }
 
     static string Arg(string[] args, string name, string fallback)

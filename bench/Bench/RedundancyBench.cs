@@ -97,7 +97,7 @@ public static class RedundancyBench
             state.Neighbour?.Dispose();
             return (Plain: plain, With: withRefresh, Refresh: refresh, Bytes: bytes);
         }
-        var perRank = pp == 1 ? ExpertBench.OnRanks(dp, c => OnRank(0, c.Rank, c, null)) : OnStages(dp, pp, OnRank);
+        var perRank = pp == 1 ? ExpertBench.OnRanks(dp, c => OnRank(0, c.Rank, c, null)) : ExpertBench.OnStages(dp, pp, OnRank);
         // The ring moves at its slowest rank's pace: per step, the slowest rank's time.
         double[] Slowest(Func<(List<double> Plain, List<double> With, List<double> Refresh, long Bytes), List<double>> pick) =>
             [.. Enumerable.Range(0, pick(perRank[0]).Count).Select(i => perRank.Max(r => pick(r)[i]))];
@@ -112,39 +112,6 @@ public static class RedundancyBench
         Console.WriteLine($"| {preset}, {plan} | {sent:N0} ({sent / 1e6:F1} MB) | {refreshMedian:F3} ({refreshes.Min():F3}–{refreshes.Max():F3}) | {sent / 1e6 / refreshMedian:F0} | " +
                           $"{plainMedian:F3} ({plainSteps.Min():F3}–{plainSteps.Max():F3}) | {withMedian:F3} ({withSteps.Min():F3}–{withSteps.Max():F3}) | {100 * refreshMedian / plainMedian:F1}% | {Load()} |");
         foreach (var m in models) m.Dispose();
-    }
-
-    /// <summary>dp x pp ranks as threads: each stage's replicas a tcp ring, each replica's stages joined by stage links; results stage-major.</summary>
-    static T[] OnStages<T>(int dp, int pp, Func<int, int, ICollective, PipelineLinks, T> body)
-    {
-        var timeout = TimeSpan.FromSeconds(120);
-        var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
-        var listeners = new StageListener[pp, dp];
-        var rings = new TcpRendezvous[pp, dp];
-        for (int s = 0; s < pp; s++)
-            for (int r = 0; r < dp; r++)
-            {
-                listeners[s, r] = new StageListener("bench", 1, key, s, r, new IPEndPoint(IPAddress.Loopback, 0));
-                rings[s, r] = new TcpRendezvous($"bench/stage-{s}", 1, key, r, dp, new IPEndPoint(IPAddress.Loopback, 0));
-            }
-        var tasks = new List<Task<T>>();
-        for (int s = 0; s < pp; s++)
-            for (int r = 0; r < dp; r++)
-            {
-                int stage = s, replica = r;
-                tasks.Add(Task.Factory.StartNew(() =>
-                {
-                    using var listener = listeners[stage, replica];
-                    using var ring = rings[stage, replica].Connect([.. Enumerable.Range(0, dp).Select(x => $"127.0.0.1:{rings[stage, x].LocalEndpoint.Port}")],
-                                                                   new TcpCollectiveOptions { Timeout = timeout });
-                    string Address(int st) => $"127.0.0.1:{listeners[st, replica].LocalEndpoint.Port}";
-                    using var links = PipelineLinks.Connect("bench", 1, key, stage, pp, replica, stage == 0 ? null : listener,
-                                                            stage == 0 ? null : Address(stage - 1), stage == pp - 1 ? null : Address(stage + 1), timeout);
-                    return body(stage, replica, ring, links);
-                }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
-            }
-        Task.WaitAll([.. tasks]);
-        return [.. tasks.Select(t => t.Result)];
     }
 
     static double Median(IReadOnlyList<double> values)
