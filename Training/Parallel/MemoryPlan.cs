@@ -231,19 +231,15 @@ public static class MemoryPlanner
     /// </summary>
     public static long LayerActivationBytes(DeepSeekConfig c, int layer, MemoryInputs inputs)
     {
-        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), index = 8; // norms and routing compute in at least fp32
-        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize;
+        var (p, f, upcast) = ActivationSizes(inputs);
+        long index = 8, tokens = (long)inputs.MicroBatch * inputs.SeqLen, h = c.HiddenSize;
         if (inputs.Recompute == "full") return tokens * h * p; // the output alone: the layer's graph is made again in backward
         if (inputs.Recompute != "none" && inputs.Recompute != "selective")
             throw new ArgumentException($"recompute '{inputs.Recompute}': expected none, full or selective", nameof(inputs));
         bool selective = inputs.Recompute == "selective";
-        long upcast = p < f ? f : 0; // the fp32 copy a bf16 norm or router makes of its input, which it keeps
-        // A plain RmsNorm keeps its fp32 input (pow and the scaling; in fp32 the input itself), 1/rms, the normalized
-        // product in the input's dtype (the weight's gradient) and its output (its consumers' input); recomputed, its input
-        // and output only. The layer's first norm reads the layer's input (not counted here); the second reads x +
-        // attention, new: in bf16 its fp32 copy, not itself, is what a plain norm keeps.
-        long firstNorm = selective ? h * p : h * (upcast + 2 * p) + f;
-        long secondNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
+        // The layer's first norm reads the layer's input (not counted here); the second reads x + attention, new.
+        long firstNorm = NormBytes(h, inputs, newInput: false);
+        long secondNorm = NormBytes(h, inputs, newInput: true);
         long swiglu = (selective ? 3 : 4) * p; // gate, up, (silu(gate) unless recomputed,) their product: per intermediate unit
         // The output, where the next layer keeps it: a plain bf16 norm keeps its fp32 copy instead (counted there).
         long output = upcast > 0 && !selective ? 0 : h * p;
@@ -272,18 +268,39 @@ public static class MemoryPlanner
     /// </summary>
     static long HeadBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
     {
-        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
-        bool selective = inputs.Recompute == "selective";
-        long norm = selective ? h * p : h * (upcast + 2 * p) + f;
-        return norm + (long)c.VocabSize * (p + 4 + upcast);
+        var (p, _, upcast) = ActivationSizes(inputs);
+        return NormBytes(c.HiddenSize, inputs, newInput: false) + (long)c.VocabSize * (p + 4 + upcast);
+    }
+
+    /// <summary>
+    /// Activation element bytes: the compute dtype's (p), at least fp32's, which norms and routing compute in (f), and the
+    /// fp32 copy a bf16 norm or router makes of its input and keeps (upcast; 0 in fp32).
+    /// </summary>
+    static (long P, long F, long Upcast) ActivationSizes(MemoryInputs inputs)
+    {
+        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4);
+        return (p, f, p < f ? f : 0);
+    }
+
+    /// <summary>
+    /// Bytes per token an RmsNorm over <paramref name="h"/> features keeps. Plain: its fp32 input (pow and the scaling; in
+    /// fp32 the input itself), 1/rms, the normalized product in the input's dtype (the weight's gradient) and its output
+    /// (its consumers' input); under selective recompute its input and output only. <paramref name="newInput"/>: the input
+    /// is made here (such as x + attention) and counted with the norm — in bf16 a plain norm keeps its fp32 copy, not it;
+    /// otherwise the input is counted where it is made, and only a bf16 norm's fp32 copy is added.
+    /// </summary>
+    static long NormBytes(long h, MemoryInputs inputs, bool newInput)
+    {
+        var (p, f, upcast) = ActivationSizes(inputs);
+        if (inputs.Recompute == "selective") return (newInput ? 2 : 1) * h * p;
+        return h * ((newInput ? f : upcast) + 2 * p) + f;
     }
 
     /// <summary>What an MTP module keeps besides its block and head (<see cref="HeadBytesPerToken"/>).</summary>
     static long MtpInputBytesPerToken(DeepSeekConfig c, MemoryInputs inputs)
     {
-        long p = ElementBytes(inputs.Precision).Activation, f = Math.Max(p, 4), h = c.HiddenSize, upcast = p < f ? f : 0;
-        bool selective = inputs.Recompute == "selective";
-        long previousNorm = selective ? h * p : h * (upcast + 2 * p) + f, aheadNorm = selective ? 2 * h * p : h * (f + 2 * p) + f;
+        var (p, _, upcast) = ActivationSizes(inputs);
+        long h = c.HiddenSize, previousNorm = NormBytes(h, inputs, newInput: false), aheadNorm = NormBytes(h, inputs, newInput: true);
         long blockInput = upcast > 0 && inputs.Recompute == "none" ? 0 : h * p; // as a layer's output (LayerActivationBytes)
         return previousNorm + aheadNorm + 2 * h * p + blockInput;
     }
