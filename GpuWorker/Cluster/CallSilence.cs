@@ -1,6 +1,8 @@
 // The silence bound of one gRPC call to a service (the checkpoint store, the export store, the data service): a call
 // that sees no sign of progress for a while is given up. Not a deadline on the call's length: a long transfer that keeps
 // moving never expires.
+using Grpc.Core;
+
 namespace DeepSeekCluster.GpuWorker.Cluster;
 
 /// <summary>
@@ -28,6 +30,8 @@ sealed class CallSilence : IDisposable
 
     public CancellationToken Token => cts.Token;
     public bool Expired => cts.IsCancellationRequested && !caller.IsCancellationRequested;
+    /// <summary>Whether <paramref name="e"/> is how the call ended when this silence cut it (the filter of the callers' catch).</summary>
+    public bool Ended(Exception e) => Expired && e is RpcException or OperationCanceledException;
     /// <summary>Sending (the service is silent by taking nothing in), not waiting for an answer: for the message.</summary>
     public bool Uploading { get; set; }
     /// <summary>"answered" or "took in", for the message.</summary>

@@ -121,7 +121,7 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     {
         using var silence = new CallSilence(options.SilenceTimeout, ct);
         try { return await UploadOnceAsync(step, rank, path, written, silence, ct); }
-        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        catch (Exception e) when (silence.Ended(e))
         {
             throw new RpcException(new Status(StatusCode.DeadlineExceeded,
                 $"the checkpoint store at {address} {silence.Verb} nothing for {options.SilenceTimeout.TotalSeconds:0.#} s " +
@@ -306,7 +306,7 @@ public sealed class GrpcCheckpointStore(Store.CheckpointStoreClient client, stri
     {
         using var silence = new CallSilence(options.SilenceTimeout, ct);
         try { return await call(silence); }
-        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        catch (Exception e) when (silence.Ended(e))
         {
             throw new IOException($"could not {what} of job '{job}' from the checkpoint store at {address}: it sent nothing for {options.SilenceTimeout.TotalSeconds:0.#} s", e);
         }

@@ -79,7 +79,7 @@ public sealed class GrpcExportStore(ExportStore.ExportStoreClient client, string
     {
         using var silence = new CallSilence(silenceTimeout, ct);
         try { return (await client.ListExportsAsync(new ListExportsRequest { Job = job }, cancellationToken: silence.Token)).Exports; }
-        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        catch (Exception e) when (silence.Ended(e))
         {
             throw new IOException($"the export store at {address} answered nothing for {silenceTimeout.TotalSeconds:0.#} s when asked to list the exports of job '{job}'", e);
         }

@@ -192,7 +192,7 @@ public sealed class RemoteSampleSource : ISampleSource, IDisposable
                 got++;
             }
         }
-        catch (Exception e) when (silence.Expired && e is RpcException or OperationCanceledException)
+        catch (Exception e) when (silence.Ended(e))
         {
             throw new IOException($"dataset {dataset}: fetching {split} samples [{globalStart}, {globalStart + count}) failed: the data service sent nothing for {silenceTimeout!.Value.TotalSeconds:0.#} s", e);
         }
