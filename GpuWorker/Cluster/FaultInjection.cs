@@ -2,6 +2,7 @@
 // resumption must survive.
 using System.Diagnostics;
 using System.Globalization;
+using System.Text.RegularExpressions;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Engine;
 using static TorchSharp.torch;
@@ -15,14 +16,16 @@ namespace DeepSeekCluster.GpuWorker.Cluster;
 /// so the loss jumps until a rollback undoes it;
 /// "sigkill@S:WORKER": the worker named WORKER sends SIGKILL to its own process before step S, after step S − 1 is done
 /// (its optimizer update and, under redundancy, its neighbour copy), so a test of live resumption with real processes
-/// kills a rank at a known point; every other worker ignores it (all workers of a run may share the setting). It ends
-/// the process: never set it where workers run inside another process;
+/// kills a rank at a known point; every other worker ignores it (all workers of a run may share the setting). WORKER may
+/// also be "rank R of generation G": the worker holding rank R in generation G, so a pipeline test kills the replica of
+/// the stage it chose whichever worker registered first (the next generation's rank R, which resumes at step S − 1 and
+/// runs step S again, lives). It ends the process: never set it where workers run inside another process;
 /// "updateloss@S:WORKER": the worker named WORKER loses its ring as step S's update begins (ITrainer.BeforeStateChange with StateChange.Update), once
 /// per process (the step redone after the re-formation runs clean): under ZeRO every other rank is then caught between
 /// its update and the end of its step (in the all-gather of the updated rows), where no rank holds a live state, so the
 /// job resumes from the committed checkpoint. Safe in-process. Several faults: "nan@5,spike@12".
 /// </summary>
-public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
+public sealed partial record FaultInjection(IReadOnlyDictionary<long, string> Faults)
 {
     public static readonly FaultInjection None = new(new Dictionary<long, string>());
 
@@ -34,6 +37,12 @@ public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
 
     /// <summary>The update losses already injected by this process.</summary>
     readonly HashSet<long> lostAtUpdate = [];
+
+    [GeneratedRegex(@"^rank (0|[1-9]\d*) of generation [1-9]\d*$")]
+    private static partial Regex RankVictim();
+
+    /// <summary>How a kill names the worker holding <paramref name="rank"/> in <paramref name="generation"/>.</summary>
+    public static string RankOfGeneration(int rank, long generation) => $"rank {rank} of generation {generation}";
 
     public static FaultInjection Parse(string? text, string what)
     {
@@ -50,6 +59,9 @@ public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
             if (at.Length != 2 || at[0] is not ("nan" or "spike" or "sigkill" or "updateloss") || ofWorker != named
                 || !long.TryParse(stepAndWorker[0], NumberStyles.None, CultureInfo.InvariantCulture, out var step) || step < 1)
                 throw new ArgumentException($"{what}: '{part}' is not a fault: expected nan@STEP, spike@STEP, sigkill@STEP:WORKER or updateloss@STEP:WORKER (STEP ≥ 1), comma-separated");
+            // A victim named by rank that does not read as one would never match any worker: refused, not ignored.
+            if (named && stepAndWorker[1].StartsWith("rank ", StringComparison.Ordinal) && (at[0] != "sigkill" || !RankVictim().IsMatch(stepAndWorker[1])))
+                throw new ArgumentException($"{what}: '{part}' names no worker: expected sigkill@STEP:rank R of generation G (R ≥ 0, G ≥ 1; updateloss names a worker)");
             if (!named) faults[step] = at[0];
             else if (at[0] == "sigkill") kills[step] = stepAndWorker[1];
             else updateLosses[step] = stepAndWorker[1];
@@ -70,12 +82,20 @@ public sealed record FaultInjection(IReadOnlyDictionary<long, string> Faults)
         throw new CollectiveException(CollectiveFailure.PeerLost, $"injected fault: worker {workerId} lost its ring as step {step}'s update began");
     }
 
-    /// <summary>Runs the next step of <paramref name="trainer"/> on worker <paramref name="workerId"/> with the fault planned for it, if any.</summary>
-    public StepMetrics Step(ITrainer trainer, string workerId, Action<string> log)
+    /// <summary>Whether worker <paramref name="workerId"/>, rank <paramref name="rank"/> of <paramref name="generation"/>, kills its process before <paramref name="step"/>.</summary>
+    public bool KillsBefore(long step, string workerId, long generation, int rank) =>
+        Kills.TryGetValue(step, out var victim) && (victim == workerId || victim == RankOfGeneration(rank, generation));
+
+    /// <summary>
+    /// Runs the next step of <paramref name="trainer"/> on worker <paramref name="workerId"/>, rank <paramref name="rank"/>
+    /// of generation <paramref name="generation"/>, with the fault planned for it, if any.
+    /// </summary>
+    public StepMetrics Step(ITrainer trainer, string workerId, long generation, int rank, Action<string> log)
     {
-        if (Kills.TryGetValue(trainer.Step + 1, out var victim) && victim == workerId)
+        if (KillsBefore(trainer.Step + 1, workerId, generation, rank))
         {
-            log($"injected fault: worker {workerId} sends SIGKILL to its own process (pid {Environment.ProcessId}) before step {trainer.Step + 1}");
+            log($"injected fault: worker {workerId} sends SIGKILL to its own process (pid {Environment.ProcessId}) before step {trainer.Step + 1} " +
+                $"({RankOfGeneration(rank, generation)})");
             Console.Out.Flush();
             Process.GetCurrentProcess().Kill(); // SIGKILL on Linux: no handler, no flush, no goodbye to the Coordinator
         }

@@ -75,7 +75,7 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
             ct.ThrowIfCancellationRequested();
             run.Doing = $"training step {Trainer.Step + 1}";
             long stepStart = System.Diagnostics.Stopwatch.GetTimestamp();
-            var m = run.Settings.Faults.Step(Trainer, run.WorkerId, run.Log);
+            var m = run.Settings.Faults.Step(Trainer, run.WorkerId, A.Generation, A.Rank, run.Log);
             formed.Live.Step = Trainer.Step; // the optimizer update is done: the live state is consistent at this step
             if (redundant) LiveShards.Refresh(formed.Ring, formed.Live, ownRows); // the neighbour's copy of this rank's shard, at this step
             run.LastStep = System.Diagnostics.Stopwatch.GetElapsedTime(stepStart);

@@ -15,6 +15,31 @@ public class FaultInjectionTests
     }
 
     [Fact]
+    public void ASigkillNamingARankOfAGenerationKillsTheWorkerHoldingItThenAndNoOtherRankOrGeneration()
+    {
+        var faults = FaultInjection.Parse("sigkill@7:rank 2 of generation 1", "Worker__InjectFault");
+        Assert.Equal(new Dictionary<long, string> { [7] = "rank 2 of generation 1" }, faults.Kills);
+        Assert.True(faults.KillsBefore(7, "gpu-worker-0", generation: 1, rank: 2));
+        Assert.False(faults.KillsBefore(7, "gpu-worker-0", generation: 2, rank: 2)); // the next generation's rank 2 runs step 7 again
+        Assert.False(faults.KillsBefore(7, "gpu-worker-0", generation: 1, rank: 3));
+        Assert.False(faults.KillsBefore(6, "gpu-worker-0", generation: 1, rank: 2));
+        var byWorker = FaultInjection.Parse("sigkill@7:gpu-worker-1", "Worker__InjectFault");
+        Assert.True(byWorker.KillsBefore(7, "gpu-worker-1", generation: 3, rank: 0));
+        Assert.False(byWorker.KillsBefore(7, "gpu-worker-2", generation: 1, rank: 1));
+    }
+
+    [Theory]
+    [InlineData("sigkill@7:rank two of generation 1")]
+    [InlineData("sigkill@7:rank 2 of generation 0")]
+    [InlineData("sigkill@7:rank 2")]
+    [InlineData("updateloss@7:rank 2 of generation 1")] // an update loss names a worker
+    public void AKillOfARankThatNamesNoRankOfAGenerationIsRefusedRatherThanNeverMatching(string text)
+    {
+        var e = Assert.Throws<ArgumentException>(() => FaultInjection.Parse(text, "Worker__InjectFault"));
+        Assert.Contains($"Worker__InjectFault: '{text}' names no worker: expected sigkill@STEP:rank R of generation G", e.Message);
+    }
+
+    [Fact]
     public void AnUpdateLossNamesItsStepAndWorkerAndIsThrownOnceAsALostLinkOnThatWorkerAlone()
     {
         var faults = FaultInjection.Parse("updateloss@4:gpu-worker-2,nan@3", "Worker__InjectFault");
