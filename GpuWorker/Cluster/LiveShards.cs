@@ -79,7 +79,13 @@ public static class LiveShards
             if (holders[i] >= 0) continue;
             holders[i] = Array.FindIndex(held, h => Current(h) && h.CopyShard >= 0 && h.CopyStep == step && pieces.Copied(h.CopyShard).Contains(p));
             if (holders[i] < 0)
-                return (null, $"{p} of {from.Shards} at step {step} is held by no survivor (its rank and the neighbour keeping its copy are both gone)");
+            {
+                // A survivor's copy of another step (its refresh did not reach this one) is not this step's piece.
+                long? stale = held.Where(h => h.Lineage == from.Lineage && h.Shards == from.Shards && h.CopyShard >= 0 && h.CopyStep != step && pieces.Copied(h.CopyShard).Contains(p))
+                                  .Select(h => (long?)h.CopyStep).FirstOrDefault();
+                return (null, $"{p} of {from.Shards} at step {step} is held by no survivor " +
+                              (stale is null ? "(its rank and the neighbour keeping its copy are both gone)" : $"(its rank is gone and the copy a survivor keeps is of step {stale})"));
+            }
             fromCopy[i] = true;
         }
         var current = held.Select(Current).ToArray();

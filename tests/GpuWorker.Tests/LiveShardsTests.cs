@@ -34,8 +34,10 @@ public class LiveShardsTests
     [Fact]
     public void ACopyOfAnEarlierStepOrAnotherHistoryCoversNothing()
     {
-        // Rank 0's copy of shard 1 is of step 4 (the refresh of step 5 did not finish).
-        Assert.Null(LiveShards.Cover([Old(0, copyStep: 4), Old(2), Old(3)], step: 5, source: 0, dp: 3).Cover);
+        // Rank 0's copy of shard 1 is of step 4 (the refresh of step 5 did not finish), and the reason says so.
+        var (stale, staleWhy) = LiveShards.Cover([Old(0, copyStep: 4), Old(2), Old(3)], step: 5, source: 0, dp: 3);
+        Assert.Null(stale);
+        Assert.Equal("shard 1 of 4 at step 5 is held by no survivor (its rank is gone and the copy a survivor keeps is of step 4)", staleWhy);
         // Ranks 2 and 3 hold step 5 of another history: their shards and copies count for nothing, so shard 2 comes
         // from rank 1's copy, but shard 3's only copy was rank 2's.
         var (cover, why) = LiveShards.Cover([Old(0), Old(1), Old(2) with { Lineage = 78 }, Old(3) with { Lineage = 78 }], step: 5, source: 0, dp: 4);
