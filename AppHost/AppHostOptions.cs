@@ -15,7 +15,7 @@ public sealed record AppHostOptions
     public int Pp { get; init; } = 1;
     /// <summary>Expert-parallel width of the default job (parallel.ep): the routed experts split over this many replicas.</summary>
     public int Ep { get; init; } = 1;
-    /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients.</summary>
+    /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients, 3 and the parameters.</summary>
     public int Zero { get; init; }
     /// <summary>parallel.redundancy of the default job: each rank also keeps the pieces of its neighbour's state no other rank holds.</summary>
     public bool Redundancy { get; init; }
@@ -97,7 +97,7 @@ public sealed record AppHostOptions
     static string OptionOf(string field) => field switch
     {
         "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "parallel.overlapGradientReduction" => "--overlap-reduction", "precision" => "--precision", "activationCheckpointing" => "--recompute",
-        _ => "--workers/--pp/--ep",
+        _ => "--workers/--pp/--ep/--global-batch/--micro-batch",
     };
 
     /// <summary>The options of the command line, or null with the exit code when it asked for help (0) or was wrong (2, said why).</summary>
@@ -126,7 +126,8 @@ public sealed record AppHostOptions
         bool workersGiven = args.Contains("--workers");
         for (int i = 0; i < args.Length; i++)
         {
-            string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"option {args[i]} needs a value");
+            // An option in the value's place ("--ep --steps 4") is a missing value, not the value.
+            string Value() => i + 1 < args.Length && !args[i + 1].StartsWith("--", StringComparison.Ordinal) ? args[++i] : throw new ArgumentException($"option {args[i]} needs a value");
             int Int() { var v = Value(); return int.TryParse(v, out var n) && n >= 0 ? n : throw new ArgumentException($"option {args[i - 1]}: '{v}' is not a non-negative integer"); }
             o = args[i] switch
             {
@@ -140,7 +141,7 @@ public sealed record AppHostOptions
                 "--overlap-reduction" => o with { OverlapReduction = true },
                 "--precision" => o with { Precision = Value() },
                 "--recompute" => o with { Recompute = Value() },
-                "--memory-budget" => o with { MemoryBudget = long.TryParse(Value(), out var b) && b > 0 ? b : throw new ArgumentException("option --memory-budget needs a positive number of bytes") },
+                "--memory-budget" => o with { MemoryBudget = Value() is var budget && long.TryParse(budget, out var b) && b > 0 ? b : throw new ArgumentException($"option --memory-budget: '{budget}' is not a positive whole number of bytes (for 8 GiB: 8589934592)") },
                 "--preset" => o with { Preset = Value() },
                 "--steps" => o with { Steps = Int() },
                 "--seq-len" => o with { SeqLen = Int() },
