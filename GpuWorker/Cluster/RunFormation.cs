@@ -68,7 +68,7 @@ sealed class RunFormation : IDisposable
         // This rank's own prediction (the check is against the largest rank's, named when it is another).
         var memory = largest.Rank == a.Rank ? largest : MemoryPlanner.Predict(plan.Config, layout, a.Rank, memoryInputs);
         run.Log($"memory plan ({plan.Options.Precision}, zero {layout.Zero}): {memory} of {RankMemory.Gib(budget)} ({budgetSource}); activations estimated" +
-                (largest.Rank == a.Rank ? "" : $"; the largest rank, {largest.Rank}: {RankMemory.Gib(largest.Total)}"));
+                (largest.Total > memory.Total ? $"; the largest rank, {largest.Rank}: {RankMemory.Gib(largest.Total)}" : ""));
         var formed = new List<IDisposable>();
         T Keep<T>(T d) where T : IDisposable { formed.Add(d); return d; }
         try
