@@ -50,6 +50,8 @@ public sealed record AppHostOptions
     public string RunDir { get; init; } = "";
     /// <summary>A study spec (JSON, docs/studies.md) to run instead of the default job.</summary>
     public string? StudyFile { get; init; }
+    /// <summary>Why some of the --workers will not train the default job (its batch allows fewer replicas), or null when all do.</summary>
+    public string? IdleWorkers { get; init; }
 
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
@@ -97,6 +99,9 @@ public sealed record AppHostOptions
     static string OptionOf(string field) => field switch
     {
         "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "parallel.overlapGradientReduction" => "--overlap-reduction", "precision" => "--precision", "activationCheckpointing" => "--recompute",
+        "modelPreset" => "--preset", "globalBatch" => "--global-batch", "microBatch" => "--micro-batch", "seqLen" => "--seq-len", "steps" => "--steps",
+        "checkpointInterval" => "--checkpoint-interval", "evalTasks" => "--eval-tasks", "evalLimit" => "--eval-limit", "maxWorkers" => "--max-workers",
+        "schedule.peakLr" or "schedule.minLr" => "--lr", "schedule.warmupSteps" => "--steps",
         _ => "--workers/--pp/--ep/--global-batch/--micro-batch",
     };
 
@@ -187,10 +192,24 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--workers {o.Workers} is not a multiple of --pp {o.Pp}: every replica needs {o.Pp} workers, one per stage");
         if (o.MaxWorkers > o.Workers && o.MaxWorkers % o.Pp != 0)
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
-        // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
-        var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
-            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "parallel.overlapGradientReduction" or "precision" or "activationCheckpointing" or "parallel").ToList();
+        // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, --micro-batch microBatch, and so
+        // on; every problem is caught here, before a service starts, rather than when the job is submitted.
+        var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate();
         if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
+        // Not an error (spare workers serve 'add' and other jobs), but the default 16/8 batch gives dp 2 at most, so
+        // `--workers 4 --ep 2` would otherwise train on two workers and say nothing of the other two.
+        int wantedDp = o.Workers / o.Pp;
+        if (DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).ChooseDataParallel(o.Workers) is { } dp && dp < wantedDp)
+        {
+            int micros = o.GlobalBatch / Math.Max(1, o.MicroBatch);
+            bool fits = o.GlobalBatch % wantedDp == 0 && wantedDp % o.Ep == 0;
+            o = o with
+            {
+                IdleWorkers = $"--workers {o.Workers}: the default job trains on {dp * o.Pp} of them (dp {dp}{(o.Pp > 1 ? $" x pp {o.Pp}" : "")}): dp must divide the {micros} " +
+                    $"micro-batch{(micros == 1 ? "" : "es")} of a step (--global-batch {o.GlobalBatch} / --micro-batch {o.MicroBatch}){(o.Ep > 1 ? $" and be a multiple of --ep {o.Ep}" : "")}; " +
+                    $"the other {o.Workers - dp * o.Pp} stay idle" + (fits ? $" (--micro-batch {o.GlobalBatch / wantedDp} trains on all {o.Workers})" : ""),
+            };
+        }
         return o;
     }
 }

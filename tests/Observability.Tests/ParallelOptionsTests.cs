@@ -1,4 +1,4 @@
-// The AppHost's --ep, --zero, --redundancy, --overlap-reduction, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
+// The AppHost's --ep, --zero, --redundancy, --overlap-reduction, --precision, --recompute and --memory-budget reach the default job's spec, a wrong option is named before anything starts, and idle workers are said.
 using DeepSeekCluster.AppHost;
 
 namespace DeepSeekCluster.Observability.Tests;
@@ -76,6 +76,28 @@ public class ParallelOptionsTests
     {
         var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", option, value));
         Assert.Contains(expected, e.Message);
+    }
+
+    [Theory]
+    [InlineData("--micro-batch", "3", "--micro-batch (microBatch): 3 must divide globalBatch 16")]
+    [InlineData("--steps", "0", "--steps (steps): 0 must be at least 1")]
+    [InlineData("--preset", "huge", "--preset (modelPreset): unknown preset 'huge'")]
+    public void ABatchStepsOrPresetTheSpecRefusesIsNamedBeforeAnyServiceStarts(string option, string value, string expected)
+    {
+        var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "2", option, value));
+        Assert.Contains(expected, e.Message);
+    }
+
+    [Fact]
+    public void WorkersTheDefaultBatchLeavesIdleAreNamedWithTheMicroBatchThatUsesThemAll()
+    {
+        // 16 / 8 is 2 micro-batches a step: dp 2 at most, so 2 of 4 workers would train and 2 sit idle unremarked.
+        var idle = Parse("--workers", "4", "--ep", "2").IdleWorkers;
+        Assert.Equal("--workers 4: the default job trains on 2 of them (dp 2): dp must divide the 2 micro-batches of a step " +
+                     "(--global-batch 16 / --micro-batch 8) and be a multiple of --ep 2; the other 2 stay idle (--micro-batch 4 trains on all 4)", idle);
+        Assert.Null(Parse("--workers", "4", "--ep", "2", "--micro-batch", "4").IdleWorkers);
+        Assert.Null(Parse("--workers", "2").IdleWorkers);
+        Assert.Null(Parse("--workers", "4", "--pp", "2").IdleWorkers);
     }
 
     [Fact]
