@@ -15,7 +15,7 @@ public sealed record AppHostOptions
     public int Pp { get; init; } = 1;
     /// <summary>Expert-parallel width of the default job (parallel.ep): the routed experts split over this many replicas.</summary>
     public int Ep { get; init; } = 1;
-    /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients.</summary>
+    /// <summary>ZeRO stage of the default job (parallel.zero): 0 replicated, 1 optimizer state sharded, 2 and the gradients, 3 and the parameters.</summary>
     public int Zero { get; init; }
     /// <summary>parallel.redundancy of the default job: each rank also keeps the pieces of its neighbour's state no other rank holds.</summary>
     public bool Redundancy { get; init; }
@@ -50,6 +50,8 @@ public sealed record AppHostOptions
     public string RunDir { get; init; } = "";
     /// <summary>A study spec (JSON, docs/studies.md) to run instead of the default job.</summary>
     public string? StudyFile { get; init; }
+    /// <summary>Why some of the --workers will not train the default job (its batch allows fewer replicas), or null when all do.</summary>
+    public string? IdleWorkers { get; init; }
 
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
@@ -97,7 +99,10 @@ public sealed record AppHostOptions
     static string OptionOf(string field) => field switch
     {
         "parallel.ep" => "--ep", "parallel.zero" => "--zero", "parallel.redundancy" => "--redundancy", "parallel.overlapGradientReduction" => "--overlap-reduction", "precision" => "--precision", "activationCheckpointing" => "--recompute",
-        _ => "--workers/--pp/--ep",
+        "modelPreset" => "--preset", "globalBatch" => "--global-batch", "microBatch" => "--micro-batch", "seqLen" => "--seq-len", "steps" => "--steps",
+        "checkpointInterval" => "--checkpoint-interval", "evalTasks" => "--eval-tasks", "evalLimit" => "--eval-limit", "maxWorkers" => "--max-workers",
+        "schedule.peakLr" or "schedule.minLr" => "--lr", "schedule.warmupSteps" => "--steps",
+        _ => "--workers/--pp/--ep/--global-batch/--micro-batch",
     };
 
     /// <summary>The options of the command line, or null with the exit code when it asked for help (0) or was wrong (2, said why).</summary>
@@ -126,7 +131,8 @@ public sealed record AppHostOptions
         bool workersGiven = args.Contains("--workers");
         for (int i = 0; i < args.Length; i++)
         {
-            string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"option {args[i]} needs a value");
+            // An option in the value's place ("--ep --steps 4") is a missing value, not the value.
+            string Value() => i + 1 < args.Length && !args[i + 1].StartsWith("--", StringComparison.Ordinal) ? args[++i] : throw new ArgumentException($"option {args[i]} needs a value");
             int Int() { var v = Value(); return int.TryParse(v, out var n) && n >= 0 ? n : throw new ArgumentException($"option {args[i - 1]}: '{v}' is not a non-negative integer"); }
             o = args[i] switch
             {
@@ -140,7 +146,7 @@ public sealed record AppHostOptions
                 "--overlap-reduction" => o with { OverlapReduction = true },
                 "--precision" => o with { Precision = Value() },
                 "--recompute" => o with { Recompute = Value() },
-                "--memory-budget" => o with { MemoryBudget = long.TryParse(Value(), out var b) && b > 0 ? b : throw new ArgumentException("option --memory-budget needs a positive number of bytes") },
+                "--memory-budget" => o with { MemoryBudget = Value() is var budget && long.TryParse(budget, out var b) && b > 0 ? b : throw new ArgumentException($"option --memory-budget: '{budget}' is not a positive whole number of bytes (for 8 GiB: 8589934592)") },
                 "--preset" => o with { Preset = Value() },
                 "--steps" => o with { Steps = Int() },
                 "--seq-len" => o with { SeqLen = Int() },
@@ -186,10 +192,24 @@ public sealed record AppHostOptions
             throw new ArgumentException($"--workers {o.Workers} is not a multiple of --pp {o.Pp}: every replica needs {o.Pp} workers, one per stage");
         if (o.MaxWorkers > o.Workers && o.MaxWorkers % o.Pp != 0)
             throw new ArgumentException($"--max-workers {o.MaxWorkers} is not a multiple of --pp {o.Pp}: the job grows by whole replicas of {o.Pp} workers");
-        // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, and so on.
-        var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate()
-            .Where(p => p.Field is "parallel.ep" or "parallel.zero" or "parallel.redundancy" or "parallel.overlapGradientReduction" or "precision" or "activationCheckpointing" or "parallel").ToList();
+        // The spec's own validation names the field: --ep is parallel.ep, --zero parallel.zero, --micro-batch microBatch, and so
+        // on; every problem is caught here, before a service starts, rather than when the job is submitted.
+        var problems = DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).Validate();
         if (problems.Count > 0) throw new ArgumentException(string.Join("; ", problems.Select(p => $"{OptionOf(p.Field)} ({p.Field}): {p.Message}")));
+        // Not an error (spare workers serve 'add' and other jobs), but the default 16/8 batch gives dp 2 at most, so
+        // `--workers 4 --ep 2` would otherwise train on two workers and say nothing of the other two.
+        int wantedDp = o.Workers / o.Pp;
+        if (DefaultJob.Spec(o, "dataset", DateTime.UnixEpoch).ChooseDataParallel(o.Workers) is { } dp && dp < wantedDp)
+        {
+            int micros = o.GlobalBatch / Math.Max(1, o.MicroBatch);
+            bool fits = o.GlobalBatch % wantedDp == 0 && wantedDp % o.Ep == 0;
+            o = o with
+            {
+                IdleWorkers = $"--workers {o.Workers}: the default job trains on {dp * o.Pp} of them (dp {dp}{(o.Pp > 1 ? $" x pp {o.Pp}" : "")}): dp must divide the {micros} " +
+                    $"micro-batch{(micros == 1 ? "" : "es")} of a step (--global-batch {o.GlobalBatch} / --micro-batch {o.MicroBatch}){(o.Ep > 1 ? $" and be a multiple of --ep {o.Ep}" : "")}; " +
+                    $"the other {o.Workers - dp * o.Pp} stay idle" + (fits ? $" (--micro-batch {o.GlobalBatch / wantedDp} trains on all {o.Workers})" : ""),
+            };
+        }
         return o;
     }
 }

@@ -9,6 +9,7 @@ using DeepSeekCluster.Contracts;
 var meta = typeof(AppHostOptions).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().ToDictionary(a => a.Key, a => a.Value ?? "");
 var root = meta["RepositoryRoot"];
 if (AppHostOptions.FromCommandLine(args, root, out int exitCode) is not { } options) return exitCode;
+if (options.IdleWorkers is { } idle) Log.AppHost(idle);
 var token = LocalRun.NewToken(options.RunDir);
 var builder = new DistributedApplicationBuilder(root, meta["ServicesConfiguration"]);
 

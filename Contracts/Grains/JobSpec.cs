@@ -8,6 +8,14 @@ public sealed partial record JobSpec
 {
     /// <summary>Names the model presets the Training library knows (DeepSeekConfig.Preset); Contracts cannot reference it.</summary>
     public static readonly string[] ModelPresets = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite", "v2-lite-80gb"];
+    /// <summary>
+    /// Each preset's n_routed_experts, so that parallel.ep is checked against it at submission rather than failing the first
+    /// generation; PresetFactsTests (GpuWorker.Tests) holds it equal to DeepSeekConfig.Preset's.
+    /// </summary>
+    public static readonly IReadOnlyDictionary<string, int> PresetRoutedExperts = new Dictionary<string, int>
+    {
+        ["tiny"] = 8, ["small"] = 16, ["deepseek-v3"] = 256, ["deepseek-v2-lite"] = 64, ["v2-lite-80gb"] = 64,
+    };
 
     /// <summary>Optional job id; a fresh one is generated when absent.</summary>
     [Id(0)] public string? Name { get; init; }
@@ -136,6 +144,8 @@ public sealed partial record JobSpec
             if (!ParallelPlan.Schedules.Contains(Parallel.Schedule))
                 Problem("parallel.schedule", $"'{Parallel.Schedule}' must be one of {string.Join(", ", ParallelPlan.Schedules)} (the pipeline schedule)");
             foreach (var (field, message) in Parallel.Problems()) Problem(field, message);
+            if (Parallel.Ep > 1 && RoutedExperts() is ({ } experts, var source) && experts % Parallel.Ep != 0)
+                Problem("parallel.ep", $"{Parallel.Ep} must divide the model's {experts} routed experts ({source}): each expert shard holds experts / ep of them");
         }
         if (!Precisions.Contains(Precision))
             Problem("precision", $"'{Precision}' must be one of {string.Join(", ", Precisions)} (auto: bf16 on CUDA, fp32 on CPU)");
@@ -179,10 +189,31 @@ public sealed partial record JobSpec
         if (MinWorkers < 1) Problem("minWorkers", $"{MinWorkers} must be at least 1");
         if (MaxWorkers < MinWorkers) Problem("maxWorkers", $"{MaxWorkers} must be at least minWorkers ({MinWorkers})");
         if (problems.Count == 0 && ChooseDataParallel(MaxWorkers) is null)
-            Problem("parallel", $"no world size in minWorkers..maxWorkers ({MinWorkers}..{MaxWorkers}) is a multiple of pp ({pp}) " +
-                $"with dp{(dp > 0 ? $" = {dp}" : "")} dividing globalBatch/microBatch ({GlobalBatch}/{MicroBatch})" +
-                (Parallel!.Ep > 1 ? $" and a multiple of ep ({Parallel.Ep})" : ""));
+        {
+            // Every condition a world must meet, with its numbers, so the user sees which one to change.
+            int micros = GlobalBatch / Math.Max(1, MicroBatch);
+            var needs = new List<string> { $"dp divides the {micros} micro-batch{(micros == 1 ? "" : "es")} of a step ({(MicroBatch > 0 ? $"globalBatch {GlobalBatch} / microBatch {MicroBatch}" : $"globalBatch {GlobalBatch}, microBatch 0: counted per sequence")})" };
+            if (Parallel!.Ep > 1) needs.Add($"dp is a multiple of ep ({Parallel.Ep})");
+            if (dp > 0) needs.Add($"dp is parallel.dp ({dp})");
+            Problem("parallel", $"no world fits: a world is dp x pp ({pp}) workers, between minWorkers and maxWorkers ({MinWorkers}..{MaxWorkers}), where " +
+                string.Join(" and ", needs));
+        }
         return problems;
+    }
+
+    /// <summary>The model's routed experts and where that number comes from, or null when the spec does not say (a config without the key).</summary>
+    (int? Experts, string Source) RoutedExperts()
+    {
+        if (!string.IsNullOrWhiteSpace(ModelPreset))
+            return (PresetRoutedExperts.TryGetValue(ModelPreset.ToLowerInvariant(), out var n) ? n : null, $"preset {ModelPreset}");
+        if (string.IsNullOrWhiteSpace(ModelConfigJson)) return (null, "");
+        try
+        {
+            using var doc = JsonDocument.Parse(ModelConfigJson);
+            return doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("n_routed_experts", out var e) && e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out var k) && k > 0
+                ? (k, "n_routed_experts of modelConfigJson") : (null, "");
+        }
+        catch (JsonException) { return (null, ""); } // modelConfigJson's own problem is named already
     }
 
     /// <summary>

@@ -17,6 +17,16 @@ public static class JobSpecJson
         return options;
     }
 
+    /// <summary>
+    /// The shape a user's spec is read in (POST /jobs, SubmitJob): as <see cref="Options"/>, but a field the spec does not
+    /// have is refused, so "zero_stage" or "recompute" is named instead of training silently without it (docs/decisions.md).
+    /// </summary>
+    public static readonly JsonSerializerOptions Submitted = new(Options) { UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow };
+
+    /// <summary>What <paramref name="e"/> says is wrong with a submitted spec, with the JSON path of the value (System.Text.Json leaves the path out of an unknown field's message).</summary>
+    public static string Problem(JsonException e) =>
+        e.Path is { Length: > 0 } path && !e.Message.Contains(path, StringComparison.Ordinal) ? $"{e.Message} Path: {path}" : e.Message;
+
     public static string Serialize(JobSpec spec) => JsonSerializer.Serialize(spec, Options);
 
     /// <summary>The spec in <paramref name="json"/>; a clear error naming <paramref name="what"/> when it is not one.</summary>

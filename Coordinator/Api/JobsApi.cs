@@ -58,12 +58,10 @@ public static class JobsApi
     {
         try
         {
-            var spec = await request.ReadFromJsonAsync<JobSpec>(JobSpecJson.Options, request.HttpContext.RequestAborted);
+            var spec = await request.ReadFromJsonAsync<JobSpec>(JobSpecJson.Submitted, request.HttpContext.RequestAborted);
             return spec is null ? (null, "expected a JobSpec JSON object") : (spec, null);
         }
-        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException)
-        {
-            return (null, $"not a JobSpec JSON object: {e.Message}");
-        }
+        catch (System.Text.Json.JsonException e) { return (null, $"not a JobSpec JSON object: {JobSpecJson.Problem(e)}"); }
+        catch (InvalidOperationException e) { return (null, $"not a JobSpec JSON object: {e.Message}"); }
     }
 }

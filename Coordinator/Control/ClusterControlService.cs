@@ -214,8 +214,8 @@ public sealed class ClusterControlService(
             throw new RpcException(new Status(StatusCode.Unauthenticated, "cluster token missing or wrong"));
         }
         JobSpec? spec;
-        try { spec = JsonSerializer.Deserialize<JobSpec>(request.JobSpecJson, JobSpecJson.Options); }
-        catch (JsonException e) { throw new RpcException(new Status(StatusCode.InvalidArgument, $"job_spec_json: {e.Message}")); }
+        try { spec = JsonSerializer.Deserialize<JobSpec>(request.JobSpecJson, JobSpecJson.Submitted); }
+        catch (JsonException e) { throw new RpcException(new Status(StatusCode.InvalidArgument, $"job_spec_json: {JobSpecJson.Problem(e)}")); }
         if (spec is null) throw new RpcException(new Status(StatusCode.InvalidArgument, "job_spec_json: expected a JobSpec JSON object"));
         return await jobs.SubmitAsync(spec) switch
         {

@@ -63,8 +63,12 @@ sealed class RunFormation : IDisposable
             throw new InvalidDataException($"the assignment's rank {a.Rank} of {a.World} is not stage {stage}, replica {replica} of dp {dp} x pp {pp} (ranks are stage-major: rank = stage·dp + replica)");
         // Refused before anything is allocated or connected: every rank predicts the same and fails the job, naming the bytes.
         var (budget, budgetSource) = run.Settings.MemoryBudget(device);
-        var memory = MemoryPlanner.CheckFits(plan.Config, layout, MemoryInputsOf(plan, dp, device), budget, budgetSource);
-        run.Log($"memory plan ({plan.Options.Precision}, zero {layout.Zero}): {memory} of {RankMemory.Gib(budget)} ({budgetSource}); activations estimated");
+        var memoryInputs = MemoryInputsOf(plan, dp, device);
+        var largest = MemoryPlanner.CheckFits(plan.Config, layout, memoryInputs, budget, budgetSource);
+        // This rank's own prediction (the check is against the largest rank's, named when it is another).
+        var memory = largest.Rank == a.Rank ? largest : MemoryPlanner.Predict(plan.Config, layout, a.Rank, memoryInputs);
+        run.Log($"memory plan ({plan.Options.Precision}, zero {layout.Zero}): {memory} of {RankMemory.Gib(budget)} ({budgetSource}); activations estimated" +
+                (largest.Total > memory.Total ? $"; the largest rank, {largest.Rank}: {RankMemory.Gib(largest.Total)}" : ""));
         var formed = new List<IDisposable>();
         T Keep<T>(T d) where T : IDisposable { formed.Add(d); return d; }
         try

@@ -92,7 +92,10 @@ sealed class StepLoop(RunContext run, JobPlan plan, RunFormation formed, ISample
                                                                       formed.Live.Model.parameters()));
             double? validationLoss = Options.EvalEvery > 0 && m.Step % Options.EvalEvery == 0 ? Validate(m.Step) : null;
             // Every replica scores its share of the tasks before the checkpoint's copy (the weights are the same).
-            string? evalResults = evaluation?.Due(m.Step) == true ? evaluation.Run(formed.Live.Model, m.Step) : null;
+            // Under ZeRO-3 the model is whole only while the trainer gathers it (evaluation tasks need pp 1: a Trainer).
+            string? evalResults = evaluation?.Due(m.Step) == true
+                ? Trainer is Trainer whole ? whole.Evaluating(model => evaluation.Run(model, m.Step)) : evaluation.Run(formed.Live.Model, m.Step)
+                : null;
             var report = Report(m, served, validationLoss);
             report.EvalResultsJson = evalResults ?? "";
             run.Send(new WorkerMessage { Step = report });

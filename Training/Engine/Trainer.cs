@@ -307,12 +307,20 @@ public sealed class Trainer : ITrainer
 
     /// <inheritdoc/>
     /// <remarks>Under ZeRO-3 every rank must evaluate together: each layer gathers its parameters from every rank.</remarks>
-    public double Evaluate(ISampleSource validation, int batches)
+    public double Evaluate(ISampleSource validation, int batches) =>
+        Evaluating(model => Evaluation.LmLoss(model, validation, Options.MicroBatch, Device, batches));
+
+    /// <summary>
+    /// <paramref name="use"/> run on <see cref="Model"/> without gradients (a validation loss, evaluation tasks' scores). Under
+    /// ZeRO-3 the parameters are empty between steps: the ones outside the decoder layers are gathered first (each layer
+    /// gathers its own while it runs) and all are emptied after, so every rank must call it together, as for a step.
+    /// </summary>
+    public T Evaluating<T>(Func<DeepSeekForCausalLM, T> use)
     {
-        if (zeroParameters is null) return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches);
+        if (zeroParameters is null) return use(Model);
         zeroParameters.KeepOwnRowsAndRelease();
         zeroParameters.GatherRest();
-        try { return Evaluation.LmLoss(Model, validation, Options.MicroBatch, Device, batches); }
+        try { return use(Model); }
         finally { zeroParameters.ReleaseAll(); }
     }
 

@@ -31,7 +31,9 @@ public sealed record RankMemory(int Rank, long Parameters, long Gradients, long 
     public override string ToString() =>
         $"rank {Rank}: parameters {Gib(Parameters)}{(Gathered > 0 ? $" (+ {Gib(Gathered)} gathered)" : "")} + gradients {Gib(Gradients)} + optimizer {Gib(Optimizer)} + activations {Gib(Activations)} = {Gib(Total)}";
 
-    public static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):0.##} GiB" : $"{bytes / (double)(1L << 20):0.#} MiB";
+    /// <summary>Bytes in GiB or MiB, and below 0.1 MiB as bytes: a budget of a few bytes must not read as "0 MiB".</summary>
+    public static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):0.##} GiB"
+        : bytes >= (1L << 20) / 10 ? $"{bytes / (double)(1L << 20):0.#} MiB" : $"{bytes:N0} bytes";
 }
 
 /// <summary>A plan whose predicted bytes on some rank exceed the worker's memory: refused before anything is allocated.</summary>

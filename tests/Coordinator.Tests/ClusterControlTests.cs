@@ -98,6 +98,17 @@ public class ClusterControlTests(CoordinatorFixture fixture)
     }
 
     [Fact]
+    public async Task SubmitJobRefusesAFieldTheSpecDoesNotHaveNamingItsPath()
+    {
+        var spec = System.Text.Json.Nodes.JsonNode.Parse(JsonSerializer.Serialize(TestSpecs.Tiny() with { Name = "grpc-unknown-field" }, DeepSeekCluster.Contracts.Grains.JobSpecJson.Options))!;
+        spec["parallel"]!["zero_stage"] = 2;
+        var e = await Assert.ThrowsAsync<RpcException>(() => Control.SubmitJobAsync(new SubmitJobRequest { JobSpecJson = spec.ToJsonString() }, Bearer(CoordinatorHost.Token)).ResponseAsync);
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains("'zero_stage'", e.Status.Detail);
+        Assert.Contains("Path: $.parallel.zero_stage", e.Status.Detail);
+    }
+
+    [Fact]
     public async Task TheFirstRanksNcclUniqueIdReachesTheOtherRanksOfItsGenerationAndNoOneElseMayMakeIt()
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));

@@ -37,6 +37,31 @@ public class JobSpecValidationTests
     }
 
     [Fact]
+    public void EpMustDivideThePresetsOrTheConfigsRoutedExpertsAtSubmission()
+    {
+        // tiny has 8 routed experts: ep 3 fits dp 3 but not the experts, which the first generation would find out.
+        var three = TestSpecs.Tiny(minWorkers: 3, maxWorkers: 3) with { GlobalBatch = 6, MicroBatch = 2, Parallel = new ParallelPlan { Ep = 3 } };
+        var problem = Assert.Single(three.Validate());
+        Assert.Equal("parallel.ep", problem.Field);
+        Assert.Contains("3 must divide the model's 8 routed experts (preset tiny)", problem.Message);
+        Assert.Empty((three with { MinWorkers = 4, MaxWorkers = 4, GlobalBatch = 8, Parallel = new ParallelPlan { Ep = 4 } }).Validate());
+        var config = three with { ModelPreset = null, ModelConfigJson = """{"n_routed_experts": 10}""" };
+        Assert.Contains("n_routed_experts of modelConfigJson", Assert.Single(config.Validate(), p => p.Field == "parallel.ep").Message);
+        Assert.DoesNotContain((config with { ModelConfigJson = """{"n_routed_experts": 9}""" }).Validate(), p => p.Field == "parallel.ep");
+    }
+
+    [Fact]
+    public void AWorldThatCannotFormIsRefusedNamingEveryConditionWithItsNumbers()
+    {
+        // 4 workers, ep 4: dp must divide the step's 2 micro-batches and be a multiple of 4; no dp in 1..4 is both.
+        var spec = TestSpecs.Tiny(minWorkers: 1, maxWorkers: 4) with { GlobalBatch = 16, MicroBatch = 8, Parallel = new ParallelPlan { Ep = 4 } };
+        var problem = Assert.Single(spec.Validate());
+        Assert.Equal("parallel", problem.Field);
+        Assert.Equal("no world fits: a world is dp x pp (1) workers, between minWorkers and maxWorkers (1..4), where dp divides the 2 micro-batches " +
+                     "of a step (globalBatch 16 / microBatch 8) and dp is a multiple of ep (4)", problem.Message);
+    }
+
+    [Fact]
     public void EveryOptimizerKnobIsCheckedAndNamedByItsField()
     {
         var bad = TestSpecs.Tiny() with

@@ -4,6 +4,7 @@ using System.Net;
 using System.Net.Http.Headers;
 using System.Net.Http.Json;
 using System.Text.Json;
+using DeepSeekCluster.Contracts.Grains;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace DeepSeekCluster.Coordinator.Tests;
@@ -23,6 +24,32 @@ public class RestApiTests(CoordinatorFixture fixture)
         using var body = JsonDocument.Parse(await response.Content.ReadAsStringAsync());
         var fields = body.RootElement.GetProperty("errors").EnumerateObject().Select(p => p.Name).ToHashSet();
         Assert.Empty(new[] { "modelPreset", "dataset", "microBatch", "seqLen", "steps", "maxWorkers" }.Except(fields));
+    }
+
+    /// <summary>
+    /// A field the spec does not have (DeepSpeed's "zero_stage", a misspelt "activationCheckpoint") would otherwise be
+    /// dropped and the job train without it: it is refused naming the field's path, as is a value of the wrong type.
+    /// </summary>
+    [Theory]
+    [InlineData("""{"parallel": {"zero_stage": 2}}""", "'zero_stage'", "$.parallel.zero_stage")]
+    [InlineData("""{"activationCheckpoint": "full"}""", "'activationCheckpoint'", "$.activationCheckpoint")]
+    [InlineData("""{"parallel": {"zero": "two"}}""", "System.Int32", "$.parallel.zero")]
+    public async Task AFieldTheSpecDoesNotHaveOrAWrongTypeIsRefusedNamingItsPath(string extra, string named, string path)
+    {
+        var spec = System.Text.Json.Nodes.JsonNode.Parse(JsonSerializer.Serialize(TestSpecs.Tiny() with { Name = "unknown-field-job" }, JobSpecJson.Options))!.AsObject();
+        foreach (var (key, value) in System.Text.Json.Nodes.JsonNode.Parse(extra)!.AsObject().ToList())
+            if (spec[key] is System.Text.Json.Nodes.JsonObject inner && value is System.Text.Json.Nodes.JsonObject add)
+                foreach (var (k, v) in add.ToList()) inner[k] = v?.DeepClone();
+            else spec[key] = value?.DeepClone();
+        var request = Authorized(HttpMethod.Post, "/jobs");
+        request.Content = new StringContent(spec.ToJsonString(), System.Text.Encoding.UTF8, "application/json");
+        using var response = await Http.SendAsync(request);
+        Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
+        using var body = JsonDocument.Parse(await response.Content.ReadAsStringAsync());
+        string problem = body.RootElement.GetProperty("errors").GetProperty("body")[0].GetString()!;
+        Assert.True(problem.Contains(named) && problem.Contains(path), $"expected {named} and {path} in: {problem}");
+        using var unknown = await Http.GetAsync("/jobs/unknown-field-job");
+        Assert.Equal(HttpStatusCode.NotFound, unknown.StatusCode); // nothing was created
     }
 
     [Fact]

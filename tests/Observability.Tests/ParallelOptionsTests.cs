@@ -1,4 +1,4 @@
-// The AppHost's --ep, --zero, --redundancy, --overlap-reduction, --precision, --recompute and --memory-budget reach the default job's spec, and a wrong one is named.
+// The AppHost's --ep, --zero, --redundancy, --overlap-reduction, --precision, --recompute and --memory-budget reach the default job's spec, a wrong option is named before anything starts, and idle workers are said.
 using DeepSeekCluster.AppHost;
 
 namespace DeepSeekCluster.Observability.Tests;
@@ -69,10 +69,53 @@ public class ParallelOptionsTests
     [InlineData("--precision", "fp16", "--precision (precision): 'fp16' must be one of auto, fp32, bf16")]
     [InlineData("--recompute", "all", "--recompute (activationCheckpointing): 'all' must be one of none, full, selective")]
     [InlineData("--ep", "0", "--ep must be at least 1")]
-    [InlineData("--memory-budget", "-3", "--memory-budget needs a positive number of bytes")]
+    [InlineData("--memory-budget", "-3", "option --memory-budget: '-3' is not a positive whole number of bytes")]
+    [InlineData("--memory-budget", "1X", "option --memory-budget: '1X' is not a positive whole number of bytes")]
+    [InlineData("--zero", "-1", "option --zero: '-1' is not a non-negative integer")]
     public void AWrongValueIsRefusedNamingTheOptionAndTheField(string option, string value, string expected)
     {
         var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", option, value));
         Assert.Contains(expected, e.Message);
+    }
+
+    [Theory]
+    [InlineData("--micro-batch", "3", "--micro-batch (microBatch): 3 must divide globalBatch 16")]
+    [InlineData("--steps", "0", "--steps (steps): 0 must be at least 1")]
+    [InlineData("--preset", "huge", "--preset (modelPreset): unknown preset 'huge'")]
+    public void ABatchStepsOrPresetTheSpecRefusesIsNamedBeforeAnyServiceStarts(string option, string value, string expected)
+    {
+        var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "2", option, value));
+        Assert.Contains(expected, e.Message);
+    }
+
+    [Fact]
+    public void WorkersTheDefaultBatchLeavesIdleAreNamedWithTheMicroBatchThatUsesThemAll()
+    {
+        // 16 / 8 is 2 micro-batches a step: dp 2 at most, so 2 of 4 workers would train and 2 sit idle unremarked.
+        var idle = Parse("--workers", "4", "--ep", "2").IdleWorkers;
+        Assert.Equal("--workers 4: the default job trains on 2 of them (dp 2): dp must divide the 2 micro-batches of a step " +
+                     "(--global-batch 16 / --micro-batch 8) and be a multiple of --ep 2; the other 2 stay idle (--micro-batch 4 trains on all 4)", idle);
+        Assert.Null(Parse("--workers", "4", "--ep", "2", "--micro-batch", "4").IdleWorkers);
+        Assert.Null(Parse("--workers", "2").IdleWorkers);
+        Assert.Null(Parse("--workers", "4", "--pp", "2").IdleWorkers);
+    }
+
+    [Fact]
+    public void AnOptionWithoutItsValueIsNamedRatherThanTakingTheNextOption()
+    {
+        var e = Assert.Throws<ArgumentException>(() => Parse("--ep", "--steps", "4"));
+        Assert.Equal("option --ep needs a value", e.Message);
+    }
+
+    [Fact]
+    public void AnEpThatFitsNoWorldOrNotThePresetsRoutedExpertsIsRefusedBeforeAnythingStarts()
+    {
+        // tiny has 8 routed experts; 3 workers with 3 micro-batches a step would form dp 3 x ep 3.
+        var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "3", "--ep", "3", "--global-batch", "24", "--micro-batch", "8"));
+        Assert.Contains("--ep (parallel.ep): 3 must divide the model's 8 routed experts (preset tiny)", e.Message);
+        // The default job's 16/8 gives 2 micro-batches a step: no dp both divides them and is a multiple of ep 4.
+        var world = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--ep", "4"));
+        Assert.Contains("--workers/--pp/--ep/--global-batch/--micro-batch (parallel): no world fits", world.Message);
+        Assert.Contains("dp is a multiple of ep (4)", world.Message);
     }
 }

@@ -169,6 +169,16 @@ public class MemoryPlanTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void ABudgetOfAFewBytesReadsAsBytesInTheRefusalNotAsZeroMiB()
+    {
+        var config = DeepSeekConfig.Preset("tiny");
+        var e = Assert.Throws<PlanDoesNotFitException>(() => MemoryPlanner.CheckFits(config, ParallelLayout.Even(1, 1, config.NumHiddenLayers),
+            new MemoryInputs("fp32", "none", 8, 32), 10, "Worker:MemoryBudgetBytes"));
+        Assert.Contains("against 10 bytes of Worker:MemoryBudgetBytes", e.Message);
+        Assert.Equal(("1.5 MiB", "2 GiB", "0 bytes"), (RankMemory.Gib(3L << 19), RankMemory.Gib(2L << 30), RankMemory.Gib(0)));
+    }
+
+    [Fact]
     public void APlanThatDoesNotFitIsRefusedWithTheBytesByKindAndAShardedOneWithinTheSameBudgetPasses()
     {
         var config = DeepSeekConfig.Preset("small") with { VocabSize = 8192 };

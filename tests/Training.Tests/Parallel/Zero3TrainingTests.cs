@@ -6,6 +6,7 @@ using DeepSeekCluster.Training.Checkpoints;
 using DeepSeekCluster.Training.Collectives;
 using DeepSeekCluster.Training.Data;
 using DeepSeekCluster.Training.Engine;
+using DeepSeekCluster.Training.Harness;
 using DeepSeekCluster.Training.Model;
 using DeepSeekCluster.Training.Optim;
 using DeepSeekCluster.Training.Parallel;
@@ -145,6 +146,37 @@ public sealed class Zero3TrainingTests(ITestOutputHelper output) : IDisposable
             Assert.True(Math.Abs(ranks[r].ParameterBytes - predicted) <= 0.10 * predicted,
                 $"rank {r} of dp {dp} holds {ranks[r].ParameterBytes} parameter bytes between steps; the planner predicts {predicted}");
         }
+    }
+
+    /// <summary>
+    /// A cluster job's evaluation tasks score the model between steps, where ZeRO-3 leaves every parameter empty:
+    /// <see cref="Trainer.Evaluating"/> gathers what the forward needs, so dp 2 zero 3 scores equal the single process's
+    /// after the same 3 steps (its weights are the same bits), and the parameters are empty again afterwards.
+    /// </summary>
+    [Fact]
+    public void EvaluationTasksScoreTheWholeModelBetweenZero3Steps()
+    {
+        LoglikelihoodRequest[] requests = [new([1, 2, 3, 4, 5], [6, 7]), new([8, 9], [10, 11, 12])];
+        IReadOnlyList<Loglikelihood> expected;
+        using (var model = NewModel())
+        using (var trainer = new Trainer(model, MicroModel.Data.Value.Train, null, Options, CPU, peakFlops: 1e11))
+        {
+            for (int s = 0; s < Options.Steps; s++) trainer.TrainStep();
+            expected = new ModelScorer(model, CPU).Score(requests);
+        }
+        var scored = new IReadOnlyList<Loglikelihood>[2];
+        RunZero3(2, trainer =>
+        {
+            scored[trainer.Rank] = trainer.Evaluating(model => new ModelScorer(model, CPU).Score(requests));
+            Assert.All(trainer.Model.parameters(), p => Assert.Equal(0, p.numel())); // emptied again for the next step
+        });
+        foreach (var rank in scored)
+            for (int i = 0; i < requests.Length; i++)
+            {
+                output.WriteLine($"request {i}: {rank[i].LogProb:R} (single process {expected[i].LogProb:R})");
+                Assert.True(Math.Abs(rank[i].LogProb - expected[i].LogProb) <= 1e-9, $"request {i}: zero 3 scored {rank[i].LogProb:R}, one process {expected[i].LogProb:R}");
+                Assert.Equal(expected[i].IsGreedy, rank[i].IsGreedy);
+            }
     }
 
     /// <summary>
