@@ -68,8 +68,8 @@ public sealed record AppHostOptions
                                  sums, 3 also the parameters, gathered per layer (default 0: replicated)
           --redundancy           each rank also keeps what of its neighbour's state no other rank holds (its
                                  ZeRO shard, within its pipeline stage; with --ep its experts' rows; needs
-                                 --zero 1-3 or --ep): a lost worker's state survives, and the job resumes
-                                 from live state, 0 steps redone
+                                 --zero 1-3 or --ep, and room for two replicas): a lost worker's state
+                                 survives, and the job resumes from live state, 0 steps redone
           --overlap-reduction    start the gradient all-reduce during the backward, a bucket as soon as its layers
                                  are done (plain dp only: not with --zero 1-3, --pp or --ep; off by default: no
                                  faster on a 2-core CPU, docs/benchmarks.md)

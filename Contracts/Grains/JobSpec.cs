@@ -198,6 +198,10 @@ public sealed partial record JobSpec
             Problem("parallel", $"no world fits: a world is dp x pp ({pp}) workers, between minWorkers and maxWorkers ({MinWorkers}..{MaxWorkers}), where " +
                 string.Join(" and ", needs));
         }
+        // The copies live on the other replicas of a rank's ring: a job that can never have two keeps nothing, whatever it asks.
+        if (problems.Count == 0 && Parallel!.Redundancy && ChooseDataParallel(MaxWorkers) == 1)
+            Problem("parallel.redundancy", $"true, but the largest world of this job has one replica (dp 1 at maxWorkers {MaxWorkers}, pp {pp}{(dp > 0 ? $", parallel.dp {dp}" : "")}), " +
+                    "so no other rank can keep a copy of its state: expected false, or room for dp 2 or more");
         return problems;
     }
 

@@ -186,6 +186,12 @@ public class ParallelPlanSpecTests
         Assert.Empty(Spec(new ParallelPlan { Ep = 2, Redundancy = true }).Validate()); // zero 0: the expert shards held once are copied
         Assert.Empty(Spec(new ParallelPlan { Dp = 4, Ep = 2, Zero = 3, Redundancy = true }).Validate()); // the experts' ZeRO-3 rows are copied too
         Assert.Empty(Spec(new ParallelPlan { Dp = 2, Pp = 2, Ep = 2, Redundancy = true }, 2, 4).Validate()); // within each stage, as without pp
+        // A job whose largest world has one replica has no other rank to keep a copy on: refused, not a flag doing nothing.
+        Assert.Equal("true, but the largest world of this job has one replica (dp 1 at maxWorkers 1, pp 1), so no other rank can keep a copy of its state: " +
+                     "expected false, or room for dp 2 or more", Assert.Single(Problems(Spec(new ParallelPlan { Zero = 1, Redundancy = true }, 1, 1), "parallel.redundancy")).Message);
+        Assert.Single(Problems(Spec(new ParallelPlan { Pp = 2, Zero = 1, Redundancy = true }, 2, 3), "parallel.redundancy")); // 3 workers hold one replica of 2 stages
+        Assert.Single(Problems(Spec(new ParallelPlan { Dp = 1, Zero = 1, Redundancy = true }), "parallel.redundancy"));
+        Assert.Single(Problems(Spec(new ParallelPlan { Zero = 1, Redundancy = true }) with { GlobalBatch = 2 }, "parallel.redundancy")); // one micro-batch: dp 1 only
         Assert.False(JobSpecJson.Deserialize("""{"modelPreset": "tiny", "dataset": "d", "globalBatch": 8, "microBatch": 2, "seqLen": 16, "steps": 2}""", "the test spec").Parallel.Redundancy);
 
         // Rank 1 of dp 4 (uneven rows: shards differ by a row) holds its own shard and rank 2's: the two ranks' predictions added.

@@ -42,6 +42,10 @@ public class ParallelOptionsTests
         Assert.False(DefaultJob.Spec(Parse("--workers", "4", "--zero", "1"), "d", DateTime.UnixEpoch).Parallel.Redundancy);
         var e = Assert.Throws<ArgumentException>(() => Parse("--workers", "4", "--redundancy"));
         Assert.Contains("--redundancy (parallel.redundancy): true with zero 0", e.Message);
+        // One worker is one replica: no rank to keep its copy, unless the job may grow to a second with 'add'.
+        var alone = Assert.Throws<ArgumentException>(() => Parse("--workers", "1", "--zero", "1", "--redundancy"));
+        Assert.Contains("--redundancy (parallel.redundancy): true, but the largest world of this job has one replica (dp 1 at maxWorkers 1, pp 1)", alone.Message);
+        Assert.Empty(DefaultJob.Spec(Parse("--workers", "1", "--max-workers", "2", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
         // With ep the expert shards' pieces are copied (any zero, ZeRO-3's parameter rows too), and inside pipeline stages.
         Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--zero", "1", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
         Assert.Empty(DefaultJob.Spec(Parse("--workers", "4", "--ep", "2", "--redundancy"), "d", DateTime.UnixEpoch).Validate());
