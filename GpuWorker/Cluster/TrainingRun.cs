@@ -69,7 +69,8 @@ public sealed class TrainingRun(Assignment assignment, WorkerSettings settings, 
         }
         catch (Exception e)
         {
-            context.Log($"training failed: {e}");
+            // A plan refused by the memory check fails on the user's numbers, which its message names: no stack trace.
+            context.Log(e is PlanDoesNotFitException ? $"training refused: {e.Message}" : $"training failed: {e}");
             context.Send(new WorkerMessage { Leaving = new Leaving { Reason = $"rank {assignment.Rank}: {e.Message}", Failed = true, Generation = assignment.Generation } });
         }
         finally { cancel.Dispose(); }

@@ -137,6 +137,9 @@ public class ExpertParallelClusterTests(DataShardsHostFixture fixture, ITestOutp
             foreach (var part in new[] { "dp 4 x pp 1, ep 1, zero 0", "does not fit", "parameters", "optimizer", $"{RankMemory.Gib(budget)} of Worker:MemoryBudgetBytes" })
                 Assert.Contains(part, refused!.Error);
             Assert.Empty(refused!.Loss);
+            // The workers say it as a refusal of the user's numbers, without a stack trace.
+            Assert.Contains("training refused: ", log.ToString());
+            Assert.DoesNotContain(nameof(PlanDoesNotFitException), log.ToString());
 
             Assert.Empty(zero3.Validate());
             var status = await ClusterJobs.RunToCompletion(http, zero3, Steps, log);
