@@ -80,12 +80,12 @@ public class MemoryPlanTests(ITestOutputHelper output)
 
     /// <summary>
     /// A whole model peaks where the planner says, at the start of the backward for every mode: the heads'
-    /// cross-entropies, with everything kept, add two fp32 vocabulary-wide gradients (none and selective were 14% under
-    /// the peak without them). Under full recompute, fp32 and bf16, with and without an MTP module, at three
+    /// cross-entropies, with everything kept, add two fp32 vocabulary-wide gradients (none and selective were 12–14%
+    /// under the peak without them). Under full recompute, fp32 and bf16, with and without an MTP module, at three
     /// vocabularies, the larger of that and the layers' reruns (one layer's whole set beside the gradients the rerun
     /// segments return, the heads' fp32 log-softmax freed). The old full term, everything kept plus the largest layer's
     /// set, was right at tiny's own vocabulary only by coincidence (its layer set about as large as the cross-entropy's
-    /// gradients; 0–10% under) and 20–30% under at 512 and 8192 tokens. 4 × 128 tokens, LM + MTP + balance loss as the
+    /// gradients; 0–10% under) and 22–29% under at 8192 and 512 tokens. 4 × 128 tokens, LM + MTP + balance loss as the
     /// trainer computes them, the .grad buffers allocated before (the planner counts them as gradients). Measured as
     /// malloc's bytes in use over forward and backward, read without pause by a second thread (MallocHeap.StartPeak),
     /// after a round that warms the kernels: a read can miss the cross-entropy's short peak on a loaded machine, and now
