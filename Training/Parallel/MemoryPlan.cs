@@ -57,7 +57,9 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
 /// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
-/// 10% per mode), but not the backward's own temporaries: an estimate, stated as such where they are shown.
+/// 10% per mode) and the backward's largest transients (the heads' cross-entropy gradients; under full recompute the
+/// rerun layer's set and the gradients the segments return), not every temporary of every op: an estimate, stated as
+/// such where they are shown, whose whole-model peak is checked within 10% per mode.
 /// </summary>
 public static class MemoryPlanner
 {
