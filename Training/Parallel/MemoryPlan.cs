@@ -51,9 +51,9 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
 /// <item>activations: what autograd keeps per micro-batch (each layer's norms, attention, MLP or MoE as the recompute mode
 /// leaves them, the head), times the micro-batches a pipeline stage holds at once, plus the heads' cross-entropy gradients
-/// at the start of the backward (last stage); full recompute keeps only each layer's
-/// input, and its peak is in the backward: the heads' cross-entropy gradients, or one layer's whole set beside the
-/// gradients the rerun segments return (<see cref="FullRecomputeBackwardBytes"/>).</item>
+/// at the start of the backward (last stage); full recompute keeps only each layer's input, and its peak is in the
+/// backward: the heads' cross-entropy gradients, or one layer's whole set beside the gradients the rerun segments
+/// return (<see cref="FullRecomputeBackwardBytes"/>).</item>
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
 /// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
@@ -210,8 +210,8 @@ public static class MemoryPlanner
     /// <summary>
     /// Activation bytes at their peak in a step: what each micro-batch's forward keeps, times the micro-batches the stage
     /// holds at once, plus what the one backward running at a time adds at its largest (an estimate): on the last stage
-    /// the heads' cross-entropy gradients (<see cref="CrossEntropyBackwardBytes"/>), while everything is kept. Under full recompute
-    /// (and ZeRO-3, which recomputes every layer) the backward runs in phases: first the heads' cross-entropies, with
+    /// the heads' cross-entropy gradients (<see cref="CrossEntropyBackwardBytes"/>), while everything is kept. Under full
+    /// recompute (and ZeRO-3, which recomputes every layer) the backward runs in phases: first the heads' cross-entropies, with
     /// everything kept; then, the heads' fp32 log-softmax and copies freed, each layer rerun and differentiated alone
     /// (<see cref="FullRecomputeBackwardBytes"/>).
     /// </summary>
@@ -240,8 +240,8 @@ public static class MemoryPlanner
     /// <item>the layers, rerun one at a time from the last: the largest layer's whole set, plus the gradients every rerun
     /// segment returns (ActivationRecompute's backward: its input's and its parameters'), which the micro-batch's dispose
     /// scope holds until the micro-batch ends, so by the last layer a second copy of the layers' gradients (beside the
-    /// .grad buffers counted in <see cref="RankMemory.Gradients"/>); less what the heads' cross-entropies freed (each head's fp32 log-softmax and,
-    /// from bf16 logits, its fp32 copy: the logits themselves stay, the caller's).</item>
+    /// .grad buffers counted in <see cref="RankMemory.Gradients"/>); less what the heads' cross-entropies freed (each
+    /// head's fp32 log-softmax and, from bf16 logits, its fp32 copy: the logits themselves stay, the caller's).</item>
     /// </list>
     /// </summary>
     static long FullRecomputeBackwardBytes(DeepSeekConfig c, ParallelLayout layout, int rank, MemoryInputs inputs)
