@@ -52,12 +52,16 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// <item>optimizer: both AdamW moments (and the fp32 master in bf16), 1/dp of them under ZeRO-1 and up (under ep: 1/dp of
 /// the replicated ones and 1/(dp/ep) of the held experts, which only their dp/ep holders split);</item>
 /// <item>activations: what autograd keeps per micro-batch (each layer's norms, attention, MLP or MoE as the recompute mode
-/// leaves them, the head), times the micro-batches a pipeline stage holds at once; full recompute keeps only each layer's
-/// input plus one layer's set.</item>
+/// leaves them, the head), times the micro-batches a pipeline stage holds at once, plus the heads' cross-entropy gradients
+/// at the start of the backward (last stage); full recompute keeps only each layer's input, and its peak is in the
+/// backward: the heads' cross-entropy gradients, or one layer's whole set beside the gradients the rerun segments
+/// return (<see cref="FullRecomputeBackwardBytes"/>).</item>
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
 /// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
-/// 10% per mode), but not the backward's own temporaries: an estimate, stated as such where they are shown.
+/// 10% per mode) and the backward's largest transients (the heads' cross-entropy gradients; under full recompute the
+/// rerun layer's set and the gradients the segments return), not every temporary of every op: an estimate, stated as
+/// such where they are shown, whose whole-model peak is checked within 10% per mode.
 /// </summary>
 public static class MemoryPlanner
 {
@@ -205,24 +209,72 @@ public static class MemoryPlanner
         return largest;
     }
 
-    /// <summary>Activation bytes kept for the backward, per the micro-batches the stage holds at once (an estimate).</summary>
+    /// <summary>
+    /// Activation bytes at their peak in a step: what each micro-batch's forward keeps, times the micro-batches the stage
+    /// holds at once, plus what the one backward running at a time adds at its largest (an estimate): on the last stage
+    /// the heads' cross-entropy gradients (<see cref="CrossEntropyBackwardBytes"/>), while everything is kept. Under full
+    /// recompute (and ZeRO-3, which recomputes every layer) the backward runs in phases: first the heads' cross-entropies, with
+    /// everything kept; then, the heads' fp32 log-softmax and copies freed, each layer rerun and differentiated alone
+    /// (<see cref="FullRecomputeBackwardBytes"/>).
+    /// </summary>
     static long Activations(DeepSeekConfig c, ParallelLayout layout, int rank, MemoryInputs inputs, int bytes)
     {
         int stage = layout.StageOfRank(rank);
         var layers = layout.Stages[stage];
         long tokens = (long)inputs.MicroBatch * inputs.SeqLen;
-        long perMicroBatch = 0, largestSet = 0;
+        long perMicroBatch = 0;
         int mtpLayers = stage == layout.Pp - 1 ? c.NumNextnPredictLayers : 0;
-        for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
-        {
-            perMicroBatch += LayerActivationBytes(c, l, inputs);
-            largestSet = Math.Max(largestSet, LayerActivationBytes(c, l, inputs with { Recompute = "none" }));
-        }
-        if (inputs.Recompute == "full") perMicroBatch += largestSet; // the layer being recomputed holds its whole set
+        for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++) perMicroBatch += LayerActivationBytes(c, l, inputs);
         long head = stage == layout.Pp - 1 ? (1 + mtpLayers) * HeadBytesPerToken(c, inputs) + mtpLayers * MtpInputBytesPerToken(c, inputs) : 0;
         int inFlight = layout.Pp == 1 ? 1 : inputs.PipelineSchedule == "gpipe" ? Math.Max(1, inputs.MicroBatchesPerStep) : Math.Min(Math.Max(1, inputs.MicroBatchesPerStep), layout.Pp - stage);
-        return inFlight * (perMicroBatch + tokens * head);
+        long backward = inputs.Recompute == "full" ? FullRecomputeBackwardBytes(c, layout, rank, inputs)
+                        : stage == layout.Pp - 1 ? CrossEntropyBackwardBytes(c, inputs) : 0;
+        return inFlight * (perMicroBatch + tokens * head) + backward;
     }
+
+    /// <summary>
+    /// What full recompute's backward of one micro-batch adds, at its peak, to what the forward kept (the order the
+    /// autograd engine runs it in, measured: <c>MemoryPlanTests.AWholeModelPeaksWithinATenthOfThePlannersActivations</c>).
+    /// The larger of two phases:
+    /// <list type="bullet">
+    /// <item>the heads' cross-entropies, one at a time, with everything kept: nll's gradient and log-softmax's input
+    /// gradient, two fp32 tensors as wide as the vocabulary (last stage only);</item>
+    /// <item>the layers, rerun one at a time from the last: the largest layer's whole set, plus the gradients every rerun
+    /// segment returns (ActivationRecompute's backward: its input's and its parameters'), which the micro-batch's dispose
+    /// scope holds until the micro-batch ends, so by the last layer a second copy of the layers' gradients (beside the
+    /// .grad buffers counted in <see cref="RankMemory.Gradients"/>); less what the heads' cross-entropies freed (each
+    /// head's fp32 log-softmax and, from bf16 logits, its fp32 copy: the logits themselves stay, the caller's).</item>
+    /// </list>
+    /// </summary>
+    static long FullRecomputeBackwardBytes(DeepSeekConfig c, ParallelLayout layout, int rank, MemoryInputs inputs)
+    {
+        int stage = layout.StageOfRank(rank);
+        var layers = layout.Stages[stage];
+        bool last = stage == layout.Pp - 1;
+        int mtpLayers = last ? c.NumNextnPredictLayers : 0;
+        long tokens = (long)inputs.MicroBatch * inputs.SeqLen, param = ElementBytes(inputs.Precision).Param;
+        var (p, f, upcast) = ActivationSizes(inputs);
+        long largestSet = 0, segmentGradients = 0;
+        for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
+        {
+            int index = l < layers.End ? l : c.NumHiddenLayers + (l - layers.End);
+            largestSet = Math.Max(largestSet, LayerActivationBytes(c, index, inputs with { Recompute = "none" }));
+            long parameters = c.LayerParameterCount(index) - c.RoutedExpertParameterCount(index) + c.RoutedExpertParameterCount(index) / layout.Ep;
+            segmentGradients += parameters * param + tokens * c.HiddenSize * p; // its parameters' gradients and its input's
+        }
+        if (!last) return largestSet + segmentGradients;
+        long crossEntropy = CrossEntropyBackwardBytes(c, inputs);
+        long freedByHeads = (1 + mtpLayers) * tokens * c.VocabSize * (f + upcast);
+        return Math.Max(crossEntropy, largestSet + segmentGradients - freedByHeads);
+    }
+
+    /// <summary>
+    /// What a head's cross-entropy backward adds while everything is still kept, the first thing a last stage's backward
+    /// runs (one head at a time): nll's gradient and log-softmax's input gradient, two tensors as wide as the vocabulary
+    /// in the loss's dtype (fp32 from bf16 logits).
+    /// </summary>
+    static long CrossEntropyBackwardBytes(DeepSeekConfig c, MemoryInputs inputs) =>
+        (long)inputs.MicroBatch * inputs.SeqLen * c.VocabSize * 2 * ActivationSizes(inputs).F;
 
     /// <summary>
     /// Bytes decoder layer <paramref name="layer"/> (a main layer, or past <see cref="DeepSeekConfig.NumHiddenLayers"/> an

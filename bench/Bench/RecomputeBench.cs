@@ -43,33 +43,45 @@ public static partial class RecomputeBench
         for (int round = -1; round < rounds; round++)
             foreach (var mode in Modes)
             {
-                var pass = Step(model, ActivationRecompute.Parse(mode), ids, seqLen);
-                Console.Error.WriteLine($"round {round + 1}, {mode}: kept {Mib(pass.Kept):F1} MiB, peak {Mib(pass.Peak):F1} MiB, fwd {pass.Forward:F3} s, bwd {pass.Backward:F3} s, CPU {pass.Cpu:F2} s");
+                // The peak's sampler spins on a core of its own and would count in the CPU seconds: a second pass reads it.
+                var pass = Step(model, ActivationRecompute.Parse(mode), ids, seqLen, samplePeak: false) with
+                {
+                    MallocPeak = Step(model, ActivationRecompute.Parse(mode), ids, seqLen, samplePeak: true).MallocPeak,
+                };
+                Console.Error.WriteLine($"round {round + 1}, {mode}: kept {Mib(pass.Kept):F1} MiB, peak {Mib(pass.Peak):F1} MiB, malloc's peak {Mib(pass.MallocPeak):F1} MiB, fwd {pass.Forward:F3} s, bwd {pass.Backward:F3} s, CPU {pass.Cpu:F2} s");
                 if (round >= 0) results[mode].Add(pass);
             }
 
         var layout = new ParallelLayout(1, 1, [new StageLayers(0, config.NumHiddenLayers)]);
         var none = Median(results["none"], p => p.Kept);
         double noneTime = Median(results["none"], p => p.Forward + p.Backward), noneCpu = Median(results["none"], p => p.Cpu);
-        Console.WriteLine("| mode | kept after forward MiB | malloc's bytes kept MiB | saved vs none | planner's activations MiB | peak in step over start MiB | fwd s | bwd s | wall fwd + bwd vs none | CPU s | CPU vs none |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| mode | kept after forward MiB | malloc's bytes kept MiB | saved vs none | planner's activations MiB | malloc's peak in step MiB (rounds' range) | resident peak in step over start MiB | fwd s | bwd s | wall fwd + bwd vs none | CPU s | CPU vs none |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var mode in Modes)
         {
             var r = results[mode];
-            double heap = Median(r, p => p.Malloc), kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward), cpu = Median(r, p => p.Cpu);
+            double heap = Median(r, p => p.Malloc), heapPeak = Median(r, p => p.MallocPeak), kept = Median(r, p => p.Kept), peak = Median(r, p => p.Peak), fwd = Median(r, p => p.Forward), bwd = Median(r, p => p.Backward), cpu = Median(r, p => p.Cpu);
             double wall = Median(r, p => p.Forward + p.Backward);
             long predicted = MemoryPlanner.Predict(config, layout, 0, new MemoryInputs(precision, mode, batch, seqLen)).Activations;
-            Console.WriteLine($"| {mode} | {Mib(kept):F1} | {Mib(heap):F1} | {(mode == "none" ? "—" : $"{1 - kept / none:P0}")} | {Mib(predicted):F1} | {Mib(peak):F1} | {fwd:F3} | {bwd:F3} | " +
+            Console.WriteLine($"| {mode} | {Mib(kept):F1} | {Mib(heap):F1} | {(mode == "none" ? "—" : $"{1 - kept / none:P0}")} | {Mib(predicted):F1} | {Mib(heapPeak):F1} ({Mib(r.Min(p => p.MallocPeak)):F1}–{Mib(r.Max(p => p.MallocPeak)):F1}) | {Mib(peak):F1} | {fwd:F3} | {bwd:F3} | " +
                               $"{wall / noneTime:F2}× | {cpu:F2} | {cpu / noneCpu:F2}× |");
         }
         ActivationRecompute.Apply(model, RecomputeMode.None);
     }
 
-    /// <summary>Bytes and wall seconds of one pass, and the process's CPU seconds (steadier than wall time on a loaded machine).</summary>
-    sealed record Pass(double Kept, double Peak, double Forward, double Backward, double Cpu, double Malloc);
+    /// <summary>
+    /// Bytes and wall seconds of one pass, and the process's CPU seconds (steadier than wall time on a loaded machine).
+    /// MallocPeak: the most of malloc's bytes in use over the start that a second thread saw, reading them without pause
+    /// through forward and backward (a read can miss a short peak, and can count another thread's allocation: the table
+    /// shows the median and the rounds' range).
+    /// </summary>
+    sealed record Pass(double Kept, double Peak, double Forward, double Backward, double Cpu, double Malloc, double MallocPeak);
 
-    /// <summary>One forward and backward; gradients stay allocated between passes so every pass starts from the same bytes.</summary>
-    static Pass Step(DeepSeekForCausalLM model, RecomputeMode mode, Tensor ids, int seqLen)
+    /// <summary>
+    /// One forward and backward; gradients stay allocated between passes so every pass starts from the same bytes. With
+    /// <paramref name="samplePeak"/>, a second thread reads malloc's bytes in use throughout (its times are not the step's).
+    /// </summary>
+    static Pass Step(DeepSeekForCausalLM model, RecomputeMode mode, Tensor ids, int seqLen, bool samplePeak)
     {
         ActivationRecompute.Apply(model, mode);
         GC.Collect();
@@ -77,6 +89,10 @@ public static partial class RecomputeBench
         long start = Resident(), heapStart = HeapInUse();
         File.WriteAllText("/proc/self/clear_refs", "5"); // resets the peak resident size (VmHWM) to the current one
         using var scope = NewDisposeScope();
+        long heapPeak = heapStart;
+        bool stop = false;
+        var sampler = new Thread(() => { while (!Volatile.Read(ref stop)) heapPeak = Math.Max(heapPeak, HeapInUse()); }) { IsBackground = true };
+        if (samplePeak) sampler.Start();
         var cpu = Process.GetCurrentProcess().TotalProcessorTime;
         var sw = Stopwatch.StartNew();
         var output = model.Forward(ids.narrow(1, 0, seqLen), withMtp: true);
@@ -90,9 +106,11 @@ public static partial class RecomputeBench
         loss.backward();
         double backward = sw.Elapsed.TotalSeconds;
         double cpuSeconds = (Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalSeconds;
+        Volatile.Write(ref stop, true);
+        if (samplePeak) sampler.Join();
         long peak = PeakResident() - start;
         using (no_grad()) foreach (var p in model.parameters()) p.grad?.zero_();
-        return new Pass(kept, peak, forward, backward, cpuSeconds, heapKept);
+        return new Pass(kept, peak, forward, backward, cpuSeconds, heapKept, heapPeak - heapStart);
     }
 
     /// <summary>malloc's chunks in use and mapped blocks (mallinfo2), what the tests' MallocHeap reads: libtorch's CPU tensors, byte for byte.</summary>

@@ -21,7 +21,34 @@ static class MallocHeap
         GC.Collect();
         GC.WaitForPendingFinalizers();
         GC.Collect();
+        return BytesInUseNow();
+    }
+
+    /// <summary>Every arena's chunks in use and every mapped block as they are (no collection): what a sampler reads while a backward runs.</summary>
+    public static long BytesInUseNow()
+    {
         var m = MallInfo();
         return (long)m.Uordblks + (long)m.Hblkhd;
+    }
+
+    /// <summary>
+    /// The most bytes in use seen by a thread that reads them without pause from <see cref="StartPeak"/> until the
+    /// returned function is called. A read can miss a short peak (a thread not scheduled then), never invent one.
+    /// </summary>
+    public static Func<long> StartPeak()
+    {
+        long peak = BytesInUseNow();
+        bool stop = false;
+        var sampler = new Thread(() =>
+        {
+            while (!Volatile.Read(ref stop)) peak = Math.Max(peak, BytesInUseNow());
+        }) { IsBackground = true, Priority = ThreadPriority.Highest, Name = "malloc peak sampler" };
+        sampler.Start();
+        return () =>
+        {
+            Volatile.Write(ref stop, true);
+            sampler.Join();
+            return Math.Max(peak, BytesInUseNow());
+        };
     }
 }
