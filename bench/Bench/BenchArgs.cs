@@ -68,9 +68,10 @@ sealed class BenchArgs(string verb, string[] args)
     }
 
     /// <summary>
-    /// Ends the reading: refuses every token no read consumed (exit 2, naming the verb, the tokens and the options the
-    /// verb reads); then --help prints those options with their defaults and --dry-run the values this run would use
-    /// (both exit 0 before the bench starts). Any read after this throws, so an option read late cannot slip past.
+    /// Ends the reading: --help prints the options read, with their defaults (exit 0); otherwise every token no read
+    /// consumed is refused (exit 2, naming the verb, the tokens and the options the verb reads); then --dry-run prints
+    /// the values this run would use (exit 0). All before the bench starts. Any read after this throws, so an option
+    /// read late cannot slip past.
     /// </summary>
     public void Done()
     {
