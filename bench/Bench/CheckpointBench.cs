@@ -15,14 +15,19 @@ public static class CheckpointBench
 {
     public static void Run(string[] args)
     {
-        string preset = Arg(args, "--preset", "small");
-        string dir = Arg(args, "--dir", Path.Combine(Path.GetTempPath(), "deepseek-ckpt-bench"));
-        int diskMb = int.Parse(Arg(args, "--disk-mb", "1024"));
-        int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "2"));
-        int repeats = int.Parse(Arg(args, "--repeats", "3"));
+        var o = new BenchArgs("checkpoint", args);
+        string preset = o.String("--preset", "small");
+        string dir = o.String("--dir", Path.Combine(Path.GetTempPath(), "deepseek-ckpt-bench"));
+        int diskMb = o.Int("--disk-mb", 1024, 1);
+        int dp = o.Int("--dp", 4, 1), pp = o.Int("--pp", 2, 1);
+        int repeats = o.Int("--repeats", 3, 1);
         // "throughput" (save and load MB/s against the disk), "cost" (a save's parts, each alone: wall and CPU time),
         // "stall" (a save's cost to the training steps); any of them.
-        var parts = Arg(args, "--parts", "throughput,stall").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet();
+        var parts = o.List("--parts", "throughput,stall").ToHashSet();
+        string? groupNice = o.Optional("--group-nice");
+        var hashes = o.List("--hashes", "xxh128,sha256,whole").ToHashSet();
+        var stall = StallSettings.Read(o);
+        o.Done();
         if (Directory.Exists(dir)) Directory.Delete(dir, true);
         Directory.CreateDirectory(dir);
 
@@ -31,7 +36,7 @@ public static class CheckpointBench
         // machine the other sessions' load decides this process's share from second to second; a step time then measures
         // them, not the save. --group-nice (root) raises this session's weight so that the comparison of a save's threads
         // with the training's, within this process, is what the stall numbers show.
-        if (Arg(args, "--group-nice", "") is { Length: > 0 } groupNice)
+        if (groupNice is not null)
         {
             File.WriteAllText("/proc/self/autogroup", groupNice);
             Console.WriteLine($"this session's CPU group: {File.ReadAllText("/proc/self/autogroup").Trim()}");
@@ -57,13 +62,13 @@ public static class CheckpointBench
         double mb = tensors.Sum(kv => kv.Value.numel() * kv.Value.ElementSize) / 1e6;
         Console.WriteLine($"state of preset '{preset}': {tensors.Count} tensors, {mb:F0} MB (weights + routing biases + AdamW moments)");
         Console.WriteLine();
-        if (parts.Contains("throughput")) Throughput(args, model, optimizer, tensors, mb, dir, probe, diskMb, dp, pp, repeats);
+        if (parts.Contains("throughput")) Throughput(hashes, model, optimizer, tensors, mb, dir, probe, diskMb, dp, pp, repeats);
         if (parts.Contains("cost"))
         {
             var plan = new ShardingPlan(ParallelLayout.Even(1, 1, model.Config.NumHiddenLayers), CheckpointTensors.Catalog(tensors));
             CheckpointCostBench.Run(plan, tensors.ToDictionary(), dir, repeats, Console.Error.WriteLine);
         }
-        if (parts.Contains("stall")) Stall(args, model, preset, dir, repeats);
+        if (parts.Contains("stall")) Stall(stall, model, preset, dir, repeats);
         Console.WriteLine($"load average at the end: {LoadAverage()}");
         Directory.Delete(dir, true);
     }
@@ -77,10 +82,9 @@ public static class CheckpointBench
     /// of one sequential stream in 64 MiB reads and the loader's own pattern (4 threads of 8 MiB preads per 32 MiB
     /// chunk) without hashing or copying: the most these files give up.
     /// </summary>
-    static void Throughput(string[] args, DeepSeekForCausalLM model, AdamW optimizer, List<KeyValuePair<string, Tensor>> tensors, double mb,
+    static void Throughput(HashSet<string> hashes, DeepSeekForCausalLM model, AdamW optimizer, List<KeyValuePair<string, Tensor>> tensors, double mb,
         string dir, string probe, int diskMb, int dp, int pp, int repeats)
     {
-        var hashes = Arg(args, "--hashes", "xxh128,sha256,whole").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet();
         Console.WriteLine("| layout | save MB/s | disk write MB/s just before | save % of disk write | load MB/s, files evicted | plain read of the same files MB/s, before / after | load % of plain read | load MB/s from the page cache | save s | load s | load average |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|");
         long step = 0;
@@ -163,18 +167,30 @@ public static class CheckpointBench
     /// saver's first save (it allocates the host copies) and its second (refills them); and a saver that prepared its
     /// copies (Prepare, during plain steps whose extra time is reported as its cost) before its first save.
     /// </summary>
-    static void Stall(string[] args, DeepSeekForCausalLM model, string preset, string dir, int repeats)
+    /// <summary>The stall part's options (read with the others, before the bench starts).</summary>
+    sealed record StallSettings(int[] Nices, int[] Yields, bool WithPrepare, int? TorchThreads, int PrepareNice, bool Cuda)
     {
-        var nices = Arg(args, "--nice", "0,10").Split(',').Select(int.Parse).ToArray();
-        // Torch threads the trainer gives up while a save runs (AsyncCheckpointSaver.YieldTorchThreads), compared in turns.
-        var yields = Arg(args, "--yield", "0").Split(',').Select(int.Parse).ToArray();
-        bool withPrepare = Arg(args, "--prepare", "true") == "true";
-        // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
-        // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
-        if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
-        int prepareNice = int.Parse(Arg(args, "--prepare-nice", nices.Contains(10) ? "10" : nices[^1].ToString()));
-        // cuda (the GPU bundle, bench/gpu/run.sh): the host copies are pinned and filled by device-to-host copies.
-        var device = Arg(args, "--device", "cpu") == "cuda" ? CUDA : CPU;
+        public static StallSettings Read(BenchArgs o)
+        {
+            var nices = o.Ints("--nice", "0,10");
+            // Torch threads the trainer gives up while a save runs (AsyncCheckpointSaver.YieldTorchThreads), compared in turns.
+            var yields = o.Ints("--yield", "0");
+            bool withPrepare = o.Bool("--prepare", true);
+            // One torch thread on a machine of more cores leaves the save a core the step does not use, as a GPU box does
+            // (its step is one host thread launching kernels); with every core in the step the save can only take from it.
+            int? threads = o.OptionalInt("--torch-threads", 1);
+            int prepareNice = o.Int("--prepare-nice", nices.Contains(10) ? 10 : nices[^1]);
+            // cuda (the GPU bundle, bench/gpu/run.sh): the host copies are pinned and filled by device-to-host copies.
+            bool cuda = o.Choice("--device", "cpu", "cpu", "cuda") == "cuda";
+            return new(nices, yields, withPrepare, threads, prepareNice, cuda);
+        }
+    }
+
+    static void Stall(StallSettings settings, DeepSeekForCausalLM model, string preset, string dir, int repeats)
+    {
+        var (nices, yields, withPrepare, prepareNice) = (settings.Nices, settings.Yields, settings.WithPrepare, settings.PrepareNice);
+        if (settings.TorchThreads is { } threads) set_num_threads(threads);
+        var device = settings.Cuda ? CUDA : CPU;
         if (device.type == TorchSharp.DeviceType.CUDA) model.to(device);
         var stepOptions = new TrainingOptions { SeqLen = 64, GlobalBatch = 2, MicroBatch = 2, Steps = 100_000, WarmupSteps = 1 };
         var rng = new Random(1);
@@ -394,11 +410,5 @@ public static class CheckpointBench
     {
         try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
         catch (IOException) { return "unknown"; }
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

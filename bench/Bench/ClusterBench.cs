@@ -53,12 +53,14 @@ public static partial class ClusterBench
 
     public static async Task<int> RunAsync(string[] args)
     {
-        Warm = Int(args, "--warm", 10, LogEvery);
+        var o = new BenchArgs("cluster", args);
+        Warm = o.Int("--warm", 10, LogEvery);
         if (Warm % LogEvery != 0) throw new ArgumentException($"option --warm: {Warm} must be a multiple of {LogEvery} (rank 0 logs every {LogEvery} steps)");
-        int rounds = Int(args, "--rounds", 3, 1), steps = Int(args, "--steps", 30, Warm + LogEvery), threadRounds = Int(args, "--thread-rounds", 1, 0);
-        int seqLen = Int(args, "--seq-len", 64, 8), globalBatch = Int(args, "--global-batch", 16, 2), micro = Int(args, "--micro-batch", 4, 1);
-        int checkpointEvery = Int(args, "--checkpoint-every", 10, 0);
-        bool scaling = !args.Contains("--no-scaling"); // --no-scaling: the overhead pair only (standalone, 1 worker), rounds twice as fast
+        int rounds = o.Int("--rounds", 3, 1), steps = o.Int("--steps", 30, Warm + LogEvery), threadRounds = o.Int("--thread-rounds", 1, 0);
+        int seqLen = o.Int("--seq-len", 64, 8), globalBatch = o.Int("--global-batch", 16, 2), micro = o.Int("--micro-batch", 4, 1);
+        int checkpointEvery = o.Int("--checkpoint-every", 10, 0);
+        bool scaling = !o.Flag("--no-scaling"); // --no-scaling: the overhead pair only (standalone, 1 worker), rounds twice as fast
+        o.Done();
         if (steps % LogEvery != 0) throw new ArgumentException($"option --steps: {steps} must be a multiple of {LogEvery} (rank 0 logs every {LogEvery} steps; the window ends on the last)");
         if (globalBatch % (2 * micro) != 0)
             throw new ArgumentException($"option --global-batch: {globalBatch} must be a multiple of 2 x --micro-batch ({micro}) so 1 and 2 workers train the same batch");
@@ -216,12 +218,15 @@ public static partial class ClusterBench
     /// <summary>The child side (verb cluster-standalone): one standalone run, its <see cref="Sample"/> as a JSON line.</summary>
     public static int StandaloneChild(string[] args)
     {
-        Warm = Int(args, "--warm", 10, LogEvery);
-        var pids = Arg(args, "--pids", "").Split(',', StringSplitOptions.RemoveEmptyEntries)
+        var o = new BenchArgs("cluster-standalone", args);
+        Warm = o.Int("--warm", 10, LogEvery);
+        var pids = o.String("--pids", "").Split(',', StringSplitOptions.RemoveEmptyEntries)
             .Select(p => p.Split('=')).ToDictionary(p => p[0], p => int.Parse(p[1], CultureInfo.InvariantCulture));
+        int seqLen = o.Int("--seq-len", 64, 8), globalBatch = o.Int("--global-batch", 16, 1), micro = o.Int("--micro-batch", 4, 1);
+        int steps = o.Int("--steps", 30, Warm + LogEvery), threads = o.Int("--threads", 1, 1);
+        o.Done();
         var config = DeepSeekConfig.Preset("tiny") with { VocabSize = VocabSize };
-        var s = Standalone(config, Int(args, "--seq-len", 64, 8), Int(args, "--global-batch", 16, 1), Int(args, "--micro-batch", 4, 1),
-                           Int(args, "--steps", 30, Warm + LogEvery), Int(args, "--threads", 1, 1), pids);
+        var s = Standalone(config, seqLen, globalBatch, micro, steps, threads, pids);
         Console.WriteLine("RESULT " + System.Text.Json.JsonSerializer.Serialize(s));
         return 0;
     }

@@ -17,10 +17,12 @@ public static class CollectiveBench
 {
     public static void Run(string[] args)
     {
-        var worlds = Arg(args, "--worlds", "2,4").Split(',').Select(int.Parse).ToArray();
-        var sizesMb = Arg(args, "--sizes-mb", "1,4,16,64,256").Split(',').Select(int.Parse).ToArray();
-        int chunk = int.Parse(Arg(args, "--chunk-kb", "1024")) << 10;
-        double seconds = double.Parse(Arg(args, "--seconds", "1.5"), System.Globalization.CultureInfo.InvariantCulture);
+        var o = new BenchArgs("collectives", args);
+        var worlds = o.Ints("--worlds", "2,4", 1);
+        var sizesMb = o.Ints("--sizes-mb", "1,4,16,64,256", 1);
+        int chunk = o.Int("--chunk-kb", 1024, 1) << 10;
+        double seconds = o.Double("--seconds", 1.5, above: 0);
+        o.Done();
 
         Console.WriteLine($"# DeepSeekCluster collective benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores; tcp backend over 127.0.0.1, ranks as threads, chunk {chunk >> 10} KiB, float32 sum");
@@ -85,11 +87,5 @@ public static class CollectiveBench
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
         Task.WaitAll(threads);
         return threads.Max(t => t.Result);
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

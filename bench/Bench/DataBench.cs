@@ -28,8 +28,10 @@ public static class DataBench
 
     private static async Task RunAsync(string[] args)
     {
-        int vocab = Int(args, "--vocab", 512), seqLen = Int(args, "--seq-len", 128), batch = Int(args, "--batch", 256);
-        double serveSeconds = Int(args, "--seconds", 5);
+        var o = new BenchArgs("data", args);
+        int vocab = o.Int("--vocab", 512, 2), seqLen = o.Int("--seq-len", 128, 1), batch = o.Int("--batch", 256, 1);
+        double serveSeconds = o.Int("--seconds", 5, 1);
+        o.Done();
         string work = Path.Combine(Path.GetTempPath(), $"deepseek-databench-{Guid.NewGuid():N}");
         Directory.CreateDirectory(work);
         try
@@ -192,11 +194,5 @@ public static class DataBench
         double wall = sw.Elapsed.TotalSeconds;
         process.Refresh();
         return (wall, (process.TotalProcessorTime - cpu0).TotalSeconds);
-    }
-
-    private static int Int(string[] args, string name, int fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? int.Parse(args[i + 1], System.Globalization.CultureInfo.InvariantCulture) : fallback;
     }
 }

@@ -21,11 +21,13 @@ public static class DpOverlapBench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg(args, "--presets", "tiny").Split(',');
-        int steps = int.Parse(Arg(args, "--steps", "3")), rounds = int.Parse(Arg(args, "--rounds", "3"));
-        int seqLen = int.Parse(Arg(args, "--seq-len", "128")), batch = int.Parse(Arg(args, "--batch", "16")), micro = int.Parse(Arg(args, "--micro", "4"));
-        long bucketBytes = (long)(double.Parse(Arg(args, "--bucket-mb", "25")) * (1 << 20));
-        bool onGpus = Arg(args, "--device", "cpu") == "cuda";
+        var o = new BenchArgs("dp-overlap", args);
+        var presets = o.List("--presets", "tiny");
+        int steps = o.Int("--steps", 3, 1), rounds = o.Int("--rounds", 3, 1);
+        int seqLen = o.Int("--seq-len", 128, 1), batch = o.Int("--batch", 16, 1), micro = o.Int("--micro", 4, 1);
+        long bucketBytes = (long)(o.Double("--bucket-mb", 25, above: 0) * (1 << 20));
+        bool onGpus = o.Choice("--device", "cpu", "cpu", "cuda") == "cuda";
+        o.Done();
         Console.WriteLine($"# DeepSeekCluster data-parallel overlap benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; fp32, dp 2 zero 0, ranks as threads {(onGpus ? "over NCCL on cuda:0 and cuda:1" : "over tcp on 127.0.0.1")}, " +
                           $"seq {seqLen}, global batch {batch}, micro-batch {micro} ({batch / 2 / micro} per rank per step), buckets of {bucketBytes / 1048576.0:0.##} MiB, {rounds} alternating rounds of {steps} steps (+1 warm-up) per mode");
@@ -97,10 +99,4 @@ public static class DpOverlapBench
     }
 
     static string Load() => File.ReadAllText("/proc/loadavg").Split(' ')[0];
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
-    }
 }

@@ -17,11 +17,16 @@ public static class EvalBench
 {
     public static void Run(string[] args)
     {
-        var tasks = Arg(args, "--tasks", "kjv_nextverse,kjv_cloze,kjv_heldout").Split(',').Select(n => EvalTask.Resolve(n).Limited(int.Parse(Arg(args, "--limit", "200")))).ToList();
-        var workers = Arg(args, "--workers", "1,2").Split(',').Select(int.Parse).ToList();
-        int maxLength = int.Parse(Arg(args, "--max-length", "128")), batch = int.Parse(Arg(args, "--batch-size", "16"));
-        string? modelDir = args.Contains("--model") ? Arg(args, "--model", "") : null;
-        var device = DeepSeekCluster.Training.Engine.StandaloneRun.ResolveDevice(Arg(args, "--device", "cpu"));
+        var o = new BenchArgs("eval", args);
+        var taskNames = o.List("--tasks", "kjv_nextverse,kjv_cloze,kjv_heldout");
+        int limit = o.Int("--limit", 200, 1);
+        var workers = o.Ints("--workers", "1,2", 1).ToList();
+        int maxLength = o.Int("--max-length", 128, 1), batch = o.Int("--batch-size", 16, 1);
+        string? modelDir = o.Optional("--model");
+        var deviceName = o.String("--device", "cpu");
+        o.Done();
+        var tasks = taskNames.Select(n => EvalTask.Resolve(n).Limited(limit)).ToList();
+        var device = DeepSeekCluster.Training.Engine.StandaloneRun.ResolveDevice(deviceName);
         // A model folder's weights and tokenizer, or the tiny preset with a tokenizer trained on the held-out chapters
         // (the rate does not depend on the weights' values).
         var tokenizer = modelDir is not null ? BpeTokenizer.Load(Path.Combine(modelDir, HfModelFolder.TokenizerFile))
@@ -62,11 +67,5 @@ public static class EvalBench
             Console.WriteLine($"| {n} | {total:N0} | {seconds:F1} | {total / seconds:F0} | {string.Join(" / ", tokens.Select(t => $"{t.Result / seconds:F0}"))} |");
             foreach (var m in models) m.Dispose();
         }
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

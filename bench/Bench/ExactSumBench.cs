@@ -11,9 +11,11 @@ public static class ExactSumBench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg(args, "--presets", "tiny,small").Split(',', StringSplitOptions.RemoveEmptyEntries);
-        int repeats = int.Parse(Arg(args, "--repeats", "10"));
-        var micros = Arg(args, "--micro-batches", "8,2").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(int.Parse).ToList();
+        var o = new BenchArgs("exact-sum", args);
+        var presets = o.List("--presets", "tiny,small");
+        int repeats = o.Int("--repeats", 10, 1);
+        var micros = o.Ints("--micro-batches", "8,2", 1).ToList();
+        o.Done();
         Console.WriteLine($"# Exact gradient sums — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, load {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
         Console.WriteLine();
         Console.WriteLine("| preset | params | micro-batch x count | train step s | exact add per micro-batch s | exact mean per step s | float32 add per micro-batch s | exact sum share of the step |");
@@ -64,11 +66,5 @@ public static class ExactSumBench
         var sw = Stopwatch.StartNew();
         for (int i = 0; i < repeats; i++) action();
         return sw.Elapsed.TotalSeconds / repeats;
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

@@ -23,11 +23,12 @@ public static class ExpertBench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg(args, "--presets", "tiny").Split(',');
-        int steps = int.Parse(Arg(args, "--steps", "4")), warmup = int.Parse(Arg(args, "--warmup", "1"));
+        var o = new BenchArgs("ep", args);
+        var presets = o.List("--presets", "tiny");
+        int steps = o.Int("--steps", 4, 1), warmup = o.Int("--warmup", 1, 0);
         // As `bench -- recompute` names it; the trainer's own check (TrainingOptions.Validate) would refuse others later, inside a rank.
-        var precision = Arg(args, "--precision", "fp32");
-        if (precision is not ("fp32" or "bf16")) throw new ArgumentException($"--precision: expected fp32 or bf16, got '{precision}'");
+        var precision = o.Choice("--precision", "fp32", "fp32", "bf16");
+        o.Done();
         Console.WriteLine($"# DeepSeekCluster expert-parallel benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {File.ReadAllText("/proc/loadavg").Split(' ')[0]} at start; {precision}, ranks as threads over tcp on 127.0.0.1");
         double copy = CollectiveBench.MemoryCopyBandwidth(256 << 20);
@@ -211,11 +212,5 @@ public static class ExpertBench
             }
         Task.WaitAll([.. tasks]);
         return [.. tasks.Select(t => t.Result)];
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

@@ -14,10 +14,12 @@ public static class ExportBench
 {
     public static void Run(string[] args)
     {
-        string preset = Arg(args, "--preset", "small");
-        string? modelDir = Arg(args, "--model", "") is { Length: > 0 } m ? m : null;
-        int vocab = int.Parse(Arg(args, "--vocab", "2048"));
-        int tokens = int.Parse(Arg(args, "--tokens", "1024")), window = int.Parse(Arg(args, "--window", "256"));
+        var o = new BenchArgs("export", args);
+        string preset = o.String("--preset", "small");
+        string? modelDir = o.Optional("--model");
+        int vocab = o.Int("--vocab", 2048, 2);
+        int tokens = o.Int("--tokens", 1024, 1), window = o.Int("--window", 256, 1);
+        o.Done();
         string dir = Path.Combine(Path.GetTempPath(), $"deepseek-export-bench-{Guid.NewGuid():N}");
         Directory.CreateDirectory(dir);
         try
@@ -105,11 +107,5 @@ public static class ExportBench
             }
         }
         return Math.Exp(nll / count);
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

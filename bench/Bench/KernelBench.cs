@@ -11,19 +11,26 @@ public static class KernelBench
 {
     public static void Run(string[] args)
     {
-        var device = Arg(args, "--device", "cpu") == "cuda" ? CUDA : CPU;
-        int rounds = int.Parse(Arg(args, "--rounds", "7"));
-        var preset = DeepSeekConfig.Preset(Arg(args, "--preset", "small"));
-        int seqLen = int.Parse(Arg(args, "--seq-len", "256")), batch = int.Parse(Arg(args, "--batch", "8"));
+        var o = new BenchArgs("kernels", args);
+        bool onCuda = o.Choice("--device", "cpu", "cpu", "cuda") == "cuda";
+        int rounds = o.Int("--rounds", 7, 1);
+        var presetName = o.String("--preset", "small");
+        int seqLen = o.Int("--seq-len", 256, 1), batch = o.Int("--batch", 8, 1);
+        // attention, adamw, moe: any of them.
+        var parts = o.List("--parts", "attention,adamw");
+        // The flat AdamW's chunk sizes in elements, compared in turns (none: its default).
+        var chunks = o.Optional("--chunks") ?? "";
+        o.Done();
+        var device = onCuda ? CUDA : CPU;
+        var preset = DeepSeekConfig.Preset(presetName);
         Console.WriteLine($"# Fused against plain — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}, " +
                           $"device {device.type}, load {File.ReadAllText("/proc/loadavg").Split(' ')[0]}");
         Console.WriteLine();
         Console.WriteLine("| kernel | shape | dtype | plain s (median) | fused s (median) | fused / plain, median (range over rounds) |");
         Console.WriteLine("|---|---|---|---|---|---|");
-        var parts = Arg(args, "--parts", "attention,adamw").Split(',');
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
         {
-            if (parts.Contains("adamw")) AdamWStep(preset, dtype, device, rounds, Arg(args, "--chunks", ""));
+            if (parts.Contains("adamw")) AdamWStep(preset, dtype, device, rounds, chunks);
             if (parts.Contains("moe")) MoeLayer(preset, dtype, device, rounds, batch, seqLen);
             if (!parts.Contains("attention")) continue;
             // One MLA layer's attention in training: queries and keys qk_nope + qk_rope wide, values v_head_dim wide.
@@ -168,11 +175,5 @@ public static class KernelBench
     {
         var s = xs.Order().ToList();
         return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

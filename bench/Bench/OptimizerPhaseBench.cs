@@ -13,10 +13,12 @@ public static class OptimizerPhaseBench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg(args, "--presets", "small,tiny").Split(',', StringSplitOptions.RemoveEmptyEntries);
-        var precisions = Arg(args, "--precisions", "bf16,fp32").Split(',', StringSplitOptions.RemoveEmptyEntries);
-        int rounds = int.Parse(Arg(args, "--rounds", "5"));
-        long? chunk = Arg(args, "--sum-chunk", "") is { Length: > 0 } c ? long.Parse(c) : null;
+        var o = new BenchArgs("optimizer-phase", args);
+        var presets = o.List("--presets", "small,tiny");
+        var precisions = o.List("--precisions", "bf16,fp32");
+        int rounds = o.Int("--rounds", 5, 1);
+        long? chunk = o.OptionalInt("--sum-chunk", 1);
+        o.Done();
         Console.WriteLine($"# Optimizer phase, per call — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.ProcessorCount} cores, torch threads {get_num_threads()}");
         Console.WriteLine($"load average at start: {File.ReadAllText("/proc/loadavg").Trim()}");
         Console.WriteLine();
@@ -70,11 +72,5 @@ public static class OptimizerPhaseBench
         var sw = Stopwatch.StartNew();
         action();
         return sw.Elapsed.TotalSeconds;
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

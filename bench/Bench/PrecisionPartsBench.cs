@@ -13,17 +13,22 @@ public static class PrecisionPartsBench
 {
     public static void Run(string[] args)
     {
-        int rounds = int.Parse(Arg(args, "--rounds", "7"));
-        var name = Arg(args, "--preset", "tiny");
-        var config = DeepSeekConfig.Preset(name);
-        int seqLen = int.Parse(Arg(args, "--seq-len", name == "tiny" ? "128" : "256"));
-        int batch = int.Parse(Arg(args, "--batch", name == "tiny" ? "16" : "8"));
+        var o = new BenchArgs("precision-parts", args);
+        int rounds = o.Int("--rounds", 7, 1);
+        var name = o.String("--preset", "tiny");
+        int seqLen = o.Int("--seq-len", name == "tiny" ? 128 : 256, 1);
+        int batch = o.Int("--batch", name == "tiny" ? 16 : 8, 1);
         // cpu: this thread's CPU seconds, which a loaded machine inflates far less than wall time; with one torch thread
         // (and CPU tensors, whose backward runs on the calling thread) they are the whole work of the part.
-        bool cpuClock = Arg(args, "--clock", "wall") == "cpu";
-        if (Arg(args, "--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
+        bool cpuClock = o.Choice("--clock", "wall", "wall", "cpu") == "cpu";
+        int? torchThreads = o.OptionalInt("--torch-threads", 1);
         // min: the fastest round of each, nearest what an idle machine gives when other processes take the cores at times.
-        bool useMin = Arg(args, "--stat", "median") == "min";
+        bool useMin = o.Choice("--stat", "median", "median", "min") == "min";
+        var only = o.String("--only", ""); // parts whose name contains this
+        bool withTrainer = o.Bool("--trainer", true), flatOptimizer = o.Bool("--flat", true);
+        o.Done();
+        var config = DeepSeekConfig.Preset(name);
+        if (torchThreads is { } threads) set_num_threads(threads);
         Func<IEnumerable<double>, double> stat = useMin ? v => v.Min() : Median;
         Func<double> now = cpuClock ? CheckpointCostBench.ThreadCpu : () => Stopwatch.GetTimestamp() / (double)Stopwatch.Frequency;
         Console.WriteLine($"# fp32 against bf16, part by part — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {name} {seqLen} x {batch}, torch threads {get_num_threads()}, {(cpuClock ? "thread CPU" : "wall")} seconds, {(useMin ? "fastest round" : "median")}, load {File.ReadAllText("/proc/loadavg").Trim()}");
@@ -104,7 +109,6 @@ public static class PrecisionPartsBench
 
         Console.WriteLine("| part | fp32 fwd s | fp32 bwd s | bf16 fwd s | bf16 bwd s | bf16 / fp32 fwd | bf16 / fp32 bwd (range of the rounds' ratios) |");
         Console.WriteLine("|---|---|---|---|---|---|---|");
-        var only = Arg(args, "--only", ""); // parts whose name contains this
         foreach (var (partName, forward) in parts.Where(p => p.Name.Contains(only, StringComparison.Ordinal)))
         {
             var times = new Dictionary<ScalarType, List<(double Fwd, double Bwd)>> { [ScalarType.Float32] = [], [ScalarType.BFloat16] = [] };
@@ -127,13 +131,13 @@ public static class PrecisionPartsBench
             Console.WriteLine($"| {partName} | {stat(f.Select(t => t.Fwd)):F4} | {stat(f.Select(t => t.Bwd)):F4} | {stat(b.Select(t => t.Fwd)):F4} | {stat(b.Select(t => t.Bwd)):F4} | " +
                               $"{stat(b.Select(t => t.Fwd)) / stat(f.Select(t => t.Fwd)):F2} | {stat(b.Select(t => t.Bwd)) / stat(f.Select(t => t.Bwd)):F2} (rounds {bwdRatios.Min():F2}–{bwdRatios.Max():F2}) |");
         }
-        if (Arg(args, "--trainer", "true") == "true") TrainerSteps(config, seqLen, batch, rounds, now, stat);
+        if (withTrainer) TrainerSteps(config, seqLen, batch, rounds, flatOptimizer, now, stat);
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Trim()}");
         foreach (var m in models.Values) m.Dispose();
     }
 
     /// <summary>Whole trainer steps (standalone, one micro-batch, the bench's settings), fp32 and bf16 interleaved.</summary>
-    static void TrainerSteps(DeepSeekConfig config, int seqLen, int batch, int rounds, Func<double> now, Func<IEnumerable<double>, double> stat)
+    static void TrainerSteps(DeepSeekConfig config, int seqLen, int batch, int rounds, bool flatOptimizer, Func<double> now, Func<IEnumerable<double>, double> stat)
     {
         var rng = new Random(1);
         var tokens = new int[(seqLen + 1) * 64 * 8];
@@ -147,7 +151,7 @@ public static class PrecisionPartsBench
             if (precision == "bf16") model.to(ScalarType.BFloat16);
             var options = new TrainingOptions { SeqLen = seqLen, GlobalBatch = batch, MicroBatch = batch, Steps = 1000, WarmupSteps = 1, Precision = precision };
             var trainer = new Trainer(model, data, null, options, CPU, 1e11);
-            trainer.Optimizer.Flat = Arg(Environment.GetCommandLineArgs(), "--flat", "true") == "true";
+            trainer.Optimizer.Flat = flatOptimizer;
             trainers[precision] = (trainer, model);
         }
         var times = trainers.Keys.ToDictionary(k => k, _ => new List<(double Total, StepTimes Phases)>());
@@ -189,11 +193,5 @@ public static class PrecisionPartsBench
     {
         var sorted = values.Order().ToList();
         return sorted.Count % 2 == 1 ? sorted[sorted.Count / 2] : (sorted[sorted.Count / 2 - 1] + sorted[sorted.Count / 2]) / 2;
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

@@ -17,12 +17,15 @@ public static partial class RecomputeBench
 
     public static void Run(string[] args)
     {
-        var preset = Arg(args, "--preset", "small");
-        int seqLen = int.Parse(Arg(args, "--seq-len", "256")), batch = int.Parse(Arg(args, "--batch", "4"));
-        int rounds = int.Parse(Arg(args, "--rounds", "5"));
+        var o = new BenchArgs("recompute", args);
+        var preset = o.String("--preset", "small");
+        int seqLen = o.Int("--seq-len", 256, 1), batch = o.Int("--batch", 4, 1);
+        int rounds = o.Int("--rounds", 5, 1);
         // On a shared machine more torch threads than free cores spin against each other: one thread gave steady rounds.
-        set_num_threads(int.Parse(Arg(args, "--torch-threads", "1")));
-        var precision = Arg(args, "--precision", "fp32");
+        int torchThreads = o.Int("--torch-threads", 1, 1);
+        var precision = o.Choice("--precision", "fp32", "fp32", "bf16");
+        o.Done();
+        set_num_threads(torchThreads);
         // Every allocation of 64 KiB and up is its own mapping, returned on free: resident bytes follow live tensors
         // (glibc's default threshold grows after frees, and freed heap memory would stay resident and hide the saving).
         if (mallopt(MmapThreshold, 64 << 10) != 1) throw new InvalidOperationException("mallopt(M_MMAP_THRESHOLD) failed: resident bytes would not follow live tensors");
@@ -144,11 +147,5 @@ public static partial class RecomputeBench
     {
         var sorted = passes.Select(value).Order().ToList();
         return sorted[sorted.Count / 2];
-    }
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 }

@@ -12,8 +12,10 @@ public static class RecoveryBench
 {
     public static async Task<int> RunAsync(string[] args)
     {
-        int kills = Int(args, "--kills", 3, 0), hangs = Int(args, "--hangs", 1, 0), steps = Int(args, "--steps", 80, 10);
-        int costSteps = Int(args, "--cost-steps", 40, 0);
+        var o = new BenchArgs("recovery", args);
+        int kills = o.Int("--kills", 3, 0), hangs = o.Int("--hangs", 1, 0), steps = o.Int("--steps", 80, 10);
+        int costSteps = o.Int("--cost-steps", 40, 0);
+        o.Done();
         var runDir = NewRunDir("recovery");
         var stdout = DivertChildOutput(runDir);
         void Say(string line) { lock (stdout) stdout.WriteLine(line); }

@@ -26,9 +26,11 @@ public static class RedundancyBench
 {
     public static void Run(string[] args)
     {
-        string preset = Arg(args, "--preset", "tiny");
-        int dp = int.Parse(Arg(args, "--dp", "4")), pp = int.Parse(Arg(args, "--pp", "1")), ep = int.Parse(Arg(args, "--ep", "1")), zero = int.Parse(Arg(args, "--zero", "1"));
-        int steps = int.Parse(Arg(args, "--steps", "4")), rounds = int.Parse(Arg(args, "--rounds", "3"));
+        var o = new BenchArgs("redundancy", args);
+        string preset = o.String("--preset", "tiny");
+        int dp = o.Int("--dp", 4, 1), pp = o.Int("--pp", 1, 1), ep = o.Int("--ep", 1, 1), zero = o.Int("--zero", 1, 0);
+        int steps = o.Int("--steps", 4, 1), rounds = o.Int("--rounds", 3, 1);
+        o.Done();
         if (zero == 0 && ep == 1) throw new ArgumentException("--zero 0 with --ep 1: parallel.redundancy needs zero 1..3 or ep > 1 (a replicated rank holds nothing alone)");
         var config = DeepSeekConfig.Preset(preset);
         var options = new TrainingOptions { SeqLen = 64, GlobalBatch = 4 * dp * pp, MicroBatch = 4, Steps = 1_000_000, WarmupSteps = 1, Zero = zero, Ep = ep };
@@ -121,10 +123,4 @@ public static class RedundancyBench
     }
 
     static string Load() => File.ReadAllText("/proc/loadavg").Split(' ')[0];
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
-    }
 }

@@ -14,9 +14,11 @@ public static class SchedulingBench
 {
     public static async Task<int> RunAsync(string[] args)
     {
-        int steps = Int(args, "--steps", 12, 4), seeds = Int(args, "--seeds", 1, 1), trials = Int(args, "--trials", 6, 2);
-        double workerHours = Double(args, "--worker-hours", 0.01);
-        bool preemption = !args.Contains("--no-preemption"), studies = !args.Contains("--no-studies");
+        var o = new BenchArgs("scheduling", args);
+        int steps = o.Int("--steps", 12, 4), seeds = o.Int("--seeds", 1, 1), trials = o.Int("--trials", 6, 2);
+        double workerHours = o.Double("--worker-hours", 0.01, above: 0);
+        bool preemption = !o.Flag("--no-preemption"), studies = !o.Flag("--no-studies");
+        o.Done();
         var runDir = NewRunDir("scheduling");
         var stdout = DivertChildOutput(runDir);
         void Say(string line) { lock (stdout) stdout.WriteLine(line); }

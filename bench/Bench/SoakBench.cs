@@ -20,8 +20,10 @@ public static class SoakBench
 
     public static async Task<int> RunAsync(string[] args)
     {
-        double minutes = Double(args, "--minutes", 5);
-        int seed = Int(args, "--seed", 1), steps = Int(args, "--steps", 20, 10), maxWorkers = Int(args, "--max-workers", 3, 2);
+        var o = new BenchArgs("soak", args);
+        double minutes = o.Double("--minutes", 5, above: 0);
+        int seed = o.Int("--seed", 1, 0), steps = o.Int("--steps", 20, 10), maxWorkers = o.Int("--max-workers", 3, 2);
+        o.Done();
         var runDir = NewRunDir("soak");
         var stdout = DivertChildOutput(runDir);
         void Say(string line) { lock (stdout) stdout.WriteLine(line); }

@@ -13,22 +13,26 @@ public static class TrainingBench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg("--presets", "tiny,small").Split(',', StringSplitOptions.RemoveEmptyEntries);
-        var precisions = Arg("--precisions", "fp32,bf16").Split(',', StringSplitOptions.RemoveEmptyEntries);
-        int warmup = int.Parse(Arg("--warmup", "3")), measured = int.Parse(Arg("--steps", "8"));
-        int seqLen = int.Parse(Arg("--seq-len", "0")), batch = int.Parse(Arg("--batch", "0")); // 0: the preset's
-        var device = StandaloneRun.ResolveDevice(Arg("--device", "auto"));
-        if (Arg("--torch-threads", "") is { Length: > 0 } threads) set_num_threads(int.Parse(threads));
+        var o = new BenchArgs("train", args);
+        var presets = o.List("--presets", "tiny,small");
+        var precisions = o.List("--precisions", "fp32,bf16");
+        int warmup = o.Int("--warmup", 3), measured = o.Int("--steps", 8);
+        int seqLen = o.Int("--seq-len", 0), batch = o.Int("--batch", 0); // 0: the preset's
+        var deviceName = o.String("--device", "auto");
+        int? torchThreads = o.OptionalInt("--torch-threads", 1);
         // flat: AdamW over flat buffers (the trainer's); plain: the per-slot step it replaced; both: side by side, steps interleaved.
-        var optimizers = Arg("--optimizer", "flat") is "both" ? new[] { "plain", "flat" } : [Arg("--optimizer", "flat")];
-        if (optimizers.Any(o => o is not ("flat" or "plain"))) throw new ArgumentException($"--optimizer must be flat, plain or both, got '{Arg("--optimizer", "flat")}'");
+        var optimizers = o.Choice("--optimizer", "flat", "flat", "plain", "both") is "both" ? new[] { "plain", "flat" } : [o.String("--optimizer", "flat")];
         // auto, grouped, per-expert (GroupedExperts), or both: per-expert and grouped side by side, steps interleaved.
-        var expertKernels = Arg("--experts", "auto") is "both" ? new[] { "per-expert", "grouped" } : [Arg("--experts", "auto")];
+        var expertKernels = o.String("--experts", "auto") is "both" ? new[] { "per-expert", "grouped" } : [o.String("--experts", "auto")];
         // fast: the exact sum's one-pass CPU kernels and lone-term shortcut (the default); torch: its op chain; both: side by side.
-        var sums = Arg("--exact-sum", "fast") is "both" ? new[] { "torch", "fast" } : [Arg("--exact-sum", "fast")];
-        if (sums.Any(s => s is not ("fast" or "torch"))) throw new ArgumentException($"--exact-sum must be fast, torch or both, got '{Arg("--exact-sum", "fast")}'");
+        var sums = o.Choice("--exact-sum", "fast", "fast", "torch", "both") is "both" ? new[] { "torch", "fast" } : [o.String("--exact-sum", "fast")];
         // auto (the default: written out for bf16 on a CPU up to 256 keys), fused, written-out, or both: fused and auto side by side.
-        var attentions = Arg("--attention", "auto") is "both" ? new[] { "fused", "auto" } : [Arg("--attention", "auto")];
+        var attentions = o.Choice("--attention", "auto", "auto", "fused", "written-out", "both") is "both" ? new[] { "fused", "auto" } : [o.String("--attention", "auto")];
+        // exact: each expert on its exact token count (no rounding up for oneDNN's primitive cache), as before it.
+        bool exactExpertRows = o.Choice("--expert-rows", "auto", "auto", "exact") == "exact";
+        o.Done();
+        var device = StandaloneRun.ResolveDevice(deviceName);
+        if (torchThreads is { } threads) set_num_threads(threads);
         var attentionKernels = attentions.Select(a => a switch
         {
             "auto" => AttentionKernel.Auto, "fused" => AttentionKernel.Fused, "written-out" => AttentionKernel.WrittenOut,
@@ -76,8 +80,7 @@ public static class TrainingBench
                     models.Add(model);
                     if (precision == "bf16") model.to(ScalarType.BFloat16);
                     CausalAttention.Apply(model, attentionKernels[Array.IndexOf(attentions, attention)]);
-                    // exact: each expert on its exact token count (no rounding up for oneDNN's primitive cache), as before it.
-                    if (Arg("--expert-rows", "auto") == "exact") foreach (var moe in model.MoeLayers()) moe.RowBucket = 1;
+                    if (exactExpertRows) foreach (var moe in model.MoeLayers()) moe.RowBucket = 1;
                     model.to(device);
                     var trainer = new Trainer(model, data, null, options with { Experts = experts }, device, peak);
                     trainer.Optimizer.Flat = optimizer == "flat";
@@ -120,13 +123,6 @@ public static class TrainingBench
             }
         }
         Console.WriteLine($"load average at end: {File.ReadAllText("/proc/loadavg").Trim()}");
-    }
-
-    static string Arg(string name, string fallback)
-    {
-        var args = Environment.GetCommandLineArgs();
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
     }
 
     static long PeakRssMiB()

@@ -20,8 +20,10 @@ public static class Zero3Bench
 {
     public static void Run(string[] args)
     {
-        var presets = Arg(args, "--presets", "tiny").Split(',');
-        int steps = int.Parse(Arg(args, "--steps", "3")), rounds = int.Parse(Arg(args, "--rounds", "2"));
+        var o = new BenchArgs("zero3", args);
+        var presets = o.List("--presets", "tiny");
+        int steps = o.Int("--steps", 3, 1), rounds = o.Int("--rounds", 2, 1);
+        o.Done();
         Console.WriteLine($"# DeepSeekCluster ZeRO-3 overlap benchmark — {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         Console.WriteLine($"machine: {Environment.ProcessorCount} cores, load average {Load()} at start; fp32, dp 2 zero 3, ranks as threads over tcp on 127.0.0.1, {rounds} alternating rounds of {steps} steps (+1 warm-up) per mode");
         Console.WriteLine();
@@ -80,10 +82,4 @@ public static class Zero3Bench
     }
 
     static string Load() => File.ReadAllText("/proc/loadavg").Split(' ')[0];
-
-    static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
-    }
 }
