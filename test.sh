@@ -68,3 +68,6 @@ passed=$(grep -oE 'Passed: +[0-9]+' "$log" | awk '{s+=$2} END {print s+0}')
 failed=$(grep -oE 'Failed: +[0-9]+' "$log" | awk '{s+=$2} END {print s+0}')
 echo "tests: ${passed} passed, ${failed} failed"
 if [ "$status" -ne 0 ] || [ "$passed" -eq 0 ]; then exit 1; fi
+
+# The whole run (no filter) also checks that every bench command the docs write is one the bench takes (runs nothing).
+if [ $# -eq 0 ]; then BENCH_DLL=bench/Bench/bin/Debug/net10.0/Bench.dll bench/check-docs.sh; fi

@@ -2,10 +2,12 @@
 # Checks every `bench -- VERB ...` command written in README.md and docs/*.md against the bench as built: the command
 # must pass --dry-run (every option it names is one its verb reads), and the same command with a bogus option must be
 # refused (exit 2). It runs nothing. A command pinned to a commit (`bench -- ...` at abc1234) is left out: it is true
-# at that commit. Run after `dotnet build -c Release bench/Bench`: bench/check-docs.sh
+# at that commit. Run after `dotnet build -c Release bench/Bench`: bench/check-docs.sh (test.sh runs it on the Debug
+# build the tests made: BENCH_DLL=bench/Bench/bin/Debug/net10.0/Bench.dll).
 set -u
 cd "$(dirname "$0")/.."
-bench=(dotnet bench/Bench/bin/Release/net10.0/Bench.dll)
+bench=(dotnet "${BENCH_DLL:-bench/Bench/bin/Release/net10.0/Bench.dll}")
+[ -f "${bench[1]}" ] || { echo "check-docs: ${bench[1]} is not built (dotnet build -c Release bench/Bench)" >&2; exit 1; }
 # Placeholders: DIR, an elided list (…), an optional [--x a\|b].
 commands=$(grep -ohP '(?:bench/Bench|\bbench) -- \K[a-z][a-z0-9-]*(?:\\\||[^`\n#|)])*(?![^`\n]*` at [0-9a-f]{7})' README.md docs/*.md \
   | sed -e 's/ DIR\b/ \/nonexistent-model-dir/g; s/ …/ 65536/g; s/\\|[^] ]*//g; s/[][]//g; s/ *$//' | sort -u)
