@@ -14,8 +14,13 @@ using DeepSeekCluster.Training.IO;
 using DeepSeekCluster.Training.Model;
 using static TorchSharp.torch;
 
-var options = args.Select((a, i) => (a, i)).Where(x => x.a.StartsWith("--", StringComparison.Ordinal))
-    .ToDictionary(x => x.a[2..], x => x.i + 1 < args.Length && !args[x.i + 1].StartsWith("--", StringComparison.Ordinal) ? args[x.i + 1] : "true");
+// Every option takes a value: one without (the end, or another option next) is refused, not read as "true" (a file name).
+if (args.Select((a, i) => (a, i)).FirstOrDefault(x => x.a.StartsWith("--", StringComparison.Ordinal) && (x.i + 1 >= args.Length || args[x.i + 1].StartsWith("--", StringComparison.Ordinal))).a is { } bare)
+{
+    Console.Error.WriteLine($"serve-bench: option {bare} needs a value");
+    return 2;
+}
+var options = args.Select((a, i) => (a, i)).Where(x => x.a.StartsWith("--", StringComparison.Ordinal)).ToDictionary(x => x.a[2..], x => args[x.i + 1]);
 string Opt(string name, string fallback) => options.TryGetValue(name, out var v) ? v : fallback;
 var known = new HashSet<string> { "model", "preset", "formats", "concurrency", "prompt", "output", "requests-per-client", "gguf", "ppl-windows", "ppl-length", "threads", "decode" };
 if (options.Keys.FirstOrDefault(k => !known.Contains(k)) is { } unknown)
