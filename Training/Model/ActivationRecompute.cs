@@ -75,9 +75,11 @@ public static class ActivationRecompute
     /// <summary>
     /// <paramref name="body"/>(<paramref name="inputs"/>) whose intermediate activations are not kept: backward keeps only
     /// the inputs, runs the body again with a graph and differentiates it. <paramref name="parameters"/>: every tensor the
-    /// body reads besides its inputs that needs a gradient (they are the function's inputs too, so their gradients flow
-    /// through the outer backward exactly as without recompute). The body must be deterministic (this model is RNG-free)
-    /// and must return the same number of outputs every time.
+    /// body reads besides its inputs that needs a gradient (they are the function's inputs too, so the graph reaches them);
+    /// a leaf's gradient is added into its <c>.grad</c> by the backward itself, with the bits the autograd engine's
+    /// accumulation gives, and not returned (docs/decisions.md: the micro-batch's scope would hold it), so the segment
+    /// serves <c>backward()</c>, not <c>autograd.grad</c> over its parameters. The body must be deterministic (this model
+    /// is RNG-free) and must return the same number of outputs every time.
     /// </summary>
     public static Tensor[] Run(Func<Tensor[], Tensor[]> body, Tensor[] inputs, IReadOnlyList<Tensor> parameters)
     {
