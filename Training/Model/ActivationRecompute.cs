@@ -75,9 +75,11 @@ public static class ActivationRecompute
     /// <summary>
     /// <paramref name="body"/>(<paramref name="inputs"/>) whose intermediate activations are not kept: backward keeps only
     /// the inputs, runs the body again with a graph and differentiates it. <paramref name="parameters"/>: every tensor the
-    /// body reads besides its inputs that needs a gradient (they are the function's inputs too, so their gradients flow
-    /// through the outer backward exactly as without recompute). The body must be deterministic (this model is RNG-free)
-    /// and must return the same number of outputs every time.
+    /// body reads besides its inputs that needs a gradient (they are the function's inputs too, so the graph reaches them);
+    /// a leaf's gradient is added into its <c>.grad</c> by the backward itself, with the bits the autograd engine's
+    /// accumulation gives, and not returned (docs/decisions.md: the micro-batch's scope would hold it), so the segment
+    /// serves <c>backward()</c>, not <c>autograd.grad</c> over its parameters. The body must be deterministic (this model
+    /// is RNG-free) and must return the same number of outputs every time.
     /// </summary>
     public static Tensor[] Run(Func<Tensor[], Tensor[]> body, Tensor[] inputs, IReadOnlyList<Tensor> parameters)
     {
@@ -179,26 +181,33 @@ public static class ActivationRecompute
                 grads = differentiable.Count == 0 || wrt.Count == 0
                     ? wrt.Select(_ => (Tensor?)null).ToList()
                     : grad(differentiable.Select(p => p.o).ToList(), wrt, differentiable.Select(p => p.g).ToList(), allow_unused: true)
-                        .Select(g => g is null || g.IsInvalid ? null : g.MoveToOuterDisposeScope()).ToList();
-                // The gathered parameters' gradients, while they are whole: the engine's accumulation, done here.
+                        .Select(g => g is null || g.IsInvalid ? null : g).ToList();
+                // The gathered parameters' gradients, while they are whole: the engine's accumulation, done here. They
+                // stay in this backward's scope, freed when it ends: moved out, the caller's scope would hold a second
+                // copy of each layer's gradients until its micro-batch ends, against ZeRO-3's per-layer freeing.
                 int first = grads.Count - gatheredParameters.Length;
-                using (no_grad())
-                    for (int i = 0; i < gatheredParameters.Length; i++)
-                    {
-                        if (grads[first + i] is not { } g) continue;
-                        var p = gatheredParameters[i];
-                        if (p.grad is { } existing) existing.add_(g);
-                        else p.grad = g.detach().clone().DetachFromDisposeScope();
-                    }
+                for (int i = 0; i < gatheredParameters.Length; i++)
+                    if (grads[first + i] is { } g) AccumulateGrad(gatheredParameters[i], g);
                 segment.Gathered?.Differentiated?.Invoke();
             }
             finally { segment.Gathered?.Release(); }
 
-            // One entry per argument of apply: none for the segment itself, then the inputs', then the parameters'.
+            // One entry per argument of apply: none for the segment itself, then the inputs', then the parameters'. Only
+            // what is returned leaves this backward's scope: libtorch copies each handle the engine is given, but the
+            // wrapper still holds the storage until the caller's scope ends (its micro-batch) or, with no scope (a CUDA
+            // engine thread), until a collection. So a leaf parameter's gradient is not returned but added into its .grad
+            // here, as the engine would, and freed with this scope: returned, the micro-batch would hold a second copy of
+            // every rerun layer's gradients beside the .grads. The .grad is complete when this returns, before any node
+            // the forward created earlier runs (BackwardSignal's order holds). The inputs' gradients must be returned.
             var result = new List<Tensor> { null! };
             int next = 0;
-            for (int i = 0; i < inputs.Length; i++) result.Add(segment.InputNeedsGrad[i] ? grads[next++]! : null!);
-            for (int i = 0; i < parameters.Length; i++) result.Add(segment.ParameterNeedsGrad[i] ? grads[next++]! : null!);
+            for (int i = 0; i < inputs.Length; i++) result.Add(segment.InputNeedsGrad[i] ? grads[next++]?.MoveToOuterDisposeScope()! : null!);
+            for (int i = 0; i < parameters.Length; i++)
+            {
+                var g = segment.ParameterNeedsGrad[i] ? grads[next++] : null;
+                if (g is not null && parameters[i].is_leaf) { AccumulateGrad(parameters[i], g); g = null; }
+                result.Add(g?.MoveToOuterDisposeScope()!);
+            }
             // A declared leaf is used by this run alone: its gradient is what the plain backward would leave in its .grad.
             foreach (var leaf in leaves)
                 if (grads[next++] is { } g) leaf.grad = g.detach().clone().DetachFromDisposeScope();
@@ -211,6 +220,16 @@ public static class ActivationRecompute
                         leaf.set_(nothing);
                     }
             return result;
+        }
+
+        // The autograd engine's AccumulateGrad without create_graph: the first gradient stored in a buffer laid out as the
+        // parameter (clone_obey_contract), later ones added in place; the same bits as returning it to the engine.
+        static void AccumulateGrad(Tensor parameter, Tensor g)
+        {
+            using var _ = no_grad();
+            using var existing = parameter.grad;
+            if (existing is not null) existing.add_(g);
+            else parameter.grad = empty_like(parameter).copy_(g);
         }
     }
 }

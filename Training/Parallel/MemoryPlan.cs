@@ -54,13 +54,13 @@ public sealed class PlanDoesNotFitException(string message) : InvalidOperationEx
 /// <item>activations: what autograd keeps per micro-batch (each layer's norms, attention, MLP or MoE as the recompute mode
 /// leaves them, the head), times the micro-batches a pipeline stage holds at once, plus the heads' cross-entropy gradients
 /// at the start of the backward (last stage); full recompute keeps only each layer's input, and its peak is in the
-/// backward: the heads' cross-entropy gradients, or one layer's whole set beside the gradients the rerun segments
+/// backward: the heads' cross-entropy gradients, or one layer's whole set beside the input gradients the rerun segments
 /// return (<see cref="FullRecomputeBackwardBytes"/>).</item>
 /// </list>
 /// The first three are counts of tensors the trainer allocates (checked against measured tensors within 10%); the
 /// activations count the tensors the code saves for the backward (one layer checked against its measured bytes within
 /// 10% per mode) and the backward's largest transients (the heads' cross-entropy gradients; under full recompute the
-/// rerun layer's set and the gradients the segments return), not every temporary of every op: an estimate, stated as
+/// rerun layer's set and the input gradients the segments return), not every temporary of every op: an estimate, stated as
 /// such where they are shown, whose whole-model peak is checked within 10% per mode.
 /// </summary>
 public static class MemoryPlanner
@@ -239,11 +239,11 @@ public static class MemoryPlanner
     /// <list type="bullet">
     /// <item>the heads' cross-entropies, one at a time, with everything kept: nll's gradient and log-softmax's input
     /// gradient, two fp32 tensors as wide as the vocabulary (last stage only);</item>
-    /// <item>the layers, rerun one at a time from the last: the largest layer's whole set, plus the gradients every rerun
-    /// segment returns (ActivationRecompute's backward: its input's and its parameters'), which the micro-batch's dispose
-    /// scope holds until the micro-batch ends, so by the last layer a second copy of the layers' gradients (beside the
-    /// .grad buffers counted in <see cref="RankMemory.Gradients"/>); less what the heads' cross-entropies freed (each
-    /// head's fp32 log-softmax and, from bf16 logits, its fp32 copy: the logits themselves stay, the caller's).</item>
+    /// <item>the layers, rerun one at a time from the last: the largest layer's whole set and its parameters' gradients
+    /// (ActivationRecompute's backward adds those into the .grads, counted in <see cref="RankMemory.Gradients"/>, and
+    /// frees them before it returns), plus the input gradient every rerun segment returns, which the micro-batch's dispose
+    /// scope holds until the micro-batch ends; less what the heads' cross-entropies freed (each head's fp32 log-softmax
+    /// and, from bf16 logits, its fp32 copy: the logits themselves stay, the caller's).</item>
     /// </list>
     /// </summary>
     static long FullRecomputeBackwardBytes(DeepSeekConfig c, ParallelLayout layout, int rank, MemoryInputs inputs)
@@ -258,9 +258,10 @@ public static class MemoryPlanner
         for (int l = layers.FirstLayer; l < layers.End + mtpLayers; l++)
         {
             int index = l < layers.End ? l : c.NumHiddenLayers + (l - layers.End);
-            largestSet = Math.Max(largestSet, LayerActivationBytes(c, index, inputs with { Recompute = "none" }));
             long parameters = c.LayerParameterCount(index) - c.RoutedExpertParameterCount(index) + c.RoutedExpertParameterCount(index) / layout.Ep;
-            segmentGradients += parameters * param + tokens * c.HiddenSize * p; // its parameters' gradients and its input's
+            // The rerun layer's whole set beside its parameters' gradients, freed once added into their .grads.
+            largestSet = Math.Max(largestSet, LayerActivationBytes(c, index, inputs with { Recompute = "none" }) + parameters * param);
+            segmentGradients += tokens * c.HiddenSize * p; // its input's gradient, returned to the engine
         }
         if (!last) return largestSet + segmentGradients;
         long crossEntropy = CrossEntropyBackwardBytes(c, inputs);

@@ -89,6 +89,43 @@ public sealed class ActivationRecomputeTests(ITestOutputHelper output)
         output.WriteLine($"{mode}: {segments} segments recomputed, {plain.Count} gradients, worst relative difference {worst:E2}");
     }
 
+    /// <summary>
+    /// The gradients a rerun segment computes for its layer's parameters are added into their <c>.grad</c> and freed inside
+    /// its backward: what the backward leaves in the caller's dispose scope (the micro-batch's, held until it ends) are
+    /// only the segments' (B, T, D) input and output gradients, never a tensor shaped as a parameter, and every parameter
+    /// still has its gradient.
+    /// </summary>
+    [Theory]
+    [InlineData(RecomputeMode.Full)]
+    [InlineData(RecomputeMode.Selective)]
+    public void ARecomputedBackwardLeavesNoParameterGradientInTheCallersScope(RecomputeMode mode)
+    {
+        using var model = NewModel();
+        ActivationRecompute.Apply(model, mode);
+        model.train();
+        using var scope = NewDisposeScope();
+        var batch = Data.Value.Train.Batch([0L, 1L]);
+        var result = model.Forward(batch.narrow(1, 0, Options.SeqLen), withMtp: true);
+        var loss = Evaluation.CrossEntropy(result.Logits_BTV, batch.narrow(1, 1, Options.SeqLen))
+                   + Evaluation.CrossEntropy(result.MtpLogits[0], batch.narrow(1, 2, Options.SeqLen - 1)) * 0.3
+                   + result.AuxLoss!;
+        int before = scope.DisposablesCount;
+        long segments = ActivationRecompute.Recomputed;
+        loss.backward();
+        Assert.True(ActivationRecompute.Recomputed > segments, $"{mode}: nothing was recomputed");
+        var left = scope.DisposablesView.Skip(before).OfType<Tensor>().Where(t => !t.IsInvalid).ToList();
+        var parameterShapes = model.named_parameters().Select(p => (p.name, shape: string.Join("x", p.parameter.shape))).ToList();
+        foreach (var t in left)
+        {
+            string shape = string.Join("x", t.shape);
+            Assert.True(!parameterShapes.Any(p => p.shape == shape),
+                $"{mode}: the backward left a {shape} tensor in the caller's scope, shaped as '{parameterShapes.FirstOrDefault(p => p.shape == shape).name}'");
+        }
+        foreach (var (name, parameter) in model.named_parameters())
+            Assert.True(parameter.grad is not null, $"{mode}: '{name}' has no gradient");
+        output.WriteLine($"{mode}: the backward left {left.Count} tensors in the caller's scope: {string.Join(", ", left.Select(t => string.Join("x", t.shape)).Distinct())}");
+    }
+
     [Fact]
     public void FullRecomputeIsBitForBitInBf16Too()
     {
