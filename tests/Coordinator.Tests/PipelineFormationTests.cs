@@ -19,7 +19,7 @@ public class PipelineFormationTests
         var odd = TestSpecs.Tiny(minWorkers: 3, maxWorkers: 3) with { Parallel = new ParallelPlan { Pp = 2 } };
         var problem = Assert.Single(odd.Validate());
         Assert.Equal("parallel", problem.Field);
-        Assert.Contains("multiple of pp (2)", problem.Message);
+        Assert.Contains("a world is dp x pp (2) workers, between minWorkers and maxWorkers (3..3)", problem.Message);
     }
 
     [Fact]
