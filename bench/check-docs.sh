@@ -3,7 +3,7 @@
 # must pass --dry-run (every option it names is one its verb reads), and the same command with a bogus option must be
 # refused (exit 2). It runs nothing. A command pinned to a commit (`bench -- ...` at abc1234) is left out: it is true
 # at that commit. Run after `dotnet build -c Release bench/Bench`: bench/check-docs.sh (test.sh runs it on the Debug
-# build the tests made: BENCH_DLL=bench/Bench/bin/Debug/net10.0/Bench.dll).
+# build it makes first: BENCH_DLL=bench/Bench/bin/Debug/net10.0/Bench.dll).
 set -u
 cd "$(dirname "$0")/.."
 bench=(dotnet "${BENCH_DLL:-bench/Bench/bin/Release/net10.0/Bench.dll}")
