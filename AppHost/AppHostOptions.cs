@@ -36,7 +36,8 @@ public sealed record AppHostOptions
     public int CheckpointInterval { get; init; } = 100;
     /// <summary>Evaluation tasks scored at each checkpoint (JobSpec.evalTasks), the first <see cref="EvalLimit"/> examples of each.</summary>
     public IReadOnlyList<string> EvalTasks { get; init; } = ["kjv_nextverse", "kjv_cloze"];
-    public int EvalLimit { get; init; } = 50;
+    /// <summary>JobSpec.evalLimit (0: every example); null: auto, sized to the run by <see cref="DefaultEvaluation.Size"/>.</summary>
+    public int? EvalLimit { get; init; }
     public double Lr { get; init; } = 3e-3;
     /// <summary>Exit when the job ends instead of keeping the cluster up until Ctrl+C (for scripts and tests).</summary>
     public bool ExitWhenDone { get; init; }
@@ -52,6 +53,8 @@ public sealed record AppHostOptions
     public string? StudyFile { get; init; }
     /// <summary>Why some of the --workers will not train the default job (its batch allows fewer replicas), or null when all do.</summary>
     public string? IdleWorkers { get; init; }
+    /// <summary>How --eval-limit auto sized the default job's evaluation, when it scores fewer than the most (or none); null otherwise.</summary>
+    public string? EvaluationNote { get; init; }
 
     public const string Usage = """
         usage: dotnet run --project AppHost [-- options]
@@ -83,7 +86,10 @@ public sealed record AppHostOptions
           --steps N              optimizer steps (300)
           --seq-len N --global-batch N --micro-batch N --vocab-size N --lr X --checkpoint-interval N
           --eval-tasks LIST      tasks scored at each checkpoint, comma-separated, 'none' for none
-                                 (kjv_nextverse,kjv_cloze; pp = 1 only); --eval-limit N examples of each (50)
+                                 (kjv_nextverse,kjv_cloze; pp = 1 only)
+          --eval-limit N|auto    examples of each task, 0 for every example (the full evaluation); auto (default):
+                                 as many as cost at most 3/4 of the tokens trained between evaluations, up to 50,
+                                 none when fewer than 10 fit (a short run is not held up scoring noise)
           --run-dir DIR          where state, checkpoints, datasets and the model go (runs/apphost)
           --fresh                stop the unfinished jobs an earlier run left in the run folder, then submit a
                                  new default job (without it they resume, and no new job is submitted)
@@ -114,7 +120,13 @@ public sealed record AppHostOptions
             Console.WriteLine(Usage);
             return null;
         }
-        try { return Parse(args, root, LocalGpus.Visible()); }
+        try
+        {
+            var options = Parse(args, root, LocalGpus.Visible());
+            // Sized here rather than in Parse: it reads the shipped task files, which the unit tests' root does not hold.
+            var (sized, note) = DefaultEvaluation.Size(options, Path.Combine(root, "data", "tasks"));
+            return sized with { EvaluationNote = note };
+        }
         catch (ArgumentException e)
         {
             Console.Error.WriteLine($"apphost: {e.Message}");
@@ -155,7 +167,8 @@ public sealed record AppHostOptions
                 "--vocab-size" => o with { VocabSize = Int() },
                 "--checkpoint-interval" => o with { CheckpointInterval = Int() },
                 "--eval-tasks" => o with { EvalTasks = Value() is "none" ? [] : args[i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) },
-                "--eval-limit" => o with { EvalLimit = Int() },
+                "--eval-limit" => o with { EvalLimit = Value() is "auto" ? null : int.TryParse(args[i], out var limit) && limit >= 0 ? limit
+                                           : throw new ArgumentException($"option --eval-limit: '{args[i]}' is not auto or a non-negative integer") },
                 "--lr" => o with { Lr = double.TryParse(Value(), System.Globalization.CultureInfo.InvariantCulture, out var lr) && lr > 0 ? lr : throw new ArgumentException("option --lr needs a positive number") },
                 "--run-dir" => o with { RunDir = Path.GetFullPath(Value()) },
                 "--exit-when-done" => o with { ExitWhenDone = true },

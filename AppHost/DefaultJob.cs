@@ -42,7 +42,8 @@ public static class DefaultJob
         MinWorkers = options.Pp, MaxWorkers = options.JobMaxWorkers, Seed = 1234,
         // A pipeline's replicas hold no whole model to score tasks with: its default job evaluates none. (Expert-parallel
         // replicas score together: each ep group one share, its MoE layers exchanging tokens as in training.)
-        EvalTasks = options.Pp == 1 ? [.. options.EvalTasks] : [], EvalLimit = options.EvalLimit,
+        // An auto limit not sized yet (DefaultEvaluation.Size runs at submission) is validated at the most it can be.
+        EvalTasks = options.Pp == 1 ? [.. options.EvalTasks] : [], EvalLimit = options.EvalLimit ?? DefaultEvaluation.MostExamples,
     };
 
     public static async Task<string> SubmitAsync(CoordinatorClient coordinator, AppHostOptions options, string datasetId, CancellationToken ct)

@@ -57,6 +57,7 @@ public static class LocalRun
             if (jobId is null)
             {
                 var dataset = await DefaultJob.PrepareCorpusAsync(options, cluster.DataShards, Path.Combine(builder.RepositoryRoot, "data", "corpus", "kjv.txt.gz"), token, stop.Token);
+                if (options.EvaluationNote is { } evaluation) Log.AppHost(evaluation);
                 jobId = await DefaultJob.SubmitAsync(coordinator, options, dataset, stop.Token);
             }
             _ = ConsoleCommands.AcceptAsync(app, cluster.Worker, stop);

@@ -1,6 +1,7 @@
 // The AppHost's view of the job: one live status line at the bottom of a terminal, plain log lines otherwise (CI, files).
 using System.Globalization;
 using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Text.Display;
 
 namespace DeepSeekCluster.AppHost;
 
@@ -28,7 +29,7 @@ public static class ProgressView
             $"generation {p.Generation}",
             p.TotalSteps > 0 ? string.Create(c, $"step {p.Step}/{p.TotalSteps} ({100.0 * p.Step / p.TotalSteps:F0}%)") : $"step {p.Step}",
             p.Loss is double l ? string.Create(c, $"loss {l:F4}") : "loss -",
-            p.TokensPerSecond is double t ? string.Create(c, $"{t / 1000:F1}k tok/s") : "tok/s -",
+            p.TokensPerSecond is double t ? TokenThroughput.Format(t) : TokenThroughput.Missing,
             p.Mfu is { } u ? string.Create(c, $"MFU {u.Mfu * 100:F2}% of {Flops(u.PeakFlops)}") + (u.PeakTooLow ? " (capped: the peak looks too low)" : "") : "MFU -",
             $"workers {p.Workers}",
             p.LastCheckpoint is long s ? $"checkpoint step {s}" : "no checkpoint yet",

@@ -46,7 +46,17 @@ public sealed record StudyStatus
     [Id(8)] public string Mode { get; init; } = "min";
     [Id(9)] public DateTimeOffset? CreatedAt { get; init; }
 
-    public static StudySpec ParseSpec(string json) => JsonSerializer.Deserialize<StudySpec>(json, JobSpecJson.Options)!;
+    /// <summary>
+    /// A study spec a user submits (POST /studies, <see cref="IStudyGrain.CreateAsync"/>): a field it, its base job or any
+    /// part of them does not have ("zero_stage" in the base job) is refused with its JSON path, as a submitted job's is.
+    /// </summary>
+    public static StudySpec ParseSubmittedSpec(string json) => JsonSerializer.Deserialize<StudySpec>(json, JobSpecJson.Submitted)!;
+
+    /// <summary>
+    /// A study spec the grain stored (<see cref="SpecJson"/>), re-read after every restart: leniently, so a spec stored
+    /// before a field was dropped from the job spec, or by a newer Coordinator, still loads (docs/decisions.md).
+    /// </summary>
+    public static StudySpec ParseStoredSpec(string json) => JsonSerializer.Deserialize<StudySpec>(json, JobSpecJson.Options)!;
 }
 
 [GenerateSerializer, Immutable]

@@ -16,8 +16,8 @@ public static class StudiesApi
         {
             string body = await new StreamReader(request.Body).ReadToEndAsync(request.HttpContext.RequestAborted);
             string? name;
-            try { name = StudyStatus.ParseSpec(body)?.Name; }
-            catch (System.Text.Json.JsonException e) { return Results.ValidationProblem(new Dictionary<string, string[]> { ["body"] = [$"not a study spec JSON object: {e.Message}"] }, title: "invalid study spec"); }
+            try { name = StudyStatus.ParseSubmittedSpec(body)?.Name; }
+            catch (System.Text.Json.JsonException e) { return Results.ValidationProblem(new Dictionary<string, string[]> { ["body"] = [$"not a study spec JSON object: {JobSpecJson.Problem(e)}"] }, title: "invalid study spec"); }
             string id = string.IsNullOrWhiteSpace(name) ? $"study-{clock.GetUtcNow():yyyyMMdd-HHmmss}-{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(3))}" : name;
             try
             {

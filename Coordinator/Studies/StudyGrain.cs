@@ -18,15 +18,15 @@ public sealed class StudyGrain(
     IGrainTimer? timer;
     StudyGrainState S => study.State;
     string StudyId => this.GetPrimaryKeyString();
-    StudySpec Spec => spec ??= StudyStatus.ParseSpec(S.SpecJson!);
+    StudySpec Spec => spec ??= StudyStatus.ParseStoredSpec(S.SpecJson!);
     ITrainingJobGrain Job(string id) => GrainFactory.GetGrain<ITrainingJobGrain>(id);
 
     public async Task<StudyStatus> CreateAsync(string specJson)
     {
         if (S.SpecJson is not null) throw new InvalidOperationException($"study '{StudyId}' already exists");
         StudySpec parsed;
-        try { parsed = StudyStatus.ParseSpec(specJson) ?? throw new JsonException("null"); }
-        catch (JsonException e) { throw new JobSpecInvalidException([new SpecProblem("body", $"not a study spec JSON object: {e.Message}")]); }
+        try { parsed = StudyStatus.ParseSubmittedSpec(specJson) ?? throw new JsonException("null"); }
+        catch (JsonException e) { throw new JobSpecInvalidException([new SpecProblem("body", $"not a study spec JSON object: {JobSpecJson.Problem(e)}")]); }
         var problems = parsed.Validate();
         if (problems.Count > 0) throw new JobSpecInvalidException(problems);
 

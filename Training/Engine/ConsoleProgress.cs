@@ -1,5 +1,6 @@
 // Progress output a person can follow: a live line on a terminal, plain log lines when output is redirected (CI, files).
 using System.Diagnostics;
+using DeepSeekCluster.Text.Display;
 
 namespace DeepSeekCluster.Training.Engine;
 
@@ -62,7 +63,7 @@ public sealed class ConsoleProgress
         var eta = TimeSpan.FromSeconds(perStep * Math.Max(0, totalSteps - m.Step));
         var mtp = m.MtpLoss is double l ? $" (mtp {l:F3})" : "";
         return $"step {m.Step}/{totalSteps} | loss {m.Loss:F4}{mtp} | lr {m.LearningRate:E2} | gnorm {m.GradNorm:F2} | " +
-               $"{m.TokensPerSecond / 1000:F1}k tok/s | MFU {m.Mfu * 100:F1}%{PeakNote(m)} | balance {m.LoadImbalance:F2} | workers {workers} | ETA {eta:hh\\:mm\\:ss}" +
+               $"{TokenThroughput.Format(m.TokensPerSecond)} | MFU {m.Mfu * 100:F1}%{PeakNote(m)} | balance {m.LoadImbalance:F2} | workers {workers} | ETA {eta:hh\\:mm\\:ss}" +
                (extra is null ? "" : " | " + extra);
     }
 

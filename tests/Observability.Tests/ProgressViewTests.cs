@@ -32,6 +32,15 @@ public class ProgressViewTests
             ProgressView.Format(new JobProgress("Forming", 0, 0, 40, null, null, null, 0, null, null)));
     }
 
+    /// <summary>The AppHost's line reads tokens/s as the standalone trainer's does: a small CPU job is "412 tok/s", not "0.4k".</summary>
+    [Theory]
+    [InlineData(412.4, "412 tok/s")]
+    [InlineData(38.06, "38.1 tok/s")]
+    [InlineData(2_140, "2.14k tok/s")]
+    [InlineData(1_234_567, "1.23M tok/s")]
+    public void TheThroughputReadsInThreeSignificantDigitsForASmallCpuJobAndALargeCluster(double tokensPerSecond, string shown) =>
+        Assert.Contains($" | loss 3.2500 | {shown} | MFU ", ProgressView.Format(At(10) with { TokensPerSecond = tokensPerSecond }));
+
     [Fact]
     public void TheEtaIsThePaceSinceTheFirstStepSeenTimesTheStepsLeft()
     {

@@ -19,6 +19,20 @@ public class StudiesApiTests(CoordinatorFixture fixture)
         return request;
     }
 
+    /// <summary>POST /studies reads the base job as POST /jobs reads a job: "zero_stage" is refused naming its path, not dropped.</summary>
+    [Fact]
+    public async Task AStudyWhoseBaseJobHasAFieldTheJobSpecDoesNotHaveIsRefusedNamingItsPath()
+    {
+        var spec = System.Text.Json.Nodes.JsonNode.Parse(SyntheticStudies.Json(SyntheticStudies.Spec("random", 1) with { Name = "unknown-field-study" }))!;
+        spec["job"]!["parallel"]!["zero_stage"] = 2;
+        using var refused = await Http.SendAsync(Post("/studies", spec.ToJsonString()));
+        Assert.Equal(HttpStatusCode.BadRequest, refused.StatusCode);
+        using var body = JsonDocument.Parse(await refused.Content.ReadAsStringAsync());
+        string problem = body.RootElement.GetProperty("errors").GetProperty("body")[0].GetString()!;
+        Assert.True(problem.Contains("'zero_stage'") && problem.Contains("$.job.parallel.zero_stage"), problem);
+        Assert.Equal(HttpStatusCode.NotFound, (await Http.GetAsync("/studies/unknown-field-study")).StatusCode); // nothing was created
+    }
+
     [Fact]
     public async Task AStudyIsCreatedListedShownAndStoppedAndWritesNeedTheToken()
     {

@@ -1,6 +1,10 @@
 // The study grain on a real (in-process) Orleans silo with file storage: trials are ordinary jobs on the workers, ASHA
 // stops a trial at its rung and its worker goes to the next trial, and a silo restart loses no trial, draw or rung result.
+using System.Text.Json.Nodes;
 using DeepSeekCluster.Contracts.Grains;
+using DeepSeekCluster.Coordinator.Studies;
+using Microsoft.Extensions.DependencyInjection;
+using Orleans.Storage;
 
 namespace DeepSeekCluster.Coordinator.Tests.Studies;
 
@@ -76,6 +80,56 @@ public class StudyGrainTests
             Assert.Equal([TrialState.Completed, TrialState.Pruned, TrialState.Pruned], done.Trials.Select(t => t.State));
             Assert.Equal(("lr-t000", 3.5, 8L), (done.Best!.JobId, done.Best.Metric!.Value, done.Best.CheckpointStep!.Value));
             Assert.Equal((1, 4L, 1, 0), (done.Rungs[1].Rung, done.Rungs[1].Step, done.Rungs[1].Results, done.Rungs[1].Stopped));
+        }
+    }
+
+    /// <summary>
+    /// A submitted study's base job is read as strictly as a submitted job: DeepSpeed's "zero_stage" is refused naming its
+    /// path, not dropped. A study already stored is re-read leniently: a field its spec has that the job spec no longer has
+    /// (a field a later version dropped) leaves it loading, showing its trials and launching the next from its base job.
+    /// </summary>
+    [Fact]
+    public async Task ASubmittedBaseJobWithAFieldTheJobSpecDoesNotHaveIsRefusedButAStoredStudyWithOneStillLoads()
+    {
+        string folder = TestSpecs.TempFolder();
+        var spec = Spec() with { Budget = new StudyBudget { Trials = 2 }, Concurrency = 1, Scheduler = new SchedulerSpec { Kind = "fifo" } };
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            await c.Worker("w1").RegisterAsync(TestSpecs.Worker("w1"), null);
+            var withUnknown = JsonNode.Parse(SyntheticStudies.Json(spec))!;
+            withUnknown["job"]!["parallel"]!["zero_stage"] = 2;
+            var refused = await Assert.ThrowsAsync<JobSpecInvalidException>(() => c.Grains.GetGrain<IStudyGrain>("strict").CreateAsync(withUnknown.ToJsonString()));
+            var problem = Assert.Single(refused.Problems);
+            Assert.True(problem.Message.Contains("'zero_stage'") && problem.Message.Contains("$.job.parallel.zero_stage"), problem.Message);
+            Assert.Null((await c.Grains.GetGrain<IStudyGrain>("strict").GetStatusAsync()).Trials.FirstOrDefault()); // nothing was created
+
+            var created = await c.Grains.GetGrain<IStudyGrain>("stored").CreateAsync(SyntheticStudies.Json(spec));
+            Assert.Equal(["stored-t000"], created.Trials.Select(t => t.JobId));
+        }
+
+        await using (var c = await GrainCluster.StartAsync(folder))
+        {
+            // The stored state, as a Coordinator that knew a "zero_stage" field would have written it; the grain is not
+            // active yet (no study wake-up runs in this cluster), so it reads this when first called.
+            var study = c.Grains.GetGrain<IStudyGrain>("stored");
+            var storage = c.SiloServices.GetRequiredKeyedService<IGrainStorage>("Default");
+            var state = new GrainState<StudyGrainState>(new StudyGrainState());
+            await storage.ReadStateAsync("study", study.GetGrainId(), state);
+            var stored = JsonNode.Parse(state.State!.SpecJson!)!;
+            stored["job"]!["parallel"]!["zero_stage"] = 2;
+            state.State!.SpecJson = stored.ToJsonString();
+            await storage.WriteStateAsync("study", study.GetGrainId(), state);
+
+            var loaded = await study.GetStatusAsync();
+            Assert.Contains("zero_stage", loaded.SpecJson);
+            Assert.True(loaded.Trials.Single().Parameters.ContainsKey("schedule.peakLr"));
+            var job = await RunningAsync(c, "stored-t000");
+            await c.Job("stored-t000").ReportStepAsync(job.Generation, new StepReport { Step = 8, Loss = 4, HasValidation = true, ValidationLoss = 3.5 });
+            await c.Job("stored-t000").CheckpointCommittedAsync(new CommittedCheckpoint(8, job.Generation, 1, 100));
+            await study.WakeAsync();
+            var next = await TestSpecs.EventuallyAsync(study.GetStatusAsync, s => s.Trials.Length == 2, "the second trial launched");
+            Assert.Equal(TrialState.Completed, next.Trials[0].State);
+            Assert.Equal(8, (await c.Job("stored-t001").GetStatusAsync()).Spec!.Steps); // a trial of the stored base job
         }
     }
 }

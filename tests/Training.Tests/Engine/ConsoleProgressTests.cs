@@ -5,7 +5,7 @@ namespace DeepSeekCluster.Training.Tests.Engine;
 
 public class ConsoleProgressTests
 {
-    static StepMetrics Step(long step) => new(step, 3.25, 3.5, null, 1e-3, 0.75, 12_345, 0.125,
+    static StepMetrics Step(long step, double tokensPerSecond = 12_345) => new(step, 3.25, 3.5, null, 1e-3, 0.75, tokensPerSecond, 0.125,
         new StepTimes(0.1, 0.2, 0.3, 0, 0.1), [new long[] { 30, 10 }]);
 
     static Func<string, string?> Env(params (string Key, string Value)[] vars) => k => vars.FirstOrDefault(v => v.Key == k).Value;
@@ -26,6 +26,29 @@ public class ConsoleProgressTests
         // 10 of 40 steps in 20 s: 2 s a step, 30 steps left = 60 s.
         var text = ConsoleProgress.Format(Step(10), 40, 3, TimeSpan.FromSeconds(20));
         Assert.Equal("step 10/40 | loss 3.2500 (mtp 3.500) | lr 1.00E-003 | gnorm 0.75 | 12.3k tok/s | MFU 12.5% | balance 1.50 | workers 3 | ETA 00:01:00", text);
+    }
+
+    /// <summary>
+    /// A small CPU run (a few hundred tokens/s) read "0.3k tok/s", a tiny one "0.0k"; a GPU cluster's millions "1234.6k".
+    /// Three significant digits at any size; rounding decides the prefix (999.7 is "1.00k", not "1000").
+    /// </summary>
+    [Theory]
+    [InlineData(412.4, "412 tok/s")]
+    [InlineData(41.24, "41.2 tok/s")]
+    [InlineData(4.124, "4.12 tok/s")]
+    [InlineData(0.4124, "0.412 tok/s")]
+    [InlineData(0, "0 tok/s")]
+    [InlineData(999.7, "1.00k tok/s")]
+    [InlineData(1_000, "1.00k tok/s")]
+    [InlineData(123_456, "123k tok/s")]
+    [InlineData(1_234_567, "1.23M tok/s")]
+    [InlineData(9_996_000, "10.0M tok/s")]
+    [InlineData(4.2e9, "4.20G tok/s")]
+    [InlineData(double.NaN, "tok/s -")]
+    public void TheThroughputKeepsThreeSignificantDigitsFromAFewTokensToMillions(double tokensPerSecond, string shown)
+    {
+        var text = ConsoleProgress.Format(Step(10, tokensPerSecond), 40, 3, TimeSpan.FromSeconds(20));
+        Assert.Contains($" | gnorm 0.75 | {shown} | MFU ", text);
     }
 
     [Fact]
