@@ -47,7 +47,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
     readonly List<(Resource resource, string instance, Process process)> running = new();
     readonly Lock gate = new();
     readonly Dictionary<string, int> indexOf = new();
-    readonly ConcurrentDictionary<string, OutputTail> tails = new(); // by instance, across its restarts
+    readonly ConcurrentDictionary<string, OutputTail> tails = new(); // by instance: its latest process's lines
     readonly ConditionalWeakTable<Process, Task> outputEnded = new(); // completes once both of its streams reached their end
     /// <summary>Lines kept per instance: enough for a start-up failure and the exception that ended it.</summary>
     const int TailCapacity = 200;
@@ -97,7 +97,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         foreach (var (k, v) in r.InstanceEnvironment?.Invoke(instance) ?? []) psi.Environment[k] = v;
         psi.Environment["DEEPSEEK_INSTANCE"] = instance;
         var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
-        var tail = tails.GetOrAdd(instance, _ => new OutputTail(TailCapacity));
+        var tail = tails[instance] = new OutputTail(TailCapacity);
         // A null line is a stream's end: the dying words of a process (an unhandled exception's text) are in once both came.
         var stdoutEnded = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var stderrEnded = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -124,9 +124,6 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         };
         try { p.Start(); }
         catch (System.ComponentModel.Win32Exception e) { throw new InvalidOperationException($"cannot start '{instance}' ({r.Command}): {e.Message}", e); }
-        // A restarted instance's tail still holds its predecessor's last lines: this says where the new process begins.
-        tail.Add($"---- pid {p.Id} started ----", error: false);
-        tail.Add($"---- pid {p.Id} started ----", error: true);
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
         lock (gate) { running.Add((r, instance, p)); indexOf[instance] = index; }
@@ -156,7 +153,7 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         }
     }
 
-    /// <summary>The last lines an instance wrote to one stream, across its restarts; empty if it never started.</summary>
+    /// <summary>The last lines an instance's latest process wrote to one stream; empty if it never started.</summary>
     public IReadOnlyList<string> LastLines(string instance, bool stderr, int n = QuotedLines) =>
         tails.TryGetValue(instance, out var tail) ? tail.Last(n, stderr) : [];
 
