@@ -6,10 +6,14 @@ using DeepSeekCluster.Coordinator.Api;
 using DeepSeekCluster.Coordinator.Checkpoints;
 using DeepSeekCluster.Coordinator.Control;
 using DeepSeekCluster.Coordinator.Security;
+using DeepSeekCluster.Coordinator.Storage;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
-using Orleans.Persistence.FileStorage;
+using Orleans.Providers;
+using Orleans.Runtime.Hosting;
 using Orleans.Serialization;
+using Orleans.Serialization.Serializers;
+using Orleans.Storage;
 using StackExchange.Redis;
 
 namespace DeepSeekCluster.Coordinator;
@@ -104,11 +108,17 @@ public static class CoordinatorExtensions
             services.GetRequiredService<ILoggerFactory>().CreateLogger(typeof(CoordinatorExtensions)).LogInformation("Woke {Count} jobs holding workers", jobs.Length);
     });
 
-    /// <summary>File storage under Coordinator:StateFolder as the default grain storage.</summary>
+    /// <summary>
+    /// File storage under Coordinator:StateFolder as the default grain storage, each write a whole-file replace (see
+    /// <see cref="AtomicFileGrainStorage"/>: a kill mid-write must not leave a state the restart cannot read).
+    /// </summary>
     public static ISiloBuilder AddFileGrainStorageAsDefault(this ISiloBuilder silo, IConfiguration config)
     {
         string folder = config[$"{CoordinatorOptions.Section}:StateFolder"] is { Length: > 0 } f ? f : new CoordinatorOptions().StateFolder;
-        return silo.AddFileGrainStorage(o => o.RootDirectory = Path.GetFullPath(Path.Combine(folder, "grains")));
+        silo.Services.AddGrainStorage(ProviderConstants.DEFAULT_STORAGE_PROVIDER_NAME, (sp, name) => new AtomicFileGrainStorage(
+            name, Path.Combine(folder, "grains"), sp.GetRequiredService<IOptions<ClusterOptions>>().Value.ServiceId,
+            sp.GetRequiredService<IGrainStorageSerializer>(), sp.GetRequiredService<IActivatorProvider>()));
+        return silo;
     }
 
     public static WebApplication MapCoordinator(this WebApplication app)

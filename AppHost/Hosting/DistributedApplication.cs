@@ -1,5 +1,8 @@
-// Starts resources in dependency order, gates dependants on health, prefixes logs, and stops everything on exit.
+// Starts resources in dependency order, gates dependants on health, prefixes logs, keeps each child's last lines for
+// the message of a failure, and stops everything on exit.
+using System.Collections.Concurrent;
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using DeepSeekCluster.Contracts;
 
@@ -44,13 +47,19 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
     readonly List<(Resource resource, string instance, Process process)> running = new();
     readonly Lock gate = new();
     readonly Dictionary<string, int> indexOf = new();
+    readonly ConcurrentDictionary<string, OutputTail> tails = new(); // by instance: its latest process's lines
+    readonly ConditionalWeakTable<Process, Task> outputEnded = new(); // completes once both of its streams reached their end
+    /// <summary>Lines kept per instance: enough for a start-up failure and the exception that ended it.</summary>
+    const int TailCapacity = 200;
+    /// <summary>How many of an instance's last lines a failure message quotes.</summary>
+    public const int QuotedLines = 60;
     static readonly HttpClient http = new() { Timeout = TimeSpan.FromSeconds(2) };
     public bool Stopping { get; private set; }
 
     /// <summary>Raised when a child exits while the application is not stopping: (instance, exit code).</summary>
     public event Action<string, int>? ChildExited;
 
-    /// <summary>Raised for every line a child writes: (instance, line).</summary>
+    /// <summary>Raised for every line a child writes to stdout: (instance, line). Stderr lines go to <see cref="LastLines"/> only.</summary>
     public event Action<string, string>? LineReceived;
 
     public async Task StartAsync(CancellationToken ct)
@@ -88,8 +97,24 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
         foreach (var (k, v) in r.InstanceEnvironment?.Invoke(instance) ?? []) psi.Environment[k] = v;
         psi.Environment["DEEPSEEK_INSTANCE"] = instance;
         var p = new Process { StartInfo = psi, EnableRaisingEvents = true };
-        p.OutputDataReceived += (_, e) => { if (e.Data is not null) { Log.Child(instance, e.Data, error: false); LineReceived?.Invoke(instance, e.Data); } };
-        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) Log.Child(instance, e.Data, error: true); };
+        var tail = tails[instance] = new OutputTail(TailCapacity);
+        // A null line is a stream's end: the dying words of a process (an unhandled exception's text) are in once both came.
+        var stdoutEnded = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var stderrEnded = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        outputEnded.AddOrUpdate(p, Task.WhenAll(stdoutEnded.Task, stderrEnded.Task));
+        p.OutputDataReceived += (_, e) =>
+        {
+            if (e.Data is null) { stdoutEnded.TrySetResult(); return; }
+            tail.Add(e.Data, error: false);
+            Log.Child(instance, e.Data, error: false);
+            LineReceived?.Invoke(instance, e.Data);
+        };
+        p.ErrorDataReceived += (_, e) =>
+        {
+            if (e.Data is null) { stderrEnded.TrySetResult(); return; }
+            tail.Add(e.Data, error: true);
+            Log.Child(instance, e.Data, error: true);
+        };
         p.Exited += (_, _) =>
         {
             if (Stopping) return;
@@ -113,17 +138,54 @@ public sealed class DistributedApplication(IReadOnlyList<Resource> resources, st
     {
         if (r.HealthPath is null && r.ReadinessPort is null) return;
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
-        Process[] processes;
-        lock (gate) processes = running.Where(x => x.resource == r).Select(x => x.process).ToArray();
+        (string Instance, Process Process)[] processes;
+        lock (gate) processes = running.Where(x => x.resource == r).Select(x => (x.instance, x.process)).ToArray();
         while (true)
         {
             ct.ThrowIfCancellationRequested();
-            if (processes.Any(p => p.HasExited))
-                throw new InvalidOperationException($"'{r.Name}' exited with code {SafeExitCode(processes.First(p => p.HasExited))} before it became ready (see its log lines above)");
+            if (processes.FirstOrDefault(x => x.Process.HasExited) is { Process: not null } exited)
+                throw new InvalidOperationException($"'{r.Name}' exited before it became ready: {await DescribeExitAsync(exited.Instance, exited.Process)}");
             if (await IsReadyAsync(r, ct)) { Log.AppHost($"{r.Name} is ready"); return; }
-            if (DateTime.UtcNow > deadline) throw new TimeoutException($"'{r.Name}' did not become ready within 180 s");
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException($"'{r.Name}' did not become ready within 180 s; " +
+                                           string.Join("\n", processes.Select(x => $"{x.Instance} (pid {x.Process.Id}) {Quote(x.Instance)}")));
             await Task.Delay(200, ct);
         }
+    }
+
+    /// <summary>The last lines an instance's latest process wrote to one stream; empty if it never started.</summary>
+    public IReadOnlyList<string> LastLines(string instance, bool stderr, int n = QuotedLines) =>
+        tails.TryGetValue(instance, out var tail) ? tail.Last(n, stderr) : [];
+
+    /// <summary>
+    /// The latest process of an exited instance in words: pid, exit code and what it means, and its last lines (waiting,
+    /// bounded, for its output to end first, so an unhandled exception's text is among them).
+    /// </summary>
+    public Task<string> DescribeExitAsync(string instance)
+    {
+        Process? p;
+        lock (gate) p = running.LastOrDefault(x => x.instance == instance).process;
+        return p is null ? Task.FromResult($"'{instance}' was never started") : DescribeExitAsync(instance, p);
+    }
+
+    async Task<string> DescribeExitAsync(string instance, Process p)
+    {
+        // Bounded: a grandchild that inherited the pipes keeps them open; what arrived by then is what there is.
+        if (outputEnded.TryGetValue(p, out var ended)) await Task.WhenAny(ended, Task.Delay(TimeSpan.FromSeconds(5)));
+        int code = SafeExitCode(p);
+        string meaning = OutputTail.ExitMeaning(code);
+        return $"{instance} (pid {p.Id}) exited with code {code}{(meaning.Length > 0 ? $" ({meaning})" : "")}; {Quote(instance)}";
+    }
+
+    string Quote(string instance)
+    {
+        string Section(bool stderr)
+        {
+            var last = LastLines(instance, stderr);
+            string name = stderr ? "stderr" : "stdout";
+            return last.Count == 0 ? $"nothing on {name}" : $"its last {last.Count} lines on {name}:\n" + string.Join("\n", last.Select(l => $"  [{instance}] {l}"));
+        }
+        return Section(stderr: true) + "\n" + Section(stderr: false);
     }
 
     static async Task<bool> IsReadyAsync(Resource r, CancellationToken ct)

@@ -27,6 +27,8 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
     {
         var instances = new List<string>();
         var started = DateTime.UtcNow;
+        // The cluster is shared: a scenario that failed may have left a service dead; that must not fail this one too.
+        await Cluster.EnsureServicesRunningAsync(CancellationToken.None);
         try
         {
             for (int i = 0; i < workers; i++) instances.Add(Cluster.AddWorker(inNamespace: namespaced && i == workers - 1));
@@ -38,6 +40,12 @@ public sealed class ChaosScenarioTests : IClassFixture<ChaosFixture>
             var diff = ModelWeights.Compare(fx.Reference, ModelWeights.Read(modelFile));
             output.WriteLine($"{view.Describe()}\nmodel against the reference: {diff}\nscenario took {(DateTime.UtcNow - started).TotalSeconds:F1} s");
             return new Outcome(view, diff, [.. instances.Concat(Cluster.StartedWorkers.Except(instances))]);
+        }
+        catch
+        {
+            // The test host's console is nobody's: a dead service's last words reach the report only through the output.
+            output.WriteLine(await Cluster.DescribeFailureAsync());
+            throw;
         }
         finally
         {

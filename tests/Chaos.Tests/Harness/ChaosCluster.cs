@@ -58,7 +58,11 @@ public sealed class ChaosCluster : IAsyncDisposable
     readonly ConcurrentDictionary<string, bool> workers = new(); // instance → in the namespace
     readonly ConcurrentQueue<(DateTime At, string Instance, string Line)> lines = new();
     readonly HashSet<string> stopped = new();
+    readonly ConcurrentDictionary<string, bool> unstoppedJobs = new(); // jobs StopJobAsync could not reach (the coordinator was down)
     int nextWorker;
+
+    /// <summary>The services in the order they start (each waits for the ones before it).</summary>
+    static readonly string[] Services = [ServiceNames.Blobs, ServiceNames.DataShards, ServiceNames.Checkpoints, ServiceNames.Coordinator];
 
     ChaosCluster(ChaosClusterOptions options, DistributedApplication app, DistributedApplicationBuilder factory, string token,
                  NetworkNamespace? ns, Resource coordinator, Resource dataShards, Resource checkpoints)
@@ -170,13 +174,24 @@ public sealed class ChaosCluster : IAsyncDisposable
     }
 
     /// <summary>Stops a job that has not ended (POST /jobs/{id}/stop), so it cannot claim the workers of whatever runs next.</summary>
+    /// <remarks>
+    /// While the coordinator is down the job cannot be stopped; it is remembered, and <see cref="EnsureServicesRunningAsync"/>
+    /// stops it once a coordinator answers again, before its waking job can claim the next scenario's workers.
+    /// </remarks>
     public async Task StopJobAsync(string jobId, CancellationToken ct)
     {
+        if (App.HasExited(ServiceNames.Coordinator))
+        {
+            unstoppedJobs[jobId] = true;
+            Options.Log($"not stopping {jobId} now: the coordinator is not running");
+            return;
+        }
         if (await TryGetJobAsync(jobId, ct) is not { Terminal: false }) return;
         using var request = new HttpRequestMessage(HttpMethod.Post, $"/jobs/{jobId}/stop");
         request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", Token);
         using var response = await http.SendAsync(request, ct);
         Options.Log($"stopped {jobId}: {(int)response.StatusCode}");
+        unstoppedJobs.TryRemove(jobId, out _);
     }
 
     /// <summary>The job's status, or null while the coordinator does not answer (it may be down on purpose).</summary>
@@ -380,6 +395,34 @@ public sealed class ChaosCluster : IAsyncDisposable
     {
         await App.RestartAsync(ServiceNames.Blobs, ct);
         Options.Log($"Azurite restarted (pid {Pid(ServiceNames.Blobs)})");
+    }
+
+    /// <summary>
+    /// Restarts every service a previous scenario left dead (in start order, each on its own ports and folders) and stops
+    /// the jobs that could not be stopped while the coordinator was down, so a scenario starts on a working cluster and a
+    /// failure that killed a service stays the failure of the scenario it happened in. Throws, with the service's last
+    /// lines, if a service does not come back.
+    /// </summary>
+    public async Task EnsureServicesRunningAsync(CancellationToken ct)
+    {
+        foreach (var service in Services.Where(App.HasExited))
+        {
+            Options.Log($"{service} is not running before this scenario; restarting it. It was: {await App.DescribeExitAsync(service)}");
+            await App.RestartAsync(service, ct);
+        }
+        foreach (var jobId in unstoppedJobs.Keys) await StopJobAsync(jobId, ct);
+    }
+
+    /// <summary>
+    /// What a failed scenario's output should show besides its own lines: every service that is not running, with its exit
+    /// code and last lines (stdout and stderr), and the cluster's most recent stdout lines.
+    /// </summary>
+    public async Task<string> DescribeFailureAsync()
+    {
+        var text = new System.Text.StringBuilder();
+        foreach (var service in Services)
+            text.AppendLine(App.HasExited(service) ? $"{service} is not running: {await App.DescribeExitAsync(service)}" : $"{service} runs (pid {Pid(service)})");
+        return text.Append(RecentLines(40)).ToString();
     }
 
     /// <summary>Processes of the given instances of this run that are still alive (not counting exited, unreaped children).</summary>
