@@ -1,5 +1,5 @@
 // The AppHost's run once its resources are declared: start them, settle earlier jobs, submit (or resume) the default job,
-// follow it, report where everything is, and keep the cluster up until Ctrl+C or 'quit'.
+// follow it, report where everything is, and keep the cluster up until Ctrl+C, SIGTERM or 'quit'.
 using System.Security.Cryptography;
 using DeepSeekCluster.AppHost.Hosting;
 using DeepSeekCluster.Contracts.Grains;
@@ -28,7 +28,9 @@ public static class LocalRun
     public static async Task<int> RunAsync(DistributedApplicationBuilder builder, LocalCluster cluster, AppHostOptions options, string token)
     {
         using var stop = new CancellationTokenSource();
-        Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+        using var signals = StopSignals.CancelOnSignal(stop);
+        if (StopSignals.SigintIgnored())
+            Log.AppHost($"Ctrl+C does not reach this AppHost: it was started with SIGINT ignored (it ran as a background command of a script); 'quit' or kill -TERM {Environment.ProcessId} stops it");
         await using var app = builder.Build();
         var endpoints = new EndpointsFile(Path.Combine(options.RunDir, "endpoints.json"));
         app.ChildExited += (instance, _) => { endpoints.Remove(instance); cluster.Gpus.Release(instance); };

@@ -102,8 +102,11 @@ public class ClusterEndToEndTests
         string[] job = ["--device", "cpu", "--workers", "2", "--seq-len", "32", "--vocab-size", "512", "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", "0"];
         try
         {
-            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
-            foreach (var a in new[] { AppHost }.Concat(job).Concat(["--steps", "500", "--run-dir", runDir])) psi.ArgumentList.Add(a);
+            // Through env --default-signal=INT: a run started as a background command of a script (CI) ignores SIGINT, every
+            // process below inherits that and .NET then installs no handler, so the kill -INT below would do nothing; a user's
+            // Ctrl+C reaches an AppHost whose SIGINT is at its default, as env leaves it here before it execs dotnet.
+            var psi = new ProcessStartInfo("env") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+            foreach (var a in new[] { "--default-signal=INT", "dotnet", AppHost }.Concat(job).Concat(["--steps", "500", "--run-dir", runDir])) psi.ArgumentList.Add(a);
             psi.Environment["NO_COLOR"] = "1";
             var first = new System.Text.StringBuilder();
             var running = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -120,7 +123,16 @@ public class ClusterEndToEndTests
                 p.BeginErrorReadLine();
                 await running.Task.WaitAsync(TimeSpan.FromMinutes(8));
                 using (var interrupt = Process.Start("kill", ["-INT", p.Id.ToString()])) interrupt.WaitForExit(); // Ctrl+C
-                Assert.True(p.WaitForExit(TimeSpan.FromMinutes(2)), "the AppHost did not stop after SIGINT:\n" + first);
+                if (!p.WaitForExit(TimeSpan.FromMinutes(2)))
+                {
+                    // Where it stood and whether the signal could reach it, read before it is killed.
+                    var signals = SignalDispositions(p.Id);
+                    var stacks = ManagedStacks.OfProcessesMentioning(runDir);
+                    p.Kill(entireProcessTree: true);
+                    string seen;
+                    lock (first) seen = first.ToString();
+                    Assert.Fail($"the AppHost did not stop within 2 minutes of SIGINT ({signals}):\n{seen}\n{stacks}");
+                }
                 p.WaitForExit();
             }
             string firstOutput;
@@ -145,6 +157,17 @@ public class ClusterEndToEndTests
             foreach (var pid in ProcessesMentioning(runDir)) try { Process.GetProcessById(pid).Kill(true); } catch (ArgumentException) { }
             Directory.Delete(runDir, true);
         }
+    }
+
+    /// <summary>The signal masks of a process (/proc/PID/status: SigBlk, SigIgn, SigCgt; bit n-1 is signal n, SIGINT is 2).</summary>
+    static string SignalDispositions(int pid)
+    {
+        try
+        {
+            string[] masks = ["SigBlk:", "SigIgn:", "SigCgt:"];
+            return string.Join(", ", File.ReadAllLines($"/proc/{pid}/status").Where(l => masks.Any(m => l.StartsWith(m, StringComparison.Ordinal))).Select(l => l.Replace('\t', ' ')));
+        }
+        catch (IOException e) { return $"its /proc/{pid}/status could not be read: {e.Message}"; }
     }
 
     /// <summary>pp 1: two data-parallel replicas; pp 2 (<c>--pp 2</c>): one replica whose two stages are the two workers.</summary>
