@@ -43,8 +43,11 @@ public sealed class RunningCluster : IAsyncLifetime
     {
         clusterLock = await ClusterTestLock.AcquireAsync("observability cluster");
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        // --eval-limit: the dashboards' evaluation panels need scores at the checkpoints, and the default (auto) scores no
+        // task in a run this short; five examples of each give them in seconds.
         foreach (var a in new[] { AppHostDll, "--device", "cpu", "--workers", "2", "--steps", $"{Steps}", "--seq-len", "64", "--vocab-size", "512",
-                                  "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", $"{CheckpointInterval}", "--run-dir", RunDir })
+                                  "--global-batch", "8", "--micro-batch", "4", "--checkpoint-interval", $"{CheckpointInterval}", "--eval-limit", "5",
+                                  "--run-dir", RunDir })
             psi.ArgumentList.Add(a);
         psi.Environment["NO_COLOR"] = "1";
         appHost = Process.Start(psi)!;
