@@ -40,7 +40,7 @@ public sealed class AtomicFileGrainStorage(string name, string rootDirectory, st
     public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
         string path = RecordPath(stateName, grainId);
-        string? stored = (await ReadRecordAsync(path).ConfigureAwait(false))?.ETag;
+        string? stored = await ReadETagAsync(path).ConfigureAwait(false);
         if (stored != grainState.ETag) throw Conflict<T>("WriteState", grainId, grainState.ETag, stored);
         var etag = Guid.NewGuid();
         byte[] payload = serializer.Serialize(grainState.State).ToArray();
@@ -56,9 +56,9 @@ public sealed class AtomicFileGrainStorage(string name, string rootDirectory, st
     public async Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
         string path = RecordPath(stateName, grainId);
-        if (await ReadRecordAsync(path).ConfigureAwait(false) is { } record)
+        if (await ReadETagAsync(path).ConfigureAwait(false) is { } stored)
         {
-            if (record.ETag != grainState.ETag) throw Conflict<T>("ClearState", grainId, grainState.ETag, record.ETag);
+            if (stored != grainState.ETag) throw Conflict<T>("ClearState", grainId, grainState.ETag, stored);
             File.Delete(path);
         }
         Reset(grainState);
@@ -99,10 +99,32 @@ public sealed class AtomicFileGrainStorage(string name, string rootDirectory, st
         byte[] bytes;
         try { bytes = await File.ReadAllBytesAsync(path).ConfigureAwait(false); }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { return null; }
-        if (bytes.Length < HeaderLength || !bytes.AsSpan(0, Magic.Length).SequenceEqual(Magic))
-            throw new InvalidDataException($"grain state file {path} ({bytes.Length} bytes) is not a record of storage '{name}': " +
+        return (ETagOf(path, bytes, bytes.Length), bytes.AsMemory(HeaderLength));
+    }
+
+    /// <summary>The stored record's ETag from its header alone (a write or clear checks it; the state is not read twice).</summary>
+    async Task<string?> ReadETagAsync(string path)
+    {
+        var header = new byte[HeaderLength];
+        int read;
+        long length;
+        try
+        {
+            await using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, bufferSize: 1, useAsync: true);
+            length = file.Length;
+            read = await file.ReadAtLeastAsync(header, HeaderLength, throwOnEndOfStream: false).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { return null; }
+        return ETagOf(path, header.AsSpan(0, read), length);
+    }
+
+    /// <summary>The ETag a record's header holds; a file that does not start with a whole header is named as not a record.</summary>
+    string ETagOf(string path, ReadOnlySpan<byte> record, long fileLength)
+    {
+        if (record.Length < HeaderLength || !record[..Magic.Length].SequenceEqual(Magic))
+            throw new InvalidDataException($"grain state file {path} ({fileLength} bytes) is not a record of storage '{name}': " +
                                            $"expected at least {HeaderLength} bytes starting with '{Encoding.ASCII.GetString(Magic)}'");
-        return (new Guid(bytes.AsSpan(Magic.Length, 16)).ToString("N"), bytes.AsMemory(HeaderLength));
+        return new Guid(record.Slice(Magic.Length, 16)).ToString("N");
     }
 
     void Reset<T>(IGrainState<T> grainState)
